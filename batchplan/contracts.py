@@ -1,0 +1,133 @@
+"""The nouns every stage shares, each one schema in one place.
+
+Frames are validated where they enter the system (ingest, storage reads) and trusted inside.
+
+| contract | columns |
+|---|---|
+| queue row | query_id (unique, non-empty), prompt (non-empty), system_prompt?, labels? (list of allowed answers, null for open tasks), task?, tenant?, priority? (> 0, default 1) |
+| outcome history | queries.parquet + outcomes.parquet + models.csv, the layout of ``../shared/data`` |
+| prediction | query_id, model, p_correct, cost_usd (expected), cost_high_usd (p90, what a dispatcher reserves) |
+| plan row | query_id, kind (single / vote / cascade), models (call order), expected_cost_usd, expected_accuracy, reserve_cost_usd |
+| result row | query_id, answer, models_called, cost_usd, status (done / failed / deferred), error |
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+import polars as pl
+
+QUEUE_SCHEMA: Final = pl.Schema(
+    {
+        "query_id": pl.String,
+        "prompt": pl.String,
+        "system_prompt": pl.String,
+        "labels": pl.List(pl.String),
+        "task": pl.String,
+        "tenant": pl.String,
+        "priority": pl.Float64,
+    }
+)
+QUEUE_REQUIRED: Final = ("query_id", "prompt")
+DEFAULT_TASK: Final = "default"
+DEFAULT_TENANT: Final = "default"
+
+HISTORY_QUERIES_SCHEMA: Final = pl.Schema(
+    {
+        "query_id": pl.String,
+        "dataset": pl.String,
+        "task": pl.String,
+        "split": pl.String,
+        "subject": pl.String,
+        "system_prompt": pl.String,
+        "prompt": pl.String,
+        "labels": pl.List(pl.String),
+        "gold": pl.String,
+    }
+)
+OUTCOMES_SCHEMA: Final = pl.Schema(
+    {
+        "query_id": pl.String,
+        "model": pl.String,
+        "answer": pl.String,
+        "correct": pl.Boolean,
+        "cost_usd": pl.Float64,
+        "tokens_in": pl.Int64,
+        "tokens_out": pl.Int64,
+        "latency_ms": pl.Float64,
+        "logprob": pl.Float64,
+    }
+)
+MODELS_SCHEMA: Final = pl.Schema(
+    {"model": pl.String, "usd_per_mtok_in": pl.Float64, "usd_per_mtok_out": pl.Float64}
+)
+
+PREDICTION_SCHEMA: Final = pl.Schema(
+    {
+        "query_id": pl.String,
+        "model": pl.String,
+        "p_correct": pl.Float64,
+        "cost_usd": pl.Float64,
+        "cost_high_usd": pl.Float64,
+    }
+)
+
+PLAN_KINDS: Final = ("single", "vote", "cascade")
+PLAN_SCHEMA: Final = pl.Schema(
+    {
+        "query_id": pl.String,
+        "kind": pl.String,
+        "models": pl.List(pl.String),
+        "expected_cost_usd": pl.Float64,
+        "expected_accuracy": pl.Float64,
+        "reserve_cost_usd": pl.Float64,
+    }
+)
+
+RESULT_STATUSES: Final = ("done", "failed", "deferred")
+RESULT_SCHEMA: Final = pl.Schema(
+    {
+        "query_id": pl.String,
+        "answer": pl.String,
+        "models_called": pl.List(pl.String),
+        "cost_usd": pl.Float64,
+        "status": pl.String,
+        "error": pl.String,
+    }
+)
+
+QUARANTINE_SCHEMA: Final = pl.Schema({"row": pl.Int64, "query_id": pl.String, "reason": pl.String, "raw": pl.String})
+
+
+class ContractError(ValueError):
+    """A frame does not match its contract; the message names the frame, the column and the fix."""
+
+
+def conform(frame: pl.DataFrame, schema: pl.Schema, *, name: str, required: tuple[str, ...] = ()) -> pl.DataFrame:
+    """Return ``frame`` with exactly the columns of ``schema``, cast to its types.
+
+    Columns in ``required`` must be present; other missing columns are filled with nulls. A column that
+    cannot be cast raises a ContractError naming it, rather than turning values into nulls silently.
+    """
+    missing = [c for c in required if c not in frame.columns]
+    if missing:
+        raise ContractError(f"{name}: missing required column(s) {missing}; found {frame.columns}")
+    columns = []
+    for column, dtype in schema.items():
+        if column not in frame.columns:
+            columns.append(pl.lit(None, dtype=dtype).alias(column))
+            continue
+        have = frame.schema[column]
+        if have == dtype or have == pl.Null:
+            columns.append(pl.col(column).cast(dtype))
+            continue
+        try:
+            frame.select(pl.col(column).cast(dtype, strict=True))
+        except (pl.exceptions.InvalidOperationError, pl.exceptions.ComputeError) as error:
+            raise ContractError(f"{name}: column {column!r} is {have}, expected {dtype}: {error}") from error
+        columns.append(pl.col(column).cast(dtype))
+    return frame.select(columns)
+
+
+def empty(schema: pl.Schema) -> pl.DataFrame:
+    return pl.DataFrame(schema=schema)

@@ -1,0 +1,179 @@
+"""Outcome histories: load, validate, split, and generate synthetic ones shaped like the real data.
+
+A history is what past runs (or other teams) recorded: per query, what each model answered, whether it
+was right and what it cost. It trains the predictor and drives the replay dispatcher.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from batchplan.contracts import (
+    HISTORY_QUERIES_SCHEMA,
+    MODELS_SCHEMA,
+    OUTCOMES_SCHEMA,
+    ContractError,
+    conform,
+)
+from batchplan.storage import Storage, join
+
+
+@dataclass(frozen=True)
+class History:
+    queries: pl.DataFrame  # HISTORY_QUERIES_SCHEMA
+    outcomes: pl.DataFrame  # OUTCOMES_SCHEMA
+    prices: pl.DataFrame  # MODELS_SCHEMA; may lack models (then cost comes from billed means)
+
+    @property
+    def models(self) -> list[str]:
+        return sorted(self.outcomes["model"].unique().to_list())
+
+    @property
+    def datasets(self) -> list[str]:
+        return sorted(self.queries["dataset"].unique().to_list())
+
+    def subset(self, query_ids: pl.Series | Sequence[str]) -> History:
+        ids = pl.Series("query_id", query_ids, dtype=pl.String)
+        return History(
+            queries=self.queries.filter(pl.col("query_id").is_in(ids.implode())),
+            outcomes=self.outcomes.filter(pl.col("query_id").is_in(ids.implode())),
+            prices=self.prices,
+        )
+
+    def split(self, name: str) -> History:
+        return self.subset(self.queries.filter(pl.col("split") == name)["query_id"])
+
+
+def load_history(dirs: str | Sequence[str], storage: Storage | None = None) -> History:
+    """Load and concatenate one or more history directories (local or s3://)."""
+    storage = storage or Storage()
+    paths = [dirs] if isinstance(dirs, str) else list(dirs)
+    if not paths:
+        raise ContractError("no history directory given")
+    parts = [_load_one(p, storage) for p in paths]
+    history = History(
+        queries=pl.concat([h.queries for h in parts]).unique("query_id", keep="first", maintain_order=True),
+        outcomes=pl.concat([h.outcomes for h in parts]).unique(["query_id", "model"], keep="first", maintain_order=True),
+        prices=pl.concat([h.prices for h in parts]).unique("model", keep="first", maintain_order=True),
+    )
+    return history
+
+
+def _load_one(path: str, storage: Storage) -> History:
+    queries_uri, outcomes_uri, models_uri = (join(path, f) for f in ("queries.parquet", "outcomes.parquet", "models.csv"))
+    for uri in (queries_uri, outcomes_uri):
+        if not storage.exists(uri):
+            raise ContractError(f"history {path!r}: {uri.rsplit('/', 1)[-1]} is missing (expected queries.parquet + outcomes.parquet [+ models.csv])")
+    queries = conform(storage.read_frame(queries_uri), HISTORY_QUERIES_SCHEMA, name=queries_uri, required=("query_id", "prompt"))
+    outcomes = conform(
+        storage.read_frame(outcomes_uri), OUTCOMES_SCHEMA, name=outcomes_uri, required=("query_id", "model", "correct", "cost_usd")
+    )
+    prices = (
+        conform(storage.read_frame(models_uri), MODELS_SCHEMA, name=models_uri, required=("model",))
+        if storage.exists(models_uri)
+        else pl.DataFrame(schema=MODELS_SCHEMA)
+    )
+    queries = queries.with_columns(
+        pl.col("dataset").fill_null(path.rstrip("/").rsplit("/", 1)[-1]),
+        pl.col("task").fill_null("default"),
+        pl.col("split").fill_null("train"),
+    )
+    return History(queries=queries, outcomes=outcomes, prices=prices)
+
+
+def with_holdout(history: History, fraction: float = 0.3, seed: int = 0) -> History:
+    """Give every data set that has no test split one, carved from its train split by a stable hash of query_id."""
+    has_test = history.queries.group_by("dataset").agg((pl.col("split") == "test").any().alias("has_test"))
+    # crc32, not polars' hash: the split must not move between library versions or machines.
+    bucket = pl.col("query_id").map_elements(lambda q: zlib.crc32(f"{seed}:{q}".encode()) % 10_000 / 10_000, return_dtype=pl.Float64)
+    queries = (
+        history.queries.join(has_test, on="dataset")
+        .with_columns(
+            pl.when(~pl.col("has_test") & (pl.col("split") == "train") & (bucket < fraction))
+            .then(pl.lit("test"))
+            .otherwise(pl.col("split"))
+            .alias("split")
+        )
+        .drop("has_test")
+    )
+    return History(queries=queries, outcomes=history.outcomes, prices=history.prices)
+
+
+def synthetic_history(
+    n_queries: int = 2_000,
+    n_models: int = 10,
+    *,
+    n_tasks: int = 3,
+    test_fraction: float = 0.3,
+    seed: int = 0,
+) -> History:
+    """A history shaped like ``../shared/data``: costs spanning ~100x, accuracy rising with cost, per-query
+    difficulty and per-(task, model) skill so that different models are right on different queries.
+
+    Used where the real data is absent and for scale tests; never presented as real.
+    """
+    rng = np.random.default_rng(seed)
+    models = [f"synth-{i:02d}" for i in range(n_models)]
+    price_in = np.geomspace(0.05, 5.0, n_models)  # USD per Mtok: 100x span
+    price_out = price_in * 3
+    skill = np.linspace(-0.3, 2.2, n_models)  # dearer models are better on average
+    task_names = [f"task{t}" for t in range(n_tasks)]
+    task_skill = rng.normal(0, 0.6, size=(n_tasks, n_models))
+    labels_by_task = [["A", "B", "C", "D"][: 2 + (t % 3)] for t in range(n_tasks)]
+
+    task = rng.integers(0, n_tasks, n_queries)
+    difficulty = rng.normal(0, 1.2, n_queries)
+    length = rng.lognormal(5.0, 0.6, n_queries).astype(np.int64) + 20
+    words = np.array(["invoice", "refund", "legal", "router", "error", "account", "shipping", "medical", "code", "policy"])
+    query_ids = [f"syn-{i:07d}" for i in range(n_queries)]
+    prompts = [
+        " ".join(rng.choice(words, size=3 + (length[i] // 40))) + f" #{i} difficulty-hint {'hard' if difficulty[i] > 1 else 'easy'}"
+        for i in range(n_queries)
+    ]
+    gold = [labels_by_task[t][rng.integers(0, len(labels_by_task[t]))] for t in task]
+    queries = pl.DataFrame(
+        {
+            "query_id": query_ids,
+            "dataset": "synthetic",
+            "task": [task_names[t] for t in task],
+            "split": np.where(rng.random(n_queries) < test_fraction, "test", "train"),
+            "subject": None,
+            "system_prompt": None,
+            "prompt": prompts,
+            "labels": [labels_by_task[t] for t in task],
+            "gold": gold,
+        },
+        schema=HISTORY_QUERIES_SCHEMA,
+    )
+    logit = skill[None, :] + task_skill[task] - difficulty[:, None] + rng.normal(0, 0.7, (n_queries, n_models))
+    p = 1 / (1 + np.exp(-logit))
+    correct = rng.random((n_queries, n_models)) < p
+    tokens_in = (length[:, None] // 4 + rng.integers(0, 5, (n_queries, n_models))).astype(np.int64)
+    tokens_out = rng.integers(1, 4, (n_queries, n_models)).astype(np.int64)
+    cost = (tokens_in * price_in[None, :] + tokens_out * price_out[None, :]) / 1e6
+    answers = []
+    for i in range(n_queries):
+        labels = labels_by_task[task[i]]
+        wrong = [lab for lab in labels if lab != gold[i]]
+        answers.extend(gold[i] if correct[i, j] else wrong[rng.integers(0, len(wrong))] for j in range(n_models))
+    outcomes = pl.DataFrame(
+        {
+            "query_id": np.repeat(query_ids, n_models),
+            "model": np.tile(models, n_queries),
+            "answer": answers,
+            "correct": correct.ravel(),
+            "cost_usd": cost.ravel(),
+            "tokens_in": tokens_in.ravel(),
+            "tokens_out": tokens_out.ravel(),
+            "latency_ms": None,
+            "logprob": np.log(np.clip(np.where(correct, p, 1 - p) * 0.9 + 0.05, 1e-6, 1)).ravel(),
+        },
+        schema=OUTCOMES_SCHEMA,
+    )
+    prices = pl.DataFrame({"model": models, "usd_per_mtok_in": price_in, "usd_per_mtok_out": price_out}, schema=MODELS_SCHEMA)
+    return History(queries=queries, outcomes=outcomes, prices=prices)

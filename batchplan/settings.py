@@ -1,0 +1,36 @@
+"""Settings from the environment (``BATCHPLAN_*``); every field has an embedded default.
+
+Secrets (API keys, AWS credentials) are never settings: they come from the environment the providers'
+own clients read, or from Airflow connections, and are never logged.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="BATCHPLAN_", extra="ignore")
+
+    data_dir: str = Field(
+        default=str(PROJECT_ROOT.parent / "shared" / "data"),
+        description="Outcome histories (one sub-directory per data set); default ../shared/data beside the checkout.",
+    )
+    work_dir: str = Field(default=str(PROJECT_ROOT / ".batchplan"), description="Local root for demo runs.")
+    s3_endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint (moto, MinIO); None = AWS.")
+    s3_region: str | None = None
+    seed: int = 0
+    holdout_fraction: float = Field(
+        default=0.3, description="Share of a train-only data set held out as its test split (by query_id hash)."
+    )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
