@@ -1,0 +1,138 @@
+"""The one interface every backend speaks, the outcome of one call, and answer parsing.
+
+A backend turns one ``CallRequest`` (a query sent to one model) into one ``CallResult`` (what came back,
+what it cost, whether it is an answer). It knows nothing about plans, budgets, retries or the ledger:
+those live in the executor, the same for every backend.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from typing import Final
+
+import polars as pl
+
+from batchplan.catalog import PriceCatalog
+
+# CallResult.status values. "ok" is an answer; the rest are failed attempts.
+OK: Final = "ok"
+NOT_ANSWER: Final = "not_answer"  # a 200 whose text is not an answer (empty, refusal, outside the labels, bad JSON)
+RATE_LIMITED: Final = "rate_limited"  # 429
+SERVER_ERROR: Final = "server_error"  # 5xx, malformed body
+TIMEOUT: Final = "timeout"
+CONNECTION: Final = "connection"  # reset, refused
+CLIENT_ERROR: Final = "client_error"  # other 4xx: retrying will not help
+UNAVAILABLE: Final = "unavailable"  # the backend does not offer this (query, model)
+
+RETRYABLE: Final = frozenset({NOT_ANSWER, RATE_LIMITED, SERVER_ERROR, TIMEOUT, CONNECTION})
+# Failures that say the model (not the query) is in trouble: they feed the per-model circuit breaker.
+MODEL_TROUBLE: Final = frozenset({RATE_LIMITED, SERVER_ERROR, TIMEOUT, CONNECTION})
+
+
+@dataclass(frozen=True, slots=True)
+class CallRequest:
+    query_id: str
+    model: str
+    prompt: str
+    system_prompt: str | None
+    labels: tuple[str, ...] | None
+    key: str  # idempotency key, stable across reruns: "<run_id>/<query_id>/<call>"
+    max_tokens: int = 16
+
+
+@dataclass(slots=True)
+class CallResult:
+    model: str
+    status: str
+    answer: str | None = None
+    raw: str | None = None  # the model's text (or the body) as received, kept for non-answers
+    reason: str | None = None  # why this is not an answer / why it failed
+    cost_usd: float = 0.0  # billed (usage x price, or the provider's own cost figure)
+    billed_known: bool = True  # False when the call may have been billed but we cannot tell (timeout, reset)
+    tokens_in: int | None = None
+    tokens_out: int | None = None
+    logprob: float | None = None  # log-probability of the answer, when the endpoint returns logprobs
+    retry_after_s: float | None = None
+    latency_ms: float | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.status == OK
+
+
+class Backend(ABC):
+    """A place that answers (query, model) calls and bills them."""
+
+    name: str = "backend"
+    #: the endpoint deduplicates on ``CallRequest.key``: resending a key after a crash is not billed twice
+    idempotent: bool = False
+    #: the same call always gives the same outcome: retrying a non-answer is pointless
+    deterministic: bool = False
+
+    @property
+    @abstractmethod
+    def catalog(self) -> PriceCatalog:
+        """Prices this backend bills at."""
+
+    @abstractmethod
+    def offered_pairs(self, queue: pl.DataFrame) -> pl.DataFrame:
+        """(query_id, model) pairs this backend can serve for ``queue`` (a QUEUE_SCHEMA frame)."""
+
+    def cost_bound(self, request: CallRequest) -> float | None:
+        """A hard upper bound on what this call can be billed, or None if the backend cannot give one."""
+        return None
+
+    @abstractmethod
+    async def call(self, request: CallRequest) -> CallResult:
+        """Send one call. Never raises for provider trouble: returns a CallResult with a failure status."""
+
+    async def aclose(self) -> None:  # noqa: B027 - optional hook
+        """Release connections; called once when a dispatch ends."""
+
+
+# --- answer parsing -------------------------------------------------------------------------------------
+
+_REFUSAL = re.compile(
+    r"\b(i\s+(?:can(?:no|')t|cannot|won't|am unable|'m unable|am not able)|as an ai\b|i'm sorry|i apologi[sz]e|unable to (?:help|assist|answer))",
+    re.IGNORECASE,
+)
+_ANSWER_PREFIX = re.compile(r"^\s*(?:the\s+)?(?:final\s+)?(?:correct\s+)?answer\s*(?:is)?\s*[:\-]?\s*", re.IGNORECASE)
+_TRIM = " \t\r\n.,;:!\"'`*()[]{}"
+
+
+def parse_answer(text: str | None, labels: tuple[str, ...] | None) -> tuple[str | None, str | None]:
+    """Map a model's text to one of ``labels``; returns (answer, None) or (None, reason).
+
+    Accepts the bare label ("B"), decorated forms ("(B)", "B.", "Answer: B", "**B**"), a JSON object
+    ``{"answer": "B"}`` and a label followed by its explanation ("B) because ..."). Reasons: ``empty``,
+    ``malformed_json``, ``refusal``, ``outside_labels``. Open tasks (labels None) take any non-empty text.
+    """
+    if text is None or not text.strip():
+        return None, "empty"
+    stripped = text.strip()
+    if stripped.startswith("{") or stripped.startswith("```json"):
+        body = stripped.removeprefix("```json").removesuffix("```").strip()
+        try:
+            obj = json.loads(body)
+        except json.JSONDecodeError:
+            return None, "malformed_json"
+        value = obj.get("answer", obj.get("label")) if isinstance(obj, dict) else None
+        if not isinstance(value, str | int):
+            return None, "malformed_json"
+        stripped = str(value)
+    if labels is None:
+        return stripped, None
+    by_fold = {label.casefold(): label for label in labels}
+    candidate = _ANSWER_PREFIX.sub("", stripped).strip(_TRIM)
+    if candidate.casefold() in by_fold:
+        return by_fold[candidate.casefold()], None
+    # "B) because ...", "B. Paris": a label as the first token
+    first = re.split(r"[\s.):,;]+", candidate, maxsplit=1)[0].strip(_TRIM) if candidate else ""
+    if first and first.casefold() in by_fold:
+        return by_fold[first.casefold()], None
+    if _REFUSAL.search(stripped):
+        return None, "refusal"
+    return None, "outside_labels"

@@ -1,0 +1,104 @@
+"""The hard budget: reserve a call's high-side cost before sending it, settle the billed cost after.
+
+Invariant: ``spent + reserved <= budget`` at every instant, where every in-flight call holds a reservation
+at least as large as what it can be billed. So realized spend never passes the budget, whatever the
+concurrency and the retries. Amounts are kept as integer pico-dollars (cost rounded up, budget rounded
+down) so that float rounding can never let the sum creep past the budget.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+from dataclasses import dataclass
+
+_SCALE = 10**12  # pico-dollars
+
+
+def _up(usd: float) -> int:
+    return math.ceil(max(usd, 0.0) * _SCALE)
+
+
+@dataclass(slots=True)
+class Reservation:
+    amount: int  # pico-dollars
+    settled: bool = False
+
+    @property
+    def usd(self) -> float:
+        return self.amount / _SCALE
+
+
+class BudgetExceeded(RuntimeError):
+    """A settled cost exceeded its reservation and the budget (the backend's bound was wrong)."""
+
+
+class BudgetGuard:
+    """Shared by every worker of one dispatch (one event loop)."""
+
+    def __init__(self, budget_usd: float, spent_usd: float = 0.0) -> None:
+        if budget_usd < 0 or math.isnan(budget_usd):
+            raise ValueError(f"budget_usd must be >= 0, got {budget_usd}")
+        self._budget = math.floor(budget_usd * _SCALE)
+        self._spent = _up(spent_usd)
+        self._reserved = 0
+        self._changed = asyncio.Condition()
+        self.overruns = 0  # settlements that came in above their reservation
+
+    @property
+    def budget_usd(self) -> float:
+        return self._budget / _SCALE
+
+    @property
+    def spent_usd(self) -> float:
+        return self._spent / _SCALE
+
+    @property
+    def reserved_usd(self) -> float:
+        return self._reserved / _SCALE
+
+    @property
+    def remaining_usd(self) -> float:
+        return (self._budget - self._spent - self._reserved) / _SCALE
+
+    def can_ever_fit(self, usd: float) -> bool:
+        return self._spent + _up(usd) <= self._budget
+
+    async def reserve(self, usd: float) -> Reservation | None:
+        """Reserve ``usd``; waits while in-flight reservations might still free room; None = refused.
+
+        Refused means the call cannot fit even if every in-flight call settled at zero: the caller defers.
+        """
+        amount = _up(usd)
+        async with self._changed:
+            while True:
+                if self._spent + amount > self._budget:
+                    return None
+                if self._spent + self._reserved + amount <= self._budget:
+                    self._reserved += amount
+                    return Reservation(amount)
+                await self._changed.wait()
+
+    def try_reserve(self, usd: float) -> Reservation | None:
+        """Reserve without waiting (None if it does not fit right now)."""
+        amount = _up(usd)
+        if self._spent + self._reserved + amount > self._budget:
+            return None
+        self._reserved += amount
+        return Reservation(amount)
+
+    async def settle(self, reservation: Reservation, charged_usd: float) -> None:
+        """Turn a reservation into spend: ``charged_usd`` is what the call was billed (or may have been)."""
+        if reservation.settled:
+            raise RuntimeError("reservation settled twice")
+        reservation.settled = True
+        charged = _up(charged_usd)
+        if charged > reservation.amount:
+            self.overruns += 1
+        async with self._changed:
+            self._reserved -= reservation.amount
+            self._spent += charged
+            self._changed.notify_all()
+
+    async def release(self, reservation: Reservation) -> None:
+        await self.settle(reservation, 0.0)

@@ -1,0 +1,511 @@
+"""Execute a plan: singles, votes and cascades, under the hard budget, with retries, fallbacks and the ledger.
+
+``dispatch(plan, queue, backend, budget_usd=..., out_uri=...)`` is the whole contract: it returns one
+RESULT_SCHEMA row per plan row and leaves the same rows under ``out_uri`` (see ``dispatchers.ledger``).
+Running it again with the same ``out_uri`` resumes: finished queries are kept, calls already in the ledger
+are reused (never sent or paid again), and only the rest is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections import Counter
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import polars as pl
+
+from batchplan.contracts import RESULT_SCHEMA
+from batchplan.storage import Storage
+from dispatchers.base import (
+    CONNECTION,
+    MODEL_TROUBLE,
+    NOT_ANSWER,
+    RATE_LIMITED,
+    RETRYABLE,
+    UNAVAILABLE,
+    Backend,
+    CallRequest,
+    CallResult,
+)
+from dispatchers.budget import BudgetGuard
+from dispatchers.ledger import (
+    FINAL_STATUSES,
+    Ledger,
+    PriorCalls,
+    ResultWriter,
+    new_writer_id,
+    read_results,
+    run_identity,
+)
+from dispatchers.limits import ModelGate, ModelLimits, RetryPolicy
+
+LOST = "lost"  # a call sent before a crash whose outcome never reached the ledger (non-idempotent backend)
+FALLBACK_COLUMN = (
+    "fallback_models"  # optional plan column: list[str], models to try, in order, if the plan's model fails
+)
+
+Progress = Callable[[int, int], None]
+
+
+@dataclass
+class _Query:
+    query_id: str
+    kind: str
+    models: list[str]
+    thresholds: list[float]
+    fallbacks: list[str]
+    reserve_usd: float | None
+    prompt: str | None
+    system_prompt: str | None
+    labels: tuple[str, ...] | None
+    prior: PriorCalls | None
+    charged_usd: float = 0.0
+    models_called: list[str] = field(default_factory=list)
+    _slots_called: set[tuple[int, str]] = field(default_factory=set)
+
+    def called(self, slot: int, model: str) -> None:
+        if (slot, model) not in self._slots_called:
+            self._slots_called.add((slot, model))
+            self.models_called.append(model)
+
+
+@dataclass
+class _Stats:
+    calls: int = 0
+    reused: int = 0
+    retries: int = 0
+    fallbacks: int = 0
+    lost: int = 0
+    statuses: Counter[str] = field(default_factory=Counter)
+
+
+class _Deferred(Exception):
+    """The budget refused a call: the query is deferred."""
+
+
+class _Executor:
+    def __init__(
+        self,
+        backend: Backend,
+        budget: BudgetGuard,
+        ledger: Ledger,
+        run_id: str,
+        *,
+        limits: ModelLimits | Mapping[str, ModelLimits] | None,
+        policy: RetryPolicy,
+        max_tokens: int,
+    ) -> None:
+        self.backend = backend
+        self.budget = budget
+        self.ledger = ledger
+        self.run_id = run_id
+        self.policy = policy
+        self.max_tokens = max_tokens
+        self.limits = limits
+        self.gates: dict[str, ModelGate] = {}
+        self.stats = _Stats()
+
+    def gate(self, model: str) -> ModelGate:
+        gate = self.gates.get(model)
+        if gate is None:
+            if isinstance(self.limits, ModelLimits):
+                limits = self.limits
+            elif self.limits is not None:
+                limits = self.limits.get(model) or self.limits.get("*") or ModelLimits()
+            else:
+                limits = ModelLimits()
+            gate = self.gates[model] = ModelGate(limits, self.policy)
+        return gate
+
+    # -- one attempt: reuse from the ledger, or reserve -> intent -> call -> ledger -> settle ---------
+    async def attempt(self, q: _Query, slot: int, model: str, attempt: int, role: str) -> tuple[CallResult, bool]:
+        """Returns (result, fresh); raises _Deferred when the budget refuses the call."""
+        call = f"{slot}:{model}:{attempt}"
+        if q.prior is not None and call in q.prior.calls:
+            self.stats.reused += 1
+            q.called(slot, model)
+            return _from_event(q.prior.calls[call]), False
+        if q.prompt is None:
+            return CallResult(model, UNAVAILABLE, reason="query not in the queue"), False
+        request = CallRequest(
+            q.query_id,
+            model,
+            q.prompt,
+            q.system_prompt,
+            q.labels,
+            key=f"{self.run_id}/{q.query_id}/{call}",
+            max_tokens=self.max_tokens,
+        )
+        bound = self.backend.cost_bound(request)
+        reserve = bound if bound is not None else q.reserve_usd
+        if reserve is None:
+            return CallResult(
+                model, UNAVAILABLE, reason="no cost bound: the backend gives none and the plan has no reserve_cost_usd"
+            ), False
+        reservation = await self.budget.reserve(reserve)
+        if reservation is None:
+            raise _Deferred(
+                f"budget: {model} needs up to {reserve:.6g} USD, {self.budget.budget_usd - self.budget.spent_usd:.6g} USD left"
+            )
+        self.ledger.append({"e": "i", "q": q.query_id, "c": call, "m": model, "r": reserve})
+        gate = self.gate(model)
+        try:
+            await gate.acquire(len(q.prompt) / 4 + self.max_tokens)
+            try:
+                result = await self.backend.call(request)
+            finally:
+                gate.release()
+        except asyncio.CancelledError:
+            raise
+        except Exception as error:  # a backend bug must not leak the reservation; the bill is unknown
+            result = CallResult(
+                model, CONNECTION, reason=f"backend raised {type(error).__name__}: {error}", billed_known=False
+            )
+        charged = result.cost_usd if result.billed_known else max(reserve, result.cost_usd)
+        self.ledger.append(_to_event(q.query_id, call, result, charged, role))
+        await self.budget.settle(reservation, charged)
+        gate.record(result.status in MODEL_TROUBLE)
+        if result.status == RATE_LIMITED and result.retry_after_s:
+            gate.pause(result.retry_after_s)
+        self.stats.calls += 1
+        self.stats.statuses[result.status] += 1
+        q.charged_usd += charged
+        q.called(slot, model)
+        return result, True
+
+    async def ask_model(self, q: _Query, slot: int, model: str, role: str, *, can_fall_back: bool) -> CallResult:
+        """Attempts on one model with retries; raises _Deferred."""
+        result = CallResult(model, UNAVAILABLE, reason="no attempt")
+        for attempt in range(max(1, self.policy.max_attempts)):
+            if attempt:
+                self.stats.retries += 1
+            result, fresh = await self.attempt(q, slot, model, attempt, role)
+            if result.ok or result.status not in RETRYABLE | {LOST}:
+                return result
+            if result.status == NOT_ANSWER and self.backend.deterministic:
+                return result
+            if can_fall_back and self.gate(model).is_down():
+                return result
+            if fresh and attempt + 1 < self.policy.max_attempts:
+                await asyncio.sleep(self.policy.delay(attempt, result.retry_after_s))
+        return result
+
+    async def ask_slot(self, q: _Query, slot: int, chain: list[str], notes: list[str]) -> CallResult:
+        """The plan's model for this step, then its fallbacks in order; raises _Deferred."""
+        result = CallResult(chain[0], UNAVAILABLE, reason="no model")
+        for i, model in enumerate(chain):
+            last = i == len(chain) - 1
+            reused = q.prior is not None and f"{slot}:{model}:0" in q.prior.calls
+            if not last and not reused and self.gate(model).is_down():
+                notes.append(f"{model}: down (circuit open), skipped")
+                continue
+            result = await self.ask_model(q, slot, model, "fallback" if i else "plan", can_fall_back=not last)
+            if result.ok:
+                if i:
+                    self.stats.fallbacks += 1
+                    notes.insert(0, f"fallback to {model}")
+                return result
+            notes.append(_describe(result))
+        return result
+
+    # -- plan kinds -----------------------------------------------------------------------------------
+    async def run(self, q: _Query) -> tuple[Any, ...]:
+        notes: list[str] = []
+        try:
+            if not q.models:
+                return _row(q, None, "failed", "plan row has no models")
+            if q.kind == "vote" and len(q.models) > 1:
+                return await self._vote(q, notes)
+            if q.kind == "cascade" and len(q.models) > 1:
+                return await self._cascade(q, notes)
+            result = await self.ask_slot(q, 0, [q.models[0], *q.fallbacks], notes)
+            if result.ok:
+                return _row(q, result.answer, "done", "; ".join(notes) or None)
+            return _row(q, None, "failed", "; ".join(notes))
+        except _Deferred as deferred:
+            return _row(q, None, "deferred", "; ".join([*notes, str(deferred)]))
+
+    async def _vote(self, q: _Query, notes: list[str]) -> tuple[Any, ...]:
+        outcomes = await asyncio.gather(*(self._vote_member(q, i, m) for i, m in enumerate(q.models)))
+        answers = [r for r, _ in outcomes if r is not None and r.ok]
+        for r, note in outcomes:
+            if note:
+                notes.append(note)
+            elif r is not None and not r.ok:
+                notes.append(_describe(r))
+        if not answers:
+            deferred = any(r is None for r, _ in outcomes)
+            return _row(q, None, "deferred" if deferred else "failed", "; ".join(notes))
+        tally: dict[str, tuple[int, float, int]] = {}
+        for order, r in enumerate(answers):
+            count, conf, first = tally.get(r.answer or "", (0, 0.0, order))
+            tally[r.answer or ""] = (count + 1, conf + (r.logprob if r.logprob is not None else 0.0), first)
+        winner = max(tally, key=lambda a: (tally[a][0], tally[a][1], -tally[a][2]))
+        if len(answers) < len(q.models):
+            notes.insert(0, f"vote of {len(answers)}/{len(q.models)}")
+        return _row(q, winner, "done", "; ".join(notes) or None)
+
+    async def _vote_member(self, q: _Query, slot: int, model: str) -> tuple[CallResult | None, str | None]:
+        try:
+            return await self.ask_slot(q, slot, [model], []), None
+        except _Deferred as deferred:
+            return None, f"{model}: {deferred}"
+
+    async def _cascade(self, q: _Query, notes: list[str]) -> tuple[Any, ...]:
+        answer: str | None = None
+        for step, model in enumerate(q.models):
+            try:
+                result = await self.ask_slot(q, step, [model], notes)
+            except _Deferred as deferred:
+                if answer is None:
+                    return _row(q, None, "deferred", "; ".join([*notes, str(deferred)]))
+                notes.append(f"cascade stopped at step {step}: {deferred}")
+                break
+            if not result.ok:
+                continue  # the next, stronger model stands in
+            answer = result.answer
+            confidence = math.exp(result.logprob) if result.logprob is not None else None
+            if step < len(q.thresholds) and confidence is not None and confidence >= q.thresholds[step]:
+                break
+        if answer is None:
+            return _row(q, None, "failed", "; ".join(notes))
+        return _row(q, answer, "done", "; ".join(notes) or None)
+
+
+def _row(q: _Query, answer: str | None, status: str, error: str | None) -> tuple[Any, ...]:
+    cost = q.charged_usd + (q.prior.charged_usd if q.prior is not None else 0.0)
+    return (q.query_id, answer, q.models_called, cost, status, error)
+
+
+def _describe(result: CallResult) -> str:
+    text = f"{result.model}: {result.status}"
+    if result.reason:
+        text += f" ({result.reason})"
+    if result.raw and result.status == NOT_ANSWER:
+        text += f" raw={result.raw[:80]!r}"
+    return text
+
+
+def _to_event(query_id: str, call: str, r: CallResult, charged: float, role: str) -> dict[str, Any]:
+    event: dict[str, Any] = {
+        "e": "c",
+        "q": query_id,
+        "c": call,
+        "m": r.model,
+        "s": r.status,
+        "usd": charged,
+        "role": role,
+    }
+    for key, value in (
+        ("a", r.answer),
+        ("raw", r.raw[:2000] if r.raw else None),
+        ("why", r.reason),
+        ("lp", r.logprob),
+        ("ti", r.tokens_in),
+        ("to", r.tokens_out),
+        ("ms", r.latency_ms),
+    ):
+        if value is not None:
+            event[key] = value
+    if not r.billed_known:
+        event["bk"] = False
+    return event
+
+
+def _from_event(event: dict[str, Any]) -> CallResult:
+    return CallResult(
+        model=str(event.get("m")),
+        status=str(event.get("s")),
+        answer=event.get("a"),
+        raw=event.get("raw"),
+        reason=event.get("why"),
+        cost_usd=float(event.get("usd") or 0.0),
+        billed_known=bool(event.get("bk", True)),
+        tokens_in=event.get("ti"),
+        tokens_out=event.get("to"),
+        logprob=event.get("lp"),
+    )
+
+
+def _queries(
+    plan: pl.DataFrame, queue: pl.DataFrame, final: set[str], prior: dict[str, PriorCalls]
+) -> Iterator[_Query]:
+    wanted = ["query_id", "kind", "models", "reserve_cost_usd", "thresholds"]
+    has_fallback = FALLBACK_COLUMN in plan.columns
+    columns = [c for c in wanted if c in plan.columns] + ([FALLBACK_COLUMN] if has_fallback else [])
+    frame = plan.select(columns).join(
+        queue.select("query_id", "prompt", "system_prompt", "labels"), on="query_id", how="left", maintain_order="left"
+    )
+    for row in frame.iter_rows(named=True):
+        query_id = row["query_id"]
+        if query_id in final:
+            continue
+        labels = row.get("labels")
+        yield _Query(
+            query_id=query_id,
+            kind=row.get("kind") or "single",
+            models=list(row.get("models") or []),
+            thresholds=list(row.get("thresholds") or []),
+            fallbacks=list(row.get(FALLBACK_COLUMN) or []) if has_fallback else [],
+            reserve_usd=row.get("reserve_cost_usd"),
+            prompt=row.get("prompt"),
+            system_prompt=row.get("system_prompt"),
+            labels=tuple(labels) if labels is not None else None,
+            prior=prior.get(query_id),
+        )
+
+
+async def adispatch(
+    plan: pl.DataFrame,
+    queue: pl.DataFrame,
+    backend: Backend,
+    *,
+    budget_usd: float,
+    out_uri: str,
+    storage: Storage | None = None,
+    concurrency: int = 32,
+    progress: Progress | None = None,
+    limits: ModelLimits | Mapping[str, ModelLimits] | None = None,
+    retry: RetryPolicy | None = None,
+    max_tokens: int = 16,
+    part_rows: int = 5_000,
+    part_seconds: float = 5.0,
+) -> pl.DataFrame:
+    """The async form of ``dispatch`` (for callers already inside an event loop)."""
+    storage = storage or Storage()
+    if plan["query_id"].is_duplicated().any():
+        raise ValueError("plan has duplicate query_id rows: one plan row per query")
+    identity = run_identity(storage, out_uri)
+    writer_id = new_writer_id()
+    committed = read_results(out_uri, storage)
+    final = set(committed.filter(pl.col("status").is_in(list(FINAL_STATUSES)))["query_id"].to_list())
+    ledger = Ledger(storage, out_uri, writer_id)
+    prior, spent = ledger.load(skip=final)
+    if not backend.idempotent:
+        # calls sent just before a crash whose outcome never reached the ledger: they may have been billed
+        for query_id, entry in prior.items():
+            for call, intent in list(entry.intents.items()):
+                charge = float(intent.get("r") or 0.0)
+                event = {
+                    "e": "c",
+                    "q": query_id,
+                    "c": call,
+                    "m": intent.get("m"),
+                    "s": LOST,
+                    "usd": charge,
+                    "bk": False,
+                }
+                event["why"] = "sent before a crash, outcome unknown: charged its reservation"
+                ledger.append(event)
+                entry.calls[call] = event
+                spent += charge
+            entry.intents.clear()
+    budget = BudgetGuard(budget_usd, spent_usd=spent)
+    executor = _Executor(
+        backend, budget, ledger, identity["run_id"], limits=limits, policy=retry or RetryPolicy(), max_tokens=max_tokens
+    )
+    results = ResultWriter(storage, out_uri, writer_id, part_rows=part_rows, part_seconds=part_seconds)
+    total = plan.height
+    done = len(final & set(plan["query_id"].to_list()))
+    started = time.monotonic()
+
+    def manifest_extra(complete: bool) -> dict[str, Any]:
+        stats = executor.stats
+        return {
+            "run_id": identity["run_id"],
+            "backend": backend.name,
+            "budget_usd": budget_usd,
+            "spent_usd": budget.spent_usd,
+            "complete": complete,
+            "queries": total,
+            "stats": {
+                "calls": stats.calls,
+                "reused_from_ledger": stats.reused,
+                "retries": stats.retries,
+                "fallbacks": stats.fallbacks,
+                "call_statuses": dict(stats.statuses),
+                "budget_overruns": budget.overruns,
+                "rate_limit_pauses": sum(g.pauses for g in executor.gates.values()),
+                "circuit_trips": sum(g.trips for g in executor.gates.values()),
+                "seconds": round(time.monotonic() - started, 3),
+            },
+        }
+
+    pending = _queries(plan, queue, final, prior)
+
+    async def worker() -> None:
+        nonlocal done
+        for query in pending:
+            row = await executor.run(query)
+            if results.add(row):
+                results.commit(ledger, manifest_extra(False))
+            done += 1
+            if progress is not None:
+                progress(done, total)
+
+    try:
+        if progress is not None:
+            progress(done, total)
+        await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
+        results.commit(ledger, manifest_extra(False))
+        frame = read_results(out_uri, storage)
+        ordered = plan.select("query_id").join(frame, on="query_id", how="left", maintain_order="left")
+        counts = ordered["status"].value_counts()
+        results.manifest["counts"] = dict(zip(counts["status"].to_list(), counts["count"].to_list(), strict=True))
+        results.commit(ledger, manifest_extra(True))
+        return ordered.select(RESULT_SCHEMA.names()).cast(RESULT_SCHEMA)
+    finally:
+        ledger.close()
+        await backend.aclose()
+
+
+def dispatch(
+    plan: pl.DataFrame,
+    queue: pl.DataFrame,
+    backend: Backend,
+    *,
+    budget_usd: float,
+    out_uri: str,
+    storage: Storage | None = None,
+    concurrency: int = 32,
+    progress: Progress | None = None,
+    limits: ModelLimits | Mapping[str, ModelLimits] | None = None,
+    retry: RetryPolicy | None = None,
+    max_tokens: int = 16,
+    part_rows: int = 5_000,
+    part_seconds: float = 5.0,
+) -> pl.DataFrame:
+    """Run ``plan`` (PLAN_SCHEMA, plus optional ``fallback_models``) for ``queue`` (QUEUE_SCHEMA) on
+    ``backend`` without ever spending more than ``budget_usd`` in total for ``out_uri``.
+
+    Returns RESULT_SCHEMA rows in plan order: ``done`` (answered), ``failed`` (every attempt and
+    fallback failed; ``error`` says why, with the raw text of non-answers) or ``deferred`` (the budget
+    could not cover the call; rerun with a larger budget to do them). Resumable: see the module doc.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        raise RuntimeError("dispatch() called inside a running event loop: await adispatch(...) instead")
+    return asyncio.run(
+        adispatch(
+            plan,
+            queue,
+            backend,
+            budget_usd=budget_usd,
+            out_uri=out_uri,
+            storage=storage,
+            concurrency=concurrency,
+            progress=progress,
+            limits=limits,
+            retry=retry,
+            max_tokens=max_tokens,
+            part_rows=part_rows,
+            part_seconds=part_seconds,
+        )
+    )

@@ -1,0 +1,216 @@
+"""Exactly-once bookkeeping under ``out_uri``: the call ledger, result parts and the manifest.
+
+Layout (local directory or ``s3://bucket/prefix``)::
+
+    out_uri/
+      run.json                          run_id (idempotency keys derive from it), created_at; written once
+      ledger/<writer>.jsonl             local: one line appended per event, as it happens (os.write)
+      ledger/<writer>-<seq>.jsonl       S3: the same lines in segments, flushed every N events / T seconds
+      results/part-<writer>-<seq>.parquet   RESULT_SCHEMA rows of finished queries, written atomically
+      manifest.json                     the committed parts, counts and spend; rewritten after each part
+
+Ledger events, one JSON object per line, keyed by (``q`` query_id, ``c`` call):
+
+- intent ``{"e": "i", "q", "c", "m", "r"}``: a call is about to be sent, ``r`` USD reserved for it;
+- call ``{"e": "c", "q", "c", "m", "s", "a", "raw", "why", "usd", "bk", "lp", "ti", "to", "role"}``: it
+  completed with status ``s``; ``usd`` is what it is charged (billed, or the reservation when ``bk`` is
+  false because the bill is unknown, e.g. a timeout).
+
+``call`` is ``"<slot>:<model>:<attempt>"``: the plan step, the model sent to, the retry number. It is the
+same on every rerun, so a rerun finds what was already paid for and never pays for it again.
+
+A writer id is fresh per process, so two runs never append to the same file; a torn last line (kill -9
+mid-write) is skipped on read.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+import uuid
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from batchplan.contracts import RESULT_SCHEMA
+from batchplan.storage import Storage, StorageError, is_s3, join
+
+FINAL_STATUSES = frozenset({"done", "failed"})
+
+
+def new_writer_id() -> str:
+    return f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+@dataclass
+class PriorCalls:
+    """What the ledger already holds for one query."""
+
+    calls: dict[str, dict[str, Any]] = field(default_factory=dict)  # call id -> call event
+    intents: dict[str, dict[str, Any]] = field(default_factory=dict)  # call id -> intent with no call event
+
+    @property
+    def charged_usd(self) -> float:
+        return sum(float(c.get("usd") or 0.0) for c in self.calls.values())
+
+
+class Ledger:
+    def __init__(
+        self, storage: Storage, out_uri: str, writer_id: str, *, flush_events: int = 2_000, flush_seconds: float = 1.0
+    ) -> None:
+        self.storage = storage
+        self.out_uri = out_uri
+        self.writer_id = writer_id
+        self.dir = join(out_uri, "ledger")
+        self._s3 = is_s3(out_uri)
+        self._flush_events = flush_events
+        self._flush_seconds = flush_seconds
+        self._buffer: list[bytes] = []
+        self._last_flush = time.monotonic()
+        self._segment = 0
+        self._fd: int | None = None
+        if not self._s3:
+            Path(self.dir).mkdir(parents=True, exist_ok=True)
+            self._fd = os.open(join(self.dir, f"{writer_id}.jsonl"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+
+    # -- write ----------------------------------------------------------------------------------------
+    def append(self, event: dict[str, Any]) -> None:
+        line = (json.dumps(event, separators=(",", ":")) + "\n").encode()
+        if self._fd is not None:
+            os.write(self._fd, line)  # in the kernel's page cache once this returns: survives kill -9
+            return
+        self._buffer.append(line)
+        if len(self._buffer) >= self._flush_events or time.monotonic() - self._last_flush >= self._flush_seconds:
+            self.flush()
+
+    def flush(self) -> None:
+        if self._fd is not None or not self._buffer:
+            self._last_flush = time.monotonic()
+            return
+        self.storage.write_bytes(join(self.dir, f"{self.writer_id}-{self._segment:06d}.jsonl"), b"".join(self._buffer))
+        self._segment += 1
+        self._buffer.clear()
+        self._last_flush = time.monotonic()
+
+    def close(self) -> None:
+        self.flush()
+        if self._fd is not None:
+            os.fsync(self._fd)
+            os.close(self._fd)
+            self._fd = None
+
+    # -- read -----------------------------------------------------------------------------------------
+    def load(self, skip: set[str] | frozenset[str] = frozenset()) -> tuple[dict[str, PriorCalls], float]:
+        """Prior calls and dangling intents of every query not in ``skip`` (already final), and the total
+        charged by every call in the ledger (all queries): the spend a rerun starts from."""
+        prior: dict[str, PriorCalls] = {}
+        seen: set[tuple[str, str]] = set()
+        total = 0.0
+        for event in self.events():
+            q = event.get("q")
+            if not isinstance(q, str):
+                continue
+            call = str(event.get("c"))
+            if event.get("e") == "c" and (q, call) not in seen:
+                seen.add((q, call))
+                total += float(event.get("usd") or 0.0)
+            if q in skip:
+                continue
+            entry = prior.setdefault(q, PriorCalls())
+            if event.get("e") == "c":
+                entry.calls.setdefault(call, event)
+                entry.intents.pop(call, None)
+            elif event.get("e") == "i" and call not in entry.calls:
+                entry.intents[call] = event
+        return prior, total
+
+    def events(self) -> Iterable[dict[str, Any]]:
+        for uri in self.storage.list(self.dir):
+            if uri.endswith(".jsonl"):
+                yield from _events(self.storage.read_bytes(uri))
+
+
+def _events(data: bytes) -> Iterable[dict[str, Any]]:
+    for raw in data.splitlines():
+        if not raw.strip():
+            continue
+        try:
+            event = json.loads(raw)
+        except json.JSONDecodeError:
+            continue  # a torn last line from a kill mid-write: that event never happened
+        if isinstance(event, dict):
+            yield event
+
+
+# --- run identity, result parts and the manifest ---------------------------------------------------------
+
+
+def run_identity(storage: Storage, out_uri: str) -> dict[str, Any]:
+    """The run's identity, created once (put_if_absent) and read back on every rerun."""
+    uri = join(out_uri, "run.json")
+    candidate = {"run_id": uuid.uuid4().hex, "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+    storage.put_if_absent(uri, json.dumps(candidate).encode())
+    return dict(json.loads(storage.read_bytes(uri)))
+
+
+class ResultWriter:
+    """Buffers finished rows and commits them as parquet parts listed in ``manifest.json``.
+
+    A part is visible only once the manifest names it: a part written just before a kill is ignored (its
+    queries are redone from the ledger, without calling again).
+    """
+
+    def __init__(
+        self, storage: Storage, out_uri: str, writer_id: str, *, part_rows: int = 5_000, part_seconds: float = 5.0
+    ) -> None:
+        self.storage = storage
+        self.out_uri = out_uri
+        self.writer_id = writer_id
+        self.part_rows = part_rows
+        self.part_seconds = part_seconds
+        self.manifest = read_manifest(storage, out_uri)
+        self._rows: list[tuple[Any, ...]] = []
+        self._seq = 0
+        self._last = time.monotonic()
+
+    def add(self, row: tuple[Any, ...]) -> bool:
+        """Buffer one RESULT_SCHEMA row; True when the buffer is due for a commit."""
+        self._rows.append(row)
+        return len(self._rows) >= self.part_rows or time.monotonic() - self._last >= self.part_seconds
+
+    def commit(self, ledger: Ledger, extra: dict[str, Any]) -> None:
+        """Flush the ledger, write the part, then the manifest that names it (in that order)."""
+        ledger.flush()
+        if self._rows:
+            frame = pl.DataFrame(self._rows, schema=RESULT_SCHEMA, orient="row")
+            name = f"part-{self.writer_id}-{self._seq:05d}.parquet"
+            self.storage.write_frame(frame, join(self.out_uri, "results", name))
+            self._seq += 1
+            self.manifest.setdefault("parts", []).append({"name": name, "rows": frame.height})
+            self._rows.clear()
+        self.manifest.update(extra)
+        self.manifest["updated_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        self.storage.write_bytes(join(self.out_uri, "manifest.json"), json.dumps(self.manifest, indent=1).encode())
+        self._last = time.monotonic()
+
+
+def read_manifest(storage: Storage, out_uri: str) -> dict[str, Any]:
+    uri = join(out_uri, "manifest.json")
+    try:
+        return dict(json.loads(storage.read_bytes(uri)))
+    except StorageError:
+        return {"parts": [], "complete": False}
+
+
+def read_results(out_uri: str, storage: Storage | None = None) -> pl.DataFrame:
+    """Every committed result row under ``out_uri`` (the latest row per query wins), RESULT_SCHEMA."""
+    storage = storage or Storage()
+    manifest = read_manifest(storage, out_uri)
+    frames = [storage.read_frame(join(out_uri, "results", part["name"])) for part in manifest.get("parts", [])]
+    if not frames:
+        return pl.DataFrame(schema=RESULT_SCHEMA)
+    return pl.concat(frames).unique("query_id", keep="last", maintain_order=True)

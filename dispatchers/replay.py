@@ -1,0 +1,81 @@
+"""The replay backend: answers exactly as the recorded model did and bills its recorded cost.
+
+It drives evaluation (bench/quality.py, ``batchplan run --backend replay``) and the tests: no network, a
+deterministic outcome per (query, model).
+"""
+
+from __future__ import annotations
+
+import math
+
+import polars as pl
+
+from batchplan.catalog import PriceCatalog
+from batchplan.history import History
+from dispatchers.base import NOT_ANSWER, OK, UNAVAILABLE, Backend, CallRequest, CallResult
+
+
+class ReplayBackend(Backend):
+    name = "replay"
+    idempotent = True  # nothing is sent anywhere: resending costs what the ledger already holds
+    deterministic = True
+
+    def __init__(self, history: History) -> None:
+        self._catalog = PriceCatalog.from_history(history.prices, history.outcomes)
+        self._pairs = history.outcomes.select("query_id", "model")
+        rows = history.outcomes.select("query_id", "model", "answer", "cost_usd", "tokens_in", "tokens_out", "logprob")
+        # one dict lookup per call: (query_id, model) -> (answer, cost, tokens_in, tokens_out, logprob)
+        self._table: dict[tuple[str, str], tuple[str | None, float, int | None, int | None, float | None]] = {
+            (q, m): (a, float(c) if c is not None else 0.0, ti, to, lp) for q, m, a, c, ti, to, lp in rows.iter_rows()
+        }
+
+    @property
+    def catalog(self) -> PriceCatalog:
+        return self._catalog
+
+    def offered_pairs(self, queue: pl.DataFrame) -> pl.DataFrame:
+        ids = queue.select(pl.col("query_id").cast(pl.String)).unique()
+        return self._pairs.join(ids, on="query_id", how="semi").sort("query_id", "model")
+
+    def cost_bound(self, request: CallRequest) -> float | None:
+        row = self._table.get((request.query_id, request.model))
+        return None if row is None else row[1]
+
+    async def call(self, request: CallRequest) -> CallResult:
+        row = self._table.get((request.query_id, request.model))
+        if row is None:
+            return CallResult(
+                request.model, UNAVAILABLE, reason=f"no recorded outcome for ({request.query_id}, {request.model})"
+            )
+        answer, cost, tokens_in, tokens_out, logprob = row
+        if answer is None:
+            return CallResult(
+                request.model,
+                NOT_ANSWER,
+                reason="unparseable",
+                cost_usd=cost,
+                tokens_in=tokens_in,
+                tokens_out=tokens_out,
+            )
+        if request.labels is not None and answer not in request.labels:
+            return CallResult(
+                request.model,
+                NOT_ANSWER,
+                raw=answer,
+                reason="outside_labels",
+                cost_usd=cost,
+                tokens_in=tokens_in,
+                tokens_out=tokens_out,
+            )
+        if logprob is not None and math.isnan(logprob):
+            logprob = None
+        return CallResult(
+            request.model,
+            OK,
+            answer=answer,
+            raw=answer,
+            cost_usd=cost,
+            tokens_in=tokens_in,
+            tokens_out=tokens_out,
+            logprob=logprob,
+        )

@@ -1,0 +1,238 @@
+"""Dispatch on the replay backend: answers as recorded, the hard budget, the ledger, resume, plan kinds."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from batchplan.contracts import PLAN_SCHEMA, QUEUE_SCHEMA, RESULT_SCHEMA, conform
+from batchplan.history import History
+from batchplan.storage import Storage
+from dispatchers import available_backends, dispatch, get_backend, parse_answer, read_manifest, read_results
+from dispatchers.budget import BudgetGuard
+
+
+def make_queue(history: History, n: int | None = None) -> pl.DataFrame:
+    queries = history.queries if n is None else history.queries.head(n)
+    return conform(queries, QUEUE_SCHEMA, name="queue", required=("query_id", "prompt"))
+
+
+def single_plan(history: History, queue: pl.DataFrame, pick: str = "cheapest") -> pl.DataFrame:
+    """One model per query, chosen from the history's outcomes (the cheapest or the dearest recorded)."""
+    outcomes = history.outcomes.join(queue.select("query_id"), on="query_id", how="semi")
+    chosen = outcomes.sort("cost_usd", descending=pick != "cheapest").group_by("query_id", maintain_order=True).first()
+    plan = queue.select("query_id").join(chosen, on="query_id", how="left", maintain_order="left")
+    return conform(
+        plan.select(
+            "query_id",
+            pl.lit("single").alias("kind"),
+            pl.concat_list("model").alias("models"),
+            pl.col("cost_usd").alias("expected_cost_usd"),
+            pl.lit(0.5).alias("expected_accuracy"),
+            pl.col("cost_usd").alias("reserve_cost_usd"),
+        ),
+        PLAN_SCHEMA,
+        name="plan",
+    )
+
+
+def recorded(history: History) -> dict[tuple[str, str], tuple[str | None, float]]:
+    return {
+        (q, m): (a, c) for q, m, a, c in history.outcomes.select("query_id", "model", "answer", "cost_usd").iter_rows()
+    }
+
+
+def test_registry_names_replay(small_history: History) -> None:
+    assert "replay" in available_backends()
+    backend = get_backend("replay", history=small_history)
+    assert backend.catalog.models == small_history.models
+    with pytest.raises(ValueError, match="unknown backend"):
+        get_backend("nope")
+
+
+def test_offered_pairs_are_the_recorded_pairs(small_history: History) -> None:
+    queue = make_queue(small_history, 20)
+    pairs = get_backend("replay", history=small_history).offered_pairs(queue)
+    assert pairs.columns == ["query_id", "model"]
+    assert pairs.height == 20 * len(small_history.models)
+
+
+def test_replay_answers_as_recorded_within_ample_budget(small_history: History, tmp_path: Path) -> None:
+    queue = make_queue(small_history, 100)
+    plan = single_plan(small_history, queue)
+    results = dispatch(
+        plan, queue, get_backend("replay", history=small_history), budget_usd=1e6, out_uri=str(tmp_path / "run")
+    )
+    assert results.schema == RESULT_SCHEMA
+    assert results["query_id"].to_list() == plan["query_id"].to_list()
+    truth = recorded(small_history)
+    for qid, answer, models, cost, status, _error in results.iter_rows():
+        want_answer, want_cost = truth[(qid, models[0])]
+        assert status == "done"
+        assert answer == want_answer
+        assert cost == pytest.approx(want_cost)
+    manifest = read_manifest(Storage(), str(tmp_path / "run"))
+    assert manifest["complete"] is True
+    assert manifest["counts"] == {"done": 100}
+
+
+def test_budget_refusal_defers_and_never_overspends(small_history: History, tmp_path: Path) -> None:
+    queue = make_queue(small_history, 200)
+    plan = single_plan(small_history, queue, pick="dearest")
+    full = float(plan["expected_cost_usd"].sum())
+    budget = full * 0.4
+    results = dispatch(
+        plan,
+        queue,
+        get_backend("replay", history=small_history),
+        budget_usd=budget,
+        out_uri=str(tmp_path / "run"),
+        concurrency=16,
+    )
+    assert results.height == 200  # nothing dropped
+    spent = float(results["cost_usd"].sum())
+    assert spent <= budget
+    deferred = results.filter(pl.col("status") == "deferred")
+    assert deferred.height > 0
+    assert (deferred["cost_usd"] == 0).all()
+    assert deferred["error"].str.contains("budget").all()
+    assert set(results["status"].unique()) <= {"done", "deferred"}
+    # every deferred call really would have passed the budget: greedy check on what was left
+    cheapest_deferred = float(plan.join(deferred.select("query_id"), on="query_id")["expected_cost_usd"].min())
+    assert spent + cheapest_deferred > budget
+
+
+def test_zero_budget_defers_everything(small_history: History, tmp_path: Path) -> None:
+    queue = make_queue(small_history, 30)
+    plan = single_plan(small_history, queue)
+    results = dispatch(
+        plan, queue, get_backend("replay", history=small_history), budget_usd=0.0, out_uri=str(tmp_path / "run")
+    )
+    assert results["status"].to_list() == ["deferred"] * 30
+    assert float(results["cost_usd"].sum()) == 0.0
+
+
+def test_rerun_pays_nothing_and_bigger_budget_finishes_deferred(small_history: History, tmp_path: Path) -> None:
+    queue = make_queue(small_history, 150)
+    plan = single_plan(small_history, queue, pick="dearest")
+    full = float(plan["expected_cost_usd"].sum())
+    out = str(tmp_path / "run")
+    backend = get_backend("replay", history=small_history)
+    first = dispatch(plan, queue, backend, budget_usd=full / 2, out_uri=out)
+    again = dispatch(plan, queue, backend, budget_usd=full / 2, out_uri=out)
+    assert again.filter(pl.col("status") == "done").equals(first.filter(pl.col("status") == "done"))
+    assert float(again["cost_usd"].sum()) == pytest.approx(float(first["cost_usd"].sum()))
+    finished = dispatch(plan, queue, backend, budget_usd=full * 1.01, out_uri=out)
+    assert (finished["status"] == "done").all()
+    assert float(finished["cost_usd"].sum()) == pytest.approx(full)
+    # the ledger holds each call once
+    calls = [
+        json.loads(line) for f in (tmp_path / "run" / "ledger").glob("*.jsonl") for line in f.read_text().splitlines()
+    ]
+    keys = [(e["q"], e["c"]) for e in calls if e["e"] == "c"]
+    assert len(keys) == len(set(keys)) == 150
+    assert sum(e["usd"] for e in calls if e["e"] == "c") == pytest.approx(full)
+
+
+def test_fallback_when_the_plan_model_cannot_answer(small_history: History, tmp_path: Path) -> None:
+    queue = make_queue(small_history, 5)
+    models = small_history.models
+    plan = single_plan(small_history, queue).with_columns(
+        pl.lit(["no-such-model"]).alias("models"), pl.lit([models[0]]).alias("fallback_models")
+    )
+    results = dispatch(
+        plan, queue, get_backend("replay", history=small_history), budget_usd=10.0, out_uri=str(tmp_path / "run")
+    )
+    assert (results["status"] == "done").all()
+    assert results["models_called"].to_list() == [["no-such-model", models[0]]] * 5
+    assert results["error"].str.contains(f"fallback to {models[0]}").all()
+
+
+def test_vote_and_cascade(small_history: History, tmp_path: Path) -> None:
+    queue = make_queue(small_history, 40)
+    models = small_history.models[:3]
+    base = single_plan(small_history, queue)
+    vote = base.with_columns(
+        pl.lit("vote").alias("kind"), pl.lit(models).alias("models"), pl.lit(None, pl.Float64).alias("reserve_cost_usd")
+    )
+    results = dispatch(
+        vote, queue, get_backend("replay", history=small_history), budget_usd=10.0, out_uri=str(tmp_path / "vote")
+    )
+    truth = recorded(small_history)
+    for qid, answer, called, _cost, status, _ in results.iter_rows():
+        assert status == "done"
+        assert sorted(called) == sorted(models)
+        votes = [truth[(qid, m)][0] for m in models]
+        assert votes.count(answer) == max(votes.count(v) for v in votes)
+    cascade = vote.with_columns(pl.lit("cascade").alias("kind"), pl.lit([0.0, 2.0]).alias("thresholds"))
+    results = dispatch(
+        cascade, queue, get_backend("replay", history=small_history), budget_usd=10.0, out_uri=str(tmp_path / "cascade")
+    )
+    # threshold 0 at step 0: every cascade stops at its first model
+    assert results["models_called"].to_list() == [[models[0]]] * 40
+    assert results["answer"].to_list() == [truth[(q, models[0])][0] for q in results["query_id"]]
+
+
+def test_results_readable_from_parts(small_history: History, tmp_path: Path) -> None:
+    queue = make_queue(small_history, 60)
+    plan = single_plan(small_history, queue)
+    out = str(tmp_path / "run")
+    results = dispatch(
+        plan, queue, get_backend("replay", history=small_history), budget_usd=1.0, out_uri=out, part_rows=7
+    )
+    parts = list((tmp_path / "run" / "results").glob("part-*.parquet"))
+    assert len(parts) >= 60 // 7
+    assert read_results(out).sort("query_id").equals(results.sort("query_id"))
+
+
+def test_results_on_s3(small_history: History, s3_storage: Storage, s3_bucket: str) -> None:
+    queue = make_queue(small_history, 25)
+    plan = single_plan(small_history, queue)
+    out = f"{s3_bucket}/runs/one"
+    backend = get_backend("replay", history=small_history)
+    results = dispatch(plan, queue, backend, budget_usd=1.0, out_uri=out, storage=s3_storage, part_rows=10)
+    assert (results["status"] == "done").all()
+    again = dispatch(plan, queue, backend, budget_usd=1.0, out_uri=out, storage=s3_storage)
+    assert again.equals(results)
+    assert any(u.endswith(".jsonl") for u in s3_storage.list(f"{out}/ledger"))
+
+
+@pytest.mark.parametrize(
+    ("text", "labels", "want"),
+    [
+        ("B", ("A", "B"), ("B", None)),
+        (" (b). ", ("A", "B"), ("B", None)),
+        ("Answer: C", ("A", "B", "C"), ("C", None)),
+        ("**D** because", ("A", "D"), ("D", None)),
+        ('{"answer": "yes"}', ("yes", "no"), ("yes", None)),
+        ('{"answer": ', ("yes", "no"), (None, "malformed_json")),
+        ("", ("A",), (None, "empty")),
+        ("I'm sorry, I cannot help with that.", ("A", "B"), (None, "refusal")),
+        ("E", ("A", "B"), (None, "outside_labels")),
+        ("free text", None, ("free text", None)),
+    ],
+)
+def test_parse_answer(text: str, labels: tuple[str, ...] | None, want: tuple[str | None, str | None]) -> None:
+    assert parse_answer(text, labels) == want
+
+
+def test_budget_guard_waits_for_in_flight_then_refuses() -> None:
+    async def scenario() -> None:
+        guard = BudgetGuard(1.0)
+        first = await guard.reserve(0.6)
+        assert first is not None
+        assert guard.try_reserve(0.6) is None
+        waiter = asyncio.create_task(guard.reserve(0.45))  # fits once the in-flight call settles
+        await asyncio.sleep(0)
+        assert not waiter.done()
+        await guard.settle(first, 0.5)
+        assert await waiter is not None
+        assert await guard.reserve(0.6) is None  # 0.5 spent: 0.6 can never fit
+        assert guard.spent_usd == pytest.approx(0.5)
+        assert guard.reserved_usd == pytest.approx(0.45)
+
+    asyncio.run(scenario())
