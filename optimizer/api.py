@@ -1,0 +1,126 @@
+"""``solve`` and ``frontier``: the entry points the pipeline calls."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import cvxpy as cp
+import numpy as np
+import polars as pl
+
+from optimizer.constraints import Budget
+from optimizer.diagnose import diagnose, empty_queries
+from optimizer.problem import Problem
+from optimizer.solution import Solution, SolverError
+from optimizer.solve_cvxpy import solve_cvxpy
+
+Method = Literal["auto", "cvxpy_milp", "cvxpy_lp", "decompose"]
+
+
+def solve(
+    problem: Problem,
+    method: Method = "auto",
+    *,
+    time_limit: float | None = None,
+    gap_tol: float = 1e-4,
+    highs_options: dict[str, Any] | None = None,
+) -> Solution:
+    """Choose one option per query (or defer it). Raises InfeasibleError / SolverError.
+
+    ``method``: "decompose" (fast: Lagrangian pricing + restricted HiGHS LPs + MILP polish, LP bound as
+    certificate), "cvxpy_milp" (the whole MILP in CVXPY+HiGHS, exact within mip_rel_gap 1e-6),
+    "cvxpy_lp" (LP relaxation in CVXPY+HiGHS IPM, then rounding with repair), "auto" (= decompose).
+    """
+    t0 = time.perf_counter()
+    model = problem.compiled
+    if len(empty_queries(model)):
+        raise diagnose(model)
+    if method in ("cvxpy_milp", "cvxpy_lp"):
+        integer = method == "cvxpy_milp"
+        status, solution = solve_cvxpy(model, integer=integer, time_limit=time_limit, highs_options=highs_options)
+        if status in (cp.INFEASIBLE, cp.INFEASIBLE_INACCURATE):
+            raise diagnose(model)
+        if solution is None:
+            raise SolverError(f"{method}: HiGHS via CVXPY ended with status {status!r} and no solution")
+        if not integer:
+            from optimizer.decompose import repair_lp_solution
+
+            solution = repair_lp_solution(model, solution, method=method)
+        solution.solve_seconds = time.perf_counter() - t0
+        solution.status = "optimal" if solution.gap <= gap_tol else "feasible"
+        return solution
+    if method in ("auto", "decompose"):
+        from optimizer.decompose import solve_decompose
+
+        solution = solve_decompose(model, time_limit=time_limit, gap_tol=gap_tol)
+        solution.solve_seconds = time.perf_counter() - t0
+        return solution
+    raise ValueError(f"unknown method {method!r}; use auto, decompose, cvxpy_milp or cvxpy_lp")
+
+
+def frontier(problem: Problem, budgets: Sequence[float], method: Method = "auto", *, budget_name: str = "budget") -> pl.DataFrame:
+    """Objective at each budget (the Budget spec named ``budget_name`` is replaced or added).
+
+    Columns: budget, objective, bound, gap, cost, accuracy (mean expected accuracy over all queries,
+    deferred counting 0), deferred, seconds. Infeasible budgets give a row with nulls.
+    Cheap: the compiled arrays are shared and the decomposition warm-starts from the previous prices.
+    """
+    from optimizer.solution import InfeasibleError
+
+    base = [c for c in problem.constraints if not (isinstance(c, Budget) and c.name == budget_name)]
+    rows: list[dict[str, Any]] = []
+    warm: np.ndarray | None = None
+    shared = problem.compiled
+    for b in sorted(float(x) for x in budgets):
+        p = problem.with_constraints([*base, Budget(limit=b, name=budget_name)])
+        # reuse the compiled arrays: only the budget row changes
+        model = _rebudget(shared, p)
+        p.__dict__["compiled"] = model
+        try:
+            if method in ("auto", "decompose"):
+                from optimizer.decompose import solve_decompose
+
+                t0 = time.perf_counter()
+                sol = solve_decompose(model, warm_prices=warm)
+                sol.solve_seconds = time.perf_counter() - t0
+                warm = sol.info.get("prices")
+            else:
+                sol = solve(p, method=method)
+        except InfeasibleError:
+            rows.append({"budget": b, "objective": None, "bound": None, "gap": None, "cost": None,
+                         "accuracy": None, "deferred": None, "seconds": None})
+            continue
+        rows.append({"budget": b, "objective": sol.objective, "bound": sol.bound, "gap": sol.gap, "cost": sol.cost,
+                     "accuracy": sol.accuracy / max(model.n, 1), "deferred": len(sol.deferred),
+                     "seconds": sol.solve_seconds})
+    schema = {"budget": pl.Float64, "objective": pl.Float64, "bound": pl.Float64, "gap": pl.Float64,
+              "cost": pl.Float64, "accuracy": pl.Float64, "deferred": pl.Int64, "seconds": pl.Float64}
+    return pl.DataFrame(rows, schema=schema)
+
+
+def _rebudget(shared: Any, problem: Problem) -> Any:
+    """A copy of the compiled model whose families follow ``problem``'s constraints, reusing arrays."""
+    import copy
+
+    from optimizer.constraints import Allowed
+
+    model = copy.copy(shared)
+    old = {f.constraint: f for f in shared.families}
+    families = []
+    for spec in problem.constraints:
+        if isinstance(spec, Allowed):
+            continue
+        name = spec.name if isinstance(spec, Budget) else None
+        if isinstance(spec, Budget) and name in old:
+            f = old[name]
+            families.append(type(f)(f.constraint, f.kind, f.sense, f.names, np.array([float(spec.limit)]), f.coef, f.gid, f.scale))
+        elif isinstance(spec, Budget):
+            families.append(spec.rows(model))
+        else:
+            from optimizer.constraints import constraint_name
+
+            families.append(old[constraint_name(spec)])
+    model.families = families
+    return model

@@ -1,0 +1,99 @@
+"""Why a request is infeasible, and the smallest change that makes it feasible.
+
+Run only after a solver reported infeasibility (or the fast method's elastic rows kept a slack), so its
+cost never touches the happy path.
+
+1. Queries with no allowed option that may not be deferred -> ``allowed``.
+2. Each row alone: a ``<=`` row whose smallest reachable usage (every query at its own minimum) exceeds
+   the limit (budget below the cheapest assignment -> ``min_budget``; capacity -> ``missing_capacity``);
+   a floor above the best reachable mean -> ``max_accuracy``. These suggestions are exact.
+3. Rows jointly infeasible (each fine alone): the elastic LP's slacks say by how much each row must move.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from optimizer.constraints import RowFamily
+from optimizer.problem import Compiled
+from optimizer.solution import InfeasibleError
+
+
+def _per_query(model: Compiled, values: np.ndarray, ufunc: np.ufunc) -> np.ndarray:
+    return ufunc.reduceat(values, model.starts[:-1]) if model.m else np.zeros(model.n)
+
+
+def empty_queries(model: Compiled) -> np.ndarray:
+    return np.flatnonzero(np.diff(model.starts) == 0)
+
+
+def row_extremes(model: Compiled, family: RowFamily) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: (smallest, largest) reachable usage, each query independently at its extreme."""
+    lo, hi = np.zeros(family.size), np.zeros(family.size)
+    nonempty = np.diff(model.starts) > 0
+    for g in range(family.size):
+        contrib = np.where(family.gid == g, family.coef, 0.0)
+        lo[g] = float(_per_query(model, contrib, np.minimum)[nonempty].sum())
+        hi[g] = float(_per_query(model, contrib, np.maximum)[nonempty].sum())
+    return lo, hi
+
+
+def _row_suggestion(family: RowFamily, g: int, lo: float, hi: float) -> dict[str, Any] | None:
+    limit = float(family.rhs[g])
+    tol = 1e-9 * max(1.0, abs(limit))
+    if family.sense == "<=" and lo > limit + tol:
+        if family.kind in ("budget", "group_budget"):
+            return {"min_budget": lo}
+        return {"min_capacity": lo, "missing_capacity": lo - limit}
+    if family.sense == ">=" and hi < limit - tol:
+        count = family.scale[g] if family.scale is not None else np.nan
+        return {"max_accuracy": hi / count if count else float("nan"), "required": limit, "reachable": hi}
+    return None
+
+
+def diagnose(model: Compiled, elastic: dict[str, float] | None = None) -> InfeasibleError:
+    """Build the typed error for an infeasible model. ``elastic``: row -> slack needed, from an elastic LP."""
+    empty = empty_queries(model)
+    if len(empty):
+        return InfeasibleError(
+            "allowed",
+            f"{len(empty)} queries have no allowed option and may not be deferred (e.g. query {int(empty[0])})",
+            {"queries_without_options": empty[:100].tolist(), "allow_deferral": True},
+        )
+    faults: dict[str, dict[str, Any]] = {}
+    for family in model.families:
+        lo, hi = row_extremes(model, family)
+        for g, name in enumerate(family.names):
+            s = _row_suggestion(family, g, float(lo[g]), float(hi[g]))
+            if s is not None:
+                faults[name] = s
+    if faults:
+        names = list(faults)
+        suggestion: dict[str, Any] = faults[names[0]] if len(names) == 1 else faults
+        what = "; ".join(f"{n}: {s}" for n, s in faults.items())
+        return InfeasibleError(names[0] if len(names) == 1 else names, f"infeasible on its own: {what}", suggestion)
+    if elastic:
+        at_fault = {n: s for n, s in elastic.items() if s > 0}
+        limits = {n: float(r) for f in model.families for n, r in zip(f.names, f.rhs, strict=True)}
+        senses = {n: f.sense for f in model.families for n in f.names}
+        change = {
+            n: {"change": s if senses[n] == "<=" else -s, "feasible_limit": limits[n] + (s if senses[n] == "<=" else -s)}
+            for n, s in at_fault.items()
+        }
+        names = list(change) or ["<joint>"]
+        budget_rows = [n for n in names if n in limits and model.families and _kind(model, n) == "budget"]
+        suggestion: dict[str, Any] = {"rows": change}  # type: ignore[no-redef]
+        if budget_rows:
+            suggestion["min_budget"] = change[budget_rows[0]]["feasible_limit"]
+        return InfeasibleError(names[0] if len(names) == 1 else names,
+                               f"constraints are jointly infeasible; relax {change}", suggestion)
+    return InfeasibleError("<joint>", "the constraints are jointly infeasible", {})
+
+
+def _kind(model: Compiled, row: str) -> str:
+    for f in model.families:
+        if row in f.names:
+            return f.kind
+    return ""
