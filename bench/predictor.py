@@ -1,0 +1,172 @@
+"""Predictor benchmark: quality per data set and model on the test splits, and scoring throughput.
+
+    uv run python bench/predictor.py [--name lightgbm] [--throughput-queries 100000] [--skip-quality]
+
+Quality: trains on the train splits of all data sets in ../shared/data together (``cascades`` has only a
+train split: a 30% hold-out is carved from it by a stable hash, ``with_holdout``), then prints, per data set
+and model, AUC, Brier, expected calibration error (10 equal-width bins) and cost MAPE (expected cost vs
+billed) on the test split, with p90 cover (share of calls whose billed cost <= the high-side estimate).
+
+Throughput: a synthetic batch shaped like the real data: real prompts of all three data sets (all splits)
+resampled with replacement to N queries, each given a fresh id and a random 1-3 word suffix drawn from
+the data's own vocabulary (so no two texts are identical and the text features are really computed), task
+and labels kept; every query is paired with every model of its data set (9, 11 or 12: ~11 per query).
+Timed: ``predictor.predict(queries, pairs)`` end to end from raw text (features, boosters, calibration,
+cost), best of 3 runs, on the threads LightGBM is given (2).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from batchplan.history import History, load_history, with_holdout
+from batchplan.settings import get_settings
+from predictors import Predictor, train_predictor
+from predictors.metrics import auc, brier, ece, mape
+
+DATASETS = ("cascades", "routerbench", "overruling")
+
+
+def load_real() -> History:
+    root = Path(get_settings().data_dir)
+    dirs = [str(root / d) for d in DATASETS if (root / d / "queries.parquet").exists()]
+    if not dirs:
+        raise SystemExit(f"no data under {root}")
+    return with_holdout(load_history(dirs))
+
+
+def quality(predictor: Predictor, history: History) -> pl.DataFrame:
+    test = history.split("test")
+    rows = test.outcomes.join(test.queries.select("query_id", "dataset"), on="query_id")
+    preds = predictor.predict(test.queries, rows.select("query_id", "model"))
+    rows = rows.with_columns(
+        preds["p_correct"], preds["cost_usd"].alias("cost_pred"), preds["cost_high_usd"].alias("cost_high")
+    )
+    train_counts = history.split("train").outcomes.group_by("model").agg(pl.col("query_id").n_unique().alias("n_train"))
+    out = []
+    for (dataset, model), g in rows.group_by("dataset", "model"):
+        y = g["correct"].cast(pl.Float64).to_numpy()
+        p = g["p_correct"].to_numpy()
+        out.append(
+            {
+                "dataset": dataset,
+                "model": model,
+                "n_test": len(y),
+                "acc": float(y.mean()),
+                "p_mean": float(p.mean()),
+                "auc": auc(y, p),
+                "brier": brier(y, p),
+                "ece": ece(y, p),
+                "cost_mape": mape(g["cost_usd"].to_numpy(), g["cost_pred"].to_numpy()),
+                "p90_cover": float(np.mean(g["cost_usd"].to_numpy() <= g["cost_high"].to_numpy())),
+            }
+        )
+    return pl.DataFrame(out).join(train_counts, on="model", how="left").sort("dataset", "model")
+
+
+def synthetic_batch(history: History, n_queries: int, seed: int = 0) -> tuple[pl.DataFrame, pl.DataFrame]:
+    rng = np.random.default_rng(seed)
+    q = history.queries
+    pick = rng.integers(0, q.height, n_queries)
+    vocab = np.array(
+        q.head(2000)["prompt"].str.extract_all(r"[A-Za-z]+").explode().drop_nulls().unique().sort().to_list()
+    )
+    suffix = [" ".join(rng.choice(vocab, rng.integers(1, 4))) for _ in range(n_queries)]
+    base = q[pick]
+    queries = base.select(
+        pl.format("bench-{}", pl.int_range(pl.len())).alias("query_id"),
+        (pl.col("prompt") + " " + pl.Series(suffix)).alias("prompt"),
+        "system_prompt",
+        "labels",
+        "task",
+        pl.lit("bench").alias("tenant"),
+        pl.lit(1.0).alias("priority"),
+        "dataset",
+    )
+    models_by_dataset = (
+        history.outcomes.join(q.select("query_id", "dataset"), on="query_id")
+        .group_by("dataset")
+        .agg(pl.col("model").unique().sort().alias("models"))
+    )
+    pairs = (
+        queries.select("query_id", "dataset")
+        .join(models_by_dataset, on="dataset")
+        .explode("models")
+        .select("query_id", pl.col("models").alias("model"))
+    )
+    return queries.drop("dataset"), pairs
+
+
+def throughput(predictor: Predictor, history: History, n_queries: int) -> dict[str, float]:
+    queries, pairs = synthetic_batch(history, n_queries)
+    best = float("inf")
+    for _ in range(3):
+        t0 = time.perf_counter()
+        preds = predictor.predict(queries, pairs)
+        best = min(best, time.perf_counter() - t0)
+    assert preds.height == pairs.height
+    return {"queries": queries.height, "pairs": pairs.height, "seconds": best, "pairs_per_s": pairs.height / best}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--name", default="lightgbm")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--throughput-queries", type=int, default=100_000)
+    parser.add_argument("--skip-quality", action="store_true")
+    parser.add_argument("--skip-throughput", action="store_true")
+    parser.add_argument("--json", help="also write the results to this file")
+    args = parser.parse_args()
+    history = load_real()
+    t0 = time.perf_counter()
+    predictor = train_predictor(history.split("train"), name=args.name, seed=args.seed)
+    train_s = time.perf_counter() - t0
+    print(f"predictor {args.name!r} trained on the train splits in {train_s:.1f}s")
+    results: dict[str, object] = {"name": args.name, "train_seconds": train_s}
+    if not args.skip_quality:
+        table = quality(predictor, history)
+        with pl.Config(tbl_rows=100, tbl_width_chars=200, float_precision=4, fmt_str_lengths=34):
+            print(
+                table.select(
+                    "dataset",
+                    "model",
+                    "n_train",
+                    "n_test",
+                    "acc",
+                    "p_mean",
+                    "auc",
+                    "brier",
+                    "ece",
+                    "cost_mape",
+                    "p90_cover",
+                )
+            )
+        eligible = table.filter(pl.col("n_train") >= 300)
+        print(
+            f"ECE <= 0.05 for {int((eligible['ece'] <= 0.05).sum())}/{eligible.height} models with >= 300 training queries; "
+            f"worst {eligible['ece'].max():.4f}; mean AUC {table['auc'].mean():.4f}, mean Brier {table['brier'].mean():.4f}, "
+            f"median cost MAPE {table['cost_mape'].median():.4f}"
+        )
+        results["quality"] = table.to_dicts()
+    if not args.skip_throughput:
+        tp = throughput(predictor, history, args.throughput_queries)
+        print(
+            f"throughput: {tp['pairs']:,} pairs ({tp['queries']:,} queries) in {tp['seconds']:.2f}s = "
+            f"{tp['pairs_per_s'] / 1e6:.2f}M pairs/s (features included, best of 3)"
+        )
+        results["throughput"] = tp
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,236 @@
+"""Expected and high-side (p90) cost of a call, per (query, model).
+
+Where the serving catalog lists token prices: tokens_in = prompt characters x a chars->tokens ratio
+calibrated per model on the history (1/4 when unknown), tokens_out = predicted (mean and p90), x prices.
+Where it does not (routerbench has no models.csv): a per-(model, task) linear fit of billed cost on prompt
+characters learned from the history, its p90 from the residual ratios. A model with neither gets the
+median known cost per character, flagged ``cost_source = "cold"``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from batchplan.catalog import PriceCatalog
+
+DEFAULT_CHARS_PER_TOKEN_RATIO = 0.25
+LABEL_TOKENS_OUT = (1.0, 1.0, 2.0)  # mean, p50, p90 for label tasks with no recorded usage
+OPEN_TOKENS_OUT = (200.0, 150.0, 500.0)
+
+
+def query_chars(queries: pl.DataFrame) -> pl.Series:
+    return queries.select(
+        (pl.col("prompt").fill_null("").str.len_chars() + pl.col("system_prompt").fill_null("").str.len_chars() + 1)
+        .cast(pl.Float64)
+        .alias("chars")
+    ).to_series()
+
+
+@dataclass
+class CostModel:
+    # tokens_in per prompt char, keyed "model\ttask" and "model\t*" (any task)
+    token_ratio: dict[str, float] = field(default_factory=dict)
+    token_ratio_p90: dict[str, float] = field(default_factory=dict)  # p90 / median of the per-row ratio
+    global_ratio: float = DEFAULT_CHARS_PER_TOKEN_RATIO
+    tokens_out: list[dict[str, Any]] = field(default_factory=list)  # model, task, mean, p50, p90
+    billed: list[dict[str, Any]] = field(default_factory=list)  # model, task, a, b, high_ratio, n
+    cost_per_kchar: dict[str, float] = field(default_factory=dict)
+
+    @classmethod
+    def fit(cls, queries: pl.DataFrame, outcomes: pl.DataFrame) -> CostModel:
+        q = queries.select("query_id", pl.col("task").fill_null("default"), query_chars(queries))
+        rows = outcomes.join(q, on="query_id", how="inner")
+        known_in = rows.filter(pl.col("tokens_in").is_not_null() & (pl.col("tokens_in") > 0))
+        ratio = known_in.with_columns((pl.col("tokens_in") / pl.col("chars")).alias("r"))
+        per_model = ratio.group_by("model", "task").agg(
+            pl.col("r").median().alias("median"), (pl.col("r").quantile(0.9) / pl.col("r").median()).alias("p90")
+        )
+        per_model = pl.concat(
+            [
+                per_model,
+                ratio.group_by("model").agg(
+                    pl.lit("*").alias("task"),
+                    pl.col("r").median().alias("median"),
+                    (pl.col("r").quantile(0.9) / pl.col("r").median()).alias("p90"),
+                ),
+            ]
+        ).with_columns(pl.concat_str("model", "task", separator="\t").alias("key"))
+        global_ratio = float(ratio["r"].median()) if ratio.height else DEFAULT_CHARS_PER_TOKEN_RATIO  # type: ignore[arg-type]
+        tokens_out = (
+            rows.filter(pl.col("tokens_out").is_not_null())
+            .group_by("model", "task")
+            .agg(
+                pl.col("tokens_out").mean().alias("mean"),
+                pl.col("tokens_out").quantile(0.5).alias("p50"),
+                pl.col("tokens_out").quantile(0.9).alias("p90"),
+            )
+            .sort("model", "task")
+        )
+        billed = []
+        for (model, task), group in rows.filter(pl.col("cost_usd").is_not_null()).group_by("model", "task"):
+            x = group["chars"].to_numpy()
+            y = group["cost_usd"].to_numpy()
+            a, b = _nonneg_line(x, y)
+            pred = np.maximum(a + b * x, 1e-12)
+            billed.append(
+                {
+                    "model": model,
+                    "task": task,
+                    "a": a,
+                    "b": b,
+                    "high_ratio": float(np.quantile(y / pred, 0.9)),
+                    "n": len(y),
+                }
+            )
+        per_kchar = rows.group_by("model").agg((pl.col("cost_usd").sum() / pl.col("chars").sum() * 1000).alias("c"))
+        return cls(
+            token_ratio=dict(zip(per_model["key"].to_list(), per_model["median"].to_list(), strict=True)),
+            token_ratio_p90=dict(zip(per_model["key"].to_list(), per_model["p90"].to_list(), strict=True)),
+            global_ratio=global_ratio,
+            tokens_out=tokens_out.to_dicts(),
+            billed=sorted(billed, key=lambda r: (r["model"], r["task"])),
+            cost_per_kchar=dict(zip(per_kchar["model"].to_list(), per_kchar["c"].to_list(), strict=True)),
+        )
+
+    def to_state(self) -> dict[str, Any]:
+        return {
+            "token_ratio": self.token_ratio,
+            "token_ratio_p90": self.token_ratio_p90,
+            "global_ratio": self.global_ratio,
+            "tokens_out": self.tokens_out,
+            "billed": self.billed,
+            "cost_per_kchar": self.cost_per_kchar,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict[str, Any]) -> CostModel:
+        return cls(**state)
+
+    def predict(
+        self,
+        pairs: pl.DataFrame,
+        catalog: PriceCatalog,
+        tokens_out_pred: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
+    ) -> pl.DataFrame:
+        """``pairs``: model, task, chars, has_labels (one row per pair, in order). Returns cost_usd,
+        cost_high_usd, tokens_in, tokens_out, tokens_out_p90, cost_source, aligned with ``pairs``."""
+        n = pairs.height
+        frame = pairs.select("model", "task", "chars", "has_labels").with_row_index("_i")
+        prices = catalog.prices.select("model", "usd_per_mtok_in", "usd_per_mtok_out").unique("model")
+        keys = [k.split("\t", 1) for k in self.token_ratio]
+        ratio_all = pl.DataFrame(
+            {
+                "model": [k[0] for k in keys],
+                "task": [k[1] for k in keys],
+                "ratio": list(self.token_ratio.values()),
+                "ratio_hi": [self.token_ratio_p90.get(k, 1.1) for k in self.token_ratio],
+            },
+            schema={"model": pl.String, "task": pl.String, "ratio": pl.Float64, "ratio_hi": pl.Float64},
+        )
+        ratio = ratio_all.filter(pl.col("task") != "*")
+        ratio_m = ratio_all.filter(pl.col("task") == "*").select(
+            "model", pl.col("ratio").alias("ratio_m"), pl.col("ratio_hi").alias("ratio_hi_m")
+        )
+        out_schema = {"model": pl.String, "task": pl.String, "mean": pl.Float64, "p50": pl.Float64, "p90": pl.Float64}
+        tok_out = pl.DataFrame(self.tokens_out, schema=out_schema)
+        tok_out_task = tok_out.group_by("task").agg(pl.col("mean", "p50", "p90").mean().name.suffix("_t"))
+        billed = pl.DataFrame(
+            self.billed,
+            schema={
+                "model": pl.String,
+                "task": pl.String,
+                "a": pl.Float64,
+                "b": pl.Float64,
+                "high_ratio": pl.Float64,
+                "n": pl.Int64,
+            },
+        )
+        billed_model = billed.group_by("model").agg(
+            (pl.col("a") * pl.col("n")).sum().truediv(pl.col("n").sum()).alias("a_m"),
+            (pl.col("b") * pl.col("n")).sum().truediv(pl.col("n").sum()).alias("b_m"),
+            pl.col("high_ratio").max().alias("high_ratio_m"),
+        )
+        catalog_billed = catalog.billed.select("model", pl.col("mean_cost_usd").alias("billed_mean")).unique("model")
+        f = (
+            frame.join(prices, on="model", how="left")
+            .join(ratio, on=["model", "task"], how="left")
+            .join(ratio_m, on="model", how="left")
+            .join(tok_out, on=["model", "task"], how="left")
+            .join(tok_out_task, on="task", how="left")
+            .join(billed.drop("n"), on=["model", "task"], how="left")
+            .join(billed_model, on="model", how="left")
+            .join(catalog_billed, on="model", how="left")
+            .sort("_i")
+        )
+        default_mean = pl.when(pl.col("has_labels")).then(LABEL_TOKENS_OUT[0]).otherwise(OPEN_TOKENS_OUT[0])
+        default_p90 = pl.when(pl.col("has_labels")).then(LABEL_TOKENS_OUT[2]).otherwise(OPEN_TOKENS_OUT[2])
+        f = f.with_columns(
+            (pl.col("chars") * pl.coalesce("ratio", "ratio_m", pl.lit(self.global_ratio))).alias("tokens_in"),
+            pl.coalesce("mean", "mean_t", default_mean).alias("tokens_out"),
+            pl.coalesce("p90", "p90_t", default_p90).alias("tokens_out_p90"),
+            pl.coalesce("ratio_hi", "ratio_hi_m", pl.lit(1.1)).alias("ratio_hi"),
+        )
+        if tokens_out_pred is not None:
+            mean, _p50, p90 = tokens_out_pred
+            f = f.with_columns(pl.Series("tokens_out", mean), pl.Series("tokens_out_p90", np.maximum(p90, mean)))
+        per_kchar = np.median(list(self.cost_per_kchar.values())) if self.cost_per_kchar else 1e-3
+        has_price = pl.col("usd_per_mtok_in").is_not_null() & pl.col("usd_per_mtok_out").is_not_null()
+        a = pl.coalesce("a", "a_m")
+        b = pl.coalesce("b", "b_m")
+        token_cost = (
+            pl.col("tokens_in") * pl.col("usd_per_mtok_in") + pl.col("tokens_out") * pl.col("usd_per_mtok_out")
+        ) / 1e6
+        token_high = (
+            pl.col("tokens_in") * pl.col("ratio_hi") * pl.col("usd_per_mtok_in")
+            + pl.col("tokens_out_p90") * pl.col("usd_per_mtok_out")
+        ) / 1e6
+        billed_cost = a + b * pl.col("chars")
+        f = f.with_columns(
+            pl.when(has_price)
+            .then(pl.lit("tokens"))
+            .when(a.is_not_null())
+            .then(pl.lit("billed"))
+            .when(pl.col("billed_mean").is_not_null())
+            .then(pl.lit("billed_mean"))
+            .otherwise(pl.lit("cold"))
+            .alias("cost_source")
+        )
+        cold = pl.col("chars") / 1000 * float(per_kchar)
+        f = f.with_columns(
+            pl.when(pl.col("cost_source") == "tokens")
+            .then(token_cost)
+            .when(pl.col("cost_source") == "billed")
+            .then(billed_cost)
+            .when(pl.col("cost_source") == "billed_mean")
+            .then(pl.col("billed_mean"))
+            .otherwise(cold)
+            .alias("cost_usd"),
+            pl.when(pl.col("cost_source") == "tokens")
+            .then(token_high)
+            .when(pl.col("cost_source") == "billed")
+            .then(billed_cost * pl.coalesce("high_ratio", "high_ratio_m", pl.lit(1.25)))
+            .when(pl.col("cost_source") == "billed_mean")
+            .then(pl.col("billed_mean") * 1.5)
+            .otherwise(cold * 2)
+            .alias("cost_high_usd"),
+        )
+        f = f.with_columns(pl.max_horizontal("cost_usd", "cost_high_usd").alias("cost_high_usd"))
+        assert f.height == n
+        return f.select("cost_usd", "cost_high_usd", "tokens_in", "tokens_out", "tokens_out_p90", "cost_source")
+
+
+def _nonneg_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:
+    """Least-squares y = a + b x with a, b >= 0 (falls back to a proportional or constant fit)."""
+    if len(x) >= 3 and np.ptp(x) > 0:
+        b, a = np.polyfit(x, y, 1)
+        if a >= 0 and b >= 0:
+            return float(a), float(b)
+    prop = float(np.dot(x, y) / max(np.dot(x, x), 1e-12))
+    const = float(np.mean(y))
+    err_prop = float(np.mean((y - prop * x) ** 2))
+    err_const = float(np.mean((y - const) ** 2))
+    return (0.0, max(prop, 0.0)) if err_prop <= err_const else (max(const, 0.0), 0.0)

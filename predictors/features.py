@@ -1,0 +1,245 @@
+"""Query and model features, computed with polars and numpy, once per query and once per model.
+
+Per query: text statistics, a TF-IDF (word uni+bigram) vector reduced by a randomized SVD fitted on the
+training queries (stored with the artifact: vocabulary, idf, components), task, subject, number of labels.
+Per model: descriptors (list prices, billed cost per prompt character, family and size parsed from the
+name) that let a model with little or no history borrow from similar ones.
+Pair rows are built by gathering the query and model rows, so scoring N queries x M models costs one
+feature pass over N queries.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import polars as pl
+import scipy.sparse as sp
+
+from batchplan.contracts import DEFAULT_TASK
+
+TOKEN_PATTERN = r"[a-z0-9]+"
+STAT_COLUMNS = ("n_chars", "n_sys_chars", "n_spaces", "n_lines", "n_blocks", "digit_share", "n_labels")
+
+
+def text_of(queries: pl.DataFrame) -> pl.Series:
+    """The text a model reads: system prompt + prompt."""
+    return queries.select(
+        pl.concat_str([pl.col("system_prompt").fill_null(""), pl.col("prompt").fill_null("")], separator="\n")
+    ).to_series()
+
+
+def text_stats(queries: pl.DataFrame) -> pl.DataFrame:
+    prompt = pl.col("prompt").fill_null("")
+    n_chars = prompt.str.len_chars().cast(pl.Float32)
+    return queries.select(
+        n_chars.alias("n_chars"),
+        pl.col("system_prompt").fill_null("").str.len_chars().cast(pl.Float32).alias("n_sys_chars"),
+        prompt.str.count_matches(" ", literal=True).cast(pl.Float32).alias("n_spaces"),
+        prompt.str.count_matches("\n", literal=True).cast(pl.Float32).alias("n_lines"),
+        prompt.str.count_matches("\n\n", literal=True).cast(pl.Float32).alias("n_blocks"),
+        (prompt.str.count_matches(r"[0-9]").cast(pl.Float32) / (n_chars + 1)).alias("digit_share"),
+        pl.col("labels").list.len().fill_null(0).cast(pl.Float32).alias("n_labels"),
+    )
+
+
+def _token_rows(texts: pl.Series) -> pl.DataFrame:
+    """(row, term) for every word unigram and bigram of every text."""
+    words = (
+        pl.DataFrame({"text": texts.fill_null("")})
+        .with_row_index("row")
+        .select("row", pl.col("text").str.to_lowercase().str.extract_all(TOKEN_PATTERN).alias("term"))
+        .explode("term")
+        .drop_nulls("term")
+    )
+    bigrams = words.select(
+        "row",
+        pl.when(pl.col("row") == pl.col("row").shift(-1))
+        .then(pl.concat_str([pl.col("term"), pl.col("term").shift(-1)], separator=" "))
+        .alias("term"),
+    ).drop_nulls("term")
+    return pl.concat([words, bigrams])
+
+
+@dataclass
+class TextEncoder:
+    """TF-IDF over a fixed vocabulary (stable across library versions), reduced by SVD to ``dim`` dims."""
+
+    vocab: list[str] = field(default_factory=list)
+    idf: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
+    components: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))
+
+    @property
+    def dim(self) -> int:
+        return int(self.components.shape[1]) if self.components.ndim == 2 else 0
+
+    @classmethod
+    def fit(
+        cls, texts: pl.Series, *, max_terms: int = 8192, dim: int = 32, min_df: int = 2, seed: int = 0
+    ) -> TextEncoder:
+        n_docs = len(texts)
+        df = (
+            _token_rows(texts)
+            .unique()
+            .group_by("term")
+            .len("df")
+            .filter(pl.col("df") >= min(min_df, max(n_docs, 1)))
+            .sort(["df", "term"], descending=[True, False])
+            .head(max_terms)
+            .sort("term")
+        )
+        vocab = df["term"].to_list()
+        idf = (np.log((1 + n_docs) / (1 + df["df"].to_numpy())) + 1).astype(np.float32)
+        encoder = cls(vocab=vocab, idf=idf, components=np.zeros((len(vocab), 0), dtype=np.float32))
+        if not vocab:
+            return encoder
+        x = encoder.tfidf(texts)
+        encoder.components = _randomized_svd_components(x, min(dim, max(1, min(x.shape) - 1)), seed)
+        return encoder
+
+    def tfidf(self, texts: pl.Series) -> sp.csr_matrix:
+        vocab = pl.DataFrame({"term": self.vocab, "col": np.arange(len(self.vocab), dtype=np.uint32)})
+        counts = _token_rows(texts).join(vocab, on="term", how="inner").group_by("row", "col").len("n")
+        rows = counts["row"].to_numpy()
+        cols = counts["col"].to_numpy()
+        vals = (1 + np.log(counts["n"].to_numpy().astype(np.float32))) * self.idf[cols]
+        norms = np.sqrt(np.bincount(rows, weights=vals * vals, minlength=len(texts)))
+        vals = vals / np.maximum(norms[rows], 1e-12)
+        return sp.csr_matrix((vals.astype(np.float32), (rows, cols)), shape=(len(texts), len(self.vocab)))
+
+    def transform(self, texts: pl.Series) -> np.ndarray:
+        """Unit-norm embeddings (n x dim), float32; zeros for texts with no known term."""
+        if not self.vocab or self.dim == 0:
+            return np.zeros((len(texts), 0), dtype=np.float32)
+        emb = np.asarray(self.tfidf(texts) @ self.components, dtype=np.float32)
+        norms = np.linalg.norm(emb, axis=1, keepdims=True)
+        return emb / np.maximum(norms, 1e-12)
+
+    def to_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+        return {"vocab": self.vocab}, {"text_idf": self.idf, "text_components": self.components}
+
+    @classmethod
+    def from_state(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> TextEncoder:
+        return cls(vocab=list(meta["vocab"]), idf=arrays["text_idf"], components=arrays["text_components"])
+
+
+def _randomized_svd_components(
+    x: sp.csr_matrix, k: int, seed: int, oversample: int = 10, n_iter: int = 3
+) -> np.ndarray:
+    """Right singular vectors (terms x k) of ``x`` by a seeded randomized range finder (Halko et al.)."""
+    rng = np.random.default_rng(seed)
+    n_terms = x.shape[1]
+    omega = rng.standard_normal((n_terms, k + oversample)).astype(np.float64)
+    y = x @ omega
+    q, _ = np.linalg.qr(y)
+    for _ in range(n_iter):
+        z, _ = np.linalg.qr(x.T @ q)
+        q, _ = np.linalg.qr(x @ z)
+    b = (x.T @ q).T  # (k+p) x terms
+    _, _, vt = np.linalg.svd(b, full_matrices=False)
+    comps = vt[:k].T
+    # fix signs so that runs are identical whatever the LAPACK build returns
+    signs = np.sign(comps[np.abs(comps).argmax(axis=0), np.arange(comps.shape[1])])
+    return (comps * np.where(signs == 0, 1, signs)).astype(np.float32)
+
+
+@dataclass
+class Vocabulary:
+    """String -> integer code for LightGBM categorical features; unknown -> NaN (missing)."""
+
+    values: list[str]
+
+    def codes(self, series: pl.Series) -> np.ndarray:
+        mapping = pl.DataFrame(
+            {"v": self.values, "code": np.arange(len(self.values), dtype=np.float32)},
+            schema={"v": pl.String, "code": pl.Float32},
+        )
+        frame = pl.DataFrame({"v": series.cast(pl.String)}).join(mapping, on="v", how="left", maintain_order="left")
+        return frame["code"].fill_null(float("nan")).to_numpy().astype(np.float32)
+
+
+def normalized_task(queries: pl.DataFrame) -> pl.Series:
+    return queries.select(pl.col("task").fill_null(DEFAULT_TASK)).to_series()
+
+
+# ---------------------------------------------------------------- model descriptors
+
+FAMILIES = (
+    "gpt-4o-mini",
+    "gpt-4o",
+    "gpt-4",
+    "gpt-3.5",
+    "claude-instant",
+    "claude",
+    "code-llama",
+    "llama",
+    "qwen",
+    "mixtral",
+    "mistral",
+    "phi",
+    "gemini",
+    "yi",
+    "wizardlm",
+    "deepseek",
+    "gemma",
+    "command",
+)
+MODEL_DESCRIPTOR_COLUMNS = ("log_price_in", "log_price_out", "log_cost_per_kchar", "log_size_b", "family")
+
+
+def parse_family(model: str) -> str:
+    name = model.lower().rsplit("/", 1)[-1]
+    for family in FAMILIES:
+        if family in name:
+            return family
+    match = re.match(r"[a-z]+", name)
+    return match.group(0) if match else "unknown"
+
+
+def parse_size_b(model: str) -> float:
+    """Parameter count in billions from names like 'llama3.1-70b', 'mixtral-8x7b', 'Yi-34B'; NaN if absent."""
+    name = model.lower()
+    moe = re.search(r"(\d+)x(\d+(?:\.\d+)?)b(?![a-z])", name)
+    if moe:
+        return float(moe.group(1)) * float(moe.group(2))
+    dense = re.findall(r"(?<![a-z0-9.])(\d+(?:\.\d+)?)b(?![a-z])", name.replace("_", "-"))
+    if not dense:
+        dense = re.findall(r"(\d+(?:\.\d+)?)b(?![a-z])", name)
+    return float(dense[-1]) if dense else float("nan")
+
+
+def _log10(value: float | None) -> float:
+    return math.log10(value) if value is not None and value > 0 and math.isfinite(value) else float("nan")
+
+
+def describe_models(models: list[str], prices: pl.DataFrame, cost_per_kchar: dict[str, float]) -> pl.DataFrame:
+    """One row per model: log list prices (catalog), log billed cost per 1k prompt characters (history),
+    log size, family. Missing values are NaN (LightGBM's missing)."""
+    price = {r["model"]: r for r in prices.iter_rows(named=True)}
+    rows = []
+    for model in models:
+        p = price.get(model, {})
+        rows.append(
+            {
+                "model": model,
+                "log_price_in": _log10(p.get("usd_per_mtok_in")),
+                "log_price_out": _log10(p.get("usd_per_mtok_out")),
+                "log_cost_per_kchar": _log10(cost_per_kchar.get(model)),
+                "log_size_b": _log10(parse_size_b(model)),
+                "family": parse_family(model),
+            }
+        )
+    return pl.DataFrame(
+        rows,
+        schema={
+            "model": pl.String,
+            "log_price_in": pl.Float64,
+            "log_price_out": pl.Float64,
+            "log_cost_per_kchar": pl.Float64,
+            "log_size_b": pl.Float64,
+            "family": pl.String,
+        },
+    ).with_columns(pl.col(pl.Float64).fill_nan(None).fill_null(float("nan")))

@@ -1,0 +1,180 @@
+"""Predictor names (train by name) and versioned artifacts through Storage (local or s3://).
+
+An artifact is ``root/<version>/``: ``booster_<name>.txt`` (LightGBM text models), ``state.json`` (tables
+the predictor needs: priors, cost model, confusions, vocabularies, catalog), ``arrays.npz`` (text encoder
+matrices) and ``metadata.json`` (features, training-data fingerprint, models covered with their history
+sizes, validation metrics, created time), written last: a version without it is incomplete and ignored.
+Versions sort by creation time: ``<UTC yyyymmddThhmmss>-<fingerprint[:8]>``.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+import lightgbm as lgb
+import numpy as np
+import polars as pl
+
+from batchplan.catalog import PriceCatalog
+from batchplan.history import History
+from batchplan.storage import Storage, StorageError, join
+from predictors.calibration import Calibrator
+from predictors.cost import CostModel
+from predictors.features import TextEncoder, Vocabulary
+from predictors.model import Predictor, fit_predictor
+from predictors.priors import Priors
+
+FORMAT_VERSION = 1
+
+_REGISTRY: dict[str, tuple[Callable[..., Predictor], str]] = {}
+
+
+def register(name: str, description: str) -> Callable[[Callable[..., Predictor]], Callable[..., Predictor]]:
+    def wrap(fn: Callable[..., Predictor]) -> Callable[..., Predictor]:
+        _REGISTRY[name] = (fn, description)
+        return fn
+
+    return wrap
+
+
+@register("lightgbm", "LightGBM P(correct | query features, model descriptors), out-of-fold calibrated")
+def _train_lightgbm(history: History, seed: int = 0, **params: Any) -> Predictor:
+    return fit_predictor(history, name="lightgbm", seed=seed, **params)
+
+
+@register("prior", "per-(model, task) smoothed accuracy from history (baseline); descriptor neighbours for new models")
+def _train_prior(history: History, seed: int = 0, **params: Any) -> Predictor:
+    return fit_predictor(history, name="prior", seed=seed, **params)
+
+
+def available_predictors() -> dict[str, str]:
+    """Registered predictor names and what each is."""
+    return {name: desc for name, (_, desc) in sorted(_REGISTRY.items())}
+
+
+def train_predictor(history: History, name: str = "lightgbm", seed: int = 0, **params: Any) -> Predictor:
+    if name not in _REGISTRY:
+        raise KeyError(f"unknown predictor {name!r}; available: {sorted(_REGISTRY)}")
+    return _REGISTRY[name][0](history, seed=seed, **params)
+
+
+# ---------------------------------------------------------------------- artifacts
+
+
+def save(predictor: Predictor, storage: Storage, root_uri: str, version: str | None = None) -> str:
+    fp = str(predictor.metadata.get("training_data", {}).get("fingerprint", "0" * 8))
+    version = version or f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{fp[:8]}"
+    base = join(root_uri, version)
+    text_meta, arrays = predictor.encoder.to_state()
+    for name, booster in sorted(predictor.boosters.items()):
+        storage.write_text(join(base, f"booster_{name}.txt"), booster.model_to_string())
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]
+    storage.write_bytes(join(base, "arrays.npz"), buffer.getvalue())
+    state = {
+        "format": FORMAT_VERSION,
+        "name": predictor.name,
+        "seed": predictor.seed,
+        "options": predictor.options,
+        "text": text_meta,
+        "tasks": predictor.tasks.values,
+        "subjects": predictor.subjects.values,
+        "models": predictor.model_vocab.values,
+        "families": predictor.families.values,
+        "descriptors": predictor.descriptors.to_dicts(),
+        "priors": predictor.priors.to_state(),
+        "cost": predictor.cost.to_state(),
+        "confusions": predictor.confusions.to_dicts(),
+        "catalog": {"prices": predictor.catalog.prices.to_dicts(), "billed": predictor.catalog.billed.to_dicts()},
+        "calibrator": predictor.calibrator.to_state(),
+        "boosters": sorted(predictor.boosters),
+        "feature_names": predictor.feature_names,
+    }
+    storage.write_text(join(base, "state.json"), json.dumps(state, default=_json_default, allow_nan=True))
+    metadata = {**predictor.metadata, "version": version, "format": FORMAT_VERSION}
+    storage.write_text(
+        join(base, "metadata.json"), json.dumps(metadata, indent=2, default=_json_default, allow_nan=True)
+    )
+    predictor.metadata = metadata
+    return base
+
+
+def list_versions(storage: Storage, root_uri: str) -> list[str]:
+    """Complete versions under ``root_uri`` (those with metadata.json), oldest first."""
+    prefix = root_uri.rstrip("/") + "/"
+    versions = set()
+    for uri in storage.list(root_uri):
+        rest = uri[len(prefix) :] if uri.startswith(prefix) else uri
+        parts = rest.split("/")
+        if len(parts) == 2 and parts[1] == "metadata.json":
+            versions.add(parts[0])
+    return sorted(versions)
+
+
+def load(storage: Storage, root_uri: str, version: str | None = None) -> Predictor:
+    if version is None:
+        versions = list_versions(storage, root_uri)
+        if not versions:
+            raise StorageError(f"no predictor versions under {root_uri}")
+        version = versions[-1]
+    base = join(root_uri, version)
+    state = json.loads(storage.read_text(join(base, "state.json")))
+    metadata = json.loads(storage.read_text(join(base, "metadata.json")))
+    if state.get("format") != FORMAT_VERSION:
+        raise StorageError(f"{base}: artifact format {state.get('format')} != {FORMAT_VERSION}")
+    with np.load(io.BytesIO(storage.read_bytes(join(base, "arrays.npz")))) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    boosters = {n: lgb.Booster(model_str=storage.read_text(join(base, f"booster_{n}.txt"))) for n in state["boosters"]}
+    descriptors = pl.DataFrame(
+        state["descriptors"],
+        schema={
+            "model": pl.String,
+            "log_price_in": pl.Float64,
+            "log_price_out": pl.Float64,
+            "log_cost_per_kchar": pl.Float64,
+            "log_size_b": pl.Float64,
+            "family": pl.String,
+        },
+    )
+    confusions = pl.DataFrame(
+        state["confusions"],
+        schema={"task": pl.String, "model": pl.String, "gold": pl.String, "answer": pl.String, "p": pl.Float64},
+    )
+    catalog = PriceCatalog(
+        prices=pl.DataFrame(
+            state["catalog"]["prices"],
+            schema={"model": pl.String, "usd_per_mtok_in": pl.Float64, "usd_per_mtok_out": pl.Float64},
+        ),
+        billed=pl.DataFrame(state["catalog"]["billed"], schema={"model": pl.String, "mean_cost_usd": pl.Float64}),
+    )
+    return Predictor(
+        name=state["name"],
+        seed=state["seed"],
+        options=state["options"],
+        encoder=TextEncoder.from_state(state["text"], arrays),
+        tasks=Vocabulary(state["tasks"]),
+        subjects=Vocabulary(state["subjects"]),
+        model_vocab=Vocabulary(state["models"]),
+        families=Vocabulary(state["families"]),
+        descriptors=descriptors,
+        priors=Priors.from_state(state["priors"]),
+        cost=CostModel.from_state(state["cost"]),
+        confusions=confusions,
+        catalog=catalog,
+        calibrator=Calibrator.from_state(state["calibrator"]),
+        boosters=boosters,
+        feature_names=state["feature_names"],
+        metadata=metadata,
+    )
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")

@@ -1,0 +1,163 @@
+"""Predictor: interface, calibration against a known truth, registry round trips, cold start, determinism."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from batchplan.catalog import PriceCatalog
+from batchplan.contracts import PREDICTION_SCHEMA
+from batchplan.history import History, synthetic_history
+from batchplan.storage import Storage
+from predictors import Predictor, available_predictors, list_versions, load_predictor, train_predictor
+from predictors.calibration import fit_isotonic, fit_platt
+from predictors.metrics import auc, ece
+
+FAST = {"folds": 3, "max_rounds": 120, "text_dim": 8, "text_features": 8}
+
+
+@pytest.fixture(scope="module")
+def trained(small_history: History) -> Predictor:
+    return train_predictor(small_history.split("train"), name="lightgbm", seed=0, **FAST)
+
+
+def _queue(history: History) -> pl.DataFrame:
+    return history.queries.select("query_id", "prompt", "system_prompt", "labels", "task")
+
+
+def _pairs(history: History) -> pl.DataFrame:
+    return history.outcomes.select("query_id", "model")
+
+
+def test_registry_names() -> None:
+    names = available_predictors()
+    assert {"lightgbm", "prior"} <= set(names)
+    with pytest.raises(KeyError, match="unknown predictor"):
+        train_predictor(synthetic_history(50, 2), name="nope")
+
+
+def test_predict_schema_and_ranges(trained: Predictor, small_history: History) -> None:
+    test = small_history.split("test")
+    preds = trained.predict(_queue(test), _pairs(test))
+    assert preds.height == test.outcomes.height
+    for column, dtype in PREDICTION_SCHEMA.items():
+        assert preds.schema[column] == dtype
+    assert preds["p_correct"].is_between(0, 1).all()
+    assert (preds["cost_usd"] > 0).all()
+    assert (preds["cost_high_usd"] >= preds["cost_usd"]).all()
+    assert preds.select("query_id", "model").equals(_pairs(test))
+    y = test.outcomes["correct"].cast(pl.Float64).to_numpy()
+    assert auc(y, preds["p_correct"].to_numpy()) > 0.7
+    assert trained.models == sorted(small_history.models)
+    assert trained.metadata["models"]
+
+
+def test_calibration_against_known_truth() -> None:
+    """Synthetic history whose true P(correct) is a logistic of known terms: predictions must be calibrated
+    (ECE small) on fresh draws, and close to the true probabilities."""
+    history = synthetic_history(1_200, 6, seed=5)
+    predictor = train_predictor(history.split("train"), seed=0, **FAST)
+    test = history.split("test")
+    preds = predictor.predict(_queue(test), _pairs(test))
+    y = test.outcomes["correct"].cast(pl.Float64).to_numpy()
+    p = preds["p_correct"].to_numpy()
+    assert ece(y, p) < 0.05
+    assert abs(p.mean() - y.mean()) < 0.03
+    assert predictor.metadata["validation"]["calibrator"] in {"identity", "platt", "isotonic"}
+
+
+def test_calibrators_recover_a_known_map() -> None:
+    rng = np.random.default_rng(0)
+    true_p = rng.uniform(0.02, 0.98, 20_000)
+    y = (rng.random(true_p.size) < true_p).astype(float)
+    distorted = true_p**2  # overconfident in the wrong direction: a monotone distortion
+    for fit in (fit_platt, fit_isotonic):
+        calibrator = fit(distorted, y)
+        assert ece(y, calibrator(distorted)) < 0.02
+    assert ece(y, distorted) > 0.1
+
+
+def test_unknown_model_cold_start(trained: Predictor, small_history: History) -> None:
+    test = small_history.split("test")
+    queue = _queue(test)
+    new = "synth-99-70b"
+    pairs = pl.concat([_pairs(test), queue.select("query_id", pl.lit(new).alias("model"))])
+    catalog = PriceCatalog.from_prices(
+        pl.concat(
+            [small_history.prices, pl.DataFrame({"model": [new], "usd_per_mtok_in": [4.0], "usd_per_mtok_out": [12.0]})]
+        )
+    )
+    preds = trained.predict(queue, pairs, catalog=catalog)
+    fresh = preds.filter(pl.col("model") == new)
+    assert fresh.height == queue.height
+    assert fresh["p_correct"].is_between(0.01, 0.99).all()
+    assert not fresh["known_model"].any()
+    assert (fresh["cost_source"] == "tokens").all()
+    # priced like the dearest synthetic model, so it borrows the dear (accurate) models' accuracy
+    by_model = preds.group_by("model").agg(pl.col("p_correct").mean()).sort("p_correct")
+    assert by_model["model"].to_list().index(new) >= len(by_model) // 2
+    # no price anywhere: still a prediction, flagged cold
+    bare = trained.predict(queue, queue.select("query_id", pl.lit("mystery-model").alias("model")))
+    assert bare["p_correct"].is_finite().all()
+    assert (bare["cost_source"] == "cold").all()
+    assert (bare["cost_usd"] > 0).all()
+
+
+def test_prior_predictor(small_history: History) -> None:
+    predictor = train_predictor(small_history.split("train"), name="prior")
+    test = small_history.split("test")
+    preds = predictor.predict(_queue(test), _pairs(test))
+    assert preds["p_correct"].is_between(0, 1).all()
+    assert not predictor.boosters
+
+
+def test_pairs_must_name_known_queries(trained: Predictor, small_history: History) -> None:
+    queue = _queue(small_history.split("test"))
+    with pytest.raises(ValueError, match="absent from queries"):
+        trained.predict(queue, pl.DataFrame({"query_id": ["nope"], "model": ["synth-00"]}))
+    assert trained.predict(queue, pl.DataFrame(schema={"query_id": pl.String, "model": pl.String})).height == 0
+
+
+def test_null_task_defaults(trained: Predictor, small_history: History) -> None:
+    queue = _queue(small_history.split("test")).with_columns(pl.lit(None, dtype=pl.String).alias("task")).head(20)
+    preds = trained.predict(queue, queue.select("query_id", pl.lit("synth-01").alias("model")))
+    assert preds["p_correct"].is_finite().all()
+
+
+def test_determinism_with_seed(small_history: History) -> None:
+    train = small_history.split("train")
+    test = small_history.split("test")
+    a = train_predictor(train, seed=3, **FAST).predict(_queue(test), _pairs(test))
+    b = train_predictor(train, seed=3, **FAST).predict(_queue(test), _pairs(test))
+    assert a.equals(b)
+
+
+def _roundtrip(predictor: Predictor, storage: Storage, root: str, history: History) -> None:
+    test = history.split("test")
+    uri = predictor.save(storage, root)
+    assert uri.startswith(root)
+    loaded = load_predictor(storage, root)
+    assert loaded.metadata["version"] == uri.rsplit("/", 1)[-1]
+    assert loaded.models == predictor.models
+    before = predictor.predict(_queue(test), _pairs(test))
+    after = loaded.predict(_queue(test), _pairs(test))
+    assert np.allclose(before["p_correct"].to_numpy(), after["p_correct"].to_numpy(), atol=1e-9)
+    assert np.allclose(before["cost_usd"].to_numpy(), after["cost_usd"].to_numpy())
+    second = predictor.save(storage, root, version="99990101T000000-later")
+    assert list_versions(storage, root)[-1] == "99990101T000000-later"
+    assert load_predictor(storage, root).metadata["version"] == "99990101T000000-later"
+    assert load_predictor(storage, root, version=uri.rsplit("/", 1)[-1]).models == predictor.models
+    assert second.endswith("99990101T000000-later")
+    meta = loaded.metadata
+    for key in ("features", "training_data", "models", "validation", "created_at"):
+        assert key in meta
+    assert meta["training_data"]["fingerprint"]
+
+
+def test_registry_roundtrip_local(trained: Predictor, small_history: History, tmp_path: object) -> None:
+    _roundtrip(trained, Storage(), f"{tmp_path}/predictors", small_history)
+
+
+def test_registry_roundtrip_s3(trained: Predictor, small_history: History, s3_storage: Storage, s3_bucket: str) -> None:
+    _roundtrip(trained, s3_storage, f"{s3_bucket}/models/predictor", small_history)
