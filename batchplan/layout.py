@@ -1,0 +1,139 @@
+"""Where everything lives in the batchplan bucket: pure path functions, no I/O.
+
+The root is ``s3://<bucket>/<prefix>`` (``BATCHPLAN_BUCKET``, ``BATCHPLAN_PREFIX``; a local directory
+works the same for tests and laptops, ``BATCHPLAN_ROOT`` overrides both)::
+
+    queue/<YYYY-MM-DD>/            producers drop parquet or jsonl parts here, one folder per day
+    claims/<YYYY-MM-DD>.json       who took a day's queue (written once, conditional PUT): one run per day
+    quarantine/<run>/              rows refused at ingest, with the reason (quarantine.parquet)
+    plans/<run>/                   queue.parquet (the snapshot planned), predictions.parquet, plan.parquet,
+                                   shards/<i>.parquet and shards.json (each shard's rows and budget share)
+    results/<run>/                 shard-<i>/ (the dispatcher's ledger, parts and manifest, resumable),
+                                   results.parquet (one row per query) and manifest.json (spend, counts)
+    reports/<run>/                 report.html, report.md, report.json
+    reports/_runs/<dag>/<run_id>.json  which run key an Airflow DAG run wrote (the UI's report view uses it)
+    models/<version>/              one trained predictor per version
+    models/CURRENT.json            the promoted version (written by the retrain DAG when a candidate wins)
+    models/decisions/<run>.json    every retrain decision, promoted or not, with both scores
+    outcomes/<run>/                queries.parquet + outcomes.parquet: what a run learned (gold or feedback
+                                   known), in the history layout, so ``load_history`` reads it for retraining
+
+``<run>`` is a run key: the DAG's name and the queue date (``nightly-2026-11-22``), so a re-run of the
+same logical date lands in the same folders and the dispatcher's ledger there stops it paying twice.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from datetime import date
+
+from batchplan.storage import join
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._=-]+")
+
+
+def run_key(*parts: str) -> str:
+    """A key safe in S3 and on disk from free text (a DAG id, a run id, a date): ``[A-Za-z0-9._=-]``."""
+    key = "-".join(_UNSAFE.sub("_", p).strip("_") for p in parts if p)
+    if not key:
+        raise ValueError("a run key needs at least one non-empty part")
+    return key
+
+
+def day(value: str | date) -> str:
+    """``YYYY-MM-DD`` for a date or an ISO date(time) string; raises ValueError otherwise."""
+    if isinstance(value, date):
+        return value.isoformat()[:10]
+    return date.fromisoformat(str(value)[:10]).isoformat()
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Paths under one root (``s3://bucket/prefix`` or a local directory). Every method is pure."""
+
+    root: str
+
+    @classmethod
+    def for_bucket(cls, bucket: str, prefix: str = "") -> Layout:
+        if not bucket or "/" in bucket:
+            raise ValueError(f"bucket must be a bare bucket name, got {bucket!r}")
+        prefix = prefix.strip("/")
+        return cls(f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}")
+
+    @classmethod
+    def from_env(cls, env: dict[str, str] | None = None) -> Layout:
+        """``BATCHPLAN_ROOT``, else ``s3://$BATCHPLAN_BUCKET/$BATCHPLAN_PREFIX`` (bucket default ``batchplan``)."""
+        env = dict(os.environ) if env is None else env
+        if env.get("BATCHPLAN_ROOT"):
+            return cls(env["BATCHPLAN_ROOT"].rstrip("/"))
+        return cls.for_bucket(env.get("BATCHPLAN_BUCKET") or "batchplan", env.get("BATCHPLAN_PREFIX", ""))
+
+    @property
+    def bucket(self) -> str | None:
+        return self.root.removeprefix("s3://").split("/", 1)[0] if self.root.startswith("s3://") else None
+
+    def _at(self, *parts: str) -> str:
+        return join(self.root, *parts)
+
+    # producers' input
+    def queue(self, queue_day: str | date) -> str:
+        return self._at("queue", day(queue_day)) + "/"
+
+    def claim(self, queue_day: str | date) -> str:
+        return self._at("claims", f"{day(queue_day)}.json")
+
+    # one run's outputs
+    def quarantine(self, run: str) -> str:
+        return self._at("quarantine", run) + "/"
+
+    def plans(self, run: str) -> str:
+        return self._at("plans", run) + "/"
+
+    def plan_file(self, run: str, name: str) -> str:
+        return self._at("plans", run, name)
+
+    def shard_plan(self, run: str, shard: int) -> str:
+        return self._at("plans", run, "shards", f"{shard:03d}.parquet")
+
+    def shards_manifest(self, run: str) -> str:
+        return self._at("plans", run, "shards.json")
+
+    def results(self, run: str) -> str:
+        return self._at("results", run) + "/"
+
+    def shard_results(self, run: str, shard: int | str) -> str:
+        name = f"shard-{shard:03d}" if isinstance(shard, int) else run_key(shard)
+        return self._at("results", run, name)
+
+    def results_file(self, run: str) -> str:
+        return self._at("results", run, "results.parquet")
+
+    def results_manifest(self, run: str) -> str:
+        return self._at("results", run, "manifest.json")
+
+    def reports(self, run: str) -> str:
+        return self._at("reports", run)
+
+    def report_html(self, run: str) -> str:
+        return self._at("reports", run, "report.html")
+
+    def report_index(self, dag_id: str, airflow_run_id: str) -> str:
+        return self._at("reports", "_runs", run_key(dag_id), f"{run_key(airflow_run_id)}.json")
+
+    # the predictor's life cycle
+    def models(self) -> str:
+        return self._at("models")
+
+    def model(self, version: str) -> str:
+        return self._at("models", version)
+
+    def current_model(self) -> str:
+        return self._at("models", "CURRENT.json")
+
+    def decision(self, run: str) -> str:
+        return self._at("models", "decisions", f"{run}.json")
+
+    def outcomes(self, run: str | None = None) -> str:
+        return self._at("outcomes", run) if run else self._at("outcomes") + "/"

@@ -1,0 +1,141 @@
+"""
+### batchplan_nightly: tonight's queue, planned and run under one budget
+
+Waits for parts under `queue/<date>/` in the batchplan bucket (connection `batchplan_s3`), takes the day's
+queue with a conditional write (a second run for the same day is skipped), then:
+
+`ingest` (bad rows to `quarantine/<run>/`) -> `predict` (promoted predictor) -> `plan` (one optimization
+over the whole batch, split into at most 32 shards, each with its share of the budget: the shares sum to at
+most `budget_usd`) -> `dispatch` (mapped over the shards; each shard's ledger makes re-runs free) ->
+`merge` (`results/<run>/`, outcomes for retraining) -> `report` (`reports/<run>/report.html`).
+
+**Report**: the *batchplan report* tab of the run (plugin `dags/plugins/batchplan_reports.py`), or
+`reports/nightly-<date>/report.html` in the bucket; the `report` task's log has the one-line summary.
+
+**Params** (editable in *Trigger DAG*): `budget_usd`, `accuracy_target`, `allow_deferral`, `queue_date`
+(default: the run's date), `queue_prefix` (a full URI, `{date}` filled in), `backend`, `max_shards`.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pendulum
+from airflow.providers.amazon.aws.sensors.s3 import S3KeySensor
+from airflow.sdk import Asset, Param, dag, task
+
+from batchplan import airflow_support as bp
+
+RESULTS = Asset(name="batchplan_results", uri="batchplan://results")
+OUTCOMES = Asset(name="batchplan_outcomes", uri="batchplan://outcomes")
+
+
+def _sensor_key(params: dict[str, Any], logical_date: Any) -> str:
+    return bp.sensor_key(bp.layout(), params, logical_date)
+
+
+@dag(
+    dag_id="batchplan_nightly",
+    schedule="0 2 * * *",
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    doc_md=__doc__,
+    tags=["batchplan"],
+    default_args={"retries": 2, "retry_delay": timedelta(minutes=2), "retry_exponential_backoff": True},
+    user_defined_macros={"batchplan_sensor_key": _sensor_key},
+    params={
+        "budget_usd": Param(
+            5.0, type=["number", "null"], minimum=0, description="One budget for the whole batch (USD)."
+        ),
+        "accuracy_target": Param(
+            None,
+            type=["number", "null"],
+            minimum=0,
+            maximum=1,
+            description="Minimum mean accuracy; with no budget, the cheapest plan that reaches it.",
+        ),
+        "allow_deferral": Param(True, type="boolean", description="May the plan defer queries not worth their cost?"),
+        "queue_date": Param("", type="string", description="YYYY-MM-DD of the queue to run; empty = the run's date."),
+        "queue_prefix": Param(
+            "",
+            type="string",
+            description="Full URI of the queue folder ({date} filled in); empty = queue/<date>/ in the bucket.",
+        ),
+        "backend": Param("replay", enum=["replay", "openai", "bedrock"], description="Dispatcher backend."),
+        "max_shards": Param(
+            bp.MAX_SHARDS,
+            type="integer",
+            minimum=1,
+            maximum=bp.MAX_SHARDS,
+            description="Upper bound on parallel dispatch tasks.",
+        ),
+    },
+)
+def batchplan_nightly() -> None:
+    wait_for_queue = S3KeySensor(
+        task_id="wait_for_queue",
+        bucket_key="{{ batchplan_sensor_key(params, logical_date) }}",
+        wildcard_match=True,
+        aws_conn_id=bp.CONN_ID,
+        mode="reschedule",
+        poke_interval=300,
+        timeout=timedelta(hours=8).total_seconds(),
+    )
+
+    @task
+    def ingest(params: Any = None, dag_run: Any = None, logical_date: Any = None) -> dict[str, Any]:
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        storage, lay = bp.storage_from_connection(), bp.layout()
+        day = bp.queue_day(params, logical_date)
+        run = bp.run_key("nightly", day)
+        try:
+            bp.claim_queue(storage, lay, day, owner=f"{dag_run.dag_id}/{dag_run.run_id}")
+        except bp.QueueClaimed as error:
+            raise AirflowSkipException(str(error)) from error
+        return {"run": run, "day": day} | bp.ingest_stage(storage, lay, run, bp.queue_uri(lay, params, day))
+
+    @task
+    def predict(info: dict[str, Any], params: Any = None) -> dict[str, Any]:
+        return info | bp.predict_stage(bp.storage_from_connection(), bp.layout(), info["run"], params["backend"])
+
+    @task
+    def plan(info: dict[str, Any], params: Any = None) -> list[dict[str, Any]]:
+        run_params = bp.RunParams.from_params(params)
+        return bp.plan_stage(bp.storage_from_connection(), bp.layout(), info["run"], run_params)
+
+    @task(max_active_tis_per_dagrun=8, retries=3)
+    def dispatch(shard: dict[str, Any], params: Any = None) -> dict[str, Any]:
+        return bp.dispatch_shard(bp.storage_from_connection(), bp.layout(), shard, params["backend"])
+
+    @task(outlets=[RESULTS, OUTCOMES])
+    def merge(
+        info: dict[str, Any], shards: list[dict[str, Any]], done: list[dict[str, Any]], params: Any = None
+    ) -> dict[str, Any]:
+        manifest = bp.merge_stage(bp.storage_from_connection(), bp.layout(), info["run"], shards, params["backend"])
+        print(
+            f"batchplan {info['run']}: {len(list(done))} shards, spend ${manifest['spend_usd']:.4f} of budget {manifest['budget_usd']}"
+        )
+        return manifest
+
+    @task
+    def report(info: dict[str, Any], merged: dict[str, Any], params: Any = None, dag_run: Any = None) -> dict[str, Any]:
+        out = bp.report_stage(
+            bp.storage_from_connection(), bp.layout(), info["run"], params["backend"], run_id=dag_run.run_id
+        )
+        bp.index_report(bp.storage_from_connection(), bp.layout(), dag_run.dag_id, dag_run.run_id, info["run"])
+        print(f"batchplan report: {out['summary']}\nHTML: {out['paths']['html']}")
+        return out
+
+    ingested = ingest()
+    wait_for_queue >> ingested
+    predicted = predict(ingested)
+    shards = plan(predicted)
+    done = dispatch.expand(shard=shards)
+    merged = merge(ingested, shards, done)
+    report(ingested, merged)
+
+
+batchplan_nightly()

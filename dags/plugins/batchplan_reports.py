@@ -1,0 +1,42 @@
+"""The batchplan report inside the Airflow UI: a *batchplan report* tab on every DAG run page.
+
+An Airflow 3 plugin: a FastAPI app mounted at ``/batchplan`` serves ``reports/<run>/report.html`` from
+the bucket (through the ``batchplan_s3`` connection), and an external view with destination ``dag_run``
+puts it on the run page (the UI fills ``{DAG_ID}`` and ``{RUN_ID}``). Enable it with
+``AIRFLOW__CORE__PLUGINS_FOLDER=<repo>/dags/plugins`` (docker-compose and the Helm values set it).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from airflow.plugins_manager import AirflowPlugin
+from fastapi import FastAPI, HTTPException
+from fastapi.responses import HTMLResponse
+
+app = FastAPI(title="batchplan reports")
+
+
+@app.get("/reports/{dag_id}/{run_id}", response_class=HTMLResponse)
+def report(dag_id: str, run_id: str) -> HTMLResponse:
+    from batchplan import airflow_support as bp
+
+    html = bp.report_html_for(bp.storage_from_connection(), bp.layout(), dag_id, run_id)
+    if html is None:
+        raise HTTPException(status_code=404, detail=f"no batchplan report for {dag_id} / {run_id} (yet)")
+    return HTMLResponse(html)
+
+
+class BatchplanReportsPlugin(AirflowPlugin):
+    name = "batchplan_reports"
+    fastapi_apps: ClassVar[list[dict[str, Any]]] = [
+        {"app": app, "url_prefix": "/batchplan", "name": "batchplan reports"}
+    ]
+    external_views: ClassVar[list[dict[str, Any]]] = [
+        {
+            "name": "batchplan report",
+            "href": "batchplan/reports/{DAG_ID}/{RUN_ID}",
+            "destination": "dag_run",
+            "url_route": "batchplan_report",
+        }
+    ]

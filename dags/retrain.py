@@ -1,0 +1,57 @@
+"""
+### batchplan_retrain: learn from new outcomes, promote only a better predictor
+
+Runs when the nightly DAG publishes new outcomes (Asset `batchplan_outcomes`). Trains a candidate on the
+bundled histories' training split plus every `outcomes/<run>/` recorded so far, saves it as
+`models/<version>/`, scores it and the promoted predictor on the same held-out outcomes (Brier score of
+P(correct)), and promotes it (`models/CURRENT.json`) only if it is better by more than `min_gain`, or if
+nothing is promoted yet. Every decision, promoted or not, is written to `models/decisions/<version>.json`.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import Any
+
+import pendulum
+from airflow.sdk import Asset, Param, dag, task
+
+from batchplan import airflow_support as bp
+
+OUTCOMES = Asset(name="batchplan_outcomes", uri="batchplan://outcomes")
+
+
+@dag(
+    dag_id="batchplan_retrain",
+    schedule=[OUTCOMES],
+    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
+    catchup=False,
+    max_active_runs=1,
+    doc_md=__doc__,
+    tags=["batchplan"],
+    default_args={"retries": 1, "retry_delay": timedelta(minutes=5)},
+    params={
+        "predictor": Param("lightgbm", type="string", description="Predictor family to train."),
+        "min_gain": Param(
+            0.0, type="number", minimum=0, description="Promote only if Brier improves by more than this."
+        ),
+    },
+)
+def batchplan_retrain() -> None:
+    @task
+    def train(params: Any = None, dag_run: Any = None) -> dict[str, Any]:
+        version = bp.model_version(dag_run.run_after)
+        return bp.train_stage(bp.storage_from_connection(), bp.layout(), version, params["predictor"])
+
+    @task
+    def evaluate_and_promote(candidate: dict[str, Any], params: Any = None) -> dict[str, Any]:
+        decision = bp.evaluate_and_promote(
+            bp.storage_from_connection(), bp.layout(), candidate["candidate"], float(params["min_gain"])
+        )
+        print(f"batchplan retrain: {'PROMOTED' if decision['promoted'] else 'kept current'}: {decision['reason']}")
+        return decision
+
+    evaluate_and_promote(train())
+
+
+batchplan_retrain()

@@ -1,0 +1,391 @@
+"""The DAGs on real Airflow 3 (``dag.test()``), against moto's S3 server on 127.0.0.1, the replay backend
+and the bundled histories (``BATCHPLAN_DATA_DIR``, default ``../shared/data``).
+
+A session fixture gives Airflow its own ``AIRFLOW_HOME`` (``airflow db migrate``, no examples, dags folder =
+this repo's ``dags/``) and the connection ``batchplan_s3`` from ``AIRFLOW_CONN_BATCHPLAN_S3``. The runs
+share one bucket and go in the order a deployment would: retrain (bootstraps the first predictor) ->
+nightly -> the same nightly again (idempotence) -> a second run racing for the same day -> backfill ->
+retrain on the new outcomes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+
+from batchplan import airflow_support as bp
+from batchplan.history import History
+from batchplan.layout import Layout
+from batchplan.storage import Storage
+
+DAGS = Path(__file__).resolve().parent.parent / "dags"
+NIGHTLY_DAY = "2026-03-02"
+BACKFILL_DAYS = ("2026-02-20", "2026-02-21", "2026-02-22")
+NIGHTLY_QUERIES = 450
+BACKFILL_QUERIES_PER_DAY = 150
+
+pytestmark = [
+    # Airflow 3.3 warns about its own internals during dag.test(); these are not ours to fix.
+    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
+    pytest.mark.filterwarnings("ignore::FutureWarning:airflow.*"),
+    pytest.mark.filterwarnings("ignore::UserWarning:airflow.*"),
+    pytest.mark.filterwarnings("ignore:.*Airflow 4.*"),
+    pytest.mark.filterwarnings("ignore::ResourceWarning"),
+]
+
+
+@dataclass
+class AirflowEnv:
+    home: Path
+    bucket: str
+    layout: Layout
+    storage: Storage
+    timings: dict[str, float]
+
+
+@pytest.fixture(scope="session")
+def airflow_env(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) -> Iterator[AirflowEnv]:
+    """A fresh AIRFLOW_HOME with a migrated database, and a bucket on moto's server for the DAGs."""
+    import boto3
+
+    if "airflow" in sys.modules and not os.environ.get("AIRFLOW_HOME", "").startswith(
+        str(tmp_path_factory.getbasetemp())
+    ):
+        pytest.fail("airflow was imported before this fixture: its configuration would not be the test's")
+    home = tmp_path_factory.mktemp("airflow_home")
+    bucket = f"batchplan-{uuid.uuid4().hex[:8]}"
+    boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1").create_bucket(Bucket=bucket)
+    connection = {
+        "conn_type": "aws",
+        "login": "testing",
+        "password": "testing",
+        "extra": {"endpoint_url": s3_endpoint, "region_name": "us-east-1"},
+    }
+    env = {
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__DAGS_FOLDER": str(DAGS),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(DAGS / "plugins"),
+        "AIRFLOW__CORE__PARALLELISM": "4",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{home}/airflow.db",
+        "AIRFLOW_CONN_BATCHPLAN_S3": json.dumps(connection),
+        "BATCHPLAN_BUCKET": bucket,
+        "BATCHPLAN_PREFIX": "bp",
+    }
+    with pytest.MonkeyPatch.context() as patch:
+        for key, value in env.items():
+            patch.setenv(key, value)
+        patch.delenv("BATCHPLAN_ROOT", raising=False)
+        airflow_bin = Path(sys.executable).parent / "airflow"
+        migrate = subprocess.run(
+            [str(airflow_bin), "db", "migrate"],
+            env=os.environ.copy(),
+            capture_output=True,
+            text=True,
+            timeout=300,
+            check=False,
+        )
+        assert migrate.returncode == 0, migrate.stderr[-2000:]
+        yield AirflowEnv(
+            home=home,
+            bucket=bucket,
+            layout=Layout.for_bucket(bucket, "bp"),
+            storage=Storage(s3_endpoint_url=s3_endpoint, s3_region="us-east-1"),
+            timings={},
+        )
+
+
+@pytest.fixture(scope="session")
+def dagbag(airflow_env: AirflowEnv) -> Any:
+    from airflow.dag_processing.dagbag import DagBag
+
+    return DagBag(dag_folder=str(DAGS))
+
+
+@pytest.fixture(scope="session")
+def queues(airflow_env: AirflowEnv, real_history: History) -> dict[str, pl.DataFrame]:
+    """Queue parts in the bucket: one day for the nightly, three for the backfill, disjoint queries."""
+    from batchplan.pipeline import history_queue
+
+    queue = history_queue(real_history, "test").sample(fraction=1.0, shuffle=True, seed=7)
+    days: dict[str, pl.DataFrame] = {NIGHTLY_DAY: queue.head(NIGHTLY_QUERIES)}
+    offset = NIGHTLY_QUERIES
+    for the_day in BACKFILL_DAYS:
+        days[the_day] = queue.slice(offset, BACKFILL_QUERIES_PER_DAY)
+        offset += BACKFILL_QUERIES_PER_DAY
+    lay, storage = airflow_env.layout, airflow_env.storage
+    for the_day, frame in days.items():
+        half = frame.height // 2
+        storage.write_frame(frame.head(half), f"{lay.queue(the_day)}part-0.parquet")
+        storage.write_frame(frame.tail(frame.height - half), f"{lay.queue(the_day)}part-1.jsonl")
+    # one malformed row for the quarantine
+    storage.write_bytes(f"{lay.queue(NIGHTLY_DAY)}part-2.jsonl", b'{"query_id": "bad-1", "prompt": ""}\n')
+    return days
+
+
+def _run(dagbag: Any, airflow_env: AirflowEnv, dag_id: str, label: str, **kwargs: Any) -> Any:
+    dag = dagbag.get_dag(dag_id)
+    assert dag is not None, dagbag.import_errors
+    started = time.perf_counter()
+    dag_run = dag.test(**kwargs)
+    airflow_env.timings[label] = time.perf_counter() - started
+    print(f"dag.test {label}: {airflow_env.timings[label]:.1f} s")
+    return dag_run
+
+
+def _states(dag_run: Any) -> dict[str, str]:
+    from airflow.utils.session import create_session
+
+    with create_session() as session:
+        return {
+            f"{ti.task_id}[{ti.map_index}]" if ti.map_index >= 0 else ti.task_id: str(ti.state)
+            for ti in dag_run.get_task_instances(session=session)
+        }
+
+
+def _paid_calls(storage: Storage, results_uri: str) -> int:
+    """Call events in every ledger under a run's results: what was sent and paid for."""
+    count = 0
+    for uri in storage.list(results_uri):
+        if "/ledger/" in uri and uri.endswith(".jsonl"):
+            count += sum(
+                1 for line in storage.read_text(uri).splitlines() if line.strip() and json.loads(line).get("e") == "c"
+            )
+    return count
+
+
+# ------------------------------------------------------------------------------------------------- parse
+def test_dagbag_imports_without_errors_or_parse_time_io(
+    airflow_env: AirflowEnv, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.sdk import BaseHook, Variable
+
+    def forbidden(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError(f"connection or Variable read at parse time: {args}")
+
+    monkeypatch.setattr(BaseHook, "get_connection", classmethod(forbidden))
+    monkeypatch.setattr(Variable, "get", staticmethod(forbidden))
+    monkeypatch.setattr(bp, "storage_from_connection", forbidden)
+    started = time.perf_counter()
+    bag = DagBag(dag_folder=str(DAGS))
+    parse_seconds = time.perf_counter() - started
+    assert bag.import_errors == {}
+    assert set(bag.dag_ids) == {"batchplan_nightly", "batchplan_backfill", "batchplan_retrain"}
+    assert parse_seconds < 30
+    for dag in bag.dags.values():
+        assert dag.doc_md
+        assert "batchplan" in dag.tags
+        assert dag.default_args.get("retries", 0) >= 1
+        assert dag.max_active_runs == 1
+
+
+def test_dag_shapes(dagbag: Any) -> None:
+    nightly = dagbag.get_dag("batchplan_nightly")
+    assert {"budget_usd", "accuracy_target", "allow_deferral", "queue_date", "queue_prefix"} <= set(nightly.params)
+    sensor = nightly.get_task("wait_for_queue")
+    assert sensor.mode == "reschedule" or getattr(sensor, "deferrable", False)
+    dispatch = nightly.get_task("dispatch")
+    assert dispatch.max_active_tis_per_dagrun is not None
+    assert {a.name for a in nightly.get_task("merge").outlets} == {"batchplan_results", "batchplan_outcomes"}
+    assert nightly.params["max_shards"] <= bp.MAX_SHARDS
+    backfill = dagbag.get_dag("batchplan_backfill")
+    assert {"start_date", "end_date", "budget_usd"} <= set(backfill.params)
+    assert backfill.get_task("dispatch_day").max_active_tis_per_dagrun == 1
+    retrain = dagbag.get_dag("batchplan_retrain")
+    assert retrain.timetable.asset_condition is not None
+
+
+def test_budget_shares_never_exceed_the_budget() -> None:
+    for budget in (0.0, 1e-9, 0.3, 1.0, 7.123456789, 1e6):
+        for weights in ([1.0], [0.0, 0.0, 0.0], [1.0, 2.0, 3.0], [1e-12, 5.0], [0.1] * 32):
+            shares = bp.budget_shares(weights, budget)
+            assert sum(s for s in shares if s is not None) <= budget
+            assert all(s is not None and s >= 0 for s in shares)
+    assert bp.budget_shares([1.0, 1.0], None) == [None, None]
+    assert bp.shard_count(10_000_000) == bp.MAX_SHARDS
+    assert bp.shard_count(10) == 1
+
+
+# --------------------------------------------------------------------------------------------- the runs
+@pytest.mark.slow
+def test_retrain_bootstraps_the_first_predictor(dagbag: Any, airflow_env: AirflowEnv) -> None:
+    dag_run = _run(
+        dagbag, airflow_env, "batchplan_retrain", "retrain (first)", logical_date=datetime(2026, 3, 1, tzinfo=UTC)
+    )
+    assert str(dag_run.state) == "success", _states(dag_run)
+    lay, storage = airflow_env.layout, airflow_env.storage
+    current = json.loads(storage.read_text(lay.current_model()))
+    decision = json.loads(storage.read_text(lay.decision(current["version"])))
+    assert decision["promoted"] is True
+    assert decision["current"] is None
+
+
+@pytest.mark.slow
+def test_nightly_runs_the_queue_under_one_budget(
+    dagbag: Any, airflow_env: AirflowEnv, queues: dict[str, pl.DataFrame]
+) -> None:
+    budget = 0.05
+    conf = {"budget_usd": budget, "max_shards": 4, "allow_deferral": True}
+    dag_run = _run(
+        dagbag,
+        airflow_env,
+        "batchplan_nightly",
+        "nightly",
+        logical_date=datetime(2026, 3, 2, 2, tzinfo=UTC),
+        run_conf=conf,
+    )
+    states = _states(dag_run)
+    assert str(dag_run.state) == "success", states
+    mapped = [k for k in states if k.startswith("dispatch[")]
+    assert 1 < len(mapped) <= 4
+    lay, storage, run = airflow_env.layout, airflow_env.storage, f"nightly-{NIGHTLY_DAY}"
+    manifest = json.loads(storage.read_text(lay.results_manifest(run)))
+    assert manifest["queries"] == queues[NIGHTLY_DAY].height
+    assert manifest["spend_usd"] <= budget
+    assert manifest["within_budget"] is True
+    shards = json.loads(storage.read_text(lay.shards_manifest(run)))["shards"]
+    assert sum(s["budget_usd"] for s in shards) <= budget
+    results = storage.read_frame(lay.results_file(run))
+    assert results["query_id"].n_unique() == queues[NIGHTLY_DAY].height
+    quarantine = storage.read_frame(f"{lay.quarantine(run)}quarantine.parquet")
+    assert quarantine["query_id"].to_list() == ["bad-1"]
+    html = storage.read_text(lay.report_html(run))
+    assert "batchplan report" in html
+    assert bp.report_html_for(storage, lay, "batchplan_nightly", dag_run.run_id) == html
+    assert storage.list(lay.outcomes(run))
+    assert _paid_calls(storage, lay.results(run)) > 0
+
+
+@pytest.mark.slow
+def test_nightly_rerun_neither_dispatches_nor_pays_twice(
+    dagbag: Any, airflow_env: AirflowEnv, queues: dict[str, pl.DataFrame]
+) -> None:
+    lay, storage, run = airflow_env.layout, airflow_env.storage, f"nightly-{NIGHTLY_DAY}"
+    before_calls = _paid_calls(storage, lay.results(run))
+    before = json.loads(storage.read_text(lay.results_manifest(run)))
+    # Drop the shard outputs so the dispatch tasks really run again: only the ledger stands between a
+    # re-run and paying twice.
+    for uri in storage.list(lay.results(run)):
+        if uri.rsplit("/", 1)[-1] == "results.parquet" and "/shard-" in uri:
+            storage.delete(uri)
+    conf = {"budget_usd": 0.05, "max_shards": 4, "allow_deferral": True}
+    dag_run = _run(
+        dagbag,
+        airflow_env,
+        "batchplan_nightly",
+        "nightly (re-run)",
+        logical_date=datetime(2026, 3, 2, 2, tzinfo=UTC),
+        run_conf=conf,
+    )
+    assert str(dag_run.state) == "success", _states(dag_run)
+    after = json.loads(storage.read_text(lay.results_manifest(run)))
+    assert _paid_calls(storage, lay.results(run)) == before_calls
+    assert after["spend_usd"] == pytest.approx(before["spend_usd"])
+    assert after["status"] == before["status"]
+
+
+@pytest.mark.slow
+def test_second_run_racing_for_the_same_queue_is_skipped(
+    dagbag: Any, airflow_env: AirflowEnv, queues: dict[str, pl.DataFrame]
+) -> None:
+    lay, storage, run = airflow_env.layout, airflow_env.storage, f"nightly-{NIGHTLY_DAY}"
+    before_calls = _paid_calls(storage, lay.results(run))
+    conf = {"budget_usd": 0.05, "queue_date": NIGHTLY_DAY}
+    dag_run = _run(
+        dagbag,
+        airflow_env,
+        "batchplan_nightly",
+        "nightly (racing run)",
+        logical_date=datetime(2026, 3, 2, 3, tzinfo=UTC),
+        run_conf=conf,
+    )
+    states = _states(dag_run)
+    assert states["ingest"] == "skipped"
+    assert states["report"] == "skipped"
+    assert _paid_calls(storage, lay.results(run)) == before_calls
+    claim = json.loads(storage.read_text(lay.claim(NIGHTLY_DAY)))
+    assert claim["owner"].startswith("batchplan_nightly/manual__2026-03-02T02:00:00")
+
+
+@pytest.mark.slow
+def test_backfill_shares_one_budget_across_days(
+    dagbag: Any, airflow_env: AirflowEnv, queues: dict[str, pl.DataFrame]
+) -> None:
+    budget = 0.04
+    conf = {"start_date": BACKFILL_DAYS[0], "end_date": "2026-02-23", "budget_usd": budget}
+    dag_run = _run(
+        dagbag,
+        airflow_env,
+        "batchplan_backfill",
+        "backfill",
+        logical_date=datetime(2026, 3, 3, tzinfo=UTC),
+        run_conf=conf,
+    )
+    assert str(dag_run.state) == "success", _states(dag_run)
+    lay, storage = airflow_env.layout, airflow_env.storage
+    run = f"backfill-{BACKFILL_DAYS[0]}-2026-02-23"
+    shards = json.loads(storage.read_text(lay.shards_manifest(run)))["shards"]
+    assert [s["group"] for s in shards] == list(BACKFILL_DAYS)  # the empty 23rd is ignored
+    shares = [s["budget_usd"] for s in shards]
+    assert sum(shares) <= budget
+    assert len({round(s, 9) for s in shares}) > 1, "shares follow the joint plan, not an even split"
+    manifest = json.loads(storage.read_text(lay.results_manifest(run)))
+    assert manifest["queries"] == BACKFILL_QUERIES_PER_DAY * len(BACKFILL_DAYS)
+    assert manifest["spend_usd"] <= budget
+    assert storage.exists(lay.report_html(run))
+
+
+@pytest.mark.slow
+def test_retrain_decides_on_new_outcomes(dagbag: Any, airflow_env: AirflowEnv) -> None:
+    lay, storage = airflow_env.layout, airflow_env.storage
+    first = json.loads(storage.read_text(lay.current_model()))["version"]
+    dag_run = _run(
+        dagbag, airflow_env, "batchplan_retrain", "retrain (on outcomes)", logical_date=datetime(2026, 3, 4, tzinfo=UTC)
+    )
+    assert str(dag_run.state) == "success", _states(dag_run)
+    decisions = [u for u in storage.list(f"{lay.models()}/decisions/") if u.endswith(".json")]
+    assert len(decisions) == 2
+    latest = json.loads(storage.read_text(sorted(decisions)[-1]))
+    assert latest["current"] == first
+    assert latest["train_outcomes"] > 0
+    assert latest["current_score"] is not None
+    now = json.loads(storage.read_text(lay.current_model()))["version"]
+    assert now == (latest["candidate"] if latest["promoted"] else first)
+    print("dag.test timings:", {k: round(v, 1) for k, v in airflow_env.timings.items()})
+
+
+def test_report_plugin_serves_a_runs_report(airflow_env: AirflowEnv) -> None:
+    from fastapi import HTTPException
+
+    sys.path.insert(0, str(DAGS / "plugins"))
+    try:
+        import batchplan_reports
+    finally:
+        sys.path.pop(0)
+    lay, storage = airflow_env.layout, airflow_env.storage
+    storage.write_text(lay.report_html("nightly-2026-01-01"), "<html>batchplan report</html>")
+    bp.index_report(storage, lay, "batchplan_nightly", "scheduled__2026-01-01T02:00:00+00:00", "nightly-2026-01-01")
+    served = batchplan_reports.report("batchplan_nightly", "scheduled__2026-01-01T02:00:00+00:00")
+    assert served.status_code == 200
+    assert b"batchplan report" in served.body
+    with pytest.raises(HTTPException) as missing:
+        batchplan_reports.report("batchplan_nightly", "nope")
+    assert missing.value.status_code == 404
+    routes = {getattr(r, "path", "") for r in batchplan_reports.app.routes}
+    assert "/reports/{dag_id}/{run_id}" in routes
+    view = batchplan_reports.BatchplanReportsPlugin.external_views[0]
+    assert view["destination"] == "dag_run"
+    assert "{RUN_ID}" in view["href"]
