@@ -48,7 +48,21 @@ def _replay(**kwargs: Any) -> Backend:
     return ReplayBackend(**kwargs)
 
 
+def _openai(**kwargs: Any) -> Backend:
+    from dispatchers.openai import OpenAIBackend
+
+    return OpenAIBackend(**kwargs)
+
+
+def _bedrock(**kwargs: Any) -> Backend:
+    from dispatchers.bedrock import BedrockBackend
+
+    return BedrockBackend(**kwargs)
+
+
 register_backend("replay", _replay)
+register_backend("openai", _openai)
+register_backend("bedrock", _bedrock)
 
 __all__ = [
     "FALLBACK_COLUMN",

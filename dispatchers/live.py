@@ -1,0 +1,85 @@
+"""What the live backends (OpenAI-compatible, Bedrock) share: prices as dicts, a hard per-call cost bound,
+the live offer (every catalog model for every query), the model name mapping, and secrets from env or an
+Airflow connection (never logged, never in a repr)."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import polars as pl
+
+from batchplan.catalog import PriceCatalog
+from dispatchers.base import Backend, CallRequest
+
+PROMPT_OVERHEAD_TOKENS = 32  # chat template tokens around the messages
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A credential that never shows itself in logs, reprs or exceptions."""
+
+    value: str
+
+    def __repr__(self) -> str:
+        return "Secret(***)"
+
+    __str__ = __repr__
+
+
+def secret_from(env: str | None = None, airflow_conn_id: str | None = None) -> tuple[Secret | None, str | None]:
+    """(key, host): from an Airflow connection (password, host) if given, else from the environment."""
+    if airflow_conn_id:
+        from airflow.sdk import BaseHook
+
+        conn = BaseHook.get_connection(airflow_conn_id)
+        host = conn.host or conn.extra_dejson.get("base_url")
+        return (Secret(conn.password) if conn.password else None), host
+    if env and os.environ.get(env):
+        return Secret(os.environ[env]), None
+    return None, None
+
+
+class LiveBackend(Backend):
+    """Base of backends that call a provider and bill usage x the catalog price."""
+
+    def __init__(self, catalog: PriceCatalog, model_map: Mapping[str, str] | None = None) -> None:
+        self._catalog = catalog
+        self.model_map = dict(model_map or {})
+        prices = catalog.prices.select("model", "usd_per_mtok_in", "usd_per_mtok_out").iter_rows()
+        self._prices = {m: (pin, pout) for m, pin, pout in prices if pin is not None and pout is not None}
+        self._billed = dict(catalog.billed.select("model", "mean_cost_usd").iter_rows())
+
+    @property
+    def catalog(self) -> PriceCatalog:
+        return self._catalog
+
+    def provider_model(self, model: str) -> str:
+        return self.model_map.get(model, model)
+
+    def offered_pairs(self, queue: pl.DataFrame) -> pl.DataFrame:
+        models = pl.DataFrame({"model": self._catalog.models}, schema={"model": pl.String})
+        return (
+            queue.select(pl.col("query_id").cast(pl.String))
+            .unique(maintain_order=True)
+            .join(models, how="cross")
+            .sort("query_id", "model")
+        )
+
+    def price(self, model: str, tokens_in: int, tokens_out: int) -> float | None:
+        """Usage x list price; the billed mean where no list price is known; None if neither."""
+        prices = self._prices.get(model)
+        if prices is not None:
+            return (tokens_in * prices[0] + tokens_out * prices[1]) / 1e6
+        billed = self._billed.get(model)
+        return float(billed) if billed is not None else None
+
+    def cost_bound(self, request: CallRequest) -> float | None:
+        """Hard bound: a token is at least one byte, so prompt bytes + template overhead bound the input;
+        ``max_tokens`` bounds the output. None without list prices (then the plan's reserve is used)."""
+        prices = self._prices.get(request.model)
+        if prices is None:
+            return None
+        size = len(request.prompt.encode()) + len((request.system_prompt or "").encode()) + PROMPT_OVERHEAD_TOKENS
+        return (size * prices[0] + request.max_tokens * prices[1]) / 1e6

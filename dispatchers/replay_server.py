@@ -1,0 +1,371 @@
+"""A local OpenAI-compatible chat completions server that answers from an outcome history, with faults.
+
+For tests, the README and benchmarks: it listens on 127.0.0.1 only, answers ``POST /v1/chat/completions``
+exactly as the recorded model answered the query (found by the ``X-Batchplan-Query-Id`` header, else by
+the prompt text), reports the recorded usage and cost (``usage.cost``, as OpenRouter-style gateways do),
+and keeps a server-side bill: one charge per billed call, none for a replayed ``Idempotency-Key``.
+
+Faults are drawn per request with the given rates: 429 with Retry-After, 500, slow responses, responses
+slower than a client's timeout, malformed bodies, connection resets, refusals (billed, not an answer), and
+models that are down (503 always). ``GET /stats`` returns the bill; ``POST /admin/faults`` changes faults.
+
+    python -m dispatchers.replay_server --history ../shared/data/cascades --port 8765 --fault-429 0.05
+    python -m dispatchers.replay_server --synthetic 100000 --models 4 --port 8765
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import hashlib
+import json
+import random
+import socket
+import struct
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
+
+from batchplan.history import History, load_history, synthetic_history
+
+HOST = "127.0.0.1"
+
+
+@dataclass
+class Faults:
+    rate_429: float = 0.0
+    retry_after_s: float = 0.05
+    rate_500: float = 0.0
+    rate_slow: float = 0.0
+    slow_s: float = 0.05
+    rate_timeout: float = 0.0  # a response delayed by timeout_s: longer than the client waits
+    timeout_s: float = 2.0
+    rate_malformed: float = 0.0  # 200 with a truncated JSON body
+    rate_reset: float = 0.0  # the connection is reset (RST) instead of answered
+    rate_refusal: float = 0.0  # 200, billed, text is a refusal
+    down_models: list[str] = field(default_factory=list)  # always 503
+    seed: int = 0
+
+
+def prompt_key(system_prompt: str | None, prompt: str) -> str:
+    return hashlib.blake2b(f"{system_prompt or ''}\x00{prompt}".encode(), digest_size=12).hexdigest()
+
+
+class ReplayServer:
+    """Serves one history on 127.0.0.1 from a background thread (``start``/``stop``) or in the foreground."""
+
+    def __init__(self, history: History, faults: Faults | None = None, port: int = 0) -> None:
+        self.faults = faults or Faults()
+        self._rng = random.Random(self.faults.seed)
+        self._port = port
+        rows = history.outcomes.select("query_id", "model", "answer", "cost_usd", "tokens_in", "tokens_out", "logprob")
+        self._table: dict[tuple[str, str], tuple[Any, ...]] = {(r[0], r[1]): r[2:] for r in rows.iter_rows()}
+        self._by_prompt = {
+            prompt_key(s, p): q for q, s, p in history.queries.select("query_id", "system_prompt", "prompt").iter_rows()
+        }
+        self._models = sorted({m for _, m in self._table})
+        self._idempotent: dict[str, bytes] = {}
+        self._lock = threading.Lock()
+        self.requests = 0
+        self.billed_calls = 0
+        self.billed_usd = 0.0
+        self.billed_keys: Counter[tuple[str, str]] = Counter()  # (query_id, model) -> number of billed calls
+        self.faults_sent: Counter[str] = Counter()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._server: asyncio.AbstractServer | None = None
+        self._thread: threading.Thread | None = None
+        self._ready = threading.Event()
+
+    # -- lifecycle --------------------------------------------------------------------------------------
+    @property
+    def port(self) -> int:
+        return self._port
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{HOST}:{self._port}/v1"
+
+    async def serve(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._server = await self._loop.create_server(lambda: _Protocol(self), HOST, self._port, backlog=1024)
+        self._port = self._server.sockets[0].getsockname()[1]
+        self._ready.set()
+        async with self._server:
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._server.serve_forever()
+
+    def start(self) -> ReplayServer:
+        self._thread = threading.Thread(target=lambda: asyncio.run(self.serve()), name="replay-server", daemon=True)
+        self._thread.start()
+        if not self._ready.wait(10):
+            raise RuntimeError("replay server did not start")
+        return self
+
+    def stop(self) -> None:
+        if self._loop is not None and self._server is not None:
+            self._loop.call_soon_threadsafe(self._server.close)
+        if self._thread is not None:
+            self._thread.join(5)
+
+    def __enter__(self) -> ReplayServer:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stats(self) -> dict[str, Any]:
+        with self._lock:
+            return {
+                "requests": self.requests,
+                "billed_calls": self.billed_calls,
+                "billed_usd": self.billed_usd,
+                "billed_twice": sorted(f"{q}|{m}" for (q, m), n in self.billed_keys.items() if n > 1),
+                "faults": dict(self.faults_sent),
+            }
+
+    # -- one request ------------------------------------------------------------------------------------
+    def handle(self, proto: _Protocol, method: str, path: str, headers: dict[str, str], body: bytes) -> None:
+        with self._lock:
+            self.requests += 1
+        if method == "GET" and path.rstrip("/") == "/stats":
+            return proto.respond(200, json.dumps(self.stats()).encode())
+        if method == "GET" and path.rstrip("/") == "/v1/models":
+            data = {
+                "object": "list",
+                "data": [{"id": m, "object": "model", "owned_by": "replay"} for m in self._models],
+            }
+            return proto.respond(200, json.dumps(data).encode())
+        if method == "POST" and path.rstrip("/") == "/admin/faults":
+            changes = json.loads(body or b"{}")
+            known = {f.name for f in fields(Faults)}
+            self.faults = Faults(**{**asdict(self.faults), **{k: v for k, v in changes.items() if k in known}})
+            self._rng = random.Random(self.faults.seed)
+            return proto.respond(200, json.dumps(asdict(self.faults)).encode())
+        if method != "POST" or path.rstrip("/") != "/v1/chat/completions":
+            return proto.respond(404, _error("not found", "invalid_request_error"))
+        try:
+            request = json.loads(body)
+            model = str(request["model"])
+            messages = request["messages"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            return proto.respond(400, _error("malformed request body", "invalid_request_error"))
+        key = headers.get("idempotency-key")
+        if key is not None and key in self._idempotent:
+            self._count("idempotent_replay")
+            return proto.respond(200, self._idempotent[key])
+        faults = self.faults
+        if model in faults.down_models:
+            self._count("down")
+            return proto.respond(503, _error(f"model {model} is unavailable", "server_error"))
+        draw = self._rng.random()
+        name = ""
+        for candidate, rate in (
+            ("429", faults.rate_429),
+            ("500", faults.rate_500),
+            ("reset", faults.rate_reset),
+            ("malformed", faults.rate_malformed),
+            ("timeout", faults.rate_timeout),
+            ("slow", faults.rate_slow),
+            ("refusal", faults.rate_refusal),
+        ):
+            if draw < rate:
+                name = candidate
+                break
+            draw -= rate
+        if name:
+            self._count(name)
+        if name == "429":
+            return proto.respond(
+                429, _error("rate limited", "rate_limit_error"), {"Retry-After": f"{faults.retry_after_s:g}"}
+            )
+        if name == "500":
+            return proto.respond(500, _error("internal error", "server_error"))
+        if name == "reset":
+            return proto.reset()
+        if name == "malformed":
+            return proto.respond(200, b'{"id": "x", "choices": [{"message": {"content": ')
+        query_id = headers.get("x-batchplan-query-id") or self._find(messages)
+        row = self._table.get((query_id or "", model))
+        if row is None:
+            return proto.respond(
+                404, _error(f"no recorded outcome for query {query_id!r} on model {model!r}", "not_found_error")
+            )
+        answer, cost, tokens_in, tokens_out, logprob = row
+        text = (
+            "I'm sorry, but I can't help with that."
+            if name == "refusal"
+            else (answer if answer is not None else "I am not sure.")
+        )
+        payload = _completion(model, text, cost or 0.0, tokens_in, tokens_out, logprob, bool(request.get("logprobs")))
+        delay = faults.timeout_s if name == "timeout" else faults.slow_s if name == "slow" else 0.0
+
+        def send() -> None:
+            self._bill(query_id or "", model, cost or 0.0, key, payload)
+            proto.respond(200, payload)
+
+        if delay > 0 and self._loop is not None:
+            self._loop.call_later(delay, send)
+        else:
+            send()
+
+    def _find(self, messages: Sequence[dict[str, Any]]) -> str | None:
+        system = next((m.get("content") for m in messages if m.get("role") == "system"), None)
+        user = next((m.get("content") for m in reversed(messages) if m.get("role") == "user"), "")
+        return self._by_prompt.get(prompt_key(system, str(user)))
+
+    def _bill(self, query_id: str, model: str, cost: float, key: str | None, payload: bytes) -> None:
+        with self._lock:
+            if key is not None:
+                if key in self._idempotent:
+                    return
+                self._idempotent[key] = payload
+            self.billed_calls += 1
+            self.billed_usd += cost
+            self.billed_keys[(query_id, model)] += 1
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self.faults_sent[name] += 1
+
+
+def _error(message: str, kind: str) -> bytes:
+    return json.dumps({"error": {"message": message, "type": kind}}).encode()
+
+
+def _completion(
+    model: str,
+    text: str,
+    cost: float,
+    tokens_in: int | None,
+    tokens_out: int | None,
+    logprob: float | None,
+    want_logprobs: bool,
+) -> bytes:
+    tokens_in = tokens_in if tokens_in is not None else 0
+    tokens_out = tokens_out if tokens_out is not None else 1
+    choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+    if want_logprobs and logprob is not None:
+        choice["logprobs"] = {"content": [{"token": text, "logprob": logprob, "top_logprobs": []}]}
+    body = {
+        "id": f"chatcmpl-{random.getrandbits(48):012x}",
+        "object": "chat.completion",
+        "created": int(time.time()),
+        "model": model,
+        "choices": [choice],
+        "usage": {
+            "prompt_tokens": tokens_in,
+            "completion_tokens": tokens_out,
+            "total_tokens": tokens_in + tokens_out,
+            "cost": cost,
+        },
+    }
+    return json.dumps(body).encode()
+
+
+_REASONS = {
+    200: "OK",
+    400: "Bad Request",
+    404: "Not Found",
+    429: "Too Many Requests",
+    500: "Internal Server Error",
+    503: "Service Unavailable",
+}
+
+
+class _Protocol(asyncio.Protocol):
+    """Minimal HTTP/1.1 with keep-alive: enough for OpenAI clients, fast enough to benchmark against."""
+
+    def __init__(self, server: ReplayServer) -> None:
+        self.server = server
+        self.buffer = b""
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+
+    def data_received(self, data: bytes) -> None:
+        self.buffer += data
+        while True:
+            end = self.buffer.find(b"\r\n\r\n")
+            if end < 0:
+                return
+            head = self.buffer[:end].decode("latin-1").split("\r\n")
+            headers = {}
+            for line in head[1:]:
+                name, _, value = line.partition(":")
+                headers[name.strip().lower()] = value.strip()
+            length = int(headers.get("content-length", "0") or 0)
+            if len(self.buffer) < end + 4 + length:
+                return
+            body = self.buffer[end + 4 : end + 4 + length]
+            self.buffer = self.buffer[end + 4 + length :]
+            parts = head[0].split(" ")
+            if len(parts) < 2:
+                self.respond(400, _error("bad request line", "invalid_request_error"))
+                continue
+            self.server.handle(self, parts[0], parts[1].split("?", 1)[0], headers, body)
+
+    def respond(self, status: int, body: bytes, extra: dict[str, str] | None = None) -> None:
+        if self.transport is None or self.transport.is_closing():
+            return
+        head = f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\ncontent-type: application/json\r\ncontent-length: {len(body)}\r\n"
+        for name, value in (extra or {}).items():
+            head += f"{name}: {value}\r\n"
+        self.transport.write(head.encode() + b"\r\n" + body)
+
+    def reset(self) -> None:
+        if self.transport is None:
+            return
+        sock = self.transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        self.transport.abort()
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--history", action="append", default=[], help="history directory (repeatable)")
+    parser.add_argument("--synthetic", type=int, default=0, help="serve synthetic_history(N) instead")
+    parser.add_argument("--models", type=int, default=4, help="models in the synthetic history")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--port", type=int, default=0)
+    for f in fields(Faults):
+        if f.name in {"down_models", "seed"}:
+            continue
+        flag = (
+            "--fault-" + f.name.removeprefix("rate_").replace("_", "-")
+            if f.name.startswith("rate_")
+            else "--" + f.name.replace("_", "-")
+        )
+        parser.add_argument(flag, dest=f.name, type=float, default=f.default)
+    parser.add_argument("--down-model", action="append", default=[], dest="down_models")
+    args = parser.parse_args(argv)
+    if args.synthetic:
+        history = synthetic_history(args.synthetic, args.models, seed=args.seed)
+    elif args.history:
+        history = load_history(args.history)
+    else:
+        parser.error("give --history DIR or --synthetic N")
+    faults = Faults(**{f.name: getattr(args, f.name) for f in fields(Faults) if f.name != "seed"}, seed=args.seed)
+    server = ReplayServer(history, faults, port=args.port)
+
+    async def run() -> None:
+        task = asyncio.create_task(server.serve())
+        await asyncio.get_running_loop().run_in_executor(None, server._ready.wait)
+        print(f"replay server listening on {server.base_url}", flush=True)
+        await task
+
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run())
+
+
+if __name__ == "__main__":
+    main()
