@@ -48,7 +48,6 @@ def bench_dataset(
     predictions = predict(queue, predictor, backend)
     candidates = build_candidates(queue, predictions)
     reference_cost, reference = best_single_cost(history, queue)
-    per_task_reference = {task: next(iter(reference.values())) for task in queue["task"].unique().to_list()}
     rows = []
     for fraction in fractions:
         budget = fraction * reference_cost
@@ -64,7 +63,7 @@ def bench_dataset(
         scored = score_results(results, outcome.plan, truth)
         base = {
             b["policy"].split(" (")[0].split(",")[0]: b
-            for b in baselines(queue["query_id"], truth, budget, per_task_reference, queue.select("query_id", "task"))
+            for b in baselines(queue["query_id"], truth, budget, reference, queue.select("query_id", "task"))
         }
         spend = float(results["cost_usd"].sum())
         rows.append(
@@ -129,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                 (pl.col("best_single") * 100).round(1).alias("best_single_%"),
                 "best_single_cost_usd",
                 (pl.col("oracle") * 100).round(1).alias("oracle_%"),
-                "gap",
+                pl.col("gap").map_elements(lambda g: f"{g:.1e}", return_dtype=pl.String).alias("gap"),
             )
         )
         print(

@@ -1,0 +1,111 @@
+"""The main job on the bundled real data, with no arguments: train on the train splits, then plan and
+replay the test splits under one budget, as one mixed nightly batch (tenant = data set).
+
+Where ``../shared/data`` is absent, it says so and runs on a synthetic history the project generates.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import structlog
+
+from batchplan.history import History, load_history, synthetic_history, with_holdout
+from batchplan.pipeline import Job, JobOutcome, Progress, history_queue, run_job
+from batchplan.planning import PlanRequest
+from batchplan.report import Truth
+from batchplan.settings import Settings
+from batchplan.storage import Storage, join
+from predictors import train_predictor
+
+log = structlog.get_logger("batchplan.demo")
+
+
+def demo_history(settings: Settings, storage: Storage) -> tuple[History, list[str], bool]:
+    """The real histories under ``settings.data_dir`` (with a held-out split where a data set has none),
+    or a synthetic one written under the work dir. Returns (history, its dirs, is_real)."""
+    root = Path(settings.data_dir)
+    dirs = sorted(str(p.parent) for p in root.glob("*/queries.parquet")) if root.is_dir() else []
+    if dirs:
+        return with_holdout(load_history(dirs, storage), settings.holdout_fraction, settings.seed), dirs, True
+    synthetic = synthetic_history(3_000, 10, seed=settings.seed)
+    target = join(settings.work_dir, "synthetic-history")
+    storage.write_frame(synthetic.queries, join(target, "queries.parquet"))
+    storage.write_frame(synthetic.outcomes, join(target, "outcomes.parquet"))
+    storage.write_frame(synthetic.prices, join(target, "models.csv"))
+    return synthetic, [target], False
+
+
+def best_single_models(history: History) -> dict[str, str]:
+    """Per data set, the model with the highest accuracy on its train split: the 'best single model'."""
+    train = history.split("train")
+    ranked = (
+        train.outcomes.join(train.queries.select("query_id", "dataset"), on="query_id")
+        .group_by("dataset", "model")
+        .agg(pl.col("correct").mean().alias("accuracy"))
+        .sort("dataset", "accuracy", "model", descending=[False, True, False])
+        .group_by("dataset", maintain_order=True)
+        .first()
+    )
+    return dict(zip(ranked["dataset"].to_list(), ranked["model"].to_list(), strict=True))
+
+
+def best_single_cost(history: History, queries: pl.DataFrame) -> tuple[float, dict[str, str]]:
+    """Recorded cost of sending each of ``queries`` to its data set's best single model, and the per-task
+    map of those models (what the report's 'best single model' baseline uses)."""
+    best = best_single_models(history)
+    by_query = queries.select("query_id", "task").join(history.queries.select("query_id", "dataset"), on="query_id")
+    chosen = by_query.with_columns(pl.col("dataset").replace_strict(best, default=None).alias("model"))
+    cost = history.outcomes.join(chosen.select("query_id", "model"), on=["query_id", "model"])["cost_usd"].sum()
+    per_task = dict(chosen.select("task", "model").unique("task", keep="first").iter_rows())
+    return float(cost), per_task
+
+
+def run_demo(
+    settings: Settings,
+    storage: Storage,
+    *,
+    budget_fraction: float = 0.3,
+    out_uri: str | None = None,
+    predictor_name: str = "lightgbm",
+    progress: Progress | None = None,
+) -> tuple[JobOutcome, dict[str, Any]]:
+    history, dirs, is_real = demo_history(settings, storage)
+    if not is_real:
+        log.warning(
+            "demo.synthetic",
+            reason=f"no outcome histories under {settings.data_dir}; using a generated synthetic history",
+        )
+    root = out_uri or join(settings.work_dir, "demo")
+    queue = history_queue(history, "test")
+    queue_uri = join(root, "queue", "queue.parquet")
+    storage.write_frame(queue, queue_uri)
+
+    predictor = train_predictor(history.split("train"), name=predictor_name, seed=settings.seed)
+    model_root = join(root, "models")
+    predictor.save(storage, model_root)
+
+    reference_cost, reference = best_single_cost(history, queue)
+    budget = budget_fraction * reference_cost
+    job = Job(
+        queue_uri=queue_uri,
+        model_uri=model_root,
+        out_uri=join(root, "run"),
+        request=PlanRequest(budget_usd=budget),
+        backend="replay",
+        replay_history=dirs,
+        run_id="demo",
+        reference_models=reference,
+    )
+    outcome = run_job(job, storage, progress=progress, truth=Truth.from_history(history))
+    context = {
+        "data": "real (" + ", ".join(Path(d).name for d in dirs) + ")" if is_real else "synthetic (no real data found)",
+        "queries": queue.height,
+        "best_single_models": best_single_models(history),
+        "best_single_cost_usd": reference_cost,
+        "budget_fraction": budget_fraction,
+        "budget_usd": budget,
+    }
+    return outcome, context

@@ -1,0 +1,254 @@
+"""The job, stage by stage: ingest -> predict -> candidates -> optimize -> dispatch -> results -> report.
+
+Each stage is a plain function over frames so the CLI, the DAGs and the benchmarks call the same code; the
+orchestration in ``run_job`` only wires them and writes each stage's output under the run directory:
+
+    <out>/quarantine.parquet   rows refused at ingest, with the reason
+    <out>/plan.parquet         one plan row per query (kind "defer" where the optimizer deferred it)
+    <out>/dispatch/            the dispatcher's ledger, result parts and manifest (resumable)
+    <out>/results.parquet      one result row per query
+    <out>/report.{json,md,html}
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import polars as pl
+import structlog
+
+from batchplan.candidates import Candidates, single_model_candidates
+from batchplan.catalog import PriceCatalog
+from batchplan.contracts import RESULT_SCHEMA, ContractError
+from batchplan.history import History, load_history
+from batchplan.ingest import Ingested, read_queue
+from batchplan.planning import PlanOutcome, PlanRequest, plan_batch
+from batchplan.report import Truth, build_report, summary_line, write_report
+from batchplan.storage import Storage, join
+from dispatchers import Backend, dispatch, get_backend
+from predictors import Predictor, load_predictor
+
+log = structlog.get_logger("batchplan")
+
+Progress = Callable[[int, int], None]
+
+
+def ingest(queue_uri: str, storage: Storage, out_uri: str | None = None) -> Ingested:
+    """Read and validate the queue; write the quarantine file (possibly empty) beside the run's outputs."""
+    started = time.perf_counter()
+    ingested = read_queue(queue_uri, storage)
+    if out_uri is not None:
+        storage.write_frame(ingested.quarantine, join(out_uri, "quarantine.parquet"))
+    log.info(
+        "ingest",
+        queue=queue_uri,
+        parts=len(ingested.sources),
+        valid=ingested.queue.height,
+        quarantined=ingested.quarantine.height,
+        seconds=round(time.perf_counter() - started, 2),
+    )
+    return ingested
+
+
+def make_backend(
+    name: str,
+    *,
+    storage: Storage,
+    replay_history: Sequence[str] = (),
+    base_url: str | None = None,
+    prices_uri: str | None = None,
+    **options: Any,
+) -> Backend:
+    """Build a dispatcher backend by name from plain settings (CLI flags, DAG params)."""
+    if name == "replay":
+        if not replay_history:
+            raise ContractError("the replay backend needs --replay-history DIR (an outcome history to answer from)")
+        return get_backend("replay", history=load_history(list(replay_history), storage), **options)
+    catalog = None
+    if prices_uri is not None:
+        catalog = PriceCatalog.from_prices(storage.read_frame(prices_uri))
+    if base_url is not None:
+        options["base_url"] = base_url
+    return get_backend(name, catalog=catalog, **options)
+
+
+def predict(queue: pl.DataFrame, predictor: Predictor, backend: Backend | None) -> pl.DataFrame:
+    """P(correct) and cost for every (query, model) the backend can serve; without a backend, for every
+    model the predictor knows, at the prices it learned."""
+    started = time.perf_counter()
+    if backend is None:
+        models = pl.DataFrame({"model": predictor.models}, schema={"model": pl.String})
+        predictions = predictor.predict(queue, queue.select("query_id").join(models, how="cross"), None)
+    else:
+        predictions = predictor.predict(queue, backend.offered_pairs(queue), backend.catalog)
+    log.info(
+        "predict",
+        pairs=predictions.height,
+        models=predictions["model"].n_unique(),
+        seconds=round(time.perf_counter() - started, 2),
+    )
+    return predictions
+
+
+def build_candidates(queue: pl.DataFrame, predictions: pl.DataFrame) -> Candidates:
+    return single_model_candidates(queue, predictions)
+
+
+def optimize(candidates: Candidates, request: PlanRequest) -> PlanOutcome:
+    outcome = plan_batch(candidates, request)
+    log.info(
+        "optimize",
+        queries=outcome.plan.height,
+        deferred=int((outcome.plan["kind"] == "defer").sum()),
+        **outcome.diagnostics,
+    )
+    return outcome
+
+
+def execute(
+    plan: pl.DataFrame,
+    queue: pl.DataFrame,
+    backend: Backend,
+    *,
+    budget_usd: float | None,
+    out_uri: str,
+    storage: Storage,
+    progress: Progress | None = None,
+) -> pl.DataFrame:
+    """Dispatch every planned query; deferred plan rows become deferred results. One row per query."""
+    started = time.perf_counter()
+    runnable = plan.filter(pl.col("kind") != "defer")
+    limit = budget_usd if budget_usd is not None else float("inf")
+    dispatched = dispatch(
+        runnable,
+        queue,
+        backend,
+        budget_usd=limit,
+        out_uri=join(out_uri, "dispatch"),
+        storage=storage,
+        progress=progress,
+    )
+    deferred = plan.filter(pl.col("kind") == "defer").select(
+        "query_id",
+        pl.lit(None, dtype=pl.String).alias("answer"),
+        pl.lit([], dtype=pl.List(pl.String)).alias("models_called"),
+        pl.lit(0.0).alias("cost_usd"),
+        pl.lit("deferred").alias("status"),
+        pl.lit("deferred by the plan: not worth its cost under the budget").alias("error"),
+    )
+    results = pl.concat(
+        [dispatched.select(RESULT_SCHEMA.names()).cast(dict(RESULT_SCHEMA)), deferred.cast(dict(RESULT_SCHEMA))]
+    )  # type: ignore[arg-type]
+    results = plan.select("query_id").join(results, on="query_id", how="left")
+    log.info(
+        "dispatch",
+        calls=int(results["models_called"].list.len().sum()),
+        spend_usd=round(float(results["cost_usd"].sum()), 6),
+        done=int((results["status"] == "done").sum()),
+        seconds=round(time.perf_counter() - started, 2),
+    )
+    return results
+
+
+def reference_models(predictions: pl.DataFrame, queue: pl.DataFrame) -> dict[str, str]:
+    """Per task, the model the predictor expects to be most accurate: the 'best single model' baseline."""
+    best = (
+        predictions.join(queue.select("query_id", "task"), on="query_id")
+        .group_by("task", "model")
+        .agg(pl.col("p_correct").mean(), pl.len())
+        .filter(pl.col("len") == pl.col("len").max().over("task"))
+        .sort("p_correct", descending=True)
+        .group_by("task")
+        .first()
+    )
+    return dict(zip(best["task"].to_list(), best["model"].to_list(), strict=True))
+
+
+@dataclass
+class Job:
+    """One run of the batch job, from plain settings."""
+
+    queue_uri: str
+    model_uri: str
+    out_uri: str
+    request: PlanRequest
+    backend: str = "replay"
+    replay_history: list[str] = field(default_factory=list)
+    base_url: str | None = None
+    prices_uri: str | None = None
+    model_version: str | None = None
+    run_id: str | None = None
+    reference_models: dict[str, str] | None = None  # task -> model for the 'best single model' baseline
+    backend_options: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    report: dict[str, Any]
+    plan: pl.DataFrame
+    results: pl.DataFrame
+    paths: dict[str, str]
+
+
+def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth: Truth | None = None) -> JobOutcome:
+    """Plan and dispatch the whole batch; write plan, results and report under ``job.out_uri``."""
+    started = time.perf_counter()
+    backend = make_backend(
+        job.backend,
+        storage=storage,
+        replay_history=job.replay_history,
+        base_url=job.base_url,
+        prices_uri=job.prices_uri,
+        **job.backend_options,
+    )
+    if truth is None and job.backend == "replay":
+        truth = Truth.from_history(load_history(job.replay_history, storage))
+    ingested = ingest(job.queue_uri, storage, job.out_uri)
+    if ingested.queue.height == 0:
+        raise ContractError(f"no valid queries in {job.queue_uri}: see {join(job.out_uri, 'quarantine.parquet')}")
+    predictor = load_predictor(storage, job.model_uri, version=job.model_version)
+    predictions = predict(ingested.queue, predictor, backend)
+    planned = optimize(build_candidates(ingested.queue, predictions), job.request)
+    paths = {"plan": join(job.out_uri, "plan.parquet"), "results": join(job.out_uri, "results.parquet")}
+    storage.write_frame(planned.plan, paths["plan"])
+    results = execute(
+        planned.plan,
+        ingested.queue,
+        backend,
+        budget_usd=job.request.budget_usd,
+        out_uri=job.out_uri,
+        storage=storage,
+        progress=progress,
+    )
+    storage.write_frame(results, paths["results"])
+    report = build_report(
+        results=results,
+        plan=planned.plan,
+        budget_usd=job.request.budget_usd,
+        quarantined=ingested.quarantine.height,
+        truth=truth,
+        reference_models=job.reference_models or reference_models(predictions, ingested.queue),
+        queue=ingested.queue,
+        optimizer=planned.diagnostics,
+        run_id=job.run_id,
+    )
+    paths |= write_report(report, job.out_uri, storage)
+    log.info("run", summary=summary_line(report), out=job.out_uri, seconds=round(time.perf_counter() - started, 2))
+    return JobOutcome(report=report, plan=planned.plan, results=results, paths=paths)
+
+
+def history_queue(history: History, split: str = "test", *, tenant_from: str = "dataset") -> pl.DataFrame:
+    """A queue (QUEUE_SCHEMA) made of a history's queries: how the demo and the benchmarks replay real data."""
+    queries = history.queries.filter(pl.col("split") == split)
+    return queries.select(
+        "query_id",
+        "prompt",
+        "system_prompt",
+        "labels",
+        pl.col("task").fill_null("default"),
+        pl.col(tenant_from).alias("tenant"),
+        pl.lit(1.0).alias("priority"),
+    )

@@ -1,0 +1,155 @@
+"""The optimize stage: turn what the user asks (budget, target, tenant budgets, capacities, floors, allowed
+models, deferral) into an optimizer problem over plan candidates, and read the solution back as plan rows.
+
+The optimizer itself knows nothing of LLMs; this module is the translation layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from batchplan.candidates import Candidates
+from batchplan.contracts import PLAN_SCHEMA, ContractError
+from optimizer import (
+    AccuracyFloor,
+    Budget,
+    Capacity,
+    GroupBudget,
+    Problem,
+    Solution,
+    solve,
+)
+
+
+@dataclass
+class PlanRequest:
+    """What the user asks for one batch. Either ``budget_usd`` (maximize accuracy) or ``accuracy_target``
+    (minimize cost), or both (maximize accuracy under the budget with the target as a floor)."""
+
+    budget_usd: float | None = None
+    accuracy_target: float | None = None
+    allow_deferral: bool = False
+    tenant_budgets_usd: dict[str, float] = field(default_factory=dict)
+    model_max_calls: dict[str, int] = field(default_factory=dict)
+    task_accuracy_floors: dict[str, float] = field(default_factory=dict)
+    allowed_models: dict[str, list[str]] = field(default_factory=dict)  # tenant -> models (data residency)
+    method: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.budget_usd is None and self.accuracy_target is None:
+            raise ContractError("give a budget (budget_usd) or an accuracy target (accuracy_target), or both")
+        if self.budget_usd is not None and self.budget_usd < 0:
+            raise ContractError(f"budget_usd must be >= 0, got {self.budget_usd}")
+        if self.accuracy_target is not None and not 0 < self.accuracy_target <= 1:
+            raise ContractError(f"accuracy_target must be in (0, 1], got {self.accuracy_target}")
+
+
+@dataclass(frozen=True)
+class PlanOutcome:
+    plan: pl.DataFrame  # PLAN_SCHEMA, one row per query; kind "defer" for deferred queries
+    solution: Solution
+
+    @property
+    def diagnostics(self) -> dict[str, Any]:
+        s = self.solution
+        return {
+            "method": s.method,
+            "status": s.status,
+            "objective": s.objective,
+            "bound": s.bound,
+            "gap": s.gap,
+            "solve_seconds": round(s.solve_seconds, 3),
+            "shadow_prices": s.shadow_prices,
+            "binding": s.binding,
+        }
+
+
+def restrict_allowed(candidates: Candidates, allowed_models: dict[str, list[str]]) -> Candidates:
+    """Drop candidates that call a model the query's tenant may not use."""
+    if not allowed_models:
+        return candidates
+    allowed = pl.DataFrame(
+        [(t, m) for t, models in allowed_models.items() for m in models],
+        schema={"tenant": pl.String, "model": pl.String},
+        orient="row",
+    )
+    limited = pl.Series(list(allowed_models), dtype=pl.String)
+    plans = candidates.plans.join(candidates.queries.select("query", "tenant"), on="query")
+    ok = (
+        plans.select("option", "tenant", pl.col("models"))
+        .explode("models")
+        .rename({"models": "model"})
+        .join(allowed.with_columns(pl.lit(True).alias("_ok")), on=["tenant", "model"], how="left")
+        .with_columns((pl.col("_ok").fill_null(False) | ~pl.col("tenant").is_in(limited.implode())).alias("_ok"))
+        .group_by("option")
+        .agg(pl.col("_ok").all())
+        .filter("_ok")
+    )
+    return Candidates(
+        plans=candidates.plans.filter(pl.col("option").is_in(ok["option"].implode())), queries=candidates.queries
+    )
+
+
+def define_constraints(request: PlanRequest, candidates: Candidates) -> tuple[list[Any], list[str]]:
+    """Named constraint pieces for the optimizer, plus the extra resource columns they need."""
+    constraints: list[Any] = []
+    extra: list[str] = []
+    if request.budget_usd is not None:
+        constraints.append(Budget(limit=request.budget_usd))
+    if request.tenant_budgets_usd:
+        constraints.append(GroupBudget(group="tenant", limits=dict(request.tenant_budgets_usd), name="tenant_budget"))
+    for model, calls in sorted(request.model_max_calls.items()):
+        column = f"calls:{model}"
+        extra.append(column)
+        constraints.append(Capacity(column=column, limit=float(calls), name=f"capacity[{model}]"))
+    if request.task_accuracy_floors:
+        constraints.append(AccuracyFloor(min_mean=dict(request.task_accuracy_floors), group="task", name="task_floor"))
+    if request.accuracy_target is not None:
+        constraints.append(AccuracyFloor(min_mean=request.accuracy_target, name="accuracy_target"))
+    return constraints, extra
+
+
+def options_table(candidates: Candidates, resource_columns: list[str]) -> pl.DataFrame:
+    plans = candidates.plans
+    if resource_columns:
+        plans = plans.with_columns(
+            pl.col("models").list.count_matches(column.split(":", 1)[1]).cast(pl.Float64).alias(column)
+            for column in resource_columns
+        )
+    return Candidates(plans=plans, queries=candidates.queries).options(tuple(resource_columns))
+
+
+def plan_batch(candidates: Candidates, request: PlanRequest) -> PlanOutcome:
+    """Choose one candidate (or deferral) per query for the whole batch at once."""
+    candidates = restrict_allowed(candidates, request.allowed_models)
+    missing = candidates.queries.join(candidates.plans.select("query").unique(), on="query", how="anti")
+    if missing.height:
+        raise ContractError(
+            f"{missing.height} queries have no model they may use (first: {missing['query_id'][0]!r}): "
+            "check the backend's models and the tenant's allowed models"
+        )
+    constraints, extra = define_constraints(request, candidates)
+    options = options_table(candidates, extra)
+    objective = "max_value" if request.budget_usd is not None else "min_cost"
+    deferrable = np.full(candidates.queries.height, request.allow_deferral)
+    problem = Problem(options, objective=objective, constraints=constraints, deferrable=deferrable)
+    solution = solve(problem, method=request.method)
+    chosen = solution.chosen.join(candidates.plans, on=["query", "option"], how="inner")
+    plan = (
+        candidates.queries.select("query", "query_id")
+        .join(chosen.drop("query_id"), on="query", how="left")
+        .sort("query")
+        .with_columns(
+            pl.col("kind").fill_null("defer"),
+            pl.col("models").fill_null(pl.lit([], dtype=pl.List(pl.String))),
+            pl.col("expected_cost_usd").fill_null(0.0),
+            pl.col("expected_accuracy").fill_null(0.0),
+            pl.col("reserve_cost_usd").fill_null(0.0),
+        )
+        .select(PLAN_SCHEMA.names())
+    )
+    return PlanOutcome(plan=plan, solution=solution)
