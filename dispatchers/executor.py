@@ -222,6 +222,8 @@ class _Executor:
                 return await self._vote(q, notes)
             if q.kind == "cascade" and len(q.models) > 1:
                 return await self._cascade(q, notes)
+            if q.kind == "agreement" and len(q.models) == 3:
+                return await self._agreement(q, notes)
             result = await self.ask_slot(q, 0, [q.models[0], *q.fallbacks], notes)
             if result.ok:
                 return _row(q, result.answer, "done", "; ".join(notes) or None)
@@ -274,6 +276,31 @@ class _Executor:
         if answer is None:
             return _row(q, None, "failed", "; ".join(notes))
         return _row(q, answer, "done", "; ".join(notes) or None)
+
+    async def _agreement(self, q: _Query, notes: list[str]) -> tuple[Any, ...]:
+        """Ask the two cheap members together; if they agree, done; else the third decides (plan_simulation)."""
+        first, second = await asyncio.gather(self._vote_member(q, 0, q.models[0]), self._vote_member(q, 1, q.models[1]))
+        given = [r for r, _ in (first, second) if r is not None and r.ok]
+        for r, note in (first, second):
+            if note:
+                notes.append(note)
+            elif r is not None and not r.ok:
+                notes.append(_describe(r))
+        if len(given) == 2 and given[0].answer == given[1].answer:
+            return _row(q, given[0].answer, "done", "; ".join(notes) or None)
+        try:
+            third = await self.ask_slot(q, 2, [q.models[2]], notes)
+        except _Deferred as deferred:
+            if not given:
+                return _row(q, None, "deferred", "; ".join([*notes, str(deferred)]))
+            notes.append(f"escalation deferred: {deferred}")
+            return _row(q, given[0].answer, "done", "; ".join(notes))
+        if third.ok:
+            return _row(q, third.answer, "done", "; ".join(notes) or None)
+        notes.append(_describe(third))
+        if given:
+            return _row(q, given[0].answer, "done", "; ".join(notes))
+        return _row(q, None, "failed", "; ".join(notes))
 
 
 def _row(q: _Query, answer: str | None, status: str, error: str | None) -> tuple[Any, ...]:
