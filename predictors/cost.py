@@ -110,16 +110,71 @@ class CostModel:
     def from_state(cls, state: dict[str, Any]) -> CostModel:
         return cls(**state)
 
-    def predict(
-        self,
-        pairs: pl.DataFrame,
-        catalog: PriceCatalog,
-        tokens_out_pred: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None,
-    ) -> pl.DataFrame:
+    def predict(self, pairs: pl.DataFrame, catalog: PriceCatalog) -> pl.DataFrame:
         """``pairs``: model, task, chars, has_labels (one row per pair, in order). Returns cost_usd,
         cost_high_usd, tokens_in, tokens_out, tokens_out_p90, cost_source, aligned with ``pairs``."""
-        n = pairs.height
-        frame = pairs.select("model", "task", "chars", "has_labels").with_row_index("_i")
+        models = sorted(pairs["model"].unique().to_list())
+        tasks = sorted(pairs["task"].unique().to_list())
+        mi = pairs.select(pl.col("model").rank("dense") - 1).to_series().to_numpy()
+        ti = pairs.select(pl.col("task").rank("dense") - 1).to_series().to_numpy()
+        return self.predict_coded(
+            models, tasks, mi, ti, pairs["chars"].to_numpy(), pairs["has_labels"].to_numpy(), catalog
+        )
+
+    def predict_coded(
+        self,
+        models: list[str],
+        tasks: list[str],
+        mi: np.ndarray,
+        ti: np.ndarray,
+        chars: np.ndarray,
+        has_labels: np.ndarray,
+        catalog: PriceCatalog,
+    ) -> pl.DataFrame:
+        """As ``predict``, with pairs given as codes into ``models`` and ``tasks``. Every path is linear in
+        the prompt length, so coefficients are computed once per distinct (model, task, has_labels)."""
+        key = (np.asarray(mi, dtype=np.int64) * len(tasks) + np.asarray(ti, dtype=np.int64)) * 2 + has_labels.astype(
+            np.int64
+        )
+        uniq, code = np.unique(key, return_inverse=True)
+        combos = pl.DataFrame(
+            {
+                "model": [models[int(k) // 2 // len(tasks)] for k in uniq],
+                "task": [tasks[int(k) // 2 % len(tasks)] for k in uniq],
+                "has_labels": [bool(k % 2) for k in uniq],
+            },
+            schema={"model": pl.String, "task": pl.String, "has_labels": pl.Boolean},
+        )
+        coef = self.coefficients(combos, catalog)
+
+        def col(name: str) -> np.ndarray:
+            return coef[name].to_numpy()[code]
+
+        cost = col("a") + col("b") * chars
+        high = np.maximum(col("a_high") + col("b_high") * chars, cost)
+        return pl.DataFrame(
+            {
+                "cost_usd": cost,
+                "cost_high_usd": high,
+                "tokens_in": col("ratio") * chars,
+                "tokens_out": col("tokens_out"),
+                "tokens_out_p90": col("tokens_out_p90"),
+                "cost_source": coef["cost_source"].to_numpy()[code],
+            },
+            schema={
+                "cost_usd": pl.Float64,
+                "cost_high_usd": pl.Float64,
+                "tokens_in": pl.Float64,
+                "tokens_out": pl.Float64,
+                "tokens_out_p90": pl.Float64,
+                "cost_source": pl.String,
+            },
+        )
+
+    def coefficients(self, combos: pl.DataFrame, catalog: PriceCatalog) -> pl.DataFrame:
+        """Per (model, task, has_labels): cost = a + b x chars, high = a_high + b_high x chars, tokens_in =
+        ratio x chars, tokens_out mean/p90, cost_source (tokens | billed | billed_mean | cold)."""
+        frame = combos.with_row_index("_i")
         prices = catalog.prices.select("model", "usd_per_mtok_in", "usd_per_mtok_out").unique("model")
         keys = [k.split("\t", 1) for k in self.token_ratio]
         ratio_all = pl.DataFrame(
@@ -168,59 +223,66 @@ class CostModel:
         )
         default_mean = pl.when(pl.col("has_labels")).then(LABEL_TOKENS_OUT[0]).otherwise(OPEN_TOKENS_OUT[0])
         default_p90 = pl.when(pl.col("has_labels")).then(LABEL_TOKENS_OUT[2]).otherwise(OPEN_TOKENS_OUT[2])
+        per_kchar = float(np.median(list(self.cost_per_kchar.values()))) if self.cost_per_kchar else 1e-3
         f = f.with_columns(
-            (pl.col("chars") * pl.coalesce("ratio", "ratio_m", pl.lit(self.global_ratio))).alias("tokens_in"),
+            pl.coalesce("ratio", "ratio_m", pl.lit(self.global_ratio)).alias("ratio"),
             pl.coalesce("mean", "mean_t", default_mean).alias("tokens_out"),
             pl.coalesce("p90", "p90_t", default_p90).alias("tokens_out_p90"),
             pl.coalesce("ratio_hi", "ratio_hi_m", pl.lit(1.1)).alias("ratio_hi"),
+            pl.coalesce("a", "a_m").alias("a_fit"),
+            pl.coalesce("b", "b_m").alias("b_fit"),
+            pl.coalesce("high_ratio", "high_ratio_m", pl.lit(1.25)).alias("high_fit"),
         )
-        if tokens_out_pred is not None:
-            mean, _p50, p90 = tokens_out_pred
-            f = f.with_columns(pl.Series("tokens_out", mean), pl.Series("tokens_out_p90", np.maximum(p90, mean)))
-        per_kchar = np.median(list(self.cost_per_kchar.values())) if self.cost_per_kchar else 1e-3
         has_price = pl.col("usd_per_mtok_in").is_not_null() & pl.col("usd_per_mtok_out").is_not_null()
-        a = pl.coalesce("a", "a_m")
-        b = pl.coalesce("b", "b_m")
-        token_cost = (
-            pl.col("tokens_in") * pl.col("usd_per_mtok_in") + pl.col("tokens_out") * pl.col("usd_per_mtok_out")
-        ) / 1e6
-        token_high = (
-            pl.col("tokens_in") * pl.col("ratio_hi") * pl.col("usd_per_mtok_in")
-            + pl.col("tokens_out_p90") * pl.col("usd_per_mtok_out")
-        ) / 1e6
-        billed_cost = a + b * pl.col("chars")
         f = f.with_columns(
             pl.when(has_price)
             .then(pl.lit("tokens"))
-            .when(a.is_not_null())
+            .when(pl.col("a_fit").is_not_null())
             .then(pl.lit("billed"))
             .when(pl.col("billed_mean").is_not_null())
             .then(pl.lit("billed_mean"))
             .otherwise(pl.lit("cold"))
             .alias("cost_source")
         )
-        cold = pl.col("chars") / 1000 * float(per_kchar)
-        f = f.with_columns(
-            pl.when(pl.col("cost_source") == "tokens")
-            .then(token_cost)
-            .when(pl.col("cost_source") == "billed")
-            .then(billed_cost)
-            .when(pl.col("cost_source") == "billed_mean")
+        src = pl.col("cost_source")
+        return f.select(
+            pl.when(src == "tokens")
+            .then(pl.col("tokens_out") * pl.col("usd_per_mtok_out") / 1e6)
+            .when(src == "billed")
+            .then(pl.col("a_fit"))
+            .when(src == "billed_mean")
             .then(pl.col("billed_mean"))
-            .otherwise(cold)
-            .alias("cost_usd"),
-            pl.when(pl.col("cost_source") == "tokens")
-            .then(token_high)
-            .when(pl.col("cost_source") == "billed")
-            .then(billed_cost * pl.coalesce("high_ratio", "high_ratio_m", pl.lit(1.25)))
-            .when(pl.col("cost_source") == "billed_mean")
+            .otherwise(0.0)
+            .alias("a"),
+            pl.when(src == "tokens")
+            .then(pl.col("ratio") * pl.col("usd_per_mtok_in") / 1e6)
+            .when(src == "billed")
+            .then(pl.col("b_fit"))
+            .when(src == "billed_mean")
+            .then(0.0)
+            .otherwise(per_kchar / 1000)
+            .alias("b"),
+            pl.when(src == "tokens")
+            .then(pl.col("tokens_out_p90") * pl.col("usd_per_mtok_out") / 1e6)
+            .when(src == "billed")
+            .then(pl.col("a_fit") * pl.col("high_fit"))
+            .when(src == "billed_mean")
             .then(pl.col("billed_mean") * 1.5)
-            .otherwise(cold * 2)
-            .alias("cost_high_usd"),
+            .otherwise(0.0)
+            .alias("a_high"),
+            pl.when(src == "tokens")
+            .then(pl.col("ratio") * pl.col("ratio_hi") * pl.col("usd_per_mtok_in") / 1e6)
+            .when(src == "billed")
+            .then(pl.col("b_fit") * pl.col("high_fit"))
+            .when(src == "billed_mean")
+            .then(0.0)
+            .otherwise(2 * per_kchar / 1000)
+            .alias("b_high"),
+            "ratio",
+            "tokens_out",
+            "tokens_out_p90",
+            "cost_source",
         )
-        f = f.with_columns(pl.max_horizontal("cost_usd", "cost_high_usd").alias("cost_high_usd"))
-        assert f.height == n
-        return f.select("cost_usd", "cost_high_usd", "tokens_in", "tokens_out", "tokens_out_p90", "cost_source")
 
 
 def _nonneg_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:

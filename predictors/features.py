@@ -22,14 +22,12 @@ import scipy.sparse as sp
 from batchplan.contracts import DEFAULT_TASK
 
 TOKEN_PATTERN = r"[a-z0-9]+"
-STAT_COLUMNS = ("n_chars", "n_sys_chars", "n_spaces", "n_lines", "n_blocks", "digit_share", "n_labels")
+STAT_COLUMNS = ("n_chars", "n_spaces", "digit_share", "n_labels")
 
 
 def text_of(queries: pl.DataFrame) -> pl.Series:
-    """The text a model reads: system prompt + prompt."""
-    return queries.select(
-        pl.concat_str([pl.col("system_prompt").fill_null(""), pl.col("prompt").fill_null("")], separator="\n")
-    ).to_series()
+    """The text the text features read: the prompt (system prompts are shared per task)."""
+    return queries["prompt"].fill_null("")
 
 
 def text_stats(queries: pl.DataFrame) -> pl.DataFrame:
@@ -37,31 +35,30 @@ def text_stats(queries: pl.DataFrame) -> pl.DataFrame:
     n_chars = prompt.str.len_chars().cast(pl.Float32)
     return queries.select(
         n_chars.alias("n_chars"),
-        pl.col("system_prompt").fill_null("").str.len_chars().cast(pl.Float32).alias("n_sys_chars"),
         prompt.str.count_matches(" ", literal=True).cast(pl.Float32).alias("n_spaces"),
-        prompt.str.count_matches("\n", literal=True).cast(pl.Float32).alias("n_lines"),
-        prompt.str.count_matches("\n\n", literal=True).cast(pl.Float32).alias("n_blocks"),
         (prompt.str.count_matches(r"[0-9]").cast(pl.Float32) / (n_chars + 1)).alias("digit_share"),
         pl.col("labels").list.len().fill_null(0).cast(pl.Float32).alias("n_labels"),
     )
 
 
-def _token_rows(texts: pl.Series) -> pl.DataFrame:
-    """(row, term) for every word unigram and bigram of every text."""
-    words = (
+def _token_rows(texts: pl.Series, tail: int) -> pl.DataFrame:
+    """(row, term): lower-cased whitespace tokens of the last ``tail`` characters of each text (the part
+    that differs between queries: few-shot prefixes and instructions are shared and carry no signal)."""
+    return (
         pl.DataFrame({"text": texts.fill_null("")})
         .with_row_index("row")
-        .select("row", pl.col("text").str.to_lowercase().str.extract_all(TOKEN_PATTERN).alias("term"))
+        .select(
+            "row",
+            pl.col("text")
+            .str.tail(tail)
+            .str.to_lowercase()
+            .str.replace_all("\n", " ", literal=True)
+            .str.split(" ")
+            .alias("term"),
+        )
         .explode("term")
-        .drop_nulls("term")
+        .filter(pl.col("term").str.len_bytes() > 0)
     )
-    bigrams = words.select(
-        "row",
-        pl.when(pl.col("row") == pl.col("row").shift(-1))
-        .then(pl.concat_str([pl.col("term"), pl.col("term").shift(-1)], separator=" "))
-        .alias("term"),
-    ).drop_nulls("term")
-    return pl.concat([words, bigrams])
 
 
 @dataclass
@@ -71,6 +68,7 @@ class TextEncoder:
     vocab: list[str] = field(default_factory=list)
     idf: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=np.float32))
     components: np.ndarray = field(default_factory=lambda: np.zeros((0, 0), dtype=np.float32))
+    tail: int = 400
 
     @property
     def dim(self) -> int:
@@ -78,11 +76,11 @@ class TextEncoder:
 
     @classmethod
     def fit(
-        cls, texts: pl.Series, *, max_terms: int = 8192, dim: int = 32, min_df: int = 2, seed: int = 0
+        cls, texts: pl.Series, *, max_terms: int = 8192, dim: int = 32, min_df: int = 2, tail: int = 400, seed: int = 0
     ) -> TextEncoder:
         n_docs = len(texts)
         df = (
-            _token_rows(texts)
+            _token_rows(texts, tail)
             .unique()
             .group_by("term")
             .len("df")
@@ -93,37 +91,55 @@ class TextEncoder:
         )
         vocab = df["term"].to_list()
         idf = (np.log((1 + n_docs) / (1 + df["df"].to_numpy())) + 1).astype(np.float32)
-        encoder = cls(vocab=vocab, idf=idf, components=np.zeros((len(vocab), 0), dtype=np.float32))
+        encoder = cls(vocab=vocab, idf=idf, components=np.zeros((len(vocab), 0), dtype=np.float32), tail=tail)
         if not vocab:
             return encoder
         x = encoder.tfidf(texts)
         encoder.components = _randomized_svd_components(x, min(dim, max(1, min(x.shape) - 1)), seed)
         return encoder
 
-    def tfidf(self, texts: pl.Series) -> sp.csr_matrix:
-        vocab = pl.DataFrame({"term": self.vocab, "col": np.arange(len(self.vocab), dtype=np.uint32)})
-        counts = _token_rows(texts).join(vocab, on="term", how="inner").group_by("row", "col").len("n")
-        rows = counts["row"].to_numpy()
-        cols = counts["col"].to_numpy()
-        vals = (1 + np.log(counts["n"].to_numpy().astype(np.float32))) * self.idf[cols]
-        norms = np.sqrt(np.bincount(rows, weights=vals * vals, minlength=len(texts)))
-        vals = vals / np.maximum(norms[rows], 1e-12)
-        return sp.csr_matrix((vals.astype(np.float32), (rows, cols)), shape=(len(texts), len(self.vocab)))
+    def tfidf(self, texts: pl.Series, normalize: bool = True) -> sp.csr_matrix:
+        """Term counts x idf per text (csr). Tokens arrive in row order, so the matrix is built directly
+        (duplicate (row, term) entries are left in: sparse products sum them). ``normalize`` merges them
+        and scales rows to unit norm (for fitting; ``transform`` normalizes after projecting, which gives
+        the same embedding, so it skips this)."""
+        if not hasattr(self, "_index"):
+            self._index = dict(zip(self.vocab, range(len(self.vocab)), strict=True))
+        terms = _token_rows(texts, self.tail).with_columns(
+            pl.col("term").replace_strict(self._index, default=None, return_dtype=pl.UInt32).alias("col")
+        )
+        terms = terms.filter(pl.col("col").is_not_null())
+        rows = terms["row"].to_numpy().astype(np.int64)
+        cols = terms["col"].to_numpy().astype(np.int32)
+        indptr = np.zeros(len(texts) + 1, dtype=np.int64)
+        np.cumsum(np.bincount(rows, minlength=len(texts)), out=indptr[1:])
+        x = sp.csr_matrix((self.idf[cols], cols, indptr), shape=(len(texts), len(self.vocab)))
+        if normalize:
+            x.sum_duplicates()
+            row_of = np.repeat(np.arange(len(texts)), np.diff(x.indptr))
+            norms = np.sqrt(np.bincount(row_of, weights=x.data.astype(np.float64) ** 2, minlength=len(texts)))
+            x.data = (x.data / np.maximum(norms[row_of], 1e-12)).astype(np.float32)
+        return x
 
     def transform(self, texts: pl.Series) -> np.ndarray:
         """Unit-norm embeddings (n x dim), float32; zeros for texts with no known term."""
         if not self.vocab or self.dim == 0:
             return np.zeros((len(texts), 0), dtype=np.float32)
-        emb = np.asarray(self.tfidf(texts) @ self.components, dtype=np.float32)
+        emb = np.asarray(self.tfidf(texts, normalize=False) @ self.components, dtype=np.float32)
         norms = np.linalg.norm(emb, axis=1, keepdims=True)
         return emb / np.maximum(norms, 1e-12)
 
     def to_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        return {"vocab": self.vocab}, {"text_idf": self.idf, "text_components": self.components}
+        return {"vocab": self.vocab, "tail": self.tail}, {"text_idf": self.idf, "text_components": self.components}
 
     @classmethod
     def from_state(cls, meta: dict[str, Any], arrays: dict[str, np.ndarray]) -> TextEncoder:
-        return cls(vocab=list(meta["vocab"]), idf=arrays["text_idf"], components=arrays["text_components"])
+        return cls(
+            vocab=list(meta["vocab"]),
+            idf=arrays["text_idf"],
+            components=arrays["text_components"],
+            tail=int(meta["tail"]),
+        )
 
 
 def _randomized_svd_components(

@@ -1,15 +1,18 @@
 """The predictor: per (query, model) calibrated P(correct), expected and p90 cost, answer confusions.
 
-Training (``fit_predictor``): query features once per query, model descriptors once per model, pair rows
-by gathering both; LightGBM binary classifier trained in k folds grouped by query (out-of-fold scores pick
-and fit the calibrator and give the validation metrics), then once on all rows with the mean best round.
+Scoring is split so that almost all work is per query, not per pair:
+  per query  text stats + TF-IDF/SVD embedding, retrieval accuracies of every known model on the k most
+             similar training queries, and a LightGBM "difficulty" score d(q) (stage 1, one evaluation per
+             query: trained on all pairs with the models' priors as init scores, so it learns what makes a
+             query easier or harder than the prior says);
+  per pair   z = [1, logit prior(model, task), d(q), retrieval lift of the model, mean lift, similarity,
+             text dims] and logit = beta_model . z (stage 2, per-model logistic shrunk to a global fit),
+             then the calibrator (Platt or isotonic, chosen out-of-fold). One dot product per pair.
+Models without history borrow priors, retrieval columns and betas from their descriptor neighbours.
 """
 
 from __future__ import annotations
 
-import hashlib
-import time
-import zlib
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,39 +22,29 @@ import polars as pl
 
 from batchplan.catalog import PriceCatalog
 from batchplan.contracts import DEFAULT_TASK, PREDICTION_SCHEMA
-from batchplan.history import History
 from batchplan.storage import Storage
-from predictors.calibration import Calibrator, choose_calibrator
+from predictors.calibration import Calibrator, logit, sigmoid
 from predictors.cost import CostModel, query_chars
-from predictors.features import (
-    STAT_COLUMNS,
-    TextEncoder,
-    Vocabulary,
-    describe_models,
-    text_of,
-    text_stats,
-)
-from predictors.metrics import auc, brier, ece
-from predictors.priors import Priors, fit_confusions, nearest_models
+from predictors.features import STAT_COLUMNS, TextEncoder, Vocabulary, describe_models, text_of, text_stats
+from predictors.pairmodel import PairModel
+from predictors.priors import Priors, nearest_models
+from predictors.retrieval import Retriever
 
-DEFAULT_PARAMS: dict[str, Any] = {
-    "objective": "binary",
-    "learning_rate": 0.05,
-    "num_leaves": 15,
-    "min_data_in_leaf": 40,
-    "feature_fraction": 0.8,
-    "bagging_fraction": 0.8,
-    "bagging_freq": 1,
-    "lambda_l2": 1.0,
-    "max_bin": 63,
-    "max_cat_to_onehot": 8,
-    "cat_smooth": 10.0,
-    "num_threads": 2,
-    "verbose": -1,
-    "deterministic": True,
-    "force_row_wise": True,
-}
-TRAIN_OPTIONS = ("folds", "max_rounds", "early_stopping", "text_dim", "text_features", "max_terms")
+PAIR_FEATURES = ("intercept", "prior_logit", "difficulty", "knn_lift", "knn_lift_mean", "knn_sim")
+
+
+@dataclass
+class QueryBlock:
+    """Everything computed once per query."""
+
+    core: np.ndarray  # stage-1 booster input (n, F1) float32
+    emb: np.ndarray  # (n, d)
+    knn_acc: np.ndarray  # (n, M_known) retrieval accuracy per known model
+    prior: np.ndarray  # (n, M_known) prior accuracy per known model for the query's task
+    task_code: np.ndarray  # (n,) int, -1 = task unseen in training
+    chars: np.ndarray  # (n,) prompt + system characters
+    has_labels: np.ndarray  # (n,) bool
+    task: pl.Series  # (n,) task names
 
 
 @dataclass
@@ -72,8 +65,10 @@ class Predictor:
     confusions: pl.DataFrame  # task, model, gold, answer, p
     catalog: PriceCatalog
     calibrator: Calibrator
+    retriever: Retriever | None = None
+    pair_model: PairModel | None = None
     boosters: dict[str, lgb.Booster] = field(default_factory=dict)
-    feature_names: list[str] = field(default_factory=list)
+    feature_names: dict[str, list[str]] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -81,48 +76,95 @@ class Predictor:
         """Models with training history."""
         return list(self.model_vocab.values)
 
-    # ------------------------------------------------------------------ features
-    def _query_matrix(self, q: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-        """(query features n x F_q float32, chars per query)."""
-        stats = text_stats(q).to_numpy().astype(np.float32)
-        n_text = int(self.options.get("text_features", 16))
-        parts = [stats]
-        if n_text and self.encoder.dim:
-            parts.append(self.encoder.transform(text_of(q))[:, :n_text])
-        parts.append(self.tasks.codes(q["task"])[:, None])
-        parts.append(self.subjects.codes(q["subject"])[:, None])
-        return np.hstack(parts).astype(np.float32), query_chars(q).to_numpy()
+    @property
+    def threads(self) -> int:
+        return int(self.options.get("num_threads", 2))
 
-    def _model_matrix(
-        self, models: list[str], catalog: PriceCatalog
-    ) -> tuple[np.ndarray, dict[str, list[tuple[str, float]]]]:
-        known = set(self.model_vocab.values)
-        unknown = [m for m in models if m not in known]
-        desc = self.descriptors.filter(pl.col("model").is_in(models))
-        if unknown:
-            desc = pl.concat([desc, describe_models(unknown, catalog.prices, {})])
-        desc = pl.DataFrame({"model": models}).join(desc, on="model", how="left", maintain_order="left")
-        neighbors = nearest_models(
-            pl.concat([self.descriptors, desc.filter(pl.col("model").is_in(unknown))]), self.models, unknown
-        )
-        mat = np.column_stack(
+    # ------------------------------------------------------------------ per query
+    def prior_matrix(self) -> tuple[np.ndarray, np.ndarray]:
+        """(prior accuracy, has-history mask), shape (n_tasks + 1, M_known); last row = unseen task."""
+        n_t, n_m = len(self.tasks.values), len(self.models)
+        acc = np.full((n_t + 1, n_m), np.nan, dtype=np.float64)
+        has = np.zeros((n_t + 1, n_m), dtype=bool)
+        t_index = {t: i for i, t in enumerate(self.tasks.values)}
+        m_index = {m: i for i, m in enumerate(self.models)}
+        for r in self.priors.model_task.iter_rows(named=True):
+            if r["task"] in t_index and r["model"] in m_index:
+                acc[t_index[r["task"]], m_index[r["model"]]] = r["acc"]
+                has[t_index[r["task"]], m_index[r["model"]]] = True
+        model_acc = dict(zip(self.priors.model["model"].to_list(), self.priors.model["acc"].to_list(), strict=True))
+        fallback = np.array([model_acc.get(m, self.priors.global_acc) for m in self.models])
+        acc = np.where(np.isnan(acc), fallback[None, :], acc)
+        return acc, has
+
+    def query_block(
+        self, q: pl.DataFrame, query_fold: np.ndarray | None = None, train_fold: np.ndarray | None = None
+    ) -> QueryBlock:
+        stats = text_stats(q).to_numpy().astype(np.float32)
+        emb = self.encoder.transform(text_of(q)) if self.encoder.dim else np.zeros((q.height, 0), dtype=np.float32)
+        task_code = self.tasks.codes(q["task"])
+        tci = np.where(np.isnan(task_code), -1, task_code).astype(np.int64)
+        prior_acc, has = self.prior_matrix()
+        prior = prior_acc[tci]  # row -1 = unseen-task fallback
+        if self.retriever is not None:
+            knn_acc, knn_sim = self.retriever.query(emb, tci, prior, query_fold, train_fold)
+        else:
+            knn_acc, knn_sim = prior.astype(np.float32), np.zeros(q.height, dtype=np.float32)
+        lift = logit(knn_acc) - logit(prior)
+        mask = has[tci]
+        lift_mean = np.where(mask.any(axis=1), (lift * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1), 0.0)
+        n_text = min(int(self.options.get("text_features", 16)), emb.shape[1])
+        core = np.hstack(
             [
-                self.model_vocab.codes(desc["model"]),
-                self.families.codes(desc["family"]),
-                *(
-                    desc[c].fill_null(float("nan")).to_numpy().astype(np.float32)
-                    for c in ("log_price_in", "log_price_out", "log_cost_per_kchar", "log_size_b")
-                ),
+                stats,
+                emb[:, :n_text],
+                task_code[:, None],
+                self.subjects.codes(q["subject"])[:, None],
+                lift_mean[:, None].astype(np.float32),
+                knn_sim[:, None],
             ]
         ).astype(np.float32)
-        return mat, neighbors
+        return QueryBlock(
+            core=core,
+            emb=emb,
+            knn_acc=knn_acc,
+            prior=prior,
+            task_code=tci,
+            chars=query_chars(q).to_numpy(),
+            has_labels=(q["labels"].list.len().fill_null(0) > 0).to_numpy(),
+            task=q["task"],
+        )
 
-    def design(
-        self, queries: pl.DataFrame, pairs: pl.DataFrame, catalog: PriceCatalog | None = None
-    ) -> tuple[np.ndarray, pl.DataFrame]:
-        """Feature matrix for ``pairs`` (in order) and the per-pair frame (model, task, chars, has_labels,
-        prior, known)."""
+    def difficulty(self, block: QueryBlock) -> np.ndarray:
+        booster = self.boosters.get("query")
+        if booster is None:
+            return np.zeros(block.core.shape[0])
+        return np.asarray(booster.predict(block.core, raw_score=True, num_threads=self.threads), dtype=np.float64)
+
+    # ------------------------------------------------------------------ per pair
+    def pair_features(
+        self, block: QueryBlock, d: np.ndarray, qi: np.ndarray, prior_logit: np.ndarray, knn_acc: np.ndarray
+    ) -> np.ndarray:
+        """Stage-2 inputs z (n_pairs, J); ``prior_logit`` and ``knn_acc`` are already per pair."""
+        n_text2 = int(self.options.get("pair_text_features", 8))
+        n_text2 = min(n_text2, block.emb.shape[1])
+        z = np.empty((len(qi), len(PAIR_FEATURES) + n_text2), dtype=np.float64)
+        z[:, 0] = 1.0
+        z[:, 1] = prior_logit
+        z[:, 2] = d[qi]
+        z[:, 3] = logit(knn_acc) - prior_logit
+        z[:, 4] = block.core[qi, -2]
+        z[:, 5] = block.core[qi, -1]
+        if n_text2:
+            z[:, len(PAIR_FEATURES) :] = block.emb[qi, :n_text2]
+        return z
+
+    def predict(self, queries: pl.DataFrame, pairs: pl.DataFrame, catalog: PriceCatalog | None = None) -> pl.DataFrame:
+        """PREDICTION_SCHEMA columns (query_id, model, p_correct, cost_usd, cost_high_usd) for ``pairs`` in
+        order, plus p_raw, tokens_in, tokens_out, tokens_out_p90, cost_source, known_model."""
         catalog = catalog or self.catalog
+        if pairs.height == 0:
+            return pl.DataFrame(schema=PREDICTION_SCHEMA)
         q = prepare_queries(queries)
         index = pairs.select("query_id", "model").join(
             q.select("query_id").with_row_index("qi"), on="query_id", how="left", maintain_order="left"
@@ -130,56 +172,55 @@ class Predictor:
         if index["qi"].null_count():
             missing = index.filter(pl.col("qi").is_null())["query_id"].head(3).to_list()
             raise ValueError(f"pairs name query_ids absent from queries, e.g. {missing}")
-        models = sorted(index["model"].unique().to_list())
+        qi = index["qi"].to_numpy().astype(np.int64)
+        call_models = sorted(index["model"].unique().to_list())
         mi = (
             index.select("model")
             .join(
-                pl.DataFrame({"model": models, "mi": np.arange(len(models), dtype=np.uint32)}),
+                pl.DataFrame({"model": call_models, "mi": np.arange(len(call_models), dtype=np.int64)}),
                 on="model",
                 how="left",
                 maintain_order="left",
             )["mi"]
             .to_numpy()
         )
-        qi = index["qi"].to_numpy()
-        qmat, chars = self._query_matrix(q)
-        mmat, neighbors = self._model_matrix(models, catalog)
-        tasks = q["task"].to_numpy()[qi]
-        has_labels = (q["labels"].list.len().fill_null(0) > 0).to_numpy()[qi]
-        pair_frame = pl.DataFrame(
-            {"model": index["model"], "task": tasks, "chars": chars[qi], "has_labels": has_labels},
-            schema={"model": pl.String, "task": pl.String, "chars": pl.Float64, "has_labels": pl.Boolean},
+        known_index = {m: i for i, m in enumerate(self.models)}
+        unknown = [m for m in call_models if m not in known_index]
+        neighbors = self._neighbors(unknown, catalog)
+        block = self.query_block(q)
+        # per (query task, call model) priors; unseen models borrow from neighbours
+        weights = np.zeros((len(self.models), len(call_models)))
+        for j, model in enumerate(call_models):
+            if model in known_index:
+                weights[known_index[model], j] = 1.0
+            else:
+                for other, w in neighbors.get(model, []):
+                    weights[known_index[other], j] += w
+        covered = weights.sum(axis=0) > 0
+        weights[:, covered] /= weights[:, covered].sum(axis=0)
+        tasks_u = block.task.unique().sort().to_list()
+        task_inv = (block.task.rank("dense") - 1).to_numpy().astype(np.int64)
+        cross = pl.DataFrame(
+            {"model": [m for m in call_models for _ in tasks_u], "task": tasks_u * len(call_models)},
+            schema={"model": pl.String, "task": pl.String},
         )
-        prior = self.priors.lookup(pair_frame, neighbors)
-        known = np.isin(np.asarray(models, dtype=object), np.asarray(self.models, dtype=object))[mi]
-        x = np.empty((len(qi), qmat.shape[1] + mmat.shape[1] + 1), dtype=np.float32)
-        x[:, : qmat.shape[1]] = qmat[qi]
-        x[:, qmat.shape[1] : -1] = mmat[mi]
-        x[:, -1] = prior
-        return x, pair_frame.with_columns(pl.Series("prior", prior), pl.Series("known", known))
-
-    # ------------------------------------------------------------------ scoring
-    def predict(self, queries: pl.DataFrame, pairs: pl.DataFrame, catalog: PriceCatalog | None = None) -> pl.DataFrame:
-        """PREDICTION_SCHEMA columns (query_id, model, p_correct, cost_usd, cost_high_usd) for ``pairs`` in
-        order, plus p_raw, tokens_in, tokens_out, tokens_out_p90, cost_source, known_model."""
-        catalog = catalog or self.catalog
-        if pairs.height == 0:
-            return pl.DataFrame(schema=PREDICTION_SCHEMA)
-        x, pf = self.design(queries, pairs, catalog)
-        known = pf["known"].to_numpy()
-        prior = pf["prior"].to_numpy()
-        if "correct" in self.boosters:
-            raw = self.boosters["correct"].predict(x, num_threads=int(self.options.get("num_threads", 2)))
-            p = self.calibrator(np.asarray(raw, dtype=np.float64))
-            p = np.where(known, p, prior)
-            raw = np.where(known, raw, prior)
+        prior_call = self.priors.lookup(cross, neighbors).reshape(len(call_models), len(tasks_u)).T  # (T_u, C)
+        prior_pair = prior_call[task_inv[qi], mi]
+        known = np.array([m in known_index for m in call_models], dtype=bool)[mi]
+        if self.pair_model is None:
+            p = raw = prior_pair
         else:
-            raw = p = prior
-        cost = self.cost.predict(pf, catalog)
+            raw = sigmoid(
+                self._pair_logits(block, qi, mi, task_inv, prior_call, weights, covered, call_models, neighbors)
+            )
+            p = self.calibrator(raw)
+        cost = self.cost.predict_coded(
+            call_models, tasks_u, mi, task_inv[qi], block.chars[qi], block.has_labels[qi], catalog
+        )
         return pl.DataFrame(
             {
-                "query_id": pairs["query_id"].cast(pl.String),
-                "model": pairs["model"].cast(pl.String),
+                "query_id": index["query_id"],
+                "model": index["model"],
                 "p_correct": np.asarray(p, dtype=np.float64),
                 "cost_usd": cost["cost_usd"],
                 "cost_high_usd": cost["cost_high_usd"],
@@ -194,12 +235,43 @@ class Predictor:
             pl.Series("known_model", known),
         )
 
-    def save(self, storage: Storage, root_uri: str, version: str | None = None) -> str:
-        """Write this predictor as ``root_uri/<version>/``; returns that URI."""
-        from predictors.registry import save
+    def _pair_logits(
+        self,
+        block: QueryBlock,
+        qi: np.ndarray,
+        mi: np.ndarray,
+        task_inv: np.ndarray,
+        prior_call: np.ndarray,
+        weights: np.ndarray,
+        covered: np.ndarray,
+        call_models: list[str],
+        neighbors: dict[str, list[tuple[str, float]]],
+    ) -> np.ndarray:
+        """beta_model . z(q, model) for every pair, without materializing z: the query-only columns of z
+        are multiplied by every call model's betas once per query (n_q x C), then gathered per pair."""
+        assert self.pair_model is not None
+        betas = self.pair_model.beta_for(call_models, neighbors)  # (C, J)
+        d = self.difficulty(block)
+        n_text2 = betas.shape[1] - len(PAIR_FEATURES)
+        zq = np.column_stack([d, block.core[:, -2], block.core[:, -1], block.emb[:, :n_text2]]).astype(np.float32)
+        q_cols = [2, 4, 5, *range(len(PAIR_FEATURES), betas.shape[1])]
+        q_part = zq @ betas[:, q_cols].T.astype(np.float32)  # (n_q, C)
+        prior_logit = logit(prior_call)  # (T_u, C)
+        knn_call = (block.knn_acc @ weights).astype(np.float64)  # (n_q, C)
+        if not covered.all():
+            knn_call[:, ~covered] = prior_call[task_inv][:, ~covered]
+        lift = logit(knn_call) - prior_logit[task_inv]  # (n_q, C)
+        pair_q = (q_part + lift * betas[:, 3][None, :]).astype(np.float64)
+        per_model = betas[:, 0][None, :] + prior_logit * betas[:, 1][None, :]  # (T_u, C)
+        return np.asarray(pair_q[qi, mi] + per_model[task_inv[qi], mi], dtype=np.float64)
 
-        return save(self, storage, root_uri, version)
+    def _neighbors(self, unknown: list[str], catalog: PriceCatalog) -> dict[str, list[tuple[str, float]]]:
+        if not unknown:
+            return {}
+        desc = pl.concat([self.descriptors, describe_models(unknown, catalog.prices, {})])
+        return nearest_models(desc, self.models, unknown)
 
+    # ------------------------------------------------------------------ answers, persistence
     def confusion(self, task: str, model: str) -> pl.DataFrame:
         """P(answer | gold) for one (task, model): gold, answer, p. A model without history on the task gets
         the pooled confusion of the models that have it; empty for open tasks."""
@@ -216,6 +288,12 @@ class Predictor:
             .sort("gold", "answer")
         )
 
+    def save(self, storage: Storage, root_uri: str, version: str | None = None) -> str:
+        """Write this predictor as ``root_uri/<version>/``; returns that URI."""
+        from predictors.registry import save
+
+        return save(self, storage, root_uri, version)
+
 
 def prepare_queries(queries: pl.DataFrame) -> pl.DataFrame:
     """The columns the features read, with defaults (task -> 'default'; subject optional)."""
@@ -231,167 +309,4 @@ def prepare_queries(queries: pl.DataFrame) -> pl.DataFrame:
     return queries.select(exprs).with_columns(pl.col("task").fill_null(DEFAULT_TASK))
 
 
-def training_rows(history: History) -> pl.DataFrame:
-    q = prepare_queries(history.queries).select("query_id", "task", "subject")
-    gold = history.queries.select("query_id", "gold")
-    return (
-        history.outcomes.filter(pl.col("correct").is_not_null())
-        .join(q, on="query_id", how="inner")
-        .join(gold, on="query_id", how="left")
-        .sort("query_id", "model")
-    )
-
-
-def fingerprint(rows: pl.DataFrame) -> str:
-    digest = hashlib.sha256()
-    digest.update(rows.select("query_id", "model", pl.col("correct").cast(pl.Int8), "cost_usd").write_csv().encode())
-    return digest.hexdigest()
-
-
-def fit_predictor(history: History, name: str = "lightgbm", seed: int = 0, **params: Any) -> Predictor:
-    started = time.time()
-    options = {
-        "folds": 4,
-        "max_rounds": 400,
-        "early_stopping": 30,
-        "text_dim": 32,
-        "text_features": 16,
-        "max_terms": 8192,
-    }
-    options.update({k: params.pop(k) for k in list(params) if k in TRAIN_OPTIONS})
-    lgb_params = {**DEFAULT_PARAMS, **params, "seed": seed}
-    options["num_threads"] = lgb_params["num_threads"]
-    rows = training_rows(history)
-    if rows.height == 0:
-        raise ValueError("the history has no outcomes for its queries: nothing to train on")
-    train_q = prepare_queries(history.queries.filter(pl.col("query_id").is_in(rows["query_id"].unique().implode())))
-    catalog = PriceCatalog.from_history(history.prices, history.outcomes)
-    cost = CostModel.fit(train_q, rows)
-    models = sorted(rows["model"].unique().to_list())
-    descriptors = describe_models(models, catalog.prices, cost.cost_per_kchar)
-    encoder = (
-        TextEncoder.fit(text_of(train_q), max_terms=int(options["max_terms"]), dim=int(options["text_dim"]), seed=seed)
-        if name != "prior"
-        else TextEncoder()
-    )
-    subjects = train_q["subject"].drop_nulls().value_counts().filter(pl.col("count") >= 5)["subject"].sort().to_list()
-    predictor = Predictor(
-        name=name,
-        seed=seed,
-        options=options,
-        encoder=encoder,
-        tasks=Vocabulary(sorted(train_q["task"].unique().to_list())),
-        subjects=Vocabulary(subjects),
-        model_vocab=Vocabulary(models),
-        families=Vocabulary(sorted(descriptors["family"].unique().to_list())),
-        descriptors=descriptors,
-        priors=Priors.fit(rows.select("model", "task", "correct")),
-        cost=cost,
-        confusions=fit_confusions(rows.select("task", "model", "gold", "answer")),
-        catalog=catalog,
-        calibrator=Calibrator("identity", {}),
-    )
-    n_stats = len(STAT_COLUMNS)
-    n_text = min(int(options["text_features"]), encoder.dim)
-    predictor.feature_names = [
-        *STAT_COLUMNS,
-        *(f"text_{i}" for i in range(n_text)),
-        "task",
-        "subject",
-        "model",
-        "family",
-        "log_price_in",
-        "log_price_out",
-        "log_cost_per_kchar",
-        "log_size_b",
-        "prior_acc",
-    ]
-    categorical = [n_stats + n_text, n_stats + n_text + 1, n_stats + n_text + 2, n_stats + n_text + 3]
-    y = rows["correct"].cast(pl.Float64).to_numpy()
-    validation: dict[str, Any] = {}
-    if name == "lightgbm":
-        x, _ = predictor.design(train_q, rows.select("query_id", "model"), catalog)
-        fold = _query_folds(rows["query_id"], int(options["folds"]), seed)
-        oof = np.zeros(len(y))
-        best_rounds = []
-        for k in range(int(options["folds"])):
-            tr, va = fold != k, fold == k
-            dtrain = lgb.Dataset(
-                x[tr], y[tr], feature_name=predictor.feature_names, categorical_feature=categorical, free_raw_data=True
-            )
-            dvalid = lgb.Dataset(x[va], y[va], reference=dtrain)
-            booster = lgb.train(
-                lgb_params,
-                dtrain,
-                num_boost_round=int(options["max_rounds"]),
-                valid_sets=[dvalid],
-                callbacks=[lgb.early_stopping(int(options["early_stopping"]), verbose=False)],
-            )
-            best_rounds.append(booster.best_iteration or int(options["max_rounds"]))
-            oof[va] = booster.predict(x[va], num_iteration=booster.best_iteration)
-        rounds = max(10, int(np.mean(best_rounds) * 1.1))
-        dall = lgb.Dataset(x, y, feature_name=predictor.feature_names, categorical_feature=categorical)
-        predictor.boosters["correct"] = lgb.train(lgb_params, dall, num_boost_round=rounds)
-        predictor.calibrator, cal_scores = choose_calibrator(oof, y, seed=seed)
-        calibrated = predictor.calibrator(oof)
-        validation = {
-            "kind": f"{options['folds']}-fold out-of-fold, grouped by query",
-            "rounds": rounds,
-            "fold_best_rounds": best_rounds,
-            "calibration_log_loss": cal_scores,
-            "calibrator": predictor.calibrator.kind,
-            "overall": _scores(y, oof, calibrated),
-            "per_model": {
-                m: _scores(y[mask], oof[mask], calibrated[mask])
-                for m in models
-                for mask in [(rows["model"] == m).to_numpy()]
-            },
-        }
-    counts = (
-        rows.group_by("model").agg(pl.len().alias("rows"), pl.col("query_id").n_unique().alias("queries")).sort("model")
-    )
-    predictor.metadata = {
-        "name": name,
-        "seed": seed,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "train_seconds": round(time.time() - started, 2),
-        "features": predictor.feature_names,
-        "categorical_features": [predictor.feature_names[i] for i in categorical] if name == "lightgbm" else [],
-        "training_data": {
-            "fingerprint": fingerprint(rows),
-            "rows": rows.height,
-            "queries": train_q.height,
-            "datasets": sorted(history.queries["dataset"].drop_nulls().unique().to_list()),
-            "tasks": predictor.tasks.values,
-        },
-        "models": {r["model"]: {"rows": r["rows"], "queries": r["queries"]} for r in counts.iter_rows(named=True)},
-        "lightgbm_params": lgb_params if name == "lightgbm" else {},
-        "options": options,
-        "validation": validation,
-        "versions": {"lightgbm": lgb.__version__, "polars": pl.__version__, "numpy": np.__version__},
-    }
-    return predictor
-
-
-def _query_folds(query_ids: pl.Series, folds: int, seed: int) -> np.ndarray:
-    """Fold per row, constant within a query, by a stable hash of (seed, query_id)."""
-    unique = query_ids.unique().sort()
-    fold = np.array([zlib.crc32(f"{seed}:{q}".encode()) % folds for q in unique.to_list()], dtype=np.int64)
-    return (
-        pl.DataFrame({"query_id": query_ids})
-        .join(pl.DataFrame({"query_id": unique, "fold": fold}), on="query_id", how="left", maintain_order="left")[
-            "fold"
-        ]
-        .to_numpy()
-    )
-
-
-def _scores(y: np.ndarray, raw: np.ndarray, calibrated: np.ndarray) -> dict[str, float]:
-    return {
-        "n": len(y),
-        "accuracy": float(np.mean(y)) if len(y) else float("nan"),
-        "auc": round(auc(y, calibrated), 4),
-        "brier": round(brier(y, calibrated), 4),
-        "ece": round(ece(y, calibrated), 4),
-        "ece_raw": round(ece(y, raw), 4),
-    }
+__all__ = ["PAIR_FEATURES", "STAT_COLUMNS", "CostModel", "Predictor", "QueryBlock", "prepare_queries"]

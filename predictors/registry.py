@@ -25,10 +25,13 @@ from batchplan.storage import Storage, StorageError, join
 from predictors.calibration import Calibrator
 from predictors.cost import CostModel
 from predictors.features import TextEncoder, Vocabulary
-from predictors.model import Predictor, fit_predictor
+from predictors.model import Predictor
+from predictors.pairmodel import PairModel
 from predictors.priors import Priors
+from predictors.retrieval import Retriever
+from predictors.training import fit_predictor
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 _REGISTRY: dict[str, tuple[Callable[..., Predictor], str]] = {}
 
@@ -41,7 +44,7 @@ def register(name: str, description: str) -> Callable[[Callable[..., Predictor]]
     return wrap
 
 
-@register("lightgbm", "LightGBM P(correct | query features, model descriptors), out-of-fold calibrated")
+@register("lightgbm", "per-query LightGBM difficulty + retrieval (kNN) + per-model logistic, out-of-fold calibrated")
 def _train_lightgbm(history: History, seed: int = 0, **params: Any) -> Predictor:
     return fit_predictor(history, name="lightgbm", seed=seed, **params)
 
@@ -70,6 +73,10 @@ def save(predictor: Predictor, storage: Storage, root_uri: str, version: str | N
     version = version or f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{fp[:8]}"
     base = join(root_uri, version)
     text_meta, arrays = predictor.encoder.to_state()
+    knn_meta: dict[str, Any] | None = None
+    if predictor.retriever is not None:
+        knn_meta, knn_arrays = predictor.retriever.to_state()
+        arrays = {**arrays, **knn_arrays}
     for name, booster in sorted(predictor.boosters.items()):
         storage.write_text(join(base, f"booster_{name}.txt"), booster.model_to_string())
     buffer = io.BytesIO()
@@ -91,6 +98,8 @@ def save(predictor: Predictor, storage: Storage, root_uri: str, version: str | N
         "confusions": predictor.confusions.to_dicts(),
         "catalog": {"prices": predictor.catalog.prices.to_dicts(), "billed": predictor.catalog.billed.to_dicts()},
         "calibrator": predictor.calibrator.to_state(),
+        "retriever": knn_meta,
+        "pair_model": predictor.pair_model.to_state() if predictor.pair_model is not None else None,
         "boosters": sorted(predictor.boosters),
         "feature_names": predictor.feature_names,
     }
@@ -166,6 +175,8 @@ def load(storage: Storage, root_uri: str, version: str | None = None) -> Predict
         confusions=confusions,
         catalog=catalog,
         calibrator=Calibrator.from_state(state["calibrator"]),
+        retriever=Retriever.from_state(state["retriever"], arrays) if state.get("retriever") else None,
+        pair_model=PairModel.from_state(state["pair_model"]) if state.get("pair_model") else None,
         boosters=boosters,
         feature_names=state["feature_names"],
         metadata=metadata,

@@ -1,0 +1,263 @@
+"""Training a Predictor from an outcome history (see model.py for the scoring structure).
+
+Leakage control: retrieval features of training queries are leave-one-out; the stage-1 difficulty score
+that stage 2 learns from is out-of-fold (k folds grouped by query); the calibrator is chosen and fitted on
+out-of-fold stage-2 scores, which also give the validation metrics stored in the artifact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+import zlib
+from typing import Any
+
+import lightgbm as lgb
+import numpy as np
+import polars as pl
+
+from batchplan.catalog import PriceCatalog
+from batchplan.history import History
+from predictors.calibration import Calibrator, choose_calibrator, logit, sigmoid
+from predictors.cost import CostModel
+from predictors.features import STAT_COLUMNS, TextEncoder, Vocabulary, describe_models, text_of
+from predictors.metrics import auc, brier, ece
+from predictors.model import PAIR_FEATURES, Predictor, prepare_queries
+from predictors.pairmodel import PairModel
+from predictors.priors import Priors, fit_confusions
+from predictors.retrieval import Retriever
+
+DEFAULT_PARAMS: dict[str, Any] = {
+    "objective": "binary",
+    "learning_rate": 0.05,
+    "num_leaves": 15,
+    "min_data_in_leaf": 100,
+    "feature_fraction": 0.8,
+    "bagging_fraction": 0.8,
+    "bagging_freq": 1,
+    "lambda_l2": 1.0,
+    "max_bin": 63,
+    "max_cat_to_onehot": 8,
+    "cat_smooth": 10.0,
+    "num_threads": 2,
+    "verbose": -1,
+    "deterministic": True,
+    "force_row_wise": True,
+}
+DEFAULT_OPTIONS: dict[str, Any] = {
+    "folds": 4,
+    "max_rounds": 300,
+    "early_stopping": 30,
+    "text_dim": 32,
+    "text_features": 16,
+    "pair_text_features": 8,
+    "max_terms": 8192,
+    "text_tail": 400,
+    "knn_mode": "cluster",
+    "knn_k": 20,
+    "knn_cluster_size": 20,
+    "knn_probes": 2,
+    "shrinkage": 30.0,
+}
+
+
+def training_rows(history: History) -> pl.DataFrame:
+    q = prepare_queries(history.queries).select("query_id", "task", "subject")
+    gold = history.queries.select("query_id", "gold")
+    return (
+        history.outcomes.filter(pl.col("correct").is_not_null())
+        .join(q, on="query_id", how="inner")
+        .join(gold, on="query_id", how="left")
+        .sort("query_id", "model")
+    )
+
+
+def fingerprint(rows: pl.DataFrame) -> str:
+    digest = hashlib.sha256()
+    digest.update(rows.select("query_id", "model", pl.col("correct").cast(pl.Int8), "cost_usd").write_csv().encode())
+    return digest.hexdigest()
+
+
+def fit_predictor(history: History, name: str = "lightgbm", seed: int = 0, **params: Any) -> Predictor:
+    started = time.time()
+    options = {**DEFAULT_OPTIONS, **{k: params.pop(k) for k in list(params) if k in DEFAULT_OPTIONS}}
+    lgb_params = {**DEFAULT_PARAMS, **params, "seed": seed}
+    options["num_threads"] = lgb_params["num_threads"]
+    rows = training_rows(history)
+    if rows.height == 0:
+        raise ValueError("the history has no outcomes for its queries: nothing to train on")
+    train_q = prepare_queries(
+        history.queries.filter(pl.col("query_id").is_in(rows["query_id"].unique().implode()))
+    ).sort("query_id")
+    catalog = PriceCatalog.from_history(history.prices, history.outcomes)
+    cost = CostModel.fit(train_q, rows)
+    models = sorted(rows["model"].unique().to_list())
+    descriptors = describe_models(models, catalog.prices, cost.cost_per_kchar)
+    learned = name != "prior"
+    encoder = (
+        TextEncoder.fit(
+            text_of(train_q),
+            max_terms=int(options["max_terms"]),
+            dim=int(options["text_dim"]),
+            tail=int(options["text_tail"]),
+            seed=seed,
+        )
+        if learned
+        else TextEncoder()
+    )
+    subjects = train_q["subject"].drop_nulls().value_counts().filter(pl.col("count") >= 5)["subject"].sort().to_list()
+    predictor = Predictor(
+        name=name,
+        seed=seed,
+        options=options,
+        encoder=encoder,
+        tasks=Vocabulary(sorted(train_q["task"].unique().to_list())),
+        subjects=Vocabulary(subjects),
+        model_vocab=Vocabulary(models),
+        families=Vocabulary(sorted(descriptors["family"].unique().to_list())),
+        descriptors=descriptors,
+        priors=Priors.fit(rows.select("model", "task", "correct")),
+        cost=cost,
+        confusions=fit_confusions(rows.select("task", "model", "gold", "answer")),
+        catalog=catalog,
+        calibrator=Calibrator("identity", {}),
+    )
+    validation: dict[str, Any] = {}
+    if learned:
+        validation = _fit_stages(predictor, train_q, rows, models, lgb_params, options, seed)
+    counts = (
+        rows.group_by("model").agg(pl.len().alias("rows"), pl.col("query_id").n_unique().alias("queries")).sort("model")
+    )
+    predictor.metadata = {
+        "name": name,
+        "seed": seed,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "train_seconds": round(time.time() - started, 2),
+        "features": predictor.feature_names,
+        "training_data": {
+            "fingerprint": fingerprint(rows),
+            "rows": rows.height,
+            "queries": train_q.height,
+            "datasets": sorted(history.queries["dataset"].drop_nulls().unique().to_list()),
+            "tasks": predictor.tasks.values,
+        },
+        "models": {r["model"]: {"rows": r["rows"], "queries": r["queries"]} for r in counts.iter_rows(named=True)},
+        "lightgbm_params": lgb_params if learned else {},
+        "options": options,
+        "validation": validation,
+        "versions": {"lightgbm": lgb.__version__, "polars": pl.__version__, "numpy": np.__version__},
+    }
+    return predictor
+
+
+def _fit_stages(
+    predictor: Predictor,
+    train_q: pl.DataFrame,
+    rows: pl.DataFrame,
+    models: list[str],
+    lgb_params: dict[str, Any],
+    options: dict[str, Any],
+    seed: int,
+) -> dict[str, Any]:
+    qi = (
+        rows.select("query_id")
+        .join(train_q.select("query_id").with_row_index("qi"), on="query_id", maintain_order="left")["qi"]
+        .to_numpy()
+        .astype(np.int64)
+    )
+    mi = (
+        rows.select("model")
+        .join(pl.DataFrame({"model": models, "mi": np.arange(len(models))}), on="model", maintain_order="left")["mi"]
+        .to_numpy()
+    )
+    y = rows["correct"].cast(pl.Float64).to_numpy()
+    n_q, n_m = train_q.height, len(models)
+    ysum = np.zeros((n_q, n_m), dtype=np.float32)
+    ycnt = np.zeros((n_q, n_m), dtype=np.float32)
+    ysum[qi, mi] = y
+    ycnt[qi, mi] = 1.0
+    emb = predictor.encoder.transform(text_of(train_q))
+    task_code = predictor.tasks.codes(train_q["task"]).astype(np.int64)
+    predictor.retriever = Retriever.build(
+        emb,
+        task_code.astype(np.int32),
+        ysum,
+        ycnt,
+        mode=str(options["knn_mode"]),
+        k=int(options["knn_k"]),
+        cluster_size=int(options["knn_cluster_size"]),
+        probes=int(options["knn_probes"]),
+        seed=seed,
+    )
+    folds = int(options["folds"])
+    fold_q = np.array(
+        [zlib.crc32(f"{seed}:{q}".encode()) % folds for q in train_q["query_id"].to_list()], dtype=np.int64
+    )
+    block = predictor.query_block(train_q, query_fold=fold_q, train_fold=fold_q)
+    n_text = min(int(options["text_features"]), emb.shape[1])
+    stage1_names = [*STAT_COLUMNS, *(f"text_{i}" for i in range(n_text)), "task", "subject", "knn_lift_mean", "knn_sim"]
+    categorical = [len(STAT_COLUMNS) + n_text, len(STAT_COLUMNS) + n_text + 1]
+    prior_rows = block.prior[qi, mi]
+    init = logit(prior_rows)
+    x_rows = block.core[qi]
+    fold = fold_q[qi]
+    d_oof = np.zeros(n_q)
+    best_rounds = []
+    for k in range(folds):
+        tr, va = fold != k, fold == k
+        dtrain = lgb.Dataset(
+            x_rows[tr], y[tr], init_score=init[tr], feature_name=stage1_names, categorical_feature=categorical
+        )
+        dvalid = lgb.Dataset(x_rows[va], y[va], init_score=init[va], reference=dtrain)
+        booster = lgb.train(
+            lgb_params,
+            dtrain,
+            num_boost_round=int(options["max_rounds"]),
+            valid_sets=[dvalid],
+            callbacks=[lgb.early_stopping(int(options["early_stopping"]), verbose=False)],
+        )
+        best_rounds.append(int(booster.best_iteration or options["max_rounds"]))
+        in_fold = fold_q == k
+        d_oof[in_fold] = booster.predict(block.core[in_fold], raw_score=True, num_iteration=booster.best_iteration)
+    rounds = max(5, int(np.mean(best_rounds) * 1.1))
+    dall = lgb.Dataset(x_rows, y, init_score=init, feature_name=stage1_names, categorical_feature=categorical)
+    predictor.boosters["query"] = lgb.train(lgb_params, dall, num_boost_round=rounds)
+    # stage 2 on out-of-fold difficulty
+    knn_rows = block.knn_acc[qi, mi]
+    z = predictor.pair_features(block, d_oof, qi, init, knn_rows)
+    n_text2 = z.shape[1] - len(PAIR_FEATURES)
+    pair_names = [*PAIR_FEATURES, *(f"text_{i}" for i in range(n_text2))]
+    oof = np.zeros(len(y))
+    for k in range(folds):
+        tr, va = fold != k, fold == k
+        part = PairModel.fit(z[tr], y[tr], mi[tr], models, pair_names, lam=float(options["shrinkage"]))
+        oof[va] = sigmoid(np.einsum("ij,ij->i", z[va], part.betas[mi[va]]))
+    predictor.pair_model = PairModel.fit(z, y, mi, models, pair_names, lam=float(options["shrinkage"]))
+    predictor.calibrator, cal_scores = choose_calibrator(oof, y, seed=seed)
+    calibrated = predictor.calibrator(oof)
+    predictor.feature_names = {"query": stage1_names, "pair": pair_names}
+    prior_only = prior_rows
+    return {
+        "kind": f"{folds}-fold out-of-fold, grouped by query",
+        "stage1_rounds": rounds,
+        "fold_best_rounds": best_rounds,
+        "calibration_log_loss": cal_scores,
+        "calibrator": predictor.calibrator.kind,
+        "overall": _scores(y, oof, calibrated, prior_only),
+        "per_model": {
+            m: _scores(y[mi == j], oof[mi == j], calibrated[mi == j], prior_only[mi == j]) for j, m in enumerate(models)
+        },
+    }
+
+
+def _scores(y: np.ndarray, raw: np.ndarray, calibrated: np.ndarray, prior: np.ndarray) -> dict[str, float]:
+    return {
+        "n": len(y),
+        "accuracy": round(float(np.mean(y)), 4) if len(y) else float("nan"),
+        "auc": round(auc(y, calibrated), 4),
+        "auc_prior": round(auc(y, prior), 4),
+        "brier": round(brier(y, calibrated), 4),
+        "brier_prior": round(brier(y, prior), 4),
+        "ece": round(ece(y, calibrated), 4),
+        "ece_raw": round(ece(y, raw), 4),
+    }
