@@ -483,12 +483,14 @@ class Decision:
     promoted: bool
     reason: str
     eval_pairs: int
-    train_outcomes: int
+    outcomes_found: int
+    outcomes_used: int
 
 
-def training_history(storage: Storage, lay: Layout) -> tuple[Any, Any, int]:
-    """(train, eval) histories: the bundled histories' train/holdout split plus every recorded outcome
-    (added to training). Returns the number of accumulated outcome rows too."""
+def training_history(storage: Storage, lay: Layout) -> tuple[Any, Any, int, int]:
+    """(train, eval, found, used): the bundled histories' train/holdout split, with every recorded outcome
+    added to training except those of held-out queries (no leakage into the evaluation); ``found`` and
+    ``used`` count the recorded outcome rows."""
     from batchplan.history import History, load_history, with_holdout
     from batchplan.settings import Settings
 
@@ -496,26 +498,26 @@ def training_history(storage: Storage, lay: Layout) -> tuple[Any, Any, int]:
     base = with_holdout(load_history(history_dirs(), storage), settings.holdout_fraction, settings.seed)
     learned_dirs = sorted({u.rsplit("/", 1)[0] for u in storage.iter_parts(lay.outcomes(), "outcomes.parquet")})
     train = base.split("train")
-    learned = 0
+    found = used = 0
     if learned_dirs:
         extra = load_history(learned_dirs, storage)
+        found = extra.outcomes.height
         evaluation_ids = base.split("test").queries["query_id"].implode()
         extra = extra.subset(extra.queries.filter(~pl.col("query_id").is_in(evaluation_ids))["query_id"])
-        learned = extra.outcomes.height
+        used = extra.outcomes.height
         train = History(
             queries=pl.concat([train.queries, extra.queries]).unique("query_id", keep="first"),
             outcomes=pl.concat([train.outcomes, extra.outcomes]).unique(["query_id", "model"], keep="first"),
             prices=train.prices,
         )
-    return train, base.split("test"), learned
+    return train, base.split("test"), found, used
 
 
 def score_predictor(predictor: Any, evaluation: Any) -> tuple[float, int]:
     """Brier score of P(correct) on the held-out (query, model) outcomes: lower is better."""
-    from batchplan.pipeline import history_queue
     from predictors.metrics import brier
 
-    queue = history_queue(evaluation, "test")
+    queue = evaluation.as_queue("test")
     pairs = evaluation.outcomes.select("query_id", "model").join(queue.select("query_id"), on="query_id")
     predicted = predictor.predict(queue, pairs, None)
     joined = predicted.join(evaluation.outcomes.select("query_id", "model", "correct"), on=["query_id", "model"])
@@ -535,10 +537,16 @@ def train_stage(storage: Storage, lay: Layout, run: str, predictor_name: str = "
     out = lay.model(run)
     if run in list_versions(storage, lay.models()):
         return {"candidate": run, "uri": out, "reused": True}
-    train, _, learned = training_history(storage, lay)
+    train, _, found, used = training_history(storage, lay)
     predictor = train_predictor(train, name=predictor_name)
     predictor.save(storage, lay.models(), version=run)
-    return {"candidate": run, "uri": out, "train_outcomes": train.outcomes.height, "learned_outcomes": learned}
+    return {
+        "candidate": run,
+        "uri": out,
+        "train_outcomes": train.outcomes.height,
+        "outcomes_found": found,
+        "outcomes_used": used,
+    }
 
 
 def evaluate_and_promote(storage: Storage, lay: Layout, run: str, min_gain: float = 0.0) -> dict[str, Any]:
@@ -546,7 +554,7 @@ def evaluate_and_promote(storage: Storage, lay: Layout, run: str, min_gain: floa
     its Brier score is lower by more than ``min_gain`` (or nothing is promoted yet). Records the decision."""
     from predictors import load_predictor
 
-    _, evaluation, learned = training_history(storage, lay)
+    _, evaluation, found, used = training_history(storage, lay)
     candidate_score, pairs = score_predictor(load_predictor(storage, lay.models(), version=run), evaluation)
     current = current_model(storage, lay)
     current_score = None
@@ -570,7 +578,8 @@ def evaluate_and_promote(storage: Storage, lay: Layout, run: str, min_gain: floa
         promoted=promoted,
         reason=reason,
         eval_pairs=pairs,
-        train_outcomes=learned,
+        outcomes_found=found,
+        outcomes_used=used,
     )
     storage.write_text(lay.decision(run), json.dumps(asdict(decision), indent=2))
     if promoted:

@@ -7,7 +7,7 @@ cheap to get right gets less, a hard day more; the budget is not split evenly. T
 day, each day's share being its planned spend, scaled to the budget (the shares sum to at most it).
 
 Days already taken by another run (e.g. the nightly) are skipped; empty days are ignored. Dispatch is mapped
-over the days, one at a time in date order; a finished day is never redone and a failed one resumes from
+over the days, one day at a time; a finished day is never redone and a failed one resumes from
 its ledger: clear the failed task (or trigger the same range again) to continue day by day.
 
 Outputs under `plans/`, `results/`, `reports/backfill-<start>-<end>/` (one results folder per day).
