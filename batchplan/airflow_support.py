@@ -593,6 +593,46 @@ def evaluate_and_promote(storage: Storage, lay: Layout, run: str, min_gain: floa
     return asdict(decision)
 
 
+# ------------------------------------------------------------------------------------------ local seed
+def seed_queue(
+    storage: Storage, lay: Layout, the_day: str, queries: int, *, offset: int = 0, seed: int = 7
+) -> list[str]:
+    """Drop queue parts for ``the_day`` made of held-out queries of the bundled histories (replayable)."""
+    from batchplan.history import load_history, with_holdout
+    from batchplan.pipeline import history_queue
+
+    history = with_holdout(load_history(history_dirs(), storage))
+    queue = history_queue(history, "test").sample(fraction=1.0, shuffle=True, seed=seed).slice(offset, queries)
+    half = queue.height // 2
+    parts = [f"{lay.queue(the_day)}part-0.parquet", f"{lay.queue(the_day)}part-1.jsonl"]
+    storage.write_frame(queue.head(half), parts[0])
+    storage.write_frame(queue.tail(queue.height - half), parts[1])
+    return parts
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m batchplan.airflow_support seed --day 2026-03-02 --queries 450``: create the bucket of
+    the ``batchplan_s3`` connection if needed and drop a replayable queue for that day (local try-outs)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m batchplan.airflow_support")
+    parser.add_argument("command", choices=["seed"])
+    parser.add_argument("--day", required=True, help="YYYY-MM-DD")
+    parser.add_argument("--queries", type=int, default=450)
+    parser.add_argument("--offset", type=int, default=0, help="skip this many queries (disjoint days)")
+    args = parser.parse_args(argv)
+    lay = layout()
+    if lay.bucket:
+        from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+        hook = S3Hook(aws_conn_id=CONN_ID)
+        if not hook.check_for_bucket(lay.bucket):
+            hook.create_bucket(bucket_name=lay.bucket)
+    storage = storage_from_connection() if lay.bucket else Storage()
+    for part in seed_queue(storage, lay, day(args.day), args.queries, offset=args.offset):
+        print(part)
+
+
 __all__ = [
     "CONN_ID",
     "MAX_SHARDS",
@@ -621,3 +661,7 @@ __all__ = [
     "storage_from_connection",
     "train_stage",
 ]
+
+
+if __name__ == "__main__":
+    main()

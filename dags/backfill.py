@@ -19,9 +19,12 @@ from datetime import timedelta
 from typing import Any
 
 import pendulum
-from airflow.sdk import Param, dag, task
+from airflow.sdk import Asset, Param, dag, task
 
 from batchplan import airflow_support as bp
+
+RESULTS = Asset(name="batchplan_results", uri="batchplan://results")
+OUTCOMES = Asset(name="batchplan_outcomes", uri="batchplan://outcomes")
 
 
 @dag(
@@ -71,7 +74,7 @@ def batchplan_backfill() -> None:
     def dispatch_day(shard: dict[str, Any], params: Any = None) -> dict[str, Any]:
         return bp.dispatch_shard(bp.storage_from_connection(), bp.layout(), shard, params["backend"])
 
-    @task
+    @task(outlets=[RESULTS, OUTCOMES])
     def merge(
         info: dict[str, Any], days: list[dict[str, Any]], done: list[dict[str, Any]], params: Any = None
     ) -> dict[str, Any]:
