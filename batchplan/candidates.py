@@ -1,16 +1,28 @@
 """Plan candidates: the one place that knows how a plan's cost and accuracy follow from per-model predictions.
 
-A candidate is something the optimizer may choose for a query: one model now; votes and cascades later.
-The optimizer sees only the generic options table built here (query index, value, cost, accuracy, groups).
+A candidate is something the optimizer may choose for a query: one model, a vote, a cascade or an agreement
+cascade (see ``plan_simulation`` for their semantics and ``plan_templates`` for how templates are chosen
+and fitted). The optimizer sees only the generic options table built here (query index, value, cost,
+accuracy, groups).
+
+For a template with members m_1..m_k on query q, with the predictor's P(correct) p_i and cost c_i:
+- expected accuracy = sigmoid(w . [1, logit p_1, ..., logit p_k]) (the fitted combiner), less one standard
+  error of the template's training accuracy (a lower confidence bound: see ``Template.standard_error``);
+- expected cost = sum_i P(m_i is called) c_i, with P(called) = 1 for a vote's members and for the first
+  member(s) of a cascade, and the fitted escalation model for the later ones;
+- reserve (what the dispatcher holds before calling) = sum_i of the members' high-side costs: the whole
+  escalation path is reserved up front.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import polars as pl
 
 from batchplan.contracts import PLAN_SCHEMA
+from batchplan.plan_templates import PlanTemplates, design, sigmoid
 
 
 @dataclass(frozen=True)
@@ -56,3 +68,64 @@ def single_model_candidates(queue: pl.DataFrame, predictions: pl.DataFrame) -> C
         .with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias("option"))
     )
     return Candidates(plans=plans, queries=queries)
+
+
+def template_candidates(base: Candidates, predictions: pl.DataFrame, templates: PlanTemplates) -> Candidates:
+    """Add every fitted vote/cascade template whose members the backend offers for the query."""
+    if not templates.templates:
+        return base
+    queries = base.queries
+    models = sorted(predictions["model"].unique().to_list())
+    column = {m: j for j, m in enumerate(models)}
+    wide = predictions.join(queries.select("query_id", "query"), on="query_id").with_columns(
+        pl.col("model").replace_strict(column, return_dtype=pl.Int64).alias("m")
+    )
+    shape = (queries.height, len(models))
+    p = np.full(shape, np.nan)
+    cost = np.full(shape, np.nan)
+    high = np.full(shape, np.nan)
+    rows, cols = wide["query"].to_numpy(), wide["m"].to_numpy()
+    p[rows, cols] = wide["p_correct"].to_numpy()
+    cost[rows, cols] = wide["cost_usd"].to_numpy()
+    high[rows, cols] = np.maximum(wide["cost_high_usd"].fill_null(0.0).to_numpy(), cost[rows, cols])
+    task_of = queries["task"].to_numpy()
+    frames = []
+    for template in templates.templates:
+        if any(m not in column for m in template.models):
+            continue
+        idx = [column[m] for m in template.models]
+        members = p[:, idx]
+        eligible = np.flatnonzero((task_of == template.task) & np.isfinite(members).all(axis=1))
+        if eligible.size == 0:
+            continue
+        x = design(members[eligible])
+        # Pessimism against the optimizer's curse: choosing the best of many noisy estimates picks their
+        # errors too, so a template is scored one standard error (of its training accuracy) lower.
+        accuracy = sigmoid(x @ np.asarray(template.coef_correct)) - template.standard_error
+        member_cost = cost[np.ix_(eligible, idx)]
+        called = np.ones_like(member_cost)
+        for step, coef in enumerate(template.coef_reach, start=1):
+            called[:, step] = sigmoid(x @ np.asarray(coef))
+        if template.kind == "agreement":
+            called[:, 1] = 1.0  # both cheap members are always asked
+        frames.append(
+            pl.DataFrame(
+                {
+                    "query": eligible.astype(np.int64),
+                    "kind": template.kind,
+                    "models": [template.models] * eligible.size,
+                    "expected_cost_usd": (member_cost * called).sum(axis=1),
+                    "expected_accuracy": accuracy,
+                    "reserve_cost_usd": high[np.ix_(eligible, idx)].sum(axis=1),
+                    "thresholds": [template.thresholds or None] * eligible.size,
+                },
+                schema_overrides={"models": pl.List(pl.String), "thresholds": PLAN_SCHEMA["thresholds"]},
+            )
+        )
+    if not frames:
+        return base
+    extra = pl.concat(frames).join(queries.select("query", "query_id"), on="query")
+    plans = pl.concat([base.plans.drop("option"), extra.select(base.plans.drop("option").columns)]).sort(
+        "query", "kind", "models"
+    )
+    return Candidates(plans=plans.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias("option")), queries=queries)

@@ -27,7 +27,9 @@ class PriceCatalog:
     @classmethod
     def from_prices(cls, prices: pl.DataFrame) -> PriceCatalog:
         return cls(
-            prices=conform(prices, MODELS_SCHEMA, name="prices", required=("model", "usd_per_mtok_in", "usd_per_mtok_out")),
+            prices=conform(
+                prices, MODELS_SCHEMA, name="prices", required=("model", "usd_per_mtok_in", "usd_per_mtok_out")
+            ),
             billed=pl.DataFrame(schema={"model": pl.String, "mean_cost_usd": pl.Float64}),
         )
 
@@ -37,7 +39,11 @@ class PriceCatalog:
 
     def has_token_prices(self, model: str) -> bool:
         row = self.prices.filter(pl.col("model") == model)
-        return row.height > 0 and row["usd_per_mtok_in"].is_not_null().all() and row["usd_per_mtok_out"].is_not_null().all()
+        return (
+            row.height > 0
+            and row["usd_per_mtok_in"].is_not_null().all()
+            and row["usd_per_mtok_out"].is_not_null().all()
+        )
 
     def call_cost(self, model: str, tokens_in: int, tokens_out: int) -> float:
         """Billed cost of one call from its usage; falls back to the model's billed mean."""

@@ -103,6 +103,7 @@ def _request(
     max_calls: list[str],
     task_floor: list[str],
     allowed: list[str],
+    kinds: str,
 ) -> Any:
     from batchplan.planning import PlanRequest
 
@@ -114,6 +115,7 @@ def _request(
         model_max_calls={k: int(v) for k, v in _floats(max_calls, "--max-calls").items()},
         task_accuracy_floors=_floats(task_floor, "--task-floor"),
         allowed_models={t: m.split(",") for t, m in _pairs(allowed, "--allow").items()},
+        kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()),
     )
 
 
@@ -127,6 +129,7 @@ DeferOpt = Annotated[
 TenantOpt = Annotated[list[str], typer.Option("--tenant-budget", help="TENANT=USD, repeatable.")]
 CallsOpt = Annotated[list[str], typer.Option("--max-calls", help="MODEL=N calls in this run's window, repeatable.")]
 FloorOpt = Annotated[list[str], typer.Option("--task-floor", help="TASK=ACCURACY floor, repeatable.")]
+KindsOpt = Annotated[str, typer.Option("--plans", help="Plan kinds to choose from: single,vote,cascade,agreement.")]
 AllowOpt = Annotated[
     list[str], typer.Option("--allow", help="TENANT=MODEL,MODEL: models a tenant may use, repeatable.")
 ]
@@ -156,10 +159,11 @@ def train(
     holdout: Annotated[
         bool, typer.Option(help="Hold out a test split where a data set has none, and train on train rows only.")
     ] = True,
+    plans: Annotated[bool, typer.Option(help="Also fit vote and cascade templates (cross-fits the predictor).")] = True,
 ) -> None:
-    """Train a predictor on outcome histories and store it as a new version."""
+    """Train a predictor (and its vote/cascade templates) on outcome histories; store it as a new version."""
+    from batchplan import artifacts
     from batchplan.history import load_history, with_holdout
-    from predictors import train_predictor
 
     settings = get_settings()
     storage = _storage()
@@ -167,9 +171,12 @@ def train(
         loaded = load_history(history, storage)
         if holdout:
             loaded = with_holdout(loaded, settings.holdout_fraction, settings.seed).split("train")
-        model = train_predictor(loaded, name=predictor, seed=settings.seed)
-        uri = model.save(storage, out)
-    console.print(f"trained {predictor} on {loaded.queries.height} queries x {len(loaded.models)} models -> {uri}")
+        trained = artifacts.train(loaded, predictor=predictor, seed=settings.seed, plans=plans)
+        uri = artifacts.save(trained, storage, out)
+    console.print(
+        f"trained {predictor} on {loaded.queries.height} queries x {len(loaded.models)} models, "
+        f"{len(trained.templates.templates)} vote/cascade templates -> {uri}"
+    )
 
 
 @app.command()
@@ -186,6 +193,7 @@ def plan(
     max_calls: CallsOpt = [],  # noqa: B006
     task_floor: FloorOpt = [],  # noqa: B006
     allow: AllowOpt = [],  # noqa: B006
+    plans: KindsOpt = "single,vote,cascade,agreement",
     backend: Annotated[
         str | None, typer.Option("--backend", help="Plan for this backend's models (default: the predictor's).")
     ] = None,
@@ -195,12 +203,13 @@ def plan(
     model_version: VersionOpt = None,
 ) -> None:
     """Plan the batch: one plan per query, under the budget and constraints. Writes the plan; calls nothing."""
-    from batchplan import pipeline
-    from predictors import load_predictor
+    from batchplan import artifacts, pipeline
 
     storage = _storage()
     with _user_errors():
-        request = _request(budget_usd, accuracy_target, allow_deferral, tenant_budget, max_calls, task_floor, allow)
+        request = _request(
+            budget_usd, accuracy_target, allow_deferral, tenant_budget, max_calls, task_floor, allow, plans
+        )
         ingested = pipeline.ingest(queue, storage, out_uri=None)
         if ingested.quarantine.height:
             quarantine_uri = out.rsplit(".", 1)[0] + ".quarantine.parquet"
@@ -213,10 +222,11 @@ def plan(
             if backend
             else None
         )
-        predictions = pipeline.predict(
-            ingested.queue, load_predictor(storage, model, version=model_version), chosen_backend
+        trained = artifacts.load(storage, model, version=model_version)
+        predictions = pipeline.predict(ingested.queue, trained.predictor, chosen_backend)
+        outcome = pipeline.optimize(
+            pipeline.build_candidates(ingested.queue, predictions, trained.templates, request.kinds), request
         )
-        outcome = pipeline.optimize(pipeline.build_candidates(ingested.queue, predictions), request)
         storage.write_frame(outcome.plan, out)
     d = outcome.diagnostics
     console.print(
@@ -239,6 +249,7 @@ def run(
     max_calls: CallsOpt = [],  # noqa: B006
     task_floor: FloorOpt = [],  # noqa: B006
     allow: AllowOpt = [],  # noqa: B006
+    plans: KindsOpt = "single,vote,cascade,agreement",
     backend: BackendOpt = "replay",
     replay_history: ReplayOpt = [],  # noqa: B006
     base_url: BaseUrlOpt = None,
@@ -256,7 +267,9 @@ def run(
             queue_uri=queue,
             model_uri=model,
             out_uri=out,
-            request=_request(budget_usd, accuracy_target, allow_deferral, tenant_budget, max_calls, task_floor, allow),
+            request=_request(
+                budget_usd, accuracy_target, allow_deferral, tenant_budget, max_calls, task_floor, allow, plans
+            ),
             backend=backend,
             replay_history=replay_history,
             base_url=base_url,

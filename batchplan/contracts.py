@@ -7,7 +7,7 @@ Frames are validated where they enter the system (ingest, storage reads) and tru
 | queue row | query_id (unique, non-empty), prompt (non-empty), system_prompt?, labels? (list of allowed answers, null for open tasks), task?, tenant?, priority? (> 0, default 1) |
 | outcome history | queries.parquet + outcomes.parquet + models.csv, the layout of ``../shared/data`` |
 | prediction | query_id, model, p_correct, cost_usd (expected), cost_high_usd (p90, what a dispatcher reserves) |
-| plan row | query_id, kind (single / vote / cascade), models (call order), expected_cost_usd, expected_accuracy, reserve_cost_usd (high side, reserved before calling), thresholds (cascade) |
+| plan row | query_id, kind (single / vote / cascade / agreement; "defer" in a run's plan file), models (call order), expected_cost_usd, expected_accuracy, reserve_cost_usd (high side, reserved before calling), thresholds (cascade) |
 | result row | query_id, answer, models_called, cost_usd, status (done / failed / deferred), error |
 """
 
@@ -58,9 +58,7 @@ OUTCOMES_SCHEMA: Final = pl.Schema(
         "logprob": pl.Float64,
     }
 )
-MODELS_SCHEMA: Final = pl.Schema(
-    {"model": pl.String, "usd_per_mtok_in": pl.Float64, "usd_per_mtok_out": pl.Float64}
-)
+MODELS_SCHEMA: Final = pl.Schema({"model": pl.String, "usd_per_mtok_in": pl.Float64, "usd_per_mtok_out": pl.Float64})
 
 PREDICTION_SCHEMA: Final = pl.Schema(
     {
@@ -72,7 +70,7 @@ PREDICTION_SCHEMA: Final = pl.Schema(
     }
 )
 
-PLAN_KINDS: Final = ("single", "vote", "cascade")
+PLAN_KINDS: Final = ("single", "vote", "cascade", "agreement")  # semantics: batchplan/plan_simulation.py
 PLAN_SCHEMA: Final = pl.Schema(
     {
         "query_id": pl.String,

@@ -12,13 +12,13 @@ from typing import Any
 import polars as pl
 import structlog
 
+from batchplan import artifacts
 from batchplan.history import History, load_history, synthetic_history, with_holdout
-from batchplan.pipeline import Job, JobOutcome, Progress, history_queue, run_job
+from batchplan.pipeline import Job, JobOutcome, Progress, run_job
 from batchplan.planning import PlanRequest
 from batchplan.report import Truth
 from batchplan.settings import Settings
 from batchplan.storage import Storage, join
-from predictors import train_predictor
 
 log = structlog.get_logger("batchplan.demo")
 
@@ -79,13 +79,13 @@ def run_demo(
             reason=f"no outcome histories under {settings.data_dir}; using a generated synthetic history",
         )
     root = out_uri or join(settings.work_dir, "demo")
-    queue = history_queue(history, "test")
+    queue = history.as_queue("test")
     queue_uri = join(root, "queue", "queue.parquet")
     storage.write_frame(queue, queue_uri)
 
-    predictor = train_predictor(history.split("train"), name=predictor_name, seed=settings.seed)
+    trained = artifacts.train(history.split("train"), predictor=predictor_name, seed=settings.seed)
     model_root = join(root, "models")
-    predictor.save(storage, model_root)
+    artifacts.save(trained, storage, model_root)
 
     reference_cost, reference = best_single_cost(history, queue)
     budget = budget_fraction * reference_cost

@@ -48,6 +48,20 @@ class History:
     def split(self, name: str) -> History:
         return self.subset(self.queries.filter(pl.col("split") == name)["query_id"])
 
+    def as_queue(self, split: str | None = None) -> pl.DataFrame:
+        """The history's queries as a queue (QUEUE_SCHEMA), tenant = data set: how the demo, the
+        benchmarks and cross-fitting replay real data."""
+        queries = self.queries if split is None else self.queries.filter(pl.col("split") == split)
+        return queries.select(
+            "query_id",
+            "prompt",
+            "system_prompt",
+            "labels",
+            pl.col("task").fill_null("default"),
+            pl.col("dataset").alias("tenant"),
+            pl.lit(1.0).alias("priority"),
+        )
+
 
 def load_history(dirs: str | Sequence[str], storage: Storage | None = None) -> History:
     """Load and concatenate one or more history directories (local or s3://)."""
@@ -58,20 +72,31 @@ def load_history(dirs: str | Sequence[str], storage: Storage | None = None) -> H
     parts = [_load_one(p, storage) for p in paths]
     history = History(
         queries=pl.concat([h.queries for h in parts]).unique("query_id", keep="first", maintain_order=True),
-        outcomes=pl.concat([h.outcomes for h in parts]).unique(["query_id", "model"], keep="first", maintain_order=True),
+        outcomes=pl.concat([h.outcomes for h in parts]).unique(
+            ["query_id", "model"], keep="first", maintain_order=True
+        ),
         prices=pl.concat([h.prices for h in parts]).unique("model", keep="first", maintain_order=True),
     )
     return history
 
 
 def _load_one(path: str, storage: Storage) -> History:
-    queries_uri, outcomes_uri, models_uri = (join(path, f) for f in ("queries.parquet", "outcomes.parquet", "models.csv"))
+    queries_uri, outcomes_uri, models_uri = (
+        join(path, f) for f in ("queries.parquet", "outcomes.parquet", "models.csv")
+    )
     for uri in (queries_uri, outcomes_uri):
         if not storage.exists(uri):
-            raise ContractError(f"history {path!r}: {uri.rsplit('/', 1)[-1]} is missing (expected queries.parquet + outcomes.parquet [+ models.csv])")
-    queries = conform(storage.read_frame(queries_uri), HISTORY_QUERIES_SCHEMA, name=queries_uri, required=("query_id", "prompt"))
+            raise ContractError(
+                f"history {path!r}: {uri.rsplit('/', 1)[-1]} is missing (expected queries.parquet + outcomes.parquet [+ models.csv])"
+            )
+    queries = conform(
+        storage.read_frame(queries_uri), HISTORY_QUERIES_SCHEMA, name=queries_uri, required=("query_id", "prompt")
+    )
     outcomes = conform(
-        storage.read_frame(outcomes_uri), OUTCOMES_SCHEMA, name=outcomes_uri, required=("query_id", "model", "correct", "cost_usd")
+        storage.read_frame(outcomes_uri),
+        OUTCOMES_SCHEMA,
+        name=outcomes_uri,
+        required=("query_id", "model", "correct", "cost_usd"),
     )
     prices = (
         conform(storage.read_frame(models_uri), MODELS_SCHEMA, name=models_uri, required=("model",))
@@ -90,7 +115,9 @@ def with_holdout(history: History, fraction: float = 0.3, seed: int = 0) -> Hist
     """Give every data set that has no test split one, carved from its train split by a stable hash of query_id."""
     has_test = history.queries.group_by("dataset").agg((pl.col("split") == "test").any().alias("has_test"))
     # crc32, not polars' hash: the split must not move between library versions or machines.
-    bucket = pl.col("query_id").map_elements(lambda q: zlib.crc32(f"{seed}:{q}".encode()) % 10_000 / 10_000, return_dtype=pl.Float64)
+    bucket = pl.col("query_id").map_elements(
+        lambda q: zlib.crc32(f"{seed}:{q}".encode()) % 10_000 / 10_000, return_dtype=pl.Float64
+    )
     queries = (
         history.queries.join(has_test, on="dataset")
         .with_columns(
@@ -129,10 +156,13 @@ def synthetic_history(
     task = rng.integers(0, n_tasks, n_queries)
     difficulty = rng.normal(0, 1.2, n_queries)
     length = rng.lognormal(5.0, 0.6, n_queries).astype(np.int64) + 20
-    words = np.array(["invoice", "refund", "legal", "router", "error", "account", "shipping", "medical", "code", "policy"])
+    words = np.array(
+        ["invoice", "refund", "legal", "router", "error", "account", "shipping", "medical", "code", "policy"]
+    )
     query_ids = [f"syn-{i:07d}" for i in range(n_queries)]
     prompts = [
-        " ".join(rng.choice(words, size=3 + (length[i] // 40))) + f" #{i} difficulty-hint {'hard' if difficulty[i] > 1 else 'easy'}"
+        " ".join(rng.choice(words, size=3 + (length[i] // 40)))
+        + f" #{i} difficulty-hint {'hard' if difficulty[i] > 1 else 'easy'}"
         for i in range(n_queries)
     ]
     gold = [labels_by_task[t][rng.integers(0, len(labels_by_task[t]))] for t in task]
@@ -175,5 +205,7 @@ def synthetic_history(
         },
         schema=OUTCOMES_SCHEMA,
     )
-    prices = pl.DataFrame({"model": models, "usd_per_mtok_in": price_in, "usd_per_mtok_out": price_out}, schema=MODELS_SCHEMA)
+    prices = pl.DataFrame(
+        {"model": models, "usd_per_mtok_in": price_in, "usd_per_mtok_out": price_out}, schema=MODELS_SCHEMA
+    )
     return History(queries=queries, outcomes=outcomes, prices=prices)

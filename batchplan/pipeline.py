@@ -4,7 +4,9 @@ Each stage is a plain function over frames so the CLI, the DAGs and the benchmar
 orchestration in ``run_job`` only wires them and writes each stage's output under the run directory:
 
     <out>/quarantine.parquet   rows refused at ingest, with the reason
-    <out>/plan.parquet         one plan row per query (kind "defer" where the optimizer deferred it)
+    <out>/plan.parquet         one plan row per query (kind "defer" where the optimizer deferred it);
+                               a rerun into the same directory resumes with this plan
+    <out>/plan.optimizer.json  the optimizer's status, bound, gap, duals
     <out>/dispatch/            the dispatcher's ledger, result parts and manifest (resumable)
     <out>/results.parquet      one result row per query
     <out>/report.{json,md,html}
@@ -12,6 +14,7 @@ orchestration in ``run_job`` only wires them and writes each stage's output unde
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -20,16 +23,18 @@ from typing import Any
 import polars as pl
 import structlog
 
-from batchplan.candidates import Candidates, single_model_candidates
+from batchplan import artifacts
+from batchplan.candidates import Candidates, single_model_candidates, template_candidates
 from batchplan.catalog import PriceCatalog
 from batchplan.contracts import RESULT_SCHEMA, ContractError
-from batchplan.history import History, load_history
+from batchplan.history import load_history
 from batchplan.ingest import Ingested, read_queue
+from batchplan.plan_templates import PlanTemplates
 from batchplan.planning import PlanOutcome, PlanRequest, plan_batch
 from batchplan.report import Truth, build_report, summary_line, write_report
 from batchplan.storage import Storage, join
 from dispatchers import Backend, dispatch, get_backend
-from predictors import Predictor, load_predictor
+from predictors import Predictor
 
 log = structlog.get_logger("batchplan")
 
@@ -93,8 +98,22 @@ def predict(queue: pl.DataFrame, predictor: Predictor, backend: Backend | None) 
     return predictions
 
 
-def build_candidates(queue: pl.DataFrame, predictions: pl.DataFrame) -> Candidates:
-    return single_model_candidates(queue, predictions)
+def build_candidates(
+    queue: pl.DataFrame,
+    predictions: pl.DataFrame,
+    templates: PlanTemplates | None = None,
+    kinds: Sequence[str] | None = None,
+) -> Candidates:
+    """Singles for every offered model, plus the fitted votes and cascades; ``kinds`` limits the plan kinds."""
+    candidates = single_model_candidates(queue, predictions)
+    if templates is not None:
+        candidates = template_candidates(candidates, predictions, templates)
+    if kinds is not None:
+        plans = candidates.plans.filter(pl.col("kind").is_in(list(kinds)))
+        candidates = Candidates(
+            plans=plans.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias("option")), queries=candidates.queries
+        )
+    return candidates
 
 
 def optimize(candidates: Candidates, request: PlanRequest) -> PlanOutcome:
@@ -209,13 +228,14 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
     ingested = ingest(job.queue_uri, storage, job.out_uri)
     if ingested.queue.height == 0:
         raise ContractError(f"no valid queries in {job.queue_uri}: see {join(job.out_uri, 'quarantine.parquet')}")
-    predictor = load_predictor(storage, job.model_uri, version=job.model_version)
-    predictions = predict(ingested.queue, predictor, backend)
-    planned = optimize(build_candidates(ingested.queue, predictions), job.request)
+    trained = artifacts.load(storage, job.model_uri, version=job.model_version)
+    predictions = predict(ingested.queue, trained.predictor, backend)
     paths = {"plan": join(job.out_uri, "plan.parquet"), "results": join(job.out_uri, "results.parquet")}
-    storage.write_frame(planned.plan, paths["plan"])
+    plan, diagnostics = _resume_or_plan(
+        storage, paths["plan"], ingested.queue, predictions, trained.templates, job.request
+    )
     results = execute(
-        planned.plan,
+        plan,
         ingested.queue,
         backend,
         budget_usd=job.request.budget_usd,
@@ -226,29 +246,39 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
     storage.write_frame(results, paths["results"])
     report = build_report(
         results=results,
-        plan=planned.plan,
+        plan=plan,
         budget_usd=job.request.budget_usd,
         quarantined=ingested.quarantine.height,
         truth=truth,
         reference_models=job.reference_models or reference_models(predictions, ingested.queue),
         queue=ingested.queue,
-        optimizer=planned.diagnostics,
+        optimizer=diagnostics,
         run_id=job.run_id,
     )
     paths |= write_report(report, job.out_uri, storage)
     log.info("run", summary=summary_line(report), out=job.out_uri, seconds=round(time.perf_counter() - started, 2))
-    return JobOutcome(report=report, plan=planned.plan, results=results, paths=paths)
+    return JobOutcome(report=report, plan=plan, results=results, paths=paths)
 
 
-def history_queue(history: History, split: str = "test", *, tenant_from: str = "dataset") -> pl.DataFrame:
-    """A queue (QUEUE_SCHEMA) made of a history's queries: how the demo and the benchmarks replay real data."""
-    queries = history.queries.filter(pl.col("split") == split)
-    return queries.select(
-        "query_id",
-        "prompt",
-        "system_prompt",
-        "labels",
-        pl.col("task").fill_null("default"),
-        pl.col(tenant_from).alias("tenant"),
-        pl.lit(1.0).alias("priority"),
-    )
+def _resume_or_plan(
+    storage: Storage,
+    plan_uri: str,
+    queue: pl.DataFrame,
+    predictions: pl.DataFrame,
+    templates: PlanTemplates,
+    request: PlanRequest,
+) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """A rerun into the same run directory keeps the plan it started with: re-planning could move a query to
+    another model, and the dispatcher would then call (and pay) again for a query already answered."""
+    diagnostics_uri = plan_uri.removesuffix(".parquet") + ".optimizer.json"
+    if storage.exists(plan_uri):
+        plan = storage.read_frame(plan_uri)
+        if set(plan["query_id"].to_list()) != set(queue["query_id"].to_list()):
+            raise ContractError(f"{plan_uri} holds the plan of another queue: write this run to a new --out directory")
+        log.info("optimize", resumed=plan_uri, queries=plan.height)
+        diagnostics = json.loads(storage.read_text(diagnostics_uri)) if storage.exists(diagnostics_uri) else {}
+        return plan, {**diagnostics, "resumed_from": plan_uri}
+    planned = optimize(build_candidates(queue, predictions, templates, request.kinds), request)
+    storage.write_text(diagnostics_uri, json.dumps(planned.diagnostics, default=str))
+    storage.write_frame(planned.plan, plan_uri)
+    return planned.plan, planned.diagnostics

@@ -13,7 +13,7 @@ import numpy as np
 import polars as pl
 
 from batchplan.candidates import Candidates
-from batchplan.contracts import PLAN_SCHEMA, ContractError
+from batchplan.contracts import PLAN_KINDS, PLAN_SCHEMA, ContractError
 from optimizer import (
     AccuracyFloor,
     Budget,
@@ -37,6 +37,7 @@ class PlanRequest:
     model_max_calls: dict[str, int] = field(default_factory=dict)
     task_accuracy_floors: dict[str, float] = field(default_factory=dict)
     allowed_models: dict[str, list[str]] = field(default_factory=dict)  # tenant -> models (data residency)
+    kinds: tuple[str, ...] = PLAN_KINDS  # plan kinds the optimizer may choose from
     method: str = "auto"
 
     def __post_init__(self) -> None:
@@ -46,6 +47,9 @@ class PlanRequest:
             raise ContractError(f"budget_usd must be >= 0, got {self.budget_usd}")
         if self.accuracy_target is not None and not 0 < self.accuracy_target <= 1:
             raise ContractError(f"accuracy_target must be in (0, 1], got {self.accuracy_target}")
+        unknown = set(self.kinds) - set(PLAN_KINDS)
+        if unknown or "single" not in self.kinds:
+            raise ContractError(f"plan kinds must include 'single' and be among {PLAN_KINDS}; got {self.kinds}")
 
 
 @dataclass(frozen=True)

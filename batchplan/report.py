@@ -33,29 +33,34 @@ class Truth:
         )
 
 
-def score_results(results: pl.DataFrame, plan: pl.DataFrame, truth: Truth) -> pl.DataFrame:
-    """Add ``correct`` to each result: the recorded verdict of the model whose answer was kept (single,
-    cascade); for votes, answer == gold. Deferred and failed queries count as not correct."""
-    answered_by = results.join(plan.select("query_id", "kind"), on="query_id", how="left").with_columns(
-        pl.col("models_called").list.last().alias("_last")
+def score_results(results: pl.DataFrame, truth: Truth) -> pl.DataFrame:
+    """Add ``correct`` to each result, as ``plan_simulation`` judges a plan: the answer against gold where
+    gold is known; otherwise the recorded verdict of the model whose answer was kept (open tasks, such as
+    code, where the history holds the verdict but not the text). Deferred and failed queries are not correct."""
+    calls = results.select("query_id", "answer", pl.col("models_called").alias("model")).explode("model")
+    verdicts = (
+        calls.join(
+            truth.outcomes.select("query_id", "model", pl.col("answer").alias("_given"), "correct"),
+            on=["query_id", "model"],
+        )
+        # the model whose answer was kept: the last one called that gave it (for open tasks, the last called)
+        .filter(pl.col("answer").is_null() | (pl.col("_given") == pl.col("answer")))
+        .group_by("query_id", maintain_order=True)
+        .agg(pl.col("correct").last().alias("_recorded"))
     )
     scored = (
-        answered_by.join(
-            truth.outcomes.select("query_id", pl.col("model").alias("_last"), pl.col("correct").alias("_recorded")),
-            on=["query_id", "_last"],
-            how="left",
-        )
+        results.join(verdicts, on="query_id", how="left")
         .join(truth.gold, on="query_id", how="left")
         .with_columns(
             pl.when(pl.col("status") != "done")
             .then(pl.lit(False))
-            .when(pl.col("kind") == "vote")
+            .when(pl.col("gold").is_not_null() & pl.col("answer").is_not_null())
             .then(pl.col("answer") == pl.col("gold"))
-            .otherwise(pl.col("_recorded"))
+            .otherwise(pl.col("_recorded").fill_null(False))
             .alias("correct")
         )
     )
-    return scored.drop("_last", "_recorded", "gold", "kind")
+    return scored.drop("_recorded", "gold")
 
 
 def _budgeted(costs: np.ndarray, correct: np.ndarray, budget: float | None) -> tuple[float, float, int]:
@@ -174,7 +179,7 @@ def build_report(
         "baselines": [],
     }
     if truth is not None:
-        scored = score_results(results, plan, truth)
+        scored = score_results(results, truth)
         known = scored.filter(pl.col("correct").is_not_null())
         report["accuracy"] = float(known["correct"].sum() / max(known.height, 1)) if known.height else None
         report["accuracy_known_for"] = known.height

@@ -213,7 +213,13 @@ class Storage:
 
 def _format(uri: str) -> str | None:
     name = uri.rsplit("/", 1)[-1].lower()
-    for ext, fmt in ((".parquet", "parquet"), (".jsonl", "jsonl"), (".ndjson", "jsonl"), (".csv", "csv"), (".json", "json")):
+    for ext, fmt in (
+        (".parquet", "parquet"),
+        (".jsonl", "jsonl"),
+        (".ndjson", "jsonl"),
+        (".csv", "csv"),
+        (".json", "json"),
+    ):
         if name.endswith(ext):
             return fmt
     return None

@@ -12,7 +12,6 @@ from typer.testing import CliRunner
 from batchplan.cli import app
 from batchplan.contracts import PLAN_SCHEMA, RESULT_SCHEMA
 from batchplan.history import load_history, synthetic_history, with_holdout
-from batchplan.pipeline import history_queue
 from batchplan.storage import Storage, join
 
 runner = CliRunner()
@@ -37,7 +36,7 @@ def trained(history_dir: str, tmp_path_factory: pytest.TempPathFactory) -> tuple
     root = tmp_path_factory.mktemp("cli")
     result = runner.invoke(app, ["train", "--history", history_dir, "--out", str(root / "models")])
     assert result.exit_code == 0, result.output
-    queue = history_queue(with_holdout(load_history(history_dir)), "test")
+    queue = with_holdout(load_history(history_dir)).as_queue("test")
     lines = [json.dumps(r) for r in queue.to_dicts()]
     lines += [
         json.dumps({"query_id": queue["query_id"][0], "prompt": "duplicate"}),

@@ -51,8 +51,8 @@ def test_score_uses_the_recorded_verdict_and_counts_deferred_as_wrong() -> None:
     deferred = RESULTS.with_columns(
         pl.when(pl.col("query_id") == "q2").then(pl.lit("deferred")).otherwise("status").alias("status")
     )
-    assert score_results(RESULTS, PLAN, TRUTH)["correct"].to_list() == [True, True]
-    assert score_results(deferred, PLAN, TRUTH)["correct"].to_list() == [True, False]
+    assert score_results(RESULTS, TRUTH)["correct"].to_list() == [True, True]
+    assert score_results(deferred, TRUTH)["correct"].to_list() == [True, False]
 
 
 @pytest.mark.parametrize(
