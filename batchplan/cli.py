@@ -104,6 +104,8 @@ def _request(
     task_floor: list[str],
     allowed: list[str],
     kinds: str,
+    label_error: list[str],
+    label_error_mode: str,
 ) -> Any:
     from batchplan.planning import PlanRequest
 
@@ -116,6 +118,8 @@ def _request(
         task_accuracy_floors=_floats(task_floor, "--task-floor"),
         allowed_models={t: m.split(",") for t, m in _pairs(allowed, "--allow").items()},
         kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()),
+        label_error_max=dict(_floats(label_error, "--label-error")),
+        label_error_mode=label_error_mode,
     )
 
 
@@ -129,6 +133,13 @@ DeferOpt = Annotated[
 TenantOpt = Annotated[list[str], typer.Option("--tenant-budget", help="TENANT=USD, repeatable.")]
 CallsOpt = Annotated[list[str], typer.Option("--max-calls", help="MODEL=N calls in this run's window, repeatable.")]
 FloorOpt = Annotated[list[str], typer.Option("--task-floor", help="TASK=ACCURACY floor, repeatable.")]
+LabelErrorOpt = Annotated[
+    list[str],
+    typer.Option("--label-error", help="TASK=ALPHA ('*' = every task): P(wrong | true label) <= ALPHA, repeatable."),
+]
+LabelModeOpt = Annotated[
+    str, typer.Option("--label-error-mode", help="per_query (every plan meets it) or aggregate (the batch does).")
+]
 KindsOpt = Annotated[str, typer.Option("--plans", help="Plan kinds to choose from: single,vote,cascade,agreement.")]
 AllowOpt = Annotated[
     list[str], typer.Option("--allow", help="TENANT=MODEL,MODEL: models a tenant may use, repeatable.")
@@ -194,6 +205,8 @@ def plan(
     task_floor: FloorOpt = [],  # noqa: B006
     allow: AllowOpt = [],  # noqa: B006
     plans: KindsOpt = "single,vote,cascade,agreement",
+    label_error: LabelErrorOpt = [],  # noqa: B006
+    label_error_mode: LabelModeOpt = "per_query",
     backend: Annotated[
         str | None, typer.Option("--backend", help="Plan for this backend's models (default: the predictor's).")
     ] = None,
@@ -225,7 +238,9 @@ def plan(
         trained = artifacts.load(storage, model, version=model_version)
         predictions = pipeline.predict(ingested.queue, trained.predictor, chosen_backend)
         outcome = pipeline.optimize(
-            pipeline.build_candidates(ingested.queue, predictions, trained.templates, request.kinds), request
+            pipeline.build_candidates(ingested.queue, predictions, trained.templates, request.kinds),
+            request,
+            trained.templates,
         )
         storage.write_frame(outcome.plan, out)
     d = outcome.diagnostics
@@ -250,6 +265,8 @@ def run(
     task_floor: FloorOpt = [],  # noqa: B006
     allow: AllowOpt = [],  # noqa: B006
     plans: KindsOpt = "single,vote,cascade,agreement",
+    label_error: LabelErrorOpt = [],  # noqa: B006
+    label_error_mode: LabelModeOpt = "per_query",
     backend: BackendOpt = "replay",
     replay_history: ReplayOpt = [],  # noqa: B006
     base_url: BaseUrlOpt = None,

@@ -116,8 +116,8 @@ def build_candidates(
     return candidates
 
 
-def optimize(candidates: Candidates, request: PlanRequest) -> PlanOutcome:
-    outcome = plan_batch(candidates, request)
+def optimize(candidates: Candidates, request: PlanRequest, templates: PlanTemplates | None = None) -> PlanOutcome:
+    outcome = plan_batch(candidates, request, templates)
     log.info(
         "optimize",
         queries=outcome.plan.height,
@@ -140,7 +140,8 @@ def execute(
     """Dispatch every planned query; deferred plan rows become deferred results. One row per query."""
     started = time.perf_counter()
     runnable = plan.filter(pl.col("kind") != "defer")
-    limit = budget_usd if budget_usd is not None else float("inf")
+    # Without a budget (minimize cost for a target), spend is capped by the plan's own high side.
+    limit = budget_usd if budget_usd is not None else float(runnable["reserve_cost_usd"].sum())
     dispatched = dispatch(
         runnable,
         queue,
@@ -278,7 +279,7 @@ def _resume_or_plan(
         log.info("optimize", resumed=plan_uri, queries=plan.height)
         diagnostics = json.loads(storage.read_text(diagnostics_uri)) if storage.exists(diagnostics_uri) else {}
         return plan, {**diagnostics, "resumed_from": plan_uri}
-    planned = optimize(build_candidates(queue, predictions, templates, request.kinds), request)
+    planned = optimize(build_candidates(queue, predictions, templates, request.kinds), request, templates)
     storage.write_text(diagnostics_uri, json.dumps(planned.diagnostics, default=str))
     storage.write_frame(planned.plan, plan_uri)
     return planned.plan, planned.diagnostics

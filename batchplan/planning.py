@@ -14,11 +14,13 @@ import polars as pl
 
 from batchplan.candidates import Candidates
 from batchplan.contracts import PLAN_KINDS, PLAN_SCHEMA, ContractError
+from batchplan.plan_templates import PlanTemplates
 from optimizer import (
     AccuracyFloor,
     Budget,
     Capacity,
     GroupBudget,
+    InfeasibleError,
     Problem,
     Solution,
     solve,
@@ -38,6 +40,11 @@ class PlanRequest:
     task_accuracy_floors: dict[str, float] = field(default_factory=dict)
     allowed_models: dict[str, list[str]] = field(default_factory=dict)  # tenant -> models (data residency)
     kinds: tuple[str, ...] = PLAN_KINDS  # plan kinds the optimizer may choose from
+    # Statewise error bound: task ("*" = every task) -> alpha, or label -> alpha, bounding
+    # P(wrong | true label = y) <= alpha_y. Mode "per_query": only plans that meet it are offered; "aggregate":
+    # the batch as a whole meets it (a linear constraint per task and label).
+    label_error_max: dict[str, float | dict[str, float]] = field(default_factory=dict)
+    label_error_mode: str = "per_query"
     method: str = "auto"
 
     def __post_init__(self) -> None:
@@ -47,6 +54,8 @@ class PlanRequest:
             raise ContractError(f"budget_usd must be >= 0, got {self.budget_usd}")
         if self.accuracy_target is not None and not 0 < self.accuracy_target <= 1:
             raise ContractError(f"accuracy_target must be in (0, 1], got {self.accuracy_target}")
+        if self.label_error_mode not in ("per_query", "aggregate"):
+            raise ContractError(f"label_error_mode must be 'per_query' or 'aggregate', got {self.label_error_mode!r}")
         unknown = set(self.kinds) - set(PLAN_KINDS)
         if unknown or "single" not in self.kinds:
             raise ContractError(f"plan kinds must include 'single' and be among {PLAN_KINDS}; got {self.kinds}")
@@ -117,19 +126,121 @@ def define_constraints(request: PlanRequest, candidates: Candidates) -> tuple[li
     return constraints, extra
 
 
-def options_table(candidates: Candidates, resource_columns: list[str]) -> pl.DataFrame:
+def options_table(
+    candidates: Candidates, resource_columns: list[str], passthrough: list[str] | None = None
+) -> pl.DataFrame:
+    """The optimizer's options; ``calls:<model>`` columns count a plan's calls to that model."""
     plans = candidates.plans
     if resource_columns:
         plans = plans.with_columns(
             pl.col("models").list.count_matches(column.split(":", 1)[1]).cast(pl.Float64).alias(column)
             for column in resource_columns
         )
-    return Candidates(plans=plans, queries=candidates.queries).options(tuple(resource_columns))
+    return Candidates(plans=plans, queries=candidates.queries).options((*resource_columns, *(passthrough or [])))
 
 
-def plan_batch(candidates: Candidates, request: PlanRequest) -> PlanOutcome:
+def label_errors(
+    candidates: Candidates, templates: PlanTemplates, bounds: dict[str, float | dict[str, float]]
+) -> pl.DataFrame:
+    """Per (option, label) of a bounded task: the plan's estimated P(wrong | true label) and its alpha.
+
+    The estimate is the plan's error rate per true label when replayed on the training history
+    (``plan_simulation.error_by_label``): a per-task, per-plan rate, shared by the task's queries.
+    """
+    rows = []
+    for template in templates.templates:
+        for label, err in template.error_by_label.items():
+            rows.append((template.task, template.kind, "\x1f".join(template.models), label, err))
+    for task, by_model in templates.single_errors.items():
+        for model, by_label in by_model.items():
+            rows.extend((task, "single", model, label, err) for label, err in by_label.items())
+    table = pl.DataFrame(rows, schema=["task", "kind", "key", "label", "error"], orient="row")
+    alphas = []
+    for task in candidates.queries["task"].unique().to_list():
+        bound = bounds.get(task, bounds.get("*"))
+        if bound is None:
+            continue
+        labels = templates.label_priors.get(task)
+        if not labels:
+            raise ContractError(
+                f"task {task!r}: no per-label error history (open task or unseen): drop its label_error_max"
+            )
+        alphas.extend(
+            (task, y, float(bound[y] if isinstance(bound, dict) else bound))
+            for y in labels
+            if not isinstance(bound, dict) or y in bound
+        )
+    alpha = pl.DataFrame(alphas, schema=["task", "label", "alpha"], orient="row")
+    options = candidates.plans.join(candidates.queries.select("query", "task"), on="query").select(
+        "option", "query", "task", "kind", pl.col("models").list.join("\x1f").alias("key")
+    )
+    errors = options.join(alpha, on="task").join(table, on=["task", "kind", "key", "label"], how="left")
+    # a plan never replayed on a label (no such gold in training) is treated as failing the bound, not guessed
+    return errors.with_columns(pl.col("error").fill_null(1.0))
+
+
+def meet_label_errors(candidates: Candidates, errors: pl.DataFrame) -> Candidates:
+    """Offer only plans whose error stays under alpha for every true label; name the tasks where none does."""
+    failing = errors.filter(pl.col("error") > pl.col("alpha"))["option"].unique()
+    kept = candidates.plans.filter(~pl.col("option").is_in(failing.implode()))
+    stranded = candidates.queries.join(kept.select("query").unique(), on="query", how="anti")
+    if stranded.height:
+        worst = (
+            errors.join(stranded.select("query"), on="query")
+            .group_by("task", "option")
+            .agg((pl.col("error") - pl.col("alpha")).max().alias("excess"), pl.col("error").max().alias("worst"))
+            .sort("excess")
+            .group_by("task", maintain_order=True)
+            .first()
+        )
+        detail = "; ".join(
+            f"task {t!r}: the best plan still errs {w:.3f} on some label"
+            for t, w in worst.select("task", "worst").iter_rows()
+        )
+        raise InfeasibleError(
+            constraint="label_error_max",
+            message=f"{stranded.height} queries have no plan meeting the per-label error bound ({detail}); "
+            "loosen alpha for those tasks, or use label_error_mode='aggregate'",
+            suggestion={t: w for t, w in worst.select("task", "worst").iter_rows()},
+        )
+    return Candidates(plans=kept, queries=candidates.queries)
+
+
+def aggregate_label_error_columns(
+    candidates: Candidates, errors: pl.DataFrame, templates: PlanTemplates
+) -> tuple[Candidates, list[str]]:
+    """One resource column per (task, label): prior(y) x (error - alpha). Summed over the batch it must be
+    <= 0, i.e. the batch's expected error rate on each true label stays under its alpha."""
+    priors = pl.DataFrame(
+        [(t, y, p) for t, by in templates.label_priors.items() for y, p in by.items()],
+        schema=["task", "label", "prior"],
+        orient="row",
+    )
+    usage = (
+        errors.join(priors, on=["task", "label"])
+        .with_columns(
+            (pl.col("prior") * (pl.col("error") - pl.col("alpha"))).alias("use"),
+            pl.format("label_error[{}:{}]", "task", "label").alias("column"),
+        )
+        .pivot(on="column", index="option", values="use")
+    )
+    columns = [c for c in usage.columns if c != "option"]
+    plans = candidates.plans.join(usage, on="option", how="left").with_columns(
+        pl.col(c).fill_null(0.0) for c in columns
+    )
+    return Candidates(plans=plans, queries=candidates.queries), columns
+
+
+def plan_batch(candidates: Candidates, request: PlanRequest, templates: PlanTemplates | None = None) -> PlanOutcome:
     """Choose one candidate (or deferral) per query for the whole batch at once."""
     candidates = restrict_allowed(candidates, request.allowed_models)
+    label_columns: list[str] = []
+    if request.label_error_max:
+        errors = label_errors(candidates, templates or PlanTemplates(), request.label_error_max)
+        if request.label_error_mode == "per_query":
+            candidates = meet_label_errors(candidates, errors)
+        else:
+            candidates, label_columns = aggregate_label_error_columns(candidates, errors, templates or PlanTemplates())
     missing = candidates.queries.join(candidates.plans.select("query").unique(), on="query", how="anti")
     if missing.height:
         raise ContractError(
@@ -137,7 +248,8 @@ def plan_batch(candidates: Candidates, request: PlanRequest) -> PlanOutcome:
             "check the backend's models and the tenant's allowed models"
         )
     constraints, extra = define_constraints(request, candidates)
-    options = options_table(candidates, extra)
+    constraints += [Capacity(column=c, limit=0.0, name=c) for c in label_columns]
+    options = options_table(candidates, extra, label_columns)
     objective = "max_value" if request.budget_usd is not None else "min_cost"
     deferrable = np.full(candidates.queries.height, request.allow_deferral)
     problem = Problem(options, objective=objective, constraints=constraints, deferrable=deferrable)

@@ -1,0 +1,299 @@
+"""Votes, cascades and agreement cascades: replay semantics checked by hand and against exact enumeration
+of answer tuples under known confusion matrices; candidate cost formulas; the per-label error bound."""
+
+from __future__ import annotations
+
+import itertools
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+
+from batchplan.candidates import single_model_candidates, template_candidates
+from batchplan.contracts import HISTORY_QUERIES_SCHEMA, MODELS_SCHEMA, OUTCOMES_SCHEMA
+from batchplan.history import History
+from batchplan.plan_simulation import PlanSpec, error_by_label, recorded_by_task, simulate
+from batchplan.plan_templates import PlanTemplates, Template, fit_plan_templates, upper_hull
+from batchplan.planning import PlanRequest, plan_batch
+from batchplan.report import Truth, score_results
+from batchplan.storage import Storage
+from dispatchers import dispatch, get_backend
+from optimizer import InfeasibleError
+from predictors import train_predictor
+
+LABELS = ["A", "B", "C"]
+
+
+def history_from(
+    answers: dict[str, list[str | None]],
+    gold: list[str],
+    *,
+    logprob: dict[str, list[float]] | None = None,
+    cost: dict[str, float] | None = None,
+    split: list[str] | None = None,
+    task: str = "t",
+) -> History:
+    n = len(gold)
+    ids = [f"q{i:06d}" for i in range(n)]
+    queries = pl.DataFrame(
+        {
+            "query_id": ids,
+            "dataset": "synthetic",
+            "task": task,
+            "split": split or ["train"] * n,
+            "subject": None,
+            "system_prompt": None,
+            "prompt": [f"question {i}" for i in range(n)],
+            "labels": [LABELS] * n,
+            "gold": gold,
+        },
+        schema=HISTORY_QUERIES_SCHEMA,
+    )
+    rows = []
+    for model, given in answers.items():
+        for i, a in enumerate(given):
+            lp = logprob[model][i] if logprob and model in logprob else None
+            rows.append((ids[i], model, a, a == gold[i], (cost or {}).get(model, 1.0), 10, 1, None, lp))
+    outcomes = pl.DataFrame(rows, schema=OUTCOMES_SCHEMA, orient="row")
+    prices = pl.DataFrame(
+        {"model": list(answers), "usd_per_mtok_in": 1.0, "usd_per_mtok_out": 1.0}, schema=MODELS_SCHEMA
+    )
+    return History(queries, outcomes, prices)
+
+
+# ------------------------------------------------------------------ replay semantics, by hand
+
+
+def test_vote_majority_and_tie_breaks_by_hand() -> None:
+    h = history_from(
+        {"a": ["A", "A", "B", None], "b": ["A", "B", "C", "B"], "c": ["B", "B", "A", "C"]},
+        gold=["A", "B", "A", "C"],
+        logprob={"a": [0, 0, -0.1, 0], "b": [0, 0, -2.0, -1.0], "c": [0, 0, -0.5, -0.2]},
+    )
+    sim = simulate(PlanSpec("vote", ("a", "b", "c")), recorded_by_task(h)["t"])
+    codes = {lab: i for i, lab in enumerate(LABELS)}
+    # q0: A,A,B -> A; q1: A,B,B -> B; q2: all differ -> largest logprob (a: B); q3: a gave nothing, B vs C -> C (logprob -0.2 > -1.0)
+    assert sim.answer.tolist() == [codes["A"], codes["B"], codes["B"], codes["C"]]
+    assert sim.correct.tolist() == [True, True, False, True]
+    assert sim.cost.tolist() == [3.0, 3.0, 3.0, 3.0]
+
+
+def test_cascade_stops_on_confidence_by_hand() -> None:
+    h = history_from(
+        {"cheap": ["A", "B", None], "dear": ["B", "B", "C"]},
+        gold=["A", "B", "C"],
+        logprob={"cheap": [np.log(0.95), np.log(0.5), 0.0], "dear": [0.0, 0.0, 0.0]},
+        cost={"cheap": 1.0, "dear": 10.0},
+    )
+    sim = simulate(PlanSpec("cascade", ("cheap", "dear"), (0.9,)), recorded_by_task(h)["t"])
+    # q0: confident -> stop (A, right); q1: unsure -> dear (B); q2: no answer -> dear (C)
+    assert sim.correct.tolist() == [True, True, True]
+    assert sim.cost.tolist() == [1.0, 11.0, 11.0]
+    assert sim.reached[:, 1].tolist() == [False, True, True]
+
+
+def test_agreement_escalates_on_disagreement_by_hand() -> None:
+    h = history_from(
+        {"a": ["A", "A", "C", None], "b": ["A", "B", "C", "B"], "judge": ["C", "B", "A", None]},
+        gold=["A", "B", "A", "B"],
+        cost={"a": 1.0, "b": 2.0, "judge": 10.0},
+    )
+    sim = simulate(PlanSpec("agreement", ("a", "b", "judge")), recorded_by_task(h)["t"])
+    # q0 agree (A); q1 disagree -> judge B; q2 agree on C (wrong, judge not asked); q3 judge gives nothing -> b's B
+    assert sim.correct.tolist() == [True, True, False, True]
+    assert sim.cost.tolist() == [3.0, 13.0, 3.0, 13.0]
+
+
+# ------------------------------------------------------------------ simulation vs exact enumeration
+
+
+def confusion(accuracy: float) -> np.ndarray:
+    """P(answer | true label): right with ``accuracy``, wrong answers split 2:1 (not uniform, on purpose)."""
+    m = np.zeros((3, 3))
+    for y in range(3):
+        wrong = [a for a in range(3) if a != y]
+        m[y, y] = accuracy
+        m[y, wrong[0]] = (1 - accuracy) * 2 / 3
+        m[y, wrong[1]] = (1 - accuracy) / 3
+    return m
+
+
+def sample_history(
+    confusions: dict[str, np.ndarray], n: int, seed: int, prior: np.ndarray, split_test: float = 0.0
+) -> History:
+    rng = np.random.default_rng(seed)
+    gold = rng.choice(3, size=n, p=prior)
+    answers = {m: [LABELS[rng.choice(3, p=c[y])] for y in gold] for m, c in confusions.items()}
+    split = np.where(rng.random(n) < split_test, "test", "train").tolist()
+    costs = {m: float(i + 1) ** 2 for i, m in enumerate(confusions)}
+    return history_from(answers, [LABELS[y] for y in gold], cost=costs, split=split)
+
+
+def exact_error(spec: PlanSpec, confusions: dict[str, np.ndarray], y: int) -> float:
+    """P(plan wrong | true label y) by enumerating every answer tuple (members independent given y)."""
+    wrong = 0.0
+    for combo in itertools.product(range(3), repeat=len(spec.models)):
+        p = np.prod([confusions[m][y, a] for m, a in zip(spec.models, combo, strict=True)])
+        if spec.kind == "vote":
+            counts = {a: combo.count(a) for a in combo}
+            best = max(counts.values())
+            answer = next(a for a in combo if counts[a] == best)  # ties: earlier member (logprobs unknown)
+        else:  # agreement
+            answer = combo[0] if combo[0] == combo[1] else combo[2]
+        wrong += p * (answer != y)
+    return wrong
+
+
+@pytest.mark.parametrize("spec", [PlanSpec("vote", ("m1", "m2", "m3")), PlanSpec("agreement", ("m1", "m2", "m3"))])
+def test_replayed_per_label_error_matches_enumeration(spec: PlanSpec) -> None:
+    confusions = {"m1": confusion(0.7), "m2": confusion(0.6), "m3": confusion(0.85)}
+    history = sample_history(confusions, 30_000, seed=1, prior=np.array([0.5, 0.3, 0.2]))
+    rec = recorded_by_task(history)["t"]
+    errors = error_by_label(simulate(spec, rec), rec)
+    for y, label in enumerate(LABELS):
+        expected = exact_error(spec, confusions, y)
+        n_y = int((rec.gold == y).sum())
+        tolerance = 4 * np.sqrt(expected * (1 - expected) / n_y)  # 4 standard errors
+        assert errors[label] == pytest.approx(expected, abs=tolerance), (label, errors[label], expected)
+
+
+def test_cascade_accuracy_and_cost_match_the_formula() -> None:
+    rng = np.random.default_rng(3)
+    n = 20_000
+    gold = ["A"] * n
+    cheap_right = rng.random(n) < 0.7
+    # confident on 80% of its right answers and on 30% of its wrong ones
+    confident = np.where(cheap_right, rng.random(n) < 0.8, rng.random(n) < 0.3)
+    dear_right = rng.random(n) < 0.9
+    h = history_from(
+        {"cheap": ["A" if r else "B" for r in cheap_right], "dear": ["A" if r else "C" for r in dear_right]},
+        gold,
+        logprob={"cheap": np.where(confident, np.log(0.95), np.log(0.5)).tolist(), "dear": [0.0] * n},
+        cost={"cheap": 1.0, "dear": 20.0},
+    )
+    sim = simulate(PlanSpec("cascade", ("cheap", "dear"), (0.9,)), recorded_by_task(h)["t"])
+    p_stop = 0.7 * 0.8 + 0.3 * 0.3
+    expected_accuracy = 0.7 * 0.8 + (1 - p_stop) * 0.9
+    assert sim.correct.mean() == pytest.approx(expected_accuracy, abs=0.015)
+    assert sim.cost.mean() == pytest.approx(1.0 + (1 - p_stop) * 20.0, abs=0.3)
+
+
+# ------------------------------------------------------------------ candidates and hull
+
+
+def test_candidate_cost_formulas() -> None:
+    queue = pl.DataFrame({"query_id": ["q1", "q2"], "tenant": "x", "task": "t", "priority": 1.0})
+    predictions = pl.DataFrame(
+        {
+            "query_id": ["q1"] * 3 + ["q2"] * 3,
+            "model": ["a", "b", "c"] * 2,
+            "p_correct": [0.6, 0.7, 0.9] * 2,
+            "cost_usd": [1.0, 2.0, 10.0, 1.5, 2.5, 12.0],
+            "cost_high_usd": [2.0, 3.0, 15.0, 2.0, 3.0, 20.0],
+        }
+    )
+    reach_half = [0.0, 0.0, 0.0, 0.0]  # sigmoid(0) = 0.5
+    templates = PlanTemplates(
+        templates=[
+            Template("t", "vote", ["a", "b", "c"], [], [0.0, 0.0, 0.0, 0.0], [], 0.8, 5.0, 10_000, {}),
+            Template(
+                "t",
+                "agreement",
+                ["a", "b", "c"],
+                [],
+                [0.0, 0.0, 0.0, 0.0],
+                [[9.0] * 4, reach_half],
+                0.8,
+                5.0,
+                10_000,
+                {},
+            ),
+        ]
+    )
+    candidates = template_candidates(single_model_candidates(queue, predictions), predictions, templates)
+    rows = {(r["query_id"], r["kind"]): r for r in candidates.plans.iter_rows(named=True)}
+    assert rows[("q1", "vote")]["expected_cost_usd"] == pytest.approx(13.0)
+    assert rows[("q1", "agreement")]["expected_cost_usd"] == pytest.approx(1.0 + 2.0 + 0.5 * 10.0)
+    assert rows[("q2", "agreement")]["reserve_cost_usd"] == pytest.approx(25.0)  # the whole escalation path
+    assert rows[("q1", "vote")]["expected_accuracy"] == pytest.approx(0.5 - np.sqrt(0.8 * 0.2 / 10_000))
+    assert candidates.plans["option"].to_list() == list(range(candidates.plans.height))
+
+
+def test_upper_hull() -> None:
+    costs = np.array([1.0, 2.0, 3.0, 2.0, 4.0])
+    accs = np.array([0.5, 0.7, 0.75, 0.6, 0.9])
+    hull_c, hull_a = upper_hull(costs, accs)
+    assert hull_c.tolist() == [1.0, 2.0, 4.0]
+    assert hull_a.tolist() == [0.5, 0.7, 0.9]
+
+
+# ------------------------------------------------------------------ the per-label error bound, end to end
+
+
+@pytest.fixture(scope="module")
+def known_confusions() -> tuple[History, PlanTemplates]:
+    # m3 is much worse on true label C: only plans that outvote it can meet a tight bound on C.
+    c3 = confusion(0.9)
+    c3[2] = [0.25, 0.25, 0.5]
+    confusions = {"m1": confusion(0.75), "m2": confusion(0.7), "m3": c3, "m4": confusion(0.8)}
+    history = sample_history(confusions, 3_000, seed=5, prior=np.array([0.4, 0.3, 0.3]), split_test=0.3)
+    templates = fit_plan_templates(
+        history.split("train"), lambda h: train_predictor(h, name="prior"), max_per_task=12, slack=1.0
+    )
+    return history, templates
+
+
+def _replay(history: History, plan: pl.DataFrame, tmp_path: Path) -> pl.DataFrame:
+    queue = history.as_queue("test")
+    results = dispatch(
+        plan.filter(pl.col("kind") != "defer"),
+        queue,
+        get_backend("replay", history=history),
+        budget_usd=1e9,
+        out_uri=str(tmp_path / "run"),
+        storage=Storage(),
+    )
+    return score_results(results, Truth.from_history(history)).join(
+        history.queries.select("query_id", "gold"), on="query_id"
+    )
+
+
+def _plan(history: History, templates: PlanTemplates, request: PlanRequest) -> pl.DataFrame:
+    queue = history.as_queue("test")
+    predictor = train_predictor(history.split("train"), name="prior")
+    predictions = predictor.predict(
+        queue, history.outcomes.join(queue.select("query_id"), on="query_id").select("query_id", "model"), None
+    )
+    candidates = template_candidates(single_model_candidates(queue, predictions), predictions, templates)
+    return plan_batch(candidates, request, templates).plan
+
+
+@pytest.mark.parametrize("mode", ["per_query", "aggregate"])
+def test_per_label_error_bound_is_met(
+    known_confusions: tuple[History, PlanTemplates], mode: str, tmp_path: Path
+) -> None:
+    history, templates = known_confusions
+    alpha = 0.15  # binds: only plans that outvote m3 meet it on C
+    plan = _plan(history, templates, PlanRequest(budget_usd=1e9, label_error_max={"*": alpha}, label_error_mode=mode))
+    scored = _replay(history, plan, tmp_path)
+    for label in LABELS:
+        rows = scored.filter(pl.col("gold") == label)
+        error = 1 - rows["correct"].mean()
+        tolerance = 3 * np.sqrt(alpha * (1 - alpha) / rows.height)
+        assert error <= alpha + tolerance, (mode, label, error)
+    if mode == "per_query":
+        # without the bound the most accurate plan leans on m3, which errs on C half the time
+        unbounded = _replay(history, _plan(history, templates, PlanRequest(budget_usd=1e9)), tmp_path / "free")
+        assert (
+            unbounded.filter(pl.col("gold") == "C")["correct"].mean()
+            < scored.filter(pl.col("gold") == "C")["correct"].mean()
+        )
+
+
+def test_an_unreachable_error_bound_names_the_task(known_confusions: tuple[History, PlanTemplates]) -> None:
+    history, templates = known_confusions
+    with pytest.raises(InfeasibleError, match="no plan meeting the per-label error bound") as raised:
+        _plan(history, templates, PlanRequest(budget_usd=1e9, label_error_max={"t": 0.01}))
+    assert raised.value.constraint == "label_error_max"
+    assert "t" in raised.value.suggestion
