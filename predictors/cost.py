@@ -130,6 +130,7 @@ class CostModel:
         chars: np.ndarray,
         has_labels: np.ndarray,
         catalog: PriceCatalog,
+        tokens_out: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> pl.DataFrame:
         """As ``predict``, with pairs given as codes into ``models`` and ``tasks``. Every path is linear in
         the prompt length, so coefficients are computed once per distinct (model, task, has_labels)."""
@@ -150,15 +151,18 @@ class CostModel:
         def col(name: str) -> np.ndarray:
             return coef[name].to_numpy()[code]
 
-        cost = col("a") + col("b") * chars
-        high = np.maximum(col("a_high") + col("b_high") * chars, cost)
+        out_mean, out_p90 = (col("tokens_out"), col("tokens_out_p90")) if tokens_out is None else tokens_out
+        out_p90 = np.maximum(out_p90, out_mean)
+        price_out = col("price_out")
+        cost = col("a") + col("b") * chars + price_out * out_mean
+        high = np.maximum(col("a_high") + col("b_high") * chars + price_out * out_p90, cost)
         return pl.DataFrame(
             {
                 "cost_usd": cost,
                 "cost_high_usd": high,
                 "tokens_in": col("ratio") * chars,
-                "tokens_out": col("tokens_out"),
-                "tokens_out_p90": col("tokens_out_p90"),
+                "tokens_out": out_mean,
+                "tokens_out_p90": out_p90,
                 "cost_source": coef["cost_source"].to_numpy()[code],
             },
             schema={
@@ -172,8 +176,9 @@ class CostModel:
         )
 
     def coefficients(self, combos: pl.DataFrame, catalog: PriceCatalog) -> pl.DataFrame:
-        """Per (model, task, has_labels): cost = a + b x chars, high = a_high + b_high x chars, tokens_in =
-        ratio x chars, tokens_out mean/p90, cost_source (tokens | billed | billed_mean | cold)."""
+        """Per (model, task, has_labels): cost = a + b x chars + price_out x tokens_out, high = a_high +
+        b_high x chars + price_out x tokens_out_p90 (price_out > 0 on the token path only), tokens_in =
+        ratio x chars, tokens_out mean/p90 from the table, cost_source (tokens | billed | billed_mean | cold)."""
         frame = combos.with_row_index("_i")
         prices = catalog.prices.select("model", "usd_per_mtok_in", "usd_per_mtok_out").unique("model")
         keys = [k.split("\t", 1) for k in self.token_ratio]
@@ -247,7 +252,7 @@ class CostModel:
         src = pl.col("cost_source")
         return f.select(
             pl.when(src == "tokens")
-            .then(pl.col("tokens_out") * pl.col("usd_per_mtok_out") / 1e6)
+            .then(0.0)
             .when(src == "billed")
             .then(pl.col("a_fit"))
             .when(src == "billed_mean")
@@ -263,7 +268,7 @@ class CostModel:
             .otherwise(per_kchar / 1000)
             .alias("b"),
             pl.when(src == "tokens")
-            .then(pl.col("tokens_out_p90") * pl.col("usd_per_mtok_out") / 1e6)
+            .then(0.0)
             .when(src == "billed")
             .then(pl.col("a_fit") * pl.col("high_fit"))
             .when(src == "billed_mean")
@@ -278,6 +283,7 @@ class CostModel:
             .then(0.0)
             .otherwise(2 * per_kchar / 1000)
             .alias("b_high"),
+            pl.when(src == "tokens").then(pl.col("usd_per_mtok_out") / 1e6).otherwise(0.0).alias("price_out"),
             "ratio",
             "tokens_out",
             "tokens_out_p90",

@@ -29,7 +29,9 @@ from predictors.features import STAT_COLUMNS, TextEncoder, Vocabulary, describe_
 from predictors.pairmodel import PairModel
 from predictors.priors import Priors, nearest_models
 from predictors.retrieval import Retriever
+from predictors.tokens import TokenModel, length_bucket
 
+PARALLEL_ROWS = 200_000
 PAIR_FEATURES = ("intercept", "prior_logit", "difficulty", "knn_lift", "knn_lift_mean", "knn_sim")
 
 
@@ -78,7 +80,13 @@ class Predictor:
 
     @property
     def threads(self) -> int:
+        """Thread cap (LightGBM); see ``threads_for``."""
         return int(self.options.get("num_threads", 2))
+
+    def threads_for(self, rows: int) -> int:
+        """1 thread below PARALLEL_ROWS rows: on a shared 2-core machine OpenMP threads mostly wait on
+        each other for small inputs (measured: training on 2k rows 1.07 s with 2 threads, 0.16 s with 1)."""
+        return self.threads if rows >= PARALLEL_ROWS else 1
 
     # ------------------------------------------------------------------ per query
     def prior_matrix(self) -> tuple[np.ndarray, np.ndarray]:
@@ -139,7 +147,10 @@ class Predictor:
         booster = self.boosters.get("query")
         if booster is None:
             return np.zeros(block.core.shape[0])
-        return np.asarray(booster.predict(block.core, raw_score=True, num_threads=self.threads), dtype=np.float64)
+        return np.asarray(
+            booster.predict(block.core, raw_score=True, num_threads=self.threads_for(block.core.shape[0])),
+            dtype=np.float64,
+        )
 
     # ------------------------------------------------------------------ per pair
     def pair_features(
@@ -214,8 +225,24 @@ class Predictor:
                 self._pair_logits(block, qi, mi, task_inv, prior_call, weights, covered, call_models, neighbors)
             )
             p = self.calibrator(raw)
+        tokens_out = None
+        token_model = TokenModel.from_boosters(self.boosters)
+        if token_model.fitted:
+            n_labels = block.core[:, STAT_COLUMNS.index("n_labels")].astype(np.int64)
+            bucket = np.clip(np.round(length_bucket(block.chars) * 4), 0, 255).astype(np.int64)
+            key = ((mi * len(tasks_u) + task_inv[qi]) * 64 + np.minimum(n_labels, 63)[qi]) * 256 + bucket[qi]
+            uniq, inverse = np.unique(key, return_inverse=True)
+            x = self.token_features(
+                [call_models[int(k) // 256 // 64 // len(tasks_u)] for k in uniq],
+                [tasks_u[int(k) // 256 // 64 % len(tasks_u)] for k in uniq],
+                (uniq // 256 % 64).astype(np.float32),
+                np.exp2((uniq % 256) / 4.0),
+                catalog,
+            )
+            mean, _p50, p90 = token_model.predict(x, self.threads_for(x.shape[0]))
+            tokens_out = (mean[inverse.ravel()], p90[inverse.ravel()])
         cost = self.cost.predict_coded(
-            call_models, tasks_u, mi, task_inv[qi], block.chars[qi], block.has_labels[qi], catalog
+            call_models, tasks_u, mi, task_inv[qi], block.chars[qi], block.has_labels[qi], catalog, tokens_out
         )
         return pl.DataFrame(
             {
@@ -264,6 +291,31 @@ class Predictor:
         pair_q = (q_part + lift * betas[:, 3][None, :]).astype(np.float64)
         per_model = betas[:, 0][None, :] + prior_logit * betas[:, 1][None, :]  # (T_u, C)
         return np.asarray(pair_q[qi, mi] + per_model[task_inv[qi], mi], dtype=np.float64)
+
+    def token_features(
+        self, models: list[str], tasks: list[str], n_labels: np.ndarray, chars: np.ndarray, catalog: PriceCatalog
+    ) -> np.ndarray:
+        """Rows of TOKEN_FEATURES for the token-quantile boosters (one per (model, task, n_labels, chars))."""
+        names = sorted(set(models))
+        unknown = [m for m in names if m not in set(self.models)]
+        desc = (
+            self.descriptors
+            if not unknown
+            else pl.concat([self.descriptors, describe_models(unknown, catalog.prices, {})])
+        )
+        rows = pl.DataFrame({"model": models}, schema={"model": pl.String}).join(
+            desc, on="model", how="left", maintain_order="left"
+        )
+        return np.column_stack(
+            [
+                self.model_vocab.codes(rows["model"]),
+                self.families.codes(rows["family"]),
+                *(rows[c].fill_null(float("nan")).to_numpy() for c in ("log_price_in", "log_price_out", "log_size_b")),
+                self.tasks.codes(pl.Series(tasks, dtype=pl.String)),
+                n_labels,
+                length_bucket(np.asarray(chars, dtype=np.float64)),
+            ]
+        ).astype(np.float32)
 
     def _neighbors(self, unknown: list[str], catalog: PriceCatalog) -> dict[str, list[tuple[str, float]]]:
         if not unknown:

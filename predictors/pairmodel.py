@@ -14,21 +14,33 @@ from typing import Any
 import numpy as np
 
 
-def _newton(
-    z: np.ndarray, y: np.ndarray, center: np.ndarray, lam: float, offset: float = 0.0, iters: int = 30
-) -> np.ndarray:
-    """argmin_b  sum logloss(y, sigmoid(z b)) + lam/2 |b - center|^2."""
+def _objective(z: np.ndarray, y: np.ndarray, beta: np.ndarray, center: np.ndarray, lam: float) -> float:
+    eta = z @ beta
+    return float(np.sum(np.logaddexp(0.0, eta) - y * eta) + 0.5 * lam * np.sum((beta - center) ** 2))
+
+
+def _newton(z: np.ndarray, y: np.ndarray, center: np.ndarray, lam: float, iters: int = 50) -> np.ndarray:
+    """argmin_b  sum logloss(y, sigmoid(z b)) + lam/2 |b - center|^2 (Newton with backtracking)."""
     beta = center.copy()
     eye = np.eye(z.shape[1])
+    current = _objective(z, y, beta, center, lam)
     for _ in range(iters):
-        eta = z @ beta + offset
-        q = 1.0 / (1.0 + np.exp(-eta))
+        q = 1.0 / (1.0 + np.exp(-np.clip(z @ beta, -50.0, 50.0)))
         w = q * (1 - q)
         grad = z.T @ (q - y) + lam * (beta - center)
         hess = (z * w[:, None]).T @ z + lam * eye
         step = np.linalg.solve(hess, grad)
-        beta -= step
-        if np.abs(step).max() < 1e-7:
+        t = 1.0
+        while True:
+            candidate = beta - t * step
+            value = _objective(z, y, candidate, center, lam)
+            if value <= current + 1e-12 or t < 1e-6:
+                break
+            t *= 0.5
+        if value > current:
+            break
+        beta, current = candidate, value
+        if np.abs(t * step).max() < 1e-7:
             break
     return beta
 
@@ -43,12 +55,25 @@ class PairModel:
 
     @classmethod
     def fit(
-        cls, z: np.ndarray, y: np.ndarray, mi: np.ndarray, models: list[str], names: list[str], lam: float = 30.0
+        cls,
+        z: np.ndarray,
+        y: np.ndarray,
+        mi: np.ndarray,
+        models: list[str],
+        names: list[str],
+        lam: float = 30.0,
+        lam_global: float = 5.0,
     ) -> PairModel:
+        """Global beta shrunk toward "prior + difficulty" (coefficient 1 on prior_logit and difficulty,
+        0 elsewhere), then each model's beta shrunk toward the global one: with little data the prior
+        stays in charge."""
         z = z.astype(np.float64)
         y = y.astype(np.float64)
         start = np.zeros(z.shape[1])
-        global_beta = _newton(z, y, start, lam=1e-3)
+        for name in ("prior_logit", "difficulty"):
+            if name in names:
+                start[names.index(name)] = 1.0
+        global_beta = _newton(z, y, start, lam=lam_global)
         betas = np.tile(global_beta, (len(models), 1))
         for m in range(len(models)):
             rows = mi == m

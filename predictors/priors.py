@@ -15,7 +15,8 @@ NO_ANSWER = "<none>"
 
 @dataclass
 class Priors:
-    """Smoothed accuracy per (model, task), per model and per task, from a training history."""
+    """Smoothed accuracy per (model, task) (toward the model's), per model (toward the global mean) and per
+    task, from a training history."""
 
     model_task: pl.DataFrame  # model, task, n, acc
     model: pl.DataFrame  # model, n, acc
@@ -28,7 +29,13 @@ class Priors:
         """``rows``: model, task, correct (one row per outcome)."""
         y = pl.col("correct").cast(pl.Float64)
         global_acc = float(rows["correct"].cast(pl.Float64).mean() or 0.5)  # type: ignore[arg-type]
-        model = rows.group_by("model").agg(pl.len().alias("n"), y.mean().alias("acc")).sort("model")
+        model = (
+            rows.group_by("model")
+            .agg(pl.len().alias("n"), y.sum().alias("k"))
+            .with_columns(((pl.col("k") + strength * global_acc) / (pl.col("n") + strength)).alias("acc"))
+            .select("model", "n", "acc")
+            .sort("model")
+        )
         task = rows.group_by("task").agg(pl.len().alias("n"), y.mean().alias("acc")).sort("task")
         model_task = (
             rows.group_by("model", "task")

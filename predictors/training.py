@@ -22,10 +22,11 @@ from predictors.calibration import Calibrator, choose_calibrator, logit, sigmoid
 from predictors.cost import CostModel
 from predictors.features import STAT_COLUMNS, TextEncoder, Vocabulary, describe_models, text_of
 from predictors.metrics import auc, brier, ece
-from predictors.model import PAIR_FEATURES, Predictor, prepare_queries
+from predictors.model import PAIR_FEATURES, PARALLEL_ROWS, Predictor, prepare_queries
 from predictors.pairmodel import PairModel
 from predictors.priors import Priors, fit_confusions
 from predictors.retrieval import Retriever
+from predictors.tokens import TokenModel
 
 DEFAULT_PARAMS: dict[str, Any] = {
     "objective": "binary",
@@ -86,6 +87,8 @@ def fit_predictor(history: History, name: str = "lightgbm", seed: int = 0, **par
     rows = training_rows(history)
     if rows.height == 0:
         raise ValueError("the history has no outcomes for its queries: nothing to train on")
+    if "num_threads" not in params and rows.height < PARALLEL_ROWS:
+        lgb_params["num_threads"] = 1
     train_q = prepare_queries(
         history.queries.filter(pl.col("query_id").is_in(rows["query_id"].unique().implode()))
     ).sort("query_id")
@@ -125,6 +128,7 @@ def fit_predictor(history: History, name: str = "lightgbm", seed: int = 0, **par
     validation: dict[str, Any] = {}
     if learned:
         validation = _fit_stages(predictor, train_q, rows, models, lgb_params, options, seed)
+        validation["tokens_out"] = _fit_tokens(predictor, train_q, rows, catalog, seed)
     counts = (
         rows.group_by("model").agg(pl.len().alias("rows"), pl.col("query_id").n_unique().alias("queries")).sort("model")
     )
@@ -205,6 +209,8 @@ def _fit_stages(
     best_rounds = []
     for k in range(folds):
         tr, va = fold != k, fold == k
+        if not tr.any() or not va.any():
+            continue
         dtrain = lgb.Dataset(
             x_rows[tr], y[tr], init_score=init[tr], feature_name=stage1_names, categorical_feature=categorical
         )
@@ -219,7 +225,7 @@ def _fit_stages(
         best_rounds.append(int(booster.best_iteration or options["max_rounds"]))
         in_fold = fold_q == k
         d_oof[in_fold] = booster.predict(block.core[in_fold], raw_score=True, num_iteration=booster.best_iteration)
-    rounds = max(5, int(np.mean(best_rounds) * 1.1))
+    rounds = max(5, int(np.mean(best_rounds) * 1.1)) if best_rounds else 30
     dall = lgb.Dataset(x_rows, y, init_score=init, feature_name=stage1_names, categorical_feature=categorical)
     predictor.boosters["query"] = lgb.train(lgb_params, dall, num_boost_round=rounds)
     # stage 2 on out-of-fold difficulty
@@ -230,6 +236,9 @@ def _fit_stages(
     oof = np.zeros(len(y))
     for k in range(folds):
         tr, va = fold != k, fold == k
+        if not tr.any() or not va.any():
+            oof[va] = sigmoid(init[va])
+            continue
         part = PairModel.fit(z[tr], y[tr], mi[tr], models, pair_names, lam=float(options["shrinkage"]))
         oof[va] = sigmoid(np.einsum("ij,ij->i", z[va], part.betas[mi[va]]))
     predictor.pair_model = PairModel.fit(z, y, mi, models, pair_names, lam=float(options["shrinkage"]))
@@ -247,6 +256,42 @@ def _fit_stages(
         "per_model": {
             m: _scores(y[mi == j], oof[mi == j], calibrated[mi == j], prior_only[mi == j]) for j, m in enumerate(models)
         },
+    }
+
+
+def _fit_tokens(
+    predictor: Predictor, train_q: pl.DataFrame, rows: pl.DataFrame, catalog: PriceCatalog, seed: int
+) -> dict[str, Any]:
+    """Token-quantile boosters on the rows with recorded tokens_out; returns their in-sample p90 coverage."""
+    known = rows.filter(pl.col("tokens_out").is_not_null())
+    if known.height == 0:
+        return {"rows": 0}
+    q = train_q.select(
+        "query_id",
+        pl.col("labels").list.len().fill_null(0).cast(pl.Float32).alias("n_labels"),
+        (pl.col("prompt").fill_null("").str.len_chars() + pl.col("system_prompt").fill_null("").str.len_chars() + 1)
+        .cast(pl.Float64)
+        .alias("chars"),
+    )
+    known = known.join(q, on="query_id", how="inner")
+    x = predictor.token_features(
+        known["model"].to_list(),
+        known["task"].to_list(),
+        known["n_labels"].to_numpy(),
+        known["chars"].to_numpy(),
+        catalog,
+    )
+    y = known["tokens_out"].cast(pl.Float64).to_numpy()
+    model = TokenModel.fit(x, y, seed=seed, num_threads=predictor.threads_for(len(y)))
+    if not model.fitted:
+        return {"rows": known.height, "fitted": False}
+    predictor.boosters.update({k: v for k, v in ((f"tokens_{n}", b) for n, b in model.boosters.items())})
+    mean, _p50, p90 = model.predict(x, predictor.threads_for(len(y)))
+    return {
+        "rows": known.height,
+        "fitted": True,
+        "p90_cover_in_sample": round(float(np.mean(y <= p90 + 1e-9)), 4),
+        "mean_abs_error": round(float(np.mean(np.abs(mean - y))), 4),
     }
 
 

@@ -161,3 +161,54 @@ def test_registry_roundtrip_local(trained: Predictor, small_history: History, tm
 
 def test_registry_roundtrip_s3(trained: Predictor, small_history: History, s3_storage: Storage, s3_bucket: str) -> None:
     _roundtrip(trained, s3_storage, f"{s3_bucket}/models/predictor", small_history)
+
+
+def test_no_label_leak_on_noise() -> None:
+    """Outcomes that are pure coin flips: out-of-fold validation must not find signal (a leave-one-out
+    retrieval feature would: it moves by exactly the row's own label)."""
+    history = synthetic_history(600, 4, seed=7)
+    rng = np.random.default_rng(0)
+    noise = History(
+        queries=history.queries,
+        outcomes=history.outcomes.with_columns(pl.Series("correct", rng.random(history.outcomes.height) < 0.6)),
+        prices=history.prices,
+    )
+    predictor = train_predictor(noise.split("train"), seed=0, **FAST)
+    assert predictor.metadata["validation"]["overall"]["auc"] < 0.56
+    test = noise.split("test")
+    preds = predictor.predict(_queue(test), _pairs(test))
+    assert abs(auc(test.outcomes["correct"].cast(pl.Float64).to_numpy(), preds["p_correct"].to_numpy()) - 0.5) < 0.06
+
+
+def test_token_quantiles_and_cost(trained: Predictor, small_history: History) -> None:
+    assert {"tokens_mean", "tokens_p50", "tokens_p90"} <= set(trained.boosters)
+    test = small_history.split("test")
+    preds = trained.predict(_queue(test), _pairs(test))
+    assert (preds["tokens_out_p90"] >= preds["tokens_out"] - 1e-9).all()
+    actual = test.outcomes["tokens_out"].to_numpy()
+    assert np.mean(actual <= preds["tokens_out_p90"].to_numpy() + 1e-9) >= 0.8
+    billed = test.outcomes["cost_usd"].to_numpy()
+    assert np.mean(billed <= preds["cost_high_usd"].to_numpy()) >= 0.8
+    assert np.median(np.abs(preds["cost_usd"].to_numpy() - billed) / billed) < 0.2
+    # a history without usage columns: billed-cost path, still a high side above the expected cost
+    bare = History(
+        queries=small_history.queries,
+        outcomes=small_history.outcomes.with_columns(
+            pl.lit(None, dtype=pl.Int64).alias("tokens_in"), pl.lit(None, dtype=pl.Int64).alias("tokens_out")
+        ),
+        prices=small_history.prices.clear(),
+    )
+    billed_only = train_predictor(bare.split("train"), name="prior")
+    bp = billed_only.predict(_queue(test), _pairs(test))
+    assert (bp["cost_source"] == "billed").all()
+    assert np.median(np.abs(bp["cost_usd"].to_numpy() - billed) / billed) < 0.2
+
+
+def test_confusion(trained: Predictor) -> None:
+    table = trained.confusion("task1", "synth-00")
+    assert table.height > 0
+    sums = table.group_by("gold").agg(pl.col("p").sum())["p"].to_numpy()
+    assert np.allclose(sums, 1.0)
+    pooled = trained.confusion("task1", "never-seen-model")
+    assert np.allclose(pooled.group_by("gold").agg(pl.col("p").sum())["p"].to_numpy(), 1.0)
+    assert trained.confusion("no-such-task", "synth-00").height == 0
