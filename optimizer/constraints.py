@@ -54,14 +54,26 @@ class RowFamily:
 
 
 def _group_ids(model: Compiled, column: str, keys: list[str] | None) -> tuple[np.ndarray, list[str]]:
-    """Map a group column of the options table to row ids over model columns (deferral columns get -1)."""
+    """Map a group column of the options table to row ids over model columns (deferral columns get -1).
+
+    Works on integer codes (categorical physical codes, or codes of a one-off categorical cast) so a
+    10M-row table costs one hash pass, not a string join.
+    """
     values = model.column(column)
-    labels = values.cast(pl.String).fill_null("<null>")
-    uniques = sorted(labels.unique().to_list()) if keys is None else list(keys)
-    lookup = pl.DataFrame({"_label": uniques, "_gid": np.arange(len(uniques), dtype=np.int32)})
-    gid = pl.DataFrame({"_label": labels}).join(lookup, on="_label", how="left", maintain_order="left")["_gid"]
-    out = gid.fill_null(-1).to_numpy().astype(np.int32)
-    return model.expand(out, fill=-1).astype(np.int32), uniques
+    if values.dtype not in (pl.Categorical,) and not isinstance(values.dtype, pl.Enum):
+        values = values.cast(pl.String).cast(pl.Categorical)
+    codes = values.to_physical()
+    distinct = values.unique()
+    labels_all = distinct.cast(pl.String).fill_null("<null>").to_list()
+    uniques = sorted(labels_all) if keys is None else list(keys)
+    position = {k: i for i, k in enumerate(uniques)}
+    pair_codes = distinct.to_physical().fill_null(-1).to_numpy().astype(np.int64)
+    pair_gid = np.array([position.get(lab, -1) for lab in labels_all], dtype=np.int32)
+    order = np.argsort(pair_codes)
+    sorted_codes = pair_codes[order]
+    code_arr = codes.fill_null(-1).to_numpy().astype(np.int64, copy=False)
+    gid = pair_gid[order][np.searchsorted(sorted_codes, code_arr)]
+    return model.expand(gid, fill=-1).astype(np.int32, copy=False), uniques
 
 
 @dataclass(frozen=True)
@@ -73,7 +85,7 @@ class Budget:
     column: str = "cost"
 
     def rows(self, model: Compiled) -> RowFamily:
-        coef = model.expand(model.column(self.column).to_numpy().astype(np.float64), fill=0.0)
+        coef = model.expand(model.column(self.column).to_numpy().astype(np.float64, copy=False), fill=0.0)
         return RowFamily(self.name, "budget", "<=", [self.name], np.array([float(self.limit)]), coef,
                          np.zeros(model.m, dtype=np.int32))
 
@@ -90,7 +102,7 @@ class GroupBudget:
     def rows(self, model: Compiled) -> RowFamily:
         keys = [str(k) for k in self.limits]
         gid, labels = _group_ids(model, self.group, keys)
-        coef = model.expand(model.column(self.column).to_numpy().astype(np.float64), fill=0.0)
+        coef = model.expand(model.column(self.column).to_numpy().astype(np.float64, copy=False), fill=0.0)
         names = [f"{self.name}[{k}]" for k in labels]
         rhs = np.array([float(self.limits[k]) for k in self.limits])
         return RowFamily(self.name, "group_budget", "<=", names, rhs, coef, gid)
@@ -114,7 +126,7 @@ class Capacity:
         return self.name or (f"capacity:{self.column}" if self.group is None else f"capacity:{self.column}:{self.group}")
 
     def rows(self, model: Compiled) -> RowFamily:
-        coef = model.expand(model.column(self.column).to_numpy().astype(np.float64), fill=0.0)
+        coef = model.expand(model.column(self.column).to_numpy().astype(np.float64, copy=False), fill=0.0)
         if self.group is None:
             if isinstance(self.limit, Mapping):
                 raise ValueError(f"{self.label}: a per-group limit mapping needs group=<column>")
@@ -147,7 +159,7 @@ class AccuracyFloor:
         return self.name or ("accuracy_floor" if self.group is None else f"accuracy_floor:{self.group}")
 
     def rows(self, model: Compiled) -> RowFamily:
-        coef = model.expand(model.column(self.column).to_numpy().astype(np.float64), fill=0.0)
+        coef = model.expand(model.column(self.column).to_numpy().astype(np.float64, copy=False), fill=0.0)
         if self.group is None:
             if isinstance(self.min_mean, Mapping):
                 raise ValueError(f"{self.label}: a per-group floor mapping needs group=<column>")

@@ -20,7 +20,7 @@ settled. So:
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,15 +28,18 @@ import scipy.sparse as sp
 
 from optimizer.diagnose import diagnose
 from optimizer.highs_lp import HighsResult, run_highs
-from optimizer.problem import Compiled
-from optimizer.solution import InfeasibleError, Solution, SolverError, build_solution
+from optimizer.problem import Compiled, subset
+from optimizer.solution import InfeasibleError, Solution, SolverError, build_solution, check_feasible
 
-SAMPLE_QUERIES = 20_000  # LP on this many queries gives the initial prices
-ACTIVE_FRACTION = 0.02  # share of queries (closest to a tie) in the first restricted LP
-MIN_ACTIVE = 2_000
-POLISH_QUERIES = 1_000  # queries in the integer polish MILP
-MAX_ROUNDS = 30
-LP_OPTIONS: dict[str, Any] = {"solver": "simplex"}
+BASE_QUERIES = 2_000  # at most this many queries: the master LP holds every column
+LEVEL_FACTOR = 10  # initial prices come from a nested sample this many times smaller
+ACTIVE_FRACTION = 0.01  # share of queries (closest to a tie) that get candidate moves in the first master
+MIN_ACTIVE = 500
+MAX_INITIAL = 3_000  # at most this many queries get candidate moves in the first master
+POLISH_QUERIES = 300  # queries in the integer polish MILP
+MAX_ROUNDS = 60
+MAX_ADD = 3_000  # columns added per pricing round
+LP_OPTIONS: dict[str, Any] = {"solver": "simplex", "presolve": "off"}  # presolve costs 20x here
 
 
 @dataclass
@@ -49,7 +52,7 @@ class Pricing:
     margin: np.ndarray  # best - second best (inf if a single column)
 
 
-def price(model: Compiled, lam: np.ndarray) -> Pricing:
+def price(model: Compiled, lam: np.ndarray, *, margin: bool = True) -> Pricing:
     r = model.reduced(lam)
     heads = model.starts[:-1]
     best = np.maximum.reduceat(r, heads)
@@ -59,26 +62,19 @@ def price(model: Compiled, lam: np.ndarray) -> Pricing:
     first = np.ones(len(cols), dtype=bool)
     first[1:] = qs[1:] != qs[:-1]
     best_col = cols[first]
-    r2 = r.copy()
-    r2[best_col] = -np.inf
-    second = np.maximum.reduceat(r2, heads)
-    margin = best - second
-    return Pricing(r, best, best_col, margin)
+    if not margin:
+        return Pricing(r, best, best_col, np.zeros(0))
+    saved = r[best_col]
+    r[best_col] = -np.inf
+    second = np.maximum.reduceat(r, heads)
+    r[best_col] = saved
+    return Pricing(r, best, best_col, best - second)
 
 
 def lagrangian_bound(model: Compiled, lam: np.ndarray, pricing: Pricing | None = None) -> float:
     """Upper bound on the (max-form) LP optimum, valid for any lam >= 0."""
     p = pricing or price(model, lam)
     return float(p.best.sum() + lam @ model.le_rhs())
-
-
-@dataclass
-class Restricted:
-    queries: np.ndarray  # active query ids, sorted
-    cols: np.ndarray  # candidate model columns, sorted (grouped by query)
-    fixed_cols: np.ndarray  # chosen column for every query (active queries: placeholder)
-    result: HighsResult
-    slack: np.ndarray = field(default_factory=lambda: np.zeros(0))
 
 
 def _penalties(model: Compiled) -> np.ndarray:
@@ -88,199 +84,184 @@ def _penalties(model: Compiled) -> np.ndarray:
     for f in model.families:
         nz = np.abs(f.coef[(f.gid >= 0) & (f.coef != 0)])
         unit = float(np.median(nz)) if len(nz) else 1.0
-        out.append(np.full(f.size, 1e5 * crange / max(unit, 1e-12)))
+        out.append(np.full(f.size, 1e4 * crange / max(unit, 1e-12)))
     return np.concatenate(out) if out else np.zeros(0)
 
 
-def solve_restricted(
-    model: Compiled,
-    queries: np.ndarray,
-    cols: np.ndarray,
-    fixed_cols: np.ndarray,
-    rhs: np.ndarray,
-    *,
-    integer: bool = False,
-    elastic: np.ndarray | None = None,
-    options: dict[str, Any] | None = None,
-) -> Restricted:
-    """LP (or MILP) over ``cols`` of ``queries``; every other query at ``fixed_cols``; rows rhs - fixed usage."""
+@dataclass
+class Master:
+    """The restricted LP in *move* form: every query sits at its ``base`` column; ``y[j]`` in [0, 1] moves
+    it to ``extra[j]``. Queries with one extra need no row (just the bound), with several a row
+    ``sum y <= 1``. So the LP has K coupling rows plus a few, and one column per candidate move."""
+
+    base: np.ndarray  # column per query
+    extra: np.ndarray  # candidate move targets (model columns, sorted, never a base)
+    result: HighsResult
+    y: np.ndarray
+    slack: np.ndarray
+    lam: np.ndarray
+    value: float  # c @ x of the LP point (max form), penalties excluded
+
+
+def solve_master(
+    model: Compiled, base: np.ndarray, extra: np.ndarray, rhs: np.ndarray, penalties: np.ndarray,
+    options: dict[str, Any] | None = None, base_usage: tuple[np.ndarray, float] | None = None,
+) -> Master:
     k = len(rhs)
-    fixed_mask = np.ones(model.n, dtype=bool)
-    fixed_mask[queries] = False
-    x_fixed = np.zeros(model.m)
-    x_fixed[fixed_cols[fixed_mask]] = 1.0
-    residual = rhs - model.le_usage(x_fixed) if k else rhs
-    r_idx, c_idx, vals = model.matrix(cols)
-    qpos = np.searchsorted(queries, model.query[cols])
-    n_cols = len(cols)
-    rows = [r_idx, k + qpos]
-    cidx = [c_idx, np.arange(n_cols)]
-    vv = [vals, np.ones(n_cols)]
-    costs = [model.c[cols]]
-    lower, upper = [np.zeros(n_cols)], [np.ones(n_cols)]
-    if elastic is not None and k:
-        rows.append(np.arange(k))
-        cidx.append(n_cols + np.arange(k))
-        vv.append(-np.ones(k))
-        costs.append(-elastic)
-        lower.append(np.zeros(k))
-        upper.append(np.full(k, np.inf))
-    total_cols = n_cols + (k if elastic is not None else 0)
-    a = sp.csc_array((np.concatenate(vv), (np.concatenate(rows), np.concatenate(cidx))), shape=(k + len(queries), total_cols))
-    row_lower = np.concatenate([np.full(k, -np.inf), np.ones(len(queries))])
-    row_upper = np.concatenate([residual, np.ones(len(queries))])
-    result = run_highs(np.concatenate(costs), np.concatenate(lower), np.concatenate(upper), row_lower, row_upper, a,
-                       integer=integer, options=options)
-    slack = result.x[n_cols:] if (elastic is not None and len(result.x)) else np.zeros(k)
-    return Restricted(queries, cols, fixed_cols, result, slack)
+    if base_usage is None:
+        x_base = model.choose_matrix(base)
+        base_usage = (model.le_usage(x_base), float(model.c @ x_base))
+    residual = rhs - base_usage[0]
+    qe = model.query[extra]
+    b = base[qe]
+    r1, c1, v1 = model.matrix(extra)
+    r2, c2, v2 = model.matrix(b)
+    _, inv, cnt = np.unique(qe, return_inverse=True, return_counts=True)
+    multi_q = cnt >= 2
+    multi_row = np.cumsum(multi_q) - 1 + k
+    in_multi = multi_q[inv]
+    n_multi = int(multi_q.sum())
+    ne = len(extra)
+    rows = [r1, r2, multi_row[inv][in_multi], np.arange(k)]
+    cols = [c1, c2, np.flatnonzero(in_multi), ne + np.arange(k)]
+    vals = [v1, -v2, np.ones(int(in_multi.sum())), -np.ones(k)]
+    a = sp.csc_array((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(k + n_multi, ne + k))
+    # scale every coupling row to unit largest coefficient: rows in dollars, calls and tokens differ by 1e9
+    big = np.zeros(k + n_multi)
+    coo = a.tocoo()
+    np.maximum.at(big, coo.row, np.abs(coo.data))
+    d = np.ones(k + n_multi)
+    d[:k] = 1.0 / np.where(big[:k] > 0, big[:k], np.maximum(np.abs(residual), 1.0))
+    a = sp.csc_array(sp.diags_array(d) @ a)
+    slack_cost = -penalties / d[:k]
+    obj = np.concatenate([model.c[extra] - model.c[b], slack_cost])
+    lower = np.zeros(ne + k)
+    upper = np.concatenate([np.ones(ne), np.full(k, np.inf)])
+    row_lower = np.full(k + n_multi, -np.inf)
+    row_upper = np.concatenate([residual * d[:k], np.ones(n_multi)])
+    res = run_highs(obj, lower, upper, row_lower, row_upper, a, options=options or LP_OPTIONS)
+    if not res.optimal or res.row_dual.size == 0 or res.x.size == 0:
+        raise SolverError(f"decompose: restricted LP ended with HiGHS status {res.status}")
+    y = res.x[:ne]
+    lam = np.clip(res.row_dual[:k] * d[:k], 0.0, None)
+    value = float(base_usage[1] + (model.c[extra] - model.c[b]) @ y)
+    return Master(base, extra, res, y, res.x[ne:] / d[:k], lam, value)
 
 
-def _window_cols(model: Compiled, pricing: Pricing, queries: np.ndarray, window: np.ndarray | float) -> np.ndarray:
-    """Columns of ``queries`` whose reduced cost is within ``window`` of their query's best."""
-    sel = np.zeros(model.n, dtype=bool)
-    sel[queries] = True
-    in_q = sel[model.query]
-    w = np.zeros(model.n)
-    w[queries] = window
-    keep = in_q & (pricing.r >= (pricing.best - w)[model.query])
+def _near_columns(model: Compiled, pricing: Pricing, fraction: float, minimum: int) -> np.ndarray:
+    """Non-best columns of the queries closest to a tie, within their query's tie margin."""
+    target = min(model.n, max(minimum, min(int(fraction * model.n), MAX_INITIAL)))
+    delta = np.inf if target >= model.n else float(np.partition(pricing.margin, target - 1)[target - 1])
+    close = pricing.margin <= delta
+    keep = close[model.query] & (pricing.r >= pricing.best[model.query] - delta)
+    keep[pricing.best_col] = False
     return np.flatnonzero(keep)
-
-
-def _initial_prices(model: Compiled, rhs: np.ndarray, penalties: np.ndarray, sample: int, seed: int) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    queries = np.sort(rng.choice(model.n, size=sample, replace=False))
-    frac = sample / model.n
-    counts = np.diff(model.starts)
-    cols = np.repeat(model.starts[queries], counts[queries]) + (
-        np.arange(counts[queries].sum()) - np.repeat(np.cumsum(counts[queries]) - counts[queries], counts[queries])
-    )
-    # a sub-model: only the sample's columns, limits scaled by the sample's share
-    fixed = np.full(model.n, -1, dtype=np.int64)
-    others = np.ones(model.n, dtype=bool)
-    others[queries] = False
-    # no fixed usage: rows count only the sample (residual = scaled rhs)
-    res = _solve_sub(model, queries, cols, rhs * frac, penalties)
-    del fixed, others
-    if res.row_dual.size == 0:
-        return np.zeros(len(rhs))
-    return np.clip(res.row_dual[: len(rhs)], 0.0, None)
-
-
-def _solve_sub(model: Compiled, queries: np.ndarray, cols: np.ndarray, rhs: np.ndarray, penalties: np.ndarray) -> HighsResult:
-    k = len(rhs)
-    r_idx, c_idx, vals = model.matrix(cols)
-    qpos = np.searchsorted(queries, model.query[cols])
-    n_cols = len(cols)
-    a = sp.csc_array(
-        (np.concatenate([vals, np.ones(n_cols), -np.ones(k)]),
-         (np.concatenate([r_idx, k + qpos, np.arange(k)]), np.concatenate([c_idx, np.arange(n_cols), n_cols + np.arange(k)]))),
-        shape=(k + len(queries), n_cols + k),
-    )
-    c = np.concatenate([model.c[cols], -penalties])
-    return run_highs(c, np.zeros(n_cols + k), np.concatenate([np.ones(n_cols), np.full(k, np.inf)]),
-                     np.concatenate([np.full(k, -np.inf), np.ones(len(queries))]), np.concatenate([rhs, np.ones(len(queries))]),
-                     a, options=LP_OPTIONS)
 
 
 def solve_lp(
     model: Compiled,
     *,
     warm_prices: np.ndarray | None = None,
-    sample: int = SAMPLE_QUERIES,
     seed: int = 0,
     deadline: float | None = None,
-) -> tuple[np.ndarray, np.ndarray, Restricted, dict[str, Any]]:
-    """Full LP optimum by pricing + restricted LPs. Returns (prices, per-query LP column, restricted, info)."""
+    info: dict[str, Any] | None = None,
+) -> Master:
+    """The full LP optimum: prices from a nested sample (recursively), then column generation on ``model``."""
+    info = info if info is not None else {}
     rhs = model.le_rhs()
     k = len(rhs)
     penalties = _penalties(model)
-    info: dict[str, Any] = {"rounds": 0, "active": []}
     if warm_prices is not None and len(warm_prices) == k:
         lam = np.asarray(warm_prices, dtype=np.float64)
-    elif model.n > 2 * sample:
-        lam = _initial_prices(model, rhs, penalties, sample, seed)
+        fraction = ACTIVE_FRACTION
+    elif model.n > BASE_QUERIES:
+        rng = np.random.default_rng(seed)
+        size = max(BASE_QUERIES, model.n // LEVEL_FACTOR)
+        queries = np.sort(rng.choice(model.n, size=size, replace=False))
+        lam = solve_lp(subset(model, queries), seed=seed + 1, deadline=deadline, info=info).lam
+        fraction = ACTIVE_FRACTION
     else:
         lam = np.zeros(k)
+        fraction = 1.0  # small: every column is a candidate, the master is the whole LP
     pricing = price(model, lam)
-    if model.n <= 2 * sample:
-        active = np.arange(model.n)
-        window: np.ndarray | float = np.inf
-    else:
-        target = min(model.n, max(MIN_ACTIVE, int(ACTIVE_FRACTION * model.n)))
-        delta = float(np.partition(pricing.margin, target - 1)[target - 1])
-        active = np.flatnonzero(pricing.margin <= delta)
-        window = max(delta, 0.0)
-    cols = _window_cols(model, pricing, active, window)
-    fixed_cols = pricing.best_col.copy()
+    base = pricing.best_col
+    extra = _near_columns(model, pricing, fraction, MIN_ACTIVE)
     scale = max(float(np.abs(model.c).max()) if model.m else 1.0, 1e-12)
     eps = 1e-9 * scale
+    x_base = model.choose_matrix(base)
+    base_usage = (model.le_usage(x_base), float(model.c @ x_base))
+    del x_base
+    max_add = max(MAX_ADD, model.n // 100)
+    levels = info.setdefault("levels", [])
+    trace: list[tuple[int, float]] = []
     for round_ in range(MAX_ROUNDS):
         if deadline is not None and time.perf_counter() > deadline:
             raise SolverError(f"decompose: time limit reached after {round_} pricing rounds")
-        restricted = solve_restricted(model, active, cols, fixed_cols, rhs, elastic=penalties, options=LP_OPTIONS)
-        res = restricted.result
-        info["rounds"] = round_ + 1
-        info["active"].append(len(active))
-        if not res.optimal or res.row_dual.size == 0:
-            raise SolverError(f"decompose: restricted LP ended with HiGHS status {res.status}")
-        lam = np.clip(res.row_dual[:k], 0.0, None)
-        mu = res.row_dual[k:]
-        pricing = price(model, lam)
-        # fixed queries whose best column moved
-        fixed_mask = np.ones(model.n, dtype=bool)
-        fixed_mask[active] = False
-        moved = fixed_mask & (pricing.best > pricing.r[fixed_cols] + eps)
-        # active queries with an excluded column that prices in
-        mu_full = np.full(model.n, np.inf)
-        mu_full[active] = mu
-        in_cols = np.zeros(model.m, dtype=bool)
-        in_cols[cols] = True
-        entering = (~in_cols) & (~fixed_mask[model.query]) & (pricing.r > mu_full[model.query] + eps)
-        n_moved, n_enter = int(moved.sum()), int(entering.sum())
-        if n_moved == 0 and n_enter == 0:
-            break
-        new_q = np.flatnonzero(moved)
-        # widen: moved queries enter with every column near their new best
-        near = _window_cols(model, pricing, new_q, np.maximum(pricing.margin[new_q], 0.0) * 2 + eps) if len(new_q) else np.zeros(0, np.int64)
-        also = np.concatenate([fixed_cols[new_q], near, np.flatnonzero(entering)])
-        active = np.union1d(active, new_q)
-        cols = np.union1d(cols, also)
-    else:
-        raise SolverError(f"decompose: pricing did not converge in {MAX_ROUNDS} rounds")
-    # LP column per query (fixed ones; active ones resolved by the caller from restricted.result.x)
-    info["slack"] = restricted.slack
-    info["lp_objective_max"] = float(res.objective)
-    return lam, fixed_cols, restricted, info
+        t_master = time.perf_counter()
+        master = solve_master(model, base, extra, rhs, penalties, base_usage=base_usage)
+        trace.append((len(extra), round(time.perf_counter() - t_master, 3)))
+        pricing = price(model, master.lam, margin=False)
+        cand = np.zeros(model.m, dtype=bool)
+        cand[base] = True
+        cand[extra] = True
+        cmax = np.maximum.reduceat(np.where(cand, pricing.r, -np.inf), model.starts[:-1])
+        violators = np.flatnonzero(pricing.best > cmax + eps)
+        if len(violators) == 0:
+            levels.append({"n": model.n, "masters": trace})
+            return master
+        # partial pricing: the most violated queries' new best columns join the candidates
+        if len(violators) > max_add:
+            worst = np.argpartition(cmax[violators] - pricing.best[violators], max_add - 1)[:max_add]
+            violators = violators[worst]
+        extra = np.union1d(extra, pricing.best_col[violators])
+    raise SolverError(f"decompose: pricing did not converge in {MAX_ROUNDS} rounds")
 
 
-def _lp_assignment(model: Compiled, restricted: Restricted) -> tuple[np.ndarray, np.ndarray]:
-    """(integral column per query taking each active query's largest share, fractional query ids)."""
-    cols = restricted.fixed_cols.copy()
-    x = restricted.result.x[: len(restricted.cols)]
-    order = np.lexsort((-x, model.query[restricted.cols]))
-    qs = model.query[restricted.cols][order]
+def lp_assignment(model: Compiled, master: Master) -> tuple[np.ndarray, np.ndarray]:
+    """(column per query with the largest LP weight, ids of queries the LP splits)."""
+    cols = master.base.copy()
+    qe = model.query[master.extra]
+    moved = np.bincount(qe, weights=master.y, minlength=model.n)
+    # per query the extra with the largest y
+    order = np.lexsort((-master.y, qe))
     first = np.ones(len(order), dtype=bool)
-    first[1:] = qs[1:] != qs[:-1]
+    first[1:] = qe[order][1:] != qe[order][:-1]
     top = order[first]
-    cols[model.query[restricted.cols][top]] = restricted.cols[top]
-    frac_q = np.unique(model.query[restricted.cols][(x > 1e-7) & (x < 1 - 1e-7)])
-    return cols, frac_q
+    top_q = qe[top]
+    stay = 1.0 - moved[top_q]
+    switch = master.y[top] > stay
+    cols[top_q[switch]] = master.extra[top[switch]]
+    tol = 1e-7
+    frac_extra = (master.y > tol) & (master.y < 1 - tol)
+    frac = np.unique(np.concatenate([qe[frac_extra], np.flatnonzero((moved > tol) & (moved < 1 - tol))]))
+    return cols, frac
 
 
-def polish(model: Compiled, cols: np.ndarray, queries: np.ndarray, *, time_limit: float = 10.0) -> tuple[np.ndarray, HighsResult | None]:
-    """Integer re-optimisation of ``queries`` over all their columns with every other query fixed at ``cols``."""
+def polish(model: Compiled, cols: np.ndarray, queries: np.ndarray, *, time_limit: float = 10.0) -> tuple[np.ndarray, HighsResult]:
+    """Integer re-optimisation of ``queries`` over all their columns, every other query fixed at ``cols``."""
     rhs = model.le_rhs()
-    counts = np.diff(model.starts)
-    qc = counts[queries]
-    all_cols = np.repeat(model.starts[queries], qc) + (np.arange(qc.sum()) - np.repeat(np.cumsum(qc) - qc, qc))
-    options = {"mip_rel_gap": 1e-7, "time_limit": float(time_limit)}
-    restricted = solve_restricted(model, queries, all_cols, cols, rhs, integer=True, options=options)
-    res = restricted.result
+    k = len(rhs)
+    counts = np.diff(model.starts)[queries]
+    heads = np.zeros(len(queries), dtype=np.int64)
+    heads[1:] = np.cumsum(counts)[:-1]
+    all_cols = np.repeat(model.starts[queries], counts) + (np.arange(int(counts.sum())) - np.repeat(heads, counts))
+    fixed = np.ones(model.n, dtype=bool)
+    fixed[queries] = False
+    x_fixed = np.zeros(model.m)
+    x_fixed[cols[fixed]] = 1.0
+    residual = rhs - model.le_usage(x_fixed)
+    r_idx, c_idx, vals = model.matrix(all_cols)
+    qpos = np.repeat(np.arange(len(queries)), counts)
+    nc = len(all_cols)
+    a = sp.csc_array((np.concatenate([vals, np.ones(nc)]), (np.concatenate([r_idx, k + qpos]), np.concatenate([c_idx, np.arange(nc)]))),
+                     shape=(k + len(queries), nc))
+    res = run_highs(model.c[all_cols], np.zeros(nc), np.ones(nc),
+                    np.concatenate([np.full(k, -np.inf), np.ones(len(queries))]), np.concatenate([residual, np.ones(len(queries))]),
+                    a, integer=True, options={"mip_rel_gap": 1e-7, "time_limit": float(time_limit)})
     if not res.has_solution:
         return cols, res
     out = cols.copy()
-    xr = res.x[: len(all_cols)]
-    chosen = all_cols[xr > 0.5]
+    chosen = all_cols[res.x > 0.5]
     out[model.query[chosen]] = chosen
     return out, res
 
@@ -307,6 +288,22 @@ def greedy_repair(model: Compiled, cols: np.ndarray, queries: np.ndarray) -> np.
     return out
 
 
+def round_and_repair(model: Compiled, cols: np.ndarray, frac: np.ndarray, margin: np.ndarray | None,
+                     polish_queries: int, time_limit: float) -> tuple[np.ndarray, dict[str, Any]]:
+    """Integral assignment from an LP one: MILP polish over the split queries plus the closest-to-tie others."""
+    n_polish = min(model.n, max(polish_queries, 4 * len(frac)))
+    if n_polish >= model.n or margin is None:
+        queries = np.arange(model.n) if n_polish >= model.n else frac
+    else:
+        near = np.argpartition(margin, n_polish - 1)[:n_polish]
+        queries = np.union1d(near, frac)
+    out, res = polish(model, cols, queries, time_limit=time_limit)
+    if check_feasible(model, out):
+        out = greedy_repair(model, out, frac)
+    return out, {"polish_queries": len(queries), "polish_status": res.status,
+                 "polish_bound": res.mip_dual_bound if len(queries) == model.n and res.optimal else None}
+
+
 def solve_decompose(
     model: Compiled,
     *,
@@ -318,51 +315,32 @@ def solve_decompose(
 ) -> Solution:
     t0 = time.perf_counter()
     deadline = None if time_limit is None else t0 + time_limit
-    k = model.k
-    if k == 0:
+    rhs = model.le_rhs()
+    if len(rhs) == 0:
         pricing = price(model, np.zeros(0))
         return build_solution(model, pricing.best_col, bound=float(pricing.best.sum()), method="decompose",
                               seconds=time.perf_counter() - t0, prices=np.zeros(0), gap_tol=gap_tol)
-    lam, _fixed, restricted, info = solve_lp(model, warm_prices=warm_prices, seed=seed, deadline=deadline)
-    slack = info["slack"]
-    rhs = model.le_rhs()
-    if np.any(slack > 1e-7 * np.maximum(1.0, np.abs(rhs))):
-        raise diagnose(model, elastic={n: float(s) for n, s in zip(model.row_names, slack, strict=True) if s > 0})
+    info: dict[str, Any] = {}
+    master = solve_lp(model, warm_prices=warm_prices, seed=seed, deadline=deadline, info=info)
+    timings = {"lp": time.perf_counter() - t0}
+    if np.any(master.slack > 1e-7 * np.maximum(1.0, np.abs(rhs))):
+        raise diagnose(model, elastic={n: float(s) for n, s in zip(model.row_names, master.slack, strict=True) if s > 1e-9})
+    lam = master.lam
     pricing = price(model, lam)
-    bound = float(pricing.best.sum() + lam @ rhs)
-    lp_value = info["lp_objective_max"] + float(model.c[restricted.fixed_cols[_fixed_mask(model, restricted.queries)]].sum())
-    bound = min(bound, lp_value + 1e-9 * max(1.0, abs(lp_value))) if np.isfinite(lp_value) else bound
-    cols, frac_q = _lp_assignment(model, restricted)
-    # integer polish: fractional queries + the closest-to-tie others
-    n_polish = min(model.n, max(polish_queries, 4 * len(frac_q)))
-    if n_polish >= model.n:
-        polish_q = np.arange(model.n)
-    else:
-        near = np.argpartition(pricing.margin, n_polish - 1)[:n_polish]
-        polish_q = np.union1d(frac_q, near)[: max(n_polish, len(frac_q))]
-        polish_q = np.union1d(polish_q, frac_q)
-    remaining = None if deadline is None else max(deadline - time.perf_counter(), 1.0)
-    cols, res = polish(model, cols, polish_q, time_limit=min(10.0, remaining or 10.0))
-    if res is not None and res.status == "kOptimal" and len(polish_q) == model.n and np.isfinite(res.mip_dual_bound):
-        bound = min(bound, res.mip_dual_bound)
-    from optimizer.solution import check_feasible
-
-    if check_feasible(model, cols):
-        cols = greedy_repair(model, cols, frac_q)
-        violated = check_feasible(model, cols)
-        if violated:
-            raise InfeasibleError(violated, f"no integral assignment found within the limits of {violated} "
-                                  "(the LP relaxation is feasible; loosen these rows slightly)", {})
-    info.update(prices=lam, fractional=len(frac_q), polish_queries=len(polish_q),
-                polish_status=None if res is None else res.status, lp_bound=bound)
+    bound = float(pricing.best.sum() + lam @ rhs)  # valid for any lam >= 0
+    cols, frac = lp_assignment(model, master)
+    remaining = 10.0 if deadline is None else max(deadline - time.perf_counter(), 1.0)
+    cols, polish_info = round_and_repair(model, cols, frac, pricing.margin, polish_queries, min(10.0, remaining))
+    if polish_info["polish_bound"] is not None and np.isfinite(polish_info["polish_bound"]):
+        bound = min(bound, float(polish_info["polish_bound"]))
+    violated = check_feasible(model, cols)
+    if violated:
+        raise InfeasibleError(violated, f"no integral assignment found within the limits of {violated} "
+                              "(the LP relaxation is feasible; loosen these rows slightly)", {})
+    timings["total"] = time.perf_counter() - t0
+    info.update(prices=lam, fractional=len(frac), lp_value=master.value, timings=timings, **polish_info)
     return build_solution(model, cols, bound=bound, method="decompose", seconds=time.perf_counter() - t0,
                           prices=lam, gap_tol=gap_tol, info=info)
-
-
-def _fixed_mask(model: Compiled, active: np.ndarray) -> np.ndarray:
-    mask = np.ones(model.n, dtype=bool)
-    mask[active] = False
-    return mask
 
 
 def repair_lp_solution(model: Compiled, solution: Solution, *, method: str) -> Solution:
@@ -374,12 +352,8 @@ def repair_lp_solution(model: Compiled, solution: Solution, *, method: str) -> S
     order = np.lexsort((-x, model.query))
     first = np.searchsorted(model.query[order], np.arange(model.n))
     cols = order[first]
-    if len(frac):
-        cols, _ = polish(model, cols, frac)
-    from optimizer.solution import check_feasible
-
-    if check_feasible(model, cols):
-        cols = greedy_repair(model, cols, frac)
     prices = np.array([solution.shadow_prices.get(n, 0.0) for n in model.row_names])
+    margin = price(model, prices).margin if len(prices) else None
+    cols, _ = round_and_repair(model, cols, frac, margin, POLISH_QUERIES, 10.0)
     bound = model.sign * solution.bound
     return build_solution(model, cols, bound=bound, method=method, seconds=solution.solve_seconds, prices=prices)

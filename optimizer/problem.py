@@ -94,6 +94,8 @@ class Compiled:
         return self.table[name]
 
     def expand(self, values: np.ndarray, fill: float | int) -> np.ndarray:
+        if len(self.real) == self.m:  # no deferral columns: model columns are the table rows
+            return np.asarray(values)
         out = np.full(self.m, fill, dtype=np.asarray(values).dtype)
         out[self.real] = values
         return out
@@ -207,9 +209,13 @@ def compile_problem(problem: Problem) -> Compiled:
     starts = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(counts, out=starts[1:])
     m = int(starts[-1])
-    rank = np.arange(len(q_real), dtype=np.int64) - np.repeat(np.cumsum(real_counts) - real_counts, real_counts)
-    real = starts[q_real] + rank
-    query = np.repeat(np.arange(n, dtype=np.int64), counts)
+    if defer.any():
+        rank = np.arange(len(q_real), dtype=np.int64) - np.repeat(np.cumsum(real_counts) - real_counts, real_counts)
+        real = starts[q_real] + rank
+        query = np.repeat(np.arange(n, dtype=np.int64), counts)
+    else:  # model columns are exactly the sorted table rows
+        real = np.arange(m, dtype=np.int64)
+        query = q_real
     option = np.full(m, -1, dtype=np.int64)
     option[real] = table["option"].to_numpy()
     value = np.zeros(m)
@@ -225,3 +231,32 @@ def compile_problem(problem: Problem) -> Compiled:
                      cost=cost, accuracy=accuracy, c=c, sign=sign, objective=problem.objective)
     model.families = [spec.rows(model) for spec in problem.constraints if not isinstance(spec, Allowed)]
     return model
+
+
+def subset(model: Compiled, queries: np.ndarray) -> Compiled:
+    """The sub-model of ``queries`` (sorted) with every row's limit scaled by the subset's share of that row.
+
+    The share of a row is measured on its coefficients (sum over the subset's columns / sum over all), so a
+    tenant that is rare in the sample gets a proportionally small limit. Used for the initial prices.
+    """
+    counts = np.diff(model.starts)[queries]
+    starts = np.zeros(len(queries) + 1, dtype=np.int64)
+    np.cumsum(counts, out=starts[1:])
+    cols = np.repeat(model.starts[queries], counts) + (np.arange(int(counts.sum())) - np.repeat(starts[:-1], counts))
+    families = []
+    for f in model.families:
+        inside = f.gid >= 0
+        total = np.bincount(f.gid[inside], weights=np.abs(f.coef[inside]), minlength=f.size)
+        g_sub, c_sub = f.gid[cols], f.coef[cols]
+        ins = g_sub >= 0
+        part = np.bincount(g_sub[ins], weights=np.abs(c_sub[ins]), minlength=f.size)
+        share = np.divide(part, total, out=np.full(f.size, len(queries) / max(model.n, 1)), where=total > 0)
+        families.append(RowFamily(f.constraint, f.kind, f.sense, f.names, f.rhs * share, c_sub, g_sub,
+                                  None if f.scale is None else f.scale * share))
+    real_mask = model.option[cols] >= 0
+    return Compiled(
+        n=len(queries), m=len(cols), starts=starts, query=np.repeat(np.arange(len(queries), dtype=np.int64), counts),
+        option=model.option[cols], real=np.flatnonzero(real_mask), table=model.table.head(0), value=model.value[cols],
+        cost=model.cost[cols], accuracy=model.accuracy[cols], c=model.c[cols], sign=model.sign, objective=model.objective,
+        families=families,
+    )
