@@ -1,0 +1,319 @@
+"""The OpenAI-compatible backend against a real HTTP server on 127.0.0.1 that answers from a history,
+with injected faults; the Bedrock backend against botocore's Stubber."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from batchplan.catalog import PriceCatalog
+from batchplan.contracts import PLAN_SCHEMA, QUEUE_SCHEMA, conform
+from batchplan.history import History, synthetic_history
+from batchplan.storage import Storage
+from dispatchers import ModelLimits, RetryPolicy, dispatch, get_backend, read_manifest
+from dispatchers.openai import parse_retry_after
+from dispatchers.replay_server import Faults, ReplayServer
+
+FAST_RETRY = RetryPolicy(max_attempts=6, base_delay_s=0.01, max_delay_s=0.2, down_after=5, down_cooldown_s=30)
+
+
+@pytest.fixture(scope="module")
+def history() -> History:
+    return synthetic_history(300, 4, seed=11)
+
+
+@pytest.fixture
+def server(history: History) -> Iterator[ReplayServer]:
+    with ReplayServer(history) as srv:
+        yield srv
+
+
+def queue_of(history: History, n: int) -> pl.DataFrame:
+    return conform(history.queries.head(n), QUEUE_SCHEMA, name="queue", required=("query_id", "prompt"))
+
+
+def plan_of(queue: pl.DataFrame, model: str, fallbacks: list[str] | None = None) -> pl.DataFrame:
+    plan = conform(
+        queue.select("query_id", pl.lit("single").alias("kind"), pl.lit([model]).alias("models")),
+        PLAN_SCHEMA,
+        name="plan",
+    )
+    if fallbacks is not None:
+        plan = plan.with_columns(pl.lit(fallbacks, pl.List(pl.String)).alias("fallback_models"))
+    return plan
+
+
+def openai(server: ReplayServer, history: History, **kwargs: object) -> object:
+    catalog = PriceCatalog.from_history(history.prices, history.outcomes)
+    return get_backend("openai", base_url=server.base_url, catalog=catalog, api_key_env="BATCHPLAN_TEST_KEY", **kwargs)
+
+
+def ledger_events(out: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for f in (out / "ledger").glob("*.jsonl") for line in f.read_text().splitlines() if line]
+
+
+def recorded(history: History, model: str) -> dict[str, tuple[str | None, float]]:
+    rows = history.outcomes.filter(pl.col("model") == model).select("query_id", "answer", "cost_usd").iter_rows()
+    return {q: (a, c) for q, a, c in rows}
+
+
+@pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
+def test_http_matches_replay(history: History, server: ReplayServer, tmp_path: Path, transport: str) -> None:
+    queue = queue_of(history, 80)
+    model = history.models[1]
+    plan = plan_of(queue, model)
+    backend = openai(server, history, transport=transport)
+    results = dispatch(plan, queue, backend, budget_usd=10.0, out_uri=str(tmp_path / "http"), concurrency=8)
+    replayed = dispatch(
+        plan, queue, get_backend("replay", history=history), budget_usd=10.0, out_uri=str(tmp_path / "replay")
+    )
+    assert results.drop("error").equals(replayed.drop("error"))
+    stats = server.stats()
+    assert stats["billed_calls"] == 80
+    assert stats["billed_usd"] == pytest.approx(float(results["cost_usd"].sum()))
+
+
+def test_faults_are_retried_and_spend_is_accounted(history: History, server: ReplayServer, tmp_path: Path) -> None:
+    server.faults = Faults(
+        rate_429=0.08,
+        retry_after_s=0.05,
+        rate_500=0.08,
+        rate_slow=0.1,
+        slow_s=0.02,
+        rate_malformed=0.05,
+        rate_reset=0.05,
+        rate_refusal=0.05,
+        seed=3,
+    )
+    queue = queue_of(history, 200)
+    model = history.models[2]
+    out = tmp_path / "run"
+    backend = openai(server, history, timeout_s=2.0)
+    results = dispatch(
+        plan_of(queue, model), queue, backend, budget_usd=10.0, out_uri=str(out), concurrency=16, retry=FAST_RETRY
+    )
+    truth = recorded(history, model)
+    done = results.filter(pl.col("status") == "done")
+    assert done.height >= 195  # six attempts each: a query fails only on six faults in a row
+    assert all(answer == truth[q][0] for q, answer in done.select("query_id", "answer").iter_rows())
+    faults = server.stats()["faults"]
+    assert {"429", "500", "malformed", "reset", "refusal", "slow"} <= set(faults)
+    events = ledger_events(out)
+    calls = [e for e in events if e["e"] == "c"]
+    assert {e["s"] for e in calls} >= {"ok", "rate_limited", "server_error", "connection", "not_answer"}
+    charged = sum(float(e["usd"]) for e in calls)  # type: ignore[arg-type]
+    assert float(results["cost_usd"].sum()) == pytest.approx(charged)
+    # unknown bills (resets, malformed bodies) are charged their reservation: never below the server's bill
+    assert server.stats()["billed_usd"] <= charged + 1e-12
+    refusals = [e for e in calls if e["s"] == "not_answer"]
+    assert refusals
+    assert all(e["why"] == "refusal" and "sorry" in str(e["raw"]) for e in refusals)
+    manifest = read_manifest(Storage(), str(out))
+    assert manifest["stats"]["rate_limit_pauses"] >= 1
+    assert manifest["stats"]["retries"] >= 20
+
+
+def test_timeouts_are_retried(history: History, server: ReplayServer, tmp_path: Path) -> None:
+    server.faults = Faults(rate_timeout=0.2, timeout_s=1.0, seed=5)
+    queue = queue_of(history, 40)
+    backend = openai(server, history, timeout_s=0.25)
+    results = dispatch(
+        plan_of(queue, history.models[0]),
+        queue,
+        backend,
+        budget_usd=10.0,
+        out_uri=str(tmp_path / "run"),
+        concurrency=20,
+        retry=FAST_RETRY,
+    )
+    assert (results["status"] == "done").all()
+    timeouts = [e for e in ledger_events(tmp_path / "run") if e.get("s") == "timeout"]
+    assert timeouts
+    assert all(e.get("bk") is False and float(e["usd"]) > 0 for e in timeouts)
+
+
+def test_budget_holds_under_concurrency_and_faults(history: History, server: ReplayServer, tmp_path: Path) -> None:
+    server.faults = Faults(
+        rate_429=0.1, retry_after_s=0.01, rate_500=0.1, rate_reset=0.05, rate_slow=0.2, slow_s=0.01, seed=9
+    )
+    queue = queue_of(history, 300)
+    model = history.models[3]
+    full = sum(c for _, c in recorded(history, model).values())
+    budget = full * 0.3
+    backend = openai(server, history)
+    results = dispatch(
+        plan_of(queue, model),
+        queue,
+        backend,
+        budget_usd=budget,
+        out_uri=str(tmp_path / "run"),
+        concurrency=64,
+        retry=FAST_RETRY,
+    )
+    assert results.height == 300
+    assert float(results["cost_usd"].sum()) <= budget
+    assert server.stats()["billed_usd"] <= budget
+    assert results.filter(pl.col("status") == "deferred").height > 100
+    assert results.filter(pl.col("status") == "done").height > 30
+
+
+def test_down_model_falls_back(history: History, server: ReplayServer, tmp_path: Path) -> None:
+    down, backup = history.models[0], history.models[1]
+    server.faults = Faults(down_models=[down])
+    queue = queue_of(history, 60)
+    backend = openai(server, history)
+    results = dispatch(
+        plan_of(queue, down, [backup]),
+        queue,
+        backend,
+        budget_usd=10.0,
+        out_uri=str(tmp_path / "run"),
+        concurrency=4,
+        retry=FAST_RETRY,
+    )
+    assert (results["status"] == "done").all()
+    assert results["error"].str.starts_with(f"fallback to {backup}").all()
+    truth = recorded(history, backup)
+    assert all(a == truth[q][0] for q, a in results.select("query_id", "answer").iter_rows())
+    # the circuit opened: later queries skipped the down model without calling it
+    assert server.stats()["faults"]["down"] < 60 * FAST_RETRY.max_attempts
+    assert results["models_called"].to_list().count([backup]) > 0
+    assert read_manifest(Storage(), str(tmp_path / "run"))["stats"]["circuit_trips"] >= 1
+
+
+def test_not_answers_fail_with_raw_text(history: History, server: ReplayServer, tmp_path: Path) -> None:
+    server.faults = Faults(rate_refusal=1.0)
+    queue = queue_of(history, 5)
+    backend = openai(server, history)
+    retry = RetryPolicy(max_attempts=2, base_delay_s=0.0)
+    results = dispatch(
+        plan_of(queue, history.models[0]), queue, backend, budget_usd=10.0, out_uri=str(tmp_path / "run"), retry=retry
+    )
+    assert (results["status"] == "failed").all()
+    assert results["error"].str.contains("refusal").all()
+    assert results["error"].str.contains("sorry").all()
+    assert server.stats()["billed_calls"] == 10  # non-answers are billed, and retried once
+    assert float(results["cost_usd"].sum()) == pytest.approx(server.stats()["billed_usd"])
+
+
+def test_rate_limit_per_model(history: History, server: ReplayServer, tmp_path: Path) -> None:
+    queue = queue_of(history, 12)
+    backend = openai(server, history)
+    limits = {"*": ModelLimits(concurrency=2, requests_per_minute=1200)}  # 20/s, burst 20
+    started = time.monotonic()
+    dispatch(
+        plan_of(queue, history.models[0]),
+        queue,
+        backend,
+        budget_usd=10.0,
+        out_uri=str(tmp_path / "a"),
+        concurrency=12,
+        limits=limits,
+    )
+    assert time.monotonic() - started < 5
+    slow = {"*": ModelLimits(requests_per_minute=300)}  # 5/s, burst 5: 12 calls need >= 1.4 s
+    started = time.monotonic()
+    results = dispatch(
+        plan_of(queue, history.models[0]),
+        queue,
+        backend,
+        budget_usd=10.0,
+        out_uri=str(tmp_path / "b"),
+        concurrency=12,
+        limits=slow,
+    )
+    assert time.monotonic() - started >= 1.3
+    assert (results["status"] == "done").all()
+
+
+def test_api_key_is_sent_but_never_shown(
+    history: History, server: ReplayServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("BATCHPLAN_TEST_KEY", "sk-very-secret-123")
+    backend = openai(server, history)
+    assert "sk-very" not in repr(backend)
+    assert "sk-very" not in repr(vars(backend))
+    server.faults = Faults(rate_500=1.0)
+    queue = queue_of(history, 3)
+    dispatch(
+        plan_of(queue, history.models[0]),
+        queue,
+        backend,
+        budget_usd=1.0,
+        out_uri=str(tmp_path / "run"),
+        retry=RetryPolicy(max_attempts=1),
+    )
+    for path in (tmp_path / "run").rglob("*"):
+        if path.is_file():
+            assert b"sk-very" not in path.read_bytes()
+
+
+def test_parse_retry_after() -> None:
+    assert parse_retry_after({"retry-after": "2"}) == 2.0
+    assert parse_retry_after({"retry-after-ms": "250"}) == 0.25
+    assert parse_retry_after({"retry-after": "Wed, 21 Oct 2015 07:28:00 GMT"}) == 0.0
+    assert parse_retry_after({}) is None
+
+
+def test_offered_pairs_live_is_every_catalog_model(history: History, server: ReplayServer) -> None:
+    queue = queue_of(history, 7)
+    backend = openai(server, history)
+    pairs = backend.offered_pairs(queue)  # type: ignore[attr-defined]
+    assert pairs.height == 7 * len(history.models)
+
+
+# --- Bedrock Converse through botocore's Stubber -----------------------------------------------------------
+
+
+def _converse(text: str, tokens_in: int = 100, tokens_out: int = 1, stop: str = "end_turn") -> dict[str, object]:
+    return {
+        "output": {"message": {"role": "assistant", "content": [{"text": text}]}},
+        "stopReason": stop,
+        "usage": {"inputTokens": tokens_in, "outputTokens": tokens_out, "totalTokens": tokens_in + tokens_out},
+        "metrics": {"latencyMs": 12},
+    }
+
+
+def test_bedrock_converse_with_stubber(history: History, tmp_path: Path) -> None:
+    import boto3
+    from botocore.stub import Stubber
+
+    client = boto3.client("bedrock-runtime", region_name="us-east-1", aws_access_key_id="x", aws_secret_access_key="x")
+    model = history.models[0]
+    queue = queue_of(history, 3)
+    labels = queue["labels"].to_list()
+    catalog = PriceCatalog.from_history(history.prices, history.outcomes)
+    backend = get_backend("bedrock", catalog=catalog, client=client, model_map={model: "anthropic.claude-3-haiku"})
+    with Stubber(client) as stub:
+        first = queue.row(0, named=True)
+        expected = {
+            "modelId": "anthropic.claude-3-haiku",
+            "messages": [{"role": "user", "content": [{"text": first["prompt"]}]}],
+            "inferenceConfig": {"maxTokens": 16, "temperature": 0.0},
+        }
+        stub.add_response("converse", _converse(labels[0][0]), expected)
+        stub.add_client_error("converse", service_error_code="ThrottlingException", http_status_code=429)
+        stub.add_response("converse", _converse(f"Answer: {labels[1][-1]}"))
+        stub.add_response("converse", _converse("I cannot answer that."))
+        stub.add_response("converse", _converse("", stop="guardrail_intervened"))
+        results = dispatch(
+            plan_of(queue, model),
+            queue,
+            backend,
+            budget_usd=1.0,
+            out_uri=str(tmp_path / "run"),
+            concurrency=1,
+            retry=RetryPolicy(max_attempts=2, base_delay_s=0.0),
+        )
+        stub.assert_no_pending_responses()
+    assert results["status"].to_list() == ["done", "done", "failed"]
+    assert results["answer"].to_list()[:2] == [labels[0][0], labels[1][-1]]
+    assert "refusal" in results["error"][2]
+    price_in, price_out = history.prices.filter(pl.col("model") == model).row(0)[1:]
+    assert results["cost_usd"][0] == pytest.approx((100 * price_in + price_out) / 1e6)
+    assert results["cost_usd"][2] == pytest.approx(2 * (100 * price_in + price_out) / 1e6)
