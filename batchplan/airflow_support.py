@@ -599,10 +599,9 @@ def seed_queue(
 ) -> list[str]:
     """Drop queue parts for ``the_day`` made of held-out queries of the bundled histories (replayable)."""
     from batchplan.history import load_history, with_holdout
-    from batchplan.pipeline import history_queue
 
     history = with_holdout(load_history(history_dirs(), storage))
-    queue = history_queue(history, "test").sample(fraction=1.0, shuffle=True, seed=seed).slice(offset, queries)
+    queue = history.as_queue("test").sample(fraction=1.0, shuffle=True, seed=seed).slice(offset, queries)
     half = queue.height // 2
     parts = [f"{lay.queue(the_day)}part-0.parquet", f"{lay.queue(the_day)}part-1.jsonl"]
     storage.write_frame(queue.head(half), parts[0])
