@@ -359,31 +359,34 @@ def _from_event(event: dict[str, Any]) -> CallResult:
 
 
 def _queries(
-    plan: pl.DataFrame, queue: pl.DataFrame, final: set[str], prior: dict[str, PriorCalls]
+    plan: pl.DataFrame, queue: pl.DataFrame, final: set[str], prior: dict[str, PriorCalls], chunk: int = 2_048
 ) -> Iterator[_Query]:
+    """Plan rows joined to their queue rows, ``chunk`` at a time: working memory does not grow with the batch."""
     wanted = ["query_id", "kind", "models", "reserve_cost_usd", "thresholds"]
     has_fallback = FALLBACK_COLUMN in plan.columns
     columns = [c for c in wanted if c in plan.columns] + ([FALLBACK_COLUMN] if has_fallback else [])
-    frame = plan.select(columns).join(
-        queue.select("query_id", "prompt", "system_prompt", "labels"), on="query_id", how="left", maintain_order="left"
-    )
-    for row in frame.iter_rows(named=True):
-        query_id = row["query_id"]
-        if query_id in final:
-            continue
-        labels = row.get("labels")
-        yield _Query(
-            query_id=query_id,
-            kind=row.get("kind") or "single",
-            models=list(row.get("models") or []),
-            thresholds=list(row.get("thresholds") or []),
-            fallbacks=list(row.get(FALLBACK_COLUMN) or []) if has_fallback else [],
-            reserve_usd=row.get("reserve_cost_usd"),
-            prompt=row.get("prompt"),
-            system_prompt=row.get("system_prompt"),
-            labels=tuple(labels) if labels is not None else None,
-            prior=prior.get(query_id),
-        )
+    texts = queue.select("query_id", "prompt", "system_prompt", "labels")
+    for start in range(0, plan.height, chunk):
+        part = plan.slice(start, chunk).select(columns)
+        if final:
+            part = part.filter(~pl.col("query_id").is_in(pl.Series(list(final), dtype=pl.String).implode()))
+        # filter the queue to this chunk first: a join would hash the whole queue for every chunk
+        rows = texts.filter(pl.col("query_id").is_in(part["query_id"].implode()))
+        frame = part.join(rows, on="query_id", how="left", maintain_order="left")
+        for row in frame.iter_rows(named=True):
+            labels = row.get("labels")
+            yield _Query(
+                query_id=row["query_id"],
+                kind=row.get("kind") or "single",
+                models=list(row.get("models") or []),
+                thresholds=list(row.get("thresholds") or []),
+                fallbacks=list(row.get(FALLBACK_COLUMN) or []) if has_fallback else [],
+                reserve_usd=row.get("reserve_cost_usd"),
+                prompt=row.get("prompt"),
+                system_prompt=row.get("system_prompt"),
+                labels=tuple(labels) if labels is not None else None,
+                prior=prior.get(row["query_id"]),
+            )
 
 
 async def adispatch(
@@ -437,7 +440,7 @@ async def adispatch(
     )
     results = ResultWriter(storage, out_uri, writer_id, part_rows=part_rows, part_seconds=part_seconds)
     total = plan.height
-    done = len(final & set(plan["query_id"].to_list()))
+    done = int(plan["query_id"].is_in(pl.Series(list(final), dtype=pl.String).implode()).sum()) if final else 0
     started = time.monotonic()
 
     def manifest_extra(complete: bool) -> dict[str, Any]:

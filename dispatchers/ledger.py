@@ -186,7 +186,8 @@ class ResultWriter:
         """Flush the ledger, write the part, then the manifest that names it (in that order)."""
         ledger.flush()
         if self._rows:
-            frame = pl.DataFrame(self._rows, schema=RESULT_SCHEMA, orient="row")
+            columns = dict(zip(RESULT_SCHEMA.names(), zip(*self._rows, strict=True), strict=True))
+            frame = pl.DataFrame({name: list(values) for name, values in columns.items()}, schema=RESULT_SCHEMA)
             name = f"part-{self.writer_id}-{self._seq:05d}.parquet"
             self.storage.write_frame(frame, join(self.out_uri, "results", name))
             self._seq += 1
@@ -213,4 +214,7 @@ def read_results(out_uri: str, storage: Storage | None = None) -> pl.DataFrame:
     frames = [storage.read_frame(join(out_uri, "results", part["name"])) for part in manifest.get("parts", [])]
     if not frames:
         return pl.DataFrame(schema=RESULT_SCHEMA)
-    return pl.concat(frames).unique("query_id", keep="last", maintain_order=True)
+    frame = pl.concat(frames, rechunk=False)
+    if frame["query_id"].is_duplicated().any():  # a deferred query redone by a later run: the later row wins
+        frame = frame.unique("query_id", keep="last", maintain_order=True)
+    return frame

@@ -50,7 +50,9 @@ class ReplayBackend(Backend):
         answer, cost, tokens_in, tokens_out, logprob = row
         if answer is None and request.labels is None:
             # An open task (code, free text): the history kept the verdict, not the text.
-            return CallResult(request.model, OK, cost_usd=cost, tokens_in=tokens_in, tokens_out=tokens_out, logprob=logprob)
+            return CallResult(
+                request.model, OK, cost_usd=cost, tokens_in=tokens_in, tokens_out=tokens_out, logprob=logprob
+            )
         if answer is None:
             return CallResult(
                 request.model,
