@@ -44,6 +44,7 @@ from dispatchers.ledger import (
 from dispatchers.limits import ModelGate, ModelLimits, RetryPolicy
 
 LOST = "lost"  # a call sent before a crash whose outcome never reached the ledger (non-idempotent backend)
+PLAN_KINDS = ("single", "vote", "cascade", "agreement")  # and "defer": planned not to run
 FALLBACK_COLUMN = (
     "fallback_models"  # optional plan column: list[str], models to try, in order, if the plan's model fails
 )
@@ -64,13 +65,18 @@ class _Query:
     labels: tuple[str, ...] | None
     prior: PriorCalls | None
     charged_usd: float = 0.0
-    models_called: list[str] = field(default_factory=list)
+    calls: list[tuple[int, str]] = field(default_factory=list)  # (slot, model), first call of each
     _slots_called: set[tuple[int, str]] = field(default_factory=set)
+
+    @property
+    def models_called(self) -> list[str]:
+        """In plan order (slot), whatever order concurrent members completed in; fallbacks after their slot's model."""
+        return [model for _, model in sorted(self.calls, key=lambda call: call[0])]
 
     def called(self, slot: int, model: str) -> None:
         if (slot, model) not in self._slots_called:
             self._slots_called.add((slot, model))
-            self.models_called.append(model)
+            self.calls.append((slot, model))
 
 
 @dataclass
@@ -216,6 +222,10 @@ class _Executor:
     async def run(self, q: _Query) -> tuple[Any, ...]:
         notes: list[str] = []
         try:
+            if q.kind == "defer":
+                return _row(q, None, "deferred", "deferred by the plan")
+            if q.kind not in PLAN_KINDS:
+                return _row(q, None, "failed", f"unknown plan kind {q.kind!r}: one of {PLAN_KINDS}")
             if not q.models:
                 return _row(q, None, "failed", "plan row has no models")
             if q.kind == "vote" and len(q.models) > 1:

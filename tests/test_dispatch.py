@@ -236,3 +236,33 @@ def test_budget_guard_waits_for_in_flight_then_refuses() -> None:
         assert guard.reserved_usd == pytest.approx(0.45)
 
     asyncio.run(scenario())
+
+
+def test_agreement_and_planned_deferral(small_history: History, tmp_path: Path) -> None:
+    queue = make_queue(small_history, 60)
+    models = small_history.models[:3]
+    base = single_plan(small_history, queue)
+    plan = base.with_columns(pl.lit("agreement").alias("kind"), pl.lit(models).alias("models"))
+    plan = plan.with_columns(pl.when(pl.int_range(pl.len()) < 5).then(pl.lit("defer")).otherwise("kind").alias("kind"))
+    results = dispatch(
+        plan, queue, get_backend("replay", history=small_history), budget_usd=10.0, out_uri=str(tmp_path / "run")
+    )
+    truth = recorded(small_history)
+    assert results["status"].head(5).to_list() == ["deferred"] * 5
+    assert results["cost_usd"].head(5).sum() == 0
+    for qid, answer, called, cost, status, _ in results.tail(55).iter_rows():
+        a, b, c = (truth[(qid, m)][0] for m in models)
+        assert status == "done"
+        if a is not None and a == b:
+            assert called == models[:2]
+            assert answer == a
+        else:
+            assert called == models
+            assert answer == (c if c is not None else a if a is not None else b)
+        assert cost == pytest.approx(sum(truth[(qid, m)][1] for m in called))
+    odd = plan.head(1).with_columns(pl.lit("lottery").alias("kind"))
+    failed = dispatch(
+        odd, queue, get_backend("replay", history=small_history), budget_usd=1.0, out_uri=str(tmp_path / "odd")
+    )
+    assert failed["status"].to_list() == ["failed"]
+    assert "unknown plan kind" in failed["error"][0]
