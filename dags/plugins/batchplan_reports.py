@@ -10,14 +10,22 @@ from __future__ import annotations
 
 from typing import Any, ClassVar
 
+from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
+from airflow.api_fastapi.core_api.security import requires_access_dag
 from airflow.plugins_manager import AirflowPlugin
-from fastapi import FastAPI, HTTPException
+from fastapi import Depends, FastAPI, HTTPException
 from fastapi.responses import HTMLResponse
 
 app = FastAPI(title="batchplan reports")
 
 
-@app.get("/reports/{dag_id}/{run_id}", response_class=HTMLResponse)
+# Same rule as the REST API's DAG-run endpoints: the caller (UI cookie or bearer token) may read this
+# DAG's runs. Plugin FastAPI apps are not protected by Airflow unless they say so.
+@app.get(
+    "/reports/{dag_id}/{run_id}",
+    response_class=HTMLResponse,
+    dependencies=[Depends(requires_access_dag(method="GET", access_entity=DagAccessEntity.RUN))],
+)
 def report(dag_id: str, run_id: str) -> HTMLResponse:
     from batchplan import airflow_support as bp
 
