@@ -36,7 +36,7 @@ LEVEL_FACTOR = 10  # initial prices come from a nested sample this many times sm
 ACTIVE_FRACTION = 0.01  # share of queries (closest to a tie) that get candidate moves in the first master
 MIN_ACTIVE = 500
 MAX_INITIAL = 3_000  # at most this many queries get candidate moves in the first master
-POLISH_QUERIES = 300  # queries in the integer polish MILP
+POLISH_QUERIES = 30  # closest-to-tie queries joining the split ones in the integer polish MILP
 MAX_ROUNDS = 60
 MAX_ADD = 3_000  # columns added per pricing round
 LP_OPTIONS: dict[str, Any] = {"solver": "simplex", "presolve": "off"}  # presolve costs 20x here
@@ -237,21 +237,35 @@ def lp_assignment(model: Compiled, master: Master) -> tuple[np.ndarray, np.ndarr
     return cols, frac
 
 
-def polish(model: Compiled, cols: np.ndarray, queries: np.ndarray, *, time_limit: float = 10.0) -> tuple[np.ndarray, HighsResult]:
-    """Integer re-optimisation of ``queries`` over all their columns, every other query fixed at ``cols``."""
+def polish(model: Compiled, cols: np.ndarray, queries: np.ndarray, *, time_limit: float = 10.0,
+           per_query: int | None = None, lam: np.ndarray | None = None) -> tuple[np.ndarray, HighsResult]:
+    """Integer re-optimisation of ``queries`` with every other query fixed at ``cols``.
+
+    ``per_query``: keep only that many columns per query (best reduced cost under ``lam``, plus the
+    current one); None keeps all (exact over those queries).
+    """
     rhs = model.le_rhs()
     k = len(rhs)
     counts = np.diff(model.starts)[queries]
     heads = np.zeros(len(queries), dtype=np.int64)
     heads[1:] = np.cumsum(counts)[:-1]
     all_cols = np.repeat(model.starts[queries], counts) + (np.arange(int(counts.sum())) - np.repeat(heads, counts))
+    if per_query is not None and lam is not None:
+        r = model.c[all_cols] - _column_prices(model, all_cols, lam)
+        qpos = np.repeat(np.arange(len(queries)), counts)
+        order = np.lexsort((-r, qpos))
+        rank = np.arange(len(order)) - np.repeat(heads, counts)
+        keep = np.zeros(len(all_cols), dtype=bool)
+        keep[order[rank < per_query]] = True
+        keep |= np.isin(all_cols, cols[queries])
+        all_cols = all_cols[keep]
     fixed = np.ones(model.n, dtype=bool)
     fixed[queries] = False
     x_fixed = np.zeros(model.m)
     x_fixed[cols[fixed]] = 1.0
     residual = rhs - model.le_usage(x_fixed)
     r_idx, c_idx, vals = model.matrix(all_cols)
-    qpos = np.repeat(np.arange(len(queries)), counts)
+    qpos = np.searchsorted(queries, model.query[all_cols])
     nc = len(all_cols)
     a = sp.csc_array((np.concatenate([vals, np.ones(nc)]), (np.concatenate([r_idx, k + qpos]), np.concatenate([c_idx, np.arange(nc)]))),
                      shape=(k + len(queries), nc))
@@ -266,42 +280,62 @@ def polish(model: Compiled, cols: np.ndarray, queries: np.ndarray, *, time_limit
     return out, res
 
 
+def _column_prices(model: Compiled, cols: np.ndarray, lam: np.ndarray) -> np.ndarray:
+    r_idx, c_idx, vals = model.matrix(cols)
+    return np.bincount(c_idx, weights=vals * lam[r_idx], minlength=len(cols))
+
+
 def greedy_repair(model: Compiled, cols: np.ndarray, queries: np.ndarray) -> np.ndarray:
-    """Move each of ``queries`` to the best column that keeps every row within its limit (fallback)."""
+    """Move each of ``queries`` in turn to its best column that keeps every row within its limit
+    (or, if none does, to the one violating least). Incremental: one full pass, then per-column deltas."""
     out = cols.copy()
     rhs = model.le_rhs()
+    k = len(rhs)
+    x = model.choose_matrix(out)
+    x[out[queries]] = 0.0
+    usage = model.le_usage(x)
     for q in queries:
-        x = model.choose_matrix(out)
-        x[out[q]] = 0.0
-        base = model.le_usage(x)
-        best, best_val, least, least_viol = -1, -np.inf, -1, np.inf
-        for j in range(model.starts[q], model.starts[q + 1]):
-            e = np.zeros(model.m)
-            e[j] = 1.0
-            use = base + model.le_usage(e)
-            viol = float(np.maximum(use - rhs, 0).sum())
-            if viol <= 1e-9 and model.c[j] > best_val:
-                best, best_val = j, float(model.c[j])
-            if viol < least_viol:
-                least, least_viol = j, viol
-        out[q] = best if best >= 0 else least
+        cand = np.arange(model.starts[q], model.starts[q + 1])
+        r_idx, c_idx, vals = model.matrix(cand)
+        use = np.zeros((len(cand), k))
+        np.add.at(use, (c_idx, r_idx), vals)
+        after = usage[None, :] + use
+        viol = np.maximum(after - rhs[None, :], 0.0).sum(axis=1)
+        ok = viol <= 1e-9 * np.maximum(1.0, np.abs(rhs)).max()
+        pick = int(np.argmax(np.where(ok, model.c[cand], -np.inf))) if ok.any() else int(np.argmin(viol))
+        out[q] = cand[pick]
+        usage = after[pick]
     return out
 
 
+EXACT_QUERIES = 200  # up to this many queries the polish MILP covers everything (exact within mip_rel_gap)
+
+
 def round_and_repair(model: Compiled, cols: np.ndarray, frac: np.ndarray, margin: np.ndarray | None,
-                     polish_queries: int, time_limit: float) -> tuple[np.ndarray, dict[str, Any]]:
-    """Integral assignment from an LP one: MILP polish over the split queries plus the closest-to-tie others."""
-    n_polish = min(model.n, max(polish_queries, 4 * len(frac)))
-    if n_polish >= model.n or margin is None:
-        queries = np.arange(model.n) if n_polish >= model.n else frac
-    else:
-        near = np.argpartition(margin, n_polish - 1)[:n_polish]
+                     polish_queries: int, time_limit: float, lam: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+    """Integral assignment from an LP one.
+
+    Small problems: one MILP over every query (exact). Large: greedy repair of the split queries (at most
+    K of them at a vertex), then a short MILP over them plus the closest-to-tie others, kept if better.
+    """
+    if model.n <= EXACT_QUERIES:
+        out, res = polish(model, cols, np.arange(model.n), time_limit=time_limit)
+        info = {"polish_queries": model.n, "polish_status": res.status,
+                "polish_bound": res.mip_dual_bound if res.optimal else None}
+        if res.has_solution and not check_feasible(model, out):
+            return out, info
+        cols = out
+    out = greedy_repair(model, cols, frac)
+    info = {"polish_queries": 0, "polish_status": None, "polish_bound": None}
+    if margin is not None and len(margin) and polish_queries > 0:
+        n_near = min(model.n, polish_queries)
+        near = np.argpartition(margin, n_near - 1)[:n_near] if n_near < model.n else np.arange(model.n)
         queries = np.union1d(near, frac)
-    out, res = polish(model, cols, queries, time_limit=time_limit)
-    if check_feasible(model, out):
-        out = greedy_repair(model, out, frac)
-    return out, {"polish_queries": len(queries), "polish_status": res.status,
-                 "polish_bound": res.mip_dual_bound if len(queries) == model.n and res.optimal else None}
+        cand, res = polish(model, out, queries, time_limit=min(time_limit, 1.0), per_query=3, lam=lam)
+        info.update(polish_queries=len(queries), polish_status=res.status)
+        if res.has_solution and not check_feasible(model, cand) and model.c @ model.choose_matrix(cand) >= model.c @ model.choose_matrix(out):
+            out = cand
+    return out, info
 
 
 def solve_decompose(
@@ -330,7 +364,7 @@ def solve_decompose(
     bound = float(pricing.best.sum() + lam @ rhs)  # valid for any lam >= 0
     cols, frac = lp_assignment(model, master)
     remaining = 10.0 if deadline is None else max(deadline - time.perf_counter(), 1.0)
-    cols, polish_info = round_and_repair(model, cols, frac, pricing.margin, polish_queries, min(10.0, remaining))
+    cols, polish_info = round_and_repair(model, cols, frac, pricing.margin, polish_queries, min(10.0, remaining), lam)
     if polish_info["polish_bound"] is not None and np.isfinite(polish_info["polish_bound"]):
         bound = min(bound, float(polish_info["polish_bound"]))
     violated = check_feasible(model, cols)
@@ -354,6 +388,6 @@ def repair_lp_solution(model: Compiled, solution: Solution, *, method: str) -> S
     cols = order[first]
     prices = np.array([solution.shadow_prices.get(n, 0.0) for n in model.row_names])
     margin = price(model, prices).margin if len(prices) else None
-    cols, _ = round_and_repair(model, cols, frac, margin, POLISH_QUERIES, 10.0)
+    cols, _ = round_and_repair(model, cols, frac, margin, POLISH_QUERIES, 10.0, prices if len(prices) else None)
     bound = model.sign * solution.bound
     return build_solution(model, cols, bound=bound, method=method, seconds=solution.solve_seconds, prices=prices)

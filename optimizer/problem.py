@@ -189,8 +189,8 @@ def compile_problem(problem: Problem) -> Compiled:
     table = table.with_columns(casts)
     n = problem.n_queries if problem.n_queries is not None else (int(table["query"].max()) + 1 if table.height else 0)  # type: ignore[arg-type]
     if table.height:
-        qmin, qmax = table["query"].min(), table["query"].max()
-        if qmin < 0 or qmax >= n:  # type: ignore[operator]
+        qmin, qmax = int(table["query"].min()), int(table["query"].max())  # type: ignore[arg-type]
+        if qmin < 0 or qmax >= n:
             raise ValueError(f"query must be a dense index in 0..{n - 1}; found range {qmin}..{qmax}")
         if table["option"].n_unique() != table.height:
             raise ValueError("option ids must be unique over the options table")

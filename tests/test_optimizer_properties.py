@@ -1,0 +1,140 @@
+"""optimizer/: hypothesis properties, frontier, the larger-n decomposition path, input validation."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from test_optimizer import assert_feasible, brute_force, budget_between, cheapest_total, tiny_options
+
+from optimizer import (
+    AccuracyFloor,
+    Budget,
+    Capacity,
+    GroupBudget,
+    InfeasibleError,
+    Problem,
+    frontier,
+    solve,
+)
+
+
+@st.composite
+def problems(draw: st.DrawFn) -> Problem:
+    n = draw(st.integers(1, 5))
+    k = draw(st.integers(1, 3))
+    seed = draw(st.integers(0, 10_000))
+    opts = tiny_options(n, k, seed)
+    share = draw(st.floats(0.0, 1.2))
+    constraints: list = [Budget(limit=budget_between(opts, share))]
+    if draw(st.booleans()):
+        t0 = float(opts.filter(pl.col("tenant") == "t0")["cost"].max() or 0.0) * n
+        constraints.append(GroupBudget(group="tenant", limits={"t0": t0 * draw(st.floats(0.1, 1.0))}, name="tenant_budget"))
+    if draw(st.booleans()):
+        constraints.append(Capacity(column="calls", group="model", limit={f"m{k - 1}": draw(st.integers(0, n))}))
+    if draw(st.booleans()):
+        constraints.append(AccuracyFloor(min_mean=draw(st.floats(0.2, 0.7))))
+    deferrable = draw(st.sampled_from([None, True]))
+    return Problem(opts, "max_value", constraints, deferrable=deferrable)
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(problems(), st.sampled_from(["decompose", "cvxpy_milp"]))
+def test_properties(problem: Problem, method: str) -> None:
+    truth = brute_force(problem)
+    if truth is None:
+        with pytest.raises(InfeasibleError) as err:
+            solve(problem, method=method)  # type: ignore[arg-type]
+        assert err.value.constraint
+        return
+    solution = solve(problem, method=method)  # type: ignore[arg-type]
+    # every query gets exactly one option or is deferred; no constraint violated
+    assert_feasible(problem, solution)
+    # the objective never beats the bound, nor the true optimum
+    tol = 1e-6 * max(1.0, abs(truth[0]))
+    assert solution.objective <= solution.bound + tol
+    assert solution.objective <= truth[0] + tol
+    assert solution.gap >= 0
+
+
+def medium_options(n: int, seed: int = 0) -> pl.DataFrame:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from solver import make_options  # type: ignore[import-not-found]
+
+    return make_options(n, seed)
+
+
+def test_decompose_at_medium_size_is_certified_and_matches_lp() -> None:
+    """Past the exact-polish size: nested-sample prices, pricing rounds; LP value equals CVXPY's LP."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from solver import constraints_for  # type: ignore[import-not-found]
+
+    opts = medium_options(5_000, 1)
+    problem = Problem(opts, "max_value", constraints_for(opts, "all"))
+    fast = solve(problem, method="decompose")
+    assert_feasible(problem, fast)
+    assert fast.gap <= 1e-3
+    lp = solve(problem, method="cvxpy_lp")
+    assert fast.bound == pytest.approx(lp.bound, rel=1e-6)
+    assert fast.objective <= fast.bound
+    assert set(fast.binding) >= {n for n, p in fast.shadow_prices.items() if p > 1e-6}
+
+
+def test_min_cost_with_floor_per_task_medium() -> None:
+    opts = tiny_options(400, 4, 5, tasks=3)
+    problem = Problem(opts, "min_cost", [AccuracyFloor(min_mean=0.6, group="task")])
+    solution = solve(problem)
+    assert_feasible(problem, solution)
+    assert solution.objective >= solution.bound - 1e-9
+    assert solution.gap < 1e-2
+    milp = solve(problem, method="cvxpy_milp")
+    assert solution.objective == pytest.approx(milp.objective, rel=1e-3)
+
+
+def test_frontier_is_monotone_and_certified() -> None:
+    opts = tiny_options(300, 4, 7)
+    lo = cheapest_total(opts)
+    budgets = [lo * f for f in (0.5, 1.0, 1.5, 2.5, 5.0)]
+    table = frontier(Problem(opts, constraints=[Budget(limit=1.0)]), budgets)
+    assert table.columns == ["budget", "objective", "bound", "gap", "cost", "accuracy", "deferred", "seconds"]
+    assert table["objective"][0] is None  # below the cheapest assignment: infeasible without deferral
+    feasible = table.drop_nulls("objective")
+    obj = feasible["objective"].to_numpy()
+    assert np.all(np.diff(obj) >= -1e-9)
+    assert np.all(feasible["cost"].to_numpy() <= feasible["budget"].to_numpy() + 1e-9)
+    assert np.all(obj <= feasible["bound"].to_numpy() + 1e-9)
+
+
+def test_frontier_with_deferral_has_no_gaps() -> None:
+    opts = tiny_options(100, 3, 8)
+    table = frontier(Problem(opts, deferrable=True), [0.0, 0.5, 2.0, 10.0])
+    assert table["objective"].null_count() == 0
+    assert table["deferred"][0] == 100
+
+
+def test_validation_errors() -> None:
+    opts = tiny_options(3, 2, 0)
+    with pytest.raises(ValueError, match="objective"):
+        Problem(opts, "max_accuracy")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="unique"):
+        Problem(opts, constraints=[Budget(1.0), Budget(2.0)])
+    with pytest.raises(ValueError, match="option ids"):
+        solve(Problem(opts.with_columns(option=pl.lit(1, dtype=pl.Int64))))
+    with pytest.raises(KeyError, match="no column"):
+        solve(Problem(opts, constraints=[Capacity(column="nope", limit=1.0)]))
+
+
+def test_no_constraints_takes_best_option() -> None:
+    opts = tiny_options(6, 3, 4)
+    solution = solve(Problem(opts))
+    best = opts.sort("value", descending=True).group_by("query", maintain_order=True).first().sort("query")
+    assert solution.chosen["option"].to_list() == best["option"].to_list()
+    assert solution.gap == 0
