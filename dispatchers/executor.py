@@ -34,6 +34,7 @@ from dispatchers.base import (
 from dispatchers.budget import BudgetGuard
 from dispatchers.ledger import (
     FINAL_STATUSES,
+    Lease,
     Ledger,
     PriorCalls,
     ResultWriter,
@@ -421,6 +422,50 @@ async def adispatch(
         raise ValueError("plan has duplicate query_id rows: one plan row per query")
     identity = run_identity(storage, out_uri)
     writer_id = new_writer_id()
+    lease = Lease(storage, out_uri, writer_id)
+    lease.acquire()
+    try:
+        return await _dispatch_leased(
+            plan,
+            queue,
+            backend,
+            storage,
+            out_uri,
+            identity,
+            writer_id,
+            lease,
+            budget_usd=budget_usd,
+            concurrency=concurrency,
+            progress=progress,
+            limits=limits,
+            retry=retry,
+            max_tokens=max_tokens,
+            part_rows=part_rows,
+            part_seconds=part_seconds,
+        )
+    finally:
+        lease.release()
+
+
+async def _dispatch_leased(
+    plan: pl.DataFrame,
+    queue: pl.DataFrame,
+    backend: Backend,
+    storage: Storage,
+    out_uri: str,
+    identity: dict[str, Any],
+    writer_id: str,
+    lease: Lease,
+    *,
+    budget_usd: float,
+    concurrency: int,
+    progress: Progress | None,
+    limits: ModelLimits | Mapping[str, ModelLimits] | None,
+    retry: RetryPolicy | None,
+    max_tokens: int,
+    part_rows: int,
+    part_seconds: float,
+) -> pl.DataFrame:
     committed = read_results(out_uri, storage)
     final = set(committed.filter(pl.col("status").is_in(list(FINAL_STATUSES)))["query_id"].to_list())
     ledger = Ledger(storage, out_uri, writer_id)
@@ -487,6 +532,12 @@ async def adispatch(
             if progress is not None:
                 progress(done, total)
 
+    async def heartbeat() -> None:
+        while True:
+            await asyncio.sleep(lease.ttl_s / 4)
+            lease.renew()
+
+    beat = asyncio.create_task(heartbeat())
     try:
         if progress is not None:
             progress(done, total)
@@ -499,6 +550,7 @@ async def adispatch(
         results.commit(ledger, manifest_extra(True))
         return ordered.select(RESULT_SCHEMA.names()).cast(RESULT_SCHEMA)
     finally:
+        beat.cancel()
         ledger.close()
         await backend.aclose()
 

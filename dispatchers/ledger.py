@@ -8,6 +8,7 @@ Layout (local directory or ``s3://bucket/prefix``)::
       ledger/<writer>-<seq>.jsonl       S3: the same lines in segments, flushed every N events / T seconds
       results/part-<writer>-<seq>.parquet   RESULT_SCHEMA rows of finished queries, written atomically
       manifest.json                     the committed parts, counts and spend; rewritten after each part
+      lock.json                         the live writer's lease (host, pid, heartbeat); removed at the end
 
 Ledger events, one JSON object per line, keyed by (``q`` query_id, ``c`` call):
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import time
 import uuid
 from collections.abc import Iterable
@@ -218,3 +220,59 @@ def read_results(out_uri: str, storage: Storage | None = None) -> pl.DataFrame:
     if frame["query_id"].is_duplicated().any():  # a deferred query redone by a later run: the later row wins
         frame = frame.unique("query_id", keep="last", maintain_order=True)
     return frame
+
+
+class RunLocked(RuntimeError):
+    """Another live process is dispatching into the same out_uri."""
+
+
+class Lease:
+    """One writer per ``out_uri``: two processes on one ledger would both pay for the same calls.
+
+    Taken with ``put_if_absent``; renewed by a heartbeat; a lease is stale (taken over) when its process
+    is gone (same host, pid no longer alive: e.g. kill -9) or its heartbeat is older than ``ttl_s``.
+    """
+
+    def __init__(self, storage: Storage, out_uri: str, writer_id: str, ttl_s: float = 60.0) -> None:
+        self.storage = storage
+        self.uri = join(out_uri, "lock.json")
+        self.writer_id = writer_id
+        self.ttl_s = ttl_s
+
+    def _body(self) -> bytes:
+        return json.dumps(
+            {"writer": self.writer_id, "host": socket.gethostname(), "pid": os.getpid(), "at": time.time()}
+        ).encode()
+
+    def acquire(self) -> None:
+        if self.storage.put_if_absent(self.uri, self._body()):
+            return
+        try:
+            holder = json.loads(self.storage.read_bytes(self.uri))
+        except (StorageError, json.JSONDecodeError):
+            holder = {}
+        if holder and not self._stale(holder):
+            age = time.time() - float(holder.get("at", 0))
+            raise RunLocked(
+                f"{self.uri.rsplit('/', 1)[0]} is being dispatched by pid {holder.get('pid')} on {holder.get('host')} "
+                f"(heartbeat {age:.0f}s ago): wait for it, or delete lock.json if that process is gone"
+            )
+        self.storage.write_bytes(self.uri, self._body())
+
+    def _stale(self, holder: dict[str, Any]) -> bool:
+        if time.time() - float(holder.get("at", 0)) > self.ttl_s:
+            return True
+        if holder.get("host") == socket.gethostname():
+            try:
+                os.kill(int(holder.get("pid", -1)), 0)
+            except ProcessLookupError:
+                return True
+            except (PermissionError, ValueError, OverflowError):
+                return False
+        return False
+
+    def renew(self) -> None:
+        self.storage.write_bytes(self.uri, self._body())
+
+    def release(self) -> None:
+        self.storage.delete(self.uri)

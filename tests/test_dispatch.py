@@ -266,3 +266,33 @@ def test_agreement_and_planned_deferral(small_history: History, tmp_path: Path) 
     )
     assert failed["status"].to_list() == ["failed"]
     assert "unknown plan kind" in failed["error"][0]
+
+
+def test_one_writer_per_out_uri(small_history: History, tmp_path: Path) -> None:
+    import os
+    import socket
+    import subprocess
+    import time
+
+    from dispatchers.ledger import RunLocked
+
+    queue = make_queue(small_history, 10)
+    plan = single_plan(small_history, queue)
+    out = tmp_path / "run"
+    out.mkdir()
+    lock = out / "lock.json"
+    lock.write_text(
+        json.dumps({"writer": "other", "host": socket.gethostname(), "pid": os.getpid(), "at": time.time()})
+    )
+    backend = get_backend("replay", history=small_history)
+    with pytest.raises(RunLocked, match="being dispatched"):
+        dispatch(plan, queue, backend, budget_usd=1.0, out_uri=str(out))
+    assert not (out / "ledger").exists()  # nothing was sent
+    dead_pid = subprocess.Popen(["true"])  # once reaped, its pid names no process: a killed holder
+    dead_pid.wait()
+    lock.write_text(
+        json.dumps({"writer": "killed", "host": socket.gethostname(), "pid": dead_pid.pid, "at": time.time()})
+    )
+    results = dispatch(plan, queue, backend, budget_usd=1.0, out_uri=str(out))
+    assert (results["status"] == "done").all()
+    assert not lock.exists()
