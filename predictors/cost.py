@@ -18,6 +18,7 @@ import polars as pl
 from batchplan.catalog import PriceCatalog
 
 DEFAULT_CHARS_PER_TOKEN_RATIO = 0.25
+COST_SOURCES = ("tokens", "billed", "billed_mean", "cold")
 LABEL_TOKENS_OUT = (1.0, 1.0, 2.0)  # mean, p50, p90 for label tasks with no recorded usage
 OPEN_TOKENS_OUT = (200.0, 150.0, 500.0)
 
@@ -39,9 +40,12 @@ class CostModel:
     tokens_out: list[dict[str, Any]] = field(default_factory=list)  # model, task, mean, p50, p90
     billed: list[dict[str, Any]] = field(default_factory=list)  # model, task, a, b, high_ratio, n
     cost_per_kchar: dict[str, float] = field(default_factory=dict)
+    # billed / list-price estimate, median per "model\ttask": corrects tokenizer and price-sheet mismatches
+    # (e.g. one model name priced differently by two sources); 1 where unknown
+    price_factor: dict[str, float] = field(default_factory=dict)
 
     @classmethod
-    def fit(cls, queries: pl.DataFrame, outcomes: pl.DataFrame) -> CostModel:
+    def fit(cls, queries: pl.DataFrame, outcomes: pl.DataFrame, prices: pl.DataFrame | None = None) -> CostModel:
         q = queries.select("query_id", pl.col("task").fill_null("default"), query_chars(queries))
         rows = outcomes.join(q, on="query_id", how="inner")
         known_in = rows.filter(pl.col("tokens_in").is_not_null() & (pl.col("tokens_in") > 0))
@@ -87,7 +91,7 @@ class CostModel:
                 }
             )
         per_kchar = rows.group_by("model").agg((pl.col("cost_usd").sum() / pl.col("chars").sum() * 1000).alias("c"))
-        return cls(
+        model = cls(
             token_ratio=dict(zip(per_model["key"].to_list(), per_model["median"].to_list(), strict=True)),
             token_ratio_p90=dict(zip(per_model["key"].to_list(), per_model["p90"].to_list(), strict=True)),
             global_ratio=global_ratio,
@@ -95,6 +99,27 @@ class CostModel:
             billed=sorted(billed, key=lambda r: (r["model"], r["task"])),
             cost_per_kchar=dict(zip(per_kchar["model"].to_list(), per_kchar["c"].to_list(), strict=True)),
         )
+        if prices is not None and prices.height:
+            model.price_factor = model._fit_price_factor(rows, prices)
+        return model
+
+    def _fit_price_factor(self, rows: pl.DataFrame, prices: pl.DataFrame) -> dict[str, float]:
+        catalog = PriceCatalog(
+            prices=prices, billed=pl.DataFrame(schema={"model": pl.String, "mean_cost_usd": pl.Float64})
+        )
+        priced = rows.filter(pl.col("cost_usd").is_not_null() & (pl.col("cost_usd") > 0))
+        if priced.height == 0:
+            return {}
+        est = self.predict(priced.select("model", "task", "chars", pl.lit(True).alias("has_labels")), catalog)
+        ratios = (
+            priced.select("model", "task", "cost_usd")
+            .with_columns(est["cost_usd"].alias("est"), est["cost_source"].cast(pl.String).alias("src"))
+            .filter((pl.col("src") == "tokens") & (pl.col("est") > 0))
+            .group_by("model", "task")
+            .agg((pl.col("cost_usd") / pl.col("est")).median().clip(0.2, 5.0).alias("f"))
+            .sort("model", "task")
+        )
+        return {f"{m}\t{t}": float(f) for m, t, f in ratios.iter_rows()}
 
     def to_state(self) -> dict[str, Any]:
         return {
@@ -104,6 +129,7 @@ class CostModel:
             "tokens_out": self.tokens_out,
             "billed": self.billed,
             "cost_per_kchar": self.cost_per_kchar,
+            "price_factor": self.price_factor,
         }
 
     @classmethod
@@ -134,15 +160,14 @@ class CostModel:
     ) -> pl.DataFrame:
         """As ``predict``, with pairs given as codes into ``models`` and ``tasks``. Every path is linear in
         the prompt length, so coefficients are computed once per distinct (model, task, has_labels)."""
-        key = (np.asarray(mi, dtype=np.int64) * len(tasks) + np.asarray(ti, dtype=np.int64)) * 2 + has_labels.astype(
-            np.int64
-        )
-        uniq, code = np.unique(key, return_inverse=True)
+        # dense table over every (model, task, has_labels): index = (model * T + task) * 2 + has_labels
+        n_t = len(tasks)
+        code = (np.asarray(mi, dtype=np.int64) * n_t + np.asarray(ti, dtype=np.int64)) * 2 + has_labels.astype(np.int64)
         combos = pl.DataFrame(
             {
-                "model": [models[int(k) // 2 // len(tasks)] for k in uniq],
-                "task": [tasks[int(k) // 2 % len(tasks)] for k in uniq],
-                "has_labels": [bool(k % 2) for k in uniq],
+                "model": [m for m in models for _ in range(2 * n_t)],
+                "task": [t for _ in models for t in tasks for _ in range(2)],
+                "has_labels": [bool(h) for _ in models for _ in tasks for h in range(2)],
             },
             schema={"model": pl.String, "task": pl.String, "has_labels": pl.Boolean},
         )
@@ -163,7 +188,7 @@ class CostModel:
                 "tokens_in": col("ratio") * chars,
                 "tokens_out": out_mean,
                 "tokens_out_p90": out_p90,
-                "cost_source": coef["cost_source"].to_numpy()[code],
+                "cost_source": coef["cost_source"].cast(pl.Enum(COST_SOURCES)).gather(code),
             },
             schema={
                 "cost_usd": pl.Float64,
@@ -171,7 +196,7 @@ class CostModel:
                 "tokens_in": pl.Float64,
                 "tokens_out": pl.Float64,
                 "tokens_out_p90": pl.Float64,
-                "cost_source": pl.String,
+                "cost_source": pl.Enum(COST_SOURCES),
             },
         )
 
@@ -215,8 +240,18 @@ class CostModel:
             pl.col("high_ratio").max().alias("high_ratio_m"),
         )
         catalog_billed = catalog.billed.select("model", pl.col("mean_cost_usd").alias("billed_mean")).unique("model")
+        factor_keys = [k.split("\t", 1) for k in self.price_factor]
+        factor = pl.DataFrame(
+            {
+                "model": [k[0] for k in factor_keys],
+                "task": [k[1] for k in factor_keys],
+                "price_factor": list(self.price_factor.values()),
+            },
+            schema={"model": pl.String, "task": pl.String, "price_factor": pl.Float64},
+        )
         f = (
             frame.join(prices, on="model", how="left")
+            .join(factor, on=["model", "task"], how="left")
             .join(ratio, on=["model", "task"], how="left")
             .join(ratio_m, on="model", how="left")
             .join(tok_out, on=["model", "task"], how="left")
@@ -250,6 +285,10 @@ class CostModel:
             .alias("cost_source")
         )
         src = pl.col("cost_source")
+        f = f.with_columns(
+            (pl.col("usd_per_mtok_in") * pl.col("price_factor").fill_null(1.0)).alias("usd_per_mtok_in"),
+            (pl.col("usd_per_mtok_out") * pl.col("price_factor").fill_null(1.0)).alias("usd_per_mtok_out"),
+        )
         return f.select(
             pl.when(src == "tokens")
             .then(0.0)

@@ -22,7 +22,8 @@ import scipy.sparse as sp
 from batchplan.contracts import DEFAULT_TASK
 
 TOKEN_PATTERN = r"[a-z0-9]+"
-STAT_COLUMNS = ("n_chars", "n_spaces", "digit_share", "n_labels")
+STAT_COLUMNS = ("n_chars", "digit_share", "n_labels")
+STATS_TAIL = 400  # digit share is measured on the prompt's tail (the part that differs between queries)
 
 
 def text_of(queries: pl.DataFrame) -> pl.Series:
@@ -35,8 +36,10 @@ def text_stats(queries: pl.DataFrame) -> pl.DataFrame:
     n_chars = prompt.str.len_chars().cast(pl.Float32)
     return queries.select(
         n_chars.alias("n_chars"),
-        prompt.str.count_matches(" ", literal=True).cast(pl.Float32).alias("n_spaces"),
-        (prompt.str.count_matches(r"[0-9]").cast(pl.Float32) / (n_chars + 1)).alias("digit_share"),
+        (
+            prompt.str.tail(STATS_TAIL).str.count_matches(r"[0-9]").cast(pl.Float32)
+            / (pl.min_horizontal(n_chars, pl.lit(STATS_TAIL, dtype=pl.Float32)) + 1)
+        ).alias("digit_share"),
         pl.col("labels").list.len().fill_null(0).cast(pl.Float32).alias("n_labels"),
     )
 
@@ -57,7 +60,6 @@ def _token_rows(texts: pl.Series, tail: int) -> pl.DataFrame:
             .alias("term"),
         )
         .explode("term")
-        .filter(pl.col("term").str.len_bytes() > 0)
     )
 
 
@@ -81,6 +83,7 @@ class TextEncoder:
         n_docs = len(texts)
         df = (
             _token_rows(texts, tail)
+            .filter(pl.col("term").str.len_bytes() > 0)
             .unique()
             .group_by("term")
             .len("df")
@@ -103,12 +106,14 @@ class TextEncoder:
         (duplicate (row, term) entries are left in: sparse products sum them). ``normalize`` merges them
         and scales rows to unit norm (for fitting; ``transform`` normalizes after projecting, which gives
         the same embedding, so it skips this)."""
-        if not hasattr(self, "_index"):
-            self._index = dict(zip(self.vocab, range(len(self.vocab)), strict=True))
-        terms = _token_rows(texts, self.tail).with_columns(
-            pl.col("term").replace_strict(self._index, default=None, return_dtype=pl.UInt32).alias("col")
+        if not hasattr(self, "_enum"):
+            self._enum = pl.Enum(self.vocab)
+        # terms outside the vocabulary cast to null; the enum's physical code is the vocabulary index
+        terms = (
+            _token_rows(texts, self.tail)
+            .select("row", pl.col("term").cast(self._enum, strict=False).to_physical().alias("col"))
+            .drop_nulls("col")
         )
-        terms = terms.filter(pl.col("col").is_not_null())
         rows = terms["row"].to_numpy().astype(np.int64)
         cols = terms["col"].to_numpy().astype(np.int32)
         indptr = np.zeros(len(texts) + 1, dtype=np.int64)

@@ -13,6 +13,7 @@ Models without history borrow priors, retrieval columns and betas from their des
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -32,6 +33,7 @@ from predictors.retrieval import Retriever
 from predictors.tokens import TokenModel, length_bucket
 
 PARALLEL_ROWS = 200_000
+PARALLEL_QUERIES = 20_000
 PAIR_FEATURES = ("intercept", "prior_logit", "difficulty", "knn_lift", "knn_lift_mean", "knn_sim")
 
 
@@ -143,6 +145,27 @@ class Predictor:
             task=q["task"],
         )
 
+    def _query_block_parallel(self, q: pl.DataFrame) -> QueryBlock:
+        """``query_block`` on ``threads`` slices at once for large batches (polars, numpy, scipy and
+        LightGBM release the GIL), concatenated in order."""
+        parts = self.threads if q.height >= PARALLEL_QUERIES else 1
+        if parts <= 1:
+            return self.query_block(q)
+        bounds = np.linspace(0, q.height, parts + 1).astype(int)
+        slices = [q.slice(int(a), int(b - a)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        with ThreadPoolExecutor(max_workers=parts) as pool:
+            blocks = list(pool.map(self.query_block, slices))
+        return QueryBlock(
+            core=np.vstack([b.core for b in blocks]),
+            emb=np.vstack([b.emb for b in blocks]),
+            knn_acc=np.vstack([b.knn_acc for b in blocks]),
+            prior=np.vstack([b.prior for b in blocks]),
+            task_code=np.concatenate([b.task_code for b in blocks]),
+            chars=np.concatenate([b.chars for b in blocks]),
+            has_labels=np.concatenate([b.has_labels for b in blocks]),
+            task=pl.concat([b.task for b in blocks]),
+        )
+
     def difficulty(self, block: QueryBlock) -> np.ndarray:
         booster = self.boosters.get("query")
         if booster is None:
@@ -198,7 +221,7 @@ class Predictor:
         known_index = {m: i for i, m in enumerate(self.models)}
         unknown = [m for m in call_models if m not in known_index]
         neighbors = self._neighbors(unknown, catalog)
-        block = self.query_block(q)
+        block = self._query_block_parallel(q)
         # per (query task, call model) priors; unseen models borrow from neighbours
         weights = np.zeros((len(self.models), len(call_models)))
         for j, model in enumerate(call_models):
@@ -228,19 +251,22 @@ class Predictor:
         tokens_out = None
         token_model = TokenModel.from_boosters(self.boosters)
         if token_model.fitted:
-            n_labels = block.core[:, STAT_COLUMNS.index("n_labels")].astype(np.int64)
+            # per query: (task, n_labels, length bucket) -> dense code; table over (call model, code)
+            n_labels = np.minimum(block.core[:, STAT_COLUMNS.index("n_labels")].astype(np.int64), 63)
             bucket = np.clip(np.round(length_bucket(block.chars) * 4), 0, 255).astype(np.int64)
-            key = ((mi * len(tasks_u) + task_inv[qi]) * 64 + np.minimum(n_labels, 63)[qi]) * 256 + bucket[qi]
-            uniq, inverse = np.unique(key, return_inverse=True)
+            uniq, qk = np.unique((task_inv * 64 + n_labels) * 256 + bucket, return_inverse=True)
+            qk = qk.ravel()
+            n_k = len(uniq)
             x = self.token_features(
-                [call_models[int(k) // 256 // 64 // len(tasks_u)] for k in uniq],
-                [tasks_u[int(k) // 256 // 64 % len(tasks_u)] for k in uniq],
-                (uniq // 256 % 64).astype(np.float32),
-                np.exp2((uniq % 256) / 4.0),
+                [m for m in call_models for _ in range(n_k)],
+                [tasks_u[int(k) // 256 // 64] for k in uniq] * len(call_models),
+                np.tile((uniq // 256 % 64).astype(np.float32), len(call_models)),
+                np.tile(np.exp2((uniq % 256) / 4.0), len(call_models)),
                 catalog,
             )
             mean, _p50, p90 = token_model.predict(x, self.threads_for(x.shape[0]))
-            tokens_out = (mean[inverse.ravel()], p90[inverse.ravel()])
+            flat = mi * n_k + qk[qi]
+            tokens_out = (mean[flat], p90[flat])
         cost = self.cost.predict_coded(
             call_models, tasks_u, mi, task_inv[qi], block.chars[qi], block.has_labels[qi], catalog, tokens_out
         )

@@ -93,7 +93,7 @@ def fit_predictor(history: History, name: str = "lightgbm", seed: int = 0, **par
         history.queries.filter(pl.col("query_id").is_in(rows["query_id"].unique().implode()))
     ).sort("query_id")
     catalog = PriceCatalog.from_history(history.prices, history.outcomes)
-    cost = CostModel.fit(train_q, rows)
+    cost = CostModel.fit(train_q, rows, catalog.prices)
     models = sorted(rows["model"].unique().to_list())
     descriptors = describe_models(models, catalog.prices, cost.cost_per_kchar)
     learned = name != "prior"
