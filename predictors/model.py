@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from itertools import pairwise
 from typing import Any
 
 import lightgbm as lgb
@@ -152,7 +153,7 @@ class Predictor:
         if parts <= 1:
             return self.query_block(q)
         bounds = np.linspace(0, q.height, parts + 1).astype(int)
-        slices = [q.slice(int(a), int(b - a)) for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
+        slices = [q.slice(int(a), int(b - a)) for a, b in pairwise(bounds)]
         with ThreadPoolExecutor(max_workers=parts) as pool:
             blocks = list(pool.map(self.query_block, slices))
         return QueryBlock(
