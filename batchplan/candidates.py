@@ -6,12 +6,13 @@ and fitted). The optimizer sees only the generic options table built here (query
 accuracy, groups).
 
 For a template with members m_1..m_k on query q, with the predictor's P(correct) p_i and cost c_i:
-- expected accuracy = sigmoid(w . [1, logit p_1, ..., logit p_k]) (the fitted combiner), less one standard
-  error of the template's training accuracy (a lower confidence bound: see ``Template.standard_error``);
+- expected accuracy = the template's calibrated estimate (``plan_templates.template_features``), less one
+  standard error of its training accuracy (a lower confidence bound: see ``Template.standard_error``);
 - expected cost = sum_i P(m_i is called) c_i, with P(called) = 1 for a vote's members and for the first
   member(s) of a cascade, and the fitted escalation model for the later ones;
 - reserve (what the dispatcher holds before calling) = sum_i of the members' high-side costs: the whole
-  escalation path is reserved up front.
+  escalation path is reserved up front;
+- spend variance = sum_i P(called) sd_i^2 + P(called)(1 - P(called)) c_i^2 (sd_i from the call's p90).
 """
 
 from __future__ import annotations
@@ -22,12 +23,15 @@ import numpy as np
 import polars as pl
 
 from batchplan.contracts import PLAN_SCHEMA
-from batchplan.plan_templates import PlanTemplates, design, sigmoid
+from batchplan.plan_templates import PlanTemplates, estimate
+
+P90_Z = 1.2816  # a call's high-side cost is its p90: sd ~ (p90 - mean) / z_0.9
 
 
 @dataclass(frozen=True)
 class Candidates:
-    """``plans``: one row per candidate, PLAN_SCHEMA columns + ``query``/``option`` indices.
+    """``plans``: one row per candidate, PLAN_SCHEMA columns + ``query``/``option`` indices + ``cost_var``
+    (variance of the plan's spend, for the chance-constrained budget).
     ``queries``: query_id, query (dense index), tenant, task, priority."""
 
     plans: pl.DataFrame
@@ -63,6 +67,7 @@ def single_model_candidates(queue: pl.DataFrame, predictions: pl.DataFrame) -> C
             pl.col("cost_usd").alias("expected_cost_usd"),
             pl.col("p_correct").alias("expected_accuracy"),
             pl.max_horizontal("cost_high_usd", "cost_usd").alias("reserve_cost_usd"),
+            ((pl.max_horizontal("cost_high_usd", "cost_usd") - pl.col("cost_usd")) / P90_Z).pow(2).alias("cost_var"),
             pl.lit(None, dtype=PLAN_SCHEMA["thresholds"]).alias("thresholds"),
         )
         .with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias("option"))
@@ -88,6 +93,7 @@ def template_candidates(base: Candidates, predictions: pl.DataFrame, templates: 
     p[rows, cols] = wide["p_correct"].to_numpy()
     cost[rows, cols] = wide["cost_usd"].to_numpy()
     high[rows, cols] = np.maximum(wide["cost_high_usd"].fill_null(0.0).to_numpy(), cost[rows, cols])
+    sd = (high - cost) / P90_Z
     task_of = queries["task"].to_numpy()
     frames = []
     for template in templates.templates:
@@ -98,16 +104,11 @@ def template_candidates(base: Candidates, predictions: pl.DataFrame, templates: 
         eligible = np.flatnonzero((task_of == template.task) & np.isfinite(members).all(axis=1))
         if eligible.size == 0:
             continue
-        x = design(members[eligible])
-        # Pessimism against the optimizer's curse: choosing the best of many noisy estimates picks their
-        # errors too, so a template is scored one standard error (of its training accuracy) lower.
-        accuracy = sigmoid(x @ np.asarray(template.coef_correct)) - template.standard_error
+        accuracy, called = estimate(template, members[eligible])
         member_cost = cost[np.ix_(eligible, idx)]
-        called = np.ones_like(member_cost)
-        for step, coef in enumerate(template.coef_reach, start=1):
-            called[:, step] = sigmoid(x @ np.asarray(coef))
-        if template.kind == "agreement":
-            called[:, 1] = 1.0  # both cheap members are always asked
+        member_sd = sd[np.ix_(eligible, idx)]
+        # spend of a plan: each call's own uncertainty, plus whether the later members are called at all
+        variance = (called * member_sd**2 + called * (1 - called) * member_cost**2).sum(axis=1)
         frames.append(
             pl.DataFrame(
                 {
@@ -117,6 +118,7 @@ def template_candidates(base: Candidates, predictions: pl.DataFrame, templates: 
                     "expected_cost_usd": (member_cost * called).sum(axis=1),
                     "expected_accuracy": accuracy,
                     "reserve_cost_usd": high[np.ix_(eligible, idx)].sum(axis=1),
+                    "cost_var": variance,
                     "thresholds": [template.thresholds or None] * eligible.size,
                 },
                 schema_overrides={"models": pl.List(pl.String), "thresholds": PLAN_SCHEMA["thresholds"]},

@@ -10,9 +10,14 @@ Fitting, per task with a label set, on a training history:
 4. Keep the templates on or near the upper hull of (mean cost, mean accuracy) together with the single
    models, on every cross-fitting fold separately (so a template that won by chance is not kept and then
    over-estimated): the others are never worth their cost on average.
-5. Fit, per kept template, a logistic combiner from the members' out-of-fold logit P(correct) to the
-   template's success, and per escalation step to P(reaching that member): calibrated on the replayed
-   outcomes, so the correlation between members' errors is in the numbers, not assumed away.
+5. Per kept template, a per-query estimate from the members' P(correct) and a calibration of it on the
+   replayed outcomes (out-of-fold member predictions), so the correlation between members' errors is in
+   the numbers, not assumed away:
+   - votes and agreement cascades: a structural estimate treating members as independent *given the
+     query* (``structural_estimates``), then logistic calibration on its logit (2 parameters), which
+     absorbs what conditional independence misses;
+   - logprob cascades (the stop decision depends on confidences the predictor does not see): a logistic
+     on the members' logits, for success and for reaching each later member.
 """
 
 from __future__ import annotations
@@ -28,9 +33,10 @@ import numpy as np
 import polars as pl
 
 from batchplan.history import History
-from batchplan.plan_simulation import PlanSpec, Recorded, error_by_label, recorded_by_task, simulate
+from batchplan.plan_simulation import PlanSpec, Recorded, Simulated, error_by_label, recorded_by_task, simulate
 
 CASCADE_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
+MIN_GAIN = 0.0025  # held-out accuracy gain (0.25 points) templates must show before a task offers them
 P_CLIP = 1e-4
 
 
@@ -64,6 +70,43 @@ def design(p_members: np.ndarray) -> np.ndarray:
     return np.column_stack([np.ones(len(p_members)), logit(p_members)])
 
 
+def structural_estimates(kind: str, p: np.ndarray, n_labels: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """(P(plan correct), P(the last member is called) or None) from members' P(correct) ``p`` [n, k],
+    members independent given the query; two wrong answers coincide with chance s = 1/(L-1) (L labels)."""
+    s = 1.0 / max(n_labels - 1, 1)
+    if kind == "agreement":
+        p1, p2, p3 = p[:, 0], p[:, 1], p[:, 2]
+        agree_right = p1 * p2
+        agree_wrong = (1 - p1) * (1 - p2) * s
+        escalate = 1 - agree_right - agree_wrong
+        return agree_right + escalate * p3, escalate
+    if kind == "vote":
+        k = p.shape[1]
+        correct = np.zeros(len(p))
+        for pattern in itertools.product((False, True), repeat=k):
+            right = np.array(pattern)
+            prob = np.prod(np.where(right, p, 1 - p), axis=1)
+            hits = int(right.sum())
+            if 2 * hits > k:
+                correct += prob
+            elif k == 3 and hits == 1:
+                # the two wrong answers differ (1 - s): a three-way tie, won by one member in three
+                correct += prob * (1 - s) / 3
+        return correct, None
+    raise ValueError(f"no structural estimate for {kind!r}")
+
+
+def template_features(kind: str, p_members: np.ndarray, n_labels: int) -> tuple[np.ndarray, np.ndarray | None]:
+    """Design matrices for (success, reaching the last member) of a template from members' P(correct)."""
+    if kind in ("vote", "agreement"):
+        correct, escalate = structural_estimates(kind, p_members, n_labels)
+        ones = np.ones(len(p_members))
+        reach = None if escalate is None else np.column_stack([ones, logit(escalate)])
+        return np.column_stack([ones, logit(correct)]), reach
+    x = design(p_members)
+    return x, x
+
+
 @dataclass
 class Template:
     task: str
@@ -71,11 +114,12 @@ class Template:
     models: list[str]
     thresholds: list[float]
     coef_correct: list[float]
-    coef_reach: list[list[float]]  # per member after the first (cascade, agreement): P(that member is called)
+    coef_reach: list[list[float]]  # per member after the first: P(that member is called), on the reach design
     train_accuracy: float
     train_cost_usd: float
     train_queries: int
     error_by_label: dict[str, float]
+    n_labels: int = 2
 
     @property
     def standard_error(self) -> float:
@@ -96,6 +140,7 @@ class PlanTemplates:
     single_errors: dict[str, dict[str, dict[str, float]]] = field(default_factory=dict)  # task -> model -> label -> err
     label_priors: dict[str, dict[str, float]] = field(default_factory=dict)  # task -> label -> P(true = label)
     summary: list[dict[str, Any]] = field(default_factory=list)
+    validation: dict[str, dict[str, Any]] = field(default_factory=dict)  # task -> held-out check of templates
 
     def for_task(self, task: str) -> list[Template]:
         return [t for t in self.templates if t.task == task]
@@ -111,6 +156,7 @@ class PlanTemplates:
             single_errors=raw["single_errors"],
             label_priors=raw["label_priors"],
             summary=raw.get("summary", []),
+            validation=raw.get("validation", {}),
         )
 
 
@@ -131,12 +177,12 @@ def cross_fit_predictions(history: History, train: Trainer, folds: int = 2, seed
         held_history = history.subset(held)
         pairs = held_history.outcomes.select("query_id", "model")
         predictions = predictor.predict(held_history.as_queue(), pairs, None)
-        frames.append(predictions.select("query_id", "model", "p_correct"))
+        frames.append(predictions.select("query_id", "model", "p_correct", "cost_usd"))
     return pl.concat(frames)
 
 
-def _p_matrix(rec: Recorded, oof: pl.DataFrame) -> np.ndarray:
-    """Out-of-fold P(correct) as [n, M] aligned with ``rec`` (nan where missing)."""
+def _matrix(rec: Recorded, oof: pl.DataFrame, column: str) -> np.ndarray:
+    """An out-of-fold prediction column as [n, M] aligned with ``rec`` (nan where missing)."""
     qi = {q: i for i, q in enumerate(rec.query_ids)}
     mi = {m: j for j, m in enumerate(rec.models)}
     sub = oof.filter(
@@ -144,9 +190,8 @@ def _p_matrix(rec: Recorded, oof: pl.DataFrame) -> np.ndarray:
         & pl.col("model").is_in(pl.Series(rec.models).implode())
     )
     out = np.full((len(rec.query_ids), len(rec.models)), np.nan)
-    out[[qi[q] for q in sub["query_id"].to_list()], [mi[m] for m in sub["model"].to_list()]] = sub[
-        "p_correct"
-    ].to_numpy()
+    rows = [qi[q] for q in sub["query_id"].to_list()]
+    out[rows, [mi[m] for m in sub["model"].to_list()]] = sub[column].to_numpy()
     return out
 
 
@@ -193,6 +238,144 @@ def hull_gap(costs: np.ndarray, accs: np.ndarray, hull_c: np.ndarray, hull_a: np
     return np.interp(costs, hull_c, hull_a, left=hull_a[0], right=hull_a[-1]) - accs
 
 
+def _fit_template(spec: PlanSpec, sim: Simulated, rec: Recorded, p: np.ndarray, rows: np.ndarray) -> Template:
+    """Calibrate one template's estimates on the given training rows (members' out-of-fold P(correct))."""
+    cols = [rec.column(m) for m in spec.models]
+    x, x_reach = template_features(spec.kind, p[rows][:, cols], len(rec.labels))
+    coef_correct = fit_logistic(x, sim.correct[rows].astype(float))
+    coef_reach: list[list[float]] = []
+    if spec.kind == "agreement" and x_reach is not None:
+        coef_reach = [[1.0, 0.0], fit_logistic(x_reach, sim.reached[rows, 2].astype(float)).tolist()]
+    elif spec.kind == "cascade" and x_reach is not None:
+        coef_reach = [fit_logistic(x_reach, sim.reached[rows, s].astype(float)).tolist() for s in range(1, len(cols))]
+    return Template(
+        task=rec.task,
+        kind=spec.kind,
+        models=list(spec.models),
+        thresholds=list(spec.thresholds),
+        coef_correct=coef_correct.tolist(),
+        coef_reach=coef_reach,
+        train_accuracy=float(sim.correct[rows].mean()),
+        train_cost_usd=float(sim.cost[rows].mean()),
+        train_queries=int(rows.sum()),
+        error_by_label=error_by_label(sim, rec),
+        n_labels=len(rec.labels),
+    )
+
+
+def estimate(template: Template, p_members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per query: (expected accuracy, P(each member is called) [n, k]) from the members' P(correct).
+
+    Accuracy is scored one standard error (of the template's training accuracy) low: choosing the best of
+    many noisy estimates picks their errors too (the optimizer's curse)."""
+    x, x_reach = template_features(template.kind, p_members, template.n_labels)
+    accuracy = sigmoid(x @ np.asarray(template.coef_correct)) - template.standard_error
+    called = np.ones_like(p_members)
+    if x_reach is not None:
+        for step, coef in enumerate(template.coef_reach, start=1):
+            called[:, step] = sigmoid(x_reach @ np.asarray(coef))
+    if template.kind == "agreement":
+        called[:, 1] = 1.0  # both cheap members are always asked
+    return accuracy, called
+
+
+def _select(
+    specs: list[PlanSpec], sims: dict[PlanSpec, Simulated], fold: np.ndarray, folds: int, slack: float
+) -> list[PlanSpec]:
+    """Templates near the (cost, accuracy) hull on every fold on its own, closest first: one that only looked
+    good by chance on these rows (and would be over-estimated) is not kept."""
+    gaps = np.zeros(len(specs))
+    for f in range(folds):
+        rows = fold == f
+        costs = np.array([sims[s].cost[sims[s].covered & rows].mean() for s in specs])
+        accs = np.array([sims[s].correct[sims[s].covered & rows].mean() for s in specs])
+        hull_c, hull_a = upper_hull(costs, accs)
+        gaps = np.maximum(gaps, hull_gap(costs, accs, hull_c, hull_a))
+    ranked = sorted((g, i) for i, g in enumerate(gaps) if specs[i].kind != "single" and g <= slack)
+    return [specs[i] for _, i in ranked]
+
+
+def _planned_accuracy(
+    rows: np.ndarray,
+    singles: list[PlanSpec],
+    templates: list[Template],
+    sims: dict[PlanSpec, Simulated],
+    rec: Recorded,
+    p: np.ndarray,
+    c: np.ndarray,
+    budget: float,
+) -> float:
+    """Realized accuracy on ``rows`` of the budgeted plan chosen from estimates (singles and ``templates``)."""
+    from optimizer import Budget, Problem, solve
+
+    n = int(rows.sum())
+    value, cost, real = [], [], []
+    for spec in singles:
+        j = rec.column(spec.models[0])
+        value.append(p[rows, j])
+        cost.append(c[rows, j])
+        real.append(sims[spec].correct[rows])
+    for template in templates:
+        cols = [rec.column(m) for m in template.models]
+        acc, called = estimate(template, p[rows][:, cols])
+        value.append(acc)
+        cost.append((c[rows][:, cols] * called).sum(axis=1))
+        real.append(sims[template.spec].correct[rows])
+    k = len(value)
+    options = pl.DataFrame(
+        {
+            "query": np.tile(np.arange(n), k),
+            "option": np.arange(n * k),
+            "value": np.concatenate(value),
+            "cost": np.concatenate(cost),
+            "accuracy": np.concatenate(value),
+        }
+    )
+    cheapest = float(np.min(np.stack(cost), axis=0).sum())  # estimated costs may exceed the realized reference
+    limit = max(budget, cheapest * (1 + 1e-9))
+    chosen = solve(Problem(options, constraints=[Budget(limit=limit)])).chosen["option"].to_numpy()
+    return float(np.concatenate(real)[chosen].sum() / n)
+
+
+def _templates_help(
+    rec: Recorded,
+    singles: list[PlanSpec],
+    kept: list[PlanSpec],
+    sims: dict[PlanSpec, Simulated],
+    p: np.ndarray,
+    c: np.ndarray,
+    fold: np.ndarray,
+    folds: int,
+    fractions: tuple[float, ...],
+) -> tuple[bool, float]:
+    """Held-out check that offering templates improves budgeted planning for this task: per fold, templates
+    calibrated on the other folds, plans at several budgets (shares of the best single model's cost) with
+    and without them, outcomes replayed. Returns (helps, mean accuracy gain)."""
+    usable = (
+        np.isfinite(p).all(axis=1)
+        & np.isfinite(c).all(axis=1)
+        & np.all([sims[s].covered for s in singles + kept], axis=0)
+    )
+    best = max(singles, key=lambda s: sims[s].correct[usable].mean())
+    gains = []
+    for f in range(folds):
+        train_rows, test_rows = usable & (fold != f), usable & (fold == f)
+        if test_rows.sum() < 20 or train_rows.sum() < 30:
+            continue
+        templates = [_fit_template(spec, sims[spec], rec, p, train_rows) for spec in kept]
+        reference = float(sims[best].cost[test_rows].sum())
+        for fraction in fractions:
+            budget = fraction * reference
+            with_templates = _planned_accuracy(test_rows, singles, templates, sims, rec, p, c, budget)
+            without = _planned_accuracy(test_rows, singles, [], sims, rec, p, c, budget)
+            gains.append(with_templates - without)
+    if not gains:
+        return False, 0.0
+    # A clear win, not noise: a mean gain of at least MIN_GAIN and a gain in most (fold, budget) cells.
+    mean_gain = float(np.mean(gains))
+    return mean_gain >= MIN_GAIN and float(np.mean(np.array(gains) > 0)) > 0.5, mean_gain
+
+
 def fit_plan_templates(
     history: History,
     train: Trainer,
@@ -202,71 +385,57 @@ def fit_plan_templates(
     max_per_task: int = 8,
     slack: float = 0.005,
     min_coverage: float = 0.95,
+    validate: bool = True,
+    validation_budgets: tuple[float, ...] = (0.1, 0.3, 0.5, 0.8),
 ) -> PlanTemplates:
-    """Fit templates on ``history`` (its train rows); ``train`` builds a predictor from a history."""
+    """Fit templates on ``history`` (its train rows); ``train`` builds a predictor from a history.
+
+    With ``validate``, a task keeps its templates only if they improve held-out budgeted planning."""
     oof = cross_fit_predictions(history, train, folds=folds, seed=seed)
     result = PlanTemplates()
     for task, rec in recorded_by_task(history).items():
-        p = _p_matrix(rec, oof)
+        p = _matrix(rec, oof, "p_correct")
+        c = _matrix(rec, oof, "cost_usd")
         known = rec.gold[rec.gold >= 0]
         if known.size:
             counts = np.bincount(known, minlength=len(rec.labels))
             result.label_priors[task] = {lab: float(counts[i] / counts.sum()) for i, lab in enumerate(rec.labels)}
         singles = [PlanSpec("single", (m,)) for m in rec.models]
-        sims = {}
-        for spec in singles + enumerate_specs(rec):
-            sim = simulate(spec, rec)
-            if sim.covered.mean() >= min_coverage:
-                sims[spec] = sim
-        result.single_errors[task] = {s.models[0]: error_by_label(sims[s], rec) for s in singles if s in sims}
-        specs = list(sims)
-        # Stability selection: a template must sit near the hull on every fold on its own, so one that only
-        # looked good by chance on these rows (and would be over-estimated) is not offered.
+        sims = {
+            spec: sim
+            for spec in singles + enumerate_specs(rec)
+            if (sim := simulate(spec, rec)).covered.mean() >= min_coverage
+        }
+        singles = [s for s in singles if s in sims]
+        result.single_errors[task] = {s.models[0]: error_by_label(sims[s], rec) for s in singles}
         fold = np.array([zlib.crc32(f"{seed}:cf:{q}".encode()) % folds for q in rec.query_ids])
-        gaps = np.zeros(len(specs))
-        for f in range(folds):
-            rows_f = fold == f
-            costs_f = np.array([sims[s].cost[sims[s].covered & rows_f].mean() for s in specs])
-            accs_f = np.array([sims[s].correct[sims[s].covered & rows_f].mean() for s in specs])
-            hull_c, hull_a = upper_hull(costs_f, accs_f)
-            gaps = np.maximum(gaps, hull_gap(costs_f, accs_f, hull_c, hull_a))
-        costs = np.array([sims[s].cost[sims[s].covered].mean() for s in specs])
-        accs = np.array([sims[s].correct[sims[s].covered].mean() for s in specs])
-        ranked = sorted((g, i) for i, g in enumerate(gaps) if specs[i].kind != "single" and g <= slack)
-        for gap, i in ranked[:max_per_task]:
-            spec, sim = specs[i], sims[specs[i]]
+        kept = []
+        for spec in _select(list(sims), sims, fold, folds, slack):
             cols = [rec.column(m) for m in spec.models]
-            rows = sim.covered & np.isfinite(p[:, cols]).all(axis=1)
-            if rows.sum() < 30:
-                continue
-            x = design(p[rows][:, cols])
-            coef_correct = fit_logistic(x, sim.correct[rows].astype(float))
-            coef_reach = (
-                [fit_logistic(x, sim.reached[rows, s].astype(float)).tolist() for s in range(1, len(cols))]
-                if spec.kind in ("cascade", "agreement")
-                else []
-            )
-            result.templates.append(
-                Template(
-                    task=task,
-                    kind=spec.kind,
-                    models=list(spec.models),
-                    thresholds=list(spec.thresholds),
-                    coef_correct=coef_correct.tolist(),
-                    coef_reach=coef_reach,
-                    train_accuracy=float(accs[i]),
-                    train_cost_usd=float(costs[i]),
-                    train_queries=int(rows.sum()),
-                    error_by_label=error_by_label(sim, rec),
-                )
-            )
+            if (sims[spec].covered & np.isfinite(p[:, cols]).all(axis=1)).sum() >= 30:
+                kept.append(spec)
+            if len(kept) == max_per_task:
+                break
+        helps, gain = (True, float("nan"))
+        if validate and kept:
+            helps, gain = _templates_help(rec, singles, kept, sims, p, c, fold, folds, validation_budgets)
+        result.validation[task] = {
+            "templates_offered": bool(helps and kept),
+            "held_out_gain": gain,
+            "candidates": len(kept),
+        }
+        if not (helps and kept):
+            continue
+        for spec in kept:
+            rows = sims[spec].covered & np.isfinite(p[:, [rec.column(m) for m in spec.models]]).all(axis=1)
+            template = _fit_template(spec, sims[spec], rec, p, rows)
+            result.templates.append(template)
             result.summary.append(
                 {
                     "task": task,
                     "plan": spec.label,
-                    "accuracy": float(accs[i]),
-                    "cost_usd": float(costs[i]),
-                    "hull_gap": float(gap),
+                    "accuracy": template.train_accuracy,
+                    "cost_usd": template.train_cost_usd,
                 }
             )
     return result

@@ -6,7 +6,9 @@ The optimizer itself knows nothing of LLMs; this module is the translation layer
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
+from statistics import NormalDist
 from typing import Any
 
 import numpy as np
@@ -45,6 +47,9 @@ class PlanRequest:
     # the batch as a whole meets it (a linear constraint per task and label).
     label_error_max: dict[str, float | dict[str, float]] = field(default_factory=dict)
     label_error_mode: str = "per_query"
+    # Plan so that realized spend stays within the budget with this probability (normal approximation over
+    # the plans' cost variances): a query deferred by the dispatcher's hard stop is a lost answer.
+    spend_confidence: float = 0.95
     method: str = "auto"
 
     def __post_init__(self) -> None:
@@ -65,6 +70,7 @@ class PlanRequest:
 class PlanOutcome:
     plan: pl.DataFrame  # PLAN_SCHEMA, one row per query; kind "defer" for deferred queries
     solution: Solution
+    spend_margin_usd: float = 0.0
 
     @property
     def diagnostics(self) -> dict[str, Any]:
@@ -78,6 +84,7 @@ class PlanOutcome:
             "solve_seconds": round(s.solve_seconds, 3),
             "shadow_prices": s.shadow_prices,
             "binding": s.binding,
+            "spend_margin_usd": self.spend_margin_usd,
         }
 
 
@@ -254,6 +261,12 @@ def plan_batch(candidates: Candidates, request: PlanRequest, templates: PlanTemp
     deferrable = np.full(candidates.queries.height, request.allow_deferral)
     problem = Problem(options, objective=objective, constraints=constraints, deferrable=deferrable)
     solution = solve(problem, method=request.method)
+    margin = spend_margin(candidates, solution, request.spend_confidence)
+    if request.budget_usd is not None and margin > 0:
+        # Second pass: leave the margin unplanned, so the expected spend plus z standard deviations fits.
+        tightened = [Budget(limit=request.budget_usd - margin) if isinstance(c, Budget) else c for c in constraints]
+        with contextlib.suppress(InfeasibleError):  # no room for the margin: keep the first pass
+            solution = solve(problem.with_constraints(tightened), method=request.method)
     chosen = solution.chosen.join(candidates.plans, on=["query", "option"], how="inner")
     plan = (
         candidates.queries.select("query", "query_id")
@@ -268,4 +281,12 @@ def plan_batch(candidates: Candidates, request: PlanRequest, templates: PlanTemp
         )
         .select(PLAN_SCHEMA.names())
     )
-    return PlanOutcome(plan=plan, solution=solution)
+    return PlanOutcome(plan=plan, solution=solution, spend_margin_usd=margin)
+
+
+def spend_margin(candidates: Candidates, solution: Solution, confidence: float) -> float:
+    """z * sd of the chosen plans' total spend: the slack that keeps P(spend > budget) under 1 - confidence."""
+    if confidence <= 0.5:
+        return 0.0
+    variance = solution.chosen.join(candidates.plans.select("option", "cost_var"), on="option")["cost_var"].sum()
+    return float(NormalDist().inv_cdf(confidence) * np.sqrt(max(float(variance), 0.0)))

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
 import tempfile
 import time
@@ -25,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import polars as pl
+import structlog
 
 from batchplan import artifacts
 from batchplan.demo import best_single_cost
@@ -105,7 +107,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fractions", default=",".join(str(f) for f in FRACTIONS))
     parser.add_argument("--predictor", default="lightgbm")
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
+    parser.add_argument("--verbose", action="store_true", help="log every stage (to stderr)")
     args = parser.parse_args(argv)
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(logging.INFO if args.verbose else logging.WARNING),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+    )
 
     root = Path(args.data_dir)
     found = sorted(p.parent for p in root.glob("*/queries.parquet"))

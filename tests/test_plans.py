@@ -193,21 +193,23 @@ def test_candidate_cost_formulas() -> None:
             "cost_high_usd": [2.0, 3.0, 15.0, 2.0, 3.0, 20.0],
         }
     )
-    reach_half = [0.0, 0.0, 0.0, 0.0]  # sigmoid(0) = 0.5
+    identity = [0.0, 1.0]  # calibration that leaves the structural estimate as it is
     templates = PlanTemplates(
         templates=[
-            Template("t", "vote", ["a", "b", "c"], [], [0.0, 0.0, 0.0, 0.0], [], 0.8, 5.0, 10_000, {}),
+            Template("t", "vote", ["a", "b", "c"], [], identity, [], 0.8, 5.0, 10_000, {}, n_labels=3),
+            # escalation: sigmoid(0) = 0.5 whatever the members say
             Template(
                 "t",
                 "agreement",
                 ["a", "b", "c"],
                 [],
-                [0.0, 0.0, 0.0, 0.0],
-                [[9.0] * 4, reach_half],
+                identity,
+                [[1.0, 0.0], [0.0, 0.0]],
                 0.8,
                 5.0,
                 10_000,
                 {},
+                n_labels=3,
             ),
         ]
     )
@@ -216,7 +218,18 @@ def test_candidate_cost_formulas() -> None:
     assert rows[("q1", "vote")]["expected_cost_usd"] == pytest.approx(13.0)
     assert rows[("q1", "agreement")]["expected_cost_usd"] == pytest.approx(1.0 + 2.0 + 0.5 * 10.0)
     assert rows[("q2", "agreement")]["reserve_cost_usd"] == pytest.approx(25.0)  # the whole escalation path
-    assert rows[("q1", "vote")]["expected_accuracy"] == pytest.approx(0.5 - np.sqrt(0.8 * 0.2 / 10_000))
+    # vote of 0.6, 0.7, 0.9 with 3 labels: two or three right, or one right winning a three-way tie
+    p1, p2, p3 = 0.6, 0.7, 0.9
+    two_or_more = p1 * p2 + p1 * p3 + p2 * p3 - 2 * p1 * p2 * p3
+    one = p1 * (1 - p2) * (1 - p3) + p2 * (1 - p1) * (1 - p3) + p3 * (1 - p1) * (1 - p2)
+    expected_vote = two_or_more + one * 0.5 / 3  # the two wrong answers differ with chance 1 - 1/(3-1)
+    assert rows[("q1", "vote")]["expected_accuracy"] == pytest.approx(
+        expected_vote - np.sqrt(0.8 * 0.2 / 10_000), abs=1e-6
+    )
+    agreement = p1 * p2 + (1 - p1 * p2 - (1 - p1) * (1 - p2) * 0.5) * p3
+    assert rows[("q1", "agreement")]["expected_accuracy"] == pytest.approx(
+        agreement - np.sqrt(0.8 * 0.2 / 10_000), abs=1e-6
+    )
     assert candidates.plans["option"].to_list() == list(range(candidates.plans.height))
 
 
