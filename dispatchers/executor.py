@@ -18,7 +18,7 @@ from typing import Any
 
 import polars as pl
 
-from batchplan.contracts import RESULT_SCHEMA
+from batchplan.contracts import PLAN_KINDS, RESULT_SCHEMA
 from batchplan.storage import Storage
 from dispatchers.base import (
     CONNECTION,
@@ -45,7 +45,6 @@ from dispatchers.ledger import (
 from dispatchers.limits import ModelGate, ModelLimits, RetryPolicy
 
 LOST = "lost"  # a call sent before a crash whose outcome never reached the ledger (non-idempotent backend)
-PLAN_KINDS = ("single", "vote", "cascade", "agreement")  # and "defer": planned not to run
 FALLBACK_COLUMN = (
     "fallback_models"  # optional plan column: list[str], models to try, in order, if the plan's model fails
 )

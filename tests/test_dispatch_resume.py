@@ -19,7 +19,7 @@ from batchplan.storage import Storage
 from dispatchers import read_manifest, read_results
 from dispatchers.replay_server import Faults, ReplayServer
 
-N_QUERIES = 600
+N_QUERIES = 450
 SEED = 21
 
 # The command a nightly job would run: plan rows spread over four models, results under OUT.
@@ -31,14 +31,17 @@ from batchplan.contracts import PLAN_SCHEMA, QUEUE_SCHEMA, conform
 from batchplan.history import synthetic_history
 from dispatchers import RetryPolicy, dispatch, get_backend
 
-base_url, out, idempotent = sys.argv[1], sys.argv[2], sys.argv[3] == "1"
+from batchplan.storage import Storage
+
+base_url, out, idempotent, endpoint = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4]
+storage = Storage(s3_endpoint_url=endpoint or None, s3_region="us-east-1")
 h = synthetic_history({N_QUERIES}, 4, seed={SEED})
 queue = conform(h.queries, QUEUE_SCHEMA, name="queue")
 models = [[h.models[i % 4]] for i in range(queue.height)]
 plan = conform(queue.select("query_id").with_columns(pl.Series("models", models), kind=pl.lit("single")), PLAN_SCHEMA, name="plan")
 backend = get_backend("openai", base_url=base_url, catalog=PriceCatalog.from_history(h.prices, h.outcomes), idempotent=idempotent)
 retry = RetryPolicy(max_attempts=8, base_delay_s=0.01, max_delay_s=0.1)
-results = dispatch(plan, queue, backend, budget_usd=100.0, out_uri=out, concurrency=8, retry=retry, part_rows=40)
+results = dispatch(plan, queue, backend, budget_usd=100.0, out_uri=out, storage=storage, concurrency=8, retry=retry, part_rows=40)
 print(results["status"].value_counts().to_dicts())
 """
 
@@ -52,60 +55,89 @@ def server() -> Iterator[ReplayServer]:
         yield srv
 
 
-def run(server: ReplayServer, out: Path, idempotent: bool) -> subprocess.Popen[bytes]:
-    args = [sys.executable, "-c", SCRIPT, server.base_url, str(out), "1" if idempotent else "0"]
-    root = Path(__file__).resolve().parent.parent
-    with open(out.parent / "stderr.txt", "ab") as stderr:  # the child keeps its own copy of the handle
-        return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=stderr, cwd=root)
+class Run:
+    """The same command, run (and killed) as a subprocess; ``out`` is a local path or an s3:// URI."""
 
+    def __init__(
+        self, server: ReplayServer, out: str, logs: Path, storage: Storage, endpoint: str, idempotent: bool
+    ) -> None:
+        self.server, self.out, self.logs, self.storage = server, out, logs, storage
+        self.endpoint, self.idempotent = endpoint, idempotent
 
-def stderr_of(out: Path) -> str:
-    path = out.parent / "stderr.txt"
-    return path.read_text()[-3000:] if path.exists() else ""
+    def start(self) -> subprocess.Popen[bytes]:
+        args = [
+            sys.executable,
+            "-c",
+            SCRIPT,
+            self.server.base_url,
+            self.out,
+            "1" if self.idempotent else "0",
+            self.endpoint,
+        ]
+        root = Path(__file__).resolve().parent.parent
+        with open(self.logs / "stderr.txt", "ab") as stderr:  # the child keeps its own copy of the handle
+            return subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=stderr, cwd=root, env=os.environ.copy())
 
+    def stderr(self) -> str:
+        path = self.logs / "stderr.txt"
+        return path.read_text()[-3000:] if path.exists() else ""
 
-def call_events(out: Path) -> list[dict[str, object]]:
-    lines = [line for f in (out / "ledger").glob("*.jsonl") for line in f.read_text().splitlines() if line.strip()]
-    events = []
-    for line in lines:
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return [e for e in events if e["e"] == "c"]
+    def call_events(self) -> list[dict[str, object]]:
+        events = []
+        for uri in self.storage.list(f"{self.out}/ledger"):
+            for line in self.storage.read_bytes(uri).splitlines():
+                try:
+                    events.append(json.loads(line))
+                except json.JSONDecodeError:
+                    continue  # a torn last line
+        return [e for e in events if e["e"] == "c"]
 
+    def kill_mid_batch(self, after_calls: int) -> int:
+        process = self.start()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            if process.poll() is not None:
+                raise AssertionError(f"finished before the kill: {self.stderr()}")
+            if len(self.call_events()) >= after_calls:
+                os.kill(process.pid, signal.SIGKILL)
+                process.wait()
+                return len(self.call_events())
+            time.sleep(0.05)
+        raise AssertionError("the batch never got going")
 
-def kill_mid_batch(process: subprocess.Popen[bytes], out: Path, after_calls: int) -> int:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise AssertionError(f"finished before the kill: {stderr_of(out)}")
-        if (out / "ledger").exists() and len(call_events(out)) >= after_calls:
-            os.kill(process.pid, signal.SIGKILL)
-            process.wait()
-            return len(call_events(out))
-        time.sleep(0.02)
-    raise AssertionError("the batch never got going")
+    def finish(self) -> None:
+        process = self.start()
+        process.wait(timeout=90)
+        assert process.returncode == 0, self.stderr()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("idempotent", [True, False], ids=["idempotent-endpoint", "plain-endpoint"])
-def test_kill_and_resume_exactly_once(server: ReplayServer, tmp_path: Path, idempotent: bool) -> None:
-    out = tmp_path / "run"
-    seen_at_kill = kill_mid_batch(run(server, out, idempotent), out, after_calls=N_QUERIES // 3)
+@pytest.mark.parametrize(
+    ("idempotent", "where"),
+    [(True, "local"), (False, "local"), (True, "s3")],
+    ids=["idempotent-endpoint", "plain-endpoint", "idempotent-endpoint-on-s3"],
+)
+def test_kill_and_resume_exactly_once(
+    server: ReplayServer, tmp_path: Path, idempotent: bool, where: str, request: pytest.FixtureRequest
+) -> None:
+    if where == "s3":
+        bucket, endpoint = request.getfixturevalue("s3_bucket"), request.getfixturevalue("s3_endpoint")
+        storage, out = Storage(s3_endpoint_url=endpoint, s3_region="us-east-1"), f"{bucket}/runs/nightly"
+    else:
+        storage, out, endpoint = Storage(), str(tmp_path / "run"), ""
+    job = Run(server, out, tmp_path, storage, endpoint, idempotent)
+    seen_at_kill = job.kill_mid_batch(after_calls=N_QUERIES // 3)
     assert seen_at_kill < N_QUERIES
-    assert not read_manifest(Storage(), str(out)).get("complete")
+    assert not read_manifest(storage, out).get("complete")
     billed_at_kill = server.stats()["billed_calls"]
 
-    rerun = run(server, out, idempotent)
-    rerun.wait(timeout=90)
-    assert rerun.returncode == 0, stderr_of(out)
+    job.finish()
 
-    results = read_results(str(out))
+    results = read_results(out, storage)
     assert results.height == N_QUERIES
     assert results["query_id"].n_unique() == N_QUERIES
     assert (results["status"] == "done").all(), results.filter(pl.col("status") != "done")
-    events = call_events(out)
+    events = job.call_events()
     keys = [(e["q"], e["c"]) for e in events]
     assert len(keys) == len(set(keys)), "a call is in the ledger twice"
     answered = [e for e in events if e["s"] == "ok"]
@@ -119,7 +151,8 @@ def test_kill_and_resume_exactly_once(server: ReplayServer, tmp_path: Path, idem
     billed_events = [e for e in events if e["s"] in {"ok", "not_answer"}]
     print("at kill:", seen_at_kill, "; faults:", stats["faults"], "; lost:", sum(e["s"] == "lost" for e in events))
     if idempotent:
-        # calls in flight at the kill were resent under the same key: the server billed them once
+        # calls in flight at the kill (or, on S3, whose ledger segment was not flushed yet) were resent under
+        # the same key: the server billed each once
         assert stats["billed_calls"] == len(billed_events)
         assert stats["billed_usd"] == pytest.approx(charged)
     else:
@@ -130,8 +163,6 @@ def test_kill_and_resume_exactly_once(server: ReplayServer, tmp_path: Path, idem
 
     # and a third run of the same command calls nothing at all
     requests = server.stats()["requests"]
-    third = run(server, out, idempotent)
-    third.wait(timeout=60)
-    assert third.returncode == 0, stderr_of(out)
+    job.finish()
     assert server.stats()["requests"] == requests
-    assert read_results(str(out)).equals(results)
+    assert read_results(out, storage).equals(results)
