@@ -66,6 +66,7 @@ class _Query:
     prior: PriorCalls | None
     charged_usd: float = 0.0
     calls: list[tuple[int, str]] = field(default_factory=list)  # (slot, model), first call of each
+    recovered: dict[str, CallResult] = field(default_factory=dict)  # orphan intents resent on resume
     _slots_called: set[tuple[int, str]] = field(default_factory=set)
 
     @property
@@ -86,6 +87,7 @@ class _Stats:
     retries: int = 0
     fallbacks: int = 0
     lost: int = 0
+    recovered: int = 0
     statuses: Counter[str] = field(default_factory=Counter)
 
 
@@ -135,8 +137,15 @@ class _Executor:
             self.stats.reused += 1
             q.called(slot, model)
             return _from_event(q.prior.calls[call]), False
+        if call in q.recovered:
+            return q.recovered[call], False
         if q.prompt is None:
             return CallResult(model, UNAVAILABLE, reason="query not in the queue"), False
+        return await self.send(q, slot, model, call, role)
+
+    async def send(self, q: _Query, slot: int, model: str, call: str, role: str) -> tuple[CallResult, bool]:
+        """Reserve -> durable intent -> call -> ledger -> settle. Raises _Deferred when the budget refuses."""
+        assert q.prompt is not None
         request = CallRequest(
             q.query_id,
             model,
@@ -157,7 +166,7 @@ class _Executor:
             raise _Deferred(
                 f"budget: {model} needs up to {reserve:.6g} USD, {self.budget.budget_usd - self.budget.spent_usd:.6g} USD left"
             )
-        self.ledger.append({"e": "i", "q": q.query_id, "c": call, "m": model, "r": reserve})
+        await self.ledger.append_durable({"e": "i", "q": q.query_id, "c": call, "m": model, "r": reserve})
         gate = self.gate(model)
         try:
             await gate.acquire(len(q.prompt) / 4 + self.max_tokens)
@@ -219,9 +228,23 @@ class _Executor:
         return result
 
     # -- plan kinds -----------------------------------------------------------------------------------
+    async def recover(self, q: _Query) -> None:
+        """Calls sent before a crash whose outcome never reached the ledger, on an endpoint that honours
+        idempotency keys: resend each under its own key (billed at most once, wherever the crash hit) and
+        keep its outcome, so that no billed call stays out of the ledger. Raises _Deferred."""
+        if q.prior is None or not q.prior.intents or q.prompt is None:
+            return
+        for call, intent in sorted(q.prior.intents.items()):
+            slot, _, _ = call.partition(":")
+            result, _ = await self.send(q, int(slot), str(intent.get("m")), call, "recovered")
+            q.recovered[call] = result
+            self.stats.recovered += 1
+        q.prior.intents.clear()
+
     async def run(self, q: _Query) -> tuple[Any, ...]:
         notes: list[str] = []
         try:
+            await self.recover(q)
             if q.kind == "defer":
                 return _row(q, None, "deferred", "deferred by the plan")
             if q.kind not in PLAN_KINDS:
@@ -469,6 +492,7 @@ async def _dispatch_leased(
     final = set(committed.filter(pl.col("status").is_in(list(FINAL_STATUSES)))["query_id"].to_list())
     ledger = Ledger(storage, out_uri, writer_id)
     prior, spent = ledger.load(skip=final)
+    lost = 0
     if not backend.idempotent:
         # calls sent just before a crash whose outcome never reached the ledger: they may have been billed
         for query_id, entry in prior.items():
@@ -487,11 +511,14 @@ async def _dispatch_leased(
                 ledger.append(event)
                 entry.calls[call] = event
                 spent += charge
+                lost += 1
             entry.intents.clear()
+        ledger.flush()
     budget = BudgetGuard(budget_usd, spent_usd=spent)
     executor = _Executor(
         backend, budget, ledger, identity["run_id"], limits=limits, policy=retry or RetryPolicy(), max_tokens=max_tokens
     )
+    executor.stats.lost = lost
     results = ResultWriter(storage, out_uri, writer_id, part_rows=part_rows, part_seconds=part_seconds)
     total = plan.height
     done = int(plan["query_id"].is_in(pl.Series(list(final), dtype=pl.String).implode()).sum()) if final else 0
@@ -509,6 +536,8 @@ async def _dispatch_leased(
             "stats": {
                 "calls": stats.calls,
                 "reused_from_ledger": stats.reused,
+                "recovered_in_flight": stats.recovered,
+                "lost_in_flight": stats.lost,
                 "retries": stats.retries,
                 "fallbacks": stats.fallbacks,
                 "call_statuses": dict(stats.statuses),

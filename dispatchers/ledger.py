@@ -20,12 +20,20 @@ Ledger events, one JSON object per line, keyed by (``q`` query_id, ``c`` call):
 ``call`` is ``"<slot>:<model>:<attempt>"``: the plan step, the model sent to, the retry number. It is the
 same on every rerun, so a rerun finds what was already paid for and never pays for it again.
 
+Durability: an intent is durable before its call is sent. Locally each line is one ``os.write`` (in the
+kernel once it returns: it survives kill -9). On S3 lines are buffered and written as segments; a call's
+intent waits for a group commit (every ``group_commit_s``, one PUT for every call waiting) before the call
+is sent, and completions ride along with the next segment. So after any crash every call that may have
+been billed has a durable intent: a rerun either resends it under the same idempotency key (endpoints
+that honour keys: no second bill) or charges it its reservation (``lost``).
+
 A writer id is fresh per process, so two runs never append to the same file; a torn last line (kill -9
 mid-write) is skipped on read.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -62,7 +70,14 @@ class PriorCalls:
 
 class Ledger:
     def __init__(
-        self, storage: Storage, out_uri: str, writer_id: str, *, flush_events: int = 2_000, flush_seconds: float = 1.0
+        self,
+        storage: Storage,
+        out_uri: str,
+        writer_id: str,
+        *,
+        flush_events: int = 2_000,
+        flush_seconds: float = 1.0,
+        group_commit_s: float = 0.02,
     ) -> None:
         self.storage = storage
         self.out_uri = out_uri
@@ -74,6 +89,8 @@ class Ledger:
         self._buffer: list[bytes] = []
         self._last_flush = time.monotonic()
         self._segment = 0
+        self._group_commit_s = group_commit_s
+        self._group: asyncio.Future[None] | None = None
         self._fd: int | None = None
         if not self._s3:
             Path(self.dir).mkdir(parents=True, exist_ok=True)
@@ -89,14 +106,45 @@ class Ledger:
         if len(self._buffer) >= self._flush_events or time.monotonic() - self._last_flush >= self._flush_seconds:
             self.flush()
 
-    def flush(self) -> None:
-        if self._fd is not None or not self._buffer:
-            self._last_flush = time.monotonic()
+    async def append_durable(self, event: dict[str, Any]) -> None:
+        """Append ``event`` and return once it is durable (S3: after the next group commit)."""
+        self.append(event)
+        if self._fd is not None:
             return
-        self.storage.write_bytes(join(self.dir, f"{self.writer_id}-{self._segment:06d}.jsonl"), b"".join(self._buffer))
-        self._segment += 1
+        if self._group is None:
+            loop = asyncio.get_running_loop()
+            self._group = loop.create_future()
+            loop.call_later(self._group_commit_s, lambda: loop.create_task(self._group_commit()))
+        await asyncio.shield(self._group)
+
+    async def _group_commit(self) -> None:
+        group, self._group = self._group, None
+        if group is None:
+            return
+        try:
+            uri, data = self._take_segment()
+            if data:
+                await asyncio.to_thread(self.storage.write_bytes, uri, data)
+        except Exception as error:
+            group.set_exception(error)
+        else:
+            group.set_result(None)
+
+    def _take_segment(self) -> tuple[str, bytes]:
+        uri = join(self.dir, f"{self.writer_id}-{self._segment:06d}.jsonl")
+        data = b"".join(self._buffer)
+        if data:
+            self._segment += 1
         self._buffer.clear()
         self._last_flush = time.monotonic()
+        return uri, data
+
+    def flush(self) -> None:
+        if self._fd is not None:
+            return
+        uri, data = self._take_segment()
+        if data:
+            self.storage.write_bytes(uri, data)
 
     def close(self) -> None:
         self.flush()
