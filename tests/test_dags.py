@@ -365,6 +365,33 @@ def test_backfill_shares_one_budget_across_days(
 
 
 @pytest.mark.slow
+def test_backfill_resumes_day_by_day_when_triggered_again(
+    dagbag: Any, airflow_env: AirflowEnv, queues: dict[str, pl.DataFrame]
+) -> None:
+    lay, storage = airflow_env.layout, airflow_env.storage
+    run = f"backfill-{BACKFILL_DAYS[0]}-2026-02-23"
+    before_calls = _paid_calls(storage, lay.results(run))
+    before = json.loads(storage.read_text(lay.results_manifest(run)))
+    # As if the run had died while dispatching the middle day: its results file was never written.
+    storage.delete(f"{lay.shard_results(run, BACKFILL_DAYS[1])}/results.parquet")
+    conf = {"start_date": BACKFILL_DAYS[0], "end_date": "2026-02-23", "budget_usd": 0.04}
+    dag_run = _run(
+        dagbag,
+        airflow_env,
+        "batchplan_backfill",
+        "backfill (triggered again)",
+        logical_date=datetime(2026, 3, 5, tzinfo=UTC),
+        run_conf=conf,
+    )
+    assert str(dag_run.state) == "success", _states(dag_run)
+    assert storage.exists(f"{lay.shard_results(run, BACKFILL_DAYS[1])}/results.parquet")
+    assert _paid_calls(storage, lay.results(run)) == before_calls
+    after = json.loads(storage.read_text(lay.results_manifest(run)))
+    assert after["spend_usd"] == pytest.approx(before["spend_usd"])
+    assert after["status"] == before["status"]
+
+
+@pytest.mark.slow
 def test_retrain_decides_on_new_outcomes(dagbag: Any, airflow_env: AirflowEnv) -> None:
     lay, storage = airflow_env.layout, airflow_env.storage
     first = json.loads(storage.read_text(lay.current_model()))["version"]
