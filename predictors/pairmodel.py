@@ -14,15 +14,15 @@ from typing import Any
 import numpy as np
 
 
-def _objective(z: np.ndarray, y: np.ndarray, beta: np.ndarray, center: np.ndarray, lam: float) -> float:
+def _objective(z: np.ndarray, y: np.ndarray, beta: np.ndarray, center: np.ndarray, lam: np.ndarray) -> float:
     eta = z @ beta
-    return float(np.sum(np.logaddexp(0.0, eta) - y * eta) + 0.5 * lam * np.sum((beta - center) ** 2))
+    return float(np.sum(np.logaddexp(0.0, eta) - y * eta) + 0.5 * np.sum(lam * (beta - center) ** 2))
 
 
-def _newton(z: np.ndarray, y: np.ndarray, center: np.ndarray, lam: float, iters: int = 50) -> np.ndarray:
-    """argmin_b  sum logloss(y, sigmoid(z b)) + lam/2 |b - center|^2 (Newton with backtracking)."""
+def _newton(z: np.ndarray, y: np.ndarray, center: np.ndarray, lam: np.ndarray, iters: int = 50) -> np.ndarray:
+    """argmin_b  sum logloss(y, sigmoid(z b)) + 1/2 sum_j lam_j (b_j - center_j)^2 (Newton, backtracking)."""
     beta = center.copy()
-    eye = np.eye(z.shape[1])
+    eye = np.diag(lam)
     current = _objective(z, y, beta, center, lam)
     for _ in range(iters):
         q = 1.0 / (1.0 + np.exp(-np.clip(z @ beta, -50.0, 50.0)))
@@ -66,19 +66,23 @@ class PairModel:
     ) -> PairModel:
         """Global beta shrunk toward "prior + difficulty" (coefficient 1 on prior_logit and difficulty,
         0 elsewhere), then each model's beta shrunk toward the global one: with little data the prior
-        stays in charge."""
+        stays in charge. The intercept is almost unpenalized (1e-2) so that each model keeps its own base
+        rate: shrinking it would bias a model whose accuracy is far from the others' (a calibration error
+        no global calibrator can undo)."""
         z = z.astype(np.float64)
         y = y.astype(np.float64)
         start = np.zeros(z.shape[1])
         for name in ("prior_logit", "difficulty"):
             if name in names:
                 start[names.index(name)] = 1.0
-        global_beta = _newton(z, y, start, lam=lam_global)
+        free = np.array([n == "intercept" for n in names])
+        global_beta = _newton(z, y, start, lam=np.where(free, 1e-2, lam_global))
         betas = np.tile(global_beta, (len(models), 1))
+        per_model = np.where(free, 1e-2, lam)
         for m in range(len(models)):
             rows = mi == m
             if rows.any():
-                betas[m] = _newton(z[rows], y[rows], global_beta, lam=lam)
+                betas[m] = _newton(z[rows], y[rows], global_beta, lam=per_model)
         return cls(names=names, global_beta=global_beta, betas=betas, models=models, lam=lam)
 
     def beta_for(self, models: list[str], neighbors: dict[str, list[tuple[str, float]]]) -> np.ndarray:
