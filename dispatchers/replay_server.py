@@ -71,6 +71,7 @@ class ReplayServer:
         self._idempotent: dict[str, bytes] = {}
         self._lock = threading.Lock()
         self.requests = 0
+        self.authorized = 0
         self.billed_calls = 0
         self.billed_usd = 0.0
         self.billed_keys: Counter[tuple[str, str]] = Counter()  # (query_id, model) -> number of billed calls
@@ -121,6 +122,7 @@ class ReplayServer:
         with self._lock:
             return {
                 "requests": self.requests,
+                "authorized": self.authorized,
                 "billed_calls": self.billed_calls,
                 "billed_usd": self.billed_usd,
                 "billed_twice": sorted(f"{q}|{m}" for (q, m), n in self.billed_keys.items() if n > 1),
@@ -131,6 +133,8 @@ class ReplayServer:
     def handle(self, proto: _Protocol, method: str, path: str, headers: dict[str, str], body: bytes) -> None:
         with self._lock:
             self.requests += 1
+            if headers.get("authorization", "").startswith("Bearer "):
+                self.authorized += 1  # counted, never stored
         if method == "GET" and path.rstrip("/") == "/stats":
             return proto.respond(200, json.dumps(self.stats()).encode())
         if method == "GET" and path.rstrip("/") == "/v1/models":

@@ -317,3 +317,55 @@ def test_bedrock_converse_with_stubber(history: History, tmp_path: Path) -> None
     price_in, price_out = history.prices.filter(pl.col("model") == model).row(0)[1:]
     assert results["cost_usd"][0] == pytest.approx((100 * price_in + price_out) / 1e6)
     assert results["cost_usd"][2] == pytest.approx(2 * (100 * price_in + price_out) / 1e6)
+
+
+def test_retry_after_is_honoured(history: History, server: ReplayServer, tmp_path: Path) -> None:
+    server.faults = Faults(rate_429=1.0, retry_after_s=0.25)
+    queue = queue_of(history, 1)
+    retry = RetryPolicy(max_attempts=3, base_delay_s=0.0, max_delay_s=5.0)
+    started = time.monotonic()
+    results = dispatch(
+        plan_of(queue, history.models[0]),
+        queue,
+        openai(server, history),
+        budget_usd=1.0,
+        out_uri=str(tmp_path / "run"),
+        retry=retry,
+    )
+    assert time.monotonic() - started >= 0.5  # two waits of Retry-After between three attempts
+    assert results["status"].to_list() == ["failed"]
+    assert "429" in results["error"][0]
+    assert results["cost_usd"][0] == 0.0  # 429s are not billed
+    assert [e["s"] for e in ledger_events(tmp_path / "run") if e["e"] == "c"] == ["rate_limited"] * 3
+
+
+def test_cascade_over_http_uses_logprobs_like_replay(history: History, server: ReplayServer, tmp_path: Path) -> None:
+    queue = queue_of(history, 60)
+    cheap, dear = history.models[0], history.models[3]
+    plan = plan_of(queue, cheap).with_columns(
+        pl.lit("cascade").alias("kind"), pl.lit([cheap, dear]).alias("models"), pl.lit([0.6]).alias("thresholds")
+    )
+    over_http = dispatch(plan, queue, openai(server, history), budget_usd=10.0, out_uri=str(tmp_path / "http"))
+    replayed = dispatch(
+        plan, queue, get_backend("replay", history=history), budget_usd=10.0, out_uri=str(tmp_path / "replay")
+    )
+    assert over_http.drop("error").equals(replayed.drop("error"))
+    lengths = over_http["models_called"].list.len()
+    assert (lengths == 1).any()  # confident cheap answers stopped the cascade
+    assert (lengths == 2).any()
+    logprobs = [e.get("lp") for e in ledger_events(tmp_path / "http") if e["e"] == "c"]
+    assert all(lp is not None for lp in logprobs)
+
+
+def test_key_and_base_url_from_an_airflow_connection(
+    history: History, server: ReplayServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    connection = {"conn_type": "http", "host": server.base_url, "password": "sk-from-airflow"}
+    monkeypatch.setenv("AIRFLOW_CONN_BATCHPLAN_LLM", json.dumps(connection))
+    catalog = PriceCatalog.from_history(history.prices, history.outcomes)
+    backend = get_backend("openai", catalog=catalog, airflow_conn_id="batchplan_llm", api_key_env=None)
+    assert "sk-from-airflow" not in repr(backend)
+    queue = queue_of(history, 4)
+    results = dispatch(plan_of(queue, history.models[0]), queue, backend, budget_usd=1.0, out_uri=str(tmp_path / "run"))
+    assert (results["status"] == "done").all()
+    assert server.stats()["authorized"] == 4
