@@ -111,6 +111,84 @@ def test_helm_values_run_batchplan_on_kubernetes_with_irsa_and_secret_connection
     assert "BATCHPLAN_BUCKET" in env
 
 
+# Key paths of the official chart's values.yaml (apache/airflow chart/values.yaml at 002e5532, the chart for
+# Airflow 3.0.x), read one by one for the keys these values use. The chart itself is not installable offline;
+# `helm lint -f infra/helm/values.yaml` against the real schema is in infra/README.md.
+CHART_KEYS = frozenset(
+    {
+        "executor",
+        "airflowVersion",
+        "defaultAirflowTag",
+        "env",
+        "secret",
+        "fernetKeySecretName",
+        "apiSecretKeySecretName",
+        "jwtSecretName",
+        "data",
+        "data.metadataSecretName",
+        "postgresql",
+        "postgresql.enabled",
+        "pgbouncer",
+        "pgbouncer.enabled",
+        "redis",
+        "redis.enabled",
+        "config",
+        "images",
+        "images.airflow",
+        "images.airflow.repository",
+        "images.airflow.tag",
+        "images.airflow.pullPolicy",
+        "dags",
+        "dags.persistence",
+        "dags.persistence.enabled",
+        "dags.gitSync",
+        "dags.gitSync.enabled",
+        "dags.gitSync.repo",
+        "dags.gitSync.branch",
+        "dags.gitSync.subPath",
+        "logs",
+        "logs.persistence",
+        "logs.persistence.enabled",
+        "workers",
+        "workers.replicas",
+        "workers.resources",
+        "scheduler",
+        "scheduler.replicas",
+        "dagProcessor",
+        "dagProcessor.enabled",
+        "triggerer",
+        "apiServer",
+    }
+    | {
+        f"{c}.serviceAccount{k}"
+        for c in ("workers", "triggerer", "apiServer", "scheduler", "dagProcessor")
+        for k in ("", ".create", ".name", ".annotations")
+    }
+)
+# Free-form sub-trees: their keys are Airflow config sections, env items, annotations, k8s resources.
+FREE_FORM = ("config.", "env", "secret", "workers.resources.", ".annotations.")
+
+
+def _key_paths(tree: dict[str, Any], prefix: str = "") -> list[str]:
+    paths = []
+    for key, value in tree.items():
+        path = f"{prefix}{key}"
+        paths.append(path)
+        if isinstance(value, dict):
+            paths.extend(_key_paths(value, f"{path}."))
+    return paths
+
+
+@pytest.mark.parametrize("name", ["values.yaml", "values-celery.yaml"])
+def test_helm_values_use_only_keys_of_the_official_chart(name: str) -> None:
+    unknown = [
+        p
+        for p in _key_paths(_helm(name))
+        if p not in CHART_KEYS and not any(p.startswith(f) or f in p for f in FREE_FORM)
+    ]
+    assert unknown == [], f"{name}: keys the chart does not define: {unknown}"
+
+
 def test_helm_celery_overlay_and_no_static_credentials() -> None:
     overlay = _helm("values-celery.yaml")
     assert overlay["executor"] == "CeleryExecutor"
