@@ -399,10 +399,11 @@ def _queries(
     has_fallback = FALLBACK_COLUMN in plan.columns
     columns = [c for c in wanted if c in plan.columns] + ([FALLBACK_COLUMN] if has_fallback else [])
     texts = queue.select("query_id", "prompt", "system_prompt", "labels")
+    finished = pl.Series(list(final), dtype=pl.String).implode() if final else None
     for start in range(0, plan.height, chunk):
         part = plan.slice(start, chunk).select(columns)
-        if final:
-            part = part.filter(~pl.col("query_id").is_in(pl.Series(list(final), dtype=pl.String).implode()))
+        if finished is not None:
+            part = part.filter(~pl.col("query_id").is_in(finished))
         # filter the queue to this chunk first: a join would hash the whole queue for every chunk
         rows = texts.filter(pl.col("query_id").is_in(part["query_id"].implode()))
         frame = part.join(rows, on="query_id", how="left", maintain_order="left")

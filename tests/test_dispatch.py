@@ -8,6 +8,8 @@ from pathlib import Path
 
 import polars as pl
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from batchplan.contracts import PLAN_SCHEMA, QUEUE_SCHEMA, RESULT_SCHEMA, conform
 from batchplan.history import History
@@ -296,3 +298,50 @@ def test_one_writer_per_out_uri(small_history: History, tmp_path: Path) -> None:
     results = dispatch(plan, queue, backend, budget_usd=1.0, out_uri=str(out))
     assert (results["status"] == "done").all()
     assert not lock.exists()
+
+
+def test_votes_under_concurrency_never_pass_the_budget(small_history: History, tmp_path: Path) -> None:
+    queue = make_queue(small_history, 200)
+    models = small_history.models[-3:]
+    plan = single_plan(small_history, queue).with_columns(pl.lit("vote").alias("kind"), pl.lit(models).alias("models"))
+    truth = recorded(small_history)
+    full = sum(truth[(q, m)][1] for q in queue["query_id"] for m in models)
+    for i, share in enumerate((0.05, 0.33, 0.8)):
+        budget = full * share
+        results = dispatch(
+            plan,
+            queue,
+            get_backend("replay", history=small_history),
+            budget_usd=budget,
+            out_uri=str(tmp_path / f"r{i}"),
+            concurrency=64,
+        )
+        assert float(results["cost_usd"].sum()) <= budget
+        assert results.height == 200
+
+
+@given(
+    budget=st.floats(0.0, 10.0),
+    calls=st.lists(st.tuples(st.floats(0.0, 3.0), st.floats(0.0, 1.0)), max_size=40),
+)
+@settings(max_examples=60, deadline=None)
+def test_budget_guard_property(budget: float, calls: list[tuple[float, float]]) -> None:
+    """Whatever the reservations and their settlements (billed <= reserved), spend never passes the budget."""
+
+    async def scenario() -> None:
+        guard = BudgetGuard(budget)
+        held = []
+        for bound, billed_share in calls:
+            reservation = guard.try_reserve(bound)
+            if reservation is not None:
+                held.append((reservation, bound * billed_share))
+            if len(held) > 3:
+                r, billed = held.pop(0)
+                await guard.settle(r, billed)
+            assert guard.spent_usd + guard.reserved_usd <= budget + 1e-12
+        for r, billed in held:
+            await guard.settle(r, billed)
+        assert guard.spent_usd <= budget
+        assert guard.reserved_usd == 0
+
+    asyncio.run(scenario())
