@@ -99,7 +99,7 @@ def template_candidates(base: Candidates, predictions: pl.DataFrame, templates: 
     for template in templates.templates:
         if any(m not in column for m in template.models):
             continue
-        idx = [column[m] for m in template.models]
+        idx = np.array([column[m] for m in template.models])
         members = p[:, idx]
         eligible = np.flatnonzero((task_of == template.task) & np.isfinite(members).all(axis=1))
         if eligible.size == 0:

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Annotated, Any
 
+import polars as pl
 import structlog
 import typer
 from rich.console import Console
@@ -96,6 +97,7 @@ def _user_errors() -> Iterator[None]:
 
 
 def _request(
+    *,
     budget_usd: float | None,
     accuracy_target: float | None,
     allow_deferral: bool,
@@ -221,7 +223,16 @@ def plan(
     storage = _storage()
     with _user_errors():
         request = _request(
-            budget_usd, accuracy_target, allow_deferral, tenant_budget, max_calls, task_floor, allow, plans
+            budget_usd=budget_usd,
+            accuracy_target=accuracy_target,
+            allow_deferral=allow_deferral,
+            tenant_budget=tenant_budget,
+            max_calls=max_calls,
+            task_floor=task_floor,
+            allowed=allow,
+            kinds=plans,
+            label_error=label_error,
+            label_error_mode=label_error_mode,
         )
         ingested = pipeline.ingest(queue, storage, out_uri=None)
         if ingested.quarantine.height:
@@ -244,9 +255,11 @@ def plan(
         )
         storage.write_frame(outcome.plan, out)
     d = outcome.diagnostics
+    cost = outcome.plan.select(pl.col("expected_cost_usd").sum()).item()
+    accuracy = outcome.plan.select(pl.col("expected_accuracy").mean()).item() or 0.0
     console.print(
-        f"planned {outcome.plan.height} queries: expected cost ${outcome.plan['expected_cost_usd'].sum():.4f}, "
-        f"expected accuracy {outcome.plan['expected_accuracy'].mean():.1%}, status {d['status']}, gap {d['gap']:.2e} -> {out}"
+        f"planned {outcome.plan.height} queries: expected cost ${cost:.4f}, expected accuracy {accuracy:.1%}, "
+        f"status {d['status']}, gap {d['gap']:.2e}, spend margin ${d['spend_margin_usd']:.4f} -> {out}"
     )
 
 
@@ -285,7 +298,16 @@ def run(
             model_uri=model,
             out_uri=out,
             request=_request(
-                budget_usd, accuracy_target, allow_deferral, tenant_budget, max_calls, task_floor, allow, plans
+                budget_usd=budget_usd,
+                accuracy_target=accuracy_target,
+                allow_deferral=allow_deferral,
+                tenant_budget=tenant_budget,
+                max_calls=max_calls,
+                task_floor=task_floor,
+                allowed=allow,
+                kinds=plans,
+                label_error=label_error,
+                label_error_mode=label_error_mode,
             ),
             backend=backend,
             replay_history=replay_history,

@@ -13,90 +13,110 @@ Frames are validated where they enter the system (ingest, storage reads) and tru
 
 from __future__ import annotations
 
-from typing import Final
+from typing import Any, Final
 
 import polars as pl
 
+
+def _columns(columns: dict[str, Any]) -> dict[str, Any]:
+    """Typed column maps for the schemas below (mypy widens a bare dict literal of dtypes to object)."""
+    return columns
+
+
 QUEUE_SCHEMA: Final = pl.Schema(
-    {
-        "query_id": pl.String,
-        "prompt": pl.String,
-        "system_prompt": pl.String,
-        "labels": pl.List(pl.String),
-        "task": pl.String,
-        "tenant": pl.String,
-        "priority": pl.Float64,
-    }
+    _columns(
+        {
+            "query_id": pl.String,
+            "prompt": pl.String,
+            "system_prompt": pl.String,
+            "labels": pl.List(pl.String),
+            "task": pl.String,
+            "tenant": pl.String,
+            "priority": pl.Float64,
+        }
+    )
 )
 QUEUE_REQUIRED: Final = ("query_id", "prompt")
 DEFAULT_TASK: Final = "default"
 DEFAULT_TENANT: Final = "default"
 
 HISTORY_QUERIES_SCHEMA: Final = pl.Schema(
-    {
-        "query_id": pl.String,
-        "dataset": pl.String,
-        "task": pl.String,
-        "split": pl.String,
-        "subject": pl.String,
-        "system_prompt": pl.String,
-        "prompt": pl.String,
-        "labels": pl.List(pl.String),
-        "gold": pl.String,
-    }
+    _columns(
+        {
+            "query_id": pl.String,
+            "dataset": pl.String,
+            "task": pl.String,
+            "split": pl.String,
+            "subject": pl.String,
+            "system_prompt": pl.String,
+            "prompt": pl.String,
+            "labels": pl.List(pl.String),
+            "gold": pl.String,
+        }
+    )
 )
 OUTCOMES_SCHEMA: Final = pl.Schema(
-    {
-        "query_id": pl.String,
-        "model": pl.String,
-        "answer": pl.String,
-        "correct": pl.Boolean,
-        "cost_usd": pl.Float64,
-        "tokens_in": pl.Int64,
-        "tokens_out": pl.Int64,
-        "latency_ms": pl.Float64,
-        "logprob": pl.Float64,
-    }
+    _columns(
+        {
+            "query_id": pl.String,
+            "model": pl.String,
+            "answer": pl.String,
+            "correct": pl.Boolean,
+            "cost_usd": pl.Float64,
+            "tokens_in": pl.Int64,
+            "tokens_out": pl.Int64,
+            "latency_ms": pl.Float64,
+            "logprob": pl.Float64,
+        }
+    )
 )
 MODELS_SCHEMA: Final = pl.Schema({"model": pl.String, "usd_per_mtok_in": pl.Float64, "usd_per_mtok_out": pl.Float64})
 
 PREDICTION_SCHEMA: Final = pl.Schema(
-    {
-        "query_id": pl.String,
-        "model": pl.String,
-        "p_correct": pl.Float64,
-        "cost_usd": pl.Float64,
-        "cost_high_usd": pl.Float64,
-    }
+    _columns(
+        {
+            "query_id": pl.String,
+            "model": pl.String,
+            "p_correct": pl.Float64,
+            "cost_usd": pl.Float64,
+            "cost_high_usd": pl.Float64,
+        }
+    )
 )
 
 PLAN_KINDS: Final = ("single", "vote", "cascade", "agreement")  # semantics: batchplan/plan_simulation.py
 PLAN_SCHEMA: Final = pl.Schema(
-    {
-        "query_id": pl.String,
-        "kind": pl.String,
-        "models": pl.List(pl.String),
-        "expected_cost_usd": pl.Float64,
-        "expected_accuracy": pl.Float64,
-        "reserve_cost_usd": pl.Float64,
-        # cascade only: stop at models[i] when its confidence >= thresholds[i] (len = len(models) - 1)
-        "thresholds": pl.List(pl.Float64),
-    }
+    _columns(
+        {
+            "query_id": pl.String,
+            "kind": pl.String,
+            "models": pl.List(pl.String),
+            "expected_cost_usd": pl.Float64,
+            "expected_accuracy": pl.Float64,
+            "reserve_cost_usd": pl.Float64,
+            # cascade only: stop at models[i] when its confidence >= thresholds[i] (len = len(models) - 1)
+            "thresholds": pl.List(pl.Float64),
+        }
+    )
 )
 
 RESULT_STATUSES: Final = ("done", "failed", "deferred")
 RESULT_SCHEMA: Final = pl.Schema(
-    {
-        "query_id": pl.String,
-        "answer": pl.String,
-        "models_called": pl.List(pl.String),
-        "cost_usd": pl.Float64,
-        "status": pl.String,
-        "error": pl.String,
-    }
+    _columns(
+        {
+            "query_id": pl.String,
+            "answer": pl.String,
+            "models_called": pl.List(pl.String),
+            "cost_usd": pl.Float64,
+            "status": pl.String,
+            "error": pl.String,
+        }
+    )
 )
 
-QUARANTINE_SCHEMA: Final = pl.Schema({"row": pl.Int64, "query_id": pl.String, "reason": pl.String, "raw": pl.String})
+QUARANTINE_SCHEMA: Final = pl.Schema(
+    _columns({"row": pl.Int64, "query_id": pl.String, "reason": pl.String, "raw": pl.String})
+)
 
 
 class ContractError(ValueError):

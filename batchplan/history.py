@@ -186,7 +186,7 @@ def synthetic_history(
     tokens_in = (length[:, None] // 4 + rng.integers(0, 5, (n_queries, n_models))).astype(np.int64)
     tokens_out = rng.integers(1, 4, (n_queries, n_models)).astype(np.int64)
     cost = (tokens_in * price_in[None, :] + tokens_out * price_out[None, :]) / 1e6
-    answers = []
+    answers: list[str] = []
     for i in range(n_queries):
         labels = labels_by_task[task[i]]
         wrong = [lab for lab in labels if lab != gold[i]]

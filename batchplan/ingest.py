@@ -134,7 +134,9 @@ def _typed_parquet(frame: pl.DataFrame) -> pl.DataFrame:
             errors.append(pl.when(pl.col(column).is_not_null()).then(pl.lit(f"{column} is {have}, expected {what}")))
             columns.append(pl.lit(None, dtype=dtype).alias(column))
     type_error = pl.coalesce(errors) if errors else pl.lit(None, dtype=pl.String)
-    return frame.select([*columns, type_error.cast(pl.String).alias("_type_error"), pl.lit(None, dtype=pl.String).alias("_raw")])
+    return frame.select(
+        [*columns, type_error.cast(pl.String).alias("_type_error"), pl.lit(None, dtype=pl.String).alias("_raw")]
+    )
 
 
 def _typed_jsonl(text: str, part: str, offset: int) -> tuple[pl.DataFrame, list[dict[str, Any]], int]:
@@ -165,7 +167,7 @@ def _typed_jsonl(text: str, part: str, offset: int) -> tuple[pl.DataFrame, list[
         rows.append({**_typed_record(record), "_raw": line[:2000]})
         positions.append(position)
         position += 1
-    schema = {**QUEUE_SCHEMA, "_type_error": pl.String, "_raw": pl.String}
+    schema = pl.Schema({**QUEUE_SCHEMA, "_type_error": pl.String(), "_raw": pl.String()})
     frame = pl.DataFrame(rows, schema=schema) if rows else pl.DataFrame(schema=schema)
     return frame.with_columns(pl.Series("_row", positions, dtype=pl.Int64)), bad, position
 

@@ -159,9 +159,7 @@ def execute(
         pl.lit("deferred").alias("status"),
         pl.lit("deferred by the plan: not worth its cost under the budget").alias("error"),
     )
-    results = pl.concat(
-        [dispatched.select(RESULT_SCHEMA.names()).cast(dict(RESULT_SCHEMA)), deferred.cast(dict(RESULT_SCHEMA))]
-    )  # type: ignore[arg-type]
+    results = pl.concat([dispatched.select(RESULT_SCHEMA.names()).cast(RESULT_SCHEMA), deferred.cast(RESULT_SCHEMA)])
     results = plan.select("query_id").join(results, on="query_id", how="left")
     log.info(
         "dispatch",

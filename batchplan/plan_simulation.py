@@ -164,7 +164,7 @@ def simulate(spec: PlanSpec, rec: Recorded) -> Simulated:
         correct=correct,
         cost=(c * reached).sum(axis=1),
         reached=reached,
-        covered=rec.present[:, cols].all(axis=1),
+        covered=np.asarray(rec.present[:, cols].all(axis=1)),
     )
 
 

@@ -27,6 +27,8 @@ from optimizer import (
     Solution,
     solve,
 )
+from optimizer.api import Method
+from optimizer.problem import Objective
 
 
 @dataclass
@@ -50,7 +52,7 @@ class PlanRequest:
     # Plan so that realized spend stays within the budget with this probability (normal approximation over
     # the plans' cost variances): a query deferred by the dispatcher's hard stop is a lost answer.
     spend_confidence: float = 0.95
-    method: str = "auto"
+    method: Method = "auto"
 
     def __post_init__(self) -> None:
         if self.budget_usd is None and self.accuracy_target is None:
@@ -162,7 +164,7 @@ def label_errors(
         for model, by_label in by_model.items():
             rows.extend((task, "single", model, label, err) for label, err in by_label.items())
     table = pl.DataFrame(rows, schema=["task", "kind", "key", "label", "error"], orient="row")
-    alphas = []
+    alphas: list[tuple[str, str, float]] = []
     for task in candidates.queries["task"].unique().to_list():
         bound = bounds.get(task, bounds.get("*"))
         if bound is None:
@@ -257,7 +259,7 @@ def plan_batch(candidates: Candidates, request: PlanRequest, templates: PlanTemp
     constraints, extra = define_constraints(request, candidates)
     constraints += [Capacity(column=c, limit=0.0, name=c) for c in label_columns]
     options = options_table(candidates, extra, label_columns)
-    objective = "max_value" if request.budget_usd is not None else "min_cost"
+    objective: Objective = "max_value" if request.budget_usd is not None else "min_cost"
     deferrable = np.full(candidates.queries.height, request.allow_deferral)
     problem = Problem(options, objective=objective, constraints=constraints, deferrable=deferrable)
     solution = solve(problem, method=request.method)
