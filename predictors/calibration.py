@@ -18,6 +18,12 @@ def logit(p: np.ndarray) -> np.ndarray:
     return np.log(p / (1 - p))
 
 
+def logit32(p: np.ndarray) -> np.ndarray:
+    """``logit`` in float32 (per-pair and per-query matrices: half the memory traffic)."""
+    q = np.clip(np.asarray(p, dtype=np.float32), np.float32(EPS), np.float32(1 - EPS))
+    return np.log(q / (np.float32(1) - q))
+
+
 def sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(z, -50.0, 50.0)))
 

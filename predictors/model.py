@@ -25,7 +25,7 @@ import polars as pl
 from batchplan.catalog import PriceCatalog
 from batchplan.contracts import DEFAULT_TASK, PREDICTION_SCHEMA
 from batchplan.storage import Storage
-from predictors.calibration import Calibrator, logit, sigmoid
+from predictors.calibration import Calibrator, logit, logit32, sigmoid
 from predictors.cost import CostModel, query_chars
 from predictors.features import STAT_COLUMNS, TextEncoder, Vocabulary, describe_models, text_of, text_stats
 from predictors.pairmodel import PairModel
@@ -121,7 +121,7 @@ class Predictor:
             knn_acc, knn_sim = self.retriever.query(emb, tci, prior, query_fold, train_fold)
         else:
             knn_acc, knn_sim = prior.astype(np.float32), np.zeros(q.height, dtype=np.float32)
-        lift = logit(knn_acc) - logit(prior)
+        lift = logit32(knn_acc) - logit32(prior)
         mask = has[tci]
         lift_mean = np.where(mask.any(axis=1), (lift * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1), 0.0)
         n_text = min(int(self.options.get("text_features", 16)), emb.shape[1])
@@ -209,16 +209,7 @@ class Predictor:
             raise ValueError(f"pairs name query_ids absent from queries, e.g. {missing}")
         qi = index["qi"].to_numpy().astype(np.int64)
         call_models = sorted(index["model"].unique().to_list())
-        mi = (
-            index.select("model")
-            .join(
-                pl.DataFrame({"model": call_models, "mi": np.arange(len(call_models), dtype=np.int64)}),
-                on="model",
-                how="left",
-                maintain_order="left",
-            )["mi"]
-            .to_numpy()
-        )
+        mi = index["model"].cast(pl.Enum(call_models)).to_physical().to_numpy().astype(np.int64)
         known_index = {m: i for i, m in enumerate(self.models)}
         unknown = [m for m in call_models if m not in known_index]
         neighbors = self._neighbors(unknown, catalog)
@@ -311,13 +302,17 @@ class Predictor:
         q_cols = [2, 4, 5, *range(len(PAIR_FEATURES), betas.shape[1])]
         q_part = zq @ betas[:, q_cols].T.astype(np.float32)  # (n_q, C)
         prior_logit = logit(prior_call)  # (T_u, C)
-        knn_call = (block.knn_acc @ weights).astype(np.float64)  # (n_q, C)
+        knn_call = (block.knn_acc @ weights.astype(np.float32)).astype(np.float32)  # (n_q, C)
+        flat = qi * len(call_models) + mi
+        knn_pair = knn_call.ravel()[flat]
+        prior_pair_logit = prior_logit[task_inv[qi], mi].astype(np.float32)
         if not covered.all():
-            knn_call[:, ~covered] = prior_call[task_inv][:, ~covered]
-        lift = logit(knn_call) - prior_logit[task_inv]  # (n_q, C)
-        pair_q = (q_part + lift * betas[:, 3][None, :]).astype(np.float64)
-        per_model = betas[:, 0][None, :] + prior_logit * betas[:, 1][None, :]  # (T_u, C)
-        return np.asarray(pair_q[qi, mi] + per_model[task_inv[qi], mi], dtype=np.float64)
+            uncovered = ~covered[mi]
+            knn_pair[uncovered] = prior_call[task_inv[qi[uncovered]], mi[uncovered]]
+        lift = logit32(knn_pair) - prior_pair_logit
+        b = betas.astype(np.float32)
+        out = q_part.ravel()[flat] + b[mi, 0] + b[mi, 1] * prior_pair_logit + b[mi, 3] * lift
+        return out.astype(np.float64)
 
     def token_features(
         self, models: list[str], tasks: list[str], n_labels: np.ndarray, chars: np.ndarray, catalog: PriceCatalog
