@@ -37,12 +37,8 @@ NIGHTLY_QUERIES = 450
 BACKFILL_QUERIES_PER_DAY = 150
 
 pytestmark = [
-    # Airflow 3.3 warns about its own internals during dag.test(); these are not ours to fix.
-    pytest.mark.filterwarnings("ignore::DeprecationWarning"),
-    pytest.mark.filterwarnings("ignore::FutureWarning:airflow.*"),
-    pytest.mark.filterwarnings("ignore::UserWarning:airflow.*"),
-    pytest.mark.filterwarnings("ignore:.*Airflow 4.*"),
-    pytest.mark.filterwarnings("ignore::ResourceWarning"),
+    # Airflow's .airflowignore reader uses pathspec's deprecated "gitwildmatch" (warned from typing_extensions).
+    pytest.mark.filterwarnings("ignore:GitWildMatchPattern:DeprecationWarning"),
     # svcs (Airflow's in-process execution API) imports starlette's TestClient, which warns about httpx.
     pytest.mark.filterwarnings("ignore:Using `httpx` with `starlette.testclient` is deprecated"),
 ]
