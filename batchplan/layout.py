@@ -8,7 +8,8 @@ works the same for tests and laptops, ``BATCHPLAN_ROOT`` overrides both)::
     quarantine/<run>/              rows refused at ingest, with the reason (quarantine.parquet)
     plans/<run>/                   queue.parquet (the snapshot planned), predictions.parquet, plan.parquet,
                                    shards/<i>.parquet and shards.json (each shard's rows and budget share)
-    results/<run>/                 shard-<i>/ (the dispatcher's ledger, parts and manifest, resumable),
+    results/<run>/                 shard-<i>/ (backfill: <day>/): the dispatcher's ledger, parts and manifest
+                                   (resumable) and the shard's results.parquet;
                                    results.parquet (one row per query) and manifest.json (spend, counts)
     reports/<run>/                 report.html, report.md, report.json
     reports/_runs/<dag>/<run_id>.json  which run key an Airflow DAG run wrote (the UI's report view uses it)
