@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -103,10 +104,11 @@ def save(predictor: Predictor, storage: Storage, root_uri: str, version: str | N
         "boosters": sorted(predictor.boosters),
         "feature_names": predictor.feature_names,
     }
-    storage.write_text(join(base, "state.json"), json.dumps(state, default=_json_default, allow_nan=True))
+    storage.write_text(join(base, "state.json"), json.dumps(_strict(state), default=_json_default, allow_nan=False))
     metadata = {**predictor.metadata, "version": version, "format": FORMAT_VERSION}
     storage.write_text(
-        join(base, "metadata.json"), json.dumps(metadata, indent=2, default=_json_default, allow_nan=True)
+        join(base, "metadata.json"),
+        json.dumps(_strict(metadata), indent=2, default=_json_default, allow_nan=False),
     )
     predictor.metadata = metadata
     return base
@@ -181,6 +183,19 @@ def load(storage: Storage, root_uri: str, version: str | None = None) -> Predict
         feature_names=state["feature_names"],
         metadata=metadata,
     )
+
+
+def _strict(value: Any) -> Any:
+    """Standard JSON: NaN and infinities become null (readers restore NaN where a number is required)."""
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
 
 
 def _json_default(value: Any) -> Any:
