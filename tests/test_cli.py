@@ -112,7 +112,10 @@ def test_run_replays_within_budget_and_resumes(trained: tuple[str, str], history
     _run(args)
     again = json.loads((out / "report.json").read_text())
     assert again["spend_usd"] == pytest.approx(report["spend_usd"])
-    assert pl.read_parquet(out / "results.parquet").sort("query_id").equals(results.sort("query_id"))
+    # (a deferred query is retried; its message may word the remaining budget differently)
+    columns = ["query_id", "answer", "models_called", "cost_usd", "status"]
+    rerun = pl.read_parquet(out / "results.parquet").select(columns).sort("query_id")
+    assert rerun.equals(results.select(columns).sort("query_id"))
 
 
 def test_run_on_s3(
