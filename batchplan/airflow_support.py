@@ -48,20 +48,6 @@ class QueueClaimed(RuntimeError):
 
 
 # ---------------------------------------------------------------------------------------------- storage
-class _ClientBackend:
-    """``storage.S3Backend`` over a ready boto3 client (the Airflow connection's: keys, role or IRSA)."""
-
-    def __init__(self, client: Any) -> None:
-        from batchplan.storage import S3Backend
-
-        backend = S3Backend.__new__(S3Backend)
-        backend._client = client
-        self._backend = backend
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._backend, name)
-
-
 def storage_from_connection(conn_id: str = CONN_ID) -> Storage:
     """A Storage whose S3 calls use the Airflow AWS connection ``conn_id`` (endpoint, region, credentials).
 
@@ -69,9 +55,7 @@ def storage_from_connection(conn_id: str = CONN_ID) -> Storage:
     from airflow.providers.amazon.aws.hooks.s3 import S3Hook
 
     client = S3Hook(aws_conn_id=conn_id).get_conn()
-    storage = Storage(s3_endpoint_url=client.meta.endpoint_url, s3_region=client.meta.region_name)
-    storage._s3 = _ClientBackend(client)  # type: ignore[assignment]
-    return storage
+    return Storage(s3_endpoint_url=client.meta.endpoint_url, s3_region=client.meta.region_name, s3_client=client)
 
 
 def layout() -> Layout:
@@ -210,8 +194,8 @@ def current_model(storage: Storage, lay: Layout) -> str | None:
 
 def predict_stage(storage: Storage, lay: Layout, run: str, backend: str) -> dict[str, Any]:
     """P(correct) and cost per (query, model) with the promoted predictor; reused on a re-run."""
+    from batchplan import artifacts
     from batchplan.pipeline import predict
-    from predictors import load_predictor
 
     out = lay.plan_file(run, "predictions.parquet")
     if storage.exists(out):
@@ -220,7 +204,7 @@ def predict_stage(storage: Storage, lay: Layout, run: str, backend: str) -> dict
     if version is None:
         raise ContractError(f"no promoted predictor at {lay.current_model()}: run the batchplan_retrain DAG first")
     queue = storage.read_frame(lay.plan_file(run, "queue.parquet"))
-    predictor = load_predictor(storage, lay.models(), version=version)
+    predictor = artifacts.load(storage, lay.models(), version=version).predictor
     predictions = predict(queue.drop("day", strict=False), predictor, _backend(backend, storage))
     storage.write_frame(predictions, out)
     return {"predictions": out, "model_version": version, "pairs": predictions.height, "reused": False}
@@ -252,6 +236,7 @@ def plan_stage(
     query_id ranges, or one per ``group_by`` value, e.g. the backfill's days), each with its budget share.
 
     ``plans/<run>/shards.json`` is written last; when it exists a re-run returns it unchanged."""
+    from batchplan import artifacts
     from batchplan.pipeline import build_candidates, optimize
 
     manifest_uri = lay.shards_manifest(run)
@@ -259,7 +244,11 @@ def plan_stage(
         return list(json.loads(storage.read_bytes(manifest_uri))["shards"])
     queue = storage.read_frame(lay.plan_file(run, "queue.parquet"))
     predictions = storage.read_frame(lay.plan_file(run, "predictions.parquet"))
-    planned = optimize(build_candidates(queue.drop("day", strict=False), predictions), params.request())
+    request = params.request()
+    version = current_model(storage, lay)
+    templates = artifacts.load_templates(storage, lay.models(), version) if version else None
+    candidates = build_candidates(queue.drop("day", strict=False), predictions, templates, request.kinds)
+    planned = optimize(candidates, request, templates)
     plan = planned.plan.sort("query_id")
     storage.write_frame(plan, lay.plan_file(run, "plan.parquet"))
     if group_by is not None:
@@ -532,14 +521,14 @@ def model_version(when: Any) -> str:
 
 def train_stage(storage: Storage, lay: Layout, run: str, predictor_name: str = "lightgbm") -> dict[str, Any]:
     """Train a candidate predictor on the training history; save it as ``models/<run>/``."""
-    from predictors import list_versions, train_predictor
+    from batchplan import artifacts
+    from predictors import list_versions
 
     out = lay.model(run)
     if run in list_versions(storage, lay.models()):
         return {"candidate": run, "uri": out, "reused": True}
     train, _, found, used = training_history(storage, lay)
-    predictor = train_predictor(train, name=predictor_name)
-    predictor.save(storage, lay.models(), version=run)
+    artifacts.save(artifacts.train(train, predictor=predictor_name), storage, lay.models(), version=run)
     return {
         "candidate": run,
         "uri": out,

@@ -6,6 +6,7 @@ the predictor's files), so ``plan``/``run`` load the latest or a named version a
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 
 import structlog
@@ -17,6 +18,7 @@ from predictors import Predictor, load_predictor, train_predictor
 
 log = structlog.get_logger("batchplan.train")
 PLANS_FILE = "plans.json"
+CURRENT_FILE = "CURRENT.json"  # {"version": ...}: the promoted version, preferred over the newest
 
 
 @dataclass(frozen=True)
@@ -47,14 +49,27 @@ def train(
     return Trained(model, templates)
 
 
-def save(trained: Trained, storage: Storage, root_uri: str) -> str:
-    uri = trained.predictor.save(storage, root_uri)
+def save(trained: Trained, storage: Storage, root_uri: str, version: str | None = None) -> str:
+    uri = trained.predictor.save(storage, root_uri, version=version)
     storage.write_text(join(uri, PLANS_FILE), trained.templates.to_json())
     return uri
 
 
+def resolve_version(storage: Storage, root_uri: str, version: str | None) -> str | None:
+    """A named version as is; else the promoted one (``CURRENT.json``, written when a retrain wins);
+    else None, meaning the newest."""
+    if version is not None:
+        return version
+    pointer = join(root_uri, CURRENT_FILE)
+    return str(json.loads(storage.read_text(pointer))["version"]) if storage.exists(pointer) else None
+
+
 def load(storage: Storage, root_uri: str, version: str | None = None) -> Trained:
-    predictor = load_predictor(storage, root_uri, version=version)
-    plans_uri = join(root_uri, str(predictor.metadata["version"]), PLANS_FILE)
-    templates = PlanTemplates.from_json(storage.read_text(plans_uri)) if storage.exists(plans_uri) else PlanTemplates()
-    return Trained(predictor, templates)
+    predictor = load_predictor(storage, root_uri, version=resolve_version(storage, root_uri, version))
+    return Trained(predictor, load_templates(storage, root_uri, str(predictor.metadata["version"])))
+
+
+def load_templates(storage: Storage, root_uri: str, version: str) -> PlanTemplates:
+    """The plan templates of one version (none for a version trained without them)."""
+    uri = join(root_uri, version, PLANS_FILE)
+    return PlanTemplates.from_json(storage.read_text(uri)) if storage.exists(uri) else PlanTemplates()

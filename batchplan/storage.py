@@ -100,12 +100,13 @@ class LocalBackend:
 class S3Backend:
     """boto3 client; endpoint from ``endpoint_url`` or the standard ``AWS_ENDPOINT_URL``/credential chain."""
 
-    def __init__(self, endpoint_url: str | None = None, region_name: str | None = None) -> None:
-        import boto3
+    def __init__(self, endpoint_url: str | None = None, region_name: str | None = None, client: Any = None) -> None:
+        if client is None:
+            import boto3
 
-        self._client: Any = boto3.client(
-            "s3", endpoint_url=endpoint_url or None, region_name=region_name or os.environ.get("AWS_DEFAULT_REGION")
-        )
+            region = region_name or os.environ.get("AWS_DEFAULT_REGION")
+            client = boto3.client("s3", endpoint_url=endpoint_url or None, region_name=region)
+        self._client: Any = client
 
     def read_bytes(self, uri: str) -> bytes:
         bucket, key = split_s3(uri)
@@ -160,6 +161,7 @@ class Storage:
 
     s3_endpoint_url: str | None = None
     s3_region: str | None = None
+    s3_client: Any = None  # a ready boto3 S3 client (e.g. from an Airflow connection); else one is made
 
     def __post_init__(self) -> None:
         self._local = LocalBackend()
@@ -168,7 +170,7 @@ class Storage:
     def backend(self, uri: str) -> Backend:
         if is_s3(uri):
             if self._s3 is None:
-                self._s3 = S3Backend(self.s3_endpoint_url, self.s3_region)
+                self._s3 = S3Backend(self.s3_endpoint_url, self.s3_region, client=self.s3_client)
             return self._s3
         return self._local
 
