@@ -238,7 +238,7 @@ def lp_assignment(model: Compiled, master: Master) -> tuple[np.ndarray, np.ndarr
 
 
 def polish(model: Compiled, cols: np.ndarray, queries: np.ndarray, *, time_limit: float = 10.0,
-           per_query: int | None = None, lam: np.ndarray | None = None) -> tuple[np.ndarray, HighsResult]:
+           per_query: int | None = None, lam: np.ndarray | None = None, gap: float = 1e-7) -> tuple[np.ndarray, HighsResult]:
     """Integer re-optimisation of ``queries`` with every other query fixed at ``cols``.
 
     ``per_query``: keep only that many columns per query (best reduced cost under ``lam``, plus the
@@ -269,9 +269,11 @@ def polish(model: Compiled, cols: np.ndarray, queries: np.ndarray, *, time_limit
     nc = len(all_cols)
     a = sp.csc_array((np.concatenate([vals, np.ones(nc)]), (np.concatenate([r_idx, k + qpos]), np.concatenate([c_idx, np.arange(nc)]))),
                      shape=(k + len(queries), nc))
+    # tight tolerances: HiGHS's default 1e-6 could overshoot a limit by more than FEAS_TOL (re-checked after)
     res = run_highs(model.c[all_cols], np.zeros(nc), np.ones(nc),
                     np.concatenate([np.full(k, -np.inf), np.ones(len(queries))]), np.concatenate([residual, np.ones(len(queries))]),
-                    a, integer=True, options={"mip_rel_gap": 1e-7, "time_limit": float(time_limit)})
+                    a, integer=True, options={"mip_rel_gap": gap, "time_limit": max(float(time_limit), 0.05),
+                                              "mip_feasibility_tolerance": 1e-10, "primal_feasibility_tolerance": 1e-10})
     if not res.has_solution:
         return cols, res
     out = cols.copy()
@@ -300,8 +302,9 @@ def greedy_repair(model: Compiled, cols: np.ndarray, queries: np.ndarray) -> np.
         use = np.zeros((len(cand), k))
         np.add.at(use, (c_idx, r_idx), vals)
         after = usage[None, :] + use
-        viol = np.maximum(after - rhs[None, :], 0.0).sum(axis=1)
-        ok = viol <= 1e-9 * np.maximum(1.0, np.abs(rhs)).max()
+        rel = (after - rhs[None, :]) / np.maximum(1.0, np.abs(rhs))[None, :]
+        viol = np.maximum(rel, 0.0).sum(axis=1)
+        ok = (rel <= 0.5 * FEAS_TOL).all(axis=1)
         pick = int(np.argmax(np.where(ok, model.c[cand], -np.inf))) if ok.any() else int(np.argmin(viol))
         out[q] = cand[pick]
         usage = after[pick]
@@ -309,29 +312,168 @@ def greedy_repair(model: Compiled, cols: np.ndarray, queries: np.ndarray) -> np.
 
 
 EXACT_QUERIES = 200  # up to this many queries the polish MILP covers everything (exact within mip_rel_gap)
+FEAS_TOL = 1e-9  # a returned assignment exceeds no <= limit by more than this, relative to max(1, |limit|)
+ESCALATION = (300, 3_000, 30_000)  # neighbourhood sizes (queries) of the repair MILPs, then every query
+FULL_MILP_QUERIES = 50_000  # the last resort (a MILP over every query) only up to this size
+
+
+def _violation(model: Compiled, cols: np.ndarray) -> np.ndarray:
+    """Per <= row: how far the assignment exceeds its limit, in units of max(1, |limit|) (<= 0: within)."""
+    rhs = model.le_rhs()
+    return (model.le_usage(model.choose_matrix(cols)) - rhs) / np.maximum(1.0, np.abs(rhs))
+
+
+def _helpful(model: Compiled, cols: np.ndarray, over: np.ndarray, count: int,
+             lam: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Per query its best move for the violated rows: (queries, target columns), the ``count`` best first.
+
+    ``over``: violation per row (> 0 on violated rows). Weighted usage ``s = A^T w`` with ``w = 1/over``
+    on the violated rows (so each violated row needs one unit of weighted reduction); a move of query q
+    from its column to j gains ``s[cur] - s[j]`` and loses ``r[cur] - r[j]``, r the reduced objective under
+    the LP prices ``lam`` (so moves that eat into other binding rows look dear). Efficiency = gain /
+    max(loss, tiny), over moves with gain > 0. Signed rows are fine: any column whose coefficients lower
+    the violated rows counts, whatever their sign.
+    """
+    rhs = model.le_rhs()
+    scale = np.maximum(1.0, np.abs(rhs))
+    w = np.where(over > 0, 1.0 / np.maximum(over * scale, 1e-300), 0.0)
+    s = model.c - model.reduced(w)  # A^T w
+    r = model.c if lam is None else model.reduced(lam)
+    cur = cols[model.query]
+    gain = s[cur] - s
+    loss = r[cur] - r
+    tiny = 1e-12 * max(float(np.abs(model.c).max()) if model.m else 1.0, 1e-12)
+    eff = np.where(gain > 1e-15, gain / np.maximum(loss, tiny), -np.inf)
+    heads = model.starts[:-1]
+    best = np.maximum.reduceat(eff, heads)
+    hit = np.flatnonzero(eff >= best[model.query])
+    first = np.ones(len(hit), dtype=bool)
+    first[1:] = model.query[hit][1:] != model.query[hit][:-1]
+    best_col = hit[first]
+    qs = np.flatnonzero(np.isfinite(best))
+    order = qs[np.argsort(-best[qs], kind="stable")][:count]
+    return order, best_col[order] if len(best_col) == model.n else np.zeros(0, np.int64)
+
+
+def _row_deltas(model: Compiled, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """Dense (len(src), K) change of every <= row when moving from column src[i] to dst[i]."""
+    out = np.zeros((len(src), model.k))
+    r_idx, c_idx, vals = model.matrix(dst)
+    np.add.at(out, (c_idx, r_idx), vals)
+    r_idx, c_idx, vals = model.matrix(src)
+    np.add.at(out, (c_idx, r_idx), -vals)
+    return out
+
+
+def move_repair(model: Compiled, cols: np.ndarray, *, lam: np.ndarray | None = None, rounds: int = 5,
+                candidates: int = 5_000) -> np.ndarray:
+    """Greedy feasibility repair by moving *any* queries: the moves that lower the violated rows most
+    per unit of (LP-priced) objective lost, one by one, each accepted only if it pushes no row past its
+    limit (or further past it); until no row is violated. Returns the (possibly still infeasible) plan."""
+    out = cols.copy()
+    rhs = model.le_rhs()
+    scale = np.maximum(1.0, np.abs(rhs))
+    usage = model.le_usage(model.choose_matrix(out))
+    for _ in range(rounds):
+        over = (usage - rhs) / scale
+        bad = over > 0.5 * FEAS_TOL
+        if not bad.any():
+            break
+        queries, targets = _helpful(model, out, np.where(bad, over, 0.0), candidates, lam)
+        if len(queries) == 0:
+            break
+        deltas = _row_deltas(model, out[queries], targets)
+        moved = 0
+        for i in range(len(queries)):
+            d = deltas[i]
+            new = usage + d
+            if not np.all((new - rhs <= 0.5 * FEAS_TOL * scale) | (d <= 0)):
+                continue  # would push a row past its limit, or further past it
+            if not np.any((d < 0) & (usage - rhs > 0.5 * FEAS_TOL * scale)):
+                continue  # helps no violated row any more
+            usage = new
+            out[queries[i]] = targets[i]
+            moved += 1
+            if np.all(usage - rhs <= 0.5 * FEAS_TOL * scale):
+                break
+        if moved == 0:
+            break
+        usage = model.le_usage(model.choose_matrix(out))  # exact, no drift
+    return out
+
+
+def _neighbourhood(model: Compiled, cols: np.ndarray, frac: np.ndarray, margin: np.ndarray | None, size: int,
+                   lam: np.ndarray | None = None) -> np.ndarray:
+    """``frac`` plus the queries whose moves help the violated rows most plus the closest-to-tie ones."""
+    over = np.maximum(_violation(model, cols), 0.0)
+    parts = [frac]
+    if (over > FEAS_TOL).any():
+        parts.append(_helpful(model, cols, np.where(over > FEAS_TOL, over, 0.0), size // 2, lam)[0])
+    if margin is not None and len(margin):
+        n_near = min(model.n, max(size - sum(len(p) for p in parts), size // 4))
+        parts.append(np.argpartition(margin, n_near - 1)[:n_near] if n_near < model.n else np.arange(model.n))
+    return np.unique(np.concatenate(parts).astype(np.int64))
 
 
 def round_and_repair(model: Compiled, cols: np.ndarray, frac: np.ndarray, margin: np.ndarray | None,
-                     polish_queries: int, time_limit: float, lam: np.ndarray | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+                     polish_queries: int, time_limit: float, lam: np.ndarray | None = None,
+                     deadline: float | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """Integral assignment from an LP one.
 
     Small problems: one MILP over every query (exact). Large: greedy repair of the split queries (at most
-    K of them at a vertex), then a short MILP over them plus the closest-to-tie others, kept if better.
+    K of them at a vertex); if rows are still violated (e.g. signed rows, where only *other* queries can
+    make room), a greedy repair moving any queries, then MILPs over growing neighbourhoods (split queries,
+    the queries that help the violated rows most, the closest to a tie), ending with every query. Then a
+    short MILP over the split plus closest-to-tie queries, kept if better.
+
+    Raises InfeasibleError only when a MILP over every query proves infeasibility; SolverError when the
+    escalation runs out of time or size without a feasible assignment.
     """
+    def left(cap: float) -> float:
+        return cap if deadline is None else max(min(cap, deadline - time.perf_counter()), 0.05)
+
     if model.n <= EXACT_QUERIES:
-        out, res = polish(model, cols, np.arange(model.n), time_limit=time_limit)
+        out, res = polish(model, cols, np.arange(model.n), time_limit=left(time_limit))
         info = {"polish_queries": model.n, "polish_status": res.status,
                 "polish_bound": res.mip_dual_bound if res.optimal else None}
         if res.has_solution and not check_feasible(model, out):
             return out, info
+        if res.status == "kInfeasible":
+            violated = check_feasible(model, cols) or model.row_names
+            raise InfeasibleError(violated, "no integral assignment exists (proved by a MILP over every query), "
+                                  f"although the LP relaxation is feasible; loosen {violated}", {})
         cols = out
     out = greedy_repair(model, cols, frac)
-    info = {"polish_queries": 0, "polish_status": None, "polish_bound": None}
+    info: dict[str, Any] = {"polish_queries": 0, "polish_status": None, "polish_bound": None, "repair": "greedy"}  # type: ignore[no-redef]
+    if check_feasible(model, out):
+        out = move_repair(model, out, lam=lam)
+        info["repair"] = "moves"
+    if check_feasible(model, out):
+        sizes = [s for s in ESCALATION if s < model.n] + ([model.n] if model.n <= FULL_MILP_QUERIES else [])
+        for size in sizes:
+            queries = np.arange(model.n) if size >= model.n else _neighbourhood(model, out, frac, margin, size, lam)
+            cand, res = polish(model, out, queries, time_limit=left(max(time_limit, 2.0)), gap=1e-4)
+            info.update(repair=f"milp[{len(queries)}]", polish_queries=len(queries), polish_status=res.status)
+            if res.has_solution and not check_feasible(model, cand):
+                out = cand
+                break
+            if res.status == "kInfeasible" and len(queries) == model.n:
+                violated = check_feasible(model, out)
+                raise InfeasibleError(violated, "no integral assignment exists (proved by a MILP over every query), "
+                                      f"although the LP relaxation is feasible; loosen {violated}", {})
+            if deadline is not None and time.perf_counter() > deadline:
+                break
+        else:
+            if check_feasible(model, out):
+                raise SolverError(f"decompose: no integral assignment found within {check_feasible(model, out)} "
+                                  f"by repair MILPs over up to {sizes[-1] if sizes else 0} queries (the LP is feasible)")
+        if check_feasible(model, out):
+            raise SolverError(f"decompose: time limit reached while repairing {check_feasible(model, out)}")
     if margin is not None and len(margin) and polish_queries > 0:
         n_near = min(model.n, polish_queries)
         near = np.argpartition(margin, n_near - 1)[:n_near] if n_near < model.n else np.arange(model.n)
         queries = np.union1d(near, frac)
-        cand, res = polish(model, out, queries, time_limit=min(time_limit, 1.0), per_query=3, lam=lam)
+        cand, res = polish(model, out, queries, time_limit=left(min(time_limit, 1.0)), per_query=3, lam=lam)
         info.update(polish_queries=len(queries), polish_status=res.status)
         if res.has_solution and not check_feasible(model, cand) and model.c @ model.choose_matrix(cand) >= model.c @ model.choose_matrix(out):
             out = cand
@@ -364,7 +506,8 @@ def solve_decompose(
     bound = float(pricing.best.sum() + lam @ rhs)  # valid for any lam >= 0
     cols, frac = lp_assignment(model, master)
     remaining = 10.0 if deadline is None else max(deadline - time.perf_counter(), 1.0)
-    cols, polish_info = round_and_repair(model, cols, frac, pricing.margin, polish_queries, min(10.0, remaining), lam)
+    cols, polish_info = round_and_repair(model, cols, frac, pricing.margin, polish_queries, min(10.0, remaining), lam,
+                                         deadline=deadline)
     if polish_info["polish_bound"] is not None and np.isfinite(polish_info["polish_bound"]):
         bound = min(bound, float(polish_info["polish_bound"]))
     violated = check_feasible(model, cols)

@@ -141,7 +141,7 @@ def build_solution(
     )
 
 
-def check_feasible(model: Compiled, cols: np.ndarray, tol: float = 1e-6) -> list[str]:
+def check_feasible(model: Compiled, cols: np.ndarray, tol: float = 1e-9) -> list[str]:
     """Names of rows an assignment violates (relative tolerance)."""
     x = model.choose_matrix(cols)
     usage = model.le_usage(x)

@@ -83,7 +83,7 @@ def assert_feasible(problem: Problem, solution) -> None:  # type: ignore[no-unty
         limit = solution.limits[name]
         sense = next(f.sense for f in model.families if name in f.names)
         if sense == "<=":
-            assert used <= limit + 1e-6 * max(1.0, abs(limit)), (name, used, limit)
+            assert used <= limit + 1e-9 * max(1.0, abs(limit)), (name, used, limit)
         else:
             assert used >= limit - 1e-6 * max(1.0, abs(limit)), (name, used, limit)
 

@@ -138,3 +138,102 @@ def test_no_constraints_takes_best_option() -> None:
     best = opts.sort("value", descending=True).group_by("query", maintain_order=True).first().sort("query")
     assert solution.chosen["option"].to_list() == best["option"].to_list()
     assert solution.gap == 0
+
+
+def signed_options(n: int, k: int, seed: int, alpha: float = 0.2) -> pl.DataFrame:
+    """Options with a signed resource column, like a per-label error bound: prior x (error - alpha) is
+    negative for good options and positive for bad ones; the rows built on it have limit 0."""
+    rng = np.random.default_rng(seed)
+    opts = tiny_options(n, k, seed)
+    error = np.clip(rng.uniform(0.0, 0.5, n * k) - 0.1 * opts["accuracy"].to_numpy(), 0.0, 1.0)
+    prior = np.repeat(rng.uniform(0.2, 1.0, n), k)
+    return opts.with_columns(err=pl.Series(prior * (error - alpha)), err2=pl.Series(prior * (rng.uniform(0, 0.4, n * k) - alpha)))
+
+
+def signed_constraints(opts: pl.DataFrame, share: float) -> list:
+    return [
+        Budget(limit=budget_between(opts, share)),
+        Capacity(column="err", group="tenant", limit={"t0": 0.0, "t1": 0.0}, name="label_error"),
+        Capacity(column="err2", limit=0.0, name="label_error_all"),
+    ]
+
+
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.integers(1, 5), st.integers(2, 3), st.integers(0, 10_000), st.floats(0.0, 1.0), st.sampled_from(["decompose", "cvxpy_milp"]))
+def test_signed_capacity_rows_match_brute_force(n: int, k: int, seed: int, share: float, method: str) -> None:
+    opts = signed_options(n, k, seed)
+    problem = Problem(opts, "max_value", signed_constraints(opts, share), deferrable=seed % 2 == 0)
+    truth = brute_force(problem)
+    if truth is None:
+        with pytest.raises(InfeasibleError):
+            solve(problem, method=method)  # type: ignore[arg-type]
+        return
+    solution = solve(problem, method=method)  # type: ignore[arg-type]
+    assert_feasible(problem, solution)  # every <= row within 1e-9 relative
+    tol = 1e-6 * max(1.0, abs(truth[0]))
+    assert solution.objective <= solution.bound + tol
+    assert solution.objective == pytest.approx(truth[0], abs=1e-5 * max(1.0, abs(truth[0])))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2, 3])
+def test_signed_capacity_rows_at_medium_size(seed: int) -> None:
+    """Past the exact size: an LP that is feasible must give an integral plan meeting the limit-0 rows."""
+    opts = signed_options(1_500, 6, seed)
+    problem = Problem(opts, "max_value", signed_constraints(opts, 0.3))
+    lp = solve(problem, method="cvxpy_lp") if seed == 0 else None
+    solution = solve(problem, method="decompose")
+    assert_feasible(problem, solution)
+    assert solution.objective <= solution.bound * (1 + 1e-9)
+    assert solution.gap < 1e-2
+    if lp is not None:
+        assert solution.bound == pytest.approx(lp.bound, rel=1e-6)
+
+
+def test_repair_moves_other_queries_when_the_split_ones_cannot() -> None:
+    """Start from the unconstrained best plan (violating the signed rows) with no split query to move:
+    the repair must move other queries (greedy moves, then MILP neighbourhoods) to a feasible plan."""
+    from optimizer.decompose import move_repair, price, round_and_repair
+    from optimizer.solution import check_feasible
+
+    opts = signed_options(3_000, 5, 11)
+    problem = Problem(opts, "max_value", signed_constraints(opts, 0.5))
+    model = problem.compiled
+    start = price(model, np.zeros(model.k)).best_col
+    assert check_feasible(model, start)  # the unconstrained plan breaks the limit-0 rows
+    moved = move_repair(model, start)
+    assert not check_feasible(model, moved)
+    cols, info = round_and_repair(model, start, np.zeros(0, dtype=np.int64), None, 0, 5.0)
+    assert not check_feasible(model, cols)
+    assert info["repair"] in ("moves", "greedy") or info["repair"].startswith("milp")
+    # the neighbourhood MILP path on its own (the greedy moves skipped)
+    import optimizer.decompose as dec
+
+    original = dec.move_repair
+    try:
+        dec.move_repair = lambda model, cols, **_: cols  # type: ignore[assignment]
+        cols, info = round_and_repair(model, start, np.zeros(0, dtype=np.int64), None, 0, 5.0)
+    finally:
+        dec.move_repair = original
+    assert not check_feasible(model, cols)
+    assert info["repair"].startswith("milp")
+
+
+def test_budget_is_never_exceeded_beyond_1e9_relative() -> None:
+    """A budget set exactly at a reachable total is met to 1e-9 relative, not HiGHS's 1e-6/1e-7."""
+    for seed in range(4):
+        opts = medium_options(3_000, seed)
+        problem = Problem(opts, "max_value", constraints_for_bench(opts, "all"))
+        solution = solve(problem, method="decompose")
+        assert_feasible(problem, solution)
+        for name, used in solution.usage.items():
+            assert used <= solution.limits[name] * (1 + 1e-9) + 1e-12, name
+
+
+def constraints_for_bench(opts: pl.DataFrame, which: str) -> list:
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    from solver import constraints_for  # type: ignore[import-not-found]
+
+    return constraints_for(opts, which)  # type: ignore[no-any-return]
