@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import polars as pl
+import structlog
 
 from batchplan.contracts import PLAN_KINDS, RESULT_SCHEMA
 from batchplan.storage import Storage
@@ -50,6 +51,7 @@ FALLBACK_COLUMN = (
 )
 
 Progress = Callable[[int, int], None]
+log = structlog.get_logger("dispatchers")
 
 
 @dataclass
@@ -577,6 +579,24 @@ async def _dispatch_leased(
         counts = ordered["status"].value_counts()
         results.manifest["counts"] = dict(zip(counts["status"].to_list(), counts["count"].to_list(), strict=True))
         results.commit(ledger, manifest_extra(True))
+        stats = executor.stats
+        log.info(
+            "dispatch",
+            out_uri=out_uri,
+            backend=backend.name,
+            queries=total,
+            already_final=len(final),
+            calls=stats.calls,
+            reused=stats.reused,
+            recovered=stats.recovered,
+            lost=stats.lost,
+            retries=stats.retries,
+            fallbacks=stats.fallbacks,
+            spent_usd=round(budget.spent_usd, 9),
+            budget_usd=budget_usd,
+            counts=results.manifest["counts"],
+            seconds=round(time.monotonic() - started, 2),
+        )
         return ordered.select(RESULT_SCHEMA.names()).cast(RESULT_SCHEMA)
     finally:
         beat.cancel()

@@ -369,3 +369,51 @@ def test_key_and_base_url_from_an_airflow_connection(
     results = dispatch(plan_of(queue, history.models[0]), queue, backend, budget_usd=1.0, out_uri=str(tmp_path / "run"))
     assert (results["status"] == "done").all()
     assert server.stats()["authorized"] == 4
+
+
+def test_replay_server_runs_as_a_module() -> None:
+    import subprocess
+    import sys
+    import urllib.request
+
+    args = [
+        sys.executable,
+        "-m",
+        "dispatchers.replay_server",
+        "--synthetic",
+        "50",
+        "--models",
+        "2",
+        "--fault-500",
+        "0.5",
+    ]
+    server = subprocess.Popen(args, stdout=subprocess.PIPE, text=True)
+    try:
+        assert server.stdout is not None
+        line = server.stdout.readline()
+        assert "listening on http://127.0.0.1:" in line
+        base = line.strip().rsplit(" ", 1)[-1].removesuffix("/v1")
+        with urllib.request.urlopen(f"{base}/v1/models", timeout=5) as response:
+            assert [m["id"] for m in json.load(response)["data"]] == ["synth-00", "synth-01"]
+        with urllib.request.urlopen(f"{base}/stats", timeout=5) as response:
+            assert json.load(response)["billed_calls"] == 0
+    finally:
+        server.terminate()
+        server.wait(10)
+        if server.stdout is not None:
+            server.stdout.close()
+
+
+def test_token_bucket_paces_tokens_per_minute() -> None:
+    import asyncio
+
+    from dispatchers.limits import TokenBucket
+
+    async def scenario() -> float:
+        bucket = TokenBucket(per_minute=6_000)  # 100 tokens/s, burst 100
+        started = time.monotonic()
+        for _ in range(3):
+            await bucket.take(60)  # 180 tokens: the burst, then ~0.8 s of refill
+        return time.monotonic() - started
+
+    assert 0.6 <= asyncio.run(scenario()) < 2.0
