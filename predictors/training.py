@@ -56,8 +56,8 @@ DEFAULT_OPTIONS: dict[str, Any] = {
     "text_tail": 400,
     "knn_mode": "cluster",
     "knn_k": 20,
-    "knn_cluster_size": 20,
-    "knn_probes": 2,
+    "knn_cluster_size": 10,
+    "knn_probes": 3,
     "shrinkage": 30.0,
 }
 
