@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import polars as pl
 import pytest
@@ -149,10 +151,20 @@ def _roundtrip(predictor: Predictor, storage: Storage, root: str, history: Histo
     assert load_predictor(storage, root).metadata["version"] == "99990101T000000-later"
     assert load_predictor(storage, root, version=uri.rsplit("/", 1)[-1]).models == predictor.models
     assert second.endswith("99990101T000000-later")
+    # a version still being written (no metadata.json yet) is not "latest"
+    storage.write_text(f"{root}/99999999T999999-partial/state.json", "{}")
+    assert load_predictor(storage, root).metadata["version"] == "99990101T000000-later"
+    # standard JSON only (no NaN / Infinity tokens)
+    for name in ("metadata.json", "state.json"):
+        json.loads(storage.read_text(f"{uri}/{name}"), parse_constant=_reject_constant)
     meta = loaded.metadata
     for key in ("features", "training_data", "models", "validation", "created_at"):
         assert key in meta
     assert meta["training_data"]["fingerprint"]
+
+
+def _reject_constant(token: str) -> None:
+    raise ValueError(f"non-standard JSON constant {token}")
 
 
 def test_registry_roundtrip_local(trained: Predictor, small_history: History, tmp_path: object) -> None:
