@@ -17,9 +17,10 @@ from typing import Any
 
 from dispatchers.base import Backend, CallRequest, CallResult, parse_answer
 from dispatchers.budget import BudgetGuard
-from dispatchers.executor import FALLBACK_COLUMN, adispatch, dispatch
+from dispatchers.executor import FALLBACK_COLUMN
 from dispatchers.ledger import read_manifest, read_results
 from dispatchers.limits import ModelLimits, RetryPolicy
+from dispatchers.run import adispatch, dispatch
 
 _REGISTRY: dict[str, Callable[..., Backend]] = {}
 

@@ -1,26 +1,20 @@
-"""Execute a plan: singles, votes and cascades, under the hard budget, with retries, fallbacks and the ledger.
+"""The executor of plan rows: singles, votes, cascades and agreements, with retries, per-model limits,
+fallbacks, the budget guard and the ledger, one query at a time (many at once on one event loop).
 
-``dispatch(plan, queue, backend, budget_usd=..., out_uri=...)`` is the whole contract: it returns one
-RESULT_SCHEMA row per plan row and leaves the same rows under ``out_uri`` (see ``dispatchers.ledger``).
-Running it again with the same ``out_uri`` resumes: finished queries are kept, calls already in the ledger
-are reused (never sent or paid again), and only the rest is sent.
+Each call goes: reuse its outcome from the ledger if there is one, else reserve its cost bound -> durable
+intent -> send -> append the outcome -> settle the billed cost. ``dispatchers.run`` feeds it the plan.
 """
 
 from __future__ import annotations
 
 import asyncio
 import math
-import time
 from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import polars as pl
-import structlog
-
-from batchplan.contracts import PLAN_KINDS, RESULT_SCHEMA
-from batchplan.storage import Storage
+from batchplan.contracts import PLAN_KINDS
 from dispatchers.base import (
     CONNECTION,
     MODEL_TROUBLE,
@@ -33,29 +27,18 @@ from dispatchers.base import (
     CallResult,
 )
 from dispatchers.budget import BudgetGuard
-from dispatchers.ledger import (
-    FINAL_STATUSES,
-    Lease,
-    Ledger,
-    PriorCalls,
-    ResultWriter,
-    new_writer_id,
-    read_results,
-    run_identity,
-)
+from dispatchers.ledger import Ledger, PriorCalls
 from dispatchers.limits import ModelGate, ModelLimits, RetryPolicy
 
 LOST = "lost"  # a call sent before a crash whose outcome never reached the ledger (non-idempotent backend)
-FALLBACK_COLUMN = (
-    "fallback_models"  # optional plan column: list[str], models to try, in order, if the plan's model fails
-)
+# optional plan column: list[str], models to try, in order, when the plan's model fails or is down
+FALLBACK_COLUMN = "fallback_models"
 
 Progress = Callable[[int, int], None]
-log = structlog.get_logger("dispatchers")
 
 
 @dataclass
-class _Query:
+class QueryRun:
     query_id: str
     kind: str
     models: list[str]
@@ -83,7 +66,7 @@ class _Query:
 
 
 @dataclass
-class _Stats:
+class DispatchStats:
     calls: int = 0
     reused: int = 0
     retries: int = 0
@@ -97,7 +80,7 @@ class _Deferred(Exception):
     """The budget refused a call: the query is deferred."""
 
 
-class _Executor:
+class Executor:
     def __init__(
         self,
         backend: Backend,
@@ -117,7 +100,7 @@ class _Executor:
         self.max_tokens = max_tokens
         self.limits = limits
         self.gates: dict[str, ModelGate] = {}
-        self.stats = _Stats()
+        self.stats = DispatchStats()
 
     def gate(self, model: str) -> ModelGate:
         gate = self.gates.get(model)
@@ -132,7 +115,7 @@ class _Executor:
         return gate
 
     # -- one attempt: reuse from the ledger, or reserve -> intent -> call -> ledger -> settle ---------
-    async def attempt(self, q: _Query, slot: int, model: str, attempt: int, role: str) -> tuple[CallResult, bool]:
+    async def attempt(self, q: QueryRun, slot: int, model: str, attempt: int, role: str) -> tuple[CallResult, bool]:
         """Returns (result, fresh); raises _Deferred when the budget refuses the call."""
         call = f"{slot}:{model}:{attempt}"
         if q.prior is not None and call in q.prior.calls:
@@ -145,7 +128,7 @@ class _Executor:
             return CallResult(model, UNAVAILABLE, reason="query not in the queue"), False
         return await self.send(q, slot, model, call, role)
 
-    async def send(self, q: _Query, slot: int, model: str, call: str, role: str) -> tuple[CallResult, bool]:
+    async def send(self, q: QueryRun, slot: int, model: str, call: str, role: str) -> tuple[CallResult, bool]:
         """Reserve -> durable intent -> call -> ledger -> settle. Raises _Deferred when the budget refuses."""
         assert q.prompt is not None
         request = CallRequest(
@@ -194,7 +177,7 @@ class _Executor:
         q.called(slot, model)
         return result, True
 
-    async def ask_model(self, q: _Query, slot: int, model: str, role: str, *, can_fall_back: bool) -> CallResult:
+    async def ask_model(self, q: QueryRun, slot: int, model: str, role: str, *, can_fall_back: bool) -> CallResult:
         """Attempts on one model with retries; raises _Deferred."""
         result = CallResult(model, UNAVAILABLE, reason="no attempt")
         for attempt in range(max(1, self.policy.max_attempts)):
@@ -211,7 +194,7 @@ class _Executor:
                 await asyncio.sleep(self.policy.delay(attempt, result.retry_after_s))
         return result
 
-    async def ask_slot(self, q: _Query, slot: int, chain: list[str], notes: list[str]) -> CallResult:
+    async def ask_slot(self, q: QueryRun, slot: int, chain: list[str], notes: list[str]) -> CallResult:
         """The plan's model for this step, then its fallbacks in order; raises _Deferred."""
         result = CallResult(chain[0], UNAVAILABLE, reason="no model")
         for i, model in enumerate(chain):
@@ -230,7 +213,7 @@ class _Executor:
         return result
 
     # -- plan kinds -----------------------------------------------------------------------------------
-    async def recover(self, q: _Query) -> None:
+    async def recover(self, q: QueryRun) -> None:
         """Calls sent before a crash whose outcome never reached the ledger, on an endpoint that honours
         idempotency keys: resend each under its own key (billed at most once, wherever the crash hit) and
         keep its outcome, so that no billed call stays out of the ledger. Raises _Deferred."""
@@ -243,7 +226,7 @@ class _Executor:
             self.stats.recovered += 1
         q.prior.intents.clear()
 
-    async def run(self, q: _Query) -> tuple[Any, ...]:
+    async def run(self, q: QueryRun) -> tuple[Any, ...]:
         notes: list[str] = []
         try:
             await self.recover(q)
@@ -266,7 +249,7 @@ class _Executor:
         except _Deferred as deferred:
             return _row(q, None, "deferred", "; ".join([*notes, str(deferred)]))
 
-    async def _vote(self, q: _Query, notes: list[str]) -> tuple[Any, ...]:
+    async def _vote(self, q: QueryRun, notes: list[str]) -> tuple[Any, ...]:
         outcomes = await asyncio.gather(*(self._vote_member(q, i, m) for i, m in enumerate(q.models)))
         answers = [r for r, _ in outcomes if r is not None and r.ok]
         for r, note in outcomes:
@@ -286,13 +269,13 @@ class _Executor:
             notes.insert(0, f"vote of {len(answers)}/{len(q.models)}")
         return _row(q, winner, "done", "; ".join(notes) or None)
 
-    async def _vote_member(self, q: _Query, slot: int, model: str) -> tuple[CallResult | None, str | None]:
+    async def _vote_member(self, q: QueryRun, slot: int, model: str) -> tuple[CallResult | None, str | None]:
         try:
             return await self.ask_slot(q, slot, [model], []), None
         except _Deferred as deferred:
             return None, f"{model}: {deferred}"
 
-    async def _cascade(self, q: _Query, notes: list[str]) -> tuple[Any, ...]:
+    async def _cascade(self, q: QueryRun, notes: list[str]) -> tuple[Any, ...]:
         answer: str | None = None
         for step, model in enumerate(q.models):
             try:
@@ -312,7 +295,7 @@ class _Executor:
             return _row(q, None, "failed", "; ".join(notes))
         return _row(q, answer, "done", "; ".join(notes) or None)
 
-    async def _agreement(self, q: _Query, notes: list[str]) -> tuple[Any, ...]:
+    async def _agreement(self, q: QueryRun, notes: list[str]) -> tuple[Any, ...]:
         """Ask the two cheap members together; if they agree, done; else the third decides (plan_simulation)."""
         first, second = await asyncio.gather(self._vote_member(q, 0, q.models[0]), self._vote_member(q, 1, q.models[1]))
         given = [r for r, _ in (first, second) if r is not None and r.ok]
@@ -338,7 +321,7 @@ class _Executor:
         return _row(q, None, "failed", "; ".join(notes))
 
 
-def _row(q: _Query, answer: str | None, status: str, error: str | None) -> tuple[Any, ...]:
+def _row(q: QueryRun, answer: str | None, status: str, error: str | None) -> tuple[Any, ...]:
     cost = q.charged_usd + (q.prior.charged_usd if q.prior is not None else 0.0)
     return (q.query_id, answer, q.models_called, cost, status, error)
 
@@ -390,263 +373,4 @@ def _from_event(event: dict[str, Any]) -> CallResult:
         tokens_in=event.get("ti"),
         tokens_out=event.get("to"),
         logprob=event.get("lp"),
-    )
-
-
-def _queries(
-    plan: pl.DataFrame, queue: pl.DataFrame, final: set[str], prior: dict[str, PriorCalls], chunk: int = 2_048
-) -> Iterator[_Query]:
-    """Plan rows joined to their queue rows, ``chunk`` at a time: working memory does not grow with the batch."""
-    wanted = ["query_id", "kind", "models", "reserve_cost_usd", "thresholds"]
-    has_fallback = FALLBACK_COLUMN in plan.columns
-    columns = [c for c in wanted if c in plan.columns] + ([FALLBACK_COLUMN] if has_fallback else [])
-    texts = queue.select("query_id", "prompt", "system_prompt", "labels")
-    finished = pl.Series(list(final), dtype=pl.String).implode() if final else None
-    for start in range(0, plan.height, chunk):
-        part = plan.slice(start, chunk).select(columns)
-        if finished is not None:
-            part = part.filter(~pl.col("query_id").is_in(finished))
-        # filter the queue to this chunk first: a join would hash the whole queue for every chunk
-        rows = texts.filter(pl.col("query_id").is_in(part["query_id"].implode()))
-        frame = part.join(rows, on="query_id", how="left", maintain_order="left")
-        for row in frame.iter_rows(named=True):
-            labels = row.get("labels")
-            yield _Query(
-                query_id=row["query_id"],
-                kind=row.get("kind") or "single",
-                models=list(row.get("models") or []),
-                thresholds=list(row.get("thresholds") or []),
-                fallbacks=list(row.get(FALLBACK_COLUMN) or []) if has_fallback else [],
-                reserve_usd=row.get("reserve_cost_usd"),
-                prompt=row.get("prompt"),
-                system_prompt=row.get("system_prompt"),
-                labels=tuple(labels) if labels is not None else None,
-                prior=prior.get(row["query_id"]),
-            )
-
-
-async def adispatch(
-    plan: pl.DataFrame,
-    queue: pl.DataFrame,
-    backend: Backend,
-    *,
-    budget_usd: float,
-    out_uri: str,
-    storage: Storage | None = None,
-    concurrency: int = 32,
-    progress: Progress | None = None,
-    limits: ModelLimits | Mapping[str, ModelLimits] | None = None,
-    retry: RetryPolicy | None = None,
-    max_tokens: int = 16,
-    part_rows: int = 5_000,
-    part_seconds: float = 5.0,
-) -> pl.DataFrame:
-    """The async form of ``dispatch`` (for callers already inside an event loop)."""
-    storage = storage or Storage()
-    if plan["query_id"].is_duplicated().any():
-        raise ValueError("plan has duplicate query_id rows: one plan row per query")
-    identity = run_identity(storage, out_uri)
-    writer_id = new_writer_id()
-    lease = Lease(storage, out_uri, writer_id)
-    lease.acquire()
-    try:
-        return await _dispatch_leased(
-            plan,
-            queue,
-            backend,
-            storage,
-            out_uri,
-            identity,
-            writer_id,
-            lease,
-            budget_usd=budget_usd,
-            concurrency=concurrency,
-            progress=progress,
-            limits=limits,
-            retry=retry,
-            max_tokens=max_tokens,
-            part_rows=part_rows,
-            part_seconds=part_seconds,
-        )
-    finally:
-        lease.release()
-
-
-async def _dispatch_leased(
-    plan: pl.DataFrame,
-    queue: pl.DataFrame,
-    backend: Backend,
-    storage: Storage,
-    out_uri: str,
-    identity: dict[str, Any],
-    writer_id: str,
-    lease: Lease,
-    *,
-    budget_usd: float,
-    concurrency: int,
-    progress: Progress | None,
-    limits: ModelLimits | Mapping[str, ModelLimits] | None,
-    retry: RetryPolicy | None,
-    max_tokens: int,
-    part_rows: int,
-    part_seconds: float,
-) -> pl.DataFrame:
-    committed = read_results(out_uri, storage)
-    final = set(committed.filter(pl.col("status").is_in(list(FINAL_STATUSES)))["query_id"].to_list())
-    ledger = Ledger(storage, out_uri, writer_id)
-    prior, spent = ledger.load(skip=final)
-    lost = 0
-    if not backend.idempotent:
-        # calls sent just before a crash whose outcome never reached the ledger: they may have been billed
-        for query_id, entry in prior.items():
-            for call, intent in list(entry.intents.items()):
-                charge = float(intent.get("r") or 0.0)
-                event = {
-                    "e": "c",
-                    "q": query_id,
-                    "c": call,
-                    "m": intent.get("m"),
-                    "s": LOST,
-                    "usd": charge,
-                    "bk": False,
-                }
-                event["why"] = "sent before a crash, outcome unknown: charged its reservation"
-                ledger.append(event)
-                entry.calls[call] = event
-                spent += charge
-                lost += 1
-            entry.intents.clear()
-        ledger.flush()
-    budget = BudgetGuard(budget_usd, spent_usd=spent)
-    executor = _Executor(
-        backend, budget, ledger, identity["run_id"], limits=limits, policy=retry or RetryPolicy(), max_tokens=max_tokens
-    )
-    executor.stats.lost = lost
-    results = ResultWriter(storage, out_uri, writer_id, part_rows=part_rows, part_seconds=part_seconds)
-    total = plan.height
-    done = int(plan["query_id"].is_in(pl.Series(list(final), dtype=pl.String).implode()).sum()) if final else 0
-    started = time.monotonic()
-
-    def manifest_extra(complete: bool) -> dict[str, Any]:
-        stats = executor.stats
-        return {
-            "run_id": identity["run_id"],
-            "backend": backend.name,
-            "budget_usd": budget_usd,
-            "spent_usd": budget.spent_usd,
-            "complete": complete,
-            "queries": total,
-            "stats": {
-                "calls": stats.calls,
-                "reused_from_ledger": stats.reused,
-                "recovered_in_flight": stats.recovered,
-                "lost_in_flight": stats.lost,
-                "retries": stats.retries,
-                "fallbacks": stats.fallbacks,
-                "call_statuses": dict(stats.statuses),
-                "budget_overruns": budget.overruns,
-                "rate_limit_pauses": sum(g.pauses for g in executor.gates.values()),
-                "circuit_trips": sum(g.trips for g in executor.gates.values()),
-                "seconds": round(time.monotonic() - started, 3),
-            },
-        }
-
-    pending = _queries(plan, queue, final, prior)
-
-    async def worker() -> None:
-        nonlocal done
-        for query in pending:
-            row = await executor.run(query)
-            if results.add(row):
-                results.commit(ledger, manifest_extra(False))
-            done += 1
-            if progress is not None:
-                progress(done, total)
-
-    async def heartbeat() -> None:
-        while True:
-            await asyncio.sleep(lease.ttl_s / 4)
-            lease.renew()
-
-    beat = asyncio.create_task(heartbeat())
-    try:
-        if progress is not None:
-            progress(done, total)
-        await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
-        results.commit(ledger, manifest_extra(False))
-        frame = read_results(out_uri, storage)
-        ordered = plan.select("query_id").join(frame, on="query_id", how="left", maintain_order="left")
-        counts = ordered["status"].value_counts()
-        results.manifest["counts"] = dict(zip(counts["status"].to_list(), counts["count"].to_list(), strict=True))
-        results.commit(ledger, manifest_extra(True))
-        stats = executor.stats
-        log.info(
-            "dispatch",
-            out_uri=out_uri,
-            backend=backend.name,
-            queries=total,
-            already_final=len(final),
-            calls=stats.calls,
-            reused=stats.reused,
-            recovered=stats.recovered,
-            lost=stats.lost,
-            retries=stats.retries,
-            fallbacks=stats.fallbacks,
-            spent_usd=round(budget.spent_usd, 9),
-            budget_usd=budget_usd,
-            counts=results.manifest["counts"],
-            seconds=round(time.monotonic() - started, 2),
-        )
-        return ordered.select(RESULT_SCHEMA.names()).cast(RESULT_SCHEMA)
-    finally:
-        beat.cancel()
-        ledger.close()
-        await backend.aclose()
-
-
-def dispatch(
-    plan: pl.DataFrame,
-    queue: pl.DataFrame,
-    backend: Backend,
-    *,
-    budget_usd: float,
-    out_uri: str,
-    storage: Storage | None = None,
-    concurrency: int = 32,
-    progress: Progress | None = None,
-    limits: ModelLimits | Mapping[str, ModelLimits] | None = None,
-    retry: RetryPolicy | None = None,
-    max_tokens: int = 16,
-    part_rows: int = 5_000,
-    part_seconds: float = 5.0,
-) -> pl.DataFrame:
-    """Run ``plan`` (PLAN_SCHEMA, plus optional ``fallback_models``) for ``queue`` (QUEUE_SCHEMA) on
-    ``backend`` without ever spending more than ``budget_usd`` in total for ``out_uri``.
-
-    Returns RESULT_SCHEMA rows in plan order: ``done`` (answered), ``failed`` (every attempt and
-    fallback failed; ``error`` says why, with the raw text of non-answers) or ``deferred`` (the budget
-    could not cover the call; rerun with a larger budget to do them). Resumable: see the module doc.
-    """
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        pass
-    else:
-        raise RuntimeError("dispatch() called inside a running event loop: await adispatch(...) instead")
-    return asyncio.run(
-        adispatch(
-            plan,
-            queue,
-            backend,
-            budget_usd=budget_usd,
-            out_uri=out_uri,
-            storage=storage,
-            concurrency=concurrency,
-            progress=progress,
-            limits=limits,
-            retry=retry,
-            max_tokens=max_tokens,
-            part_rows=part_rows,
-            part_seconds=part_seconds,
-        )
     )

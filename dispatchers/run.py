@@ -1,0 +1,294 @@
+"""``dispatch``: run a whole plan into ``out_uri``, resumably (the entry point the pipeline calls).
+
+It returns one RESULT_SCHEMA row per plan row and leaves the same rows under ``out_uri`` (layout in
+``dispatchers.ledger``). Running it again with the same ``out_uri`` resumes: finished queries are kept,
+calls already in the ledger are reused (never sent or paid again), and only the rest is sent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator, Mapping
+from typing import Any
+
+import polars as pl
+import structlog
+
+from batchplan.contracts import RESULT_SCHEMA
+from batchplan.storage import Storage
+from dispatchers.base import Backend
+from dispatchers.budget import BudgetGuard
+from dispatchers.executor import FALLBACK_COLUMN, LOST, Executor, Progress, QueryRun
+from dispatchers.ledger import (
+    FINAL_STATUSES,
+    Lease,
+    Ledger,
+    PriorCalls,
+    ResultWriter,
+    new_writer_id,
+    read_results,
+    run_identity,
+)
+from dispatchers.limits import ModelLimits, RetryPolicy
+
+log = structlog.get_logger("dispatchers")
+
+
+def _queries(
+    plan: pl.DataFrame, queue: pl.DataFrame, final: set[str], prior: dict[str, PriorCalls], chunk: int = 2_048
+) -> Iterator[QueryRun]:
+    """Plan rows joined to their queue rows, ``chunk`` at a time: working memory does not grow with the batch."""
+    wanted = ["query_id", "kind", "models", "reserve_cost_usd", "thresholds"]
+    has_fallback = FALLBACK_COLUMN in plan.columns
+    columns = [c for c in wanted if c in plan.columns] + ([FALLBACK_COLUMN] if has_fallback else [])
+    texts = queue.select("query_id", "prompt", "system_prompt", "labels")
+    finished = pl.Series(list(final), dtype=pl.String).implode() if final else None
+    for start in range(0, plan.height, chunk):
+        part = plan.slice(start, chunk).select(columns)
+        if finished is not None:
+            part = part.filter(~pl.col("query_id").is_in(finished))
+        # filter the queue to this chunk first: a join would hash the whole queue for every chunk
+        rows = texts.filter(pl.col("query_id").is_in(part["query_id"].implode()))
+        frame = part.join(rows, on="query_id", how="left", maintain_order="left")
+        for row in frame.iter_rows(named=True):
+            labels = row.get("labels")
+            yield QueryRun(
+                query_id=row["query_id"],
+                kind=row.get("kind") or "single",
+                models=list(row.get("models") or []),
+                thresholds=list(row.get("thresholds") or []),
+                fallbacks=list(row.get(FALLBACK_COLUMN) or []) if has_fallback else [],
+                reserve_usd=row.get("reserve_cost_usd"),
+                prompt=row.get("prompt"),
+                system_prompt=row.get("system_prompt"),
+                labels=tuple(labels) if labels is not None else None,
+                prior=prior.get(row["query_id"]),
+            )
+
+
+async def adispatch(
+    plan: pl.DataFrame,
+    queue: pl.DataFrame,
+    backend: Backend,
+    *,
+    budget_usd: float,
+    out_uri: str,
+    storage: Storage | None = None,
+    concurrency: int = 32,
+    progress: Progress | None = None,
+    limits: ModelLimits | Mapping[str, ModelLimits] | None = None,
+    retry: RetryPolicy | None = None,
+    max_tokens: int = 16,
+    part_rows: int = 5_000,
+    part_seconds: float = 5.0,
+) -> pl.DataFrame:
+    """The async form of ``dispatch`` (for callers already inside an event loop)."""
+    storage = storage or Storage()
+    if plan["query_id"].is_duplicated().any():
+        raise ValueError("plan has duplicate query_id rows: one plan row per query")
+    identity = run_identity(storage, out_uri)
+    writer_id = new_writer_id()
+    lease = Lease(storage, out_uri, writer_id)
+    lease.acquire()
+    try:
+        return await _dispatch_leased(
+            plan,
+            queue,
+            backend,
+            storage,
+            out_uri,
+            identity,
+            writer_id,
+            lease,
+            budget_usd=budget_usd,
+            concurrency=concurrency,
+            progress=progress,
+            limits=limits,
+            retry=retry,
+            max_tokens=max_tokens,
+            part_rows=part_rows,
+            part_seconds=part_seconds,
+        )
+    finally:
+        lease.release()
+
+
+async def _dispatch_leased(
+    plan: pl.DataFrame,
+    queue: pl.DataFrame,
+    backend: Backend,
+    storage: Storage,
+    out_uri: str,
+    identity: dict[str, Any],
+    writer_id: str,
+    lease: Lease,
+    *,
+    budget_usd: float,
+    concurrency: int,
+    progress: Progress | None,
+    limits: ModelLimits | Mapping[str, ModelLimits] | None,
+    retry: RetryPolicy | None,
+    max_tokens: int,
+    part_rows: int,
+    part_seconds: float,
+) -> pl.DataFrame:
+    committed = read_results(out_uri, storage)
+    final = set(committed.filter(pl.col("status").is_in(list(FINAL_STATUSES)))["query_id"].to_list())
+    ledger = Ledger(storage, out_uri, writer_id)
+    prior, spent = ledger.load(skip=final)
+    lost = 0
+    if not backend.idempotent:
+        # calls sent just before a crash whose outcome never reached the ledger: they may have been billed
+        for query_id, entry in prior.items():
+            for call, intent in list(entry.intents.items()):
+                charge = float(intent.get("r") or 0.0)
+                event = {
+                    "e": "c",
+                    "q": query_id,
+                    "c": call,
+                    "m": intent.get("m"),
+                    "s": LOST,
+                    "usd": charge,
+                    "bk": False,
+                }
+                event["why"] = "sent before a crash, outcome unknown: charged its reservation"
+                ledger.append(event)
+                entry.calls[call] = event
+                spent += charge
+                lost += 1
+            entry.intents.clear()
+        ledger.flush()
+    budget = BudgetGuard(budget_usd, spent_usd=spent)
+    executor = Executor(
+        backend, budget, ledger, identity["run_id"], limits=limits, policy=retry or RetryPolicy(), max_tokens=max_tokens
+    )
+    executor.stats.lost = lost
+    results = ResultWriter(storage, out_uri, writer_id, part_rows=part_rows, part_seconds=part_seconds)
+    total = plan.height
+    done = int(plan["query_id"].is_in(pl.Series(list(final), dtype=pl.String).implode()).sum()) if final else 0
+    started = time.monotonic()
+
+    def manifest_extra(complete: bool) -> dict[str, Any]:
+        stats = executor.stats
+        return {
+            "run_id": identity["run_id"],
+            "backend": backend.name,
+            "budget_usd": budget_usd,
+            "spent_usd": budget.spent_usd,
+            "complete": complete,
+            "queries": total,
+            "stats": {
+                "calls": stats.calls,
+                "reused_from_ledger": stats.reused,
+                "recovered_in_flight": stats.recovered,
+                "lost_in_flight": stats.lost,
+                "retries": stats.retries,
+                "fallbacks": stats.fallbacks,
+                "call_statuses": dict(stats.statuses),
+                "budget_overruns": budget.overruns,
+                "rate_limit_pauses": sum(g.pauses for g in executor.gates.values()),
+                "circuit_trips": sum(g.trips for g in executor.gates.values()),
+                "seconds": round(time.monotonic() - started, 3),
+            },
+        }
+
+    pending = _queries(plan, queue, final, prior)
+
+    async def worker() -> None:
+        nonlocal done
+        for query in pending:
+            row = await executor.run(query)
+            if results.add(row):
+                results.commit(ledger, manifest_extra(False))
+            done += 1
+            if progress is not None:
+                progress(done, total)
+
+    async def heartbeat() -> None:
+        while True:
+            await asyncio.sleep(lease.ttl_s / 4)
+            lease.renew()
+
+    beat = asyncio.create_task(heartbeat())
+    try:
+        if progress is not None:
+            progress(done, total)
+        await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
+        results.commit(ledger, manifest_extra(False))
+        frame = read_results(out_uri, storage)
+        ordered = plan.select("query_id").join(frame, on="query_id", how="left", maintain_order="left")
+        counts = ordered["status"].value_counts()
+        results.manifest["counts"] = dict(zip(counts["status"].to_list(), counts["count"].to_list(), strict=True))
+        results.commit(ledger, manifest_extra(True))
+        stats = executor.stats
+        log.info(
+            "dispatch",
+            out_uri=out_uri,
+            backend=backend.name,
+            queries=total,
+            already_final=len(final),
+            calls=stats.calls,
+            reused=stats.reused,
+            recovered=stats.recovered,
+            lost=stats.lost,
+            retries=stats.retries,
+            fallbacks=stats.fallbacks,
+            spent_usd=round(budget.spent_usd, 9),
+            budget_usd=budget_usd,
+            counts=results.manifest["counts"],
+            seconds=round(time.monotonic() - started, 2),
+        )
+        return ordered.select(RESULT_SCHEMA.names()).cast(RESULT_SCHEMA)
+    finally:
+        beat.cancel()
+        ledger.close()
+        await backend.aclose()
+
+
+def dispatch(
+    plan: pl.DataFrame,
+    queue: pl.DataFrame,
+    backend: Backend,
+    *,
+    budget_usd: float,
+    out_uri: str,
+    storage: Storage | None = None,
+    concurrency: int = 32,
+    progress: Progress | None = None,
+    limits: ModelLimits | Mapping[str, ModelLimits] | None = None,
+    retry: RetryPolicy | None = None,
+    max_tokens: int = 16,
+    part_rows: int = 5_000,
+    part_seconds: float = 5.0,
+) -> pl.DataFrame:
+    """Run ``plan`` (PLAN_SCHEMA, plus optional ``fallback_models``) for ``queue`` (QUEUE_SCHEMA) on
+    ``backend`` without ever spending more than ``budget_usd`` in total for ``out_uri``.
+
+    Returns RESULT_SCHEMA rows in plan order: ``done`` (answered), ``failed`` (every attempt and
+    fallback failed; ``error`` says why, with the raw text of non-answers) or ``deferred`` (the budget
+    could not cover the call; rerun with a larger budget to do them). Resumable: see the module doc.
+    """
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        pass
+    else:
+        raise RuntimeError("dispatch() called inside a running event loop: await adispatch(...) instead")
+    return asyncio.run(
+        adispatch(
+            plan,
+            queue,
+            backend,
+            budget_usd=budget_usd,
+            out_uri=out_uri,
+            storage=storage,
+            concurrency=concurrency,
+            progress=progress,
+            limits=limits,
+            retry=retry,
+            max_tokens=max_tokens,
+            part_rows=part_rows,
+            part_seconds=part_seconds,
+        )
+    )
