@@ -58,8 +58,12 @@ def prompt_key(system_prompt: str | None, prompt: str) -> str:
 class ReplayServer:
     """Serves one history on 127.0.0.1 from a background thread (``start``/``stop``) or in the foreground."""
 
-    def __init__(self, history: History, faults: Faults | None = None, port: int = 0) -> None:
+    def __init__(
+        self, history: History, faults: Faults | None = None, port: int = 0, aliases: dict[str, str] | None = None
+    ) -> None:
+        """``aliases``: provider model names -> the history's model names (as a gateway would name them)."""
         self.faults = faults or Faults()
+        self.aliases = dict(aliases or {})
         self._rng = random.Random(self.faults.seed)
         self._port = port
         rows = history.outcomes.select("query_id", "model", "answer", "cost_usd", "tokens_in", "tokens_out", "logprob")
@@ -154,6 +158,7 @@ class ReplayServer:
         try:
             request = json.loads(body)
             model = str(request["model"])
+            model = self.aliases.get(model, model)
             messages = request["messages"]
         except (json.JSONDecodeError, KeyError, TypeError):
             return proto.respond(400, _error("malformed request body", "invalid_request_error"))
@@ -351,6 +356,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
         parser.add_argument(flag, dest=f.name, type=float, default=f.default)
     parser.add_argument("--down-model", action="append", default=[], dest="down_models")
+    parser.add_argument("--alias", action="append", default=[], help="PROVIDER_NAME=HISTORY_MODEL (repeatable)")
     args = parser.parse_args(argv)
     if args.synthetic:
         history = synthetic_history(args.synthetic, args.models, seed=args.seed)
@@ -359,7 +365,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     else:
         parser.error("give --history DIR or --synthetic N")
     faults = Faults(**{f.name: getattr(args, f.name) for f in fields(Faults) if f.name != "seed"}, seed=args.seed)
-    server = ReplayServer(history, faults, port=args.port)
+    aliases = dict(a.split("=", 1) for a in args.alias)
+    server = ReplayServer(history, faults, port=args.port, aliases=aliases)
 
     async def run() -> None:
         task = asyncio.create_task(server.serve())

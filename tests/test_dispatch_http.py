@@ -417,3 +417,22 @@ def test_token_bucket_paces_tokens_per_minute() -> None:
         return time.monotonic() - started
 
     assert 0.6 <= asyncio.run(scenario()) < 2.0
+
+
+def test_model_names_are_mapped_to_the_provider(history: History, tmp_path: Path) -> None:
+    model = history.models[1]
+    with ReplayServer(history, aliases={f"vendor/{model}-v2": model}) as server:
+        queue = queue_of(history, 10)
+        plan = plan_of(queue, model)
+        unmapped = dispatch(plan, queue, openai(server, history), budget_usd=1.0, out_uri=str(tmp_path / "a"))
+        assert unmapped["status"].to_list() == ["done"] * 10  # the history's own name is served too
+        mapped_backend = openai(server, history, model_map={model: f"vendor/{model}-v2"})
+        mapped = dispatch(plan, queue, mapped_backend, budget_usd=1.0, out_uri=str(tmp_path / "b"))
+        assert mapped.equals(unmapped)
+        assert mapped["models_called"].to_list() == [[model]] * 10  # results speak the plan's names
+        wrong = openai(server, history, model_map={model: "vendor/unknown"})
+        failed = dispatch(
+            plan, queue, wrong, budget_usd=1.0, out_uri=str(tmp_path / "c"), retry=RetryPolicy(max_attempts=1)
+        )
+        assert (failed["status"] == "failed").all()
+        assert failed["error"].str.contains("unavailable").all()
