@@ -49,7 +49,7 @@ class BedrockBackend(LiveBackend):
     def __init__(
         self,
         *,
-        catalog: PriceCatalog,
+        catalog: PriceCatalog | None,
         model_map: Mapping[str, str] | None = None,
         client: Any | None = None,
         region_name: str | None = None,

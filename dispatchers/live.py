@@ -44,7 +44,12 @@ def secret_from(env: str | None = None, airflow_conn_id: str | None = None) -> t
 class LiveBackend(Backend):
     """Base of backends that call a provider and bill usage x the catalog price."""
 
-    def __init__(self, catalog: PriceCatalog, model_map: Mapping[str, str] | None = None) -> None:
+    def __init__(self, catalog: PriceCatalog | None, model_map: Mapping[str, str] | None = None) -> None:
+        if catalog is None:
+            raise ValueError(
+                f"the {self.name} backend needs a price catalog (models.csv with usd_per_mtok_in/out, "
+                "e.g. --prices): it bills usage x price and reserves each call's bound before sending"
+            )
         self._catalog = catalog
         self.model_map = dict(model_map or {})
         prices = catalog.prices.select("model", "usd_per_mtok_in", "usd_per_mtok_out").iter_rows()

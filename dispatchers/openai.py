@@ -147,7 +147,7 @@ class OpenAIBackend(LiveBackend):
         self,
         base_url: str | None = None,
         *,
-        catalog: PriceCatalog,
+        catalog: PriceCatalog | None,
         api_key_env: str | None = "OPENAI_API_KEY",
         airflow_conn_id: str | None = None,
         model_map: Mapping[str, str] | None = None,
