@@ -238,9 +238,9 @@ def test_api_key_is_sent_but_never_shown(
     backend = openai(server, history)
     assert "sk-very" not in repr(backend)
     assert "sk-very" not in repr(vars(backend))
-    server.faults = Faults(rate_500=1.0)
-    queue = queue_of(history, 3)
-    dispatch(
+    server.faults = Faults(rate_500=0.3, rate_reset=0.3, rate_malformed=0.2, rate_429=0.2)
+    queue = queue_of(history, 40)
+    results = dispatch(
         plan_of(queue, history.models[0]),
         queue,
         backend,
@@ -248,6 +248,11 @@ def test_api_key_is_sent_but_never_shown(
         out_uri=str(tmp_path / "run"),
         retry=RetryPolicy(max_attempts=1),
     )
+    assert server.stats()["authorized"] == server.stats()["requests"]
+    errors = " ".join(e for e in results["error"].to_list() if e)
+    assert "HTTP 500" in errors
+    assert "connection" in errors
+    assert "sk-very" not in errors
     for path in (tmp_path / "run").rglob("*"):
         if path.is_file():
             assert b"sk-very" not in path.read_bytes()
