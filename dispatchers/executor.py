@@ -91,13 +91,15 @@ class Executor:
         limits: ModelLimits | Mapping[str, ModelLimits] | None,
         policy: RetryPolicy,
         max_tokens: int,
+        max_tokens_open: int = 1024,
     ) -> None:
         self.backend = backend
         self.budget = budget
         self.ledger = ledger
         self.run_id = run_id
         self.policy = policy
-        self.max_tokens = max_tokens
+        self.max_tokens = max_tokens  # classification: a label is a few tokens
+        self.max_tokens_open = max_tokens_open  # open tasks (labels null): code, free text
         self.limits = limits
         self.gates: dict[str, ModelGate] = {}
         self.stats = DispatchStats()
@@ -138,7 +140,7 @@ class Executor:
             q.system_prompt,
             q.labels,
             key=f"{self.run_id}/{q.query_id}/{call}",
-            max_tokens=self.max_tokens,
+            max_tokens=self.max_tokens if q.labels is not None else self.max_tokens_open,
         )
         bound = self.backend.cost_bound(request)
         reserve = bound if bound is not None else q.reserve_usd
@@ -154,7 +156,7 @@ class Executor:
         await self.ledger.append_durable({"e": "i", "q": q.query_id, "c": call, "m": model, "r": reserve})
         gate = self.gate(model)
         try:
-            await gate.acquire(len(q.prompt) / 4 + self.max_tokens)
+            await gate.acquire(len(q.prompt) / 4 + request.max_tokens)
             try:
                 result = await self.backend.call(request)
             finally:

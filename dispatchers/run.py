@@ -80,6 +80,7 @@ async def adispatch(
     limits: ModelLimits | Mapping[str, ModelLimits] | None = None,
     retry: RetryPolicy | None = None,
     max_tokens: int = 16,
+    max_tokens_open: int = 1024,
     part_rows: int = 5_000,
     part_seconds: float = 5.0,
 ) -> pl.DataFrame:
@@ -107,6 +108,7 @@ async def adispatch(
             limits=limits,
             retry=retry,
             max_tokens=max_tokens,
+            max_tokens_open=max_tokens_open,
             part_rows=part_rows,
             part_seconds=part_seconds,
         )
@@ -130,6 +132,7 @@ async def _dispatch_leased(
     limits: ModelLimits | Mapping[str, ModelLimits] | None,
     retry: RetryPolicy | None,
     max_tokens: int,
+    max_tokens_open: int,
     part_rows: int,
     part_seconds: float,
 ) -> pl.DataFrame:
@@ -161,7 +164,14 @@ async def _dispatch_leased(
         ledger.flush()
     budget = BudgetGuard(budget_usd, spent_usd=spent)
     executor = Executor(
-        backend, budget, ledger, identity["run_id"], limits=limits, policy=retry or RetryPolicy(), max_tokens=max_tokens
+        backend,
+        budget,
+        ledger,
+        identity["run_id"],
+        limits=limits,
+        policy=retry or RetryPolicy(),
+        max_tokens=max_tokens,
+        max_tokens_open=max_tokens_open,
     )
     executor.stats.lost = lost
     results = ResultWriter(storage, out_uri, writer_id, part_rows=part_rows, part_seconds=part_seconds)
@@ -259,6 +269,7 @@ def dispatch(
     limits: ModelLimits | Mapping[str, ModelLimits] | None = None,
     retry: RetryPolicy | None = None,
     max_tokens: int = 16,
+    max_tokens_open: int = 1024,
     part_rows: int = 5_000,
     part_seconds: float = 5.0,
 ) -> pl.DataFrame:
@@ -268,6 +279,12 @@ def dispatch(
     Returns RESULT_SCHEMA rows in plan order: ``done`` (answered), ``failed`` (every attempt and
     fallback failed; ``error`` says why, with the raw text of non-answers) or ``deferred`` (the budget
     could not cover the call; rerun with a larger budget to do them). Resumable: see the module doc.
+
+    ``concurrency``: queries in flight at once; ``limits``: per-model ``ModelLimits`` (a mapping may
+    hold a ``"*"`` default); ``retry``: attempts, backoff and circuit breaker; ``max_tokens`` caps the
+    output of classification calls, ``max_tokens_open`` that of open tasks (labels null); both enter the
+    hard cost bound reserved before each call. ``part_rows``/``part_seconds``: how often results are
+    committed. ``progress(done, total)`` is called after every query.
     """
     try:
         asyncio.get_running_loop()
@@ -288,6 +305,7 @@ def dispatch(
             limits=limits,
             retry=retry,
             max_tokens=max_tokens,
+            max_tokens_open=max_tokens_open,
             part_rows=part_rows,
             part_seconds=part_seconds,
         )

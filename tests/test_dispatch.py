@@ -345,3 +345,40 @@ def test_budget_guard_property(budget: float, calls: list[tuple[float, float]]) 
         assert guard.reserved_usd == 0
 
     asyncio.run(scenario())
+
+
+def test_a_registered_backend_gets_open_task_budgets(small_history: History, tmp_path: Path) -> None:
+    from batchplan.catalog import PriceCatalog
+    from dispatchers import Backend, CallRequest, CallResult, register_backend
+
+    seen: list[CallRequest] = []
+
+    class Recording(Backend):
+        name = "recording"
+
+        @property
+        def catalog(self) -> PriceCatalog:
+            return PriceCatalog.from_history(small_history.prices, small_history.outcomes)
+
+        def offered_pairs(self, queue: pl.DataFrame) -> pl.DataFrame:
+            return queue.select("query_id").join(pl.DataFrame({"model": ["m"]}), how="cross")
+
+        def cost_bound(self, request: CallRequest) -> float | None:
+            return request.max_tokens * 1e-6
+
+        async def call(self, request: CallRequest) -> CallResult:
+            seen.append(request)
+            return CallResult(request.model, "ok", answer="x", cost_usd=request.max_tokens * 1e-7)
+
+    register_backend("recording", lambda: Recording())
+    queue = make_queue(small_history, 4).with_columns(
+        pl.when(pl.int_range(pl.len()) < 2).then(pl.col("labels")).otherwise(None).alias("labels")
+    )
+    plan = single_plan(small_history, queue).with_columns(pl.lit(["m"]).alias("models"))
+    results = dispatch(
+        plan, queue, get_backend("recording"), budget_usd=1.0, out_uri=str(tmp_path / "run"), max_tokens_open=900
+    )
+    assert sorted(r.max_tokens for r in seen) == [16, 16, 900, 900]
+    assert len({r.key for r in seen}) == 4
+    assert all(r.key.endswith(f"/{r.query_id}/0:m:0") for r in seen)
+    assert results["cost_usd"].sum() == pytest.approx((16 + 16 + 900 + 900) * 1e-7)
