@@ -52,6 +52,12 @@ class RowFamily:
         inside = self.gid >= 0
         return np.bincount(self.gid[inside], weights=(self.coef * x)[inside], minlength=self.size)
 
+    def usage_cols(self, cols: np.ndarray) -> np.ndarray:
+        """Left-hand side of every row when exactly the columns ``cols`` are chosen (one per query)."""
+        g = self.gid[cols]
+        inside = g >= 0
+        return np.bincount(g[inside], weights=self.coef[cols][inside], minlength=self.size)
+
 
 def _group_ids(model: Compiled, column: str, keys: list[str] | None) -> tuple[np.ndarray, list[str]]:
     """Map a group column of the options table to row ids over model columns (deferral columns get -1).

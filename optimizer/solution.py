@@ -89,8 +89,7 @@ def build_solution(
     info: dict[str, Any] | None = None,
 ) -> Solution:
     """Read back one chosen model column per query into a Solution (``cols``: column index per query)."""
-    x = model.choose_matrix(cols)
-    objective_max = float(model.c @ x)
+    objective_max = float(model.c[cols].sum())
     objective = model.sign * objective_max
     bound_nat = model.sign * bound
     gap = relative_gap(objective, bound_nat, model.sign)
@@ -102,12 +101,12 @@ def build_solution(
     )
     deferred = np.flatnonzero(~real).astype(np.int64)
     names = model.row_names
-    usage_le = model.le_usage(x)
+    usage_le = model.le_usage_cols(cols)
     rhs_le = model.le_rhs()
     natural_usage: dict[str, float] = {}
     limits: dict[str, float] = {}
     for f in model.families:
-        u = f.usage(x)
+        u = f.usage_cols(cols)
         for name, val, lim in zip(f.names, u, f.rhs, strict=True):
             natural_usage[name] = float(val)
             limits[name] = float(lim)
@@ -134,16 +133,15 @@ def build_solution(
         binding=binding,
         usage=natural_usage,
         limits=limits,
-        cost=float(model.cost @ x),
-        value=float(model.value @ x),
-        accuracy=float(model.accuracy @ x),
+        cost=float(model.cost[cols].sum()),
+        value=float(model.value[cols].sum()),
+        accuracy=float(model.accuracy[cols].sum()),
         info=info or {},
     )
 
 
 def check_feasible(model: Compiled, cols: np.ndarray, tol: float = 1e-9) -> list[str]:
     """Names of rows an assignment violates (relative tolerance)."""
-    x = model.choose_matrix(cols)
-    usage = model.le_usage(x)
+    usage = model.le_usage_cols(cols)
     rhs = model.le_rhs()
     return [n for n, u, b in zip(model.row_names, usage, rhs, strict=True) if u > b + tol * max(1.0, abs(b))]
