@@ -36,7 +36,9 @@ def _configure_logging(verbose: bool) -> None:
             structlog.dev.ConsoleRenderer(colors=False),
         ],
         wrapper_class=structlog.make_filtering_bound_logger(logging.DEBUG if verbose else logging.INFO),
-        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+        # sys.stderr looked up per logger, not captured once: a stream swapped in (and closed) by a caller,
+        # such as a test runner, must not break later logging
+        logger_factory=lambda *_: structlog.PrintLogger(sys.stderr),
     )
 
 

@@ -7,7 +7,7 @@ Frames are validated where they enter the system (ingest, storage reads) and tru
 | queue row | query_id (unique, non-empty), prompt (non-empty), system_prompt?, labels? (list of allowed answers, null for open tasks), task?, tenant?, priority? (> 0, default 1) |
 | outcome history | queries.parquet + outcomes.parquet + models.csv, the layout of ``../shared/data`` |
 | prediction | query_id, model, p_correct, cost_usd (expected), cost_high_usd (p90, what a dispatcher reserves) |
-| plan row | query_id, kind (single / vote / cascade / agreement; "defer" in a run's plan file), models (call order), expected_cost_usd, expected_accuracy, reserve_cost_usd (high side, reserved before calling), thresholds (cascade) |
+| plan row | query_id, kind (single / vote / cascade / agreement; "defer" in a run's plan file), models (call order), expected_cost_usd, expected_accuracy, reserve_cost_usd (high side, reserved before calling), thresholds (cascade), fallback_models (when a model is down) |
 | result row | query_id, answer, models_called, cost_usd, status (done / failed / deferred), error |
 """
 
@@ -96,6 +96,8 @@ PLAN_SCHEMA: Final = pl.Schema(
             "reserve_cost_usd": pl.Float64,
             # cascade only: stop at models[i] when its confidence >= thresholds[i] (len = len(models) - 1)
             "thresholds": pl.List(pl.Float64),
+            # single models to ask instead when a planned model is down, best first (recorded as a fallback)
+            "fallback_models": pl.List(pl.String),
         }
     )
 )

@@ -304,9 +304,10 @@ def _planned_accuracy(
     p: np.ndarray,
     c: np.ndarray,
     budget: float,
-) -> float:
-    """Realized accuracy on ``rows`` of the budgeted plan chosen from estimates (singles and ``templates``)."""
-    from optimizer import Budget, Problem, solve
+) -> float | None:
+    """Realized accuracy on ``rows`` of the budgeted plan chosen from estimates (singles and ``templates``);
+    None where the solver could not plan that cell."""
+    from optimizer import Budget, InfeasibleError, Problem, SolverError, solve
 
     n = int(rows.sum())
     value, cost, real = [], [], []
@@ -333,7 +334,10 @@ def _planned_accuracy(
     )
     cheapest = float(np.min(np.stack(cost), axis=0).sum())  # estimated costs may exceed the realized reference
     limit = max(budget, cheapest * (1 + 1e-9))
-    chosen = solve(Problem(options, constraints=[Budget(limit=limit)])).chosen["option"].to_numpy()
+    try:
+        chosen = solve(Problem(options, constraints=[Budget(limit=limit)])).chosen["option"].to_numpy()
+    except (InfeasibleError, SolverError):
+        return None  # this cell cannot be judged; validation never breaks training
     return float(np.concatenate(real)[chosen].sum() / n)
 
 
@@ -368,7 +372,8 @@ def _templates_help(
             budget = fraction * reference
             with_templates = _planned_accuracy(test_rows, singles, templates, sims, rec, p, c, budget)
             without = _planned_accuracy(test_rows, singles, [], sims, rec, p, c, budget)
-            gains.append(with_templates - without)
+            if with_templates is not None and without is not None:
+                gains.append(with_templates - without)
     if not gains:
         return False, 0.0
     # A clear win, not noise: a mean gain of at least MIN_GAIN and a gain in most (fold, budget) cells.

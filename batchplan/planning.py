@@ -269,7 +269,9 @@ def plan_batch(candidates: Candidates, request: PlanRequest, templates: PlanTemp
         tightened = [Budget(limit=request.budget_usd - margin) if isinstance(c, Budget) else c for c in constraints]
         with contextlib.suppress(InfeasibleError):  # no room for the margin: keep the first pass
             solution = solve(problem.with_constraints(tightened), method=request.method)
-    chosen = solution.chosen.join(candidates.plans, on=["query", "option"], how="inner")
+    chosen = solution.chosen.join(candidates.plans, on=["query", "option"], how="inner").join(
+        fallbacks(candidates, solution), on="query", how="left"
+    )
     plan = (
         candidates.queries.select("query", "query_id")
         .join(chosen.drop("query_id"), on="query", how="left")
@@ -284,6 +286,24 @@ def plan_batch(candidates: Candidates, request: PlanRequest, templates: PlanTemp
         .select(PLAN_SCHEMA.names())
     )
     return PlanOutcome(plan=plan, solution=solution, spend_margin_usd=margin)
+
+
+def fallbacks(candidates: Candidates, solution: Solution, keep: int = 2) -> pl.DataFrame:
+    """Per query, the next-best single models outside its plan (accuracy less the budget's price of their
+    cost): what the dispatcher asks instead when a planned model is down."""
+    price = float(solution.shadow_prices.get("budget", 0.0))
+    chosen_models = solution.chosen.join(candidates.plans.select("option", "models"), on="option").select(
+        "query", pl.col("models").alias("chosen")
+    )
+    return (
+        candidates.plans.filter(pl.col("kind") == "single")
+        .join(chosen_models, on="query")
+        .filter(~pl.col("chosen").list.contains(pl.col("models").list.first()))
+        .with_columns((pl.col("expected_accuracy") - price * pl.col("expected_cost_usd")).alias("_score"))
+        .sort("query", "_score", descending=[False, True])
+        .group_by("query", maintain_order=True)
+        .agg(pl.col("models").list.first().head(keep).alias("fallback_models"))
+    )
 
 
 def spend_margin(candidates: Candidates, solution: Solution, confidence: float) -> float:
