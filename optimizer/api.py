@@ -32,6 +32,15 @@ def solve(
     ``method``: "decompose" (fast: Lagrangian pricing + restricted HiGHS LPs + MILP polish, LP bound as
     certificate), "cvxpy_milp" (the whole MILP in CVXPY+HiGHS, exact within mip_rel_gap 1e-6),
     "cvxpy_lp" (LP relaxation in CVXPY+HiGHS IPM, then rounding with repair), "auto" (= decompose).
+
+    ``time_limit`` (seconds), decompose: a guard on the whole solve. Every HiGHS call gets the time left;
+    when it runs out during the pricing rounds the last restricted LP's point (feasible for the full LP)
+    is rounded and repaired, and the caller gets that feasible Solution with its certified ``bound`` and
+    ``gap`` (``status`` "feasible" when the gap exceeds ``gap_tol``, ``info["converged"]`` False). If no
+    feasible point exists yet (the first LP did not finish, or its elastic rows still carry slack),
+    SolverError. Overshoot is bounded by one pricing pass plus the rounding (short MILPs capped at the
+    time left, at least 0.05 s each). cvxpy methods: passed to HiGHS as its time_limit, which HiGHS does
+    not enforce during its MILP setup (see STACK.md); run those in a subprocess to guard them strictly.
     """
     t0 = time.perf_counter()
     model = problem.compiled

@@ -177,6 +177,14 @@ def _near_columns(model: Compiled, pricing: Pricing, fraction: float, minimum: i
     return np.flatnonzero(keep)
 
 
+class _OutOfTime(Exception):
+    """A nested sample's first restricted LP hit the deadline; carries the prices it started from."""
+
+    def __init__(self, lam: np.ndarray) -> None:
+        super().__init__("out of time")
+        self.lam = lam
+
+
 def solve_lp(
     model: Compiled,
     *,
@@ -184,6 +192,7 @@ def solve_lp(
     seed: int = 0,
     deadline: float | None = None,
     info: dict[str, Any] | None = None,
+    nested: bool = False,
 ) -> Master:
     """The full LP optimum: prices from a nested sample (recursively), then column generation on ``model``."""
     info = info if info is not None else {}
@@ -197,7 +206,11 @@ def solve_lp(
         rng = np.random.default_rng(seed)
         size = max(BASE_QUERIES, model.n // LEVEL_FACTOR)
         queries = np.sort(rng.choice(model.n, size=size, replace=False))
-        lam = solve_lp(subset(model, queries), seed=seed + 1, deadline=deadline, info=info).lam
+        try:
+            lam = solve_lp(subset(model, queries), seed=seed + 1, deadline=deadline, info=info, nested=True).lam
+        except _OutOfTime as out:  # the sample ran out of time: its own starting prices will do
+            lam = out.lam
+            info["converged"] = False
         fraction = ACTIVE_FRACTION
     else:
         lam = np.zeros(k)
@@ -211,11 +224,30 @@ def solve_lp(
     max_add = max(MAX_ADD, model.n // 100)
     levels = info.setdefault("levels", [])
     trace: list[tuple[int, float]] = []
-    for round_ in range(MAX_ROUNDS):
-        if deadline is not None and time.perf_counter() > deadline:
-            raise SolverError(f"decompose: time limit reached after {round_} pricing rounds")
+    master: Master | None = None
+    for _ in range(MAX_ROUNDS):
+        options = LP_OPTIONS
+        if deadline is not None:
+            left = deadline - time.perf_counter()
+            if left <= 0 and master is not None:  # out of time: the last master is a feasible LP point
+                info["converged"] = False
+                levels.append({"n": model.n, "masters": trace, "converged": False})
+                return master
+            options = {**LP_OPTIONS, "time_limit": max(left, 0.5 if master is None else 0.05)}
         t_master = time.perf_counter()
-        master = solve_master(model, base, extra, rhs, penalties, base_usage=base_usage)
+        try:
+            master = solve_master(model, base, extra, rhs, penalties, options=options, base_usage=base_usage)
+        except SolverError:
+            if deadline is None or time.perf_counter() < deadline:
+                raise
+            if master is None:
+                if nested:
+                    raise _OutOfTime(lam) from None
+                raise SolverError(f"decompose: time limit reached before the first restricted LP of {model.n} "
+                                  "queries was solved (no feasible point yet)") from None
+            info["converged"] = False
+            levels.append({"n": model.n, "masters": trace, "converged": False})
+            return master
         trace.append((len(extra), round(time.perf_counter() - t_master, 3)))
         pricing = price(model, master.lam, margin=False)
         cand = np.zeros(model.m, dtype=bool)
@@ -514,7 +546,10 @@ def solve_decompose(
     info: dict[str, Any] = {}
     master = solve_lp(model, warm_prices=warm_prices, seed=seed, deadline=deadline, info=info)
     timings = {"lp": time.perf_counter() - t0}
+    converged = info.get("converged", True)
     if np.any(master.slack > 1e-7 * np.maximum(1.0, np.abs(rhs))):
+        if not converged:
+            raise SolverError(f"decompose: time limit ({time_limit} s) reached before a feasible LP point was found")
         raise diagnose(model, elastic={n: float(s) for n, s in zip(model.row_names, master.slack, strict=True) if s > 1e-9})
     lam = master.lam
     pricing = price(model, lam)
@@ -526,11 +561,10 @@ def solve_decompose(
     if polish_info["polish_bound"] is not None and np.isfinite(polish_info["polish_bound"]):
         bound = min(bound, float(polish_info["polish_bound"]))
     violated = check_feasible(model, cols)
-    if violated:
-        raise InfeasibleError(violated, f"no integral assignment found within the limits of {violated} "
-                              "(the LP relaxation is feasible; loosen these rows slightly)", {})
+    if violated:  # round_and_repair raises first; kept as a last guard, never returns a violating plan
+        raise SolverError(f"decompose: no integral assignment found within the limits of {violated}")
     timings["total"] = time.perf_counter() - t0
-    info.update(prices=lam, fractional=len(frac), lp_value=master.value, timings=timings, **polish_info)
+    info.update(prices=lam, fractional=len(frac), lp_value=master.value, timings=timings, converged=converged, **polish_info)
     return build_solution(model, cols, bound=bound, method="decompose", seconds=time.perf_counter() - t0,
                           prices=lam, gap_tol=gap_tol, info=info)
 

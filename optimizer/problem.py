@@ -140,12 +140,13 @@ class Compiled:
         """
         key = tuple(self.families)
         if self._terms is not None and len(self._terms[0]) == len(key) and all(a is b for a, b in zip(self._terms[0], key, strict=True)):
-            return self._terms[1]  # type: ignore[no-any-return]
+            return self._terms[1]
         n, w = self.n, self.width
         terms: list[tuple[np.ndarray | None, list[tuple[RowFamily, int, str, Any]]]] = []
         coefs: list[np.ndarray] = []
         for off, f in zip(self.row_offsets()[:-1], self.families, strict=False):
             g2 = f.gid.reshape(n, w)
+            idx: Any
             if bool(np.all(g2 == g2[0, 0])):
                 kind, idx = "const", int(g2[0, 0])
             elif bool(np.all(g2 == g2[0:1, :])):

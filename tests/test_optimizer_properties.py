@@ -237,3 +237,31 @@ def constraints_for_bench(opts: pl.DataFrame, which: str) -> list:
     from solver import constraints_for  # type: ignore[import-not-found]
 
     return constraints_for(opts, which)  # type: ignore[no-any-return]
+
+
+@pytest.mark.parametrize("limit", [0.01, 0.3, 60.0])
+def test_time_limit_gives_solver_error_or_a_feasible_certified_plan(limit: float) -> None:
+    import time
+
+    from optimizer import SolverError
+
+    opts = medium_options(30_000, 3)
+    problem = Problem(opts, "max_value", constraints_for_bench(opts, "all"))
+    problem.compiled  # noqa: B018  (compile outside the clock)
+    t0 = time.perf_counter()
+    try:
+        solution = solve(problem, method="decompose", time_limit=limit)
+    except SolverError as error:
+        message = str(error)
+        solution = None
+    assert time.perf_counter() - t0 < limit + 5.0
+    if solution is None:
+        assert limit < 60
+        assert "time limit" in message
+        return
+    assert_feasible(problem, solution)
+    assert solution.objective <= solution.bound * (1 + 1e-9)
+    assert solution.status == ("optimal" if solution.gap <= 1e-4 else "feasible")
+    if limit >= 60:
+        assert solution.info["converged"]
+        assert solution.gap <= 1e-4
