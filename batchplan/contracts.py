@@ -8,7 +8,7 @@ Frames are validated where they enter the system (ingest, storage reads) and tru
 | outcome history | queries.parquet + outcomes.parquet + models.csv, the layout of ``../shared/data`` |
 | prediction | query_id, model, p_correct, cost_usd (expected), cost_high_usd (p90, what a dispatcher reserves) |
 | plan row | query_id, kind (single / vote / cascade / agreement; "defer" in a run's plan file), models (call order), expected_cost_usd, expected_accuracy, reserve_cost_usd (high side, reserved before calling), thresholds (cascade), fallback_models (when a model is down) |
-| result row | query_id, answer, models_called, cost_usd, status (done / failed / deferred), error |
+| result row | query_id, answer, models_called, cost_usd, status (done / failed / deferred), error (why not done), note (how a done query deviated from its plan) |
 """
 
 from __future__ import annotations
@@ -111,7 +111,8 @@ RESULT_SCHEMA: Final = pl.Schema(
             "models_called": pl.List(pl.String),
             "cost_usd": pl.Float64,
             "status": pl.String,
-            "error": pl.String,
+            "error": pl.String,  # why a query failed or was deferred
+            "note": pl.String,  # how a done query was answered when not as planned: fallback, partial vote ...
         }
     )
 )

@@ -158,6 +158,7 @@ def execute(
         pl.lit(0.0).alias("cost_usd"),
         pl.lit("deferred").alias("status"),
         pl.lit("deferred by the plan: not worth its cost under the budget").alias("error"),
+        pl.lit(None, dtype=pl.String).alias("note"),
     )
     results = pl.concat([dispatched.select(RESULT_SCHEMA.names()).cast(RESULT_SCHEMA), deferred.cast(RESULT_SCHEMA)])
     results = plan.select("query_id").join(results, on="query_id", how="left")

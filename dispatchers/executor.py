@@ -323,9 +323,11 @@ class Executor:
         return _row(q, None, "failed", "; ".join(notes))
 
 
-def _row(q: QueryRun, answer: str | None, status: str, error: str | None) -> tuple[Any, ...]:
+def _row(q: QueryRun, answer: str | None, status: str, text: str | None) -> tuple[Any, ...]:
+    """A RESULT_SCHEMA row; ``text`` is the error of a query not done, or the note of one done."""
     cost = q.charged_usd + (q.prior.charged_usd if q.prior is not None else 0.0)
-    return (q.query_id, answer, q.models_called, cost, status, error)
+    error, note = (None, text or None) if status == "done" else (text, None)
+    return (q.query_id, answer, q.models_called, cost, status, error, note)
 
 
 def _describe(result: CallResult) -> str:

@@ -72,7 +72,7 @@ def test_replay_answers_as_recorded_within_ample_budget(small_history: History, 
     assert results.schema == RESULT_SCHEMA
     assert results["query_id"].to_list() == plan["query_id"].to_list()
     truth = recorded(small_history)
-    for qid, answer, models, cost, status, _error in results.iter_rows():
+    for qid, answer, models, cost, status, _error, _note in results.iter_rows():
         want_answer, want_cost = truth[(qid, models[0])]
         assert status == "done"
         assert answer == want_answer
@@ -151,7 +151,8 @@ def test_fallback_when_the_plan_model_cannot_answer(small_history: History, tmp_
     )
     assert (results["status"] == "done").all()
     assert results["models_called"].to_list() == [["no-such-model", models[0]]] * 5
-    assert results["error"].str.contains(f"fallback to {models[0]}").all()
+    assert results["error"].is_null().all()
+    assert results["note"].str.contains(f"fallback to {models[0]}").fill_null(False).all()
 
 
 def test_vote_and_cascade(small_history: History, tmp_path: Path) -> None:
@@ -165,7 +166,7 @@ def test_vote_and_cascade(small_history: History, tmp_path: Path) -> None:
         vote, queue, get_backend("replay", history=small_history), budget_usd=10.0, out_uri=str(tmp_path / "vote")
     )
     truth = recorded(small_history)
-    for qid, answer, called, _cost, status, _ in results.iter_rows():
+    for qid, answer, called, _cost, status, _error, _note in results.iter_rows():
         assert status == "done"
         assert sorted(called) == sorted(models)
         votes = [truth[(qid, m)][0] for m in models]
@@ -252,7 +253,7 @@ def test_agreement_and_planned_deferral(small_history: History, tmp_path: Path) 
     truth = recorded(small_history)
     assert results["status"].head(5).to_list() == ["deferred"] * 5
     assert results["cost_usd"].head(5).sum() == 0
-    for qid, answer, called, cost, status, _ in results.tail(55).iter_rows():
+    for qid, answer, called, cost, status, _error, _note in results.tail(55).iter_rows():
         a, b, c = (truth[(qid, m)][0] for m in models)
         assert status == "done"
         if a is not None and a == b:
