@@ -177,6 +177,72 @@ def _near_columns(model: Compiled, pricing: Pricing, fraction: float, minimum: i
     return np.flatnonzero(keep)
 
 
+def _single_row_price(model: Compiled, rhs: np.ndarray) -> float | None:
+    """The LP price of the only coupling row, by bisection (log scale) on ``max_j c_j - lam a_j`` per query.
+
+    Queries whose best column is the same at both ends of the bracket keep it for every price in between
+    (both sides are linear in lam), so they leave the active set after each step: the work shrinks
+    geometrically. Returns the smallest bracketed price at which the row holds (to ~1e-13 relative), or
+    None (non-regular layout, or the row cannot hold / needs no price: the general path decides).
+    """
+    w = model.width
+    if not w:
+        return None
+    f = model.families[0]
+    s = 1.0 if f.sense == "<=" else -1.0
+    a2 = np.where(f.gid >= 0, f.coef * s, 0.0).reshape(model.n, w)
+    c2 = model.c.reshape(model.n, w)
+    b = float(rhs[0])
+    rows = np.arange(model.n)
+
+    def best(lam: float, idx: np.ndarray) -> np.ndarray:
+        return np.asarray((c2[idx] - lam * a2[idx]).argmax(axis=1))
+
+    if float(a2[rows, best(0.0, rows)].sum()) <= b:
+        return None  # lam = 0
+    nz = np.abs(a2[a2 != 0])
+    hi = (float(np.ptp(c2)) + 1.0) / max(float(nz.min()), 1e-300) * 4.0
+    lo = hi * 1e-16
+    best_hi, best_lo = best(hi, rows), best(lo, rows)
+    if float(a2[rows, best_hi].sum()) > b or float(a2[rows, best_lo].sum()) <= b:
+        return None
+    if model.n > 20 * BASE_QUERIES:  # narrow the bracket with a 2% sample first (its limit scaled by size)
+        rng = np.random.default_rng(0)
+        sample = np.sort(rng.choice(model.n, size=model.n // 50, replace=False))
+        guess = _bisect(c2, a2, b * len(sample) / model.n, lo, hi, sample)
+        for width in (1.5, 4.0, 64.0):
+            lo2, hi2 = max(guess / width, lo), min(guess * width, hi)
+            blo, bhi = best(lo2, rows), best(hi2, rows)
+            if float(a2[rows, blo].sum()) > b >= float(a2[rows, bhi].sum()):
+                return _bisect(c2, a2, b, lo2, hi2, rows, blo, bhi)
+    return _bisect(c2, a2, b, lo, hi, rows, best_lo, best_hi)
+
+
+def _bisect(c2: np.ndarray, a2: np.ndarray, b: float, lo: float, hi: float, rows: np.ndarray,
+            best_lo: np.ndarray | None = None, best_hi: np.ndarray | None = None) -> float:
+    """Smallest price in [lo, hi] (to 1e-13 relative) at which the row over ``rows`` holds; usage(lo) > b assumed."""
+    def best(lam: float, idx: np.ndarray) -> np.ndarray:
+        return np.asarray((c2[idx] - lam * a2[idx]).argmax(axis=1))
+
+    best_lo = best(lo, rows) if best_lo is None else best_lo
+    best_hi = best(hi, rows) if best_hi is None else best_hi
+    active = rows
+    fixed = 0.0
+    for _ in range(200):
+        settled = best_lo == best_hi
+        fixed += float(a2[active[settled], best_lo[settled]].sum())
+        active, best_lo, best_hi = active[~settled], best_lo[~settled], best_hi[~settled]
+        if len(active) == 0 or hi <= lo * (1 + 1e-13):
+            break
+        mid = float(np.sqrt(lo * hi))
+        best_mid = best(mid, active)
+        if fixed + float(a2[active, best_mid].sum()) > b:
+            lo, best_lo = mid, best_mid
+        else:
+            hi, best_hi = mid, best_mid
+    return hi
+
+
 class _OutOfTime(Exception):
     """A nested sample's first restricted LP hit the deadline; carries the prices it started from."""
 
@@ -199,7 +265,11 @@ def solve_lp(
     rhs = model.le_rhs()
     k = len(rhs)
     penalties = _penalties(model)
-    if warm_prices is not None and len(warm_prices) == k:
+    single = _single_row_price(model, rhs) if warm_prices is None and k == 1 and model.n > BASE_QUERIES else None
+    if single is not None:  # one coupling row (a budget): its exact price by bisection, a tiny first master
+        lam = np.array([single])
+        fraction = 0.0
+    elif warm_prices is not None and len(warm_prices) == k:
         lam = np.asarray(warm_prices, dtype=np.float64)
         fraction = ACTIVE_FRACTION
     elif model.n > BASE_QUERIES:
@@ -287,7 +357,8 @@ def lp_assignment(model: Compiled, master: Master) -> tuple[np.ndarray, np.ndarr
 
 
 def polish(model: Compiled, cols: np.ndarray, queries: np.ndarray, *, time_limit: float = 10.0,
-           per_query: int | None = None, lam: np.ndarray | None = None, gap: float = 1e-7) -> tuple[np.ndarray, HighsResult]:
+           per_query: int | None = None, lam: np.ndarray | None = None, gap: float = 1e-7,
+           tight: bool = True) -> tuple[np.ndarray, HighsResult]:
     """Integer re-optimisation of ``queries`` with every other query fixed at ``cols``.
 
     ``per_query``: keep only that many columns per query (best reduced cost under ``lam``, plus the
@@ -316,11 +387,14 @@ def polish(model: Compiled, cols: np.ndarray, queries: np.ndarray, *, time_limit
     nc = len(all_cols)
     a = sp.csc_array((np.concatenate([vals, np.ones(nc)]), (np.concatenate([r_idx, k + qpos]), np.concatenate([c_idx, np.arange(nc)]))),
                      shape=(k + len(queries), nc))
-    # tight tolerances: HiGHS's default 1e-6 could overshoot a limit by more than FEAS_TOL (re-checked after)
+    # tight tolerances: HiGHS's default 1e-6 could overshoot a limit by more than FEAS_TOL. The callers
+    # re-check every answer with check_feasible, so the improvement polish (tight=False) runs at defaults
+    # (3x+ faster) and just drops an answer that overshoots.
+    tols = {"mip_feasibility_tolerance": 1e-10, "primal_feasibility_tolerance": 1e-10} if tight else {}
     res = run_highs(model.c[all_cols], np.zeros(nc), np.ones(nc),
                     np.concatenate([np.full(k, -np.inf), np.ones(len(queries))]), np.concatenate([residual, np.ones(len(queries))]),
                     a, integer=True, options={"mip_rel_gap": gap, "time_limit": max(float(time_limit), 0.05),
-                                              "mip_feasibility_tolerance": 1e-10, "primal_feasibility_tolerance": 1e-10})
+                                              **tols})
     if not res.has_solution:
         return cols, res
     out = cols.copy()
@@ -520,7 +594,8 @@ def round_and_repair(model: Compiled, cols: np.ndarray, frac: np.ndarray, margin
         n_near = min(model.n, polish_queries)
         near = np.argpartition(margin, n_near - 1)[:n_near] if n_near < model.n else np.arange(model.n)
         queries = np.union1d(near, frac)
-        cand, res = polish(model, out, queries, time_limit=left(min(time_limit, 1.0)), per_query=3, lam=lam)
+        cand, res = polish(model, out, queries, time_limit=left(min(time_limit, 1.0)), per_query=3, lam=lam,
+                           gap=1e-6, tight=False)
         info.update(polish_queries=len(queries), polish_status=res.status)
         if res.has_solution and not check_feasible(model, cand) and model.c[cand].sum() >= model.c[out].sum():
             out = cand
