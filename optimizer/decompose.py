@@ -433,6 +433,7 @@ def greedy_repair(model: Compiled, cols: np.ndarray, queries: np.ndarray) -> np.
 
 
 EXACT_QUERIES = 200  # up to this many queries the polish MILP covers everything (exact within mip_rel_gap)
+POLISH_SKIP_GAP = 1e-6  # the improvement MILP is skipped when the repaired plan is already this close to the bound
 FEAS_TOL = 1e-9  # a returned assignment exceeds no <= limit by more than this, relative to max(1, |limit|)
 ESCALATION = (300, 3_000, 30_000)  # neighbourhood sizes (queries) of the repair MILPs, then every query
 FULL_MILP_QUERIES = 50_000  # the last resort (a MILP over every query) only up to this size
@@ -538,14 +539,15 @@ def _neighbourhood(model: Compiled, cols: np.ndarray, frac: np.ndarray, margin: 
 
 def round_and_repair(model: Compiled, cols: np.ndarray, frac: np.ndarray, margin: np.ndarray | None,
                      polish_queries: int, time_limit: float, lam: np.ndarray | None = None,
-                     deadline: float | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+                     deadline: float | None = None, bound: float | None = None) -> tuple[np.ndarray, dict[str, Any]]:
     """Integral assignment from an LP one.
 
     Small problems: one MILP over every query (exact). Large: greedy repair of the split queries (at most
     K of them at a vertex); if rows are still violated (e.g. signed rows, where only *other* queries can
     make room), a greedy repair moving any queries, then MILPs over growing neighbourhoods (split queries,
     the queries that help the violated rows most, the closest to a tie), ending with every query. Then a
-    short MILP over the split plus closest-to-tie queries, kept if better.
+    short MILP over the split plus closest-to-tie queries, kept if better (skipped when the plan is already
+    within POLISH_SKIP_GAP of the LP bound).
 
     Raises InfeasibleError only when a MILP over every query proves infeasibility; SolverError when the
     escalation runs out of time or size without a feasible assignment.
@@ -590,7 +592,9 @@ def round_and_repair(model: Compiled, cols: np.ndarray, frac: np.ndarray, margin
                                   f"by repair MILPs over up to {sizes[-1] if sizes else 0} queries (the LP is feasible)")
         if check_feasible(model, out):
             raise SolverError(f"decompose: time limit reached while repairing {check_feasible(model, out)}")
-    if margin is not None and len(margin) and polish_queries > 0:
+    good_enough = bound is not None and bound - float(model.c[out].sum()) <= POLISH_SKIP_GAP * max(abs(bound), 1e-12)
+    info["polish_skipped"] = good_enough
+    if margin is not None and len(margin) and polish_queries > 0 and not good_enough:
         n_near = min(model.n, polish_queries)
         near = np.argpartition(margin, n_near - 1)[:n_near] if n_near < model.n else np.arange(model.n)
         queries = np.union1d(near, frac)
@@ -632,7 +636,7 @@ def solve_decompose(
     cols, frac = lp_assignment(model, master)
     remaining = 10.0 if deadline is None else max(deadline - time.perf_counter(), 1.0)
     cols, polish_info = round_and_repair(model, cols, frac, pricing.margin, polish_queries, min(10.0, remaining), lam,
-                                         deadline=deadline)
+                                         deadline=deadline, bound=bound)
     if polish_info["polish_bound"] is not None and np.isfinite(polish_info["polish_bound"]):
         bound = min(bound, float(polish_info["polish_bound"]))
     violated = check_feasible(model, cols)
