@@ -265,3 +265,21 @@ def test_time_limit_gives_solver_error_or_a_feasible_certified_plan(limit: float
     if limit >= 60:
         assert solution.info["converged"]
         assert solution.gap <= 1e-4
+
+
+@pytest.mark.parametrize("which", ["budget", "floor"])
+def test_single_row_bisection_path_matches_lp(which: str) -> None:
+    """One coupling row past the sample size: the bisection price gives the LP optimum (CVXPY's LP bound)."""
+    from optimizer.decompose import BASE_QUERIES
+
+    opts = medium_options(3 * BASE_QUERIES, 4)
+    if which == "budget":
+        problem = Problem(opts, "max_value", constraints_for_bench(opts, "budget"))
+    else:
+        problem = Problem(opts, "min_cost", [AccuracyFloor(min_mean=0.8)])
+    fast = solve(problem, method="decompose")
+    assert_feasible(problem, fast)
+    assert fast.info["levels"][0]["n"] == problem.compiled.n  # no nested sample: the bisection priced it
+    lp = solve(problem, method="cvxpy_lp")
+    assert fast.bound == pytest.approx(lp.bound, rel=1e-7)
+    assert fast.gap <= 1e-4
