@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     sizes = [int(s) for s in args.sizes.split(",")]
     rows: list[dict[str, Any]] = []
-    header = f"{'N':>9} {'constraints':>11} {'method':>11} {'seconds':>9} {'peak GiB':>9} {'gap':>10} {'objective':>14} {'x faster':>9}  note"
+    header = f"{'N':>9} {'constraints':>11} {'method':>16} {'seconds':>9} {'peak GiB':>9} {'gap':>10} {'objective':>14} {'x faster':>9}  note"
     print(header)
     print("-" * len(header))
     for which in args.constraints.split(","):
@@ -162,11 +162,26 @@ def main(argv: list[str] | None = None) -> int:
                 rows.append(row)
                 if res.get("ok"):
                     note = json.dumps(res.get("info", {}))[:80] if method == "decompose" else res.get("status", "")
-                    print(f"{n:>9} {which:>11} {method:>11} {res['seconds']:>9.2f} {res['peak_rss_gib']:>9.2f} {res['gap']:>10.2e} "
+                    print(f"{n:>9} {which:>11} {method:>16} {res['seconds']:>9.2f} {res['peak_rss_gib']:>9.2f} {res['gap']:>10.2e} "
                           f"{res['objective']:>14.2f} {ratio:>9}  {note}", flush=True)
                 else:
-                    print(f"{n:>9} {which:>11} {method:>11} {'-':>9} {res.get('peak_rss_gib', float('nan')):>9.2f} {'-':>10} {'-':>14} "
+                    print(f"{n:>9} {which:>11} {method:>16} {'-':>9} {res.get('peak_rss_gib', float('nan')):>9.2f} {'-':>10} {'-':>14} "
                           f"{ratio:>9}  {res.get('error', '')}", flush=True)
+    print("\nspeed-up of decompose (wall, compile included) over plain CVXPY+HiGHS:")
+    for which in args.constraints.split(","):
+        for n in sizes:
+            case = [r for r in rows if r["n"] == n and r["constraints"] == which]
+            fast = next((r for r in case if r["method"] == "decompose" and r.get("ok")), None)
+            if fast is None:
+                continue
+            parts = []
+            for r in case:
+                if not r["method"].startswith("cvxpy") or not r.get("ratio"):
+                    continue
+                secs = f"{r['seconds']:.1f} s" if r.get("ok") else f"> {args.baseline_timeout:.0f} s (timed out)"
+                parts.append(f"{r['method']} {secs}: {r['ratio']}x")
+            if parts:
+                print(f"  {n:>9} {which:>7}: decompose {fast['seconds']:.2f} s; " + "; ".join(parts))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1, default=str)
