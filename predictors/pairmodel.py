@@ -52,6 +52,7 @@ class PairModel:
     betas: np.ndarray  # (M, J), rows in the order of ``models``
     models: list[str]
     lam: float
+    text_penalty: float | None = None
 
     @classmethod
     def fit(
@@ -63,6 +64,7 @@ class PairModel:
         names: list[str],
         lam: float = 30.0,
         lam_global: float = 5.0,
+        text_penalty: float | None = None,
     ) -> PairModel:
         """Global beta shrunk toward "prior + difficulty" (coefficient 1 on prior_logit and difficulty,
         0 elsewhere), then each model's beta shrunk toward the global one: with little data the prior
@@ -76,14 +78,19 @@ class PairModel:
             if name in names:
                 start[names.index(name)] = 1.0
         free = np.array([n == "intercept" for n in names])
-        global_beta = _newton(z, y, start, lam=np.where(free, 1e-2, lam_global))
-        betas = np.tile(global_beta, (len(models), 1))
+        text = np.array([n.startswith("text_") for n in names])
+        lam_g = np.where(free, 1e-2, lam_global)
         per_model = np.where(free, 1e-2, lam)
+        if text_penalty is not None:  # e.g. 1e6: text columns off (their betas stay at 0)
+            lam_g = np.where(text, text_penalty, lam_g)
+            per_model = np.where(text, text_penalty, per_model)
+        global_beta = _newton(z, y, start, lam=lam_g)
+        betas = np.tile(global_beta, (len(models), 1))
         for m in range(len(models)):
             rows = mi == m
             if rows.any():
                 betas[m] = _newton(z[rows], y[rows], global_beta, lam=per_model)
-        return cls(names=names, global_beta=global_beta, betas=betas, models=models, lam=lam)
+        return cls(names=names, global_beta=global_beta, betas=betas, models=models, lam=lam, text_penalty=text_penalty)
 
     def beta_for(self, models: list[str], neighbors: dict[str, list[tuple[str, float]]]) -> np.ndarray:
         """Coefficient rows for ``models``: own fit if known, else neighbour-weighted, else global."""
@@ -108,6 +115,7 @@ class PairModel:
             "betas": self.betas.tolist(),
             "models": self.models,
             "lam": self.lam,
+            "text_penalty": self.text_penalty,
         }
 
     @classmethod
@@ -118,4 +126,5 @@ class PairModel:
             betas=np.asarray(state["betas"], dtype=np.float64).reshape(len(state["models"]), len(state["names"])),
             models=list(state["models"]),
             lam=float(state["lam"]),
+            text_penalty=state.get("text_penalty"),
         )

@@ -21,7 +21,7 @@ from batchplan.history import History
 from predictors.calibration import Calibrator, choose_calibrator, logit, sigmoid
 from predictors.cost import CostModel
 from predictors.features import STAT_COLUMNS, TextEncoder, Vocabulary, describe_models, text_of
-from predictors.metrics import auc, brier, ece
+from predictors.metrics import auc, brier, ece, log_loss
 from predictors.model import PAIR_FEATURES, PARALLEL_ROWS, Predictor, prepare_queries
 from predictors.pairmodel import PairModel
 from predictors.priors import Priors, fit_confusions
@@ -233,15 +233,26 @@ def _fit_stages(
     z = predictor.pair_features(block, d_oof, qi, init, knn_rows)
     n_text2 = z.shape[1] - len(PAIR_FEATURES)
     pair_names = [*PAIR_FEATURES, *(f"text_{i}" for i in range(n_text2))]
-    oof = np.zeros(len(y))
-    for k in range(folds):
-        tr, va = fold != k, fold == k
-        if not tr.any() or not va.any():
-            oof[va] = sigmoid(init[va])
-            continue
-        part = PairModel.fit(z[tr], y[tr], mi[tr], models, pair_names, lam=float(options["shrinkage"]))
-        oof[va] = sigmoid(np.einsum("ij,ij->i", z[va], part.betas[mi[va]]))
-    predictor.pair_model = PairModel.fit(z, y, mi, models, pair_names, lam=float(options["shrinkage"]))
+    # shrinkage toward the global fit, and text columns on/off, chosen by out-of-fold log loss
+    grid = [(float(lam), tp) for lam in _as_list(options["shrinkage"]) for tp in (None, 1e6)]
+    best: tuple[float, tuple[float, float | None], np.ndarray] | None = None
+    stage2_scores: dict[str, float] = {}
+    for lam, text_penalty in grid:
+        oof_c = np.zeros(len(y))
+        for k in range(folds):
+            tr, va = fold != k, fold == k
+            if not tr.any() or not va.any():
+                oof_c[va] = sigmoid(init[va])
+                continue
+            part = PairModel.fit(z[tr], y[tr], mi[tr], models, pair_names, lam=lam, text_penalty=text_penalty)
+            oof_c[va] = sigmoid(np.einsum("ij,ij->i", z[va], part.betas[mi[va]]))
+        score = log_loss(y, oof_c)
+        stage2_scores[f"lam={lam:g},text={'off' if text_penalty else 'on'}"] = round(score, 6)
+        if best is None or score < best[0] - 1e-9:
+            best = (score, (lam, text_penalty), oof_c)
+    assert best is not None
+    (lam, text_penalty), oof = best[1], best[2]
+    predictor.pair_model = PairModel.fit(z, y, mi, models, pair_names, lam=lam, text_penalty=text_penalty)
     predictor.calibrator, cal_scores = choose_calibrator(oof, y, seed=seed)
     calibrated = predictor.calibrator(oof)
     predictor.feature_names = {"query": stage1_names, "pair": pair_names}
@@ -252,11 +263,17 @@ def _fit_stages(
         "fold_best_rounds": best_rounds,
         "calibration_log_loss": cal_scores,
         "calibrator": predictor.calibrator.kind,
+        "stage2_log_loss": stage2_scores,
+        "stage2_choice": {"shrinkage": lam, "text": text_penalty is None},
         "overall": _scores(y, oof, calibrated, prior_only),
         "per_model": {
             m: _scores(y[mi == j], oof[mi == j], calibrated[mi == j], prior_only[mi == j]) for j, m in enumerate(models)
         },
     }
+
+
+def _as_list(value: Any) -> list[float]:
+    return [float(v) for v in value] if isinstance(value, list | tuple) else [float(value)]
 
 
 def _fit_tokens(
