@@ -5,7 +5,9 @@
 Quality: trains on the train splits of all data sets in ../shared/data together (``cascades`` has only a
 train split: a 30% hold-out is carved from it by a stable hash, ``with_holdout``), then prints, per data set
 and model, AUC, Brier, expected calibration error (10 equal-width bins) and cost MAPE (expected cost vs
-billed) on the test split, with p90 cover (share of calls whose billed cost <= the high-side estimate).
+billed) on the test split, with p90 cover (share of calls whose billed cost <= the high-side estimate)
+and ``ece_floor``: the mean ECE a perfectly calibrated predictor with the same probabilities would show on
+that many rows (outcomes drawn as Bernoulli(p)); ~170 test queries per cascades model put it at 0.03-0.06.
 ``--holdout-seeds 0,1,2,3,4`` repeats it over several hold-outs of ``cascades`` and prints the means.
 
 Throughput: a synthetic batch shaped like the real data: real prompts of all three data sets (all splits)
@@ -13,7 +15,8 @@ resampled with replacement to N queries, each given a fresh id and a random 1-3 
 the data's own vocabulary (so no two texts are identical and the text features are really computed), task
 and labels kept; every query is paired with every model of its data set (9, 11 or 12: ~11 per query).
 Timed: ``predictor.predict(queries, pairs)`` end to end from raw text (features, boosters, calibration,
-cost), best of 3 runs, on the threads LightGBM is given (2).
+cost), best of 3 runs; per-query work is split over 2 threads. Printed with the process CPU time and the
+load average, since the machine is shared.
 """
 
 from __future__ import annotations
@@ -73,11 +76,19 @@ def quality(predictor: Predictor, history: History) -> pl.DataFrame:
                 "auc": auc(y, p),
                 "brier": brier(y, p),
                 "ece": ece(y, p),
+                "ece_floor": ece_floor(p),
                 "cost_mape": mape(g["cost_usd"].to_numpy(), g["cost_pred"].to_numpy()),
                 "p90_cover": float(np.mean(g["cost_usd"].to_numpy() <= g["cost_high"].to_numpy())),
             }
         )
     return pl.DataFrame(out).join(train_counts, on=["dataset", "model"], how="left").sort("dataset", "model")
+
+
+def ece_floor(p: np.ndarray, draws: int = 500, seed: int = 0) -> float:
+    """Mean ECE of a perfectly calibrated predictor with these probabilities on this many rows (outcomes
+    drawn as Bernoulli(p)): the sampling-noise floor a measured ECE should be read against."""
+    rng = np.random.default_rng(seed)
+    return float(np.mean([ece((rng.random(p.size) < p).astype(np.float64), p) for _ in range(draws)]))
 
 
 def synthetic_batch(history: History, n_queries: int, seed: int = 0) -> tuple[pl.DataFrame, pl.DataFrame]:
@@ -172,6 +183,7 @@ def main() -> None:
                     "auc",
                     "brier",
                     "ece",
+                    "ece_floor",
                     "cost_mape",
                     "p90_cover",
                 )
@@ -196,6 +208,7 @@ def main() -> None:
                 .agg(
                     pl.col("n_train").first(),
                     pl.col("ece").mean().alias("ece_mean"),
+                    pl.col("ece_floor").mean().alias("ece_floor_mean"),
                     pl.col("ece").max().alias("ece_max"),
                     pl.col("auc").mean().alias("auc_mean"),
                     pl.col("brier").mean().alias("brier_mean"),
