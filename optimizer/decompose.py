@@ -33,7 +33,7 @@ from optimizer.solution import InfeasibleError, Solution, SolverError, build_sol
 
 BASE_QUERIES = 2_000  # at most this many queries: the master LP holds every column
 LEVEL_FACTOR = 10  # initial prices come from a nested sample this many times smaller
-ACTIVE_FRACTION = 0.5  # share of queries (closest to a tie) that get candidate moves in the first master
+ACTIVE_FRACTION = 0.2  # share of queries (closest to a tie) that get candidate moves in the first master
 MIN_ACTIVE = 500
 MAX_INITIAL = 50_000  # at most this many queries get candidate moves in the first master (measured at 1M:
 # 50k near-tie queries up front and 50k additions per round converge in 2 rounds, 3-4x faster than 3k/10k)
