@@ -195,7 +195,37 @@ def build_report(
                 .sort("task")
                 .iter_rows()
             ]
+    report["savings"] = savings(report)
     return report
+
+
+def savings(report: dict[str, Any]) -> dict[str, float] | None:
+    """Spend saved and accuracy given up (or gained) against the best single model at its own cost."""
+    best = next((b for b in report["baselines"] if b["policy"].startswith("best single model")), None)
+    if best is None or report["accuracy"] is None or not best["spend_usd"]:
+        return None
+    return {
+        "spend_saved_pct": 100 * (1 - report["spend_usd"] / best["spend_usd"]),
+        "accuracy_delta_pts": 100 * (report["accuracy"] - best["accuracy"]),
+    }
+
+
+def _savings_text(report: dict[str, Any]) -> str:
+    s = report.get("savings")
+    if not s:
+        return ""
+    return (
+        f"Against the best single model at its own cost: {s['spend_saved_pct']:.0f}% less spend, "
+        f"{s['accuracy_delta_pts']:+.1f} accuracy points."
+    )
+
+
+def _fmt(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {_fmt(v)}" for k, v in value.items())
+    return str(value)
 
 
 def summary_line(report: dict[str, Any]) -> str:
@@ -222,6 +252,8 @@ def _fmt_acc(value: float | None) -> str:
 
 def render_markdown(report: dict[str, Any]) -> str:
     parts = [f"# batchplan report {report.get('run_id') or ''}".rstrip(), "", summary_line(report), ""]
+    if report.get("savings"):
+        parts += [_savings_text(report), ""]
     rows = [
         [
             "batchplan (this run)",
@@ -265,7 +297,7 @@ def render_markdown(report: dict[str, Any]) -> str:
         parts += [
             "## Optimizer",
             "",
-            _table(["field", "value"], [[k, str(v)] for k, v in report["optimizer"].items()]),
+            _table(["field", "value"], [[k, _fmt(v)] for k, v in report["optimizer"].items()]),
             "",
         ]
     return "\n".join(parts)
@@ -292,22 +324,32 @@ def render_html(report: dict[str, Any]) -> str:
         f"<span class='bar cost' style='width:{cost / max_spend * 300:.0f}px'></span><span>${cost:.4f}</span></div>"
         for name, acc, cost in policies
     )
+    kinds = table(["plan kind", "queries"], [[k, str(v)] for k, v in sorted(report["plan_kinds"].items())])
+    per_task = table(
+        ["task", "queries", "accuracy", "spend USD"],
+        [
+            [t["task"], str(t["queries"]), _fmt_acc(t["accuracy"]), f"{t['spend_usd']:.4f}"]
+            for t in report.get("per_task", [])
+        ],
+    )
     shares = table(
         ["model (first call)", "queries", "share"],
         [[m["model"], str(m["queries"]), f"{m['share']:.1%}"] for m in report["model_share"]],
     )
     optimizer = (
-        table(["field", "value"], [[k, str(v)] for k, v in report["optimizer"].items()]) if report["optimizer"] else ""
+        table(["field", "value"], [[k, _fmt(v)] for k, v in report["optimizer"].items()]) if report["optimizer"] else ""
     )
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>batchplan report {html.escape(str(report.get("run_id") or ""))}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:70em}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left}}.row{{display:flex;gap:.5em;align-items:center;margin:.2em 0}}
 .name{{width:22em}}.bar{{display:inline-block;height:1em;background:#3a7}}.bar.cost{{background:#c84}}
 .budget{{width:400px;height:1.2em;border:1px solid #333}}.budget div{{height:100%;background:#c84}}</style></head><body>
-<h1>batchplan report</h1><p>{html.escape(summary_line(report))}</p>
+<h1>batchplan report</h1><p>{html.escape(summary_line(report))}</p><p><b>{html.escape(_savings_text(report))}</b></p>
 <h2>Spend vs budget</h2><div class="budget"><div style="width:{fill:.1f}%"></div></div><p>${spend:.4f} of ${budget:.4f}</p>
 <h2>Accuracy (green) and spend (orange) at the same budget</h2>{bars}
 <h2>Deferred and failed</h2><p>deferred: {report["status"]["deferred"]}, failed: {report["status"]["failed"]}, quarantined: {report["quarantined"]}</p>
+<h2>Plan kinds</h2>{kinds}
+<h2>Per task</h2>{per_task}
 <h2>Per-model share</h2>{shares}
 <h2>Optimizer</h2>{optimizer}
 </body></html>"""

@@ -88,6 +88,8 @@ def test_report_files(tmp_path: Path) -> None:
     assert report["spend_usd"] == 11.0
     assert report["status"] == {"done": 2, "failed": 0, "deferred": 0}
     assert {m["model"]: m["share"] for m in report["model_share"]} == {"cheap": 0.5, "dear": 0.5}
+    # the best single model ("dear") is right on both at 20 USD: we pay 11
+    assert report["savings"] == pytest.approx({"spend_saved_pct": 45.0, "accuracy_delta_pts": 0.0})
     paths = write_report(report, str(tmp_path), Storage())
     assert set(paths) == {"json", "md", "html"}
     assert "oracle" in render_markdown(report)
