@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
+import structlog
 
 from batchplan.contracts import (
     HISTORY_QUERIES_SCHEMA,
@@ -21,6 +22,8 @@ from batchplan.contracts import (
     conform,
 )
 from batchplan.storage import Storage, join
+
+log = structlog.get_logger("batchplan.history")
 
 
 @dataclass(frozen=True)
@@ -70,6 +73,7 @@ def load_history(dirs: str | Sequence[str], storage: Storage | None = None) -> H
     if not paths:
         raise ContractError("no history directory given")
     parts = [_load_one(p, storage) for p in paths]
+    _warn_price_conflicts([(path, h.prices) for path, h in zip(paths, parts, strict=True)])
     history = History(
         queries=pl.concat([h.queries for h in parts]).unique("query_id", keep="first", maintain_order=True),
         outcomes=pl.concat([h.outcomes for h in parts]).unique(
@@ -78,6 +82,17 @@ def load_history(dirs: str | Sequence[str], storage: Storage | None = None) -> H
         prices=pl.concat([h.prices for h in parts]).unique("model", keep="first", maintain_order=True),
     )
     return history
+
+
+def _warn_price_conflicts(prices: list[tuple[str, pl.DataFrame]]) -> None:
+    """Histories may list one model at different prices (sources priced at different dates): the first is
+    kept for list-price costs, so say which, rather than pick silently. Recorded costs are not affected."""
+    listed = pl.concat([frame.with_columns(pl.lit(path).alias("history")) for path, frame in prices])
+    conflicts = listed.group_by("model").agg(
+        pl.struct("usd_per_mtok_in", "usd_per_mtok_out").n_unique().alias("prices"), pl.col("history")
+    )
+    for model, _, histories in conflicts.filter(pl.col("prices") > 1).sort("model").iter_rows():
+        log.warning("history.price_conflict", model=model, kept_from=histories[0], histories=histories)
 
 
 def _load_one(path: str, storage: Storage) -> History:
