@@ -23,7 +23,8 @@ import numpy as np
 import polars as pl
 
 from batchplan.contracts import PLAN_SCHEMA
-from batchplan.plan_templates import PlanTemplates, estimate
+from batchplan.plan_estimates import estimate
+from batchplan.plan_templates import PlanTemplates
 
 P90_Z = 1.2816  # a call's high-side cost is its p90: sd ~ (p90 - mean) / z_0.9
 

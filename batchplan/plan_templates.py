@@ -10,14 +10,10 @@ Fitting, per task with a label set, on a training history:
 4. Keep the templates on or near the upper hull of (mean cost, mean accuracy) together with the single
    models, on every cross-fitting fold separately (so a template that won by chance is not kept and then
    over-estimated): the others are never worth their cost on average.
-5. Per kept template, a per-query estimate from the members' P(correct) and a calibration of it on the
-   replayed outcomes (out-of-fold member predictions), so the correlation between members' errors is in
-   the numbers, not assumed away:
-   - votes and agreement cascades: a structural estimate treating members as independent *given the
-     query* (``structural_estimates``), then logistic calibration on its logit (2 parameters), which
-     absorbs what conditional independence misses;
-   - logprob cascades (the stop decision depends on confidences the predictor does not see): a logistic
-     on the members' logits, for success and for reaching each later member.
+5. Per kept template, a per-query estimate from the members' P(correct), calibrated on the replayed
+   outcomes with out-of-fold member predictions (``plan_estimates``), so the correlation between members'
+   errors is in the numbers, not assumed away.
+6. Offer a task's templates only if they improve budgeted planning on held-out folds by a clear margin.
 """
 
 from __future__ import annotations
@@ -33,103 +29,11 @@ import numpy as np
 import polars as pl
 
 from batchplan.history import History
+from batchplan.plan_estimates import Template, estimate, fit_template
 from batchplan.plan_simulation import PlanSpec, Recorded, Simulated, error_by_label, recorded_by_task, simulate
 
 CASCADE_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 MIN_GAIN = 0.0025  # held-out accuracy gain (0.25 points) templates must show before a task offers them
-P_CLIP = 1e-4
-
-
-def logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, P_CLIP, 1 - P_CLIP)
-    return np.log(p / (1 - p))
-
-
-def sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(z, -40, 40)))
-
-
-def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2, iters: int = 50) -> np.ndarray:
-    """Newton's method on the L2-penalised log-loss; ``x`` carries its own intercept column."""
-    w = np.zeros(x.shape[1])
-    eye = np.eye(x.shape[1])
-    eye[0, 0] = 0.0  # the intercept is not shrunk
-    for _ in range(iters):
-        p = sigmoid(x @ w)
-        grad = x.T @ (p - y) + l2 * eye @ w
-        hess = (x * (p * (1 - p))[:, None]).T @ x + l2 * eye + 1e-9 * np.eye(x.shape[1])
-        step = np.linalg.solve(hess, grad)
-        w -= step
-        if np.abs(step).max() < 1e-8:
-            break
-    return w
-
-
-def design(p_members: np.ndarray) -> np.ndarray:
-    """[1, logit p_1, ..., logit p_k] per row."""
-    return np.column_stack([np.ones(len(p_members)), logit(p_members)])
-
-
-def structural_estimates(kind: str, p: np.ndarray, n_labels: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """(P(plan correct), P(the last member is called) or None) from members' P(correct) ``p`` [n, k],
-    members independent given the query; two wrong answers coincide with chance s = 1/(L-1) (L labels)."""
-    s = 1.0 / max(n_labels - 1, 1)
-    if kind == "agreement":
-        p1, p2, p3 = p[:, 0], p[:, 1], p[:, 2]
-        agree_right = p1 * p2
-        agree_wrong = (1 - p1) * (1 - p2) * s
-        escalate = 1 - agree_right - agree_wrong
-        return agree_right + escalate * p3, escalate
-    if kind == "vote":
-        k = p.shape[1]
-        correct = np.zeros(len(p))
-        for pattern in itertools.product((False, True), repeat=k):
-            right = np.array(pattern)
-            prob = np.prod(np.where(right, p, 1 - p), axis=1)
-            hits = int(right.sum())
-            if 2 * hits > k:
-                correct += prob
-            elif k == 3 and hits == 1:
-                # the two wrong answers differ (1 - s): a three-way tie, won by one member in three
-                correct += prob * (1 - s) / 3
-        return correct, None
-    raise ValueError(f"no structural estimate for {kind!r}")
-
-
-def template_features(kind: str, p_members: np.ndarray, n_labels: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """Design matrices for (success, reaching the last member) of a template from members' P(correct)."""
-    if kind in ("vote", "agreement"):
-        correct, escalate = structural_estimates(kind, p_members, n_labels)
-        ones = np.ones(len(p_members))
-        reach = None if escalate is None else np.column_stack([ones, logit(escalate)])
-        return np.column_stack([ones, logit(correct)]), reach
-    x = design(p_members)
-    return x, x
-
-
-@dataclass
-class Template:
-    task: str
-    kind: str
-    models: list[str]
-    thresholds: list[float]
-    coef_correct: list[float]
-    coef_reach: list[list[float]]  # per member after the first: P(that member is called), on the reach design
-    train_accuracy: float
-    train_cost_usd: float
-    train_queries: int
-    error_by_label: dict[str, float]
-    n_labels: int = 2
-
-    @property
-    def standard_error(self) -> float:
-        """Sampling error of the template's training accuracy: templates are chosen among hundreds by that
-        accuracy, so their estimates are biased up by about this much (the optimizer's curse)."""
-        return float(np.sqrt(self.train_accuracy * (1 - self.train_accuracy) / max(self.train_queries, 1)))
-
-    @property
-    def spec(self) -> PlanSpec:
-        return PlanSpec(self.kind, tuple(self.models), tuple(self.thresholds))
 
 
 @dataclass
@@ -238,47 +142,6 @@ def hull_gap(costs: np.ndarray, accs: np.ndarray, hull_c: np.ndarray, hull_a: np
     return np.interp(costs, hull_c, hull_a, left=hull_a[0], right=hull_a[-1]) - accs
 
 
-def _fit_template(spec: PlanSpec, sim: Simulated, rec: Recorded, p: np.ndarray, rows: np.ndarray) -> Template:
-    """Calibrate one template's estimates on the given training rows (members' out-of-fold P(correct))."""
-    cols = [rec.column(m) for m in spec.models]
-    x, x_reach = template_features(spec.kind, p[rows][:, cols], len(rec.labels))
-    coef_correct = fit_logistic(x, sim.correct[rows].astype(float))
-    coef_reach: list[list[float]] = []
-    if spec.kind == "agreement" and x_reach is not None:
-        coef_reach = [[1.0, 0.0], fit_logistic(x_reach, sim.reached[rows, 2].astype(float)).tolist()]
-    elif spec.kind == "cascade" and x_reach is not None:
-        coef_reach = [fit_logistic(x_reach, sim.reached[rows, s].astype(float)).tolist() for s in range(1, len(cols))]
-    return Template(
-        task=rec.task,
-        kind=spec.kind,
-        models=list(spec.models),
-        thresholds=list(spec.thresholds),
-        coef_correct=coef_correct.tolist(),
-        coef_reach=coef_reach,
-        train_accuracy=float(sim.correct[rows].mean()),
-        train_cost_usd=float(sim.cost[rows].mean()),
-        train_queries=int(rows.sum()),
-        error_by_label=error_by_label(sim, rec),
-        n_labels=len(rec.labels),
-    )
-
-
-def estimate(template: Template, p_members: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Per query: (expected accuracy, P(each member is called) [n, k]) from the members' P(correct).
-
-    Accuracy is scored one standard error (of the template's training accuracy) low: choosing the best of
-    many noisy estimates picks their errors too (the optimizer's curse)."""
-    x, x_reach = template_features(template.kind, p_members, template.n_labels)
-    accuracy = sigmoid(x @ np.asarray(template.coef_correct)) - template.standard_error
-    called = np.ones_like(p_members)
-    if x_reach is not None:
-        for step, coef in enumerate(template.coef_reach, start=1):
-            called[:, step] = sigmoid(x_reach @ np.asarray(coef))
-    if template.kind == "agreement":
-        called[:, 1] = 1.0  # both cheap members are always asked
-    return accuracy, called
-
-
 def _select(
     specs: list[PlanSpec], sims: dict[PlanSpec, Simulated], fold: np.ndarray, folds: int, slack: float
 ) -> list[PlanSpec]:
@@ -366,7 +229,7 @@ def _templates_help(
         train_rows, test_rows = usable & (fold != f), usable & (fold == f)
         if test_rows.sum() < 20 or train_rows.sum() < 30:
             continue
-        templates = [_fit_template(spec, sims[spec], rec, p, train_rows) for spec in kept]
+        templates = [fit_template(spec, sims[spec], rec, p, train_rows) for spec in kept]
         reference = float(sims[best].cost[test_rows].sum())
         for fraction in fractions:
             budget = fraction * reference
@@ -433,7 +296,7 @@ def fit_plan_templates(
             continue
         for spec in kept:
             rows = sims[spec].covered & np.isfinite(p[:, [rec.column(m) for m in spec.models]]).all(axis=1)
-            template = _fit_template(spec, sims[spec], rec, p, rows)
+            template = fit_template(spec, sims[spec], rec, p, rows)
             result.templates.append(template)
             result.summary.append(
                 {

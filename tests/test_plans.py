@@ -13,8 +13,9 @@ import pytest
 from batchplan.candidates import single_model_candidates, template_candidates
 from batchplan.contracts import HISTORY_QUERIES_SCHEMA, MODELS_SCHEMA, OUTCOMES_SCHEMA
 from batchplan.history import History
+from batchplan.plan_estimates import Template
 from batchplan.plan_simulation import PlanSpec, error_by_label, recorded_by_task, simulate
-from batchplan.plan_templates import PlanTemplates, Template, fit_plan_templates, upper_hull
+from batchplan.plan_templates import PlanTemplates, fit_plan_templates, upper_hull
 from batchplan.planning import PlanRequest, plan_batch
 from batchplan.report import Truth, score_results
 from batchplan.storage import Storage
