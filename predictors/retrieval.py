@@ -161,13 +161,8 @@ class Retriever:
                 cand = np.arange(len(centroid_task))
             probes = min(self.probes, len(cand))
             sims = emb[rows] @ centroids[cand].T
-            top = (
-                np.argpartition(-sims, probes - 1, axis=1)[:, :probes]
-                if probes < len(cand)
-                else np.tile(np.arange(len(cand)), (len(rows), 1))
-            )
+            top, sim_mean[rows] = _top_probes(sims, probes)
             chosen = cand[top]  # (r, probes) global cluster ids
-            sim_mean[rows] = np.take_along_axis(sims, top, axis=1).mean(axis=1)
             if query_fold is None or train_fold is None:
                 num[rows] = csum_all[chosen].sum(axis=1)
                 den[rows] = ccnt_all[chosen].sum(axis=1)
@@ -214,3 +209,48 @@ class Retriever:
             ccnt=arrays.get("knn_ccnt"),
             assign=arrays.get("knn_assign"),
         )
+
+
+def _top_probes(sims: np.ndarray, probes: int) -> tuple[np.ndarray, np.ndarray]:
+    """(indices of each row's ``probes`` largest similarities, their mean), exactly as
+    ``np.argpartition(-sims, probes - 1)[:, :probes]`` and the float32 mean of those values in that order.
+
+    ``probes`` argmax passes find the same set whenever it is unique (the probes-th largest value is above
+    the next one; cluster sums over the set do not depend on order). The float32 mean of 3 values depends on
+    the order they are added in: argpartition (numpy's small-kth selection) returns them in descending
+    order, which is checked on a sample of the rows where the order matters; rows with a non-unique set, or
+    all of them if the check fails, go to argpartition."""
+    n, width = sims.shape
+    if probes >= width:
+        top = np.tile(np.arange(width), (n, 1))
+        return top, np.take_along_axis(sims, top, axis=1).mean(axis=1)
+    if probes != 3 or sims.dtype != np.float32 or n < 256:
+        return _argpartition_top(sims, probes)
+    work = sims.copy()
+    rows = np.arange(n)
+    idx = np.empty((n, 4), dtype=np.int64)
+    val = np.empty((n, 4), dtype=np.float32)
+    for j in range(4):
+        idx[:, j] = np.argmax(work, axis=1)
+        val[:, j] = work[rows, idx[:, j]]
+        work[rows, idx[:, j]] = -np.inf
+    a, b, c = val[:, 0], val[:, 1], val[:, 2]
+    mean = (a + b) + c
+    unique = (c > val[:, 3]) & np.isfinite(mean)
+    order_matters = np.flatnonzero(unique & ((mean != (a + c) + b) | (mean != (b + c) + a)))
+    mean /= np.float32(3)
+    top = idx[:, :3].copy()
+    sample = order_matters[:: max(1, len(order_matters) // 64)]
+    if len(sample):
+        _, sample_mean = _argpartition_top(sims[sample], probes)
+        if not np.array_equal(sample_mean.view(np.uint32), mean[sample].view(np.uint32)):
+            unique[order_matters] = False
+    slow = np.flatnonzero(~unique)
+    if len(slow):
+        top[slow], mean[slow] = _argpartition_top(sims[slow], probes)
+    return top, mean
+
+
+def _argpartition_top(sims: np.ndarray, probes: int) -> tuple[np.ndarray, np.ndarray]:
+    top = np.argpartition(-sims, probes - 1, axis=1)[:, :probes]
+    return top, np.take_along_axis(sims, top, axis=1).mean(axis=1)
