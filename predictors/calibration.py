@@ -25,7 +25,14 @@ def logit32(p: np.ndarray) -> np.ndarray:
 
 
 def sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(z, -50.0, 50.0)))
+    """1 / (1 + exp(-clip(z, -50, 50))), the same operations done in place."""
+    if np.ndim(z) == 0:
+        return 1.0 / (1.0 + np.exp(-np.clip(z, -50.0, 50.0)))
+    out = np.clip(z, -50.0, 50.0)
+    np.negative(out, out=out)
+    np.exp(out, out=out)
+    out += 1.0
+    return np.divide(1.0, out, out=out)
 
 
 @dataclass

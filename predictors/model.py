@@ -236,15 +236,19 @@ class Predictor:
             schema={"model": pl.String, "task": pl.String},
         )
         prior_call = self.priors.lookup(cross, neighbors).reshape(len(call_models), len(tasks_u)).T  # (T_u, C)
-        prior_pair = prior_call[task_inv[qi], mi]
+        tq = task_inv[qi]  # task code of each pair
         known = np.array([m in known_index for m in call_models], dtype=bool)[mi]
-        if self.pair_model is None:
-            p = raw = prior_pair
-        else:
-            raw = sigmoid(
-                self._pair_logits(block, qi, mi, task_inv, prior_call, weights, covered, call_models, neighbors)
-            )
-            p = self.calibrator(raw)
+
+        def scores() -> tuple[np.ndarray, np.ndarray]:
+            if self.pair_model is None:
+                prior_pair = prior_call[tq, mi]
+                return prior_pair, prior_pair
+            raw = sigmoid(self._pair_logits(block, qi, mi, tq, prior_call, weights, covered, call_models, neighbors))
+            return self.calibrator(raw), raw
+
+        # P(correct) and cost are independent: on big batches they run side by side (numpy releases the GIL)
+        pool = ThreadPoolExecutor(max_workers=1) if self.threads_for(len(qi)) > 1 else None
+        pending = pool.submit(scores) if pool is not None else None
         tokens_out = None
         token_model = TokenModel.from_boosters(self.boosters)
         if token_model.fitted:
@@ -265,8 +269,13 @@ class Predictor:
             flat = mi * n_k + qk[qi]
             tokens_out = (mean[flat], p90[flat])
         cost = self.cost.predict_coded(
-            call_models, tasks_u, mi, task_inv[qi], block.chars[qi], block.has_labels[qi], catalog, tokens_out
+            call_models, tasks_u, mi, tq, block.chars[qi], block.has_labels[qi], catalog, tokens_out
         )
+        if pending is not None and pool is not None:
+            p, raw = pending.result()
+            pool.shutdown()
+        else:
+            p, raw = scores()
         return pl.DataFrame(
             {
                 "query_id": index["query_id"],
@@ -290,7 +299,7 @@ class Predictor:
         block: QueryBlock,
         qi: np.ndarray,
         mi: np.ndarray,
-        task_inv: np.ndarray,
+        tq: np.ndarray,
         prior_call: np.ndarray,
         weights: np.ndarray,
         covered: np.ndarray,
@@ -310,11 +319,11 @@ class Predictor:
         knn_call = (block.knn_acc @ weights.astype(np.float32)).astype(np.float32)  # (n_q, C)
         flat = qi * len(call_models) + mi
         knn_pair = knn_call.ravel()[flat]
-        pair_tm = task_inv[qi] * len(call_models) + mi
+        pair_tm = tq * len(call_models) + mi
         prior_pair_logit = prior_logit.astype(np.float32).ravel()[pair_tm]
         if not covered.all():
             uncovered = ~covered[mi]
-            knn_pair[uncovered] = prior_call[task_inv[qi[uncovered]], mi[uncovered]]
+            knn_pair[uncovered] = prior_call[tq[uncovered], mi[uncovered]]
         # same float32 operations in the same order as q + b0 + b1 * prior_logit + b3 * lift, in place; the
         # per-(task, model) products b1 * prior_logit come from a (T_u, C) table
         b = betas.astype(np.float32)
