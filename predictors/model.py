@@ -121,7 +121,8 @@ class Predictor:
             knn_acc, knn_sim = self.retriever.query(emb, tci, prior, query_fold, train_fold)
         else:
             knn_acc, knn_sim = prior.astype(np.float32), np.zeros(q.height, dtype=np.float32)
-        lift = logit32(knn_acc) - logit32(prior)
+        lift = logit32(knn_acc)
+        lift -= logit32(prior_acc)[tci]  # per task, then gathered: the same values as logit32(prior)
         mask = has[tci]
         lift_mean = np.where(mask.any(axis=1), (lift * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1), 0.0)
         n_text = min(int(self.options.get("text_features", 16)), emb.shape[1])

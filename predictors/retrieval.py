@@ -127,8 +127,7 @@ class Retriever:
                 sim_mean[chunk] = top_sims.mean(axis=1)
                 num[chunk] = csum[top].sum(axis=1)
                 den[chunk] = ccnt[top].sum(axis=1)
-        acc = (num + self.alpha * prior) / (den + self.alpha)
-        return acc.astype(np.float32), sim_mean
+        return _smoothed(num, den, prior, self.alpha), sim_mean
 
     def _clusters(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         if (
@@ -176,8 +175,7 @@ class Retriever:
                 sel = query_fold[rows] == f
                 num[rows[sel]] = csum[chosen[sel]].sum(axis=1)
                 den[rows[sel]] = ccnt[chosen[sel]].sum(axis=1)
-        acc = (num + self.alpha * prior) / (den + self.alpha)
-        return acc.astype(np.float32), sim_mean
+        return _smoothed(num, den, prior, self.alpha), sim_mean
 
     def to_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         arrays = {"knn_emb": self.emb, "knn_task": self.task, "knn_ysum": self.ysum, "knn_ycnt": self.ycnt}
@@ -209,6 +207,14 @@ class Retriever:
             ccnt=arrays.get("knn_ccnt"),
             assign=arrays.get("knn_assign"),
         )
+
+
+def _smoothed(num: np.ndarray, den: np.ndarray, prior: np.ndarray, alpha: float) -> np.ndarray:
+    """float32 of (num + alpha * prior) / (den + alpha), the same operations with fewer temporaries."""
+    acc = alpha * np.asarray(prior)
+    acc += num
+    acc /= den + alpha
+    return acc.astype(np.float32)
 
 
 def _top_probes(sims: np.ndarray, probes: int) -> tuple[np.ndarray, np.ndarray]:
