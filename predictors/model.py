@@ -147,26 +147,30 @@ class Predictor:
             task=q["task"],
         )
 
-    def _query_block_parallel(self, q: pl.DataFrame) -> QueryBlock:
-        """``query_block`` on ``threads`` slices at once for large batches (polars, numpy, scipy and
-        LightGBM release the GIL), concatenated in order."""
+    def _query_block_parallel(self, q: pl.DataFrame) -> tuple[QueryBlock, np.ndarray]:
+        """``query_block`` and the difficulty d(q) on ``threads`` slices at once for large batches (polars,
+        numpy, scipy and LightGBM release the GIL; a row's d(q) does not depend on the others), concatenated
+        in order, the arrays side by side."""
         parts = self.threads if q.height >= PARALLEL_QUERIES else 1
         if parts <= 1:
-            return self.query_block(q)
+            block = self.query_block(q)
+            return block, self.difficulty(block)
         bounds = np.linspace(0, q.height, parts + 1).astype(int)
         slices = [q.slice(int(a), int(b - a)) for a, b in pairwise(bounds)]
+
+        def run(part: pl.DataFrame) -> tuple[QueryBlock, np.ndarray]:
+            block = self.query_block(part)
+            return block, self.difficulty(block)
+
+        names = ("core", "emb", "knn_acc", "prior", "task_code", "chars", "has_labels")
         with ThreadPoolExecutor(max_workers=parts) as pool:
-            blocks = list(pool.map(self.query_block, slices))
-        return QueryBlock(
-            core=np.vstack([b.core for b in blocks]),
-            emb=np.vstack([b.emb for b in blocks]),
-            knn_acc=np.vstack([b.knn_acc for b in blocks]),
-            prior=np.vstack([b.prior for b in blocks]),
-            task_code=np.concatenate([b.task_code for b in blocks]),
-            chars=np.concatenate([b.chars for b in blocks]),
-            has_labels=np.concatenate([b.has_labels for b in blocks]),
-            task=pl.concat([b.task for b in blocks]),
-        )
+            done = list(pool.map(run, slices))
+            blocks = [b for b, _ in done]
+            arrays = {n: pool.submit(np.concatenate, [getattr(b, n) for b in blocks]) for n in names}
+            d = np.concatenate([x for _, x in done])
+            task = pl.concat([b.task for b in blocks])
+            parts_out = {n: f.result() for n, f in arrays.items()}
+        return QueryBlock(**parts_out, task=task), d
 
     def difficulty(self, block: QueryBlock) -> np.ndarray:
         booster = self.boosters.get("query")
@@ -219,7 +223,7 @@ class Predictor:
         known_index = {m: i for i, m in enumerate(self.models)}
         unknown = [m for m in call_models if m not in known_index]
         neighbors = self._neighbors(unknown, catalog)
-        block = self._query_block_parallel(q)
+        block, d = self._query_block_parallel(q)
         # per (query task, call model) priors; unseen models borrow from neighbours
         weights = np.zeros((len(self.models), len(call_models)))
         for j, model in enumerate(call_models):
@@ -244,7 +248,7 @@ class Predictor:
             if self.pair_model is None:
                 prior_pair = prior_call[tq, mi]
                 return prior_pair, prior_pair
-            raw = sigmoid(self._pair_logits(block, qi, mi, tq, prior_call, weights, covered, call_models, neighbors))
+            raw = sigmoid(self._pair_logits(block, d, qi, mi, tq, prior_call, weights, covered, call_models, neighbors))
             return self.calibrator(raw), raw
 
         # P(correct) and cost are independent: on big batches they run side by side (numpy releases the GIL)
@@ -298,6 +302,7 @@ class Predictor:
     def _pair_logits(
         self,
         block: QueryBlock,
+        d: np.ndarray,
         qi: np.ndarray,
         mi: np.ndarray,
         tq: np.ndarray,
@@ -311,7 +316,6 @@ class Predictor:
         are multiplied by every call model's betas once per query (n_q x C), then gathered per pair."""
         assert self.pair_model is not None
         betas = self.pair_model.beta_for(call_models, neighbors)  # (C, J)
-        d = self.difficulty(block)
         n_text2 = betas.shape[1] - len(PAIR_FEATURES)
         zq = np.column_stack([d, block.core[:, -2], block.core[:, -1], block.emb[:, :n_text2]]).astype(np.float32)
         q_cols = [2, 4, 5, *range(len(PAIR_FEATURES), betas.shape[1])]
