@@ -114,10 +114,9 @@ class TextEncoder:
             .select("row", pl.col("term").cast(self._enum, strict=False).to_physical().alias("col"))
             .drop_nulls("col")
         )
-        rows = terms["row"].to_numpy().astype(np.int64)
+        rows = terms["row"].to_numpy()  # ascending: row boundaries by binary search, not a count per token
         cols = terms["col"].to_numpy().astype(np.int32)
-        indptr = np.zeros(len(texts) + 1, dtype=np.int64)
-        np.cumsum(np.bincount(rows, minlength=len(texts)), out=indptr[1:])
+        indptr = np.searchsorted(rows, np.arange(len(texts) + 1, dtype=rows.dtype)).astype(np.int64)
         x = sp.csr_matrix((self.idf[cols], cols, indptr), shape=(len(texts), len(self.vocab)))
         if normalize:
             x.sum_duplicates()

@@ -225,21 +225,22 @@ def _top_probes(sims: np.ndarray, probes: int) -> tuple[np.ndarray, np.ndarray]:
     the next one; cluster sums over the set do not depend on order). The float32 mean of 3 values depends on
     the order they are added in: argpartition (numpy's small-kth selection) returns them in descending
     order, which is checked on a sample of the rows where the order matters; rows with a non-unique set, or
-    all of them if the check fails, go to argpartition."""
+    all of them if the check fails, go to argpartition. ``sims`` is modified during the call and restored."""
     n, width = sims.shape
     if probes >= width:
         top = np.tile(np.arange(width), (n, 1))
         return top, np.take_along_axis(sims, top, axis=1).mean(axis=1)
     if probes != 3 or sims.dtype != np.float32 or n < 256:
         return _argpartition_top(sims, probes)
-    work = sims.copy()
     rows = np.arange(n)
     idx = np.empty((n, 4), dtype=np.int64)
     val = np.empty((n, 4), dtype=np.float32)
+    for j in range(4):  # each row's maximum, masked out in place, 4 times; then the values are put back
+        idx[:, j] = np.argmax(sims, axis=1)
+        val[:, j] = sims[rows, idx[:, j]]
+        sims[rows, idx[:, j]] = -np.inf
     for j in range(4):
-        idx[:, j] = np.argmax(work, axis=1)
-        val[:, j] = work[rows, idx[:, j]]
-        work[rows, idx[:, j]] = -np.inf
+        sims[rows, idx[:, j]] = val[:, j]
     a, b, c = val[:, 0], val[:, 1], val[:, 2]
     mean = (a + b) + c
     unique = (c > val[:, 3]) & np.isfinite(mean)
