@@ -230,7 +230,9 @@ def _top_probes(sims: np.ndarray, probes: int) -> tuple[np.ndarray, np.ndarray]:
     if probes >= width:
         top = np.tile(np.arange(width), (n, 1))
         return top, np.take_along_axis(sims, top, axis=1).mean(axis=1)
-    if probes != 3 or sims.dtype != np.float32 or n < 256:
+    if probes != 3 or sims.dtype != np.float32 or n < 256 or width > 256:
+        # (up to 256 columns numpy's selection for kth < 3 is a selection sort, or with AVX-512 a sorting
+        # network: descending either way; wider rows may come back in another order)
         return _argpartition_top(sims, probes)
     rows = np.arange(n)
     idx = np.empty((n, 4), dtype=np.int64)
