@@ -26,6 +26,19 @@ STAT_COLUMNS = ("n_chars", "digit_share", "n_labels")
 STATS_TAIL = 400  # digit share is measured on the prompt's tail (the part that differs between queries)
 
 
+# Per-model descriptors that let a model with little history borrow from similar ones.
+DESCRIPTOR_SCHEMA = pl.Schema(
+    {
+        "model": pl.String(),
+        "log_price_in": pl.Float64(),
+        "log_price_out": pl.Float64(),
+        "log_cost_per_kchar": pl.Float64(),
+        "log_size_b": pl.Float64(),
+        "family": pl.String(),
+    }
+)
+
+
 def text_of(queries: pl.DataFrame) -> pl.Series:
     """The text the text features read: the prompt (system prompts are shared per task)."""
     return queries["prompt"].fill_null("")
@@ -254,12 +267,5 @@ def describe_models(models: list[str], prices: pl.DataFrame, cost_per_kchar: dic
         )
     return pl.DataFrame(
         rows,
-        schema={
-            "model": pl.String,
-            "log_price_in": pl.Float64,
-            "log_price_out": pl.Float64,
-            "log_cost_per_kchar": pl.Float64,
-            "log_size_b": pl.Float64,
-            "family": pl.String,
-        },
+        schema=DESCRIPTOR_SCHEMA,
     ).with_columns(pl.col(pl.Float64).fill_nan(None).fill_null(float("nan")))

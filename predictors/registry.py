@@ -25,7 +25,7 @@ from batchplan.history import History
 from batchplan.storage import Storage, StorageError, join
 from predictors.calibration import Calibrator
 from predictors.cost import CostModel
-from predictors.features import TextEncoder, Vocabulary
+from predictors.features import DESCRIPTOR_SCHEMA, TextEncoder, Vocabulary
 from predictors.model import Predictor
 from predictors.pairmodel import PairModel
 from predictors.priors import Priors
@@ -142,14 +142,7 @@ def load(storage: Storage, root_uri: str, version: str | None = None) -> Predict
     boosters = {n: lgb.Booster(model_str=storage.read_text(join(base, f"booster_{n}.txt"))) for n in state["boosters"]}
     descriptors = pl.DataFrame(
         state["descriptors"],
-        schema={
-            "model": pl.String,
-            "log_price_in": pl.Float64,
-            "log_price_out": pl.Float64,
-            "log_cost_per_kchar": pl.Float64,
-            "log_size_b": pl.Float64,
-            "family": pl.String,
-        },
+        schema=DESCRIPTOR_SCHEMA,
     )
     confusions = pl.DataFrame(
         state["confusions"],
