@@ -193,8 +193,10 @@ def main() -> None:
         eligible = table.filter(pl.col("n_train") >= 300)
         print(
             f"ECE <= 0.05 for {int((eligible['ece'] <= 0.05).sum())}/{eligible.height} models with >= 300 training queries; "
-            f"worst {eligible['ece'].max():.4f}; mean AUC {table['auc'].mean():.4f}, mean Brier {table['brier'].mean():.4f}, "
-            f"median cost MAPE {table['cost_mape'].median():.4f}"
+            f"worst {eligible.select(pl.col('ece').max()).item():.4f}; "
+            f"mean AUC {table.select(pl.col('auc').mean()).item():.4f}, "
+            f"mean Brier {table.select(pl.col('brier').mean()).item():.4f}, "
+            f"median cost MAPE {table.select(pl.col('cost_mape').median()).item():.4f}"
         )
         results["quality"] = table.to_dicts()
         seeds = [int(x) for x in args.holdout_seeds.split(",") if x.strip()]
@@ -224,7 +226,7 @@ def main() -> None:
             ok = summary.filter(pl.col("n_train") >= 300)
             print(
                 f"mean-over-splits ECE <= 0.05 for {int((ok['ece_mean'] <= 0.05).sum())}/{ok.height} models with "
-                f">= 300 training queries; worst {ok['ece_mean'].max():.4f}"
+                f">= 300 training queries; worst {ok.select(pl.col('ece_mean').max()).item():.4f}"
             )
             results["quality_over_seeds"] = summary.to_dicts()
     if not args.skip_throughput:

@@ -84,7 +84,7 @@ def bench_dataset(
             results = execute(outcome.plan, queue, backend, budget_usd=budget, out_uri=out, storage=storage)
             spend = float(results["cost_usd"].sum())
             row |= {
-                f"{name}_accuracy": float(score_results(results, truth)["correct"].mean()),
+                f"{name}_accuracy": score_results(results, truth).select(pl.col("correct").mean()).item(),
                 f"{name}_spend_usd": spend,
                 f"{name}_within_budget": spend <= budget + 1e-12,
                 f"{name}_gap": outcome.solution.gap,
