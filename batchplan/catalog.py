@@ -6,10 +6,11 @@ Shared by the predictor (expected cost of a call) and the live dispatchers (bill
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import polars as pl
 
-from batchplan.contracts import MODELS_SCHEMA, ContractError, conform
+from batchplan.contracts import MODELS_SCHEMA, conform
 
 
 @dataclass(frozen=True)
@@ -37,24 +38,20 @@ class PriceCatalog:
     def models(self) -> list[str]:
         return sorted(set(self.prices["model"].to_list()) | set(self.billed["model"].to_list()))
 
-    def has_token_prices(self, model: str) -> bool:
-        row = self.prices.filter(pl.col("model") == model)
-        return (
-            row.height > 0
-            and row["usd_per_mtok_in"].is_not_null().all()
-            and row["usd_per_mtok_out"].is_not_null().all()
-        )
+    @cached_property
+    def token_prices(self) -> dict[str, tuple[float, float]]:
+        """model -> (USD per Mtok in, USD per Mtok out), for models with both list prices."""
+        rows = self.prices.select("model", "usd_per_mtok_in", "usd_per_mtok_out").iter_rows()
+        return {m: (pin, pout) for m, pin, pout in rows if pin is not None and pout is not None}
 
-    def call_cost(self, model: str, tokens_in: int, tokens_out: int) -> float:
-        """Billed cost of one call from its usage; falls back to the model's billed mean."""
-        row = self.prices.filter(pl.col("model") == model)
-        if row.height and row["usd_per_mtok_in"][0] is not None and row["usd_per_mtok_out"][0] is not None:
-            return (tokens_in * row["usd_per_mtok_in"][0] + tokens_out * row["usd_per_mtok_out"][0]) / 1e6
-        billed = self.billed.filter(pl.col("model") == model)
-        if billed.height:
-            return float(billed["mean_cost_usd"][0])
-        raise ContractError(f"model {model!r} has neither list prices nor billed history: add it to models.csv")
+    @cached_property
+    def billed_means(self) -> dict[str, float]:
+        return {m: float(c) for m, c in self.billed.select("model", "mean_cost_usd").iter_rows() if c is not None}
 
-    def to_frame(self) -> pl.DataFrame:
-        """One row per model: list prices (may be null) and billed mean (may be null)."""
-        return self.prices.join(self.billed, on="model", how="full", coalesce=True).sort("model")
+    def call_cost(self, model: str, tokens_in: int, tokens_out: int) -> float | None:
+        """Cost of one call from its usage at list price; the model's billed mean where no list price is
+        known; None if neither (dict lookups: this runs once per dispatched call)."""
+        prices = self.token_prices.get(model)
+        if prices is not None:
+            return (tokens_in * prices[0] + tokens_out * prices[1]) / 1e6
+        return self.billed_means.get(model)

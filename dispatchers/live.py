@@ -52,9 +52,6 @@ class LiveBackend(Backend):
             )
         self._catalog = catalog
         self.model_map = dict(model_map or {})
-        prices = catalog.prices.select("model", "usd_per_mtok_in", "usd_per_mtok_out").iter_rows()
-        self._prices = {m: (pin, pout) for m, pin, pout in prices if pin is not None and pout is not None}
-        self._billed = dict(catalog.billed.select("model", "mean_cost_usd").iter_rows())
 
     @property
     def catalog(self) -> PriceCatalog:
@@ -74,16 +71,12 @@ class LiveBackend(Backend):
 
     def price(self, model: str, tokens_in: int, tokens_out: int) -> float | None:
         """Usage x list price; the billed mean where no list price is known; None if neither."""
-        prices = self._prices.get(model)
-        if prices is not None:
-            return (tokens_in * prices[0] + tokens_out * prices[1]) / 1e6
-        billed = self._billed.get(model)
-        return float(billed) if billed is not None else None
+        return self._catalog.call_cost(model, tokens_in, tokens_out)
 
     def cost_bound(self, request: CallRequest) -> float | None:
         """Hard bound: a token is at least one byte, so prompt bytes + template overhead bound the input;
         ``max_tokens`` bounds the output. None without list prices (then the plan's reserve is used)."""
-        prices = self._prices.get(request.model)
+        prices = self._catalog.token_prices.get(request.model)
         if prices is None:
             return None
         size = len(request.prompt.encode()) + len((request.system_prompt or "").encode()) + PROMPT_OVERHEAD_TOKENS
