@@ -30,7 +30,14 @@ from typing import Any
 import polars as pl
 import structlog
 
-from batchplan.contracts import HISTORY_QUERIES_SCHEMA, OUTCOMES_SCHEMA, RESULT_SCHEMA, ContractError, conform
+from batchplan.contracts import (
+    HISTORY_QUERIES_SCHEMA,
+    OUTCOMES_SCHEMA,
+    RESULT_SCHEMA,
+    RESULT_STATUSES,
+    ContractError,
+    conform,
+)
 from batchplan.layout import Layout, day, run_key
 from batchplan.storage import Storage, StorageError
 
@@ -319,7 +326,7 @@ def _shard_summary(shard: dict[str, Any], results: pl.DataFrame, *, reused: bool
         "queries": results.height,
         "spend_usd": spend,
         "budget_usd": budget,
-        "status": {s: int((results["status"] == s).sum()) for s in ("done", "failed", "deferred")},
+        "status": {s: int((results["status"] == s).sum()) for s in RESULT_STATUSES},
         "reused": reused,
     }
 
@@ -351,7 +358,7 @@ def merge_stage(storage: Storage, lay: Layout, run: str, shards: list[dict[str, 
         "spend_usd": spend,
         "budget_usd": budget,
         "within_budget": budget is None or spend <= budget + 1e-9,
-        "status": {s: int((results["status"] == s).sum()) for s in ("done", "failed", "deferred")},
+        "status": {s: int((results["status"] == s).sum()) for s in RESULT_STATUSES},
         "shards": len(shards),
         "merged_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }

@@ -36,7 +36,6 @@ QUEUE_SCHEMA: Final = pl.Schema(
         }
     )
 )
-QUEUE_REQUIRED: Final = ("query_id", "prompt")
 DEFAULT_TASK: Final = "default"
 DEFAULT_TENANT: Final = "default"
 
@@ -150,7 +149,3 @@ def conform(frame: pl.DataFrame, schema: pl.Schema, *, name: str, required: tupl
             raise ContractError(f"{name}: column {column!r} is {have}, expected {dtype}: {error}") from error
         columns.append(pl.col(column).cast(dtype))
     return frame.select(columns)
-
-
-def empty(schema: pl.Schema) -> pl.DataFrame:
-    return pl.DataFrame(schema=schema)

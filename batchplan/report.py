@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from batchplan.contracts import RESULT_STATUSES
 from batchplan.history import History
 from batchplan.storage import Storage, join
 
@@ -149,7 +150,7 @@ def build_report(
     optimizer: dict[str, Any] | None = None,
     run_id: str | None = None,
 ) -> dict[str, Any]:
-    status_counts = {s: int((results["status"] == s).sum()) for s in ("done", "failed", "deferred")}
+    status_counts = {s: int((results["status"] == s).sum()) for s in RESULT_STATUSES}
     spend = float(results["cost_usd"].fill_null(0).sum())
     calls = results.select(pl.col("models_called").explode().drop_nulls().alias("model"))
     shares = (
