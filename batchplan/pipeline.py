@@ -27,7 +27,7 @@ from batchplan import artifacts
 from batchplan.candidates import Candidates, single_model_candidates, template_candidates
 from batchplan.catalog import PriceCatalog
 from batchplan.contracts import RESULT_SCHEMA, ContractError
-from batchplan.history import load_history
+from batchplan.history import History, load_history
 from batchplan.ingest import Ingested, read_queue
 from batchplan.plan_templates import PlanTemplates
 from batchplan.planning import PlanOutcome, PlanRequest, plan_batch
@@ -63,15 +63,18 @@ def make_backend(
     *,
     storage: Storage,
     replay_history: Sequence[str] = (),
+    replay: History | None = None,
     base_url: str | None = None,
     prices_uri: str | None = None,
     **options: Any,
 ) -> Backend:
-    """Build a dispatcher backend by name from plain settings (CLI flags, DAG params)."""
+    """Build a dispatcher backend by name from plain settings (CLI flags, DAG params); ``replay`` is the
+    replay history when the caller has it loaded already."""
     if name == "replay":
-        if not replay_history:
+        if replay is None and not replay_history:
             raise ContractError("the replay backend needs --replay-history DIR (an outcome history to answer from)")
-        return get_backend("replay", history=load_history(list(replay_history), storage), **options)
+        history = replay if replay is not None else load_history(list(replay_history), storage)
+        return get_backend("replay", history=history, **options)
     catalog = None
     if prices_uri is not None:
         catalog = PriceCatalog.from_prices(storage.read_frame(prices_uri))
@@ -215,16 +218,18 @@ class JobOutcome:
 def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth: Truth | None = None) -> JobOutcome:
     """Plan and dispatch the whole batch; write plan, results and report under ``job.out_uri``."""
     started = time.perf_counter()
+    # the replay history is read once: it answers the calls and is the truth the report scores against
+    replay = load_history(job.replay_history, storage) if job.backend == "replay" and job.replay_history else None
     backend = make_backend(
         job.backend,
         storage=storage,
-        replay_history=job.replay_history,
+        replay=replay,
         base_url=job.base_url,
         prices_uri=job.prices_uri,
         **job.backend_options,
     )
-    if truth is None and job.backend == "replay":
-        truth = Truth.from_history(load_history(job.replay_history, storage))
+    if truth is None and replay is not None:
+        truth = Truth.from_history(replay)
     ingested = ingest(job.queue_uri, storage, job.out_uri)
     if ingested.queue.height == 0:
         raise ContractError(f"no valid queries in {job.queue_uri}: see {join(job.out_uri, 'quarantine.parquet')}")
