@@ -126,8 +126,10 @@ def _load_one(path: str, storage: Storage) -> History:
     return History(queries=queries, outcomes=outcomes, prices=prices)
 
 
-def with_holdout(history: History, fraction: float = 0.3, seed: int = 0) -> History:
-    """Give every data set that has no test split one, carved from its train split by a stable hash of query_id."""
+def with_holdout(history: History, fraction: float = 0.3, seed: int = 0, start: float = 0.0) -> History:
+    """Give every data set that has no test split one, carved from its train split by a stable hash of query_id:
+    the queries whose hash bucket (uniform in [0, 1)) falls in [start, start + fraction). Fold k of K for
+    cross-validation is ``with_holdout(history, 1 / K, seed, start=k / K)``."""
     has_test = history.queries.group_by("dataset").agg((pl.col("split") == "test").any().alias("has_test"))
     # crc32, not polars' hash: the split must not move between library versions or machines.
     bucket = pl.col("query_id").map_elements(
@@ -136,7 +138,11 @@ def with_holdout(history: History, fraction: float = 0.3, seed: int = 0) -> Hist
     queries = (
         history.queries.join(has_test, on="dataset")
         .with_columns(
-            pl.when(~pl.col("has_test") & (pl.col("split") == "train") & (bucket < fraction))
+            pl.when(
+                ~pl.col("has_test")
+                & (pl.col("split") == "train")
+                & bucket.is_between(start, start + fraction, closed="left")
+            )
             .then(pl.lit("test"))
             .otherwise(pl.col("split"))
             .alias("split")
