@@ -1,12 +1,17 @@
 """Quality benchmark: accuracy and realized spend at budgets relative to the best single model.
 
 For each data set in the data dir (``BATCHPLAN_DATA_DIR``, default ../shared/data): train the predictor on
-the train split (data sets without a test split get one held out from train by query_id hash), then plan
-and replay the test split at budgets of 10, 20, 30, 50 and 100% of the best single model's cost (best =
+the train split, then plan and replay the test split at budgets of 10, 20, 30, 50 and 100% of the best single model's cost (best =
 highest train accuracy; its cost measured on the test queries). Prints batchplan's accuracy and realized
 spend, with single-model plans only and with votes and cascades allowed, beside the baselines at the same
 budget (cheapest model, random assignment, the oracle) and the best single model at its own cost. Realized
 spend must never pass the budget: ``within_budget`` checks it in every cell.
+
+A data set without a test split (``cascades``) is cross-validated on its train split: 5 folds by a stable
+query_id hash, each in turn the test split of a model trained on the other four; every budget is a share of
+the best single model's cost on that fold, and each row pools the folds (all 585 queries planned and replayed
+once; budgets and spends summed). One 30% hold-out would be ~170 queries, where one query moves accuracy
+0.6 points: ``--cv-folds 0`` gives that instead.
 
 AIQ (RouterBench's average improvement in quality, here over the budget grid): the area under accuracy vs
 budget (as a share of the best single model's cost) by the trapezoid rule, divided by the grid's width.
@@ -30,7 +35,7 @@ import structlog
 
 from batchplan import artifacts
 from batchplan.demo import best_single_cost
-from batchplan.history import load_history, with_holdout
+from batchplan.history import History, load_history, with_holdout
 from batchplan.pipeline import build_candidates, execute, optimize, predict
 from batchplan.planning import PlanRequest
 from batchplan.report import Truth, baselines, score_results
@@ -39,13 +44,60 @@ from batchplan.storage import Storage
 from dispatchers import get_backend
 
 FRACTIONS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
+CV_FOLDS = 5
 
 
 def bench_dataset(
-    directory: Path, fractions: tuple[float, ...], predictor_name: str, storage: Storage, workdir: str
+    directory: Path,
+    fractions: tuple[float, ...],
+    predictor_name: str,
+    storage: Storage,
+    workdir: str,
+    cv_folds: int = CV_FOLDS,
 ) -> list[dict]:
+    """One row per budget. A data set without a test split is cross-validated: ``cv_folds`` hash folds of its
+    train split each take a turn as the test split, and the rows pool all folds (every query planned and
+    replayed once, by a model that never saw it); ``cv_folds=0`` holds out ``holdout_fraction`` once."""
     settings = get_settings()
-    history = with_holdout(load_history(str(directory), storage), settings.holdout_fraction, settings.seed)
+    history = load_history(str(directory), storage)
+    if cv_folds < 2 or (history.queries["split"] == "test").any():
+        splits = [with_holdout(history, settings.holdout_fraction, settings.seed)]
+    else:
+        splits = [with_holdout(history, 1 / cv_folds, settings.seed, start=k / cv_folds) for k in range(cv_folds)]
+    per_split = [
+        bench_split(split, directory.name, fractions, predictor_name, storage, f"{workdir}/{k}")
+        for k, split in enumerate(splits)
+    ]
+    return [pool_folds([rows[i] for rows in per_split]) for i in range(len(fractions))]
+
+
+def pool_folds(rows: list[dict]) -> dict:
+    """One budget's rows of several folds as one: accuracies weighted by queries, spends and budgets summed."""
+    if len(rows) == 1:
+        return rows[0]
+    n = sum(r["queries"] for r in rows)
+    pooled = dict(rows[0]) | {"queries": n, "folds": len(rows)}
+    for key in rows[0]:
+        if key.endswith("_accuracy") or key in ("cheapest", "random", "best_single", "oracle"):
+            pooled[key] = sum(r[key] * r["queries"] for r in rows) / n
+        elif key.endswith(("_usd", "_seconds")):
+            pooled[key] = sum(r[key] for r in rows)
+        elif key.endswith("_within_budget"):
+            pooled[key] = all(r[key] for r in rows)
+        elif key.endswith("_gap"):
+            pooled[key] = max(r[key] for r in rows)
+        elif key.endswith("_kinds"):
+            pooled[key] = {k: sum(r[key].get(k, 0) for r in rows) for k in {k for r in rows for k in r[key]}}
+        elif key == "best_single_model":
+            pooled[key] = "/".join(sorted({r[key] for r in rows}))
+    return pooled
+
+
+def bench_split(
+    history: History, name: str, fractions: tuple[float, ...], predictor_name: str, storage: Storage, workdir: str
+) -> list[dict]:
+    """Train on the train split, then plan and replay the test split at every budget."""
+    settings = get_settings()
     queue = history.as_queue("test")
     started = time.perf_counter()
     trained = artifacts.train(history.split("train"), predictor=predictor_name, seed=settings.seed)
@@ -66,7 +118,7 @@ def bench_dataset(
             for b in baselines(queue["query_id"], truth, budget, reference, queue.select("query_id", "task"))
         }
         row = {
-            "dataset": directory.name,
+            "dataset": name,
             "queries": queue.height,
             "budget_pct": round(100 * fraction),
             "budget_usd": budget,
@@ -78,17 +130,17 @@ def bench_dataset(
             "oracle": base["oracle"]["accuracy"],
             "train_seconds": train_seconds,
         }
-        for name, candidates in variants.items():
+        for variant, candidates in variants.items():
             outcome = optimize(candidates, PlanRequest(budget_usd=budget))
-            out = f"{workdir}/{directory.name}-{name}-{fraction}"
+            out = f"{workdir}/{name}-{variant}-{fraction}"
             results = execute(outcome.plan, queue, backend, budget_usd=budget, out_uri=out, storage=storage)
             spend = float(results["cost_usd"].sum())
             row |= {
-                f"{name}_accuracy": score_results(results, truth).select(pl.col("correct").mean()).item(),
-                f"{name}_spend_usd": spend,
-                f"{name}_within_budget": spend <= budget + 1e-12,
-                f"{name}_gap": outcome.solution.gap,
-                f"{name}_kinds": dict(outcome.plan.group_by("kind").len().iter_rows()),
+                f"{variant}_accuracy": score_results(results, truth).select(pl.col("correct").mean()).item(),
+                f"{variant}_spend_usd": spend,
+                f"{variant}_within_budget": spend <= budget + 1e-12,
+                f"{variant}_gap": outcome.solution.gap,
+                f"{variant}_kinds": dict(outcome.plan.group_by("kind").len().iter_rows()),
             }
         rows.append(row)
     return rows
@@ -106,6 +158,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datasets", default=None, help="comma-separated names (default: every data set found)")
     parser.add_argument("--fractions", default=",".join(str(f) for f in FRACTIONS))
     parser.add_argument("--predictor", default="lightgbm")
+    parser.add_argument(
+        "--cv-folds",
+        type=int,
+        default=CV_FOLDS,
+        help="folds for data sets without a test split (cascades); 0 = one hold-out of holdout_fraction",
+    )
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
     parser.add_argument("--verbose", action="store_true", help="log every stage (to stderr)")
     args = parser.parse_args(argv)
@@ -127,7 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict] = []
     with tempfile.TemporaryDirectory() as workdir:
         for directory in found:
-            rows.extend(bench_dataset(directory, fractions, args.predictor, storage, workdir))
+            rows.extend(bench_dataset(directory, fractions, args.predictor, storage, workdir, args.cv_folds))
     table = pl.DataFrame([{k: v for k, v in r.items() if not k.endswith("_kinds")} for r in rows])
     columns = ("singles_accuracy", "all_accuracy", "cheapest", "random", "best_single", "oracle")
     percents = [(pl.col(c) * 100).round(1).alias(c.removesuffix("_accuracy") + "_%") for c in columns]
