@@ -141,7 +141,7 @@ def with_holdout(history: History, fraction: float = 0.3, seed: int = 0, start: 
             pl.when(
                 ~pl.col("has_test")
                 & (pl.col("split") == "train")
-                & bucket.is_between(start, start + fraction, closed="left")
+                & bucket.is_between(start, round(start + fraction, 9), closed="left")
             )
             .then(pl.lit("test"))
             .otherwise(pl.col("split"))

@@ -27,14 +27,18 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(z, -40, 40)))
 
 
-def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2, iters: int = 50) -> np.ndarray:
-    """Newton's method on the L2-penalised log-loss; ``x`` carries its own intercept column."""
-    w = np.zeros(x.shape[1])
+def fit_logistic(
+    x: np.ndarray, y: np.ndarray, l2: float = 1e-2, iters: int = 50, prior: np.ndarray | None = None
+) -> np.ndarray:
+    """Newton's method on the log-loss with an L2 pull of the weights towards ``prior`` (default 0); ``x``
+    carries its own intercept column, which is not pulled."""
+    w0 = np.zeros(x.shape[1]) if prior is None else np.asarray(prior, dtype=float)
+    w = w0.copy()
     eye = np.eye(x.shape[1])
     eye[0, 0] = 0.0  # the intercept is not shrunk
     for _ in range(iters):
         p = sigmoid(x @ w)
-        grad = x.T @ (p - y) + l2 * eye @ w
+        grad = x.T @ (p - y) + l2 * eye @ (w - w0)
         hess = (x * (p * (1 - p))[:, None]).T @ x + l2 * eye + 1e-9 * np.eye(x.shape[1])
         step = np.linalg.solve(hess, grad)
         w -= step
@@ -74,15 +78,48 @@ def structural_estimates(kind: str, p: np.ndarray, n_labels: int) -> tuple[np.nd
     raise ValueError(f"no structural estimate for {kind!r}")
 
 
-def template_features(kind: str, p_members: np.ndarray, n_labels: int) -> tuple[np.ndarray, np.ndarray | None]:
-    """Design matrices for (success, reaching the last member) of a template from members' P(correct)."""
+def structural_feature(kind: str, p: np.ndarray, n_labels: int) -> np.ndarray:
+    """logit of a plan's accuracy as its structure suggests from members' P(correct) ``p`` [n, k]: votes and
+    agreement cascades as if members erred independently given the query; a logprob cascade as its most
+    accurate member (it answers mostly with that member, and its early exits are confident ones)."""
     if kind in ("vote", "agreement"):
-        correct, escalate = structural_estimates(kind, p_members, n_labels)
-        ones = np.ones(len(p_members))
-        reach = None if escalate is None else np.column_stack([ones, logit(escalate)])
-        return np.column_stack([ones, logit(correct)]), reach
-    x = design(p_members)
-    return x, x
+        return logit(structural_estimates(kind, p, n_labels)[0])
+    return logit(p.max(axis=1))
+
+
+def reach_design(kind: str, p: np.ndarray, n_labels: int) -> np.ndarray | None:
+    """Design matrix for P(reaching a later member): the escalation chance for an agreement cascade, the
+    members' logits for a logprob cascade; None for a vote (every member is called)."""
+    if kind == "vote":
+        return None
+    if kind == "agreement":
+        escalate = structural_estimates(kind, p, n_labels)[1]
+        assert escalate is not None
+        return np.column_stack([np.ones(len(p)), logit(escalate)])
+    return design(p)
+
+
+def fit_offset(z: np.ndarray, y: np.ndarray, iters: int = 50) -> float:
+    """The intercept b of P(y) = sigmoid(z + b), by Newton's method."""
+    b = 0.0
+    for _ in range(iters):
+        q = sigmoid(z + b)
+        step = float((q - y).sum() / max((q * (1 - q)).sum(), 1e-9))
+        b -= step
+        if abs(step) < 1e-10:
+            break
+    return b
+
+
+def correct_design(calibration: str, kind: str, p: np.ndarray, n_labels: int) -> np.ndarray:
+    """Design matrix for a template's P(correct). Fitted templates use "offset": [1, structural_feature]
+    with the slope held at 1 and only the intercept fitted (``fit_offset``), so per-query estimates keep the
+    spread of the members' calibrated predictions and cannot overfit a few hundred replayed queries (free
+    logistic slopes on the members' logits did, and cost 1-2 points of realized accuracy on ``cascades``).
+    "logistic" reads templates stored by earlier versions: for a cascade, a logistic on the members' logits."""
+    if calibration == "logistic" and kind == "cascade":
+        return design(p)
+    return np.column_stack([np.ones(len(p)), structural_feature(kind, p, n_labels)])
 
 
 @dataclass
@@ -91,13 +128,14 @@ class Template:
     kind: str
     models: list[str]
     thresholds: list[float]
-    coef_correct: list[float]
+    coef_correct: list[float]  # on correct_design(calibration, ...)
     coef_reach: list[list[float]]  # per member after the first: P(that member is called), on the reach design
     train_accuracy: float
     train_cost_usd: float
     train_queries: int
     error_by_label: dict[str, float]
     n_labels: int = 2
+    calibration: str = "logistic"  # see correct_design; absent in templates stored before "offset"
 
     @property
     def standard_error(self) -> float:
@@ -113,8 +151,9 @@ class Template:
 def fit_template(spec: PlanSpec, sim: Simulated, rec: Recorded, p: np.ndarray, rows: np.ndarray) -> Template:
     """Calibrate one template's estimates on the given training rows (members' out-of-fold P(correct))."""
     cols = [rec.column(m) for m in spec.models]
-    x, x_reach = template_features(spec.kind, p[rows][:, cols], len(rec.labels))
-    coef_correct = fit_logistic(x, sim.correct[rows].astype(float))
+    members = p[rows][:, cols]
+    offset = fit_offset(structural_feature(spec.kind, members, len(rec.labels)), sim.correct[rows].astype(float))
+    x_reach = reach_design(spec.kind, members, len(rec.labels))
     coef_reach: list[list[float]] = []
     if spec.kind == "agreement" and x_reach is not None:
         coef_reach = [[1.0, 0.0], fit_logistic(x_reach, sim.reached[rows, 2].astype(float)).tolist()]
@@ -125,13 +164,14 @@ def fit_template(spec: PlanSpec, sim: Simulated, rec: Recorded, p: np.ndarray, r
         kind=spec.kind,
         models=list(spec.models),
         thresholds=list(spec.thresholds),
-        coef_correct=coef_correct.tolist(),
+        coef_correct=[offset, 1.0],
         coef_reach=coef_reach,
         train_accuracy=float(sim.correct[rows].mean()),
         train_cost_usd=float(sim.cost[rows].mean()),
         train_queries=int(rows.sum()),
         error_by_label=error_by_label(sim, rec),
         n_labels=len(rec.labels),
+        calibration="offset",
     )
 
 
@@ -140,8 +180,9 @@ def estimate(template: Template, p_members: np.ndarray) -> tuple[np.ndarray, np.
 
     Accuracy is scored one standard error (of the template's training accuracy) low: choosing the best of
     many noisy estimates picks their errors too (the optimizer's curse)."""
-    x, x_reach = template_features(template.kind, p_members, template.n_labels)
+    x = correct_design(template.calibration, template.kind, p_members, template.n_labels)
     accuracy = sigmoid(x @ np.asarray(template.coef_correct)) - template.standard_error
+    x_reach = reach_design(template.kind, p_members, template.n_labels)
     called = np.ones_like(p_members)
     if x_reach is not None:
         for step, coef in enumerate(template.coef_reach, start=1):

@@ -13,7 +13,9 @@ Fitting, per task with a label set, on a training history:
 5. Per kept template, a per-query estimate from the members' P(correct), calibrated on the replayed
    outcomes with out-of-fold member predictions (``plan_estimates``), so the correlation between members'
    errors is in the numbers, not assumed away.
-6. Offer a task's templates only if they improve budgeted planning on held-out folds by a clear margin.
+6. Offer a task's templates only at the budgets (shares of its best single model's cost) where they improve
+   budgeted planning on held-out folds by a clear margin: cheap cascades can win at tight budgets and lose
+   to the best single model at loose ones.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from batchplan.plan_simulation import PlanSpec, Recorded, Simulated, error_by_la
 
 CASCADE_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 MIN_GAIN = 0.0025  # held-out accuracy gain (0.25 points) templates must show before a task offers them
+VALIDATION_BUDGETS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)  # shares of the best single model's cost
 
 
 @dataclass
@@ -48,6 +51,19 @@ class PlanTemplates:
 
     def for_task(self, task: str) -> list[Template]:
         return [t for t in self.templates if t.task == task]
+
+    def offered(self, task: str, budget_share: float | None) -> bool:
+        """Whether a task's templates are offered at a budget of ``budget_share`` x its best single model's
+        cost: where held-out validation showed a clear gain at the validated shares on both sides of it
+        (beyond the grid, the nearest). Any budget (``None``), or templates fitted without validation: yes."""
+        check = self.validation.get(task)
+        if budget_share is None or not check or "offered_budgets" not in check:
+            return True
+        grid = sorted(float(f) for f in check["gain_by_budget"])
+        below = [f for f in grid if f <= budget_share]
+        above = [f for f in grid if f >= budget_share]
+        sides = {below[-1] if below else grid[0], above[0] if above else grid[-1]}
+        return all(f in check["offered_budgets"] for f in sides)
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -145,17 +161,23 @@ def hull_gap(costs: np.ndarray, accs: np.ndarray, hull_c: np.ndarray, hull_a: np
 def _select(
     specs: list[PlanSpec], sims: dict[PlanSpec, Simulated], fold: np.ndarray, folds: int, slack: float
 ) -> list[PlanSpec]:
-    """Templates near the (cost, accuracy) hull on every fold on its own, closest first: one that only looked
-    good by chance on these rows (and would be over-estimated) is not kept."""
+    """Templates near the (cost, accuracy) hull, closest first by their mean distance below it over the
+    cross-fitting folds (each fold's hull drawn on its own rows, so one lucky fold does not carry a
+    template); of templates that replay identically (a threshold no answer falls between), the first."""
     gaps = np.zeros(len(specs))
     for f in range(folds):
         rows = fold == f
         costs = np.array([sims[s].cost[sims[s].covered & rows].mean() for s in specs])
         accs = np.array([sims[s].correct[sims[s].covered & rows].mean() for s in specs])
         hull_c, hull_a = upper_hull(costs, accs)
-        gaps = np.maximum(gaps, hull_gap(costs, accs, hull_c, hull_a))
-    ranked = sorted((g, i) for i, g in enumerate(gaps) if specs[i].kind != "single" and g <= slack)
-    return [specs[i] for _, i in ranked]
+        gaps += hull_gap(costs, accs, hull_c, hull_a) / folds
+    chosen, seen = [], set()
+    for i in sorted((i for i, g in enumerate(gaps) if specs[i].kind != "single" and g <= slack), key=gaps.__getitem__):
+        behaviour = (sims[specs[i]].answer.tobytes(), sims[specs[i]].reached.tobytes())
+        if behaviour not in seen:
+            seen.add(behaviour)
+            chosen.append(specs[i])
+    return chosen
 
 
 def _planned_accuracy(
@@ -214,17 +236,17 @@ def _templates_help(
     fold: np.ndarray,
     folds: int,
     fractions: tuple[float, ...],
-) -> tuple[bool, float]:
+) -> dict[float, list[float]]:
     """Held-out check that offering templates improves budgeted planning for this task: per fold, templates
     calibrated on the other folds, plans at several budgets (shares of the best single model's cost) with
-    and without them, outcomes replayed. Returns (helps, mean accuracy gain)."""
+    and without them, outcomes replayed. Returns the accuracy gains per budget share, one per fold."""
     usable = (
         np.isfinite(p).all(axis=1)
         & np.isfinite(c).all(axis=1)
         & np.all([sims[s].covered for s in singles + kept], axis=0)
     )
     best = max(singles, key=lambda s: sims[s].correct[usable].mean())
-    gains = []
+    gains: dict[float, list[float]] = {fraction: [] for fraction in fractions}
     for f in range(folds):
         train_rows, test_rows = usable & (fold != f), usable & (fold == f)
         if test_rows.sum() < 20 or train_rows.sum() < 30:
@@ -236,12 +258,13 @@ def _templates_help(
             with_templates = _planned_accuracy(test_rows, singles, templates, sims, rec, p, c, budget)
             without = _planned_accuracy(test_rows, singles, [], sims, rec, p, c, budget)
             if with_templates is not None and without is not None:
-                gains.append(with_templates - without)
-    if not gains:
-        return False, 0.0
-    # A clear win, not noise: a mean gain of at least MIN_GAIN and a gain in most (fold, budget) cells.
-    mean_gain = float(np.mean(gains))
-    return mean_gain >= MIN_GAIN and float(np.mean(np.array(gains) > 0)) > 0.5, mean_gain
+                gains[fraction].append(with_templates - without)
+    return gains
+
+
+def clear_gain(gains: list[float]) -> bool:
+    """A win, not noise: a mean held-out gain of at least MIN_GAIN, and a gain on most folds."""
+    return bool(gains) and float(np.mean(gains)) >= MIN_GAIN and float(np.mean(np.array(gains) > 0)) > 0.5
 
 
 def fit_plan_templates(
@@ -250,15 +273,16 @@ def fit_plan_templates(
     *,
     folds: int = 2,
     seed: int = 0,
-    max_per_task: int = 8,
-    slack: float = 0.005,
+    max_per_task: int = 12,
+    slack: float = 0.02,
     min_coverage: float = 0.95,
     validate: bool = True,
-    validation_budgets: tuple[float, ...] = (0.1, 0.3, 0.5, 0.8),
+    validation_budgets: tuple[float, ...] = VALIDATION_BUDGETS,
 ) -> PlanTemplates:
     """Fit templates on ``history`` (its train rows); ``train`` builds a predictor from a history.
 
-    With ``validate``, a task keeps its templates only if they improve held-out budgeted planning."""
+    With ``validate``, a task keeps its templates only if they improve held-out budgeted planning at some
+    budget, and records at which budgets they do (``PlanTemplates.offered``)."""
     oof = cross_fit_predictions(history, train, folds=folds, seed=seed)
     result = PlanTemplates()
     for task, rec in recorded_by_task(history).items():
@@ -284,15 +308,17 @@ def fit_plan_templates(
                 kept.append(spec)
             if len(kept) == max_per_task:
                 break
-        helps, gain = (True, float("nan"))
         if validate and kept:
-            helps, gain = _templates_help(rec, singles, kept, sims, p, c, fold, folds, validation_budgets)
-        result.validation[task] = {
-            "templates_offered": bool(helps and kept),
-            "held_out_gain": gain,
-            "candidates": len(kept),
-        }
-        if not (helps and kept):
+            gains = _templates_help(rec, singles, kept, sims, p, c, fold, folds, validation_budgets)
+            offered = [fraction for fraction, g in gains.items() if clear_gain(g)]
+            result.validation[task] = {
+                "candidates": len(kept),
+                "gain_by_budget": {str(f): float(np.mean(g)) if g else None for f, g in gains.items()},
+                "offered_budgets": offered,
+            }
+            if not offered:
+                continue
+        if not kept:
             continue
         for spec in kept:
             rows = sims[spec].covered & np.isfinite(p[:, [rec.column(m) for m in spec.models]]).all(axis=1)

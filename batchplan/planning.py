@@ -240,9 +240,39 @@ def aggregate_label_error_columns(
     return Candidates(plans=plans, queries=candidates.queries), columns
 
 
+def budget_share(candidates: Candidates, budget_usd: float) -> float:
+    """The budget as a share of what sending every query to its task's best single model would cost (best =
+    highest mean predicted accuracy on the batch): the scale ``PlanTemplates.offered`` was validated on."""
+    reference = float(
+        candidates.plans.filter(pl.col("kind") == "single")
+        .join(candidates.queries.select("query", "task"), on="query")
+        .group_by("task", pl.col("models").list.first().alias("model"))
+        .agg(pl.col("expected_accuracy").mean().alias("accuracy"), pl.col("expected_cost_usd").sum().alias("cost"))
+        .group_by("task")
+        .agg(pl.col("cost").sort_by("accuracy", descending=True).first())["cost"]
+        .sum()
+    )
+    return budget_usd / reference if reference > 0 else float("inf")
+
+
+def offer_templates(candidates: Candidates, templates: PlanTemplates, budget_usd: float | None) -> Candidates:
+    """Keep a task's votes and cascades only at budgets where held-out validation showed them helping."""
+    share = None if budget_usd is None else budget_share(candidates, budget_usd)
+    tasks = candidates.queries["task"].unique().to_list()
+    withheld = [task for task in tasks if not templates.offered(task, share)]
+    if not withheld:
+        return candidates
+    plans = candidates.plans.join(candidates.queries.select("query", "task"), on="query").filter(
+        (pl.col("kind") == "single") | ~pl.col("task").is_in(withheld)
+    )
+    return Candidates(plans=plans.drop("task"), queries=candidates.queries)
+
+
 def plan_batch(candidates: Candidates, request: PlanRequest, templates: PlanTemplates | None = None) -> PlanOutcome:
     """Choose one candidate (or deferral) per query for the whole batch at once."""
     candidates = restrict_allowed(candidates, request.allowed_models)
+    if templates is not None:
+        candidates = offer_templates(candidates, templates, request.budget_usd)
     label_columns: list[str] = []
     if request.label_error_max:
         errors = label_errors(candidates, templates or PlanTemplates(), request.label_error_max)

@@ -131,7 +131,7 @@ def bench_split(
             "train_seconds": train_seconds,
         }
         for variant, candidates in variants.items():
-            outcome = optimize(candidates, PlanRequest(budget_usd=budget))
+            outcome = optimize(candidates, PlanRequest(budget_usd=budget), trained.templates)
             out = f"{workdir}/{name}-{variant}-{fraction}"
             results = execute(outcome.plan, queue, backend, budget_usd=budget, out_uri=out, storage=storage)
             spend = float(results["cost_usd"].sum())

@@ -13,10 +13,10 @@ import pytest
 from batchplan.candidates import single_model_candidates, template_candidates
 from batchplan.contracts import HISTORY_QUERIES_SCHEMA, MODELS_SCHEMA, OUTCOMES_SCHEMA
 from batchplan.history import History
-from batchplan.plan_estimates import Template
+from batchplan.plan_estimates import Template, fit_offset, sigmoid
 from batchplan.plan_simulation import PlanSpec, error_by_label, recorded_by_task, simulate
 from batchplan.plan_templates import PlanTemplates, fit_plan_templates, upper_hull
-from batchplan.planning import PlanRequest, plan_batch
+from batchplan.planning import PlanRequest, budget_share, offer_templates, plan_batch
 from batchplan.report import Truth, score_results
 from batchplan.storage import Storage
 from dispatchers import dispatch, get_backend
@@ -232,6 +232,54 @@ def test_candidate_cost_formulas() -> None:
         agreement - np.sqrt(0.8 * 0.2 / 10_000), abs=1e-6
     )
     assert candidates.plans["option"].to_list() == list(range(candidates.plans.height))
+
+
+def test_offset_calibration_recovers_a_known_shift() -> None:
+    rng = np.random.default_rng(3)
+    z = rng.normal(0.5, 1.2, 40_000)
+    y = (rng.random(z.size) < sigmoid(z + 0.7)).astype(float)
+    assert fit_offset(z, y) == pytest.approx(0.7, abs=0.05)
+
+
+def _validated(offered: list[float]) -> PlanTemplates:
+    grid = (0.1, 0.2, 0.3, 0.5, 1.0)
+    return PlanTemplates(
+        validation={"t": {"gain_by_budget": {str(f): 0.01 if f in offered else -0.01 for f in grid},
+                          "offered_budgets": offered}}
+    )  # fmt: skip
+
+
+def test_templates_are_offered_only_between_validated_budgets() -> None:
+    templates = _validated([0.1, 0.2])
+    assert templates.offered("t", 0.15)
+    assert templates.offered("t", 0.05)  # below the grid: its first point decides
+    assert not templates.offered("t", 0.25)  # 0.3 did not pass
+    assert not templates.offered("t", 3.0)  # beyond the grid: its last point decides
+    assert templates.offered("t", None)  # no budget (minimum cost for a target): no reason to withhold
+    assert templates.offered("other task", 0.25)  # fitted without validation
+
+
+def test_budget_share_and_withheld_templates() -> None:
+    queue = pl.DataFrame({"query_id": ["q1", "q2"], "tenant": "x", "task": "t", "priority": 1.0})
+    predictions = pl.DataFrame(
+        {
+            "query_id": ["q1"] * 3 + ["q2"] * 3,
+            "model": ["a", "b", "c"] * 2,
+            "p_correct": [0.6, 0.7, 0.9] * 2,
+            "cost_usd": [1.0, 2.0, 10.0, 1.0, 2.0, 30.0],
+            "cost_high_usd": [2.0, 3.0, 15.0, 2.0, 3.0, 40.0],
+        }
+    )
+    vote = Template("t", "vote", ["a", "b", "c"], [], [0.0, 1.0], [], 0.8, 5.0, 10_000, {}, n_labels=3)
+    templates = _validated([0.1, 0.2])
+    templates.templates = [vote]
+    candidates = template_candidates(single_model_candidates(queue, predictions), predictions, templates)
+    assert budget_share(candidates, 8.0) == pytest.approx(0.2)  # best single model: c, 40 for both
+    kept = offer_templates(candidates, templates, 6.0)
+    assert set(kept.plans["kind"]) == {"single", "vote"}
+    withheld = offer_templates(candidates, templates, 12.0)
+    assert set(withheld.plans["kind"]) == {"single"}
+    assert withheld.plans.columns == candidates.plans.columns
 
 
 def test_upper_hull() -> None:
