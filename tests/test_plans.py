@@ -183,17 +183,23 @@ def test_cascade_accuracy_and_cost_match_the_formula() -> None:
 # ------------------------------------------------------------------ candidates and hull
 
 
-def test_candidate_cost_formulas() -> None:
+def two_queries(cost: list[float], cost_high: list[float]) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """A queue of two queries of task "t" and predictions for models a, b, c (P(correct) 0.6, 0.7, 0.9)."""
     queue = pl.DataFrame({"query_id": ["q1", "q2"], "tenant": "x", "task": "t", "priority": 1.0})
     predictions = pl.DataFrame(
         {
             "query_id": ["q1"] * 3 + ["q2"] * 3,
             "model": ["a", "b", "c"] * 2,
             "p_correct": [0.6, 0.7, 0.9] * 2,
-            "cost_usd": [1.0, 2.0, 10.0, 1.5, 2.5, 12.0],
-            "cost_high_usd": [2.0, 3.0, 15.0, 2.0, 3.0, 20.0],
+            "cost_usd": cost,
+            "cost_high_usd": cost_high,
         }
     )
+    return queue, predictions
+
+
+def test_candidate_cost_formulas() -> None:
+    queue, predictions = two_queries([1.0, 2.0, 10.0, 1.5, 2.5, 12.0], [2.0, 3.0, 15.0, 2.0, 3.0, 20.0])
     identity = [0.0, 1.0]  # calibration that leaves the structural estimate as it is
     templates = PlanTemplates(
         templates=[
@@ -260,16 +266,7 @@ def test_templates_are_offered_only_between_validated_budgets() -> None:
 
 
 def test_budget_share_and_withheld_templates() -> None:
-    queue = pl.DataFrame({"query_id": ["q1", "q2"], "tenant": "x", "task": "t", "priority": 1.0})
-    predictions = pl.DataFrame(
-        {
-            "query_id": ["q1"] * 3 + ["q2"] * 3,
-            "model": ["a", "b", "c"] * 2,
-            "p_correct": [0.6, 0.7, 0.9] * 2,
-            "cost_usd": [1.0, 2.0, 10.0, 1.0, 2.0, 30.0],
-            "cost_high_usd": [2.0, 3.0, 15.0, 2.0, 3.0, 40.0],
-        }
-    )
+    queue, predictions = two_queries([1.0, 2.0, 10.0, 1.0, 2.0, 30.0], [2.0, 3.0, 15.0, 2.0, 3.0, 40.0])
     vote = Template("t", "vote", ["a", "b", "c"], [], [0.0, 1.0], [], 0.8, 5.0, 10_000, {}, n_labels=3)
     templates = _validated([0.1, 0.2])
     templates.templates = [vote]
