@@ -21,7 +21,8 @@ from typing import Any
 import pendulum
 from airflow.sdk import Asset, Param, dag, task
 
-from batchplan import airflow_support as bp
+from batchplan.dag_tasks import backfill, common, stages
+from batchplan.layout import run_key
 
 RESULTS = Asset(name="batchplan_results", uri="batchplan://results")
 OUTCOMES = Asset(name="batchplan_outcomes", uri="batchplan://outcomes")
@@ -48,31 +49,35 @@ OUTCOMES = Asset(name="batchplan_outcomes", uri="batchplan://outcomes")
 def batchplan_backfill() -> None:
     @task
     def claim(params: Any = None) -> dict[str, Any]:
-        days = bp.backfill_days(params["start_date"], params["end_date"])
-        run = bp.run_key("backfill", days[0], days[-1])
-        storage, lay = bp.storage_from_connection(), bp.layout()
+        days = backfill.backfill_days(params["start_date"], params["end_date"])
+        run = run_key("backfill", days[0], days[-1])
+        storage, lay = common.storage_from_connection(), common.layout()
         # The owner is the range, not the Airflow run: triggering the same range again resumes it.
-        claimed = bp.claim_days(storage, lay, days, owner=f"batchplan_backfill/{run}")
+        claimed = backfill.claim_days(storage, lay, days, owner=f"batchplan_backfill/{run}")
         return {"run": run} | claimed
 
     @task
     def ingest(info: dict[str, Any]) -> dict[str, Any]:
-        storage, lay = bp.storage_from_connection(), bp.layout()
+        storage, lay = common.storage_from_connection(), common.layout()
         sources = [(d, lay.queue(d)) for d in info["days"]]
-        return info | bp.ingest_stage(storage, lay, info["run"], sources)
+        return info | stages.ingest_stage(storage, lay, info["run"], sources)
 
     @task
     def predict(info: dict[str, Any], params: Any = None) -> dict[str, Any]:
-        return info | bp.predict_stage(bp.storage_from_connection(), bp.layout(), info["run"], params["backend"])
+        return info | stages.predict_stage(
+            common.storage_from_connection(), common.layout(), info["run"], params["backend"]
+        )
 
     @task
     def plan(info: dict[str, Any], params: Any = None) -> list[dict[str, Any]]:
-        run_params = bp.RunParams.from_params(params)
-        return bp.plan_stage(bp.storage_from_connection(), bp.layout(), info["run"], run_params, group_by="day")
+        run_params = common.RunParams.from_params(params)
+        return stages.plan_stage(
+            common.storage_from_connection(), common.layout(), info["run"], run_params, group_by="day"
+        )
 
     @task(max_active_tis_per_dagrun=1, retries=3)
     def dispatch_day(shard: dict[str, Any], params: Any = None) -> dict[str, Any]:
-        return bp.dispatch_shard(bp.storage_from_connection(), bp.layout(), shard, params["backend"])
+        return stages.dispatch_shard(common.storage_from_connection(), common.layout(), shard, params["backend"])
 
     @task(outlets=[RESULTS, OUTCOMES])
     def merge(
@@ -82,13 +87,15 @@ def batchplan_backfill() -> None:
             print(
                 f"{summary['group']}: ${summary['spend_usd']:.4f} of ${summary['budget_usd']:.4f} share, {summary['status']}"
             )
-        return bp.merge_stage(bp.storage_from_connection(), bp.layout(), info["run"], days, params["backend"])
+        return stages.merge_stage(
+            common.storage_from_connection(), common.layout(), info["run"], days, params["backend"]
+        )
 
     @task
     def report(info: dict[str, Any], merged: dict[str, Any], params: Any = None, dag_run: Any = None) -> dict[str, Any]:
-        storage, lay = bp.storage_from_connection(), bp.layout()
-        out = bp.report_stage(storage, lay, info["run"], params["backend"], run_id=dag_run.run_id)
-        bp.index_report(storage, lay, dag_run.dag_id, dag_run.run_id, info["run"])
+        storage, lay = common.storage_from_connection(), common.layout()
+        out = stages.report_stage(storage, lay, info["run"], params["backend"], run_id=dag_run.run_id)
+        stages.index_report(storage, lay, dag_run.dag_id, dag_run.run_id, info["run"])
         print(f"batchplan report: {out['summary']}\nskipped days: {info['skipped']}\nHTML: {out['paths']['html']}")
         return out
 

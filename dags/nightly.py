@@ -25,14 +25,15 @@ import pendulum
 from airflow.providers.amazon.aws.sensors.s3 import S3KeySensor
 from airflow.sdk import Asset, Param, dag, task
 
-from batchplan import airflow_support as bp
+from batchplan.dag_tasks import common, stages
+from batchplan.layout import run_key
 
 RESULTS = Asset(name="batchplan_results", uri="batchplan://results")
 OUTCOMES = Asset(name="batchplan_outcomes", uri="batchplan://outcomes")
 
 
 def _sensor_key(params: dict[str, Any], logical_date: Any) -> str:
-    return bp.sensor_key(bp.layout(), params, logical_date)
+    return common.sensor_key(common.layout(), params, logical_date)
 
 
 @dag(
@@ -65,10 +66,10 @@ def _sensor_key(params: dict[str, Any], logical_date: Any) -> str:
         ),
         "backend": Param("replay", enum=["replay", "openai", "bedrock"], description="Dispatcher backend."),
         "max_shards": Param(
-            bp.MAX_SHARDS,
+            common.MAX_SHARDS,
             type="integer",
             minimum=1,
-            maximum=bp.MAX_SHARDS,
+            maximum=common.MAX_SHARDS,
             description="Upper bound on parallel dispatch tasks.",
         ),
     },
@@ -78,7 +79,7 @@ def batchplan_nightly() -> None:
         task_id="wait_for_queue",
         bucket_key="{{ batchplan_sensor_key(params, logical_date) }}",
         wildcard_match=True,
-        aws_conn_id=bp.CONN_ID,
+        aws_conn_id=common.CONN_ID,
         mode="reschedule",
         poke_interval=300,
         timeout=timedelta(hours=8).total_seconds(),
@@ -88,33 +89,37 @@ def batchplan_nightly() -> None:
     def ingest(params: Any = None, dag_run: Any = None, logical_date: Any = None) -> dict[str, Any]:
         from airflow.sdk.exceptions import AirflowSkipException
 
-        storage, lay = bp.storage_from_connection(), bp.layout()
-        day = bp.queue_day(params, logical_date)
-        run = bp.run_key("nightly", day)
+        storage, lay = common.storage_from_connection(), common.layout()
+        day = common.queue_day(params, logical_date)
+        run = run_key("nightly", day)
         try:
-            bp.claim_queue(storage, lay, day, owner=f"{dag_run.dag_id}/{dag_run.run_id}")
-        except bp.QueueClaimed as error:
+            common.claim_queue(storage, lay, day, owner=f"{dag_run.dag_id}/{dag_run.run_id}")
+        except common.QueueClaimed as error:
             raise AirflowSkipException(str(error)) from error
-        return {"run": run, "day": day} | bp.ingest_stage(storage, lay, run, bp.queue_uri(lay, params, day))
+        return {"run": run, "day": day} | stages.ingest_stage(storage, lay, run, common.queue_uri(lay, params, day))
 
     @task
     def predict(info: dict[str, Any], params: Any = None) -> dict[str, Any]:
-        return info | bp.predict_stage(bp.storage_from_connection(), bp.layout(), info["run"], params["backend"])
+        return info | stages.predict_stage(
+            common.storage_from_connection(), common.layout(), info["run"], params["backend"]
+        )
 
     @task
     def plan(info: dict[str, Any], params: Any = None) -> list[dict[str, Any]]:
-        run_params = bp.RunParams.from_params(params)
-        return bp.plan_stage(bp.storage_from_connection(), bp.layout(), info["run"], run_params)
+        run_params = common.RunParams.from_params(params)
+        return stages.plan_stage(common.storage_from_connection(), common.layout(), info["run"], run_params)
 
     @task(max_active_tis_per_dagrun=8, retries=3)
     def dispatch(shard: dict[str, Any], params: Any = None) -> dict[str, Any]:
-        return bp.dispatch_shard(bp.storage_from_connection(), bp.layout(), shard, params["backend"])
+        return stages.dispatch_shard(common.storage_from_connection(), common.layout(), shard, params["backend"])
 
     @task(outlets=[RESULTS, OUTCOMES])
     def merge(
         info: dict[str, Any], shards: list[dict[str, Any]], done: list[dict[str, Any]], params: Any = None
     ) -> dict[str, Any]:
-        manifest = bp.merge_stage(bp.storage_from_connection(), bp.layout(), info["run"], shards, params["backend"])
+        manifest = stages.merge_stage(
+            common.storage_from_connection(), common.layout(), info["run"], shards, params["backend"]
+        )
         print(
             f"batchplan {info['run']}: {len(list(done))} shards, spend ${manifest['spend_usd']:.4f} of budget {manifest['budget_usd']}"
         )
@@ -122,10 +127,12 @@ def batchplan_nightly() -> None:
 
     @task
     def report(info: dict[str, Any], merged: dict[str, Any], params: Any = None, dag_run: Any = None) -> dict[str, Any]:
-        out = bp.report_stage(
-            bp.storage_from_connection(), bp.layout(), info["run"], params["backend"], run_id=dag_run.run_id
+        out = stages.report_stage(
+            common.storage_from_connection(), common.layout(), info["run"], params["backend"], run_id=dag_run.run_id
         )
-        bp.index_report(bp.storage_from_connection(), bp.layout(), dag_run.dag_id, dag_run.run_id, info["run"])
+        stages.index_report(
+            common.storage_from_connection(), common.layout(), dag_run.dag_id, dag_run.run_id, info["run"]
+        )
         print(f"batchplan report: {out['summary']}\nHTML: {out['paths']['html']}")
         return out
 

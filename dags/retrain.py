@@ -16,7 +16,7 @@ from typing import Any
 import pendulum
 from airflow.sdk import Asset, Param, dag, task
 
-from batchplan import airflow_support as bp
+from batchplan.dag_tasks import common, retrain
 
 OUTCOMES = Asset(name="batchplan_outcomes", uri="batchplan://outcomes")
 
@@ -40,13 +40,13 @@ OUTCOMES = Asset(name="batchplan_outcomes", uri="batchplan://outcomes")
 def batchplan_retrain() -> None:
     @task
     def train(params: Any = None, dag_run: Any = None) -> dict[str, Any]:
-        version = bp.model_version(dag_run.run_after)
-        return bp.train_stage(bp.storage_from_connection(), bp.layout(), version, params["predictor"])
+        version = retrain.model_version(dag_run.run_after)
+        return retrain.train_stage(common.storage_from_connection(), common.layout(), version, params["predictor"])
 
     @task
     def evaluate_and_promote(candidate: dict[str, Any], params: Any = None) -> dict[str, Any]:
-        decision = bp.evaluate_and_promote(
-            bp.storage_from_connection(), bp.layout(), candidate["candidate"], float(params["min_gain"])
+        decision = retrain.evaluate_and_promote(
+            common.storage_from_connection(), common.layout(), candidate["candidate"], float(params["min_gain"])
         )
         print(f"batchplan retrain: {'PROMOTED' if decision['promoted'] else 'kept current'}: {decision['reason']}")
         return decision

@@ -25,7 +25,7 @@ from typing import Any
 import polars as pl
 import pytest
 
-from batchplan import airflow_support as bp
+from batchplan.dag_tasks import common, stages
 from batchplan.history import History
 from batchplan.layout import Layout
 from batchplan.storage import Storage
@@ -179,7 +179,7 @@ def test_dagbag_imports_without_errors_or_parse_time_io(
 
     monkeypatch.setattr(BaseHook, "get_connection", classmethod(forbidden))
     monkeypatch.setattr(Variable, "get", staticmethod(forbidden))
-    monkeypatch.setattr(bp, "storage_from_connection", forbidden)
+    monkeypatch.setattr(common, "storage_from_connection", forbidden)
     started = time.perf_counter()
     bag = DagBag(dag_folder=str(DAGS))
     parse_seconds = time.perf_counter() - started
@@ -201,7 +201,7 @@ def test_dag_shapes(dagbag: Any) -> None:
     dispatch = nightly.get_task("dispatch")
     assert dispatch.max_active_tis_per_dagrun is not None
     assert {a.name for a in nightly.get_task("merge").outlets} == {"batchplan_results", "batchplan_outcomes"}
-    assert nightly.params["max_shards"] <= bp.MAX_SHARDS
+    assert nightly.params["max_shards"] <= common.MAX_SHARDS
     backfill = dagbag.get_dag("batchplan_backfill")
     assert {"start_date", "end_date", "budget_usd"} <= set(backfill.params)
     assert backfill.get_task("dispatch_day").max_active_tis_per_dagrun == 1
@@ -212,12 +212,12 @@ def test_dag_shapes(dagbag: Any) -> None:
 def test_budget_shares_never_exceed_the_budget() -> None:
     for budget in (0.0, 1e-9, 0.3, 1.0, 7.123456789, 1e6):
         for weights in ([1.0], [0.0, 0.0, 0.0], [1.0, 2.0, 3.0], [1e-12, 5.0], [0.1] * 32):
-            shares = bp.budget_shares(weights, budget)
+            shares = stages.budget_shares(weights, budget)
             assert sum(s for s in shares if s is not None) <= budget
             assert all(s is not None and s >= 0 for s in shares)
-    assert bp.budget_shares([1.0, 1.0], None) == [None, None]
-    assert bp.shard_count(10_000_000) == bp.MAX_SHARDS
-    assert bp.shard_count(10) == 1
+    assert stages.budget_shares([1.0, 1.0], None) == [None, None]
+    assert stages.shard_count(10_000_000) == common.MAX_SHARDS
+    assert stages.shard_count(10) == 1
 
 
 # --------------------------------------------------------------------------------------------- the runs
@@ -271,7 +271,7 @@ def test_nightly_runs_the_queue_under_one_budget(
     assert quarantine["query_id"].to_list() == ["bad-1"]
     html = storage.read_text(lay.report_html(run))
     assert "batchplan report" in html
-    assert bp.report_html_for(storage, lay, "batchplan_nightly", dag_run.run_id) == html
+    assert stages.report_html_for(storage, lay, "batchplan_nightly", dag_run.run_id) == html
     assert storage.list(lay.outcomes(run))
     assert _paid_calls(storage, lay.results(run)) > 0
 
@@ -422,8 +422,8 @@ def test_claim_race_has_exactly_one_winner(s3_bucket: str, s3_storage: Storage) 
 
     def attempt(owner: str) -> str | None:
         try:
-            bp.claim_queue(s3_storage, lay, "2026-01-01", owner)
-        except bp.QueueClaimed:
+            common.claim_queue(s3_storage, lay, "2026-01-01", owner)
+        except common.QueueClaimed:
             return None
         return owner
 
@@ -443,7 +443,7 @@ def test_report_plugin_serves_a_runs_report(airflow_env: AirflowEnv) -> None:
         sys.path.pop(0)
     lay, storage = airflow_env.layout, airflow_env.storage
     storage.write_text(lay.report_html("nightly-2026-01-01"), "<html>batchplan report</html>")
-    bp.index_report(storage, lay, "batchplan_nightly", "scheduled__2026-01-01T02:00:00+00:00", "nightly-2026-01-01")
+    stages.index_report(storage, lay, "batchplan_nightly", "scheduled__2026-01-01T02:00:00+00:00", "nightly-2026-01-01")
     served = batchplan_reports.report("batchplan_nightly", "scheduled__2026-01-01T02:00:00+00:00")
     assert served.status_code == 200
     assert b"batchplan report" in served.body

@@ -27,9 +27,9 @@ app = FastAPI(title="batchplan reports")
     dependencies=[Depends(requires_access_dag(method="GET", access_entity=DagAccessEntity.RUN))],
 )
 def report(dag_id: str, run_id: str) -> HTMLResponse:
-    from batchplan import airflow_support as bp
+    from batchplan.dag_tasks import common, stages
 
-    html = bp.report_html_for(bp.storage_from_connection(), bp.layout(), dag_id, run_id)
+    html = stages.report_html_for(common.storage_from_connection(), common.layout(), dag_id, run_id)
     if html is None:
         raise HTTPException(status_code=404, detail=f"no batchplan report for {dag_id} / {run_id} (yet)")
     return HTMLResponse(html)

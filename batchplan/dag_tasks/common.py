@@ -1,0 +1,131 @@
+"""Shared by every DAG: the S3 connection -> Storage, the bucket layout, the validated DAG params, the
+queue's day and URIs, the day's claim (one DAG run per queue), the promoted model version."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from batchplan.contracts import ContractError
+from batchplan.layout import Layout, day
+from batchplan.storage import Storage
+
+log = structlog.get_logger("batchplan.airflow")
+
+CONN_ID = "batchplan_s3"
+MAX_SHARDS = 32
+
+
+class QueueClaimed(RuntimeError):
+    """Another DAG run already took this day's queue."""
+
+
+# ---------------------------------------------------------------------------------------------- storage
+def storage_from_connection(conn_id: str = CONN_ID) -> Storage:
+    """A Storage whose S3 calls use the Airflow AWS connection ``conn_id`` (endpoint, region, credentials).
+
+    Called inside tasks only, never at parse time."""
+    from airflow.providers.amazon.aws.hooks.s3 import S3Hook
+
+    client = S3Hook(aws_conn_id=conn_id).get_conn()
+    return Storage(s3_endpoint_url=client.meta.endpoint_url, s3_region=client.meta.region_name, s3_client=client)
+
+
+def layout() -> Layout:
+    return Layout.from_env()
+
+
+# ------------------------------------------------------------------------------------------- parameters
+@dataclass(frozen=True)
+class RunParams:
+    """The DAG params, validated: what the UI's trigger form edits."""
+
+    budget_usd: float | None
+    accuracy_target: float | None
+    allow_deferral: bool
+    backend: str = "replay"
+    max_shards: int = MAX_SHARDS
+
+    @classmethod
+    def from_params(cls, params: dict[str, Any]) -> RunParams:
+        budget = params.get("budget_usd")
+        target = params.get("accuracy_target")
+        shards = int(params.get("max_shards") or MAX_SHARDS)
+        if not 1 <= shards <= MAX_SHARDS:
+            raise ContractError(f"max_shards must be in [1, {MAX_SHARDS}], got {shards}")
+        return cls(
+            budget_usd=float(budget) if budget not in (None, "") else None,
+            accuracy_target=float(target) if target not in (None, "", 0) else None,
+            allow_deferral=bool(params.get("allow_deferral", True)),
+            backend=str(params.get("backend") or "replay"),
+            max_shards=shards,
+        )
+
+    def request(self) -> Any:
+        from batchplan.planning import PlanRequest
+
+        return PlanRequest(
+            budget_usd=self.budget_usd, accuracy_target=self.accuracy_target, allow_deferral=self.allow_deferral
+        )
+
+
+def queue_day(params: dict[str, Any], logical_date: Any) -> str:
+    """The queue's day: the ``queue_date`` param, else the run's logical date (UTC)."""
+    value = params.get("queue_date") or ""
+    if value:
+        return day(value)
+    if logical_date is None:
+        return datetime.now(UTC).date().isoformat()
+    return day(logical_date.date() if isinstance(logical_date, datetime) else logical_date)
+
+
+def queue_uri(lay: Layout, params: dict[str, Any], the_day: str) -> str:
+    """The ``queue_prefix`` param (a full URI, ``{date}`` filled in), else ``queue/<day>/`` of the layout."""
+    prefix = str(params.get("queue_prefix") or "")
+    if prefix:
+        return prefix.replace("{date}", the_day).rstrip("/") + "/"
+    return lay.queue(the_day)
+
+
+def sensor_key(lay: Layout, params: dict[str, Any], logical_date: Any) -> str:
+    """The S3KeySensor's wildcard key: any part under the day's queue prefix."""
+    return queue_uri(lay, params, queue_day(params, logical_date)) + "*"
+
+
+def history_dirs(data_dir: str | None = None) -> list[str]:
+    """The outcome histories the replay backend answers from (``BATCHPLAN_DATA_DIR``)."""
+    from batchplan.settings import Settings
+
+    root = Path(data_dir or Settings().data_dir)
+    dirs = sorted(str(p.parent) for p in root.glob("*/queries.parquet")) if root.is_dir() else []
+    if not dirs:
+        raise ContractError(f"no outcome histories under {root} (set BATCHPLAN_DATA_DIR)")
+    return dirs
+
+
+# ------------------------------------------------------------------------------------------------ claims
+def claim_queue(storage: Storage, lay: Layout, the_day: str, owner: str) -> bool:
+    """Take the day's queue for ``owner`` (``dag_id/run_id``). True if it is ours (new or a re-run of the
+    same owner); raises QueueClaimed if another run holds it."""
+    uri = lay.claim(the_day)
+    body = json.dumps({"owner": owner, "day": the_day, "claimed_at": datetime.now(UTC).isoformat()}).encode()
+    if storage.put_if_absent(uri, body):
+        log.info("claim.taken", day=the_day, owner=owner)
+        return True
+    holder = json.loads(storage.read_bytes(uri)).get("owner")
+    if holder == owner:
+        log.info("claim.resumed", day=the_day, owner=owner)
+        return True
+    raise QueueClaimed(f"queue {the_day} is claimed by {holder!r} ({uri}); this run ({owner}) leaves it alone")
+
+
+def current_model(storage: Storage, lay: Layout) -> str | None:
+    """The promoted model version (``models/CURRENT.json``), or None before the first promotion."""
+    if not storage.exists(lay.current_model()):
+        return None
+    return str(json.loads(storage.read_bytes(lay.current_model()))["version"])

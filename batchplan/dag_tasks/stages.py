@@ -1,0 +1,318 @@
+"""The stages the nightly and backfill DAGs run: ingest -> predict -> plan -> dispatch (per shard) -> merge
+-> report, and the report lookup the UI plugin uses.
+
+Idempotence, by construction:
+
+- a day's queue is *claimed* once (``common.claim_queue``: ``Storage.put_if_absent`` = S3 conditional
+  write) by one DAG run; a second run racing for the same day finds the claim and is skipped; the same run
+  re-running finds its own claim and resumes;
+- each stage writes its output under the run key (``nightly-<day>``) and a re-run reuses what is there
+  (queue snapshot, predictions, plan, shards) instead of recomputing it, so shards never move;
+- each shard dispatches into its own results folder, whose ledger (``dispatchers``) records every paid
+  call by (query_id, call): a re-run of the shard finds them and neither calls nor pays again;
+- the one global budget is split into shard budgets that sum to at most the budget (integer
+  nano-dollars, rounded down), and each shard's dispatcher enforces its share: the sum can never pass it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import polars as pl
+
+from batchplan.contracts import (
+    HISTORY_QUERIES_SCHEMA,
+    OUTCOMES_SCHEMA,
+    RESULT_SCHEMA,
+    RESULT_STATUSES,
+    ContractError,
+    conform,
+)
+from batchplan.dag_tasks.common import MAX_SHARDS, RunParams, current_model, history_dirs, log
+from batchplan.layout import Layout
+from batchplan.storage import Storage
+
+MIN_ROWS_PER_SHARD = 200
+NANO = 1_000_000_000
+
+
+def _exists_all(storage: Storage, *uris: str) -> bool:
+    return all(storage.exists(u) for u in uris)
+
+
+def ingest_stage(storage: Storage, lay: Layout, run: str, source: str | Sequence[tuple[str, str]]) -> dict[str, Any]:
+    """Validate the queue(s); quarantine bad rows; snapshot the valid ones to ``plans/<run>/queue.parquet``.
+
+    ``source`` is one queue URI, or (day, URI) pairs for a backfill (a ``day`` column is added). A re-run
+    reuses the snapshot: parts dropped after the first run do not change what this run planned."""
+    from batchplan.pipeline import ingest
+
+    snapshot = lay.plan_file(run, "queue.parquet")
+    if storage.exists(snapshot):
+        queue = storage.read_frame(snapshot)
+        return {"queue": snapshot, "queries": queue.height, "reused": True}
+    sources = [("", source)] if isinstance(source, str) else list(source)
+    frames, quarantined = [], 0
+    for the_day, uri in sources:
+        out = lay.quarantine(run) if not the_day else lay.quarantine(run) + the_day
+        got = ingest(uri, storage, out_uri=out)
+        quarantined += got.quarantine.height
+        frames.append(got.queue.with_columns(pl.lit(the_day).alias("day")) if the_day else got.queue)
+    queue = pl.concat(frames, how="diagonal_relaxed") if frames else pl.DataFrame()
+    duplicated = queue.filter(pl.col("query_id").is_duplicated())["query_id"].unique().to_list() if queue.height else []
+    if duplicated:
+        raise ContractError(f"query_id appears in more than one queue part/day: {duplicated[:5]}")
+    if queue.height == 0:
+        raise ContractError(f"no valid queries in {sources}: see {lay.quarantine(run)}")
+    storage.write_frame(queue, snapshot)
+    return {"queue": snapshot, "queries": queue.height, "quarantined": quarantined, "reused": False}
+
+
+def _backend(name: str, storage: Storage) -> Any:
+    from batchplan.pipeline import make_backend
+
+    return make_backend(name, storage=storage, replay_history=history_dirs() if name == "replay" else ())
+
+
+def predict_stage(storage: Storage, lay: Layout, run: str, backend: str) -> dict[str, Any]:
+    """P(correct) and cost per (query, model) with the promoted predictor; reused on a re-run."""
+    from batchplan import artifacts
+    from batchplan.pipeline import predict
+
+    out = lay.plan_file(run, "predictions.parquet")
+    if storage.exists(out):
+        return {"predictions": out, "reused": True}
+    version = current_model(storage, lay)
+    if version is None:
+        raise ContractError(f"no promoted predictor at {lay.current_model()}: run the batchplan_retrain DAG first")
+    queue = storage.read_frame(lay.plan_file(run, "queue.parquet"))
+    predictor = artifacts.load(storage, lay.models(), version=version).predictor
+    predictions = predict(queue.drop("day", strict=False), predictor, _backend(backend, storage))
+    storage.write_frame(predictions, out)
+    return {"predictions": out, "model_version": version, "pairs": predictions.height, "reused": False}
+
+
+def budget_shares(weights: Sequence[float], budget_usd: float | None) -> list[float | None]:
+    """Split one budget over parts in proportion to ``weights`` (planned spend): integer nano-dollars
+    rounded down, so the shares never sum past the budget. Equal split when all weights are zero."""
+    if budget_usd is None:
+        return [None] * len(weights)
+    # One nano-dollar of slack per part absorbs the float rounding of summing the shares back up.
+    total_nano = max(math.floor(budget_usd * NANO) - len(weights), 0)
+    clean = [max(float(w), 0.0) for w in weights]
+    mass = sum(clean)
+    if mass <= 0:
+        clean, mass = [1.0] * len(weights), float(len(weights))
+    return [math.floor(total_nano * w / mass) / NANO for w in clean]
+
+
+def shard_count(rows: int, max_shards: int = MAX_SHARDS, min_rows: int = MIN_ROWS_PER_SHARD) -> int:
+    """Bounded: at most ``max_shards``, at least one, never more than one per ``min_rows`` queries."""
+    return max(1, min(max_shards, MAX_SHARDS, rows // max(min_rows, 1)))
+
+
+def plan_stage(
+    storage: Storage, lay: Layout, run: str, params: RunParams, *, group_by: str | None = None
+) -> list[dict[str, Any]]:
+    """Optimize the whole batch under the one budget, then split the plan into bounded shards (contiguous
+    query_id ranges, or one per ``group_by`` value, e.g. the backfill's days), each with its budget share.
+
+    ``plans/<run>/shards.json`` is written last; when it exists a re-run returns it unchanged."""
+    from batchplan import artifacts
+    from batchplan.pipeline import build_candidates, optimize
+
+    manifest_uri = lay.shards_manifest(run)
+    if storage.exists(manifest_uri):
+        return list(json.loads(storage.read_bytes(manifest_uri))["shards"])
+    queue = storage.read_frame(lay.plan_file(run, "queue.parquet"))
+    predictions = storage.read_frame(lay.plan_file(run, "predictions.parquet"))
+    request = params.request()
+    version = current_model(storage, lay)
+    templates = artifacts.load_templates(storage, lay.models(), version) if version else None
+    candidates = build_candidates(queue.drop("day", strict=False), predictions, templates, request.kinds)
+    planned = optimize(candidates, request, templates)
+    plan = planned.plan.sort("query_id")
+    storage.write_frame(plan, lay.plan_file(run, "plan.parquet"))
+    if group_by is not None:
+        keyed = plan.join(queue.select("query_id", group_by), on="query_id", how="left")
+        groups = sorted(keyed[group_by].unique().to_list())
+        parts = [(g, keyed.filter(pl.col(group_by) == g).drop(group_by)) for g in groups]
+    else:
+        k = shard_count(plan.height, params.max_shards)
+        size = math.ceil(plan.height / k)
+        parts = [(None, plan.slice(i * size, size)) for i in range(k) if i * size < plan.height]
+    shares = budget_shares([float(p["expected_cost_usd"].sum()) for _, p in parts], params.budget_usd)
+    shards = []
+    for i, ((group, part), share) in enumerate(zip(parts, shares, strict=True)):
+        uri = lay.shard_plan(run, i)
+        storage.write_frame(part, uri)
+        shards.append(
+            {
+                "run": run,
+                "shard": i,
+                "group": group,
+                "plan": uri,
+                "rows": part.height,
+                "planned_cost_usd": float(part["expected_cost_usd"].sum()),
+                "budget_usd": share,
+            }
+        )
+    manifest = {"run": run, "budget_usd": params.budget_usd, "shards": shards, "optimizer": planned.diagnostics}
+    storage.write_text(manifest_uri, json.dumps(manifest, indent=2, default=str))
+    log.info("plan.sharded", run=run, shards=len(shards), queries=plan.height, budget_usd=params.budget_usd)
+    return shards
+
+
+def shard_results_uri(lay: Layout, shard: dict[str, Any]) -> str:
+    return lay.shard_results(shard["run"], shard["group"] if shard.get("group") else int(shard["shard"]))
+
+
+def dispatch_shard(storage: Storage, lay: Layout, shard: dict[str, Any], backend: str) -> dict[str, Any]:
+    """Run one shard's plan within its budget share. Its folder holds the dispatcher's ledger: a re-run
+    neither calls nor pays again for what is recorded there, and a finished shard is not touched."""
+    from batchplan.pipeline import execute
+
+    out = shard_results_uri(lay, shard)
+    done_uri = f"{out}/results.parquet"
+    if storage.exists(done_uri):
+        results = storage.read_frame(done_uri)
+        return _shard_summary(shard, results, reused=True)
+    plan = storage.read_frame(shard["plan"])
+    queue = storage.read_frame(lay.plan_file(shard["run"], "queue.parquet")).drop("day", strict=False)
+    queue = queue.filter(pl.col("query_id").is_in(plan["query_id"].implode()))
+    started = time.perf_counter()
+    results = execute(
+        plan, queue, _backend(backend, storage), budget_usd=shard["budget_usd"], out_uri=out, storage=storage
+    )
+    storage.write_frame(results, done_uri)
+    summary = _shard_summary(shard, results, reused=False)
+    log.info("shard.done", seconds=round(time.perf_counter() - started, 2), **summary)
+    return summary
+
+
+def _shard_summary(shard: dict[str, Any], results: pl.DataFrame, *, reused: bool) -> dict[str, Any]:
+    spend = float(results["cost_usd"].fill_null(0).sum())
+    budget = shard["budget_usd"]
+    if budget is not None and spend > budget + 1e-9:
+        raise ContractError(f"shard {shard['shard']} spent ${spend:.6f} over its share ${budget:.6f}")
+    return {
+        "shard": shard["shard"],
+        "group": shard.get("group"),
+        "queries": results.height,
+        "spend_usd": spend,
+        "budget_usd": budget,
+        "status": {s: int((results["status"] == s).sum()) for s in RESULT_STATUSES},
+        "reused": reused,
+    }
+
+
+def truth_for(backend: str, storage: Storage) -> Any:
+    """The ground truth to score a run: the recorded history for the replay backend, else None."""
+    if backend != "replay":
+        return None
+    from batchplan.history import load_history
+    from batchplan.report import Truth
+
+    return Truth.from_history(load_history(history_dirs(), storage))
+
+
+def merge_stage(storage: Storage, lay: Layout, run: str, shards: list[dict[str, Any]], backend: str) -> dict[str, Any]:
+    """One result row per query from the shards; the run's manifest; the outcomes it taught us."""
+    frames = [storage.read_frame(f"{shard_results_uri(lay, s)}/results.parquet") for s in shards]
+    results = pl.concat(frames).select(RESULT_SCHEMA.names()) if frames else pl.DataFrame(schema=RESULT_SCHEMA)
+    plan = storage.read_frame(lay.plan_file(run, "plan.parquet"))
+    if results.height != plan.height or results["query_id"].n_unique() != plan.height:
+        raise ContractError(f"run {run}: {results.height} results for {plan.height} planned queries")
+    storage.write_frame(results, lay.results_file(run))
+    manifest_in = json.loads(storage.read_bytes(lay.shards_manifest(run)))
+    spend = float(results["cost_usd"].fill_null(0).sum())
+    budget = manifest_in.get("budget_usd")
+    manifest = {
+        "run": run,
+        "queries": results.height,
+        "spend_usd": spend,
+        "budget_usd": budget,
+        "within_budget": budget is None or spend <= budget + 1e-9,
+        "status": {s: int((results["status"] == s).sum()) for s in RESULT_STATUSES},
+        "shards": len(shards),
+        "merged_at": datetime.now(UTC).isoformat(timespec="seconds"),
+    }
+    storage.write_text(lay.results_manifest(run), json.dumps(manifest, indent=2))
+    learned = record_outcomes(storage, lay, run, results, truth_for(backend, storage))
+    return manifest | {"results": lay.results_file(run), "outcomes_recorded": learned}
+
+
+def record_outcomes(storage: Storage, lay: Layout, run: str, results: pl.DataFrame, truth: Any) -> int:
+    """Write ``outcomes/<run>/`` in the history layout for answered queries whose gold is known."""
+    if truth is None:
+        return 0
+    answered = results.filter(pl.col("status") == "done").with_columns(
+        pl.col("models_called").list.last().alias("model")
+    )
+    known = answered.join(truth.gold.drop_nulls("gold"), on="query_id", how="inner")
+    if known.height == 0:
+        return 0
+    queue = storage.read_frame(lay.plan_file(run, "queue.parquet"))
+    outcomes = conform(
+        known.select("query_id", "model", "answer", (pl.col("answer") == pl.col("gold")).alias("correct"), "cost_usd"),
+        OUTCOMES_SCHEMA,
+        name="outcomes",
+    )
+    queries = conform(
+        queue.join(known.select("query_id", "gold"), on="query_id").with_columns(
+            pl.lit("outcomes").alias("dataset"), pl.lit("train").alias("split")
+        ),
+        HISTORY_QUERIES_SCHEMA,
+        name="outcome queries",
+    )
+    storage.write_frame(queries, f"{lay.outcomes(run)}/queries.parquet")
+    storage.write_frame(outcomes, f"{lay.outcomes(run)}/outcomes.parquet")
+    return outcomes.height
+
+
+def report_stage(storage: Storage, lay: Layout, run: str, backend: str, *, run_id: str | None = None) -> dict[str, Any]:
+    """The run report (JSON, Markdown, HTML) under ``reports/<run>/``; returns its paths and summary."""
+    from batchplan.pipeline import reference_models
+    from batchplan.report import build_report, summary_line, write_report
+
+    results = storage.read_frame(lay.results_file(run))
+    plan = storage.read_frame(lay.plan_file(run, "plan.parquet"))
+    queue = storage.read_frame(lay.plan_file(run, "queue.parquet")).drop("day", strict=False)
+    predictions = storage.read_frame(lay.plan_file(run, "predictions.parquet"))
+    manifest = json.loads(storage.read_bytes(lay.shards_manifest(run)))
+    quarantined = sum(storage.read_frame(u).height for u in storage.iter_parts(lay.quarantine(run)))
+    report = build_report(
+        results=results,
+        plan=plan,
+        budget_usd=manifest.get("budget_usd"),
+        quarantined=quarantined,
+        truth=truth_for(backend, storage),
+        reference_models=reference_models(predictions, queue),
+        queue=queue,
+        optimizer=manifest.get("optimizer"),
+        run_id=run_id or run,
+    )
+    paths = write_report(report, lay.reports(run), storage)
+    return {"summary": summary_line(report), "paths": paths, "spend_usd": report["spend_usd"]}
+
+
+def index_report(storage: Storage, lay: Layout, dag_id: str, airflow_run_id: str, run: str) -> str:
+    """Record which run key this Airflow run wrote, so the UI's report view finds it from the run id."""
+    uri = lay.report_index(dag_id, airflow_run_id)
+    storage.write_text(uri, json.dumps({"dag_id": dag_id, "run_id": airflow_run_id, "run": run}))
+    return uri
+
+
+def report_html_for(storage: Storage, lay: Layout, dag_id: str, airflow_run_id: str) -> str | None:
+    """The HTML report of an Airflow DAG run, or None if it has none (yet)."""
+    index = lay.report_index(dag_id, airflow_run_id)
+    if not storage.exists(index):
+        return None
+    run = json.loads(storage.read_bytes(index))["run"]
+    html_uri = lay.report_html(run)
+    return storage.read_text(html_uri) if storage.exists(html_uri) else None
