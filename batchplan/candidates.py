@@ -6,8 +6,8 @@ and fitted). The optimizer sees only the generic options table built here (query
 accuracy, groups).
 
 For a template with members m_1..m_k on query q, with the predictor's P(correct) p_i and cost c_i:
-- expected accuracy = the template's calibrated estimate (``plan_estimates.estimate``: its structural
-  estimate shifted by one fitted offset), less one standard error of its training accuracy (a lower
+- expected accuracy = the template's calibrated estimate (``plan_estimates.estimate``, on the members'
+  P(correct)), less one standard error of its training accuracy (a lower
   confidence bound: see ``Template.standard_error``);
 - expected cost = sum_i P(m_i is called) c_i, with P(called) = 1 for a vote's members and for the first
   member(s) of a cascade, and the fitted escalation model for the later ones;

@@ -111,15 +111,43 @@ def fit_offset(z: np.ndarray, y: np.ndarray, iters: int = 50) -> float:
     return b
 
 
+# How a template's P(correct) follows from its members' P(correct) (``correct_design``):
+# - "offset": [1, structural_feature] with the slope held at 1 and only the intercept fitted, so per-query
+#   estimates keep the spread of the members' calibrated predictions and cannot overfit a few hundred
+#   replayed queries (free slopes did, on ``cascades``: 1-2 points of realized accuracy lost);
+# - "logistic": a logistic regression on the members' logits (a cascade) or on the structural logit (a vote,
+#   an agreement cascade), which learns how members' errors correlate where there is data enough.
+# ``choose_calibration`` picks one per template by cross-validated log-loss.
+CALIBRATIONS = ("offset", "logistic")
+
+
 def correct_design(calibration: str, kind: str, p: np.ndarray, n_labels: int) -> np.ndarray:
-    """Design matrix for a template's P(correct). Fitted templates use "offset": [1, structural_feature]
-    with the slope held at 1 and only the intercept fitted (``fit_offset``), so per-query estimates keep the
-    spread of the members' calibrated predictions and cannot overfit a few hundred replayed queries (free
-    logistic slopes on the members' logits did, and cost 1-2 points of realized accuracy on ``cascades``).
-    "logistic" reads templates stored by earlier versions: for a cascade, a logistic on the members' logits."""
     if calibration == "logistic" and kind == "cascade":
         return design(p)
     return np.column_stack([np.ones(len(p)), structural_feature(kind, p, n_labels)])
+
+
+def fit_correct(calibration: str, kind: str, p: np.ndarray, n_labels: int, y: np.ndarray) -> list[float]:
+    """Coefficients on ``correct_design``."""
+    x = correct_design(calibration, kind, p, n_labels)
+    if calibration == "offset":
+        return [fit_offset(x[:, 1], y), 1.0]
+    return [float(w) for w in fit_logistic(x, y)]
+
+
+def choose_calibration(kind: str, p: np.ndarray, n_labels: int, y: np.ndarray, fold: np.ndarray) -> str:
+    """The calibration with the lower out-of-fold log-loss; "offset" on ties or with too little data."""
+    losses = dict.fromkeys(CALIBRATIONS, 0.0)
+    for f in np.unique(fold):
+        train, test = fold != f, fold == f
+        if train.sum() < 30 or not test.any():
+            return "offset"
+        for calibration in CALIBRATIONS:
+            coef = fit_correct(calibration, kind, p[train], n_labels, y[train])
+            q = sigmoid(correct_design(calibration, kind, p[test], n_labels) @ np.asarray(coef))
+            q = np.clip(q, P_CLIP, 1 - P_CLIP)
+            losses[calibration] -= float((y[test] * np.log(q) + (1 - y[test]) * np.log(1 - q)).sum())
+    return min(CALIBRATIONS, key=lambda c: (losses[c], c != "offset"))
 
 
 @dataclass
@@ -135,7 +163,7 @@ class Template:
     train_queries: int
     error_by_label: dict[str, float]
     n_labels: int = 2
-    calibration: str = "logistic"  # see correct_design; absent in templates stored before "offset"
+    calibration: str = "logistic"  # see CALIBRATIONS; templates stored before the choice existed are "logistic"
 
     @property
     def standard_error(self) -> float:
@@ -148,11 +176,13 @@ class Template:
         return PlanSpec(self.kind, tuple(self.models), tuple(self.thresholds))
 
 
-def fit_template(spec: PlanSpec, sim: Simulated, rec: Recorded, p: np.ndarray, rows: np.ndarray) -> Template:
+def fit_template(
+    spec: PlanSpec, sim: Simulated, rec: Recorded, p: np.ndarray, rows: np.ndarray, calibration: str = "offset"
+) -> Template:
     """Calibrate one template's estimates on the given training rows (members' out-of-fold P(correct))."""
     cols = [rec.column(m) for m in spec.models]
     members = p[rows][:, cols]
-    offset = fit_offset(structural_feature(spec.kind, members, len(rec.labels)), sim.correct[rows].astype(float))
+    coef_correct = fit_correct(calibration, spec.kind, members, len(rec.labels), sim.correct[rows].astype(float))
     x_reach = reach_design(spec.kind, members, len(rec.labels))
     coef_reach: list[list[float]] = []
     if spec.kind == "agreement" and x_reach is not None:
@@ -164,14 +194,14 @@ def fit_template(spec: PlanSpec, sim: Simulated, rec: Recorded, p: np.ndarray, r
         kind=spec.kind,
         models=list(spec.models),
         thresholds=list(spec.thresholds),
-        coef_correct=[offset, 1.0],
+        coef_correct=coef_correct,
         coef_reach=coef_reach,
         train_accuracy=float(sim.correct[rows].mean()),
         train_cost_usd=float(sim.cost[rows].mean()),
         train_queries=int(rows.sum()),
         error_by_label=error_by_label(sim, rec),
         n_labels=len(rec.labels),
-        calibration="offset",
+        calibration=calibration,
     )
 
 

@@ -31,7 +31,7 @@ import numpy as np
 import polars as pl
 
 from batchplan.history import History
-from batchplan.plan_estimates import Template, estimate, fit_template
+from batchplan.plan_estimates import Template, choose_calibration, estimate, fit_template
 from batchplan.plan_simulation import PlanSpec, Recorded, Simulated, error_by_label, recorded_by_task, simulate
 
 CASCADE_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
@@ -229,7 +229,7 @@ def _planned_accuracy(
 def _templates_help(
     rec: Recorded,
     singles: list[PlanSpec],
-    kept: list[PlanSpec],
+    kept: dict[PlanSpec, str],
     sims: dict[PlanSpec, Simulated],
     p: np.ndarray,
     c: np.ndarray,
@@ -243,7 +243,7 @@ def _templates_help(
     usable = (
         np.isfinite(p).all(axis=1)
         & np.isfinite(c).all(axis=1)
-        & np.all([sims[s].covered for s in singles + kept], axis=0)
+        & np.all([sims[s].covered for s in [*singles, *kept]], axis=0)
     )
     best = max(singles, key=lambda s: sims[s].correct[usable].mean())
     gains: dict[float, list[float]] = {fraction: [] for fraction in fractions}
@@ -251,7 +251,7 @@ def _templates_help(
         train_rows, test_rows = usable & (fold != f), usable & (fold == f)
         if test_rows.sum() < 20 or train_rows.sum() < 30:
             continue
-        templates = [fit_template(spec, sims[spec], rec, p, train_rows) for spec in kept]
+        templates = [fit_template(spec, sims[spec], rec, p, train_rows, kept[spec]) for spec in kept]
         reference = float(sims[best].cost[test_rows].sum())
         for fraction in fractions:
             budget = fraction * reference
@@ -301,11 +301,13 @@ def fit_plan_templates(
         singles = [s for s in singles if s in sims]
         result.single_errors[task] = {s.models[0]: error_by_label(sims[s], rec) for s in singles}
         fold = np.array([zlib.crc32(f"{seed}:cf:{q}".encode()) % folds for q in rec.query_ids])
-        kept = []
+        kept: dict[PlanSpec, str] = {}  # template -> its calibration
         for spec in _select(list(sims), sims, fold, folds, slack):
             cols = [rec.column(m) for m in spec.models]
-            if (sims[spec].covered & np.isfinite(p[:, cols]).all(axis=1)).sum() >= 30:
-                kept.append(spec)
+            rows = sims[spec].covered & np.isfinite(p[:, cols]).all(axis=1)
+            if rows.sum() >= 30:
+                y = sims[spec].correct[rows].astype(float)
+                kept[spec] = choose_calibration(spec.kind, p[rows][:, cols], len(rec.labels), y, fold[rows])
             if len(kept) == max_per_task:
                 break
         if validate and kept:
@@ -320,9 +322,9 @@ def fit_plan_templates(
                 continue
         if not kept:
             continue
-        for spec in kept:
+        for spec, calibration in kept.items():
             rows = sims[spec].covered & np.isfinite(p[:, [rec.column(m) for m in spec.models]]).all(axis=1)
-            template = fit_template(spec, sims[spec], rec, p, rows)
+            template = fit_template(spec, sims[spec], rec, p, rows, calibration)
             result.templates.append(template)
             result.summary.append(
                 {
@@ -330,6 +332,7 @@ def fit_plan_templates(
                     "plan": spec.label,
                     "accuracy": template.train_accuracy,
                     "cost_usd": template.train_cost_usd,
+                    "calibration": calibration,
                 }
             )
     return result

@@ -41,10 +41,6 @@ MIN_ROWS_PER_SHARD = 200
 NANO = 1_000_000_000
 
 
-def _exists_all(storage: Storage, *uris: str) -> bool:
-    return all(storage.exists(u) for u in uris)
-
-
 def ingest_stage(storage: Storage, lay: Layout, run: str, source: str | Sequence[tuple[str, str]]) -> dict[str, Any]:
     """Validate the queue(s); quarantine bad rows; snapshot the valid ones to ``plans/<run>/queue.parquet``.
 
