@@ -84,8 +84,9 @@ def baselines(
     n = query_ids.len()
     rows: list[dict[str, Any]] = []
 
-    mean_cost = outcomes.group_by("task", "model").agg(pl.col("cost_usd").mean().alias("mean_cost"))
-    # ties (two models at one price) go to the first by name: the baseline must not move between runs
+    # rounded, so models at one price tie exactly (a parallel mean's last bits vary between runs) and the tie
+    # goes to the first by name: the baseline must not move between runs
+    mean_cost = outcomes.group_by("task", "model").agg(pl.col("cost_usd").mean().round(12).alias("mean_cost"))
     cheapest = mean_cost.group_by("task").agg(pl.col("model").sort_by("mean_cost", "model").first())
     picked = outcomes.join(cheapest, on=["task", "model"]).sort("query_id")
     acc, spend, deferred = _budgeted(picked["cost_usd"].to_numpy(), picked["correct"].to_numpy(), budget_usd)
