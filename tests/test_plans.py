@@ -13,7 +13,7 @@ import pytest
 from batchplan.candidates import single_model_candidates, template_candidates
 from batchplan.contracts import HISTORY_QUERIES_SCHEMA, MODELS_SCHEMA, OUTCOMES_SCHEMA
 from batchplan.history import History
-from batchplan.plan_estimates import Template, fit_offset, sigmoid
+from batchplan.plan_estimates import Template, choose_calibration, fit_offset, logit, sigmoid
 from batchplan.plan_simulation import PlanSpec, error_by_label, recorded_by_task, simulate
 from batchplan.plan_templates import PlanTemplates, fit_plan_templates, upper_hull
 from batchplan.planning import PlanRequest, budget_share, offer_templates, plan_batch
@@ -245,6 +245,18 @@ def test_offset_calibration_recovers_a_known_shift() -> None:
     z = rng.normal(0.5, 1.2, 40_000)
     y = (rng.random(z.size) < sigmoid(z + 0.7)).astype(float)
     assert fit_offset(z, y) == pytest.approx(0.7, abs=0.05)
+
+
+def test_calibration_is_chosen_by_held_out_log_loss() -> None:
+    rng = np.random.default_rng(4)
+    p = rng.uniform(0.3, 0.95, size=(4_000, 2))  # a cascade's two members
+    fold = np.arange(len(p)) % 2
+    # the truth follows the members' logits with slopes far from the structural one: logistic wins
+    y = (rng.random(len(p)) < sigmoid(0.2 + 2.0 * logit(p[:, 0]) - 1.0 * logit(p[:, 1]))).astype(float)
+    assert choose_calibration("cascade", p, 4, y, fold) == "logistic"
+    # the truth is the best member shifted by a constant: the one-number offset is enough
+    y = (rng.random(len(p)) < sigmoid(logit(p.max(axis=1)) + 0.3)).astype(float)
+    assert choose_calibration("cascade", p[:1000], 4, y[:1000], fold[:1000]) == "offset"
 
 
 def _validated(offered: list[float]) -> PlanTemplates:
