@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import structlog
 
 from batchplan.history import History
-from batchplan.plan_templates import PlanTemplates, fit_plan_templates
+from batchplan.plan_templates import CROSS_FIT_FOLDS, PlanTemplates, fit_plan_templates
 from batchplan.storage import Storage, join
 from predictors import Predictor, load_predictor, train_predictor
 
@@ -28,7 +28,7 @@ class Trained:
 
 
 def train(
-    history: History, *, predictor: str = "lightgbm", seed: int = 0, plans: bool = True, folds: int = 2
+    history: History, *, predictor: str = "lightgbm", seed: int = 0, plans: bool = True, folds: int = CROSS_FIT_FOLDS
 ) -> Trained:
     """Train the predictor on ``history`` and, unless ``plans`` is off, fit vote/cascade templates on it."""
     model = train_predictor(history, name=predictor, seed=seed)
