@@ -73,6 +73,7 @@ class PlanOutcome:
     plan: pl.DataFrame  # PLAN_SCHEMA, one row per query; kind "defer" for deferred queries
     solution: Solution
     spend_margin_usd: float = 0.0
+    templates_withheld: list[str] = field(default_factory=list)  # tasks whose votes/cascades this budget left out
 
     @property
     def diagnostics(self) -> dict[str, Any]:
@@ -87,6 +88,7 @@ class PlanOutcome:
             "shadow_prices": s.shadow_prices,
             "binding": s.binding,
             "spend_margin_usd": self.spend_margin_usd,
+            "templates_withheld": self.templates_withheld,
         }
 
 
@@ -255,24 +257,28 @@ def budget_share(candidates: Candidates, budget_usd: float) -> float:
     return budget_usd / reference if reference > 0 else float("inf")
 
 
-def offer_templates(candidates: Candidates, templates: PlanTemplates, budget_usd: float | None) -> Candidates:
-    """Keep a task's votes and cascades only at budgets where held-out validation showed them helping."""
+def offer_templates(
+    candidates: Candidates, templates: PlanTemplates, budget_usd: float | None
+) -> tuple[Candidates, list[str]]:
+    """Keep a task's votes and cascades only at budgets where held-out validation showed them helping; also
+    returns the tasks whose templates were left out."""
     share = None if budget_usd is None else budget_share(candidates, budget_usd)
-    tasks = candidates.queries["task"].unique().to_list()
-    withheld = [task for task in tasks if not templates.offered(task, share)]
+    tasks = sorted(candidates.queries["task"].unique().to_list())
+    withheld = [task for task in tasks if templates.for_task(task) and not templates.offered(task, share)]
     if not withheld:
-        return candidates
+        return candidates, []
     plans = candidates.plans.join(candidates.queries.select("query", "task"), on="query").filter(
         (pl.col("kind") == "single") | ~pl.col("task").is_in(withheld)
     )
-    return Candidates(plans=plans.drop("task"), queries=candidates.queries)
+    return Candidates(plans=plans.drop("task"), queries=candidates.queries), withheld
 
 
 def plan_batch(candidates: Candidates, request: PlanRequest, templates: PlanTemplates | None = None) -> PlanOutcome:
     """Choose one candidate (or deferral) per query for the whole batch at once."""
     candidates = restrict_allowed(candidates, request.allowed_models)
+    withheld: list[str] = []
     if templates is not None:
-        candidates = offer_templates(candidates, templates, request.budget_usd)
+        candidates, withheld = offer_templates(candidates, templates, request.budget_usd)
     label_columns: list[str] = []
     if request.label_error_max:
         errors = label_errors(candidates, templates or PlanTemplates(), request.label_error_max)
@@ -315,7 +321,7 @@ def plan_batch(candidates: Candidates, request: PlanRequest, templates: PlanTemp
         )
         .select(PLAN_SCHEMA.names())
     )
-    return PlanOutcome(plan=plan, solution=solution, spend_margin_usd=margin)
+    return PlanOutcome(plan=plan, solution=solution, spend_margin_usd=margin, templates_withheld=withheld)
 
 
 def fallbacks(candidates: Candidates, solution: Solution, keep: int = 2) -> pl.DataFrame:

@@ -284,10 +284,12 @@ def test_budget_share_and_withheld_templates() -> None:
     templates.templates = [vote]
     candidates = template_candidates(single_model_candidates(queue, predictions), predictions, templates)
     assert budget_share(candidates, 8.0) == pytest.approx(0.2)  # best single model: c, 40 for both
-    kept = offer_templates(candidates, templates, 6.0)
+    kept, none_withheld = offer_templates(candidates, templates, 6.0)
     assert set(kept.plans["kind"]) == {"single", "vote"}
-    withheld = offer_templates(candidates, templates, 12.0)
+    assert none_withheld == []
+    withheld, tasks = offer_templates(candidates, templates, 12.0)
     assert set(withheld.plans["kind"]) == {"single"}
+    assert tasks == ["t"]
     assert withheld.plans.columns == candidates.plans.columns
 
 
