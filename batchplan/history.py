@@ -128,8 +128,7 @@ def _load_one(path: str, storage: Storage) -> History:
 
 def with_holdout(history: History, fraction: float = 0.3, seed: int = 0, start: float = 0.0) -> History:
     """Give every data set that has no test split one, carved from its train split by a stable hash of query_id:
-    the queries whose hash bucket (uniform in [0, 1)) falls in [start, start + fraction). Fold k of K for
-    cross-validation is ``with_holdout(history, 1 / K, seed, start=k / K)``."""
+    the queries whose hash bucket (uniform in [0, 1)) falls in [start, start + fraction)."""
     has_test = history.queries.group_by("dataset").agg((pl.col("split") == "test").any().alias("has_test"))
     # crc32, not polars' hash: the split must not move between library versions or machines.
     bucket = pl.col("query_id").map_elements(
@@ -141,7 +140,7 @@ def with_holdout(history: History, fraction: float = 0.3, seed: int = 0, start: 
             pl.when(
                 ~pl.col("has_test")
                 & (pl.col("split") == "train")
-                & bucket.is_between(start, round(start + fraction, 9), closed="left")
+                & bucket.is_between(start, start + fraction, closed="left")
             )
             .then(pl.lit("test"))
             .otherwise(pl.col("split"))
@@ -150,6 +149,14 @@ def with_holdout(history: History, fraction: float = 0.3, seed: int = 0, start: 
         .drop("has_test")
     )
     return History(queries=queries, outcomes=history.outcomes, prices=history.prices)
+
+
+def cross_validation_fold(history: History, folds: int, fold: int, seed: int = 0) -> History:
+    """Fold ``fold`` of ``folds`` as the test split of every data set without one: the folds partition those
+    queries. The width is end - start, not 1 / folds: 0.4 + 0.2 != 0.6 in floating point, and a query on a
+    boundary would land in two folds."""
+    start, end = fold / folds, (fold + 1) / folds
+    return with_holdout(history, end - start, seed, start=start)
 
 
 def synthetic_history(

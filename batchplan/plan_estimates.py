@@ -27,18 +27,14 @@ def sigmoid(z: np.ndarray) -> np.ndarray:
     return 1.0 / (1.0 + np.exp(-np.clip(z, -40, 40)))
 
 
-def fit_logistic(
-    x: np.ndarray, y: np.ndarray, l2: float = 1e-2, iters: int = 50, prior: np.ndarray | None = None
-) -> np.ndarray:
-    """Newton's method on the log-loss with an L2 pull of the weights towards ``prior`` (default 0); ``x``
-    carries its own intercept column, which is not pulled."""
-    w0 = np.zeros(x.shape[1]) if prior is None else np.asarray(prior, dtype=float)
-    w = w0.copy()
+def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2, iters: int = 50) -> np.ndarray:
+    """Newton's method on the L2-penalised log-loss; ``x`` carries its own intercept column."""
+    w = np.zeros(x.shape[1])
     eye = np.eye(x.shape[1])
     eye[0, 0] = 0.0  # the intercept is not shrunk
     for _ in range(iters):
         p = sigmoid(x @ w)
-        grad = x.T @ (p - y) + l2 * eye @ (w - w0)
+        grad = x.T @ (p - y) + l2 * eye @ w
         hess = (x * (p * (1 - p))[:, None]).T @ x + l2 * eye + 1e-9 * np.eye(x.shape[1])
         step = np.linalg.solve(hess, grad)
         w -= step
@@ -177,7 +173,7 @@ class Template:
 
 
 def fit_template(
-    spec: PlanSpec, sim: Simulated, rec: Recorded, p: np.ndarray, rows: np.ndarray, calibration: str = "offset"
+    spec: PlanSpec, sim: Simulated, rec: Recorded, p: np.ndarray, rows: np.ndarray, calibration: str
 ) -> Template:
     """Calibrate one template's estimates on the given training rows (members' out-of-fold P(correct))."""
     cols = [rec.column(m) for m in spec.models]

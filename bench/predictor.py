@@ -13,8 +13,8 @@ many rows (outcomes drawn as Bernoulli(p)), the sampling-noise floor each ECE sh
 only ~169 rows per model: there the ECE of a perfectly calibrated predictor is already 0.03-0.06, and the
 seed-0 hold-out happens to have base rates 8-10 points above train for two small models, so a single
 hold-out measures the split more than the predictor. Hence, by default, ``cascades`` is cross-validated:
-a stable hash of query_id cuts its queries into K folds (``--cv-folds 5``; fold k is ``with_holdout`` with
-``start=k/K`` and width 1/K, which leaves data sets with a real test split alone); for each fold a predictor
+a stable hash of query_id cuts its queries into K folds (``--cv-folds 5``; ``cross_validation_fold``, which
+leaves data sets with a real test split alone); for each fold a predictor
 is trained on the train splits of all three data sets (cascades minus that fold) and predicts that fold's
 cascades rows. The out-of-fold predictions of the K folds are pooled, so every cascades query is predicted
 exactly once by a predictor that never saw it (585 rows per model, ece_floor ~0.02-0.03; checked at run
@@ -51,7 +51,7 @@ import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from batchplan.history import History, load_history, with_holdout
+from batchplan.history import History, cross_validation_fold, load_history, with_holdout
 from batchplan.settings import get_settings
 from predictors import Predictor, train_predictor
 from predictors.metrics import auc, brier, ece, mape
@@ -77,12 +77,10 @@ def datasets_without_test(history: History) -> list[str]:
 
 def split_for(history: History, folds: int, fold: int, seed: int) -> History:
     """Fold ``fold`` of ``folds`` as the test split of the data sets without one (``folds`` 0: the single 30%
-    hold-out). The fraction is ``(k+1)/K - k/K`` rather than ``1/K`` so that ``start + fraction`` is exactly
-    the next fold's start in floating point (0.4 + 0.2 != 0.6): a hash bucket on a boundary lands in one fold."""
+    hold-out)."""
     if folds == 0:
         return with_holdout(history, HOLDOUT_FRACTION, seed)
-    start, end = fold / folds, (fold + 1) / folds
-    return with_holdout(history, end - start, seed, start=start)
+    return cross_validation_fold(history, folds, fold, seed)
 
 
 def predict_test(predictor: Predictor, history: History) -> pl.DataFrame:

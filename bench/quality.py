@@ -35,7 +35,7 @@ import structlog
 
 from batchplan import artifacts
 from batchplan.demo import best_single_cost
-from batchplan.history import History, load_history, with_holdout
+from batchplan.history import History, cross_validation_fold, load_history, with_holdout
 from batchplan.pipeline import build_candidates, execute, optimize, predict
 from batchplan.planning import PlanRequest
 from batchplan.report import Truth, baselines, score_results
@@ -63,7 +63,7 @@ def bench_dataset(
     if cv_folds < 2 or (history.queries["split"] == "test").any():
         splits = [with_holdout(history, settings.holdout_fraction, settings.seed)]
     else:
-        splits = [with_holdout(history, 1 / cv_folds, settings.seed, start=k / cv_folds) for k in range(cv_folds)]
+        splits = [cross_validation_fold(history, cv_folds, k, settings.seed) for k in range(cv_folds)]
     per_split = [
         bench_split(split, directory.name, fractions, predictor_name, storage, f"{workdir}/{k}")
         for k, split in enumerate(splits)
