@@ -27,7 +27,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from optimizer.diagnose import diagnose
-from optimizer.highs_lp import HighsResult, run_highs
+from optimizer.highs_lp import TIGHT_MIP_TOLERANCES, HighsResult, run_highs
 from optimizer.problem import Compiled, subset
 from optimizer.solution import InfeasibleError, Solution, SolverError, build_solution, check_feasible
 
@@ -387,10 +387,9 @@ def polish(model: Compiled, cols: np.ndarray, queries: np.ndarray, *, time_limit
     nc = len(all_cols)
     a = sp.csc_array((np.concatenate([vals, np.ones(nc)]), (np.concatenate([r_idx, k + qpos]), np.concatenate([c_idx, np.arange(nc)]))),
                      shape=(k + len(queries), nc))
-    # tight tolerances: HiGHS's default 1e-6 could overshoot a limit by more than FEAS_TOL. The callers
-    # re-check every answer with check_feasible, so the improvement polish (tight=False) runs at defaults
-    # (3x+ faster) and just drops an answer that overshoots.
-    tols = {"mip_feasibility_tolerance": 1e-10, "primal_feasibility_tolerance": 1e-10} if tight else {}
+    # The callers re-check every answer with check_feasible, so the improvement polish (tight=False) runs at
+    # HiGHS's defaults (3x+ faster) and just drops an answer that overshoots.
+    tols = TIGHT_MIP_TOLERANCES if tight else {}
     res = run_highs(model.c[all_cols], np.zeros(nc), np.ones(nc),
                     np.concatenate([np.full(k, -np.inf), np.ones(len(queries))]), np.concatenate([residual, np.ones(len(queries))]),
                     a, integer=True, options={"mip_rel_gap": gap, "time_limit": max(float(time_limit), 0.05),

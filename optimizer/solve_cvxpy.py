@@ -20,8 +20,9 @@ import numpy as np
 import scipy.sparse as sp
 
 from optimizer.constraints import RowFamily
+from optimizer.highs_lp import TIGHT_MIP_TOLERANCES
 from optimizer.problem import Compiled
-from optimizer.solution import Solution, SolverError, build_solution
+from optimizer.solution import Solution, SolverError, build_solution, check_feasible
 
 MIP_REL_GAP = 1e-6
 
@@ -90,7 +91,7 @@ def build_model(model: Compiled, *, integer: bool) -> CvxpyModel:
 def solve_model(cm: CvxpyModel, *, time_limit: float | None = None, highs_options: dict[str, Any] | None = None) -> str:
     options: dict[str, Any] = {}
     if cm.integer:
-        options.update(mip_rel_gap=MIP_REL_GAP)
+        options.update(mip_rel_gap=MIP_REL_GAP, **TIGHT_MIP_TOLERANCES)
     else:
         options.update(solver="ipm", run_crossover="on")
     if time_limit is not None:
@@ -113,6 +114,8 @@ def read_solution(cm: CvxpyModel, model: Compiled, *, method: str, seconds: floa
     cols = order[first]
     stats = cm.problem.solver_stats.extra_stats
     prices = None
+    if cm.integer and (violated := check_feasible(model, cols)):
+        raise SolverError(f"{method}: HiGHS returned an assignment that exceeds {violated}")  # never trusted blindly
     if cm.integer:
         bound = float(getattr(stats, "mip_dual_bound", np.nan)) if stats is not None else np.nan
         objective = float(model.c @ model.choose_matrix(cols))
