@@ -13,6 +13,12 @@ the best single model's cost on that fold, and each row pools the folds (all 585
 once; budgets and spends summed). One 30% hold-out would be ~170 queries, where one query moves accuracy
 0.6 points: ``--cv-folds 0`` gives that instead.
 
+Beside the realized rows, a hindsight ceiling (``hindsight_*``): the best accuracy any mix of per-task uniform
+plans reaches on the test queries when chosen with their outcomes known, single models only and with votes
+and cascades (an LP: each task splits its queries among plans). Nothing that picks plans per task can beat
+it; only per-query routing can, so the gap between its two columns bounds what votes and cascades add
+unless the predictor tells queries apart.
+
 AIQ (RouterBench's average improvement in quality, here over the budget grid): the area under accuracy vs
 budget (as a share of the best single model's cost) by the trapezoid rule, divided by the grid's width.
 
@@ -32,11 +38,14 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import structlog
+from scipy.optimize import linprog
 
 from batchplan import artifacts
 from batchplan.demo import best_single_cost
 from batchplan.history import History, cross_validation_fold, load_history, with_holdout
 from batchplan.pipeline import build_candidates, execute, optimize, predict
+from batchplan.plan_simulation import PlanSpec, recorded_by_task, simulate
+from batchplan.plan_templates import enumerate_specs
 from batchplan.planning import PlanRequest
 from batchplan.report import Truth, baselines, score_results
 from batchplan.settings import get_settings
@@ -93,6 +102,41 @@ def pool_folds(rows: list[dict]) -> dict:
     return pooled
 
 
+def uniform_plans(test: History, min_coverage: float = 0.95) -> pl.DataFrame:
+    """Every per-task uniform plan on ``test``'s queries, replayed: task, kind, total cost, queries right.
+    Single models for every task, and the votes and cascades training enumerates for tasks with labels."""
+    rows = []
+    labelled = recorded_by_task(test)
+    for task, rec in labelled.items():
+        for spec in [PlanSpec("single", (m,)) for m in rec.models] + enumerate_specs(rec):
+            sim = simulate(spec, rec)
+            if sim.covered.mean() >= min_coverage:
+                rows.append((task, spec.kind, float(sim.cost.sum()), float(sim.correct.sum())))
+    open_tasks = test.outcomes.join(test.queries.select("query_id", "task"), on="query_id").filter(
+        ~pl.col("task").is_in(list(labelled))
+    )
+    for (task, _model), group in open_tasks.group_by("task", "model"):
+        rows.append((task, "single", float(group["cost_usd"].sum()), float(group["correct"].sum())))
+    return pl.DataFrame(rows, schema=["task", "kind", "cost_usd", "correct"], orient="row")
+
+
+def hindsight_accuracy(plans: pl.DataFrame, queries: int, budget_usd: float) -> float:
+    """The best accuracy of a mix of ``plans`` (each task's queries split among its plans) within the budget,
+    outcomes known: an LP, so a ceiling for any per-task choice; nan where the cheapest mix is over budget."""
+    tasks = sorted(plans["task"].unique().to_list())
+    in_task = np.array([[t == task for t in plans["task"].to_list()] for task in tasks], dtype=float)
+    solved = linprog(
+        -plans["correct"].to_numpy(),
+        A_ub=plans["cost_usd"].to_numpy()[None, :],
+        b_ub=[budget_usd],
+        A_eq=in_task,
+        b_eq=np.ones(len(tasks)),
+        bounds=(0, 1),
+        method="highs",
+    )
+    return float(-solved.fun / queries) if solved.status == 0 else float("nan")
+
+
 def bench_split(
     history: History, name: str, fractions: tuple[float, ...], predictor_name: str, storage: Storage, workdir: str
 ) -> list[dict]:
@@ -110,6 +154,7 @@ def bench_split(
         "all": build_candidates(queue, predictions, trained.templates),
     }
     reference_cost, reference = best_single_cost(history, queue)
+    plans = uniform_plans(history.split("test"))
     rows = []
     for fraction in fractions:
         budget = fraction * reference_cost
@@ -129,6 +174,10 @@ def bench_split(
             "best_single_model": next(iter(reference.values())),
             "oracle": base["oracle"]["accuracy"],
             "train_seconds": train_seconds,
+            "hindsight_singles_accuracy": hindsight_accuracy(
+                plans.filter(pl.col("kind") == "single"), queue.height, budget
+            ),
+            "hindsight_all_accuracy": hindsight_accuracy(plans, queue.height, budget),
         }
         for variant, candidates in variants.items():
             outcome = optimize(candidates, PlanRequest(budget_usd=budget), trained.templates)
@@ -187,7 +236,10 @@ def main(argv: list[str] | None = None) -> int:
         for directory in found:
             rows.extend(bench_dataset(directory, fractions, args.predictor, storage, workdir, args.cv_folds))
     table = pl.DataFrame([{k: v for k, v in r.items() if not k.endswith("_kinds")} for r in rows])
-    columns = ("singles_accuracy", "all_accuracy", "cheapest", "random", "best_single", "oracle")
+    columns = (
+        "singles_accuracy", "all_accuracy", "hindsight_singles_accuracy", "hindsight_all_accuracy",
+        "cheapest", "random", "best_single", "oracle",
+    )  # fmt: skip
     percents = [(pl.col(c) * 100).round(1).alias(c.removesuffix("_accuracy") + "_%") for c in columns]
     max_gap = pl.max_horizontal("singles_gap", "all_gap").map_elements(lambda g: f"{g:.1e}", return_dtype=pl.String)
     within = pl.col("singles_within_budget") & pl.col("all_within_budget")

@@ -1,0 +1,68 @@
+"""bench/quality.py's hindsight ceiling: the LP over per-task uniform plans against hand-computed optima and
+against the best model per task when money is no object."""
+
+from __future__ import annotations
+
+import importlib.util
+import math
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from batchplan.history import synthetic_history
+
+_spec = importlib.util.spec_from_file_location(
+    "bench_quality", Path(__file__).resolve().parents[1] / "bench" / "quality.py"
+)
+assert _spec is not None
+assert _spec.loader is not None
+bench = importlib.util.module_from_spec(_spec)
+_spec.loader.exec_module(bench)
+
+
+def _plans() -> pl.DataFrame:
+    # task a: 5 right for $1 or 8 right for $3; task b: 4 right for $2 or 9 right for $4 (20 queries in all)
+    return pl.DataFrame(
+        {
+            "task": ["a", "a", "b", "b"],
+            "kind": ["single"] * 4,
+            "cost_usd": [1.0, 3.0, 2.0, 4.0],
+            "correct": [5.0, 8.0, 4.0, 9.0],
+        }
+    )
+
+
+@pytest.mark.parametrize(
+    ("budget", "expected"),
+    [
+        (3.0, 9 / 20),  # the cheapest plan of each task
+        (5.0, 14 / 20),  # b's upgrade first: 2.5 right per dollar against a's 1.5
+        (6.0, 15.5 / 20),  # then half of a's queries upgraded
+        (100.0, 17 / 20),  # the best plan of each task
+    ],
+)
+def test_hindsight_ceiling_matches_hand_computed_optima(budget: float, expected: float) -> None:
+    assert bench.hindsight_accuracy(_plans(), 20, budget) == pytest.approx(expected)
+
+
+def test_hindsight_ceiling_is_nan_below_the_cheapest_mix() -> None:
+    assert math.isnan(bench.hindsight_accuracy(_plans(), 20, 2.5))
+
+
+def test_uniform_plans_replay_the_test_queries() -> None:
+    test = synthetic_history(300, 4, n_tasks=2, test_fraction=0.5, seed=3).split("test")
+    plans = bench.uniform_plans(test)
+    assert set(plans["kind"]) >= {"single", "vote", "agreement"}
+    # money no object: single models only reach each task's best model; votes and cascades can only add
+    best_singles = (
+        test.outcomes.join(test.queries.select("query_id", "task"), on="query_id")
+        .group_by("task", "model")
+        .agg(pl.col("correct").sum())
+        .group_by("task")
+        .agg(pl.col("correct").max())["correct"]
+        .sum()
+    )
+    singles = bench.hindsight_accuracy(plans.filter(pl.col("kind") == "single"), test.queries.height, 1e9)
+    assert singles == pytest.approx(best_singles / test.queries.height)
+    assert bench.hindsight_accuracy(plans, test.queries.height, 1e9) >= singles
