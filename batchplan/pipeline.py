@@ -138,9 +138,12 @@ def execute(
     budget_usd: float | None,
     out_uri: str,
     storage: Storage,
+    tenant_budgets_usd: dict[str, float] | None = None,
     progress: Progress | None = None,
 ) -> pl.DataFrame:
-    """Dispatch every planned query; deferred plan rows become deferred results. One row per query."""
+    """Dispatch every planned query; deferred plan rows become deferred results. One row per query.
+    ``tenant_budgets_usd`` are hard caps at dispatch too: the plan meets them in expectation, escalations
+    that run over are deferred rather than paid."""
     started = time.perf_counter()
     runnable = plan.filter(pl.col("kind") != "defer")
     # Without a budget (minimize cost for a target), spend is capped by the plan's own high side.
@@ -151,6 +154,7 @@ def execute(
         backend,
         budget_usd=limit,
         out_uri=join(out_uri, "dispatch"),
+        tenant_budgets_usd=tenant_budgets_usd,
         storage=storage,
         progress=progress,
     )
@@ -246,6 +250,7 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
         budget_usd=job.request.budget_usd,
         out_uri=job.out_uri,
         storage=storage,
+        tenant_budgets_usd=job.request.tenant_budgets_usd,
         progress=progress,
     )
     storage.write_frame(results, paths["results"])

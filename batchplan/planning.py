@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+import structlog
 
 from batchplan.candidates import Candidates
 from batchplan.contracts import PLAN_KINDS, PLAN_SCHEMA, ContractError
@@ -29,6 +30,8 @@ from optimizer import (
 )
 from optimizer.api import Method
 from optimizer.problem import Objective
+
+log = structlog.get_logger("batchplan")
 
 
 @dataclass
@@ -125,6 +128,10 @@ def define_constraints(request: PlanRequest, candidates: Candidates) -> tuple[li
     if request.budget_usd is not None:
         constraints.append(Budget(limit=request.budget_usd))
     if request.tenant_budgets_usd:
+        tenants = set(candidates.queries["tenant"].unique().to_list())
+        if unused := sorted(set(request.tenant_budgets_usd) - tenants):
+            # a nightly config may list tenants with nothing queued tonight; a misspelt one caps nothing
+            log.warning("tenant_budget.unused", tenants=unused, queued_tenants=sorted(tenants))
         constraints.append(GroupBudget(group="tenant", limits=dict(request.tenant_budgets_usd), name="tenant_budget"))
     for model, calls in sorted(request.model_max_calls.items()):
         column = f"calls:{model}"

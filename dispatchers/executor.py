@@ -26,7 +26,7 @@ from dispatchers.base import (
     CallRequest,
     CallResult,
 )
-from dispatchers.budget import BudgetGuard
+from dispatchers.budget import BudgetGuard, Reservation
 from dispatchers.ledger import Ledger, PriorCalls
 from dispatchers.limits import ModelGate, ModelLimits, RetryPolicy
 
@@ -49,6 +49,7 @@ class QueryRun:
     system_prompt: str | None
     labels: tuple[str, ...] | None
     prior: PriorCalls | None
+    tenant: str | None = None
     charged_usd: float = 0.0
     calls: list[tuple[int, str]] = field(default_factory=list)  # (slot, model), first call of each
     recovered: dict[str, CallResult] = field(default_factory=dict)  # orphan intents resent on resume
@@ -92,9 +93,11 @@ class Executor:
         policy: RetryPolicy,
         max_tokens: int,
         max_tokens_open: int = 1024,
+        tenant_budgets: Mapping[str, BudgetGuard] | None = None,
     ) -> None:
         self.backend = backend
         self.budget = budget
+        self.tenant_budgets = dict(tenant_budgets or {})
         self.ledger = ledger
         self.run_id = run_id
         self.policy = policy
@@ -148,11 +151,7 @@ class Executor:
             return CallResult(
                 model, UNAVAILABLE, reason="no cost bound: the backend gives none and the plan has no reserve_cost_usd"
             ), False
-        reservation = await self.budget.reserve(reserve)
-        if reservation is None:
-            raise _Deferred(
-                f"budget: {model} needs up to {reserve:.6g} USD, {self.budget.budget_usd - self.budget.spent_usd:.6g} USD left"
-            )
+        held = await self.reserve(q, model, reserve)
         await self.ledger.append_durable({"e": "i", "q": q.query_id, "c": call, "m": model, "r": reserve})
         gate = self.gate(model)
         try:
@@ -169,7 +168,8 @@ class Executor:
             )
         charged = result.cost_usd if result.billed_known else max(reserve, result.cost_usd)
         self.ledger.append(_to_event(q.query_id, call, result, charged, role))
-        await self.budget.settle(reservation, charged)
+        for guard, reservation in held:
+            await guard.settle(reservation, charged)
         gate.record(result.status in MODEL_TROUBLE)
         if result.status == RATE_LIMITED and result.retry_after_s:
             gate.pause(result.retry_after_s)
@@ -178,6 +178,23 @@ class Executor:
         q.charged_usd += charged
         q.called(slot, model)
         return result, True
+
+    async def reserve(self, q: QueryRun, model: str, usd: float) -> list[tuple[BudgetGuard, Reservation]]:
+        """Hold ``usd`` in the tenant's budget (if it has one) and the total, or in neither: raises _Deferred
+        naming the budget that refused."""
+        guards = [("total budget", self.budget)]
+        if q.tenant in self.tenant_budgets:
+            guards.insert(0, (f"tenant {q.tenant!r} budget", self.tenant_budgets[q.tenant]))
+        held: list[tuple[BudgetGuard, Reservation]] = []
+        for name, guard in guards:
+            reservation = await guard.reserve(usd)
+            if reservation is None:
+                for other, taken in held:
+                    await other.release(taken)
+                left = guard.budget_usd - guard.spent_usd
+                raise _Deferred(f"{name}: {model} needs up to {usd:.6g} USD, {left:.6g} USD left")
+            held.append((guard, reservation))
+        return held
 
     async def ask_model(self, q: QueryRun, slot: int, model: str, role: str, *, can_fall_back: bool) -> CallResult:
         """Attempts on one model with retries; raises _Deferred."""

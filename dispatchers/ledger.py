@@ -154,12 +154,12 @@ class Ledger:
             self._fd = None
 
     # -- read -----------------------------------------------------------------------------------------
-    def load(self, skip: set[str] | frozenset[str] = frozenset()) -> tuple[dict[str, PriorCalls], float]:
-        """Prior calls and dangling intents of every query not in ``skip`` (already final), and the total
-        charged by every call in the ledger (all queries): the spend a rerun starts from."""
+    def load(self, skip: set[str] | frozenset[str] = frozenset()) -> tuple[dict[str, PriorCalls], dict[str, float]]:
+        """Prior calls and dangling intents of every query not in ``skip`` (already final), and what every
+        call in the ledger charged, per query (all queries): the spend a rerun starts from."""
         prior: dict[str, PriorCalls] = {}
         seen: set[tuple[str, str]] = set()
-        total = 0.0
+        charged: dict[str, float] = {}
         for event in self.events():
             q = event.get("q")
             if not isinstance(q, str):
@@ -167,7 +167,7 @@ class Ledger:
             call = str(event.get("c"))
             if event.get("e") == "c" and (q, call) not in seen:
                 seen.add((q, call))
-                total += float(event.get("usd") or 0.0)
+                charged[q] = charged.get(q, 0.0) + float(event.get("usd") or 0.0)
             if q in skip:
                 continue
             entry = prior.setdefault(q, PriorCalls())
@@ -176,7 +176,7 @@ class Ledger:
                 entry.intents.pop(call, None)
             elif event.get("e") == "i" and call not in entry.calls:
                 entry.intents[call] = event
-        return prior, total
+        return prior, charged
 
     def events(self) -> Iterable[dict[str, Any]]:
         for uri in self.storage.list(self.dir):

@@ -42,7 +42,9 @@ def _queries(
     wanted = ["query_id", "kind", "models", "reserve_cost_usd", "thresholds"]
     has_fallback = FALLBACK_COLUMN in plan.columns
     columns = [c for c in wanted if c in plan.columns] + ([FALLBACK_COLUMN] if has_fallback else [])
-    texts = queue.select("query_id", "prompt", "system_prompt", "labels")
+    texts = queue.select(
+        "query_id", "prompt", "system_prompt", "labels", *(["tenant"] if "tenant" in queue.columns else [])
+    )
     finished = pl.Series(list(final), dtype=pl.String).implode() if final else None
     for start in range(0, plan.height, chunk):
         part = plan.slice(start, chunk).select(columns)
@@ -64,7 +66,22 @@ def _queries(
                 system_prompt=row.get("system_prompt"),
                 labels=tuple(labels) if labels is not None else None,
                 prior=prior.get(row["query_id"]),
+                tenant=row.get("tenant"),
             )
+
+
+def tenant_guards(
+    budgets_usd: Mapping[str, float], queue: pl.DataFrame, charged_by_query: Mapping[str, float]
+) -> dict[str, BudgetGuard]:
+    """A hard budget per tenant that has one, starting from what the ledger already charged its queries."""
+    if not budgets_usd:
+        return {}
+    if "tenant" not in queue.columns:
+        raise ValueError("tenant budgets need the queue's tenant column")
+    spent: dict[str, float] = {}
+    for query_id, tenant in queue.select("query_id", "tenant").iter_rows():
+        spent[tenant] = spent.get(tenant, 0.0) + charged_by_query.get(query_id, 0.0)
+    return {tenant: BudgetGuard(limit, spent_usd=spent.get(tenant, 0.0)) for tenant, limit in budgets_usd.items()}
 
 
 async def adispatch(
@@ -74,6 +91,7 @@ async def adispatch(
     *,
     budget_usd: float,
     out_uri: str,
+    tenant_budgets_usd: Mapping[str, float] | None = None,
     storage: Storage | None = None,
     concurrency: int = 32,
     progress: Progress | None = None,
@@ -103,6 +121,7 @@ async def adispatch(
             writer_id,
             lease,
             budget_usd=budget_usd,
+            tenant_budgets_usd=tenant_budgets_usd or {},
             concurrency=concurrency,
             progress=progress,
             limits=limits,
@@ -127,6 +146,7 @@ async def _dispatch_leased(
     lease: Lease,
     *,
     budget_usd: float,
+    tenant_budgets_usd: Mapping[str, float],
     concurrency: int,
     progress: Progress | None,
     limits: ModelLimits | Mapping[str, ModelLimits] | None,
@@ -139,7 +159,7 @@ async def _dispatch_leased(
     committed = read_results(out_uri, storage)
     final = set(committed.filter(pl.col("status").is_in(list(FINAL_STATUSES)))["query_id"].to_list())
     ledger = Ledger(storage, out_uri, writer_id)
-    prior, spent = ledger.load(skip=final)
+    prior, charged_by_query = ledger.load(skip=final)
     lost = 0
     if not backend.idempotent:
         # calls sent just before a crash whose outcome never reached the ledger: they may have been billed
@@ -158,16 +178,18 @@ async def _dispatch_leased(
                 event["why"] = "sent before a crash, outcome unknown: charged its reservation"
                 ledger.append(event)
                 entry.calls[call] = event
-                spent += charge
+                charged_by_query[query_id] = charged_by_query.get(query_id, 0.0) + charge
                 lost += 1
             entry.intents.clear()
         ledger.flush()
-    budget = BudgetGuard(budget_usd, spent_usd=spent)
+    budget = BudgetGuard(budget_usd, spent_usd=sum(charged_by_query.values()))
+    tenant_budgets = tenant_guards(tenant_budgets_usd, queue, charged_by_query)
     executor = Executor(
         backend,
         budget,
         ledger,
         identity["run_id"],
+        tenant_budgets=tenant_budgets,
         limits=limits,
         policy=retry or RetryPolicy(),
         max_tokens=max_tokens,
@@ -186,6 +208,8 @@ async def _dispatch_leased(
             "backend": backend.name,
             "budget_usd": budget_usd,
             "spent_usd": budget.spent_usd,
+            "tenant_budgets_usd": dict(tenant_budgets_usd),
+            "tenant_spent_usd": {tenant: guard.spent_usd for tenant, guard in tenant_budgets.items()},
             "complete": complete,
             "queries": total,
             "stats": {
@@ -263,6 +287,7 @@ def dispatch(
     *,
     budget_usd: float,
     out_uri: str,
+    tenant_budgets_usd: Mapping[str, float] | None = None,
     storage: Storage | None = None,
     concurrency: int = 32,
     progress: Progress | None = None,
@@ -280,6 +305,8 @@ def dispatch(
     fallback failed; ``error`` says why, with the raw text of non-answers) or ``deferred`` (the budget
     could not cover the call; rerun with a larger budget to do them). Resumable: see the module doc.
 
+    ``tenant_budgets_usd``: a hard budget per tenant (the queue's ``tenant`` column) on top of the total:
+    a call is sent only if it fits both, else its query is deferred with the tenant named.
     ``concurrency``: queries in flight at once; ``limits``: per-model ``ModelLimits`` (a mapping may
     hold a ``"*"`` default); ``retry``: attempts, backoff and circuit breaker; ``max_tokens`` caps the
     output of classification calls, ``max_tokens_open`` that of open tasks (labels null); both enter the
@@ -299,6 +326,7 @@ def dispatch(
             backend,
             budget_usd=budget_usd,
             out_uri=out_uri,
+            tenant_budgets_usd=tenant_budgets_usd,
             storage=storage,
             concurrency=concurrency,
             progress=progress,

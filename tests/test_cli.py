@@ -118,6 +118,18 @@ def test_run_replays_within_budget_and_resumes(trained: tuple[str, str], history
     assert rerun.equals(results.select(columns).sort("query_id"))
 
 
+def test_run_holds_each_tenant_to_its_budget(trained: tuple[str, str], history_dir: str, tmp_path: Path) -> None:
+    models, queue = trained
+    out = tmp_path / "run"
+    tenant = load_history(history_dir).queries["dataset"][0]  # the queue's tenant: its data set
+    common = ["--model", models, "--backend", "replay", "--replay-history", history_dir, "--out", str(out)]
+    _run(["run", "--queue", queue, "--budget-usd", "0.01", "--tenant-budget", f"{tenant}=0.004", *common])
+    manifest = json.loads((out / "dispatch" / "manifest.json").read_text())
+    assert manifest["tenant_budgets_usd"] == {tenant: 0.004}
+    assert 0 < manifest["tenant_spent_usd"][tenant] <= 0.004
+    assert json.loads((out / "report.json").read_text())["spend_usd"] <= 0.004 + 1e-12
+
+
 def test_run_on_s3(
     trained: tuple[str, str], history_dir: str, s3_endpoint: str, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -383,3 +383,46 @@ def test_a_registered_backend_gets_open_task_budgets(small_history: History, tmp
     assert len({r.key for r in seen}) == 4
     assert all(r.key.endswith(f"/{r.query_id}/0:m:0") for r in seen)
     assert results["cost_usd"].sum() == pytest.approx((16 + 16 + 900 + 900) * 1e-7)
+
+
+def test_tenant_budgets_are_hard_caps_and_resume_from_the_ledger(small_history: History, tmp_path: Path) -> None:
+    queue = make_queue(small_history, 160).with_columns(
+        pl.when(pl.int_range(pl.len()) % 2 == 0).then(pl.lit("acme")).otherwise(pl.lit("globex")).alias("tenant")
+    )
+    plan = single_plan(small_history, queue, pick="dearest")
+    planned = plan.join(queue.select("query_id", "tenant"), on="query_id")
+    acme_full = float(planned.filter(pl.col("tenant") == "acme")["expected_cost_usd"].sum())
+    backend = get_backend("replay", history=small_history)
+    out = str(tmp_path / "run")
+
+    def spent_by_tenant(results: pl.DataFrame) -> dict[str, float]:
+        joined = results.join(queue.select("query_id", "tenant"), on="query_id")
+        return dict(joined.group_by("tenant").agg(pl.col("cost_usd").sum()).iter_rows())
+
+    first = dispatch(
+        plan, queue, backend, budget_usd=1e6, out_uri=out, tenant_budgets_usd={"acme": acme_full / 3}, concurrency=8
+    )
+    tenant_of = dict(queue.select("query_id", "tenant").iter_rows())
+    deferred = first.filter(pl.col("status") == "deferred")
+    assert deferred.height > 0
+    assert {tenant_of[q] for q in deferred["query_id"]} == {"acme"}  # globex has no cap: all done
+    assert deferred["error"].str.contains("tenant 'acme' budget").all()
+    assert spent_by_tenant(first)["acme"] <= acme_full / 3
+    assert read_manifest(Storage(), out)["tenant_spent_usd"]["acme"] == pytest.approx(spent_by_tenant(first)["acme"])
+
+    # a rerun starts from what the ledger charged acme: nothing new fits, nothing is paid twice
+    again = dispatch(plan, queue, backend, budget_usd=1e6, out_uri=out, tenant_budgets_usd={"acme": acme_full / 3})
+    assert spent_by_tenant(again) == pytest.approx(spent_by_tenant(first))
+    finished = dispatch(
+        plan, queue, backend, budget_usd=1e6, out_uri=out, tenant_budgets_usd={"acme": acme_full * 1.01}
+    )
+    assert (finished["status"] == "done").all()
+    assert spent_by_tenant(finished)["acme"] == pytest.approx(acme_full)
+
+
+def test_tenant_budgets_need_a_tenant_column(small_history: History, tmp_path: Path) -> None:
+    queue = make_queue(small_history, 10).drop("tenant")
+    plan = single_plan(small_history, queue)
+    backend = get_backend("replay", history=small_history)
+    with pytest.raises(ValueError, match="tenant column"):
+        dispatch(plan, queue, backend, budget_usd=1.0, out_uri=str(tmp_path / "run"), tenant_budgets_usd={"a": 1.0})

@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
+import structlog.testing
 
 from batchplan.candidates import single_model_candidates, template_candidates
 from batchplan.contracts import HISTORY_QUERIES_SCHEMA, MODELS_SCHEMA, OUTCOMES_SCHEMA
@@ -370,3 +371,12 @@ def test_an_unreachable_error_bound_names_the_task(known_confusions: tuple[Histo
         _plan(history, templates, PlanRequest(budget_usd=1e9, label_error_max={"t": 0.01}))
     assert raised.value.constraint == "label_error_max"
     assert "t" in raised.value.suggestion
+
+
+def test_a_tenant_budget_for_no_queued_tenant_is_named(known_confusions: tuple[History, PlanTemplates]) -> None:
+    history, templates = known_confusions
+    with structlog.testing.capture_logs() as logs:
+        plan = _plan(history, templates, PlanRequest(budget_usd=1e6, tenant_budgets_usd={"acme": 1.0}))
+    assert plan.height == history.split("test").queries.height  # a nightly config may name idle tenants
+    warning = next(e for e in logs if e["event"] == "tenant_budget.unused")
+    assert warning["tenants"] == ["acme"]
