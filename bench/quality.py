@@ -18,6 +18,8 @@ plans reaches on the test queries when chosen with their outcomes known, single 
 and cascades (an LP: each task splits its queries among plans). Nothing that picks plans per task can beat
 it; only per-query routing can, so the gap between its two columns bounds what votes and cascades add
 unless the predictor tells queries apart. A cross-validated data set gets one ceiling over all its folds' queries.
+``gain_pts_95%``: the accuracy gain of votes and cascades over single-model plans, with a 95% paired-bootstrap
+interval over the queries (one query is 0.1-0.2 points here: most differences are inside it).
 
 AIQ (RouterBench's average improvement in quality, here over the budget grid): the area under accuracy vs
 budget (as a share of the best single model's cost) by the trapezoid rule, divided by the grid's width.
@@ -87,6 +89,8 @@ def bench_dataset(
                 plans.filter(pl.col("kind") == "single"), row["queries"], row["budget_usd"]
             )
             row["hindsight_all_accuracy"] = hindsight_accuracy(plans, row["queries"], row["budget_usd"])
+    for row in pooled:
+        row["gain_low"], row["gain_high"] = gain_interval(row.pop("_paired_gain"))
     return pooled
 
 
@@ -109,7 +113,18 @@ def pool_folds(rows: list[dict]) -> dict:
             pooled[key] = {k: sum(r[key].get(k, 0) for r in rows) for k in {k for r in rows for k in r[key]}}
         elif key == "best_single_model":
             pooled[key] = "/".join(sorted({r[key] for r in rows}))
+        elif key == "_paired_gain":
+            pooled[key] = np.concatenate([r[key] for r in rows])
     return pooled
+
+
+def gain_interval(paired_gain: np.ndarray, resamples: int = 2_000, seed: int = 0) -> tuple[float, float]:
+    """95% paired-bootstrap interval of the accuracy gain of votes and cascades over single-model plans
+    (per query: 1 if only the plan with them was right, -1 if only the single-model plan was)."""
+    rng = np.random.default_rng(seed)
+    means = paired_gain[rng.integers(0, len(paired_gain), (resamples, len(paired_gain)))].mean(axis=1)
+    low, high = np.percentile(means, [2.5, 97.5])
+    return float(low), float(high)
 
 
 def uniform_plans(test: History, min_coverage: float = 0.95) -> pl.DataFrame:
@@ -189,18 +204,21 @@ def bench_split(
             ),
             "hindsight_all_accuracy": hindsight_accuracy(plans, queue.height, budget),
         }
+        correct: dict[str, np.ndarray] = {}
         for variant, candidates in variants.items():
             outcome = optimize(candidates, PlanRequest(budget_usd=budget), trained.templates)
             out = f"{workdir}/{name}-{variant}-{fraction}"
             results = execute(outcome.plan, queue, backend, budget_usd=budget, out_uri=out, storage=storage)
             spend = float(results["cost_usd"].sum())
+            correct[variant] = score_results(results, truth)["correct"].fill_null(False).to_numpy()
             row |= {
-                f"{variant}_accuracy": score_results(results, truth).select(pl.col("correct").mean()).item(),
+                f"{variant}_accuracy": float(correct[variant].mean()),
                 f"{variant}_spend_usd": spend,
                 f"{variant}_within_budget": spend <= budget + 1e-12,
                 f"{variant}_gap": outcome.solution.gap,
                 f"{variant}_kinds": dict(outcome.plan.group_by("kind").len().iter_rows()),
             }
+        row["_paired_gain"] = correct["all"].astype(float) - correct["singles"].astype(float)
         rows.append(row)
     return rows
 
@@ -253,11 +271,15 @@ def main(argv: list[str] | None = None) -> int:
     percents = [(pl.col(c) * 100).round(1).alias(c.removesuffix("_accuracy") + "_%") for c in columns]
     max_gap = pl.max_horizontal("singles_gap", "all_gap").map_elements(lambda g: f"{g:.1e}", return_dtype=pl.String)
     within = pl.col("singles_within_budget") & pl.col("all_within_budget")
-    with pl.Config(tbl_rows=100, tbl_cols=30, tbl_width_chars=250, float_precision=4, tbl_hide_dataframe_shape=True):
+    gain = pl.format("{} [{}, {}]", *((pl.col(c) * 100).round(1) for c in ("gain", "gain_low", "gain_high"))).alias(
+        "gain_pts_95%"
+    )
+    table = table.with_columns((pl.col("all_accuracy") - pl.col("singles_accuracy")).alias("gain"))
+    with pl.Config(tbl_rows=100, tbl_cols=30, tbl_width_chars=320, float_precision=4, tbl_hide_dataframe_shape=True):
         print(
             table.select(
                 "dataset", "queries", "budget_pct", "budget_usd", "singles_spend_usd", "all_spend_usd",
-                within.alias("within_budget"), *percents, "best_single_cost_usd", max_gap.alias("max_gap"),
+                within.alias("within_budget"), *percents, gain, "best_single_cost_usd", max_gap.alias("max_gap"),
             )
         )  # fmt: skip
     print("best single model per data set (by train accuracy):", {r["dataset"]: r["best_single_model"] for r in rows})

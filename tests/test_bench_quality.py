@@ -7,6 +7,7 @@ import importlib.util
 import math
 from pathlib import Path
 
+import numpy as np
 import polars as pl
 import pytest
 
@@ -66,3 +67,17 @@ def test_uniform_plans_replay_the_test_queries() -> None:
     singles = bench.hindsight_accuracy(plans.filter(pl.col("kind") == "single"), test.queries.height, 1e9)
     assert singles == pytest.approx(best_singles / test.queries.height)
     assert bench.hindsight_accuracy(plans, test.queries.height, 1e9) >= singles
+
+
+def test_gain_interval_brackets_the_paired_gain() -> None:
+    assert bench.gain_interval(np.zeros(50)) == (0.0, 0.0)
+    assert bench.gain_interval(np.ones(50)) == (1.0, 1.0)
+    # 30 wins, 20 losses of 500: +2 points, which 500 queries cannot tell from zero
+    gain = np.concatenate([np.ones(30), -np.ones(20), np.zeros(450)])
+    low, high = bench.gain_interval(gain)
+    assert low < 0 < 0.02 < high
+
+
+def test_folds_pool_their_paired_gains() -> None:
+    rows = [{"queries": 2, "_paired_gain": np.array([1.0, 0.0])}, {"queries": 1, "_paired_gain": np.array([-1.0])}]
+    assert bench.pool_folds(rows)["_paired_gain"].tolist() == [1.0, 0.0, -1.0]
