@@ -43,6 +43,7 @@ OUTCOMES = Asset(name="batchplan_outcomes", uri="batchplan://outcomes")
         "budget_usd": Param(20.0, type="number", minimum=0, description="ONE budget for the whole range (USD)."),
         "accuracy_target": Param(None, type=["number", "null"], minimum=0, maximum=1),
         "allow_deferral": Param(True, type="boolean"),
+        "tenant_budgets_usd": Param({}, type="object", description="Per-tenant budgets (USD) for the whole range."),
         "backend": Param("replay", enum=["replay", "openai", "bedrock"]),
     },
 )

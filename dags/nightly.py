@@ -58,6 +58,9 @@ def _sensor_key(params: dict[str, Any], logical_date: Any) -> str:
             description="Minimum mean accuracy; with no budget, the cheapest plan that reaches it.",
         ),
         "allow_deferral": Param(True, type="boolean", description="May the plan defer queries not worth their cost?"),
+        "tenant_budgets_usd": Param(
+            {}, type="object", description='Per-tenant budgets (USD) within the total, e.g. {"acme": 2.0}: hard caps.'
+        ),
         "queue_date": Param("", type="string", description="YYYY-MM-DD of the queue to run; empty = the run's date."),
         "queue_prefix": Param(
             "",

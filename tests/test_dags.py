@@ -25,6 +25,7 @@ from typing import Any
 import polars as pl
 import pytest
 
+from batchplan.contracts import ContractError
 from batchplan.dag_tasks import common, stages
 from batchplan.history import History
 from batchplan.layout import Layout
@@ -220,6 +221,15 @@ def test_budget_shares_never_exceed_the_budget() -> None:
     assert stages.shard_count(10) == 1
 
 
+def test_tenant_budget_params_are_validated() -> None:
+    params = common.RunParams.from_params({"budget_usd": 1.0, "tenant_budgets_usd": {"acme": "0.5"}})
+    assert params.request().tenant_budgets_usd == {"acme": 0.5}
+    assert common.RunParams.from_params({"budget_usd": 1.0}).tenant_budgets_usd == {}
+    for bad, message in (([1], "must be an object"), ({"acme": "lots"}, "acme"), ({"acme": -1}, ">= 0")):
+        with pytest.raises(ContractError, match=message):
+            common.RunParams.from_params({"budget_usd": 1.0, "tenant_budgets_usd": bad})
+
+
 # --------------------------------------------------------------------------------------------- the runs
 @pytest.mark.slow
 def test_retrain_bootstraps_the_first_predictor(dagbag: Any, airflow_env: AirflowEnv) -> None:
@@ -245,7 +255,8 @@ def test_nightly_runs_the_queue_under_one_budget(
     dagbag: Any, airflow_env: AirflowEnv, queues: dict[str, pl.DataFrame]
 ) -> None:
     budget = 0.05
-    conf = {"budget_usd": budget, "max_shards": 4, "allow_deferral": True}
+    capped = queues[NIGHTLY_DAY]["tenant"].mode()[0]  # the busiest tenant (tenant = data set)
+    conf = {"budget_usd": budget, "max_shards": 4, "allow_deferral": True, "tenant_budgets_usd": {capped: 0.004}}
     dag_run = _run(
         dagbag,
         airflow_env,
@@ -265,6 +276,8 @@ def test_nightly_runs_the_queue_under_one_budget(
     assert manifest["within_budget"] is True
     shards = json.loads(storage.read_text(lay.shards_manifest(run)))["shards"]
     assert sum(s["budget_usd"] for s in shards) <= budget
+    assert sum(s["tenant_budgets_usd"][capped] for s in shards) <= 0.004
+    assert 0 < manifest["tenant_spend_usd"][capped] <= 0.004
     results = storage.read_frame(lay.results_file(run))
     assert results["query_id"].n_unique() == queues[NIGHTLY_DAY].height
     quarantine = storage.read_frame(f"{lay.quarantine(run)}quarantine.parquet")

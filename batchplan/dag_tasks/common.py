@@ -4,7 +4,7 @@ queue's day and URIs, the day's claim (one DAG run per queue), the promoted mode
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,7 @@ class RunParams:
     allow_deferral: bool
     backend: str = "replay"
     max_shards: int = MAX_SHARDS
+    tenant_budgets_usd: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> RunParams:
@@ -64,14 +65,35 @@ class RunParams:
             allow_deferral=bool(params.get("allow_deferral", True)),
             backend=str(params.get("backend") or "replay"),
             max_shards=shards,
+            tenant_budgets_usd=_tenant_budgets(params.get("tenant_budgets_usd")),
         )
 
     def request(self) -> Any:
         from batchplan.planning import PlanRequest
 
         return PlanRequest(
-            budget_usd=self.budget_usd, accuracy_target=self.accuracy_target, allow_deferral=self.allow_deferral
+            budget_usd=self.budget_usd,
+            accuracy_target=self.accuracy_target,
+            allow_deferral=self.allow_deferral,
+            tenant_budgets_usd=dict(self.tenant_budgets_usd),
         )
+
+
+def _tenant_budgets(raw: Any) -> dict[str, float]:
+    """The ``tenant_budgets_usd`` param: {tenant: USD >= 0}; empty or missing = no tenant caps."""
+    if raw in (None, "", {}):
+        return {}
+    if not isinstance(raw, dict):
+        raise ContractError(f"tenant_budgets_usd must be an object {{tenant: USD}}, got {raw!r}")
+    budgets: dict[str, float] = {}
+    for tenant, value in raw.items():
+        try:
+            budgets[str(tenant)] = float(value)
+        except (TypeError, ValueError):
+            raise ContractError(f"tenant_budgets_usd[{tenant!r}] must be a number of USD, got {value!r}") from None
+        if not budgets[str(tenant)] >= 0:
+            raise ContractError(f"tenant_budgets_usd[{tenant!r}] must be >= 0, got {value!r}")
+    return budgets
 
 
 def queue_day(params: dict[str, Any], logical_date: Any) -> str:

@@ -143,6 +143,7 @@ def plan_stage(
         size = math.ceil(plan.height / k)
         parts = [(None, plan.slice(i * size, size)) for i in range(k) if i * size < plan.height]
     shares = budget_shares([float(p["expected_cost_usd"].sum()) for _, p in parts], params.budget_usd)
+    tenant_shares = _tenant_shares(parts, queue, params.tenant_budgets_usd)
     shards = []
     for i, ((group, part), share) in enumerate(zip(parts, shares, strict=True)):
         uri = lay.shard_plan(run, i)
@@ -156,12 +157,35 @@ def plan_stage(
                 "rows": part.height,
                 "planned_cost_usd": float(part["expected_cost_usd"].sum()),
                 "budget_usd": share,
+                "tenant_budgets_usd": {tenant: by_part[i] for tenant, by_part in tenant_shares.items()},
             }
         )
-    manifest = {"run": run, "budget_usd": params.budget_usd, "shards": shards, "optimizer": planned.diagnostics}
+    manifest = {
+        "run": run,
+        "budget_usd": params.budget_usd,
+        "tenant_budgets_usd": params.tenant_budgets_usd,
+        "shards": shards,
+        "optimizer": planned.diagnostics,
+    }
     storage.write_text(manifest_uri, json.dumps(manifest, indent=2, default=str))
     log.info("plan.sharded", run=run, shards=len(shards), queries=plan.height, budget_usd=params.budget_usd)
     return shards
+
+
+def _tenant_shares(
+    parts: list[tuple[Any, pl.DataFrame]], queue: pl.DataFrame, budgets_usd: dict[str, float]
+) -> dict[str, list[float]]:
+    """Each tenant budget split over the shards like the total: in proportion to the tenant's planned spend
+    in each shard, rounded down, so a tenant's shares never sum past its budget."""
+    tenant_of = queue.select("query_id", "tenant")
+    shares: dict[str, list[float]] = {}
+    for tenant, budget in budgets_usd.items():
+        weights = [
+            float(part.join(tenant_of, on="query_id").filter(pl.col("tenant") == tenant)["expected_cost_usd"].sum())
+            for _, part in parts
+        ]
+        shares[tenant] = [float(share or 0.0) for share in budget_shares(weights, budget)]
+    return shares
 
 
 def shard_results_uri(lay: Layout, shard: dict[str, Any]) -> str:
@@ -183,7 +207,13 @@ def dispatch_shard(storage: Storage, lay: Layout, shard: dict[str, Any], backend
     queue = queue.filter(pl.col("query_id").is_in(plan["query_id"].implode()))
     started = time.perf_counter()
     results = execute(
-        plan, queue, _backend(backend, storage), budget_usd=shard["budget_usd"], out_uri=out, storage=storage
+        plan,
+        queue,
+        _backend(backend, storage),
+        budget_usd=shard["budget_usd"],
+        out_uri=out,
+        storage=storage,
+        tenant_budgets_usd=shard.get("tenant_budgets_usd") or None,
     )
     storage.write_frame(results, done_uri)
     summary = _shard_summary(shard, results, reused=False)
@@ -228,12 +258,19 @@ def merge_stage(storage: Storage, lay: Layout, run: str, shards: list[dict[str, 
     manifest_in = json.loads(storage.read_bytes(lay.shards_manifest(run)))
     spend = float(results["cost_usd"].fill_null(0).sum())
     budget = manifest_in.get("budget_usd")
+    tenant_budgets: dict[str, float] = manifest_in.get("tenant_budgets_usd") or {}
+    tenant_of = storage.read_frame(lay.plan_file(run, "queue.parquet")).select("query_id", "tenant")
+    by_tenant = results.join(tenant_of, on="query_id").group_by("tenant").agg(pl.col("cost_usd").fill_null(0).sum())
+    tenant_spend = {t: float(by_tenant.filter(pl.col("tenant") == t)["cost_usd"].sum()) for t in tenant_budgets}
     manifest = {
         "run": run,
         "queries": results.height,
         "spend_usd": spend,
         "budget_usd": budget,
-        "within_budget": budget is None or spend <= budget + 1e-9,
+        "tenant_budgets_usd": tenant_budgets,
+        "tenant_spend_usd": tenant_spend,
+        "within_budget": (budget is None or spend <= budget + 1e-9)
+        and all(tenant_spend[t] <= limit + 1e-9 for t, limit in tenant_budgets.items()),
         "status": {s: int((results["status"] == s).sum()) for s in RESULT_STATUSES},
         "shards": len(shards),
         "merged_at": datetime.now(UTC).isoformat(timespec="seconds"),
