@@ -264,6 +264,7 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
         queue=ingested.queue,
         optimizer=diagnostics,
         run_id=job.run_id,
+        tenant_budgets_usd=job.request.tenant_budgets_usd,
     )
     paths |= write_report(report, job.out_uri, storage)
     log.info("run", summary=summary_line(report), out=job.out_uri, seconds=round(time.perf_counter() - started, 2))

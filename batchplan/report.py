@@ -151,6 +151,7 @@ def build_report(
     queue: pl.DataFrame | None = None,
     optimizer: dict[str, Any] | None = None,
     run_id: str | None = None,
+    tenant_budgets_usd: dict[str, float] | None = None,
 ) -> dict[str, Any]:
     status_counts = {s: int((results["status"] == s).sum()) for s in RESULT_STATUSES}
     spend = float(results["cost_usd"].fill_null(0).sum())
@@ -181,6 +182,8 @@ def build_report(
         "accuracy": None,
         "baselines": [],
     }
+    if queue is not None and "tenant" in queue.columns:
+        report["per_tenant"] = per_tenant(results, queue, truth, tenant_budgets_usd or {})
     if truth is not None:
         scored = score_results(results, truth)
         known = scored.filter(pl.col("correct").is_not_null())
@@ -200,6 +203,46 @@ def build_report(
             ]
     report["savings"] = savings(report)
     return report
+
+
+def per_tenant(
+    results: pl.DataFrame, queue: pl.DataFrame, truth: Truth | None, budgets_usd: dict[str, float]
+) -> list[dict[str, Any]]:
+    """Queries, deferrals, spend against the tenant's budget (None: no budget of its own) and accuracy."""
+    scored = score_results(results, truth) if truth is not None else results.with_columns(pl.lit(None).alias("correct"))
+    rows = (
+        scored.join(queue.select("query_id", "tenant"), on="query_id")
+        .group_by("tenant")
+        .agg(
+            pl.len().alias("queries"),
+            (pl.col("status") == "deferred").sum().alias("deferred"),
+            pl.col("cost_usd").fill_null(0).sum().alias("spend_usd"),
+            pl.col("correct").cast(pl.Float64).mean().alias("accuracy"),
+        )
+        .sort("tenant")
+    )
+    return [row | {"budget_usd": budgets_usd.get(row["tenant"])} for row in rows.iter_rows(named=True)]
+
+
+def _per_task_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    return ["task", "queries", "accuracy", "spend USD"], [
+        [t["task"], str(t["queries"]), _fmt_acc(t["accuracy"]), f"{t['spend_usd']:.4f}"]
+        for t in report.get("per_task", [])
+    ]
+
+
+def _per_tenant_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    return ["tenant", "queries", "deferred", "accuracy", "spend USD", "budget USD"], [
+        [
+            t["tenant"],
+            str(t["queries"]),
+            str(t["deferred"]),
+            _fmt_acc(t["accuracy"]),
+            f"{t['spend_usd']:.4f}",
+            f"{t['budget_usd']:.4f}" if t["budget_usd"] is not None else "-",
+        ]
+        for t in report.get("per_tenant", [])
+    ]
 
 
 def savings(report: dict[str, Any]) -> dict[str, float] | None:
@@ -284,18 +327,9 @@ def render_markdown(report: dict[str, Any]) -> str:
         "",
     ]
     if report.get("per_task"):
-        parts += [
-            "## Per task",
-            "",
-            _table(
-                ["task", "queries", "accuracy", "spend USD"],
-                [
-                    [t["task"], str(t["queries"]), _fmt_acc(t["accuracy"]), f"{t['spend_usd']:.4f}"]
-                    for t in report["per_task"]
-                ],
-            ),
-            "",
-        ]
+        parts += ["## Per task", "", _table(*_per_task_table(report)), ""]
+    if report.get("per_tenant"):
+        parts += ["## Per tenant", "", _table(*_per_tenant_table(report)), ""]
     if report["optimizer"]:
         parts += [
             "## Optimizer",
@@ -328,13 +362,8 @@ def render_html(report: dict[str, Any]) -> str:
         for name, acc, cost in policies
     )
     kinds = table(["plan kind", "queries"], [[k, str(v)] for k, v in sorted(report["plan_kinds"].items())])
-    per_task = table(
-        ["task", "queries", "accuracy", "spend USD"],
-        [
-            [t["task"], str(t["queries"]), _fmt_acc(t["accuracy"]), f"{t['spend_usd']:.4f}"]
-            for t in report.get("per_task", [])
-        ],
-    )
+    per_task = table(*_per_task_table(report))
+    per_tenant = table(*_per_tenant_table(report))
     shares = table(
         ["model (first call)", "queries", "share"],
         [[m["model"], str(m["queries"]), f"{m['share']:.1%}"] for m in report["model_share"]],
@@ -353,6 +382,7 @@ td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left}}.row{{display:fl
 <h2>Deferred and failed</h2><p>deferred: {report["status"]["deferred"]}, failed: {report["status"]["failed"]}, quarantined: {report["quarantined"]}</p>
 <h2>Plan kinds</h2>{kinds}
 <h2>Per task</h2>{per_task}
+<h2>Per tenant</h2>{per_tenant}
 <h2>Per-model share</h2>{shares}
 <h2>Optimizer</h2>{optimizer}
 </body></html>"""

@@ -46,7 +46,7 @@ from typing import Any
 
 import polars as pl
 
-from batchplan.contracts import RESULT_SCHEMA
+from batchplan.contracts import RESULT_SCHEMA, conform
 from batchplan.storage import Storage, StorageError, is_s3, join
 
 FINAL_STATUSES = frozenset({"done", "failed"})
@@ -261,7 +261,11 @@ def read_results(out_uri: str, storage: Storage | None = None) -> pl.DataFrame:
     """Every committed result row under ``out_uri`` (the latest row per query wins), RESULT_SCHEMA."""
     storage = storage or Storage()
     manifest = read_manifest(storage, out_uri)
-    frames = [storage.read_frame(join(out_uri, "results", part["name"])) for part in manifest.get("parts", [])]
+    # conformed: parts written by an older version lack the columns added since (``note``)
+    frames = [
+        conform(storage.read_frame(join(out_uri, "results", part["name"])), RESULT_SCHEMA, name=part["name"])
+        for part in manifest.get("parts", [])
+    ]
     if not frames:
         return pl.DataFrame(schema=RESULT_SCHEMA)
     frame = pl.concat(frames, rechunk=False)

@@ -426,3 +426,21 @@ def test_tenant_budgets_need_a_tenant_column(small_history: History, tmp_path: P
     backend = get_backend("replay", history=small_history)
     with pytest.raises(ValueError, match="tenant column"):
         dispatch(plan, queue, backend, budget_usd=1.0, out_uri=str(tmp_path / "run"), tenant_budgets_usd={"a": 1.0})
+
+
+def test_results_written_before_a_column_existed_still_read(small_history: History, tmp_path: Path) -> None:
+    queue = make_queue(small_history, 10)
+    out = str(tmp_path / "run")
+    dispatch(
+        single_plan(small_history, queue),
+        queue,
+        get_backend("replay", history=small_history),
+        budget_usd=1e6,
+        out_uri=out,
+    )
+    for part in (tmp_path / "run" / "results").glob("*.parquet"):
+        pl.read_parquet(part).drop("note").write_parquet(part)  # as an older version wrote them
+    results = read_results(out)
+    assert results.schema == RESULT_SCHEMA
+    assert results.height == 10
+    assert results["note"].null_count() == 10

@@ -102,3 +102,28 @@ def test_report_without_truth_has_no_accuracy() -> None:
     assert report["accuracy"] is None
     assert report["baselines"] == []
     assert "n/a" in render_markdown(report)
+
+
+def test_report_per_tenant_spend_against_budgets() -> None:
+    queue = TASKS.with_columns(pl.Series("tenant", ["acme", "globex"]))
+    deferred = RESULTS.with_columns(
+        pl.when(pl.col("query_id") == "q2").then(pl.lit("deferred")).otherwise("status").alias("status"),
+        pl.when(pl.col("query_id") == "q2").then(0.0).otherwise("cost_usd").alias("cost_usd"),
+    )
+    report = build_report(
+        results=deferred,
+        plan=PLAN,
+        budget_usd=12.0,
+        truth=TRUTH,
+        reference_models={"t": "dear"},
+        queue=queue,
+        tenant_budgets_usd={"globex": 5.0},
+    )
+    assert report["per_tenant"] == [
+        {"tenant": "acme", "queries": 1, "deferred": 0, "spend_usd": 1.0, "accuracy": 1.0, "budget_usd": None},
+        {"tenant": "globex", "queries": 1, "deferred": 1, "spend_usd": 0.0, "accuracy": 0.0, "budget_usd": 5.0},
+    ]
+    assert "| globex | 1 | 1 | 0.0% | 0.0000 | 5.0000 |" in render_markdown(report)
+    assert "<h2>Per tenant</h2>" in render_html(report)
+    untruthful = build_report(results=deferred, plan=PLAN, budget_usd=12.0, queue=queue)
+    assert [t["accuracy"] for t in untruthful["per_tenant"]] == [None, None]

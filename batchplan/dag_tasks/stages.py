@@ -329,6 +329,7 @@ def report_stage(storage: Storage, lay: Layout, run: str, backend: str, *, run_i
         queue=queue,
         optimizer=manifest.get("optimizer"),
         run_id=run_id or run,
+        tenant_budgets_usd=manifest.get("tenant_budgets_usd"),
     )
     paths = write_report(report, lay.reports(run), storage)
     return {"summary": summary_line(report), "paths": paths, "spend_usd": report["spend_usd"]}
