@@ -3,22 +3,13 @@ the pooled out-of-fold table predicts every such query exactly once."""
 
 from __future__ import annotations
 
-import importlib.util
 import zlib
-from pathlib import Path
 
 import polars as pl
 import pytest
 
 from batchplan.history import History, synthetic_history
-
-_spec = importlib.util.spec_from_file_location(
-    "bench_predictor", Path(__file__).resolve().parents[1] / "bench" / "predictor.py"
-)
-assert _spec is not None
-assert _spec.loader is not None
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+from bench import predictor as bench
 
 
 def _two_datasets() -> History:

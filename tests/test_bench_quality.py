@@ -3,23 +3,14 @@ against the best model per task when money is no object."""
 
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import numpy as np
 import polars as pl
 import pytest
 
 from batchplan.history import synthetic_history
-
-_spec = importlib.util.spec_from_file_location(
-    "bench_quality", Path(__file__).resolve().parents[1] / "bench" / "quality.py"
-)
-assert _spec is not None
-assert _spec.loader is not None
-bench = importlib.util.module_from_spec(_spec)
-_spec.loader.exec_module(bench)
+from bench import quality as bench
 
 
 def _plans() -> pl.DataFrame:
