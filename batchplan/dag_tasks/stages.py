@@ -178,14 +178,14 @@ def _tenant_shares(
     """Each tenant budget split over the shards like the total: in proportion to the tenant's planned spend
     in each shard, rounded down, so a tenant's shares never sum past its budget."""
     tenant_of = queue.select("query_id", "tenant")
-    shares: dict[str, list[float]] = {}
-    for tenant, budget in budgets_usd.items():
-        weights = [
-            float(part.join(tenant_of, on="query_id").filter(pl.col("tenant") == tenant)["expected_cost_usd"].sum())
-            for _, part in parts
-        ]
-        shares[tenant] = [float(share or 0.0) for share in budget_shares(weights, budget)]
-    return shares
+    planned = [  # one pass per shard: tenant -> its planned spend there
+        dict(part.join(tenant_of, on="query_id").group_by("tenant").agg(pl.col("expected_cost_usd").sum()).iter_rows())
+        for _, part in parts
+    ]
+    return {
+        tenant: [float(share or 0.0) for share in budget_shares([p.get(tenant, 0.0) for p in planned], budget)]
+        for tenant, budget in budgets_usd.items()
+    }
 
 
 def shard_results_uri(lay: Layout, shard: dict[str, Any]) -> str:
@@ -259,9 +259,13 @@ def merge_stage(storage: Storage, lay: Layout, run: str, shards: list[dict[str, 
     spend = float(results["cost_usd"].fill_null(0).sum())
     budget = manifest_in.get("budget_usd")
     tenant_budgets: dict[str, float] = manifest_in.get("tenant_budgets_usd") or {}
-    tenant_of = storage.read_frame(lay.plan_file(run, "queue.parquet")).select("query_id", "tenant")
-    by_tenant = results.join(tenant_of, on="query_id").group_by("tenant").agg(pl.col("cost_usd").fill_null(0).sum())
-    tenant_spend = {t: float(by_tenant.filter(pl.col("tenant") == t)["cost_usd"].sum()) for t in tenant_budgets}
+    tenant_spend: dict[str, float] = {}
+    if tenant_budgets:  # the queue is read only when there are tenant budgets to check
+        from batchplan.report import per_tenant
+
+        queue = storage.read_frame(lay.plan_file(run, "queue.parquet"))
+        spent = {row["tenant"]: row["spend_usd"] for row in per_tenant(results, queue, None, tenant_budgets)}
+        tenant_spend = {tenant: float(spent.get(tenant, 0.0)) for tenant in tenant_budgets}
     manifest = {
         "run": run,
         "queries": results.height,
