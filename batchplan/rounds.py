@@ -1,0 +1,95 @@
+"""Execution in rounds: the contract between the round planner and the round runner.
+
+A run in rounds goes: plan round 1 -> dispatch it -> observe -> plan round 2 from what was observed -> ...
+The **round planner** (``RoundPlanner``) decides, for every open query, what to call this round (nothing =
+stop with the current answer) and, at the end, which answer each query keeps; it knows predictions,
+observations and the posterior model, never the dispatcher. The **round runner** dispatches a round's calls
+under the hard budget, records every call as an observation, and resumes a killed run without paying twice
+or repeating a round; it knows the dispatcher, never the posterior.
+
+Both sides speak only the two frames below.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Final, Protocol
+
+import polars as pl
+
+from batchplan.contracts import _columns
+
+# One row per call a round made (failed calls included: a failure is an observation too).
+OBSERVATION_SCHEMA: Final = pl.Schema(
+    _columns(
+        {
+            "query_id": pl.String,
+            "round": pl.Int64,  # 1-based
+            "model": pl.String,  # the LLM called
+            "status": pl.String,  # "ok", or the dispatcher's failure status (rate_limited, server_error, ...)
+            "answer": pl.String,  # null unless ok
+            "logprob": pl.Float64,  # the LLM's log-probability of its own answer, where the endpoint gives it
+            "cost_usd": pl.Float64,  # what the budget guard charged: the bill, or the reservation when unknown
+            "billed_known": pl.Boolean,  # False: an ambiguous failure charged its reservation
+            "tokens_in": pl.Int64,
+            "tokens_out": pl.Int64,
+        }
+    )
+)
+
+# One row per query the round calls; a query without a row (or with an empty list) stops this round.
+ROUND_PLAN_SCHEMA: Final = pl.Schema(
+    _columns(
+        {
+            "query_id": pl.String,
+            "models": pl.List(pl.String),  # the LLMs to call this round, all at once
+            "expected_cost_usd": pl.Float64,
+            "reserve_cost_usd": pl.Float64,  # high side of the round's calls: what the budget guard will hold
+            "expected_accuracy": pl.Float64,  # P(the query's answer after this round is right), as planned
+        }
+    )
+)
+
+# One row per query of the batch, after the last round.
+ROUND_ANSWER_SCHEMA: Final = pl.Schema(
+    _columns(
+        {
+            "query_id": pl.String,
+            "answer": pl.String,  # null: no call answered
+            "estimated_p_correct": pl.Float64,  # the posterior of that answer, computed without gold
+        }
+    )
+)
+
+
+@dataclass(frozen=True)
+class RoundState:
+    """What the planner sees before round ``round`` (1-based) of ``rounds``."""
+
+    round: int
+    rounds: int
+    queue: pl.DataFrame  # the whole batch (QUEUE_SCHEMA)
+    predictions: pl.DataFrame  # PREDICTION_SCHEMA, the prior per (query, model)
+    observations: pl.DataFrame  # OBSERVATION_SCHEMA, every call of rounds 1..round-1
+    budget_left_usd: float | None  # total budget minus what the guard has charged so far (None: no budget)
+    tenant_budgets_left_usd: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def last(self) -> bool:
+        return self.round >= self.rounds
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    calls: pl.DataFrame  # ROUND_PLAN_SCHEMA
+    diagnostics: dict[str, Any] = field(default_factory=dict)  # optimizer status, bound, gap, duals
+
+
+class RoundPlanner(Protocol):
+    def plan_round(self, state: RoundState) -> RoundPlan:
+        """Which LLMs each open query calls this round, chosen globally under what is left of the budget."""
+        ...
+
+    def answers(self, queue: pl.DataFrame, predictions: pl.DataFrame, observations: pl.DataFrame) -> pl.DataFrame:
+        """ROUND_ANSWER_SCHEMA: each query's final answer from its observations, with its posterior."""
+        ...
