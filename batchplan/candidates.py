@@ -79,7 +79,7 @@ def single_model_candidates(queue: pl.DataFrame, predictions: pl.DataFrame) -> C
 
 def template_candidates(base: Candidates, predictions: pl.DataFrame, templates: PlanTemplates) -> Candidates:
     """Add every fitted vote/cascade template whose members the backend offers for the query."""
-    if not templates.templates:
+    if not templates.templates or predictions.height == 0:  # nothing offered: no template can be formed
         return base
     queries = base.queries
     models = sorted(predictions["model"].unique().to_list())

@@ -69,6 +69,11 @@ def _floats(values: list[str], what: str) -> dict[str, float]:
         raise typer.BadParameter(f"{what}: {error}") from error
 
 
+def _say_quarantined(rows: int, uri: str) -> None:
+    """Where the refused rows went (each with its reason), from every command that ingests a queue."""
+    console.print(f"quarantined {rows} rows -> {uri}")
+
+
 @contextmanager
 def _progress(label: str) -> Iterator[Any]:
     """A progress bar in the terminal only; the callback takes (done, total)."""
@@ -110,6 +115,7 @@ def _request(
     kinds: str,
     label_error: list[str],
     label_error_mode: str,
+    allow_unused_constraints: bool,
 ) -> Any:
     from batchplan.planning import PlanRequest
 
@@ -124,6 +130,7 @@ def _request(
         kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()),
         label_error_max=dict(_floats(label_error, "--label-error")),
         label_error_mode=label_error_mode,
+        allow_unused_constraints=allow_unused_constraints,
     )
 
 
@@ -145,6 +152,14 @@ LabelModeOpt = Annotated[
     str, typer.Option("--label-error-mode", help="per_query (every plan meets it) or aggregate (the batch does).")
 ]
 KindsOpt = Annotated[str, typer.Option("--plans", help="Plan kinds to choose from: single,vote,cascade,agreement.")]
+UnusedOpt = Annotated[
+    bool,
+    typer.Option(
+        "--allow-unused-constraints",
+        help="Accept constraints naming a tenant, model or task not in this batch (the report lists them); "
+        "without it such a name is refused as a typo.",
+    ),
+]
 AllowOpt = Annotated[
     list[str], typer.Option("--allow", help="TENANT=MODEL,MODEL: models a tenant may use, repeatable.")
 ]
@@ -211,6 +226,7 @@ def plan(
     plans: KindsOpt = "single,vote,cascade,agreement",
     label_error: LabelErrorOpt = [],  # noqa: B006
     label_error_mode: LabelModeOpt = "per_query",
+    allow_unused_constraints: UnusedOpt = False,
     backend: Annotated[
         str | None, typer.Option("--backend", help="Plan for this backend's models (default: the predictor's).")
     ] = None,
@@ -221,6 +237,7 @@ def plan(
 ) -> None:
     """Plan the batch: one plan per query, under the budget and constraints. Writes the plan; calls nothing."""
     from batchplan import artifacts, pipeline
+    from batchplan.report import notes
 
     storage = _storage()
     with _user_errors():
@@ -235,12 +252,13 @@ def plan(
             kinds=plans,
             label_error=label_error,
             label_error_mode=label_error_mode,
+            allow_unused_constraints=allow_unused_constraints,
         )
         ingested = pipeline.ingest(queue, storage, out_uri=None)
         if ingested.quarantine.height:
             quarantine_uri = out.rsplit(".", 1)[0] + ".quarantine.parquet"
             storage.write_frame(ingested.quarantine, quarantine_uri)
-            console.print(f"quarantined {ingested.quarantine.height} rows -> {quarantine_uri}")
+            _say_quarantined(ingested.quarantine.height, quarantine_uri)
         chosen_backend = (
             pipeline.make_backend(
                 backend, storage=storage, replay_history=replay_history, base_url=base_url, prices_uri=prices
@@ -250,6 +268,8 @@ def plan(
         )
         trained = artifacts.load(storage, model, version=model_version)
         predictions = pipeline.predict(ingested.queue, trained.predictor, chosen_backend)
+        for line in notes({"unseen_tasks": pipeline.unseen_tasks(ingested.queue, trained.predictor)}):
+            console.print(f"note: {line}")
         outcome = pipeline.optimize(
             pipeline.build_candidates(ingested.queue, predictions, trained.templates, request.kinds),
             request,
@@ -282,6 +302,7 @@ def run(
     plans: KindsOpt = "single,vote,cascade,agreement",
     label_error: LabelErrorOpt = [],  # noqa: B006
     label_error_mode: LabelModeOpt = "per_query",
+    allow_unused_constraints: UnusedOpt = False,
     backend: BackendOpt = "replay",
     replay_history: ReplayOpt = [],  # noqa: B006
     base_url: BaseUrlOpt = None,
@@ -310,6 +331,7 @@ def run(
                 kinds=plans,
                 label_error=label_error,
                 label_error_mode=label_error_mode,
+                allow_unused_constraints=allow_unused_constraints,
             ),
             backend=backend,
             replay_history=replay_history,
@@ -321,6 +343,8 @@ def run(
         with _progress("dispatch") as progress:
             outcome = run_job(job, storage, progress=progress)
     typer.echo(render_markdown(outcome.report))
+    if outcome.report["quarantined"]:
+        _say_quarantined(outcome.report["quarantined"], join(out, "quarantine.parquet"))
     console.print(f"wrote {', '.join(outcome.paths.values())}")
 
 

@@ -7,7 +7,7 @@ Frames are validated where they enter the system (ingest, storage reads) and tru
 | queue row | query_id (unique, non-empty), prompt (non-empty), system_prompt?, labels? (list of allowed answers, null for open tasks), task?, tenant?, priority? (> 0, default 1) |
 | outcome history | queries.parquet + outcomes.parquet + models.csv, the layout of ``../shared/data`` |
 | prediction | query_id, model, p_correct, cost_usd (expected), cost_high_usd (p90, what a dispatcher reserves) |
-| plan row | query_id, kind (single / vote / cascade / agreement; "defer" in a run's plan file), models (call order), expected_cost_usd, expected_accuracy, reserve_cost_usd (high side, reserved before calling), thresholds (cascade), fallback_models (when a model is down) |
+| plan row | query_id, kind (single / vote / cascade / agreement; "defer" or "unanswerable" in a run's plan file), models (call order), expected_cost_usd, expected_accuracy, reserve_cost_usd (high side, reserved before calling), thresholds (cascade), fallback_models (when a model is down) |
 | result row | query_id, answer, models_called, cost_usd, status (done / failed / deferred), error (why not done), note (how a done query deviated from its plan) |
 """
 
@@ -84,6 +84,9 @@ PREDICTION_SCHEMA: Final = pl.Schema(
 )
 
 PLAN_KINDS: Final = ("single", "vote", "cascade", "agreement")  # semantics: batchplan/plan_simulation.py
+# Plan kinds of a run's plan file beyond PLAN_KINDS: nothing is called for these rows.
+DEFER: Final = "defer"  # the optimizer left the query for a later run
+UNANSWERABLE: Final = "unanswerable"  # no model the backend offers (and the tenant may use) can answer it
 PLAN_SCHEMA: Final = pl.Schema(
     _columns(
         {

@@ -7,6 +7,8 @@ orchestration in ``run_job`` only wires them and writes each stage's output unde
     <out>/plan.parquet         one plan row per query (kind "defer" where the optimizer deferred it);
                                a rerun into the same directory resumes with this plan
     <out>/plan.optimizer.json  the optimizer's status, bound, gap, duals
+    <out>/plan.request.json    the request (budget, constraints, plan kinds) the plan was made for: a rerun
+                               asking another is refused, so the report's budget is the one enforced
     <out>/dispatch/            the dispatcher's ledger, result parts and manifest (resumable)
     <out>/results.parquet      one result row per query
     <out>/report.{json,md,html}
@@ -26,11 +28,11 @@ import structlog
 from batchplan import artifacts
 from batchplan.candidates import Candidates, single_model_candidates, template_candidates
 from batchplan.catalog import PriceCatalog
-from batchplan.contracts import RESULT_SCHEMA, ContractError
+from batchplan.contracts import DEFER, RESULT_SCHEMA, UNANSWERABLE, ContractError
 from batchplan.history import History, load_history
 from batchplan.ingest import Ingested, read_queue
 from batchplan.plan_templates import PlanTemplates
-from batchplan.planning import PlanOutcome, PlanRequest, plan_batch
+from batchplan.planning import PlanOutcome, PlanRequest, plan_batch, request_changes, request_record
 from batchplan.report import Truth, build_report, summary_line, write_report
 from batchplan.storage import Storage, join
 from dispatchers import Backend, dispatch, get_backend
@@ -87,6 +89,8 @@ def predict(queue: pl.DataFrame, predictor: Predictor, backend: Backend | None) 
     """P(correct) and cost for every (query, model) the backend can serve; without a backend, for every
     model the predictor knows, at the prices it learned."""
     started = time.perf_counter()
+    if unseen := unseen_tasks(queue, predictor):
+        log.warning("predict.unseen_tasks", tasks=unseen, known=sorted(predictor.tasks.values))
     if backend is None:
         models = pl.DataFrame({"model": predictor.models}, schema={"model": pl.String})
         predictions = predictor.predict(queue, queue.select("query_id").join(models, how="cross"), None)
@@ -99,6 +103,12 @@ def predict(queue: pl.DataFrame, predictor: Predictor, backend: Backend | None) 
         seconds=round(time.perf_counter() - started, 2),
     )
     return predictions
+
+
+def unseen_tasks(queue: pl.DataFrame, predictor: Predictor) -> list[str]:
+    """The queue's tasks the predictor never saw in training: their accuracy is each model's mean over all
+    tasks, so the plan for them is a guess the user should know about (a typo'd task name looks the same)."""
+    return sorted(set(queue["task"].unique().to_list()) - set(predictor.tasks.values))
 
 
 def build_candidates(
@@ -145,7 +155,7 @@ def execute(
     ``tenant_budgets_usd`` are hard caps at dispatch too: the plan meets them in expectation, escalations
     that run over are deferred rather than paid."""
     started = time.perf_counter()
-    runnable = plan.filter(pl.col("kind") != "defer")
+    runnable = plan.filter(~pl.col("kind").is_in([DEFER, UNANSWERABLE]))
     # Without a budget (minimize cost for a target), spend is capped by the plan's own high side.
     limit = budget_usd if budget_usd is not None else float(runnable["reserve_cost_usd"].sum())
     dispatched = dispatch(
@@ -158,16 +168,16 @@ def execute(
         storage=storage,
         progress=progress,
     )
-    deferred = plan.filter(pl.col("kind") == "defer").select(
-        "query_id",
-        pl.lit(None, dtype=pl.String).alias("answer"),
-        pl.lit([], dtype=pl.List(pl.String)).alias("models_called"),
-        pl.lit(0.0).alias("cost_usd"),
-        pl.lit("deferred").alias("status"),
-        pl.lit("deferred by the plan: not worth its cost under the budget").alias("error"),
-        pl.lit(None, dtype=pl.String).alias("note"),
+    deferred = _not_called(plan.filter(pl.col("kind") == DEFER), "deferred", pl.lit(DEFERRED_BY_PLAN))
+    unanswerable = plan.filter(pl.col("kind") == UNANSWERABLE)
+    offered = backend.offered_pairs(queue.filter(pl.col("query_id").is_in(unanswerable["query_id"].implode())))
+    reason = (
+        pl.when(pl.col("query_id").is_in(offered["query_id"].implode()))
+        .then(pl.lit("no LLM the backend offers for this query is one its tenant may use (--allow)"))
+        .otherwise(pl.lit(f"no LLM the backend offers can answer this query: {backend.unoffered_reason}"))
     )
-    results = pl.concat([dispatched.select(RESULT_SCHEMA.names()).cast(RESULT_SCHEMA), deferred.cast(RESULT_SCHEMA)])
+    failed = _not_called(unanswerable, "failed", reason)
+    results = pl.concat([dispatched.select(RESULT_SCHEMA.names()).cast(RESULT_SCHEMA), deferred, failed])
     results = plan.select("query_id").join(results, on="query_id", how="left")
     log.info(
         "dispatch",
@@ -177,6 +187,22 @@ def execute(
         seconds=round(time.perf_counter() - started, 2),
     )
     return results
+
+
+DEFERRED_BY_PLAN = "deferred by the plan: not worth its cost under the budget"
+
+
+def _not_called(plan: pl.DataFrame, status: str, error: pl.Expr) -> pl.DataFrame:
+    """Result rows for plan rows nothing is called for (deferred, unanswerable): no answer, no spend."""
+    return plan.select(
+        "query_id",
+        pl.lit(None, dtype=pl.String).alias("answer"),
+        pl.lit([], dtype=pl.List(pl.String)).alias("models_called"),
+        pl.lit(0.0).alias("cost_usd"),
+        pl.lit(status).alias("status"),
+        error.alias("error"),
+        pl.lit(None, dtype=pl.String).alias("note"),
+    ).cast(RESULT_SCHEMA)
 
 
 def reference_models(predictions: pl.DataFrame, queue: pl.DataFrame) -> dict[str, str]:
@@ -265,6 +291,7 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
         optimizer=diagnostics,
         run_id=job.run_id,
         tenant_budgets_usd=job.request.tenant_budgets_usd,
+        unseen_tasks=unseen_tasks(ingested.queue, trained.predictor),
     )
     paths |= write_report(report, job.out_uri, storage)
     log.info("run", summary=summary_line(report), out=job.out_uri, seconds=round(time.perf_counter() - started, 2))
@@ -280,16 +307,30 @@ def _resume_or_plan(
     request: PlanRequest,
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
     """A rerun into the same run directory keeps the plan it started with: re-planning could move a query to
-    another model, and the dispatcher would then call (and pay) again for a query already answered."""
-    diagnostics_uri = plan_uri.removesuffix(".parquet") + ".optimizer.json"
+    another model, and the dispatcher would then call (and pay) again for a query already answered. So a
+    rerun must ask what the plan was made for: another budget or constraint would be reported but not
+    enforced (the dispatcher follows the old plan), and is refused with the way to start a new run."""
+    stem = plan_uri.removesuffix(".parquet")
+    diagnostics_uri, request_uri = stem + ".optimizer.json", stem + ".request.json"
     if storage.exists(plan_uri):
         plan = storage.read_frame(plan_uri)
         if set(plan["query_id"].to_list()) != set(queue["query_id"].to_list()):
             raise ContractError(f"{plan_uri} holds the plan of another queue: write this run to a new --out directory")
+        if not storage.exists(request_uri):
+            raise ContractError(
+                f"{plan_uri} has no record of the request it was planned for ({request_uri}): "
+                "write this run to a new --out directory"
+            )
+        if changed := request_changes(json.loads(storage.read_text(request_uri)), request):
+            raise ContractError(
+                f"{plan_uri} was planned for another request ({'; '.join(changed)}): rerun with the settings it was "
+                "planned for to resume it, or write this run to a new --out directory"
+            )
         log.info("optimize", resumed=plan_uri, queries=plan.height)
         diagnostics = json.loads(storage.read_text(diagnostics_uri)) if storage.exists(diagnostics_uri) else {}
         return plan, {**diagnostics, "resumed_from": plan_uri}
     planned = optimize(build_candidates(queue, predictions, templates, request.kinds), request, templates)
     storage.write_text(diagnostics_uri, json.dumps(planned.diagnostics, default=str))
-    storage.write_frame(planned.plan, plan_uri)
+    storage.write_text(request_uri, json.dumps(request_record(request), indent=2))
+    storage.write_frame(planned.plan, plan_uri)  # last: a plan file always has its request beside it
     return planned.plan, planned.diagnostics

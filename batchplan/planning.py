@@ -7,7 +7,9 @@ The optimizer itself knows nothing of LLMs; this module is the translation layer
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass, field
+import difflib
+import json
+from dataclasses import asdict, dataclass, field
 from statistics import NormalDist
 from typing import Any
 
@@ -16,7 +18,7 @@ import polars as pl
 import structlog
 
 from batchplan.candidates import Candidates
-from batchplan.contracts import PLAN_KINDS, PLAN_SCHEMA, ContractError
+from batchplan.contracts import PLAN_KINDS, PLAN_SCHEMA, UNANSWERABLE, ContractError
 from batchplan.plan_templates import PlanTemplates
 from optimizer import (
     AccuracyFloor,
@@ -56,6 +58,9 @@ class PlanRequest:
     # the plans' cost variances): a query deferred by the dispatcher's hard stop is a lost answer.
     spend_confidence: float = 0.95
     method: Method = "auto"
+    # A constraint naming a tenant, model or task the batch does not have is refused (a typo caps nothing);
+    # a nightly config that lists every tenant opts in, and the report lists what bound nothing.
+    allow_unused_constraints: bool = False
 
     def __post_init__(self) -> None:
         if self.budget_usd is None and self.accuracy_target is None:
@@ -77,6 +82,7 @@ class PlanOutcome:
     solution: Solution
     spend_margin_usd: float = 0.0
     templates_withheld: list[str] = field(default_factory=list)  # tasks whose votes/cascades this budget left out
+    unused_constraints: list[str] = field(default_factory=list)  # constraints naming what the batch lacks
 
     @property
     def diagnostics(self) -> dict[str, Any]:
@@ -92,7 +98,63 @@ class PlanOutcome:
             "binding": s.binding,
             "spend_margin_usd": self.spend_margin_usd,
             "templates_withheld": self.templates_withheld,
+            "unused_constraints": self.unused_constraints,
         }
+
+
+def request_record(request: PlanRequest) -> dict[str, Any]:
+    """The request as plain JSON values: stored beside a plan, so a rerun can tell whether it asks the same."""
+    return dict(json.loads(json.dumps(asdict(request))))
+
+
+def request_changes(stored: dict[str, Any], request: PlanRequest) -> list[str]:
+    """What ``request`` asks differently from a stored request record, as 'field: old -> new' (empty if same)."""
+    now = request_record(request)
+    return [
+        f"{key}: {json.dumps(stored.get(key))} -> {json.dumps(now.get(key))}"
+        for key in sorted(set(stored) | set(now))
+        if stored.get(key) != now.get(key)
+    ]
+
+
+def _closest(name: str, known: list[str], limit: int = 5) -> str:
+    """``known`` as a list, most similar to ``name`` first (ties alphabetical)."""
+    ranked = sorted(known, key=lambda k: (-difflib.SequenceMatcher(None, name, k).ratio(), k))
+    shown = ", ".join(repr(k) for k in ranked[:limit])
+    return f"{shown}, ... ({len(ranked)} in all)" if len(ranked) > limit else shown or "none"
+
+
+def check_constraint_names(request: PlanRequest, candidates: Candidates) -> list[str]:
+    """Every tenant, model and task a constraint names must be in the batch (its queue, the models offered).
+
+    A misspelt name would cap nothing, which for a budget tool is the worst failure: refused with one line
+    naming it and the known names, closest first. With ``allow_unused_constraints`` (a config that lists
+    every tenant, not all queued tonight) returns the constraints that bind nothing instead."""
+    tenants = sorted(candidates.queries["tenant"].unique().to_list())
+    tasks = sorted(candidates.queries["task"].unique().to_list())
+    models = sorted(candidates.plans.filter(pl.col("kind") == "single")["models"].list.first().unique().to_list())
+    checks: list[tuple[str, str, str, list[str]]] = [  # (constraint, name, what it names, known names)
+        *(("tenant budget", t, "tenant", tenants) for t in request.tenant_budgets_usd),
+        *(("max calls", m, "model", models) for m in request.model_max_calls),
+        *(("task floor", t, "task", tasks) for t in request.task_accuracy_floors),
+        *(("allowed models", t, "tenant", tenants) for t in request.allowed_models),
+        *((f"allowed models of {t!r}", m, "model", models) for t, ms in request.allowed_models.items() for m in ms),
+        *(("label error bound", t, "task", tasks) for t in request.label_error_max if t != "*"),
+    ]
+    unknown = [(c, n, what, known) for c, n, what, known in checks if n not in known]
+    unused = [f"{c}: {what} {n!r} is not in this batch" for c, n, what, _ in unknown]
+    if unknown and not request.allow_unused_constraints:
+        raise ContractError(
+            "; ".join(
+                f"{line} ({what}s, closest first: {_closest(n, known)})"
+                for line, (_, n, what, known) in zip(unused, unknown, strict=True)
+            )
+            + "; fix the name, or allow unused constraints (--allow-unused-constraints, DAG param "
+            "allow_unused_constraints) if it is legitimately absent"
+        )
+    if unused:
+        log.warning("constraints.unused", constraints=unused)
+    return unused
 
 
 def restrict_allowed(candidates: Candidates, allowed_models: dict[str, list[str]]) -> Candidates:
@@ -128,17 +190,14 @@ def define_constraints(request: PlanRequest, candidates: Candidates) -> tuple[li
     if request.budget_usd is not None:
         constraints.append(Budget(limit=request.budget_usd))
     if request.tenant_budgets_usd:
-        tenants = set(candidates.queries["tenant"].unique().to_list())
-        if unused := sorted(set(request.tenant_budgets_usd) - tenants):
-            # a nightly config may list tenants with nothing queued tonight; a misspelt one caps nothing
-            log.warning("tenant_budget.unused", tenants=unused, queued_tenants=sorted(tenants))
         constraints.append(GroupBudget(group="tenant", limits=dict(request.tenant_budgets_usd), name="tenant_budget"))
     for model, calls in sorted(request.model_max_calls.items()):
         column = f"calls:{model}"
         extra.append(column)
         constraints.append(Capacity(column=column, limit=float(calls), name=f"capacity[{model}]"))
-    if request.task_accuracy_floors:
-        constraints.append(AccuracyFloor(min_mean=dict(request.task_accuracy_floors), group="task", name="task_floor"))
+    tasks = set(candidates.queries["task"].unique().to_list())
+    if floors := {t: f for t, f in request.task_accuracy_floors.items() if t in tasks}:  # others: unused, allowed
+        constraints.append(AccuracyFloor(min_mean=floors, group="task", name="task_floor"))
     if request.accuracy_target is not None:
         constraints.append(AccuracyFloor(min_mean=request.accuracy_target, name="accuracy_target"))
     return constraints, extra
@@ -281,8 +340,12 @@ def offer_templates(
 
 
 def plan_batch(candidates: Candidates, request: PlanRequest, templates: PlanTemplates | None = None) -> PlanOutcome:
-    """Choose one candidate (or deferral) per query for the whole batch at once."""
+    """Choose one candidate (or deferral) per query for the whole batch at once. A query no offered model
+    may answer gets a plan row of kind UNANSWERABLE (it ends ``failed`` with the reason); the rest are planned."""
+    unused = check_constraint_names(request, candidates)
+    order = candidates.queries.select("query_id")  # plan rows in queue order, the set-aside ones included
     candidates = restrict_allowed(candidates, request.allowed_models)
+    candidates, unanswerable = split_unanswerable(candidates)
     withheld: list[str] = []
     if templates is not None:
         candidates, withheld = offer_templates(candidates, templates, request.budget_usd)
@@ -293,12 +356,6 @@ def plan_batch(candidates: Candidates, request: PlanRequest, templates: PlanTemp
             candidates = meet_label_errors(candidates, errors)
         else:
             candidates, label_columns = aggregate_label_error_columns(candidates, errors, templates or PlanTemplates())
-    missing = candidates.queries.join(candidates.plans.select("query").unique(), on="query", how="anti")
-    if missing.height:
-        raise ContractError(
-            f"{missing.height} queries have no model they may use (first: {missing['query_id'][0]!r}): "
-            "check the backend's models and the tenant's allowed models"
-        )
     constraints, extra = define_constraints(request, candidates)
     constraints += [Capacity(column=c, limit=0.0, name=c) for c in label_columns]
     options = options_table(candidates, extra, label_columns)
@@ -328,7 +385,55 @@ def plan_batch(candidates: Candidates, request: PlanRequest, templates: PlanTemp
         )
         .select(PLAN_SCHEMA.names())
     )
-    return PlanOutcome(plan=plan, solution=solution, spend_margin_usd=margin, templates_withheld=withheld)
+    if unanswerable.height:
+        plan = order.join(
+            pl.concat([plan, unanswerable_rows(unanswerable["query_id"])]), on="query_id", maintain_order="left"
+        )
+    return PlanOutcome(
+        plan=plan,
+        solution=solution,
+        spend_margin_usd=margin,
+        templates_withheld=withheld,
+        unused_constraints=unused,
+    )
+
+
+def split_unanswerable(candidates: Candidates) -> tuple[Candidates, pl.DataFrame]:
+    """Set aside the queries with no candidate (no offered model, or none their tenant may use): they cannot
+    be answered, but the rest of the batch can. Raises only when no query is left to plan."""
+    missing = candidates.queries.join(candidates.plans.select("query").unique(), on="query", how="anti")
+    if not missing.height:
+        return candidates, missing
+    if missing.height == candidates.queries.height:
+        raise ContractError(
+            f"none of the {missing.height} queries can be answered by a model the backend offers "
+            f"(first: {missing['query_id'][0]!r}): check --backend and --replay-history, and the tenants' "
+            "allowed models (--allow)"
+        )
+    log.warning("plan.unanswerable", queries=missing.height, first=missing["query_id"][0])
+    kept = candidates.queries.join(missing.select("query"), on="query", how="anti")
+    renumber = kept.select("query", pl.int_range(pl.len(), dtype=pl.Int64).alias("_new"))
+    plans = candidates.plans.join(renumber, on="query").drop("query").rename({"_new": "query"})
+    queries = kept.join(renumber, on="query").drop("query").rename({"_new": "query"})
+    return Candidates(plans=plans.select(candidates.plans.columns), queries=queries.select(kept.columns)), missing
+
+
+def unanswerable_rows(query_ids: pl.Series) -> pl.DataFrame:
+    """Plan rows for queries no offered model can answer: nothing to call, nothing to spend."""
+    return (
+        pl.DataFrame({"query_id": query_ids})
+        .select(
+            "query_id",
+            pl.lit(UNANSWERABLE).alias("kind"),
+            pl.lit([], dtype=pl.List(pl.String)).alias("models"),
+            pl.lit(0.0).alias("expected_cost_usd"),
+            pl.lit(0.0).alias("expected_accuracy"),
+            pl.lit(0.0).alias("reserve_cost_usd"),
+            pl.lit(None, dtype=pl.List(pl.Float64)).alias("thresholds"),
+            pl.lit([], dtype=pl.List(pl.String)).alias("fallback_models"),
+        )
+        .cast(PLAN_SCHEMA)
+    )
 
 
 def fallbacks(candidates: Candidates, solution: Solution, keep: int = 2) -> pl.DataFrame:

@@ -152,12 +152,13 @@ def build_report(
     optimizer: dict[str, Any] | None = None,
     run_id: str | None = None,
     tenant_budgets_usd: dict[str, float] | None = None,
+    unseen_tasks: list[str] | None = None,
 ) -> dict[str, Any]:
     status_counts = {s: int((results["status"] == s).sum()) for s in RESULT_STATUSES}
     spend = float(results["cost_usd"].fill_null(0).sum())
     calls = results.select(pl.col("models_called").explode().drop_nulls().alias("model"))
     shares = (
-        plan.filter(pl.col("kind") != "defer")
+        plan.filter(pl.col("models").list.len() > 0)  # not deferred, not unanswerable
         .select(pl.col("models").list.first().alias("model"))
         .group_by("model")
         .len()
@@ -179,6 +180,9 @@ def build_report(
         "model_share": [{"model": m, "queries": int(c), "share": float(s)} for m, c, s in shares.iter_rows()],
         "calls_per_model": [{"model": m, "calls": int(c)} for m, c in call_counts.iter_rows()],
         "optimizer": optimizer or {},
+        # asked for but binding nothing (--allow-unused-constraints), and tasks the predictor only guesses at
+        "unused_constraints": list((optimizer or {}).get("unused_constraints") or []),
+        "unseen_tasks": list(unseen_tasks or []),
         "accuracy": None,
         "baselines": [],
     }
@@ -296,8 +300,21 @@ def _fmt_acc(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1%}"
 
 
+def notes(report: dict[str, Any]) -> list[str]:
+    """What the user asked for or sent that this run could not use: one line each, in every format."""
+    lines = [f"Constraint that bound nothing: {c}" for c in report.get("unused_constraints") or []]
+    if unseen := report.get("unseen_tasks"):
+        lines.append(
+            f"Tasks the predictor never saw: {', '.join(unseen)} (their accuracy is each model's average over "
+            "the tasks it knows: check the task names, or train on a history that has them)"
+        )
+    return lines
+
+
 def render_markdown(report: dict[str, Any]) -> str:
     parts = [f"# batchplan report {report.get('run_id') or ''}".rstrip(), "", summary_line(report), ""]
+    if lines := notes(report):
+        parts += [*(f"- {line}" for line in lines), ""]
     if report.get("savings"):
         parts += [_savings_text(report), ""]
     rows = [
@@ -376,7 +393,7 @@ def render_html(report: dict[str, Any]) -> str:
 td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left}}.row{{display:flex;gap:.5em;align-items:center;margin:.2em 0}}
 .name{{width:22em}}.bar{{display:inline-block;height:1em;background:#3a7}}.bar.cost{{background:#c84}}
 .budget{{width:400px;height:1.2em;border:1px solid #333}}.budget div{{height:100%;background:#c84}}</style></head><body>
-<h1>batchplan report</h1><p>{html.escape(summary_line(report))}</p><p><b>{html.escape(_savings_text(report))}</b></p>
+<h1>batchplan report</h1><p>{html.escape(summary_line(report))}</p>{"".join(f"<p class='note'>{html.escape(n)}</p>" for n in notes(report))}<p><b>{html.escape(_savings_text(report))}</b></p>
 <h2>Spend vs budget</h2><div class="budget"><div style="width:{fill:.1f}%"></div></div><p>${spend:.4f} of ${budget:.4f}</p>
 <h2>Accuracy (green) and spend (orange) at the same budget</h2>{bars}
 <h2>Deferred and failed</h2><p>deferred: {report["status"]["deferred"]}, failed: {report["status"]["failed"]}, quarantined: {report["quarantined"]}</p>

@@ -44,6 +44,12 @@ OUTCOMES = Asset(name="batchplan_outcomes", uri="batchplan://outcomes")
         "accuracy_target": Param(None, type=["number", "null"], minimum=0, maximum=1),
         "allow_deferral": Param(True, type="boolean"),
         "tenant_budgets_usd": Param({}, type="object", description="Per-tenant budgets (USD) for the whole range."),
+        "allow_unused_constraints": Param(
+            False,
+            type="boolean",
+            description="Accept tenant budgets naming no queued tenant (a config listing every tenant); "
+            "the report lists them. Off: such a name fails the run at plan, naming the queued tenants.",
+        ),
         "backend": Param("replay", enum=["replay", "openai", "bedrock"]),
     },
 )

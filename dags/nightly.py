@@ -14,6 +14,10 @@ most `budget_usd`) -> `dispatch` (mapped over the shards; each shard's ledger ma
 
 **Params** (editable in *Trigger DAG*): `budget_usd`, `accuracy_target`, `allow_deferral`, `queue_date`
 (default: the run's date), `queue_prefix` (a full URI, `{date}` filled in), `backend`, `max_shards`.
+
+**Constraints**: a `tenant_budgets_usd` tenant not in the queue fails the run at `plan`, naming the queued
+tenants, unless `allow_unused_constraints` (the report then lists it). Re-running a run with another budget
+is refused at `plan`: the stored plan and its shards' budgets stand.
 """
 
 from __future__ import annotations
@@ -60,6 +64,12 @@ def _sensor_key(params: dict[str, Any], logical_date: Any) -> str:
         "allow_deferral": Param(True, type="boolean", description="May the plan defer queries not worth their cost?"),
         "tenant_budgets_usd": Param(
             {}, type="object", description='Per-tenant budgets (USD) within the total, e.g. {"acme": 2.0}: hard caps.'
+        ),
+        "allow_unused_constraints": Param(
+            False,
+            type="boolean",
+            description="Accept tenant budgets naming no queued tenant (a config listing every tenant); "
+            "the report lists them. Off: such a name fails the run at plan, naming the queued tenants.",
         ),
         "queue_date": Param("", type="string", description="YYYY-MM-DD of the queue to run; empty = the run's date."),
         "queue_prefix": Param(

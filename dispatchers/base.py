@@ -71,6 +71,8 @@ class Backend(ABC):
     idempotent: bool = False
     #: the same call always gives the same outcome: retrying a non-answer is pointless
     deterministic: bool = False
+    #: why ``offered_pairs`` may leave a query without any model, in the user's words
+    unoffered_reason: str = "the backend offers no model for it"
 
     @property
     @abstractmethod

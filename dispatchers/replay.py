@@ -19,6 +19,7 @@ class ReplayBackend(Backend):
     name = "replay"
     idempotent = True  # nothing is sent anywhere: resending costs what the ledger already holds
     deterministic = True
+    unoffered_reason = "the replay history has no outcome for it"
 
     def __init__(self, history: History) -> None:
         self._catalog = PriceCatalog.from_history(history.prices, history.outcomes)

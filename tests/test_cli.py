@@ -100,6 +100,7 @@ def test_run_replays_within_budget_and_resumes(trained: tuple[str, str], history
     ]
     output = _run(args)
     assert "oracle" in output
+    assert f"quarantined 3 rows -> {out / 'quarantine.parquet'}" in output.replace("\n", "")
     results = pl.read_parquet(out / "results.parquet")
     assert results.schema == RESULT_SCHEMA
     report = json.loads((out / "report.json").read_text())
@@ -116,6 +117,13 @@ def test_run_replays_within_budget_and_resumes(trained: tuple[str, str], history
     columns = ["query_id", "answer", "models_called", "cost_usd", "status"]
     rerun = pl.read_parquet(out / "results.parquet").select(columns).sort("query_id")
     assert rerun.equals(results.select(columns).sort("query_id"))
+    # Another budget into the same run would be reported but not enforced (the stored plan stands): refused.
+    changed = runner.invoke(app, [*args[:6], "0.5", *args[7:]])
+    assert changed.exit_code == 2, changed.output
+    message = " ".join(changed.output.split())
+    assert "was planned for another request (budget_usd: 0.01 -> 0.5)" in message
+    assert "write this run to a new --out directory" in message
+    assert json.loads((out / "report.json").read_text())["budget_usd"] == 0.01
 
 
 def test_run_holds_each_tenant_to_its_budget(trained: tuple[str, str], history_dir: str, tmp_path: Path) -> None:
@@ -199,3 +207,48 @@ def test_missing_budget_and_target_is_refused(trained: tuple[str, str], tmp_path
     result = runner.invoke(app, ["plan", "--queue", queue, "--model", models, "--out", str(tmp_path / "p.parquet")])
     assert result.exit_code == 2
     assert "budget" in result.output
+
+
+def test_a_constraint_naming_what_the_batch_lacks_exits_2(
+    trained: tuple[str, str], history_dir: str, tmp_path: Path
+) -> None:
+    models, queue = trained
+    tenant = load_history(history_dir).queries["dataset"][0]
+    common = ["--queue", queue, "--model", models, "--budget-usd", "0.01", "--backend", "replay"]
+    common += ["--replay-history", history_dir]
+    typos = ["--tenant-budget", f"{tenant}x=0.5", "--max-calls", "gpt-5=10", "--task-floor", "mbbp=0.5"]
+    result = runner.invoke(app, ["plan", *common, *typos, "--out", str(tmp_path / "p.parquet")])
+    assert result.exit_code == 2, result.output
+    message = " ".join(result.output.split())
+    assert f"tenant budget: tenant '{tenant}x' is not in this batch (tenants, closest first: '{tenant}')" in message
+    assert "max calls: model 'gpt-5' is not in this batch" in message
+    assert "task floor: task 'mbbp' is not in this batch" in message
+    assert not (tmp_path / "p.parquet").exists()
+    # opted in (a config naming every tenant): it runs, and the report lists what bound nothing
+    out = tmp_path / "run"
+    _run(["run", *common, "--tenant-budget", "acme=0.5", "--allow-unused-constraints", "--out", str(out)])
+    report = json.loads((out / "report.json").read_text())
+    assert report["unused_constraints"] == ["tenant budget: tenant 'acme' is not in this batch"]
+    assert "Constraint that bound nothing: tenant budget: tenant 'acme'" in (out / "report.md").read_text()
+    assert "Constraint that bound nothing" in (out / "report.html").read_text()
+
+
+def test_queries_the_replay_history_cannot_answer_fail_and_the_rest_run(
+    trained: tuple[str, str], history_dir: str, tmp_path: Path
+) -> None:
+    models, queue = trained
+    rows = Path(queue).read_text().splitlines()
+    unknown = [json.dumps({"query_id": f"new-{i}", "prompt": f"a question nobody recorded {i}"}) for i in range(2)]
+    (tmp_path / "queue.jsonl").write_text("\n".join([*rows, *unknown]) + "\n")
+    out = tmp_path / "run"
+    common = ["--model", models, "--budget-usd", "0.01", "--backend", "replay", "--replay-history", history_dir]
+    _run(["run", "--queue", str(tmp_path / "queue.jsonl"), *common, "--out", str(out)])
+    results = pl.read_parquet(out / "results.parquet")
+    failed = results.filter(pl.col("query_id").str.starts_with("new-"))
+    assert failed["status"].to_list() == ["failed", "failed"]
+    assert set(failed["error"].to_list()) == {
+        "no LLM the backend offers can answer this query: the replay history has no outcome for it"
+    }
+    report = json.loads((out / "report.json").read_text())
+    assert report["status"]["failed"] >= 2
+    assert report["status"]["done"] > 0

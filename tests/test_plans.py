@@ -9,10 +9,9 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 import pytest
-import structlog.testing
 
-from batchplan.candidates import single_model_candidates, template_candidates
-from batchplan.contracts import HISTORY_QUERIES_SCHEMA, MODELS_SCHEMA, OUTCOMES_SCHEMA
+from batchplan.candidates import Candidates, single_model_candidates, template_candidates
+from batchplan.contracts import HISTORY_QUERIES_SCHEMA, MODELS_SCHEMA, OUTCOMES_SCHEMA, ContractError
 from batchplan.history import History
 from batchplan.plan_estimates import Template, choose_calibration, fit_offset, logit, sigmoid
 from batchplan.plan_simulation import PlanSpec, error_by_label, recorded_by_task, simulate
@@ -333,14 +332,17 @@ def _replay(history: History, plan: pl.DataFrame, tmp_path: Path) -> pl.DataFram
     )
 
 
-def _plan(history: History, templates: PlanTemplates, request: PlanRequest) -> pl.DataFrame:
-    queue = history.as_queue("test")
+def _candidates(history: History, templates: PlanTemplates, queue: pl.DataFrame) -> Candidates:
+    """Candidates for ``queue`` over the (query, model) pairs ``history`` recorded, as a replay backend offers."""
     predictor = train_predictor(history.split("train"), name="prior")
     predictions = predictor.predict(
         queue, history.outcomes.join(queue.select("query_id"), on="query_id").select("query_id", "model"), None
     )
-    candidates = template_candidates(single_model_candidates(queue, predictions), predictions, templates)
-    return plan_batch(candidates, request, templates).plan
+    return template_candidates(single_model_candidates(queue, predictions), predictions, templates)
+
+
+def _plan(history: History, templates: PlanTemplates, request: PlanRequest) -> pl.DataFrame:
+    return plan_batch(_candidates(history, templates, history.as_queue("test")), request, templates).plan
 
 
 @pytest.mark.parametrize("mode", ["per_query", "aggregate"])
@@ -373,10 +375,69 @@ def test_an_unreachable_error_bound_names_the_task(known_confusions: tuple[Histo
     assert "t" in raised.value.suggestion
 
 
-def test_a_tenant_budget_for_no_queued_tenant_is_named(known_confusions: tuple[History, PlanTemplates]) -> None:
+def test_a_constraint_naming_what_the_batch_lacks_is_refused_with_the_known_names(
+    known_confusions: tuple[History, PlanTemplates],
+) -> None:
     history, templates = known_confusions
-    with structlog.testing.capture_logs() as logs:
-        plan = _plan(history, templates, PlanRequest(budget_usd=1e6, tenant_budgets_usd={"acme": 1.0}))
-    assert plan.height == history.split("test").queries.height  # a nightly config may name idle tenants
-    warning = next(e for e in logs if e["event"] == "tenant_budget.unused")
-    assert warning["tenants"] == ["acme"]
+    typos = PlanRequest(
+        budget_usd=1e6,
+        tenant_budgets_usd={"synthetik": 1.0},
+        model_max_calls={"m9": 10},
+        task_accuracy_floors={"tt": 0.5},
+        allowed_models={"synthetic": ["m1", "m7"]},
+        label_error_max={"T": 0.2},
+    )
+    with pytest.raises(ContractError) as raised:
+        _plan(history, templates, typos)
+    message = str(raised.value)
+    assert "\n" not in message
+    for expected in (
+        "tenant budget: tenant 'synthetik' is not in this batch (tenants, closest first: 'synthetic')",
+        "max calls: model 'm9' is not in this batch (models, closest first: 'm1', 'm2', 'm3', 'm4')",
+        "task floor: task 'tt' is not in this batch (tasks, closest first: 't')",
+        "allowed models of 'synthetic': model 'm7' is not in this batch",
+        "label error bound: task 'T' is not in this batch",
+        "--allow-unused-constraints",
+    ):
+        assert expected in message, message
+    # a nightly config may name idle tenants: with the opt-in it plans, and says what bound nothing
+    idle = PlanRequest(budget_usd=1e6, tenant_budgets_usd={"acme": 1.0}, allow_unused_constraints=True)
+    queue = history.as_queue("test")
+    outcome = plan_batch(_candidates(history, templates, queue), idle, templates)
+    assert outcome.plan.height == queue.height
+    assert outcome.unused_constraints == ["tenant budget: tenant 'acme' is not in this batch"]
+    assert outcome.diagnostics["unused_constraints"] == outcome.unused_constraints
+
+
+def test_queries_no_offered_model_can_answer_fail_with_the_reason_and_the_rest_run(
+    known_confusions: tuple[History, PlanTemplates], tmp_path: Path
+) -> None:
+    from batchplan.pipeline import execute
+
+    history, templates = known_confusions
+    queue = history.as_queue("test")
+    lost = queue["query_id"].head(3)
+    # a replay history with no outcome for three of the queued queries
+    replay = History(
+        history.queries, history.outcomes.filter(~pl.col("query_id").is_in(lost.implode())), history.prices
+    )
+    outcome = plan_batch(_candidates(replay, templates, queue), PlanRequest(budget_usd=1e6), templates)
+    assert outcome.plan["query_id"].to_list() == queue["query_id"].to_list()  # queue order, every query
+    assert outcome.plan.filter(pl.col("query_id").is_in(lost.implode()))["kind"].to_list() == ["unanswerable"] * 3
+    results = execute(
+        outcome.plan,
+        queue,
+        get_backend("replay", history=replay),
+        budget_usd=1e6,
+        out_uri=str(tmp_path / "run"),
+        storage=Storage(),
+    )
+    failed = results.filter(pl.col("status") == "failed")
+    assert sorted(failed["query_id"].to_list()) == sorted(lost.to_list())
+    assert set(failed["error"].to_list()) == {
+        "no LLM the backend offers can answer this query: the replay history has no outcome for it"
+    }
+    assert (results.filter(~pl.col("query_id").is_in(lost.implode()))["status"] == "done").all()
+    unknown = queue.with_columns(pl.format("new-{}", "query_id").alias("query_id"))  # none has an outcome
+    with pytest.raises(ContractError, match=r"none of the \d+ queries can be answered"):
+        plan_batch(_candidates(history, templates, unknown), PlanRequest(budget_usd=1e6), templates)

@@ -51,6 +51,7 @@ class RunParams:
     backend: str = "replay"
     max_shards: int = MAX_SHARDS
     tenant_budgets_usd: dict[str, float] = field(default_factory=dict)
+    allow_unused_constraints: bool = False  # a config listing every tenant, not all queued tonight
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> RunParams:
@@ -66,6 +67,7 @@ class RunParams:
             backend=str(params.get("backend") or "replay"),
             max_shards=shards,
             tenant_budgets_usd=_tenant_budgets(params.get("tenant_budgets_usd")),
+            allow_unused_constraints=bool(params.get("allow_unused_constraints", False)),
         )
 
     def request(self) -> Any:
@@ -76,6 +78,7 @@ class RunParams:
             accuracy_target=self.accuracy_target,
             allow_deferral=self.allow_deferral,
             tenant_budgets_usd=dict(self.tenant_budgets_usd),
+            allow_unused_constraints=self.allow_unused_constraints,
         )
 
 

@@ -121,13 +121,24 @@ def plan_stage(
     ``plans/<run>/shards.json`` is written last; when it exists a re-run returns it unchanged."""
     from batchplan import artifacts
     from batchplan.pipeline import build_candidates, optimize
+    from batchplan.planning import request_changes, request_record
 
     manifest_uri = lay.shards_manifest(run)
+    request = params.request()
     if storage.exists(manifest_uri):
-        return list(json.loads(storage.read_bytes(manifest_uri))["shards"])
+        stored = json.loads(storage.read_bytes(manifest_uri))
+        # the shards' budgets and the report follow the stored plan: a run asking another budget would see
+        # it reported, not enforced (a manifest older than the request record holds its two budgets)
+        recorded = stored.get("request") or {k: stored.get(k) for k in ("budget_usd", "tenant_budgets_usd")}
+        changed = [c for c in request_changes(recorded, request) if c.split(":", 1)[0] in recorded]
+        if changed:
+            raise ContractError(
+                f"run {run} was planned for another request ({'; '.join(changed)}): trigger it with the params "
+                "it was planned for to resume it; another budget is another run"
+            )
+        return list(stored["shards"])
     queue = storage.read_frame(lay.plan_file(run, "queue.parquet"))
     predictions = storage.read_frame(lay.plan_file(run, "predictions.parquet"))
-    request = params.request()
     version = current_model(storage, lay)
     templates = artifacts.load_templates(storage, lay.models(), version) if version else None
     candidates = build_candidates(queue.drop("day", strict=False), predictions, templates, request.kinds)
@@ -164,6 +175,7 @@ def plan_stage(
         "run": run,
         "budget_usd": params.budget_usd,
         "tenant_budgets_usd": params.tenant_budgets_usd,
+        "request": request_record(request),
         "shards": shards,
         "optimizer": planned.diagnostics,
     }
