@@ -2,20 +2,32 @@
 
 Every row either enters the batch or lands in the quarantine frame with the reason: nothing is dropped
 silently. Row numbers are 0-based positions in the concatenated input (per part file order).
+
+The same rules hold for every format: text must be valid UTF-8 (a row with other bytes is quarantined naming
+the field, never decoded into U+FFFD); an integer ``query_id`` is read as its decimal string; a prompt (with
+its system prompt) longer than ``max_prompt_chars`` is quarantined before anything is planned or paid.
+Duplicates of one ``query_id``: exact copies collapse to the first; copies that differ are all quarantined,
+each naming the others' rows, since nothing says which one the user meant.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import dataclass
 from typing import Any
 
 import polars as pl
+import structlog
 
 from batchplan.contracts import DEFAULT_TASK, DEFAULT_TENANT, QUARANTINE_SCHEMA, QUEUE_SCHEMA, ContractError
+from batchplan.settings import get_settings
 from batchplan.storage import Storage, StorageError
 
+log = structlog.get_logger("batchplan")
+
 _STRING_FIELDS = ("query_id", "prompt", "system_prompt", "task", "tenant")
+_INTEGER_AS_STRING = ("query_id",)  # ids exported from a database are often integers: read as their digits
 
 
 @dataclass(frozen=True)
@@ -25,8 +37,9 @@ class Ingested:
     sources: list[str]
 
 
-def read_queue(uri: str, storage: Storage) -> Ingested:
-    """Load every part under ``uri`` and validate; raises ContractError only if nothing can be read at all."""
+def read_queue(uri: str, storage: Storage, max_prompt_chars: int | None = None) -> Ingested:
+    """Load every part under ``uri`` and validate; raises ContractError only if nothing can be read at all.
+    ``max_prompt_chars`` defaults to the setting (``BATCHPLAN_MAX_PROMPT_CHARS``)."""
     parts = (
         [uri]
         if uri.endswith((".parquet", ".jsonl", ".ndjson"))
@@ -44,19 +57,20 @@ def read_queue(uri: str, storage: Storage) -> Ingested:
             frame = frame.with_columns((pl.int_range(pl.len(), dtype=pl.Int64) + offset).alias("_row"))
             offset += frame.height
         else:
-            frame, bad, offset = _typed_jsonl(data.decode("utf-8", errors="replace"), part, offset)
+            frame, bad, offset = _typed_jsonl(data, part, offset)
             bad_rows.extend(bad)
         raw_frames.append(frame)
     raw = pl.concat(raw_frames, how="vertical") if raw_frames else pl.DataFrame()
-    queue, quarantine = validate_queue(raw)
+    queue, quarantine = validate_queue(raw, max_prompt_chars)
     if bad_rows:
         extra = pl.DataFrame([{k: v for k, v in b.items() if k != "_part"} for b in bad_rows], schema=QUARANTINE_SCHEMA)
         quarantine = pl.concat([extra, quarantine]).sort("row")
     return Ingested(queue=queue, quarantine=quarantine, sources=parts)
 
 
-def validate_queue(raw: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+def validate_queue(raw: pl.DataFrame, max_prompt_chars: int | None = None) -> tuple[pl.DataFrame, pl.DataFrame]:
     """Split a typed raw frame (QUEUE_SCHEMA columns + ``_row`` + optional ``_type_error``) into good and quarantined rows."""
+    limit = get_settings().max_prompt_chars if max_prompt_chars is None else max_prompt_chars
     if "_row" not in raw.columns:
         raw = raw.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias("_row"))
     if "_type_error" not in raw.columns:
@@ -69,6 +83,7 @@ def validate_queue(raw: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
         pl.col("labels").list.eval(pl.element().is_not_null() & (pl.element().str.strip_chars() != "")).list.all()
     )
     bad_priority = pl.col("priority").is_not_null() & (pl.col("priority").is_nan() | (pl.col("priority") <= 0))
+    chars = pl.col("prompt").str.len_chars() + pl.col("system_prompt").fill_null("").str.len_chars()
     reason = (
         pl.when(pl.col("_type_error").is_not_null())
         .then(pl.col("_type_error"))
@@ -76,6 +91,14 @@ def validate_queue(raw: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
         .then(pl.lit("missing query_id"))
         .when(pl.col("prompt").is_null() | (pl.col("prompt").str.strip_chars() == ""))
         .then(pl.lit("empty prompt"))
+        .when(chars > limit)
+        .then(
+            pl.format(
+                "prompt and system prompt are {} characters, past the maximum of {} (BATCHPLAN_MAX_PROMPT_CHARS)",
+                chars,
+                pl.lit(limit),
+            )
+        )
         .when(pl.col("labels").is_not_null() & (pl.col("labels").list.len() < 2))
         .then(pl.lit("labels must list at least 2 allowed answers (or be null for an open task)"))
         .when(pl.col("labels").is_not_null() & ~labels_ok)
@@ -87,15 +110,9 @@ def validate_queue(raw: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
         .otherwise(pl.lit(None, dtype=pl.String))
     )
     checked = raw.with_columns(reason.alias("_reason"))
-    # Duplicates are judged among otherwise valid rows, so a bad first copy does not hide a good second one.
-    valid = pl.col("_reason").is_null()
-    first_valid = pl.when(valid).then(pl.col("_row")).min().over("query_id")
-    checked = checked.with_columns(
-        pl.when(valid & (pl.col("_row") != first_valid))
-        .then(pl.format("duplicate query_id (first seen at row {})", first_valid))
-        .otherwise(pl.col("_reason"))
-        .alias("_reason")
-    )
+    checked, collapsed = _judge_duplicates(checked)
+    if collapsed:
+        log.info("ingest.duplicates_collapsed", rows=collapsed)
     good = checked.filter(pl.col("_reason").is_null())
     bad = checked.filter(pl.col("_reason").is_not_null())
     queue = good.select(
@@ -117,6 +134,48 @@ def validate_queue(raw: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
     return queue, quarantine.cast(dict(QUARANTINE_SCHEMA))  # type: ignore[arg-type]
 
 
+def _judge_duplicates(checked: pl.DataFrame) -> tuple[pl.DataFrame, int]:
+    """Among otherwise valid rows (a bad copy does not hide a good one): exact copies of a query collapse to
+    the first; copies that differ are all quarantined, each naming every copy's row. Returns the rows with
+    the verdict in ``_reason`` (collapsed copies removed) and how many copies collapsed."""
+    valid = checked.filter(pl.col("_reason").is_null()).with_columns(
+        pl.struct(QUEUE_SCHEMA.names()).struct.json_encode().alias("_content")
+    )
+    copies = (
+        valid.group_by("query_id")
+        .agg(pl.col("_row").sort().alias("_rows"), pl.col("_content").n_unique().alias("_variants"))
+        .filter(pl.col("_rows").list.len() > 1)
+    )
+    if copies.height == 0:
+        return checked, 0
+    exact = copies.filter(pl.col("_variants") == 1).select("query_id", pl.col("_rows").list.slice(1)).explode("_rows")
+    conflicting = copies.filter(pl.col("_variants") > 1).select(
+        "query_id",
+        pl.format(
+            "conflicting copies of query_id {} at rows {} (exact copies collapse to one; copies that differ are "
+            "all quarantined): keep one and resubmit it",
+            pl.col("query_id"),
+            pl.col("_rows").cast(pl.List(pl.String)).list.join(", "),
+        ).alias("_conflict"),
+    )
+    checked = (
+        checked.join(
+            exact.rename({"_rows": "_row"}).with_columns(pl.lit(True).alias("_copy")),
+            on=["query_id", "_row"],
+            how="left",
+            maintain_order="left",
+        )
+        .filter(pl.col("_copy").is_null())
+        .drop("_copy")
+        .join(conflicting, on="query_id", how="left", maintain_order="left")
+        .with_columns(
+            pl.when(pl.col("_reason").is_null()).then(pl.col("_conflict")).otherwise(pl.col("_reason")).alias("_reason")
+        )
+        .drop("_conflict")
+    )
+    return checked, exact.height
+
+
 def _typed_parquet(frame: pl.DataFrame) -> pl.DataFrame:
     """Cast known columns; a column of the wrong type as a whole marks its non-null rows as bad."""
     errors: list[pl.Expr] = []
@@ -126,9 +185,18 @@ def _typed_parquet(frame: pl.DataFrame) -> pl.DataFrame:
             columns.append(pl.lit(None, dtype=dtype).alias(column))
             continue
         have = frame.schema[column]
-        castable = have == dtype or have == pl.Null or (dtype == pl.Float64 and have.is_numeric())
+        castable = (
+            have == dtype
+            or have == pl.Null
+            or (dtype == pl.Float64 and have.is_numeric())
+            or (column in _INTEGER_AS_STRING and have.is_integer())
+        )
         if castable:
             columns.append(pl.col(column).cast(dtype))
+        elif dtype == pl.String and have == pl.Binary:
+            text, error = _decoded(frame[column], column)
+            columns.append(pl.lit(text).alias(column))
+            errors.append(pl.lit(error))
         else:
             what = "a list of strings" if dtype == pl.List(pl.String) else str(dtype)
             errors.append(pl.when(pl.col(column).is_not_null()).then(pl.lit(f"{column} is {have}, expected {what}")))
@@ -139,29 +207,45 @@ def _typed_parquet(frame: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def _typed_jsonl(text: str, part: str, offset: int) -> tuple[pl.DataFrame, list[dict[str, Any]], int]:
-    """Parse line by line so one malformed line is quarantined, not the whole file."""
+def _decoded(values: pl.Series, column: str) -> tuple[pl.Series, pl.Series]:
+    """A Binary column as text: valid UTF-8 decoded, any other bytes a per-row error naming the column."""
+    text: list[str | None] = []
+    error: list[str | None] = []
+    for value in values.to_list():
+        try:
+            text.append(None if value is None else value.decode("utf-8"))
+            error.append(None)
+        except UnicodeDecodeError as bad:
+            text.append(None)
+            error.append(_not_utf8(column, bad, "value"))
+    return pl.Series(column, text, dtype=pl.String), pl.Series("error", error, dtype=pl.String)
+
+
+def _not_utf8(field: str, error: UnicodeDecodeError, within: str) -> str:
+    byte = error.object[error.start : error.start + 1].hex()
+    return f"{field} is not valid UTF-8 (byte 0x{byte} at offset {error.start} of the {within}): re-encode it as UTF-8"
+
+
+def _typed_jsonl(data: bytes, part: str, offset: int) -> tuple[pl.DataFrame, list[dict[str, Any]], int]:
+    """Parse line by line (JSON Lines: records end at a newline byte) so one malformed line is quarantined,
+    not the whole file. A line that is not valid UTF-8 is quarantined naming the field with the bad bytes."""
     rows: list[dict[str, Any]] = []
     positions: list[int] = []
     bad: list[dict[str, Any]] = []
     position = offset
-    for line in text.splitlines():
-        if not line.strip():
+    for number, chunk in enumerate(data.split(b"\n")):
+        if number == 0:
+            chunk = chunk.removeprefix(b"\xef\xbb\xbf")  # a byte order mark some editors write
+        if not chunk.strip():
             continue
+        line = chunk.decode("utf-8", errors="replace").rstrip("\r")
         try:
-            record = json.loads(line)
+            record = json.loads(_utf8_or_raise(chunk))
             if not isinstance(record, dict):
                 raise ValueError("a JSON object per line is expected")
         except ValueError as error:
-            bad.append(
-                {
-                    "row": position,
-                    "query_id": None,
-                    "reason": f"invalid JSON: {error}",
-                    "raw": line[:2000],
-                    "_part": part,
-                }
-            )
+            reason = error.args[0] if isinstance(error, _NotUTF8) else f"invalid JSON: {error}"
+            bad.append({"row": position, "query_id": None, "reason": reason, "raw": line[:2000], "_part": part})
             position += 1
             continue
         rows.append({**_typed_record(record), "_raw": line[:2000]})
@@ -172,6 +256,30 @@ def _typed_jsonl(text: str, part: str, offset: int) -> tuple[pl.DataFrame, list[
     return frame.with_columns(pl.Series("_row", positions, dtype=pl.Int64)), bad, position
 
 
+class _NotUTF8(ValueError):
+    """A line with bytes that are not UTF-8; its message names the field."""
+
+
+def _utf8_or_raise(chunk: bytes) -> str:
+    try:
+        return chunk.decode("utf-8")
+    except UnicodeDecodeError as error:
+        # name the field: parse with the bad bytes kept as surrogates and find the value holding them
+        field = "the line"
+        with contextlib.suppress(ValueError):
+            record = json.loads(chunk.decode("utf-8", errors="surrogateescape"))
+            if isinstance(record, dict):
+                field = next(
+                    (
+                        str(k)
+                        for k, v in record.items()
+                        if any(0xDC80 <= ord(c) <= 0xDCFF for c in json.dumps(v, ensure_ascii=False))
+                    ),
+                    field,
+                )
+        raise _NotUTF8(_not_utf8(field, error, "line")) from None
+
+
 def _typed_record(record: dict[str, Any]) -> dict[str, Any]:
     out: dict[str, Any] = {"_type_error": None}
     problems: list[str] = []
@@ -179,7 +287,7 @@ def _typed_record(record: dict[str, Any]) -> dict[str, Any]:
         value = record.get(field)
         if value is None or isinstance(value, str):
             out[field] = value
-        elif field == "query_id" and isinstance(value, int) and not isinstance(value, bool):
+        elif field in _INTEGER_AS_STRING and isinstance(value, int) and not isinstance(value, bool):
             out[field] = str(value)
         else:
             problems.append(f"{field} is {type(value).__name__}, expected a string")
@@ -201,9 +309,9 @@ def _typed_record(record: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def ensure_queue(frame: pl.DataFrame) -> pl.DataFrame:
+def ensure_queue(frame: pl.DataFrame, max_prompt_chars: int | None = None) -> pl.DataFrame:
     """Validate an in-memory queue strictly: raise on the first bad row (for library callers)."""
-    queue, quarantine = validate_queue(_typed_parquet(frame))
+    queue, quarantine = validate_queue(_typed_parquet(frame), max_prompt_chars)
     if quarantine.height:
         first = quarantine.row(0, named=True)
         raise ContractError(f"queue row {first['row']} (query_id={first['query_id']!r}): {first['reason']}")

@@ -26,6 +26,11 @@ class Settings(BaseSettings):
     s3_endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint (moto, MinIO); None = AWS.")
     s3_region: str | None = None
     seed: int = 0
+    max_prompt_chars: int = Field(
+        default=100_000,
+        description="Longest prompt + system prompt (characters) ingest accepts; longer rows are quarantined "
+        "before anything is paid (a pasted file, not a question). The real histories' longest is ~2,900.",
+    )
     holdout_fraction: float = Field(
         default=0.3, description="Share of a train-only data set held out as its test split (by query_id hash)."
     )

@@ -77,7 +77,8 @@ def test_plan_writes_one_plan_per_valid_query(trained: tuple[str, str], history_
     assert plan.schema == PLAN_SCHEMA
     assert plan["query_id"].is_unique().all()
     assert plan["expected_cost_usd"].sum() <= 0.01 + 1e-9
-    assert pl.read_parquet(tmp_path / "plan.quarantine.parquet").height == 3
+    # the duplicate differs from its original: both copies are quarantined, with the broken and empty rows
+    assert pl.read_parquet(tmp_path / "plan.quarantine.parquet").height == 4
 
 
 def test_run_replays_within_budget_and_resumes(trained: tuple[str, str], history_dir: str, tmp_path: Path) -> None:
@@ -100,12 +101,12 @@ def test_run_replays_within_budget_and_resumes(trained: tuple[str, str], history
     ]
     output = _run(args)
     assert "oracle" in output
-    assert f"quarantined 3 rows -> {out / 'quarantine.parquet'}" in output.replace("\n", "")
+    assert f"quarantined 4 rows -> {out / 'quarantine.parquet'}" in output.replace("\n", "")
     results = pl.read_parquet(out / "results.parquet")
     assert results.schema == RESULT_SCHEMA
     report = json.loads((out / "report.json").read_text())
     assert report["spend_usd"] <= 0.01 + 1e-12
-    assert report["quarantined"] == 3
+    assert report["quarantined"] == 4
     assert report["queries"] == results.height
     assert report["accuracy"] is not None
     assert (out / "report.html").exists()
@@ -238,7 +239,10 @@ def test_queries_the_replay_history_cannot_answer_fail_and_the_rest_run(
 ) -> None:
     models, queue = trained
     rows = Path(queue).read_text().splitlines()
-    unknown = [json.dumps({"query_id": f"new-{i}", "prompt": f"a question nobody recorded {i}"}) for i in range(2)]
+    unknown = [
+        json.dumps({"query_id": f"new-{i}", "prompt": f"a question nobody recorded {i}", "task": "mmlu2"})
+        for i in range(2)
+    ]
     (tmp_path / "queue.jsonl").write_text("\n".join([*rows, *unknown]) + "\n")
     out = tmp_path / "run"
     common = ["--model", models, "--budget-usd", "0.01", "--backend", "replay", "--replay-history", history_dir]
@@ -252,3 +256,6 @@ def test_queries_the_replay_history_cannot_answer_fail_and_the_rest_run(
     report = json.loads((out / "report.json").read_text())
     assert report["status"]["failed"] >= 2
     assert report["status"]["done"] > 0
+    # a task the predictor never saw is named, not guessed at silently
+    assert report["unseen_tasks"] == ["mmlu2"]
+    assert "Tasks the predictor never saw: mmlu2" in (out / "report.md").read_text()

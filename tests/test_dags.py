@@ -225,6 +225,9 @@ def test_tenant_budget_params_are_validated() -> None:
     params = common.RunParams.from_params({"budget_usd": 1.0, "tenant_budgets_usd": {"acme": "0.5"}})
     assert params.request().tenant_budgets_usd == {"acme": 0.5}
     assert common.RunParams.from_params({"budget_usd": 1.0}).tenant_budgets_usd == {}
+    assert common.RunParams.from_params({"budget_usd": 1.0}).request().allow_unused_constraints is False
+    opted = common.RunParams.from_params({"budget_usd": 1.0, "allow_unused_constraints": True})
+    assert opted.request().allow_unused_constraints is True
     for bad, message in (([1], "must be an object"), ({"acme": "lots"}, "acme"), ({"acme": -1}, ">= 0")):
         with pytest.raises(ContractError, match=message):
             common.RunParams.from_params({"budget_usd": 1.0, "tenant_budgets_usd": bad})
@@ -301,7 +304,9 @@ def test_nightly_rerun_neither_dispatches_nor_pays_twice(
     for uri in storage.list(lay.results(run)):
         if uri.rsplit("/", 1)[-1] == "results.parquet" and "/shard-" in uri:
             storage.delete(uri)
-    conf = {"budget_usd": 0.05, "max_shards": 4, "allow_deferral": True}
+    capped = queues[NIGHTLY_DAY]["tenant"].mode()[0]
+    # the same request as the first run: one asking another is refused (see the next test)
+    conf = {"budget_usd": 0.05, "max_shards": 4, "allow_deferral": True, "tenant_budgets_usd": {capped: 0.004}}
     dag_run = _run(
         dagbag,
         airflow_env,
@@ -319,6 +324,30 @@ def test_nightly_rerun_neither_dispatches_nor_pays_twice(
     assert _paid_calls(storage, lay.results(run)) == before_calls
     assert after["spend_usd"] == pytest.approx(before["spend_usd"])
     assert after["status"] == before["status"]
+
+
+@pytest.mark.slow
+def test_plan_refuses_what_it_cannot_enforce(airflow_env: AirflowEnv, queues: dict[str, pl.DataFrame]) -> None:
+    """The plan task, where the params first meet the queue: a tenant budget naming no queued tenant fails
+    the run with the queued tenants named (unless opted in, then the report lists it), and a run re-run
+    with another budget is refused instead of reporting a budget its stored shards do not enforce."""
+    lay, storage, run = airflow_env.layout, airflow_env.storage, f"nightly-{NIGHTLY_DAY}"
+    tenants = sorted(queues[NIGHTLY_DAY]["tenant"].unique().to_list())
+    with pytest.raises(ContractError, match=r"was planned for another request \(budget_usd: 0.05 -> 0.07"):
+        stages.plan_stage(storage, lay, run, common.RunParams.from_params({"budget_usd": 0.07, "max_shards": 4}))
+    typo = "typo-" + NIGHTLY_DAY
+    for name in ("queue.parquet", "predictions.parquet"):  # the nightly run's ingest and predict outputs
+        storage.write_bytes(lay.plan_file(typo, name), storage.read_bytes(lay.plan_file(run, name)))
+    params = {"budget_usd": 0.05, "tenant_budgets_usd": {tenants[0] + "x": 0.01}}
+    with pytest.raises(ContractError) as raised:
+        stages.plan_stage(storage, lay, typo, common.RunParams.from_params(params))
+    assert f"tenant '{tenants[0]}x' is not in this batch (tenants, closest first: '{tenants[0]}'" in str(raised.value)
+    assert not storage.exists(lay.shards_manifest(typo))
+    stages.plan_stage(storage, lay, typo, common.RunParams.from_params(params | {"allow_unused_constraints": True}))
+    manifest = json.loads(storage.read_text(lay.shards_manifest(typo)))
+    assert manifest["optimizer"]["unused_constraints"] == [
+        f"tenant budget: tenant '{tenants[0]}x' is not in this batch"
+    ]
 
 
 @pytest.mark.slow
