@@ -89,10 +89,15 @@ def run_demo(
 
     reference_cost, reference = best_single_cost(history, queue)
     budget = budget_fraction * reference_cost
+    run_dir = join(root, "run")
+    # Each demo trains anew and may ask another budget: its run starts afresh rather than resume (and be
+    # refused for) a plan made for an earlier demo's request.
+    for uri in storage.list(run_dir):
+        storage.delete(uri)
     job = Job(
         queue_uri=queue_uri,
         model_uri=model_root,
-        out_uri=join(root, "run"),
+        out_uri=run_dir,
         request=PlanRequest(budget_usd=budget),
         backend="replay",
         replay_history=dirs,
