@@ -245,7 +245,8 @@ def _typed_jsonl(data: bytes, part: str, offset: int) -> tuple[pl.DataFrame, lis
                 raise ValueError("a JSON object per line is expected")
         except ValueError as error:
             reason = error.args[0] if isinstance(error, _NotUTF8) else f"invalid JSON: {error}"
-            bad.append({"row": position, "query_id": None, "reason": reason, "raw": line[:2000], "_part": part})
+            query_id = error.query_id if isinstance(error, _NotUTF8) else None
+            bad.append({"row": position, "query_id": query_id, "reason": reason, "raw": line[:2000], "_part": part})
             position += 1
             continue
         rows.append({**_typed_record(record), "_raw": line[:2000]})
@@ -257,7 +258,11 @@ def _typed_jsonl(data: bytes, part: str, offset: int) -> tuple[pl.DataFrame, lis
 
 
 class _NotUTF8(ValueError):
-    """A line with bytes that are not UTF-8; its message names the field."""
+    """A line with bytes that are not UTF-8; its message names the field, ``query_id`` the row where readable."""
+
+    def __init__(self, message: str, query_id: str | None) -> None:
+        super().__init__(message)
+        self.query_id = query_id
 
 
 def _utf8_or_raise(chunk: bytes) -> str:
@@ -265,7 +270,7 @@ def _utf8_or_raise(chunk: bytes) -> str:
         return chunk.decode("utf-8")
     except UnicodeDecodeError as error:
         # name the field: parse with the bad bytes kept as surrogates and find the value holding them
-        field = "the line"
+        field, query_id = "the line", None
         with contextlib.suppress(ValueError):
             record = json.loads(chunk.decode("utf-8", errors="surrogateescape"))
             if isinstance(record, dict):
@@ -277,7 +282,9 @@ def _utf8_or_raise(chunk: bytes) -> str:
                     ),
                     field,
                 )
-        raise _NotUTF8(_not_utf8(field, error, "line")) from None
+                if field != "query_id" and isinstance(record.get("query_id"), str | int):
+                    query_id = str(record["query_id"])
+        raise _NotUTF8(_not_utf8(field, error, "line"), query_id) from None
 
 
 def _typed_record(record: dict[str, Any]) -> dict[str, Any]:

@@ -132,6 +132,7 @@ def test_bytes_that_are_not_utf8_are_quarantined_naming_the_field(tmp_path: Path
     (tmp_path / "q.jsonl").write_bytes(good + b"\n" + bad + b"\n")
     ingested = read_queue(str(tmp_path / "q.jsonl"), Storage())
     assert ingested.queue["query_id"].to_list() == ["ok"]
+    assert ingested.quarantine["query_id"].to_list() == ["bad"]
     assert ingested.quarantine["reason"].to_list() == [
         "prompt is not valid UTF-8 (byte 0xe9 at offset 34 of the line): re-encode it as UTF-8"
     ]
@@ -165,6 +166,7 @@ def test_a_prompt_past_the_maximum_is_quarantined_before_planning(
     )
     ingested = read_queue(str(tmp_path / "q.jsonl"), Storage())  # the default maximum
     assert ingested.queue["query_id"].to_list() == ["ok"]
+    assert ingested.quarantine["query_id"].to_list() == ["huge"]
     assert ingested.quarantine["reason"].to_list() == [
         "prompt and system prompt are 2000000 characters, past the maximum of 100000 (BATCHPLAN_MAX_PROMPT_CHARS)"
     ]
