@@ -138,8 +138,10 @@ def _judge_duplicates(checked: pl.DataFrame) -> tuple[pl.DataFrame, int]:
     """Among otherwise valid rows (a bad copy does not hide a good one): exact copies of a query collapse to
     the first; copies that differ are all quarantined, each naming every copy's row. Returns the rows with
     the verdict in ``_reason`` (collapsed copies removed) and how many copies collapsed."""
-    valid = checked.filter(pl.col("_reason").is_null()).with_columns(
-        pl.struct(QUEUE_SCHEMA.names()).struct.json_encode().alias("_content")
+    valid = (
+        checked.filter(pl.col("_reason").is_null())
+        .filter(pl.col("query_id").is_duplicated())  # the content is compared only where ids repeat
+        .with_columns(pl.struct(QUEUE_SCHEMA.names()).struct.json_encode().alias("_content"))
     )
     copies = (
         valid.group_by("query_id")
