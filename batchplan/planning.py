@@ -16,8 +16,9 @@ import polars as pl
 import structlog
 
 from batchplan.candidates import Candidates
-from batchplan.contracts import PLAN_KINDS, PLAN_SCHEMA, ContractError
+from batchplan.contracts import PLAN_SCHEMA, ContractError
 from batchplan.plan_templates import PlanTemplates
+from batchplan.request import PlanRequest
 from optimizer import (
     AccuracyFloor,
     Budget,
@@ -28,47 +29,9 @@ from optimizer import (
     Solution,
     solve,
 )
-from optimizer.api import Method
 from optimizer.problem import Objective
 
 log = structlog.get_logger("batchplan")
-
-
-@dataclass
-class PlanRequest:
-    """What the user asks for one batch. Either ``budget_usd`` (maximize accuracy) or ``accuracy_target``
-    (minimize cost), or both (maximize accuracy under the budget with the target as a floor)."""
-
-    budget_usd: float | None = None
-    accuracy_target: float | None = None
-    allow_deferral: bool = False
-    tenant_budgets_usd: dict[str, float] = field(default_factory=dict)
-    model_max_calls: dict[str, int] = field(default_factory=dict)
-    task_accuracy_floors: dict[str, float] = field(default_factory=dict)
-    allowed_models: dict[str, list[str]] = field(default_factory=dict)  # tenant -> models (data residency)
-    kinds: tuple[str, ...] = PLAN_KINDS  # plan kinds the optimizer may choose from
-    # Statewise error bound: task ("*" = every task) -> alpha, or label -> alpha, bounding
-    # P(wrong | true label = y) <= alpha_y. Mode "per_query": only plans that meet it are offered; "aggregate":
-    # the batch as a whole meets it (a linear constraint per task and label).
-    label_error_max: dict[str, float | dict[str, float]] = field(default_factory=dict)
-    label_error_mode: str = "per_query"
-    # Plan so that realized spend stays within the budget with this probability (normal approximation over
-    # the plans' cost variances): a query deferred by the dispatcher's hard stop is a lost answer.
-    spend_confidence: float = 0.95
-    method: Method = "auto"
-
-    def __post_init__(self) -> None:
-        if self.budget_usd is None and self.accuracy_target is None:
-            raise ContractError("give a budget (budget_usd) or an accuracy target (accuracy_target), or both")
-        if self.budget_usd is not None and self.budget_usd < 0:
-            raise ContractError(f"budget_usd must be >= 0, got {self.budget_usd}")
-        if self.accuracy_target is not None and not 0 < self.accuracy_target <= 1:
-            raise ContractError(f"accuracy_target must be in (0, 1], got {self.accuracy_target}")
-        if self.label_error_mode not in ("per_query", "aggregate"):
-            raise ContractError(f"label_error_mode must be 'per_query' or 'aggregate', got {self.label_error_mode!r}")
-        unknown = set(self.kinds) - set(PLAN_KINDS)
-        if unknown or "single" not in self.kinds:
-            raise ContractError(f"plan kinds must include 'single' and be among {PLAN_KINDS}; got {self.kinds}")
 
 
 @dataclass(frozen=True)
