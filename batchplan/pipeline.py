@@ -72,14 +72,17 @@ def make_backend(
     replay history when the caller has it loaded already."""
     if name == "replay":
         if replay is None and not replay_history:
-            raise ContractError("the replay backend needs --replay-history DIR (an outcome history to answer from)")
+            raise ContractError(
+                "the replay backend needs replay_history: an outcome history DIR to answer from",
+                fields=("replay_history",),
+            )
         history = replay if replay is not None else load_history(list(replay_history), storage)
         return get_backend("replay", history=history, **options)
     catalog = None
     if prices_uri is not None:
         catalog = PriceCatalog.from_prices(storage.read_frame(prices_uri))
-    if base_url is not None:
-        options["base_url"] = base_url
+    if base_url is not None:  # the endpoint: OpenAI-compatible for openai, a Bedrock runtime URL for bedrock
+        options["endpoint_url" if name == "bedrock" else "base_url"] = base_url
     return get_backend(name, catalog=catalog, **options)
 
 

@@ -17,6 +17,7 @@ import structlog
 
 from batchplan.candidates import Candidates
 from batchplan.contracts import PLAN_SCHEMA, ContractError
+from batchplan.infeasible import RequestInfeasible, word
 from batchplan.plan_templates import PlanTemplates
 from batchplan.request import PlanRequest
 from optimizer import (
@@ -178,11 +179,12 @@ def meet_label_errors(candidates: Candidates, errors: pl.DataFrame) -> Candidate
             f"task {t!r}: the best plan still errs {w:.3f} on some label"
             for t, w in worst.select("task", "worst").iter_rows()
         )
-        raise InfeasibleError(
+        raise RequestInfeasible(
             constraint="label_error_max",
             message=f"{stranded.height} queries have no plan meeting the per-label error bound ({detail}); "
-            "loosen alpha for those tasks, or use label_error_mode='aggregate'",
+            "loosen label_error_max for those tasks, or use label_error_mode 'aggregate'",
             suggestion={t: w for t, w in worst.select("task", "worst").iter_rows()},
+            fields=("label_error_max", "label_error_mode"),
         )
     return Candidates(plans=kept, queries=candidates.queries)
 
@@ -268,7 +270,10 @@ def plan_batch(candidates: Candidates, request: PlanRequest, templates: PlanTemp
     objective: Objective = "max_value" if request.budget_usd is not None else "min_cost"
     deferrable = np.full(candidates.queries.height, request.allow_deferral)
     problem = Problem(options, objective=objective, constraints=constraints, deferrable=deferrable)
-    solution = solve(problem, method=request.method)
+    try:
+        solution = solve(problem, method=request.method)
+    except InfeasibleError as error:
+        raise word(error, request, candidates.queries) from error
     margin = spend_margin(candidates, solution, request.spend_confidence)
     if request.budget_usd is not None and margin > 0:
         # Second pass: leave the margin unplanned, so the expected spend plus z standard deviations fits.

@@ -12,15 +12,43 @@ chat completions endpoint), ``bedrock`` (AWS Bedrock Converse).
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dispatchers.base import Backend, CallRequest, CallResult, parse_answer
-from dispatchers.budget import BudgetGuard
-from dispatchers.executor import FALLBACK_COLUMN
-from dispatchers.ledger import read_manifest, read_results
-from dispatchers.limits import ModelLimits, RetryPolicy
-from dispatchers.run import adispatch, dispatch
+from batchplan.errors import unknown_name
+
+if TYPE_CHECKING:
+    from dispatchers.base import Backend, CallRequest, CallResult, parse_answer
+    from dispatchers.budget import BudgetGuard
+    from dispatchers.executor import FALLBACK_COLUMN
+    from dispatchers.ledger import read_manifest, read_results
+    from dispatchers.limits import ModelLimits, RetryPolicy
+    from dispatchers.run import adispatch, dispatch
+
+# Imported on first use, so that naming the backends (``available_backends``: the CLI checks --backend with
+# it before anything heavy is loaded) does not import polars and the executor.
+_LAZY = {
+    "Backend": "dispatchers.base",
+    "CallRequest": "dispatchers.base",
+    "CallResult": "dispatchers.base",
+    "parse_answer": "dispatchers.base",
+    "BudgetGuard": "dispatchers.budget",
+    "FALLBACK_COLUMN": "dispatchers.executor",
+    "read_manifest": "dispatchers.ledger",
+    "read_results": "dispatchers.ledger",
+    "ModelLimits": "dispatchers.limits",
+    "RetryPolicy": "dispatchers.limits",
+    "adispatch": "dispatchers.run",
+    "dispatch": "dispatchers.run",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'dispatchers' has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name]), name)
+
 
 _REGISTRY: dict[str, Callable[..., Backend]] = {}
 
@@ -34,13 +62,16 @@ def available_backends() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def check_backend(name: str) -> None:
+    """Raise a ContractError naming the known backends (closest first) unless ``name`` is one of them."""
+    if name not in _REGISTRY:
+        raise unknown_name("backend", name, _REGISTRY, field="backend")
+
+
 def get_backend(name: str, **kwargs: Any) -> Backend:
     """Build a backend by name; keyword arguments go to its constructor."""
-    try:
-        factory = _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown backend {name!r}: choose one of {available_backends()}") from None
-    return factory(**kwargs)
+    check_backend(name)
+    return _REGISTRY[name](**kwargs)
 
 
 def _replay(**kwargs: Any) -> Backend:
@@ -75,6 +106,7 @@ __all__ = [
     "RetryPolicy",
     "adispatch",
     "available_backends",
+    "check_backend",
     "dispatch",
     "get_backend",
     "parse_answer",

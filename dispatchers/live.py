@@ -11,6 +11,7 @@ from dataclasses import dataclass
 import polars as pl
 
 from batchplan.catalog import PriceCatalog
+from batchplan.errors import ContractError
 from dispatchers.base import Backend, CallRequest
 
 PROMPT_OVERHEAD_TOKENS = 32  # chat template tokens around the messages
@@ -46,9 +47,10 @@ class LiveBackend(Backend):
 
     def __init__(self, catalog: PriceCatalog | None, model_map: Mapping[str, str] | None = None) -> None:
         if catalog is None:
-            raise ValueError(
-                f"the {self.name} backend needs a price catalog (models.csv with usd_per_mtok_in/out, "
-                "e.g. --prices): it bills usage x price and reserves each call's bound before sending"
+            raise ContractError(
+                f"the {self.name} backend needs catalog, its price list (a models.csv with model, usd_per_mtok_in, "
+                "usd_per_mtok_out): it bills usage x price and reserves each call's bound before sending",
+                fields=("catalog",),
             )
         self._catalog = catalog
         self.model_map = dict(model_map or {})
