@@ -7,14 +7,15 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
-from typer._click.exceptions import NoArgsIsHelpError, UsageError  # typer (0.29) vendors click: its types
+from typer._click.core import Context, Parameter  # typer (0.29) vendors click: its types live in typer._click
+from typer._click.exceptions import NoArgsIsHelpError, UsageError
 from typer.core import TyperCommand, TyperGroup
 
 from batchplan.errors import UserError
@@ -46,30 +47,42 @@ FLAGS = {
 }
 
 
-class _Flags:
+def _no_value_shown(params: list[Parameter]) -> list[Parameter]:
     """typer renders ``<bool>`` after every flag, as if it took a value: an empty metavar says it takes none."""
-
-    def get_params(self, ctx: typer.Context) -> list[Any]:
-        params: list[Any] = super().get_params(ctx)  # type: ignore[misc]
-        for param in params:
-            if getattr(param, "is_flag", False):
-                param.metavar = ""
-        return params
+    for param in params:
+        if getattr(param, "is_flag", False):
+            param.metavar = ""
+    return params
 
 
-class _Command(_Flags, TyperCommand):
-    pass
+class _Command(TyperCommand):
+    def get_params(self, ctx: Context) -> list[Parameter]:
+        return _no_value_shown(super().get_params(ctx))
 
 
-class _Group(_Flags, TyperGroup):
+class _Group(TyperGroup):
     """Usage errors (a missing option, a value of the wrong type, an unknown command) as one line, exit 2,
     like every other error a user can fix, instead of typer's usage lines and framed panel."""
 
-    def main(self, *args: Any, standalone_mode: bool = True, **kwargs: Any) -> Any:
+    def get_params(self, ctx: Context) -> list[Parameter]:
+        return _no_value_shown(super().get_params(ctx))
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
+        def main(standalone: bool) -> Any:
+            return super(_Group, self).main(args, prog_name, complete_var, standalone, windows_expand_args, **extra)
+
         if not standalone_mode:
-            return super().main(*args, standalone_mode=False, **kwargs)
+            return main(standalone=False)
         try:
-            code = super().main(*args, standalone_mode=False, **kwargs)
+            code = main(standalone=False)
         except NoArgsIsHelpError as error:  # bare `batchplan`: the help, as before
             error.show()
             sys.exit(error.exit_code)
@@ -282,7 +295,7 @@ ModelOpt = Annotated[str, typer.Option("--model", help="Model registry root writ
 
 @app.command(
     cls=_Command,
-    epilog="Example: batchplan train --history ../shared/data/cascades --out models/",
+    epilog="Example: batchplan train --history examples/history --out models/",
 )
 def train(
     history: Annotated[
@@ -328,8 +341,8 @@ def train(
 
 @app.command(
     cls=_Command,
-    epilog="Example: batchplan plan --queue examples/queue.jsonl --model models/ --budget-usd 0.05 "
-    "--out plan.parquet",
+    epilog="Example: batchplan plan --queue examples/queue.jsonl --model models/ --budget-usd 0.002 "
+    "--out runs/plan.parquet",
 )
 def plan(
     queue: QueueOpt,
@@ -406,8 +419,8 @@ def plan(
 
 @app.command(
     cls=_Command,
-    epilog="Example: batchplan run --queue examples/queue.jsonl --model models/ --budget-usd 0.05 "
-    "--replay-history ../shared/data/cascades --out runs/r1",
+    epilog="Example: batchplan run --queue examples/queue.jsonl --model models/ --budget-usd 0.002 "
+    "--backend replay --replay-history examples/history --out runs/r1",
 )
 def run(
     queue: QueueOpt,

@@ -331,3 +331,33 @@ def test_a_run_held_by_another_process_is_one_line(
     )
     assert line.startswith(f"error: {out / 'dispatch'} is being dispatched by pid {os.getpid()}"), line
     assert json.loads(lock.read_text()) == holder  # the holder's lease is left alone
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_readme_examples_are_shipped_and_ignored_outputs() -> None:
+    """The README's command lines use examples/queue.jsonl (20 valid rows from the test split of the shipped
+    synthetic history), and git ignores every output they (and the demo, and dags/README's Airflow home)
+    tell a user to create."""
+    from batchplan.ingest import read_queue
+
+    readme = (ROOT / "README.md").read_text()
+    assert "--queue examples/queue.jsonl" in readme
+    assert "--replay-history examples/history" in readme
+    assert ".batchplan/demo/run/report.html" in readme  # where the demo's report really is
+    ingested = read_queue(str(ROOT / "examples" / "queue.jsonl"), Storage())
+    assert ingested.queue.height == 20
+    assert ingested.quarantine.height == 0
+    history = load_history(str(ROOT / "examples" / "history"))
+    test_ids = set(history.split("test").queries["query_id"].to_list())
+    assert set(ingested.queue["query_id"].to_list()) <= test_ids  # train never sees them
+    assert set(ingested.queue["query_id"].to_list()) <= set(history.outcomes["query_id"].to_list())
+    created = [*re.findall(r"--out (\S+)", readme), ".batchplan/demo/run/report.html", ".airflow/airflow.db"]
+    assert {"models/", "runs/r1", "runs/plan.parquet"} <= set(created)
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    ignored = subprocess.run(
+        ["git", "check-ignore", "--no-index", *created], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert sorted(ignored.stdout.split()) == sorted(created), ignored.stdout
