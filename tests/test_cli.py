@@ -268,52 +268,45 @@ def test_version_and_examples_in_help() -> None:
     assert "CURRENT.json" in shown  # --model-version: the promoted version, else the newest
 
 
+def _show_report_on_s3(endpoint: str, run: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """``batchplan show-report <run>`` with ``BATCHPLAN_S3_ENDPOINT_URL=endpoint``: its one error line."""
+    from batchplan.settings import get_settings
+
+    monkeypatch.setenv("BATCHPLAN_S3_ENDPOINT_URL", endpoint)
+    get_settings.cache_clear()
+    try:
+        return _error_line(["show-report", run])
+    finally:
+        get_settings.cache_clear()
+
+
 def test_s3_without_credentials_is_one_line(
     s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import boto3
-
-    from batchplan.settings import get_settings
 
     for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
     monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # never ask 169.254.169.254
-    monkeypatch.setenv("BATCHPLAN_S3_ENDPOINT_URL", s3_endpoint)
     monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # it caches the credentials earlier tests found
-    get_settings.cache_clear()
-    try:
-        line = _error_line(["show-report", "s3://bucket/runs/r1"])
-    finally:
-        get_settings.cache_clear()
-    assert line.startswith("error: no AWS credentials to read or write s3://bucket/runs/r1/report.md: set AWS_ACCESS_KEY_ID")
+    line = _show_report_on_s3(s3_endpoint, "s3://bucket/runs/r1", monkeypatch)
+    assert line.startswith(
+        "error: no AWS credentials to read or write s3://bucket/runs/r1/report.md: set AWS_ACCESS_KEY_ID"
+    ), line
 
 
 def test_s3_with_a_dead_endpoint_is_one_line(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from batchplan.settings import get_settings
-
     with socket.socket() as free:  # a port nothing listens on
         free.bind(("127.0.0.1", 0))
         dead = f"http://127.0.0.1:{free.getsockname()[1]}"
-    monkeypatch.setenv("BATCHPLAN_S3_ENDPOINT_URL", dead)
-    get_settings.cache_clear()
-    try:
-        line = _error_line(["show-report", "s3://bucket/runs/r1"])
-    finally:
-        get_settings.cache_clear()
+    line = _show_report_on_s3(dead, "s3://bucket/runs/r1", monkeypatch)
     assert line.startswith(f"error: cannot reach the S3 endpoint {dead} for s3://bucket/runs/r1/report.md"), line
 
 
 def test_s3_missing_bucket_is_one_line(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    from batchplan.settings import get_settings
-
-    monkeypatch.setenv("BATCHPLAN_S3_ENDPOINT_URL", s3_endpoint)
-    get_settings.cache_clear()
-    try:
-        line = _error_line(["show-report", "s3://no-such-bucket/runs/r1"])
-    finally:
-        get_settings.cache_clear()
+    line = _show_report_on_s3(s3_endpoint, "s3://no-such-bucket/runs/r1", monkeypatch)
     assert line.startswith("error: no such bucket: s3://no-such-bucket"), line
 
 
