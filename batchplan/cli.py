@@ -227,12 +227,13 @@ def _request(
     )
 
 
-def _check_backend(backend: str | None) -> None:
-    """The backend's name, before the heavy imports (the registry is light)."""
+def _check_backend(backend: str | None, *, prices: str | None, base_url: str | None) -> None:
+    """The backend's name and the flags it needs, before the heavy imports (the registry is light); the
+    prices file stands for the catalog it will be read into."""
     if backend is not None:
         from dispatchers import check_backend
 
-        check_backend(backend)
+        check_backend(backend, catalog=prices, base_url=base_url)
 
 
 GOAL = "One of --budget-usd / --accuracy-target is required; with both, the target is a floor under the budget."
@@ -380,7 +381,7 @@ def plan(
             label_error=label_error,
             label_error_mode=label_error_mode,
         )
-        _check_backend(backend)
+        _check_backend(backend, prices=prices, base_url=base_url)
         import polars as pl
 
         from batchplan import artifacts, pipeline
@@ -457,7 +458,7 @@ def run(
             label_error=label_error,
             label_error_mode=label_error_mode,
         )
-        _check_backend(backend)
+        _check_backend(backend, prices=prices, base_url=base_url)
         from batchplan.pipeline import Job, run_job
         from batchplan.report import render_markdown
 

@@ -16,7 +16,7 @@ import importlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from batchplan.errors import unknown_name
+from batchplan.errors import ContractError, unknown_name
 
 if TYPE_CHECKING:
     from dispatchers.base import Backend, CallRequest, CallResult, parse_answer
@@ -51,26 +51,46 @@ def __getattr__(name: str) -> Any:
 
 
 _REGISTRY: dict[str, Callable[..., Backend]] = {}
+# Per backend, the settings it cannot do without; each need is a group of names, any one of which will do.
+_NEEDS: dict[str, tuple[tuple[str, ...], ...]] = {}
+# What each needed setting is, for the one-line error that names it.
+NEEDED = {
+    "catalog": "its price list (a models.csv with model, usd_per_mtok_in, usd_per_mtok_out): it bills usage x "
+    "price and reserves each call's bound before sending",
+    "base_url": "its endpoint (e.g. http://127.0.0.1:8000/v1), or an Airflow connection with a host",
+}
 
 
-def register_backend(name: str, factory: Callable[..., Backend]) -> None:
-    """Make ``get_backend(name, **kwargs)`` build ``factory(**kwargs)``."""
+def register_backend(name: str, factory: Callable[..., Backend], needs: tuple[tuple[str, ...], ...] = ()) -> None:
+    """Make ``get_backend(name, **kwargs)`` build ``factory(**kwargs)``; ``needs``: the keyword arguments it
+    cannot do without (each a group of names, any one of which will do)."""
     _REGISTRY[name] = factory
+    _NEEDS[name] = needs
 
 
 def available_backends() -> list[str]:
     return sorted(_REGISTRY)
 
 
-def check_backend(name: str) -> None:
-    """Raise a ContractError naming the known backends (closest first) unless ``name`` is one of them."""
+def missing_setting(backend: str, setting: str) -> ContractError:
+    """'the openai backend needs base_url, its endpoint (...)': the error naming the setting (a front end
+    words it as its own flag)."""
+    return ContractError(f"the {backend} backend needs {setting}, {NEEDED[setting]}", fields=(setting,))
+
+
+def check_backend(name: str, **settings: Any) -> None:
+    """Raise a ContractError unless ``name`` is a known backend (else naming the known ones, closest first)
+    and ``settings`` hold what it needs. Light: the CLI checks its flags with it before the heavy imports."""
     if name not in _REGISTRY:
         raise unknown_name("backend", name, _REGISTRY, field="backend")
+    for group in _NEEDS[name]:
+        if all(settings.get(setting) is None for setting in group):
+            raise missing_setting(name, group[0])
 
 
 def get_backend(name: str, **kwargs: Any) -> Backend:
     """Build a backend by name; keyword arguments go to its constructor."""
-    check_backend(name)
+    check_backend(name, **kwargs)
     return _REGISTRY[name](**kwargs)
 
 
@@ -93,8 +113,8 @@ def _bedrock(**kwargs: Any) -> Backend:
 
 
 register_backend("replay", _replay)
-register_backend("openai", _openai)
-register_backend("bedrock", _bedrock)
+register_backend("openai", _openai, needs=(("catalog",), ("base_url", "airflow_conn_id")))
+register_backend("bedrock", _bedrock, needs=(("catalog",),))
 
 __all__ = [
     "FALLBACK_COLUMN",
@@ -109,6 +129,7 @@ __all__ = [
     "check_backend",
     "dispatch",
     "get_backend",
+    "missing_setting",
     "parse_answer",
     "read_manifest",
     "read_results",

@@ -11,7 +11,6 @@ from dataclasses import dataclass
 import polars as pl
 
 from batchplan.catalog import PriceCatalog
-from batchplan.errors import ContractError
 from dispatchers.base import Backend, CallRequest
 
 PROMPT_OVERHEAD_TOKENS = 32  # chat template tokens around the messages
@@ -47,11 +46,9 @@ class LiveBackend(Backend):
 
     def __init__(self, catalog: PriceCatalog | None, model_map: Mapping[str, str] | None = None) -> None:
         if catalog is None:
-            raise ContractError(
-                f"the {self.name} backend needs catalog, its price list (a models.csv with model, usd_per_mtok_in, "
-                "usd_per_mtok_out): it bills usage x price and reserves each call's bound before sending",
-                fields=("catalog",),
-            )
+            from dispatchers import missing_setting
+
+            raise missing_setting(self.name, "catalog")
         self._catalog = catalog
         self.model_map = dict(model_map or {})
 

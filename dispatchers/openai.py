@@ -171,11 +171,9 @@ class OpenAIBackend(LiveBackend):
         key, host = secret_from(api_key_env, airflow_conn_id)
         url = base_url or host
         if not url:
-            raise ContractError(
-                "the openai backend needs base_url, its endpoint (e.g. http://127.0.0.1:8000/v1), or an Airflow "
-                "connection with a host",
-                fields=("base_url",),
-            )
+            from dispatchers import missing_setting
+
+            raise missing_setting(self.name, "base_url")
         self.base_url = url.rstrip("/")
         self._key = key
         self.timeout_s = timeout_s
