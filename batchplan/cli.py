@@ -40,6 +40,7 @@ FLAGS = {
     "label_error_mode": "--label-error-mode",
     "backend": "--backend",
     "replay_history": "--replay-history",
+    "history": "--replay-history",  # the replay backend's setting
     "base_url": "--base-url",
     "catalog": "--prices",
     "model_version": "--model-version",
@@ -227,13 +228,13 @@ def _request(
     )
 
 
-def _check_backend(backend: str | None, *, prices: str | None, base_url: str | None) -> None:
+def _check_backend(backend: str | None, *, replay_history: list[str], prices: str | None, base_url: str | None) -> None:
     """The backend's name and the flags it needs, before the heavy imports (the registry is light); the
-    prices file stands for the catalog it will be read into."""
+    files stand for what they will be read into (the replay history, the price catalog)."""
     if backend is not None:
         from dispatchers import check_backend
 
-        check_backend(backend, catalog=prices, base_url=base_url)
+        check_backend(backend, history=replay_history or None, catalog=prices, base_url=base_url)
 
 
 GOAL = "One of --budget-usd / --accuracy-target is required; with both, the target is a floor under the budget."
@@ -381,7 +382,7 @@ def plan(
             label_error=label_error,
             label_error_mode=label_error_mode,
         )
-        _check_backend(backend, prices=prices, base_url=base_url)
+        _check_backend(backend, replay_history=replay_history, prices=prices, base_url=base_url)
         import polars as pl
 
         from batchplan import artifacts, pipeline
@@ -458,7 +459,7 @@ def run(
             label_error=label_error,
             label_error_mode=label_error_mode,
         )
-        _check_backend(backend, prices=prices, base_url=base_url)
+        _check_backend(backend, replay_history=replay_history, prices=prices, base_url=base_url)
         from batchplan.pipeline import Job, run_job
         from batchplan.report import render_markdown
 

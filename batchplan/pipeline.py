@@ -33,7 +33,7 @@ from batchplan.plan_templates import PlanTemplates
 from batchplan.planning import PlanOutcome, PlanRequest, plan_batch
 from batchplan.report import Truth, build_report, summary_line, write_report
 from batchplan.storage import Storage, join
-from dispatchers import Backend, dispatch, get_backend
+from dispatchers import Backend, check_backend, dispatch, get_backend
 from predictors import Predictor
 
 log = structlog.get_logger("batchplan")
@@ -71,11 +71,7 @@ def make_backend(
     """Build a dispatcher backend by name from plain settings (CLI flags, DAG params); ``replay`` is the
     replay history when the caller has it loaded already."""
     if name == "replay":
-        if replay is None and not replay_history:
-            raise ContractError(
-                "the replay backend needs replay_history: an outcome history DIR to answer from",
-                fields=("replay_history",),
-            )
+        check_backend("replay", history=replay if replay is not None else replay_history or None)
         history = replay if replay is not None else load_history(list(replay_history), storage)
         return get_backend("replay", history=history, **options)
     catalog = None

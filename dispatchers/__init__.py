@@ -58,6 +58,7 @@ NEEDED = {
     "catalog": "its price list (a models.csv with model, usd_per_mtok_in, usd_per_mtok_out): it bills usage x "
     "price and reserves each call's bound before sending",
     "base_url": "its endpoint (e.g. http://127.0.0.1:8000/v1), or an Airflow connection with a host",
+    "history": "the recorded outcomes it answers from (directories with queries.parquet and outcomes.parquet)",
 }
 
 
@@ -112,7 +113,7 @@ def _bedrock(**kwargs: Any) -> Backend:
     return BedrockBackend(**kwargs)
 
 
-register_backend("replay", _replay)
+register_backend("replay", _replay, needs=(("history",),))
 register_backend("openai", _openai, needs=(("catalog",), ("base_url", "airflow_conn_id")))
 register_backend("bedrock", _bedrock, needs=(("catalog",),))
 
