@@ -6,29 +6,113 @@ The commands ``train``, ``plan``, ``run`` and ``demo`` and their flags are the s
 from __future__ import annotations
 
 import json
-import logging
 import sys
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
-import polars as pl
-import structlog
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.markup import escape
+from typer._click.core import Context, Parameter  # typer (0.29) vendors click: its types live in typer._click
+from typer._click.exceptions import NoArgsIsHelpError, UsageError
+from typer.core import TyperCommand, TyperGroup
 
-from batchplan.contracts import ContractError
-from batchplan.settings import get_settings
-from batchplan.storage import Storage, StorageError, join
+from batchplan.errors import UserError
+from batchplan.request import PlanRequest
+
+# Heavy modules (polars, structlog, pydantic, LightGBM, the solvers) are imported inside the commands, after
+# the flags are parsed and the request checked: a mistyped flag is answered at once.
+if TYPE_CHECKING:
+    from batchplan.storage import Storage
+
+# The request's fields (named in library errors, which are also the DAG params) as this CLI's flags.
+FLAGS = {
+    "budget_usd": "--budget-usd",
+    "accuracy_target": "--accuracy-target",
+    "allow_deferral": "--allow-deferral",
+    "tenant_budgets_usd": "--tenant-budget",
+    "model_max_calls": "--max-calls",
+    "task_accuracy_floors": "--task-floor",
+    "allowed_models": "--allow",
+    "kinds": "--plans",
+    "label_error_max": "--label-error",
+    "label_error_mode": "--label-error-mode",
+    "backend": "--backend",
+    "replay_history": "--replay-history",
+    "history": "--replay-history",  # the replay backend's setting
+    "base_url": "--base-url",
+    "catalog": "--prices",
+    "model_version": "--model-version",
+    "predictor": "--predictor",
+}
+
+
+def _no_value_shown(params: list[Parameter]) -> list[Parameter]:
+    """typer renders ``<bool>`` after every flag, as if it took a value: an empty metavar says it takes none."""
+    for param in params:
+        if getattr(param, "is_flag", False):
+            param.metavar = ""
+    return params
+
+
+class _Command(TyperCommand):
+    def get_params(self, ctx: Context) -> list[Parameter]:
+        return _no_value_shown(super().get_params(ctx))
+
+
+class _Group(TyperGroup):
+    """Usage errors (a missing option, a value of the wrong type, an unknown command) as one line, exit 2,
+    like every other error a user can fix, instead of typer's usage lines and framed panel."""
+
+    def get_params(self, ctx: Context) -> list[Parameter]:
+        return _no_value_shown(super().get_params(ctx))
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
+        def main(standalone: bool) -> Any:
+            return super(_Group, self).main(args, prog_name, complete_var, standalone, windows_expand_args, **extra)
+
+        if not standalone_mode:
+            return main(standalone=False)
+        try:
+            code = main(standalone=False)
+        except NoArgsIsHelpError as error:  # bare `batchplan`: the help, as before
+            error.show()
+            sys.exit(error.exit_code)
+        except UsageError as error:
+            where = f" (see: {error.ctx.command_path} --help)" if error.ctx is not None else ""
+            console.print(f"[bold red]error:[/] {escape(error.format_message() + where)}", highlight=False, soft_wrap=True)
+            sys.exit(error.exit_code)
+        except typer.Abort:
+            console.print("aborted")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
 
 app = typer.Typer(
-    add_completion=False, no_args_is_help=True, help="Plan and run a whole batch of LLM queries under one budget."
+    cls=_Group,
+    add_completion=False,
+    no_args_is_help=True,
+    help="Plan and run a whole batch of LLM queries under one budget.",
+    epilog="Start with: batchplan demo. Each command's --help ends with an example.",
 )
 console = Console(stderr=True)
+_verbose = {"on": False}
 
 
 def _configure_logging(verbose: bool) -> None:
+    import logging
+
+    import structlog
+
     structlog.configure(
         processors=[
             structlog.processors.add_log_level,
@@ -42,12 +126,28 @@ def _configure_logging(verbose: bool) -> None:
     )
 
 
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"batchplan {version('batchplan')}")
+        raise typer.Exit()
+
+
 @app.callback()
-def main(verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logs.")] = False) -> None:
-    _configure_logging(verbose)
+def main(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logs.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    _verbose["on"] = verbose
 
 
 def _storage() -> Storage:
+    from batchplan.settings import get_settings
+    from batchplan.storage import Storage
+
     settings = get_settings()
     return Storage(s3_endpoint_url=settings.s3_endpoint_url, s3_region=settings.s3_region)
 
@@ -71,7 +171,7 @@ def _floats(values: list[str], what: str) -> dict[str, float]:
 
 def _say_quarantined(rows: int, uri: str) -> None:
     """Where the refused rows went (each with its reason), from every command that ingests a queue."""
-    console.print(f"quarantined {rows} rows -> {uri}")
+    console.print(f"quarantined {rows} rows -> {uri}", highlight=False, soft_wrap=True)
 
 
 @contextmanager
@@ -80,6 +180,8 @@ def _progress(label: str) -> Iterator[Any]:
     if not console.is_terminal:
         yield None
         return
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
     with Progress(
         TextColumn(label), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), console=console, transient=True
     ) as bar:
@@ -93,13 +195,14 @@ def _progress(label: str) -> Iterator[Any]:
 
 @contextmanager
 def _user_errors() -> Iterator[None]:
-    """Errors a user can fix are printed as one clear line with exit code 2, not a traceback."""
-    from optimizer import InfeasibleError
-
+    """Every command runs inside this: logs set up, and an error a user can fix (any ``UserError``: a bad
+    flag or file, storage out of reach, a run held by another process, an infeasible request) printed as
+    one line naming the flag, exit code 2, not a traceback."""
+    _configure_logging(_verbose["on"])
     try:
         yield
-    except (ContractError, StorageError, InfeasibleError) as error:
-        console.print(f"[bold red]error:[/] {error}")
+    except UserError as error:
+        console.print(f"[bold red]error:[/] {escape(error.worded(FLAGS))}", highlight=False, soft_wrap=True)
         raise typer.Exit(2) from error
 
 
@@ -116,9 +219,7 @@ def _request(
     label_error: list[str],
     label_error_mode: str,
     allow_unused_constraints: bool,
-) -> Any:
-    from batchplan.planning import PlanRequest
-
+) -> PlanRequest:
     return PlanRequest(
         budget_usd=budget_usd,
         accuracy_target=accuracy_target,
@@ -134,14 +235,29 @@ def _request(
     )
 
 
-BudgetOpt = Annotated[float | None, typer.Option("--budget-usd", help="Global budget in USD for the whole batch.")]
+def _check_backend(backend: str | None, *, replay_history: list[str], prices: str | None, base_url: str | None) -> None:
+    """The backend's name and the flags it needs, before the heavy imports (the registry is light); the
+    files stand for what they will be read into (the replay history, the price catalog)."""
+    if backend is not None:
+        from dispatchers import check_backend
+
+        check_backend(backend, history=replay_history or None, catalog=prices, base_url=base_url)
+
+
+GOAL = "One of --budget-usd / --accuracy-target is required; with both, the target is a floor under the budget."
+BudgetOpt = Annotated[
+    float | None,
+    typer.Option("--budget-usd", help="Global budget in USD for the whole batch: maximize accuracy under it. " + GOAL),
+]
 TargetOpt = Annotated[
-    float | None, typer.Option("--accuracy-target", help="Minimize cost subject to this expected accuracy.")
+    float | None,
+    typer.Option("--accuracy-target", help="Mean expected accuracy in (0, 1]: the cheapest plan reaching it. " + GOAL),
 ]
 DeferOpt = Annotated[
-    bool, typer.Option("--allow-deferral", help="Queries not worth their cost may wait for a later run.")
+    bool,
+    typer.Option("--allow-deferral", help="Queries not worth their cost may wait for a later run (status deferred)."),
 ]
-TenantOpt = Annotated[list[str], typer.Option("--tenant-budget", help="TENANT=USD, repeatable.")]
+TenantOpt = Annotated[list[str], typer.Option("--tenant-budget", help="TENANT=USD, a hard cap within the total; repeatable.")]
 CallsOpt = Annotated[list[str], typer.Option("--max-calls", help="MODEL=N calls in this run's window, repeatable.")]
 FloorOpt = Annotated[list[str], typer.Option("--task-floor", help="TASK=ACCURACY floor, repeatable.")]
 LabelErrorOpt = Annotated[
@@ -165,18 +281,39 @@ AllowOpt = Annotated[
 ]
 BackendOpt = Annotated[str, typer.Option("--backend", help="Dispatcher backend: replay, openai, bedrock.")]
 ReplayOpt = Annotated[
-    list[str], typer.Option("--replay-history", help="Outcome history DIR the replay backend answers from.")
+    list[str], typer.Option("--replay-history", help="Outcome history DIR the replay backend answers from; repeatable.")
 ]
 BaseUrlOpt = Annotated[
-    str | None, typer.Option("--base-url", help="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1.")
+    str | None,
+    typer.Option(
+        "--base-url",
+        help="Endpoint of a live backend: OpenAI-compatible for openai (e.g. http://127.0.0.1:8000/v1), "
+        "a Bedrock runtime URL for bedrock. Required for openai.",
+    ),
 ]
 PricesOpt = Annotated[
-    str | None, typer.Option("--prices", help="models.csv with usd_per_mtok_in/out for a live backend.")
+    str | None,
+    typer.Option(
+        "--prices", help="models.csv (model, usd_per_mtok_in, usd_per_mtok_out): required for openai and bedrock."
+    ),
 ]
-VersionOpt = Annotated[str | None, typer.Option("--model-version", help="Predictor version (default: latest).")]
+VersionOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--model-version",
+        help="Predictor version under --model (default: the promoted one in <model>/CURRENT.json, else the newest).",
+    ),
+]
+QueueOpt = Annotated[
+    str, typer.Option("--queue", help="Queue: parquet or jsonl file or directory of parts, local or s3://.")
+]
+ModelOpt = Annotated[str, typer.Option("--model", help="Model registry root written by `batchplan train`.")]
 
 
-@app.command()
+@app.command(
+    cls=_Command,
+    epilog="Example: batchplan train --history examples/history --out models/",
+)
 def train(
     history: Annotated[
         list[str],
@@ -187,17 +324,25 @@ def train(
     out: Annotated[str, typer.Option("--out", help="Model registry root (local or s3://).")],
     predictor: Annotated[str, typer.Option("--predictor", help="Predictor name from the registry.")] = "lightgbm",
     holdout: Annotated[
-        bool, typer.Option(help="Hold out a test split where a data set has none, and train on train rows only.")
+        bool,
+        typer.Option(
+            "--holdout/--no-holdout",
+            help="Hold out a test split where a data set has none, and train on train rows only.",
+        ),
     ] = True,
-    plans: Annotated[bool, typer.Option(help="Also fit vote and cascade templates (cross-fits the predictor).")] = True,
+    plans: Annotated[
+        bool,
+        typer.Option("--plans/--no-plans", help="Also fit vote and cascade templates (cross-fits the predictor)."),
+    ] = True,
 ) -> None:
     """Train a predictor (and its vote/cascade templates) on outcome histories; store it as a new version."""
-    from batchplan import artifacts
-    from batchplan.history import load_history, with_holdout
-
-    settings = get_settings()
-    storage = _storage()
     with _user_errors():
+        from batchplan import artifacts
+        from batchplan.history import load_history, with_holdout
+        from batchplan.settings import get_settings
+
+        settings = get_settings()
+        storage = _storage()
         loaded = load_history(history, storage)
         if holdout:
             loaded = with_holdout(loaded, settings.holdout_fraction, settings.seed).split("train")
@@ -205,16 +350,20 @@ def train(
         uri = artifacts.save(trained, storage, out)
     console.print(
         f"trained {predictor} on {loaded.queries.height} queries x {len(loaded.models)} models, "
-        f"{len(trained.templates.templates)} vote/cascade templates -> {uri}"
+        f"{len(trained.templates.templates)} vote/cascade templates -> {uri}",
+        highlight=False,
+        soft_wrap=True,
     )
 
 
-@app.command()
+@app.command(
+    cls=_Command,
+    epilog="Example: batchplan plan --queue examples/queue.jsonl --model models/ --budget-usd 0.002 "
+    "--out runs/plan.parquet",
+)
 def plan(
-    queue: Annotated[
-        str, typer.Option("--queue", help="Queue: parquet or jsonl file or directory of parts, local or s3://.")
-    ],
-    model: Annotated[str, typer.Option("--model", help="Model registry root written by `batchplan train`.")],
+    queue: QueueOpt,
+    model: ModelOpt,
     out: Annotated[str, typer.Option("--out", help="Plan file to write (.parquet or .jsonl).")],
     budget_usd: BudgetOpt = None,
     accuracy_target: TargetOpt = None,
@@ -236,10 +385,6 @@ def plan(
     model_version: VersionOpt = None,
 ) -> None:
     """Plan the batch: one plan per query, under the budget and constraints. Writes the plan; calls nothing."""
-    from batchplan import artifacts, pipeline
-    from batchplan.report import notes
-
-    storage = _storage()
     with _user_errors():
         request = _request(
             budget_usd=budget_usd,
@@ -254,11 +399,13 @@ def plan(
             label_error_mode=label_error_mode,
             allow_unused_constraints=allow_unused_constraints,
         )
-        ingested = pipeline.ingest(queue, storage, out_uri=None)
-        if ingested.quarantine.height:
-            quarantine_uri = out.rsplit(".", 1)[0] + ".quarantine.parquet"
-            storage.write_frame(ingested.quarantine, quarantine_uri)
-            _say_quarantined(ingested.quarantine.height, quarantine_uri)
+        _check_backend(backend, replay_history=replay_history, prices=prices, base_url=base_url)
+        import polars as pl
+
+        from batchplan import artifacts, pipeline
+        from batchplan.report import notes
+
+        storage = _storage()
         chosen_backend = (
             pipeline.make_backend(
                 backend, storage=storage, replay_history=replay_history, base_url=base_url, prices_uri=prices
@@ -266,6 +413,11 @@ def plan(
             if backend
             else None
         )
+        ingested = pipeline.ingest(queue, storage, out_uri=None)
+        if ingested.quarantine.height:
+            quarantine_uri = out.rsplit(".", 1)[0] + ".quarantine.parquet"
+            storage.write_frame(ingested.quarantine, quarantine_uri)
+            _say_quarantined(ingested.quarantine.height, quarantine_uri)
         trained = artifacts.load(storage, model, version=model_version)
         predictions = pipeline.predict(ingested.queue, trained.predictor, chosen_backend)
         for line in notes({"unseen_tasks": pipeline.unseen_tasks(ingested.queue, trained.predictor)}):
@@ -281,16 +433,20 @@ def plan(
     accuracy = outcome.plan.select(pl.col("expected_accuracy").mean()).item() or 0.0
     console.print(
         f"planned {outcome.plan.height} queries: expected cost ${cost:.4f}, expected accuracy {accuracy:.1%}, "
-        f"status {d['status']}, gap {d['gap']:.2e}, spend margin ${d['spend_margin_usd']:.4f} -> {out}"
+        f"status {d['status']}, gap {d['gap']:.2e}, spend margin ${d['spend_margin_usd']:.4f} -> {out}",
+        highlight=False,
+        soft_wrap=True,
     )
 
 
-@app.command()
+@app.command(
+    cls=_Command,
+    epilog="Example: batchplan run --queue examples/queue.jsonl --model models/ --budget-usd 0.002 "
+    "--backend replay --replay-history examples/history --out runs/r1",
+)
 def run(
-    queue: Annotated[
-        str, typer.Option("--queue", help="Queue: parquet or jsonl file or directory of parts, local or s3://.")
-    ],
-    model: Annotated[str, typer.Option("--model", help="Model registry root written by `batchplan train`.")],
+    queue: QueueOpt,
+    model: ModelOpt,
     out: Annotated[str, typer.Option("--out", help="Run directory: plan, dispatch ledger, results.parquet, report.")],
     budget_usd: BudgetOpt = None,
     accuracy_target: TargetOpt = None,
@@ -311,28 +467,29 @@ def run(
     run_id: Annotated[str | None, typer.Option("--run-id", help="Name shown in the report.")] = None,
 ) -> None:
     """Plan and dispatch the batch; rerunning the same command resumes without paying twice."""
-    from batchplan.pipeline import Job, run_job
-    from batchplan.report import render_markdown
-
-    storage = _storage()
     with _user_errors():
+        request = _request(
+            budget_usd=budget_usd,
+            accuracy_target=accuracy_target,
+            allow_deferral=allow_deferral,
+            tenant_budget=tenant_budget,
+            max_calls=max_calls,
+            task_floor=task_floor,
+            allowed=allow,
+            kinds=plans,
+            label_error=label_error,
+            label_error_mode=label_error_mode,
+            allow_unused_constraints=allow_unused_constraints,
+        )
+        _check_backend(backend, replay_history=replay_history, prices=prices, base_url=base_url)
+        from batchplan.pipeline import Job, run_job
+        from batchplan.report import render_markdown
+
         job = Job(
             queue_uri=queue,
             model_uri=model,
             out_uri=out,
-            request=_request(
-                budget_usd=budget_usd,
-                accuracy_target=accuracy_target,
-                allow_deferral=allow_deferral,
-                tenant_budget=tenant_budget,
-                max_calls=max_calls,
-                task_floor=task_floor,
-                allowed=allow,
-                kinds=plans,
-                label_error=label_error,
-                label_error_mode=label_error_mode,
-                allow_unused_constraints=allow_unused_constraints,
-            ),
+            request=request,
             backend=backend,
             replay_history=replay_history,
             base_url=base_url,
@@ -341,27 +498,31 @@ def run(
             run_id=run_id,
         )
         with _progress("dispatch") as progress:
-            outcome = run_job(job, storage, progress=progress)
+            outcome = run_job(job, _storage(), progress=progress)
     typer.echo(render_markdown(outcome.report))
     if outcome.report["quarantined"]:
+        from batchplan.storage import join
+
         _say_quarantined(outcome.report["quarantined"], join(out, "quarantine.parquet"))
-    console.print(f"wrote {', '.join(outcome.paths.values())}")
+    console.print(f"wrote {', '.join(outcome.paths.values())}", highlight=False, soft_wrap=True)
 
 
-@app.command()
+@app.command(cls=_Command, epilog="Example: batchplan demo --budget-fraction 0.5")
 def demo(
-    budget_fraction: Annotated[float, typer.Option(help="Budget as a share of the best single model's cost.")] = 0.3,
+    budget_fraction: Annotated[
+        float, typer.Option("--budget-fraction", help="Budget as a share of the best single model's cost.")
+    ] = 0.3,
     out: Annotated[str | None, typer.Option("--out", help="Where to write (default: <work_dir>/demo).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
 ) -> None:
     """The main job on the bundled data: train on train splits, plan + replay the test splits under a budget."""
-    from batchplan.demo import run_demo
-    from batchplan.report import render_markdown
-
-    settings = get_settings()
     with _user_errors(), _progress("dispatch") as progress:
+        from batchplan.demo import run_demo
+        from batchplan.report import render_markdown
+        from batchplan.settings import get_settings
+
         outcome, context = run_demo(
-            settings, _storage(), budget_fraction=budget_fraction, out_uri=out, progress=progress
+            get_settings(), _storage(), budget_fraction=budget_fraction, out_uri=out, progress=progress
         )
     if as_json:
         typer.echo(json.dumps({"context": context, "report": outcome.report}, indent=2, default=str))
@@ -374,9 +535,10 @@ def demo(
     typer.echo(f"report: {outcome.paths['html']}")
 
 
-@app.command("show-report")
+@app.command("show-report", cls=_Command, epilog="Example: batchplan show-report runs/r1")
 def show_report(run_dir: Annotated[str, typer.Argument(help="Run directory written by `batchplan run`.")]) -> None:
     """Print a run's report."""
-    storage = _storage()
     with _user_errors():
-        typer.echo(storage.read_text(join(run_dir, "report.md")))
+        from batchplan.storage import join
+
+        typer.echo(_storage().read_text(join(run_dir, "report.md")))

@@ -17,6 +17,9 @@ from typing import Any, Final
 
 import polars as pl
 
+from batchplan.errors import ContractError
+from batchplan.request import PLAN_KINDS as PLAN_KINDS  # beside the request: checked before heavy imports
+
 
 def _columns(columns: dict[str, Any]) -> dict[str, Any]:
     """Typed column maps for the schemas below (mypy widens a bare dict literal of dtypes to object)."""
@@ -83,7 +86,6 @@ PREDICTION_SCHEMA: Final = pl.Schema(
     )
 )
 
-PLAN_KINDS: Final = ("single", "vote", "cascade", "agreement")  # semantics: batchplan/plan_simulation.py
 # Plan kinds of a run's plan file beyond PLAN_KINDS: nothing is called for these rows.
 DEFER: Final = "defer"  # the optimizer left the query for a later run
 UNANSWERABLE: Final = "unanswerable"  # no model the backend offers (and the tenant may use) can answer it
@@ -122,10 +124,6 @@ RESULT_SCHEMA: Final = pl.Schema(
 QUARANTINE_SCHEMA: Final = pl.Schema(
     _columns({"row": pl.Int64, "query_id": pl.String, "reason": pl.String, "raw": pl.String})
 )
-
-
-class ContractError(ValueError):
-    """A frame does not match its contract; the message names the frame, the column and the fix."""
 
 
 def conform(frame: pl.DataFrame, schema: pl.Schema, *, name: str, required: tuple[str, ...] = ()) -> pl.DataFrame:

@@ -85,14 +85,27 @@ def load_history(dirs: str | Sequence[str], storage: Storage | None = None) -> H
 
 
 def _warn_price_conflicts(prices: list[tuple[str, pl.DataFrame]]) -> None:
-    """Histories may list one model at different prices (sources priced at different dates): the first is
-    kept for list-price costs, so say which, rather than pick silently. Recorded costs are not affected."""
-    listed = pl.concat([frame.with_columns(pl.lit(path).alias("history")) for path, frame in prices])
-    conflicts = listed.group_by("model").agg(
-        pl.struct("usd_per_mtok_in", "usd_per_mtok_out").n_unique().alias("prices"), pl.col("history")
-    )
-    for model, _, histories in conflicts.filter(pl.col("prices") > 1).sort("model").iter_rows():
-        log.warning("history.price_conflict", model=model, kept_from=histories[0], histories=histories)
+    """Histories may list one model at different prices (sources priced at different dates, e.g. gpt-4o at its
+    launch price and after a cut): the first is kept for cost estimates from token counts, so say which, in one
+    line, rather than pick silently. Replay bills each query's recorded cost whatever the list says."""
+    listed = pl.concat(
+        [frame.with_columns(pl.lit(path.rstrip("/").rsplit("/", 1)[-1]).alias("history")) for path, frame in prices]
+    ).filter(pl.col("usd_per_mtok_in").is_not_null() | pl.col("usd_per_mtok_out").is_not_null())
+    by_price = listed.group_by("model", "usd_per_mtok_in", "usd_per_mtok_out", maintain_order=True).agg("history")
+    for (model,), group in by_price.group_by("model", maintain_order=True):
+        if group.height < 2:
+            continue
+        listed_at = [(f"${_price(pin)}/${_price(pout)}", ", ".join(hs)) for _, pin, pout, hs in group.iter_rows()]
+        where = "; ".join(f"{price} in {histories}" for price, histories in listed_at)
+        log.warning(
+            f"{model} is listed at {group.height} prices per Mtok in/out ({where}): cost estimates from token "
+            f"counts use {listed_at[0][0]}; replay bills each query's recorded cost",
+            code="history.price_conflict",
+        )
+
+
+def _price(value: float | None) -> str:
+    return "?" if value is None else f"{value:g}"
 
 
 def _load_one(path: str, storage: Storage) -> History:

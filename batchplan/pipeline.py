@@ -35,7 +35,7 @@ from batchplan.plan_templates import PlanTemplates
 from batchplan.planning import PlanOutcome, PlanRequest, plan_batch, request_changes, request_record
 from batchplan.report import Truth, build_report, summary_line, write_report
 from batchplan.storage import Storage, join
-from dispatchers import Backend, dispatch, get_backend
+from dispatchers import Backend, check_backend, dispatch, get_backend
 from predictors import Predictor
 
 log = structlog.get_logger("batchplan")
@@ -73,15 +73,14 @@ def make_backend(
     """Build a dispatcher backend by name from plain settings (CLI flags, DAG params); ``replay`` is the
     replay history when the caller has it loaded already."""
     if name == "replay":
-        if replay is None and not replay_history:
-            raise ContractError("the replay backend needs --replay-history DIR (an outcome history to answer from)")
+        check_backend("replay", history=replay if replay is not None else replay_history or None)
         history = replay if replay is not None else load_history(list(replay_history), storage)
         return get_backend("replay", history=history, **options)
     catalog = None
     if prices_uri is not None:
         catalog = PriceCatalog.from_prices(storage.read_frame(prices_uri))
-    if base_url is not None:
-        options["base_url"] = base_url
+    if base_url is not None:  # the endpoint: OpenAI-compatible for openai, a Bedrock runtime URL for bedrock
+        options["endpoint_url" if name == "bedrock" else "base_url"] = base_url
     return get_backend(name, catalog=catalog, **options)
 
 

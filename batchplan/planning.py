@@ -18,8 +18,10 @@ import polars as pl
 import structlog
 
 from batchplan.candidates import Candidates
-from batchplan.contracts import PLAN_KINDS, PLAN_SCHEMA, UNANSWERABLE, ContractError
+from batchplan.contracts import PLAN_SCHEMA, UNANSWERABLE, ContractError
+from batchplan.infeasible import RequestInfeasible, word
 from batchplan.plan_templates import PlanTemplates
+from batchplan.request import PlanRequest
 from optimizer import (
     AccuracyFloor,
     Budget,
@@ -30,50 +32,9 @@ from optimizer import (
     Solution,
     solve,
 )
-from optimizer.api import Method
 from optimizer.problem import Objective
 
 log = structlog.get_logger("batchplan")
-
-
-@dataclass
-class PlanRequest:
-    """What the user asks for one batch. Either ``budget_usd`` (maximize accuracy) or ``accuracy_target``
-    (minimize cost), or both (maximize accuracy under the budget with the target as a floor)."""
-
-    budget_usd: float | None = None
-    accuracy_target: float | None = None
-    allow_deferral: bool = False
-    tenant_budgets_usd: dict[str, float] = field(default_factory=dict)
-    model_max_calls: dict[str, int] = field(default_factory=dict)
-    task_accuracy_floors: dict[str, float] = field(default_factory=dict)
-    allowed_models: dict[str, list[str]] = field(default_factory=dict)  # tenant -> models (data residency)
-    kinds: tuple[str, ...] = PLAN_KINDS  # plan kinds the optimizer may choose from
-    # Statewise error bound: task ("*" = every task) -> alpha, or label -> alpha, bounding
-    # P(wrong | true label = y) <= alpha_y. Mode "per_query": only plans that meet it are offered; "aggregate":
-    # the batch as a whole meets it (a linear constraint per task and label).
-    label_error_max: dict[str, float | dict[str, float]] = field(default_factory=dict)
-    label_error_mode: str = "per_query"
-    # Plan so that realized spend stays within the budget with this probability (normal approximation over
-    # the plans' cost variances): a query deferred by the dispatcher's hard stop is a lost answer.
-    spend_confidence: float = 0.95
-    method: Method = "auto"
-    # A constraint naming a tenant, model or task the batch does not have is refused (a typo caps nothing);
-    # a nightly config that lists every tenant opts in, and the report lists what bound nothing.
-    allow_unused_constraints: bool = False
-
-    def __post_init__(self) -> None:
-        if self.budget_usd is None and self.accuracy_target is None:
-            raise ContractError("give a budget (budget_usd) or an accuracy target (accuracy_target), or both")
-        if self.budget_usd is not None and self.budget_usd < 0:
-            raise ContractError(f"budget_usd must be >= 0, got {self.budget_usd}")
-        if self.accuracy_target is not None and not 0 < self.accuracy_target <= 1:
-            raise ContractError(f"accuracy_target must be in (0, 1], got {self.accuracy_target}")
-        if self.label_error_mode not in ("per_query", "aggregate"):
-            raise ContractError(f"label_error_mode must be 'per_query' or 'aggregate', got {self.label_error_mode!r}")
-        unknown = set(self.kinds) - set(PLAN_KINDS)
-        if unknown or "single" not in self.kinds:
-            raise ContractError(f"plan kinds must include 'single' and be among {PLAN_KINDS}; got {self.kinds}")
 
 
 @dataclass(frozen=True)
@@ -274,11 +235,12 @@ def meet_label_errors(candidates: Candidates, errors: pl.DataFrame) -> Candidate
             f"task {t!r}: the best plan still errs {w:.3f} on some label"
             for t, w in worst.select("task", "worst").iter_rows()
         )
-        raise InfeasibleError(
+        raise RequestInfeasible(
             constraint="label_error_max",
             message=f"{stranded.height} queries have no plan meeting the per-label error bound ({detail}); "
-            "loosen alpha for those tasks, or use label_error_mode='aggregate'",
+            "loosen label_error_max for those tasks, or use label_error_mode 'aggregate'",
             suggestion={t: w for t, w in worst.select("task", "worst").iter_rows()},
+            fields=("label_error_max", "label_error_mode"),
         )
     return Candidates(plans=kept, queries=candidates.queries)
 
@@ -362,7 +324,10 @@ def plan_batch(candidates: Candidates, request: PlanRequest, templates: PlanTemp
     objective: Objective = "max_value" if request.budget_usd is not None else "min_cost"
     deferrable = np.full(candidates.queries.height, request.allow_deferral)
     problem = Problem(options, objective=objective, constraints=constraints, deferrable=deferrable)
-    solution = solve(problem, method=request.method)
+    try:
+        solution = solve(problem, method=request.method)
+    except InfeasibleError as error:
+        raise word(error, request, candidates.queries) from error
     margin = spend_margin(candidates, solution, request.spend_confidence)
     if request.budget_usd is not None and margin > 0:
         # Second pass: leave the margin unplanned, so the expected spend plus z standard deviations fits.

@@ -11,15 +11,22 @@ import io
 import os
 import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
 import polars as pl
 
+from batchplan.errors import UserError
 
-class StorageError(RuntimeError):
-    pass
+
+class StorageError(UserError, RuntimeError):
+    """A file or object cannot be read or written: missing, unreachable, refused. The message says which and why."""
+
+
+class NotFound(StorageError):
+    """No such file or object: the one storage error that callers may take as 'not written yet'."""
 
 
 def is_s3(uri: str) -> bool:
@@ -55,7 +62,7 @@ class LocalBackend:
         try:
             return Path(uri).read_bytes()
         except FileNotFoundError as error:
-            raise StorageError(f"no such file: {uri}") from error
+            raise NotFound(f"no such file: {uri}") from error
 
     def write_bytes(self, uri: str, data: bytes) -> None:
         path = Path(uri)
@@ -108,51 +115,82 @@ class S3Backend:
             client = boto3.client("s3", endpoint_url=endpoint_url or None, region_name=region)
         self._client: Any = client
 
+    @contextmanager
+    def _errors(self, uri: str) -> Iterator[None]:
+        """botocore's errors as one line each, saying what to fix: credentials, endpoint, bucket, key."""
+        from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError, PartialCredentialsError
+        from botocore.exceptions import ConnectionError as BotoConnectionError
+
+        endpoint = self._client.meta.endpoint_url
+        try:
+            yield
+        except (NoCredentialsError, PartialCredentialsError) as error:
+            raise StorageError(
+                f"no AWS credentials to read or write {uri}: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY "
+                "(or AWS_PROFILE) in the environment"
+            ) from error
+        except BotoConnectionError as error:
+            raise StorageError(
+                f"cannot reach the S3 endpoint {endpoint} for {uri} ({type(error).__name__}): is it running? "
+                "(set BATCHPLAN_S3_ENDPOINT_URL for MinIO or moto)"
+            ) from error
+        except ClientError as error:
+            code = str(error.response.get("Error", {}).get("Code", ""))
+            if code in {"NoSuchKey", "404", "NotFound"}:
+                raise NotFound(f"no such object: {uri}") from error
+            if code == "NoSuchBucket":
+                raise StorageError(f"no such bucket: s3://{split_s3(uri)[0]} (at {endpoint}), for {uri}") from error
+            if code in {"AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "403", "Forbidden"}:
+                raise StorageError(f"S3 refused access to {uri} ({code}): check the AWS credentials") from error
+            message = error.response.get("Error", {}).get("Message", "")
+            raise StorageError(f"S3 error on {uri} at {endpoint}: {code} {message}".rstrip()) from error
+        except BotoCoreError as error:
+            raise StorageError(f"S3 error on {uri} at {endpoint}: {error}") from error
+
     def read_bytes(self, uri: str) -> bytes:
         bucket, key = split_s3(uri)
-        try:
+        with self._errors(uri):
             return bytes(self._client.get_object(Bucket=bucket, Key=key)["Body"].read())
-        except self._client.exceptions.NoSuchKey as error:
-            raise StorageError(f"no such object: {uri}") from error
 
     def write_bytes(self, uri: str, data: bytes) -> None:
         bucket, key = split_s3(uri)
-        self._client.put_object(Bucket=bucket, Key=key, Body=data)
+        with self._errors(uri):
+            self._client.put_object(Bucket=bucket, Key=key, Body=data)
 
     def put_if_absent(self, uri: str, data: bytes) -> bool:
         from botocore.exceptions import ClientError
 
         bucket, key = split_s3(uri)
-        try:
-            self._client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
-        except ClientError as error:
-            if error.response.get("Error", {}).get("Code") in {"PreconditionFailed", "ConditionalRequestConflict"}:
-                return False
-            raise
+        with self._errors(uri):
+            try:
+                self._client.put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+            except ClientError as error:
+                if error.response.get("Error", {}).get("Code") in {"PreconditionFailed", "ConditionalRequestConflict"}:
+                    return False
+                raise
         return True
 
     def exists(self, uri: str) -> bool:
-        from botocore.exceptions import ClientError
-
         bucket, key = split_s3(uri)
         try:
-            self._client.head_object(Bucket=bucket, Key=key)
-        except ClientError as error:
-            if error.response.get("Error", {}).get("Code") in {"404", "NoSuchKey", "NotFound"}:
-                return False
-            raise
+            with self._errors(uri):
+                self._client.head_object(Bucket=bucket, Key=key)
+        except NotFound:
+            return False
         return True
 
     def list(self, prefix: str) -> list[str]:
         bucket, key = split_s3(prefix)
         keys: list[str] = []
-        for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
-            keys.extend(item["Key"] for item in page.get("Contents", []))
+        with self._errors(prefix):
+            for page in self._client.get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=key):
+                keys.extend(item["Key"] for item in page.get("Contents", []))
         return sorted(f"s3://{bucket}/{k}" for k in keys if not k.rsplit("/", 1)[-1].startswith("."))
 
     def delete(self, uri: str) -> None:
         bucket, key = split_s3(uri)
-        self._client.delete_object(Bucket=bucket, Key=key)
+        with self._errors(uri):
+            self._client.delete_object(Bucket=bucket, Key=key)
 
 
 @dataclass

@@ -12,8 +12,13 @@ most `budget_usd`) -> `dispatch` (mapped over the shards; each shard's ledger ma
 **Report**: the *batchplan report* tab of the run (plugin `dags/plugins/batchplan_reports.py`), or
 `reports/nightly-<date>/report.html` in the bucket; the `report` task's log has the one-line summary.
 
-**Params** (editable in *Trigger DAG*): `budget_usd`, `accuracy_target`, `allow_deferral`, `queue_date`
-(default: the run's date), `queue_prefix` (a full URI, `{date}` filled in), `backend`, `max_shards`.
+**Params** (editable in *Trigger DAG*; the defaults trigger as they are): `budget_usd`, `accuracy_target`,
+`allow_deferral`, `queue_date` (optional; default: the run's logical date, today for a manual run),
+`queue_prefix` (optional; a full URI, `{date}` filled in), `backend`, `max_shards`.
+
+**Runs**: up to 4 at once, so a run triggered by hand never waits behind a scheduled one still waiting for
+its queue; two runs for the same day are safe (the day's claim lets one through, the other is skipped). The
+sensor waits up to 8 h in reschedule mode, then skips the run.
 
 **Constraints**: a `tenant_budgets_usd` tenant not in the queue fails the run at `plan`, naming the queued
 tenants, unless `allow_unused_constraints` (the report then lists it). Re-running a run with another budget
@@ -45,7 +50,10 @@ def _sensor_key(params: dict[str, Any], logical_date: Any) -> str:
     schedule="0 2 * * *",
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
-    max_active_runs=1,
+    # More than one: a run triggered by hand must not queue behind the scheduled run that unpausing creates,
+    # which may wait hours in the sensor for a queue that is not there yet. Runs for the same day cannot
+    # collide: the day's claim (ingest) lets one of them through and skips the other.
+    max_active_runs=4,
     doc_md=__doc__,
     tags=["batchplan"],
     default_args={"retries": 2, "retry_delay": timedelta(minutes=2), "retry_exponential_backoff": True},
@@ -71,10 +79,17 @@ def _sensor_key(params: dict[str, Any], logical_date: Any) -> str:
             description="Accept tenant budgets naming no queued tenant (a config listing every tenant); "
             "the report lists them. Off: such a name fails the run at plan, naming the queued tenants.",
         ),
-        "queue_date": Param("", type="string", description="YYYY-MM-DD of the queue to run; empty = the run's date."),
+        # Optional (the type admits null, default None): Airflow's trigger form treats a field whose type does
+        # not admit null as required, and refuses to trigger while a required string is empty.
+        "queue_date": Param(
+            None,
+            type=["null", "string"],
+            format="date",
+            description="YYYY-MM-DD of the queue to run; empty = the run's logical date (a manual run: today, UTC).",
+        ),
         "queue_prefix": Param(
-            "",
-            type="string",
+            None,
+            type=["null", "string"],
             description="Full URI of the queue folder ({date} filled in); empty = queue/<date>/ in the bucket.",
         ),
         "backend": Param("replay", enum=["replay", "openai", "bedrock"], description="Dispatcher backend."),
@@ -93,9 +108,10 @@ def batchplan_nightly() -> None:
         bucket_key="{{ batchplan_sensor_key(params, logical_date) }}",
         wildcard_match=True,
         aws_conn_id=common.CONN_ID,
-        mode="reschedule",
+        mode="reschedule",  # frees its worker slot between pokes
         poke_interval=300,
         timeout=timedelta(hours=8).total_seconds(),
+        soft_fail=True,  # no queue by the deadline: the run is skipped (nothing to do), not failed
     )
 
     @task

@@ -12,35 +12,87 @@ chat completions endpoint), ``bedrock`` (AWS Bedrock Converse).
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dispatchers.base import Backend, CallRequest, CallResult, parse_answer
-from dispatchers.budget import BudgetGuard
-from dispatchers.executor import FALLBACK_COLUMN
-from dispatchers.ledger import read_manifest, read_results
-from dispatchers.limits import ModelLimits, RetryPolicy
-from dispatchers.run import adispatch, dispatch
+from batchplan.errors import ContractError, unknown_name
+
+if TYPE_CHECKING:
+    from dispatchers.base import Backend, CallRequest, CallResult, parse_answer
+    from dispatchers.budget import BudgetGuard
+    from dispatchers.executor import FALLBACK_COLUMN
+    from dispatchers.ledger import read_manifest, read_results
+    from dispatchers.limits import ModelLimits, RetryPolicy
+    from dispatchers.run import adispatch, dispatch
+
+# Imported on first use, so that naming the backends (``available_backends``: the CLI checks --backend with
+# it before anything heavy is loaded) does not import polars and the executor.
+_LAZY = {
+    "Backend": "dispatchers.base",
+    "CallRequest": "dispatchers.base",
+    "CallResult": "dispatchers.base",
+    "parse_answer": "dispatchers.base",
+    "BudgetGuard": "dispatchers.budget",
+    "FALLBACK_COLUMN": "dispatchers.executor",
+    "read_manifest": "dispatchers.ledger",
+    "read_results": "dispatchers.ledger",
+    "ModelLimits": "dispatchers.limits",
+    "RetryPolicy": "dispatchers.limits",
+    "adispatch": "dispatchers.run",
+    "dispatch": "dispatchers.run",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'dispatchers' has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name]), name)
+
 
 _REGISTRY: dict[str, Callable[..., Backend]] = {}
+# Per backend, the settings it cannot do without; each need is a group of names, any one of which will do.
+_NEEDS: dict[str, tuple[tuple[str, ...], ...]] = {}
+# What each needed setting is, for the one-line error that names it.
+NEEDED = {
+    "catalog": "its price list (a models.csv with model, usd_per_mtok_in, usd_per_mtok_out): it bills usage x "
+    "price and reserves each call's bound before sending",
+    "base_url": "its endpoint (e.g. http://127.0.0.1:8000/v1), or an Airflow connection with a host",
+    "history": "the recorded outcomes it answers from (directories with queries.parquet and outcomes.parquet)",
+}
 
 
-def register_backend(name: str, factory: Callable[..., Backend]) -> None:
-    """Make ``get_backend(name, **kwargs)`` build ``factory(**kwargs)``."""
+def register_backend(name: str, factory: Callable[..., Backend], needs: tuple[tuple[str, ...], ...] = ()) -> None:
+    """Make ``get_backend(name, **kwargs)`` build ``factory(**kwargs)``; ``needs``: the keyword arguments it
+    cannot do without (each a group of names, any one of which will do)."""
     _REGISTRY[name] = factory
+    _NEEDS[name] = needs
 
 
 def available_backends() -> list[str]:
     return sorted(_REGISTRY)
 
 
+def missing_setting(backend: str, setting: str) -> ContractError:
+    """'the openai backend needs base_url, its endpoint (...)': the error naming the setting (a front end
+    words it as its own flag)."""
+    return ContractError(f"the {backend} backend needs {setting}, {NEEDED[setting]}", fields=(setting,))
+
+
+def check_backend(name: str, **settings: Any) -> None:
+    """Raise a ContractError unless ``name`` is a known backend (else naming the known ones, closest first)
+    and ``settings`` hold what it needs. Light: the CLI checks its flags with it before the heavy imports."""
+    if name not in _REGISTRY:
+        raise unknown_name("backend", name, _REGISTRY, field="backend")
+    for group in _NEEDS[name]:
+        if all(settings.get(setting) is None for setting in group):
+            raise missing_setting(name, group[0])
+
+
 def get_backend(name: str, **kwargs: Any) -> Backend:
     """Build a backend by name; keyword arguments go to its constructor."""
-    try:
-        factory = _REGISTRY[name]
-    except KeyError:
-        raise ValueError(f"unknown backend {name!r}: choose one of {available_backends()}") from None
-    return factory(**kwargs)
+    check_backend(name, **kwargs)
+    return _REGISTRY[name](**kwargs)
 
 
 def _replay(**kwargs: Any) -> Backend:
@@ -61,9 +113,9 @@ def _bedrock(**kwargs: Any) -> Backend:
     return BedrockBackend(**kwargs)
 
 
-register_backend("replay", _replay)
-register_backend("openai", _openai)
-register_backend("bedrock", _bedrock)
+register_backend("replay", _replay, needs=(("history",),))
+register_backend("openai", _openai, needs=(("catalog",), ("base_url", "airflow_conn_id")))
+register_backend("bedrock", _bedrock, needs=(("catalog",),))
 
 __all__ = [
     "FALLBACK_COLUMN",
@@ -75,8 +127,10 @@ __all__ = [
     "RetryPolicy",
     "adispatch",
     "available_backends",
+    "check_backend",
     "dispatch",
     "get_backend",
+    "missing_setting",
     "parse_answer",
     "read_manifest",
     "read_results",

@@ -15,6 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from batchplan.catalog import PriceCatalog
+from batchplan.errors import ContractError
 from dispatchers.base import (
     CLIENT_ERROR,
     CONNECTION,
@@ -162,4 +163,12 @@ def _make_client(
             aws_conn_id=airflow_conn_id, client_type="bedrock-runtime", region_name=region_name, config=config
         )
         return hook.get_client_type(region_name=region_name)
-    return boto3.client("bedrock-runtime", region_name=region_name, endpoint_url=endpoint_url, config=config)
+    from botocore.exceptions import NoRegionError
+
+    try:
+        return boto3.client("bedrock-runtime", region_name=region_name, endpoint_url=endpoint_url, config=config)
+    except NoRegionError as error:
+        raise ContractError(
+            "the bedrock backend needs an AWS region: set AWS_DEFAULT_REGION (or pass region_name)",
+            fields=("region_name",),
+        ) from error

@@ -47,7 +47,8 @@ from typing import Any
 import polars as pl
 
 from batchplan.contracts import RESULT_SCHEMA, conform
-from batchplan.storage import Storage, StorageError, is_s3, join
+from batchplan.errors import UserError
+from batchplan.storage import NotFound, Storage, is_s3, join
 
 FINAL_STATUSES = frozenset({"done", "failed"})
 
@@ -253,7 +254,7 @@ def read_manifest(storage: Storage, out_uri: str) -> dict[str, Any]:
     uri = join(out_uri, "manifest.json")
     try:
         return dict(json.loads(storage.read_bytes(uri)))
-    except StorageError:
+    except NotFound:  # nothing committed yet; any other storage error must stop the run, not restart it
         return {"parts": [], "complete": False}
 
 
@@ -274,15 +275,36 @@ def read_results(out_uri: str, storage: Storage | None = None) -> pl.DataFrame:
     return frame
 
 
-class RunLocked(RuntimeError):
+class RunLocked(UserError, RuntimeError):
     """Another live process is dispatching into the same out_uri."""
+
+
+def _alive(pid: int) -> bool:
+    """Is process ``pid`` running? A zombie is not: a process killed in a container without an init (or
+    whose parent never waits) stays in the table as state 'Z' until reaped, and ``kill(pid, 0)`` succeeds
+    on it. Where /proc is missing (macOS), existence is all there is to go on."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by another user
+        pass
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return not Path("/proc/self/stat").exists()  # /proc present but no entry: it just exited
+    except OSError:
+        return True
+    # state is the field after the command name, which is in parentheses and may hold spaces or ')'
+    return stat[stat.rindex(")") + 2 :].split(" ", 1)[0] not in {"Z", "X"}
 
 
 class Lease:
     """One writer per ``out_uri``: two processes on one ledger would both pay for the same calls.
 
     Taken with ``put_if_absent``; renewed by a heartbeat; a lease is stale (taken over) when its process
-    is gone (same host, pid no longer alive: e.g. kill -9) or its heartbeat is older than ``ttl_s``.
+    is gone (same host, pid no longer alive: e.g. kill -9, or a zombie nobody reaped) or its heartbeat is
+    older than ``ttl_s``.
     """
 
     def __init__(self, storage: Storage, out_uri: str, writer_id: str, ttl_s: float = 60.0) -> None:
@@ -301,7 +323,7 @@ class Lease:
             return
         try:
             holder = json.loads(self.storage.read_bytes(self.uri))
-        except (StorageError, json.JSONDecodeError):
+        except (NotFound, json.JSONDecodeError):
             holder = {}
         if holder and not self._stale(holder):
             age = time.time() - float(holder.get("at", 0))
@@ -316,10 +338,8 @@ class Lease:
             return True
         if holder.get("host") == socket.gethostname():
             try:
-                os.kill(int(holder.get("pid", -1)), 0)
-            except ProcessLookupError:
-                return True
-            except (PermissionError, ValueError, OverflowError):
+                return not _alive(int(holder.get("pid", -1)))
+            except (ValueError, OverflowError):
                 return False
         return False
 

@@ -46,10 +46,9 @@ class LiveBackend(Backend):
 
     def __init__(self, catalog: PriceCatalog | None, model_map: Mapping[str, str] | None = None) -> None:
         if catalog is None:
-            raise ValueError(
-                f"the {self.name} backend needs a price catalog (models.csv with usd_per_mtok_in/out, "
-                "e.g. --prices): it bills usage x price and reserves each call's bound before sending"
-            )
+            from dispatchers import missing_setting
+
+            raise missing_setting(self.name, "catalog")
         self._catalog = catalog
         self.model_map = dict(model_map or {})
 

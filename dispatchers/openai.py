@@ -24,6 +24,7 @@ from typing import Any
 import httpx
 
 from batchplan.catalog import PriceCatalog
+from batchplan.errors import ContractError
 from dispatchers.base import (
     CLIENT_ERROR,
     CONNECTION,
@@ -170,7 +171,9 @@ class OpenAIBackend(LiveBackend):
         key, host = secret_from(api_key_env, airflow_conn_id)
         url = base_url or host
         if not url:
-            raise ValueError("openai backend needs base_url (or an Airflow connection with a host)")
+            from dispatchers import missing_setting
+
+            raise missing_setting(self.name, "base_url")
         self.base_url = url.rstrip("/")
         self._key = key
         self.timeout_s = timeout_s
@@ -182,7 +185,7 @@ class OpenAIBackend(LiveBackend):
         self.extra_body = dict(extra_body or {})
         self.transport = _default_transport() if transport == "auto" else transport
         if self.transport not in {"aiohttp", "httpx"}:
-            raise ValueError(f"transport must be aiohttp, httpx or auto, not {transport!r}")
+            raise ContractError(f"transport must be aiohttp, httpx or auto, not {transport!r}", fields=("transport",))
         self._client: _HttpxTransport | _AiohttpTransport | None = None
 
     def __repr__(self) -> str:

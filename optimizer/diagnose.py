@@ -48,9 +48,20 @@ def _row_suggestion(family: RowFamily, g: int, lo: float, hi: float) -> dict[str
             return {"min_budget": lo}
         return {"min_capacity": lo, "missing_capacity": lo - limit}
     if family.sense == ">=" and hi < limit - tol:
-        count = family.scale[g] if family.scale is not None else np.nan
+        count = float(family.scale[g]) if family.scale is not None else float("nan")
         return {"max_accuracy": hi / count if count else float("nan"), "required": limit, "reachable": hi}
     return None
+
+
+def _describe(row: str, fix: dict[str, Any]) -> str:
+    """One row's fault in words, e.g. 'budget: at least 0.0794 needed'."""
+    if "min_budget" in fix:
+        return f"{row}: at least {fix['min_budget']:.6g} needed"
+    if "missing_capacity" in fix:
+        return f"{row}: at least {fix['min_capacity']:.6g} needed, {fix['missing_capacity']:.6g} more than the limit"
+    if "max_accuracy" in fix:
+        return f"{row}: a mean of at most {fix['max_accuracy']:.6g} is reachable"
+    return f"{row}: {fix}"
 
 
 def diagnose(model: Compiled, elastic: dict[str, float] | None = None) -> InfeasibleError:
@@ -72,14 +83,15 @@ def diagnose(model: Compiled, elastic: dict[str, float] | None = None) -> Infeas
     if faults:
         names = list(faults)
         suggestion: dict[str, Any] = faults[names[0]] if len(names) == 1 else faults
-        what = "; ".join(f"{n}: {s}" for n, s in faults.items())
+        what = "; ".join(_describe(n, s) for n, s in faults.items())
         return InfeasibleError(names[0] if len(names) == 1 else names, f"infeasible on its own: {what}", suggestion)
     if elastic:
         at_fault = {n: s for n, s in elastic.items() if s > 0}
         limits = {n: float(r) for f in model.families for n, r in zip(f.names, f.rhs, strict=True)}
         senses = {n: f.sense for f in model.families for n in f.names}
         change = {
-            n: {"change": s if senses[n] == "<=" else -s, "feasible_limit": limits[n] + (s if senses[n] == "<=" else -s)}
+            n: {"change": float(s if senses[n] == "<=" else -s),
+                "feasible_limit": float(limits[n] + (s if senses[n] == "<=" else -s))}
             for n, s in at_fault.items()
         }
         names = list(change) or ["<joint>"]
@@ -87,8 +99,9 @@ def diagnose(model: Compiled, elastic: dict[str, float] | None = None) -> Infeas
         suggestion: dict[str, Any] = {"rows": change}  # type: ignore[no-redef]
         if budget_rows:
             suggestion["min_budget"] = change[budget_rows[0]]["feasible_limit"]
+        relax = "; ".join(f"{n} to {c['feasible_limit']:.6g}" for n, c in change.items())
         return InfeasibleError(names[0] if len(names) == 1 else names,
-                               f"constraints are jointly infeasible; relax {change}", suggestion)
+                               f"constraints are jointly infeasible; relax {relax or 'them'}", suggestion)
     return InfeasibleError("<joint>", "the constraints are jointly infeasible", {})
 
 

@@ -30,7 +30,8 @@ class InfeasibleError(ValueError):
         self.suggestion = suggestion or {}
 
     def __str__(self) -> str:
-        return f"{self.message} (constraint: {self.constraint}; suggestion: {self.suggestion})"
+        # the facts are in ``constraint`` and ``suggestion``; the message states them once, in words
+        return self.message
 
 
 @dataclass

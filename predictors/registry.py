@@ -21,6 +21,7 @@ import numpy as np
 import polars as pl
 
 from batchplan.catalog import PriceCatalog
+from batchplan.errors import ContractError, unknown_name
 from batchplan.history import History
 from batchplan.storage import Storage, StorageError, join
 from predictors.calibration import Calibrator
@@ -62,7 +63,7 @@ def available_predictors() -> dict[str, str]:
 
 def train_predictor(history: History, name: str = "lightgbm", seed: int = 0, **params: Any) -> Predictor:
     if name not in _REGISTRY:
-        raise KeyError(f"unknown predictor {name!r}; available: {sorted(_REGISTRY)}")
+        raise unknown_name("predictor", name, _REGISTRY, field="predictor")
     return _REGISTRY[name][0](history, seed=seed, **params)
 
 
@@ -127,11 +128,17 @@ def list_versions(storage: Storage, root_uri: str) -> list[str]:
 
 
 def load(storage: Storage, root_uri: str, version: str | None = None) -> Predictor:
+    versions = list_versions(storage, root_uri)
+    if not versions:
+        raise StorageError(f"no predictor versions under {root_uri}: train one with `batchplan train --out {root_uri}`")
     if version is None:
-        versions = list_versions(storage, root_uri)
-        if not versions:
-            raise StorageError(f"no predictor versions under {root_uri}")
         version = versions[-1]
+    elif version not in versions:
+        raise ContractError(
+            f"no model_version {version!r} under {root_uri}; the versions there, newest first: "
+            f"{', '.join(reversed(versions))}",
+            fields=("model_version",),
+        )
     base = join(root_uri, version)
     state = json.loads(storage.read_text(join(base, "state.json")))
     metadata = json.loads(storage.read_text(join(base, "metadata.json")))

@@ -17,6 +17,7 @@ import numpy as np
 import polars as pl
 
 from batchplan.catalog import PriceCatalog
+from batchplan.errors import ContractError
 from batchplan.history import History
 from predictors.calibration import Calibrator, choose_calibrator, logit, sigmoid
 from predictors.cost import CostModel
@@ -86,7 +87,7 @@ def fit_predictor(history: History, name: str = "lightgbm", seed: int = 0, **par
     options["num_threads"] = lgb_params["num_threads"]
     rows = training_rows(history)
     if rows.height == 0:
-        raise ValueError("the history has no outcomes for its queries: nothing to train on")
+        raise ContractError("the history has no outcomes for its queries: nothing to train on")
     if "num_threads" not in params and rows.height < PARALLEL_ROWS:
         lgb_params["num_threads"] = 1
     train_q = prepare_queries(

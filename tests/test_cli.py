@@ -3,6 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import re
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import polars as pl
@@ -177,37 +183,40 @@ def test_run_on_s3(
     assert storage.exists(join(out, "quarantine.parquet"))
 
 
+def _error_line(args: list[str]) -> str:
+    """Run the CLI; it must fail with exit code 2 and one line ``error: ...`` as its last, no traceback."""
+    result = runner.invoke(app, args)
+    lines = result.output.strip().splitlines()
+    assert result.exit_code == 2, result.output
+    assert "Traceback" not in result.output
+    errors = [line for line in lines if line.startswith("error:")]
+    assert errors == [lines[-1]], result.output
+    return lines[-1]
+
+
 def test_infeasible_budget_is_one_clear_line(trained: tuple[str, str], history_dir: str, tmp_path: Path) -> None:
     models, queue = trained
-    result = runner.invoke(
-        app,
-        [
-            "plan",
-            "--queue",
-            queue,
-            "--model",
-            models,
-            "--budget-usd",
-            "0.0000001",
-            "--out",
-            str(tmp_path / "p.parquet"),
-            "--backend",
-            "replay",
-            "--replay-history",
-            history_dir,
-        ],
+    replay = ["--backend", "replay", "--replay-history", history_dir]
+    line = _error_line(
+        ["plan", "--queue", queue, "--model", models, "--budget-usd", "0.0000001", "--out", str(tmp_path / "p.parquet"), *replay]
     )
-    assert result.exit_code == 2
-    assert "budget" in result.output.lower()
-    assert "Traceback" not in result.output
+    assert re.fullmatch(
+        r"error: --budget-usd 0\.0000001 cannot answer all \d+ queries: at least \$0\.\d+ is needed, "
+        r"or pass --allow-deferral",
+        line,
+    ), line
     assert not (tmp_path / "p.parquet").exists()
+    # the suggested minimum is enough
+    need = re.search(r"at least \$([\d.]+)", line)
+    assert need is not None
+    _run(["plan", "--queue", queue, "--model", models, "--budget-usd", need[1], "--out", str(tmp_path / "p.parquet"), *replay])
 
 
 def test_missing_budget_and_target_is_refused(trained: tuple[str, str], tmp_path: Path) -> None:
     models, queue = trained
-    result = runner.invoke(app, ["plan", "--queue", queue, "--model", models, "--out", str(tmp_path / "p.parquet")])
-    assert result.exit_code == 2
-    assert "budget" in result.output
+    line = _error_line(["plan", "--queue", queue, "--model", models, "--out", str(tmp_path / "p.parquet")])
+    assert "--budget-usd" in line
+    assert "--accuracy-target" in line
 
 
 def test_a_constraint_naming_what_the_batch_lacks_exits_2(
@@ -259,3 +268,150 @@ def test_queries_the_replay_history_cannot_answer_fail_and_the_rest_run(
     # a task the predictor never saw is named, not guessed at silently
     assert report["unseen_tasks"] == ["mmlu2"]
     assert "Tasks the predictor never saw: mmlu2" in (out / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("flags", "expected"),
+    [
+        (["--budget-usd", "-1"], "error: --budget-usd must be >= 0, got -1"),
+        (["--budget-usd", "1", "--accuracy-target", "1.5"], "error: --accuracy-target must be in (0, 1], got 1.5"),
+        (["--budget-usd", "1", "--plans", "vote"], "error: --plans must include 'single'"),
+        (
+            ["--budget-usd", "1", "--backend", "openia"],
+            "error: unknown --backend 'openia': the known backends are openai, replay, bedrock",
+        ),
+        (["--budget-usd", "1", "--backend", "openai", "--base-url", "http://127.0.0.1:9/v1"], "error: the openai backend needs --prices"),
+        (
+            ["--budget-usd", "1", "--backend", "openai", "--prices", "PRICES"],
+            "error: the openai backend needs --base-url",
+        ),
+        (["--budget-usd", "1"], "error: the replay backend needs --replay-history"),
+        (["--budget-usd", "abc"], "error: Invalid value for '--budget-usd'"),
+    ],
+)
+def test_flag_errors_are_one_line_naming_the_flag(
+    flags: list[str], expected: str, history_dir: str, tmp_path: Path
+) -> None:
+    flags = [str(Path(history_dir) / "models.csv") if f == "PRICES" else f for f in flags]
+    line = _error_line(["run", "--queue", "q.jsonl", "--model", "models", "--out", str(tmp_path / "r"), *flags])
+    assert line.startswith(expected), line
+    assert not (tmp_path / "r").exists()  # refused before anything was written
+
+
+def test_a_flag_error_comes_before_the_heavy_imports() -> None:
+    """A mistyped flag is answered at once: nothing heavy (polars, LightGBM, the solvers) is imported first."""
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from batchplan.cli import app\n"
+        "for flags in (['--budget-usd', '-1'], ['--budget-usd', '1', '--backend', 'openia'], ['--budget-usd', 'x'],\n"
+        "              ['--budget-usd', '1', '--backend', 'openai'], ['--budget-usd', '1']):\n"
+        "    result = CliRunner().invoke(app, ['run', '--queue', 'q', '--model', 'm', '--out', 'o', *flags])\n"
+        "    assert result.exit_code == 2, result.output\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules} & {'polars', 'numpy', 'lightgbm', 'cvxpy'}))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+def test_version_and_examples_in_help() -> None:
+    from importlib.metadata import version
+
+    result = runner.invoke(app, ["--version"])
+    assert result.exit_code == 0
+    assert result.output.strip() == f"batchplan {version('batchplan')}"
+    for command in ("train", "plan", "run", "demo", "show-report"):
+        shown = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"}).output
+        assert f"Example: batchplan {command}" in shown, shown
+        assert "<bool>" not in shown, shown  # flags take no value
+    shown = runner.invoke(app, ["run", "--help"], env={"COLUMNS": "200"}).output
+    assert "One of --budget-usd / --accuracy-target is required" in shown
+    assert "CURRENT.json" in shown  # --model-version: the promoted version, else the newest
+
+
+def _show_report_on_s3(endpoint: str, run: str, monkeypatch: pytest.MonkeyPatch) -> str:
+    """``batchplan show-report <run>`` with ``BATCHPLAN_S3_ENDPOINT_URL=endpoint``: its one error line."""
+    from batchplan.settings import get_settings
+
+    monkeypatch.setenv("BATCHPLAN_S3_ENDPOINT_URL", endpoint)
+    get_settings.cache_clear()
+    try:
+        return _error_line(["show-report", run])
+    finally:
+        get_settings.cache_clear()
+
+
+def test_s3_without_credentials_is_one_line(
+    s3_endpoint: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import boto3
+
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "none"))
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")  # never ask 169.254.169.254
+    monkeypatch.setattr(boto3, "DEFAULT_SESSION", None)  # it caches the credentials earlier tests found
+    line = _show_report_on_s3(s3_endpoint, "s3://bucket/runs/r1", monkeypatch)
+    assert line.startswith(
+        "error: no AWS credentials to read or write s3://bucket/runs/r1/report.md: set AWS_ACCESS_KEY_ID"
+    ), line
+
+
+def test_s3_with_a_dead_endpoint_is_one_line(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    with socket.socket() as free:  # a port nothing listens on
+        free.bind(("127.0.0.1", 0))
+        dead = f"http://127.0.0.1:{free.getsockname()[1]}"
+    line = _show_report_on_s3(dead, "s3://bucket/runs/r1", monkeypatch)
+    assert line.startswith(f"error: cannot reach the S3 endpoint {dead} for s3://bucket/runs/r1/report.md"), line
+
+
+def test_s3_missing_bucket_is_one_line(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    line = _show_report_on_s3(s3_endpoint, "s3://no-such-bucket/runs/r1", monkeypatch)
+    assert line.startswith("error: no such bucket: s3://no-such-bucket"), line
+
+
+def test_a_run_held_by_another_process_is_one_line(
+    trained: tuple[str, str], history_dir: str, tmp_path: Path
+) -> None:
+    models, queue = trained
+    out = tmp_path / "run"
+    lock = out / "dispatch" / "lock.json"
+    lock.parent.mkdir(parents=True)
+    holder = {"writer": "other", "host": socket.gethostname(), "pid": os.getpid(), "at": time.time()}
+    lock.write_text(json.dumps(holder))
+    line = _error_line(
+        ["run", "--queue", queue, "--model", models, "--budget-usd", "0.01", "--replay-history", history_dir, "--out", str(out)]
+    )
+    assert line.startswith(f"error: {out / 'dispatch'} is being dispatched by pid {os.getpid()}"), line
+    assert json.loads(lock.read_text()) == holder  # the holder's lease is left alone
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_the_readme_examples_are_shipped_and_ignored_outputs() -> None:
+    """The README's command lines use examples/queue.jsonl (20 valid rows from the test split of the shipped
+    synthetic history), and git ignores every output they (and the demo, and dags/README's Airflow home)
+    tell a user to create."""
+    from batchplan.ingest import read_queue
+
+    readme = (ROOT / "README.md").read_text()
+    assert "--queue examples/queue.jsonl" in readme
+    assert "--replay-history examples/history" in readme
+    assert ".batchplan/demo/run/report.html" in readme  # where the demo's report really is
+    ingested = read_queue(str(ROOT / "examples" / "queue.jsonl"), Storage())
+    assert ingested.queue.height == 20
+    assert ingested.quarantine.height == 0
+    history = load_history(str(ROOT / "examples" / "history"))
+    test_ids = set(history.split("test").queries["query_id"].to_list())
+    assert set(ingested.queue["query_id"].to_list()) <= test_ids  # train never sees them
+    assert set(ingested.queue["query_id"].to_list()) <= set(history.outcomes["query_id"].to_list())
+    created = [*re.findall(r"--out (\S+)", readme), ".batchplan/demo/run/report.html", ".airflow/airflow.db"]
+    assert {"models/", "runs/r1", "runs/plan.parquet"} <= set(created)
+    if not (ROOT / ".git").exists():
+        pytest.skip("not a git checkout")
+    ignored = subprocess.run(
+        ["git", "check-ignore", "--no-index", *created], cwd=ROOT, capture_output=True, text=True, check=False
+    )
+    assert sorted(ignored.stdout.split()) == sorted(created), ignored.stdout

@@ -191,7 +191,8 @@ def test_dagbag_imports_without_errors_or_parse_time_io(
         assert dag.doc_md
         assert "batchplan" in dag.tags
         assert dag.default_args.get("retries", 0) >= 1
-        assert dag.max_active_runs == 1
+        # the nightly runs beside itself (see test_nightly_triggers_with_its_defaults); the others one at a time
+        assert dag.max_active_runs == 1 or dag.dag_id == "batchplan_nightly"
 
 
 def test_dag_shapes(dagbag: Any) -> None:
@@ -208,6 +209,32 @@ def test_dag_shapes(dagbag: Any) -> None:
     assert backfill.get_task("dispatch_day").max_active_tis_per_dagrun == 1
     retrain = dagbag.get_dag("batchplan_retrain")
     assert retrain.timetable.asset_condition is not None
+
+
+def test_nightly_triggers_with_its_defaults(dagbag: Any) -> None:
+    """Airflow's trigger form counts a param whose type does not admit null as required, and does not trigger
+    while a required field is empty: every param left empty by default must be optional. And a run triggered
+    by hand must not queue behind the scheduled run that unpausing creates, waiting for a queue not there."""
+    for dag in dagbag.dags.values():
+        for name in dag.params:
+            param = dag.params.get_param(name)
+            types = param.schema.get("type", [])
+            types = types if isinstance(types, list) else [types]
+            if param.value in (None, ""):
+                assert "null" in types, f"{dag.dag_id}: param {name} is required but empty by default"
+        dag.params.validate()  # the defaults as they are trigger a run
+    nightly = dagbag.get_dag("batchplan_nightly")
+    resolved = nightly.params.validate()
+    assert resolved["queue_date"] is None
+    assert common.queue_day(resolved, datetime(2026, 3, 2, 2, tzinfo=UTC)) == "2026-03-02"  # the logical date
+    lay = Layout.for_bucket("b", "bp")
+    assert common.queue_uri(lay, resolved, "2026-03-02") == lay.queue("2026-03-02")
+    assert nightly.max_active_runs > 1  # a manual run beside a scheduled one still waiting for its queue
+    assert nightly.catchup is False  # unpausing creates one scheduled run, not one per missed night
+    sensor = nightly.get_task("wait_for_queue")
+    assert sensor.mode == "reschedule"  # waiting holds no worker slot
+    assert sensor.soft_fail is True  # no queue by the deadline: skipped, not failed
+    assert sensor.timeout <= 12 * 3600
 
 
 def test_budget_shares_never_exceed_the_budget() -> None:

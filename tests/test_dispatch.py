@@ -301,6 +301,35 @@ def test_one_writer_per_out_uri(small_history: History, tmp_path: Path) -> None:
     assert not lock.exists()
 
 
+def test_a_zombie_holder_is_a_dead_holder(small_history: History, tmp_path: Path) -> None:
+    """A killed process nobody reaps (a container without an init) stays a zombie, and kill(pid, 0) succeeds
+    on it: the lease must read its state, or the rerun waits out the TTL."""
+    import os
+    import socket
+    import time
+
+    queue = make_queue(small_history, 10)
+    plan = single_plan(small_history, queue)
+    out = tmp_path / "run"
+    out.mkdir()
+    child = os.fork()
+    if child == 0:  # the child exits at once; the parent does not reap it until the end
+        os._exit(0)
+    try:
+        deadline = time.monotonic() + 10
+        while Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline, "the child never became a zombie"
+            time.sleep(0.01)
+        os.kill(child, 0)  # still 'exists'
+        (out / "lock.json").write_text(
+            json.dumps({"writer": "killed", "host": socket.gethostname(), "pid": child, "at": time.time()})
+        )
+        results = dispatch(plan, queue, get_backend("replay", history=small_history), budget_usd=1.0, out_uri=str(out))
+        assert (results["status"] == "done").all()
+    finally:
+        os.waitpid(child, 0)
+
+
 def test_votes_under_concurrency_never_pass_the_budget(small_history: History, tmp_path: Path) -> None:
     queue = make_queue(small_history, 200)
     models = small_history.models[-3:]

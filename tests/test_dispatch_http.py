@@ -445,5 +445,5 @@ def test_model_names_are_mapped_to_the_provider(history: History, tmp_path: Path
 
 
 def test_live_backend_without_prices_says_what_is_missing() -> None:
-    with pytest.raises(ValueError, match="price catalog"):
+    with pytest.raises(ValueError, match="needs catalog, its price list"):
         get_backend("openai", base_url="http://127.0.0.1:9/v1", catalog=None)

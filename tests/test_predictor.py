@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 from batchplan.catalog import PriceCatalog
-from batchplan.contracts import PREDICTION_SCHEMA
+from batchplan.contracts import PREDICTION_SCHEMA, ContractError
 from batchplan.history import History, synthetic_history
 from batchplan.storage import Storage
 from predictors import Predictor, available_predictors, list_versions, load_predictor, train_predictor
@@ -35,7 +35,7 @@ def _pairs(history: History) -> pl.DataFrame:
 def test_registry_names() -> None:
     names = available_predictors()
     assert {"lightgbm", "prior"} <= set(names)
-    with pytest.raises(KeyError, match="unknown predictor"):
+    with pytest.raises(ContractError, match="unknown predictor 'nope': the known predictors are"):
         train_predictor(synthetic_history(50, 2), name="nope")
 
 

@@ -1,0 +1,83 @@
+"""What the user asks for one batch, checked where it is made.
+
+Standard library only, so that the CLI refuses a bad flag at once, before it imports polars, LightGBM and
+the solvers. Messages name the request's fields (``budget_usd``), which are the DAG params' names too; the
+CLI words them as its flags (``batchplan.errors.UserError.worded``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Final
+
+from batchplan.errors import ContractError
+
+if TYPE_CHECKING:
+    from optimizer.api import Method
+
+PLAN_KINDS: Final = ("single", "vote", "cascade", "agreement")  # semantics: batchplan/plan_simulation.py
+
+
+@dataclass
+class PlanRequest:
+    """What the user asks for one batch. Either ``budget_usd`` (maximize accuracy) or ``accuracy_target``
+    (minimize cost), or both (maximize accuracy under the budget with the target as a floor)."""
+
+    budget_usd: float | None = None
+    accuracy_target: float | None = None
+    allow_deferral: bool = False
+    tenant_budgets_usd: dict[str, float] = field(default_factory=dict)
+    model_max_calls: dict[str, int] = field(default_factory=dict)
+    task_accuracy_floors: dict[str, float] = field(default_factory=dict)
+    allowed_models: dict[str, list[str]] = field(default_factory=dict)  # tenant -> models (data residency)
+    kinds: tuple[str, ...] = PLAN_KINDS  # plan kinds the optimizer may choose from
+    # Statewise error bound: task ("*" = every task) -> alpha, or label -> alpha, bounding
+    # P(wrong | true label = y) <= alpha_y. Mode "per_query": only plans that meet it are offered; "aggregate":
+    # the batch as a whole meets it (a linear constraint per task and label).
+    label_error_max: dict[str, float | dict[str, float]] = field(default_factory=dict)
+    label_error_mode: str = "per_query"
+    # Plan so that realized spend stays within the budget with this probability (normal approximation over
+    # the plans' cost variances): a query deferred by the dispatcher's hard stop is a lost answer.
+    spend_confidence: float = 0.95
+    method: Method = "auto"
+    # A constraint naming a tenant, model or task the batch does not have is refused (a typo caps nothing);
+    # a nightly config that lists every tenant opts in, and the report lists what bound nothing.
+    allow_unused_constraints: bool = False
+
+    def __post_init__(self) -> None:
+        if self.budget_usd is None and self.accuracy_target is None:
+            raise ContractError(
+                "give budget_usd (maximize accuracy under it) or accuracy_target (the cheapest plan reaching it), "
+                "or both",
+                fields=("budget_usd", "accuracy_target"),
+            )
+        if self.budget_usd is not None and not self.budget_usd >= 0:
+            raise ContractError(f"budget_usd must be >= 0, got {self.budget_usd:g}", fields=("budget_usd",))
+        if self.accuracy_target is not None and not 0 < self.accuracy_target <= 1:
+            raise ContractError(
+                f"accuracy_target must be in (0, 1], got {self.accuracy_target:g}", fields=("accuracy_target",)
+            )
+        if self.label_error_mode not in ("per_query", "aggregate"):
+            raise ContractError(
+                f"label_error_mode must be 'per_query' or 'aggregate', got {self.label_error_mode!r}",
+                fields=("label_error_mode",),
+            )
+        unknown = sorted(set(self.kinds) - set(PLAN_KINDS))
+        if unknown or "single" not in self.kinds:
+            raise ContractError(
+                f"kinds must include 'single' and be among {', '.join(PLAN_KINDS)}; got {', '.join(self.kinds)}",
+                fields=("kinds",),
+            )
+        for name, value in self.tenant_budgets_usd.items():
+            if not value >= 0:
+                raise ContractError(
+                    f"tenant_budgets_usd: {name}={value:g} must be >= 0", fields=("tenant_budgets_usd",)
+                )
+        for name, calls in self.model_max_calls.items():
+            if not calls >= 0:
+                raise ContractError(f"model_max_calls: {name}={calls} must be >= 0", fields=("model_max_calls",))
+        for name, floor in self.task_accuracy_floors.items():
+            if not 0 <= floor <= 1:
+                raise ContractError(
+                    f"task_accuracy_floors: {name}={floor:g} must be in [0, 1]", fields=("task_accuracy_floors",)
+                )

@@ -1,0 +1,34 @@
+"""Outcome histories: loading several, and what is said about what they disagree on."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import polars as pl
+import structlog
+
+from batchplan.history import load_history, synthetic_history
+
+
+def test_a_model_listed_at_two_prices_is_explained_in_one_line(tmp_path: Path) -> None:
+    dirs = []
+    for name, price_in, price_out in (("old", 5.0, 15.0), ("new", 2.5, 10.0), ("same", 2.5, 10.0)):
+        history = synthetic_history(20, 2, seed=len(dirs))
+        target = tmp_path / name
+        target.mkdir()
+        history.queries.with_columns(pl.col("query_id") + f"-{name}").write_parquet(target / "queries.parquet")
+        history.outcomes.with_columns(pl.col("query_id") + f"-{name}").write_parquet(target / "outcomes.parquet")
+        first = pl.col("model") == "synth-00"
+        history.prices.with_columns(
+            pl.when(first).then(price_in).otherwise(pl.col("usd_per_mtok_in")).alias("usd_per_mtok_in"),
+            pl.when(first).then(price_out).otherwise(pl.col("usd_per_mtok_out")).alias("usd_per_mtok_out"),
+        ).write_csv(target / "models.csv")
+        dirs.append(str(target))
+    with structlog.testing.capture_logs() as logs:
+        loaded = load_history(dirs)
+    warnings = [e for e in logs if e.get("code") == "history.price_conflict"]
+    assert [e["event"] for e in warnings] == [
+        "synth-00 is listed at 2 prices per Mtok in/out ($5/$15 in old; $2.5/$10 in new, same): cost estimates "
+        "from token counts use $5/$15; replay bills each query's recorded cost"
+    ]
+    assert loaded.prices.filter(pl.col("model") == "synth-00")["usd_per_mtok_in"].to_list() == [5.0]
