@@ -7,6 +7,7 @@ orchestration in ``run_job`` only wires them and writes each stage's output unde
     <out>/plan.parquet         one plan row per query (kind "defer" where the optimizer deferred it);
                                a rerun into the same directory resumes with this plan
     <out>/plan.optimizer.json  the optimizer's status, bound, gap, duals
+    <out>/plan.frontier.json   planned accuracy and cost at a dozen budgets (the report's frontier chart)
     <out>/dispatch/            the dispatcher's ledger, result parts and manifest (resumable)
     <out>/results.parquet      one result row per query
     <out>/report.{json,md,html}
@@ -27,13 +28,14 @@ from batchplan import artifacts
 from batchplan.candidates import Candidates, single_model_candidates, template_candidates
 from batchplan.catalog import PriceCatalog
 from batchplan.contracts import RESULT_SCHEMA, ContractError
+from batchplan.frontier import frontier_uri, plan_frontier, read_frontier, write_frontier
 from batchplan.history import History, load_history
 from batchplan.ingest import Ingested, read_queue
 from batchplan.plan_templates import PlanTemplates
 from batchplan.planning import PlanOutcome, PlanRequest, plan_batch
 from batchplan.report import Truth, build_report, summary_line, write_report
 from batchplan.storage import Storage, join
-from dispatchers import Backend, dispatch, get_backend
+from dispatchers import Backend, dispatch, get_backend, spend_by_model
 from predictors import Predictor
 
 log = structlog.get_logger("batchplan")
@@ -265,6 +267,8 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
         optimizer=diagnostics,
         run_id=job.run_id,
         tenant_budgets_usd=job.request.tenant_budgets_usd,
+        frontier=read_frontier(storage, frontier_uri(paths["plan"])),
+        spend_by_model=spend_by_model(storage, join(job.out_uri, "dispatch")),
     )
     paths |= write_report(report, job.out_uri, storage)
     log.info("run", summary=summary_line(report), out=job.out_uri, seconds=round(time.perf_counter() - started, 2))
@@ -291,5 +295,6 @@ def _resume_or_plan(
         return plan, {**diagnostics, "resumed_from": plan_uri}
     planned = optimize(build_candidates(queue, predictions, templates, request.kinds), request, templates)
     storage.write_text(diagnostics_uri, json.dumps(planned.diagnostics, default=str))
+    write_frontier(storage, frontier_uri(plan_uri), plan_frontier(planned, request.budget_usd, request.method))
     storage.write_frame(planned.plan, plan_uri)
     return planned.plan, planned.diagnostics

@@ -77,6 +77,7 @@ class PlanOutcome:
     solution: Solution
     spend_margin_usd: float = 0.0
     templates_withheld: list[str] = field(default_factory=list)  # tasks whose votes/cascades this budget left out
+    problem: Problem | None = None  # what was solved (options and constraints): the report's frontier re-solves it
 
     @property
     def diagnostics(self) -> dict[str, Any]:
@@ -328,7 +329,9 @@ def plan_batch(candidates: Candidates, request: PlanRequest, templates: PlanTemp
         )
         .select(PLAN_SCHEMA.names())
     )
-    return PlanOutcome(plan=plan, solution=solution, spend_margin_usd=margin, templates_withheld=withheld)
+    return PlanOutcome(
+        plan=plan, solution=solution, spend_margin_usd=margin, templates_withheld=withheld, problem=problem
+    )
 
 
 def fallbacks(candidates: Candidates, solution: Solution, keep: int = 2) -> pl.DataFrame:

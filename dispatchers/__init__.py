@@ -18,7 +18,7 @@ from typing import Any
 from dispatchers.base import Backend, CallRequest, CallResult, parse_answer
 from dispatchers.budget import BudgetGuard
 from dispatchers.executor import FALLBACK_COLUMN
-from dispatchers.ledger import read_manifest, read_results
+from dispatchers.ledger import read_manifest, read_results, spend_by_model
 from dispatchers.limits import ModelLimits, RetryPolicy
 from dispatchers.run import adispatch, dispatch
 
@@ -81,4 +81,5 @@ __all__ = [
     "read_manifest",
     "read_results",
     "register_backend",
+    "spend_by_model",
 ]
