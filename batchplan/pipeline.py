@@ -132,6 +132,11 @@ def optimize(candidates: Candidates, request: PlanRequest, templates: PlanTempla
     return outcome
 
 
+def dispatch_dir(out_uri: str) -> str:
+    """Where ``execute`` keeps the dispatcher's ledger, result parts and manifest under a run's outputs."""
+    return join(out_uri, "dispatch")
+
+
 def execute(
     plan: pl.DataFrame,
     queue: pl.DataFrame,
@@ -155,7 +160,7 @@ def execute(
         queue,
         backend,
         budget_usd=limit,
-        out_uri=join(out_uri, "dispatch"),
+        out_uri=dispatch_dir(out_uri),
         tenant_budgets_usd=tenant_budgets_usd,
         storage=storage,
         progress=progress,
@@ -268,7 +273,7 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
         run_id=job.run_id,
         tenant_budgets_usd=job.request.tenant_budgets_usd,
         frontier=read_frontier(storage, frontier_uri(paths["plan"])),
-        spend_by_model=spend_by_model(storage, join(job.out_uri, "dispatch")),
+        spend_by_model=spend_by_model(storage, dispatch_dir(job.out_uri)),
     )
     paths |= write_report(report, job.out_uri, storage)
     log.info("run", summary=summary_line(report), out=job.out_uri, seconds=round(time.perf_counter() - started, 2))

@@ -216,7 +216,7 @@ def build_report(
         report["accuracy"] = float(known["correct"].sum() / max(known.height, 1)) if known.height else None
         report["accuracy_known_for"] = known.height
         answered = known.filter(pl.col("status") == "done")
-        report["accuracy_answered"] = float(answered["correct"].mean()) if answered.height else None  # type: ignore[arg-type]
+        report["accuracy_answered"] = float(answered["correct"].sum() / answered.height) if answered.height else None
         if queue is not None and reference_models:
             report["baselines"] = baselines(
                 results["query_id"], truth, budget_usd, reference_models, queue.select("query_id", "task")

@@ -284,6 +284,11 @@ def test_nightly_runs_the_queue_under_one_budget(
     assert quarantine["query_id"].to_list() == ["bad-1"]
     html = storage.read_text(lay.report_html(run))
     assert "batchplan report" in html
+    # the frontier planned beside the plan, per-model spend from the shards' ledgers: all three charts drawn
+    assert json.loads(storage.read_text(lay.plan_file(run, "plan.frontier.json")))
+    assert html.count("<svg") == 3
+    report = json.loads(storage.read_text(f"{lay.reports(run)}/report.json"))
+    assert sum(m["spend_usd"] for m in report["spend_per_model"]) == pytest.approx(manifest["spend_usd"])
     assert stages.report_html_for(storage, lay, "batchplan_nightly", dag_run.run_id) == html
     assert storage.list(lay.outcomes(run))
     assert _paid_calls(storage, lay.results(run)) > 0

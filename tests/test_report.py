@@ -298,3 +298,21 @@ def test_the_frontier_is_the_plan_at_a_range_of_budgets(tmp_path: Path) -> None:
     assert report["frontier"] == rows
     assert "| 24.0000 |" in render_markdown(report)
     assert "<title>Cost against accuracy: the frontier, this run and the baselines</title>" in render_html(report)
+
+
+def test_reasons_not_answered_are_grouped_whatever_the_amounts() -> None:
+    short = RESULTS.with_columns(
+        pl.lit("deferred").alias("status"),
+        pl.Series(
+            "error",
+            [
+                "total budget: gpt-4o needs up to 0.000268 USD, 3e-05 USD left",
+                "total budget: gpt-4o needs up to 0.000309 USD, 1.5e-05 USD left",
+            ],
+        ),
+    )
+    report = sample_report(results=short)
+    assert report["not_answered"] == [
+        {"status": "deferred", "reason": "total budget: gpt-4o needs up to … USD, … USD left", "queries": 2}
+    ]
+    assert "| deferred | total budget: gpt-4o needs up to … USD, … USD left | 2 |" in render_markdown(report)

@@ -318,7 +318,7 @@ def record_outcomes(storage: Storage, lay: Layout, run: str, results: pl.DataFra
 def report_stage(storage: Storage, lay: Layout, run: str, backend: str, *, run_id: str | None = None) -> dict[str, Any]:
     """The run report (JSON, Markdown, HTML) under ``reports/<run>/``; returns its paths and summary."""
     from batchplan.frontier import frontier_uri, read_frontier
-    from batchplan.pipeline import reference_models
+    from batchplan.pipeline import dispatch_dir, reference_models
     from batchplan.report import build_report, summary_line, write_report
     from dispatchers import spend_by_model
 
@@ -330,7 +330,7 @@ def report_stage(storage: Storage, lay: Layout, run: str, backend: str, *, run_i
     quarantined = sum(storage.read_frame(u).height for u in storage.iter_parts(lay.quarantine(run)))
     spent: dict[str, float] = {}
     for shard in manifest["shards"]:  # each shard's ledger: what its calls charged, per model
-        for model, usd in spend_by_model(storage, shard_results_uri(lay, shard)).items():
+        for model, usd in spend_by_model(storage, dispatch_dir(shard_results_uri(lay, shard))).items():
             spent[model] = spent.get(model, 0.0) + usd
     report = build_report(
         results=results,
