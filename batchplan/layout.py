@@ -7,6 +7,7 @@ works the same for tests and laptops, ``BATCHPLAN_ROOT`` overrides both)::
     claims/<YYYY-MM-DD>.json       who took a day's queue (written once, conditional PUT): one run per day
     quarantine/<run>/              rows refused at ingest, with the reason (quarantine.parquet)
     plans/<run>/                   queue.parquet (the snapshot planned), predictions.parquet, plan.parquet,
+                                   plan.frontier.json (planned accuracy at a dozen budgets, for the report),
                                    shards/<i>.parquet and shards.json (each shard's rows and budget share)
     results/<run>/                 shard-<i>/ (backfill: <day>/): the dispatcher's ledger, parts and manifest
                                    (resumable) and the shard's results.parquet;

@@ -9,6 +9,7 @@ orchestration in ``run_job`` only wires them and writes each stage's output unde
     <out>/plan.optimizer.json  the optimizer's status, bound, gap, duals
     <out>/plan.request.json    the request (budget, constraints, plan kinds) the plan was made for: a rerun
                                asking another is refused, so the report's budget is the one enforced
+    <out>/plan.frontier.json   planned accuracy and cost at a dozen budgets (the report's frontier chart)
     <out>/dispatch/            the dispatcher's ledger, result parts and manifest (resumable)
     <out>/results.parquet      one result row per query
     <out>/report.{json,md,html}
@@ -29,13 +30,14 @@ from batchplan import artifacts
 from batchplan.candidates import Candidates, single_model_candidates, template_candidates
 from batchplan.catalog import PriceCatalog
 from batchplan.contracts import DEFER, RESULT_SCHEMA, UNANSWERABLE, ContractError
+from batchplan.frontier import frontier_uri, plan_frontier, read_frontier, write_frontier
 from batchplan.history import History, load_history
 from batchplan.ingest import Ingested, read_queue
 from batchplan.plan_templates import PlanTemplates
 from batchplan.planning import PlanOutcome, PlanRequest, plan_batch, request_changes, request_record
 from batchplan.report import Truth, build_report, summary_line, write_report
 from batchplan.storage import Storage, join
-from dispatchers import Backend, check_backend, dispatch, get_backend
+from dispatchers import Backend, check_backend, dispatch, get_backend, spend_by_model
 from predictors import Predictor
 
 log = structlog.get_logger("batchplan")
@@ -139,6 +141,11 @@ def optimize(candidates: Candidates, request: PlanRequest, templates: PlanTempla
     return outcome
 
 
+def dispatch_dir(out_uri: str) -> str:
+    """Where ``execute`` keeps the dispatcher's ledger, result parts and manifest under a run's outputs."""
+    return join(out_uri, "dispatch")
+
+
 def execute(
     plan: pl.DataFrame,
     queue: pl.DataFrame,
@@ -162,7 +169,7 @@ def execute(
         queue,
         backend,
         budget_usd=limit,
-        out_uri=join(out_uri, "dispatch"),
+        out_uri=dispatch_dir(out_uri),
         tenant_budgets_usd=tenant_budgets_usd,
         storage=storage,
         progress=progress,
@@ -291,6 +298,8 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
         run_id=job.run_id,
         tenant_budgets_usd=job.request.tenant_budgets_usd,
         unseen_tasks=unseen_tasks(ingested.queue, trained.predictor),
+        frontier=read_frontier(storage, frontier_uri(paths["plan"])),
+        spend_by_model=spend_by_model(storage, dispatch_dir(job.out_uri)),
     )
     paths |= write_report(report, job.out_uri, storage)
     log.info("run", summary=summary_line(report), out=job.out_uri, seconds=round(time.perf_counter() - started, 2))
@@ -331,5 +340,6 @@ def _resume_or_plan(
     planned = optimize(build_candidates(queue, predictions, templates, request.kinds), request, templates)
     storage.write_text(diagnostics_uri, json.dumps(planned.diagnostics, default=str))
     storage.write_text(request_uri, json.dumps(request_record(request), indent=2))
+    write_frontier(storage, frontier_uri(plan_uri), plan_frontier(planned, request.budget_usd, request.method))
     storage.write_frame(planned.plan, plan_uri)  # last: a plan file always has its request beside it
     return planned.plan, planned.diagnostics

@@ -44,6 +44,7 @@ class PlanOutcome:
     spend_margin_usd: float = 0.0
     templates_withheld: list[str] = field(default_factory=list)  # tasks whose votes/cascades this budget left out
     unused_constraints: list[str] = field(default_factory=list)  # constraints naming what the batch lacks
+    problem: Problem | None = None  # what was solved (options and constraints): the report's frontier re-solves it
 
     @property
     def diagnostics(self) -> dict[str, Any]:
@@ -360,6 +361,7 @@ def plan_batch(candidates: Candidates, request: PlanRequest, templates: PlanTemp
         spend_margin_usd=margin,
         templates_withheld=withheld,
         unused_constraints=unused,
+        problem=problem,
     )
 
 

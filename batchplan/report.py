@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from batchplan import charts
 from batchplan.contracts import RESULT_STATUSES
 from batchplan.history import History
 from batchplan.storage import Storage, join
@@ -64,11 +66,37 @@ def score_results(results: pl.DataFrame, truth: Truth) -> pl.DataFrame:
     return scored.drop("_recorded", "gold")
 
 
-def _budgeted(costs: np.ndarray, correct: np.ndarray, budget: float | None) -> tuple[float, float, int]:
-    """Send queries in the given order until the next would pass the budget; the rest are deferred."""
+def _budgeted(costs: np.ndarray, correct: np.ndarray, budget: float | None) -> tuple[int, float, int]:
+    """Send queries in the given order until the next would pass the budget; the rest are deferred.
+    Returns (right answers, spend, answered)."""
     keep = np.ones(len(costs), dtype=bool) if budget is None else np.cumsum(costs) <= budget + 1e-12
-    n = max(len(costs), 1)
-    return float(correct[keep].sum() / n), float(costs[keep].sum()), int((~keep).sum())
+    return int(correct[keep].sum()), float(costs[keep].sum()), int(keep.sum())
+
+
+def _policy_row(policy: str, n: int, right: float, answered: float, deferred: float, spend: float) -> dict[str, Any]:
+    """One baseline's figures. ``accuracy`` is over all ``n`` queries (deferred and unrecorded count as
+    wrong), ``accuracy_answered`` over the queries it answered; ``unrecorded``: queries for which the
+    history holds no answer of the model the policy picks (it cannot be replayed there)."""
+    return {
+        "policy": policy,
+        "accuracy": right / max(n, 1),
+        "accuracy_answered": right / answered if answered else None,
+        "spend_usd": spend,
+        "answered": round(answered),
+        "deferred": round(deferred),
+        "unrecorded": round(n - answered - deferred),
+    }
+
+
+BASELINE_NOTES = {
+    "cheapest model": "each query to its task's cheapest model, in queue order until the budget runs out; the rest "
+    "deferred",
+    "best single model": "each query to its task's most accurate model, at that model's own cost (not held to the "
+    "budget)",
+    "random model": "each query to a model drawn at random, in random order until the budget runs out; mean of 5 draws",
+    "oracle": "knows every outcome: each query to its cheapest right model, cheapest first until the budget runs "
+    "out; queries no model gets right are deferred",
+}
 
 
 def baselines(
@@ -79,7 +107,8 @@ def baselines(
     tasks: pl.DataFrame,
     seed: int = 0,
 ) -> list[dict[str, Any]]:
-    """Accuracy and realized spend of simple policies on the same queries and budget."""
+    """Accuracy and realized spend of simple policies on the same queries and budget, with how many queries
+    each answered, deferred (the budget ran out) and could not replay (no recorded answer)."""
     outcomes = truth.outcomes.filter(pl.col("query_id").is_in(query_ids.implode())).join(tasks, on="query_id")
     n = query_ids.len()
     rows: list[dict[str, Any]] = []
@@ -89,15 +118,8 @@ def baselines(
     mean_cost = outcomes.group_by("task", "model").agg(pl.col("cost_usd").mean().round(12).alias("mean_cost"))
     cheapest = mean_cost.group_by("task").agg(pl.col("model").sort_by("mean_cost", "model").first())
     picked = outcomes.join(cheapest, on=["task", "model"]).sort("query_id")
-    acc, spend, deferred = _budgeted(picked["cost_usd"].to_numpy(), picked["correct"].to_numpy(), budget_usd)
-    rows.append(
-        {
-            "policy": "cheapest model",
-            "accuracy": acc * picked.height / n,
-            "spend_usd": spend,
-            "deferred": deferred + n - picked.height,
-        }
-    )
+    right, spend, answered = _budgeted(picked["cost_usd"].to_numpy(), picked["correct"].to_numpy(), budget_usd)
+    rows.append(_policy_row("cheapest model", n, right, answered, picked.height - answered, spend))
 
     reference = pl.DataFrame(
         {"task": list(reference_models), "model": list(reference_models.values())},
@@ -106,37 +128,32 @@ def baselines(
     picked = outcomes.join(reference, on=["task", "model"])
     models = ", ".join(sorted(set(reference_models.values())))
     rows.append(
-        {
-            "policy": f"best single model, own cost ({models})",
-            "accuracy": float(picked["correct"].sum() / max(n, 1)),
-            "spend_usd": float(picked["cost_usd"].sum()),
-            "deferred": 0,
-        }
+        _policy_row(
+            f"best single model, own cost ({models})",
+            n,
+            int(picked["correct"].sum()),
+            picked.height,
+            0,
+            float(picked["cost_usd"].sum()),
+        )
     )
 
     rng = np.random.default_rng(seed)
-    accs, spends, defs = [], [], []
+    draws = []
     for _ in range(5):
         shuffled = outcomes.with_columns(pl.lit(rng.random(outcomes.height)).alias("_r"))
         picked = shuffled.sort("_r").group_by("query_id", maintain_order=True).first()
         picked = picked.sample(fraction=1.0, shuffle=True, seed=int(rng.integers(1 << 31)))
-        a, s, d = _budgeted(picked["cost_usd"].to_numpy(), picked["correct"].to_numpy(), budget_usd)
-        accs.append(a * picked.height / n)
-        spends.append(s)
-        defs.append(d + n - picked.height)
-    rows.append(
-        {
-            "policy": "random model (mean of 5)",
-            "accuracy": float(np.mean(accs)),
-            "spend_usd": float(np.mean(spends)),
-            "deferred": int(np.mean(defs)),
-        }
-    )
+        right, spend, answered = _budgeted(picked["cost_usd"].to_numpy(), picked["correct"].to_numpy(), budget_usd)
+        draws.append((right, answered, picked.height - answered, spend))
+    right_, answered_, deferred_, spend_ = (float(np.mean(column)) for column in zip(*draws, strict=True))
+    rows.append(_policy_row("random model (mean of 5)", n, right_, answered_, deferred_, spend_))
 
     # Oracle: knows every outcome; the cheapest correct call per query, cheapest queries first (optimal for unit values).
     best = outcomes.filter(pl.col("correct")).group_by("query_id").agg(pl.col("cost_usd").min()).sort("cost_usd")
-    acc, spend, _ = _budgeted(best["cost_usd"].to_numpy(), np.ones(best.height, dtype=bool), budget_usd)
-    rows.append({"policy": "oracle", "accuracy": acc * best.height / n, "spend_usd": spend, "deferred": 0})
+    right, spend, answered = _budgeted(best["cost_usd"].to_numpy(), np.ones(best.height, dtype=bool), budget_usd)
+    recorded = outcomes["query_id"].n_unique()
+    rows.append(_policy_row("oracle", n, right, answered, recorded - answered, spend))
     return rows
 
 
@@ -153,7 +170,12 @@ def build_report(
     run_id: str | None = None,
     tenant_budgets_usd: dict[str, float] | None = None,
     unseen_tasks: list[str] | None = None,
+    frontier: list[dict[str, Any]] | None = None,
+    spend_by_model: dict[str, float] | None = None,
 ) -> dict[str, Any]:
+    """The report as plain data. ``frontier``: ``batchplan.frontier`` rows (planned accuracy per budget);
+    ``spend_by_model``: what the ledger charged per model (without it, from the results: exact for queries
+    that called one model, the rest under one 'several models' row)."""
     status_counts = {s: int((results["status"] == s).sum()) for s in RESULT_STATUSES}
     spend = float(results["cost_usd"].fill_null(0).sum())
     calls = results.select(pl.col("models_called").explode().drop_nulls().alias("model"))
@@ -179,11 +201,15 @@ def build_report(
         "plan_kinds": {k: int(v) for k, v in plan.group_by("kind").len().iter_rows()},
         "model_share": [{"model": m, "queries": int(c), "share": float(s)} for m, c, s in shares.iter_rows()],
         "calls_per_model": [{"model": m, "calls": int(c)} for m, c in call_counts.iter_rows()],
+        "spend_per_model": _spend_per_model(results, call_counts, spend_by_model),
+        "not_answered": _reasons(results),
         "optimizer": optimizer or {},
         # asked for but binding nothing (--allow-unused-constraints), and tasks the predictor only guesses at
         "unused_constraints": list((optimizer or {}).get("unused_constraints") or []),
         "unseen_tasks": list(unseen_tasks or []),
+        "frontier": list(frontier or []),
         "accuracy": None,
+        "accuracy_answered": None,
         "baselines": [],
     }
     if queue is not None and "tenant" in queue.columns:
@@ -193,20 +219,74 @@ def build_report(
         known = scored.filter(pl.col("correct").is_not_null())
         report["accuracy"] = float(known["correct"].sum() / max(known.height, 1)) if known.height else None
         report["accuracy_known_for"] = known.height
+        answered = known.filter(pl.col("status") == "done")
+        report["accuracy_answered"] = float(answered["correct"].sum() / answered.height) if answered.height else None
         if queue is not None and reference_models:
             report["baselines"] = baselines(
                 results["query_id"], truth, budget_usd, reference_models, queue.select("query_id", "task")
             )
+            planned = plan.select("query_id", pl.col("expected_accuracy").fill_null(0.0).alias("_planned"))
             report["per_task"] = [
-                {"task": t, "queries": int(q), "accuracy": float(a), "spend_usd": float(s)}
-                for t, q, a, s in scored.join(queue.select("query_id", "task"), on="query_id")
+                {
+                    "task": t,
+                    "queries": int(q),
+                    "planned_accuracy": float(p),
+                    "accuracy": float(a),
+                    "spend_usd": float(s),
+                }
+                for t, q, p, a, s in scored.join(queue.select("query_id", "task"), on="query_id")
+                .join(planned, on="query_id", how="left")
                 .group_by("task")
-                .agg(pl.len(), pl.col("correct").fill_null(False).mean(), pl.col("cost_usd").fill_null(0).sum())
+                .agg(
+                    pl.len(),
+                    pl.col("_planned").fill_null(0.0).mean(),
+                    pl.col("correct").fill_null(False).mean(),
+                    pl.col("cost_usd").fill_null(0).sum(),
+                )
                 .sort("task")
                 .iter_rows()
             ]
     report["savings"] = savings(report)
     return report
+
+
+SEVERAL_MODELS = "several models (cascades, votes)"
+
+
+def _spend_per_model(
+    results: pl.DataFrame, call_counts: pl.DataFrame, spend_by_model: dict[str, float] | None
+) -> list[dict[str, Any]]:
+    calls = dict(call_counts.iter_rows())
+    if spend_by_model is None:
+        # a query's cost is one sum over its calls: only a one-call query's cost is known per model
+        one = results.filter(pl.col("models_called").list.len() == 1)
+        spend_by_model = dict(
+            one.group_by(pl.col("models_called").list.first()).agg(pl.col("cost_usd").fill_null(0).sum()).iter_rows()
+        )
+        several = float(results.filter(pl.col("models_called").list.len() > 1)["cost_usd"].fill_null(0).sum())
+        if several:
+            spend_by_model[SEVERAL_MODELS] = several
+    rows = [
+        {"model": m, "calls": int(calls.get(m, 0)), "spend_usd": float(usd)}
+        for m, usd in spend_by_model.items()
+        if usd or calls.get(m)
+    ]
+    return sorted(rows, key=lambda r: (-r["spend_usd"], r["model"]))
+
+
+def _reasons(results: pl.DataFrame, top: int = 8) -> list[dict[str, Any]]:
+    """The most common reasons queries were deferred or failed; amounts in a reason ("needs up to 0.000268
+    USD") are blanked, so reasons that differ only by them count as one."""
+    return [
+        {"status": s, "reason": r or "", "queries": int(c)}
+        for s, r, c in results.filter(pl.col("status") != "done")
+        .with_columns(pl.col("error").str.replace_all(r"(^|\s)[0-9][0-9.e+-]*", "${1}…"))
+        .group_by("status", "error")
+        .len()
+        .sort(["len", "status", "error"], descending=[True, False, False])
+        .head(top)
+        .iter_rows()
+    ]
 
 
 def per_tenant(
@@ -228,27 +308,6 @@ def per_tenant(
     return [row | {"budget_usd": budgets_usd.get(row["tenant"])} for row in rows.iter_rows(named=True)]
 
 
-def _per_task_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    return ["task", "queries", "accuracy", "spend USD"], [
-        [t["task"], str(t["queries"]), _fmt_acc(t["accuracy"]), f"{t['spend_usd']:.4f}"]
-        for t in report.get("per_task", [])
-    ]
-
-
-def _per_tenant_table(report: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    return ["tenant", "queries", "deferred", "accuracy", "spend USD", "budget USD"], [
-        [
-            t["tenant"],
-            str(t["queries"]),
-            str(t["deferred"]),
-            _fmt_acc(t["accuracy"]),
-            f"{t['spend_usd']:.4f}",
-            f"{t['budget_usd']:.4f}" if t["budget_usd"] is not None else "-",
-        ]
-        for t in report.get("per_tenant", [])
-    ]
-
-
 def savings(report: dict[str, Any]) -> dict[str, float] | None:
     """Spend saved and accuracy given up (or gained) against the best single model at its own cost."""
     best = next((b for b in report["baselines"] if b["policy"].startswith("best single model")), None)
@@ -261,20 +320,27 @@ def savings(report: dict[str, Any]) -> dict[str, float] | None:
 
 
 def _savings_text(report: dict[str, Any]) -> str:
+    """Differences worded by their sign: "62% more spend", never "-62% less spend"."""
     s = report.get("savings")
     if not s:
         return ""
-    return (
-        f"Against the best single model at its own cost: {s['spend_saved_pct']:.0f}% less spend, "
-        f"{s['accuracy_delta_pts']:+.1f} accuracy points."
+    pct, pts = s["spend_saved_pct"], s["accuracy_delta_pts"]
+    spend = "the same spend" if round(abs(pct)) == 0 else f"{abs(pct):.0f}% {'less' if pct > 0 else 'more'} spend"
+    accuracy = (
+        "the same accuracy"
+        if round(abs(pts), 1) == 0
+        else f"{abs(pts):.1f} accuracy points {'higher' if pts > 0 else 'lower'}"
     )
+    return f"Against the best single model at its own cost: {spend}, {accuracy}."
 
 
 def _fmt(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4g}"
+    if isinstance(value, float | np.floating):
+        return f"{float(value):.4g}"
     if isinstance(value, dict):
-        return ", ".join(f"{k}: {_fmt(v)}" for k, v in value.items())
+        return ", ".join(f"{k}: {_fmt(v)}" for k, v in value.items()) or "-"
+    if isinstance(value, list | tuple):
+        return ", ".join(_fmt(v) for v in value) or "-"
     return str(value)
 
 
@@ -290,14 +356,282 @@ def summary_line(report: dict[str, Any]) -> str:
     )
 
 
-def _table(headers: list[str], rows: list[list[str]]) -> str:
+def _fmt_acc(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+# --- sections: built once from the report, rendered by both formats, so Markdown and HTML cannot drift ---
+
+
+@dataclass(frozen=True)
+class Table:
+    headers: list[str]
+    rows: list[list[str]]
+    collapsed: bool = False  # HTML: folded under "the numbers" (a chart above shows them)
+
+
+@dataclass(frozen=True)
+class Note:
+    text: str
+    strong: bool = False
+
+
+@dataclass(frozen=True)
+class Gauge:
+    """Spend against a limit: a bar in HTML, a sentence in Markdown."""
+
+    value: float
+    limit: float | None
+
+
+@dataclass(frozen=True)
+class Chart:
+    title: str
+    draw: Callable[[dict[str, Any], str], str]  # (report, title) -> <svg>
+
+
+Block = Table | Note | Gauge | Chart
+
+
+@dataclass(frozen=True)
+class Section:
+    title: str
+    blocks: list[Block]
+
+
+def _spend_section(report: dict[str, Any]) -> Section:
+    return Section("Spend against budget", [Gauge(report["spend_usd"], report.get("budget_usd"))])
+
+
+def _frontier_section(report: dict[str, Any]) -> Section | None:
+    if not report.get("frontier") and not report["baselines"]:
+        return None
+    blocks: list[Block] = [
+        Chart("Cost against accuracy: the frontier, this run and the baselines", charts.frontier_chart),
+        Note(
+            "The frontier is this batch re-planned at each budget (same candidates and constraints, deferral "
+            "allowed): the accuracy the predictor expects, at the expected cost. This run's realized point and "
+            "the baselines are scored on the truth."
+        ),
+    ]
+    if report.get("frontier"):
+        blocks.append(
+            Table(
+                ["budget USD", "planned cost USD", "planned accuracy", "deferred"],
+                [
+                    [
+                        f"{r['budget_usd']:.4f}",
+                        f"{r['planned_cost_usd']:.4f}",
+                        _fmt_acc(r["planned_accuracy"]),
+                        str(r["deferred"]),
+                    ]
+                    for r in report["frontier"]
+                ],
+                collapsed=True,
+            )
+        )
+    return Section("Cost against accuracy", blocks)
+
+
+def _baselines_section(report: dict[str, Any]) -> Section:
+    st = report["status"]
+
+    def count(value: int | None) -> str:
+        return "-" if value is None else str(value)
+
+    rows = [
+        [
+            "batchplan (this run)",
+            _fmt_acc(report["accuracy"]),
+            _fmt_acc(report.get("accuracy_answered")),
+            str(st["done"]),
+            str(st["deferred"]),
+            str(st["failed"]),
+            "-",
+            f"{report['spend_usd']:.4f}",
+        ]
+    ]
+    rows += [
+        [
+            b["policy"],
+            _fmt_acc(b["accuracy"]),
+            _fmt_acc(b.get("accuracy_answered")),
+            count(b.get("answered")),
+            count(b.get("deferred")),
+            "-",
+            count(b.get("unrecorded")),
+            f"{b['spend_usd']:.4f}",
+        ]
+        for b in report["baselines"]
+    ]
+    headers = [
+        "policy",
+        "accuracy (all)",
+        "accuracy (answered)",
+        "answered",
+        "deferred",
+        "failed",
+        "no recorded answer",
+        "spend USD",
+    ]
+    blocks: list[Block] = [Table(headers, rows)]
+    if report["baselines"]:
+        blocks.append(
+            Note(
+                "accuracy (all) counts every query, deferred and unanswered ones as wrong; accuracy (answered) only "
+                "the queries the policy answered. 'no recorded answer': queries for which the history holds no "
+                "answer of the model a baseline picks, so it cannot be replayed there."
+            )
+        )
+        blocks += [Note(f"{name}: {note}.") for name, note in BASELINE_NOTES.items()]
+    return Section("Accuracy and spend at the same budget", blocks)
+
+
+def _per_task_section(report: dict[str, Any]) -> Section | None:
+    if not report.get("per_task"):
+        return None
+    table = Table(
+        ["task", "queries", "planned accuracy", "accuracy", "spend USD"],
+        [
+            [
+                t["task"],
+                str(t["queries"]),
+                _fmt_acc(t.get("planned_accuracy")),
+                _fmt_acc(t["accuracy"]),
+                f"{t['spend_usd']:.4f}",
+            ]
+            for t in report["per_task"]
+        ],
+    )
+    return Section("Per task", [Chart("Planned against realized accuracy per task", charts.calibration_chart), table])
+
+
+def _spend_per_model_section(report: dict[str, Any]) -> Section | None:
+    rows = report.get("spend_per_model") or []
+    if not rows:
+        return None
+    total = sum(r["spend_usd"] for r in rows) or 1.0
+    return Section(
+        "Spend per model",
+        [
+            Chart("Spend per model", charts.spend_chart),
+            Table(
+                ["model", "calls", "spend USD", "share of spend"],
+                [[r["model"], str(r["calls"]), f"{r['spend_usd']:.4f}", f"{r['spend_usd'] / total:.1%}"] for r in rows],
+            ),
+        ],
+    )
+
+
+def _not_answered_section(report: dict[str, Any]) -> Section:
+    st = report["status"]
+    blocks: list[Block] = [
+        Note(f"deferred: {st['deferred']}, failed: {st['failed']}, quarantined at ingest: {report['quarantined']}")
+    ]
+    if report.get("not_answered"):
+        blocks.append(
+            Table(
+                ["status", "reason", "queries"],
+                [[r["status"], r["reason"], str(r["queries"])] for r in report["not_answered"]],
+            )
+        )
+    return Section("Deferred and failed", blocks)
+
+
+def _plan_section(report: dict[str, Any]) -> Section:
+    return Section(
+        "Plan",
+        [
+            Table(["plan kind", "queries"], [[k, str(v)] for k, v in sorted(report["plan_kinds"].items())]),
+            Table(
+                ["model (first call)", "queries", "share"],
+                [[m["model"], str(m["queries"]), f"{m['share']:.1%}"] for m in report["model_share"]],
+            ),
+        ],
+    )
+
+
+def _per_tenant_section(report: dict[str, Any]) -> Section | None:
+    if not report.get("per_tenant"):
+        return None
+    return Section(
+        "Per tenant",
+        [
+            Table(
+                ["tenant", "queries", "deferred", "accuracy", "spend USD", "budget USD"],
+                [
+                    [
+                        t["tenant"],
+                        str(t["queries"]),
+                        str(t["deferred"]),
+                        _fmt_acc(t["accuracy"]),
+                        f"{t['spend_usd']:.4f}",
+                        f"{t['budget_usd']:.4f}" if t["budget_usd"] is not None else "-",
+                    ]
+                    for t in report["per_tenant"]
+                ],
+            )
+        ],
+    )
+
+
+OPTIMIZER_GLOSSARY = [
+    "objective: what the plan maximizes, the expected number of right answers (each weighted by its query's "
+    "priority); with an accuracy target and no budget, the expected cost it minimizes.",
+    "bound: a proven limit on the objective (from the LP relaxation): no plan over these candidates does better.",
+    "gap: (bound - objective) / bound, how far this plan can at most be from the best possible one; 0.001 = 0.1%.",
+    "shadow price: how much the objective would gain per unit a constraint is loosened (for the budget: expected "
+    "right answers per extra dollar); 0 means the constraint does not hold the plan back.",
+    "binding: the constraints at their limit.",
+    "spend margin: the part of the budget held back so that realized spend stays within it with 95% probability.",
+    "templates withheld: tasks whose votes and cascades were not offered at this budget, because on held-out "
+    "history they did not beat single models at this share of the best single model's cost.",
+]
+
+
+def _optimizer_section(report: dict[str, Any]) -> Section | None:
+    if not report["optimizer"]:
+        return None
+    rows = [[k, _fmt(v)] for k, v in report["optimizer"].items()]
+    return Section("Optimizer", [Table(["field", "value"], rows), *(Note(line) for line in OPTIMIZER_GLOSSARY)])
+
+
+def sections(report: dict[str, Any]) -> list[Section]:
+    """Every section of the report, in reading order; both renderings draw exactly these."""
+    built = [
+        _spend_section(report),
+        _frontier_section(report),
+        _baselines_section(report),
+        _per_task_section(report),
+        _spend_per_model_section(report),
+        _not_answered_section(report),
+        _plan_section(report),
+        _per_tenant_section(report),
+        _optimizer_section(report),
+    ]
+    return [s for s in built if s is not None]
+
+
+def _gauge_text(gauge: Gauge) -> str:
+    if not gauge.limit:
+        return f"spent ${gauge.value:.4f} (no budget)"
+    return f"spent ${gauge.value:.4f} of ${gauge.limit:.4f} ({gauge.value / gauge.limit:.1%})"
+
+
+def _markdown_table(headers: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
     return "\n".join(lines)
 
 
-def _fmt_acc(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.1%}"
+def _markdown_block(block: Block) -> str:
+    if isinstance(block, Table):
+        return _markdown_table(block.headers, block.rows)
+    if isinstance(block, Note):
+        return f"**{block.text}**" if block.strong else block.text
+    if isinstance(block, Gauge):
+        return _gauge_text(block)
+    return f"_Chart: {block.title} (drawn in report.html)._"
 
 
 def notes(report: dict[str, Any]) -> list[str]:
@@ -317,91 +651,49 @@ def render_markdown(report: dict[str, Any]) -> str:
         parts += [*(f"- {line}" for line in lines), ""]
     if report.get("savings"):
         parts += [_savings_text(report), ""]
-    rows = [
-        [
-            "batchplan (this run)",
-            _fmt_acc(report["accuracy"]),
-            f"{report['spend_usd']:.4f}",
-            str(report["status"]["deferred"]),
-        ]
-    ]
-    rows += [
-        [b["policy"], _fmt_acc(b["accuracy"]), f"{b['spend_usd']:.4f}", str(b["deferred"])] for b in report["baselines"]
-    ]
-    parts += [
-        "## Accuracy and spend at the same budget",
-        "",
-        _table(["policy", "accuracy", "spend USD", "deferred"], rows),
-        "",
-    ]
-    parts += [
-        "## Plan",
-        "",
-        _table(
-            ["model (first call)", "queries", "share"],
-            [[m["model"], str(m["queries"]), f"{m['share']:.1%}"] for m in report["model_share"]],
-        ),
-        "",
-    ]
-    if report.get("per_task"):
-        parts += ["## Per task", "", _table(*_per_task_table(report)), ""]
-    if report.get("per_tenant"):
-        parts += ["## Per tenant", "", _table(*_per_tenant_table(report)), ""]
-    if report["optimizer"]:
-        parts += [
-            "## Optimizer",
-            "",
-            _table(["field", "value"], [[k, _fmt(v)] for k, v in report["optimizer"].items()]),
-            "",
-        ]
+    for section in sections(report):
+        parts += [f"## {section.title}", ""]
+        for block in section.blocks:
+            parts += [_markdown_block(block), ""]
     return "\n".join(parts)
 
 
+def _html_table(block: Table) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in block.headers)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in block.rows)
+    table = f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+    return f"<details><summary>the numbers</summary>{table}</details>" if block.collapsed else table
+
+
+def _html_block(block: Block, report: dict[str, Any]) -> str:
+    if isinstance(block, Table):
+        return _html_table(block)
+    if isinstance(block, Note):
+        text = html.escape(block.text)
+        return f"<p><b>{text}</b></p>" if block.strong else f"<p class='note'>{text}</p>"
+    if isinstance(block, Gauge):
+        fill = min(block.value / block.limit, 1.0) * 100 if block.limit else 0.0
+        return (
+            f"<div class='budget'><div style='width:{fill:.1f}%'></div></div><p>{html.escape(_gauge_text(block))}</p>"
+        )
+    return f"<figure>{block.draw(report, block.title)}<figcaption>{html.escape(block.title)}</figcaption></figure>"
+
+
 def render_html(report: dict[str, Any]) -> str:
-    """A self-contained page (no scripts, no external assets): tables and CSS bars."""
-    budget = report.get("budget_usd") or 0.0
-    spend = report["spend_usd"]
-    fill = min(spend / budget, 1.0) * 100 if budget else 0.0
-
-    def table(headers: list[str], rows: list[list[str]]) -> str:
-        head = "".join(f"<th>{html.escape(h)}</th>" for h in headers)
-        body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
-        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
-
-    policies = [("batchplan (this run)", report["accuracy"], spend)] + [
-        (b["policy"], b["accuracy"], b["spend_usd"]) for b in report["baselines"]
-    ]
-    max_spend = max([p[2] for p in policies] + [budget, 1e-12])
-    bars = "".join(
-        f"<div class='row'><span class='name'>{html.escape(name)}</span>"
-        f"<span class='bar' style='width:{(acc or 0) * 300:.0f}px'></span><span>{_fmt_acc(acc)}</span>"
-        f"<span class='bar cost' style='width:{cost / max_spend * 300:.0f}px'></span><span>${cost:.4f}</span></div>"
-        for name, acc, cost in policies
+    """A self-contained page (no scripts, no external assets): tables, a CSS gauge and inline SVG charts."""
+    body = "".join(
+        f"<section><h2>{html.escape(s.title)}</h2>{''.join(_html_block(b, report) for b in s.blocks)}</section>"
+        for s in sections(report)
     )
-    kinds = table(["plan kind", "queries"], [[k, str(v)] for k, v in sorted(report["plan_kinds"].items())])
-    per_task = table(*_per_task_table(report))
-    per_tenant = table(*_per_tenant_table(report))
-    shares = table(
-        ["model (first call)", "queries", "share"],
-        [[m["model"], str(m["queries"]), f"{m['share']:.1%}"] for m in report["model_share"]],
-    )
-    optimizer = (
-        table(["field", "value"], [[k, _fmt(v)] for k, v in report["optimizer"].items()]) if report["optimizer"] else ""
-    )
+    savings_line = f"<p><b>{html.escape(_savings_text(report))}</b></p>" if report.get("savings") else ""
+    notes_lines = "".join(f"<p class='note'>{html.escape(n)}</p>" for n in notes(report))
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>batchplan report {html.escape(str(report.get("run_id") or ""))}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:70em}}table{{border-collapse:collapse;margin:1em 0}}
-td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left}}.row{{display:flex;gap:.5em;align-items:center;margin:.2em 0}}
-.name{{width:22em}}.bar{{display:inline-block;height:1em;background:#3a7}}.bar.cost{{background:#c84}}
-.budget{{width:400px;height:1.2em;border:1px solid #333}}.budget div{{height:100%;background:#c84}}</style></head><body>
-<h1>batchplan report</h1><p>{html.escape(summary_line(report))}</p>{"".join(f"<p class='note'>{html.escape(n)}</p>" for n in notes(report))}<p><b>{html.escape(_savings_text(report))}</b></p>
-<h2>Spend vs budget</h2><div class="budget"><div style="width:{fill:.1f}%"></div></div><p>${spend:.4f} of ${budget:.4f}</p>
-<h2>Accuracy (green) and spend (orange) at the same budget</h2>{bars}
-<h2>Deferred and failed</h2><p>deferred: {report["status"]["deferred"]}, failed: {report["status"]["failed"]}, quarantined: {report["quarantined"]}</p>
-<h2>Plan kinds</h2>{kinds}
-<h2>Per task</h2>{per_task}
-<h2>Per tenant</h2>{per_tenant}
-<h2>Per-model share</h2>{shares}
-<h2>Optimizer</h2>{optimizer}
+td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left}}.note{{color:#444;margin:.3em 0;font-size:.92em}}
+figure{{margin:1em 0}}figure svg{{max-width:100%;height:auto}}figcaption{{color:#555;font-size:.9em}}
+.budget{{width:400px;height:1.2em;border:1px solid #333}}.budget div{{height:100%;background:#c8641e}}</style></head><body>
+<h1>batchplan report</h1><p>{html.escape(summary_line(report))}</p>{notes_lines}{savings_line}
+{body}
 </body></html>"""
 
 

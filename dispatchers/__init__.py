@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from dispatchers.base import Backend, CallRequest, CallResult, parse_answer
     from dispatchers.budget import BudgetGuard
     from dispatchers.executor import FALLBACK_COLUMN
-    from dispatchers.ledger import read_manifest, read_results
+    from dispatchers.ledger import read_manifest, read_results, spend_by_model
     from dispatchers.limits import ModelLimits, RetryPolicy
     from dispatchers.run import adispatch, dispatch
 
@@ -37,6 +37,7 @@ _LAZY = {
     "FALLBACK_COLUMN": "dispatchers.executor",
     "read_manifest": "dispatchers.ledger",
     "read_results": "dispatchers.ledger",
+    "spend_by_model": "dispatchers.ledger",
     "ModelLimits": "dispatchers.limits",
     "RetryPolicy": "dispatchers.limits",
     "adispatch": "dispatchers.run",
@@ -135,4 +136,5 @@ __all__ = [
     "read_manifest",
     "read_results",
     "register_backend",
+    "spend_by_model",
 ]

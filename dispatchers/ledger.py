@@ -275,6 +275,24 @@ def read_results(out_uri: str, storage: Storage | None = None) -> pl.DataFrame:
     return frame
 
 
+def spend_by_model(storage: Storage, out_uri: str) -> dict[str, float]:
+    """What every call in the ledger under ``out_uri`` charged, summed per model (a cascade's calls each to
+    its own model; a call recorded twice, once per rerun that found it, counts once)."""
+    seen: set[tuple[str, str]] = set()
+    spend: dict[str, float] = {}
+    for uri in storage.list(join(out_uri, "ledger")):
+        if not uri.endswith(".jsonl"):
+            continue
+        for event in _events(storage.read_bytes(uri)):
+            key = (str(event.get("q")), str(event.get("c")))
+            if event.get("e") != "c" or key in seen:
+                continue
+            seen.add(key)
+            model = str(event.get("m"))
+            spend[model] = spend.get(model, 0.0) + float(event.get("usd") or 0.0)
+    return spend
+
+
 class RunLocked(UserError, RuntimeError):
     """Another live process is dispatching into the same out_uri."""
 

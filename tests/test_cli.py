@@ -116,6 +116,9 @@ def test_run_replays_within_budget_and_resumes(trained: tuple[str, str], history
     assert report["queries"] == results.height
     assert report["accuracy"] is not None
     assert (out / "report.html").exists()
+    assert report["frontier"]  # planned beside the plan, drawn by the report
+    assert (out / "plan.frontier.json").exists()
+    assert (out / "report.html").read_text().count("<svg") == 3
     # Running the same command again pays nothing more.
     _run(args)
     again = json.loads((out / "report.json").read_text())

@@ -314,6 +314,11 @@ def test_nightly_runs_the_queue_under_one_budget(
     assert quarantine["query_id"].to_list() == ["bad-1"]
     html = storage.read_text(lay.report_html(run))
     assert "batchplan report" in html
+    # the frontier planned beside the plan, per-model spend from the shards' ledgers: all three charts drawn
+    assert json.loads(storage.read_text(lay.plan_file(run, "plan.frontier.json")))
+    assert html.count("<svg") == 3
+    report = json.loads(storage.read_text(f"{lay.reports(run)}/report.json"))
+    assert sum(m["spend_usd"] for m in report["spend_per_model"]) == pytest.approx(manifest["spend_usd"])
     assert stages.report_html_for(storage, lay, "batchplan_nightly", dag_run.run_id) == html
     assert storage.list(lay.outcomes(run))
     assert _paid_calls(storage, lay.results(run)) > 0
@@ -503,8 +508,6 @@ def test_claim_race_has_exactly_one_winner(s3_bucket: str, s3_storage: Storage) 
 
 
 def test_report_plugin_serves_a_runs_report(airflow_env: AirflowEnv) -> None:
-    from fastapi import HTTPException
-
     sys.path.insert(0, str(DAGS / "plugins"))
     try:
         import batchplan_reports
@@ -516,9 +519,9 @@ def test_report_plugin_serves_a_runs_report(airflow_env: AirflowEnv) -> None:
     served = batchplan_reports.report("batchplan_nightly", "scheduled__2026-01-01T02:00:00+00:00")
     assert served.status_code == 200
     assert b"batchplan report" in served.body
-    with pytest.raises(HTTPException) as missing:
-        batchplan_reports.report("batchplan_nightly", "nope")
-    assert missing.value.status_code == 404
+    missing = batchplan_reports.report("batchplan_nightly", "nope")
+    assert missing.status_code == 404
+    assert b"No batchplan report for batchplan_nightly / nope yet" in missing.body  # a sentence in the tab
     routes = {getattr(r, "path", "") for r in batchplan_reports.app.routes}
     assert "/reports/{dag_id}/{run_id}" in routes
     view = batchplan_reports.BatchplanReportsPlugin.external_views[0]

@@ -120,6 +120,7 @@ def plan_stage(
 
     ``plans/<run>/shards.json`` is written last; when it exists a re-run returns it unchanged."""
     from batchplan import artifacts
+    from batchplan.frontier import frontier_uri, plan_frontier, write_frontier
     from batchplan.pipeline import build_candidates, optimize
     from batchplan.planning import request_changes, request_record
 
@@ -144,7 +145,9 @@ def plan_stage(
     candidates = build_candidates(queue.drop("day", strict=False), predictions, templates, request.kinds)
     planned = optimize(candidates, request, templates)
     plan = planned.plan.sort("query_id")
-    storage.write_frame(plan, lay.plan_file(run, "plan.parquet"))
+    plan_uri = lay.plan_file(run, "plan.parquet")
+    write_frontier(storage, frontier_uri(plan_uri), plan_frontier(planned, request.budget_usd, request.method))
+    storage.write_frame(plan, plan_uri)
     if group_by is not None:
         keyed = plan.join(queue.select("query_id", group_by), on="query_id", how="left")
         groups = sorted(keyed[group_by].unique().to_list())
@@ -326,8 +329,10 @@ def record_outcomes(storage: Storage, lay: Layout, run: str, results: pl.DataFra
 
 def report_stage(storage: Storage, lay: Layout, run: str, backend: str, *, run_id: str | None = None) -> dict[str, Any]:
     """The run report (JSON, Markdown, HTML) under ``reports/<run>/``; returns its paths and summary."""
-    from batchplan.pipeline import reference_models
+    from batchplan.frontier import frontier_uri, read_frontier
+    from batchplan.pipeline import dispatch_dir, reference_models
     from batchplan.report import build_report, summary_line, write_report
+    from dispatchers import spend_by_model
 
     results = storage.read_frame(lay.results_file(run))
     plan = storage.read_frame(lay.plan_file(run, "plan.parquet"))
@@ -335,6 +340,10 @@ def report_stage(storage: Storage, lay: Layout, run: str, backend: str, *, run_i
     predictions = storage.read_frame(lay.plan_file(run, "predictions.parquet"))
     manifest = json.loads(storage.read_bytes(lay.shards_manifest(run)))
     quarantined = sum(storage.read_frame(u).height for u in storage.iter_parts(lay.quarantine(run)))
+    spent: dict[str, float] = {}
+    for shard in manifest["shards"]:  # each shard's ledger: what its calls charged, per model
+        for model, usd in spend_by_model(storage, dispatch_dir(shard_results_uri(lay, shard))).items():
+            spent[model] = spent.get(model, 0.0) + usd
     report = build_report(
         results=results,
         plan=plan,
@@ -346,6 +355,8 @@ def report_stage(storage: Storage, lay: Layout, run: str, backend: str, *, run_i
         optimizer=manifest.get("optimizer"),
         run_id=run_id or run,
         tenant_budgets_usd=manifest.get("tenant_budgets_usd"),
+        frontier=read_frontier(storage, frontier_uri(lay.plan_file(run, "plan.parquet"))),
+        spend_by_model=spent,
     )
     paths = write_report(report, lay.reports(run), storage)
     return {"summary": summary_line(report), "paths": paths, "spend_usd": report["spend_usd"]}

@@ -8,12 +8,13 @@ puts it on the run page (the UI fills ``{DAG_ID}`` and ``{RUN_ID}``). Enable it 
 
 from __future__ import annotations
 
+from html import escape
 from typing import Any, ClassVar
 
 from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
 from airflow.api_fastapi.core_api.security import requires_access_dag
 from airflow.plugins_manager import AirflowPlugin
-from fastapi import Depends, FastAPI, HTTPException
+from fastapi import Depends, FastAPI
 from fastapi.responses import HTMLResponse
 
 app = FastAPI(title="batchplan reports")
@@ -31,7 +32,11 @@ def report(dag_id: str, run_id: str) -> HTMLResponse:
 
     html = stages.report_html_for(common.storage_from_connection(), common.layout(), dag_id, run_id)
     if html is None:
-        raise HTTPException(status_code=404, detail=f"no batchplan report for {dag_id} / {run_id} (yet)")
+        # shown inside the run page's tab: a sentence, not a JSON error body
+        missing = escape(
+            f"No batchplan report for {dag_id} / {run_id} yet: it is written when the run's report task finishes."
+        )
+        return HTMLResponse(f"<!doctype html><html><body><p>{missing}</p></body></html>", status_code=404)
     return HTMLResponse(html)
 
 
