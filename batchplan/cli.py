@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from batchplan.contracts import ContractError
+from batchplan.contracts import UNANSWERABLE, ContractError
 from batchplan.settings import get_settings
 from batchplan.storage import Storage, StorageError, join
 
@@ -283,6 +283,8 @@ def plan(
         f"planned {outcome.plan.height} queries: expected cost ${cost:.4f}, expected accuracy {accuracy:.1%}, "
         f"status {d['status']}, gap {d['gap']:.2e}, spend margin ${d['spend_margin_usd']:.4f} -> {out}"
     )
+    if unanswerable := int((outcome.plan["kind"] == UNANSWERABLE).sum()):
+        console.print(f"note: {unanswerable} queries no offered model can answer (plan kind {UNANSWERABLE!r})")
 
 
 @app.command()
