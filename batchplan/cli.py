@@ -403,6 +403,7 @@ def plan(
         import polars as pl
 
         from batchplan import artifacts, pipeline
+        from batchplan.contracts import UNANSWERABLE
         from batchplan.report import notes
 
         storage = _storage()
@@ -437,6 +438,8 @@ def plan(
         highlight=False,
         soft_wrap=True,
     )
+    if unanswerable := int((outcome.plan["kind"] == UNANSWERABLE).sum()):
+        console.print(f"note: {unanswerable} queries no offered model can answer (plan kind {UNANSWERABLE!r})")
 
 
 @app.command(

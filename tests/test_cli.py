@@ -271,6 +271,11 @@ def test_queries_the_replay_history_cannot_answer_fail_and_the_rest_run(
     # a task the predictor never saw is named, not guessed at silently
     assert report["unseen_tasks"] == ["mmlu2"]
     assert "Tasks the predictor never saw: mmlu2" in (out / "report.md").read_text()
+    planned = " ".join(
+        _run(["plan", "--queue", str(tmp_path / "queue.jsonl"), *common, "--out", str(tmp_path / "p.parquet")]).split()
+    )
+    assert "note: 2 queries no offered model can answer (plan kind 'unanswerable')" in planned
+    assert "note: Tasks the predictor never saw: mmlu2" in planned
 
 
 @pytest.mark.parametrize(
