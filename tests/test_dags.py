@@ -181,17 +181,16 @@ class Done:
 
 
 @pytest.fixture(scope="session")
-def seeded(airflow_session: AirflowEnv, dagbag: Any, queue_days: dict[str, pl.DataFrame]) -> Iterator[Done]:
+def seeded(airflow_session: AirflowEnv, dagbag: Any, queue_days: dict[str, pl.DataFrame]) -> Done:
     """The day queues and a first predictor, promoted by the retrain DAG."""
     with _in_prefix(airflow_session, "seeded") as env:
         _write_queues(env, queue_days)
-        yield Done(env, _retrain(dagbag, env, "retrain (first)", datetime(2026, 3, 1, tzinfo=UTC)))
+        dag_run = _retrain(dagbag, env, "retrain (first)", datetime(2026, 3, 1, tzinfo=UTC))
+    return Done(env, dag_run)  # BATCHPLAN_PREFIX is the session's again: a test sets its own
 
 
 @pytest.fixture(scope="session")
-def nightly_done(
-    airflow_session: AirflowEnv, dagbag: Any, seeded: Done, queue_days: dict[str, pl.DataFrame]
-) -> Iterator[Done]:
+def nightly_done(airflow_session: AirflowEnv, dagbag: Any, seeded: Done, queue_days: dict[str, pl.DataFrame]) -> Done:
     """The nightly run of NIGHTLY_DAY on a copy of ``seeded``: one budget, the busiest tenant (tenant = data
     set) capped."""
     capped = queue_days[NIGHTLY_DAY]["tenant"].mode()[0]
@@ -200,18 +199,18 @@ def nightly_done(
         dag_run = _run(
             dagbag, env, "batchplan_nightly", "nightly", logical_date=datetime(2026, 3, 2, 2, tzinfo=UTC), run_conf=conf
         )
-        yield Done(env, dag_run, conf)
+    return Done(env, dag_run, conf)
 
 
 @pytest.fixture(scope="session")
-def backfill_done(airflow_session: AirflowEnv, dagbag: Any, seeded: Done) -> Iterator[Done]:
+def backfill_done(airflow_session: AirflowEnv, dagbag: Any, seeded: Done) -> Done:
     """The backfill of BACKFILL_DAYS (and an empty 23rd) under one budget, on a copy of ``seeded``."""
     conf = {"start_date": BACKFILL_DAYS[0], "end_date": "2026-02-23", "budget_usd": 0.04}
     with _in_prefix(airflow_session, "backfill-done", copy_of=seeded.env) as env:
         dag_run = _run(
             dagbag, env, "batchplan_backfill", "backfill", logical_date=datetime(2026, 3, 3, tzinfo=UTC), run_conf=conf
         )
-        yield Done(env, dag_run, conf)
+    return Done(env, dag_run, conf)
 
 
 @pytest.fixture
