@@ -12,13 +12,13 @@ from dataclasses import dataclass
 import structlog
 
 from batchplan.history import History
+from batchplan.layout import CURRENT_FILE
 from batchplan.plan_templates import CROSS_FIT_FOLDS, PlanTemplates, fit_plan_templates
 from batchplan.storage import Storage, join
 from predictors import Predictor, load_predictor, train_predictor
 
 log = structlog.get_logger("batchplan.train")
 PLANS_FILE = "plans.json"
-CURRENT_FILE = "CURRENT.json"  # {"version": ...}: the promoted version, preferred over the newest
 
 
 @dataclass(frozen=True)

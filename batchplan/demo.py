@@ -13,7 +13,7 @@ import polars as pl
 import structlog
 
 from batchplan import artifacts
-from batchplan.history import History, load_history, synthetic_history, with_holdout
+from batchplan.history import History, history_dirs, load_history, synthetic_history, with_holdout
 from batchplan.pipeline import Job, JobOutcome, Progress, run_job
 from batchplan.planning import PlanRequest
 from batchplan.report import Truth
@@ -26,8 +26,7 @@ log = structlog.get_logger("batchplan.demo")
 def demo_history(settings: Settings, storage: Storage) -> tuple[History, list[str], bool]:
     """The real histories under ``settings.data_dir`` (with a held-out split where a data set has none),
     or a synthetic one written under the work dir. Returns (history, its dirs, is_real)."""
-    root = Path(settings.data_dir)
-    dirs = sorted(str(p.parent) for p in root.glob("*/queries.parquet")) if root.is_dir() else []
+    dirs = history_dirs(settings.data_dir)
     if dirs:
         return with_holdout(load_history(dirs, storage), settings.holdout_fraction, settings.seed), dirs, True
     synthetic = synthetic_history(3_000, 10, seed=settings.seed)

@@ -7,8 +7,9 @@ was right and what it cost. It trains the predictor and drives the replay dispat
 from __future__ import annotations
 
 import zlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -139,27 +140,39 @@ def _load_one(path: str, storage: Storage) -> History:
     return History(queries=queries, outcomes=outcomes, prices=prices)
 
 
+def history_dirs(root: str | Path) -> list[str]:
+    """The outcome histories under ``root``: each sub-directory holding a ``queries.parquet`` (sorted; none
+    if ``root`` is not a directory)."""
+    path = Path(root)
+    return sorted(str(p.parent) for p in path.glob("*/queries.parquet")) if path.is_dir() else []
+
+
+def stable_fold(keys: Iterable[str], folds: int, seed: int = 0, salt: str = "") -> np.ndarray:
+    """Each key's fold in [0, folds): crc32 of ``"<seed>:<salt><key>"``. crc32, not polars' or Python's hash,
+    so a split never moves between library versions, processes or machines; ``salt`` keeps two uses of one
+    seed (the predictor's folds and the templates' cross-fit) independent."""
+    return np.fromiter((zlib.crc32(f"{seed}:{salt}{k}".encode()) % folds for k in keys), dtype=np.int64)
+
+
 def with_holdout(history: History, fraction: float = 0.3, seed: int = 0, start: float = 0.0) -> History:
     """Give every data set that has no test split one, carved from its train split by a stable hash of query_id:
     the queries whose hash bucket (uniform in [0, 1)) falls in [start, start + fraction)."""
     has_test = history.queries.group_by("dataset").agg((pl.col("split") == "test").any().alias("has_test"))
-    # crc32, not polars' hash: the split must not move between library versions or machines.
-    bucket = pl.col("query_id").map_elements(
-        lambda q: zlib.crc32(f"{seed}:{q}".encode()) % 10_000 / 10_000, return_dtype=pl.Float64
-    )
+    bucket = pl.Series(stable_fold(history.queries["query_id"].to_list(), 10_000, seed) / 10_000)
     queries = (
-        history.queries.join(has_test, on="dataset")
+        history.queries.with_columns(bucket.alias("_bucket"))
+        .join(has_test, on="dataset")
         .with_columns(
             pl.when(
                 ~pl.col("has_test")
                 & (pl.col("split") == "train")
-                & bucket.is_between(start, start + fraction, closed="left")
+                & pl.col("_bucket").is_between(start, start + fraction, closed="left")
             )
             .then(pl.lit("test"))
             .otherwise(pl.col("split"))
             .alias("split")
         )
-        .drop("has_test")
+        .drop("has_test", "_bucket")
     )
     return History(queries=queries, outcomes=history.outcomes, prices=history.prices)
 

@@ -26,13 +26,14 @@ same logical date lands in the same folders and the dispatcher's ledger there st
 
 from __future__ import annotations
 
-import os
 import re
 from dataclasses import dataclass
 from datetime import date
 
+from batchplan.settings import Settings
 from batchplan.storage import join
 
+CURRENT_FILE = "CURRENT.json"  # in the models root: {"version": ...}, the promoted version
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=-]+")
 
 
@@ -65,12 +66,14 @@ class Layout:
         return cls(f"s3://{bucket}/{prefix}" if prefix else f"s3://{bucket}")
 
     @classmethod
-    def from_env(cls, env: dict[str, str] | None = None) -> Layout:
-        """``BATCHPLAN_ROOT``, else ``s3://$BATCHPLAN_BUCKET/$BATCHPLAN_PREFIX`` (bucket default ``batchplan``)."""
-        env = dict(os.environ) if env is None else env
-        if env.get("BATCHPLAN_ROOT"):
-            return cls(env["BATCHPLAN_ROOT"].rstrip("/"))
-        return cls.for_bucket(env.get("BATCHPLAN_BUCKET") or "batchplan", env.get("BATCHPLAN_PREFIX", ""))
+    def from_settings(cls, settings: Settings | None = None) -> Layout:
+        """``settings.root`` (``BATCHPLAN_ROOT``), else ``s3://<bucket>/<prefix>`` (``BATCHPLAN_BUCKET``, default
+        ``batchplan``; ``BATCHPLAN_PREFIX``). Without ``settings``, read fresh from the environment: a DAG task
+        must see the environment it runs in, not the one a cached Settings saw first."""
+        current = Settings() if settings is None else settings
+        if current.root:
+            return cls(current.root.rstrip("/"))
+        return cls.for_bucket(current.bucket or "batchplan", current.prefix)
 
     @property
     def bucket(self) -> str | None:
@@ -132,7 +135,7 @@ class Layout:
         return self._at("models", version)
 
     def current_model(self) -> str:
-        return self._at("models", "CURRENT.json")
+        return self._at("models", CURRENT_FILE)
 
     def decision(self, run: str) -> str:
         return self._at("models", "decisions", f"{run}.json")

@@ -13,34 +13,15 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from batchplan.numerics import P_CLIP, fit_logistic, logit, sigmoid
 from batchplan.plan_simulation import PlanSpec, Recorded, Simulated, error_by_label
 
-P_CLIP = 1e-4
+SLOPE_L2 = 1e-2  # the slopes' shrinkage; the intercept (column 0 of every design here) is not shrunk
 
 
-def logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, P_CLIP, 1 - P_CLIP)
-    return np.log(p / (1 - p))
-
-
-def sigmoid(z: np.ndarray) -> np.ndarray:
-    return 1.0 / (1.0 + np.exp(-np.clip(z, -40, 40)))
-
-
-def fit_logistic(x: np.ndarray, y: np.ndarray, l2: float = 1e-2, iters: int = 50) -> np.ndarray:
-    """Newton's method on the L2-penalised log-loss; ``x`` carries its own intercept column."""
-    w = np.zeros(x.shape[1])
-    eye = np.eye(x.shape[1])
-    eye[0, 0] = 0.0  # the intercept is not shrunk
-    for _ in range(iters):
-        p = sigmoid(x @ w)
-        grad = x.T @ (p - y) + l2 * eye @ w
-        hess = (x * (p * (1 - p))[:, None]).T @ x + l2 * eye + 1e-9 * np.eye(x.shape[1])
-        step = np.linalg.solve(hess, grad)
-        w -= step
-        if np.abs(step).max() < 1e-8:
-            break
-    return w
+def fit_design(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """Logistic coefficients on a design ``[1, features...]``: free intercept, slopes shrunk by ``SLOPE_L2``."""
+    return fit_logistic(x, y, l2=np.r_[0.0, np.full(x.shape[1] - 1, SLOPE_L2)])
 
 
 def design(p_members: np.ndarray) -> np.ndarray:
@@ -95,18 +76,6 @@ def reach_design(kind: str, p: np.ndarray, n_labels: int) -> np.ndarray | None:
     return design(p)
 
 
-def fit_offset(z: np.ndarray, y: np.ndarray, iters: int = 50) -> float:
-    """The intercept b of P(y) = sigmoid(z + b), by Newton's method."""
-    b = 0.0
-    for _ in range(iters):
-        q = sigmoid(z + b)
-        step = float((q - y).sum() / max((q * (1 - q)).sum(), 1e-9))
-        b -= step
-        if abs(step) < 1e-10:
-            break
-    return b
-
-
 # How a template's P(correct) follows from its members' P(correct) (``correct_design``):
 # - "offset": [1, structural_feature] with the slope held at 1 and only the intercept fitted, so per-query
 #   estimates keep the spread of the members' calibrated predictions and cannot overfit a few hundred
@@ -127,8 +96,9 @@ def fit_correct(calibration: str, kind: str, p: np.ndarray, n_labels: int, y: np
     """Coefficients on ``correct_design``."""
     x = correct_design(calibration, kind, p, n_labels)
     if calibration == "offset":
-        return [fit_offset(x[:, 1], y), 1.0]
-    return [float(w) for w in fit_logistic(x, y)]
+        # only the intercept b of P(y) = sigmoid(structural + b) is fitted
+        return [float(fit_logistic(x[:, :1], y, offset=x[:, 1])[0]), 1.0]
+    return [float(w) for w in fit_design(x, y)]
 
 
 def choose_calibration(kind: str, p: np.ndarray, n_labels: int, y: np.ndarray, fold: np.ndarray) -> str:
@@ -182,9 +152,9 @@ def fit_template(
     x_reach = reach_design(spec.kind, members, len(rec.labels))
     coef_reach: list[list[float]] = []
     if spec.kind == "agreement" and x_reach is not None:
-        coef_reach = [[1.0, 0.0], fit_logistic(x_reach, sim.reached[rows, 2].astype(float)).tolist()]
+        coef_reach = [[1.0, 0.0], fit_design(x_reach, sim.reached[rows, 2].astype(float)).tolist()]
     elif spec.kind == "cascade" and x_reach is not None:
-        coef_reach = [fit_logistic(x_reach, sim.reached[rows, s].astype(float)).tolist() for s in range(1, len(cols))]
+        coef_reach = [fit_design(x_reach, sim.reached[rows, s].astype(float)).tolist() for s in range(1, len(cols))]
     return Template(
         task=rec.task,
         kind=spec.kind,

@@ -23,9 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
+from batchplan.contracts import PLAN_KINDS
 from batchplan.history import History
-
-KINDS = ("single", "vote", "cascade", "agreement")
 
 
 @dataclass(frozen=True)
@@ -35,8 +34,8 @@ class PlanSpec:
     thresholds: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
-        if self.kind not in KINDS:
-            raise ValueError(f"unknown plan kind {self.kind!r}: one of {KINDS}")
+        if self.kind not in PLAN_KINDS:
+            raise ValueError(f"unknown plan kind {self.kind!r}: one of {PLAN_KINDS}")
         size = {"single": (1, 1), "vote": (2, 5), "cascade": (2, 4), "agreement": (3, 3)}[self.kind]
         if not size[0] <= len(self.models) <= size[1]:
             raise ValueError(f"a {self.kind} plan takes {size[0]}-{size[1]} models, got {len(self.models)}")

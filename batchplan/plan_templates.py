@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -30,7 +29,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from batchplan.history import History
+from batchplan.history import History, stable_fold
 from batchplan.plan_estimates import Template, choose_calibration, estimate, fit_template
 from batchplan.plan_simulation import PlanSpec, Recorded, Simulated, error_by_label, recorded_by_task, simulate
 
@@ -91,7 +90,7 @@ def cross_fit_predictions(
 ) -> pl.DataFrame:
     """Out-of-fold P(correct) for every recorded (query, model): each fold scored by a predictor that never saw it."""
     ids = history.queries["query_id"].to_list()
-    fold_of = {q: zlib.crc32(f"{seed}:cf:{q}".encode()) % folds for q in ids}
+    fold_of = dict(zip(ids, stable_fold(ids, folds, seed, salt="cf:").tolist(), strict=True))
     frames = []
     for fold in range(folds):
         held = [q for q in ids if fold_of[q] == fold]
@@ -305,7 +304,7 @@ def fit_plan_templates(
         }
         singles = [s for s in singles if s in sims]
         result.single_errors[task] = {s.models[0]: error_by_label(sims[s], rec) for s in singles}
-        fold = np.array([zlib.crc32(f"{seed}:cf:{q}".encode()) % folds for q in rec.query_ids])
+        fold = stable_fold(rec.query_ids, folds, seed, salt="cf:")
         kept: dict[PlanSpec, str] = {}  # template -> its calibration
         for spec in _select(list(sims), sims, fold, folds, slack):
             cols = [rec.column(m) for m in spec.models]

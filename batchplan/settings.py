@@ -23,6 +23,14 @@ class Settings(BaseSettings):
         description="Outcome histories (one sub-directory per data set); default ../shared/data beside the checkout.",
     )
     work_dir: str = Field(default=str(PROJECT_ROOT / ".batchplan"), description="Local root for demo runs.")
+    root: str | None = Field(
+        default=None,
+        description="Root of the bucket layout (s3://bucket/prefix or a local directory); overrides bucket and prefix.",
+    )
+    bucket: str = Field(
+        default="batchplan", description="The batchplan bucket (the DAGs' layout root is s3://bucket/prefix)."
+    )
+    prefix: str = Field(default="", description="Key prefix inside the bucket for every batchplan path.")
     s3_endpoint_url: str | None = Field(default=None, description="S3-compatible endpoint (moto, MinIO); None = AWS.")
     s3_region: str | None = None
     seed: int = 0

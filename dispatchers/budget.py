@@ -29,10 +29,6 @@ class Reservation:
         return self.amount / _SCALE
 
 
-class BudgetExceeded(RuntimeError):
-    """A settled cost exceeded its reservation and the budget (the backend's bound was wrong)."""
-
-
 class BudgetGuard:
     """Shared by every worker of one dispatch (one event loop)."""
 
@@ -56,13 +52,6 @@ class BudgetGuard:
     @property
     def reserved_usd(self) -> float:
         return self._reserved / _SCALE
-
-    @property
-    def remaining_usd(self) -> float:
-        return (self._budget - self._spent - self._reserved) / _SCALE
-
-    def can_ever_fit(self, usd: float) -> bool:
-        return self._spent + _up(usd) <= self._budget
 
     async def reserve(self, usd: float) -> Reservation | None:
         """Reserve ``usd``; waits while in-flight reservations might still free room; None = refused.

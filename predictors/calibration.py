@@ -8,31 +8,8 @@ from typing import Any
 
 import numpy as np
 
+from batchplan.numerics import P_CLIP, fit_logistic, logit, sigmoid
 from predictors.metrics import log_loss
-
-EPS = 1e-4
-
-
-def logit(p: np.ndarray) -> np.ndarray:
-    p = np.clip(p, EPS, 1 - EPS)
-    return np.log(p / (1 - p))
-
-
-def logit32(p: np.ndarray) -> np.ndarray:
-    """``logit`` in float32 (per-pair and per-query matrices: half the memory traffic)."""
-    q = np.clip(np.asarray(p, dtype=np.float32), np.float32(EPS), np.float32(1 - EPS))
-    return np.log(q / (np.float32(1) - q))
-
-
-def sigmoid(z: np.ndarray) -> np.ndarray:
-    """1 / (1 + exp(-clip(z, -50, 50))), the same operations done in place."""
-    if np.ndim(z) == 0:
-        return 1.0 / (1.0 + np.exp(-np.clip(z, -50.0, 50.0)))
-    out = np.clip(z, -50.0, 50.0)
-    np.negative(out, out=out)
-    np.exp(out, out=out)
-    out += 1.0
-    return np.divide(1.0, out, out=out)
 
 
 @dataclass
@@ -48,7 +25,7 @@ class Calibrator:
             out = np.interp(p, np.asarray(self.params["x"]), np.asarray(self.params["y"]))
         else:
             out = p
-        return np.clip(out, EPS, 1 - EPS)
+        return np.clip(out, P_CLIP, 1 - P_CLIP)
 
     def to_state(self) -> dict[str, Any]:
         return {"kind": self.kind, "params": self.params}
@@ -58,20 +35,10 @@ class Calibrator:
         return cls(kind=state["kind"], params=state["params"])
 
 
-def fit_platt(p: np.ndarray, y: np.ndarray, l2: float = 1e-3, iters: int = 50) -> Calibrator:
-    """Logistic regression of y on logit(p) by Newton's method (2 parameters)."""
+def fit_platt(p: np.ndarray, y: np.ndarray, l2: float = 1e-3) -> Calibrator:
+    """Logistic regression of y on logit(p), the slope a shrunk toward 1 and the intercept b toward 0."""
     z = logit(np.asarray(p, dtype=np.float64))
-    yv = np.asarray(y, dtype=np.float64)
-    a, b = 1.0, 0.0
-    for _ in range(iters):
-        q = sigmoid(a * z + b)
-        w = q * (1 - q)
-        g = np.array([np.dot(q - yv, z) + l2 * (a - 1), np.sum(q - yv) + l2 * b])
-        h = np.array([[np.dot(w, z * z) + l2, np.dot(w, z)], [np.dot(w, z), np.sum(w) + l2]])
-        step = np.linalg.solve(h, g)
-        a, b = a - step[0], b - step[1]
-        if np.abs(step).max() < 1e-9:
-            break
+    a, b = fit_logistic(np.column_stack([z, np.ones_like(z)]), y, l2=l2, center=np.array([1.0, 0.0]))
     return Calibrator("platt", {"a": float(a), "b": float(b)})
 
 
@@ -95,7 +62,7 @@ def fit_isotonic(p: np.ndarray, y: np.ndarray) -> Calibrator:
             xsum[-1] += s
     bx = np.array(xsum) / np.array(wts)
     by = np.array(vals) / np.array(wts)
-    return Calibrator("isotonic", {"x": bx.tolist(), "y": np.clip(by, EPS, 1 - EPS).tolist()})
+    return Calibrator("isotonic", {"x": bx.tolist(), "y": np.clip(by, P_CLIP, 1 - P_CLIP).tolist()})
 
 
 def choose_calibrator(
@@ -107,7 +74,7 @@ def choose_calibrator(
     if len(p) < 50 or y.min() == y.max():
         return Calibrator("identity", {}), {}
     fold = np.random.default_rng(seed).integers(0, folds, len(p))
-    scores: dict[str, float] = {"identity": log_loss(y, np.clip(p, EPS, 1 - EPS))}
+    scores: dict[str, float] = {"identity": log_loss(y, np.clip(p, P_CLIP, 1 - P_CLIP))}
     for name, fit in (("platt", fit_platt), ("isotonic", fit_isotonic)):
         pred = np.empty_like(p)
         for k in range(folds):

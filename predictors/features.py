@@ -19,9 +19,6 @@ import numpy as np
 import polars as pl
 import scipy.sparse as sp
 
-from batchplan.contracts import DEFAULT_TASK
-
-TOKEN_PATTERN = r"[a-z0-9]+"
 STAT_COLUMNS = ("n_chars", "digit_share", "n_labels")
 STATS_TAIL = 400  # digit share is measured on the prompt's tail (the part that differs between queries)
 
@@ -194,10 +191,6 @@ class Vocabulary:
         return frame["code"].fill_null(float("nan")).to_numpy().astype(np.float32)
 
 
-def normalized_task(queries: pl.DataFrame) -> pl.Series:
-    return queries.select(pl.col("task").fill_null(DEFAULT_TASK)).to_series()
-
-
 # ---------------------------------------------------------------- model descriptors
 
 FAMILIES = (
@@ -220,7 +213,6 @@ FAMILIES = (
     "gemma",
     "command",
 )
-MODEL_DESCRIPTOR_COLUMNS = ("log_price_in", "log_price_out", "log_cost_per_kchar", "log_size_b", "family")
 
 
 def parse_family(model: str) -> str:

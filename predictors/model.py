@@ -24,8 +24,9 @@ import polars as pl
 
 from batchplan.catalog import PriceCatalog
 from batchplan.contracts import DEFAULT_TASK, PREDICTION_SCHEMA
+from batchplan.numerics import logit, logit32, sigmoid
 from batchplan.storage import Storage
-from predictors.calibration import Calibrator, logit, logit32, sigmoid
+from predictors.calibration import Calibrator
 from predictors.cost import CostModel, query_chars
 from predictors.features import STAT_COLUMNS, TextEncoder, Vocabulary, describe_models, text_of, text_stats
 from predictors.pairmodel import PairModel

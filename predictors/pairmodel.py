@@ -13,36 +13,7 @@ from typing import Any
 
 import numpy as np
 
-
-def _objective(z: np.ndarray, y: np.ndarray, beta: np.ndarray, center: np.ndarray, lam: np.ndarray) -> float:
-    eta = z @ beta
-    return float(np.sum(np.logaddexp(0.0, eta) - y * eta) + 0.5 * np.sum(lam * (beta - center) ** 2))
-
-
-def _newton(z: np.ndarray, y: np.ndarray, center: np.ndarray, lam: np.ndarray, iters: int = 50) -> np.ndarray:
-    """argmin_b  sum logloss(y, sigmoid(z b)) + 1/2 sum_j lam_j (b_j - center_j)^2 (Newton, backtracking)."""
-    beta = center.copy()
-    eye = np.diag(lam)
-    current = _objective(z, y, beta, center, lam)
-    for _ in range(iters):
-        q = 1.0 / (1.0 + np.exp(-np.clip(z @ beta, -50.0, 50.0)))
-        w = q * (1 - q)
-        grad = z.T @ (q - y) + lam * (beta - center)
-        hess = (z * w[:, None]).T @ z + lam * eye
-        step = np.linalg.solve(hess, grad)
-        t = 1.0
-        while True:
-            candidate = beta - t * step
-            value = _objective(z, y, candidate, center, lam)
-            if value <= current + 1e-12 or t < 1e-6:
-                break
-            t *= 0.5
-        if value > current:
-            break
-        beta, current = candidate, value
-        if np.abs(t * step).max() < 1e-7:
-            break
-    return beta
+from batchplan.numerics import fit_logistic
 
 
 @dataclass
@@ -84,12 +55,12 @@ class PairModel:
         if text_penalty is not None:  # e.g. 1e6: text columns off (their betas stay at 0)
             lam_g = np.where(text, text_penalty, lam_g)
             per_model = np.where(text, text_penalty, per_model)
-        global_beta = _newton(z, y, start, lam=lam_g)
+        global_beta = fit_logistic(z, y, l2=lam_g, center=start)
         betas = np.tile(global_beta, (len(models), 1))
         for m in range(len(models)):
             rows = mi == m
             if rows.any():
-                betas[m] = _newton(z[rows], y[rows], global_beta, lam=per_model)
+                betas[m] = fit_logistic(z[rows], y[rows], l2=per_model, center=global_beta)
         return cls(names=names, global_beta=global_beta, betas=betas, models=models, lam=lam, text_penalty=text_penalty)
 
     def beta_for(self, models: list[str], neighbors: dict[str, list[tuple[str, float]]]) -> np.ndarray:

@@ -6,7 +6,6 @@ Trained where the history records tokens_out; absent that, the cost model's per-
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,13 +77,6 @@ class TokenModel:
         p90 = np.maximum(out["p90"], p50)
         return out["mean"][inverse], p50[inverse], p90[inverse]
 
-    def to_strings(self) -> dict[str, str]:
-        return {f"tokens_{n}": b.model_to_string() for n, b in self.boosters.items()}
-
     @classmethod
     def from_boosters(cls, boosters: dict[str, lgb.Booster]) -> TokenModel:
         return cls(boosters={k.removeprefix("tokens_"): v for k, v in boosters.items() if k.startswith("tokens_")})
-
-
-def finite_or_nan(value: float | None) -> float:
-    return float(value) if value is not None and math.isfinite(value) else float("nan")

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import time
-import zlib
 from typing import Any
 
 import lightgbm as lgb
@@ -18,8 +17,9 @@ import polars as pl
 
 from batchplan.catalog import PriceCatalog
 from batchplan.errors import ContractError
-from batchplan.history import History
-from predictors.calibration import Calibrator, choose_calibrator, logit, sigmoid
+from batchplan.history import History, stable_fold
+from batchplan.numerics import logit, sigmoid
+from predictors.calibration import Calibrator, choose_calibrator
 from predictors.cost import CostModel
 from predictors.features import STAT_COLUMNS, TextEncoder, Vocabulary, describe_models, text_of
 from predictors.metrics import auc, brier, ece, log_loss
@@ -195,9 +195,7 @@ def _fit_stages(
         seed=seed,
     )
     folds = int(options["folds"])
-    fold_q = np.array(
-        [zlib.crc32(f"{seed}:{q}".encode()) % folds for q in train_q["query_id"].to_list()], dtype=np.int64
-    )
+    fold_q = stable_fold(train_q["query_id"].to_list(), folds, seed)
     block = predictor.query_block(train_q, query_fold=fold_q, train_fold=fold_q)
     n_text = min(int(options["text_features"]), emb.shape[1])
     stage1_names = [*STAT_COLUMNS, *(f"text_{i}" for i in range(n_text)), "task", "subject", "knn_lift_mean", "knn_sim"]

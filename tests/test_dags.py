@@ -2,10 +2,12 @@
 and the bundled histories (``BATCHPLAN_DATA_DIR``, default ``../shared/data``).
 
 A session fixture gives Airflow its own ``AIRFLOW_HOME`` (``airflow db migrate``, no examples, dags folder =
-this repo's ``dags/``) and the connection ``batchplan_s3`` from ``AIRFLOW_CONN_BATCHPLAN_S3``. The runs
-share one bucket and go in the order a deployment would: retrain (bootstraps the first predictor) ->
-nightly -> the same nightly again (idempotence) -> a second run racing for the same day -> backfill ->
-retrain on the new outcomes.
+this repo's ``dags/``) and the connection ``batchplan_s3`` from ``AIRFLOW_CONN_BATCHPLAN_S3``, one bucket.
+
+Each test has a prefix of its own in that bucket (``airflow_env``: ``BATCHPLAN_PREFIX`` for the DAG tasks),
+so any one runs alone and in any order. What a test stands on is built once per session in prefixes of
+its own and copied into the test's: ``seeded`` (the day queues and a first predictor promoted by the
+retrain DAG), ``nightly_done`` and ``backfill_done`` (those runs completed on a copy of ``seeded``).
 """
 
 from __future__ import annotations
@@ -16,8 +18,9 @@ import subprocess
 import sys
 import time
 import uuid
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -55,7 +58,7 @@ class AirflowEnv:
 
 
 @pytest.fixture(scope="session")
-def airflow_env(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) -> Iterator[AirflowEnv]:
+def airflow_session(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) -> Iterator[AirflowEnv]:
     """A fresh AIRFLOW_HOME with a migrated database, and a bucket on moto's server for the DAGs."""
     import boto3
 
@@ -106,31 +109,119 @@ def airflow_env(tmp_path_factory: pytest.TempPathFactory, s3_endpoint: str) -> I
         )
 
 
+def _copy_prefix(source: AirflowEnv, target: AirflowEnv) -> None:
+    """Every object under ``source``'s prefix, at the same key under ``target``'s."""
+    storage, root = source.storage, source.layout.root + "/"
+    for uri in storage.list(root):
+        storage.write_bytes(target.layout.root + "/" + uri.removeprefix(root), storage.read_bytes(uri))
+
+
+@contextmanager
+def _in_prefix(session: AirflowEnv, prefix: str, copy_of: AirflowEnv | None = None) -> Iterator[AirflowEnv]:
+    """``session`` under its own ``prefix`` of the bucket (what the DAG tasks see as ``BATCHPLAN_PREFIX``),
+    starting as a copy of ``copy_of``'s prefix if given."""
+    env = replace(session, layout=Layout.for_bucket(session.bucket, prefix))
+    if copy_of is not None:
+        _copy_prefix(copy_of, env)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("BATCHPLAN_PREFIX", prefix)
+        yield env
+
+
+@pytest.fixture
+def airflow_env(airflow_session: AirflowEnv) -> Iterator[AirflowEnv]:
+    """This test's own, empty prefix of the bucket."""
+    with _in_prefix(airflow_session, f"bp-{uuid.uuid4().hex[:8]}") as env:
+        yield env
+
+
 @pytest.fixture(scope="session")
-def dagbag(airflow_env: AirflowEnv) -> Any:
+def dagbag(airflow_session: AirflowEnv) -> Any:
     from airflow.dag_processing.dagbag import DagBag
 
     return DagBag(dag_folder=str(DAGS))
 
 
 @pytest.fixture(scope="session")
-def queues(airflow_env: AirflowEnv, real_history: History) -> dict[str, pl.DataFrame]:
-    """Queue parts in the bucket: one day for the nightly, three for the backfill, disjoint queries."""
-
+def queue_days(real_history: History) -> dict[str, pl.DataFrame]:
+    """The queue of each day: one day for the nightly, three for the backfill, disjoint queries."""
     queue = real_history.as_queue("test").sample(fraction=1.0, shuffle=True, seed=7)
     days: dict[str, pl.DataFrame] = {NIGHTLY_DAY: queue.head(NIGHTLY_QUERIES)}
     offset = NIGHTLY_QUERIES
     for the_day in BACKFILL_DAYS:
         days[the_day] = queue.slice(offset, BACKFILL_QUERIES_PER_DAY)
         offset += BACKFILL_QUERIES_PER_DAY
-    lay, storage = airflow_env.layout, airflow_env.storage
+    return days
+
+
+def _write_queues(env: AirflowEnv, days: dict[str, pl.DataFrame]) -> None:
+    """Queue parts in the prefix (parquet and jsonl), and one malformed row for the quarantine."""
+    lay, storage = env.layout, env.storage
     for the_day, frame in days.items():
         half = frame.height // 2
         storage.write_frame(frame.head(half), f"{lay.queue(the_day)}part-0.parquet")
         storage.write_frame(frame.tail(frame.height - half), f"{lay.queue(the_day)}part-1.jsonl")
-    # one malformed row for the quarantine
     storage.write_bytes(f"{lay.queue(NIGHTLY_DAY)}part-2.jsonl", b'{"query_id": "bad-1", "prompt": ""}\n')
-    return days
+
+
+@pytest.fixture
+def queues(airflow_env: AirflowEnv, queue_days: dict[str, pl.DataFrame]) -> dict[str, pl.DataFrame]:
+    """The day queues in this test's prefix."""
+    _write_queues(airflow_env, queue_days)
+    return queue_days
+
+
+@dataclass(frozen=True)
+class Done:
+    """A DAG run completed in a prefix of its own (copy it into a test's prefix before changing anything)."""
+
+    env: AirflowEnv
+    dag_run: Any
+    conf: dict[str, Any] = field(default_factory=dict)
+
+
+@pytest.fixture(scope="session")
+def seeded(airflow_session: AirflowEnv, dagbag: Any, queue_days: dict[str, pl.DataFrame]) -> Done:
+    """The day queues and a first predictor, promoted by the retrain DAG."""
+    with _in_prefix(airflow_session, "seeded") as env:
+        _write_queues(env, queue_days)
+        dag_run = _retrain(dagbag, env, "retrain (first)", datetime(2026, 3, 1, tzinfo=UTC))
+    return Done(env, dag_run)  # BATCHPLAN_PREFIX is the session's again: a test sets its own
+
+
+@pytest.fixture(scope="session")
+def nightly_done(airflow_session: AirflowEnv, dagbag: Any, seeded: Done, queue_days: dict[str, pl.DataFrame]) -> Done:
+    """The nightly run of NIGHTLY_DAY on a copy of ``seeded``: one budget, the busiest tenant (tenant = data
+    set) capped."""
+    capped = queue_days[NIGHTLY_DAY]["tenant"].mode()[0]
+    conf = {"budget_usd": 0.05, "max_shards": 4, "allow_deferral": True, "tenant_budgets_usd": {capped: 0.004}}
+    with _in_prefix(airflow_session, "nightly-done", copy_of=seeded.env) as env:
+        dag_run = _run(
+            dagbag, env, "batchplan_nightly", "nightly", logical_date=datetime(2026, 3, 2, 2, tzinfo=UTC), run_conf=conf
+        )
+    return Done(env, dag_run, conf)
+
+
+@pytest.fixture(scope="session")
+def backfill_done(airflow_session: AirflowEnv, dagbag: Any, seeded: Done) -> Done:
+    """The backfill of BACKFILL_DAYS (and an empty 23rd) under one budget, on a copy of ``seeded``."""
+    conf = {"start_date": BACKFILL_DAYS[0], "end_date": "2026-02-23", "budget_usd": 0.04}
+    with _in_prefix(airflow_session, "backfill-done", copy_of=seeded.env) as env:
+        dag_run = _run(
+            dagbag, env, "batchplan_backfill", "backfill", logical_date=datetime(2026, 3, 3, tzinfo=UTC), run_conf=conf
+        )
+    return Done(env, dag_run, conf)
+
+
+@pytest.fixture
+def copy_of(airflow_env: AirflowEnv) -> Callable[[Done], AirflowEnv]:
+    """``copy_of(done)``: ``done``'s prefix copied into this test's (``airflow_env``), to change freely."""
+
+    def copy(done: Done) -> AirflowEnv:
+        _copy_prefix(done.env, airflow_env)
+        return airflow_env
+
+    return copy
 
 
 def _run(dagbag: Any, airflow_env: AirflowEnv, dag_id: str, label: str, **kwargs: Any) -> Any:
@@ -145,6 +236,11 @@ def _run(dagbag: Any, airflow_env: AirflowEnv, dag_id: str, label: str, **kwargs
     airflow_env.timings[label] = time.perf_counter() - started
     print(f"dag.test {label}: {airflow_env.timings[label]:.1f} s")
     return dag_run
+
+
+def _retrain(dagbag: Any, env: AirflowEnv, label: str, logical_date: datetime) -> Any:
+    # "prior", the cheap baseline predictor: the DAG's default, LightGBM, trains for ~1 min on this machine.
+    return _run(dagbag, env, "batchplan_retrain", label, logical_date=logical_date, run_conf={"predictor": "prior"})
 
 
 def _states(dag_run: Any) -> dict[str, str]:
@@ -262,18 +358,9 @@ def test_tenant_budget_params_are_validated() -> None:
 
 # --------------------------------------------------------------------------------------------- the runs
 @pytest.mark.slow
-def test_retrain_bootstraps_the_first_predictor(dagbag: Any, airflow_env: AirflowEnv) -> None:
-    # "prior", the cheap baseline predictor: the DAG's default, LightGBM, trains for ~1 min on this machine.
-    dag_run = _run(
-        dagbag,
-        airflow_env,
-        "batchplan_retrain",
-        "retrain (first)",
-        logical_date=datetime(2026, 3, 1, tzinfo=UTC),
-        run_conf={"predictor": "prior"},
-    )
-    assert str(dag_run.state) == "success", _states(dag_run)
-    lay, storage = airflow_env.layout, airflow_env.storage
+def test_retrain_bootstraps_the_first_predictor(seeded: Done) -> None:
+    assert str(seeded.dag_run.state) == "success", _states(seeded.dag_run)
+    lay, storage = seeded.env.layout, seeded.env.storage
     current = json.loads(storage.read_text(lay.current_model()))
     decision = json.loads(storage.read_text(lay.decision(current["version"])))
     assert decision["promoted"] is True
@@ -281,35 +368,24 @@ def test_retrain_bootstraps_the_first_predictor(dagbag: Any, airflow_env: Airflo
 
 
 @pytest.mark.slow
-def test_nightly_runs_the_queue_under_one_budget(
-    dagbag: Any, airflow_env: AirflowEnv, queues: dict[str, pl.DataFrame]
-) -> None:
-    budget = 0.05
-    capped = queues[NIGHTLY_DAY]["tenant"].mode()[0]  # the busiest tenant (tenant = data set)
-    conf = {"budget_usd": budget, "max_shards": 4, "allow_deferral": True, "tenant_budgets_usd": {capped: 0.004}}
-    dag_run = _run(
-        dagbag,
-        airflow_env,
-        "batchplan_nightly",
-        "nightly",
-        logical_date=datetime(2026, 3, 2, 2, tzinfo=UTC),
-        run_conf=conf,
-    )
+def test_nightly_runs_the_queue_under_one_budget(nightly_done: Done, queue_days: dict[str, pl.DataFrame]) -> None:
+    dag_run, budget = nightly_done.dag_run, nightly_done.conf["budget_usd"]
+    [(capped, cap)] = nightly_done.conf["tenant_budgets_usd"].items()
     states = _states(dag_run)
     assert str(dag_run.state) == "success", states
     mapped = [k for k in states if k.startswith("dispatch[")]
     assert 1 < len(mapped) <= 4
-    lay, storage, run = airflow_env.layout, airflow_env.storage, f"nightly-{NIGHTLY_DAY}"
+    lay, storage, run = nightly_done.env.layout, nightly_done.env.storage, f"nightly-{NIGHTLY_DAY}"
     manifest = json.loads(storage.read_text(lay.results_manifest(run)))
-    assert manifest["queries"] == queues[NIGHTLY_DAY].height
+    assert manifest["queries"] == queue_days[NIGHTLY_DAY].height
     assert manifest["spend_usd"] <= budget
     assert manifest["within_budget"] is True
     shards = json.loads(storage.read_text(lay.shards_manifest(run)))["shards"]
     assert sum(s["budget_usd"] for s in shards) <= budget
-    assert sum(s["tenant_budgets_usd"][capped] for s in shards) <= 0.004
-    assert 0 < manifest["tenant_spend_usd"][capped] <= 0.004
+    assert sum(s["tenant_budgets_usd"][capped] for s in shards) <= cap
+    assert 0 < manifest["tenant_spend_usd"][capped] <= cap
     results = storage.read_frame(lay.results_file(run))
-    assert results["query_id"].n_unique() == queues[NIGHTLY_DAY].height
+    assert results["query_id"].n_unique() == queue_days[NIGHTLY_DAY].height
     quarantine = storage.read_frame(f"{lay.quarantine(run)}quarantine.parquet")
     assert quarantine["query_id"].to_list() == ["bad-1"]
     html = storage.read_text(lay.report_html(run))
@@ -326,9 +402,10 @@ def test_nightly_runs_the_queue_under_one_budget(
 
 @pytest.mark.slow
 def test_nightly_rerun_neither_dispatches_nor_pays_twice(
-    dagbag: Any, airflow_env: AirflowEnv, queues: dict[str, pl.DataFrame]
+    dagbag: Any, nightly_done: Done, copy_of: Callable[[Done], AirflowEnv]
 ) -> None:
-    lay, storage, run = airflow_env.layout, airflow_env.storage, f"nightly-{NIGHTLY_DAY}"
+    env = copy_of(nightly_done)
+    lay, storage, run = env.layout, env.storage, f"nightly-{NIGHTLY_DAY}"
     before_calls = _paid_calls(storage, lay.results(run))
     before = json.loads(storage.read_text(lay.results_manifest(run)))
     # Drop the shard outputs so the dispatch tasks really run again: only the ledger stands between a
@@ -341,7 +418,7 @@ def test_nightly_rerun_neither_dispatches_nor_pays_twice(
     conf = {"budget_usd": 0.05, "max_shards": 4, "allow_deferral": True, "tenant_budgets_usd": {capped: 0.004}}
     dag_run = _run(
         dagbag,
-        airflow_env,
+        env,
         "batchplan_nightly",
         "nightly (re-run)",
         logical_date=datetime(2026, 3, 2, 2, tzinfo=UTC),
@@ -384,14 +461,15 @@ def test_plan_refuses_what_it_cannot_enforce(airflow_env: AirflowEnv, queues: di
 
 @pytest.mark.slow
 def test_second_run_racing_for_the_same_queue_is_skipped(
-    dagbag: Any, airflow_env: AirflowEnv, queues: dict[str, pl.DataFrame]
+    dagbag: Any, nightly_done: Done, copy_of: Callable[[Done], AirflowEnv]
 ) -> None:
-    lay, storage, run = airflow_env.layout, airflow_env.storage, f"nightly-{NIGHTLY_DAY}"
+    env = copy_of(nightly_done)
+    lay, storage, run = env.layout, env.storage, f"nightly-{NIGHTLY_DAY}"
     before_calls = _paid_calls(storage, lay.results(run))
     conf = {"budget_usd": 0.05, "queue_date": NIGHTLY_DAY}
     dag_run = _run(
         dagbag,
-        airflow_env,
+        env,
         "batchplan_nightly",
         "nightly (racing run)",
         logical_date=datetime(2026, 3, 2, 3, tzinfo=UTC),
@@ -407,21 +485,10 @@ def test_second_run_racing_for_the_same_queue_is_skipped(
 
 
 @pytest.mark.slow
-def test_backfill_shares_one_budget_across_days(
-    dagbag: Any, airflow_env: AirflowEnv, queues: dict[str, pl.DataFrame]
-) -> None:
-    budget = 0.04
-    conf = {"start_date": BACKFILL_DAYS[0], "end_date": "2026-02-23", "budget_usd": budget}
-    dag_run = _run(
-        dagbag,
-        airflow_env,
-        "batchplan_backfill",
-        "backfill",
-        logical_date=datetime(2026, 3, 3, tzinfo=UTC),
-        run_conf=conf,
-    )
-    assert str(dag_run.state) == "success", _states(dag_run)
-    lay, storage = airflow_env.layout, airflow_env.storage
+def test_backfill_shares_one_budget_across_days(backfill_done: Done) -> None:
+    budget = backfill_done.conf["budget_usd"]
+    assert str(backfill_done.dag_run.state) == "success", _states(backfill_done.dag_run)
+    lay, storage = backfill_done.env.layout, backfill_done.env.storage
     run = f"backfill-{BACKFILL_DAYS[0]}-2026-02-23"
     shards = json.loads(storage.read_text(lay.shards_manifest(run)))["shards"]
     assert [s["group"] for s in shards] == list(BACKFILL_DAYS)  # the empty 23rd is ignored
@@ -436,22 +503,22 @@ def test_backfill_shares_one_budget_across_days(
 
 @pytest.mark.slow
 def test_backfill_resumes_day_by_day_when_triggered_again(
-    dagbag: Any, airflow_env: AirflowEnv, queues: dict[str, pl.DataFrame]
+    dagbag: Any, backfill_done: Done, copy_of: Callable[[Done], AirflowEnv]
 ) -> None:
-    lay, storage = airflow_env.layout, airflow_env.storage
+    env = copy_of(backfill_done)
+    lay, storage = env.layout, env.storage
     run = f"backfill-{BACKFILL_DAYS[0]}-2026-02-23"
     before_calls = _paid_calls(storage, lay.results(run))
     before = json.loads(storage.read_text(lay.results_manifest(run)))
     # As if the run had died while dispatching the middle day: its results file was never written.
     storage.delete(f"{lay.shard_results(run, BACKFILL_DAYS[1])}/results.parquet")
-    conf = {"start_date": BACKFILL_DAYS[0], "end_date": "2026-02-23", "budget_usd": 0.04}
     dag_run = _run(
         dagbag,
-        airflow_env,
+        env,
         "batchplan_backfill",
         "backfill (triggered again)",
         logical_date=datetime(2026, 3, 5, tzinfo=UTC),
-        run_conf=conf,
+        run_conf=backfill_done.conf,
     )
     assert str(dag_run.state) == "success", _states(dag_run)
     assert storage.exists(f"{lay.shard_results(run, BACKFILL_DAYS[1])}/results.parquet")
@@ -462,18 +529,13 @@ def test_backfill_resumes_day_by_day_when_triggered_again(
 
 
 @pytest.mark.slow
-def test_retrain_decides_on_new_outcomes(dagbag: Any, airflow_env: AirflowEnv) -> None:
-    lay, storage = airflow_env.layout, airflow_env.storage
+def test_retrain_decides_on_new_outcomes(
+    dagbag: Any, backfill_done: Done, copy_of: Callable[[Done], AirflowEnv]
+) -> None:
+    env = copy_of(backfill_done)  # a promoted predictor and the backfill's outcomes
+    lay, storage = env.layout, env.storage
     first = json.loads(storage.read_text(lay.current_model()))["version"]
-    # "prior", the cheap baseline predictor: the DAG's default, LightGBM, trains for ~1 min on this machine.
-    dag_run = _run(
-        dagbag,
-        airflow_env,
-        "batchplan_retrain",
-        "retrain (on outcomes)",
-        logical_date=datetime(2026, 3, 4, tzinfo=UTC),
-        run_conf={"predictor": "prior"},
-    )
+    dag_run = _retrain(dagbag, env, "retrain (on outcomes)", datetime(2026, 3, 4, tzinfo=UTC))
     assert str(dag_run.state) == "success", _states(dag_run)
     decisions = [u for u in storage.list(f"{lay.models()}/decisions/") if u.endswith(".json")]
     assert len(decisions) == 2
@@ -486,7 +548,7 @@ def test_retrain_decides_on_new_outcomes(dagbag: Any, airflow_env: AirflowEnv) -
     assert latest["current_score"] is not None
     now = json.loads(storage.read_text(lay.current_model()))["version"]
     assert now == (latest["candidate"] if latest["promoted"] else first)
-    print("dag.test timings:", {k: round(v, 1) for k, v in airflow_env.timings.items()})
+    print("dag.test timings:", {k: round(v, 1) for k, v in env.timings.items()})
 
 
 def test_claim_race_has_exactly_one_winner(s3_bucket: str, s3_storage: Storage) -> None:

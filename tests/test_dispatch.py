@@ -11,41 +11,12 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from batchplan.contracts import PLAN_SCHEMA, QUEUE_SCHEMA, RESULT_SCHEMA, conform
+from batchplan.contracts import RESULT_SCHEMA
 from batchplan.history import History
 from batchplan.storage import Storage
 from dispatchers import available_backends, dispatch, get_backend, parse_answer, read_manifest, read_results
 from dispatchers.budget import BudgetGuard
-
-
-def make_queue(history: History, n: int | None = None) -> pl.DataFrame:
-    queries = history.queries if n is None else history.queries.head(n)
-    return conform(queries, QUEUE_SCHEMA, name="queue", required=("query_id", "prompt"))
-
-
-def single_plan(history: History, queue: pl.DataFrame, pick: str = "cheapest") -> pl.DataFrame:
-    """One model per query, chosen from the history's outcomes (the cheapest or the dearest recorded)."""
-    outcomes = history.outcomes.join(queue.select("query_id"), on="query_id", how="semi")
-    chosen = outcomes.sort("cost_usd", descending=pick != "cheapest").group_by("query_id", maintain_order=True).first()
-    plan = queue.select("query_id").join(chosen, on="query_id", how="left", maintain_order="left")
-    return conform(
-        plan.select(
-            "query_id",
-            pl.lit("single").alias("kind"),
-            pl.concat_list("model").alias("models"),
-            pl.col("cost_usd").alias("expected_cost_usd"),
-            pl.lit(0.5).alias("expected_accuracy"),
-            pl.col("cost_usd").alias("reserve_cost_usd"),
-        ),
-        PLAN_SCHEMA,
-        name="plan",
-    )
-
-
-def recorded(history: History) -> dict[tuple[str, str], tuple[str | None, float]]:
-    return {
-        (q, m): (a, c) for q, m, a, c in history.outcomes.select("query_id", "model", "answer", "cost_usd").iter_rows()
-    }
+from tests.support.factories import queue_of, recorded, single_plan
 
 
 def test_registry_names_replay(small_history: History) -> None:
@@ -57,14 +28,14 @@ def test_registry_names_replay(small_history: History) -> None:
 
 
 def test_offered_pairs_are_the_recorded_pairs(small_history: History) -> None:
-    queue = make_queue(small_history, 20)
+    queue = queue_of(small_history, 20)
     pairs = get_backend("replay", history=small_history).offered_pairs(queue)
     assert pairs.columns == ["query_id", "model"]
     assert pairs.height == 20 * len(small_history.models)
 
 
 def test_replay_answers_as_recorded_within_ample_budget(small_history: History, tmp_path: Path) -> None:
-    queue = make_queue(small_history, 100)
+    queue = queue_of(small_history, 100)
     plan = single_plan(small_history, queue)
     results = dispatch(
         plan, queue, get_backend("replay", history=small_history), budget_usd=1e6, out_uri=str(tmp_path / "run")
@@ -83,7 +54,7 @@ def test_replay_answers_as_recorded_within_ample_budget(small_history: History, 
 
 
 def test_budget_refusal_defers_and_never_overspends(small_history: History, tmp_path: Path) -> None:
-    queue = make_queue(small_history, 200)
+    queue = queue_of(small_history, 200)
     plan = single_plan(small_history, queue, pick="dearest")
     full = float(plan["expected_cost_usd"].sum())
     budget = full * 0.4
@@ -109,7 +80,7 @@ def test_budget_refusal_defers_and_never_overspends(small_history: History, tmp_
 
 
 def test_zero_budget_defers_everything(small_history: History, tmp_path: Path) -> None:
-    queue = make_queue(small_history, 30)
+    queue = queue_of(small_history, 30)
     plan = single_plan(small_history, queue)
     results = dispatch(
         plan, queue, get_backend("replay", history=small_history), budget_usd=0.0, out_uri=str(tmp_path / "run")
@@ -119,7 +90,7 @@ def test_zero_budget_defers_everything(small_history: History, tmp_path: Path) -
 
 
 def test_rerun_pays_nothing_and_bigger_budget_finishes_deferred(small_history: History, tmp_path: Path) -> None:
-    queue = make_queue(small_history, 150)
+    queue = queue_of(small_history, 150)
     plan = single_plan(small_history, queue, pick="dearest")
     full = float(plan["expected_cost_usd"].sum())
     out = str(tmp_path / "run")
@@ -141,7 +112,7 @@ def test_rerun_pays_nothing_and_bigger_budget_finishes_deferred(small_history: H
 
 
 def test_fallback_when_the_plan_model_cannot_answer(small_history: History, tmp_path: Path) -> None:
-    queue = make_queue(small_history, 5)
+    queue = queue_of(small_history, 5)
     models = small_history.models
     plan = single_plan(small_history, queue).with_columns(
         pl.lit(["no-such-model"]).alias("models"), pl.lit([models[0]]).alias("fallback_models")
@@ -156,7 +127,7 @@ def test_fallback_when_the_plan_model_cannot_answer(small_history: History, tmp_
 
 
 def test_vote_and_cascade(small_history: History, tmp_path: Path) -> None:
-    queue = make_queue(small_history, 40)
+    queue = queue_of(small_history, 40)
     models = small_history.models[:3]
     base = single_plan(small_history, queue)
     vote = base.with_columns(
@@ -181,7 +152,7 @@ def test_vote_and_cascade(small_history: History, tmp_path: Path) -> None:
 
 
 def test_results_readable_from_parts(small_history: History, tmp_path: Path) -> None:
-    queue = make_queue(small_history, 60)
+    queue = queue_of(small_history, 60)
     plan = single_plan(small_history, queue)
     out = str(tmp_path / "run")
     results = dispatch(
@@ -193,7 +164,7 @@ def test_results_readable_from_parts(small_history: History, tmp_path: Path) -> 
 
 
 def test_results_on_s3(small_history: History, s3_storage: Storage, s3_bucket: str) -> None:
-    queue = make_queue(small_history, 25)
+    queue = queue_of(small_history, 25)
     plan = single_plan(small_history, queue)
     out = f"{s3_bucket}/runs/one"
     backend = get_backend("replay", history=small_history)
@@ -242,7 +213,7 @@ def test_budget_guard_waits_for_in_flight_then_refuses() -> None:
 
 
 def test_agreement_and_planned_deferral(small_history: History, tmp_path: Path) -> None:
-    queue = make_queue(small_history, 60)
+    queue = queue_of(small_history, 60)
     models = small_history.models[:3]
     base = single_plan(small_history, queue)
     plan = base.with_columns(pl.lit("agreement").alias("kind"), pl.lit(models).alias("models"))
@@ -279,7 +250,7 @@ def test_one_writer_per_out_uri(small_history: History, tmp_path: Path) -> None:
 
     from dispatchers.ledger import RunLocked
 
-    queue = make_queue(small_history, 10)
+    queue = queue_of(small_history, 10)
     plan = single_plan(small_history, queue)
     out = tmp_path / "run"
     out.mkdir()
@@ -308,7 +279,7 @@ def test_a_zombie_holder_is_a_dead_holder(small_history: History, tmp_path: Path
     import socket
     import time
 
-    queue = make_queue(small_history, 10)
+    queue = queue_of(small_history, 10)
     plan = single_plan(small_history, queue)
     out = tmp_path / "run"
     out.mkdir()
@@ -331,7 +302,7 @@ def test_a_zombie_holder_is_a_dead_holder(small_history: History, tmp_path: Path
 
 
 def test_votes_under_concurrency_never_pass_the_budget(small_history: History, tmp_path: Path) -> None:
-    queue = make_queue(small_history, 200)
+    queue = queue_of(small_history, 200)
     models = small_history.models[-3:]
     plan = single_plan(small_history, queue).with_columns(pl.lit("vote").alias("kind"), pl.lit(models).alias("models"))
     truth = recorded(small_history)
@@ -401,7 +372,7 @@ def test_a_registered_backend_gets_open_task_budgets(small_history: History, tmp
             return CallResult(request.model, "ok", answer="x", cost_usd=request.max_tokens * 1e-7)
 
     register_backend("recording", lambda: Recording())
-    queue = make_queue(small_history, 4).with_columns(
+    queue = queue_of(small_history, 4).with_columns(
         pl.when(pl.int_range(pl.len()) < 2).then(pl.col("labels")).otherwise(None).alias("labels")
     )
     plan = single_plan(small_history, queue).with_columns(pl.lit(["m"]).alias("models"))
@@ -415,7 +386,7 @@ def test_a_registered_backend_gets_open_task_budgets(small_history: History, tmp
 
 
 def test_tenant_budgets_are_hard_caps_and_resume_from_the_ledger(small_history: History, tmp_path: Path) -> None:
-    queue = make_queue(small_history, 160).with_columns(
+    queue = queue_of(small_history, 160).with_columns(
         pl.when(pl.int_range(pl.len()) % 2 == 0).then(pl.lit("acme")).otherwise(pl.lit("globex")).alias("tenant")
     )
     plan = single_plan(small_history, queue, pick="dearest")
@@ -450,7 +421,7 @@ def test_tenant_budgets_are_hard_caps_and_resume_from_the_ledger(small_history: 
 
 
 def test_tenant_budgets_need_a_tenant_column(small_history: History, tmp_path: Path) -> None:
-    queue = make_queue(small_history, 10).drop("tenant")
+    queue = queue_of(small_history, 10).drop("tenant")
     plan = single_plan(small_history, queue)
     backend = get_backend("replay", history=small_history)
     with pytest.raises(ValueError, match="tenant column"):
@@ -458,7 +429,7 @@ def test_tenant_budgets_need_a_tenant_column(small_history: History, tmp_path: P
 
 
 def test_results_written_before_a_column_existed_still_read(small_history: History, tmp_path: Path) -> None:
-    queue = make_queue(small_history, 10)
+    queue = queue_of(small_history, 10)
     out = str(tmp_path / "run")
     dispatch(
         single_plan(small_history, queue),

@@ -12,12 +12,12 @@ import polars as pl
 import pytest
 
 from batchplan.catalog import PriceCatalog
-from batchplan.contracts import PLAN_SCHEMA, QUEUE_SCHEMA, conform
 from batchplan.history import History, synthetic_history
 from batchplan.storage import Storage
 from dispatchers import ModelLimits, RetryPolicy, dispatch, get_backend, read_manifest
 from dispatchers.openai import parse_retry_after
 from dispatchers.replay_server import Faults, ReplayServer
+from tests.support.factories import model_plan, queue_of, recorded
 
 FAST_RETRY = RetryPolicy(max_attempts=6, base_delay_s=0.01, max_delay_s=0.2, down_after=5, down_cooldown_s=30)
 
@@ -33,21 +33,6 @@ def server(history: History) -> Iterator[ReplayServer]:
         yield srv
 
 
-def queue_of(history: History, n: int) -> pl.DataFrame:
-    return conform(history.queries.head(n), QUEUE_SCHEMA, name="queue", required=("query_id", "prompt"))
-
-
-def plan_of(queue: pl.DataFrame, model: str, fallbacks: list[str] | None = None) -> pl.DataFrame:
-    plan = conform(
-        queue.select("query_id", pl.lit("single").alias("kind"), pl.lit([model]).alias("models")),
-        PLAN_SCHEMA,
-        name="plan",
-    )
-    if fallbacks is not None:
-        plan = plan.with_columns(pl.lit(fallbacks, pl.List(pl.String)).alias("fallback_models"))
-    return plan
-
-
 def openai(server: ReplayServer, history: History, **kwargs: object) -> object:
     catalog = PriceCatalog.from_history(history.prices, history.outcomes)
     return get_backend("openai", base_url=server.base_url, catalog=catalog, api_key_env="BATCHPLAN_TEST_KEY", **kwargs)
@@ -57,16 +42,11 @@ def ledger_events(out: Path) -> list[dict[str, object]]:
     return [json.loads(line) for f in (out / "ledger").glob("*.jsonl") for line in f.read_text().splitlines() if line]
 
 
-def recorded(history: History, model: str) -> dict[str, tuple[str | None, float]]:
-    rows = history.outcomes.filter(pl.col("model") == model).select("query_id", "answer", "cost_usd").iter_rows()
-    return {q: (a, c) for q, a, c in rows}
-
-
 @pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
 def test_http_matches_replay(history: History, server: ReplayServer, tmp_path: Path, transport: str) -> None:
     queue = queue_of(history, 80)
     model = history.models[1]
-    plan = plan_of(queue, model)
+    plan = model_plan(queue, model)
     backend = openai(server, history, transport=transport)
     results = dispatch(plan, queue, backend, budget_usd=10.0, out_uri=str(tmp_path / "http"), concurrency=8)
     replayed = dispatch(
@@ -95,12 +75,12 @@ def test_faults_are_retried_and_spend_is_accounted(history: History, server: Rep
     out = tmp_path / "run"
     backend = openai(server, history, timeout_s=2.0)
     results = dispatch(
-        plan_of(queue, model), queue, backend, budget_usd=10.0, out_uri=str(out), concurrency=16, retry=FAST_RETRY
+        model_plan(queue, model), queue, backend, budget_usd=10.0, out_uri=str(out), concurrency=16, retry=FAST_RETRY
     )
-    truth = recorded(history, model)
+    truth = recorded(history)
     done = results.filter(pl.col("status") == "done")
     assert done.height >= 195  # six attempts each: a query fails only on six faults in a row
-    assert all(answer == truth[q][0] for q, answer in done.select("query_id", "answer").iter_rows())
+    assert all(answer == truth[q, model][0] for q, answer in done.select("query_id", "answer").iter_rows())
     faults = server.stats()["faults"]
     assert {"429", "500", "malformed", "reset", "refusal", "slow"} <= set(faults)
     events = ledger_events(out)
@@ -123,7 +103,7 @@ def test_timeouts_are_retried(history: History, server: ReplayServer, tmp_path: 
     queue = queue_of(history, 40)
     backend = openai(server, history, timeout_s=0.25)
     results = dispatch(
-        plan_of(queue, history.models[0]),
+        model_plan(queue, history.models[0]),
         queue,
         backend,
         budget_usd=10.0,
@@ -143,11 +123,11 @@ def test_budget_holds_under_concurrency_and_faults(history: History, server: Rep
     )
     queue = queue_of(history, 300)
     model = history.models[3]
-    full = sum(c for _, c in recorded(history, model).values())
+    full = sum(c for (_, m), (_, c) in recorded(history).items() if m == model)
     budget = full * 0.3
     backend = openai(server, history)
     results = dispatch(
-        plan_of(queue, model),
+        model_plan(queue, model),
         queue,
         backend,
         budget_usd=budget,
@@ -168,7 +148,7 @@ def test_down_model_falls_back(history: History, server: ReplayServer, tmp_path:
     queue = queue_of(history, 60)
     backend = openai(server, history)
     results = dispatch(
-        plan_of(queue, down, [backup]),
+        model_plan(queue, down, [backup]),
         queue,
         backend,
         budget_usd=10.0,
@@ -179,8 +159,8 @@ def test_down_model_falls_back(history: History, server: ReplayServer, tmp_path:
     assert (results["status"] == "done").all()
     assert results["error"].is_null().all()
     assert results["note"].str.starts_with(f"fallback to {backup}").fill_null(False).all()
-    truth = recorded(history, backup)
-    assert all(a == truth[q][0] for q, a in results.select("query_id", "answer").iter_rows())
+    truth = recorded(history)
+    assert all(a == truth[q, backup][0] for q, a in results.select("query_id", "answer").iter_rows())
     # the circuit opened: later queries skipped the down model without calling it
     assert server.stats()["faults"]["down"] < 60 * FAST_RETRY.max_attempts
     assert results["models_called"].to_list().count([backup]) > 0
@@ -193,7 +173,7 @@ def test_not_answers_fail_with_raw_text(history: History, server: ReplayServer, 
     backend = openai(server, history)
     retry = RetryPolicy(max_attempts=2, base_delay_s=0.0)
     results = dispatch(
-        plan_of(queue, history.models[0]), queue, backend, budget_usd=10.0, out_uri=str(tmp_path / "run"), retry=retry
+        model_plan(queue, history.models[0]), queue, backend, budget_usd=10.0, out_uri=str(tmp_path / "run"), retry=retry
     )
     assert (results["status"] == "failed").all()
     assert results["error"].str.contains("refusal").fill_null(False).all()
@@ -208,7 +188,7 @@ def test_rate_limit_per_model(history: History, server: ReplayServer, tmp_path: 
     limits = {"*": ModelLimits(concurrency=2, requests_per_minute=1200)}  # 20/s, burst 20
     started = time.monotonic()
     dispatch(
-        plan_of(queue, history.models[0]),
+        model_plan(queue, history.models[0]),
         queue,
         backend,
         budget_usd=10.0,
@@ -220,7 +200,7 @@ def test_rate_limit_per_model(history: History, server: ReplayServer, tmp_path: 
     slow = {"*": ModelLimits(requests_per_minute=300)}  # 5/s, burst 5: 12 calls need >= 1.4 s
     started = time.monotonic()
     results = dispatch(
-        plan_of(queue, history.models[0]),
+        model_plan(queue, history.models[0]),
         queue,
         backend,
         budget_usd=10.0,
@@ -242,7 +222,7 @@ def test_api_key_is_sent_but_never_shown(
     server.faults = Faults(rate_500=0.3, rate_reset=0.3, rate_malformed=0.2, rate_429=0.2)
     queue = queue_of(history, 40)
     results = dispatch(
-        plan_of(queue, history.models[0]),
+        model_plan(queue, history.models[0]),
         queue,
         backend,
         budget_usd=1.0,
@@ -308,7 +288,7 @@ def test_bedrock_converse_with_stubber(history: History, tmp_path: Path) -> None
         stub.add_response("converse", _converse("I cannot answer that."))
         stub.add_response("converse", _converse("", stop="guardrail_intervened"))
         results = dispatch(
-            plan_of(queue, model),
+            model_plan(queue, model),
             queue,
             backend,
             budget_usd=1.0,
@@ -331,7 +311,7 @@ def test_retry_after_is_honoured(history: History, server: ReplayServer, tmp_pat
     retry = RetryPolicy(max_attempts=3, base_delay_s=0.0, max_delay_s=5.0)
     started = time.monotonic()
     results = dispatch(
-        plan_of(queue, history.models[0]),
+        model_plan(queue, history.models[0]),
         queue,
         openai(server, history),
         budget_usd=1.0,
@@ -348,7 +328,7 @@ def test_retry_after_is_honoured(history: History, server: ReplayServer, tmp_pat
 def test_cascade_over_http_uses_logprobs_like_replay(history: History, server: ReplayServer, tmp_path: Path) -> None:
     queue = queue_of(history, 60)
     cheap, dear = history.models[0], history.models[3]
-    plan = plan_of(queue, cheap).with_columns(
+    plan = model_plan(queue, cheap).with_columns(
         pl.lit("cascade").alias("kind"), pl.lit([cheap, dear]).alias("models"), pl.lit([0.6]).alias("thresholds")
     )
     over_http = dispatch(plan, queue, openai(server, history), budget_usd=10.0, out_uri=str(tmp_path / "http"))
@@ -372,7 +352,7 @@ def test_key_and_base_url_from_an_airflow_connection(
     backend = get_backend("openai", catalog=catalog, airflow_conn_id="batchplan_llm", api_key_env=None)
     assert "sk-from-airflow" not in repr(backend)
     queue = queue_of(history, 4)
-    results = dispatch(plan_of(queue, history.models[0]), queue, backend, budget_usd=1.0, out_uri=str(tmp_path / "run"))
+    results = dispatch(model_plan(queue, history.models[0]), queue, backend, budget_usd=1.0, out_uri=str(tmp_path / "run"))
     assert (results["status"] == "done").all()
     assert server.stats()["authorized"] == 4
 
@@ -429,7 +409,7 @@ def test_model_names_are_mapped_to_the_provider(history: History, tmp_path: Path
     model = history.models[1]
     with ReplayServer(history, aliases={f"vendor/{model}-v2": model}) as server:
         queue = queue_of(history, 10)
-        plan = plan_of(queue, model)
+        plan = model_plan(queue, model)
         unmapped = dispatch(plan, queue, openai(server, history), budget_usd=1.0, out_uri=str(tmp_path / "a"))
         assert unmapped["status"].to_list() == ["done"] * 10  # the history's own name is served too
         mapped_backend = openai(server, history, model_map={model: f"vendor/{model}-v2"})

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import itertools
+import time
 from collections.abc import Sequence
 
 import numpy as np
@@ -20,105 +20,10 @@ from optimizer import (
     solve,
 )
 from optimizer.constraints import Constraint
+from tests.support.factories import budget_between, cheapest_total, dearest_total, tiny_options
+from tests.support.oracles import brute_force, check_against_brute_force
 
 METHODS = ("cvxpy_milp", "decompose", "auto")
-
-
-def tiny_options(n: int = 5, k: int = 3, seed: int = 0, *, tenants: int = 2, tasks: int = 2) -> pl.DataFrame:
-    """n queries x k options; cost spans ~100x, accuracy rises with log cost plus noise."""
-    rng = np.random.default_rng(seed)
-    base = np.geomspace(0.01, 1.0, k)
-    cost = base[None, :] * rng.uniform(0.7, 1.3, (n, k))
-    acc = np.clip(0.45 + 0.08 * np.log(cost / 0.01) + rng.normal(0, 0.08, (n, k)), 0.0, 1.0)
-    priority = rng.choice([1.0, 2.0], n)
-    tenant = rng.integers(0, tenants, n)
-    task = rng.integers(0, tasks, n)
-    return pl.DataFrame(
-        {
-            "query": np.repeat(np.arange(n), k),
-            "option": np.arange(n * k) + 100,
-            "value": (acc * priority[:, None]).ravel(),
-            "cost": cost.ravel(),
-            "accuracy": acc.ravel(),
-            "tenant": np.repeat([f"t{t}" for t in tenant], k),
-            "task": np.repeat([f"task{t}" for t in task], k),
-            "model": np.tile([f"m{j}" for j in range(k)], n),
-            "calls": np.ones(n * k),
-            "tokens": rng.integers(100, 1000, n * k).astype(np.float64),
-            "allowed": rng.random(n * k) > 0.2,
-        }
-    )
-
-
-def brute_force(problem: Problem) -> tuple[float, tuple[int, ...]] | None:
-    """Enumerate every assignment (deferral included); returns (best objective, chosen columns) or None."""
-    model = problem.compiled
-    per_query = [range(model.starts[q], model.starts[q + 1]) for q in range(model.n)]
-    rhs = model.le_rhs()
-    best: tuple[float, tuple[int, ...]] | None = None
-    for combo in itertools.product(*per_query):
-        x = np.zeros(model.m)
-        x[list(combo)] = 1.0
-        if np.any(model.le_usage(x) > rhs + 1e-9):
-            continue
-        obj = float(model.c @ x)
-        if best is None or obj > best[0] + 1e-12:
-            best = (obj, combo)
-    if best is None:
-        return None
-    return model.sign * best[0], best[1]
-
-
-def assert_feasible(problem: Problem, solution) -> None:  # type: ignore[no-untyped-def]
-    model = problem.compiled
-    served = set(solution.chosen["query"].to_list())
-    deferred = set(solution.deferred.tolist())
-    assert served.isdisjoint(deferred)
-    assert served | deferred == set(range(model.n))
-    assert solution.chosen["query"].is_unique().all()
-    table = model.table
-    joined = solution.chosen.join(table, on=["query", "option"], how="left")
-    assert joined["cost"].null_count() == 0, "chosen an option that is not in the (allowed) table"
-    for name, used in solution.usage.items():
-        limit = solution.limits[name]
-        sense = next(f.sense for f in model.families if name in f.names)
-        if sense == "<=":
-            assert used <= limit + 1e-9 * max(1.0, abs(limit)), (name, used, limit)
-        else:
-            assert used >= limit - 1e-6 * max(1.0, abs(limit)), (name, used, limit)
-
-
-def check_against_brute_force(problem: Problem, method: str) -> None:
-    truth = brute_force(problem)
-    if truth is None:
-        with pytest.raises(InfeasibleError):
-            solve(problem, method=method)  # type: ignore[arg-type]
-        return
-    solution = solve(problem, method=method)  # type: ignore[arg-type]
-    assert_feasible(problem, solution)
-    optimum = truth[0]
-    tol = 1e-6 * max(1.0, abs(optimum))
-    assert solution.objective == pytest.approx(optimum, abs=1e-5 * max(1.0, abs(optimum))), (method, solution.summary())
-    if problem.objective == "max_value":
-        assert solution.bound >= optimum - tol
-    else:
-        assert solution.bound <= optimum + tol
-
-
-def cheapest_total(opts: pl.DataFrame) -> float:
-    return float(opts.group_by("query").agg(pl.col("cost").min())["cost"].sum())
-
-
-def dearest_total(opts: pl.DataFrame) -> float:
-    return float(opts.group_by("query").agg(pl.col("cost").max())["cost"].sum())
-
-
-def budget_between(opts: pl.DataFrame, share: float) -> float:
-    lo, hi = cheapest_total(opts), dearest_total(opts)
-    return lo + share * (hi - lo)
-
-
-CASES: dict[str, tuple[str, object]] = {}
 
 
 def _cases(opts: pl.DataFrame) -> dict[str, tuple[str, Sequence[Constraint], dict[str, object]]]:
@@ -234,10 +139,28 @@ def test_shadow_price_and_binding() -> None:
 
 
 def test_solution_shapes() -> None:
+    """A Solution's totals are the sums over its chosen options, its gap is that of its objective and
+    bound, and it is the brute-force optimum (so "optimal" is earned, not a default)."""
     opts = tiny_options(6, 3, 1)
-    solution = solve(Problem(opts, constraints=[Budget(limit=budget_between(opts, 0.5))]))
+    budget = budget_between(opts, 0.5)
+    problem = Problem(opts, constraints=[Budget(limit=budget)])
+    t0 = time.perf_counter()
+    solution = solve(problem)
+    wall = time.perf_counter() - t0
     assert solution.chosen.schema == pl.Schema({"query": pl.Int64, "option": pl.Int64})
     assert solution.deferred.dtype == np.int64
-    assert solution.gap >= 0
-    assert solution.status == "optimal"
-    assert solution.solve_seconds >= 0
+    assert solution.deferred.size == 0  # nothing may be deferred without deferrable=True
+    picked = solution.chosen.join(opts, on=["query", "option"])
+    assert picked.height == 6
+    assert solution.cost == pytest.approx(picked["cost"].sum(), rel=1e-12)
+    assert solution.value == pytest.approx(picked["value"].sum(), rel=1e-12)
+    assert solution.accuracy == pytest.approx(picked["accuracy"].sum(), rel=1e-12)
+    assert solution.usage["budget"] == pytest.approx(solution.cost, rel=1e-12)
+    assert solution.limits["budget"] == pytest.approx(budget, rel=1e-12)
+    truth = brute_force(problem)
+    assert truth is not None
+    assert solution.objective == pytest.approx(truth[0], rel=1e-9)
+    assert solution.bound >= solution.objective - 1e-12
+    assert solution.gap == pytest.approx((solution.bound - solution.objective) / abs(solution.bound), abs=1e-12)
+    assert solution.status == ("optimal" if solution.gap <= 1e-4 else "feasible")
+    assert 0 < solution.solve_seconds <= wall

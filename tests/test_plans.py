@@ -13,7 +13,8 @@ import pytest
 from batchplan.candidates import Candidates, single_model_candidates, template_candidates
 from batchplan.contracts import HISTORY_QUERIES_SCHEMA, MODELS_SCHEMA, OUTCOMES_SCHEMA, ContractError
 from batchplan.history import History
-from batchplan.plan_estimates import Template, choose_calibration, fit_offset, logit, sigmoid
+from batchplan.numerics import logit, sigmoid
+from batchplan.plan_estimates import Template, choose_calibration
 from batchplan.plan_simulation import PlanSpec, error_by_label, recorded_by_task, simulate
 from batchplan.plan_templates import PlanTemplates, fit_plan_templates, upper_hull
 from batchplan.planning import PlanRequest, budget_share, offer_templates, plan_batch
@@ -238,13 +239,6 @@ def test_candidate_cost_formulas() -> None:
         agreement - np.sqrt(0.8 * 0.2 / 10_000), abs=1e-6
     )
     assert candidates.plans["option"].to_list() == list(range(candidates.plans.height))
-
-
-def test_offset_calibration_recovers_a_known_shift() -> None:
-    rng = np.random.default_rng(3)
-    z = rng.normal(0.5, 1.2, 40_000)
-    y = (rng.random(z.size) < sigmoid(z + 0.7)).astype(float)
-    assert fit_offset(z, y) == pytest.approx(0.7, abs=0.05)
 
 
 def test_calibration_is_chosen_by_held_out_log_loss() -> None:

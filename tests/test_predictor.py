@@ -15,6 +15,7 @@ from batchplan.storage import Storage
 from predictors import Predictor, available_predictors, list_versions, load_predictor, train_predictor
 from predictors.calibration import fit_isotonic, fit_platt
 from predictors.metrics import auc, ece
+from tests.support.factories import predictor_queue, recorded_pairs
 
 FAST: dict[str, int] = {"folds": 4}
 
@@ -22,14 +23,6 @@ FAST: dict[str, int] = {"folds": 4}
 @pytest.fixture(scope="module")
 def trained(small_history: History) -> Predictor:
     return train_predictor(small_history.split("train"), name="lightgbm", seed=0, **FAST)
-
-
-def _queue(history: History) -> pl.DataFrame:
-    return history.queries.select("query_id", "prompt", "system_prompt", "labels", "task")
-
-
-def _pairs(history: History) -> pl.DataFrame:
-    return history.outcomes.select("query_id", "model")
 
 
 def test_registry_names() -> None:
@@ -41,14 +34,14 @@ def test_registry_names() -> None:
 
 def test_predict_schema_and_ranges(trained: Predictor, small_history: History) -> None:
     test = small_history.split("test")
-    preds = trained.predict(_queue(test), _pairs(test))
+    preds = trained.predict(predictor_queue(test), recorded_pairs(test))
     assert preds.height == test.outcomes.height
     for column, dtype in PREDICTION_SCHEMA.items():
         assert preds.schema[column] == dtype
     assert preds["p_correct"].is_between(0, 1).all()
     assert (preds["cost_usd"] > 0).all()
     assert (preds["cost_high_usd"] >= preds["cost_usd"]).all()
-    assert preds.select("query_id", "model").equals(_pairs(test))
+    assert preds.select("query_id", "model").equals(recorded_pairs(test))
     y = test.outcomes["correct"].cast(pl.Float64).to_numpy()
     assert auc(y, preds["p_correct"].to_numpy()) > 0.7
     assert trained.models == sorted(small_history.models)
@@ -61,7 +54,7 @@ def test_calibration_against_known_truth() -> None:
     history = synthetic_history(1_200, 6, seed=5)
     predictor = train_predictor(history.split("train"), seed=0, **FAST)
     test = history.split("test")
-    preds = predictor.predict(_queue(test), _pairs(test))
+    preds = predictor.predict(predictor_queue(test), recorded_pairs(test))
     y = test.outcomes["correct"].cast(pl.Float64).to_numpy()
     p = preds["p_correct"].to_numpy()
     assert ece(y, p) < 0.05
@@ -82,9 +75,9 @@ def test_calibrators_recover_a_known_map() -> None:
 
 def test_unknown_model_cold_start(trained: Predictor, small_history: History) -> None:
     test = small_history.split("test")
-    queue = _queue(test)
+    queue = predictor_queue(test)
     new = "synth-99-70b"
-    pairs = pl.concat([_pairs(test), queue.select("query_id", pl.lit(new).alias("model"))])
+    pairs = pl.concat([recorded_pairs(test), queue.select("query_id", pl.lit(new).alias("model"))])
     catalog = PriceCatalog.from_prices(
         pl.concat(
             [small_history.prices, pl.DataFrame({"model": [new], "usd_per_mtok_in": [4.0], "usd_per_mtok_out": [12.0]})]
@@ -109,20 +102,20 @@ def test_unknown_model_cold_start(trained: Predictor, small_history: History) ->
 def test_prior_predictor(small_history: History) -> None:
     predictor = train_predictor(small_history.split("train"), name="prior")
     test = small_history.split("test")
-    preds = predictor.predict(_queue(test), _pairs(test))
+    preds = predictor.predict(predictor_queue(test), recorded_pairs(test))
     assert preds["p_correct"].is_between(0, 1).all()
     assert not predictor.boosters
 
 
 def test_pairs_must_name_known_queries(trained: Predictor, small_history: History) -> None:
-    queue = _queue(small_history.split("test"))
+    queue = predictor_queue(small_history.split("test"))
     with pytest.raises(ValueError, match="absent from queries"):
         trained.predict(queue, pl.DataFrame({"query_id": ["nope"], "model": ["synth-00"]}))
     assert trained.predict(queue, pl.DataFrame(schema={"query_id": pl.String, "model": pl.String})).height == 0
 
 
 def test_null_task_defaults(trained: Predictor, small_history: History) -> None:
-    queue = _queue(small_history.split("test")).with_columns(pl.lit(None, dtype=pl.String).alias("task")).head(20)
+    queue = predictor_queue(small_history.split("test")).with_columns(pl.lit(None, dtype=pl.String).alias("task")).head(20)
     preds = trained.predict(queue, queue.select("query_id", pl.lit("synth-01").alias("model")))
     assert preds["p_correct"].is_finite().all()
 
@@ -130,8 +123,8 @@ def test_null_task_defaults(trained: Predictor, small_history: History) -> None:
 def test_determinism_with_seed(small_history: History) -> None:
     train = small_history.split("train")
     test = small_history.split("test")
-    a = train_predictor(train, seed=3, **FAST).predict(_queue(test), _pairs(test))
-    b = train_predictor(train, seed=3, **FAST).predict(_queue(test), _pairs(test))
+    a = train_predictor(train, seed=3, **FAST).predict(predictor_queue(test), recorded_pairs(test))
+    b = train_predictor(train, seed=3, **FAST).predict(predictor_queue(test), recorded_pairs(test))
     assert a.equals(b)
 
 
@@ -142,8 +135,8 @@ def _roundtrip(predictor: Predictor, storage: Storage, root: str, history: Histo
     loaded = load_predictor(storage, root)
     assert loaded.metadata["version"] == uri.rsplit("/", 1)[-1]
     assert loaded.models == predictor.models
-    before = predictor.predict(_queue(test), _pairs(test))
-    after = loaded.predict(_queue(test), _pairs(test))
+    before = predictor.predict(predictor_queue(test), recorded_pairs(test))
+    after = loaded.predict(predictor_queue(test), recorded_pairs(test))
     assert np.allclose(before["p_correct"].to_numpy(), after["p_correct"].to_numpy(), atol=1e-9)
     assert np.allclose(before["cost_usd"].to_numpy(), after["cost_usd"].to_numpy())
     second = predictor.save(storage, root, version="99990101T000000-later")
@@ -188,14 +181,14 @@ def test_no_label_leak_on_noise() -> None:
     predictor = train_predictor(noise.split("train"), seed=0, **FAST)
     assert predictor.metadata["validation"]["overall"]["auc"] < 0.56
     test = noise.split("test")
-    preds = predictor.predict(_queue(test), _pairs(test))
+    preds = predictor.predict(predictor_queue(test), recorded_pairs(test))
     assert abs(auc(test.outcomes["correct"].cast(pl.Float64).to_numpy(), preds["p_correct"].to_numpy()) - 0.5) < 0.06
 
 
 def test_token_quantiles_and_cost(trained: Predictor, small_history: History) -> None:
     assert {"tokens_mean", "tokens_p50", "tokens_p90"} <= set(trained.boosters)
     test = small_history.split("test")
-    preds = trained.predict(_queue(test), _pairs(test))
+    preds = trained.predict(predictor_queue(test), recorded_pairs(test))
     assert (preds["tokens_out_p90"] >= preds["tokens_out"] - 1e-9).all()
     actual = test.outcomes["tokens_out"].to_numpy()
     assert np.mean(actual <= preds["tokens_out_p90"].to_numpy() + 1e-9) >= 0.8
@@ -211,7 +204,7 @@ def test_token_quantiles_and_cost(trained: Predictor, small_history: History) ->
         prices=small_history.prices.clear(),
     )
     billed_only = train_predictor(bare.split("train"), name="prior")
-    bp = billed_only.predict(_queue(test), _pairs(test))
+    bp = billed_only.predict(predictor_queue(test), recorded_pairs(test))
     assert (bp["cost_source"] == "billed").all()
     assert np.median(np.abs(bp["cost_usd"].to_numpy() - billed) / billed) < 0.2
 

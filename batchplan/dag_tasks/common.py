@@ -1,18 +1,19 @@
 """Shared by every DAG: the S3 connection -> Storage, the bucket layout, the validated DAG params, the
-queue's day and URIs, the day's claim (one DAG run per queue), the promoted model version."""
+queue's day and URIs, the day's claim (one DAG run per queue)."""
 
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import structlog
 
+from batchplan import history
 from batchplan.contracts import ContractError
 from batchplan.layout import Layout, day
+from batchplan.settings import Settings
 from batchplan.storage import Storage
 
 log = structlog.get_logger("batchplan.airflow")
@@ -37,7 +38,7 @@ def storage_from_connection(conn_id: str = CONN_ID) -> Storage:
 
 
 def layout() -> Layout:
-    return Layout.from_env()
+    return Layout.from_settings()
 
 
 # ------------------------------------------------------------------------------------------- parameters
@@ -123,11 +124,9 @@ def sensor_key(lay: Layout, params: dict[str, Any], logical_date: Any) -> str:
 
 
 def history_dirs(data_dir: str | None = None) -> list[str]:
-    """The outcome histories the replay backend answers from (``BATCHPLAN_DATA_DIR``)."""
-    from batchplan.settings import Settings
-
-    root = Path(data_dir or Settings().data_dir)
-    dirs = sorted(str(p.parent) for p in root.glob("*/queries.parquet")) if root.is_dir() else []
+    """The outcome histories the replay backend answers from (``BATCHPLAN_DATA_DIR``); at least one."""
+    root = data_dir or Settings().data_dir
+    dirs = history.history_dirs(root)
     if not dirs:
         raise ContractError(f"no outcome histories under {root} (set BATCHPLAN_DATA_DIR)")
     return dirs
@@ -147,10 +146,3 @@ def claim_queue(storage: Storage, lay: Layout, the_day: str, owner: str) -> bool
         log.info("claim.resumed", day=the_day, owner=owner)
         return True
     raise QueueClaimed(f"queue {the_day} is claimed by {holder!r} ({uri}); this run ({owner}) leaves it alone")
-
-
-def current_model(storage: Storage, lay: Layout) -> str | None:
-    """The promoted model version (``models/CURRENT.json``), or None before the first promotion."""
-    if not storage.exists(lay.current_model()):
-        return None
-    return str(json.loads(storage.read_bytes(lay.current_model()))["version"])

@@ -10,7 +10,7 @@ from typing import Any
 
 import polars as pl
 
-from batchplan.dag_tasks.common import current_model, history_dirs, log
+from batchplan.dag_tasks.common import history_dirs, log
 from batchplan.layout import Layout
 from batchplan.storage import Storage
 
@@ -95,11 +95,12 @@ def train_stage(storage: Storage, lay: Layout, run: str, predictor_name: str = "
 def evaluate_and_promote(storage: Storage, lay: Layout, run: str, min_gain: float = 0.0) -> dict[str, Any]:
     """Score candidate and current predictor on the same held-out pairs; promote the candidate only if
     its Brier score is lower by more than ``min_gain`` (or nothing is promoted yet). Records the decision."""
+    from batchplan.artifacts import resolve_version
     from predictors import load_predictor
 
     _, evaluation, found, used = training_history(storage, lay)
     candidate_score, pairs = score_predictor(load_predictor(storage, lay.models(), version=run), evaluation)
-    current = current_model(storage, lay)
+    current = resolve_version(storage, lay.models(), None)
     current_score = None
     if current is not None and current != run:
         current_score, _ = score_predictor(load_predictor(storage, lay.models(), version=current), evaluation)

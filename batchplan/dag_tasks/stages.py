@@ -33,7 +33,7 @@ from batchplan.contracts import (
     ContractError,
     conform,
 )
-from batchplan.dag_tasks.common import MAX_SHARDS, RunParams, current_model, history_dirs, log
+from batchplan.dag_tasks.common import MAX_SHARDS, RunParams, history_dirs, log
 from batchplan.layout import Layout
 from batchplan.storage import Storage
 
@@ -83,7 +83,7 @@ def predict_stage(storage: Storage, lay: Layout, run: str, backend: str) -> dict
     out = lay.plan_file(run, "predictions.parquet")
     if storage.exists(out):
         return {"predictions": out, "reused": True}
-    version = current_model(storage, lay)
+    version = artifacts.resolve_version(storage, lay.models(), None)
     if version is None:
         raise ContractError(f"no promoted predictor at {lay.current_model()}: run the batchplan_retrain DAG first")
     queue = storage.read_frame(lay.plan_file(run, "queue.parquet"))
@@ -140,7 +140,7 @@ def plan_stage(
         return list(stored["shards"])
     queue = storage.read_frame(lay.plan_file(run, "queue.parquet"))
     predictions = storage.read_frame(lay.plan_file(run, "predictions.parquet"))
-    version = current_model(storage, lay)
+    version = artifacts.resolve_version(storage, lay.models(), None)
     templates = artifacts.load_templates(storage, lay.models(), version) if version else None
     candidates = build_candidates(queue.drop("day", strict=False), predictions, templates, request.kinds)
     planned = optimize(candidates, request, templates)
