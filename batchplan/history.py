@@ -98,11 +98,16 @@ def _warn_price_conflicts(prices: list[tuple[str, pl.DataFrame]]) -> None:
             continue
         listed_at = [(f"${_price(pin)}/${_price(pout)}", ", ".join(hs)) for _, pin, pout, hs in group.iter_rows()]
         where = "; ".join(f"{price} in {histories}" for price, histories in listed_at)
-        log.warning(
+        message = (
             f"{model} is listed at {group.height} prices per Mtok in/out ({where}): cost estimates from token "
-            f"counts use {listed_at[0][0]}; replay bills each query's recorded cost",
-            code="history.price_conflict",
+            f"counts use {listed_at[0][0]}; replay bills each query's recorded cost"
         )
+        if message not in _SAID:  # a job loads the same histories more than once (train, replay): say it once
+            _SAID.add(message)
+            log.warning(message, code="history.price_conflict")
+
+
+_SAID: set[str] = set()
 
 
 def _price(value: float | None) -> str:

@@ -32,3 +32,6 @@ def test_a_model_listed_at_two_prices_is_explained_in_one_line(tmp_path: Path) -
         "from token counts use $5/$15; replay bills each query's recorded cost"
     ]
     assert loaded.prices.filter(pl.col("model") == "synth-00")["usd_per_mtok_in"].to_list() == [5.0]
+    with structlog.testing.capture_logs() as again:  # a job loads its histories more than once: said once
+        load_history(dirs)
+    assert not [e for e in again if e.get("code") == "history.price_conflict"]
