@@ -24,7 +24,7 @@ import polars as pl
 import structlog
 
 from batchplan import artifacts
-from batchplan.candidates import Candidates, single_model_candidates, template_candidates
+from batchplan.candidates import Candidates, build_candidates
 from batchplan.catalog import PriceCatalog
 from batchplan.contracts import RESULT_SCHEMA, ContractError
 from batchplan.history import History, load_history
@@ -99,24 +99,6 @@ def predict(queue: pl.DataFrame, predictor: Predictor, backend: Backend | None) 
         seconds=round(time.perf_counter() - started, 2),
     )
     return predictions
-
-
-def build_candidates(
-    queue: pl.DataFrame,
-    predictions: pl.DataFrame,
-    templates: PlanTemplates | None = None,
-    kinds: Sequence[str] | None = None,
-) -> Candidates:
-    """Singles for every offered model, plus the fitted votes and cascades; ``kinds`` limits the plan kinds."""
-    candidates = single_model_candidates(queue, predictions)
-    if templates is not None:
-        candidates = template_candidates(candidates, predictions, templates)
-    if kinds is not None:
-        plans = candidates.plans.filter(pl.col("kind").is_in(list(kinds)))
-        candidates = Candidates(
-            plans=plans.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias("option")), queries=candidates.queries
-        )
-    return candidates
 
 
 def optimize(candidates: Candidates, request: PlanRequest, templates: PlanTemplates | None = None) -> PlanOutcome:
