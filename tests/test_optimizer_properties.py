@@ -204,7 +204,7 @@ def test_repair_moves_other_queries_when_the_split_ones_cannot() -> None:
     assert not check_feasible(model, moved)
     cols, info = round_and_repair(model, start, np.zeros(0, dtype=np.int64), None, 0, 5.0)
     assert not check_feasible(model, cols)
-    assert info["repair"] in ("moves", "greedy") or info["repair"].startswith("milp")
+    assert info.repair in ("moves", "greedy") or info.repair.startswith("milp")
     # the neighbourhood MILP path on its own (the greedy moves skipped)
     import optimizer.decompose as dec
 
@@ -215,7 +215,7 @@ def test_repair_moves_other_queries_when_the_split_ones_cannot() -> None:
     finally:
         dec.move_repair = original
     assert not check_feasible(model, cols)
-    assert info["repair"].startswith("milp")
+    assert info.repair.startswith("milp")
 
 
 def test_budget_is_never_exceeded_beyond_1e9_relative() -> None:
@@ -263,7 +263,7 @@ def test_time_limit_gives_solver_error_or_a_feasible_certified_plan(limit: float
     assert solution.objective <= solution.bound * (1 + 1e-9)
     assert solution.status == ("optimal" if solution.gap <= 1e-4 else "feasible")
     if limit >= 60:
-        assert solution.info["converged"]
+        assert solution.info.converged
         assert solution.gap <= 1e-4
 
 
@@ -279,7 +279,7 @@ def test_single_row_bisection_path_matches_lp(which: str) -> None:
         problem = Problem(opts, "min_cost", [AccuracyFloor(min_mean=0.8)])
     fast = solve(problem, method="decompose")
     assert_feasible(problem, fast)
-    assert fast.info["levels"][0]["n"] == problem.compiled.n  # no nested sample: the bisection priced it
+    assert fast.info.levels[0].n == problem.compiled.n  # no nested sample: the bisection priced it
     lp = solve(problem, method="cvxpy_lp")
     assert fast.bound == pytest.approx(lp.bound, rel=1e-7)
     assert fast.gap <= 1e-4
