@@ -68,6 +68,15 @@ class Candidates:
     def template_ids(self, kinds: Sequence[str]) -> pl.Series:
         return self.templates.filter(pl.col("kind").is_in(list(kinds)))["template"]
 
+    def is_single(self) -> np.ndarray:
+        """Per candidate: whether it calls one model once."""
+        return (self.templates["kind"] == "single").to_numpy()[self.plans["template"].to_numpy()]
+
+    def codes(self, column: str) -> tuple[np.ndarray, list[str]]:
+        """A string query attribute as integer codes per query, and the sorted labels they index."""
+        labels = sorted(self.queries[column].unique().to_list())
+        return self.queries[column].cast(pl.Enum(labels)).to_physical().to_numpy().astype(np.int64), labels
+
     def calls(self) -> np.ndarray:
         """(templates, llms): how many times each template may call each LLM."""
         out = np.zeros((self.templates.height, len(self.llms)), dtype=np.int64)
@@ -88,8 +97,9 @@ class Candidates:
         names = self.templates.select("kind", "models", "thresholds")[frame["template"].to_numpy()]
         return frame.hstack(names.get_columns())
 
-    def options(self, extra_columns: tuple[str, ...] = ()) -> pl.DataFrame:
-        """The optimizer's options table: query, option, value (priority x accuracy), cost, accuracy, groups."""
+    def options(self, extra_columns: tuple[str, ...] = (), groups: Sequence[str] = ("tenant", "task")) -> pl.DataFrame:
+        """The optimizer's options table: query, option, value (priority x accuracy), cost, accuracy, the
+        query attributes ``groups`` (what group constraints count by) and ``extra_columns``."""
         priority = self.queries["priority"].cast(pl.Float64).gather(self.plans["query"])
         return self.plans.select(
             "query",
@@ -97,8 +107,7 @@ class Candidates:
             (priority * self.plans["expected_accuracy"]).alias("value"),
             pl.col("expected_cost_usd").alias("cost"),
             pl.col("expected_accuracy").alias("accuracy"),
-            self.per_candidate("tenant"),
-            self.per_candidate("task"),
+            *(self.per_candidate(g) for g in groups),
             *extra_columns,
         )
 
@@ -122,19 +131,30 @@ class _Wide(NamedTuple):
     sd: np.ndarray
 
 
+def _with_query(queries: pl.DataFrame, predictions: pl.DataFrame) -> pl.DataFrame:
+    """``predictions`` with each row's query index. Predictions grouped by query in queue order (as
+    ``pipeline.predict`` makes them) get it from the runs of equal ids, a cheap pass; any other order from a
+    join on the id (hashing 10M+ strings costs seconds at 1M queries)."""
+    run = predictions["query_id"].rle_id()
+    heads = np.flatnonzero(np.diff(run.to_numpy(), prepend=-1))
+    if len(heads) == queries.height and predictions["query_id"].gather(heads).equals(queries["query_id"]):
+        return predictions.with_columns(run.cast(pl.Int64).alias("query"))
+    return predictions.join(queries.select("query_id", "query"), on="query_id")
+
+
 def _wide(queries: pl.DataFrame, predictions: pl.DataFrame, llms: list[str]) -> _Wide:
-    pairs = predictions.join(queries.select("query_id", "query"), on="query_id").select(
+    pairs = _with_query(queries, predictions).select(
         "query",
         pl.col("model").cast(pl.Enum(llms)).to_physical().alias("m"),
         "p_correct",
         "cost_usd",
         "cost_high_usd",
     )
-    shape = (queries.height, len(llms))
-    present = np.zeros(shape, dtype=bool)
-    p = np.full(shape, np.nan)
-    cost = np.full(shape, np.nan)
-    high = np.full(shape, np.nan)
+    shape = (queries.height, len(llms))  # column-major: one LLM's column is contiguous
+    present = np.zeros(shape, dtype=bool, order="F")
+    p = np.full(shape, np.nan, order="F")
+    cost = np.full(shape, np.nan, order="F")
+    high = np.full(shape, np.nan, order="F")
     rows, cols = pairs["query"].to_numpy(), pairs["m"].to_numpy()
     present[rows, cols] = True
     p[rows, cols] = pairs["p_correct"].to_numpy()
@@ -179,25 +199,27 @@ def build_candidates(
     wide = _wide(queries, predictions, llms)
     tasks = sorted(queries["task"].unique().to_list())
     task_of = queries["task"].cast(pl.Enum(tasks)).to_physical().to_numpy()
-    eligible = np.zeros((queries.height, len(entries)), dtype=bool)
+    eligible = [np.zeros(queries.height, dtype=bool) for _ in entries]
     for t, e in enumerate(entries):
         if e.template is None:
-            eligible[:, t] = wide.present[:, e.members[0]]
+            eligible[t] = wide.present[:, e.members[0]]
         elif e.task in tasks:
-            eligible[:, t] = (task_of == tasks.index(e.task)) & np.isfinite(wide.p[:, e.members]).all(axis=1)
+            eligible[t] = (task_of == tasks.index(e.task)) & np.isfinite(wide.p[:, e.members]).all(axis=1)
     # candidate (q, t) sits at row starts[q] + (eligible templates of q before t): (query, template) order, no sort
-    counts = eligible.sum(axis=1)
+    counts = np.zeros(queries.height, dtype=np.int64)
+    for mask in eligible:
+        counts += mask
     starts = np.zeros(queries.height, dtype=np.int64)
     np.cumsum(counts[:-1], out=starts[1:])
-    rank = np.cumsum(eligible, axis=1, dtype=np.int32) - 1
     total = int(counts.sum())
     template_id = np.empty(total, dtype=np.int32)
     out = {c: np.empty(total) for c in ("expected_cost_usd", "expected_accuracy", "reserve_cost_usd", "cost_var")}
     for t, e in enumerate(entries):
-        rows = np.flatnonzero(eligible[:, t])
+        rows = np.flatnonzero(eligible[t])
+        at = starts[rows]
+        starts[rows] += 1  # the next eligible template of these queries goes one row further
         if rows.size == 0:
             continue
-        at = starts[rows] + rank[rows, t]
         template_id[at] = t
         values = _single(wide, rows, e.members[0]) if e.template is None else _template(wide, rows, e)
         for column, v in zip(out, values, strict=True):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import Any
@@ -138,9 +139,13 @@ def define_constraints(request: PlanRequest, candidates: Candidates) -> tuple[li
 
 
 def options_table(
-    candidates: Candidates, resource_columns: list[str], passthrough: list[str] | None = None
+    candidates: Candidates,
+    resource_columns: list[str],
+    passthrough: list[str] | None = None,
+    groups: Sequence[str] = ("tenant", "task"),
 ) -> pl.DataFrame:
-    """The optimizer's options; ``calls:<model>`` columns count a plan's calls to that model."""
+    """The optimizer's options; ``calls:<model>`` columns count a plan's calls to that model; ``groups`` the
+    query attributes the constraints group by."""
     if resource_columns:
         calls = candidates.calls().astype(np.float64)
         template = candidates.plans["template"].to_numpy()
@@ -151,7 +156,7 @@ def options_table(
             for column in resource_columns
         }
         candidates = dataclasses.replace(candidates, plans=candidates.plans.with_columns(**counts))
-    return candidates.options((*resource_columns, *(passthrough or [])))
+    return candidates.options((*resource_columns, *(passthrough or [])), groups)
 
 
 def label_errors(
@@ -261,14 +266,14 @@ def aggregate_label_error_columns(
 def budget_share(candidates: Candidates, budget_usd: float) -> float:
     """The budget as a share of what sending every query to its task's best single model would cost (best =
     highest mean predicted accuracy on the batch): the scale ``PlanTemplates.offered`` was validated on."""
-    singles = candidates.keep(pl.col("template").is_in(candidates.template_ids(["single"]).implode()))
+    single = candidates.is_single()
+    task, tasks = candidates.codes("task")
     width = candidates.templates.height
-    task = singles.per_candidate("task").to_physical().to_numpy().astype(np.int64)
-    key = task * width + singles.plans["template"].to_numpy()
-    size = (int(task.max()) + 1 if len(task) else 0) * width
+    key = task[candidates.plans["query"].to_numpy()[single]] * width + candidates.plans["template"].to_numpy()[single]
+    size = len(tasks) * width
     count = np.bincount(key, minlength=size).reshape(-1, width)
-    accuracy = np.bincount(key, singles.plans["expected_accuracy"].to_numpy(), size).reshape(-1, width)
-    cost = np.bincount(key, singles.plans["expected_cost_usd"].to_numpy(), size).reshape(-1, width)
+    accuracy = np.bincount(key, candidates.plans["expected_accuracy"].to_numpy()[single], size).reshape(-1, width)
+    cost = np.bincount(key, candidates.plans["expected_cost_usd"].to_numpy()[single], size).reshape(-1, width)
     mean = np.where(count > 0, accuracy / np.maximum(count, 1), -np.inf)
     seen = count.any(axis=1)
     reference = float(cost[seen, mean[seen].argmax(axis=1)].sum())
@@ -310,7 +315,8 @@ def plan_batch(candidates: Candidates, request: PlanRequest, templates: PlanTemp
         )
     constraints, extra = define_constraints(request, candidates)
     constraints += [Capacity(column=c, limit=0.0, name=c) for c in label_columns]
-    options = options_table(candidates, extra, label_columns)
+    groups = sorted({g for c in constraints if (g := getattr(c, "group", None)) is not None})
+    options = options_table(candidates, extra, label_columns, groups)
     objective: Objective = "max_value" if request.budget_usd is not None else "min_cost"
     deferrable = np.full(candidates.queries.height, request.allow_deferral)
     problem = Problem(options, objective=objective, constraints=constraints, deferrable=deferrable)
@@ -356,31 +362,25 @@ def fallbacks(candidates: Candidates, solution: Solution, keep: int = 2) -> pl.S
     (accuracy less the budget's price of their cost), best first, null where none is left: what the
     dispatcher asks instead when a planned model is down."""
     price = float(solution.shadow_prices.get("budget", 0.0))
-    n, width = candidates.queries.height, len(candidates.llms)
     plans = candidates.plans
-    template = plans["template"].to_numpy()
+    single = candidates.is_single()
     member = candidates.calls() > 0
-    llm_of = np.where(candidates.templates["kind"].to_numpy() == "single", member.argmax(axis=1), -1)
-    chosen_template = np.full(n, -1, dtype=np.int64)
-    chosen_queries = solution.chosen["query"].to_numpy()
-    chosen_template[chosen_queries] = template[chosen_rows(candidates, solution)]
-    query = plans["query"].to_numpy()
-    llm = llm_of[template]
-    own = chosen_template[query]
-    usable = (llm >= 0) & (own >= 0)
-    usable[usable] = ~member[own[usable], llm[usable]]
-    score = np.full((n, width), -np.inf)
-    score[query[usable], llm[usable]] = (
-        plans["expected_accuracy"].to_numpy()[usable] - price * plans["expected_cost_usd"].to_numpy()[usable]
+    # single candidates' scores on a queries x LLMs grid (-inf: not offered, or inside the chosen plan)
+    score = np.full((candidates.queries.height, len(candidates.llms)), -np.inf)
+    score[plans["query"].to_numpy()[single], member.argmax(axis=1)[plans["template"].to_numpy()[single]]] = (
+        plans["expected_accuracy"].to_numpy()[single] - price * plans["expected_cost_usd"].to_numpy()[single]
     )
-    score = score[chosen_queries]
-    order = np.argsort(-score, axis=1, kind="stable")[:, :keep]  # ties: the LLMs' name order
-    ranked = np.where(np.isfinite(np.take_along_axis(score, order, axis=1)), order, -1)
+    rows = chosen_rows(candidates, solution)
+    score = score[solution.chosen["query"].to_numpy()]
+    score[member[plans["template"].to_numpy()[rows]]] = -np.inf
+    ranked = []
+    for _ in range(min(keep, score.shape[1])):  # ties: the LLMs' name order
+        best = score.argmax(axis=1)
+        top = score[np.arange(len(score)), best]
+        ranked.append(pl.Series(np.where(np.isfinite(top), best, -1)))
+        score[np.arange(len(score)), best] = -np.inf
     names = pl.Series(candidates.llms, dtype=pl.String)
-    columns = [
-        pl.Series(ranked[:, r]).replace_strict(list(range(width)), names, default=None, return_dtype=pl.String)
-        for r in range(ranked.shape[1])
-    ]
+    columns = [r.replace_strict(list(range(len(names))), names, default=None, return_dtype=pl.String) for r in ranked]
     found = pl.select(pl.concat_list(columns).list.drop_nulls().alias("fallback_models")).to_series()
     return found.set(found.list.len() == 0, None) if found.len() else found
 

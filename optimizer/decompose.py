@@ -20,6 +20,7 @@ settled. So:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -180,66 +181,82 @@ def _near_columns(model: Compiled, pricing: Pricing, fraction: float, minimum: i
     return np.flatnonzero(keep)
 
 
+def _best_under(model: Compiled, a: np.ndarray) -> Callable[[float, np.ndarray], np.ndarray] | None:
+    """``best(lam, queries)``: per query its best column under price ``lam`` on coefficients ``a``
+    (``argmax_j c_j - lam a_j``, the first on ties), as model column indices, by a row-wise argmax on an
+    n x width grid: the regular layout as it is, queries with fewer columns padded (objective -inf). None
+    when padding would more than double the columns (a few queries with very many options)."""
+    counts = np.diff(model.starts)
+    w = int(counts.max()) if model.n else 0
+    if model.n * w > 2 * model.m + model.n:
+        return None
+    if model.width:
+        c2, a2 = model.c.reshape(model.n, w), a.reshape(model.n, w)
+    else:
+        row = model.query
+        pos = np.arange(model.m) - model.starts[row]
+        c2, a2 = np.full((model.n, w), -np.inf), np.zeros((model.n, w))
+        c2[row, pos], a2[row, pos] = model.c, a
+    starts = model.starts
+
+    def best(lam: float, idx: np.ndarray) -> np.ndarray:
+        return np.asarray(starts[idx] + (c2[idx] - lam * a2[idx]).argmax(axis=1))
+
+    return best
+
+
 def _single_row_price(model: Compiled, rhs: np.ndarray) -> float | None:
     """The LP price of the only coupling row, by bisection (log scale) on ``max_j c_j - lam a_j`` per query.
 
     Queries whose best column is the same at both ends of the bracket keep it for every price in between
     (both sides are linear in lam), so they leave the active set after each step: the work shrinks
     geometrically. Returns the smallest bracketed price at which the row holds (to ~1e-13 relative), or
-    None (non-regular layout, or the row cannot hold / needs no price: the general path decides).
+    None (the row cannot hold / needs no price, or the layout is too ragged: the general path decides).
     """
-    w = model.width
-    if not w:
-        return None
     f = model.families[0]
     s = 1.0 if f.sense == "<=" else -1.0
-    a2 = np.where(f.gid >= 0, f.coef * s, 0.0).reshape(model.n, w)
-    c2 = model.c.reshape(model.n, w)
+    a = np.where(f.gid >= 0, f.coef * s, 0.0)
+    best = _best_under(model, a)
+    if best is None:
+        return None
     b = float(rhs[0])
     rows = np.arange(model.n)
-
-    def best(lam: float, idx: np.ndarray) -> np.ndarray:
-        return np.asarray((c2[idx] - lam * a2[idx]).argmax(axis=1))
-
-    if float(a2[rows, best(0.0, rows)].sum()) <= b:
+    if float(a[best(0.0, rows)].sum()) <= b:
         return None  # lam = 0
-    nz = np.abs(a2[a2 != 0])
-    hi = (float(np.ptp(c2)) + 1.0) / max(float(nz.min()), 1e-300) * 4.0
+    nz = np.abs(a[a != 0])
+    hi = (float(np.ptp(model.c)) + 1.0) / max(float(nz.min()), 1e-300) * 4.0
     lo = hi * 1e-16
     best_hi, best_lo = best(hi, rows), best(lo, rows)
-    if float(a2[rows, best_hi].sum()) > b or float(a2[rows, best_lo].sum()) <= b:
+    if float(a[best_hi].sum()) > b or float(a[best_lo].sum()) <= b:
         return None
     if model.n > 20 * BASE_QUERIES:  # narrow the bracket with a 2% sample first (its limit scaled by size)
         rng = np.random.default_rng(0)
         sample = np.sort(rng.choice(model.n, size=model.n // 50, replace=False))
-        guess = _bisect(c2, a2, b * len(sample) / model.n, lo, hi, sample)
+        guess = _bisect(best, a, b * len(sample) / model.n, lo, hi, sample)
         for width in (1.5, 4.0, 64.0):
             lo2, hi2 = max(guess / width, lo), min(guess * width, hi)
             blo, bhi = best(lo2, rows), best(hi2, rows)
-            if float(a2[rows, blo].sum()) > b >= float(a2[rows, bhi].sum()):
-                return _bisect(c2, a2, b, lo2, hi2, rows, blo, bhi)
-    return _bisect(c2, a2, b, lo, hi, rows, best_lo, best_hi)
+            if float(a[blo].sum()) > b >= float(a[bhi].sum()):
+                return _bisect(best, a, b, lo2, hi2, rows, blo, bhi)
+    return _bisect(best, a, b, lo, hi, rows, best_lo, best_hi)
 
 
-def _bisect(c2: np.ndarray, a2: np.ndarray, b: float, lo: float, hi: float, rows: np.ndarray,
-            best_lo: np.ndarray | None = None, best_hi: np.ndarray | None = None) -> float:
+def _bisect(best: Callable[[float, np.ndarray], np.ndarray], a: np.ndarray, b: float, lo: float, hi: float,
+            rows: np.ndarray, best_lo: np.ndarray | None = None, best_hi: np.ndarray | None = None) -> float:
     """Smallest price in [lo, hi] (to 1e-13 relative) at which the row over ``rows`` holds; usage(lo) > b assumed."""
-    def best(lam: float, idx: np.ndarray) -> np.ndarray:
-        return np.asarray((c2[idx] - lam * a2[idx]).argmax(axis=1))
-
     best_lo = best(lo, rows) if best_lo is None else best_lo
     best_hi = best(hi, rows) if best_hi is None else best_hi
     active = rows
     fixed = 0.0
     for _ in range(200):
         settled = best_lo == best_hi
-        fixed += float(a2[active[settled], best_lo[settled]].sum())
+        fixed += float(a[best_lo[settled]].sum())
         active, best_lo, best_hi = active[~settled], best_lo[~settled], best_hi[~settled]
         if len(active) == 0 or hi <= lo * (1 + 1e-13):
             break
         mid = float(np.sqrt(lo * hi))
         best_mid = best(mid, active)
-        if fixed + float(a2[active, best_mid].sum()) > b:
+        if fixed + float(a[best_mid].sum()) > b:
             lo, best_lo = mid, best_mid
         else:
             hi, best_hi = mid, best_mid
