@@ -326,7 +326,7 @@ def plan_batch(candidates: Candidates, request: PlanRequest, templates: PlanTemp
         # Second pass: leave the margin unplanned, so the expected spend plus z standard deviations fits.
         tightened = [Budget(limit=request.budget_usd - margin) if isinstance(c, Budget) else c for c in constraints]
         with contextlib.suppress(InfeasibleError):  # no room for the margin: keep the first pass
-            solution = solve(problem.with_constraints(tightened), method=request.method)
+            solution = solve(problem.with_constraints(tightened), method=request.method, warm_prices=solution.info.prices)
     return PlanOutcome(
         plan=plan_rows(candidates, solution), solution=solution, spend_margin_usd=margin, templates_withheld=withheld
     )
@@ -339,10 +339,11 @@ def chosen_rows(candidates: Candidates, solution: Solution) -> np.ndarray:
 
 def plan_rows(candidates: Candidates, solution: Solution) -> pl.DataFrame:
     """PLAN_SCHEMA, one row per query: the chosen candidate with its names joined, or a deferral."""
-    chosen = candidates.plans[chosen_rows(candidates, solution)].select(
+    rows = chosen_rows(candidates, solution)
+    chosen = candidates.plans[rows].select(
         "query", "template", "expected_cost_usd", "expected_accuracy", "reserve_cost_usd"
     )
-    chosen = candidates.named(chosen).with_columns(fallbacks(candidates, solution))
+    chosen = candidates.named(chosen).with_columns(fallbacks(candidates, solution, rows))
     return (
         candidates.queries.select("query", "query_id")
         .join(chosen, on="query", how="left", maintain_order="left")
@@ -357,10 +358,10 @@ def plan_rows(candidates: Candidates, solution: Solution) -> pl.DataFrame:
     )
 
 
-def fallbacks(candidates: Candidates, solution: Solution, keep: int = 2) -> pl.Series:
-    """Per chosen query (in ``solution.chosen``'s order), the next-best single models outside its plan
-    (accuracy less the budget's price of their cost), best first, null where none is left: what the
-    dispatcher asks instead when a planned model is down."""
+def fallbacks(candidates: Candidates, solution: Solution, rows: np.ndarray, keep: int = 2) -> pl.Series:
+    """Per chosen query (``rows``: its candidate's row, in ``solution.chosen``'s order), the next-best single
+    models outside its plan (accuracy less the budget's price of their cost), best first, null where none is
+    left: what the dispatcher asks instead when a planned model is down."""
     price = float(solution.shadow_prices.get("budget", 0.0))
     plans = candidates.plans
     single = candidates.is_single()
@@ -370,19 +371,28 @@ def fallbacks(candidates: Candidates, solution: Solution, keep: int = 2) -> pl.S
     score[plans["query"].to_numpy()[single], member.argmax(axis=1)[plans["template"].to_numpy()[single]]] = (
         plans["expected_accuracy"].to_numpy()[single] - price * plans["expected_cost_usd"].to_numpy()[single]
     )
-    rows = chosen_rows(candidates, solution)
     score = score[solution.chosen["query"].to_numpy()]
     score[member[plans["template"].to_numpy()[rows]]] = -np.inf
-    ranked = []
-    for _ in range(min(keep, score.shape[1])):  # ties: the LLMs' name order
+    ranked = np.zeros((len(score), min(keep, score.shape[1])), dtype=np.uint32)
+    found = np.zeros(len(score), dtype=np.int64)
+    for r in range(ranked.shape[1]):  # ties: the LLMs' name order
         best = score.argmax(axis=1)
-        top = score[np.arange(len(score)), best]
-        ranked.append(pl.Series(np.where(np.isfinite(top), best, -1)))
+        ok = np.isfinite(score[np.arange(len(score)), best])
+        ranked[:, r] = best
+        found += ok  # once a rank finds none, no later one does
         score[np.arange(len(score)), best] = -np.inf
-    names = pl.Series(candidates.llms, dtype=pl.String)
-    columns = [r.replace_strict(list(range(len(names))), names, default=None, return_dtype=pl.String) for r in ranked]
-    found = pl.select(pl.concat_list(columns).list.drop_nulls().alias("fallback_models")).to_series()
-    return found.set(found.list.len() == 0, None) if found.len() else found
+    # an n x keep array of LLM indices, cut to the ones found and named: no per-row lists built in Python
+    names = list(candidates.llms)
+    return pl.DataFrame({"ranked": ranked, "found": found}).select(
+        pl.when(pl.col("found") > 0)
+        .then(
+            pl.col("ranked")
+            .arr.to_list()
+            .list.head(pl.col("found"))
+            .list.eval(pl.element().replace_strict(list(range(len(names))), names, return_dtype=pl.String))
+        )
+        .alias("fallback_models")
+    )["fallback_models"]
 
 
 def spend_margin(candidates: Candidates, solution: Solution, confidence: float) -> float:

@@ -181,37 +181,39 @@ def _near_columns(model: Compiled, pricing: Pricing, fraction: float, minimum: i
     return np.flatnonzero(keep)
 
 
-def _best_under(model: Compiled, a: np.ndarray) -> Callable[[float, np.ndarray], np.ndarray] | None:
-    """``best(lam, queries)``: per query its best column under price ``lam`` on coefficients ``a``
-    (``argmax_j c_j - lam a_j``, the first on ties), as model column indices, by a row-wise argmax on an
-    n x width grid: the regular layout as it is, queries with fewer columns padded (objective -inf). None
-    when padding would more than double the columns (a few queries with very many options)."""
-    counts = np.diff(model.starts)
-    w = int(counts.max()) if model.n else 0
+def _best_under(model: Compiled, a: np.ndarray) -> Callable[[float, np.ndarray | None], np.ndarray] | None:
+    """``best(lam, queries)``: per query (None: every query) its best column under price ``lam`` on
+    coefficients ``a`` (``argmax_j c_j - lam a_j``, the first on ties), as model column indices, by a row-wise
+    argmax on the n x w grid (``Compiled.grid``; padding has objective -inf). None when padding would more
+    than double the columns (a few queries with very many options)."""
+    w, cells = model.grid()
     if model.n * w > 2 * model.m + model.n:
         return None
-    if model.width:
+    if cells is None:
         c2, a2 = model.c.reshape(model.n, w), a.reshape(model.n, w)
     else:
-        row = model.query
-        pos = np.arange(model.m) - model.starts[row]
-        c2, a2 = np.full((model.n, w), -np.inf), np.zeros((model.n, w))
-        c2[row, pos], a2[row, pos] = model.c, a
-    starts = model.starts
+        c_flat, a_flat = np.full(model.n * w, -np.inf), np.zeros(model.n * w)
+        c_flat[cells], a_flat[cells] = model.c, a
+        c2, a2 = c_flat.reshape(model.n, w), a_flat.reshape(model.n, w)
+    starts = model.starts[:-1]
 
-    def best(lam: float, idx: np.ndarray) -> np.ndarray:
+    def best(lam: float, idx: np.ndarray | None) -> np.ndarray:
+        if idx is None:
+            return np.asarray(starts + (c2 - lam * a2).argmax(axis=1))
         return np.asarray(starts[idx] + (c2[idx] - lam * a2[idx]).argmax(axis=1))
 
     return best
 
 
-def _single_row_price(model: Compiled, rhs: np.ndarray) -> float | None:
+def _single_row_price(model: Compiled, rhs: np.ndarray, guess: float | None = None) -> float | None:
     """The LP price of the only coupling row, by bisection (log scale) on ``max_j c_j - lam a_j`` per query.
 
     Queries whose best column is the same at both ends of the bracket keep it for every price in between
     (both sides are linear in lam), so they leave the active set after each step: the work shrinks
-    geometrically. Returns the smallest bracketed price at which the row holds (to ~1e-13 relative), or
-    None (the row cannot hold / needs no price, or the layout is too ragged: the general path decides).
+    geometrically. The bracket is first narrowed around ``guess`` (a neighbouring problem's price) or, on
+    large models, around the price of a 2% sample. Returns the smallest bracketed price at which the row holds
+    (to ~1e-13 relative), or None (the row cannot hold / needs no price, or the layout is too ragged: the
+    general path decides).
     """
     f = model.families[0]
     s = 1.0 if f.sense == "<=" else -1.0
@@ -220,28 +222,29 @@ def _single_row_price(model: Compiled, rhs: np.ndarray) -> float | None:
     if best is None:
         return None
     b = float(rhs[0])
-    rows = np.arange(model.n)
-    if float(a[best(0.0, rows)].sum()) <= b:
+    if float(a[best(0.0, None)].sum()) <= b:
         return None  # lam = 0
     nz = np.abs(a[a != 0])
     hi = (float(np.ptp(model.c)) + 1.0) / max(float(nz.min()), 1e-300) * 4.0
     lo = hi * 1e-16
-    best_hi, best_lo = best(hi, rows), best(lo, rows)
+    best_hi, best_lo = best(hi, None), best(lo, None)
     if float(a[best_hi].sum()) > b or float(a[best_lo].sum()) <= b:
         return None
-    if model.n > 20 * BASE_QUERIES:  # narrow the bracket with a 2% sample first (its limit scaled by size)
+    rows = np.arange(model.n)
+    if guess is None and model.n > 20 * BASE_QUERIES:  # a 2% sample's price (its limit scaled by size)
         rng = np.random.default_rng(0)
         sample = np.sort(rng.choice(model.n, size=model.n // 50, replace=False))
         guess = _bisect(best, a, b * len(sample) / model.n, lo, hi, sample)
+    if guess is not None and lo <= guess <= hi:
         for width in (1.5, 4.0, 64.0):
             lo2, hi2 = max(guess / width, lo), min(guess * width, hi)
-            blo, bhi = best(lo2, rows), best(hi2, rows)
+            blo, bhi = best(lo2, None), best(hi2, None)
             if float(a[blo].sum()) > b >= float(a[bhi].sum()):
                 return _bisect(best, a, b, lo2, hi2, rows, blo, bhi)
     return _bisect(best, a, b, lo, hi, rows, best_lo, best_hi)
 
 
-def _bisect(best: Callable[[float, np.ndarray], np.ndarray], a: np.ndarray, b: float, lo: float, hi: float,
+def _bisect(best: Callable[[float, np.ndarray | None], np.ndarray], a: np.ndarray, b: float, lo: float, hi: float,
             rows: np.ndarray, best_lo: np.ndarray | None = None, best_hi: np.ndarray | None = None) -> float:
     """Smallest price in [lo, hi] (to 1e-13 relative) at which the row over ``rows`` holds; usage(lo) > b assumed."""
     best_lo = best(lo, rows) if best_lo is None else best_lo
@@ -276,14 +279,16 @@ def _initial_prices(
     info: SolveInfo,
 ) -> tuple[np.ndarray, float]:
     """Starting prices, and the share of queries (closest to a tie) whose near-best columns join the first
-    restricted LP: one coupling row gets its exact price by bisection (a tiny first master), a warm start its
-    prices, a large model the LP optimum of a nested sample (recursively), a small one zero (and the master
+    restricted LP: one coupling row gets its exact price by bisection (a tiny first master; a warm start
+    narrows its bracket), a warm start its prices, a large model the LP optimum of a nested sample (recursively), a small one zero (and the master
     is the whole LP)."""
     k = len(rhs)
-    single = _single_row_price(model, rhs) if warm_prices is None and k == 1 and model.n > BASE_QUERIES else None
-    if single is not None:
-        return np.array([single]), 0.0
-    if warm_prices is not None and len(warm_prices) == k:
+    warm = warm_prices is not None and len(warm_prices) == k
+    if k == 1 and model.n > BASE_QUERIES:
+        guess = float(warm_prices[0]) if warm and warm_prices is not None else None
+        if (single := _single_row_price(model, rhs, guess)) is not None:
+            return np.array([single]), 0.0
+    if warm and warm_prices is not None:
         return np.asarray(warm_prices, dtype=np.float64), ACTIVE_FRACTION
     if model.n > BASE_QUERIES:
         rng = np.random.default_rng(seed)
