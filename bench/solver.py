@@ -16,8 +16,8 @@ from a real history (``--history``, default routerbench: 11 LLMs, 3 tasks) under
 predictor and templates trained once on that history's train split (cached under ``--work``). Stages:
 ingest (read + validate the queue parquet), load (the trained predictor), predict, candidates, solve
 (``plan_batch``: restrictions, both budget passes, the plan rows; "solve alone" is the optimizer's own time)
-and write (plan parquet). Each size runs in its own subprocess; peak GiB per stage from RSS sampled every
-20 ms, the whole from ru_maxrss.
+and write (plan parquet). Each size runs in its own subprocess; wall seconds per stage, process CPU seconds
+(all threads) below them, peak GiB per stage from RSS sampled every 20 ms, the whole from ru_maxrss.
 
     uv run python bench/solver.py                      # 10k, 100k, 1M; baselines up to their time-out
     uv run python bench/solver.py --sizes 10000,100000 --baseline-timeout 120
@@ -189,16 +189,17 @@ def _run_end_to_end(model_uri: str, queue_uri: str, plan_uri: str, budget_share:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     seconds: dict[str, float] = {}
+    cpu: dict[str, float] = {}  # process CPU seconds (all threads): less at the mercy of a busy machine than wall
     out: dict[str, Any] = {"ok": True}
     try:
         storage = Storage()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
 
         def lap(name: str) -> None:
-            nonlocal t
-            now = time.perf_counter()
-            seconds[name] = now - t
-            t = now
+            nonlocal t, c
+            now, now_cpu = time.perf_counter(), time.process_time()
+            seconds[name], cpu[name] = now - t, now_cpu - c
+            t, c = now, now_cpu
             stage[0] = E2E_STAGES[E2E_STAGES.index(name) + 1] if name != E2E_STAGES[-1] else "end"
 
         stage[0] = "ingest"
@@ -215,7 +216,7 @@ def _run_end_to_end(model_uri: str, queue_uri: str, plan_uri: str, budget_share:
         per_query = predictions.group_by("query_id").agg(pl.col("cost_usd").min().alias("lo"), pl.col("cost_usd").max().alias("hi"))
         lo, hi = float(per_query["lo"].sum()), float(per_query["hi"].sum())
         request.budget_usd = lo + budget_share * (hi - lo)
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         outcome = pipeline.optimize(candidates, request, trained.templates)
         lap("solve")
         storage.write_frame(outcome.plan, plan_uri)
@@ -233,7 +234,7 @@ def _run_end_to_end(model_uri: str, queue_uri: str, plan_uri: str, budget_share:
         out = {"ok": False, "error": f"{type(error).__name__}: {error}"[:300]}
     running = False
     sampler.join()
-    out.update(seconds=seconds, peaks=peaks, peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    out.update(seconds=seconds, cpu=cpu, peaks=peaks, peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
     queue.put(out)
 
 
@@ -263,6 +264,8 @@ def end_to_end(args: argparse.Namespace) -> int:
         note = f"{res.get('candidates')} candidates, {res.get('status')}" if res["ok"] else res["error"]
         solve_alone = f"{res['solve_alone']:>10.2f}" if res["ok"] else f"{'-':>10}"
         print(f"{n:>9} " + " ".join(cells) + f" {total:>10.2f} {solve_alone} {res['peak_rss_gib']:>10.2f}  {note}")
+        print(f"{'cpu s':>9} " + " ".join(f"{res['cpu'][s]:>10.2f}" if s in res["cpu"] else f"{'-':>10}" for s in E2E_STAGES)
+              + f" {sum(res['cpu'].values()):>10.2f}")
         print(f"{'peak GiB':>9} " + " ".join(f"{res['peaks'].get(s, float('nan')):>10.2f}" for s in E2E_STAGES), flush=True)
     if args.json:
         with open(args.json, "w") as fh:

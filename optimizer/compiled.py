@@ -70,7 +70,7 @@ class Compiled:
     objective: str
     families: list[RowFamily] = field(default_factory=list)
     _terms: tuple[tuple[RowFamily, ...], Any] | None = field(default=None, repr=False, compare=False)
-    _grid: tuple[int, np.ndarray | None] | None = field(default=None, repr=False, compare=False)
+    _grid: tuple[int, np.ndarray | None, np.ndarray] | None = field(default=None, repr=False, compare=False)
 
     def column(self, name: str) -> pl.Series:
         if name not in self.table.columns:
@@ -114,16 +114,20 @@ class Compiled:
         w = self.m // self.n
         return w if bool(np.all(np.diff(self.starts) == w)) else 0
 
-    def grid(self) -> tuple[int, np.ndarray | None]:
-        """(w, cells): the layout padded to n x w, w the most columns of any query; ``cells`` the flat grid cell
-        of each column (None on the regular layout, where the columns are the grid). Depends on the layout
-        only, so models sharing it (``Problem.with_constraints``) share it too."""
+    def grid(self) -> tuple[int, np.ndarray | None, np.ndarray]:
+        """(w, cells, c): the layout padded to n x w, w the most columns of any query; ``cells`` the flat grid
+        cell of each column (None on the regular layout, where the columns are the grid); ``c`` on the grid
+        (padding -inf). Depends on the layout and objective only, so models sharing them
+        (``Problem.with_constraints``) share it too."""
         if self._grid is None:
             if self.width:
-                self._grid = (self.width, None)
+                self._grid = (self.width, None, self.c.reshape(self.n, self.width))
             else:
                 w = int(np.diff(self.starts).max()) if self.n else 0
-                self._grid = (w, self.query * w + (np.arange(self.m) - self.starts[self.query]))
+                cells = self.query * w + (np.arange(self.m) - self.starts[self.query])
+                c = np.full(self.n * w, -np.inf)
+                c[cells] = self.c
+                self._grid = (w, cells, c.reshape(self.n, w))
         return self._grid
 
     def price_terms(self) -> list[tuple[np.ndarray | None, list[tuple[RowFamily, int, str, Any]]]]:

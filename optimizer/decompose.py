@@ -186,15 +186,16 @@ def _best_under(model: Compiled, a: np.ndarray) -> Callable[[float, np.ndarray |
     coefficients ``a`` (``argmax_j c_j - lam a_j``, the first on ties), as model column indices, by a row-wise
     argmax on the n x w grid (``Compiled.grid``; padding has objective -inf). None when padding would more
     than double the columns (a few queries with very many options)."""
-    w, cells = model.grid()
+    w = int(np.diff(model.starts).max()) if model.n else 0
     if model.n * w > 2 * model.m + model.n:
         return None
+    w, cells, c2 = model.grid()
     if cells is None:
-        c2, a2 = model.c.reshape(model.n, w), a.reshape(model.n, w)
+        a2 = a.reshape(model.n, w)
     else:
-        c_flat, a_flat = np.full(model.n * w, -np.inf), np.zeros(model.n * w)
-        c_flat[cells], a_flat[cells] = model.c, a
-        c2, a2 = c_flat.reshape(model.n, w), a_flat.reshape(model.n, w)
+        a_flat = np.zeros(model.n * w)
+        a_flat[cells] = a
+        a2 = a_flat.reshape(model.n, w)
     starts = model.starts[:-1]
 
     def best(lam: float, idx: np.ndarray | None) -> np.ndarray:
@@ -231,12 +232,15 @@ def _single_row_price(model: Compiled, rhs: np.ndarray, guess: float | None = No
     if float(a[best_hi].sum()) > b or float(a[best_lo].sum()) <= b:
         return None
     rows = np.arange(model.n)
-    if guess is None and model.n > 20 * BASE_QUERIES:  # a 2% sample's price (its limit scaled by size)
+    widths: tuple[float, ...] = (1.5, 4.0, 64.0)
+    if guess is not None:
+        widths = (1.01, *widths)  # a neighbour's price is close: a narrow bracket leaves few queries active
+    elif model.n > 20 * BASE_QUERIES:  # a 2% sample's price (its limit scaled by size)
         rng = np.random.default_rng(0)
         sample = np.sort(rng.choice(model.n, size=model.n // 50, replace=False))
         guess = _bisect(best, a, b * len(sample) / model.n, lo, hi, sample)
     if guess is not None and lo <= guess <= hi:
-        for width in (1.5, 4.0, 64.0):
+        for width in widths:
             lo2, hi2 = max(guess / width, lo), min(guess * width, hi)
             blo, bhi = best(lo2, None), best(hi2, None)
             if float(a[blo].sum()) > b >= float(a[bhi].sum()):
