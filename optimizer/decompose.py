@@ -223,16 +223,11 @@ def _single_row_price(model: Compiled, rhs: np.ndarray, guess: float | None = No
     if best is None:
         return None
     b = float(rhs[0])
-    if float(a[best(0.0, None)].sum()) <= b:
-        return None  # lam = 0
     nz = np.abs(a[a != 0])
     hi = (float(np.ptp(model.c)) + 1.0) / max(float(nz.min()), 1e-300) * 4.0
     lo = hi * 1e-16
-    best_hi, best_lo = best(hi, None), best(lo, None)
-    if float(a[best_hi].sum()) > b or float(a[best_lo].sum()) <= b:
-        return None
     rows = np.arange(model.n)
-    widths: tuple[float, ...] = (1.5, 4.0, 64.0)
+    widths: tuple[float, ...] = (1.05, 1.5, 4.0, 64.0)
     if guess is not None:
         widths = (1.01, *widths)  # a neighbour's price is close: a narrow bracket leaves few queries active
     elif model.n > 20 * BASE_QUERIES:  # a 2% sample's price (its limit scaled by size)
@@ -240,11 +235,17 @@ def _single_row_price(model: Compiled, rhs: np.ndarray, guess: float | None = No
         sample = np.sort(rng.choice(model.n, size=model.n // 50, replace=False))
         guess = _bisect(best, a, b * len(sample) / model.n, lo, hi, sample)
     if guess is not None and lo <= guess <= hi:
+        # usage falls as the price rises, so a bracket that holds proves the price positive and in [lo, hi]
         for width in widths:
             lo2, hi2 = max(guess / width, lo), min(guess * width, hi)
             blo, bhi = best(lo2, None), best(hi2, None)
             if float(a[blo].sum()) > b >= float(a[bhi].sum()):
                 return _bisect(best, a, b, lo2, hi2, rows, blo, bhi)
+    if float(a[best(0.0, None)].sum()) <= b:
+        return None  # lam = 0
+    best_hi, best_lo = best(hi, None), best(lo, None)
+    if float(a[best_hi].sum()) > b or float(a[best_lo].sum()) <= b:
+        return None
     return _bisect(best, a, b, lo, hi, rows, best_lo, best_hi)
 
 
