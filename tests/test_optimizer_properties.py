@@ -11,6 +11,7 @@ from test_optimizer import assert_feasible, brute_force, budget_between, cheapes
 
 from optimizer import (
     AccuracyFloor,
+    Allowed,
     Budget,
     Capacity,
     GroupBudget,
@@ -118,6 +119,31 @@ def test_frontier_with_deferral_has_no_gaps() -> None:
     table = frontier(Problem(opts, deferrable=True), [0.0, 0.5, 2.0, 10.0])
     assert table["objective"].null_count() == 0
     assert table["deferred"][0] == 100
+
+
+def test_frontier_checks_like_solve() -> None:
+    """A query with no option that may not be deferred is infeasible at every budget, as ``solve`` says,
+    instead of being priced as if it were not there."""
+    opts = tiny_options(50, 3, 9)
+    problem = Problem(opts, constraints=[Budget(limit=1.0)], n_queries=51)  # query 50 has no option
+    with pytest.raises(InfeasibleError):
+        solve(problem)
+    table = frontier(problem, [cheapest_total(opts) * 2, 1e9])
+    assert table["objective"].null_count() == 2
+
+
+def test_with_constraints_shares_the_compiled_arrays() -> None:
+    opts = tiny_options(300, 4, 10)
+    loose = Problem(opts, constraints=[Budget(limit=1e9), Capacity(column="calls", limit=300.0)])
+    tight = loose.with_constraints([Budget(limit=cheapest_total(opts) * 1.5), Capacity(column="calls", limit=300.0)])
+    assert tight.compiled.table is loose.compiled.table
+    assert tight.compiled.families[1] is loose.compiled.families[1]  # an unchanged spec keeps its rows
+    fresh = Problem(opts, constraints=tight.constraints)
+    assert solve(tight).chosen.equals(solve(fresh).chosen)
+    # another options filter compiles afresh
+    allowed = opts.with_columns((pl.col("option") % 5 != 0).alias("allowed"))
+    filtered = Problem(allowed, constraints=[Budget(limit=1e9)]).with_constraints([Budget(limit=1e9), Allowed()])
+    assert filtered.compiled.table.height < allowed.height
 
 
 def test_validation_errors() -> None:
@@ -267,12 +293,16 @@ def test_time_limit_gives_solver_error_or_a_feasible_certified_plan(limit: float
         assert solution.gap <= 1e-4
 
 
+@pytest.mark.parametrize("layout", ["regular", "ragged"])
 @pytest.mark.parametrize("which", ["budget", "floor"])
-def test_single_row_bisection_path_matches_lp(which: str) -> None:
-    """One coupling row past the sample size: the bisection price gives the LP optimum (CVXPY's LP bound)."""
+def test_single_row_bisection_path_matches_lp(which: str, layout: str) -> None:
+    """One coupling row past the sample size: the bisection price gives the LP optimum (CVXPY's LP bound),
+    also when queries have different numbers of options (as plan candidates do: templates per task)."""
     from optimizer.decompose import BASE_QUERIES
 
     opts = medium_options(3 * BASE_QUERIES, 4)
+    if layout == "ragged":
+        opts = opts.filter((pl.col("query") % 3 == 0) | (pl.col("option") % 10 < 6 + pl.col("query") % 4))
     if which == "budget":
         problem = Problem(opts, "max_value", constraints_for_bench(opts, "budget"))
     else:
