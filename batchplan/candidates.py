@@ -65,9 +65,6 @@ class Candidates:
         """The candidates where ``mask`` holds (option ids kept: they stay unique and ascending)."""
         return dataclasses.replace(self, plans=self.plans.filter(mask))
 
-    def template_ids(self, kinds: Sequence[str]) -> pl.Series:
-        return self.templates.filter(pl.col("kind").is_in(list(kinds)))["template"]
-
     def is_single(self) -> np.ndarray:
         """Per candidate: whether it calls one model once."""
         return (self.templates["kind"] == "single").to_numpy()[self.plans["template"].to_numpy()]
