@@ -246,7 +246,9 @@ def test_array_candidates_equal_the_plain_ones() -> None:
     queue = pl.DataFrame(
         {"query_id": [f"q{i}" for i in range(12)], "tenant": "x", "task": ["t", "u", "v"] * 4, "priority": 1.0}
     )
-    pairs = [(q, m) for q in queue["query_id"] for m in models if not (q == "q3" and m == "m2") and q != "q7" or m == "m1"]
+    # q3 is not offered m2, q7 only m1
+    offered = [(q, m) for q in queue["query_id"] for m in models]
+    pairs = [(q, m) for q, m in offered if (q, m) != ("q3", "m2") and (q != "q7" or m == "m1")]
     predictions = pl.DataFrame(
         {
             "query_id": [q for q, _ in pairs],
