@@ -27,7 +27,7 @@ import polars as pl
 import structlog
 
 from batchplan import artifacts
-from batchplan.candidates import Candidates, single_model_candidates, template_candidates
+from batchplan.candidates import Candidates, build_candidates
 from batchplan.catalog import PriceCatalog
 from batchplan.contracts import DEFER, RESULT_SCHEMA, UNANSWERABLE, ContractError
 from batchplan.frontier import frontier_uri, plan_frontier, read_frontier, write_frontier
@@ -110,24 +110,6 @@ def unseen_tasks(queue: pl.DataFrame, predictor: Predictor) -> list[str]:
     """The queue's tasks the predictor never saw in training: their accuracy is each model's mean over all
     tasks, so the plan for them is a guess the user should know about (a typo'd task name looks the same)."""
     return sorted(set(queue["task"].unique().to_list()) - set(predictor.tasks.values))
-
-
-def build_candidates(
-    queue: pl.DataFrame,
-    predictions: pl.DataFrame,
-    templates: PlanTemplates | None = None,
-    kinds: Sequence[str] | None = None,
-) -> Candidates:
-    """Singles for every offered model, plus the fitted votes and cascades; ``kinds`` limits the plan kinds."""
-    candidates = single_model_candidates(queue, predictions)
-    if templates is not None:
-        candidates = template_candidates(candidates, predictions, templates)
-    if kinds is not None:
-        plans = candidates.plans.filter(pl.col("kind").is_in(list(kinds)))
-        candidates = Candidates(
-            plans=plans.with_columns(pl.int_range(pl.len(), dtype=pl.Int64).alias("option")), queries=candidates.queries
-        )
-    return candidates
 
 
 def optimize(candidates: Candidates, request: PlanRequest, templates: PlanTemplates | None = None) -> PlanOutcome:

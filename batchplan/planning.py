@@ -7,8 +7,10 @@ The optimizer itself knows nothing of LLMs; this module is the translation layer
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import difflib
 import json
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from statistics import NormalDist
 from typing import Any
@@ -123,26 +125,18 @@ def restrict_allowed(candidates: Candidates, allowed_models: dict[str, list[str]
     """Drop candidates that call a model the query's tenant may not use."""
     if not allowed_models:
         return candidates
-    allowed = pl.DataFrame(
-        [(t, m) for t, models in allowed_models.items() for m in models],
-        schema={"tenant": pl.String, "model": pl.String},
-        orient="row",
+    limited = list(allowed_models)
+    allowed = np.array([[m in set(allowed_models[t]) for m in candidates.llms] for t in limited], dtype=bool)
+    calls = candidates.calls() > 0
+    # (limited tenant, template): every member allowed; a last row of True for the tenants without a list
+    ok = np.vstack([~(calls[None, :, :] & ~allowed[:, None, :]).any(axis=2), np.ones((1, len(calls)), dtype=bool)])
+    tenant = (
+        candidates.queries["tenant"]
+        .replace_strict(limited, list(range(len(limited))), default=len(limited), return_dtype=pl.Int64)
+        .to_numpy()
     )
-    limited = pl.Series(list(allowed_models), dtype=pl.String)
-    plans = candidates.plans.join(candidates.queries.select("query", "tenant"), on="query")
-    ok = (
-        plans.select("option", "tenant", pl.col("models"))
-        .explode("models")
-        .rename({"models": "model"})
-        .join(allowed.with_columns(pl.lit(True).alias("_ok")), on=["tenant", "model"], how="left")
-        .with_columns((pl.col("_ok").fill_null(False) | ~pl.col("tenant").is_in(limited.implode())).alias("_ok"))
-        .group_by("option")
-        .agg(pl.col("_ok").all())
-        .filter("_ok")
-    )
-    return Candidates(
-        plans=candidates.plans.filter(pl.col("option").is_in(ok["option"].implode())), queries=candidates.queries
-    )
+    keep = ok[tenant[candidates.plans["query"].to_numpy()], candidates.plans["template"].to_numpy()]
+    return candidates.keep(keep)
 
 
 def define_constraints(request: PlanRequest, candidates: Candidates) -> tuple[list[Any], list[str]]:
@@ -166,16 +160,24 @@ def define_constraints(request: PlanRequest, candidates: Candidates) -> tuple[li
 
 
 def options_table(
-    candidates: Candidates, resource_columns: list[str], passthrough: list[str] | None = None
+    candidates: Candidates,
+    resource_columns: list[str],
+    passthrough: list[str] | None = None,
+    groups: Sequence[str] = ("tenant", "task"),
 ) -> pl.DataFrame:
-    """The optimizer's options; ``calls:<model>`` columns count a plan's calls to that model."""
-    plans = candidates.plans
+    """The optimizer's options; ``calls:<model>`` columns count a plan's calls to that model; ``groups`` the
+    query attributes the constraints group by."""
     if resource_columns:
-        plans = plans.with_columns(
-            pl.col("models").list.count_matches(column.split(":", 1)[1]).cast(pl.Float64).alias(column)
+        calls = candidates.calls().astype(np.float64)
+        template = candidates.plans["template"].to_numpy()
+        counts = {
+            column: calls[template, candidates.llms.index(model)]
+            if (model := column.split(":", 1)[1]) in candidates.llms
+            else np.zeros(len(template))
             for column in resource_columns
-        )
-    return Candidates(plans=plans, queries=candidates.queries).options((*resource_columns, *(passthrough or [])))
+        }
+        candidates = dataclasses.replace(candidates, plans=candidates.plans.with_columns(**counts))
+    return candidates.options((*resource_columns, *(passthrough or [])), groups)
 
 
 def label_errors(
@@ -186,14 +188,26 @@ def label_errors(
     The estimate is the plan's error rate per true label when replayed on the training history
     (``plan_simulation.error_by_label``): a per-task, per-plan rate, shared by the task's queries.
     """
-    rows = []
+    ids = {
+        (task, kind, tuple(models), tuple(thresholds or ())): template
+        for template, kind, models, thresholds, task in candidates.templates.select(
+            "template", "kind", "models", "thresholds", "task"
+        ).iter_rows()
+    }
+    singles = {models[0]: template for template, models in candidates.templates.filter(
+        pl.col("kind") == "single").select("template", "models").iter_rows()}  # fmt: skip
+    rows: list[tuple[str, int, str, float]] = []
     for template in templates.templates:
-        for label, err in template.error_by_label.items():
-            rows.append((template.task, template.kind, "\x1f".join(template.models), label, err))
+        key = (template.task, template.kind, tuple(template.models), tuple(template.thresholds or ()))
+        if key in ids:
+            rows.extend((template.task, ids[key], label, err) for label, err in template.error_by_label.items())
     for task, by_model in templates.single_errors.items():
         for model, by_label in by_model.items():
-            rows.extend((task, "single", model, label, err) for label, err in by_label.items())
-    table = pl.DataFrame(rows, schema=["task", "kind", "key", "label", "error"], orient="row")
+            if model in singles:
+                rows.extend((task, singles[model], label, err) for label, err in by_label.items())
+    table = pl.DataFrame(
+        rows, schema={"task": pl.String, "template": pl.Int32, "label": pl.String, "error": pl.Float64}, orient="row"
+    )
     alphas: list[tuple[str, str, float]] = []
     for task in candidates.queries["task"].unique().to_list():
         bound = bounds.get(task, bounds.get("*"))
@@ -209,11 +223,11 @@ def label_errors(
             for y in labels
             if not isinstance(bound, dict) or y in bound
         )
-    alpha = pl.DataFrame(alphas, schema=["task", "label", "alpha"], orient="row")
-    options = candidates.plans.join(candidates.queries.select("query", "task"), on="query").select(
-        "option", "query", "task", "kind", pl.col("models").list.join("\x1f").alias("key")
+    alpha = pl.DataFrame(alphas, schema={"task": pl.String, "label": pl.String, "alpha": pl.Float64}, orient="row")
+    options = candidates.plans.select(
+        "option", "query", "template", candidates.queries["task"].gather(candidates.plans["query"])
     )
-    errors = options.join(alpha, on="task").join(table, on=["task", "kind", "key", "label"], how="left")
+    errors = options.join(alpha, on="task").join(table, on=["task", "template", "label"], how="left")
     # a plan never replayed on a label (no such gold in training) is treated as failing the bound, not guessed
     return errors.with_columns(pl.col("error").fill_null(1.0))
 
@@ -221,8 +235,8 @@ def label_errors(
 def meet_label_errors(candidates: Candidates, errors: pl.DataFrame) -> Candidates:
     """Offer only plans whose error stays under alpha for every true label; name the tasks where none does."""
     failing = errors.filter(pl.col("error") > pl.col("alpha"))["option"].unique()
-    kept = candidates.plans.filter(~pl.col("option").is_in(failing.implode()))
-    stranded = candidates.queries.join(kept.select("query").unique(), on="query", how="anti")
+    kept = candidates.keep(~pl.col("option").is_in(failing.implode()))
+    stranded = candidates.queries.join(kept.plans.select("query").unique(), on="query", how="anti")
     if stranded.height:
         worst = (
             errors.join(stranded.select("query"), on="query")
@@ -243,7 +257,7 @@ def meet_label_errors(candidates: Candidates, errors: pl.DataFrame) -> Candidate
             suggestion={t: w for t, w in worst.select("task", "worst").iter_rows()},
             fields=("label_error_max", "label_error_mode"),
         )
-    return Candidates(plans=kept, queries=candidates.queries)
+    return kept
 
 
 def aggregate_label_error_columns(
@@ -268,21 +282,23 @@ def aggregate_label_error_columns(
     plans = candidates.plans.join(usage, on="option", how="left").with_columns(
         pl.col(c).fill_null(0.0) for c in columns
     )
-    return Candidates(plans=plans, queries=candidates.queries), columns
+    return dataclasses.replace(candidates, plans=plans), columns
 
 
 def budget_share(candidates: Candidates, budget_usd: float) -> float:
     """The budget as a share of what sending every query to its task's best single model would cost (best =
     highest mean predicted accuracy on the batch): the scale ``PlanTemplates.offered`` was validated on."""
-    reference = float(
-        candidates.plans.filter(pl.col("kind") == "single")
-        .join(candidates.queries.select("query", "task"), on="query")
-        .group_by("task", pl.col("models").list.first().alias("model"))
-        .agg(pl.col("expected_accuracy").mean().alias("accuracy"), pl.col("expected_cost_usd").sum().alias("cost"))
-        .group_by("task")
-        .agg(pl.col("cost").sort_by("accuracy", descending=True).first())["cost"]
-        .sum()
-    )
+    single = candidates.is_single()
+    task, tasks = candidates.codes("task")
+    width = candidates.templates.height
+    key = task[candidates.plans["query"].to_numpy()[single]] * width + candidates.plans["template"].to_numpy()[single]
+    size = len(tasks) * width
+    count = np.bincount(key, minlength=size).reshape(-1, width)
+    accuracy = np.bincount(key, candidates.plans["expected_accuracy"].to_numpy()[single], size).reshape(-1, width)
+    cost = np.bincount(key, candidates.plans["expected_cost_usd"].to_numpy()[single], size).reshape(-1, width)
+    mean = np.where(count > 0, accuracy / np.maximum(count, 1), -np.inf)
+    seen = count.any(axis=1)
+    reference = float(cost[seen, mean[seen].argmax(axis=1)].sum())
     return budget_usd / reference if reference > 0 else float("inf")
 
 
@@ -296,10 +312,8 @@ def offer_templates(
     withheld = [task for task in tasks if templates.for_task(task) and not templates.offered(task, share)]
     if not withheld:
         return candidates, []
-    plans = candidates.plans.join(candidates.queries.select("query", "task"), on="query").filter(
-        (pl.col("kind") == "single") | ~pl.col("task").is_in(withheld)
-    )
-    return Candidates(plans=plans.drop("task"), queries=candidates.queries), withheld
+    dropped = candidates.templates.filter((pl.col("kind") != "single") & pl.col("task").is_in(withheld))["template"]
+    return candidates.keep(~pl.col("template").is_in(dropped.implode())), withheld
 
 
 def plan_batch(candidates: Candidates, request: PlanRequest, templates: PlanTemplates | None = None) -> PlanOutcome:
@@ -321,7 +335,8 @@ def plan_batch(candidates: Candidates, request: PlanRequest, templates: PlanTemp
             candidates, label_columns = aggregate_label_error_columns(candidates, errors, templates or PlanTemplates())
     constraints, extra = define_constraints(request, candidates)
     constraints += [Capacity(column=c, limit=0.0, name=c) for c in label_columns]
-    options = options_table(candidates, extra, label_columns)
+    groups = sorted({g for c in constraints if (g := getattr(c, "group", None)) is not None})
+    options = options_table(candidates, extra, label_columns, groups)
     objective: Objective = "max_value" if request.budget_usd is not None else "min_cost"
     deferrable = np.full(candidates.queries.height, request.allow_deferral)
     problem = Problem(options, objective=objective, constraints=constraints, deferrable=deferrable)
@@ -334,23 +349,8 @@ def plan_batch(candidates: Candidates, request: PlanRequest, templates: PlanTemp
         # Second pass: leave the margin unplanned, so the expected spend plus z standard deviations fits.
         tightened = [Budget(limit=request.budget_usd - margin) if isinstance(c, Budget) else c for c in constraints]
         with contextlib.suppress(InfeasibleError):  # no room for the margin: keep the first pass
-            solution = solve(problem.with_constraints(tightened), method=request.method)
-    chosen = solution.chosen.join(candidates.plans, on=["query", "option"], how="inner").join(
-        fallbacks(candidates, solution), on="query", how="left"
-    )
-    plan = (
-        candidates.queries.select("query", "query_id")
-        .join(chosen.drop("query_id"), on="query", how="left")
-        .sort("query")
-        .with_columns(
-            pl.col("kind").fill_null("defer"),
-            pl.col("models").fill_null(pl.lit([], dtype=pl.List(pl.String))),
-            pl.col("expected_cost_usd").fill_null(0.0),
-            pl.col("expected_accuracy").fill_null(0.0),
-            pl.col("reserve_cost_usd").fill_null(0.0),
-        )
-        .select(PLAN_SCHEMA.names())
-    )
+            solution = solve(problem.with_constraints(tightened), method=request.method, warm_prices=solution.info.prices)
+    plan = plan_rows(candidates, solution)
     if unanswerable.height:
         plan = order.join(
             pl.concat([plan, unanswerable_rows(unanswerable["query_id"])]), on="query_id", maintain_order="left"
@@ -362,6 +362,32 @@ def plan_batch(candidates: Candidates, request: PlanRequest, templates: PlanTemp
         templates_withheld=withheld,
         unused_constraints=unused,
         problem=problem,
+    )
+
+
+def chosen_rows(candidates: Candidates, solution: Solution) -> np.ndarray:
+    """Row positions in ``candidates.plans`` of the solution's chosen options (options ascend: a search, no join)."""
+    return np.searchsorted(candidates.plans["option"].to_numpy(), solution.chosen["option"].to_numpy())
+
+
+def plan_rows(candidates: Candidates, solution: Solution) -> pl.DataFrame:
+    """PLAN_SCHEMA, one row per query: the chosen candidate with its names joined, or a deferral."""
+    rows = chosen_rows(candidates, solution)
+    chosen = candidates.plans[rows].select(
+        "query", "template", "expected_cost_usd", "expected_accuracy", "reserve_cost_usd"
+    )
+    chosen = candidates.named(chosen).with_columns(fallbacks(candidates, solution, rows))
+    return (
+        candidates.queries.select("query", "query_id")
+        .join(chosen, on="query", how="left", maintain_order="left")
+        .with_columns(
+            pl.col("kind").fill_null("defer"),
+            pl.col("models").fill_null(pl.lit([], dtype=pl.List(pl.String))),
+            pl.col("expected_cost_usd").fill_null(0.0),
+            pl.col("expected_accuracy").fill_null(0.0),
+            pl.col("reserve_cost_usd").fill_null(0.0),
+        )
+        .select(PLAN_SCHEMA.names())
     )
 
 
@@ -382,7 +408,9 @@ def split_unanswerable(candidates: Candidates) -> tuple[Candidates, pl.DataFrame
     renumber = kept.select("query", pl.int_range(pl.len(), dtype=pl.Int64).alias("_new"))
     plans = candidates.plans.join(renumber, on="query").drop("query").rename({"_new": "query"})
     queries = kept.join(renumber, on="query").drop("query").rename({"_new": "query"})
-    return Candidates(plans=plans.select(candidates.plans.columns), queries=queries.select(kept.columns)), missing
+    return dataclasses.replace(
+        candidates, plans=plans.select(candidates.plans.columns), queries=queries.select(kept.columns)
+    ), missing
 
 
 def unanswerable_rows(query_ids: pl.Series) -> pl.DataFrame:
@@ -403,27 +431,46 @@ def unanswerable_rows(query_ids: pl.Series) -> pl.DataFrame:
     )
 
 
-def fallbacks(candidates: Candidates, solution: Solution, keep: int = 2) -> pl.DataFrame:
-    """Per query, the next-best single models outside its plan (accuracy less the budget's price of their
-    cost): what the dispatcher asks instead when a planned model is down."""
+def fallbacks(candidates: Candidates, solution: Solution, rows: np.ndarray, keep: int = 2) -> pl.Series:
+    """Per chosen query (``rows``: its candidate's row, in ``solution.chosen``'s order), the next-best single
+    models outside its plan (accuracy less the budget's price of their cost), best first, null where none is
+    left: what the dispatcher asks instead when a planned model is down."""
     price = float(solution.shadow_prices.get("budget", 0.0))
-    chosen_models = solution.chosen.join(candidates.plans.select("option", "models"), on="option").select(
-        "query", pl.col("models").alias("chosen")
+    plans = candidates.plans
+    single = candidates.is_single()
+    member = candidates.calls() > 0
+    # single candidates' scores on a queries x LLMs grid (-inf: not offered, or inside the chosen plan)
+    score = np.full((candidates.queries.height, len(candidates.llms)), -np.inf)
+    score[plans["query"].to_numpy()[single], member.argmax(axis=1)[plans["template"].to_numpy()[single]]] = (
+        plans["expected_accuracy"].to_numpy()[single] - price * plans["expected_cost_usd"].to_numpy()[single]
     )
-    return (
-        candidates.plans.filter(pl.col("kind") == "single")
-        .join(chosen_models, on="query")
-        .filter(~pl.col("chosen").list.contains(pl.col("models").list.first()))
-        .with_columns((pl.col("expected_accuracy") - price * pl.col("expected_cost_usd")).alias("_score"))
-        .sort("query", "_score", descending=[False, True])
-        .group_by("query", maintain_order=True)
-        .agg(pl.col("models").list.first().head(keep).alias("fallback_models"))
-    )
+    score = score[solution.chosen["query"].to_numpy()]
+    score[member[plans["template"].to_numpy()[rows]]] = -np.inf
+    ranked = np.zeros((len(score), min(keep, score.shape[1])), dtype=np.uint32)
+    found = np.zeros(len(score), dtype=np.int64)
+    for r in range(ranked.shape[1]):  # ties: the LLMs' name order
+        best = score.argmax(axis=1)
+        ok = np.isfinite(score[np.arange(len(score)), best])
+        ranked[:, r] = best
+        found += ok  # once a rank finds none, no later one does
+        score[np.arange(len(score)), best] = -np.inf
+    # an n x keep array of LLM indices, cut to the ones found and named: no per-row lists built in Python
+    names = list(candidates.llms)
+    return pl.DataFrame({"ranked": ranked, "found": found}).select(
+        pl.when(pl.col("found") > 0)
+        .then(
+            pl.col("ranked")
+            .arr.to_list()
+            .list.head(pl.col("found"))
+            .list.eval(pl.element().replace_strict(list(range(len(names))), names, return_dtype=pl.String))
+        )
+        .alias("fallback_models")
+    )["fallback_models"]
 
 
 def spend_margin(candidates: Candidates, solution: Solution, confidence: float) -> float:
     """z * sd of the chosen plans' total spend: the slack that keeps P(spend > budget) under 1 - confidence."""
     if confidence <= 0.5:
         return 0.0
-    variance = solution.chosen.join(candidates.plans.select("option", "cost_var"), on="option")["cost_var"].sum()
+    variance = candidates.plans["cost_var"].gather(chosen_rows(candidates, solution)).sum()
     return float(NormalDist().inv_cdf(confidence) * np.sqrt(max(float(variance), 0.0)))

@@ -11,8 +11,17 @@ Constraint sets:
 
 Every case runs in its own subprocess (peak RSS from ru_maxrss; a time-out kills it).
 
+End to end (``--end-to-end``): ``batchplan plan``'s code path stage by stage on a queue of N queries sampled
+from a real history (``--history``, default routerbench: 11 LLMs, 3 tasks) under new query ids, with a
+predictor and templates trained once on that history's train split (cached under ``--work``). Stages:
+ingest (read + validate the queue parquet), load (the trained predictor), predict, candidates, solve
+(``plan_batch``: restrictions, both budget passes, the plan rows; "solve alone" is the optimizer's own time)
+and write (plan parquet). Each size runs in its own subprocess; wall seconds per stage, process CPU seconds
+(all threads) below them, peak GiB per stage from RSS sampled every 20 ms, the whole from ru_maxrss.
+
     uv run python bench/solver.py                      # 10k, 100k, 1M; baselines up to their time-out
     uv run python bench/solver.py --sizes 10000,100000 --baseline-timeout 120
+    uv run python bench/solver.py --end-to-end --sizes 1000000
 """
 
 from __future__ import annotations
@@ -102,7 +111,7 @@ def _run_case(n: int, which: str, method: str, seed: int, queue: Any) -> None:
         solution = solve(problem, method=method, **kwargs)  # type: ignore[arg-type]
         wall = time.perf_counter() - t0
         out = {"ok": True, "seconds": wall, "objective": solution.objective, "bound": solution.bound, "gap": solution.gap,
-               "status": solution.status, "info": {k: v for k, v in solution.info.items() if k in ("rounds", "active", "fractional", "timings")}}
+               "status": solution.status, "info": {"fractional": solution.info.fractional, "timings": solution.info.timings}}
     except Exception as error:  # report, don't crash the table
         out = {"ok": False, "error": f"{type(error).__name__}: {error}"[:200]}
     out["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
@@ -126,6 +135,144 @@ def run_case(n: int, which: str, method: str, seed: int, timeout: float) -> dict
         return {"ok": False, "error": f"process exited with code {proc.exitcode}"}
 
 
+E2E_STAGES = ("ingest", "load", "predict", "candidates", "solve", "write")
+
+
+def prepare_end_to_end(n: int, history_dir: str, work: str, seed: int) -> tuple[str, str]:
+    """The trained model (once per history) and an N-query queue parquet (once per size): not timed."""
+    from pathlib import Path
+
+    from batchplan import artifacts
+    from batchplan.history import load_history, with_holdout
+    from batchplan.storage import Storage
+
+    root = Path(work)
+    root.mkdir(parents=True, exist_ok=True)
+    history = load_history(history_dir)
+    model_uri = str(root / "model")
+    if not (root / "model").exists():
+        train = with_holdout(history, seed=seed).split("train")
+        artifacts.save(artifacts.train(train, seed=seed), Storage(), model_uri)
+    queue_uri = str(root / f"queue-{n}.parquet")
+    if not Path(queue_uri).exists():
+        base = history.as_queue()
+        rows = np.random.default_rng(seed).integers(0, base.height, n)
+        rng = np.random.default_rng(seed + 1)
+        tenants = pl.Series([f"tenant{t}" for t in rng.integers(0, N_TENANTS, n)])
+        base[rows].with_columns(
+            pl.format("q-{}", pl.int_range(pl.len()).cast(pl.String).str.zfill(8)).alias("query_id"),
+            tenants.alias("tenant"),
+            pl.Series(rng.choice(np.array([1.0, 2.0, 3.0]), n, p=[0.6, 0.3, 0.1])).alias("priority"),
+        ).write_parquet(queue_uri)
+    return model_uri, queue_uri
+
+
+def _run_end_to_end(model_uri: str, queue_uri: str, plan_uri: str, budget_share: float, queue: Any) -> None:
+    import threading
+
+    from batchplan import artifacts, pipeline
+    from batchplan.planning import PlanRequest
+    from batchplan.storage import Storage
+
+    stage = ["start"]
+    peaks: dict[str, float] = {}
+    running = True
+    page = resource.getpagesize()
+
+    def sample() -> None:  # RSS per stage: ru_maxrss only knows the whole run's peak
+        while running:
+            with open("/proc/self/statm") as fh:
+                rss = int(fh.read().split()[1]) * page / 2**30
+            peaks[stage[0]] = max(peaks.get(stage[0], 0.0), rss)
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    seconds: dict[str, float] = {}
+    cpu: dict[str, float] = {}  # process CPU seconds (all threads): less at the mercy of a busy machine than wall
+    out: dict[str, Any] = {"ok": True}
+    try:
+        storage = Storage()
+        t, c = time.perf_counter(), time.process_time()
+
+        def lap(name: str) -> None:
+            nonlocal t, c
+            now, now_cpu = time.perf_counter(), time.process_time()
+            seconds[name], cpu[name] = now - t, now_cpu - c
+            t, c = now, now_cpu
+            stage[0] = E2E_STAGES[E2E_STAGES.index(name) + 1] if name != E2E_STAGES[-1] else "end"
+
+        stage[0] = "ingest"
+        ingested = pipeline.ingest(queue_uri, storage)
+        lap("ingest")
+        trained = artifacts.load(storage, model_uri)
+        lap("load")
+        predictions = pipeline.predict(ingested.queue, trained.predictor, None)
+        lap("predict")
+        request = PlanRequest(budget_usd=1.0)
+        candidates = pipeline.build_candidates(ingested.queue, predictions, trained.templates, request.kinds)
+        lap("candidates")
+        # the budget: a share of what the cheapest-to-dearest spread of single models costs (not timed: O(pairs))
+        per_query = predictions.group_by("query_id").agg(pl.col("cost_usd").min().alias("lo"), pl.col("cost_usd").max().alias("hi"))
+        lo, hi = float(per_query["lo"].sum()), float(per_query["hi"].sum())
+        request.budget_usd = lo + budget_share * (hi - lo)
+        t, c = time.perf_counter(), time.process_time()
+        outcome = pipeline.optimize(candidates, request, trained.templates)
+        lap("solve")
+        storage.write_frame(outcome.plan, plan_uri)
+        lap("write")
+        out.update(
+            queries=ingested.queue.height,
+            pairs=predictions.height,
+            candidates=candidates.plans.height if hasattr(candidates, "plans") else None,
+            solve_alone=outcome.solution.solve_seconds,
+            status=outcome.solution.status,
+            objective=outcome.solution.objective,
+            gap=outcome.solution.gap,
+        )
+    except Exception as error:  # report, don't crash the table
+        out = {"ok": False, "error": f"{type(error).__name__}: {error}"[:300]}
+    running = False
+    sampler.join()
+    out.update(seconds=seconds, cpu=cpu, peaks=peaks, peak_rss_gib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20)
+    queue.put(out)
+
+
+def end_to_end(args: argparse.Namespace) -> int:
+    header = f"{'N':>9} " + " ".join(f"{s:>10}" for s in (*E2E_STAGES, "total", "solve alone", "peak GiB")) + "  note"
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for n in [int(s) for s in args.sizes.split(",")]:
+        model_uri, queue_uri = prepare_end_to_end(n, args.history, args.work, args.seed)
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        plan_uri = args.plan_out or f"{args.work}/plan-{n}.parquet"
+        proc = ctx.Process(target=_run_end_to_end, args=(model_uri, queue_uri, plan_uri, args.budget_share, queue))
+        proc.start()
+        proc.join(args.timeout)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+            print(f"{n:>9}  timeout after {args.timeout:.0f} s")
+            continue
+        res = dict(queue.get(timeout=5))
+        rows.append({"n": n, **res})
+        secs = res["seconds"]
+        cells = [f"{secs[s]:>10.2f}" if s in secs else f"{'-':>10}" for s in E2E_STAGES]
+        total = sum(secs.values())
+        note = f"{res.get('candidates')} candidates, {res.get('status')}" if res["ok"] else res["error"]
+        solve_alone = f"{res['solve_alone']:>10.2f}" if res["ok"] else f"{'-':>10}"
+        print(f"{n:>9} " + " ".join(cells) + f" {total:>10.2f} {solve_alone} {res['peak_rss_gib']:>10.2f}  {note}")
+        print(f"{'cpu s':>9} " + " ".join(f"{res['cpu'][s]:>10.2f}" if s in res["cpu"] else f"{'-':>10}" for s in E2E_STAGES)
+              + f" {sum(res['cpu'].values()):>10.2f}")
+        print(f"{'peak GiB':>9} " + " ".join(f"{res['peaks'].get(s, float('nan')):>10.2f}" for s in E2E_STAGES), flush=True)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(rows, fh, indent=1, default=str)
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="10000,100000,1000000")
@@ -136,7 +283,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--baseline-max-n", type=int, default=100_000, help="skip baselines above this N")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="also write the rows as JSON here")
+    parser.add_argument("--end-to-end", action="store_true", help="time `batchplan plan`'s stages instead")
+    parser.add_argument("--history", default="../shared/data/routerbench", help="end to end: history to sample")
+    parser.add_argument("--work", default="/tmp/batchplan-bench-e2e", help="end to end: cached model and queues")
+    parser.add_argument("--budget-share", type=float, default=0.3, help="end to end: budget between cheapest and dearest")
+    parser.add_argument("--plan-out", help="end to end: write the plan here (default under --work)")
     args = parser.parse_args(argv)
+    if args.end_to_end:
+        if args.timeout == 120.0:
+            args.timeout = 900.0
+        return end_to_end(args)
     sizes = [int(s) for s in args.sizes.split(",")]
     rows: list[dict[str, Any]] = []
     header = f"{'N':>9} {'constraints':>11} {'method':>16} {'seconds':>9} {'peak GiB':>9} {'gap':>10} {'objective':>14} {'x faster':>9}  note"

@@ -11,9 +11,10 @@ import numpy as np
 import polars as pl
 
 from optimizer.constraints import Budget
+from optimizer.decompose import repair_lp_solution, solve_decompose
 from optimizer.diagnose import diagnose, empty_queries
 from optimizer.problem import Problem
-from optimizer.solution import Solution, SolverError
+from optimizer.solution import InfeasibleError, Solution, SolverError
 from optimizer.solve_cvxpy import solve_cvxpy
 
 Method = Literal["auto", "cvxpy_milp", "cvxpy_lp", "decompose"]
@@ -26,6 +27,7 @@ def solve(
     time_limit: float | None = None,
     gap_tol: float = 1e-4,
     highs_options: dict[str, Any] | None = None,
+    warm_prices: np.ndarray | None = None,
 ) -> Solution:
     """Choose one option per query (or defer it). Raises InfeasibleError / SolverError.
 
@@ -41,6 +43,9 @@ def solve(
     SolverError. Overshoot is bounded by one pricing pass plus the rounding (short MILPs capped at the
     time left, at least 0.05 s each). cvxpy methods: passed to HiGHS as its time_limit, which HiGHS does
     not enforce during its MILP setup (see STACK.md); run those in a subprocess to guard them strictly.
+
+    ``warm_prices``, decompose: start from these row prices (e.g. a neighbouring budget's
+    ``solution.info.prices``) instead of sampling; ignored when their length does not match the rows.
     """
     t0 = time.perf_counter()
     model = problem.compiled
@@ -54,16 +59,12 @@ def solve(
         if solution is None:
             raise SolverError(f"{method}: HiGHS via CVXPY ended with status {status!r} and no solution")
         if not integer:
-            from optimizer.decompose import repair_lp_solution
-
             solution = repair_lp_solution(model, solution, method=method)
         solution.solve_seconds = time.perf_counter() - t0
         solution.status = "optimal" if solution.gap <= gap_tol else "feasible"
         return solution
     if method in ("auto", "decompose"):
-        from optimizer.decompose import solve_decompose
-
-        solution = solve_decompose(model, time_limit=time_limit, gap_tol=gap_tol)
+        solution = solve_decompose(model, time_limit=time_limit, gap_tol=gap_tol, warm_prices=warm_prices)
         solution.solve_seconds = time.perf_counter() - t0
         return solution
     raise ValueError(f"unknown method {method!r}; use auto, decompose, cvxpy_milp or cvxpy_lp")
@@ -74,62 +75,24 @@ def frontier(problem: Problem, budgets: Sequence[float], method: Method = "auto"
 
     Columns: budget, objective, bound, gap, cost, accuracy (mean expected accuracy over all queries,
     deferred counting 0), deferred, seconds. Infeasible budgets give a row with nulls.
-    Cheap: the compiled arrays are shared and the decomposition warm-starts from the previous prices.
+    Cheap: each budget is ``problem.with_constraints`` (the compiled arrays are shared, only the budget row
+    is built) solved by ``solve``, and the decomposition warm-starts from the previous budget's prices.
     """
-    from optimizer.solution import InfeasibleError
-
     base = [c for c in problem.constraints if not (isinstance(c, Budget) and c.name == budget_name)]
     rows: list[dict[str, Any]] = []
     warm: np.ndarray | None = None
-    shared = problem.compiled
     for b in sorted(float(x) for x in budgets):
         p = problem.with_constraints([*base, Budget(limit=b, name=budget_name)])
-        # reuse the compiled arrays: only the budget row changes
-        model = _rebudget(shared, p)
-        p.__dict__["compiled"] = model
         try:
-            if method in ("auto", "decompose"):
-                from optimizer.decompose import solve_decompose
-
-                t0 = time.perf_counter()
-                sol = solve_decompose(model, warm_prices=warm)
-                sol.solve_seconds = time.perf_counter() - t0
-                warm = sol.info.get("prices")
-            else:
-                sol = solve(p, method=method)
+            sol = solve(p, method=method, warm_prices=warm)
         except InfeasibleError:
             rows.append({"budget": b, "objective": None, "bound": None, "gap": None, "cost": None,
                          "accuracy": None, "deferred": None, "seconds": None})
             continue
+        warm = sol.info.prices
         rows.append({"budget": b, "objective": sol.objective, "bound": sol.bound, "gap": sol.gap, "cost": sol.cost,
-                     "accuracy": sol.accuracy / max(model.n, 1), "deferred": len(sol.deferred),
+                     "accuracy": sol.accuracy / max(p.compiled.n, 1), "deferred": len(sol.deferred),
                      "seconds": sol.solve_seconds})
     schema = {"budget": pl.Float64, "objective": pl.Float64, "bound": pl.Float64, "gap": pl.Float64,
               "cost": pl.Float64, "accuracy": pl.Float64, "deferred": pl.Int64, "seconds": pl.Float64}
     return pl.DataFrame(rows, schema=schema)
-
-
-def _rebudget(shared: Any, problem: Problem) -> Any:
-    """A copy of the compiled model whose families follow ``problem``'s constraints, reusing arrays."""
-    import copy
-
-    from optimizer.constraints import Allowed
-
-    model = copy.copy(shared)
-    old = {f.constraint: f for f in shared.families}
-    families = []
-    for spec in problem.constraints:
-        if isinstance(spec, Allowed):
-            continue
-        name = spec.name if isinstance(spec, Budget) else None
-        if isinstance(spec, Budget) and name in old:
-            f = old[name]
-            families.append(type(f)(f.constraint, f.kind, f.sense, f.names, np.array([float(spec.limit)]), f.coef, f.gid, f.scale))
-        elif isinstance(spec, Budget):
-            families.append(spec.rows(model))
-        else:
-            from optimizer.constraints import constraint_name
-
-            families.append(old[constraint_name(spec)])
-    model.families = families
-    return model

@@ -1,10 +1,7 @@
 """Constraint specs: small named pieces, each turning the options table into coupling rows.
 
-Every spec produces one or more *rows* ``sum over chosen options of coef <= / >= rhs``. A row family is
-stored densely over the option columns of the compiled model: ``coef`` (one float per column) and ``gid``
-(which row of the family the column counts towards; ``-1`` = not counted). This keeps a 1M x 10 problem
-with a budget, per-model capacities and per-tenant budgets in a few hundred MB and lets the fast solver
-price all columns with a handful of vectorised numpy operations.
+Every spec produces one or more *rows* ``sum over chosen options of coef <= / >= rhs``, compiled into a
+``RowFamily`` over the model's columns (see ``optimizer.compiled``).
 
 | spec | rows | sense |
 |---|---|---|
@@ -19,44 +16,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Literal
 
 import numpy as np
 import polars as pl
 
-if TYPE_CHECKING:
-    from optimizer.problem import Compiled
+from optimizer.compiled import Compiled, RowFamily
 
-Sense = Literal["<=", ">="]
-
-
-@dataclass(frozen=True)
-class RowFamily:
-    """One constraint spec compiled: ``len(names)`` rows sharing one coefficient column."""
-
-    constraint: str  # the spec's name
-    kind: str  # budget / group_budget / capacity / accuracy_floor
-    sense: Sense
-    names: list[str]  # one per row, e.g. "tenant_budget[acme]"
-    rhs: np.ndarray  # float64, one per row
-    coef: np.ndarray  # float64, one per model column
-    gid: np.ndarray  # int32, one per model column: row index in this family, -1 = not in any row
-    scale: np.ndarray | None = None  # floors: queries per row (rhs = min_mean * scale)
-
-    @property
-    def size(self) -> int:
-        return len(self.names)
-
-    def usage(self, x: np.ndarray) -> np.ndarray:
-        """Left-hand side of every row for a (possibly fractional) column vector ``x``."""
-        inside = self.gid >= 0
-        return np.bincount(self.gid[inside], weights=(self.coef * x)[inside], minlength=self.size)
-
-    def usage_cols(self, cols: np.ndarray) -> np.ndarray:
-        """Left-hand side of every row when exactly the columns ``cols`` are chosen (one per query)."""
-        g = self.gid[cols]
-        inside = g >= 0
-        return np.bincount(g[inside], weights=self.coef[cols][inside], minlength=self.size)
+__all__ = ["AccuracyFloor", "Allowed", "Budget", "Capacity", "Constraint", "GroupBudget", "RowFamily", "RowSpec", "constraint_name"]
 
 
 def _group_ids(model: Compiled, column: str, keys: list[str] | None) -> tuple[np.ndarray, list[str]]:
@@ -195,7 +161,8 @@ class Allowed:
     name: str = "allowed"
 
 
-Constraint = Budget | GroupBudget | Capacity | AccuracyFloor | Allowed
+RowSpec = Budget | GroupBudget | Capacity | AccuracyFloor  # the specs that compile into rows
+Constraint = RowSpec | Allowed
 
 
 def constraint_name(spec: Constraint) -> str:

@@ -20,16 +20,26 @@ settled. So:
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
 
+from optimizer.compiled import Compiled, subset
 from optimizer.diagnose import diagnose
 from optimizer.highs_lp import TIGHT_MIP_TOLERANCES, HighsResult, run_highs
-from optimizer.problem import Compiled, subset
-from optimizer.solution import InfeasibleError, Solution, SolverError, build_solution, check_feasible
+from optimizer.solution import (
+    InfeasibleError,
+    Level,
+    Rounding,
+    Solution,
+    SolveInfo,
+    SolverError,
+    build_solution,
+    check_feasible,
+)
 
 BASE_QUERIES = 2_000  # at most this many queries: the master LP holds every column
 LEVEL_FACTOR = 10  # initial prices come from a nested sample this many times smaller
@@ -85,12 +95,6 @@ def price(model: Compiled, lam: np.ndarray, *, margin: bool = True) -> Pricing:
     second = np.maximum.reduceat(r, heads)
     r[best_col] = saved
     return Pricing(r, best, best_col, best - second)
-
-
-def lagrangian_bound(model: Compiled, lam: np.ndarray, pricing: Pricing | None = None) -> float:
-    """Upper bound on the (max-form) LP optimum, valid for any lam >= 0."""
-    p = pricing or price(model, lam)
-    return float(p.best.sum() + lam @ model.le_rhs())
 
 
 def _penalties(model: Compiled) -> np.ndarray:
@@ -177,66 +181,90 @@ def _near_columns(model: Compiled, pricing: Pricing, fraction: float, minimum: i
     return np.flatnonzero(keep)
 
 
-def _single_row_price(model: Compiled, rhs: np.ndarray) -> float | None:
+def _best_under(model: Compiled, a: np.ndarray) -> Callable[[float, np.ndarray | None], np.ndarray] | None:
+    """``best(lam, queries)``: per query (None: every query) its best column under price ``lam`` on
+    coefficients ``a`` (``argmax_j c_j - lam a_j``, the first on ties), as model column indices, by a row-wise
+    argmax on the n x w grid (``Compiled.grid``; padding has objective -inf). None when padding would more
+    than double the columns (a few queries with very many options)."""
+    w = int(np.diff(model.starts).max()) if model.n else 0
+    if model.n * w > 2 * model.m + model.n:
+        return None
+    w, cells, c2 = model.grid()
+    if cells is None:
+        a2 = a.reshape(model.n, w)
+    else:
+        a_flat = np.zeros(model.n * w)
+        a_flat[cells] = a
+        a2 = a_flat.reshape(model.n, w)
+    starts = model.starts[:-1]
+
+    def best(lam: float, idx: np.ndarray | None) -> np.ndarray:
+        if idx is None:
+            return np.asarray(starts + (c2 - lam * a2).argmax(axis=1))
+        return np.asarray(starts[idx] + (c2[idx] - lam * a2[idx]).argmax(axis=1))
+
+    return best
+
+
+def _single_row_price(model: Compiled, rhs: np.ndarray, guess: float | None = None) -> float | None:
     """The LP price of the only coupling row, by bisection (log scale) on ``max_j c_j - lam a_j`` per query.
 
     Queries whose best column is the same at both ends of the bracket keep it for every price in between
     (both sides are linear in lam), so they leave the active set after each step: the work shrinks
-    geometrically. Returns the smallest bracketed price at which the row holds (to ~1e-13 relative), or
-    None (non-regular layout, or the row cannot hold / needs no price: the general path decides).
+    geometrically. The bracket is first narrowed around ``guess`` (a neighbouring problem's price) or, on
+    large models, around the price of a 2% sample. Returns the smallest bracketed price at which the row holds
+    (to ~1e-13 relative), or None (the row cannot hold / needs no price, or the layout is too ragged: the
+    general path decides).
     """
-    w = model.width
-    if not w:
-        return None
     f = model.families[0]
     s = 1.0 if f.sense == "<=" else -1.0
-    a2 = np.where(f.gid >= 0, f.coef * s, 0.0).reshape(model.n, w)
-    c2 = model.c.reshape(model.n, w)
-    b = float(rhs[0])
-    rows = np.arange(model.n)
-
-    def best(lam: float, idx: np.ndarray) -> np.ndarray:
-        return np.asarray((c2[idx] - lam * a2[idx]).argmax(axis=1))
-
-    if float(a2[rows, best(0.0, rows)].sum()) <= b:
-        return None  # lam = 0
-    nz = np.abs(a2[a2 != 0])
-    hi = (float(np.ptp(c2)) + 1.0) / max(float(nz.min()), 1e-300) * 4.0
-    lo = hi * 1e-16
-    best_hi, best_lo = best(hi, rows), best(lo, rows)
-    if float(a2[rows, best_hi].sum()) > b or float(a2[rows, best_lo].sum()) <= b:
+    a = np.where(f.gid >= 0, f.coef * s, 0.0)
+    best = _best_under(model, a)
+    if best is None:
         return None
-    if model.n > 20 * BASE_QUERIES:  # narrow the bracket with a 2% sample first (its limit scaled by size)
+    b = float(rhs[0])
+    nz = np.abs(a[a != 0])
+    hi = (float(np.ptp(model.c)) + 1.0) / max(float(nz.min()), 1e-300) * 4.0
+    lo = hi * 1e-16
+    rows = np.arange(model.n)
+    widths: tuple[float, ...] = (1.05, 1.5, 4.0, 64.0)
+    if guess is not None:
+        widths = (1.01, *widths)  # a neighbour's price is close: a narrow bracket leaves few queries active
+    elif model.n > 20 * BASE_QUERIES:  # a 2% sample's price (its limit scaled by size)
         rng = np.random.default_rng(0)
         sample = np.sort(rng.choice(model.n, size=model.n // 50, replace=False))
-        guess = _bisect(c2, a2, b * len(sample) / model.n, lo, hi, sample)
-        for width in (1.5, 4.0, 64.0):
+        guess = _bisect(best, a, b * len(sample) / model.n, lo, hi, sample)
+    if guess is not None and lo <= guess <= hi:
+        # usage falls as the price rises, so a bracket that holds proves the price positive and in [lo, hi]
+        for width in widths:
             lo2, hi2 = max(guess / width, lo), min(guess * width, hi)
-            blo, bhi = best(lo2, rows), best(hi2, rows)
-            if float(a2[rows, blo].sum()) > b >= float(a2[rows, bhi].sum()):
-                return _bisect(c2, a2, b, lo2, hi2, rows, blo, bhi)
-    return _bisect(c2, a2, b, lo, hi, rows, best_lo, best_hi)
+            blo, bhi = best(lo2, None), best(hi2, None)
+            if float(a[blo].sum()) > b >= float(a[bhi].sum()):
+                return _bisect(best, a, b, lo2, hi2, rows, blo, bhi)
+    if float(a[best(0.0, None)].sum()) <= b:
+        return None  # lam = 0
+    best_hi, best_lo = best(hi, None), best(lo, None)
+    if float(a[best_hi].sum()) > b or float(a[best_lo].sum()) <= b:
+        return None
+    return _bisect(best, a, b, lo, hi, rows, best_lo, best_hi)
 
 
-def _bisect(c2: np.ndarray, a2: np.ndarray, b: float, lo: float, hi: float, rows: np.ndarray,
-            best_lo: np.ndarray | None = None, best_hi: np.ndarray | None = None) -> float:
+def _bisect(best: Callable[[float, np.ndarray | None], np.ndarray], a: np.ndarray, b: float, lo: float, hi: float,
+            rows: np.ndarray, best_lo: np.ndarray | None = None, best_hi: np.ndarray | None = None) -> float:
     """Smallest price in [lo, hi] (to 1e-13 relative) at which the row over ``rows`` holds; usage(lo) > b assumed."""
-    def best(lam: float, idx: np.ndarray) -> np.ndarray:
-        return np.asarray((c2[idx] - lam * a2[idx]).argmax(axis=1))
-
     best_lo = best(lo, rows) if best_lo is None else best_lo
     best_hi = best(hi, rows) if best_hi is None else best_hi
     active = rows
     fixed = 0.0
     for _ in range(200):
         settled = best_lo == best_hi
-        fixed += float(a2[active[settled], best_lo[settled]].sum())
+        fixed += float(a[best_lo[settled]].sum())
         active, best_lo, best_hi = active[~settled], best_lo[~settled], best_hi[~settled]
         if len(active) == 0 or hi <= lo * (1 + 1e-13):
             break
         mid = float(np.sqrt(lo * hi))
         best_mid = best(mid, active)
-        if fixed + float(a2[active, best_mid].sum()) > b:
+        if fixed + float(a[best_mid].sum()) > b:
             lo, best_lo = mid, best_mid
         else:
             hi, best_hi = mid, best_mid
@@ -251,62 +279,87 @@ class _OutOfTime(Exception):
         self.lam = lam
 
 
+def _initial_prices(
+    model: Compiled, rhs: np.ndarray, *, warm_prices: np.ndarray | None, seed: int, deadline: float | None,
+    info: SolveInfo,
+) -> tuple[np.ndarray, float]:
+    """Starting prices, and the share of queries (closest to a tie) whose near-best columns join the first
+    restricted LP: one coupling row gets its exact price by bisection (a tiny first master; a warm start
+    narrows its bracket), a warm start its prices, a large model the LP optimum of a nested sample (recursively), a small one zero (and the master
+    is the whole LP)."""
+    k = len(rhs)
+    warm = warm_prices is not None and len(warm_prices) == k
+    if k == 1 and model.n > BASE_QUERIES:
+        guess = float(warm_prices[0]) if warm and warm_prices is not None else None
+        if (single := _single_row_price(model, rhs, guess)) is not None:
+            return np.array([single]), 0.0
+    if warm and warm_prices is not None:
+        return np.asarray(warm_prices, dtype=np.float64), ACTIVE_FRACTION
+    if model.n > BASE_QUERIES:
+        rng = np.random.default_rng(seed)
+        size = max(BASE_QUERIES, model.n // LEVEL_FACTOR)
+        queries = np.sort(rng.choice(model.n, size=size, replace=False))
+        try:
+            return solve_lp(subset(model, queries), seed=seed + 1, deadline=deadline, info=info, nested=True).lam, ACTIVE_FRACTION
+        except _OutOfTime as out:  # the sample ran out of time: its own starting prices will do
+            info.converged = False
+            return out.lam, ACTIVE_FRACTION
+    return np.zeros(k), 1.0
+
+
+def _entering(model: Compiled, master: Master, eps: float, max_add: int) -> np.ndarray | None:
+    """Pricing on the full model at the master's duals: the master's candidate columns plus the best
+    columns of the queries whose best lies outside them (the most violated ``max_add`` of those), or None
+    when there are none: then the master's optimum is the full LP's."""
+    pricing = price(model, master.lam, margin=False)
+    cand = np.zeros(model.m, dtype=bool)
+    cand[master.base] = True
+    cand[master.extra] = True
+    cmax = np.maximum.reduceat(np.where(cand, pricing.r, -np.inf), model.starts[:-1])
+    violators = np.flatnonzero(pricing.best > cmax + eps)
+    if len(violators) == 0:
+        return None
+    if len(violators) > max_add:  # partial pricing
+        worst = np.argpartition(cmax[violators] - pricing.best[violators], max_add - 1)[:max_add]
+        violators = violators[worst]
+    return np.union1d(master.extra, pricing.best_col[violators])
+
+
 def solve_lp(
     model: Compiled,
     *,
     warm_prices: np.ndarray | None = None,
     seed: int = 0,
     deadline: float | None = None,
-    info: dict[str, Any] | None = None,
+    info: SolveInfo | None = None,
     nested: bool = False,
 ) -> Master:
-    """The full LP optimum: prices from a nested sample (recursively), then column generation on ``model``."""
-    info = info if info is not None else {}
+    """The full LP optimum: initial prices (``_initial_prices``), then column generation on ``model``: solve
+    the restricted LP, price every column at its duals, add what would enter, until nothing does.
+
+    Out of time (``deadline``) after a first master: that master (a feasible LP point) with
+    ``info.converged`` False; before one: SolverError (``_OutOfTime`` inside a nested sample)."""
+    info = info if info is not None else SolveInfo()
     rhs = model.le_rhs()
-    k = len(rhs)
     penalties = _penalties(model)
-    # One coupling row: its exact price by bisection beats any warm start (a frontier's previous budget's price
-    # sent column generation through dozens of rounds: 30-50 s a point at 20k queries against 2 s cold).
-    single = _single_row_price(model, rhs) if k == 1 and model.n > BASE_QUERIES else None
-    if single is not None:  # one coupling row (a budget): its exact price by bisection, a tiny first master
-        lam = np.array([single])
-        fraction = 0.0
-    elif warm_prices is not None and len(warm_prices) == k:
-        lam = np.asarray(warm_prices, dtype=np.float64)
-        fraction = ACTIVE_FRACTION
-    elif model.n > BASE_QUERIES:
-        rng = np.random.default_rng(seed)
-        size = max(BASE_QUERIES, model.n // LEVEL_FACTOR)
-        queries = np.sort(rng.choice(model.n, size=size, replace=False))
-        try:
-            lam = solve_lp(subset(model, queries), seed=seed + 1, deadline=deadline, info=info, nested=True).lam
-        except _OutOfTime as out:  # the sample ran out of time: its own starting prices will do
-            lam = out.lam
-            info["converged"] = False
-        fraction = ACTIVE_FRACTION
-    else:
-        lam = np.zeros(k)
-        fraction = 1.0  # small: every column is a candidate, the master is the whole LP
+    lam, fraction = _initial_prices(model, rhs, warm_prices=warm_prices, seed=seed, deadline=deadline, info=info)
     pricing = price(model, lam)
     base = pricing.best_col
     extra = _near_columns(model, pricing, fraction, MIN_ACTIVE)
     scale = max(float(np.abs(model.c).max()) if model.m else 1.0, 1e-12)
-    eps = 1e-9 * scale
     base_usage = (model.le_usage_cols(base), float(model.c[base].sum()))
-    max_add = max(MAX_ADD, model.n // 100)
-    levels = info.setdefault("levels", [])
-    trace: list[tuple[int, float]] = []
+    level = Level(n=model.n)
+    info.levels.append(level)
     master: Master | None = None
     for _ in range(MAX_ROUNDS):
         options = LP_OPTIONS
         if deadline is not None:
             left = deadline - time.perf_counter()
             if left <= 0 and master is not None:  # out of time: the last master is a feasible LP point
-                info["converged"] = False
-                levels.append({"n": model.n, "masters": trace, "converged": False})
+                info.converged = level.converged = False
                 return master
             options = {**LP_OPTIONS, "time_limit": max(left, 0.5 if master is None else 0.05)}
-        t_master = time.perf_counter()
+        started = time.perf_counter()
         try:
             master = solve_master(model, base, extra, rhs, penalties, options=options, base_usage=base_usage)
         except SolverError:
@@ -317,24 +370,13 @@ def solve_lp(
                     raise _OutOfTime(lam) from None
                 raise SolverError(f"decompose: time limit reached before the first restricted LP of {model.n} "
                                   "queries was solved (no feasible point yet)") from None
-            info["converged"] = False
-            levels.append({"n": model.n, "masters": trace, "converged": False})
+            info.converged = level.converged = False
             return master
-        trace.append((len(extra), round(time.perf_counter() - t_master, 3)))
-        pricing = price(model, master.lam, margin=False)
-        cand = np.zeros(model.m, dtype=bool)
-        cand[base] = True
-        cand[extra] = True
-        cmax = np.maximum.reduceat(np.where(cand, pricing.r, -np.inf), model.starts[:-1])
-        violators = np.flatnonzero(pricing.best > cmax + eps)
-        if len(violators) == 0:
-            levels.append({"n": model.n, "masters": trace})
+        level.masters.append((len(extra), round(time.perf_counter() - started, 3)))
+        entering = _entering(model, master, 1e-9 * scale, max(MAX_ADD, model.n // 100))
+        if entering is None:
             return master
-        # partial pricing: the most violated queries' new best columns join the candidates
-        if len(violators) > max_add:
-            worst = np.argpartition(cmax[violators] - pricing.best[violators], max_add - 1)[:max_add]
-            violators = violators[worst]
-        extra = np.union1d(extra, pricing.best_col[violators])
+        extra = entering
     raise SolverError(f"decompose: pricing did not converge in {MAX_ROUNDS} rounds")
 
 
@@ -540,7 +582,7 @@ def _neighbourhood(model: Compiled, cols: np.ndarray, frac: np.ndarray, margin: 
 
 def round_and_repair(model: Compiled, cols: np.ndarray, frac: np.ndarray, margin: np.ndarray | None,
                      polish_queries: int, time_limit: float, lam: np.ndarray | None = None,
-                     deadline: float | None = None, bound: float | None = None) -> tuple[np.ndarray, dict[str, Any]]:
+                     deadline: float | None = None, bound: float | None = None) -> tuple[np.ndarray, Rounding]:
     """Integral assignment from an LP one.
 
     Small problems: one MILP over every query (exact). Large: greedy repair of the split queries (at most
@@ -558,26 +600,24 @@ def round_and_repair(model: Compiled, cols: np.ndarray, frac: np.ndarray, margin
 
     if model.n <= EXACT_QUERIES:
         out, res = polish(model, cols, np.arange(model.n), time_limit=left(time_limit))
-        info = {"polish_queries": model.n, "polish_status": res.status,
-                "polish_bound": res.mip_dual_bound if res.optimal else None}
         if res.has_solution and not check_feasible(model, out):
-            return out, info
+            return out, Rounding("exact", model.n, res.status, res.mip_dual_bound if res.optimal else None)
         if res.status == "kInfeasible":
             violated = check_feasible(model, cols) or model.row_names
             raise InfeasibleError(violated, "no integral assignment exists (proved by a MILP over every query), "
                                   f"although the LP relaxation is feasible; loosen {violated}", {})
         cols = out
     out = greedy_repair(model, cols, frac)
-    info: dict[str, Any] = {"polish_queries": 0, "polish_status": None, "polish_bound": None, "repair": "greedy"}  # type: ignore[no-redef]
+    info = Rounding("greedy")
     if check_feasible(model, out):
         out = move_repair(model, out, lam=lam)
-        info["repair"] = "moves"
+        info.repair = "moves"
     if check_feasible(model, out):
         sizes = [s for s in ESCALATION if s < model.n] + ([model.n] if model.n <= FULL_MILP_QUERIES else [])
         for size in sizes:
             queries = np.arange(model.n) if size >= model.n else _neighbourhood(model, out, frac, margin, size, lam)
             cand, res = polish(model, out, queries, time_limit=left(max(time_limit, 2.0)), gap=1e-4)
-            info.update(repair=f"milp[{len(queries)}]", polish_queries=len(queries), polish_status=res.status)
+            info.repair, info.polish_queries, info.polish_status = f"milp[{len(queries)}]", len(queries), res.status
             if res.has_solution and not check_feasible(model, cand):
                 out = cand
                 break
@@ -594,14 +634,14 @@ def round_and_repair(model: Compiled, cols: np.ndarray, frac: np.ndarray, margin
         if check_feasible(model, out):
             raise SolverError(f"decompose: time limit reached while repairing {check_feasible(model, out)}")
     good_enough = bound is not None and bound - float(model.c[out].sum()) <= POLISH_SKIP_GAP * max(abs(bound), 1e-12)
-    info["polish_skipped"] = good_enough
+    info.polish_skipped = good_enough
     if margin is not None and len(margin) and polish_queries > 0 and not good_enough:
         n_near = min(model.n, polish_queries)
         near = np.argpartition(margin, n_near - 1)[:n_near] if n_near < model.n else np.arange(model.n)
         queries = np.union1d(near, frac)
         cand, res = polish(model, out, queries, time_limit=left(min(time_limit, 1.0)), per_query=3, lam=lam,
                            gap=1e-6, tight=False)
-        info.update(polish_queries=len(queries), polish_status=res.status)
+        info.polish_queries, info.polish_status = len(queries), res.status
         if res.has_solution and not check_feasible(model, cand) and model.c[cand].sum() >= model.c[out].sum():
             out = cand
     return out, info
@@ -623,12 +663,11 @@ def solve_decompose(
         pricing = price(model, np.zeros(0))
         return build_solution(model, pricing.best_col, bound=float(pricing.best.sum()), method="decompose",
                               seconds=time.perf_counter() - t0, prices=np.zeros(0), gap_tol=gap_tol)
-    info: dict[str, Any] = {}
+    info = SolveInfo()
     master = solve_lp(model, warm_prices=warm_prices, seed=seed, deadline=deadline, info=info)
-    timings = {"lp": time.perf_counter() - t0}
-    converged = info.get("converged", True)
+    info.timings["lp"] = time.perf_counter() - t0
     if np.any(master.slack > 1e-7 * np.maximum(1.0, np.abs(rhs))):
-        if not converged:
+        if not info.converged:
             raise SolverError(f"decompose: time limit ({time_limit} s) reached before a feasible LP point was found")
         raise diagnose(model, elastic={n: float(s) for n, s in zip(model.row_names, master.slack, strict=True) if s > 1e-9})
     lam = master.lam
@@ -636,22 +675,22 @@ def solve_decompose(
     bound = float(pricing.best.sum() + lam @ rhs)  # valid for any lam >= 0
     cols, frac = lp_assignment(model, master)
     remaining = 10.0 if deadline is None else max(deadline - time.perf_counter(), 1.0)
-    cols, polish_info = round_and_repair(model, cols, frac, pricing.margin, polish_queries, min(10.0, remaining), lam,
-                                         deadline=deadline, bound=bound)
-    if polish_info["polish_bound"] is not None and np.isfinite(polish_info["polish_bound"]):
-        bound = min(bound, float(polish_info["polish_bound"]))
+    cols, info.rounding = round_and_repair(model, cols, frac, pricing.margin, polish_queries, min(10.0, remaining),
+                                           lam, deadline=deadline, bound=bound)
+    if info.rounding.polish_bound is not None and np.isfinite(info.rounding.polish_bound):
+        bound = min(bound, float(info.rounding.polish_bound))
     violated = check_feasible(model, cols)
     if violated:  # round_and_repair raises first; kept as a last guard, never returns a violating plan
         raise SolverError(f"decompose: no integral assignment found within the limits of {violated}")
-    timings["total"] = time.perf_counter() - t0
-    info.update(prices=lam, fractional=len(frac), lp_value=master.value, timings=timings, converged=converged, **polish_info)
+    info.timings["total"] = time.perf_counter() - t0
+    info.prices, info.fractional, info.lp_value = lam, len(frac), master.value
     return build_solution(model, cols, bound=bound, method="decompose", seconds=time.perf_counter() - t0,
                           prices=lam, gap_tol=gap_tol, info=info)
 
 
 def repair_lp_solution(model: Compiled, solution: Solution, *, method: str) -> Solution:
     """Round an LP solution (from CVXPY) to integers: polish its fractional queries, keep its bound and duals."""
-    x = solution.info.get("lp_x")
+    x = solution.info.lp_x
     if x is None:
         return solution
     frac = np.unique(model.query[(x > 1e-7) & (x < 1 - 1e-7)])

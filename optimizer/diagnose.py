@@ -16,8 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from optimizer.constraints import RowFamily
-from optimizer.problem import Compiled
+from optimizer.compiled import Compiled, RowFamily
 from optimizer.solution import InfeasibleError
 
 

@@ -18,15 +18,18 @@ Every query takes exactly one column.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, Literal
+from typing import Literal
 
 import numpy as np
 import polars as pl
 
-from optimizer.constraints import Allowed, Constraint, RowFamily, constraint_name
+from optimizer.compiled import Compiled, subset
+from optimizer.constraints import Allowed, Constraint, RowSpec, constraint_name
+
+__all__ = ["REQUIRED", "Compiled", "Objective", "Problem", "compile_problem", "subset"]
 
 Objective = Literal["max_value", "min_cost"]
 REQUIRED = {"query": pl.Int64, "option": pl.Int64, "value": pl.Float64, "cost": pl.Float64}
@@ -56,166 +59,44 @@ class Problem:
         self.constraints = list(constraints)
         self.deferrable = deferrable
         self.n_queries = n_queries
+        self._parent: Problem | None = None  # set by with_constraints: whose compiled arrays to share
         names = [constraint_name(c) for c in self.constraints]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"constraint names must be unique; repeated: {duplicates} (pass name=...)")
 
     def with_constraints(self, constraints: Sequence[Constraint]) -> Problem:
-        return Problem(self.options, self.objective, constraints, deferrable=self.deferrable, n_queries=self.n_queries)
+        """The same options, objective and deferrals under other constraints. Compiling it reuses this
+        problem's compiled arrays (only the constraint rows are built again) when both filter the options
+        with the same ``Allowed`` specs: a second pass at a tighter budget, or a budget frontier, costs rows,
+        not a second compile of the table."""
+        other = Problem(self.options, self.objective, constraints, deferrable=self.deferrable, n_queries=self.n_queries)
+        other._parent = self
+        return other
 
     @cached_property
     def compiled(self) -> Compiled:
+        parent = self._parent
+        if parent is not None and _filters(parent.constraints) == _filters(self.constraints):
+            return recompile_rows(parent.compiled, parent.constraints, self.constraints)
         return compile_problem(self)
 
 
-@dataclass
-class Compiled:
-    """Flat arrays over model columns (real options + deferral columns), query by query."""
+def _filters(constraints: Sequence[Constraint]) -> list[Allowed]:
+    return [c for c in constraints if isinstance(c, Allowed)]
 
-    n: int
-    m: int
-    starts: np.ndarray  # int64, n+1
-    query: np.ndarray  # int64 per column
-    option: np.ndarray  # int64 per column; -1 = defer
-    real: np.ndarray  # int64 positions of the real option rows (in table order)
-    table: pl.DataFrame  # the allowed options, sorted by (query, option)
-    value: np.ndarray
-    cost: np.ndarray
-    accuracy: np.ndarray
-    c: np.ndarray  # objective coefficient to MAXIMISE (value, or -cost)
-    sign: float  # +1 max_value, -1 min_cost: reported objective = sign * c @ x
-    objective: str
-    families: list[RowFamily] = field(default_factory=list)
-    _terms: tuple[tuple[RowFamily, ...], Any] | None = field(default=None, repr=False, compare=False)
 
-    def column(self, name: str) -> pl.Series:
-        if name not in self.table.columns:
-            raise KeyError(f"options table has no column {name!r} (columns: {self.table.columns})")
-        return self.table[name]
+def recompile_rows(model: Compiled, specs: Sequence[Constraint], constraints: Sequence[Constraint]) -> Compiled:
+    """``model`` (compiled under ``specs``) with the rows of ``constraints``: the arrays are shared, a spec
+    equal to one of ``specs`` keeps its row family, the others are built."""
+    known = list(zip(_rows(specs), model.families, strict=True))  # specs hold dicts: compared, not hashed
+    out = dataclasses.replace(model, families=[], _terms=None)
+    out.families = [next((f for s, f in known if s == spec), None) or spec.rows(out) for spec in _rows(constraints)]
+    return out
 
-    def expand(self, values: np.ndarray, fill: float | int) -> np.ndarray:
-        if len(self.real) == self.m:  # no deferral columns: model columns are the table rows
-            return np.asarray(values)
-        out = np.full(self.m, fill, dtype=np.asarray(values).dtype)
-        out[self.real] = values
-        return out
 
-    @property
-    def k(self) -> int:
-        return sum(f.size for f in self.families)
-
-    @property
-    def row_names(self) -> list[str]:
-        return [n for f in self.families for n in f.names]
-
-    def row_offsets(self) -> np.ndarray:
-        return np.concatenate([[0], np.cumsum([f.size for f in self.families])]).astype(np.int64)
-
-    def le_rhs(self) -> np.ndarray:
-        """All rows in ``<=`` form (>= rows negated)."""
-        return np.concatenate([f.rhs * (1.0 if f.sense == "<=" else -1.0) for f in self.families]) if self.families else np.zeros(0)
-
-    def le_usage(self, x: np.ndarray) -> np.ndarray:
-        return np.concatenate([f.usage(x) * (1.0 if f.sense == "<=" else -1.0) for f in self.families]) if self.families else np.zeros(0)
-
-    def le_usage_cols(self, cols: np.ndarray) -> np.ndarray:
-        """``le_usage`` of the assignment choosing exactly ``cols`` (one column per query): O(n), not O(m)."""
-        return np.concatenate([f.usage_cols(cols) * (1.0 if f.sense == "<=" else -1.0) for f in self.families]) if self.families else np.zeros(0)
-
-    @property
-    def width(self) -> int:
-        """Columns per query when every query has the same number (the regular n x width layout), else 0."""
-        if self.n == 0 or self.m % self.n:
-            return 0
-        w = self.m // self.n
-        return w if bool(np.all(np.diff(self.starts) == w)) else 0
-
-    def price_terms(self) -> list[tuple[np.ndarray | None, list[tuple[RowFamily, int, str, Any]]]]:
-        """Structure of ``A^T lam`` on the regular layout, computed once per family list.
-
-        Families sharing one coefficient column (budget and tenant budgets on cost) form one term; each
-        family's row ids are classified as constant, per position (e.g. per model) or per query (e.g. per
-        tenant), so a price vector becomes ``coef * (broadcast sums)`` on the n x width grid.
-        """
-        key = tuple(self.families)
-        if self._terms is not None and len(self._terms[0]) == len(key) and all(a is b for a, b in zip(self._terms[0], key, strict=True)):
-            return self._terms[1]
-        n, w = self.n, self.width
-        terms: list[tuple[np.ndarray | None, list[tuple[RowFamily, int, str, Any]]]] = []
-        coefs: list[np.ndarray] = []
-        for off, f in zip(self.row_offsets()[:-1], self.families, strict=False):
-            g2 = f.gid.reshape(n, w)
-            idx: Any
-            if bool(np.all(g2 == g2[0, 0])):
-                kind, idx = "const", int(g2[0, 0])
-            elif bool(np.all(g2 == g2[0:1, :])):
-                kind, idx = "position", g2[0].copy()
-            elif bool(np.all(g2 == g2[:, 0:1])):
-                kind, idx = "query", g2[:, 0].copy()
-            else:
-                kind, idx = "general", g2
-            entry = (f, int(off), kind, idx)
-            for i, c in enumerate(coefs):
-                if c is f.coef or (c.shape == f.coef.shape and np.array_equal(c[:64], f.coef[:64]) and np.array_equal(c, f.coef)):
-                    terms[i][1].append(entry)
-                    break
-            else:
-                coefs.append(f.coef)
-                ones = bool(np.all(f.coef == 1.0))
-                terms.append((None if ones else f.coef.reshape(n, w), [entry]))
-        self._terms = (key, terms)
-        return terms
-
-    def reduced(self, lam: np.ndarray) -> np.ndarray:
-        """``c - A_le^T lam`` for prices ``lam >= 0`` on the ``<=`` rows."""
-        if self.families and self.width:
-            return self._reduced_regular(lam)
-        r = self.c.copy()
-        for f, off in zip(self.families, self.row_offsets()[:-1], strict=False):
-            s = 1.0 if f.sense == "<=" else -1.0
-            ext = np.append(lam[off : off + f.size] * s, 0.0)  # gid -1 -> price 0
-            r -= f.coef * ext[f.gid]
-        return r
-
-    def _reduced_regular(self, lam: np.ndarray) -> np.ndarray:
-        n, w = self.n, self.width
-        r = self.c.reshape(n, w).copy()
-        for coef, entries in self.price_terms():
-            mult: Any = 0.0
-            for f, off, kind, idx in entries:
-                s = 1.0 if f.sense == "<=" else -1.0
-                ext = np.append(lam[off : off + f.size] * s, 0.0)  # row id -1 -> price 0
-                part = ext[idx]
-                mult = mult + (part[None, :] if kind == "position" else part[:, None] if kind == "query" else part)
-            if coef is None:
-                r -= mult
-            else:
-                r -= coef * mult
-        return r.reshape(-1)
-
-    def matrix(self, cols: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """COO triplets (row, col, val) of the ``<=`` coupling rows restricted to ``cols`` (local col index)."""
-        cols = np.arange(self.m) if cols is None else cols
-        rows_, cols_, vals_ = [], [], []
-        for f, off in zip(self.families, self.row_offsets()[:-1], strict=False):
-            s = 1.0 if f.sense == "<=" else -1.0
-            g = f.gid[cols]
-            v = f.coef[cols]
-            keep = (g >= 0) & (v != 0)
-            idx = np.flatnonzero(keep)
-            rows_.append(g[idx].astype(np.int64) + off)
-            cols_.append(idx)
-            vals_.append(v[idx] * s)
-        if not rows_:
-            return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0)
-        return np.concatenate(rows_), np.concatenate(cols_), np.concatenate(vals_)
-
-    def choose_matrix(self, x_cols: np.ndarray) -> np.ndarray:
-        """Column indicator (0/1 float) for one chosen column per query."""
-        x = np.zeros(self.m)
-        x[x_cols] = 1.0
-        return x
+def _rows(constraints: Sequence[Constraint]) -> list[RowSpec]:
+    return [c for c in constraints if not isinstance(c, Allowed)]
 
 
 def _deferrable_mask(problem: Problem, table: pl.DataFrame, n: int) -> np.ndarray:
@@ -259,7 +140,9 @@ def compile_problem(problem: Problem) -> Compiled:
         qmin, qmax = int(table["query"].min()), int(table["query"].max())  # type: ignore[arg-type]
         if qmin < 0 or qmax >= n:
             raise ValueError(f"query must be a dense index in 0..{n - 1}; found range {qmin}..{qmax}")
-        if table["option"].n_unique() != table.height:
+        # ascending option ids (as the pipeline writes them) are unique without hashing them
+        ascending = table.select((pl.col("option").diff().slice(1) > 0).all()).item()
+        if not ascending and table["option"].n_unique() != table.height:
             raise ValueError("option ids must be unique over the options table")
         for col in ("value", "cost"):
             if table[col].null_count() or not np.isfinite(table[col].to_numpy()).all():
@@ -296,34 +179,5 @@ def compile_problem(problem: Problem) -> Compiled:
     c = value.copy() if problem.objective == "max_value" else -cost
     model = Compiled(n=n, m=m, starts=starts, query=query, option=option, real=real, table=table, value=value,
                      cost=cost, accuracy=accuracy, c=c, sign=sign, objective=problem.objective)
-    model.families = [spec.rows(model) for spec in problem.constraints if not isinstance(spec, Allowed)]
+    model.families = [spec.rows(model) for spec in _rows(problem.constraints)]
     return model
-
-
-def subset(model: Compiled, queries: np.ndarray) -> Compiled:
-    """The sub-model of ``queries`` (sorted) with every row's limit scaled by the subset's share of that row.
-
-    The share of a row is measured on its coefficients (sum over the subset's columns / sum over all), so a
-    tenant that is rare in the sample gets a proportionally small limit. Used for the initial prices.
-    """
-    counts = np.diff(model.starts)[queries]
-    starts = np.zeros(len(queries) + 1, dtype=np.int64)
-    np.cumsum(counts, out=starts[1:])
-    cols = np.repeat(model.starts[queries], counts) + (np.arange(int(counts.sum())) - np.repeat(starts[:-1], counts))
-    families = []
-    for f in model.families:
-        inside = f.gid >= 0
-        total = np.bincount(f.gid[inside], weights=np.abs(f.coef[inside]), minlength=f.size)
-        g_sub, c_sub = f.gid[cols], f.coef[cols]
-        ins = g_sub >= 0
-        part = np.bincount(g_sub[ins], weights=np.abs(c_sub[ins]), minlength=f.size)
-        share = np.divide(part, total, out=np.full(f.size, len(queries) / max(model.n, 1)), where=total > 0)
-        families.append(RowFamily(f.constraint, f.kind, f.sense, f.names, f.rhs * share, c_sub, g_sub,
-                                  None if f.scale is None else f.scale * share))
-    real_mask = model.option[cols] >= 0
-    return Compiled(
-        n=len(queries), m=len(cols), starts=starts, query=np.repeat(np.arange(len(queries), dtype=np.int64), counts),
-        option=model.option[cols], real=np.flatnonzero(real_mask), table=model.table.head(0), value=model.value[cols],
-        cost=model.cost[cols], accuracy=model.accuracy[cols], c=model.c[cols], sign=model.sign, objective=model.objective,
-        families=families,
-    )

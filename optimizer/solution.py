@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from optimizer.problem import Compiled
+from optimizer.compiled import Compiled
 
 
 class SolverError(RuntimeError):
@@ -32,6 +32,41 @@ class InfeasibleError(ValueError):
     def __str__(self) -> str:
         # the facts are in ``constraint`` and ``suggestion``; the message states them once, in words
         return self.message
+
+
+@dataclass
+class Level:
+    """One level of the decomposition: a (sampled) model's queries and its restricted LPs."""
+
+    n: int
+    masters: list[tuple[int, float]] = field(default_factory=list)  # (candidate moves, seconds) per LP
+    converged: bool = True
+
+
+@dataclass
+class Rounding:
+    """How an LP point became an integral assignment (``decompose.round_and_repair``)."""
+
+    repair: str  # "exact" (one MILP over every query), "greedy", "moves" or "milp[<queries>]"
+    polish_queries: int = 0
+    polish_status: str | None = None  # HiGHS status of the last MILP
+    polish_bound: float | None = None  # its proven bound, where it covered every query to optimality
+    polish_skipped: bool = False  # the plan was already within POLISH_SKIP_GAP of the bound
+
+
+@dataclass
+class SolveInfo:
+    """What a solve did besides its answer; each method fills what it has."""
+
+    converged: bool = True  # False: the time limit cut the LP short (the bound still holds)
+    prices: np.ndarray | None = None  # the LP's row prices (``<=`` form), a warm start for a neighbour
+    levels: list[Level] = field(default_factory=list)  # decompose: the nested samples, the full model last
+    fractional: int = 0  # queries the LP split
+    lp_value: float | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    rounding: Rounding | None = None
+    cvxpy_status: str | None = None
+    lp_x: np.ndarray | None = None  # cvxpy_lp: the LP point, for the rounding
 
 
 @dataclass
@@ -60,7 +95,7 @@ class Solution:
     cost: float = 0.0
     value: float = 0.0
     accuracy: float = 0.0  # sum of expected accuracy of the chosen options
-    info: dict[str, Any] = field(default_factory=dict)
+    info: SolveInfo = field(default_factory=SolveInfo)
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -87,7 +122,7 @@ def build_solution(
     seconds: float,
     prices: np.ndarray | None,
     gap_tol: float = 1e-4,
-    info: dict[str, Any] | None = None,
+    info: SolveInfo | None = None,
 ) -> Solution:
     """Read back one chosen model column per query into a Solution (``cols``: column index per query)."""
     objective_max = float(model.c[cols].sum())
@@ -137,7 +172,7 @@ def build_solution(
         cost=float(model.cost[cols].sum()),
         value=float(model.value[cols].sum()),
         accuracy=float(model.accuracy[cols].sum()),
-        info=info or {},
+        info=info or SolveInfo(),
     )
 
 

@@ -19,10 +19,9 @@ import cvxpy as cp
 import numpy as np
 import scipy.sparse as sp
 
-from optimizer.constraints import RowFamily
+from optimizer.compiled import Compiled, RowFamily
 from optimizer.highs_lp import TIGHT_MIP_TOLERANCES
-from optimizer.problem import Compiled
-from optimizer.solution import Solution, SolverError, build_solution, check_feasible
+from optimizer.solution import Solution, SolveInfo, SolverError, build_solution, check_feasible
 
 MIP_REL_GAP = 1e-6
 
@@ -126,7 +125,7 @@ def read_solution(cm: CvxpyModel, model: Compiled, *, method: str, seconds: floa
         bound = float(cm.problem.value)
         duals = [np.atleast_1d(np.asarray(con.dual_value, dtype=np.float64)) for _, con in cm.rows]
         prices = np.abs(np.concatenate(duals)) if duals else np.zeros(0)
-    info = {"cvxpy_status": cm.problem.status, "lp_x": xv if not cm.integer else None}
+    info = SolveInfo(cvxpy_status=str(cm.problem.status), lp_x=xv if not cm.integer else None)
     return build_solution(model, cols, bound=bound, method=method, seconds=seconds, prices=prices, info=info)
 
 

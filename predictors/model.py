@@ -13,6 +13,10 @@ Models without history borrow priors, retrieval columns and betas from their des
 
 from __future__ import annotations
 
+import io
+import json
+import math
+import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from itertools import pairwise
@@ -25,7 +29,7 @@ import polars as pl
 from batchplan.catalog import PriceCatalog
 from batchplan.contracts import DEFAULT_TASK, PREDICTION_SCHEMA
 from batchplan.numerics import logit, logit32, sigmoid
-from batchplan.storage import Storage
+from batchplan.storage import Storage, join
 from predictors.calibration import Calibrator
 from predictors.cost import CostModel, query_chars
 from predictors.features import STAT_COLUMNS, TextEncoder, Vocabulary, describe_models, text_of, text_stats
@@ -391,9 +395,7 @@ class Predictor:
         )
 
     def save(self, storage: Storage, root_uri: str, version: str | None = None) -> str:
-        """Write this predictor as ``root_uri/<version>/``; returns that URI."""
-        from predictors.registry import save
-
+        """Write this predictor as ``root_uri/<version>/``; returns that URI (``registry.load`` reads it)."""
         return save(self, storage, root_uri, version)
 
 
@@ -427,3 +429,74 @@ def prepare_queries(queries: pl.DataFrame) -> pl.DataFrame:
 
 
 __all__ = ["PAIR_FEATURES", "STAT_COLUMNS", "CostModel", "Predictor", "QueryBlock", "prepare_queries"]
+
+
+# ---------------------------------------------------------------------- artifacts (read by registry.load)
+
+FORMAT_VERSION = 2
+
+
+def save(predictor: Predictor, storage: Storage, root_uri: str, version: str | None = None) -> str:
+    fp = str(predictor.metadata.get("training_data", {}).get("fingerprint", "0" * 8))
+    version = version or f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{fp[:8]}"
+    base = join(root_uri, version)
+    text_meta, arrays = predictor.encoder.to_state()
+    knn_meta: dict[str, Any] | None = None
+    if predictor.retriever is not None:
+        knn_meta, knn_arrays = predictor.retriever.to_state()
+        arrays = {**arrays, **knn_arrays}
+    for name, booster in sorted(predictor.boosters.items()):
+        storage.write_text(join(base, f"booster_{name}.txt"), booster.model_to_string())
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)  # type: ignore[arg-type]
+    storage.write_bytes(join(base, "arrays.npz"), buffer.getvalue())
+    state = {
+        "format": FORMAT_VERSION,
+        "name": predictor.name,
+        "seed": predictor.seed,
+        "options": predictor.options,
+        "text": text_meta,
+        "tasks": predictor.tasks.values,
+        "subjects": predictor.subjects.values,
+        "models": predictor.model_vocab.values,
+        "families": predictor.families.values,
+        "descriptors": predictor.descriptors.to_dicts(),
+        "priors": predictor.priors.to_state(),
+        "cost": predictor.cost.to_state(),
+        "confusions": predictor.confusions.to_dicts(),
+        "catalog": {"prices": predictor.catalog.prices.to_dicts(), "billed": predictor.catalog.billed.to_dicts()},
+        "calibrator": predictor.calibrator.to_state(),
+        "retriever": knn_meta,
+        "pair_model": predictor.pair_model.to_state() if predictor.pair_model is not None else None,
+        "boosters": sorted(predictor.boosters),
+        "feature_names": predictor.feature_names,
+    }
+    storage.write_text(join(base, "state.json"), json.dumps(_strict(state), default=_json_default, allow_nan=False))
+    metadata = {**predictor.metadata, "version": version, "format": FORMAT_VERSION}
+    storage.write_text(
+        join(base, "metadata.json"),
+        json.dumps(_strict(metadata), indent=2, default=_json_default, allow_nan=False),
+    )
+    predictor.metadata = metadata
+    return base
+
+
+def _strict(value: Any) -> Any:
+    """Standard JSON: NaN and infinities become null (readers restore NaN where a number is required)."""
+    if isinstance(value, dict):
+        return {k: _strict(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_strict(v) for v in value]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _json_default(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(f"not JSON serializable: {type(value).__name__}")

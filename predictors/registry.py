@@ -1,6 +1,7 @@
 """Predictor names (train by name) and versioned artifacts through Storage (local or s3://).
 
-An artifact is ``root/<version>/``: ``booster_<name>.txt`` (LightGBM text models), ``state.json`` (tables
+``Predictor.save`` (in ``model``, below this module and ``training``) writes a version; this module lists
+and loads them. An artifact is ``root/<version>/``: ``booster_<name>.txt`` (LightGBM text models), ``state.json`` (tables
 the predictor needs: priors, cost model, confusions, vocabularies, catalog), ``arrays.npz`` (text encoder
 matrices) and ``metadata.json`` (features, training-data fingerprint, models covered with their history
 sizes, validation metrics, created time), written last: a version without it is incomplete and ignored.
@@ -11,8 +12,6 @@ from __future__ import annotations
 
 import io
 import json
-import math
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -27,13 +26,11 @@ from batchplan.storage import Storage, StorageError, join
 from predictors.calibration import Calibrator
 from predictors.cost import CostModel
 from predictors.features import DESCRIPTOR_SCHEMA, TextEncoder, Vocabulary
-from predictors.model import Predictor
+from predictors.model import FORMAT_VERSION, Predictor
 from predictors.pairmodel import PairModel
 from predictors.priors import Priors
 from predictors.retrieval import Retriever
 from predictors.training import fit_predictor
-
-FORMAT_VERSION = 2
 
 _REGISTRY: dict[str, tuple[Callable[..., Predictor], str]] = {}
 
@@ -68,51 +65,6 @@ def train_predictor(history: History, name: str = "lightgbm", seed: int = 0, **p
 
 
 # ---------------------------------------------------------------------- artifacts
-
-
-def save(predictor: Predictor, storage: Storage, root_uri: str, version: str | None = None) -> str:
-    fp = str(predictor.metadata.get("training_data", {}).get("fingerprint", "0" * 8))
-    version = version or f"{time.strftime('%Y%m%dT%H%M%S', time.gmtime())}-{fp[:8]}"
-    base = join(root_uri, version)
-    text_meta, arrays = predictor.encoder.to_state()
-    knn_meta: dict[str, Any] | None = None
-    if predictor.retriever is not None:
-        knn_meta, knn_arrays = predictor.retriever.to_state()
-        arrays = {**arrays, **knn_arrays}
-    for name, booster in sorted(predictor.boosters.items()):
-        storage.write_text(join(base, f"booster_{name}.txt"), booster.model_to_string())
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)  # type: ignore[arg-type]
-    storage.write_bytes(join(base, "arrays.npz"), buffer.getvalue())
-    state = {
-        "format": FORMAT_VERSION,
-        "name": predictor.name,
-        "seed": predictor.seed,
-        "options": predictor.options,
-        "text": text_meta,
-        "tasks": predictor.tasks.values,
-        "subjects": predictor.subjects.values,
-        "models": predictor.model_vocab.values,
-        "families": predictor.families.values,
-        "descriptors": predictor.descriptors.to_dicts(),
-        "priors": predictor.priors.to_state(),
-        "cost": predictor.cost.to_state(),
-        "confusions": predictor.confusions.to_dicts(),
-        "catalog": {"prices": predictor.catalog.prices.to_dicts(), "billed": predictor.catalog.billed.to_dicts()},
-        "calibrator": predictor.calibrator.to_state(),
-        "retriever": knn_meta,
-        "pair_model": predictor.pair_model.to_state() if predictor.pair_model is not None else None,
-        "boosters": sorted(predictor.boosters),
-        "feature_names": predictor.feature_names,
-    }
-    storage.write_text(join(base, "state.json"), json.dumps(_strict(state), default=_json_default, allow_nan=False))
-    metadata = {**predictor.metadata, "version": version, "format": FORMAT_VERSION}
-    storage.write_text(
-        join(base, "metadata.json"),
-        json.dumps(_strict(metadata), indent=2, default=_json_default, allow_nan=False),
-    )
-    predictor.metadata = metadata
-    return base
 
 
 def list_versions(storage: Storage, root_uri: str) -> list[str]:
@@ -183,24 +135,3 @@ def load(storage: Storage, root_uri: str, version: str | None = None) -> Predict
         feature_names=state["feature_names"],
         metadata=metadata,
     )
-
-
-def _strict(value: Any) -> Any:
-    """Standard JSON: NaN and infinities become null (readers restore NaN where a number is required)."""
-    if isinstance(value, dict):
-        return {k: _strict(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_strict(v) for v in value]
-    if isinstance(value, np.generic):
-        value = value.item()
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
-def _json_default(value: Any) -> Any:
-    if isinstance(value, np.generic):
-        return value.item()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    raise TypeError(f"not JSON serializable: {type(value).__name__}")

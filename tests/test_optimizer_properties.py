@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from bench.solver import constraints_for, make_options
 from optimizer import (
     AccuracyFloor,
+    Allowed,
     Budget,
     Capacity,
     GroupBudget,
@@ -115,15 +116,41 @@ def test_a_warm_start_takes_the_exact_price_of_a_lone_budget() -> None:
     bisection price must still be used (a stale price cost dozens of column-generation rounds: 30-50 s a
     frontier point at 20k queries against 2 s cold)."""
     from optimizer.decompose import BASE_QUERIES, solve_lp
+    from optimizer.solution import SolveInfo
 
     opts = tiny_options(BASE_QUERIES * 2, 6, 12)
     model = Problem(opts, constraints=[Budget(limit=cheapest_total(opts) * 1.5)]).compiled
-    cold_info: dict = {}
+    cold_info = SolveInfo()
     cold = solve_lp(model, info=cold_info)
-    warm_info: dict = {}
+    warm_info = SolveInfo()
     warm = solve_lp(model, warm_prices=cold.lam * 5.0, info=warm_info)
     assert warm.value == pytest.approx(cold.value, rel=1e-9)
-    assert len(warm_info["levels"][-1]["masters"]) == len(cold_info["levels"][-1]["masters"])
+    assert len(warm_info.levels[-1].masters) == len(cold_info.levels[-1].masters)
+
+
+def test_frontier_checks_like_solve() -> None:
+    """A query with no option that may not be deferred is infeasible at every budget, as ``solve`` says,
+    instead of being priced as if it were not there."""
+    opts = tiny_options(50, 3, 9)
+    problem = Problem(opts, constraints=[Budget(limit=1.0)], n_queries=51)  # query 50 has no option
+    with pytest.raises(InfeasibleError):
+        solve(problem)
+    table = frontier(problem, [cheapest_total(opts) * 2, 1e9])
+    assert table["objective"].null_count() == 2
+
+
+def test_with_constraints_shares_the_compiled_arrays() -> None:
+    opts = tiny_options(300, 4, 10)
+    loose = Problem(opts, constraints=[Budget(limit=1e9), Capacity(column="calls", limit=300.0)])
+    tight = loose.with_constraints([Budget(limit=cheapest_total(opts) * 1.5), Capacity(column="calls", limit=300.0)])
+    assert tight.compiled.table is loose.compiled.table
+    assert tight.compiled.families[1] is loose.compiled.families[1]  # an unchanged spec keeps its rows
+    fresh = Problem(opts, constraints=tight.constraints)
+    assert solve(tight).chosen.equals(solve(fresh).chosen)
+    # another options filter compiles afresh
+    allowed = opts.with_columns((pl.col("option") % 5 != 0).alias("allowed"))
+    filtered = Problem(allowed, constraints=[Budget(limit=1e9)]).with_constraints([Budget(limit=1e9), Allowed()])
+    assert filtered.compiled.table.height < allowed.height
 
 
 def test_validation_errors() -> None:
@@ -190,7 +217,7 @@ def test_repair_moves_other_queries_when_the_split_ones_cannot() -> None:
     assert not check_feasible(model, moved)
     cols, info = round_and_repair(model, start, np.zeros(0, dtype=np.int64), None, 0, 5.0)
     # no query is split, so the split-query repair changes nothing and the moves alone make it feasible
-    assert info["repair"] == "moves"
+    assert info.repair == "moves"
     assert np.array_equal(cols, moved)
     assert (cols != start).sum() > 0
     # the neighbourhood MILP path on its own (the greedy moves skipped); its last MILP, over every query,
@@ -198,7 +225,7 @@ def test_repair_moves_other_queries_when_the_split_ones_cannot() -> None:
     with patch.object(dec, "move_repair", lambda model, cols, **_: cols):
         cols, info = round_and_repair(model, start, np.zeros(0, dtype=np.int64), None, 0, 60.0)
     assert not check_feasible(model, cols)
-    assert info["repair"].startswith("milp[")
+    assert info.repair.startswith("milp[")
     assert float(model.c[cols].sum()) <= float(model.c[start].sum())  # start is the unconstrained best
 
 
@@ -228,7 +255,7 @@ def test_repair_path_matches_brute_force(n: int, k: int, seed: int, share: float
     objective = model.sign * float(model.c[cols].sum())
     assert objective <= truth[0] + 1e-6 * max(1.0, abs(truth[0]))
     if check_feasible(model, start):
-        assert info["repair"] != "greedy"  # something beyond the (empty) split-query repair had to act
+        assert info.repair != "greedy"  # something beyond the (empty) split-query repair had to act
 
 
 def test_budget_is_never_exceeded_beyond_1e9_relative() -> None:
@@ -266,23 +293,27 @@ def test_time_limit_gives_solver_error_or_a_feasible_certified_plan(limit: float
     assert solution.objective <= solution.bound * (1 + 1e-9)
     assert solution.status == ("optimal" if solution.gap <= 1e-4 else "feasible")
     if limit >= 60:
-        assert solution.info["converged"]
+        assert solution.info.converged
         assert solution.gap <= 1e-4
 
 
+@pytest.mark.parametrize("layout", ["regular", "ragged"])
 @pytest.mark.parametrize("which", ["budget", "floor"])
-def test_single_row_bisection_path_matches_lp(which: str) -> None:
-    """One coupling row past the sample size: the bisection price gives the LP optimum (CVXPY's LP bound)."""
+def test_single_row_bisection_path_matches_lp(which: str, layout: str) -> None:
+    """One coupling row past the sample size: the bisection price gives the LP optimum (CVXPY's LP bound),
+    also when queries have different numbers of options (as plan candidates do: templates per task)."""
     from optimizer.decompose import BASE_QUERIES
 
     opts = make_options(3 * BASE_QUERIES, 4)
+    if layout == "ragged":
+        opts = opts.filter((pl.col("query") % 3 == 0) | (pl.col("option") % 10 < 6 + pl.col("query") % 4))
     if which == "budget":
         problem = Problem(opts, "max_value", constraints_for(opts, "budget"))
     else:
         problem = Problem(opts, "min_cost", [AccuracyFloor(min_mean=0.8)])
     fast = solve(problem, method="decompose")
     assert_feasible(problem, fast)
-    assert fast.info["levels"][0]["n"] == problem.compiled.n  # no nested sample: the bisection priced it
+    assert fast.info.levels[0].n == problem.compiled.n  # no nested sample: the bisection priced it
     lp = solve(problem, method="cvxpy_lp")
     assert fast.bound == pytest.approx(lp.bound, rel=1e-7)
     assert fast.gap <= 1e-4

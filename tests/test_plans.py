@@ -10,11 +10,11 @@ import numpy as np
 import polars as pl
 import pytest
 
-from batchplan.candidates import Candidates, single_model_candidates, template_candidates
+from batchplan.candidates import P90_Z, Candidates, build_candidates
 from batchplan.contracts import HISTORY_QUERIES_SCHEMA, MODELS_SCHEMA, OUTCOMES_SCHEMA, ContractError
 from batchplan.history import History
 from batchplan.numerics import logit, sigmoid
-from batchplan.plan_estimates import Template, choose_calibration
+from batchplan.plan_estimates import Template, choose_calibration, estimate
 from batchplan.plan_simulation import PlanSpec, error_by_label, recorded_by_task, simulate
 from batchplan.plan_templates import PlanTemplates, fit_plan_templates, upper_hull
 from batchplan.planning import PlanRequest, budget_share, offer_templates, plan_batch
@@ -199,6 +199,93 @@ def two_queries(cost: list[float], cost_high: list[float]) -> tuple[pl.DataFrame
     return queue, predictions
 
 
+def named_candidates(candidates: Candidates) -> pl.DataFrame:
+    """Every candidate with its query id and its template's names: what a person reads."""
+    return candidates.named(candidates.plans).join(
+        candidates.queries.select("query", "query_id"), on="query", maintain_order="left"
+    )
+
+
+def reference_candidates(queue: pl.DataFrame, predictions: pl.DataFrame, templates: PlanTemplates) -> pl.DataFrame:
+    """Candidates built the plain way, one query and one plan at a time (the formulas in candidates.py's
+    docstring): what the array build must reproduce, row for row and in the same order."""
+    offered = {(q, m): (p, c, h) for q, m, p, c, h in predictions.iter_rows()}
+    rows = []
+    for query, (query_id, task) in enumerate(queue.select("query_id", "task").iter_rows()):
+        own = []
+        for model in sorted(predictions["model"].unique()):
+            if (query_id, model) in offered:
+                p, c, h = offered[query_id, model]
+                high = max(h or 0.0, c)
+                own.append(("single", [model], c, p, high, ((high - c) / P90_Z) ** 2, None))
+        for t in templates.templates:
+            if t.task != task or any((query_id, m) not in offered for m in t.models):
+                continue
+            p, c, h = (np.array([offered[query_id, m][i] for m in t.models], dtype=float) for i in range(3))
+            high = np.maximum(np.nan_to_num(h), c)
+            accuracy, called = estimate(t, p[None, :])
+            sd = (high - c) / P90_Z
+            variance = float((called[0] * sd**2 + called[0] * (1 - called[0]) * c**2).sum())
+            own.append((t.kind, t.models, float(called[0] @ c), float(accuracy[0]), float(high.sum()), variance,
+                        t.thresholds or None))  # fmt: skip
+        for kind, models, cost, accuracy, reserve, variance, thresholds in sorted(own, key=lambda r: (r[0], r[1])):
+            rows.append((query, query_id, kind, models, cost, accuracy, reserve, variance, thresholds))
+    schema = {"query": pl.Int64, "query_id": pl.String, "kind": pl.String, "models": pl.List(pl.String),
+              "expected_cost_usd": pl.Float64, "expected_accuracy": pl.Float64, "reserve_cost_usd": pl.Float64,
+              "cost_var": pl.Float64, "thresholds": pl.List(pl.Float64)}  # fmt: skip
+    return pl.DataFrame(rows, schema=schema, orient="row").with_columns(
+        pl.int_range(pl.len(), dtype=pl.Int64).alias("option")
+    )
+
+
+def test_array_candidates_equal_the_plain_ones() -> None:
+    """Template ids instead of name lists change no option: same query, kind, members, cost, accuracy,
+    reserve, variance and order, on a batch of two tasks where some pairs are not offered."""
+    rng = np.random.default_rng(7)
+    models = ["m1", "m2", "m3", "m4"]
+    queue = pl.DataFrame(
+        {"query_id": [f"q{i}" for i in range(12)], "tenant": "x", "task": ["t", "u", "v"] * 4, "priority": 1.0}
+    )
+    # q3 is not offered m2, q7 only m1
+    offered = [(q, m) for q in queue["query_id"] for m in models]
+    pairs = [(q, m) for q, m in offered if (q, m) != ("q3", "m2") and (q != "q7" or m == "m1")]
+    predictions = pl.DataFrame(
+        {
+            "query_id": [q for q, _ in pairs],
+            "model": [m for _, m in pairs],
+            "p_correct": rng.uniform(0.3, 0.95, len(pairs)),
+            "cost_usd": rng.uniform(0.5, 5.0, len(pairs)),
+            "cost_high_usd": [None if i % 5 == 0 else float(x) for i, x in enumerate(rng.uniform(0.0, 9.0, len(pairs)))],
+        }
+    )
+    templates = PlanTemplates(
+        templates=[
+            Template("t", "vote", ["m1", "m2", "m3"], [], [0.0, 1.0], [], 0.8, 5.0, 1_000, {}, n_labels=3),
+            Template("t", "cascade", ["m1", "m4"], [0.7], [0.1, 0.9], [[0.2, 1.0, -0.5]], 0.7, 2.0, 500, {},
+                     calibration="offset"),
+            Template("t", "cascade", ["m1", "m4"], [0.9], [0.0, 1.0, 0.3], [[0.5, 0.5, 0.1]], 0.7, 2.0, 500, {}),
+            Template("u", "agreement", ["m2", "m1", "m3"], [], [0.0, 1.0], [[1.0, 0.0], [0.3, -0.2]], 0.8, 5.0,
+                     900, {}, n_labels=4),
+            Template("u", "vote", ["m5", "m1", "m2"], [], [0.0, 1.0], [], 0.8, 5.0, 900, {}),  # m5 not offered
+        ]
+    )  # fmt: skip
+    candidates = build_candidates(queue, predictions, templates)
+    got = named_candidates(candidates).select(reference_candidates(queue, predictions, templates).columns)
+    want = reference_candidates(queue, predictions, templates)
+    # singles (48 pairs less q3's m2 and q7's three) + t's vote (not q3) and two cascades + u's agreement (not q7)
+    assert got.height == want.height == 44 + 3 + 2 * 4 + 3
+    for column in ("query", "query_id", "kind", "models", "option", "thresholds"):
+        assert got[column].to_list() == want[column].to_list(), column
+    for column in ("expected_cost_usd", "expected_accuracy", "reserve_cost_usd", "cost_var"):
+        np.testing.assert_allclose(got[column].to_numpy(), want[column].to_numpy(), rtol=1e-12, err_msg=column)
+    # a kind filter drops templates before they are built, numbering the options that remain densely
+    votes = build_candidates(queue, predictions, templates, kinds=("single", "vote"))
+    assert named_candidates(votes).select("query", "kind", "models").equals(
+        want.filter(pl.col("kind").is_in(["single", "vote"])).select("query", "kind", "models")
+    )
+    assert votes.plans["option"].to_list() == list(range(votes.plans.height))
+
+
 def test_candidate_cost_formulas() -> None:
     queue, predictions = two_queries([1.0, 2.0, 10.0, 1.5, 2.5, 12.0], [2.0, 3.0, 15.0, 2.0, 3.0, 20.0])
     identity = [0.0, 1.0]  # calibration that leaves the structural estimate as it is
@@ -221,8 +308,8 @@ def test_candidate_cost_formulas() -> None:
             ),
         ]
     )
-    candidates = template_candidates(single_model_candidates(queue, predictions), predictions, templates)
-    rows = {(r["query_id"], r["kind"]): r for r in candidates.plans.iter_rows(named=True)}
+    candidates = build_candidates(queue, predictions, templates)
+    rows = {(r["query_id"], r["kind"]): r for r in named_candidates(candidates).iter_rows(named=True)}
     assert rows[("q1", "vote")]["expected_cost_usd"] == pytest.approx(13.0)
     assert rows[("q1", "agreement")]["expected_cost_usd"] == pytest.approx(1.0 + 2.0 + 0.5 * 10.0)
     assert rows[("q2", "agreement")]["reserve_cost_usd"] == pytest.approx(25.0)  # the whole escalation path
@@ -276,13 +363,13 @@ def test_budget_share_and_withheld_templates() -> None:
     vote = Template("t", "vote", ["a", "b", "c"], [], [0.0, 1.0], [], 0.8, 5.0, 10_000, {}, n_labels=3)
     templates = _validated([0.1, 0.2])
     templates.templates = [vote]
-    candidates = template_candidates(single_model_candidates(queue, predictions), predictions, templates)
+    candidates = build_candidates(queue, predictions, templates)
     assert budget_share(candidates, 8.0) == pytest.approx(0.2)  # best single model: c, 40 for both
     kept, none_withheld = offer_templates(candidates, templates, 6.0)
-    assert set(kept.plans["kind"]) == {"single", "vote"}
+    assert set(named_candidates(kept)["kind"]) == {"single", "vote"}
     assert none_withheld == []
     withheld, tasks = offer_templates(candidates, templates, 12.0)
-    assert set(withheld.plans["kind"]) == {"single"}
+    assert set(named_candidates(withheld)["kind"]) == {"single"}
     assert tasks == ["t"]
     assert withheld.plans.columns == candidates.plans.columns
 
@@ -332,7 +419,7 @@ def _candidates(history: History, templates: PlanTemplates, queue: pl.DataFrame)
     predictions = predictor.predict(
         queue, history.outcomes.join(queue.select("query_id"), on="query_id").select("query_id", "model"), None
     )
-    return template_candidates(single_model_candidates(queue, predictions), predictions, templates)
+    return build_candidates(queue, predictions, templates)
 
 
 def _plan(history: History, templates: PlanTemplates, request: PlanRequest) -> pl.DataFrame:

@@ -9,7 +9,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from batchplan.candidates import single_model_candidates
+from batchplan.candidates import build_candidates
 from batchplan.frontier import frontier_uri, plan_frontier, read_frontier, write_frontier
 from batchplan.planning import PlanRequest, plan_batch
 from batchplan.report import (
@@ -279,7 +279,7 @@ def test_the_frontier_is_the_plan_at_a_range_of_budgets(tmp_path: Path) -> None:
             "cost_high_usd": [1.0, 10.0] * 6,
         }
     )
-    outcome = plan_batch(single_model_candidates(queue, predictions), PlanRequest(budget_usd=24.0))
+    outcome = plan_batch(build_candidates(queue, predictions), PlanRequest(budget_usd=24.0))
     rows = plan_frontier(outcome, 24.0)
     assert 8 <= len(rows) <= 12
     budgets = [r["budget_usd"] for r in rows]
