@@ -96,7 +96,7 @@ def check_constraint_names(request: PlanRequest, candidates: Candidates) -> list
     every tenant, not all queued tonight) returns the constraints that bind nothing instead."""
     tenants = sorted(candidates.queries["tenant"].unique().to_list())
     tasks = sorted(candidates.queries["task"].unique().to_list())
-    models = sorted(candidates.plans.filter(pl.col("kind") == "single")["models"].list.first().unique().to_list())
+    models = sorted(candidates.llms)  # the LLMs the backend offers for this batch
     checks: list[tuple[str, str, str, list[str]]] = [  # (constraint, name, what it names, known names)
         *(("tenant budget", t, "tenant", tenants) for t in request.tenant_budgets_usd),
         *(("max calls", m, "model", models) for m in request.model_max_calls),
