@@ -164,13 +164,6 @@ def _write_queues(env: AirflowEnv, days: dict[str, pl.DataFrame]) -> None:
     storage.write_bytes(f"{lay.queue(NIGHTLY_DAY)}part-2.jsonl", b'{"query_id": "bad-1", "prompt": ""}\n')
 
 
-@pytest.fixture
-def queues(airflow_env: AirflowEnv, queue_days: dict[str, pl.DataFrame]) -> dict[str, pl.DataFrame]:
-    """The day queues in this test's prefix."""
-    _write_queues(airflow_env, queue_days)
-    return queue_days
-
-
 @dataclass(frozen=True)
 class Done:
     """A DAG run completed in a prefix of its own (copy it into a test's prefix before changing anything)."""
@@ -541,7 +534,7 @@ def test_retrain_decides_on_new_outcomes(
     assert len(decisions) == 2
     latest = json.loads(storage.read_text(sorted(decisions)[-1]))
     assert latest["current"] == first
-    # The nightly and backfill queues were drawn from the held-out split, so their outcomes are found
+    # The backfill's queues were drawn from the held-out split, so their outcomes are found
     # but kept out of training: the evaluation stays clean.
     assert latest["outcomes_found"] > 0
     assert latest["outcomes_used"] <= latest["outcomes_found"]
