@@ -152,7 +152,9 @@ def build_report(
     optimizer: dict[str, Any] | None = None,
     run_id: str | None = None,
     tenant_budgets_usd: dict[str, float] | None = None,
+    estimated_accuracy: float | None = None,
 ) -> dict[str, Any]:
+    """``estimated_accuracy``: the mean posterior of the final answers (a run in rounds), without gold."""
     status_counts = {s: int((results["status"] == s).sum()) for s in RESULT_STATUSES}
     spend = float(results["cost_usd"].fill_null(0).sum())
     calls = results.select(pl.col("models_called").explode().drop_nulls().alias("model"))
@@ -175,6 +177,7 @@ def build_report(
         "spend_usd": spend,
         "planned_cost_usd": float(plan["expected_cost_usd"].sum()),
         "planned_accuracy": float(plan["expected_accuracy"].fill_null(0).sum() / max(plan.height, 1)),
+        "estimated_accuracy": estimated_accuracy,
         "plan_kinds": {k: int(v) for k, v in plan.group_by("kind").len().iter_rows()},
         "model_share": [{"model": m, "queries": int(c), "share": float(s)} for m, c, s in shares.iter_rows()],
         "calls_per_model": [{"model": m, "calls": int(c)} for m, c in call_counts.iter_rows()],
@@ -286,6 +289,23 @@ def summary_line(report: dict[str, Any]) -> str:
     )
 
 
+def estimates_line(report: dict[str, Any]) -> str:
+    """Planned accuracy, the run's own estimate after it (no gold) and, where the truth is known, the
+    realized accuracy with each one's miss."""
+    planned, estimated, realized = (report.get(k) for k in ("planned_accuracy", "estimated_accuracy", "accuracy"))
+    parts = [f"planned accuracy {_fmt_acc(planned)}"]
+    if estimated is not None:
+        parts.append(f"estimated after the run {_fmt_acc(estimated)}")
+    if realized is not None:
+        misses = [
+            f"{name} {100 * (value - realized):+.1f} pts"
+            for name, value in (("planned", planned), ("estimated", estimated))
+            if value is not None
+        ]
+        parts.append(f"realized {_fmt_acc(realized)} ({', '.join(misses)})")
+    return "; ".join(parts)
+
+
 def _table(headers: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -297,7 +317,14 @@ def _fmt_acc(value: float | None) -> str:
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    parts = [f"# batchplan report {report.get('run_id') or ''}".rstrip(), "", summary_line(report), ""]
+    parts = [
+        f"# batchplan report {report.get('run_id') or ''}".rstrip(),
+        "",
+        summary_line(report),
+        "",
+        estimates_line(report),
+        "",
+    ]
     if report.get("savings"):
         parts += [_savings_text(report), ""]
     rows = [
@@ -376,7 +403,7 @@ def render_html(report: dict[str, Any]) -> str:
 td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left}}.row{{display:flex;gap:.5em;align-items:center;margin:.2em 0}}
 .name{{width:22em}}.bar{{display:inline-block;height:1em;background:#3a7}}.bar.cost{{background:#c84}}
 .budget{{width:400px;height:1.2em;border:1px solid #333}}.budget div{{height:100%;background:#c84}}</style></head><body>
-<h1>batchplan report</h1><p>{html.escape(summary_line(report))}</p><p><b>{html.escape(_savings_text(report))}</b></p>
+<h1>batchplan report</h1><p>{html.escape(summary_line(report))}</p><p>{html.escape(estimates_line(report))}</p><p><b>{html.escape(_savings_text(report))}</b></p>
 <h2>Spend vs budget</h2><div class="budget"><div style="width:{fill:.1f}%"></div></div><p>${spend:.4f} of ${budget:.4f}</p>
 <h2>Accuracy (green) and spend (orange) at the same budget</h2>{bars}
 <h2>Deferred and failed</h2><p>deferred: {report["status"]["deferred"]}, failed: {report["status"]["failed"]}, quarantined: {report["quarantined"]}</p>

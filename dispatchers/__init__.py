@@ -17,8 +17,8 @@ from typing import Any
 
 from dispatchers.base import Backend, CallRequest, CallResult, parse_answer
 from dispatchers.budget import BudgetGuard
-from dispatchers.executor import FALLBACK_COLUMN
-from dispatchers.ledger import read_manifest, read_results
+from dispatchers.executor import FALLBACK_COLUMN, ROUND_CALLS
+from dispatchers.ledger import ledger_events, read_manifest, read_results
 from dispatchers.limits import ModelLimits, RetryPolicy
 from dispatchers.run import adispatch, dispatch
 
@@ -67,6 +67,7 @@ register_backend("bedrock", _bedrock)
 
 __all__ = [
     "FALLBACK_COLUMN",
+    "ROUND_CALLS",
     "Backend",
     "BudgetGuard",
     "CallRequest",
@@ -77,6 +78,7 @@ __all__ = [
     "available_backends",
     "dispatch",
     "get_backend",
+    "ledger_events",
     "parse_answer",
     "read_manifest",
     "read_results",

@@ -85,6 +85,20 @@ class Backend(ABC):
         """A hard upper bound on what this call can be billed, or None if the backend cannot give one."""
         return None
 
+    def cost_bounds(
+        self, queue: pl.DataFrame, pairs: pl.DataFrame, max_tokens: int, max_tokens_open: int
+    ) -> pl.DataFrame:
+        """``cost_bound`` of one attempt for every (query_id, model) in ``pairs``: query_id, model, bound_usd
+        (null where there is none); ``max_tokens``/``max_tokens_open`` as the executor sends them."""
+        texts = queue.select("query_id", "prompt", "system_prompt", "labels")
+        rows = pairs.select("query_id", "model").join(texts, on="query_id", how="left", maintain_order="left")
+        bounds = []
+        for query_id, model, prompt, system_prompt, labels in rows.iter_rows():
+            tokens = max_tokens if labels is not None else max_tokens_open
+            request = CallRequest(query_id, model, prompt or "", system_prompt, labels, key="", max_tokens=tokens)
+            bounds.append(self.cost_bound(request))
+        return rows.select("query_id", "model").with_columns(pl.Series("bound_usd", bounds, dtype=pl.Float64))
+
     @abstractmethod
     async def call(self, request: CallRequest) -> CallResult:
         """Send one call. Never raises for provider trouble: returns a CallResult with a failure status."""
