@@ -42,7 +42,7 @@ from batchplan.round_runner import (
 )
 from batchplan.rounds import RoundPlanner
 from batchplan.storage import Storage, join
-from dispatchers import Backend, dispatch, get_backend
+from dispatchers import Backend, RetryPolicy, dispatch, get_backend
 from predictors import Predictor
 
 log = structlog.get_logger("batchplan")
@@ -149,6 +149,7 @@ def execute(
     storage: Storage,
     tenant_budgets_usd: dict[str, float] | None = None,
     progress: Progress | None = None,
+    retry: RetryPolicy | None = None,
 ) -> pl.DataFrame:
     """Dispatch every planned query; deferred plan rows become deferred results. One row per query.
     ``tenant_budgets_usd`` are hard caps at dispatch too: the plan meets them in expectation, escalations
@@ -166,6 +167,7 @@ def execute(
         tenant_budgets_usd=tenant_budgets_usd,
         storage=storage,
         progress=progress,
+        retry=retry,
     )
     deferred = plan.filter(pl.col("kind") == "defer").select(
         "query_id",
@@ -201,6 +203,7 @@ def execute_rounds(
     storage: Storage,
     tenant_budgets_usd: dict[str, float] | None = None,
     progress: Progress | None = None,
+    retry: RetryPolicy | None = None,
 ) -> RoundsOutcome:
     """``execute`` in rounds: each round planned by ``planner`` from what the earlier ones observed, under
     the budget they left; under ``<out>/rounds/`` (resumable, see ``batchplan.round_runner``)."""
@@ -213,7 +216,7 @@ def execute_rounds(
         planner,
         queue,
         predictions,
-        DispatchSender(backend, max_tokens=MAX_TOKENS, max_tokens_open=MAX_TOKENS_OPEN),
+        DispatchSender(backend, max_tokens=MAX_TOKENS, max_tokens_open=MAX_TOKENS_OPEN, options={"retry": retry}),
         rounds=rounds,
         budget_usd=limit,
         out_uri=out_uri,
