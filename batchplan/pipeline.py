@@ -37,6 +37,7 @@ from batchplan.round_runner import (
     MAX_TOKENS_OPEN,
     DispatchSender,
     RoundsOutcome,
+    check_round_planner,
     make_round_planner,
     run_rounds,
 )
@@ -283,6 +284,8 @@ class JobOutcome:
 def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth: Truth | None = None) -> JobOutcome:
     """Plan and dispatch the whole batch; write plan, results and report under ``job.out_uri``."""
     started = time.perf_counter()
+    if job.rounds > 1:
+        check_round_planner(job.round_planner)  # before anything is planned or sent
     # the replay history is read once: it answers the calls and is the truth the report scores against
     replay = load_history(job.replay_history, storage) if job.backend == "replay" and job.replay_history else None
     backend = make_backend(

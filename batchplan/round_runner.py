@@ -397,9 +397,13 @@ def register_round_planner(name: str, factory: PlannerFactory) -> None:
     ROUND_PLANNERS[name] = factory
 
 
-def make_round_planner(name: str, **inputs: Any) -> RoundPlanner:
+def check_round_planner(name: str) -> None:
     if name not in ROUND_PLANNERS:
         raise ContractError(f"--round-planner {name!r} is not one of {sorted(ROUND_PLANNERS)}")
+
+
+def make_round_planner(name: str, **inputs: Any) -> RoundPlanner:
+    check_round_planner(name)
     return ROUND_PLANNERS[name](**inputs)
 
 
