@@ -183,6 +183,66 @@ class RoundsOutcome:
         return float(p.to_series().sum() / max(self.results.height, 1))
 
 
+def round_uri(out_uri: str, k: int) -> str:
+    return join(out_uri, "rounds", str(k))
+
+
+def round_complete(storage: Storage, out_uri: str, k: int) -> bool:
+    return storage.exists(join(round_uri(out_uri, k), "observations.parquet"))
+
+
+def observed(storage: Storage, out_uri: str, rounds: range) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Observations and refusals (with their round) of ``rounds``, each of them complete."""
+    observations, refusals = [], []
+    for k in rounds:
+        here = round_uri(out_uri, k)
+        marker = join(here, "observations.parquet")
+        observations.append(conform(storage.read_frame(marker), OBSERVATION_SCHEMA, name=marker))
+        refused = conform(storage.read_frame(join(here, "refused.parquet")), REFUSED_SCHEMA, name=here)
+        refusals.append(refused.with_columns(pl.lit(k, dtype=pl.Int64).alias("round")))
+    refused_schema = pl.Schema({**REFUSED_SCHEMA, "round": pl.Int64()})
+    return _concat(observations, OBSERVATION_SCHEMA), _concat(refusals, refused_schema)
+
+
+def plan_round(
+    planner: RoundPlanner,
+    queue: pl.DataFrame,
+    predictions: pl.DataFrame,
+    *,
+    k: int,
+    rounds: int,
+    budget_usd: float,
+    out_uri: str,
+    storage: Storage,
+    tenant_budgets_usd: Mapping[str, float] | None = None,
+    call_bounds: pl.DataFrame | None = None,
+) -> tuple[pl.DataFrame, float, dict[str, float]]:
+    """Round ``k``'s calls (planned once, then reused from ``calls.parquet``) and its hard budgets: the
+    total and each tenant's budget minus what rounds 1..k-1 charged. Rounds before ``k`` must be complete."""
+    before, _ = observed(storage, out_uri, range(1, k))
+    left = budget_usd - float(before["cost_usd"].sum())
+    tenant_budgets = dict(tenant_budgets_usd or {})
+    tenant_left = _tenant_left(tenant_budgets, queue.select("query_id", "tenant") if tenant_budgets else None, before)
+    state = RoundState(
+        round=k,
+        rounds=rounds,
+        queue=queue,
+        predictions=predictions,
+        observations=before,
+        budget_left_usd=left,
+        tenant_budgets_left_usd=tenant_left,
+        call_bounds=call_bounds,
+    )
+    return _resume_or_plan_round(storage, round_uri(out_uri, k), planner, state), left, tenant_left
+
+
+def complete_round(storage: Storage, out_uri: str, k: int, observations: pl.DataFrame, refused: pl.DataFrame) -> None:
+    """Write round ``k``'s observations: the marker that it is complete (refusals first)."""
+    here = round_uri(out_uri, k)
+    storage.write_frame(refused.select(REFUSED_SCHEMA.names()).cast(REFUSED_SCHEMA), join(here, "refused.parquet"))
+    storage.write_frame(observations.select(OBSERVATION_SCHEMA.names()), join(here, "observations.parquet"))
+
+
 def run_rounds(
     planner: RoundPlanner,
     queue: pl.DataFrame,
@@ -201,80 +261,74 @@ def run_rounds(
     resumable at any point (module doc). Returns the results of the whole batch."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
-    tenant_budgets = dict(tenant_budgets_usd or {})
-    tenants = queue.select("query_id", "tenant") if tenant_budgets else None
-    observed: list[pl.DataFrame] = []
-    refusals: list[pl.DataFrame] = []
-    summary: list[dict[str, Any]] = []
     for k in range(1, rounds + 1):
-        started = time.perf_counter()
-        here = join(out_uri, "rounds", str(k))
-        marker = join(here, "observations.parquet")
-        before = _concat(observed, OBSERVATION_SCHEMA)
-        spent = float(before["cost_usd"].sum())
-        left = budget_usd - spent
-        tenant_left = _tenant_left(tenant_budgets, tenants, before)
-        calls = _resume_or_plan_round(
-            storage,
-            here,
+        if round_complete(storage, out_uri, k):
+            continue  # never sent again
+        calls, left, tenant_left = plan_round(
             planner,
-            RoundState(
-                round=k,
-                rounds=rounds,
-                queue=queue,
-                predictions=predictions,
-                observations=before,
-                budget_left_usd=left,
-                tenant_budgets_left_usd=tenant_left,
-                call_bounds=call_bounds,
-            ),
+            queue,
+            predictions,
+            k=k,
+            rounds=rounds,
+            budget_usd=budget_usd,
+            out_uri=out_uri,
+            storage=storage,
+            tenant_budgets_usd=tenant_budgets_usd,
+            call_bounds=call_bounds,
         )
-        if storage.exists(marker):
-            got = conform(storage.read_frame(marker), OBSERVATION_SCHEMA, name=marker)
-            refused = storage.read_frame(join(here, "refused.parquet"))
-            resumed = True
+        if calls.filter(pl.col("models").list.len() > 0).height:
+            got, refused = sender.send(
+                calls,
+                queue,
+                round=k,
+                budget_usd=left,
+                tenant_budgets_usd=tenant_left,
+                out_uri=join(round_uri(out_uri, k), "dispatch"),
+                storage=storage,
+                progress=progress,
+            )
         else:
-            if calls.filter(pl.col("models").list.len() > 0).height:
-                got, refused = sender.send(
-                    calls,
-                    queue,
-                    round=k,
-                    budget_usd=left,
-                    tenant_budgets_usd=tenant_left,
-                    out_uri=join(here, "dispatch"),
-                    storage=storage,
-                    progress=progress,
-                )
-            else:
-                got, refused = pl.DataFrame(schema=OBSERVATION_SCHEMA), pl.DataFrame(schema=REFUSED_SCHEMA)
-            storage.write_frame(refused, join(here, "refused.parquet"))
-            storage.write_frame(got, marker)  # last: the round is complete
-            resumed = False
-        observed.append(got)
-        refusals.append(refused.with_columns(pl.lit(k).alias("round")))
-        info = {
-            "round": k,
-            "queries_called": int((calls["models"].list.len() > 0).sum()),
-            "calls_planned": int(calls["models"].list.len().sum()),
-            "calls_made": got.height,
-            "failed_calls": int((got["status"] != "ok").sum()),
-            "charged_usd": float(got["cost_usd"].sum()),
-            "unknown_bill_usd": float(got.filter(~pl.col("billed_known"))["cost_usd"].sum()),
-            "budget_usd": left,
-            "refused": refused.height,
-            "resumed": resumed,
-            "seconds": round(time.perf_counter() - started, 2),
-        }
-        summary.append(info)
-        log.info("round", **info)
-    observations = _concat(observed, OBSERVATION_SCHEMA)
+            got, refused = pl.DataFrame(schema=OBSERVATION_SCHEMA), pl.DataFrame(schema=REFUSED_SCHEMA)
+        complete_round(storage, out_uri, k, got, refused)
+    return finish_rounds(planner, queue, predictions, rounds=rounds, out_uri=out_uri, storage=storage)
+
+
+def finish_rounds(
+    planner: RoundPlanner,
+    queue: pl.DataFrame,
+    predictions: pl.DataFrame,
+    *,
+    rounds: int,
+    out_uri: str,
+    storage: Storage,
+) -> RoundsOutcome:
+    """The planner's final answers over every round's observations, as one result row per query."""
+    observations, refusals = observed(storage, out_uri, range(1, rounds + 1))
     answers = conform(
         planner.answers(queue, predictions, observations),
         ROUND_ANSWER_SCHEMA,
         name="round answers",
         required=("query_id",),
     )
-    results = _results(queue, answers, observations, pl.concat(refusals) if refusals else None)
+    results = _results(queue, answers, observations, refusals)
+    summary = []
+    for k in range(1, rounds + 1):
+        calls = storage.read_frame(join(round_uri(out_uri, k), "calls.parquet"))
+        planned = json.loads(storage.read_text(join(round_uri(out_uri, k), "plan.json")))
+        got = observations.filter(pl.col("round") == k)
+        info = {
+            "round": k,
+            "budget_usd": planned.get("budget_left_usd"),
+            "queries_called": int((calls["models"].list.len() > 0).sum()),
+            "calls_planned": int(calls["models"].list.len().sum()),
+            "calls_made": got.height,
+            "failed_calls": int((got["status"] != "ok").sum()),
+            "charged_usd": float(got["cost_usd"].sum()),
+            "unknown_bill_usd": float(got.filter(~pl.col("billed_known"))["cost_usd"].sum()),
+            "refused": int((refusals["round"] == k).sum()),
+        }
+        summary.append(info)
+        log.info("round", **info)
     return RoundsOutcome(results=results, answers=answers, observations=observations, rounds=summary)
 
 
@@ -313,7 +367,7 @@ def _concat(frames: list[pl.DataFrame], schema: pl.Schema) -> pl.DataFrame:
 
 
 def _results(
-    queue: pl.DataFrame, answers: pl.DataFrame, observations: pl.DataFrame, refused: pl.DataFrame | None
+    queue: pl.DataFrame, answers: pl.DataFrame, observations: pl.DataFrame, refused: pl.DataFrame
 ) -> pl.DataFrame:
     """RESULT_SCHEMA per query: done with the planner's answer; else deferred naming the budget that
     refused its last call; else failed with its calls' failures; else deferred by the plan."""
@@ -343,7 +397,7 @@ def _results(
         refused.sort("round")
         .group_by("query_id")
         .agg(pl.col("error").last(), pl.col("round").last().alias("_refused_in"))
-        if refused is not None and refused.height
+        if refused.height
         else pl.DataFrame(schema={"query_id": pl.String, "error": pl.String, "_refused_in": pl.Int64})
     )
     last_call = observations.group_by("query_id").agg(pl.col("round").max().alias("_called_in"))
