@@ -231,7 +231,9 @@ class _Costs:
         self._bound: dict[tuple[str, str], float] = {}
         if state.call_bounds is not None:
             self._bound = {
-                (q, m): float(b) for q, m, b in state.call_bounds.iter_rows() if b is not None and math.isfinite(b)
+                (q, m): float(b)
+                for q, m, b in state.call_bounds.select("query_id", "model", "bound_usd").iter_rows()
+                if b is not None and math.isfinite(b)
             }
         cheapest = predictions.sort("cost_usd").group_by("query_id", maintain_order=True).agg(pl.col("model").first())
         self._cheapest = dict(zip(cheapest["query_id"].to_list(), cheapest["model"].to_list(), strict=True))

@@ -191,8 +191,11 @@ def round_complete(storage: Storage, out_uri: str, k: int) -> bool:
     return storage.exists(join(round_uri(out_uri, k), "observations.parquet"))
 
 
-def observed(storage: Storage, out_uri: str, rounds: range) -> tuple[pl.DataFrame, pl.DataFrame]:
-    """Observations and refusals (with their round) of ``rounds``, each of them complete."""
+def observed(
+    storage: Storage, out_uri: str, rounds: range, call_bounds: pl.DataFrame | None = None
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Observations and refusals (with their round) of ``rounds``, each of them complete; ambiguous
+    failures' charges tightened with what later calls told (``tighten``)."""
     observations, refusals = [], []
     for k in rounds:
         here = round_uri(out_uri, k)
@@ -201,7 +204,33 @@ def observed(storage: Storage, out_uri: str, rounds: range) -> tuple[pl.DataFram
         refused = conform(storage.read_frame(join(here, "refused.parquet")), REFUSED_SCHEMA, name=here)
         refusals.append(refused.with_columns(pl.lit(k, dtype=pl.Int64).alias("round")))
     refused_schema = pl.Schema({**REFUSED_SCHEMA, "round": pl.Int64()})
-    return _concat(observations, OBSERVATION_SCHEMA), _concat(refusals, refused_schema)
+    return tighten(_concat(observations, OBSERVATION_SCHEMA), call_bounds), _concat(refusals, refused_schema)
+
+
+def tighten(observations: pl.DataFrame, call_bounds: pl.DataFrame | None) -> pl.DataFrame:
+    """Charge each ambiguous failure (bill unknown, charged its reservation: prompt bytes as input tokens)
+    at most input tokens x price + the output's bound, once another call of the same model on the same
+    query has reported its input tokens: the same prompt tokenizes the same, and the output never passes
+    max_tokens, so this still bounds what the failed attempt can have been billed; the hard cap stays hard
+    and the money the reservation held comes back to the next round."""
+    if call_bounds is None or observations.height == 0 or call_bounds["usd_per_token_in"].is_null().all():
+        return observations
+    known = (
+        observations.filter((pl.col("status") == "ok") & pl.col("tokens_in").is_not_null())
+        .group_by("query_id", "model")
+        .agg(pl.col("tokens_in").first().alias("_tokens_in"))
+    )
+    parts = call_bounds.select("query_id", "model", "usd_per_token_in", "output_bound_usd")
+    tight = pl.col("_tokens_in") * pl.col("usd_per_token_in") + pl.col("output_bound_usd")
+    ambiguous = ~pl.col("billed_known") & (pl.col("status") != "ok") & tight.is_not_null()
+    return (
+        observations.join(known, on=["query_id", "model"], how="left", maintain_order="left")
+        .join(parts, on=["query_id", "model"], how="left", maintain_order="left")
+        .with_columns(
+            pl.when(ambiguous).then(pl.min_horizontal("cost_usd", tight)).otherwise("cost_usd").alias("cost_usd")
+        )
+        .select(OBSERVATION_SCHEMA.names())
+    )
 
 
 def plan_round(
@@ -219,7 +248,7 @@ def plan_round(
 ) -> tuple[pl.DataFrame, float, dict[str, float]]:
     """Round ``k``'s calls (planned once, then reused from ``calls.parquet``) and its hard budgets: the
     total and each tenant's budget minus what rounds 1..k-1 charged. Rounds before ``k`` must be complete."""
-    before, _ = observed(storage, out_uri, range(1, k))
+    before, _ = observed(storage, out_uri, range(1, k), call_bounds)
     left = budget_usd - float(before["cost_usd"].sum())
     tenant_budgets = dict(tenant_budgets_usd or {})
     tenant_left = _tenant_left(tenant_budgets, queue.select("query_id", "tenant") if tenant_budgets else None, before)
@@ -290,7 +319,9 @@ def run_rounds(
         else:
             got, refused = pl.DataFrame(schema=OBSERVATION_SCHEMA), pl.DataFrame(schema=REFUSED_SCHEMA)
         complete_round(storage, out_uri, k, got, refused)
-    return finish_rounds(planner, queue, predictions, rounds=rounds, out_uri=out_uri, storage=storage)
+    return finish_rounds(
+        planner, queue, predictions, rounds=rounds, out_uri=out_uri, storage=storage, call_bounds=call_bounds
+    )
 
 
 def finish_rounds(
@@ -301,9 +332,11 @@ def finish_rounds(
     rounds: int,
     out_uri: str,
     storage: Storage,
+    call_bounds: pl.DataFrame | None = None,
 ) -> RoundsOutcome:
-    """The planner's final answers over every round's observations, as one result row per query."""
-    observations, refusals = observed(storage, out_uri, range(1, rounds + 1))
+    """The planner's final answers over every round's observations, as one result row per query (its
+    cost: what the run counts against the budget, ambiguous failures tightened as in ``tighten``)."""
+    observations, refusals = observed(storage, out_uri, range(1, rounds + 1), call_bounds)
     answers = conform(
         planner.answers(queue, predictions, observations),
         ROUND_ANSWER_SCHEMA,

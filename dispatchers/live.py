@@ -101,5 +101,11 @@ class LiveBackend(Backend):
             pairs.select("query_id", "model")
             .join(queue.select("query_id", "prompt", "system_prompt", "labels"), on="query_id", how="left")
             .join(prices, on="model", how="left")
-            .select("query_id", "model", ((size * pl.col("_in") + tokens * pl.col("_out")) / 1e6).alias("bound_usd"))
+            .select(
+                "query_id",
+                "model",
+                ((size * pl.col("_in") + tokens * pl.col("_out")) / 1e6).alias("bound_usd"),
+                (pl.col("_in") / 1e6).alias("usd_per_token_in"),
+                (tokens * pl.col("_out") / 1e6).alias("output_bound_usd"),
+            )
         )

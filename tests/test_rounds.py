@@ -197,3 +197,74 @@ class _Sender:
 
     def send(self, calls: pl.DataFrame, queue: pl.DataFrame, **kw: object) -> tuple[pl.DataFrame, pl.DataFrame]:
         return self.inner.send(calls, queue, **kw)  # type: ignore[arg-type]
+
+
+def test_an_ambiguous_failure_is_charged_at_its_input_tokens_once_a_later_call_told_them() -> None:
+    from batchplan.round_runner import tighten
+
+    observed = pl.DataFrame(
+        [
+            ("a", 1, "m", "connection", None, None, 0.05, False, None, None),  # reset: charged its reservation
+            ("a", 1, "m", "ok", "B", -0.1, 0.002, True, 100, 1),  # the retry: 100 input tokens
+            ("b", 1, "m", "server_error", None, None, 0.05, False, None, None),  # no later call of m on b
+            ("c", 1, "m", "rate_limited", None, None, 0.0, True, None, None),  # a 429 is billed nothing
+            ("c", 2, "m", "ok", "C", -0.1, 0.002, True, 100, 1),
+        ],
+        schema=OBSERVATION_SCHEMA,
+        orient="row",
+    )
+    bounds = pl.DataFrame(
+        {
+            "query_id": ["a", "b", "c"],
+            "model": ["m"] * 3,
+            "bound_usd": [0.05] * 3,
+            "usd_per_token_in": [1e-5] * 3,
+            "output_bound_usd": [1.6e-4] * 3,
+        }
+    )
+    tightened = tighten(observed, bounds)
+    assert tightened["cost_usd"].to_list() == pytest.approx([100 * 1e-5 + 1.6e-4, 0.002, 0.05, 0.0, 0.002])
+    assert tighten(observed, None).equals(observed)
+
+
+def test_the_budget_holds_in_rounds_against_a_faulty_endpoint(tmp_path: Path) -> None:
+    """~18% faults (ambiguous ones charged their bound), a budget half of what the plan would cost:
+    neither what the run counts nor what the provider billed passes the budget."""
+    from batchplan.catalog import PriceCatalog
+    from batchplan.history import synthetic_history
+    from dispatchers import RetryPolicy
+    from dispatchers.replay_server import Faults, ReplayServer
+
+    history = synthetic_history(300, 4, seed=9)
+    queue = conform(history.queries, QUEUE_SCHEMA, name="queue")
+    plan = conform(
+        queue.select("query_id", pl.lit("single").alias("kind"), pl.lit([history.models[3]]).alias("models")),
+        PLAN_SCHEMA,
+        name="plan",
+    )
+    full = float(history.outcomes.filter(pl.col("model") == history.models[3])["cost_usd"].sum())
+    faults = Faults(rate_429=0.04, rate_500=0.04, rate_malformed=0.03, rate_reset=0.03, rate_slow=0.04, slow_s=0.005)
+    with ReplayServer(history, faults) as server:
+        backend = get_backend(
+            "openai", base_url=server.base_url, catalog=PriceCatalog.from_history(history.prices, history.outcomes)
+        )
+        outcome = execute_rounds(
+            plan,
+            queue,
+            predictions_for(history, queue),
+            backend,
+            PlanContinuation(plan),
+            rounds=3,
+            budget_usd=full / 2,
+            out_uri=str(tmp_path),
+            storage=Storage(),
+            retry=RetryPolicy(base_delay_s=0.005, max_delay_s=0.02),
+        )
+        billed = server.stats()["billed_usd"]
+    counted = float(outcome.results["cost_usd"].sum())
+    assert billed <= counted + 1e-12
+    assert counted <= full / 2 + 1e-12
+    # the money ran out (the budget bound), and later rounds answered cheaper instead of deferring
+    assert counted > 0.9 * full / 2
+    assert outcome.rounds[1]["calls_made"] > 0
+    assert (outcome.results["status"] == "done").sum() > queue.height / 2

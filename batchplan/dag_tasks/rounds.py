@@ -46,6 +46,14 @@ def _inputs(storage: Storage, lay: Layout, run: str, params: RunParams) -> dict[
     }
 
 
+def _bounds(storage: Storage, params: RunParams, queue: pl.DataFrame, predictions: pl.DataFrame) -> pl.DataFrame:
+    """Every (query, model)'s cost bound on the run's backend (BOUNDS_SCHEMA), as the dispatcher sends it."""
+    from batchplan.round_runner import MAX_TOKENS, MAX_TOKENS_OPEN
+
+    backend = _backend(params.backend, storage)
+    return backend.cost_bounds(queue, predictions.select("query_id", "model"), MAX_TOKENS, MAX_TOKENS_OPEN)
+
+
 def _budget(params: RunParams, plan: pl.DataFrame) -> float:
     """The run's hard budget; without one (an accuracy target), the plan's own high side, as single shot."""
     if params.budget_usd is not None:
@@ -56,8 +64,6 @@ def _budget(params: RunParams, plan: pl.DataFrame) -> float:
 def round_plan_stage(storage: Storage, lay: Layout, run: str, params: RunParams, k: int) -> list[dict[str, Any]]:
     """Plan round ``k`` for the whole batch (once; a re-run reuses it) and split its calls into shards."""
     from batchplan.round_runner import (
-        MAX_TOKENS,
-        MAX_TOKENS_OPEN,
         OBSERVATION_SCHEMA,
         REFUSED_SCHEMA,
         complete_round,
@@ -71,7 +77,6 @@ def round_plan_stage(storage: Storage, lay: Layout, run: str, params: RunParams,
         return [NOOP]
     inputs = _inputs(storage, lay, run, params)
     queue, predictions = inputs["queue"], inputs["predictions"]
-    backend = _backend(params.backend, storage)
     calls, left, tenant_left = plan_round(
         make_round_planner(params.round_planner, **inputs),
         queue,
@@ -82,7 +87,7 @@ def round_plan_stage(storage: Storage, lay: Layout, run: str, params: RunParams,
         out_uri=out,
         storage=storage,
         tenant_budgets_usd=params.tenant_budgets_usd,
-        call_bounds=backend.cost_bounds(queue, predictions.select("query_id", "model"), MAX_TOKENS, MAX_TOKENS_OPEN),
+        call_bounds=_bounds(storage, params, queue, predictions),
     )
     calls = calls.filter(pl.col("models").list.len() > 0).sort("query_id")
     if calls.height == 0:  # nothing to call: the round is complete as planned
@@ -183,6 +188,7 @@ def rounds_results(storage: Storage, lay: Layout, run: str, params: RunParams) -
         rounds=params.rounds,
         out_uri=rounds_uri(lay, run),
         storage=storage,
+        call_bounds=_bounds(storage, params, inputs["queue"], inputs["predictions"]),
     )
     return outcome.results, outcome.estimated_accuracy
 
