@@ -322,7 +322,13 @@ class PosteriorRoundPlanner:
         ev = evaluate(self.posterior, seen, self.max_tries)
         texts = [seen.answer_text[i].get(int(j)) if j >= 0 else None for i, j in enumerate(ev.now_answer.tolist())]
         return pl.DataFrame(
-            {"query_id": seen.query_ids, "answer": texts, "estimated_p_correct": ev.now_p},
+            {
+                "query_id": seen.query_ids,
+                "answer": texts,
+                "estimated_p_correct": ev.now_p,
+                # the LLM whose answer is kept: open tasks replayed from a history keep no text
+                "model": [seen.models[j] if j >= 0 else None for j in ev.now_answer.tolist()],
+            },
             schema=ROUND_ANSWER_SCHEMA,
         )
 

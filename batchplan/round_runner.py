@@ -500,4 +500,11 @@ def _plan_continuation(*, plan: pl.DataFrame, **_: Any) -> RoundPlanner:
     return PlanContinuation(plan)
 
 
+def _posterior(*, trained: Any = None, **_: Any) -> RoundPlanner:
+    from batchplan.round_planner import round_planner
+
+    return round_planner(getattr(trained, "posterior", None))
+
+
 register_round_planner("plan", _plan_continuation)
+register_round_planner("posterior", _posterior)

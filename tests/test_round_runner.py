@@ -268,3 +268,36 @@ def test_the_budget_holds_in_rounds_against_a_faulty_endpoint(tmp_path: Path) ->
     assert counted > 0.9 * full / 2
     assert outcome.rounds[1]["calls_made"] > 0
     assert (outcome.results["status"] == "done").sum() > queue.height / 2
+
+
+def test_the_posterior_planner_runs_through_the_runner(tmp_path: Path) -> None:
+    """h14a's planner (``--round-planner posterior``) behind the same runner: every round dispatched and
+    observed, the budget held, every query answered, its estimate from the posterior."""
+    from batchplan import artifacts
+    from batchplan.history import synthetic_history
+    from batchplan.pipeline import predict
+    from batchplan.round_runner import make_round_planner
+
+    history = synthetic_history(500, 4, n_tasks=1, test_fraction=0.4, seed=5)
+    trained = artifacts.train(history.split("train"), predictor="prior", seed=0)
+    queue = history.as_queue("test")
+    backend = get_backend("replay", history=history)
+    predictions = predict(queue, trained.predictor, backend)
+    plan = queue.select("query_id", pl.lit("defer").alias("kind"))  # the posterior planner needs no plan
+    budget = 0.3 * float(history.outcomes.group_by("model").agg(pl.col("cost_usd").sum())["cost_usd"].max())
+    planner = make_round_planner("posterior", plan=plan, queue=queue, predictions=predictions, trained=trained)
+    outcome = execute_rounds(
+        conform(plan, PLAN_SCHEMA, name="plan"),
+        queue,
+        predictions,
+        backend,
+        planner,
+        rounds=3,
+        budget_usd=budget,
+        out_uri=str(tmp_path),
+        storage=Storage(),
+    )
+    assert float(outcome.results["cost_usd"].sum()) <= budget
+    assert (outcome.results["status"] == "done").all()
+    assert 0.3 < outcome.estimated_accuracy <= 1.0
+    assert outcome.rounds[0]["calls_made"] >= queue.height
