@@ -6,7 +6,8 @@ models did; the project's openai backend calls it. The predictor is trained on t
 cell plans the test split at a share of the best single model's cost and runs it:
 
 - ``rounds=1``: today's single-shot dispatch of the plan;
-- ``rounds=N``: the round runner with the plan-continuation planner (``--round-planner``).
+- ``rounds=N``: the round runner with each round planner: ``plan`` (the single-shot plan's kinds, step by
+  step) and ``posterior`` (the posterior model re-planning every open query with the optimizer).
 
 Faults (per attempt): 429 4%, 500 4%, truncated body 3%, connection reset 3%, slow 4%. A truncated body and
 a reset leave the bill unknown, so the budget guard charges those attempts their reservation: the hard
@@ -16,7 +17,8 @@ bills neither, so the provider's bill (``billed USD``) falls below what the run 
 Targets (issue 14): deferred <= 1% while the budget left covers the cheapest LLM's call, accuracy within
 1 point of the fault-free run at the same budget, charged <= budget in every cell.
 
-    uv run python bench/rounds_faults.py [--datasets cascades_open] [--fractions 0.3] [--rounds 3]
+    uv run python bench/rounds_faults.py [--datasets cascades,overruling,cascades_open] [--fractions 0.3]
+        [--rounds 3] [--round-planners plan,posterior]
 """
 
 from __future__ import annotations
@@ -106,7 +108,9 @@ def run_cell(
     }
 
 
-def bench(name: str, history: History, fractions: list[float], rounds: int, planner: str, workdir: str) -> list[dict]:
+def bench(
+    name: str, history: History, fractions: list[float], rounds: int, planners: list[str], workdir: str
+) -> list[dict]:
     queue = history.as_queue("test")
     trained = artifacts.train(history.split("train"), seed=get_settings().seed)
     catalog_backend = get_backend(
@@ -120,7 +124,7 @@ def bench(name: str, history: History, fractions: list[float], rounds: int, plan
         budget = fraction * reference_cost
         plan = optimize(candidates, PlanRequest(budget_usd=budget), trained.templates).plan
         for faults in (False, True):
-            for n in (1, rounds):
+            for n, planner in [(1, "-"), *((rounds, p) for p in planners)]:
                 cell = run_cell(
                     history,
                     queue,
@@ -131,9 +135,15 @@ def bench(name: str, history: History, fractions: list[float], rounds: int, plan
                     rounds=n,
                     faults=faults,
                     planner_name=planner,
-                    workdir=f"{workdir}/{name}-{fraction}",
+                    workdir=f"{workdir}/{name}-{fraction}-{planner}",
                 )
-                rows.append({"dataset": name, "queries": queue.height, "budget_pct": round(100 * fraction)} | cell)
+                head = {
+                    "dataset": name,
+                    "queries": queue.height,
+                    "budget_pct": round(100 * fraction),
+                    "planner": planner,
+                }
+                rows.append(head | cell)
     return rows
 
 
@@ -142,6 +152,7 @@ def print_table(rows: list[dict]) -> None:
         "dataset",
         "queries",
         "budget %",
+        "planner",
         "rounds",
         "faults",
         "accuracy",
@@ -158,6 +169,7 @@ def print_table(rows: list[dict]) -> None:
         "dataset",
         "queries",
         "budget_pct",
+        "planner",
         "rounds",
         "faults",
         "accuracy",
@@ -176,6 +188,8 @@ def print_table(rows: list[dict]) -> None:
             return "-"
         if key in {"accuracy", "estimated"}:
             return f"{100 * float(value):.1f}"  # type: ignore[arg-type]
+        if key == "budget_pct":
+            return str(value)
         if key.endswith("_pct"):
             return f"{float(value):.1f}"  # type: ignore[arg-type]
         if key.endswith("_usd"):
@@ -190,10 +204,10 @@ def print_table(rows: list[dict]) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--datasets", default="cascades_open")
+    parser.add_argument("--datasets", default="cascades,overruling,cascades_open")
     parser.add_argument("--fractions", default="0.3")
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--round-planner", default="plan")
+    parser.add_argument("--round-planners", default="plan,posterior", help="round planners to compare")
     args = parser.parse_args(argv)
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     data = Path(get_settings().data_dir)
@@ -202,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.datasets.split(","):
             history = with_holdout(load_history([str(data / name)]))
             fractions = [float(f) for f in args.fractions.split(",")]
-            rows += bench(name, history, fractions, args.rounds, args.round_planner, workdir)
+            rows += bench(name, history, fractions, args.rounds, args.round_planners.split(","), workdir)
     print_table(rows)
     return 0 if all(r["within_budget"] for r in rows) else 1
 
