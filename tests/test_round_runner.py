@@ -301,3 +301,25 @@ def test_the_posterior_planner_runs_through_the_runner(tmp_path: Path) -> None:
     assert (outcome.results["status"] == "done").all()
     assert 0.3 < outcome.estimated_accuracy <= 1.0
     assert outcome.rounds[0]["calls_made"] >= queue.height
+
+
+def test_cost_bounds_at_once_are_each_call_s_bound() -> None:
+    """The vectorized bounds the planners see are what the executor reserves call by call (to the last bits:
+    polars and Python round the same sum differently)."""
+    from batchplan.catalog import PriceCatalog
+    from batchplan.history import synthetic_history
+    from dispatchers import Backend
+
+    history = synthetic_history(120, 3, seed=4)
+    queue = history.as_queue()
+    open_queue = queue.with_columns(pl.when(pl.int_range(pl.len()) % 2 == 0).then(pl.col("labels")).alias("labels"))
+    catalog = PriceCatalog.from_history(history.prices, history.outcomes)
+    for backend in (
+        get_backend("replay", history=history),
+        get_backend("openai", base_url="http://127.0.0.1:9/v1", catalog=catalog),
+    ):
+        pairs = backend.offered_pairs(queue)
+        fast = backend.cost_bounds(open_queue, pairs, 16, 1024).sort("query_id", "model")
+        slow = Backend.cost_bounds(backend, open_queue, pairs, 16, 1024).sort("query_id", "model")
+        assert fast.select("query_id", "model").equals(slow.select("query_id", "model"))
+        assert fast["bound_usd"].to_list() == pytest.approx(slow["bound_usd"].to_list(), rel=1e-12)
