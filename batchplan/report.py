@@ -317,14 +317,8 @@ def _fmt_acc(value: float | None) -> str:
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    parts = [
-        f"# batchplan report {report.get('run_id') or ''}".rstrip(),
-        "",
-        summary_line(report),
-        "",
-        estimates_line(report),
-        "",
-    ]
+    parts = [f"# batchplan report {report.get('run_id') or ''}".rstrip(), "", summary_line(report), ""]
+    parts += [estimates_line(report), ""]
     if report.get("savings"):
         parts += [_savings_text(report), ""]
     rows = [
