@@ -91,37 +91,62 @@ def _lp(p: np.ndarray) -> np.ndarray:
     return np.where(np.isfinite(p), logit(np.nan_to_num(p, nan=0.5)), 0.0)
 
 
-def answer_features(s: States, onehot: np.ndarray, width: int) -> np.ndarray:
-    """Stage A features [n, M, F] for every (query, LLM) (meaningful where the LLM answered)."""
-    n, m = s.code.shape
+def _answer_columns(s: States) -> tuple[list[np.ndarray], np.ndarray]:
+    """Stage A's per-(query, LLM) columns [n, M] (before the per-LLM terms), and the confidence logits."""
     lp = _lp(s.prior)
     known = np.isfinite(s.conf)
     lc = np.where(known, logit(np.nan_to_num(s.conf, nan=0.5)), 0.0)
-    text = s.code >= 0
-    others = ~np.eye(m, dtype=bool)[None]
-    both = text[:, :, None] & text[:, None, :] & others
-    same = both & (s.code[:, :, None] == s.code[:, None, :])
-    diff = both & ~same
-    neg = -1e9
-    max_dis_lp = np.where(diff, lp[:, None, :], neg).max(axis=2)
-    max_dis_lc = np.where(diff, lc[:, None, :], neg).max(axis=2)
-    any_dis = diff.any(axis=2)
-    hot = np.zeros((m, width))
-    hot[np.arange(m)[onehot >= 0], onehot[onehot >= 0]] = 1.0
-    columns = [
-        np.ones((n, m)),
-        lp,
-        lc,
-        (~known).astype(float),
-        same.sum(axis=2).astype(float),
-        (same * lp[:, None, :]).sum(axis=2),
-        (same * lc[:, None, :]).sum(axis=2),
-        diff.sum(axis=2).astype(float),
-        np.where(any_dis, max_dis_lp, 0.0),
-        np.where(any_dis, max_dis_lc, 0.0),
-    ]
+    pairwise = [np.zeros_like(lp) for _ in range(6)]
+    # agreement only between LLMs that answered: the [n, A, A] comparisons over the A columns any row answered
+    active = np.flatnonzero((s.code >= 0).any(axis=0))
+    if len(active) > 1:
+        code, a_lp, a_lc = s.code[:, active], lp[:, active], lc[:, active]
+        text = code >= 0
+        others = ~np.eye(len(active), dtype=bool)[None]
+        both = text[:, :, None] & text[:, None, :] & others
+        same = both & (code[:, :, None] == code[:, None, :])
+        diff = both & ~same
+        any_dis = diff.any(axis=2)
+        found = [
+            same.sum(axis=2).astype(float),
+            (same * a_lp[:, None, :]).sum(axis=2),
+            (same * a_lc[:, None, :]).sum(axis=2),
+            diff.sum(axis=2).astype(float),
+            np.where(any_dis, np.where(diff, a_lp[:, None, :], -1e9).max(axis=2), 0.0),
+            np.where(any_dis, np.where(diff, a_lc[:, None, :], -1e9).max(axis=2), 0.0),
+        ]
+        for column, values in zip(pairwise, found, strict=True):
+            column[:, active] = values
+    columns = [np.ones_like(lp), lp, lc, (~known).astype(float), *pairwise]
+    return columns, lc
+
+
+AGREE_COLUMN: Final = 4  # in _answer_columns: LLMs agreeing with this one
+
+
+def _hot(onehot: np.ndarray, width: int) -> np.ndarray:
+    hot = np.zeros((len(onehot), width))
+    hot[np.arange(len(onehot))[onehot >= 0], onehot[onehot >= 0]] = 1.0
+    return hot
+
+
+def answer_features(s: States, onehot: np.ndarray, width: int) -> np.ndarray:
+    """Stage A design [n, M, F] for every (query, LLM) (meaningful where the LLM answered): the columns, a
+    per-LLM intercept and a per-LLM slope on confidence."""
+    columns, lc = _answer_columns(s)
+    n, m = lc.shape
+    hot = _hot(onehot, width)
     base = np.stack(columns, axis=2)
     return np.concatenate([base, np.broadcast_to(hot, (n, m, width)), hot[None] * lc[:, :, None]], axis=2)
+
+
+def answer_logit(s: States, onehot: np.ndarray, width: int, a: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``answer_features(s) @ a`` without the [n, M, F] design (the per-LLM terms gathered), and the agree column."""
+    columns, lc = _answer_columns(s)
+    k = len(columns)
+    hot = _hot(onehot, width)
+    z = sum(w * col for w, col in zip(a[:k], columns, strict=True)) + (hot @ a[k : k + width])[None]
+    return z + (hot @ a[k + width :])[None] * lc, columns[AGREE_COLUMN]
 
 
 @dataclass
@@ -155,8 +180,8 @@ def _b_design(raw: np.ndarray, n_answers: np.ndarray) -> np.ndarray:
 
 def choose(s: States, a: np.ndarray, b: np.ndarray, onehot: np.ndarray, width: int) -> Choice:
     """Apply the answer rule (module docstring) with stage-A weights ``a`` and stage-B weights ``b``."""
-    features = answer_features(s, onehot, width)
-    score = sigmoid(features @ a)
+    z, agreeing = answer_logit(s, onehot, width, a)
+    score = sigmoid(z)
     text = s.code >= 0
     answered = s.answered
     n_answers = answered.sum(axis=1)
@@ -167,14 +192,13 @@ def choose(s: States, a: np.ndarray, b: np.ndarray, onehot: np.ndarray, width: i
     rows = np.arange(len(chosen))
     safe = np.maximum(chosen, 0)
     raw = np.where(chosen >= 0, score[rows, safe], 0.0)
-    agree = np.where(chosen >= 0, features[rows, safe, 4], 0.0)
+    agree = np.where(chosen >= 0, agreeing[rows, safe], 0.0)
     p = np.where(chosen >= 0, sigmoid(_b_design(np.maximum(raw, 1e-6), n_answers) @ b), 0.0)
     return Choice(chosen, raw, p, n_answers, agree)
 
 
-def after_features(s: States, now: Choice, onehot: np.ndarray, width: int) -> np.ndarray:
-    """Stage C features [n, M, F] for calling each LLM next (meaningful where it has not answered)."""
-    n, m = s.code.shape
+def _after_columns(s: States, now: Choice) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Stage C's per-(query, LLM) columns [n, M] (before the per-LLM terms), the priors' and now's logits."""
     lp = _lp(s.prior)
     lnow = np.where(now.chosen >= 0, logit(np.maximum(now.p, 1e-6)), -4.0)[:, None]
     known = np.isfinite(s.conf) & s.answered
@@ -182,9 +206,7 @@ def after_features(s: States, now: Choice, onehot: np.ndarray, width: int) -> np
     count = np.maximum(known.sum(axis=1), 1)
     max_lc = np.where(known.any(axis=1), np.where(known, lc, -1e9).max(axis=1), 0.0)[:, None]
     mean_lc = (lc.sum(axis=1) / count)[:, None]
-    hot = np.zeros((m, width))
-    hot[np.arange(m)[onehot >= 0], onehot[onehot >= 0]] = 1.0
-    ones = np.ones((n, m))
+    ones = np.ones_like(lp)
     columns = [
         ones,
         lnow * ones,
@@ -195,10 +217,29 @@ def after_features(s: States, now: Choice, onehot: np.ndarray, width: int) -> np
         (np.minimum(now.n_answers, 4)[:, None] - 1.0) * ones,
         now.agree[:, None] * ones,
     ]
+    return columns, lp, lnow * ones
+
+
+def after_features(s: States, now: Choice, onehot: np.ndarray, width: int) -> np.ndarray:
+    """Stage C design [n, M, F] for calling each LLM next (meaningful where it has not answered): the columns,
+    a per-LLM intercept and per-LLM slopes on its prior and on now."""
+    columns, lp, lnow = _after_columns(s, now)
+    n, m = lp.shape
+    hot = _hot(onehot, width)
     base = np.stack(columns, axis=2)
     return np.concatenate(
         [base, np.broadcast_to(hot, (n, m, width)), hot[None] * lp[:, :, None], hot[None] * lnow[:, :, None]], axis=2
     )
+
+
+def after_logit(s: States, now: Choice, onehot: np.ndarray, width: int, c: np.ndarray) -> np.ndarray:
+    """``after_offset(now) + after_features(s, now) @ c`` without the [n, M, F] design."""
+    columns, lp, lnow = _after_columns(s, now)
+    k = len(columns)
+    hot = _hot(onehot, width)
+    z = sum(w * col for w, col in zip(c[:k], columns, strict=True)) + (hot @ c[k : k + width])[None]
+    z = z + (hot @ c[k + width : k + 2 * width])[None] * lp + (hot @ c[k + 2 * width :])[None] * lnow
+    return after_offset(now)[:, None] + z
 
 
 def after_offset(now: Choice) -> np.ndarray:
@@ -371,6 +412,7 @@ class Posterior:
     tasks: dict[str, TaskModel]
     validation: dict[str, Any] = field(default_factory=dict)
     escalation: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)
+    singles: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # task -> LLM -> [accuracy, mean cost]
 
     @property
     def index(self) -> dict[str, int]:
@@ -392,7 +434,7 @@ class Posterior:
         t = self.for_task(task)
         onehot = self.onehot(models)
         now = now if now is not None else choose(s, t.a, t.b, onehot, len(self.models))
-        p = sigmoid(after_offset(now)[:, None] + after_features(s, now, onehot, len(self.models)) @ t.c)
+        p = sigmoid(after_logit(s, now, onehot, len(self.models), t.c))
         empty = (now.chosen < 0)[:, None]
         return np.where(empty, np.nan_to_num(s.prior, nan=0.0), p)
 
@@ -413,6 +455,7 @@ class Posterior:
                 "tasks": {k: v.to_dict() for k, v in self.tasks.items()},
                 "validation": self.validation,
                 "escalation": self.escalation,
+                "singles": self.singles,
             }
         )
 
@@ -424,6 +467,7 @@ class Posterior:
             tasks={k: TaskModel.from_dict(v) for k, v in raw["tasks"].items()},
             validation=raw.get("validation", {}),
             escalation=raw.get("escalation", {}),
+            singles=raw.get("singles", {}),
         )
 
 
@@ -465,7 +509,7 @@ def _held_out(reps: dict[str, Replay], index: dict[str, int], folds: int, seed: 
                 ok = now.chosen >= 0
                 got["p_now"].append(now.p[ok])
                 got["y_now"].append(test.correct[rows[ok], now.chosen[ok]])
-                after = sigmoid(after_offset(now)[:, None] + after_features(s, now, onehot, len(index)) @ t.c)
+                after = sigmoid(after_logit(s, now, onehot, len(index), t.c))
                 for j in (j for j in range(len(rep.models)) if j not in subset):
                     keep = test.present[rows, j]
                     then = choose(s.with_call(j, test.code[rows, j], test.conf[rows, j]), t.a, t.b, onehot, len(index))
@@ -526,4 +570,12 @@ def fit_posterior(history: History, oof: pl.DataFrame, *, seed: int = 0, validat
     posterior = Posterior(models, tasks)
     posterior.validation = _held_out(reps, index, FOLDS, seed) if validate else {}
     posterior.escalation = _escalation_tables(reps, posterior)
+    posterior.singles = {
+        task: {
+            model: [float(rep.correct[rep.present[:, j], j].mean()), float(rep.cost[rep.present[:, j], j].mean())]
+            for j, model in enumerate(rep.models)
+            if rep.present[:, j].any()
+        }
+        for task, rep in reps.items()
+    }
     return posterior

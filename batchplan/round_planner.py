@@ -27,7 +27,7 @@ Nothing here reads gold: only the queue, the predictions and the observations.
 
 from __future__ import annotations
 
-import contextlib
+import warnings
 from dataclasses import dataclass, field
 from statistics import NormalDist
 from typing import Any
@@ -38,14 +38,16 @@ import structlog
 
 from batchplan.candidates import P90_Z
 from batchplan.contracts import DEFAULT_TENANT, ContractError
-from batchplan.posterior import NONE, OPAQUE, Posterior, States, normalize
+from batchplan.posterior import LAMBDA_GRID, NONE, OPAQUE, Posterior, States, normalize
 from batchplan.rounds import ROUND_ANSWER_SCHEMA, ROUND_PLAN_SCHEMA, RoundPlan, RoundState
 from optimizer import Budget, GroupBudget, InfeasibleError, Problem, solve
 from optimizer.api import Method
 
 log = structlog.get_logger("batchplan.rounds")
 
+DEFAULT_ROUNDS = 2  # measured on bench/quality.py (rounds 1-4): more rounds did not add accuracy
 DRIFT_PRIOR_CALLS = 20.0
+MIN_CALL_GAIN = 0.02
 OK = "ok"
 
 
@@ -62,7 +64,7 @@ class Observed:
     cost: np.ndarray  # predicted cost [n, M] (nan: not offered)
     high: np.ndarray  # predicted high-side cost [n, M]
     tries: np.ndarray  # int [n, M]: calls made (failed ones included)
-    answer_text: list[dict[int, str | None]]  # per query: column -> the answer text of its last ok call
+    answers: pl.DataFrame  # _q, _m, answer: the answer text of each (query, LLM)'s last ok call
     drift: dict[str, float] = field(default_factory=dict)
 
 
@@ -84,7 +86,7 @@ def observe(queue: pl.DataFrame, predictions: pl.DataFrame, observations: pl.Dat
     conf = np.full((n, m), np.nan)
     order = np.full((n, m), -1, dtype=np.int32)
     tries = np.zeros((n, m), dtype=np.int64)
-    texts: list[dict[int, str | None]] = [{} for _ in range(n)]
+    answers = pl.DataFrame(schema={"_q": pl.Int64, "_m": pl.Int64, "answer": pl.String})
     drift: dict[str, float] = {}
     obs = observations.join(qi, on="query_id").join(mi, on="model").with_row_index("_seq")
     if obs.height:
@@ -103,8 +105,7 @@ def observe(queue: pl.DataFrame, predictions: pl.DataFrame, observations: pl.Dat
         code[r, c] = np.where(ok["_code"].is_null().to_numpy(), OPAQUE, ok["_code"].fill_null(0).to_numpy())
         conf[r, c] = np.exp(ok["logprob"].fill_null(np.nan).to_numpy())
         order[r, c] = ok["_order"].to_numpy()
-        for q, j, text in zip(r.tolist(), c.tolist(), ok["answer"].to_list(), strict=True):
-            texts[q][j] = text
+        answers = ok.select("_q", "_m", "answer")
         drift = cost_drift(obs, cost)
     return Observed(
         query_ids=ids,
@@ -116,7 +117,7 @@ def observe(queue: pl.DataFrame, predictions: pl.DataFrame, observations: pl.Dat
         cost=cost,
         high=high,
         tries=tries,
-        answer_text=texts,
+        answers=answers,
         drift=drift,
     )
 
@@ -149,7 +150,9 @@ class Evaluated:
     after: np.ndarray  # float [n, M]: P(right after calling that LLM next); nan where it may not be called
 
 
-def evaluate(posterior: Posterior, seen: Observed, max_tries: int, chunk: int = 100_000) -> Evaluated:
+def evaluate(
+    posterior: Posterior, seen: Observed, max_tries: int, upward: bool = True, chunk: int = 100_000
+) -> Evaluated:
     """The posterior per task, in chunks of queries (the features are [rows, LLMs, LLMs] arrays)."""
     n, m = seen.states.code.shape
     now_answer = np.full(n, -1, dtype=np.int64)
@@ -164,9 +167,56 @@ def evaluate(posterior: Posterior, seen: Observed, max_tries: int, chunk: int = 
             now_answer[part], now_p[part] = now.chosen, now.p
             after[part] = posterior.after(str(task), s, seen.models, now)
     callable_ = np.isfinite(seen.states.prior) & ~seen.states.answered & (seen.tries < max_tries)
-    callable_ &= np.isfinite(seen.cost)
+    callable_ &= np.isfinite(seen.cost) & offered(seen, posterior)
+    if upward:
+        callable_ &= stronger(seen, posterior, now_answer)
     after = np.where(callable_, after, np.nan)
     return Evaluated(now_answer, now_p, after)
+
+
+def _task_means(seen: Observed, posterior: Posterior) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per task, per LLM [M]: the history's replayed accuracy and mean cost where the posterior has them
+    (``Posterior.singles``), else the batch's mean predicted P(correct) and cost."""
+    out = {}
+    for task in np.unique(seen.tasks):
+        rows = seen.tasks == task
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # an LLM not offered for the task: nan, not a mean
+            acc, cost = np.nanmean(seen.states.prior[rows], axis=0), np.nanmean(seen.cost[rows], axis=0)
+        recorded = posterior.singles.get(str(task), {})
+        for j, model in enumerate(seen.models):
+            if model in recorded:
+                acc[j], cost[j] = recorded[model]
+        out[str(task)] = (acc, cost)
+    return out
+
+
+def offered(seen: Observed, posterior: Posterior) -> np.ndarray:
+    """[n, M]: the LLM is on its task's (mean cost, accuracy) frontier (``_task_means``). An LLM that a cheaper
+    one beats on average is never worth calling: its estimated gains on a few queries are mostly the
+    estimate's errors, which the optimizer, picking the largest, would select."""
+    keep = np.zeros(seen.cost.shape, dtype=bool)
+    for task, (acc, cost) in _task_means(seen, posterior).items():
+        a, c = np.nan_to_num(acc, nan=-1.0), np.nan_to_num(cost, nan=np.inf)
+        better = (
+            (a[None, :] >= a[:, None])
+            & (c[None, :] <= c[:, None])
+            & ((a[None, :] > a[:, None]) | (c[None, :] < c[:, None]))
+        )
+        keep[seen.tasks == task] = (np.isfinite(acc) & np.isfinite(cost) & ~better.any(axis=1))[None]
+    return keep
+
+
+def stronger(seen: Observed, posterior: Posterior, now_answer: np.ndarray) -> np.ndarray:
+    """[n, M]: the LLM is more accurate on the query's task (``_task_means``) than the one whose answer it keeps
+    now (any LLM for a query without an answer)."""
+    out = np.zeros(seen.cost.shape, dtype=bool)
+    for task, (acc, _) in _task_means(seen, posterior).items():
+        rows = np.flatnonzero(seen.tasks == task)
+        a = np.nan_to_num(acc, nan=-np.inf)
+        kept = np.where(now_answer[rows] >= 0, a[np.maximum(now_answer[rows], 0)], -np.inf)
+        out[rows] = a[None, :] > kept[:, None]
+    return out
 
 
 @dataclass
@@ -177,12 +227,17 @@ class PosteriorRoundPlanner:
     spend_confidence: float = 0.95
     max_tries: int = 2
     method: Method = "auto"
-    price_iterations: int = 2
     escalate_first_round: bool = True
+    # A call must promise this much accuracy over stopping: the optimizer picks the calls whose estimated
+    # gain is largest, so among many small estimated gains it picks their errors (the optimizer's curse).
+    min_gain: float = MIN_CALL_GAIN
+    # escalate only to an LLM more accurate on the task than the one whose answer the query keeps
+    upward: bool = True
+    uniform_first: bool = True  # round 1: one first LLM per task (``_first_calls``)
 
     def plan_round(self, state: RoundState) -> RoundPlan:
         seen = observe(state.queue, state.predictions, state.observations)
-        ev = evaluate(self.posterior, seen, self.max_tries)
+        ev = evaluate(self.posterior, seen, self.max_tries, self.upward)
         n, m = ev.after.shape
         drift = np.array([seen.drift.get(model, seen.drift.get("*", 1.0)) for model in seen.models])
         cost = seen.cost * drift[None]
@@ -195,15 +250,16 @@ class PosteriorRoundPlanner:
         need = unanswered & np.isfinite(cheapest)
         mandatory = need if budget is None or cheapest[need].sum() <= budget * (1 - 1e-9) else np.zeros(n, bool)
         first_round = bool(unanswered.all()) and not state.last and self.escalate_first_round
-        value = np.where(call, ev.after, 0.0)
+        value = self._call_value(ev, call)
         extra = np.zeros((n, m))
         price = 0.0
-        iterations = self.price_iterations if first_round and budget is not None else 0
-        outcome = self._solve(seen, ev, value, cost, extra, high, mandatory, budget, state.tenant_budgets_left_usd)
-        for _ in range(iterations):
-            price = float(outcome[1].shadow_prices.get("budget", 0.0)) if outcome is not None else 0.0
+        if first_round and budget is not None:
+            price = self._escalation_price(seen, ev, cost, call, budget)
             value, extra = self._with_escalation(seen, ev, cost, call, price)
-            outcome = self._solve(seen, ev, value, cost, extra, high, mandatory, budget, state.tenant_budgets_left_usd)
+            if self.uniform_first:
+                first = self._first_calls(seen, call, value, cost + extra, price)
+                ev = Evaluated(ev.now_answer, ev.now_p, np.where(first, ev.after, np.nan))
+        outcome = self._solve(seen, ev, value, cost, extra, high, mandatory, budget, state.tenant_budgets_left_usd)
         if outcome is None:
             return RoundPlan(calls=pl.DataFrame(schema=ROUND_PLAN_SCHEMA), diagnostics={"status": "nothing to call"})
         picked, solution = outcome
@@ -211,14 +267,14 @@ class PosteriorRoundPlanner:
         cols = picked[rows]
         calls = pl.DataFrame(
             {
-                "query_id": [seen.query_ids[i] for i in rows],
-                "models": [[seen.models[j]] for j in cols],
+                "query_id": pl.Series(seen.query_ids).gather(rows),
+                "models": pl.Series(seen.models).gather(cols),
                 "expected_cost_usd": cost[rows, cols],
                 "reserve_cost_usd": high[rows, cols],
                 "expected_accuracy": ev.after[rows, cols],
-            },
-            schema=ROUND_PLAN_SCHEMA,
-        )
+            }
+        ).with_columns(pl.concat_list("models").alias("models"))
+        calls = calls.select(ROUND_PLAN_SCHEMA.names()).cast(dict(ROUND_PLAN_SCHEMA))  # type: ignore[arg-type]
         diagnostics: dict[str, Any] = {
             "round": state.round,
             "rounds": state.rounds,
@@ -242,11 +298,63 @@ class PosteriorRoundPlanner:
         log.info("round.plan", **{k: v for k, v in diagnostics.items() if k != "shadow_prices"})
         return RoundPlan(calls=calls, diagnostics=diagnostics)
 
+    def _call_value(self, ev: Evaluated, call: np.ndarray) -> np.ndarray:
+        """P(right after the call), less ``min_gain`` where the query has an answer to stop with."""
+        answered = (ev.now_answer >= 0)[:, None]
+        return np.where(call, ev.after - np.where(answered, self.min_gain, 0.0), 0.0)
+
+    def _escalation_price(
+        self, seen: Observed, ev: Evaluated, cost: np.ndarray, call: np.ndarray, budget: float
+    ) -> float:
+        """The budget's price in round 1, escalation included: the lowest price (accuracy per USD) at which every
+        query taking its best first call at that price (value less price x cost, both with the replayed
+        escalation after it) fits the budget; by bisection on log(price). A fixed point of the solver's dual
+        instead oscillates: at a low price escalation after a weak first call looks cheap, which raises the
+        price, at which it is not worth it, which lowers it."""
+
+        def spend(price: float) -> float:
+            value, extra = self._with_escalation(seen, ev, cost, call, price)
+            allowed = self._first_calls(seen, call, value, cost + extra, price) if self.uniform_first else call
+            total = np.where(allowed, cost + extra, np.inf)
+            net = np.where(allowed, value - price * total, -np.inf)
+            best = net.argmax(axis=1)
+            rows = np.flatnonzero(allowed.any(axis=1))
+            return float(total[rows, best[rows]].sum())
+
+        low, high = np.log(LAMBDA_GRID[0]), np.log(LAMBDA_GRID[-1])
+        if spend(float(np.exp(low))) <= budget:
+            return float(np.exp(low))
+        for _ in range(40):
+            mid = (low + high) / 2
+            if spend(float(np.exp(mid))) <= budget:
+                high = mid
+            else:
+                low = mid
+        return float(np.exp(high))
+
+    def _first_calls(
+        self, seen: Observed, call: np.ndarray, value: np.ndarray, cost: np.ndarray, price: float
+    ) -> np.ndarray:
+        """[n, M]: round 1 calls one LLM per task, the one with the best total value less price x cost over the
+        task's queries (a query that cannot call it keeps its own options). Per query, the prior alone is the
+        weakest signal a run has: a first call chosen per task lets the later rounds choose per query, on what
+        the calls said."""
+        allowed = np.zeros_like(call)
+        for task in np.unique(seen.tasks):
+            rows = seen.tasks == task
+            net = np.where(call[rows], value[rows] - price * cost[rows], 0.0).sum(axis=0)
+            net = np.where(call[rows].any(axis=0), net, -np.inf)
+            j = int(net.argmax())
+            allowed[rows, j] = call[rows, j]
+            lacking = rows & ~call[:, j]
+            allowed[lacking] = call[lacking]
+        return allowed
+
     def _with_escalation(
         self, seen: Observed, ev: Evaluated, cost: np.ndarray, call: np.ndarray, price: float
     ) -> tuple[np.ndarray, np.ndarray]:
         """Round 1: a first call's value and cost with the replayed best escalation after it at ``price``."""
-        value = np.where(call, ev.after, 0.0)
+        value = self._call_value(ev, call)
         extra = np.zeros_like(value)
         for task in np.unique(seen.tasks):
             rows = seen.tasks == task
@@ -297,22 +405,30 @@ class PosteriorRoundPlanner:
         tenants = {t: max(v, 0.0) for t, v in tenant_left.items() if t in set(seen.tenants.tolist())}
         if tenants:
             constraints.append(GroupBudget(group="tenant", limits=tenants, name="tenant_budget"))
+        z = NormalDist().inv_cdf(self.spend_confidence) if self.spend_confidence > 0.5 else 0.0
         problem = Problem(options.drop("_col", "_var"), constraints=constraints, n_queries=n)
-        try:
-            solution = solve(problem, method=self.method)
-        except InfeasibleError:
+        if budget is not None and z > 0:
+            # Leave z x the sd of the round's spend unplanned, the sd bounded above by every query taking its
+            # most variable option: one solve (a second pass on the chosen plan's variance doubles the time)
+            worst = options.group_by("query").agg(pl.col("_var").max())["_var"].sum()
+            margin = z * float(np.sqrt(max(float(worst), 0.0)))
+            tight = [Budget(limit=max(budget - margin, 0.0)) if isinstance(c, Budget) else c for c in constraints]
+            attempts = [problem.with_constraints(tight), problem]
+        else:
+            attempts = [problem]
+        solution = None
+        for attempt in attempts:  # the margin may not leave room for the mandatory answers: then none
+            try:
+                solution = solve(attempt, method=self.method)
+                break
+            except InfeasibleError:
+                continue
+        if solution is None:
             # the mandatory answers do not fit after all (tenant budgets): let the optimizer choose
             if not mandatory.any():
-                raise
+                raise InfeasibleError(constraint="budget", message="no round plan fits what is left of the budget")
             return self._solve(seen, ev, value, cost, extra, high, np.zeros(n, bool), budget, tenant_left)
-        chosen = solution.chosen.join(options.select("option", "_col", "_var"), on="option")
-        z = NormalDist().inv_cdf(self.spend_confidence) if self.spend_confidence > 0.5 else 0.0
-        margin = z * float(np.sqrt(max(float(chosen["_var"].sum()), 0.0)))
-        if budget is not None and margin > 0:
-            tightened = [Budget(limit=max(budget - margin, 0.0)) if isinstance(c, Budget) else c for c in constraints]
-            with contextlib.suppress(InfeasibleError):  # no room for the margin: keep the first pass
-                solution = solve(problem.with_constraints(tightened), method=self.method)
-                chosen = solution.chosen.join(options.select("option", "_col", "_var"), on="option")
+        chosen = solution.chosen.join(options.select("option", "_col"), on="option")
         picked = np.full(n, -1, dtype=np.int64)
         picked[chosen["query"].to_numpy()] = chosen["_col"].to_numpy()
         return picked, solution
@@ -320,7 +436,8 @@ class PosteriorRoundPlanner:
     def answers(self, queue: pl.DataFrame, predictions: pl.DataFrame, observations: pl.DataFrame) -> pl.DataFrame:
         seen = observe(queue, predictions, observations)
         ev = evaluate(self.posterior, seen, self.max_tries)
-        texts = [seen.answer_text[i].get(int(j)) if j >= 0 else None for i, j in enumerate(ev.now_answer.tolist())]
+        kept = pl.DataFrame({"_q": np.arange(len(seen.query_ids), dtype=np.int64), "_m": ev.now_answer})
+        texts = kept.join(seen.answers, on=["_q", "_m"], how="left", maintain_order="left")["answer"]
         return pl.DataFrame(
             {
                 "query_id": seen.query_ids,

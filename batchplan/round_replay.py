@@ -8,10 +8,10 @@ recorded outcome rows, as the replay backend (``dispatchers/replay.py``) would:
   a null answer, or one outside the query's labels, is ``not_answer`` (charged, no answer);
 - no recorded row: ``unavailable``, charged nothing.
 
-The budget guard is one rule: a planned query's calls of a round go out, in the plan's row order, only if what
-was charged so far plus the row's ``reserve_cost_usd`` fits the total budget (and its tenant's budget);
-otherwise they are refused (nothing observed, nothing charged: the query waits or keeps what it has). What a
-call charges is its recorded cost, so a bill above the reservation is charged in full.
+The budget guard is the executor's with the replay backend, whose cost bound is the recorded cost: a planned
+call goes out, in the plan's row order, only if what was charged so far plus its recorded cost fits the total
+budget (and its tenant's budget); otherwise it is refused (nothing observed, nothing charged: the query waits
+or keeps what it has). So the hard caps hold exactly.
 
 After the last round the planner's ``answers`` are turned into result rows (``models_called`` in call order,
 status ``done`` with an answer or a verdict-only answer, else ``deferred``) that ``report.score_results``
@@ -35,7 +35,7 @@ class RoundsRun:
     answers: pl.DataFrame  # ROUND_ANSWER_SCHEMA
     results: pl.DataFrame  # RESULT_SCHEMA
     spent_usd: float
-    refused: int  # planned query-rounds the budget guard refused
+    refused: int  # planned calls the budget guard refused
     diagnostics: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -90,17 +90,17 @@ def simulate_rounds(
         )
         plan = planner.plan_round(state)
         diagnostics.append(plan.diagnostics)
-        for query_id, models, reserve in plan.calls.select("query_id", "models", "reserve_cost_usd").iter_rows():
-            if not models:
-                continue
+        for query_id, models in plan.calls.select("query_id", "models").iter_rows():
             tenant = tenant_of[query_id]
-            over_total = budget_usd is not None and spent + reserve > budget_usd + 1e-12
-            over_tenant = tenant in tenant_budgets and tenant_spent[tenant] + reserve > tenant_budgets[tenant] + 1e-12
-            if over_total or over_tenant:
-                refused += 1
-                continue
-            for model in models:
+            for model in models or []:
                 row = recorded_call(table.get((query_id, model)), labels.get(query_id))
+                over_total = budget_usd is not None and spent + row["cost_usd"] > budget_usd + 1e-12
+                over_tenant = (
+                    tenant in tenant_budgets and tenant_spent[tenant] + row["cost_usd"] > tenant_budgets[tenant] + 1e-12
+                )
+                if over_total or over_tenant:
+                    refused += 1
+                    continue
                 rows.append({"query_id": query_id, "round": k, "model": model, **row})
                 spent += row["cost_usd"]
                 if tenant in tenant_spent:
