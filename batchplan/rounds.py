@@ -29,7 +29,9 @@ OBSERVATION_SCHEMA: Final = pl.Schema(
             "status": pl.String,  # "ok", or the dispatcher's failure status (rate_limited, server_error, ...)
             "answer": pl.String,  # null unless ok
             "logprob": pl.Float64,  # the LLM's log-probability of its own answer, where the endpoint gives it
-            "cost_usd": pl.Float64,  # what the budget guard charged: the bill, or the reservation when unknown
+            # what the budget guard charged: the bill, or the reservation when unknown (the runner counts an
+            # ambiguous failure at its input tokens once a later call told them: round_runner.tighten)
+            "cost_usd": pl.Float64,
             "billed_known": pl.Boolean,  # False: an ambiguous failure charged its reservation
             "tokens_in": pl.Int64,
             "tokens_out": pl.Int64,
