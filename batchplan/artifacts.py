@@ -1,7 +1,8 @@
-"""A trained batchplan model: a predictor version plus the plan templates fitted with it.
+"""A trained batchplan model: a predictor version plus the plan templates and the round posterior fitted with it.
 
-Stored together under the predictor registry's version directory (``<root>/<version>/plans.json`` beside
-the predictor's files), so ``plan``/``run`` load the latest or a named version as one unit.
+Stored together under the predictor registry's version directory (``<root>/<version>/plans.json`` and
+``posterior.json`` beside the predictor's files), so ``plan``/``run`` load the latest or a named version as
+one unit. A version trained before the posterior existed loads with ``posterior`` None.
 """
 
 from __future__ import annotations
@@ -13,45 +14,51 @@ import structlog
 
 from batchplan.history import History
 from batchplan.layout import CURRENT_FILE
-from batchplan.plan_templates import CROSS_FIT_FOLDS, PlanTemplates, fit_plan_templates
+from batchplan.plan_templates import CROSS_FIT_FOLDS, PlanTemplates, cross_fit_predictions, fit_plan_templates
+from batchplan.posterior import Posterior, fit_posterior
 from batchplan.storage import Storage, join
 from predictors import Predictor, load_predictor, train_predictor
 
 log = structlog.get_logger("batchplan.train")
 PLANS_FILE = "plans.json"
+POSTERIOR_FILE = "posterior.json"
 
 
 @dataclass(frozen=True)
 class Trained:
     predictor: Predictor
     templates: PlanTemplates
+    posterior: Posterior | None = None  # for runs in rounds (batchplan.round_planner); None: trained without
 
 
 def train(
     history: History, *, predictor: str = "lightgbm", seed: int = 0, plans: bool = True, folds: int = CROSS_FIT_FOLDS
 ) -> Trained:
-    """Train the predictor on ``history`` and, unless ``plans`` is off, fit vote/cascade templates on it."""
+    """Train the predictor on ``history`` and, unless ``plans`` is off, fit vote/cascade templates and the
+    round posterior on it (both on the same out-of-fold predictions)."""
     model = train_predictor(history, name=predictor, seed=seed)
-    templates = (
-        fit_plan_templates(
-            history, lambda part: train_predictor(part, name=predictor, seed=seed), folds=folds, seed=seed
-        )
-        if plans
-        else PlanTemplates()
-    )
+    templates, posterior = PlanTemplates(), None
+    if plans:
+        trainer = lambda part: train_predictor(part, name=predictor, seed=seed)  # noqa: E731
+        oof = cross_fit_predictions(history, trainer, folds=folds, seed=seed)
+        templates = fit_plan_templates(history, trainer, folds=folds, seed=seed, oof=oof)
+        posterior = fit_posterior(history, oof, seed=seed)
     log.info(
         "train",
         predictor=predictor,
         queries=history.queries.height,
         models=len(history.models),
         templates=len(templates.templates),
+        posterior=posterior is not None,
     )
-    return Trained(model, templates)
+    return Trained(model, templates, posterior)
 
 
 def save(trained: Trained, storage: Storage, root_uri: str, version: str | None = None) -> str:
     uri = trained.predictor.save(storage, root_uri, version=version)
     storage.write_text(join(uri, PLANS_FILE), trained.templates.to_json())
+    if trained.posterior is not None:
+        storage.write_text(join(uri, POSTERIOR_FILE), trained.posterior.to_json())
     return uri
 
 
@@ -66,10 +73,17 @@ def resolve_version(storage: Storage, root_uri: str, version: str | None) -> str
 
 def load(storage: Storage, root_uri: str, version: str | None = None) -> Trained:
     predictor = load_predictor(storage, root_uri, version=resolve_version(storage, root_uri, version))
-    return Trained(predictor, load_templates(storage, root_uri, str(predictor.metadata["version"])))
+    version = str(predictor.metadata["version"])
+    return Trained(predictor, load_templates(storage, root_uri, version), load_posterior(storage, root_uri, version))
 
 
 def load_templates(storage: Storage, root_uri: str, version: str) -> PlanTemplates:
     """The plan templates of one version (none for a version trained without them)."""
     uri = join(root_uri, version, PLANS_FILE)
     return PlanTemplates.from_json(storage.read_text(uri)) if storage.exists(uri) else PlanTemplates()
+
+
+def load_posterior(storage: Storage, root_uri: str, version: str) -> Posterior | None:
+    """The round posterior of one version (None for a version trained without one)."""
+    uri = join(root_uri, version, POSTERIOR_FILE)
+    return Posterior.from_json(storage.read_text(uri)) if storage.exists(uri) else None

@@ -468,6 +468,15 @@ def run(
     prices: PricesOpt = None,
     model_version: VersionOpt = None,
     run_id: Annotated[str | None, typer.Option("--run-id", help="Name shown in the report.")] = None,
+    rounds: Annotated[
+        int,
+        typer.Option(
+            "--rounds", min=1, help="Execute in N rounds, re-planned after each under what is left (1: single shot)."
+        ),
+    ] = 1,
+    round_planner: Annotated[
+        str, typer.Option("--round-planner", help="Who plans each round: plan (the plan's kinds, step by step).")
+    ] = "plan",
 ) -> None:
     """Plan and dispatch the batch; rerunning the same command resumes without paying twice."""
     with _user_errors():
@@ -499,6 +508,8 @@ def run(
             prices_uri=prices,
             model_version=model_version,
             run_id=run_id,
+            rounds=rounds,
+            round_planner=round_planner,
         )
         with _progress("dispatch") as progress:
             outcome = run_job(job, _storage(), progress=progress)

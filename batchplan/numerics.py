@@ -43,25 +43,28 @@ def fit_logistic(
     l2: float | np.ndarray = 0.0,
     center: np.ndarray | None = None,
     offset: np.ndarray | None = None,
+    weights: np.ndarray | None = None,
     iters: int = 50,
     tol: float = 1e-10,
 ) -> np.ndarray:
-    """argmin_w  sum_i logloss(y_i, sigmoid(x_i w + offset_i)) + 1/2 sum_j l2_j (w_j - center_j)^2.
+    """argmin_w  sum_i r_i logloss(y_i, sigmoid(x_i w + offset_i)) + 1/2 sum_j l2_j (w_j - center_j)^2.
 
     Newton's method from ``center`` (default 0) with a backtracking line search, so it never moves uphill
     (a full Newton step can overshoot where the data nearly separate); stops when no coordinate moves by
     ``tol``. ``l2`` is one penalty for every coefficient or one per coefficient (0 leaves it free, e.g. an
-    intercept); ``offset`` is a fixed term per row (slope held at 1). ``x`` carries its own intercept column."""
+    intercept); ``offset`` is a fixed term per row (slope held at 1); ``weights`` (r, default 1) weigh the rows.
+    ``x`` carries its own intercept column."""
     x = np.asarray(x, dtype=np.float64)
     y = np.asarray(y, dtype=np.float64)
     k = x.shape[1]
     lam = np.broadcast_to(np.asarray(l2, dtype=np.float64), (k,))
     mid = np.zeros(k) if center is None else np.asarray(center, dtype=np.float64)
     base = np.zeros(len(x)) if offset is None else np.asarray(offset, dtype=np.float64)
+    r = np.ones(len(x)) if weights is None else np.asarray(weights, dtype=np.float64)
 
     def objective(w: np.ndarray) -> float:
         eta = x @ w + base
-        return float(np.sum(np.logaddexp(0.0, eta) - y * eta) + 0.5 * np.sum(lam * (w - mid) ** 2))
+        return float(np.sum(r * (np.logaddexp(0.0, eta) - y * eta)) + 0.5 * np.sum(lam * (w - mid) ** 2))
 
     w = mid.copy()
     current = objective(w)
@@ -69,8 +72,8 @@ def fit_logistic(
     ridge = np.diag(lam + 1e-9)
     for _ in range(iters):
         q = sigmoid(x @ w + base)
-        grad = x.T @ (q - y) + lam * (w - mid)
-        hess = (x * (q * (1 - q))[:, None]).T @ x + ridge
+        grad = x.T @ (r * (q - y)) + lam * (w - mid)
+        hess = (x * (r * q * (1 - q))[:, None]).T @ x + ridge
         step = np.linalg.solve(hess, grad)
         t = 1.0
         while True:

@@ -36,8 +36,18 @@ from batchplan.ingest import Ingested, read_queue
 from batchplan.plan_templates import PlanTemplates
 from batchplan.planning import PlanOutcome, PlanRequest, plan_batch, request_changes, request_record
 from batchplan.report import Truth, build_report, summary_line, write_report
+from batchplan.round_runner import (
+    MAX_TOKENS,
+    MAX_TOKENS_OPEN,
+    DispatchSender,
+    RoundsOutcome,
+    check_round_planner,
+    make_round_planner,
+    run_rounds,
+)
+from batchplan.rounds import RoundPlanner
 from batchplan.storage import Storage, join
-from dispatchers import Backend, check_backend, dispatch, get_backend, spend_by_model
+from dispatchers import Backend, RetryPolicy, check_backend, dispatch, get_backend, spend_by_model
 from predictors import Predictor
 
 log = structlog.get_logger("batchplan")
@@ -138,6 +148,7 @@ def execute(
     storage: Storage,
     tenant_budgets_usd: dict[str, float] | None = None,
     progress: Progress | None = None,
+    retry: RetryPolicy | None = None,
 ) -> pl.DataFrame:
     """Dispatch every planned query; deferred plan rows become deferred results. One row per query.
     ``tenant_budgets_usd`` are hard caps at dispatch too: the plan meets them in expectation, escalations
@@ -155,6 +166,7 @@ def execute(
         tenant_budgets_usd=tenant_budgets_usd,
         storage=storage,
         progress=progress,
+        retry=retry,
     )
     deferred = _not_called(plan.filter(pl.col("kind") == DEFER), "deferred", pl.lit(DEFERRED_BY_PLAN))
     unanswerable = plan.filter(pl.col("kind") == UNANSWERABLE)
@@ -193,6 +205,54 @@ def _not_called(plan: pl.DataFrame, status: str, error: pl.Expr) -> pl.DataFrame
     ).cast(RESULT_SCHEMA)
 
 
+def execute_rounds(
+    plan: pl.DataFrame,
+    queue: pl.DataFrame,
+    predictions: pl.DataFrame,
+    backend: Backend,
+    planner: RoundPlanner,
+    *,
+    rounds: int,
+    budget_usd: float | None,
+    out_uri: str,
+    storage: Storage,
+    tenant_budgets_usd: dict[str, float] | None = None,
+    progress: Progress | None = None,
+    retry: RetryPolicy | None = None,
+) -> RoundsOutcome:
+    """``execute`` in rounds: each round planned by ``planner`` from what the earlier ones observed, under
+    the budget they left; under ``<out>/rounds/`` (resumable, see ``batchplan.round_runner``)."""
+    started = time.perf_counter()
+    # Without a budget (minimize cost for a target), spend is capped by the plan's own high side, as in execute.
+    runnable = plan.filter(pl.col("kind") != "defer")
+    limit = budget_usd if budget_usd is not None else float(runnable["reserve_cost_usd"].sum())
+    bounds = backend.cost_bounds(queue, predictions.select("query_id", "model"), MAX_TOKENS, MAX_TOKENS_OPEN)
+    outcome = run_rounds(
+        planner,
+        queue,
+        predictions,
+        DispatchSender(backend, max_tokens=MAX_TOKENS, max_tokens_open=MAX_TOKENS_OPEN, options={"retry": retry}),
+        rounds=rounds,
+        budget_usd=limit,
+        out_uri=out_uri,
+        storage=storage,
+        tenant_budgets_usd=tenant_budgets_usd,
+        call_bounds=bounds,
+        progress=progress,
+    )
+    results = outcome.results
+    log.info(
+        "dispatch",
+        rounds=rounds,
+        calls=outcome.observations.height,
+        spend_usd=round(float(results["cost_usd"].sum()), 6),
+        done=int((results["status"] == "done").sum()),
+        estimated_accuracy=round(outcome.estimated_accuracy, 4),
+        seconds=round(time.perf_counter() - started, 2),
+    )
+    return outcome
+
+
 def reference_models(predictions: pl.DataFrame, queue: pl.DataFrame) -> dict[str, str]:
     """Per task, the model the predictor expects to be most accurate: the 'best single model' baseline."""
     best = (
@@ -223,6 +283,8 @@ class Job:
     run_id: str | None = None
     reference_models: dict[str, str] | None = None  # task -> model for the 'best single model' baseline
     backend_options: dict[str, Any] = field(default_factory=dict)
+    rounds: int = 1  # > 1: execute in rounds, re-planned after each (batchplan.round_runner); 1: single shot
+    round_planner: str = "plan"  # a name in batchplan.round_runner.ROUND_PLANNERS
 
 
 @dataclass(frozen=True)
@@ -236,6 +298,8 @@ class JobOutcome:
 def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth: Truth | None = None) -> JobOutcome:
     """Plan and dispatch the whole batch; write plan, results and report under ``job.out_uri``."""
     started = time.perf_counter()
+    if job.rounds > 1:
+        check_round_planner(job.round_planner)  # before anything is planned or sent
     # the replay history is read once: it answers the calls and is the truth the report scores against
     replay = load_history(job.replay_history, storage) if job.backend == "replay" and job.replay_history else None
     backend = make_backend(
@@ -257,16 +321,41 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
     plan, diagnostics = _resume_or_plan(
         storage, paths["plan"], ingested.queue, predictions, trained.templates, job.request
     )
-    results = execute(
-        plan,
-        ingested.queue,
-        backend,
-        budget_usd=job.request.budget_usd,
-        out_uri=job.out_uri,
-        storage=storage,
-        tenant_budgets_usd=job.request.tenant_budgets_usd,
-        progress=progress,
-    )
+    estimated: float | None = None
+    if job.rounds > 1:
+        planner = make_round_planner(
+            job.round_planner,
+            plan=plan,
+            queue=ingested.queue,
+            predictions=predictions,
+            trained=trained,
+            request=job.request,
+        )
+        outcome = execute_rounds(
+            plan,
+            ingested.queue,
+            predictions,
+            backend,
+            planner,
+            rounds=job.rounds,
+            budget_usd=job.request.budget_usd,
+            out_uri=job.out_uri,
+            storage=storage,
+            tenant_budgets_usd=job.request.tenant_budgets_usd,
+            progress=progress,
+        )
+        results, estimated = outcome.results, outcome.estimated_accuracy
+    else:
+        results = execute(
+            plan,
+            ingested.queue,
+            backend,
+            budget_usd=job.request.budget_usd,
+            out_uri=job.out_uri,
+            storage=storage,
+            tenant_budgets_usd=job.request.tenant_budgets_usd,
+            progress=progress,
+        )
     storage.write_frame(results, paths["results"])
     report = build_report(
         results=results,
@@ -282,6 +371,7 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
         unseen_tasks=unseen_tasks(ingested.queue, trained.predictor),
         frontier=read_frontier(storage, frontier_uri(paths["plan"])),
         spend_by_model=spend_by_model(storage, dispatch_dir(job.out_uri)),
+        estimated_accuracy=estimated,
     )
     paths |= write_report(report, job.out_uri, storage)
     log.info("run", summary=summary_line(report), out=job.out_uri, seconds=round(time.perf_counter() - started, 2))

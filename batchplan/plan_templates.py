@@ -282,12 +282,14 @@ def fit_plan_templates(
     min_coverage: float = 0.95,
     validate: bool = True,
     validation_budgets: tuple[float, ...] = VALIDATION_BUDGETS,
+    oof: pl.DataFrame | None = None,
 ) -> PlanTemplates:
     """Fit templates on ``history`` (its train rows); ``train`` builds a predictor from a history.
 
     With ``validate``, a task keeps its templates only if they improve held-out budgeted planning at some
     budget, and records at which budgets they do (``PlanTemplates.offered``)."""
-    oof = cross_fit_predictions(history, train, folds=folds, seed=seed)
+    if oof is None:  # ``oof``: cross_fit_predictions computed already (the posterior is fitted on it too)
+        oof = cross_fit_predictions(history, train, folds=folds, seed=seed)
     result = PlanTemplates()
     for task, rec in recorded_by_task(history).items():
         p = _matrix(rec, oof, "p_correct")

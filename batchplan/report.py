@@ -172,10 +172,12 @@ def build_report(
     unseen_tasks: list[str] | None = None,
     frontier: list[dict[str, Any]] | None = None,
     spend_by_model: dict[str, float] | None = None,
+    estimated_accuracy: float | None = None,
 ) -> dict[str, Any]:
     """The report as plain data. ``frontier``: ``batchplan.frontier`` rows (planned accuracy per budget);
     ``spend_by_model``: what the ledger charged per model (without it, from the results: exact for queries
-    that called one model, the rest under one 'several models' row)."""
+    that called one model, the rest under one 'several models' row); ``estimated_accuracy``: the mean
+    posterior of the final answers (a run in rounds), without gold."""
     status_counts = {s: int((results["status"] == s).sum()) for s in RESULT_STATUSES}
     spend = float(results["cost_usd"].fill_null(0).sum())
     calls = results.select(pl.col("models_called").explode().drop_nulls().alias("model"))
@@ -198,6 +200,7 @@ def build_report(
         "spend_usd": spend,
         "planned_cost_usd": float(plan["expected_cost_usd"].sum()),
         "planned_accuracy": float(plan["expected_accuracy"].fill_null(0).sum() / max(plan.height, 1)),
+        "estimated_accuracy": estimated_accuracy,
         "plan_kinds": {k: int(v) for k, v in plan.group_by("kind").len().iter_rows()},
         "model_share": [{"model": m, "queries": int(c), "share": float(s)} for m, c, s in shares.iter_rows()],
         "calls_per_model": [{"model": m, "calls": int(c)} for m, c in call_counts.iter_rows()],
@@ -358,6 +361,24 @@ def summary_line(report: dict[str, Any]) -> str:
 
 def _fmt_acc(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1%}"
+
+
+def estimates_line(report: dict[str, Any]) -> str:
+    """Planned accuracy, the run's own estimate after it (no gold) and, where the truth is known, the
+    realized accuracy with each one's miss."""
+    planned, estimated, realized = (report.get(k) for k in ("planned_accuracy", "estimated_accuracy", "accuracy"))
+    parts = [f"planned accuracy {_fmt_acc(planned)}"]
+    if estimated is not None:
+        parts.append(f"estimated after the run {_fmt_acc(estimated)}")
+    if realized is not None:
+        misses = [
+            f"{name} {100 * (value - realized):+.1f} pts"
+            for name, value in (("planned", planned), ("estimated", estimated))
+            if value is not None
+        ]
+        parts.append(f"realized {_fmt_acc(realized)} ({', '.join(misses)})")
+    return "; ".join(parts)
+
 
 
 # --- sections: built once from the report, rendered by both formats, so Markdown and HTML cannot drift ---
@@ -647,6 +668,7 @@ def notes(report: dict[str, Any]) -> list[str]:
 
 def render_markdown(report: dict[str, Any]) -> str:
     parts = [f"# batchplan report {report.get('run_id') or ''}".rstrip(), "", summary_line(report), ""]
+    parts += [estimates_line(report), ""]
     if lines := notes(report):
         parts += [*(f"- {line}" for line in lines), ""]
     if report.get("savings"):
@@ -692,7 +714,7 @@ def render_html(report: dict[str, Any]) -> str:
 td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left}}.note{{color:#444;margin:.3em 0;font-size:.92em}}
 figure{{margin:1em 0}}figure svg{{max-width:100%;height:auto}}figcaption{{color:#555;font-size:.9em}}
 .budget{{width:400px;height:1.2em;border:1px solid #333}}.budget div{{height:100%;background:#c8641e}}</style></head><body>
-<h1>batchplan report</h1><p>{html.escape(summary_line(report))}</p>{notes_lines}{savings_line}
+<h1>batchplan report</h1><p>{html.escape(summary_line(report))}</p><p>{html.escape(estimates_line(report))}</p>{notes_lines}{savings_line}
 {body}
 </body></html>"""
 

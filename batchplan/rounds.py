@@ -29,7 +29,9 @@ OBSERVATION_SCHEMA: Final = pl.Schema(
             "status": pl.String,  # "ok", or the dispatcher's failure status (rate_limited, server_error, ...)
             "answer": pl.String,  # null unless ok
             "logprob": pl.Float64,  # the LLM's log-probability of its own answer, where the endpoint gives it
-            "cost_usd": pl.Float64,  # what the budget guard charged: the bill, or the reservation when unknown
+            # what the budget guard charged: the bill, or the reservation when unknown (the runner counts an
+            # ambiguous failure at its input tokens once a later call told them: round_runner.tighten)
+            "cost_usd": pl.Float64,
             "billed_known": pl.Boolean,  # False: an ambiguous failure charged its reservation
             "tokens_in": pl.Int64,
             "tokens_out": pl.Int64,
@@ -57,6 +59,9 @@ ROUND_ANSWER_SCHEMA: Final = pl.Schema(
             "query_id": pl.String,
             "answer": pl.String,  # null: no call answered
             "estimated_p_correct": pl.Float64,  # the posterior of that answer, computed without gold
+            # the LLM whose answer is kept (null: none answered); needed where an answer has no text to
+            # show (open tasks replayed from a history that kept the verdict only). Added by the runner.
+            "model": pl.String,
         }
     )
 )
@@ -73,6 +78,9 @@ class RoundState:
     observations: pl.DataFrame  # OBSERVATION_SCHEMA, every call of rounds 1..round-1
     budget_left_usd: float | None  # total budget minus what the guard has charged so far (None: no budget)
     tenant_budgets_left_usd: dict[str, float] = field(default_factory=dict)
+    # query_id, model, bound_usd: what the budget guard will hold for one attempt of that call (the
+    # backend's hard cost bound; an ambiguous failure is charged exactly this). None: not known.
+    call_bounds: pl.DataFrame | None = None
 
     @property
     def last(self) -> bool:

@@ -21,6 +21,16 @@ unless the predictor tells queries apart. A cross-validated data set gets one ce
 ``gain_pts_95%``: the accuracy gain of votes and cascades over single-model plans, with a 95% paired-bootstrap
 interval over the queries (one query is 0.1-0.2 points here: most differences are inside it).
 
+``rounds``: the run in rounds (``batchplan.round_planner`` over the trained posterior, ``--rounds`` rounds,
+simulated on the recorded outcomes by ``round_replay.simulate_rounds``, as the replay backend answers), with
+its gain over single-shot plans with votes and cascades (``rounds_gain_pts_95%``, paired bootstrap) and the
+accuracy it estimates without gold (``rounds_estimated``) beside the single-shot plan's planned accuracy
+(``all_planned``): the honest-estimate check.
+
+``cascades_shifted`` (built from ``cascades`` when it is benched): whole subjects held out per task
+(``subject_holdout``: about a third of each task's queries, subjects chosen by a stable hash), trained on the
+rest. The batch is not the history: the setting rounds are for.
+
 AIQ (RouterBench's average improvement in quality, here over the budget grid): the area under accuracy vs
 budget (as a share of the best single model's cost) by the trapezoid rule, divided by the grid's width.
 
@@ -35,6 +45,7 @@ import logging
 import sys
 import tempfile
 import time
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -50,12 +61,43 @@ from batchplan.plan_simulation import PlanSpec, recorded_by_task, simulate
 from batchplan.plan_templates import enumerate_specs
 from batchplan.planning import PlanRequest
 from batchplan.report import Truth, baselines, score_results
+from batchplan.round_planner import DEFAULT_ROUNDS, round_planner
+from batchplan.round_replay import simulate_rounds
 from batchplan.settings import get_settings
 from batchplan.storage import Storage
 from dispatchers import get_backend
 
 FRACTIONS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 CV_FOLDS = 5
+
+
+def subject_holdout(history: History, fraction: float = 0.35, seed: int = 0) -> History:
+    """A shifted split: per task, whole subjects (in the order of a stable hash of their names) go to the test
+    split until it holds ``fraction`` of the task's queries; the rest is the train split."""
+    queries = history.queries.with_columns(pl.col("subject").fill_null("<none>"))
+    test: set[tuple[str, str]] = set()
+    for (task,), group in queries.group_by("task", maintain_order=True):
+        sizes = group.group_by("subject").len()
+        order = sorted(sizes.iter_rows(), key=lambda r: zlib.crc32(f"{seed}:subject:{r[0]}".encode()))
+        held = 0
+        for subject, size in order:
+            if held >= fraction * group.height:
+                break
+            test.add((str(task), str(subject)))
+            held += size
+    marked = queries.with_columns(
+        pl.when(
+            pl.struct("task", "subject").map_elements(
+                lambda r: (r["task"], r["subject"]) in test, return_dtype=pl.Boolean
+            )
+        )
+        .then(pl.lit("test"))
+        .otherwise(pl.lit("train"))
+        .alias("split")
+    )
+    return History(
+        queries=marked.with_columns(history.queries["subject"]), outcomes=history.outcomes, prices=history.prices
+    )
 
 
 def bench_dataset(
@@ -65,18 +107,26 @@ def bench_dataset(
     storage: Storage,
     workdir: str,
     cv_folds: int = CV_FOLDS,
+    rounds: int = DEFAULT_ROUNDS,
+    shifted: bool = False,
+    sweep: tuple[int, ...] = (),
 ) -> list[dict]:
     """One row per budget. A data set without a test split is cross-validated: ``cv_folds`` hash folds of its
     train split each take a turn as the test split, and the rows pool all folds (every query planned and
-    replayed once, by a model that never saw it); ``cv_folds=0`` holds out ``holdout_fraction`` once."""
+    replayed once, by a model that never saw it); ``cv_folds=0`` holds out ``holdout_fraction`` once.
+    ``shifted``: the subject hold-out split instead (``subject_holdout``), named ``<name>_shifted``."""
     settings = get_settings()
     history = load_history(str(directory), storage)
-    if cv_folds < 2 or (history.queries["split"] == "test").any():
+    name = directory.name
+    if shifted:
+        history, name = subject_holdout(history, seed=settings.seed), f"{directory.name}_shifted"
+        splits = [history]
+    elif cv_folds < 2 or (history.queries["split"] == "test").any():
         splits = [with_holdout(history, settings.holdout_fraction, settings.seed)]
     else:
         splits = [cross_validation_fold(history, cv_folds, k, settings.seed) for k in range(cv_folds)]
     per_split = [
-        bench_split(split, directory.name, fractions, predictor_name, storage, f"{workdir}/{k}")
+        bench_split(split, name, fractions, predictor_name, storage, f"{workdir}/{k}", rounds, sweep)
         for k, split in enumerate(splits)
     ]
     pooled = [pool_folds([rows[i] for rows in per_split]) for i in range(len(fractions))]
@@ -89,6 +139,7 @@ def bench_dataset(
         )
         row["hindsight_all_accuracy"] = hindsight_accuracy(plans, row["queries"], row["budget_usd"])
         row["gain_low"], row["gain_high"] = gain_interval(row.pop("_paired_gain"))
+        row["rounds_gain_low"], row["rounds_gain_high"] = gain_interval(row.pop("_paired_gain_rounds"))
     return pooled
 
 
@@ -111,8 +162,10 @@ def pool_folds(rows: list[dict]) -> dict:
             pooled[key] = {k: sum(r[key].get(k, 0) for r in rows) for k in {k for r in rows for k in r[key]}}
         elif key == "best_single_model":
             pooled[key] = "/".join(sorted({r[key] for r in rows}))
-        elif key == "_paired_gain":
+        elif key in ("_paired_gain", "_paired_gain_rounds"):
             pooled[key] = np.concatenate([r[key] for r in rows])
+        elif key.endswith("_estimated") or key == "all_planned":
+            pooled[key] = sum(r[key] * r["queries"] for r in rows) / n
     return pooled
 
 
@@ -161,9 +214,17 @@ def hindsight_accuracy(plans: pl.DataFrame, queries: int, budget_usd: float) -> 
 
 
 def bench_split(
-    history: History, name: str, fractions: tuple[float, ...], predictor_name: str, storage: Storage, workdir: str
+    history: History,
+    name: str,
+    fractions: tuple[float, ...],
+    predictor_name: str,
+    storage: Storage,
+    workdir: str,
+    rounds: int = DEFAULT_ROUNDS,
+    sweep: tuple[int, ...] = (),
 ) -> list[dict]:
-    """Train on the train split, then plan and replay the test split at every budget."""
+    """Train on the train split, then plan and replay the test split at every budget (single-shot plans, and
+    ``rounds`` rounds; also every round count in ``sweep``, columns ``rounds<k>_accuracy``)."""
     settings = get_settings()
     queue = history.as_queue("test")
     started = time.perf_counter()
@@ -177,6 +238,8 @@ def bench_split(
         "all": build_candidates(queue, predictions, trained.templates),
     }
     reference_cost, reference = best_single_cost(history, queue)
+    # what the replay backend answers from: never gold nor the recorded verdicts
+    recorded = history.outcomes.select("query_id", "model", "answer", "cost_usd", "logprob", "tokens_in", "tokens_out")
     rows = []
     for fraction in fractions:
         budget = fraction * reference_cost
@@ -211,7 +274,21 @@ def bench_split(
                 f"{variant}_gap": outcome.solution.gap,
                 f"{variant}_kinds": dict(outcome.plan.group_by("kind").len().iter_rows()),
             }
+            if variant == "all":
+                row["all_planned"] = float(outcome.plan["expected_accuracy"].to_numpy().mean())
         row["_paired_gain"] = correct["all"].astype(float) - correct["singles"].astype(float)
+        for count in dict.fromkeys((rounds, *sweep)):
+            run = simulate_rounds(round_planner(trained.posterior), queue, predictions, recorded, budget, count)
+            right = score_results(run.results, truth)["correct"].fill_null(False).to_numpy()
+            row |= {f"rounds{count}_accuracy": float(right.mean()), f"rounds{count}_estimated": run.estimated_accuracy}
+            if count == rounds:
+                row |= {
+                    "rounds_accuracy": float(right.mean()),
+                    "rounds_estimated": run.estimated_accuracy,
+                    "rounds_spend_usd": run.spent_usd,
+                    "rounds_within_budget": run.spent_usd <= budget + 1e-12,
+                    "_paired_gain_rounds": right.astype(float) - correct["all"].astype(float),
+                }
         rows.append(row)
     return rows
 
@@ -234,6 +311,11 @@ def main(argv: list[str] | None = None) -> int:
         default=CV_FOLDS,
         help="folds for data sets without a test split (cascades); 0 = one hold-out of holdout_fraction",
     )
+    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, help="rounds of the rounds column")
+    parser.add_argument("--rounds-sweep", default="", help="also these round counts, e.g. 1,2,3,4 (a table)")
+    parser.add_argument(
+        "--no-shifted", action="store_true", help="skip cascades_shifted (subjects held out of cascades)"
+    )
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
     parser.add_argument("--verbose", action="store_true", help="log every stage (to stderr)")
     args = parser.parse_args(argv)
@@ -253,39 +335,67 @@ def main(argv: list[str] | None = None) -> int:
     fractions = tuple(float(f) for f in args.fractions.split(","))
     storage = Storage()
     rows: list[dict] = []
+    sweep = tuple(int(k) for k in args.rounds_sweep.split(",") if k)
     with tempfile.TemporaryDirectory() as workdir:
         for directory in found:
-            rows.extend(bench_dataset(directory, fractions, args.predictor, storage, workdir, args.cv_folds))
+            rows.extend(
+                bench_dataset(
+                    directory, fractions, args.predictor, storage, workdir, args.cv_folds, args.rounds, sweep=sweep
+                )
+            )
+            if directory.name == "cascades" and not args.no_shifted:
+                rows.extend(
+                    bench_dataset(directory, fractions, args.predictor, storage, workdir, 0, args.rounds, True, sweep)
+                )
     table = pl.DataFrame([{k: v for k, v in r.items() if not k.endswith("_kinds")} for r in rows])
     columns = (
-        "singles_accuracy", "all_accuracy", "hindsight_singles_accuracy", "hindsight_all_accuracy",
-        "cheapest", "random", "best_single", "oracle",
+        "singles_accuracy", "all_accuracy", "rounds_accuracy", "rounds_estimated", "all_planned",
+        "hindsight_singles_accuracy", "hindsight_all_accuracy", "cheapest", "random", "best_single", "oracle",
     )  # fmt: skip
     percents = [(pl.col(c) * 100).round(1).alias(c.removesuffix("_accuracy") + "_%") for c in columns]
     max_gap = pl.max_horizontal("singles_gap", "all_gap").map_elements(lambda g: f"{g:.1e}", return_dtype=pl.String)
-    within = pl.col("singles_within_budget") & pl.col("all_within_budget")
+    within = pl.col("singles_within_budget") & pl.col("all_within_budget") & pl.col("rounds_within_budget")
+    rounds_gain = pl.format(
+        "{} [{}, {}]",
+        *((pl.col(c) * 100).round(1) for c in ("rounds_gain", "rounds_gain_low", "rounds_gain_high")),
+    ).alias("rounds_gain_pts_95%")
     gain = pl.format("{} [{}, {}]", *((pl.col(c) * 100).round(1) for c in ("gain", "gain_low", "gain_high"))).alias(
         "gain_pts_95%"
     )
-    table = table.with_columns((pl.col("all_accuracy") - pl.col("singles_accuracy")).alias("gain"))
+    table = table.with_columns(
+        (pl.col("all_accuracy") - pl.col("singles_accuracy")).alias("gain"),
+        (pl.col("rounds_accuracy") - pl.col("all_accuracy")).alias("rounds_gain"),
+    )
     with pl.Config(tbl_rows=100, tbl_cols=30, tbl_width_chars=320, float_precision=4, tbl_hide_dataframe_shape=True):
         print(
             table.select(
                 "dataset", "queries", "budget_pct", "budget_usd", "singles_spend_usd", "all_spend_usd",
-                within.alias("within_budget"), *percents, gain, "best_single_cost_usd", max_gap.alias("max_gap"),
+                within.alias("within_budget"), *percents, gain, rounds_gain, "best_single_cost_usd",
+                max_gap.alias("max_gap"),
             )
         )  # fmt: skip
     print("best single model per data set (by train accuracy):", {r["dataset"]: r["best_single_model"] for r in rows})
     print("AIQ over the budget grid (singles only -> with votes and cascades):")
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
         group = [r for r in rows if r["dataset"] == dataset]
-        print(f"  {dataset}: {aiq(group, 'singles_accuracy'):.4f} -> {aiq(group, 'all_accuracy'):.4f}")
+        print(
+            f"  {dataset}: {aiq(group, 'singles_accuracy'):.4f} -> {aiq(group, 'all_accuracy'):.4f}"
+            f" -> rounds {aiq(group, 'rounds_accuracy'):.4f}"
+        )
+    if sweep:
+        print("accuracy % by number of rounds (realized / estimated without gold):")
+        for r in rows:
+            cells = [
+                f"{k}: {100 * r[f'rounds{k}_accuracy']:.1f} / {100 * r[f'rounds{k}_estimated']:.1f}" for k in sweep
+            ]
+            print(f"  {r['dataset']} @ {r['budget_pct']}%: " + "; ".join(cells))
     print("plan kinds chosen with votes and cascades:")
     for r in rows:
         print(f"  {r['dataset']} @ {r['budget_pct']}%: {r['all_kinds']}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
-    return 0 if (table["singles_within_budget"] & table["all_within_budget"]).all() else 3
+    within_all = table["singles_within_budget"] & table["all_within_budget"] & table["rounds_within_budget"]
+    return 0 if within_all.all() else 3
 
 
 if __name__ == "__main__":

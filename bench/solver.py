@@ -288,6 +288,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default="/tmp/batchplan-bench-e2e", help="end to end: cached model and queues")
     parser.add_argument("--budget-share", type=float, default=0.3, help="end to end: budget between cheapest and dearest")
     parser.add_argument("--plan-out", help="end to end: write the plan here (default under --work)")
+    parser.add_argument("--replan-queries", type=int, default=1_000_000, help="open queries of the round re-plan line (0: skip)")
     args = parser.parse_args(argv)
     if args.end_to_end:
         if args.timeout == 120.0:
@@ -338,10 +339,65 @@ def main(argv: list[str] | None = None) -> int:
                 parts.append(f"{r['method']} {secs}: {r['ratio']}x")
             if parts:
                 print(f"  {n:>9} {which:>7}: decompose {fast['seconds']:.2f} s; " + "; ".join(parts))
+    if args.replan_queries > 0:
+        print(time_round_replan(args.replan_queries, seed=args.seed))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1, default=str)
     return 0
+
+
+def time_round_replan(n: int, seed: int = 0) -> str:
+    """One re-plan (round 2 of 2) of ``n`` open queries x N_MODELS LLMs after a round that called one cheap
+    LLM on each, through ``PosteriorRoundPlanner.plan_round``: the posterior on every query, the options
+    table, the budgeted solve. The posterior is fitted on a small synthetic history (not timed)."""
+    from batchplan.history import synthetic_history
+    from batchplan.posterior import fit_posterior
+    from batchplan.round_planner import PosteriorRoundPlanner
+    from batchplan.rounds import OBSERVATION_SCHEMA, RoundState
+
+    history = synthetic_history(400, N_MODELS, n_tasks=1, seed=seed)
+    skill = history.outcomes.group_by("model").agg(pl.col("correct").mean().alias("p_correct"))
+    posterior = fit_posterior(history, history.outcomes.select("query_id", "model").join(skill, on="model"))
+    rng = np.random.default_rng(seed)
+    ids = pl.Series("query_id", [f"q{i:07d}" for i in range(n)])
+    models = sorted(skill["model"].to_list())
+    queue = pl.DataFrame({"query_id": ids, "task": "task0", "tenant": "default", "priority": 1.0})
+    p = rng.uniform(0.3, 0.95, (n, N_MODELS))
+    cost = np.geomspace(1e-6, 1e-4, N_MODELS)[None] * rng.lognormal(0, 0.5, (n, 1))
+    predictions = pl.DataFrame(
+        {
+            "query_id": np.repeat(ids.to_numpy(), N_MODELS),
+            "model": np.tile(models, n),
+            "p_correct": p.ravel(),
+            "cost_usd": cost.ravel(),
+            "cost_high_usd": 1.3 * cost.ravel(),
+        }
+    )
+    observations = pl.DataFrame(
+        {
+            "query_id": ids,
+            "round": 1,
+            "model": models[0],
+            "status": "ok",
+            "answer": rng.choice(["A", "B", "C"], n),
+            "logprob": np.log(rng.uniform(0.3, 1.0, n)),
+            "cost_usd": cost[:, 0],
+            "billed_known": True,
+            "tokens_in": 100,
+            "tokens_out": 1,
+        },
+        schema_overrides=dict(OBSERVATION_SCHEMA),
+    ).select(OBSERVATION_SCHEMA.names())
+    budget = float(cost[:, 4].sum())  # room to escalate a part of the batch
+    state = RoundState(2, 2, queue, predictions, observations, budget)
+    started = time.perf_counter()
+    plan = PosteriorRoundPlanner(posterior).plan_round(state)
+    seconds = time.perf_counter() - started
+    return (
+        f"round re-plan: {n:,} open queries x {N_MODELS} LLMs in {seconds:.1f} s (target <= 10 s); "
+        f"{plan.calls.height:,} calls planned, solver {plan.diagnostics['status']}, gap {plan.diagnostics['gap']:.1e}"
+    )
 
 
 if __name__ == "__main__":

@@ -21,7 +21,7 @@ from typing import Any
 import pendulum
 from airflow.sdk import Asset, Param, dag, task
 
-from batchplan.dag_tasks import backfill, common, stages
+from batchplan.dag_tasks import backfill, common, rounds, stages
 from batchplan.layout import run_key
 
 RESULTS = Asset(name="batchplan_results", uri="batchplan://results")
@@ -51,6 +51,7 @@ OUTCOMES = Asset(name="batchplan_outcomes", uri="batchplan://outcomes")
             "the report lists them. Off: such a name fails the run at plan, naming the queued tenants.",
         ),
         "backend": Param("replay", enum=["replay", "openai", "bedrock"]),
+        **rounds.params(),
     },
 )
 def batchplan_backfill() -> None:
@@ -84,19 +85,26 @@ def batchplan_backfill() -> None:
 
     @task(max_active_tis_per_dagrun=1, retries=3)
     def dispatch_day(shard: dict[str, Any], params: Any = None) -> dict[str, Any]:
+        if rounds.in_rounds(params):
+            return {"shard": shard["shard"], "in_rounds": True}  # the round_<k> tasks dispatch
         return stages.dispatch_shard(common.storage_from_connection(), common.layout(), shard, params["backend"])
 
     @task(outlets=[RESULTS, OUTCOMES])
     def merge(
-        info: dict[str, Any], days: list[dict[str, Any]], done: list[dict[str, Any]], params: Any = None
+        info: dict[str, Any],
+        days: list[dict[str, Any]],
+        done: list[dict[str, Any]],
+        rounds_done: dict[str, Any],
+        params: Any = None,
     ) -> dict[str, Any]:
         for summary in done:
-            print(
-                f"{summary['group']}: ${summary['spend_usd']:.4f} of ${summary['budget_usd']:.4f} share, {summary['status']}"
-            )
-        return stages.merge_stage(
-            common.storage_from_connection(), common.layout(), info["run"], days, params["backend"]
-        )
+            if not summary.get("in_rounds"):
+                print(
+                    f"{summary['group']}: ${summary['spend_usd']:.4f} of ${summary['budget_usd']:.4f} share, {summary['status']}"
+                )
+        storage, lay = common.storage_from_connection(), common.layout()
+        in_rounds = rounds.rounds_results(storage, lay, info["run"], common.RunParams.from_params(params))
+        return stages.merge_stage(storage, lay, info["run"], days, params["backend"], rounds=in_rounds)
 
     @task
     def report(info: dict[str, Any], merged: dict[str, Any], params: Any = None, dag_run: Any = None) -> dict[str, Any]:
@@ -110,7 +118,7 @@ def batchplan_backfill() -> None:
     ingested = ingest(claimed)
     days = plan(predict(ingested))
     done = dispatch_day.expand(shard=days)
-    report(ingested, merge(ingested, days, done))
+    report(ingested, merge(ingested, days, done, rounds.round_tasks(ingested, done)))
 
 
 batchplan_backfill()

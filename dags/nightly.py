@@ -23,6 +23,10 @@ sensor waits up to 8 h in reschedule mode, then skips the run.
 **Constraints**: a `tenant_budgets_usd` tenant not in the queue fails the run at `plan`, naming the queued
 tenants, unless `allow_unused_constraints` (the report then lists it). Re-running a run with another budget
 is refused at `plan`: the stored plan and its shards' budgets stand.
+
+**Rounds**: `rounds` (> 1: `round_<k>_plan` -> `round_<k>_dispatch` (mapped over shards) -> `round_<k>_observe`
+for each round, re-planned over the whole batch under what is left; rounds past the param do nothing) and
+`round_planner`.
 """
 
 from __future__ import annotations
@@ -34,7 +38,7 @@ import pendulum
 from airflow.providers.amazon.aws.sensors.s3 import S3KeySensor
 from airflow.sdk import Asset, Param, dag, task
 
-from batchplan.dag_tasks import common, stages
+from batchplan.dag_tasks import common, rounds, stages
 from batchplan.layout import run_key
 
 RESULTS = Asset(name="batchplan_results", uri="batchplan://results")
@@ -100,6 +104,7 @@ def _sensor_key(params: dict[str, Any], logical_date: Any) -> str:
             maximum=common.MAX_SHARDS,
             description="Upper bound on parallel dispatch tasks.",
         ),
+        **rounds.params(),
     },
 )
 def batchplan_nightly() -> None:
@@ -140,15 +145,21 @@ def batchplan_nightly() -> None:
 
     @task(max_active_tis_per_dagrun=8, retries=3)
     def dispatch(shard: dict[str, Any], params: Any = None) -> dict[str, Any]:
+        if rounds.in_rounds(params):
+            return {"shard": shard["shard"], "in_rounds": True}  # the round_<k> tasks dispatch
         return stages.dispatch_shard(common.storage_from_connection(), common.layout(), shard, params["backend"])
 
     @task(outlets=[RESULTS, OUTCOMES])
     def merge(
-        info: dict[str, Any], shards: list[dict[str, Any]], done: list[dict[str, Any]], params: Any = None
+        info: dict[str, Any],
+        shards: list[dict[str, Any]],
+        done: list[dict[str, Any]],
+        rounds_done: dict[str, Any],
+        params: Any = None,
     ) -> dict[str, Any]:
-        manifest = stages.merge_stage(
-            common.storage_from_connection(), common.layout(), info["run"], shards, params["backend"]
-        )
+        storage, lay = common.storage_from_connection(), common.layout()
+        in_rounds = rounds.rounds_results(storage, lay, info["run"], common.RunParams.from_params(params))
+        manifest = stages.merge_stage(storage, lay, info["run"], shards, params["backend"], rounds=in_rounds)
         print(
             f"batchplan {info['run']}: {len(list(done))} shards, spend ${manifest['spend_usd']:.4f} of budget {manifest['budget_usd']}"
         )
@@ -170,7 +181,7 @@ def batchplan_nightly() -> None:
     predicted = predict(ingested)
     shards = plan(predicted)
     done = dispatch.expand(shard=shards)
-    merged = merge(ingested, shards, done)
+    merged = merge(ingested, shards, done, rounds.round_tasks(ingested, done))
     report(ingested, merged)
 
 

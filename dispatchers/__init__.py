@@ -21,8 +21,8 @@ from batchplan.errors import ContractError, unknown_name
 if TYPE_CHECKING:
     from dispatchers.base import Backend, CallRequest, CallResult, parse_answer
     from dispatchers.budget import BudgetGuard
-    from dispatchers.executor import FALLBACK_COLUMN
-    from dispatchers.ledger import read_manifest, read_results, spend_by_model
+    from dispatchers.executor import FALLBACK_COLUMN, ROUND_CALLS
+    from dispatchers.ledger import ledger_events, read_manifest, read_results, spend_by_model
     from dispatchers.limits import ModelLimits, RetryPolicy
     from dispatchers.run import adispatch, dispatch
 
@@ -35,6 +35,8 @@ _LAZY = {
     "parse_answer": "dispatchers.base",
     "BudgetGuard": "dispatchers.budget",
     "FALLBACK_COLUMN": "dispatchers.executor",
+    "ROUND_CALLS": "dispatchers.executor",
+    "ledger_events": "dispatchers.ledger",
     "read_manifest": "dispatchers.ledger",
     "read_results": "dispatchers.ledger",
     "spend_by_model": "dispatchers.ledger",
@@ -120,6 +122,7 @@ register_backend("bedrock", _bedrock, needs=(("catalog",),))
 
 __all__ = [
     "FALLBACK_COLUMN",
+    "ROUND_CALLS",
     "Backend",
     "BudgetGuard",
     "CallRequest",
@@ -131,6 +134,7 @@ __all__ = [
     "check_backend",
     "dispatch",
     "get_backend",
+    "ledger_events",
     "missing_setting",
     "parse_answer",
     "read_manifest",

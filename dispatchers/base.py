@@ -27,6 +27,21 @@ CONNECTION: Final = "connection"  # reset, refused
 CLIENT_ERROR: Final = "client_error"  # other 4xx: retrying will not help
 UNAVAILABLE: Final = "unavailable"  # the backend does not offer this (query, model)
 
+# What one attempt of a call can be billed at most: ``bound_usd`` (what the budget guard reserves), and its
+# parts where the backend prices tokens: USD per input token and the output's bound (max_tokens x price).
+# An ambiguous failure is charged ``bound_usd``; once a later call of the same model on the same query
+# reports its input tokens (the same prompt tokenizes the same), tokens_in x usd_per_token_in +
+# output_bound_usd bounds that failure's bill too (batchplan.round_runner tightens its charge so).
+BOUNDS_SCHEMA: Final = pl.Schema(
+    {
+        "query_id": pl.String(),
+        "model": pl.String(),
+        "bound_usd": pl.Float64(),
+        "usd_per_token_in": pl.Float64(),
+        "output_bound_usd": pl.Float64(),
+    }
+)
+
 RETRYABLE: Final = frozenset({NOT_ANSWER, RATE_LIMITED, SERVER_ERROR, TIMEOUT, CONNECTION})
 # Failures that say the model (not the query) is in trouble: they feed the per-model circuit breaker.
 MODEL_TROUBLE: Final = frozenset({RATE_LIMITED, SERVER_ERROR, TIMEOUT, CONNECTION})
@@ -86,6 +101,24 @@ class Backend(ABC):
     def cost_bound(self, request: CallRequest) -> float | None:
         """A hard upper bound on what this call can be billed, or None if the backend cannot give one."""
         return None
+
+    def cost_bounds(
+        self, queue: pl.DataFrame, pairs: pl.DataFrame, max_tokens: int, max_tokens_open: int
+    ) -> pl.DataFrame:
+        """``cost_bound`` of one attempt for every (query_id, model) in ``pairs``, as BOUNDS_SCHEMA (nulls
+        where unknown); ``max_tokens``/``max_tokens_open`` as the executor sends them."""
+        texts = queue.select("query_id", "prompt", "system_prompt", "labels")
+        rows = pairs.select("query_id", "model").join(texts, on="query_id", how="left", maintain_order="left")
+        bounds = []
+        for query_id, model, prompt, system_prompt, labels in rows.iter_rows():
+            tokens = max_tokens if labels is not None else max_tokens_open
+            request = CallRequest(query_id, model, prompt or "", system_prompt, labels, key="", max_tokens=tokens)
+            bounds.append(self.cost_bound(request))
+        frame = rows.select("query_id", "model").with_columns(pl.Series("bound_usd", bounds, dtype=pl.Float64))
+        return frame.with_columns(
+            pl.lit(None, dtype=pl.Float64).alias("usd_per_token_in"),
+            pl.lit(None, dtype=pl.Float64).alias("output_bound_usd"),
+        )
 
     @abstractmethod
     async def call(self, request: CallRequest) -> CallResult:

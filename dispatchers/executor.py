@@ -33,6 +33,9 @@ from dispatchers.limits import ModelGate, ModelLimits, RetryPolicy
 LOST = "lost"  # a call sent before a crash whose outcome never reached the ledger (non-idempotent backend)
 # optional plan column: list[str], models to try, in order, when the plan's model fails or is down
 FALLBACK_COLUMN = "fallback_models"
+# A round of a run in rounds (batchplan.round_runner): call every listed model once (with the retries), all at
+# once, and combine nothing: the round planner reads each call from the ledger and decides what comes next.
+ROUND_CALLS = "calls"
 
 Progress = Callable[[int, int], None]
 
@@ -251,6 +254,8 @@ class Executor:
             await self.recover(q)
             if q.kind == "defer":
                 return _row(q, None, "deferred", "deferred by the plan")
+            if q.kind == ROUND_CALLS:
+                return await self._calls(q, notes)
             if q.kind not in PLAN_KINDS:
                 return _row(q, None, "failed", f"unknown plan kind {q.kind!r}: one of {PLAN_KINDS}")
             if not q.models:
@@ -287,6 +292,18 @@ class Executor:
         if len(answers) < len(q.models):
             notes.insert(0, f"vote of {len(answers)}/{len(q.models)}")
         return _row(q, winner, "done", "; ".join(notes) or None)
+
+    async def _calls(self, q: QueryRun, notes: list[str]) -> tuple[Any, ...]:
+        """Every listed model once, concurrently; ``done`` when each call was sent (whatever it answered),
+        ``deferred`` naming the budget when one was refused (that call was never sent)."""
+        outcomes = await asyncio.gather(*(self._vote_member(q, i, m) for i, m in enumerate(q.models)))
+        refused = [note for r, note in outcomes if r is None and note]
+        for r, _ in outcomes:
+            if r is not None and not r.ok:
+                notes.append(_describe(r))
+        if refused:
+            return _row(q, None, "deferred", "; ".join([*refused, *notes]))
+        return _row(q, None, "done", "; ".join(notes) or None)
 
     async def _vote_member(self, q: QueryRun, slot: int, model: str) -> tuple[CallResult | None, str | None]:
         try:

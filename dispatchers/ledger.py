@@ -180,9 +180,15 @@ class Ledger:
         return prior, charged
 
     def events(self) -> Iterable[dict[str, Any]]:
-        for uri in self.storage.list(self.dir):
-            if uri.endswith(".jsonl"):
-                yield from _events(self.storage.read_bytes(uri))
+        return ledger_events(self.storage, self.out_uri)
+
+
+def ledger_events(storage: Storage, out_uri: str) -> Iterable[dict[str, Any]]:
+    """Every event in ``out_uri``'s ledger, as written (a call appended twice by a resumed run appears
+    twice: readers keep the first per (query, call))."""
+    for uri in storage.list(join(out_uri, "ledger")):
+        if uri.endswith(".jsonl"):
+            yield from _events(storage.read_bytes(uri))
 
 
 def _events(data: bytes) -> Iterable[dict[str, Any]]:

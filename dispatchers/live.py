@@ -80,3 +80,31 @@ class LiveBackend(Backend):
             return None
         size = len(request.prompt.encode()) + len((request.system_prompt or "").encode()) + PROMPT_OVERHEAD_TOKENS
         return (size * prices[0] + request.max_tokens * prices[1]) / 1e6
+
+    def cost_bounds(
+        self, queue: pl.DataFrame, pairs: pl.DataFrame, max_tokens: int, max_tokens_open: int
+    ) -> pl.DataFrame:
+        """``cost_bound`` for many pairs at once, in polars (the same arithmetic)."""
+        prices = pl.DataFrame(
+            [(m, p[0], p[1]) for m, p in self._catalog.token_prices.items()],
+            schema={"model": pl.String, "_in": pl.Float64, "_out": pl.Float64},
+            orient="row",
+        )
+        size = (
+            pl.col("prompt").fill_null("").str.len_bytes()
+            + pl.col("system_prompt").fill_null("").str.len_bytes()
+            + PROMPT_OVERHEAD_TOKENS
+        )
+        tokens = pl.when(pl.col("labels").is_null()).then(max_tokens_open).otherwise(max_tokens)
+        return (
+            pairs.select("query_id", "model")
+            .join(queue.select("query_id", "prompt", "system_prompt", "labels"), on="query_id", how="left")
+            .join(prices, on="model", how="left")
+            .select(
+                "query_id",
+                "model",
+                ((size * pl.col("_in") + tokens * pl.col("_out")) / 1e6).alias("bound_usd"),
+                (pl.col("_in") / 1e6).alias("usd_per_token_in"),
+                (tokens * pl.col("_out") / 1e6).alias("output_bound_usd"),
+            )
+        )

@@ -24,6 +24,7 @@ class ReplayBackend(Backend):
     def __init__(self, history: History) -> None:
         self._catalog = PriceCatalog.from_history(history.prices, history.outcomes)
         self._pairs = history.outcomes.select("query_id", "model")
+        self._costs = history.outcomes.select("query_id", "model", "cost_usd").unique(["query_id", "model"])
         rows = history.outcomes.select("query_id", "model", "answer", "cost_usd", "tokens_in", "tokens_out", "logprob")
         # one dict lookup per call: (query_id, model) -> (answer, cost, tokens_in, tokens_out, logprob)
         self._table: dict[tuple[str, str], tuple[str | None, float, int | None, int | None, float | None]] = {
@@ -41,6 +42,20 @@ class ReplayBackend(Backend):
     def cost_bound(self, request: CallRequest) -> float | None:
         row = self._table.get((request.query_id, request.model))
         return None if row is None else row[1]
+
+    def cost_bounds(
+        self, queue: pl.DataFrame, pairs: pl.DataFrame, max_tokens: int, max_tokens_open: int
+    ) -> pl.DataFrame:
+        """``cost_bound`` for many pairs at once: the recorded cost (exact), null where none is recorded."""
+        costs = self._costs.select("query_id", "model", pl.col("cost_usd").fill_null(0.0).alias("bound_usd"))
+        return (
+            pairs.select("query_id", "model")
+            .join(costs, on=["query_id", "model"], how="left")
+            .with_columns(
+                pl.lit(None, dtype=pl.Float64).alias("usd_per_token_in"),
+                pl.lit(None, dtype=pl.Float64).alias("output_bound_usd"),
+            )
+        )
 
     async def call(self, request: CallRequest) -> CallResult:
         row = self._table.get((request.query_id, request.model))

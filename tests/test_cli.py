@@ -423,3 +423,31 @@ def test_the_readme_examples_are_shipped_and_ignored_outputs() -> None:
         ["git", "check-ignore", "--no-index", *created], cwd=ROOT, capture_output=True, text=True, check=False
     )
     assert sorted(ignored.stdout.split()) == sorted(created), ignored.stdout
+
+
+def test_run_in_rounds_writes_each_round_and_reports_its_estimate(
+    trained: tuple[str, str], history_dir: str, tmp_path: Path
+) -> None:
+    models, queue = trained
+    out = tmp_path / "run"
+    base = ["run", "--queue", queue, "--model", models, "--budget-usd", "0.01", "--backend", "replay"]
+    args = [*base, "--replay-history", history_dir, "--out", str(out), "--rounds", "3"]
+    output = _run(args)
+    assert "estimated after the run" in output
+    report = json.loads((out / "report.json").read_text())
+    assert 0.0 < report["estimated_accuracy"] <= 1.0
+    assert report["spend_usd"] <= 0.01 + 1e-12
+    assert (out / "rounds" / "1" / "calls.parquet").exists()
+    assert (out / "rounds" / "3" / "observations.parquet").exists()
+    assert not (out / "dispatch").exists()  # the rounds' own ledgers, not the single-shot one
+    results = pl.read_parquet(out / "results.parquet")
+    assert results.schema == RESULT_SCHEMA
+    assert report["queries"] == results.height
+    # bad flags: one line, exit 2, nothing sent
+    bad = runner.invoke(app, [*base, "--replay-history", history_dir, "--out", str(tmp_path / "x"), "--rounds", "0"])
+    assert bad.exit_code == 2
+    unknown = [*base, "--replay-history", history_dir, "--out", str(tmp_path / "y"), "--rounds", "2"]
+    bad = runner.invoke(app, [*unknown, "--round-planner", "oracle"])
+    assert bad.exit_code == 2
+    assert "--round-planner 'oracle'" in bad.output
+    assert not (tmp_path / "y" / "rounds").exists()

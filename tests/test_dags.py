@@ -38,6 +38,8 @@ DAGS = Path(__file__).resolve().parent.parent / "dags"
 NIGHTLY_DAY = "2026-03-02"
 BACKFILL_DAYS = ("2026-02-20", "2026-02-21", "2026-02-22")
 NIGHTLY_QUERIES = 450
+ROUNDS_DAY = "2026-03-03"  # the nightly in rounds
+ROUNDS_QUERIES = 450
 BACKFILL_QUERIES_PER_DAY = 150
 
 pytestmark = [
@@ -147,7 +149,8 @@ def queue_days(real_history: History) -> dict[str, pl.DataFrame]:
     """The queue of each day: one day for the nightly, three for the backfill, disjoint queries."""
     queue = real_history.as_queue("test").sample(fraction=1.0, shuffle=True, seed=7)
     days: dict[str, pl.DataFrame] = {NIGHTLY_DAY: queue.head(NIGHTLY_QUERIES)}
-    offset = NIGHTLY_QUERIES
+    days[ROUNDS_DAY] = queue.slice(NIGHTLY_QUERIES, ROUNDS_QUERIES)
+    offset = NIGHTLY_QUERIES + ROUNDS_QUERIES
     for the_day in BACKFILL_DAYS:
         days[the_day] = queue.slice(offset, BACKFILL_QUERIES_PER_DAY)
         offset += BACKFILL_QUERIES_PER_DAY
@@ -478,6 +481,49 @@ def test_second_run_racing_for_the_same_queue_is_skipped(
     claim = json.loads(storage.read_text(lay.claim(NIGHTLY_DAY)))
     assert claim["owner"].startswith("batchplan_nightly/")
     assert claim["owner"] == "batchplan_nightly/manual__2026-03-02T02:00:00+00:00", "the first run keeps the claim"
+
+
+@pytest.mark.slow
+def test_nightly_in_rounds_replans_the_whole_batch_under_what_is_left(
+    dagbag: Any, seeded: Done, copy_of: Callable[[Done], AirflowEnv], queue_days: dict[str, pl.DataFrame]
+) -> None:
+    """rounds=2: round 1 and round 2 each planned once over every shard, dispatched in shards with budget
+    shares of what is left; rounds 3-4 and the single-shot dispatch do nothing; one budget holds."""
+    budget = 0.03
+    env = copy_of(seeded)
+    conf = {"budget_usd": budget, "max_shards": 2, "allow_deferral": True, "queue_date": ROUNDS_DAY, "rounds": 2}
+    dag_run = _run(
+        dagbag,
+        env,
+        "batchplan_nightly",
+        "nightly (rounds=2)",
+        logical_date=datetime(2026, 3, 3, 2, tzinfo=UTC),
+        run_conf=conf,
+    )
+    states = _states(dag_run)
+    assert str(dag_run.state) == "success", states
+    lay, storage, run = env.layout, env.storage, f"nightly-{ROUNDS_DAY}"
+    # round 1's calls, dispatched in as many shards as their number allows (at most max_shards)
+    calls_1 = storage.read_frame(f"{lay.results(run)}rounds/1/calls.parquet").filter(pl.col("models").list.len() > 0)
+    round_1 = [k for k in states if k.startswith("round_1_dispatch[")]
+    assert calls_1.height > 0
+    assert len(round_1) == stages.shard_count(calls_1.height, 2), states
+    manifest = json.loads(storage.read_text(lay.results_manifest(run)))
+    assert manifest["queries"] == queue_days[ROUNDS_DAY].height
+    assert manifest["spend_usd"] <= budget
+    rounds_dir = f"{lay.results(run)}rounds"
+    observed = [storage.read_frame(f"{rounds_dir}/{k}/observations.parquet") for k in (1, 2)]
+    assert observed[0].height > 0
+    assert not storage.exists(f"{rounds_dir}/3/calls.parquet")  # past the param: nothing planned
+    # round 2's hard budget is the total minus what round 1 charged, over all shards
+    plan_2 = json.loads(storage.read_text(f"{rounds_dir}/2/plan.json"))
+    assert plan_2["budget_left_usd"] == pytest.approx(budget - float(observed[0]["cost_usd"].sum()))
+    # the single-shot dispatch stood aside: every paid call is in a round's ledger
+    assert _paid_calls(storage, lay.results(run)) == _paid_calls(storage, rounds_dir)
+    assert _paid_calls(storage, rounds_dir) == sum(o.height for o in observed)
+    report = json.loads(storage.read_text(f"{lay.reports(run)}/report.json"))
+    assert 0 < report["estimated_accuracy"] <= 1
+    assert "estimated after the run" in storage.read_text(lay.report_html(run))
 
 
 @pytest.mark.slow

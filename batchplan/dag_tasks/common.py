@@ -20,6 +20,7 @@ log = structlog.get_logger("batchplan.airflow")
 
 CONN_ID = "batchplan_s3"
 MAX_SHARDS = 32
+MAX_ROUNDS = 4  # the DAGs unroll this many rounds (a static graph); rounds past the param are no-ops
 
 
 class QueueClaimed(RuntimeError):
@@ -53,6 +54,8 @@ class RunParams:
     max_shards: int = MAX_SHARDS
     tenant_budgets_usd: dict[str, float] = field(default_factory=dict)
     allow_unused_constraints: bool = False  # a config listing every tenant, not all queued tonight
+    rounds: int = 1  # > 1: execute in rounds (batchplan.dag_tasks.rounds), at most MAX_ROUNDS
+    round_planner: str = "plan"
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> RunParams:
@@ -61,6 +64,14 @@ class RunParams:
         shards = int(params.get("max_shards") or MAX_SHARDS)
         if not 1 <= shards <= MAX_SHARDS:
             raise ContractError(f"max_shards must be in [1, {MAX_SHARDS}], got {shards}")
+        rounds = int(params.get("rounds") or 1)
+        if not 1 <= rounds <= MAX_ROUNDS:
+            raise ContractError(f"rounds must be in [1, {MAX_ROUNDS}], got {rounds}")
+        planner = str(params.get("round_planner") or "plan")
+        if rounds > 1:
+            from batchplan.round_runner import check_round_planner
+
+            check_round_planner(planner)
         return cls(
             budget_usd=float(budget) if budget not in (None, "") else None,
             accuracy_target=float(target) if target not in (None, "", 0) else None,
@@ -69,6 +80,8 @@ class RunParams:
             max_shards=shards,
             tenant_budgets_usd=_tenant_budgets(params.get("tenant_budgets_usd")),
             allow_unused_constraints=bool(params.get("allow_unused_constraints", False)),
+            rounds=rounds,
+            round_planner=planner,
         )
 
     def request(self) -> Any:

@@ -262,10 +262,21 @@ def truth_for(backend: str, storage: Storage) -> Any:
     return Truth.from_history(load_history(history_dirs(), storage))
 
 
-def merge_stage(storage: Storage, lay: Layout, run: str, shards: list[dict[str, Any]], backend: str) -> dict[str, Any]:
-    """One result row per query from the shards; the run's manifest; the outcomes it taught us."""
-    frames = [storage.read_frame(f"{shard_results_uri(lay, s)}/results.parquet") for s in shards]
-    results = pl.concat(frames).select(RESULT_SCHEMA.names()) if frames else pl.DataFrame(schema=RESULT_SCHEMA)
+def merge_stage(
+    storage: Storage,
+    lay: Layout,
+    run: str,
+    shards: list[dict[str, Any]],
+    backend: str,
+    rounds: tuple[pl.DataFrame, float] | None = None,
+) -> dict[str, Any]:
+    """One result row per query from the shards (or, for a run in ``rounds``, its results and estimated
+    accuracy: ``dag_tasks.rounds.rounds_results``); the run's manifest; the outcomes it taught us."""
+    if rounds is not None:
+        results = rounds[0].select(RESULT_SCHEMA.names())
+    else:
+        frames = [storage.read_frame(f"{shard_results_uri(lay, s)}/results.parquet") for s in shards]
+        results = pl.concat(frames).select(RESULT_SCHEMA.names()) if frames else pl.DataFrame(schema=RESULT_SCHEMA)
     plan = storage.read_frame(lay.plan_file(run, "plan.parquet"))
     if results.height != plan.height or results["query_id"].n_unique() != plan.height:
         raise ContractError(f"run {run}: {results.height} results for {plan.height} planned queries")
@@ -292,6 +303,7 @@ def merge_stage(storage: Storage, lay: Layout, run: str, shards: list[dict[str, 
         and all(tenant_spend[t] <= limit + 1e-9 for t, limit in tenant_budgets.items()),
         "status": {s: int((results["status"] == s).sum()) for s in RESULT_STATUSES},
         "shards": len(shards),
+        "estimated_accuracy": rounds[1] if rounds is not None else None,
         "merged_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     storage.write_text(lay.results_manifest(run), json.dumps(manifest, indent=2))
@@ -357,6 +369,7 @@ def report_stage(storage: Storage, lay: Layout, run: str, backend: str, *, run_i
         tenant_budgets_usd=manifest.get("tenant_budgets_usd"),
         frontier=read_frontier(storage, frontier_uri(lay.plan_file(run, "plan.parquet"))),
         spend_by_model=spent,
+        estimated_accuracy=json.loads(storage.read_text(lay.results_manifest(run))).get("estimated_accuracy"),
     )
     paths = write_report(report, lay.reports(run), storage)
     return {"summary": summary_line(report), "paths": paths, "spend_usd": report["spend_usd"]}

@@ -1,0 +1,242 @@
+"""Rounds in the DAGs: plan round k once for the whole batch -> dispatch its calls in shards -> observe,
+for k = 1..MAX_ROUNDS (Airflow graphs are static: rounds past the ``rounds`` param are no-ops).
+
+The re-plan is global: ``round_plan_stage`` sees every shard's observations of the earlier rounds and the
+budget they left, then splits round k's calls into shards with budget shares that sum to at most what is
+left (``stages.budget_shares``), so the hard caps hold across shards and rounds. Files, under
+``results/<run>/``: ``rounds/<k>/calls.parquet`` (the round's plan, reused by a re-run), ``rounds/<k>/
+shard-<i>/`` (each shard's calls, ledger and observations) and ``rounds/<k>/observations.parquet`` (the
+round complete). A shard's ledger makes a re-run free; a complete round is never planned or sent again.
+
+With ``rounds`` = 1 every task here returns at once and the single-shot dispatch runs as before.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import polars as pl
+
+from batchplan.dag_tasks.common import MAX_ROUNDS, RunParams, log
+from batchplan.dag_tasks.stages import _backend, _tenant_shares, budget_shares, shard_count
+from batchplan.layout import Layout
+from batchplan.storage import Storage, join
+
+__all__ = ["MAX_ROUNDS", "round_dispatch_shard", "round_observe_stage", "round_plan_stage", "rounds_results"]
+NOOP: dict[str, Any] = {"noop": True}  # one mapped task instance that does nothing: no empty expansion
+
+
+def rounds_uri(lay: Layout, run: str) -> str:
+    """The round runner's ``out_uri`` for a DAG run: ``results/<run>/`` (its rounds under ``rounds/``)."""
+    return lay.results(run).rstrip("/")
+
+
+def _inputs(storage: Storage, lay: Layout, run: str, params: RunParams) -> dict[str, Any]:
+    """What the round planner is built from: the queue, predictions, single-shot plan, loaded artifacts."""
+    from batchplan import artifacts
+
+    version = artifacts.resolve_version(storage, lay.models(), None)
+    return {
+        "plan": storage.read_frame(lay.plan_file(run, "plan.parquet")),
+        "queue": storage.read_frame(lay.plan_file(run, "queue.parquet")).drop("day", strict=False),
+        "predictions": storage.read_frame(lay.plan_file(run, "predictions.parquet")),
+        "trained": artifacts.load(storage, lay.models(), version) if version else None,
+        "request": params.request(),
+    }
+
+
+def _bounds(storage: Storage, params: RunParams, queue: pl.DataFrame, predictions: pl.DataFrame) -> pl.DataFrame:
+    """Every (query, model)'s cost bound on the run's backend (BOUNDS_SCHEMA), as the dispatcher sends it."""
+    from batchplan.round_runner import MAX_TOKENS, MAX_TOKENS_OPEN
+
+    backend = _backend(params.backend, storage)
+    return backend.cost_bounds(queue, predictions.select("query_id", "model"), MAX_TOKENS, MAX_TOKENS_OPEN)
+
+
+def _budget(params: RunParams, plan: pl.DataFrame) -> float:
+    """The run's hard budget; without one (an accuracy target), the plan's own high side, as single shot."""
+    if params.budget_usd is not None:
+        return params.budget_usd
+    return float(plan.filter(pl.col("kind") != "defer")["reserve_cost_usd"].sum())
+
+
+def round_plan_stage(storage: Storage, lay: Layout, run: str, params: RunParams, k: int) -> list[dict[str, Any]]:
+    """Plan round ``k`` for the whole batch (once; a re-run reuses it) and split its calls into shards."""
+    from batchplan.round_runner import (
+        OBSERVATION_SCHEMA,
+        REFUSED_SCHEMA,
+        complete_round,
+        make_round_planner,
+        plan_round,
+        round_complete,
+    )
+
+    out = rounds_uri(lay, run)
+    if params.rounds <= 1 or k > params.rounds or round_complete(storage, out, k):
+        return [NOOP]
+    inputs = _inputs(storage, lay, run, params)
+    queue, predictions = inputs["queue"], inputs["predictions"]
+    calls, left, tenant_left = plan_round(
+        make_round_planner(params.round_planner, **inputs),
+        queue,
+        predictions,
+        k=k,
+        rounds=params.rounds,
+        budget_usd=_budget(params, inputs["plan"]),
+        out_uri=out,
+        storage=storage,
+        tenant_budgets_usd=params.tenant_budgets_usd,
+        call_bounds=_bounds(storage, params, queue, predictions),
+    )
+    calls = calls.filter(pl.col("models").list.len() > 0).sort("query_id")
+    if calls.height == 0:  # nothing to call: the round is complete as planned
+        complete_round(storage, out, k, pl.DataFrame(schema=OBSERVATION_SCHEMA), pl.DataFrame(schema=REFUSED_SCHEMA))
+        return [NOOP]
+    n = shard_count(calls.height, params.max_shards)
+    size = max(math.ceil(calls.height / n), 1)
+    parts = [(None, calls.slice(i * size, size)) for i in range(n) if i * size < calls.height]
+    shares = budget_shares([float(p["expected_cost_usd"].sum()) for _, p in parts], max(left, 0.0))
+    tenant_shares = _tenant_shares(parts, queue, {t: max(v, 0.0) for t, v in tenant_left.items()})
+    shards: list[dict[str, Any]] = []
+    for i, ((_, part), share) in enumerate(zip(parts, shares, strict=True)):
+        uri = join(out, "rounds", str(k), f"shard-{i:03d}", "calls.parquet")
+        storage.write_frame(part, uri)
+        shards.append(
+            {
+                "run": run,
+                "round": k,
+                "shard": i,
+                "calls": uri,
+                "queue": lay.plan_file(run, "queue.parquet"),
+                "rows": part.height,
+                "budget_usd": share,
+                "tenant_budgets_usd": {t: by_part[i] for t, by_part in tenant_shares.items()},
+            }
+        )
+    log.info("round.sharded", run=run, round=k, shards=len(shards), queries=calls.height, budget_left_usd=left)
+    return shards
+
+
+def round_dispatch_shard(storage: Storage, shard: dict[str, Any], backend: str) -> dict[str, Any]:
+    """Send one shard of a round within its budget share; its observations are written last (reused)."""
+    from batchplan.round_runner import REFUSED_SCHEMA, DispatchSender
+
+    if shard.get("noop") or "calls" not in shard:
+        return {"noop": True}
+    here = shard["calls"].rsplit("/", 1)[0]
+    marker = join(here, "observations.parquet")
+    if storage.exists(marker):
+        return {"round": shard["round"], "shard": shard["shard"], "reused": True}
+    calls = storage.read_frame(shard["calls"])
+    queue = (
+        storage.read_frame(shard["queue"])
+        .drop("day", strict=False)
+        .filter(pl.col("query_id").is_in(calls["query_id"].implode()))
+    )
+    got, refused = DispatchSender(_backend(backend, storage)).send(
+        calls,
+        queue,
+        round=int(shard["round"]),
+        budget_usd=float(shard["budget_usd"]),
+        tenant_budgets_usd=shard.get("tenant_budgets_usd") or {},
+        out_uri=join(here, "dispatch"),
+        storage=storage,
+        progress=None,
+    )
+    storage.write_frame(refused.cast(REFUSED_SCHEMA), join(here, "refused.parquet"))
+    storage.write_frame(got, marker)
+    charged = float(got["cost_usd"].sum())
+    if charged > float(shard["budget_usd"]) + 1e-9:
+        raise RuntimeError(f"round {shard['round']} shard {shard['shard']} charged ${charged:.6f} over its share")
+    return {"round": shard["round"], "shard": shard["shard"], "calls": got.height, "charged_usd": charged}
+
+
+def round_observe_stage(storage: Storage, lay: Layout, run: str, shards: list[dict[str, Any]]) -> dict[str, Any]:
+    """Round complete: every shard's observations and refusals as the round's own (the marker)."""
+    from batchplan.round_runner import OBSERVATION_SCHEMA, REFUSED_SCHEMA, complete_round, round_complete
+
+    real = [s for s in shards if not s.get("noop")]
+    if not real:
+        return {"round": None}
+    k, out = int(real[0]["round"]), rounds_uri(lay, run)
+    if not round_complete(storage, out, k):
+        heres = [s["calls"].rsplit("/", 1)[0] for s in real]
+        observations = pl.concat(
+            [storage.read_frame(join(h, "observations.parquet")) for h in heres]
+            or [pl.DataFrame(schema=OBSERVATION_SCHEMA)]
+        )
+        refused = pl.concat(
+            [storage.read_frame(join(h, "refused.parquet")).cast(REFUSED_SCHEMA) for h in heres]
+            or [pl.DataFrame(schema=REFUSED_SCHEMA)]
+        )
+        complete_round(storage, out, k, observations, refused)
+    return {"round": k, "shards": len(real)}
+
+
+def rounds_results(storage: Storage, lay: Layout, run: str, params: RunParams) -> tuple[pl.DataFrame, float] | None:
+    """The run's results and estimated accuracy from its rounds (None when it ran single shot)."""
+    from batchplan.round_runner import finish_rounds, make_round_planner
+
+    if params.rounds <= 1:
+        return None
+    inputs = _inputs(storage, lay, run, params)
+    outcome = finish_rounds(
+        make_round_planner(params.round_planner, **inputs),
+        inputs["queue"],
+        inputs["predictions"],
+        rounds=params.rounds,
+        out_uri=rounds_uri(lay, run),
+        storage=storage,
+        call_bounds=_bounds(storage, params, inputs["queue"], inputs["predictions"]),
+    )
+    return outcome.results, outcome.estimated_accuracy
+
+
+def params() -> dict[str, Any]:
+    """The ``rounds`` and ``round_planner`` params of the nightly and backfill DAGs."""
+    from airflow.sdk import Param
+
+    return {
+        "rounds": Param(
+            1,
+            type="integer",
+            minimum=1,
+            maximum=MAX_ROUNDS,
+            description="Execute in N rounds, re-planned over the whole batch after each under what is left (1: single shot).",
+        ),
+        "round_planner": Param("plan", type="string", description="Who plans each round (batchplan.round_runner)."),
+    }
+
+
+def in_rounds(params: dict[str, Any]) -> bool:
+    """The run executes in rounds: the single-shot dispatch tasks stand aside."""
+    return RunParams.from_params(params).rounds > 1
+
+
+def round_tasks(info: Any, after: Any, backend_param: str = "backend") -> Any:
+    """Add ``round_<k>_plan -> round_<k>_dispatch[shards] -> round_<k>_observe`` for k = 1..MAX_ROUNDS to
+    the DAG being defined, after ``after``; returns the last observe (what the merge waits for)."""
+    from airflow.sdk import task
+
+    from batchplan.dag_tasks import common
+
+    @task
+    def round_plan(info: dict[str, Any], k: int, after: Any, params: Any = None) -> list[dict[str, Any]]:
+        storage, lay = common.storage_from_connection(), common.layout()
+        return round_plan_stage(storage, lay, info["run"], RunParams.from_params(params), k)
+
+    @task(max_active_tis_per_dagrun=8, retries=3)
+    def round_dispatch(shard: dict[str, Any], params: Any = None) -> dict[str, Any]:
+        return round_dispatch_shard(common.storage_from_connection(), shard, params[backend_param])
+
+    @task
+    def round_observe(info: dict[str, Any], shards: Any, sent: Any) -> dict[str, Any]:
+        return round_observe_stage(common.storage_from_connection(), common.layout(), info["run"], list(shards))
+
+    previous = after
+    for k in range(1, MAX_ROUNDS + 1):
+        shards = round_plan.override(task_id=f"round_{k}_plan")(info, k, previous)
+        sent = round_dispatch.override(task_id=f"round_{k}_dispatch").expand(shard=shards)
+        previous = round_observe.override(task_id=f"round_{k}_observe")(info, shards, sent)
+    return previous

@@ -1,0 +1,459 @@
+"""The round planner: before every round, re-plan every open query globally under what is left of the budget.
+
+Per query the options are **stop** (keep the current answer; value P(current right), cost 0) or **one more
+call** to an LLM not yet answered (value P(right after it), cost the predicted cost corrected by the drift
+observed so far), both from ``batchplan.posterior``. The optimizer (``optimizer.solve``: the options table
+and Budget / GroupBudget rows, the fast certified path) picks one option per query for the whole batch.
+
+- **Round 1** must account for what later rounds can learn: a first call to LLM f is valued at its prior
+  plus the replayed mean gain of the best escalation after it at the budget's shadow price (the
+  ``Posterior.escalation_value`` tables), and costed with that escalation's mean cost, so a cheap first call
+  whose answers tell right from wrong is worth more than its accuracy alone. The price is found by fixed
+  point: solve, read the budget's dual, re-value, solve again.
+- **Answers are mandatory** when they fit: a query without an answer yet has no stop option whenever the
+  cheapest calls of all such queries fit in what is left (else stop is worth 0 and the optimizer chooses
+  which to answer). So the last round never leaves a query unanswered that the budget can still answer.
+- **Cost drift**: per LLM, realized / predicted cost of the calls observed so far (fault charges and
+  reservations of ambiguous failures included), shrunk to 1 by ``DRIFT_PRIOR_CALLS`` pseudo-calls, scales
+  the predicted cost of its next calls.
+- **Spend under the budget with high probability**: like ``planning.plan_batch``, a second pass leaves
+  z x the sd of the round's spend unplanned (``spend_confidence``); the round's reserve is the calls'
+  high-side cost, what the budget guard holds before calling.
+- A failed call (rate limit, server error, no usable answer) carries no answer: the LLM may be asked again,
+  at most ``max_tries`` times per query.
+
+Nothing here reads gold: only the queue, the predictions and the observations.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+from statistics import NormalDist
+from typing import Any
+
+import numpy as np
+import polars as pl
+import structlog
+
+from batchplan.candidates import P90_Z
+from batchplan.contracts import DEFAULT_TENANT, ContractError
+from batchplan.posterior import LAMBDA_GRID, NONE, OPAQUE, Posterior, States, normalize
+from batchplan.rounds import ROUND_ANSWER_SCHEMA, ROUND_PLAN_SCHEMA, RoundPlan, RoundState
+from optimizer import Budget, GroupBudget, InfeasibleError, Problem, solve
+from optimizer.api import Method
+
+log = structlog.get_logger("batchplan.rounds")
+
+DEFAULT_ROUNDS = 2  # measured on bench/quality.py (rounds 1-4): more rounds did not add accuracy
+DRIFT_PRIOR_CALLS = 20.0
+MIN_CALL_GAIN = 0.02
+OK = "ok"
+
+
+@dataclass
+class Observed:
+    """The batch as dense arrays: queries in queue order, LLMs sorted; what every query has seen so far."""
+
+    query_ids: list[str]
+    tasks: np.ndarray  # str [n]
+    tenants: np.ndarray  # str [n]
+    priority: np.ndarray  # float [n]
+    models: list[str]
+    states: States
+    cost: np.ndarray  # predicted cost [n, M] (nan: not offered)
+    high: np.ndarray  # predicted high-side cost [n, M]
+    tries: np.ndarray  # int [n, M]: calls made (failed ones included)
+    answers: pl.DataFrame  # _q, _m, answer: the answer text of each (query, LLM)'s last ok call
+    drift: dict[str, float] = field(default_factory=dict)
+
+
+def observe(queue: pl.DataFrame, predictions: pl.DataFrame, observations: pl.DataFrame) -> Observed:
+    """Dense per-query state from the queue, the predictions and every observation so far."""
+    ids = queue["query_id"].to_list()
+    n = len(ids)
+    models = sorted(predictions["model"].unique().to_list())
+    qi = pl.DataFrame({"query_id": ids, "_q": np.arange(n, dtype=np.int64)})
+    mi = pl.DataFrame({"model": models, "_m": np.arange(len(models), dtype=np.int64)})
+    m = len(models)
+    pred = predictions.join(qi, on="query_id").join(mi, on="model")
+    prior, cost, high = (np.full((n, m), np.nan) for _ in range(3))
+    r, c = pred["_q"].to_numpy(), pred["_m"].to_numpy()
+    prior[r, c] = pred["p_correct"].to_numpy()
+    cost[r, c] = pred["cost_usd"].to_numpy()
+    high[r, c] = pred["cost_high_usd"].fill_null(pred["cost_usd"]).to_numpy()
+    code = np.full((n, m), NONE, dtype=np.int32)
+    conf = np.full((n, m), np.nan)
+    order = np.full((n, m), -1, dtype=np.int32)
+    tries = np.zeros((n, m), dtype=np.int64)
+    answers = pl.DataFrame(schema={"_q": pl.Int64, "_m": pl.Int64, "answer": pl.String})
+    drift: dict[str, float] = {}
+    obs = observations.join(qi, on="query_id").join(mi, on="model").with_row_index("_seq")
+    if obs.height:
+        np.add.at(tries, (obs["_q"].to_numpy(), obs["_m"].to_numpy()), 1)
+        # the last ok call per (query, LLM) is its answer; the order of calls is by round, then row
+        ok = (
+            obs.filter(pl.col("status") == OK)
+            .sort("round", "_seq")
+            .unique(["_q", "_m"], keep="last", maintain_order=True)
+            .with_columns(
+                normalize(pl.col("answer")).rank("dense").over("_q").cast(pl.Int32).alias("_code"),
+                pl.int_range(pl.len()).over("_q").cast(pl.Int32).alias("_order"),
+            )
+        )
+        r, c = ok["_q"].to_numpy(), ok["_m"].to_numpy()
+        code[r, c] = np.where(ok["_code"].is_null().to_numpy(), OPAQUE, ok["_code"].fill_null(0).to_numpy())
+        conf[r, c] = np.exp(ok["logprob"].fill_null(np.nan).to_numpy())
+        order[r, c] = ok["_order"].to_numpy()
+        answers = ok.select("_q", "_m", "answer")
+        drift = cost_drift(obs, cost)
+    return Observed(
+        query_ids=ids,
+        tasks=queue["task"].fill_null("default").to_numpy().astype(str),
+        tenants=queue["tenant"].fill_null(DEFAULT_TENANT).to_numpy().astype(str),
+        priority=queue["priority"].fill_null(1.0).to_numpy().astype(float),
+        models=models,
+        states=States(prior, code, conf, order),
+        cost=cost,
+        high=high,
+        tries=tries,
+        answers=answers,
+        drift=drift,
+    )
+
+
+def cost_drift(obs: pl.DataFrame, predicted: np.ndarray) -> dict[str, float]:
+    """Per LLM: (charged + k x mean predicted x batch drift) / (predicted + k x mean predicted) over its
+    observed calls, k = DRIFT_PRIOR_CALLS; "*": the batch drift (all calls), for LLMs not called yet. Prompts
+    and answers that run long tonight run long for every LLM, so an LLM's own drift shrinks to the batch's."""
+    pred = predicted[obs["_q"].to_numpy(), obs["_m"].to_numpy()]
+    frame = obs.select("model", pl.col("cost_usd").fill_null(0.0)).with_columns(
+        pl.Series("_pred", np.nan_to_num(pred, nan=0.0))
+    )
+    total_pred = float(frame["_pred"].sum())
+    batch = float(frame["cost_usd"].sum()) / total_pred if total_pred > 0 else 1.0
+    out = {"*": batch}
+    for model, real, expected, calls in (
+        frame.group_by("model").agg(pl.col("cost_usd").sum(), pl.col("_pred").sum(), pl.len()).iter_rows()
+    ):
+        k = DRIFT_PRIOR_CALLS * expected / max(calls, 1)
+        out[str(model)] = float((real + k * batch) / (expected + k)) if expected > 0 else batch
+    return out
+
+
+@dataclass
+class Evaluated:
+    """Per query, what the posterior says now and after each possible next call."""
+
+    now_answer: np.ndarray  # int [n]: column of the kept answer, -1 none
+    now_p: np.ndarray  # float [n]
+    after: np.ndarray  # float [n, M]: P(right after calling that LLM next); nan where it may not be called
+
+
+def evaluate(
+    posterior: Posterior, seen: Observed, max_tries: int, upward: bool = True, chunk: int = 100_000
+) -> Evaluated:
+    """The posterior per task, in chunks of queries (the features are [rows, LLMs, LLMs] arrays)."""
+    n, m = seen.states.code.shape
+    now_answer = np.full(n, -1, dtype=np.int64)
+    now_p = np.zeros(n)
+    after = np.full((n, m), np.nan)
+    for task in np.unique(seen.tasks):
+        rows = np.flatnonzero(seen.tasks == task)
+        for start in range(0, len(rows), chunk):
+            part = rows[start : start + chunk]
+            s = States(seen.states.prior[part], seen.states.code[part], seen.states.conf[part], seen.states.order[part])
+            now = posterior.current(str(task), s, seen.models)
+            now_answer[part], now_p[part] = now.chosen, now.p
+            after[part] = posterior.after(str(task), s, seen.models, now)
+    callable_ = np.isfinite(seen.states.prior) & ~seen.states.answered & (seen.tries < max_tries)
+    callable_ &= np.isfinite(seen.cost) & offered(seen, posterior)
+    if upward:
+        callable_ &= stronger(seen, posterior, now_answer)
+    after = np.where(callable_, after, np.nan)
+    return Evaluated(now_answer, now_p, after)
+
+
+def _task_means(seen: Observed, posterior: Posterior) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per task, per LLM [M]: the history's replayed accuracy and mean cost where the posterior has them
+    (``Posterior.singles``), else the batch's mean predicted P(correct) and cost."""
+    out = {}
+    for task in np.unique(seen.tasks):
+        rows = seen.tasks == task
+        with np.errstate(invalid="ignore"), warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # an LLM not offered for the task: nan, not a mean
+            acc, cost = np.nanmean(seen.states.prior[rows], axis=0), np.nanmean(seen.cost[rows], axis=0)
+        recorded = posterior.singles.get(str(task), {})
+        for j, model in enumerate(seen.models):
+            if model in recorded:
+                acc[j], cost[j] = recorded[model]
+        out[str(task)] = (acc, cost)
+    return out
+
+
+def offered(seen: Observed, posterior: Posterior) -> np.ndarray:
+    """[n, M]: the LLM is on its task's (mean cost, accuracy) frontier (``_task_means``). An LLM that a cheaper
+    one beats on average is never worth calling: its estimated gains on a few queries are mostly the
+    estimate's errors, which the optimizer, picking the largest, would select."""
+    keep = np.zeros(seen.cost.shape, dtype=bool)
+    for task, (acc, cost) in _task_means(seen, posterior).items():
+        a, c = np.nan_to_num(acc, nan=-1.0), np.nan_to_num(cost, nan=np.inf)
+        better = (
+            (a[None, :] >= a[:, None])
+            & (c[None, :] <= c[:, None])
+            & ((a[None, :] > a[:, None]) | (c[None, :] < c[:, None]))
+        )
+        keep[seen.tasks == task] = (np.isfinite(acc) & np.isfinite(cost) & ~better.any(axis=1))[None]
+    return keep
+
+
+def stronger(seen: Observed, posterior: Posterior, now_answer: np.ndarray) -> np.ndarray:
+    """[n, M]: the LLM is more accurate on the query's task (``_task_means``) than the one whose answer it keeps
+    now (any LLM for a query without an answer)."""
+    out = np.zeros(seen.cost.shape, dtype=bool)
+    for task, (acc, _) in _task_means(seen, posterior).items():
+        rows = np.flatnonzero(seen.tasks == task)
+        a = np.nan_to_num(acc, nan=-np.inf)
+        kept = np.where(now_answer[rows] >= 0, a[np.maximum(now_answer[rows], 0)], -np.inf)
+        out[rows] = a[None, :] > kept[:, None]
+    return out
+
+
+@dataclass
+class PosteriorRoundPlanner:
+    """``RoundPlanner`` over a fitted ``Posterior`` (module docstring)."""
+
+    posterior: Posterior
+    spend_confidence: float = 0.95
+    max_tries: int = 2
+    method: Method = "auto"
+    escalate_first_round: bool = True
+    # A call must promise this much accuracy over stopping: the optimizer picks the calls whose estimated
+    # gain is largest, so among many small estimated gains it picks their errors (the optimizer's curse).
+    min_gain: float = MIN_CALL_GAIN
+    # escalate only to an LLM more accurate on the task than the one whose answer the query keeps
+    upward: bool = True
+    uniform_first: bool = True  # round 1: one first LLM per task (``_first_calls``)
+
+    def plan_round(self, state: RoundState) -> RoundPlan:
+        seen = observe(state.queue, state.predictions, state.observations)
+        ev = evaluate(self.posterior, seen, self.max_tries, self.upward)
+        n, m = ev.after.shape
+        drift = np.array([seen.drift.get(model, seen.drift.get("*", 1.0)) for model in seen.models])
+        cost = seen.cost * drift[None]
+        high = np.maximum(seen.high, seen.cost) * drift[None]
+        call = np.isfinite(ev.after)
+        budget = state.budget_left_usd
+        # a query with no answer yet must get one if the cheapest calls of all such queries fit
+        unanswered = ev.now_answer < 0
+        cheapest = np.where(call, cost, np.inf).min(axis=1)
+        need = unanswered & np.isfinite(cheapest)
+        mandatory = need if budget is None or cheapest[need].sum() <= budget * (1 - 1e-9) else np.zeros(n, bool)
+        first_round = bool(unanswered.all()) and not state.last and self.escalate_first_round
+        value = self._call_value(ev, call)
+        extra = np.zeros((n, m))
+        price = 0.0
+        if first_round and budget is not None:
+            price = self._escalation_price(seen, ev, cost, call, budget)
+            value, extra = self._with_escalation(seen, ev, cost, call, price)
+            if self.uniform_first:
+                first = self._first_calls(seen, call, value, cost + extra, price)
+                ev = Evaluated(ev.now_answer, ev.now_p, np.where(first, ev.after, np.nan))
+        outcome = self._solve(seen, ev, value, cost, extra, high, mandatory, budget, state.tenant_budgets_left_usd)
+        if outcome is None:
+            return RoundPlan(calls=pl.DataFrame(schema=ROUND_PLAN_SCHEMA), diagnostics={"status": "nothing to call"})
+        picked, solution = outcome
+        rows = np.flatnonzero(picked >= 0)
+        cols = picked[rows]
+        calls = pl.DataFrame(
+            {
+                "query_id": pl.Series(seen.query_ids).gather(rows),
+                "models": pl.Series(seen.models).gather(cols),
+                "expected_cost_usd": cost[rows, cols],
+                "reserve_cost_usd": high[rows, cols],
+                "expected_accuracy": ev.after[rows, cols],
+            }
+        ).with_columns(pl.concat_list("models").alias("models"))
+        calls = calls.select(ROUND_PLAN_SCHEMA.names()).cast(dict(ROUND_PLAN_SCHEMA))  # type: ignore[arg-type]
+        diagnostics: dict[str, Any] = {
+            "round": state.round,
+            "rounds": state.rounds,
+            "method": solution.method,
+            "status": solution.status,
+            "objective": solution.objective,
+            "bound": solution.bound,
+            "gap": solution.gap,
+            "shadow_prices": solution.shadow_prices,
+            "escalation_price": price,
+            "cost_drift": seen.drift,
+            "calls": len(rows),
+            "mandatory": int(mandatory.sum()),
+            "expected_cost_usd": float(cost[rows, cols].sum()),
+            "planned_accuracy": float(
+                np.where(picked >= 0, ev.after[np.arange(n), np.maximum(picked, 0)], ev.now_p).mean()
+            )
+            if n
+            else 0.0,
+        }
+        log.info("round.plan", **{k: v for k, v in diagnostics.items() if k != "shadow_prices"})
+        return RoundPlan(calls=calls, diagnostics=diagnostics)
+
+    def _call_value(self, ev: Evaluated, call: np.ndarray) -> np.ndarray:
+        """P(right after the call), less ``min_gain`` where the query has an answer to stop with."""
+        answered = (ev.now_answer >= 0)[:, None]
+        return np.where(call, ev.after - np.where(answered, self.min_gain, 0.0), 0.0)
+
+    def _escalation_price(
+        self, seen: Observed, ev: Evaluated, cost: np.ndarray, call: np.ndarray, budget: float
+    ) -> float:
+        """The budget's price in round 1, escalation included: the lowest price (accuracy per USD) at which every
+        query taking its best first call at that price (value less price x cost, both with the replayed
+        escalation after it) fits the budget; by bisection on log(price). A fixed point of the solver's dual
+        instead oscillates: at a low price escalation after a weak first call looks cheap, which raises the
+        price, at which it is not worth it, which lowers it."""
+
+        def spend(price: float) -> float:
+            value, extra = self._with_escalation(seen, ev, cost, call, price)
+            allowed = self._first_calls(seen, call, value, cost + extra, price) if self.uniform_first else call
+            total = np.where(allowed, cost + extra, np.inf)
+            net = np.where(allowed, value - price * total, -np.inf)
+            best = net.argmax(axis=1)
+            rows = np.flatnonzero(allowed.any(axis=1))
+            return float(total[rows, best[rows]].sum())
+
+        low, high = np.log(LAMBDA_GRID[0]), np.log(LAMBDA_GRID[-1])
+        if spend(float(np.exp(low))) <= budget:
+            return float(np.exp(low))
+        for _ in range(40):
+            mid = (low + high) / 2
+            if spend(float(np.exp(mid))) <= budget:
+                high = mid
+            else:
+                low = mid
+        return float(np.exp(high))
+
+    def _first_calls(
+        self, seen: Observed, call: np.ndarray, value: np.ndarray, cost: np.ndarray, price: float
+    ) -> np.ndarray:
+        """[n, M]: round 1 calls one LLM per task, the one with the best total value less price x cost over the
+        task's queries (a query that cannot call it keeps its own options). Per query, the prior alone is the
+        weakest signal a run has: a first call chosen per task lets the later rounds choose per query, on what
+        the calls said."""
+        allowed = np.zeros_like(call)
+        for task in np.unique(seen.tasks):
+            rows = seen.tasks == task
+            net = np.where(call[rows], value[rows] - price * cost[rows], 0.0).sum(axis=0)
+            net = np.where(call[rows].any(axis=0), net, -np.inf)
+            j = int(net.argmax())
+            allowed[rows, j] = call[rows, j]
+            lacking = rows & ~call[:, j]
+            allowed[lacking] = call[lacking]
+        return allowed
+
+    def _with_escalation(
+        self, seen: Observed, ev: Evaluated, cost: np.ndarray, call: np.ndarray, price: float
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Round 1: a first call's value and cost with the replayed best escalation after it at ``price``."""
+        value = self._call_value(ev, call)
+        extra = np.zeros_like(value)
+        for task in np.unique(seen.tasks):
+            rows = seen.tasks == task
+            for j, model in enumerate(seen.models):
+                gain, more = self.posterior.escalation_value(str(task), model, price)
+                value[rows, j] += gain
+                extra[rows, j] = more
+        return np.where(call, np.minimum(value, 1.0), 0.0), np.where(call, extra, 0.0)
+
+    def _solve(
+        self,
+        seen: Observed,
+        ev: Evaluated,
+        value: np.ndarray,
+        cost: np.ndarray,
+        extra: np.ndarray,
+        high: np.ndarray,
+        mandatory: np.ndarray,
+        budget: float | None,
+        tenant_left: dict[str, float],
+    ) -> tuple[np.ndarray, Any] | None:
+        """One option per query (stop or one call) under the budget; returns (column called or -1, solution)."""
+        n = value.shape[0]
+        call = np.isfinite(ev.after)
+        q_idx, m_idx = np.nonzero(call)
+        stop = ~mandatory | ~call.any(axis=1)
+        s_idx = np.flatnonzero(stop)
+        if len(q_idx) == 0:
+            return None
+        sd2 = ((high - cost) / P90_Z) ** 2
+        options = pl.DataFrame(
+            {
+                "query": np.concatenate([q_idx, s_idx]).astype(np.int64),
+                "option": np.arange(len(q_idx) + len(s_idx), dtype=np.int64),
+                "value": np.concatenate(
+                    [seen.priority[q_idx] * value[q_idx, m_idx], seen.priority[s_idx] * ev.now_p[s_idx]]
+                ),
+                "cost": np.concatenate([cost[q_idx, m_idx] + extra[q_idx, m_idx], np.zeros(len(s_idx))]),
+                "accuracy": np.concatenate([ev.after[q_idx, m_idx], ev.now_p[s_idx]]),
+                "tenant": np.concatenate([seen.tenants[q_idx], seen.tenants[s_idx]]),
+                "_col": np.concatenate([m_idx, np.full(len(s_idx), -1)]).astype(np.int64),
+                "_var": np.concatenate([sd2[q_idx, m_idx], np.zeros(len(s_idx))]),
+            }
+        )
+        constraints: list[Any] = []
+        if budget is not None:
+            constraints.append(Budget(limit=max(budget, 0.0)))
+        tenants = {t: max(v, 0.0) for t, v in tenant_left.items() if t in set(seen.tenants.tolist())}
+        if tenants:
+            constraints.append(GroupBudget(group="tenant", limits=tenants, name="tenant_budget"))
+        z = NormalDist().inv_cdf(self.spend_confidence) if self.spend_confidence > 0.5 else 0.0
+        problem = Problem(options.drop("_col", "_var"), constraints=constraints, n_queries=n)
+        if budget is not None and z > 0:
+            # Leave z x the sd of the round's spend unplanned, the sd bounded above by every query taking its
+            # most variable option: one solve (a second pass on the chosen plan's variance doubles the time)
+            worst = options.group_by("query").agg(pl.col("_var").max())["_var"].sum()
+            margin = z * float(np.sqrt(max(float(worst), 0.0)))
+            tight = [Budget(limit=max(budget - margin, 0.0)) if isinstance(c, Budget) else c for c in constraints]
+            attempts = [problem.with_constraints(tight), problem]
+        else:
+            attempts = [problem]
+        solution = None
+        for attempt in attempts:  # the margin may not leave room for the mandatory answers: then none
+            try:
+                solution = solve(attempt, method=self.method)
+                break
+            except InfeasibleError:
+                continue
+        if solution is None:
+            # the mandatory answers do not fit after all (tenant budgets): let the optimizer choose
+            if not mandatory.any():
+                raise InfeasibleError(constraint="budget", message="no round plan fits what is left of the budget")
+            return self._solve(seen, ev, value, cost, extra, high, np.zeros(n, bool), budget, tenant_left)
+        chosen = solution.chosen.join(options.select("option", "_col"), on="option")
+        picked = np.full(n, -1, dtype=np.int64)
+        picked[chosen["query"].to_numpy()] = chosen["_col"].to_numpy()
+        return picked, solution
+
+    def answers(self, queue: pl.DataFrame, predictions: pl.DataFrame, observations: pl.DataFrame) -> pl.DataFrame:
+        seen = observe(queue, predictions, observations)
+        ev = evaluate(self.posterior, seen, self.max_tries)
+        kept = pl.DataFrame({"_q": np.arange(len(seen.query_ids), dtype=np.int64), "_m": ev.now_answer})
+        texts = kept.join(seen.answers, on=["_q", "_m"], how="left", maintain_order="left")["answer"]
+        return pl.DataFrame(
+            {
+                "query_id": seen.query_ids,
+                "answer": texts,
+                "estimated_p_correct": ev.now_p,
+                # the LLM whose answer is kept: open tasks replayed from a history keep no text
+                "model": [seen.models[j] if j >= 0 else None for j in ev.now_answer.tolist()],
+            },
+            schema=ROUND_ANSWER_SCHEMA,
+        )
+
+
+def round_planner(posterior: Posterior | None, **options: Any) -> PosteriorRoundPlanner:
+    """The planner for a run in rounds from a trained model's posterior (``artifacts.Trained.posterior``)."""
+    if posterior is None:
+        raise ContractError(
+            "this model version was trained without a round posterior: run `batchplan train` again to run in rounds"
+        )
+    return PosteriorRoundPlanner(posterior, **options)

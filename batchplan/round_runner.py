@@ -1,0 +1,510 @@
+"""The round runner: a run executed in rounds, each planned from what the earlier rounds observed.
+
+For k = 1..N (``batchplan run --rounds N``)::
+
+    <out>/rounds/<k>/calls.parquet         ROUND_PLAN_SCHEMA: what round k calls, written before anything
+                                           is sent; a rerun reuses it (never re-plans a round in flight)
+    <out>/rounds/<k>/plan.json             the planner's diagnostics and the round's hard budget
+    <out>/rounds/<k>/dispatch/             the round's own ledger, result parts and manifest (resumable)
+    <out>/rounds/<k>/refused.parquet       query_id, error: calls the budget refused (never sent)
+    <out>/rounds/<k>/observations.parquet  OBSERVATION_SCHEMA, every call of round k: the round-complete
+                                           marker (written last; a rerun skips a round that has it)
+
+The hard budget of round k is the total (and each tenant's budget) minus what rounds 1..k-1 charged, so
+the caps stay exactly as hard as a single-shot run's: every call still reserves its bound in the budget
+guard first. A killed round resumes from its ledger (nothing paid twice); a round with observations is
+never sent again.
+
+*What* a round calls (the ``RoundPlanner``, ``batchplan.rounds``) is kept apart from *how* it is sent
+(a ``RoundSender``): ``DispatchSender`` sends it through the dispatcher (concurrent calls, retries, budget
+guard, ledger); a provider's batch API (one JSONL job per round and LLM) is another sender of the same
+frames.
+
+``PlanContinuation`` is the round planner that executes a single-shot plan (``plan_batch``) step by step,
+by the plan kinds' rules (``batchplan.plan_simulation``); with enough rounds it calls, answers and pays
+exactly what the single-shot run does, and it re-calls queries whose calls failed transiently (faults),
+cheaper when the budget left is short.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import polars as pl
+import structlog
+
+from batchplan.contracts import RESULT_SCHEMA, ContractError, conform
+from batchplan.rounds import (
+    OBSERVATION_SCHEMA,
+    ROUND_ANSWER_SCHEMA,
+    ROUND_PLAN_SCHEMA,
+    RoundPlan,
+    RoundPlanner,
+    RoundState,
+)
+from batchplan.storage import Storage, join
+from dispatchers import ROUND_CALLS, Backend, dispatch, ledger_events
+from dispatchers.base import CONNECTION, RATE_LIMITED, SERVER_ERROR, TIMEOUT
+from dispatchers.executor import LOST
+
+log = structlog.get_logger("batchplan")
+
+Progress = Callable[[int, int], None]
+
+# Failures that say nothing about the query: another call (next round) may well answer.
+TRANSIENT = frozenset({RATE_LIMITED, SERVER_ERROR, TIMEOUT, CONNECTION, LOST})
+MAX_TOKENS = 16  # the dispatcher's defaults: they enter every call's cost bound
+MAX_TOKENS_OPEN = 1024
+REFUSED_SCHEMA = pl.Schema({"query_id": pl.String, "error": pl.String})
+
+
+# --- how a round is sent ---------------------------------------------------------------------------------
+
+
+class RoundSender(Protocol):
+    def send(
+        self,
+        calls: pl.DataFrame,
+        queue: pl.DataFrame,
+        *,
+        round: int,
+        budget_usd: float,
+        tenant_budgets_usd: Mapping[str, float],
+        out_uri: str,
+        storage: Storage,
+        progress: Progress | None,
+    ) -> tuple[pl.DataFrame, pl.DataFrame]:
+        """Make every call of ``calls`` (ROUND_PLAN_SCHEMA) under the hard budgets, resumably in ``out_uri``;
+        return (OBSERVATION_SCHEMA rows of every call made, REFUSED_SCHEMA rows of calls the budget refused)."""
+        ...
+
+
+@dataclass
+class DispatchSender:
+    """A round through the dispatcher: every row's LLMs at once, with retries, budget guard and ledger."""
+
+    backend: Backend
+    concurrency: int = 32
+    max_tokens: int = MAX_TOKENS
+    max_tokens_open: int = MAX_TOKENS_OPEN
+    options: dict[str, Any] = field(default_factory=dict)  # limits, retry, part_rows ... (dispatch's keywords)
+
+    def send(
+        self,
+        calls: pl.DataFrame,
+        queue: pl.DataFrame,
+        *,
+        round: int,
+        budget_usd: float,
+        tenant_budgets_usd: Mapping[str, float],
+        out_uri: str,
+        storage: Storage,
+        progress: Progress | None,
+    ) -> tuple[pl.DataFrame, pl.DataFrame]:
+        rows = calls.filter(pl.col("models").list.len() > 0).select(
+            "query_id", pl.lit(ROUND_CALLS).alias("kind"), "models", "reserve_cost_usd"
+        )
+        results = dispatch(
+            rows,
+            queue,
+            self.backend,
+            budget_usd=max(budget_usd, 0.0),
+            out_uri=out_uri,
+            tenant_budgets_usd=dict(tenant_budgets_usd),
+            storage=storage,
+            concurrency=self.concurrency,
+            progress=progress,
+            max_tokens=self.max_tokens,
+            max_tokens_open=self.max_tokens_open,
+            **self.options,
+        )
+        refused = results.filter(pl.col("status") == "deferred").select("query_id", "error")
+        return observations_from_ledger(storage, out_uri, round), refused.cast(REFUSED_SCHEMA)
+
+
+def observations_from_ledger(storage: Storage, out_uri: str, round: int) -> pl.DataFrame:
+    """OBSERVATION_SCHEMA rows of every call event in ``out_uri``'s ledger (first event per call), in
+    (query, slot, attempt) order, with ``slot`` kept for the order of a query's calls within the round."""
+    seen: set[tuple[str, str]] = set()
+    rows: list[tuple[Any, ...]] = []
+    for event in ledger_events(storage, out_uri):
+        if event.get("e") != "c" or not isinstance(event.get("q"), str):
+            continue
+        key = (event["q"], str(event.get("c")))
+        if key in seen:
+            continue
+        seen.add(key)
+        slot, _, attempt = key[1].partition(":")
+        status = str(event.get("s"))
+        rows.append(
+            (
+                event["q"],
+                round,
+                str(event.get("m")),
+                status,
+                event.get("a") if status == "ok" else None,
+                _finite(event.get("lp")),
+                float(event.get("usd") or 0.0),
+                bool(event.get("bk", True)),
+                event.get("ti"),
+                event.get("to"),
+                int(slot) if slot.isdigit() else 0,
+                int(attempt.rpartition(":")[2]) if attempt.rpartition(":")[2].isdigit() else 0,
+            )
+        )
+    schema = pl.Schema({**OBSERVATION_SCHEMA, "_slot": pl.Int64(), "_attempt": pl.Int64()})
+    frame = pl.DataFrame(rows, schema=schema, orient="row")
+    return frame.sort("query_id", "_slot", "_attempt").drop("_slot", "_attempt")
+
+
+def _finite(value: Any) -> float | None:
+    return float(value) if isinstance(value, int | float) and math.isfinite(value) else None
+
+
+# --- the runner ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RoundsOutcome:
+    results: pl.DataFrame  # RESULT_SCHEMA, one row per query of the queue
+    answers: pl.DataFrame  # ROUND_ANSWER_SCHEMA, from the planner
+    observations: pl.DataFrame  # OBSERVATION_SCHEMA, every round
+    rounds: list[dict[str, Any]]  # per round: calls planned, calls made, spend, budget, refused
+
+    @property
+    def estimated_accuracy(self) -> float:
+        """The mean posterior of the final answers over the whole batch (no answer counts 0), no gold."""
+        p = self.answers.select(pl.col("estimated_p_correct").fill_null(0.0).fill_nan(0.0))
+        return float(p.to_series().sum() / max(self.results.height, 1))
+
+
+def round_uri(out_uri: str, k: int) -> str:
+    return join(out_uri, "rounds", str(k))
+
+
+def round_complete(storage: Storage, out_uri: str, k: int) -> bool:
+    return storage.exists(join(round_uri(out_uri, k), "observations.parquet"))
+
+
+def observed(
+    storage: Storage, out_uri: str, rounds: range, call_bounds: pl.DataFrame | None = None
+) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """Observations and refusals (with their round) of ``rounds``, each of them complete; ambiguous
+    failures' charges tightened with what later calls told (``tighten``)."""
+    observations, refusals = [], []
+    for k in rounds:
+        here = round_uri(out_uri, k)
+        marker = join(here, "observations.parquet")
+        observations.append(conform(storage.read_frame(marker), OBSERVATION_SCHEMA, name=marker))
+        refused = conform(storage.read_frame(join(here, "refused.parquet")), REFUSED_SCHEMA, name=here)
+        refusals.append(refused.with_columns(pl.lit(k, dtype=pl.Int64).alias("round")))
+    refused_schema = pl.Schema({**REFUSED_SCHEMA, "round": pl.Int64()})
+    return tighten(_concat(observations, OBSERVATION_SCHEMA), call_bounds), _concat(refusals, refused_schema)
+
+
+def tighten(observations: pl.DataFrame, call_bounds: pl.DataFrame | None) -> pl.DataFrame:
+    """Charge each ambiguous failure (bill unknown, charged its reservation: prompt bytes as input tokens)
+    at most input tokens x price + the output's bound, once another call of the same model on the same
+    query has reported its input tokens: the same prompt tokenizes the same, and the output never passes
+    max_tokens, so this still bounds what the failed attempt can have been billed; the hard cap stays hard
+    and the money the reservation held comes back to the next round."""
+    if call_bounds is None or observations.height == 0 or call_bounds["usd_per_token_in"].is_null().all():
+        return observations
+    known = (
+        observations.filter((pl.col("status") == "ok") & pl.col("tokens_in").is_not_null())
+        .group_by("query_id", "model")
+        .agg(pl.col("tokens_in").first().alias("_tokens_in"))
+    )
+    parts = call_bounds.select("query_id", "model", "usd_per_token_in", "output_bound_usd")
+    tight = pl.col("_tokens_in") * pl.col("usd_per_token_in") + pl.col("output_bound_usd")
+    ambiguous = ~pl.col("billed_known") & (pl.col("status") != "ok") & tight.is_not_null()
+    return (
+        observations.join(known, on=["query_id", "model"], how="left", maintain_order="left")
+        .join(parts, on=["query_id", "model"], how="left", maintain_order="left")
+        .with_columns(
+            pl.when(ambiguous).then(pl.min_horizontal("cost_usd", tight)).otherwise("cost_usd").alias("cost_usd")
+        )
+        .select(OBSERVATION_SCHEMA.names())
+    )
+
+
+def plan_round(
+    planner: RoundPlanner,
+    queue: pl.DataFrame,
+    predictions: pl.DataFrame,
+    *,
+    k: int,
+    rounds: int,
+    budget_usd: float,
+    out_uri: str,
+    storage: Storage,
+    tenant_budgets_usd: Mapping[str, float] | None = None,
+    call_bounds: pl.DataFrame | None = None,
+) -> tuple[pl.DataFrame, float, dict[str, float]]:
+    """Round ``k``'s calls (planned once, then reused from ``calls.parquet``) and its hard budgets: the
+    total and each tenant's budget minus what rounds 1..k-1 charged. Rounds before ``k`` must be complete."""
+    before, _ = observed(storage, out_uri, range(1, k), call_bounds)
+    left = budget_usd - float(before["cost_usd"].sum())
+    tenant_budgets = dict(tenant_budgets_usd or {})
+    tenant_left = _tenant_left(tenant_budgets, queue.select("query_id", "tenant") if tenant_budgets else None, before)
+    state = RoundState(
+        round=k,
+        rounds=rounds,
+        queue=queue,
+        predictions=predictions,
+        observations=before,
+        budget_left_usd=left,
+        tenant_budgets_left_usd=tenant_left,
+        call_bounds=call_bounds,
+    )
+    return _resume_or_plan_round(storage, round_uri(out_uri, k), planner, state), left, tenant_left
+
+
+def complete_round(storage: Storage, out_uri: str, k: int, observations: pl.DataFrame, refused: pl.DataFrame) -> None:
+    """Write round ``k``'s observations: the marker that it is complete (refusals first)."""
+    here = round_uri(out_uri, k)
+    storage.write_frame(refused.select(REFUSED_SCHEMA.names()).cast(REFUSED_SCHEMA), join(here, "refused.parquet"))
+    storage.write_frame(observations.select(OBSERVATION_SCHEMA.names()), join(here, "observations.parquet"))
+
+
+def run_rounds(
+    planner: RoundPlanner,
+    queue: pl.DataFrame,
+    predictions: pl.DataFrame,
+    sender: RoundSender,
+    *,
+    rounds: int,
+    budget_usd: float,
+    out_uri: str,
+    storage: Storage,
+    tenant_budgets_usd: Mapping[str, float] | None = None,
+    call_bounds: pl.DataFrame | None = None,
+    progress: Progress | None = None,
+) -> RoundsOutcome:
+    """Plan, send and observe ``rounds`` rounds under one hard ``budget_usd`` (and per-tenant budgets);
+    resumable at any point (module doc). Returns the results of the whole batch."""
+    if rounds < 1:
+        raise ValueError(f"rounds must be >= 1, got {rounds}")
+    for k in range(1, rounds + 1):
+        if round_complete(storage, out_uri, k):
+            continue  # never sent again
+        calls, left, tenant_left = plan_round(
+            planner,
+            queue,
+            predictions,
+            k=k,
+            rounds=rounds,
+            budget_usd=budget_usd,
+            out_uri=out_uri,
+            storage=storage,
+            tenant_budgets_usd=tenant_budgets_usd,
+            call_bounds=call_bounds,
+        )
+        if calls.filter(pl.col("models").list.len() > 0).height:
+            got, refused = sender.send(
+                calls,
+                queue,
+                round=k,
+                budget_usd=left,
+                tenant_budgets_usd=tenant_left,
+                out_uri=join(round_uri(out_uri, k), "dispatch"),
+                storage=storage,
+                progress=progress,
+            )
+        else:
+            got, refused = pl.DataFrame(schema=OBSERVATION_SCHEMA), pl.DataFrame(schema=REFUSED_SCHEMA)
+        complete_round(storage, out_uri, k, got, refused)
+    return finish_rounds(
+        planner, queue, predictions, rounds=rounds, out_uri=out_uri, storage=storage, call_bounds=call_bounds
+    )
+
+
+def finish_rounds(
+    planner: RoundPlanner,
+    queue: pl.DataFrame,
+    predictions: pl.DataFrame,
+    *,
+    rounds: int,
+    out_uri: str,
+    storage: Storage,
+    call_bounds: pl.DataFrame | None = None,
+) -> RoundsOutcome:
+    """The planner's final answers over every round's observations, as one result row per query (its
+    cost: what the run counts against the budget, ambiguous failures tightened as in ``tighten``)."""
+    observations, refusals = observed(storage, out_uri, range(1, rounds + 1), call_bounds)
+    answers = conform(
+        planner.answers(queue, predictions, observations),
+        ROUND_ANSWER_SCHEMA,
+        name="round answers",
+        required=("query_id",),
+    )
+    results = _results(queue, answers, observations, refusals)
+    summary = []
+    for k in range(1, rounds + 1):
+        calls = storage.read_frame(join(round_uri(out_uri, k), "calls.parquet"))
+        planned = json.loads(storage.read_text(join(round_uri(out_uri, k), "plan.json")))
+        got = observations.filter(pl.col("round") == k)
+        info = {
+            "round": k,
+            "budget_usd": planned.get("budget_left_usd"),
+            "queries_called": int((calls["models"].list.len() > 0).sum()),
+            "calls_planned": int(calls["models"].list.len().sum()),
+            "calls_made": got.height,
+            "failed_calls": int((got["status"] != "ok").sum()),
+            "charged_usd": float(got["cost_usd"].sum()),
+            "unknown_bill_usd": float(got.filter(~pl.col("billed_known"))["cost_usd"].sum()),
+            "refused": int((refusals["round"] == k).sum()),
+        }
+        summary.append(info)
+        log.info("round", **info)
+    return RoundsOutcome(results=results, answers=answers, observations=observations, rounds=summary)
+
+
+def _resume_or_plan_round(storage: Storage, here: str, planner: RoundPlanner, state: RoundState) -> pl.DataFrame:
+    """The round's calls as first planned: a rerun must send the very calls whose intents its ledger holds."""
+    uri = join(here, "calls.parquet")
+    if storage.exists(uri):
+        return conform(storage.read_frame(uri), ROUND_PLAN_SCHEMA, name=uri)
+    started = time.perf_counter()
+    planned: RoundPlan = planner.plan_round(state)
+    calls = conform(planned.calls, ROUND_PLAN_SCHEMA, name=f"round {state.round} plan", required=("query_id", "models"))
+    if calls["query_id"].is_duplicated().any():
+        raise ValueError(f"round {state.round} plan has duplicate query_id rows: one row per query")
+    diagnostics = {
+        **planned.diagnostics,
+        "round": state.round,
+        "budget_left_usd": state.budget_left_usd,
+        "tenant_budgets_left_usd": state.tenant_budgets_left_usd,
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    storage.write_text(join(here, "plan.json"), json.dumps(diagnostics, default=str))
+    storage.write_frame(calls, uri)
+    return calls
+
+
+def _tenant_left(budgets: dict[str, float], tenants: pl.DataFrame | None, before: pl.DataFrame) -> dict[str, float]:
+    if not budgets or tenants is None:
+        return {}
+    spent = before.join(tenants, on="query_id").group_by("tenant").agg(pl.col("cost_usd").sum())
+    by_tenant = dict(zip(spent["tenant"].to_list(), spent["cost_usd"].to_list(), strict=True))
+    return {tenant: limit - float(by_tenant.get(tenant, 0.0)) for tenant, limit in budgets.items()}
+
+
+def _concat(frames: list[pl.DataFrame], schema: pl.Schema) -> pl.DataFrame:
+    return pl.concat(frames) if frames else pl.DataFrame(schema=schema)
+
+
+def _results(
+    queue: pl.DataFrame, answers: pl.DataFrame, observations: pl.DataFrame, refused: pl.DataFrame
+) -> pl.DataFrame:
+    """RESULT_SCHEMA per query: done with the planner's answer; else deferred naming the budget that
+    refused its last call; else failed with its calls' failures; else deferred by the plan."""
+    ordered = observations.with_row_index("_order")
+    calls = (
+        ordered.group_by("query_id").agg(
+            # one entry per (round, slot) as the executor lists models_called: a retry is not a new model
+            pl.col("model").unique(maintain_order=True).alias("models_called"),
+            pl.col("cost_usd").sum(),
+            pl.format("{}: {}", pl.col("model"), pl.col("status"))
+            .filter(pl.col("status") != "ok")
+            .unique(maintain_order=True)
+            .str.join("; ")
+            .alias("_failures"),
+        )
+        if ordered.height
+        else pl.DataFrame(
+            schema={
+                "query_id": pl.String,
+                "models_called": pl.List(pl.String),
+                "cost_usd": pl.Float64,
+                "_failures": pl.String,
+            }
+        )
+    )
+    last_refusal = (
+        refused.sort("round")
+        .group_by("query_id")
+        .agg(pl.col("error").last(), pl.col("round").last().alias("_refused_in"))
+        if refused.height
+        else pl.DataFrame(schema={"query_id": pl.String, "error": pl.String, "_refused_in": pl.Int64})
+    )
+    last_call = observations.group_by("query_id").agg(pl.col("round").max().alias("_called_in"))
+    frame = (
+        queue.select("query_id")
+        .join(answers.select("query_id", "answer", pl.col("model").alias("_kept")), on="query_id", how="left")
+        .join(calls, on="query_id", how="left")
+        .join(last_refusal, on="query_id", how="left")
+        .join(last_call, on="query_id", how="left")
+    )
+    answered = pl.col("_kept").is_not_null() | pl.col("answer").is_not_null()
+    refused_last = pl.col("_refused_in").is_not_null() & (pl.col("_refused_in") >= pl.col("_called_in").fill_null(0))
+    status = (
+        pl.when(answered)
+        .then(pl.lit("done"))
+        .when(refused_last)
+        .then(pl.lit("deferred"))
+        .when(pl.col("_called_in").is_not_null())
+        .then(pl.lit("failed"))
+        .otherwise(pl.lit("deferred"))
+    )
+    error = (
+        pl.when(answered)
+        .then(pl.lit(None, dtype=pl.String))
+        .when(refused_last)
+        .then(pl.col("error"))
+        .when(pl.col("_called_in").is_not_null())
+        .then(pl.col("_failures"))
+        .otherwise(pl.lit("deferred by the plan: not worth its cost under the budget"))
+    )
+    return frame.select(
+        "query_id",
+        pl.when(answered).then(pl.col("answer")).alias("answer"),
+        pl.col("models_called").fill_null(pl.lit([], dtype=pl.List(pl.String))),
+        pl.col("cost_usd").fill_null(0.0),
+        status.alias("status"),
+        error.alias("error"),
+        pl.lit(None, dtype=pl.String).alias("note"),
+    ).cast(RESULT_SCHEMA)
+
+
+# --- round planners by name (``batchplan run --round-planner``) ---------------------------------------------
+
+PlannerFactory = Callable[..., RoundPlanner]
+ROUND_PLANNERS: dict[str, PlannerFactory] = {}
+
+
+def register_round_planner(name: str, factory: PlannerFactory) -> None:
+    """``factory(plan=, queue=, predictions=, trained=, request=)`` -> a RoundPlanner; ``plan`` is the
+    single-shot plan (PLAN_SCHEMA with defer rows), ``trained`` the loaded artifacts (predictor, templates)."""
+    ROUND_PLANNERS[name] = factory
+
+
+def check_round_planner(name: str) -> None:
+    if name not in ROUND_PLANNERS:
+        raise ContractError(f"--round-planner {name!r} is not one of {sorted(ROUND_PLANNERS)}")
+
+
+def make_round_planner(name: str, **inputs: Any) -> RoundPlanner:
+    check_round_planner(name)
+    return ROUND_PLANNERS[name](**inputs)
+
+
+def _plan_continuation(*, plan: pl.DataFrame, **_: Any) -> RoundPlanner:
+    from batchplan.plan_continuation import PlanContinuation
+
+    return PlanContinuation(plan)
+
+
+def _posterior(*, trained: Any = None, **_: Any) -> RoundPlanner:
+    from batchplan.round_planner import round_planner
+
+    return round_planner(getattr(trained, "posterior", None))
+
+
+register_round_planner("plan", _plan_continuation)
+register_round_planner("posterior", _posterior)

@@ -1,0 +1,221 @@
+"""Runs in rounds: the posterior fitted by replay, the round planner, the simulated round loop."""
+
+from __future__ import annotations
+
+import numpy as np
+import polars as pl
+import pytest
+
+from batchplan import artifacts
+from batchplan.history import History, synthetic_history
+from batchplan.plan_templates import cross_fit_predictions
+from batchplan.posterior import Posterior, fit_posterior
+from batchplan.report import Truth, score_results
+from batchplan.round_planner import PosteriorRoundPlanner, round_planner
+from batchplan.round_replay import simulate_rounds
+from batchplan.rounds import OBSERVATION_SCHEMA, RoundState
+from batchplan.storage import Storage
+from predictors import train_predictor
+
+
+def _trainer(part: History) -> object:
+    return train_predictor(part, name="lightgbm", seed=0)
+
+
+@pytest.fixture(scope="module")
+def fitted() -> tuple[History, Posterior, pl.DataFrame]:
+    """A synthetic history (one task, 4 LLMs, logprobs), its posterior and test predictions."""
+    history = _confident_when_right(synthetic_history(900, 4, n_tasks=1, test_fraction=0.4, seed=3))
+    train = history.split("train")
+    oof = cross_fit_predictions(train, _trainer)
+    posterior = fit_posterior(train, oof, validate=True)
+    predictor = train_predictor(train, name="lightgbm", seed=0)
+    test = history.split("test")
+    predictions = predictor.predict(test.as_queue(), test.outcomes.select("query_id", "model"), None)
+    return history, posterior, predictions
+
+
+def _confident_when_right(history: History, seed: int = 0) -> History:
+    """Logprobs as real LLMs give them: higher when the answer is right, overlapping when it is wrong (the
+    synthetic history's own are P(right) or P(wrong) by the verdict, which says little about it)."""
+    rng = np.random.default_rng(seed)
+    correct = history.outcomes["correct"].to_numpy()
+    confidence = np.where(correct, rng.uniform(0.5, 1.0, len(correct)), rng.uniform(0.15, 0.8, len(correct)))
+    outcomes = history.outcomes.with_columns(pl.Series("logprob", np.log(confidence)))
+    return History(queries=history.queries, outcomes=outcomes, prices=history.prices)
+
+
+def _outcomes(history: History) -> pl.DataFrame:
+    # what the replay backend knows about a call: never the verdict (``correct``) nor gold
+    return history.outcomes.select("query_id", "model", "answer", "cost_usd", "logprob", "tokens_in", "tokens_out")
+
+
+def _reference(history: History, predictions: pl.DataFrame) -> float:
+    """Recorded cost of the dearest LLM on the test queries (the scale budgets are shares of)."""
+    test = history.split("test").outcomes
+    return float(test.group_by("model").agg(pl.col("cost_usd").sum())["cost_usd"].max())
+
+
+def test_posterior_is_calibrated_on_held_out_replay(fitted: tuple[History, Posterior, pl.DataFrame]) -> None:
+    _, posterior, _ = fitted
+    check = posterior.validation
+    assert check["states"] > 1000
+    assert check["current_ece"] < 0.04
+    assert check["after_ece"] < 0.04
+    assert abs(check["current_mean_p"] - check["current_accuracy"]) < 0.03
+
+
+def test_rounds_stay_within_budget_answer_every_query_and_estimate_honestly(
+    fitted: tuple[History, Posterior, pl.DataFrame],
+) -> None:
+    history, posterior, predictions = fitted
+    queue = history.as_queue("test")
+    assert "gold" not in queue.columns
+    budget = 0.4 * _reference(history, predictions)
+    run = simulate_rounds(PosteriorRoundPlanner(posterior), queue, predictions, _outcomes(history), budget, 3)
+    assert run.spent_usd <= budget + 1e-12
+    assert (run.results["status"] == "done").all()
+    accuracy = float(score_results(run.results, Truth.from_history(history))["correct"].mean())
+    assert abs(run.estimated_accuracy - accuracy) < 0.04
+    # rounds beat the best single LLM the same money buys (its cost fits in 0.4x the dearest)
+    single = history.split("test").outcomes.group_by("model").agg(pl.col("cost_usd").sum(), pl.col("correct").mean())
+    affordable = single.filter(pl.col("cost_usd") <= budget)["correct"].max()
+    assert accuracy >= float(affordable)  # type: ignore[arg-type]
+
+
+def test_trained_models_save_and_load_the_posterior(tmp_path: object) -> None:
+    history = synthetic_history(300, 3, n_tasks=1, seed=4)
+    trained = artifacts.train(history.split("train"), predictor="prior")
+    assert trained.posterior is not None
+    storage = Storage()
+    root = str(tmp_path)
+    uri = artifacts.save(trained, storage, root)
+    loaded = artifacts.load(storage, root)
+    assert loaded.posterior is not None
+    assert loaded.posterior.to_json() == trained.posterior.to_json()
+    # a version trained before posteriors existed still loads, and says why it cannot run in rounds
+    storage.delete(f"{uri}/{artifacts.POSTERIOR_FILE}")
+    without = artifacts.load(storage, root)
+    assert without.posterior is None
+    assert without.templates.to_json() == trained.templates.to_json()
+    with pytest.raises(ValueError, match="without a round posterior"):
+        round_planner(without.posterior)
+
+
+def test_first_round_answers_every_query_it_can_afford(fitted: tuple[History, Posterior, pl.DataFrame]) -> None:
+    history, posterior, predictions = fitted
+    queue = history.as_queue("test")
+    cheapest = predictions.group_by("query_id").agg(pl.col("cost_usd").min())["cost_usd"].sum()
+    state = RoundState(1, 1, queue, predictions, pl.DataFrame(schema=OBSERVATION_SCHEMA), 1.2 * cheapest)
+    plan = PosteriorRoundPlanner(posterior).plan_round(state)
+    assert plan.calls.height == queue.height
+    assert plan.calls["expected_cost_usd"].sum() <= 1.2 * cheapest
+    assert np.all(plan.calls["models"].list.len().to_numpy() == 1)
+
+
+def _first_round(history: History, predictions: pl.DataFrame, model: str, logprob_shift: float = 0.0) -> pl.DataFrame:
+    """Observations of a round that asked ``model`` on every test query (its recorded answers, logprobs
+    shifted by ``logprob_shift``: lower = the batch is less sure of itself than the history was)."""
+    rows = history.split("test").outcomes.filter(pl.col("model") == model)
+    return rows.select(
+        "query_id",
+        pl.lit(1, dtype=pl.Int64).alias("round"),
+        "model",
+        pl.lit("ok").alias("status"),
+        "answer",
+        (pl.col("logprob") + logprob_shift).clip(upper_bound=0.0).alias("logprob"),
+        "cost_usd",
+        pl.lit(True).alias("billed_known"),
+        "tokens_in",
+        "tokens_out",
+    ).cast(dict(OBSERVATION_SCHEMA))  # type: ignore[arg-type]
+
+
+def test_replan_after_an_overspent_round_fits_what_is_left(fitted: tuple[History, Posterior, pl.DataFrame]) -> None:
+    history, posterior, predictions = fitted
+    queue = history.as_queue("test")
+    cheap = "synth-00"
+    seen = _first_round(history, predictions, cheap)
+    # the round cost three times what was predicted: the next calls of every LLM are expected dearer too
+    seen = seen.with_columns(pl.col("cost_usd") * 3)
+    left = 0.3 * float(predictions.filter(pl.col("model") == "synth-03")["cost_usd"].sum())
+    plan = PosteriorRoundPlanner(posterior).plan_round(RoundState(2, 3, queue, predictions, seen, left))
+    assert plan.calls.height > 0
+    # (the recorded costs already differ from the predicted ones: the drift is about 3x theirs)
+    assert plan.diagnostics["cost_drift"]["*"] == pytest.approx(3.0, rel=0.2)
+    assert plan.calls["expected_cost_usd"].sum() <= left
+    predicted = plan.calls.with_columns(pl.col("models").list.first().alias("model")).join(
+        predictions, on=["query_id", "model"]
+    )
+    assert (predicted["expected_cost_usd"] > 2 * predicted["cost_usd"]).all()
+    # and replayed, what it spends stays within what is left
+    run = simulate_rounds(PosteriorRoundPlanner(posterior), queue, predictions, _outcomes(history), left, 1)
+    assert run.spent_usd <= left + 1e-12
+
+
+def test_a_harder_batch_escalates_more_within_the_budget(fitted: tuple[History, Posterior, pl.DataFrame]) -> None:
+    history, posterior, predictions = fitted
+    queue = history.as_queue("test")
+    # room to escalate every query: what a calm batch leaves unspent, a batch unsure of itself spends
+    left = 1.5 * float(predictions.filter(pl.col("model") == "synth-03")["cost_usd"].sum())
+    planner = PosteriorRoundPlanner(posterior)
+    calm = planner.plan_round(
+        RoundState(2, 2, queue, predictions, _first_round(history, predictions, "synth-01"), left)
+    )
+    unsure = _first_round(history, predictions, "synth-01", logprob_shift=-1.0)
+    harder = planner.plan_round(RoundState(2, 2, queue, predictions, unsure, left))
+    assert harder.calls.height > calm.calls.height
+    assert calm.calls["expected_cost_usd"].sum() < harder.calls["expected_cost_usd"].sum() <= left
+    # the estimate follows the confidences down
+    assert (
+        planner.answers(queue, predictions, unsure)["estimated_p_correct"].mean()
+        < planner.answers(queue, predictions, _first_round(history, predictions, "synth-01"))[
+            "estimated_p_correct"
+        ].mean()
+    )
+
+
+def test_last_round_answers_every_query_the_budget_affords(fitted: tuple[History, Posterior, pl.DataFrame]) -> None:
+    history, posterior, predictions = fitted
+    queue = history.as_queue("test")
+    seen = _first_round(history, predictions, "synth-02")
+    failed = seen["query_id"].head(40)
+    seen = seen.with_columns(
+        pl.when(pl.col("query_id").is_in(failed.implode()))
+        .then(pl.lit("server_error"))
+        .otherwise("status")
+        .alias("status"),
+        pl.when(pl.col("query_id").is_in(failed.implode())).then(None).otherwise("answer").alias("answer"),
+    )
+    need = float(
+        predictions.filter(pl.col("query_id").is_in(failed.implode()))
+        .group_by("query_id")
+        .agg(pl.col("cost_usd").min())["cost_usd"]
+        .sum()
+    )
+    plan = PosteriorRoundPlanner(posterior).plan_round(RoundState(2, 2, queue, predictions, seen, 1.5 * need))
+    assert set(failed.to_list()) <= set(plan.calls["query_id"].to_list())
+    assert plan.calls["expected_cost_usd"].sum() <= 1.5 * need
+
+
+def test_fast_logits_match_the_fitted_designs(fitted: tuple[History, Posterior, pl.DataFrame]) -> None:
+    from batchplan.posterior import after_features, after_logit, after_offset, answer_features, answer_logit, replays
+
+    history, posterior, _ = fitted
+    train = history.split("train")
+    oof = train.outcomes.select("query_id", "model", pl.lit(0.6).alias("p_correct"))
+    rep = next(iter(replays(train, oof).values()))
+    from batchplan.posterior import States
+
+    s = States(
+        rep.prior, np.where(np.arange(4)[None] < 2, rep.code, -2).astype(np.int32), rep.conf, np.zeros_like(rep.code)
+    )
+    task = posterior.for_task(rep.task)
+    onehot, width = posterior.onehot(rep.models), len(posterior.models)
+    z, _ = answer_logit(s, onehot, width, task.a)
+    assert np.allclose(z, answer_features(s, onehot, width) @ task.a)
+    now = posterior.current(rep.task, s, rep.models)
+    assert np.allclose(
+        after_logit(s, now, onehot, width, task.c),
+        after_offset(now)[:, None] + after_features(s, now, onehot, width) @ task.c,
+    )
