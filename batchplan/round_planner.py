@@ -335,13 +335,17 @@ class PosteriorRoundPlanner:
     def _first_calls(
         self, seen: Observed, call: np.ndarray, value: np.ndarray, cost: np.ndarray, price: float
     ) -> np.ndarray:
-        """[n, M]: round 1 calls one LLM per task, the one with the best total value less price x cost over the
-        task's queries (a query that cannot call it keeps its own options). Per query, the prior alone is the
-        weakest signal a run has: a first call chosen per task lets the later rounds choose per query, on what
-        the calls said."""
-        allowed = np.zeros_like(call)
+        """[n, M]: round 1 calls one LLM per task whose history recorded confidences, the one with the best total
+        value less price x cost over the task's queries (a query that cannot call it keeps its own options).
+        Per query, the prior alone is the weakest signal a run has where answers come with confidences: a first
+        call chosen per task lets the later rounds choose per query, on what the calls said. Without
+        confidences (agreement only), later rounds learn little, and the prior's per-query choice stays."""
+        allowed = call.copy()
         for task in np.unique(seen.tasks):
+            if not self.posterior.confident.get(str(task), False):
+                continue
             rows = seen.tasks == task
+            allowed[rows] = False
             net = np.where(call[rows], value[rows] - price * cost[rows], 0.0).sum(axis=0)
             net = np.where(call[rows].any(axis=0), net, -np.inf)
             j = int(net.argmax())
