@@ -357,10 +357,15 @@ class PosteriorRoundPlanner:
     def _with_escalation(
         self, seen: Observed, ev: Evaluated, cost: np.ndarray, call: np.ndarray, price: float
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Round 1: a first call's value and cost with the replayed best escalation after it at ``price``."""
+        """Round 1: a first call's value and cost with the replayed best escalation after it at ``price`` (tasks
+        whose history recorded confidences)."""
         value = self._call_value(ev, call)
         extra = np.zeros_like(value)
         for task in np.unique(seen.tasks):
+            if not self.posterior.confident.get(str(task), False):
+                # agreement alone tells little about which answers to escalate (measured on routerbench and
+                # overruling): round 1 plans such a task as a single shot, later rounds spend what is left
+                continue
             rows = seen.tasks == task
             for j, model in enumerate(seen.models):
                 gain, more = self.posterior.escalation_value(str(task), model, price)
