@@ -415,6 +415,7 @@ class Posterior:
     validation: dict[str, Any] = field(default_factory=dict)
     escalation: dict[str, dict[str, dict[str, list[float]]]] = field(default_factory=dict)
     singles: dict[str, dict[str, list[float]]] = field(default_factory=dict)  # task -> LLM -> [accuracy, mean cost]
+    confident: dict[str, bool] = field(default_factory=dict)  # task -> the history recorded confidences (logprobs)
 
     @property
     def index(self) -> dict[str, int]:
@@ -458,6 +459,7 @@ class Posterior:
                 "validation": self.validation,
                 "escalation": self.escalation,
                 "singles": self.singles,
+                "confident": self.confident,
             }
         )
 
@@ -470,6 +472,7 @@ class Posterior:
             validation=raw.get("validation", {}),
             escalation=raw.get("escalation", {}),
             singles=raw.get("singles", {}),
+            confident=raw.get("confident", {}),
         )
 
 
@@ -580,4 +583,5 @@ def fit_posterior(history: History, oof: pl.DataFrame, *, seed: int = 0, validat
         }
         for task, rep in reps.items()
     }
+    posterior.confident = {task: bool(np.isfinite(rep.conf[rep.present]).mean() > 0.9) for task, rep in reps.items()}
     return posterior

@@ -45,6 +45,8 @@ def score_results(results: pl.DataFrame, truth: Truth) -> pl.DataFrame:
         calls.join(
             truth.outcomes.select("query_id", "model", pl.col("answer").alias("_given"), "correct"),
             on=["query_id", "model"],
+            # the call order decides which verdict counts (the last): a join does not keep it by default
+            maintain_order="left",
         )
         # the model whose answer was kept: the last one called that gave it (for open tasks, the last called)
         .filter(pl.col("answer").is_null() | (pl.col("_given") == pl.col("answer")))

@@ -335,13 +335,17 @@ class PosteriorRoundPlanner:
     def _first_calls(
         self, seen: Observed, call: np.ndarray, value: np.ndarray, cost: np.ndarray, price: float
     ) -> np.ndarray:
-        """[n, M]: round 1 calls one LLM per task, the one with the best total value less price x cost over the
-        task's queries (a query that cannot call it keeps its own options). Per query, the prior alone is the
-        weakest signal a run has: a first call chosen per task lets the later rounds choose per query, on what
-        the calls said."""
-        allowed = np.zeros_like(call)
+        """[n, M]: round 1 calls one LLM per task whose history recorded confidences, the one with the best total
+        value less price x cost over the task's queries (a query that cannot call it keeps its own options).
+        Per query, the prior alone is the weakest signal a run has where answers come with confidences: a first
+        call chosen per task lets the later rounds choose per query, on what the calls said. Without
+        confidences (agreement only), later rounds learn little, and the prior's per-query choice stays."""
+        allowed = call.copy()
         for task in np.unique(seen.tasks):
+            if not self.posterior.confident.get(str(task), False):
+                continue
             rows = seen.tasks == task
+            allowed[rows] = False
             net = np.where(call[rows], value[rows] - price * cost[rows], 0.0).sum(axis=0)
             net = np.where(call[rows].any(axis=0), net, -np.inf)
             j = int(net.argmax())
@@ -353,10 +357,15 @@ class PosteriorRoundPlanner:
     def _with_escalation(
         self, seen: Observed, ev: Evaluated, cost: np.ndarray, call: np.ndarray, price: float
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Round 1: a first call's value and cost with the replayed best escalation after it at ``price``."""
+        """Round 1: a first call's value and cost with the replayed best escalation after it at ``price`` (tasks
+        whose history recorded confidences)."""
         value = self._call_value(ev, call)
         extra = np.zeros_like(value)
         for task in np.unique(seen.tasks):
+            if not self.posterior.confident.get(str(task), False):
+                # agreement alone tells little about which answers to escalate (measured on routerbench and
+                # overruling): round 1 plans such a task as a single shot, later rounds spend what is left
+                continue
             rows = seen.tasks == task
             for j, model in enumerate(seen.models):
                 gain, more = self.posterior.escalation_value(str(task), model, price)

@@ -219,3 +219,26 @@ def test_fast_logits_match_the_fitted_designs(fitted: tuple[History, Posterior, 
         after_logit(s, now, onehot, width, task.c),
         after_offset(now)[:, None] + after_features(s, now, onehot, width) @ task.c,
     )
+
+
+def test_a_verdict_only_answer_is_scored_by_the_last_llm_called() -> None:
+    # code tasks keep verdicts, not text: after two calls the answer is the second's, whatever the join order
+    truth = Truth(
+        outcomes=pl.DataFrame(
+            {
+                "query_id": ["q", "q"],
+                "model": ["a", "b"],
+                "answer": [None, None],
+                "correct": [False, True],
+                "cost_usd": [1.0, 1.0],
+            },
+            schema_overrides={"answer": pl.String},
+        ),
+        gold=pl.DataFrame({"query_id": ["q"], "gold": [None]}, schema_overrides={"gold": pl.String}),
+    )
+    for called, right in ((["a", "b"], True), (["b", "a"], False)):
+        results = pl.DataFrame(
+            {"query_id": ["q"], "answer": [None], "models_called": [called], "cost_usd": [2.0], "status": ["done"]},
+            schema_overrides={"answer": pl.String},
+        )
+        assert score_results(results, truth)["correct"].to_list() == [right]
