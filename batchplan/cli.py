@@ -45,6 +45,7 @@ FLAGS = {
     "catalog": "--prices",
     "model_version": "--model-version",
     "predictor": "--predictor",
+    "rounds": "--rounds",
 }
 
 

@@ -34,7 +34,15 @@ from batchplan.frontier import frontier_uri, plan_frontier, read_frontier, write
 from batchplan.history import History, load_history
 from batchplan.ingest import Ingested, read_queue
 from batchplan.plan_templates import PlanTemplates
-from batchplan.planning import PlanOutcome, PlanRequest, plan_batch, request_changes, request_record
+from batchplan.planning import (
+    PlanOutcome,
+    PlanRequest,
+    allowed_predictions,
+    check_rounds_request,
+    plan_batch,
+    request_changes,
+    request_record,
+)
 from batchplan.report import Truth, build_report, summary_line, write_report
 from batchplan.round_runner import (
     MAX_TOKENS,
@@ -298,8 +306,9 @@ class JobOutcome:
 def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth: Truth | None = None) -> JobOutcome:
     """Plan and dispatch the whole batch; write plan, results and report under ``job.out_uri``."""
     started = time.perf_counter()
-    if job.rounds > 1:
-        check_round_planner(job.round_planner)  # before anything is planned or sent
+    if job.rounds > 1:  # before anything is planned or sent
+        check_round_planner(job.round_planner)
+        check_rounds_request(job.request)
     # the replay history is read once: it answers the calls and is the truth the report scores against
     replay = load_history(job.replay_history, storage) if job.backend == "replay" and job.replay_history else None
     backend = make_backend(
@@ -334,7 +343,7 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
         outcome = execute_rounds(
             plan,
             ingested.queue,
-            predictions,
+            allowed_predictions(predictions, ingested.queue, job.request.allowed_models),
             backend,
             planner,
             rounds=job.rounds,

@@ -121,6 +121,48 @@ def check_constraint_names(request: PlanRequest, candidates: Candidates) -> list
     return unused
 
 
+def allowed_predictions(
+    predictions: pl.DataFrame, queue: pl.DataFrame, allowed_models: dict[str, list[str]]
+) -> pl.DataFrame:
+    """The (query, LLM) predictions a tenant may use (data residency): what a round planner may call. A tenant
+    without an entry may use every LLM, as in ``restrict_allowed``."""
+    if not allowed_models:
+        return predictions
+    allowed = pl.DataFrame(
+        [(t, m) for t, models in allowed_models.items() for m in models],
+        schema={"tenant": pl.String, "model": pl.String},
+        orient="row",
+    ).with_columns(pl.lit(True).alias("_ok"))
+    limited = pl.Series(list(allowed_models), dtype=pl.String).implode()
+    return (
+        predictions.join(queue.select("query_id", "tenant"), on="query_id", how="left")
+        .join(allowed, on=["tenant", "model"], how="left")
+        .filter(pl.col("_ok").fill_null(False) | ~pl.col("tenant").is_in(limited))
+        .select(predictions.columns)
+    )
+
+
+def check_rounds_request(request: PlanRequest) -> None:
+    """What a run in rounds cannot hold yet is refused, never dropped: the round planners re-plan under the
+    total and tenant budgets and the allowed LLMs, not under call capacities, task floors or label-error bounds
+    (the single-shot plan holds those)."""
+    held_only_single_shot = [
+        name
+        for name, asked in (
+            ("model_max_calls", request.model_max_calls),
+            ("task_accuracy_floors", request.task_accuracy_floors),
+            ("label_error_max", request.label_error_max),
+        )
+        if asked
+    ]
+    if held_only_single_shot:
+        raise ContractError(
+            f"{', '.join(held_only_single_shot)} cannot be held by a multi-round run yet: set rounds 1 "
+            "(the single-shot plan holds it), or drop it",
+            fields=(*held_only_single_shot, "rounds"),
+        )
+
+
 def restrict_allowed(candidates: Candidates, allowed_models: dict[str, list[str]]) -> Candidates:
     """Drop candidates that call a model the query's tenant may not use."""
     if not allowed_models:

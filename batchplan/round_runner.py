@@ -39,6 +39,7 @@ import polars as pl
 import structlog
 
 from batchplan.contracts import RESULT_SCHEMA, ContractError, conform
+from batchplan.planning import check_rounds_request
 from batchplan.rounds import (
     OBSERVATION_SCHEMA,
     ROUND_ANSWER_SCHEMA,
@@ -491,6 +492,8 @@ def check_round_planner(name: str) -> None:
 
 def make_round_planner(name: str, **inputs: Any) -> RoundPlanner:
     check_round_planner(name)
+    if (request := inputs.get("request")) is not None:
+        check_rounds_request(request)
     return ROUND_PLANNERS[name](**inputs)
 
 

@@ -522,3 +522,27 @@ def test_queries_no_offered_model_can_answer_fail_with_the_reason_and_the_rest_r
     unknown = queue.with_columns(pl.format("new-{}", "query_id").alias("query_id"))  # none has an outcome
     with pytest.raises(ContractError, match=r"none of the \d+ queries can be answered"):
         plan_batch(_candidates(history, templates, unknown), PlanRequest(budget_usd=1e6), templates)
+
+
+def test_rounds_refuse_what_only_the_single_shot_plan_holds() -> None:
+    from batchplan.planning import check_rounds_request
+
+    check_rounds_request(PlanRequest(budget_usd=1.0, tenant_budgets_usd={"a": 0.5}, allowed_models={"a": ["m1"]}))
+    with pytest.raises(ContractError) as refused:
+        check_rounds_request(PlanRequest(budget_usd=1.0, model_max_calls={"m1": 3}, task_accuracy_floors={"t": 0.5}))
+    assert refused.value.worded({"model_max_calls": "--max-calls", "rounds": "--rounds"}).startswith(
+        "--max-calls, task_accuracy_floors cannot be held by a multi-round run yet: set --rounds 1 (the single-shot"
+    )
+
+
+def test_round_planners_see_only_the_llms_a_tenant_may_use() -> None:
+    from batchplan.planning import allowed_predictions
+
+    queue = pl.DataFrame({"query_id": ["q1", "q2"], "tenant": ["eu", "us"]})
+    predictions = pl.DataFrame(
+        {"query_id": ["q1", "q1", "q2", "q2"], "model": ["m1", "m2", "m1", "m2"], "p_correct": [0.5] * 4}
+    )
+    kept = allowed_predictions(predictions, queue, {"eu": ["m2"]})
+    assert kept.columns == predictions.columns
+    assert sorted(kept.select("query_id", "model").iter_rows()) == [("q1", "m2"), ("q2", "m1"), ("q2", "m2")]
+    assert allowed_predictions(predictions, queue, {}) is predictions

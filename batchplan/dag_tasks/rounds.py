@@ -35,14 +35,19 @@ def rounds_uri(lay: Layout, run: str) -> str:
 def _inputs(storage: Storage, lay: Layout, run: str, params: RunParams) -> dict[str, Any]:
     """What the round planner is built from: the queue, predictions, single-shot plan, loaded artifacts."""
     from batchplan import artifacts
+    from batchplan.planning import allowed_predictions
 
     version = artifacts.resolve_version(storage, lay.models(), None)
+    request = params.request()
+    queue = storage.read_frame(lay.plan_file(run, "queue.parquet")).drop("day", strict=False)
+    predictions = storage.read_frame(lay.plan_file(run, "predictions.parquet"))
     return {
         "plan": storage.read_frame(lay.plan_file(run, "plan.parquet")),
-        "queue": storage.read_frame(lay.plan_file(run, "queue.parquet")).drop("day", strict=False),
-        "predictions": storage.read_frame(lay.plan_file(run, "predictions.parquet")),
+        "queue": queue,
+        # a round planner calls only what each tenant may use (the single-shot plan was restricted too)
+        "predictions": allowed_predictions(predictions, queue, request.allowed_models),
         "trained": artifacts.load(storage, lay.models(), version) if version else None,
-        "request": params.request(),
+        "request": request,
     }
 
 
