@@ -1,6 +1,6 @@
-"""A trained batchplan model: a predictor version plus the plan templates fitted with it.
+"""What ``batchplan train`` stores: a predictor version plus the plan templates fitted with it.
 
-Stored together under the predictor registry's version directory (``<root>/<version>/plans.json`` beside
+Stored together under the predictor registry's version directory (``<root>/<version>/templates.json`` beside
 the predictor's files), so ``plan``/``run`` load the latest or a named version as one unit.
 """
 
@@ -18,7 +18,10 @@ from batchplan.storage import Storage, join
 from predictors import Predictor, load_predictor, train_predictor
 
 log = structlog.get_logger("batchplan.train")
-PLANS_FILE = "plans.json"
+TEMPLATES_FILE = "templates.json"
+# The templates' file before the glossary named them (batchplan/contracts.py): still read for versions trained
+# before the rename, for one release.
+OLD_TEMPLATES_FILE = "plans.json"
 
 
 @dataclass(frozen=True)
@@ -28,15 +31,15 @@ class Trained:
 
 
 def train(
-    history: History, *, predictor: str = "lightgbm", seed: int = 0, plans: bool = True, folds: int = CROSS_FIT_FOLDS
+    history: History, *, predictor: str = "lightgbm", seed: int = 0, templates: bool = True, folds: int = CROSS_FIT_FOLDS
 ) -> Trained:
-    """Train the predictor on ``history`` and, unless ``plans`` is off, fit vote/cascade templates on it."""
-    model = train_predictor(history, name=predictor, seed=seed)
-    templates = (
+    """Train the predictor on ``history`` and, unless ``templates`` is off, fit vote/cascade templates on it."""
+    fitted = train_predictor(history, name=predictor, seed=seed)
+    fitted_templates = (
         fit_plan_templates(
             history, lambda part: train_predictor(part, name=predictor, seed=seed), folds=folds, seed=seed
         )
-        if plans
+        if templates
         else PlanTemplates()
     )
     log.info(
@@ -44,14 +47,14 @@ def train(
         predictor=predictor,
         queries=history.queries.height,
         models=len(history.models),
-        templates=len(templates.templates),
+        templates=len(fitted_templates.templates),
     )
-    return Trained(model, templates)
+    return Trained(fitted, fitted_templates)
 
 
 def save(trained: Trained, storage: Storage, root_uri: str, version: str | None = None) -> str:
     uri = trained.predictor.save(storage, root_uri, version=version)
-    storage.write_text(join(uri, PLANS_FILE), trained.templates.to_json())
+    storage.write_text(join(uri, TEMPLATES_FILE), trained.templates.to_json())
     return uri
 
 
@@ -71,5 +74,8 @@ def load(storage: Storage, root_uri: str, version: str | None = None) -> Trained
 
 def load_templates(storage: Storage, root_uri: str, version: str) -> PlanTemplates:
     """The plan templates of one version (none for a version trained without them)."""
-    uri = join(root_uri, version, PLANS_FILE)
-    return PlanTemplates.from_json(storage.read_text(uri)) if storage.exists(uri) else PlanTemplates()
+    for name in (TEMPLATES_FILE, OLD_TEMPLATES_FILE):
+        uri = join(root_uri, version, name)
+        if storage.exists(uri):
+            return PlanTemplates.from_json(storage.read_text(uri))
+    return PlanTemplates()

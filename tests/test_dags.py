@@ -376,7 +376,7 @@ def test_nightly_runs_the_queue_under_one_budget(nightly_done: Done, queue_days:
     shards = json.loads(storage.read_text(lay.shards_manifest(run)))["shards"]
     assert sum(s["budget_usd"] for s in shards) <= budget
     assert sum(s["tenant_budgets_usd"][capped] for s in shards) <= cap
-    assert 0 < manifest["tenant_spend_usd"][capped] <= cap
+    assert 0 < manifest["tenant_spent_usd"][capped] <= cap
     results = storage.read_frame(lay.results_file(run))
     assert results["query_id"].n_unique() == queue_days[NIGHTLY_DAY].height
     quarantine = storage.read_frame(f"{lay.quarantine(run)}quarantine.parquet")
@@ -395,7 +395,7 @@ def test_nightly_runs_the_queue_under_one_budget(nightly_done: Done, queue_days:
 
 @pytest.mark.slow
 def test_nightly_rerun_neither_dispatches_nor_pays_twice(
-    dagbag: Any, nightly_done: Done, copy_of: Callable[[Done], AirflowEnv]
+    dagbag: Any, nightly_done: Done, copy_of: Callable[[Done], AirflowEnv], queue_days: dict[str, pl.DataFrame]
 ) -> None:
     env = copy_of(nightly_done)
     lay, storage, run = env.layout, env.storage, f"nightly-{NIGHTLY_DAY}"
@@ -406,7 +406,7 @@ def test_nightly_rerun_neither_dispatches_nor_pays_twice(
     for uri in storage.list(lay.results(run)):
         if uri.rsplit("/", 1)[-1] == "results.parquet" and "/shard-" in uri:
             storage.delete(uri)
-    capped = queues[NIGHTLY_DAY]["tenant"].mode()[0]
+    capped = queue_days[NIGHTLY_DAY]["tenant"].mode()[0]
     # the same request as the first run: one asking another is refused (see the next test)
     conf = {"budget_usd": 0.05, "max_shards": 4, "allow_deferral": True, "tenant_budgets_usd": {capped: 0.004}}
     dag_run = _run(
