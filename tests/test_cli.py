@@ -351,6 +351,10 @@ def test_renamed_flags_are_shown_under_their_new_names_only() -> None:
     flags = _flags("train")
     assert {"--templates", "--no-templates", "--predictor"} <= flags
     assert not {"--plans", "--no-plans"} & flags
+    # the errors' field -> flag map names flags the commands have, under their current names
+    from batchplan.cli import FLAGS
+
+    assert set(FLAGS.values()) <= _flags("train") | _flags("plan") | _flags("run")
 
 
 def test_old_flag_spellings_still_work(trained: tuple[str, str], history_dir: str, tmp_path: Path) -> None:
