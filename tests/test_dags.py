@@ -429,12 +429,15 @@ def test_nightly_rerun_neither_dispatches_nor_pays_twice(
 
 
 @pytest.mark.slow
-def test_plan_refuses_what_it_cannot_enforce(airflow_env: AirflowEnv, queues: dict[str, pl.DataFrame]) -> None:
+def test_plan_refuses_what_it_cannot_enforce(
+    nightly_done: Done, copy_of: Callable[[Done], AirflowEnv], queue_days: dict[str, pl.DataFrame]
+) -> None:
     """The plan task, where the params first meet the queue: a tenant budget naming no queued tenant fails
     the run with the queued tenants named (unless opted in, then the report lists it), and a run re-run
     with another budget is refused instead of reporting a budget its stored shards do not enforce."""
-    lay, storage, run = airflow_env.layout, airflow_env.storage, f"nightly-{NIGHTLY_DAY}"
-    tenants = sorted(queues[NIGHTLY_DAY]["tenant"].unique().to_list())
+    env = copy_of(nightly_done)  # the nightly run's stored plan, in this test's own prefix
+    lay, storage, run = env.layout, env.storage, f"nightly-{NIGHTLY_DAY}"
+    tenants = sorted(queue_days[NIGHTLY_DAY]["tenant"].unique().to_list())
     with pytest.raises(ContractError, match=r"was planned for another request \(budget_usd: 0.05 -> 0.07"):
         stages.plan_stage(storage, lay, run, common.RunParams.from_params({"budget_usd": 0.07, "max_shards": 4}))
     typo = "typo-" + NIGHTLY_DAY
