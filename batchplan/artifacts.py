@@ -1,6 +1,7 @@
-"""A trained batchplan model: a predictor version plus the plan templates and the round posterior fitted with it.
+"""What ``batchplan train`` stores: a predictor version plus the plan templates and the round posterior fitted
+with it.
 
-Stored together under the predictor registry's version directory (``<root>/<version>/plans.json`` and
+Stored together under the predictor registry's version directory (``<root>/<version>/templates.json`` and
 ``posterior.json`` beside the predictor's files), so ``plan``/``run`` load the latest or a named version as
 one unit. A version trained before the posterior existed loads with ``posterior`` None.
 """
@@ -20,7 +21,10 @@ from batchplan.storage import Storage, join
 from predictors import Predictor, load_predictor, train_predictor
 
 log = structlog.get_logger("batchplan.train")
-PLANS_FILE = "plans.json"
+TEMPLATES_FILE = "templates.json"
+# The templates' file before the glossary named them (batchplan/contracts.py): still read for versions trained
+# before the rename, for one release.
+OLD_TEMPLATES_FILE = "plans.json"
 POSTERIOR_FILE = "posterior.json"
 
 
@@ -32,31 +36,31 @@ class Trained:
 
 
 def train(
-    history: History, *, predictor: str = "lightgbm", seed: int = 0, plans: bool = True, folds: int = CROSS_FIT_FOLDS
+    history: History, *, predictor: str = "lightgbm", seed: int = 0, templates: bool = True, folds: int = CROSS_FIT_FOLDS
 ) -> Trained:
-    """Train the predictor on ``history`` and, unless ``plans`` is off, fit vote/cascade templates and the
+    """Train the predictor on ``history`` and, unless ``templates`` is off, fit vote/cascade templates and the
     round posterior on it (both on the same out-of-fold predictions)."""
-    model = train_predictor(history, name=predictor, seed=seed)
-    templates, posterior = PlanTemplates(), None
-    if plans:
+    fitted = train_predictor(history, name=predictor, seed=seed)
+    fitted_templates, posterior = PlanTemplates(), None
+    if templates:
         trainer = lambda part: train_predictor(part, name=predictor, seed=seed)  # noqa: E731
         oof = cross_fit_predictions(history, trainer, folds=folds, seed=seed)
-        templates = fit_plan_templates(history, trainer, folds=folds, seed=seed, oof=oof)
+        fitted_templates = fit_plan_templates(history, trainer, folds=folds, seed=seed, oof=oof)
         posterior = fit_posterior(history, oof, seed=seed)
     log.info(
         "train",
         predictor=predictor,
         queries=history.queries.height,
         models=len(history.models),
-        templates=len(templates.templates),
+        templates=len(fitted_templates.templates),
         posterior=posterior is not None,
     )
-    return Trained(model, templates, posterior)
+    return Trained(fitted, fitted_templates, posterior)
 
 
 def save(trained: Trained, storage: Storage, root_uri: str, version: str | None = None) -> str:
     uri = trained.predictor.save(storage, root_uri, version=version)
-    storage.write_text(join(uri, PLANS_FILE), trained.templates.to_json())
+    storage.write_text(join(uri, TEMPLATES_FILE), trained.templates.to_json())
     if trained.posterior is not None:
         storage.write_text(join(uri, POSTERIOR_FILE), trained.posterior.to_json())
     return uri
@@ -79,8 +83,11 @@ def load(storage: Storage, root_uri: str, version: str | None = None) -> Trained
 
 def load_templates(storage: Storage, root_uri: str, version: str) -> PlanTemplates:
     """The plan templates of one version (none for a version trained without them)."""
-    uri = join(root_uri, version, PLANS_FILE)
-    return PlanTemplates.from_json(storage.read_text(uri)) if storage.exists(uri) else PlanTemplates()
+    for name in (TEMPLATES_FILE, OLD_TEMPLATES_FILE):
+        uri = join(root_uri, version, name)
+        if storage.exists(uri):
+            return PlanTemplates.from_json(storage.read_text(uri))
+    return PlanTemplates()
 
 
 def load_posterior(storage: Storage, root_uri: str, version: str) -> Posterior | None:

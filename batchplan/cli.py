@@ -9,7 +9,7 @@ import json
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 import typer
 from rich.console import Console
@@ -35,7 +35,7 @@ FLAGS = {
     "model_max_calls": "--max-calls",
     "task_accuracy_floors": "--task-floor",
     "allowed_models": "--allow",
-    "kinds": "--plans",
+    "kinds": "--kinds",
     "label_error_max": "--label-error",
     "label_error_mode": "--label-error-mode",
     "backend": "--backend",
@@ -57,9 +57,42 @@ def _no_value_shown(params: list[Parameter]) -> list[Parameter]:
     return params
 
 
+def _renamed(args: list[str], aliases: dict[str, str]) -> list[str]:
+    """The old spelling of a renamed flag as its new one (``--old VALUE`` and ``--old=VALUE``), up to ``--``.
+
+    The options are declared under their new names only, so ``--help`` and every error name just those."""
+    out: list[str] = []
+    for i, arg in enumerate(args):
+        if arg == "--":
+            return out + args[i:]
+        name, eq, value = arg.partition("=")
+        if name in aliases:
+            console.print(
+                f"note: {name} is now {aliases[name]}; the old name goes in the next release", highlight=False, soft_wrap=True
+            )
+            arg = aliases[name] + eq + value
+        out.append(arg)
+    return out
+
+
 class _Command(TyperCommand):
+    # Flags renamed to the glossary's nouns (batchplan/contracts.py), still read under their old names for a
+    # release: old name -> new name.
+    aliases: ClassVar[dict[str, str]] = {}
+
     def get_params(self, ctx: Context) -> list[Parameter]:
         return _no_value_shown(super().get_params(ctx))
+
+    def parse_args(self, ctx: Context, args: list[str]) -> list[str]:
+        return super().parse_args(ctx, _renamed(args, self.aliases))
+
+
+class _TrainCommand(_Command):
+    aliases: ClassVar[dict[str, str]] = {"--plans": "--templates", "--no-plans": "--no-templates"}
+
+
+class _PlanCommand(_Command):
+    aliases: ClassVar[dict[str, str]] = {"--model": "--predictors", "--plans": "--kinds"}
 
 
 class _Group(TyperGroup):
@@ -268,7 +301,7 @@ LabelErrorOpt = Annotated[
 LabelModeOpt = Annotated[
     str, typer.Option("--label-error-mode", help="per_query (every plan meets it) or aggregate (the batch does).")
 ]
-KindsOpt = Annotated[str, typer.Option("--plans", help="Plan kinds to choose from: single,vote,cascade,agreement.")]
+KindsOpt = Annotated[str, typer.Option("--kinds", help="Plan kinds to choose from: single,vote,cascade,agreement.")]
 UnusedOpt = Annotated[
     bool,
     typer.Option(
@@ -302,17 +335,20 @@ VersionOpt = Annotated[
     str | None,
     typer.Option(
         "--model-version",
-        help="Predictor version under --model (default: the promoted one in <model>/CURRENT.json, else the newest).",
+        help="Predictor version under --predictors (default: the promoted one in <predictors>/CURRENT.json, else the "
+        "newest).",
     ),
 ]
 QueueOpt = Annotated[
     str, typer.Option("--queue", help="Queue: parquet or jsonl file or directory of parts, local or s3://.")
 ]
-ModelOpt = Annotated[str, typer.Option("--model", help="Model registry root written by `batchplan train`.")]
+PredictorsOpt = Annotated[
+    str, typer.Option("--predictors", help="Predictor registry root written by `batchplan train`.")
+]
 
 
 @app.command(
-    cls=_Command,
+    cls=_TrainCommand,
     epilog="Example: batchplan train --history examples/history --out models/",
 )
 def train(
@@ -322,7 +358,7 @@ def train(
             "--history", help="Outcome history DIR (queries.parquet, outcomes.parquet, models.csv); repeatable."
         ),
     ],
-    out: Annotated[str, typer.Option("--out", help="Model registry root (local or s3://).")],
+    out: Annotated[str, typer.Option("--out", help="Predictor registry root (local or s3://).")],
     predictor: Annotated[str, typer.Option("--predictor", help="Predictor name from the registry.")] = "lightgbm",
     holdout: Annotated[
         bool,
@@ -331,9 +367,11 @@ def train(
             help="Hold out a test split where a data set has none, and train on train rows only.",
         ),
     ] = True,
-    plans: Annotated[
+    templates: Annotated[
         bool,
-        typer.Option("--plans/--no-plans", help="Also fit vote and cascade templates (cross-fits the predictor)."),
+        typer.Option(
+            "--templates/--no-templates", help="Also fit vote and cascade templates (cross-fits the predictor)."
+        ),
     ] = True,
 ) -> None:
     """Train a predictor (and its vote/cascade templates) on outcome histories; store it as a new version."""
@@ -347,7 +385,7 @@ def train(
         loaded = load_history(history, storage)
         if holdout:
             loaded = with_holdout(loaded, settings.holdout_fraction, settings.seed).split("train")
-        trained = artifacts.train(loaded, predictor=predictor, seed=settings.seed, plans=plans)
+        trained = artifacts.train(loaded, predictor=predictor, seed=settings.seed, templates=templates)
         uri = artifacts.save(trained, storage, out)
     console.print(
         f"trained {predictor} on {loaded.queries.height} queries x {len(loaded.models)} models, "
@@ -358,13 +396,13 @@ def train(
 
 
 @app.command(
-    cls=_Command,
-    epilog="Example: batchplan plan --queue examples/queue.jsonl --model models/ --budget-usd 0.002 "
+    cls=_PlanCommand,
+    epilog="Example: batchplan plan --queue examples/queue.jsonl --predictors models/ --budget-usd 0.002 "
     "--out runs/plan.parquet",
 )
 def plan(
     queue: QueueOpt,
-    model: ModelOpt,
+    predictors: PredictorsOpt,
     out: Annotated[str, typer.Option("--out", help="Plan file to write (.parquet or .jsonl).")],
     budget_usd: BudgetOpt = None,
     accuracy_target: TargetOpt = None,
@@ -373,7 +411,7 @@ def plan(
     max_calls: CallsOpt = [],  # noqa: B006
     task_floor: FloorOpt = [],  # noqa: B006
     allow: AllowOpt = [],  # noqa: B006
-    plans: KindsOpt = "single,vote,cascade,agreement",
+    kinds: KindsOpt = "single,vote,cascade,agreement",
     label_error: LabelErrorOpt = [],  # noqa: B006
     label_error_mode: LabelModeOpt = "per_query",
     allow_unused_constraints: UnusedOpt = False,
@@ -395,7 +433,7 @@ def plan(
             max_calls=max_calls,
             task_floor=task_floor,
             allowed=allow,
-            kinds=plans,
+            kinds=kinds,
             label_error=label_error,
             label_error_mode=label_error_mode,
             allow_unused_constraints=allow_unused_constraints,
@@ -420,7 +458,7 @@ def plan(
             quarantine_uri = out.rsplit(".", 1)[0] + ".quarantine.parquet"
             storage.write_frame(ingested.quarantine, quarantine_uri)
             _say_quarantined(ingested.quarantine.height, quarantine_uri)
-        trained = artifacts.load(storage, model, version=model_version)
+        trained = artifacts.load(storage, predictors, version=model_version)
         predictions = pipeline.predict(ingested.queue, trained.predictor, chosen_backend)
         for line in notes({"unseen_tasks": pipeline.unseen_tasks(ingested.queue, trained.predictor)}):
             console.print(f"note: {line}")
@@ -444,13 +482,13 @@ def plan(
 
 
 @app.command(
-    cls=_Command,
-    epilog="Example: batchplan run --queue examples/queue.jsonl --model models/ --budget-usd 0.002 "
+    cls=_PlanCommand,
+    epilog="Example: batchplan run --queue examples/queue.jsonl --predictors models/ --budget-usd 0.002 "
     "--backend replay --replay-history examples/history --out runs/r1",
 )
 def run(
     queue: QueueOpt,
-    model: ModelOpt,
+    predictors: PredictorsOpt,
     out: Annotated[str, typer.Option("--out", help="Run directory: plan, dispatch ledger, results.parquet, report.")],
     budget_usd: BudgetOpt = None,
     accuracy_target: TargetOpt = None,
@@ -459,7 +497,7 @@ def run(
     max_calls: CallsOpt = [],  # noqa: B006
     task_floor: FloorOpt = [],  # noqa: B006
     allow: AllowOpt = [],  # noqa: B006
-    plans: KindsOpt = "single,vote,cascade,agreement",
+    kinds: KindsOpt = "single,vote,cascade,agreement",
     label_error: LabelErrorOpt = [],  # noqa: B006
     label_error_mode: LabelModeOpt = "per_query",
     allow_unused_constraints: UnusedOpt = False,
@@ -489,7 +527,7 @@ def run(
             max_calls=max_calls,
             task_floor=task_floor,
             allowed=allow,
-            kinds=plans,
+            kinds=kinds,
             label_error=label_error,
             label_error_mode=label_error_mode,
             allow_unused_constraints=allow_unused_constraints,
@@ -500,7 +538,7 @@ def run(
 
         job = Job(
             queue_uri=queue,
-            model_uri=model,
+            model_uri=predictors,
             out_uri=out,
             request=request,
             backend=backend,

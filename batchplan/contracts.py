@@ -1,5 +1,31 @@
 """The nouns every stage shares, each one schema in one place.
 
+Glossary: one noun per thing, used for it everywhere (code, flags, files, manifest keys, logs).
+
+| noun | what it is | in code |
+|---|---|---|
+| query | one row of the batch to answer (a ticket, a document) | ``query_id``; the queue is the batch's queries (QUEUE_SCHEMA) |
+| LLM | a language model an endpoint serves: the only thing "model" may name | the frames' ``model`` / ``models`` columns and ``models.csv`` (below) |
+| predictor | what ``batchplan train`` fits: per (query, LLM) P(correct) and cost | ``predictors.Predictor``; its registry root is ``--predictors DIR`` (``--model`` read for a release), its kind ``train --predictor NAME`` (lightgbm, prior) |
+| prediction | one predictor output row | PREDICTION_SCHEMA |
+| outcome | one recorded call in a history: what an LLM answered, whether right, what it cost | OUTCOMES_SCHEMA; a history is queries + outcomes + prices |
+| template | a fitted multi-LLM plan shape for a task (vote, cascade, agreement) with its calibration | ``Template``, ``PlanTemplates``; ``templates.json`` beside a predictor version (``plans.json`` read for a release); ``train --templates/--no-templates`` |
+| plan kind | single / vote / cascade / agreement | PLAN_KINDS; ``--kinds`` on plan/run (``--plans`` read for a release) |
+| candidate | a (query, plan kind + LLMs) pair the optimizer may choose | ``batchplan.candidates.Candidates`` |
+| option | a candidate as the optimizer sees it: value, cost, resource use (inside optimizer/ only) | the options table of ``optimizer.problem`` |
+| compiled program | the optimizer's LP/MILP in matrix form | ``optimizer.compiled.Compiled``, a variable named ``program``; ``violated_rows(program, cols)`` lists the rows an assignment breaks (empty = feasible) |
+| plan | what was chosen: one row per query | PLAN_SCHEMA, ``plan.parquet`` |
+| round | one pass of calls over the open queries; a run has one or more | ROUND_PLAN_SCHEMA (``batchplan.rounds``) |
+| observation | one call a round made, as the round planner sees it | OBSERVATION_SCHEMA (``batchplan.rounds``) |
+| result | one row per query after dispatch: answer, status, what it cost | RESULT_SCHEMA |
+| spend | money charged by the budget guard: the one spelling of spend | ``spent_usd``; per tenant ``tenant_spent_usd`` (dispatch summary, run manifest) |
+| bill | what the provider charged (may be lower: a call whose bill is unknown, e.g. a timeout, is charged its reservation) | the ledger's ``usd`` |
+| reservation | the high side of a call's cost, held before it is sent | ``reserve_cost_usd`` |
+
+The frames keep the column name ``model`` (and ``models``, ``models_called``, ``fallback_models``) for an LLM:
+it is the outcome histories' own format, read in place from ``../shared/data``, so renaming it would mean
+converting every history. New code says ``llm`` for an LLM outside those frames.
+
 Frames are validated where they enter the system (ingest, storage reads) and trusted inside.
 
 | contract | columns |

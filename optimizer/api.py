@@ -48,23 +48,23 @@ def solve(
     ``solution.info.prices``) instead of sampling; ignored when their length does not match the rows.
     """
     t0 = time.perf_counter()
-    model = problem.compiled
-    if len(empty_queries(model)):
-        raise diagnose(model)
+    program = problem.compiled
+    if len(empty_queries(program)):
+        raise diagnose(program)
     if method in ("cvxpy_milp", "cvxpy_lp"):
         integer = method == "cvxpy_milp"
-        status, solution = solve_cvxpy(model, integer=integer, time_limit=time_limit, highs_options=highs_options)
+        status, solution = solve_cvxpy(program, integer=integer, time_limit=time_limit, highs_options=highs_options)
         if status in (cp.INFEASIBLE, cp.INFEASIBLE_INACCURATE):
-            raise diagnose(model)
+            raise diagnose(program)
         if solution is None:
             raise SolverError(f"{method}: HiGHS via CVXPY ended with status {status!r} and no solution")
         if not integer:
-            solution = repair_lp_solution(model, solution, method=method)
+            solution = repair_lp_solution(program, solution, method=method)
         solution.solve_seconds = time.perf_counter() - t0
         solution.status = "optimal" if solution.gap <= gap_tol else "feasible"
         return solution
     if method in ("auto", "decompose"):
-        solution = solve_decompose(model, time_limit=time_limit, gap_tol=gap_tol, warm_prices=warm_prices)
+        solution = solve_decompose(program, time_limit=time_limit, gap_tol=gap_tol, warm_prices=warm_prices)
         solution.solve_seconds = time.perf_counter() - t0
         return solution
     raise ValueError(f"unknown method {method!r}; use auto, decompose, cvxpy_milp or cvxpy_lp")

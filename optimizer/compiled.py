@@ -1,4 +1,4 @@
-"""The compiled model: an options table laid out as flat arrays, query by query, with its coupling rows.
+"""The compiled program: an options table laid out as flat arrays, query by query, with its coupling rows.
 
 Model columns are the real options (sorted by option id within each query) followed, per deferrable query,
 by one *deferral* column (value, cost and every coefficient 0): ``starts[q]:starts[q+1]`` are query q's
@@ -31,8 +31,8 @@ class RowFamily:
     sense: Sense
     names: list[str]  # one per row, e.g. "tenant_budget[acme]"
     rhs: np.ndarray  # float64, one per row
-    coef: np.ndarray  # float64, one per model column
-    gid: np.ndarray  # int32, one per model column: row index in this family, -1 = not in any row
+    coef: np.ndarray  # float64, one per program column
+    gid: np.ndarray  # int32, one per program column: row index in this family, -1 = not in any row
     scale: np.ndarray | None = None  # floors: queries per row (rhs = min_mean * scale)
 
     @property
@@ -53,7 +53,7 @@ class RowFamily:
 
 @dataclass
 class Compiled:
-    """Flat arrays over model columns (real options + deferral columns), query by query."""
+    """Flat arrays over program columns (real options + deferral columns), query by query."""
 
     n: int
     m: int
@@ -78,7 +78,7 @@ class Compiled:
         return self.table[name]
 
     def expand(self, values: np.ndarray, fill: float | int) -> np.ndarray:
-        if len(self.real) == self.m:  # no deferral columns: model columns are the table rows
+        if len(self.real) == self.m:  # no deferral columns: program columns are the table rows
             return np.asarray(values)
         out = np.full(self.m, fill, dtype=np.asarray(values).dtype)
         out[self.real] = values
@@ -117,7 +117,7 @@ class Compiled:
     def grid(self) -> tuple[int, np.ndarray | None, np.ndarray]:
         """(w, cells, c): the layout padded to n x w, w the most columns of any query; ``cells`` the flat grid
         cell of each column (None on the regular layout, where the columns are the grid); ``c`` on the grid
-        (padding -inf). Depends on the layout and objective only, so models sharing them
+        (padding -inf). Depends on the layout and objective only, so programs sharing them
         (``Problem.with_constraints``) share it too."""
         if self._grid is None:
             if self.width:
@@ -217,30 +217,30 @@ class Compiled:
         return x
 
 
-def subset(model: Compiled, queries: np.ndarray) -> Compiled:
-    """The sub-model of ``queries`` (sorted) with every row's limit scaled by the subset's share of that row.
+def subset(program: Compiled, queries: np.ndarray) -> Compiled:
+    """The sub-program of ``queries`` (sorted) with every row's limit scaled by the subset's share of that row.
 
     The share of a row is measured on its coefficients (sum over the subset's columns / sum over all), so a
     tenant that is rare in the sample gets a proportionally small limit. Used for the initial prices.
     """
-    counts = np.diff(model.starts)[queries]
+    counts = np.diff(program.starts)[queries]
     starts = np.zeros(len(queries) + 1, dtype=np.int64)
     np.cumsum(counts, out=starts[1:])
-    cols = np.repeat(model.starts[queries], counts) + (np.arange(int(counts.sum())) - np.repeat(starts[:-1], counts))
+    cols = np.repeat(program.starts[queries], counts) + (np.arange(int(counts.sum())) - np.repeat(starts[:-1], counts))
     families = []
-    for f in model.families:
+    for f in program.families:
         inside = f.gid >= 0
         total = np.bincount(f.gid[inside], weights=np.abs(f.coef[inside]), minlength=f.size)
         g_sub, c_sub = f.gid[cols], f.coef[cols]
         ins = g_sub >= 0
         part = np.bincount(g_sub[ins], weights=np.abs(c_sub[ins]), minlength=f.size)
-        share = np.divide(part, total, out=np.full(f.size, len(queries) / max(model.n, 1)), where=total > 0)
+        share = np.divide(part, total, out=np.full(f.size, len(queries) / max(program.n, 1)), where=total > 0)
         families.append(RowFamily(f.constraint, f.kind, f.sense, f.names, f.rhs * share, c_sub, g_sub,
                                   None if f.scale is None else f.scale * share))
-    real_mask = model.option[cols] >= 0
+    real_mask = program.option[cols] >= 0
     return Compiled(
         n=len(queries), m=len(cols), starts=starts, query=np.repeat(np.arange(len(queries), dtype=np.int64), counts),
-        option=model.option[cols], real=np.flatnonzero(real_mask), table=model.table.head(0), value=model.value[cols],
-        cost=model.cost[cols], accuracy=model.accuracy[cols], c=model.c[cols], sign=model.sign, objective=model.objective,
+        option=program.option[cols], real=np.flatnonzero(real_mask), table=program.table.head(0), value=program.value[cols],
+        cost=program.cost[cols], accuracy=program.accuracy[cols], c=program.c[cols], sign=program.sign, objective=program.objective,
         families=families,
     )

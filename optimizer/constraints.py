@@ -1,7 +1,7 @@
 """Constraint specs: small named pieces, each turning the options table into coupling rows.
 
 Every spec produces one or more *rows* ``sum over chosen options of coef <= / >= rhs``, compiled into a
-``RowFamily`` over the model's columns (see ``optimizer.compiled``).
+``RowFamily`` over the program's columns (see ``optimizer.compiled``).
 
 | spec | rows | sense |
 |---|---|---|
@@ -25,13 +25,13 @@ from optimizer.compiled import Compiled, RowFamily
 __all__ = ["AccuracyFloor", "Allowed", "Budget", "Capacity", "Constraint", "GroupBudget", "RowFamily", "RowSpec", "constraint_name"]
 
 
-def _group_ids(model: Compiled, column: str, keys: list[str] | None) -> tuple[np.ndarray, list[str]]:
-    """Map a group column of the options table to row ids over model columns (deferral columns get -1).
+def _group_ids(program: Compiled, column: str, keys: list[str] | None) -> tuple[np.ndarray, list[str]]:
+    """Map a group column of the options table to row ids over program columns (deferral columns get -1).
 
     Works on integer codes (categorical physical codes, or codes of a one-off categorical cast) so a
     10M-row table costs one hash pass, not a string join.
     """
-    values = model.column(column)
+    values = program.column(column)
     if values.dtype not in (pl.Categorical,) and not isinstance(values.dtype, pl.Enum):
         values = values.cast(pl.String).cast(pl.Categorical)
     codes = values.to_physical()
@@ -45,7 +45,7 @@ def _group_ids(model: Compiled, column: str, keys: list[str] | None) -> tuple[np
     sorted_codes = pair_codes[order]
     code_arr = codes.fill_null(-1).to_numpy().astype(np.int64, copy=False)
     gid = pair_gid[order][np.searchsorted(sorted_codes, code_arr)]
-    return model.expand(gid, fill=-1).astype(np.int32, copy=False), uniques
+    return program.expand(gid, fill=-1).astype(np.int32, copy=False), uniques
 
 
 @dataclass(frozen=True)
@@ -56,10 +56,10 @@ class Budget:
     name: str = "budget"
     column: str = "cost"
 
-    def rows(self, model: Compiled) -> RowFamily:
-        coef = model.expand(model.column(self.column).to_numpy().astype(np.float64, copy=False), fill=0.0)
+    def rows(self, program: Compiled) -> RowFamily:
+        coef = program.expand(program.column(self.column).to_numpy().astype(np.float64, copy=False), fill=0.0)
         return RowFamily(self.name, "budget", "<=", [self.name], np.array([float(self.limit)]), coef,
-                         np.zeros(model.m, dtype=np.int32))
+                         np.zeros(program.m, dtype=np.int32))
 
 
 @dataclass(frozen=True)
@@ -71,10 +71,10 @@ class GroupBudget:
     name: str = "group_budget"
     column: str = "cost"
 
-    def rows(self, model: Compiled) -> RowFamily:
+    def rows(self, program: Compiled) -> RowFamily:
         keys = [str(k) for k in self.limits]
-        gid, labels = _group_ids(model, self.group, keys)
-        coef = model.expand(model.column(self.column).to_numpy().astype(np.float64, copy=False), fill=0.0)
+        gid, labels = _group_ids(program, self.group, keys)
+        coef = program.expand(program.column(self.column).to_numpy().astype(np.float64, copy=False), fill=0.0)
         names = [f"{self.name}[{k}]" for k in labels]
         rhs = np.array([float(self.limits[k]) for k in self.limits])
         return RowFamily(self.name, "group_budget", "<=", names, rhs, coef, gid)
@@ -97,17 +97,17 @@ class Capacity:
     def label(self) -> str:
         return self.name or (f"capacity:{self.column}" if self.group is None else f"capacity:{self.column}:{self.group}")
 
-    def rows(self, model: Compiled) -> RowFamily:
-        coef = model.expand(model.column(self.column).to_numpy().astype(np.float64, copy=False), fill=0.0)
+    def rows(self, program: Compiled) -> RowFamily:
+        coef = program.expand(program.column(self.column).to_numpy().astype(np.float64, copy=False), fill=0.0)
         if self.group is None:
             if isinstance(self.limit, Mapping):
                 raise ValueError(f"{self.label}: a per-group limit mapping needs group=<column>")
             return RowFamily(self.label, "capacity", "<=", [self.label], np.array([float(self.limit)]), coef,
-                             np.zeros(model.m, dtype=np.int32))
+                             np.zeros(program.m, dtype=np.int32))
         if not isinstance(self.limit, Mapping):
             raise ValueError(f"{self.label}: group={self.group!r} needs limit as a mapping group value -> limit")
         keys = [str(k) for k in self.limit]
-        gid, labels = _group_ids(model, self.group, keys)
+        gid, labels = _group_ids(program, self.group, keys)
         names = [f"{self.label}[{k}]" for k in labels]
         rhs = np.array([float(self.limit[k]) for k in self.limit])
         return RowFamily(self.label, "capacity", "<=", names, rhs, coef, gid)
@@ -130,22 +130,22 @@ class AccuracyFloor:
     def label(self) -> str:
         return self.name or ("accuracy_floor" if self.group is None else f"accuracy_floor:{self.group}")
 
-    def rows(self, model: Compiled) -> RowFamily:
-        coef = model.expand(model.column(self.column).to_numpy().astype(np.float64, copy=False), fill=0.0)
+    def rows(self, program: Compiled) -> RowFamily:
+        coef = program.expand(program.column(self.column).to_numpy().astype(np.float64, copy=False), fill=0.0)
         if self.group is None:
             if isinstance(self.min_mean, Mapping):
                 raise ValueError(f"{self.label}: a per-group floor mapping needs group=<column>")
-            rhs = np.array([float(self.min_mean) * model.n])
+            rhs = np.array([float(self.min_mean) * program.n])
             return RowFamily(self.label, "accuracy_floor", ">=", [self.label], rhs, coef,
-                             np.zeros(model.m, dtype=np.int32), np.array([float(model.n)]))
+                             np.zeros(program.m, dtype=np.int32), np.array([float(program.n)]))
         if isinstance(self.min_mean, Mapping):
             floors = {str(k): float(v) for k, v in self.min_mean.items()}
-            gid, labels = _group_ids(model, self.group, list(floors))
+            gid, labels = _group_ids(program, self.group, list(floors))
         else:
-            gid, labels = _group_ids(model, self.group, None)
+            gid, labels = _group_ids(program, self.group, None)
             floors = {k: float(self.min_mean) for k in labels}
         # queries per group: a query belongs to the group of its first real option
-        first = model.starts[:-1][np.diff(model.starts) > 0]
+        first = program.starts[:-1][np.diff(program.starts) > 0]
         counts = np.bincount(gid[first][gid[first] >= 0], minlength=len(labels)).astype(np.float64)
         # deferral columns carry gid -1 already; per-query membership comes from real options
         rhs = np.array([floors[k] for k in labels]) * counts

@@ -38,7 +38,7 @@ from optimizer.solution import (
     SolveInfo,
     SolverError,
     build_solution,
-    check_feasible,
+    violated_rows,
 )
 
 BASE_QUERIES = 2_000  # at most this many queries: the master LP holds every column
@@ -63,28 +63,28 @@ class Pricing:
     margin: np.ndarray  # best - second best (inf if a single column)
 
 
-def price(model: Compiled, lam: np.ndarray, *, margin: bool = True) -> Pricing:
-    r = model.reduced(lam)
-    w = model.width
+def price(program: Compiled, lam: np.ndarray, *, margin: bool = True) -> Pricing:
+    r = program.reduced(lam)
+    w = program.width
     if w:  # regular layout: row-wise argmax on the n x w grid
-        r2 = r.reshape(model.n, w)
+        r2 = r.reshape(program.n, w)
         pos = r2.argmax(axis=1)
-        rows = np.arange(model.n)
+        rows = np.arange(program.n)
         best = r2[rows, pos]
-        best_col = model.starts[:-1] + pos
+        best_col = program.starts[:-1] + pos
         if not margin:
             return Pricing(r, best, best_col, np.zeros(0))
         if w == 1:
-            return Pricing(r, best, best_col, np.full(model.n, np.inf))
+            return Pricing(r, best, best_col, np.full(program.n, np.inf))
         r2[rows, pos] = -np.inf
         second = r2.max(axis=1)
         r2[rows, pos] = best
         return Pricing(r, best, best_col, best - second)
-    heads = model.starts[:-1]
+    heads = program.starts[:-1]
     best = np.maximum.reduceat(r, heads)
-    is_best = r >= best[model.query]
+    is_best = r >= best[program.query]
     cols = np.flatnonzero(is_best)
-    qs = model.query[cols]
+    qs = program.query[cols]
     first = np.ones(len(cols), dtype=bool)
     first[1:] = qs[1:] != qs[:-1]
     best_col = cols[first]
@@ -97,12 +97,12 @@ def price(model: Compiled, lam: np.ndarray, *, margin: bool = True) -> Pricing:
     return Pricing(r, best, best_col, best - second)
 
 
-def _penalties(model: Compiled) -> np.ndarray:
+def _penalties(program: Compiled) -> np.ndarray:
     """Elastic-slack penalty per <= row: far above any price a feasible LP can have."""
-    crange = float(np.ptp(model.c)) + 1.0 if model.m else 1.0
+    crange = float(np.ptp(program.c)) + 1.0 if program.m else 1.0
     out = []
-    step = max(1, model.m // 200_000)  # the median of a strided sample is plenty for a penalty scale
-    for f in model.families:
+    step = max(1, program.m // 200_000)  # the median of a strided sample is plenty for a penalty scale
+    for f in program.families:
         coef, gid = f.coef[::step], f.gid[::step]
         nz = np.abs(coef[(gid >= 0) & (coef != 0)])
         if len(nz) == 0:
@@ -119,7 +119,7 @@ class Master:
     ``sum y <= 1``. So the LP has K coupling rows plus a few, and one column per candidate move."""
 
     base: np.ndarray  # column per query
-    extra: np.ndarray  # candidate move targets (model columns, sorted, never a base)
+    extra: np.ndarray  # candidate move targets (program columns, sorted, never a base)
     result: HighsResult
     y: np.ndarray
     slack: np.ndarray
@@ -128,17 +128,17 @@ class Master:
 
 
 def solve_master(
-    model: Compiled, base: np.ndarray, extra: np.ndarray, rhs: np.ndarray, penalties: np.ndarray,
+    program: Compiled, base: np.ndarray, extra: np.ndarray, rhs: np.ndarray, penalties: np.ndarray,
     options: dict[str, Any] | None = None, base_usage: tuple[np.ndarray, float] | None = None,
 ) -> Master:
     k = len(rhs)
     if base_usage is None:
-        base_usage = (model.le_usage_cols(base), float(model.c[base].sum()))
+        base_usage = (program.le_usage_cols(base), float(program.c[base].sum()))
     residual = rhs - base_usage[0]
-    qe = model.query[extra]
+    qe = program.query[extra]
     b = base[qe]
-    r1, c1, v1 = model.matrix(extra)
-    r2, c2, v2 = model.matrix(b)
+    r1, c1, v1 = program.matrix(extra)
+    r2, c2, v2 = program.matrix(b)
     _, inv, cnt = np.unique(qe, return_inverse=True, return_counts=True)
     multi_q = cnt >= 2
     multi_row = np.cumsum(multi_q) - 1 + k
@@ -157,7 +157,7 @@ def solve_master(
     d[:k] = 1.0 / np.where(big[:k] > 0, big[:k], np.maximum(np.abs(residual), 1.0))
     a = sp.csc_array(sp.diags_array(d) @ a)
     slack_cost = -penalties / d[:k]
-    obj = np.concatenate([model.c[extra] - model.c[b], slack_cost])
+    obj = np.concatenate([program.c[extra] - program.c[b], slack_cost])
     lower = np.zeros(ne + k)
     upper = np.concatenate([np.ones(ne), np.full(k, np.inf)])
     row_lower = np.full(k + n_multi, -np.inf)
@@ -167,36 +167,36 @@ def solve_master(
         raise SolverError(f"decompose: restricted LP ended with HiGHS status {res.status}")
     y = res.x[:ne]
     lam = np.clip(res.row_dual[:k] * d[:k], 0.0, None)
-    value = float(base_usage[1] + (model.c[extra] - model.c[b]) @ y)
+    value = float(base_usage[1] + (program.c[extra] - program.c[b]) @ y)
     return Master(base, extra, res, y, res.x[ne:] / d[:k], lam, value)
 
 
-def _near_columns(model: Compiled, pricing: Pricing, fraction: float, minimum: int) -> np.ndarray:
+def _near_columns(program: Compiled, pricing: Pricing, fraction: float, minimum: int) -> np.ndarray:
     """Non-best columns of the queries closest to a tie, within their query's tie margin."""
-    target = min(model.n, max(minimum, min(int(fraction * model.n), MAX_INITIAL)))
-    delta = np.inf if target >= model.n else float(np.partition(pricing.margin, target - 1)[target - 1])
+    target = min(program.n, max(minimum, min(int(fraction * program.n), MAX_INITIAL)))
+    delta = np.inf if target >= program.n else float(np.partition(pricing.margin, target - 1)[target - 1])
     close = pricing.margin <= delta
-    keep = close[model.query] & (pricing.r >= pricing.best[model.query] - delta)
+    keep = close[program.query] & (pricing.r >= pricing.best[program.query] - delta)
     keep[pricing.best_col] = False
     return np.flatnonzero(keep)
 
 
-def _best_under(model: Compiled, a: np.ndarray) -> Callable[[float, np.ndarray | None], np.ndarray] | None:
+def _best_under(program: Compiled, a: np.ndarray) -> Callable[[float, np.ndarray | None], np.ndarray] | None:
     """``best(lam, queries)``: per query (None: every query) its best column under price ``lam`` on
-    coefficients ``a`` (``argmax_j c_j - lam a_j``, the first on ties), as model column indices, by a row-wise
+    coefficients ``a`` (``argmax_j c_j - lam a_j``, the first on ties), as program column indices, by a row-wise
     argmax on the n x w grid (``Compiled.grid``; padding has objective -inf). None when padding would more
     than double the columns (a few queries with very many options)."""
-    w = int(np.diff(model.starts).max()) if model.n else 0
-    if model.n * w > 2 * model.m + model.n:
+    w = int(np.diff(program.starts).max()) if program.n else 0
+    if program.n * w > 2 * program.m + program.n:
         return None
-    w, cells, c2 = model.grid()
+    w, cells, c2 = program.grid()
     if cells is None:
-        a2 = a.reshape(model.n, w)
+        a2 = a.reshape(program.n, w)
     else:
-        a_flat = np.zeros(model.n * w)
+        a_flat = np.zeros(program.n * w)
         a_flat[cells] = a
-        a2 = a_flat.reshape(model.n, w)
-    starts = model.starts[:-1]
+        a2 = a_flat.reshape(program.n, w)
+    starts = program.starts[:-1]
 
     def best(lam: float, idx: np.ndarray | None) -> np.ndarray:
         if idx is None:
@@ -206,34 +206,34 @@ def _best_under(model: Compiled, a: np.ndarray) -> Callable[[float, np.ndarray |
     return best
 
 
-def _single_row_price(model: Compiled, rhs: np.ndarray, guess: float | None = None) -> float | None:
+def _single_row_price(program: Compiled, rhs: np.ndarray, guess: float | None = None) -> float | None:
     """The LP price of the only coupling row, by bisection (log scale) on ``max_j c_j - lam a_j`` per query.
 
     Queries whose best column is the same at both ends of the bracket keep it for every price in between
     (both sides are linear in lam), so they leave the active set after each step: the work shrinks
     geometrically. The bracket is first narrowed around ``guess`` (a neighbouring problem's price) or, on
-    large models, around the price of a 2% sample. Returns the smallest bracketed price at which the row holds
+    large programs, around the price of a 2% sample. Returns the smallest bracketed price at which the row holds
     (to ~1e-13 relative), or None (the row cannot hold / needs no price, or the layout is too ragged: the
     general path decides).
     """
-    f = model.families[0]
+    f = program.families[0]
     s = 1.0 if f.sense == "<=" else -1.0
     a = np.where(f.gid >= 0, f.coef * s, 0.0)
-    best = _best_under(model, a)
+    best = _best_under(program, a)
     if best is None:
         return None
     b = float(rhs[0])
     nz = np.abs(a[a != 0])
-    hi = (float(np.ptp(model.c)) + 1.0) / max(float(nz.min()), 1e-300) * 4.0
+    hi = (float(np.ptp(program.c)) + 1.0) / max(float(nz.min()), 1e-300) * 4.0
     lo = hi * 1e-16
-    rows = np.arange(model.n)
+    rows = np.arange(program.n)
     widths: tuple[float, ...] = (1.05, 1.5, 4.0, 64.0)
     if guess is not None:
         widths = (1.01, *widths)  # a neighbour's price is close: a narrow bracket leaves few queries active
-    elif model.n > 20 * BASE_QUERIES:  # a 2% sample's price (its limit scaled by size)
+    elif program.n > 20 * BASE_QUERIES:  # a 2% sample's price (its limit scaled by size)
         rng = np.random.default_rng(0)
-        sample = np.sort(rng.choice(model.n, size=model.n // 50, replace=False))
-        guess = _bisect(best, a, b * len(sample) / model.n, lo, hi, sample)
+        sample = np.sort(rng.choice(program.n, size=program.n // 50, replace=False))
+        guess = _bisect(best, a, b * len(sample) / program.n, lo, hi, sample)
     if guess is not None and lo <= guess <= hi:
         # usage falls as the price rises, so a bracket that holds proves the price positive and in [lo, hi]
         for width in widths:
@@ -280,42 +280,42 @@ class _OutOfTime(Exception):
 
 
 def _initial_prices(
-    model: Compiled, rhs: np.ndarray, *, warm_prices: np.ndarray | None, seed: int, deadline: float | None,
+    program: Compiled, rhs: np.ndarray, *, warm_prices: np.ndarray | None, seed: int, deadline: float | None,
     info: SolveInfo,
 ) -> tuple[np.ndarray, float]:
     """Starting prices, and the share of queries (closest to a tie) whose near-best columns join the first
     restricted LP: one coupling row gets its exact price by bisection (a tiny first master; a warm start
-    narrows its bracket), a warm start its prices, a large model the LP optimum of a nested sample (recursively), a small one zero (and the master
+    narrows its bracket), a warm start its prices, a large program the LP optimum of a nested sample (recursively), a small one zero (and the master
     is the whole LP)."""
     k = len(rhs)
     warm = warm_prices is not None and len(warm_prices) == k
-    if k == 1 and model.n > BASE_QUERIES:
+    if k == 1 and program.n > BASE_QUERIES:
         guess = float(warm_prices[0]) if warm and warm_prices is not None else None
-        if (single := _single_row_price(model, rhs, guess)) is not None:
+        if (single := _single_row_price(program, rhs, guess)) is not None:
             return np.array([single]), 0.0
     if warm and warm_prices is not None:
         return np.asarray(warm_prices, dtype=np.float64), ACTIVE_FRACTION
-    if model.n > BASE_QUERIES:
+    if program.n > BASE_QUERIES:
         rng = np.random.default_rng(seed)
-        size = max(BASE_QUERIES, model.n // LEVEL_FACTOR)
-        queries = np.sort(rng.choice(model.n, size=size, replace=False))
+        size = max(BASE_QUERIES, program.n // LEVEL_FACTOR)
+        queries = np.sort(rng.choice(program.n, size=size, replace=False))
         try:
-            return solve_lp(subset(model, queries), seed=seed + 1, deadline=deadline, info=info, nested=True).lam, ACTIVE_FRACTION
+            return solve_lp(subset(program, queries), seed=seed + 1, deadline=deadline, info=info, nested=True).lam, ACTIVE_FRACTION
         except _OutOfTime as out:  # the sample ran out of time: its own starting prices will do
             info.converged = False
             return out.lam, ACTIVE_FRACTION
     return np.zeros(k), 1.0
 
 
-def _entering(model: Compiled, master: Master, eps: float, max_add: int) -> np.ndarray | None:
-    """Pricing on the full model at the master's duals: the master's candidate columns plus the best
+def _entering(program: Compiled, master: Master, eps: float, max_add: int) -> np.ndarray | None:
+    """Pricing on the full program at the master's duals: the master's candidate columns plus the best
     columns of the queries whose best lies outside them (the most violated ``max_add`` of those), or None
     when there are none: then the master's optimum is the full LP's."""
-    pricing = price(model, master.lam, margin=False)
-    cand = np.zeros(model.m, dtype=bool)
+    pricing = price(program, master.lam, margin=False)
+    cand = np.zeros(program.m, dtype=bool)
     cand[master.base] = True
     cand[master.extra] = True
-    cmax = np.maximum.reduceat(np.where(cand, pricing.r, -np.inf), model.starts[:-1])
+    cmax = np.maximum.reduceat(np.where(cand, pricing.r, -np.inf), program.starts[:-1])
     violators = np.flatnonzero(pricing.best > cmax + eps)
     if len(violators) == 0:
         return None
@@ -326,7 +326,7 @@ def _entering(model: Compiled, master: Master, eps: float, max_add: int) -> np.n
 
 
 def solve_lp(
-    model: Compiled,
+    program: Compiled,
     *,
     warm_prices: np.ndarray | None = None,
     seed: int = 0,
@@ -334,21 +334,21 @@ def solve_lp(
     info: SolveInfo | None = None,
     nested: bool = False,
 ) -> Master:
-    """The full LP optimum: initial prices (``_initial_prices``), then column generation on ``model``: solve
+    """The full LP optimum: initial prices (``_initial_prices``), then column generation on ``program``: solve
     the restricted LP, price every column at its duals, add what would enter, until nothing does.
 
     Out of time (``deadline``) after a first master: that master (a feasible LP point) with
     ``info.converged`` False; before one: SolverError (``_OutOfTime`` inside a nested sample)."""
     info = info if info is not None else SolveInfo()
-    rhs = model.le_rhs()
-    penalties = _penalties(model)
-    lam, fraction = _initial_prices(model, rhs, warm_prices=warm_prices, seed=seed, deadline=deadline, info=info)
-    pricing = price(model, lam)
+    rhs = program.le_rhs()
+    penalties = _penalties(program)
+    lam, fraction = _initial_prices(program, rhs, warm_prices=warm_prices, seed=seed, deadline=deadline, info=info)
+    pricing = price(program, lam)
     base = pricing.best_col
-    extra = _near_columns(model, pricing, fraction, MIN_ACTIVE)
-    scale = max(float(np.abs(model.c).max()) if model.m else 1.0, 1e-12)
-    base_usage = (model.le_usage_cols(base), float(model.c[base].sum()))
-    level = Level(n=model.n)
+    extra = _near_columns(program, pricing, fraction, MIN_ACTIVE)
+    scale = max(float(np.abs(program.c).max()) if program.m else 1.0, 1e-12)
+    base_usage = (program.le_usage_cols(base), float(program.c[base].sum()))
+    level = Level(n=program.n)
     info.levels.append(level)
     master: Master | None = None
     for _ in range(MAX_ROUNDS):
@@ -361,30 +361,30 @@ def solve_lp(
             options = {**LP_OPTIONS, "time_limit": max(left, 0.5 if master is None else 0.05)}
         started = time.perf_counter()
         try:
-            master = solve_master(model, base, extra, rhs, penalties, options=options, base_usage=base_usage)
+            master = solve_master(program, base, extra, rhs, penalties, options=options, base_usage=base_usage)
         except SolverError:
             if deadline is None or time.perf_counter() < deadline:
                 raise
             if master is None:
                 if nested:
                     raise _OutOfTime(lam) from None
-                raise SolverError(f"decompose: time limit reached before the first restricted LP of {model.n} "
+                raise SolverError(f"decompose: time limit reached before the first restricted LP of {program.n} "
                                   "queries was solved (no feasible point yet)") from None
             info.converged = level.converged = False
             return master
         level.masters.append((len(extra), round(time.perf_counter() - started, 3)))
-        entering = _entering(model, master, 1e-9 * scale, max(MAX_ADD, model.n // 100))
+        entering = _entering(program, master, 1e-9 * scale, max(MAX_ADD, program.n // 100))
         if entering is None:
             return master
         extra = entering
     raise SolverError(f"decompose: pricing did not converge in {MAX_ROUNDS} rounds")
 
 
-def lp_assignment(model: Compiled, master: Master) -> tuple[np.ndarray, np.ndarray]:
+def lp_assignment(program: Compiled, master: Master) -> tuple[np.ndarray, np.ndarray]:
     """(column per query with the largest LP weight, ids of queries the LP splits)."""
     cols = master.base.copy()
-    qe = model.query[master.extra]
-    moved = np.bincount(qe, weights=master.y, minlength=model.n)
+    qe = program.query[master.extra]
+    moved = np.bincount(qe, weights=master.y, minlength=program.n)
     # per query the extra with the largest y
     order = np.lexsort((-master.y, qe))
     first = np.ones(len(order), dtype=bool)
@@ -400,7 +400,7 @@ def lp_assignment(model: Compiled, master: Master) -> tuple[np.ndarray, np.ndarr
     return cols, frac
 
 
-def polish(model: Compiled, cols: np.ndarray, queries: np.ndarray, *, time_limit: float = 10.0,
+def polish(program: Compiled, cols: np.ndarray, queries: np.ndarray, *, time_limit: float = 10.0,
            per_query: int | None = None, lam: np.ndarray | None = None, gap: float = 1e-7,
            tight: bool = True) -> tuple[np.ndarray, HighsResult]:
     """Integer re-optimisation of ``queries`` with every other query fixed at ``cols``.
@@ -408,14 +408,14 @@ def polish(model: Compiled, cols: np.ndarray, queries: np.ndarray, *, time_limit
     ``per_query``: keep only that many columns per query (best reduced cost under ``lam``, plus the
     current one); None keeps all (exact over those queries).
     """
-    rhs = model.le_rhs()
+    rhs = program.le_rhs()
     k = len(rhs)
-    counts = np.diff(model.starts)[queries]
+    counts = np.diff(program.starts)[queries]
     heads = np.zeros(len(queries), dtype=np.int64)
     heads[1:] = np.cumsum(counts)[:-1]
-    all_cols = np.repeat(model.starts[queries], counts) + (np.arange(int(counts.sum())) - np.repeat(heads, counts))
+    all_cols = np.repeat(program.starts[queries], counts) + (np.arange(int(counts.sum())) - np.repeat(heads, counts))
     if per_query is not None and lam is not None:
-        r = model.c[all_cols] - _column_prices(model, all_cols, lam)
+        r = program.c[all_cols] - _column_prices(program, all_cols, lam)
         qpos = np.repeat(np.arange(len(queries)), counts)
         order = np.lexsort((-r, qpos))
         rank = np.arange(len(order)) - np.repeat(heads, counts)
@@ -423,18 +423,18 @@ def polish(model: Compiled, cols: np.ndarray, queries: np.ndarray, *, time_limit
         keep[order[rank < per_query]] = True
         keep |= np.isin(all_cols, cols[queries])
         all_cols = all_cols[keep]
-    fixed = np.ones(model.n, dtype=bool)
+    fixed = np.ones(program.n, dtype=bool)
     fixed[queries] = False
-    residual = rhs - model.le_usage_cols(cols[fixed])
-    r_idx, c_idx, vals = model.matrix(all_cols)
-    qpos = np.searchsorted(queries, model.query[all_cols])
+    residual = rhs - program.le_usage_cols(cols[fixed])
+    r_idx, c_idx, vals = program.matrix(all_cols)
+    qpos = np.searchsorted(queries, program.query[all_cols])
     nc = len(all_cols)
     a = sp.csc_array((np.concatenate([vals, np.ones(nc)]), (np.concatenate([r_idx, k + qpos]), np.concatenate([c_idx, np.arange(nc)]))),
                      shape=(k + len(queries), nc))
-    # The callers re-check every answer with check_feasible, so the improvement polish (tight=False) runs at
+    # The callers re-check every answer with violated_rows, so the improvement polish (tight=False) runs at
     # HiGHS's defaults (3x+ faster) and just drops an answer that overshoots.
     tols = TIGHT_MIP_TOLERANCES if tight else {}
-    res = run_highs(model.c[all_cols], np.zeros(nc), np.ones(nc),
+    res = run_highs(program.c[all_cols], np.zeros(nc), np.ones(nc),
                     np.concatenate([np.full(k, -np.inf), np.ones(len(queries))]), np.concatenate([residual, np.ones(len(queries))]),
                     a, integer=True, options={"mip_rel_gap": gap, "time_limit": max(float(time_limit), 0.05),
                                               **tols})
@@ -442,34 +442,34 @@ def polish(model: Compiled, cols: np.ndarray, queries: np.ndarray, *, time_limit
         return cols, res
     out = cols.copy()
     chosen = all_cols[res.x > 0.5]
-    out[model.query[chosen]] = chosen
+    out[program.query[chosen]] = chosen
     return out, res
 
 
-def _column_prices(model: Compiled, cols: np.ndarray, lam: np.ndarray) -> np.ndarray:
-    r_idx, c_idx, vals = model.matrix(cols)
+def _column_prices(program: Compiled, cols: np.ndarray, lam: np.ndarray) -> np.ndarray:
+    r_idx, c_idx, vals = program.matrix(cols)
     return np.bincount(c_idx, weights=vals * lam[r_idx], minlength=len(cols))
 
 
-def greedy_repair(model: Compiled, cols: np.ndarray, queries: np.ndarray) -> np.ndarray:
+def greedy_repair(program: Compiled, cols: np.ndarray, queries: np.ndarray) -> np.ndarray:
     """Move each of ``queries`` in turn to its best column that keeps every row within its limit
     (or, if none does, to the one violating least). Incremental: one full pass, then per-column deltas."""
     out = cols.copy()
-    rhs = model.le_rhs()
+    rhs = program.le_rhs()
     k = len(rhs)
-    keep = np.ones(model.n, dtype=bool)
+    keep = np.ones(program.n, dtype=bool)
     keep[queries] = False
-    usage = model.le_usage_cols(out[keep])
+    usage = program.le_usage_cols(out[keep])
     for q in queries:
-        cand = np.arange(model.starts[q], model.starts[q + 1])
-        r_idx, c_idx, vals = model.matrix(cand)
+        cand = np.arange(program.starts[q], program.starts[q + 1])
+        r_idx, c_idx, vals = program.matrix(cand)
         use = np.zeros((len(cand), k))
         np.add.at(use, (c_idx, r_idx), vals)
         after = usage[None, :] + use
         rel = (after - rhs[None, :]) / np.maximum(1.0, np.abs(rhs))[None, :]
         viol = np.maximum(rel, 0.0).sum(axis=1)
         ok = (rel <= 0.5 * FEAS_TOL).all(axis=1)
-        pick = int(np.argmax(np.where(ok, model.c[cand], -np.inf))) if ok.any() else int(np.argmin(viol))
+        pick = int(np.argmax(np.where(ok, program.c[cand], -np.inf))) if ok.any() else int(np.argmin(viol))
         out[q] = cand[pick]
         usage = after[pick]
     return out
@@ -482,13 +482,13 @@ ESCALATION = (300, 3_000, 30_000)  # neighbourhood sizes (queries) of the repair
 FULL_MILP_QUERIES = 50_000  # the last resort (a MILP over every query) only up to this size
 
 
-def _violation(model: Compiled, cols: np.ndarray) -> np.ndarray:
+def _violation(program: Compiled, cols: np.ndarray) -> np.ndarray:
     """Per <= row: how far the assignment exceeds its limit, in units of max(1, |limit|) (<= 0: within)."""
-    rhs = model.le_rhs()
-    return (model.le_usage_cols(cols) - rhs) / np.maximum(1.0, np.abs(rhs))
+    rhs = program.le_rhs()
+    return (program.le_usage_cols(cols) - rhs) / np.maximum(1.0, np.abs(rhs))
 
 
-def _helpful(model: Compiled, cols: np.ndarray, over: np.ndarray, count: int,
+def _helpful(program: Compiled, cols: np.ndarray, over: np.ndarray, count: int,
              lam: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per query its best move for the violated rows: (queries, target columns), the ``count`` best first.
 
@@ -499,55 +499,55 @@ def _helpful(model: Compiled, cols: np.ndarray, over: np.ndarray, count: int,
     max(loss, tiny), over moves with gain > 0. Signed rows are fine: any column whose coefficients lower
     the violated rows counts, whatever their sign.
     """
-    rhs = model.le_rhs()
+    rhs = program.le_rhs()
     scale = np.maximum(1.0, np.abs(rhs))
     w = np.where(over > 0, 1.0 / np.maximum(over * scale, 1e-300), 0.0)
-    s = model.c - model.reduced(w)  # A^T w
-    r = model.c if lam is None else model.reduced(lam)
-    cur = cols[model.query]
+    s = program.c - program.reduced(w)  # A^T w
+    r = program.c if lam is None else program.reduced(lam)
+    cur = cols[program.query]
     gain = s[cur] - s
     loss = r[cur] - r
-    tiny = 1e-12 * max(float(np.abs(model.c).max()) if model.m else 1.0, 1e-12)
+    tiny = 1e-12 * max(float(np.abs(program.c).max()) if program.m else 1.0, 1e-12)
     eff = np.where(gain > 1e-15, gain / np.maximum(loss, tiny), -np.inf)
-    heads = model.starts[:-1]
+    heads = program.starts[:-1]
     best = np.maximum.reduceat(eff, heads)
-    hit = np.flatnonzero(eff >= best[model.query])
+    hit = np.flatnonzero(eff >= best[program.query])
     first = np.ones(len(hit), dtype=bool)
-    first[1:] = model.query[hit][1:] != model.query[hit][:-1]
+    first[1:] = program.query[hit][1:] != program.query[hit][:-1]
     best_col = hit[first]
     qs = np.flatnonzero(np.isfinite(best))
     order = qs[np.argsort(-best[qs], kind="stable")][:count]
-    return order, best_col[order] if len(best_col) == model.n else np.zeros(0, np.int64)
+    return order, best_col[order] if len(best_col) == program.n else np.zeros(0, np.int64)
 
 
-def _row_deltas(model: Compiled, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+def _row_deltas(program: Compiled, src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     """Dense (len(src), K) change of every <= row when moving from column src[i] to dst[i]."""
-    out = np.zeros((len(src), model.k))
-    r_idx, c_idx, vals = model.matrix(dst)
+    out = np.zeros((len(src), program.k))
+    r_idx, c_idx, vals = program.matrix(dst)
     np.add.at(out, (c_idx, r_idx), vals)
-    r_idx, c_idx, vals = model.matrix(src)
+    r_idx, c_idx, vals = program.matrix(src)
     np.add.at(out, (c_idx, r_idx), -vals)
     return out
 
 
-def move_repair(model: Compiled, cols: np.ndarray, *, lam: np.ndarray | None = None, rounds: int = 5,
+def move_repair(program: Compiled, cols: np.ndarray, *, lam: np.ndarray | None = None, rounds: int = 5,
                 candidates: int = 5_000) -> np.ndarray:
     """Greedy feasibility repair by moving *any* queries: the moves that lower the violated rows most
     per unit of (LP-priced) objective lost, one by one, each accepted only if it pushes no row past its
     limit (or further past it); until no row is violated. Returns the (possibly still infeasible) plan."""
     out = cols.copy()
-    rhs = model.le_rhs()
+    rhs = program.le_rhs()
     scale = np.maximum(1.0, np.abs(rhs))
-    usage = model.le_usage_cols(out)
+    usage = program.le_usage_cols(out)
     for _ in range(rounds):
         over = (usage - rhs) / scale
         bad = over > 0.5 * FEAS_TOL
         if not bad.any():
             break
-        queries, targets = _helpful(model, out, np.where(bad, over, 0.0), candidates, lam)
+        queries, targets = _helpful(program, out, np.where(bad, over, 0.0), candidates, lam)
         if len(queries) == 0:
             break
-        deltas = _row_deltas(model, out[queries], targets)
+        deltas = _row_deltas(program, out[queries], targets)
         moved = 0
         for i in range(len(queries)):
             d = deltas[i]
@@ -563,24 +563,24 @@ def move_repair(model: Compiled, cols: np.ndarray, *, lam: np.ndarray | None = N
                 break
         if moved == 0:
             break
-        usage = model.le_usage_cols(out)  # exact, no drift
+        usage = program.le_usage_cols(out)  # exact, no drift
     return out
 
 
-def _neighbourhood(model: Compiled, cols: np.ndarray, frac: np.ndarray, margin: np.ndarray | None, size: int,
+def _neighbourhood(program: Compiled, cols: np.ndarray, frac: np.ndarray, margin: np.ndarray | None, size: int,
                    lam: np.ndarray | None = None) -> np.ndarray:
     """``frac`` plus the queries whose moves help the violated rows most plus the closest-to-tie ones."""
-    over = np.maximum(_violation(model, cols), 0.0)
+    over = np.maximum(_violation(program, cols), 0.0)
     parts = [frac]
     if (over > FEAS_TOL).any():
-        parts.append(_helpful(model, cols, np.where(over > FEAS_TOL, over, 0.0), size // 2, lam)[0])
+        parts.append(_helpful(program, cols, np.where(over > FEAS_TOL, over, 0.0), size // 2, lam)[0])
     if margin is not None and len(margin):
-        n_near = min(model.n, max(size - sum(len(p) for p in parts), size // 4))
-        parts.append(np.argpartition(margin, n_near - 1)[:n_near] if n_near < model.n else np.arange(model.n))
+        n_near = min(program.n, max(size - sum(len(p) for p in parts), size // 4))
+        parts.append(np.argpartition(margin, n_near - 1)[:n_near] if n_near < program.n else np.arange(program.n))
     return np.unique(np.concatenate(parts).astype(np.int64))
 
 
-def round_and_repair(model: Compiled, cols: np.ndarray, frac: np.ndarray, margin: np.ndarray | None,
+def round_and_repair(program: Compiled, cols: np.ndarray, frac: np.ndarray, margin: np.ndarray | None,
                      polish_queries: int, time_limit: float, lam: np.ndarray | None = None,
                      deadline: float | None = None, bound: float | None = None) -> tuple[np.ndarray, Rounding]:
     """Integral assignment from an LP one.
@@ -598,57 +598,57 @@ def round_and_repair(model: Compiled, cols: np.ndarray, frac: np.ndarray, margin
     def left(cap: float) -> float:
         return cap if deadline is None else max(min(cap, deadline - time.perf_counter()), 0.05)
 
-    if model.n <= EXACT_QUERIES:
-        out, res = polish(model, cols, np.arange(model.n), time_limit=left(time_limit))
-        if res.has_solution and not check_feasible(model, out):
-            return out, Rounding("exact", model.n, res.status, res.mip_dual_bound if res.optimal else None)
+    if program.n <= EXACT_QUERIES:
+        out, res = polish(program, cols, np.arange(program.n), time_limit=left(time_limit))
+        if res.has_solution and not violated_rows(program, out):
+            return out, Rounding("exact", program.n, res.status, res.mip_dual_bound if res.optimal else None)
         if res.status == "kInfeasible":
-            violated = check_feasible(model, cols) or model.row_names
+            violated = violated_rows(program, cols) or program.row_names
             raise InfeasibleError(violated, "no integral assignment exists (proved by a MILP over every query), "
                                   f"although the LP relaxation is feasible; loosen {violated}", {})
         cols = out
-    out = greedy_repair(model, cols, frac)
+    out = greedy_repair(program, cols, frac)
     info = Rounding("greedy")
-    if check_feasible(model, out):
-        out = move_repair(model, out, lam=lam)
+    if violated_rows(program, out):
+        out = move_repair(program, out, lam=lam)
         info.repair = "moves"
-    if check_feasible(model, out):
-        sizes = [s for s in ESCALATION if s < model.n] + ([model.n] if model.n <= FULL_MILP_QUERIES else [])
+    if violated_rows(program, out):
+        sizes = [s for s in ESCALATION if s < program.n] + ([program.n] if program.n <= FULL_MILP_QUERIES else [])
         for size in sizes:
-            queries = np.arange(model.n) if size >= model.n else _neighbourhood(model, out, frac, margin, size, lam)
-            cand, res = polish(model, out, queries, time_limit=left(max(time_limit, 2.0)), gap=1e-4)
+            queries = np.arange(program.n) if size >= program.n else _neighbourhood(program, out, frac, margin, size, lam)
+            cand, res = polish(program, out, queries, time_limit=left(max(time_limit, 2.0)), gap=1e-4)
             info.repair, info.polish_queries, info.polish_status = f"milp[{len(queries)}]", len(queries), res.status
-            if res.has_solution and not check_feasible(model, cand):
+            if res.has_solution and not violated_rows(program, cand):
                 out = cand
                 break
-            if res.status == "kInfeasible" and len(queries) == model.n:
-                violated = check_feasible(model, out)
+            if res.status == "kInfeasible" and len(queries) == program.n:
+                violated = violated_rows(program, out)
                 raise InfeasibleError(violated, "no integral assignment exists (proved by a MILP over every query), "
                                       f"although the LP relaxation is feasible; loosen {violated}", {})
             if deadline is not None and time.perf_counter() > deadline:
                 break
         else:
-            if check_feasible(model, out):
-                raise SolverError(f"decompose: no integral assignment found within {check_feasible(model, out)} "
+            if violated_rows(program, out):
+                raise SolverError(f"decompose: no integral assignment found within {violated_rows(program, out)} "
                                   f"by repair MILPs over up to {sizes[-1] if sizes else 0} queries (the LP is feasible)")
-        if check_feasible(model, out):
-            raise SolverError(f"decompose: time limit reached while repairing {check_feasible(model, out)}")
-    good_enough = bound is not None and bound - float(model.c[out].sum()) <= POLISH_SKIP_GAP * max(abs(bound), 1e-12)
+        if violated_rows(program, out):
+            raise SolverError(f"decompose: time limit reached while repairing {violated_rows(program, out)}")
+    good_enough = bound is not None and bound - float(program.c[out].sum()) <= POLISH_SKIP_GAP * max(abs(bound), 1e-12)
     info.polish_skipped = good_enough
     if margin is not None and len(margin) and polish_queries > 0 and not good_enough:
-        n_near = min(model.n, polish_queries)
-        near = np.argpartition(margin, n_near - 1)[:n_near] if n_near < model.n else np.arange(model.n)
+        n_near = min(program.n, polish_queries)
+        near = np.argpartition(margin, n_near - 1)[:n_near] if n_near < program.n else np.arange(program.n)
         queries = np.union1d(near, frac)
-        cand, res = polish(model, out, queries, time_limit=left(min(time_limit, 1.0)), per_query=3, lam=lam,
+        cand, res = polish(program, out, queries, time_limit=left(min(time_limit, 1.0)), per_query=3, lam=lam,
                            gap=1e-6, tight=False)
         info.polish_queries, info.polish_status = len(queries), res.status
-        if res.has_solution and not check_feasible(model, cand) and model.c[cand].sum() >= model.c[out].sum():
+        if res.has_solution and not violated_rows(program, cand) and program.c[cand].sum() >= program.c[out].sum():
             out = cand
     return out, info
 
 
 def solve_decompose(
-    model: Compiled,
+    program: Compiled,
     *,
     warm_prices: np.ndarray | None = None,
     time_limit: float | None = None,
@@ -658,47 +658,47 @@ def solve_decompose(
 ) -> Solution:
     t0 = time.perf_counter()
     deadline = None if time_limit is None else t0 + time_limit
-    rhs = model.le_rhs()
+    rhs = program.le_rhs()
     if len(rhs) == 0:
-        pricing = price(model, np.zeros(0))
-        return build_solution(model, pricing.best_col, bound=float(pricing.best.sum()), method="decompose",
+        pricing = price(program, np.zeros(0))
+        return build_solution(program, pricing.best_col, bound=float(pricing.best.sum()), method="decompose",
                               seconds=time.perf_counter() - t0, prices=np.zeros(0), gap_tol=gap_tol)
     info = SolveInfo()
-    master = solve_lp(model, warm_prices=warm_prices, seed=seed, deadline=deadline, info=info)
+    master = solve_lp(program, warm_prices=warm_prices, seed=seed, deadline=deadline, info=info)
     info.timings["lp"] = time.perf_counter() - t0
     if np.any(master.slack > 1e-7 * np.maximum(1.0, np.abs(rhs))):
         if not info.converged:
             raise SolverError(f"decompose: time limit ({time_limit} s) reached before a feasible LP point was found")
-        raise diagnose(model, elastic={n: float(s) for n, s in zip(model.row_names, master.slack, strict=True) if s > 1e-9})
+        raise diagnose(program, elastic={n: float(s) for n, s in zip(program.row_names, master.slack, strict=True) if s > 1e-9})
     lam = master.lam
-    pricing = price(model, lam)
+    pricing = price(program, lam)
     bound = float(pricing.best.sum() + lam @ rhs)  # valid for any lam >= 0
-    cols, frac = lp_assignment(model, master)
+    cols, frac = lp_assignment(program, master)
     remaining = 10.0 if deadline is None else max(deadline - time.perf_counter(), 1.0)
-    cols, info.rounding = round_and_repair(model, cols, frac, pricing.margin, polish_queries, min(10.0, remaining),
+    cols, info.rounding = round_and_repair(program, cols, frac, pricing.margin, polish_queries, min(10.0, remaining),
                                            lam, deadline=deadline, bound=bound)
     if info.rounding.polish_bound is not None and np.isfinite(info.rounding.polish_bound):
         bound = min(bound, float(info.rounding.polish_bound))
-    violated = check_feasible(model, cols)
+    violated = violated_rows(program, cols)
     if violated:  # round_and_repair raises first; kept as a last guard, never returns a violating plan
         raise SolverError(f"decompose: no integral assignment found within the limits of {violated}")
     info.timings["total"] = time.perf_counter() - t0
     info.prices, info.fractional, info.lp_value = lam, len(frac), master.value
-    return build_solution(model, cols, bound=bound, method="decompose", seconds=time.perf_counter() - t0,
+    return build_solution(program, cols, bound=bound, method="decompose", seconds=time.perf_counter() - t0,
                           prices=lam, gap_tol=gap_tol, info=info)
 
 
-def repair_lp_solution(model: Compiled, solution: Solution, *, method: str) -> Solution:
+def repair_lp_solution(program: Compiled, solution: Solution, *, method: str) -> Solution:
     """Round an LP solution (from CVXPY) to integers: polish its fractional queries, keep its bound and duals."""
     x = solution.info.lp_x
     if x is None:
         return solution
-    frac = np.unique(model.query[(x > 1e-7) & (x < 1 - 1e-7)])
-    order = np.lexsort((-x, model.query))
-    first = np.searchsorted(model.query[order], np.arange(model.n))
+    frac = np.unique(program.query[(x > 1e-7) & (x < 1 - 1e-7)])
+    order = np.lexsort((-x, program.query))
+    first = np.searchsorted(program.query[order], np.arange(program.n))
     cols = order[first]
-    prices = np.array([solution.shadow_prices.get(n, 0.0) for n in model.row_names])
-    margin = price(model, prices).margin if len(prices) else None
-    cols, _ = round_and_repair(model, cols, frac, margin, POLISH_QUERIES, 10.0, prices if len(prices) else None)
-    bound = model.sign * solution.bound
-    return build_solution(model, cols, bound=bound, method=method, seconds=solution.solve_seconds, prices=prices)
+    prices = np.array([solution.shadow_prices.get(n, 0.0) for n in program.row_names])
+    margin = price(program, prices).margin if len(prices) else None
+    cols, _ = round_and_repair(program, cols, frac, margin, POLISH_QUERIES, 10.0, prices if len(prices) else None)
+    bound = program.sign * solution.bound
+    return build_solution(program, cols, bound=bound, method=method, seconds=solution.solve_seconds, prices=prices)

@@ -20,22 +20,22 @@ from optimizer.compiled import Compiled, RowFamily
 from optimizer.solution import InfeasibleError
 
 
-def _per_query(model: Compiled, values: np.ndarray, ufunc: np.ufunc) -> np.ndarray:
-    return ufunc.reduceat(values, model.starts[:-1]) if model.m else np.zeros(model.n)
+def _per_query(program: Compiled, values: np.ndarray, ufunc: np.ufunc) -> np.ndarray:
+    return ufunc.reduceat(values, program.starts[:-1]) if program.m else np.zeros(program.n)
 
 
-def empty_queries(model: Compiled) -> np.ndarray:
-    return np.flatnonzero(np.diff(model.starts) == 0)
+def empty_queries(program: Compiled) -> np.ndarray:
+    return np.flatnonzero(np.diff(program.starts) == 0)
 
 
-def row_extremes(model: Compiled, family: RowFamily) -> tuple[np.ndarray, np.ndarray]:
+def row_extremes(program: Compiled, family: RowFamily) -> tuple[np.ndarray, np.ndarray]:
     """Per row: (smallest, largest) reachable usage, each query independently at its extreme."""
     lo, hi = np.zeros(family.size), np.zeros(family.size)
-    nonempty = np.diff(model.starts) > 0
+    nonempty = np.diff(program.starts) > 0
     for g in range(family.size):
         contrib = np.where(family.gid == g, family.coef, 0.0)
-        lo[g] = float(_per_query(model, contrib, np.minimum)[nonempty].sum())
-        hi[g] = float(_per_query(model, contrib, np.maximum)[nonempty].sum())
+        lo[g] = float(_per_query(program, contrib, np.minimum)[nonempty].sum())
+        hi[g] = float(_per_query(program, contrib, np.maximum)[nonempty].sum())
     return lo, hi
 
 
@@ -63,9 +63,9 @@ def _describe(row: str, fix: dict[str, Any]) -> str:
     return f"{row}: {fix}"
 
 
-def diagnose(model: Compiled, elastic: dict[str, float] | None = None) -> InfeasibleError:
-    """Build the typed error for an infeasible model. ``elastic``: row -> slack needed, from an elastic LP."""
-    empty = empty_queries(model)
+def diagnose(program: Compiled, elastic: dict[str, float] | None = None) -> InfeasibleError:
+    """Build the typed error for an infeasible program. ``elastic``: row -> slack needed, from an elastic LP."""
+    empty = empty_queries(program)
     if len(empty):
         return InfeasibleError(
             "allowed",
@@ -73,8 +73,8 @@ def diagnose(model: Compiled, elastic: dict[str, float] | None = None) -> Infeas
             {"queries_without_options": empty[:100].tolist(), "allow_deferral": True},
         )
     faults: dict[str, dict[str, Any]] = {}
-    for family in model.families:
-        lo, hi = row_extremes(model, family)
+    for family in program.families:
+        lo, hi = row_extremes(program, family)
         for g, name in enumerate(family.names):
             s = _row_suggestion(family, g, float(lo[g]), float(hi[g]))
             if s is not None:
@@ -86,15 +86,15 @@ def diagnose(model: Compiled, elastic: dict[str, float] | None = None) -> Infeas
         return InfeasibleError(names[0] if len(names) == 1 else names, f"infeasible on its own: {what}", suggestion)
     if elastic:
         at_fault = {n: s for n, s in elastic.items() if s > 0}
-        limits = {n: float(r) for f in model.families for n, r in zip(f.names, f.rhs, strict=True)}
-        senses = {n: f.sense for f in model.families for n in f.names}
+        limits = {n: float(r) for f in program.families for n, r in zip(f.names, f.rhs, strict=True)}
+        senses = {n: f.sense for f in program.families for n in f.names}
         change = {
             n: {"change": float(s if senses[n] == "<=" else -s),
                 "feasible_limit": float(limits[n] + (s if senses[n] == "<=" else -s))}
             for n, s in at_fault.items()
         }
         names = list(change) or ["<joint>"]
-        budget_rows = [n for n in names if n in limits and model.families and _kind(model, n) == "budget"]
+        budget_rows = [n for n in names if n in limits and program.families and _kind(program, n) == "budget"]
         suggestion: dict[str, Any] = {"rows": change}  # type: ignore[no-redef]
         if budget_rows:
             suggestion["min_budget"] = change[budget_rows[0]]["feasible_limit"]
@@ -104,8 +104,8 @@ def diagnose(model: Compiled, elastic: dict[str, float] | None = None) -> Infeas
     return InfeasibleError("<joint>", "the constraints are jointly infeasible", {})
 
 
-def _kind(model: Compiled, row: str) -> str:
-    for f in model.families:
+def _kind(program: Compiled, row: str) -> str:
+    for f in program.families:
         if row in f.names:
             return f.kind
     return ""

@@ -10,7 +10,7 @@ import numpy as np
 import scipy.sparse as sp
 
 # HiGHS's default feasibility tolerances (1e-6/1e-7, absolute) let a MILP answer overshoot a small budget
-# (a few cents) by more than check_feasible's 1e-9 relative: every MILP whose answer is used runs with these.
+# (a few cents) by more than violated_rows's 1e-9 relative: every MILP whose answer is used runs with these.
 TIGHT_MIP_TOLERANCES = {"mip_feasibility_tolerance": 1e-10, "primal_feasibility_tolerance": 1e-10}
 
 

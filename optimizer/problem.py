@@ -11,7 +11,7 @@ Options table, one row per (query, option):
 | accuracy | Float64 | expected accuracy (floors) |
 | any other | numeric / string | resource columns (``Capacity``) and group columns (tenant, task, model) |
 
-The compiled model lays the options out query by query (``starts[q]:starts[q+1]``), real options sorted by
+The compiled program lays the options out query by query (``starts[q]:starts[q+1]``), real options sorted by
 option id, then one *deferral* column for each deferrable query (value, cost and every coefficient 0).
 Every query takes exactly one column.
 """
@@ -86,11 +86,11 @@ def _filters(constraints: Sequence[Constraint]) -> list[Allowed]:
     return [c for c in constraints if isinstance(c, Allowed)]
 
 
-def recompile_rows(model: Compiled, specs: Sequence[Constraint], constraints: Sequence[Constraint]) -> Compiled:
-    """``model`` (compiled under ``specs``) with the rows of ``constraints``: the arrays are shared, a spec
+def recompile_rows(program: Compiled, specs: Sequence[Constraint], constraints: Sequence[Constraint]) -> Compiled:
+    """``program`` (compiled under ``specs``) with the rows of ``constraints``: the arrays are shared, a spec
     equal to one of ``specs`` keeps its row family, the others are built."""
-    known = list(zip(_rows(specs), model.families, strict=True))  # specs hold dicts: compared, not hashed
-    out = dataclasses.replace(model, families=[], _terms=None)
+    known = list(zip(_rows(specs), program.families, strict=True))  # specs hold dicts: compared, not hashed
+    out = dataclasses.replace(program, families=[], _terms=None)
     out.families = [next((f for s, f in known if s == spec), None) or spec.rows(out) for spec in _rows(constraints)]
     return out
 
@@ -163,7 +163,7 @@ def compile_problem(problem: Problem) -> Compiled:
         rank = np.arange(len(q_real), dtype=np.int64) - np.repeat(np.cumsum(real_counts) - real_counts, real_counts)
         real = starts[q_real] + rank
         query = np.repeat(np.arange(n, dtype=np.int64), counts)
-    else:  # model columns are exactly the sorted table rows
+    else:  # program columns are exactly the sorted table rows
         real = np.arange(m, dtype=np.int64)
         query = q_real
     option = np.full(m, -1, dtype=np.int64)
@@ -177,7 +177,7 @@ def compile_problem(problem: Problem) -> Compiled:
         accuracy[real] = table["accuracy"].fill_null(0.0).to_numpy()
     sign = 1.0 if problem.objective == "max_value" else -1.0
     c = value.copy() if problem.objective == "max_value" else -cost
-    model = Compiled(n=n, m=m, starts=starts, query=query, option=option, real=real, table=table, value=value,
-                     cost=cost, accuracy=accuracy, c=c, sign=sign, objective=problem.objective)
-    model.families = [spec.rows(model) for spec in _rows(problem.constraints)]
-    return model
+    program = Compiled(n=n, m=m, starts=starts, query=query, option=option, real=real, table=table, value=value,
+                       cost=cost, accuracy=accuracy, c=c, sign=sign, objective=problem.objective)
+    program.families = [spec.rows(program) for spec in _rows(problem.constraints)]
+    return program

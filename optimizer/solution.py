@@ -36,7 +36,7 @@ class InfeasibleError(ValueError):
 
 @dataclass
 class Level:
-    """One level of the decomposition: a (sampled) model's queries and its restricted LPs."""
+    """One level of the decomposition: a (sampled) program's queries and its restricted LPs."""
 
     n: int
     masters: list[tuple[int, float]] = field(default_factory=list)  # (candidate moves, seconds) per LP
@@ -60,7 +60,7 @@ class SolveInfo:
 
     converged: bool = True  # False: the time limit cut the LP short (the bound still holds)
     prices: np.ndarray | None = None  # the LP's row prices (``<=`` form), a warm start for a neighbour
-    levels: list[Level] = field(default_factory=list)  # decompose: the nested samples, the full model last
+    levels: list[Level] = field(default_factory=list)  # decompose: the nested samples, the full program last
     fractional: int = 0  # queries the LP split
     lp_value: float | None = None
     timings: dict[str, float] = field(default_factory=dict)
@@ -114,7 +114,7 @@ def relative_gap(objective: float, bound: float, sign: float) -> float:
 
 
 def build_solution(
-    model: Compiled,
+    program: Compiled,
     cols: np.ndarray,
     *,
     bound: float,
@@ -124,24 +124,24 @@ def build_solution(
     gap_tol: float = 1e-4,
     info: SolveInfo | None = None,
 ) -> Solution:
-    """Read back one chosen model column per query into a Solution (``cols``: column index per query)."""
-    objective_max = float(model.c[cols].sum())
-    objective = model.sign * objective_max
-    bound_nat = model.sign * bound
-    gap = relative_gap(objective, bound_nat, model.sign)
-    options = model.option[cols]
+    """Read back one chosen program column per query into a Solution (``cols``: column index per query)."""
+    objective_max = float(program.c[cols].sum())
+    objective = program.sign * objective_max
+    bound_nat = program.sign * bound
+    gap = relative_gap(objective, bound_nat, program.sign)
+    options = program.option[cols]
     real = options >= 0
     chosen = pl.DataFrame(
         {"query": np.flatnonzero(real).astype(np.int64), "option": options[real]},
         schema={"query": pl.Int64, "option": pl.Int64},
     )
     deferred = np.flatnonzero(~real).astype(np.int64)
-    names = model.row_names
-    usage_le = model.le_usage_cols(cols)
-    rhs_le = model.le_rhs()
+    names = program.row_names
+    usage_le = program.le_usage_cols(cols)
+    rhs_le = program.le_rhs()
     natural_usage: dict[str, float] = {}
     limits: dict[str, float] = {}
-    for f in model.families:
+    for f in program.families:
         u = f.usage_cols(cols)
         for name, val, lim in zip(f.names, u, f.rhs, strict=True):
             natural_usage[name] = float(val)
@@ -169,15 +169,15 @@ def build_solution(
         binding=binding,
         usage=natural_usage,
         limits=limits,
-        cost=float(model.cost[cols].sum()),
-        value=float(model.value[cols].sum()),
-        accuracy=float(model.accuracy[cols].sum()),
+        cost=float(program.cost[cols].sum()),
+        value=float(program.value[cols].sum()),
+        accuracy=float(program.accuracy[cols].sum()),
         info=info or SolveInfo(),
     )
 
 
-def check_feasible(model: Compiled, cols: np.ndarray, tol: float = 1e-9) -> list[str]:
+def violated_rows(program: Compiled, cols: np.ndarray, tol: float = 1e-9) -> list[str]:
     """Names of rows an assignment violates (relative tolerance)."""
-    usage = model.le_usage_cols(cols)
-    rhs = model.le_rhs()
-    return [n for n, u, b in zip(model.row_names, usage, rhs, strict=True) if u > b + tol * max(1.0, abs(b))]
+    usage = program.le_usage_cols(cols)
+    rhs = program.le_rhs()
+    return [n for n, u, b in zip(program.row_names, usage, rhs, strict=True) if u > b + tol * max(1.0, abs(b))]

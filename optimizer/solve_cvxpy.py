@@ -1,6 +1,6 @@
 """The general formulation in CVXPY, solved by HiGHS: build the model from named pieces, solve, read back.
 
-    x[j] in {0,1} (or [0,1] for the LP)     one per model column (options + deferral columns)
+    x[j] in {0,1} (or [0,1] for the LP)     one per program column (options + deferral columns)
     sum_{j in query q} x[j] == 1             every query takes exactly one column (deferral is a column)
     define_*_constraint(...)                 one named piece per constraint spec
     maximise c @ x                           c = value (max_value) or -cost (min_cost)
@@ -21,41 +21,41 @@ import scipy.sparse as sp
 
 from optimizer.compiled import Compiled, RowFamily
 from optimizer.highs_lp import TIGHT_MIP_TOLERANCES
-from optimizer.solution import Solution, SolveInfo, SolverError, build_solution, check_feasible
+from optimizer.solution import Solution, SolveInfo, SolverError, build_solution, violated_rows
 
 MIP_REL_GAP = 1e-6
 
 
-def _family_matrix(model: Compiled, family: RowFamily) -> sp.csr_array:
+def _family_matrix(program: Compiled, family: RowFamily) -> sp.csr_array:
     keep = (family.gid >= 0) & (family.coef != 0)
     idx = np.flatnonzero(keep)
-    return sp.csr_array((family.coef[idx], (family.gid[idx], idx)), shape=(family.size, model.m))
+    return sp.csr_array((family.coef[idx], (family.gid[idx], idx)), shape=(family.size, program.m))
 
 
-def define_assignment_constraint(x: cp.Variable, model: Compiled) -> cp.Constraint:
+def define_assignment_constraint(x: cp.Variable, program: Compiled) -> cp.Constraint:
     """Every query takes exactly one column."""
-    select = sp.csr_array((np.ones(model.m), (model.query, np.arange(model.m))), shape=(model.n, model.m))
+    select = sp.csr_array((np.ones(program.m), (program.query, np.arange(program.m))), shape=(program.n, program.m))
     return select @ x == 1
 
 
-def define_budget_constraint(x: cp.Variable, model: Compiled, family: RowFamily) -> cp.Constraint:
+def define_budget_constraint(x: cp.Variable, program: Compiled, family: RowFamily) -> cp.Constraint:
     """Total cost <= limit (one row)."""
-    return _family_matrix(model, family) @ x <= family.rhs
+    return _family_matrix(program, family) @ x <= family.rhs
 
 
-def define_group_budget_constraint(x: cp.Variable, model: Compiled, family: RowFamily) -> cp.Constraint:
+def define_group_budget_constraint(x: cp.Variable, program: Compiled, family: RowFamily) -> cp.Constraint:
     """Cost per group (tenant) <= that group's limit."""
-    return _family_matrix(model, family) @ x <= family.rhs
+    return _family_matrix(program, family) @ x <= family.rhs
 
 
-def define_capacity_constraint(x: cp.Variable, model: Compiled, family: RowFamily) -> cp.Constraint:
+def define_capacity_constraint(x: cp.Variable, program: Compiled, family: RowFamily) -> cp.Constraint:
     """A resource column (calls, tokens), globally or per group (model), <= its limit."""
-    return _family_matrix(model, family) @ x <= family.rhs
+    return _family_matrix(program, family) @ x <= family.rhs
 
 
-def define_accuracy_floor_constraint(x: cp.Variable, model: Compiled, family: RowFamily) -> cp.Constraint:
+def define_accuracy_floor_constraint(x: cp.Variable, program: Compiled, family: RowFamily) -> cp.Constraint:
     """Sum of expected accuracy over a group's queries >= floor * group size."""
-    return _family_matrix(model, family) @ x >= family.rhs
+    return _family_matrix(program, family) @ x >= family.rhs
 
 
 PIECES = {
@@ -74,17 +74,17 @@ class CvxpyModel:
     integer: bool
 
 
-def build_model(model: Compiled, *, integer: bool) -> CvxpyModel:
-    x = cp.Variable(model.m, boolean=True) if integer else cp.Variable(model.m, nonneg=True)
-    constraints: list[cp.Constraint] = [define_assignment_constraint(x, model)]
+def build_model(program: Compiled, *, integer: bool) -> CvxpyModel:
+    x = cp.Variable(program.m, boolean=True) if integer else cp.Variable(program.m, nonneg=True)
+    constraints: list[cp.Constraint] = [define_assignment_constraint(x, program)]
     rows = []
-    for family in model.families:
-        con = PIECES[family.kind](x, model, family)
+    for family in program.families:
+        con = PIECES[family.kind](x, program, family)
         rows.append((family, con))
         constraints.append(con)
     if not integer:
         constraints.append(x <= 1)
-    return CvxpyModel(x, cp.Problem(cp.Maximize(model.c @ x), constraints), rows, integer)
+    return CvxpyModel(x, cp.Problem(cp.Maximize(program.c @ x), constraints), rows, integer)
 
 
 def solve_model(cm: CvxpyModel, *, time_limit: float | None = None, highs_options: dict[str, Any] | None = None) -> str:
@@ -103,21 +103,21 @@ def solve_model(cm: CvxpyModel, *, time_limit: float | None = None, highs_option
     return str(cm.problem.status)
 
 
-def read_solution(cm: CvxpyModel, model: Compiled, *, method: str, seconds: float) -> Solution:
+def read_solution(cm: CvxpyModel, program: Compiled, *, method: str, seconds: float) -> Solution:
     """Pick one column per query (largest x; the LP's fractional rows round to their largest share)."""
     assert cm.x.value is not None
     xv = np.asarray(cm.x.value, dtype=np.float64)
     # per query, the column with the largest x (ties: first)
-    order = np.lexsort((-xv, model.query))
-    first = np.searchsorted(model.query[order], np.arange(model.n))
+    order = np.lexsort((-xv, program.query))
+    first = np.searchsorted(program.query[order], np.arange(program.n))
     cols = order[first]
     stats = cm.problem.solver_stats.extra_stats
     prices = None
-    if cm.integer and (violated := check_feasible(model, cols)):
+    if cm.integer and (violated := violated_rows(program, cols)):
         raise SolverError(f"{method}: HiGHS returned an assignment that exceeds {violated}")  # never trusted blindly
     if cm.integer:
         bound = float(getattr(stats, "mip_dual_bound", np.nan)) if stats is not None else np.nan
-        objective = float(model.c @ model.choose_matrix(cols))
+        objective = float(program.c @ program.choose_matrix(cols))
         if not np.isfinite(bound):
             bound = objective
         bound = max(bound, objective)
@@ -126,16 +126,16 @@ def read_solution(cm: CvxpyModel, model: Compiled, *, method: str, seconds: floa
         duals = [np.atleast_1d(np.asarray(con.dual_value, dtype=np.float64)) for _, con in cm.rows]
         prices = np.abs(np.concatenate(duals)) if duals else np.zeros(0)
     info = SolveInfo(cvxpy_status=str(cm.problem.status), lp_x=xv if not cm.integer else None)
-    return build_solution(model, cols, bound=bound, method=method, seconds=seconds, prices=prices, info=info)
+    return build_solution(program, cols, bound=bound, method=method, seconds=seconds, prices=prices, info=info)
 
 
-def solve_cvxpy(model: Compiled, *, integer: bool, time_limit: float | None = None,
+def solve_cvxpy(program: Compiled, *, integer: bool, time_limit: float | None = None,
                 highs_options: dict[str, Any] | None = None) -> tuple[str, Solution | None]:
     """Returns (cvxpy status, solution or None when no solution is present)."""
     t0 = time.perf_counter()
-    cm = build_model(model, integer=integer)
+    cm = build_model(program, integer=integer)
     status = solve_model(cm, time_limit=time_limit, highs_options=highs_options)
     if status not in (cp.OPTIMAL, cp.OPTIMAL_INACCURATE, cp.USER_LIMIT) or cm.x.value is None:
         return status, None
     method = "cvxpy_milp" if integer else "cvxpy_lp"
-    return status, read_solution(cm, model, method=method, seconds=time.perf_counter() - t0)
+    return status, read_solution(cm, program, method=method, seconds=time.perf_counter() - t0)

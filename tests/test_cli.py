@@ -38,7 +38,7 @@ def history_dir(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str
 
 @pytest.fixture(scope="module")
 def trained(history_dir: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
-    """A model trained by the CLI and a queue of the held-out queries with a few bad rows appended."""
+    """A predictor trained by the CLI and a queue of the held-out queries with a few bad rows appended."""
     root = tmp_path_factory.mktemp("cli")
     result = runner.invoke(app, ["train", "--history", history_dir, "--out", str(root / "models")])
     assert result.exit_code == 0, result.output
@@ -67,7 +67,7 @@ def test_plan_writes_one_plan_per_valid_query(trained: tuple[str, str], history_
             "plan",
             "--queue",
             queue,
-            "--model",
+            "--predictors",
             models,
             "--budget-usd",
             "0.01",
@@ -94,7 +94,7 @@ def test_run_replays_within_budget_and_resumes(trained: tuple[str, str], history
         "run",
         "--queue",
         queue,
-        "--model",
+        "--predictors",
         models,
         "--budget-usd",
         "0.01",
@@ -140,7 +140,7 @@ def test_run_holds_each_tenant_to_its_budget(trained: tuple[str, str], history_d
     models, queue = trained
     out = tmp_path / "run"
     tenant = load_history(history_dir).queries["dataset"][0]  # the queue's tenant: its data set
-    common = ["--model", models, "--backend", "replay", "--replay-history", history_dir, "--out", str(out)]
+    common = ["--predictors", models, "--backend", "replay", "--replay-history", history_dir, "--out", str(out)]
     _run(["run", "--queue", queue, "--budget-usd", "0.01", "--tenant-budget", f"{tenant}=0.004", *common])
     manifest = json.loads((out / "dispatch" / "manifest.json").read_text())
     assert manifest["tenant_budgets_usd"] == {tenant: 0.004}
@@ -166,7 +166,7 @@ def test_run_on_s3(
                 "run",
                 "--queue",
                 join(s3_bucket, "queue", "2026-11-22"),
-                "--model",
+                "--predictors",
                 models,
                 "--budget-usd",
                 "0.02",
@@ -201,7 +201,7 @@ def test_infeasible_budget_is_one_clear_line(trained: tuple[str, str], history_d
     models, queue = trained
     replay = ["--backend", "replay", "--replay-history", history_dir]
     line = _error_line(
-        ["plan", "--queue", queue, "--model", models, "--budget-usd", "0.0000001", "--out", str(tmp_path / "p.parquet"), *replay]
+        ["plan", "--queue", queue, "--predictors", models, "--budget-usd", "0.0000001", "--out", str(tmp_path / "p.parquet"), *replay]
     )
     assert re.fullmatch(
         r"error: --budget-usd 0\.0000001 cannot answer all \d+ queries: at least \$0\.\d+ is needed, "
@@ -212,12 +212,12 @@ def test_infeasible_budget_is_one_clear_line(trained: tuple[str, str], history_d
     # the suggested minimum is enough
     need = re.search(r"at least \$([\d.]+)", line)
     assert need is not None
-    _run(["plan", "--queue", queue, "--model", models, "--budget-usd", need[1], "--out", str(tmp_path / "p.parquet"), *replay])
+    _run(["plan", "--queue", queue, "--predictors", models, "--budget-usd", need[1], "--out", str(tmp_path / "p.parquet"), *replay])
 
 
 def test_missing_budget_and_target_is_refused(trained: tuple[str, str], tmp_path: Path) -> None:
     models, queue = trained
-    line = _error_line(["plan", "--queue", queue, "--model", models, "--out", str(tmp_path / "p.parquet")])
+    line = _error_line(["plan", "--queue", queue, "--predictors", models, "--out", str(tmp_path / "p.parquet")])
     assert "--budget-usd" in line
     assert "--accuracy-target" in line
 
@@ -227,7 +227,7 @@ def test_a_constraint_naming_what_the_batch_lacks_exits_2(
 ) -> None:
     models, queue = trained
     tenant = load_history(history_dir).queries["dataset"][0]
-    common = ["--queue", queue, "--model", models, "--budget-usd", "0.01", "--backend", "replay"]
+    common = ["--queue", queue, "--predictors", models, "--budget-usd", "0.01", "--backend", "replay"]
     common += ["--replay-history", history_dir]
     typos = ["--tenant-budget", f"{tenant}x=0.5", "--max-calls", "gpt-5=10", "--task-floor", "mbbp=0.5"]
     result = runner.invoke(app, ["plan", *common, *typos, "--out", str(tmp_path / "p.parquet")])
@@ -257,7 +257,7 @@ def test_queries_the_replay_history_cannot_answer_fail_and_the_rest_run(
     ]
     (tmp_path / "queue.jsonl").write_text("\n".join([*rows, *unknown]) + "\n")
     out = tmp_path / "run"
-    common = ["--model", models, "--budget-usd", "0.01", "--backend", "replay", "--replay-history", history_dir]
+    common = ["--predictors", models, "--budget-usd", "0.01", "--backend", "replay", "--replay-history", history_dir]
     _run(["run", "--queue", str(tmp_path / "queue.jsonl"), *common, "--out", str(out)])
     results = pl.read_parquet(out / "results.parquet")
     failed = results.filter(pl.col("query_id").str.starts_with("new-"))
@@ -283,7 +283,8 @@ def test_queries_the_replay_history_cannot_answer_fail_and_the_rest_run(
     [
         (["--budget-usd", "-1"], "error: --budget-usd must be >= 0, got -1"),
         (["--budget-usd", "1", "--accuracy-target", "1.5"], "error: --accuracy-target must be in (0, 1], got 1.5"),
-        (["--budget-usd", "1", "--plans", "vote"], "error: --plans must include 'single'"),
+        (["--budget-usd", "1", "--kinds", "vote"], "error: --kinds must include 'single'"),
+        (["--budget-usd", "1", "--plans", "vote"], "error: --kinds must include 'single'"),  # the old name
         (
             ["--budget-usd", "1", "--backend", "openia"],
             "error: unknown --backend 'openia': the known backends are openai, replay, bedrock",
@@ -301,7 +302,7 @@ def test_flag_errors_are_one_line_naming_the_flag(
     flags: list[str], expected: str, history_dir: str, tmp_path: Path
 ) -> None:
     flags = [str(Path(history_dir) / "models.csv") if f == "PRICES" else f for f in flags]
-    line = _error_line(["run", "--queue", "q.jsonl", "--model", "models", "--out", str(tmp_path / "r"), *flags])
+    line = _error_line(["run", "--queue", "q.jsonl", "--predictors", "models", "--out", str(tmp_path / "r"), *flags])
     assert line.startswith(expected), line
     assert not (tmp_path / "r").exists()  # refused before anything was written
 
@@ -314,7 +315,7 @@ def test_a_flag_error_comes_before_the_heavy_imports() -> None:
         "from batchplan.cli import app\n"
         "for flags in (['--budget-usd', '-1'], ['--budget-usd', '1', '--backend', 'openia'], ['--budget-usd', 'x'],\n"
         "              ['--budget-usd', '1', '--backend', 'openai'], ['--budget-usd', '1']):\n"
-        "    result = CliRunner().invoke(app, ['run', '--queue', 'q', '--model', 'm', '--out', 'o', *flags])\n"
+        "    result = CliRunner().invoke(app, ['run', '--queue', 'q', '--predictors', 'm', '--out', 'o', *flags])\n"
         "    assert result.exit_code == 2, result.output\n"
         "print(sorted({m.split('.')[0] for m in sys.modules} & {'polars', 'numpy', 'lightgbm', 'cvxpy'}))\n"
     )
@@ -335,6 +336,58 @@ def test_version_and_examples_in_help() -> None:
     shown = runner.invoke(app, ["run", "--help"], env={"COLUMNS": "200"}).output
     assert "One of --budget-usd / --accuracy-target is required" in shown
     assert "CURRENT.json" in shown  # --model-version: the promoted version, else the newest
+
+
+def _flags(command: str) -> set[str]:
+    shown = runner.invoke(app, [command, "--help"], env={"COLUMNS": "200"}).output
+    return set(re.findall(r"--[a-z][a-z-]*", shown))
+
+
+def test_renamed_flags_are_shown_under_their_new_names_only() -> None:
+    for command in ("plan", "run"):
+        flags = _flags(command)
+        assert {"--predictors", "--kinds"} <= flags
+        assert not {"--model", "--plans"} & flags
+    flags = _flags("train")
+    assert {"--templates", "--no-templates", "--predictor"} <= flags
+    assert not {"--plans", "--no-plans"} & flags
+    # the errors' field -> flag map names flags the commands have, under their current names
+    from batchplan.cli import FLAGS
+
+    assert set(FLAGS.values()) <= _flags("train") | _flags("plan") | _flags("run")
+
+
+def test_old_flag_spellings_still_work(trained: tuple[str, str], history_dir: str, tmp_path: Path) -> None:
+    """``--model``/``--plans`` (plan, run) and ``train --plans/--no-plans``, renamed to the glossary, for a release."""
+    models, queue = trained
+    replay = ["--backend", "replay", "--replay-history", history_dir, "--budget-usd", "0.01"]
+    for i, old in enumerate((["--model", models, "--plans", "single"], [f"--model={models}", "--plans=single"])):
+        out = tmp_path / f"plan{i}.parquet"
+        result = runner.invoke(app, ["plan", "--queue", queue, *old, *replay, "--out", str(out)])
+        assert result.exit_code == 0, result.output
+        assert "note: --model is now --predictors" in result.output
+        assert set(pl.read_parquet(out)["kind"]) <= {"single", "defer", "unanswerable"}
+    root = tmp_path / "registry"
+    for flag in ("--no-plans", "--no-templates"):
+        shown = _run(["train", "--history", history_dir, "--out", str(root), "--predictor", "prior", flag])
+        assert " 0 vote/cascade templates" in " ".join(shown.split()), shown
+
+
+def test_templates_json_is_written_and_an_old_plans_json_still_read(trained: tuple[str, str], tmp_path: Path) -> None:
+    from batchplan import artifacts
+
+    models, _ = trained
+    version = artifacts.load(Storage(), models).predictor.metadata["version"]
+    written = Path(models) / str(version)
+    assert (written / artifacts.TEMPLATES_FILE).exists()
+    assert not (written / artifacts.OLD_TEMPLATES_FILE).exists()
+    templates = artifacts.load_templates(Storage(), models, str(version))
+    assert templates.templates  # the cascades history has templates worth offering
+    # a version trained before the rename keeps its templates in plans.json
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / artifacts.OLD_TEMPLATES_FILE).write_text((written / artifacts.TEMPLATES_FILE).read_text())
+    assert artifacts.load_templates(Storage(), str(tmp_path), "old").to_json() == templates.to_json()
+    assert not artifacts.load_templates(Storage(), str(tmp_path), "missing").templates
 
 
 def _show_report_on_s3(endpoint: str, run: str, monkeypatch: pytest.MonkeyPatch) -> str:
@@ -389,7 +442,7 @@ def test_a_run_held_by_another_process_is_one_line(
     holder = {"writer": "other", "host": socket.gethostname(), "pid": os.getpid(), "at": time.time()}
     lock.write_text(json.dumps(holder))
     line = _error_line(
-        ["run", "--queue", queue, "--model", models, "--budget-usd", "0.01", "--replay-history", history_dir, "--out", str(out)]
+        ["run", "--queue", queue, "--predictors", models, "--budget-usd", "0.01", "--replay-history", history_dir, "--out", str(out)]
     )
     assert line.startswith(f"error: {out / 'dispatch'} is being dispatched by pid {os.getpid()}"), line
     assert json.loads(lock.read_text()) == holder  # the holder's lease is left alone

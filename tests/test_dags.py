@@ -379,7 +379,7 @@ def test_nightly_runs_the_queue_under_one_budget(nightly_done: Done, queue_days:
     shards = json.loads(storage.read_text(lay.shards_manifest(run)))["shards"]
     assert sum(s["budget_usd"] for s in shards) <= budget
     assert sum(s["tenant_budgets_usd"][capped] for s in shards) <= cap
-    assert 0 < manifest["tenant_spend_usd"][capped] <= cap
+    assert 0 < manifest["tenant_spent_usd"][capped] <= cap
     results = storage.read_frame(lay.results_file(run))
     assert results["query_id"].n_unique() == queue_days[NIGHTLY_DAY].height
     quarantine = storage.read_frame(f"{lay.quarantine(run)}quarantine.parquet")
@@ -438,7 +438,7 @@ def test_plan_refuses_what_it_cannot_enforce(
     """The plan task, where the params first meet the queue: a tenant budget naming no queued tenant fails
     the run with the queued tenants named (unless opted in, then the report lists it), and a run re-run
     with another budget is refused instead of reporting a budget its stored shards do not enforce."""
-    env = copy_of(nightly_done)
+    env = copy_of(nightly_done)  # the nightly run's stored plan, in this test's own prefix
     lay, storage, run = env.layout, env.storage, f"nightly-{NIGHTLY_DAY}"
     tenants = sorted(queue_days[NIGHTLY_DAY]["tenant"].unique().to_list())
     with pytest.raises(ContractError, match=r"was planned for another request \(budget_usd: 0.05 -> 0.07"):

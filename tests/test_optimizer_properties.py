@@ -206,15 +206,15 @@ def test_repair_moves_other_queries_when_the_split_ones_cannot() -> None:
     the repair must move other queries (greedy moves, then MILP neighbourhoods) to a feasible plan."""
     import optimizer.decompose as dec
     from optimizer.decompose import move_repair, price, round_and_repair
-    from optimizer.solution import check_feasible
+    from optimizer.solution import violated_rows
 
     opts = signed_options(3_000, 5, 11)
     problem = Problem(opts, "max_value", signed_constraints(opts, 0.5))
     model = problem.compiled
     start = price(model, np.zeros(model.k)).best_col
-    assert check_feasible(model, start)  # the unconstrained plan breaks the limit-0 rows
+    assert violated_rows(model, start)  # the unconstrained plan breaks the limit-0 rows
     moved = move_repair(model, start)
-    assert not check_feasible(model, moved)
+    assert not violated_rows(model, moved)
     cols, info = round_and_repair(model, start, np.zeros(0, dtype=np.int64), None, 0, 5.0)
     # no query is split, so the split-query repair changes nothing and the moves alone make it feasible
     assert info.repair == "moves"
@@ -224,7 +224,7 @@ def test_repair_moves_other_queries_when_the_split_ones_cannot() -> None:
     # takes 4-12 s here on a loaded 2-core machine: the limit only guards against a hang
     with patch.object(dec, "move_repair", lambda model, cols, **_: cols):
         cols, info = round_and_repair(model, start, np.zeros(0, dtype=np.int64), None, 0, 60.0)
-    assert not check_feasible(model, cols)
+    assert not violated_rows(model, cols)
     assert info.repair.startswith("milp[")
     assert float(model.c[cols].sum()) <= float(model.c[start].sum())  # start is the unconstrained best
 
@@ -237,7 +237,7 @@ def test_repair_path_matches_brute_force(n: int, k: int, seed: int, share: float
     MILP over every query proves it."""
     import optimizer.decompose as dec
     from optimizer.decompose import price, round_and_repair
-    from optimizer.solution import check_feasible
+    from optimizer.solution import violated_rows
 
     opts = signed_options(n, k, seed)
     problem = Problem(opts, "max_value", signed_constraints(opts, share), deferrable=seed % 2 == 0)
@@ -251,10 +251,10 @@ def test_repair_path_matches_brute_force(n: int, k: int, seed: int, share: float
                 round_and_repair(model, start, np.zeros(0, dtype=np.int64), None, 0, 5.0)
             return
         cols, info = round_and_repair(model, start, np.zeros(0, dtype=np.int64), None, 0, 5.0)
-    assert not check_feasible(model, cols), info
+    assert not violated_rows(model, cols), info
     objective = model.sign * float(model.c[cols].sum())
     assert objective <= truth[0] + 1e-6 * max(1.0, abs(truth[0]))
-    if check_feasible(model, start):
+    if violated_rows(model, start):
         assert info.repair != "greedy"  # something beyond the (empty) split-query repair had to act
 
 

@@ -298,7 +298,7 @@ def merge_stage(
         "spend_usd": spend,
         "budget_usd": budget,
         "tenant_budgets_usd": tenant_budgets,
-        "tenant_spend_usd": tenant_spend,
+        "tenant_spent_usd": tenant_spend,
         "within_budget": (budget is None or spend <= budget + 1e-9)
         and all(tenant_spend[t] <= limit + 1e-9 for t, limit in tenant_budgets.items()),
         "status": {s: int((results["status"] == s).sum()) for s in RESULT_STATUSES},
