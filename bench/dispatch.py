@@ -5,7 +5,7 @@ committed in parquet parts, exactly as a real run):
 
 - ``replay``: in-process, no network: the executor's own overhead (budget guard, ledger, parts, manifest);
 - ``openai``: the OpenAI-compatible backend over HTTP to the local replay server
-  (``python -m dispatchers.replay_server``, started here on 127.0.0.1 in its own process).
+  (``python -m batchplan.dispatchers.replay_server``, started here on 127.0.0.1 in its own process).
 
 Each (backend, size) runs in a fresh process so that peak memory is its own; memory is RSS above the RSS
 just before ``dispatch`` (the history, queue and plan are inputs, not counted): ``loop MB`` is the peak
@@ -40,10 +40,10 @@ def rss_mb() -> float:
 def child(backend_name: str, n: int, base_url: str, concurrency: int) -> dict[str, float | int | str]:
     import polars as pl
 
-    from batchplan.catalog import PriceCatalog
-    from batchplan.contracts import PLAN_SCHEMA, QUEUE_SCHEMA, conform
-    from batchplan.history import synthetic_history
-    from dispatchers import dispatch, get_backend
+    from batchplan.core.catalog import PriceCatalog
+    from batchplan.core.contracts import PLAN_SCHEMA, QUEUE_SCHEMA, conform
+    from batchplan.core.history import synthetic_history
+    from batchplan.dispatchers import dispatch, get_backend
 
     history = synthetic_history(n, MODELS, seed=SEED)
     queue = conform(history.queries, QUEUE_SCHEMA, name="queue")
@@ -103,7 +103,7 @@ def start_server(n: int) -> tuple[subprocess.Popen[str], str]:
     args = [
         sys.executable,
         "-m",
-        "dispatchers.replay_server",
+        "batchplan.dispatchers.replay_server",
         "--synthetic",
         str(n),
         "--models",

@@ -51,10 +51,10 @@ import polars as pl
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from batchplan.history import History, cross_validation_fold, load_history, with_holdout
-from batchplan.settings import get_settings
-from predictors import Predictor, train_predictor
-from predictors.metrics import auc, brier, ece, mape
+from batchplan.core.history import History, cross_validation_fold, load_history, with_holdout
+from batchplan.core.settings import get_settings
+from batchplan.predictors import Predictor, train_predictor
+from batchplan.predictors.metrics import auc, brier, ece, mape
 
 DATASETS = ("cascades", "routerbench", "overruling")
 HOLDOUT_FRACTION = 0.3  # the single hold-out of --cv-folds 0

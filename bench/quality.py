@@ -21,7 +21,7 @@ unless the predictor tells queries apart. A cross-validated data set gets one ce
 ``gain_pts_95%``: the accuracy gain of votes and cascades over single-model plans, with a 95% paired-bootstrap
 interval over the queries (one query is 0.1-0.2 points here: most differences are inside it).
 
-``rounds``: the run in rounds (``batchplan.round_planner`` over the trained posterior, ``--rounds`` rounds,
+``rounds``: the run in rounds (``batchplan.plans.round_planner`` over the trained posterior, ``--rounds`` rounds,
 simulated on the recorded outcomes by ``round_replay.simulate_rounds``, as the replay backend answers), with
 its gain over single-shot plans with votes and cascades (``rounds_gain_pts_95%``, paired bootstrap) and the
 accuracy it estimates without gold (``rounds_estimated``) beside the single-shot plan's planned accuracy
@@ -53,19 +53,19 @@ import polars as pl
 import structlog
 from scipy.optimize import linprog
 
-from batchplan import artifacts
-from batchplan.demo import best_single_cost
-from batchplan.history import History, cross_validation_fold, load_history, with_holdout
-from batchplan.pipeline import build_candidates, execute, optimize, predict
-from batchplan.plan_simulation import PlanSpec, recorded_by_task, simulate
-from batchplan.plan_templates import enumerate_specs
-from batchplan.planning import PlanRequest
-from batchplan.report import Truth, baselines, score_results
-from batchplan.round_planner import DEFAULT_ROUNDS, round_planner
-from batchplan.round_replay import simulate_rounds
-from batchplan.settings import get_settings
-from batchplan.storage import Storage
-from dispatchers import get_backend
+from batchplan.app import artifacts
+from batchplan.app.demo import best_single_cost
+from batchplan.app.pipeline import build_candidates, execute, optimize, predict
+from batchplan.app.report import Truth, baselines, score_results
+from batchplan.app.round_replay import simulate_rounds
+from batchplan.core.history import History, cross_validation_fold, load_history, with_holdout
+from batchplan.core.settings import get_settings
+from batchplan.core.storage import Storage
+from batchplan.dispatchers import get_backend
+from batchplan.plans.planning import PlanRequest
+from batchplan.plans.round_planner import DEFAULT_ROUNDS, round_planner
+from batchplan.plans.simulation import PlanSpec, recorded_by_task, simulate
+from batchplan.plans.templates import enumerate_specs
 
 FRACTIONS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 CV_FOLDS = 5

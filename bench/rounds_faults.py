@@ -33,18 +33,18 @@ from pathlib import Path
 import polars as pl
 import structlog
 
-from batchplan import artifacts
-from batchplan.catalog import PriceCatalog
-from batchplan.demo import best_single_cost
-from batchplan.history import History, load_history, with_holdout
-from batchplan.pipeline import build_candidates, execute, execute_rounds, optimize, predict
-from batchplan.planning import PlanRequest
-from batchplan.report import Truth, score_results
-from batchplan.round_runner import make_round_planner
-from batchplan.settings import get_settings
-from batchplan.storage import Storage
-from dispatchers import RetryPolicy, get_backend
-from dispatchers.replay_server import Faults, ReplayServer
+from batchplan.app import artifacts
+from batchplan.app.demo import best_single_cost
+from batchplan.app.pipeline import build_candidates, execute, execute_rounds, optimize, predict
+from batchplan.app.report import Truth, score_results
+from batchplan.app.round_runner import make_round_planner
+from batchplan.core.catalog import PriceCatalog
+from batchplan.core.history import History, load_history, with_holdout
+from batchplan.core.settings import get_settings
+from batchplan.core.storage import Storage
+from batchplan.dispatchers import RetryPolicy, get_backend
+from batchplan.dispatchers.replay_server import Faults, ReplayServer
+from batchplan.plans.planning import PlanRequest
 
 FAULTS = {"rate_429": 0.04, "rate_500": 0.04, "rate_malformed": 0.03, "rate_reset": 0.03, "rate_slow": 0.04}
 

@@ -71,7 +71,7 @@ def make_options(n: int, seed: int = 0) -> pl.DataFrame:
 
 
 def constraints_for(options: pl.DataFrame, which: str) -> list[Any]:
-    from optimizer import Budget, Capacity, GroupBudget
+    from batchplan.optimizer import Budget, Capacity, GroupBudget
 
     per_q = options.group_by("query").agg(pl.col("cost").min().alias("lo"), pl.col("cost").max().alias("hi"), pl.col("tenant").first())
     lo, hi = float(per_q["lo"].sum()), float(per_q["hi"].sum())
@@ -98,7 +98,7 @@ TUNED: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def _run_case(n: int, which: str, method: str, seed: int, queue: Any) -> None:
-    from optimizer import Problem, solve
+    from batchplan.optimizer import Problem, solve
 
     try:
         options = make_options(n, seed)
@@ -142,9 +142,9 @@ def prepare_end_to_end(n: int, history_dir: str, work: str, seed: int) -> tuple[
     """The trained model (once per history) and an N-query queue parquet (once per size): not timed."""
     from pathlib import Path
 
-    from batchplan import artifacts
-    from batchplan.history import load_history, with_holdout
-    from batchplan.storage import Storage
+    from batchplan.app import artifacts
+    from batchplan.core.history import load_history, with_holdout
+    from batchplan.core.storage import Storage
 
     root = Path(work)
     root.mkdir(parents=True, exist_ok=True)
@@ -170,9 +170,9 @@ def prepare_end_to_end(n: int, history_dir: str, work: str, seed: int) -> tuple[
 def _run_end_to_end(model_uri: str, queue_uri: str, plan_uri: str, budget_share: float, queue: Any) -> None:
     import threading
 
-    from batchplan import artifacts, pipeline
-    from batchplan.planning import PlanRequest
-    from batchplan.storage import Storage
+    from batchplan.app import artifacts, pipeline
+    from batchplan.core.storage import Storage
+    from batchplan.plans.planning import PlanRequest
 
     stage = ["start"]
     peaks: dict[str, float] = {}
@@ -351,10 +351,10 @@ def time_round_replan(n: int, seed: int = 0) -> str:
     """One re-plan (round 2 of 2) of ``n`` open queries x N_MODELS LLMs after a round that called one cheap
     LLM on each, through ``PosteriorRoundPlanner.plan_round``: the posterior on every query, the options
     table, the budgeted solve. The posterior is fitted on a small synthetic history (not timed)."""
-    from batchplan.history import synthetic_history
-    from batchplan.posterior import fit_posterior
-    from batchplan.round_planner import PosteriorRoundPlanner
-    from batchplan.rounds import OBSERVATION_SCHEMA, RoundState
+    from batchplan.core.history import synthetic_history
+    from batchplan.core.rounds import OBSERVATION_SCHEMA, RoundState
+    from batchplan.plans.posterior import fit_posterior
+    from batchplan.plans.round_planner import PosteriorRoundPlanner
 
     history = synthetic_history(400, N_MODELS, n_tasks=1, seed=seed)
     skill = history.outcomes.group_by("model").agg(pl.col("correct").mean().alias("p_correct"))

@@ -21,8 +21,8 @@ from typing import Any
 import pendulum
 from airflow.sdk import Asset, Param, dag, task
 
+from batchplan.core.layout import run_key
 from batchplan.dag_tasks import backfill, common, rounds, stages
-from batchplan.layout import run_key
 
 RESULTS = Asset(name="batchplan_results", uri="batchplan://results")
 OUTCOMES = Asset(name="batchplan_outcomes", uri="batchplan://outcomes")

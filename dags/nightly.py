@@ -38,8 +38,8 @@ import pendulum
 from airflow.providers.amazon.aws.sensors.s3 import S3KeySensor
 from airflow.sdk import Asset, Param, dag, task
 
+from batchplan.core.layout import run_key
 from batchplan.dag_tasks import common, rounds, stages
-from batchplan.layout import run_key
 
 RESULTS = Asset(name="batchplan_results", uri="batchplan://results")
 OUTCOMES = Asset(name="batchplan_outcomes", uri="batchplan://outcomes")

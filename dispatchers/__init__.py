@@ -2,7 +2,7 @@
 
 dispatchers/ knows plans and results, not predictors::
 
-    from dispatchers import get_backend, dispatch
+    from batchplan.dispatchers import get_backend, dispatch
     backend = get_backend("replay", history=history)
     results = dispatch(plan, queue, backend, budget_usd=5.0, out_uri="runs/nightly")
 
@@ -16,34 +16,34 @@ import importlib
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
-from batchplan.errors import ContractError, unknown_name
+from batchplan.core.errors import ContractError, unknown_name
 
 if TYPE_CHECKING:
-    from dispatchers.base import Backend, CallRequest, CallResult, parse_answer
-    from dispatchers.budget import BudgetGuard
-    from dispatchers.executor import FALLBACK_COLUMN, ROUND_CALLS
-    from dispatchers.ledger import ledger_events, read_manifest, read_results, spend_by_model
-    from dispatchers.limits import ModelLimits, RetryPolicy
-    from dispatchers.run import adispatch, dispatch
+    from batchplan.dispatchers.base import Backend, CallRequest, CallResult, parse_answer
+    from batchplan.dispatchers.budget import BudgetGuard
+    from batchplan.dispatchers.executor import FALLBACK_COLUMN, ROUND_CALLS
+    from batchplan.dispatchers.ledger import ledger_events, read_manifest, read_results, spend_by_model
+    from batchplan.dispatchers.limits import ModelLimits, RetryPolicy
+    from batchplan.dispatchers.run import adispatch, dispatch
 
 # Imported on first use, so that naming the backends (``available_backends``: the CLI checks --backend with
 # it before anything heavy is loaded) does not import polars and the executor.
 _LAZY = {
-    "Backend": "dispatchers.base",
-    "CallRequest": "dispatchers.base",
-    "CallResult": "dispatchers.base",
-    "parse_answer": "dispatchers.base",
-    "BudgetGuard": "dispatchers.budget",
-    "FALLBACK_COLUMN": "dispatchers.executor",
-    "ROUND_CALLS": "dispatchers.executor",
-    "ledger_events": "dispatchers.ledger",
-    "read_manifest": "dispatchers.ledger",
-    "read_results": "dispatchers.ledger",
-    "spend_by_model": "dispatchers.ledger",
-    "ModelLimits": "dispatchers.limits",
-    "RetryPolicy": "dispatchers.limits",
-    "adispatch": "dispatchers.run",
-    "dispatch": "dispatchers.run",
+    "Backend": "batchplan.dispatchers.base",
+    "CallRequest": "batchplan.dispatchers.base",
+    "CallResult": "batchplan.dispatchers.base",
+    "parse_answer": "batchplan.dispatchers.base",
+    "BudgetGuard": "batchplan.dispatchers.budget",
+    "FALLBACK_COLUMN": "batchplan.dispatchers.executor",
+    "ROUND_CALLS": "batchplan.dispatchers.executor",
+    "ledger_events": "batchplan.dispatchers.ledger",
+    "read_manifest": "batchplan.dispatchers.ledger",
+    "read_results": "batchplan.dispatchers.ledger",
+    "spend_by_model": "batchplan.dispatchers.ledger",
+    "ModelLimits": "batchplan.dispatchers.limits",
+    "RetryPolicy": "batchplan.dispatchers.limits",
+    "adispatch": "batchplan.dispatchers.run",
+    "dispatch": "batchplan.dispatchers.run",
 }
 
 
@@ -99,19 +99,19 @@ def get_backend(name: str, **kwargs: Any) -> Backend:
 
 
 def _replay(**kwargs: Any) -> Backend:
-    from dispatchers.replay import ReplayBackend
+    from batchplan.dispatchers.replay import ReplayBackend
 
     return ReplayBackend(**kwargs)
 
 
 def _openai(**kwargs: Any) -> Backend:
-    from dispatchers.openai import OpenAIBackend
+    from batchplan.dispatchers.openai import OpenAIBackend
 
     return OpenAIBackend(**kwargs)
 
 
 def _bedrock(**kwargs: Any) -> Backend:
-    from dispatchers.bedrock import BedrockBackend
+    from batchplan.dispatchers.bedrock import BedrockBackend
 
     return BedrockBackend(**kwargs)
 

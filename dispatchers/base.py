@@ -15,7 +15,7 @@ from typing import Final
 
 import polars as pl
 
-from batchplan.catalog import PriceCatalog
+from batchplan.core.catalog import PriceCatalog
 
 # CallResult.status values. "ok" is an answer; the rest are failed attempts.
 OK: Final = "ok"
@@ -31,7 +31,7 @@ UNAVAILABLE: Final = "unavailable"  # the backend does not offer this (query, mo
 # parts where the backend prices tokens: USD per input token and the output's bound (max_tokens x price).
 # An ambiguous failure is charged ``bound_usd``; once a later call of the same model on the same query
 # reports its input tokens (the same prompt tokenizes the same), tokens_in x usd_per_token_in +
-# output_bound_usd bounds that failure's bill too (batchplan.round_runner tightens its charge so).
+# output_bound_usd bounds that failure's bill too (batchplan.app.round_runner tightens its charge so).
 BOUNDS_SCHEMA: Final = pl.Schema(
     {
         "query_id": pl.String(),

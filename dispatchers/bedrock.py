@@ -14,9 +14,9 @@ from collections.abc import Mapping
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
-from batchplan.catalog import PriceCatalog
-from batchplan.errors import ContractError
-from dispatchers.base import (
+from batchplan.core.catalog import PriceCatalog
+from batchplan.core.errors import ContractError
+from batchplan.dispatchers.base import (
     CLIENT_ERROR,
     CONNECTION,
     NOT_ANSWER,
@@ -29,7 +29,7 @@ from dispatchers.base import (
     CallResult,
     parse_answer,
 )
-from dispatchers.live import LiveBackend
+from batchplan.dispatchers.live import LiveBackend
 
 _ERROR_STATUS = {
     "ThrottlingException": RATE_LIMITED,

@@ -14,8 +14,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from batchplan.contracts import PLAN_KINDS
-from dispatchers.base import (
+from batchplan.core.contracts import PLAN_KINDS
+from batchplan.dispatchers.base import (
     CONNECTION,
     MODEL_TROUBLE,
     NOT_ANSWER,
@@ -26,14 +26,14 @@ from dispatchers.base import (
     CallRequest,
     CallResult,
 )
-from dispatchers.budget import BudgetGuard, Reservation
-from dispatchers.ledger import Ledger, PriorCalls
-from dispatchers.limits import ModelGate, ModelLimits, RetryPolicy
+from batchplan.dispatchers.budget import BudgetGuard, Reservation
+from batchplan.dispatchers.ledger import Ledger, PriorCalls
+from batchplan.dispatchers.limits import ModelGate, ModelLimits, RetryPolicy
 
 LOST = "lost"  # a call sent before a crash whose outcome never reached the ledger (non-idempotent backend)
 # optional plan column: list[str], models to try, in order, when the plan's model fails or is down
 FALLBACK_COLUMN = "fallback_models"
-# A round of a run in rounds (batchplan.round_runner): call every listed model once (with the retries), all at
+# A round of a run in rounds (batchplan.app.round_runner): call every listed model once (with the retries), all at
 # once, and combine nothing: the round planner reads each call from the ledger and decides what comes next.
 ROUND_CALLS = "calls"
 

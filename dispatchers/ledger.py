@@ -46,9 +46,9 @@ from typing import Any
 
 import polars as pl
 
-from batchplan.contracts import RESULT_SCHEMA, conform
-from batchplan.errors import UserError
-from batchplan.storage import NotFound, Storage, is_s3, join
+from batchplan.core.contracts import RESULT_SCHEMA, conform
+from batchplan.core.errors import UserError
+from batchplan.core.storage import NotFound, Storage, is_s3, join
 
 FINAL_STATUSES = frozenset({"done", "failed"})
 

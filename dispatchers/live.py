@@ -10,8 +10,8 @@ from dataclasses import dataclass
 
 import polars as pl
 
-from batchplan.catalog import PriceCatalog
-from dispatchers.base import Backend, CallRequest
+from batchplan.core.catalog import PriceCatalog
+from batchplan.dispatchers.base import Backend, CallRequest
 
 PROMPT_OVERHEAD_TOKENS = 32  # chat template tokens around the messages
 
@@ -46,7 +46,7 @@ class LiveBackend(Backend):
 
     def __init__(self, catalog: PriceCatalog | None, model_map: Mapping[str, str] | None = None) -> None:
         if catalog is None:
-            from dispatchers import missing_setting
+            from batchplan.dispatchers import missing_setting
 
             raise missing_setting(self.name, "catalog")
         self._catalog = catalog

@@ -23,9 +23,9 @@ from typing import Any
 
 import httpx
 
-from batchplan.catalog import PriceCatalog
-from batchplan.errors import ContractError
-from dispatchers.base import (
+from batchplan.core.catalog import PriceCatalog
+from batchplan.core.errors import ContractError
+from batchplan.dispatchers.base import (
     CLIENT_ERROR,
     CONNECTION,
     NOT_ANSWER,
@@ -38,7 +38,7 @@ from dispatchers.base import (
     CallResult,
     parse_answer,
 )
-from dispatchers.live import LiveBackend, secret_from
+from batchplan.dispatchers.live import LiveBackend, secret_from
 
 
 class SendError(Exception):
@@ -171,7 +171,7 @@ class OpenAIBackend(LiveBackend):
         key, host = secret_from(api_key_env, airflow_conn_id)
         url = base_url or host
         if not url:
-            from dispatchers import missing_setting
+            from batchplan.dispatchers import missing_setting
 
             raise missing_setting(self.name, "base_url")
         self.base_url = url.rstrip("/")

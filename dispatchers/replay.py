@@ -10,9 +10,9 @@ import math
 
 import polars as pl
 
-from batchplan.catalog import PriceCatalog
-from batchplan.history import History
-from dispatchers.base import NOT_ANSWER, OK, UNAVAILABLE, Backend, CallRequest, CallResult
+from batchplan.core.catalog import PriceCatalog
+from batchplan.core.history import History
+from batchplan.dispatchers.base import NOT_ANSWER, OK, UNAVAILABLE, Backend, CallRequest, CallResult
 
 
 class ReplayBackend(Backend):

@@ -15,12 +15,12 @@ from typing import Any
 import polars as pl
 import structlog
 
-from batchplan.contracts import RESULT_SCHEMA
-from batchplan.storage import Storage
-from dispatchers.base import Backend
-from dispatchers.budget import BudgetGuard
-from dispatchers.executor import FALLBACK_COLUMN, LOST, Executor, Progress, QueryRun
-from dispatchers.ledger import (
+from batchplan.core.contracts import RESULT_SCHEMA
+from batchplan.core.storage import Storage
+from batchplan.dispatchers.base import Backend
+from batchplan.dispatchers.budget import BudgetGuard
+from batchplan.dispatchers.executor import FALLBACK_COLUMN, LOST, Executor, Progress, QueryRun
+from batchplan.dispatchers.ledger import (
     FINAL_STATUSES,
     Lease,
     Ledger,
@@ -30,7 +30,7 @@ from dispatchers.ledger import (
     read_results,
     run_identity,
 )
-from dispatchers.limits import ModelLimits, RetryPolicy
+from batchplan.dispatchers.limits import ModelLimits, RetryPolicy
 
 log = structlog.get_logger("dispatchers")
 

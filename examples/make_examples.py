@@ -1,5 +1,5 @@
 """Writes the example data the README's command lines use: a small synthetic outcome history the project
-generates (``batchplan.history.synthetic_history``, never real data) and a 20-query queue from its test split,
+generates (``batchplan.core.history.synthetic_history``, never real data) and a 20-query queue from its test split,
 which ``train`` does not see. Run from the checkout: ``uv run python examples/make_examples.py``."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from batchplan.history import synthetic_history
+from batchplan.core.history import synthetic_history
 
 HERE = Path(__file__).resolve().parent
 QUEUE_ROWS = 20

@@ -10,12 +10,12 @@ import cvxpy as cp
 import numpy as np
 import polars as pl
 
-from optimizer.constraints import Budget
-from optimizer.decompose import repair_lp_solution, solve_decompose
-from optimizer.diagnose import diagnose, empty_queries
-from optimizer.problem import Problem
-from optimizer.solution import InfeasibleError, Solution, SolverError
-from optimizer.solve_cvxpy import solve_cvxpy
+from batchplan.optimizer.constraints import Budget
+from batchplan.optimizer.decompose import repair_lp_solution, solve_decompose
+from batchplan.optimizer.diagnose import diagnose, empty_queries
+from batchplan.optimizer.problem import Problem
+from batchplan.optimizer.solution import InfeasibleError, Solution, SolverError
+from batchplan.optimizer.solve_cvxpy import solve_cvxpy
 
 Method = Literal["auto", "cvxpy_milp", "cvxpy_lp", "decompose"]
 

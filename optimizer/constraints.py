@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from optimizer.compiled import Compiled, RowFamily
+from batchplan.optimizer.compiled import Compiled, RowFamily
 
 __all__ = ["AccuracyFloor", "Allowed", "Budget", "Capacity", "Constraint", "GroupBudget", "RowFamily", "RowSpec", "constraint_name"]
 

@@ -27,10 +27,10 @@ from typing import Any
 import numpy as np
 import scipy.sparse as sp
 
-from optimizer.compiled import Compiled, subset
-from optimizer.diagnose import diagnose
-from optimizer.highs_lp import TIGHT_MIP_TOLERANCES, HighsResult, run_highs
-from optimizer.solution import (
+from batchplan.optimizer.compiled import Compiled, subset
+from batchplan.optimizer.diagnose import diagnose
+from batchplan.optimizer.highs_lp import TIGHT_MIP_TOLERANCES, HighsResult, run_highs
+from batchplan.optimizer.solution import (
     InfeasibleError,
     Level,
     Rounding,

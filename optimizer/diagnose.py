@@ -16,8 +16,8 @@ from typing import Any
 
 import numpy as np
 
-from optimizer.compiled import Compiled, RowFamily
-from optimizer.solution import InfeasibleError
+from batchplan.optimizer.compiled import Compiled, RowFamily
+from batchplan.optimizer.solution import InfeasibleError
 
 
 def _per_query(program: Compiled, values: np.ndarray, ufunc: np.ufunc) -> np.ndarray:

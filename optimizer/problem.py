@@ -26,8 +26,8 @@ from typing import Literal
 import numpy as np
 import polars as pl
 
-from optimizer.compiled import Compiled, subset
-from optimizer.constraints import Allowed, Constraint, RowSpec, constraint_name
+from batchplan.optimizer.compiled import Compiled, subset
+from batchplan.optimizer.constraints import Allowed, Constraint, RowSpec, constraint_name
 
 __all__ = ["REQUIRED", "Compiled", "Objective", "Problem", "compile_problem", "subset"]
 

@@ -8,7 +8,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from optimizer.compiled import Compiled
+from batchplan.optimizer.compiled import Compiled
 
 
 class SolverError(RuntimeError):

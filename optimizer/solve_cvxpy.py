@@ -19,9 +19,9 @@ import cvxpy as cp
 import numpy as np
 import scipy.sparse as sp
 
-from optimizer.compiled import Compiled, RowFamily
-from optimizer.highs_lp import TIGHT_MIP_TOLERANCES
-from optimizer.solution import Solution, SolveInfo, SolverError, build_solution, violated_rows
+from batchplan.optimizer.compiled import Compiled, RowFamily
+from batchplan.optimizer.highs_lp import TIGHT_MIP_TOLERANCES
+from batchplan.optimizer.solution import Solution, SolveInfo, SolverError, build_solution, violated_rows
 
 MIP_REL_GAP = 1e-6
 

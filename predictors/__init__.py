@@ -10,8 +10,8 @@ Knows nothing about the optimizer::
 
 from __future__ import annotations
 
-from predictors.model import Predictor
-from predictors.registry import available_predictors, list_versions, train_predictor
-from predictors.registry import load as load_predictor
+from batchplan.predictors.model import Predictor
+from batchplan.predictors.registry import available_predictors, list_versions, train_predictor
+from batchplan.predictors.registry import load as load_predictor
 
 __all__ = ["Predictor", "available_predictors", "list_versions", "load_predictor", "train_predictor"]

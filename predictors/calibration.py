@@ -8,8 +8,8 @@ from typing import Any
 
 import numpy as np
 
-from batchplan.numerics import P_CLIP, fit_logistic, logit, sigmoid
-from predictors.metrics import log_loss
+from batchplan.core.numerics import P_CLIP, fit_logistic, logit, sigmoid
+from batchplan.predictors.metrics import log_loss
 
 
 @dataclass

@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from batchplan.catalog import PriceCatalog
+from batchplan.core.catalog import PriceCatalog
 
 DEFAULT_CHARS_PER_TOKEN_RATIO = 0.25
 COST_SOURCES = ("tokens", "billed", "billed_mean", "cold")

@@ -26,17 +26,17 @@ import lightgbm as lgb
 import numpy as np
 import polars as pl
 
-from batchplan.catalog import PriceCatalog
-from batchplan.contracts import DEFAULT_TASK, PREDICTION_SCHEMA
-from batchplan.numerics import logit, logit32, sigmoid
-from batchplan.storage import Storage, join
-from predictors.calibration import Calibrator
-from predictors.cost import CostModel, query_chars
-from predictors.features import STAT_COLUMNS, TextEncoder, Vocabulary, describe_models, text_of, text_stats
-from predictors.pairmodel import PairModel
-from predictors.priors import Priors, nearest_models
-from predictors.retrieval import Retriever
-from predictors.tokens import TokenModel, length_bucket
+from batchplan.core.catalog import PriceCatalog
+from batchplan.core.contracts import DEFAULT_TASK, PREDICTION_SCHEMA
+from batchplan.core.numerics import logit, logit32, sigmoid
+from batchplan.core.storage import Storage, join
+from batchplan.predictors.calibration import Calibrator
+from batchplan.predictors.cost import CostModel, query_chars
+from batchplan.predictors.features import STAT_COLUMNS, TextEncoder, Vocabulary, describe_models, text_of, text_stats
+from batchplan.predictors.pairmodel import PairModel
+from batchplan.predictors.priors import Priors, nearest_models
+from batchplan.predictors.retrieval import Retriever
+from batchplan.predictors.tokens import TokenModel, length_bucket
 
 PARALLEL_ROWS = 200_000
 PARALLEL_QUERIES = 20_000

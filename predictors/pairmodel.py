@@ -13,7 +13,7 @@ from typing import Any
 
 import numpy as np
 
-from batchplan.numerics import fit_logistic
+from batchplan.core.numerics import fit_logistic
 
 
 @dataclass

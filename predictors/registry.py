@@ -19,18 +19,18 @@ import lightgbm as lgb
 import numpy as np
 import polars as pl
 
-from batchplan.catalog import PriceCatalog
-from batchplan.errors import ContractError, unknown_name
-from batchplan.history import History
-from batchplan.storage import Storage, StorageError, join
-from predictors.calibration import Calibrator
-from predictors.cost import CostModel
-from predictors.features import DESCRIPTOR_SCHEMA, TextEncoder, Vocabulary
-from predictors.model import FORMAT_VERSION, Predictor
-from predictors.pairmodel import PairModel
-from predictors.priors import Priors
-from predictors.retrieval import Retriever
-from predictors.training import fit_predictor
+from batchplan.core.catalog import PriceCatalog
+from batchplan.core.errors import ContractError, unknown_name
+from batchplan.core.history import History
+from batchplan.core.storage import Storage, StorageError, join
+from batchplan.predictors.calibration import Calibrator
+from batchplan.predictors.cost import CostModel
+from batchplan.predictors.features import DESCRIPTOR_SCHEMA, TextEncoder, Vocabulary
+from batchplan.predictors.model import FORMAT_VERSION, Predictor
+from batchplan.predictors.pairmodel import PairModel
+from batchplan.predictors.priors import Priors
+from batchplan.predictors.retrieval import Retriever
+from batchplan.predictors.training import fit_predictor
 
 _REGISTRY: dict[str, tuple[Callable[..., Predictor], str]] = {}
 

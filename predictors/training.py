@@ -15,19 +15,19 @@ import lightgbm as lgb
 import numpy as np
 import polars as pl
 
-from batchplan.catalog import PriceCatalog
-from batchplan.errors import ContractError
-from batchplan.history import History, stable_fold
-from batchplan.numerics import logit, sigmoid
-from predictors.calibration import Calibrator, choose_calibrator
-from predictors.cost import CostModel
-from predictors.features import STAT_COLUMNS, TextEncoder, Vocabulary, describe_models, text_of
-from predictors.metrics import auc, brier, ece, log_loss
-from predictors.model import PAIR_FEATURES, PARALLEL_ROWS, Predictor, prepare_queries
-from predictors.pairmodel import PairModel
-from predictors.priors import Priors, fit_confusions
-from predictors.retrieval import Retriever
-from predictors.tokens import TokenModel
+from batchplan.core.catalog import PriceCatalog
+from batchplan.core.errors import ContractError
+from batchplan.core.history import History, stable_fold
+from batchplan.core.numerics import logit, sigmoid
+from batchplan.predictors.calibration import Calibrator, choose_calibrator
+from batchplan.predictors.cost import CostModel
+from batchplan.predictors.features import STAT_COLUMNS, TextEncoder, Vocabulary, describe_models, text_of
+from batchplan.predictors.metrics import auc, brier, ece, log_loss
+from batchplan.predictors.model import PAIR_FEATURES, PARALLEL_ROWS, Predictor, prepare_queries
+from batchplan.predictors.pairmodel import PairModel
+from batchplan.predictors.priors import Priors, fit_confusions
+from batchplan.predictors.retrieval import Retriever
+from batchplan.predictors.tokens import TokenModel
 
 DEFAULT_PARAMS: dict[str, Any] = {
     "objective": "binary",

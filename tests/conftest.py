@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from batchplan.history import History, load_history, synthetic_history, with_holdout
-from batchplan.settings import get_settings
-from batchplan.storage import Storage
+from batchplan.core.history import History, load_history, synthetic_history, with_holdout
+from batchplan.core.settings import get_settings
+from batchplan.core.storage import Storage
 
 DATASETS = ("cascades", "routerbench", "overruling")
 

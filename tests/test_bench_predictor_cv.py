@@ -6,7 +6,7 @@ from __future__ import annotations
 import polars as pl
 import pytest
 
-from batchplan.history import History, stable_fold, synthetic_history
+from batchplan.core.history import History, stable_fold, synthetic_history
 from bench import predictor as bench
 
 

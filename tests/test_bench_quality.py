@@ -9,7 +9,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from batchplan.history import synthetic_history
+from batchplan.core.history import synthetic_history
 from bench import quality as bench
 
 

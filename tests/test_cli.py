@@ -15,10 +15,10 @@ import polars as pl
 import pytest
 from typer.testing import CliRunner
 
-from batchplan.cli import app
-from batchplan.contracts import PLAN_SCHEMA, RESULT_SCHEMA
-from batchplan.history import load_history, synthetic_history, with_holdout
-from batchplan.storage import Storage, join
+from batchplan.app.cli import app
+from batchplan.core.contracts import PLAN_SCHEMA, RESULT_SCHEMA
+from batchplan.core.history import load_history, synthetic_history, with_holdout
+from batchplan.core.storage import Storage, join
 
 runner = CliRunner()
 
@@ -151,7 +151,7 @@ def test_run_holds_each_tenant_to_its_budget(trained: tuple[str, str], history_d
 def test_run_on_s3(
     trained: tuple[str, str], history_dir: str, s3_endpoint: str, s3_bucket: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from batchplan.settings import get_settings
+    from batchplan.core.settings import get_settings
 
     monkeypatch.setenv("BATCHPLAN_S3_ENDPOINT_URL", s3_endpoint)
     get_settings.cache_clear()
@@ -312,7 +312,7 @@ def test_a_flag_error_comes_before_the_heavy_imports() -> None:
     code = (
         "import sys\n"
         "from typer.testing import CliRunner\n"
-        "from batchplan.cli import app\n"
+        "from batchplan.app.cli import app\n"
         "for flags in (['--budget-usd', '-1'], ['--budget-usd', '1', '--backend', 'openia'], ['--budget-usd', 'x'],\n"
         "              ['--budget-usd', '1', '--backend', 'openai'], ['--budget-usd', '1']):\n"
         "    result = CliRunner().invoke(app, ['run', '--queue', 'q', '--predictors', 'm', '--out', 'o', *flags])\n"
@@ -352,7 +352,7 @@ def test_renamed_flags_are_shown_under_their_new_names_only() -> None:
     assert {"--templates", "--no-templates", "--predictor"} <= flags
     assert not {"--plans", "--no-plans"} & flags
     # the errors' field -> flag map names flags the commands have, under their current names
-    from batchplan.cli import FLAGS
+    from batchplan.app.cli import FLAGS
 
     assert set(FLAGS.values()) <= _flags("train") | _flags("plan") | _flags("run")
 
@@ -374,7 +374,7 @@ def test_old_flag_spellings_still_work(trained: tuple[str, str], history_dir: st
 
 
 def test_templates_json_is_written_and_an_old_plans_json_still_read(trained: tuple[str, str], tmp_path: Path) -> None:
-    from batchplan import artifacts
+    from batchplan.app import artifacts
 
     models, _ = trained
     version = artifacts.load(Storage(), models).predictor.metadata["version"]
@@ -392,7 +392,7 @@ def test_templates_json_is_written_and_an_old_plans_json_still_read(trained: tup
 
 def _show_report_on_s3(endpoint: str, run: str, monkeypatch: pytest.MonkeyPatch) -> str:
     """``batchplan show-report <run>`` with ``BATCHPLAN_S3_ENDPOINT_URL=endpoint``: its one error line."""
-    from batchplan.settings import get_settings
+    from batchplan.core.settings import get_settings
 
     monkeypatch.setenv("BATCHPLAN_S3_ENDPOINT_URL", endpoint)
     get_settings.cache_clear()
@@ -455,7 +455,7 @@ def test_the_readme_examples_are_shipped_and_ignored_outputs() -> None:
     """The README's command lines use examples/queue.jsonl (20 valid rows from the test split of the shipped
     synthetic history), and git ignores every output they (and the demo, and dags/README's Airflow home)
     tell a user to create."""
-    from batchplan.ingest import read_queue
+    from batchplan.app.ingest import read_queue
 
     readme = (ROOT / "README.md").read_text()
     assert "--queue examples/queue.jsonl" in readme

@@ -28,11 +28,11 @@ from typing import Any
 import polars as pl
 import pytest
 
-from batchplan.contracts import ContractError
+from batchplan.core.contracts import ContractError
+from batchplan.core.history import History
+from batchplan.core.layout import Layout
+from batchplan.core.storage import Storage
 from batchplan.dag_tasks import common, stages
-from batchplan.history import History
-from batchplan.layout import Layout
-from batchplan.storage import Storage
 
 DAGS = Path(__file__).resolve().parent.parent / "dags"
 NIGHTLY_DAY = "2026-03-02"

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from batchplan.cli import app
-from batchplan.settings import get_settings
+from batchplan.app.cli import app
+from batchplan.core.settings import get_settings
 
 
 @pytest.mark.slow

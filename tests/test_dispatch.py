@@ -11,11 +11,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from batchplan.contracts import RESULT_SCHEMA
-from batchplan.history import History
-from batchplan.storage import Storage
-from dispatchers import available_backends, dispatch, get_backend, parse_answer, read_manifest, read_results
-from dispatchers.budget import BudgetGuard
+from batchplan.core.contracts import RESULT_SCHEMA
+from batchplan.core.history import History
+from batchplan.core.storage import Storage
+from batchplan.dispatchers import available_backends, dispatch, get_backend, parse_answer, read_manifest, read_results
+from batchplan.dispatchers.budget import BudgetGuard
 from tests.support.factories import queue_of, recorded, single_plan
 
 
@@ -248,7 +248,7 @@ def test_one_writer_per_out_uri(small_history: History, tmp_path: Path) -> None:
     import subprocess
     import time
 
-    from dispatchers.ledger import RunLocked
+    from batchplan.dispatchers.ledger import RunLocked
 
     queue = queue_of(small_history, 10)
     plan = single_plan(small_history, queue)
@@ -349,8 +349,8 @@ def test_budget_guard_property(budget: float, calls: list[tuple[float, float]]) 
 
 
 def test_a_registered_backend_gets_open_task_budgets(small_history: History, tmp_path: Path) -> None:
-    from batchplan.catalog import PriceCatalog
-    from dispatchers import Backend, CallRequest, CallResult, register_backend
+    from batchplan.core.catalog import PriceCatalog
+    from batchplan.dispatchers import Backend, CallRequest, CallResult, register_backend
 
     seen: list[CallRequest] = []
 

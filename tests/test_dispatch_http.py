@@ -11,12 +11,12 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from batchplan.catalog import PriceCatalog
-from batchplan.history import History, synthetic_history
-from batchplan.storage import Storage
-from dispatchers import ModelLimits, RetryPolicy, dispatch, get_backend, read_manifest
-from dispatchers.openai import parse_retry_after
-from dispatchers.replay_server import Faults, ReplayServer
+from batchplan.core.catalog import PriceCatalog
+from batchplan.core.history import History, synthetic_history
+from batchplan.core.storage import Storage
+from batchplan.dispatchers import ModelLimits, RetryPolicy, dispatch, get_backend, read_manifest
+from batchplan.dispatchers.openai import parse_retry_after
+from batchplan.dispatchers.replay_server import Faults, ReplayServer
 from tests.support.factories import model_plan, queue_of, recorded
 
 FAST_RETRY = RetryPolicy(max_attempts=6, base_delay_s=0.01, max_delay_s=0.2, down_after=5, down_cooldown_s=30)
@@ -365,7 +365,7 @@ def test_replay_server_runs_as_a_module() -> None:
     args = [
         sys.executable,
         "-m",
-        "dispatchers.replay_server",
+        "batchplan.dispatchers.replay_server",
         "--synthetic",
         "50",
         "--models",
@@ -393,7 +393,7 @@ def test_replay_server_runs_as_a_module() -> None:
 def test_token_bucket_paces_tokens_per_minute() -> None:
     import asyncio
 
-    from dispatchers.limits import TokenBucket
+    from batchplan.dispatchers.limits import TokenBucket
 
     async def scenario() -> float:
         bucket = TokenBucket(per_minute=6_000)  # 100 tokens/s, burst 100

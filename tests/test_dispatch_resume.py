@@ -14,10 +14,10 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from batchplan.history import synthetic_history
-from batchplan.storage import Storage
-from dispatchers import read_manifest, read_results
-from dispatchers.replay_server import Faults, ReplayServer
+from batchplan.core.history import synthetic_history
+from batchplan.core.storage import Storage
+from batchplan.dispatchers import read_manifest, read_results
+from batchplan.dispatchers.replay_server import Faults, ReplayServer
 
 N_QUERIES = 450
 SEED = 21
@@ -26,12 +26,12 @@ SEED = 21
 SCRIPT = f"""
 import sys
 import polars as pl
-from batchplan.catalog import PriceCatalog
-from batchplan.contracts import PLAN_SCHEMA, QUEUE_SCHEMA, conform
-from batchplan.history import synthetic_history
-from dispatchers import RetryPolicy, dispatch, get_backend
+from batchplan.core.catalog import PriceCatalog
+from batchplan.core.contracts import PLAN_SCHEMA, QUEUE_SCHEMA, conform
+from batchplan.core.history import synthetic_history
+from batchplan.dispatchers import RetryPolicy, dispatch, get_backend
 
-from batchplan.storage import Storage
+from batchplan.core.storage import Storage
 
 base_url, out, idempotent, endpoint = sys.argv[1], sys.argv[2], sys.argv[3] == "1", sys.argv[4]
 storage = Storage(s3_endpoint_url=endpoint or None, s3_region="us-east-1")

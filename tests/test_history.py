@@ -7,7 +7,7 @@ from pathlib import Path
 import polars as pl
 import structlog
 
-from batchplan.history import load_history, synthetic_history
+from batchplan.core.history import load_history, synthetic_history
 
 
 def test_a_model_listed_at_two_prices_is_explained_in_one_line(tmp_path: Path) -> None:

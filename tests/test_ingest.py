@@ -8,9 +8,9 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from batchplan.contracts import QUARANTINE_SCHEMA, QUEUE_SCHEMA, ContractError, conform
-from batchplan.ingest import ensure_queue, read_queue
-from batchplan.storage import Storage
+from batchplan.app.ingest import ensure_queue, read_queue
+from batchplan.core.contracts import QUARANTINE_SCHEMA, QUEUE_SCHEMA, ContractError, conform
+from batchplan.core.storage import Storage
 
 ROWS = [
     {"query_id": "a", "prompt": "hello", "labels": ["yes", "no"]},
@@ -159,7 +159,7 @@ def test_an_integer_query_id_is_read_alike_from_every_format(tmp_path: Path) -> 
 def test_a_prompt_past_the_maximum_is_quarantined_before_planning(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from batchplan.settings import get_settings
+    from batchplan.core.settings import get_settings
 
     _write_jsonl(
         tmp_path / "q.jsonl", [{"query_id": "huge", "prompt": "x" * 2_000_000}, {"query_id": "ok", "prompt": "hi"}]

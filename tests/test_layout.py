@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import pytest
 
-from batchplan.layout import Layout
-from batchplan.settings import Settings
+from batchplan.core.layout import Layout
+from batchplan.core.settings import Settings
 
 
 def test_root_overrides_bucket_and_prefix() -> None:

@@ -1,4 +1,4 @@
-"""The one logistic solver (batchplan/numerics.py) pinned through its callers on a fixed input.
+"""The one logistic solver (batchplan/core/numerics.py) pinned through its callers on a fixed input.
 
 The plan estimates and the Platt calibrator each had a Newton solver of their own before; the values
 below are what those gave on this input, so the shared solver changes no template and no calibrator.
@@ -10,10 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from batchplan.numerics import P_CLIP, Z_CLIP, fit_logistic, logit, logit32, sigmoid
-from batchplan.plan_estimates import fit_correct
-from predictors.calibration import fit_platt
-from predictors.pairmodel import PairModel
+from batchplan.core.numerics import P_CLIP, Z_CLIP, fit_logistic, logit, logit32, sigmoid
+from batchplan.plans.estimates import fit_correct
+from batchplan.predictors.calibration import fit_platt
+from batchplan.predictors.pairmodel import PairModel
 
 N = 400
 

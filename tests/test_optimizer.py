@@ -9,7 +9,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from optimizer import (
+from batchplan.optimizer import (
     AccuracyFloor,
     Allowed,
     Budget,
@@ -19,7 +19,7 @@ from optimizer import (
     Problem,
     solve,
 )
-from optimizer.constraints import Constraint
+from batchplan.optimizer.constraints import Constraint
 from tests.support.factories import budget_between, cheapest_total, dearest_total, tiny_options
 from tests.support.oracles import brute_force, check_against_brute_force
 

@@ -10,8 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from bench.solver import constraints_for, make_options
-from optimizer import (
+from batchplan.optimizer import (
     AccuracyFloor,
     Allowed,
     Budget,
@@ -22,6 +21,7 @@ from optimizer import (
     frontier,
     solve,
 )
+from bench.solver import constraints_for, make_options
 from tests.support.factories import budget_between, cheapest_total, signed_constraints, signed_options, tiny_options
 from tests.support.oracles import assert_feasible, brute_force, check_against_brute_force
 
@@ -115,8 +115,8 @@ def test_a_warm_start_takes_the_exact_price_of_a_lone_budget() -> None:
     """A frontier warm-starts each budget from the last one's price; with one coupling row the exact
     bisection price must still be used (a stale price cost dozens of column-generation rounds: 30-50 s a
     frontier point at 20k queries against 2 s cold)."""
-    from optimizer.decompose import BASE_QUERIES, solve_lp
-    from optimizer.solution import SolveInfo
+    from batchplan.optimizer.decompose import BASE_QUERIES, solve_lp
+    from batchplan.optimizer.solution import SolveInfo
 
     opts = tiny_options(BASE_QUERIES * 2, 6, 12)
     model = Problem(opts, constraints=[Budget(limit=cheapest_total(opts) * 1.5)]).compiled
@@ -204,9 +204,9 @@ def test_signed_capacity_rows_at_medium_size(seed: int) -> None:
 def test_repair_moves_other_queries_when_the_split_ones_cannot() -> None:
     """Start from the unconstrained best plan (violating the signed rows) with no split query to move:
     the repair must move other queries (greedy moves, then MILP neighbourhoods) to a feasible plan."""
-    import optimizer.decompose as dec
-    from optimizer.decompose import move_repair, price, round_and_repair
-    from optimizer.solution import violated_rows
+    import batchplan.optimizer.decompose as dec
+    from batchplan.optimizer.decompose import move_repair, price, round_and_repair
+    from batchplan.optimizer.solution import violated_rows
 
     opts = signed_options(3_000, 5, 11)
     problem = Problem(opts, "max_value", signed_constraints(opts, 0.5))
@@ -235,9 +235,9 @@ def test_repair_path_matches_brute_force(n: int, k: int, seed: int, share: float
     """The large-problem repair (forced on tiny instances): from the unconstrained best plan it reaches a
     feasible plan exactly when one exists (brute force), never better than the optimum; with no plan, the
     MILP over every query proves it."""
-    import optimizer.decompose as dec
-    from optimizer.decompose import price, round_and_repair
-    from optimizer.solution import violated_rows
+    import batchplan.optimizer.decompose as dec
+    from batchplan.optimizer.decompose import price, round_and_repair
+    from batchplan.optimizer.solution import violated_rows
 
     opts = signed_options(n, k, seed)
     problem = Problem(opts, "max_value", signed_constraints(opts, share), deferrable=seed % 2 == 0)
@@ -273,7 +273,7 @@ def test_budget_is_never_exceeded_beyond_1e9_relative() -> None:
 def test_time_limit_gives_solver_error_or_a_feasible_certified_plan(limit: float) -> None:
     import time
 
-    from optimizer import SolverError
+    from batchplan.optimizer import SolverError
 
     opts = make_options(30_000, 3)
     problem = Problem(opts, "max_value", constraints_for(opts, "all"))
@@ -302,7 +302,7 @@ def test_time_limit_gives_solver_error_or_a_feasible_certified_plan(limit: float
 def test_single_row_bisection_path_matches_lp(which: str, layout: str) -> None:
     """One coupling row past the sample size: the bisection price gives the LP optimum (CVXPY's LP bound),
     also when queries have different numbers of options (as plan candidates do: templates per task)."""
-    from optimizer.decompose import BASE_QUERIES
+    from batchplan.optimizer.decompose import BASE_QUERIES
 
     opts = make_options(3 * BASE_QUERIES, 4)
     if layout == "ragged":

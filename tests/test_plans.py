@@ -10,19 +10,19 @@ import numpy as np
 import polars as pl
 import pytest
 
-from batchplan.candidates import P90_Z, Candidates, build_candidates
-from batchplan.contracts import HISTORY_QUERIES_SCHEMA, MODELS_SCHEMA, OUTCOMES_SCHEMA, ContractError
-from batchplan.history import History
-from batchplan.numerics import logit, sigmoid
-from batchplan.plan_estimates import Template, choose_calibration, estimate
-from batchplan.plan_simulation import PlanSpec, error_by_label, recorded_by_task, simulate
-from batchplan.plan_templates import PlanTemplates, fit_plan_templates, upper_hull
-from batchplan.planning import PlanRequest, budget_share, offer_templates, plan_batch
-from batchplan.report import Truth, score_results
-from batchplan.storage import Storage
-from dispatchers import dispatch, get_backend
-from optimizer import InfeasibleError
-from predictors import train_predictor
+from batchplan.app.report import Truth, score_results
+from batchplan.core.contracts import HISTORY_QUERIES_SCHEMA, MODELS_SCHEMA, OUTCOMES_SCHEMA, ContractError
+from batchplan.core.history import History
+from batchplan.core.numerics import logit, sigmoid
+from batchplan.core.storage import Storage
+from batchplan.dispatchers import dispatch, get_backend
+from batchplan.optimizer import InfeasibleError
+from batchplan.plans.candidates import P90_Z, Candidates, build_candidates
+from batchplan.plans.estimates import Template, choose_calibration, estimate
+from batchplan.plans.planning import PlanRequest, budget_share, offer_templates, plan_batch
+from batchplan.plans.simulation import PlanSpec, error_by_label, recorded_by_task, simulate
+from batchplan.plans.templates import PlanTemplates, fit_plan_templates, upper_hull
+from batchplan.predictors import train_predictor
 
 LABELS = ["A", "B", "C"]
 
@@ -493,7 +493,7 @@ def test_a_constraint_naming_what_the_batch_lacks_is_refused_with_the_known_name
 def test_queries_no_offered_model_can_answer_fail_with_the_reason_and_the_rest_run(
     known_confusions: tuple[History, PlanTemplates], tmp_path: Path
 ) -> None:
-    from batchplan.pipeline import execute
+    from batchplan.app.pipeline import execute
 
     history, templates = known_confusions
     queue = history.as_queue("test")
@@ -525,7 +525,7 @@ def test_queries_no_offered_model_can_answer_fail_with_the_reason_and_the_rest_r
 
 
 def test_rounds_refuse_what_only_the_single_shot_plan_holds() -> None:
-    from batchplan.planning import check_rounds_request
+    from batchplan.plans.planning import check_rounds_request
 
     check_rounds_request(PlanRequest(budget_usd=1.0, tenant_budgets_usd={"a": 0.5}, allowed_models={"a": ["m1"]}))
     with pytest.raises(ContractError) as refused:
@@ -536,7 +536,7 @@ def test_rounds_refuse_what_only_the_single_shot_plan_holds() -> None:
 
 
 def test_round_planners_see_only_the_llms_a_tenant_may_use() -> None:
-    from batchplan.planning import allowed_predictions
+    from batchplan.plans.planning import allowed_predictions
 
     queue = pl.DataFrame({"query_id": ["q1", "q2"], "tenant": ["eu", "us"]})
     predictions = pl.DataFrame(

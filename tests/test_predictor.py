@@ -8,13 +8,13 @@ import numpy as np
 import polars as pl
 import pytest
 
-from batchplan.catalog import PriceCatalog
-from batchplan.contracts import PREDICTION_SCHEMA, ContractError
-from batchplan.history import History, synthetic_history
-from batchplan.storage import Storage
-from predictors import Predictor, available_predictors, list_versions, load_predictor, train_predictor
-from predictors.calibration import fit_isotonic, fit_platt
-from predictors.metrics import auc, ece
+from batchplan.core.catalog import PriceCatalog
+from batchplan.core.contracts import PREDICTION_SCHEMA, ContractError
+from batchplan.core.history import History, synthetic_history
+from batchplan.core.storage import Storage
+from batchplan.predictors import Predictor, available_predictors, list_versions, load_predictor, train_predictor
+from batchplan.predictors.calibration import fit_isotonic, fit_platt
+from batchplan.predictors.metrics import auc, ece
 from tests.support.factories import predictor_queue, recorded_pairs
 
 FAST: dict[str, int] = {"folds": 4}

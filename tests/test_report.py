@@ -9,10 +9,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from batchplan.candidates import build_candidates
-from batchplan.frontier import frontier_uri, plan_frontier, read_frontier, write_frontier
-from batchplan.planning import PlanRequest, plan_batch
-from batchplan.report import (
+from batchplan.app.report import (
     OPTIMIZER_GLOSSARY,
     Truth,
     baselines,
@@ -22,8 +19,11 @@ from batchplan.report import (
     score_results,
     write_report,
 )
-from batchplan.storage import Storage
-from dispatchers import spend_by_model
+from batchplan.core.storage import Storage
+from batchplan.dispatchers import spend_by_model
+from batchplan.plans.candidates import build_candidates
+from batchplan.plans.frontier import frontier_uri, plan_frontier, read_frontier, write_frontier
+from batchplan.plans.planning import PlanRequest, plan_batch
 
 # Two queries, two models: cheap is right on q1 only, dear is right on both.
 OUTCOMES = pl.DataFrame(

@@ -19,8 +19,8 @@ from typing import Any
 import pytest
 from test_report import QUEUE_WITH_TENANTS, sample_report
 
-from batchplan.report import sections, write_report
-from batchplan.storage import Storage
+from batchplan.app.report import sections, write_report
+from batchplan.core.storage import Storage
 
 CHROMIUM = shutil.which("chromium")
 pytestmark = pytest.mark.skipif(

@@ -8,14 +8,14 @@ import numpy as np
 import polars as pl
 import pytest
 
-from batchplan.contracts import PLAN_SCHEMA, QUEUE_SCHEMA, conform
-from batchplan.history import History, load_history
-from batchplan.pipeline import execute, execute_rounds
-from batchplan.plan_continuation import PlanContinuation
-from batchplan.round_runner import RoundsOutcome, run_rounds
-from batchplan.rounds import OBSERVATION_SCHEMA, RoundState
-from batchplan.storage import Storage
-from dispatchers import get_backend
+from batchplan.app.pipeline import execute, execute_rounds
+from batchplan.app.round_runner import RoundsOutcome, run_rounds
+from batchplan.core.contracts import PLAN_SCHEMA, QUEUE_SCHEMA, conform
+from batchplan.core.history import History, load_history
+from batchplan.core.rounds import OBSERVATION_SCHEMA, RoundState
+from batchplan.core.storage import Storage
+from batchplan.dispatchers import get_backend
+from batchplan.plans.continuation import PlanContinuation
 
 
 @pytest.fixture(scope="module")
@@ -191,7 +191,7 @@ class _Sender:
     """The real dispatch sender on replay, recording the budget each round was given."""
 
     def __init__(self, history: History) -> None:
-        from batchplan.round_runner import DispatchSender
+        from batchplan.app.round_runner import DispatchSender
 
         self.inner = DispatchSender(get_backend("replay", history=history))
 
@@ -200,7 +200,7 @@ class _Sender:
 
 
 def test_an_ambiguous_failure_is_charged_at_its_input_tokens_once_a_later_call_told_them() -> None:
-    from batchplan.round_runner import tighten
+    from batchplan.app.round_runner import tighten
 
     observed = pl.DataFrame(
         [
@@ -230,10 +230,10 @@ def test_an_ambiguous_failure_is_charged_at_its_input_tokens_once_a_later_call_t
 def test_the_budget_holds_in_rounds_against_a_faulty_endpoint(tmp_path: Path) -> None:
     """~18% faults (ambiguous ones charged their bound), a budget half of what the plan would cost:
     neither what the run counts nor what the provider billed passes the budget."""
-    from batchplan.catalog import PriceCatalog
-    from batchplan.history import synthetic_history
-    from dispatchers import RetryPolicy
-    from dispatchers.replay_server import Faults, ReplayServer
+    from batchplan.core.catalog import PriceCatalog
+    from batchplan.core.history import synthetic_history
+    from batchplan.dispatchers import RetryPolicy
+    from batchplan.dispatchers.replay_server import Faults, ReplayServer
 
     history = synthetic_history(300, 4, seed=9)
     queue = conform(history.queries, QUEUE_SCHEMA, name="queue")
@@ -273,10 +273,10 @@ def test_the_budget_holds_in_rounds_against_a_faulty_endpoint(tmp_path: Path) ->
 def test_the_posterior_planner_runs_through_the_runner(tmp_path: Path) -> None:
     """h14a's planner (``--round-planner posterior``) behind the same runner: every round dispatched and
     observed, the budget held, every query answered, its estimate from the posterior."""
-    from batchplan import artifacts
-    from batchplan.history import synthetic_history
-    from batchplan.pipeline import predict
-    from batchplan.round_runner import make_round_planner
+    from batchplan.app import artifacts
+    from batchplan.app.pipeline import predict
+    from batchplan.app.round_runner import make_round_planner
+    from batchplan.core.history import synthetic_history
 
     history = synthetic_history(500, 4, n_tasks=1, test_fraction=0.4, seed=5)
     trained = artifacts.train(history.split("train"), predictor="prior", seed=0)
@@ -306,9 +306,9 @@ def test_the_posterior_planner_runs_through_the_runner(tmp_path: Path) -> None:
 def test_cost_bounds_at_once_are_each_call_s_bound() -> None:
     """The vectorized bounds the planners see are what the executor reserves call by call (to the last bits:
     polars and Python round the same sum differently)."""
-    from batchplan.catalog import PriceCatalog
-    from batchplan.history import synthetic_history
-    from dispatchers import Backend
+    from batchplan.core.catalog import PriceCatalog
+    from batchplan.core.history import synthetic_history
+    from batchplan.dispatchers import Backend
 
     history = synthetic_history(120, 3, seed=4)
     queue = history.as_queue()

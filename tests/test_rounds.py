@@ -6,16 +6,16 @@ import numpy as np
 import polars as pl
 import pytest
 
-from batchplan import artifacts
-from batchplan.history import History, synthetic_history
-from batchplan.plan_templates import cross_fit_predictions
-from batchplan.posterior import Posterior, fit_posterior
-from batchplan.report import Truth, score_results
-from batchplan.round_planner import PosteriorRoundPlanner, round_planner
-from batchplan.round_replay import simulate_rounds
-from batchplan.rounds import OBSERVATION_SCHEMA, RoundState
-from batchplan.storage import Storage
-from predictors import train_predictor
+from batchplan.app import artifacts
+from batchplan.app.report import Truth, score_results
+from batchplan.app.round_replay import simulate_rounds
+from batchplan.core.history import History, synthetic_history
+from batchplan.core.rounds import OBSERVATION_SCHEMA, RoundState
+from batchplan.core.storage import Storage
+from batchplan.plans.posterior import Posterior, fit_posterior
+from batchplan.plans.round_planner import PosteriorRoundPlanner, round_planner
+from batchplan.plans.templates import cross_fit_predictions
+from batchplan.predictors import train_predictor
 
 
 def _trainer(part: History) -> object:
@@ -199,13 +199,20 @@ def test_last_round_answers_every_query_the_budget_affords(fitted: tuple[History
 
 
 def test_fast_logits_match_the_fitted_designs(fitted: tuple[History, Posterior, pl.DataFrame]) -> None:
-    from batchplan.posterior import after_features, after_logit, after_offset, answer_features, answer_logit, replays
+    from batchplan.plans.posterior import (
+        after_features,
+        after_logit,
+        after_offset,
+        answer_features,
+        answer_logit,
+        replays,
+    )
 
     history, posterior, _ = fitted
     train = history.split("train")
     oof = train.outcomes.select("query_id", "model", pl.lit(0.6).alias("p_correct"))
     rep = next(iter(replays(train, oof).values()))
-    from batchplan.posterior import States
+    from batchplan.plans.posterior import States
 
     s = States(
         rep.prior, np.where(np.arange(4)[None] < 2, rep.code, -2).astype(np.int32), rep.conf, np.zeros_like(rep.code)

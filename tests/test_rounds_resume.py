@@ -15,8 +15,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from batchplan.history import synthetic_history
-from dispatchers.replay_server import Faults, ReplayServer
+from batchplan.core.history import synthetic_history
+from batchplan.dispatchers.replay_server import Faults, ReplayServer
 
 N_QUERIES = 300
 SEED = 23
@@ -26,13 +26,13 @@ BUDGET = 0.05
 SCRIPT = f"""
 import sys
 import polars as pl
-from batchplan.catalog import PriceCatalog
-from batchplan.contracts import PLAN_SCHEMA, QUEUE_SCHEMA, conform
-from batchplan.history import synthetic_history
-from batchplan.pipeline import execute_rounds
-from batchplan.plan_continuation import PlanContinuation
-from batchplan.storage import Storage
-from dispatchers import RetryPolicy, get_backend
+from batchplan.core.catalog import PriceCatalog
+from batchplan.core.contracts import PLAN_SCHEMA, QUEUE_SCHEMA, conform
+from batchplan.core.history import synthetic_history
+from batchplan.app.pipeline import execute_rounds
+from batchplan.plans.continuation import PlanContinuation
+from batchplan.core.storage import Storage
+from batchplan.dispatchers import RetryPolicy, get_backend
 
 base_url, out = sys.argv[1], sys.argv[2]
 h = synthetic_history({N_QUERIES}, 4, seed={SEED})

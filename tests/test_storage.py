@@ -7,8 +7,8 @@ from pathlib import Path
 import polars as pl
 import pytest
 
-from batchplan.history import load_history, synthetic_history
-from batchplan.storage import Storage, StorageError, join
+from batchplan.core.history import load_history, synthetic_history
+from batchplan.core.storage import Storage, StorageError, join
 
 FRAME = pl.DataFrame({"query_id": ["a", "b"], "labels": [["x", "y"], None], "cost": [0.1, 0.2]})
 

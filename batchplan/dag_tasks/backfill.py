@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from datetime import date, timedelta
 
-from batchplan.contracts import ContractError
+from batchplan.core.contracts import ContractError
+from batchplan.core.layout import Layout, day
+from batchplan.core.storage import Storage
 from batchplan.dag_tasks.common import QueueClaimed, claim_queue, log
-from batchplan.layout import Layout, day
-from batchplan.storage import Storage
 
 MAX_BACKFILL_DAYS = 92
 

@@ -10,11 +10,11 @@ from typing import Any
 
 import structlog
 
-from batchplan import history
-from batchplan.contracts import ContractError
-from batchplan.layout import Layout, day
-from batchplan.settings import Settings
-from batchplan.storage import Storage
+from batchplan.core import history
+from batchplan.core.contracts import ContractError
+from batchplan.core.layout import Layout, day
+from batchplan.core.settings import Settings
+from batchplan.core.storage import Storage
 
 log = structlog.get_logger("batchplan.airflow")
 
@@ -69,7 +69,7 @@ class RunParams:
             raise ContractError(f"rounds must be in [1, {MAX_ROUNDS}], got {rounds}")
         planner = str(params.get("round_planner") or "plan")
         if rounds > 1:
-            from batchplan.round_runner import check_round_planner
+            from batchplan.app.round_runner import check_round_planner
 
             check_round_planner(planner)
         return cls(
@@ -85,7 +85,7 @@ class RunParams:
         )
 
     def request(self) -> Any:
-        from batchplan.planning import PlanRequest
+        from batchplan.plans.planning import PlanRequest
 
         return PlanRequest(
             budget_usd=self.budget_usd,

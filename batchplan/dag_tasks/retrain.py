@@ -10,9 +10,9 @@ from typing import Any
 
 import polars as pl
 
+from batchplan.core.layout import Layout
+from batchplan.core.storage import Storage
 from batchplan.dag_tasks.common import history_dirs, log
-from batchplan.layout import Layout
-from batchplan.storage import Storage
 
 
 @dataclass(frozen=True)
@@ -34,8 +34,8 @@ def training_history(storage: Storage, lay: Layout) -> tuple[Any, Any, int, int]
     """(train, eval, found, used): the bundled histories' train/holdout split, with every recorded outcome
     added to training except those of held-out queries (no leakage into the evaluation); ``found`` and
     ``used`` count the recorded outcome rows."""
-    from batchplan.history import History, load_history, with_holdout
-    from batchplan.settings import Settings
+    from batchplan.core.history import History, load_history, with_holdout
+    from batchplan.core.settings import Settings
 
     settings = Settings()
     base = with_holdout(load_history(history_dirs(), storage), settings.holdout_fraction, settings.seed)
@@ -58,7 +58,7 @@ def training_history(storage: Storage, lay: Layout) -> tuple[Any, Any, int, int]
 
 def score_predictor(predictor: Any, evaluation: Any) -> tuple[float, int]:
     """Brier score of P(correct) on the held-out (query, model) outcomes: lower is better."""
-    from predictors.metrics import brier
+    from batchplan.predictors.metrics import brier
 
     queue = evaluation.as_queue("test")
     pairs = evaluation.outcomes.select("query_id", "model").join(queue.select("query_id"), on="query_id")
@@ -75,8 +75,8 @@ def model_version(when: Any) -> str:
 
 def train_stage(storage: Storage, lay: Layout, run: str, predictor_name: str = "lightgbm") -> dict[str, Any]:
     """Train a candidate predictor on the training history; save it as ``models/<run>/``."""
-    from batchplan import artifacts
-    from predictors import list_versions
+    from batchplan.app import artifacts
+    from batchplan.predictors import list_versions
 
     out = lay.model(run)
     if run in list_versions(storage, lay.models()):
@@ -95,8 +95,8 @@ def train_stage(storage: Storage, lay: Layout, run: str, predictor_name: str = "
 def evaluate_and_promote(storage: Storage, lay: Layout, run: str, min_gain: float = 0.0) -> dict[str, Any]:
     """Score candidate and current predictor on the same held-out pairs; promote the candidate only if
     its Brier score is lower by more than ``min_gain`` (or nothing is promoted yet). Records the decision."""
-    from batchplan.artifacts import resolve_version
-    from predictors import load_predictor
+    from batchplan.app.artifacts import resolve_version
+    from batchplan.predictors import load_predictor
 
     _, evaluation, found, used = training_history(storage, lay)
     candidate_score, pairs = score_predictor(load_predictor(storage, lay.models(), version=run), evaluation)

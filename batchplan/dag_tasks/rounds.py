@@ -18,10 +18,10 @@ from typing import Any
 
 import polars as pl
 
+from batchplan.core.layout import Layout
+from batchplan.core.storage import Storage, join
 from batchplan.dag_tasks.common import MAX_ROUNDS, RunParams, log
 from batchplan.dag_tasks.stages import _backend, _tenant_shares, budget_shares, shard_count
-from batchplan.layout import Layout
-from batchplan.storage import Storage, join
 
 __all__ = ["MAX_ROUNDS", "round_dispatch_shard", "round_observe_stage", "round_plan_stage", "rounds_results"]
 NOOP: dict[str, Any] = {"noop": True}  # one mapped task instance that does nothing: no empty expansion
@@ -34,8 +34,8 @@ def rounds_uri(lay: Layout, run: str) -> str:
 
 def _inputs(storage: Storage, lay: Layout, run: str, params: RunParams) -> dict[str, Any]:
     """What the round planner is built from: the queue, predictions, single-shot plan, loaded artifacts."""
-    from batchplan import artifacts
-    from batchplan.planning import allowed_predictions
+    from batchplan.app import artifacts
+    from batchplan.plans.planning import allowed_predictions
 
     version = artifacts.resolve_version(storage, lay.models(), None)
     request = params.request()
@@ -53,7 +53,7 @@ def _inputs(storage: Storage, lay: Layout, run: str, params: RunParams) -> dict[
 
 def _bounds(storage: Storage, params: RunParams, queue: pl.DataFrame, predictions: pl.DataFrame) -> pl.DataFrame:
     """Every (query, model)'s cost bound on the run's backend (BOUNDS_SCHEMA), as the dispatcher sends it."""
-    from batchplan.round_runner import MAX_TOKENS, MAX_TOKENS_OPEN
+    from batchplan.app.round_runner import MAX_TOKENS, MAX_TOKENS_OPEN
 
     backend = _backend(params.backend, storage)
     return backend.cost_bounds(queue, predictions.select("query_id", "model"), MAX_TOKENS, MAX_TOKENS_OPEN)
@@ -68,7 +68,7 @@ def _budget(params: RunParams, plan: pl.DataFrame) -> float:
 
 def round_plan_stage(storage: Storage, lay: Layout, run: str, params: RunParams, k: int) -> list[dict[str, Any]]:
     """Plan round ``k`` for the whole batch (once; a re-run reuses it) and split its calls into shards."""
-    from batchplan.round_runner import (
+    from batchplan.app.round_runner import (
         OBSERVATION_SCHEMA,
         REFUSED_SCHEMA,
         complete_round,
@@ -125,7 +125,7 @@ def round_plan_stage(storage: Storage, lay: Layout, run: str, params: RunParams,
 
 def round_dispatch_shard(storage: Storage, shard: dict[str, Any], backend: str) -> dict[str, Any]:
     """Send one shard of a round within its budget share; its observations are written last (reused)."""
-    from batchplan.round_runner import REFUSED_SCHEMA, DispatchSender
+    from batchplan.app.round_runner import REFUSED_SCHEMA, DispatchSender
 
     if shard.get("noop") or "calls" not in shard:
         return {"noop": True}
@@ -159,7 +159,7 @@ def round_dispatch_shard(storage: Storage, shard: dict[str, Any], backend: str) 
 
 def round_observe_stage(storage: Storage, lay: Layout, run: str, shards: list[dict[str, Any]]) -> dict[str, Any]:
     """Round complete: every shard's observations and refusals as the round's own (the marker)."""
-    from batchplan.round_runner import OBSERVATION_SCHEMA, REFUSED_SCHEMA, complete_round, round_complete
+    from batchplan.app.round_runner import OBSERVATION_SCHEMA, REFUSED_SCHEMA, complete_round, round_complete
 
     real = [s for s in shards if not s.get("noop")]
     if not real:
@@ -181,7 +181,7 @@ def round_observe_stage(storage: Storage, lay: Layout, run: str, shards: list[di
 
 def rounds_results(storage: Storage, lay: Layout, run: str, params: RunParams) -> tuple[pl.DataFrame, float] | None:
     """The run's results and estimated accuracy from its rounds (None when it ran single shot)."""
-    from batchplan.round_runner import finish_rounds, make_round_planner
+    from batchplan.app.round_runner import finish_rounds, make_round_planner
 
     if params.rounds <= 1:
         return None
@@ -210,7 +210,7 @@ def params() -> dict[str, Any]:
             maximum=MAX_ROUNDS,
             description="Execute in N rounds, re-planned over the whole batch after each under what is left (1: single shot).",
         ),
-        "round_planner": Param("plan", type="string", description="Who plans each round (batchplan.round_runner)."),
+        "round_planner": Param("plan", type="string", description="Who plans each round (batchplan.app.round_runner)."),
     }
 
 

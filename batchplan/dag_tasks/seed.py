@@ -4,16 +4,16 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from batchplan.core.layout import Layout, day
+from batchplan.core.storage import Storage
 from batchplan.dag_tasks.common import CONN_ID, history_dirs, layout, storage_from_connection
-from batchplan.layout import Layout, day
-from batchplan.storage import Storage
 
 
 def seed_queue(
     storage: Storage, lay: Layout, the_day: str, queries: int, *, offset: int = 0, seed: int = 7
 ) -> list[str]:
     """Drop queue parts for ``the_day`` made of held-out queries of the bundled histories (replayable)."""
-    from batchplan.history import load_history, with_holdout
+    from batchplan.core.history import load_history, with_holdout
 
     history = with_holdout(load_history(history_dirs(), storage))
     queue = history.as_queue("test").sample(fraction=1.0, shuffle=True, seed=seed).slice(offset, queries)

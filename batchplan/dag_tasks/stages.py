@@ -25,7 +25,7 @@ from typing import Any
 
 import polars as pl
 
-from batchplan.contracts import (
+from batchplan.core.contracts import (
     HISTORY_QUERIES_SCHEMA,
     OUTCOMES_SCHEMA,
     RESULT_SCHEMA,
@@ -33,9 +33,9 @@ from batchplan.contracts import (
     ContractError,
     conform,
 )
+from batchplan.core.layout import Layout
+from batchplan.core.storage import Storage
 from batchplan.dag_tasks.common import MAX_SHARDS, RunParams, history_dirs, log
-from batchplan.layout import Layout
-from batchplan.storage import Storage
 
 MIN_ROWS_PER_SHARD = 200
 NANO = 1_000_000_000
@@ -46,7 +46,7 @@ def ingest_stage(storage: Storage, lay: Layout, run: str, source: str | Sequence
 
     ``source`` is one queue URI, or (day, URI) pairs for a backfill (a ``day`` column is added). A re-run
     reuses the snapshot: parts dropped after the first run do not change what this run planned."""
-    from batchplan.pipeline import ingest
+    from batchplan.app.pipeline import ingest
 
     snapshot = lay.plan_file(run, "queue.parquet")
     if storage.exists(snapshot):
@@ -70,15 +70,15 @@ def ingest_stage(storage: Storage, lay: Layout, run: str, source: str | Sequence
 
 
 def _backend(name: str, storage: Storage) -> Any:
-    from batchplan.pipeline import make_backend
+    from batchplan.app.pipeline import make_backend
 
     return make_backend(name, storage=storage, replay_history=history_dirs() if name == "replay" else ())
 
 
 def predict_stage(storage: Storage, lay: Layout, run: str, backend: str) -> dict[str, Any]:
     """P(correct) and cost per (query, model) with the promoted predictor; reused on a re-run."""
-    from batchplan import artifacts
-    from batchplan.pipeline import predict
+    from batchplan.app import artifacts
+    from batchplan.app.pipeline import predict
 
     out = lay.plan_file(run, "predictions.parquet")
     if storage.exists(out):
@@ -119,10 +119,10 @@ def plan_stage(
     query_id ranges, or one per ``group_by`` value, e.g. the backfill's days), each with its budget share.
 
     ``plans/<run>/shards.json`` is written last; when it exists a re-run returns it unchanged."""
-    from batchplan import artifacts
-    from batchplan.frontier import frontier_uri, plan_frontier, write_frontier
-    from batchplan.pipeline import build_candidates, optimize
-    from batchplan.planning import request_changes, request_record
+    from batchplan.app import artifacts
+    from batchplan.app.pipeline import build_candidates, optimize
+    from batchplan.plans.frontier import frontier_uri, plan_frontier, write_frontier
+    from batchplan.plans.planning import request_changes, request_record
 
     manifest_uri = lay.shards_manifest(run)
     request = params.request()
@@ -210,7 +210,7 @@ def shard_results_uri(lay: Layout, shard: dict[str, Any]) -> str:
 def dispatch_shard(storage: Storage, lay: Layout, shard: dict[str, Any], backend: str) -> dict[str, Any]:
     """Run one shard's plan within its budget share. Its folder holds the dispatcher's ledger: a re-run
     neither calls nor pays again for what is recorded there, and a finished shard is not touched."""
-    from batchplan.pipeline import execute
+    from batchplan.app.pipeline import execute
 
     out = shard_results_uri(lay, shard)
     done_uri = f"{out}/results.parquet"
@@ -256,8 +256,8 @@ def truth_for(backend: str, storage: Storage) -> Any:
     """The ground truth to score a run: the recorded history for the replay backend, else None."""
     if backend != "replay":
         return None
-    from batchplan.history import load_history
-    from batchplan.report import Truth
+    from batchplan.app.report import Truth
+    from batchplan.core.history import load_history
 
     return Truth.from_history(load_history(history_dirs(), storage))
 
@@ -287,7 +287,7 @@ def merge_stage(
     tenant_budgets: dict[str, float] = manifest_in.get("tenant_budgets_usd") or {}
     tenant_spend: dict[str, float] = {}
     if tenant_budgets:  # the queue is read only when there are tenant budgets to check
-        from batchplan.report import per_tenant
+        from batchplan.app.report import per_tenant
 
         queue = storage.read_frame(lay.plan_file(run, "queue.parquet"))
         spent = {row["tenant"]: row["spend_usd"] for row in per_tenant(results, queue, None, tenant_budgets)}
@@ -341,10 +341,10 @@ def record_outcomes(storage: Storage, lay: Layout, run: str, results: pl.DataFra
 
 def report_stage(storage: Storage, lay: Layout, run: str, backend: str, *, run_id: str | None = None) -> dict[str, Any]:
     """The run report (JSON, Markdown, HTML) under ``reports/<run>/``; returns its paths and summary."""
-    from batchplan.frontier import frontier_uri, read_frontier
-    from batchplan.pipeline import dispatch_dir, reference_models
-    from batchplan.report import build_report, summary_line, write_report
-    from dispatchers import spend_by_model
+    from batchplan.app.pipeline import dispatch_dir, reference_models
+    from batchplan.app.report import build_report, summary_line, write_report
+    from batchplan.dispatchers import spend_by_model
+    from batchplan.plans.frontier import frontier_uri, read_frontier
 
     results = storage.read_frame(lay.results_file(run))
     plan = storage.read_frame(lay.plan_file(run, "plan.parquet"))

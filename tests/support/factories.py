@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import polars as pl
 
-from batchplan.contracts import PLAN_SCHEMA, QUEUE_SCHEMA, conform
-from batchplan.history import History
-from optimizer import Budget, Capacity
+from batchplan.core.contracts import PLAN_SCHEMA, QUEUE_SCHEMA, conform
+from batchplan.core.history import History
+from batchplan.optimizer import Budget, Capacity
 
 
 # --------------------------------------------------------------------------- histories -> queues, plans

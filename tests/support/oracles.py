@@ -8,7 +8,7 @@ import itertools
 import numpy as np
 import pytest
 
-from optimizer import InfeasibleError, Problem, Solution, solve
+from batchplan.optimizer import InfeasibleError, Problem, Solution, solve
 
 
 def brute_force(problem: Problem) -> tuple[float, tuple[int, ...]] | None:

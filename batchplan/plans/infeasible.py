@@ -15,9 +15,9 @@ from typing import Any
 
 import polars as pl
 
-from batchplan.errors import UserError
-from batchplan.request import PlanRequest
-from optimizer import InfeasibleError
+from batchplan.core.errors import UserError
+from batchplan.core.request import PlanRequest
+from batchplan.optimizer import InfeasibleError
 
 
 class RequestInfeasible(UserError, InfeasibleError):

@@ -15,10 +15,10 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from batchplan import charts
-from batchplan.contracts import RESULT_STATUSES
-from batchplan.history import History
-from batchplan.storage import Storage, join
+from batchplan.app import charts
+from batchplan.core.contracts import RESULT_STATUSES
+from batchplan.core.history import History
+from batchplan.core.storage import Storage, join
 
 
 @dataclass(frozen=True)
@@ -176,7 +176,7 @@ def build_report(
     spend_by_model: dict[str, float] | None = None,
     estimated_accuracy: float | None = None,
 ) -> dict[str, Any]:
-    """The report as plain data. ``frontier``: ``batchplan.frontier`` rows (planned accuracy per budget);
+    """The report as plain data. ``frontier``: ``batchplan.plans.frontier`` rows (planned accuracy per budget);
     ``spend_by_model``: what the ledger charged per model (without it, from the results: exact for queries
     that called one model, the rest under one 'several models' row); ``estimated_accuracy``: the mean
     posterior of the final answers (a run in rounds), without gold."""

@@ -11,12 +11,12 @@ Glossary: one noun per thing, used for it everywhere (code, flags, files, manife
 | outcome | one recorded call in a history: what an LLM answered, whether right, what it cost | OUTCOMES_SCHEMA; a history is queries + outcomes + prices |
 | template | a fitted multi-LLM plan shape for a task (vote, cascade, agreement) with its calibration | ``Template``, ``PlanTemplates``; ``templates.json`` beside a predictor version (``plans.json`` read for a release); ``train --templates/--no-templates`` |
 | plan kind | single / vote / cascade / agreement | PLAN_KINDS; ``--kinds`` on plan/run (``--plans`` read for a release) |
-| candidate | a (query, plan kind + LLMs) pair the optimizer may choose | ``batchplan.candidates.Candidates`` |
+| candidate | a (query, plan kind + LLMs) pair the optimizer may choose | ``batchplan.plans.candidates.Candidates`` |
 | option | a candidate as the optimizer sees it: value, cost, resource use (inside optimizer/ only) | the options table of ``optimizer.problem`` |
 | compiled program | the optimizer's LP/MILP in matrix form | ``optimizer.compiled.Compiled``, a variable named ``program``; ``violated_rows(program, cols)`` lists the rows an assignment breaks (empty = feasible) |
 | plan | what was chosen: one row per query | PLAN_SCHEMA, ``plan.parquet`` |
-| round | one pass of calls over the open queries; a run has one or more | ROUND_PLAN_SCHEMA (``batchplan.rounds``) |
-| observation | one call a round made, as the round planner sees it | OBSERVATION_SCHEMA (``batchplan.rounds``) |
+| round | one pass of calls over the open queries; a run has one or more | ROUND_PLAN_SCHEMA (``batchplan.core.rounds``) |
+| observation | one call a round made, as the round planner sees it | OBSERVATION_SCHEMA (``batchplan.core.rounds``) |
 | result | one row per query after dispatch: answer, status, what it cost | RESULT_SCHEMA |
 | spend | money charged by the budget guard: the one spelling of spend | ``spent_usd``; per tenant ``tenant_spent_usd`` (dispatch summary, run manifest) |
 | bill | what the provider charged (may be lower: a call whose bill is unknown, e.g. a timeout, is charged its reservation) | the ledger's ``usd`` |
@@ -43,8 +43,8 @@ from typing import Any, Final
 
 import polars as pl
 
-from batchplan.errors import ContractError
-from batchplan.request import PLAN_KINDS as PLAN_KINDS  # beside the request: checked before heavy imports
+from batchplan.core.errors import ContractError
+from batchplan.core.request import PLAN_KINDS as PLAN_KINDS  # beside the request: checked before heavy imports
 
 
 def _columns(columns: dict[str, Any]) -> dict[str, Any]:

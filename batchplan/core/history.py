@@ -15,16 +15,16 @@ import numpy as np
 import polars as pl
 import structlog
 
-from batchplan.contracts import (
+from batchplan.core.contracts import (
     HISTORY_QUERIES_SCHEMA,
     MODELS_SCHEMA,
     OUTCOMES_SCHEMA,
     ContractError,
     conform,
 )
-from batchplan.storage import Storage, join
+from batchplan.core.storage import Storage, join
 
-log = structlog.get_logger("batchplan.history")
+log = structlog.get_logger("batchplan.core.history")
 
 
 @dataclass(frozen=True)

@@ -26,25 +26,10 @@ from typing import Any
 import polars as pl
 import structlog
 
-from batchplan import artifacts
-from batchplan.candidates import Candidates, build_candidates
-from batchplan.catalog import PriceCatalog
-from batchplan.contracts import DEFER, RESULT_SCHEMA, UNANSWERABLE, ContractError
-from batchplan.frontier import frontier_uri, plan_frontier, read_frontier, write_frontier
-from batchplan.history import History, load_history
-from batchplan.ingest import Ingested, read_queue
-from batchplan.plan_templates import PlanTemplates
-from batchplan.planning import (
-    PlanOutcome,
-    PlanRequest,
-    allowed_predictions,
-    check_rounds_request,
-    plan_batch,
-    request_changes,
-    request_record,
-)
-from batchplan.report import Truth, build_report, summary_line, write_report
-from batchplan.round_runner import (
+from batchplan.app import artifacts
+from batchplan.app.ingest import Ingested, read_queue
+from batchplan.app.report import Truth, build_report, summary_line, write_report
+from batchplan.app.round_runner import (
     MAX_TOKENS,
     MAX_TOKENS_OPEN,
     DispatchSender,
@@ -53,10 +38,25 @@ from batchplan.round_runner import (
     make_round_planner,
     run_rounds,
 )
-from batchplan.rounds import RoundPlanner
-from batchplan.storage import Storage, join
-from dispatchers import Backend, RetryPolicy, check_backend, dispatch, get_backend, spend_by_model
-from predictors import Predictor
+from batchplan.core.catalog import PriceCatalog
+from batchplan.core.contracts import DEFER, RESULT_SCHEMA, UNANSWERABLE, ContractError
+from batchplan.core.history import History, load_history
+from batchplan.core.rounds import RoundPlanner
+from batchplan.core.storage import Storage, join
+from batchplan.dispatchers import Backend, RetryPolicy, check_backend, dispatch, get_backend, spend_by_model
+from batchplan.plans.candidates import Candidates, build_candidates
+from batchplan.plans.frontier import frontier_uri, plan_frontier, read_frontier, write_frontier
+from batchplan.plans.planning import (
+    PlanOutcome,
+    PlanRequest,
+    allowed_predictions,
+    check_rounds_request,
+    plan_batch,
+    request_changes,
+    request_record,
+)
+from batchplan.plans.templates import PlanTemplates
+from batchplan.predictors import Predictor
 
 log = structlog.get_logger("batchplan")
 
@@ -229,7 +229,7 @@ def execute_rounds(
     retry: RetryPolicy | None = None,
 ) -> RoundsOutcome:
     """``execute`` in rounds: each round planned by ``planner`` from what the earlier ones observed, under
-    the budget they left; under ``<out>/rounds/`` (resumable, see ``batchplan.round_runner``)."""
+    the budget they left; under ``<out>/rounds/`` (resumable, see ``batchplan.app.round_runner``)."""
     started = time.perf_counter()
     # Without a budget (minimize cost for a target), spend is capped by the plan's own high side, as in execute.
     runnable = plan.filter(pl.col("kind") != "defer")
@@ -291,8 +291,8 @@ class Job:
     run_id: str | None = None
     reference_models: dict[str, str] | None = None  # task -> model for the 'best single model' baseline
     backend_options: dict[str, Any] = field(default_factory=dict)
-    rounds: int = 1  # > 1: execute in rounds, re-planned after each (batchplan.round_runner); 1: single shot
-    round_planner: str = "plan"  # a name in batchplan.round_runner.ROUND_PLANNERS
+    rounds: int = 1  # > 1: execute in rounds, re-planned after each (batchplan.app.round_runner); 1: single shot
+    round_planner: str = "plan"  # a name in batchplan.app.round_runner.ROUND_PLANNERS
 
 
 @dataclass(frozen=True)

@@ -19,12 +19,9 @@ import numpy as np
 import polars as pl
 import structlog
 
-from batchplan.candidates import Candidates
-from batchplan.contracts import PLAN_SCHEMA, UNANSWERABLE, ContractError
-from batchplan.infeasible import RequestInfeasible, word
-from batchplan.plan_templates import PlanTemplates
-from batchplan.request import PlanRequest
-from optimizer import (
+from batchplan.core.contracts import PLAN_SCHEMA, UNANSWERABLE, ContractError
+from batchplan.core.request import PlanRequest
+from batchplan.optimizer import (
     AccuracyFloor,
     Budget,
     Capacity,
@@ -34,7 +31,10 @@ from optimizer import (
     Solution,
     solve,
 )
-from optimizer.problem import Objective
+from batchplan.optimizer.problem import Objective
+from batchplan.plans.candidates import Candidates
+from batchplan.plans.infeasible import RequestInfeasible, word
+from batchplan.plans.templates import PlanTemplates
 
 log = structlog.get_logger("batchplan")
 

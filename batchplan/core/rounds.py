@@ -17,7 +17,11 @@ from typing import Any, Final, Protocol
 
 import polars as pl
 
-from batchplan.contracts import _columns
+from batchplan.core.contracts import _columns
+
+# Observation statuses that say nothing about the query (the dispatcher's rate_limited, server_error, timeout,
+# connection and lost): another call, next round, may well answer. Round planners and the runner share it.
+TRANSIENT: Final = frozenset({"rate_limited", "server_error", "timeout", "connection", "lost"})
 
 # One row per call a round made (failed calls included: a failure is an observation too).
 OBSERVATION_SCHEMA: Final = pl.Schema(

@@ -20,9 +20,9 @@ from typing import Any
 import polars as pl
 import structlog
 
-from batchplan.contracts import DEFAULT_TASK, DEFAULT_TENANT, QUARANTINE_SCHEMA, QUEUE_SCHEMA, ContractError
-from batchplan.settings import get_settings
-from batchplan.storage import Storage, StorageError
+from batchplan.core.contracts import DEFAULT_TASK, DEFAULT_TENANT, QUARANTINE_SCHEMA, QUEUE_SCHEMA, ContractError
+from batchplan.core.settings import get_settings
+from batchplan.core.storage import Storage, StorageError
 
 log = structlog.get_logger("batchplan")
 

@@ -25,8 +25,8 @@ from typing import Any
 
 import polars as pl
 
-from batchplan.contracts import DEFAULT_TENANT, RESULT_SCHEMA
-from batchplan.rounds import OBSERVATION_SCHEMA, RoundPlanner, RoundState
+from batchplan.core.contracts import DEFAULT_TENANT, RESULT_SCHEMA
+from batchplan.core.rounds import OBSERVATION_SCHEMA, RoundPlanner, RoundState
 
 
 @dataclass

@@ -41,9 +41,9 @@ from typing import Any, Final
 import numpy as np
 import polars as pl
 
-from batchplan.history import History
-from batchplan.numerics import fit_logistic, logit, sigmoid
-from predictors.metrics import ece
+from batchplan.core.history import History
+from batchplan.core.numerics import fit_logistic, logit, sigmoid
+from batchplan.predictors.metrics import ece
 
 NONE: Final = -2  # no answer: not called, or the call failed / gave no usable answer
 OPAQUE: Final = -1  # answered, text not kept (open tasks scored by a recorded verdict)

@@ -10,7 +10,7 @@ from functools import cached_property
 
 import polars as pl
 
-from batchplan.contracts import MODELS_SCHEMA, conform
+from batchplan.core.contracts import MODELS_SCHEMA, conform
 
 
 @dataclass(frozen=True)

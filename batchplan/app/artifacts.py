@@ -13,16 +13,16 @@ from dataclasses import dataclass
 
 import structlog
 
-from batchplan.history import History
-from batchplan.layout import CURRENT_FILE
-from batchplan.plan_templates import CROSS_FIT_FOLDS, PlanTemplates, cross_fit_predictions, fit_plan_templates
-from batchplan.posterior import Posterior, fit_posterior
-from batchplan.storage import Storage, join
-from predictors import Predictor, load_predictor, train_predictor
+from batchplan.core.history import History
+from batchplan.core.layout import CURRENT_FILE
+from batchplan.core.storage import Storage, join
+from batchplan.plans.posterior import Posterior, fit_posterior
+from batchplan.plans.templates import CROSS_FIT_FOLDS, PlanTemplates, cross_fit_predictions, fit_plan_templates
+from batchplan.predictors import Predictor, load_predictor, train_predictor
 
 log = structlog.get_logger("batchplan.train")
 TEMPLATES_FILE = "templates.json"
-# The templates' file before the glossary named them (batchplan/contracts.py): still read for versions trained
+# The templates' file before the glossary named them (batchplan/core/contracts.py): still read for versions trained
 # before the rename, for one release.
 OLD_TEMPLATES_FILE = "plans.json"
 POSTERIOR_FILE = "posterior.json"
@@ -32,7 +32,7 @@ POSTERIOR_FILE = "posterior.json"
 class Trained:
     predictor: Predictor
     templates: PlanTemplates
-    posterior: Posterior | None = None  # for runs in rounds (batchplan.round_planner); None: trained without
+    posterior: Posterior | None = None  # for runs in rounds (batchplan.plans.round_planner); None: trained without
 
 
 def train(

@@ -15,13 +15,13 @@ the caps stay exactly as hard as a single-shot run's: every call still reserves 
 guard first. A killed round resumes from its ledger (nothing paid twice); a round with observations is
 never sent again.
 
-*What* a round calls (the ``RoundPlanner``, ``batchplan.rounds``) is kept apart from *how* it is sent
+*What* a round calls (the ``RoundPlanner``, ``batchplan.core.rounds``) is kept apart from *how* it is sent
 (a ``RoundSender``): ``DispatchSender`` sends it through the dispatcher (concurrent calls, retries, budget
 guard, ledger); a provider's batch API (one JSONL job per round and LLM) is another sender of the same
 frames.
 
 ``PlanContinuation`` is the round planner that executes a single-shot plan (``plan_batch``) step by step,
-by the plan kinds' rules (``batchplan.plan_simulation``); with enough rounds it calls, answers and pays
+by the plan kinds' rules (``batchplan.plans.simulation``); with enough rounds it calls, answers and pays
 exactly what the single-shot run does, and it re-calls queries whose calls failed transiently (faults),
 cheaper when the budget left is short.
 """
@@ -38,27 +38,28 @@ from typing import Any, Protocol
 import polars as pl
 import structlog
 
-from batchplan.contracts import RESULT_SCHEMA, ContractError, conform
-from batchplan.planning import check_rounds_request
-from batchplan.rounds import (
+from batchplan.core.contracts import RESULT_SCHEMA, ContractError, conform
+from batchplan.core.rounds import (
     OBSERVATION_SCHEMA,
     ROUND_ANSWER_SCHEMA,
     ROUND_PLAN_SCHEMA,
+    TRANSIENT,
     RoundPlan,
     RoundPlanner,
     RoundState,
 )
-from batchplan.storage import Storage, join
-from dispatchers import ROUND_CALLS, Backend, dispatch, ledger_events
-from dispatchers.base import CONNECTION, RATE_LIMITED, SERVER_ERROR, TIMEOUT
-from dispatchers.executor import LOST
+from batchplan.core.storage import Storage, join
+from batchplan.dispatchers import ROUND_CALLS, Backend, dispatch, ledger_events
+from batchplan.dispatchers.base import CONNECTION, RATE_LIMITED, SERVER_ERROR, TIMEOUT
+from batchplan.dispatchers.executor import LOST
+from batchplan.plans.planning import check_rounds_request
 
 log = structlog.get_logger("batchplan")
 
 Progress = Callable[[int, int], None]
 
-# Failures that say nothing about the query: another call (next round) may well answer.
-TRANSIENT = frozenset({RATE_LIMITED, SERVER_ERROR, TIMEOUT, CONNECTION, LOST})
+# the round contract names the transient failures in plain strings (it sits below the dispatchers)
+assert frozenset({RATE_LIMITED, SERVER_ERROR, TIMEOUT, CONNECTION, LOST}) == TRANSIENT
 MAX_TOKENS = 16  # the dispatcher's defaults: they enter every call's cost bound
 MAX_TOKENS_OPEN = 1024
 REFUSED_SCHEMA = pl.Schema({"query_id": pl.String, "error": pl.String})
@@ -498,13 +499,13 @@ def make_round_planner(name: str, **inputs: Any) -> RoundPlanner:
 
 
 def _plan_continuation(*, plan: pl.DataFrame, **_: Any) -> RoundPlanner:
-    from batchplan.plan_continuation import PlanContinuation
+    from batchplan.plans.continuation import PlanContinuation
 
     return PlanContinuation(plan)
 
 
 def _posterior(*, trained: Any = None, **_: Any) -> RoundPlanner:
-    from batchplan.round_planner import round_planner
+    from batchplan.plans.round_planner import round_planner
 
     return round_planner(getattr(trained, "posterior", None))
 

@@ -2,7 +2,7 @@
 
 Round 1 sends the first call(s) of every plan row: single -> its model, vote -> every member, cascade ->
 its first member, agreement -> its first two. Round k sends what the plan kind's rule calls next
-(``batchplan.plan_simulation``, the executor's semantics): the cascade's next member while the last
+(``batchplan.plans.simulation``, the executor's semantics): the cascade's next member while the last
 answer's confidence is below its threshold (or the member failed), the agreement's third when the two
 disagree or one failed, a single's next fallback when its model failed. Answers follow the same rules, so
 with enough rounds (the deepest plan's length) a run gives exactly the single-shot run's answers, calls
@@ -28,8 +28,7 @@ from typing import Any
 
 import polars as pl
 
-from batchplan.round_runner import TRANSIENT
-from batchplan.rounds import ROUND_ANSWER_SCHEMA, ROUND_PLAN_SCHEMA, RoundPlan, RoundState
+from batchplan.core.rounds import ROUND_ANSWER_SCHEMA, ROUND_PLAN_SCHEMA, TRANSIENT, RoundPlan, RoundState
 
 MIN_DRIFT = 0.5  # a batch billed below its estimates still plans on at least half of them
 
@@ -59,7 +58,7 @@ class _Row:
 
 
 class PlanContinuation:
-    """A ``RoundPlanner`` (``batchplan.rounds``) over a PLAN_SCHEMA frame (kind "defer" rows included)."""
+    """A ``RoundPlanner`` (``batchplan.core.rounds``) over a PLAN_SCHEMA frame (kind "defer" rows included)."""
 
     def __init__(self, plan: pl.DataFrame) -> None:
         self._rows: dict[str, _Row] = {}

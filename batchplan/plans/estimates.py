@@ -13,8 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from batchplan.numerics import P_CLIP, fit_logistic, logit, sigmoid
-from batchplan.plan_simulation import PlanSpec, Recorded, Simulated, error_by_label
+from batchplan.core.numerics import P_CLIP, fit_logistic, logit, sigmoid
+from batchplan.plans.simulation import PlanSpec, Recorded, Simulated, error_by_label
 
 SLOPE_L2 = 1e-2  # the slopes' shrinkage; the intercept (column 0 of every design here) is not shrunk
 

@@ -18,13 +18,13 @@ from typer._click.core import Context, Parameter  # typer (0.29) vendors click: 
 from typer._click.exceptions import NoArgsIsHelpError, UsageError
 from typer.core import TyperCommand, TyperGroup
 
-from batchplan.errors import UserError
-from batchplan.request import PlanRequest
+from batchplan.core.errors import UserError
+from batchplan.core.request import PlanRequest
 
 # Heavy modules (polars, structlog, pydantic, LightGBM, the solvers) are imported inside the commands, after
 # the flags are parsed and the request checked: a mistyped flag is answered at once.
 if TYPE_CHECKING:
-    from batchplan.storage import Storage
+    from batchplan.core.storage import Storage
 
 # The request's fields (named in library errors, which are also the DAG params) as this CLI's flags.
 FLAGS = {
@@ -76,7 +76,7 @@ def _renamed(args: list[str], aliases: dict[str, str]) -> list[str]:
 
 
 class _Command(TyperCommand):
-    # Flags renamed to the glossary's nouns (batchplan/contracts.py), still read under their old names for a
+    # Flags renamed to the glossary's nouns (batchplan/core/contracts.py), still read under their old names for a
     # release: old name -> new name.
     aliases: ClassVar[dict[str, str]] = {}
 
@@ -179,8 +179,8 @@ def main(
 
 
 def _storage() -> Storage:
-    from batchplan.settings import get_settings
-    from batchplan.storage import Storage
+    from batchplan.core.settings import get_settings
+    from batchplan.core.storage import Storage
 
     settings = get_settings()
     return Storage(s3_endpoint_url=settings.s3_endpoint_url, s3_region=settings.s3_region)
@@ -273,7 +273,7 @@ def _check_backend(backend: str | None, *, replay_history: list[str], prices: st
     """The backend's name and the flags it needs, before the heavy imports (the registry is light); the
     files stand for what they will be read into (the replay history, the price catalog)."""
     if backend is not None:
-        from dispatchers import check_backend
+        from batchplan.dispatchers import check_backend
 
         check_backend(backend, history=replay_history or None, catalog=prices, base_url=base_url)
 
@@ -376,9 +376,9 @@ def train(
 ) -> None:
     """Train a predictor (and its vote/cascade templates) on outcome histories; store it as a new version."""
     with _user_errors():
-        from batchplan import artifacts
-        from batchplan.history import load_history, with_holdout
-        from batchplan.settings import get_settings
+        from batchplan.app import artifacts
+        from batchplan.core.history import load_history, with_holdout
+        from batchplan.core.settings import get_settings
 
         settings = get_settings()
         storage = _storage()
@@ -441,9 +441,9 @@ def plan(
         _check_backend(backend, replay_history=replay_history, prices=prices, base_url=base_url)
         import polars as pl
 
-        from batchplan import artifacts, pipeline
-        from batchplan.contracts import UNANSWERABLE
-        from batchplan.report import notes
+        from batchplan.app import artifacts, pipeline
+        from batchplan.app.report import notes
+        from batchplan.core.contracts import UNANSWERABLE
 
         storage = _storage()
         chosen_backend = (
@@ -533,8 +533,8 @@ def run(
             allow_unused_constraints=allow_unused_constraints,
         )
         _check_backend(backend, replay_history=replay_history, prices=prices, base_url=base_url)
-        from batchplan.pipeline import Job, run_job
-        from batchplan.report import render_markdown
+        from batchplan.app.pipeline import Job, run_job
+        from batchplan.app.report import render_markdown
 
         job = Job(
             queue_uri=queue,
@@ -554,7 +554,7 @@ def run(
             outcome = run_job(job, _storage(), progress=progress)
     typer.echo(render_markdown(outcome.report))
     if outcome.report["quarantined"]:
-        from batchplan.storage import join
+        from batchplan.core.storage import join
 
         _say_quarantined(outcome.report["quarantined"], join(out, "quarantine.parquet"))
     console.print(f"wrote {', '.join(outcome.paths.values())}", highlight=False, soft_wrap=True)
@@ -570,9 +570,9 @@ def demo(
 ) -> None:
     """The main job on the bundled data: train on train splits, plan + replay the test splits under a budget."""
     with _user_errors(), _progress("dispatch") as progress:
-        from batchplan.demo import run_demo
-        from batchplan.report import render_markdown
-        from batchplan.settings import get_settings
+        from batchplan.app.demo import run_demo
+        from batchplan.app.report import render_markdown
+        from batchplan.core.settings import get_settings
 
         outcome, context = run_demo(
             get_settings(), _storage(), budget_fraction=budget_fraction, out_uri=out, progress=progress
@@ -592,6 +592,6 @@ def demo(
 def show_report(run_dir: Annotated[str, typer.Argument(help="Run directory written by `batchplan run`.")]) -> None:
     """Print a run's report."""
     with _user_errors():
-        from batchplan.storage import join
+        from batchplan.core.storage import join
 
         typer.echo(_storage().read_text(join(run_dir, "report.md")))

@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import numpy as np
 import polars as pl
 
-from batchplan.contracts import PLAN_KINDS
-from batchplan.history import History
+from batchplan.core.contracts import PLAN_KINDS
+from batchplan.core.history import History
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 
 Per query the options are **stop** (keep the current answer; value P(current right), cost 0) or **one more
 call** to an LLM not yet answered (value P(right after it), cost the predicted cost corrected by the drift
-observed so far), both from ``batchplan.posterior``. The optimizer (``optimizer.solve``: the options table
+observed so far), both from ``batchplan.plans.posterior``. The optimizer (``optimizer.solve``: the options table
 and Budget / GroupBudget rows, the fast certified path) picks one option per query for the whole batch.
 
 - **Round 1** must account for what later rounds can learn: a first call to LLM f is valued at its prior
@@ -36,14 +36,14 @@ import numpy as np
 import polars as pl
 import structlog
 
-from batchplan.candidates import P90_Z
-from batchplan.contracts import DEFAULT_TENANT, ContractError
-from batchplan.posterior import LAMBDA_GRID, NONE, OPAQUE, Posterior, States, normalize
-from batchplan.rounds import ROUND_ANSWER_SCHEMA, ROUND_PLAN_SCHEMA, RoundPlan, RoundState
-from optimizer import Budget, GroupBudget, InfeasibleError, Problem, solve
-from optimizer.api import Method
+from batchplan.core.contracts import DEFAULT_TENANT, ContractError
+from batchplan.core.rounds import ROUND_ANSWER_SCHEMA, ROUND_PLAN_SCHEMA, RoundPlan, RoundState
+from batchplan.optimizer import Budget, GroupBudget, InfeasibleError, Problem, solve
+from batchplan.optimizer.api import Method
+from batchplan.plans.candidates import P90_Z
+from batchplan.plans.posterior import LAMBDA_GRID, NONE, OPAQUE, Posterior, States, normalize
 
-log = structlog.get_logger("batchplan.rounds")
+log = structlog.get_logger("batchplan.core.rounds")
 
 DEFAULT_ROUNDS = 2  # measured on bench/quality.py (rounds 1-4): more rounds did not add accuracy
 DRIFT_PRIOR_CALLS = 20.0

@@ -20,10 +20,10 @@ import numpy as np
 import polars as pl
 import structlog
 
-from batchplan.planning import PlanOutcome
-from batchplan.storage import Storage
-from optimizer import AccuracyFloor, Problem, frontier
-from optimizer.api import Method
+from batchplan.core.storage import Storage
+from batchplan.optimizer import AccuracyFloor, Problem, frontier
+from batchplan.optimizer.api import Method
+from batchplan.plans.planning import PlanOutcome
 
 log = structlog.get_logger("batchplan")
 

@@ -2,7 +2,7 @@
 
 Standard library only, so that the CLI refuses a bad flag at once, before it imports polars, LightGBM and
 the solvers. Messages name the request's fields (``budget_usd``), which are the DAG params' names too; the
-CLI words them as its flags (``batchplan.errors.UserError.worded``).
+CLI words them as its flags (``batchplan.core.errors.UserError.worded``).
 """
 
 from __future__ import annotations
@@ -10,12 +10,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Final
 
-from batchplan.errors import ContractError
+from batchplan.core.errors import ContractError
 
 if TYPE_CHECKING:
-    from optimizer.api import Method
+    from batchplan.optimizer.api import Method
 
-PLAN_KINDS: Final = ("single", "vote", "cascade", "agreement")  # semantics: batchplan/plan_simulation.py
+PLAN_KINDS: Final = ("single", "vote", "cascade", "agreement")  # semantics: batchplan/plans/simulation.py
 
 
 @dataclass

@@ -30,8 +30,8 @@ from typing import NamedTuple
 import numpy as np
 import polars as pl
 
-from batchplan.plan_estimates import Template, estimate
-from batchplan.plan_templates import PlanTemplates
+from batchplan.plans.estimates import Template, estimate
+from batchplan.plans.templates import PlanTemplates
 
 P90_Z = 1.2816  # a call's high-side cost is its p90: sd ~ (p90 - mean) / z_0.9
 TEMPLATES_SCHEMA = pl.Schema(

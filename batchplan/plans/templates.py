@@ -29,9 +29,9 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from batchplan.history import History, stable_fold
-from batchplan.plan_estimates import Template, choose_calibration, estimate, fit_template
-from batchplan.plan_simulation import PlanSpec, Recorded, Simulated, error_by_label, recorded_by_task, simulate
+from batchplan.core.history import History, stable_fold
+from batchplan.plans.estimates import Template, choose_calibration, estimate, fit_template
+from batchplan.plans.simulation import PlanSpec, Recorded, Simulated, error_by_label, recorded_by_task, simulate
 
 CASCADE_THRESHOLDS = (0.5, 0.6, 0.7, 0.8, 0.9, 0.95, 0.99)
 MIN_GAIN = 0.0025  # held-out accuracy gain (0.25 points) templates must show before a task offers them
@@ -196,7 +196,7 @@ def _planned_accuracy(
 ) -> float | None:
     """Realized accuracy on ``rows`` of the budgeted plan chosen from estimates (singles and ``templates``);
     None where the solver could not plan that cell."""
-    from optimizer import Budget, InfeasibleError, Problem, SolverError, solve
+    from batchplan.optimizer import Budget, InfeasibleError, Problem, SolverError, solve
 
     n = int(rows.sum())
     value, cost, real = [], [], []

@@ -12,15 +12,15 @@ from typing import Any
 import polars as pl
 import structlog
 
-from batchplan import artifacts
-from batchplan.history import History, history_dirs, load_history, synthetic_history, with_holdout
-from batchplan.pipeline import Job, JobOutcome, Progress, run_job
-from batchplan.planning import PlanRequest
-from batchplan.report import Truth
-from batchplan.settings import Settings
-from batchplan.storage import Storage, join
+from batchplan.app import artifacts
+from batchplan.app.pipeline import Job, JobOutcome, Progress, run_job
+from batchplan.app.report import Truth
+from batchplan.core.history import History, history_dirs, load_history, synthetic_history, with_holdout
+from batchplan.core.settings import Settings
+from batchplan.core.storage import Storage, join
+from batchplan.plans.planning import PlanRequest
 
-log = structlog.get_logger("batchplan.demo")
+log = structlog.get_logger("batchplan.app.demo")
 
 
 def demo_history(settings: Settings, storage: Storage) -> tuple[History, list[str], bool]:

@@ -30,8 +30,8 @@ import re
 from dataclasses import dataclass
 from datetime import date
 
-from batchplan.settings import Settings
-from batchplan.storage import join
+from batchplan.core.settings import Settings
+from batchplan.core.storage import join
 
 CURRENT_FILE = "CURRENT.json"  # in the models root: {"version": ...}, the promoted version
 _UNSAFE = re.compile(r"[^A-Za-z0-9._=-]+")

@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 import polars as pl
 
-from batchplan.errors import UserError
+from batchplan.core.errors import UserError
 
 
 class StorageError(UserError, RuntimeError):

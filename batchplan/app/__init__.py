@@ -1,0 +1,1 @@
+"""batchplan's application: see the layer map in batchplan/__init__.py."""

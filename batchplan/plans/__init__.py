@@ -1,0 +1,1 @@
+"""batchplan's plans: see the layer map in batchplan/__init__.py."""
