@@ -323,3 +323,28 @@ def test_cost_bounds_at_once_are_each_call_s_bound() -> None:
         slow = Backend.cost_bounds(backend, open_queue, pairs, 16, 1024).sort("query_id", "model")
         assert fast.select("query_id", "model").equals(slow.select("query_id", "model"))
         assert fast["bound_usd"].to_list() == pytest.approx(slow["bound_usd"].to_list(), rel=1e-12)
+
+
+def test_the_simulation_answers_calls_and_pays_what_the_executor_does(cascades: History, tmp_path: Path) -> None:
+    """plan_simulation claims to mirror the executor: the same plans of every kind, replayed by both on the
+    same history, give the same answer, the same LLMs called (in plan order) and the same cost per query."""
+    from batchplan.plans.simulation import PlanSpec, recorded_by_task, simulate
+
+    queue, plan = mixed_plan(cascades)
+    plan = plan.with_columns(pl.lit(None, dtype=PLAN_SCHEMA["fallback_models"]).alias("fallback_models"))
+    executed = execute(
+        plan, queue, get_backend("replay", history=cascades), budget_usd=100.0, out_uri=str(tmp_path), storage=Storage()
+    )
+    by_id = {r["query_id"]: r for r in executed.iter_rows(named=True)}
+    recorded = recorded_by_task(cascades)
+    task_of = dict(cascades.queries.select("query_id", "task").iter_rows())
+    for row in plan.iter_rows(named=True):
+        rec = recorded[task_of[row["query_id"]]]
+        spec = PlanSpec(row["kind"], tuple(row["models"]), tuple(row["thresholds"] or ()))
+        i = rec.query_ids.index(row["query_id"])
+        sim = simulate(spec, rec)
+        got = by_id[row["query_id"]]
+        want_answer = rec.labels[sim.answer[i]] if sim.answer[i] >= 0 else None
+        assert got["answer"] == want_answer, (row, got)
+        assert got["models_called"] == [m for m, r in zip(spec.models, sim.reached[i], strict=True) if r], (row, got)
+        assert got["cost_usd"] == pytest.approx(float(sim.cost[i]), rel=1e-9, abs=1e-15), (row, got)
