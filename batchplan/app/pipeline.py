@@ -146,6 +146,14 @@ def dispatch_dir(out_uri: str) -> str:
     return join(out_uri, "dispatch")
 
 
+def hard_budget(plan: pl.DataFrame, budget_usd: float | None) -> float:
+    """What the dispatcher may spend at most: the budget; without one (minimize cost for a target), the plan's
+    own high side (deferred and unanswerable rows reserve nothing)."""
+    if budget_usd is not None:
+        return budget_usd
+    return float(plan.filter(~pl.col("kind").is_in([DEFER, UNANSWERABLE]))["reserve_cost_usd"].sum())
+
+
 def execute(
     plan: pl.DataFrame,
     queue: pl.DataFrame,
@@ -163,8 +171,7 @@ def execute(
     that run over are deferred rather than paid."""
     started = time.perf_counter()
     runnable = plan.filter(~pl.col("kind").is_in([DEFER, UNANSWERABLE]))
-    # Without a budget (minimize cost for a target), spend is capped by the plan's own high side.
-    limit = budget_usd if budget_usd is not None else float(runnable["reserve_cost_usd"].sum())
+    limit = hard_budget(plan, budget_usd)
     dispatched = dispatch(
         runnable,
         queue,
@@ -231,9 +238,7 @@ def execute_rounds(
     """``execute`` in rounds: each round planned by ``planner`` from what the earlier ones observed, under
     the budget they left; under ``<out>/rounds/`` (resumable, see ``batchplan.app.round_runner``)."""
     started = time.perf_counter()
-    # Without a budget (minimize cost for a target), spend is capped by the plan's own high side, as in execute.
-    runnable = plan.filter(pl.col("kind") != "defer")
-    limit = budget_usd if budget_usd is not None else float(runnable["reserve_cost_usd"].sum())
+    limit = hard_budget(plan, budget_usd)
     bounds = backend.cost_bounds(queue, predictions.select("query_id", "model"), MAX_TOKENS, MAX_TOKENS_OPEN)
     outcome = run_rounds(
         planner,

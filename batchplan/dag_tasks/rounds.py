@@ -60,10 +60,10 @@ def _bounds(storage: Storage, params: RunParams, queue: pl.DataFrame, prediction
 
 
 def _budget(params: RunParams, plan: pl.DataFrame) -> float:
-    """The run's hard budget; without one (an accuracy target), the plan's own high side, as single shot."""
-    if params.budget_usd is not None:
-        return params.budget_usd
-    return float(plan.filter(pl.col("kind") != "defer")["reserve_cost_usd"].sum())
+    """The run's hard budget, as single shot (``pipeline.hard_budget``)."""
+    from batchplan.app.pipeline import hard_budget
+
+    return hard_budget(plan, params.budget_usd)
 
 
 def round_plan_stage(storage: Storage, lay: Layout, run: str, params: RunParams, k: int) -> list[dict[str, Any]]:
