@@ -70,6 +70,8 @@ def run_demo(
     out_uri: str | None = None,
     predictor_name: str = "lightgbm",
     progress: Progress | None = None,
+    rounds: int = 1,
+    round_planner: str = "plan",
 ) -> tuple[JobOutcome, dict[str, Any]]:
     history, dirs, is_real = demo_history(settings, storage)
     if not is_real:
@@ -102,6 +104,8 @@ def run_demo(
         replay_history=dirs,
         run_id="demo",
         reference_models=reference,
+        rounds=rounds,
+        round_planner=round_planner,
     )
     outcome = run_job(job, storage, progress=progress, truth=Truth.from_history(history))
     context = {
