@@ -39,9 +39,8 @@ class ContractError(UserError, ValueError):
 
 def closest_first(name: str, known: Iterable[str]) -> list[str]:
     """``known`` ordered by likeness to ``name`` (a typo's intended name first), for 'known names are ...'."""
-    choices = sorted(set(known))
-    close = difflib.get_close_matches(name, choices, n=len(choices), cutoff=0.0)
-    return close + [c for c in choices if c not in close]
+    # ties alphabetical, so the order is the same whatever order the names came in
+    return sorted(set(known), key=lambda k: (-difflib.SequenceMatcher(None, name, k).ratio(), k))
 
 
 def unknown_name(what: str, name: str, known: Iterable[str], *, field: str | None = None) -> ContractError:

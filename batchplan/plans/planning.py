@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import difflib
 import json
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -20,6 +19,7 @@ import polars as pl
 import structlog
 
 from batchplan.core.contracts import PLAN_SCHEMA, UNANSWERABLE, ContractError
+from batchplan.core.errors import closest_first
 from batchplan.core.request import PlanRequest
 from batchplan.optimizer import (
     AccuracyFloor,
@@ -82,8 +82,8 @@ def request_changes(stored: dict[str, Any], request: PlanRequest) -> list[str]:
 
 
 def _closest(name: str, known: list[str], limit: int = 5) -> str:
-    """``known`` as a list, most similar to ``name`` first (ties alphabetical)."""
-    ranked = sorted(known, key=lambda k: (-difflib.SequenceMatcher(None, name, k).ratio(), k))
+    """``known`` as a short list, most similar to ``name`` first (``closest_first``)."""
+    ranked = closest_first(name, known)
     shown = ", ".join(repr(k) for k in ranked[:limit])
     return f"{shown}, ... ({len(ranked)} in all)" if len(ranked) > limit else shown or "none"
 
