@@ -5,7 +5,7 @@ committed in parquet parts, exactly as a real run):
 
 - ``replay``: in-process, no network: the executor's own overhead (budget guard, ledger, parts, manifest);
 - ``openai``: the OpenAI-compatible backend over HTTP to the local replay server
-  (``python -m batchplan.dispatchers.replay_server``, started here on 127.0.0.1 in its own process).
+  (``python -m tests.support.replay_server``, started here on 127.0.0.1 in its own process).
 
 Each (backend, size) runs in a fresh process so that peak memory is its own; memory is RSS above the RSS
 just before ``dispatch`` (the history, queue and plan are inputs, not counted): ``loop MB`` is the peak
@@ -103,7 +103,7 @@ def start_server(n: int) -> tuple[subprocess.Popen[str], str]:
     args = [
         sys.executable,
         "-m",
-        "batchplan.dispatchers.replay_server",
+        "tests.support.replay_server",
         "--synthetic",
         str(n),
         "--models",

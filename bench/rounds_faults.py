@@ -1,6 +1,6 @@
 """Fault bench: a run against an endpoint where ~18% of calls fail, single shot vs in rounds.
 
-The project's own fault-injecting server (``dispatchers.replay_server``, real HTTP on 127.0.0.1, a fresh
+The project's own fault-injecting server (``tests/support/replay_server.py``, real HTTP on 127.0.0.1, a fresh
 one per run so its ``/stats`` bill is that run's) answers the test split of a data set as the recorded
 models did; the project's openai backend calls it. The predictor is trained on the train split; each
 cell plans the test split at a share of the best single model's cost and runs it:
@@ -43,8 +43,8 @@ from batchplan.core.history import History, load_history, with_holdout
 from batchplan.core.settings import get_settings
 from batchplan.core.storage import Storage
 from batchplan.dispatchers import RetryPolicy, get_backend
-from batchplan.dispatchers.replay_server import Faults, ReplayServer
 from batchplan.plans.planning import PlanRequest
+from tests.support.replay_server import Faults, ReplayServer
 
 FAULTS = {"rate_429": 0.04, "rate_500": 0.04, "rate_malformed": 0.03, "rate_reset": 0.03, "rate_slow": 0.04}
 

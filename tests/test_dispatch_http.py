@@ -16,8 +16,8 @@ from batchplan.core.history import History, synthetic_history
 from batchplan.core.storage import Storage
 from batchplan.dispatchers import ModelLimits, RetryPolicy, dispatch, get_backend, read_manifest
 from batchplan.dispatchers.openai import parse_retry_after
-from batchplan.dispatchers.replay_server import Faults, ReplayServer
 from tests.support.factories import model_plan, queue_of, recorded
+from tests.support.replay_server import Faults, ReplayServer
 
 FAST_RETRY = RetryPolicy(max_attempts=6, base_delay_s=0.01, max_delay_s=0.2, down_after=5, down_cooldown_s=30)
 
@@ -365,7 +365,7 @@ def test_replay_server_runs_as_a_module() -> None:
     args = [
         sys.executable,
         "-m",
-        "batchplan.dispatchers.replay_server",
+        "tests.support.replay_server",
         "--synthetic",
         "50",
         "--models",

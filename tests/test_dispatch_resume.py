@@ -17,7 +17,7 @@ import pytest
 from batchplan.core.history import synthetic_history
 from batchplan.core.storage import Storage
 from batchplan.dispatchers import read_manifest, read_results
-from batchplan.dispatchers.replay_server import Faults, ReplayServer
+from tests.support.replay_server import Faults, ReplayServer
 
 N_QUERIES = 450
 SEED = 21

@@ -233,7 +233,7 @@ def test_the_budget_holds_in_rounds_against_a_faulty_endpoint(tmp_path: Path) ->
     from batchplan.core.catalog import PriceCatalog
     from batchplan.core.history import synthetic_history
     from batchplan.dispatchers import RetryPolicy
-    from batchplan.dispatchers.replay_server import Faults, ReplayServer
+    from tests.support.replay_server import Faults, ReplayServer
 
     history = synthetic_history(300, 4, seed=9)
     queue = conform(history.queries, QUEUE_SCHEMA, name="queue")

@@ -16,7 +16,7 @@ import polars as pl
 import pytest
 
 from batchplan.core.history import synthetic_history
-from batchplan.dispatchers.replay_server import Faults, ReplayServer
+from tests.support.replay_server import Faults, ReplayServer
 
 N_QUERIES = 300
 SEED = 23

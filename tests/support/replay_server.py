@@ -9,8 +9,8 @@ Faults are drawn per request with the given rates: 429 with Retry-After, 500, sl
 slower than a client's timeout, malformed bodies, connection resets, refusals (billed, not an answer), and
 models that are down (503 always). ``GET /stats`` returns the bill; ``POST /admin/faults`` changes faults.
 
-    python -m batchplan.dispatchers.replay_server --history ../shared/data/cascades --port 8765 --fault-429 0.05
-    python -m batchplan.dispatchers.replay_server --synthetic 100000 --models 4 --port 8765
+    python -m tests.support.replay_server --history ../shared/data/cascades --port 8765 --fault-429 0.05
+    python -m tests.support.replay_server --synthetic 100000 --models 4 --port 8765
 """
 
 from __future__ import annotations
