@@ -72,3 +72,40 @@ def test_gain_interval_brackets_the_paired_gain() -> None:
 def test_folds_pool_their_paired_gains() -> None:
     rows = [{"queries": 2, "_paired_gain": np.array([1.0, 0.0])}, {"queries": 1, "_paired_gain": np.array([-1.0])}]
     assert bench.pool_folds(rows)["_paired_gain"].tolist() == [1.0, 0.0, -1.0]
+
+
+def test_cascade_ceilings_match_a_hand_computed_cascade() -> None:
+    from bench import ceiling
+
+    # 4 queries; "cheap" ($1 each) is right on q0, q1 and sure only there; "dear" ($3 each) is right on all but q3
+    j = ceiling.Joint(
+        models=["cheap", "dear"],
+        task=np.array(["t"] * 4),
+        correct=np.array([[1, 1], [1, 1], [0, 1], [0, 0]], dtype=float),
+        logprob=np.array([[-0.1, -0.1], [-0.1, -0.1], [-2.0, -0.1], [-2.0, -0.1]]),
+        cost=np.array([[1.0, 3.0]] * 4),
+        answer=np.array([[1, 1], [1, 1], [1, 2], [1, 2]]),
+    )
+    cost, right, labels = ceiling.frontier(list(ceiling.plans(j, "2-stage")))
+    # cheap for all ($4, 2 right), then dear where cheap is unsure ($10, 3 right): nothing better at any cost
+    assert ceiling.at_budget(cost, right, 4.0)[0] == 2
+    best, at = ceiling.at_budget(cost, right, 10.0)
+    assert (best, labels[at]) == (3, "cheap > dear")
+    assert math.isnan(ceiling.at_budget(cost, right, 3.9)[0])  # nothing fits
+
+
+def test_cascade_ceilings_only_grow_with_stages_and_per_task_choice() -> None:
+    from bench import ceiling
+
+    history = synthetic_history(200, 3, n_tasks=2, test_fraction=0.5, seed=2)
+    test = history.split("test")
+    dearest = float(test.outcomes.group_by("model").agg(pl.col("cost_usd").sum())["cost_usd"].max())
+    rows = ceiling.ceilings(test, dearest, (0.3, 1.0))
+    best_single = float(test.outcomes.group_by("model").agg(pl.col("correct").mean())["correct"].max())
+    assert rows[-1]["uniform_single"] == pytest.approx(best_single)
+    for row in rows:
+        for kind in ceiling.KINDS:
+            assert row[f"per_task_{kind}"] >= row[f"uniform_{kind}"] - 1e-9
+        # a 2-stage plan may escalate nothing, a 3-stage or vote plan may stop after 2 stages
+        assert row["uniform_3-stage"] >= row["uniform_2-stage"] >= row["uniform_single"] - 1e-9
+        assert row["uniform_vote"] >= row["uniform_2-stage"] - 1e-9

@@ -116,10 +116,14 @@ def test_first_round_answers_every_query_it_can_afford(fitted: tuple[History, Po
 def _first_round(history: History, predictions: pl.DataFrame, model: str, logprob_shift: float = 0.0) -> pl.DataFrame:
     """Observations of a round that asked ``model`` on every test query (its recorded answers, logprobs
     shifted by ``logprob_shift``: lower = the batch is less sure of itself than the history was)."""
-    rows = history.split("test").outcomes.filter(pl.col("model") == model)
+    return _observed(history.split("test").outcomes.filter(pl.col("model") == model), 1, logprob_shift)
+
+
+def _observed(rows: pl.DataFrame, round_: int, logprob_shift: float = 0.0) -> pl.DataFrame:
+    """Recorded outcome rows as the observations of round ``round_``."""
     return rows.select(
         "query_id",
-        pl.lit(1, dtype=pl.Int64).alias("round"),
+        pl.lit(round_, dtype=pl.Int64).alias("round"),
         "model",
         pl.lit("ok").alias("status"),
         "answer",
@@ -249,3 +253,56 @@ def test_a_verdict_only_answer_is_scored_by_the_last_llm_called() -> None:
             schema_overrides={"answer": pl.String},
         )
         assert score_results(results, truth)["correct"].to_list() == [right]
+
+
+def _two_rounds(history: History, predictions: pl.DataFrame, first: str, second: str) -> pl.DataFrame:
+    """Observations of two rounds that asked ``first`` then ``second`` on every test query."""
+    again = _first_round(history, predictions, second).with_columns(pl.lit(2, dtype=pl.Int64).alias("round"))
+    return pl.concat([_first_round(history, predictions, first), again])
+
+
+def test_a_disputed_query_asks_a_third_opinion_and_the_posterior_settles_it(
+    fitted: tuple[History, Posterior, pl.DataFrame],
+) -> None:
+    history, posterior, predictions = fitted
+    queue = history.as_queue("test")
+    # the two strongest LLMs answered every query: no LLM is stronger than the one whose answer is kept, so
+    # only a query whose two answers disagree has a reason to call again (a cheaper third opinion)
+    seen = _two_rounds(history, predictions, "synth-03", "synth-02")
+    answers = seen.group_by("query_id").agg(pl.col("answer").n_unique().alias("distinct"))
+    disputed = set(answers.filter(pl.col("distinct") > 1)["query_id"].to_list())
+    left = float(predictions["cost_usd"].sum())
+    state = RoundState(3, 3, queue, predictions, seen, left)
+    plan = PosteriorRoundPlanner(posterior).plan_round(state)
+    called = set(plan.calls["query_id"].to_list())
+    assert len(called) >= 10
+    assert called <= disputed
+    assert PosteriorRoundPlanner(posterior, vote=False).plan_round(state).calls.height == 0
+    # replayed: the third answers settle the disputes better than the two alone did (agreement is a feature)
+    asked = plan.calls.explode("models").select("query_id", pl.col("models").alias("model"))
+    after = pl.concat([seen, _observed(history.split("test").outcomes.join(asked, on=["query_id", "model"]), 3)])
+    truth = Truth.from_history(history)
+
+    def right(observations: pl.DataFrame) -> float:
+        kept = PosteriorRoundPlanner(posterior).answers(queue, predictions, observations)
+        kept = kept.filter(pl.col("query_id").is_in(list(called)))
+        scored = kept.join(truth.gold, on="query_id")
+        return float((scored["answer"] == scored["gold"]).mean())
+
+    assert right(after) > right(seen)
+
+
+def test_a_middle_round_leaves_money_for_the_last(fitted: tuple[History, Posterior, pl.DataFrame]) -> None:
+    history, posterior, predictions = fitted
+    queue = history.as_queue("test")
+    seen = _first_round(history, predictions, "synth-00")
+    left = 0.5 * float(predictions.filter(pl.col("model") == "synth-03")["cost_usd"].sum())
+    planner = PosteriorRoundPlanner(posterior)
+    last = planner.plan_round(RoundState(2, 2, queue, predictions, seen, left))
+    middle = planner.plan_round(RoundState(2, 3, queue, predictions, seen, left))
+    assert middle.diagnostics["escalation_price"] > 0
+    # what a later round can learn after a call is worth money: round 2 of 3 spends less than a last round 2
+    assert 0 < middle.diagnostics["expected_cost_usd"] < last.diagnostics["expected_cost_usd"]
+    assert PosteriorRoundPlanner(posterior, look_ahead=False).plan_round(
+        RoundState(2, 3, queue, predictions, seen, left)
+    ).diagnostics["expected_cost_usd"] == pytest.approx(last.diagnostics["expected_cost_usd"])

@@ -441,10 +441,11 @@ class Posterior:
         empty = (now.chosen < 0)[:, None]
         return np.where(empty, np.nan_to_num(s.prior, nan=0.0), p)
 
-    def escalation_value(self, task: str, model: str, price: float) -> tuple[float, float]:
-        """Mean replayed (accuracy gain, extra cost) of the best one-step escalation after a first call to
-        ``model`` when a USD is worth ``price`` accuracy points (0, 0 where never replayed)."""
-        table = self.escalation.get(task, {}).get(model)
+    def escalation_value(self, task: str, called: str, price: float) -> tuple[float, float]:
+        """Mean replayed (accuracy gain, extra cost) of the best one-step escalation once the LLMs of ``called``
+        (a model, or ``called_key`` of two) answered, when a USD is worth ``price`` accuracy points (0, 0 where
+        never replayed)."""
+        table = self.escalation.get(task, {}).get(called)
         if not table:
             return 0.0, 0.0
         x = np.log(np.asarray(LAMBDA_GRID))
@@ -538,20 +539,31 @@ def _held_out(reps: dict[str, Replay], index: dict[str, int], folds: int, seed: 
     }
 
 
+def called_key(models: Sequence[str]) -> str:
+    """The key of ``Posterior.escalation`` for a query that has the answers of ``models`` (any order)."""
+    return PAIR.join(sorted(models))
+
+
+PAIR: Final = "+"
+
+
 def _escalation_tables(reps: dict[str, Replay], posterior: Posterior) -> dict[str, dict[str, dict[str, list[float]]]]:
-    """Per task and first LLM: the replayed mean gain and extra cost of the best next call at each price."""
+    """Per task and LLMs answered (one, or two: ``called_key``): the replayed mean gain and extra cost of the
+    best next call at each price. The two-answer tables value a middle round's call by what a later round can
+    still learn after it (a disagreement a third opinion settles, a weak answer a stronger LLM replaces)."""
     out: dict[str, dict[str, dict[str, list[float]]]] = {}
     prices = np.asarray(LAMBDA_GRID)
     for task, rep in reps.items():
         out[task] = {}
-        for j, model in enumerate(rep.models):
-            rows = np.flatnonzero(rep.present[:, j] & rep.present.all(axis=1))
+        pairs = itertools.combinations(range(len(rep.models)), 2)
+        for subset in [(j,) for j in range(len(rep.models))] + list(pairs):
+            rows = np.flatnonzero(rep.present.all(axis=1))
             if len(rows) < 10:
                 continue
-            s = _state(rep, rows, (j,), rep.cost.mean(axis=0))
+            s = _state(rep, rows, subset, rep.cost.mean(axis=0))
             now = posterior.current(task, s, rep.models)
             after = posterior.after(task, s, rep.models, now)
-            after[:, j] = -np.inf
+            after[:, list(subset)] = -np.inf
             gain_now = after - now.p[:, None]  # [n, M]
             cost = rep.cost[rows]
             net = gain_now[None] - prices[:, None, None] * cost[None]  # [L, n, M]
@@ -559,7 +571,8 @@ def _escalation_tables(reps: dict[str, Replay], posterior: Posterior) -> dict[st
             take = np.take_along_axis(net, best[..., None], axis=2)[..., 0] > 0
             g = np.where(take, np.take_along_axis(np.broadcast_to(gain_now, net.shape), best[..., None], 2)[..., 0], 0)
             c = np.where(take, np.take_along_axis(np.broadcast_to(cost, net.shape), best[..., None], 2)[..., 0], 0)
-            out[task][model] = {"gain": g.mean(axis=1).tolist(), "cost": c.mean(axis=1).tolist()}
+            key = called_key([rep.models[j] for j in subset])
+            out[task][key] = {"gain": g.mean(axis=1).tolist(), "cost": c.mean(axis=1).tolist()}
     return out
 
 

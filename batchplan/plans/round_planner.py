@@ -41,7 +41,7 @@ from batchplan.core.rounds import ROUND_ANSWER_SCHEMA, ROUND_PLAN_SCHEMA, RoundP
 from batchplan.optimizer import Budget, GroupBudget, InfeasibleError, Problem, solve
 from batchplan.optimizer.api import Method
 from batchplan.plans.candidates import P90_Z
-from batchplan.plans.posterior import LAMBDA_GRID, NONE, OPAQUE, Posterior, States, normalize
+from batchplan.plans.posterior import LAMBDA_GRID, NONE, OPAQUE, Posterior, States, called_key, normalize
 
 log = structlog.get_logger("batchplan.core.rounds")
 
@@ -151,12 +151,21 @@ class Evaluated:
 
 
 def evaluate(
-    posterior: Posterior, seen: Observed, max_tries: int, upward: bool = True, chunk: int = 100_000
+    posterior: Posterior,
+    seen: Observed,
+    max_tries: int,
+    upward: bool = True,
+    chunk: int = 100_000,
+    vote: bool = True,
 ) -> Evaluated:
-    """The posterior per task, in chunks of queries (the features are [rows, LLMs, LLMs] arrays)."""
+    """The posterior per task, in chunks of queries (the features are [rows, LLMs, LLMs] arrays). With
+    ``upward``, a query calls only LLMs stronger than the one whose answer it keeps, unless (``vote``) its
+    answers disagree: then any LLM it has not asked may give the third opinion, and the posterior (agreement
+    included) picks the answer."""
     n, m = seen.states.code.shape
     now_answer = np.full(n, -1, dtype=np.int64)
     now_p = np.zeros(n)
+    agree = np.zeros(n)
     after = np.full((n, m), np.nan)
     for task in np.unique(seen.tasks):
         rows = np.flatnonzero(seen.tasks == task)
@@ -164,12 +173,13 @@ def evaluate(
             part = rows[start : start + chunk]
             s = States(seen.states.prior[part], seen.states.code[part], seen.states.conf[part], seen.states.order[part])
             now = posterior.current(str(task), s, seen.models)
-            now_answer[part], now_p[part] = now.chosen, now.p
+            now_answer[part], now_p[part], agree[part] = now.chosen, now.p, now.agree
             after[part] = posterior.after(str(task), s, seen.models, now)
     callable_ = np.isfinite(seen.states.prior) & ~seen.states.answered & (seen.tries < max_tries)
     callable_ &= np.isfinite(seen.cost) & offered(seen, posterior)
     if upward:
-        callable_ &= stronger(seen, posterior, now_answer)
+        disputed = vote & ((seen.states.code >= 0).sum(axis=1) >= 2) & (agree == 0)
+        callable_ &= stronger(seen, posterior, now_answer) | disputed[:, None]
     after = np.where(callable_, after, np.nan)
     return Evaluated(now_answer, now_p, after)
 
@@ -234,10 +244,15 @@ class PosteriorRoundPlanner:
     # escalate only to an LLM more accurate on the task than the one whose answer the query keeps
     upward: bool = True
     uniform_first: bool = True  # round 1: one first LLM per task (``_first_calls``)
+    # a disputed query (answers that disagree) may call any LLM it has not asked: a third opinion
+    vote: bool = True
+    # a round before the last (round 1 included) values a call with the replayed best call after it
+    # (``Posterior.escalation_value``), so it leaves later rounds the money their calls are worth
+    look_ahead: bool = True
 
     def plan_round(self, state: RoundState) -> RoundPlan:
         seen = observe(state.queue, state.predictions, state.observations)
-        ev = evaluate(self.posterior, seen, self.max_tries, self.upward)
+        ev = evaluate(self.posterior, seen, self.max_tries, self.upward, vote=self.vote)
         n, m = ev.after.shape
         drift = np.array([seen.drift.get(model, seen.drift.get("*", 1.0)) for model in seen.models])
         cost = seen.cost * drift[None]
@@ -250,9 +265,13 @@ class PosteriorRoundPlanner:
         need = unanswered & np.isfinite(cheapest)
         mandatory = need if budget is None or cheapest[need].sum() <= budget * (1 - 1e-9) else np.zeros(n, bool)
         first_round = bool(unanswered.all()) and not state.last and self.escalate_first_round
+        middle = not first_round and not state.last and self.look_ahead and not unanswered.all()
         value = self._call_value(ev, call)
         extra = np.zeros((n, m))
         price = 0.0
+        if middle and budget is not None:
+            price = self._escalation_price(seen, ev, cost, call, budget, first=False)
+            value, extra = self._with_escalation(seen, ev, cost, call, price)
         if first_round and budget is not None:
             price = self._escalation_price(seen, ev, cost, call, budget)
             value, extra = self._with_escalation(seen, ev, cost, call, price)
@@ -304,21 +323,25 @@ class PosteriorRoundPlanner:
         return np.where(call, ev.after - np.where(answered, self.min_gain, 0.0), 0.0)
 
     def _escalation_price(
-        self, seen: Observed, ev: Evaluated, cost: np.ndarray, call: np.ndarray, budget: float
+        self, seen: Observed, ev: Evaluated, cost: np.ndarray, call: np.ndarray, budget: float, first: bool = True
     ) -> float:
         """The budget's price in round 1, escalation included: the lowest price (accuracy per USD) at which every
         query taking its best first call at that price (value less price x cost, both with the replayed
         escalation after it) fits the budget; by bisection on log(price). A fixed point of the solver's dual
         instead oscillates: at a low price escalation after a weak first call looks cheap, which raises the
-        price, at which it is not worth it, which lowers it."""
+        price, at which it is not worth it, which lowers it. A middle round (``first`` False) has the option to
+        stop, worth the current posterior at no cost."""
 
         def spend(price: float) -> float:
             value, extra = self._with_escalation(seen, ev, cost, call, price)
-            allowed = self._first_calls(seen, call, value, cost + extra, price) if self.uniform_first else call
+            uniform = first and self.uniform_first
+            allowed = self._first_calls(seen, call, value, cost + extra, price) if uniform else call
             total = np.where(allowed, cost + extra, np.inf)
             net = np.where(allowed, value - price * total, -np.inf)
             best = net.argmax(axis=1)
             rows = np.flatnonzero(allowed.any(axis=1))
+            if not first:
+                rows = rows[net[rows, best[rows]] > ev.now_p[rows]]
             return float(total[rows, best[rows]].sum())
 
         low, high = np.log(LAMBDA_GRID[0]), np.log(LAMBDA_GRID[-1])
@@ -357,20 +380,30 @@ class PosteriorRoundPlanner:
     def _with_escalation(
         self, seen: Observed, ev: Evaluated, cost: np.ndarray, call: np.ndarray, price: float
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Round 1: a first call's value and cost with the replayed best escalation after it at ``price`` (tasks
-        whose history recorded confidences)."""
+        """A call's value and cost with the replayed best escalation after it at ``price`` (tasks whose history
+        recorded confidences), by the LLMs that will have answered: the call's alone in round 1, the query's
+        answer and the call's in a middle round (no table for three: worth what the call gives)."""
         value = self._call_value(ev, call)
         extra = np.zeros_like(value)
+        answered = seen.states.answered
         for task in np.unique(seen.tasks):
             if not self.posterior.confident.get(str(task), False):
                 # agreement alone tells little about which answers to escalate (measured on routerbench and
                 # overruling): round 1 plans such a task as a single shot, later rounds spend what is left
                 continue
-            rows = seen.tasks == task
-            for j, model in enumerate(seen.models):
-                gain, more = self.posterior.escalation_value(str(task), model, price)
-                value[rows, j] += gain
-                extra[rows, j] = more
+            in_task = seen.tasks == task
+            patterns, which = np.unique(answered[in_task], axis=0, return_inverse=True)
+            for k, pattern in enumerate(patterns):
+                if pattern.sum() > 1:
+                    continue
+                rows = np.flatnonzero(in_task)[which.ravel() == k]
+                before = [seen.models[j] for j in np.flatnonzero(pattern)]
+                for j, model in enumerate(seen.models):
+                    if pattern[j]:
+                        continue
+                    gain, more = self.posterior.escalation_value(str(task), called_key([*before, model]), price)
+                    value[rows, j] += gain
+                    extra[rows, j] = more
         return np.where(call, np.minimum(value, 1.0), 0.0), np.where(call, extra, 0.0)
 
     def _solve(
