@@ -10,6 +10,14 @@ and Budget / GroupBudget rows, the fast certified path) picks one option per que
   ``Posterior.escalation_value`` tables), and costed with that escalation's mean cost, so a cheap first call
   whose answers tell right from wrong is worth more than its accuracy alone. The price is found by fixed
   point: solve, read the budget's dual, re-value, solve again.
+- **A middle round** (neither the first nor the last) looks ahead the same way: a call is valued with the
+  replayed best call after it, from the tables of the two answers the query will then have, and costed with
+  it, the price found by the same bisection (stopping worth the current posterior at no cost). Without it a
+  round 2 of 3 spends as if it were the last and round 3 has nothing left to act on what round 2 found.
+- **A third opinion (vote)**: a query calls only LLMs stronger than the one whose answer it keeps, unless its
+  answers disagree (no other answer agrees with the kept one): then any LLM it has not asked may be called,
+  and the posterior, whose features include agreement between the query's answers (fitted on the history's
+  joint answers, never assuming independence), picks the answer.
 - **Answers are mandatory** when they fit: a query without an answer yet has no stop option whenever the
   cheapest calls of all such queries fit in what is left (else stop is worth 0 and the optimizer chooses
   which to answer). So the last round never leaves a query unanswered that the budget can still answer.
