@@ -31,6 +31,9 @@ accuracy it estimates without gold (``rounds_estimated``) beside the single-shot
 (``subject_holdout``: about a third of each task's queries, subjects chosen by a stable hash), trained on the
 rest. The batch is not the history: the setting rounds are for.
 
+The ceilings of run-time cascades (2-/3-stage logprob cascades and votes chosen with the test split's gold,
+uniform and per task) are printed by ``bench/ceiling.py``: unreachable upper bounds for the rounds column.
+
 AIQ (RouterBench's average improvement in quality, here over the budget grid): the area under accuracy vs
 budget (as a share of the best single model's cost) by the trapezoid rule, divided by the grid's width.
 
