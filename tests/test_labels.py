@@ -106,12 +106,16 @@ def test_a_live_run_records_every_call_with_no_correctness(
     assert outcomes["correct"].is_null().all()
     assert outcomes["label_source"].is_null().all()
     ok = outcomes.filter(pl.col("status") == "ok")
-    assert ok.height and ok["answer"].is_not_null().all() and ok["latency_ms"].is_not_null().all()
-    assert ok["tokens_in"].is_not_null().all() and (ok["cost_usd"] > 0).all()
+    assert ok.height
+    assert ok["answer"].is_not_null().all()
+    assert ok["latency_ms"].is_not_null().all()
+    assert ok["tokens_in"].is_not_null().all()
+    assert (ok["cost_usd"] > 0).all()
     assert set(outcomes["round"].unique()) <= set(range(1, int(rounds) + 1))
     assert outcomes["cost_usd"].sum() == pytest.approx(pl.read_parquet(out / "results.parquet")["cost_usd"].sum())
     queries = pl.read_parquet(out / "queries.parquet")
-    assert queries["gold"].is_null().all() and queries.height == 60
+    assert queries["gold"].is_null().all()
+    assert queries.height == 60
     assert (out / "models.csv").exists()
     report = json.loads((out / "report.json").read_text())
     assert report["accuracy"] is None
@@ -137,7 +141,8 @@ def test_labels_join_idempotently_and_the_report_measures_accuracy(
     assert "20 of 20 labels matched (20 new, 0 changed)" in line
     outcomes = pl.read_parquet(live_run / "outcomes.parquet")
     scored = outcomes.filter(pl.col("correct").is_not_null())
-    assert set(scored["query_id"]) <= set(ids) and scored.height > 0
+    assert set(scored["query_id"]) <= set(ids)
+    assert scored.height > 0
     assert (scored["label_source"] == "gold").all()
     assert outcomes.filter(~pl.col("query_id").is_in(ids))["correct"].is_null().all()
     gold = dict(_gold(history, ids).iter_rows())
@@ -147,7 +152,8 @@ def test_labels_join_idempotently_and_the_report_measures_accuracy(
     delivered = results.filter(pl.col("query_id").is_in(ids))
     expected = sum(s == "done" and a == gold[q] for q, a, s in delivered.select("query_id", "answer", "status").iter_rows())
     assert report["accuracy"] == pytest.approx(expected / 20)
-    assert report["accuracy_known_for"] == 20 and report["accuracy_source"] == "labels"
+    assert report["accuracy_known_for"] == 20
+    assert report["accuracy_source"] == "labels"
     assert "over 20 labelled queries" in (live_run / "report.md").read_text()
     # the same file again changes nothing: not the labels, not the outcomes, not the report
     files = {name: (live_run / name).read_bytes() for name in ("labels.parquet", "outcomes.parquet", "report.json")}
@@ -155,7 +161,8 @@ def test_labels_join_idempotently_and_the_report_measures_accuracy(
     assert "(0 new, 0 changed)" in again
     assert {name: (live_run / name).read_bytes() for name in files} == files
     stored = pl.read_parquet(live_run / "labels.parquet")
-    assert stored.schema == LABEL_SCHEMA and stored.height == 20
+    assert stored.schema == LABEL_SCHEMA
+    assert stored.height == 20
     assert stored["gold"].to_list() == _gold(history, ids)["gold"].to_list()  # the label, not its spelling
 
 
@@ -174,7 +181,8 @@ def test_a_label_for_an_unknown_query_id_is_reported_not_dropped(
     pl.DataFrame({"query_id": ["x1", "x2"], "gold": ["A", "B"]}).write_parquet(tmp_path / "other.parquet")
     before = (live_run / "labels.parquet").read_bytes()
     refused = _invoke(["label", str(live_run), str(tmp_path / "other.parquet")], code=2)
-    assert refused.startswith("error:") and "none of its 2 labels names a query of" in refused
+    assert refused.startswith("error:")
+    assert "none of its 2 labels names a query of" in refused
     assert (live_run / "labels.parquet").read_bytes() == before
 
 
@@ -206,7 +214,10 @@ def test_open_task_labels_are_kept_and_counted_unscorable(live_run: Path, histor
         pl.when(pl.col("query_id").is_in(opened)).then(None).otherwise(pl.col("labels")).alias("labels")
     ).write_parquet(live_run / "queries.parquet")
     got = join_labels(storage, str(live_run), _gold(history, opened), source_file="open.csv")
-    assert got.matched == 4 and got.unscorable == 4 and got.n == 0 and got.accuracy is None
+    assert got.matched == 4
+    assert got.unscorable == 4
+    assert got.n == 0
+    assert got.accuracy is None
     assert "4 labelled queries of open tasks unscorable (no judge)" in got.line()
     outcomes = pl.read_parquet(live_run / "outcomes.parquet")
     assert outcomes["correct"].is_null().all()
@@ -237,7 +248,8 @@ def test_silver_is_weighted_below_gold_and_never_counted_as_gold(tmp_path: Path)
     audited = "synth-00"
     runs = runs_history(Storage(), [_run_dir(live, tmp_path / "run", silver={audited})])
     silver = runs.outcomes.filter(pl.col("label_source") == SILVER)
-    assert set(silver["model"]) == {audited} and (silver["weight"] < 1).all()
+    assert set(silver["model"]) == {audited}
+    assert (silver["weight"] < 1).all()
     assert (runs.outcomes.filter(pl.col("label_source") == "gold")["weight"] == 1).all()
     predictor = train_predictor(combine_histories([base, runs]), name="lightgbm", seed=0)
     validation = predictor.metadata["validation"]
@@ -312,3 +324,58 @@ def test_read_label_file_reads_parquet_jsonl_and_csv(tmp_path: Path) -> None:
     (tmp_path / "bad.jsonl").write_text('{"query_id": "a", "gold": "A"}\n{oops\n')
     with pytest.raises(Exception, match="row 2: not a JSON object"):
         read_label_file(Storage(), str(tmp_path / "bad.jsonl"))
+
+
+def test_a_rerun_keeps_audit_silver_and_labels_and_silver_is_no_label(
+    setup: dict[str, str], server: ReplayServer, live_run: Path, history: History, tmp_path: Path
+) -> None:
+    outcomes = pl.read_parquet(live_run / "outcomes.parquet")
+    audited = outcomes.filter(pl.col("status") == "ok")["query_id"].unique().sort().head(10).to_list()
+    # an audit's verdicts (h15b's --audit-share writes them): silver, for ten queries
+    outcomes.with_columns(
+        pl.when(pl.col("query_id").is_in(audited)).then(pl.lit(True)).otherwise(pl.col("correct")).alias("correct"),
+        pl.when(pl.col("query_id").is_in(audited)).then(pl.lit(SILVER)).otherwise(None).alias("label_source"),
+    ).write_parquet(live_run / "outcomes.parquet")
+    labelled = pl.read_parquet(live_run / "results.parquet")["query_id"].sort().tail(5).to_list()
+    _gold(history, labelled).write_csv(tmp_path / "labels.csv")
+    _invoke(["label", str(live_run), str(tmp_path / "labels.csv")])
+    report = json.loads((live_run / "report.json").read_text())
+    assert report["accuracy_known_for"] == 5  # the silver verdicts are no labels: not in the measured accuracy
+    _live_run(setup, server, live_run)  # the same command again: resumes, pays nothing, rebuilds the outcomes
+    again = pl.read_parquet(live_run / "outcomes.parquet")
+    assert set(again.filter(pl.col("label_source") == SILVER)["query_id"]) == set(audited) - set(labelled)
+    assert set(again.filter(pl.col("label_source") == "gold")["query_id"]) == set(labelled)
+    rerun = json.loads((live_run / "report.json").read_text())
+    assert rerun["accuracy_known_for"] == 5
+    assert rerun["accuracy"] == report["accuracy"]
+
+
+def test_the_dags_join_labels_dropped_under_labels_run(live_run: Path, history: History, tmp_path: Path) -> None:
+    import shutil
+
+    from batchplan.core.layout import Layout
+    from batchplan.dag_tasks.stages import labels_stage
+
+    storage, lay, run = Storage(), Layout(str(tmp_path / "bucket")), "nightly-2026-11-30"
+    for name in ("outcomes.parquet", "queries.parquet", "models.csv"):  # a DAG run's files, where it keeps them
+        Path(lay.outcomes(run)).mkdir(parents=True, exist_ok=True)
+        shutil.copy(live_run / name, Path(lay.outcomes(run)) / name)
+    Path(lay.results_file(run)).parent.mkdir(parents=True)
+    shutil.copy(live_run / "results.parquet", lay.results_file(run))
+    Path(lay.reports(run)).mkdir(parents=True)
+    shutil.copy(live_run / "report.json", Path(lay.reports(run)) / "report.json")
+    ids = pl.read_parquet(live_run / "results.parquet")["query_id"].sort().head(8).to_list()
+    Path(lay.labels(run)).mkdir(parents=True)
+    _gold(history, ids).write_csv(Path(lay.labels(run)) / "week-48.csv")
+    (Path(lay.labels(run)) / "broken.csv").write_text("query_id,label\nq,A\n")
+    joined = labels_stage(storage, lay)
+    by_file = {Path(j["file"]).name: j for j in joined}
+    assert "missing column(s) gold" in by_file["broken.csv"]["error"]  # one line, and the rest go on
+    assert "8 of 8 labels matched" in by_file["week-48.csv"]["summary"]
+    report = json.loads((Path(lay.reports(run)) / "report.json").read_text())
+    assert report["accuracy_known_for"] == 8
+    assert report["accuracy_source"] == "labels"
+    assert (Path(lay.reports(run)) / "report.html").exists()
+    assert "Measured on labels" in (Path(lay.reports(run)) / "report.html").read_text()
+    # the next report step finds the file joined: it is not read again
+    assert [Path(j["file"]).name for j in labels_stage(storage, lay)] == ["broken.csv"]

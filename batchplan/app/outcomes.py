@@ -110,7 +110,7 @@ def record_run_outcomes(
     if truth is not None:
         outcomes = _replay_verdicts(outcomes, truth)
         queries = queries.drop("gold").join(truth.gold, on="query_id", how="left").select(HISTORY_QUERIES_SCHEMA.names())
-    outcomes = outcomes.select(LIVE_OUTCOME_SCHEMA.names())
+    outcomes = _keep_silver(storage, out_uri, outcomes.select(LIVE_OUTCOME_SCHEMA.names()))
     labels_uri = join(out_uri, LABELS_FILE)
     if storage.exists(labels_uri):
         outcomes, queries = apply_labels(outcomes, queries, latest_labels(storage.read_frame(labels_uri)))
@@ -123,6 +123,27 @@ def record_run_outcomes(
         llms=outcomes["model"].n_unique(),
     )
     return outcomes
+
+
+def _keep_silver(storage: Storage, out_uri: str, outcomes: pl.DataFrame) -> pl.DataFrame:
+    """``outcomes`` with the silver verdicts an audit already wrote into ``out_uri`` for the same calls: a
+    rerun rebuilds the outcomes from the ledgers and must not forget what the audit found."""
+    uri = join(out_uri, OUTCOMES_FILE)
+    if not storage.exists(uri):
+        return outcomes
+    key = ["query_id", "round", "call"]
+    before = conform(storage.read_frame(uri), LIVE_OUTCOME_SCHEMA, name=uri).filter(pl.col("label_source") == SILVER)
+    if before.height == 0:
+        return outcomes
+    silver = before.select(*key, pl.col("correct").alias("_correct"), pl.col("label_source").alias("_source"))
+    return (
+        outcomes.join(silver, on=key, how="left", maintain_order="left")
+        .with_columns(
+            pl.when(pl.col("label_source").is_null()).then(pl.col("_correct")).otherwise(pl.col("correct")).alias("correct"),
+            pl.coalesce("label_source", "_source").alias("label_source"),
+        )
+        .select(outcomes.columns)
+    )
 
 
 def write_run_outcomes(
