@@ -307,6 +307,8 @@ def test_a_new_llm_seen_only_in_live_runs_gets_its_own_estimates(setup: dict[str
     predicted = predictor.predict(queue, pairs, None)
     mean = dict(predicted.group_by("model").agg(pl.col("p_correct").mean()).iter_rows())
     assert mean[newbie] > mean["synth-00"] + 0.15  # its own record, not its price neighbour's
+    cost = dict(predicted.group_by("model").agg(pl.col("cost_usd").mean()).iter_rows())
+    assert cost[newbie] == pytest.approx(cost["synth-00"], rel=0.25)  # priced from the run's models.csv
     # without the run it would be only a name: the bundled predictor has no estimate of its own for it
     plain = tmp_path / "plain"
     _invoke(["train", "--history", history_dir, "--out", str(plain), "--no-templates"])
