@@ -7,7 +7,9 @@ queue with a conditional write (a second run for the same day is skipped), then:
 `ingest` (bad rows to `quarantine/<run>/`) -> `predict` (promoted predictor) -> `plan` (one optimization
 over the whole batch, split into at most 32 shards, each with its share of the budget: the shares sum to at
 most `budget_usd`) -> `dispatch` (mapped over the shards; each shard's ledger makes re-runs free) ->
-`merge` (`results/<run>/`, outcomes for retraining) -> `report` (`reports/<run>/report.html`).
+`merge` (`results/<run>/`; `outcomes/<run>/`: one outcome per call, for retraining) -> `report`
+(`reports/<run>/report.html`; label files dropped under `labels/<run>/` for past runs are joined into their
+outcomes and their reports re-rendered with the accuracy measured on them).
 
 **Report**: the *batchplan report* tab of the run (plugin `dags/plugins/batchplan_reports.py`), or
 `reports/nightly-<date>/report.html` in the bucket; the `report` task's log has the one-line summary.

@@ -2,7 +2,8 @@
 ### batchplan_retrain: learn from new outcomes, promote only a better predictor
 
 Runs when the nightly DAG publishes new outcomes (Asset `batchplan_outcomes`). Trains a candidate on the
-bundled histories' training split plus every `outcomes/<run>/` recorded so far, saves it as
+bundled histories' training split plus the labelled outcomes of every `outcomes/<run>/` recorded so far
+(label files dropped under `labels/<run>/` joined first; gold at full weight, audited silver lower), saves it as
 `models/<version>/`, scores it and the promoted predictor on the same held-out outcomes (Brier score of
 P(correct)), and promotes it (`models/CURRENT.json`) only if it is better by more than `min_gain`, or if
 nothing is promoted yet. Every decision, promoted or not, is written to `models/decisions/<version>.json`.

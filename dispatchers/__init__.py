@@ -22,7 +22,7 @@ if TYPE_CHECKING:
     from batchplan.dispatchers.base import Backend, CallRequest, CallResult, parse_answer
     from batchplan.dispatchers.budget import BudgetGuard
     from batchplan.dispatchers.executor import FALLBACK_COLUMN, ROUND_CALLS
-    from batchplan.dispatchers.ledger import ledger_events, read_manifest, read_results, spend_by_model
+    from batchplan.dispatchers.ledger import call_events, ledger_events, read_manifest, read_results, spend_by_model
     from batchplan.dispatchers.limits import ModelLimits, RetryPolicy
     from batchplan.dispatchers.run import adispatch, dispatch
 
@@ -36,6 +36,7 @@ _LAZY = {
     "BudgetGuard": "batchplan.dispatchers.budget",
     "FALLBACK_COLUMN": "batchplan.dispatchers.executor",
     "ROUND_CALLS": "batchplan.dispatchers.executor",
+    "call_events": "batchplan.dispatchers.ledger",
     "ledger_events": "batchplan.dispatchers.ledger",
     "read_manifest": "batchplan.dispatchers.ledger",
     "read_results": "batchplan.dispatchers.ledger",
@@ -131,6 +132,7 @@ __all__ = [
     "RetryPolicy",
     "adispatch",
     "available_backends",
+    "call_events",
     "check_backend",
     "dispatch",
     "get_backend",

@@ -191,6 +191,18 @@ def ledger_events(storage: Storage, out_uri: str) -> Iterable[dict[str, Any]]:
             yield from _events(storage.read_bytes(uri))
 
 
+def call_events(storage: Storage, out_uri: str) -> Iterable[dict[str, Any]]:
+    """Every completed call in ``out_uri``'s ledger once: the first event per (query, call), as readers keep
+    it (a resumed run that found a call may append it again)."""
+    seen: set[tuple[str, str]] = set()
+    for event in ledger_events(storage, out_uri):
+        key = (str(event.get("q")), str(event.get("c")))
+        if event.get("e") != "c" or key in seen:
+            continue
+        seen.add(key)
+        yield event
+
+
 def _events(data: bytes) -> Iterable[dict[str, Any]]:
     for raw in data.splitlines():
         if not raw.strip():
@@ -284,18 +296,10 @@ def read_results(out_uri: str, storage: Storage | None = None) -> pl.DataFrame:
 def spend_by_model(storage: Storage, out_uri: str) -> dict[str, float]:
     """What every call in the ledger under ``out_uri`` charged, summed per model (a cascade's calls each to
     its own model; a call recorded twice, once per rerun that found it, counts once)."""
-    seen: set[tuple[str, str]] = set()
     spend: dict[str, float] = {}
-    for uri in storage.list(join(out_uri, "ledger")):
-        if not uri.endswith(".jsonl"):
-            continue
-        for event in _events(storage.read_bytes(uri)):
-            key = (str(event.get("q")), str(event.get("c")))
-            if event.get("e") != "c" or key in seen:
-                continue
-            seen.add(key)
-            model = str(event.get("m"))
-            spend[model] = spend.get(model, 0.0) + float(event.get("usd") or 0.0)
+    for event in call_events(storage, out_uri):
+        model = str(event.get("m"))
+        spend[model] = spend.get(model, 0.0) + float(event.get("usd") or 0.0)
     return spend
 
 

@@ -36,12 +36,13 @@ class PairModel:
         lam: float = 30.0,
         lam_global: float = 5.0,
         text_penalty: float | None = None,
+        weights: np.ndarray | None = None,
     ) -> PairModel:
         """Global beta shrunk toward "prior + difficulty" (coefficient 1 on prior_logit and difficulty,
         0 elsewhere), then each model's beta shrunk toward the global one: with little data the prior
         stays in charge. The intercept is almost unpenalized (1e-2) so that each model keeps its own base
         rate: shrinking it would bias a model whose accuracy is far from the others' (a calibration error
-        no global calibrator can undo)."""
+        no global calibrator can undo). ``weights`` weigh the rows (a run's silver outcomes below gold)."""
         z = z.astype(np.float64)
         y = y.astype(np.float64)
         start = np.zeros(z.shape[1])
@@ -55,12 +56,13 @@ class PairModel:
         if text_penalty is not None:  # e.g. 1e6: text columns off (their betas stay at 0)
             lam_g = np.where(text, text_penalty, lam_g)
             per_model = np.where(text, text_penalty, per_model)
-        global_beta = fit_logistic(z, y, l2=lam_g, center=start)
+        r = np.ones(len(y)) if weights is None else np.asarray(weights, dtype=np.float64)
+        global_beta = fit_logistic(z, y, l2=lam_g, center=start, weights=r)
         betas = np.tile(global_beta, (len(models), 1))
         for m in range(len(models)):
             rows = mi == m
             if rows.any():
-                betas[m] = fit_logistic(z[rows], y[rows], l2=per_model, center=global_beta)
+                betas[m] = fit_logistic(z[rows], y[rows], l2=per_model, center=global_beta, weights=r[rows])
         return cls(names=names, global_beta=global_beta, betas=betas, models=models, lam=lam, text_penalty=text_penalty)
 
     def beta_for(self, models: list[str], neighbors: dict[str, list[tuple[str, float]]]) -> np.ndarray:

@@ -26,22 +26,27 @@ class Priors:
 
     @classmethod
     def fit(cls, rows: pl.DataFrame, strength: float = 20.0) -> Priors:
-        """``rows``: model, task, correct (one row per outcome)."""
-        y = pl.col("correct").cast(pl.Float64)
-        global_acc = float(rows["correct"].cast(pl.Float64).mean() or 0.5)  # type: ignore[arg-type]
+        """``rows``: model, task, correct (one row per outcome), optionally ``weight`` (a silver outcome
+        counts less than a gold one in each accuracy; ``n`` stays the number of rows)."""
+        if "weight" not in rows.columns:
+            rows = rows.with_columns(pl.lit(1.0).alias("weight"))
+        y = pl.col("correct").cast(pl.Float64) * pl.col("weight")
+        w = pl.col("weight").sum().alias("w")
+        total = float(rows["weight"].sum())
+        global_acc = float(rows.select(y.sum()).item() / total) if total > 0 else 0.5
         model = (
             rows.group_by("model")
-            .agg(pl.len().alias("n"), y.sum().alias("k"))
-            .with_columns(((pl.col("k") + strength * global_acc) / (pl.col("n") + strength)).alias("acc"))
+            .agg(pl.len().alias("n"), w, y.sum().alias("k"))
+            .with_columns(((pl.col("k") + strength * global_acc) / (pl.col("w") + strength)).alias("acc"))
             .select("model", "n", "acc")
             .sort("model")
         )
-        task = rows.group_by("task").agg(pl.len().alias("n"), y.mean().alias("acc")).sort("task")
+        task = rows.group_by("task").agg(pl.len().alias("n"), (y.sum() / w).alias("acc")).sort("task")
         model_task = (
             rows.group_by("model", "task")
-            .agg(pl.len().alias("n"), y.sum().alias("k"))
+            .agg(pl.len().alias("n"), w, y.sum().alias("k"))
             .join(model.select("model", pl.col("acc").alias("m_acc")), on="model")
-            .with_columns(((pl.col("k") + strength * pl.col("m_acc")) / (pl.col("n") + strength)).alias("acc"))
+            .with_columns(((pl.col("k") + strength * pl.col("m_acc")) / (pl.col("w") + strength)).alias("acc"))
             .select("model", "task", "n", "acc")
             .sort("model", "task")
         )

@@ -16,6 +16,7 @@ import numpy as np
 import polars as pl
 
 from batchplan.core.catalog import PriceCatalog
+from batchplan.core.contracts import SILVER
 from batchplan.core.errors import ContractError
 from batchplan.core.history import History, stable_fold
 from batchplan.core.numerics import logit, sigmoid
@@ -74,6 +75,23 @@ def training_rows(history: History) -> pl.DataFrame:
     )
 
 
+def row_weights(rows: pl.DataFrame) -> tuple[np.ndarray, np.ndarray]:
+    """(weight, gold) per training row: a run's outcomes carry ``weight`` (gold 1, silver less) and
+    ``label_source``; a history's rows are gold, weight 1. Silver rows teach the fits at their weight and are
+    left out of every metric and of the calibration, which must be fitted against the truth."""
+    weight = (
+        rows["weight"].cast(pl.Float64).fill_null(1.0).to_numpy()
+        if "weight" in rows.columns
+        else np.ones(rows.height)
+    )
+    gold = (
+        (rows["label_source"].fill_null("") != SILVER).to_numpy()
+        if "label_source" in rows.columns
+        else np.ones(rows.height, dtype=bool)
+    )
+    return weight, gold
+
+
 def fingerprint(rows: pl.DataFrame) -> str:
     digest = hashlib.sha256()
     digest.update(rows.select("query_id", "model", pl.col("correct").cast(pl.Int8), "cost_usd").write_csv().encode())
@@ -88,6 +106,8 @@ def fit_predictor(history: History, name: str = "lightgbm", seed: int = 0, **par
     rows = training_rows(history)
     if rows.height == 0:
         raise ContractError("the history has no outcomes for its queries: nothing to train on")
+    if not row_weights(rows)[1].any():
+        raise ContractError("the history has only silver (audited) outcomes: training needs gold ones to score on")
     if "num_threads" not in params and rows.height < PARALLEL_ROWS:
         lgb_params["num_threads"] = 1
     train_q = prepare_queries(
@@ -120,7 +140,7 @@ def fit_predictor(history: History, name: str = "lightgbm", seed: int = 0, **par
         model_vocab=Vocabulary(models),
         families=Vocabulary(sorted(descriptors["family"].unique().to_list())),
         descriptors=descriptors,
-        priors=Priors.fit(rows.select("model", "task", "correct")),
+        priors=Priors.fit(rows.select("model", "task", "correct", pl.lit(row_weights(rows)[0]).alias("weight"))),
         cost=cost,
         confusions=fit_confusions(rows.select("task", "model", "gold", "answer")),
         catalog=catalog,
@@ -133,6 +153,7 @@ def fit_predictor(history: History, name: str = "lightgbm", seed: int = 0, **par
     counts = (
         rows.group_by("model").agg(pl.len().alias("rows"), pl.col("query_id").n_unique().alias("queries")).sort("model")
     )
+    silver_rows = int((~row_weights(rows)[1]).sum())
     predictor.metadata = {
         "name": name,
         "seed": seed,
@@ -145,6 +166,7 @@ def fit_predictor(history: History, name: str = "lightgbm", seed: int = 0, **par
             "queries": train_q.height,
             "datasets": sorted(history.queries["dataset"].drop_nulls().unique().to_list()),
             "tasks": predictor.tasks.values,
+            "silver_rows": silver_rows,  # audited, not labelled: weighted down, in no metric
         },
         "models": {r["model"]: {"rows": r["rows"], "queries": r["queries"]} for r in counts.iter_rows(named=True)},
         "lightgbm_params": lgb_params if learned else {},
@@ -176,11 +198,12 @@ def _fit_stages(
         .to_numpy()
     )
     y = rows["correct"].cast(pl.Float64).to_numpy()
+    w, gold = row_weights(rows)
     n_q, n_m = train_q.height, len(models)
     ysum = np.zeros((n_q, n_m), dtype=np.float32)
     ycnt = np.zeros((n_q, n_m), dtype=np.float32)
-    ysum[qi, mi] = y
-    ycnt[qi, mi] = 1.0
+    ysum[qi, mi] = y * w  # the neighbours' accuracy counts a silver verdict at its weight too
+    ycnt[qi, mi] = w
     emb = predictor.encoder.transform(text_of(train_q))
     task_code = predictor.tasks.codes(train_q["task"]).astype(np.int64)
     predictor.retriever = Retriever.build(
@@ -211,9 +234,14 @@ def _fit_stages(
         if not tr.any() or not va.any():
             continue
         dtrain = lgb.Dataset(
-            x_rows[tr], y[tr], init_score=init[tr], feature_name=stage1_names, categorical_feature=categorical
+            x_rows[tr],
+            y[tr],
+            weight=w[tr],
+            init_score=init[tr],
+            feature_name=stage1_names,
+            categorical_feature=categorical,
         )
-        dvalid = lgb.Dataset(x_rows[va], y[va], init_score=init[va], reference=dtrain)
+        dvalid = lgb.Dataset(x_rows[va], y[va], weight=w[va], init_score=init[va], reference=dtrain)
         booster = lgb.train(
             lgb_params,
             dtrain,
@@ -225,7 +253,9 @@ def _fit_stages(
         in_fold = fold_q == k
         d_oof[in_fold] = booster.predict(block.core[in_fold], raw_score=True, num_iteration=booster.best_iteration)
     rounds = max(5, int(np.mean(best_rounds) * 1.1)) if best_rounds else 30
-    dall = lgb.Dataset(x_rows, y, init_score=init, feature_name=stage1_names, categorical_feature=categorical)
+    dall = lgb.Dataset(
+        x_rows, y, weight=w, init_score=init, feature_name=stage1_names, categorical_feature=categorical
+    )
     predictor.boosters["query"] = lgb.train(lgb_params, dall, num_boost_round=rounds)
     # stage 2 on out-of-fold difficulty
     knn_rows = block.knn_acc[qi, mi]
@@ -243,17 +273,21 @@ def _fit_stages(
             if not tr.any() or not va.any():
                 oof_c[va] = sigmoid(init[va])
                 continue
-            part = PairModel.fit(z[tr], y[tr], mi[tr], models, pair_names, lam=lam, text_penalty=text_penalty)
+            part = PairModel.fit(
+                z[tr], y[tr], mi[tr], models, pair_names, lam=lam, text_penalty=text_penalty, weights=w[tr]
+            )
             oof_c[va] = sigmoid(np.einsum("ij,ij->i", z[va], part.betas[mi[va]]))
-        score = log_loss(y, oof_c)
+        score = log_loss(y[gold], oof_c[gold])
         stage2_scores[f"lam={lam:g},text={'off' if text_penalty else 'on'}"] = round(score, 6)
         if best is None or score < best[0] - 1e-9:
             best = (score, (lam, text_penalty), oof_c)
     assert best is not None
     (lam, text_penalty), oof = best[1], best[2]
-    predictor.pair_model = PairModel.fit(z, y, mi, models, pair_names, lam=lam, text_penalty=text_penalty)
-    predictor.calibrator, cal_scores = choose_calibrator(oof, y, seed=seed)
+    predictor.pair_model = PairModel.fit(z, y, mi, models, pair_names, lam=lam, text_penalty=text_penalty, weights=w)
+    predictor.calibrator, cal_scores = choose_calibrator(oof[gold], y[gold], seed=seed)
     calibrated = predictor.calibrator(oof)
+    # the validation metrics below are over gold rows only: a silver verdict is no truth to score against
+    y, oof, calibrated, prior_rows, mi = y[gold], oof[gold], calibrated[gold], prior_rows[gold], mi[gold]
     predictor.feature_names = {"query": stage1_names, "pair": pair_names}
     prior_only = prior_rows
     return {

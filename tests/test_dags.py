@@ -28,7 +28,7 @@ from typing import Any
 import polars as pl
 import pytest
 
-from batchplan.core.contracts import ContractError
+from batchplan.core.contracts import LIVE_OUTCOME_SCHEMA, ContractError
 from batchplan.core.history import History
 from batchplan.core.layout import Layout
 from batchplan.core.storage import Storage
@@ -394,6 +394,11 @@ def test_nightly_runs_the_queue_under_one_budget(nightly_done: Done, queue_days:
     assert stages.report_html_for(storage, lay, "batchplan_nightly", dag_run.run_id) == html
     assert storage.list(lay.outcomes(run))
     assert _paid_calls(storage, lay.results(run)) > 0
+    # one outcome per call of every shard, scored by the replay history (the backend's truth), label_source gold
+    outcomes = storage.read_frame(f"{lay.outcomes(run)}/outcomes.parquet")
+    assert outcomes.schema == LIVE_OUTCOME_SCHEMA
+    assert outcomes.height == _paid_calls(storage, lay.results(run))
+    assert (outcomes.filter(pl.col("correct").is_not_null())["label_source"] == "gold").all()
 
 
 @pytest.mark.slow

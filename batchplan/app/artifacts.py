@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from batchplan.core.history import History
+from batchplan.core.history import History, without_silver
 from batchplan.core.layout import CURRENT_FILE
 from batchplan.core.storage import Storage, join
 from batchplan.plans.posterior import Posterior, fit_posterior
@@ -42,6 +42,8 @@ def train(
     round posterior on it (both on the same out-of-fold predictions)."""
     fitted = train_predictor(history, name=predictor, seed=seed)
     fitted_templates, posterior = PlanTemplates(), None
+    # templates and the posterior replay the history as the truth: a silver verdict there would count as gold
+    history = without_silver(history)
     if templates:
         trainer = lambda part: train_predictor(part, name=predictor, seed=seed)  # noqa: E731
         oof = cross_fit_predictions(history, trainer, folds=folds, seed=seed)

@@ -385,11 +385,21 @@ def train(
             "--templates/--no-templates", help="Also fit vote and cascade templates (cross-fits the predictor)."
         ),
     ] = True,
+    from_run: Annotated[
+        list[str],
+        typer.Option(
+            "--from-run",
+            help="Run directory (or a DAG run's outcomes/<run>/) whose labelled outcomes join the training "
+            "history: gold at full weight, audited silver lower; repeatable.",
+        ),
+    ] = [],  # noqa: B006
 ) -> None:
     """Train a predictor (and its vote/cascade templates) on outcome histories; store it as a new version."""
     with _user_errors():
         from batchplan.app import artifacts
-        from batchplan.core.history import load_history, with_holdout
+        from batchplan.app.outcomes import runs_history
+        from batchplan.core.contracts import GOLD, SILVER
+        from batchplan.core.history import combine_histories, load_history, with_holdout
         from batchplan.core.settings import get_settings
 
         settings = get_settings()
@@ -397,6 +407,17 @@ def train(
         loaded = load_history(history, storage)
         if holdout:
             loaded = with_holdout(loaded, settings.holdout_fraction, settings.seed).split("train")
+        if from_run:  # after the holdout: a run's labels are all for training, none is held out
+            runs = runs_history(storage, from_run)
+            only_runs = sorted(set(runs.models) - set(loaded.models))
+            console.print(
+                f"from {len(from_run)} runs: {int((runs.outcomes['label_source'] == GOLD).sum())} gold and "
+                f"{int((runs.outcomes['label_source'] == SILVER).sum())} silver outcomes"
+                + (f"; LLMs seen only in runs: {', '.join(only_runs)}" if only_runs else ""),
+                highlight=False,
+                soft_wrap=True,
+            )
+            loaded = combine_histories([loaded, runs])
         trained = artifacts.train(loaded, predictor=predictor, seed=settings.seed, templates=templates)
         uri = artifacts.save(trained, storage, out)
     console.print(
@@ -600,6 +621,20 @@ def demo(
     )
     typer.echo(render_markdown(outcome.report))
     typer.echo(f"report: {outcome.paths['html']}")
+
+
+@app.command("label", cls=_Command, epilog="Example: batchplan label runs/r1 labels.csv")
+def label(
+    run_dir: Annotated[str, typer.Argument(help="Run directory written by `batchplan run`.")],
+    file: Annotated[str, typer.Argument(help="Labels: CSV, JSONL or parquet with query_id and gold columns.")],
+) -> None:
+    """Join late labels into a past run: its outcomes get their correctness, its report the measured accuracy."""
+    with _user_errors():
+        from batchplan.app.labels import join_labels, read_label_file
+
+        storage = _storage()
+        got = join_labels(storage, run_dir, read_label_file(storage, file), source_file=file)
+    console.print(got.line(), highlight=False, soft_wrap=True)
 
 
 @app.command("show-report", cls=_Command, epilog="Example: batchplan show-report runs/r1")

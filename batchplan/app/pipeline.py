@@ -12,6 +12,8 @@ orchestration in ``run_job`` only wires them and writes each stage's output unde
     <out>/plan.frontier.json   planned accuracy and cost at a dozen budgets (the report's frontier chart)
     <out>/dispatch/            the dispatcher's ledger, result parts and manifest (resumable)
     <out>/results.parquet      one result row per query
+    <out>/outcomes.parquet     one live outcome per call (+ queries.parquet, models.csv, labels.parquet:
+                               ``batchplan.app.outcomes``): what the run teaches the predictor
     <out>/report.{json,md,html}
 """
 
@@ -28,6 +30,8 @@ import structlog
 
 from batchplan.app import artifacts
 from batchplan.app.ingest import Ingested, read_queue
+from batchplan.app.labels import report_with_labels
+from batchplan.app.outcomes import record_run_outcomes
 from batchplan.app.report import Truth, build_report, summary_line, write_report
 from batchplan.app.round_runner import (
     MAX_TOKENS,
@@ -371,6 +375,16 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
             progress=progress,
         )
     storage.write_frame(results, paths["results"])
+    # every call the run made, as outcomes to learn from; correctness from the replay history only when that
+    # history answered the calls (a live backend's is unknown until labels or audits say)
+    record_run_outcomes(
+        storage,
+        job.out_uri,
+        job.out_uri,
+        ingested.queue,
+        prices=backend.catalog.prices,
+        truth=truth if job.backend == "replay" else None,
+    )
     report = build_report(
         results=results,
         plan=plan,
@@ -387,6 +401,7 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
         spend_by_model=spend_by_model(storage, dispatch_dir(job.out_uri)),
         estimated_accuracy=estimated,
     )
+    report = report_with_labels(storage, job.out_uri, results, report)  # a rerun after `batchplan label`
     paths |= write_report(report, job.out_uri, storage)
     log.info("run", summary=summary_line(report), out=job.out_uri, seconds=round(time.perf_counter() - started, 2))
     return JobOutcome(report=report, plan=plan, results=results, paths=paths)

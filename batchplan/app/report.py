@@ -660,6 +660,13 @@ def _markdown_block(block: Block) -> str:
 def notes(report: dict[str, Any]) -> list[str]:
     """What the user asked for or sent that this run could not use: one line each, in every format."""
     lines = [f"Constraint that bound nothing: {c}" for c in report.get("unused_constraints") or []]
+    if labelled := report.get("labelled_accuracy"):  # labels that arrived after the run (batchplan label)
+        line = f"Measured on labels: accuracy {_fmt_acc(labelled['accuracy'])} over {labelled['n']} labelled queries"
+        if labelled.get("answered"):
+            line += f" ({_fmt_acc(labelled['accuracy_answered'])} over the {labelled['answered']} answered)"
+        if labelled.get("unscorable"):
+            line += f"; {labelled['unscorable']} labelled queries of open tasks unscorable (no judge)"
+        lines.append(line)
     if unseen := report.get("unseen_tasks"):
         lines.append(
             f"Tasks the predictor never saw: {', '.join(unseen)} (their accuracy is each model's average over "

@@ -9,6 +9,9 @@ Glossary: one noun per thing, used for it everywhere (code, flags, files, manife
 | predictor | what ``batchplan train`` fits: per (query, LLM) P(correct) and cost | ``predictors.Predictor``; its registry root is ``--predictors DIR`` (``--model`` read for a release), its kind ``train --predictor NAME`` (lightgbm, prior) |
 | prediction | one predictor output row | PREDICTION_SCHEMA |
 | outcome | one recorded call in a history: what an LLM answered, whether right, what it cost | OUTCOMES_SCHEMA; a history is queries + outcomes + prices |
+| live outcome | one call a run made, as it learns from it: an outcome plus task, round, call, status and where its ``correct`` came from | LIVE_OUTCOME_SCHEMA, a run's ``outcomes.parquet`` (``batchplan.app.outcomes``) |
+| label | a ``(query_id, gold)`` row that arrives after a run (``batchplan label RUN_DIR FILE``, the DAGs' ``labels/<run>/``) | LABEL_SCHEMA, a run's ``labels.parquet`` (``batchplan.app.labels``) |
+| label source | where an outcome's ``correct`` comes from: ``gold`` (a label, or the replay history), ``silver`` (an audit's reference answer: weighted lower in training, never counted as gold), null (unknown) | ``label_source``, LABEL_SOURCES |
 | template | a fitted multi-LLM plan shape for a task (vote, cascade, agreement) with its calibration | ``Template``, ``PlanTemplates``; ``templates.json`` beside a predictor version (``plans.json`` read for a release); ``train --templates/--no-templates`` |
 | plan kind | single / vote / cascade / agreement | PLAN_KINDS; ``--kinds`` on plan/run (``--plans`` read for a release) |
 | candidate | a (query, plan kind + LLMs) pair the optimizer may choose | ``batchplan.plans.candidates.Candidates`` |
@@ -95,6 +98,38 @@ OUTCOMES_SCHEMA: Final = pl.Schema(
             "tokens_out": pl.Int64,
             "latency_ms": pl.Float64,
             "logprob": pl.Float64,
+        }
+    )
+)
+# A run's outcomes.parquet: one row per call the run made (failed calls too), correctness only from labels
+# (gold) or audits (silver), never from a replay history in a live backend. The history columns come first,
+# so a run directory (queries.parquet + outcomes.parquet + models.csv) is itself an outcome history.
+GOLD: Final = "gold"
+SILVER: Final = "silver"
+LABEL_SOURCES: Final = (GOLD, SILVER)
+# A silver outcome's weight in training, against 1 for gold: an audit's reference answer is itself wrong
+# some of the time, so it may teach, never outweigh, a label.
+SILVER_WEIGHT: Final = 0.3
+LIVE_OUTCOME_SCHEMA: Final = pl.Schema(
+    _columns(
+        {
+            **OUTCOMES_SCHEMA,
+            "task": pl.String,
+            "round": pl.Int64,  # 1-based; a single-shot run is round 1
+            "call": pl.String,  # the ledger's call id, "<slot>:<model>:<attempt>": unique per query and round
+            "status": pl.String,  # the dispatcher's: ok, not_answer, rate_limited, ... (only ok/not_answer teach)
+            "label_source": pl.String,  # gold / silver / null (LABEL_SOURCES): where ``correct`` comes from
+        }
+    )
+)
+# A run's labels.parquet: every label row received for it, first arrival kept (re-sending a file is a no-op).
+LABEL_SCHEMA: Final = pl.Schema(
+    _columns(
+        {
+            "query_id": pl.String,
+            "gold": pl.String,
+            "received_at": pl.Datetime("us", "UTC"),
+            "source_file": pl.String,
         }
     )
 )

@@ -19,6 +19,7 @@ from batchplan.core.contracts import (
     HISTORY_QUERIES_SCHEMA,
     MODELS_SCHEMA,
     OUTCOMES_SCHEMA,
+    SILVER,
     ContractError,
     conform,
 )
@@ -75,14 +76,32 @@ def load_history(dirs: str | Sequence[str], storage: Storage | None = None) -> H
         raise ContractError("no history directory given")
     parts = [_load_one(p, storage) for p in paths]
     _warn_price_conflicts([(path, h.prices) for path, h in zip(paths, parts, strict=True)])
-    history = History(
-        queries=pl.concat([h.queries for h in parts]).unique("query_id", keep="first", maintain_order=True),
-        outcomes=pl.concat([h.outcomes for h in parts]).unique(
+    return combine_histories(parts)
+
+
+def combine_histories(parts: Sequence[History]) -> History:
+    """One history from several: the first occurrence of a query, of a (query, model) outcome and of a
+    model's prices wins. Columns some parts lack (a run's ``weight``, ``label_source``) are null in the rest."""
+    return History(
+        queries=pl.concat([h.queries for h in parts], how="diagonal_relaxed").unique(
+            "query_id", keep="first", maintain_order=True
+        ),
+        outcomes=pl.concat([h.outcomes for h in parts], how="diagonal_relaxed").unique(
             ["query_id", "model"], keep="first", maintain_order=True
         ),
-        prices=pl.concat([h.prices for h in parts]).unique("model", keep="first", maintain_order=True),
+        prices=pl.concat([h.prices for h in parts], how="diagonal_relaxed").unique(
+            "model", keep="first", maintain_order=True
+        ),
     )
-    return history
+
+
+def without_silver(history: History) -> History:
+    """The history with no silver outcome (an audit's reference answer, not a label): what may be replayed
+    as the truth (templates, the round posterior), where a silver verdict would count as gold."""
+    if "label_source" not in history.outcomes.columns:
+        return history
+    kept = history.outcomes.filter(pl.col("label_source").fill_null("") != SILVER)
+    return History(queries=history.queries, outcomes=kept, prices=history.prices)
 
 
 def _warn_price_conflicts(prices: list[tuple[str, pl.DataFrame]]) -> None:

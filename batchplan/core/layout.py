@@ -17,8 +17,11 @@ works the same for tests and laptops, ``BATCHPLAN_ROOT`` overrides both)::
     models/<version>/              one trained predictor per version
     models/CURRENT.json            the promoted version (written by the retrain DAG when a candidate wins)
     models/decisions/<run>.json    every retrain decision, promoted or not, with both scores
-    outcomes/<run>/                queries.parquet + outcomes.parquet: what a run learned (gold or feedback
-                                   known), in the history layout, so ``load_history`` reads it for retraining
+    outcomes/<run>/                what a run learned, one live outcome per call (``batchplan.app.outcomes``):
+                                   outcomes.parquet, queries.parquet, models.csv (the history layout, read for
+                                   retraining) and labels.parquet (every label joined into it)
+    labels/<run>/                  label files (csv, jsonl, parquet: query_id, gold) dropped for a past run; the
+                                   nightly report step and the retrain DAG join them into outcomes/<run>/
 
 ``<run>`` is a run key: the DAG's name and the queue date (``nightly-2026-11-22``), so a re-run of the
 same logical date lands in the same folders and the dispatcher's ledger there stops it paying twice.
@@ -142,3 +145,6 @@ class Layout:
 
     def outcomes(self, run: str | None = None) -> str:
         return self._at("outcomes", run) if run else self._at("outcomes") + "/"
+
+    def labels(self, run: str | None = None) -> str:
+        return self._at("labels", run) + "/" if run else self._at("labels") + "/"

@@ -31,28 +31,28 @@ class Decision:
 
 
 def training_history(storage: Storage, lay: Layout) -> tuple[Any, Any, int, int]:
-    """(train, eval, found, used): the bundled histories' train/holdout split, with every recorded outcome
-    added to training except those of held-out queries (no leakage into the evaluation); ``found`` and
-    ``used`` count the recorded outcome rows."""
-    from batchplan.core.history import History, load_history, with_holdout
+    """(train, eval, found, used): the bundled histories' train/holdout split, with every run's labelled
+    outcomes (``outcomes/<run>/``, after joining the label files dropped under ``labels/<run>/``; gold at
+    full weight, audited silver lower) added to training except those of held-out queries (no leakage into
+    the evaluation); ``found`` and ``used`` count those outcome rows."""
+    from batchplan.app.outcomes import OUTCOMES_FILE, runs_history
+    from batchplan.core.history import combine_histories, load_history, with_holdout
     from batchplan.core.settings import Settings
+    from batchplan.dag_tasks.stages import labels_stage
 
     settings = Settings()
     base = with_holdout(load_history(history_dirs(), storage), settings.holdout_fraction, settings.seed)
-    learned_dirs = sorted({u.rsplit("/", 1)[0] for u in storage.iter_parts(lay.outcomes(), "outcomes.parquet")})
+    labels_stage(storage, lay)
+    learned_dirs = sorted({u.rsplit("/", 1)[0] for u in storage.iter_parts(lay.outcomes(), OUTCOMES_FILE)})
     train = base.split("train")
     found = used = 0
     if learned_dirs:
-        extra = load_history(learned_dirs, storage)
+        extra = runs_history(storage, learned_dirs)
         found = extra.outcomes.height
         evaluation_ids = base.split("test").queries["query_id"].implode()
         extra = extra.subset(extra.queries.filter(~pl.col("query_id").is_in(evaluation_ids))["query_id"])
         used = extra.outcomes.height
-        train = History(
-            queries=pl.concat([train.queries, extra.queries]).unique("query_id", keep="first"),
-            outcomes=pl.concat([train.outcomes, extra.outcomes]).unique(["query_id", "model"], keep="first"),
-            prices=train.prices,
-        )
+        train = combine_histories([train, extra])
     return train, base.split("test"), found, used
 
 

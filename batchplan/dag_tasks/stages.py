@@ -25,14 +25,7 @@ from typing import Any
 
 import polars as pl
 
-from batchplan.core.contracts import (
-    HISTORY_QUERIES_SCHEMA,
-    OUTCOMES_SCHEMA,
-    RESULT_SCHEMA,
-    RESULT_STATUSES,
-    ContractError,
-    conform,
-)
+from batchplan.core.contracts import RESULT_SCHEMA, RESULT_STATUSES, ContractError
 from batchplan.core.layout import Layout
 from batchplan.core.storage import Storage
 from batchplan.dag_tasks.common import MAX_SHARDS, RunParams, history_dirs, log
@@ -307,40 +300,63 @@ def merge_stage(
         "merged_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     storage.write_text(lay.results_manifest(run), json.dumps(manifest, indent=2))
-    learned = record_outcomes(storage, lay, run, results, truth_for(backend, storage))
+    learned = record_outcomes(storage, lay, run, backend)
     return manifest | {"results": lay.results_file(run), "outcomes_recorded": learned}
 
 
-def record_outcomes(storage: Storage, lay: Layout, run: str, results: pl.DataFrame, truth: Any) -> int:
-    """Write ``outcomes/<run>/`` in the history layout for answered queries whose gold is known."""
-    if truth is None:
-        return 0
-    answered = results.filter(pl.col("status") == "done").with_columns(
-        pl.col("models_called").list.last().alias("model")
+def record_outcomes(storage: Storage, lay: Layout, run: str, backend: str) -> int:
+    """Write ``outcomes/<run>/``: one live outcome per call of every shard and round (``app.outcomes``),
+    scored by the replay history only on the replay backend; returns how many calls."""
+    from batchplan.app.outcomes import record_run_outcomes
+
+    queue = storage.read_frame(lay.plan_file(run, "queue.parquet")).drop("day", strict=False)
+    outcomes = record_run_outcomes(
+        storage,
+        lay.results(run),
+        lay.outcomes(run),
+        queue,
+        prices=_backend(backend, storage).catalog.prices,
+        truth=truth_for(backend, storage),
     )
-    known = answered.join(truth.gold.drop_nulls("gold"), on="query_id", how="inner")
-    if known.height == 0:
-        return 0
-    queue = storage.read_frame(lay.plan_file(run, "queue.parquet"))
-    outcomes = conform(
-        known.select("query_id", "model", "answer", (pl.col("answer") == pl.col("gold")).alias("correct"), "cost_usd"),
-        OUTCOMES_SCHEMA,
-        name="outcomes",
-    )
-    queries = conform(
-        queue.join(known.select("query_id", "gold"), on="query_id").with_columns(
-            pl.lit("outcomes").alias("dataset"), pl.lit("train").alias("split")
-        ),
-        HISTORY_QUERIES_SCHEMA,
-        name="outcome queries",
-    )
-    storage.write_frame(queries, f"{lay.outcomes(run)}/queries.parquet")
-    storage.write_frame(outcomes, f"{lay.outcomes(run)}/outcomes.parquet")
     return outcomes.height
+
+
+def labels_stage(storage: Storage, lay: Layout) -> list[dict[str, Any]]:
+    """Join every label file dropped under ``labels/<run>/`` into that past run (``app.labels.join_labels``):
+    its outcomes and its report. A file already joined is skipped; a malformed one, or one for a run that
+    does not exist (yet), is logged in one line naming it and left where it is, and the rest go on."""
+    from batchplan.app.labels import join_labels, label_files, read_label_file
+    from batchplan.app.outcomes import LABELS_FILE
+
+    root = lay.labels()
+    runs = sorted({u.removeprefix(root).split("/", 1)[0] for u in label_files(storage, root) if "/" in u.removeprefix(root)})
+    joined: list[dict[str, Any]] = []
+    for run in runs:
+        labels_uri = f"{lay.outcomes(run)}/{LABELS_FILE}"
+        done = set(storage.read_frame(labels_uri)["source_file"].to_list()) if storage.exists(labels_uri) else set()
+        for uri in label_files(storage, lay.labels(run)):
+            if uri in done:
+                continue
+            try:
+                got = join_labels(
+                    storage,
+                    lay.outcomes(run),
+                    read_label_file(storage, uri),
+                    source_file=uri,
+                    results_uri=lay.results_file(run),
+                    report_uri=lay.reports(run),
+                )
+            except ContractError as error:
+                log.error("labels.refused", run=run, file=uri, error=str(error))
+                joined.append({"run": run, "file": uri, "error": str(error)})
+                continue
+            joined.append({"run": run, "file": uri, "summary": got.line()})
+    return joined
 
 
 def report_stage(storage: Storage, lay: Layout, run: str, backend: str, *, run_id: str | None = None) -> dict[str, Any]:
     """The run report (JSON, Markdown, HTML) under ``reports/<run>/``; returns its paths and summary."""
+    from batchplan.app.labels import report_with_labels
     from batchplan.app.pipeline import dispatch_dir, reference_models
     from batchplan.app.report import build_report, summary_line, write_report
     from batchplan.dispatchers import spend_by_model
@@ -371,8 +387,10 @@ def report_stage(storage: Storage, lay: Layout, run: str, backend: str, *, run_i
         spend_by_model=spent,
         estimated_accuracy=json.loads(storage.read_text(lay.results_manifest(run))).get("estimated_accuracy"),
     )
+    report = report_with_labels(storage, lay.outcomes(run), results, report)  # labels joined before a re-run
     paths = write_report(report, lay.reports(run), storage)
-    return {"summary": summary_line(report), "paths": paths, "spend_usd": report["spend_usd"]}
+    labelled = labels_stage(storage, lay)  # late labels for past runs: their reports re-rendered
+    return {"summary": summary_line(report), "paths": paths, "spend_usd": report["spend_usd"], "labels": labelled}
 
 
 def index_report(storage: Storage, lay: Layout, dag_id: str, airflow_run_id: str, run: str) -> str:
