@@ -397,9 +397,10 @@ def estimate_audit(
     low, high = np.quantile(draws, [0.025, 0.975])
     out["estimated_accuracy"] = float(point)
     out["ci95"] = [float(min(low, point)), float(max(high, point))]
-    for entry in llm_drift(audits, calls, queue, predictions, model):
+    llms = llm_drift(audits, calls, queue, predictions, model)
+    for entry in llms:
         out["llms_worse" if entry["direction"] == "worse" else "llms_better"].append(entry)
-        out["drift"].append(entry)
+    out["drift"] = [*llms, *out["drift"]]  # the LLMs first: what went wrong, then where it shows
     return out
 
 
