@@ -105,7 +105,8 @@ def test_audits_are_planned_inside_the_budget_and_resume_to_the_same_sample(
         ),
         Storage(),
     )
-    assert "audit" not in bare.report and not pl.read_parquet(tmp_path / "bare" / "plan.parquet").filter(is_audit()).height
+    assert "audit" not in bare.report
+    assert not pl.read_parquet(tmp_path / "bare" / "plan.parquet").filter(is_audit()).height
 
 
 def test_audits_that_alone_exceed_the_budget_are_refused_naming_audit_share(
@@ -158,7 +159,8 @@ def test_the_interval_comes_without_gold_from_a_live_endpoint(
     low, high = got["estimated_accuracy_ci95"]
     assert 0.0 <= low <= got["estimated_accuracy"] <= high <= 1.0
     assert got["estimated_accuracy_source"] == "audit"
-    assert got["audit"]["per_task"] and got["audit"]["audited"] > 0
+    assert got["audit"]["per_task"]
+    assert got["audit"]["audited"] > 0
     audit = pl.read_parquet(tmp_path / "live" / "audit.parquet")
     assert set(audit.columns) >= {"query_id", "task", "delivered_answer", "reference_answer", "agree"}
     assert "audited estimate" in (tmp_path / "live" / "report.md").read_text()

@@ -83,11 +83,18 @@ def resolve_version(storage: Storage, root_uri: str, version: str | None) -> str
 def load(storage: Storage, root_uri: str, version: str | None = None) -> Trained:
     predictor = load_predictor(storage, root_uri, version=resolve_version(storage, root_uri, version))
     version = str(predictor.metadata["version"])
-    audit_uri = join(root_uri, version, AUDIT_FILE)
-    audit = AuditModel.from_json(storage.read_text(audit_uri)) if storage.exists(audit_uri) else None
     return Trained(
-        predictor, load_templates(storage, root_uri, version), load_posterior(storage, root_uri, version), audit
+        predictor,
+        load_templates(storage, root_uri, version),
+        load_posterior(storage, root_uri, version),
+        load_audit(storage, root_uri, version),
     )
+
+
+def load_audit(storage: Storage, root_uri: str, version: str) -> AuditModel | None:
+    """The audits' reference plans and agreement rates of one version (None for a version trained before)."""
+    uri = join(root_uri, version, AUDIT_FILE)
+    return AuditModel.from_json(storage.read_text(uri)) if storage.exists(uri) else None
 
 
 def load_templates(storage: Storage, root_uri: str, version: str) -> PlanTemplates:
