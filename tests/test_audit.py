@@ -214,3 +214,28 @@ def test_drift_leads_the_report_when_an_llm_is_much_worse_than_the_history(
     html = (tmp_path / "run" / "report.html").read_text()
     assert html.index("DRIFT:") < html.index("queries=")
     assert report["accuracy"] < report["planned_accuracy"]  # scored on the served history: it really was worse
+
+
+def test_a_bad_audit_share_is_one_line_naming_the_flag(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from batchplan.app.cli import app
+
+    args = ["run", "--queue", "q", "--predictors", "m", "--out", str(tmp_path), "--budget-usd", "1"]
+    result = CliRunner().invoke(app, [*args, "--audit-share", "1.5"])
+    assert result.exit_code == 2, result.output
+    assert "--audit-share" in result.output.strip().splitlines()[-1]
+    # asked for in rounds, which do not hold audits yet: refused, not dropped
+    replay = ["--replay-history", str(EXAMPLES)]
+    rounds = CliRunner().invoke(app, [*args, *replay, "--audit-share", "0.1", "--rounds", "2"])
+    assert rounds.exit_code == 2, rounds.output
+    assert "--audit-share" in rounds.output.strip().splitlines()[-1]
+
+
+def test_the_default_audit_share_follows_the_backend() -> None:
+    from batchplan.core.request import default_audit_share
+
+    assert default_audit_share(None, "openai") == 0.05
+    assert default_audit_share(None, "replay") == 0.0
+    assert default_audit_share(None, "openai", rounds=2) == 0.0
+    assert default_audit_share(0.2, "replay") == 0.2

@@ -638,44 +638,39 @@ def _optimizer_section(report: dict[str, Any]) -> Section | None:
     return Section("Optimizer", [Table(["field", "value"], rows), *(Note(line) for line in OPTIMIZER_GLOSSARY)])
 
 
+def _audited_cells(entry: dict[str, Any], count: str, promised: str) -> list[str]:
+    """A task's or an LLM's audited row: how many, agreement, audited accuracy, its interval, the promise."""
+    low, high = entry["ci95"]
+    return [
+        entry["name" if "name" in entry else "task"],
+        str(entry[count]),
+        _fmt_acc(entry["agreement"]),
+        _fmt_acc(entry["estimated_accuracy"]),
+        f"{_fmt_acc(low)}-{_fmt_acc(high)}",
+        _fmt_acc(entry[promised]),
+    ]
+
+
 def _audit_section(report: dict[str, Any]) -> Section | None:
     audit = report.get("audit")
     if not audit:
         return None
-    pct = _fmt_acc
-    rows = [
-        [
-            t["task"],
-            str(t["audited"]),
-            pct(t["agreement"]),
-            pct(t["estimated_accuracy"]),
-            f"{pct(t['ci95'][0])}-{pct(t['ci95'][1])}",
-            pct(t["planned_accuracy"]),
-        ]
-        for t in audit["per_task"]
-    ]
     blocks: list[Block] = [
         Note(
             f"{audit['audited']} of {audit['queries']} audited queries got a reference answer, for "
             f"${audit['spend_usd']:.4f} of the spend. Method: {audit['method']}."
         ),
-        Table(["task", "audited", "agreement", "estimated accuracy", "95% CI", "planned accuracy"], rows),
+        Table(
+            ["task", "audited", "agreement", "estimated accuracy", "95% CI", "planned accuracy"],
+            [_audited_cells(t, "audited", "planned_accuracy") for t in audit["per_task"]],
+        ),
     ]
-    llms = [*audit.get("llms_worse", []), *audit.get("llms_better", [])]
-    if llms:
+    if llms := [*audit.get("llms_worse", []), *audit.get("llms_better", [])]:
         blocks.append(
             Table(
                 ["LLM", "audited calls", "agreement", "audited accuracy", "95% CI", "predictor says", "the batch finds it"],
                 [
-                    [
-                        e["name"],
-                        str(e["calls"]),
-                        pct(e["agreement"]),
-                        pct(e["estimated_accuracy"]),
-                        f"{pct(e['ci95'][0])}-{pct(e['ci95'][1])}",
-                        pct(e["predicted_accuracy"]),
-                        e["direction"] + " than the history says",
-                    ]
+                    [*_audited_cells(e, "calls", "predicted_accuracy"), e["direction"] + " than the history says"]
                     for e in llms
                 ],
             )

@@ -27,6 +27,7 @@ from typing import Any
 import polars as pl
 
 from batchplan.core.contracts import (
+    AUDIT_SUFFIX,
     HISTORY_QUERIES_SCHEMA,
     OUTCOMES_SCHEMA,
     RESULT_SCHEMA,
@@ -162,7 +163,11 @@ def plan_stage(
     write_frontier(storage, frontier_uri(plan_uri), plan_frontier(planned, request.budget_usd, request.method))
     storage.write_frame(plan, plan_uri)
     if group_by is not None:
-        keyed = plan.join(queue.select("query_id", group_by), on="query_id", how="left")
+        # an audit's reference rows go with their query's group (its day)
+        of_query = pl.col("query_id").str.strip_suffix(AUDIT_SUFFIX).alias("_of")
+        keyed = plan.with_columns(of_query).join(
+            queue.select(pl.col("query_id").alias("_of"), group_by), on="_of", how="left"
+        ).drop("_of")
         groups = sorted(keyed[group_by].unique().to_list())
         parts = [(g, keyed.filter(pl.col(group_by) == g).drop(group_by)) for g in groups]
     else:

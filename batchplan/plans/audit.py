@@ -20,7 +20,7 @@ nothing, and the predictor's accuracy stands for it. Queries not answered count 
 weighted by the batch's task shares. The 95% interval is the central 95% of posterior draws: per task the
 agreement rate from its Beta (Jeffreys) posterior, s and q from their Beta posteriors on the history's counts
 (capped at RATE_CAP observations, because the batch is not the history), and the rows the audit cannot tell
-apart as Binomial draws of the predictor's accuracy. Late labels enter through retraining: a run's labelled
+apart as Binomial draws of the predictor's accuracy; the estimate is the draws' median. Late labels enter through retraining: a run's labelled
 queries become history, and the rates are refitted on them.
 
 Open answers (no label set) agree when their token F1 after ``normalize`` is >= OPEN_AGREEMENT (short
@@ -53,7 +53,7 @@ OPEN_AGREEMENT: Final = 0.5  # token F1 at which two open answers count as the s
 MIN_SEPARATION: Final = 0.15  # s - q below this: the audit cannot tell right from wrong for that LLM
 MIN_RATE_ROWS: Final = 5  # right and wrong rows an LLM needs on the history for its own s and q
 RATE_CAP: Final = 300  # history observations a rate's Beta posterior counts at most
-BOOTSTRAP: Final = 4000  # posterior draws of the estimate
+DRAWS: Final = 4000  # posterior draws of the estimate
 Z95: Final = 1.959964
 
 
@@ -242,28 +242,25 @@ def _rates(model: AuditModel | None, task: str, llm: str | None, fitted: bool, r
     return (50 * s, 50.0, 50 * q, 50.0)
 
 
-def _task_draws(rows: list[_Row], rng: np.random.Generator, draws: int) -> tuple[float, np.ndarray]:
-    """One task's estimate from its audited rows, and ``draws`` posterior draws of it: the agreement rate from
-    its Beta posterior (Jeffreys), s and q from theirs on the history's counts, the rows where the audit says
-    nothing as Binomial draws of the predictor's accuracy, rows not answered as 0."""
-    n = len(rows)
+def _task_draws(rows: list[_Row], rng: np.random.Generator, draws: int) -> np.ndarray:
+    """Posterior draws of one task's accuracy from its audited rows: the agreement rate from its Beta
+    (Jeffreys) posterior, s and q from theirs on the history's counts (one draw per LLM, shared by its rows),
+    the rows where the audit says nothing as Binomial draws of the predictor's accuracy, rows not answered 0."""
     inform = [r for r in rows if r.done and r.informative]
     blind = [r.prior for r in rows if r.done and not r.informative]
-    point = sum(blind)
     sample = np.zeros(draws)
     if blind:
         sample += rng.binomial(len(blind), float(np.mean(blind)), draws)
     if inform:
-        rates = np.array([r.rate for r in inform])
+        keys = sorted({r.rate for r in inform})
+        rates = np.array(keys)
+        use = np.array([keys.index(r.rate) for r in inform])
         agree = sum(r.agree for r in inform)
-        s_mean = float(((rates[:, 0] + 1) / (rates[:, 1] + 2)).mean())
-        q_mean = float(((rates[:, 2] + 1) / (rates[:, 3] + 2)).mean())
-        point += len(inform) * float(np.clip((agree / len(inform) - q_mean) / max(s_mean - q_mean, 1e-6), 0, 1))
         a = rng.beta(agree + 0.5, len(inform) - agree + 0.5, draws)
-        s = rng.beta(rates[:, 0] + 1, rates[:, 1] - rates[:, 0] + 1, (draws, len(inform))).mean(axis=1)
-        q = rng.beta(rates[:, 2] + 1, rates[:, 3] - rates[:, 2] + 1, (draws, len(inform))).mean(axis=1)
+        s = rng.beta(rates[:, 0] + 1, rates[:, 1] - rates[:, 0] + 1, (draws, len(keys)))[:, use].mean(axis=1)
+        q = rng.beta(rates[:, 2] + 1, rates[:, 3] - rates[:, 2] + 1, (draws, len(keys)))[:, use].mean(axis=1)
         sample += len(inform) * np.clip((a - q) / np.maximum(s - q, 1e-6), 0.0, 1.0)
-    return point / n, sample / n
+    return sample / len(rows)
 
 
 def _rows_for(
@@ -359,18 +356,16 @@ def estimate_audit(
         .iter_rows()
     )
     rng = np.random.default_rng(int.from_bytes(hashlib.blake2b(seed.encode(), digest_size=4).digest(), "little"))
-    draws = np.zeros(BOOTSTRAP)
-    point = 0.0
+    draws = np.zeros(DRAWS)
     for task, weight in weights.iter_rows():
         share = weight / n_total
         task_rows = by_task.get(str(task))
         if not task_rows:  # no audited query of this task: the plan's promise stands in for it
-            point += share * float(planned_task.get(task, 0.0))
             draws += share * float(planned_task.get(task, 0.0))
             continue
-        estimate, task_draws = _task_draws(task_rows, rng, BOOTSTRAP)
+        task_draws = _task_draws(task_rows, rng, DRAWS)
+        estimate = float(np.median(task_draws))
         low, high = np.quantile(task_draws, [0.025, 0.975])
-        point += share * estimate
         draws += share * task_draws
         agreement = float(np.mean([r.agree for r in task_rows]))
         entry = {
@@ -395,8 +390,8 @@ def estimate_audit(
                 }
             )
     low, high = np.quantile(draws, [0.025, 0.975])
-    out["estimated_accuracy"] = float(point)
-    out["ci95"] = [float(min(low, point)), float(max(high, point))]
+    out["estimated_accuracy"] = float(np.median(draws))
+    out["ci95"] = [float(low), float(high)]
     llms = llm_drift(audits, calls, queue, predictions, model)
     for entry in llms:
         out["llms_worse" if entry["direction"] == "worse" else "llms_better"].append(entry)
