@@ -206,6 +206,8 @@ def build_report(
         "planned_cost_usd": float(plan["expected_cost_usd"].sum()),
         "planned_accuracy": float(plan["expected_accuracy"].fill_null(0).sum() / max(plan.height, 1)),
         "estimated_accuracy": estimated_accuracy,
+        # which estimate it is: the rounds' posterior of the final answers, or (``_add_audit``) the audits'
+        "estimated_accuracy_source": "posterior" if estimated_accuracy is not None else None,
         "plan_kinds": {k: int(v) for k, v in plan.group_by("kind").len().iter_rows()},
         "model_share": [{"model": m, "queries": int(c), "share": float(s)} for m, c, s in shares.iter_rows()],
         "calls_per_model": [{"model": m, "calls": int(c)} for m, c in call_counts.iter_rows()],
