@@ -9,7 +9,12 @@ over the whole batch, split into at most 32 shards, each with its share of the b
 most `budget_usd`) -> `dispatch` (mapped over the shards; each shard's ledger makes re-runs free) ->
 `merge` (`results/<run>/`; `outcomes/<run>/`: one outcome per call, for retraining) -> `report`
 (`reports/<run>/report.html`; label files dropped under `labels/<run>/` for past runs are joined into their
-outcomes and their reports re-rendered with the accuracy measured on them).
+outcomes and their reports re-rendered with the accuracy measured on them) -> `drift` (emits the Asset
+`batchplan_drift`, which triggers the retrain DAG, only when the audits found drift; else skipped).
+
+**Audits**: `audit_share` (empty: 5% for a live backend, none for replay or rounds) of the queries also get a
+reference answer inside the budget; the report's first lines give the audited accuracy with its 95% interval
+and any drift (an LLM or task outside the predictor's interval).
 
 **Report**: the *batchplan report* tab of the run (plugin `dags/plugins/batchplan_reports.py`), or
 `reports/nightly-<date>/report.html` in the bucket; the `report` task's log has the one-line summary.
@@ -44,6 +49,7 @@ from batchplan.core.layout import run_key
 from batchplan.dag_tasks import common, rounds, stages
 
 RESULTS = Asset(name="batchplan_results", uri="batchplan://results")
+DRIFT = Asset(name="batchplan_drift", uri="batchplan://drift")  # the audits found the history off: retrain
 OUTCOMES = Asset(name="batchplan_outcomes", uri="batchplan://outcomes")
 
 
@@ -105,6 +111,14 @@ def _sensor_key(params: dict[str, Any], logical_date: Any) -> str:
             minimum=1,
             maximum=common.MAX_SHARDS,
             description="Upper bound on parallel dispatch tasks.",
+        ),
+        "audit_share": Param(
+            None,
+            type=["number", "null"],
+            minimum=0,
+            maximum=0.99,
+            description="Share of queries that also get a reference answer inside the budget (accuracy without "
+            "gold, drift); empty = 0.05 for a live backend, 0 for replay and for rounds.",
         ),
         **rounds.params(),
     },
@@ -176,7 +190,19 @@ def batchplan_nightly() -> None:
             common.storage_from_connection(), common.layout(), dag_run.dag_id, dag_run.run_id, info["run"]
         )
         print(f"batchplan report: {out['summary']}\nHTML: {out['paths']['html']}")
+        for line in out["drift"]:
+            print(f"batchplan DRIFT: {line['kind']} {line['name']} is {line['direction']} than the history says")
         return out
+
+    @task(outlets=[DRIFT])
+    def drift(reported: dict[str, Any]) -> list[dict[str, Any]]:
+        """Emits the drift Asset (the retrain DAG's trigger) only when the audits found drift: a skipped task
+        emits no Asset event."""
+        from airflow.sdk.exceptions import AirflowSkipException
+
+        if not reported.get("drift"):
+            raise AirflowSkipException("no drift found by the audits")
+        return list(reported["drift"])
 
     ingested = ingest()
     wait_for_queue >> ingested
@@ -184,7 +210,7 @@ def batchplan_nightly() -> None:
     shards = plan(predicted)
     done = dispatch.expand(shard=shards)
     merged = merge(ingested, shards, done, rounds.round_tasks(ingested, done))
-    report(ingested, merged)
+    drift(report(ingested, merged))
 
 
 batchplan_nightly()

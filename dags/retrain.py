@@ -1,7 +1,8 @@
 """
 ### batchplan_retrain: learn from new outcomes, promote only a better predictor
 
-Runs when the nightly DAG publishes new outcomes (Asset `batchplan_outcomes`). Trains a candidate on the
+Runs when the nightly DAG publishes new outcomes (Asset `batchplan_outcomes`), or at once when its audits
+found drift (Asset `batchplan_drift`, emitted by its `drift` task only then). Trains a candidate on the
 bundled histories' training split plus the labelled outcomes of every `outcomes/<run>/` recorded so far
 (label files dropped under `labels/<run>/` joined first; gold at full weight, audited silver lower), saves it as
 `models/<version>/`, scores it and the promoted predictor on the same held-out outcomes (Brier score of
@@ -20,11 +21,12 @@ from airflow.sdk import Asset, Param, dag, task
 from batchplan.dag_tasks import common, retrain
 
 OUTCOMES = Asset(name="batchplan_outcomes", uri="batchplan://outcomes")
+DRIFT = Asset(name="batchplan_drift", uri="batchplan://drift")
 
 
 @dag(
     dag_id="batchplan_retrain",
-    schedule=[OUTCOMES],
+    schedule=OUTCOMES | DRIFT,
     start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
     catchup=False,
     max_active_runs=1,

@@ -11,6 +11,7 @@ import math
 import polars as pl
 
 from batchplan.core.catalog import PriceCatalog
+from batchplan.core.contracts import audited_query_id
 from batchplan.core.history import History
 from batchplan.dispatchers.base import NOT_ANSWER, OK, UNAVAILABLE, Backend, CallRequest, CallResult
 
@@ -40,7 +41,7 @@ class ReplayBackend(Backend):
         return self._pairs.join(ids, on="query_id", how="semi").sort("query_id", "model")
 
     def cost_bound(self, request: CallRequest) -> float | None:
-        row = self._table.get((request.query_id, request.model))
+        row = self._table.get((audited_query_id(request.query_id), request.model))
         return None if row is None else row[1]
 
     def cost_bounds(
@@ -58,7 +59,7 @@ class ReplayBackend(Backend):
         )
 
     async def call(self, request: CallRequest) -> CallResult:
-        row = self._table.get((request.query_id, request.model))
+        row = self._table.get((audited_query_id(request.query_id), request.model))
         if row is None:
             return CallResult(
                 request.model, UNAVAILABLE, reason=f"no recorded outcome for ({request.query_id}, {request.model})"

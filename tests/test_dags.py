@@ -295,6 +295,8 @@ def test_dag_shapes(dagbag: Any) -> None:
     dispatch = nightly.get_task("dispatch")
     assert dispatch.max_active_tis_per_dagrun is not None
     assert {a.name for a in nightly.get_task("merge").outlets} == {"batchplan_results", "batchplan_outcomes"}
+    assert {a.name for a in nightly.get_task("drift").outlets} == {"batchplan_drift"}  # only when drift is found
+    assert "audit_share" in nightly.params
     assert nightly.params["max_shards"] <= common.MAX_SHARDS
     backfill = dagbag.get_dag("batchplan_backfill")
     assert {"start_date", "end_date", "budget_usd"} <= set(backfill.params)
@@ -529,6 +531,34 @@ def test_nightly_in_rounds_replans_the_whole_batch_under_what_is_left(
     report = json.loads(storage.read_text(f"{lay.reports(run)}/report.json"))
     assert 0 < report["estimated_accuracy"] <= 1
     assert "estimated after the run" in storage.read_text(lay.report_html(run))
+
+
+def test_nightly_audits_inside_the_budget_and_says_the_estimate_in_its_report(
+    dagbag: Any, seeded: Done, copy_of: Callable[[Done], AirflowEnv], queue_days: dict[str, pl.DataFrame]
+) -> None:
+    """audit_share 0.1: the reference calls are planned and dispatched in the shards under the one budget, the
+    delivered results stay one per query, the report (and the run page's tab) gives the audited estimate with
+    its interval, and the drift task emits the retrain's Asset only when drift was found."""
+    budget = 0.5  # the references (the history's best LLMs) of 45 queries cost ~$0.13 on this mix
+    env = copy_of(seeded)
+    conf = {"budget_usd": budget, "max_shards": 2, "allow_deferral": True, "queue_date": ROUNDS_DAY, "audit_share": 0.1}
+    dag_run = _run(
+        dagbag, env, "batchplan_nightly", "nightly (audits)", logical_date=datetime(2026, 3, 3, 2, tzinfo=UTC), run_conf=conf
+    )
+    states = _states(dag_run)
+    assert str(dag_run.state) == "success", states
+    lay, storage, run = env.layout, env.storage, f"nightly-{ROUNDS_DAY}"
+    manifest = json.loads(storage.read_text(lay.results_manifest(run)))
+    assert manifest["queries"] == queue_days[ROUNDS_DAY].height  # the delivered answers, one per query
+    assert manifest["spend_usd"] <= budget  # the reference calls inside it
+    audits = storage.read_frame(stages.audit_results_file(lay, run))
+    assert audits.height == round(0.1 * queue_days[ROUNDS_DAY].height)
+    report = json.loads(storage.read_text(f"{lay.reports(run)}/report.json"))
+    low, high = report["estimated_accuracy_ci95"]
+    assert low <= report["estimated_accuracy"] <= high
+    assert report["spend_usd"] == pytest.approx(manifest["spend_usd"])
+    assert states["drift"] == ("success" if report["drift"] else "skipped")
+    assert "audited estimate" in stages.report_html_for(storage, lay, "batchplan_nightly", dag_run.run_id)
 
 
 @pytest.mark.slow

@@ -16,6 +16,7 @@ import structlog
 from batchplan.core.history import History, without_silver
 from batchplan.core.layout import CURRENT_FILE
 from batchplan.core.storage import Storage, join
+from batchplan.plans.audit import AuditModel, fit_audit
 from batchplan.plans.posterior import Posterior, fit_posterior
 from batchplan.plans.templates import CROSS_FIT_FOLDS, PlanTemplates, cross_fit_predictions, fit_plan_templates
 from batchplan.predictors import Predictor, load_predictor, train_predictor
@@ -26,6 +27,7 @@ TEMPLATES_FILE = "templates.json"
 # before the rename, for one release.
 OLD_TEMPLATES_FILE = "plans.json"
 POSTERIOR_FILE = "posterior.json"
+AUDIT_FILE = "audit.json"  # the audits' reference plans and agreement rates (batchplan.plans.audit)
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,7 @@ class Trained:
     predictor: Predictor
     templates: PlanTemplates
     posterior: Posterior | None = None  # for runs in rounds (batchplan.plans.round_planner); None: trained without
+    audit: AuditModel | None = None  # for audited runs (batchplan.plans.audit); None: trained before audits
 
 
 def train(
@@ -57,7 +60,7 @@ def train(
         templates=len(fitted_templates.templates),
         posterior=posterior is not None,
     )
-    return Trained(fitted, fitted_templates, posterior)
+    return Trained(fitted, fitted_templates, posterior, fit_audit(history))
 
 
 def save(trained: Trained, storage: Storage, root_uri: str, version: str | None = None) -> str:
@@ -65,6 +68,8 @@ def save(trained: Trained, storage: Storage, root_uri: str, version: str | None 
     storage.write_text(join(uri, TEMPLATES_FILE), trained.templates.to_json())
     if trained.posterior is not None:
         storage.write_text(join(uri, POSTERIOR_FILE), trained.posterior.to_json())
+    if trained.audit is not None:
+        storage.write_text(join(uri, AUDIT_FILE), trained.audit.to_json())
     return uri
 
 
@@ -80,7 +85,18 @@ def resolve_version(storage: Storage, root_uri: str, version: str | None) -> str
 def load(storage: Storage, root_uri: str, version: str | None = None) -> Trained:
     predictor = load_predictor(storage, root_uri, version=resolve_version(storage, root_uri, version))
     version = str(predictor.metadata["version"])
-    return Trained(predictor, load_templates(storage, root_uri, version), load_posterior(storage, root_uri, version))
+    return Trained(
+        predictor,
+        load_templates(storage, root_uri, version),
+        load_posterior(storage, root_uri, version),
+        load_audit(storage, root_uri, version),
+    )
+
+
+def load_audit(storage: Storage, root_uri: str, version: str) -> AuditModel | None:
+    """The audits' reference plans and agreement rates of one version (None for a version trained before)."""
+    uri = join(root_uri, version, AUDIT_FILE)
+    return AuditModel.from_json(storage.read_text(uri)) if storage.exists(uri) else None
 
 
 def load_templates(storage: Storage, root_uri: str, version: str) -> PlanTemplates:

@@ -5,6 +5,7 @@ The commands ``train``, ``plan``, ``run`` and ``demo`` and their flags are the s
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from collections.abc import Iterator, Sequence
@@ -46,6 +47,7 @@ FLAGS = {
     "model_version": "--model-version",
     "predictor": "--predictor",
     "rounds": "--rounds",
+    "audit_share": "--audit-share",
 }
 
 
@@ -349,6 +351,15 @@ RoundsOpt = Annotated[
     int,
     typer.Option("--rounds", min=1, help="Execute in N rounds, re-planned after each under what is left (1: single shot)."),
 ]
+AuditShareOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--audit-share",
+        help="Share of the queries (a uniform sample seeded by the run id) that also get a reference answer, paid "
+        "from the budget: the report's accuracy estimate without gold, and drift. Default 0.05 for a live "
+        "backend, 0 for replay and for runs in rounds.",
+    ),
+]
 RoundPlannerOpt = Annotated[
     str,
     typer.Option(
@@ -542,6 +553,7 @@ def run(
     run_id: Annotated[str | None, typer.Option("--run-id", help="Name shown in the report.")] = None,
     rounds: RoundsOpt = 1,
     round_planner: RoundPlannerOpt = "plan",
+    audit_share: AuditShareOpt = None,
 ) -> None:
     """Plan and dispatch the batch; rerunning the same command resumes without paying twice."""
     with _user_errors():
@@ -558,6 +570,9 @@ def run(
             label_error_mode=label_error_mode,
             allow_unused_constraints=allow_unused_constraints,
         )
+        from batchplan.core.request import default_audit_share
+
+        request = dataclasses.replace(request, audit_share=default_audit_share(audit_share, backend, rounds))
         _check_backend(backend, replay_history=replay_history, prices=prices, base_url=base_url)
         from batchplan.app.pipeline import Job, run_job
         from batchplan.app.report import render_markdown

@@ -11,7 +11,8 @@ orchestration in ``run_job`` only wires them and writes each stage's output unde
                                asking another is refused, so the report's budget is the one enforced
     <out>/plan.frontier.json   planned accuracy and cost at a dozen budgets (the report's frontier chart)
     <out>/dispatch/            the dispatcher's ledger, result parts and manifest (resumable)
-    <out>/results.parquet      one result row per query
+    <out>/results.parquet      one result row per query (the delivered answers; audits' reference calls apart)
+    <out>/audit.parquet        per audited query: delivered and reference answer, whether they agree
     <out>/outcomes.parquet     one live outcome per call (+ queries.parquet, models.csv, labels.parquet:
                                ``batchplan.app.outcomes``): what the run teaches the predictor
     <out>/report.{json,md,html}
@@ -19,6 +20,7 @@ orchestration in ``run_job`` only wires them and writes each stage's output unde
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from collections.abc import Callable, Sequence
@@ -43,11 +45,20 @@ from batchplan.app.round_runner import (
     run_rounds,
 )
 from batchplan.core.catalog import PriceCatalog
-from batchplan.core.contracts import DEFER, RESULT_SCHEMA, UNANSWERABLE, ContractError
+from batchplan.core.contracts import DEFER, RESULT_SCHEMA, UNANSWERABLE, ContractError, is_audit
 from batchplan.core.history import History, load_history
 from batchplan.core.rounds import RoundPlanner
 from batchplan.core.storage import Storage, join
-from batchplan.dispatchers import Backend, RetryPolicy, check_backend, dispatch, get_backend, spend_by_model
+from batchplan.dispatchers import (
+    Backend,
+    RetryPolicy,
+    check_backend,
+    dispatch,
+    get_backend,
+    ledger_events,
+    spend_by_model,
+)
+from batchplan.plans.audit import audit_plan, audit_queue, estimate_audit
 from batchplan.plans.candidates import Candidates, build_candidates
 from batchplan.plans.frontier import frontier_uri, plan_frontier, read_frontier, write_frontier
 from batchplan.plans.planning import (
@@ -134,8 +145,13 @@ def unseen_tasks(queue: pl.DataFrame, predictor: Predictor) -> list[str]:
     return sorted(set(queue["task"].unique().to_list()) - set(predictor.tasks.values))
 
 
-def optimize(candidates: Candidates, request: PlanRequest, templates: PlanTemplates | None = None) -> PlanOutcome:
-    outcome = plan_batch(candidates, request, templates)
+def optimize(
+    candidates: Candidates,
+    request: PlanRequest,
+    templates: PlanTemplates | None = None,
+    audit: pl.DataFrame | None = None,
+) -> PlanOutcome:
+    outcome = plan_batch(candidates, request, templates, audit)
     log.info(
         "optimize",
         queries=outcome.plan.height,
@@ -315,6 +331,8 @@ class JobOutcome:
 def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth: Truth | None = None) -> JobOutcome:
     """Plan and dispatch the whole batch; write plan, results and report under ``job.out_uri``."""
     started = time.perf_counter()
+    if job.request.audit_share > 0 and not job.request.audit_seed:  # the sample is the run's: the same on resume
+        job = dataclasses.replace(job, request=dataclasses.replace(job.request, audit_seed=job.run_id or job.out_uri))
     if job.rounds > 1:  # before anything is planned or sent
         check_round_planner(job.round_planner)
         check_rounds_request(job.request)
@@ -336,8 +354,12 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
     trained = artifacts.load(storage, job.model_uri, version=job.model_version)
     predictions = predict(ingested.queue, trained.predictor, backend)
     paths = {"plan": join(job.out_uri, "plan.parquet"), "results": join(job.out_uri, "results.parquet")}
+    audit = None
+    if job.request.audit_share > 0:
+        allowed = allowed_predictions(predictions, ingested.queue, job.request.allowed_models)
+        audit = audit_plan(ingested.queue, allowed, trained.audit, job.request.audit_share, job.request.audit_seed)
     plan, diagnostics = _resume_or_plan(
-        storage, paths["plan"], ingested.queue, predictions, trained.templates, job.request
+        storage, paths["plan"], ingested.queue, predictions, trained.templates, job.request, audit
     )
     estimated: float | None = None
     if job.rounds > 1:
@@ -366,7 +388,7 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
     else:
         results = execute(
             plan,
-            ingested.queue,
+            pl.concat([ingested.queue, audit_queue(ingested.queue, plan)]) if audit is not None else ingested.queue,
             backend,
             budget_usd=job.request.budget_usd,
             out_uri=job.out_uri,
@@ -374,6 +396,22 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
             tenant_budgets_usd=job.request.tenant_budgets_usd,
             progress=progress,
         )
+    audited: dict[str, Any] | None = None
+    if audit is not None:  # the reference calls are the audit's, not answers the batch delivers
+        audit_results, results, plan = results.filter(is_audit()), results.filter(~is_audit()), plan.filter(~is_audit())
+        audited = estimate_audit(
+            plan=plan,
+            results=results,
+            audit_plan_rows=audit,
+            audit_results=audit_results,
+            calls=calls_made(storage, job.out_uri),
+            queue=ingested.queue,
+            predictions=predictions,
+            model=trained.audit,
+            seed=job.request.audit_seed,
+        )
+        paths["audit"] = join(job.out_uri, "audit.parquet")
+        storage.write_frame(pl.DataFrame(audited.pop("records"), schema=AUDIT_RECORD_SCHEMA), paths["audit"])
     storage.write_frame(results, paths["results"])
     # every call the run made, as outcomes to learn from; correctness from the replay history only when that
     # history answered the calls (a live backend's is unknown until labels or audits say)
@@ -400,11 +438,38 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
         frontier=read_frontier(storage, frontier_uri(paths["plan"])),
         spend_by_model=spend_by_model(storage, dispatch_dir(job.out_uri)),
         estimated_accuracy=estimated,
+        audit=audited,
     )
     report = report_with_labels(storage, job.out_uri, results, report)  # a rerun after `batchplan label`
     paths |= write_report(report, job.out_uri, storage)
     log.info("run", summary=summary_line(report), out=job.out_uri, seconds=round(time.perf_counter() - started, 2))
     return JobOutcome(report=report, plan=plan, results=results, paths=paths)
+
+
+AUDIT_RECORD_SCHEMA = pl.Schema(
+    [
+        ("query_id", pl.String),
+        ("task", pl.String),
+        ("delivered_answer", pl.String),
+        ("reference_answer", pl.String),
+        ("agree", pl.Boolean),
+        ("source_model", pl.String),
+        ("reference_models", pl.List(pl.String)),
+    ]
+)
+
+
+def calls_made(storage: Storage, out_uri: str) -> pl.DataFrame:
+    """Every call the dispatcher made for a run (query_id, model, answer, status), in call order, once each
+    (a resumed run's ledger may hold a call twice)."""
+    seen: set[tuple[str, str]] = set()
+    rows = []
+    for event in ledger_events(storage, dispatch_dir(out_uri)):
+        if event.get("e") == "c" and (key := (str(event["q"]), str(event["c"]))) not in seen:
+            seen.add(key)
+            rows.append((key[0], str(event.get("m")), event.get("a"), str(event.get("s"))))
+    schema = {"query_id": pl.String, "model": pl.String, "answer": pl.String, "status": pl.String}
+    return pl.DataFrame(rows, schema=schema, orient="row")
 
 
 def _resume_or_plan(
@@ -414,6 +479,7 @@ def _resume_or_plan(
     predictions: pl.DataFrame,
     templates: PlanTemplates,
     request: PlanRequest,
+    audit: pl.DataFrame | None = None,
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
     """A rerun into the same run directory keeps the plan it started with: re-planning could move a query to
     another model, and the dispatcher would then call (and pay) again for a query already answered. So a
@@ -423,7 +489,7 @@ def _resume_or_plan(
     diagnostics_uri, request_uri = stem + ".optimizer.json", stem + ".request.json"
     if storage.exists(plan_uri):
         plan = storage.read_frame(plan_uri)
-        if set(plan["query_id"].to_list()) != set(queue["query_id"].to_list()):
+        if set(plan.filter(~is_audit())["query_id"].to_list()) != set(queue["query_id"].to_list()):
             raise ContractError(f"{plan_uri} holds the plan of another queue: write this run to a new --out directory")
         if not storage.exists(request_uri):
             raise ContractError(
@@ -438,7 +504,7 @@ def _resume_or_plan(
         log.info("optimize", resumed=plan_uri, queries=plan.height)
         diagnostics = json.loads(storage.read_text(diagnostics_uri)) if storage.exists(diagnostics_uri) else {}
         return plan, {**diagnostics, "resumed_from": plan_uri}
-    planned = optimize(build_candidates(queue, predictions, templates, request.kinds), request, templates)
+    planned = optimize(build_candidates(queue, predictions, templates, request.kinds), request, templates, audit)
     storage.write_text(diagnostics_uri, json.dumps(planned.diagnostics, default=str))
     storage.write_text(request_uri, json.dumps(request_record(request), indent=2))
     write_frontier(storage, frontier_uri(plan_uri), plan_frontier(planned, request.budget_usd, request.method))

@@ -19,6 +19,7 @@ from batchplan.app import charts
 from batchplan.core.contracts import RESULT_STATUSES
 from batchplan.core.history import History
 from batchplan.core.storage import Storage, join
+from batchplan.plans.audit import drift_lines
 
 
 @dataclass(frozen=True)
@@ -175,11 +176,13 @@ def build_report(
     frontier: list[dict[str, Any]] | None = None,
     spend_by_model: dict[str, float] | None = None,
     estimated_accuracy: float | None = None,
+    audit: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The report as plain data. ``frontier``: ``batchplan.plans.frontier`` rows (planned accuracy per budget);
     ``spend_by_model``: what the ledger charged per model (without it, from the results: exact for queries
     that called one model, the rest under one 'several models' row); ``estimated_accuracy``: the mean
-    posterior of the final answers (a run in rounds), without gold."""
+    posterior of the final answers (a run in rounds), without gold; ``audit``: ``batchplan.plans.audit.
+    estimate_audit`` (then the estimate is the audited one, with its interval, and the audits' spend counts)."""
     status_counts = {s: int((results["status"] == s).sum()) for s in RESULT_STATUSES}
     spend = float(results["cost_usd"].fill_null(0).sum())
     calls = results.select(pl.col("models_called").explode().drop_nulls().alias("model"))
@@ -203,6 +206,8 @@ def build_report(
         "planned_cost_usd": float(plan["expected_cost_usd"].sum()),
         "planned_accuracy": float(plan["expected_accuracy"].fill_null(0).sum() / max(plan.height, 1)),
         "estimated_accuracy": estimated_accuracy,
+        # which estimate it is: the rounds' posterior of the final answers, or (``_add_audit``) the audits'
+        "estimated_accuracy_source": "posterior" if estimated_accuracy is not None else None,
         "plan_kinds": {k: int(v) for k, v in plan.group_by("kind").len().iter_rows()},
         "model_share": [{"model": m, "queries": int(c), "share": float(s)} for m, c, s in shares.iter_rows()],
         "calls_per_model": [{"model": m, "calls": int(c)} for m, c in call_counts.iter_rows()],
@@ -251,8 +256,22 @@ def build_report(
                 .sort("task")
                 .iter_rows()
             ]
+    if audit is not None:
+        _add_audit(report, audit)
     report["savings"] = savings(report)
     return report
+
+
+def _add_audit(report: dict[str, Any], audit: dict[str, Any]) -> None:
+    """The audits' estimate at the top of the report: it replaces a posterior estimate (the report names which
+    one it is), keeps planned_accuracy as the predictor's promise, and the reference calls' spend counts."""
+    report["audit"] = audit
+    report["spend_usd"] += audit["spend_usd"]
+    if audit.get("estimated_accuracy") is not None:
+        report["estimated_accuracy"] = audit["estimated_accuracy"]
+        report["estimated_accuracy_source"] = "audit"
+        report["estimated_accuracy_ci95"] = audit["ci95"]
+    report["drift"] = list(audit.get("drift") or [])
 
 
 SEVERAL_MODELS = "several models (cascades, votes)"
@@ -370,7 +389,9 @@ def estimates_line(report: dict[str, Any]) -> str:
     realized accuracy with each one's miss."""
     planned, estimated, realized = (report.get(k) for k in ("planned_accuracy", "estimated_accuracy", "accuracy"))
     parts = [f"planned accuracy {_fmt_acc(planned)}"]
-    if estimated is not None:
+    if estimated is not None and (ci := report.get("estimated_accuracy_ci95")):
+        parts.append(f"audited estimate {_fmt_acc(estimated)} (95% CI {_fmt_acc(ci[0])}-{_fmt_acc(ci[1])}, no gold)")
+    elif estimated is not None:
         parts.append(f"estimated after the run {_fmt_acc(estimated)}")
     if realized is not None:
         misses = [
@@ -619,6 +640,48 @@ def _optimizer_section(report: dict[str, Any]) -> Section | None:
     return Section("Optimizer", [Table(["field", "value"], rows), *(Note(line) for line in OPTIMIZER_GLOSSARY)])
 
 
+def _audited_cells(entry: dict[str, Any], count: str, promised: str) -> list[str]:
+    """A task's or an LLM's audited row: how many, agreement, audited accuracy, its interval, the promise."""
+    low, high = entry["ci95"]
+    return [
+        entry["name" if "name" in entry else "task"],
+        str(entry[count]),
+        _fmt_acc(entry["agreement"]),
+        _fmt_acc(entry["estimated_accuracy"]),
+        f"{_fmt_acc(low)}-{_fmt_acc(high)}",
+        _fmt_acc(entry[promised]),
+    ]
+
+
+def _audit_section(report: dict[str, Any]) -> Section | None:
+    audit = report.get("audit")
+    if not audit:
+        return None
+    blocks: list[Block] = [
+        Note(
+            f"{audit['audited']} of {audit['queries']} audited queries got a reference answer, for "
+            f"${audit['spend_usd']:.4f} of the spend. Method: {audit['method']}."
+        ),
+        Table(
+            ["task", "audited", "agreement", "estimated accuracy", "95% CI", "planned accuracy"],
+            [_audited_cells(t, "audited", "planned_accuracy") for t in audit["per_task"]],
+        ),
+    ]
+    if llms := [*audit.get("llms_worse", []), *audit.get("llms_better", [])]:
+        blocks.append(
+            Table(
+                ["LLM", "audited calls", "agreement", "audited accuracy", "95% CI", "predictor says", "the batch finds it"],
+                [
+                    [*_audited_cells(e, "calls", "predicted_accuracy"), e["direction"] + " than the history says"]
+                    for e in llms
+                ],
+            )
+        )
+    else:
+        blocks.append(Note("No LLM's audited accuracy is outside the predictor's."))
+    return Section("Audits (accuracy without gold)", blocks)
+
+
 def sections(report: dict[str, Any]) -> list[Section]:
     """Every section of the report, in reading order; both renderings draw exactly these."""
     built = [
@@ -626,6 +689,7 @@ def sections(report: dict[str, Any]) -> list[Section]:
         _frontier_section(report),
         _baselines_section(report),
         _per_task_section(report),
+        _audit_section(report),
         _spend_per_model_section(report),
         _not_answered_section(report),
         _plan_section(report),
@@ -676,7 +740,10 @@ def notes(report: dict[str, Any]) -> list[str]:
 
 
 def render_markdown(report: dict[str, Any]) -> str:
-    parts = [f"# batchplan report {report.get('run_id') or ''}".rstrip(), "", summary_line(report), ""]
+    parts = [f"# batchplan report {report.get('run_id') or ''}".rstrip(), ""]
+    if drift := drift_lines(report):  # the first thing a reader sees
+        parts += [*(f"**{line}**" for line in drift), ""]
+    parts += [summary_line(report), ""]
     parts += [estimates_line(report), ""]
     if lines := notes(report):
         parts += [*(f"- {line}" for line in lines), ""]
@@ -718,12 +785,13 @@ def render_html(report: dict[str, Any]) -> str:
     )
     savings_line = f"<p><b>{html.escape(_savings_text(report))}</b></p>" if report.get("savings") else ""
     notes_lines = "".join(f"<p class='note'>{html.escape(n)}</p>" for n in notes(report))
+    drift_html = "".join(f"<p class='drift'><b>{html.escape(line)}</b></p>" for line in drift_lines(report))
     return f"""<!doctype html><html><head><meta charset="utf-8"><title>batchplan report {html.escape(str(report.get("run_id") or ""))}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:70em}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left}}.note{{color:#444;margin:.3em 0;font-size:.92em}}
 figure{{margin:1em 0}}figure svg{{max-width:100%;height:auto}}figcaption{{color:#555;font-size:.9em}}
-.budget{{width:400px;height:1.2em;border:1px solid #333}}.budget div{{height:100%;background:#c8641e}}</style></head><body>
-<h1>batchplan report</h1><p>{html.escape(summary_line(report))}</p><p>{html.escape(estimates_line(report))}</p>{notes_lines}{savings_line}
+.budget{{width:400px;height:1.2em;border:1px solid #333}}.budget div{{height:100%;background:#c8641e}}.drift{{color:#a00}}</style></head><body>
+<h1>batchplan report</h1>{drift_html}<p>{html.escape(summary_line(report))}</p><p>{html.escape(estimates_line(report))}</p>{notes_lines}{savings_line}
 {body}
 </body></html>"""
 

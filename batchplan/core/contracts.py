@@ -24,6 +24,7 @@ Glossary: one noun per thing, used for it everywhere (code, flags, files, manife
 | spend | money charged by the budget guard: the one spelling of spend | ``spent_usd``; per tenant ``tenant_spent_usd`` (dispatch summary, run manifest) |
 | bill | what the provider charged (may be lower: a call whose bill is unknown, e.g. a timeout, is charged its reservation) | the ledger's ``usd`` |
 | reservation | the high side of a call's cost, held before it is sent | ``reserve_cost_usd`` |
+| audit | a uniformly sampled query that also gets a reference answer (the most accurate plan known), paid from the same budget | plan and result rows ``<query_id>#audit`` (``audit_id``); ``--audit-share`` |
 
 The frames keep the column name ``model`` (and ``models``, ``models_called``, ``fallback_models``) for an LLM:
 it is the outcome histories' own format, read in place from ``../shared/data``, so renaming it would mean
@@ -211,3 +212,22 @@ def conform(frame: pl.DataFrame, schema: pl.Schema, *, name: str, required: tupl
             raise ContractError(f"{name}: column {column!r} is {have}, expected {dtype}: {error}") from error
         columns.append(pl.col(column).cast(dtype))
     return frame.select(columns)
+
+
+AUDIT_SUFFIX: Final = "#audit"  # an audit's plan and result rows: the audited query's id with this suffix
+
+
+def audit_id(query_id: str) -> str:
+    """The id of the reference call(s) of an audited query: its own plan and result rows, its own ledger keys."""
+    return query_id + AUDIT_SUFFIX
+
+
+def audited_query_id(query_id: str) -> str:
+    """The query an id belongs to: an audit's id without its suffix, any other id as is (what a backend that
+    answers from a history, or the endpoint's prompt, is about)."""
+    return query_id.removesuffix(AUDIT_SUFFIX)
+
+
+def is_audit(column: str = "query_id") -> pl.Expr:
+    """Whether a row of a plan or results frame is an audit's reference call rather than a delivered answer."""
+    return pl.col(column).str.ends_with(AUDIT_SUFFIX)

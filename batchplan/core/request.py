@@ -43,6 +43,10 @@ class PlanRequest:
     # A constraint naming a tenant, model or task the batch does not have is refused (a typo caps nothing);
     # a nightly config that lists every tenant opts in, and the report lists what bound nothing.
     allow_unused_constraints: bool = False
+    # Audits: this share of the queries (a uniform sample seeded by ``audit_seed``, the run id) also gets a
+    # reference answer, paid from the same budget (batchplan.plans.audit); 0: none.
+    audit_share: float = 0.0
+    audit_seed: str = ""
 
     def __post_init__(self) -> None:
         if self.budget_usd is None and self.accuracy_target is None:
@@ -62,6 +66,8 @@ class PlanRequest:
                 f"label_error_mode must be 'per_query' or 'aggregate', got {self.label_error_mode!r}",
                 fields=("label_error_mode",),
             )
+        if not 0 <= self.audit_share < 1:
+            raise ContractError(f"audit_share must be in [0, 1), got {self.audit_share:g}", fields=("audit_share",))
         unknown = sorted(set(self.kinds) - set(PLAN_KINDS))
         if unknown or "single" not in self.kinds:
             raise ContractError(
@@ -81,3 +87,15 @@ class PlanRequest:
                 raise ContractError(
                     f"task_accuracy_floors: {name}={floor:g} must be in [0, 1]", fields=("task_accuracy_floors",)
                 )
+
+
+LIVE_AUDIT_SHARE: Final = 0.05
+
+
+def default_audit_share(asked: float | None, backend: str, rounds: int = 1) -> float:
+    """The audit share a run uses: what was asked; else 5% for a live backend (no gold comes back: the audits
+    are the run's only accuracy evidence) and none for replay (the history scores it) or for a run in rounds
+    (which does not hold audits yet: asking for them there is refused, ``check_rounds_request``)."""
+    if asked is not None:
+        return asked
+    return LIVE_AUDIT_SHARE if backend != "replay" and rounds == 1 else 0.0

@@ -56,6 +56,7 @@ class RunParams:
     allow_unused_constraints: bool = False  # a config listing every tenant, not all queued tonight
     rounds: int = 1  # > 1: execute in rounds (batchplan.dag_tasks.rounds), at most MAX_ROUNDS
     round_planner: str = "plan"
+    audit_share: float = 0.0  # the share of queries audited (batchplan.plans.audit); default by backend
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> RunParams:
@@ -82,6 +83,7 @@ class RunParams:
             allow_unused_constraints=bool(params.get("allow_unused_constraints", False)),
             rounds=rounds,
             round_planner=planner,
+            audit_share=_audit_share(params.get("audit_share"), str(params.get("backend") or "replay"), rounds),
         )
 
     def request(self) -> Any:
@@ -93,7 +95,18 @@ class RunParams:
             allow_deferral=self.allow_deferral,
             tenant_budgets_usd=dict(self.tenant_budgets_usd),
             allow_unused_constraints=self.allow_unused_constraints,
+            audit_share=self.audit_share,
         )
+
+
+def _audit_share(raw: Any, backend: str, rounds: int) -> float:
+    """The ``audit_share`` param: empty = the backend's default (``default_audit_share``)."""
+    from batchplan.core.request import default_audit_share
+
+    try:
+        return default_audit_share(None if raw in (None, "") else float(raw), backend, rounds)
+    except (TypeError, ValueError):
+        raise ContractError(f"audit_share must be a number in [0, 1), got {raw!r}") from None
 
 
 def _tenant_budgets(raw: Any) -> dict[str, float]:

@@ -16,6 +16,7 @@ Idempotence, by construction:
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -25,7 +26,13 @@ from typing import Any
 
 import polars as pl
 
-from batchplan.core.contracts import RESULT_SCHEMA, RESULT_STATUSES, ContractError
+from batchplan.core.contracts import (
+    AUDIT_SUFFIX,
+    RESULT_SCHEMA,
+    RESULT_STATUSES,
+    ContractError,
+    is_audit,
+)
 from batchplan.core.layout import Layout
 from batchplan.core.storage import Storage
 from batchplan.dag_tasks.common import MAX_SHARDS, RunParams, history_dirs, log
@@ -119,6 +126,8 @@ def plan_stage(
 
     manifest_uri = lay.shards_manifest(run)
     request = params.request()
+    if request.audit_share > 0:  # the run's own sample: the same when the task is retried
+        request = dataclasses.replace(request, audit_seed=run)
     if storage.exists(manifest_uri):
         stored = json.loads(storage.read_bytes(manifest_uri))
         # the shards' budgets and the report follow the stored plan: a run asking another budget would see
@@ -136,13 +145,26 @@ def plan_stage(
     version = artifacts.resolve_version(storage, lay.models(), None)
     templates = artifacts.load_templates(storage, lay.models(), version) if version else None
     candidates = build_candidates(queue.drop("day", strict=False), predictions, templates, request.kinds)
-    planned = optimize(candidates, request, templates)
+    audit = None
+    if request.audit_share > 0:
+        from batchplan.plans.audit import audit_plan
+        from batchplan.plans.planning import allowed_predictions
+
+        model = artifacts.load_audit(storage, lay.models(), version) if version else None
+        allowed = allowed_predictions(predictions, queue, request.allowed_models)
+        audit = audit_plan(queue.drop("day", strict=False), allowed, model, request.audit_share, request.audit_seed)
+        storage.write_frame(audit, lay.plan_file(run, AUDIT_PLAN_FILE))
+    planned = optimize(candidates, request, templates, audit)
     plan = planned.plan.sort("query_id")
     plan_uri = lay.plan_file(run, "plan.parquet")
     write_frontier(storage, frontier_uri(plan_uri), plan_frontier(planned, request.budget_usd, request.method))
     storage.write_frame(plan, plan_uri)
     if group_by is not None:
-        keyed = plan.join(queue.select("query_id", group_by), on="query_id", how="left")
+        # an audit's reference rows go with their query's group (its day)
+        of_query = pl.col("query_id").str.strip_suffix(AUDIT_SUFFIX).alias("_of")
+        keyed = plan.with_columns(of_query).join(
+            queue.select(pl.col("query_id").alias("_of"), group_by), on="_of", how="left"
+        ).drop("_of")
         groups = sorted(keyed[group_by].unique().to_list())
         parts = [(g, keyed.filter(pl.col(group_by) == g).drop(group_by)) for g in groups]
     else:
@@ -210,8 +232,11 @@ def dispatch_shard(storage: Storage, lay: Layout, shard: dict[str, Any], backend
     if storage.exists(done_uri):
         results = storage.read_frame(done_uri)
         return _shard_summary(shard, results, reused=True)
+    from batchplan.plans.audit import audit_queue
+
     plan = storage.read_frame(shard["plan"])
     queue = storage.read_frame(lay.plan_file(shard["run"], "queue.parquet")).drop("day", strict=False)
+    queue = pl.concat([queue, audit_queue(queue, plan)])  # an audit's reference calls ask the audited query
     queue = queue.filter(pl.col("query_id").is_in(plan["query_id"].implode()))
     started = time.perf_counter()
     results = execute(
@@ -273,9 +298,12 @@ def merge_stage(
     plan = storage.read_frame(lay.plan_file(run, "plan.parquet"))
     if results.height != plan.height or results["query_id"].n_unique() != plan.height:
         raise ContractError(f"run {run}: {results.height} results for {plan.height} planned queries")
+    spend = float(results["cost_usd"].fill_null(0).sum())  # the audits' reference calls are in the budget too
+    if (audits := results.filter(is_audit())).height:  # ...but not answers the batch delivers
+        storage.write_frame(audits, audit_results_file(lay, run))
+        results = results.filter(~is_audit())
     storage.write_frame(results, lay.results_file(run))
     manifest_in = json.loads(storage.read_bytes(lay.shards_manifest(run)))
-    spend = float(results["cost_usd"].fill_null(0).sum())
     budget = manifest_in.get("budget_usd")
     tenant_budgets: dict[str, float] = manifest_in.get("tenant_budgets_usd") or {}
     tenant_spend: dict[str, float] = {}
@@ -372,6 +400,9 @@ def report_stage(storage: Storage, lay: Layout, run: str, backend: str, *, run_i
     for shard in manifest["shards"]:  # each shard's ledger: what its calls charged, per model
         for model, usd in spend_by_model(storage, dispatch_dir(shard_results_uri(lay, shard))).items():
             spent[model] = spent.get(model, 0.0) + usd
+    audited = None
+    if storage.exists(audit_uri := lay.plan_file(run, AUDIT_PLAN_FILE)):
+        plan, audited = _audit_of(storage, lay, run, manifest, results, plan, queue, predictions, audit_uri)
     report = build_report(
         results=results,
         plan=plan,
@@ -386,11 +417,63 @@ def report_stage(storage: Storage, lay: Layout, run: str, backend: str, *, run_i
         frontier=read_frontier(storage, frontier_uri(lay.plan_file(run, "plan.parquet"))),
         spend_by_model=spent,
         estimated_accuracy=json.loads(storage.read_text(lay.results_manifest(run))).get("estimated_accuracy"),
+        audit=audited,
     )
     report = report_with_labels(storage, lay.outcomes(run), results, report)  # labels joined before a re-run
     paths = write_report(report, lay.reports(run), storage)
     labelled = labels_stage(storage, lay)  # late labels for past runs: their reports re-rendered
-    return {"summary": summary_line(report), "paths": paths, "spend_usd": report["spend_usd"], "labels": labelled}
+    return {
+        "summary": summary_line(report),
+        "paths": paths,
+        "spend_usd": report["spend_usd"],
+        "estimated_accuracy_ci95": report.get("estimated_accuracy_ci95"),
+        "drift": report.get("drift") or [],
+        "labels": labelled,
+    }
+
+
+AUDIT_PLAN_FILE = "audit_plan.parquet"  # the audited queries' reference plan rows, beside the plan
+
+
+def audit_results_file(lay: Layout, run: str) -> str:
+    """The result rows of the audits' reference calls, beside the run's results (which are the delivered ones)."""
+    return lay.results_file(run).removesuffix("results.parquet") + "audit_results.parquet"
+
+
+def _audit_of(
+    storage: Storage,
+    lay: Layout,
+    run: str,
+    manifest: dict[str, Any],
+    results: pl.DataFrame,
+    plan: pl.DataFrame,
+    queue: pl.DataFrame,
+    predictions: pl.DataFrame,
+    audit_uri: str,
+) -> tuple[pl.DataFrame, dict[str, Any]]:
+    """The delivered plan (the audits' reference rows apart) and the audited estimate."""
+    from batchplan.app import artifacts
+    from batchplan.app.pipeline import AUDIT_RECORD_SCHEMA, calls_made
+    from batchplan.plans.audit import estimate_audit
+
+    audit_results_uri = audit_results_file(lay, run)
+    audit_results = storage.read_frame(audit_results_uri) if storage.exists(audit_results_uri) else results.clear()
+
+    version = artifacts.resolve_version(storage, lay.models(), None)
+    audited = estimate_audit(
+        plan=plan.filter(~is_audit()),
+        results=results,
+        audit_plan_rows=storage.read_frame(audit_uri),
+        audit_results=audit_results,
+        calls=pl.concat([calls_made(storage, shard_results_uri(lay, s)) for s in manifest["shards"]]),
+        queue=queue,
+        predictions=predictions,
+        model=artifacts.load_audit(storage, lay.models(), version) if version else None,
+        seed=run,
+    )
+    records = audited.pop("records")
+    storage.write_frame(pl.DataFrame(records, schema=AUDIT_RECORD_SCHEMA), f"{lay.reports(run)}/audit.parquet")
+    return plan.filter(~is_audit()), audited
 
 
 def index_report(storage: Storage, lay: Layout, dag_id: str, airflow_run_id: str, run: str) -> str:

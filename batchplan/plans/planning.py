@@ -9,7 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from statistics import NormalDist
 from typing import Any
@@ -152,6 +152,7 @@ def check_rounds_request(request: PlanRequest) -> None:
             ("model_max_calls", request.model_max_calls),
             ("task_accuracy_floors", request.task_accuracy_floors),
             ("label_error_max", request.label_error_max),
+            ("audit_share", request.audit_share),
         )
         if asked
     ]
@@ -358,9 +359,45 @@ def offer_templates(
     return candidates.keep(~pl.col("template").is_in(dropped.implode())), withheld
 
 
-def plan_batch(candidates: Candidates, request: PlanRequest, templates: PlanTemplates | None = None) -> PlanOutcome:
+def hold_audits(constraints: list[Any], audit: pl.DataFrame) -> list[Any]:
+    """The constraints with the audits' reference calls held inside them: the reference calls are mandatory
+    (a fixed choice, ``batchplan.plans.audit``), so the optimizer plans the rest of the batch in what they
+    leave of the total and tenant budgets and of each LLM's call capacity. A budget they alone exceed is
+    refused with the audit share named."""
+    cost = float(audit["expected_cost_usd"].sum())
+    by_tenant = dict(audit.group_by("tenant").agg(pl.col("expected_cost_usd").sum()).iter_rows())
+    calls = dict(audit.select(pl.col("models").explode().alias("m")).group_by("m").len().iter_rows())
+    held: list[Any] = []
+    for c in constraints:
+        if isinstance(c, Budget):
+            left = c.limit - cost
+            if left < 0:
+                raise RequestInfeasible(
+                    constraint="audit_share",
+                    message=f"the {audit.height} audited queries' reference calls alone are expected to cost "
+                    f"${cost:.6g}, more than the budget ${c.limit:.6g}: lower audit_share or raise budget_usd",
+                    suggestion={"budget_usd": cost},
+                    fields=("audit_share", "budget_usd"),
+                )
+            c = dataclasses.replace(c, limit=left)
+        elif isinstance(c, GroupBudget) and c.group == "tenant":
+            c = dataclasses.replace(c, limits={t: v - float(by_tenant.get(t, 0.0)) for t, v in c.limits.items()})
+        elif isinstance(c, Capacity) and c.column.startswith("calls:") and not isinstance(c.limit, Mapping):
+            c = dataclasses.replace(c, limit=c.limit - float(calls.get(c.column.split(":", 1)[1], 0)))
+        held.append(c)
+    return held
+
+
+def plan_batch(
+    candidates: Candidates,
+    request: PlanRequest,
+    templates: PlanTemplates | None = None,
+    audit: pl.DataFrame | None = None,
+) -> PlanOutcome:
     """Choose one candidate (or deferral) per query for the whole batch at once. A query no offered model
-    may answer gets a plan row of kind UNANSWERABLE (it ends ``failed`` with the reason); the rest are planned."""
+    may answer gets a plan row of kind UNANSWERABLE (it ends ``failed`` with the reason); the rest are planned.
+    ``audit``: the audited queries' reference plan rows (``batchplan.plans.audit.audit_plan``), held inside the
+    constraints and appended to the plan."""
     unused = check_constraint_names(request, candidates)
     order = candidates.queries.select("query_id")  # plan rows in queue order, the set-aside ones included
     candidates = restrict_allowed(candidates, request.allowed_models)
@@ -377,6 +414,9 @@ def plan_batch(candidates: Candidates, request: PlanRequest, templates: PlanTemp
             candidates, label_columns = aggregate_label_error_columns(candidates, errors, templates or PlanTemplates())
     constraints, extra = define_constraints(request, candidates)
     constraints += [Capacity(column=c, limit=0.0, name=c) for c in label_columns]
+    audit = audit if audit is not None and audit.height else None
+    if audit is not None:
+        constraints = hold_audits(constraints, audit)
     groups = sorted({g for c in constraints if (g := getattr(c, "group", None)) is not None})
     options = options_table(candidates, extra, label_columns, groups)
     objective: Objective = "max_value" if request.budget_usd is not None else "min_cost"
@@ -386,10 +426,11 @@ def plan_batch(candidates: Candidates, request: PlanRequest, templates: PlanTemp
         solution = solve(problem, method=request.method)
     except InfeasibleError as error:
         raise word(error, request, candidates.queries) from error
-    margin = spend_margin(candidates, solution, request.spend_confidence)
+    audit_var = float(audit["cost_var"].sum()) if audit is not None else 0.0
+    margin = spend_margin(candidates, solution, request.spend_confidence, audit_var)
     if request.budget_usd is not None and margin > 0:
         # Second pass: leave the margin unplanned, so the expected spend plus z standard deviations fits.
-        tightened = [Budget(limit=request.budget_usd - margin) if isinstance(c, Budget) else c for c in constraints]
+        tightened = [dataclasses.replace(c, limit=c.limit - margin) if isinstance(c, Budget) else c for c in constraints]
         with contextlib.suppress(InfeasibleError):  # no room for the margin: keep the first pass
             solution = solve(problem.with_constraints(tightened), method=request.method, warm_prices=solution.info.prices)
     plan = plan_rows(candidates, solution)
@@ -397,6 +438,8 @@ def plan_batch(candidates: Candidates, request: PlanRequest, templates: PlanTemp
         plan = order.join(
             pl.concat([plan, unanswerable_rows(unanswerable["query_id"])]), on="query_id", maintain_order="left"
         )
+    if audit is not None:  # last: the delivered rows keep the queue's order
+        plan = pl.concat([plan, audit.select(PLAN_SCHEMA.names()).cast(PLAN_SCHEMA)])
     return PlanOutcome(
         plan=plan,
         solution=solution,
@@ -510,9 +553,10 @@ def fallbacks(candidates: Candidates, solution: Solution, rows: np.ndarray, keep
     )["fallback_models"]
 
 
-def spend_margin(candidates: Candidates, solution: Solution, confidence: float) -> float:
-    """z * sd of the chosen plans' total spend: the slack that keeps P(spend > budget) under 1 - confidence."""
+def spend_margin(candidates: Candidates, solution: Solution, confidence: float, extra_var: float = 0.0) -> float:
+    """z * sd of the chosen plans' total spend (plus ``extra_var``, the audits' reference calls): the slack
+    that keeps P(spend > budget) under 1 - confidence."""
     if confidence <= 0.5:
         return 0.0
-    variance = candidates.plans["cost_var"].gather(chosen_rows(candidates, solution)).sum()
+    variance = float(candidates.plans["cost_var"].gather(chosen_rows(candidates, solution)).sum()) + extra_var
     return float(NormalDist().inv_cdf(confidence) * np.sqrt(max(float(variance), 0.0)))

@@ -30,6 +30,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+from batchplan.core.contracts import audited_query_id
 from batchplan.core.history import History, load_history, synthetic_history
 
 HOST = "127.0.0.1"
@@ -197,7 +198,8 @@ class ReplayServer:
             return proto.reset()
         if name == "malformed":
             return proto.respond(200, b'{"id": "x", "choices": [{"message": {"content": ')
-        query_id = headers.get("x-batchplan-query-id") or self._find(messages)
+        # an audit's reference call carries its own id (<query_id>#audit): it is the same query's prompt
+        query_id = audited_query_id(headers.get("x-batchplan-query-id") or "") or self._find(messages)
         row = self._table.get((query_id or "", model))
         if row is None:
             return proto.respond(

@@ -1,0 +1,473 @@
+"""Audits: what a run can say about its own accuracy without gold, and where the history it planned from is off.
+
+A run with ``audit_share`` S > 0 gives a uniform random sample of S of its queries (seeded by the run id, so
+a resumed run audits the same queries) a *reference answer* as well: the most accurate plan the history
+knows for the query's task (``AuditModel.references``: the best single LLM, or a vote of the three best
+where that replayed better), called once more beside the delivered plan. The reference calls are plan rows
+of their own (``<query_id>#audit``), mandatory, inside the same budget: ``planning.plan_batch`` takes their
+expected cost off the total and the tenant budgets (and their calls off the call capacities) before it
+optimizes the rest, and counts their spend variance in the margin, so the dispatcher's one hard cap holds
+both.
+
+The estimate (``estimate_audit``), per task and without gold. A delivered answer D agrees with the reference
+answer R with probability  a = acc * s + (1 - acc) * q,  where s = P(agree | D right) and q = P(agree | D
+wrong) are measured on the training history for the LLM that gave D against the task's reference
+(``AuditModel.rates``): they carry the reference's own error (s < 1 where R is wrong) and the correlation of
+the two (both wrong the same way, q > 0), replayed rather than assumed. So  acc = (a - q) / (s - q), the
+misclassification-corrected estimator, over the audited queries whose source LLM tells D and R apart (s - q
+>= MIN_SEPARATION); where the delivered answer is the reference's own (the same LLM, s = q = 1) the audit says
+nothing, and the predictor's accuracy stands for it. Queries not answered count 0. The task estimates are
+weighted by the batch's task shares. The 95% interval is the central 95% of posterior draws: per task the
+agreement rate from its Beta (Jeffreys) posterior, s and q from their Beta posteriors on the history's counts
+(capped at RATE_CAP observations, because the batch is not the history), and the rows the audit cannot tell
+apart as Binomial draws of the predictor's accuracy; the estimate is the draws' median. Late labels enter through retraining: a run's labelled
+queries become history, and the rates are refitted on them.
+
+Open answers (no label set) agree when their token F1 after ``normalize`` is >= OPEN_AGREEMENT (short
+paraphrases of one fact agree; two different claims do not); labelled answers when they are equal.
+
+Drift: an LLM is *worse than the history says* when the predictor's mean P(correct) for it on the audited
+queries is above the 95% interval of its implied accuracy (from its agreement with the reference); a task
+when its planned accuracy is outside the task's audited interval.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from collections import Counter
+from dataclasses import asdict, dataclass, field
+from typing import Any, Final
+
+import numpy as np
+import polars as pl
+
+from batchplan.core.contracts import AUDIT_SUFFIX, PLAN_SCHEMA, audit_id, audited_query_id
+from batchplan.core.history import History
+from batchplan.plans.candidates import P90_Z
+from batchplan.plans.simulation import PlanSpec, recorded_by_task, simulate
+
+OPEN_AGREEMENT: Final = 0.5  # token F1 at which two open answers count as the same answer
+MIN_SEPARATION: Final = 0.15  # s - q below this: the audit cannot tell right from wrong for that LLM
+MIN_RATE_ROWS: Final = 5  # right and wrong rows an LLM needs on the history for its own s and q
+RATE_CAP: Final = 300  # history observations a rate's Beta posterior counts at most
+DRAWS: Final = 4000  # posterior draws of the estimate
+Z95: Final = 1.959964
+
+
+def _tokens(text: str | None) -> list[str]:
+    text = re.sub(r"[^\w\s]", "", (text or "").lower())
+    return text.split()
+
+
+def same_answer(a: str | None, b: str | None, open_task: bool) -> bool:
+    """Whether two answers to one query agree (see the module's note on open answers)."""
+    if a is None or b is None:
+        return False
+    ta, tb = _tokens(a), _tokens(b)
+    if not open_task or not ta or not tb:
+        return ta == tb and bool(ta)
+    common = sum((Counter(ta) & Counter(tb)).values())
+    if common == 0:
+        return False
+    precision, recall = common / len(ta), common / len(tb)
+    return 2 * precision * recall / (precision + recall) >= OPEN_AGREEMENT
+
+
+@dataclass
+class AuditModel:
+    """Per task: the reference plan (``{"kind", "models", "accuracy", "queries"}``) and, per LLM, the
+    history's agreement counts with it ``[agree when right, right, agree when wrong, wrong]``."""
+
+    references: dict[str, dict[str, Any]] = field(default_factory=dict)
+    rates: dict[str, dict[str, list[int]]] = field(default_factory=dict)
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+    @classmethod
+    def from_json(cls, text: str) -> AuditModel:
+        raw = json.loads(text)
+        return cls(references=raw.get("references", {}), rates=raw.get("rates", {}))
+
+
+def fit_audit(history: History) -> AuditModel:
+    """The reference plan per task and every LLM's agreement with it, replayed on ``history``."""
+    joined = history.outcomes.join(history.queries.select("query_id", "task", "labels"), on="query_id")
+    recorded = recorded_by_task(history)
+    model = AuditModel()
+    for (task,), rows in joined.group_by("task", maintain_order=True):
+        task = str(task)
+        accuracy = rows.group_by("model").agg(pl.col("correct").mean(), pl.len()).sort(
+            ["correct", "model"], descending=[True, False]
+        )
+        best = accuracy["model"].to_list()
+        reference: dict[str, Any] = {"kind": "single", "models": best[:1], "accuracy": float(accuracy["correct"][0])}
+        answers: dict[str, str | None] = dict(
+            rows.filter(pl.col("model") == best[0]).select("query_id", "answer").iter_rows()
+        )
+        rec = recorded.get(task)
+        if rec is not None and len(best) >= 3:
+            vote = simulate(PlanSpec("vote", tuple(best[:3])), rec)
+            usable = vote.covered
+            if usable.any() and float(vote.correct[usable].mean()) > reference["accuracy"]:
+                reference = {"kind": "vote", "models": best[:3], "accuracy": float(vote.correct[usable].mean())}
+                answers = {
+                    q: (rec.labels[c] if c >= 0 else None)
+                    for q, c, ok in zip(rec.query_ids, vote.answer.tolist(), usable.tolist(), strict=True)
+                    if ok
+                }
+        reference["queries"] = len(answers)
+        model.references[task] = reference
+        counts: dict[str, list[int]] = {}
+        for query_id, llm, answer, correct, labels in rows.select(
+            "query_id", "model", "answer", "correct", "labels"
+        ).iter_rows():
+            if query_id not in answers or correct is None:
+                continue
+            agree = same_answer(answer, answers[query_id], labels is None)
+            c = counts.setdefault(str(llm), [0, 0, 0, 0])
+            c[0 if correct else 2] += int(agree)
+            c[1 if correct else 3] += 1
+        model.rates[task] = counts
+    return model
+
+
+def audited_ids(query_ids: list[str], share: float, seed: str) -> list[str]:
+    """A uniform sample of ``share`` of the queries (at least one when share > 0), the same for the same run
+    id whatever the queue's order: the ids with the smallest keyed hashes."""
+    if share <= 0 or not query_ids:
+        return []
+    size = max(1, round(share * len(query_ids)))
+    key = seed.encode()
+    ranked = sorted(query_ids, key=lambda q: hashlib.blake2b(q.encode(), key=key[:64], digest_size=8).digest())
+    return sorted(ranked[:size])
+
+
+AUDIT_PLAN_SCHEMA: Final = pl.Schema(
+    [*PLAN_SCHEMA.items(), ("tenant", pl.String), ("cost_var", pl.Float64), ("fitted_reference", pl.Boolean)]
+)
+
+
+def audit_plan(
+    queue: pl.DataFrame, predictions: pl.DataFrame, model: AuditModel | None, share: float, seed: str
+) -> pl.DataFrame:
+    """The reference plan rows (AUDIT_PLAN_SCHEMA, ids ``<query_id>#audit``) of the audited sample.
+
+    ``predictions`` are the (query, LLM) pairs the query's tenant may use and the backend offers. Where the
+    task's fitted reference cannot be called whole (an LLM not offered or not allowed; a task the history
+    lacks), the most accurate offered single LLM by the predictor stands in (``fitted_reference`` false:
+    its estimate then assumes independent errors)."""
+    chosen = audited_ids(queue["query_id"].to_list(), share, seed)
+    rows: list[dict[str, Any]] = []
+    if not chosen:
+        return pl.DataFrame(schema=AUDIT_PLAN_SCHEMA)
+    queries = queue.filter(pl.col("query_id").is_in(pl.Series(chosen, dtype=pl.String).implode()))
+    offered = predictions.filter(pl.col("query_id").is_in(pl.Series(chosen, dtype=pl.String).implode()))
+    by_query = {q: frame for (q,), frame in offered.group_by("query_id")}
+    for query_id, task, tenant in queries.select("query_id", "task", "tenant").iter_rows():
+        pairs = by_query.get(query_id)
+        if pairs is None or pairs.height == 0:
+            continue  # no LLM may answer it: nothing to audit
+        reference = (model.references.get(task) if model is not None else None) or {}
+        members = [m for m in reference.get("models", []) if m in set(pairs["model"].to_list())]
+        fitted = bool(reference) and len(members) == len(reference["models"])
+        if fitted:
+            kind, accuracy = str(reference["kind"]), float(reference["accuracy"])
+            picked = pairs.filter(pl.col("model").is_in(pl.Series(members, dtype=pl.String).implode()))
+        else:
+            picked = pairs.sort(["p_correct", "model"], descending=[True, False]).head(1)
+            kind, members, accuracy = "single", picked["model"].to_list(), float(picked["p_correct"][0])
+        cost = picked["cost_usd"].to_numpy()
+        high = np.maximum(picked["cost_high_usd"].fill_null(0.0).to_numpy(), cost)
+        rows.append(
+            {
+                "query_id": audit_id(query_id),
+                "kind": kind,
+                "models": members,
+                "expected_cost_usd": float(cost.sum()),
+                "expected_accuracy": accuracy,
+                "reserve_cost_usd": float(high.sum()),
+                "thresholds": None,
+                "fallback_models": [],
+                "tenant": tenant,
+                "cost_var": float((((high - cost) / P90_Z) ** 2).sum()),
+                "fitted_reference": fitted,
+            }
+        )
+    return pl.DataFrame(rows, schema=AUDIT_PLAN_SCHEMA)
+
+
+def audit_queue(queue: pl.DataFrame, plan: pl.DataFrame) -> pl.DataFrame:
+    """The queue rows the dispatcher needs for the plan's audit rows: the audited queries under their audit ids."""
+    ids = [audited_query_id(q) for q in plan["query_id"].to_list() if q != audited_query_id(q)]
+    rows = queue.filter(pl.col("query_id").is_in(pl.Series(ids, dtype=pl.String).implode()))
+    return rows.with_columns(pl.col("query_id") + AUDIT_SUFFIX)
+
+
+def source_llms(calls: pl.DataFrame, results: pl.DataFrame, open_tasks: set[str], tasks: dict[str, str]) -> dict[str, str]:
+    """Per answered query, the LLM whose answer was delivered: the last one called that gave it (a cascade's
+    last member, a vote's first agreeing member in call order from the end)."""
+    answers = dict(results.filter(pl.col("status") == "done").select("query_id", "answer").iter_rows())
+    out: dict[str, str] = {}
+    for query_id, llm, answer in calls.select("query_id", "model", "answer").iter_rows():
+        if query_id in answers and answer is not None:
+            delivered = answers[query_id]
+            if answer == delivered or same_answer(answer, delivered, tasks.get(query_id) in open_tasks):
+                out[query_id] = llm  # later calls overwrite earlier ones: the last one that gave it
+    return out
+
+
+@dataclass(frozen=True)
+class _Row:
+    task: str
+    done: bool
+    agree: bool
+    informative: bool
+    prior: float  # the predictor's accuracy for the delivered plan: stands in where the audit says nothing
+    rate: tuple[float, float, float, float]  # agree when right, right, agree when wrong, wrong (capped counts)
+
+
+def _rates(model: AuditModel | None, task: str, llm: str | None, fitted: bool, r: float, k: float) -> tuple[float, ...]:
+    """The (agree|right, right, agree|wrong, wrong) counts of ``llm`` against the task's reference: the
+    history's where fitted and enough, else independence with reference accuracy ``r`` and chance ``k`` of
+    the same wrong answer (50 pseudo-observations)."""
+    counts = model.rates.get(task, {}).get(llm or "") if (model is not None and fitted) else None
+    if counts is not None and counts[1] >= MIN_RATE_ROWS and counts[3] >= MIN_RATE_ROWS:
+        scale = min(1.0, RATE_CAP / max(counts[1] + counts[3], 1))
+        return (counts[0] * scale, counts[1] * scale, counts[2] * scale, counts[3] * scale)
+    s, q = r, (1 - r) * k
+    return (50 * s, 50.0, 50 * q, 50.0)
+
+
+def _task_draws(rows: list[_Row], rng: np.random.Generator, draws: int) -> np.ndarray:
+    """Posterior draws of one task's accuracy from its audited rows: the agreement rate from its Beta
+    (Jeffreys) posterior, s and q from theirs on the history's counts (one draw per LLM, shared by its rows),
+    the rows where the audit says nothing as Binomial draws of the predictor's accuracy, rows not answered 0."""
+    inform = [r for r in rows if r.done and r.informative]
+    blind = [r.prior for r in rows if r.done and not r.informative]
+    sample = np.zeros(draws)
+    if blind:
+        sample += rng.binomial(len(blind), float(np.mean(blind)), draws)
+    if inform:
+        keys = sorted({r.rate for r in inform})
+        rates = np.array(keys)
+        use = np.array([keys.index(r.rate) for r in inform])
+        agree = sum(r.agree for r in inform)
+        a = rng.beta(agree + 0.5, len(inform) - agree + 0.5, draws)
+        s = rng.beta(rates[:, 0] + 1, rates[:, 1] - rates[:, 0] + 1, (draws, len(keys)))[:, use].mean(axis=1)
+        q = rng.beta(rates[:, 2] + 1, rates[:, 3] - rates[:, 2] + 1, (draws, len(keys)))[:, use].mean(axis=1)
+        sample += len(inform) * np.clip((a - q) / np.maximum(s - q, 1e-6), 0.0, 1.0)
+    return sample / len(rows)
+
+
+def _rows_for(
+    plan: pl.DataFrame,
+    results: pl.DataFrame,
+    audits: pl.DataFrame,
+    calls: pl.DataFrame,
+    queue: pl.DataFrame,
+    model: AuditModel | None,
+) -> tuple[list[_Row], list[dict[str, Any]]]:
+    tasks = dict(queue.select("query_id", "task").iter_rows())
+    open_tasks = set(queue.filter(pl.col("labels").is_null())["task"].unique().to_list())
+    labels = {t: len(ls) for t, ls in queue.select("task", "labels").unique("task").iter_rows() if ls is not None}
+    source = source_llms(calls, results, open_tasks, tasks)
+    delivered = {q: (s, a) for q, s, a in results.select("query_id", "status", "answer").iter_rows()}
+    planned = dict(plan.select("query_id", "expected_accuracy").iter_rows())
+    rows: list[_Row] = []
+    records: list[dict[str, Any]] = []
+    for audit, status, reference, kind, models, fitted, accuracy in audits.select(
+        "query_id", "status", "answer", "kind", "models", "fitted_reference", "expected_accuracy"
+    ).iter_rows():
+        query_id = audited_query_id(audit)
+        if status != "done" or reference is None or query_id not in delivered:
+            continue  # the reference was not obtained (failed, over budget): the sample is one smaller
+        task = tasks[query_id]
+        state, answer = delivered[query_id]
+        llm = source.get(query_id)
+        agree = state == "done" and same_answer(answer, reference, task in open_tasks)
+        k = 0.0 if task in open_tasks else 1.0 / max(labels.get(task, 2) - 1, 1)
+        rate = _rates(model, task, llm, bool(fitted), float(accuracy), k)
+        s, q = (rate[0] + 1) / (rate[1] + 2), (rate[2] + 1) / (rate[3] + 2)
+        # the delivered answer is the reference's own call (same single LLM): agreement is certain, no evidence
+        own = kind == "single" and llm in (models or [])
+        rows.append(
+            _Row(task, state == "done", agree, (s - q) >= MIN_SEPARATION and not own, float(planned.get(query_id, 0.0)), rate)  # type: ignore[arg-type]
+        )
+        records.append(
+            {
+                "query_id": query_id,
+                "task": task,
+                "delivered_answer": answer,
+                "reference_answer": reference,
+                "agree": agree,
+                "source_model": llm,
+                "reference_models": list(models or []),
+            }
+        )
+    return rows, records
+
+
+def estimate_audit(
+    *,
+    plan: pl.DataFrame,
+    results: pl.DataFrame,
+    audit_plan_rows: pl.DataFrame,
+    audit_results: pl.DataFrame,
+    calls: pl.DataFrame,
+    queue: pl.DataFrame,
+    predictions: pl.DataFrame,
+    model: AuditModel | None,
+    seed: str = "",
+) -> dict[str, Any]:
+    """The audited estimate of the batch's accuracy, its 95% interval, agreement per task, the LLMs worse than
+    the history says and the drift found. ``plan``/``results``: the delivered rows; ``audit_results`` the
+    reference calls' result rows; ``calls``: every call made (query_id, model, answer, in call order)."""
+    audits = audit_results.join(
+        audit_plan_rows.select("query_id", "kind", "models", "fitted_reference", "expected_accuracy"), on="query_id"
+    )
+    rows, records = _rows_for(plan, results, audits, calls, queue, model)
+    spend = float(audit_results["cost_usd"].fill_null(0.0).sum())
+    out: dict[str, Any] = {
+        "queries": audit_plan_rows.height,
+        "audited": len(rows),
+        "spend_usd": spend,
+        "method": "misclassification-corrected agreement with a reference plan, acc = (a - q) / (s - q), s and q "
+        "replayed on the history; 95% interval from posterior draws (agreement, s and q)",
+        "per_task": [],
+        "llms_worse": [],
+        "llms_better": [],
+        "drift": [],
+        "records": records,
+    }
+    if not rows:
+        out["estimated_accuracy"], out["ci95"] = None, None
+        return out
+    weights = queue.group_by("task").len()
+    n_total = float(weights["len"].sum())
+    by_task = {str(t): [r for r in rows if r.task == t] for t in sorted({r.task for r in rows})}
+    planned_task = dict(
+        plan.join(queue.select("query_id", "task"), on="query_id")
+        .group_by("task")
+        .agg(pl.col("expected_accuracy").fill_null(0.0).mean())
+        .iter_rows()
+    )
+    rng = np.random.default_rng(int.from_bytes(hashlib.blake2b(seed.encode(), digest_size=4).digest(), "little"))
+    draws = np.zeros(DRAWS)
+    for task, weight in weights.iter_rows():
+        share = weight / n_total
+        task_rows = by_task.get(str(task))
+        if not task_rows:  # no audited query of this task: the plan's promise stands in for it
+            draws += share * float(planned_task.get(task, 0.0))
+            continue
+        task_draws = _task_draws(task_rows, rng, DRAWS)
+        estimate = float(np.median(task_draws))
+        low, high = np.quantile(task_draws, [0.025, 0.975])
+        draws += share * task_draws
+        agreement = float(np.mean([r.agree for r in task_rows]))
+        entry = {
+            "task": task,
+            "queries": int(weight),
+            "audited": len(task_rows),
+            "agreement": agreement,
+            "estimated_accuracy": estimate,
+            "ci95": [float(low), float(high)],
+            "planned_accuracy": float(planned_task.get(task, 0.0)),
+        }
+        out["per_task"].append(entry)
+        if not low <= entry["planned_accuracy"] <= high:
+            out["drift"].append(
+                {
+                    "kind": "task",
+                    "name": task,
+                    "planned_accuracy": entry["planned_accuracy"],
+                    "estimated_accuracy": estimate,
+                    "ci95": entry["ci95"],
+                    "direction": "worse" if entry["planned_accuracy"] > high else "better",
+                }
+            )
+    low, high = np.quantile(draws, [0.025, 0.975])
+    out["estimated_accuracy"] = float(np.median(draws))
+    out["ci95"] = [float(low), float(high)]
+    llms = llm_drift(audits, calls, queue, predictions, model)
+    for entry in llms:
+        out["llms_worse" if entry["direction"] == "worse" else "llms_better"].append(entry)
+    out["drift"] = [*llms, *out["drift"]]  # the LLMs first: what went wrong, then where it shows
+    return out
+
+
+def llm_drift(
+    audits: pl.DataFrame, calls: pl.DataFrame, queue: pl.DataFrame, predictions: pl.DataFrame, model: AuditModel | None
+) -> list[dict[str, Any]]:
+    """Per LLM called on the audited queries (other than as the reference's single LLM): the accuracy its
+    agreement with the reference implies, with a 95% (Wilson) interval, against the predictor's mean
+    P(correct) for it on those queries; the ones outside, worse first."""
+    done = audits.filter((pl.col("status") == "done") & pl.col("answer").is_not_null())
+    reference = {audited_query_id(q): (a, ms, f, acc) for q, a, ms, f, acc in done.select(
+        "query_id", "answer", "models", "fitted_reference", "expected_accuracy").iter_rows()}  # fmt: skip
+    tasks = dict(queue.select("query_id", "task").iter_rows())
+    open_tasks = set(queue.filter(pl.col("labels").is_null())["task"].unique().to_list())
+    labels = {t: len(ls) for t, ls in queue.select("task", "labels").unique("task").iter_rows() if ls is not None}
+    prior = {(q, m): p for q, m, p in predictions.select("query_id", "model", "p_correct").iter_rows()}
+    per_llm: dict[str, list[tuple[bool, float, float, float]]] = {}
+    seen: set[tuple[str, str]] = set()
+    for call_id, llm, answer in calls.select("query_id", "model", "answer").iter_rows():
+        query_id = audited_query_id(call_id)
+        if query_id not in reference or answer is None or (query_id, llm) in seen:
+            continue
+        ref_answer, models, fitted, accuracy = reference[query_id]
+        if len(models) == 1 and llm in models:
+            continue  # the reference's own LLM: agreeing with itself says nothing
+        seen.add((query_id, llm))
+        task = tasks[query_id]
+        k = 0.0 if task in open_tasks else 1.0 / max(labels.get(task, 2) - 1, 1)
+        rate = _rates(model, task, llm, bool(fitted), float(accuracy), k)
+        s, q = (rate[0] + 1) / (rate[1] + 2), (rate[2] + 1) / (rate[3] + 2)
+        if s - q < MIN_SEPARATION:
+            continue
+        agree = same_answer(answer, ref_answer, task in open_tasks)
+        per_llm.setdefault(llm, []).append((agree, s, q, float(prior.get((query_id, llm), math.nan))))
+    found: list[dict[str, Any]] = []
+    for llm, obs in sorted(per_llm.items()):
+        if len(obs) < MIN_RATE_ROWS:
+            continue
+        n = len(obs)
+        a = sum(o[0] for o in obs) / n
+        s = float(np.mean([o[1] for o in obs]))
+        q = float(np.mean([o[2] for o in obs]))
+        predicted = float(np.nanmean([o[3] for o in obs]))
+        centre = (a + Z95**2 / (2 * n)) / (1 + Z95**2 / n)
+        half = Z95 * math.sqrt(a * (1 - a) / n + Z95**2 / (4 * n * n)) / (1 + Z95**2 / n)
+        low, high = (float(np.clip((x - q) / (s - q), 0.0, 1.0)) for x in (centre - half, centre + half))
+        implied = float(np.clip((a - q) / (s - q), 0.0, 1.0))
+        if not low <= predicted <= high:
+            found.append(
+                {
+                    "kind": "llm",
+                    "name": llm,
+                    "calls": n,
+                    "agreement": a,
+                    "predicted_accuracy": predicted,
+                    "estimated_accuracy": implied,
+                    "ci95": [low, high],
+                    "direction": "worse" if predicted > high else "better",
+                }
+            )
+    return sorted(found, key=lambda e: (e["direction"] != "worse", e["estimated_accuracy"] - e["predicted_accuracy"]))
+
+
+def drift_lines(report: dict[str, Any]) -> list[str]:
+    """The drift found, one sentence each: the report's first lines."""
+    lines = []
+    for d in report.get("drift") or []:
+        what = "LLM" if d["kind"] == "llm" else "task"
+        promised = d.get("predicted_accuracy", d.get("planned_accuracy"))
+        lines.append(
+            f"DRIFT: {what} {d['name']} is {d['direction']} than the history says: audited accuracy "
+            f"{d['estimated_accuracy']:.1%} (95% CI {d['ci95'][0]:.1%}-{d['ci95'][1]:.1%}) against the predictor's "
+            f"{promised:.1%}; retrain on this run's outcomes"
+        )
+    return lines

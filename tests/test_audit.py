@@ -1,0 +1,241 @@
+"""Audits (issue 15): a deterministic sample inside the budget, an accuracy interval without gold, drift said
+out loud."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+from batchplan.app import artifacts
+from batchplan.app.pipeline import Job, run_job
+from batchplan.core.contracts import AUDIT_SUFFIX, is_audit
+from batchplan.core.history import History, load_history
+from batchplan.core.storage import Storage
+from batchplan.plans.audit import audited_ids, same_answer
+from batchplan.plans.planning import PlanRequest
+from tests.support.replay_server import ReplayServer
+
+EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "history"
+
+
+@pytest.fixture(scope="module")
+def history() -> History:
+    return load_history([str(EXAMPLES)])
+
+
+@pytest.fixture(scope="module")
+def registry(history: History, tmp_path_factory: pytest.TempPathFactory) -> str:
+    root = str(tmp_path_factory.mktemp("predictors"))
+    artifacts.save(artifacts.train(history.split("train"), templates=False), Storage(), root)
+    return root
+
+
+def write_queue(history: History, path: Path) -> str:
+    history.as_queue(split="test").write_parquet(path)  # QUEUE_SCHEMA: no gold column
+    return str(path)
+
+
+def write_history(history: History, root: Path) -> str:
+    root.mkdir(parents=True, exist_ok=True)
+    history.queries.write_parquet(root / "queries.parquet")
+    history.outcomes.write_parquet(root / "outcomes.parquet")
+    history.prices.write_csv(root / "models.csv")
+    return str(root)
+
+
+def test_audit_sample_is_uniform_deterministic_and_the_run_id_s() -> None:
+    ids = [f"q{i}" for i in range(1000)]
+    chosen = audited_ids(ids, 0.05, "night-1")
+    assert len(chosen) == 50
+    assert audited_ids(list(reversed(ids)), 0.05, "night-1") == chosen  # not the queue's order
+    assert audited_ids(ids, 0.05, "night-2") != chosen  # another run, another sample
+    assert audited_ids(ids, 0.0, "night-1") == []
+    assert len(audited_ids(ids[:10], 0.01, "x")) == 1  # a share > 0 audits at least one query
+
+
+def test_open_answers_agree_on_paraphrase_not_on_another_claim() -> None:
+    assert same_answer("The World Trade Center", "the world trade center.", open_task=True)
+    assert not same_answer("Mazda", "Toyota", open_task=True)
+    assert same_answer("B", "b", open_task=False)
+    assert not same_answer("B", None, open_task=False)
+
+
+def test_audits_are_planned_inside_the_budget_and_resume_to_the_same_sample(
+    history: History, registry: str, tmp_path: Path
+) -> None:
+    queue = write_queue(history, tmp_path / "queue.parquet")
+    n = history.as_queue(split="test").height
+    budget = 0.02
+    job = Job(
+        queue_uri=queue,
+        model_uri=registry,
+        out_uri=str(tmp_path / "run"),
+        request=PlanRequest(budget_usd=budget, allow_deferral=True, audit_share=0.25),
+        replay_history=[str(EXAMPLES)],
+        run_id="audit-night",
+    )
+    first = run_job(job, Storage())
+    plan = pl.read_parquet(tmp_path / "run" / "plan.parquet")
+    audits = plan.filter(is_audit())
+    assert audits.height == round(0.25 * n)
+    assert audits["query_id"].str.strip_suffix(AUDIT_SUFFIX).sort().to_list() == audited_ids(
+        history.as_queue(split="test")["query_id"].to_list(), 0.25, "audit-night"
+    )
+    # the reference calls are mandatory and planned with the rest: the total, margin included, holds
+    margin = json.loads((tmp_path / "run" / "plan.optimizer.json").read_text())["spend_margin_usd"]
+    assert float(plan["expected_cost_usd"].sum()) + margin <= budget + 1e-9
+    assert first.report["spend_usd"] <= budget
+    assert first.report["audit"]["spend_usd"] > 0
+    assert first.report["queries"] == n  # the reference calls are not delivered answers
+    # resumed: the same sample, nothing paid twice
+    again = run_job(job, Storage())
+    assert pl.read_parquet(tmp_path / "run" / "plan.parquet").equals(plan)
+    assert again.report["spend_usd"] == pytest.approx(first.report["spend_usd"])
+    # without audits the same budget plans the batch alone
+    bare = run_job(
+        Job(
+            queue_uri=queue,
+            model_uri=registry,
+            out_uri=str(tmp_path / "bare"),
+            request=PlanRequest(budget_usd=budget, allow_deferral=True),
+            replay_history=[str(EXAMPLES)],
+        ),
+        Storage(),
+    )
+    assert "audit" not in bare.report
+    assert not pl.read_parquet(tmp_path / "bare" / "plan.parquet").filter(is_audit()).height
+
+
+def test_audits_that_alone_exceed_the_budget_are_refused_naming_audit_share(
+    history: History, registry: str, tmp_path: Path
+) -> None:
+    from batchplan.plans.infeasible import RequestInfeasible
+
+    job = Job(
+        queue_uri=write_queue(history, tmp_path / "queue.parquet"),
+        model_uri=registry,
+        out_uri=str(tmp_path / "run"),
+        request=PlanRequest(budget_usd=1e-6, allow_deferral=True, audit_share=0.5),
+        replay_history=[str(EXAMPLES)],
+    )
+    with pytest.raises(RequestInfeasible, match="audit_share"):
+        run_job(job, Storage())
+
+
+def test_the_interval_comes_without_gold_from_a_live_endpoint(
+    history: History, registry: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import batchplan.app.pipeline as pipeline
+    import batchplan.app.report as report
+
+    with ReplayServer(history) as server:  # the endpoint knows the answers; batchplan only hears them
+
+        def no_gold(*_: object, **__: object) -> None:
+            raise AssertionError("the run read gold")
+
+        monkeypatch.setattr(pipeline, "load_history", no_gold)
+        monkeypatch.setattr(report, "score_results", no_gold)
+        monkeypatch.setattr(report.Truth, "from_history", no_gold)
+        prices = tmp_path / "models.csv"
+        history.prices.write_csv(prices)
+        outcome = run_job(
+            Job(
+                queue_uri=write_queue(history, tmp_path / "queue.parquet"),
+                model_uri=registry,
+                out_uri=str(tmp_path / "live"),
+                request=PlanRequest(budget_usd=0.05, allow_deferral=True, audit_share=0.3),
+                backend="openai",
+                base_url=server.base_url,
+                prices_uri=str(prices),
+                run_id="live-night",
+            ),
+            Storage(),
+        )
+    got = outcome.report
+    assert got["accuracy"] is None  # nothing scored it
+    low, high = got["estimated_accuracy_ci95"]
+    assert 0.0 <= low <= got["estimated_accuracy"] <= high <= 1.0
+    assert got["estimated_accuracy_source"] == "audit"
+    assert got["audit"]["per_task"]
+    assert got["audit"]["audited"] > 0
+    audit = pl.read_parquet(tmp_path / "live" / "audit.parquet")
+    assert set(audit.columns) >= {"query_id", "task", "delivered_answer", "reference_answer", "agree"}
+    assert "audited estimate" in (tmp_path / "live" / "report.md").read_text()
+
+
+def corrupted(history: History, llms: set[str]) -> History:
+    """``history`` where ``llms`` answer every query wrong (a label other than gold): much worse than trained on."""
+    gold = history.queries.select("query_id", "gold", "labels")
+    outcomes = history.outcomes.join(gold, on="query_id", how="left").with_columns(
+        pl.when(pl.col("model").is_in(pl.Series(sorted(llms)).implode()))
+        .then(pl.col("labels").list.set_difference(pl.concat_list("gold")).list.first())
+        .otherwise(pl.col("answer"))
+        .alias("answer")
+    )
+    outcomes = outcomes.with_columns(
+        pl.when(pl.col("model").is_in(pl.Series(sorted(llms)).implode()))
+        .then(pl.lit(False))
+        .otherwise(pl.col("correct"))
+        .alias("correct")
+    ).select(history.outcomes.columns)
+    return History(history.queries, outcomes, history.prices)
+
+
+def test_drift_leads_the_report_when_an_llm_is_much_worse_than_the_history(
+    history: History, registry: str, tmp_path: Path
+) -> None:
+    queue = write_queue(history, tmp_path / "queue.parquet")
+
+    def night(served: str, out: str) -> dict[str, object]:
+        job = Job(
+            queue_uri=queue,
+            model_uri=registry,
+            out_uri=str(tmp_path / out),
+            request=PlanRequest(budget_usd=0.04, allow_deferral=True, audit_share=0.5),
+            replay_history=[served],
+            run_id="drift-night",
+        )
+        return run_job(job, Storage()).report
+
+    clean = night(str(EXAMPLES), "clean")
+    assert not [d for d in clean["drift"] if d["kind"] == "llm"]  # as the history says: no LLM drift
+    # tonight the LLM the plan leans on most answers every query wrong
+    delivered = pl.read_parquet(tmp_path / "clean" / "plan.parquet").filter(~is_audit())
+    bad = delivered["models"].explode().value_counts(sort=True)["models"][0]
+    report = night(write_history(corrupted(history, {bad}), tmp_path / "served"), "run")
+    worse = [d for d in report["drift"] if d["kind"] == "llm" and d["direction"] == "worse"]
+    assert [d["name"] for d in worse] == [bad]
+    assert worse[0]["ci95"][1] < worse[0]["predicted_accuracy"]
+    lines = [line for line in (tmp_path / "run" / "report.md").read_text().splitlines() if line.strip()]
+    assert lines[1].startswith(f"**DRIFT: LLM {bad} is worse than the history says")  # right under the title
+    html = (tmp_path / "run" / "report.html").read_text()
+    assert html.index("DRIFT:") < html.index("queries=")
+    assert report["accuracy"] < report["planned_accuracy"]  # scored on the served history: it really was worse
+
+
+def test_a_bad_audit_share_is_one_line_naming_the_flag(tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from batchplan.app.cli import app
+
+    args = ["run", "--queue", "q", "--predictors", "m", "--out", str(tmp_path), "--budget-usd", "1"]
+    result = CliRunner().invoke(app, [*args, "--audit-share", "1.5"])
+    assert result.exit_code == 2, result.output
+    assert "--audit-share" in result.output.strip().splitlines()[-1]
+    # asked for in rounds, which do not hold audits yet: refused, not dropped
+    replay = ["--replay-history", str(EXAMPLES)]
+    rounds = CliRunner().invoke(app, [*args, *replay, "--audit-share", "0.1", "--rounds", "2"])
+    assert rounds.exit_code == 2, rounds.output
+    assert "--audit-share" in rounds.output.strip().splitlines()[-1]
+
+
+def test_the_default_audit_share_follows_the_backend() -> None:
+    from batchplan.core.request import default_audit_share
+
+    assert default_audit_share(None, "openai") == 0.05
+    assert default_audit_share(None, "replay") == 0.0
+    assert default_audit_share(None, "openai", rounds=2) == 0.0
+    assert default_audit_share(0.2, "replay") == 0.2
