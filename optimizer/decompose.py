@@ -82,7 +82,7 @@ def price(program: Compiled, lam: np.ndarray, *, margin: bool = True) -> Pricing
         return Pricing(r, best, best_col, best - second)
     heads = program.starts[:-1]
     best = np.maximum.reduceat(r, heads)
-    is_best = r >= best[program.query]
+    is_best = r >= np.repeat(best, np.diff(program.starts))  # = best[program.query], without a gather
     cols = np.flatnonzero(is_best)
     qs = program.query[cols]
     first = np.ones(len(cols), dtype=bool)
@@ -125,6 +125,7 @@ class Master:
     slack: np.ndarray
     lam: np.ndarray
     value: float  # c @ x of the LP point (max form), penalties excluded
+    pricing: Pricing | None = None  # the full program priced at ``lam`` (set by ``_entering``): reused, not redone
 
 
 def solve_master(
@@ -198,9 +199,13 @@ def _best_under(program: Compiled, a: np.ndarray) -> Callable[[float, np.ndarray
         a2 = a_flat.reshape(program.n, w)
     starts = program.starts[:-1]
 
+    buffer = np.empty_like(c2)  # the full-grid passes reuse one buffer: fresh n x w temporaries cost page faults
+
     def best(lam: float, idx: np.ndarray | None) -> np.ndarray:
         if idx is None:
-            return np.asarray(starts + (c2 - lam * a2).argmax(axis=1))
+            np.multiply(a2, -lam, out=buffer)
+            np.add(buffer, c2, out=buffer)  # c2 - lam * a2, the same value
+            return np.asarray(starts + buffer.argmax(axis=1))
         return np.asarray(starts[idx] + (c2[idx] - lam * a2[idx]).argmax(axis=1))
 
     return best
@@ -223,8 +228,8 @@ def _single_row_price(program: Compiled, rhs: np.ndarray, guess: float | None = 
     if best is None:
         return None
     b = float(rhs[0])
-    nz = np.abs(a[a != 0])
-    hi = (float(np.ptp(program.c)) + 1.0) / max(float(nz.min()), 1e-300) * 4.0
+    smallest = float(np.min(np.abs(a), where=a != 0, initial=np.inf))  # one pass, no filtered copy
+    hi = (float(np.ptp(program.c)) + 1.0) / max(smallest, 1e-300) * 4.0
     lo = hi * 1e-16
     rows = np.arange(program.n)
     widths: tuple[float, ...] = (1.05, 1.5, 4.0, 64.0)
@@ -311,7 +316,7 @@ def _entering(program: Compiled, master: Master, eps: float, max_add: int) -> np
     """Pricing on the full program at the master's duals: the master's candidate columns plus the best
     columns of the queries whose best lies outside them (the most violated ``max_add`` of those), or None
     when there are none: then the master's optimum is the full LP's."""
-    pricing = price(program, master.lam, margin=False)
+    pricing = master.pricing = price(program, master.lam)  # with margins: the caller's rounding reads them
     cand = np.zeros(program.m, dtype=bool)
     cand[master.base] = True
     cand[master.extra] = True
@@ -671,7 +676,7 @@ def solve_decompose(
             raise SolverError(f"decompose: time limit ({time_limit} s) reached before a feasible LP point was found")
         raise diagnose(program, elastic={n: float(s) for n, s in zip(program.row_names, master.slack, strict=True) if s > 1e-9})
     lam = master.lam
-    pricing = price(program, lam)
+    pricing = master.pricing if master.pricing is not None else price(program, lam)
     bound = float(pricing.best.sum() + lam @ rhs)  # valid for any lam >= 0
     cols, frac = lp_assignment(program, master)
     remaining = 10.0 if deadline is None else max(deadline - time.perf_counter(), 1.0)

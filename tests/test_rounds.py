@@ -179,6 +179,22 @@ def test_a_harder_batch_escalates_more_within_the_budget(fitted: tuple[History, 
     )
 
 
+def test_a_replan_keeps_each_tenant_within_what_it_has_left(fitted: tuple[History, Posterior, pl.DataFrame]) -> None:
+    history, posterior, predictions = fitted
+    half = pl.when(pl.int_range(pl.len()) % 2 == 0).then(pl.lit("a")).otherwise(pl.lit("b"))
+    queue = history.as_queue("test").with_columns(half.alias("tenant"))
+    left = 1.5 * float(predictions.filter(pl.col("model") == "synth-03")["cost_usd"].sum())
+    unsure = _first_round(history, predictions, "synth-01", logprob_shift=-1.0)  # a batch that escalates
+    planner = PosteriorRoundPlanner(posterior)
+    b_ids = queue.filter(pl.col("tenant") == "b")["query_id"].implode()
+    free = planner.plan_round(RoundState(2, 2, queue, predictions, unsure, left))
+    assert free.calls.filter(pl.col("query_id").is_in(b_ids)).height > 0
+    a_left = 0.5 * float(free.calls.filter(~pl.col("query_id").is_in(b_ids))["expected_cost_usd"].sum())
+    capped = planner.plan_round(RoundState(2, 2, queue, predictions, unsure, left, {"a": a_left, "b": 0.0}))
+    assert capped.calls.filter(pl.col("query_id").is_in(b_ids)).height == 0  # b has nothing left
+    assert 0 < capped.calls["expected_cost_usd"].sum() <= a_left * (1 + 1e-9)
+
+
 def test_last_round_answers_every_query_the_budget_affords(fitted: tuple[History, Posterior, pl.DataFrame]) -> None:
     history, posterior, predictions = fitted
     queue = history.as_queue("test")

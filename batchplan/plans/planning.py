@@ -479,9 +479,11 @@ def plan_rows(candidates: Candidates, solution: Solution) -> pl.DataFrame:
 def split_unanswerable(candidates: Candidates) -> tuple[Candidates, pl.DataFrame]:
     """Set aside the queries with no candidate (no offered model, or none their tenant may use): they cannot
     be answered, but the rest of the batch can. Raises only when no query is left to plan."""
-    missing = candidates.queries.join(candidates.plans.select("query").unique(), on="query", how="anti")
-    if not missing.height:
-        return candidates, missing
+    # queries are a dense index: a count per query, not a unique + anti join over every candidate
+    has = np.bincount(candidates.plans["query"].to_numpy(), minlength=candidates.queries.height) > 0
+    if has.all():
+        return candidates, candidates.queries.clear()
+    missing = candidates.queries.filter(~pl.Series(has[candidates.queries["query"].to_numpy()]))
     if missing.height == candidates.queries.height:
         raise ContractError(
             f"none of the {missing.height} queries can be answered by a model the backend offers "

@@ -48,7 +48,7 @@ from batchplan.core.contracts import DEFAULT_TENANT, ContractError
 from batchplan.core.rounds import ROUND_ANSWER_SCHEMA, ROUND_PLAN_SCHEMA, RoundPlan, RoundState
 from batchplan.optimizer import Budget, GroupBudget, InfeasibleError, Problem, solve
 from batchplan.optimizer.api import Method
-from batchplan.plans.candidates import P90_Z
+from batchplan.plans.candidates import P90_Z, _with_query
 from batchplan.plans.posterior import LAMBDA_GRID, NONE, OPAQUE, Posterior, States, called_key, normalize
 
 log = structlog.get_logger("batchplan.core.rounds")
@@ -86,7 +86,9 @@ def observe(queue: pl.DataFrame, predictions: pl.DataFrame, observations: pl.Dat
     qi = pl.DataFrame({"query_id": ids, "_q": np.arange(n, dtype=np.int64)})
     mi = pl.DataFrame({"model": models, "_m": np.arange(len(models), dtype=np.int64)})
     m = len(models)
-    pred = predictions.join(qi, on="query_id").join(mi, on="model")
+    # predictions arrive grouped by query in queue order: the query index from their runs, not a string join
+    pred = _with_query(qi.rename({"_q": "query"}), predictions).rename({"query": "_q"})
+    pred = pred.with_columns(pl.col("model").cast(pl.Enum(models)).to_physical().cast(pl.Int64).alias("_m"))
     prior, cost, high = (np.full((n, m), np.nan) for _ in range(3))
     r, c = pred["_q"].to_numpy(), pred["_m"].to_numpy()
     prior[r, c] = pred["p_correct"].to_numpy()
@@ -429,40 +431,42 @@ class PosteriorRoundPlanner:
         tenant_left: dict[str, float],
     ) -> tuple[np.ndarray, Any] | None:
         """One option per query (stop or one call) under the budget; returns (column called or -1, solution)."""
-        n = value.shape[0]
+        n, m = value.shape
         call = np.isfinite(ev.after)
-        q_idx, m_idx = np.nonzero(call)
         stop = ~mandatory | ~call.any(axis=1)
-        s_idx = np.flatnonzero(stop)
-        if len(q_idx) == 0:
+        if not call.any():
             return None
         sd2 = ((high - cost) / P90_Z) ** 2
+        # options in (query, LLM) order with each query's stop last, option ids ascending: the compiled
+        # program's own order (the same columns per query as calls-then-stops sorted), so nothing is sorted
+        q_idx, j_idx = np.nonzero(np.column_stack([call, stop]))
+        is_call = j_idx < m
+        m_idx = np.minimum(j_idx, m - 1)
         options = pl.DataFrame(
             {
-                "query": np.concatenate([q_idx, s_idx]).astype(np.int64),
-                "option": np.arange(len(q_idx) + len(s_idx), dtype=np.int64),
-                "value": np.concatenate(
-                    [seen.priority[q_idx] * value[q_idx, m_idx], seen.priority[s_idx] * ev.now_p[s_idx]]
-                ),
-                "cost": np.concatenate([cost[q_idx, m_idx] + extra[q_idx, m_idx], np.zeros(len(s_idx))]),
-                "accuracy": np.concatenate([ev.after[q_idx, m_idx], ev.now_p[s_idx]]),
-                "tenant": np.concatenate([seen.tenants[q_idx], seen.tenants[s_idx]]),
-                "_col": np.concatenate([m_idx, np.full(len(s_idx), -1)]).astype(np.int64),
-                "_var": np.concatenate([sd2[q_idx, m_idx], np.zeros(len(s_idx))]),
+                "query": q_idx.astype(np.int64),
+                "option": np.arange(len(q_idx), dtype=np.int64),
+                "value": seen.priority[q_idx] * np.where(is_call, value[q_idx, m_idx], ev.now_p[q_idx]),
+                "cost": np.where(is_call, cost[q_idx, m_idx] + extra[q_idx, m_idx], 0.0),
+                "accuracy": np.where(is_call, ev.after[q_idx, m_idx], ev.now_p[q_idx]),
+                "_col": np.where(is_call, m_idx, -1).astype(np.int64),
+                "_var": np.where(is_call, sd2[q_idx, m_idx], 0.0),
             }
         )
         constraints: list[Any] = []
         if budget is not None:
             constraints.append(Budget(limit=max(budget, 0.0)))
         tenants = {t: max(v, 0.0) for t, v in tenant_left.items() if t in set(seen.tenants.tolist())}
-        if tenants:
+        if tenants:  # the tenant column only where a row counts by it: 10M+ strings cost seconds to build
+            options = options.with_columns(tenant=seen.tenants[q_idx])
             constraints.append(GroupBudget(group="tenant", limits=tenants, name="tenant_budget"))
         z = NormalDist().inv_cdf(self.spend_confidence) if self.spend_confidence > 0.5 else 0.0
         problem = Problem(options.drop("_col", "_var"), constraints=constraints, n_queries=n)
         if budget is not None and z > 0:
             # Leave z x the sd of the round's spend unplanned, the sd bounded above by every query taking its
             # most variable option: one solve (a second pass on the chosen plan's variance doubles the time)
-            worst = options.group_by("query").agg(pl.col("_var").max())["_var"].sum()
+            heads = np.flatnonzero(np.diff(q_idx, prepend=-1))  # options come query by query
+            worst = np.fmax.reduceat(options["_var"].to_numpy(), heads).sum()  # fmax: NaN-skipping, as polars' max
             margin = z * float(np.sqrt(max(float(worst), 0.0)))
             tight = [Budget(limit=max(budget - margin, 0.0)) if isinstance(c, Budget) else c for c in constraints]
             attempts = [problem.with_constraints(tight), problem]
@@ -480,9 +484,8 @@ class PosteriorRoundPlanner:
             if not mandatory.any():
                 raise InfeasibleError(constraint="budget", message="no round plan fits what is left of the budget")
             return self._solve(seen, ev, value, cost, extra, high, np.zeros(n, bool), budget, tenant_left)
-        chosen = solution.chosen.join(options.select("option", "_col"), on="option")
-        picked = np.full(n, -1, dtype=np.int64)
-        picked[chosen["query"].to_numpy()] = chosen["_col"].to_numpy()
+        picked = np.full(n, -1, dtype=np.int64)  # option ids are row positions in ``options``: a gather, no join
+        picked[solution.chosen["query"].to_numpy()] = options["_col"].to_numpy()[solution.chosen["option"].to_numpy()]
         return picked, solution
 
     def answers(self, queue: pl.DataFrame, predictions: pl.DataFrame, observations: pl.DataFrame) -> pl.DataFrame:
