@@ -33,6 +33,7 @@ from batchplan.app.round_runner import (
     MAX_TOKENS,
     MAX_TOKENS_OPEN,
     DispatchSender,
+    RoundSender,
     RoundsOutcome,
     check_round_planner,
     make_round_planner,
@@ -234,9 +235,11 @@ def execute_rounds(
     tenant_budgets_usd: dict[str, float] | None = None,
     progress: Progress | None = None,
     retry: RetryPolicy | None = None,
+    sender: RoundSender | None = None,
 ) -> RoundsOutcome:
     """``execute`` in rounds: each round planned by ``planner`` from what the earlier ones observed, under
-    the budget they left; under ``<out>/rounds/`` (resumable, see ``batchplan.app.round_runner``)."""
+    the budget they left; under ``<out>/rounds/`` (resumable, see ``batchplan.app.round_runner``).
+    ``sender``: how a round is sent (default: the dispatcher, in real time; ``BatchSender``: batch APIs)."""
     started = time.perf_counter()
     limit = hard_budget(plan, budget_usd)
     bounds = backend.cost_bounds(queue, predictions.select("query_id", "model"), MAX_TOKENS, MAX_TOKENS_OPEN)
@@ -244,7 +247,7 @@ def execute_rounds(
         planner,
         queue,
         predictions,
-        DispatchSender(backend, max_tokens=MAX_TOKENS, max_tokens_open=MAX_TOKENS_OPEN, options={"retry": retry}),
+        sender or realtime_sender(backend, retry),
         rounds=rounds,
         budget_usd=limit,
         out_uri=out_uri,
@@ -264,6 +267,10 @@ def execute_rounds(
         seconds=round(time.perf_counter() - started, 2),
     )
     return outcome
+
+
+def realtime_sender(backend: Backend, retry: RetryPolicy | None = None) -> DispatchSender:
+    return DispatchSender(backend, max_tokens=MAX_TOKENS, max_tokens_open=MAX_TOKENS_OPEN, options={"retry": retry})
 
 
 def reference_models(predictions: pl.DataFrame, queue: pl.DataFrame) -> dict[str, str]:

@@ -159,7 +159,8 @@ class ReplayServer:
             request = json.loads(body)
             model = str(request["model"])
             model = self.aliases.get(model, model)
-            messages = request["messages"]
+            if not isinstance(request["messages"], list):
+                raise TypeError("messages must be a list")
         except (json.JSONDecodeError, KeyError, TypeError):
             return proto.respond(400, _error("malformed request body", "invalid_request_error"))
         key = headers.get("idempotency-key")
@@ -197,29 +198,41 @@ class ReplayServer:
             return proto.reset()
         if name == "malformed":
             return proto.respond(200, b'{"id": "x", "choices": [{"message": {"content": ')
-        query_id = headers.get("x-batchplan-query-id") or self._find(messages)
-        row = self._table.get((query_id or "", model))
-        if row is None:
-            return proto.respond(
-                404, _error(f"no recorded outcome for query {query_id!r} on model {model!r}", "not_found_error")
-            )
-        answer, cost, tokens_in, tokens_out, logprob = row
-        text = (
-            "I'm sorry, but I can't help with that."
-            if name == "refusal"
-            else (answer if answer is not None else "I am not sure.")
+        query_id, status, payload, cost = self.answer(
+            request, headers.get("x-batchplan-query-id"), refusal=name == "refusal"
         )
-        payload = _completion(model, text, cost or 0.0, tokens_in, tokens_out, logprob, bool(request.get("logprobs")))
+        if status != 200:
+            return proto.respond(status, payload)
         delay = faults.timeout_s if name == "timeout" else faults.slow_s if name == "slow" else 0.0
 
         def send() -> None:
-            self._bill(query_id or "", model, cost or 0.0, key, payload)
+            self._bill(query_id, model, cost, key, payload)
             proto.respond(200, payload)
 
         if delay > 0 and self._loop is not None:
             self._loop.call_later(delay, send)
         else:
             send()
+
+    def answer(
+        self, request: dict[str, Any], query_id: str | None = None, *, refusal: bool = False
+    ) -> tuple[str, int, bytes, float]:
+        """(query_id, HTTP status, body, on-demand cost) of one chat completion request body, as recorded:
+        the answer every endpoint of this server gives (real time here, batch lines in batch_server)."""
+        model = self.aliases.get(str(request["model"]), str(request["model"]))
+        query_id = query_id or self._find(request["messages"])
+        row = self._table.get((query_id or "", model))
+        if row is None:
+            message = f"no recorded outcome for query {query_id!r} on model {model!r}"
+            return query_id or "", 404, _error(message, "not_found_error"), 0.0
+        answer, cost, tokens_in, tokens_out, logprob = row
+        text = (
+            "I'm sorry, but I can't help with that."
+            if refusal
+            else (answer if answer is not None else "I am not sure.")
+        )
+        payload = _completion(model, text, cost or 0.0, tokens_in, tokens_out, logprob, bool(request.get("logprobs")))
+        return query_id or "", 200, payload, float(cost or 0.0)
 
     def _find(self, messages: Sequence[dict[str, Any]]) -> str | None:
         system = next((m.get("content") for m in messages if m.get("role") == "system"), None)
