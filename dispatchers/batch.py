@@ -1,9 +1,10 @@
 """A round's calls through a provider's batch API (OpenAI Files + Batches): one JSONL job per LLM, split at
 the provider's limits, under the hard budget, exactly once across crashes.
 
-Each call is one line (``custom_id`` = ``<query_id>/<slot>:<model>:0``, the executor's call id, so the
-round runner reads batch calls from the ledger like any other). A job goes through these states, each
-appended to the ledger (``{"e": "j", "job", "st", ...}``) before the next step starts::
+Each call is one line; its ``custom_id`` is the call's key ``<run_id>/<query_id>/<slot>:<model>:0`` (the
+executor's, unique per round and stable across reruns), and its outcome goes into the ledger as the
+executor's call event, so the round runner reads batch calls like any other. A job goes through these
+states, each appended to the ledger (``{"e": "j", "job", "st", ...}``) before the next step starts::
 
     intent      its lines' high-side cost is reserved (bound x the catalog's batch_discount) and its input
                 file is written under out_uri/jobs/<job>.jsonl: the reservation comes before submission,
@@ -57,6 +58,7 @@ from batchplan.dispatchers.base import (
 from batchplan.dispatchers.budget import BudgetGuard, Reservation, hold
 from batchplan.dispatchers.executor import LOST, _to_event
 from batchplan.dispatchers.ledger import Lease, Ledger, ledger_events, new_writer_id, run_identity
+from batchplan.dispatchers.live import secret_from
 from batchplan.dispatchers.openai import OpenAIBackend, _error_message
 from batchplan.dispatchers.run import tenant_guards
 
@@ -197,7 +199,7 @@ class Line:
 
     @property
     def custom_id(self) -> str:
-        return f"{self.query_id}/{self.call}"
+        return self.request.key
 
 
 @dataclass
@@ -237,8 +239,12 @@ class BatchRun:
         max_tokens_open: int = 1024,
         cancel_marker: str | None = None,
         resume_cancelled: bool = False,
-        api: OpenAIBatchAPI | None = None,
+        api_options: Mapping[str, Any] | None = None,
     ) -> None:
+        """``deadline``: absolute (time.time()); ``poll_s``: between status requests; ``cancel_grace_s``: how
+        long a batch cancelled at the deadline may take to stop; ``max_lines``/``max_bytes``: the provider's
+        limits per input file; ``cancel_marker``: the run's cancelled.json (no new batch while it exists,
+        unless ``resume_cancelled``); ``api_options``: OpenAIBatchAPI's keywords (timeout_s, attempts ...)."""
         self.calls, self.queue, self.backend = calls, queue, backend
         self.budget_usd, self.tenant_budgets_usd = budget_usd, dict(tenant_budgets_usd)
         self.out_uri, self.storage = out_uri, storage
@@ -246,7 +252,7 @@ class BatchRun:
         self.max_lines, self.max_bytes = max_lines, max_bytes
         self.max_tokens, self.max_tokens_open = max_tokens, max_tokens_open
         self.cancel_marker, self.resume_cancelled = cancel_marker, resume_cancelled
-        self.api = api
+        self.api_options = dict(api_options or {})
         self.refused: list[tuple[str, str]] = []
 
     def run(self) -> pl.DataFrame:
@@ -260,16 +266,15 @@ class BatchRun:
         lease.acquire()
         self.lease, self._renewed = lease, time.monotonic()
         self.ledger = Ledger(self.storage, self.out_uri, writer)
-        api = self.api or OpenAIBatchAPI(self.backend.base_url, self.backend._key.value if self.backend._key else None)
-        self._api = api
+        key = self.backend._key.value if self.backend._key else None
+        api = self._api = OpenAIBatchAPI(self.backend.base_url, key, **self.api_options)
         try:
             jobs = await self._plan_jobs()
             summary = await asyncio.gather(*(self._drive(job) for job in jobs))
         finally:
             self.ledger.close()
             lease.release()
-            if self.api is None:
-                await api.aclose()
+            await api.aclose()
         log.info(
             "batch.round",
             out=self.out_uri,
@@ -321,7 +326,7 @@ class BatchRun:
         called: dict[str, dict[str, Any]] = {}  # custom_id -> first call event
         for event in ledger_events(self.storage, self.out_uri):
             if event.get("e") == "c":
-                called.setdefault(f"{event.get('q')}/{event.get('c')}", event)
+                called.setdefault(f"{self.run_id}/{event.get('q')}/{event.get('c')}", event)
             elif event.get("e") == "j":
                 job = jobs.get(event["job"])
                 if job is None:
@@ -428,6 +433,8 @@ class BatchRun:
             digest = hashlib.sha256(data).hexdigest()[:16]
             reserved = sum(line.reserve_usd for line in job.lines)
             await self._mark(job, "intent", n=len(job.lines), r=reserved, sha=digest)
+        if job.state in ("intent", "uploaded"):
+            self._check_not_cancelled()
         if job.state == "intent":
             if self._past_deadline():
                 return await self._release(job, TIMEOUT, "the deadline passed before the job was submitted")
@@ -439,7 +446,6 @@ class BatchRun:
             job.file_id = file_id
             await self._mark(job, "uploaded", file=file_id)
         if job.state == "uploaded":
-            self._check_not_cancelled()
             if self._past_deadline():
                 return await self._release(job, TIMEOUT, "the deadline passed before the batch was created")
             assert job.file_id is not None
@@ -538,7 +544,7 @@ class BatchRun:
                 result.cost_usd *= self.backend.catalog.batch_discount(model)
             result.latency_ms = None
             return result
-        error = record.get("error") if isinstance(record.get("error"), dict) else {}
+        error: dict[str, Any] = record["error"] if isinstance(record.get("error"), dict) else {}
         if isinstance(response, dict) and isinstance(response.get("status_code"), int):
             code = int(response["status_code"])
             kind = (
@@ -554,9 +560,9 @@ class BatchRun:
             )
             body = response.get("body")
             return CallResult(model, kind, reason=f"batch line HTTP {code}: {_error_message(json.dumps(body).encode())}")
-        code = str(error.get("code") or "")
-        kind = TIMEOUT if code in ("batch_expired", "batch_cancelled") else SERVER_ERROR
-        return CallResult(model, kind, reason=f"batch line {code or 'error'}: {error.get('message') or ''}".strip())
+        name = str(error.get("code") or "")
+        kind = TIMEOUT if name in ("batch_expired", "batch_cancelled") else SERVER_ERROR
+        return CallResult(model, kind, reason=f"batch line {name or 'error'}: {error.get('message') or ''}".strip())
 
     async def _release(self, job: Job, status: str, reason: str) -> float:
         """A job that never ran: each line recorded with ``status``, charged nothing, its reservation freed."""
@@ -585,3 +591,51 @@ class BatchRun:
         if time.monotonic() - self._renewed > 10.0:
             self.lease.renew()
             self._renewed = time.monotonic()
+
+
+# --- batchplan cancel RUN_DIR ----------------------------------------------------------------------------
+
+
+def open_jobs(storage: Storage, run_uri: str) -> list[dict[str, Any]]:
+    """Every batch of the run under ``run_uri`` that was created and not yet seen finished: its ledger
+    directory, job, batch id and endpoint (from the job's ``created`` event)."""
+    dirs = sorted({uri.rsplit("/ledger/", 1)[0] for uri in storage.list(run_uri) if "/ledger/" in uri})
+    found = []
+    for here in dirs:
+        last: dict[str, dict[str, Any]] = {}
+        created: dict[str, dict[str, Any]] = {}
+        for event in ledger_events(storage, here):
+            if event.get("e") == "j":
+                last[str(event["job"])] = event
+                if event.get("st") == "created":
+                    created[str(event["job"])] = event
+        for job, event in last.items():
+            if event.get("st") == "created":
+                found.append({"dir": here, "job": job, "batch": created[job]["batch"], "url": created[job].get("url")})
+    return found
+
+
+def cancel_run(
+    storage: Storage, run_uri: str, *, api_key_env: str | None = "OPENAI_API_KEY", airflow_conn_id: str | None = None
+) -> list[dict[str, Any]]:
+    """Mark the run cancelled (first: a rerun then submits nothing new unless asked) and cancel each of its
+    open batches at its provider; returns them with the status the provider answered."""
+    storage.write_text(
+        join(run_uri, CANCELLED_MARKER), json.dumps({"at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())})
+    )
+    jobs = open_jobs(storage, run_uri)
+    key, _ = secret_from(api_key_env, airflow_conn_id)
+
+    async def cancel_all() -> None:
+        for job in jobs:
+            api = OpenAIBatchAPI(str(job["url"]), key.value if key else None)
+            try:
+                job["status"] = (await api.cancel(str(job["batch"]))).get("status")
+            except BatchAPIError as error:
+                job["status"], job["error"] = "unknown", str(error)
+            finally:
+                await api.aclose()
+
+    asyncio.run(cancel_all())
+    log.info("batch.cancel", run=run_uri, batches=len(jobs), statuses=[j.get("status") for j in jobs])
+    return jobs

@@ -93,6 +93,7 @@ class BatchServer(ReplayServer):
         self.contents: dict[str, bytes] = {}
         self.batches: dict[str, _Batch] = {}
         self.calls: Counter[str] = Counter()  # route -> requests (uploads, creates, retrieves, contents)
+        self._submissions: Counter[str] = Counter()  # custom_id -> batches created with it
 
     # -- the bill and the record ------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -210,6 +211,7 @@ class BatchServer(ReplayServer):
         batch.counts["total"] = len(lines)
         with self._lock:
             self.batches[batch.id] = batch
+            self._submissions.update(str(line.get("custom_id")) for line in lines)
         obj = self._advance(batch, batch.created)
         return self._later(self.batch_faults.create_delay_s, lambda: self._json(proto, 200, obj))
 
@@ -257,7 +259,7 @@ class BatchServer(ReplayServer):
                     errors.append(_line(custom_id, None, {"code": rest_code, "message": message}))
                     failed += 1
                 continue
-            if _draw(f.seed, b.id, str(custom_id)) < f.line_error_rate:
+            if _draw(f.seed, self._submissions[str(custom_id)], str(custom_id)) < f.line_error_rate:
                 status_code = f.line_error_status
                 body = json.loads(_error("line failed", "server_error"))
                 errors.append(_line(custom_id, {"status_code": status_code, "body": body}, None))
@@ -309,9 +311,10 @@ class BatchServer(ReplayServer):
             self.calls[name] += 1
 
 
-def _draw(seed: int, batch_id: str, custom_id: str) -> float:
-    """A line's fault draw, fixed by the line (not by request order)."""
-    digest = hashlib.blake2b(f"{seed}\x00{custom_id}".encode(), digest_size=8).digest()
+def _draw(seed: int, submission: int, custom_id: str) -> float:
+    """A line's fault draw, fixed by the line and how many batches held it (not by request order): the
+    same line sent again in a later batch draws anew."""
+    digest = hashlib.blake2b(f"{seed}\x00{submission}\x00{custom_id}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64
 
 
