@@ -114,7 +114,8 @@ def test_batch_rounds_answer_as_real_time_at_half_the_bill(history: History, ser
     # one job per LLM and round, each line submitted once, nothing billed twice
     per_round = {(b["metadata"]["batchplan_job"].split("/")[-1].rsplit("-", 1)[0], b["lines"]) for b in stats["batches"]}
     assert len(stats["batches"]) == 3, per_round  # round 1: two LLMs; round 2: the cascades' escalations
-    assert stats["submitted_twice"] == [] and stats["billed_twice"] == []
+    assert stats["submitted_twice"] == []
+    assert stats["billed_twice"] == []
     assert all(b["status"] == "completed" for b in stats["batches"])
     # every call is in a ledger once, with its mode's bill
     events = call_events(tmp_path / "batch")
@@ -157,7 +158,8 @@ def test_line_errors_are_released_and_re_planned(history: History, tmp_path: Pat
     first = outcome.observations.filter(pl.col("round") == 1)
     failed = first.filter(pl.col("status") == "server_error")
     assert 0.15 * N < failed.height < 0.45 * N
-    assert float(failed["cost_usd"].sum()) == 0.0 and failed["billed_known"].all()  # released, not charged
+    assert float(failed["cost_usd"].sum()) == 0.0
+    assert failed["billed_known"].all()
     # the next rounds called them again (by batch); the bill is exactly the lines that answered
     # (a cascade's failed step may go on to its next LLM instead: by the plan kinds' rules)
     again = outcome.observations.filter(pl.col("round") == 2).join(failed.select("query_id"), on="query_id")
@@ -196,11 +198,13 @@ def test_a_failed_upload_is_retried_then_released(history: History, tmp_path: Pa
         outcome = run(history, srv.base_url, tmp_path / "released", rounds=2, api_options={"attempts": 4, "base_delay_s": 0.01})
         stats = srv.stats()
     first = outcome.observations.filter(pl.col("round") == 1)
-    assert (first["status"] == "server_error").all() and float(first["cost_usd"].sum()) == 0.0
+    assert (first["status"] == "server_error").all()
+    assert float(first["cost_usd"].sum()) == 0.0
     assert first.height == N
     # round 2 uploaded again and answered them; no batch was made for the failed uploads
     assert (outcome.results["status"] == "done").mean() >= 0.95
-    assert len(stats["batches"]) == 2 and stats["submitted_twice"] == []
+    assert len(stats["batches"]) == 2
+    assert stats["submitted_twice"] == []
 
 
 def test_slow_status_still_completes_and_a_deadline_cancels(history: History, tmp_path: Path) -> None:
@@ -253,7 +257,7 @@ class Mixed:
 
 
 def test_rows_marked_realtime_go_through_the_dispatcher_at_full_price(history: History, server: BatchServer, tmp_path: Path) -> None:
-    queue, plan, _ = plan_of(history)
+    _queue, plan, _ = plan_of(history)
     outcome = run(history, server.base_url, tmp_path, rounds=1, planner=Mixed(PlanContinuation(plan)))
     stats = server.stats()
     assert (outcome.results["status"] == "done").all()
