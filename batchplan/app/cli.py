@@ -46,6 +46,7 @@ FLAGS = {
     "model_version": "--model-version",
     "predictor": "--predictor",
     "rounds": "--rounds",
+    "batch_api": "--batch-api",
 }
 
 
@@ -349,6 +350,18 @@ RoundsOpt = Annotated[
     int,
     typer.Option("--rounds", min=1, help="Execute in N rounds, re-planned after each under what is left (1: single shot)."),
 ]
+BatchApiOpt = Annotated[
+    bool,
+    typer.Option(
+        "--batch-api",
+        help="Send each round's calls as provider batch jobs (OpenAI Batch API: half the price, results within 24h) "
+        "unless the round planner marks them realtime; runs in rounds (give --rounds N for cascades' later steps).",
+    ),
+]
+ResumeCancelledOpt = Annotated[
+    bool,
+    typer.Option("--resume-cancelled", help="Submit batches again in a run stopped by `batchplan cancel`."),
+]
 RoundPlannerOpt = Annotated[
     str,
     typer.Option(
@@ -521,6 +534,8 @@ def run(
     run_id: Annotated[str | None, typer.Option("--run-id", help="Name shown in the report.")] = None,
     rounds: RoundsOpt = 1,
     round_planner: RoundPlannerOpt = "plan",
+    batch_api: BatchApiOpt = False,
+    resume_cancelled: ResumeCancelledOpt = False,
 ) -> None:
     """Plan and dispatch the batch; rerunning the same command resumes without paying twice."""
     with _user_errors():
@@ -538,6 +553,10 @@ def run(
             allow_unused_constraints=allow_unused_constraints,
         )
         _check_backend(backend, replay_history=replay_history, prices=prices, base_url=base_url)
+        if batch_api:
+            from batchplan.app.pipeline import check_batch_api
+
+            check_batch_api(backend)
         from batchplan.app.pipeline import Job, run_job
         from batchplan.app.report import render_markdown
 
@@ -554,6 +573,8 @@ def run(
             run_id=run_id,
             rounds=rounds,
             round_planner=round_planner,
+            batch_api=batch_api,
+            resume_cancelled=resume_cancelled,
         )
         with _progress("dispatch") as progress:
             outcome = run_job(job, _storage(), progress=progress)
@@ -600,6 +621,19 @@ def demo(
     )
     typer.echo(render_markdown(outcome.report))
     typer.echo(f"report: {outcome.paths['html']}")
+
+
+@app.command(cls=_Command, epilog="Example: batchplan cancel runs/r1")
+def cancel(run_dir: Annotated[str, typer.Argument(help="Run directory written by `batchplan run --batch-api`.")]) -> None:
+    """Cancel the run's open batch jobs at their provider and mark the run, so that a rerun submits no new
+    batch unless given --resume-cancelled (what the cancelled batches finished is kept and paid once)."""
+    with _user_errors():
+        from batchplan.dispatchers.batch import cancel_run
+
+        cancelled = cancel_run(_storage(), run_dir)
+    for job in cancelled:
+        typer.echo(f"{job['batch']} ({job['job']}): {job.get('status')}{' - ' + job['error'] if job.get('error') else ''}")
+    typer.echo(f"cancelled {len(cancelled)} open batch job(s); {run_dir} is marked: rerun with --resume-cancelled to go on")
 
 
 @app.command("show-report", cls=_Command, epilog="Example: batchplan show-report runs/r1")

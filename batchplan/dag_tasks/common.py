@@ -56,6 +56,11 @@ class RunParams:
     allow_unused_constraints: bool = False  # a config listing every tenant, not all queued tonight
     rounds: int = 1  # > 1: execute in rounds (batchplan.dag_tasks.rounds), at most MAX_ROUNDS
     round_planner: str = "plan"
+    batch_api: bool = False  # rounds sent as provider batch jobs (in rounds even when rounds == 1)
+
+    @property
+    def in_rounds(self) -> bool:
+        return self.rounds > 1 or self.batch_api
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> RunParams:
@@ -68,7 +73,12 @@ class RunParams:
         if not 1 <= rounds <= MAX_ROUNDS:
             raise ContractError(f"rounds must be in [1, {MAX_ROUNDS}], got {rounds}")
         planner = str(params.get("round_planner") or "plan")
-        if rounds > 1:
+        batch_api = bool(params.get("batch_api", False))
+        if batch_api:
+            from batchplan.app.pipeline import check_batch_api
+
+            check_batch_api(str(params.get("backend") or "replay"))
+        if rounds > 1 or batch_api:
             from batchplan.app.round_runner import check_round_planner
 
             check_round_planner(planner)
@@ -82,6 +92,7 @@ class RunParams:
             allow_unused_constraints=bool(params.get("allow_unused_constraints", False)),
             rounds=rounds,
             round_planner=planner,
+            batch_api=batch_api,
         )
 
     def request(self) -> Any:
