@@ -211,6 +211,7 @@ class Job:
     file_id: str | None = None
     batch_id: str | None = None
     batch: dict[str, Any] = field(default_factory=dict)
+    new: bool = False  # planned by this run: its input file and intent are not written yet
 
 
 def _safe(name: str) -> str:
@@ -270,6 +271,8 @@ class BatchRun:
         api = self._api = OpenAIBatchAPI(self.backend.base_url, key, **self.api_options)
         try:
             jobs = await self._plan_jobs()
+            if any(job.state in ("intent", "uploaded") for job in jobs):
+                self._check_not_cancelled()  # before anything new is written or submitted
             summary = await asyncio.gather(*(self._drive(job) for job in jobs))
         finally:
             self.ledger.close()
@@ -403,7 +406,7 @@ class BatchRun:
         n = 0
         while f"{_safe(model)}-{n:04d}" in taken:
             n += 1
-        job = Job(f"{_safe(model)}-{n:04d}", model, lines)
+        job = Job(f"{_safe(model)}-{n:04d}", model, lines, new=True)
         taken.add(job.key)
         return job
 
@@ -427,14 +430,13 @@ class BatchRun:
     # -- one job's life ---------------------------------------------------------------------------------
     async def _drive(self, job: Job) -> float:
         """Take ``job`` from where the ledger left it to downloaded (or failed); returns what it charged."""
-        if job.state == "intent" and not job.file_id and not self.storage.exists(self._input_uri(job)):
+        if job.new:  # a file left by a run killed before its intent is overwritten: that job never was
             data = b"".join(self._encode(line) for line in job.lines)
             self.storage.write_bytes(self._input_uri(job), data)
             digest = hashlib.sha256(data).hexdigest()[:16]
             reserved = sum(line.reserve_usd for line in job.lines)
             await self._mark(job, "intent", n=len(job.lines), r=reserved, sha=digest)
-        if job.state in ("intent", "uploaded"):
-            self._check_not_cancelled()
+            job.new = False
         if job.state == "intent":
             if self._past_deadline():
                 return await self._release(job, TIMEOUT, "the deadline passed before the job was submitted")
@@ -472,6 +474,8 @@ class BatchRun:
             try:
                 batch = await self._api.retrieve(job.batch_id)
             except BatchAPIError as error:
+                if not error.transient:  # the provider does not know the batch (any more): its lines are lost
+                    return {"status": "abandoned", "why": str(error)}
                 log.warning("batch.poll_failed", job=job.key, error=str(error))
             if batch.get("status") in TERMINAL:
                 return batch

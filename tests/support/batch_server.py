@@ -24,8 +24,6 @@ submitted in more than one batch (``submitted_twice``), so tests can assert no j
 from __future__ import annotations
 
 import argparse
-import asyncio
-import contextlib
 import hashlib
 import json
 import time
@@ -35,8 +33,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
-from batchplan.core.history import History, load_history, synthetic_history
-from tests.support.replay_server import ReplayServer, _error, _Protocol
+from batchplan.core.history import History
+from tests.support.replay_server import ReplayServer, _error, _Protocol, serve_until_interrupted, served_history
 
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 ENDPOINT = "/v1/chat/completions"
@@ -94,6 +92,7 @@ class BatchServer(ReplayServer):
         self.batches: dict[str, _Batch] = {}
         self.calls: Counter[str] = Counter()  # route -> requests (uploads, creates, retrieves, contents)
         self._submissions: Counter[str] = Counter()  # custom_id -> batches created with it
+        self._query_ids = set(history.queries["query_id"].to_list())
 
     # -- the bill and the record ------------------------------------------------------------------------
     def stats(self) -> dict[str, Any]:
@@ -266,7 +265,7 @@ class BatchServer(ReplayServer):
                 failed += 1
                 continue
             try:
-                query_id, code, payload, cost = self.answer(line["body"])
+                query_id, code, payload, cost = self.answer(line["body"], self._query_hint(custom_id))
             except (KeyError, TypeError):
                 query_id, code, payload, cost = "", 400, _error("malformed body", "invalid_request_error"), 0.0
             if code != 200:
@@ -286,6 +285,12 @@ class BatchServer(ReplayServer):
         b.counts.update(completed=completed, failed=failed)
         b.status = status
         b.finished_at = time.time()
+
+    def _query_hint(self, custom_id: Any) -> str | None:
+        """The query a line is for, from batchplan's custom_id (``<run_id>/<query_id>/<call>``): a batch line
+        has no headers, and two queries may share a prompt (what X-Batchplan-Query-Id is for in real time)."""
+        parts = str(custom_id).split("/")
+        return parts[1] if len(parts) >= 3 and parts[1] in self._query_ids else None
 
     def _store(self, name: str, data: bytes) -> str:
         file_id = f"file-{uuid.uuid4().hex[:24]}"
@@ -413,24 +418,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         kind = int if f.type in ("int", int) else float
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=f.default)
     args = parser.parse_args(argv)
-    if args.synthetic:
-        history = synthetic_history(args.synthetic, args.models, seed=args.seed)
-    elif args.history:
-        history = load_history(args.history)
-    else:
-        parser.error("give --history DIR or --synthetic N")
     faults = BatchFaults(**{f.name: getattr(args, f.name) for f in fields(BatchFaults)})
-    server = BatchServer(history, faults, port=args.port, aliases=dict(a.split("=", 1) for a in args.alias))
-
-    async def run() -> None:
-        task = asyncio.create_task(server.serve())
-        await asyncio.get_running_loop().run_in_executor(None, server._ready.wait)
-        print(f"batch server listening on {server.base_url} ({asdict(faults)})", flush=True)
-        await task
-
-    with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run())
-
+    aliases = dict(a.split("=", 1) for a in args.alias)
+    server = BatchServer(served_history(parser, args), faults, port=args.port, aliases=aliases)
+    serve_until_interrupted(server, f"batch server ({asdict(faults)})")
 
 if __name__ == "__main__":
     main()

@@ -371,20 +371,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--down-model", action="append", default=[], dest="down_models")
     parser.add_argument("--alias", action="append", default=[], help="PROVIDER_NAME=HISTORY_MODEL (repeatable)")
     args = parser.parse_args(argv)
-    if args.synthetic:
-        history = synthetic_history(args.synthetic, args.models, seed=args.seed)
-    elif args.history:
-        history = load_history(args.history)
-    else:
-        parser.error("give --history DIR or --synthetic N")
+    history = served_history(parser, args)
     faults = Faults(**{f.name: getattr(args, f.name) for f in fields(Faults) if f.name != "seed"}, seed=args.seed)
     aliases = dict(a.split("=", 1) for a in args.alias)
-    server = ReplayServer(history, faults, port=args.port, aliases=aliases)
+    serve_until_interrupted(ReplayServer(history, faults, port=args.port, aliases=aliases), "replay server")
+
+
+def served_history(parser: argparse.ArgumentParser, args: argparse.Namespace) -> History:
+    """The history named by --history or --synthetic (the servers' command lines share these flags)."""
+    if args.synthetic:
+        return synthetic_history(args.synthetic, args.models, seed=args.seed)
+    if args.history:
+        return load_history(args.history)
+    parser.error("give --history DIR or --synthetic N")
+
+
+def serve_until_interrupted(server: ReplayServer, name: str) -> None:
+    """Serve in the foreground, saying where, until Ctrl-C."""
 
     async def run() -> None:
         task = asyncio.create_task(server.serve())
         await asyncio.get_running_loop().run_in_executor(None, server._ready.wait)
-        print(f"replay server listening on {server.base_url}", flush=True)
+        print(f"{name} listening on {server.base_url}", flush=True)
         await task
 
     with contextlib.suppress(KeyboardInterrupt):
