@@ -18,6 +18,10 @@ states, each appended to the ledger (``{"e": "j", "job", "st", ...}``) before th
                 status, so the next round re-plans them
     failed      never submitted (upload failed, deadline passed first): lines released as transient
 
+Lines the budget cannot hold go in a later wave: once the first jobs settle at their bills (well under the
+bounds they held), the refused lines are reserved again and submitted as new jobs, until all are sent, none
+fits, or the deadline passes; what never fits is returned as refused.
+
 A rerun after kill -9 anywhere reads these events, re-holds the reservations of every job not yet
 downloaded, and continues each job from its last state: no batch created twice, nothing paid twice.
 Past ``deadline`` (absolute, time.time()) open batches are cancelled; what they finished is kept, the rest
@@ -254,7 +258,7 @@ class BatchRun:
         self.max_tokens, self.max_tokens_open = max_tokens, max_tokens_open
         self.cancel_marker, self.resume_cancelled = cancel_marker, resume_cancelled
         self.api_options = dict(api_options or {})
-        self.refused: list[tuple[str, str]] = []
+        self.refused: list[tuple[Line, str]] = []  # lines the budget cannot hold now, and why
 
     def run(self) -> pl.DataFrame:
         return asyncio.run(self.arun())
@@ -269,11 +273,22 @@ class BatchRun:
         self.ledger = Ledger(self.storage, self.out_uri, writer)
         key = self.backend._key.value if self.backend._key else None
         api = self._api = OpenAIBatchAPI(self.backend.base_url, key, **self.api_options)
+        charged, sent = 0.0, 0
         try:
             jobs = await self._plan_jobs()
-            if any(job.state in ("intent", "uploaded") for job in jobs):
-                self._check_not_cancelled()  # before anything new is written or submitted
-            summary = await asyncio.gather(*(self._drive(job) for job in jobs))
+            waves = 0
+            while jobs:
+                if any(job.new or job.state in ("intent", "uploaded") for job in jobs):
+                    self._check_not_cancelled()  # before anything new is written or submitted
+                charged += sum(await asyncio.gather(*(self._drive(job) for job in jobs)))
+                sent += sum(len(job.lines) for job in jobs)
+                waves += 1
+                if not self.refused or self._past_deadline():
+                    break
+                # a wave: the jobs just settled at their bills, well under the bounds they held, so lines
+                # refused before may fit now (each still reserved in full before it is submitted)
+                retry, self.refused = [line for line, _ in self.refused], []
+                jobs = await self._new_jobs(retry, self._taken)
         finally:
             self.ledger.close()
             lease.release()
@@ -281,13 +296,14 @@ class BatchRun:
         log.info(
             "batch.round",
             out=self.out_uri,
-            jobs=len(jobs),
-            lines=sum(len(j.lines) for j in jobs),
+            waves=waves,
+            lines=sent,
             refused=len(self.refused),
-            charged_usd=round(sum(s for s in summary), 6),
+            charged_usd=round(charged, 6),
             budget_usd=round(self.budget_usd, 6),
         )
-        return pl.DataFrame(self.refused, schema=REFUSED_SCHEMA, orient="row")
+        refused = [(line.query_id, why) for line, why in self.refused]
+        return pl.DataFrame(refused, schema=REFUSED_SCHEMA, orient="row")
 
     # -- what to send, what the ledger already holds ----------------------------------------------------
     def _lines(self) -> list[Line]:
@@ -361,7 +377,8 @@ class BatchRun:
         fresh = [
             line for custom_id, line in lines.items() if custom_id not in in_jobs and custom_id not in called
         ]
-        new = await self._new_jobs(fresh, {j.key for j in jobs.values()})
+        self._taken = {j.key for j in jobs.values()}
+        new = await self._new_jobs(fresh, self._taken)
         return open_jobs + new
 
     async def _hold(self, line: Line) -> tuple[list[tuple[BudgetGuard, Reservation]], str | None]:
@@ -383,7 +400,7 @@ class BatchRun:
         for line in fresh:
             held, refused = await self._hold(line) if line.reserve_usd is not None else ([], "no cost bound")
             if refused is not None:
-                self.refused.append((line.query_id, refused))
+                self.refused.append((line, refused))
                 continue
             line.held = held
             by_model.setdefault(line.request.model, []).append(line)
