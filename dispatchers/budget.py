@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 _SCALE = 10**12  # pico-dollars
@@ -91,3 +92,21 @@ class BudgetGuard:
 
     async def release(self, reservation: Reservation) -> None:
         await self.settle(reservation, 0.0)
+
+
+async def hold(
+    guards: Sequence[tuple[str, BudgetGuard]], usd: float, *, wait: bool = True
+) -> tuple[list[tuple[BudgetGuard, Reservation]], tuple[str, BudgetGuard] | None]:
+    """Reserve ``usd`` in every guard (a tenant's budget and the total) or in none: (held, None), or ([],
+    (name, guard)) naming the guard that refused. ``wait``: wait while in-flight reservations might still
+    free room (``reserve``); without it, take only what fits now (``try_reserve``: a batch job holds its
+    reservations until the provider finishes, so nothing would free room while it waits)."""
+    held: list[tuple[BudgetGuard, Reservation]] = []
+    for name, guard in guards:
+        reservation = await guard.reserve(usd) if wait else guard.try_reserve(usd)
+        if reservation is None:
+            for other, taken in held:
+                await other.release(taken)
+            return [], (name, guard)
+        held.append((guard, reservation))
+    return held, None

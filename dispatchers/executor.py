@@ -26,7 +26,7 @@ from batchplan.dispatchers.base import (
     CallRequest,
     CallResult,
 )
-from batchplan.dispatchers.budget import BudgetGuard, Reservation
+from batchplan.dispatchers.budget import BudgetGuard, Reservation, hold
 from batchplan.dispatchers.ledger import Ledger, PriorCalls
 from batchplan.dispatchers.limits import ModelGate, ModelLimits, RetryPolicy
 
@@ -188,15 +188,10 @@ class Executor:
         guards = [("total budget", self.budget)]
         if q.tenant in self.tenant_budgets:
             guards.insert(0, (f"tenant {q.tenant!r} budget", self.tenant_budgets[q.tenant]))
-        held: list[tuple[BudgetGuard, Reservation]] = []
-        for name, guard in guards:
-            reservation = await guard.reserve(usd)
-            if reservation is None:
-                for other, taken in held:
-                    await other.release(taken)
-                left = guard.budget_usd - guard.spent_usd
-                raise _Deferred(f"{name}: {model} needs up to {usd:.6g} USD, {left:.6g} USD left")
-            held.append((guard, reservation))
+        held, refused = await hold(guards, usd)
+        if refused is not None:
+            name, guard = refused
+            raise _Deferred(f"{name}: {model} needs up to {usd:.6g} USD, {guard.budget_usd - guard.spent_usd:.6g} USD left")
         return held
 
     async def ask_model(self, q: QueryRun, slot: int, model: str, role: str, *, can_fall_back: bool) -> CallResult:

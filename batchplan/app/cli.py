@@ -48,6 +48,7 @@ FLAGS = {
     "predictor": "--predictor",
     "rounds": "--rounds",
     "audit_share": "--audit-share",
+    "batch_api": "--batch-api",
 }
 
 
@@ -360,6 +361,18 @@ AuditShareOpt = Annotated[
         "backend, 0 for replay and for runs in rounds.",
     ),
 ]
+BatchApiOpt = Annotated[
+    bool,
+    typer.Option(
+        "--batch-api",
+        help="Send each round's calls as provider batch jobs (OpenAI Batch API: half the price, results within 24h) "
+        "unless the round planner marks them realtime; runs in rounds (give --rounds N for cascades' later steps).",
+    ),
+]
+ResumeCancelledOpt = Annotated[
+    bool,
+    typer.Option("--resume-cancelled", help="Submit batches again in a run stopped by `batchplan cancel`."),
+]
 RoundPlannerOpt = Annotated[
     str,
     typer.Option(
@@ -554,6 +567,8 @@ def run(
     rounds: RoundsOpt = 1,
     round_planner: RoundPlannerOpt = "plan",
     audit_share: AuditShareOpt = None,
+    batch_api: BatchApiOpt = False,
+    resume_cancelled: ResumeCancelledOpt = False,
 ) -> None:
     """Plan and dispatch the batch; rerunning the same command resumes without paying twice."""
     with _user_errors():
@@ -574,6 +589,10 @@ def run(
 
         request = dataclasses.replace(request, audit_share=default_audit_share(audit_share, backend, rounds))
         _check_backend(backend, replay_history=replay_history, prices=prices, base_url=base_url)
+        if batch_api:
+            from batchplan.app.pipeline import check_batch_api
+
+            check_batch_api(backend)
         from batchplan.app.pipeline import Job, run_job
         from batchplan.app.report import render_markdown
 
@@ -590,6 +609,8 @@ def run(
             run_id=run_id,
             rounds=rounds,
             round_planner=round_planner,
+            batch_api=batch_api,
+            resume_cancelled=resume_cancelled,
         )
         with _progress("dispatch") as progress:
             outcome = run_job(job, _storage(), progress=progress)
@@ -650,6 +671,19 @@ def label(
         storage = _storage()
         got = join_labels(storage, run_dir, read_label_file(storage, file), source_file=file)
     console.print(got.line(), highlight=False, soft_wrap=True)
+
+
+@app.command(cls=_Command, epilog="Example: batchplan cancel runs/r1")
+def cancel(run_dir: Annotated[str, typer.Argument(help="Run directory written by `batchplan run --batch-api`.")]) -> None:
+    """Cancel the run's open batch jobs at their provider and mark the run, so that a rerun submits no new
+    batch unless given --resume-cancelled (what the cancelled batches finished is kept and paid once)."""
+    with _user_errors():
+        from batchplan.dispatchers.batch import cancel_run
+
+        cancelled = cancel_run(_storage(), run_dir)
+    for job in cancelled:
+        typer.echo(f"{job['batch']} ({job['job']}): {job.get('status')}{' - ' + job['error'] if job.get('error') else ''}")
+    typer.echo(f"cancelled {len(cancelled)} open batch job(s); {run_dir} is marked: rerun with --resume-cancelled to go on")
 
 
 @app.command("show-report", cls=_Command, epilog="Example: batchplan show-report runs/r1")

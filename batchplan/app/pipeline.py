@@ -38,7 +38,9 @@ from batchplan.app.report import Truth, build_report, summary_line, write_report
 from batchplan.app.round_runner import (
     MAX_TOKENS,
     MAX_TOKENS_OPEN,
+    BatchSender,
     DispatchSender,
+    RoundSender,
     RoundsOutcome,
     check_round_planner,
     make_round_planner,
@@ -254,9 +256,11 @@ def execute_rounds(
     tenant_budgets_usd: dict[str, float] | None = None,
     progress: Progress | None = None,
     retry: RetryPolicy | None = None,
+    sender: RoundSender | None = None,
 ) -> RoundsOutcome:
     """``execute`` in rounds: each round planned by ``planner`` from what the earlier ones observed, under
-    the budget they left; under ``<out>/rounds/`` (resumable, see ``batchplan.app.round_runner``)."""
+    the budget they left; under ``<out>/rounds/`` (resumable, see ``batchplan.app.round_runner``).
+    ``sender``: how a round is sent (default: the dispatcher, in real time; ``BatchSender``: batch APIs)."""
     started = time.perf_counter()
     limit = hard_budget(plan, budget_usd)
     bounds = backend.cost_bounds(queue, predictions.select("query_id", "model"), MAX_TOKENS, MAX_TOKENS_OPEN)
@@ -264,7 +268,7 @@ def execute_rounds(
         planner,
         queue,
         predictions,
-        DispatchSender(backend, max_tokens=MAX_TOKENS, max_tokens_open=MAX_TOKENS_OPEN, options={"retry": retry}),
+        sender or realtime_sender(backend, retry),
         rounds=rounds,
         budget_usd=limit,
         out_uri=out_uri,
@@ -284,6 +288,38 @@ def execute_rounds(
         seconds=round(time.perf_counter() - started, 2),
     )
     return outcome
+
+
+def realtime_sender(backend: Backend, retry: RetryPolicy | None = None) -> DispatchSender:
+    return DispatchSender(backend, max_tokens=MAX_TOKENS, max_tokens_open=MAX_TOKENS_OPEN, options={"retry": retry})
+
+
+BATCH_API_BACKENDS = ("openai",)  # backends whose provider batch API BatchSender speaks
+
+
+def check_batch_api(backend: str) -> None:
+    if backend not in BATCH_API_BACKENDS:
+        raise ContractError(
+            f"batch_api needs a backend with a batch API ({', '.join(BATCH_API_BACKENDS)}), not {backend!r}",
+            fields=("batch_api",),
+        )
+
+
+def batch_sender(
+    backend: Backend, run_uri: str, *, resume_cancelled: bool = False, deadline: float | None = None, **options: Any
+) -> BatchSender:
+    """Rounds of the run under ``run_uri`` by batch (real time for rows the planner marks so); a run marked
+    by ``batchplan cancel`` submits nothing new unless ``resume_cancelled``."""
+    from batchplan.core.settings import get_settings
+    from batchplan.dispatchers.batch import CANCELLED_MARKER
+
+    return BatchSender(
+        backend,
+        realtime_sender(backend),
+        deadline=deadline,
+        poll_s=get_settings().batch_poll_s,
+        options={"cancel_marker": join(run_uri, CANCELLED_MARKER), "resume_cancelled": resume_cancelled, **options},
+    )
 
 
 def reference_models(predictions: pl.DataFrame, queue: pl.DataFrame) -> dict[str, str]:
@@ -318,6 +354,8 @@ class Job:
     backend_options: dict[str, Any] = field(default_factory=dict)
     rounds: int = 1  # > 1: execute in rounds, re-planned after each (batchplan.app.round_runner); 1: single shot
     round_planner: str = "plan"  # a name in batchplan.app.round_runner.ROUND_PLANNERS
+    batch_api: bool = False  # rounds sent as provider batch jobs (BatchSender), in rounds even when rounds == 1
+    resume_cancelled: bool = False  # submit batches again in a run marked by `batchplan cancel`
 
 
 @dataclass(frozen=True)
@@ -333,9 +371,12 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
     started = time.perf_counter()
     if job.request.audit_share > 0 and not job.request.audit_seed:  # the sample is the run's: the same on resume
         job = dataclasses.replace(job, request=dataclasses.replace(job.request, audit_seed=job.run_id or job.out_uri))
-    if job.rounds > 1:  # before anything is planned or sent
+    in_rounds = job.rounds > 1 or job.batch_api
+    if in_rounds:  # before anything is planned or sent
         check_round_planner(job.round_planner)
         check_rounds_request(job.request)
+    if job.batch_api:
+        check_batch_api(job.backend)
     # the replay history is read once: it answers the calls and is the truth the report scores against
     replay = load_history(job.replay_history, storage) if job.backend == "replay" and job.replay_history else None
     backend = make_backend(
@@ -362,7 +403,7 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
         storage, paths["plan"], ingested.queue, predictions, trained.templates, job.request, audit
     )
     estimated: float | None = None
-    if job.rounds > 1:
+    if in_rounds:
         planner = make_round_planner(
             job.round_planner,
             plan=plan,
@@ -383,6 +424,7 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
             storage=storage,
             tenant_budgets_usd=job.request.tenant_budgets_usd,
             progress=progress,
+            sender=batch_sender(backend, job.out_uri, resume_cancelled=job.resume_cancelled) if job.batch_api else None,
         )
         results, estimated = outcome.results, outcome.estimated_accuracy
     else:

@@ -40,13 +40,16 @@ import structlog
 
 from batchplan.core.contracts import RESULT_SCHEMA, ContractError, conform
 from batchplan.core.rounds import (
+    BATCH,
     OBSERVATION_SCHEMA,
+    REALTIME,
     ROUND_ANSWER_SCHEMA,
     ROUND_PLAN_SCHEMA,
     TRANSIENT,
     RoundPlan,
     RoundPlanner,
     RoundState,
+    with_modes,
 )
 from batchplan.core.storage import Storage, join
 from batchplan.dispatchers import ROUND_CALLS, Backend, dispatch, ledger_events
@@ -111,6 +114,9 @@ class DispatchSender:
         rows = calls.filter(pl.col("models").list.len() > 0).select(
             "query_id", pl.lit(ROUND_CALLS).alias("kind"), "models", "reserve_cost_usd"
         )
+        if "mode" in calls.columns and (batch := int((calls["mode"] == BATCH).sum())):
+            # this sender has no batch API: the calls still go (real time, under the same hard budget)
+            log.warning("round.batch_as_realtime", round=round, queries=batch)
         results = dispatch(
             rows,
             queue,
@@ -127,6 +133,75 @@ class DispatchSender:
         )
         refused = results.filter(pl.col("status") == "deferred").select("query_id", "error")
         return observations_from_ledger(storage, out_uri, round), refused.cast(REFUSED_SCHEMA)
+
+
+@dataclass
+class BatchSender:
+    """A round's ``mode == "batch"`` rows as provider batch jobs (``dispatchers.batch``: one JSONL job per
+    LLM, reserved before submission, exactly once across crashes) and its ``realtime`` rows through
+    ``realtime`` (a DispatchSender), first, under the same hard budgets; rows without a mode go by
+    ``default_mode``. ``deadline`` (time.time()): when it passes, open batches are cancelled and their
+    unfinished lines come back as transient failures for the next round."""
+
+    backend: Backend  # an OpenAI-compatible backend (its endpoint, key, prices and request bodies)
+    realtime: DispatchSender
+    default_mode: str = BATCH
+    deadline: float | None = None
+    poll_s: float = 30.0
+    options: dict[str, Any] = field(default_factory=dict)  # BatchRun's keywords: max_lines, cancel_marker ...
+
+    def send(
+        self,
+        calls: pl.DataFrame,
+        queue: pl.DataFrame,
+        *,
+        round: int,
+        budget_usd: float,
+        tenant_budgets_usd: Mapping[str, float],
+        out_uri: str,
+        storage: Storage,
+        progress: Progress | None,
+    ) -> tuple[pl.DataFrame, pl.DataFrame]:
+        from batchplan.dispatchers.batch import BatchRun
+
+        calls = with_modes(calls, self.default_mode).filter(pl.col("models").list.len() > 0)
+        now = calls.filter(pl.col("mode") == REALTIME)
+        got, refused = pl.DataFrame(schema=OBSERVATION_SCHEMA), pl.DataFrame(schema=REFUSED_SCHEMA)
+        if now.height:
+            got, refused = self.realtime.send(
+                now,
+                queue,
+                round=round,
+                budget_usd=budget_usd,
+                tenant_budgets_usd=tenant_budgets_usd,
+                out_uri=out_uri,
+                storage=storage,
+                progress=progress,
+            )
+        later = calls.filter(pl.col("mode") == BATCH)
+        if later.height:
+            tenants = queue.select("query_id", "tenant") if tenant_budgets_usd else None
+            tenant_left = _tenant_left(dict(tenant_budgets_usd), tenants, got)
+            here = join(out_uri, "batch")
+            batch_refused = BatchRun(
+                later,
+                queue.filter(pl.col("query_id").is_in(later["query_id"].implode())),
+                self.backend,  # type: ignore[arg-type]
+                budget_usd=budget_usd - float(got["cost_usd"].sum()),
+                tenant_budgets_usd=tenant_left,
+                out_uri=here,
+                storage=storage,
+                deadline=self.deadline,
+                poll_s=self.poll_s,
+                max_tokens=self.realtime.max_tokens,
+                max_tokens_open=self.realtime.max_tokens_open,
+                **self.options,
+            ).run()
+            refused = pl.concat([refused, batch_refused.group_by("query_id", maintain_order=True).agg(
+                pl.col("error").str.join("; ")
+            )])
+            got = pl.concat([got, observations_from_ledger(storage, here, round)])
+        return got, refused.cast(REFUSED_SCHEMA)
 
 
 def observations_from_ledger(storage: Storage, out_uri: str, round: int) -> pl.DataFrame:
@@ -375,6 +450,7 @@ def _resume_or_plan_round(storage: Storage, here: str, planner: RoundPlanner, st
     started = time.perf_counter()
     planned: RoundPlan = planner.plan_round(state)
     calls = conform(planned.calls, ROUND_PLAN_SCHEMA, name=f"round {state.round} plan", required=("query_id", "models"))
+    with_modes(calls.filter(pl.col("mode").is_not_null()))  # a mode outside MODES is refused, naming the row
     if calls["query_id"].is_duplicated().any():
         raise ValueError(f"round {state.round} plan has duplicate query_id rows: one row per query")
     diagnostics = {

@@ -5,12 +5,14 @@ Shared by the predictor (expected cost of a call) and the live dispatchers (bill
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 
 import polars as pl
 
 from batchplan.core.contracts import MODELS_SCHEMA, conform
+
+DEFAULT_BATCH_DISCOUNT = 0.5  # OpenAI-compatible batch APIs and Bedrock batch inference: half the on-demand price
 
 
 @dataclass(frozen=True)
@@ -19,6 +21,9 @@ class PriceCatalog:
 
     prices: pl.DataFrame
     billed: pl.DataFrame
+    # model -> the batch API's price as a share of the on-demand one (OpenAI's Batch API, Bedrock batch
+    # inference: 50% of on-demand); models not named here get DEFAULT_BATCH_DISCOUNT
+    batch_discounts: dict[str, float] = field(default_factory=dict)
 
     @classmethod
     def from_history(cls, prices: pl.DataFrame, outcomes: pl.DataFrame) -> PriceCatalog:
@@ -47,6 +52,10 @@ class PriceCatalog:
     @cached_property
     def billed_means(self) -> dict[str, float]:
         return {m: float(c) for m, c in self.billed.select("model", "mean_cost_usd").iter_rows() if c is not None}
+
+    def batch_discount(self, model: str) -> float:
+        """What a call of ``model`` by batch costs per dollar of the same call on demand."""
+        return self.batch_discounts.get(model, DEFAULT_BATCH_DISCOUNT)
 
     def call_cost(self, model: str, tokens_in: int, tokens_out: int) -> float | None:
         """Cost of one call from its usage at list price; the model's billed mean where no list price is

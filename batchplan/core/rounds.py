@@ -18,6 +18,7 @@ from typing import Any, Final, Protocol
 import polars as pl
 
 from batchplan.core.contracts import _columns
+from batchplan.core.errors import ContractError
 
 # Observation statuses that say nothing about the query (the dispatcher's rate_limited, server_error, timeout,
 # connection and lost): another call, next round, may well answer. Round planners and the runner share it.
@@ -52,9 +53,31 @@ ROUND_PLAN_SCHEMA: Final = pl.Schema(
             "expected_cost_usd": pl.Float64,
             "reserve_cost_usd": pl.Float64,  # high side of the round's calls: what the budget guard will hold
             "expected_accuracy": pl.Float64,  # P(the query's answer after this round is right), as planned
+            # how the round's calls of this query are sent: "realtime" (the dispatcher) or "batch" (a
+            # provider's batch API, at its batch price); optional, null = the sender's default (realtime)
+            "mode": pl.String,
         }
     )
 )
+REALTIME: Final = "realtime"
+BATCH: Final = "batch"
+MODES: Final = (REALTIME, BATCH)
+
+
+def with_modes(calls: pl.DataFrame, default: str = REALTIME) -> pl.DataFrame:
+    """``calls`` (ROUND_PLAN_SCHEMA) with every row's ``mode`` set: a missing column or a null is
+    ``default``; a value outside MODES is refused naming the row."""
+    if default not in MODES:
+        raise ContractError(f"mode must be one of {MODES}, not {default!r}", fields=("mode",))
+    mode = pl.col("mode").fill_null(default) if "mode" in calls.columns else pl.lit(default, dtype=pl.String)
+    calls = calls.with_columns(mode.alias("mode"))
+    bad = calls.filter(~pl.col("mode").is_in(MODES))
+    if bad.height:
+        row = bad.row(0, named=True)
+        raise ContractError(
+            f"round plan row query_id={row['query_id']!r}: mode {row['mode']!r} is not one of {MODES}", fields=("mode",)
+        )
+    return calls
 
 # One row per query of the batch, after the last round.
 ROUND_ANSWER_SCHEMA: Final = pl.Schema(

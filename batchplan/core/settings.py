@@ -42,6 +42,9 @@ class Settings(BaseSettings):
     holdout_fraction: float = Field(
         default=0.3, description="Share of a train-only data set held out as its test split (by query_id hash)."
     )
+    batch_poll_s: float = Field(
+        default=30.0, gt=0, description="Seconds between status requests for an open provider batch job (--batch-api)."
+    )
 
 
 @lru_cache(maxsize=1)

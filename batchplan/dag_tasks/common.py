@@ -57,6 +57,11 @@ class RunParams:
     rounds: int = 1  # > 1: execute in rounds (batchplan.dag_tasks.rounds), at most MAX_ROUNDS
     round_planner: str = "plan"
     audit_share: float = 0.0  # the share of queries audited (batchplan.plans.audit); default by backend
+    batch_api: bool = False  # rounds sent as provider batch jobs (in rounds even when rounds == 1)
+
+    @property
+    def in_rounds(self) -> bool:
+        return self.rounds > 1 or self.batch_api
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> RunParams:
@@ -69,7 +74,12 @@ class RunParams:
         if not 1 <= rounds <= MAX_ROUNDS:
             raise ContractError(f"rounds must be in [1, {MAX_ROUNDS}], got {rounds}")
         planner = str(params.get("round_planner") or "plan")
-        if rounds > 1:
+        batch_api = bool(params.get("batch_api", False))
+        if batch_api:
+            from batchplan.app.pipeline import check_batch_api
+
+            check_batch_api(str(params.get("backend") or "replay"))
+        if rounds > 1 or batch_api:
             from batchplan.app.round_runner import check_round_planner
 
             check_round_planner(planner)
@@ -84,6 +94,7 @@ class RunParams:
             rounds=rounds,
             round_planner=planner,
             audit_share=_audit_share(params.get("audit_share"), str(params.get("backend") or "replay"), rounds),
+            batch_api=batch_api,
         )
 
     def request(self) -> Any:

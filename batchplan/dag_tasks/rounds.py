@@ -78,7 +78,7 @@ def round_plan_stage(storage: Storage, lay: Layout, run: str, params: RunParams,
     )
 
     out = rounds_uri(lay, run)
-    if params.rounds <= 1 or k > params.rounds or round_complete(storage, out, k):
+    if not params.in_rounds or k > params.rounds or round_complete(storage, out, k):
         return [NOOP]
     inputs = _inputs(storage, lay, run, params)
     queue, predictions = inputs["queue"], inputs["predictions"]
@@ -123,8 +123,12 @@ def round_plan_stage(storage: Storage, lay: Layout, run: str, params: RunParams,
     return shards
 
 
-def round_dispatch_shard(storage: Storage, shard: dict[str, Any], backend: str) -> dict[str, Any]:
-    """Send one shard of a round within its budget share; its observations are written last (reused)."""
+def round_dispatch_shard(
+    storage: Storage, shard: dict[str, Any], backend: str, *, batch_api: bool = False, run_uri: str | None = None
+) -> dict[str, Any]:
+    """Send one shard of a round within its budget share; its observations are written last (reused).
+    ``batch_api``: by the provider's batch API (``run_uri``: where ``batchplan cancel`` marks the run)."""
+    from batchplan.app.pipeline import batch_sender
     from batchplan.app.round_runner import REFUSED_SCHEMA, DispatchSender
 
     if shard.get("noop") or "calls" not in shard:
@@ -139,7 +143,9 @@ def round_dispatch_shard(storage: Storage, shard: dict[str, Any], backend: str) 
         .drop("day", strict=False)
         .filter(pl.col("query_id").is_in(calls["query_id"].implode()))
     )
-    got, refused = DispatchSender(_backend(backend, storage)).send(
+    chosen = _backend(backend, storage)
+    sender = batch_sender(chosen, run_uri or here) if batch_api else DispatchSender(chosen)
+    got, refused = sender.send(
         calls,
         queue,
         round=int(shard["round"]),
@@ -183,7 +189,7 @@ def rounds_results(storage: Storage, lay: Layout, run: str, params: RunParams) -
     """The run's results and estimated accuracy from its rounds (None when it ran single shot)."""
     from batchplan.app.round_runner import finish_rounds, make_round_planner
 
-    if params.rounds <= 1:
+    if not params.in_rounds:
         return None
     inputs = _inputs(storage, lay, run, params)
     outcome = finish_rounds(
@@ -211,12 +217,18 @@ def params() -> dict[str, Any]:
             description="Execute in N rounds, re-planned over the whole batch after each under what is left (1: single shot).",
         ),
         "round_planner": Param("plan", type="string", description="Who plans each round (batchplan.app.round_runner)."),
+        "batch_api": Param(
+            False,
+            type="boolean",
+            description="Send the rounds as provider batch jobs (OpenAI Batch API, half price, within 24h); "
+            "executes in rounds even with rounds = 1.",
+        ),
     }
 
 
 def in_rounds(params: dict[str, Any]) -> bool:
     """The run executes in rounds: the single-shot dispatch tasks stand aside."""
-    return RunParams.from_params(params).rounds > 1
+    return RunParams.from_params(params).in_rounds
 
 
 def round_tasks(info: Any, after: Any, backend_param: str = "backend") -> Any:
@@ -233,7 +245,14 @@ def round_tasks(info: Any, after: Any, backend_param: str = "backend") -> Any:
 
     @task(max_active_tis_per_dagrun=8, retries=3)
     def round_dispatch(shard: dict[str, Any], params: Any = None) -> dict[str, Any]:
-        return round_dispatch_shard(common.storage_from_connection(), shard, params[backend_param])
+        run_uri = rounds_uri(common.layout(), shard["run"]) if "run" in shard else None
+        return round_dispatch_shard(
+            common.storage_from_connection(),
+            shard,
+            params[backend_param],
+            batch_api=bool(params.get("batch_api")),
+            run_uri=run_uri,
+        )
 
     @task
     def round_observe(info: dict[str, Any], shards: Any, sent: Any) -> dict[str, Any]:

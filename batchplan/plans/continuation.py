@@ -101,6 +101,7 @@ class PlanContinuation:
                 "expected_cost_usd": [sum(costs.expected(q, m) for m in ms) for q, ms in planned],
                 "reserve_cost_usd": [sum(costs.bound(q, m) for m in ms) for q, ms in planned],
                 "expected_accuracy": [p_row.get(q) for q, _ in planned],
+                "mode": [None] * len(planned),  # the sender's default (real time, or batch with --batch-api)
             },
             schema=ROUND_PLAN_SCHEMA,
         )

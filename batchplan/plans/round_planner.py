@@ -304,7 +304,7 @@ class PosteriorRoundPlanner:
                 "reserve_cost_usd": high[rows, cols],
                 "expected_accuracy": ev.after[rows, cols],
             }
-        ).with_columns(pl.concat_list("models").alias("models"))
+        ).with_columns(pl.concat_list("models").alias("models"), pl.lit(None, dtype=pl.String).alias("mode"))
         calls = calls.select(ROUND_PLAN_SCHEMA.names()).cast(dict(ROUND_PLAN_SCHEMA))  # type: ignore[arg-type]
         diagnostics: dict[str, Any] = {
             "round": state.round,

@@ -160,7 +160,8 @@ class ReplayServer:
             request = json.loads(body)
             model = str(request["model"])
             model = self.aliases.get(model, model)
-            messages = request["messages"]
+            if not isinstance(request["messages"], list):
+                raise TypeError("messages must be a list")
         except (json.JSONDecodeError, KeyError, TypeError):
             return proto.respond(400, _error("malformed request body", "invalid_request_error"))
         key = headers.get("idempotency-key")
@@ -198,30 +199,42 @@ class ReplayServer:
             return proto.reset()
         if name == "malformed":
             return proto.respond(200, b'{"id": "x", "choices": [{"message": {"content": ')
-        # an audit's reference call carries its own id (<query_id>#audit): it is the same query's prompt
-        query_id = audited_query_id(headers.get("x-batchplan-query-id") or "") or self._find(messages)
-        row = self._table.get((query_id or "", model))
-        if row is None:
-            return proto.respond(
-                404, _error(f"no recorded outcome for query {query_id!r} on model {model!r}", "not_found_error")
-            )
-        answer, cost, tokens_in, tokens_out, logprob = row
-        text = (
-            "I'm sorry, but I can't help with that."
-            if name == "refusal"
-            else (answer if answer is not None else "I am not sure.")
+        query_id, status, payload, cost = self.answer(
+            request, headers.get("x-batchplan-query-id"), refusal=name == "refusal"
         )
-        payload = _completion(model, text, cost or 0.0, tokens_in, tokens_out, logprob, bool(request.get("logprobs")))
+        if status != 200:
+            return proto.respond(status, payload)
         delay = faults.timeout_s if name == "timeout" else faults.slow_s if name == "slow" else 0.0
 
         def send() -> None:
-            self._bill(query_id or "", model, cost or 0.0, key, payload)
+            self._bill(query_id, model, cost, key, payload)
             proto.respond(200, payload)
 
         if delay > 0 and self._loop is not None:
             self._loop.call_later(delay, send)
         else:
             send()
+
+    def answer(
+        self, request: dict[str, Any], query_id: str | None = None, *, refusal: bool = False
+    ) -> tuple[str, int, bytes, float]:
+        """(query_id, HTTP status, body, on-demand cost) of one chat completion request body, as recorded:
+        the answer every endpoint of this server gives (real time here, batch lines in batch_server)."""
+        model = self.aliases.get(str(request["model"]), str(request["model"]))
+        # an audit's reference call carries its own id (<query_id>#audit): it is the same query's prompt
+        query_id = audited_query_id(query_id or "") or self._find(request["messages"])
+        row = self._table.get((query_id or "", model))
+        if row is None:
+            message = f"no recorded outcome for query {query_id!r} on model {model!r}"
+            return query_id or "", 404, _error(message, "not_found_error"), 0.0
+        answer, cost, tokens_in, tokens_out, logprob = row
+        text = (
+            "I'm sorry, but I can't help with that."
+            if refusal
+            else (answer if answer is not None else "I am not sure.")
+        )
+        payload = _completion(model, text, cost or 0.0, tokens_in, tokens_out, logprob, bool(request.get("logprobs")))
+        return query_id or "", 200, payload, float(cost or 0.0)
 
     def _find(self, messages: Sequence[dict[str, Any]]) -> str | None:
         system = next((m.get("content") for m in messages if m.get("role") == "system"), None)
@@ -360,20 +373,28 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--down-model", action="append", default=[], dest="down_models")
     parser.add_argument("--alias", action="append", default=[], help="PROVIDER_NAME=HISTORY_MODEL (repeatable)")
     args = parser.parse_args(argv)
-    if args.synthetic:
-        history = synthetic_history(args.synthetic, args.models, seed=args.seed)
-    elif args.history:
-        history = load_history(args.history)
-    else:
-        parser.error("give --history DIR or --synthetic N")
+    history = served_history(parser, args)
     faults = Faults(**{f.name: getattr(args, f.name) for f in fields(Faults) if f.name != "seed"}, seed=args.seed)
     aliases = dict(a.split("=", 1) for a in args.alias)
-    server = ReplayServer(history, faults, port=args.port, aliases=aliases)
+    serve_until_interrupted(ReplayServer(history, faults, port=args.port, aliases=aliases), "replay server")
+
+
+def served_history(parser: argparse.ArgumentParser, args: argparse.Namespace) -> History:
+    """The history named by --history or --synthetic (the servers' command lines share these flags)."""
+    if args.synthetic:
+        return synthetic_history(args.synthetic, args.models, seed=args.seed)
+    if args.history:
+        return load_history(args.history)
+    parser.error("give --history DIR or --synthetic N")
+
+
+def serve_until_interrupted(server: ReplayServer, name: str) -> None:
+    """Serve in the foreground, saying where, until Ctrl-C."""
 
     async def run() -> None:
         task = asyncio.create_task(server.serve())
         await asyncio.get_running_loop().run_in_executor(None, server._ready.wait)
-        print(f"replay server listening on {server.base_url}", flush=True)
+        print(f"{name} listening on {server.base_url}", flush=True)
         await task
 
     with contextlib.suppress(KeyboardInterrupt):
