@@ -255,7 +255,7 @@ def bench_split(
             "cheapest": base["cheapest model"]["accuracy"],
             "random": base["random model"]["accuracy"],
             "best_single": base["best single model"]["accuracy"],
-            "best_single_cost_usd": base["best single model"]["spend_usd"],
+            "best_single_cost_usd": base["best single model"]["spent_usd"],
             "best_single_model": next(iter(reference.values())),
             "oracle": base["oracle"]["accuracy"],
             "train_seconds": train_seconds,
@@ -269,7 +269,7 @@ def bench_split(
             correct[variant] = score_results(results, truth)["correct"].fill_null(False).to_numpy()
             row |= {
                 f"{variant}_accuracy": float(correct[variant].mean()),
-                f"{variant}_spend_usd": spend,
+                f"{variant}_spent_usd": spend,
                 f"{variant}_within_budget": spend <= budget + 1e-12,
                 f"{variant}_gap": outcome.solution.gap,
                 f"{variant}_kinds": dict(outcome.plan.group_by("kind").len().iter_rows()),
@@ -285,7 +285,7 @@ def bench_split(
                 row |= {
                     "rounds_accuracy": float(right.mean()),
                     "rounds_estimated": run.estimated_accuracy,
-                    "rounds_spend_usd": run.spent_usd,
+                    "rounds_spent_usd": run.spent_usd,
                     "rounds_within_budget": run.spent_usd <= budget + 1e-12,
                     "_paired_gain_rounds": right.astype(float) - correct["all"].astype(float),
                 }
@@ -369,7 +369,7 @@ def main(argv: list[str] | None = None) -> int:
     with pl.Config(tbl_rows=100, tbl_cols=30, tbl_width_chars=320, float_precision=4, tbl_hide_dataframe_shape=True):
         print(
             table.select(
-                "dataset", "queries", "budget_pct", "budget_usd", "singles_spend_usd", "all_spend_usd",
+                "dataset", "queries", "budget_pct", "budget_usd", "singles_spent_usd", "all_spent_usd",
                 within.alias("within_budget"), *percents, gain, rounds_gain, "best_single_cost_usd",
                 max_gap.alias("max_gap"),
             )

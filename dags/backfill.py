@@ -100,7 +100,7 @@ def batchplan_backfill() -> None:
         for summary in done:
             if not summary.get("in_rounds"):
                 print(
-                    f"{summary['group']}: ${summary['spend_usd']:.4f} of ${summary['budget_usd']:.4f} share, {summary['status']}"
+                    f"{summary['group']}: ${summary['spent_usd']:.4f} of ${summary['budget_usd']:.4f} share, {summary['status']}"
                 )
         storage, lay = common.storage_from_connection(), common.layout()
         in_rounds = rounds.rounds_results(storage, lay, info["run"], common.RunParams.from_params(params))

@@ -161,7 +161,7 @@ def batchplan_nightly() -> None:
         in_rounds = rounds.rounds_results(storage, lay, info["run"], common.RunParams.from_params(params))
         manifest = stages.merge_stage(storage, lay, info["run"], shards, params["backend"], rounds=in_rounds)
         print(
-            f"batchplan {info['run']}: {len(list(done))} shards, spend ${manifest['spend_usd']:.4f} of budget {manifest['budget_usd']}"
+            f"batchplan {info['run']}: {len(list(done))} shards, spend ${manifest['spent_usd']:.4f} of budget {manifest['budget_usd']}"
         )
         return manifest
 
