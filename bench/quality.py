@@ -45,7 +45,6 @@ import logging
 import sys
 import tempfile
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +57,7 @@ from batchplan.app.demo import best_single_cost
 from batchplan.app.pipeline import build_candidates, execute, optimize, predict
 from batchplan.app.report import Truth, baselines, score_results
 from batchplan.app.round_replay import simulate_rounds
-from batchplan.core.history import History, cross_validation_fold, load_history, with_holdout
+from batchplan.core.history import History, cross_validation_fold, load_history, stable_fold, with_holdout
 from batchplan.core.settings import get_settings
 from batchplan.core.storage import Storage
 from batchplan.dispatchers import get_backend
@@ -78,7 +77,8 @@ def subject_holdout(history: History, fraction: float = 0.35, seed: int = 0) -> 
     test: set[tuple[str, str]] = set()
     for (task,), group in queries.group_by("task", maintain_order=True):
         sizes = group.group_by("subject").len()
-        order = sorted(sizes.iter_rows(), key=lambda r: zlib.crc32(f"{seed}:subject:{r[0]}".encode()))
+        rank = dict(zip(sizes["subject"], stable_fold(sizes["subject"], 2**32, seed, salt="subject:"), strict=True))
+        order = sorted(sizes.iter_rows(), key=lambda r: rank[r[0]])
         held = 0
         for subject, size in order:
             if held >= fraction * group.height:

@@ -43,7 +43,15 @@ from batchplan.core.contracts import DEFER, RESULT_SCHEMA, UNANSWERABLE, Contrac
 from batchplan.core.history import History, load_history
 from batchplan.core.rounds import RoundPlanner
 from batchplan.core.storage import Storage, join
-from batchplan.dispatchers import Backend, RetryPolicy, check_backend, dispatch, get_backend, spend_by_model
+from batchplan.dispatchers import (
+    Backend,
+    DispatchOptions,
+    RetryPolicy,
+    check_backend,
+    dispatch,
+    get_backend,
+    spend_by_model,
+)
 from batchplan.plans.candidates import Candidates, build_candidates
 from batchplan.plans.frontier import frontier_uri, plan_frontier, read_frontier, write_frontier
 from batchplan.plans.planning import (
@@ -181,7 +189,7 @@ def execute(
         tenant_budgets_usd=tenant_budgets_usd,
         storage=storage,
         progress=progress,
-        retry=retry,
+        options=DispatchOptions(retry=retry),
     )
     deferred = _not_called(plan.filter(pl.col("kind") == DEFER), "deferred", pl.lit(DEFERRED_BY_PLAN))
     unanswerable = plan.filter(pl.col("kind") == UNANSWERABLE)
@@ -244,7 +252,7 @@ def execute_rounds(
         planner,
         queue,
         predictions,
-        DispatchSender(backend, max_tokens=MAX_TOKENS, max_tokens_open=MAX_TOKENS_OPEN, options={"retry": retry}),
+        DispatchSender(backend, DispatchOptions(retry=retry)),
         rounds=rounds,
         budget_usd=limit,
         out_uri=out_uri,
