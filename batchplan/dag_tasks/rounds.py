@@ -20,7 +20,8 @@ import polars as pl
 
 from batchplan.core.layout import Layout
 from batchplan.core.storage import Storage, join
-from batchplan.dag_tasks.common import MAX_ROUNDS, RunParams, layout, log, storage_from_connection
+from batchplan.dag_tasks import common  # common.storage_from_connection looked up per call: the DAG tests swap it
+from batchplan.dag_tasks.common import MAX_ROUNDS, RunParams, log
 from batchplan.dag_tasks.stages import (
     _backend,
     _tenant_shares,
@@ -239,12 +240,12 @@ def dispatch_task(shard: dict[str, Any], params: Any) -> dict[str, Any]:
     rounds, a marker (the round_<k> tasks dispatch)."""
     if in_rounds(params):
         return {"shard": shard["shard"], "in_rounds": True}
-    return dispatch_shard(storage_from_connection(), layout(), shard, params["backend"])
+    return dispatch_shard(common.storage_from_connection(), common.layout(), shard, params["backend"])
 
 
 def merge_task(run: str, shards: list[dict[str, Any]], params: Any) -> dict[str, Any]:
     """The nightly and backfill DAGs' merge: the shards' results (or the rounds') into the run's results."""
-    storage, lay = storage_from_connection(), layout()
+    storage, lay = common.storage_from_connection(), common.layout()
     in_rounds_results = rounds_results(storage, lay, run, RunParams.from_params(params))
     return merge_stage(storage, lay, run, shards, params["backend"], rounds=in_rounds_results)
 
@@ -256,16 +257,16 @@ def round_tasks(info: Any, after: Any, backend_param: str = "backend") -> Any:
 
     @task
     def round_plan(info: dict[str, Any], k: int, after: Any, params: Any = None) -> list[dict[str, Any]]:
-        storage, lay = storage_from_connection(), layout()
+        storage, lay = common.storage_from_connection(), common.layout()
         return round_plan_stage(storage, lay, info["run"], RunParams.from_params(params), k)
 
     @task(max_active_tis_per_dagrun=8, retries=3)
     def round_dispatch(shard: dict[str, Any], params: Any = None) -> dict[str, Any]:
-        return round_dispatch_shard(storage_from_connection(), shard, params[backend_param])
+        return round_dispatch_shard(common.storage_from_connection(), shard, params[backend_param])
 
     @task
     def round_observe(info: dict[str, Any], shards: Any, sent: Any) -> dict[str, Any]:
-        return round_observe_stage(storage_from_connection(), layout(), info["run"], list(shards))
+        return round_observe_stage(common.storage_from_connection(), common.layout(), info["run"], list(shards))
 
     previous = after
     for k in range(1, MAX_ROUNDS + 1):
