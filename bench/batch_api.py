@@ -75,7 +75,7 @@ def main() -> None:
                 stats = server.stats()
             batches = len(stats.get("batches", []))
             print(
-                f"| {fraction:.0%} ${budget:.4f} | {mode} | {report['accuracy']:.3f} | {report['spend_usd']:.5f} "
+                f"| {fraction:.0%} ${budget:.4f} | {mode} | {report['accuracy']:.3f} | {report['spent_usd']:.5f} "
                 f"| {stats['billed_usd']:.5f} | {stats['billed_usd'] / budget:.2f} | {batches} | {seconds:.1f} |",
                 flush=True,
             )

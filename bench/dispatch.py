@@ -43,7 +43,7 @@ def child(backend_name: str, n: int, base_url: str, concurrency: int) -> dict[st
     from batchplan.core.catalog import PriceCatalog
     from batchplan.core.contracts import PLAN_SCHEMA, QUEUE_SCHEMA, conform
     from batchplan.core.history import synthetic_history
-    from batchplan.dispatchers import dispatch, get_backend
+    from batchplan.dispatchers import DispatchOptions, dispatch, get_backend
 
     history = synthetic_history(n, MODELS, seed=SEED)
     queue = conform(history.queries, QUEUE_SCHEMA, name="queue")
@@ -80,7 +80,13 @@ def child(backend_name: str, n: int, base_url: str, concurrency: int) -> dict[st
     with tempfile.TemporaryDirectory() as out:
         started = time.perf_counter()
         results = dispatch(
-            plan, queue, backend, budget_usd=1e9, out_uri=out, concurrency=concurrency, progress=progress
+            plan,
+            queue,
+            backend,
+            budget_usd=1e9,
+            out_uri=out,
+            options=DispatchOptions(concurrency=concurrency),
+            progress=progress,
         )
         seconds = time.perf_counter() - started
         parts = len(list(Path(out, "results").glob("*.parquet")))

@@ -212,8 +212,8 @@ def run_stream(name: str, args: argparse.Namespace, data: Path, work: Path, stor
                     "deferred no audit": outcomes["no_audit"][0].report["status"]["deferred"],
                     "acc never learned": realized(outcomes["never"][0].results, truth),
                     "budget USD": budget,
-                    "spend USD": report["spend_usd"],
-                    "audit USD": (report.get("audit") or {}).get("spend_usd", 0.0),
+                    "spend USD": report["spent_usd"],
+                    "audit USD": (report.get("audit") or {}).get("spent_usd", 0.0),
                     "drift": "; ".join(f"{d['kind']} {d['name']} {d['direction']}" for d in report.get("drift") or []),
                     "seconds": round(time.perf_counter() - started, 1),
                 }

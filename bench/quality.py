@@ -48,7 +48,6 @@ import logging
 import sys
 import tempfile
 import time
-import zlib
 from pathlib import Path
 
 import numpy as np
@@ -61,7 +60,7 @@ from batchplan.app.demo import best_single_cost
 from batchplan.app.pipeline import build_candidates, execute, optimize, predict
 from batchplan.app.report import Truth, baselines, score_results
 from batchplan.app.round_replay import simulate_rounds
-from batchplan.core.history import History, cross_validation_fold, load_history, with_holdout
+from batchplan.core.history import History, cross_validation_fold, load_history, stable_fold, with_holdout
 from batchplan.core.settings import get_settings
 from batchplan.core.storage import Storage
 from batchplan.dispatchers import get_backend
@@ -81,7 +80,8 @@ def subject_holdout(history: History, fraction: float = 0.35, seed: int = 0) -> 
     test: set[tuple[str, str]] = set()
     for (task,), group in queries.group_by("task", maintain_order=True):
         sizes = group.group_by("subject").len()
-        order = sorted(sizes.iter_rows(), key=lambda r: zlib.crc32(f"{seed}:subject:{r[0]}".encode()))
+        rank = dict(zip(sizes["subject"], stable_fold(sizes["subject"], 2**32, seed, salt="subject:"), strict=True))
+        order = sorted(sizes.iter_rows(), key=lambda r: rank[r[0]])
         held = 0
         for subject, size in order:
             if held >= fraction * group.height:
@@ -258,7 +258,7 @@ def bench_split(
             "cheapest": base["cheapest model"]["accuracy"],
             "random": base["random model"]["accuracy"],
             "best_single": base["best single model"]["accuracy"],
-            "best_single_cost_usd": base["best single model"]["spend_usd"],
+            "best_single_cost_usd": base["best single model"]["spent_usd"],
             "best_single_model": next(iter(reference.values())),
             "oracle": base["oracle"]["accuracy"],
             "train_seconds": train_seconds,
@@ -272,7 +272,7 @@ def bench_split(
             correct[variant] = score_results(results, truth)["correct"].fill_null(False).to_numpy()
             row |= {
                 f"{variant}_accuracy": float(correct[variant].mean()),
-                f"{variant}_spend_usd": spend,
+                f"{variant}_spent_usd": spend,
                 f"{variant}_within_budget": spend <= budget + 1e-12,
                 f"{variant}_gap": outcome.solution.gap,
                 f"{variant}_kinds": dict(outcome.plan.group_by("kind").len().iter_rows()),
@@ -288,7 +288,7 @@ def bench_split(
                 row |= {
                     "rounds_accuracy": float(right.mean()),
                     "rounds_estimated": run.estimated_accuracy,
-                    "rounds_spend_usd": run.spent_usd,
+                    "rounds_spent_usd": run.spent_usd,
                     "rounds_within_budget": run.spent_usd <= budget + 1e-12,
                     "_paired_gain_rounds": right.astype(float) - correct["all"].astype(float),
                 }
@@ -372,7 +372,7 @@ def main(argv: list[str] | None = None) -> int:
     with pl.Config(tbl_rows=100, tbl_cols=30, tbl_width_chars=320, float_precision=4, tbl_hide_dataframe_shape=True):
         print(
             table.select(
-                "dataset", "queries", "budget_pct", "budget_usd", "singles_spend_usd", "all_spend_usd",
+                "dataset", "queries", "budget_pct", "budget_usd", "singles_spent_usd", "all_spent_usd",
                 within.alias("within_budget"), *percents, gain, rounds_gain, "best_single_cost_usd",
                 max_gap.alias("max_gap"),
             )

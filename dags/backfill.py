@@ -85,9 +85,7 @@ def batchplan_backfill() -> None:
 
     @task(max_active_tis_per_dagrun=1, retries=3)
     def dispatch_day(shard: dict[str, Any], params: Any = None) -> dict[str, Any]:
-        if rounds.in_rounds(params):
-            return {"shard": shard["shard"], "in_rounds": True}  # the round_<k> tasks dispatch
-        return stages.dispatch_shard(common.storage_from_connection(), common.layout(), shard, params["backend"])
+        return rounds.dispatch_task(shard, params)
 
     @task(outlets=[RESULTS, OUTCOMES])
     def merge(
@@ -100,11 +98,9 @@ def batchplan_backfill() -> None:
         for summary in done:
             if not summary.get("in_rounds"):
                 print(
-                    f"{summary['group']}: ${summary['spend_usd']:.4f} of ${summary['budget_usd']:.4f} share, {summary['status']}"
+                    f"{summary['group']}: ${summary['spent_usd']:.4f} of ${summary['budget_usd']:.4f} share, {summary['status']}"
                 )
-        storage, lay = common.storage_from_connection(), common.layout()
-        in_rounds = rounds.rounds_results(storage, lay, info["run"], common.RunParams.from_params(params))
-        return stages.merge_stage(storage, lay, info["run"], days, params["backend"], rounds=in_rounds)
+        return rounds.merge_task(info["run"], days, params)
 
     @task
     def report(info: dict[str, Any], merged: dict[str, Any], params: Any = None, dag_run: Any = None) -> dict[str, Any]:

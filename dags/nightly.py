@@ -161,9 +161,7 @@ def batchplan_nightly() -> None:
 
     @task(max_active_tis_per_dagrun=8, retries=3)
     def dispatch(shard: dict[str, Any], params: Any = None) -> dict[str, Any]:
-        if rounds.in_rounds(params):
-            return {"shard": shard["shard"], "in_rounds": True}  # the round_<k> tasks dispatch
-        return stages.dispatch_shard(common.storage_from_connection(), common.layout(), shard, params["backend"])
+        return rounds.dispatch_task(shard, params)
 
     @task(outlets=[RESULTS, OUTCOMES])
     def merge(
@@ -173,11 +171,9 @@ def batchplan_nightly() -> None:
         rounds_done: dict[str, Any],
         params: Any = None,
     ) -> dict[str, Any]:
-        storage, lay = common.storage_from_connection(), common.layout()
-        in_rounds = rounds.rounds_results(storage, lay, info["run"], common.RunParams.from_params(params))
-        manifest = stages.merge_stage(storage, lay, info["run"], shards, params["backend"], rounds=in_rounds)
+        manifest = rounds.merge_task(info["run"], shards, params)
         print(
-            f"batchplan {info['run']}: {len(list(done))} shards, spend ${manifest['spend_usd']:.4f} of budget {manifest['budget_usd']}"
+            f"batchplan {info['run']}: {len(list(done))} shards, spend ${manifest['spent_usd']:.4f} of budget {manifest['budget_usd']}"
         )
         return manifest
 

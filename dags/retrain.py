@@ -43,7 +43,7 @@ DRIFT = Asset(name="batchplan_drift", uri="batchplan://drift")
 def batchplan_retrain() -> None:
     @task
     def train(params: Any = None, dag_run: Any = None) -> dict[str, Any]:
-        version = retrain.model_version(dag_run.run_after)
+        version = retrain.predictor_version(dag_run.run_after)
         return retrain.train_stage(common.storage_from_connection(), common.layout(), version, params["predictor"])
 
     @task

@@ -24,7 +24,7 @@ if TYPE_CHECKING:
     from batchplan.dispatchers.executor import FALLBACK_COLUMN, ROUND_CALLS
     from batchplan.dispatchers.ledger import call_events, ledger_events, read_manifest, read_results, spend_by_model
     from batchplan.dispatchers.limits import ModelLimits, RetryPolicy
-    from batchplan.dispatchers.run import adispatch, dispatch
+    from batchplan.dispatchers.run import DispatchOptions, adispatch, dispatch
 
 # Imported on first use, so that naming the backends (``available_backends``: the CLI checks --backend with
 # it before anything heavy is loaded) does not import polars and the executor.
@@ -43,6 +43,7 @@ _LAZY = {
     "spend_by_model": "batchplan.dispatchers.ledger",
     "ModelLimits": "batchplan.dispatchers.limits",
     "RetryPolicy": "batchplan.dispatchers.limits",
+    "DispatchOptions": "batchplan.dispatchers.run",
     "adispatch": "batchplan.dispatchers.run",
     "dispatch": "batchplan.dispatchers.run",
 }
@@ -128,6 +129,7 @@ __all__ = [
     "BudgetGuard",
     "CallRequest",
     "CallResult",
+    "DispatchOptions",
     "ModelLimits",
     "RetryPolicy",
     "adispatch",

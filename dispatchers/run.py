@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator, Mapping
-from typing import Any
+from collections.abc import Callable, Coroutine, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, ParamSpec, TypeVar
 
 import polars as pl
 import structlog
@@ -33,6 +34,27 @@ from batchplan.dispatchers.ledger import (
 from batchplan.dispatchers.limits import ModelLimits, RetryPolicy
 
 log = structlog.get_logger("dispatchers")
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+@dataclass(frozen=True)
+class DispatchOptions:
+    """How a dispatch sends its calls, apart from what it calls and under which budgets.
+
+    ``concurrency``: queries in flight at once; ``limits``: per-model ``ModelLimits`` (a mapping may hold a
+    ``"*"`` default); ``retry``: attempts, backoff and circuit breaker (default ``RetryPolicy()``);
+    ``max_tokens`` caps the output of classification calls, ``max_tokens_open`` that of open tasks (labels
+    null): both enter the hard cost bound reserved before each call. ``part_rows``/``part_seconds``: how
+    often results are committed."""
+
+    concurrency: int = 32
+    limits: ModelLimits | Mapping[str, ModelLimits] | None = None
+    retry: RetryPolicy | None = None
+    max_tokens: int = 16
+    max_tokens_open: int = 1024
+    part_rows: int = 5_000
+    part_seconds: float = 5.0
 
 
 def _queries(
@@ -93,16 +115,21 @@ async def adispatch(
     out_uri: str,
     tenant_budgets_usd: Mapping[str, float] | None = None,
     storage: Storage | None = None,
-    concurrency: int = 32,
     progress: Progress | None = None,
-    limits: ModelLimits | Mapping[str, ModelLimits] | None = None,
-    retry: RetryPolicy | None = None,
-    max_tokens: int = 16,
-    max_tokens_open: int = 1024,
-    part_rows: int = 5_000,
-    part_seconds: float = 5.0,
+    options: DispatchOptions | None = None,
 ) -> pl.DataFrame:
-    """The async form of ``dispatch`` (for callers already inside an event loop)."""
+    """Run ``plan`` (PLAN_SCHEMA, plus optional ``fallback_models``) for ``queue`` (QUEUE_SCHEMA) on
+    ``backend`` without ever spending more than ``budget_usd`` in total for ``out_uri``.
+
+    Returns RESULT_SCHEMA rows in plan order: ``done`` (answered), ``failed`` (every attempt and
+    fallback failed; ``error`` says why, with the raw text of non-answers) or ``deferred`` (the budget
+    could not cover the call; rerun with a larger budget to do them). Resumable: see the module doc.
+
+    ``tenant_budgets_usd``: a hard budget per tenant (the queue's ``tenant`` column) on top of the total:
+    a call is sent only if it fits both, else its query is deferred with the tenant named.
+    ``options``: how the calls are sent (``DispatchOptions``: concurrency, limits, retry, max tokens, commit
+    cadence). ``progress(done, total)`` is called after every query. ``dispatch`` is the blocking form.
+    """
     storage = storage or Storage()
     if plan["query_id"].is_duplicated().any():
         raise ValueError("plan has duplicate query_id rows: one plan row per query")
@@ -122,17 +149,97 @@ async def adispatch(
             lease,
             budget_usd=budget_usd,
             tenant_budgets_usd=tenant_budgets_usd or {},
-            concurrency=concurrency,
             progress=progress,
-            limits=limits,
-            retry=retry,
-            max_tokens=max_tokens,
-            max_tokens_open=max_tokens_open,
-            part_rows=part_rows,
-            part_seconds=part_seconds,
+            options=options or DispatchOptions(),
         )
     finally:
         lease.release()
+
+
+def _charge_lost_calls(ledger: Ledger, prior: dict[str, PriorCalls], charged_by_query: dict[str, float]) -> int:
+    """Calls sent just before a crash whose outcome never reached the ledger may have been billed (a backend
+    that is not idempotent): each is recorded lost and charged its reservation. Returns how many."""
+    lost = 0
+    for query_id, entry in prior.items():
+        for call, intent in list(entry.intents.items()):
+            charge = float(intent.get("r") or 0.0)
+            event = {
+                "e": "c",
+                "q": query_id,
+                "c": call,
+                "m": intent.get("m"),
+                "s": LOST,
+                "usd": charge,
+                "bk": False,
+            }
+            event["why"] = "sent before a crash, outcome unknown: charged its reservation"
+            ledger.append(event)
+            entry.calls[call] = event
+            charged_by_query[query_id] = charged_by_query.get(query_id, 0.0) + charge
+            lost += 1
+        entry.intents.clear()
+    ledger.flush()
+    return lost
+
+
+def _manifest_stats(executor: Executor, seconds: float) -> dict[str, Any]:
+    """The manifest's ``stats``: what the dispatch did so far."""
+    stats = executor.stats
+    return {
+        "calls": stats.calls,
+        "reused_from_ledger": stats.reused,
+        "recovered_in_flight": stats.recovered,
+        "lost_in_flight": stats.lost,
+        "retries": stats.retries,
+        "fallbacks": stats.fallbacks,
+        "call_statuses": dict(stats.statuses),
+        "budget_overruns": executor.budget.overruns,
+        "rate_limit_pauses": sum(g.pauses for g in executor.gates.values()),
+        "circuit_trips": sum(g.trips for g in executor.gates.values()),
+        "seconds": seconds,
+    }
+
+
+def _log_summary(
+    executor: Executor,
+    out_uri: str,
+    budget_usd: float,
+    queries: int,
+    already_final: int,
+    counts: dict[str, int],
+    seconds: float,
+) -> None:
+    """The dispatch's one summary log line."""
+    stats = executor.stats
+    log.info(
+        "dispatch",
+        out_uri=out_uri,
+        backend=executor.backend.name,
+        queries=queries,
+        already_final=already_final,
+        calls=stats.calls,
+        reused=stats.reused,
+        recovered=stats.recovered,
+        lost=stats.lost,
+        retries=stats.retries,
+        fallbacks=stats.fallbacks,
+        spent_usd=round(executor.budget.spent_usd, 9),
+        budget_usd=budget_usd,
+        counts=counts,
+        seconds=seconds,
+    )
+
+
+def _in_plan_order(plan: pl.DataFrame, results: pl.DataFrame) -> pl.DataFrame:
+    """One result row per plan row, in plan order."""
+    return plan.select("query_id").join(results, on="query_id", how="left", maintain_order="left")
+
+
+async def _heartbeat(lease: Lease) -> None:
+    """Renew the run's lease while the dispatch holds it (cancelled when it ends)."""
+    while True:
+        await asyncio.sleep(lease.ttl_s / 4)
+        lease.renew()
 
 
 async def _dispatch_leased(
@@ -147,62 +254,33 @@ async def _dispatch_leased(
     *,
     budget_usd: float,
     tenant_budgets_usd: Mapping[str, float],
-    concurrency: int,
     progress: Progress | None,
-    limits: ModelLimits | Mapping[str, ModelLimits] | None,
-    retry: RetryPolicy | None,
-    max_tokens: int,
-    max_tokens_open: int,
-    part_rows: int,
-    part_seconds: float,
+    options: DispatchOptions,
 ) -> pl.DataFrame:
     committed = read_results(out_uri, storage)
     final = set(committed.filter(pl.col("status").is_in(list(FINAL_STATUSES)))["query_id"].to_list())
     ledger = Ledger(storage, out_uri, writer_id)
     prior, charged_by_query = ledger.load(skip=final)
-    lost = 0
-    if not backend.idempotent:
-        # calls sent just before a crash whose outcome never reached the ledger: they may have been billed
-        for query_id, entry in prior.items():
-            for call, intent in list(entry.intents.items()):
-                charge = float(intent.get("r") or 0.0)
-                event = {
-                    "e": "c",
-                    "q": query_id,
-                    "c": call,
-                    "m": intent.get("m"),
-                    "s": LOST,
-                    "usd": charge,
-                    "bk": False,
-                }
-                event["why"] = "sent before a crash, outcome unknown: charged its reservation"
-                ledger.append(event)
-                entry.calls[call] = event
-                charged_by_query[query_id] = charged_by_query.get(query_id, 0.0) + charge
-                lost += 1
-            entry.intents.clear()
-        ledger.flush()
-    budget = BudgetGuard(budget_usd, spent_usd=sum(charged_by_query.values()))
-    tenant_budgets = tenant_guards(tenant_budgets_usd, queue, charged_by_query)
+    lost = 0 if backend.idempotent else _charge_lost_calls(ledger, prior, charged_by_query)
     executor = Executor(
         backend,
-        budget,
+        BudgetGuard(budget_usd, spent_usd=sum(charged_by_query.values())),
         ledger,
         identity["run_id"],
-        tenant_budgets=tenant_budgets,
-        limits=limits,
-        policy=retry or RetryPolicy(),
-        max_tokens=max_tokens,
-        max_tokens_open=max_tokens_open,
+        tenant_budgets=tenant_guards(tenant_budgets_usd, queue, charged_by_query),
+        limits=options.limits,
+        policy=options.retry or RetryPolicy(),
+        max_tokens=options.max_tokens,
+        max_tokens_open=options.max_tokens_open,
     )
+    budget, tenant_budgets = executor.budget, executor.tenant_budgets
     executor.stats.lost = lost
-    results = ResultWriter(storage, out_uri, writer_id, part_rows=part_rows, part_seconds=part_seconds)
+    results = ResultWriter(storage, out_uri, writer_id, part_rows=options.part_rows, part_seconds=options.part_seconds)
     total = plan.height
     done = int(plan["query_id"].is_in(pl.Series(list(final), dtype=pl.String).implode()).sum()) if final else 0
     started = time.monotonic()
 
     def manifest_extra(complete: bool) -> dict[str, Any]:
-        stats = executor.stats
         return {
             "run_id": identity["run_id"],
             "backend": backend.name,
@@ -212,19 +290,7 @@ async def _dispatch_leased(
             "tenant_spent_usd": {tenant: guard.spent_usd for tenant, guard in tenant_budgets.items()},
             "complete": complete,
             "queries": total,
-            "stats": {
-                "calls": stats.calls,
-                "reused_from_ledger": stats.reused,
-                "recovered_in_flight": stats.recovered,
-                "lost_in_flight": stats.lost,
-                "retries": stats.retries,
-                "fallbacks": stats.fallbacks,
-                "call_statuses": dict(stats.statuses),
-                "budget_overruns": budget.overruns,
-                "rate_limit_pauses": sum(g.pauses for g in executor.gates.values()),
-                "circuit_trips": sum(g.trips for g in executor.gates.values()),
-                "seconds": round(time.monotonic() - started, 3),
-            },
+            "stats": _manifest_stats(executor, round(time.monotonic() - started, 3)),
         }
 
     pending = _queries(plan, queue, final, prior)
@@ -239,40 +305,18 @@ async def _dispatch_leased(
             if progress is not None:
                 progress(done, total)
 
-    async def heartbeat() -> None:
-        while True:
-            await asyncio.sleep(lease.ttl_s / 4)
-            lease.renew()
-
-    beat = asyncio.create_task(heartbeat())
+    beat = asyncio.create_task(_heartbeat(lease))
     try:
         if progress is not None:
             progress(done, total)
-        await asyncio.gather(*(worker() for _ in range(max(1, concurrency))))
+        await asyncio.gather(*(worker() for _ in range(max(1, options.concurrency))))
         results.commit(ledger, manifest_extra(False))
-        frame = read_results(out_uri, storage)
-        ordered = plan.select("query_id").join(frame, on="query_id", how="left", maintain_order="left")
+        ordered = _in_plan_order(plan, read_results(out_uri, storage))
         counts = ordered["status"].value_counts()
         results.manifest["counts"] = dict(zip(counts["status"].to_list(), counts["count"].to_list(), strict=True))
         results.commit(ledger, manifest_extra(True))
-        stats = executor.stats
-        log.info(
-            "dispatch",
-            out_uri=out_uri,
-            backend=backend.name,
-            queries=total,
-            already_final=len(final),
-            calls=stats.calls,
-            reused=stats.reused,
-            recovered=stats.recovered,
-            lost=stats.lost,
-            retries=stats.retries,
-            fallbacks=stats.fallbacks,
-            spent_usd=round(budget.spent_usd, 9),
-            budget_usd=budget_usd,
-            counts=results.manifest["counts"],
-            seconds=round(time.monotonic() - started, 2),
-        )
+        seconds = round(time.monotonic() - started, 2)
+        _log_summary(executor, out_uri, budget_usd, total, len(final), results.manifest["counts"], seconds)
         return ordered.select(RESULT_SCHEMA.names()).cast(RESULT_SCHEMA)
     finally:
         beat.cancel()
@@ -280,61 +324,21 @@ async def _dispatch_leased(
         await backend.aclose()
 
 
-def dispatch(
-    plan: pl.DataFrame,
-    queue: pl.DataFrame,
-    backend: Backend,
-    *,
-    budget_usd: float,
-    out_uri: str,
-    tenant_budgets_usd: Mapping[str, float] | None = None,
-    storage: Storage | None = None,
-    concurrency: int = 32,
-    progress: Progress | None = None,
-    limits: ModelLimits | Mapping[str, ModelLimits] | None = None,
-    retry: RetryPolicy | None = None,
-    max_tokens: int = 16,
-    max_tokens_open: int = 1024,
-    part_rows: int = 5_000,
-    part_seconds: float = 5.0,
-) -> pl.DataFrame:
-    """Run ``plan`` (PLAN_SCHEMA, plus optional ``fallback_models``) for ``queue`` (QUEUE_SCHEMA) on
-    ``backend`` without ever spending more than ``budget_usd`` in total for ``out_uri``.
+def _blocking(run: Callable[P, Coroutine[Any, Any, R]]) -> Callable[P, R]:
+    """``run`` as a blocking call with the same parameters: ``dispatch`` is ``adispatch`` run to completion, so
+    the signature is written once."""
 
-    Returns RESULT_SCHEMA rows in plan order: ``done`` (answered), ``failed`` (every attempt and
-    fallback failed; ``error`` says why, with the raw text of non-answers) or ``deferred`` (the budget
-    could not cover the call; rerun with a larger budget to do them). Resumable: see the module doc.
+    def call(*args: P.args, **kwargs: P.kwargs) -> R:
+        try:
+            asyncio.get_running_loop()
+        except RuntimeError:
+            pass  # no loop running: this call may run one
+        else:
+            raise RuntimeError(f"a blocking call inside a running event loop: await {run.__name__}(...) instead")
+        return asyncio.run(run(*args, **kwargs))
 
-    ``tenant_budgets_usd``: a hard budget per tenant (the queue's ``tenant`` column) on top of the total:
-    a call is sent only if it fits both, else its query is deferred with the tenant named.
-    ``concurrency``: queries in flight at once; ``limits``: per-model ``ModelLimits`` (a mapping may
-    hold a ``"*"`` default); ``retry``: attempts, backoff and circuit breaker; ``max_tokens`` caps the
-    output of classification calls, ``max_tokens_open`` that of open tasks (labels null); both enter the
-    hard cost bound reserved before each call. ``part_rows``/``part_seconds``: how often results are
-    committed. ``progress(done, total)`` is called after every query.
-    """
-    try:
-        asyncio.get_running_loop()
-    except RuntimeError:
-        pass
-    else:
-        raise RuntimeError("dispatch() called inside a running event loop: await adispatch(...) instead")
-    return asyncio.run(
-        adispatch(
-            plan,
-            queue,
-            backend,
-            budget_usd=budget_usd,
-            out_uri=out_uri,
-            tenant_budgets_usd=tenant_budgets_usd,
-            storage=storage,
-            concurrency=concurrency,
-            progress=progress,
-            limits=limits,
-            retry=retry,
-            max_tokens=max_tokens,
-            max_tokens_open=max_tokens_open,
-            part_rows=part_rows,
-            part_seconds=part_seconds,
-        )
-    )
+    return call
+
+
+dispatch = _blocking(adispatch)
+dispatch.__doc__ = "``adispatch`` as a blocking call (outside an event loop): the entry point the pipeline calls."

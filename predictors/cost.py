@@ -215,7 +215,43 @@ class CostModel:
         """Per (model, task, has_labels): cost = a + b x chars + price_out x tokens_out, high = a_high +
         b_high x chars + price_out x tokens_out_p90 (price_out > 0 on the token path only), tokens_in =
         ratio x chars, tokens_out mean/p90 from the table, cost_source (tokens | billed | billed_mean | cold)."""
-        frame = combos.with_row_index("_i")
+        f = combos.with_row_index("_i")
+        for table, on in self._lookup_tables(catalog):
+            f = f.join(table, on=on, how="left")
+        f = f.sort("_i")
+        default_mean = pl.when(pl.col("has_labels")).then(LABEL_TOKENS_OUT[0]).otherwise(OPEN_TOKENS_OUT[0])
+        default_p90 = pl.when(pl.col("has_labels")).then(LABEL_TOKENS_OUT[2]).otherwise(OPEN_TOKENS_OUT[2])
+        per_kchar = float(np.median(list(self.cost_per_kchar.values()))) if self.cost_per_kchar else 1e-3
+        f = f.with_columns(
+            pl.coalesce("ratio", "ratio_m", pl.lit(self.global_ratio)).alias("ratio"),
+            pl.coalesce("mean", "mean_t", default_mean).alias("tokens_out"),
+            pl.coalesce("p90", "p90_t", default_p90).alias("tokens_out_p90"),
+            pl.coalesce("ratio_hi", "ratio_hi_m", pl.lit(1.1)).alias("ratio_hi"),
+            pl.coalesce("a", "a_m").alias("a_fit"),
+            pl.coalesce("b", "b_m").alias("b_fit"),
+            pl.coalesce("high_ratio", "high_ratio_m", pl.lit(1.25)).alias("high_fit"),
+        )
+        has_price = pl.col("usd_per_mtok_in").is_not_null() & pl.col("usd_per_mtok_out").is_not_null()
+        f = f.with_columns(
+            pl.when(has_price)
+            .then(pl.lit("tokens"))
+            .when(pl.col("a_fit").is_not_null())
+            .then(pl.lit("billed"))
+            .when(pl.col("billed_mean").is_not_null())
+            .then(pl.lit("billed_mean"))
+            .otherwise(pl.lit("cold"))
+            .alias("cost_source")
+        )
+        f = f.with_columns(
+            (pl.col("usd_per_mtok_in") * pl.col("price_factor").fill_null(1.0)).alias("usd_per_mtok_in"),
+            (pl.col("usd_per_mtok_out") * pl.col("price_factor").fill_null(1.0)).alias("usd_per_mtok_out"),
+        )
+        return _by_source(f, per_kchar)
+
+    def _lookup_tables(self, catalog: PriceCatalog) -> list[tuple[pl.DataFrame, str | list[str]]]:
+        """What ``coefficients`` looks each combination up in, with the join keys, in join order: prices,
+        price factors, token ratios (per task, then per model), output tokens (per task and model, then per
+        task), billed fits (per task and model, then per model), the catalog's billed means."""
         prices = catalog.prices.select("model", "usd_per_mtok_in", "usd_per_mtok_out").unique("model")
         keys = [k.split("\t", 1) for k in self.token_ratio]
         ratio_all = pl.DataFrame(
@@ -260,85 +296,62 @@ class CostModel:
             },
             schema={"model": pl.String, "task": pl.String, "price_factor": pl.Float64},
         )
-        f = (
-            frame.join(prices, on="model", how="left")
-            .join(factor, on=["model", "task"], how="left")
-            .join(ratio, on=["model", "task"], how="left")
-            .join(ratio_m, on="model", how="left")
-            .join(tok_out, on=["model", "task"], how="left")
-            .join(tok_out_task, on="task", how="left")
-            .join(billed.drop("n"), on=["model", "task"], how="left")
-            .join(billed_model, on="model", how="left")
-            .join(catalog_billed, on="model", how="left")
-            .sort("_i")
-        )
-        default_mean = pl.when(pl.col("has_labels")).then(LABEL_TOKENS_OUT[0]).otherwise(OPEN_TOKENS_OUT[0])
-        default_p90 = pl.when(pl.col("has_labels")).then(LABEL_TOKENS_OUT[2]).otherwise(OPEN_TOKENS_OUT[2])
-        per_kchar = float(np.median(list(self.cost_per_kchar.values()))) if self.cost_per_kchar else 1e-3
-        f = f.with_columns(
-            pl.coalesce("ratio", "ratio_m", pl.lit(self.global_ratio)).alias("ratio"),
-            pl.coalesce("mean", "mean_t", default_mean).alias("tokens_out"),
-            pl.coalesce("p90", "p90_t", default_p90).alias("tokens_out_p90"),
-            pl.coalesce("ratio_hi", "ratio_hi_m", pl.lit(1.1)).alias("ratio_hi"),
-            pl.coalesce("a", "a_m").alias("a_fit"),
-            pl.coalesce("b", "b_m").alias("b_fit"),
-            pl.coalesce("high_ratio", "high_ratio_m", pl.lit(1.25)).alias("high_fit"),
-        )
-        has_price = pl.col("usd_per_mtok_in").is_not_null() & pl.col("usd_per_mtok_out").is_not_null()
-        f = f.with_columns(
-            pl.when(has_price)
-            .then(pl.lit("tokens"))
-            .when(pl.col("a_fit").is_not_null())
-            .then(pl.lit("billed"))
-            .when(pl.col("billed_mean").is_not_null())
-            .then(pl.lit("billed_mean"))
-            .otherwise(pl.lit("cold"))
-            .alias("cost_source")
-        )
-        src = pl.col("cost_source")
-        f = f.with_columns(
-            (pl.col("usd_per_mtok_in") * pl.col("price_factor").fill_null(1.0)).alias("usd_per_mtok_in"),
-            (pl.col("usd_per_mtok_out") * pl.col("price_factor").fill_null(1.0)).alias("usd_per_mtok_out"),
-        )
-        return f.select(
-            pl.when(src == "tokens")
-            .then(0.0)
-            .when(src == "billed")
-            .then(pl.col("a_fit"))
-            .when(src == "billed_mean")
-            .then(pl.col("billed_mean"))
-            .otherwise(0.0)
-            .alias("a"),
-            pl.when(src == "tokens")
-            .then(pl.col("ratio") * pl.col("usd_per_mtok_in") / 1e6)
-            .when(src == "billed")
-            .then(pl.col("b_fit"))
-            .when(src == "billed_mean")
-            .then(0.0)
-            .otherwise(per_kchar / 1000)
-            .alias("b"),
-            pl.when(src == "tokens")
-            .then(0.0)
-            .when(src == "billed")
-            .then(pl.col("a_fit") * pl.col("high_fit"))
-            .when(src == "billed_mean")
-            .then(pl.col("billed_mean") * 1.5)
-            .otherwise(0.0)
-            .alias("a_high"),
-            pl.when(src == "tokens")
-            .then(pl.col("ratio") * pl.col("ratio_hi") * pl.col("usd_per_mtok_in") / 1e6)
-            .when(src == "billed")
-            .then(pl.col("b_fit") * pl.col("high_fit"))
-            .when(src == "billed_mean")
-            .then(0.0)
-            .otherwise(2 * per_kchar / 1000)
-            .alias("b_high"),
-            pl.when(src == "tokens").then(pl.col("usd_per_mtok_out") / 1e6).otherwise(0.0).alias("price_out"),
-            "ratio",
-            "tokens_out",
-            "tokens_out_p90",
-            "cost_source",
-        )
+        return [
+            (prices, "model"),
+            (factor, ["model", "task"]),
+            (ratio, ["model", "task"]),
+            (ratio_m, "model"),
+            (tok_out, ["model", "task"]),
+            (tok_out_task, "task"),
+            (billed.drop("n"), ["model", "task"]),
+            (billed_model, "model"),
+            (catalog_billed, "model"),
+        ]
+
+
+def _by_source(f: pl.DataFrame, per_kchar: float) -> pl.DataFrame:
+    """The coefficients of each combination from its cost source: the token path, the billed fit, the
+    catalog's billed mean, or the cold default of ``per_kchar``."""
+    src = pl.col("cost_source")
+    return f.select(
+        pl.when(src == "tokens")
+        .then(0.0)
+        .when(src == "billed")
+        .then(pl.col("a_fit"))
+        .when(src == "billed_mean")
+        .then(pl.col("billed_mean"))
+        .otherwise(0.0)
+        .alias("a"),
+        pl.when(src == "tokens")
+        .then(pl.col("ratio") * pl.col("usd_per_mtok_in") / 1e6)
+        .when(src == "billed")
+        .then(pl.col("b_fit"))
+        .when(src == "billed_mean")
+        .then(0.0)
+        .otherwise(per_kchar / 1000)
+        .alias("b"),
+        pl.when(src == "tokens")
+        .then(0.0)
+        .when(src == "billed")
+        .then(pl.col("a_fit") * pl.col("high_fit"))
+        .when(src == "billed_mean")
+        .then(pl.col("billed_mean") * 1.5)
+        .otherwise(0.0)
+        .alias("a_high"),
+        pl.when(src == "tokens")
+        .then(pl.col("ratio") * pl.col("ratio_hi") * pl.col("usd_per_mtok_in") / 1e6)
+        .when(src == "billed")
+        .then(pl.col("b_fit") * pl.col("high_fit"))
+        .when(src == "billed_mean")
+        .then(0.0)
+        .otherwise(2 * per_kchar / 1000)
+        .alias("b_high"),
+        pl.when(src == "tokens").then(pl.col("usd_per_mtok_out") / 1e6).otherwise(0.0).alias("price_out"),
+        "ratio",
+        "tokens_out",
+        "tokens_out_p90",
+        "cost_source",
+    )
 
 
 def _nonneg_line(x: np.ndarray, y: np.ndarray) -> tuple[float, float]:

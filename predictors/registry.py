@@ -87,9 +87,9 @@ def load(storage: Storage, root_uri: str, version: str | None = None) -> Predict
         version = versions[-1]
     elif version not in versions:
         raise ContractError(
-            f"no model_version {version!r} under {root_uri}; the versions there, newest first: "
+            f"no predictor version {version!r} under {root_uri}; the versions there, newest first: "
             f"{', '.join(reversed(versions))}",
-            fields=("model_version",),
+            fields=("predictor_version",),
         )
     base = join(root_uri, version)
     state = json.loads(storage.read_text(join(base, "state.json")))

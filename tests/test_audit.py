@@ -87,13 +87,13 @@ def test_audits_are_planned_inside_the_budget_and_resume_to_the_same_sample(
     # the reference calls are mandatory and planned with the rest: the total, margin included, holds
     margin = json.loads((tmp_path / "run" / "plan.optimizer.json").read_text())["spend_margin_usd"]
     assert float(plan["expected_cost_usd"].sum()) + margin <= budget + 1e-9
-    assert first.report["spend_usd"] <= budget
-    assert first.report["audit"]["spend_usd"] > 0
+    assert first.report["spent_usd"] <= budget
+    assert first.report["audit"]["spent_usd"] > 0
     assert first.report["queries"] == n  # the reference calls are not delivered answers
     # resumed: the same sample, nothing paid twice
     again = run_job(job, Storage())
     assert pl.read_parquet(tmp_path / "run" / "plan.parquet").equals(plan)
-    assert again.report["spend_usd"] == pytest.approx(first.report["spend_usd"])
+    assert again.report["spent_usd"] == pytest.approx(first.report["spent_usd"])
     # without audits the same budget plans the batch alone
     bare = run_job(
         Job(

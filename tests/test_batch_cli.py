@@ -50,7 +50,7 @@ def test_run_by_batch_api_then_cancel(server: BatchServer, tmp_path: Path, fast_
     stats = server.stats()
     report = json.loads((out / "report.json").read_text())
     results = pl.read_parquet(out / "results.parquet")
-    assert report["spend_usd"] <= 0.01
+    assert report["spent_usd"] <= 0.01
     assert stats["batches"], "nothing went by batch"
     assert stats["billed_calls"] == sum(b["request_counts"]["completed"] for b in stats["batches"])  # no real time
     assert float(results["cost_usd"].sum()) == pytest.approx(stats["billed_usd"], rel=1e-9)

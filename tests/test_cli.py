@@ -111,7 +111,7 @@ def test_run_replays_within_budget_and_resumes(trained: tuple[str, str], history
     results = pl.read_parquet(out / "results.parquet")
     assert results.schema == RESULT_SCHEMA
     report = json.loads((out / "report.json").read_text())
-    assert report["spend_usd"] <= 0.01 + 1e-12
+    assert report["spent_usd"] <= 0.01 + 1e-12
     assert report["quarantined"] == 4
     assert report["queries"] == results.height
     assert report["accuracy"] is not None
@@ -122,7 +122,7 @@ def test_run_replays_within_budget_and_resumes(trained: tuple[str, str], history
     # Running the same command again pays nothing more.
     _run(args)
     again = json.loads((out / "report.json").read_text())
-    assert again["spend_usd"] == pytest.approx(report["spend_usd"])
+    assert again["spent_usd"] == pytest.approx(report["spent_usd"])
     # (a deferred query is retried; its message may word the remaining budget differently)
     columns = ["query_id", "answer", "models_called", "cost_usd", "status"]
     rerun = pl.read_parquet(out / "results.parquet").select(columns).sort("query_id")
@@ -145,7 +145,7 @@ def test_run_holds_each_tenant_to_its_budget(trained: tuple[str, str], history_d
     manifest = json.loads((out / "dispatch" / "manifest.json").read_text())
     assert manifest["tenant_budgets_usd"] == {tenant: 0.004}
     assert 0 < manifest["tenant_spent_usd"][tenant] <= 0.004
-    assert json.loads((out / "report.json").read_text())["spend_usd"] <= 0.004 + 1e-12
+    assert json.loads((out / "report.json").read_text())["spent_usd"] <= 0.004 + 1e-12
 
 
 def test_run_on_s3(
@@ -181,7 +181,7 @@ def test_run_on_s3(
     finally:
         get_settings.cache_clear()
     report = json.loads(storage.read_text(join(out, "report.json")))
-    assert report["spend_usd"] <= 0.02 + 1e-12
+    assert report["spent_usd"] <= 0.02 + 1e-12
     assert storage.read_frame(join(out, "results.parquet")).height == report["queries"]
     assert storage.exists(join(out, "quarantine.parquet"))
 
@@ -335,7 +335,7 @@ def test_version_and_examples_in_help() -> None:
         assert "<bool>" not in shown, shown  # flags take no value
     shown = runner.invoke(app, ["run", "--help"], env={"COLUMNS": "200"}).output
     assert "One of --budget-usd / --accuracy-target is required" in shown
-    assert "CURRENT.json" in shown  # --model-version: the promoted version, else the newest
+    assert "CURRENT.json" in shown  # --predictor-version: the promoted version, else the newest
 
 
 def _flags(command: str) -> set[str]:
@@ -346,8 +346,8 @@ def _flags(command: str) -> set[str]:
 def test_renamed_flags_are_shown_under_their_new_names_only() -> None:
     for command in ("plan", "run"):
         flags = _flags(command)
-        assert {"--predictors", "--kinds"} <= flags
-        assert not {"--model", "--plans"} & flags
+        assert {"--predictors", "--kinds", "--predictor-version"} <= flags
+        assert not {"--model", "--plans", "--model-version"} & flags
     flags = _flags("train")
     assert {"--templates", "--no-templates", "--predictor"} <= flags
     assert not {"--plans", "--no-plans"} & flags
@@ -358,7 +358,7 @@ def test_renamed_flags_are_shown_under_their_new_names_only() -> None:
 
 
 def test_old_flag_spellings_still_work(trained: tuple[str, str], history_dir: str, tmp_path: Path) -> None:
-    """``--model``/``--plans`` (plan, run) and ``train --plans/--no-plans``, renamed to the glossary, for a release."""
+    """``--model``/``--plans``/``--model-version`` (plan, run) and ``train --plans/--no-plans``, renamed to the glossary, for a release."""
     models, queue = trained
     replay = ["--backend", "replay", "--replay-history", history_dir, "--budget-usd", "0.01"]
     for i, old in enumerate((["--model", models, "--plans", "single"], [f"--model={models}", "--plans=single"])):
@@ -367,6 +367,17 @@ def test_old_flag_spellings_still_work(trained: tuple[str, str], history_dir: st
         assert result.exit_code == 0, result.output
         assert "note: --model is now --predictors" in result.output
         assert set(pl.read_parquet(out)["kind"]) <= {"single", "defer", "unanswerable"}
+    from batchplan.app import artifacts
+
+    version = artifacts.load(Storage(), models).predictor.metadata["version"]
+    base = ["plan", "--queue", queue, "--predictors", models, *replay, "--out", str(tmp_path / "v.parquet")]
+    result = runner.invoke(app, [*base, "--model-version", version])
+    assert result.exit_code == 0, result.output
+    assert "note: --model-version is now --predictor-version" in result.output
+    result = runner.invoke(app, [*base, "--model-version", "v0"])
+    assert result.exit_code == 2
+    assert "no predictor version 'v0'" in result.output, result.output
+    assert "--predictor-version" in result.output, result.output
     root = tmp_path / "registry"
     for flag in ("--no-plans", "--no-templates"):
         shown = _run(["train", "--history", history_dir, "--out", str(root), "--predictor", "prior", flag])
@@ -489,7 +500,7 @@ def test_run_in_rounds_writes_each_round_and_reports_its_estimate(
     assert "estimated after the run" in output
     report = json.loads((out / "report.json").read_text())
     assert 0.0 < report["estimated_accuracy"] <= 1.0
-    assert report["spend_usd"] <= 0.01 + 1e-12
+    assert report["spent_usd"] <= 0.01 + 1e-12
     assert (out / "rounds" / "1" / "calls.parquet").exists()
     assert (out / "rounds" / "3" / "observations.parquet").exists()
     assert not (out / "dispatch").exists()  # the rounds' own ledgers, not the single-shot one

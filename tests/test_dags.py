@@ -376,7 +376,7 @@ def test_nightly_runs_the_queue_under_one_budget(nightly_done: Done, queue_days:
     lay, storage, run = nightly_done.env.layout, nightly_done.env.storage, f"nightly-{NIGHTLY_DAY}"
     manifest = json.loads(storage.read_text(lay.results_manifest(run)))
     assert manifest["queries"] == queue_days[NIGHTLY_DAY].height
-    assert manifest["spend_usd"] <= budget
+    assert manifest["spent_usd"] <= budget
     assert manifest["within_budget"] is True
     shards = json.loads(storage.read_text(lay.shards_manifest(run)))["shards"]
     assert sum(s["budget_usd"] for s in shards) <= budget
@@ -392,7 +392,7 @@ def test_nightly_runs_the_queue_under_one_budget(nightly_done: Done, queue_days:
     assert json.loads(storage.read_text(lay.plan_file(run, "plan.frontier.json")))
     assert html.count("<svg") == 3
     report = json.loads(storage.read_text(f"{lay.reports(run)}/report.json"))
-    assert sum(m["spend_usd"] for m in report["spend_per_model"]) == pytest.approx(manifest["spend_usd"])
+    assert sum(m["spent_usd"] for m in report["spend_per_model"]) == pytest.approx(manifest["spent_usd"])
     assert stages.report_html_for(storage, lay, "batchplan_nightly", dag_run.run_id) == html
     assert storage.list(lay.outcomes(run))
     assert _paid_calls(storage, lay.results(run)) > 0
@@ -434,7 +434,7 @@ def test_nightly_rerun_neither_dispatches_nor_pays_twice(
     rewritten = [u for u in storage.list(lay.results(run)) if "/shard-" in u and u.endswith("/results.parquet")]
     assert len(rewritten) == before["shards"], "every shard dispatched again"
     assert _paid_calls(storage, lay.results(run)) == before_calls
-    assert after["spend_usd"] == pytest.approx(before["spend_usd"])
+    assert after["spent_usd"] == pytest.approx(before["spent_usd"])
     assert after["status"] == before["status"]
 
 
@@ -517,7 +517,7 @@ def test_nightly_in_rounds_replans_the_whole_batch_under_what_is_left(
     assert len(round_1) == stages.shard_count(calls_1.height, 2), states
     manifest = json.loads(storage.read_text(lay.results_manifest(run)))
     assert manifest["queries"] == queue_days[ROUNDS_DAY].height
-    assert manifest["spend_usd"] <= budget
+    assert manifest["spent_usd"] <= budget
     rounds_dir = f"{lay.results(run)}rounds"
     observed = [storage.read_frame(f"{rounds_dir}/{k}/observations.parquet") for k in (1, 2)]
     assert observed[0].height > 0
@@ -550,13 +550,13 @@ def test_nightly_audits_inside_the_budget_and_says_the_estimate_in_its_report(
     lay, storage, run = env.layout, env.storage, f"nightly-{ROUNDS_DAY}"
     manifest = json.loads(storage.read_text(lay.results_manifest(run)))
     assert manifest["queries"] == queue_days[ROUNDS_DAY].height  # the delivered answers, one per query
-    assert manifest["spend_usd"] <= budget  # the reference calls inside it
+    assert manifest["spent_usd"] <= budget  # the reference calls inside it
     audits = storage.read_frame(stages.audit_results_file(lay, run))
     assert audits.height == round(0.1 * queue_days[ROUNDS_DAY].height)
     report = json.loads(storage.read_text(f"{lay.reports(run)}/report.json"))
     low, high = report["estimated_accuracy_ci95"]
     assert low <= report["estimated_accuracy"] <= high
-    assert report["spend_usd"] == pytest.approx(manifest["spend_usd"])
+    assert report["spent_usd"] == pytest.approx(manifest["spent_usd"])
     assert states["drift"] == ("success" if report["drift"] else "skipped")
     assert "audited estimate" in stages.report_html_for(storage, lay, "batchplan_nightly", dag_run.run_id)
 
@@ -574,7 +574,7 @@ def test_backfill_shares_one_budget_across_days(backfill_done: Done) -> None:
     assert len({round(s, 9) for s in shares}) > 1, "shares follow the joint plan, not an even split"
     manifest = json.loads(storage.read_text(lay.results_manifest(run)))
     assert manifest["queries"] == BACKFILL_QUERIES_PER_DAY * len(BACKFILL_DAYS)
-    assert manifest["spend_usd"] <= budget
+    assert manifest["spent_usd"] <= budget
     assert storage.exists(lay.report_html(run))
 
 
@@ -601,7 +601,7 @@ def test_backfill_resumes_day_by_day_when_triggered_again(
     assert storage.exists(f"{lay.shard_results(run, BACKFILL_DAYS[1])}/results.parquet")
     assert _paid_calls(storage, lay.results(run)) == before_calls
     after = json.loads(storage.read_text(lay.results_manifest(run)))
-    assert after["spend_usd"] == pytest.approx(before["spend_usd"])
+    assert after["spent_usd"] == pytest.approx(before["spent_usd"])
     assert after["status"] == before["status"]
 
 

@@ -32,7 +32,7 @@ def test_demo_without_data_runs_on_the_synthetic_history(tmp_path: Path, monkeyp
     report = json.loads((work / "demo" / "run" / "report.json").read_text())
     # the budget held, every test query of the synthetic history was answered or deferred, none lost
     budget = float(result.output.split("budget $", 1)[1].split(" ", 1)[0])
-    assert report["spend_usd"] <= budget + 1e-12
+    assert report["spent_usd"] <= budget + 1e-12
     assert report["queries"] > 0
     assert (work / "synthetic-history" / "queries.parquet").exists()
     assert (work / "demo" / "models").is_dir()

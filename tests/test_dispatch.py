@@ -14,7 +14,16 @@ from hypothesis import strategies as st
 from batchplan.core.contracts import RESULT_SCHEMA
 from batchplan.core.history import History
 from batchplan.core.storage import Storage
-from batchplan.dispatchers import available_backends, dispatch, get_backend, parse_answer, read_manifest, read_results
+from batchplan.dispatchers import (
+    DispatchOptions,
+    adispatch,
+    available_backends,
+    dispatch,
+    get_backend,
+    parse_answer,
+    read_manifest,
+    read_results,
+)
 from batchplan.dispatchers.budget import BudgetGuard
 from tests.support.factories import queue_of, recorded, single_plan
 
@@ -64,7 +73,7 @@ def test_budget_refusal_defers_and_never_overspends(small_history: History, tmp_
         get_backend("replay", history=small_history),
         budget_usd=budget,
         out_uri=str(tmp_path / "run"),
-        concurrency=16,
+        options=DispatchOptions(concurrency=16),
     )
     assert results.height == 200  # nothing dropped
     spent = float(results["cost_usd"].sum())
@@ -156,7 +165,12 @@ def test_results_readable_from_parts(small_history: History, tmp_path: Path) -> 
     plan = single_plan(small_history, queue)
     out = str(tmp_path / "run")
     results = dispatch(
-        plan, queue, get_backend("replay", history=small_history), budget_usd=1.0, out_uri=out, part_rows=7
+        plan,
+        queue,
+        get_backend("replay", history=small_history),
+        budget_usd=1.0,
+        out_uri=out,
+        options=DispatchOptions(part_rows=7),
     )
     parts = list((tmp_path / "run" / "results").glob("part-*.parquet"))
     assert len(parts) >= 60 // 7
@@ -168,7 +182,9 @@ def test_results_on_s3(small_history: History, s3_storage: Storage, s3_bucket: s
     plan = single_plan(small_history, queue)
     out = f"{s3_bucket}/runs/one"
     backend = get_backend("replay", history=small_history)
-    results = dispatch(plan, queue, backend, budget_usd=1.0, out_uri=out, storage=s3_storage, part_rows=10)
+    results = dispatch(
+        plan, queue, backend, budget_usd=1.0, out_uri=out, storage=s3_storage, options=DispatchOptions(part_rows=10)
+    )
     assert (results["status"] == "done").all()
     again = dispatch(plan, queue, backend, budget_usd=1.0, out_uri=out, storage=s3_storage)
     assert again.equals(results)
@@ -315,7 +331,7 @@ def test_votes_under_concurrency_never_pass_the_budget(small_history: History, t
             get_backend("replay", history=small_history),
             budget_usd=budget,
             out_uri=str(tmp_path / f"r{i}"),
-            concurrency=64,
+            options=DispatchOptions(concurrency=64),
         )
         assert float(results["cost_usd"].sum()) <= budget
         assert results.height == 200
@@ -377,7 +393,12 @@ def test_a_registered_backend_gets_open_task_budgets(small_history: History, tmp
     )
     plan = single_plan(small_history, queue).with_columns(pl.lit(["m"]).alias("models"))
     results = dispatch(
-        plan, queue, get_backend("recording"), budget_usd=1.0, out_uri=str(tmp_path / "run"), max_tokens_open=900
+        plan,
+        queue,
+        get_backend("recording"),
+        budget_usd=1.0,
+        out_uri=str(tmp_path / "run"),
+        options=DispatchOptions(max_tokens_open=900),
     )
     assert sorted(r.max_tokens for r in seen) == [16, 16, 900, 900]
     assert len({r.key for r in seen}) == 4
@@ -400,7 +421,13 @@ def test_tenant_budgets_are_hard_caps_and_resume_from_the_ledger(small_history: 
         return dict(joined.group_by("tenant").agg(pl.col("cost_usd").sum()).iter_rows())
 
     first = dispatch(
-        plan, queue, backend, budget_usd=1e6, out_uri=out, tenant_budgets_usd={"acme": acme_full / 3}, concurrency=8
+        plan,
+        queue,
+        backend,
+        budget_usd=1e6,
+        out_uri=out,
+        tenant_budgets_usd={"acme": acme_full / 3},
+        options=DispatchOptions(concurrency=8),
     )
     tenant_of = dict(queue.select("query_id", "tenant").iter_rows())
     deferred = first.filter(pl.col("status") == "deferred")
@@ -444,3 +471,20 @@ def test_results_written_before_a_column_existed_still_read(small_history: Histo
     assert results.schema == RESULT_SCHEMA
     assert results.height == 10
     assert results["note"].null_count() == 10
+
+
+def test_dispatch_inside_an_event_loop_says_to_await_adispatch(small_history: History, tmp_path: Path) -> None:
+    """``dispatch`` is ``adispatch`` run to completion (one signature): inside a running loop it refuses and
+    names the async form, before it starts anything."""
+    queue = queue_of(small_history, 5)
+    plan = single_plan(small_history, queue)
+    backend = get_backend("replay", history=small_history)
+
+    async def inside() -> None:
+        dispatch(plan, queue, backend, budget_usd=1.0, out_uri=str(tmp_path / "run"))
+
+    with pytest.raises(RuntimeError, match=r"await adispatch\(\.\.\.\) instead"):
+        asyncio.run(inside())
+    assert not (tmp_path / "run").exists()
+    results = asyncio.run(adispatch(plan, queue, backend, budget_usd=1.0, out_uri=str(tmp_path / "run")))
+    assert (results["status"] == "done").all()

@@ -14,7 +14,7 @@ import pytest
 from batchplan.core.catalog import PriceCatalog
 from batchplan.core.history import History, synthetic_history
 from batchplan.core.storage import Storage
-from batchplan.dispatchers import ModelLimits, RetryPolicy, dispatch, get_backend, read_manifest
+from batchplan.dispatchers import DispatchOptions, ModelLimits, RetryPolicy, dispatch, get_backend, read_manifest
 from batchplan.dispatchers.openai import parse_retry_after
 from tests.support.factories import model_plan, queue_of, recorded
 from tests.support.replay_server import Faults, ReplayServer
@@ -48,7 +48,9 @@ def test_http_matches_replay(history: History, server: ReplayServer, tmp_path: P
     model = history.models[1]
     plan = model_plan(queue, model)
     backend = openai(server, history, transport=transport)
-    results = dispatch(plan, queue, backend, budget_usd=10.0, out_uri=str(tmp_path / "http"), concurrency=8)
+    results = dispatch(
+        plan, queue, backend, budget_usd=10.0, out_uri=str(tmp_path / "http"), options=DispatchOptions(concurrency=8)
+    )
     replayed = dispatch(
         plan, queue, get_backend("replay", history=history), budget_usd=10.0, out_uri=str(tmp_path / "replay")
     )
@@ -75,7 +77,12 @@ def test_faults_are_retried_and_spend_is_accounted(history: History, server: Rep
     out = tmp_path / "run"
     backend = openai(server, history, timeout_s=2.0)
     results = dispatch(
-        model_plan(queue, model), queue, backend, budget_usd=10.0, out_uri=str(out), concurrency=16, retry=FAST_RETRY
+        model_plan(queue, model),
+        queue,
+        backend,
+        budget_usd=10.0,
+        out_uri=str(out),
+        options=DispatchOptions(concurrency=16, retry=FAST_RETRY),
     )
     truth = recorded(history)
     done = results.filter(pl.col("status") == "done")
@@ -108,8 +115,7 @@ def test_timeouts_are_retried(history: History, server: ReplayServer, tmp_path: 
         backend,
         budget_usd=10.0,
         out_uri=str(tmp_path / "run"),
-        concurrency=20,
-        retry=FAST_RETRY,
+        options=DispatchOptions(concurrency=20, retry=FAST_RETRY),
     )
     assert (results["status"] == "done").all()
     timeouts = [e for e in ledger_events(tmp_path / "run") if e.get("s") == "timeout"]
@@ -132,8 +138,7 @@ def test_budget_holds_under_concurrency_and_faults(history: History, server: Rep
         backend,
         budget_usd=budget,
         out_uri=str(tmp_path / "run"),
-        concurrency=64,
-        retry=FAST_RETRY,
+        options=DispatchOptions(concurrency=64, retry=FAST_RETRY),
     )
     assert results.height == 300
     assert float(results["cost_usd"].sum()) <= budget
@@ -153,8 +158,7 @@ def test_down_model_falls_back(history: History, server: ReplayServer, tmp_path:
         backend,
         budget_usd=10.0,
         out_uri=str(tmp_path / "run"),
-        concurrency=4,
-        retry=FAST_RETRY,
+        options=DispatchOptions(concurrency=4, retry=FAST_RETRY),
     )
     assert (results["status"] == "done").all()
     assert results["error"].is_null().all()
@@ -173,7 +177,12 @@ def test_not_answers_fail_with_raw_text(history: History, server: ReplayServer, 
     backend = openai(server, history)
     retry = RetryPolicy(max_attempts=2, base_delay_s=0.0)
     results = dispatch(
-        model_plan(queue, history.models[0]), queue, backend, budget_usd=10.0, out_uri=str(tmp_path / "run"), retry=retry
+        model_plan(queue, history.models[0]),
+        queue,
+        backend,
+        budget_usd=10.0,
+        out_uri=str(tmp_path / "run"),
+        options=DispatchOptions(retry=retry),
     )
     assert (results["status"] == "failed").all()
     assert results["error"].str.contains("refusal").fill_null(False).all()
@@ -193,8 +202,7 @@ def test_rate_limit_per_model(history: History, server: ReplayServer, tmp_path: 
         backend,
         budget_usd=10.0,
         out_uri=str(tmp_path / "a"),
-        concurrency=12,
-        limits=limits,
+        options=DispatchOptions(concurrency=12, limits=limits),
     )
     assert time.monotonic() - started < 5
     slow = {"*": ModelLimits(requests_per_minute=300)}  # 5/s, burst 5: 12 calls need >= 1.4 s
@@ -205,8 +213,7 @@ def test_rate_limit_per_model(history: History, server: ReplayServer, tmp_path: 
         backend,
         budget_usd=10.0,
         out_uri=str(tmp_path / "b"),
-        concurrency=12,
-        limits=slow,
+        options=DispatchOptions(concurrency=12, limits=slow),
     )
     assert time.monotonic() - started >= 1.3
     assert (results["status"] == "done").all()
@@ -227,7 +234,7 @@ def test_api_key_is_sent_but_never_shown(
         backend,
         budget_usd=1.0,
         out_uri=str(tmp_path / "run"),
-        retry=RetryPolicy(max_attempts=1),
+        options=DispatchOptions(retry=RetryPolicy(max_attempts=1)),
     )
     assert server.stats()["authorized"] == server.stats()["requests"]
     errors = " ".join(e for e in results["error"].to_list() if e)
@@ -293,8 +300,7 @@ def test_bedrock_converse_with_stubber(history: History, tmp_path: Path) -> None
             backend,
             budget_usd=1.0,
             out_uri=str(tmp_path / "run"),
-            concurrency=1,
-            retry=RetryPolicy(max_attempts=2, base_delay_s=0.0),
+            options=DispatchOptions(concurrency=1, retry=RetryPolicy(max_attempts=2, base_delay_s=0.0)),
         )
         stub.assert_no_pending_responses()
     assert results["status"].to_list() == ["done", "done", "failed"]
@@ -316,7 +322,7 @@ def test_retry_after_is_honoured(history: History, server: ReplayServer, tmp_pat
         openai(server, history),
         budget_usd=1.0,
         out_uri=str(tmp_path / "run"),
-        retry=retry,
+        options=DispatchOptions(retry=retry),
     )
     assert time.monotonic() - started >= 0.5  # two waits of Retry-After between three attempts
     assert results["status"].to_list() == ["failed"]
@@ -418,7 +424,12 @@ def test_model_names_are_mapped_to_the_provider(history: History, tmp_path: Path
         assert mapped["models_called"].to_list() == [[model]] * 10  # results speak the plan's names
         wrong = openai(server, history, model_map={model: "vendor/unknown"})
         failed = dispatch(
-            plan, queue, wrong, budget_usd=1.0, out_uri=str(tmp_path / "c"), retry=RetryPolicy(max_attempts=1)
+            plan,
+            queue,
+            wrong,
+            budget_usd=1.0,
+            out_uri=str(tmp_path / "c"),
+            options=DispatchOptions(retry=RetryPolicy(max_attempts=1)),
         )
         assert (failed["status"] == "failed").all()
         assert failed["error"].str.contains("unavailable").all()

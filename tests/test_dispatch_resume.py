@@ -29,7 +29,7 @@ import polars as pl
 from batchplan.core.catalog import PriceCatalog
 from batchplan.core.contracts import PLAN_SCHEMA, QUEUE_SCHEMA, conform
 from batchplan.core.history import synthetic_history
-from batchplan.dispatchers import RetryPolicy, dispatch, get_backend
+from batchplan.dispatchers import DispatchOptions, RetryPolicy, dispatch, get_backend
 
 from batchplan.core.storage import Storage
 
@@ -41,7 +41,8 @@ models = [[h.models[i % 4]] for i in range(queue.height)]
 plan = conform(queue.select("query_id").with_columns(pl.Series("models", models), kind=pl.lit("single")), PLAN_SCHEMA, name="plan")
 backend = get_backend("openai", base_url=base_url, catalog=PriceCatalog.from_history(h.prices, h.outcomes), idempotent=idempotent)
 retry = RetryPolicy(max_attempts=8, base_delay_s=0.01, max_delay_s=0.1)
-results = dispatch(plan, queue, backend, budget_usd=100.0, out_uri=out, storage=storage, concurrency=8, retry=retry, part_rows=40)
+results = dispatch(plan, queue, backend, budget_usd=100.0, out_uri=out, storage=storage,
+                   options=DispatchOptions(concurrency=8, retry=retry, part_rows=40))
 print(results["status"].value_counts().to_dicts())
 """
 

@@ -83,10 +83,10 @@ def test_baselines_at_the_same_budget(budget: float | None, cheapest: float, ora
     assert rows["cheapest model"]["accuracy"] == pytest.approx(cheapest)
     assert rows["oracle"]["accuracy"] == pytest.approx(oracle)
     assert rows["best single model"]["accuracy"] == pytest.approx(1.0)
-    assert rows["best single model"]["spend_usd"] == pytest.approx(20.0)  # at its own cost, whatever the budget
+    assert rows["best single model"]["spent_usd"] == pytest.approx(20.0)  # at its own cost, whatever the budget
     if budget is not None:
         for name in ("cheapest model", "random model", "oracle"):
-            assert rows[name]["spend_usd"] <= budget
+            assert rows[name]["spent_usd"] <= budget
 
 
 def test_report_files(tmp_path: Path) -> None:
@@ -101,7 +101,7 @@ def test_report_files(tmp_path: Path) -> None:
         run_id="r1",
     )
     assert report["accuracy"] == 1.0
-    assert report["spend_usd"] == 11.0
+    assert report["spent_usd"] == 11.0
     assert report["status"] == {"done": 2, "failed": 0, "deferred": 0}
     assert {m["model"]: m["share"] for m in report["model_share"]} == {"cheap": 0.5, "dear": 0.5}
     # the best single model ("dear") is right on both at 20 USD: we pay 11
@@ -136,8 +136,8 @@ def test_report_per_tenant_spend_against_budgets() -> None:
         tenant_budgets_usd={"globex": 5.0},
     )
     assert report["per_tenant"] == [
-        {"tenant": "acme", "queries": 1, "deferred": 0, "spend_usd": 1.0, "accuracy": 1.0, "budget_usd": None},
-        {"tenant": "globex", "queries": 1, "deferred": 1, "spend_usd": 0.0, "accuracy": 0.0, "budget_usd": 5.0},
+        {"tenant": "acme", "queries": 1, "deferred": 0, "spent_usd": 1.0, "accuracy": 1.0, "budget_usd": None},
+        {"tenant": "globex", "queries": 1, "deferred": 1, "spent_usd": 0.0, "accuracy": 0.0, "budget_usd": 5.0},
     ]
     assert "| globex | 1 | 1 | 0.0% | 0.0000 | 5.0000 |" in render_markdown(report)
     assert "<h2>Per tenant</h2>" in render_html(report)
@@ -240,12 +240,12 @@ def test_the_optimizer_figures_are_explained() -> None:
 def test_per_task_planned_against_realized_and_spend_per_model() -> None:
     report = sample_report()
     assert report["per_task"] == [
-        {"task": "t", "queries": 2, "planned_accuracy": pytest.approx(0.85), "accuracy": 1.0, "spend_usd": 11.0}
+        {"task": "t", "queries": 2, "planned_accuracy": pytest.approx(0.85), "accuracy": 1.0, "spent_usd": 11.0}
     ]
     # without a ledger, one-call queries give each model's spend
     assert report["spend_per_model"] == [
-        {"model": "dear", "calls": 1, "spend_usd": 10.0},
-        {"model": "cheap", "calls": 1, "spend_usd": 1.0},
+        {"model": "dear", "calls": 1, "spent_usd": 10.0},
+        {"model": "cheap", "calls": 1, "spent_usd": 1.0},
     ]
     page = render_html(report)
     assert page.count("<svg") == 3

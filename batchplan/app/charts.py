@@ -72,10 +72,10 @@ def frontier_chart(report: dict[str, Any], title: str) -> str:
     )
     if report.get("accuracy") is not None:
         ax.plot(
-            [report["spend_usd"]], [report["accuracy"]], "*", markersize=15, color=ORANGE, label="batchplan, realized"
+            [report["spent_usd"]], [report["accuracy"]], "*", markersize=15, color=ORANGE, label="batchplan, realized"
         )
     for marker, b in zip(BASELINE_MARKERS, report.get("baselines", []), strict=False):
-        ax.plot([b["spend_usd"]], [b["accuracy"]], marker, markersize=7, color=GREY, label=b["policy"])
+        ax.plot([b["spent_usd"]], [b["accuracy"]], marker, markersize=7, color=GREY, label=b["policy"])
     positive = [x for line in ax.get_lines() for x in line.get_xdata() if x > 0]
     if positive and max(positive) > 10 * min(positive):
         # costs span orders of magnitude (the cheapest model against the best one at its own cost): a log axis;
@@ -132,15 +132,15 @@ def _usd(value: float) -> str:
 
 def spend_chart(report: dict[str, Any], title: str) -> str:
     """Spend per model, largest at the top, each bar labelled with its dollars and calls."""
-    rows = sorted(report.get("spend_per_model", []), key=lambda r: r["spend_usd"])
+    rows = sorted(report.get("spend_per_model", []), key=lambda r: r["spent_usd"])
     fig, ax = _figure(7.0, 1.2 + 0.32 * max(len(rows), 1))
     names = [r["model"] for r in rows]
-    spends = [r["spend_usd"] for r in rows]
+    spends = [r["spent_usd"] for r in rows]
     ax.barh(names, spends, color=ORANGE)
     for i, r in enumerate(rows):
         ax.annotate(
-            f" {_usd(r['spend_usd'])} ({r['calls']} calls)",
-            (r["spend_usd"], i),
+            f" {_usd(r['spent_usd'])} ({r['calls']} calls)",
+            (r["spent_usd"], i),
             va="center",
             fontsize=7,
         )

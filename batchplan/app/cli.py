@@ -44,7 +44,7 @@ FLAGS = {
     "history": "--replay-history",  # the replay backend's setting
     "base_url": "--base-url",
     "catalog": "--prices",
-    "model_version": "--model-version",
+    "predictor_version": "--predictor-version",
     "predictor": "--predictor",
     "rounds": "--rounds",
     "audit_share": "--audit-share",
@@ -95,7 +95,11 @@ class _TrainCommand(_Command):
 
 
 class _PlanCommand(_Command):
-    aliases: ClassVar[dict[str, str]] = {"--model": "--predictors", "--plans": "--kinds"}
+    aliases: ClassVar[dict[str, str]] = {
+        "--model": "--predictors",
+        "--plans": "--kinds",
+        "--model-version": "--predictor-version",
+    }
 
 
 class _Group(TyperGroup):
@@ -243,32 +247,21 @@ def _user_errors() -> Iterator[None]:
         raise typer.Exit(2) from error
 
 
-def _request(
-    *,
-    budget_usd: float | None,
-    accuracy_target: float | None,
-    allow_deferral: bool,
-    tenant_budget: list[str],
-    max_calls: list[str],
-    task_floor: list[str],
-    allowed: list[str],
-    kinds: str,
-    label_error: list[str],
-    label_error_mode: str,
-    allow_unused_constraints: bool,
-) -> PlanRequest:
+def _request(flags: dict[str, Any]) -> PlanRequest:
+    """The request from the flags ``plan`` and ``run`` share, by their parameter names: both call
+    ``_request(locals())`` first thing, so a request flag is read in this one place."""
     return PlanRequest(
-        budget_usd=budget_usd,
-        accuracy_target=accuracy_target,
-        allow_deferral=allow_deferral,
-        tenant_budgets_usd=_floats(tenant_budget, "--tenant-budget"),
-        model_max_calls={k: int(v) for k, v in _floats(max_calls, "--max-calls").items()},
-        task_accuracy_floors=_floats(task_floor, "--task-floor"),
-        allowed_models={t: m.split(",") for t, m in _pairs(allowed, "--allow").items()},
-        kinds=tuple(k.strip() for k in kinds.split(",") if k.strip()),
-        label_error_max=dict(_floats(label_error, "--label-error")),
-        label_error_mode=label_error_mode,
-        allow_unused_constraints=allow_unused_constraints,
+        budget_usd=flags["budget_usd"],
+        accuracy_target=flags["accuracy_target"],
+        allow_deferral=flags["allow_deferral"],
+        tenant_budgets_usd=_floats(flags["tenant_budget"], "--tenant-budget"),
+        model_max_calls={k: int(v) for k, v in _floats(flags["max_calls"], "--max-calls").items()},
+        task_accuracy_floors=_floats(flags["task_floor"], "--task-floor"),
+        allowed_models={t: m.split(",") for t, m in _pairs(flags["allow"], "--allow").items()},
+        kinds=tuple(k.strip() for k in flags["kinds"].split(",") if k.strip()),
+        label_error_max=dict(_floats(flags["label_error"], "--label-error")),
+        label_error_mode=flags["label_error_mode"],
+        allow_unused_constraints=flags["allow_unused_constraints"],
     )
 
 
@@ -337,7 +330,7 @@ PricesOpt = Annotated[
 VersionOpt = Annotated[
     str | None,
     typer.Option(
-        "--model-version",
+        "--predictor-version",
         help="Predictor version under --predictors (default: the promoted one in <predictors>/CURRENT.json, else the "
         "newest).",
     ),
@@ -478,23 +471,11 @@ def plan(
     replay_history: ReplayOpt = [],  # noqa: B006
     base_url: BaseUrlOpt = None,
     prices: PricesOpt = None,
-    model_version: VersionOpt = None,
+    predictor_version: VersionOpt = None,
 ) -> None:
     """Plan the batch: one plan per query, under the budget and constraints. Writes the plan; calls nothing."""
     with _user_errors():
-        request = _request(
-            budget_usd=budget_usd,
-            accuracy_target=accuracy_target,
-            allow_deferral=allow_deferral,
-            tenant_budget=tenant_budget,
-            max_calls=max_calls,
-            task_floor=task_floor,
-            allowed=allow,
-            kinds=kinds,
-            label_error=label_error,
-            label_error_mode=label_error_mode,
-            allow_unused_constraints=allow_unused_constraints,
-        )
+        request = _request(locals())
         _check_backend(backend, replay_history=replay_history, prices=prices, base_url=base_url)
         import polars as pl
 
@@ -515,7 +496,7 @@ def plan(
             quarantine_uri = out.rsplit(".", 1)[0] + ".quarantine.parquet"
             storage.write_frame(ingested.quarantine, quarantine_uri)
             _say_quarantined(ingested.quarantine.height, quarantine_uri)
-        trained = artifacts.load(storage, predictors, version=model_version)
+        trained = artifacts.load(storage, predictors, version=predictor_version)
         predictions = pipeline.predict(ingested.queue, trained.predictor, chosen_backend)
         for line in notes({"unseen_tasks": pipeline.unseen_tasks(ingested.queue, trained.predictor)}):
             console.print(f"note: {line}")
@@ -562,7 +543,7 @@ def run(
     replay_history: ReplayOpt = [],  # noqa: B006
     base_url: BaseUrlOpt = None,
     prices: PricesOpt = None,
-    model_version: VersionOpt = None,
+    predictor_version: VersionOpt = None,
     run_id: Annotated[str | None, typer.Option("--run-id", help="Name shown in the report.")] = None,
     rounds: RoundsOpt = 1,
     round_planner: RoundPlannerOpt = "plan",
@@ -572,19 +553,7 @@ def run(
 ) -> None:
     """Plan and dispatch the batch; rerunning the same command resumes without paying twice."""
     with _user_errors():
-        request = _request(
-            budget_usd=budget_usd,
-            accuracy_target=accuracy_target,
-            allow_deferral=allow_deferral,
-            tenant_budget=tenant_budget,
-            max_calls=max_calls,
-            task_floor=task_floor,
-            allowed=allow,
-            kinds=kinds,
-            label_error=label_error,
-            label_error_mode=label_error_mode,
-            allow_unused_constraints=allow_unused_constraints,
-        )
+        request = _request(locals())
         from batchplan.core.request import default_audit_share
 
         request = dataclasses.replace(request, audit_share=default_audit_share(audit_share, backend, rounds))
@@ -598,14 +567,14 @@ def run(
 
         job = Job(
             queue_uri=queue,
-            model_uri=predictors,
+            predictors_uri=predictors,
             out_uri=out,
             request=request,
             backend=backend,
             replay_history=replay_history,
             base_url=base_url,
             prices_uri=prices,
-            model_version=model_version,
+            predictor_version=predictor_version,
             run_id=run_id,
             rounds=rounds,
             round_planner=round_planner,

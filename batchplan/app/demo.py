@@ -97,7 +97,7 @@ def run_demo(
         storage.delete(uri)
     job = Job(
         queue_uri=queue_uri,
-        model_uri=model_root,
+        predictors_uri=model_root,
         out_uri=run_dir,
         request=PlanRequest(budget_usd=budget),
         backend="replay",

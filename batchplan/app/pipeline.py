@@ -53,6 +53,7 @@ from batchplan.core.rounds import RoundPlanner
 from batchplan.core.storage import Storage, join
 from batchplan.dispatchers import (
     Backend,
+    DispatchOptions,
     RetryPolicy,
     check_backend,
     dispatch,
@@ -203,7 +204,7 @@ def execute(
         tenant_budgets_usd=tenant_budgets_usd,
         storage=storage,
         progress=progress,
-        retry=retry,
+        options=DispatchOptions(retry=retry),
     )
     deferred = _not_called(plan.filter(pl.col("kind") == DEFER), "deferred", pl.lit(DEFERRED_BY_PLAN))
     unanswerable = plan.filter(pl.col("kind") == UNANSWERABLE)
@@ -219,7 +220,7 @@ def execute(
     log.info(
         "dispatch",
         calls=int(results["models_called"].list.len().sum()),
-        spend_usd=round(float(results["cost_usd"].sum()), 6),
+        spent_usd=round(float(results["cost_usd"].sum()), 6),
         done=int((results["status"] == "done").sum()),
         seconds=round(time.perf_counter() - started, 2),
     )
@@ -282,7 +283,7 @@ def execute_rounds(
         "dispatch",
         rounds=rounds,
         calls=outcome.observations.height,
-        spend_usd=round(float(results["cost_usd"].sum()), 6),
+        spent_usd=round(float(results["cost_usd"].sum()), 6),
         done=int((results["status"] == "done").sum()),
         estimated_accuracy=round(outcome.estimated_accuracy, 4),
         seconds=round(time.perf_counter() - started, 2),
@@ -291,7 +292,7 @@ def execute_rounds(
 
 
 def realtime_sender(backend: Backend, retry: RetryPolicy | None = None) -> DispatchSender:
-    return DispatchSender(backend, max_tokens=MAX_TOKENS, max_tokens_open=MAX_TOKENS_OPEN, options={"retry": retry})
+    return DispatchSender(backend, DispatchOptions(retry=retry))
 
 
 BATCH_API_BACKENDS = ("openai",)  # backends whose provider batch API BatchSender speaks
@@ -341,14 +342,14 @@ class Job:
     """One run of the batch job, from plain settings."""
 
     queue_uri: str
-    model_uri: str
+    predictors_uri: str  # the predictor registry root (--predictors)
     out_uri: str
     request: PlanRequest
     backend: str = "replay"
     replay_history: list[str] = field(default_factory=list)
     base_url: str | None = None
     prices_uri: str | None = None
-    model_version: str | None = None
+    predictor_version: str | None = None
     run_id: str | None = None
     reference_models: dict[str, str] | None = None  # task -> model for the 'best single model' baseline
     backend_options: dict[str, Any] = field(default_factory=dict)
@@ -392,7 +393,7 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
     ingested = ingest(job.queue_uri, storage, job.out_uri)
     if ingested.queue.height == 0:
         raise ContractError(f"no valid queries in {job.queue_uri}: see {join(job.out_uri, 'quarantine.parquet')}")
-    trained = artifacts.load(storage, job.model_uri, version=job.model_version)
+    trained = artifacts.load(storage, job.predictors_uri, version=job.predictor_version)
     predictions = predict(ingested.queue, trained.predictor, backend)
     paths = {"plan": join(job.out_uri, "plan.parquet"), "results": join(job.out_uri, "results.parquet")}
     audit = None

@@ -84,7 +84,7 @@ def _policy_row(policy: str, n: int, right: float, answered: float, deferred: fl
         "policy": policy,
         "accuracy": right / max(n, 1),
         "accuracy_answered": right / answered if answered else None,
-        "spend_usd": spend,
+        "spent_usd": spend,
         "answered": round(answered),
         "deferred": round(deferred),
         "unrecorded": round(n - answered - deferred),
@@ -202,7 +202,7 @@ def build_report(
         "quarantined": quarantined,
         "status": status_counts,
         "budget_usd": budget_usd,
-        "spend_usd": spend,
+        "spent_usd": spend,
         "planned_cost_usd": float(plan["expected_cost_usd"].sum()),
         "planned_accuracy": float(plan["expected_accuracy"].fill_null(0).sum() / max(plan.height, 1)),
         "estimated_accuracy": estimated_accuracy,
@@ -242,7 +242,7 @@ def build_report(
                     "queries": int(q),
                     "planned_accuracy": float(p),
                     "accuracy": float(a),
-                    "spend_usd": float(s),
+                    "spent_usd": float(s),
                 }
                 for t, q, p, a, s in scored.join(queue.select("query_id", "task"), on="query_id")
                 .join(planned, on="query_id", how="left")
@@ -266,7 +266,7 @@ def _add_audit(report: dict[str, Any], audit: dict[str, Any]) -> None:
     """The audits' estimate at the top of the report: it replaces a posterior estimate (the report names which
     one it is), keeps planned_accuracy as the predictor's promise, and the reference calls' spend counts."""
     report["audit"] = audit
-    report["spend_usd"] += audit["spend_usd"]
+    report["spent_usd"] += audit["spent_usd"]
     if audit.get("estimated_accuracy") is not None:
         report["estimated_accuracy"] = audit["estimated_accuracy"]
         report["estimated_accuracy_source"] = "audit"
@@ -291,11 +291,11 @@ def _spend_per_model(
         if several:
             spend_by_model[SEVERAL_MODELS] = several
     rows = [
-        {"model": m, "calls": int(calls.get(m, 0)), "spend_usd": float(usd)}
+        {"model": m, "calls": int(calls.get(m, 0)), "spent_usd": float(usd)}
         for m, usd in spend_by_model.items()
         if usd or calls.get(m)
     ]
-    return sorted(rows, key=lambda r: (-r["spend_usd"], r["model"]))
+    return sorted(rows, key=lambda r: (-r["spent_usd"], r["model"]))
 
 
 def _reasons(results: pl.DataFrame, top: int = 8) -> list[dict[str, Any]]:
@@ -324,7 +324,7 @@ def per_tenant(
         .agg(
             pl.len().alias("queries"),
             (pl.col("status") == "deferred").sum().alias("deferred"),
-            pl.col("cost_usd").fill_null(0).sum().alias("spend_usd"),
+            pl.col("cost_usd").fill_null(0).sum().alias("spent_usd"),
             pl.col("correct").cast(pl.Float64).mean().alias("accuracy"),
         )
         .sort("tenant")
@@ -335,10 +335,10 @@ def per_tenant(
 def savings(report: dict[str, Any]) -> dict[str, float] | None:
     """Spend saved and accuracy given up (or gained) against the best single model at its own cost."""
     best = next((b for b in report["baselines"] if b["policy"].startswith("best single model")), None)
-    if best is None or report["accuracy"] is None or not best["spend_usd"]:
+    if best is None or report["accuracy"] is None or not best["spent_usd"]:
         return None
     return {
-        "spend_saved_pct": 100 * (1 - report["spend_usd"] / best["spend_usd"]),
+        "spend_saved_pct": 100 * (1 - report["spent_usd"] / best["spent_usd"]),
         "accuracy_delta_pts": 100 * (report["accuracy"] - best["accuracy"]),
     }
 
@@ -376,7 +376,7 @@ def summary_line(report: dict[str, Any]) -> str:
     st = report["status"]
     return (
         f"queries={report['queries']} done={st['done']} failed={st['failed']} deferred={st['deferred']} "
-        f"quarantined={report['quarantined']} accuracy={acc_text} spend=${report['spend_usd']:.4f} budget={budget_text}"
+        f"quarantined={report['quarantined']} accuracy={acc_text} spend=${report['spent_usd']:.4f} budget={budget_text}"
     )
 
 
@@ -444,7 +444,7 @@ class Section:
 
 
 def _spend_section(report: dict[str, Any]) -> Section:
-    return Section("Spend against budget", [Gauge(report["spend_usd"], report.get("budget_usd"))])
+    return Section("Spend against budget", [Gauge(report["spent_usd"], report.get("budget_usd"))])
 
 
 def _frontier_section(report: dict[str, Any]) -> Section | None:
@@ -492,7 +492,7 @@ def _baselines_section(report: dict[str, Any]) -> Section:
             str(st["deferred"]),
             str(st["failed"]),
             "-",
-            f"{report['spend_usd']:.4f}",
+            f"{report['spent_usd']:.4f}",
         ]
     ]
     rows += [
@@ -504,7 +504,7 @@ def _baselines_section(report: dict[str, Any]) -> Section:
             count(b.get("deferred")),
             "-",
             count(b.get("unrecorded")),
-            f"{b['spend_usd']:.4f}",
+            f"{b['spent_usd']:.4f}",
         ]
         for b in report["baselines"]
     ]
@@ -542,7 +542,7 @@ def _per_task_section(report: dict[str, Any]) -> Section | None:
                 str(t["queries"]),
                 _fmt_acc(t.get("planned_accuracy")),
                 _fmt_acc(t["accuracy"]),
-                f"{t['spend_usd']:.4f}",
+                f"{t['spent_usd']:.4f}",
             ]
             for t in report["per_task"]
         ],
@@ -554,14 +554,14 @@ def _spend_per_model_section(report: dict[str, Any]) -> Section | None:
     rows = report.get("spend_per_model") or []
     if not rows:
         return None
-    total = sum(r["spend_usd"] for r in rows) or 1.0
+    total = sum(r["spent_usd"] for r in rows) or 1.0
     return Section(
         "Spend per model",
         [
             Chart("Spend per model", charts.spend_chart),
             Table(
                 ["model", "calls", "spend USD", "share of spend"],
-                [[r["model"], str(r["calls"]), f"{r['spend_usd']:.4f}", f"{r['spend_usd'] / total:.1%}"] for r in rows],
+                [[r["model"], str(r["calls"]), f"{r['spent_usd']:.4f}", f"{r['spent_usd'] / total:.1%}"] for r in rows],
             ),
         ],
     )
@@ -609,7 +609,7 @@ def _per_tenant_section(report: dict[str, Any]) -> Section | None:
                         str(t["queries"]),
                         str(t["deferred"]),
                         _fmt_acc(t["accuracy"]),
-                        f"{t['spend_usd']:.4f}",
+                        f"{t['spent_usd']:.4f}",
                         f"{t['budget_usd']:.4f}" if t["budget_usd"] is not None else "-",
                     ]
                     for t in report["per_tenant"]
@@ -660,7 +660,7 @@ def _audit_section(report: dict[str, Any]) -> Section | None:
     blocks: list[Block] = [
         Note(
             f"{audit['audited']} of {audit['queries']} audited queries got a reference answer, for "
-            f"${audit['spend_usd']:.4f} of the spend. Method: {audit['method']}."
+            f"${audit['spent_usd']:.4f} of the spend. Method: {audit['method']}."
         ),
         Table(
             ["task", "audited", "agreement", "estimated accuracy", "95% CI", "planned accuracy"],

@@ -52,7 +52,7 @@ from batchplan.core.rounds import (
     with_modes,
 )
 from batchplan.core.storage import Storage, join
-from batchplan.dispatchers import ROUND_CALLS, Backend, dispatch, ledger_events
+from batchplan.dispatchers import ROUND_CALLS, Backend, DispatchOptions, dispatch, ledger_events
 from batchplan.dispatchers.base import CONNECTION, RATE_LIMITED, SERVER_ERROR, TIMEOUT
 from batchplan.dispatchers.executor import LOST
 from batchplan.plans.planning import check_rounds_request
@@ -63,8 +63,8 @@ Progress = Callable[[int, int], None]
 
 # the round contract names the transient failures in plain strings (it sits below the dispatchers)
 assert frozenset({RATE_LIMITED, SERVER_ERROR, TIMEOUT, CONNECTION, LOST}) == TRANSIENT
-MAX_TOKENS = 16  # the dispatcher's defaults: they enter every call's cost bound
-MAX_TOKENS_OPEN = 1024
+# the dispatcher's defaults: they enter every call's cost bound
+MAX_TOKENS, MAX_TOKENS_OPEN = DispatchOptions().max_tokens, DispatchOptions().max_tokens_open
 REFUSED_SCHEMA = pl.Schema({"query_id": pl.String, "error": pl.String})
 
 
@@ -94,10 +94,7 @@ class DispatchSender:
     """A round through the dispatcher: every row's LLMs at once, with retries, budget guard and ledger."""
 
     backend: Backend
-    concurrency: int = 32
-    max_tokens: int = MAX_TOKENS
-    max_tokens_open: int = MAX_TOKENS_OPEN
-    options: dict[str, Any] = field(default_factory=dict)  # limits, retry, part_rows ... (dispatch's keywords)
+    options: DispatchOptions = field(default_factory=DispatchOptions)
 
     def send(
         self,
@@ -125,11 +122,8 @@ class DispatchSender:
             out_uri=out_uri,
             tenant_budgets_usd=dict(tenant_budgets_usd),
             storage=storage,
-            concurrency=self.concurrency,
             progress=progress,
-            max_tokens=self.max_tokens,
-            max_tokens_open=self.max_tokens_open,
-            **self.options,
+            options=self.options,
         )
         refused = results.filter(pl.col("status") == "deferred").select("query_id", "error")
         return observations_from_ledger(storage, out_uri, round), refused.cast(REFUSED_SCHEMA)
@@ -193,8 +187,8 @@ class BatchSender:
                 storage=storage,
                 deadline=self.deadline,
                 poll_s=self.poll_s,
-                max_tokens=self.realtime.max_tokens,
-                max_tokens_open=self.realtime.max_tokens_open,
+                max_tokens=self.realtime.options.max_tokens,
+                max_tokens_open=self.realtime.options.max_tokens_open,
                 **self.options,
             ).run()
             refused = pl.concat([refused, batch_refused.group_by("query_id", maintain_order=True).agg(

@@ -23,6 +23,7 @@ from batchplan.core.contracts import (
     ContractError,
     conform,
 )
+from batchplan.core.numerics import sigmoid
 from batchplan.core.storage import Storage, join
 
 log = structlog.get_logger("batchplan.core.history")
@@ -259,7 +260,7 @@ def synthetic_history(
         schema=HISTORY_QUERIES_SCHEMA,
     )
     logit = skill[None, :] + task_skill[task] - difficulty[:, None] + rng.normal(0, 0.7, (n_queries, n_models))
-    p = 1 / (1 + np.exp(-logit))
+    p = sigmoid(logit)
     correct = rng.random((n_queries, n_models)) < p
     tokens_in = (length[:, None] // 4 + rng.integers(0, 5, (n_queries, n_models))).astype(np.int64)
     tokens_out = rng.integers(1, 4, (n_queries, n_models)).astype(np.int64)

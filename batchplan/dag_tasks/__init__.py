@@ -2,7 +2,7 @@
 dicts), so the DAG files stay thin and every step can be tested without Airflow.
 
 - ``common``: the S3 connection -> Storage, the bucket layout, the validated DAG params (``RunParams``),
-  the queue's day and URIs, the day's claim, the promoted model version;
+  the queue's day and URIs, the day's claim, the promoted predictor version;
 - ``stages``: ingest -> predict -> plan (sharded, budget shares) -> dispatch -> merge -> report, the stages
   the nightly and backfill DAGs share, and the report lookup for the UI plugin;
 - ``backfill``: the backfill's day range and its day-by-day claims;

@@ -67,8 +67,8 @@ def score_predictor(predictor: Any, evaluation: Any) -> tuple[float, int]:
     return brier(joined["correct"].cast(pl.Float64).to_numpy(), joined["p_correct"].to_numpy()), joined.height
 
 
-def model_version(when: Any) -> str:
-    """A model version name from the run's time: ``v20261122T020000``."""
+def predictor_version(when: Any) -> str:
+    """A predictor version name from the run's time: ``v20261122T020000``."""
     stamp = when if isinstance(when, datetime) else datetime.fromisoformat(str(when))
     return "v" + stamp.astimezone(UTC).strftime("%Y%m%dT%H%M%S")
 

@@ -20,10 +20,26 @@ import polars as pl
 
 from batchplan.core.layout import Layout
 from batchplan.core.storage import Storage, join
+from batchplan.dag_tasks import common  # common.storage_from_connection looked up per call: the DAG tests swap it
 from batchplan.dag_tasks.common import MAX_ROUNDS, RunParams, log
-from batchplan.dag_tasks.stages import _backend, _tenant_shares, budget_shares, shard_count
+from batchplan.dag_tasks.stages import (
+    _backend,
+    _tenant_shares,
+    budget_shares,
+    dispatch_shard,
+    merge_stage,
+    shard_count,
+)
 
-__all__ = ["MAX_ROUNDS", "round_dispatch_shard", "round_observe_stage", "round_plan_stage", "rounds_results"]
+__all__ = [
+    "MAX_ROUNDS",
+    "dispatch_task",
+    "merge_task",
+    "round_dispatch_shard",
+    "round_observe_stage",
+    "round_plan_stage",
+    "rounds_results",
+]
 NOOP: dict[str, Any] = {"noop": True}  # one mapped task instance that does nothing: no empty expansion
 
 
@@ -231,12 +247,25 @@ def in_rounds(params: dict[str, Any]) -> bool:
     return RunParams.from_params(params).in_rounds
 
 
+def dispatch_task(shard: dict[str, Any], params: Any) -> dict[str, Any]:
+    """The nightly and backfill DAGs' mapped dispatch: one shard through the dispatcher, or, for a run in
+    rounds, a marker (the round_<k> tasks dispatch)."""
+    if in_rounds(params):
+        return {"shard": shard["shard"], "in_rounds": True}
+    return dispatch_shard(common.storage_from_connection(), common.layout(), shard, params["backend"])
+
+
+def merge_task(run: str, shards: list[dict[str, Any]], params: Any) -> dict[str, Any]:
+    """The nightly and backfill DAGs' merge: the shards' results (or the rounds') into the run's results."""
+    storage, lay = common.storage_from_connection(), common.layout()
+    in_rounds_results = rounds_results(storage, lay, run, RunParams.from_params(params))
+    return merge_stage(storage, lay, run, shards, params["backend"], rounds=in_rounds_results)
+
+
 def round_tasks(info: Any, after: Any, backend_param: str = "backend") -> Any:
     """Add ``round_<k>_plan -> round_<k>_dispatch[shards] -> round_<k>_observe`` for k = 1..MAX_ROUNDS to
     the DAG being defined, after ``after``; returns the last observe (what the merge waits for)."""
     from airflow.sdk import task
-
-    from batchplan.dag_tasks import common
 
     @task
     def round_plan(info: dict[str, Any], k: int, after: Any, params: Any = None) -> list[dict[str, Any]]:

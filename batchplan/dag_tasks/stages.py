@@ -90,7 +90,7 @@ def predict_stage(storage: Storage, lay: Layout, run: str, backend: str) -> dict
     predictor = artifacts.load(storage, lay.models(), version=version).predictor
     predictions = predict(queue.drop("day", strict=False), predictor, _backend(backend, storage))
     storage.write_frame(predictions, out)
-    return {"predictions": out, "model_version": version, "pairs": predictions.height, "reused": False}
+    return {"predictions": out, "predictor_version": version, "pairs": predictions.height, "reused": False}
 
 
 def budget_shares(weights: Sequence[float], budget_usd: float | None) -> list[float | None]:
@@ -263,7 +263,7 @@ def _shard_summary(shard: dict[str, Any], results: pl.DataFrame, *, reused: bool
         "shard": shard["shard"],
         "group": shard.get("group"),
         "queries": results.height,
-        "spend_usd": spend,
+        "spent_usd": spend,
         "budget_usd": budget,
         "status": {s: int((results["status"] == s).sum()) for s in RESULT_STATUSES},
         "reused": reused,
@@ -311,12 +311,12 @@ def merge_stage(
         from batchplan.app.report import per_tenant
 
         queue = storage.read_frame(lay.plan_file(run, "queue.parquet"))
-        spent = {row["tenant"]: row["spend_usd"] for row in per_tenant(results, queue, None, tenant_budgets)}
+        spent = {row["tenant"]: row["spent_usd"] for row in per_tenant(results, queue, None, tenant_budgets)}
         tenant_spend = {tenant: float(spent.get(tenant, 0.0)) for tenant in tenant_budgets}
     manifest = {
         "run": run,
         "queries": results.height,
-        "spend_usd": spend,
+        "spent_usd": spend,
         "budget_usd": budget,
         "tenant_budgets_usd": tenant_budgets,
         "tenant_spent_usd": tenant_spend,
@@ -425,7 +425,7 @@ def report_stage(storage: Storage, lay: Layout, run: str, backend: str, *, run_i
     return {
         "summary": summary_line(report),
         "paths": paths,
-        "spend_usd": report["spend_usd"],
+        "spent_usd": report["spent_usd"],
         "estimated_accuracy_ci95": report.get("estimated_accuracy_ci95"),
         "drift": report.get("drift") or [],
         "labels": labelled,

@@ -334,7 +334,7 @@ def estimate_audit(
     out: dict[str, Any] = {
         "queries": audit_plan_rows.height,
         "audited": len(rows),
-        "spend_usd": spend,
+        "spent_usd": spend,
         "method": "misclassification-corrected agreement with a reference plan, acc = (a - q) / (s - q), s and q "
         "replayed on the history; 95% interval from posterior draws (agreement, s and q)",
         "per_task": [],

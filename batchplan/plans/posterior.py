@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import itertools
 import json
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -41,7 +40,7 @@ from typing import Any, Final
 import numpy as np
 import polars as pl
 
-from batchplan.core.history import History
+from batchplan.core.history import History, stable_fold
 from batchplan.core.numerics import fit_logistic, logit, sigmoid
 from batchplan.predictors.metrics import ece
 
@@ -477,10 +476,6 @@ class Posterior:
         )
 
 
-def _fold(query_ids: list[str], folds: int, seed: int) -> np.ndarray:
-    return np.array([zlib.crc32(f"{seed}:posterior:{q}".encode()) % folds for q in query_ids])
-
-
 def _sub(rep: Replay, rows: np.ndarray) -> Replay:
     return Replay(
         rep.task,
@@ -500,12 +495,15 @@ def _held_out(reps: dict[str, Replay], index: dict[str, int], folds: int, seed: 
     got: dict[str, list[np.ndarray]] = {"p_now": [], "y_now": [], "p_after": [], "y_after": []}
     rng = np.random.default_rng(seed + 1)
     for f in range(folds):
-        train = {t: _sub(r, np.flatnonzero(_fold(r.query_ids, folds, seed) != f)) for t, r in reps.items()}
+        train = {
+            t: _sub(r, np.flatnonzero(stable_fold(r.query_ids, folds, seed, salt="posterior:") != f))
+            for t, r in reps.items()
+        }
         models = {t: fit_task([r], index, seed) for t, r in train.items() if len(r.query_ids) >= 30}
         for task, rep in reps.items():
             if task not in models:
                 continue
-            test = _sub(rep, np.flatnonzero(_fold(rep.query_ids, folds, seed) == f))
+            test = _sub(rep, np.flatnonzero(stable_fold(rep.query_ids, folds, seed, salt="posterior:") == f))
             t = models[task]
             onehot = np.array([index.get(m, -1) for m in rep.models])
             for subset in _subsets(len(rep.models), rng, depth=2):

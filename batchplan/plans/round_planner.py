@@ -509,6 +509,6 @@ def round_planner(posterior: Posterior | None, **options: Any) -> PosteriorRound
     """The planner for a run in rounds from a trained model's posterior (``artifacts.Trained.posterior``)."""
     if posterior is None:
         raise ContractError(
-            "this model version was trained without a round posterior: run `batchplan train` again to run in rounds"
+            "this predictor version was trained without a round posterior: run `batchplan train` again to run in rounds"
         )
     return PosteriorRoundPlanner(posterior, **options)
