@@ -58,7 +58,7 @@ def main() -> None:
             with server:
                 job = Job(
                     queue_uri=queue_uri,
-                    model_uri=join(root, "models"),
+                    predictors_uri=join(root, "models"),
                     out_uri=join(root, f"run-{fraction}-{mode}"),
                     request=PlanRequest(budget_usd=budget),
                     backend="openai",

@@ -178,7 +178,7 @@ def run_stream(name: str, args: argparse.Namespace, data: Path, work: Path, stor
                 out = str(work / name / f"night{night}" / arm)
                 job = Job(
                     queue_uri=str(queue_path),
-                    model_uri=model_uri,
+                    predictors_uri=model_uri,
                     out_uri=out,
                     request=PlanRequest(budget_usd=budget, allow_deferral=True, audit_share=share),
                     backend="openai",

@@ -71,7 +71,7 @@ def test_audits_are_planned_inside_the_budget_and_resume_to_the_same_sample(
     budget = 0.02
     job = Job(
         queue_uri=queue,
-        model_uri=registry,
+        predictors_uri=registry,
         out_uri=str(tmp_path / "run"),
         request=PlanRequest(budget_usd=budget, allow_deferral=True, audit_share=0.25),
         replay_history=[str(EXAMPLES)],
@@ -98,7 +98,7 @@ def test_audits_are_planned_inside_the_budget_and_resume_to_the_same_sample(
     bare = run_job(
         Job(
             queue_uri=queue,
-            model_uri=registry,
+            predictors_uri=registry,
             out_uri=str(tmp_path / "bare"),
             request=PlanRequest(budget_usd=budget, allow_deferral=True),
             replay_history=[str(EXAMPLES)],
@@ -116,7 +116,7 @@ def test_audits_that_alone_exceed_the_budget_are_refused_naming_audit_share(
 
     job = Job(
         queue_uri=write_queue(history, tmp_path / "queue.parquet"),
-        model_uri=registry,
+        predictors_uri=registry,
         out_uri=str(tmp_path / "run"),
         request=PlanRequest(budget_usd=1e-6, allow_deferral=True, audit_share=0.5),
         replay_history=[str(EXAMPLES)],
@@ -144,7 +144,7 @@ def test_the_interval_comes_without_gold_from_a_live_endpoint(
         outcome = run_job(
             Job(
                 queue_uri=write_queue(history, tmp_path / "queue.parquet"),
-                model_uri=registry,
+                predictors_uri=registry,
                 out_uri=str(tmp_path / "live"),
                 request=PlanRequest(budget_usd=0.05, allow_deferral=True, audit_share=0.3),
                 backend="openai",
@@ -192,7 +192,7 @@ def test_drift_leads_the_report_when_an_llm_is_much_worse_than_the_history(
     def night(served: str, out: str) -> dict[str, object]:
         job = Job(
             queue_uri=queue,
-            model_uri=registry,
+            predictors_uri=registry,
             out_uri=str(tmp_path / out),
             request=PlanRequest(budget_usd=0.04, allow_deferral=True, audit_share=0.5),
             replay_history=[served],

@@ -112,7 +112,9 @@ def test_a_live_run_records_every_call_with_no_correctness(
     assert ok["tokens_in"].is_not_null().all()
     assert (ok["cost_usd"] > 0).all()
     assert set(outcomes["round"].unique()) <= set(range(1, int(rounds) + 1))
-    assert outcomes["cost_usd"].sum() == pytest.approx(pl.read_parquet(out / "results.parquet")["cost_usd"].sum())
+    # every call paid is an outcome: the delivered answers' and the audits' reference calls (same query ids)
+    assert outcomes["cost_usd"].sum() == pytest.approx(json.loads((out / "report.json").read_text())["spent_usd"])
+    assert outcomes["task"].is_not_null().all()
     queries = pl.read_parquet(out / "queries.parquet")
     assert queries["gold"].is_null().all()
     assert queries.height == 60

@@ -25,6 +25,7 @@ import polars as pl
 import structlog
 
 from batchplan.core.contracts import (
+    AUDIT_SUFFIX,
     GOLD,
     HISTORY_QUERIES_SCHEMA,
     LABEL_SOURCES,
@@ -99,8 +100,12 @@ def record_run_outcomes(
     """Write ``out_uri``'s outcomes, queries and prices from the ledgers under ``root``; labels already in
     ``out_uri`` (a rerun after ``batchplan label``) are applied again. ``truth`` (a ``report.Truth``) only
     for the replay backend, whose history is the truth. Returns the outcomes written."""
-    outcomes = call_outcomes(storage, root).drop("task").join(
-        queue.select("query_id", "task"), on="query_id", how="left"
+    # an audit's reference call (<query_id>#audit) is a call about the same query: its outcome is that query's
+    outcomes = (
+        call_outcomes(storage, root)
+        .drop("task")
+        .with_columns(pl.col("query_id").str.strip_suffix(AUDIT_SUFFIX))
+        .join(queue.select("query_id", "task"), on="query_id", how="left")
     )
     queries = conform(
         queue.with_columns(pl.lit("outcomes").alias("dataset"), pl.lit("train").alias("split")),
