@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from batchplan.dispatchers.budget import BudgetGuard
     from batchplan.dispatchers.executor import FALLBACK_COLUMN, ROUND_CALLS
     from batchplan.dispatchers.ledger import ledger_events, read_manifest, read_results, spend_by_model
-    from batchplan.dispatchers.limits import ModelLimits, RetryPolicy
+    from batchplan.dispatchers.limits import ModelLimits, OutputCaps, RetryPolicy
     from batchplan.dispatchers.run import adispatch, dispatch
 
 # Imported on first use, so that naming the backends (``available_backends``: the CLI checks --backend with
@@ -42,6 +42,7 @@ _LAZY = {
     "spend_by_model": "batchplan.dispatchers.ledger",
     "ModelLimits": "batchplan.dispatchers.limits",
     "RetryPolicy": "batchplan.dispatchers.limits",
+    "OutputCaps": "batchplan.dispatchers.limits",
     "adispatch": "batchplan.dispatchers.run",
     "dispatch": "batchplan.dispatchers.run",
 }
@@ -128,6 +129,7 @@ __all__ = [
     "CallRequest",
     "CallResult",
     "ModelLimits",
+    "OutputCaps",
     "RetryPolicy",
     "adispatch",
     "available_backends",

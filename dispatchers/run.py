@@ -30,7 +30,7 @@ from batchplan.dispatchers.ledger import (
     read_results,
     run_identity,
 )
-from batchplan.dispatchers.limits import ModelLimits, RetryPolicy
+from batchplan.dispatchers.limits import ModelLimits, OutputCaps, RetryPolicy
 
 log = structlog.get_logger("dispatchers")
 
@@ -43,7 +43,7 @@ def _queries(
     has_fallback = FALLBACK_COLUMN in plan.columns
     columns = [c for c in wanted if c in plan.columns] + ([FALLBACK_COLUMN] if has_fallback else [])
     texts = queue.select(
-        "query_id", "prompt", "system_prompt", "labels", *(["tenant"] if "tenant" in queue.columns else [])
+        "query_id", "prompt", "system_prompt", "labels", *(c for c in ("tenant", "task") if c in queue.columns)
     )
     finished = pl.Series(list(final), dtype=pl.String).implode() if final else None
     for start in range(0, plan.height, chunk):
@@ -67,6 +67,7 @@ def _queries(
                 labels=tuple(labels) if labels is not None else None,
                 prior=prior.get(row["query_id"]),
                 tenant=row.get("tenant"),
+                task=row.get("task"),
             )
 
 
@@ -99,6 +100,7 @@ async def adispatch(
     retry: RetryPolicy | None = None,
     max_tokens: int = 16,
     max_tokens_open: int = 1024,
+    output_caps: OutputCaps | None = None,
     part_rows: int = 5_000,
     part_seconds: float = 5.0,
 ) -> pl.DataFrame:
@@ -128,6 +130,7 @@ async def adispatch(
             retry=retry,
             max_tokens=max_tokens,
             max_tokens_open=max_tokens_open,
+            output_caps=output_caps,
             part_rows=part_rows,
             part_seconds=part_seconds,
         )
@@ -153,6 +156,7 @@ async def _dispatch_leased(
     retry: RetryPolicy | None,
     max_tokens: int,
     max_tokens_open: int,
+    output_caps: OutputCaps | None,
     part_rows: int,
     part_seconds: float,
 ) -> pl.DataFrame:
@@ -194,6 +198,7 @@ async def _dispatch_leased(
         policy=retry or RetryPolicy(),
         max_tokens=max_tokens,
         max_tokens_open=max_tokens_open,
+        output_caps=output_caps,
     )
     executor.stats.lost = lost
     results = ResultWriter(storage, out_uri, writer_id, part_rows=part_rows, part_seconds=part_seconds)
@@ -295,6 +300,7 @@ def dispatch(
     retry: RetryPolicy | None = None,
     max_tokens: int = 16,
     max_tokens_open: int = 1024,
+    output_caps: OutputCaps | None = None,
     part_rows: int = 5_000,
     part_seconds: float = 5.0,
 ) -> pl.DataFrame:
@@ -309,8 +315,8 @@ def dispatch(
     a call is sent only if it fits both, else its query is deferred with the tenant named.
     ``concurrency``: queries in flight at once; ``limits``: per-model ``ModelLimits`` (a mapping may
     hold a ``"*"`` default); ``retry``: attempts, backoff and circuit breaker; ``max_tokens`` caps the
-    output of classification calls, ``max_tokens_open`` that of open tasks (labels null); both enter the
-    hard cost bound reserved before each call. ``part_rows``/``part_seconds``: how often results are
+    output of classification calls, ``max_tokens_open`` that of open tasks (labels null), ``output_caps``
+    per (task, LLM) where learned (``OutputCaps``); they enter the hard cost bound reserved before each call. ``part_rows``/``part_seconds``: how often results are
     committed. ``progress(done, total)`` is called after every query.
     """
     try:
@@ -334,6 +340,7 @@ def dispatch(
             retry=retry,
             max_tokens=max_tokens,
             max_tokens_open=max_tokens_open,
+            output_caps=output_caps,
             part_rows=part_rows,
             part_seconds=part_seconds,
         )

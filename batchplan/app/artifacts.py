@@ -2,7 +2,7 @@
 with it.
 
 Stored together under the predictor registry's version directory (``<root>/<version>/templates.json`` and
-``posterior.json`` beside the predictor's files), so ``plan``/``run`` load the latest or a named version as
+``posterior.json``, ``output_caps.json`` beside the predictor's files), so ``plan``/``run`` load the latest or a named version as
 one unit. A version trained before the posterior existed loads with ``posterior`` None.
 """
 
@@ -16,6 +16,7 @@ import structlog
 from batchplan.core.history import History
 from batchplan.core.layout import CURRENT_FILE
 from batchplan.core.storage import Storage, join
+from batchplan.dispatchers.limits import OutputCaps
 from batchplan.plans.posterior import Posterior, fit_posterior
 from batchplan.plans.templates import CROSS_FIT_FOLDS, PlanTemplates, cross_fit_predictions, fit_plan_templates
 from batchplan.predictors import Predictor, load_predictor, train_predictor
@@ -26,6 +27,7 @@ TEMPLATES_FILE = "templates.json"
 # before the rename, for one release.
 OLD_TEMPLATES_FILE = "plans.json"
 POSTERIOR_FILE = "posterior.json"
+OUTPUT_CAPS_FILE = "output_caps.json"
 
 
 @dataclass(frozen=True)
@@ -33,6 +35,8 @@ class Trained:
     predictor: Predictor
     templates: PlanTemplates
     posterior: Posterior | None = None  # for runs in rounds (batchplan.plans.round_planner); None: trained without
+    # max_tokens of open tasks' calls per (task, LLM), from the history's answer lengths; None: trained without
+    output_caps: OutputCaps | None = None
 
 
 def train(
@@ -47,15 +51,22 @@ def train(
         oof = cross_fit_predictions(history, trainer, folds=folds, seed=seed)
         fitted_templates = fit_plan_templates(history, trainer, folds=folds, seed=seed, oof=oof)
         posterior = fit_posterior(history, oof, seed=seed)
+    caps = learn_output_caps(history)
     log.info(
         "train",
         predictor=predictor,
+        output_caps=len(caps.caps),
         queries=history.queries.height,
         models=len(history.models),
         templates=len(fitted_templates.templates),
         posterior=posterior is not None,
     )
-    return Trained(fitted, fitted_templates, posterior)
+    return Trained(fitted, fitted_templates, posterior, caps)
+
+
+def learn_output_caps(history: History) -> OutputCaps:
+    """``OutputCaps`` from every recorded answer of the history (its outcomes with their query's task, labels)."""
+    return OutputCaps.learn(history.outcomes.join(history.queries.select("query_id", "task", "labels"), on="query_id"))
 
 
 def save(trained: Trained, storage: Storage, root_uri: str, version: str | None = None) -> str:
@@ -63,6 +74,8 @@ def save(trained: Trained, storage: Storage, root_uri: str, version: str | None 
     storage.write_text(join(uri, TEMPLATES_FILE), trained.templates.to_json())
     if trained.posterior is not None:
         storage.write_text(join(uri, POSTERIOR_FILE), trained.posterior.to_json())
+    if trained.output_caps is not None:
+        storage.write_text(join(uri, OUTPUT_CAPS_FILE), trained.output_caps.to_json())
     return uri
 
 
@@ -78,7 +91,11 @@ def resolve_version(storage: Storage, root_uri: str, version: str | None) -> str
 def load(storage: Storage, root_uri: str, version: str | None = None) -> Trained:
     predictor = load_predictor(storage, root_uri, version=resolve_version(storage, root_uri, version))
     version = str(predictor.metadata["version"])
-    return Trained(predictor, load_templates(storage, root_uri, version), load_posterior(storage, root_uri, version))
+    caps_uri = join(root_uri, version, OUTPUT_CAPS_FILE)
+    caps = OutputCaps.from_json(storage.read_text(caps_uri)) if storage.exists(caps_uri) else None
+    return Trained(
+        predictor, load_templates(storage, root_uri, version), load_posterior(storage, root_uri, version), caps
+    )
 
 
 def load_templates(storage: Storage, root_uri: str, version: str) -> PlanTemplates:

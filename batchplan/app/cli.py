@@ -46,6 +46,7 @@ FLAGS = {
     "model_version": "--model-version",
     "predictor": "--predictor",
     "rounds": "--rounds",
+    "round_planner": "--round-planner",
 }
 
 

@@ -30,8 +30,6 @@ from batchplan.app import artifacts
 from batchplan.app.ingest import Ingested, read_queue
 from batchplan.app.report import Truth, build_report, summary_line, write_report
 from batchplan.app.round_runner import (
-    MAX_TOKENS,
-    MAX_TOKENS_OPEN,
     DispatchSender,
     RoundsOutcome,
     check_round_planner,
@@ -44,6 +42,7 @@ from batchplan.core.history import History, load_history
 from batchplan.core.rounds import RoundPlanner
 from batchplan.core.storage import Storage, join
 from batchplan.dispatchers import Backend, RetryPolicy, check_backend, dispatch, get_backend, spend_by_model
+from batchplan.dispatchers.limits import MAX_TOKENS, MAX_TOKENS_OPEN, OutputCaps
 from batchplan.plans.candidates import Candidates, build_candidates
 from batchplan.plans.frontier import frontier_uri, plan_frontier, read_frontier, write_frontier
 from batchplan.plans.planning import (
@@ -165,10 +164,11 @@ def execute(
     tenant_budgets_usd: dict[str, float] | None = None,
     progress: Progress | None = None,
     retry: RetryPolicy | None = None,
+    output_caps: OutputCaps | None = None,
 ) -> pl.DataFrame:
     """Dispatch every planned query; deferred plan rows become deferred results. One row per query.
     ``tenant_budgets_usd`` are hard caps at dispatch too: the plan meets them in expectation, escalations
-    that run over are deferred rather than paid."""
+    that run over are deferred rather than paid. ``output_caps``: open tasks' max_tokens (``Trained``)."""
     started = time.perf_counter()
     runnable = plan.filter(~pl.col("kind").is_in([DEFER, UNANSWERABLE]))
     limit = hard_budget(plan, budget_usd)
@@ -182,6 +182,7 @@ def execute(
         storage=storage,
         progress=progress,
         retry=retry,
+        output_caps=output_caps,
     )
     deferred = _not_called(plan.filter(pl.col("kind") == DEFER), "deferred", pl.lit(DEFERRED_BY_PLAN))
     unanswerable = plan.filter(pl.col("kind") == UNANSWERABLE)
@@ -234,17 +235,20 @@ def execute_rounds(
     tenant_budgets_usd: dict[str, float] | None = None,
     progress: Progress | None = None,
     retry: RetryPolicy | None = None,
+    output_caps: OutputCaps | None = None,
 ) -> RoundsOutcome:
     """``execute`` in rounds: each round planned by ``planner`` from what the earlier ones observed, under
     the budget they left; under ``<out>/rounds/`` (resumable, see ``batchplan.app.round_runner``)."""
     started = time.perf_counter()
     limit = hard_budget(plan, budget_usd)
-    bounds = backend.cost_bounds(queue, predictions.select("query_id", "model"), MAX_TOKENS, MAX_TOKENS_OPEN)
+    pairs = predictions.select("query_id", "model")
+    bounds = backend.cost_bounds(queue, pairs, MAX_TOKENS, MAX_TOKENS_OPEN, output_caps)
+    sender = DispatchSender(backend, output_caps=output_caps, options={"retry": retry})
     outcome = run_rounds(
         planner,
         queue,
         predictions,
-        DispatchSender(backend, max_tokens=MAX_TOKENS, max_tokens_open=MAX_TOKENS_OPEN, options={"retry": retry}),
+        sender,
         rounds=rounds,
         budget_usd=limit,
         out_uri=out_uri,
@@ -313,7 +317,7 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
     started = time.perf_counter()
     if job.rounds > 1:  # before anything is planned or sent
         check_round_planner(job.round_planner)
-        check_rounds_request(job.request)
+        check_rounds_request(job.request, job.round_planner)
     # the replay history is read once: it answers the calls and is the truth the report scores against
     replay = load_history(job.replay_history, storage) if job.backend == "replay" and job.replay_history else None
     backend = make_backend(
@@ -357,6 +361,7 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
             storage=storage,
             tenant_budgets_usd=job.request.tenant_budgets_usd,
             progress=progress,
+            output_caps=trained.output_caps,
         )
         results, estimated = outcome.results, outcome.estimated_accuracy
     else:
@@ -369,6 +374,7 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
             storage=storage,
             tenant_budgets_usd=job.request.tenant_budgets_usd,
             progress=progress,
+            output_caps=trained.output_caps,
         )
     storage.write_frame(results, paths["results"])
     report = build_report(

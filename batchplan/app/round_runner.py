@@ -40,6 +40,7 @@ import structlog
 
 from batchplan.core.contracts import RESULT_SCHEMA, ContractError, conform
 from batchplan.core.rounds import (
+    CUT,
     OBSERVATION_SCHEMA,
     ROUND_ANSWER_SCHEMA,
     ROUND_PLAN_SCHEMA,
@@ -50,8 +51,9 @@ from batchplan.core.rounds import (
 )
 from batchplan.core.storage import Storage, join
 from batchplan.dispatchers import ROUND_CALLS, Backend, dispatch, ledger_events
-from batchplan.dispatchers.base import CONNECTION, RATE_LIMITED, SERVER_ERROR, TIMEOUT
+from batchplan.dispatchers.base import CONNECTION, RATE_LIMITED, SERVER_ERROR, TIMEOUT, TRUNCATED
 from batchplan.dispatchers.executor import LOST
+from batchplan.dispatchers.limits import MAX_TOKENS, MAX_TOKENS_OPEN, OutputCaps
 from batchplan.plans.planning import check_rounds_request
 
 log = structlog.get_logger("batchplan")
@@ -60,8 +62,7 @@ Progress = Callable[[int, int], None]
 
 # the round contract names the transient failures in plain strings (it sits below the dispatchers)
 assert frozenset({RATE_LIMITED, SERVER_ERROR, TIMEOUT, CONNECTION, LOST}) == TRANSIENT
-MAX_TOKENS = 16  # the dispatcher's defaults: they enter every call's cost bound
-MAX_TOKENS_OPEN = 1024
+assert TRUNCATED == CUT
 REFUSED_SCHEMA = pl.Schema({"query_id": pl.String, "error": pl.String})
 
 
@@ -94,6 +95,7 @@ class DispatchSender:
     concurrency: int = 32
     max_tokens: int = MAX_TOKENS
     max_tokens_open: int = MAX_TOKENS_OPEN
+    output_caps: OutputCaps | None = None  # open tasks' max_tokens per (task, LLM), learned at train
     options: dict[str, Any] = field(default_factory=dict)  # limits, retry, part_rows ... (dispatch's keywords)
 
     def send(
@@ -123,6 +125,7 @@ class DispatchSender:
             progress=progress,
             max_tokens=self.max_tokens,
             max_tokens_open=self.max_tokens_open,
+            output_caps=self.output_caps,
             **self.options,
         )
         refused = results.filter(pl.col("status") == "deferred").select("query_id", "error")
@@ -494,7 +497,7 @@ def check_round_planner(name: str) -> None:
 def make_round_planner(name: str, **inputs: Any) -> RoundPlanner:
     check_round_planner(name)
     if (request := inputs.get("request")) is not None:
-        check_rounds_request(request)
+        check_rounds_request(request, name)
     return ROUND_PLANNERS[name](**inputs)
 
 
@@ -504,10 +507,13 @@ def _plan_continuation(*, plan: pl.DataFrame, **_: Any) -> RoundPlanner:
     return PlanContinuation(plan)
 
 
-def _posterior(*, trained: Any = None, **_: Any) -> RoundPlanner:
+def _posterior(*, trained: Any = None, request: Any = None, **_: Any) -> RoundPlanner:
     from batchplan.plans.round_planner import round_planner
 
-    return round_planner(getattr(trained, "posterior", None))
+    held = {}
+    if request is not None:  # the constraints it re-plans under (planning.ROUND_PLANNERS_HOLD)
+        held = {"max_calls": dict(request.model_max_calls), "task_floors": dict(request.task_accuracy_floors)}
+    return round_planner(getattr(trained, "posterior", None), **held)
 
 
 register_round_planner("plan", _plan_continuation)
