@@ -91,10 +91,11 @@ def resolve_version(storage: Storage, root_uri: str, version: str | None) -> str
 def load(storage: Storage, root_uri: str, version: str | None = None) -> Trained:
     predictor = load_predictor(storage, root_uri, version=resolve_version(storage, root_uri, version))
     version = str(predictor.metadata["version"])
-    caps_uri = join(root_uri, version, OUTPUT_CAPS_FILE)
-    caps = OutputCaps.from_json(storage.read_text(caps_uri)) if storage.exists(caps_uri) else None
     return Trained(
-        predictor, load_templates(storage, root_uri, version), load_posterior(storage, root_uri, version), caps
+        predictor,
+        load_templates(storage, root_uri, version),
+        load_posterior(storage, root_uri, version),
+        load_output_caps(storage, root_uri, version),
     )
 
 
@@ -111,3 +112,9 @@ def load_posterior(storage: Storage, root_uri: str, version: str) -> Posterior |
     """The round posterior of one version (None for a version trained without one)."""
     uri = join(root_uri, version, POSTERIOR_FILE)
     return Posterior.from_json(storage.read_text(uri)) if storage.exists(uri) else None
+
+
+def load_output_caps(storage: Storage, root_uri: str, version: str) -> OutputCaps | None:
+    """The open tasks' max_tokens of one version (None for a version trained without them: flat 1024)."""
+    uri = join(root_uri, version, OUTPUT_CAPS_FILE)
+    return OutputCaps.from_json(storage.read_text(uri)) if storage.exists(uri) else None

@@ -21,7 +21,7 @@ import polars as pl
 from batchplan.core.layout import Layout
 from batchplan.core.storage import Storage, join
 from batchplan.dag_tasks.common import MAX_ROUNDS, RunParams, log
-from batchplan.dag_tasks.stages import _backend, _tenant_shares, budget_shares, shard_count
+from batchplan.dag_tasks.stages import _backend, _tenant_shares, budget_shares, shard_count, shard_output_caps
 
 __all__ = ["MAX_ROUNDS", "round_dispatch_shard", "round_observe_stage", "round_plan_stage", "rounds_results"]
 NOOP: dict[str, Any] = {"noop": True}  # one mapped task instance that does nothing: no empty expansion
@@ -51,12 +51,18 @@ def _inputs(storage: Storage, lay: Layout, run: str, params: RunParams) -> dict[
     }
 
 
-def _bounds(storage: Storage, params: RunParams, queue: pl.DataFrame, predictions: pl.DataFrame) -> pl.DataFrame:
+def _bounds(storage: Storage, params: RunParams, inputs: dict[str, Any]) -> pl.DataFrame:
     """Every (query, model)'s cost bound on the run's backend (BOUNDS_SCHEMA), as the dispatcher sends it."""
-    from batchplan.app.round_runner import MAX_TOKENS, MAX_TOKENS_OPEN
+    from batchplan.dispatchers.limits import MAX_TOKENS, MAX_TOKENS_OPEN
 
     backend = _backend(params.backend, storage)
-    return backend.cost_bounds(queue, predictions.select("query_id", "model"), MAX_TOKENS, MAX_TOKENS_OPEN)
+    pairs = inputs["predictions"].select("query_id", "model")
+    return backend.cost_bounds(inputs["queue"], pairs, MAX_TOKENS, MAX_TOKENS_OPEN, _caps(inputs))
+
+
+def _caps(inputs: dict[str, Any]) -> Any:
+    """The trained open tasks' max_tokens (``OutputCaps``), or None (a version trained without: flat 1024)."""
+    return getattr(inputs["trained"], "output_caps", None)
 
 
 def _budget(params: RunParams, plan: pl.DataFrame) -> float:
@@ -92,7 +98,7 @@ def round_plan_stage(storage: Storage, lay: Layout, run: str, params: RunParams,
         out_uri=out,
         storage=storage,
         tenant_budgets_usd=params.tenant_budgets_usd,
-        call_bounds=_bounds(storage, params, queue, predictions),
+        call_bounds=_bounds(storage, params, inputs),
     )
     calls = calls.filter(pl.col("models").list.len() > 0).sort("query_id")
     if calls.height == 0:  # nothing to call: the round is complete as planned
@@ -117,6 +123,7 @@ def round_plan_stage(storage: Storage, lay: Layout, run: str, params: RunParams,
                 "rows": part.height,
                 "budget_usd": share,
                 "tenant_budgets_usd": {t: by_part[i] for t, by_part in tenant_shares.items()},
+                "output_caps": caps.to_json() if (caps := _caps(inputs)) is not None else None,
             }
         )
     log.info("round.sharded", run=run, round=k, shards=len(shards), queries=calls.height, budget_left_usd=left)
@@ -139,7 +146,7 @@ def round_dispatch_shard(storage: Storage, shard: dict[str, Any], backend: str) 
         .drop("day", strict=False)
         .filter(pl.col("query_id").is_in(calls["query_id"].implode()))
     )
-    got, refused = DispatchSender(_backend(backend, storage)).send(
+    got, refused = DispatchSender(_backend(backend, storage), output_caps=shard_output_caps(shard)).send(
         calls,
         queue,
         round=int(shard["round"]),
@@ -193,7 +200,7 @@ def rounds_results(storage: Storage, lay: Layout, run: str, params: RunParams) -
         rounds=params.rounds,
         out_uri=rounds_uri(lay, run),
         storage=storage,
-        call_bounds=_bounds(storage, params, inputs["queue"], inputs["predictions"]),
+        call_bounds=_bounds(storage, params, inputs),
     )
     return outcome.results, outcome.estimated_accuracy
 
