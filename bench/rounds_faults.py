@@ -11,7 +11,9 @@ cell plans the test split at a share of the best single model's cost and runs it
 
 Faults (per attempt): 429 4%, 500 4%, truncated body 3%, connection reset 3%, slow 4%. A truncated body and
 a reset leave the bill unknown, so the budget guard charges those attempts their reservation: the hard
-cost bound (prompt bytes x input price + max_tokens x output price), several times a bill. The server
+cost bound (prompt bytes x input price + max_tokens x output price), several times a bill. Open tasks send
+the max_tokens learned per (task, LLM) at train (``OutputCaps``; ``--no-output-caps``: the flat 1024), and
+the server cuts (and bills) an answer at max_tokens, so that bound is a real one. The server
 bills neither, so the provider's bill (``billed USD``) falls below what the run charged (``charged USD``).
 
 Targets (issue 14): deferred <= 1% while the budget left covers the cheapest LLM's call, accuracy within
@@ -61,6 +63,7 @@ def run_cell(
     faults: bool,
     planner_name: str,
     workdir: str,
+    caps: bool = True,
 ) -> dict[str, object]:
     fault_set = Faults(**FAULTS, retry_after_s=0.01, slow_s=0.01, seed=11) if faults else Faults()
     storage = Storage()
@@ -71,7 +74,16 @@ def run_cell(
         retry = RetryPolicy(base_delay_s=0.01, max_delay_s=0.05)
         started = time.perf_counter()
         if rounds == 1:
-            results = execute(plan, queue, backend, budget_usd=budget, out_uri=out, storage=storage, retry=retry)
+            results = execute(
+                plan,
+                queue,
+                backend,
+                budget_usd=budget,
+                out_uri=out,
+                storage=storage,
+                retry=retry,
+                output_caps=trained.output_caps if caps else None,
+            )
             estimated = None
         else:
             planner = make_round_planner(planner_name, plan=plan, queue=queue, predictions=predictions, trained=trained)
@@ -86,6 +98,7 @@ def run_cell(
                 out_uri=out,
                 storage=storage,
                 retry=retry,
+                output_caps=trained.output_caps if caps else None,
             )
             results, estimated = outcome.results, outcome.estimated_accuracy
         seconds = time.perf_counter() - started
@@ -109,7 +122,13 @@ def run_cell(
 
 
 def bench(
-    name: str, history: History, fractions: list[float], rounds: int, planners: list[str], workdir: str
+    name: str,
+    history: History,
+    fractions: list[float],
+    rounds: int,
+    planners: list[str],
+    workdir: str,
+    caps: bool = True,
 ) -> list[dict]:
     queue = history.as_queue("test")
     trained = artifacts.train(history.split("train"), seed=get_settings().seed)
@@ -136,6 +155,7 @@ def bench(
                     faults=faults,
                     planner_name=planner,
                     workdir=f"{workdir}/{name}-{fraction}-{planner}",
+                    caps=caps,
                 )
                 head = {
                     "dataset": name,
@@ -208,6 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fractions", default="0.3")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--round-planners", default="plan,posterior", help="round planners to compare")
+    parser.add_argument(
+        "--no-output-caps",
+        action="store_true",
+        help="send the flat max_tokens 1024 on open tasks instead of the learned per (task, LLM) caps",
+    )
     args = parser.parse_args(argv)
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     data = Path(get_settings().data_dir)
@@ -216,7 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.datasets.split(","):
             history = with_holdout(load_history([str(data / name)]))
             fractions = [float(f) for f in args.fractions.split(",")]
-            rows += bench(name, history, fractions, args.rounds, args.round_planners.split(","), workdir)
+            planners = args.round_planners.split(",")
+            rows += bench(name, history, fractions, args.rounds, planners, workdir, caps=not args.no_output_caps)
     print_table(rows)
     return 0 if all(r["within_budget"] for r in rows) else 1
 

@@ -23,7 +23,7 @@ if TYPE_CHECKING:
     from batchplan.dispatchers.budget import BudgetGuard
     from batchplan.dispatchers.executor import FALLBACK_COLUMN, ROUND_CALLS
     from batchplan.dispatchers.ledger import call_events, ledger_events, read_manifest, read_results, spend_by_model
-    from batchplan.dispatchers.limits import ModelLimits, RetryPolicy
+    from batchplan.dispatchers.limits import ModelLimits, OutputCaps, RetryPolicy
     from batchplan.dispatchers.run import DispatchOptions, adispatch, dispatch
 
 # Imported on first use, so that naming the backends (``available_backends``: the CLI checks --backend with
@@ -44,6 +44,7 @@ _LAZY = {
     "ModelLimits": "batchplan.dispatchers.limits",
     "RetryPolicy": "batchplan.dispatchers.limits",
     "DispatchOptions": "batchplan.dispatchers.run",
+    "OutputCaps": "batchplan.dispatchers.limits",
     "adispatch": "batchplan.dispatchers.run",
     "dispatch": "batchplan.dispatchers.run",
 }
@@ -131,6 +132,7 @@ __all__ = [
     "CallResult",
     "DispatchOptions",
     "ModelLimits",
+    "OutputCaps",
     "RetryPolicy",
     "adispatch",
     "available_backends",

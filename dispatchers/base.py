@@ -11,15 +11,19 @@ import json
 import re
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import polars as pl
 
 from batchplan.core.catalog import PriceCatalog
+from batchplan.dispatchers.limits import OutputCaps
 
 # CallResult.status values. "ok" is an answer; the rest are failed attempts.
 OK: Final = "ok"
 NOT_ANSWER: Final = "not_answer"  # a 200 whose text is not an answer (empty, refusal, outside the labels, bad JSON)
+# an open answer cut at max_tokens (finish_reason "length"): billed, not an answer, and the same call would be
+# cut again, so it is not retried; another LLM may answer it
+TRUNCATED: Final = "truncated"
 RATE_LIMITED: Final = "rate_limited"  # 429
 SERVER_ERROR: Final = "server_error"  # 5xx, malformed body
 TIMEOUT: Final = "timeout"
@@ -103,15 +107,21 @@ class Backend(ABC):
         return None
 
     def cost_bounds(
-        self, queue: pl.DataFrame, pairs: pl.DataFrame, max_tokens: int, max_tokens_open: int
+        self,
+        queue: pl.DataFrame,
+        pairs: pl.DataFrame,
+        max_tokens: int,
+        max_tokens_open: int,
+        output_caps: OutputCaps | None = None,
     ) -> pl.DataFrame:
         """``cost_bound`` of one attempt for every (query_id, model) in ``pairs``, as BOUNDS_SCHEMA (nulls
-        where unknown); ``max_tokens``/``max_tokens_open`` as the executor sends them."""
-        texts = queue.select("query_id", "prompt", "system_prompt", "labels")
+        where unknown); ``max_tokens``/``max_tokens_open``/``output_caps`` as the executor sends them."""
+        caps = output_caps or OutputCaps(default=max_tokens_open)
+        texts = queue.select("query_id", "prompt", "system_prompt", "labels", "task")
         rows = pairs.select("query_id", "model").join(texts, on="query_id", how="left", maintain_order="left")
         bounds = []
-        for query_id, model, prompt, system_prompt, labels in rows.iter_rows():
-            tokens = max_tokens if labels is not None else max_tokens_open
+        for query_id, model, prompt, system_prompt, labels, task in rows.iter_rows():
+            tokens = max_tokens if labels is not None else caps.get(task, model)
             request = CallRequest(query_id, model, prompt or "", system_prompt, labels, key="", max_tokens=tokens)
             bounds.append(self.cost_bound(request))
         frame = rows.select("query_id", "model").with_columns(pl.Series("bound_usd", bounds, dtype=pl.Float64))
@@ -126,6 +136,12 @@ class Backend(ABC):
 
     async def aclose(self) -> None:  # noqa: B027 - optional hook
         """Release connections; called once when a dispatch ends."""
+
+
+def truncated(request: CallRequest, **common: Any) -> CallResult:
+    """An open answer the endpoint cut at ``max_tokens`` (finish_reason "length", stopReason "max_tokens"):
+    billed as reported, no answer (a cut free-text answer is not the answer the LLM would give)."""
+    return CallResult(request.model, TRUNCATED, reason=f"cut at max_tokens={request.max_tokens}", **common)
 
 
 # --- answer parsing -------------------------------------------------------------------------------------

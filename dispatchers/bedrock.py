@@ -28,6 +28,7 @@ from batchplan.dispatchers.base import (
     CallRequest,
     CallResult,
     parse_answer,
+    truncated,
 )
 from batchplan.dispatchers.live import LiveBackend
 
@@ -113,6 +114,8 @@ class BedrockBackend(LiveBackend):
             "tokens_out": tokens_out,
             "latency_ms": latency,
         }
+        if request.labels is None and response.get("stopReason") == "max_tokens":
+            return truncated(request, **common)
         if answer is None:
             return CallResult(model, NOT_ANSWER, reason=why, **common)
         return CallResult(model, OK, answer=answer, **common)

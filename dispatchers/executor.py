@@ -28,7 +28,7 @@ from batchplan.dispatchers.base import (
 )
 from batchplan.dispatchers.budget import BudgetGuard, Reservation, hold
 from batchplan.dispatchers.ledger import Ledger, PriorCalls
-from batchplan.dispatchers.limits import ModelGate, ModelLimits, RetryPolicy
+from batchplan.dispatchers.limits import ModelGate, ModelLimits, OutputCaps, RetryPolicy
 
 LOST = "lost"  # a call sent before a crash whose outcome never reached the ledger (non-idempotent backend)
 # optional plan column: list[str], models to try, in order, when the plan's model fails or is down
@@ -53,6 +53,7 @@ class QueryRun:
     labels: tuple[str, ...] | None
     prior: PriorCalls | None
     tenant: str | None = None
+    task: str | None = None
     charged_usd: float = 0.0
     calls: list[tuple[int, str]] = field(default_factory=list)  # (slot, model), first call of each
     recovered: dict[str, CallResult] = field(default_factory=dict)  # orphan intents resent on resume
@@ -97,6 +98,7 @@ class Executor:
         max_tokens: int,
         max_tokens_open: int = 1024,
         tenant_budgets: Mapping[str, BudgetGuard] | None = None,
+        output_caps: OutputCaps | None = None,
     ) -> None:
         self.backend = backend
         self.budget = budget
@@ -106,6 +108,7 @@ class Executor:
         self.policy = policy
         self.max_tokens = max_tokens  # classification: a label is a few tokens
         self.max_tokens_open = max_tokens_open  # open tasks (labels null): code, free text
+        self.output_caps = output_caps or OutputCaps(default=max_tokens_open)  # per (task, LLM), learned
         self.limits = limits
         self.gates: dict[str, ModelGate] = {}
         self.stats = DispatchStats()
@@ -146,7 +149,7 @@ class Executor:
             q.system_prompt,
             q.labels,
             key=f"{self.run_id}/{q.query_id}/{call}",
-            max_tokens=self.max_tokens if q.labels is not None else self.max_tokens_open,
+            max_tokens=self.max_tokens if q.labels is not None else self.output_caps.get(q.task, model),
         )
         bound = self.backend.cost_bound(request)
         reserve = bound if bound is not None else q.reserve_usd

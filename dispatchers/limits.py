@@ -7,9 +7,17 @@ beyond asyncio's own primitives).
 from __future__ import annotations
 
 import asyncio
+import json
+import math
 import random
 import time
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import polars as pl
+
+MAX_TOKENS = 16  # classification: a label is a few tokens
+MAX_TOKENS_OPEN = 1024  # open tasks (labels null) with no learned cap: code, free text
 
 
 @dataclass(frozen=True)
@@ -19,6 +27,56 @@ class ModelLimits:
     concurrency: int | None = None
     requests_per_minute: float | None = None
     tokens_per_minute: float | None = None
+
+
+@dataclass(frozen=True)
+class OutputCaps:
+    """``max_tokens`` of an open task's calls (labels null) per (task, LLM), learned from the outcome history.
+
+    ``max_tokens`` is sent with every call and enters its hard cost bound (the budget guard's reservation, and
+    the charge of a call whose bill is unknown). A flat 1024 on answers whose p99.9 is ~100 tokens makes every
+    ambiguous failure cost ~10x a bill; a cap a little above what the history's answers ran makes the bound
+    honest. An answer that reaches its cap comes back ``truncated`` (not retried, not an answer): the round
+    planner asks another LLM. Pairs without enough recorded answers keep ``default``."""
+
+    caps: Mapping[tuple[str, str], int] = field(default_factory=dict)
+    default: int = MAX_TOKENS_OPEN
+
+    QUANTILE = 0.99  # of the recorded tokens_out per (task, LLM)
+    MARGIN = 2.0  # x the quantile, + SLACK tokens: measured on cascades_open, 0.1% of test calls truncated
+    SLACK = 16
+    MIN_ANSWERS = 30  # fewer recorded answers: the quantile is noise, keep the default
+
+    def get(self, task: str | None, model: str) -> int:
+        return self.caps.get((task or "", model), self.default)
+
+    @classmethod
+    def learn(cls, outcomes: pl.DataFrame, default: int = MAX_TOKENS_OPEN) -> OutputCaps:
+        """From outcome rows with ``task``, ``model``, ``tokens_out`` and ``labels`` (open tasks: null)."""
+        frame = (
+            outcomes.filter(pl.col("labels").is_null() & pl.col("tokens_out").is_not_null())
+            .group_by("task", "model")
+            .agg(pl.col("tokens_out").quantile(cls.QUANTILE, interpolation="higher").alias("q"), pl.len())
+            .filter(pl.col("len") >= cls.MIN_ANSWERS)
+        )
+        caps = {
+            (str(task), str(model)): min(default, math.ceil(cls.MARGIN * float(q)) + cls.SLACK)
+            for task, model, q, _ in frame.iter_rows()
+        }
+        return cls(caps, default)
+
+    def frame(self) -> pl.DataFrame:
+        """task, model, max_tokens (for joins)."""
+        rows = [(t, m, n) for (t, m), n in sorted(self.caps.items())]
+        return pl.DataFrame(rows, schema={"task": pl.String, "model": pl.String, "max_tokens": pl.Int64}, orient="row")
+
+    def to_json(self) -> str:
+        return json.dumps({"default": self.default, "caps": [[t, m, n] for (t, m), n in sorted(self.caps.items())]})
+
+    @classmethod
+    def from_json(cls, text: str) -> OutputCaps:
+        data = json.loads(text)
+        return cls({(str(t), str(m)): int(n) for t, m, n in data["caps"]}, int(data["default"]))
 
 
 @dataclass(frozen=True)

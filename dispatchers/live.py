@@ -12,6 +12,7 @@ import polars as pl
 
 from batchplan.core.catalog import PriceCatalog
 from batchplan.dispatchers.base import Backend, CallRequest
+from batchplan.dispatchers.limits import OutputCaps
 
 PROMPT_OVERHEAD_TOKENS = 32  # chat template tokens around the messages
 
@@ -82,9 +83,15 @@ class LiveBackend(Backend):
         return (size * prices[0] + request.max_tokens * prices[1]) / 1e6
 
     def cost_bounds(
-        self, queue: pl.DataFrame, pairs: pl.DataFrame, max_tokens: int, max_tokens_open: int
+        self,
+        queue: pl.DataFrame,
+        pairs: pl.DataFrame,
+        max_tokens: int,
+        max_tokens_open: int,
+        output_caps: OutputCaps | None = None,
     ) -> pl.DataFrame:
         """``cost_bound`` for many pairs at once, in polars (the same arithmetic)."""
+        caps = (output_caps or OutputCaps(default=max_tokens_open)).frame()
         prices = pl.DataFrame(
             [(m, p[0], p[1]) for m, p in self._catalog.token_prices.items()],
             schema={"model": pl.String, "_in": pl.Float64, "_out": pl.Float64},
@@ -95,11 +102,13 @@ class LiveBackend(Backend):
             + pl.col("system_prompt").fill_null("").str.len_bytes()
             + PROMPT_OVERHEAD_TOKENS
         )
-        tokens = pl.when(pl.col("labels").is_null()).then(max_tokens_open).otherwise(max_tokens)
+        open_tokens = pl.col("max_tokens").fill_null(output_caps.default if output_caps else max_tokens_open)
+        tokens = pl.when(pl.col("labels").is_null()).then(open_tokens).otherwise(max_tokens)
         return (
             pairs.select("query_id", "model")
-            .join(queue.select("query_id", "prompt", "system_prompt", "labels"), on="query_id", how="left")
+            .join(queue.select("query_id", "prompt", "system_prompt", "labels", "task"), on="query_id", how="left")
             .join(prices, on="model", how="left")
+            .join(caps, on=["task", "model"], how="left")
             .select(
                 "query_id",
                 "model",

@@ -37,6 +37,7 @@ from batchplan.dispatchers.base import (
     CallRequest,
     CallResult,
     parse_answer,
+    truncated,
 )
 from batchplan.dispatchers.live import LiveBackend, secret_from
 
@@ -288,6 +289,8 @@ class OpenAIBackend(LiveBackend):
             "cost_usd": cost,
             "billed_known": billed_known,
         }
+        if request.labels is None and choice.get("finish_reason") == "length":
+            return truncated(request, tokens_in=tokens_in, tokens_out=tokens_out, latency_ms=latency, **common)
         if answer is None:
             return CallResult(
                 model, NOT_ANSWER, reason=why, tokens_in=tokens_in, tokens_out=tokens_out, latency_ms=latency, **common

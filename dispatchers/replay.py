@@ -14,6 +14,7 @@ from batchplan.core.catalog import PriceCatalog
 from batchplan.core.contracts import audited_query_id
 from batchplan.core.history import History
 from batchplan.dispatchers.base import NOT_ANSWER, OK, UNAVAILABLE, Backend, CallRequest, CallResult
+from batchplan.dispatchers.limits import OutputCaps
 
 
 class ReplayBackend(Backend):
@@ -45,9 +46,15 @@ class ReplayBackend(Backend):
         return None if row is None else row[1]
 
     def cost_bounds(
-        self, queue: pl.DataFrame, pairs: pl.DataFrame, max_tokens: int, max_tokens_open: int
+        self,
+        queue: pl.DataFrame,
+        pairs: pl.DataFrame,
+        max_tokens: int,
+        max_tokens_open: int,
+        output_caps: OutputCaps | None = None,
     ) -> pl.DataFrame:
-        """``cost_bound`` for many pairs at once: the recorded cost (exact), null where none is recorded."""
+        """``cost_bound`` for many pairs at once: the recorded cost (exact), null where none is recorded.
+        Replay answers as recorded, whatever ``max_tokens`` says: it is the evaluation's oracle."""
         costs = self._costs.select("query_id", "model", pl.col("cost_usd").fill_null(0.0).alias("bound_usd"))
         return (
             pairs.select("query_id", "model")

@@ -31,7 +31,7 @@ from batchplan.dispatchers.ledger import (
     read_results,
     run_identity,
 )
-from batchplan.dispatchers.limits import ModelLimits, RetryPolicy
+from batchplan.dispatchers.limits import MAX_TOKENS, MAX_TOKENS_OPEN, ModelLimits, OutputCaps, RetryPolicy
 
 log = structlog.get_logger("dispatchers")
 P = ParamSpec("P")
@@ -45,14 +45,15 @@ class DispatchOptions:
     ``concurrency``: queries in flight at once; ``limits``: per-model ``ModelLimits`` (a mapping may hold a
     ``"*"`` default); ``retry``: attempts, backoff and circuit breaker (default ``RetryPolicy()``);
     ``max_tokens`` caps the output of classification calls, ``max_tokens_open`` that of open tasks (labels
-    null): both enter the hard cost bound reserved before each call. ``part_rows``/``part_seconds``: how
-    often results are committed."""
+    null), ``output_caps`` that of open tasks per (task, LLM) where learned (``OutputCaps``): they enter the
+    hard cost bound reserved before each call. ``part_rows``/``part_seconds``: how often results are committed."""
 
     concurrency: int = 32
     limits: ModelLimits | Mapping[str, ModelLimits] | None = None
     retry: RetryPolicy | None = None
-    max_tokens: int = 16
-    max_tokens_open: int = 1024
+    max_tokens: int = MAX_TOKENS
+    max_tokens_open: int = MAX_TOKENS_OPEN
+    output_caps: OutputCaps | None = None
     part_rows: int = 5_000
     part_seconds: float = 5.0
 
@@ -65,7 +66,7 @@ def _queries(
     has_fallback = FALLBACK_COLUMN in plan.columns
     columns = [c for c in wanted if c in plan.columns] + ([FALLBACK_COLUMN] if has_fallback else [])
     texts = queue.select(
-        "query_id", "prompt", "system_prompt", "labels", *(["tenant"] if "tenant" in queue.columns else [])
+        "query_id", "prompt", "system_prompt", "labels", *(c for c in ("tenant", "task") if c in queue.columns)
     )
     finished = pl.Series(list(final), dtype=pl.String).implode() if final else None
     for start in range(0, plan.height, chunk):
@@ -89,6 +90,7 @@ def _queries(
                 labels=tuple(labels) if labels is not None else None,
                 prior=prior.get(row["query_id"]),
                 tenant=row.get("tenant"),
+                task=row.get("task"),
             )
 
 
@@ -272,6 +274,7 @@ async def _dispatch_leased(
         policy=options.retry or RetryPolicy(),
         max_tokens=options.max_tokens,
         max_tokens_open=options.max_tokens_open,
+        output_caps=options.output_caps,
     )
     budget, tenant_budgets = executor.budget, executor.tenant_budgets
     executor.stats.lost = lost

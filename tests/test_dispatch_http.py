@@ -438,3 +438,68 @@ def test_model_names_are_mapped_to_the_provider(history: History, tmp_path: Path
 def test_live_backend_without_prices_says_what_is_missing() -> None:
     with pytest.raises(ValueError, match="needs catalog, its price list"):
         get_backend("openai", base_url="http://127.0.0.1:9/v1", catalog=None)
+
+
+def test_output_caps_are_learned_per_task_and_llm() -> None:
+    """max_tokens of an open task's calls: 2 x the p99 of what the history's answers ran, + 16, per (task, LLM);
+    classification rows and pairs with too few answers (or no recorded lengths) keep the default."""
+    from batchplan.dispatchers import OutputCaps
+
+    rows = [("open", "a", None, n) for n in range(1, 101)]  # p99 (the higher rank) = 100 -> 2 x 100 + 16
+    rows += [("open", "b", None, 2000) for _ in range(100)]  # capped at the default
+    rows += [("open", "c", None, 5) for _ in range(10)]  # too few answers
+    rows += [("cls", "a", ["A", "B"], 300) for _ in range(100)]  # classification: not an open task
+    rows += [("code", "a", None, None) for _ in range(100)]  # lengths not recorded
+    outcomes = pl.DataFrame(
+        rows,
+        schema={"task": pl.String, "model": pl.String, "labels": pl.List(pl.String), "tokens_out": pl.Int64},
+        orient="row",
+    )
+    caps = OutputCaps.learn(outcomes)
+    assert dict(caps.caps) == {("open", "a"): 216, ("open", "b"): 1024}
+    assert caps.get("open", "c") == caps.get("code", "a") == caps.get(None, "a") == 1024
+    assert OutputCaps.from_json(caps.to_json()) == caps
+
+
+def test_max_tokens_cuts_an_open_answer_and_its_bill(tmp_path: Path) -> None:
+    """The fault server honours max_tokens as an endpoint does: an answer recorded longer comes back cut
+    (finish_reason "length"), billed at most max_tokens of output; the backend reports it ``truncated`` (not
+    retried, not an answer), and the budget guard reserved the capped bound, not the flat one."""
+    from batchplan.dispatchers import OutputCaps
+
+    base = synthetic_history(40, 2, seed=5)
+    long = pl.col("query_id").is_in(base.queries["query_id"].head(10).implode())
+    outcomes = base.outcomes.with_columns(
+        pl.when(long).then(400).otherwise(8).alias("tokens_out"), pl.lit("a free-text answer").alias("answer")
+    )
+    prices = base.prices.with_columns(pl.lit(1.0).alias("usd_per_mtok_in"), pl.lit(100.0).alias("usd_per_mtok_out"))
+    outcomes = outcomes.join(prices, on="model").with_columns(
+        ((pl.col("tokens_in") * pl.col("usd_per_mtok_in") + pl.col("tokens_out") * pl.col("usd_per_mtok_out")) / 1e6)
+        .alias("cost_usd")
+    ).select(base.outcomes.columns)
+    history = History(base.queries.with_columns(pl.lit(None, dtype=pl.List(pl.String)).alias("labels")), outcomes, prices)
+    queue = queue_of(history, 40)
+    model = history.models[0]
+    caps = OutputCaps({(t, m): 32 for t in queue["task"].unique().to_list() for m in history.models})
+    with ReplayServer(history) as server:
+        results = dispatch(
+            model_plan(queue, model),
+            queue,
+            openai(server, history),
+            budget_usd=10.0,
+            out_uri=str(tmp_path / "run"),
+            options=DispatchOptions(output_caps=caps, retry=FAST_RETRY),
+        )
+        stats = server.stats()
+    events = [e for e in ledger_events(tmp_path / "run") if e.get("e") == "c"]
+    cut = [e for e in events if e["s"] == "truncated"]
+    assert len(cut) == 10  # once each: a cut answer is not retried
+    assert all(e["to"] == 32 for e in cut)
+    assert all(e["why"] == "cut at max_tokens=32" for e in cut)
+    assert stats["requests"] == stats["billed_calls"] == 40
+    recorded_long = outcomes.filter(long & (pl.col("model") == model))["cost_usd"].sum()
+    assert sum(e["usd"] for e in cut) == pytest.approx(recorded_long - 10 * (400 - 32) * 100 / 1e6)
+    assert stats["billed_usd"] == pytest.approx(float(results["cost_usd"].sum()))
+    assert results["status"].value_counts().sort("status").rows() == [("done", 30), ("failed", 10)]
+    intents = [e for e in ledger_events(tmp_path / "run") if e.get("e") == "i"]
+    assert max(float(e["r"]) for e in intents) < 0.01  # the flat bound reserves 1024 x $100/M = $0.1024

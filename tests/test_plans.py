@@ -527,11 +527,22 @@ def test_queries_no_offered_model_can_answer_fail_with_the_reason_and_the_rest_r
 def test_rounds_refuse_what_only_the_single_shot_plan_holds() -> None:
     from batchplan.plans.planning import check_rounds_request
 
+    flags = {"model_max_calls": "--max-calls", "rounds": "--rounds", "round_planner": "--round-planner"}
     check_rounds_request(PlanRequest(budget_usd=1.0, tenant_budgets_usd={"a": 0.5}, allowed_models={"a": ["m1"]}))
+    # the posterior planner re-plans under capacities and floors; the plan continuation holds the floors
+    held = PlanRequest(budget_usd=1.0, model_max_calls={"m1": 3}, task_accuracy_floors={"t": 0.5})
+    check_rounds_request(held, "posterior")
+    check_rounds_request(PlanRequest(budget_usd=1.0, task_accuracy_floors={"t": 0.5}), "plan")
     with pytest.raises(ContractError) as refused:
-        check_rounds_request(PlanRequest(budget_usd=1.0, model_max_calls={"m1": 3}, task_accuracy_floors={"t": 0.5}))
-    assert refused.value.worded({"model_max_calls": "--max-calls", "rounds": "--rounds"}).startswith(
-        "--max-calls, task_accuracy_floors cannot be held by a multi-round run yet: set --rounds 1 (the single-shot"
+        check_rounds_request(held, "plan")
+    assert refused.value.worded(flags) == (
+        "--max-calls cannot be held by a multi-round run with --round-planner plan: use --round-planner posterior, "
+        "set --rounds 1 (the single-shot plan holds it), or drop it"
+    )
+    with pytest.raises(ContractError) as refused:
+        check_rounds_request(PlanRequest(budget_usd=1.0, label_error_max={"*": 0.2}), "posterior")
+    assert refused.value.worded(flags).startswith(
+        "label_error_max cannot be held by a multi-round run with --round-planner posterior: set --rounds 1"
     )
 
 

@@ -308,7 +308,7 @@ def test_cost_bounds_at_once_are_each_call_s_bound() -> None:
     polars and Python round the same sum differently)."""
     from batchplan.core.catalog import PriceCatalog
     from batchplan.core.history import synthetic_history
-    from batchplan.dispatchers import Backend
+    from batchplan.dispatchers import Backend, OutputCaps
 
     history = synthetic_history(120, 3, seed=4)
     queue = history.as_queue()
@@ -319,10 +319,12 @@ def test_cost_bounds_at_once_are_each_call_s_bound() -> None:
         get_backend("openai", base_url="http://127.0.0.1:9/v1", catalog=catalog),
     ):
         pairs = backend.offered_pairs(queue)
-        fast = backend.cost_bounds(open_queue, pairs, 16, 1024).sort("query_id", "model")
-        slow = Backend.cost_bounds(backend, open_queue, pairs, 16, 1024).sort("query_id", "model")
-        assert fast.select("query_id", "model").equals(slow.select("query_id", "model"))
-        assert fast["bound_usd"].to_list() == pytest.approx(slow["bound_usd"].to_list(), rel=1e-12)
+        caps = OutputCaps({(str(queue["task"][0]), history.models[0]): 40}, default=900)  # learned caps too
+        for learned in (None, caps):
+            fast = backend.cost_bounds(open_queue, pairs, 16, 1024, learned).sort("query_id", "model")
+            slow = Backend.cost_bounds(backend, open_queue, pairs, 16, 1024, learned).sort("query_id", "model")
+            assert fast.select("query_id", "model").equals(slow.select("query_id", "model"))
+            assert fast["bound_usd"].to_list() == pytest.approx(slow["bound_usd"].to_list(), rel=1e-12)
 
 
 def test_the_simulation_answers_calls_and_pays_what_the_executor_does(cascades: History, tmp_path: Path) -> None:

@@ -13,7 +13,7 @@ from batchplan.core.history import History, synthetic_history
 from batchplan.core.rounds import OBSERVATION_SCHEMA, RoundState
 from batchplan.core.storage import Storage
 from batchplan.plans.posterior import Posterior, fit_posterior
-from batchplan.plans.round_planner import PosteriorRoundPlanner, round_planner
+from batchplan.plans.round_planner import PosteriorRoundPlanner, evaluate, observe, round_planner
 from batchplan.plans.templates import cross_fit_predictions
 from batchplan.predictors import train_predictor
 
@@ -322,3 +322,61 @@ def test_a_middle_round_leaves_money_for_the_last(fitted: tuple[History, Posteri
     assert PosteriorRoundPlanner(posterior, look_ahead=False).plan_round(
         RoundState(2, 3, queue, predictions, seen, left)
     ).diagnostics["expected_cost_usd"] == pytest.approx(last.diagnostics["expected_cost_usd"])
+
+
+def _called(plan: object, model: str) -> int:
+    calls = plan.calls  # type: ignore[attr-defined]
+    return int((calls["models"].list.first() == model).sum())
+
+
+def test_a_replan_holds_the_calls_left_of_a_capped_llm(fitted: tuple[History, Posterior, pl.DataFrame]) -> None:
+    """--max-calls in rounds: an LLM's calls over the whole run (a call and its retries count once, as the
+    single-shot plan counts them) stay within its capacity; the round's re-plan sees what is left."""
+    history, posterior, predictions = fitted
+    queue = history.as_queue("test")
+    seen = _first_round(history, predictions, "synth-01")
+    earlier = _first_round(history, predictions, "synth-03").head(4)
+    retried = earlier.head(1).with_columns(pl.lit("server_error").alias("status"))  # the same call, retried
+    seen = pl.concat([seen, retried, earlier])
+    left = 1.5 * float(predictions.filter(pl.col("model") == "synth-03")["cost_usd"].sum())
+    free = PosteriorRoundPlanner(posterior).plan_round(RoundState(2, 2, queue, predictions, seen, left))
+    assert _called(free, "synth-03") > 6
+    capped = PosteriorRoundPlanner(posterior, max_calls={"synth-03": 10}).plan_round(
+        RoundState(2, 2, queue, predictions, seen, left)
+    )
+    assert 0 < _called(capped, "synth-03") <= 10 - 4
+    assert capped.diagnostics["max_calls_left"] == {"synth-03": 6}
+    assert capped.calls.height >= free.calls.height - _called(free, "synth-03")  # the rest go elsewhere
+    spent = PosteriorRoundPlanner(posterior, max_calls={"synth-03": 4}).plan_round(
+        RoundState(2, 2, queue, predictions, seen, left)
+    )
+    assert _called(spent, "synth-03") == 0
+
+
+def test_a_replan_holds_a_task_floor_on_the_posterior(fitted: tuple[History, Posterior, pl.DataFrame]) -> None:
+    """--task-floor in rounds: the re-plan's expected accuracy of the task's final answers (the posterior now
+    for a query that stops, after the call for one called) meets the floor when it can; when tonight's answers
+    put it out of reach the round still plans what it can and says so (never dropped silently)."""
+    history, posterior, predictions = fitted
+    queue = history.as_queue("test")
+    task = queue["task"][0]
+    seen = _first_round(history, predictions, "synth-01")
+    left = 2.0 * float(predictions.filter(pl.col("model") == "synth-03")["cost_usd"].sum())
+    # calls must promise 0.1 over stopping: the free plan leaves smaller gains that a floor can take up
+    free = PosteriorRoundPlanner(posterior, min_gain=0.1).plan_round(RoundState(2, 2, queue, predictions, seen, left))
+    ev = evaluate(posterior, observe(queue, predictions, seen), max_tries=2)
+    best = float(np.fmax(ev.now_p, np.nanmax(np.nan_to_num(ev.after, nan=-1.0), axis=1)).mean())
+    floor = (free.diagnostics["planned_accuracy"] + best) / 2  # above what it plans freely, within reach
+    assert floor > free.diagnostics["planned_accuracy"] + 1e-4
+    held = PosteriorRoundPlanner(posterior, min_gain=0.1, task_floors={task: floor}).plan_round(
+        RoundState(2, 2, queue, predictions, seen, left)
+    )
+    assert held.diagnostics["task_floor_unmet"] is None
+    assert held.diagnostics["planned_accuracy"] >= floor - 1e-9
+    assert held.calls.height > free.calls.height
+    assert held.calls["expected_cost_usd"].sum() <= left
+    out_of_reach = PosteriorRoundPlanner(posterior, task_floors={task: 0.9999}).plan_round(
+        RoundState(2, 2, queue, predictions, seen, 0.01 * left)
+    )
+    assert "out of reach" in out_of_reach.diagnostics["task_floor_unmet"]
+    assert out_of_reach.calls["expected_cost_usd"].sum() <= 0.01 * left

@@ -22,7 +22,9 @@ N_QUERIES = 300
 SEED = 23
 BUDGET = 0.05
 
-# The command a nightly job runs: half singles, half 3-member cascades (round 2 and 3 escalate), in rounds.
+# The command a nightly job runs: half singles, half 3-member cascades (round 2 and 3 escalate), in rounds;
+# every third query an open task whose first cascade member runs under a learned max_tokens of 2 (the
+# history's answers run 1-3 tokens): a third of those answers come back cut, and the cascade goes on.
 SCRIPT = f"""
 import sys
 import polars as pl
@@ -32,12 +34,14 @@ from batchplan.core.history import synthetic_history
 from batchplan.app.pipeline import execute_rounds
 from batchplan.plans.continuation import PlanContinuation
 from batchplan.core.storage import Storage
-from batchplan.dispatchers import RetryPolicy, get_backend
+from batchplan.dispatchers import OutputCaps, RetryPolicy, get_backend
 
 base_url, out = sys.argv[1], sys.argv[2]
 h = synthetic_history({N_QUERIES}, 4, seed={SEED})
 queue = conform(h.queries, QUEUE_SCHEMA, name="queue")
+queue = queue.with_columns(pl.when(pl.int_range(pl.len()) % 3 == 0).then(None).otherwise("labels").alias("labels"))
 m = h.models
+caps = OutputCaps({{(t, m[0]): 2 for t in queue["task"].unique().to_list()}})
 rows = [
     {{"query_id": q, "kind": "single", "models": [m[i % 4]]}} if i % 2 else
     {{"query_id": q, "kind": "cascade", "models": [m[0], m[1], m[3]], "thresholds": [0.8, 0.8]}}
@@ -48,7 +52,8 @@ predictions = h.outcomes.select("query_id", "model", pl.lit(0.7).alias("p_correc
                                 pl.col("cost_usd").alias("cost_high_usd"))
 backend = get_backend("openai", base_url=base_url, catalog=PriceCatalog.from_history(h.prices, h.outcomes), idempotent=True)
 outcome = execute_rounds(plan, queue, predictions, backend, PlanContinuation(plan), rounds=3, budget_usd={BUDGET},
-                         out_uri=out, storage=Storage(), retry=RetryPolicy(max_attempts=4, base_delay_s=0.01, max_delay_s=0.05))
+                         out_uri=out, storage=Storage(), retry=RetryPolicy(max_attempts=4, base_delay_s=0.01, max_delay_s=0.05),
+                         output_caps=caps)
 outcome.results.write_parquet(out + "/results.parquet")
 """
 
@@ -144,6 +149,9 @@ def test_kill_within_and_between_rounds_pays_nothing_twice(server: ReplayServer,
     # the rounds did their work: escalations in later rounds, transient failures called again
     rounds_called = {int(e["round"]) for e in events}  # type: ignore[call-overload]
     assert rounds_called >= {1, 2}
+    cut = [e for e in events if e["s"] == "truncated"]
+    assert cut, "no open answer was cut at its max_tokens"
+    assert {e["m"] for e in cut} == {synthetic_history(N_QUERIES, 4, seed=SEED).models[0]}
     assert (results["status"] == "done").mean() >= 0.99, results["status"].value_counts()
 
     # and a fourth run calls nothing at all

@@ -2,7 +2,7 @@
 with it.
 
 Stored together under the predictor registry's version directory (``<root>/<version>/templates.json`` and
-``posterior.json`` beside the predictor's files), so ``plan``/``run`` load the latest or a named version as
+``posterior.json``, ``output_caps.json`` beside the predictor's files), so ``plan``/``run`` load the latest or a named version as
 one unit. A version trained before the posterior existed loads with ``posterior`` None.
 """
 
@@ -16,6 +16,7 @@ import structlog
 from batchplan.core.history import History, without_silver
 from batchplan.core.layout import CURRENT_FILE
 from batchplan.core.storage import Storage, join
+from batchplan.dispatchers.limits import OutputCaps
 from batchplan.plans.audit import AuditModel, fit_audit
 from batchplan.plans.posterior import Posterior, fit_posterior
 from batchplan.plans.templates import CROSS_FIT_FOLDS, PlanTemplates, cross_fit_predictions, fit_plan_templates
@@ -28,6 +29,7 @@ TEMPLATES_FILE = "templates.json"
 OLD_TEMPLATES_FILE = "plans.json"
 POSTERIOR_FILE = "posterior.json"
 AUDIT_FILE = "audit.json"  # the audits' reference plans and agreement rates (batchplan.plans.audit)
+OUTPUT_CAPS_FILE = "output_caps.json"
 
 
 @dataclass(frozen=True)
@@ -36,6 +38,8 @@ class Trained:
     templates: PlanTemplates
     posterior: Posterior | None = None  # for runs in rounds (batchplan.plans.round_planner); None: trained without
     audit: AuditModel | None = None  # for audited runs (batchplan.plans.audit); None: trained before audits
+    # max_tokens of open tasks' calls per (task, LLM), from the history's answer lengths; None: trained without
+    output_caps: OutputCaps | None = None
 
 
 def train(
@@ -52,15 +56,22 @@ def train(
         oof = cross_fit_predictions(history, trainer, folds=folds, seed=seed)
         fitted_templates = fit_plan_templates(history, trainer, folds=folds, seed=seed, oof=oof)
         posterior = fit_posterior(history, oof, seed=seed)
+    caps = learn_output_caps(history)
     log.info(
         "train",
         predictor=predictor,
+        output_caps=len(caps.caps),
         queries=history.queries.height,
         models=len(history.models),
         templates=len(fitted_templates.templates),
         posterior=posterior is not None,
     )
-    return Trained(fitted, fitted_templates, posterior, fit_audit(history))
+    return Trained(fitted, fitted_templates, posterior, audit=fit_audit(history), output_caps=caps)
+
+
+def learn_output_caps(history: History) -> OutputCaps:
+    """``OutputCaps`` from every recorded answer of the history (its outcomes with their query's task, labels)."""
+    return OutputCaps.learn(history.outcomes.join(history.queries.select("query_id", "task", "labels"), on="query_id"))
 
 
 def save(trained: Trained, storage: Storage, root_uri: str, version: str | None = None) -> str:
@@ -70,6 +81,8 @@ def save(trained: Trained, storage: Storage, root_uri: str, version: str | None 
         storage.write_text(join(uri, POSTERIOR_FILE), trained.posterior.to_json())
     if trained.audit is not None:
         storage.write_text(join(uri, AUDIT_FILE), trained.audit.to_json())
+    if trained.output_caps is not None:
+        storage.write_text(join(uri, OUTPUT_CAPS_FILE), trained.output_caps.to_json())
     return uri
 
 
@@ -90,6 +103,7 @@ def load(storage: Storage, root_uri: str, version: str | None = None) -> Trained
         load_templates(storage, root_uri, version),
         load_posterior(storage, root_uri, version),
         load_audit(storage, root_uri, version),
+        load_output_caps(storage, root_uri, version),
     )
 
 
@@ -112,3 +126,9 @@ def load_posterior(storage: Storage, root_uri: str, version: str) -> Posterior |
     """The round posterior of one version (None for a version trained without one)."""
     uri = join(root_uri, version, POSTERIOR_FILE)
     return Posterior.from_json(storage.read_text(uri)) if storage.exists(uri) else None
+
+
+def load_output_caps(storage: Storage, root_uri: str, version: str) -> OutputCaps | None:
+    """The open tasks' max_tokens of one version (None for a version trained without them: flat 1024)."""
+    uri = join(root_uri, version, OUTPUT_CAPS_FILE)
+    return OutputCaps.from_json(storage.read_text(uri)) if storage.exists(uri) else None

@@ -36,8 +36,6 @@ from batchplan.app.labels import report_with_labels
 from batchplan.app.outcomes import record_run_outcomes
 from batchplan.app.report import Truth, build_report, summary_line, write_report
 from batchplan.app.round_runner import (
-    MAX_TOKENS,
-    MAX_TOKENS_OPEN,
     BatchSender,
     DispatchSender,
     RoundSender,
@@ -61,6 +59,7 @@ from batchplan.dispatchers import (
     ledger_events,
     spend_by_model,
 )
+from batchplan.dispatchers.limits import MAX_TOKENS, MAX_TOKENS_OPEN, OutputCaps
 from batchplan.plans.audit import audit_plan, audit_queue, estimate_audit
 from batchplan.plans.candidates import Candidates, build_candidates
 from batchplan.plans.frontier import frontier_uri, plan_frontier, read_frontier, write_frontier
@@ -188,10 +187,11 @@ def execute(
     tenant_budgets_usd: dict[str, float] | None = None,
     progress: Progress | None = None,
     retry: RetryPolicy | None = None,
+    output_caps: OutputCaps | None = None,
 ) -> pl.DataFrame:
     """Dispatch every planned query; deferred plan rows become deferred results. One row per query.
     ``tenant_budgets_usd`` are hard caps at dispatch too: the plan meets them in expectation, escalations
-    that run over are deferred rather than paid."""
+    that run over are deferred rather than paid. ``output_caps``: open tasks' max_tokens (``Trained``)."""
     started = time.perf_counter()
     runnable = plan.filter(~pl.col("kind").is_in([DEFER, UNANSWERABLE]))
     limit = hard_budget(plan, budget_usd)
@@ -204,7 +204,7 @@ def execute(
         tenant_budgets_usd=tenant_budgets_usd,
         storage=storage,
         progress=progress,
-        options=DispatchOptions(retry=retry),
+        options=DispatchOptions(retry=retry, output_caps=output_caps),
     )
     deferred = _not_called(plan.filter(pl.col("kind") == DEFER), "deferred", pl.lit(DEFERRED_BY_PLAN))
     unanswerable = plan.filter(pl.col("kind") == UNANSWERABLE)
@@ -258,18 +258,20 @@ def execute_rounds(
     progress: Progress | None = None,
     retry: RetryPolicy | None = None,
     sender: RoundSender | None = None,
+    output_caps: OutputCaps | None = None,
 ) -> RoundsOutcome:
     """``execute`` in rounds: each round planned by ``planner`` from what the earlier ones observed, under
     the budget they left; under ``<out>/rounds/`` (resumable, see ``batchplan.app.round_runner``).
     ``sender``: how a round is sent (default: the dispatcher, in real time; ``BatchSender``: batch APIs)."""
     started = time.perf_counter()
     limit = hard_budget(plan, budget_usd)
-    bounds = backend.cost_bounds(queue, predictions.select("query_id", "model"), MAX_TOKENS, MAX_TOKENS_OPEN)
+    pairs = predictions.select("query_id", "model")
+    bounds = backend.cost_bounds(queue, pairs, MAX_TOKENS, MAX_TOKENS_OPEN, output_caps)
     outcome = run_rounds(
         planner,
         queue,
         predictions,
-        sender or realtime_sender(backend, retry),
+        sender or realtime_sender(backend, retry, output_caps),
         rounds=rounds,
         budget_usd=limit,
         out_uri=out_uri,
@@ -291,8 +293,10 @@ def execute_rounds(
     return outcome
 
 
-def realtime_sender(backend: Backend, retry: RetryPolicy | None = None) -> DispatchSender:
-    return DispatchSender(backend, DispatchOptions(retry=retry))
+def realtime_sender(
+    backend: Backend, retry: RetryPolicy | None = None, output_caps: OutputCaps | None = None
+) -> DispatchSender:
+    return DispatchSender(backend, DispatchOptions(retry=retry, output_caps=output_caps))
 
 
 BATCH_API_BACKENDS = ("openai",)  # backends whose provider batch API BatchSender speaks
@@ -375,7 +379,7 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
     in_rounds = job.rounds > 1 or job.batch_api
     if in_rounds:  # before anything is planned or sent
         check_round_planner(job.round_planner)
-        check_rounds_request(job.request)
+        check_rounds_request(job.request, job.round_planner)
     if job.batch_api:
         check_batch_api(job.backend)
     # the replay history is read once: it answers the calls and is the truth the report scores against
@@ -426,6 +430,7 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
             tenant_budgets_usd=job.request.tenant_budgets_usd,
             progress=progress,
             sender=batch_sender(backend, job.out_uri, resume_cancelled=job.resume_cancelled) if job.batch_api else None,
+            output_caps=trained.output_caps,
         )
         results, estimated = outcome.results, outcome.estimated_accuracy
     else:
@@ -438,6 +443,7 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
             storage=storage,
             tenant_budgets_usd=job.request.tenant_budgets_usd,
             progress=progress,
+            output_caps=trained.output_caps,
         )
     audited: dict[str, Any] | None = None
     if audit is not None:  # the reference calls are the audit's, not answers the batch delivers

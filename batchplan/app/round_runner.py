@@ -41,6 +41,7 @@ import structlog
 from batchplan.core.contracts import RESULT_SCHEMA, ContractError, conform
 from batchplan.core.rounds import (
     BATCH,
+    CUT,
     OBSERVATION_SCHEMA,
     REALTIME,
     ROUND_ANSWER_SCHEMA,
@@ -53,7 +54,7 @@ from batchplan.core.rounds import (
 )
 from batchplan.core.storage import Storage, join
 from batchplan.dispatchers import ROUND_CALLS, Backend, DispatchOptions, dispatch, ledger_events
-from batchplan.dispatchers.base import CONNECTION, RATE_LIMITED, SERVER_ERROR, TIMEOUT
+from batchplan.dispatchers.base import CONNECTION, RATE_LIMITED, SERVER_ERROR, TIMEOUT, TRUNCATED
 from batchplan.dispatchers.executor import LOST
 from batchplan.plans.planning import check_rounds_request
 
@@ -63,8 +64,7 @@ Progress = Callable[[int, int], None]
 
 # the round contract names the transient failures in plain strings (it sits below the dispatchers)
 assert frozenset({RATE_LIMITED, SERVER_ERROR, TIMEOUT, CONNECTION, LOST}) == TRANSIENT
-# the dispatcher's defaults: they enter every call's cost bound
-MAX_TOKENS, MAX_TOKENS_OPEN = DispatchOptions().max_tokens, DispatchOptions().max_tokens_open
+assert TRUNCATED == CUT
 REFUSED_SCHEMA = pl.Schema({"query_id": pl.String, "error": pl.String})
 
 
@@ -564,7 +564,7 @@ def check_round_planner(name: str) -> None:
 def make_round_planner(name: str, **inputs: Any) -> RoundPlanner:
     check_round_planner(name)
     if (request := inputs.get("request")) is not None:
-        check_rounds_request(request)
+        check_rounds_request(request, name)
     return ROUND_PLANNERS[name](**inputs)
 
 
@@ -574,10 +574,13 @@ def _plan_continuation(*, plan: pl.DataFrame, **_: Any) -> RoundPlanner:
     return PlanContinuation(plan)
 
 
-def _posterior(*, trained: Any = None, **_: Any) -> RoundPlanner:
+def _posterior(*, trained: Any = None, request: Any = None, **_: Any) -> RoundPlanner:
     from batchplan.plans.round_planner import round_planner
 
-    return round_planner(getattr(trained, "posterior", None))
+    held = {}
+    if request is not None:  # the constraints it re-plans under (planning.ROUND_PLANNERS_HOLD)
+        held = {"max_calls": dict(request.model_max_calls), "task_floors": dict(request.task_accuracy_floors)}
+    return round_planner(getattr(trained, "posterior", None), **held)
 
 
 register_round_planner("plan", _plan_continuation)

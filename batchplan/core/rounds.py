@@ -23,6 +23,9 @@ from batchplan.core.errors import ContractError
 # Observation statuses that say nothing about the query (the dispatcher's rate_limited, server_error, timeout,
 # connection and lost): another call, next round, may well answer. Round planners and the runner share it.
 TRANSIENT: Final = frozenset({"rate_limited", "server_error", "timeout", "connection", "lost"})
+# An open answer cut at its max_tokens (the dispatcher's truncated): billed, no answer, and the same LLM would
+# cut it again, so a round planner asks another LLM; that it ran long is itself a sign it is a hard query.
+CUT: Final = "truncated"
 
 # One row per call a round made (failed calls included: a failure is an observation too).
 OBSERVATION_SCHEMA: Final = pl.Schema(

@@ -29,6 +29,7 @@ from batchplan.dag_tasks.stages import (
     dispatch_shard,
     merge_stage,
     shard_count,
+    shard_output_caps,
 )
 
 __all__ = [
@@ -67,12 +68,18 @@ def _inputs(storage: Storage, lay: Layout, run: str, params: RunParams) -> dict[
     }
 
 
-def _bounds(storage: Storage, params: RunParams, queue: pl.DataFrame, predictions: pl.DataFrame) -> pl.DataFrame:
+def _bounds(storage: Storage, params: RunParams, inputs: dict[str, Any]) -> pl.DataFrame:
     """Every (query, model)'s cost bound on the run's backend (BOUNDS_SCHEMA), as the dispatcher sends it."""
-    from batchplan.app.round_runner import MAX_TOKENS, MAX_TOKENS_OPEN
+    from batchplan.dispatchers.limits import MAX_TOKENS, MAX_TOKENS_OPEN
 
     backend = _backend(params.backend, storage)
-    return backend.cost_bounds(queue, predictions.select("query_id", "model"), MAX_TOKENS, MAX_TOKENS_OPEN)
+    pairs = inputs["predictions"].select("query_id", "model")
+    return backend.cost_bounds(inputs["queue"], pairs, MAX_TOKENS, MAX_TOKENS_OPEN, _caps(inputs))
+
+
+def _caps(inputs: dict[str, Any]) -> Any:
+    """The trained open tasks' max_tokens (``OutputCaps``), or None (a version trained without: flat 1024)."""
+    return getattr(inputs["trained"], "output_caps", None)
 
 
 def _budget(params: RunParams, plan: pl.DataFrame) -> float:
@@ -108,7 +115,7 @@ def round_plan_stage(storage: Storage, lay: Layout, run: str, params: RunParams,
         out_uri=out,
         storage=storage,
         tenant_budgets_usd=params.tenant_budgets_usd,
-        call_bounds=_bounds(storage, params, queue, predictions),
+        call_bounds=_bounds(storage, params, inputs),
     )
     calls = calls.filter(pl.col("models").list.len() > 0).sort("query_id")
     if calls.height == 0:  # nothing to call: the round is complete as planned
@@ -133,6 +140,7 @@ def round_plan_stage(storage: Storage, lay: Layout, run: str, params: RunParams,
                 "rows": part.height,
                 "budget_usd": share,
                 "tenant_budgets_usd": {t: by_part[i] for t, by_part in tenant_shares.items()},
+                "output_caps": caps.to_json() if (caps := _caps(inputs)) is not None else None,
             }
         )
     log.info("round.sharded", run=run, round=k, shards=len(shards), queries=calls.height, budget_left_usd=left)
@@ -146,6 +154,7 @@ def round_dispatch_shard(
     ``batch_api``: by the provider's batch API (``run_uri``: where ``batchplan cancel`` marks the run)."""
     from batchplan.app.pipeline import batch_sender
     from batchplan.app.round_runner import REFUSED_SCHEMA, DispatchSender
+    from batchplan.dispatchers import DispatchOptions
 
     if shard.get("noop") or "calls" not in shard:
         return {"noop": True}
@@ -160,7 +169,8 @@ def round_dispatch_shard(
         .filter(pl.col("query_id").is_in(calls["query_id"].implode()))
     )
     chosen = _backend(backend, storage)
-    sender = batch_sender(chosen, run_uri or here) if batch_api else DispatchSender(chosen)
+    caps = DispatchOptions(output_caps=shard_output_caps(shard))
+    sender = batch_sender(chosen, run_uri or here) if batch_api else DispatchSender(chosen, caps)
     got, refused = sender.send(
         calls,
         queue,
@@ -215,7 +225,7 @@ def rounds_results(storage: Storage, lay: Layout, run: str, params: RunParams) -
         rounds=params.rounds,
         out_uri=rounds_uri(lay, run),
         storage=storage,
-        call_bounds=_bounds(storage, params, inputs["queue"], inputs["predictions"]),
+        call_bounds=_bounds(storage, params, inputs),
     )
     return outcome.results, outcome.estimated_accuracy
 

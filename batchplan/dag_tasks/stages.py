@@ -144,6 +144,7 @@ def plan_stage(
     predictions = storage.read_frame(lay.plan_file(run, "predictions.parquet"))
     version = artifacts.resolve_version(storage, lay.models(), None)
     templates = artifacts.load_templates(storage, lay.models(), version) if version else None
+    caps = artifacts.load_output_caps(storage, lay.models(), version) if version else None
     candidates = build_candidates(queue.drop("day", strict=False), predictions, templates, request.kinds)
     audit = None
     if request.audit_share > 0:
@@ -187,6 +188,7 @@ def plan_stage(
                 "planned_cost_usd": float(part["expected_cost_usd"].sum()),
                 "budget_usd": share,
                 "tenant_budgets_usd": {tenant: by_part[i] for tenant, by_part in tenant_shares.items()},
+                "output_caps": caps.to_json() if caps is not None else None,
             }
         )
     manifest = {
@@ -247,11 +249,19 @@ def dispatch_shard(storage: Storage, lay: Layout, shard: dict[str, Any], backend
         out_uri=out,
         storage=storage,
         tenant_budgets_usd=shard.get("tenant_budgets_usd") or None,
+        output_caps=shard_output_caps(shard),
     )
     storage.write_frame(results, done_uri)
     summary = _shard_summary(shard, results, reused=False)
     log.info("shard.done", seconds=round(time.perf_counter() - started, 2), **summary)
     return summary
+
+
+def shard_output_caps(shard: dict[str, Any]) -> Any:
+    """The open tasks' max_tokens the plan stage put in the shard (``OutputCaps``; None: the flat default)."""
+    from batchplan.dispatchers import OutputCaps
+
+    return OutputCaps.from_json(shard["output_caps"]) if shard.get("output_caps") else None
 
 
 def _shard_summary(shard: dict[str, Any], results: pl.DataFrame, *, reused: bool) -> dict[str, Any]:

@@ -142,11 +142,21 @@ def allowed_predictions(
     )
 
 
-def check_rounds_request(request: PlanRequest) -> None:
-    """What a run in rounds cannot hold yet is refused, never dropped: the round planners re-plan under the
-    total and tenant budgets and the allowed LLMs, not under call capacities, task floors or label-error bounds
-    (the single-shot plan holds those)."""
-    held_only_single_shot = [
+# What each round planner re-plans under besides the total and tenant budgets and the allowed LLMs: the
+# posterior planner holds call capacities (calls left per LLM) and task floors in every re-plan; the plan
+# continuation runs the single-shot plan, which holds the floors (a re-call of a failed query may move to a
+# cheaper LLM, past its capacity). Label-error bounds are held by the single-shot plan only: no round planner
+# estimates P(wrong | true label) from what a round observed.
+ROUND_PLANNERS_HOLD: dict[str, frozenset[str]] = {
+    "posterior": frozenset({"model_max_calls", "task_accuracy_floors"}),
+    "plan": frozenset({"task_accuracy_floors"}),
+}
+
+
+def check_rounds_request(request: PlanRequest, planner: str = "plan") -> None:
+    """What a run in rounds with ``planner`` cannot hold is refused, never dropped (``ROUND_PLANNERS_HOLD``)."""
+    holds = ROUND_PLANNERS_HOLD.get(planner, frozenset())
+    not_held = [
         name
         for name, asked in (
             ("model_max_calls", request.model_max_calls),
@@ -154,13 +164,15 @@ def check_rounds_request(request: PlanRequest) -> None:
             ("label_error_max", request.label_error_max),
             ("audit_share", request.audit_share),
         )
-        if asked
+        if asked and name not in holds
     ]
-    if held_only_single_shot:
+    if not_held:
+        others = sorted(p for p, held in ROUND_PLANNERS_HOLD.items() if set(not_held) <= held)
+        instead = f"use round_planner {others[0]}, " if others else ""
         raise ContractError(
-            f"{', '.join(held_only_single_shot)} cannot be held by a multi-round run yet: set rounds 1 "
-            "(the single-shot plan holds it), or drop it",
-            fields=(*held_only_single_shot, "rounds"),
+            f"{', '.join(not_held)} cannot be held by a multi-round run with round_planner {planner}: "
+            f"{instead}set rounds 1 (the single-shot plan holds it), or drop it",
+            fields=(*not_held, "rounds", "round_planner"),
         )
 
 

@@ -45,8 +45,8 @@ import polars as pl
 import structlog
 
 from batchplan.core.contracts import DEFAULT_TENANT, ContractError
-from batchplan.core.rounds import ROUND_ANSWER_SCHEMA, ROUND_PLAN_SCHEMA, RoundPlan, RoundState
-from batchplan.optimizer import Budget, GroupBudget, InfeasibleError, Problem, solve
+from batchplan.core.rounds import CUT, ROUND_ANSWER_SCHEMA, ROUND_PLAN_SCHEMA, RoundPlan, RoundState
+from batchplan.optimizer import AccuracyFloor, Budget, Capacity, GroupBudget, InfeasibleError, Problem, solve
 from batchplan.optimizer.api import Method
 from batchplan.plans.candidates import P90_Z, _with_query
 from batchplan.plans.posterior import LAMBDA_GRID, NONE, OPAQUE, Posterior, States, called_key, normalize
@@ -103,6 +103,8 @@ def observe(queue: pl.DataFrame, predictions: pl.DataFrame, observations: pl.Dat
     obs = observations.join(qi, on="query_id").join(mi, on="model").with_row_index("_seq")
     if obs.height:
         np.add.at(tries, (obs["_q"].to_numpy(), obs["_m"].to_numpy()), 1)
+        cut = obs.filter(pl.col("status") == CUT)
+        tries[cut["_q"].to_numpy(), cut["_m"].to_numpy()] = np.iinfo(np.int32).max  # cut again if asked again
         # the last ok call per (query, LLM) is its answer; the order of calls is by round, then row
         ok = (
             obs.filter(pl.col("status") == OK)
@@ -241,6 +243,24 @@ def stronger(seen: Observed, posterior: Posterior, now_answer: np.ndarray) -> np
     return out
 
 
+@dataclass(frozen=True)
+class Held:
+    """The request's constraints as one round's re-plan holds them: calls left per LLM, task floors."""
+
+    capacity_left: dict[str, int]
+    floors: dict[str, float]
+    accuracy: np.ndarray  # [n, M] the accuracy a call option counts toward its task's floor
+
+    def constraints(self, seen: Observed) -> list[Any]:
+        rows: list[Any] = [
+            Capacity(column=f"calls:{m}", limit=float(left), name=f"capacity[{m}]")
+            for m, left in sorted(self.capacity_left.items())
+        ]
+        if floors := {t: f for t, f in self.floors.items() if t in set(seen.tasks.tolist())}:
+            rows.append(AccuracyFloor(min_mean=floors, group="task", name="task_floor"))
+        return rows
+
+
 @dataclass
 class PosteriorRoundPlanner:
     """``RoundPlanner`` over a fitted ``Posterior`` (module docstring)."""
@@ -261,6 +281,11 @@ class PosteriorRoundPlanner:
     # a round before the last (round 1 included) values a call with the replayed best call after it
     # (``Posterior.escalation_value``), so it leaves later rounds the money their calls are worth
     look_ahead: bool = True
+    # the request's constraints a re-plan holds (``--max-calls``, ``--task-floor``): calls per LLM over the whole
+    # run (a call with its retries is one, as the single-shot plan counts them), and per task the mean expected
+    # accuracy of its final answers (the posterior's, after this round's calls)
+    max_calls: dict[str, int] = field(default_factory=dict)
+    task_floors: dict[str, float] = field(default_factory=dict)
 
     def plan_round(self, state: RoundState) -> RoundPlan:
         seen = observe(state.queue, state.predictions, state.observations)
@@ -284,13 +309,31 @@ class PosteriorRoundPlanner:
         if middle and budget is not None:
             price = self._escalation_price(seen, ev, cost, call, budget, first=False)
             value, extra = self._with_escalation(seen, ev, cost, call, price)
+        accuracy = ev.after
         if first_round and budget is not None:
             price = self._escalation_price(seen, ev, cost, call, budget)
             value, extra = self._with_escalation(seen, ev, cost, call, price)
-            if self.uniform_first:
+            accuracy = np.where(call, value, np.nan)  # a first call's accuracy with its escalation, as its value
+            if self.uniform_first and not self.task_floors:  # floors: every query keeps its own options
                 first = self._first_calls(seen, call, value, cost + extra, price)
                 ev = Evaluated(ev.now_answer, ev.now_p, np.where(first, ev.after, np.nan))
-        outcome = self._solve(seen, ev, value, cost, extra, high, mandatory, budget, state.tenant_budgets_left_usd)
+        held = self._held(seen, state.observations, accuracy)
+        try:
+            outcome = self._solve(
+                seen, ev, value, cost, extra, high, mandatory, budget, state.tenant_budgets_left_usd, held
+            )
+            unmet: str | None = None
+        except InfeasibleError as error:
+            if not self.task_floors:
+                raise
+            # tonight's answers say the floor cannot be reached with what is left: the round still answers what
+            # it can (a hard stop mid-run would lose what was paid for), and says so in its diagnostics and log
+            unmet = f"task floors {self.task_floors} out of reach with what is left: {error}"
+            log.warning("round.task_floor_unmet", round=state.round, reason=unmet)
+            held = self._held(seen, state.observations, accuracy, floors=False)
+            outcome = self._solve(
+                seen, ev, value, cost, extra, high, mandatory, budget, state.tenant_budgets_left_usd, held
+            )
         if outcome is None:
             return RoundPlan(calls=pl.DataFrame(schema=ROUND_PLAN_SCHEMA), diagnostics={"status": "nothing to call"})
         picked, solution = outcome
@@ -318,6 +361,8 @@ class PosteriorRoundPlanner:
             "escalation_price": price,
             "cost_drift": seen.drift,
             "calls": len(rows),
+            "max_calls_left": held.capacity_left,
+            "task_floor_unmet": unmet,
             "mandatory": int(mandatory.sum()),
             "expected_cost_usd": float(cost[rows, cols].sum()),
             "planned_accuracy": float(
@@ -418,6 +463,13 @@ class PosteriorRoundPlanner:
                     extra[rows, j] = more
         return np.where(call, np.minimum(value, 1.0), 0.0), np.where(call, extra, 0.0)
 
+    def _held(self, seen: Observed, observations: pl.DataFrame, accuracy: np.ndarray, floors: bool = True) -> Held:
+        """The call capacities left after the rounds so far and the task floors, for ``_solve``."""
+        made = observations.filter(pl.col("model").is_in(list(self.max_calls))).unique(["query_id", "model", "round"])
+        counts = dict(made.group_by("model").len().iter_rows()) if made.height else {}
+        left = {m: max(int(limit) - int(counts.get(m, 0)), 0) for m, limit in self.max_calls.items()}
+        return Held(left, dict(self.task_floors) if floors else {}, accuracy)
+
     def _solve(
         self,
         seen: Observed,
@@ -429,6 +481,7 @@ class PosteriorRoundPlanner:
         mandatory: np.ndarray,
         budget: float | None,
         tenant_left: dict[str, float],
+        held: Held | None = None,
     ) -> tuple[np.ndarray, Any] | None:
         """One option per query (stop or one call) under the budget; returns (column called or -1, solution)."""
         n, m = value.shape
@@ -448,7 +501,9 @@ class PosteriorRoundPlanner:
                 "option": np.arange(len(q_idx), dtype=np.int64),
                 "value": seen.priority[q_idx] * np.where(is_call, value[q_idx, m_idx], ev.now_p[q_idx]),
                 "cost": np.where(is_call, cost[q_idx, m_idx] + extra[q_idx, m_idx], 0.0),
-                "accuracy": np.where(is_call, ev.after[q_idx, m_idx], ev.now_p[q_idx]),
+                "accuracy": np.where(
+                    is_call, (ev.after if held is None else held.accuracy)[q_idx, m_idx], ev.now_p[q_idx]
+                ),
                 "_col": np.where(is_call, m_idx, -1).astype(np.int64),
                 "_var": np.where(is_call, sd2[q_idx, m_idx], 0.0),
             }
@@ -460,6 +515,13 @@ class PosteriorRoundPlanner:
         if tenants:  # the tenant column only where a row counts by it: 10M+ strings cost seconds to build
             options = options.with_columns(tenant=seen.tenants[q_idx])
             constraints.append(GroupBudget(group="tenant", limits=tenants, name="tenant_budget"))
+        if held is not None:
+            constraints += held.constraints(seen)
+            if held.floors:  # the task column only where a floor counts by it (as the tenant column above)
+                options = options.with_columns(task=seen.tasks[q_idx])
+            for model in held.capacity_left:
+                j = seen.models.index(model) if model in seen.models else -1
+                options = options.with_columns(pl.Series(f"calls:{model}", (is_call & (m_idx == j)).astype(np.float64)))
         z = NormalDist().inv_cdf(self.spend_confidence) if self.spend_confidence > 0.5 else 0.0
         problem = Problem(options.drop("_col", "_var"), constraints=constraints, n_queries=n)
         if budget is not None and z > 0:
@@ -483,7 +545,7 @@ class PosteriorRoundPlanner:
             # the mandatory answers do not fit after all (tenant budgets): let the optimizer choose
             if not mandatory.any():
                 raise InfeasibleError(constraint="budget", message="no round plan fits what is left of the budget")
-            return self._solve(seen, ev, value, cost, extra, high, np.zeros(n, bool), budget, tenant_left)
+            return self._solve(seen, ev, value, cost, extra, high, np.zeros(n, bool), budget, tenant_left, held)
         picked = np.full(n, -1, dtype=np.int64)  # option ids are row positions in ``options``: a gather, no join
         picked[solution.chosen["query"].to_numpy()] = options["_col"].to_numpy()[solution.chosen["option"].to_numpy()]
         return picked, solution

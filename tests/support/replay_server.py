@@ -3,7 +3,9 @@
 For tests, the README and benchmarks: it listens on 127.0.0.1 only, answers ``POST /v1/chat/completions``
 exactly as the recorded model answered the query (found by the ``X-Batchplan-Query-Id`` header, else by
 the prompt text), reports the recorded usage and cost (``usage.cost``, as OpenRouter-style gateways do),
-and keeps a server-side bill: one charge per billed call, none for a replayed ``Idempotency-Key``.
+and keeps a server-side bill: one charge per billed call, none for a replayed ``Idempotency-Key``. It honours
+``max_tokens``: an answer the history recorded longer is cut there (``finish_reason`` "length", usage and
+bill at most max_tokens of output), as a real endpoint does.
 
 Faults are drawn per request with the given rates: 429 with Retry-After, 500, slow responses, responses
 slower than a client's timeout, malformed bodies, connection resets, refusals (billed, not an answer), and
@@ -73,6 +75,12 @@ class ReplayServer:
             prompt_key(s, p): q for q, s, p in history.queries.select("query_id", "system_prompt", "prompt").iter_rows()
         }
         self._models = sorted({m for _, m in self._table})
+        # USD per output token: what a cut answer's bill saves (the tokens past max_tokens are never generated)
+        self._usd_out = {
+            str(m): float(p) / 1e6
+            for m, p in history.prices.select("model", "usd_per_mtok_out").iter_rows()
+            if p is not None
+        }
         self._idempotent: dict[str, bytes] = {}
         self._lock = threading.Lock()
         self.requests = 0
@@ -233,7 +241,16 @@ class ReplayServer:
             if refusal
             else (answer if answer is not None else "I am not sure.")
         )
-        payload = _completion(model, text, cost or 0.0, tokens_in, tokens_out, logprob, bool(request.get("logprobs")))
+        cap, finish = request.get("max_tokens"), "stop"
+        if isinstance(cap, int) and cap > 0 and tokens_out is not None and tokens_out > cap:
+            # as an endpoint does: generation stops at max_tokens, the answer is cut and billed up to there
+            per_token = self._usd_out.get(model)
+            cut = (tokens_out - cap) * per_token if per_token is not None else (cost or 0.0) * (1 - cap / tokens_out)
+            cost = max((cost or 0.0) - cut, 0.0)
+            text, tokens_out, finish = text[: max(1, len(text) * cap // tokens_out)], cap, "length"
+        payload = _completion(
+            model, text, cost or 0.0, tokens_in, tokens_out, logprob, bool(request.get("logprobs")), finish
+        )
         return query_id or "", 200, payload, float(cost or 0.0)
 
     def _find(self, messages: Sequence[dict[str, Any]]) -> str | None:
@@ -268,10 +285,15 @@ def _completion(
     tokens_out: int | None,
     logprob: float | None,
     want_logprobs: bool,
+    finish_reason: str = "stop",
 ) -> bytes:
     tokens_in = tokens_in if tokens_in is not None else 0
     tokens_out = tokens_out if tokens_out is not None else 1
-    choice: dict[str, Any] = {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+    choice: dict[str, Any] = {
+        "index": 0,
+        "message": {"role": "assistant", "content": text},
+        "finish_reason": finish_reason,
+    }
     if want_logprobs and logprob is not None:
         choice["logprobs"] = {"content": [{"token": text, "logprob": logprob, "top_logprobs": []}]}
     body = {
