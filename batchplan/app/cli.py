@@ -46,6 +46,7 @@ FLAGS = {
     "model_version": "--model-version",
     "predictor": "--predictor",
     "rounds": "--rounds",
+    "deadline": "--deadline",
 }
 
 
@@ -349,6 +350,14 @@ RoundsOpt = Annotated[
     int,
     typer.Option("--rounds", min=1, help="Execute in N rounds, re-planned after each under what is left (1: single shot)."),
 ]
+DeadlineOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--deadline",
+        help="When the run must be done, for batch rounds: a duration (6h, 90m) or an hour of the day (06:00 local, "
+        "06:00Z UTC). Rounds go by batch while their typical turnaround fits; the last goes in real time.",
+    ),
+]
 RoundPlannerOpt = Annotated[
     str,
     typer.Option(
@@ -521,9 +530,13 @@ def run(
     run_id: Annotated[str | None, typer.Option("--run-id", help="Name shown in the report.")] = None,
     rounds: RoundsOpt = 1,
     round_planner: RoundPlannerOpt = "plan",
+    deadline: DeadlineOpt = None,
 ) -> None:
     """Plan and dispatch the batch; rerunning the same command resumes without paying twice."""
     with _user_errors():
+        from batchplan.core.request import deadline_at
+
+        deadline_ts = deadline_at(deadline) if deadline is not None else None
         request = _request(
             budget_usd=budget_usd,
             accuracy_target=accuracy_target,
@@ -554,6 +567,7 @@ def run(
             run_id=run_id,
             rounds=rounds,
             round_planner=round_planner,
+            deadline=deadline_ts,
         )
         with _progress("dispatch") as progress:
             outcome = run_job(job, _storage(), progress=progress)

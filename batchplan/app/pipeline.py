@@ -38,7 +38,7 @@ from batchplan.app.round_runner import (
     make_round_planner,
     run_rounds,
 )
-from batchplan.core.catalog import PriceCatalog
+from batchplan.core.catalog import BATCH_TERMS, PriceCatalog
 from batchplan.core.contracts import DEFER, RESULT_SCHEMA, UNANSWERABLE, ContractError
 from batchplan.core.history import History, load_history
 from batchplan.core.rounds import RoundPlanner
@@ -46,6 +46,7 @@ from batchplan.core.storage import Storage, join
 from batchplan.dispatchers import Backend, RetryPolicy, check_backend, dispatch, get_backend, spend_by_model
 from batchplan.plans.candidates import Candidates, build_candidates
 from batchplan.plans.frontier import frontier_uri, plan_frontier, read_frontier, write_frontier
+from batchplan.plans.modes import BatchModes, batch_priced
 from batchplan.plans.planning import (
     PlanOutcome,
     PlanRequest,
@@ -98,7 +99,7 @@ def make_backend(
         return get_backend("replay", history=history, **options)
     catalog = None
     if prices_uri is not None:
-        catalog = PriceCatalog.from_prices(storage.read_frame(prices_uri))
+        catalog = PriceCatalog.from_prices(storage.read_frame(prices_uri)).for_backend(name)  # its batch price
     if base_url is not None:  # the endpoint: OpenAI-compatible for openai, a Bedrock runtime URL for bedrock
         options["endpoint_url" if name == "bedrock" else "base_url"] = base_url
     return get_backend(name, catalog=catalog, **options)
@@ -298,6 +299,8 @@ class Job:
     backend_options: dict[str, Any] = field(default_factory=dict)
     rounds: int = 1  # > 1: execute in rounds, re-planned after each (batchplan.app.round_runner); 1: single shot
     round_planner: str = "plan"  # a name in batchplan.app.round_runner.ROUND_PLANNERS
+    batch_api: bool = False  # the backend's batch API at its batch price (batchplan.plans.modes)
+    deadline: float | None = None  # POSIX seconds (``request.deadline_at``): bounds the batch rounds
 
 
 @dataclass(frozen=True)
@@ -314,6 +317,12 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
     if job.rounds > 1:  # before anything is planned or sent
         check_round_planner(job.round_planner)
         check_rounds_request(job.request)
+    if job.deadline is not None and not job.batch_api:
+        raise ContractError(
+            "deadline bounds the rounds sent by a provider's batch API: pass batch_api with it (real-time rounds "
+            "need no deadline)",
+            fields=("deadline", "batch_api"),
+        )
     # the replay history is read once: it answers the calls and is the truth the report scores against
     replay = load_history(job.replay_history, storage) if job.backend == "replay" and job.replay_history else None
     backend = make_backend(
@@ -332,8 +341,15 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
     trained = artifacts.load(storage, job.model_uri, version=job.model_version)
     predictions = predict(ingested.queue, trained.predictor, backend)
     paths = {"plan": join(job.out_uri, "plan.parquet"), "results": join(job.out_uri, "results.parquet")}
+    modes = batch_modes(job, backend, predictions) if job.batch_api else None
     plan, diagnostics = _resume_or_plan(
-        storage, paths["plan"], ingested.queue, predictions, trained.templates, job.request
+        storage,
+        paths["plan"],
+        ingested.queue,
+        # single shot by batch: every call at the batch price
+        batch_priced(predictions, modes.discounts) if modes is not None and job.rounds == 1 else predictions,
+        trained.templates,
+        job.request,
     )
     estimated: float | None = None
     if job.rounds > 1:
@@ -344,6 +360,7 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
             predictions=predictions,
             trained=trained,
             request=job.request,
+            modes=modes,
         )
         outcome = execute_rounds(
             plan,
@@ -390,6 +407,18 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
     paths |= write_report(report, job.out_uri, storage)
     log.info("run", summary=summary_line(report), out=job.out_uri, seconds=round(time.perf_counter() - started, 2))
     return JobOutcome(report=report, plan=plan, results=results, paths=paths)
+
+
+def batch_modes(job: Job, backend: Backend, predictions: pl.DataFrame) -> BatchModes:
+    """The batch mode of ``job.backend`` for the planners: its LLMs' batch discounts, its turnaround, the deadline."""
+    terms = BATCH_TERMS.get(job.backend)
+    models = sorted(predictions["model"].unique().to_list())
+    if terms is None or not any(backend.catalog.batch_discount(m) is not None for m in models):
+        raise ContractError(
+            f"batch_api: the {job.backend} backend has no batch API (those with one: {', '.join(sorted(BATCH_TERMS))})",
+            fields=("batch_api",),
+        )
+    return BatchModes.from_catalog(backend.catalog, models, terms, deadline=job.deadline)
 
 
 def _resume_or_plan(

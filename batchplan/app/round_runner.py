@@ -40,7 +40,9 @@ import structlog
 
 from batchplan.core.contracts import RESULT_SCHEMA, ContractError, conform
 from batchplan.core.rounds import (
+    OBSERVATION_MODE,
     OBSERVATION_SCHEMA,
+    REALTIME,
     ROUND_ANSWER_SCHEMA,
     ROUND_PLAN_SCHEMA,
     TRANSIENT,
@@ -202,7 +204,10 @@ def observed(
     for k in rounds:
         here = round_uri(out_uri, k)
         marker = join(here, "observations.parquet")
-        observations.append(conform(storage.read_frame(marker), OBSERVATION_SCHEMA, name=marker))
+        raw = storage.read_frame(marker)
+        # the optional mode column (batch or realtime) is kept: the planner reads each call's cost at its price
+        mode = raw[OBSERVATION_MODE].cast(pl.String) if OBSERVATION_MODE in raw.columns else pl.lit(None, pl.String)
+        observations.append(conform(raw, OBSERVATION_SCHEMA, name=marker).with_columns(mode.alias(OBSERVATION_MODE)))
         refused = conform(storage.read_frame(join(here, "refused.parquet")), REFUSED_SCHEMA, name=here)
         refusals.append(refused.with_columns(pl.lit(k, dtype=pl.Int64).alias("round")))
     refused_schema = pl.Schema({**REFUSED_SCHEMA, "round": pl.Int64()})
@@ -231,7 +236,7 @@ def tighten(observations: pl.DataFrame, call_bounds: pl.DataFrame | None) -> pl.
         .with_columns(
             pl.when(ambiguous).then(pl.min_horizontal("cost_usd", tight)).otherwise("cost_usd").alias("cost_usd")
         )
-        .select(OBSERVATION_SCHEMA.names())
+        .select(observations.columns)
     )
 
 
@@ -271,7 +276,8 @@ def complete_round(storage: Storage, out_uri: str, k: int, observations: pl.Data
     """Write round ``k``'s observations: the marker that it is complete (refusals first)."""
     here = round_uri(out_uri, k)
     storage.write_frame(refused.select(REFUSED_SCHEMA.names()).cast(REFUSED_SCHEMA), join(here, "refused.parquet"))
-    storage.write_frame(observations.select(OBSERVATION_SCHEMA.names()), join(here, "observations.parquet"))
+    columns = [*OBSERVATION_SCHEMA.names(), *([OBSERVATION_MODE] if OBSERVATION_MODE in observations.columns else [])]
+    storage.write_frame(observations.select(columns), join(here, "observations.parquet"))
 
 
 def run_rounds(
@@ -375,6 +381,7 @@ def _resume_or_plan_round(storage: Storage, here: str, planner: RoundPlanner, st
     started = time.perf_counter()
     planned: RoundPlan = planner.plan_round(state)
     calls = conform(planned.calls, ROUND_PLAN_SCHEMA, name=f"round {state.round} plan", required=("query_id", "models"))
+    calls = calls.with_columns(pl.col("mode").fill_null(REALTIME))  # a planner that knows no modes: real time
     if calls["query_id"].is_duplicated().any():
         raise ValueError(f"round {state.round} plan has duplicate query_id rows: one row per query")
     diagnostics = {
@@ -504,10 +511,10 @@ def _plan_continuation(*, plan: pl.DataFrame, **_: Any) -> RoundPlanner:
     return PlanContinuation(plan)
 
 
-def _posterior(*, trained: Any = None, **_: Any) -> RoundPlanner:
+def _posterior(*, trained: Any = None, modes: Any = None, **_: Any) -> RoundPlanner:
     from batchplan.plans.round_planner import round_planner
 
-    return round_planner(getattr(trained, "posterior", None))
+    return round_planner(getattr(trained, "posterior", None), modes=modes)  # modes: a batch API's prices
 
 
 register_round_planner("plan", _plan_continuation)

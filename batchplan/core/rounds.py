@@ -23,6 +23,12 @@ from batchplan.core.contracts import _columns
 # connection and lost): another call, next round, may well answer. Round planners and the runner share it.
 TRANSIENT: Final = frozenset({"rate_limited", "server_error", "timeout", "connection", "lost"})
 
+# How a round's calls go out: at once through the endpoint ("realtime"), or as a provider's batch job at its
+# batch price, answered later ("batch"). A frame without a mode column, or a null mode, is real time.
+REALTIME: Final = "realtime"
+BATCH: Final = "batch"
+MODES: Final = (REALTIME, BATCH)
+
 # One row per call a round made (failed calls included: a failure is an observation too).
 OBSERVATION_SCHEMA: Final = pl.Schema(
     _columns(
@@ -42,6 +48,10 @@ OBSERVATION_SCHEMA: Final = pl.Schema(
         }
     )
 )
+# An optional column of observation frames (kept where present; missing or null = realtime): how the call went
+# out, so that its cost is read against that mode's price (the planner's cost drift). Optional, not in the
+# schema, so that every frame written before modes existed still conforms.
+OBSERVATION_MODE: Final = "mode"
 
 # One row per query the round calls; a query without a row (or with an empty list) stops this round.
 ROUND_PLAN_SCHEMA: Final = pl.Schema(
@@ -52,6 +62,7 @@ ROUND_PLAN_SCHEMA: Final = pl.Schema(
             "expected_cost_usd": pl.Float64,
             "reserve_cost_usd": pl.Float64,  # high side of the round's calls: what the budget guard will hold
             "expected_accuracy": pl.Float64,  # P(the query's answer after this round is right), as planned
+            "mode": pl.String,  # MODES: realtime, or batch at the batch price (missing/null: realtime)
         }
     )
 )

@@ -28,7 +28,7 @@ from typing import Any
 
 import polars as pl
 
-from batchplan.core.rounds import ROUND_ANSWER_SCHEMA, ROUND_PLAN_SCHEMA, TRANSIENT, RoundPlan, RoundState
+from batchplan.core.rounds import REALTIME, ROUND_ANSWER_SCHEMA, ROUND_PLAN_SCHEMA, TRANSIENT, RoundPlan, RoundState
 
 MIN_DRIFT = 0.5  # a batch billed below its estimates still plans on at least half of them
 
@@ -101,6 +101,7 @@ class PlanContinuation:
                 "expected_cost_usd": [sum(costs.expected(q, m) for m in ms) for q, ms in planned],
                 "reserve_cost_usd": [sum(costs.bound(q, m) for m in ms) for q, ms in planned],
                 "expected_accuracy": [p_row.get(q) for q, _ in planned],
+                "mode": [REALTIME] * len(planned),
             },
             schema=ROUND_PLAN_SCHEMA,
         )

@@ -21,6 +21,11 @@ and Budget / GroupBudget rows, the fast certified path) picks one option per que
   high-side cost, what the budget guard holds before calling.
 - A failed call (rate limit, server error, no usable answer) carries no answer: the LLM may be asked again,
   at most ``max_tries`` times per query.
+- **Dispatch modes** (``modes``: a provider's batch API, ``batchplan.plans.modes``): a round the deadline
+  leaves time for goes by batch at the batch price (its calls' cost and reserve x the LLM's discount; round 1
+  costs its escalations at the next round's mode); in the last round before a deadline its worst case does
+  not fit, each call is offered both ways, batch valued at P(answered in time), and the optimizer picks per
+  query. The plan's ``mode`` column says which; the cost drift reads each call against its mode's price.
 
 Nothing here reads gold: only the queue, the predictions and the observations.
 """
@@ -37,10 +42,19 @@ import polars as pl
 import structlog
 
 from batchplan.core.contracts import DEFAULT_TENANT, ContractError
-from batchplan.core.rounds import ROUND_ANSWER_SCHEMA, ROUND_PLAN_SCHEMA, RoundPlan, RoundState
+from batchplan.core.rounds import (
+    BATCH,
+    OBSERVATION_MODE,
+    REALTIME,
+    ROUND_ANSWER_SCHEMA,
+    ROUND_PLAN_SCHEMA,
+    RoundPlan,
+    RoundState,
+)
 from batchplan.optimizer import Budget, GroupBudget, InfeasibleError, Problem, solve
 from batchplan.optimizer.api import Method
 from batchplan.plans.candidates import P90_Z
+from batchplan.plans.modes import BatchModes
 from batchplan.plans.posterior import LAMBDA_GRID, NONE, OPAQUE, Posterior, States, normalize
 
 log = structlog.get_logger("batchplan.core.rounds")
@@ -68,8 +82,14 @@ class Observed:
     drift: dict[str, float] = field(default_factory=dict)
 
 
-def observe(queue: pl.DataFrame, predictions: pl.DataFrame, observations: pl.DataFrame) -> Observed:
-    """Dense per-query state from the queue, the predictions and every observation so far."""
+def observe(
+    queue: pl.DataFrame,
+    predictions: pl.DataFrame,
+    observations: pl.DataFrame,
+    discounts: dict[str, float] | None = None,
+) -> Observed:
+    """Dense per-query state from the queue, the predictions and every observation so far (``discounts``:
+    per-LLM batch price factors, to read batch calls' costs against the batch price)."""
     ids = queue["query_id"].to_list()
     n = len(ids)
     models = sorted(predictions["model"].unique().to_list())
@@ -106,7 +126,7 @@ def observe(queue: pl.DataFrame, predictions: pl.DataFrame, observations: pl.Dat
         conf[r, c] = np.exp(ok["logprob"].fill_null(np.nan).to_numpy())
         order[r, c] = ok["_order"].to_numpy()
         answers = ok.select("_q", "_m", "answer")
-        drift = cost_drift(obs, cost)
+        drift = cost_drift(obs, cost, discounts)
     return Observed(
         query_ids=ids,
         tasks=queue["task"].fill_null("default").to_numpy().astype(str),
@@ -122,11 +142,15 @@ def observe(queue: pl.DataFrame, predictions: pl.DataFrame, observations: pl.Dat
     )
 
 
-def cost_drift(obs: pl.DataFrame, predicted: np.ndarray) -> dict[str, float]:
+def cost_drift(obs: pl.DataFrame, predicted: np.ndarray, discounts: dict[str, float] | None = None) -> dict[str, float]:
     """Per LLM: (charged + k x mean predicted x batch drift) / (predicted + k x mean predicted) over its
     observed calls, k = DRIFT_PRIOR_CALLS; "*": the batch drift (all calls), for LLMs not called yet. Prompts
     and answers that run long tonight run long for every LLM, so an LLM's own drift shrinks to the batch's."""
     pred = predicted[obs["_q"].to_numpy(), obs["_m"].to_numpy()]
+    if OBSERVATION_MODE in obs.columns and discounts:  # a batch call was predicted at the batch price
+        by_batch = (obs[OBSERVATION_MODE] == BATCH).fill_null(False).to_numpy()
+        factor = obs["model"].replace_strict(discounts, default=1.0, return_dtype=pl.Float64).to_numpy()
+        pred = np.where(by_batch, pred * factor, pred)
     frame = obs.select("model", pl.col("cost_usd").fill_null(0.0)).with_columns(
         pl.Series("_pred", np.nan_to_num(pred, nan=0.0))
     )
@@ -234,14 +258,26 @@ class PosteriorRoundPlanner:
     # escalate only to an LLM more accurate on the task than the one whose answer the query keeps
     upward: bool = True
     uniform_first: bool = True  # round 1: one first LLM per task (``_first_calls``)
+    modes: BatchModes | None = None  # a batch API the rounds may use (None: every call in real time)
 
     def plan_round(self, state: RoundState) -> RoundPlan:
-        seen = observe(state.queue, state.predictions, state.observations)
+        discounts = dict(self.modes.discounts) if self.modes else None
+        seen = observe(state.queue, state.predictions, state.observations, discounts)
         ev = evaluate(self.posterior, seen, self.max_tries, self.upward)
         n, m = ev.after.shape
         drift = np.array([seen.drift.get(model, seen.drift.get("*", 1.0)) for model in seen.models])
         cost = seen.cost * drift[None]
         high = np.maximum(seen.high, seen.cost) * drift[None]
+        # the round's mode: all batch (share 1: at batch prices), both offered (0 < share < 1) or real time
+        share, later, discount = 0.0, 1.0, np.full(m, np.nan)
+        if self.modes is not None:
+            share, discount = self.modes.batch_share(state.round, state.rounds), self.modes.discount_of(seen.models)
+            if self.modes.next_share(state.round, state.rounds) >= 1:  # round 1's escalations: next round's price
+                later = float(np.median(list(self.modes.discounts.values())))
+        factor = np.nan_to_num(discount, nan=1.0)
+        by_batch = np.isfinite(discount) & (share >= 1)
+        cost, high = cost * np.where(by_batch, factor, 1.0)[None], high * np.where(by_batch, factor, 1.0)[None]
+        mixed = (share, discount) if 0 < share < 1 else None
         call = np.isfinite(ev.after)
         budget = state.budget_left_usd
         # a query with no answer yet must get one if the cheapest calls of all such queries fit
@@ -254,24 +290,30 @@ class PosteriorRoundPlanner:
         extra = np.zeros((n, m))
         price = 0.0
         if first_round and budget is not None:
-            price = self._escalation_price(seen, ev, cost, call, budget)
-            value, extra = self._with_escalation(seen, ev, cost, call, price)
+            price = self._escalation_price(seen, ev, cost, call, budget, later)
+            value, extra = self._with_escalation(seen, ev, cost, call, price, later)
             if self.uniform_first:
                 first = self._first_calls(seen, call, value, cost + extra, price)
                 ev = Evaluated(ev.now_answer, ev.now_p, np.where(first, ev.after, np.nan))
-        outcome = self._solve(seen, ev, value, cost, extra, high, mandatory, budget, state.tenant_budgets_left_usd)
+        outcome = self._solve(
+            seen, ev, value, cost, extra, high, mandatory, budget, state.tenant_budgets_left_usd, mixed
+        )
         if outcome is None:
             return RoundPlan(calls=pl.DataFrame(schema=ROUND_PLAN_SCHEMA), diagnostics={"status": "nothing to call"})
         picked, solution = outcome
         rows = np.flatnonzero(picked >= 0)
-        cols = picked[rows]
+        # a mixed round's batch options are numbered m + column (``_solve``)
+        cols, batch_pick = picked[rows] % m, picked[rows] >= m
+        scale = np.where(batch_pick, factor[cols], 1.0)
+        hit = np.where(batch_pick, share, 1.0)
         calls = pl.DataFrame(
             {
                 "query_id": pl.Series(seen.query_ids).gather(rows),
                 "models": pl.Series(seen.models).gather(cols),
-                "expected_cost_usd": cost[rows, cols],
-                "reserve_cost_usd": high[rows, cols],
-                "expected_accuracy": ev.after[rows, cols],
+                "expected_cost_usd": cost[rows, cols] * scale,
+                "reserve_cost_usd": high[rows, cols] * scale,
+                "expected_accuracy": hit * ev.after[rows, cols] + (1 - hit) * ev.now_p[rows],
+                "mode": np.where(batch_pick | by_batch[cols], BATCH, REALTIME),
             }
         ).with_columns(pl.concat_list("models").alias("models"))
         calls = calls.select(ROUND_PLAN_SCHEMA.names()).cast(dict(ROUND_PLAN_SCHEMA))  # type: ignore[arg-type]
@@ -288,12 +330,10 @@ class PosteriorRoundPlanner:
             "cost_drift": seen.drift,
             "calls": len(rows),
             "mandatory": int(mandatory.sum()),
-            "expected_cost_usd": float(cost[rows, cols].sum()),
-            "planned_accuracy": float(
-                np.where(picked >= 0, ev.after[np.arange(n), np.maximum(picked, 0)], ev.now_p).mean()
-            )
-            if n
-            else 0.0,
+            "expected_cost_usd": float((cost[rows, cols] * scale).sum()),
+            "planned_accuracy": float(calls["expected_accuracy"].sum() + ev.now_p[picked < 0].sum()) / n if n else 0.0,
+            "batch_share": share,
+            "batch_calls": int((calls["mode"] == BATCH).sum()),
         }
         log.info("round.plan", **{k: v for k, v in diagnostics.items() if k != "shadow_prices"})
         return RoundPlan(calls=calls, diagnostics=diagnostics)
@@ -304,7 +344,7 @@ class PosteriorRoundPlanner:
         return np.where(call, ev.after - np.where(answered, self.min_gain, 0.0), 0.0)
 
     def _escalation_price(
-        self, seen: Observed, ev: Evaluated, cost: np.ndarray, call: np.ndarray, budget: float
+        self, seen: Observed, ev: Evaluated, cost: np.ndarray, call: np.ndarray, budget: float, later: float = 1.0
     ) -> float:
         """The budget's price in round 1, escalation included: the lowest price (accuracy per USD) at which every
         query taking its best first call at that price (value less price x cost, both with the replayed
@@ -313,7 +353,7 @@ class PosteriorRoundPlanner:
         price, at which it is not worth it, which lowers it."""
 
         def spend(price: float) -> float:
-            value, extra = self._with_escalation(seen, ev, cost, call, price)
+            value, extra = self._with_escalation(seen, ev, cost, call, price, later)
             allowed = self._first_calls(seen, call, value, cost + extra, price) if self.uniform_first else call
             total = np.where(allowed, cost + extra, np.inf)
             net = np.where(allowed, value - price * total, -np.inf)
@@ -355,10 +395,11 @@ class PosteriorRoundPlanner:
         return allowed
 
     def _with_escalation(
-        self, seen: Observed, ev: Evaluated, cost: np.ndarray, call: np.ndarray, price: float
+        self, seen: Observed, ev: Evaluated, cost: np.ndarray, call: np.ndarray, price: float, later: float = 1.0
     ) -> tuple[np.ndarray, np.ndarray]:
         """Round 1: a first call's value and cost with the replayed best escalation after it at ``price`` (tasks
-        whose history recorded confidences)."""
+        whose history recorded confidences); ``later``: the escalation's price factor (its round's mode: an
+        escalation at half price is worth it at twice the budget's price)."""
         value = self._call_value(ev, call)
         extra = np.zeros_like(value)
         for task in np.unique(seen.tasks):
@@ -368,9 +409,9 @@ class PosteriorRoundPlanner:
                 continue
             rows = seen.tasks == task
             for j, model in enumerate(seen.models):
-                gain, more = self.posterior.escalation_value(str(task), model, price)
+                gain, more = self.posterior.escalation_value(str(task), model, price * later)
                 value[rows, j] += gain
-                extra[rows, j] = more
+                extra[rows, j] = more * later
         return np.where(call, np.minimum(value, 1.0), 0.0), np.where(call, extra, 0.0)
 
     def _solve(
@@ -384,8 +425,11 @@ class PosteriorRoundPlanner:
         mandatory: np.ndarray,
         budget: float | None,
         tenant_left: dict[str, float],
+        mixed: tuple[float, np.ndarray] | None = None,
     ) -> tuple[np.ndarray, Any] | None:
-        """One option per query (stop or one call) under the budget; returns (column called or -1, solution)."""
+        """One option per query (stop or one call) under the budget; returns (column called or -1, solution).
+        ``mixed``: (share, per-LLM discount, nan = none): each call is also offered by batch, numbered
+        M + column, worth ``share`` of its value (else the query keeps what it has) at the discounted cost."""
         n = value.shape[0]
         call = np.isfinite(ev.after)
         q_idx, m_idx = np.nonzero(call)
@@ -408,6 +452,8 @@ class PosteriorRoundPlanner:
                 "_var": np.concatenate([sd2[q_idx, m_idx], np.zeros(len(s_idx))]),
             }
         )
+        if mixed is not None:
+            options = pl.concat([options, _batch_options(seen, ev, value, cost + extra, sd2, mixed, len(options))])
         constraints: list[Any] = []
         if budget is not None:
             constraints.append(Budget(limit=max(budget, 0.0)))
@@ -436,14 +482,14 @@ class PosteriorRoundPlanner:
             # the mandatory answers do not fit after all (tenant budgets): let the optimizer choose
             if not mandatory.any():
                 raise InfeasibleError(constraint="budget", message="no round plan fits what is left of the budget")
-            return self._solve(seen, ev, value, cost, extra, high, np.zeros(n, bool), budget, tenant_left)
+            return self._solve(seen, ev, value, cost, extra, high, np.zeros(n, bool), budget, tenant_left, mixed)
         chosen = solution.chosen.join(options.select("option", "_col"), on="option")
         picked = np.full(n, -1, dtype=np.int64)
         picked[chosen["query"].to_numpy()] = chosen["_col"].to_numpy()
         return picked, solution
 
     def answers(self, queue: pl.DataFrame, predictions: pl.DataFrame, observations: pl.DataFrame) -> pl.DataFrame:
-        seen = observe(queue, predictions, observations)
+        seen = observe(queue, predictions, observations, dict(self.modes.discounts) if self.modes else None)
         ev = evaluate(self.posterior, seen, self.max_tries)
         kept = pl.DataFrame({"_q": np.arange(len(seen.query_ids), dtype=np.int64), "_m": ev.now_answer})
         texts = kept.join(seen.answers, on=["_q", "_m"], how="left", maintain_order="left")["answer"]
@@ -457,6 +503,34 @@ class PosteriorRoundPlanner:
             },
             schema=ROUND_ANSWER_SCHEMA,
         )
+
+
+def _batch_options(
+    seen: Observed,
+    ev: Evaluated,
+    value: np.ndarray,
+    cost: np.ndarray,
+    sd2: np.ndarray,
+    mixed: tuple[float, np.ndarray],
+    first: int,
+) -> pl.DataFrame:
+    """The batch twin of every call option of an LLM with a batch API (``_solve``'s ``mixed``)."""
+    share, discount = mixed
+    m = value.shape[1]
+    q_idx, m_idx = np.nonzero(np.isfinite(ev.after) & np.isfinite(discount)[None])
+    d = discount[m_idx]
+    return pl.DataFrame(
+        {
+            "query": q_idx.astype(np.int64),
+            "option": np.arange(first, first + len(q_idx), dtype=np.int64),
+            "value": seen.priority[q_idx] * (share * value[q_idx, m_idx] + (1 - share) * ev.now_p[q_idx]),
+            "cost": cost[q_idx, m_idx] * d,
+            "accuracy": share * ev.after[q_idx, m_idx] + (1 - share) * ev.now_p[q_idx],
+            "tenant": seen.tenants[q_idx],
+            "_col": (m_idx + m).astype(np.int64),
+            "_var": sd2[q_idx, m_idx] * d**2,
+        }
+    )
 
 
 def round_planner(posterior: Posterior | None, **options: Any) -> PosteriorRoundPlanner:
