@@ -203,3 +203,37 @@ def test_at_batch_prices_the_budget_holds_and_buys_more(fitted: tuple[History, P
     # the planner's cost drift reads batch calls at the batch price: no phantom halving of real-time prices
     planner_drift = batch.diagnostics[-1]["cost_drift"]
     assert all(0.5 < d < 2.0 for d in planner_drift.values())
+
+
+def test_a_deadline_without_the_batch_api_is_refused(tmp_path: Path) -> None:
+    from batchplan.app.pipeline import Job, run_job
+    from batchplan.core.request import PlanRequest
+    from batchplan.core.storage import Storage
+
+    job = Job(queue_uri="q", model_uri="m", out_uri=str(tmp_path / "r"), request=PlanRequest(budget_usd=1.0))
+    job.deadline = NIGHT.timestamp()
+    with pytest.raises(ContractError, match="deadline bounds the rounds sent by a provider's batch API") as error:
+        run_job(job, Storage())
+    assert error.value.fields == ("deadline", "batch_api")
+    assert not (tmp_path / "r").exists()
+
+
+def test_the_batch_api_needs_a_backend_that_has_one() -> None:
+    from types import SimpleNamespace
+
+    from batchplan.app.pipeline import Job, batch_modes
+    from batchplan.core.request import PlanRequest
+
+    prices = pl.DataFrame({"model": ["a"], "usd_per_mtok_in": [1.0], "usd_per_mtok_out": [2.0]})
+    predictions = pl.DataFrame({"query_id": ["q"], "model": ["a"]})
+    request = PlanRequest(budget_usd=1.0)
+    replay = SimpleNamespace(catalog=PriceCatalog.from_prices(prices).for_backend("replay"))
+    job = Job(queue_uri="q", model_uri="m", out_uri="o", request=request, backend="replay", batch_api=True)
+    with pytest.raises(ContractError, match="the replay backend has no batch API"):
+        batch_modes(job, replay, predictions)  # type: ignore[arg-type]
+    bedrock = SimpleNamespace(catalog=PriceCatalog.from_prices(prices).for_backend("bedrock"))
+    job = Job(queue_uri="q", model_uri="m", out_uri="o", request=request, backend="bedrock", batch_api=True, deadline=5.0)
+    modes = batch_modes(job, bedrock, predictions)  # type: ignore[arg-type]
+    assert dict(modes.discounts) == {"a": 0.5}
+    assert modes.terms.min_records == 100
+    assert modes.deadline == 5.0
