@@ -37,7 +37,9 @@ import polars as pl
 import structlog
 
 from batchplan.core.catalog import BATCH_TERMS, BatchTerms
+from batchplan.core.errors import ContractError
 from batchplan.core.rounds import BATCH, OBSERVATION_MODE, REALTIME, ROUND_PLAN_SCHEMA
+from batchplan.core.settings import get_settings
 from batchplan.core.storage import Storage, join
 from batchplan.dispatchers.base import CLIENT_ERROR, RATE_LIMITED, SERVER_ERROR, TIMEOUT, CallResult
 from batchplan.dispatchers.batch_jobs import (
@@ -254,6 +256,46 @@ class BedrockBatchSender:
         code = int(error.get("errorCode") or 500)
         kind = RATE_LIMITED if code == 429 else SERVER_ERROR if code >= 500 else CLIENT_ERROR
         return CallResult(line.model, kind, reason=f"{code}: {error.get('errorMessage', '')}"[:300])
+
+
+def bedrock_batch_sender(
+    backend: BedrockBackend,
+    realtime: Any,
+    *,
+    deadline: float | None = None,
+    region_name: str | None = None,
+    endpoint_url: str | None = None,
+) -> BedrockBatchSender:
+    """The sender from the settings (``BATCHPLAN_BEDROCK_BATCH_URI``, ``BATCHPLAN_BEDROCK_BATCH_ROLE_ARN``) and
+    the standard AWS chain; ``endpoint_url``: the S3 endpoint (``BATCHPLAN_S3_ENDPOINT_URL`` by default)."""
+    import boto3
+
+    settings = get_settings()
+    if not settings.bedrock_batch_uri or not settings.bedrock_batch_uri.startswith("s3://"):
+        raise ContractError(
+            "bedrock batch jobs need an S3 prefix for their input and output: set BATCHPLAN_BEDROCK_BATCH_URI "
+            "(s3://bucket/prefix)",
+            fields=("bedrock_batch_uri",),
+        )
+    if not settings.bedrock_batch_role_arn:
+        raise ContractError(
+            "bedrock batch jobs run as an IAM service role: set BATCHPLAN_BEDROCK_BATCH_ROLE_ARN",
+            fields=("bedrock_batch_role_arn",),
+        )
+    bucket, _, prefix = settings.bedrock_batch_uri.removeprefix("s3://").partition("/")
+    s3 = boto3.client(
+        "s3", region_name=region_name or settings.s3_region, endpoint_url=endpoint_url or settings.s3_endpoint_url
+    )
+    return BedrockBatchSender(
+        backend=backend,
+        control=boto3.client("bedrock", region_name=region_name),
+        s3=s3,
+        bucket=bucket,
+        prefix=prefix.strip("/") or "batchplan/bedrock-batch",
+        role_arn=settings.bedrock_batch_role_arn,
+        realtime=realtime,
+        deadline=deadline,
+    )
 
 
 def round_usd(value: float) -> float:

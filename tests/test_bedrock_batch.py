@@ -263,3 +263,24 @@ def test_a_job_running_past_the_deadline_is_stopped_and_its_open_lines_released(
         stub.assert_no_pending_responses()
     assert (observed["status"] == "timeout").all()
     assert observed["cost_usd"].sum() == 0.0
+
+
+def test_the_sender_from_settings_names_what_is_missing(monkeypatch: pytest.MonkeyPatch) -> None:
+    from batchplan.core.errors import ContractError
+    from batchplan.core.settings import get_settings
+    from batchplan.dispatchers.bedrock_batch import bedrock_batch_sender
+
+    monkeypatch.delenv("BATCHPLAN_BEDROCK_BATCH_URI", raising=False)
+    monkeypatch.setenv("BATCHPLAN_BEDROCK_BATCH_ROLE_ARN", "arn:aws:iam::123456789012:role/batch")
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(ContractError, match="set BATCHPLAN_BEDROCK_BATCH_URI"):
+            bedrock_batch_sender(_backend(), None, region_name="us-east-1")
+        monkeypatch.setenv("BATCHPLAN_BEDROCK_BATCH_URI", "s3://nightly/jobs")
+        monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+        monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+        get_settings.cache_clear()
+        sender = bedrock_batch_sender(_backend(), None, region_name="us-east-1")
+        assert (sender.bucket, sender.prefix) == ("nightly", "jobs")
+    finally:
+        get_settings.cache_clear()

@@ -33,6 +33,7 @@ from batchplan.app.round_runner import (
     MAX_TOKENS,
     MAX_TOKENS_OPEN,
     DispatchSender,
+    RoundSender,
     RoundsOutcome,
     check_round_planner,
     make_round_planner,
@@ -235,17 +236,22 @@ def execute_rounds(
     tenant_budgets_usd: dict[str, float] | None = None,
     progress: Progress | None = None,
     retry: RetryPolicy | None = None,
+    batch_sender: Callable[[RoundSender], RoundSender] | None = None,
 ) -> RoundsOutcome:
     """``execute`` in rounds: each round planned by ``planner`` from what the earlier ones observed, under
-    the budget they left; under ``<out>/rounds/`` (resumable, see ``batchplan.app.round_runner``)."""
+    the budget they left; under ``<out>/rounds/`` (resumable, see ``batchplan.app.round_runner``).
+    ``batch_sender``: wraps the real-time sender into one that sends the rounds' batch rows as batch jobs."""
     started = time.perf_counter()
     limit = hard_budget(plan, budget_usd)
     bounds = backend.cost_bounds(queue, predictions.select("query_id", "model"), MAX_TOKENS, MAX_TOKENS_OPEN)
+    sender: RoundSender = DispatchSender(
+        backend, max_tokens=MAX_TOKENS, max_tokens_open=MAX_TOKENS_OPEN, options={"retry": retry}
+    )
     outcome = run_rounds(
         planner,
         queue,
         predictions,
-        DispatchSender(backend, max_tokens=MAX_TOKENS, max_tokens_open=MAX_TOKENS_OPEN, options={"retry": retry}),
+        batch_sender(sender) if batch_sender is not None else sender,
         rounds=rounds,
         budget_usd=limit,
         out_uri=out_uri,
@@ -374,6 +380,7 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
             storage=storage,
             tenant_budgets_usd=job.request.tenant_budgets_usd,
             progress=progress,
+            batch_sender=_batch_sender(job, backend) if modes is not None else None,
         )
         results, estimated = outcome.results, outcome.estimated_accuracy
     else:
@@ -419,6 +426,15 @@ def batch_modes(job: Job, backend: Backend, predictions: pl.DataFrame) -> BatchM
             fields=("batch_api",),
         )
     return BatchModes.from_catalog(backend.catalog, models, terms, deadline=job.deadline)
+
+
+def _batch_sender(job: Job, backend: Backend) -> Callable[[RoundSender], RoundSender] | None:
+    """The batch sender of ``job.backend`` around its real-time sender (Bedrock here)."""
+    if job.backend == "bedrock":
+        from batchplan.dispatchers.bedrock_batch import bedrock_batch_sender
+
+        return lambda realtime: bedrock_batch_sender(backend, realtime, deadline=job.deadline)  # type: ignore[arg-type]
+    return None
 
 
 def _resume_or_plan(
