@@ -48,6 +48,7 @@ import httpx
 import polars as pl
 import structlog
 
+from batchplan.core.catalog import BATCH_TERMS
 from batchplan.core.errors import UserError
 from batchplan.core.storage import Storage, join
 from batchplan.dispatchers.base import (
@@ -260,6 +261,12 @@ class BatchRun:
         self.api_options = dict(api_options or {})
         self.refused: list[tuple[Line, str]] = []  # lines the budget cannot hold now, and why
 
+    def discount(self, model: str) -> float:
+        """The batch price of ``model`` as a share of on-demand: the catalog's, else the OpenAI Batch API's
+        terms (a catalog built without a backend knows none, yet this sender is the OpenAI batch API)."""
+        discount = self.backend.catalog.batch_discount(model)
+        return BATCH_TERMS["openai"].discount if discount is None else discount
+
     def run(self) -> pl.DataFrame:
         return asyncio.run(self.arun())
 
@@ -332,9 +339,7 @@ class BatchRun:
                     max_tokens=self.max_tokens if labels is not None else self.max_tokens_open,
                 )
                 bound = self.backend.cost_bound(request)
-                reserve = (
-                    bound * self.backend.catalog.batch_discount(model) if bound is not None else row["reserve_cost_usd"]
-                )
+                reserve = bound * self.discount(model) if bound is not None else row["reserve_cost_usd"]
                 lines.append(Line(row["query_id"], call, request, reserve, row.get("tenant")))
         return lines
 
@@ -562,7 +567,7 @@ class BatchRun:
             usage = body.get("usage") if isinstance(body.get("usage"), dict) else {}
             reported = self.backend.use_reported_cost and isinstance(usage.get("cost"), int | float)
             if not reported and result.billed_known:  # usage x list price: the batch price is a share of it
-                result.cost_usd *= self.backend.catalog.batch_discount(model)
+                result.cost_usd *= self.discount(model)
             result.latency_ms = None
             return result
         error: dict[str, Any] = record["error"] if isinstance(record.get("error"), dict) else {}

@@ -79,16 +79,21 @@ class BudgetGuard:
 
     async def settle(self, reservation: Reservation, charged_usd: float) -> None:
         """Turn a reservation into spend: ``charged_usd`` is what the call was billed (or may have been)."""
+        async with self._changed:
+            self.settle_now(reservation, charged_usd)
+            self._changed.notify_all()
+
+    def settle_now(self, reservation: Reservation, charged_usd: float) -> None:
+        """``settle`` without waking waiters: for a guard no coroutine waits on (a batch job's lines, held
+        across a job that answers hours later and settled from its output file)."""
         if reservation.settled:
             raise RuntimeError("reservation settled twice")
         reservation.settled = True
         charged = _up(charged_usd)
         if charged > reservation.amount:
             self.overruns += 1
-        async with self._changed:
-            self._reserved -= reservation.amount
-            self._spent += charged
-            self._changed.notify_all()
+        self._reserved -= reservation.amount
+        self._spent += charged
 
     async def release(self, reservation: Reservation) -> None:
         await self.settle(reservation, 0.0)

@@ -50,6 +50,7 @@ FLAGS = {
     "audit_share": "--audit-share",
     "batch_api": "--batch-api",
     "round_planner": "--round-planner",
+    "deadline": "--deadline",
 }
 
 
@@ -373,6 +374,14 @@ ResumeCancelledOpt = Annotated[
     bool,
     typer.Option("--resume-cancelled", help="Submit batches again in a run stopped by `batchplan cancel`."),
 ]
+DeadlineOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--deadline",
+        help="When the run must be done, for batch rounds: a duration (6h, 90m) or an hour of the day (06:00 local, "
+        "06:00Z UTC). Rounds go by batch while their typical turnaround fits; the last goes in real time.",
+    ),
+]
 RoundPlannerOpt = Annotated[
     str,
     typer.Option(
@@ -557,9 +566,13 @@ def run(
     audit_share: AuditShareOpt = None,
     batch_api: BatchApiOpt = False,
     resume_cancelled: ResumeCancelledOpt = False,
+    deadline: DeadlineOpt = None,
 ) -> None:
     """Plan and dispatch the batch; rerunning the same command resumes without paying twice."""
     with _user_errors():
+        from batchplan.core.request import deadline_at
+
+        deadline_ts = deadline_at(deadline) if deadline is not None else None
         request = _request(locals())
         from batchplan.core.request import default_audit_share
 
@@ -587,6 +600,7 @@ def run(
             round_planner=round_planner,
             batch_api=batch_api,
             resume_cancelled=resume_cancelled,
+            deadline=deadline_ts,
         )
         with _progress("dispatch") as progress:
             outcome = run_job(job, _storage(), progress=progress)

@@ -44,7 +44,7 @@ from batchplan.app.round_runner import (
     make_round_planner,
     run_rounds,
 )
-from batchplan.core.catalog import PriceCatalog
+from batchplan.core.catalog import BATCH_TERMS, PriceCatalog
 from batchplan.core.contracts import DEFER, RESULT_SCHEMA, UNANSWERABLE, ContractError, is_audit
 from batchplan.core.history import History, load_history
 from batchplan.core.rounds import RoundPlanner
@@ -63,6 +63,7 @@ from batchplan.dispatchers.limits import MAX_TOKENS, MAX_TOKENS_OPEN, OutputCaps
 from batchplan.plans.audit import audit_plan, audit_queue, estimate_audit
 from batchplan.plans.candidates import Candidates, build_candidates
 from batchplan.plans.frontier import frontier_uri, plan_frontier, read_frontier, write_frontier
+from batchplan.plans.modes import BatchModes, batch_priced
 from batchplan.plans.planning import (
     PlanOutcome,
     PlanRequest,
@@ -115,7 +116,7 @@ def make_backend(
         return get_backend("replay", history=history, **options)
     catalog = None
     if prices_uri is not None:
-        catalog = PriceCatalog.from_prices(storage.read_frame(prices_uri))
+        catalog = PriceCatalog.from_prices(storage.read_frame(prices_uri)).for_backend(name)  # its batch price
     if base_url is not None:  # the endpoint: OpenAI-compatible for openai, a Bedrock runtime URL for bedrock
         options["endpoint_url" if name == "bedrock" else "base_url"] = base_url
     return get_backend(name, catalog=catalog, **options)
@@ -299,7 +300,7 @@ def realtime_sender(
     return DispatchSender(backend, DispatchOptions(retry=retry, output_caps=output_caps))
 
 
-BATCH_API_BACKENDS = ("openai",)  # backends whose provider batch API BatchSender speaks
+BATCH_API_BACKENDS = tuple(sorted(BATCH_TERMS))  # backends with a batch sender: OpenAI Batch, Bedrock batch
 
 
 def check_batch_api(backend: str) -> None:
@@ -361,6 +362,7 @@ class Job:
     round_planner: str = "plan"  # a name in batchplan.app.round_runner.ROUND_PLANNERS
     batch_api: bool = False  # rounds sent as provider batch jobs (BatchSender), in rounds even when rounds == 1
     resume_cancelled: bool = False  # submit batches again in a run marked by `batchplan cancel`
+    deadline: float | None = None  # POSIX seconds (``request.deadline_at``): bounds the batch rounds
 
 
 @dataclass(frozen=True)
@@ -382,6 +384,12 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
         check_rounds_request(job.request, job.round_planner)
     if job.batch_api:
         check_batch_api(job.backend)
+    if job.deadline is not None and not job.batch_api:
+        raise ContractError(
+            "deadline bounds the rounds sent by a provider's batch API: pass batch_api with it (real-time rounds "
+            "need no deadline)",
+            fields=("deadline", "batch_api"),
+        )
     # the replay history is read once: it answers the calls and is the truth the report scores against
     replay = load_history(job.replay_history, storage) if job.backend == "replay" and job.replay_history else None
     backend = make_backend(
@@ -404,8 +412,16 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
     if job.request.audit_share > 0:
         allowed = allowed_predictions(predictions, ingested.queue, job.request.allowed_models)
         audit = audit_plan(ingested.queue, allowed, trained.audit, job.request.audit_share, job.request.audit_seed)
+    modes = batch_modes(job, backend, predictions) if job.batch_api else None
     plan, diagnostics = _resume_or_plan(
-        storage, paths["plan"], ingested.queue, predictions, trained.templates, job.request, audit
+        storage,
+        paths["plan"],
+        ingested.queue,
+        # single shot by batch: every call at the batch price
+        batch_priced(predictions, modes.discounts) if modes is not None and job.rounds == 1 else predictions,
+        trained.templates,
+        job.request,
+        audit,
     )
     estimated: float | None = None
     if in_rounds:
@@ -416,6 +432,7 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
             predictions=predictions,
             trained=trained,
             request=job.request,
+            modes=modes,
         )
         outcome = execute_rounds(
             plan,
@@ -429,7 +446,7 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
             storage=storage,
             tenant_budgets_usd=job.request.tenant_budgets_usd,
             progress=progress,
-            sender=batch_sender(backend, job.out_uri, resume_cancelled=job.resume_cancelled) if job.batch_api else None,
+            sender=round_batch_sender(job, backend, trained.output_caps) if job.batch_api else None,
             output_caps=trained.output_caps,
         )
         results, estimated = outcome.results, outcome.estimated_accuracy
@@ -519,6 +536,29 @@ def calls_made(storage: Storage, out_uri: str) -> pl.DataFrame:
             rows.append((key[0], str(event.get("m")), event.get("a"), str(event.get("s"))))
     schema = {"query_id": pl.String, "model": pl.String, "answer": pl.String, "status": pl.String}
     return pl.DataFrame(rows, schema=schema, orient="row")
+
+
+def batch_modes(job: Job, backend: Backend, predictions: pl.DataFrame) -> BatchModes:
+    """The batch mode of ``job.backend`` for the planners: its LLMs' batch discounts, its turnaround, the deadline."""
+    terms = BATCH_TERMS.get(job.backend)
+    models = sorted(predictions["model"].unique().to_list())
+    if terms is None or not any(backend.catalog.batch_discount(m) is not None for m in models):
+        raise ContractError(
+            f"batch_api: the {job.backend} backend has no batch API (those with one: {', '.join(sorted(BATCH_TERMS))})",
+            fields=("batch_api",),
+        )
+    return BatchModes.from_catalog(backend.catalog, models, terms, deadline=job.deadline)
+
+
+def round_batch_sender(job: Job, backend: Backend, output_caps: OutputCaps | None = None) -> RoundSender:
+    """How ``job``'s rounds go by its backend's batch API (rows the planner marks realtime go through the
+    dispatcher): Bedrock batch inference, or the OpenAI Batch API."""
+    if job.backend == "bedrock":
+        from batchplan.dispatchers.bedrock_batch import bedrock_batch_sender
+
+        realtime = realtime_sender(backend, output_caps=output_caps)
+        return bedrock_batch_sender(backend, realtime, deadline=job.deadline)  # type: ignore[arg-type]
+    return batch_sender(backend, job.out_uri, resume_cancelled=job.resume_cancelled, deadline=job.deadline)
 
 
 def _resume_or_plan(

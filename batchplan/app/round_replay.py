@@ -6,7 +6,9 @@ recorded outcome rows, as the replay backend (``dispatchers/replay.py``) would:
 - a recorded (query, LLM) row answers ``ok`` with its answer and logprob, charged its recorded ``cost_usd``;
   a null answer on an open task (no labels) is ``ok`` with no text (the verdict is kept, not the text);
   a null answer, or one outside the query's labels, is ``not_answer`` (charged, no answer);
-- no recorded row: ``unavailable``, charged nothing.
+- no recorded row: ``unavailable``, charged nothing;
+- a call the plan sends by batch (its ``mode`` column) is charged its recorded cost x the LLM's batch
+  discount (``discounts``), as the provider's batch API bills it; it answers as in real time.
 
 The budget guard is the executor's with the replay backend, whose cost bound is the recorded cost: a planned
 call goes out, in the plan's row order, only if what was charged so far plus its recorded cost fits the total
@@ -20,13 +22,14 @@ scores like any run.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import polars as pl
 
 from batchplan.core.contracts import DEFAULT_TENANT, RESULT_SCHEMA
-from batchplan.core.rounds import OBSERVATION_SCHEMA, RoundPlanner, RoundState
+from batchplan.core.rounds import BATCH, OBSERVATION_MODE, OBSERVATION_SCHEMA, REALTIME, RoundPlanner, RoundState
 
 
 @dataclass
@@ -52,9 +55,13 @@ def simulate_rounds(
     budget_usd: float | None,
     rounds: int,
     tenant_budgets_usd: dict[str, float] | None = None,
+    discounts: dict[str, float] | None = None,
+    after_round: Callable[[pl.DataFrame], None] | None = None,
 ) -> RoundsRun:
     """Run ``rounds`` rounds of ``planner`` on ``queue`` with calls answered from ``outcomes`` (module docstring).
-    ``outcomes`` needs query_id, model, answer, cost_usd, logprob (tokens optional); never gold or verdicts."""
+    ``outcomes`` needs query_id, model, answer, cost_usd, logprob (tokens optional); never gold or verdicts.
+    ``discounts``: per-LLM batch price factors for calls the plan sends by batch; ``after_round``: called with
+    each round's calls once they are answered (a simulated clock: ``plans.modes.SimulatedClock``)."""
     table = {
         (q, m): (a, c, lp, ti, to)
         for q, m, a, c, lp, ti, to in outcomes.select(
@@ -77,7 +84,8 @@ def simulate_rounds(
     rows: list[dict[str, Any]] = []
     refused = 0
     diagnostics = []
-    observations = pl.DataFrame(schema=OBSERVATION_SCHEMA)
+    schema = pl.Schema({**OBSERVATION_SCHEMA, OBSERVATION_MODE: pl.String()})
+    observations = pl.DataFrame(schema=schema)
     for k in range(1, rounds + 1):
         state = RoundState(
             round=k,
@@ -90,10 +98,14 @@ def simulate_rounds(
         )
         plan = planner.plan_round(state)
         diagnostics.append(plan.diagnostics)
-        for query_id, models in plan.calls.select("query_id", "models").iter_rows():
+        mode_of = pl.col("mode") if "mode" in plan.calls.columns else pl.lit(None, dtype=pl.String)
+        for query_id, models, mode in plan.calls.select("query_id", "models", mode_of).iter_rows():
             tenant = tenant_of[query_id]
             for model in models or []:
                 row = recorded_call(table.get((query_id, model)), labels.get(query_id))
+                row[OBSERVATION_MODE] = BATCH if mode == BATCH else REALTIME
+                if mode == BATCH:
+                    row["cost_usd"] *= (discounts or {}).get(model, 1.0)
                 over_total = budget_usd is not None and spent + row["cost_usd"] > budget_usd + 1e-12
                 over_tenant = (
                     tenant in tenant_budgets and tenant_spent[tenant] + row["cost_usd"] > tenant_budgets[tenant] + 1e-12
@@ -105,7 +117,9 @@ def simulate_rounds(
                 spent += row["cost_usd"]
                 if tenant in tenant_spent:
                     tenant_spent[tenant] += row["cost_usd"]
-        observations = pl.DataFrame(rows, schema=OBSERVATION_SCHEMA) if rows else observations
+        observations = pl.DataFrame(rows, schema=schema) if rows else observations
+        if after_round is not None:
+            after_round(plan.calls)
     answers = planner.answers(queue, predictions, observations)
     return RoundsRun(observations, answers, results_of(answers, observations), spent, refused, diagnostics)
 

@@ -42,6 +42,7 @@ from batchplan.core.contracts import RESULT_SCHEMA, ContractError, conform
 from batchplan.core.rounds import (
     BATCH,
     CUT,
+    OBSERVATION_MODE,
     OBSERVATION_SCHEMA,
     REALTIME,
     ROUND_ANSWER_SCHEMA,
@@ -271,7 +272,10 @@ def observed(
     for k in rounds:
         here = round_uri(out_uri, k)
         marker = join(here, "observations.parquet")
-        observations.append(conform(storage.read_frame(marker), OBSERVATION_SCHEMA, name=marker))
+        raw = storage.read_frame(marker)
+        # the optional mode column (batch or realtime) is kept: the planner reads each call's cost at its price
+        mode = raw[OBSERVATION_MODE].cast(pl.String) if OBSERVATION_MODE in raw.columns else pl.lit(None, pl.String)
+        observations.append(conform(raw, OBSERVATION_SCHEMA, name=marker).with_columns(mode.alias(OBSERVATION_MODE)))
         refused = conform(storage.read_frame(join(here, "refused.parquet")), REFUSED_SCHEMA, name=here)
         refusals.append(refused.with_columns(pl.lit(k, dtype=pl.Int64).alias("round")))
     refused_schema = pl.Schema({**REFUSED_SCHEMA, "round": pl.Int64()})
@@ -300,7 +304,7 @@ def tighten(observations: pl.DataFrame, call_bounds: pl.DataFrame | None) -> pl.
         .with_columns(
             pl.when(ambiguous).then(pl.min_horizontal("cost_usd", tight)).otherwise("cost_usd").alias("cost_usd")
         )
-        .select(OBSERVATION_SCHEMA.names())
+        .select(observations.columns)
     )
 
 
@@ -340,7 +344,8 @@ def complete_round(storage: Storage, out_uri: str, k: int, observations: pl.Data
     """Write round ``k``'s observations: the marker that it is complete (refusals first)."""
     here = round_uri(out_uri, k)
     storage.write_frame(refused.select(REFUSED_SCHEMA.names()).cast(REFUSED_SCHEMA), join(here, "refused.parquet"))
-    storage.write_frame(observations.select(OBSERVATION_SCHEMA.names()), join(here, "observations.parquet"))
+    columns = [*OBSERVATION_SCHEMA.names(), *([OBSERVATION_MODE] if OBSERVATION_MODE in observations.columns else [])]
+    storage.write_frame(observations.select(columns), join(here, "observations.parquet"))
 
 
 def run_rounds(
@@ -574,13 +579,13 @@ def _plan_continuation(*, plan: pl.DataFrame, **_: Any) -> RoundPlanner:
     return PlanContinuation(plan)
 
 
-def _posterior(*, trained: Any = None, request: Any = None, **_: Any) -> RoundPlanner:
+def _posterior(*, trained: Any = None, request: Any = None, modes: Any = None, **_: Any) -> RoundPlanner:
     from batchplan.plans.round_planner import round_planner
 
     held = {}
     if request is not None:  # the constraints it re-plans under (planning.ROUND_PLANNERS_HOLD)
         held = {"max_calls": dict(request.model_max_calls), "task_floors": dict(request.task_accuracy_floors)}
-    return round_planner(getattr(trained, "posterior", None), **held)
+    return round_planner(getattr(trained, "posterior", None), modes=modes, **held)  # modes: a batch API's prices
 
 
 register_round_planner("plan", _plan_continuation)

@@ -7,7 +7,9 @@ CLI words them as its flags (``batchplan.core.errors.UserError.worded``).
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Final
 
 from batchplan.core.errors import ContractError
@@ -99,3 +101,31 @@ def default_audit_share(asked: float | None, backend: str, rounds: int = 1) -> f
     if asked is not None:
         return asked
     return LIVE_AUDIT_SHARE if backend != "replay" and rounds == 1 else 0.0
+
+
+_DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)([dhms]))", re.IGNORECASE)
+_CLOCK = re.compile(r"([01]?\d|2[0-3]):([0-5]\d)(z|utc)?", re.IGNORECASE)
+_UNIT_SECONDS: Final = {"d": 86_400.0, "h": 3_600.0, "m": 60.0, "s": 1.0}
+
+
+def deadline_at(text: str, now: datetime | None = None) -> float:
+    """The deadline (``--deadline``, DAG param ``deadline``) as a POSIX timestamp: a duration from ``now``
+    (``6h``, ``90m``, ``1h30m``, ``1.5h``, ``2d``) or the next time the clock shows an hour of the day
+    (``06:00`` local time, ``06:00Z`` UTC; one that has passed today is tomorrow's)."""
+    now = now or datetime.now().astimezone()
+    value = text.strip()
+    if value and _DURATION.sub("", value) == "":
+        seconds = sum(float(n) * _UNIT_SECONDS[u.lower()] for n, u in _DURATION.findall(value))
+        if seconds <= 0:
+            raise ContractError(f"deadline {text!r} must be a positive duration", fields=("deadline",))
+        return now.timestamp() + seconds
+    if match := _CLOCK.fullmatch(value):
+        base = now.astimezone(UTC) if match[3] else now.astimezone()  # local time unless Z/UTC
+        at = base.replace(hour=int(match[1]), minute=int(match[2]), second=0, microsecond=0)
+        if at <= base:
+            at += timedelta(days=1)
+        return at.timestamp()
+    raise ContractError(
+        f"deadline {text!r} is neither a duration (6h, 90m, 1h30m) nor an hour of the day (06:00, 06:00Z for UTC)",
+        fields=("deadline",),
+    )

@@ -27,6 +27,13 @@ TRANSIENT: Final = frozenset({"rate_limited", "server_error", "timeout", "connec
 # cut it again, so a round planner asks another LLM; that it ran long is itself a sign it is a hard query.
 CUT: Final = "truncated"
 
+# How a round's calls go out: at once through the endpoint ("realtime"), or as a provider's batch job at its
+# batch price, answered later ("batch"). A frame without a mode column, or a null mode: the sender's default
+# (real time; the batch sender's own default is batch).
+REALTIME: Final = "realtime"
+BATCH: Final = "batch"
+MODES: Final = (REALTIME, BATCH)
+
 # One row per call a round made (failed calls included: a failure is an observation too).
 OBSERVATION_SCHEMA: Final = pl.Schema(
     _columns(
@@ -46,6 +53,10 @@ OBSERVATION_SCHEMA: Final = pl.Schema(
         }
     )
 )
+# An optional column of observation frames (kept where present; missing or null = realtime): how the call went
+# out, so that its cost is read against that mode's price (the planner's cost drift). Optional, not in the
+# schema, so that every frame written before modes existed still conforms.
+OBSERVATION_MODE: Final = "mode"
 
 # One row per query the round calls; a query without a row (or with an empty list) stops this round.
 ROUND_PLAN_SCHEMA: Final = pl.Schema(
@@ -62,9 +73,6 @@ ROUND_PLAN_SCHEMA: Final = pl.Schema(
         }
     )
 )
-REALTIME: Final = "realtime"
-BATCH: Final = "batch"
-MODES: Final = (REALTIME, BATCH)
 
 
 def with_modes(calls: pl.DataFrame, default: str = REALTIME) -> pl.DataFrame:

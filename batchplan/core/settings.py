@@ -39,6 +39,13 @@ class Settings(BaseSettings):
         description="Longest prompt + system prompt (characters) ingest accepts; longer rows are quarantined "
         "before anything is paid (a pasted file, not a question). The real histories' longest is ~2,900.",
     )
+    bedrock_batch_uri: str | None = Field(
+        default=None,
+        description="s3://bucket/prefix where Bedrock batch jobs read their JSONL input and write their output.",
+    )
+    bedrock_batch_role_arn: str | None = Field(
+        default=None, description="The IAM service role Bedrock batch jobs run as (reads and writes that prefix)."
+    )
     holdout_fraction: float = Field(
         default=0.3, description="Share of a train-only data set held out as its test split (by query_id hash)."
     )

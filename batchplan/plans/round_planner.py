@@ -29,6 +29,11 @@ and Budget / GroupBudget rows, the fast certified path) picks one option per que
   high-side cost, what the budget guard holds before calling.
 - A failed call (rate limit, server error, no usable answer) carries no answer: the LLM may be asked again,
   at most ``max_tries`` times per query.
+- **Dispatch modes** (``modes``: a provider's batch API, ``batchplan.plans.modes``): a round the deadline
+  leaves time for goes by batch at the batch price (its calls' cost and reserve x the LLM's discount; round 1
+  costs its escalations at the next round's mode); in the last round before a deadline its worst case does
+  not fit, each call is offered both ways, batch valued at P(answered in time), and the optimizer picks per
+  query. The plan's ``mode`` column says which; the cost drift reads each call against its mode's price.
 
 Nothing here reads gold: only the queue, the predictions and the observations.
 """
@@ -45,10 +50,20 @@ import polars as pl
 import structlog
 
 from batchplan.core.contracts import DEFAULT_TENANT, ContractError
-from batchplan.core.rounds import CUT, ROUND_ANSWER_SCHEMA, ROUND_PLAN_SCHEMA, RoundPlan, RoundState
+from batchplan.core.rounds import (
+    BATCH,
+    CUT,
+    OBSERVATION_MODE,
+    REALTIME,
+    ROUND_ANSWER_SCHEMA,
+    ROUND_PLAN_SCHEMA,
+    RoundPlan,
+    RoundState,
+)
 from batchplan.optimizer import AccuracyFloor, Budget, Capacity, GroupBudget, InfeasibleError, Problem, solve
 from batchplan.optimizer.api import Method
 from batchplan.plans.candidates import P90_Z, _with_query
+from batchplan.plans.modes import BatchModes
 from batchplan.plans.posterior import LAMBDA_GRID, NONE, OPAQUE, Posterior, States, called_key, normalize
 
 log = structlog.get_logger("batchplan.core.rounds")
@@ -78,8 +93,14 @@ class Observed:
     drift: dict[str, float] = field(default_factory=dict)
 
 
-def observe(queue: pl.DataFrame, predictions: pl.DataFrame, observations: pl.DataFrame) -> Observed:
-    """Dense per-query state from the queue, the predictions and every observation so far."""
+def observe(
+    queue: pl.DataFrame,
+    predictions: pl.DataFrame,
+    observations: pl.DataFrame,
+    discounts: dict[str, float] | None = None,
+) -> Observed:
+    """Dense per-query state from the queue, the predictions and every observation so far (``discounts``:
+    per-LLM batch price factors, to read batch calls' costs against the batch price)."""
     ids = queue["query_id"].to_list()
     n = len(ids)
     models = sorted(predictions["model"].unique().to_list())
@@ -120,7 +141,7 @@ def observe(queue: pl.DataFrame, predictions: pl.DataFrame, observations: pl.Dat
         conf[r, c] = np.exp(ok["logprob"].fill_null(np.nan).to_numpy())
         order[r, c] = ok["_order"].to_numpy()
         answers = ok.select("_q", "_m", "answer")
-        drift = cost_drift(obs, cost)
+        drift = cost_drift(obs, cost, discounts)
     return Observed(
         query_ids=ids,
         tasks=queue["task"].fill_null("default").to_numpy().astype(str),
@@ -136,11 +157,15 @@ def observe(queue: pl.DataFrame, predictions: pl.DataFrame, observations: pl.Dat
     )
 
 
-def cost_drift(obs: pl.DataFrame, predicted: np.ndarray) -> dict[str, float]:
+def cost_drift(obs: pl.DataFrame, predicted: np.ndarray, discounts: dict[str, float] | None = None) -> dict[str, float]:
     """Per LLM: (charged + k x mean predicted x batch drift) / (predicted + k x mean predicted) over its
     observed calls, k = DRIFT_PRIOR_CALLS; "*": the batch drift (all calls), for LLMs not called yet. Prompts
     and answers that run long tonight run long for every LLM, so an LLM's own drift shrinks to the batch's."""
     pred = predicted[obs["_q"].to_numpy(), obs["_m"].to_numpy()]
+    if OBSERVATION_MODE in obs.columns and discounts:  # a batch call was predicted at the batch price
+        by_batch = (obs[OBSERVATION_MODE] == BATCH).fill_null(False).to_numpy()
+        factor = obs["model"].replace_strict(discounts, default=1.0, return_dtype=pl.Float64).to_numpy()
+        pred = np.where(by_batch, pred * factor, pred)
     frame = obs.select("model", pl.col("cost_usd").fill_null(0.0)).with_columns(
         pl.Series("_pred", np.nan_to_num(pred, nan=0.0))
     )
@@ -287,13 +312,26 @@ class PosteriorRoundPlanner:
     max_calls: dict[str, int] = field(default_factory=dict)
     task_floors: dict[str, float] = field(default_factory=dict)
 
+    modes: BatchModes | None = None  # a batch API the rounds may use (None: every call in real time)
+
     def plan_round(self, state: RoundState) -> RoundPlan:
-        seen = observe(state.queue, state.predictions, state.observations)
+        discounts = dict(self.modes.discounts) if self.modes else None
+        seen = observe(state.queue, state.predictions, state.observations, discounts)
         ev = evaluate(self.posterior, seen, self.max_tries, self.upward, vote=self.vote)
         n, m = ev.after.shape
         drift = np.array([seen.drift.get(model, seen.drift.get("*", 1.0)) for model in seen.models])
         cost = seen.cost * drift[None]
         high = np.maximum(seen.high, seen.cost) * drift[None]
+        # the round's mode: all batch (share 1: at batch prices), both offered (0 < share < 1) or real time
+        share, later, discount = 0.0, 1.0, np.full(m, np.nan)
+        if self.modes is not None:
+            share, discount = self.modes.batch_share(state.round, state.rounds), self.modes.discount_of(seen.models)
+            if self.modes.next_share(state.round, state.rounds) >= 1:  # round 1's escalations: next round's price
+                later = float(np.median(list(self.modes.discounts.values())))
+        factor = np.nan_to_num(discount, nan=1.0)
+        by_batch = np.isfinite(discount) & (share >= 1)
+        cost, high = cost * np.where(by_batch, factor, 1.0)[None], high * np.where(by_batch, factor, 1.0)[None]
+        mixed = (share, discount) if 0 < share < 1 else None
         call = np.isfinite(ev.after)
         budget = state.budget_left_usd
         # a query with no answer yet must get one if the cheapest calls of all such queries fit
@@ -307,12 +345,12 @@ class PosteriorRoundPlanner:
         extra = np.zeros((n, m))
         price = 0.0
         if middle and budget is not None:
-            price = self._escalation_price(seen, ev, cost, call, budget, first=False)
-            value, extra = self._with_escalation(seen, ev, cost, call, price)
+            price = self._escalation_price(seen, ev, cost, call, budget, first=False, later=later)
+            value, extra = self._with_escalation(seen, ev, cost, call, price, later)
         accuracy = ev.after
         if first_round and budget is not None:
-            price = self._escalation_price(seen, ev, cost, call, budget)
-            value, extra = self._with_escalation(seen, ev, cost, call, price)
+            price = self._escalation_price(seen, ev, cost, call, budget, later=later)
+            value, extra = self._with_escalation(seen, ev, cost, call, price, later)
             accuracy = np.where(call, value, np.nan)  # a first call's accuracy with its escalation, as its value
             if self.uniform_first and not self.task_floors:  # floors: every query keeps its own options
                 first = self._first_calls(seen, call, value, cost + extra, price)
@@ -320,7 +358,7 @@ class PosteriorRoundPlanner:
         held = self._held(seen, state.observations, accuracy)
         try:
             outcome = self._solve(
-                seen, ev, value, cost, extra, high, mandatory, budget, state.tenant_budgets_left_usd, held
+                seen, ev, value, cost, extra, high, mandatory, budget, state.tenant_budgets_left_usd, held, mixed
             )
             unmet: str | None = None
         except InfeasibleError as error:
@@ -332,22 +370,26 @@ class PosteriorRoundPlanner:
             log.warning("round.task_floor_unmet", round=state.round, reason=unmet)
             held = self._held(seen, state.observations, accuracy, floors=False)
             outcome = self._solve(
-                seen, ev, value, cost, extra, high, mandatory, budget, state.tenant_budgets_left_usd, held
+                seen, ev, value, cost, extra, high, mandatory, budget, state.tenant_budgets_left_usd, held, mixed
             )
         if outcome is None:
             return RoundPlan(calls=pl.DataFrame(schema=ROUND_PLAN_SCHEMA), diagnostics={"status": "nothing to call"})
         picked, solution = outcome
         rows = np.flatnonzero(picked >= 0)
-        cols = picked[rows]
+        # a mixed round's batch options are numbered m + column (``_solve``)
+        cols, batch_pick = picked[rows] % m, picked[rows] >= m
+        scale = np.where(batch_pick, factor[cols], 1.0)
+        hit = np.where(batch_pick, share, 1.0)
         calls = pl.DataFrame(
             {
                 "query_id": pl.Series(seen.query_ids).gather(rows),
                 "models": pl.Series(seen.models).gather(cols),
-                "expected_cost_usd": cost[rows, cols],
-                "reserve_cost_usd": high[rows, cols],
-                "expected_accuracy": ev.after[rows, cols],
+                "expected_cost_usd": cost[rows, cols] * scale,
+                "reserve_cost_usd": high[rows, cols] * scale,
+                "expected_accuracy": hit * ev.after[rows, cols] + (1 - hit) * ev.now_p[rows],
+                "mode": np.where(batch_pick | by_batch[cols], BATCH, REALTIME),
             }
-        ).with_columns(pl.concat_list("models").alias("models"), pl.lit(None, dtype=pl.String).alias("mode"))
+        ).with_columns(pl.concat_list("models").alias("models"))
         calls = calls.select(ROUND_PLAN_SCHEMA.names()).cast(dict(ROUND_PLAN_SCHEMA))  # type: ignore[arg-type]
         diagnostics: dict[str, Any] = {
             "round": state.round,
@@ -364,12 +406,10 @@ class PosteriorRoundPlanner:
             "max_calls_left": held.capacity_left,
             "task_floor_unmet": unmet,
             "mandatory": int(mandatory.sum()),
-            "expected_cost_usd": float(cost[rows, cols].sum()),
-            "planned_accuracy": float(
-                np.where(picked >= 0, ev.after[np.arange(n), np.maximum(picked, 0)], ev.now_p).mean()
-            )
-            if n
-            else 0.0,
+            "expected_cost_usd": float((cost[rows, cols] * scale).sum()),
+            "planned_accuracy": float(calls["expected_accuracy"].sum() + ev.now_p[picked < 0].sum()) / n if n else 0.0,
+            "batch_share": share,
+            "batch_calls": int((calls["mode"] == BATCH).sum()),
         }
         log.info("round.plan", **{k: v for k, v in diagnostics.items() if k != "shadow_prices"})
         return RoundPlan(calls=calls, diagnostics=diagnostics)
@@ -380,7 +420,14 @@ class PosteriorRoundPlanner:
         return np.where(call, ev.after - np.where(answered, self.min_gain, 0.0), 0.0)
 
     def _escalation_price(
-        self, seen: Observed, ev: Evaluated, cost: np.ndarray, call: np.ndarray, budget: float, first: bool = True
+        self,
+        seen: Observed,
+        ev: Evaluated,
+        cost: np.ndarray,
+        call: np.ndarray,
+        budget: float,
+        first: bool = True,
+        later: float = 1.0,
     ) -> float:
         """The budget's price in round 1, escalation included: the lowest price (accuracy per USD) at which every
         query taking its best first call at that price (value less price x cost, both with the replayed
@@ -390,7 +437,7 @@ class PosteriorRoundPlanner:
         stop, worth the current posterior at no cost."""
 
         def spend(price: float) -> float:
-            value, extra = self._with_escalation(seen, ev, cost, call, price)
+            value, extra = self._with_escalation(seen, ev, cost, call, price, later)
             uniform = first and self.uniform_first
             allowed = self._first_calls(seen, call, value, cost + extra, price) if uniform else call
             total = np.where(allowed, cost + extra, np.inf)
@@ -435,11 +482,13 @@ class PosteriorRoundPlanner:
         return allowed
 
     def _with_escalation(
-        self, seen: Observed, ev: Evaluated, cost: np.ndarray, call: np.ndarray, price: float
+        self, seen: Observed, ev: Evaluated, cost: np.ndarray, call: np.ndarray, price: float, later: float = 1.0
     ) -> tuple[np.ndarray, np.ndarray]:
         """A call's value and cost with the replayed best escalation after it at ``price`` (tasks whose history
         recorded confidences), by the LLMs that will have answered: the call's alone in round 1, the query's
-        answer and the call's in a middle round (no table for three: worth what the call gives)."""
+        answer and the call's in a middle round (no table for three: worth what the call gives). ``later``: the
+        escalation's price factor (its round's mode: an escalation at half price is worth it at twice the
+        budget's price)."""
         value = self._call_value(ev, call)
         extra = np.zeros_like(value)
         answered = seen.states.answered
@@ -458,9 +507,9 @@ class PosteriorRoundPlanner:
                 for j, model in enumerate(seen.models):
                     if pattern[j]:
                         continue
-                    gain, more = self.posterior.escalation_value(str(task), called_key([*before, model]), price)
+                    gain, more = self.posterior.escalation_value(str(task), called_key([*before, model]), price * later)
                     value[rows, j] += gain
-                    extra[rows, j] = more
+                    extra[rows, j] = more * later
         return np.where(call, np.minimum(value, 1.0), 0.0), np.where(call, extra, 0.0)
 
     def _held(self, seen: Observed, observations: pl.DataFrame, accuracy: np.ndarray, floors: bool = True) -> Held:
@@ -482,8 +531,11 @@ class PosteriorRoundPlanner:
         budget: float | None,
         tenant_left: dict[str, float],
         held: Held | None = None,
+        mixed: tuple[float, np.ndarray] | None = None,
     ) -> tuple[np.ndarray, Any] | None:
-        """One option per query (stop or one call) under the budget; returns (column called or -1, solution)."""
+        """One option per query (stop or one call) under the budget; returns (column called or -1, solution).
+        ``mixed``: (share, per-LLM discount, nan = none): each call is also offered by batch, numbered
+        M + column, worth ``share`` of its value (else the query keeps what it has) at the discounted cost."""
         n, m = value.shape
         call = np.isfinite(ev.after)
         stop = ~mandatory | ~call.any(axis=1)
@@ -508,27 +560,35 @@ class PosteriorRoundPlanner:
                 "_var": np.where(is_call, sd2[q_idx, m_idx], 0.0),
             }
         )
+        base = len(q_idx)  # the real-time options; a mixed round's batch twins follow them
+        if mixed is not None:
+            options = pl.concat([options, _batch_options(seen, ev, value, cost + extra, sd2, mixed, base)])
+        rows_query = options["query"].to_numpy()
+        rows_llm = options["_col"].to_numpy() % m  # a twin is numbered m + column; a stop's -1 is masked below
+        rows_call = options["_col"].to_numpy() >= 0
         constraints: list[Any] = []
         if budget is not None:
             constraints.append(Budget(limit=max(budget, 0.0)))
         tenants = {t: max(v, 0.0) for t, v in tenant_left.items() if t in set(seen.tenants.tolist())}
         if tenants:  # the tenant column only where a row counts by it: 10M+ strings cost seconds to build
-            options = options.with_columns(tenant=seen.tenants[q_idx])
+            options = options.with_columns(tenant=seen.tenants[rows_query])
             constraints.append(GroupBudget(group="tenant", limits=tenants, name="tenant_budget"))
         if held is not None:
             constraints += held.constraints(seen)
             if held.floors:  # the task column only where a floor counts by it (as the tenant column above)
-                options = options.with_columns(task=seen.tasks[q_idx])
+                options = options.with_columns(task=seen.tasks[rows_query])
             for model in held.capacity_left:
                 j = seen.models.index(model) if model in seen.models else -1
-                options = options.with_columns(pl.Series(f"calls:{model}", (is_call & (m_idx == j)).astype(np.float64)))
+                calls = (rows_call & (rows_llm == j)).astype(np.float64)
+                options = options.with_columns(pl.Series(f"calls:{model}", calls))
         z = NormalDist().inv_cdf(self.spend_confidence) if self.spend_confidence > 0.5 else 0.0
         problem = Problem(options.drop("_col", "_var"), constraints=constraints, n_queries=n)
         if budget is not None and z > 0:
             # Leave z x the sd of the round's spend unplanned, the sd bounded above by every query taking its
             # most variable option: one solve (a second pass on the chosen plan's variance doubles the time)
             heads = np.flatnonzero(np.diff(q_idx, prepend=-1))  # options come query by query
-            worst = np.fmax.reduceat(options["_var"].to_numpy(), heads).sum()  # fmax: NaN-skipping, as polars' max
+            # (a batch twin varies less than its real-time option: the real-time ones bound the query)
+            worst = np.fmax.reduceat(options["_var"].to_numpy()[:base], heads).sum()  # fmax: NaN-skipping, as polars' max
             margin = z * float(np.sqrt(max(float(worst), 0.0)))
             tight = [Budget(limit=max(budget - margin, 0.0)) if isinstance(c, Budget) else c for c in constraints]
             attempts = [problem.with_constraints(tight), problem]
@@ -545,13 +605,13 @@ class PosteriorRoundPlanner:
             # the mandatory answers do not fit after all (tenant budgets): let the optimizer choose
             if not mandatory.any():
                 raise InfeasibleError(constraint="budget", message="no round plan fits what is left of the budget")
-            return self._solve(seen, ev, value, cost, extra, high, np.zeros(n, bool), budget, tenant_left, held)
+            return self._solve(seen, ev, value, cost, extra, high, np.zeros(n, bool), budget, tenant_left, held, mixed)
         picked = np.full(n, -1, dtype=np.int64)  # option ids are row positions in ``options``: a gather, no join
         picked[solution.chosen["query"].to_numpy()] = options["_col"].to_numpy()[solution.chosen["option"].to_numpy()]
         return picked, solution
 
     def answers(self, queue: pl.DataFrame, predictions: pl.DataFrame, observations: pl.DataFrame) -> pl.DataFrame:
-        seen = observe(queue, predictions, observations)
+        seen = observe(queue, predictions, observations, dict(self.modes.discounts) if self.modes else None)
         ev = evaluate(self.posterior, seen, self.max_tries)
         kept = pl.DataFrame({"_q": np.arange(len(seen.query_ids), dtype=np.int64), "_m": ev.now_answer})
         texts = kept.join(seen.answers, on=["_q", "_m"], how="left", maintain_order="left")["answer"]
@@ -565,6 +625,33 @@ class PosteriorRoundPlanner:
             },
             schema=ROUND_ANSWER_SCHEMA,
         )
+
+
+def _batch_options(
+    seen: Observed,
+    ev: Evaluated,
+    value: np.ndarray,
+    cost: np.ndarray,
+    sd2: np.ndarray,
+    mixed: tuple[float, np.ndarray],
+    first: int,
+) -> pl.DataFrame:
+    """The batch twin of every call option of an LLM with a batch API (``_solve``'s ``mixed``)."""
+    share, discount = mixed
+    m = value.shape[1]
+    q_idx, m_idx = np.nonzero(np.isfinite(ev.after) & np.isfinite(discount)[None])
+    d = discount[m_idx]
+    return pl.DataFrame(
+        {
+            "query": q_idx.astype(np.int64),
+            "option": np.arange(first, first + len(q_idx), dtype=np.int64),
+            "value": seen.priority[q_idx] * (share * value[q_idx, m_idx] + (1 - share) * ev.now_p[q_idx]),
+            "cost": cost[q_idx, m_idx] * d,
+            "accuracy": share * ev.after[q_idx, m_idx] + (1 - share) * ev.now_p[q_idx],
+            "_col": (m_idx + m).astype(np.int64),
+            "_var": sd2[q_idx, m_idx] * d**2,
+        }
+    )
 
 
 def round_planner(posterior: Posterior | None, **options: Any) -> PosteriorRoundPlanner:
