@@ -86,7 +86,7 @@ def bench_split(
             row |= {
                 f"{label}_accuracy": float(right.mean()),
                 f"{label}_correct": int(right.sum()),
-                f"{label}_spend_usd": run.spent_usd,
+                f"{label}_spent_usd": run.spent_usd,
                 f"{label}_within_budget": run.spent_usd <= budget + 1e-12,
                 f"{label}_batch_calls": int((modes == BATCH).sum()),
                 f"{label}_realtime_calls": int((modes == REALTIME).sum()),
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
                 ((pl.col("batch_accuracy") - pl.col("realtime_accuracy")) * 100).round(1).alias("gain_pts"),
                 (pl.col("short_accuracy") * 100).round(1).alias(f"short{args.short_hours:g}h_%"),
                 "short_batch_calls", "short_realtime_calls",
-                "realtime_spend_usd", "batch_spend_usd", "short_spend_usd", within.alias("within_budget"),
+                "realtime_spent_usd", "batch_spent_usd", "short_spent_usd", within.alias("within_budget"),
             )
         )  # fmt: skip
     print("AIQ over the budget grid (real time -> batch prices -> short night):")

@@ -72,7 +72,7 @@ def test_batch_api_needs_a_backend_with_one(tmp_path: Path) -> None:
     ]  # fmt: skip
     result = runner.invoke(app, args)
     assert result.exit_code == 2
-    assert "--batch-api needs a backend with a batch API (openai), not 'replay'" in result.output
+    assert "--batch-api needs a backend with a batch API (bedrock, openai), not 'replay'" in result.output
     assert not (tmp_path / "r").exists()
 
 

@@ -210,7 +210,7 @@ def test_a_deadline_without_the_batch_api_is_refused(tmp_path: Path) -> None:
     from batchplan.core.request import PlanRequest
     from batchplan.core.storage import Storage
 
-    job = Job(queue_uri="q", model_uri="m", out_uri=str(tmp_path / "r"), request=PlanRequest(budget_usd=1.0))
+    job = Job(queue_uri="q", predictors_uri="m", out_uri=str(tmp_path / "r"), request=PlanRequest(budget_usd=1.0))
     job.deadline = NIGHT.timestamp()
     with pytest.raises(ContractError, match="deadline bounds the rounds sent by a provider's batch API") as error:
         run_job(job, Storage())
@@ -228,11 +228,11 @@ def test_the_batch_api_needs_a_backend_that_has_one() -> None:
     predictions = pl.DataFrame({"query_id": ["q"], "model": ["a"]})
     request = PlanRequest(budget_usd=1.0)
     replay = SimpleNamespace(catalog=PriceCatalog.from_prices(prices).for_backend("replay"))
-    job = Job(queue_uri="q", model_uri="m", out_uri="o", request=request, backend="replay", batch_api=True)
+    job = Job(queue_uri="q", predictors_uri="m", out_uri="o", request=request, backend="replay", batch_api=True)
     with pytest.raises(ContractError, match="the replay backend has no batch API"):
         batch_modes(job, replay, predictions)  # type: ignore[arg-type]
     bedrock = SimpleNamespace(catalog=PriceCatalog.from_prices(prices).for_backend("bedrock"))
-    job = Job(queue_uri="q", model_uri="m", out_uri="o", request=request, backend="bedrock", batch_api=True, deadline=5.0)
+    job = Job(queue_uri="q", predictors_uri="m", out_uri="o", request=request, backend="bedrock", batch_api=True, deadline=5.0)
     modes = batch_modes(job, bedrock, predictions)  # type: ignore[arg-type]
     assert dict(modes.discounts) == {"a": 0.5}
     assert modes.terms.min_records == 100

@@ -21,6 +21,7 @@ from batchplan.core.catalog import BatchTerms, PriceCatalog
 from batchplan.core.contracts import QUEUE_SCHEMA, conform
 from batchplan.core.rounds import ROUND_PLAN_SCHEMA
 from batchplan.core.storage import Storage
+from batchplan.dispatchers import DispatchOptions
 from batchplan.dispatchers.batch_jobs import batch_lines
 from batchplan.dispatchers.bedrock import BedrockBackend
 from batchplan.dispatchers.bedrock_batch import BedrockBatchSender
@@ -138,7 +139,7 @@ def _sender(control: Any, s3: Any, service: Service | None, realtime: Any = None
     backend = _backend()
     return BedrockBatchSender(
         backend=backend, control=control, s3=s3, bucket=BUCKET, role_arn="arn:aws:iam::123456789012:role/batch",
-        realtime=realtime or DispatchSender(backend, concurrency=1), poll_seconds=0.0,
+        realtime=realtime or DispatchSender(backend, DispatchOptions(concurrency=1)), poll_seconds=0.0,
         sleep=service.sleep if service else (lambda _s: None), **options,
     )  # fmt: skip
 
@@ -235,7 +236,7 @@ def test_below_bedrocks_minimum_record_count_the_llm_goes_in_real_time(
     with Stubber(runtime) as live, Stubber(control) as stub:
         for _ in range(5):
             live.add_response("converse", _converse("B"))
-        sender = _sender(control, s3, None, realtime=DispatchSender(backend, concurrency=1))
+        sender = _sender(control, s3, None, realtime=DispatchSender(backend, DispatchOptions(concurrency=1)))
         sender.backend = backend
         observed, refused = _send(sender, _calls(queue), queue, tmp_path, budget=1.0)
         stub.assert_no_pending_responses()  # no job was created
