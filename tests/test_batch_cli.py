@@ -74,17 +74,3 @@ def test_batch_api_needs_a_backend_with_one(tmp_path: Path) -> None:
     assert result.exit_code == 2
     assert "--batch-api needs a backend with a batch API (bedrock, openai), not 'replay'" in result.output
     assert not (tmp_path / "r").exists()
-
-
-def test_the_dags_batch_api_param_runs_in_rounds_and_needs_a_batch_backend() -> None:
-    from batchplan.core.errors import ContractError
-    from batchplan.dag_tasks.common import RunParams
-    from batchplan.dag_tasks.rounds import in_rounds, params
-
-    assert params()["batch_api"].value is False
-    base = {"budget_usd": 1.0, "backend": "openai"}
-    assert RunParams.from_params(base).in_rounds is False
-    assert RunParams.from_params({**base, "batch_api": True}).in_rounds  # in rounds even with rounds = 1
-    assert in_rounds({**base, "batch_api": True})
-    with pytest.raises(ContractError, match="batch_api needs a backend with a batch API"):
-        RunParams.from_params({**base, "backend": "replay", "batch_api": True})
