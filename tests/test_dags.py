@@ -559,7 +559,8 @@ def test_nightly_audits_inside_the_budget_and_says_the_estimate_in_its_report(
     env = copy_of(seeded)
     conf = {"budget_usd": budget, "max_shards": 2, "allow_deferral": True, "queue_date": ROUNDS_DAY, "audit_share": 0.1}
     dag_run = _run(
-        dagbag, env, "batchplan_nightly", "nightly (audits)", logical_date=datetime(2026, 3, 3, 2, tzinfo=UTC), run_conf=conf
+        # a logical date of its own: the rounds test's run of 2026-03-03 02:00 sits in the same Airflow database
+        dagbag, env, "batchplan_nightly", "nightly (audits)", logical_date=datetime(2026, 3, 3, 4, tzinfo=UTC), run_conf=conf
     )
     states = _states(dag_run)
     assert str(dag_run.state) == "success", states
