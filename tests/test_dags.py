@@ -557,7 +557,9 @@ def test_nightly_audits_inside_the_budget_and_says_the_estimate_in_its_report(
     its interval, and the drift task emits the retrain's Asset only when drift was found."""
     budget = 0.5  # the references (the history's best LLMs) of 45 queries cost ~$0.13 on this mix
     env = copy_of(seeded)
+    # no tenant budgets: dag.test keeps an earlier run's conf in the DAG's params (the nightly test capped one tenant)
     conf = {"budget_usd": budget, "max_shards": 2, "allow_deferral": True, "queue_date": ROUNDS_DAY, "audit_share": 0.1}
+    conf["tenant_budgets_usd"] = {}
     dag_run = _run(
         # a logical date of its own: the rounds test's run of 2026-03-03 02:00 sits in the same Airflow database
         dagbag, env, "batchplan_nightly", "nightly (audits)", logical_date=datetime(2026, 3, 3, 4, tzinfo=UTC), run_conf=conf
