@@ -239,3 +239,26 @@ def test_the_default_audit_share_follows_the_backend() -> None:
     assert default_audit_share(None, "replay") == 0.0
     assert default_audit_share(None, "openai", rounds=2) == 0.0
     assert default_audit_share(0.2, "replay") == 0.2
+
+
+def test_audits_that_alone_exceed_a_tenant_budget_are_refused_naming_audit_share_and_the_tenant(
+    history: History, registry: str, tmp_path: Path
+) -> None:
+    """A tenant budget below its audited queries' mandatory reference calls: one line naming the audit share,
+    the tenant and what its budget would need, exit 2, nothing sent (not the optimizer's bare infeasible row)."""
+    from typer.testing import CliRunner
+
+    from batchplan.app.cli import app
+
+    queue = write_queue(history, tmp_path / "queue.parquet")
+    [tenant] = history.as_queue(split="test")["tenant"].unique().to_list()
+    args = ["run", "--queue", queue, "--predictors", registry, "--out", str(tmp_path / "run"), "--budget-usd", "1"]
+    args += ["--replay-history", str(EXAMPLES), "--allow-deferral", "--audit-share", "0.25"]
+    result = CliRunner().invoke(app, [*args, "--tenant-budget", f"{tenant}=0.000001"])
+    assert result.exit_code == 2, result.output
+    line = result.output.strip().splitlines()[-1]
+    assert "--audit-share" in line
+    assert f"tenant '{tenant}': the reference calls of its 30 audited queries alone" in line
+    assert f"more than --tenant-budget {tenant}=0.000001; it would need at least $" in line
+    assert "infeasible on its own" not in result.output
+    assert not (tmp_path / "run" / "results.parquet").exists()

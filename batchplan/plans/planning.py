@@ -33,7 +33,7 @@ from batchplan.optimizer import (
 )
 from batchplan.optimizer.problem import Objective
 from batchplan.plans.candidates import Candidates
-from batchplan.plans.infeasible import RequestInfeasible, word
+from batchplan.plans.infeasible import RequestInfeasible, up, usd, word
 from batchplan.plans.templates import PlanTemplates
 
 log = structlog.get_logger("batchplan")
@@ -374,8 +374,8 @@ def offer_templates(
 def hold_audits(constraints: list[Any], audit: pl.DataFrame) -> list[Any]:
     """The constraints with the audits' reference calls held inside them: the reference calls are mandatory
     (a fixed choice, ``batchplan.plans.audit``), so the optimizer plans the rest of the batch in what they
-    leave of the total and tenant budgets and of each LLM's call capacity. A budget they alone exceed is
-    refused with the audit share named."""
+    leave of the total and tenant budgets and of each LLM's call capacity. A budget (the total or a
+    tenant's) they alone exceed is refused with the audit share named."""
     cost = float(audit["expected_cost_usd"].sum())
     by_tenant = dict(audit.group_by("tenant").agg(pl.col("expected_cost_usd").sum()).iter_rows())
     calls = dict(audit.select(pl.col("models").explode().alias("m")).group_by("m").len().iter_rows())
@@ -393,11 +393,36 @@ def hold_audits(constraints: list[Any], audit: pl.DataFrame) -> list[Any]:
                 )
             c = dataclasses.replace(c, limit=left)
         elif isinstance(c, GroupBudget) and c.group == "tenant":
-            c = dataclasses.replace(c, limits={t: v - float(by_tenant.get(t, 0.0)) for t, v in c.limits.items()})
+            left_of = {t: v - float(by_tenant.get(t, 0.0)) for t, v in c.limits.items()}
+            if over := sorted(t for t, left in left_of.items() if left < 0):
+                raise _tenant_audits_over(audit, {t: c.limits[t] for t in over}, by_tenant)
+            c = dataclasses.replace(c, limits=left_of)
         elif isinstance(c, Capacity) and c.column.startswith("calls:") and not isinstance(c.limit, Mapping):
             c = dataclasses.replace(c, limit=c.limit - float(calls.get(c.column.split(":", 1)[1], 0)))
         held.append(c)
     return held
+
+
+def _tenant_audits_over(
+    audit: pl.DataFrame, limits: Mapping[str, float], by_tenant: Mapping[str, float]
+) -> RequestInfeasible:
+    """The refusal of tenant budgets the audits' mandatory reference calls alone exceed (else the optimizer
+    would see a negative limit and report a bare infeasible row), naming audit_share, each tenant and what
+    its budget would need."""
+    parts = []
+    for tenant, limit in limits.items():
+        n = int((audit["tenant"] == tenant).sum())
+        parts.append(
+            f"tenant '{tenant}': the reference calls of its {n} audited queries alone are expected to cost "
+            f"${by_tenant[tenant]:.6g}, more than tenant_budgets_usd {tenant}={usd(limit)}; it would need at least "
+            f"${usd(up(by_tenant[tenant]))}"
+        )
+    return RequestInfeasible(
+        constraint="audit_share",
+        message="; ".join(parts) + ": lower audit_share or raise tenant_budgets_usd",
+        suggestion={"tenant_budgets_usd": {t: float(by_tenant[t]) for t in limits}},
+        fields=("audit_share", "tenant_budgets_usd"),
+    )
 
 
 def plan_batch(
