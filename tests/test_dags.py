@@ -686,6 +686,40 @@ def test_retrain_decides_on_new_outcomes(
     print("dag.test timings:", {k: round(v, 1) for k, v in env.timings.items()})
 
 
+@pytest.mark.slow
+def test_retrain_joins_late_labels_of_a_past_nightly_run_before_training(
+    dagbag: Any, nightly_done: Done, copy_of: Callable[[Done], AirflowEnv], real_history: History
+) -> None:
+    """Labels dropped under ``labels/<run>/`` for a past nightly run (made live-like: no correctness in its
+    outcomes, no gold in its queries) are joined by the retrain DAG before it trains: those queries' calls get
+    gold correctness, and the decision record counts them as the outcomes found."""
+    env = copy_of(nightly_done)
+    lay, storage, run = env.layout, env.storage, f"nightly-{NIGHTLY_DAY}"
+    outcomes_uri, queries_uri = f"{lay.outcomes(run)}/outcomes.parquet", f"{lay.outcomes(run)}/queries.parquet"
+    scored = storage.read_frame(outcomes_uri)  # the replay backend scored them from its history
+    labelled = sorted(scored.filter(pl.col("label_source") == "gold")["query_id"].unique().to_list())[:20]
+    storage.write_frame(scored.with_columns(correct=pl.lit(None, pl.Boolean), label_source=pl.lit(None, pl.String)), outcomes_uri)
+    storage.write_frame(storage.read_frame(queries_uri).with_columns(gold=pl.lit(None, pl.String)), queries_uri)
+    gold = real_history.queries.filter(pl.col("query_id").is_in(labelled)).select("query_id", "gold")
+    storage.write_frame(gold, f"{lay.labels(run)}labels.jsonl")
+    dag_run = _retrain(dagbag, env, "retrain (late labels)", datetime(2026, 3, 6, tzinfo=UTC))
+    assert str(dag_run.state) == "success", _states(dag_run)
+    joined = storage.read_frame(outcomes_uri)
+    taught = joined.filter(pl.col("correct").is_not_null())
+    assert sorted(taught["query_id"].unique().to_list()) == labelled
+    assert (taught["label_source"] == "gold").all()
+    # the labels' gold is the history's: each labelled call's correctness is what the replay had scored
+    expected = scored.filter(pl.col("query_id").is_in(labelled) & pl.col("correct").is_not_null())
+    key = ["query_id", "round", "call"]
+    assert taught.select(*key, "correct").sort(key).equals(expected.select(*key, "correct").sort(key))
+    assert storage.read_frame(f"{lay.outcomes(run)}/labels.parquet")["source_file"].unique().to_list() == [
+        f"{lay.labels(run)}labels.jsonl"
+    ]
+    latest = json.loads(storage.read_text(lay.decision("v20260306T000000")))  # this run's (predictor_version)
+    assert latest["outcomes_found"] == taught.unique(["query_id", "model"]).height  # the labelled calls, only
+    assert latest["outcomes_used"] <= latest["outcomes_found"]
+
+
 def test_claim_race_has_exactly_one_winner(s3_bucket: str, s3_storage: Storage) -> None:
     from concurrent.futures import ThreadPoolExecutor
 
