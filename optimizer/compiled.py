@@ -71,6 +71,11 @@ class Compiled:
     families: list[RowFamily] = field(default_factory=list)
     _terms: tuple[tuple[RowFamily, ...], Any] | None = field(default=None, repr=False, compare=False)
     _grid: tuple[int, np.ndarray | None, np.ndarray] | None = field(default=None, repr=False, compare=False)
+    # per single-row family's coefficient arrays: (coef, gid, the signed row on the columns, on the grid);
+    # shared by the programs ``Problem.with_constraints`` derives (a budget's second pass reuses its family)
+    _row_grids: dict[tuple[int, int, str], tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]] = field(
+        default_factory=dict, repr=False, compare=False
+    )
 
     def column(self, name: str) -> pl.Series:
         if name not in self.table.columns:
@@ -130,6 +135,25 @@ class Compiled:
                 c[cells] = self.c
                 self._grid = (w, cells, c.reshape(self.n, w))
         return self._grid
+
+    def row_grid(self, f: RowFamily) -> tuple[np.ndarray, np.ndarray]:
+        """A one-row family's ``<=``-signed coefficient per column (0 where not counted) and the same on the
+        n x w grid (0 on padding), computed once per coefficient array."""
+        key = (id(f.coef), id(f.gid), f.sense)
+        hit = self._row_grids.get(key)
+        if hit is not None and hit[0] is f.coef and hit[1] is f.gid:
+            return hit[2], hit[3]
+        s = 1.0 if f.sense == "<=" else -1.0
+        a = np.where(f.gid >= 0, f.coef * s, 0.0)
+        w, cells, _ = self.grid()
+        if cells is None:
+            a2 = a.reshape(self.n, w)
+        else:
+            a_flat = np.zeros(self.n * w)
+            a_flat[cells] = a
+            a2 = a_flat.reshape(self.n, w)
+        self._row_grids[key] = (f.coef, f.gid, a, a2)
+        return a, a2
 
     def price_terms(self) -> list[tuple[np.ndarray | None, list[tuple[RowFamily, int, str, Any]]]]:
         """Structure of ``A^T lam`` on the regular layout, computed once per family list.

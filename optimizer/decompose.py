@@ -19,8 +19,10 @@ settled. So:
 
 from __future__ import annotations
 
+import contextlib
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,6 +49,7 @@ ACTIVE_FRACTION = 0.2  # share of queries (closest to a tie) that get candidate 
 MIN_ACTIVE = 500
 MAX_INITIAL = 50_000  # at most this many queries get candidate moves in the first master (measured at 1M:
 # 50k near-tie queries up front and 50k additions per round converge in 2 rounds, 3-4x faster than 3k/10k)
+PARALLEL_QUERIES = 200_000  # from this many queries full-grid pricing passes run on two threads
 POLISH_QUERIES = 30  # closest-to-tie queries joining the split ones in the integer polish MILP
 MAX_ROUNDS = 60
 MAX_ADD = 50_000  # columns added per pricing round
@@ -182,30 +185,30 @@ def _near_columns(program: Compiled, pricing: Pricing, fraction: float, minimum:
     return np.flatnonzero(keep)
 
 
-def _best_under(program: Compiled, a: np.ndarray) -> Callable[[float, np.ndarray | None], np.ndarray] | None:
+def _best_under(
+    program: Compiled, a2: np.ndarray, pool: ThreadPoolExecutor | None = None
+) -> Callable[[float, np.ndarray | None], np.ndarray]:
     """``best(lam, queries)``: per query (None: every query) its best column under price ``lam`` on
-    coefficients ``a`` (``argmax_j c_j - lam a_j``, the first on ties), as program column indices, by a row-wise
-    argmax on the n x w grid (``Compiled.grid``; padding has objective -inf). None when padding would more
-    than double the columns (a few queries with very many options)."""
-    w = int(np.diff(program.starts).max()) if program.n else 0
-    if program.n * w > 2 * program.m + program.n:
-        return None
-    w, cells, c2 = program.grid()
-    if cells is None:
-        a2 = a.reshape(program.n, w)
-    else:
-        a_flat = np.zeros(program.n * w)
-        a_flat[cells] = a
-        a2 = a_flat.reshape(program.n, w)
+    coefficients ``a2`` (on the grid: ``Compiled.row_grid``; ``argmax_j c_j - lam a_j``, the first on ties), as
+    program column indices, by a row-wise argmax on the n x w grid (``Compiled.grid``; padding has objective
+    -inf). With a ``pool`` (two workers), full-grid passes run as two halves side by side."""
+    _, _, c2 = program.grid()
     starts = program.starts[:-1]
-
     buffer = np.empty_like(c2)  # the full-grid passes reuse one buffer: fresh n x w temporaries cost page faults
+    halves = [slice(0, program.n // 2), slice(program.n // 2, program.n)]
+
+    def half(rows: slice, lam: float) -> np.ndarray:
+        out = buffer[rows]
+        np.multiply(a2[rows], -lam, out=out)
+        np.add(out, c2[rows], out=out)  # c2 - lam * a2, the same value
+        return np.asarray(out.argmax(axis=1))
 
     def best(lam: float, idx: np.ndarray | None) -> np.ndarray:
         if idx is None:
-            np.multiply(a2, -lam, out=buffer)
-            np.add(buffer, c2, out=buffer)  # c2 - lam * a2, the same value
-            return np.asarray(starts + buffer.argmax(axis=1))
+            if pool is None:
+                return np.asarray(starts + half(slice(0, program.n), lam))
+            # rows are independent: two halves on two threads (numpy releases the GIL), the same answer
+            return np.asarray(starts + np.concatenate(list(pool.map(half, halves, (lam, lam)))))
         return np.asarray(starts[idx] + (c2[idx] - lam * a2[idx]).argmax(axis=1))
 
     return best
@@ -221,13 +224,17 @@ def _single_row_price(program: Compiled, rhs: np.ndarray, guess: float | None = 
     (to ~1e-13 relative), or None (the row cannot hold / needs no price, or the layout is too ragged: the
     general path decides).
     """
-    f = program.families[0]
-    s = 1.0 if f.sense == "<=" else -1.0
-    a = np.where(f.gid >= 0, f.coef * s, 0.0)
-    best = _best_under(program, a)
-    if best is None:
-        return None
-    b = float(rhs[0])
+    w = int(np.diff(program.starts).max()) if program.n else 0
+    if program.n * w > 2 * program.m + program.n:
+        return None  # padding would more than double the columns (a few queries with very many options)
+    a, a2 = program.row_grid(program.families[0])
+    with ThreadPoolExecutor(max_workers=2) if program.n >= PARALLEL_QUERIES else contextlib.nullcontext() as pool:
+        return _bracketed_price(program, a, _best_under(program, a2, pool), float(rhs[0]), guess)
+
+
+def _bracketed_price(program: Compiled, a: np.ndarray, best: Callable[[float, np.ndarray | None], np.ndarray],
+                     b: float, guess: float | None) -> float | None:
+    """``_single_row_price`` once the row is on the grid."""
     smallest = float(np.min(np.abs(a), where=a != 0, initial=np.inf))  # one pass, no filtered copy
     hi = (float(np.ptp(program.c)) + 1.0) / max(smallest, 1e-300) * 4.0
     lo = hi * 1e-16

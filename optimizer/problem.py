@@ -26,8 +26,8 @@ from typing import Literal
 import numpy as np
 import polars as pl
 
-from batchplan.optimizer.compiled import Compiled, subset
-from batchplan.optimizer.constraints import Allowed, Constraint, RowSpec, constraint_name
+from batchplan.optimizer.compiled import Compiled, RowFamily, subset
+from batchplan.optimizer.constraints import Allowed, Budget, Constraint, RowSpec, constraint_name
 
 __all__ = ["REQUIRED", "Compiled", "Objective", "Problem", "compile_problem", "subset"]
 
@@ -91,8 +91,24 @@ def recompile_rows(program: Compiled, specs: Sequence[Constraint], constraints: 
     equal to one of ``specs`` keeps its row family, the others are built."""
     known = list(zip(_rows(specs), program.families, strict=True))  # specs hold dicts: compared, not hashed
     out = dataclasses.replace(program, families=[], _terms=None)
-    out.families = [next((f for s, f in known if s == spec), None) or spec.rows(out) for spec in _rows(constraints)]
+    out.families = [_known_family(spec, known) or spec.rows(out) for spec in _rows(constraints)]
     return out
+
+
+def _known_family(spec: RowSpec, known: list[tuple[RowSpec, RowFamily]]) -> RowFamily | None:
+    """The family of an equal known spec; for a budget that differs only in its limit (a second pass at a
+    tighter budget), that family with the new limit: its coefficient arrays (and their grids) are shared."""
+    same = next((f for s, f in known if s == spec), None)
+    if same is not None or not isinstance(spec, Budget):
+        return same
+    return next(
+        (
+            dataclasses.replace(f, rhs=np.array([float(spec.limit)]))
+            for s, f in known
+            if isinstance(s, Budget) and dataclasses.replace(s, limit=spec.limit) == spec
+        ),
+        None,
+    )
 
 
 def _rows(constraints: Sequence[Constraint]) -> list[RowSpec]:

@@ -73,6 +73,19 @@ def _token_rows(texts: pl.Series, tail: int) -> pl.DataFrame:
     )
 
 
+def _distinct(values: pl.Series) -> tuple[pl.Series, np.ndarray | None]:
+    """(the distinct values, each row's index into them), or (``values``, None) when none repeats. Exact:
+    polars groups by value (a hash table with equality checks), not by a hash alone."""
+    groups = pl.DataFrame({"v": values}).with_row_index("row").group_by("v").agg(pl.col("row"))
+    if groups.height == len(values):
+        return values, None
+    inverse = np.empty(len(values), dtype=np.int64)
+    inverse[groups["row"].explode().to_numpy()] = np.repeat(
+        np.arange(groups.height, dtype=np.int64), groups["row"].list.len().to_numpy()
+    )
+    return groups["v"], inverse
+
+
 @dataclass
 class TextEncoder:
     """TF-IDF over a fixed vocabulary (stable across library versions), reduced by SVD to ``dim`` dims."""
@@ -136,12 +149,18 @@ class TextEncoder:
         return x
 
     def transform(self, texts: pl.Series) -> np.ndarray:
-        """Unit-norm embeddings (n x dim), float32; zeros for texts with no known term."""
+        """Unit-norm embeddings (n x dim), float32; zeros for texts with no known term.
+
+        Tokenized once per distinct tail (the only part read): a batch that repeats prompts (the same
+        question for many tenants, a benchmark resampling a history) pays for the distinct ones. A row's
+        embedding depends on its own text only, so each row gets the bits it would get alone."""
         if not self.vocab or self.dim == 0:
             return np.zeros((len(texts), 0), dtype=np.float32)
-        emb = np.asarray(self.tfidf(texts, normalize=False) @ self.components, dtype=np.float32)
+        tails, inverse = _distinct(texts.fill_null("").str.tail(self.tail))
+        emb = np.asarray(self.tfidf(tails, normalize=False) @ self.components, dtype=np.float32)
         norms = np.linalg.norm(emb, axis=1, keepdims=True)
-        return emb / np.maximum(norms, 1e-12)
+        emb /= np.maximum(norms, 1e-12)
+        return emb if inverse is None else emb[inverse]
 
     def to_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
         return {"vocab": self.vocab, "tail": self.tail}, {"text_idf": self.idf, "text_components": self.components}

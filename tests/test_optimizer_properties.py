@@ -153,6 +153,27 @@ def test_with_constraints_shares_the_compiled_arrays() -> None:
     assert filtered.compiled.table.height < allowed.height
 
 
+def test_a_tighter_budget_reuses_its_rows_and_the_threaded_pricing_answers_the_same() -> None:
+    # the plan's second pass (budget less the spend margin) shares the budget's coefficient arrays, so their
+    # grid is built once; full-grid pricing passes on two threads give the single thread's answer
+    from batchplan.optimizer import decompose
+
+    opts = make_options(3000, seed=3)
+    loose = Problem(opts, constraints=[Budget(limit=budget_between(opts, 0.4))], deferrable=True)
+    tight = loose.with_constraints([Budget(limit=budget_between(opts, 0.3))])
+    assert tight.compiled.families[0].coef is loose.compiled.families[0].coef
+    assert float(tight.compiled.families[0].rhs[0]) == budget_between(opts, 0.3)
+    fresh = Problem(opts, constraints=tight.constraints, deferrable=True)
+    serial = solve(fresh)
+    assert solve(tight).chosen.equals(serial.chosen)
+    with patch.object(decompose, "PARALLEL_QUERIES", 1), patch.object(decompose, "BASE_QUERIES", 100):
+        threaded = solve(Problem(opts, constraints=tight.constraints, deferrable=True))
+    with patch.object(decompose, "BASE_QUERIES", 100):
+        single = solve(Problem(opts, constraints=tight.constraints, deferrable=True))
+    assert threaded.chosen.equals(single.chosen)
+    assert threaded.bound == single.bound
+
+
 def test_validation_errors() -> None:
     opts = tiny_options(3, 2, 0)
     with pytest.raises(ValueError, match="objective"):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import itertools
 from pathlib import Path
+from unittest.mock import patch
 
 import numpy as np
 import polars as pl
@@ -17,6 +18,7 @@ from batchplan.core.numerics import logit, sigmoid
 from batchplan.core.storage import Storage
 from batchplan.dispatchers import dispatch, get_backend
 from batchplan.optimizer import InfeasibleError
+from batchplan.plans import candidates as candidates_module
 from batchplan.plans.candidates import P90_Z, Candidates, build_candidates
 from batchplan.plans.estimates import Template, choose_calibration, estimate
 from batchplan.plans.planning import PlanRequest, budget_share, offer_templates, plan_batch
@@ -284,6 +286,11 @@ def test_array_candidates_equal_the_plain_ones() -> None:
         want.filter(pl.col("kind").is_in(["single", "vote"])).select("query", "kind", "models")
     )
     assert votes.plans["option"].to_list() == list(range(votes.plans.height))
+    # on big batches two threads fill the templates' rows: the same frame
+    with patch.object(candidates_module, "PARALLEL_CANDIDATES", 1):
+        threaded = build_candidates(queue, predictions, templates)
+    assert threaded.plans.equals(candidates.plans)
+    assert threaded.templates.equals(candidates.templates)
 
 
 def test_candidate_cost_formulas() -> None:

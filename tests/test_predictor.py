@@ -14,6 +14,7 @@ from batchplan.core.history import History, synthetic_history
 from batchplan.core.storage import Storage
 from batchplan.predictors import Predictor, available_predictors, list_versions, load_predictor, train_predictor
 from batchplan.predictors.calibration import fit_isotonic, fit_platt
+from batchplan.predictors.features import _distinct
 from batchplan.predictors.metrics import auc, ece
 from tests.support.factories import predictor_queue, recorded_pairs
 
@@ -46,6 +47,23 @@ def test_predict_schema_and_ranges(trained: Predictor, small_history: History) -
     assert auc(y, preds["p_correct"].to_numpy()) > 0.7
     assert trained.models == sorted(small_history.models)
     assert trained.metadata["models"]
+
+
+def test_text_encoder_embeds_each_distinct_tail_once(trained: Predictor, small_history: History) -> None:
+    """A batch that repeats prompts gets, row by row, the bits each prompt gets alone; only the distinct tails
+    (the part the encoder reads) are tokenized."""
+    encoder = trained.encoder
+    prompts = predictor_queue(small_history)["prompt"].head(40)
+    repeated = pl.concat([prompts, prompts.reverse(), prompts.head(5), pl.Series([None], dtype=pl.String)])
+    alone = np.vstack([encoder.transform(pl.Series([p], dtype=pl.String)) for p in repeated.to_list()])
+    together = encoder.transform(repeated)
+    assert together.dtype == np.float32
+    assert np.array_equal(together.view(np.uint32), alone.view(np.uint32))
+    tails, inverse = _distinct(repeated.fill_null("").str.tail(encoder.tail))
+    assert inverse is not None
+    assert len(tails) == prompts.fill_null("").str.tail(encoder.tail).n_unique() + 1
+    assert tails.gather(inverse).equals(repeated.fill_null("").str.tail(encoder.tail).rename(tails.name))
+    assert _distinct(pl.Series(["a", "b"]))[1] is None  # nothing repeats: no gather
 
 
 def test_calibration_against_known_truth() -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -33,6 +34,7 @@ import polars as pl
 from batchplan.plans.estimates import Template, estimate
 from batchplan.plans.templates import PlanTemplates
 
+PARALLEL_CANDIDATES = 1_000_000  # candidates from which two threads fill them (below, threads mostly wait)
 P90_Z = 1.2816  # a call's high-side cost is its p90: sd ~ (p90 - mean) / z_0.9
 TEMPLATES_SCHEMA = pl.Schema(
     [
@@ -147,16 +149,22 @@ def _wide(queries: pl.DataFrame, predictions: pl.DataFrame, llms: list[str]) -> 
         "cost_usd",
         "cost_high_usd",
     )
-    shape = (queries.height, len(llms))  # column-major: one LLM's column is contiguous
-    present = np.zeros(shape, dtype=bool, order="F")
-    p = np.full(shape, np.nan, order="F")
-    cost = np.full(shape, np.nan, order="F")
-    high = np.full(shape, np.nan, order="F")
+    shape = (queries.height, len(llms))
     rows, cols = pairs["query"].to_numpy(), pairs["m"].to_numpy()
-    present[rows, cols] = True
-    p[rows, cols] = pairs["p_correct"].to_numpy()
-    cost[rows, cols] = pairs["cost_usd"].to_numpy()
-    high[rows, cols] = np.maximum(pairs["cost_high_usd"].fill_null(0.0).to_numpy(), cost[rows, cols])
+
+    def spread(values: np.ndarray, fill: float | bool) -> np.ndarray:
+        # written row-major (predictions come query by query: sequential writes), then made column-major (one
+        # LLM's column contiguous, as the per-template gathers read them) by one blocked copy: scattering
+        # straight into column-major arrays strides by n per pair and missed the cache on every write
+        out = np.full(shape, fill, dtype=values.dtype)
+        out[rows, cols] = values
+        return np.asfortranarray(out)
+
+    present = spread(np.ones(len(rows), dtype=bool), False)
+    cost_pairs = pairs["cost_usd"].to_numpy()
+    p = spread(pairs["p_correct"].to_numpy(), np.nan)
+    cost = spread(cost_pairs, np.nan)
+    high = spread(np.maximum(pairs["cost_high_usd"].fill_null(0.0).to_numpy(), cost_pairs), np.nan)
     return _Wide(present, p, cost, high, (high - cost) / P90_Z)
 
 
@@ -211,16 +219,29 @@ def build_candidates(
     total = int(counts.sum())
     template_id = np.empty(total, dtype=np.int32)
     out = {c: np.empty(total) for c in ("expected_cost_usd", "expected_accuracy", "reserve_cost_usd", "cost_var")}
-    for t, e in enumerate(entries):
-        rows = np.flatnonzero(eligible[t])
-        at = starts[rows]
+    places: list[tuple[np.ndarray, np.ndarray]] = []
+    for mask in eligible:
+        rows = np.flatnonzero(mask)
+        places.append((rows, starts[rows]))
         starts[rows] += 1  # the next eligible template of these queries goes one row further
+
+    def fill(t: int) -> None:
+        rows, at = places[t]
         if rows.size == 0:
-            continue
+            return
         template_id[at] = t
+        e = entries[t]
         values = _single(wide, rows, e.members[0]) if e.template is None else _template(wide, rows, e)
         for column, v in zip(out, values, strict=True):
             out[column][at] = v
+
+    # templates write disjoint rows: on big batches two threads fill them (numpy releases the GIL)
+    if total >= PARALLEL_CANDIDATES:
+        with ThreadPoolExecutor(max_workers=2) as pool:
+            list(pool.map(fill, range(len(entries))))
+    else:
+        for t in range(len(entries)):
+            fill(t)
     plans = pl.DataFrame(
         {
             "query": np.repeat(np.arange(queries.height, dtype=np.int64), counts),
