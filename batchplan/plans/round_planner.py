@@ -123,9 +123,12 @@ def observe(
     drift: dict[str, float] = {}
     # the query index by a join on the id (observations of a query the queue lacks drop out), the LLM's as
     # queue and predictions number it (an LLM nobody predicted drops out); rows keep their order
+    if observations.height == n and observations["query_id"].equals(ids):  # round 1 answered in queue order
+        located = observations.with_columns(pl.Series("_q", np.arange(n, dtype=np.int64)))
+    else:
+        located = observations.join(qi, on="query_id", how="inner", maintain_order="left")
     obs = (
-        observations.join(qi, on="query_id", how="inner", maintain_order="left")
-        .with_columns(pl.col("model").cast(pl.Enum(models), strict=False).to_physical().cast(pl.Int64).alias("_m"))
+        located.with_columns(pl.col("model").cast(pl.Enum(models), strict=False).to_physical().cast(pl.Int64).alias("_m"))
         .filter(pl.col("_m").is_not_null())
         .with_row_index("_seq")
     )
@@ -134,11 +137,14 @@ def observe(
         cut = obs.filter(pl.col("status") == CUT)
         tries[cut["_q"].to_numpy(), cut["_m"].to_numpy()] = np.iinfo(np.int32).max  # cut again if asked again
         # the last ok call per (query, LLM) is its answer; the order of calls is by round, then row
-        ok = (
-            obs.filter(pl.col("status") == OK)
-            .sort("round", "_seq")
-            .unique(["_q", "_m"], keep="last", maintain_order=True)
-        )
+        ok = obs.filter(pl.col("status") == OK)
+        if not ok["round"].is_sorted():
+            ok = ok.sort("round", "_seq")
+        # the last row per (query, LLM), in row order (polars' unique(keep="last") on two keys, in numpy)
+        pair = ok["_q"].to_numpy() * m + ok["_m"].to_numpy()
+        _, from_end = np.unique(pair[::-1], return_index=True)
+        if len(from_end) < ok.height:
+            ok = ok[np.sort(ok.height - 1 - from_end)]
         r, c = ok["_q"].to_numpy(), ok["_m"].to_numpy()
         dense, order_in = _ranks_within(r, ok.select(normalize(pl.col("answer")).rank("dense"))["answer"])
         code[r, c] = np.where(dense < 0, OPAQUE, dense)
