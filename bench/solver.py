@@ -290,9 +290,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plan-out", help="end to end: write the plan here (default under --work)")
     parser.add_argument("--replan-queries", type=int, default=1_000_000, help="open queries of the round re-plan line (0: skip)")
     parser.add_argument("--replan-only", action="store_true", help="print only the round re-plan line")
+    parser.add_argument("--replan-rounds", type=int, default=2, help="the re-plan's rounds (2: the last; 3: a middle)")
     args = parser.parse_args(argv)
     if args.replan_only:
-        print(time_round_replan(args.replan_queries, seed=args.seed))
+        print(time_round_replan(args.replan_queries, seed=args.seed, rounds=args.replan_rounds))
         return 0
     if args.end_to_end:
         if args.timeout == 120.0:
@@ -344,21 +345,35 @@ def main(argv: list[str] | None = None) -> int:
             if parts:
                 print(f"  {n:>9} {which:>7}: decompose {fast['seconds']:.2f} s; " + "; ".join(parts))
     if args.replan_queries > 0:
-        print(time_round_replan(args.replan_queries, seed=args.seed))
+        print(time_round_replan(args.replan_queries, seed=args.seed, rounds=args.replan_rounds))
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1, default=str)
     return 0
 
 
-def time_round_replan(n: int, seed: int = 0) -> str:
-    """One re-plan (round 2 of 2) of ``n`` open queries x N_MODELS LLMs after a round that called one cheap
-    LLM on each, through ``PosteriorRoundPlanner.plan_round``: the posterior on every query, the options
-    table, the budgeted solve. The posterior is fitted on a small synthetic history (not timed)."""
+def time_round_replan(n: int, seed: int = 0, rounds: int = 2) -> str:
+    """One re-plan (round 2 of ``rounds``: 2 is the last round, 3 a middle one with the look-ahead's price
+    bisection) of ``n`` open queries x N_MODELS LLMs after a round that called one cheap LLM on each, through
+    ``PosteriorRoundPlanner.plan_round``: the posterior on every query, the options table, the budgeted solve.
+    The posterior is fitted on a small synthetic history (not timed)."""
+    from batchplan.plans.round_planner import PosteriorRoundPlanner
+
+    posterior, state = replan_state(n, seed, rounds)
+    started, started_cpu = time.perf_counter(), time.process_time()
+    plan = PosteriorRoundPlanner(posterior).plan_round(state)
+    seconds, cpu = time.perf_counter() - started, time.process_time() - started_cpu
+    return (
+        f"round re-plan (round 2 of {rounds}): {n:,} open queries x {N_MODELS} LLMs in {seconds:.1f} s (CPU {cpu:.1f} s; target <= 10 s); "
+        f"{plan.calls.height:,} calls planned, solver {plan.diagnostics['status']}, gap {plan.diagnostics['gap']:.1e}"
+    )
+
+
+def replan_state(n: int, seed: int = 0, rounds: int = 2) -> tuple[Any, Any]:
+    """The posterior and the ``RoundState`` of round 2 of ``rounds`` for ``time_round_replan`` (not timed)."""
     from batchplan.core.history import synthetic_history
     from batchplan.core.rounds import OBSERVATION_SCHEMA, RoundState
     from batchplan.plans.posterior import fit_posterior
-    from batchplan.plans.round_planner import PosteriorRoundPlanner
 
     history = synthetic_history(400, N_MODELS, n_tasks=1, seed=seed)
     skill = history.outcomes.group_by("model").agg(pl.col("correct").mean().alias("p_correct"))
@@ -394,14 +409,7 @@ def time_round_replan(n: int, seed: int = 0) -> str:
         schema_overrides=dict(OBSERVATION_SCHEMA),
     ).select(OBSERVATION_SCHEMA.names())
     budget = float(cost[:, 4].sum())  # room to escalate a part of the batch
-    state = RoundState(2, 2, queue, predictions, observations, budget)
-    started, started_cpu = time.perf_counter(), time.process_time()
-    plan = PosteriorRoundPlanner(posterior).plan_round(state)
-    seconds, cpu = time.perf_counter() - started, time.process_time() - started_cpu
-    return (
-        f"round re-plan: {n:,} open queries x {N_MODELS} LLMs in {seconds:.1f} s (CPU {cpu:.1f} s; target <= 10 s); "
-        f"{plan.calls.height:,} calls planned, solver {plan.diagnostics['status']}, gap {plan.diagnostics['gap']:.1e}"
-    )
+    return posterior, RoundState(2, rounds, queue, predictions, observations, budget)
 
 
 if __name__ == "__main__":

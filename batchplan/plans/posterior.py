@@ -73,10 +73,17 @@ class States:
     code: np.ndarray  # int32 [n, M]: answer id within the query (equal = same answer), OPAQUE or NONE
     conf: np.ndarray  # float [n, M]: exp(logprob) of the answer; nan where unknown
     order: np.ndarray  # int32 [n, M]: call sequence (larger = later); -1 not called
+    # logit of ``prior`` (``prior_logit``): stages A and C both read it, once per re-plan is enough
+    _lp_cache: np.ndarray | None = field(default=None, repr=False, compare=False)
 
     @property
     def answered(self) -> np.ndarray:
         return self.code != NONE
+
+    def prior_logit(self) -> np.ndarray:
+        if self._lp_cache is None:
+            self._lp_cache = _lp(self.prior)
+        return self._lp_cache
 
     def with_call(self, j: int, code: np.ndarray, conf: np.ndarray) -> States:
         """The states after LLM ``j`` answered ``code`` with ``conf`` on every row (replay)."""
@@ -92,7 +99,7 @@ def _lp(p: np.ndarray) -> np.ndarray:
 
 def _answer_columns(s: States) -> tuple[list[np.ndarray], np.ndarray]:
     """Stage A's per-(query, LLM) columns [n, M] (before the per-LLM terms), and the confidence logits."""
-    lp = _lp(s.prior)
+    lp = s.prior_logit()
     known = np.isfinite(s.conf)
     lc = np.where(known, logit(np.nan_to_num(s.conf, nan=0.5)), 0.0)
     pairwise = [np.zeros_like(lp) for _ in range(6)]
@@ -179,7 +186,16 @@ def _b_design(raw: np.ndarray, n_answers: np.ndarray) -> np.ndarray:
 
 def choose(s: States, a: np.ndarray, b: np.ndarray, onehot: np.ndarray, width: int) -> Choice:
     """Apply the answer rule (module docstring) with stage-A weights ``a`` and stage-B weights ``b``."""
-    z, agreeing = answer_logit(s, onehot, width, a)
+    used = np.flatnonzero(s.answered.any(axis=0))
+    if len(used) < s.code.shape[1]:
+        # the rule reads scores only where a query has an answer: the columns of LLMs nobody answered yet
+        # (nine in ten after round 1 of a 10-LLM batch) are not computed (score and agreement 0 there)
+        part = States(s.prior[:, used], s.code[:, used], s.conf[:, used], s.order[:, used])
+        z_used, agree_used = answer_logit(part, onehot[used], width, a)
+        z, agreeing = np.zeros(s.code.shape), np.zeros(s.code.shape)
+        z[:, used], agreeing[:, used] = z_used, agree_used
+    else:
+        z, agreeing = answer_logit(s, onehot, width, a)
     score = sigmoid(z)
     text = s.code >= 0
     answered = s.answered
@@ -196,21 +212,24 @@ def choose(s: States, a: np.ndarray, b: np.ndarray, onehot: np.ndarray, width: i
     return Choice(chosen, raw, p, n_answers, agree)
 
 
-def _after_columns(s: States, now: Choice) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
-    """Stage C's per-(query, LLM) columns [n, M] (before the per-LLM terms), the priors' and now's logits."""
-    lp = _lp(s.prior)
+def _after_columns(s: States, now: Choice, dense: bool = True) -> tuple[list[np.ndarray], np.ndarray, np.ndarray]:
+    """Stage C's per-(query, LLM) columns [n, M] (before the per-LLM terms), the priors' and now's logits.
+    ``dense`` False: the columns that are the same for every LLM of a query stay [n, 1] (broadcast, the same
+    values): ``after_logit`` does not need them materialised."""
+    lp = s.prior_logit()
     lnow = np.where(now.chosen >= 0, logit(np.maximum(now.p, 1e-6)), -4.0)[:, None]
     known = np.isfinite(s.conf) & s.answered
     lc = np.where(known, logit(np.nan_to_num(s.conf, nan=0.5)), 0.0)
     count = np.maximum(known.sum(axis=1), 1)
     max_lc = np.where(known.any(axis=1), np.where(known, lc, -1e9).max(axis=1), 0.0)[:, None]
     mean_lc = (lc.sum(axis=1) / count)[:, None]
-    ones = np.ones_like(lp)
+    ones = np.ones_like(lp) if dense else np.ones((len(lp), 1))
+    diff = lp - lnow
     columns = [
         ones,
         lnow * ones,
-        lp - lnow,
-        np.maximum(lp - lnow, 0.0),
+        diff,
+        np.maximum(diff, 0.0),
         max_lc * ones,
         mean_lc * ones,
         (np.minimum(now.n_answers, 4)[:, None] - 1.0) * ones,
@@ -233,10 +252,14 @@ def after_features(s: States, now: Choice, onehot: np.ndarray, width: int) -> np
 
 def after_logit(s: States, now: Choice, onehot: np.ndarray, width: int, c: np.ndarray) -> np.ndarray:
     """``after_offset(now) + after_features(s, now) @ c`` without the [n, M, F] design."""
-    columns, lp, lnow = _after_columns(s, now)
+    columns, lp, lnow = _after_columns(s, now, dense=False)
     k = len(columns)
     hot = _hot(onehot, width)
-    z = sum(w * col for w, col in zip(c[:k], columns, strict=True)) + (hot @ c[k : k + width])[None]
+    # the terms added in the design's order (the same sums to the last bit), per-query ones broadcast
+    z = np.zeros(lp.shape)
+    for w, col in zip(c[:k], columns, strict=True):
+        z += w * col
+    z += (hot @ c[k : k + width])[None]
     z = z + (hot @ c[k + width : k + 2 * width])[None] * lp + (hot @ c[k + 2 * width :])[None] * lnow
     return after_offset(now)[:, None] + z
 

@@ -80,7 +80,7 @@ OK = "ok"
 class Observed:
     """The batch as dense arrays: queries in queue order, LLMs sorted; what every query has seen so far."""
 
-    query_ids: list[str]
+    query_ids: pl.Series  # String [n]: a Series, as the plan's query_id column takes it (1M str objects cost)
     tasks: np.ndarray  # str [n]
     tenants: np.ndarray  # str [n]
     priority: np.ndarray  # float [n]
@@ -91,6 +91,7 @@ class Observed:
     tries: np.ndarray  # int [n, M]: calls made (failed ones included)
     answers: pl.DataFrame  # _q, _m, answer: the answer text of each (query, LLM)'s last ok call
     drift: dict[str, float] = field(default_factory=dict)
+    patterns: tuple[np.ndarray, list[tuple[str, list[str], np.ndarray]]] | None = None  # ``_answer_patterns``
 
 
 def observe(
@@ -101,11 +102,10 @@ def observe(
 ) -> Observed:
     """Dense per-query state from the queue, the predictions and every observation so far (``discounts``:
     per-LLM batch price factors, to read batch calls' costs against the batch price)."""
-    ids = queue["query_id"].to_list()
+    ids = queue["query_id"]
     n = len(ids)
     models = sorted(predictions["model"].unique().to_list())
     qi = pl.DataFrame({"query_id": ids, "_q": np.arange(n, dtype=np.int64)})
-    mi = pl.DataFrame({"model": models, "_m": np.arange(len(models), dtype=np.int64)})
     m = len(models)
     # predictions arrive grouped by query in queue order: the query index from their runs, not a string join
     pred = _with_query(qi.rename({"_q": "query"}), predictions).rename({"query": "_q"})
@@ -121,25 +121,35 @@ def observe(
     tries = np.zeros((n, m), dtype=np.int64)
     answers = pl.DataFrame(schema={"_q": pl.Int64, "_m": pl.Int64, "answer": pl.String})
     drift: dict[str, float] = {}
-    obs = observations.join(qi, on="query_id").join(mi, on="model").with_row_index("_seq")
+    # the query index by a join on the id (observations of a query the queue lacks drop out), the LLM's as
+    # queue and predictions number it (an LLM nobody predicted drops out); rows keep their order
+    if observations.height == n and observations["query_id"].equals(ids):  # round 1 answered in queue order
+        located = observations.with_columns(pl.Series("_q", np.arange(n, dtype=np.int64)))
+    else:
+        located = observations.join(qi, on="query_id", how="inner", maintain_order="left")
+    obs = (
+        located.with_columns(pl.col("model").cast(pl.Enum(models), strict=False).to_physical().cast(pl.Int64).alias("_m"))
+        .filter(pl.col("_m").is_not_null())
+        .with_row_index("_seq")
+    )
     if obs.height:
         np.add.at(tries, (obs["_q"].to_numpy(), obs["_m"].to_numpy()), 1)
         cut = obs.filter(pl.col("status") == CUT)
         tries[cut["_q"].to_numpy(), cut["_m"].to_numpy()] = np.iinfo(np.int32).max  # cut again if asked again
         # the last ok call per (query, LLM) is its answer; the order of calls is by round, then row
-        ok = (
-            obs.filter(pl.col("status") == OK)
-            .sort("round", "_seq")
-            .unique(["_q", "_m"], keep="last", maintain_order=True)
-            .with_columns(
-                normalize(pl.col("answer")).rank("dense").over("_q").cast(pl.Int32).alias("_code"),
-                pl.int_range(pl.len()).over("_q").cast(pl.Int32).alias("_order"),
-            )
-        )
+        ok = obs.filter(pl.col("status") == OK)
+        if not ok["round"].is_sorted():
+            ok = ok.sort("round", "_seq")
+        # the last row per (query, LLM), in row order (polars' unique(keep="last") on two keys, in numpy)
+        pair = ok["_q"].to_numpy() * m + ok["_m"].to_numpy()
+        _, from_end = np.unique(pair[::-1], return_index=True)
+        if len(from_end) < ok.height:
+            ok = ok[np.sort(ok.height - 1 - from_end)]
         r, c = ok["_q"].to_numpy(), ok["_m"].to_numpy()
-        code[r, c] = np.where(ok["_code"].is_null().to_numpy(), OPAQUE, ok["_code"].fill_null(0).to_numpy())
+        dense, order_in = _ranks_within(r, ok.select(normalize(pl.col("answer")).rank("dense"))["answer"])
+        code[r, c] = np.where(dense < 0, OPAQUE, dense)
         conf[r, c] = np.exp(ok["logprob"].fill_null(np.nan).to_numpy())
-        order[r, c] = ok["_order"].to_numpy()
+        order[r, c] = order_in
         answers = ok.select("_q", "_m", "answer")
         drift = cost_drift(obs, cost, discounts)
     return Observed(
@@ -155,6 +165,36 @@ def observe(
         answers=answers,
         drift=drift,
     )
+
+
+def _ranks_within(query: np.ndarray, value: pl.Series) -> tuple[np.ndarray, np.ndarray]:
+    """Per row: the dense rank (1, 2, ...) of ``value`` among its query's rows (-1 where null), and the row's
+    position (0, 1, ...) among its query's rows in row order. Polars' ``rank().over(query)`` and
+    ``int_range().over(query)`` give the same numbers, but a window over 1M groups costs seconds."""
+    k = len(query)
+    position = np.zeros(k, dtype=np.int32)
+    dense = np.full(k, -1, dtype=np.int32)
+    if k == 0:
+        return dense, position
+    by_query = np.argsort(query, kind="stable")
+    sorted_q = query[by_query]
+    head = np.r_[True, sorted_q[1:] != sorted_q[:-1]]
+    starts = np.flatnonzero(head)
+    position[by_query] = np.arange(k) - np.repeat(starts, np.diff(np.r_[starts, k]))
+    known = ~value.is_null().to_numpy()
+    rows = np.flatnonzero(known)
+    if len(rows):
+        v = value.fill_null(0).to_numpy()[rows]
+        q = query[rows]
+        by = np.lexsort((v, q))
+        sq, sv = q[by], v[by]
+        new_query = np.r_[True, sq[1:] != sq[:-1]]
+        step = new_query | np.r_[True, sv[1:] != sv[:-1]]
+        count = np.cumsum(step)
+        first = np.flatnonzero(new_query)
+        base = np.repeat(count[first], np.diff(np.r_[first, len(sq)]))
+        dense[rows[by]] = (count - base + 1).astype(np.int32)
+    return dense, position
 
 
 def cost_drift(obs: pl.DataFrame, predicted: np.ndarray, discounts: dict[str, float] | None = None) -> dict[str, float]:
@@ -215,10 +255,11 @@ def evaluate(
             now_answer[part], now_p[part], agree[part] = now.chosen, now.p, now.agree
             after[part] = posterior.after(str(task), s, seen.models, now)
     callable_ = np.isfinite(seen.states.prior) & ~seen.states.answered & (seen.tries < max_tries)
-    callable_ &= np.isfinite(seen.cost) & offered(seen, posterior)
+    means = _task_means(seen, posterior)
+    callable_ &= np.isfinite(seen.cost) & offered(seen, posterior, means)
     if upward:
         disputed = vote & ((seen.states.code >= 0).sum(axis=1) >= 2) & (agree == 0)
-        callable_ &= stronger(seen, posterior, now_answer) | disputed[:, None]
+        callable_ &= stronger(seen, posterior, now_answer, means) | disputed[:, None]
     after = np.where(callable_, after, np.nan)
     return Evaluated(now_answer, now_p, after)
 
@@ -229,10 +270,14 @@ def _task_means(seen: Observed, posterior: Posterior) -> dict[str, tuple[np.ndar
     out = {}
     for task in np.unique(seen.tasks):
         rows = seen.tasks == task
-        with np.errstate(invalid="ignore"), warnings.catch_warnings():
-            warnings.simplefilter("ignore", RuntimeWarning)  # an LLM not offered for the task: nan, not a mean
-            acc, cost = np.nanmean(seen.states.prior[rows], axis=0), np.nanmean(seen.cost[rows], axis=0)
         recorded = posterior.singles.get(str(task), {})
+        acc, cost = np.full(len(seen.models), np.nan), np.full(len(seen.models), np.nan)
+        # the batch's means only for the LLMs the history did not record (at 1M queries each mean is a pass)
+        if unrecorded := [j for j, model in enumerate(seen.models) if model not in recorded]:
+            with np.errstate(invalid="ignore"), warnings.catch_warnings():
+                warnings.simplefilter("ignore", RuntimeWarning)  # an LLM not offered for the task: nan, not a mean
+                acc[unrecorded] = np.nanmean(seen.states.prior[rows][:, unrecorded], axis=0)
+                cost[unrecorded] = np.nanmean(seen.cost[rows][:, unrecorded], axis=0)
         for j, model in enumerate(seen.models):
             if model in recorded:
                 acc[j], cost[j] = recorded[model]
@@ -240,12 +285,14 @@ def _task_means(seen: Observed, posterior: Posterior) -> dict[str, tuple[np.ndar
     return out
 
 
-def offered(seen: Observed, posterior: Posterior) -> np.ndarray:
+def offered(
+    seen: Observed, posterior: Posterior, means: dict[str, tuple[np.ndarray, np.ndarray]] | None = None
+) -> np.ndarray:
     """[n, M]: the LLM is on its task's (mean cost, accuracy) frontier (``_task_means``). An LLM that a cheaper
     one beats on average is never worth calling: its estimated gains on a few queries are mostly the
     estimate's errors, which the optimizer, picking the largest, would select."""
     keep = np.zeros(seen.cost.shape, dtype=bool)
-    for task, (acc, cost) in _task_means(seen, posterior).items():
+    for task, (acc, cost) in (means if means is not None else _task_means(seen, posterior)).items():
         a, c = np.nan_to_num(acc, nan=-1.0), np.nan_to_num(cost, nan=np.inf)
         better = (
             (a[None, :] >= a[:, None])
@@ -256,11 +303,16 @@ def offered(seen: Observed, posterior: Posterior) -> np.ndarray:
     return keep
 
 
-def stronger(seen: Observed, posterior: Posterior, now_answer: np.ndarray) -> np.ndarray:
+def stronger(
+    seen: Observed,
+    posterior: Posterior,
+    now_answer: np.ndarray,
+    means: dict[str, tuple[np.ndarray, np.ndarray]] | None = None,
+) -> np.ndarray:
     """[n, M]: the LLM is more accurate on the query's task (``_task_means``) than the one whose answer it keeps
     now (any LLM for a query without an answer)."""
     out = np.zeros(seen.cost.shape, dtype=bool)
-    for task, (acc, _) in _task_means(seen, posterior).items():
+    for task, (acc, _) in (means if means is not None else _task_means(seen, posterior)).items():
         rows = np.flatnonzero(seen.tasks == task)
         a = np.nan_to_num(acc, nan=-np.inf)
         kept = np.where(now_answer[rows] >= 0, a[np.maximum(now_answer[rows], 0)], -np.inf)
@@ -382,12 +434,13 @@ class PosteriorRoundPlanner:
         hit = np.where(batch_pick, share, 1.0)
         calls = pl.DataFrame(
             {
-                "query_id": pl.Series(seen.query_ids).gather(rows),
+                "query_id": seen.query_ids.gather(rows),
                 "models": pl.Series(seen.models).gather(cols),
                 "expected_cost_usd": cost[rows, cols] * scale,
                 "reserve_cost_usd": high[rows, cols] * scale,
                 "expected_accuracy": hit * ev.after[rows, cols] + (1 - hit) * ev.now_p[rows],
-                "mode": np.where(batch_pick | by_batch[cols], BATCH, REALTIME),
+                # a gather from the two names, not a numpy string array converted (1M strings cost 0.3 s)
+                "mode": pl.Series([REALTIME, BATCH]).gather((batch_pick | by_batch[cols]).astype(np.int64)),
             }
         ).with_columns(pl.concat_list("models").alias("models"))
         calls = calls.select(ROUND_PLAN_SCHEMA.names()).cast(dict(ROUND_PLAN_SCHEMA))  # type: ignore[arg-type]
@@ -490,26 +543,22 @@ class PosteriorRoundPlanner:
         escalation's price factor (its round's mode: an escalation at half price is worth it at twice the
         budget's price)."""
         value = self._call_value(ev, call)
-        extra = np.zeros_like(value)
-        answered = seen.states.answered
-        for task in np.unique(seen.tasks):
-            if not self.posterior.confident.get(str(task), False):
-                # agreement alone tells little about which answers to escalate (measured on routerbench and
-                # overruling): round 1 plans such a task as a single shot, later rounds spend what is left
-                continue
-            in_task = seen.tasks == task
-            patterns, which = np.unique(answered[in_task], axis=0, return_inverse=True)
-            for k, pattern in enumerate(patterns):
-                if pattern.sum() > 1:
+        group, keys = _answer_patterns(seen, self.posterior)
+        if not keys:
+            return np.where(call, np.minimum(value, 1.0), 0.0), np.zeros_like(value)
+        # per pattern (task, LLMs answered) and LLM called next: the table's gain and cost at this price; a
+        # query outside every pattern (a task without confidences, two answers or more) reads the zero row
+        gains, costs = np.zeros((len(keys) + 1, len(seen.models))), np.zeros((len(keys) + 1, len(seen.models)))
+        for k, (task, before, pattern) in enumerate(keys):
+            for j, model in enumerate(seen.models):
+                if pattern[j]:
                     continue
-                rows = np.flatnonzero(in_task)[which.ravel() == k]
-                before = [seen.models[j] for j in np.flatnonzero(pattern)]
-                for j, model in enumerate(seen.models):
-                    if pattern[j]:
-                        continue
-                    gain, more = self.posterior.escalation_value(str(task), called_key([*before, model]), price * later)
-                    value[rows, j] += gain
-                    extra[rows, j] = more * later
+                gain, more = self.posterior.escalation_value(task, called_key([*before, model]), price * later)
+                gains[k, j], costs[k, j] = gain, more * later
+        if len(keys) == 1 and (group == 0).all():  # one pattern for the whole batch: broadcast, no gather
+            value, extra = value + gains[0][None], np.broadcast_to(costs[0][None], value.shape)
+        else:
+            value, extra = value + gains[group], costs[group]
         return np.where(call, np.minimum(value, 1.0), 0.0), np.where(call, extra, 0.0)
 
     def _held(self, seen: Observed, observations: pl.DataFrame, accuracy: np.ndarray, floors: bool = True) -> Held:
@@ -625,6 +674,40 @@ class PosteriorRoundPlanner:
             },
             schema=ROUND_ANSWER_SCHEMA,
         )
+
+
+def _answer_patterns(seen: Observed, posterior: Posterior) -> tuple[np.ndarray, list[tuple[str, list[str], np.ndarray]]]:
+    """Per query the index of its (task, LLMs answered) pattern in the returned keys (task, those LLMs, the
+    [M] mask), for the tasks whose history recorded confidences and patterns of at most one answer; other
+    queries get len(keys). Computed once per ``Observed`` (the look-ahead's bisection re-values every price)."""
+    if seen.patterns is not None:
+        return seen.patterns
+    n, m = seen.states.code.shape
+    answered = seen.states.answered
+    group = np.full(n, -1, dtype=np.int64)
+    keys: list[tuple[str, list[str], np.ndarray]] = []
+    # a row's answered LLMs as one integer (bits), so finding the patterns is a sort of n integers
+    packed = answered @ (1 << np.arange(m, dtype=np.int64)) if m < 63 else None
+    for task in np.unique(seen.tasks):
+        if not posterior.confident.get(str(task), False):
+            # agreement alone tells little about which answers to escalate (measured on routerbench and
+            # overruling): round 1 plans such a task as a single shot, later rounds spend what is left
+            continue
+        in_task = np.flatnonzero(seen.tasks == task)
+        if packed is not None:
+            codes, which = np.unique(packed[in_task], return_inverse=True)
+            patterns = ((codes[:, None] >> np.arange(m)) & 1).astype(bool)
+        else:
+            patterns, which = np.unique(answered[in_task], axis=0, return_inverse=True)
+        which = which.ravel()
+        for k, pattern in enumerate(patterns):
+            if pattern.sum() > 1:
+                continue
+            group[in_task[which == k]] = len(keys)
+            keys.append((str(task), [seen.models[j] for j in np.flatnonzero(pattern)], pattern))
+    group[group < 0] = len(keys)
+    seen.patterns = (group, keys)
+    return seen.patterns
 
 
 def _batch_options(
