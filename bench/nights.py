@@ -180,7 +180,12 @@ def run_stream(name: str, args: argparse.Namespace, data: Path, work: Path, stor
                     queue_uri=str(queue_path),
                     predictors_uri=model_uri,
                     out_uri=out,
-                    request=PlanRequest(budget_usd=budget, allow_deferral=True, audit_share=share),
+                    request=PlanRequest(
+                        budget_usd=budget,
+                        allow_deferral=True,
+                        audit_share=share,
+                        audit_spend_share=args.audit_spend_share if share > 0 else None,
+                    ),
                     backend="openai",
                     base_url=server.base_url,
                     prices_uri=str(prices),
@@ -214,6 +219,8 @@ def run_stream(name: str, args: argparse.Namespace, data: Path, work: Path, stor
                     "budget USD": budget,
                     "spend USD": report["spent_usd"],
                     "audit USD": (report.get("audit") or {}).get("spent_usd", 0.0),
+                    "audits": (report.get("audit") or {}).get("audited", 0),
+                    "refs delivered": (report.get("audit") or {}).get("delivered_references", 0),
                     "drift": "; ".join(f"{d['kind']} {d['name']} {d['direction']}" for d in report.get("drift") or []),
                     "seconds": round(time.perf_counter() - started, 1),
                 }
@@ -224,7 +231,7 @@ def run_stream(name: str, args: argparse.Namespace, data: Path, work: Path, stor
 
 COLUMNS = [
     "night", "labels in", "realized", "audited est", "ci low", "ci high", "covered", "planned", "ECE learned",
-    "ECE never", "deferred", "acc no audit", "deferred no audit", "acc never learned", "budget USD", "spend USD", "audit USD", "seconds", "drift",
+    "ECE never", "deferred", "acc no audit", "deferred no audit", "acc never learned", "budget USD", "spend USD", "audit USD", "audits", "refs delivered", "seconds", "drift",
 ]  # fmt: skip
 
 
@@ -250,6 +257,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nights", type=int, default=10)
     parser.add_argument("--night-size", type=int, default=150)
     parser.add_argument("--audit-share", type=float, default=0.1)
+    parser.add_argument("--audit-spend-share", type=float, default=None, help="cap the audits at this share of the budget")
     parser.add_argument("--budget-fraction", type=float, default=0.5)
     parser.add_argument("--label-share", type=float, default=0.05)
     parser.add_argument("--label-delay", type=int, default=2)

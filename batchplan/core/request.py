@@ -49,6 +49,9 @@ class PlanRequest:
     # reference answer, paid from the same budget (batchplan.plans.audit); 0: none.
     audit_share: float = 0.0
     audit_seed: str = ""
+    # and at most this share of budget_usd on them (None: no cap): the sample, in its random order, stops
+    # where the references' expected cost would pass it, so audits cost the same share at any budget
+    audit_spend_share: float | None = None
 
     def __post_init__(self) -> None:
         if self.budget_usd is None and self.accuracy_target is None:
@@ -70,6 +73,10 @@ class PlanRequest:
             )
         if not 0 <= self.audit_share < 1:
             raise ContractError(f"audit_share must be in [0, 1), got {self.audit_share:g}", fields=("audit_share",))
+        if self.audit_spend_share is not None and not 0 < self.audit_spend_share < 1:
+            raise ContractError(
+                f"audit_spend_share must be in (0, 1), got {self.audit_spend_share:g}", fields=("audit_spend_share",)
+            )
         unknown = sorted(set(self.kinds) - set(PLAN_KINDS))
         if unknown or "single" not in self.kinds:
             raise ContractError(
