@@ -248,6 +248,22 @@ def test_the_default_audit_share_follows_the_backend() -> None:
     assert default_audit_share(0.2, "replay") == 0.2
 
 
+def test_the_audits_spend_cap_defaults_with_the_live_share_only() -> None:
+    from typer.testing import CliRunner
+
+    from batchplan.app.cli import app
+    from batchplan.core.request import LIVE_AUDIT_SPEND_SHARE, default_audit_spend_share
+
+    assert default_audit_spend_share(None, None, "openai") == LIVE_AUDIT_SPEND_SHARE
+    assert default_audit_spend_share(None, 0.3, "openai") is None  # the share asked for is not shrunk
+    assert default_audit_spend_share(0.2, 0.3, "openai") == 0.2
+    assert default_audit_spend_share(None, None, "replay") is None
+    args = ["run", "--queue", "q", "--predictors", "m", "--out", "x", "--budget-usd", "1", "--audit-spend-share", "1.5"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "--audit-spend-share" in result.output.strip().splitlines()[-1]
+
+
 def _offers(n: int) -> tuple[pl.DataFrame, pl.DataFrame]:
     queue = pl.DataFrame(
         {"query_id": [f"q{i:03d}" for i in range(n)], "task": "t", "tenant": "a", "labels": [["A", "B"]] * n}
