@@ -167,7 +167,8 @@ def test_the_interval_comes_without_gold_from_a_live_endpoint(
     # the audits' references are silver verdicts of the audited queries' other calls, never gold
     outcomes = pl.read_parquet(tmp_path / "live" / "outcomes.parquet")
     silver = outcomes.filter(pl.col("label_source") == "silver")
-    assert silver.height > 0 and not (outcomes["label_source"] == "gold").any()
+    assert silver.height > 0
+    assert not (outcomes["label_source"] == "gold").any()
     assert set(silver["query_id"]) <= set(audit["query_id"])
     own = silver.join(audit.select("query_id", "reference_models"), on="query_id")
     assert not any([m] == list(refs) for m, refs in own.select("model", "reference_models").iter_rows())
@@ -282,7 +283,8 @@ def test_the_audits_spend_cap_keeps_a_smaller_uniform_sample_in_the_queue_s_orde
     queue, predictions = _offers(100)
     full = audit_plan(queue, predictions, None, 0.5, "night-1")
     capped = audit_plan(queue, predictions, None, 0.5, "night-1", max_cost_usd=10.0)
-    assert full.height == 50 and capped.height == 10  # each reference (the likeliest LLM) costs 1.0
+    assert full.height == 50
+    assert capped.height == 10  # each reference (the likeliest LLM) costs 1.0
     assert capped["expected_cost_usd"].sum() <= 10.0
     first = {f"{q}{AUDIT_SUFFIX}" for q in ranked_sample(queue["query_id"].to_list(), 0.5, "night-1")[:10]}
     assert set(capped["query_id"]) == first  # a prefix of the random order: still a uniform sample
@@ -319,7 +321,8 @@ def test_an_audited_query_gets_its_reference_where_that_is_the_likelier_right_an
     assert swapped == 2
     assert out["answer"].to_list() == ["A", "B", "A", "B", "A"]  # agree; likelier; the plan is likelier; missing
     assert out["status"].to_list() == ["done"] * 5
-    assert out["error"][3] is None and out["models_called"][1].to_list() == ["small", "big"]
+    assert out["error"][3] is None
+    assert out["models_called"][1].to_list() == ["small", "big"]
     assert [n == AUDIT_DELIVERED_NOTE for n in out["note"].to_list()] == [False, True, False, True, False]
     assert out["cost_usd"].to_list() == results["cost_usd"].to_list()  # the reference's spend is the audit's
     assert out.columns == results.columns

@@ -42,7 +42,8 @@ def test_recent_live_gold_is_preferred_newest_runs_first(history: History, tmp_p
     older = _run(storage, tmp_path, "nightly-2026-01-01", history, ids[:40], GOLD)
     newer = _run(storage, tmp_path, "nightly-2026-01-02", history, ids[40:80], GOLD)
     chosen = evaluation_set(storage, [newer, older], test, min_rows=50, max_rows=10_000)
-    assert chosen.source == GOLD and chosen.runs == (newer, older)
+    assert chosen.source == GOLD
+    assert chosen.runs == (newer, older)
     assert chosen.rows == chosen.gold_rows == history.subset(ids[:80]).outcomes.height
     # capped: the newest run's rows are enough, the older one is not scored (nor kept out of training)
     capped = evaluation_set(storage, [older, newer], test, min_rows=50, max_rows=1)
@@ -59,10 +60,13 @@ def test_silver_when_gold_is_short_and_holdout_when_both_are(history: History, t
     ]
     gold_rows = history.subset(ids[:5]).outcomes.height
     silver = evaluation_set(storage, runs, test, min_rows=gold_rows + 1)
-    assert silver.source == SILVER and silver.gold_rows == gold_rows
+    assert silver.source == SILVER
+    assert silver.gold_rows == gold_rows
     assert set(silver.history.outcomes["label_source"].to_list()) == {SILVER}  # never gold rows mixed in
     held = evaluation_set(storage, runs, test, min_rows=10_000)
-    assert held.source == HOLDOUT and held.history is test and held.live_query_ids.len() == 0
+    assert held.source == HOLDOUT
+    assert held.history is test
+    assert held.live_query_ids.len() == 0
     assert evaluation_set(storage, [], test).source == HOLDOUT
 
 
@@ -74,7 +78,9 @@ def test_judge_scores_both_on_the_same_rows_and_says_which_source(history: Histo
     learned = train_predictor(history.split("train"), "prior")
     blind = train_predictor(history.split("train").subset(history.queries["query_id"].head(10)), "prior")
     better = judge(learned, blind, evaluation)
-    assert better.source == SILVER and better.silver and better.eval_rows == evaluation.rows
+    assert better.source == SILVER
+    assert better.silver
+    assert better.eval_rows == evaluation.rows
     assert better.candidate_score == pytest.approx(score_predictor(learned, evaluation.history)[0])
     assert better.current_score == pytest.approx(score_predictor(blind, evaluation.history)[0])
     assert better.promoted == (better.candidate_score < better.current_score)  # type: ignore[operator]
@@ -82,4 +88,5 @@ def test_judge_scores_both_on_the_same_rows_and_says_which_source(history: Histo
     worse = judge(blind, learned, evaluation)
     assert worse.promoted is not better.promoted
     first = judge(learned, None, evaluation)
-    assert first.promoted and first.current_score is None
+    assert first.promoted
+    assert first.current_score is None
