@@ -13,7 +13,9 @@ are split: whole subjects held out of training form the stream, so the history i
 
 Per night, three runs at the same budget (``--budget-fraction`` of the night's best single model cost):
 
-- ``learned+audits``: the retrained predictor, audits on (the run under test);
+- ``learned+audits``: the retrained predictor, audits on (the run under test): ``--audit-share`` of the
+  queries, capped at ``--audit-spend-share`` of the budget (the live default), audited queries delivered
+  their reference where it is the likelier right answer;
 - ``learned, no audits``: the same predictor, no audits (do audits pay for themselves?);
 - ``never learned``: the predictor trained once on the history, no audits.
 
@@ -53,6 +55,7 @@ from batchplan.app.report import Truth, score_results
 from batchplan.core.catalog import PriceCatalog
 from batchplan.core.contracts import AUDIT_SUFFIX
 from batchplan.core.history import History, load_history, stable_fold
+from batchplan.core.request import LIVE_AUDIT_SPEND_SHARE
 from batchplan.core.settings import get_settings
 from batchplan.core.storage import Storage
 from batchplan.plans.audit import audited_ids
@@ -180,7 +183,12 @@ def run_stream(name: str, args: argparse.Namespace, data: Path, work: Path, stor
                     queue_uri=str(queue_path),
                     predictors_uri=model_uri,
                     out_uri=out,
-                    request=PlanRequest(budget_usd=budget, allow_deferral=True, audit_share=share),
+                    request=PlanRequest(
+                        budget_usd=budget,
+                        allow_deferral=True,
+                        audit_share=share,
+                        audit_spend_share=args.audit_spend_share if share > 0 and args.audit_spend_share < 1 else None,
+                    ),
                     backend="openai",
                     base_url=server.base_url,
                     prices_uri=str(prices),
@@ -214,6 +222,8 @@ def run_stream(name: str, args: argparse.Namespace, data: Path, work: Path, stor
                     "budget USD": budget,
                     "spend USD": report["spent_usd"],
                     "audit USD": (report.get("audit") or {}).get("spent_usd", 0.0),
+                    "audits": (report.get("audit") or {}).get("audited", 0),
+                    "refs delivered": (report.get("audit") or {}).get("delivered_references", 0),
                     "drift": "; ".join(f"{d['kind']} {d['name']} {d['direction']}" for d in report.get("drift") or []),
                     "seconds": round(time.perf_counter() - started, 1),
                 }
@@ -224,7 +234,7 @@ def run_stream(name: str, args: argparse.Namespace, data: Path, work: Path, stor
 
 COLUMNS = [
     "night", "labels in", "realized", "audited est", "ci low", "ci high", "covered", "planned", "ECE learned",
-    "ECE never", "deferred", "acc no audit", "deferred no audit", "acc never learned", "budget USD", "spend USD", "audit USD", "seconds", "drift",
+    "ECE never", "deferred", "acc no audit", "deferred no audit", "acc never learned", "budget USD", "spend USD", "audit USD", "audits", "refs delivered", "seconds", "drift",
 ]  # fmt: skip
 
 
@@ -250,6 +260,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nights", type=int, default=10)
     parser.add_argument("--night-size", type=int, default=150)
     parser.add_argument("--audit-share", type=float, default=0.1)
+    parser.add_argument(
+        "--audit-spend-share",
+        type=float,
+        default=LIVE_AUDIT_SPEND_SHARE,
+        help="cap the audits at this share of the budget (the live default); 1 or more: no cap",
+    )
     parser.add_argument("--budget-fraction", type=float, default=0.5)
     parser.add_argument("--label-share", type=float, default=0.05)
     parser.add_argument("--label-delay", type=int, default=2)

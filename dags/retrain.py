@@ -5,9 +5,12 @@ Runs when the nightly DAG publishes new outcomes (Asset `batchplan_outcomes`), o
 found drift (Asset `batchplan_drift`, emitted by its `drift` task only then). Trains a candidate on the
 bundled histories' training split plus the labelled outcomes of every `outcomes/<run>/` recorded so far
 (label files dropped under `labels/<run>/` joined first; gold at full weight, audited silver lower), saves it as
-`models/<version>/`, scores it and the promoted predictor on the same held-out outcomes (Brier score of
-P(correct)), and promotes it (`models/CURRENT.json`) only if it is better by more than `min_gain`, or if
-nothing is promoted yet. Every decision, promoted or not, is written to `models/decisions/<version>.json`.
+`models/<version>/`, scores it and the promoted predictor on the same outcomes (Brier score of
+P(correct)): the most recent gold labels of live runs when there are `min_live_rows` of them, else the
+audited silver (flagged `silver` in the decision), else the bundled holdout; those live queries are kept out
+of the candidate's training. It promotes it (`models/CURRENT.json`) only if it is better by more than `min_gain`, or if
+nothing is promoted yet. Every decision, promoted or not, is written to `models/decisions/<version>.json`, with its `source` (gold /
+silver / holdout), rows scored, both scores and the verdict.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from typing import Any
 import pendulum
 from airflow.sdk import Asset, Param, dag, task
 
+from batchplan.app.promotion import MIN_LIVE_ROWS
 from batchplan.dag_tasks import common, retrain
 
 OUTCOMES = Asset(name="batchplan_outcomes", uri="batchplan://outcomes")
@@ -38,20 +42,33 @@ DRIFT = Asset(name="batchplan_drift", uri="batchplan://drift")
         "min_gain": Param(
             0.0, type="number", minimum=0, description="Promote only if Brier improves by more than this."
         ),
+        "min_live_rows": Param(
+            MIN_LIVE_ROWS,
+            type="integer",
+            minimum=1,
+            description="Live gold (else audited silver) outcomes needed to judge on them rather than the holdout.",
+        ),
     },
 )
 def batchplan_retrain() -> None:
     @task
     def train(params: Any = None, dag_run: Any = None) -> dict[str, Any]:
         version = retrain.predictor_version(dag_run.run_after)
-        return retrain.train_stage(common.storage_from_connection(), common.layout(), version, params["predictor"])
+        return retrain.train_stage(
+            common.storage_from_connection(), common.layout(), version, params["predictor"], int(params["min_live_rows"])
+        )
 
     @task
     def evaluate_and_promote(candidate: dict[str, Any], params: Any = None) -> dict[str, Any]:
         decision = retrain.evaluate_and_promote(
-            common.storage_from_connection(), common.layout(), candidate["candidate"], float(params["min_gain"])
+            common.storage_from_connection(),
+            common.layout(),
+            candidate["candidate"],
+            float(params["min_gain"]),
+            int(params["min_live_rows"]),
         )
-        print(f"batchplan retrain: {'PROMOTED' if decision['promoted'] else 'kept current'}: {decision['reason']}")
+        verdict = "PROMOTED" if decision["promoted"] else "kept current"
+        print(f"batchplan retrain: {verdict} (scored on {decision['source']}): {decision['reason']}")
         return decision
 
     evaluate_and_promote(train())

@@ -164,6 +164,14 @@ def test_the_interval_comes_without_gold_from_a_live_endpoint(
     audit = pl.read_parquet(tmp_path / "live" / "audit.parquet")
     assert set(audit.columns) >= {"query_id", "task", "delivered_answer", "reference_answer", "agree"}
     assert "audited estimate" in (tmp_path / "live" / "report.md").read_text()
+    # the audits' references are silver verdicts of the audited queries' other calls, never gold
+    outcomes = pl.read_parquet(tmp_path / "live" / "outcomes.parquet")
+    silver = outcomes.filter(pl.col("label_source") == "silver")
+    assert silver.height > 0
+    assert not (outcomes["label_source"] == "gold").any()
+    assert set(silver["query_id"]) <= set(audit["query_id"])
+    own = silver.join(audit.select("query_id", "reference_models"), on="query_id")
+    assert not any([m] == list(refs) for m, refs in own.select("model", "reference_models").iter_rows())
 
 
 def corrupted(history: History, llms: set[str]) -> History:
@@ -262,3 +270,82 @@ def test_audits_that_alone_exceed_a_tenant_budget_are_refused_naming_audit_share
     assert f"more than --tenant-budget {tenant}=0.000001; it would need at least $" in line
     assert "infeasible on its own" not in result.output
     assert not (tmp_path / "run" / "results.parquet").exists()
+
+
+def test_the_audits_spend_cap_defaults_with_the_live_share_only() -> None:
+    from typer.testing import CliRunner
+
+    from batchplan.app.cli import app
+    from batchplan.core.request import LIVE_AUDIT_SPEND_SHARE, default_audit_spend_share
+
+    assert default_audit_spend_share(None, None, "openai") == LIVE_AUDIT_SPEND_SHARE
+    assert default_audit_spend_share(None, 0.3, "openai") is None  # the share asked for is not shrunk
+    assert default_audit_spend_share(0.2, 0.3, "openai") == 0.2
+    assert default_audit_spend_share(None, None, "replay") is None
+    args = ["run", "--queue", "q", "--predictors", "m", "--out", "x", "--budget-usd", "1", "--audit-spend-share", "1.5"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert "--audit-spend-share" in result.output.strip().splitlines()[-1]
+
+
+def _offers(n: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+    queue = pl.DataFrame(
+        {"query_id": [f"q{i:03d}" for i in range(n)], "task": "t", "tenant": "a", "labels": [["A", "B"]] * n}
+    )
+    predictions = queue.select("query_id").join(pl.DataFrame({"model": ["big", "small"], "p_correct": [0.9, 0.7]}), how="cross")
+    predictions = predictions.with_columns(
+        pl.when(pl.col("model") == "big").then(1.0).otherwise(0.1).alias("cost_usd"),
+        pl.when(pl.col("model") == "big").then(1.5).otherwise(0.2).alias("cost_high_usd"),
+    )
+    return queue, predictions
+
+
+def test_the_audits_spend_cap_keeps_a_smaller_uniform_sample_in_the_queue_s_order() -> None:
+    from batchplan.plans.audit import audit_plan, ranked_sample
+
+    queue, predictions = _offers(100)
+    full = audit_plan(queue, predictions, None, 0.5, "night-1")
+    capped = audit_plan(queue, predictions, None, 0.5, "night-1", max_cost_usd=10.0)
+    assert full.height == 50
+    assert capped.height == 10  # each reference (the likeliest LLM) costs 1.0
+    assert capped["expected_cost_usd"].sum() <= 10.0
+    first = {f"{q}{AUDIT_SUFFIX}" for q in ranked_sample(queue["query_id"].to_list(), 0.5, "night-1")[:10]}
+    assert set(capped["query_id"]) == first  # a prefix of the random order: still a uniform sample
+    assert capped["query_id"].to_list() == sorted(capped["query_id"].to_list())  # the queue's order
+    one = audit_plan(queue, predictions, None, 0.5, "night-1", max_cost_usd=0.01)
+    assert one.height == 1  # a cap below one reference still audits one query
+
+
+def test_an_audited_query_gets_its_reference_where_that_is_the_likelier_right_answer() -> None:
+    from batchplan.plans.audit import AUDIT_DELIVERED_NOTE, deliver_references
+
+    queue, _ = _offers(5)
+    results = pl.DataFrame(
+        {
+            "query_id": queue["query_id"],
+            "answer": ["A", "A", "A", None, "A"],
+            "models_called": [["small"]] * 3 + [[]] + [["small"]],
+            "cost_usd": [0.1, 0.1, 0.1, 0.0, 0.1],
+            "status": ["done", "done", "done", "deferred", "done"],
+            "error": [None, None, None, "budget", None],
+            "note": None,
+        },
+        schema_overrides={"note": pl.String},
+    )
+    plan = pl.DataFrame({"query_id": queue["query_id"], "expected_accuracy": [0.7, 0.7, 0.95, 0.0, 0.7]})
+    audited = queue["query_id"].head(4)  # q004 is not audited
+    audit_rows = pl.DataFrame(
+        {"query_id": audited + AUDIT_SUFFIX, "expected_accuracy": [0.9] * 4, "models": [["big"]] * 4}
+    )
+    audit_results = pl.DataFrame(
+        {"query_id": audited + AUDIT_SUFFIX, "answer": ["A", "B", "B", "B"], "status": ["done"] * 4}
+    )
+    out, swapped = deliver_references(results, plan, audit_rows, audit_results, queue)
+    assert swapped == 2
+    assert out["answer"].to_list() == ["A", "B", "A", "B", "A"]  # agree; likelier; the plan is likelier; missing
+    assert out["status"].to_list() == ["done"] * 5
+    assert out["error"][3] is None
+    assert out["models_called"][1].to_list() == ["small", "big"]
+    assert [n == AUDIT_DELIVERED_NOTE for n in out["note"].to_list()] == [False, True, False, True, False]
+    assert out["cost_usd"].to_list() == results["cost_usd"].to_list()  # the reference's spend is the audit's
+    assert out.columns == results.columns

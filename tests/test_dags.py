@@ -418,6 +418,7 @@ def test_retrain_bootstraps_the_first_predictor(seeded: Done) -> None:
     decision = json.loads(storage.read_text(lay.decision(current["version"])))
     assert decision["promoted"] is True
     assert decision["current"] is None
+    assert decision["source"] == "holdout"  # no live run yet: the bundled holdout judges
 
 
 @pytest.mark.slow
@@ -681,6 +682,11 @@ def test_retrain_decides_on_new_outcomes(
     assert latest["outcomes_found"] > 0
     assert latest["outcomes_used"] <= latest["outcomes_found"]
     assert latest["current_score"] is not None
+    # the backfill's replayed outcomes are gold and plentiful: the promotion is judged on them, not the holdout
+    assert latest["source"] == "gold"
+    assert latest["silver"] is False
+    assert latest["eval_pairs"] >= latest["min_live_rows"]
+    assert latest["eval_runs"]
     now = json.loads(storage.read_text(lay.current_model()))["version"]
     assert now == (latest["candidate"] if latest["promoted"] else first)
     print("dag.test timings:", {k: round(v, 1) for k, v in env.timings.items()})

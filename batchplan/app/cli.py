@@ -48,6 +48,7 @@ FLAGS = {
     "predictor": "--predictor",
     "rounds": "--rounds",
     "audit_share": "--audit-share",
+    "audit_spend_share": "--audit-spend-share",
     "batch_api": "--batch-api",
     "round_planner": "--round-planner",
     "deadline": "--deadline",
@@ -362,6 +363,15 @@ AuditShareOpt = Annotated[
         "backend, 0 for replay and for runs in rounds.",
     ),
 ]
+AuditSpendShareOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--audit-spend-share",
+        help="At most this share of the budget on the audits' reference answers: the sample, in its random "
+        "order, stops where they would pass it (still uniform, smaller). Default 0.05 with the live default "
+        "audit share, none when --audit-share is given.",
+    ),
+]
 BatchApiOpt = Annotated[
     bool,
     typer.Option(
@@ -564,6 +574,7 @@ def run(
     rounds: RoundsOpt = 1,
     round_planner: RoundPlannerOpt = "plan",
     audit_share: AuditShareOpt = None,
+    audit_spend_share: AuditSpendShareOpt = None,
     batch_api: BatchApiOpt = False,
     resume_cancelled: ResumeCancelledOpt = False,
     deadline: DeadlineOpt = None,
@@ -574,9 +585,13 @@ def run(
 
         deadline_ts = deadline_at(deadline) if deadline is not None else None
         request = _request(locals())
-        from batchplan.core.request import default_audit_share
+        from batchplan.core.request import default_audit_share, default_audit_spend_share
 
-        request = dataclasses.replace(request, audit_share=default_audit_share(audit_share, backend, rounds))
+        request = dataclasses.replace(
+            request,
+            audit_share=default_audit_share(audit_share, backend, rounds),
+            audit_spend_share=default_audit_spend_share(audit_spend_share, audit_share, backend),
+        )
         _check_backend(backend, replay_history=replay_history, prices=prices, base_url=base_url)
         if batch_api:
             from batchplan.app.pipeline import check_batch_api

@@ -40,6 +40,7 @@ from batchplan.core.contracts import (
 from batchplan.core.history import History
 from batchplan.core.storage import Storage, join
 from batchplan.dispatchers import call_events
+from batchplan.plans.audit import same_answer
 
 log = structlog.get_logger("batchplan")
 
@@ -96,10 +97,12 @@ def record_run_outcomes(
     *,
     prices: pl.DataFrame | None = None,
     truth: Any = None,
+    references: pl.DataFrame | None = None,
 ) -> pl.DataFrame:
     """Write ``out_uri``'s outcomes, queries and prices from the ledgers under ``root``; labels already in
     ``out_uri`` (a rerun after ``batchplan label``) are applied again. ``truth`` (a ``report.Truth``) only
-    for the replay backend, whose history is the truth. Returns the outcomes written."""
+    for the replay backend, whose history is the truth. ``references``: the audits' records (query_id, task,
+    reference_answer, reference_models), whose answers become silver verdicts. Returns the outcomes written."""
     # an audit's reference call (<query_id>#audit) is a call about the same query: its outcome is that query's
     outcomes = (
         call_outcomes(storage, root)
@@ -115,6 +118,8 @@ def record_run_outcomes(
     if truth is not None:
         outcomes = _replay_verdicts(outcomes, truth)
         queries = queries.drop("gold").join(truth.gold, on="query_id", how="left").select(HISTORY_QUERIES_SCHEMA.names())
+    if references is not None and references.height:
+        outcomes = silver_verdicts(outcomes, references, queue)
     outcomes = _keep_silver(storage, out_uri, outcomes.select(LIVE_OUTCOME_SCHEMA.names()))
     labels_uri = join(out_uri, LABELS_FILE)
     if storage.exists(labels_uri):
@@ -128,6 +133,34 @@ def record_run_outcomes(
         llms=outcomes["model"].n_unique(),
     )
     return outcomes
+
+
+def silver_verdicts(outcomes: pl.DataFrame, references: pl.DataFrame, queue: pl.DataFrame) -> pl.DataFrame:
+    """Outcomes with a silver ``correct`` (the call's answer agrees with its query's audit reference,
+    ``batchplan.plans.audit.same_answer``) on the audited queries' calls that taught something and have no
+    label yet. A single-LLM reference's own LLM stays unlabelled (agreeing with itself says nothing about it);
+    a vote's members are labelled by the vote, as the audit's agreement rates count them."""
+    open_tasks = set(queue.filter(pl.col("labels").is_null())["task"].unique().to_list())
+    refs = {q: (a, set(ms or []), t) for q, t, a, ms in references.select(
+        "query_id", "task", "reference_answer", "reference_models").iter_rows()}  # fmt: skip
+    verdicts: list[bool | None] = []
+    for query_id, llm, answer, status, source in outcomes.select(
+        "query_id", "model", "answer", "status", "label_source"
+    ).iter_rows():
+        ref = refs.get(query_id)
+        if ref is None or ref[0] is None or source is not None or status not in TEACHING or ref[1] == {llm}:
+            verdicts.append(None)
+        else:
+            verdicts.append(same_answer(answer, ref[0], ref[2] in open_tasks))
+    silver = pl.Series("_silver", verdicts, dtype=pl.Boolean)
+    return (
+        outcomes.with_columns(silver)
+        .with_columns(
+            pl.coalesce("correct", "_silver").alias("correct"),
+            pl.when(pl.col("_silver").is_not_null()).then(pl.lit(SILVER)).otherwise(pl.col("label_source")).alias("label_source"),
+        )
+        .drop("_silver")
+    )
 
 
 def _keep_silver(storage: Storage, out_uri: str, outcomes: pl.DataFrame) -> pl.DataFrame:

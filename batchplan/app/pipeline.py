@@ -60,7 +60,7 @@ from batchplan.dispatchers import (
     spend_by_model,
 )
 from batchplan.dispatchers.limits import MAX_TOKENS, MAX_TOKENS_OPEN, OutputCaps
-from batchplan.plans.audit import audit_plan, audit_queue, estimate_audit
+from batchplan.plans.audit import audit_plan, audit_queue, deliver_references, estimate_audit
 from batchplan.plans.candidates import Candidates, build_candidates
 from batchplan.plans.frontier import frontier_uri, plan_frontier, read_frontier, write_frontier
 from batchplan.plans.modes import BatchModes, batch_priced
@@ -411,7 +411,15 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
     audit = None
     if job.request.audit_share > 0:
         allowed = allowed_predictions(predictions, ingested.queue, job.request.allowed_models)
-        audit = audit_plan(ingested.queue, allowed, trained.audit, job.request.audit_share, job.request.audit_seed)
+        cap = job.request.audit_spend_share
+        audit = audit_plan(
+            ingested.queue,
+            allowed,
+            trained.audit,
+            job.request.audit_share,
+            job.request.audit_seed,
+            max_cost_usd=cap * job.request.budget_usd if cap is not None and job.request.budget_usd is not None else None,
+        )
     modes = batch_modes(job, backend, predictions) if job.batch_api else None
     plan, diagnostics = _resume_or_plan(
         storage,
@@ -463,6 +471,7 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
             output_caps=trained.output_caps,
         )
     audited: dict[str, Any] | None = None
+    references: pl.DataFrame | None = None
     if audit is not None:  # the reference calls are the audit's, not answers the batch delivers
         audit_results, results, plan = results.filter(is_audit()), results.filter(~is_audit()), plan.filter(~is_audit())
         audited = estimate_audit(
@@ -477,7 +486,10 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
             seed=job.request.audit_seed,
         )
         paths["audit"] = join(job.out_uri, "audit.parquet")
-        storage.write_frame(pl.DataFrame(audited.pop("records"), schema=AUDIT_RECORD_SCHEMA), paths["audit"])
+        references = pl.DataFrame(audited.pop("records"), schema=AUDIT_RECORD_SCHEMA)
+        storage.write_frame(references, paths["audit"])
+        # after the estimate (the plan's own answers): the paid reference answers where they are the likelier right
+        results, audited["delivered_references"] = deliver_references(results, plan, audit, audit_results, ingested.queue)
     storage.write_frame(results, paths["results"])
     # every call the run made, as outcomes to learn from; correctness from the replay history only when that
     # history answered the calls (a live backend's is unknown until labels or audits say)
@@ -488,6 +500,7 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
         ingested.queue,
         prices=backend.catalog.prices,
         truth=truth if job.backend == "replay" else None,
+        references=references,
     )
     report = build_report(
         results=results,

@@ -661,6 +661,12 @@ def _audit_section(report: dict[str, Any]) -> Section | None:
         Note(
             f"{audit['audited']} of {audit['queries']} audited queries got a reference answer, for "
             f"${audit['spent_usd']:.4f} of the spend. Method: {audit['method']}."
+            + (
+                f" {n} audited queries were delivered their reference answer (the plan's was missing, or disagreed "
+                "and the reference is the more accurate plan); the estimate is of the plan's own answers."
+                if (n := audit.get("delivered_references"))
+                else ""
+            )
         ),
         Table(
             ["task", "audited", "agreement", "estimated accuracy", "95% CI", "planned accuracy"],

@@ -28,14 +28,24 @@ class Decision:
     eval_pairs: int
     outcomes_found: int
     outcomes_used: int
+    # what both were scored on (``batchplan.app.promotion``): gold labels of live runs, audited silver
+    # (``silver`` true: not gold) or the bundled holdout; the live rows available; the runs scored on
+    source: str = "holdout"
+    silver: bool = False
+    live_gold_rows: int = 0
+    live_silver_rows: int = 0
+    min_live_rows: int = 0
+    eval_runs: tuple[str, ...] = ()
 
 
-def training_history(storage: Storage, lay: Layout) -> tuple[Any, Any, int, int]:
-    """(train, eval, found, used): the bundled histories' train/holdout split, with every run's labelled
+def training_history(storage: Storage, lay: Layout, min_live_rows: int | None = None) -> tuple[Any, Any, int, int]:
+    """(train, evaluation, found, used): the bundled histories' train split with every run's labelled
     outcomes (``outcomes/<run>/``, after joining the label files dropped under ``labels/<run>/``; gold at
-    full weight, audited silver lower) added to training except those of held-out queries (no leakage into
-    the evaluation); ``found`` and ``used`` count those outcome rows."""
+    full weight, audited silver lower) added, and the evaluation set (``batchplan.app.promotion.
+    evaluation_set``: recent live gold, else audited silver, else the bundled holdout). Neither the bundled
+    holdout nor the live queries scored are trained on; ``found`` and ``used`` count the runs' outcome rows."""
     from batchplan.app.outcomes import OUTCOMES_FILE, runs_history
+    from batchplan.app.promotion import MIN_LIVE_ROWS, evaluation_set
     from batchplan.core.history import combine_histories, load_history, with_holdout
     from batchplan.core.settings import Settings
     from batchplan.dag_tasks.stages import labels_stage
@@ -45,26 +55,18 @@ def training_history(storage: Storage, lay: Layout) -> tuple[Any, Any, int, int]
     labels_stage(storage, lay)
     learned_dirs = sorted({u.rsplit("/", 1)[0] for u in storage.iter_parts(lay.outcomes(), OUTCOMES_FILE)})
     train = base.split("train")
+    evaluation = evaluation_set(
+        storage, learned_dirs, base.split("test"), min_rows=MIN_LIVE_ROWS if min_live_rows is None else min_live_rows
+    )
     found = used = 0
     if learned_dirs:
         extra = runs_history(storage, learned_dirs)
         found = extra.outcomes.height
-        evaluation_ids = base.split("test").queries["query_id"].implode()
-        extra = extra.subset(extra.queries.filter(~pl.col("query_id").is_in(evaluation_ids))["query_id"])
+        held = pl.concat([base.split("test").queries["query_id"], evaluation.live_query_ids]).implode()
+        extra = extra.subset(extra.queries.filter(~pl.col("query_id").is_in(held))["query_id"])
         used = extra.outcomes.height
         train = combine_histories([train, extra])
-    return train, base.split("test"), found, used
-
-
-def score_predictor(predictor: Any, evaluation: Any) -> tuple[float, int]:
-    """Brier score of P(correct) on the held-out (query, model) outcomes: lower is better."""
-    from batchplan.predictors.metrics import brier
-
-    queue = evaluation.as_queue("test")
-    pairs = evaluation.outcomes.select("query_id", "model").join(queue.select("query_id"), on="query_id")
-    predicted = predictor.predict(queue, pairs, None)
-    joined = predicted.join(evaluation.outcomes.select("query_id", "model", "correct"), on=["query_id", "model"])
-    return brier(joined["correct"].cast(pl.Float64).to_numpy(), joined["p_correct"].to_numpy()), joined.height
+    return train, evaluation, found, used
 
 
 def predictor_version(when: Any) -> str:
@@ -73,7 +75,9 @@ def predictor_version(when: Any) -> str:
     return "v" + stamp.astimezone(UTC).strftime("%Y%m%dT%H%M%S")
 
 
-def train_stage(storage: Storage, lay: Layout, run: str, predictor_name: str = "lightgbm") -> dict[str, Any]:
+def train_stage(
+    storage: Storage, lay: Layout, run: str, predictor_name: str = "lightgbm", min_live_rows: int | None = None
+) -> dict[str, Any]:
     """Train a candidate predictor on the training history; save it as ``models/<run>/``."""
     from batchplan.app import artifacts
     from batchplan.predictors import list_versions
@@ -81,7 +85,7 @@ def train_stage(storage: Storage, lay: Layout, run: str, predictor_name: str = "
     out = lay.model(run)
     if run in list_versions(storage, lay.models()):
         return {"candidate": run, "uri": out, "reused": True}
-    train, _, found, used = training_history(storage, lay)
+    train, _, found, used = training_history(storage, lay, min_live_rows)
     artifacts.save(artifacts.train(train, predictor=predictor_name), storage, lay.models(), version=run)
     return {
         "candidate": run,
@@ -92,45 +96,51 @@ def train_stage(storage: Storage, lay: Layout, run: str, predictor_name: str = "
     }
 
 
-def evaluate_and_promote(storage: Storage, lay: Layout, run: str, min_gain: float = 0.0) -> dict[str, Any]:
-    """Score candidate and current predictor on the same held-out pairs; promote the candidate only if
-    its Brier score is lower by more than ``min_gain`` (or nothing is promoted yet). Records the decision."""
+def evaluate_and_promote(
+    storage: Storage, lay: Layout, run: str, min_gain: float = 0.0, min_live_rows: int | None = None
+) -> dict[str, Any]:
+    """Score candidate and current predictor on the same outcomes (recent live gold, else audited silver,
+    else the bundled holdout: ``batchplan.app.promotion``); promote the candidate only if its Brier score is
+    lower by more than ``min_gain`` (or nothing is promoted yet). Records the decision."""
     from batchplan.app.artifacts import resolve_version
+    from batchplan.app.promotion import judge
     from batchplan.predictors import load_predictor
 
-    _, evaluation, found, used = training_history(storage, lay)
-    candidate_score, pairs = score_predictor(load_predictor(storage, lay.models(), version=run), evaluation)
+    _, evaluation, found, used = training_history(storage, lay, min_live_rows)
     current = resolve_version(storage, lay.models(), None)
-    current_score = None
-    if current is not None and current != run:
-        current_score, _ = score_predictor(load_predictor(storage, lay.models(), version=current), evaluation)
-    if current is None:
-        promoted, reason = True, "no promoted predictor yet"
-    elif current == run:
-        promoted, reason = True, "this candidate is already the promoted one (re-run)"
-    elif current_score is not None and candidate_score < current_score - min_gain:
-        promoted, reason = True, f"Brier {candidate_score:.5f} < current {current_score:.5f} - {min_gain}"
-    else:
-        promoted, reason = False, f"Brier {candidate_score:.5f} is not better than current {current_score:.5f}"
+    verdict = judge(
+        load_predictor(storage, lay.models(), version=run),
+        load_predictor(storage, lay.models(), version=current) if current is not None and current != run else None,
+        evaluation,
+        min_gain=min_gain,
+        same=current == run,
+    )
     decision = Decision(
         run=run,
         candidate=run,
         current=current,
-        candidate_score=candidate_score,
-        current_score=current_score,
+        candidate_score=verdict.candidate_score,
+        current_score=verdict.current_score,
         metric="brier",
-        promoted=promoted,
-        reason=reason,
-        eval_pairs=pairs,
+        promoted=verdict.promoted,
+        reason=verdict.reason,
+        eval_pairs=verdict.eval_rows,
         outcomes_found=found,
         outcomes_used=used,
+        source=verdict.source,
+        silver=verdict.silver,
+        live_gold_rows=evaluation.gold_rows,
+        live_silver_rows=evaluation.silver_rows,
+        min_live_rows=evaluation.min_rows,
+        eval_runs=tuple(u.rstrip("/").rsplit("/", 1)[-1] for u in evaluation.runs),
     )
     storage.write_text(lay.decision(run), json.dumps(asdict(decision), indent=2))
-    if promoted:
+    if decision.promoted:
         pointer = {
             "version": run,
             "promoted_at": datetime.now(UTC).isoformat(timespec="seconds"),
-            "brier": candidate_score,
+            "brier": decision.candidate_score,
+            "source": decision.source,
         }
         storage.write_text(lay.current_model(), json.dumps(pointer))
     log.info("retrain.decision", **asdict(decision))

@@ -138,12 +138,17 @@ def fit_audit(history: History) -> AuditModel:
 def audited_ids(query_ids: list[str], share: float, seed: str) -> list[str]:
     """A uniform sample of ``share`` of the queries (at least one when share > 0), the same for the same run
     id whatever the queue's order: the ids with the smallest keyed hashes."""
+    return sorted(ranked_sample(query_ids, share, seed))
+
+
+def ranked_sample(query_ids: list[str], share: float, seed: str) -> list[str]:
+    """``audited_ids`` in its random order (a prefix of it is a uniform sample too)."""
     if share <= 0 or not query_ids:
         return []
     size = max(1, round(share * len(query_ids)))
     key = seed.encode()
     ranked = sorted(query_ids, key=lambda q: hashlib.blake2b(q.encode(), key=key[:64], digest_size=8).digest())
-    return sorted(ranked[:size])
+    return ranked[:size]
 
 
 AUDIT_PLAN_SCHEMA: Final = pl.Schema(
@@ -152,22 +157,37 @@ AUDIT_PLAN_SCHEMA: Final = pl.Schema(
 
 
 def audit_plan(
-    queue: pl.DataFrame, predictions: pl.DataFrame, model: AuditModel | None, share: float, seed: str
+    queue: pl.DataFrame,
+    predictions: pl.DataFrame,
+    model: AuditModel | None,
+    share: float,
+    seed: str,
+    max_cost_usd: float | None = None,
 ) -> pl.DataFrame:
-    """The reference plan rows (AUDIT_PLAN_SCHEMA, ids ``<query_id>#audit``) of the audited sample.
+    """The reference plan rows (AUDIT_PLAN_SCHEMA, ids ``<query_id>#audit``) of the audited sample; with
+    ``max_cost_usd``, the sample's first queries in its random order whose references' expected cost fits it
+    (at least one: a uniform sample still, only smaller).
 
     ``predictions`` are the (query, LLM) pairs the query's tenant may use and the backend offers. Where the
     task's fitted reference cannot be called whole (an LLM not offered or not allowed; a task the history
     lacks), the most accurate offered single LLM by the predictor stands in (``fitted_reference`` false:
     its estimate then assumes independent errors)."""
-    chosen = audited_ids(queue["query_id"].to_list(), share, seed)
+    chosen = ranked_sample(queue["query_id"].to_list(), share, seed)
     rows: list[dict[str, Any]] = []
     if not chosen:
         return pl.DataFrame(schema=AUDIT_PLAN_SCHEMA)
     queries = queue.filter(pl.col("query_id").is_in(pl.Series(chosen, dtype=pl.String).implode()))
     offered = predictions.filter(pl.col("query_id").is_in(pl.Series(chosen, dtype=pl.String).implode()))
     by_query = {q: frame for (q,), frame in offered.group_by("query_id")}
-    for query_id, task, tenant in queries.select("query_id", "task", "tenant").iter_rows():
+    order = {q: i for i, q in enumerate(chosen)}
+    spent = 0.0
+    ranked = (
+        queries.with_row_index("_pos")
+        .with_columns(pl.col("query_id").replace_strict(order, return_dtype=pl.Int64).alias("_rank"))
+        .sort("_rank")
+    )
+    kept: list[int] = []
+    for pos, query_id, task, tenant in ranked.select("_pos", "query_id", "task", "tenant").iter_rows():
         pairs = by_query.get(query_id)
         if pairs is None or pairs.height == 0:
             continue  # no LLM may answer it: nothing to audit
@@ -181,6 +201,10 @@ def audit_plan(
             picked = pairs.sort(["p_correct", "model"], descending=[True, False]).head(1)
             kind, members, accuracy = "single", picked["model"].to_list(), float(picked["p_correct"][0])
         cost = picked["cost_usd"].to_numpy()
+        if max_cost_usd is not None and rows and spent + float(cost.sum()) > max_cost_usd:
+            break  # the rest of the random order would pass the audits' share of the budget
+        spent += float(cost.sum())
+        kept.append(pos)
         high = np.maximum(picked["cost_high_usd"].fill_null(0.0).to_numpy(), cost)
         rows.append(
             {
@@ -197,7 +221,8 @@ def audit_plan(
                 "fitted_reference": fitted,
             }
         )
-    return pl.DataFrame(rows, schema=AUDIT_PLAN_SCHEMA)
+    # in the queue's order, as before the cap
+    return pl.DataFrame([rows[i] for i in np.argsort(kept, kind="stable")], schema=AUDIT_PLAN_SCHEMA)
 
 
 def audit_queue(queue: pl.DataFrame, plan: pl.DataFrame) -> pl.DataFrame:
@@ -471,3 +496,67 @@ def drift_lines(report: dict[str, Any]) -> list[str]:
             f"{promised:.1%}; retrain on this run's outcomes"
         )
     return lines
+
+
+AUDIT_DELIVERED_NOTE: Final = "answered by its audit's reference plan"
+
+
+def deliver_references(
+    results: pl.DataFrame, plan: pl.DataFrame, audit_plan_rows: pl.DataFrame, audit_results: pl.DataFrame, queue: pl.DataFrame
+) -> tuple[pl.DataFrame, int]:
+    """The delivered results with an audited query answered by its reference where that is the likelier right
+    answer: the plan's answer is missing (failed, deferred) or disagrees with the reference and the reference
+    is the more accurate of the two by the history (``expected_accuracy``: when two answers differ, the one
+    from the more accurate plan is the likelier right, whatever their errors' correlation). The reference was
+    paid for; throwing it away would make the audit cost accuracy. Call it after ``estimate_audit``: the
+    estimate is the plan's own answers' agreement with the reference, and the swap makes the delivered batch
+    at least as accurate as that. Returns (results, queries answered by their reference); costs unchanged
+    (the reference's spend is the audit's)."""
+    if audit_results.height == 0:
+        return results, 0
+    open_tasks = set(queue.filter(pl.col("labels").is_null())["task"].unique().to_list())
+    tasks = dict(queue.select("query_id", "task").iter_rows())
+    planned = dict(plan.select("query_id", "expected_accuracy").iter_rows())
+    references = audit_results.join(audit_plan_rows.select("query_id", "expected_accuracy", "models"), on="query_id")
+    delivered = {q: (s, a) for q, s, a in results.select("query_id", "status", "answer").iter_rows()}
+    swap: dict[str, tuple[str, list[str]]] = {}
+    for audit, status, answer, accuracy, models in references.select(
+        "query_id", "status", "answer", "expected_accuracy", "models"
+    ).iter_rows():
+        query_id = audited_query_id(audit)
+        if status != "done" or answer is None or query_id not in delivered:
+            continue
+        state, mine = delivered[query_id]
+        missing = state != "done" or mine is None
+        likelier = float(accuracy or 0.0) > float(planned.get(query_id) or 0.0)
+        if missing or (likelier and not same_answer(mine, answer, tasks.get(query_id) in open_tasks)):
+            swap[query_id] = (answer, list(models or []))
+    if not swap:
+        return results, 0
+    ids = pl.Series(list(swap), dtype=pl.String)
+    patch = pl.DataFrame(
+        {
+            "query_id": ids,
+            "_answer": [a for a, _ in swap.values()],
+            "_models": pl.Series([m for _, m in swap.values()], dtype=pl.List(pl.String)),
+        }
+    )
+    hit = pl.col("_answer").is_not_null()
+    out = (
+        results.join(patch, on="query_id", how="left", maintain_order="left")
+        .with_columns(
+            pl.when(hit).then(pl.col("_answer")).otherwise(pl.col("answer")).alias("answer"),
+            pl.when(hit)
+            .then(pl.concat_list(pl.col("models_called").fill_null(pl.lit([], dtype=pl.List(pl.String))), "_models").list.unique(maintain_order=True))
+            .otherwise(pl.col("models_called"))
+            .alias("models_called"),
+            pl.when(hit).then(pl.lit("done")).otherwise(pl.col("status")).alias("status"),
+            pl.when(hit).then(pl.lit(None, dtype=pl.String)).otherwise(pl.col("error")).alias("error"),
+            pl.when(hit)
+            .then(pl.concat_str([pl.col("note"), pl.lit(AUDIT_DELIVERED_NOTE)], separator="; ", ignore_nulls=True))
+            .otherwise(pl.col("note"))
+            .alias("note"),
+        )
+        .select(results.columns)
+    )
+    return out, len(swap)
