@@ -504,6 +504,13 @@ def test_run_in_rounds_writes_each_round_and_reports_its_estimate(
     assert (out / "rounds" / "1" / "calls.parquet").exists()
     assert (out / "rounds" / "3" / "observations.parquet").exists()
     assert not (out / "dispatch").exists()  # the rounds' own ledgers, not the single-shot one
+    # the report reads the rounds' ledgers: spend per LLM sums to the spend, calls per LLM, one line per round
+    assert report["spend_per_model"]
+    assert sum(r["spent_usd"] for r in report["spend_per_model"]) == pytest.approx(report["spent_usd"])
+    assert sum(r["calls"] for r in report["spend_per_model"]) >= report["status"]["done"]
+    assert [r["round"] for r in report["rounds"]] == [1, 2, 3]
+    assert sum(r["charged_usd"] for r in report["rounds"]) == pytest.approx(report["spent_usd"])
+    assert "## Rounds" in (out / "report.md").read_text()
     results = pl.read_parquet(out / "results.parquet")
     assert results.schema == RESULT_SCHEMA
     assert report["queries"] == results.height

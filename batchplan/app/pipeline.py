@@ -43,6 +43,7 @@ from batchplan.app.round_runner import (
     check_round_planner,
     make_round_planner,
     run_rounds,
+    with_audits,
 )
 from batchplan.core.catalog import BATCH_TERMS, PriceCatalog
 from batchplan.core.contracts import DEFER, RESULT_SCHEMA, UNANSWERABLE, ContractError, is_audit
@@ -424,20 +425,25 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
         audit,
     )
     estimated: float | None = None
+    in_rounds_outcome: RoundsOutcome | None = None
     if in_rounds:
         planner = make_round_planner(
             job.round_planner,
-            plan=plan,
+            plan=plan.filter(~is_audit()),
             queue=ingested.queue,
             predictions=predictions,
             trained=trained,
             request=job.request,
             modes=modes,
         )
+        # audits: the reference calls go beside the batch's, mandatory, inside the same budget
+        planner, round_queue, round_predictions = with_audits(
+            planner, plan, ingested.queue, allowed_predictions(predictions, ingested.queue, job.request.allowed_models)
+        )
         outcome = execute_rounds(
             plan,
-            ingested.queue,
-            allowed_predictions(predictions, ingested.queue, job.request.allowed_models),
+            round_queue,
+            round_predictions,
             backend,
             planner,
             rounds=job.rounds,
@@ -449,7 +455,7 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
             sender=round_batch_sender(job, backend, trained.output_caps) if job.batch_api else None,
             output_caps=trained.output_caps,
         )
-        results, estimated = outcome.results, outcome.estimated_accuracy
+        results, estimated, in_rounds_outcome = outcome.results, outcome.estimated_accuracy, outcome
     else:
         results = execute(
             plan,
@@ -470,7 +476,9 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
             results=results,
             audit_plan_rows=audit,
             audit_results=audit_results,
-            calls=calls_made(storage, job.out_uri),
+            calls=calls_made(storage, job.out_uri)
+            if in_rounds_outcome is None
+            else in_rounds_outcome.observations.select("query_id", "model", "answer", "status"),
             queue=ingested.queue,
             predictions=predictions,
             model=trained.audit,
@@ -502,8 +510,12 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
         tenant_budgets_usd=job.request.tenant_budgets_usd,
         unseen_tasks=unseen_tasks(ingested.queue, trained.predictor),
         frontier=read_frontier(storage, frontier_uri(paths["plan"])),
-        spend_by_model=spend_by_model(storage, dispatch_dir(job.out_uri)),
+        # in rounds every round has its own ledger: the per-LLM spend is what the rounds' observations charged
+        spend_by_model=in_rounds_outcome.spend_by_model
+        if in_rounds_outcome is not None
+        else spend_by_model(storage, dispatch_dir(job.out_uri)),
         estimated_accuracy=estimated,
+        rounds=in_rounds_outcome.rounds if in_rounds_outcome is not None else None,
         audit=audited,
     )
     report = report_with_labels(storage, job.out_uri, results, report)  # a rerun after `batchplan label`

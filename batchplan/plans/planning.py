@@ -148,8 +148,9 @@ def allowed_predictions(
 # cheaper LLM, past its capacity). Label-error bounds are held by the single-shot plan only: no round planner
 # estimates P(wrong | true label) from what a round observed.
 ROUND_PLANNERS_HOLD: dict[str, frozenset[str]] = {
-    "posterior": frozenset({"model_max_calls", "task_accuracy_floors"}),
-    "plan": frozenset({"task_accuracy_floors"}),
+    # audits: the reference calls go beside the planner's, mandatory (``app.round_runner.AuditedPlanner``)
+    "posterior": frozenset({"model_max_calls", "task_accuracy_floors", "audit_share"}),
+    "plan": frozenset({"task_accuracy_floors", "audit_share"}),
 }
 
 
