@@ -344,13 +344,14 @@ PredictorsOpt = Annotated[
     str, typer.Option("--predictors", help="Predictor registry root written by `batchplan train`.")
 ]
 RoundsOpt = Annotated[
-    int,
+    int | None,
     typer.Option(
         "--rounds",
         min=1,
-        help="Execute in N rounds, re-planned after each under what is left (1: single shot). Against a flaky "
-        "endpoint 3 with --round-planner plan measured best: as single shot when nothing fails, and what failed "
-        "is re-called instead of deferred (README, Rounds).",
+        help="Execute in N rounds, re-planned after each under what is left (1: single shot). Default 3 (1 when the "
+        "round planner cannot hold a constraint asked for, such as --max-calls with --round-planner plan): 3 rounds "
+        "of the plan measured best, as single shot when nothing fails, and what failed is re-called instead of "
+        "deferred (README, Rounds).",
     ),
 ]
 AuditShareOpt = Annotated[
@@ -561,7 +562,7 @@ def run(
     prices: PricesOpt = None,
     predictor_version: VersionOpt = None,
     run_id: Annotated[str | None, typer.Option("--run-id", help="Name shown in the report.")] = None,
-    rounds: RoundsOpt = 1,
+    rounds: RoundsOpt = None,
     round_planner: RoundPlannerOpt = "plan",
     audit_share: AuditShareOpt = None,
     batch_api: BatchApiOpt = False,
@@ -575,8 +576,10 @@ def run(
         deadline_ts = deadline_at(deadline) if deadline is not None else None
         request = _request(locals())
         from batchplan.core.request import default_audit_share
+        from batchplan.plans.planning import default_rounds
 
-        request = dataclasses.replace(request, audit_share=default_audit_share(audit_share, backend, rounds))
+        request = dataclasses.replace(request, audit_share=default_audit_share(audit_share, backend))
+        rounds = default_rounds(rounds, request, round_planner)
         _check_backend(backend, replay_history=replay_history, prices=prices, base_url=base_url)
         if batch_api:
             from batchplan.app.pipeline import check_batch_api
@@ -635,7 +638,7 @@ def demo(
             budget_fraction=budget_fraction,
             out_uri=out,
             progress=progress,
-            rounds=rounds,
+            rounds=rounds or 2,  # --rounds' help says run's default: the demo's own is 2 (above)
             round_planner=round_planner,
         )
     if as_json:

@@ -92,6 +92,10 @@ class PlanRequest:
 
 
 LIVE_AUDIT_SHARE: Final = 0.05
+# `batchplan run` and the nightly and backfill DAGs without --rounds / rounds: 3 rounds of the single-shot plan
+# (round planner "plan") measured best (README, Rounds; bench/rounds_faults.py): it answers and pays as single
+# shot on a healthy endpoint, and re-calls what failed instead of deferring it on a flaky one.
+DEFAULT_RUN_ROUNDS: Final = 3
 
 
 def default_audit_share(asked: float | None, backend: str, rounds: int = 1) -> float:

@@ -13,6 +13,7 @@ import structlog
 from batchplan.core import history
 from batchplan.core.contracts import ContractError
 from batchplan.core.layout import Layout, day
+from batchplan.core.request import DEFAULT_RUN_ROUNDS
 from batchplan.core.settings import Settings
 from batchplan.core.storage import Storage
 
@@ -70,7 +71,7 @@ class RunParams:
         shards = int(params.get("max_shards") or MAX_SHARDS)
         if not 1 <= shards <= MAX_SHARDS:
             raise ContractError(f"max_shards must be in [1, {MAX_SHARDS}], got {shards}")
-        rounds = int(params.get("rounds") or 1)
+        rounds = int(params.get("rounds") or DEFAULT_RUN_ROUNDS)
         if not 1 <= rounds <= MAX_ROUNDS:
             raise ContractError(f"rounds must be in [1, {MAX_ROUNDS}], got {rounds}")
         planner = str(params.get("round_planner") or "plan")

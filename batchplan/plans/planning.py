@@ -177,6 +177,21 @@ def check_rounds_request(request: PlanRequest, planner: str = "plan") -> None:
         )
 
 
+def default_rounds(asked: int | None, request: PlanRequest, planner: str = "plan") -> int:
+    """The rounds a run executes in: what was asked; else ``DEFAULT_RUN_ROUNDS`` when ``planner`` holds
+    everything the request asks for, else single shot (a request with ``--max-calls`` under the plan
+    planner, say), which holds it all: the default never turns a request into a refusal."""
+    from batchplan.core.request import DEFAULT_RUN_ROUNDS
+
+    if asked is not None:
+        return asked
+    try:
+        check_rounds_request(request, planner)
+    except ContractError:
+        return 1
+    return DEFAULT_RUN_ROUNDS
+
+
 def restrict_allowed(candidates: Candidates, allowed_models: dict[str, list[str]]) -> Candidates:
     """Drop candidates that call a model the query's tenant may not use."""
     if not allowed_models:
