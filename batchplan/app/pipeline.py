@@ -209,14 +209,7 @@ def execute(
         options=DispatchOptions(retry=retry, output_caps=output_caps),
     )
     deferred = _not_called(plan.filter(pl.col("kind") == DEFER), "deferred", pl.lit(DEFERRED_BY_PLAN))
-    unanswerable = plan.filter(pl.col("kind") == UNANSWERABLE)
-    offered = backend.offered_pairs(queue.filter(pl.col("query_id").is_in(unanswerable["query_id"].implode())))
-    reason = (
-        pl.when(pl.col("query_id").is_in(offered["query_id"].implode()))
-        .then(pl.lit("no LLM the backend offers for this query is one its tenant may use (--allow)"))
-        .otherwise(pl.lit(f"no LLM the backend offers can answer this query: {backend.unoffered_reason}"))
-    )
-    failed = _not_called(unanswerable, "failed", reason)
+    failed = unanswerable_results(plan, queue, backend)
     results = pl.concat([dispatched.select(RESULT_SCHEMA.names()).cast(RESULT_SCHEMA), deferred, failed])
     results = plan.select("query_id").join(results, on="query_id", how="left")
     log.info(
@@ -230,6 +223,19 @@ def execute(
 
 
 DEFERRED_BY_PLAN = "deferred by the plan: not worth its cost under the budget"
+
+
+def unanswerable_results(plan: pl.DataFrame, queue: pl.DataFrame, backend: Backend) -> pl.DataFrame:
+    """Failed result rows for the plan's unanswerable queries, saying why: no LLM the backend offers can
+    answer it, or none its tenant may use."""
+    unanswerable = plan.filter(pl.col("kind") == UNANSWERABLE)
+    offered = backend.offered_pairs(queue.filter(pl.col("query_id").is_in(unanswerable["query_id"].implode())))
+    reason = (
+        pl.when(pl.col("query_id").is_in(offered["query_id"].implode()))
+        .then(pl.lit("no LLM the backend offers for this query is one its tenant may use (--allow)"))
+        .otherwise(pl.lit(f"no LLM the backend offers can answer this query: {backend.unoffered_reason}"))
+    )
+    return _not_called(unanswerable, "failed", reason)
 
 
 def _not_called(plan: pl.DataFrame, status: str, error: pl.Expr) -> pl.DataFrame:
@@ -282,6 +288,12 @@ def execute_rounds(
         call_bounds=bounds,
         progress=progress,
     )
+    # a query no offered LLM can answer failed, as in single shot (the planners only know it was never called)
+    failed = unanswerable_results(plan, queue, backend)
+    if failed.height:
+        kept = outcome.results.filter(~pl.col("query_id").is_in(failed["query_id"].implode()))
+        merged = queue.select("query_id").join(pl.concat([kept, failed]), on="query_id", how="left", maintain_order="left")
+        outcome = dataclasses.replace(outcome, results=merged)
     results = outcome.results
     log.info(
         "dispatch",
