@@ -576,10 +576,8 @@ def run(
         deadline_ts = deadline_at(deadline) if deadline is not None else None
         request = _request(locals())
         from batchplan.core.request import default_audit_share
-        from batchplan.plans.planning import default_rounds
 
         request = dataclasses.replace(request, audit_share=default_audit_share(audit_share, backend))
-        rounds = default_rounds(rounds, request, round_planner)
         _check_backend(backend, replay_history=replay_history, prices=prices, base_url=base_url)
         if batch_api:
             from batchplan.app.pipeline import check_batch_api
@@ -599,7 +597,7 @@ def run(
             prices_uri=prices,
             predictor_version=predictor_version,
             run_id=run_id,
-            rounds=rounds,
+            rounds=rounds,  # None: the default (``planning.default_rounds``, resolved by run_job)
             round_planner=round_planner,
             batch_api=batch_api,
             resume_cancelled=resume_cancelled,

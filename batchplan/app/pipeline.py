@@ -70,6 +70,7 @@ from batchplan.plans.planning import (
     PlanRequest,
     allowed_predictions,
     check_rounds_request,
+    default_rounds,
     plan_batch,
     request_changes,
     request_record,
@@ -371,7 +372,9 @@ class Job:
     run_id: str | None = None
     reference_models: dict[str, str] | None = None  # task -> model for the 'best single model' baseline
     backend_options: dict[str, Any] = field(default_factory=dict)
-    rounds: int = 1  # > 1: execute in rounds, re-planned after each (batchplan.app.round_runner); 1: single shot
+    # > 1: execute in rounds, re-planned after each (batchplan.app.round_runner); 1: single shot; None: the
+    # default (``planning.default_rounds``: 3 unless the round planner cannot hold the request), as `run` gives
+    rounds: int | None = 1
     round_planner: str = "plan"  # a name in batchplan.app.round_runner.ROUND_PLANNERS
     batch_api: bool = False  # rounds sent as provider batch jobs (BatchSender), in rounds even when rounds == 1
     resume_cancelled: bool = False  # submit batches again in a run marked by `batchplan cancel`
@@ -389,9 +392,10 @@ class JobOutcome:
 def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth: Truth | None = None) -> JobOutcome:
     """Plan and dispatch the whole batch; write plan, results and report under ``job.out_uri``."""
     started = time.perf_counter()
+    rounds = default_rounds(job.rounds, job.request, job.round_planner)
     if job.request.audit_share > 0 and not job.request.audit_seed:  # the sample is the run's: the same on resume
         job = dataclasses.replace(job, request=dataclasses.replace(job.request, audit_seed=job.run_id or job.out_uri))
-    in_rounds = job.rounds > 1 or job.batch_api
+    in_rounds = rounds > 1 or job.batch_api
     if in_rounds:  # before anything is planned or sent
         check_round_planner(job.round_planner)
         check_rounds_request(job.request, job.round_planner)
@@ -431,7 +435,7 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
         paths["plan"],
         ingested.queue,
         # single shot by batch: every call at the batch price
-        batch_priced(predictions, modes.discounts) if modes is not None and job.rounds == 1 else predictions,
+        batch_priced(predictions, modes.discounts) if modes is not None and rounds == 1 else predictions,
         trained.templates,
         job.request,
         audit,
@@ -458,7 +462,7 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
             round_predictions,
             backend,
             planner,
-            rounds=job.rounds,
+            rounds=rounds,
             budget_usd=job.request.budget_usd,
             out_uri=job.out_uri,
             storage=storage,
