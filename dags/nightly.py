@@ -12,7 +12,7 @@ most `budget_usd`) -> `dispatch` (mapped over the shards; each shard's ledger ma
 outcomes and their reports re-rendered with the accuracy measured on them) -> `drift` (emits the Asset
 `batchplan_drift`, which triggers the retrain DAG, only when the audits found drift; else skipped).
 
-**Audits**: `audit_share` (empty: 5% for a live backend, none for replay or rounds) of the queries also get a
+**Audits**: `audit_share` (empty: 5% for a live backend, none for replay; in rounds too) of the queries also get a
 reference answer inside the budget; the report's first lines give the audited accuracy with its 95% interval
 and any drift (an LLM or task outside the predictor's interval).
 
@@ -32,8 +32,8 @@ tenants, unless `allow_unused_constraints` (the report then lists it). Re-runnin
 is refused at `plan`: the stored plan and its shards' budgets stand.
 
 **Rounds**: `rounds` (> 1: `round_<k>_plan` -> `round_<k>_dispatch` (mapped over shards) -> `round_<k>_observe`
-for each round, re-planned over the whole batch under what is left; rounds past the param do nothing) and
-`round_planner`.
+for each round, re-planned over the whole batch under what is left; rounds past the param do nothing; default
+3, 1 = single shot) and `round_planner` (default `plan`).
 """
 
 from __future__ import annotations
@@ -118,7 +118,7 @@ def _sensor_key(params: dict[str, Any], logical_date: Any) -> str:
             minimum=0,
             maximum=0.99,
             description="Share of queries that also get a reference answer inside the budget (accuracy without "
-            "gold, drift); empty = 0.05 for a live backend, 0 for replay and for rounds.",
+            "gold, drift); empty = 0.05 for a live backend, 0 for replay.",
         ),
         **rounds.params(),
     },

@@ -11,7 +11,7 @@ import pytest
 
 from batchplan.app import artifacts
 from batchplan.app.pipeline import Job, run_job
-from batchplan.core.contracts import AUDIT_SUFFIX, is_audit
+from batchplan.core.contracts import AUDIT_SUFFIX, audit_id, is_audit
 from batchplan.core.history import History, load_history
 from batchplan.core.storage import Storage
 from batchplan.plans.audit import audited_ids, same_answer
@@ -33,6 +33,13 @@ def registry(history: History, tmp_path_factory: pytest.TempPathFactory) -> str:
     return root
 
 
+@pytest.fixture(scope="module")
+def registry_with_posterior(history: History, tmp_path_factory: pytest.TempPathFactory) -> str:
+    root = str(tmp_path_factory.mktemp("predictors-posterior"))
+    artifacts.save(artifacts.train(history.split("train")), Storage(), root)
+    return root
+
+
 def write_queue(history: History, path: Path) -> str:
     history.as_queue(split="test").write_parquet(path)  # QUEUE_SCHEMA: no gold column
     return str(path)
@@ -44,6 +51,19 @@ def write_history(history: History, root: Path) -> str:
     history.outcomes.write_parquet(root / "outcomes.parquet")
     history.prices.write_csv(root / "models.csv")
     return str(root)
+
+
+def audited_job(queue: str, registry: str, out: Path, budget: float, run_id: str, **rounds: object) -> Job:
+    """A replay run of the example queue with a quarter of it audited (``rounds``: Job's rounds fields)."""
+    return Job(
+        queue_uri=queue,
+        predictors_uri=registry,
+        out_uri=str(out),
+        request=PlanRequest(budget_usd=budget, allow_deferral=True, audit_share=0.25),
+        replay_history=[str(EXAMPLES)],
+        run_id=run_id,
+        **rounds,  # type: ignore[arg-type]
+    )
 
 
 def test_audit_sample_is_uniform_deterministic_and_the_run_id_s() -> None:
@@ -69,14 +89,7 @@ def test_audits_are_planned_inside_the_budget_and_resume_to_the_same_sample(
     queue = write_queue(history, tmp_path / "queue.parquet")
     n = history.as_queue(split="test").height
     budget = 0.02
-    job = Job(
-        queue_uri=queue,
-        predictors_uri=registry,
-        out_uri=str(tmp_path / "run"),
-        request=PlanRequest(budget_usd=budget, allow_deferral=True, audit_share=0.25),
-        replay_history=[str(EXAMPLES)],
-        run_id="audit-night",
-    )
+    job = audited_job(queue, registry, tmp_path / "run", budget, "audit-night")
     first = run_job(job, Storage())
     plan = pl.read_parquet(tmp_path / "run" / "plan.parquet")
     audits = plan.filter(is_audit())
@@ -107,6 +120,44 @@ def test_audits_are_planned_inside_the_budget_and_resume_to_the_same_sample(
     )
     assert "audit" not in bare.report
     assert not pl.read_parquet(tmp_path / "bare" / "plan.parquet").filter(is_audit()).height
+
+
+@pytest.mark.parametrize("planner", ["plan", "posterior"])
+def test_audits_in_rounds_are_mandatory_round_one_calls_inside_the_budget(
+    history: History, registry_with_posterior: str, tmp_path: Path, planner: str
+) -> None:
+    queue = write_queue(history, tmp_path / "queue.parquet")
+    n = history.as_queue(split="test").height
+    budget = 0.02
+    job = audited_job(queue, registry_with_posterior, tmp_path / "run", budget, "audit-rounds", rounds=3, round_planner=planner)
+    first = run_job(job, Storage())
+    sample = [audit_id(q) for q in audited_ids(history.as_queue(split="test")["query_id"].to_list(), 0.25, "audit-rounds")]
+    # every reference is planned and sent in round 1, whole (the reference plans here are one call or a vote)
+    round_one = pl.read_parquet(tmp_path / "run" / "rounds" / "1" / "calls.parquet")
+    assert set(sample) <= set(round_one["query_id"].to_list())
+    references = pl.read_parquet(tmp_path / "run" / "plan.parquet").filter(is_audit())
+    sent = round_one.filter(is_audit()).join(references.select("query_id", "kind", "models"), on="query_id")
+    assert sent.filter(pl.col("kind").is_in(["single", "vote"]))["models"].to_list() == sent.filter(
+        pl.col("kind").is_in(["single", "vote"])
+    )["models_right"].to_list()
+    later = pl.concat([pl.read_parquet(tmp_path / "run" / "rounds" / str(k) / "calls.parquet") for k in (2, 3)])
+    assert not later.filter(is_audit() & pl.col("query_id").is_in(sent["query_id"].implode())).height
+    report = first.report
+    assert report["spent_usd"] <= budget + 1e-12  # references and delivered answers under one budget
+    assert report["audit"]["spent_usd"] > 0
+    assert report["audit"]["audited"] > 0
+    assert report["estimated_accuracy_source"] == "audit"
+    low, high = report["estimated_accuracy_ci95"]
+    assert 0.0 <= low <= report["estimated_accuracy"] <= high <= 1.0
+    assert report["queries"] == n  # the reference answers are not delivered ones
+    assert not first.results.filter(is_audit()).height
+    records = pl.read_parquet(tmp_path / "run" / "audit.parquet")
+    assert records.height == report["audit"]["audited"]
+    assert records["delivered_answer"].is_not_null().any()
+    # resumed: no round repeated, nothing paid twice, the same estimate
+    again = run_job(job, Storage())
+    assert again.report["spent_usd"] == pytest.approx(report["spent_usd"])
+    assert again.report["estimated_accuracy"] == pytest.approx(report["estimated_accuracy"])
 
 
 def test_audits_that_alone_exceed_the_budget_are_refused_naming_audit_share(
@@ -233,11 +284,6 @@ def test_a_bad_audit_share_is_one_line_naming_the_flag(tmp_path: Path) -> None:
     result = CliRunner().invoke(app, [*args, "--audit-share", "1.5"])
     assert result.exit_code == 2, result.output
     assert "--audit-share" in result.output.strip().splitlines()[-1]
-    # asked for in rounds, which do not hold audits yet: refused, not dropped
-    replay = ["--replay-history", str(EXAMPLES)]
-    rounds = CliRunner().invoke(app, [*args, *replay, "--audit-share", "0.1", "--rounds", "2"])
-    assert rounds.exit_code == 2, rounds.output
-    assert "--audit-share" in rounds.output.strip().splitlines()[-1]
 
 
 def test_the_default_audit_share_follows_the_backend() -> None:
@@ -245,7 +291,6 @@ def test_the_default_audit_share_follows_the_backend() -> None:
 
     assert default_audit_share(None, "openai") == 0.05
     assert default_audit_share(None, "replay") == 0.0
-    assert default_audit_share(None, "openai", rounds=2) == 0.0
     assert default_audit_share(0.2, "replay") == 0.2
 
 

@@ -107,6 +107,7 @@ def test_run_replays_within_budget_and_resumes(trained: tuple[str, str], history
     ]
     output = _run(args)
     assert "oracle" in output
+    assert (out / "rounds" / "3" / "observations.parquet").exists()  # the default: 3 rounds of the plan
     assert f"quarantined 4 rows -> {out / 'quarantine.parquet'}" in output.replace("\n", "")
     results = pl.read_parquet(out / "results.parquet")
     assert results.schema == RESULT_SCHEMA
@@ -141,7 +142,8 @@ def test_run_holds_each_tenant_to_its_budget(trained: tuple[str, str], history_d
     out = tmp_path / "run"
     tenant = load_history(history_dir).queries["dataset"][0]  # the queue's tenant: its data set
     common = ["--predictors", models, "--backend", "replay", "--replay-history", history_dir, "--out", str(out)]
-    _run(["run", "--queue", queue, "--budget-usd", "0.01", "--tenant-budget", f"{tenant}=0.004", *common])
+    # single shot: its one dispatcher manifest holds the tenant caps
+    _run(["run", "--queue", queue, "--budget-usd", "0.01", "--tenant-budget", f"{tenant}=0.004", "--rounds", "1", *common])
     manifest = json.loads((out / "dispatch" / "manifest.json").read_text())
     assert manifest["tenant_budgets_usd"] == {tenant: 0.004}
     assert 0 < manifest["tenant_spent_usd"][tenant] <= 0.004
@@ -453,8 +455,8 @@ def test_a_run_held_by_another_process_is_one_line(
     holder = {"writer": "other", "host": socket.gethostname(), "pid": os.getpid(), "at": time.time()}
     lock.write_text(json.dumps(holder))
     line = _error_line(
-        ["run", "--queue", queue, "--predictors", models, "--budget-usd", "0.01", "--replay-history", history_dir, "--out", str(out)]
-    )
+        ["run", "--queue", queue, "--predictors", models, "--budget-usd", "0.01", "--replay-history", history_dir, "--out", str(out), "--rounds", "1"]
+    )  # single shot: its ledger is <out>/dispatch (each round's is <out>/rounds/<k>/dispatch)
     assert line.startswith(f"error: {out / 'dispatch'} is being dispatched by pid {os.getpid()}"), line
     assert json.loads(lock.read_text()) == holder  # the holder's lease is left alone
 
@@ -504,6 +506,13 @@ def test_run_in_rounds_writes_each_round_and_reports_its_estimate(
     assert (out / "rounds" / "1" / "calls.parquet").exists()
     assert (out / "rounds" / "3" / "observations.parquet").exists()
     assert not (out / "dispatch").exists()  # the rounds' own ledgers, not the single-shot one
+    # the report reads the rounds' ledgers: spend per LLM sums to the spend, calls per LLM, one line per round
+    assert report["spend_per_model"]
+    assert sum(r["spent_usd"] for r in report["spend_per_model"]) == pytest.approx(report["spent_usd"])
+    assert sum(r["calls"] for r in report["spend_per_model"]) >= report["status"]["done"]
+    assert [r["round"] for r in report["rounds"]] == [1, 2, 3]
+    assert sum(r["charged_usd"] for r in report["rounds"]) == pytest.approx(report["spent_usd"])
+    assert "## Rounds" in (out / "report.md").read_text()
     results = pl.read_parquet(out / "results.parquet")
     assert results.schema == RESULT_SCHEMA
     assert report["queries"] == results.height

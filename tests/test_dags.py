@@ -191,7 +191,8 @@ def nightly_done(airflow_session: AirflowEnv, dagbag: Any, seeded: Done, queue_d
     """The nightly run of NIGHTLY_DAY on a copy of ``seeded``: one budget, the busiest tenant (tenant = data
     set) capped."""
     capped = queue_days[NIGHTLY_DAY]["tenant"].mode()[0]
-    conf = {"budget_usd": 0.05, "max_shards": 4, "allow_deferral": True, "tenant_budgets_usd": {capped: 0.004}}
+    # single shot (rounds 1): these runs test the sharded dispatch and its resume
+    conf = {"budget_usd": 0.05, "max_shards": 4, "allow_deferral": True, "tenant_budgets_usd": {capped: 0.004}, "rounds": 1}
     with _in_prefix(airflow_session, "nightly-done", copy_of=seeded.env) as env:
         dag_run = _run(
             dagbag, env, "batchplan_nightly", "nightly", logical_date=datetime(2026, 3, 2, 2, tzinfo=UTC), run_conf=conf
@@ -202,7 +203,7 @@ def nightly_done(airflow_session: AirflowEnv, dagbag: Any, seeded: Done, queue_d
 @pytest.fixture(scope="session")
 def backfill_done(airflow_session: AirflowEnv, dagbag: Any, seeded: Done) -> Done:
     """The backfill of BACKFILL_DAYS (and an empty 23rd) under one budget, on a copy of ``seeded``."""
-    conf = {"start_date": BACKFILL_DAYS[0], "end_date": "2026-02-23", "budget_usd": 0.04}
+    conf = {"start_date": BACKFILL_DAYS[0], "end_date": "2026-02-23", "budget_usd": 0.04, "rounds": 1}
     with _in_prefix(airflow_session, "backfill-done", copy_of=seeded.env) as env:
         dag_run = _run(
             dagbag, env, "batchplan_backfill", "backfill", logical_date=datetime(2026, 3, 3, tzinfo=UTC), run_conf=conf
@@ -312,8 +313,10 @@ def test_the_dags_batch_api_param_runs_in_rounds_and_needs_a_batch_backend(airfl
     from batchplan.dag_tasks.rounds import in_rounds, params
 
     assert params()["batch_api"].value is False
-    base = {"budget_usd": 1.0, "backend": "openai"}
+    base = {"budget_usd": 1.0, "backend": "openai", "rounds": 1}
     assert RunParams.from_params(base).in_rounds is False
+    assert params()["rounds"].value == 3  # the default: 3 rounds of the plan (README, Rounds)
+    assert RunParams.from_params({"budget_usd": 1.0}).rounds == 3
     assert RunParams.from_params({**base, "batch_api": True}).in_rounds  # in rounds even with rounds = 1
     assert in_rounds({**base, "batch_api": True})
     with pytest.raises(ContractError, match="batch_api needs a backend with a batch API"):
@@ -474,7 +477,8 @@ def test_nightly_rerun_neither_dispatches_nor_pays_twice(
             storage.delete(uri)
     capped = queue_days[NIGHTLY_DAY]["tenant"].mode()[0]
     # the same request as the first run: one asking another is refused (see the next test)
-    conf = {"budget_usd": 0.05, "max_shards": 4, "allow_deferral": True, "tenant_budgets_usd": {capped: 0.004}}
+    # single shot (rounds 1): these runs test the sharded dispatch and its resume
+    conf = {"budget_usd": 0.05, "max_shards": 4, "allow_deferral": True, "tenant_budgets_usd": {capped: 0.004}, "rounds": 1}
     dag_run = _run(
         dagbag,
         env,
@@ -588,6 +592,9 @@ def test_nightly_in_rounds_replans_the_whole_batch_under_what_is_left(
     report = json.loads(storage.read_text(f"{lay.reports(run)}/report.json"))
     assert 0 < report["estimated_accuracy"] <= 1
     assert "estimated after the run" in storage.read_text(lay.report_html(run))
+    # the report reads the rounds' ledgers: spend per LLM sums to the spend, one line per round
+    assert sum(m["spent_usd"] for m in report["spend_per_model"]) == pytest.approx(manifest["spent_usd"])
+    assert [r["round"] for r in report["rounds"]] == [1, 2]
 
 
 @pytest.mark.slow

@@ -350,3 +350,15 @@ def test_the_simulation_answers_calls_and_pays_what_the_executor_does(cascades: 
         assert got["answer"] == want_answer, (row, got)
         assert got["models_called"] == [m for m, r in zip(spec.models, sim.reached[i], strict=True) if r], (row, got)
         assert got["cost_usd"] == pytest.approx(float(sim.cost[i]), rel=1e-9, abs=1e-15), (row, got)
+
+
+def test_run_defaults_to_three_rounds_unless_its_planner_cannot_hold_the_request() -> None:
+    from batchplan.plans.planning import PlanRequest, default_rounds
+
+    assert default_rounds(None, PlanRequest(budget_usd=1.0)) == 3
+    assert default_rounds(1, PlanRequest(budget_usd=1.0)) == 1  # asked: kept
+    # --max-calls is held by single shot and the posterior planner, not by the plan's continuation: the default
+    # falls back to single shot rather than refusing what the user asked for
+    capped = PlanRequest(budget_usd=1.0, model_max_calls={"gpt-4o": 3})
+    assert default_rounds(None, capped) == 1
+    assert default_rounds(None, capped, "posterior") == 3

@@ -345,13 +345,14 @@ PredictorsOpt = Annotated[
     str, typer.Option("--predictors", help="Predictor registry root written by `batchplan train`.")
 ]
 RoundsOpt = Annotated[
-    int,
+    int | None,
     typer.Option(
         "--rounds",
         min=1,
-        help="Execute in N rounds, re-planned after each under what is left (1: single shot). Against a flaky "
-        "endpoint 3 with --round-planner plan measured best: as single shot when nothing fails, and what failed "
-        "is re-called instead of deferred (README, Rounds).",
+        help="Execute in N rounds, re-planned after each under what is left (1: single shot). Default 3 (1 when the "
+        "round planner cannot hold a constraint asked for, such as --max-calls with --round-planner plan): 3 rounds "
+        "of the plan measured best, as single shot when nothing fails, and what failed is re-called instead of "
+        "deferred (README, Rounds).",
     ),
 ]
 AuditShareOpt = Annotated[
@@ -571,7 +572,7 @@ def run(
     prices: PricesOpt = None,
     predictor_version: VersionOpt = None,
     run_id: Annotated[str | None, typer.Option("--run-id", help="Name shown in the report.")] = None,
-    rounds: RoundsOpt = 1,
+    rounds: RoundsOpt = None,
     round_planner: RoundPlannerOpt = "plan",
     audit_share: AuditShareOpt = None,
     audit_spend_share: AuditSpendShareOpt = None,
@@ -589,7 +590,7 @@ def run(
 
         request = dataclasses.replace(
             request,
-            audit_share=default_audit_share(audit_share, backend, rounds),
+            audit_share=default_audit_share(audit_share, backend),
             audit_spend_share=default_audit_spend_share(audit_spend_share, audit_share, backend),
         )
         _check_backend(backend, replay_history=replay_history, prices=prices, base_url=base_url)
@@ -611,7 +612,7 @@ def run(
             prices_uri=prices,
             predictor_version=predictor_version,
             run_id=run_id,
-            rounds=rounds,
+            rounds=rounds,  # None: the default (``planning.default_rounds``, resolved by run_job)
             round_planner=round_planner,
             batch_api=batch_api,
             resume_cancelled=resume_cancelled,
@@ -650,7 +651,7 @@ def demo(
             budget_fraction=budget_fraction,
             out_uri=out,
             progress=progress,
-            rounds=rounds,
+            rounds=rounds or 2,  # --rounds' help says run's default: the demo's own is 2 (above)
             round_planner=round_planner,
         )
     if as_json:

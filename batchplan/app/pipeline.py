@@ -43,6 +43,7 @@ from batchplan.app.round_runner import (
     check_round_planner,
     make_round_planner,
     run_rounds,
+    with_audits,
 )
 from batchplan.core.catalog import BATCH_TERMS, PriceCatalog
 from batchplan.core.contracts import DEFER, RESULT_SCHEMA, UNANSWERABLE, ContractError, is_audit
@@ -69,6 +70,7 @@ from batchplan.plans.planning import (
     PlanRequest,
     allowed_predictions,
     check_rounds_request,
+    default_rounds,
     plan_batch,
     request_changes,
     request_record,
@@ -208,14 +210,7 @@ def execute(
         options=DispatchOptions(retry=retry, output_caps=output_caps),
     )
     deferred = _not_called(plan.filter(pl.col("kind") == DEFER), "deferred", pl.lit(DEFERRED_BY_PLAN))
-    unanswerable = plan.filter(pl.col("kind") == UNANSWERABLE)
-    offered = backend.offered_pairs(queue.filter(pl.col("query_id").is_in(unanswerable["query_id"].implode())))
-    reason = (
-        pl.when(pl.col("query_id").is_in(offered["query_id"].implode()))
-        .then(pl.lit("no LLM the backend offers for this query is one its tenant may use (--allow)"))
-        .otherwise(pl.lit(f"no LLM the backend offers can answer this query: {backend.unoffered_reason}"))
-    )
-    failed = _not_called(unanswerable, "failed", reason)
+    failed = unanswerable_results(plan, queue, backend)
     results = pl.concat([dispatched.select(RESULT_SCHEMA.names()).cast(RESULT_SCHEMA), deferred, failed])
     results = plan.select("query_id").join(results, on="query_id", how="left")
     log.info(
@@ -229,6 +224,19 @@ def execute(
 
 
 DEFERRED_BY_PLAN = "deferred by the plan: not worth its cost under the budget"
+
+
+def unanswerable_results(plan: pl.DataFrame, queue: pl.DataFrame, backend: Backend) -> pl.DataFrame:
+    """Failed result rows for the plan's unanswerable queries, saying why: no LLM the backend offers can
+    answer it, or none its tenant may use."""
+    unanswerable = plan.filter(pl.col("kind") == UNANSWERABLE)
+    offered = backend.offered_pairs(queue.filter(pl.col("query_id").is_in(unanswerable["query_id"].implode())))
+    reason = (
+        pl.when(pl.col("query_id").is_in(offered["query_id"].implode()))
+        .then(pl.lit("no LLM the backend offers for this query is one its tenant may use (--allow)"))
+        .otherwise(pl.lit(f"no LLM the backend offers can answer this query: {backend.unoffered_reason}"))
+    )
+    return _not_called(unanswerable, "failed", reason)
 
 
 def _not_called(plan: pl.DataFrame, status: str, error: pl.Expr) -> pl.DataFrame:
@@ -281,6 +289,12 @@ def execute_rounds(
         call_bounds=bounds,
         progress=progress,
     )
+    # a query no offered LLM can answer failed, as in single shot (the planners only know it was never called)
+    failed = unanswerable_results(plan, queue, backend)
+    if failed.height:
+        kept = outcome.results.filter(~pl.col("query_id").is_in(failed["query_id"].implode()))
+        merged = queue.select("query_id").join(pl.concat([kept, failed]), on="query_id", how="left", maintain_order="left")
+        outcome = dataclasses.replace(outcome, results=merged)
     results = outcome.results
     log.info(
         "dispatch",
@@ -358,7 +372,9 @@ class Job:
     run_id: str | None = None
     reference_models: dict[str, str] | None = None  # task -> model for the 'best single model' baseline
     backend_options: dict[str, Any] = field(default_factory=dict)
-    rounds: int = 1  # > 1: execute in rounds, re-planned after each (batchplan.app.round_runner); 1: single shot
+    # > 1: execute in rounds, re-planned after each (batchplan.app.round_runner); 1: single shot; None: the
+    # default (``planning.default_rounds``: 3 unless the round planner cannot hold the request), as `run` gives
+    rounds: int | None = 1
     round_planner: str = "plan"  # a name in batchplan.app.round_runner.ROUND_PLANNERS
     batch_api: bool = False  # rounds sent as provider batch jobs (BatchSender), in rounds even when rounds == 1
     resume_cancelled: bool = False  # submit batches again in a run marked by `batchplan cancel`
@@ -376,9 +392,10 @@ class JobOutcome:
 def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth: Truth | None = None) -> JobOutcome:
     """Plan and dispatch the whole batch; write plan, results and report under ``job.out_uri``."""
     started = time.perf_counter()
+    rounds = default_rounds(job.rounds, job.request, job.round_planner)
     if job.request.audit_share > 0 and not job.request.audit_seed:  # the sample is the run's: the same on resume
         job = dataclasses.replace(job, request=dataclasses.replace(job.request, audit_seed=job.run_id or job.out_uri))
-    in_rounds = job.rounds > 1 or job.batch_api
+    in_rounds = rounds > 1 or job.batch_api
     if in_rounds:  # before anything is planned or sent
         check_round_planner(job.round_planner)
         check_rounds_request(job.request, job.round_planner)
@@ -411,14 +428,13 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
     audit = None
     if job.request.audit_share > 0:
         allowed = allowed_predictions(predictions, ingested.queue, job.request.allowed_models)
-        cap = job.request.audit_spend_share
         audit = audit_plan(
             ingested.queue,
             allowed,
             trained.audit,
             job.request.audit_share,
             job.request.audit_seed,
-            max_cost_usd=cap * job.request.budget_usd if cap is not None and job.request.budget_usd is not None else None,
+            max_cost_usd=job.request.audit_max_cost_usd,
         )
     modes = batch_modes(job, backend, predictions) if job.batch_api else None
     plan, diagnostics = _resume_or_plan(
@@ -426,29 +442,34 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
         paths["plan"],
         ingested.queue,
         # single shot by batch: every call at the batch price
-        batch_priced(predictions, modes.discounts) if modes is not None and job.rounds == 1 else predictions,
+        batch_priced(predictions, modes.discounts) if modes is not None and rounds == 1 else predictions,
         trained.templates,
         job.request,
         audit,
     )
     estimated: float | None = None
+    in_rounds_outcome: RoundsOutcome | None = None
     if in_rounds:
         planner = make_round_planner(
             job.round_planner,
-            plan=plan,
+            plan=plan.filter(~is_audit()),
             queue=ingested.queue,
             predictions=predictions,
             trained=trained,
             request=job.request,
             modes=modes,
         )
+        # audits: the reference calls go beside the batch's, mandatory, inside the same budget
+        planner, round_queue, round_predictions = with_audits(
+            planner, plan, ingested.queue, allowed_predictions(predictions, ingested.queue, job.request.allowed_models)
+        )
         outcome = execute_rounds(
             plan,
-            ingested.queue,
-            allowed_predictions(predictions, ingested.queue, job.request.allowed_models),
+            round_queue,
+            round_predictions,
             backend,
             planner,
-            rounds=job.rounds,
+            rounds=rounds,
             budget_usd=job.request.budget_usd,
             out_uri=job.out_uri,
             storage=storage,
@@ -457,7 +478,7 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
             sender=round_batch_sender(job, backend, trained.output_caps) if job.batch_api else None,
             output_caps=trained.output_caps,
         )
-        results, estimated = outcome.results, outcome.estimated_accuracy
+        results, estimated, in_rounds_outcome = outcome.results, outcome.estimated_accuracy, outcome
     else:
         results = execute(
             plan,
@@ -479,7 +500,9 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
             results=results,
             audit_plan_rows=audit,
             audit_results=audit_results,
-            calls=calls_made(storage, job.out_uri),
+            calls=calls_made(storage, job.out_uri)
+            if in_rounds_outcome is None
+            else in_rounds_outcome.observations.select("query_id", "model", "answer", "status"),
             queue=ingested.queue,
             predictions=predictions,
             model=trained.audit,
@@ -515,8 +538,12 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
         tenant_budgets_usd=job.request.tenant_budgets_usd,
         unseen_tasks=unseen_tasks(ingested.queue, trained.predictor),
         frontier=read_frontier(storage, frontier_uri(paths["plan"])),
-        spend_by_model=spend_by_model(storage, dispatch_dir(job.out_uri)),
+        # in rounds every round has its own ledger: the per-LLM spend is what the rounds' observations charged
+        spend_by_model=in_rounds_outcome.spend_by_model
+        if in_rounds_outcome is not None
+        else spend_by_model(storage, dispatch_dir(job.out_uri)),
         estimated_accuracy=estimated,
+        rounds=in_rounds_outcome.rounds if in_rounds_outcome is not None else None,
         audit=audited,
     )
     report = report_with_labels(storage, job.out_uri, results, report)  # a rerun after `batchplan label`

@@ -177,12 +177,14 @@ def build_report(
     spend_by_model: dict[str, float] | None = None,
     estimated_accuracy: float | None = None,
     audit: dict[str, Any] | None = None,
+    rounds: list[dict[str, Any]] | None = None,
 ) -> dict[str, Any]:
     """The report as plain data. ``frontier``: ``batchplan.plans.frontier`` rows (planned accuracy per budget);
     ``spend_by_model``: what the ledger charged per model (without it, from the results: exact for queries
     that called one model, the rest under one 'several models' row); ``estimated_accuracy``: the mean
     posterior of the final answers (a run in rounds), without gold; ``audit``: ``batchplan.plans.audit.
-    estimate_audit`` (then the estimate is the audited one, with its interval, and the audits' spend counts)."""
+    estimate_audit`` (then the estimate is the audited one, with its interval, and the audits' spend counts);
+    ``rounds``: a run in rounds, one line per round (``RoundsOutcome.rounds``: budget, calls, charges, refusals)."""
     status_counts = {s: int((results["status"] == s).sum()) for s in RESULT_STATUSES}
     spend = float(results["cost_usd"].fill_null(0).sum())
     calls = results.select(pl.col("models_called").explode().drop_nulls().alias("model"))
@@ -221,6 +223,7 @@ def build_report(
         "accuracy": None,
         "accuracy_answered": None,
         "baselines": [],
+        "rounds": list(rounds or []),
     }
     if queue is not None and "tenant" in queue.columns:
         report["per_tenant"] = per_tenant(results, queue, truth, tenant_budgets_usd or {})
@@ -582,6 +585,30 @@ def _not_answered_section(report: dict[str, Any]) -> Section:
     return Section("Deferred and failed", blocks)
 
 
+def _rounds_section(report: dict[str, Any]) -> Section | None:
+    if not report.get("rounds"):
+        return None
+    headers = ["round", "budget left USD", "queries called", "calls made", "failed", "charged USD", "unknown bills USD"]
+    rows = [
+        [
+            str(r["round"]),
+            "-" if r.get("budget_usd") is None else f"{r['budget_usd']:.4f}",
+            str(r["queries_called"]),
+            str(r["calls_made"]),
+            str(r["failed_calls"]),
+            f"{r['charged_usd']:.4f}",
+            f"{r['unknown_bill_usd']:.4f}",
+            str(r.get("refused") or 0),
+        ]
+        for r in report["rounds"]
+    ]
+    note = Note(
+        "Each round is re-planned over the whole batch under what the earlier rounds left; a failed call's unknown "
+        "bill is charged its bound (refused: calls the budget guard did not send)."
+    )
+    return Section("Rounds", [Table([*headers, "refused"], rows), note])
+
+
 def _plan_section(report: dict[str, Any]) -> Section:
     return Section(
         "Plan",
@@ -698,6 +725,7 @@ def sections(report: dict[str, Any]) -> list[Section]:
         _audit_section(report),
         _spend_per_model_section(report),
         _not_answered_section(report),
+        _rounds_section(report),
         _plan_section(report),
         _per_tenant_section(report),
         _optimizer_section(report),

@@ -28,6 +28,7 @@ cheaper when the budget left is short.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -38,7 +39,7 @@ from typing import Any, Protocol
 import polars as pl
 import structlog
 
-from batchplan.core.contracts import RESULT_SCHEMA, ContractError, conform
+from batchplan.core.contracts import RESULT_SCHEMA, ContractError, conform, is_audit
 from batchplan.core.rounds import (
     BATCH,
     CUT,
@@ -250,9 +251,17 @@ class RoundsOutcome:
 
     @property
     def estimated_accuracy(self) -> float:
-        """The mean posterior of the final answers over the whole batch (no answer counts 0), no gold."""
-        p = self.answers.select(pl.col("estimated_p_correct").fill_null(0.0).fill_nan(0.0))
-        return float(p.to_series().sum() / max(self.results.height, 1))
+        """The mean posterior of the final answers over the whole batch (no answer counts 0), no gold; an
+        audit's reference answers are not the batch's."""
+        p = self.answers.filter(~is_audit()).select(pl.col("estimated_p_correct").fill_null(0.0).fill_nan(0.0))
+        return float(p.to_series().sum() / max(self.results.filter(~is_audit()).height, 1))
+
+    @property
+    def spend_by_model(self) -> dict[str, float]:
+        """What every round's calls charged, per LLM: the observations' costs (ambiguous failures tightened
+        as in ``tighten``), so the per-LLM spend sums to the results' spend, which the budget counts."""
+        spent = self.observations.group_by("model").agg(pl.col("cost_usd").sum()).sort("model")
+        return {str(m): float(usd) for m, usd in spent.iter_rows()}
 
 
 def round_uri(out_uri: str, k: int) -> str:
@@ -547,6 +556,88 @@ def _results(
         error.alias("error"),
         pl.lit(None, dtype=pl.String).alias("note"),
     ).cast(RESULT_SCHEMA)
+
+
+# --- audits in rounds ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class AuditedPlanner:
+    """A run's round planner with an audit beside it (``--audit-share``): the audited queries' reference
+    plan rows (``plans.audit.audit_plan``, ids ``<query_id>#audit``) are executed by their kinds' rules
+    (``PlanContinuation``) and are mandatory: a round's reference calls (round 1: a vote's members all at
+    once) are planned first and reserved at their high side, and ``batch`` plans the delivered answers
+    under what they leave, so the total (and each tenant's budget) still holds. The batch's planner never
+    sees an audit row: its answers are the run's, the references only what the report compares them with."""
+
+    batch: RoundPlanner
+    audit: RoundPlanner
+
+    def plan_round(self, state: RoundState) -> RoundPlan:
+        audit_state, batch_state = (_part(state, audits) for audits in (True, False))
+        audit = self.audit.plan_round(audit_state).calls.filter(pl.col("models").list.len() > 0)
+        reserve = audit.join(state.queue.select("query_id", "tenant"), on="query_id", how="left")
+        tenants = dict(reserve.group_by("tenant").agg(pl.col("reserve_cost_usd").sum()).iter_rows())
+        batch_state = dataclasses.replace(
+            batch_state,
+            budget_left_usd=None
+            if state.budget_left_usd is None
+            else state.budget_left_usd - float(audit["reserve_cost_usd"].sum()),
+            tenant_budgets_left_usd={
+                t: left - float(tenants.get(t) or 0.0) for t, left in state.tenant_budgets_left_usd.items()
+            },
+        )
+        planned = self.batch.plan_round(batch_state)
+        # the reference calls first: the budget guard sends a round's rows in order, so they are never the ones refused
+        calls = pl.concat([audit.select(ROUND_PLAN_SCHEMA.names()), planned.calls.select(ROUND_PLAN_SCHEMA.names())])
+        return RoundPlan(calls=calls, diagnostics={**planned.diagnostics, "audit_queries": audit.height})
+
+    def answers(self, queue: pl.DataFrame, predictions: pl.DataFrame, observations: pl.DataFrame) -> pl.DataFrame:
+        parts = []
+        for planner, audits in ((self.batch, False), (self.audit, True)):
+            mine = ~is_audit() if not audits else is_audit()
+            got = planner.answers(queue.filter(mine), predictions.filter(mine), observations.filter(mine))
+            parts.append(conform(got, ROUND_ANSWER_SCHEMA, name="round answers", required=("query_id",)))
+        return pl.concat(parts)
+
+
+def _part(state: RoundState, audits: bool) -> RoundState:
+    mine = is_audit() if audits else ~is_audit()
+    return dataclasses.replace(
+        state,
+        queue=state.queue.filter(mine),
+        predictions=state.predictions.filter(mine),
+        observations=state.observations.filter(mine),
+        call_bounds=None if state.call_bounds is None else state.call_bounds.filter(mine),
+    )
+
+
+def with_audits(
+    batch: RoundPlanner, plan: pl.DataFrame, queue: pl.DataFrame, predictions: pl.DataFrame
+) -> tuple[RoundPlanner, pl.DataFrame, pl.DataFrame]:
+    """The planner, queue and predictions of a run in rounds whose single-shot ``plan`` holds audit rows
+    (``batch`` built from the plan without them): the ``AuditedPlanner``, the audited queries' copies under
+    their audit ids, and their predictions; unchanged without audits (CLI and DAGs alike)."""
+    from batchplan.plans.audit import audit_queue
+    from batchplan.plans.continuation import PlanContinuation
+
+    references = plan.filter(is_audit())
+    if references.height == 0:
+        return batch, queue, predictions
+    return (
+        AuditedPlanner(batch, PlanContinuation(references)),
+        pl.concat([queue, audit_queue(queue, plan)]),
+        pl.concat([predictions, audit_predictions(predictions, references)]),
+    )
+
+
+def audit_predictions(predictions: pl.DataFrame, audit_rows: pl.DataFrame) -> pl.DataFrame:
+    """The audited queries' predictions under their audit ids: the reference calls' costs and bounds."""
+    from batchplan.core.contracts import audit_id, audited_query_id
+
+    ids = {audited_query_id(q): audit_id(audited_query_id(q)) for q in audit_rows["query_id"].to_list()}
+    picked = predictions.filter(pl.col("query_id").is_in(pl.Series(list(ids), dtype=pl.String).implode()))
+    return picked.with_columns(pl.col("query_id").replace_strict(ids, return_dtype=pl.String))
 
 
 # --- round planners by name (``batchplan run --round-planner``) ---------------------------------------------

@@ -53,6 +53,13 @@ class PlanRequest:
     # where the references' expected cost would pass it, so audits cost the same share at any budget
     audit_spend_share: float | None = None
 
+    @property
+    def audit_max_cost_usd(self) -> float | None:
+        """What the audits' reference calls may cost at most (``audit_spend_share`` of the budget); None: no cap."""
+        if self.audit_spend_share is None or self.budget_usd is None:
+            return None
+        return self.audit_spend_share * self.budget_usd
+
     def __post_init__(self) -> None:
         if self.budget_usd is None and self.accuracy_target is None:
             raise ContractError(
@@ -99,15 +106,19 @@ class PlanRequest:
 
 
 LIVE_AUDIT_SHARE: Final = 0.05
+# `batchplan run` and the nightly and backfill DAGs without --rounds / rounds: 3 rounds of the single-shot plan
+# (round planner "plan") measured best (README, Rounds; bench/rounds_faults.py): it answers and pays as single
+# shot on a healthy endpoint, and re-calls what failed instead of deferring it on a flaky one.
+DEFAULT_RUN_ROUNDS: Final = 3
 
 
-def default_audit_share(asked: float | None, backend: str, rounds: int = 1) -> float:
+def default_audit_share(asked: float | None, backend: str) -> float:
     """The audit share a run uses: what was asked; else 5% for a live backend (no gold comes back: the audits
-    are the run's only accuracy evidence) and none for replay (the history scores it) or for a run in rounds
-    (which does not hold audits yet: asking for them there is refused, ``check_rounds_request``)."""
+    are the run's only accuracy evidence), single shot or in rounds, and none for replay (the history scores
+    it)."""
     if asked is not None:
         return asked
-    return LIVE_AUDIT_SHARE if backend != "replay" and rounds == 1 else 0.0
+    return LIVE_AUDIT_SHARE if backend != "replay" else 0.0
 
 
 # Audits at the default share cost at most this share of the budget (bench/nights.py: at 0.5 x the best

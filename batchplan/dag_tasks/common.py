@@ -13,6 +13,7 @@ import structlog
 from batchplan.core import history
 from batchplan.core.contracts import ContractError
 from batchplan.core.layout import Layout, day
+from batchplan.core.request import DEFAULT_RUN_ROUNDS, default_audit_spend_share
 from batchplan.core.settings import Settings
 from batchplan.core.storage import Storage
 
@@ -57,6 +58,7 @@ class RunParams:
     rounds: int = 1  # > 1: execute in rounds (batchplan.dag_tasks.rounds), at most MAX_ROUNDS
     round_planner: str = "plan"
     audit_share: float = 0.0  # the share of queries audited (batchplan.plans.audit); default by backend
+    audit_spend_share: float | None = None  # and at most this share of the budget on them (the live default caps)
     batch_api: bool = False  # rounds sent as provider batch jobs (in rounds even when rounds == 1)
 
     @property
@@ -70,7 +72,7 @@ class RunParams:
         shards = int(params.get("max_shards") or MAX_SHARDS)
         if not 1 <= shards <= MAX_SHARDS:
             raise ContractError(f"max_shards must be in [1, {MAX_SHARDS}], got {shards}")
-        rounds = int(params.get("rounds") or 1)
+        rounds = int(params.get("rounds") or DEFAULT_RUN_ROUNDS)
         if not 1 <= rounds <= MAX_ROUNDS:
             raise ContractError(f"rounds must be in [1, {MAX_ROUNDS}], got {rounds}")
         planner = str(params.get("round_planner") or "plan")
@@ -93,7 +95,11 @@ class RunParams:
             allow_unused_constraints=bool(params.get("allow_unused_constraints", False)),
             rounds=rounds,
             round_planner=planner,
-            audit_share=_audit_share(params.get("audit_share"), str(params.get("backend") or "replay"), rounds),
+            audit_share=_audit_share(params.get("audit_share"), str(params.get("backend") or "replay")),
+            # the live default share comes with the live default cap; a share asked for is not capped
+            audit_spend_share=default_audit_spend_share(
+                None, params.get("audit_share") or None, str(params.get("backend") or "replay")
+            ),
             batch_api=batch_api,
         )
 
@@ -107,15 +113,16 @@ class RunParams:
             tenant_budgets_usd=dict(self.tenant_budgets_usd),
             allow_unused_constraints=self.allow_unused_constraints,
             audit_share=self.audit_share,
+            audit_spend_share=self.audit_spend_share,
         )
 
 
-def _audit_share(raw: Any, backend: str, rounds: int) -> float:
+def _audit_share(raw: Any, backend: str) -> float:
     """The ``audit_share`` param: empty = the backend's default (``default_audit_share``)."""
     from batchplan.core.request import default_audit_share
 
     try:
-        return default_audit_share(None if raw in (None, "") else float(raw), backend, rounds)
+        return default_audit_share(None if raw in (None, "") else float(raw), backend)
     except (TypeError, ValueError):
         raise ContractError(f"audit_share must be a number in [0, 1), got {raw!r}") from None
 

@@ -14,7 +14,7 @@ With ``rounds`` = 1 every task here returns at once and the single-shot dispatch
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
@@ -31,6 +31,9 @@ from batchplan.dag_tasks.stages import (
     shard_count,
     shard_output_caps,
 )
+
+if TYPE_CHECKING:  # the app layer is imported inside the tasks (a DAG file parses fast)
+    from batchplan.app.round_runner import RoundsOutcome
 
 __all__ = [
     "MAX_ROUNDS",
@@ -68,6 +71,17 @@ def _inputs(storage: Storage, lay: Layout, run: str, params: RunParams) -> dict[
     }
 
 
+def _planner(params: RunParams, inputs: dict[str, Any]) -> tuple[Any, pl.DataFrame, pl.DataFrame]:
+    """The round planner, queue and predictions of the run: an audit's reference calls beside the batch's
+    (``round_runner.with_audits``), as the CLI runs them."""
+    from batchplan.app.round_runner import make_round_planner, with_audits
+    from batchplan.core.contracts import is_audit
+
+    plan = inputs["plan"]
+    planner = make_round_planner(params.round_planner, **{**inputs, "plan": plan.filter(~is_audit())})
+    return with_audits(planner, plan, inputs["queue"], inputs["predictions"])
+
+
 def _bounds(storage: Storage, params: RunParams, inputs: dict[str, Any]) -> pl.DataFrame:
     """Every (query, model)'s cost bound on the run's backend (BOUNDS_SCHEMA), as the dispatcher sends it."""
     from batchplan.dispatchers.limits import MAX_TOKENS, MAX_TOKENS_OPEN
@@ -95,7 +109,6 @@ def round_plan_stage(storage: Storage, lay: Layout, run: str, params: RunParams,
         OBSERVATION_SCHEMA,
         REFUSED_SCHEMA,
         complete_round,
-        make_round_planner,
         plan_round,
         round_complete,
     )
@@ -104,9 +117,10 @@ def round_plan_stage(storage: Storage, lay: Layout, run: str, params: RunParams,
     if not params.in_rounds or k > params.rounds or round_complete(storage, out, k):
         return [NOOP]
     inputs = _inputs(storage, lay, run, params)
-    queue, predictions = inputs["queue"], inputs["predictions"]
+    planner, queue, predictions = _planner(params, inputs)
+    inputs = {**inputs, "queue": queue, "predictions": predictions}
     calls, left, tenant_left = plan_round(
-        make_round_planner(params.round_planner, **inputs),
+        planner,
         queue,
         predictions,
         k=k,
@@ -155,6 +169,7 @@ def round_dispatch_shard(
     from batchplan.app.pipeline import batch_sender
     from batchplan.app.round_runner import REFUSED_SCHEMA, DispatchSender
     from batchplan.dispatchers import DispatchOptions
+    from batchplan.plans.audit import audit_queue
 
     if shard.get("noop") or "calls" not in shard:
         return {"noop": True}
@@ -163,11 +178,9 @@ def round_dispatch_shard(
     if storage.exists(marker):
         return {"round": shard["round"], "shard": shard["shard"], "reused": True}
     calls = storage.read_frame(shard["calls"])
-    queue = (
-        storage.read_frame(shard["queue"])
-        .drop("day", strict=False)
-        .filter(pl.col("query_id").is_in(calls["query_id"].implode()))
-    )
+    queue = storage.read_frame(shard["queue"]).drop("day", strict=False)
+    queue = pl.concat([queue, audit_queue(queue, calls)])  # an audit's reference calls ask the audited query
+    queue = queue.filter(pl.col("query_id").is_in(calls["query_id"].implode()))
     chosen = _backend(backend, storage)
     caps = DispatchOptions(output_caps=shard_output_caps(shard))
     sender = batch_sender(chosen, run_uri or here) if batch_api else DispatchSender(chosen, caps)
@@ -211,36 +224,42 @@ def round_observe_stage(storage: Storage, lay: Layout, run: str, shards: list[di
     return {"round": k, "shards": len(real)}
 
 
-def rounds_results(storage: Storage, lay: Layout, run: str, params: RunParams) -> tuple[pl.DataFrame, float] | None:
-    """The run's results and estimated accuracy from its rounds (None when it ran single shot)."""
-    from batchplan.app.round_runner import finish_rounds, make_round_planner
+def rounds_results(storage: Storage, lay: Layout, run: str, params: RunParams) -> RoundsOutcome | None:
+    """The run's results, estimated accuracy, per-LLM spend and round lines from its rounds (None when it
+    ran single shot)."""
+    from batchplan.app.round_runner import finish_rounds
 
     if not params.in_rounds:
         return None
     inputs = _inputs(storage, lay, run, params)
+    planner, queue, predictions = _planner(params, inputs)
+    inputs = {**inputs, "queue": queue, "predictions": predictions}
     outcome = finish_rounds(
-        make_round_planner(params.round_planner, **inputs),
-        inputs["queue"],
-        inputs["predictions"],
+        planner,
+        queue,
+        predictions,
         rounds=params.rounds,
         out_uri=rounds_uri(lay, run),
         storage=storage,
         call_bounds=_bounds(storage, params, inputs),
     )
-    return outcome.results, outcome.estimated_accuracy
+    return outcome
 
 
 def params() -> dict[str, Any]:
     """The ``rounds`` and ``round_planner`` params of the nightly and backfill DAGs."""
     from airflow.sdk import Param
 
+    from batchplan.core.request import DEFAULT_RUN_ROUNDS
+
     return {
         "rounds": Param(
-            1,
+            DEFAULT_RUN_ROUNDS,
             type="integer",
             minimum=1,
             maximum=MAX_ROUNDS,
-            description="Execute in N rounds, re-planned over the whole batch after each under what is left (1: single shot).",
+            description="Execute in N rounds, re-planned over the whole batch after each under what is left (1: single "
+            "shot; 3 rounds of the plan measured best: README, Rounds).",
         ),
         "round_planner": Param("plan", type="string", description="Who plans each round (batchplan.app.round_runner)."),
         "batch_api": Param(

@@ -22,7 +22,7 @@ import math
 import time
 from collections.abc import Sequence
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import polars as pl
 
@@ -36,6 +36,9 @@ from batchplan.core.contracts import (
 from batchplan.core.layout import Layout
 from batchplan.core.storage import Storage
 from batchplan.dag_tasks.common import MAX_SHARDS, RunParams, history_dirs, log
+
+if TYPE_CHECKING:  # the app layer is imported inside the tasks (a DAG file parses fast)
+    from batchplan.app.round_runner import RoundsOutcome
 
 MIN_ROWS_PER_SHARD = 200
 NANO = 1_000_000_000
@@ -153,7 +156,14 @@ def plan_stage(
 
         model = artifacts.load_audit(storage, lay.models(), version) if version else None
         allowed = allowed_predictions(predictions, queue, request.allowed_models)
-        audit = audit_plan(queue.drop("day", strict=False), allowed, model, request.audit_share, request.audit_seed)
+        audit = audit_plan(
+            queue.drop("day", strict=False),
+            allowed,
+            model,
+            request.audit_share,
+            request.audit_seed,
+            max_cost_usd=request.audit_max_cost_usd,
+        )
         storage.write_frame(audit, lay.plan_file(run, AUDIT_PLAN_FILE))
     planned = optimize(candidates, request, templates, audit)
     plan = planned.plan.sort("query_id")
@@ -296,12 +306,13 @@ def merge_stage(
     run: str,
     shards: list[dict[str, Any]],
     backend: str,
-    rounds: tuple[pl.DataFrame, float] | None = None,
+    rounds: RoundsOutcome | None = None,
 ) -> dict[str, Any]:
-    """One result row per query from the shards (or, for a run in ``rounds``, its results and estimated
-    accuracy: ``dag_tasks.rounds.rounds_results``); the run's manifest; the outcomes it taught us."""
+    """One result row per query from the shards (or, for a run in ``rounds``, its results, estimated
+    accuracy, per-LLM spend and round lines: ``dag_tasks.rounds.rounds_results``); the run's manifest; the
+    outcomes it taught us."""
     if rounds is not None:
-        results = rounds[0].select(RESULT_SCHEMA.names())
+        results = rounds.results.select(RESULT_SCHEMA.names())
     else:
         frames = [storage.read_frame(f"{shard_results_uri(lay, s)}/results.parquet") for s in shards]
         results = pl.concat(frames).select(RESULT_SCHEMA.names()) if frames else pl.DataFrame(schema=RESULT_SCHEMA)
@@ -334,7 +345,10 @@ def merge_stage(
         and all(tenant_spend[t] <= limit + 1e-9 for t, limit in tenant_budgets.items()),
         "status": {s: int((results["status"] == s).sum()) for s in RESULT_STATUSES},
         "shards": len(shards),
-        "estimated_accuracy": rounds[1] if rounds is not None else None,
+        "estimated_accuracy": rounds.estimated_accuracy if rounds is not None else None,
+        # the report's per-LLM spend and round lines: in rounds the shards' single-shot ledgers are empty
+        "spend_by_model": rounds.spend_by_model if rounds is not None else None,
+        "rounds": rounds.rounds if rounds is not None else None,
         "merged_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     storage.write_text(lay.results_manifest(run), json.dumps(manifest, indent=2))
@@ -406,10 +420,11 @@ def report_stage(storage: Storage, lay: Layout, run: str, backend: str, *, run_i
     predictions = storage.read_frame(lay.plan_file(run, "predictions.parquet"))
     manifest = json.loads(storage.read_bytes(lay.shards_manifest(run)))
     quarantined = sum(storage.read_frame(u).height for u in storage.iter_parts(lay.quarantine(run)))
-    spent: dict[str, float] = {}
-    for shard in manifest["shards"]:  # each shard's ledger: what its calls charged, per model
+    merged = json.loads(storage.read_text(lay.results_manifest(run)))
+    spent: dict[str, float] = dict(merged.get("spend_by_model") or {})  # a run in rounds: its rounds' charges
+    for shard in manifest["shards"] if merged.get("spend_by_model") is None else []:
         for model, usd in spend_by_model(storage, dispatch_dir(shard_results_uri(lay, shard))).items():
-            spent[model] = spent.get(model, 0.0) + usd
+            spent[model] = spent.get(model, 0.0) + usd  # each shard's ledger: what its calls charged, per model
     audited = None
     if storage.exists(audit_uri := lay.plan_file(run, AUDIT_PLAN_FILE)):
         plan, audited = _audit_of(storage, lay, run, manifest, results, plan, queue, predictions, audit_uri)
@@ -426,8 +441,9 @@ def report_stage(storage: Storage, lay: Layout, run: str, backend: str, *, run_i
         tenant_budgets_usd=manifest.get("tenant_budgets_usd"),
         frontier=read_frontier(storage, frontier_uri(lay.plan_file(run, "plan.parquet"))),
         spend_by_model=spent,
-        estimated_accuracy=json.loads(storage.read_text(lay.results_manifest(run))).get("estimated_accuracy"),
+        estimated_accuracy=merged.get("estimated_accuracy"),
         audit=audited,
+        rounds=merged.get("rounds"),
     )
     report = report_with_labels(storage, lay.outcomes(run), results, report)  # labels joined before a re-run
     paths = write_report(report, lay.reports(run), storage)
@@ -463,7 +479,7 @@ def _audit_of(
 ) -> tuple[pl.DataFrame, dict[str, Any]]:
     """The delivered plan (the audits' reference rows apart) and the audited estimate."""
     from batchplan.app import artifacts
-    from batchplan.app.pipeline import AUDIT_RECORD_SCHEMA, calls_made
+    from batchplan.app.pipeline import AUDIT_RECORD_SCHEMA
     from batchplan.plans.audit import estimate_audit
 
     audit_results_uri = audit_results_file(lay, run)
@@ -475,7 +491,7 @@ def _audit_of(
         results=results,
         audit_plan_rows=storage.read_frame(audit_uri),
         audit_results=audit_results,
-        calls=pl.concat([calls_made(storage, shard_results_uri(lay, s)) for s in manifest["shards"]]),
+        calls=_calls_of(storage, lay, run, manifest),
         queue=queue,
         predictions=predictions,
         model=artifacts.load_audit(storage, lay.models(), version) if version else None,
@@ -484,6 +500,19 @@ def _audit_of(
     records = audited.pop("records")
     storage.write_frame(pl.DataFrame(records, schema=AUDIT_RECORD_SCHEMA), f"{lay.reports(run)}/audit.parquet")
     return plan.filter(~is_audit()), audited
+
+
+def _calls_of(storage: Storage, lay: Layout, run: str, manifest: dict[str, Any]) -> pl.DataFrame:
+    """Every call of the run (query_id, model, answer, status): its shards' ledgers, or in rounds every
+    round's (``app.outcomes.call_outcomes`` reads them all, in round order)."""
+    from batchplan.app.outcomes import call_outcomes
+    from batchplan.app.pipeline import calls_made
+
+    single = [calls_made(storage, shard_results_uri(lay, s)) for s in manifest["shards"]]
+    if sum(c.height for c in single):
+        return pl.concat(single)
+    every = call_outcomes(storage, lay.results(run).rstrip("/"))
+    return every.sort("round", maintain_order=True).select("query_id", "model", "answer", "status")
 
 
 def index_report(storage: Storage, lay: Layout, dag_id: str, airflow_run_id: str, run: str) -> str:

@@ -371,7 +371,7 @@ def estimate_audit(
     if not rows:
         out["estimated_accuracy"], out["ci95"] = None, None
         return out
-    weights = queue.group_by("task").len()
+    weights = queue.group_by("task").len().sort("task")  # the draws share one rng: tasks in a fixed order
     n_total = float(weights["len"].sum())
     by_task = {str(t): [r for r in rows if r.task == t] for t in sorted({r.task for r in rows})}
     planned_task = dict(

@@ -148,8 +148,9 @@ def allowed_predictions(
 # cheaper LLM, past its capacity). Label-error bounds are held by the single-shot plan only: no round planner
 # estimates P(wrong | true label) from what a round observed.
 ROUND_PLANNERS_HOLD: dict[str, frozenset[str]] = {
-    "posterior": frozenset({"model_max_calls", "task_accuracy_floors"}),
-    "plan": frozenset({"task_accuracy_floors"}),
+    # audits: the reference calls go beside the planner's, mandatory (``app.round_runner.AuditedPlanner``)
+    "posterior": frozenset({"model_max_calls", "task_accuracy_floors", "audit_share"}),
+    "plan": frozenset({"task_accuracy_floors", "audit_share"}),
 }
 
 
@@ -174,6 +175,21 @@ def check_rounds_request(request: PlanRequest, planner: str = "plan") -> None:
             f"{instead}set rounds 1 (the single-shot plan holds it), or drop it",
             fields=(*not_held, "rounds", "round_planner"),
         )
+
+
+def default_rounds(asked: int | None, request: PlanRequest, planner: str = "plan") -> int:
+    """The rounds a run executes in: what was asked; else ``DEFAULT_RUN_ROUNDS`` when ``planner`` holds
+    everything the request asks for, else single shot (a request with ``--max-calls`` under the plan
+    planner, say), which holds it all: the default never turns a request into a refusal."""
+    from batchplan.core.request import DEFAULT_RUN_ROUNDS
+
+    if asked is not None:
+        return asked
+    try:
+        check_rounds_request(request, planner)
+    except ContractError:
+        return 1
+    return DEFAULT_RUN_ROUNDS
 
 
 def restrict_allowed(candidates: Candidates, allowed_models: dict[str, list[str]]) -> Candidates:
