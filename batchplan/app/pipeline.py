@@ -61,6 +61,7 @@ from batchplan.dispatchers import (
 )
 from batchplan.dispatchers.limits import MAX_TOKENS, MAX_TOKENS_OPEN, OutputCaps
 from batchplan.plans.audit import audit_plan, audit_queue, estimate_audit
+from batchplan.plans.best_single import best_single_map
 from batchplan.plans.candidates import Candidates, build_candidates
 from batchplan.plans.frontier import frontier_uri, plan_frontier, read_frontier, write_frontier
 from batchplan.plans.modes import BatchModes, batch_priced
@@ -329,17 +330,9 @@ def batch_sender(
 
 
 def reference_models(predictions: pl.DataFrame, queue: pl.DataFrame) -> dict[str, str]:
-    """Per task, the model the predictor expects to be most accurate: the 'best single model' baseline."""
-    best = (
-        predictions.join(queue.select("query_id", "task"), on="query_id")
-        .group_by("task", "model")
-        .agg(pl.col("p_correct").mean(), pl.len())
-        .filter(pl.col("len") == pl.col("len").max().over("task"))
-        .sort("p_correct", descending=True)
-        .group_by("task")
-        .first()
-    )
-    return dict(zip(best["task"].to_list(), best["model"].to_list(), strict=True))
+    """Per task, the best single model (``best_single_llms``) by the predictor's expectations: the report's
+    baseline where the job was given no ``reference_models`` (a batch has no outcomes to judge by)."""
+    return best_single_map(predictions.join(queue.select("query_id", "task"), on="query_id"), accuracy="p_correct")
 
 
 @dataclass
