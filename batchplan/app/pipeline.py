@@ -360,7 +360,7 @@ class Job:
 
 @dataclass(frozen=True)
 class JobOutcome:
-    report: dict[str, Any]
+    report: dict[str, Any]  # report.json's content (``Report.from_json`` to render it)
     plan: pl.DataFrame
     results: pl.DataFrame
     paths: dict[str, str]
@@ -502,7 +502,7 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
     report = report_with_labels(storage, job.out_uri, results, report)  # a rerun after `batchplan label`
     paths |= write_report(report, job.out_uri, storage)
     log.info("run", summary=summary_line(report), out=job.out_uri, seconds=round(time.perf_counter() - started, 2))
-    return JobOutcome(report=report, plan=plan, results=results, paths=paths)
+    return JobOutcome(report=report.as_json(), plan=plan, results=results, paths=paths)
 
 
 AUDIT_RECORD_SCHEMA = pl.Schema(
