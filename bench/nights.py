@@ -59,6 +59,7 @@ from batchplan.core.request import LIVE_AUDIT_SPEND_SHARE
 from batchplan.core.settings import get_settings
 from batchplan.core.storage import Storage
 from batchplan.plans.audit import audited_ids
+from batchplan.plans.best_single import best_single_llms
 from batchplan.plans.planning import PlanRequest
 from batchplan.predictors.metrics import ece
 from tests.support.replay_server import ReplayServer
@@ -85,14 +86,7 @@ def streams(name: str, data: Path, storage: Storage) -> tuple[History, History, 
 
 def best_single_cost(full: History, train: History, ids: list[str]) -> float:
     """What sending the night to each task's best single LLM (on the training history) would cost."""
-    best = (
-        train.outcomes.join(train.queries.select("query_id", "task"), on="query_id")
-        .group_by("task", "model")
-        .agg(pl.col("correct").mean())
-        .sort("correct", descending=True)
-        .group_by("task")
-        .first()
-    )
+    best = best_single_llms(train.outcomes.join(train.queries.select("query_id", "task"), on="query_id"))
     night = full.queries.filter(pl.col("query_id").is_in(pl.Series(ids).implode())).select("query_id", "task")
     pairs = night.join(best.select("task", "model"), on="task")
     return float(full.outcomes.join(pairs, on=["query_id", "model"])["cost_usd"].sum())

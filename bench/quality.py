@@ -58,7 +58,7 @@ from scipy.optimize import linprog
 from batchplan.app import artifacts
 from batchplan.app.demo import best_single_cost
 from batchplan.app.pipeline import build_candidates, execute, optimize, predict
-from batchplan.app.report import Truth, baselines, score_results
+from batchplan.app.report import Truth, baseline_policies, score_results
 from batchplan.app.round_replay import simulate_rounds
 from batchplan.core.history import History, cross_validation_fold, load_history, stable_fold, with_holdout
 from batchplan.core.settings import get_settings
@@ -246,10 +246,7 @@ def bench_split(
     rows = []
     for fraction in fractions:
         budget = fraction * reference_cost
-        base = {
-            b["policy"].split(" (")[0].split(",")[0]: b
-            for b in baselines(queue["query_id"], truth, budget, reference, queue.select("query_id", "task"))
-        }
+        base = baseline_policies(queue["query_id"], truth, budget, reference, queue.select("query_id", "task"))
         row = {
             "dataset": name,
             "queries": queue.height,

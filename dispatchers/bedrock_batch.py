@@ -29,8 +29,8 @@ import hashlib
 import json
 import re
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import polars as pl
@@ -38,7 +38,7 @@ import structlog
 
 from batchplan.core.catalog import BATCH_TERMS, BatchTerms
 from batchplan.core.errors import ContractError
-from batchplan.core.rounds import BATCH, OBSERVATION_MODE, REALTIME, ROUND_PLAN_SCHEMA
+from batchplan.core.rounds import BATCH, OBSERVATION_MODE, REALTIME, ROUND_PLAN_SCHEMA, RoundRequest
 from batchplan.core.settings import get_settings
 from batchplan.core.storage import Storage, join
 from batchplan.dispatchers.base import CLIENT_ERROR, RATE_LIMITED, SERVER_ERROR, TIMEOUT, CallResult
@@ -79,18 +79,10 @@ class BedrockBatchSender:
     max_tokens: int = MAX_TOKENS
     max_tokens_open: int = MAX_TOKENS_OPEN
 
-    def send(
-        self,
-        calls: pl.DataFrame,
-        queue: pl.DataFrame,
-        *,
-        round: int,
-        budget_usd: float,
-        tenant_budgets_usd: Mapping[str, float],
-        out_uri: str,
-        storage: Storage,
-        progress: Any = None,
-    ) -> tuple[pl.DataFrame, pl.DataFrame]:
+    def send(self, request: RoundRequest) -> tuple[pl.DataFrame, pl.DataFrame]:
+        calls, queue, round, out_uri, storage = (
+            request.calls, request.queue, request.round, request.out_uri, request.storage
+        )  # fmt: skip
         calls = calls.with_columns(pl.col("mode").fill_null(REALTIME)) if "mode" in calls.columns else calls.with_columns(
             pl.lit(REALTIME).alias("mode")
         )
@@ -102,7 +94,7 @@ class BedrockBatchSender:
         jobs = group_jobs(lines, self.terms)
         for fallback in jobs.fallbacks:
             log.warning("bedrock_batch.fallback", round=round, reason="below the minimum record count", **fallback)
-        budget = JobBudget(budget_usd, tenant_budgets_usd)
+        budget = JobBudget(request.budget_usd, request.tenant_budgets_usd)
         refused: list[Line] = []
         submitted: list[tuple[dict[str, Any], list[Line]]] = []
         for k, job in enumerate(jobs.jobs):
@@ -111,9 +103,7 @@ class BedrockBatchSender:
             if kept:
                 submitted.append((self._submit(kept, round, k, out_uri, storage), kept))
         # the round's real-time rows and the LLMs below the minimum go at once, with what the jobs leave
-        observed_rt, refused_rt = self._send_realtime(
-            calls, queue, jobs.realtime, budget, round=round, out_uri=out_uri, storage=storage, progress=progress
-        )
+        observed_rt, refused_rt = self._send_realtime(request, calls, jobs.realtime, budget)
         rows: list[dict[str, Any]] = []
         summary = []
         for state, kept in submitted:
@@ -143,12 +133,7 @@ class BedrockBatchSender:
         return self.terms.discount if discount is None else discount
 
     def _send_realtime(
-        self,
-        calls: pl.DataFrame,
-        queue: pl.DataFrame,
-        fallback: list[Line],
-        budget: JobBudget,
-        **options: Any,
+        self, request: RoundRequest, calls: pl.DataFrame, fallback: list[Line], budget: JobBudget
     ) -> tuple[pl.DataFrame, pl.DataFrame]:
         moved = {(line.query_id, line.model) for line in fallback}
         rows = calls.filter(pl.col("mode") == REALTIME)
@@ -168,8 +153,8 @@ class BedrockBatchSender:
         left, tenant_left = budget.left_usd()
         rows = rows.select([c for c in ROUND_PLAN_SCHEMA.names() if c in rows.columns])
         got, refused = self.realtime.send(
-            rows, queue, round=options["round"], budget_usd=left, tenant_budgets_usd=tenant_left,
-            out_uri=join(options["out_uri"], "realtime"), storage=options["storage"], progress=options["progress"],
+            replace(request, calls=rows, budget_usd=left, tenant_budgets_usd=tenant_left,
+                    out_uri=join(request.out_uri, "realtime"))
         )  # fmt: skip
         return got.with_columns(pl.lit(REALTIME).alias(OBSERVATION_MODE)), refused
 

@@ -19,7 +19,7 @@ from moto.server import ThreadedMotoServer
 from batchplan.app.round_runner import DispatchSender
 from batchplan.core.catalog import BatchTerms, PriceCatalog
 from batchplan.core.contracts import QUEUE_SCHEMA, conform
-from batchplan.core.rounds import ROUND_PLAN_SCHEMA
+from batchplan.core.rounds import ROUND_PLAN_SCHEMA, RoundRequest
 from batchplan.core.storage import Storage
 from batchplan.dispatchers import DispatchOptions
 from batchplan.dispatchers.batch_jobs import batch_lines
@@ -145,10 +145,7 @@ def _sender(control: Any, s3: Any, service: Service | None, realtime: Any = None
 
 
 def _send(sender: BedrockBatchSender, calls: pl.DataFrame, queue: pl.DataFrame, out: Path, budget: float):  # type: ignore[no-untyped-def]
-    return sender.send(
-        calls, queue, round=1, budget_usd=budget, tenant_budgets_usd={}, out_uri=str(out), storage=Storage(),
-        progress=None,
-    )  # fmt: skip
+    return sender.send(RoundRequest(calls, queue, 1, budget, {}, str(out), Storage()))
 
 
 def test_a_round_by_bedrock_batch_round_trips_through_s3(s3: Any, tmp_path: Path) -> None:

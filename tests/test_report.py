@@ -11,8 +11,9 @@ import pytest
 
 from batchplan.app.report import (
     OPTIMIZER_GLOSSARY,
+    Report,
     Truth,
-    baselines,
+    baseline_policies,
     build_report,
     render_html,
     render_markdown,
@@ -76,10 +77,7 @@ def test_score_uses_the_recorded_verdict_and_counts_deferred_as_wrong() -> None:
     [(None, 0.5, 1.0), (11.0, 0.5, 1.0), (1.5, 0.5, 0.5), (0.5, 0.0, 0.0)],
 )
 def test_baselines_at_the_same_budget(budget: float | None, cheapest: float, oracle: float) -> None:
-    rows = {
-        r["policy"].split(" (")[0].split(",")[0]: r
-        for r in baselines(pl.Series(["q1", "q2"]), TRUTH, budget, {"t": "dear"}, TASKS)
-    }
+    rows = baseline_policies(pl.Series(["q1", "q2"]), TRUTH, budget, {"t": "dear"}, TASKS)
     assert rows["cheapest model"]["accuracy"] == pytest.approx(cheapest)
     assert rows["oracle"]["accuracy"] == pytest.approx(oracle)
     assert rows["best single model"]["accuracy"] == pytest.approx(1.0)
@@ -100,12 +98,12 @@ def test_report_files(tmp_path: Path) -> None:
         queue=TASKS,
         run_id="r1",
     )
-    assert report["accuracy"] == 1.0
-    assert report["spent_usd"] == 11.0
-    assert report["status"] == {"done": 2, "failed": 0, "deferred": 0}
-    assert {m["model"]: m["share"] for m in report["model_share"]} == {"cheap": 0.5, "dear": 0.5}
+    assert report.accuracy == 1.0
+    assert report.spent_usd == 11.0
+    assert report.status == {"done": 2, "failed": 0, "deferred": 0}
+    assert {m["model"]: m["share"] for m in report.model_share} == {"cheap": 0.5, "dear": 0.5}
     # the best single model ("dear") is right on both at 20 USD: we pay 11
-    assert report["savings"] == pytest.approx({"spend_saved_pct": 45.0, "accuracy_delta_pts": 0.0})
+    assert report.savings == pytest.approx({"spend_saved_pct": 45.0, "accuracy_delta_pts": 0.0})
     paths = write_report(report, str(tmp_path), Storage())
     assert set(paths) == {"json", "md", "html"}
     assert "oracle" in render_markdown(report)
@@ -115,8 +113,8 @@ def test_report_files(tmp_path: Path) -> None:
 
 def test_report_without_truth_has_no_accuracy() -> None:
     report = build_report(results=RESULTS, plan=PLAN, budget_usd=12.0)
-    assert report["accuracy"] is None
-    assert report["baselines"] == []
+    assert report.accuracy is None
+    assert report.baselines == []
     assert "n/a" in render_markdown(report)
 
 
@@ -135,14 +133,14 @@ def test_report_per_tenant_spend_against_budgets() -> None:
         queue=queue,
         tenant_budgets_usd={"globex": 5.0},
     )
-    assert report["per_tenant"] == [
+    assert report.per_tenant == [
         {"tenant": "acme", "queries": 1, "deferred": 0, "spent_usd": 1.0, "accuracy": 1.0, "budget_usd": None},
         {"tenant": "globex", "queries": 1, "deferred": 1, "spent_usd": 0.0, "accuracy": 0.0, "budget_usd": 5.0},
     ]
     assert "| globex | 1 | 1 | 0.0% | 0.0000 | 5.0000 |" in render_markdown(report)
     assert "<h2>Per tenant</h2>" in render_html(report)
     untruthful = build_report(results=deferred, plan=PLAN, budget_usd=12.0, queue=queue)
-    assert [t["accuracy"] for t in untruthful["per_tenant"]] == [None, None]
+    assert [t["accuracy"] for t in untruthful.per_tenant or []] == [None, None]
 
 
 def _html_rows(page: str) -> list[list[str]]:
@@ -162,10 +160,7 @@ def test_baselines_tell_deferred_from_unrecorded_and_answered() -> None:
     )
     truth = Truth(outcomes=outcomes, gold=pl.DataFrame({"query_id": ["q1", "q2", "q3"], "gold": ["A", "A", "A"]}))
     tasks = pl.DataFrame({"query_id": ["q1", "q2", "q3"], "task": ["t", "t", "t"]})
-    rows = {
-        r["policy"].split(" (")[0].split(",")[0]: r
-        for r in baselines(pl.Series(["q1", "q2", "q3"]), truth, 1.5, {"t": "dear"}, tasks)
-    }
+    rows = baseline_policies(pl.Series(["q1", "q2", "q3"]), truth, 1.5, {"t": "dear"}, tasks)
     cheapest = rows["cheapest model"]  # q1 at $1 fits the budget, q2 would pass it, q3 has no recorded answer
     assert (cheapest["answered"], cheapest["deferred"], cheapest["unrecorded"]) == (1, 1, 1)
     assert cheapest["accuracy"] == pytest.approx(1 / 3)
@@ -178,7 +173,7 @@ def test_baselines_tell_deferred_from_unrecorded_and_answered() -> None:
         assert row["answered"] + row["deferred"] + row["unrecorded"] == 3
 
 
-def sample_report(**overrides: object) -> dict:
+def sample_report(**overrides: object) -> Report:
     args: dict = {
         "results": RESULTS,
         "plan": PLAN,
@@ -239,11 +234,11 @@ def test_the_optimizer_figures_are_explained() -> None:
 
 def test_per_task_planned_against_realized_and_spend_per_model() -> None:
     report = sample_report()
-    assert report["per_task"] == [
+    assert report.per_task == [
         {"task": "t", "queries": 2, "planned_accuracy": pytest.approx(0.85), "accuracy": 1.0, "spent_usd": 11.0}
     ]
     # without a ledger, one-call queries give each model's spend
-    assert report["spend_per_model"] == [
+    assert report.spend_per_model == [
         {"model": "dear", "calls": 1, "spent_usd": 10.0},
         {"model": "cheap", "calls": 1, "spent_usd": 1.0},
     ]
@@ -295,7 +290,7 @@ def test_the_frontier_is_the_plan_at_a_range_of_budgets(tmp_path: Path) -> None:
     assert read_frontier(Storage(), uri) == rows
     assert read_frontier(Storage(), str(tmp_path / "nothing.json")) == []
     report = sample_report(frontier=rows)
-    assert report["frontier"] == rows
+    assert report.frontier == rows
     assert "| 24.0000 |" in render_markdown(report)
     assert "<title>Cost against accuracy: the frontier, this run and the baselines</title>" in render_html(report)
 
@@ -312,7 +307,24 @@ def test_reasons_not_answered_are_grouped_whatever_the_amounts() -> None:
         ),
     )
     report = sample_report(results=short)
-    assert report["not_answered"] == [
+    assert report.not_answered == [
         {"status": "deferred", "reason": "total budget: gpt-4o needs up to … USD, … USD left", "queries": 2}
     ]
     assert "| deferred | total budget: gpt-4o needs up to … USD, … USD left | 2 |" in render_markdown(report)
+
+
+def test_report_json_keeps_its_keys_and_reads_back() -> None:
+    written = sample_report().as_json()
+    assert list(written) == [
+        "run_id", "created", "queries", "quarantined", "status", "budget_usd", "spent_usd", "planned_cost_usd",
+        "planned_accuracy", "estimated_accuracy", "estimated_accuracy_source", "plan_kinds", "model_share",
+        "calls_per_model", "spend_per_model", "not_answered", "optimizer", "unused_constraints", "unseen_tasks",
+        "frontier", "accuracy", "accuracy_answered", "baselines", "rounds", "accuracy_known_for", "per_task",
+        "savings",
+    ]  # fmt: skip
+    bare = build_report(results=RESULTS, plan=PLAN, budget_usd=12.0).as_json()
+    assert not {"per_tenant", "accuracy_known_for", "per_task", "audit", "drift", "estimated_accuracy_ci95"} & set(bare)
+    # a key a newer writer added survives a re-render (batchplan label reads report.json back)
+    newer = written | {"spend_per_round": [{"round": 1, "spent_usd": 1.0}]}
+    assert Report.from_json(newer).as_json() == newer
+    assert Report.from_json(newer).savings == written["savings"]

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 from test_report import QUEUE_WITH_TENANTS, sample_report
 
-from batchplan.app.report import sections, write_report
+from batchplan.app.report import Report, sections, write_report
 from batchplan.core.storage import Storage
 
 CHROMIUM = shutil.which("chromium")
@@ -172,11 +172,11 @@ CHART_TITLES = [
 ]
 
 
-def _report() -> dict[str, Any]:
+def _report() -> Report:
     return sample_report(queue=QUEUE_WITH_TENANTS, run_id="browser", frontier=FRONTIER)
 
 
-def _check(probe: dict[str, Any], errors: list[str], report: dict[str, Any]) -> None:
+def _check(probe: dict[str, Any], errors: list[str], report: Report) -> None:
     assert errors == []
     assert probe["svgs"] == 3
     assert probe["titles"] == CHART_TITLES

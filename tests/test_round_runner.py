@@ -12,7 +12,7 @@ from batchplan.app.pipeline import execute, execute_rounds
 from batchplan.app.round_runner import RoundsOutcome, run_rounds
 from batchplan.core.contracts import PLAN_SCHEMA, QUEUE_SCHEMA, conform
 from batchplan.core.history import History, load_history
-from batchplan.core.rounds import OBSERVATION_SCHEMA, RoundState
+from batchplan.core.rounds import OBSERVATION_SCHEMA, RoundRequest, RoundState
 from batchplan.core.storage import Storage
 from batchplan.dispatchers import get_backend
 from batchplan.plans.continuation import PlanContinuation
@@ -195,8 +195,8 @@ class _Sender:
 
         self.inner = DispatchSender(get_backend("replay", history=history))
 
-    def send(self, calls: pl.DataFrame, queue: pl.DataFrame, **kw: object) -> tuple[pl.DataFrame, pl.DataFrame]:
-        return self.inner.send(calls, queue, **kw)  # type: ignore[arg-type]
+    def send(self, request: RoundRequest) -> tuple[pl.DataFrame, pl.DataFrame]:
+        return self.inner.send(request)
 
 
 def test_an_ambiguous_failure_is_charged_at_its_input_tokens_once_a_later_call_told_them() -> None:

@@ -507,7 +507,7 @@ def plan(
         import polars as pl
 
         from batchplan.app import artifacts, pipeline
-        from batchplan.app.report import notes
+        from batchplan.app.report import Report, notes
         from batchplan.core.contracts import UNANSWERABLE
 
         storage = _storage()
@@ -525,7 +525,7 @@ def plan(
             _say_quarantined(ingested.quarantine.height, quarantine_uri)
         trained = artifacts.load(storage, predictors, version=predictor_version)
         predictions = pipeline.predict(ingested.queue, trained.predictor, chosen_backend)
-        for line in notes({"unseen_tasks": pipeline.unseen_tasks(ingested.queue, trained.predictor)}):
+        for line in notes(Report(unseen_tasks=pipeline.unseen_tasks(ingested.queue, trained.predictor))):
             console.print(f"note: {line}")
         outcome = pipeline.optimize(
             pipeline.build_candidates(ingested.queue, predictions, trained.templates, request.kinds),
@@ -599,7 +599,7 @@ def run(
 
             check_batch_api(backend)
         from batchplan.app.pipeline import Job, run_job
-        from batchplan.app.report import render_markdown
+        from batchplan.app.report import Report, render_markdown
 
         job = Job(
             queue_uri=queue,
@@ -620,7 +620,7 @@ def run(
         )
         with _progress("dispatch") as progress:
             outcome = run_job(job, _storage(), progress=progress)
-    typer.echo(render_markdown(outcome.report))
+    typer.echo(render_markdown(Report.from_json(outcome.report)))
     if outcome.report["quarantined"]:
         from batchplan.core.storage import join
 
@@ -642,7 +642,7 @@ def demo(
     """The main job on the bundled data: train on train splits, plan + replay the test splits under a budget."""
     with _user_errors(), _progress("dispatch") as progress:
         from batchplan.app.demo import run_demo
-        from batchplan.app.report import render_markdown
+        from batchplan.app.report import Report, render_markdown
         from batchplan.core.settings import get_settings
 
         outcome, context = run_demo(
@@ -661,7 +661,7 @@ def demo(
         f"data: {context['data']}; {context['queries']} test queries; budget ${context['budget_usd']:.4f} = "
         f"{context['budget_fraction']:.0%} of the best single models' cost ${context['best_single_cost_usd']:.4f}"
     )
-    typer.echo(render_markdown(outcome.report))
+    typer.echo(render_markdown(Report.from_json(outcome.report)))
     typer.echo(f"report: {outcome.paths['html']}")
 
 

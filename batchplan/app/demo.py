@@ -18,6 +18,7 @@ from batchplan.app.report import Truth
 from batchplan.core.history import History, history_dirs, load_history, synthetic_history, with_holdout
 from batchplan.core.settings import Settings
 from batchplan.core.storage import Storage, join
+from batchplan.plans.best_single import best_single_map
 from batchplan.plans.planning import PlanRequest
 
 log = structlog.get_logger("batchplan.app.demo")
@@ -38,28 +39,18 @@ def demo_history(settings: Settings, storage: Storage) -> tuple[History, list[st
 
 
 def best_single_models(history: History) -> dict[str, str]:
-    """Per data set, the model with the highest accuracy on its train split: the 'best single model'."""
+    """Per task, the best single model (``best_single_llms``) on the history's train split."""
     train = history.split("train")
-    ranked = (
-        train.outcomes.join(train.queries.select("query_id", "dataset"), on="query_id")
-        .group_by("dataset", "model")
-        .agg(pl.col("correct").mean().alias("accuracy"))
-        .sort("dataset", "accuracy", "model", descending=[False, True, False])
-        .group_by("dataset", maintain_order=True)
-        .first()
-    )
-    return dict(zip(ranked["dataset"].to_list(), ranked["model"].to_list(), strict=True))
+    return best_single_map(train.outcomes.join(train.queries.select("query_id", "task"), on="query_id"))
 
 
 def best_single_cost(history: History, queries: pl.DataFrame) -> tuple[float, dict[str, str]]:
-    """Recorded cost of sending each of ``queries`` to its data set's best single model, and the per-task
-    map of those models (what the report's 'best single model' baseline uses)."""
+    """Recorded cost of sending each of ``queries`` to its task's best single model, and the per-task map of
+    those models (what the report's 'best single model' baseline uses)."""
     best = best_single_models(history)
-    by_query = queries.select("query_id", "task").join(history.queries.select("query_id", "dataset"), on="query_id")
-    chosen = by_query.with_columns(pl.col("dataset").replace_strict(best, default=None).alias("model"))
-    cost = history.outcomes.join(chosen.select("query_id", "model"), on=["query_id", "model"])["cost_usd"].sum()
-    per_task = dict(chosen.select("task", "model").unique("task", keep="first").iter_rows())
-    return float(cost), per_task
+    chosen = queries.select("query_id", pl.col("task").replace_strict(best, default=None).alias("model"))
+    cost = history.outcomes.join(chosen, on=["query_id", "model"])["cost_usd"].sum()
+    return float(cost), {task: best[task] for task in sorted(set(queries["task"].to_list())) if task in best}
 
 
 def run_demo(

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any
 
@@ -36,6 +36,7 @@ from batchplan.app.outcomes import (
     read_run_outcomes,
     write_run_outcomes,
 )
+from batchplan.app.report import Report, write_report
 from batchplan.core.contracts import LABEL_SCHEMA, ContractError, conform
 from batchplan.core.storage import Storage, StorageError, join
 from batchplan.dispatchers import parse_answer
@@ -150,23 +151,24 @@ def measured_accuracy(results: pl.DataFrame, queries: pl.DataFrame, latest: pl.D
     }
 
 
-def with_measured(report: dict[str, Any], measured: dict[str, Any] | None) -> dict[str, Any]:
+def with_measured(report: Report, measured: dict[str, Any] | None) -> Report:
     """The report with its labelled accuracy; where it has no accuracy of its own (a live run: no truth)
     the measured one is its accuracy, over ``accuracy_known_for`` queries, ``accuracy_source`` labels."""
     if not measured:
         return report
-    report = dict(report) | {"labelled_accuracy": measured}
-    if report.get("accuracy") is None or report.get("accuracy_source") == "labels":
-        report |= {
-            "accuracy": measured["accuracy"],
-            "accuracy_answered": measured["accuracy_answered"],
-            "accuracy_known_for": measured["n"],
-            "accuracy_source": "labels",
-        }
+    report = replace(report, labelled_accuracy=measured)
+    if report.accuracy is None or report.accuracy_source == "labels":
+        report = replace(
+            report,
+            accuracy=measured["accuracy"],
+            accuracy_answered=measured["accuracy_answered"],
+            accuracy_known_for=measured["n"],
+            accuracy_source="labels",
+        )
     return report
 
 
-def report_with_labels(storage: Storage, run_uri: str, results: pl.DataFrame, report: dict[str, Any]) -> dict[str, Any]:
+def report_with_labels(storage: Storage, run_uri: str, results: pl.DataFrame, report: Report) -> Report:
     """``report`` with the accuracy measured on the labels ``run_uri`` holds (unchanged without labels): a
     report built again after ``batchplan label`` (a rerun, the DAG's report step) keeps it."""
     labels_uri, queries_uri = join(run_uri, LABELS_FILE), join(run_uri, QUERIES_FILE)
@@ -263,11 +265,10 @@ def _canonical(known: pl.DataFrame, queries: pl.DataFrame, name: str) -> pl.Data
 
 def _rerender(storage: Storage, report_uri: str, measured: dict[str, Any]) -> None:
     """Write the run's report again with the measured accuracy (a run without a report yet: nothing)."""
-    from batchplan.app.report import write_report
-
     uri = join(report_uri, "report.json")
     if storage.exists(uri):
-        write_report(with_measured(json.loads(storage.read_text(uri)), measured), report_uri, storage)
+        written = Report.from_json(json.loads(storage.read_text(uri)))
+        write_report(with_measured(written, measured), report_uri, storage)
 
 
 def label_files(storage: Storage, prefix: str) -> Sequence[str]:

@@ -62,6 +62,7 @@ from batchplan.dispatchers import (
 )
 from batchplan.dispatchers.limits import MAX_TOKENS, MAX_TOKENS_OPEN, OutputCaps
 from batchplan.plans.audit import audit_plan, audit_queue, deliver_references, estimate_audit
+from batchplan.plans.best_single import best_single_map
 from batchplan.plans.candidates import Candidates, build_candidates
 from batchplan.plans.frontier import frontier_uri, plan_frontier, read_frontier, write_frontier
 from batchplan.plans.modes import BatchModes, batch_priced
@@ -343,17 +344,9 @@ def batch_sender(
 
 
 def reference_models(predictions: pl.DataFrame, queue: pl.DataFrame) -> dict[str, str]:
-    """Per task, the model the predictor expects to be most accurate: the 'best single model' baseline."""
-    best = (
-        predictions.join(queue.select("query_id", "task"), on="query_id")
-        .group_by("task", "model")
-        .agg(pl.col("p_correct").mean(), pl.len())
-        .filter(pl.col("len") == pl.col("len").max().over("task"))
-        .sort("p_correct", descending=True)
-        .group_by("task")
-        .first()
-    )
-    return dict(zip(best["task"].to_list(), best["model"].to_list(), strict=True))
+    """Per task, the best single model (``best_single_llms``) by the predictor's expectations: the report's
+    baseline where the job was given no ``reference_models`` (a batch has no outcomes to judge by)."""
+    return best_single_map(predictions.join(queue.select("query_id", "task"), on="query_id"), accuracy="p_correct")
 
 
 @dataclass
@@ -383,7 +376,7 @@ class Job:
 
 @dataclass(frozen=True)
 class JobOutcome:
-    report: dict[str, Any]
+    report: dict[str, Any]  # report.json's content (``Report.from_json`` to render it)
     plan: pl.DataFrame
     results: pl.DataFrame
     paths: dict[str, str]
@@ -549,7 +542,7 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
     report = report_with_labels(storage, job.out_uri, results, report)  # a rerun after `batchplan label`
     paths |= write_report(report, job.out_uri, storage)
     log.info("run", summary=summary_line(report), out=job.out_uri, seconds=round(time.perf_counter() - started, 2))
-    return JobOutcome(report=report, plan=plan, results=results, paths=paths)
+    return JobOutcome(report=report.as_json(), plan=plan, results=results, paths=paths)
 
 
 AUDIT_RECORD_SCHEMA = pl.Schema(

@@ -8,7 +8,7 @@ from __future__ import annotations
 import html
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from typing import Any
 
@@ -102,19 +102,23 @@ BASELINE_NOTES = {
 }
 
 
-def baselines(
+CHEAPEST, BEST_SINGLE, RANDOM, ORACLE = BASELINE_NOTES  # the policies' names, in the report's order
+
+
+def baseline_policies(
     query_ids: pl.Series,
     truth: Truth,
     budget_usd: float | None,
     reference_models: dict[str, str],
     tasks: pl.DataFrame,
     seed: int = 0,
-) -> list[dict[str, Any]]:
+) -> dict[str, dict[str, Any]]:
     """Accuracy and realized spend of simple policies on the same queries and budget, with how many queries
-    each answered, deferred (the budget ran out) and could not replay (no recorded answer)."""
+    each answered, deferred (the budget ran out) and could not replay (no recorded answer): per policy name
+    (CHEAPEST, BEST_SINGLE, RANDOM, ORACLE) its row of report.json's ``baselines``."""
     outcomes = truth.outcomes.filter(pl.col("query_id").is_in(query_ids.implode())).join(tasks, on="query_id")
     n = query_ids.len()
-    rows: list[dict[str, Any]] = []
+    rows: dict[str, dict[str, Any]] = {}
 
     # rounded, so models at one price tie exactly (a parallel mean's last bits vary between runs) and the tie
     # goes to the first by name: the baseline must not move between runs
@@ -122,7 +126,7 @@ def baselines(
     cheapest = mean_cost.group_by("task").agg(pl.col("model").sort_by("mean_cost", "model").first())
     picked = outcomes.join(cheapest, on=["task", "model"]).sort("query_id")
     right, spend, answered = _budgeted(picked["cost_usd"].to_numpy(), picked["correct"].to_numpy(), budget_usd)
-    rows.append(_policy_row("cheapest model", n, right, answered, picked.height - answered, spend))
+    rows[CHEAPEST] = _policy_row("cheapest model", n, right, answered, picked.height - answered, spend)
 
     reference = pl.DataFrame(
         {"task": list(reference_models), "model": list(reference_models.values())},
@@ -130,15 +134,13 @@ def baselines(
     )
     picked = outcomes.join(reference, on=["task", "model"])
     models = ", ".join(sorted(set(reference_models.values())))
-    rows.append(
-        _policy_row(
-            f"best single model, own cost ({models})",
-            n,
-            int(picked["correct"].sum()),
-            picked.height,
-            0,
-            float(picked["cost_usd"].sum()),
-        )
+    rows[BEST_SINGLE] = _policy_row(
+        f"best single model, own cost ({models})",
+        n,
+        int(picked["correct"].sum()),
+        picked.height,
+        0,
+        float(picked["cost_usd"].sum()),
     )
 
     rng = np.random.default_rng(seed)
@@ -150,14 +152,82 @@ def baselines(
         right, spend, answered = _budgeted(picked["cost_usd"].to_numpy(), picked["correct"].to_numpy(), budget_usd)
         draws.append((right, answered, picked.height - answered, spend))
     right_, answered_, deferred_, spend_ = (float(np.mean(column)) for column in zip(*draws, strict=True))
-    rows.append(_policy_row("random model (mean of 5)", n, right_, answered_, deferred_, spend_))
+    rows[RANDOM] = _policy_row("random model (mean of 5)", n, right_, answered_, deferred_, spend_)
 
     # Oracle: knows every outcome; the cheapest correct call per query, cheapest queries first (optimal for unit values).
     best = outcomes.filter(pl.col("correct")).group_by("query_id").agg(pl.col("cost_usd").min()).sort("cost_usd")
     right, spend, answered = _budgeted(best["cost_usd"].to_numpy(), np.ones(best.height, dtype=bool), budget_usd)
     recorded = outcomes["query_id"].n_unique()
-    rows.append(_policy_row("oracle", n, right, answered, recorded - answered, spend))
+    rows[ORACLE] = _policy_row("oracle", n, right, answered, recorded - answered, spend)
     return rows
+
+
+OPTIONAL = {"optional": True}  # a field's metadata: report.json has it only when set (a section some runs lack)
+
+
+@dataclass
+class Report:
+    """The run report, one field per report.json key (in the file's order): what report.json, report.md and
+    report.html are all rendered from. ``build_report`` fills it; ``from_json`` reads a written one back (a
+    re-render after ``batchplan label``). To add a section: add a field here (``metadata=OPTIONAL`` if report.json
+    should only have it when set), fill it in ``build_report`` and read it in the section's function below.
+    Nested rows stay the JSON's own dicts (their keys are report.json's contract)."""
+
+    run_id: str | None = None
+    created: str = ""
+    queries: int = 0
+    quarantined: int = 0
+    status: dict[str, int] = field(default_factory=lambda: dict.fromkeys(RESULT_STATUSES, 0))
+    budget_usd: float | None = None
+    spent_usd: float = 0.0
+    planned_cost_usd: float = 0.0
+    planned_accuracy: float = 0.0
+    estimated_accuracy: float | None = None
+    # which estimate it is: the rounds' posterior of the final answers ("posterior") or the audits' ("audit")
+    estimated_accuracy_source: str | None = None
+    plan_kinds: dict[str, int] = field(default_factory=dict)
+    model_share: list[dict[str, Any]] = field(default_factory=list)
+    calls_per_model: list[dict[str, Any]] = field(default_factory=list)
+    spend_per_model: list[dict[str, Any]] = field(default_factory=list)
+    not_answered: list[dict[str, Any]] = field(default_factory=list)
+    optimizer: dict[str, Any] = field(default_factory=dict)
+    # asked for but binding nothing (--allow-unused-constraints), and tasks the predictor only guesses at
+    unused_constraints: list[str] = field(default_factory=list)
+    unseen_tasks: list[str] = field(default_factory=list)
+    frontier: list[dict[str, Any]] = field(default_factory=list)
+    accuracy: float | None = None
+    accuracy_answered: float | None = None
+    baselines: list[dict[str, Any]] = field(default_factory=list)
+    # a run in rounds: one line per round (budget left, calls, charges, refusals); empty for single shot
+    rounds: list[dict[str, Any]] = field(default_factory=list)
+    per_tenant: list[dict[str, Any]] | None = field(default=None, metadata=OPTIONAL)
+    accuracy_known_for: int | None = field(default=None, metadata=OPTIONAL)
+    per_task: list[dict[str, Any]] | None = field(default=None, metadata=OPTIONAL)
+    audit: dict[str, Any] | None = field(default=None, metadata=OPTIONAL)
+    estimated_accuracy_ci95: list[float] | None = field(default=None, metadata=OPTIONAL)
+    drift: list[dict[str, Any]] | None = field(default=None, metadata=OPTIONAL)
+    savings: dict[str, float] | None = None
+    labelled_accuracy: dict[str, Any] | None = field(default=None, metadata=OPTIONAL)  # labels that arrived after the run (batchplan label)
+    accuracy_source: str | None = field(default=None, metadata=OPTIONAL)  # "labels": ``accuracy`` was measured on them
+    # keys this code does not know (a newer writer's): kept through a read and a write, never dropped
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def as_json(self) -> dict[str, Any]:
+        """report.json's content."""
+        out = {
+            f.name: getattr(self, f.name)
+            for f in fields(self)
+            if f.name != "extra" and not (f.metadata.get("optional") and getattr(self, f.name) is None)
+        }
+        return out | self.extra
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Report:
+        known = {f.name for f in fields(cls)} - {"extra"}
+        return cls(
+            **{k: v for k, v in data.items() if k in known},
+            extra={k: v for k, v in data.items() if k not in known},
+        )
 
 
 def build_report(
@@ -178,8 +248,8 @@ def build_report(
     estimated_accuracy: float | None = None,
     audit: dict[str, Any] | None = None,
     rounds: list[dict[str, Any]] | None = None,
-) -> dict[str, Any]:
-    """The report as plain data. ``frontier``: ``batchplan.plans.frontier`` rows (planned accuracy per budget);
+) -> Report:
+    """The run's report. ``frontier``: ``batchplan.plans.frontier`` rows (planned accuracy per budget);
     ``spend_by_model``: what the ledger charged per model (without it, from the results: exact for queries
     that called one model, the rest under one 'several models' row); ``estimated_accuracy``: the mean
     posterior of the final answers (a run in rounds), without gold; ``audit``: ``batchplan.plans.audit.
@@ -197,6 +267,7 @@ def build_report(
         .sort("len", descending=True)
     )
     call_counts = calls.group_by("model").len().sort("len", descending=True)
+    best_single: dict[str, Any] | None = None  # the 'best single model' baseline's row, where there is one
     report: dict[str, Any] = {
         "run_id": run_id,
         "created": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -235,9 +306,11 @@ def build_report(
         answered = known.filter(pl.col("status") == "done")
         report["accuracy_answered"] = float(answered["correct"].sum() / answered.height) if answered.height else None
         if queue is not None and reference_models:
-            report["baselines"] = baselines(
+            policies = baseline_policies(
                 results["query_id"], truth, budget_usd, reference_models, queue.select("query_id", "task")
             )
+            report["baselines"] = list(policies.values())
+            best_single = policies[BEST_SINGLE]
             planned = plan.select("query_id", pl.col("expected_accuracy").fill_null(0.0).alias("_planned"))
             report["per_task"] = [
                 {
@@ -261,8 +334,8 @@ def build_report(
             ]
     if audit is not None:
         _add_audit(report, audit)
-    report["savings"] = savings(report)
-    return report
+    report["savings"] = savings(report["spent_usd"], report["accuracy"], best_single)
+    return Report.from_json(report)
 
 
 def _add_audit(report: dict[str, Any], audit: dict[str, Any]) -> None:
@@ -335,20 +408,20 @@ def per_tenant(
     return [row | {"budget_usd": budgets_usd.get(row["tenant"])} for row in rows.iter_rows(named=True)]
 
 
-def savings(report: dict[str, Any]) -> dict[str, float] | None:
-    """Spend saved and accuracy given up (or gained) against the best single model at its own cost."""
-    best = next((b for b in report["baselines"] if b["policy"].startswith("best single model")), None)
-    if best is None or report["accuracy"] is None or not best["spent_usd"]:
+def savings(spent_usd: float, accuracy: float | None, best_single: dict[str, Any] | None) -> dict[str, float] | None:
+    """Spend saved and accuracy given up (or gained) against the best single model at its own cost (its
+    ``baseline_policies`` row)."""
+    if best_single is None or accuracy is None or not best_single["spent_usd"]:
         return None
     return {
-        "spend_saved_pct": 100 * (1 - report["spent_usd"] / best["spent_usd"]),
-        "accuracy_delta_pts": 100 * (report["accuracy"] - best["accuracy"]),
+        "spend_saved_pct": 100 * (1 - spent_usd / best_single["spent_usd"]),
+        "accuracy_delta_pts": 100 * (accuracy - best_single["accuracy"]),
     }
 
 
-def _savings_text(report: dict[str, Any]) -> str:
+def _savings_text(report: Report) -> str:
     """Differences worded by their sign: "62% more spend", never "-62% less spend"."""
-    s = report.get("savings")
+    s = report.savings
     if not s:
         return ""
     pct, pts = s["spend_saved_pct"], s["accuracy_delta_pts"]
@@ -371,15 +444,15 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-def summary_line(report: dict[str, Any]) -> str:
-    acc = report.get("accuracy")
+def summary_line(report: Report) -> str:
+    acc = report.accuracy
     acc_text = f"{acc:.1%}" if acc is not None else "n/a"
-    budget = report.get("budget_usd")
+    budget = report.budget_usd
     budget_text = f"${budget:.4f}" if budget is not None else "none"
-    st = report["status"]
+    st = report.status
     return (
-        f"queries={report['queries']} done={st['done']} failed={st['failed']} deferred={st['deferred']} "
-        f"quarantined={report['quarantined']} accuracy={acc_text} spend=${report['spent_usd']:.4f} budget={budget_text}"
+        f"queries={report.queries} done={st['done']} failed={st['failed']} deferred={st['deferred']} "
+        f"quarantined={report.quarantined} accuracy={acc_text} spend=${report.spent_usd:.4f} budget={budget_text}"
     )
 
 
@@ -387,12 +460,12 @@ def _fmt_acc(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.1%}"
 
 
-def estimates_line(report: dict[str, Any]) -> str:
+def estimates_line(report: Report) -> str:
     """Planned accuracy, the run's own estimate after it (no gold) and, where the truth is known, the
     realized accuracy with each one's miss."""
-    planned, estimated, realized = (report.get(k) for k in ("planned_accuracy", "estimated_accuracy", "accuracy"))
+    planned, estimated, realized = report.planned_accuracy, report.estimated_accuracy, report.accuracy
     parts = [f"planned accuracy {_fmt_acc(planned)}"]
-    if estimated is not None and (ci := report.get("estimated_accuracy_ci95")):
+    if estimated is not None and (ci := report.estimated_accuracy_ci95):
         parts.append(f"audited estimate {_fmt_acc(estimated)} (95% CI {_fmt_acc(ci[0])}-{_fmt_acc(ci[1])}, no gold)")
     elif estimated is not None:
         parts.append(f"estimated after the run {_fmt_acc(estimated)}")
@@ -434,7 +507,7 @@ class Gauge:
 @dataclass(frozen=True)
 class Chart:
     title: str
-    draw: Callable[[dict[str, Any], str], str]  # (report, title) -> <svg>
+    draw: Callable[[dict[str, Any], str], str]  # (report.json's content, title) -> <svg>
 
 
 Block = Table | Note | Gauge | Chart
@@ -446,12 +519,12 @@ class Section:
     blocks: list[Block]
 
 
-def _spend_section(report: dict[str, Any]) -> Section:
-    return Section("Spend against budget", [Gauge(report["spent_usd"], report.get("budget_usd"))])
+def _spend_section(report: Report) -> Section:
+    return Section("Spend against budget", [Gauge(report.spent_usd, report.budget_usd)])
 
 
-def _frontier_section(report: dict[str, Any]) -> Section | None:
-    if not report.get("frontier") and not report["baselines"]:
+def _frontier_section(report: Report) -> Section | None:
+    if not report.frontier and not report.baselines:
         return None
     blocks: list[Block] = [
         Chart("Cost against accuracy: the frontier, this run and the baselines", charts.frontier_chart),
@@ -461,7 +534,7 @@ def _frontier_section(report: dict[str, Any]) -> Section | None:
             "the baselines are scored on the truth."
         ),
     ]
-    if report.get("frontier"):
+    if report.frontier:
         blocks.append(
             Table(
                 ["budget USD", "planned cost USD", "planned accuracy", "deferred"],
@@ -472,7 +545,7 @@ def _frontier_section(report: dict[str, Any]) -> Section | None:
                         _fmt_acc(r["planned_accuracy"]),
                         str(r["deferred"]),
                     ]
-                    for r in report["frontier"]
+                    for r in report.frontier
                 ],
                 collapsed=True,
             )
@@ -480,8 +553,8 @@ def _frontier_section(report: dict[str, Any]) -> Section | None:
     return Section("Cost against accuracy", blocks)
 
 
-def _baselines_section(report: dict[str, Any]) -> Section:
-    st = report["status"]
+def _baselines_section(report: Report) -> Section:
+    st = report.status
 
     def count(value: int | None) -> str:
         return "-" if value is None else str(value)
@@ -489,13 +562,13 @@ def _baselines_section(report: dict[str, Any]) -> Section:
     rows = [
         [
             "batchplan (this run)",
-            _fmt_acc(report["accuracy"]),
-            _fmt_acc(report.get("accuracy_answered")),
+            _fmt_acc(report.accuracy),
+            _fmt_acc(report.accuracy_answered),
             str(st["done"]),
             str(st["deferred"]),
             str(st["failed"]),
             "-",
-            f"{report['spent_usd']:.4f}",
+            f"{report.spent_usd:.4f}",
         ]
     ]
     rows += [
@@ -509,7 +582,7 @@ def _baselines_section(report: dict[str, Any]) -> Section:
             count(b.get("unrecorded")),
             f"{b['spent_usd']:.4f}",
         ]
-        for b in report["baselines"]
+        for b in report.baselines
     ]
     headers = [
         "policy",
@@ -522,7 +595,7 @@ def _baselines_section(report: dict[str, Any]) -> Section:
         "spend USD",
     ]
     blocks: list[Block] = [Table(headers, rows)]
-    if report["baselines"]:
+    if report.baselines:
         blocks.append(
             Note(
                 "accuracy (all) counts every query, deferred and unanswered ones as wrong; accuracy (answered) only "
@@ -534,8 +607,8 @@ def _baselines_section(report: dict[str, Any]) -> Section:
     return Section("Accuracy and spend at the same budget", blocks)
 
 
-def _per_task_section(report: dict[str, Any]) -> Section | None:
-    if not report.get("per_task"):
+def _per_task_section(report: Report) -> Section | None:
+    if not report.per_task:
         return None
     table = Table(
         ["task", "queries", "planned accuracy", "accuracy", "spend USD"],
@@ -547,14 +620,14 @@ def _per_task_section(report: dict[str, Any]) -> Section | None:
                 _fmt_acc(t["accuracy"]),
                 f"{t['spent_usd']:.4f}",
             ]
-            for t in report["per_task"]
+            for t in report.per_task
         ],
     )
     return Section("Per task", [Chart("Planned against realized accuracy per task", charts.calibration_chart), table])
 
 
-def _spend_per_model_section(report: dict[str, Any]) -> Section | None:
-    rows = report.get("spend_per_model") or []
+def _spend_per_model_section(report: Report) -> Section | None:
+    rows = report.spend_per_model or []
     if not rows:
         return None
     total = sum(r["spent_usd"] for r in rows) or 1.0
@@ -570,23 +643,23 @@ def _spend_per_model_section(report: dict[str, Any]) -> Section | None:
     )
 
 
-def _not_answered_section(report: dict[str, Any]) -> Section:
-    st = report["status"]
+def _not_answered_section(report: Report) -> Section:
+    st = report.status
     blocks: list[Block] = [
-        Note(f"deferred: {st['deferred']}, failed: {st['failed']}, quarantined at ingest: {report['quarantined']}")
+        Note(f"deferred: {st['deferred']}, failed: {st['failed']}, quarantined at ingest: {report.quarantined}")
     ]
-    if report.get("not_answered"):
+    if report.not_answered:
         blocks.append(
             Table(
                 ["status", "reason", "queries"],
-                [[r["status"], r["reason"], str(r["queries"])] for r in report["not_answered"]],
+                [[r["status"], r["reason"], str(r["queries"])] for r in report.not_answered],
             )
         )
     return Section("Deferred and failed", blocks)
 
 
-def _rounds_section(report: dict[str, Any]) -> Section | None:
-    if not report.get("rounds"):
+def _rounds_section(report: Report) -> Section | None:
+    if not report.rounds:
         return None
     headers = ["round", "budget left USD", "queries called", "calls made", "failed", "charged USD", "unknown bills USD"]
     rows = [
@@ -600,7 +673,7 @@ def _rounds_section(report: dict[str, Any]) -> Section | None:
             f"{r['unknown_bill_usd']:.4f}",
             str(r.get("refused") or 0),
         ]
-        for r in report["rounds"]
+        for r in report.rounds
     ]
     note = Note(
         "Each round is re-planned over the whole batch under what the earlier rounds left; a failed call's unknown "
@@ -609,21 +682,21 @@ def _rounds_section(report: dict[str, Any]) -> Section | None:
     return Section("Rounds", [Table([*headers, "refused"], rows), note])
 
 
-def _plan_section(report: dict[str, Any]) -> Section:
+def _plan_section(report: Report) -> Section:
     return Section(
         "Plan",
         [
-            Table(["plan kind", "queries"], [[k, str(v)] for k, v in sorted(report["plan_kinds"].items())]),
+            Table(["plan kind", "queries"], [[k, str(v)] for k, v in sorted(report.plan_kinds.items())]),
             Table(
                 ["model (first call)", "queries", "share"],
-                [[m["model"], str(m["queries"]), f"{m['share']:.1%}"] for m in report["model_share"]],
+                [[m["model"], str(m["queries"]), f"{m['share']:.1%}"] for m in report.model_share],
             ),
         ],
     )
 
 
-def _per_tenant_section(report: dict[str, Any]) -> Section | None:
-    if not report.get("per_tenant"):
+def _per_tenant_section(report: Report) -> Section | None:
+    if not report.per_tenant:
         return None
     return Section(
         "Per tenant",
@@ -639,7 +712,7 @@ def _per_tenant_section(report: dict[str, Any]) -> Section | None:
                         f"{t['spent_usd']:.4f}",
                         f"{t['budget_usd']:.4f}" if t["budget_usd"] is not None else "-",
                     ]
-                    for t in report["per_tenant"]
+                    for t in report.per_tenant
                 ],
             )
         ],
@@ -660,10 +733,10 @@ OPTIMIZER_GLOSSARY = [
 ]
 
 
-def _optimizer_section(report: dict[str, Any]) -> Section | None:
-    if not report["optimizer"]:
+def _optimizer_section(report: Report) -> Section | None:
+    if not report.optimizer:
         return None
-    rows = [[k, _fmt(v)] for k, v in report["optimizer"].items()]
+    rows = [[k, _fmt(v)] for k, v in report.optimizer.items()]
     return Section("Optimizer", [Table(["field", "value"], rows), *(Note(line) for line in OPTIMIZER_GLOSSARY)])
 
 
@@ -680,8 +753,8 @@ def _audited_cells(entry: dict[str, Any], count: str, promised: str) -> list[str
     ]
 
 
-def _audit_section(report: dict[str, Any]) -> Section | None:
-    audit = report.get("audit")
+def _audit_section(report: Report) -> Section | None:
+    audit = report.audit
     if not audit:
         return None
     blocks: list[Block] = [
@@ -715,7 +788,7 @@ def _audit_section(report: dict[str, Any]) -> Section | None:
     return Section("Audits (accuracy without gold)", blocks)
 
 
-def sections(report: dict[str, Any]) -> list[Section]:
+def sections(report: Report) -> list[Section]:
     """Every section of the report, in reading order; both renderings draw exactly these."""
     built = [
         _spend_section(report),
@@ -755,17 +828,17 @@ def _markdown_block(block: Block) -> str:
     return f"_Chart: {block.title} (drawn in report.html)._"
 
 
-def notes(report: dict[str, Any]) -> list[str]:
+def notes(report: Report) -> list[str]:
     """What the user asked for or sent that this run could not use: one line each, in every format."""
-    lines = [f"Constraint that bound nothing: {c}" for c in report.get("unused_constraints") or []]
-    if labelled := report.get("labelled_accuracy"):  # labels that arrived after the run (batchplan label)
+    lines = [f"Constraint that bound nothing: {c}" for c in report.unused_constraints or []]
+    if labelled := report.labelled_accuracy:  # labels that arrived after the run (batchplan label)
         line = f"Measured on labels: accuracy {_fmt_acc(labelled['accuracy'])} over {labelled['n']} labelled queries"
         if labelled.get("answered"):
             line += f" ({_fmt_acc(labelled['accuracy_answered'])} over the {labelled['answered']} answered)"
         if labelled.get("unscorable"):
             line += f"; {labelled['unscorable']} labelled queries of open tasks unscorable (no judge)"
         lines.append(line)
-    if unseen := report.get("unseen_tasks"):
+    if unseen := report.unseen_tasks:
         lines.append(
             f"Tasks the predictor never saw: {', '.join(unseen)} (their accuracy is each model's average over "
             "the tasks it knows: check the task names, or train on a history that has them)"
@@ -773,15 +846,15 @@ def notes(report: dict[str, Any]) -> list[str]:
     return lines
 
 
-def render_markdown(report: dict[str, Any]) -> str:
-    parts = [f"# batchplan report {report.get('run_id') or ''}".rstrip(), ""]
-    if drift := drift_lines(report):  # the first thing a reader sees
+def render_markdown(report: Report) -> str:
+    parts = [f"# batchplan report {report.run_id or ''}".rstrip(), ""]
+    if drift := drift_lines(report.as_json()):  # the first thing a reader sees
         parts += [*(f"**{line}**" for line in drift), ""]
     parts += [summary_line(report), ""]
     parts += [estimates_line(report), ""]
     if lines := notes(report):
         parts += [*(f"- {line}" for line in lines), ""]
-    if report.get("savings"):
+    if report.savings:
         parts += [_savings_text(report), ""]
     for section in sections(report):
         parts += [f"## {section.title}", ""]
@@ -797,7 +870,7 @@ def _html_table(block: Table) -> str:
     return f"<details><summary>the numbers</summary>{table}</details>" if block.collapsed else table
 
 
-def _html_block(block: Block, report: dict[str, Any]) -> str:
+def _html_block(block: Block, report: Report) -> str:
     if isinstance(block, Table):
         return _html_table(block)
     if isinstance(block, Note):
@@ -808,19 +881,19 @@ def _html_block(block: Block, report: dict[str, Any]) -> str:
         return (
             f"<div class='budget'><div style='width:{fill:.1f}%'></div></div><p>{html.escape(_gauge_text(block))}</p>"
         )
-    return f"<figure>{block.draw(report, block.title)}<figcaption>{html.escape(block.title)}</figcaption></figure>"
+    return f"<figure>{block.draw(report.as_json(), block.title)}<figcaption>{html.escape(block.title)}</figcaption></figure>"
 
 
-def render_html(report: dict[str, Any]) -> str:
+def render_html(report: Report) -> str:
     """A self-contained page (no scripts, no external assets): tables, a CSS gauge and inline SVG charts."""
     body = "".join(
         f"<section><h2>{html.escape(s.title)}</h2>{''.join(_html_block(b, report) for b in s.blocks)}</section>"
         for s in sections(report)
     )
-    savings_line = f"<p><b>{html.escape(_savings_text(report))}</b></p>" if report.get("savings") else ""
+    savings_line = f"<p><b>{html.escape(_savings_text(report))}</b></p>" if report.savings else ""
     notes_lines = "".join(f"<p class='note'>{html.escape(n)}</p>" for n in notes(report))
-    drift_html = "".join(f"<p class='drift'><b>{html.escape(line)}</b></p>" for line in drift_lines(report))
-    return f"""<!doctype html><html><head><meta charset="utf-8"><title>batchplan report {html.escape(str(report.get("run_id") or ""))}</title>
+    drift_html = "".join(f"<p class='drift'><b>{html.escape(line)}</b></p>" for line in drift_lines(report.as_json()))
+    return f"""<!doctype html><html><head><meta charset="utf-8"><title>batchplan report {html.escape(str(report.run_id or ""))}</title>
 <style>body{{font-family:system-ui,sans-serif;margin:2em;max-width:70em}}table{{border-collapse:collapse;margin:1em 0}}
 td,th{{border:1px solid #ccc;padding:.3em .6em;text-align:left}}.note{{color:#444;margin:.3em 0;font-size:.92em}}
 figure{{margin:1em 0}}figure svg{{max-width:100%;height:auto}}figcaption{{color:#555;font-size:.9em}}
@@ -830,9 +903,9 @@ figure{{margin:1em 0}}figure svg{{max-width:100%;height:auto}}figcaption{{color:
 </body></html>"""
 
 
-def write_report(report: dict[str, Any], out_uri: str, storage: Storage) -> dict[str, str]:
+def write_report(report: Report, out_uri: str, storage: Storage) -> dict[str, str]:
     paths = {name: join(out_uri, f"report.{name}") for name in ("json", "md", "html")}
-    storage.write_text(paths["json"], json.dumps(report, indent=2, default=str))
+    storage.write_text(paths["json"], json.dumps(report.as_json(), indent=2, default=str))
     storage.write_text(paths["md"], render_markdown(report))
     storage.write_text(paths["html"], render_html(report))
     return paths

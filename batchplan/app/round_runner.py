@@ -33,7 +33,7 @@ import json
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
 import polars as pl
@@ -51,6 +51,7 @@ from batchplan.core.rounds import (
     TRANSIENT,
     RoundPlan,
     RoundPlanner,
+    RoundRequest,
     RoundState,
     with_modes,
 )
@@ -74,20 +75,9 @@ REFUSED_SCHEMA = pl.Schema({"query_id": pl.String, "error": pl.String})
 
 
 class RoundSender(Protocol):
-    def send(
-        self,
-        calls: pl.DataFrame,
-        queue: pl.DataFrame,
-        *,
-        round: int,
-        budget_usd: float,
-        tenant_budgets_usd: Mapping[str, float],
-        out_uri: str,
-        storage: Storage,
-        progress: Progress | None,
-    ) -> tuple[pl.DataFrame, pl.DataFrame]:
-        """Make every call of ``calls`` (ROUND_PLAN_SCHEMA) under the hard budgets, resumably in ``out_uri``;
-        return (OBSERVATION_SCHEMA rows of every call made, REFUSED_SCHEMA rows of calls the budget refused)."""
+    def send(self, request: RoundRequest) -> tuple[pl.DataFrame, pl.DataFrame]:
+        """Make every call of ``request.calls`` under the hard budgets, resumably in ``request.out_uri``; return
+        (OBSERVATION_SCHEMA rows of every call made, REFUSED_SCHEMA rows of calls the budget refused)."""
         ...
 
 
@@ -98,37 +88,27 @@ class DispatchSender:
     backend: Backend
     options: DispatchOptions = field(default_factory=DispatchOptions)
 
-    def send(
-        self,
-        calls: pl.DataFrame,
-        queue: pl.DataFrame,
-        *,
-        round: int,
-        budget_usd: float,
-        tenant_budgets_usd: Mapping[str, float],
-        out_uri: str,
-        storage: Storage,
-        progress: Progress | None,
-    ) -> tuple[pl.DataFrame, pl.DataFrame]:
+    def send(self, request: RoundRequest) -> tuple[pl.DataFrame, pl.DataFrame]:
+        calls = request.calls
         rows = calls.filter(pl.col("models").list.len() > 0).select(
             "query_id", pl.lit(ROUND_CALLS).alias("kind"), "models", "reserve_cost_usd"
         )
         if "mode" in calls.columns and (batch := int((calls["mode"] == BATCH).sum())):
             # this sender has no batch API: the calls still go (real time, under the same hard budget)
-            log.warning("round.batch_as_realtime", round=round, queries=batch)
+            log.warning("round.batch_as_realtime", round=request.round, queries=batch)
         results = dispatch(
             rows,
-            queue,
+            request.queue,
             self.backend,
-            budget_usd=max(budget_usd, 0.0),
-            out_uri=out_uri,
-            tenant_budgets_usd=dict(tenant_budgets_usd),
-            storage=storage,
-            progress=progress,
+            budget_usd=max(request.budget_usd, 0.0),
+            out_uri=request.out_uri,
+            tenant_budgets_usd=dict(request.tenant_budgets_usd),
+            storage=request.storage,
+            progress=request.progress,
             options=self.options,
         )
         refused = results.filter(pl.col("status") == "deferred").select("query_id", "error")
-        return observations_from_ledger(storage, out_uri, round), refused.cast(REFUSED_SCHEMA)
+        return observations_from_ledger(request.storage, request.out_uri, request.round), refused.cast(REFUSED_SCHEMA)
 
 
 @dataclass
@@ -146,34 +126,16 @@ class BatchSender:
     poll_s: float = 30.0
     options: dict[str, Any] = field(default_factory=dict)  # BatchRun's keywords: max_lines, cancel_marker ...
 
-    def send(
-        self,
-        calls: pl.DataFrame,
-        queue: pl.DataFrame,
-        *,
-        round: int,
-        budget_usd: float,
-        tenant_budgets_usd: Mapping[str, float],
-        out_uri: str,
-        storage: Storage,
-        progress: Progress | None,
-    ) -> tuple[pl.DataFrame, pl.DataFrame]:
+    def send(self, request: RoundRequest) -> tuple[pl.DataFrame, pl.DataFrame]:
         from batchplan.dispatchers.batch import BatchRun
 
-        calls = with_modes(calls, self.default_mode).filter(pl.col("models").list.len() > 0)
+        queue, budget_usd, tenant_budgets_usd = request.queue, request.budget_usd, request.tenant_budgets_usd
+        out_uri, storage = request.out_uri, request.storage
+        calls = with_modes(request.calls, self.default_mode).filter(pl.col("models").list.len() > 0)
         now = calls.filter(pl.col("mode") == REALTIME)
         got, refused = pl.DataFrame(schema=OBSERVATION_SCHEMA), pl.DataFrame(schema=REFUSED_SCHEMA)
         if now.height:
-            got, refused = self.realtime.send(
-                now,
-                queue,
-                round=round,
-                budget_usd=budget_usd,
-                tenant_budgets_usd=tenant_budgets_usd,
-                out_uri=out_uri,
-                storage=storage,
-                progress=progress,
-            )
+            got, refused = self.realtime.send(replace(request, calls=now))
         later = calls.filter(pl.col("mode") == BATCH)
         if later.height:
             tenants = queue.select("query_id", "tenant") if tenant_budgets_usd else None
@@ -196,7 +158,7 @@ class BatchSender:
             refused = pl.concat([refused, batch_refused.group_by("query_id", maintain_order=True).agg(
                 pl.col("error").str.join("; ")
             )])
-            got = pl.concat([got, observations_from_ledger(storage, here, round)])
+            got = pl.concat([got, observations_from_ledger(storage, here, request.round)])
         return got, refused.cast(REFUSED_SCHEMA)
 
 
@@ -392,14 +354,7 @@ def run_rounds(
         )
         if calls.filter(pl.col("models").list.len() > 0).height:
             got, refused = sender.send(
-                calls,
-                queue,
-                round=k,
-                budget_usd=left,
-                tenant_budgets_usd=tenant_left,
-                out_uri=join(round_uri(out_uri, k), "dispatch"),
-                storage=storage,
-                progress=progress,
+                RoundRequest(calls, queue, k, left, tenant_left, join(round_uri(out_uri, k), "dispatch"), storage, progress)
             )
         else:
             got, refused = pl.DataFrame(schema=OBSERVATION_SCHEMA), pl.DataFrame(schema=REFUSED_SCHEMA)

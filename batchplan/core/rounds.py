@@ -12,6 +12,7 @@ Both sides speak only the two frames below.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
 
@@ -19,6 +20,7 @@ import polars as pl
 
 from batchplan.core.contracts import _columns
 from batchplan.core.errors import ContractError
+from batchplan.core.storage import Storage
 
 # Observation statuses that say nothing about the query (the dispatcher's rate_limited, server_error, timeout,
 # connection and lost): another call, next round, may well answer. Round planners and the runner share it.
@@ -123,6 +125,21 @@ class RoundState:
     @property
     def last(self) -> bool:
         return self.round >= self.rounds
+
+
+@dataclass(frozen=True)
+class RoundRequest:
+    """One round to send, as every round sender (``batchplan.app.round_runner.RoundSender``) takes it: make
+    every call of ``calls`` under the hard budgets, resumably in ``out_uri``."""
+
+    calls: pl.DataFrame  # ROUND_PLAN_SCHEMA (``mode`` may be missing: the sender's default)
+    queue: pl.DataFrame  # QUEUE_SCHEMA rows of the calls' queries (at least)
+    round: int  # 1-based
+    budget_usd: float  # what the round may still charge
+    tenant_budgets_usd: Mapping[str, float]
+    out_uri: str  # the round's dispatch directory: ledger, batch state
+    storage: Storage
+    progress: Callable[[int, int], None] | None = None  # (done, total)
 
 
 @dataclass(frozen=True)

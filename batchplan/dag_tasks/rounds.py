@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 from batchplan.core.layout import Layout
+from batchplan.core.rounds import RoundRequest
 from batchplan.core.storage import Storage, join
 from batchplan.dag_tasks import common  # common.storage_from_connection looked up per call: the DAG tests swap it
 from batchplan.dag_tasks.common import MAX_ROUNDS, RunParams, log
@@ -185,14 +186,15 @@ def round_dispatch_shard(
     caps = DispatchOptions(output_caps=shard_output_caps(shard))
     sender = batch_sender(chosen, run_uri or here) if batch_api else DispatchSender(chosen, caps)
     got, refused = sender.send(
-        calls,
-        queue,
-        round=int(shard["round"]),
-        budget_usd=float(shard["budget_usd"]),
-        tenant_budgets_usd=shard.get("tenant_budgets_usd") or {},
-        out_uri=join(here, "dispatch"),
-        storage=storage,
-        progress=None,
+        RoundRequest(
+            calls,
+            queue,
+            round=int(shard["round"]),
+            budget_usd=float(shard["budget_usd"]),
+            tenant_budgets_usd=shard.get("tenant_budgets_usd") or {},
+            out_uri=join(here, "dispatch"),
+            storage=storage,
+        )
     )
     storage.write_frame(refused.cast(REFUSED_SCHEMA), join(here, "refused.parquet"))
     storage.write_frame(got, marker)

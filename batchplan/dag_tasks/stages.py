@@ -451,9 +451,9 @@ def report_stage(storage: Storage, lay: Layout, run: str, backend: str, *, run_i
     return {
         "summary": summary_line(report),
         "paths": paths,
-        "spent_usd": report["spent_usd"],
-        "estimated_accuracy_ci95": report.get("estimated_accuracy_ci95"),
-        "drift": report.get("drift") or [],
+        "spent_usd": report.spent_usd,
+        "estimated_accuracy_ci95": report.estimated_accuracy_ci95,
+        "drift": report.drift or [],
         "labels": labelled,
     }
 

@@ -32,6 +32,7 @@ from batchplan.optimizer import (
     solve,
 )
 from batchplan.optimizer.problem import Objective
+from batchplan.plans.best_single import best_single_llms
 from batchplan.plans.candidates import Candidates
 from batchplan.plans.infeasible import RequestInfeasible, up, usd, word
 from batchplan.plans.templates import PlanTemplates
@@ -357,19 +358,22 @@ def aggregate_label_error_columns(
 
 
 def budget_share(candidates: Candidates, budget_usd: float) -> float:
-    """The budget as a share of what sending every query to its task's best single model would cost (best =
-    highest mean predicted accuracy on the batch): the scale ``PlanTemplates.offered`` was validated on."""
+    """The budget as a share of what sending every query to its task's best single model would cost
+    (``best_single_llms`` on the single-model candidates' expected accuracy and cost): the scale
+    ``PlanTemplates.offered`` was validated on."""
     single = candidates.is_single()
-    task, tasks = candidates.codes("task")
-    width = candidates.templates.height
-    key = task[candidates.plans["query"].to_numpy()[single]] * width + candidates.plans["template"].to_numpy()[single]
-    size = len(tasks) * width
-    count = np.bincount(key, minlength=size).reshape(-1, width)
-    accuracy = np.bincount(key, candidates.plans["expected_accuracy"].to_numpy()[single], size).reshape(-1, width)
-    cost = np.bincount(key, candidates.plans["expected_cost_usd"].to_numpy()[single], size).reshape(-1, width)
-    mean = np.where(count > 0, accuracy / np.maximum(count, 1), -np.inf)
-    seen = count.any(axis=1)
-    reference = float(cost[seen, mean[seen].argmax(axis=1)].sum())
+    task, _ = candidates.codes("task")
+    first = candidates.templates["members"].list.first().to_numpy()  # LLM index: sorted as the names are
+    plans = candidates.plans.filter(single)
+    scores = pl.DataFrame(
+        {
+            "task": task[plans["query"].to_numpy()],
+            "model": first[plans["template"].to_numpy()],
+            "correct": plans["expected_accuracy"],
+            "cost_usd": plans["expected_cost_usd"],
+        }
+    )
+    reference = float(best_single_llms(scores)["cost_usd"].sum())
     return budget_usd / reference if reference > 0 else float("inf")
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import polars as pl
 
 from batchplan.core.history import History, stable_fold
+from batchplan.plans.best_single import best_single_llms
 from batchplan.plans.estimates import Template, choose_calibration, estimate, fit_template
 from batchplan.plans.simulation import PlanSpec, Recorded, Simulated, error_by_label, recorded_by_task, simulate
 
@@ -230,6 +231,24 @@ def _planned_accuracy(
     return float(np.concatenate(real)[chosen].sum() / n)
 
 
+def _best_single(task: str, singles: list[PlanSpec], sims: dict[PlanSpec, Simulated], rows: np.ndarray) -> PlanSpec:
+    """The task's best single model on the history's ``rows`` (``best_single_llms``): the scale of the
+    validation budgets."""
+    n = int(rows.sum())
+    if n == 0:  # no usable row: no fold is validated, so no scale is needed
+        return singles[0]
+    scores = pl.DataFrame(
+        {
+            "task": [task] * (n * len(singles)),
+            "model": np.repeat([s.models[0] for s in singles], n),
+            "correct": np.concatenate([sims[s].correct[rows] for s in singles]),
+            "cost_usd": np.concatenate([sims[s].cost[rows] for s in singles]),
+        }
+    )
+    llm = best_single_llms(scores)["model"].item()
+    return next(s for s in singles if s.models[0] == llm)
+
+
 def _templates_help(
     rec: Recorded,
     singles: list[PlanSpec],
@@ -249,7 +268,7 @@ def _templates_help(
         & np.isfinite(c).all(axis=1)
         & np.all([sims[s].covered for s in [*singles, *kept]], axis=0)
     )
-    best = max(singles, key=lambda s: sims[s].correct[usable].mean())
+    best = _best_single(rec.task, singles, sims, usable)
     gains: dict[float, list[float]] = {fraction: [] for fraction in fractions}
     for f in range(folds):
         train_rows, test_rows = usable & (fold != f), usable & (fold == f)
