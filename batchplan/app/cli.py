@@ -576,7 +576,7 @@ def run(
         request = _request(locals())
         from batchplan.core.request import default_audit_share
 
-        request = dataclasses.replace(request, audit_share=default_audit_share(audit_share, backend, rounds))
+        request = dataclasses.replace(request, audit_share=default_audit_share(audit_share, backend, rounds, batch_api=batch_api))
         _check_backend(backend, replay_history=replay_history, prices=prices, base_url=base_url)
         if batch_api:
             from batchplan.app.pipeline import check_batch_api

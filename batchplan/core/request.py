@@ -94,13 +94,14 @@ class PlanRequest:
 LIVE_AUDIT_SHARE: Final = 0.05
 
 
-def default_audit_share(asked: float | None, backend: str, rounds: int = 1) -> float:
+def default_audit_share(asked: float | None, backend: str, rounds: int = 1, *, batch_api: bool = False) -> float:
     """The audit share a run uses: what was asked; else 5% for a live backend (no gold comes back: the audits
     are the run's only accuracy evidence) and none for replay (the history scores it) or for a run in rounds
-    (which does not hold audits yet: asking for them there is refused, ``check_rounds_request``)."""
+    (which does not hold audits yet: asking for them there is refused, ``check_rounds_request``); a run by a
+    batch API is in rounds even with one round."""
     if asked is not None:
         return asked
-    return LIVE_AUDIT_SHARE if backend != "replay" and rounds == 1 else 0.0
+    return LIVE_AUDIT_SHARE if backend != "replay" and rounds == 1 and not batch_api else 0.0
 
 
 _DURATION = re.compile(r"(?:(\d+(?:\.\d+)?)([dhms]))", re.IGNORECASE)

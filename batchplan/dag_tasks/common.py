@@ -19,6 +19,9 @@ from batchplan.core.storage import Storage
 log = structlog.get_logger("batchplan.airflow")
 
 CONN_ID = "batchplan_s3"
+# The live backends' endpoints and keys, one Airflow connection each (never in code, params or logs): openai's
+# host is its base URL (ending in /v1) and its password the API key; bedrock's is an AWS connection.
+BACKEND_CONN_IDS = {"openai": "batchplan_openai", "bedrock": "batchplan_bedrock"}
 MAX_SHARDS = 32
 MAX_ROUNDS = 4  # the DAGs unroll this many rounds (a static graph); rounds past the param are no-ops
 
@@ -93,7 +96,9 @@ class RunParams:
             allow_unused_constraints=bool(params.get("allow_unused_constraints", False)),
             rounds=rounds,
             round_planner=planner,
-            audit_share=_audit_share(params.get("audit_share"), str(params.get("backend") or "replay"), rounds),
+            audit_share=_audit_share(
+                params.get("audit_share"), str(params.get("backend") or "replay"), rounds, batch_api=batch_api
+            ),
             batch_api=batch_api,
         )
 
@@ -110,12 +115,12 @@ class RunParams:
         )
 
 
-def _audit_share(raw: Any, backend: str, rounds: int) -> float:
+def _audit_share(raw: Any, backend: str, rounds: int, *, batch_api: bool = False) -> float:
     """The ``audit_share`` param: empty = the backend's default (``default_audit_share``)."""
     from batchplan.core.request import default_audit_share
 
     try:
-        return default_audit_share(None if raw in (None, "") else float(raw), backend, rounds)
+        return default_audit_share(None if raw in (None, "") else float(raw), backend, rounds, batch_api=batch_api)
     except (TypeError, ValueError):
         raise ContractError(f"audit_share must be a number in [0, 1), got {raw!r}") from None
 

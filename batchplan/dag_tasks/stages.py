@@ -35,7 +35,7 @@ from batchplan.core.contracts import (
 )
 from batchplan.core.layout import Layout
 from batchplan.core.storage import Storage
-from batchplan.dag_tasks.common import MAX_SHARDS, RunParams, history_dirs, log
+from batchplan.dag_tasks.common import BACKEND_CONN_IDS, MAX_SHARDS, RunParams, history_dirs, log
 
 MIN_ROWS_PER_SHARD = 200
 NANO = 1_000_000_000
@@ -70,9 +70,20 @@ def ingest_stage(storage: Storage, lay: Layout, run: str, source: str | Sequence
 
 
 def _backend(name: str, storage: Storage) -> Any:
+    """The DAG's backend: replay answers from the bundled histories; a live one takes its endpoint and key
+    from its Airflow connection (``BACKEND_CONN_IDS``) and its prices from the layout's ``prices/models.csv``."""
     from batchplan.app.pipeline import make_backend
 
-    return make_backend(name, storage=storage, replay_history=history_dirs() if name == "replay" else ())
+    if name == "replay":
+        return make_backend(name, storage=storage, replay_history=history_dirs())
+    prices = Layout.from_settings().prices()
+    if name in BACKEND_CONN_IDS and not storage.exists(prices):
+        raise ContractError(
+            f"the {name} backend bills and plans at the prices in {prices} (model, usd_per_mtok_in, "
+            "usd_per_mtok_out[, batch_discount]): put the price list there",
+            fields=("prices",),
+        )
+    return make_backend(name, storage=storage, prices_uri=prices, airflow_conn_id=BACKEND_CONN_IDS.get(name))
 
 
 def predict_stage(storage: Storage, lay: Layout, run: str, backend: str) -> dict[str, Any]:
@@ -105,6 +116,13 @@ def budget_shares(weights: Sequence[float], budget_usd: float | None) -> list[fl
     if mass <= 0:
         clean, mass = [1.0] * len(weights), float(len(weights))
     return [math.floor(total_nano * w / mass) / NANO for w in clean]
+
+
+def batch_modes_of(storage: Storage, params: RunParams, predictions: pl.DataFrame) -> Any:
+    """The run's batch mode (``pipeline.backend_batch_modes``): what the planners price a batch call at."""
+    from batchplan.app.pipeline import backend_batch_modes
+
+    return backend_batch_modes(params.backend, _backend(params.backend, storage), predictions)
 
 
 def shard_count(rows: int, max_shards: int = MAX_SHARDS, min_rows: int = MIN_ROWS_PER_SHARD) -> int:
@@ -142,6 +160,10 @@ def plan_stage(
         return list(stored["shards"])
     queue = storage.read_frame(lay.plan_file(run, "queue.parquet"))
     predictions = storage.read_frame(lay.plan_file(run, "predictions.parquet"))
+    if params.batch_api and params.rounds == 1:  # single shot by batch: every call at the batch price (as the CLI)
+        from batchplan.plans.modes import batch_priced
+
+        predictions = batch_priced(predictions, batch_modes_of(storage, params, predictions).discounts)
     version = artifacts.resolve_version(storage, lay.models(), None)
     templates = artifacts.load_templates(storage, lay.models(), version) if version else None
     caps = artifacts.load_output_caps(storage, lay.models(), version) if version else None
