@@ -150,9 +150,11 @@ def test_kill_the_bedrock_sender_then_rerun_creates_and_bills_nothing_twice(
         assert stats["creates"] == 3  # the lost answer's job asked again under its token: the same job
     else:
         assert stats["creates"] == 2  # the rerun found both ARNs in the state files: nothing created again
-    assert stats["processed_twice"] == [] and stats["billed_twice"] == []
+    assert stats["processed_twice"] == []
+    assert stats["billed_twice"] == []
     observed = pl.read_parquet(out / "observed.parquet")
-    assert observed.height == N_QUERIES and observed["query_id"].n_unique() == N_QUERIES  # one per call
+    assert observed.height == N_QUERIES
+    assert observed["query_id"].n_unique() == N_QUERIES
     assert (observed["status"] == "ok").all()
     assert float(observed["cost_usd"].sum()) == pytest.approx(stats["billed_usd"], rel=1e-9)
     assert 0 < stats["billed_usd"] <= BUDGET

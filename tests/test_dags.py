@@ -608,7 +608,8 @@ def test_nightly_by_the_batch_api_end_to_end(
     assert manifest["spent_usd"] <= budget
     assert stats["batches"], "nothing went by batch"
     assert stats["authorized"] > 0  # the connection's key was sent
-    assert stats["submitted_twice"] == [] and stats["billed_twice"] == []
+    assert stats["submitted_twice"] == []
+    assert stats["billed_twice"] == []
     # every billed call came back in a batch's output (none went real time), billed as the run counted it
     assert stats["billed_calls"] == sum(b["request_counts"]["completed"] for b in stats["batches"]) > 0
     assert manifest["spent_usd"] == pytest.approx(stats["billed_usd"], rel=1e-9)

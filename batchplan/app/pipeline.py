@@ -560,7 +560,8 @@ def backend_batch_modes(
             f"batch_api: the {name} backend has no batch API (those with one: {', '.join(sorted(BATCH_TERMS))})",
             fields=("batch_api",),
         )
-    return BatchModes.from_catalog(backend.catalog, models, terms, deadline=deadline)
+    queries = predictions["query_id"].n_unique()  # below the per-job minimum no LLM can go by batch
+    return BatchModes.from_catalog(backend.catalog, models, terms, queries=queries, deadline=deadline)
 
 
 def round_batch_sender(job: Job, backend: Backend, output_caps: OutputCaps | None = None) -> RoundSender:
