@@ -34,7 +34,7 @@ from batchplan.app import artifacts
 from batchplan.app.ingest import Ingested, read_queue
 from batchplan.app.labels import report_with_labels
 from batchplan.app.outcomes import record_run_outcomes
-from batchplan.app.report import Truth, build_report, summary_line, write_report
+from batchplan.app.report import Truth, build_report, dispatch_modes, summary_line, write_report
 from batchplan.app.round_runner import (
     BatchSender,
     DispatchSender,
@@ -512,6 +512,8 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
         estimated_accuracy=estimated,
         audit=audited,
     )
+    if in_rounds and (modes_used := dispatch_modes(storage, job.out_uri, job.rounds)) is not None:
+        report["dispatch_modes"] = modes_used  # the batch API's share, its fallbacks
     report = report_with_labels(storage, job.out_uri, results, report)  # a rerun after `batchplan label`
     paths |= write_report(report, job.out_uri, storage)
     log.info("run", summary=summary_line(report), out=job.out_uri, seconds=round(time.perf_counter() - started, 2))

@@ -35,7 +35,7 @@ from batchplan.core.contracts import (
 )
 from batchplan.core.layout import Layout
 from batchplan.core.storage import Storage
-from batchplan.dag_tasks.common import BACKEND_CONN_IDS, MAX_SHARDS, RunParams, history_dirs, log
+from batchplan.dag_tasks.common import BACKEND_CONN_IDS, MAX_ROUNDS, MAX_SHARDS, RunParams, history_dirs, log
 
 MIN_ROWS_PER_SHARD = 200
 NANO = 1_000_000_000
@@ -418,7 +418,7 @@ def report_stage(storage: Storage, lay: Layout, run: str, backend: str, *, run_i
     """The run report (JSON, Markdown, HTML) under ``reports/<run>/``; returns its paths and summary."""
     from batchplan.app.labels import report_with_labels
     from batchplan.app.pipeline import dispatch_dir, reference_models
-    from batchplan.app.report import build_report, summary_line, write_report
+    from batchplan.app.report import build_report, dispatch_modes, summary_line, write_report
     from batchplan.dispatchers import spend_by_model
     from batchplan.plans.frontier import frontier_uri, read_frontier
 
@@ -451,6 +451,8 @@ def report_stage(storage: Storage, lay: Layout, run: str, backend: str, *, run_i
         estimated_accuracy=json.loads(storage.read_text(lay.results_manifest(run))).get("estimated_accuracy"),
         audit=audited,
     )
+    if (modes_used := dispatch_modes(storage, lay.results(run).rstrip("/"), MAX_ROUNDS)) is not None:
+        report["dispatch_modes"] = modes_used  # a run in rounds by a batch API: its share, its fallbacks
     report = report_with_labels(storage, lay.outcomes(run), results, report)  # labels joined before a re-run
     paths = write_report(report, lay.reports(run), storage)
     labelled = labels_stage(storage, lay)  # late labels for past runs: their reports re-rendered
