@@ -31,6 +31,13 @@ sensor waits up to 8 h in reschedule mode, then skips the run.
 tenants, unless `allow_unused_constraints` (the report then lists it). Re-running a run with another budget
 is refused at `plan`: the stored plan and its shards' budgets stand.
 
+**Live backends** (`backend` openai or bedrock): the endpoint and key come from the Airflow connection
+`batchplan_openai` (host: the base URL ending in /v1; password: the API key, else `OPENAI_API_KEY` in the
+workers' environment) or `batchplan_bedrock` (an AWS connection), never from params; the prices the run
+plans and bills with from `prices/models.csv` in the bucket (`model, usd_per_mtok_in, usd_per_mtok_out`,
+optional `batch_discount`). `batch_api`: the rounds go as provider batch jobs (half price), planned at batch
+prices; the report's *Batch API and real time* section gives the spend by mode and the fallbacks.
+
 **Rounds**: `rounds` (> 1: `round_<k>_plan` -> `round_<k>_dispatch` (mapped over shards) -> `round_<k>_observe`
 for each round, re-planned over the whole batch under what is left; rounds past the param do nothing; default
 3, 1 = single shot) and `round_planner` (default `plan`).

@@ -30,13 +30,16 @@ class Secret:
 
 
 def secret_from(env: str | None = None, airflow_conn_id: str | None = None) -> tuple[Secret | None, str | None]:
-    """(key, host): from an Airflow connection (password, host) if given, else from the environment."""
+    """(key, host): from an Airflow connection (password, host) if given, else from the environment; a
+    connection without a password (the endpoint only) takes the key from the environment."""
     if airflow_conn_id:
         from airflow.sdk import BaseHook
 
         conn = BaseHook.get_connection(airflow_conn_id)
         host = conn.host or conn.extra_dejson.get("base_url")
-        return (Secret(conn.password) if conn.password else None), host
+        if conn.password:
+            return Secret(conn.password), host
+        return secret_from(env)[0], host
     if env and os.environ.get(env):
         return Secret(os.environ[env]), None
     return None, None

@@ -140,15 +140,21 @@ def fitted() -> tuple[History, Posterior, pl.DataFrame]:
     return history, posterior, predictor.predict(test.as_queue(), test.outcomes.select("query_id", "model"), None)
 
 
-def _night(fitted: tuple[History, Posterior, pl.DataFrame], hours: float | None, fraction: float, batch: bool = True):
+def _night(
+    fitted: tuple[History, Posterior, pl.DataFrame],
+    hours: float | None,
+    fraction: float,
+    batch: bool = True,
+    terms: BatchTerms = BATCH_TERMS["openai"],
+):
     history, posterior, predictions = fitted
     test = history.split("test")
     queue = test.as_queue()
     budget = fraction * float(test.outcomes.group_by("model").agg(pl.col("cost_usd").sum())["cost_usd"].max())
-    clock = SimulatedClock(BATCH_TERMS["openai"])
+    clock = SimulatedClock(terms)
     models = sorted(predictions["model"].unique().to_list())
     discounts = dict.fromkeys(models, 0.5)
-    modes = BatchModes(discounts, BATCH_TERMS["openai"], deadline=None if hours is None else hours * 3600, clock=clock)
+    modes = BatchModes(discounts, terms, deadline=None if hours is None else hours * 3600, clock=clock)
     planner = PosteriorRoundPlanner(posterior, modes=modes if batch else None)
     recorded = test.outcomes.select("query_id", "model", "answer", "cost_usd", "logprob", "tokens_in", "tokens_out")
     run = simulate_rounds(
@@ -184,6 +190,30 @@ def test_a_long_night_goes_all_by_batch_and_one_too_short_all_in_real_time(
     assert {m for modes in _modes_by_round(long).values() for m in modes} == {BATCH}
     short, _ = _night(fitted, hours=0.5, fraction=0.5)
     assert {m for modes in _modes_by_round(short).values() for m in modes} == {REALTIME}
+
+
+def test_an_llm_below_the_minimum_record_count_is_planned_and_priced_in_real_time(
+    fitted: tuple[History, Posterior, pl.DataFrame],
+) -> None:
+    """Bedrock refuses a job under its per-model minimum (100 records by default): the planner knows it, so a round's few
+    calls to an LLM (the escalations) are planned in real time at the on-demand price, not at batch prices
+    the sender would then not get."""
+    terms = BatchTerms(min_records=250)  # above this night's escalations to one LLM (~230), below its first stage
+    run, budget = _night(fitted, hours=None, fraction=0.5, terms=terms)
+    counts = run.observations.group_by("round", "model", "mode").len()
+    batch = counts.filter(pl.col("mode") == BATCH)
+    assert batch.height > 0  # round 1's first stage still goes by batch
+    assert (batch["len"] >= terms.min_records).all(), batch  # no batch job below the minimum
+    assert counts.filter(pl.col("mode") == REALTIME).height > 0  # the escalations, in real time
+    realtime = run.observations.filter(pl.col("mode") == REALTIME)
+    recorded = fitted[0].outcomes.select("query_id", "model", pl.col("cost_usd").alias("recorded"))
+    priced = realtime.join(recorded, on=["query_id", "model"])
+    assert priced["cost_usd"].to_list() == pytest.approx(priced["recorded"].to_list())  # the on-demand price
+    assert run.spent_usd <= budget + 1e-12
+    # without the minimum (OpenAI's terms) the same night sends its escalations by batch, in small jobs
+    loose, _ = _night(fitted, hours=None, fraction=0.5)
+    small = loose.observations.filter(pl.col("mode") == BATCH).group_by("round", "model").len()
+    assert (small["len"] < terms.min_records).any()
 
 
 def test_at_batch_prices_the_budget_holds_and_buys_more(fitted: tuple[History, Posterior, pl.DataFrame]) -> None:
@@ -233,6 +263,9 @@ def test_the_batch_api_needs_a_backend_that_has_one() -> None:
         batch_modes(job, replay, predictions)  # type: ignore[arg-type]
     bedrock = SimpleNamespace(catalog=PriceCatalog.from_prices(prices).for_backend("bedrock"))
     job = Job(queue_uri="q", predictors_uri="m", out_uri="o", request=request, backend="bedrock", batch_api=True, deadline=5.0)
+    # one query: no job can reach Bedrock's minimum of 100 records, so no LLM is offered a batch price
+    assert dict(batch_modes(job, bedrock, predictions).discounts) == {}  # type: ignore[arg-type]
+    predictions = pl.DataFrame({"query_id": [f"q{i}" for i in range(100)], "model": ["a"] * 100})
     modes = batch_modes(job, bedrock, predictions)  # type: ignore[arg-type]
     assert dict(modes.discounts) == {"a": 0.5}
     assert modes.terms.min_records == 100

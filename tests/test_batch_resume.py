@@ -40,6 +40,15 @@ from batchplan.dispatchers import get_backend
 from batchplan.plans.continuation import PlanContinuation
 
 base_url, out, resume = sys.argv[1], sys.argv[2], sys.argv[3] == "resume"
+if sys.argv[3] == "kill-before-intent":  # kill -9 itself once a job's input file is written, before its intent
+    import os, signal
+    from batchplan.dispatchers.batch import BatchRun
+
+    async def _mark(self, job, state, **extra):
+        if state == "intent":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    BatchRun._mark = _mark
 h = synthetic_history({N_QUERIES}, 4, seed={SEED})
 queue = conform(h.queries, QUEUE_SCHEMA, name="queue")
 m = h.models
@@ -67,11 +76,13 @@ def server() -> Iterator[BatchServer]:
         yield srv
 
 
-def _start(server: BatchServer, out: Path, logs: Path, resume: bool = False) -> subprocess.Popen[bytes]:
+def _start(
+    server: BatchServer, out: Path, logs: Path, resume: bool = False, mode: str | None = None
+) -> subprocess.Popen[bytes]:
     root = Path(__file__).resolve().parent.parent
     with open(logs / "stderr.txt", "ab") as stderr:
         return subprocess.Popen(
-            [sys.executable, "-c", SCRIPT, server.base_url, str(out), "resume" if resume else "-"],
+            [sys.executable, "-c", SCRIPT, server.base_url, str(out), mode or ("resume" if resume else "-")],
             stdout=subprocess.DEVNULL,
             stderr=stderr,
             cwd=root,
@@ -171,6 +182,24 @@ def test_kill_at_each_point_then_rerun_pays_nothing_twice(server: BatchServer, t
         routes = dict(server.calls)
         _finish(server, out, logs)
         assert dict(server.calls) == routes
+
+
+@pytest.mark.slow
+def test_kill_before_the_intent_is_recorded_then_rerun_submits_each_job_once(server: BatchServer, tmp_path: Path) -> None:
+    """kill -9 after a job's input file is written and before its intent is in the ledger: nothing of it was
+    reserved or submitted, so the rerun plans the job afresh (its file overwritten) and submits it once."""
+    out, logs = tmp_path / "run", tmp_path
+    killed = _start(server, out, logs, mode="kill-before-intent")
+    killed.wait(timeout=300)
+    assert killed.returncode == -signal.SIGKILL, (logs / "stderr.txt").read_text()[-3000:]
+    assert list(out.glob("rounds/1/dispatch/batch/jobs/*.jsonl")), "killed before any job's input was written"
+    assert _events(out, "j") == []  # no intent recorded
+    assert server.stats()["files"] == 0
+    assert server.stats()["batches"] == []
+    _finish(server, out, logs)
+    results = _check(server, out)
+    assert len(server.stats()["batches"]) == len(_jobs(out)) == server.calls["upload"]  # each job once
+    assert (results["status"] == "done").mean() >= 0.95, results["status"].value_counts()
 
 
 @pytest.mark.slow

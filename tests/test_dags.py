@@ -597,6 +597,86 @@ def test_nightly_in_rounds_replans_the_whole_batch_under_what_is_left(
     assert [r["round"] for r in report["rounds"]] == [1, 2]
 
 
+BATCH_DAY = "2026-03-06"  # the nightly by the OpenAI Batch API: the cascades test split, its own queue
+
+
+@pytest.mark.slow
+def test_nightly_by_the_batch_api_end_to_end(
+    dagbag: Any,
+    seeded: Done,
+    copy_of: Callable[[Done], AirflowEnv],
+    real_history: History,
+    data_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capfd: pytest.CaptureFixture[str],
+) -> None:
+    """backend openai + batch_api: the endpoint and key from the ``batchplan_openai`` connection, the prices
+    from the layout's ``prices/models.csv``; every call goes by the local Files + Batches server, one result
+    per query, the spend within the budget, and the server's bill is the batch price (half the recorded
+    cost) of exactly what the run says it spent. The key is in no log."""
+    from batchplan.core.history import load_history
+    from batchplan.core.settings import get_settings
+    from tests.support.batch_server import BatchFaults, BatchServer
+
+    cascades = data_dir / "cascades"
+    if not (cascades / "models.csv").exists():
+        pytest.skip("needs the cascades history (../shared/data/cascades)")
+    budget, key = 0.03, "sk-batchplan-test-key-not-in-logs"
+    env = copy_of(seeded)
+    lay, storage, run = env.layout, env.storage, f"nightly-{BATCH_DAY}"
+    queue = real_history.as_queue("test").filter(pl.col("tenant") == "cascades")
+    storage.write_frame(queue, f"{lay.queue(BATCH_DAY)}part-0.parquet")
+    storage.write_bytes(lay.prices(), (cascades / "models.csv").read_bytes())
+    history = load_history([str(cascades)])
+    with BatchServer(history, BatchFaults(validate_s=0.0, run_s=0.05)) as server:
+        connection = {"conn_type": "http", "host": server.base_url, "password": key}
+        monkeypatch.setenv("AIRFLOW_CONN_BATCHPLAN_OPENAI", json.dumps(connection))
+        monkeypatch.setenv("BATCHPLAN_BATCH_POLL_S", "0.02")
+        get_settings.cache_clear()
+        # every param an earlier run set is given: dag.test keeps an earlier run's conf in the DAG's params
+        conf = {
+            "budget_usd": budget, "max_shards": 2, "allow_deferral": True, "queue_date": BATCH_DAY,
+            "backend": "openai", "batch_api": True, "rounds": 1, "tenant_budgets_usd": {}, "audit_share": None,
+        }  # fmt: skip
+        try:
+            dag_run = _run(
+                dagbag, env, "batchplan_nightly", "nightly (batch_api)",
+                logical_date=datetime(2026, 3, 6, 2, tzinfo=UTC), run_conf=conf,
+            )  # fmt: skip
+        finally:
+            get_settings.cache_clear()
+        stats = server.stats()
+        billed_keys = dict(server.billed_keys)
+    states = _states(dag_run)
+    assert str(dag_run.state) == "success", states
+    manifest = json.loads(storage.read_text(lay.results_manifest(run)))
+    results = storage.read_frame(lay.results_file(run))
+    assert manifest["queries"] == results.height == queue.height
+    assert results["query_id"].n_unique() == queue.height  # one result per query
+    assert manifest["spent_usd"] <= budget
+    assert stats["batches"], "nothing went by batch"
+    assert stats["authorized"] > 0  # the connection's key was sent
+    assert stats["submitted_twice"] == []
+    assert stats["billed_twice"] == []
+    # every billed call came back in a batch's output (none went real time), billed as the run counted it
+    assert stats["billed_calls"] == sum(b["request_counts"]["completed"] for b in stats["batches"]) > 0
+    assert manifest["spent_usd"] == pytest.approx(stats["billed_usd"], rel=1e-9)
+    recorded = dict(
+        zip(
+            zip(history.outcomes["query_id"].to_list(), history.outcomes["model"].to_list(), strict=True),
+            history.outcomes["cost_usd"].to_list(),
+            strict=True,
+        )
+    )
+    on_demand = sum(recorded[tuple(k)] for k in billed_keys)  # type: ignore[index]
+    assert stats["billed_usd"] == pytest.approx(0.5 * on_demand, rel=1e-6)  # the batch price
+    outcomes = storage.read_frame(f"{lay.outcomes(run)}/outcomes.parquet")
+    assert float(outcomes["cost_usd"].sum()) == pytest.approx(stats["billed_usd"], rel=1e-9)
+    assert storage.exists(lay.report_html(run))
+    captured = capfd.readouterr()
+    assert key not in captured.out + captured.err
+
+
 @pytest.mark.slow
 def test_nightly_audits_inside_the_budget_and_says_the_estimate_in_its_report(
     dagbag: Any, seeded: Done, copy_of: Callable[[Done], AirflowEnv], queue_days: dict[str, pl.DataFrame]

@@ -34,7 +34,7 @@ from batchplan.app import artifacts
 from batchplan.app.ingest import Ingested, read_queue
 from batchplan.app.labels import report_with_labels
 from batchplan.app.outcomes import record_run_outcomes
-from batchplan.app.report import Truth, build_report, summary_line, write_report
+from batchplan.app.report import Truth, build_report, dispatch_modes, summary_line, write_report
 from batchplan.app.round_runner import (
     BatchSender,
     DispatchSender,
@@ -327,7 +327,13 @@ def check_batch_api(backend: str) -> None:
 
 
 def batch_sender(
-    backend: Backend, run_uri: str, *, resume_cancelled: bool = False, deadline: float | None = None, **options: Any
+    backend: Backend,
+    run_uri: str,
+    *,
+    resume_cancelled: bool = False,
+    deadline: float | None = None,
+    output_caps: OutputCaps | None = None,
+    **options: Any,
 ) -> BatchSender:
     """Rounds of the run under ``run_uri`` by batch (real time for rows the planner marks so); a run marked
     by ``batchplan cancel`` submits nothing new unless ``resume_cancelled``."""
@@ -336,7 +342,7 @@ def batch_sender(
 
     return BatchSender(
         backend,
-        realtime_sender(backend),
+        realtime_sender(backend, output_caps=output_caps),
         deadline=deadline,
         poll_s=get_settings().batch_poll_s,
         options={"cancel_marker": join(run_uri, CANCELLED_MARKER), "resume_cancelled": resume_cancelled, **options},
@@ -539,6 +545,8 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
         rounds=in_rounds_outcome.rounds if in_rounds_outcome is not None else None,
         audit=audited,
     )
+    if in_rounds and (modes_used := dispatch_modes(storage, job.out_uri, rounds)) is not None:
+        report.dispatch_modes = modes_used  # the batch API's share, its fallbacks
     report = report_with_labels(storage, job.out_uri, results, report)  # a rerun after `batchplan label`
     paths |= write_report(report, job.out_uri, storage)
     log.info("run", summary=summary_line(report), out=job.out_uri, seconds=round(time.perf_counter() - started, 2))
@@ -573,25 +581,54 @@ def calls_made(storage: Storage, out_uri: str) -> pl.DataFrame:
 
 def batch_modes(job: Job, backend: Backend, predictions: pl.DataFrame) -> BatchModes:
     """The batch mode of ``job.backend`` for the planners: its LLMs' batch discounts, its turnaround, the deadline."""
-    terms = BATCH_TERMS.get(job.backend)
+    return backend_batch_modes(job.backend, backend, predictions, deadline=job.deadline)
+
+
+def backend_batch_modes(
+    name: str, backend: Backend, predictions: pl.DataFrame, *, deadline: float | None = None
+) -> BatchModes:
+    """``batch_modes`` from the backend's name (the DAGs have no Job): the batch terms of ``name``."""
+    terms = BATCH_TERMS.get(name)
     models = sorted(predictions["model"].unique().to_list())
     if terms is None or not any(backend.catalog.batch_discount(m) is not None for m in models):
         raise ContractError(
-            f"batch_api: the {job.backend} backend has no batch API (those with one: {', '.join(sorted(BATCH_TERMS))})",
+            f"batch_api: the {name} backend has no batch API (those with one: {', '.join(sorted(BATCH_TERMS))})",
             fields=("batch_api",),
         )
-    return BatchModes.from_catalog(backend.catalog, models, terms, deadline=job.deadline)
+    queries = predictions["query_id"].n_unique()  # below the per-job minimum no LLM can go by batch
+    return BatchModes.from_catalog(backend.catalog, models, terms, queries=queries, deadline=deadline)
 
 
 def round_batch_sender(job: Job, backend: Backend, output_caps: OutputCaps | None = None) -> RoundSender:
-    """How ``job``'s rounds go by its backend's batch API (rows the planner marks realtime go through the
-    dispatcher): Bedrock batch inference, or the OpenAI Batch API."""
-    if job.backend == "bedrock":
+    """How ``job``'s rounds go by its backend's batch API (``backend_batch_sender``)."""
+    return backend_batch_sender(
+        job.backend,
+        backend,
+        job.out_uri,
+        output_caps=output_caps,
+        resume_cancelled=job.resume_cancelled,
+        deadline=job.deadline,
+    )
+
+
+def backend_batch_sender(
+    name: str,
+    backend: Backend,
+    run_uri: str,
+    *,
+    output_caps: OutputCaps | None = None,
+    resume_cancelled: bool = False,
+    deadline: float | None = None,
+) -> RoundSender:
+    """Rounds by the batch API of the backend named ``name`` (rows the planner marks realtime go through the
+    dispatcher): Bedrock batch inference, or the OpenAI Batch API (``run_uri``: where ``batchplan cancel``
+    marks the run). The CLI and the DAGs build their senders here."""
+    if name == "bedrock":
         from batchplan.dispatchers.bedrock_batch import bedrock_batch_sender
 
         realtime = realtime_sender(backend, output_caps=output_caps)
-        return bedrock_batch_sender(backend, realtime, deadline=job.deadline)  # type: ignore[arg-type]
-    return batch_sender(backend, job.out_uri, resume_cancelled=job.resume_cancelled, deadline=job.deadline)
+        return bedrock_batch_sender(backend, realtime, deadline=deadline)  # type: ignore[arg-type]
+    return batch_sender(backend, run_uri, resume_cancelled=resume_cancelled, deadline=deadline, output_caps=output_caps)
 
 
 def _resume_or_plan(

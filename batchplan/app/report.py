@@ -200,6 +200,8 @@ class Report:
     baselines: list[dict[str, Any]] = field(default_factory=list)
     # a run in rounds: one line per round (budget left, calls, charges, refusals); empty for single shot
     rounds: list[dict[str, Any]] = field(default_factory=list)
+    # how a run in rounds went out by batch and real time (``dispatch_modes``); unset when nothing went by batch
+    dispatch_modes: dict[str, Any] | None = field(default=None, metadata=OPTIONAL)
     per_tenant: list[dict[str, Any]] | None = field(default=None, metadata=OPTIONAL)
     accuracy_known_for: int | None = field(default=None, metadata=OPTIONAL)
     per_task: list[dict[str, Any]] | None = field(default=None, metadata=OPTIONAL)
@@ -788,6 +790,90 @@ def _audit_section(report: Report) -> Section | None:
     return Section("Audits (accuracy without gold)", blocks)
 
 
+def dispatch_modes(storage: Storage, out_uri: str, rounds: int) -> dict[str, Any] | None:
+    """How a run in rounds went out, from its rounds' calls and observations (``<out>/rounds/<k>/``): spend
+    and calls per mode, and per LLM and mode the fallbacks, i.e. calls planned by batch that went in real time
+    (a job below the provider's minimum record count) and batch lines that failed, expired or were cancelled
+    (released unbilled and re-planned). None when nothing was planned or sent by batch."""
+    from batchplan.core.rounds import BATCH, OBSERVATION_MODE, REALTIME
+
+    frames = []
+    for k in range(1, rounds + 1):
+        here = join(out_uri, "rounds", str(k))
+        if not storage.exists(join(here, "observations.parquet")):
+            continue
+        seen = storage.read_frame(join(here, "observations.parquet"))
+        calls = storage.read_frame(join(here, "calls.parquet")) if storage.exists(join(here, "calls.parquet")) else None
+        sent = pl.col(OBSERVATION_MODE).fill_null(REALTIME) if OBSERVATION_MODE in seen.columns else pl.lit(REALTIME)
+        seen = seen.select("query_id", "model", "status", "cost_usd", sent.alias("mode"))
+        if calls is not None and "mode" in calls.columns:
+            planned = (
+                calls.select("query_id", pl.col("models").alias("model"), pl.col("mode").fill_null(REALTIME).alias("planned"))
+                .explode("model")
+                .unique(["query_id", "model"], keep="first")
+            )
+            seen = seen.join(planned, on=["query_id", "model"], how="left")
+        else:
+            seen = seen.with_columns(pl.lit(REALTIME).alias("planned"))
+        frames.append(seen)
+    if not frames:
+        return None
+    seen = pl.concat(frames, how="diagonal_relaxed").with_columns(pl.col("planned").fill_null(pl.col("mode")))
+    if not ((seen["mode"] == BATCH) | (seen["planned"] == BATCH)).any():
+        return None
+    by_mode = seen.group_by("mode").agg(pl.len().alias("calls"), pl.col("cost_usd").sum().alias("spent_usd")).sort("mode")
+    per_llm = (
+        seen.group_by("model", "mode")
+        .agg(
+            pl.len().alias("calls"),
+            pl.col("cost_usd").sum().alias("spent_usd"),
+            ((pl.col("planned") == BATCH) & (pl.col("mode") == REALTIME)).sum().alias("planned_batch_sent_realtime"),
+            ((pl.col("mode") == BATCH) & (pl.col("status") != "ok")).sum().alias("released_replanned"),
+        )
+        .sort("model", "mode")
+    )
+    return {
+        "spend_by_mode": by_mode.to_dicts(),
+        "per_llm": per_llm.to_dicts(),
+        "planned_batch_sent_realtime": int(per_llm["planned_batch_sent_realtime"].sum()),
+        "released_replanned": int(per_llm["released_replanned"].sum()),
+    }
+
+
+def _dispatch_modes_section(report: Report) -> Section | None:
+    modes = report.dispatch_modes
+    if not modes:
+        return None
+    return Section(
+        "Batch API and real time",
+        [
+            Note(
+                f"{modes['planned_batch_sent_realtime']} calls planned by batch went in real time (an LLM below the "
+                f"provider's minimum job size); {modes['released_replanned']} batch lines failed, expired or were "
+                "cancelled: released unbilled and re-planned"
+            ),
+            Table(
+                ["mode", "calls", "spend USD"],
+                [[r["mode"], str(r["calls"]), f"{r['spent_usd']:.4f}"] for r in modes["spend_by_mode"]],
+            ),
+            Table(
+                ["model", "mode", "calls", "spend USD", "planned batch, sent real time", "released, re-planned"],
+                [
+                    [
+                        r["model"],
+                        r["mode"],
+                        str(r["calls"]),
+                        f"{r['spent_usd']:.4f}",
+                        str(r["planned_batch_sent_realtime"]),
+                        str(r["released_replanned"]),
+                    ]
+                    for r in modes["per_llm"]
+                ],
+            ),
+        ],
+    )
+
+
 def sections(report: Report) -> list[Section]:
     """Every section of the report, in reading order; both renderings draw exactly these."""
     built = [
@@ -797,6 +883,7 @@ def sections(report: Report) -> list[Section]:
         _per_task_section(report),
         _audit_section(report),
         _spend_per_model_section(report),
+        _dispatch_modes_section(report),
         _not_answered_section(report),
         _rounds_section(report),
         _plan_section(report),

@@ -158,7 +158,10 @@ class BatchSender:
             refused = pl.concat([refused, batch_refused.group_by("query_id", maintain_order=True).agg(
                 pl.col("error").str.join("; ")
             )])
-            got = pl.concat([got, observations_from_ledger(storage, here, request.round)])
+            batch_got = observations_from_ledger(storage, here, request.round).with_columns(pl.lit(BATCH).alias(OBSERVATION_MODE))
+            got = pl.concat([got.with_columns(pl.lit(REALTIME).alias(OBSERVATION_MODE)), batch_got])
+        elif now.height:  # how each call went out: the report's spend by mode, the planner's cost drift
+            got = got.with_columns(pl.lit(REALTIME).alias(OBSERVATION_MODE))
         return got, refused.cast(REFUSED_SCHEMA)
 
 

@@ -20,6 +20,8 @@ works the same for tests and laptops, ``BATCHPLAN_ROOT`` overrides both)::
     outcomes/<run>/                what a run learned, one live outcome per call (``batchplan.app.outcomes``):
                                    outcomes.parquet, queries.parquet, models.csv (the history layout, read for
                                    retraining) and labels.parquet (every label joined into it)
+    prices/models.csv              the live backends' price list (model, usd_per_mtok_in, usd_per_mtok_out, optional
+                                   batch_discount): what the DAGs' openai and bedrock backends bill and plan with
     labels/<run>/                  label files (csv, jsonl, parquet: query_id, gold) dropped for a past run; the
                                    nightly report step and the retrain DAG join them into outcomes/<run>/
 
@@ -145,6 +147,9 @@ class Layout:
 
     def outcomes(self, run: str | None = None) -> str:
         return self._at("outcomes", run) if run else self._at("outcomes") + "/"
+
+    def prices(self) -> str:
+        return self._at("prices", "models.csv")
 
     def labels(self, run: str | None = None) -> str:
         return self._at("labels", run) + "/" if run else self._at("labels") + "/"

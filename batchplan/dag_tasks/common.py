@@ -20,6 +20,9 @@ from batchplan.core.storage import Storage
 log = structlog.get_logger("batchplan.airflow")
 
 CONN_ID = "batchplan_s3"
+# The live backends' endpoints and keys, one Airflow connection each (never in code, params or logs): openai's
+# host is its base URL (ending in /v1) and its password the API key; bedrock's is an AWS connection.
+BACKEND_CONN_IDS = {"openai": "batchplan_openai", "bedrock": "batchplan_bedrock"}
 MAX_SHARDS = 32
 MAX_ROUNDS = 4  # the DAGs unroll this many rounds (a static graph); rounds past the param are no-ops
 

@@ -26,6 +26,7 @@ from batchplan.dag_tasks.common import MAX_ROUNDS, RunParams, log
 from batchplan.dag_tasks.stages import (
     _backend,
     _tenant_shares,
+    batch_modes_of,
     budget_shares,
     dispatch_shard,
     merge_stage,
@@ -69,6 +70,8 @@ def _inputs(storage: Storage, lay: Layout, run: str, params: RunParams) -> dict[
         "predictions": allowed_predictions(predictions, queue, request.allowed_models),
         "trained": artifacts.load(storage, lay.models(), version) if version else None,
         "request": request,
+        # a batch API's prices and turnaround, for the planners that weigh the modes (as the CLI's run)
+        "modes": batch_modes_of(storage, params, predictions) if params.batch_api else None,
     }
 
 
@@ -167,7 +170,7 @@ def round_dispatch_shard(
 ) -> dict[str, Any]:
     """Send one shard of a round within its budget share; its observations are written last (reused).
     ``batch_api``: by the provider's batch API (``run_uri``: where ``batchplan cancel`` marks the run)."""
-    from batchplan.app.pipeline import batch_sender
+    from batchplan.app.pipeline import backend_batch_sender
     from batchplan.app.round_runner import REFUSED_SCHEMA, DispatchSender
     from batchplan.dispatchers import DispatchOptions
     from batchplan.plans.audit import audit_queue
@@ -184,7 +187,11 @@ def round_dispatch_shard(
     queue = queue.filter(pl.col("query_id").is_in(calls["query_id"].implode()))
     chosen = _backend(backend, storage)
     caps = DispatchOptions(output_caps=shard_output_caps(shard))
-    sender = batch_sender(chosen, run_uri or here) if batch_api else DispatchSender(chosen, caps)
+    sender = (
+        backend_batch_sender(backend, chosen, run_uri or here, output_caps=caps.output_caps)
+        if batch_api
+        else DispatchSender(chosen, caps)
+    )
     got, refused = sender.send(
         RoundRequest(
             calls,

@@ -35,7 +35,7 @@ from batchplan.core.contracts import (
 )
 from batchplan.core.layout import Layout
 from batchplan.core.storage import Storage
-from batchplan.dag_tasks.common import MAX_SHARDS, RunParams, history_dirs, log
+from batchplan.dag_tasks.common import BACKEND_CONN_IDS, MAX_ROUNDS, MAX_SHARDS, RunParams, history_dirs, log
 
 if TYPE_CHECKING:  # the app layer is imported inside the tasks (a DAG file parses fast)
     from batchplan.app.round_runner import RoundsOutcome
@@ -73,9 +73,20 @@ def ingest_stage(storage: Storage, lay: Layout, run: str, source: str | Sequence
 
 
 def _backend(name: str, storage: Storage) -> Any:
+    """The DAG's backend: replay answers from the bundled histories; a live one takes its endpoint and key
+    from its Airflow connection (``BACKEND_CONN_IDS``) and its prices from the layout's ``prices/models.csv``."""
     from batchplan.app.pipeline import make_backend
 
-    return make_backend(name, storage=storage, replay_history=history_dirs() if name == "replay" else ())
+    if name == "replay":
+        return make_backend(name, storage=storage, replay_history=history_dirs())
+    prices = Layout.from_settings().prices()
+    if name in BACKEND_CONN_IDS and not storage.exists(prices):
+        raise ContractError(
+            f"the {name} backend bills and plans at the prices in {prices} (model, usd_per_mtok_in, "
+            "usd_per_mtok_out[, batch_discount]): put the price list there",
+            fields=("prices",),
+        )
+    return make_backend(name, storage=storage, prices_uri=prices, airflow_conn_id=BACKEND_CONN_IDS.get(name))
 
 
 def predict_stage(storage: Storage, lay: Layout, run: str, backend: str) -> dict[str, Any]:
@@ -108,6 +119,13 @@ def budget_shares(weights: Sequence[float], budget_usd: float | None) -> list[fl
     if mass <= 0:
         clean, mass = [1.0] * len(weights), float(len(weights))
     return [math.floor(total_nano * w / mass) / NANO for w in clean]
+
+
+def batch_modes_of(storage: Storage, params: RunParams, predictions: pl.DataFrame) -> Any:
+    """The run's batch mode (``pipeline.backend_batch_modes``): what the planners price a batch call at."""
+    from batchplan.app.pipeline import backend_batch_modes
+
+    return backend_batch_modes(params.backend, _backend(params.backend, storage), predictions)
 
 
 def shard_count(rows: int, max_shards: int = MAX_SHARDS, min_rows: int = MIN_ROWS_PER_SHARD) -> int:
@@ -145,6 +163,10 @@ def plan_stage(
         return list(stored["shards"])
     queue = storage.read_frame(lay.plan_file(run, "queue.parquet"))
     predictions = storage.read_frame(lay.plan_file(run, "predictions.parquet"))
+    if params.batch_api and params.rounds == 1:  # single shot by batch: every call at the batch price (as the CLI)
+        from batchplan.plans.modes import batch_priced
+
+        predictions = batch_priced(predictions, batch_modes_of(storage, params, predictions).discounts)
     version = artifacts.resolve_version(storage, lay.models(), None)
     templates = artifacts.load_templates(storage, lay.models(), version) if version else None
     caps = artifacts.load_output_caps(storage, lay.models(), version) if version else None
@@ -410,7 +432,7 @@ def report_stage(storage: Storage, lay: Layout, run: str, backend: str, *, run_i
     """The run report (JSON, Markdown, HTML) under ``reports/<run>/``; returns its paths and summary."""
     from batchplan.app.labels import report_with_labels
     from batchplan.app.pipeline import dispatch_dir, reference_models
-    from batchplan.app.report import build_report, summary_line, write_report
+    from batchplan.app.report import build_report, dispatch_modes, summary_line, write_report
     from batchplan.dispatchers import spend_by_model
     from batchplan.plans.frontier import frontier_uri, read_frontier
 
@@ -445,6 +467,8 @@ def report_stage(storage: Storage, lay: Layout, run: str, backend: str, *, run_i
         audit=audited,
         rounds=merged.get("rounds"),
     )
+    if (modes_used := dispatch_modes(storage, lay.results(run).rstrip("/"), MAX_ROUNDS)) is not None:
+        report.dispatch_modes = modes_used  # a run in rounds by a batch API: its share, its fallbacks
     report = report_with_labels(storage, lay.outcomes(run), results, report)  # labels joined before a re-run
     paths = write_report(report, lay.reports(run), storage)
     labelled = labels_stage(storage, lay)  # late labels for past runs: their reports re-rendered

@@ -23,8 +23,8 @@ batch prices with no real-time option (same value, dearer), 0 offers real time o
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import polars as pl
@@ -59,8 +59,14 @@ class BatchModes:
     clock: Callable[[], float] = time.time
 
     @classmethod
-    def from_catalog(cls, catalog: PriceCatalog, models: list[str], terms: BatchTerms, **options: object) -> BatchModes:
+    def from_catalog(
+        cls, catalog: PriceCatalog, models: list[str], terms: BatchTerms, *, queries: int | None = None, **options: object
+    ) -> BatchModes:
+        """``queries``: the batch's size; a round calls an LLM at most once per query, so below the provider's
+        per-job minimum record count no LLM can go by batch: none is offered a batch price."""
         discounts = {m: d for m in models if (d := catalog.batch_discount(m)) is not None}
+        if queries is not None and queries < terms.min_records:
+            discounts = {}
         return cls(discounts=discounts, terms=terms, **options)  # type: ignore[arg-type]
 
     def hours_left(self) -> float | None:
@@ -88,6 +94,16 @@ class BatchModes:
             return self.batch_share(round + 1, rounds, None)
         took = self.terms.typical_hours if self.batch_share(round, rounds, left) >= 1 else self.realtime_round_hours
         return self.batch_share(round + 1, rounds, left - took)
+
+    def short_of_minimum(self, batch_calls: Mapping[str, int]) -> list[str]:
+        """The LLMs whose batch calls in a round (``batch_calls``: LLM -> count) are fewer than the provider's
+        per-job minimum (``BatchTerms.min_records``: Bedrock's 100): such a job is refused, so its calls go in
+        real time and must be priced so."""
+        return sorted(m for m, n in batch_calls.items() if 0 < n < self.terms.min_records and m in self.discounts)
+
+    def without(self, models: Sequence[str]) -> BatchModes:
+        """These modes with ``models`` in real time only (no batch price for them)."""
+        return replace(self, discounts={m: d for m, d in self.discounts.items() if m not in set(models)})
 
     def discount_of(self, models: list[str]) -> np.ndarray:
         """[M]: each LLM's batch discount, nan where it has no batch API."""

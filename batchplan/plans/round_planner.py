@@ -40,6 +40,7 @@ Nothing here reads gold: only the queue, the predictions and the observations.
 
 from __future__ import annotations
 
+import dataclasses
 import warnings
 from dataclasses import dataclass, field
 from statistics import NormalDist
@@ -367,6 +368,23 @@ class PosteriorRoundPlanner:
     modes: BatchModes | None = None  # a batch API the rounds may use (None: every call in real time)
 
     def plan_round(self, state: RoundState) -> RoundPlan:
+        """``_plan_round``, re-planned while an LLM's batch calls fall short of the provider's per-job minimum
+        (Bedrock: 100): such a job is refused and its calls go in real time, so they are priced so. Each pass
+        takes LLMs out of the batch mode, so it ends within as many passes as there are LLMs."""
+        planned = self._plan_round(state)
+        offered = modes = self.modes
+        while offered is not None and modes is not None and "mode" in planned.calls.columns:
+            by_batch = planned.calls.filter(pl.col("mode") == BATCH).explode("models")["models"].value_counts()
+            short = modes.short_of_minimum(dict(by_batch.iter_rows()))
+            if not short:
+                break
+            log.info("round.batch_below_minimum", round=state.round, llms=short, min_records=modes.terms.min_records)
+            modes = modes.without(short)
+            planned = dataclasses.replace(self, modes=modes)._plan_round(state)
+            planned.diagnostics["realtime_below_minimum"] = sorted(set(offered.discounts) - set(modes.discounts))
+        return planned
+
+    def _plan_round(self, state: RoundState) -> RoundPlan:
         discounts = dict(self.modes.discounts) if self.modes else None
         seen = observe(state.queue, state.predictions, state.observations, discounts)
         ev = evaluate(self.posterior, seen, self.max_tries, self.upward, vote=self.vote)

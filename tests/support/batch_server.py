@@ -126,6 +126,8 @@ class BatchServer(ReplayServer):
             return super().handle(proto, method, path, headers, body)
         with self._lock:
             self.requests += 1
+            if headers.get("authorization", "").startswith("Bearer "):
+                self.authorized += 1  # counted, never stored (as the real-time routes)
         faults = self.batch_faults
         if method == "POST" and route == "/v1/files":
             return self._upload(proto, headers, body)
