@@ -277,7 +277,9 @@ class BatchServer(ReplayServer):
             billed = cost * f.batch_discount
             answer = json.loads(payload)
             answer["usage"]["cost"] = billed  # what the provider charged this line: the batch price
-            self._bill(query_id, str(line["body"].get("model")), billed, f"{b.id}/{custom_id}", payload)
+            parts = str(custom_id).split("/")  # <run_id>/<query_id or query_id#audit>/<call>
+            own = parts[1] if len(parts) >= 3 else None
+            self._bill(query_id, str(line["body"].get("model")), billed, f"{b.id}/{custom_id}", payload, own)
             out.append(_line(custom_id, {"status_code": 200, "body": answer}, None))
             completed += 1
         if out:

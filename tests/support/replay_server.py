@@ -88,6 +88,9 @@ class ReplayServer:
         self.billed_calls = 0
         self.billed_usd = 0.0
         self.billed_keys: Counter[tuple[str, str]] = Counter()  # (query_id, model) -> number of billed calls
+        # (the caller's own id, model): an audit's reference call (<query_id>#audit) is its own call, so the
+        # same LLM asked for the plan's answer and for the reference is not a call billed twice
+        self.billed_ids: Counter[tuple[str, str]] = Counter()
         self.faults_sent: Counter[str] = Counter()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._server: asyncio.AbstractServer | None = None
@@ -138,7 +141,7 @@ class ReplayServer:
                 "authorized": self.authorized,
                 "billed_calls": self.billed_calls,
                 "billed_usd": self.billed_usd,
-                "billed_twice": sorted(f"{q}|{m}" for (q, m), n in self.billed_keys.items() if n > 1),
+                "billed_twice": sorted(f"{q}|{m}" for (q, m), n in self.billed_ids.items() if n > 1),
                 "faults": dict(self.faults_sent),
             }
 
@@ -215,7 +218,7 @@ class ReplayServer:
         delay = faults.timeout_s if name == "timeout" else faults.slow_s if name == "slow" else 0.0
 
         def send() -> None:
-            self._bill(query_id, model, cost, key, payload)
+            self._bill(query_id, model, cost, key, payload, headers.get("x-batchplan-query-id"))
             proto.respond(200, payload)
 
         if delay > 0 and self._loop is not None:
@@ -258,7 +261,9 @@ class ReplayServer:
         user = next((m.get("content") for m in reversed(messages) if m.get("role") == "user"), "")
         return self._by_prompt.get(prompt_key(system, str(user)))
 
-    def _bill(self, query_id: str, model: str, cost: float, key: str | None, payload: bytes) -> None:
+    def _bill(
+        self, query_id: str, model: str, cost: float, key: str | None, payload: bytes, call_id: str | None = None
+    ) -> None:
         with self._lock:
             if key is not None:
                 if key in self._idempotent:
@@ -267,6 +272,7 @@ class ReplayServer:
             self.billed_calls += 1
             self.billed_usd += cost
             self.billed_keys[(query_id, model)] += 1
+            self.billed_ids[(call_id or query_id, model)] += 1
 
     def _count(self, name: str) -> None:
         with self._lock:
