@@ -34,7 +34,7 @@ from batchplan.app.round_runner import DispatchSender
 from batchplan.core.catalog import PriceCatalog
 from batchplan.core.contracts import QUEUE_SCHEMA, conform
 from batchplan.core.history import synthetic_history
-from batchplan.core.rounds import ROUND_PLAN_SCHEMA
+from batchplan.core.rounds import ROUND_PLAN_SCHEMA, RoundRequest
 from batchplan.core.storage import Storage
 from batchplan.dispatchers import DispatchOptions
 from batchplan.dispatchers.bedrock import BedrockBackend
@@ -61,8 +61,8 @@ sender = BedrockBatchSender(
     role_arn="arn:aws:iam::123456789012:role/batch", realtime=DispatchSender(backend, DispatchOptions(concurrency=1)),
     poll_seconds=0.05,
 )
-observed, refused = sender.send(calls, queue, round=1, budget_usd={BUDGET}, tenant_budgets_usd={{}}, out_uri=out,
-                                storage=Storage(), progress=None)
+observed, refused = sender.send(RoundRequest(calls, queue, round=1, budget_usd={BUDGET}, tenant_budgets_usd={{}},
+                                             out_uri=out, storage=Storage()))
 observed.write_parquet(out + "/observed.parquet")
 """
 
