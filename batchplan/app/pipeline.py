@@ -61,7 +61,7 @@ from batchplan.dispatchers import (
     spend_by_model,
 )
 from batchplan.dispatchers.limits import MAX_TOKENS, MAX_TOKENS_OPEN, OutputCaps
-from batchplan.plans.audit import audit_plan, audit_queue, deliver_references, estimate_audit
+from batchplan.plans.audit import audit_queue, deliver_references, estimate_audit
 from batchplan.plans.best_single import best_single_map
 from batchplan.plans.candidates import Candidates, build_candidates
 from batchplan.plans.frontier import frontier_uri, plan_frontier, read_frontier, write_frontier
@@ -72,6 +72,7 @@ from batchplan.plans.planning import (
     allowed_predictions,
     check_rounds_request,
     default_rounds,
+    plan_audits,
     plan_batch,
     request_changes,
     request_record,
@@ -424,17 +425,7 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
     trained = artifacts.load(storage, job.predictors_uri, version=job.predictor_version)
     predictions = predict(ingested.queue, trained.predictor, backend)
     paths = {"plan": join(job.out_uri, "plan.parquet"), "results": join(job.out_uri, "results.parquet")}
-    audit = None
-    if job.request.audit_share > 0:
-        allowed = allowed_predictions(predictions, ingested.queue, job.request.allowed_models)
-        audit = audit_plan(
-            ingested.queue,
-            allowed,
-            trained.audit,
-            job.request.audit_share,
-            job.request.audit_seed,
-            max_cost_usd=job.request.audit_max_cost_usd,
-        )
+    audit = plan_audits(ingested.queue, predictions, trained.audit, job.request)
     modes = batch_modes(job, backend, predictions) if job.batch_api else None
     plan, diagnostics = _resume_or_plan(
         storage,

@@ -143,7 +143,7 @@ def plan_stage(
     from batchplan.app import artifacts
     from batchplan.app.pipeline import build_candidates, optimize
     from batchplan.plans.frontier import frontier_uri, plan_frontier, write_frontier
-    from batchplan.plans.planning import request_changes, request_record
+    from batchplan.plans.planning import plan_audits, request_changes, request_record
 
     manifest_uri = lay.shards_manifest(run)
     request = params.request()
@@ -171,21 +171,9 @@ def plan_stage(
     templates = artifacts.load_templates(storage, lay.models(), version) if version else None
     caps = artifacts.load_output_caps(storage, lay.models(), version) if version else None
     candidates = build_candidates(queue.drop("day", strict=False), predictions, templates, request.kinds)
-    audit = None
-    if request.audit_share > 0:
-        from batchplan.plans.audit import audit_plan
-        from batchplan.plans.planning import allowed_predictions
-
-        model = artifacts.load_audit(storage, lay.models(), version) if version else None
-        allowed = allowed_predictions(predictions, queue, request.allowed_models)
-        audit = audit_plan(
-            queue.drop("day", strict=False),
-            allowed,
-            model,
-            request.audit_share,
-            request.audit_seed,
-            max_cost_usd=request.audit_max_cost_usd,
-        )
+    model = artifacts.load_audit(storage, lay.models(), version) if version and request.audit_share > 0 else None
+    audit = plan_audits(queue.drop("day", strict=False), predictions, model, request)
+    if audit is not None:
         storage.write_frame(audit, lay.plan_file(run, AUDIT_PLAN_FILE))
     planned = optimize(candidates, request, templates, audit)
     plan = planned.plan.sort("query_id")

@@ -32,6 +32,7 @@ from batchplan.optimizer import (
     solve,
 )
 from batchplan.optimizer.problem import Objective
+from batchplan.plans.audit import AuditModel, audit_plan
 from batchplan.plans.best_single import best_single_llms
 from batchplan.plans.candidates import Candidates
 from batchplan.plans.infeasible import RequestInfeasible, up, usd, word
@@ -120,6 +121,20 @@ def check_constraint_names(request: PlanRequest, candidates: Candidates) -> list
     if unused:
         log.warning("constraints.unused", constraints=unused)
     return unused
+
+
+def plan_audits(
+    queue: pl.DataFrame, predictions: pl.DataFrame, model: AuditModel | None, request: PlanRequest
+) -> pl.DataFrame | None:
+    """The audited sample's reference rows (``plans.audit.audit_plan``) as the request asks them: its share,
+    seed and spend cap, over the LLMs each tenant may use; None when the request audits nothing. One for the
+    CLI's and the DAGs' plan."""
+    if request.audit_share <= 0:
+        return None
+    allowed = allowed_predictions(predictions, queue, request.allowed_models)
+    return audit_plan(
+        queue, allowed, model, request.audit_share, request.audit_seed, max_cost_usd=request.audit_max_cost_usd
+    )
 
 
 def allowed_predictions(
