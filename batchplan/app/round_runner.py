@@ -647,13 +647,14 @@ def _per_task(*, plan: pl.DataFrame, queue: pl.DataFrame, trained: Any = None, *
     tasks = queue["task"].fill_null(DEFAULT_TASK).unique().to_list() if "task" in queue.columns else [DEFAULT_TASK]
     posterior = getattr(trained, "posterior", None)
     replanned = replanned_tasks(posterior, getattr(trained, "templates", None) or PlanTemplates(), tasks)
-    batch = _plan_continuation(plan=plan)
     if not replanned:
-        return batch
-    task_of = queue.select("query_id", pl.col("task").fill_null(DEFAULT_TASK) if "task" in queue.columns else pl.lit(DEFAULT_TASK).alias("task"))
-    kept = plan.join(task_of, on="query_id", how="inner").filter(~pl.col("task").is_in(sorted(replanned)))
+        return _plan_continuation(plan=plan)
+    task = pl.col("task").fill_null(DEFAULT_TASK) if "task" in queue.columns else pl.lit(DEFAULT_TASK).alias("task")
+    replanned_ids = queue.filter(task.is_in(sorted(replanned)))["query_id"]
+    # the continuation runs every row it is given: only the plan's own tasks' rows
+    kept = plan.filter(~pl.col("query_id").is_in(replanned_ids.implode()))
     cost = float(kept["expected_cost_usd"].fill_null(0.0).sum()) if "expected_cost_usd" in kept.columns else 0.0
-    return PerTaskPlanner(batch, _posterior(trained=trained, **inputs), frozenset(replanned), cost)
+    return PerTaskPlanner(_plan_continuation(plan=kept), _posterior(trained=trained, **inputs), frozenset(replanned), cost)
 
 
 register_round_planner("plan", _plan_continuation)
