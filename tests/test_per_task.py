@@ -77,13 +77,21 @@ def test_the_default_re_plans_the_confident_task_runs_the_plan_on_the_other_and_
     # task1 runs the single-shot plan exactly (a healthy endpoint: its calls are the plan's)
     blind = called.filter(pl.col("task") == "task1")
     assert (blind["models_called"] == blind["models"]).all()
+    # task0 is the posterior's alone: one call per query and round (the plan's calls never ride along)
+    per_round = run.observations.join(task_of, on="query_id").group_by("task", "query_id", "round").len()
+    assert per_round.filter(pl.col("task") == "task0")["len"].max() == 1
+    # and task1 is answered as by the plan's continuation alone, call for call
+    alone = simulate_rounds(make_round_planner("plan", plan=plan), queue, predictions, recorded, budget, 3)
+    by_plan = alone.results.join(task_of, on="query_id").filter(pl.col("task") == "task1")
+    assert blind.select("query_id", "models_called").sort("query_id").equals(
+        by_plan.select("query_id", "models_called").sort("query_id")
+    )
     # task0 is re-planned by the posterior: it escalates some queries on what their first answers said
     confident = called.filter(pl.col("task") == "task0")
     assert (confident["models_called"].list.len() > 1).any()
     assert (confident["models_called"] != confident["models"]).any()
     # and, on the history's truth, it does at least as well as the single-shot plan on the same budget
     truth = Truth.from_history(history)
-    alone = simulate_rounds(make_round_planner("plan", plan=plan), queue, predictions, recorded, budget, 3)
     accuracy = {
         name: float(score_results(r.results, truth)["correct"].fill_null(False).mean()) for name, r in (("per_task", run), ("plan", alone))
     }
