@@ -11,8 +11,8 @@ where validated logprob cascades exist the templates already cash the confidence
 
 The budget stays global. The plan's tasks keep what the single-shot plan (optimized over the whole batch)
 expects them to cost: each round their calls go first, and the posterior's tasks are re-planned, together,
-under what is left after the plan's outstanding expected cost (drift included) or this round's reserve of
-its calls, whichever is more. In the last round the plan's spending on queries it had deferred leaves the
+under what is left after the plan's outstanding expected cost (drift included) or this round's expected cost
+of its calls, whichever is more. In the last round the plan's spending on queries it had deferred leaves the
 posterior's unanswered queries their cheapest call. The budget guard's hard caps hold either way.
 """
 
@@ -93,10 +93,14 @@ class PerTaskPlanner:
             .agg(pl.col("reserve_cost_usd").sum())
             .iter_rows()
         )
-        held = float(calls["reserve_cost_usd"].sum())
-        if not state.last:  # what the plan's tasks are still expected to spend, this round and after
+        # what the plan's tasks are expected to spend (drift included): this round's calls, and in a round
+        # before the last what is left of their plan. Expected, not the calls' reserves: a reserve is the hard
+        # bound of one attempt (several bills on an open endpoint), which the guard holds only while calling,
+        # and the plan's calls go first, so the posterior's overcommitting is refused, never the plan's.
+        drift = float(planned.diagnostics.get("cost_drift") or 1.0)
+        held = drift * float(calls["expected_cost_usd"].fill_null(0.0).sum())
+        if not state.last:
             spent = float(mine.observations["cost_usd"].fill_null(0.0).sum())
-            drift = float(planned.diagnostics.get("cost_drift") or 1.0)
             held = max(held, drift * self.planned_cost_usd - spent)
         replanned = self.posterior.plan_round(
             replace(
