@@ -96,3 +96,23 @@ def test_the_default_re_plans_the_confident_task_runs_the_plan_on_the_other_and_
         name: float(score_results(r.results, truth)["correct"].fill_null(False).mean()) for name, r in (("per_task", run), ("plan", alone))
     }
     assert accuracy["per_task"] >= accuracy["plan"] - 0.01, accuracy
+
+
+def test_the_plan_s_tasks_hold_their_expected_spend_not_their_calls_hard_bounds(
+    setup: tuple[History, artifacts.Trained, pl.DataFrame, pl.DataFrame],
+) -> None:
+    """On an open endpoint a call's hard bound (what the guard holds while calling) is several bills: held for
+    the plan's tasks it left the posterior's nothing to answer with before the last round."""
+    from batchplan.core.rounds import OBSERVATION_SCHEMA, RoundState
+
+    history, trained, queue, predictions = setup
+    budget = 0.3 * float(history.split("test").outcomes.group_by("model").agg(pl.col("cost_usd").sum())["cost_usd"].max())
+    plan = optimize(build_candidates(queue, predictions, trained.templates), PlanRequest(budget_usd=budget)).plan
+    planner = make_round_planner(DEFAULT_ROUND_PLANNER, plan=plan, queue=queue, predictions=predictions, trained=trained)
+    assert isinstance(planner, PerTaskPlanner)
+    bounds = predictions.select("query_id", "model", (pl.col("cost_usd") * 20).alias("bound_usd"))
+    state = RoundState(1, 3, queue, predictions, pl.DataFrame(schema=OBSERVATION_SCHEMA), budget, call_bounds=bounds)
+    planned = planner.plan_round(state)
+    assert planned.diagnostics["held_for_plan_usd"] == pytest.approx(planner.planned_cost_usd)
+    task0 = queue.filter(pl.col("task") == "task0")["query_id"]
+    assert planned.calls.filter(pl.col("query_id").is_in(task0.implode())).height == task0.len()  # each answered
