@@ -61,13 +61,16 @@ def test_the_default_re_plans_the_confident_task_runs_the_plan_on_the_other_and_
     setup: tuple[History, artifacts.Trained, pl.DataFrame, pl.DataFrame],
 ) -> None:
     history, trained, queue, predictions = setup
-    assert DEFAULT_ROUND_PLANNER == "per_task" and Job.__dataclass_fields__["round_planner"].default == "per_task"
-    assert trained.posterior is not None and trained.posterior.confident == {"task0": True, "task1": False}
+    assert DEFAULT_ROUND_PLANNER == "per_task"
+    assert Job.__dataclass_fields__["round_planner"].default == "per_task"
+    assert trained.posterior is not None
+    assert trained.posterior.confident == {"task0": True, "task1": False}
     reference = float(history.split("test").outcomes.group_by("model").agg(pl.col("cost_usd").sum())["cost_usd"].max())
     budget = 0.3 * reference
     plan = optimize(build_candidates(queue, predictions, trained.templates), PlanRequest(budget_usd=budget)).plan
     planner = make_round_planner(DEFAULT_ROUND_PLANNER, plan=plan, queue=queue, predictions=predictions, trained=trained)
-    assert isinstance(planner, PerTaskPlanner) and planner.replanned == {"task0"}
+    assert isinstance(planner, PerTaskPlanner)
+    assert planner.replanned == {"task0"}
     recorded = history.outcomes.select("query_id", "model", "answer", "cost_usd", "logprob", "tokens_in", "tokens_out")
     run = simulate_rounds(planner, queue, predictions, recorded, budget, 3)
     assert run.spent_usd <= budget + 1e-12  # one budget over both parts
