@@ -21,11 +21,14 @@ unless the predictor tells queries apart. A cross-validated data set gets one ce
 ``gain_pts_95%``: the accuracy gain of votes and cascades over single-model plans, with a 95% paired-bootstrap
 interval over the queries (one query is 0.1-0.2 points here: most differences are inside it).
 
-``rounds``: the run in rounds (``batchplan.plans.round_planner`` over the trained posterior, ``--rounds`` rounds,
-simulated on the recorded outcomes by ``round_replay.simulate_rounds``, as the replay backend answers), with
-its gain over single-shot plans with votes and cascades (``rounds_gain_pts_95%``, paired bootstrap) and the
-accuracy it estimates without gold (``rounds_estimated``) beside the single-shot plan's planned accuracy
-(``all_planned``): the honest-estimate check.
+``rounds``: what ``batchplan run`` does by default: ``--rounds`` rounds (default ``DEFAULT_RUN_ROUNDS``) of the
+default round planner (``DEFAULT_ROUND_PLANNER``, ``batchplan.plans.per_task``) over the single-shot plan with
+votes and cascades and the trained posterior, simulated on the recorded outcomes by
+``round_replay.simulate_rounds`` (as the replay backend answers), with its gain over that single-shot plan
+(``rounds_gain_pts_95%``, paired bootstrap) and the accuracy it estimates without gold (``rounds_estimated``)
+beside the single-shot plan's planned accuracy (``all_planned``): the honest-estimate check. ``posterior``:
+the same rounds of the posterior planner alone (``--round-planner posterior``), with its gain
+(``posterior_gain_pts_95%``); ``--rounds-sweep`` sweeps its round count.
 
 ``cascades_shifted`` (built from ``cascades`` when it is benched): whole subjects held out per task
 (``subject_holdout``: about a third of each task's queries, subjects chosen by a stable hash), trained on the
@@ -60,12 +63,15 @@ from batchplan.app.demo import best_single_cost
 from batchplan.app.pipeline import build_candidates, execute, optimize, predict
 from batchplan.app.report import Truth, baseline_policies, score_results
 from batchplan.app.round_replay import simulate_rounds
+from batchplan.app.round_runner import make_round_planner
 from batchplan.core.history import History, cross_validation_fold, load_history, stable_fold, with_holdout
+from batchplan.core.request import DEFAULT_ROUND_PLANNER, DEFAULT_RUN_ROUNDS
 from batchplan.core.settings import get_settings
 from batchplan.core.storage import Storage
 from batchplan.dispatchers import get_backend
+from batchplan.plans.infeasible import RequestInfeasible
 from batchplan.plans.planning import PlanRequest
-from batchplan.plans.round_planner import DEFAULT_ROUNDS, round_planner
+from batchplan.plans.round_planner import round_planner
 from batchplan.plans.simulation import PlanSpec, recorded_by_task, simulate
 from batchplan.plans.templates import enumerate_specs
 
@@ -110,7 +116,7 @@ def bench_dataset(
     storage: Storage,
     workdir: str,
     cv_folds: int = CV_FOLDS,
-    rounds: int = DEFAULT_ROUNDS,
+    rounds: int = DEFAULT_RUN_ROUNDS,
     shifted: bool = False,
     sweep: tuple[int, ...] = (),
 ) -> list[dict]:
@@ -143,6 +149,7 @@ def bench_dataset(
         row["hindsight_all_accuracy"] = hindsight_accuracy(plans, row["queries"], row["budget_usd"])
         row["gain_low"], row["gain_high"] = gain_interval(row.pop("_paired_gain"))
         row["rounds_gain_low"], row["rounds_gain_high"] = gain_interval(row.pop("_paired_gain_rounds"))
+        row["posterior_gain_low"], row["posterior_gain_high"] = gain_interval(row.pop("_paired_gain_posterior"))
     return pooled
 
 
@@ -165,7 +172,7 @@ def pool_folds(rows: list[dict]) -> dict:
             pooled[key] = {k: sum(r[key].get(k, 0) for r in rows) for k in {k for r in rows for k in r[key]}}
         elif key == "best_single_model":
             pooled[key] = "/".join(sorted({r[key] for r in rows}))
-        elif key in ("_paired_gain", "_paired_gain_rounds"):
+        elif key in ("_paired_gain", "_paired_gain_rounds", "_paired_gain_posterior"):
             pooled[key] = np.concatenate([r[key] for r in rows])
         elif key.endswith("_estimated") or key == "all_planned":
             pooled[key] = sum(r[key] * r["queries"] for r in rows) / n
@@ -223,7 +230,7 @@ def bench_split(
     predictor_name: str,
     storage: Storage,
     workdir: str,
-    rounds: int = DEFAULT_ROUNDS,
+    rounds: int = DEFAULT_RUN_ROUNDS,
     sweep: tuple[int, ...] = (),
 ) -> list[dict]:
     """Train on the train split, then plan and replay the test split at every budget (single-shot plans, and
@@ -261,10 +268,13 @@ def bench_split(
             "train_seconds": train_seconds,
         }
         correct: dict[str, np.ndarray] = {}
+        plans: dict[str, pl.DataFrame] = {}
         for variant, candidates in variants.items():
-            # a budget under the cheapest answer for every query (cascades' 10% of its per-task reference on a
-            # fold) defers the rest, scored wrong, instead of stopping the bench
-            outcome = optimize(candidates, PlanRequest(budget_usd=budget, allow_deferral=True), trained.templates)
+            try:
+                outcome = optimize(candidates, PlanRequest(budget_usd=budget), trained.templates)
+            except RequestInfeasible:  # a fold whose cheapest answers cost more than the budget: defer some
+                outcome = optimize(candidates, PlanRequest(budget_usd=budget, allow_deferral=True), trained.templates)
+            plans[variant] = outcome.plan
             out = f"{workdir}/{name}-{variant}-{fraction}"
             results = execute(outcome.plan, queue, backend, budget_usd=budget, out_uri=out, storage=storage)
             spend = float(results["cost_usd"].sum())
@@ -279,17 +289,22 @@ def bench_split(
             if variant == "all":
                 row["all_planned"] = float(outcome.plan["expected_accuracy"].to_numpy().mean())
         row["_paired_gain"] = correct["all"].astype(float) - correct["singles"].astype(float)
-        for count in dict.fromkeys((rounds, *sweep)):
-            run = simulate_rounds(round_planner(trained.posterior), queue, predictions, recorded, budget, count)
+        default = make_round_planner(
+            DEFAULT_ROUND_PLANNER, plan=plans["all"], queue=queue, predictions=predictions, trained=trained
+        )
+        runs = [("rounds", default, rounds)] + [("posterior", round_planner(trained.posterior), k) for k in (rounds, *sweep)]
+        for column, planner, count in runs:
+            run = simulate_rounds(planner, queue, predictions, recorded, budget, count)
             right = score_results(run.results, truth)["correct"].fill_null(False).to_numpy()
-            row |= {f"rounds{count}_accuracy": float(right.mean()), f"rounds{count}_estimated": run.estimated_accuracy}
-            if count == rounds:
+            if column == "posterior":
+                row |= {f"rounds{count}_accuracy": float(right.mean()), f"rounds{count}_estimated": run.estimated_accuracy}
+            if count == rounds and f"{column}_accuracy" not in row:
                 row |= {
-                    "rounds_accuracy": float(right.mean()),
-                    "rounds_estimated": run.estimated_accuracy,
-                    "rounds_spent_usd": run.spent_usd,
-                    "rounds_within_budget": run.spent_usd <= budget + 1e-12,
-                    "_paired_gain_rounds": right.astype(float) - correct["all"].astype(float),
+                    f"{column}_accuracy": float(right.mean()),
+                    f"{column}_estimated": run.estimated_accuracy,
+                    f"{column}_spent_usd": run.spent_usd,
+                    f"{column}_within_budget": run.spent_usd <= budget + 1e-12,
+                    f"_paired_gain_{column}": right.astype(float) - correct["all"].astype(float),
                 }
         rows.append(row)
     return rows
@@ -313,8 +328,12 @@ def main(argv: list[str] | None = None) -> int:
         default=CV_FOLDS,
         help="folds for data sets without a test split (cascades); 0 = one hold-out of holdout_fraction",
     )
-    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS, help="rounds of the rounds column")
-    parser.add_argument("--rounds-sweep", default="", help="also these round counts, e.g. 1,2,3,4 (a table)")
+    parser.add_argument(
+        "--rounds", type=int, default=DEFAULT_RUN_ROUNDS, help="rounds of the rounds and posterior columns"
+    )
+    parser.add_argument(
+        "--rounds-sweep", default="", help="also the posterior planner at these round counts, e.g. 1,2,3,4 (a table)"
+    )
     parser.add_argument(
         "--no-shifted", action="store_true", help="skip cascades_shifted (subjects held out of cascades)"
     )
@@ -351,38 +370,45 @@ def main(argv: list[str] | None = None) -> int:
                 )
     table = pl.DataFrame([{k: v for k, v in r.items() if not k.endswith("_kinds")} for r in rows])
     columns = (
-        "singles_accuracy", "all_accuracy", "rounds_accuracy", "rounds_estimated", "all_planned",
+        "singles_accuracy", "all_accuracy", "rounds_accuracy", "posterior_accuracy", "rounds_estimated", "all_planned",
         "hindsight_singles_accuracy", "hindsight_all_accuracy", "cheapest", "random", "best_single", "oracle",
     )  # fmt: skip
     percents = [(pl.col(c) * 100).round(1).alias(c.removesuffix("_accuracy") + "_%") for c in columns]
     max_gap = pl.max_horizontal("singles_gap", "all_gap").map_elements(lambda g: f"{g:.1e}", return_dtype=pl.String)
-    within = pl.col("singles_within_budget") & pl.col("all_within_budget") & pl.col("rounds_within_budget")
-    rounds_gain = pl.format(
-        "{} [{}, {}]",
-        *((pl.col(c) * 100).round(1) for c in ("rounds_gain", "rounds_gain_low", "rounds_gain_high")),
-    ).alias("rounds_gain_pts_95%")
+    within = (
+        pl.col("singles_within_budget")
+        & pl.col("all_within_budget")
+        & pl.col("rounds_within_budget")
+        & pl.col("posterior_within_budget")
+    )
+    rounds_gain, posterior_gain = (
+        pl.format("{} [{}, {}]", *((pl.col(f"{c}{s}") * 100).round(1) for s in ("_gain", "_gain_low", "_gain_high")))
+        .alias(f"{c}_gain_pts_95%")
+        for c in ("rounds", "posterior")
+    )
     gain = pl.format("{} [{}, {}]", *((pl.col(c) * 100).round(1) for c in ("gain", "gain_low", "gain_high"))).alias(
         "gain_pts_95%"
     )
     table = table.with_columns(
         (pl.col("all_accuracy") - pl.col("singles_accuracy")).alias("gain"),
         (pl.col("rounds_accuracy") - pl.col("all_accuracy")).alias("rounds_gain"),
+        (pl.col("posterior_accuracy") - pl.col("all_accuracy")).alias("posterior_gain"),
     )
     with pl.Config(tbl_rows=100, tbl_cols=30, tbl_width_chars=320, float_precision=4, tbl_hide_dataframe_shape=True):
         print(
             table.select(
                 "dataset", "queries", "budget_pct", "budget_usd", "singles_spent_usd", "all_spent_usd",
-                within.alias("within_budget"), *percents, gain, rounds_gain, "best_single_cost_usd",
+                within.alias("within_budget"), *percents, gain, rounds_gain, posterior_gain, "best_single_cost_usd",
                 max_gap.alias("max_gap"),
             )
         )  # fmt: skip
     print("best single model per data set (by train accuracy):", {r["dataset"]: r["best_single_model"] for r in rows})
-    print("AIQ over the budget grid (singles only -> with votes and cascades):")
+    print("AIQ over the budget grid (singles only -> with votes and cascades -> the run's default rounds):")
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
         group = [r for r in rows if r["dataset"] == dataset]
         print(
             f"  {dataset}: {aiq(group, 'singles_accuracy'):.4f} -> {aiq(group, 'all_accuracy'):.4f}"
-            f" -> rounds {aiq(group, 'rounds_accuracy'):.4f}"
+            f" -> rounds {aiq(group, 'rounds_accuracy'):.4f} (posterior alone {aiq(group, 'posterior_accuracy'):.4f})"
         )
     if sweep:
         print("accuracy % by number of rounds (realized / estimated without gold):")
@@ -396,7 +422,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {r['dataset']} @ {r['budget_pct']}%: {r['all_kinds']}")
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=2))
-    within_all = table["singles_within_budget"] & table["all_within_budget"] & table["rounds_within_budget"]
+    within_all = (
+        table["singles_within_budget"]
+        & table["all_within_budget"]
+        & table["rounds_within_budget"]
+        & table["posterior_within_budget"]
+    )
     return 0 if within_all.all() else 3
 
 

@@ -20,7 +20,7 @@ from typer._click.exceptions import NoArgsIsHelpError, UsageError
 from typer.core import TyperCommand, TyperGroup
 
 from batchplan.core.errors import UserError
-from batchplan.core.request import PlanRequest
+from batchplan.core.request import DEFAULT_ROUND_PLANNER, PlanRequest
 
 # Heavy modules (polars, structlog, pydantic, LightGBM, the solvers) are imported inside the commands, after
 # the flags are parsed and the request checked: a mistyped flag is answered at once.
@@ -397,8 +397,9 @@ RoundPlannerOpt = Annotated[
     str,
     typer.Option(
         "--round-planner",
-        help="Who plans each round: plan (the single-shot plan's kinds, step by step) or posterior (every open query "
-        "re-planned by the optimizer from a posterior fitted on the history).",
+        help="Who plans each round: plan (the single-shot plan's kinds, step by step), posterior (every open query "
+        "re-planned by the optimizer from a posterior fitted on the history) or per_task (the default: the "
+        "posterior for tasks whose history has logprobs no cascade template uses, the plan for the rest).",
     ),
 ]
 
@@ -573,7 +574,7 @@ def run(
     predictor_version: VersionOpt = None,
     run_id: Annotated[str | None, typer.Option("--run-id", help="Name shown in the report.")] = None,
     rounds: RoundsOpt = None,
-    round_planner: RoundPlannerOpt = "plan",
+    round_planner: RoundPlannerOpt = DEFAULT_ROUND_PLANNER,
     audit_share: AuditShareOpt = None,
     audit_spend_share: AuditSpendShareOpt = None,
     batch_api: BatchApiOpt = False,

@@ -48,6 +48,7 @@ from batchplan.app.round_runner import (
 from batchplan.core.catalog import BATCH_TERMS, PriceCatalog
 from batchplan.core.contracts import DEFER, RESULT_SCHEMA, UNANSWERABLE, ContractError, is_audit
 from batchplan.core.history import History, load_history
+from batchplan.core.request import DEFAULT_ROUND_PLANNER
 from batchplan.core.rounds import RoundPlanner
 from batchplan.core.storage import Storage, join
 from batchplan.dispatchers import (
@@ -375,7 +376,7 @@ class Job:
     # > 1: execute in rounds, re-planned after each (batchplan.app.round_runner); 1: single shot; None: the
     # default (``planning.default_rounds``: 3 unless the round planner cannot hold the request), as `run` gives
     rounds: int | None = 1
-    round_planner: str = "plan"  # a name in batchplan.app.round_runner.ROUND_PLANNERS
+    round_planner: str = DEFAULT_ROUND_PLANNER  # a name in batchplan.app.round_runner.ROUND_PLANNERS
     batch_api: bool = False  # rounds sent as provider batch jobs (BatchSender), in rounds even when rounds == 1
     resume_cancelled: bool = False  # submit batches again in a run marked by `batchplan cancel`
     deadline: float | None = None  # POSIX seconds (``request.deadline_at``): bounds the batch rounds

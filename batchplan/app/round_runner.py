@@ -637,5 +637,26 @@ def _posterior(*, trained: Any = None, request: Any = None, modes: Any = None, *
     return round_planner(getattr(trained, "posterior", None), modes=modes, **held)  # modes: a batch API's prices
 
 
+def _per_task(*, plan: pl.DataFrame, queue: pl.DataFrame, trained: Any = None, **inputs: Any) -> RoundPlanner:
+    """``batchplan.plans.per_task``: the tasks whose history says re-planning pays, by the posterior; the rest by
+    the single-shot plan (all of them for a version trained without a posterior)."""
+    from batchplan.core.contracts import DEFAULT_TASK
+    from batchplan.plans.per_task import PerTaskPlanner, replanned_tasks
+    from batchplan.plans.templates import PlanTemplates
+
+    tasks = queue["task"].fill_null(DEFAULT_TASK).unique().to_list() if "task" in queue.columns else [DEFAULT_TASK]
+    posterior = getattr(trained, "posterior", None)
+    replanned = replanned_tasks(posterior, getattr(trained, "templates", None) or PlanTemplates(), tasks)
+    if not replanned:
+        return _plan_continuation(plan=plan)
+    task = pl.col("task").fill_null(DEFAULT_TASK) if "task" in queue.columns else pl.lit(DEFAULT_TASK).alias("task")
+    replanned_ids = queue.filter(task.is_in(sorted(replanned)))["query_id"]
+    # the continuation runs every row it is given: only the plan's own tasks' rows
+    kept = plan.filter(~pl.col("query_id").is_in(replanned_ids.implode()))
+    cost = float(kept["expected_cost_usd"].fill_null(0.0).sum()) if "expected_cost_usd" in kept.columns else 0.0
+    return PerTaskPlanner(_plan_continuation(plan=kept), _posterior(trained=trained, **inputs), frozenset(replanned), cost)
+
+
 register_round_planner("plan", _plan_continuation)
 register_round_planner("posterior", _posterior)
+register_round_planner("per_task", _per_task)

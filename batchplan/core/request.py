@@ -106,10 +106,13 @@ class PlanRequest:
 
 
 LIVE_AUDIT_SHARE: Final = 0.05
-# `batchplan run` and the nightly and backfill DAGs without --rounds / rounds: 3 rounds of the single-shot plan
-# (round planner "plan") measured best (README, Rounds; bench/rounds_faults.py): it answers and pays as single
-# shot on a healthy endpoint, and re-calls what failed instead of deferring it on a flaky one.
+# `batchplan run` and the nightly and backfill DAGs without --rounds / --round-planner: 3 rounds of the round
+# planner "per_task" (batchplan.plans.per_task) measured best (README, Rounds; bench/quality.py,
+# bench/rounds_faults.py): the posterior re-plans the tasks whose history has logprobs no cascade template uses
+# (cascades_open: +1.8..+3.6 points over single shot), the single-shot plan runs the rest step by step (as
+# single shot on a healthy endpoint, re-calling what failed on a flaky one).
 DEFAULT_RUN_ROUNDS: Final = 3
+DEFAULT_ROUND_PLANNER: Final = "per_task"
 
 
 def default_audit_share(asked: float | None, backend: str) -> float:

@@ -13,7 +13,7 @@ import structlog
 from batchplan.core import history
 from batchplan.core.contracts import ContractError
 from batchplan.core.layout import Layout, day
-from batchplan.core.request import DEFAULT_RUN_ROUNDS, default_audit_spend_share
+from batchplan.core.request import DEFAULT_ROUND_PLANNER, DEFAULT_RUN_ROUNDS, default_audit_spend_share
 from batchplan.core.settings import Settings
 from batchplan.core.storage import Storage
 
@@ -59,7 +59,7 @@ class RunParams:
     tenant_budgets_usd: dict[str, float] = field(default_factory=dict)
     allow_unused_constraints: bool = False  # a config listing every tenant, not all queued tonight
     rounds: int = 1  # > 1: execute in rounds (batchplan.dag_tasks.rounds), at most MAX_ROUNDS
-    round_planner: str = "plan"
+    round_planner: str = DEFAULT_ROUND_PLANNER
     audit_share: float = 0.0  # the share of queries audited (batchplan.plans.audit); default by backend
     audit_spend_share: float | None = None  # and at most this share of the budget on them (the live default caps)
     batch_api: bool = False  # rounds sent as provider batch jobs (in rounds even when rounds == 1)
@@ -78,7 +78,7 @@ class RunParams:
         rounds = int(params.get("rounds") or DEFAULT_RUN_ROUNDS)
         if not 1 <= rounds <= MAX_ROUNDS:
             raise ContractError(f"rounds must be in [1, {MAX_ROUNDS}], got {rounds}")
-        planner = str(params.get("round_planner") or "plan")
+        planner = str(params.get("round_planner") or DEFAULT_ROUND_PLANNER)
         batch_api = bool(params.get("batch_api", False))
         if batch_api:
             from batchplan.app.pipeline import check_batch_api

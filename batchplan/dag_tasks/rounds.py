@@ -259,7 +259,7 @@ def params() -> dict[str, Any]:
     """The ``rounds`` and ``round_planner`` params of the nightly and backfill DAGs."""
     from airflow.sdk import Param
 
-    from batchplan.core.request import DEFAULT_RUN_ROUNDS
+    from batchplan.core.request import DEFAULT_ROUND_PLANNER, DEFAULT_RUN_ROUNDS
 
     return {
         "rounds": Param(
@@ -268,9 +268,9 @@ def params() -> dict[str, Any]:
             minimum=1,
             maximum=MAX_ROUNDS,
             description="Execute in N rounds, re-planned over the whole batch after each under what is left (1: single "
-            "shot; 3 rounds of the plan measured best: README, Rounds).",
+            "shot; 3 rounds of the per_task planner measured best: README, Rounds).",
         ),
-        "round_planner": Param("plan", type="string", description="Who plans each round (batchplan.app.round_runner)."),
+        "round_planner": Param(DEFAULT_ROUND_PLANNER, type="string", description="Who plans each round (batchplan.app.round_runner)."),
         "batch_api": Param(
             False,
             type="boolean",

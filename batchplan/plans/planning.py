@@ -167,6 +167,8 @@ ROUND_PLANNERS_HOLD: dict[str, frozenset[str]] = {
     # audits: the reference calls go beside the planner's, mandatory (``app.round_runner.AuditedPlanner``)
     "posterior": frozenset({"model_max_calls", "task_accuracy_floors", "audit_share"}),
     "plan": frozenset({"task_accuracy_floors", "audit_share"}),
+    # per task one of the two (``batchplan.plans.per_task``): what both hold
+    "per_task": frozenset({"task_accuracy_floors", "audit_share"}),
 }
 
 
