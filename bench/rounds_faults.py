@@ -141,7 +141,7 @@ def bench(
     rows = []
     for fraction in fractions:
         budget = fraction * reference_cost
-        plan = optimize(candidates, PlanRequest(budget_usd=budget, allow_deferral=True), trained.templates).plan
+        plan = optimize(candidates, PlanRequest(budget_usd=budget), trained.templates).plan
         for faults in (False, True):
             for n, planner in [(1, "-"), *((rounds, p) for p in planners)]:
                 cell = run_cell(
