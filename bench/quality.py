@@ -57,7 +57,7 @@ from scipy.optimize import linprog
 
 from batchplan.app import artifacts
 from batchplan.app.demo import best_single_cost
-from batchplan.app.pipeline import build_candidates, execute, optimize, predict
+from batchplan.app.pipeline import Execution, build_candidates, execute, optimize, predict
 from batchplan.app.report import Truth, baseline_policies, score_results
 from batchplan.app.round_replay import simulate_rounds
 from batchplan.core.history import History, cross_validation_fold, load_history, stable_fold, with_holdout
@@ -264,7 +264,7 @@ def bench_split(
         for variant, candidates in variants.items():
             outcome = optimize(candidates, PlanRequest(budget_usd=budget), trained.templates)
             out = f"{workdir}/{name}-{variant}-{fraction}"
-            results = execute(outcome.plan, queue, backend, budget_usd=budget, out_uri=out, storage=storage)
+            results = execute(outcome.plan, queue, backend, Execution(budget_usd=budget, out_uri=out, storage=storage))
             spend = float(results["cost_usd"].sum())
             correct[variant] = score_results(results, truth)["correct"].fill_null(False).to_numpy()
             row |= {
