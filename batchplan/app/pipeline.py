@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -60,6 +60,7 @@ from batchplan.dispatchers import (
     ledger_events,
     spend_by_model,
 )
+from batchplan.dispatchers.executor import Progress
 from batchplan.dispatchers.limits import MAX_TOKENS, MAX_TOKENS_OPEN, OutputCaps
 from batchplan.plans.audit import audit_queue, deliver_references, estimate_audit
 from batchplan.plans.best_single import best_single_map
@@ -81,8 +82,6 @@ from batchplan.plans.templates import PlanTemplates
 from batchplan.predictors import Predictor
 
 log = structlog.get_logger("batchplan")
-
-Progress = Callable[[int, int], None]
 
 
 def ingest(queue_uri: str, storage: Storage, out_uri: str | None = None) -> Ingested:
