@@ -60,7 +60,7 @@ from scipy.optimize import linprog
 
 from batchplan.app import artifacts
 from batchplan.app.demo import best_single_cost
-from batchplan.app.pipeline import build_candidates, execute, optimize, predict
+from batchplan.app.pipeline import Execution, build_candidates, execute, optimize, predict
 from batchplan.app.report import Truth, baseline_policies, score_results
 from batchplan.app.round_replay import simulate_rounds
 from batchplan.app.round_runner import make_round_planner
@@ -276,7 +276,7 @@ def bench_split(
                 outcome = optimize(candidates, PlanRequest(budget_usd=budget, allow_deferral=True), trained.templates)
             plans[variant] = outcome.plan
             out = f"{workdir}/{name}-{variant}-{fraction}"
-            results = execute(outcome.plan, queue, backend, budget_usd=budget, out_uri=out, storage=storage)
+            results = execute(outcome.plan, queue, backend, Execution(budget_usd=budget, out_uri=out, storage=storage))
             spend = float(results["cost_usd"].sum())
             correct[variant] = score_results(results, truth)["correct"].fill_null(False).to_numpy()
             row |= {

@@ -37,7 +37,7 @@ import structlog
 
 from batchplan.app import artifacts
 from batchplan.app.demo import best_single_cost
-from batchplan.app.pipeline import build_candidates, execute, execute_rounds, optimize, predict
+from batchplan.app.pipeline import Execution, build_candidates, execute, execute_rounds, optimize, predict
 from batchplan.app.report import Truth, score_results
 from batchplan.app.round_runner import make_round_planner
 from batchplan.core.catalog import PriceCatalog
@@ -72,17 +72,15 @@ def run_cell(
         catalog = PriceCatalog.from_history(history.prices, history.outcomes)
         backend = get_backend("openai", base_url=server.base_url, catalog=catalog)
         retry = RetryPolicy(base_delay_s=0.01, max_delay_s=0.05)
+        caps_used = trained.output_caps if caps else None
+        execution = Execution(budget_usd=budget, out_uri=out, storage=storage, retry=retry, output_caps=caps_used)
         started = time.perf_counter()
         if rounds == 1:
             results = execute(
                 plan,
                 queue,
                 backend,
-                budget_usd=budget,
-                out_uri=out,
-                storage=storage,
-                retry=retry,
-                output_caps=trained.output_caps if caps else None,
+                execution,
             )
             estimated = None
         else:
@@ -93,12 +91,8 @@ def run_cell(
                 predictions,
                 backend,
                 planner,
+                execution,
                 rounds=rounds,
-                budget_usd=budget,
-                out_uri=out,
-                storage=storage,
-                retry=retry,
-                output_caps=trained.output_caps if caps else None,
             )
             results, estimated = outcome.results, outcome.estimated_accuracy
         seconds = time.perf_counter() - started

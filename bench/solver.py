@@ -22,6 +22,7 @@ and write (plan parquet). Each size runs in its own subprocess; wall seconds per
     uv run python bench/solver.py                      # 10k, 100k, 1M; baselines up to their time-out
     uv run python bench/solver.py --sizes 10000,100000 --baseline-timeout 120
     uv run python bench/solver.py --end-to-end --sizes 1000000
+    uv run python bench/solver.py --end-to-end --sizes 1000000 --distinct-prompts   # a batch of all-new prompts
 """
 
 from __future__ import annotations
@@ -138,8 +139,10 @@ def run_case(n: int, which: str, method: str, seed: int, timeout: float) -> dict
 E2E_STAGES = ("ingest", "load", "predict", "candidates", "solve", "write")
 
 
-def prepare_end_to_end(n: int, history_dir: str, work: str, seed: int) -> tuple[str, str]:
-    """The trained model (once per history) and an N-query queue parquet (once per size): not timed."""
+def prepare_end_to_end(n: int, history_dir: str, work: str, seed: int, distinct: bool = False) -> tuple[str, str]:
+    """The trained model (once per history) and an N-query queue parquet (once per size): not timed.
+    ``distinct``: every prompt made distinct (its query id appended, inside the tail the text encoder reads),
+    as a batch of all-new tickets is: the encoder's per-distinct-tail saving is then nil."""
     from pathlib import Path
 
     from batchplan.app import artifacts
@@ -153,17 +156,20 @@ def prepare_end_to_end(n: int, history_dir: str, work: str, seed: int) -> tuple[
     if not (root / "model").exists():
         train = with_holdout(history, seed=seed).split("train")
         artifacts.save(artifacts.train(train, seed=seed), Storage(), model_uri)
-    queue_uri = str(root / f"queue-{n}.parquet")
+    queue_uri = str(root / f"queue-{n}{'-distinct' if distinct else ''}.parquet")
     if not Path(queue_uri).exists():
         base = history.as_queue()
         rows = np.random.default_rng(seed).integers(0, base.height, n)
         rng = np.random.default_rng(seed + 1)
         tenants = pl.Series([f"tenant{t}" for t in rng.integers(0, N_TENANTS, n)])
-        base[rows].with_columns(
+        queue = base[rows].with_columns(
             pl.format("q-{}", pl.int_range(pl.len()).cast(pl.String).str.zfill(8)).alias("query_id"),
             tenants.alias("tenant"),
             pl.Series(rng.choice(np.array([1.0, 2.0, 3.0]), n, p=[0.6, 0.3, 0.1])).alias("priority"),
-        ).write_parquet(queue_uri)
+        )
+        if distinct:
+            queue = queue.with_columns(pl.format("{} (ticket {})", "prompt", "query_id").alias("prompt"))
+        queue.write_parquet(queue_uri)
     return model_uri, queue_uri
 
 
@@ -244,7 +250,7 @@ def end_to_end(args: argparse.Namespace) -> int:
     print("-" * len(header))
     rows = []
     for n in [int(s) for s in args.sizes.split(",")]:
-        model_uri, queue_uri = prepare_end_to_end(n, args.history, args.work, args.seed)
+        model_uri, queue_uri = prepare_end_to_end(n, args.history, args.work, args.seed, args.distinct_prompts)
         ctx = mp.get_context("spawn")
         queue = ctx.Queue()
         plan_uri = args.plan_out or f"{args.work}/plan-{n}.parquet"
@@ -287,6 +293,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--history", default="../shared/data/routerbench", help="end to end: history to sample")
     parser.add_argument("--work", default="/tmp/batchplan-bench-e2e", help="end to end: cached model and queues")
     parser.add_argument("--budget-share", type=float, default=0.3, help="end to end: budget between cheapest and dearest")
+    parser.add_argument(
+        "--distinct-prompts", action="store_true", help="end to end: every prompt made distinct (its query id appended)"
+    )
     parser.add_argument("--plan-out", help="end to end: write the plan here (default under --work)")
     parser.add_argument("--replan-queries", type=int, default=1_000_000, help="open queries of the round re-plan line (0: skip)")
     parser.add_argument("--replan-only", action="store_true", help="print only the round re-plan line")

@@ -184,16 +184,22 @@ def _charge_lost_calls(ledger: Ledger, prior: dict[str, PriorCalls], charged_by_
     return lost
 
 
+# the dispatch's counters (DispatchStats fields) by their manifest names; the summary log line says the field's
+STAT_NAMES = {
+    "calls": "calls",
+    "reused": "reused_from_ledger",
+    "recovered": "recovered_in_flight",
+    "lost": "lost_in_flight",
+    "retries": "retries",
+    "fallbacks": "fallbacks",
+}
+
+
 def _manifest_stats(executor: Executor, seconds: float) -> dict[str, Any]:
     """The manifest's ``stats``: what the dispatch did so far."""
     stats = executor.stats
     return {
-        "calls": stats.calls,
-        "reused_from_ledger": stats.reused,
-        "recovered_in_flight": stats.recovered,
-        "lost_in_flight": stats.lost,
-        "retries": stats.retries,
-        "fallbacks": stats.fallbacks,
+        **{name: getattr(stats, counter) for counter, name in STAT_NAMES.items()},
         "call_statuses": dict(stats.statuses),
         "budget_overruns": executor.budget.overruns,
         "rate_limit_pauses": sum(g.pauses for g in executor.gates.values()),
@@ -212,19 +218,13 @@ def _log_summary(
     seconds: float,
 ) -> None:
     """The dispatch's one summary log line."""
-    stats = executor.stats
     log.info(
         "dispatch",
         out_uri=out_uri,
         backend=executor.backend.name,
         queries=queries,
         already_final=already_final,
-        calls=stats.calls,
-        reused=stats.reused,
-        recovered=stats.recovered,
-        lost=stats.lost,
-        retries=stats.retries,
-        fallbacks=stats.fallbacks,
+        **{counter: getattr(executor.stats, counter) for counter in STAT_NAMES},
         spent_usd=round(executor.budget.spent_usd, 9),
         budget_usd=budget_usd,
         counts=counts,

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import math
 import re
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,7 @@ import scipy.sparse as sp
 
 STAT_COLUMNS = ("n_chars", "digit_share", "n_labels")
 STATS_TAIL = 400  # digit share is measured on the prompt's tail (the part that differs between queries)
+EMBED_SLICE_ROWS = 50_000  # texts the encoder tokenizes at once: bounds the token frames, feeds every core
 
 
 # Per-model descriptors that let a model with little history borrow from similar ones.
@@ -76,6 +78,8 @@ def _token_rows(texts: pl.Series, tail: int) -> pl.DataFrame:
 def _distinct(values: pl.Series) -> tuple[pl.Series, np.ndarray | None]:
     """(the distinct values, each row's index into them), or (``values``, None) when none repeats. Exact:
     polars groups by value (a hash table with equality checks), not by a hash alone."""
+    if not values.hash().is_duplicated().any():  # distinct hashes are distinct values: no grouping to do
+        return values, None
     groups = pl.DataFrame({"v": values}).with_row_index("row").group_by("v").agg(pl.col("row"))
     if groups.height == len(values):
         return values, None
@@ -124,17 +128,21 @@ class TextEncoder:
         encoder.components = _randomized_svd_components(x, min(dim, max(1, min(x.shape) - 1)), seed)
         return encoder
 
+    def _terms(self) -> pl.Enum:
+        """The vocabulary as an enum: a term's physical code is its index."""
+        if not hasattr(self, "_enum"):
+            self._enum = pl.Enum(self.vocab)
+        return self._enum
+
     def tfidf(self, texts: pl.Series, normalize: bool = True) -> sp.csr_matrix:
         """Term counts x idf per text (csr). Tokens arrive in row order, so the matrix is built directly
         (duplicate (row, term) entries are left in: sparse products sum them). ``normalize`` merges them
         and scales rows to unit norm (for fitting; ``transform`` normalizes after projecting, which gives
         the same embedding, so it skips this)."""
-        if not hasattr(self, "_enum"):
-            self._enum = pl.Enum(self.vocab)
         # terms outside the vocabulary cast to null; the enum's physical code is the vocabulary index
         terms = (
             _token_rows(texts, self.tail)
-            .select("row", pl.col("term").cast(self._enum, strict=False).to_physical().alias("col"))
+            .select("row", pl.col("term").cast(self._terms(), strict=False).to_physical().alias("col"))
             .drop_nulls("col")
         )
         rows = terms["row"].to_numpy()  # ascending: row boundaries by binary search, not a count per token
@@ -148,18 +156,32 @@ class TextEncoder:
             x.data = (x.data / np.maximum(norms[row_of], 1e-12)).astype(np.float32)
         return x
 
-    def transform(self, texts: pl.Series) -> np.ndarray:
+    def transform(self, texts: pl.Series, slice_rows: int = EMBED_SLICE_ROWS) -> np.ndarray:
         """Unit-norm embeddings (n x dim), float32; zeros for texts with no known term.
 
         Tokenized once per distinct tail (the only part read): a batch that repeats prompts (the same
         question for many tenants, a benchmark resampling a history) pays for the distinct ones. A row's
-        embedding depends on its own text only, so each row gets the bits it would get alone."""
+        embedding depends on its own text only, so each row gets the bits it would get alone (``slice_rows`` at
+        a time, on as many threads as polars has)."""
         if not self.vocab or self.dim == 0:
             return np.zeros((len(texts), 0), dtype=np.float32)
         tails, inverse = _distinct(texts.fill_null("").str.tail(self.tail))
-        emb = np.asarray(self.tfidf(tails, normalize=False) @ self.components, dtype=np.float32)
-        norms = np.linalg.norm(emb, axis=1, keepdims=True)
-        emb /= np.maximum(norms, 1e-12)
+        self._terms()  # made once, before the threads share it
+        emb = np.empty((len(tails), self.dim), dtype=np.float32)
+
+        def embed(start: int) -> None:
+            part = np.asarray(self.tfidf(tails.slice(start, slice_rows), normalize=False) @ self.components, dtype=np.float32)
+            part /= np.maximum(np.linalg.norm(part, axis=1, keepdims=True), 1e-12)
+            emb[start : start + len(part)] = part
+
+        # slices of rows on every core: tokenizing runs one thread per polars call, and a row's embedding
+        # depends on that row alone, so the bits are the same however the rows are sliced
+        starts = range(0, len(tails), slice_rows)
+        if len(starts) == 1:
+            embed(0)
+        else:
+            with ThreadPoolExecutor(max(1, min(len(starts), pl.thread_pool_size()))) as pool:
+                list(pool.map(embed, starts))
         return emb if inverse is None else emb[inverse]
 
     def to_state(self) -> tuple[dict[str, Any], dict[str, np.ndarray]]:

@@ -16,6 +16,7 @@ from batchplan.core.history import History, load_history
 from batchplan.core.storage import Storage
 from batchplan.plans.audit import audited_ids, same_answer
 from batchplan.plans.planning import PlanRequest
+from tests.support.factories import write_history
 from tests.support.replay_server import ReplayServer
 
 EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "history"
@@ -43,14 +44,6 @@ def registry_with_posterior(history: History, tmp_path_factory: pytest.TempPathF
 def write_queue(history: History, path: Path) -> str:
     history.as_queue(split="test").write_parquet(path)  # QUEUE_SCHEMA: no gold column
     return str(path)
-
-
-def write_history(history: History, root: Path) -> str:
-    root.mkdir(parents=True, exist_ok=True)
-    history.queries.write_parquet(root / "queries.parquet")
-    history.outcomes.write_parquet(root / "outcomes.parquet")
-    history.prices.write_csv(root / "models.csv")
-    return str(root)
 
 
 def audited_job(queue: str, registry: str, out: Path, budget: float, run_id: str, **rounds: object) -> Job:

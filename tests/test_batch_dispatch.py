@@ -14,7 +14,7 @@ from typing import Any
 import polars as pl
 import pytest
 
-from batchplan.app.pipeline import execute_rounds, realtime_sender
+from batchplan.app.pipeline import Execution, execute_rounds, realtime_sender
 from batchplan.app.round_runner import BatchSender, RoundsOutcome
 from batchplan.core.catalog import PriceCatalog
 from batchplan.core.contracts import PLAN_SCHEMA, QUEUE_SCHEMA, conform
@@ -79,10 +79,8 @@ def run(
         predictions,
         backend,
         planner or PlanContinuation(plan),
+        Execution(budget_usd=budget, out_uri=str(out), storage=Storage()),
         rounds=rounds,
-        budget_usd=budget,
-        out_uri=str(out),
-        storage=Storage(),
         sender=sender,
     )
 

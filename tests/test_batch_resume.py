@@ -30,7 +30,7 @@ BUDGET = 0.05
 SCRIPT = f"""
 import sys
 import polars as pl
-from batchplan.app.pipeline import execute_rounds, realtime_sender
+from batchplan.app.pipeline import Execution, execute_rounds, realtime_sender
 from batchplan.app.round_runner import BatchSender
 from batchplan.core.catalog import PriceCatalog
 from batchplan.core.contracts import PLAN_SCHEMA, QUEUE_SCHEMA, conform
@@ -63,8 +63,8 @@ predictions = h.outcomes.select("query_id", "model", pl.lit(0.7).alias("p_correc
 backend = get_backend("openai", base_url=base_url, catalog=PriceCatalog.from_history(h.prices, h.outcomes))
 options = {{"api_options": {{"base_delay_s": 0.01}}, "cancel_marker": out + "/cancelled.json", "resume_cancelled": resume}}
 sender = BatchSender(backend, realtime_sender(backend), poll_s=0.05, options=options)
-outcome = execute_rounds(plan, queue, predictions, backend, PlanContinuation(plan), rounds=2, budget_usd={BUDGET},
-                         out_uri=out, storage=Storage(), sender=sender)
+outcome = execute_rounds(plan, queue, predictions, backend, PlanContinuation(plan),
+                         Execution(budget_usd={BUDGET}, out_uri=out, storage=Storage()), rounds=2, sender=sender)
 outcome.results.write_parquet(out + "/results.parquet")
 """
 

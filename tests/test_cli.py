@@ -19,6 +19,7 @@ from batchplan.app.cli import app
 from batchplan.core.contracts import PLAN_SCHEMA, RESULT_SCHEMA
 from batchplan.core.history import load_history, synthetic_history, with_holdout
 from batchplan.core.storage import Storage, join
+from tests.support.factories import write_history
 
 runner = CliRunner()
 
@@ -28,12 +29,7 @@ def history_dir(data_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> str
     real = data_dir / "cascades"
     if (real / "queries.parquet").exists():
         return str(real)
-    target = tmp_path_factory.mktemp("synthetic")
-    history = synthetic_history(600, 6, seed=4)
-    history.queries.write_parquet(target / "queries.parquet")
-    history.outcomes.write_parquet(target / "outcomes.parquet")
-    history.prices.write_csv(target / "models.csv")
-    return str(target)
+    return write_history(synthetic_history(600, 6, seed=4), tmp_path_factory.mktemp("synthetic"))
 
 
 @pytest.fixture(scope="module")
@@ -59,26 +55,16 @@ def _run(args: list[str]) -> str:
     return result.output
 
 
+def _replayed(queue: str, models: str, history_dir: str, out: Path) -> list[str]:
+    """The flags ``plan`` and ``run`` take alike here: a $0.01 budget on the replay backend."""
+    return ["--queue", queue, "--predictors", models, "--budget-usd", "0.01", "--out", str(out),
+            "--backend", "replay", "--replay-history", history_dir]  # fmt: skip
+
+
 def test_plan_writes_one_plan_per_valid_query(trained: tuple[str, str], history_dir: str, tmp_path: Path) -> None:
     models, queue = trained
     out = tmp_path / "plan.parquet"
-    _run(
-        [
-            "plan",
-            "--queue",
-            queue,
-            "--predictors",
-            models,
-            "--budget-usd",
-            "0.01",
-            "--out",
-            str(out),
-            "--backend",
-            "replay",
-            "--replay-history",
-            history_dir,
-        ]
-    )
+    _run(["plan", *_replayed(queue, models, history_dir, out)])
     plan = pl.read_parquet(out)
     assert plan.schema == PLAN_SCHEMA
     assert plan["query_id"].is_unique().all()
@@ -90,21 +76,7 @@ def test_plan_writes_one_plan_per_valid_query(trained: tuple[str, str], history_
 def test_run_replays_within_budget_and_resumes(trained: tuple[str, str], history_dir: str, tmp_path: Path) -> None:
     models, queue = trained
     out = tmp_path / "run"
-    args = [
-        "run",
-        "--queue",
-        queue,
-        "--predictors",
-        models,
-        "--budget-usd",
-        "0.01",
-        "--backend",
-        "replay",
-        "--replay-history",
-        history_dir,
-        "--out",
-        str(out),
-    ]
+    args = ["run", *_replayed(queue, models, history_dir, out)]
     output = _run(args)
     assert "oracle" in output
     assert (out / "rounds" / "3" / "observations.parquet").exists()  # the default: 3 rounds of the plan

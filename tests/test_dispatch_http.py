@@ -7,6 +7,7 @@ import json
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import polars as pl
 import pytest
@@ -40,6 +41,13 @@ def openai(server: ReplayServer, history: History, **kwargs: object) -> object:
 
 def ledger_events(out: Path) -> list[dict[str, object]]:
     return [json.loads(line) for f in (out / "ledger").glob("*.jsonl") for line in f.read_text().splitlines() if line]
+
+
+def _to_one_llm(
+    queue: pl.DataFrame, model: str, backend: Any, out: Path, options: DispatchOptions, budget_usd: float = 10.0
+) -> pl.DataFrame:
+    """Dispatch every query of ``queue`` to ``model`` (no fallback) into ``out``."""
+    return dispatch(model_plan(queue, model), queue, backend, budget_usd=budget_usd, out_uri=str(out), options=options)
 
 
 @pytest.mark.parametrize("transport", ["aiohttp", "httpx"])
@@ -76,14 +84,7 @@ def test_faults_are_retried_and_spend_is_accounted(history: History, server: Rep
     model = history.models[2]
     out = tmp_path / "run"
     backend = openai(server, history, timeout_s=2.0)
-    results = dispatch(
-        model_plan(queue, model),
-        queue,
-        backend,
-        budget_usd=10.0,
-        out_uri=str(out),
-        options=DispatchOptions(concurrency=16, retry=FAST_RETRY),
-    )
+    results = _to_one_llm(queue, model, backend, out, DispatchOptions(concurrency=16, retry=FAST_RETRY))
     truth = recorded(history)
     done = results.filter(pl.col("status") == "done")
     assert done.height >= 195  # six attempts each: a query fails only on six faults in a row
@@ -109,14 +110,7 @@ def test_timeouts_are_retried(history: History, server: ReplayServer, tmp_path: 
     server.faults = Faults(rate_timeout=0.2, timeout_s=1.0, seed=5)
     queue = queue_of(history, 40)
     backend = openai(server, history, timeout_s=0.25)
-    results = dispatch(
-        model_plan(queue, history.models[0]),
-        queue,
-        backend,
-        budget_usd=10.0,
-        out_uri=str(tmp_path / "run"),
-        options=DispatchOptions(concurrency=20, retry=FAST_RETRY),
-    )
+    results = _to_one_llm(queue, history.models[0], backend, tmp_path / "run", DispatchOptions(concurrency=20, retry=FAST_RETRY))
     assert (results["status"] == "done").all()
     timeouts = [e for e in ledger_events(tmp_path / "run") if e.get("s") == "timeout"]
     assert timeouts
@@ -132,14 +126,8 @@ def test_budget_holds_under_concurrency_and_faults(history: History, server: Rep
     full = sum(c for (_, m), (_, c) in recorded(history).items() if m == model)
     budget = full * 0.3
     backend = openai(server, history)
-    results = dispatch(
-        model_plan(queue, model),
-        queue,
-        backend,
-        budget_usd=budget,
-        out_uri=str(tmp_path / "run"),
-        options=DispatchOptions(concurrency=64, retry=FAST_RETRY),
-    )
+    options = DispatchOptions(concurrency=64, retry=FAST_RETRY)
+    results = _to_one_llm(queue, model, backend, tmp_path / "run", options, budget_usd=budget)
     assert results.height == 300
     assert float(results["cost_usd"].sum()) <= budget
     assert server.stats()["billed_usd"] <= budget
@@ -176,14 +164,7 @@ def test_not_answers_fail_with_raw_text(history: History, server: ReplayServer, 
     queue = queue_of(history, 5)
     backend = openai(server, history)
     retry = RetryPolicy(max_attempts=2, base_delay_s=0.0)
-    results = dispatch(
-        model_plan(queue, history.models[0]),
-        queue,
-        backend,
-        budget_usd=10.0,
-        out_uri=str(tmp_path / "run"),
-        options=DispatchOptions(retry=retry),
-    )
+    results = _to_one_llm(queue, history.models[0], backend, tmp_path / "run", DispatchOptions(retry=retry))
     assert (results["status"] == "failed").all()
     assert results["error"].str.contains("refusal").fill_null(False).all()
     assert results["error"].str.contains("sorry").fill_null(False).all()
@@ -196,25 +177,11 @@ def test_rate_limit_per_model(history: History, server: ReplayServer, tmp_path: 
     backend = openai(server, history)
     limits = {"*": ModelLimits(concurrency=2, requests_per_minute=1200)}  # 20/s, burst 20
     started = time.monotonic()
-    dispatch(
-        model_plan(queue, history.models[0]),
-        queue,
-        backend,
-        budget_usd=10.0,
-        out_uri=str(tmp_path / "a"),
-        options=DispatchOptions(concurrency=12, limits=limits),
-    )
+    _to_one_llm(queue, history.models[0], backend, tmp_path / "a", DispatchOptions(concurrency=12, limits=limits))
     assert time.monotonic() - started < 5
     slow = {"*": ModelLimits(requests_per_minute=300)}  # 5/s, burst 5: 12 calls need >= 1.4 s
     started = time.monotonic()
-    results = dispatch(
-        model_plan(queue, history.models[0]),
-        queue,
-        backend,
-        budget_usd=10.0,
-        out_uri=str(tmp_path / "b"),
-        options=DispatchOptions(concurrency=12, limits=slow),
-    )
+    results = _to_one_llm(queue, history.models[0], backend, tmp_path / "b", DispatchOptions(concurrency=12, limits=slow))
     assert time.monotonic() - started >= 1.3
     assert (results["status"] == "done").all()
 
@@ -228,14 +195,8 @@ def test_api_key_is_sent_but_never_shown(
     assert "sk-very" not in repr(vars(backend))
     server.faults = Faults(rate_500=0.3, rate_reset=0.3, rate_malformed=0.2, rate_429=0.2)
     queue = queue_of(history, 40)
-    results = dispatch(
-        model_plan(queue, history.models[0]),
-        queue,
-        backend,
-        budget_usd=1.0,
-        out_uri=str(tmp_path / "run"),
-        options=DispatchOptions(retry=RetryPolicy(max_attempts=1)),
-    )
+    once = DispatchOptions(retry=RetryPolicy(max_attempts=1))
+    results = _to_one_llm(queue, history.models[0], backend, tmp_path / "run", once, budget_usd=1.0)
     assert server.stats()["authorized"] == server.stats()["requests"]
     errors = " ".join(e for e in results["error"].to_list() if e)
     assert "HTTP 500" in errors
@@ -294,14 +255,8 @@ def test_bedrock_converse_with_stubber(history: History, tmp_path: Path) -> None
         stub.add_response("converse", _converse(f"Answer: {labels[1][-1]}"))
         stub.add_response("converse", _converse("I cannot answer that."))
         stub.add_response("converse", _converse("", stop="guardrail_intervened"))
-        results = dispatch(
-            model_plan(queue, model),
-            queue,
-            backend,
-            budget_usd=1.0,
-            out_uri=str(tmp_path / "run"),
-            options=DispatchOptions(concurrency=1, retry=RetryPolicy(max_attempts=2, base_delay_s=0.0)),
-        )
+        twice = DispatchOptions(concurrency=1, retry=RetryPolicy(max_attempts=2, base_delay_s=0.0))
+        results = _to_one_llm(queue, model, backend, tmp_path / "run", twice, budget_usd=1.0)
         stub.assert_no_pending_responses()
     assert results["status"].to_list() == ["done", "done", "failed"]
     assert results["answer"].to_list()[:2] == [labels[0][0], labels[1][-1]]
@@ -316,14 +271,8 @@ def test_retry_after_is_honoured(history: History, server: ReplayServer, tmp_pat
     queue = queue_of(history, 1)
     retry = RetryPolicy(max_attempts=3, base_delay_s=0.0, max_delay_s=5.0)
     started = time.monotonic()
-    results = dispatch(
-        model_plan(queue, history.models[0]),
-        queue,
-        openai(server, history),
-        budget_usd=1.0,
-        out_uri=str(tmp_path / "run"),
-        options=DispatchOptions(retry=retry),
-    )
+    backend = openai(server, history)
+    results = _to_one_llm(queue, history.models[0], backend, tmp_path / "run", DispatchOptions(retry=retry), budget_usd=1.0)
     assert time.monotonic() - started >= 0.5  # two waits of Retry-After between three attempts
     assert results["status"].to_list() == ["failed"]
     assert "429" in results["error"][0]
@@ -482,14 +431,8 @@ def test_max_tokens_cuts_an_open_answer_and_its_bill(tmp_path: Path) -> None:
     model = history.models[0]
     caps = OutputCaps({(t, m): 32 for t in queue["task"].unique().to_list() for m in history.models})
     with ReplayServer(history) as server:
-        results = dispatch(
-            model_plan(queue, model),
-            queue,
-            openai(server, history),
-            budget_usd=10.0,
-            out_uri=str(tmp_path / "run"),
-            options=DispatchOptions(output_caps=caps, retry=FAST_RETRY),
-        )
+        options = DispatchOptions(output_caps=caps, retry=FAST_RETRY)
+        results = _to_one_llm(queue, model, openai(server, history), tmp_path / "run", options)
         stats = server.stats()
     events = [e for e in ledger_events(tmp_path / "run") if e.get("e") == "c"]
     cut = [e for e in events if e["s"] == "truncated"]

@@ -19,6 +19,7 @@ from batchplan.core.contracts import LABEL_SCHEMA, LIVE_OUTCOME_SCHEMA, SILVER
 from batchplan.core.history import History, combine_histories, synthetic_history
 from batchplan.core.storage import Storage
 from batchplan.predictors import train_predictor
+from tests.support.factories import write_history
 from tests.support.replay_server import ReplayServer
 
 runner = CliRunner()
@@ -30,14 +31,6 @@ def _invoke(args: list[str], code: int = 0) -> str:
     return " ".join(result.output.split())
 
 
-def _write_history(history: History, target: Path) -> str:
-    target.mkdir(parents=True, exist_ok=True)
-    history.queries.write_parquet(target / "queries.parquet")
-    history.outcomes.write_parquet(target / "outcomes.parquet")
-    history.prices.write_csv(target / "models.csv")
-    return str(target)
-
-
 @pytest.fixture(scope="module")
 def history() -> History:
     return synthetic_history(360, 4, seed=21)
@@ -47,7 +40,7 @@ def history() -> History:
 def setup(history: History, tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
     """A history directory, a predictor trained on its train split, and a queue of its test split."""
     root = tmp_path_factory.mktemp("labels")
-    history_dir = _write_history(history, root / "history")
+    history_dir = write_history(history, root / "history")
     _invoke(["train", "--history", history_dir, "--out", str(root / "models"), "--predictor", "prior", "--no-templates"])
     queue = history.as_queue("test").head(60)
     queue.write_ndjson(root / "queue.jsonl")
@@ -283,7 +276,7 @@ def test_a_new_llm_seen_only_in_live_runs_gets_its_own_estimates(setup: dict[str
     full = synthetic_history(400, 5, seed=8)
     newbie = "newbie-1"
     bundled = full.subset(full.queries["query_id"]).outcomes.filter(pl.col("model") != "synth-04")
-    history_dir = _write_history(
+    history_dir = write_history(
         History(full.queries, bundled, full.prices.filter(pl.col("model") != "synth-04")), tmp_path / "bundled"
     )
     # the new LLM: cheap (synth-00's price) and right on every run query it answered

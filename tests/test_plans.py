@@ -500,7 +500,7 @@ def test_a_constraint_naming_what_the_batch_lacks_is_refused_with_the_known_name
 def test_queries_no_offered_model_can_answer_fail_with_the_reason_and_the_rest_run(
     known_confusions: tuple[History, PlanTemplates], tmp_path: Path
 ) -> None:
-    from batchplan.app.pipeline import execute
+    from batchplan.app.pipeline import Execution, execute
 
     history, templates = known_confusions
     queue = history.as_queue("test")
@@ -516,9 +516,7 @@ def test_queries_no_offered_model_can_answer_fail_with_the_reason_and_the_rest_r
         outcome.plan,
         queue,
         get_backend("replay", history=replay),
-        budget_usd=1e6,
-        out_uri=str(tmp_path / "run"),
-        storage=Storage(),
+        Execution(budget_usd=1e6, out_uri=str(tmp_path / "run"), storage=Storage()),
     )
     failed = results.filter(pl.col("status") == "failed")
     assert sorted(failed["query_id"].to_list()) == sorted(lost.to_list())

@@ -66,6 +66,16 @@ def test_text_encoder_embeds_each_distinct_tail_once(trained: Predictor, small_h
     assert _distinct(pl.Series(["a", "b"]))[1] is None  # nothing repeats: no gather
 
 
+def test_text_encoder_gives_the_same_bits_in_slices_on_threads(trained: Predictor, small_history: History) -> None:
+    """A large batch is embedded in row slices on several threads: each row gets the bits of one pass."""
+    encoder = trained.encoder
+    prompts = pl.concat([predictor_queue(small_history)["prompt"], pl.Series([None, ""], dtype=pl.String)])
+    whole = encoder.transform(prompts, slice_rows=len(prompts))
+    sliced = encoder.transform(prompts, slice_rows=7)
+    assert sliced.shape == whole.shape == (len(prompts), encoder.dim)
+    assert np.array_equal(sliced.view(np.uint32), whole.view(np.uint32))
+
+
 def test_calibration_against_known_truth() -> None:
     """Synthetic history whose true P(correct) is a logistic of known terms: predictions must be calibrated
     (ECE small) on fresh draws, and close to the true probabilities."""

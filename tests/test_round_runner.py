@@ -8,7 +8,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from batchplan.app.pipeline import execute, execute_rounds
+from batchplan.app.pipeline import Execution, execute, execute_rounds
 from batchplan.app.round_runner import RoundsOutcome, run_rounds
 from batchplan.core.contracts import PLAN_SCHEMA, QUEUE_SCHEMA, conform
 from batchplan.core.history import History, load_history
@@ -66,10 +66,8 @@ def replay_rounds(
         predictions_for(history, queue),
         get_backend("replay", history=history),
         PlanContinuation(plan),
+        Execution(budget_usd=100.0, out_uri=str(out), storage=Storage()),
         rounds=rounds,
-        budget_usd=100.0,
-        out_uri=str(out),
-        storage=Storage(),
     )
 
 
@@ -82,9 +80,7 @@ def test_rounds_with_the_plan_planner_give_the_single_shot_run(cascades: History
         plan,
         queue,
         get_backend("replay", history=cascades),
-        budget_usd=100.0,
-        out_uri=str(tmp_path / "a"),
-        storage=storage,
+        Execution(budget_usd=100.0, out_uri=str(tmp_path / "a"), storage=storage),
     )
     outcome = replay_rounds(cascades, queue, plan, rounds=4, out=tmp_path / "b")
     columns = ["query_id", "answer", "models_called", "cost_usd", "status"]
@@ -254,11 +250,13 @@ def test_the_budget_holds_in_rounds_against_a_faulty_endpoint(tmp_path: Path) ->
             predictions_for(history, queue),
             backend,
             PlanContinuation(plan),
+            Execution(
+                budget_usd=full / 2,
+                out_uri=str(tmp_path),
+                storage=Storage(),
+                retry=RetryPolicy(base_delay_s=0.005, max_delay_s=0.02),
+            ),
             rounds=3,
-            budget_usd=full / 2,
-            out_uri=str(tmp_path),
-            storage=Storage(),
-            retry=RetryPolicy(base_delay_s=0.005, max_delay_s=0.02),
         )
         billed = server.stats()["billed_usd"]
     counted = float(outcome.results["cost_usd"].sum())
@@ -292,10 +290,8 @@ def test_the_posterior_planner_runs_through_the_runner(tmp_path: Path) -> None:
         predictions,
         backend,
         planner,
+        Execution(budget_usd=budget, out_uri=str(tmp_path), storage=Storage()),
         rounds=3,
-        budget_usd=budget,
-        out_uri=str(tmp_path),
-        storage=Storage(),
     )
     assert float(outcome.results["cost_usd"].sum()) <= budget
     assert (outcome.results["status"] == "done").all()
@@ -335,7 +331,7 @@ def test_the_simulation_answers_calls_and_pays_what_the_executor_does(cascades: 
     queue, plan = mixed_plan(cascades)
     plan = plan.with_columns(pl.lit(None, dtype=PLAN_SCHEMA["fallback_models"]).alias("fallback_models"))
     executed = execute(
-        plan, queue, get_backend("replay", history=cascades), budget_usd=100.0, out_uri=str(tmp_path), storage=Storage()
+        plan, queue, get_backend("replay", history=cascades), Execution(budget_usd=100.0, out_uri=str(tmp_path), storage=Storage())
     )
     by_id = {r["query_id"]: r for r in executed.iter_rows(named=True)}
     recorded = recorded_by_task(cascades)

@@ -31,7 +31,7 @@ import polars as pl
 from batchplan.core.catalog import PriceCatalog
 from batchplan.core.contracts import PLAN_SCHEMA, QUEUE_SCHEMA, conform
 from batchplan.core.history import synthetic_history
-from batchplan.app.pipeline import execute_rounds
+from batchplan.app.pipeline import Execution, execute_rounds
 from batchplan.plans.continuation import PlanContinuation
 from batchplan.core.storage import Storage
 from batchplan.dispatchers import OutputCaps, RetryPolicy, get_backend
@@ -51,9 +51,9 @@ plan = conform(pl.DataFrame(rows), PLAN_SCHEMA, name="plan")
 predictions = h.outcomes.select("query_id", "model", pl.lit(0.7).alias("p_correct"), "cost_usd",
                                 pl.col("cost_usd").alias("cost_high_usd"))
 backend = get_backend("openai", base_url=base_url, catalog=PriceCatalog.from_history(h.prices, h.outcomes), idempotent=True)
-outcome = execute_rounds(plan, queue, predictions, backend, PlanContinuation(plan), rounds=3, budget_usd={BUDGET},
-                         out_uri=out, storage=Storage(), retry=RetryPolicy(max_attempts=4, base_delay_s=0.01, max_delay_s=0.05),
-                         output_caps=caps)
+run = Execution(budget_usd={BUDGET}, out_uri=out, storage=Storage(),
+                retry=RetryPolicy(max_attempts=4, base_delay_s=0.01, max_delay_s=0.05), output_caps=caps)
+outcome = execute_rounds(plan, queue, predictions, backend, PlanContinuation(plan), run, rounds=3)
 outcome.results.write_parquet(out + "/results.parquet")
 """
 

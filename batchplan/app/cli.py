@@ -6,9 +6,12 @@ The commands ``train``, ``plan``, ``run`` and ``demo`` and their flags are the s
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import json
 import sys
-from collections.abc import Iterator, Sequence
+import typing
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
@@ -250,24 +253,6 @@ def _user_errors() -> Iterator[None]:
         raise typer.Exit(2) from error
 
 
-def _request(flags: dict[str, Any]) -> PlanRequest:
-    """The request from the flags ``plan`` and ``run`` share, by their parameter names: both call
-    ``_request(locals())`` first thing, so a request flag is read in this one place."""
-    return PlanRequest(
-        budget_usd=flags["budget_usd"],
-        accuracy_target=flags["accuracy_target"],
-        allow_deferral=flags["allow_deferral"],
-        tenant_budgets_usd=_floats(flags["tenant_budget"], "--tenant-budget"),
-        model_max_calls={k: int(v) for k, v in _floats(flags["max_calls"], "--max-calls").items()},
-        task_accuracy_floors=_floats(flags["task_floor"], "--task-floor"),
-        allowed_models={t: m.split(",") for t, m in _pairs(flags["allow"], "--allow").items()},
-        kinds=tuple(k.strip() for k in flags["kinds"].split(",") if k.strip()),
-        label_error_max=dict(_floats(flags["label_error"], "--label-error")),
-        label_error_mode=flags["label_error_mode"],
-        allow_unused_constraints=flags["allow_unused_constraints"],
-    )
-
-
 def _check_backend(backend: str | None, *, replay_history: list[str], prices: str | None, base_url: str | None) -> None:
     """The backend's name and the flags it needs, before the heavy imports (the registry is light); the
     files stand for what they will be read into (the replay history, the price catalog)."""
@@ -404,6 +389,79 @@ RoundPlannerOpt = Annotated[
 ]
 
 
+
+@dataclasses.dataclass(frozen=True)
+class RequestFlags:
+    """The request's flags, which ``plan`` and ``run`` share: declared once here, spread into each command's
+    options by ``_spread`` (a command takes them as one parameter of this type)."""
+
+    budget_usd: BudgetOpt = None
+    accuracy_target: TargetOpt = None
+    allow_deferral: DeferOpt = False
+    tenant_budget: TenantOpt = dataclasses.field(default_factory=list)
+    max_calls: CallsOpt = dataclasses.field(default_factory=list)
+    task_floor: FloorOpt = dataclasses.field(default_factory=list)
+    allow: AllowOpt = dataclasses.field(default_factory=list)
+    kinds: KindsOpt = "single,vote,cascade,agreement"
+    label_error: LabelErrorOpt = dataclasses.field(default_factory=list)
+    label_error_mode: LabelModeOpt = "per_query"
+    allow_unused_constraints: UnusedOpt = False
+
+    def request(self) -> PlanRequest:
+        return PlanRequest(
+            budget_usd=self.budget_usd,
+            accuracy_target=self.accuracy_target,
+            allow_deferral=self.allow_deferral,
+            tenant_budgets_usd=_floats(self.tenant_budget, "--tenant-budget"),
+            model_max_calls={k: int(v) for k, v in _floats(self.max_calls, "--max-calls").items()},
+            task_accuracy_floors=_floats(self.task_floor, "--task-floor"),
+            allowed_models={t: m.split(",") for t, m in _pairs(self.allow, "--allow").items()},
+            kinds=tuple(k.strip() for k in self.kinds.split(",") if k.strip()),
+            label_error_max=dict(_floats(self.label_error, "--label-error")),
+            label_error_mode=self.label_error_mode,
+            allow_unused_constraints=self.allow_unused_constraints,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceFlags:
+    """Where ``plan`` and ``run`` read the backend's answers and prices and the predictor's version from."""
+
+    replay_history: ReplayOpt = dataclasses.field(default_factory=list)
+    base_url: BaseUrlOpt = None
+    prices: PricesOpt = None
+    predictor_version: VersionOpt = None
+
+
+def _spread(command: Callable[..., None]) -> Callable[..., None]:
+    """``command`` with each parameter typed as a flags dataclass (``RequestFlags``, ``SourceFlags``) spread
+    into that dataclass's fields, as options where the parameter stands (``--help`` lists them in that
+    order), and gathered back into one value of it for each call."""
+    hints = typing.get_type_hints(command, include_extras=True)
+    options: list[inspect.Parameter] = []
+    groups: dict[str, tuple[Any, list[str]]] = {}
+    for name, param in inspect.signature(command).parameters.items():
+        kind = hints[name]
+        if not dataclasses.is_dataclass(kind):
+            options.append(param.replace(kind=inspect.Parameter.KEYWORD_ONLY, annotation=kind))
+            continue
+        types = typing.get_type_hints(kind, include_extras=True)
+        for f in dataclasses.fields(kind):
+            default = f.default_factory() if f.default is dataclasses.MISSING else f.default  # type: ignore[operator]
+            options.append(inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=default, annotation=types[f.name]))
+        groups[name] = (kind, [f.name for f in dataclasses.fields(kind)])
+
+    @functools.wraps(command)
+    def spread(**values: Any) -> None:
+        for name, (kind, names) in groups.items():
+            values[name] = kind(**{n: values.pop(n) for n in names})
+        command(**values)
+
+    spread.__signature__ = inspect.Signature(options)  # type: ignore[attr-defined]
+    spread.__annotations__ = {p.name: p.annotation for p in options}
+    return spread
+
+
 @app.command(
     cls=_TrainCommand,
     epilog="Example: batchplan train --history examples/history --out models/",
@@ -478,33 +536,21 @@ def train(
     epilog="Example: batchplan plan --queue examples/queue.jsonl --predictors models/ --budget-usd 0.002 "
     "--out runs/plan.parquet",
 )
+@_spread
 def plan(
     queue: QueueOpt,
     predictors: PredictorsOpt,
     out: Annotated[str, typer.Option("--out", help="Plan file to write (.parquet or .jsonl).")],
-    budget_usd: BudgetOpt = None,
-    accuracy_target: TargetOpt = None,
-    allow_deferral: DeferOpt = False,
-    tenant_budget: TenantOpt = [],  # noqa: B006 - typer reads the default, never mutates it
-    max_calls: CallsOpt = [],  # noqa: B006
-    task_floor: FloorOpt = [],  # noqa: B006
-    allow: AllowOpt = [],  # noqa: B006
-    kinds: KindsOpt = "single,vote,cascade,agreement",
-    label_error: LabelErrorOpt = [],  # noqa: B006
-    label_error_mode: LabelModeOpt = "per_query",
-    allow_unused_constraints: UnusedOpt = False,
+    flags: RequestFlags,
     backend: Annotated[
         str | None, typer.Option("--backend", help="Plan for this backend's models (default: the predictor's).")
     ] = None,
-    replay_history: ReplayOpt = [],  # noqa: B006
-    base_url: BaseUrlOpt = None,
-    prices: PricesOpt = None,
-    predictor_version: VersionOpt = None,
+    source: SourceFlags = SourceFlags(),
 ) -> None:
     """Plan the batch: one plan per query, under the budget and constraints. Writes the plan; calls nothing."""
     with _user_errors():
-        request = _request(locals())
-        _check_backend(backend, replay_history=replay_history, prices=prices, base_url=base_url)
+        request = flags.request()
+        _check_backend(backend, replay_history=source.replay_history, prices=source.prices, base_url=source.base_url)
         import polars as pl
 
         from batchplan.app import artifacts, pipeline
@@ -514,7 +560,7 @@ def plan(
         storage = _storage()
         chosen_backend = (
             pipeline.make_backend(
-                backend, storage=storage, replay_history=replay_history, base_url=base_url, prices_uri=prices
+                backend, storage=storage, replay_history=source.replay_history, base_url=source.base_url, prices_uri=source.prices
             )
             if backend
             else None
@@ -524,7 +570,7 @@ def plan(
             quarantine_uri = out.rsplit(".", 1)[0] + ".quarantine.parquet"
             storage.write_frame(ingested.quarantine, quarantine_uri)
             _say_quarantined(ingested.quarantine.height, quarantine_uri)
-        trained = artifacts.load(storage, predictors, version=predictor_version)
+        trained = artifacts.load(storage, predictors, version=source.predictor_version)
         predictions = pipeline.predict(ingested.queue, trained.predictor, chosen_backend)
         for line in notes(Report(unseen_tasks=pipeline.unseen_tasks(ingested.queue, trained.predictor))):
             console.print(f"note: {line}")
@@ -552,26 +598,14 @@ def plan(
     epilog="Example: batchplan run --queue examples/queue.jsonl --predictors models/ --budget-usd 0.002 "
     "--backend replay --replay-history examples/history --out runs/r1",
 )
+@_spread
 def run(
     queue: QueueOpt,
     predictors: PredictorsOpt,
     out: Annotated[str, typer.Option("--out", help="Run directory: plan, dispatch ledger, results.parquet, report.")],
-    budget_usd: BudgetOpt = None,
-    accuracy_target: TargetOpt = None,
-    allow_deferral: DeferOpt = False,
-    tenant_budget: TenantOpt = [],  # noqa: B006
-    max_calls: CallsOpt = [],  # noqa: B006
-    task_floor: FloorOpt = [],  # noqa: B006
-    allow: AllowOpt = [],  # noqa: B006
-    kinds: KindsOpt = "single,vote,cascade,agreement",
-    label_error: LabelErrorOpt = [],  # noqa: B006
-    label_error_mode: LabelModeOpt = "per_query",
-    allow_unused_constraints: UnusedOpt = False,
+    flags: RequestFlags,
     backend: BackendOpt = "replay",
-    replay_history: ReplayOpt = [],  # noqa: B006
-    base_url: BaseUrlOpt = None,
-    prices: PricesOpt = None,
-    predictor_version: VersionOpt = None,
+    source: SourceFlags = SourceFlags(),
     run_id: Annotated[str | None, typer.Option("--run-id", help="Name shown in the report.")] = None,
     rounds: RoundsOpt = None,
     round_planner: RoundPlannerOpt = DEFAULT_ROUND_PLANNER,
@@ -586,7 +620,7 @@ def run(
         from batchplan.core.request import deadline_at
 
         deadline_ts = deadline_at(deadline) if deadline is not None else None
-        request = _request(locals())
+        request = flags.request()
         from batchplan.core.request import default_audit_share, default_audit_spend_share
 
         request = dataclasses.replace(
@@ -594,7 +628,7 @@ def run(
             audit_share=default_audit_share(audit_share, backend),
             audit_spend_share=default_audit_spend_share(audit_spend_share, audit_share, backend),
         )
-        _check_backend(backend, replay_history=replay_history, prices=prices, base_url=base_url)
+        _check_backend(backend, replay_history=source.replay_history, prices=source.prices, base_url=source.base_url)
         if batch_api:
             from batchplan.app.pipeline import check_batch_api
 
@@ -608,10 +642,10 @@ def run(
             out_uri=out,
             request=request,
             backend=backend,
-            replay_history=replay_history,
-            base_url=base_url,
-            prices_uri=prices,
-            predictor_version=predictor_version,
+            replay_history=source.replay_history,
+            base_url=source.base_url,
+            prices_uri=source.prices,
+            predictor_version=source.predictor_version,
             run_id=run_id,
             rounds=rounds,  # None: the default (``planning.default_rounds``, resolved by run_job)
             round_planner=round_planner,

@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -61,6 +61,7 @@ from batchplan.dispatchers import (
     ledger_events,
     spend_by_model,
 )
+from batchplan.dispatchers.executor import Progress
 from batchplan.dispatchers.limits import MAX_TOKENS, MAX_TOKENS_OPEN, OutputCaps
 from batchplan.plans.audit import audit_queue, deliver_references, estimate_audit
 from batchplan.plans.best_single import best_single_map
@@ -82,8 +83,6 @@ from batchplan.plans.templates import PlanTemplates
 from batchplan.predictors import Predictor
 
 log = structlog.get_logger("batchplan")
-
-Progress = Callable[[int, int], None]
 
 
 def ingest(queue_uri: str, storage: Storage, out_uri: str | None = None) -> Ingested:
@@ -182,35 +181,39 @@ def hard_budget(plan: pl.DataFrame, budget_usd: float | None) -> float:
     return float(plan.filter(~pl.col("kind").is_in([DEFER, UNANSWERABLE]))["reserve_cost_usd"].sum())
 
 
-def execute(
-    plan: pl.DataFrame,
-    queue: pl.DataFrame,
-    backend: Backend,
-    *,
-    budget_usd: float | None,
-    out_uri: str,
-    storage: Storage,
-    tenant_budgets_usd: dict[str, float] | None = None,
-    progress: Progress | None = None,
-    retry: RetryPolicy | None = None,
-    output_caps: OutputCaps | None = None,
-) -> pl.DataFrame:
-    """Dispatch every planned query; deferred plan rows become deferred results. One row per query.
-    ``tenant_budgets_usd`` are hard caps at dispatch too: the plan meets them in expectation, escalations
-    that run over are deferred rather than paid. ``output_caps``: open tasks' max_tokens (``Trained``)."""
+@dataclass(frozen=True)
+class Execution:
+    """Where a plan is executed and under which hard limits: what ``execute`` and ``execute_rounds`` share.
+
+    ``budget_usd`` None: the plan's own high side (``hard_budget``). ``tenant_budgets_usd`` are hard caps at
+    dispatch too: the plan meets them in expectation, escalations that run over are deferred rather than
+    paid. ``retry``: the dispatcher's (default ``RetryPolicy()``); ``output_caps``: open tasks' max_tokens
+    (``Trained``)."""
+
+    budget_usd: float | None
+    out_uri: str
+    storage: Storage
+    tenant_budgets_usd: dict[str, float] | None = None
+    progress: Progress | None = None
+    retry: RetryPolicy | None = None
+    output_caps: OutputCaps | None = None
+
+
+def execute(plan: pl.DataFrame, queue: pl.DataFrame, backend: Backend, run: Execution) -> pl.DataFrame:
+    """Dispatch every planned query; deferred plan rows become deferred results. One row per query."""
     started = time.perf_counter()
     runnable = plan.filter(~pl.col("kind").is_in([DEFER, UNANSWERABLE]))
-    limit = hard_budget(plan, budget_usd)
+    limit = hard_budget(plan, run.budget_usd)
     dispatched = dispatch(
         runnable,
         queue,
         backend,
         budget_usd=limit,
-        out_uri=dispatch_dir(out_uri),
-        tenant_budgets_usd=tenant_budgets_usd,
-        storage=storage,
-        progress=progress,
-        options=DispatchOptions(retry=retry, output_caps=output_caps),
+        out_uri=dispatch_dir(run.out_uri),
+        tenant_budgets_usd=run.tenant_budgets_usd,
+        storage=run.storage,
+        progress=run.progress,
+        options=DispatchOptions(retry=run.retry, output_caps=run.output_caps),
     )
     deferred = _not_called(plan.filter(pl.col("kind") == DEFER), "deferred", pl.lit(DEFERRED_BY_PLAN))
     failed = unanswerable_results(plan, queue, backend)
@@ -261,36 +264,30 @@ def execute_rounds(
     predictions: pl.DataFrame,
     backend: Backend,
     planner: RoundPlanner,
+    run: Execution,
     *,
     rounds: int,
-    budget_usd: float | None,
-    out_uri: str,
-    storage: Storage,
-    tenant_budgets_usd: dict[str, float] | None = None,
-    progress: Progress | None = None,
-    retry: RetryPolicy | None = None,
     sender: RoundSender | None = None,
-    output_caps: OutputCaps | None = None,
 ) -> RoundsOutcome:
     """``execute`` in rounds: each round planned by ``planner`` from what the earlier ones observed, under
     the budget they left; under ``<out>/rounds/`` (resumable, see ``batchplan.app.round_runner``).
     ``sender``: how a round is sent (default: the dispatcher, in real time; ``BatchSender``: batch APIs)."""
     started = time.perf_counter()
-    limit = hard_budget(plan, budget_usd)
+    limit = hard_budget(plan, run.budget_usd)
     pairs = predictions.select("query_id", "model")
-    bounds = backend.cost_bounds(queue, pairs, MAX_TOKENS, MAX_TOKENS_OPEN, output_caps)
+    bounds = backend.cost_bounds(queue, pairs, MAX_TOKENS, MAX_TOKENS_OPEN, run.output_caps)
     outcome = run_rounds(
         planner,
         queue,
         predictions,
-        sender or realtime_sender(backend, retry, output_caps),
+        sender or realtime_sender(backend, run.retry, run.output_caps),
         rounds=rounds,
         budget_usd=limit,
-        out_uri=out_uri,
-        storage=storage,
-        tenant_budgets_usd=tenant_budgets_usd,
+        out_uri=run.out_uri,
+        storage=run.storage,
+        tenant_budgets_usd=run.tenant_budgets_usd,
         call_bounds=bounds,
-        progress=progress,
+        progress=run.progress,
     )
     # a query no offered LLM can answer failed, as in single shot (the planners only know it was never called)
     failed = unanswerable_results(plan, queue, backend)
@@ -440,6 +437,14 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
     )
     estimated: float | None = None
     in_rounds_outcome: RoundsOutcome | None = None
+    execution = Execution(
+        budget_usd=job.request.budget_usd,
+        out_uri=job.out_uri,
+        storage=storage,
+        tenant_budgets_usd=job.request.tenant_budgets_usd,
+        progress=progress,
+        output_caps=trained.output_caps,
+    )
     if in_rounds:
         planner = make_round_planner(
             job.round_planner,
@@ -460,14 +465,9 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
             round_predictions,
             backend,
             planner,
+            execution,
             rounds=rounds,
-            budget_usd=job.request.budget_usd,
-            out_uri=job.out_uri,
-            storage=storage,
-            tenant_budgets_usd=job.request.tenant_budgets_usd,
-            progress=progress,
             sender=round_batch_sender(job, backend, trained.output_caps) if job.batch_api else None,
-            output_caps=trained.output_caps,
         )
         results, estimated, in_rounds_outcome = outcome.results, outcome.estimated_accuracy, outcome
     else:
@@ -475,12 +475,7 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
             plan,
             pl.concat([ingested.queue, audit_queue(ingested.queue, plan)]) if audit is not None else ingested.queue,
             backend,
-            budget_usd=job.request.budget_usd,
-            out_uri=job.out_uri,
-            storage=storage,
-            tenant_budgets_usd=job.request.tenant_budgets_usd,
-            progress=progress,
-            output_caps=trained.output_caps,
+            execution,
         )
     audited: dict[str, Any] | None = None
     references: pl.DataFrame | None = None

@@ -247,7 +247,7 @@ def shard_results_uri(lay: Layout, shard: dict[str, Any]) -> str:
 def dispatch_shard(storage: Storage, lay: Layout, shard: dict[str, Any], backend: str) -> dict[str, Any]:
     """Run one shard's plan within its budget share. Its folder holds the dispatcher's ledger: a re-run
     neither calls nor pays again for what is recorded there, and a finished shard is not touched."""
-    from batchplan.app.pipeline import execute
+    from batchplan.app.pipeline import Execution, execute
 
     out = shard_results_uri(lay, shard)
     done_uri = f"{out}/results.parquet"
@@ -265,11 +265,13 @@ def dispatch_shard(storage: Storage, lay: Layout, shard: dict[str, Any], backend
         plan,
         queue,
         _backend(backend, storage),
-        budget_usd=shard["budget_usd"],
-        out_uri=out,
-        storage=storage,
-        tenant_budgets_usd=shard.get("tenant_budgets_usd") or None,
-        output_caps=shard_output_caps(shard),
+        Execution(
+            budget_usd=shard["budget_usd"],
+            out_uri=out,
+            storage=storage,
+            tenant_budgets_usd=shard.get("tenant_budgets_usd") or None,
+            output_caps=shard_output_caps(shard),
+        ),
     )
     storage.write_frame(results, done_uri)
     summary = _shard_summary(shard, results, reused=False)

@@ -23,7 +23,6 @@ submitted in more than one batch (``submitted_twice``), so tests can assert no j
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import json
 import time
@@ -34,7 +33,14 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 from batchplan.core.history import History
-from tests.support.replay_server import ReplayServer, _error, _Protocol, serve_until_interrupted, served_history
+from tests.support.replay_server import (
+    ReplayServer,
+    _error,
+    _Protocol,
+    serve_until_interrupted,
+    served_history,
+    server_parser,
+)
 
 TERMINAL = frozenset({"completed", "failed", "expired", "cancelled"})
 ENDPOINT = "/v1/chat/completions"
@@ -412,12 +418,7 @@ def _batch_object(b: _Batch) -> dict[str, Any]:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--history", action="append", default=[], help="history directory (repeatable)")
-    parser.add_argument("--synthetic", type=int, default=0, help="serve synthetic_history(N) instead")
-    parser.add_argument("--models", type=int, default=4, help="models in the synthetic history")
-    parser.add_argument("--port", type=int, default=0)
-    parser.add_argument("--alias", action="append", default=[], help="PROVIDER_NAME=HISTORY_MODEL (repeatable)")
+    parser = server_parser(__doc__)
     for f in fields(BatchFaults):
         kind = int if f.type in ("int", int) else float
         parser.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=kind, default=f.default)

@@ -3,6 +3,8 @@ to compare dispatch results with, the predictor's inputs, and small optimizer op
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import polars as pl
 
@@ -12,6 +14,15 @@ from batchplan.optimizer import Budget, Capacity
 
 
 # --------------------------------------------------------------------------- histories -> queues, plans
+def write_history(history: History, target: Path) -> str:
+    """``history`` as a history directory (queries.parquet, outcomes.parquet, models.csv) at ``target``."""
+    target.mkdir(parents=True, exist_ok=True)
+    history.queries.write_parquet(target / "queries.parquet")
+    history.outcomes.write_parquet(target / "outcomes.parquet")
+    history.prices.write_csv(target / "models.csv")
+    return str(target)
+
+
 def queue_of(history: History, n: int | None = None) -> pl.DataFrame:
     """The history's queries (the first ``n``) as a conformed queue."""
     queries = history.queries if n is None else history.queries.head(n)

@@ -382,13 +382,21 @@ class _Protocol(asyncio.Protocol):
         self.transport.abort()
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def server_parser(description: str | None) -> argparse.ArgumentParser:
+    """The flags the test servers' command lines share: the history served (``served_history``), the
+    port, the provider's names for its LLMs."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--history", action="append", default=[], help="history directory (repeatable)")
     parser.add_argument("--synthetic", type=int, default=0, help="serve synthetic_history(N) instead")
     parser.add_argument("--models", type=int, default=4, help="models in the synthetic history")
-    parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--port", type=int, default=0)
+    parser.add_argument("--alias", action="append", default=[], help="PROVIDER_NAME=HISTORY_MODEL (repeatable)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = server_parser(__doc__)
+    parser.add_argument("--seed", type=int, default=0)
     for f in fields(Faults):
         if f.name in {"down_models", "seed"}:
             continue
@@ -399,7 +407,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
         parser.add_argument(flag, dest=f.name, type=float, default=f.default)
     parser.add_argument("--down-model", action="append", default=[], dest="down_models")
-    parser.add_argument("--alias", action="append", default=[], help="PROVIDER_NAME=HISTORY_MODEL (repeatable)")
     args = parser.parse_args(argv)
     history = served_history(parser, args)
     faults = Faults(**{f.name: getattr(args, f.name) for f in fields(Faults) if f.name != "seed"}, seed=args.seed)
