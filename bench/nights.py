@@ -13,10 +13,10 @@ are split: whole subjects held out of training form the stream, so the history i
 
 Per night, three runs at the same budget (``--budget-fraction`` of the night's best single model cost):
 
-- ``learned+audits``: the retrained predictor, audits on (the run under test): ``--audit-share`` of the
-  queries, capped at ``--audit-spend-share`` of the budget (the live default), audited queries delivered
-  their reference where it is the likelier right answer;
-- ``learned, no audits``: the same predictor, no audits (do audits pay for themselves?);
+- ``audited``: retrained on its labels and its audits' silver, audits on (the run under test):
+  ``--audit-share`` of the queries, capped at ``--audit-spend-share`` of the budget (the live default),
+  audited queries delivered their reference where it is the likelier right answer;
+- ``no_audit``: retrained on its own labels, no audits (do audits pay for themselves?);
 - ``never learned``: the predictor trained once on the history, no audits.
 
 Columns: realized accuracy (scored by the bench), the audited estimate and its 95% interval (the run's own,
@@ -24,12 +24,14 @@ no gold), whether the interval covers the realized accuracy, the calibration err
 calls) of the learned predictor and of the never-learned one, accuracy of the other two runs at the same
 budget, and what the audits cost.
 
-What it uses on this branch: labels are joined by the bench itself into an extra history (``queries.parquet``
-+ ``outcomes.parquet`` of the labelled queries' calls), and retraining is ``artifacts.train`` on the history
-plus that. Once ``batchplan label RUN_DIR FILE`` and ``batchplan train --from-run`` are merged (h15a), the
-labels go through the label join and the retrain reads the runs (gold weighted over the audits' silver).
-Training skips vote/cascade templates (``templates=False``) to keep ten retrains in minutes: the open
-stream has no label set, so it has none anyway.
+Each learning arm is its own deployment, through the product's paths: the labels that arrive are joined into
+its run with ``join_labels`` (what ``batchplan label RUN_DIR FILE`` does; open tasks have no judge there, so
+the bench hands their verdicts to the retrain as live gold rows), and it is retrained between nights as
+``batchplan train --history TRAIN --from-run RUN ...`` does (``runs_history``: gold at weight 1, the audited
+arm's own silver at ``SILVER_WEIGHT``), which fits the live drift correction (``predictors/live.py``) the next
+night's plan uses. Per night the bench prints each arm's mean P(correct) per corrected (task, LLM) against
+the stream's accuracy, and at the end a paired bootstrap (over queries within nights) of the accuracy gain at
+the same budget. Training skips vote/cascade templates (``templates=False``) to keep the retrains in minutes.
 
     uv run python bench/nights.py [--streams cascades_open,cascades_shift] [--nights 10] [--night-size 150]
         [--audit-share 0.1] [--budget-fraction 0.5]

@@ -11,7 +11,6 @@ import polars as pl
 from typer.testing import CliRunner
 
 from batchplan.app.cli import app
-from batchplan.core.contracts import LIVE_OUTCOME_SCHEMA, SILVER
 from batchplan.core.history import History, synthetic_history
 from batchplan.core.storage import Storage
 from batchplan.plans.candidates import build_candidates
@@ -19,6 +18,7 @@ from batchplan.plans.planning import PlanRequest, plan_batch
 from batchplan.plans.templates import PlanTemplates
 from batchplan.predictors import Predictor, load_predictor
 from batchplan.predictors.live import LiveCorrection
+from tests.test_labels import _run_dir  # a run directory as `batchplan run` writes it, gold or silver verdicts
 
 runner = CliRunner()
 DRIFTED, STEADY, TASK = "synth-04", "synth-02", "task1"
@@ -53,22 +53,6 @@ def test_silver_verdicts_never_enter_the_correction() -> None:
     assert silver_only.matrix(["a"], ["m1"]) is None
 
 
-def _run_dir(history: History, target: Path, source: str) -> str:
-    """A run directory as `batchplan run` writes it, every call's verdict from ``source`` (gold: labels)."""
-    target.mkdir(parents=True, exist_ok=True)
-    outcomes = history.outcomes.with_columns(
-        pl.lit(None, dtype=pl.String).alias("task"),
-        pl.lit(1).alias("round"),
-        pl.concat_str(pl.lit("0:"), "model", pl.lit(":0")).alias("call"),
-        pl.lit("ok").alias("status"),
-        pl.lit(source).alias("label_source"),
-    ).select(LIVE_OUTCOME_SCHEMA.names())
-    history.queries.write_parquet(target / "queries.parquet")
-    outcomes.write_parquet(target / "outcomes.parquet")
-    history.prices.write_csv(target / "models.csv")
-    return str(target)
-
-
 def _train(tmp_path: Path, name: str, history_dir: str, runs: list[str]) -> Predictor:
     out = tmp_path / name
     args = ["train", "--history", history_dir, "--out", str(out), "--no-templates", "--no-holdout"]
@@ -101,8 +85,8 @@ def test_train_from_run_moves_a_drifted_llm_toward_its_labels_and_the_plan_follo
     wrong = live.outcomes.filter(pl.col("model").is_in([DRIFTED, STEADY])).with_columns(
         pl.when(pl.col("model") == DRIFTED).then(pl.lit(False)).otherwise(pl.col("correct")).alias("correct")
     )
-    gold_run = _run_dir(History(live.queries, wrong, live.prices), tmp_path / "run_gold", "gold")
-    silver_run = _run_dir(History(live.queries, wrong, live.prices), tmp_path / "run_silver", SILVER)
+    gold_run = _run_dir(History(live.queries, wrong, live.prices), tmp_path / "run_gold")
+    silver_run = _run_dir(History(live.queries, wrong, live.prices), tmp_path / "run_silver", silver={DRIFTED, STEADY})
 
     queue = full.as_queue("test").filter(~pl.col("query_id").is_in(live_queries["query_id"].implode()))
     plain = _train(tmp_path, "plain", str(history_dir), [])
