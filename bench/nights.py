@@ -13,10 +13,10 @@ are split: whole subjects held out of training form the stream, so the history i
 
 Per night, three runs at the same budget (``--budget-fraction`` of the night's best single model cost):
 
-- ``learned+audits``: the retrained predictor, audits on (the run under test): ``--audit-share`` of the
-  queries, capped at ``--audit-spend-share`` of the budget (the live default), audited queries delivered
-  their reference where it is the likelier right answer;
-- ``learned, no audits``: the same predictor, no audits (do audits pay for themselves?);
+- ``audited``: retrained on its labels and its audits' silver, audits on (the run under test):
+  ``--audit-share`` of the queries, capped at ``--audit-spend-share`` of the budget (the live default),
+  audited queries delivered their reference where it is the likelier right answer;
+- ``no_audit``: retrained on its own labels, no audits (do audits pay for themselves?);
 - ``never learned``: the predictor trained once on the history, no audits.
 
 Columns: realized accuracy (scored by the bench), the audited estimate and its 95% interval (the run's own,
@@ -24,12 +24,14 @@ no gold), whether the interval covers the realized accuracy, the calibration err
 calls) of the learned predictor and of the never-learned one, accuracy of the other two runs at the same
 budget, and what the audits cost.
 
-What it uses on this branch: labels are joined by the bench itself into an extra history (``queries.parquet``
-+ ``outcomes.parquet`` of the labelled queries' calls), and retraining is ``artifacts.train`` on the history
-plus that. Once ``batchplan label RUN_DIR FILE`` and ``batchplan train --from-run`` are merged (h15a), the
-labels go through the label join and the retrain reads the runs (gold weighted over the audits' silver).
-Training skips vote/cascade templates (``templates=False``) to keep ten retrains in minutes: the open
-stream has no label set, so it has none anyway.
+Each learning arm is its own deployment, through the product's paths: the labels that arrive are joined into
+its run with ``join_labels`` (what ``batchplan label RUN_DIR FILE`` does; open tasks have no judge there, so
+the bench hands their verdicts to the retrain as live gold rows), and it is retrained between nights as
+``batchplan train --history TRAIN --from-run RUN ...`` does (``runs_history``: gold at weight 1, the audited
+arm's own silver at ``SILVER_WEIGHT``), which fits the live drift correction (``predictors/live.py``) the next
+night's plan uses. Per night the bench prints each arm's mean P(correct) per corrected (task, LLM) against
+the stream's accuracy, and at the end a paired bootstrap (over queries within nights) of the accuracy gain at
+the same budget. Training skips vote/cascade templates (``templates=False``) to keep the retrains in minutes.
 
     uv run python bench/nights.py [--streams cascades_open,cascades_shift] [--nights 10] [--night-size 150]
         [--audit-share 0.1] [--budget-fraction 0.5]
@@ -42,6 +44,7 @@ import logging
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -50,11 +53,13 @@ import polars as pl
 import structlog
 
 from batchplan.app import artifacts, pipeline
+from batchplan.app.labels import join_labels
+from batchplan.app.outcomes import runs_history
 from batchplan.app.pipeline import Job, calls_made, run_job
 from batchplan.app.report import Truth, score_results
 from batchplan.core.catalog import PriceCatalog
-from batchplan.core.contracts import AUDIT_SUFFIX
-from batchplan.core.history import History, load_history, stable_fold
+from batchplan.core.contracts import AUDIT_SUFFIX, GOLD
+from batchplan.core.history import History, combine_histories, load_history, stable_fold
 from batchplan.core.request import LIVE_AUDIT_SPEND_SHARE
 from batchplan.core.settings import get_settings
 from batchplan.core.storage import Storage
@@ -92,13 +97,17 @@ def best_single_cost(full: History, train: History, ids: list[str]) -> float:
     return float(full.outcomes.join(pairs, on=["query_id", "model"])["cost_usd"].sum())
 
 
-def labelled_history(full: History, run_dir: str, ids: list[str], storage: Storage) -> History:
-    """The labels that arrive for ``ids`` of a past run: the calls it made on them, each with its verdict."""
+def verdict_history(full: History, run_dir: str, ids: list[str], storage: Storage) -> History:
+    """Open tasks' labels (no label set, so ``batchplan label`` keeps them unscored: no judge): a labelling
+    tool's verdict of each call the run made on ``ids``, as live gold rows (``label_source`` gold, weight 1),
+    which the retrain treats as it treats a joined label."""
     called = calls_made(storage, run_dir).with_columns(pl.col("query_id").str.strip_suffix(AUDIT_SUFFIX))
     called = called.filter(pl.col("query_id").is_in(pl.Series(ids).implode())).select("query_id", "model").unique()
     return History(
         queries=full.queries.filter(pl.col("query_id").is_in(pl.Series(ids).implode())),
-        outcomes=full.outcomes.join(called, on=["query_id", "model"], how="semi"),
+        outcomes=full.outcomes.join(called, on=["query_id", "model"], how="semi").with_columns(
+            pl.lit(GOLD).alias("label_source"), pl.lit(1.0).alias("weight")
+        ),
         prices=full.prices,
     )
 
@@ -113,18 +122,6 @@ def tonight(order: list[str], night: int, size: int, labelled: set[str], rng: np
     return [pool[i] for i in sorted(rng.choice(len(pool), size=min(size, len(pool)), replace=False))]
 
 
-def combine(base: History, extra: list[History]) -> History:
-    if not extra:
-        return base
-    queries = pl.concat([base.queries, *(e.queries for e in extra)]).unique("query_id", keep="first")
-    outcomes = pl.concat([base.outcomes, *(e.outcomes for e in extra)]).unique(["query_id", "model"], keep="first")
-    return History(queries=queries, outcomes=outcomes, prices=base.prices)
-
-
-def realized(results: pl.DataFrame, truth: Truth) -> float:
-    return float(score_results(results, truth)["correct"].fill_null(False).mean())
-
-
 def calibration(trained: artifacts.Trained, queue: pl.DataFrame, calls: pl.DataFrame, full: History, catalog: PriceCatalog) -> float:
     """ECE of a predictor's P(correct) over the delivered calls of a night, against the recorded verdicts."""
     pairs = calls.filter(~pl.col("query_id").str.contains("#")).select("query_id", "model").unique()
@@ -134,85 +131,150 @@ def calibration(trained: artifacts.Trained, queue: pl.DataFrame, calls: pl.DataF
     return float(ece(joined["correct"].cast(pl.Float64).to_numpy(), joined["p_correct"].to_numpy()))
 
 
+@dataclass
+class Arm:
+    """One production deployment of the stream: its own runs, labels and retrains (``learns``: off for the
+    never-learned predictor)."""
+
+    name: str
+    audit_share: float
+    learns: bool
+    model_uri: str
+    trained: artifacts.Trained
+    runs: list[str] = field(default_factory=list)  # its run dirs, as `batchplan train --from-run` reads them
+    verdicts: list[History] = field(default_factory=list)  # open tasks' labels (no judge in `batchplan label`)
+
+
+def retrain(arm: Arm, train: History, storage: Storage, seed: int) -> None:
+    """What `batchplan train --history TRAIN --from-run RUN ...` does: the training history plus every
+    labelled outcome of the arm's runs (gold from arrived labels, its own audits' silver weighted below)."""
+    runs = runs_history(storage, arm.runs)
+    arm.trained = artifacts.train(combine_histories([train, runs, *arm.verdicts]), seed=seed, templates=False)
+    artifacts.save(arm.trained, storage, arm.model_uri)
+
+
+def llm_lines(arms: list[Arm], queue: pl.DataFrame, full: History, stream_acc: pl.DataFrame, catalog: PriceCatalog) -> str:
+    """Per (task, LLM) of the stream: each arm's mean P(correct) on tonight's queries against the stream's
+    accuracy (bench-side scoring), for the LLMs the learned predictors corrected or the plans used most."""
+    pairs = queue.select("query_id").join(pl.DataFrame({"model": full.models}), how="cross")
+    tasks = queue.select("query_id", "task")
+    means = None
+    for arm in arms:
+        got = (
+            arm.trained.predictor.predict(queue, pairs, catalog)
+            .join(tasks, on="query_id")
+            .group_by("task", "model")
+            .agg(pl.col("p_correct").mean().alias(arm.name))
+        )
+        means = got if means is None else means.join(got, on=["task", "model"])
+    assert means is not None
+    live = arms[0].trained.predictor.live.offsets.select("task", "model", "gold_rows", "live_acc")
+    shown = means.join(stream_acc, on=["task", "model"]).join(live, on=["task", "model"], how="inner")
+    return "; ".join(
+        f"{r['task']}/{r['model']}: " + " ".join(f"{a.name} {r[a.name]:.2f}" for a in arms)
+        + f" (stream {r['acc']:.2f}; {arms[0].name}'s {r['gold_rows']} labels {r['live_acc']:.2f})"
+        for r in shown.sort("task", "model").iter_rows(named=True)
+    )
+
+
 def run_stream(name: str, args: argparse.Namespace, data: Path, work: Path, storage: Storage) -> list[dict[str, Any]]:
     full, train, stream = streams(name, data, storage)
     truth = Truth.from_history(full)
     catalog = PriceCatalog.from_history(full.prices, full.outcomes)
     prices = work / name / "models.csv"
     prices.parent.mkdir(parents=True, exist_ok=True)
-    catalog_frame = full.prices
-    catalog_frame.write_csv(prices)
+    full.prices.write_csv(prices)
     seed = get_settings().seed
     rng = np.random.default_rng(seed)
     order = [stream[i] for i in rng.permutation(len(stream))]
     base = artifacts.train(train, seed=seed, templates=False)
-    base_uri = str(work / name / "never_learned")
-    artifacts.save(base, storage, base_uri)
-    learned, learned_uri = base, str(work / name / "learned")
-    artifacts.save(base, storage, learned_uri)
-    arrived: list[History] = []
-    pending: dict[int, tuple[str, list[str]]] = {}  # night the labels arrive -> (run dir, query ids)
+    arms = [
+        Arm("audited", args.audit_share, True, str(work / name / "audited_models"), base),
+        Arm("no_audit", 0.0, True, str(work / name / "no_audit_models"), base),
+        Arm("never", 0.0, False, str(work / name / "never_models"), base),
+    ]
+    for arm in arms:
+        artifacts.save(base, storage, arm.model_uri)
+    open_stream = bool(full.queries["labels"].is_null().all())
+    stream_acc = (
+        full.outcomes.filter(pl.col("query_id").is_in(pl.Series(stream).implode()))
+        .join(full.queries.select("query_id", "task"), on="query_id")
+        .group_by("task", "model")
+        .agg(pl.col("correct").cast(pl.Float64).mean().alias("acc"))
+    )
+    pending: dict[int, list[tuple[Arm, str, list[str]]]] = {}  # night the labels arrive -> (arm, run dir, ids)
+    labelled: set[str] = set()
     rows: list[dict[str, Any]] = []
     with ReplayServer(full) as server:
         for night in range(1, args.nights + 1):
             started = time.perf_counter()
-            if night in pending:  # labels of an earlier night arrive: retrain on them before tonight
-                run_dir, ids = pending.pop(night)
-                arrived.append(labelled_history(full, run_dir, ids, storage))
-                learned = artifacts.train(combine(train, arrived), seed=seed, templates=False)
-                artifacts.save(learned, storage, learned_uri)
-            ids = tonight(order, night, args.night_size, {q for h in arrived for q in h.queries["query_id"]}, rng)
+            arrived = pending.pop(night, [])
+            for arm, run_dir, ids in arrived:  # labels of an earlier night arrive: joined into that run
+                gold = full.queries.filter(pl.col("query_id").is_in(pl.Series(ids).implode())).select("query_id", "gold")
+                if open_stream:
+                    arm.verdicts.append(verdict_history(full, run_dir, ids, storage))
+                else:
+                    join_labels(storage, run_dir, gold, source_file=f"labels-night{night}")
+                labelled |= set(ids)
+            for arm in arms:  # retrain on what arrived: labels, and the audited arm's silver of last night
+                if arm.learns and (arrived or (arm.audit_share > 0 and arm.runs)):
+                    retrain(arm, train, storage, seed)
+            ids = tonight(order, night, args.night_size, labelled, rng)
             queue_path = work / name / f"night{night}.parquet"
             queue = full.as_queue().filter(pl.col("query_id").is_in(pl.Series(ids).implode()))
             queue.write_parquet(queue_path)
             budget = args.budget_fraction * best_single_cost(full, train, ids)
             outcomes: dict[str, Any] = {}
-            for arm, model_uri, share in (
-                ("audited", learned_uri, args.audit_share),
-                ("no_audit", learned_uri, 0.0),
-                ("never", base_uri, 0.0),
-            ):
-                out = str(work / name / f"night{night}" / arm)
+            label_ids = audited_ids(ids, args.label_share, f"labels-{name}-{night}")
+            for arm in arms:
+                out = str(work / name / f"night{night}" / arm.name)
                 job = Job(
                     queue_uri=str(queue_path),
-                    predictors_uri=model_uri,
+                    predictors_uri=arm.model_uri,
                     out_uri=out,
                     request=PlanRequest(
                         budget_usd=budget,
                         allow_deferral=True,
-                        audit_share=share,
-                        audit_spend_share=args.audit_spend_share if share > 0 and args.audit_spend_share < 1 else None,
+                        audit_share=arm.audit_share,
+                        audit_spend_share=args.audit_spend_share
+                        if arm.audit_share > 0 and args.audit_spend_share < 1
+                        else None,
                     ),
                     backend="openai",
                     base_url=server.base_url,
                     prices_uri=str(prices),
-                    run_id=f"{name}-night{night}-{arm}",
+                    run_id=f"{name}-night{night}-{arm.name}",
                 )
                 outcome = run_job(job, storage)  # no truth: the run sees answers only
-                outcomes[arm] = (outcome, out)
-            report, out = outcomes["audited"][0].report, outcomes["audited"][1]
-            accuracy = realized(outcomes["audited"][0].results, truth)
+                outcomes[arm.name] = outcome
+                if arm.learns:
+                    arm.runs.append(out)
+                    pending.setdefault(night + args.label_delay, []).append((arm, out, label_ids))
+            report = outcomes["audited"].report
+            out = str(work / name / f"night{night}" / "audited")
+            scored = {a: per_query(outcomes[a].results, truth) for a in outcomes}
+            accuracy = share(scored["audited"]["correct"])
             ci = report.get("estimated_accuracy_ci95") or [float("nan"), float("nan")]
             calls = calls_made(storage, out)
-            label_ids = audited_ids(ids, args.label_share, f"labels-{name}-{night}")
-            pending[night + args.label_delay] = (out, label_ids)
+            audited_p, never_p = arms[0].trained, arms[2].trained
             rows.append(
                 {
                     "stream": name,
                     "night": night,
-                    "labels in": sum(h.queries.height for h in arrived),
+                    "labels in": len(labelled),
                     "realized": accuracy,
                     "audited est": report.get("estimated_accuracy"),
                     "ci low": ci[0],
                     "ci high": ci[1],
                     "covered": bool(ci[0] <= accuracy <= ci[1]),
                     "planned": report["planned_accuracy"],
-                    "ECE learned": calibration(learned, queue, calls, full, catalog),
-                    "ECE never": calibration(base, queue, calls, full, catalog),
-                    "deferred": outcomes["audited"][0].report["status"]["deferred"],
-                    "acc no audit": realized(outcomes["no_audit"][0].results, truth),
-                    "deferred no audit": outcomes["no_audit"][0].report["status"]["deferred"],
-                    "acc never learned": realized(outcomes["never"][0].results, truth),
+                    "ECE learned": calibration(audited_p, queue, calls, full, catalog),
+                    "ECE never": calibration(never_p, queue, calls, full, catalog),
+                    "deferred": report["status"]["deferred"],
+                    "acc no audit": share(scored["no_audit"]["correct"]),
+                    "acc never learned": share(scored["never"]["correct"]),
+                    "moved": moved(outcomes["audited"].plan, outcomes["never"].plan),
+                    "by task": by_task(scored, queue),
                     "budget USD": budget,
                     "spend USD": report["spent_usd"],
                     "audit USD": (report.get("audit") or {}).get("spent_usd", 0.0),
@@ -220,15 +282,73 @@ def run_stream(name: str, args: argparse.Namespace, data: Path, work: Path, stor
                     "refs delivered": (report.get("audit") or {}).get("delivered_references", 0),
                     "drift": "; ".join(f"{d['kind']} {d['name']} {d['direction']}" for d in report.get("drift") or []),
                     "seconds": round(time.perf_counter() - started, 1),
+                    "_scored": scored,
                 }
             )
             print(_table(rows[-1:], header=night == 1), flush=True)
+            if lines := llm_lines(arms, queue, full, stream_acc, catalog):
+                print(f"  night {night} P(correct) by (task, LLM), corrected ones: {lines}", flush=True)
+    silver = runs_history(storage, arms[0].runs).outcomes.filter(pl.col("label_source") == "silver")
+    checked = silver.join(full.outcomes.select("query_id", "model", pl.col("correct").alias("_truth")), on=["query_id", "model"])
+    print(
+        f"\n{name}: the audited arm's silver verdicts: {checked.height} (query, LLM) rows, mean silver "
+        f"{share(checked['correct']):.2f} vs their true accuracy {share(checked['_truth']):.2f}, agreeing on "
+        f"{share(checked['correct'] == checked['_truth']):.2f} (bench-side check)",
+        flush=True,
+    )
     return rows
+
+
+def per_query(results: pl.DataFrame, truth: Truth) -> pl.DataFrame:
+    """query_id, correct (a deferred or failed query counts wrong), as the bench scores a run."""
+    return score_results(results, truth).select("query_id", pl.col("correct").fill_null(False)).sort("query_id")
+
+
+def share(flags: pl.Series) -> float:
+    """Mean of a boolean column (0 when empty)."""
+    return float(flags.cast(pl.Float64).to_numpy().mean()) if flags.len() else 0.0
+
+
+def by_task(scored: dict[str, pl.DataFrame], queue: pl.DataFrame) -> str:
+    """Each arm's accuracy per task on the night, audited / no audit / never."""
+    tasks = queue.select("query_id", "task")
+    acc = {a: s.join(tasks, on="query_id").group_by("task").agg(pl.col("correct").mean()) for a, s in scored.items()}
+    return " ".join(
+        f"{t} " + "/".join(f"{dict(acc[a].iter_rows())[t]:.2f}" for a in scored) for t in sorted(tasks["task"].unique())
+    )
+
+
+def moved(plan: pl.DataFrame, other: pl.DataFrame) -> float:
+    """Share of the queries whose delivered plan (kind and LLMs) differs between two runs' plans."""
+    key = [pl.col("kind"), pl.col("models").list.join("+")]
+    a = plan.select("query_id", pl.concat_str(key, separator=":").alias("a"))
+    b = other.select("query_id", pl.concat_str(key, separator=":").alias("b"))
+    joined = a.join(b, on="query_id")
+    return share(joined["a"] != joined["b"])
+
+
+def paired_gain(rows: list[dict[str, Any]], arm: str, against: str, draws: int = 4000, seed: int = 0) -> tuple[float, float, float]:
+    """Mean accuracy gain of ``arm`` over ``against`` on the nights ``rows`` (the same queries, so paired),
+    with a 95% interval from a bootstrap over queries within each night (stratified by night)."""
+    diffs = [
+        r["_scored"][arm].join(r["_scored"][against], on="query_id", suffix="_b")
+        .select((pl.col("correct").cast(pl.Float64) - pl.col("correct_b").cast(pl.Float64)).alias("d"))["d"].to_numpy()
+        for r in rows
+    ]
+    total = sum(len(d) for d in diffs)
+    rng = np.random.default_rng(seed)
+    boot = np.zeros(draws)
+    for d in diffs:
+        boot += d[rng.integers(0, len(d), size=(draws, len(d)))].sum(axis=1)
+    boot /= total
+    point = float(sum(d.sum() for d in diffs) / total)
+    return point, float(np.quantile(boot, 0.025)), float(np.quantile(boot, 0.975))
 
 
 COLUMNS = [
     "night", "labels in", "realized", "audited est", "ci low", "ci high", "covered", "planned", "ECE learned",
-    "ECE never", "deferred", "acc no audit", "deferred no audit", "acc never learned", "budget USD", "spend USD", "audit USD", "audits", "refs delivered", "seconds", "drift",
+    "ECE never", "deferred", "acc no audit", "acc never learned", "moved", "budget USD", "spend USD", "audit USD",
+    "audits", "refs delivered", "seconds", "by task", "drift",
 ]  # fmt: skip
 
 
@@ -288,6 +408,17 @@ def main(argv: list[str] | None = None) -> int:
                 f"{100 * (rows[0]['acc no audit'] - rows[0]['realized']):+.1f} pts",
                 flush=True,
             )
+            learning = [r for r in rows if r["labels in"] > 0] or rows
+            print(f"\nAccuracy gain at the same budget (paired bootstrap over queries within nights, 95%), {name}:\n")
+            print("| nights | audited - never | no audit - never | audited - no audit |")
+            print("|---|---|---|---|")
+            for label, part in (
+                ("all", rows),
+                (f"{learning[0]['night']}-{rows[-1]['night']} (labels in)", learning),
+                ("last 3", last),
+            ):
+                cells = [paired_gain(part, a, b) for a, b in (("audited", "never"), ("no_audit", "never"), ("audited", "no_audit"))]
+                print(f"| {label} | " + " | ".join(f"{100 * g:+.2f} pts [{100 * lo:+.2f}, {100 * hi:+.2f}]" for g, lo, hi in cells) + " |")
     return 0
 
 

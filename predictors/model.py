@@ -33,6 +33,7 @@ from batchplan.core.storage import Storage, join
 from batchplan.predictors.calibration import Calibrator
 from batchplan.predictors.cost import CostModel, query_chars
 from batchplan.predictors.features import STAT_COLUMNS, TextEncoder, Vocabulary, describe_models, text_of, text_stats
+from batchplan.predictors.live import LiveCorrection
 from batchplan.predictors.pairmodel import PairModel
 from batchplan.predictors.priors import Priors, nearest_models
 from batchplan.predictors.retrieval import Retriever
@@ -80,6 +81,7 @@ class Predictor:
     boosters: dict[str, lgb.Booster] = field(default_factory=dict)
     feature_names: dict[str, list[str]] = field(default_factory=dict)
     metadata: dict[str, Any] = field(default_factory=dict)
+    live: LiveCorrection = field(default_factory=LiveCorrection)  # per (task, LLM) drift from live labels
 
     @property
     def models(self) -> list[str]:
@@ -249,12 +251,16 @@ class Predictor:
         tq = task_inv[qi]  # task code of each pair
         known = np.array([m in known_index for m in call_models], dtype=bool)[mi]
 
+        live = self.live.matrix(tasks_u, call_models)
+
         def scores() -> tuple[np.ndarray, np.ndarray]:
             if self.pair_model is None:
                 prior_pair = prior_call[tq, mi]
                 return prior_pair, prior_pair
             raw = sigmoid(self._pair_logits(block, d, qi, mi, tq, prior_call, weights, covered, call_models, neighbors))
-            return self.calibrator(raw), raw
+            p = self.calibrator(raw)
+            # the live runs' drift correction last: what tonight's labels say overrides the history's level
+            return (p if live is None else self.live.apply(p, live[tq, mi])), raw
 
         # P(correct) and cost are independent: on big batches they run side by side (numpy releases the GIL)
         pool = ThreadPoolExecutor(max_workers=1) if self.threads_for(len(qi)) > 1 else None
@@ -470,6 +476,7 @@ def save(predictor: Predictor, storage: Storage, root_uri: str, version: str | N
         "pair_model": predictor.pair_model.to_state() if predictor.pair_model is not None else None,
         "boosters": sorted(predictor.boosters),
         "feature_names": predictor.feature_names,
+        "live_correction": predictor.live.to_state(),
     }
     storage.write_text(join(base, "state.json"), json.dumps(_strict(state), default=_json_default, allow_nan=False))
     metadata = {**predictor.metadata, "version": version, "format": FORMAT_VERSION}

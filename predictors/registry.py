@@ -26,6 +26,7 @@ from batchplan.core.storage import Storage, StorageError, join
 from batchplan.predictors.calibration import Calibrator
 from batchplan.predictors.cost import CostModel
 from batchplan.predictors.features import DESCRIPTOR_SCHEMA, TextEncoder, Vocabulary
+from batchplan.predictors.live import LiveCorrection
 from batchplan.predictors.model import FORMAT_VERSION, Predictor
 from batchplan.predictors.pairmodel import PairModel
 from batchplan.predictors.priors import Priors
@@ -134,4 +135,5 @@ def load(storage: Storage, root_uri: str, version: str | None = None) -> Predict
         boosters=boosters,
         feature_names=state["feature_names"],
         metadata=metadata,
+        live=LiveCorrection.from_state(state.get("live_correction")),
     )

@@ -23,6 +23,7 @@ from batchplan.core.numerics import logit, sigmoid
 from batchplan.predictors.calibration import Calibrator, choose_calibrator
 from batchplan.predictors.cost import CostModel
 from batchplan.predictors.features import STAT_COLUMNS, TextEncoder, Vocabulary, describe_models, text_of
+from batchplan.predictors.live import LiveCorrection
 from batchplan.predictors.metrics import auc, brier, ece, log_loss
 from batchplan.predictors.model import PAIR_FEATURES, PARALLEL_ROWS, Predictor, prepare_queries
 from batchplan.predictors.pairmodel import PairModel
@@ -172,6 +173,8 @@ def fit_predictor(history: History, name: str = "lightgbm", seed: int = 0, **par
         "lightgbm_params": lgb_params if learned else {},
         "options": options,
         "validation": validation,
+        # the live runs' drift per (task, LLM): offset (logit), weighted rows, mean P before, live accuracy
+        "live_correction": predictor.live.to_state(),
         "versions": {"lightgbm": lgb.__version__, "polars": pl.__version__, "numpy": np.__version__},
     }
     return predictor
@@ -286,6 +289,7 @@ def _fit_stages(
     predictor.pair_model = PairModel.fit(z, y, mi, models, pair_names, lam=lam, text_penalty=text_penalty, weights=w)
     predictor.calibrator, cal_scores = choose_calibrator(oof[gold], y[gold], seed=seed)
     calibrated = predictor.calibrator(oof)
+    predictor.live = fit_live_correction(rows, y, calibrated, w, gold)
     # the validation metrics below are over gold rows only: a silver verdict is no truth to score against
     y, oof, calibrated, prior_rows, mi = y[gold], oof[gold], calibrated[gold], prior_rows[gold], mi[gold]
     predictor.feature_names = {"query": stage1_names, "pair": pair_names}
@@ -303,6 +307,19 @@ def _fit_stages(
             m: _scores(y[mi == j], oof[mi == j], calibrated[mi == j], prior_only[mi == j]) for j, m in enumerate(models)
         },
     }
+
+
+def fit_live_correction(
+    rows: pl.DataFrame, y: np.ndarray, p_oof: np.ndarray, w: np.ndarray, gold: np.ndarray
+) -> LiveCorrection:
+    """The per (task, LLM) drift offsets (``batchplan.predictors.live``) on the rows of live runs (those
+    with a ``label_source``; a bundled history's rows have none), against their out-of-fold P(correct)."""
+    if "label_source" not in rows.columns:
+        return LiveCorrection()
+    live = rows["label_source"].is_not_null().to_numpy()
+    return LiveCorrection.fit(
+        rows["task"].to_numpy()[live], rows["model"].to_numpy()[live], y[live], p_oof[live], w[live], gold[live]
+    )
 
 
 def _as_list(value: Any) -> list[float]:

@@ -1,0 +1,137 @@
+"""The live correction: what the labels of live runs say about each (task, LLM), on top of the history.
+
+A retrain on the bundled histories plus a few nights of live labels sees thousands of history rows and a
+few dozen live ones: every fit (priors, difficulty, stage 2) is the history's, and the live rows move it by
+their share, about nothing. When the traffic has drifted away from the history (new subjects, a model that
+got worse) that is the wrong weighting: the live rows are the only ones about tonight's traffic.
+
+So training fits, on the gold rows of live runs only (joined labels, or a replay run's verdicts), a logit
+offset per (task, LLM) against the predictor's out-of-fold P(correct) for those rows,
+p' = sigmoid(logit p + delta_task + delta_task,LLM), in two levels:
+
+- ``delta_task`` on every live row of the task: new traffic that is harder or easier than the history is so
+  for every LLM (held-out subjects move all of them the same way), and an LLM the plans never called, so
+  never labelled, must move with the rest; else lowering the labelled LLM sends its queries to an
+  unlabelled one whose estimate is just as far off;
+- per (task, LLM) on the LLM's own rows, shrunk toward the task's drift as the *other* LLMs' rows show it
+  (so its own rows count once): what sets the LLM apart from the task's drift.
+
+Each level is shrunk by ``LIVE_PRIOR_ROWS`` pseudo-rows whose verdict is the estimate one level up (the history's prediction for the task; the one corrected
+by the other LLMs' drift for an LLM), so the corrected mean P of n live rows with r right lands near
+(r + k x p) / (n + k): one label moves an estimate a little, a few nights of them most of the way.
+
+Silver verdicts (an audit's reference answer) stay out of the offsets: they measure agreement with a
+reference that is itself wrong at times, so they read low for an LLM as good as the reference (the audit's
+estimate corrects that with its s/q rates; an offset would learn the reference's error as the LLM's
+drift). They teach the predictor's fits at their weight. The offsets are the drift correction the next
+plan uses.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import numpy as np
+import polars as pl
+
+from batchplan.core.numerics import P_CLIP, fit_logistic, logit, sigmoid
+
+# pseudo-rows each level is shrunk by, the same for both: with a stronger LLM level an LLM's own bad labels
+# would move the task's unlabelled LLMs further than itself (the nights bench: 30 calibrated worse, 0.042 vs
+# 0.023 ECE, for no accuracy either way)
+LIVE_PRIOR_ROWS: Final = 10.0
+MAX_OFFSET: Final = 3.0  # |delta| at most (logit units): a handful of labels never flips a model to 0 or 1
+
+OFFSET_SCHEMA = pl.Schema(
+    [("task", pl.String), ("model", pl.String), ("offset", pl.Float64), ("task_offset", pl.Float64),
+     ("rows", pl.Float64), ("gold_rows", pl.Int64), ("p_before", pl.Float64), ("live_acc", pl.Float64)]
+)  # fmt: skip
+
+
+@dataclass
+class LiveCorrection:
+    """Per (task, LLM) logit offsets fitted on live gold rows; empty: no correction."""
+
+    offsets: pl.DataFrame = field(default_factory=lambda: pl.DataFrame(schema=OFFSET_SCHEMA))
+
+    @classmethod
+    def fit(
+        cls,
+        task: np.ndarray,
+        model: np.ndarray,
+        y: np.ndarray,
+        p: np.ndarray,
+        weight: np.ndarray,
+        gold: np.ndarray,
+        prior_rows: float = LIVE_PRIOR_ROWS,
+    ) -> LiveCorrection:
+        """``task``/``model`` name each live row; ``p`` its out-of-fold P(correct), ``y`` its verdict,
+        ``weight`` its training weight, ``gold`` whether the verdict is a label (only those are fitted).
+        ``offset`` per (task, LLM) is the total (task level plus the LLM's own), ``task_offset`` the task's."""
+        keep = np.asarray(gold, dtype=bool)
+        task, model, y = np.asarray(task)[keep], np.asarray(model)[keep], np.asarray(y, dtype=np.float64)[keep]
+        p = np.clip(np.asarray(p, dtype=np.float64)[keep], P_CLIP, 1 - P_CLIP)
+        weight = np.asarray(weight, dtype=np.float64)[keep]
+        if len(y) == 0:
+            return cls()
+        frame = pl.DataFrame({"task": task, "model": model, "_i": np.arange(len(y))})
+        by_task = {str(t): _offset(y[part["_i"]], logit(p[part["_i"]]), weight[part["_i"]], prior_rows)
+                   for (t,), part in frame.group_by("task", maintain_order=True)}  # fmt: skip
+        rows: list[tuple[Any, ...]] = []
+        for (t, m), part in frame.group_by("task", "model", maintain_order=True):
+            i = part["_i"].to_numpy()
+            base = by_task[str(t)]
+            # the LLM's own rows against the history's logits, shrunk toward the task's drift as the other
+            # LLMs' rows show it (its own rows counted once, not again through the task level)
+            others = np.setdiff1d(frame.filter(pl.col("task") == t)["_i"].to_numpy(), i)
+            prior = _offset(y[others], logit(p[others]), weight[others], prior_rows) if len(others) else 0.0
+            delta = _offset(y[i], logit(p[i]), weight[i], prior_rows, target=sigmoid(logit(p[i]) + prior))
+            rows.append((str(t), str(m), delta, base, float(weight[i].sum()), len(i), float(np.mean(p[i])),
+                         float(np.sum(weight[i] * y[i]) / max(float(np.sum(weight[i])), 1e-12))))  # fmt: skip
+        return cls(pl.DataFrame(rows, schema=OFFSET_SCHEMA, orient="row").sort("task", "model"))
+
+    def task_offsets(self) -> dict[str, float]:
+        """The task level alone: what an LLM with no live rows of the task moves by."""
+        return dict(self.offsets.select("task", "task_offset").unique("task").iter_rows())
+
+    def matrix(self, tasks: list[str], models: list[str]) -> np.ndarray | None:
+        """(len(tasks), len(models)) offsets, 0 where none was fitted; None when there is no correction."""
+        if self.offsets.height == 0:
+            return None
+        t_index = {t: i for i, t in enumerate(tasks)}
+        m_index = {m: j for j, m in enumerate(models)}
+        out = np.zeros((len(tasks), len(models)))
+        for t, delta in self.task_offsets().items():
+            if t in t_index:
+                out[t_index[t], :] = delta
+        for t, m, delta in self.offsets.select("task", "model", "offset").iter_rows():
+            if t in t_index and m in m_index:
+                out[t_index[t], m_index[m]] = delta
+        return out if out.any() else None
+
+    def apply(self, p: np.ndarray, offset: np.ndarray) -> np.ndarray:
+        """``p`` moved by each pair's ``offset`` on the logit scale."""
+        return np.clip(sigmoid(logit(np.asarray(p, dtype=np.float64)) + offset), P_CLIP, 1 - P_CLIP)
+
+    def to_state(self) -> list[dict[str, Any]]:
+        return self.offsets.to_dicts()
+
+    @classmethod
+    def from_state(cls, state: list[dict[str, Any]] | None) -> LiveCorrection:
+        return cls(pl.DataFrame(state or [], schema=OFFSET_SCHEMA))
+
+
+def _offset(
+    y: np.ndarray, base_logit: np.ndarray, weight: np.ndarray, prior_rows: float, target: np.ndarray | None = None
+) -> float:
+    """The logit shift that fits rows with verdicts ``y`` at logits ``base_logit`` together with
+    ``prior_rows`` pseudo-rows (spread over the rows) whose verdict is ``target`` (soft labels; default the
+    prediction itself): the shifted mean P lands near (right answers + prior_rows x mean target) / (rows +
+    prior_rows)."""
+    soft = sigmoid(base_logit) if target is None else target
+    pseudo = np.full(len(y), prior_rows / len(y))
+    beta = fit_logistic(
+        np.ones((2 * len(y), 1)), np.r_[y, soft], offset=np.r_[base_logit, base_logit], weights=np.r_[weight, pseudo]
+    )
+    return float(np.clip(beta[0], -MAX_OFFSET, MAX_OFFSET))

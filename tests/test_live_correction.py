@@ -1,0 +1,119 @@
+"""The live drift correction (predictors/live.py): what live labels say about a (task, LLM) moves that LLM's
+predicted accuracy on that task toward them, through `batchplan train --from-run` and into the next plan;
+silver verdicts never enter it; an LLM the labels never saw moves with its task."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+from typer.testing import CliRunner
+
+from batchplan.app.cli import app
+from batchplan.core.history import History, synthetic_history
+from batchplan.core.storage import Storage
+from batchplan.plans.candidates import build_candidates
+from batchplan.plans.planning import PlanRequest, plan_batch
+from batchplan.plans.templates import PlanTemplates
+from batchplan.predictors import Predictor, load_predictor
+from batchplan.predictors.live import LiveCorrection
+from tests.test_labels import _run_dir  # a run directory as `batchplan run` writes it, gold or silver verdicts
+
+runner = CliRunner()
+DRIFTED, STEADY, TASK = "synth-04", "synth-02", "task1"
+
+
+def test_offsets_move_the_labelled_llm_toward_its_labels_shrunk_and_its_task_with_it() -> None:
+    # task a: m1 right on 5 of 15 live rows, m2 on 5 of 5; task b: m1 on 5 of 5; every prediction 0.9
+    task = np.array(["a"] * 20 + ["b"] * 5)
+    model = np.array(["m1"] * 15 + ["m2"] * 5 + ["m1"] * 5)
+    y = np.r_[np.zeros(10), np.ones(15)]
+    p = np.full(25, 0.9)
+    fitted = LiveCorrection.fit(task, model, y, p, np.ones(25), np.ones(25, dtype=bool))
+    matrix = fitted.matrix(["a", "b", "c"], ["m1", "m2", "m3"])
+    assert matrix is not None
+    moved = fitted.apply(np.full((3, 3), 0.9), matrix)
+    assert 1 / 3 < moved[0, 0] < 0.9  # toward its live accuracy, not all the way (10 pseudo-rows at 0.9)
+    assert moved[0, 0] < moved[0, 2] < 0.9  # m3, never labelled on a: moves with the task's drift
+    assert moved[1, 0] > 0.9  # task b's labels lift m1 there
+    assert np.allclose(moved[2], 0.9)  # a task with no live rows is as the history says
+    # more of the same labels move it further
+    more = LiveCorrection.fit(np.r_[task, ["a"] * 30], np.r_[model, ["m1"] * 30], np.r_[y, np.zeros(30)],
+                              np.full(55, 0.9), np.ones(55), np.ones(55, dtype=bool))  # fmt: skip
+    again = more.matrix(["a"], ["m1"])
+    assert again is not None
+    assert more.apply(np.array([0.9]), again[0])[0] < moved[0, 0]
+
+
+def test_silver_verdicts_never_enter_the_correction() -> None:
+    task, model = np.array(["a"] * 10), np.array(["m1"] * 10)
+    silver_only = LiveCorrection.fit(task, model, np.zeros(10), np.full(10, 0.9), np.full(10, 0.3), np.zeros(10, dtype=bool))
+    assert silver_only.offsets.height == 0
+    assert silver_only.matrix(["a"], ["m1"]) is None
+
+
+def _train(tmp_path: Path, name: str, history_dir: str, runs: list[str]) -> Predictor:
+    out = tmp_path / name
+    args = ["train", "--history", history_dir, "--out", str(out), "--no-templates", "--no-holdout"]
+    result = runner.invoke(app, [*args, *(a for r in runs for a in ("--from-run", r))])
+    assert result.exit_code == 0, result.output
+    return load_predictor(Storage(), str(out))  # the correction is stored with the version
+
+
+def _mean_p(predictor: Predictor, queue: pl.DataFrame) -> dict[tuple[str, str], float]:
+    pairs = queue.select("query_id").join(pl.DataFrame({"model": predictor.models}), how="cross")
+    got = predictor.predict(queue, pairs, None).join(queue.select("query_id", "task"), on="query_id")
+    return {(t, m): p for t, m, p in got.group_by("task", "model").agg(pl.col("p_correct").mean()).iter_rows()}
+
+
+def test_train_from_run_moves_a_drifted_llm_toward_its_labels_and_the_plan_follows(tmp_path: Path) -> None:
+    """The history says synth-04 is the best LLM on task1; a live run's labels say it is wrong there every time,
+    while synth-02 is as the history says. After `batchplan train --from-run`, synth-04's predicted accuracy on
+    task1 moves toward its labels (the other tasks keep theirs), and a plan made with the retrained predictor
+    sends task1 elsewhere. The same rows as silver move no offset."""
+    full = synthetic_history(600, 5, seed=4)
+    history_ids = full.queries.filter(pl.col("split") == "train")["query_id"]
+    live_queries = full.queries.filter((pl.col("split") == "test") & (pl.col("task") == TASK)).head(25)
+    bundled = full.subset(history_ids)
+    history_dir = tmp_path / "history"
+    history_dir.mkdir()
+    bundled.queries.write_parquet(history_dir / "queries.parquet")
+    bundled.outcomes.write_parquet(history_dir / "outcomes.parquet")
+    bundled.prices.write_csv(history_dir / "models.csv")
+    live = full.subset(live_queries["query_id"])
+    wrong = live.outcomes.filter(pl.col("model").is_in([DRIFTED, STEADY])).with_columns(
+        pl.when(pl.col("model") == DRIFTED).then(pl.lit(False)).otherwise(pl.col("correct")).alias("correct")
+    )
+    gold_run = _run_dir(History(live.queries, wrong, live.prices), tmp_path / "run_gold")
+    silver_run = _run_dir(History(live.queries, wrong, live.prices), tmp_path / "run_silver", silver={DRIFTED, STEADY})
+
+    queue = full.as_queue("test").filter(~pl.col("query_id").is_in(live_queries["query_id"].implode()))
+    plain = _train(tmp_path, "plain", str(history_dir), [])
+    learned = _train(tmp_path, "learned", str(history_dir), [gold_run])
+    silvered = _train(tmp_path, "silvered", str(history_dir), [silver_run])
+    before, after = _mean_p(plain, queue), _mean_p(learned, queue)
+    assert after[(TASK, DRIFTED)] < before[(TASK, DRIFTED)] - 0.2  # toward the labels (all wrong)
+    assert after[(TASK, DRIFTED)] > 0.05  # shrunk: 25 labels are not the end of the story
+    for other in ("task0", "task2"):
+        assert abs(after[(other, DRIFTED)] - before[(other, DRIFTED)]) < 0.05
+    offsets = learned.live.offsets
+    assert offsets.filter((pl.col("task") == TASK) & (pl.col("model") == DRIFTED))["gold_rows"].item() == 25
+    # the steady LLM's labels say the task itself has not drifted: the drifted one moves, the steady one little
+    assert abs(after[(TASK, STEADY)] - before[(TASK, STEADY)]) < (before[(TASK, DRIFTED)] - after[(TASK, DRIFTED)]) / 2
+    assert learned.metadata["live_correction"]  # said in the version's metadata
+    assert silvered.live.offsets.height == 0  # silver: weighted in the fits, never a drift correction
+
+    def task1_share(predictor: Predictor) -> float:
+        task1 = queue.filter(pl.col("task") == TASK)
+        pairs = task1.select("query_id").join(pl.DataFrame({"model": predictor.models}), how="cross")
+        predictions = predictor.predict(task1, pairs, None)
+        # what sending every query to the drifted LLM costs: it, or a mix around it, is what the history buys
+        budget = float(predictions.filter(pl.col("model") == DRIFTED)["cost_usd"].sum())
+        candidates = build_candidates(task1, predictions, PlanTemplates(), "single")
+        plan = plan_batch(candidates, PlanRequest(budget_usd=budget), PlanTemplates()).plan
+        return float((plan["models"].list.first() == DRIFTED).mean())
+
+    share_before, share_after = task1_share(plain), task1_share(learned)
+    assert share_before > 0.3
+    assert share_after < share_before - 0.2
