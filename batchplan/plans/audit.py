@@ -38,13 +38,13 @@ import json
 import math
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Final
 
 import numpy as np
 import polars as pl
 
-from batchplan.core.contracts import AUDIT_SUFFIX, PLAN_SCHEMA, audit_id, audited_query_id
+from batchplan.core.contracts import AUDIT_SUFFIX, PLAN_SCHEMA, audit_id, audited_query_id, is_audit
 from batchplan.core.history import History
 from batchplan.plans.candidates import P90_Z
 from batchplan.plans.simulation import PlanSpec, recorded_by_task, simulate
@@ -253,6 +253,7 @@ class _Row:
     informative: bool
     prior: float  # the predictor's accuracy for the delivered plan: stands in where the audit says nothing
     rate: tuple[float, float, float, float]  # agree when right, right, agree when wrong, wrong (capped counts)
+    base: float = 0.0  # the run's own gold-free P(delivered answer right) (``estimate_audit``'s ``base``)
 
 
 def _rates(model: AuditModel | None, task: str, llm: str | None, fitted: bool, r: float, k: float) -> tuple[float, ...]:
@@ -295,6 +296,7 @@ def _rows_for(
     calls: pl.DataFrame,
     queue: pl.DataFrame,
     model: AuditModel | None,
+    base: dict[str, float] | None = None,
 ) -> tuple[list[_Row], list[dict[str, Any]]]:
     tasks = dict(queue.select("query_id", "task").iter_rows())
     open_tasks = set(queue.filter(pl.col("labels").is_null())["task"].unique().to_list())
@@ -320,7 +322,7 @@ def _rows_for(
         # the delivered answer is the reference's own call (same single LLM): agreement is certain, no evidence
         own = kind == "single" and llm in (models or [])
         rows.append(
-            _Row(task, state == "done", agree, (s - q) >= MIN_SEPARATION and not own, float(planned.get(query_id, 0.0)), rate)  # type: ignore[arg-type]
+            _Row(task, state == "done", agree, (s - q) >= MIN_SEPARATION and not own, float(planned.get(query_id, 0.0)), rate, (base or {}).get(query_id, 0.0) if state == "done" else 0.0)  # type: ignore[arg-type]
         )
         records.append(
             {
@@ -336,6 +338,23 @@ def _rows_for(
     return rows, records
 
 
+def posterior_base(answers: pl.DataFrame) -> pl.DataFrame:
+    """``estimate_audit``'s ``base`` from a run in rounds: the posterior of each final answer (ROUND_ANSWER_SCHEMA
+    rows; the audits' own reference rows apart), what the run's ``estimated_accuracy`` averages."""
+    return answers.filter(~is_audit()).select(
+        "query_id", pl.col("estimated_p_correct").fill_null(0.0).fill_nan(0.0).alias("p")
+    )
+
+
+def base_probabilities(base: pl.DataFrame, results: pl.DataFrame) -> dict[str, float]:
+    """``base``'s p per query, 0 where the query was not answered (as the run's own estimate counts it)."""
+    done = set(results.filter(pl.col("status") == "done")["query_id"].to_list())
+    return {
+        q: (float(p) if p is not None and p == p and q in done else 0.0)
+        for q, p in base.select("query_id", "p").iter_rows()
+    }
+
+
 def estimate_audit(
     *,
     plan: pl.DataFrame,
@@ -347,14 +366,27 @@ def estimate_audit(
     predictions: pl.DataFrame,
     model: AuditModel | None,
     seed: str = "",
+    base: pl.DataFrame | None = None,
 ) -> dict[str, Any]:
     """The audited estimate of the batch's accuracy, its 95% interval, agreement per task, the LLMs worse than
     the history says and the drift found. ``plan``/``results``: the delivered rows; ``audit_results`` the
-    reference calls' result rows; ``calls``: every call made (query_id, model, answer, in call order)."""
+    reference calls' result rows; ``calls``: every call made (query_id, model, answer, in call order).
+
+    ``base`` (query_id, p): the run's own gold-free P(its delivered answer is right) for every query (a run in
+    rounds: the posterior of its final answers; a query missing or not answered counts 0). With it the estimate
+    is a difference estimator (prediction-powered inference): per task, the mean of ``base`` over all the task's
+    queries plus the audited sample's mean of (audited accuracy - base). The sample is uniform, so the
+    correction is unbiased for whatever bias ``base`` has (a batch easier or harder than the history), and where
+    ``base`` is good the correction is small; where the audit says nothing for a row its base stands. The
+    interval adds the spread of the realized accuracy around ``base`` (sqrt(sum p(1-p)) / n) to the audit's.
+    Without ``base``, the audited rows' accuracy alone, the plan's promise for tasks not audited."""
     audits = audit_results.join(
         audit_plan_rows.select("query_id", "kind", "models", "fitted_reference", "expected_accuracy"), on="query_id"
     )
-    rows, records = _rows_for(plan, results, audits, calls, queue, model)
+    base_p = None if base is None else base_probabilities(base, results)
+    rows, records = _rows_for(plan, results, audits, calls, queue, model, base_p)
+    if base_p is not None:  # where the audit says nothing, the run's own estimate stands (no correction)
+        rows = [replace(r, prior=r.base) for r in rows]
     spend = float(audit_results["cost_usd"].fill_null(0.0).sum())
     out: dict[str, Any] = {
         "queries": audit_plan_rows.height,
@@ -380,15 +412,35 @@ def estimate_audit(
         .agg(pl.col("expected_accuracy").fill_null(0.0).mean())
         .iter_rows()
     )
+    base_task: dict[Any, tuple[float, float]] = {}
+    if base_p is not None:
+        out["method"] = (
+            "difference estimator: mean of the run's posterior over the batch + the audited sample's mean of "
+            "(misclassification-corrected accuracy - posterior), per task; 95% interval from posterior draws"
+        )
+        p_all = queue.select("query_id", "task").with_columns(
+            pl.col("query_id").replace_strict(base_p, default=0.0, return_dtype=pl.Float64).alias("p")
+        )
+        for task, mean_p, var_sum, n in (
+            p_all.group_by("task")
+            .agg(pl.col("p").mean().alias("mean"), (pl.col("p") * (1 - pl.col("p"))).sum().alias("var"), pl.len())
+            .iter_rows()
+        ):
+            base_task[task] = (float(mean_p), math.sqrt(float(var_sum)) / max(int(n), 1))
+        out["base_accuracy"] = float(p_all["p"].to_numpy().mean()) if p_all.height else None
     rng = np.random.default_rng(int.from_bytes(hashlib.blake2b(seed.encode(), digest_size=4).digest(), "little"))
     draws = np.zeros(DRAWS)
     for task, weight in weights.iter_rows():
         share = weight / n_total
         task_rows = by_task.get(str(task))
-        if not task_rows:  # no audited query of this task: the plan's promise stands in for it
-            draws += share * float(planned_task.get(task, 0.0))
+        if not task_rows:  # no audited query of this task: the run's base, else the plan's promise, stands in
+            draws += share * (base_task[task][0] if task in base_task else float(planned_task.get(task, 0.0)))
             continue
         task_draws = _task_draws(task_rows, rng, DRAWS)
+        if task in base_task:  # the difference estimator (docstring)
+            mean_base, spread = base_task[task]
+            correction = task_draws - float(np.mean([r.base for r in task_rows]))
+            task_draws = np.clip(mean_base + correction + rng.normal(0.0, spread, DRAWS), 0.0, 1.0)
         estimate = float(np.median(task_draws))
         low, high = np.quantile(task_draws, [0.025, 0.975])
         draws += share * task_draws
