@@ -475,3 +475,21 @@ def test_the_difference_estimator_keeps_a_calibrated_posterior_where_the_audit_s
     found = estimate_audit(**inputs, base=base)
     assert found["base_accuracy"] == pytest.approx(0.8)
     assert found["estimated_accuracy"] == pytest.approx(0.8, abs=0.03)  # only the realized-vs-expected spread
+
+
+def test_a_correction_inside_its_own_noise_is_shrunk_to_the_posterior() -> None:
+    """Two audited queries say almost nothing: the estimate stays near the posterior's mean (the correction
+    is shrunk), while a correction far outside its noise is kept nearly whole."""
+    import numpy as np
+
+    from batchplan.plans.audit import correction_shrink, estimate_audit
+
+    rng = np.random.default_rng(0)
+    assert correction_shrink(rng.normal(0.05, 0.3, 4000)) == 0.0
+    assert correction_shrink(rng.normal(0.2, 0.04, 4000)) > 0.9
+    batch = _synthetic_batch(3, share=0.005)  # 2 of 400 audited
+    base = pl.DataFrame({"query_id": batch["ids"], "p": 0.8})
+    found = estimate_audit(**batch["inputs"], base=base)
+    assert found["audited"] == 2
+    assert found["estimated_accuracy"] == pytest.approx(0.8, abs=0.03)
+    assert found["per_task"][0]["correction_kept"] < 0.5

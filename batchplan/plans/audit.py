@@ -338,6 +338,16 @@ def _rows_for(
     return rows, records
 
 
+def correction_shrink(correction: np.ndarray) -> float:
+    """How much of the audited correction (its posterior draws) the difference estimator keeps: positive-part
+    James-Stein, max(0, 1 - SE^2 / c^2). A handful of audited queries (the live default caps the references at
+    5% of the budget: 1-7 on a 230-query night) gives a correction whose noise dwarfs any shift, and applied
+    whole it moved the estimate further from the truth than the posterior alone (bench/shift_estimate.py); a
+    correction well outside its own noise (a shift the sample sees) is kept nearly whole."""
+    centre, se = float(correction.mean()), float(correction.std())
+    return 0.0 if centre == 0.0 else max(0.0, 1.0 - se * se / (centre * centre))
+
+
 def posterior_base(answers: pl.DataFrame) -> pl.DataFrame:
     """``estimate_audit``'s ``base`` from a run in rounds: the posterior of each final answer (ROUND_ANSWER_SCHEMA
     rows; the audits' own reference rows apart), what the run's ``estimated_accuracy`` averages."""
@@ -378,7 +388,9 @@ def estimate_audit(
     queries plus the audited sample's mean of (audited accuracy - base). The sample is uniform, so the
     correction is unbiased for whatever bias ``base`` has (a batch easier or harder than the history), and where
     ``base`` is good the correction is small; where the audit says nothing for a row its base stands. The
-    interval adds the spread of the realized accuracy around ``base`` (sqrt(sum p(1-p)) / n) to the audit's.
+    correction is shrunk by its own noise (``correction_shrink``: a few audits barely move the posterior); the
+    interval keeps the audit's whole spread and adds that of the realized accuracy around ``base`` (sqrt(sum
+    p(1-p)) / n).
     Without ``base``, the audited rows' accuracy alone, the plan's promise for tasks not audited."""
     audits = audit_results.join(
         audit_plan_rows.select("query_id", "kind", "models", "fitted_reference", "expected_accuracy"), on="query_id"
@@ -437,10 +449,16 @@ def estimate_audit(
             draws += share * (base_task[task][0] if task in base_task else float(planned_task.get(task, 0.0)))
             continue
         task_draws = _task_draws(task_rows, rng, DRAWS)
+        shrink = None
         if task in base_task:  # the difference estimator (docstring)
             mean_base, spread = base_task[task]
             correction = task_draws - float(np.mean([r.base for r in task_rows]))
-            task_draws = np.clip(mean_base + correction + rng.normal(0.0, spread, DRAWS), 0.0, 1.0)
+            shrink = correction_shrink(correction)
+            centre = float(correction.mean())
+            # the draws' median (the estimate) moves by the shrunk correction; their spread stays the audit's (the
+            # interval is not narrowed)
+            spread_draws = correction - float(np.median(correction)) + rng.normal(0.0, spread, DRAWS)
+            task_draws = np.clip(mean_base + shrink * centre + spread_draws, 0.0, 1.0)
         estimate = float(np.median(task_draws))
         low, high = np.quantile(task_draws, [0.025, 0.975])
         draws += share * task_draws
@@ -454,6 +472,8 @@ def estimate_audit(
             "ci95": [float(low), float(high)],
             "planned_accuracy": float(planned_task.get(task, 0.0)),
         }
+        if shrink is not None:
+            entry["base_accuracy"], entry["correction_kept"] = base_task[task][0], shrink
         out["per_task"].append(entry)
         if not low <= entry["planned_accuracy"] <= high:
             out["drift"].append(
