@@ -54,6 +54,10 @@ MIN_SEPARATION: Final = 0.15  # s - q below this: the audit cannot tell right fr
 MIN_RATE_ROWS: Final = 5  # right and wrong rows an LLM needs on the history for its own s and q
 RATE_CAP: Final = 300  # history observations a rate's Beta posterior counts at most
 DRAWS: Final = 4000  # posterior draws of the estimate
+# audited queries a task needs before the difference estimator corrects its posterior: below it the sample's
+# noise (>= 9 points for a proportion) dwarfs any shift, and one disagreeing audit's Jeffreys posterior is tight
+# enough to fool the shrinkage (bench/shift_estimate.py: 1-7 audits moved the estimate 12 points the wrong way)
+MIN_CORRECTION_ROWS: Final = 20
 Z95: Final = 1.959964
 
 
@@ -388,7 +392,8 @@ def estimate_audit(
     queries plus the audited sample's mean of (audited accuracy - base). The sample is uniform, so the
     correction is unbiased for whatever bias ``base`` has (a batch easier or harder than the history), and where
     ``base`` is good the correction is small; where the audit says nothing for a row its base stands. The
-    correction is shrunk by its own noise (``correction_shrink``: a few audits barely move the posterior); the
+    correction is shrunk by its own noise (``correction_shrink``), and none is made for a task with fewer than
+    ``MIN_CORRECTION_ROWS`` audited queries (the live default's handful leaves the posterior as it is); the
     interval keeps the audit's whole spread and adds that of the realized accuracy around ``base`` (sqrt(sum
     p(1-p)) / n).
     Without ``base``, the audited rows' accuracy alone, the plan's promise for tasks not audited."""
@@ -453,7 +458,7 @@ def estimate_audit(
         if task in base_task:  # the difference estimator (docstring)
             mean_base, spread = base_task[task]
             correction = task_draws - float(np.mean([r.base for r in task_rows]))
-            shrink = correction_shrink(correction)
+            shrink = correction_shrink(correction) if len(task_rows) >= MIN_CORRECTION_ROWS else 0.0
             centre = float(correction.mean())
             # the draws' median (the estimate) moves by the shrunk correction; their spread stays the audit's (the
             # interval is not narrowed)
