@@ -447,14 +447,17 @@ def estimate_audit(
         out["base_accuracy"] = float(p_all["p"].to_numpy().mean()) if p_all.height else None
     rng = np.random.default_rng(int.from_bytes(hashlib.blake2b(seed.encode(), digest_size=4).digest(), "little"))
     draws = np.zeros(DRAWS)
+    point = 0.0  # the difference estimator's point estimate (with a base)
     for task, weight in weights.iter_rows():
         share = weight / n_total
         task_rows = by_task.get(str(task))
         if not task_rows:  # no audited query of this task: the run's base, else the plan's promise, stands in
-            draws += share * (base_task[task][0] if task in base_task else float(planned_task.get(task, 0.0)))
+            stand_in = base_task[task][0] if task in base_task else float(planned_task.get(task, 0.0))
+            draws += share * stand_in
+            point += share * stand_in
             continue
         task_draws = _task_draws(task_rows, rng, DRAWS)
-        shrink = None
+        shrink, centre = None, 0.0
         if task in base_task:  # the difference estimator (docstring)
             mean_base, spread = base_task[task]
             correction = task_draws - float(np.mean([r.base for r in task_rows]))
@@ -464,9 +467,13 @@ def estimate_audit(
             # interval is not narrowed)
             spread_draws = correction - float(np.median(correction)) + rng.normal(0.0, spread, DRAWS)
             task_draws = np.clip(mean_base + shrink * centre + spread_draws, 0.0, 1.0)
-        estimate = float(np.median(task_draws))
         low, high = np.quantile(task_draws, [0.025, 0.975])
+        # with a base, the estimate is the posterior plus the kept correction itself (the draws' skew, from
+        # clipped agreement rates, would move their median off it even when nothing is kept)
+        estimate = base_task[task][0] + (shrink or 0.0) * centre if task in base_task else float(np.median(task_draws))
+        low, high = min(float(low), estimate), max(float(high), estimate)
         draws += share * task_draws
+        point += share * estimate
         agreement = float(np.mean([r.agree for r in task_rows]))
         entry = {
             "task": task,
@@ -492,7 +499,8 @@ def estimate_audit(
                 }
             )
     low, high = np.quantile(draws, [0.025, 0.975])
-    out["estimated_accuracy"] = float(np.median(draws))
+    out["estimated_accuracy"] = point if base_task else float(np.median(draws))
+    low, high = min(float(low), out["estimated_accuracy"]), max(float(high), out["estimated_accuracy"])
     out["ci95"] = [float(low), float(high)]
     llms = llm_drift(audits, calls, queue, predictions, model)
     for entry in llms:
