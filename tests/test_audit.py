@@ -140,6 +140,9 @@ def test_audits_in_rounds_are_mandatory_round_one_calls_inside_the_budget(
     assert report["audit"]["spent_usd"] > 0
     assert report["audit"]["audited"] > 0
     assert report["estimated_accuracy_source"] == "audit"
+    # in rounds the estimate is the rounds' posterior corrected by the audited sample (a difference estimator)
+    assert report["audit"]["method"].startswith("difference estimator")
+    assert 0.0 <= report["audit"]["base_accuracy"] <= 1.0
     low, high = report["estimated_accuracy_ci95"]
     assert 0.0 <= low <= report["estimated_accuracy"] <= high <= 1.0
     assert report["queries"] == n  # the reference answers are not delivered ones
@@ -387,3 +390,99 @@ def test_an_audited_query_gets_its_reference_where_that_is_the_likelier_right_an
     assert [n == AUDIT_DELIVERED_NOTE for n in out["note"].to_list()] == [False, True, False, True, False]
     assert out["cost_usd"].to_list() == results["cost_usd"].to_list()  # the reference's spend is the audit's
     assert out.columns == results.columns
+
+
+def _synthetic_batch(seed: int, n: int = 400, accuracy: float = 0.85, share: float = 0.25) -> dict:
+    """A batch whose truth is known to the test only: the delivered answer is right ("A") with ``accuracy``; a
+    uniform ``share`` is audited by a reference right 90% of the time whose wrong answers hit the delivered
+    wrong one 5% of the time (s = 0.9, q = 0.05, as the audit model's history counts say). No gold column
+    reaches ``estimate_audit``."""
+    import numpy as np
+
+    from batchplan.plans.audit import AuditModel
+
+    rng = np.random.default_rng(seed)
+    ids = [f"q{i:04d}" for i in range(n)]
+    right = rng.random(n) < accuracy
+    delivered = np.where(right, "A", "B")
+    queue = pl.DataFrame({"query_id": ids, "task": "t", "labels": [["A", "B", "C", "D"]] * n})
+    results = pl.DataFrame({"query_id": ids, "status": "done", "answer": delivered})
+    calls = pl.DataFrame({"query_id": ids, "model": "small", "answer": delivered, "status": "ok"})
+    audited = audited_ids(ids, share, f"synthetic{seed}")
+    u = rng.random(len(audited))
+    reference = np.where(u < 0.9, "A", np.where(u < 0.95, "B", "C"))
+    audit_rows = pl.DataFrame(
+        {"query_id": [audit_id(q) for q in audited], "kind": "single", "models": [["big"]] * len(audited),
+         "fitted_reference": True, "expected_accuracy": 0.9}
+    )
+    audit_results = pl.DataFrame(
+        {"query_id": audit_rows["query_id"], "status": "done", "answer": reference, "cost_usd": 0.01}
+    )
+    model = AuditModel(references={"t": {"kind": "single", "models": ["big"], "accuracy": 0.9}},
+                       rates={"t": {"small": [270, 300, 15, 300]}})  # fmt: skip
+    return {
+        "inputs": {"plan": pl.DataFrame({"query_id": ids, "expected_accuracy": 0.65}), "results": results,
+                   "audit_plan_rows": audit_rows, "audit_results": audit_results, "calls": calls, "queue": queue,
+                   "predictions": pl.DataFrame({"query_id": ids, "model": "small", "p_correct": 0.65}),
+                   "model": model, "seed": f"synthetic{seed}"},
+        "realized": float(right.mean()),
+        "ids": ids,
+        "right": right,
+    }
+
+
+def test_the_difference_estimator_corrects_a_biased_posterior_without_gold() -> None:
+    """A posterior ~19 points pessimistic (a batch easier than the history): the run's mean posterior misses by
+    that much; with a uniform audited sample the difference estimator is unbiased (mean miss over many batches
+    ~0), and its interval holds the realized accuracy."""
+    import numpy as np
+
+    from batchplan.plans.audit import estimate_audit
+
+    misses, base_misses, covered = [], [], 0
+    for seed in range(40):
+        batch = _synthetic_batch(seed)
+        # the run's own posterior: informative (higher where right) but ~19 points low on average
+        p = np.where(batch["right"], 0.7, 0.45)
+        base = pl.DataFrame({"query_id": batch["ids"], "p": p})
+        found = estimate_audit(**batch["inputs"], base=base)
+        misses.append(found["estimated_accuracy"] - batch["realized"])
+        base_misses.append(found["base_accuracy"] - batch["realized"])
+        low, high = found["ci95"]
+        covered += low <= batch["realized"] <= high
+        assert found["method"].startswith("difference estimator")
+    assert float(np.mean(base_misses)) < -0.18  # the posterior alone: ~19 points off (0.66 against 0.85)
+    assert abs(float(np.mean(misses))) < 0.015  # the difference estimator: unbiased
+    assert covered >= 36  # 95% interval: at least 90% of 40 batches
+
+
+def test_the_difference_estimator_keeps_a_calibrated_posterior_where_the_audit_says_nothing() -> None:
+    """Rows the audit cannot tell apart (the delivered answer is the reference's own LLM) carry no correction:
+    the estimate is the posterior's mean, and a task with no audited query keeps its posterior."""
+    from batchplan.plans.audit import estimate_audit
+
+    batch = _synthetic_batch(0)
+    inputs = batch["inputs"]
+    inputs["calls"] = inputs["calls"].with_columns(pl.lit("big").alias("model"))  # the reference's own LLM
+    base = pl.DataFrame({"query_id": batch["ids"], "p": 0.8})
+    found = estimate_audit(**inputs, base=base)
+    assert found["base_accuracy"] == pytest.approx(0.8)
+    assert found["estimated_accuracy"] == pytest.approx(0.8, abs=0.03)  # only the realized-vs-expected spread
+
+
+def test_a_correction_inside_its_own_noise_is_shrunk_to_the_posterior() -> None:
+    """Two audited queries say almost nothing: the estimate stays near the posterior's mean (the correction
+    is shrunk), while a correction far outside its noise is kept nearly whole."""
+    import numpy as np
+
+    from batchplan.plans.audit import correction_shrink, estimate_audit
+
+    rng = np.random.default_rng(0)
+    assert correction_shrink(rng.normal(0.05, 0.3, 4000)) == 0.0
+    assert correction_shrink(rng.normal(0.2, 0.04, 4000)) > 0.9
+    batch = _synthetic_batch(3, share=0.005)  # 2 of 400 audited
+    base = pl.DataFrame({"query_id": batch["ids"], "p": 0.8})
+    found = estimate_audit(**batch["inputs"], base=base)
+    assert found["audited"] == 2
+    assert found["estimated_accuracy"] == pytest.approx(0.8)  # nothing kept: the posterior itself
+    assert found["per_task"][0]["correction_kept"] == 0.0  # below MIN_CORRECTION_ROWS audited queries

@@ -705,6 +705,8 @@ def test_nightly_audits_inside_the_budget_and_says_the_estimate_in_its_report(
     report = json.loads(storage.read_text(f"{lay.reports(run)}/report.json"))
     low, high = report["estimated_accuracy_ci95"]
     assert low <= report["estimated_accuracy"] <= high
+    if manifest["rounds"]:  # in rounds: the rounds' posterior corrected by the audited sample, as the CLI's run
+        assert report["audit"]["method"].startswith("difference estimator")
     assert report["spent_usd"] == pytest.approx(manifest["spent_usd"])
     assert states["drift"] == ("success" if report["drift"] else "skipped")
     assert "audited estimate" in stages.report_html_for(storage, lay, "batchplan_nightly", dag_run.run_id)

@@ -63,7 +63,7 @@ from batchplan.dispatchers import (
 )
 from batchplan.dispatchers.executor import Progress
 from batchplan.dispatchers.limits import MAX_TOKENS, MAX_TOKENS_OPEN, OutputCaps
-from batchplan.plans.audit import audit_queue, deliver_references, estimate_audit
+from batchplan.plans.audit import audit_queue, deliver_references, estimate_audit, posterior_base
 from batchplan.plans.best_single import best_single_map
 from batchplan.plans.candidates import Candidates, build_candidates
 from batchplan.plans.frontier import frontier_uri, plan_frontier, read_frontier, write_frontier
@@ -493,6 +493,8 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
             predictions=predictions,
             model=trained.audit,
             seed=job.request.audit_seed,
+            # in rounds: the posterior of the final answers, corrected by the audited sample (a difference estimator)
+            base=None if in_rounds_outcome is None else posterior_base(in_rounds_outcome.answers),
         )
         paths["audit"] = join(job.out_uri, "audit.parquet")
         references = pl.DataFrame(audited.pop("records"), schema=AUDIT_RECORD_SCHEMA)

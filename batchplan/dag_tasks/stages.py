@@ -335,6 +335,10 @@ def merge_stage(
     if (audits := results.filter(is_audit())).height:  # ...but not answers the batch delivers
         storage.write_frame(audits, audit_results_file(lay, run))
         results = results.filter(~is_audit())
+        if rounds is not None:  # the audited estimate corrects the rounds' posterior (``estimate_audit``'s base)
+            from batchplan.plans.audit import posterior_base
+
+            storage.write_frame(posterior_base(rounds.answers), posterior_base_file(lay, run))
     storage.write_frame(results, lay.results_file(run))
     manifest_in = json.loads(storage.read_bytes(lay.shards_manifest(run)))
     budget = manifest_in.get("budget_usd")
@@ -480,6 +484,11 @@ def audit_results_file(lay: Layout, run: str) -> str:
     return lay.results_file(run).removesuffix("results.parquet") + "audit_results.parquet"
 
 
+def posterior_base_file(lay: Layout, run: str) -> str:
+    """A run in rounds with audits: the posterior of each final answer, which the audited estimate corrects."""
+    return lay.results_file(run).removesuffix("results.parquet") + "posterior_base.parquet"
+
+
 def _audit_of(
     storage: Storage,
     lay: Layout,
@@ -510,6 +519,7 @@ def _audit_of(
         predictions=predictions,
         model=artifacts.load_audit(storage, lay.models(), version) if version else None,
         seed=run,
+        base=storage.read_frame(base_uri) if storage.exists(base_uri := posterior_base_file(lay, run)) else None,
     )
     records = audited.pop("records")
     storage.write_frame(pl.DataFrame(records, schema=AUDIT_RECORD_SCHEMA), f"{lay.reports(run)}/audit.parquet")

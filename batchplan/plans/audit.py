@@ -38,13 +38,13 @@ import json
 import math
 import re
 from collections import Counter
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Final
 
 import numpy as np
 import polars as pl
 
-from batchplan.core.contracts import AUDIT_SUFFIX, PLAN_SCHEMA, audit_id, audited_query_id
+from batchplan.core.contracts import AUDIT_SUFFIX, PLAN_SCHEMA, audit_id, audited_query_id, is_audit
 from batchplan.core.history import History
 from batchplan.plans.candidates import P90_Z
 from batchplan.plans.simulation import PlanSpec, recorded_by_task, simulate
@@ -54,6 +54,10 @@ MIN_SEPARATION: Final = 0.15  # s - q below this: the audit cannot tell right fr
 MIN_RATE_ROWS: Final = 5  # right and wrong rows an LLM needs on the history for its own s and q
 RATE_CAP: Final = 300  # history observations a rate's Beta posterior counts at most
 DRAWS: Final = 4000  # posterior draws of the estimate
+# audited queries a task needs before the difference estimator corrects its posterior: below it the sample's
+# noise (>= 9 points for a proportion) dwarfs any shift, and one disagreeing audit's Jeffreys posterior is tight
+# enough to fool the shrinkage (bench/shift_estimate.py: 1-7 audits moved the estimate 12 points the wrong way)
+MIN_CORRECTION_ROWS: Final = 20
 Z95: Final = 1.959964
 
 
@@ -253,6 +257,7 @@ class _Row:
     informative: bool
     prior: float  # the predictor's accuracy for the delivered plan: stands in where the audit says nothing
     rate: tuple[float, float, float, float]  # agree when right, right, agree when wrong, wrong (capped counts)
+    base: float = 0.0  # the run's own gold-free P(delivered answer right) (``estimate_audit``'s ``base``)
 
 
 def _rates(model: AuditModel | None, task: str, llm: str | None, fitted: bool, r: float, k: float) -> tuple[float, ...]:
@@ -295,6 +300,7 @@ def _rows_for(
     calls: pl.DataFrame,
     queue: pl.DataFrame,
     model: AuditModel | None,
+    base: dict[str, float] | None = None,
 ) -> tuple[list[_Row], list[dict[str, Any]]]:
     tasks = dict(queue.select("query_id", "task").iter_rows())
     open_tasks = set(queue.filter(pl.col("labels").is_null())["task"].unique().to_list())
@@ -320,7 +326,7 @@ def _rows_for(
         # the delivered answer is the reference's own call (same single LLM): agreement is certain, no evidence
         own = kind == "single" and llm in (models or [])
         rows.append(
-            _Row(task, state == "done", agree, (s - q) >= MIN_SEPARATION and not own, float(planned.get(query_id, 0.0)), rate)  # type: ignore[arg-type]
+            _Row(task, state == "done", agree, (s - q) >= MIN_SEPARATION and not own, float(planned.get(query_id, 0.0)), rate, (base or {}).get(query_id, 0.0) if state == "done" else 0.0)  # type: ignore[arg-type]
         )
         records.append(
             {
@@ -336,6 +342,33 @@ def _rows_for(
     return rows, records
 
 
+def correction_shrink(correction: np.ndarray) -> float:
+    """How much of the audited correction (its posterior draws) the difference estimator keeps: positive-part
+    James-Stein, max(0, 1 - SE^2 / c^2). A handful of audited queries (the live default caps the references at
+    5% of the budget: 1-7 on a 230-query night) gives a correction whose noise dwarfs any shift, and applied
+    whole it moved the estimate further from the truth than the posterior alone (bench/shift_estimate.py); a
+    correction well outside its own noise (a shift the sample sees) is kept nearly whole."""
+    centre, se = float(correction.mean()), float(correction.std())
+    return 0.0 if centre == 0.0 else max(0.0, 1.0 - se * se / (centre * centre))
+
+
+def posterior_base(answers: pl.DataFrame) -> pl.DataFrame:
+    """``estimate_audit``'s ``base`` from a run in rounds: the posterior of each final answer (ROUND_ANSWER_SCHEMA
+    rows; the audits' own reference rows apart), what the run's ``estimated_accuracy`` averages."""
+    return answers.filter(~is_audit()).select(
+        "query_id", pl.col("estimated_p_correct").fill_null(0.0).fill_nan(0.0).alias("p")
+    )
+
+
+def base_probabilities(base: pl.DataFrame, results: pl.DataFrame) -> dict[str, float]:
+    """``base``'s p per query, 0 where the query was not answered (as the run's own estimate counts it)."""
+    done = set(results.filter(pl.col("status") == "done")["query_id"].to_list())
+    return {
+        q: (float(p) if p is not None and p == p and q in done else 0.0)
+        for q, p in base.select("query_id", "p").iter_rows()
+    }
+
+
 def estimate_audit(
     *,
     plan: pl.DataFrame,
@@ -347,14 +380,30 @@ def estimate_audit(
     predictions: pl.DataFrame,
     model: AuditModel | None,
     seed: str = "",
+    base: pl.DataFrame | None = None,
 ) -> dict[str, Any]:
     """The audited estimate of the batch's accuracy, its 95% interval, agreement per task, the LLMs worse than
     the history says and the drift found. ``plan``/``results``: the delivered rows; ``audit_results`` the
-    reference calls' result rows; ``calls``: every call made (query_id, model, answer, in call order)."""
+    reference calls' result rows; ``calls``: every call made (query_id, model, answer, in call order).
+
+    ``base`` (query_id, p): the run's own gold-free P(its delivered answer is right) for every query (a run in
+    rounds: the posterior of its final answers; a query missing or not answered counts 0). With it the estimate
+    is a difference estimator (prediction-powered inference): per task, the mean of ``base`` over all the task's
+    queries plus the audited sample's mean of (audited accuracy - base). The sample is uniform, so the
+    correction is unbiased for whatever bias ``base`` has (a batch easier or harder than the history), and where
+    ``base`` is good the correction is small; where the audit says nothing for a row its base stands. The
+    correction is shrunk by its own noise (``correction_shrink``), and none is made for a task with fewer than
+    ``MIN_CORRECTION_ROWS`` audited queries (the live default's handful leaves the posterior as it is); the
+    interval keeps the audit's whole spread and adds that of the realized accuracy around ``base`` (sqrt(sum
+    p(1-p)) / n).
+    Without ``base``, the audited rows' accuracy alone, the plan's promise for tasks not audited."""
     audits = audit_results.join(
         audit_plan_rows.select("query_id", "kind", "models", "fitted_reference", "expected_accuracy"), on="query_id"
     )
-    rows, records = _rows_for(plan, results, audits, calls, queue, model)
+    base_p = None if base is None else base_probabilities(base, results)
+    rows, records = _rows_for(plan, results, audits, calls, queue, model, base_p)
+    if base_p is not None:  # where the audit says nothing, the run's own estimate stands (no correction)
+        rows = [replace(r, prior=r.base) for r in rows]
     spend = float(audit_results["cost_usd"].fill_null(0.0).sum())
     out: dict[str, Any] = {
         "queries": audit_plan_rows.height,
@@ -380,18 +429,51 @@ def estimate_audit(
         .agg(pl.col("expected_accuracy").fill_null(0.0).mean())
         .iter_rows()
     )
+    base_task: dict[Any, tuple[float, float]] = {}
+    if base_p is not None:
+        out["method"] = (
+            "difference estimator: mean of the run's posterior over the batch + the audited sample's mean of "
+            "(misclassification-corrected accuracy - posterior), per task; 95% interval from posterior draws"
+        )
+        p_all = queue.select("query_id", "task").with_columns(
+            pl.col("query_id").replace_strict(base_p, default=0.0, return_dtype=pl.Float64).alias("p")
+        )
+        for task, mean_p, var_sum, n in (
+            p_all.group_by("task")
+            .agg(pl.col("p").mean().alias("mean"), (pl.col("p") * (1 - pl.col("p"))).sum().alias("var"), pl.len())
+            .iter_rows()
+        ):
+            base_task[task] = (float(mean_p), math.sqrt(float(var_sum)) / max(int(n), 1))
+        out["base_accuracy"] = float(p_all["p"].to_numpy().mean()) if p_all.height else None
     rng = np.random.default_rng(int.from_bytes(hashlib.blake2b(seed.encode(), digest_size=4).digest(), "little"))
     draws = np.zeros(DRAWS)
+    point = 0.0  # the difference estimator's point estimate (with a base)
     for task, weight in weights.iter_rows():
         share = weight / n_total
         task_rows = by_task.get(str(task))
-        if not task_rows:  # no audited query of this task: the plan's promise stands in for it
-            draws += share * float(planned_task.get(task, 0.0))
+        if not task_rows:  # no audited query of this task: the run's base, else the plan's promise, stands in
+            stand_in = base_task[task][0] if task in base_task else float(planned_task.get(task, 0.0))
+            draws += share * stand_in
+            point += share * stand_in
             continue
         task_draws = _task_draws(task_rows, rng, DRAWS)
-        estimate = float(np.median(task_draws))
+        shrink, centre = None, 0.0
+        if task in base_task:  # the difference estimator (docstring)
+            mean_base, spread = base_task[task]
+            correction = task_draws - float(np.mean([r.base for r in task_rows]))
+            shrink = correction_shrink(correction) if len(task_rows) >= MIN_CORRECTION_ROWS else 0.0
+            centre = float(correction.mean())
+            # the draws' median (the estimate) moves by the shrunk correction; their spread stays the audit's (the
+            # interval is not narrowed)
+            spread_draws = correction - float(np.median(correction)) + rng.normal(0.0, spread, DRAWS)
+            task_draws = np.clip(mean_base + shrink * centre + spread_draws, 0.0, 1.0)
         low, high = np.quantile(task_draws, [0.025, 0.975])
+        # with a base, the estimate is the posterior plus the kept correction itself (the draws' skew, from
+        # clipped agreement rates, would move their median off it even when nothing is kept)
+        estimate = base_task[task][0] + (shrink or 0.0) * centre if task in base_task else float(np.median(task_draws))
+        low, high = min(float(low), estimate), max(float(high), estimate)
         draws += share * task_draws
+        point += share * estimate
         agreement = float(np.mean([r.agree for r in task_rows]))
         entry = {
             "task": task,
@@ -402,6 +484,8 @@ def estimate_audit(
             "ci95": [float(low), float(high)],
             "planned_accuracy": float(planned_task.get(task, 0.0)),
         }
+        if shrink is not None:
+            entry["base_accuracy"], entry["correction_kept"] = base_task[task][0], shrink
         out["per_task"].append(entry)
         if not low <= entry["planned_accuracy"] <= high:
             out["drift"].append(
@@ -415,7 +499,8 @@ def estimate_audit(
                 }
             )
     low, high = np.quantile(draws, [0.025, 0.975])
-    out["estimated_accuracy"] = float(np.median(draws))
+    out["estimated_accuracy"] = point if base_task else float(np.median(draws))
+    low, high = min(float(low), out["estimated_accuracy"]), max(float(high), out["estimated_accuracy"])
     out["ci95"] = [float(low), float(high)]
     llms = llm_drift(audits, calls, queue, predictions, model)
     for entry in llms:

@@ -1,0 +1,214 @@
+"""The honest-estimate check on the shifted split, over several subject hold-outs, beside its noise floor.
+
+Issue 14's bar: on ``cascades`` with whole subjects held out (``bench.quality.subject_holdout``), the run's
+``estimated_accuracy`` must land within 2 points of the realized accuracy while the single-shot plan's planned
+accuracy does not. One hold-out has ~230 test queries, so even a perfectly calibrated estimate misses the
+realized accuracy by sqrt(sum p(1-p)) / n (its *noise floor*, ~2 points SD) from luck alone. This bench
+separates that from the systematic miss: per subject-holdout seed and budget it trains on the rest, then
+
+- single shot (votes and cascades allowed): realized accuracy, planned accuracy, and the floor of the plan's
+  own per-query P(correct);
+- rounds (``round_planner`` over the trained posterior, ``--rounds``, simulated on the recorded outcomes):
+  realized accuracy, the run's posterior estimate (``RoundsRun.estimated_accuracy``), the floor of its final
+  posteriors;
+- audited (``--audit-shares``; each a uniform sample with the task's reference plan replayed, capped at
+  ``--audit-spend-share`` of the budget as ``batchplan run`` caps the live default): ``estimate_audit`` with the
+  run's posteriors as ``base`` (the difference estimator that ``run`` reports in rounds with audits) and without
+  (the audits alone). The first share is also run the way ``run`` runs it, the reference calls inside the
+  budget (the rounds get the budget minus their expected cost): ``audit_cost_pts`` is what that costs in
+  accuracy against rounds without audits. The other shares' reference calls are paid outside the budget
+  (the estimator's error only).
+
+Printed per budget, over the seeds: mean signed miss (estimate - realized, points) and mean absolute miss of
+each estimate, the mean floor, and how many seeds land within 2 points. Nothing in the estimates reads gold;
+only the realized column does.
+
+    uv run python bench/shift_estimate.py [--seeds 5] [--fractions 0.1,0.2,0.3,0.5] [--audit-shares 0.05,0.2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import structlog
+
+from batchplan.app import artifacts
+from batchplan.app.demo import best_single_cost
+from batchplan.app.pipeline import build_candidates, execute, optimize, predict
+from batchplan.app.report import Truth, score_results
+from batchplan.app.round_replay import RoundsRun, simulate_rounds
+from batchplan.core.history import load_history
+from batchplan.core.request import LIVE_AUDIT_SHARE, LIVE_AUDIT_SPEND_SHARE
+from batchplan.core.settings import get_settings
+from batchplan.core.storage import Storage
+from batchplan.dispatchers import get_backend
+from batchplan.plans.audit import audit_plan, audit_queue, estimate_audit, posterior_base
+from batchplan.plans.planning import PlanRequest
+from batchplan.plans.round_planner import DEFAULT_ROUNDS, round_planner
+from bench.quality import subject_holdout
+
+WITHIN: float = 0.02  # the bar: within 2 points
+
+
+def floor(p: np.ndarray) -> float:
+    """The SD of the realized accuracy around a calibrated estimate: sqrt(sum p(1-p)) / n."""
+    return float(np.sqrt(np.sum(p * (1 - p))) / max(len(p), 1))
+
+
+def audited(
+    run: RoundsRun, plan: pl.DataFrame, queue: pl.DataFrame, predictions: pl.DataFrame, trained: artifacts.Trained,
+    backend: object, storage: Storage, share: float, cap_usd: float | None, seed: str, out: str,
+) -> dict[str, float]:  # fmt: skip
+    """The audited estimates of one run: with the run's posteriors as base, and the audits alone."""
+    rows = audit_plan(queue, predictions, trained.audit, share, seed, max_cost_usd=cap_usd)
+    references = execute(rows, audit_queue(queue, rows), backend, budget_usd=None, out_uri=out, storage=storage)  # type: ignore[arg-type]
+    args = {
+        "plan": plan,
+        "results": run.results,
+        "audit_plan_rows": rows,
+        "audit_results": references,
+        "calls": run.observations.select("query_id", "model", "answer", "status"),
+        "queue": queue,
+        "predictions": predictions,
+        "model": trained.audit,
+        "seed": seed,
+    }
+    with_base, alone = estimate_audit(**args, base=posterior_base(run.answers)), estimate_audit(**args)  # type: ignore[arg-type]
+    return {
+        "audited": float(with_base["audited"]),
+        "audit_spent_usd": float(with_base["spent_usd"]),
+        "audit_expected_usd": float(rows["expected_cost_usd"].sum()),
+        "difference": with_base["estimated_accuracy"],
+        "difference_low": with_base["ci95"][0],
+        "difference_high": with_base["ci95"][1],
+        "alone": alone["estimated_accuracy"],
+    }
+
+
+def bench_seed(seed: int, fractions: tuple[float, ...], shares: tuple[float, ...], spend_share: float,
+               rounds: int, predictor: str, storage: Storage, workdir: str, data_dir: str) -> list[dict]:  # fmt: skip
+    settings = get_settings()
+    split = subject_holdout(load_history(str(Path(data_dir) / "cascades"), storage), seed=seed)
+    queue = split.as_queue("test")
+    trained = artifacts.train(split.split("train"), predictor=predictor, seed=settings.seed)
+    backend = get_backend("replay", history=split)
+    truth = Truth.from_history(split)
+    predictions = predict(queue, trained.predictor, backend)
+    candidates = build_candidates(queue, predictions, trained.templates)
+    reference_cost, _ = best_single_cost(split, queue)
+    recorded = split.outcomes.select("query_id", "model", "answer", "cost_usd", "logprob", "tokens_in", "tokens_out")
+
+    def right(results: pl.DataFrame) -> np.ndarray:
+        return score_results(results, truth)["correct"].fill_null(False).to_numpy()
+
+    rows = []
+    for fraction in fractions:
+        budget = fraction * reference_cost
+        row: dict = {"seed": seed, "queries": queue.height, "budget_pct": round(100 * fraction)}
+        try:
+            outcome = optimize(candidates, PlanRequest(budget_usd=budget), trained.templates)
+        except Exception as error:  # a budget the cheapest plan cannot meet on this hold-out: the cell is empty
+            print(f"seed {seed} @ {row['budget_pct']}%: skipped ({type(error).__name__})", file=sys.stderr)
+            continue
+        out = f"{workdir}/s{seed}-{fraction}"
+        results = execute(outcome.plan, queue, backend, budget_usd=budget, out_uri=f"{out}/single", storage=storage)
+        planned = outcome.plan["expected_accuracy"].fill_null(0.0).to_numpy()
+        row |= {"single_realized": float(right(results).mean()), "single_planned": float(planned.mean()),
+                "single_floor": floor(planned)}  # fmt: skip
+        run = simulate_rounds(round_planner(trained.posterior), queue, predictions, recorded, budget, rounds)
+        post = run.answers["estimated_p_correct"].fill_null(0.0).fill_nan(0.0).to_numpy()
+        row |= {"rounds_realized": float(right(run.results).mean()), "rounds_estimated": run.estimated_accuracy,
+                "rounds_floor": floor(post)}  # fmt: skip
+        for k, share in enumerate(shares):
+            tag = f"a{round(100 * share)}"
+            cap = spend_share * budget if k == 0 else None  # the default's cap; the others: the estimator alone
+            found = audited(run, outcome.plan, queue, predictions, trained, backend, storage, share, cap,
+                            f"shift{seed}", f"{out}/{tag}")  # fmt: skip
+            row |= {f"{tag}_{key}": value for key, value in found.items()}
+            if k == 0:  # as run runs it: the reference calls inside the budget
+                inside = simulate_rounds(round_planner(trained.posterior), queue, predictions, recorded,
+                                         budget - found["audit_expected_usd"], rounds)  # fmt: skip
+                found = audited(inside, outcome.plan, queue, predictions, trained, backend, storage, share, cap,
+                                f"shift{seed}", f"{out}/{tag}-in")  # fmt: skip
+                row |= {"inside_realized": float(right(inside.results).mean()),
+                        "inside_estimated": inside.estimated_accuracy,
+                        "inside_difference": found["difference"], "inside_audited": found["audited"]}  # fmt: skip
+        rows.append(row)
+    return rows
+
+
+def summary(rows: list[dict], shares: tuple[float, ...]) -> pl.DataFrame:
+    """Per budget over the seeds: signed and absolute miss (points) of each estimate, the floor, seeds within."""
+    frame = pl.DataFrame(rows)
+    estimates = [("single planned", "single_planned", "single_realized", "single_floor"),
+                 ("rounds posterior", "rounds_estimated", "rounds_realized", "rounds_floor")]  # fmt: skip
+    for k, share in enumerate(shares):
+        tag = f"a{round(100 * share)}"
+        estimates.append((f"rounds + audits {share:.0%} (difference)", f"{tag}_difference", "rounds_realized", "rounds_floor"))
+        estimates.append((f"rounds + audits {share:.0%} (audits alone)", f"{tag}_alone", "rounds_realized", "rounds_floor"))
+        if k == 0:
+            estimates.append((f"rounds, audits {share:.0%} inside the budget (difference)", "inside_difference",
+                              "inside_realized", "rounds_floor"))  # fmt: skip
+    out = []
+    for (pct,), group in frame.group_by("budget_pct", maintain_order=True):
+        for label, est, real, fl in estimates:
+            if est not in group.columns:
+                continue
+            miss = (group[est] - group[real]).to_numpy() * 100
+            out.append({"budget_pct": pct, "estimate": label, "seeds": len(miss),
+                        "realized_%": round(float(group[real].to_numpy().mean()) * 100, 1),
+                        "mean_signed_miss_pts": round(float(np.nanmean(miss)), 1),
+                        "mean_abs_miss_pts": round(float(np.nanmean(np.abs(miss))), 1),
+                        "floor_sd_pts": round(float(group[fl].to_numpy().mean()) * 100, 1),
+                        "within_2pts": f"{int(np.sum(np.abs(miss) <= 100 * WITHIN))}/{len(miss)}"})  # fmt: skip
+    return pl.DataFrame(out).sort("budget_pct", maintain_order=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--data-dir", default=get_settings().data_dir)
+    parser.add_argument("--seeds", type=int, default=5, help="subject-holdout seeds 0..N-1")
+    parser.add_argument("--fractions", default="0.1,0.2,0.3,0.5")
+    parser.add_argument("--audit-shares", default=f"{LIVE_AUDIT_SHARE},0.2,0.5",
+                        help="the first is capped at --audit-spend-share and also run inside the budget; the others "
+                        "uncapped, paid outside it")
+    parser.add_argument("--audit-spend-share", type=float, default=LIVE_AUDIT_SPEND_SHARE)
+    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS)
+    parser.add_argument("--predictor", default="lightgbm")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args(argv)
+    structlog.configure(
+        wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING),
+        logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
+    )
+    fractions = tuple(float(f) for f in args.fractions.split(","))
+    shares = tuple(float(s) for s in args.audit_shares.split(",") if s)
+    storage, rows = Storage(), []
+    with tempfile.TemporaryDirectory() as workdir:
+        for seed in range(args.seeds):
+            started = time.perf_counter()
+            rows.extend(bench_seed(seed, fractions, shares, args.audit_spend_share, args.rounds, args.predictor,
+                                   storage, workdir, args.data_dir))  # fmt: skip
+            print(f"seed {seed}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+    with pl.Config(tbl_rows=200, tbl_cols=40, tbl_width_chars=320, float_precision=3, tbl_hide_dataframe_shape=True):
+        per_cell = pl.DataFrame(rows)
+        print("per seed and budget (accuracies as shares; aN_: audits of N% of the queries):")
+        keep = [c for c in per_cell.columns if not c.endswith(("_usd", "_low", "_high", "queries"))]
+        print(per_cell.select(keep))
+        print(f"over {args.seeds} subject hold-outs (miss = estimate - realized; floor = sqrt(sum p(1-p))/n):")
+        print(summary(rows, shares))
+    if args.json:
+        Path(args.json).write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
