@@ -260,9 +260,13 @@ def bedrock_batch_sender(
     deadline: float | None = None,
     region_name: str | None = None,
     endpoint_url: str | None = None,
+    airflow_conn_id: str | None = None,
 ) -> BedrockBatchSender:
-    """The sender from the settings (``BATCHPLAN_BEDROCK_BATCH_URI``, ``BATCHPLAN_BEDROCK_BATCH_ROLE_ARN``) and
-    the standard AWS chain; ``endpoint_url``: the S3 endpoint (``BATCHPLAN_S3_ENDPOINT_URL`` by default)."""
+    """The sender from the settings (``BATCHPLAN_BEDROCK_BATCH_URI``, ``BATCHPLAN_BEDROCK_BATCH_ROLE_ARN``,
+    ``BATCHPLAN_BATCH_POLL_S``) and the standard AWS chain; ``endpoint_url``: the S3 endpoint
+    (``BATCHPLAN_S3_ENDPOINT_URL`` by default). ``airflow_conn_id``: the control plane's and S3's clients come
+    from that AWS connection instead, as the backend's runtime client does (its credentials, region and
+    endpoints: ``service_config`` per service)."""
     import boto3
 
     settings = get_settings()
@@ -278,18 +282,28 @@ def bedrock_batch_sender(
             fields=("bedrock_batch_role_arn",),
         )
     bucket, _, prefix = settings.bedrock_batch_uri.removeprefix("s3://").partition("/")
-    s3 = boto3.client(
-        "s3", region_name=region_name or settings.s3_region, endpoint_url=endpoint_url or settings.s3_endpoint_url
-    )
+    if airflow_conn_id:
+        from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+
+        def client(kind: str) -> Any:
+            return AwsBaseHook(aws_conn_id=airflow_conn_id, client_type=kind).get_client_type(region_name=region_name)
+
+        control, s3 = client("bedrock"), client("s3")
+    else:
+        control = boto3.client("bedrock", region_name=region_name)
+        s3 = boto3.client(
+            "s3", region_name=region_name or settings.s3_region, endpoint_url=endpoint_url or settings.s3_endpoint_url
+        )
     return BedrockBatchSender(
         backend=backend,
-        control=boto3.client("bedrock", region_name=region_name),
+        control=control,
         s3=s3,
         bucket=bucket,
         prefix=prefix.strip("/") or "batchplan/bedrock-batch",
         role_arn=settings.bedrock_batch_role_arn,
         realtime=realtime,
         deadline=deadline,
+        poll_seconds=settings.batch_poll_s,
     )
 
 
