@@ -40,6 +40,7 @@ class Line:
     tenant: str
     request: CallRequest
     reserve_usd: float  # high side at the batch price
+    call: str = "0"  # the executor's call key in the ledger: <slot>:<model>:0 (slot: the LLM's place in the row)
 
 
 @dataclass
@@ -60,12 +61,19 @@ def batch_lines(
     max_tokens_open: int,
 ) -> list[Line]:
     """The lines of ``calls``' batch rows, in row order; record ids ``r<10 digits>`` (Bedrock's 11 characters)."""
-    rows = calls.filter(pl.col("mode").fill_null(REALTIME) == BATCH).explode("models").drop_nulls("models")
+    rows = (
+        calls.filter(pl.col("mode").fill_null(REALTIME) == BATCH)
+        .with_columns(pl.int_ranges(pl.col("models").list.len()).alias("_slot"))
+        .explode("models", "_slot")
+        .drop_nulls("models")
+    )
     info = queue.select(
         "query_id", "prompt", "system_prompt", "labels", pl.col("tenant").fill_null(DEFAULT_TENANT)
     ).rows_by_key("query_id", unique=True)
     out = []
-    for i, (query_id, model, reserve) in enumerate(rows.select("query_id", "models", "reserve_cost_usd").iter_rows()):
+    for i, (query_id, model, reserve, slot) in enumerate(
+        rows.select("query_id", "models", "reserve_cost_usd", "_slot").iter_rows()
+    ):
         prompt, system_prompt, labels, tenant = info[query_id]
         request = CallRequest(
             query_id, model, prompt, system_prompt, tuple(labels) if labels is not None else None,
@@ -74,7 +82,7 @@ def batch_lines(
         bound = backend.cost_bound(request)
         # the hard bound at the batch price; the plan's reserve where the backend has no list price
         high = bound * discount.get(model, 1.0) if bound is not None else float(reserve or 0.0)
-        out.append(Line(f"r{i:010d}", query_id, model, tenant, request, high))
+        out.append(Line(f"r{i:010d}", query_id, model, tenant, request, high, f"{slot}:{model}:0"))
     return out
 
 

@@ -4,7 +4,8 @@ The sender of a round's ``mode == batch`` rows (a ``RoundSender``, ``batchplan.a
 shape every batch sender has (``dispatchers.batch_jobs``): lines grouped one job per LLM (split at 50,000
 records), each line's high side reserved before its job is submitted, settled from the job's output at the
 batch price (``PriceCatalog.batch_discount``, 50% of on-demand), failed and unreturned lines released and
-given back to the planner. An LLM with fewer lines than Bedrock's per-model minimum record count (100 by
+given back to the planner; each line's call goes into ``<out>/batch/``'s ledger as the OpenAI batch sender
+writes it (the executor's call event, at its bill), so the run's outcomes hold it. An LLM with fewer lines than Bedrock's per-model minimum record count (100 by
 default) is sent in real time instead, with the round's real-time rows (``realtime``: a DispatchSender over
 the Converse backend), and says so: a ``bedrock_batch.fallback`` log line and ``fallbacks`` in
 ``<out>/batch.json``.
@@ -52,6 +53,8 @@ from batchplan.dispatchers.batch_jobs import (
     observations_frame,
 )
 from batchplan.dispatchers.bedrock import BedrockBackend
+from batchplan.dispatchers.executor import _to_event
+from batchplan.dispatchers.ledger import Ledger, new_writer_id
 
 log = structlog.get_logger("batchplan.dispatchers")
 
@@ -106,14 +109,21 @@ class BedrockBatchSender:
         observed_rt, refused_rt = self._send_realtime(request, calls, jobs.realtime, budget)
         rows: list[dict[str, Any]] = []
         summary = []
-        for state, kept in submitted:
-            status = self._wait(state)
-            outputs = self._outputs(state)
-            for line in kept:
-                result = self._result(line, outputs.get(line.record_id), status)
-                budget.settle(line, result.cost_usd * discount[line.model])
-                rows.append(observation(line, round, result, discount[line.model]))
-            summary.append({k: state[k] for k in ("job_arn", "model", "input")} | {"status": status, "lines": len(kept)})
+        # every line's call event, as the OpenAI batch sender writes it: the run's outcomes read the ledgers
+        ledger = Ledger(storage, join(out_uri, "batch"), new_writer_id())
+        try:
+            for state, kept in submitted:
+                status = self._wait(state)
+                outputs = self._outputs(state)
+                for line in kept:
+                    result = self._result(line, outputs.get(line.record_id), status)
+                    billed = result.cost_usd * discount[line.model]
+                    budget.settle(line, billed)
+                    rows.append(observation(line, round, result, discount[line.model]))
+                    ledger.append(_to_event(line.query_id, line.call, result, billed, BATCH) | {"job": state["job_arn"]})
+                summary.append({k: state[k] for k in ("job_arn", "model", "input")} | {"status": status, "lines": len(kept)})
+        finally:
+            ledger.close()
         observed = pl.concat([observations_frame(rows), observed_rt], how="diagonal_relaxed")
         storage.write_text(
             join(out_uri, "batch.json"), json.dumps({"jobs": summary, "fallbacks": jobs.fallbacks}, indent=2)
@@ -250,9 +260,13 @@ def bedrock_batch_sender(
     deadline: float | None = None,
     region_name: str | None = None,
     endpoint_url: str | None = None,
+    airflow_conn_id: str | None = None,
 ) -> BedrockBatchSender:
-    """The sender from the settings (``BATCHPLAN_BEDROCK_BATCH_URI``, ``BATCHPLAN_BEDROCK_BATCH_ROLE_ARN``) and
-    the standard AWS chain; ``endpoint_url``: the S3 endpoint (``BATCHPLAN_S3_ENDPOINT_URL`` by default)."""
+    """The sender from the settings (``BATCHPLAN_BEDROCK_BATCH_URI``, ``BATCHPLAN_BEDROCK_BATCH_ROLE_ARN``,
+    ``BATCHPLAN_BATCH_POLL_S``) and the standard AWS chain; ``endpoint_url``: the S3 endpoint
+    (``BATCHPLAN_S3_ENDPOINT_URL`` by default). ``airflow_conn_id``: the control plane's and S3's clients come
+    from that AWS connection instead, as the backend's runtime client does (its credentials, region and
+    endpoints: ``service_config`` per service)."""
     import boto3
 
     settings = get_settings()
@@ -268,18 +282,28 @@ def bedrock_batch_sender(
             fields=("bedrock_batch_role_arn",),
         )
     bucket, _, prefix = settings.bedrock_batch_uri.removeprefix("s3://").partition("/")
-    s3 = boto3.client(
-        "s3", region_name=region_name or settings.s3_region, endpoint_url=endpoint_url or settings.s3_endpoint_url
-    )
+    if airflow_conn_id:
+        from airflow.providers.amazon.aws.hooks.base_aws import AwsBaseHook
+
+        def client(kind: str) -> Any:
+            return AwsBaseHook(aws_conn_id=airflow_conn_id, client_type=kind).get_client_type(region_name=region_name)
+
+        control, s3 = client("bedrock"), client("s3")
+    else:
+        control = boto3.client("bedrock", region_name=region_name)
+        s3 = boto3.client(
+            "s3", region_name=region_name or settings.s3_region, endpoint_url=endpoint_url or settings.s3_endpoint_url
+        )
     return BedrockBatchSender(
         backend=backend,
-        control=boto3.client("bedrock", region_name=region_name),
+        control=control,
         s3=s3,
         bucket=bucket,
         prefix=prefix.strip("/") or "batchplan/bedrock-batch",
         role_arn=settings.bedrock_batch_role_arn,
         realtime=realtime,
         deadline=deadline,
+        poll_seconds=settings.batch_poll_s,
     )
 
 

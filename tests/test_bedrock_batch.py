@@ -283,3 +283,57 @@ def test_the_sender_from_settings_names_what_is_missing(monkeypatch: pytest.Monk
         assert (sender.bucket, sender.prefix) == ("nightly", "jobs")
     finally:
         get_settings.cache_clear()
+
+
+def test_every_call_of_a_bedrock_batch_round_is_in_the_runs_outcomes_at_its_bill(s3: Any, tmp_path: Path) -> None:
+    """The run's ``outcomes.parquet`` (``record_run_outcomes`` over the run's ledgers) holds every call of a
+    round sent by Bedrock batch (one job per LLM), as it holds the OpenAI batch sender's: each line at what it
+    was billed (the service's bill, half the list price), beside the real-time calls of an LLM below the
+    minimum record count, once, also after a rerun of the round. The local control plane (and Converse)
+    answers from a history over moto's S3."""
+    from batchplan.app.outcomes import record_run_outcomes
+    from batchplan.core.history import synthetic_history
+    from tests.support.bedrock_control_server import BedrockControlServer
+
+    history = synthetic_history(270, 4, seed=31)
+    queue = conform(history.queries, QUEUE_SCHEMA, name="queue")
+    # two jobs of 120 (above Bedrock's minimum of 100 records), and 30 calls of a third LLM in real time
+    models = [[history.models[i % 2 if i < 240 else 2]] for i in range(queue.height)]
+    calls = conform(
+        pl.DataFrame({
+            "query_id": queue["query_id"], "models": models, "reserve_cost_usd": [1e-4] * queue.height,
+            "expected_cost_usd": [5e-5] * queue.height, "expected_accuracy": [0.8] * queue.height,
+            "mode": ["batch"] * queue.height,
+        }),
+        ROUND_PLAN_SCHEMA, name="calls",
+    )  # fmt: skip
+    with BedrockControlServer(history, s3, run_s=0.05) as control:
+        runtime = _client("bedrock-runtime", control.endpoint_url)
+        backend = BedrockBackend(
+            catalog=PriceCatalog.from_prices(history.prices).for_backend("bedrock"), client=runtime, max_workers=1
+        )
+        plane = _client("bedrock", control.endpoint_url)
+        sender = BedrockBatchSender(
+            backend=backend, control=plane, s3=s3, bucket=BUCKET,
+            role_arn="arn:aws:iam::123456789012:role/batch", poll_seconds=0.02,
+            realtime=DispatchSender(backend, DispatchOptions(concurrency=1)),
+        )  # fmt: skip
+        request = RoundRequest(calls, queue, 1, 1.0, {}, str(tmp_path / "rounds" / "1"), Storage())
+        observed, refused = sender.send(request)
+        # a rerun of the round (after a crash: the job found by its state file, its output read again)
+        sender.send(request)
+        stats = control.stats()
+        plane.close()  # its kept-alive connection, before the server stops
+        runtime.close()
+    assert refused.height == 0
+    assert dict(observed.group_by("mode").len().iter_rows()) == {"batch": 240, "realtime": 30}
+    assert (observed["status"] == "ok").all()
+    assert stats["creates"] == 2
+    assert stats["billed_twice"] == []
+    outcomes = record_run_outcomes(Storage(), str(tmp_path), str(tmp_path), queue, prices=history.prices)
+    assert pl.read_parquet(tmp_path / "outcomes.parquet").height == outcomes.height == 270  # every call, once
+    columns = ["query_id", "model", "answer", "tokens_in", "round"]
+    recorded, expected = outcomes.sort("query_id"), observed.sort("query_id")
+    assert recorded.select(columns).equals(expected.select(columns).cast(recorded.select(columns).schema))
+    assert recorded["cost_usd"].to_list() == pytest.approx(expected["cost_usd"].to_list(), rel=1e-12)  # as billed
+    assert float(outcomes["cost_usd"].sum()) == pytest.approx(stats["billed_usd"], rel=1e-9)  # the bill, once

@@ -602,6 +602,34 @@ def test_nightly_in_rounds_replans_the_whole_batch_under_what_is_left(
 BATCH_DAY = "2026-03-06"  # the nightly by the OpenAI Batch API: the cascades test split, its own queue
 
 
+def _nightly_by_batch(
+    dagbag: Any, env: AirflowEnv, conf: dict[str, Any], logical_date: datetime, queue: pl.DataFrame
+) -> dict[str, Any]:
+    """The nightly by ``conf``'s backend's batch API (one round, deferral allowed, default audits), the
+    settings read afresh; asserts it succeeded with one result per query within the budget; its manifest."""
+    from batchplan.core.settings import get_settings
+
+    monkeypatch = pytest.MonkeyPatch()
+    monkeypatch.setenv("BATCHPLAN_BATCH_POLL_S", "0.02")
+    get_settings.cache_clear()
+    # every param an earlier run set is given: dag.test keeps an earlier run's conf in the DAG's params
+    conf = {"allow_deferral": True, "batch_api": True, "rounds": 1, "tenant_budgets_usd": {}, "audit_share": None} | conf
+    try:
+        label = f"nightly ({conf['backend']} batch)"
+        dag_run = _run(dagbag, env, "batchplan_nightly", label, logical_date=logical_date, run_conf=conf)
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+    assert str(dag_run.state) == "success", _states(dag_run)
+    lay, run = env.layout, f"nightly-{conf['queue_date']}"
+    manifest: dict[str, Any] = json.loads(env.storage.read_text(lay.results_manifest(run)))
+    results = env.storage.read_frame(lay.results_file(run))
+    assert manifest["queries"] == results.height == queue.height
+    assert results["query_id"].n_unique() == queue.height  # one result per query
+    assert manifest["spent_usd"] <= conf["budget_usd"]
+    return manifest
+
+
 @pytest.mark.slow
 def test_nightly_by_the_batch_api_end_to_end(
     dagbag: Any,
@@ -617,7 +645,6 @@ def test_nightly_by_the_batch_api_end_to_end(
     per query, the spend within the budget, and the server's bill is the batch price (half the recorded
     cost) of exactly what the run says it spent. The key is in no log."""
     from batchplan.core.history import load_history
-    from batchplan.core.settings import get_settings
     from tests.support.batch_server import BatchFaults, BatchServer
 
     cascades = data_dir / "cascades"
@@ -633,29 +660,10 @@ def test_nightly_by_the_batch_api_end_to_end(
     with BatchServer(history, BatchFaults(validate_s=0.0, run_s=0.05)) as server:
         connection = {"conn_type": "http", "host": server.base_url, "password": key}
         monkeypatch.setenv("AIRFLOW_CONN_BATCHPLAN_OPENAI", json.dumps(connection))
-        monkeypatch.setenv("BATCHPLAN_BATCH_POLL_S", "0.02")
-        get_settings.cache_clear()
-        # every param an earlier run set is given: dag.test keeps an earlier run's conf in the DAG's params
-        conf = {
-            "budget_usd": budget, "max_shards": 2, "allow_deferral": True, "queue_date": BATCH_DAY,
-            "backend": "openai", "batch_api": True, "rounds": 1, "tenant_budgets_usd": {}, "audit_share": None,
-        }  # fmt: skip
-        try:
-            dag_run = _run(
-                dagbag, env, "batchplan_nightly", "nightly (batch_api)",
-                logical_date=datetime(2026, 3, 6, 2, tzinfo=UTC), run_conf=conf,
-            )  # fmt: skip
-        finally:
-            get_settings.cache_clear()
+        conf = {"budget_usd": budget, "max_shards": 2, "queue_date": BATCH_DAY, "backend": "openai"}
+        manifest = _nightly_by_batch(dagbag, env, conf, datetime(2026, 3, 6, 2, tzinfo=UTC), queue)
         stats = server.stats()
         billed_keys = dict(server.billed_keys)
-    states = _states(dag_run)
-    assert str(dag_run.state) == "success", states
-    manifest = json.loads(storage.read_text(lay.results_manifest(run)))
-    results = storage.read_frame(lay.results_file(run))
-    assert manifest["queries"] == results.height == queue.height
-    assert results["query_id"].n_unique() == queue.height  # one result per query
-    assert manifest["spent_usd"] <= budget
     assert stats["batches"], "nothing went by batch"
     assert stats["authorized"] > 0  # the connection's key was sent
     assert stats["submitted_twice"] == []
@@ -680,13 +688,80 @@ def test_nightly_by_the_batch_api_end_to_end(
     assert key not in captured.out + captured.err
 
 
+BEDROCK_DAY = "2026-03-07"  # the nightly by Bedrock batch inference: the cascades test split, its own queue
+
+
+@pytest.mark.slow
+@pytest.mark.skip(
+    reason="not green yet: on the 169 queries of cascades' test split the plan left every LLM below Bedrock's "
+    "100-record minimum, so nothing went by batch; this version on all 585 queries has not finished a run"
+)
+def test_nightly_by_bedrock_batch_end_to_end(
+    dagbag: Any,
+    seeded: Done,
+    copy_of: Callable[[Done], AirflowEnv],
+    real_history: History,
+    data_dir: Path,
+    s3_endpoint: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """backend bedrock + batch_api: the runtime, control-plane and S3 clients from the ``batchplan_bedrock``
+    AWS connection (an endpoint per service), the job prefix and role from the settings; the jobs go by the
+    local control plane over moto's S3 (an LLM below Bedrock's 100-record minimum by its Converse), one
+    result per query, no job created twice, the spend within the budget and equal to the bill, and every
+    billed call in the run's outcomes at what it was billed."""
+    import boto3
+
+    from batchplan.core.history import load_history
+    from tests.support.bedrock_control_server import BedrockControlServer
+
+    cascades = data_dir / "cascades"
+    if not (cascades / "models.csv").exists():
+        pytest.skip("needs the cascades history (../shared/data/cascades)")
+    # every split of cascades (585 queries): a job needs 100 records, and an LLM planned below that is
+    # re-planned in real time, which on the 169 of the test split is every LLM; tight (gpt-4o-mini on all
+    # costs ~$0.015 in real time, half by batch), so a cheap LLM goes by batch for most queries
+    budget = 0.012
+    env = copy_of(seeded)
+    lay, storage, run = env.layout, env.storage, f"nightly-{BEDROCK_DAY}"
+    queue = real_history.as_queue().filter(pl.col("tenant") == "cascades")
+    storage.write_frame(queue, f"{lay.queue(BEDROCK_DAY)}part-0.parquet")
+    storage.write_bytes(lay.prices(), (cascades / "models.csv").read_bytes())
+    s3 = boto3.client("s3", endpoint_url=s3_endpoint, region_name="us-east-1")
+    with BedrockControlServer(load_history([str(cascades)]), s3, run_s=0.05) as control:
+        extra = {"region_name": "us-east-1", "endpoint_url": control.endpoint_url,
+                 "service_config": {"s3": {"endpoint_url": s3_endpoint}}}  # fmt: skip
+        connection = {"conn_type": "aws", "login": "testing", "password": "testing", "extra": extra}
+        monkeypatch.setenv("AIRFLOW_CONN_BATCHPLAN_BEDROCK", json.dumps(connection))
+        monkeypatch.setenv("BATCHPLAN_BEDROCK_BATCH_URI", f"{lay.root}/bedrock-jobs")
+        monkeypatch.setenv("BATCHPLAN_BEDROCK_BATCH_ROLE_ARN", "arn:aws:iam::123456789012:role/batch")
+        conf = {"budget_usd": budget, "max_shards": 1, "queue_date": BEDROCK_DAY, "backend": "bedrock"}
+        manifest = _nightly_by_batch(dagbag, env, conf, datetime(2026, 3, 7, 2, tzinfo=UTC), queue)
+        stats = control.stats()
+    assert stats["jobs"], "nothing went by batch"
+    assert all(j["status"] == "Completed" for j in stats["jobs"])
+    assert stats["creates"] == len(stats["jobs"])  # no job created twice
+    assert stats["processed_twice"] == []
+    assert manifest["spent_usd"] == pytest.approx(stats["billed_usd"], rel=1e-9)
+    outcomes = storage.read_frame(f"{lay.outcomes(run)}/outcomes.parquet")
+    assert outcomes.filter(pl.col("cost_usd") > 0).height == stats["billed_calls"]  # every billed call, once
+    assert float(outcomes["cost_usd"].sum()) == pytest.approx(stats["billed_usd"], rel=1e-9)
+    report = json.loads(storage.read_text(f"{lay.reports(run)}/report.json"))
+    assert {m["mode"] for m in report["dispatch_modes"]["spend_by_mode"]} >= {"batch"}
+
+
 @pytest.mark.slow
 def test_nightly_audits_inside_the_budget_and_says_the_estimate_in_its_report(
     dagbag: Any, seeded: Done, copy_of: Callable[[Done], AirflowEnv], queue_days: dict[str, pl.DataFrame]
 ) -> None:
     """audit_share 0.1: the reference calls are planned and dispatched in the shards under the one budget, the
-    delivered results stay one per query, the report (and the run page's tab) gives the audited estimate with
-    its interval, and the drift task emits the retrain's Asset only when drift was found."""
+    delivered results stay one per query, an audited query is delivered its reference's answer where that is
+    the likelier right (as the CLI does) while the estimate reads the plan's own answers, the report (and the
+    run page's tab) gives the audited estimate with its interval, and the drift task emits the retrain's
+    Asset only when drift was found."""
+    from batchplan.core.contracts import audited_query_id
+    from batchplan.plans.audit import AUDIT_DELIVERED_NOTE
+
     budget = 0.5  # the references (the history's best LLMs) of 45 queries cost ~$0.13 on this mix
     env = copy_of(seeded)
     conf = {"budget_usd": budget, "max_shards": 2, "allow_deferral": True, "queue_date": ROUNDS_DAY, "audit_share": 0.1}
@@ -710,6 +785,17 @@ def test_nightly_audits_inside_the_budget_and_says_the_estimate_in_its_report(
     assert report["spent_usd"] == pytest.approx(manifest["spent_usd"])
     assert states["drift"] == ("success" if report["drift"] else "skipped")
     assert "audited estimate" in stages.report_html_for(storage, lay, "batchplan_nightly", dag_run.run_id)
+    # the paid references delivered: each swapped query now carries its reference's answer...
+    results = storage.read_frame(lay.results_file(run))
+    swapped = results.filter(pl.col("note").str.contains(AUDIT_DELIVERED_NOTE, literal=True))
+    assert swapped.height == report["audit"]["delivered_references"] > 0
+    reference = {audited_query_id(q): a for q, a in audits.select("query_id", "answer").iter_rows()}
+    assert all(a == reference[q] for q, a in swapped.select("query_id", "answer").iter_rows())
+    # ...while the audit's records (the estimate's input) keep what the plan itself answered
+    records = storage.read_frame(f"{lay.reports(run)}/audit.parquet")
+    records = records.filter(pl.col("query_id").is_in(swapped["query_id"].implode()))
+    assert records.height
+    assert not records["agree"].fill_null(False).any()
 
 
 @pytest.mark.slow

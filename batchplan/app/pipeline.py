@@ -481,7 +481,7 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
     references: pl.DataFrame | None = None
     if audit is not None:  # the reference calls are the audit's, not answers the batch delivers
         audit_results, results, plan = results.filter(is_audit()), results.filter(~is_audit()), plan.filter(~is_audit())
-        audited = estimate_audit(
+        results, audited, references = settle_audits(
             plan=plan,
             results=results,
             audit_plan_rows=audit,
@@ -497,10 +497,7 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
             base=None if in_rounds_outcome is None else posterior_base(in_rounds_outcome.answers),
         )
         paths["audit"] = join(job.out_uri, "audit.parquet")
-        references = pl.DataFrame(audited.pop("records"), schema=AUDIT_RECORD_SCHEMA)
         storage.write_frame(references, paths["audit"])
-        # after the estimate (the plan's own answers): the paid reference answers where they are the likelier right
-        results, audited["delivered_references"] = deliver_references(results, plan, audit, audit_results, ingested.queue)
     storage.write_frame(results, paths["results"])
     # every call the run made, as outcomes to learn from; correctness from the replay history only when that
     # history answered the calls (a live backend's is unknown until labels or audits say)
@@ -553,6 +550,21 @@ AUDIT_RECORD_SCHEMA = pl.Schema(
         ("reference_models", pl.List(pl.String)),
     ]
 )
+
+
+def settle_audits(**inputs: Any) -> tuple[pl.DataFrame, dict[str, Any], pl.DataFrame]:
+    """What the audits give a run, the same for the CLI and the DAGs: the audited estimate from the plan's
+    own answers (``estimate_audit``, whose keywords ``inputs`` are; ``plan``/``results`` the delivered rows,
+    audits apart), then the paid reference answers delivered where they are the likelier right
+    (``deliver_references``). Returns (the delivered results, the report's audit section with
+    ``delivered_references``, the audit records as ``AUDIT_RECORD_SCHEMA``: the silver labels' source)."""
+    audited = estimate_audit(**inputs)
+    references = pl.DataFrame(audited.pop("records"), schema=AUDIT_RECORD_SCHEMA)
+    # after the estimate: the estimate is of the plan's answers, the swap only makes the delivered batch better
+    delivered, audited["delivered_references"] = deliver_references(
+        *(inputs[k] for k in ("results", "plan", "audit_plan_rows", "audit_results", "queue"))
+    )
+    return delivered, audited, references
 
 
 def calls_made(storage: Storage, out_uri: str) -> pl.DataFrame:
@@ -608,15 +620,17 @@ def backend_batch_sender(
     output_caps: OutputCaps | None = None,
     resume_cancelled: bool = False,
     deadline: float | None = None,
+    airflow_conn_id: str | None = None,
 ) -> RoundSender:
     """Rounds by the batch API of the backend named ``name`` (rows the planner marks realtime go through the
     dispatcher): Bedrock batch inference, or the OpenAI Batch API (``run_uri``: where ``batchplan cancel``
-    marks the run). The CLI and the DAGs build their senders here."""
+    marks the run). The CLI and the DAGs build their senders here (the DAGs' Bedrock jobs with the clients of
+    ``airflow_conn_id``, the backend's connection)."""
     if name == "bedrock":
         from batchplan.dispatchers.bedrock_batch import bedrock_batch_sender
 
         realtime = realtime_sender(backend, output_caps=output_caps)
-        return bedrock_batch_sender(backend, realtime, deadline=deadline)  # type: ignore[arg-type]
+        return bedrock_batch_sender(backend, realtime, deadline=deadline, airflow_conn_id=airflow_conn_id)  # type: ignore[arg-type]
     return batch_sender(backend, run_uri, resume_cancelled=resume_cancelled, deadline=deadline, output_caps=output_caps)
 
 

@@ -22,7 +22,7 @@ from batchplan.core.layout import Layout
 from batchplan.core.rounds import RoundRequest
 from batchplan.core.storage import Storage, join
 from batchplan.dag_tasks import common  # common.storage_from_connection looked up per call: the DAG tests swap it
-from batchplan.dag_tasks.common import MAX_ROUNDS, RunParams, log
+from batchplan.dag_tasks.common import BACKEND_CONN_IDS, MAX_ROUNDS, RunParams, log
 from batchplan.dag_tasks.stages import (
     _backend,
     _tenant_shares,
@@ -188,7 +188,9 @@ def round_dispatch_shard(
     chosen = _backend(backend, storage)
     caps = DispatchOptions(output_caps=shard_output_caps(shard))
     sender = (
-        backend_batch_sender(backend, chosen, run_uri or here, output_caps=caps.output_caps)
+        backend_batch_sender(
+            backend, chosen, run_uri or here, output_caps=caps.output_caps, airflow_conn_id=BACKEND_CONN_IDS.get(backend)
+        )
         if batch_api
         else DispatchSender(chosen, caps)
     )

@@ -339,8 +339,12 @@ def merge_stage(
             from batchplan.plans.audit import posterior_base
 
             storage.write_frame(posterior_base(rounds.answers), posterior_base_file(lay, run))
-    storage.write_frame(results, lay.results_file(run))
     manifest_in = json.loads(storage.read_bytes(lay.shards_manifest(run)))
+    audited, references = None, None
+    if storage.exists(audit_uri := lay.plan_file(run, AUDIT_PLAN_FILE)):
+        # here, not in the report: the estimate reads the plan's own answers, which the rewritten results lose
+        results, audited, references = _audit_of(storage, lay, run, manifest_in, results, plan, audits, audit_uri)
+    storage.write_frame(results, lay.results_file(run))
     budget = manifest_in.get("budget_usd")
     tenant_budgets: dict[str, float] = manifest_in.get("tenant_budgets_usd") or {}
     tenant_spend: dict[str, float] = {}
@@ -365,16 +369,20 @@ def merge_stage(
         # the report's per-LLM spend and round lines: in rounds the shards' single-shot ledgers are empty
         "spend_by_model": rounds.spend_by_model if rounds is not None else None,
         "rounds": rounds.rounds if rounds is not None else None,
+        "audit": audited,  # the report's audit section (``_audit_of``)
         "merged_at": datetime.now(UTC).isoformat(timespec="seconds"),
     }
     storage.write_text(lay.results_manifest(run), json.dumps(manifest, indent=2))
-    learned = record_outcomes(storage, lay, run, backend)
+    learned = record_outcomes(storage, lay, run, backend, references)
     return manifest | {"results": lay.results_file(run), "outcomes_recorded": learned}
 
 
-def record_outcomes(storage: Storage, lay: Layout, run: str, backend: str) -> int:
+def record_outcomes(
+    storage: Storage, lay: Layout, run: str, backend: str, references: pl.DataFrame | None = None
+) -> int:
     """Write ``outcomes/<run>/``: one live outcome per call of every shard and round (``app.outcomes``),
-    scored by the replay history only on the replay backend; returns how many calls."""
+    scored by the replay history only on the replay backend, silver where an audit's reference says
+    (``references``: the audit records); returns how many calls."""
     from batchplan.app.outcomes import record_run_outcomes
 
     queue = storage.read_frame(lay.plan_file(run, "queue.parquet")).drop("day", strict=False)
@@ -385,6 +393,7 @@ def record_outcomes(storage: Storage, lay: Layout, run: str, backend: str) -> in
         queue,
         prices=_backend(backend, storage).catalog.prices,
         truth=truth_for(backend, storage),
+        references=references,
     )
     return outcomes.height
 
@@ -441,12 +450,9 @@ def report_stage(storage: Storage, lay: Layout, run: str, backend: str, *, run_i
     for shard in manifest["shards"] if merged.get("spend_by_model") is None else []:
         for model, usd in spend_by_model(storage, dispatch_dir(shard_results_uri(lay, shard))).items():
             spent[model] = spent.get(model, 0.0) + usd  # each shard's ledger: what its calls charged, per model
-    audited = None
-    if storage.exists(audit_uri := lay.plan_file(run, AUDIT_PLAN_FILE)):
-        plan, audited = _audit_of(storage, lay, run, manifest, results, plan, queue, predictions, audit_uri)
     report = build_report(
         results=results,
-        plan=plan,
+        plan=plan.filter(~is_audit()),
         budget_usd=manifest.get("budget_usd"),
         quarantined=quarantined,
         truth=truth_for(backend, storage),
@@ -458,7 +464,7 @@ def report_stage(storage: Storage, lay: Layout, run: str, backend: str, *, run_i
         frontier=read_frontier(storage, frontier_uri(lay.plan_file(run, "plan.parquet"))),
         spend_by_model=spent,
         estimated_accuracy=merged.get("estimated_accuracy"),
-        audit=audited,
+        audit=merged.get("audit"),  # the merge's: estimated on the plan's own answers
         rounds=merged.get("rounds"),
     )
     if (modes_used := dispatch_modes(storage, lay.results(run).rstrip("/"), MAX_ROUNDS)) is not None:
@@ -496,34 +502,29 @@ def _audit_of(
     manifest: dict[str, Any],
     results: pl.DataFrame,
     plan: pl.DataFrame,
-    queue: pl.DataFrame,
-    predictions: pl.DataFrame,
+    audit_results: pl.DataFrame,
     audit_uri: str,
-) -> tuple[pl.DataFrame, dict[str, Any]]:
-    """The delivered plan (the audits' reference rows apart) and the audited estimate."""
+) -> tuple[pl.DataFrame, dict[str, Any], pl.DataFrame]:
+    """The run's audits as the CLI settles them (``pipeline.settle_audits``): the delivered results, the
+    report's audit section, the audit records (also written under the run's reports)."""
     from batchplan.app import artifacts
-    from batchplan.app.pipeline import AUDIT_RECORD_SCHEMA
-    from batchplan.plans.audit import estimate_audit
-
-    audit_results_uri = audit_results_file(lay, run)
-    audit_results = storage.read_frame(audit_results_uri) if storage.exists(audit_results_uri) else results.clear()
+    from batchplan.app.pipeline import settle_audits
 
     version = artifacts.resolve_version(storage, lay.models(), None)
-    audited = estimate_audit(
+    delivered, audited, references = settle_audits(
         plan=plan.filter(~is_audit()),
         results=results,
         audit_plan_rows=storage.read_frame(audit_uri),
         audit_results=audit_results,
         calls=_calls_of(storage, lay, run, manifest),
-        queue=queue,
-        predictions=predictions,
+        queue=storage.read_frame(lay.plan_file(run, "queue.parquet")).drop("day", strict=False),
+        predictions=storage.read_frame(lay.plan_file(run, "predictions.parquet")),
         model=artifacts.load_audit(storage, lay.models(), version) if version else None,
         seed=run,
         base=storage.read_frame(base_uri) if storage.exists(base_uri := posterior_base_file(lay, run)) else None,
     )
-    records = audited.pop("records")
-    storage.write_frame(pl.DataFrame(records, schema=AUDIT_RECORD_SCHEMA), f"{lay.reports(run)}/audit.parquet")
-    return plan.filter(~is_audit()), audited
+    storage.write_frame(references, f"{lay.reports(run)}/audit.parquet")
+    return delivered, audited, references
 
 
 def _calls_of(storage: Storage, lay: Layout, run: str, manifest: dict[str, Any]) -> pl.DataFrame:

@@ -1,6 +1,7 @@
 """A local Bedrock control plane for batch inference (moto does not implement it), answering from a history.
 
-It speaks the three REST routes the ``bedrock`` boto3 client calls for a batch job, on 127.0.0.1:
+It speaks the three REST routes the ``bedrock`` boto3 client calls for a batch job, on 127.0.0.1 (and
+``bedrock-runtime``'s Converse, for a round's real-time calls):
 ``POST /model-invocation-job`` (CreateModelInvocationJob, idempotent on ``clientRequestToken`` as the
 service is: the same token answers the job already created), ``GET /model-invocation-job/{arn}`` and ``POST
 /model-invocation-job/{arn}/stop``. A job goes ``Submitted`` -> ``InProgress`` (``run_s``) -> ``Completed``
@@ -86,6 +87,8 @@ class BedrockControlServer(ReplayServer):
 
     def handle(self, proto: _Protocol, method: str, path: str, headers: dict[str, str], body: bytes) -> None:
         route = urllib.parse.unquote(path.split("?", 1)[0]).rstrip("/")
+        if method == "POST" and route.startswith("/model/") and route.endswith("/converse"):
+            return self._converse_now(proto, route.removeprefix("/model/").removesuffix("/converse"), body)
         if not route.startswith(ROUTE):
             return super().handle(proto, method, path, headers, body)
         with self._lock:
@@ -146,23 +149,13 @@ class BedrockControlServer(ReplayServer):
         out = []
         for line in lines:
             model_input = line["modelInput"]
-            messages = [{"role": "system", "content": s["text"]} for s in model_input.get("system", [])]
-            messages += [{"role": m["role"], "content": m["content"][0]["text"]} for m in model_input["messages"]]
-            chat = {"model": job.model, "messages": messages, "max_tokens": model_input["inferenceConfig"]["maxTokens"]}
-            query_id, code, payload, _ = self.answer(chat)
+            query_id, code, output = self._converse(job.model, model_input)
             record: dict[str, Any] = {"recordId": line["recordId"], "modelInput": model_input}
             if code != 200:
-                record["error"] = {"errorCode": code, "errorMessage": json.loads(payload)["error"]["message"]}
+                record["error"] = {"errorCode": code, "errorMessage": output["message"]}
             else:
-                answer = json.loads(payload)
-                usage = answer["usage"]
-                tin, tout = int(usage["prompt_tokens"]), int(usage["completion_tokens"])
-                record["modelOutput"] = {
-                    "output": {"message": {"role": "assistant", "content": [{"text": answer["choices"][0]["message"]["content"]}]}},
-                    "stopReason": "end_turn",
-                    "usage": {"inputTokens": tin, "outputTokens": tout, "totalTokens": tin + tout},
-                    "metrics": {"latencyMs": 100},
-                }
+                record["modelOutput"] = output
+                tin, tout = output["usage"]["inputTokens"], output["usage"]["outputTokens"]
                 p_in, p_out = self.prices[job.model]
                 self.billed_calls += 1
                 self.billed_usd += (tin * p_in + tout * p_out) * self.batch_discount
@@ -175,6 +168,36 @@ class BedrockControlServer(ReplayServer):
         prefix = f"{out_key.rstrip('/')}/{job.arn.rsplit('/', 1)[-1]}/"
         self.s3.put_object(Bucket=out_bucket, Key=prefix + name + ".out", Body="\n".join(out).encode())
         self.s3.put_object(Bucket=out_bucket, Key=prefix + "manifest.json.out", Body=json.dumps({"totalRecordCount": len(out)}).encode())
+
+    def _converse(self, model: str, model_input: dict[str, Any]) -> tuple[str, int, dict[str, Any]]:
+        """(query_id, status, the Converse response or {"message": why}) of one Converse request body, as the
+        history recorded it (``ReplayServer.answer``)."""
+        messages = [{"role": "system", "content": s["text"]} for s in model_input.get("system", [])]
+        messages += [{"role": m["role"], "content": m["content"][0]["text"]} for m in model_input["messages"]]
+        chat = {"model": model, "messages": messages, "max_tokens": model_input["inferenceConfig"]["maxTokens"]}
+        query_id, code, payload, _ = self.answer(chat)
+        if code != 200:
+            return query_id, code, {"message": json.loads(payload)["error"]["message"]}
+        answer = json.loads(payload)
+        tin, tout = int(answer["usage"]["prompt_tokens"]), int(answer["usage"]["completion_tokens"])
+        return query_id, 200, {
+            "output": {"message": {"role": "assistant", "content": [{"text": answer["choices"][0]["message"]["content"]}]}},
+            "stopReason": "end_turn",
+            "usage": {"inputTokens": tin, "outputTokens": tout, "totalTokens": tin + tout},
+            "metrics": {"latencyMs": 100},
+        }
+
+    def _converse_now(self, proto: _Protocol, model: str, body: bytes) -> None:
+        """Bedrock runtime's Converse (``POST /model/{modelId}/converse``): a real-time call (the rows a batch
+        round sends now, an LLM below the minimum record count), billed at the list price."""
+        query_id, code, output = self._converse(model, json.loads(body or b"{}"))
+        if code == 200:
+            p_in, p_out = self.prices[model]
+            with self._lock:
+                self.billed_calls += 1
+                self.billed_usd += output["usage"]["inputTokens"] * p_in + output["usage"]["outputTokens"] * p_out
+                self.billed_keys[(query_id, model)] += 1
+        proto.respond(code, json.dumps(output).encode())
 
     def _describe(self, job: _Job) -> dict[str, Any]:
         return {
