@@ -23,6 +23,11 @@ and write (plan parquet). Each size runs in its own subprocess; wall seconds per
     uv run python bench/solver.py --sizes 10000,100000 --baseline-timeout 120
     uv run python bench/solver.py --end-to-end --sizes 1000000
     uv run python bench/solver.py --end-to-end --sizes 1000000 --distinct-prompts   # a batch of all-new prompts
+    uv run python bench/solver.py --replan-table [--replan-compare] [--replan-queries 200000]
+
+The re-plan table (also after the optimizer's): a row per round position of a 3-round run (first, middle,
+last) re-planning N open queries, beside the 10 s target; ``--replan-compare`` adds the full price search
+(every bisection step over the whole batch) and whether both plan the same calls.
 """
 
 from __future__ import annotations
@@ -300,7 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replan-queries", type=int, default=1_000_000, help="open queries of the round re-plan line (0: skip)")
     parser.add_argument("--replan-only", action="store_true", help="print only the round re-plan line")
     parser.add_argument("--replan-rounds", type=int, default=2, help="the re-plan's rounds (2: the last; 3: a middle)")
+    parser.add_argument("--replan-table", action="store_true", help="print only the re-plan table: first, middle, last round of 3")
+    parser.add_argument("--replan-compare", action="store_true", help="the table also times the full price search and compares plans")
     args = parser.parse_args(argv)
+    if args.replan_table:
+        replan_table(args.replan_queries, seed=args.seed, compare=args.replan_compare)
+        return 0
     if args.replan_only:
         print(time_round_replan(args.replan_queries, seed=args.seed, rounds=args.replan_rounds))
         return 0
@@ -354,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
             if parts:
                 print(f"  {n:>9} {which:>7}: decompose {fast['seconds']:.2f} s; " + "; ".join(parts))
     if args.replan_queries > 0:
-        print(time_round_replan(args.replan_queries, seed=args.seed, rounds=args.replan_rounds))
+        replan_table(args.replan_queries, seed=args.seed, compare=args.replan_compare)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(rows, fh, indent=1, default=str)
@@ -378,8 +388,93 @@ def time_round_replan(n: int, seed: int = 0, rounds: int = 2) -> str:
     )
 
 
-def replan_state(n: int, seed: int = 0, rounds: int = 2) -> tuple[Any, Any]:
-    """The posterior and the ``RoundState`` of round 2 of ``rounds`` for ``time_round_replan`` (not timed)."""
+# the round positions of a 3-round run: (name, round, rounds); the first and the middle search the look-ahead's price
+REPLAN_POSITIONS = (("first", 1, 3), ("middle", 2, 3), ("last", 3, 3))
+REPLAN_TARGET_S = 10.0
+
+
+def _run_replan(n: int, seed: int, round_: int, rounds: int, price_sample: int | None, out: str, queue: Any) -> None:
+    from batchplan.plans.round_planner import PosteriorRoundPlanner
+
+    try:
+        posterior, state = replan_state(n, seed, rounds, round_)
+        planner = PosteriorRoundPlanner(posterior)
+        if price_sample is not None:
+            planner.price_sample = price_sample
+        started, started_cpu = time.perf_counter(), time.process_time()
+        plan = planner.plan_round(state)
+        res: dict[str, Any] = {"ok": True, "seconds": time.perf_counter() - started, "cpu": time.process_time() - started_cpu}
+        plan.calls.write_parquet(out)
+        d = plan.diagnostics
+        res.update(calls=plan.calls.height, price=d["escalation_price"], status=d["status"], gap=d["gap"],
+                   objective=d["objective"], spend=d["expected_cost_usd"], budget=state.budget_left_usd)
+    except Exception as error:  # report, don't crash the table
+        res = {"ok": False, "error": f"{type(error).__name__}: {error}"[:200]}
+    res["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20
+    queue.put(res)
+
+
+def replan_table(n: int, seed: int = 0, compare: bool = False, timeout: float = 900.0) -> list[str]:
+    """A row per round position of a 3-round run (``REPLAN_POSITIONS``): one re-plan of ``n`` open queries x
+    N_MODELS LLMs through ``PosteriorRoundPlanner.plan_round``, each in its own subprocess (peak RSS), beside
+    the target. ``compare``: also the full price search (``price_sample=0``: every bisection step a pass over
+    the whole batch), and whether both plan the same calls (frame-equal). Prints each line as it comes."""
+    import os
+    import tempfile
+
+    from polars.testing import assert_frame_equal
+
+    def run(round_: int, rounds: int, price_sample: int | None, out: str) -> dict[str, Any]:
+        ctx = mp.get_context("spawn")
+        queue = ctx.Queue()
+        proc = ctx.Process(target=_run_replan, args=(n, seed, round_, rounds, price_sample, out, queue))
+        proc.start()
+        proc.join(timeout)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+            return {"ok": False, "error": f"timeout after {timeout:.0f} s"}
+        return dict(queue.get(timeout=5))
+
+    lines = [f"round re-plan, {n:,} open queries x {N_MODELS} LLMs (load average before: {os.getloadavg()[0]:.1f})"]
+    header = f"{'round':>12} {'wall s':>8} {'CPU s':>7} {'target':>7} {'meets':>6} {'calls':>10} {'price':>10} {'spend/budget':>13} {'gap':>8} {'peak GiB':>9}"
+    if compare:
+        header += f" {'full search s':>14} {'CPU s':>7} {'same plan':>10}"
+    lines += [header, "-" * len(header)]
+    print("\n".join(lines), flush=True)
+    with tempfile.TemporaryDirectory() as work:
+        for name, round_, rounds in REPLAN_POSITIONS:
+            res = run(round_, rounds, None, f"{work}/{name}.parquet")
+            label = f"{name} {round_}/{rounds}"
+            if not res["ok"]:
+                lines.append(f"{label:>12}  {res['error']}")
+                print(lines[-1], flush=True)
+                continue
+            meets = "yes" if res["seconds"] <= REPLAN_TARGET_S else "no"
+            line = (f"{label:>12} {res['seconds']:>8.1f} {res['cpu']:>7.1f} {REPLAN_TARGET_S:>7.0f} {meets:>6} {res['calls']:>10,} "
+                    f"{res['price']:>10.1f} {res['spend'] / res['budget']:>13.3f} {res['gap']:>8.1e} {res['peak_rss_gib']:>9.2f}")
+            if compare:
+                full = run(round_, rounds, 0, f"{work}/{name}-full.parquet")
+                if full["ok"]:
+                    try:
+                        assert_frame_equal(pl.read_parquet(f"{work}/{name}.parquet"), pl.read_parquet(f"{work}/{name}-full.parquet"))
+                        same = "yes"
+                    except AssertionError:
+                        same = "NO"
+                    line += f" {full['seconds']:>14.1f} {full['cpu']:>7.1f} {same:>10}"
+                else:
+                    line += f"  full search: {full['error']}"
+            lines.append(line)
+            print(line, flush=True)
+    lines.append(f"(load average after: {os.getloadavg()[0]:.1f}; on a shared machine CPU s is the steadier figure)")
+    print(lines[-1], flush=True)
+    return lines
+
+
+def replan_state(n: int, seed: int = 0, rounds: int = 2, round_: int = 2) -> tuple[Any, Any]:
+    """The posterior and the ``RoundState`` of round ``round_`` of ``rounds`` for ``time_round_replan`` (not
+    timed): round 1 has seen nothing; round 2 saw one cheap LLM's answer on every query; round 3 also a
+    stronger LLM's on a random 40% of them, whose cost the budget left no longer holds."""
     from batchplan.core.history import synthetic_history
     from batchplan.core.rounds import OBSERVATION_SCHEMA, RoundState
     from batchplan.plans.posterior import fit_posterior
@@ -402,23 +497,33 @@ def replan_state(n: int, seed: int = 0, rounds: int = 2) -> tuple[Any, Any]:
             "cost_high_usd": 1.3 * cost.ravel(),
         }
     )
-    observations = pl.DataFrame(
-        {
-            "query_id": ids,
-            "round": 1,
-            "model": models[0],
-            "status": "ok",
-            "answer": rng.choice(["A", "B", "C"], n),
-            "logprob": np.log(rng.uniform(0.3, 1.0, n)),
-            "cost_usd": cost[:, 0],
-            "billed_known": True,
-            "tokens_in": 100,
-            "tokens_out": 1,
-        },
-        schema_overrides=dict(OBSERVATION_SCHEMA),
-    ).select(OBSERVATION_SCHEMA.names())
+
+    def answered(rows: np.ndarray, round_of: int, j: int) -> pl.DataFrame:
+        return pl.DataFrame(
+            {
+                "query_id": ids.gather(rows),
+                "round": round_of,
+                "model": models[j],
+                "status": "ok",
+                "answer": rng.choice(["A", "B", "C"], len(rows)),
+                "logprob": np.log(rng.uniform(0.3, 1.0, len(rows))),
+                "cost_usd": cost[rows, j],
+                "billed_known": True,
+                "tokens_in": 100,
+                "tokens_out": 1,
+            },
+            schema_overrides=dict(OBSERVATION_SCHEMA),
+        ).select(OBSERVATION_SCHEMA.names())
+
     budget = float(cost[:, 4].sum())  # room to escalate a part of the batch
-    return posterior, RoundState(2, rounds, queue, predictions, observations, budget)
+    if round_ == 1:
+        return posterior, RoundState(1, rounds, queue, predictions, answered(np.arange(0), 1, 0), budget)
+    observations = answered(np.arange(n), 1, 0)
+    if round_ >= 3:
+        second = np.flatnonzero(rng.uniform(size=n) < 0.4)
+        observations = pl.concat([observations, answered(second, 2, 5)])
+        budget -= float(cost[second, 5].sum()) * 0.5
+    return posterior, RoundState(round_, rounds, queue, predictions, observations, budget)
 
 
 if __name__ == "__main__":

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import polars as pl
+import pytest
+from polars.testing import assert_frame_equal
 
-from batchplan.core.rounds import OBSERVATION_SCHEMA
-from batchplan.plans.posterior import OPAQUE, normalize
-from batchplan.plans.round_planner import _ranks_within, observe
+from batchplan.core.history import synthetic_history
+from batchplan.core.rounds import OBSERVATION_SCHEMA, RoundState
+from batchplan.plans.posterior import LAMBDA_GRID, OPAQUE, Posterior, fit_posterior, normalize
+from batchplan.plans.round_planner import (
+    PosteriorRoundPlanner,
+    _answer_patterns,
+    _LookAheadSpend,
+    _ranks_within,
+    evaluate,
+    observe,
+)
 
 
 def test_ranks_within_a_query_match_polars_windows() -> None:
@@ -78,3 +90,110 @@ def test_observe_keeps_the_last_answer_of_shuffled_repeated_calls() -> None:
     # every call counts toward its tries, failed ones included
     known = rows.filter(pl.col("query_id").is_in(ids), pl.col("model").is_in(models))
     assert int(seen.tries.sum()) == known.height
+
+
+M_MIXED = 5
+
+
+@pytest.fixture(scope="module")
+def mixed_posterior() -> Posterior:
+    """A posterior with escalation tables for two tasks (fitted once: the tables replay every pair)."""
+    history = synthetic_history(300, M_MIXED, n_tasks=2, seed=5)
+    skill = history.outcomes.group_by("model").agg(pl.col("correct").mean().alias("p_correct"))
+    return fit_posterior(history, history.outcomes.select("query_id", "model").join(skill, on="model"))
+
+
+def _mixed_batch(
+    posterior: Posterior, n: int = 3_000, seed: int = 5
+) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame, float]:
+    """A batch whose look-ahead search meets every case: two tasks, LLMs not predicted for some queries (a first
+    LLM some queries cannot call), round-1 answers of two different LLMs and failed calls (several patterns), a
+    budget that escalates part of the batch."""
+    m = M_MIXED
+    models = sorted(posterior.models)
+    rng = np.random.default_rng(seed)
+    ids = [f"q{i:05d}" for i in range(n)]
+    queue = pl.DataFrame({"query_id": ids, "task": rng.choice(["task0", "task1"], n), "tenant": "default", "priority": 1.0})
+    cost = np.geomspace(1e-6, 1e-4, m)[None] * rng.lognormal(0, 0.5, (n, 1))
+    predictions = pl.DataFrame(
+        {
+            "query_id": np.repeat(ids, m),
+            "model": np.tile(models, n),
+            "p_correct": rng.uniform(0.3, 0.95, n * m),
+            "cost_usd": cost.ravel(),
+            "cost_high_usd": 1.3 * cost.ravel(),
+        }
+    ).filter(pl.Series(rng.uniform(size=n * m) > 0.05))
+    first = rng.choice(np.array([0, 0, 0, 1, -1]), n)  # -1: the call failed
+    asked = np.where(first < 0, 0, first)
+    observations = pl.DataFrame(
+        {
+            "query_id": ids,
+            "round": 1,
+            "model": np.array(models)[asked],
+            "status": np.where(first < 0, "rate_limited", "ok"),
+            "answer": pl.Series(rng.choice(["A", "B", "C"], n)).scatter(np.flatnonzero(first < 0), None),
+            "logprob": np.log(rng.uniform(0.3, 1.0, n)),
+            "cost_usd": cost[np.arange(n), asked],
+            "billed_known": True,
+            "tokens_in": 100,
+            "tokens_out": 1,
+        },
+        schema_overrides=dict(OBSERVATION_SCHEMA),
+    ).select(OBSERVATION_SCHEMA.names())
+    return queue, predictions, observations, float(cost[:, m // 2].sum())
+
+
+@pytest.mark.parametrize("sample", [20, 400])
+@pytest.mark.parametrize("round_", [1, 2])
+@pytest.mark.parametrize("confident", [True, False])
+def test_the_sampled_price_search_plans_what_the_full_search_plans(
+    mixed_posterior: Posterior, sample: int, round_: int, confident: bool
+) -> None:
+    """The look-ahead's price bracketed on a sample (20 queries: a poor guess the whole batch must widen) is the
+    full bisection's to the last bit, and so is the plan: round 1 (one first LLM per task; a task without
+    confidences planned per query) and a middle round (stop or call, several patterns)."""
+    posterior = mixed_posterior
+    queue, predictions, observations, budget = _mixed_batch(posterior)
+    if not confident:  # task1's history without logprobs: round 1 plans it per query, without escalation tables
+        posterior = dataclasses.replace(posterior, confident={"task0": True, "task1": False})
+    seen = observations if round_ == 2 else observations.clear()
+    state = RoundState(round_, 3, queue, predictions, seen, budget)
+    full = PosteriorRoundPlanner(posterior, price_sample=0).plan_round(state)
+    assert queue.height > 2 * sample  # the sampled path, not the full one
+    fast = PosteriorRoundPlanner(posterior, price_sample=sample).plan_round(state)
+    assert full.diagnostics["escalation_price"] > 1.0  # a price inside the span, found by bisection
+    assert fast.diagnostics["escalation_price"] == full.diagnostics["escalation_price"]
+    assert_frame_equal(fast.calls, full.calls)
+
+
+@pytest.mark.parametrize("round_", [1, 2])
+def test_the_look_ahead_spend_over_a_window_is_every_query_valued_again(mixed_posterior: Posterior, round_: int) -> None:
+    """Within a window the queries certain there count by their option and a task's first LLM by its sums:
+    the spend at every price of the window is the spend with every query valued at that price."""
+    queue, predictions, observations, _ = _mixed_batch(mixed_posterior)
+    posterior = dataclasses.replace(mixed_posterior, confident={"task0": True, "task1": round_ == 2})
+    planner = PosteriorRoundPlanner(posterior)
+    seen = observe(queue, predictions, observations if round_ == 2 else observations.clear())
+    ev = evaluate(posterior, seen, planner.max_tries)
+    call = np.isfinite(ev.after)
+    group, keys = _answer_patterns(seen, posterior)
+    blocks = np.where(seen.tasks == "task0", 0, -1) if round_ == 1 else None
+
+    def fresh() -> _LookAheadSpend:
+        return _LookAheadSpend.build(
+            planner._call_value(ev, call), seen.cost, call, group, None if round_ == 1 else ev.now_p, blocks,
+            lambda price: planner._escalation_tables(seen, keys, price), np.asarray(LAMBDA_GRID),
+        )
+
+    windowed, every = fresh(), fresh()
+    for low, high in [(np.log(2e3), np.log(5e4)), (np.log(8e3), np.log(1.2e4))]:  # a window, then one inside it
+        windowed.narrow(low, high)
+        for x in np.linspace(low, high, 25):
+            price = float(np.exp(x))
+            assert windowed.spend(price) == pytest.approx(every.spend(price), rel=1e-12, abs=1e-15)
+    # the window did spare queries: some count by their option, the first LLM of task0 by its sums
+    assert windowed.uncertain is not None
+    assert windowed.uncertain.size < windowed.general.size
+    assert all(b.sums is not None for b in windowed.blocks)
+    assert len(windowed.blocks) == (round_ == 1)

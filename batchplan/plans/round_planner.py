@@ -41,8 +41,11 @@ Nothing here reads gold: only the queue, the predictions and the observations.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from statistics import NormalDist
 from typing import Any
 
@@ -74,6 +77,7 @@ log = structlog.get_logger("batchplan.core.rounds")
 DEFAULT_ROUNDS = 2
 DRIFT_PRIOR_CALLS = 20.0
 MIN_CALL_GAIN = 0.02
+PRICE_SAMPLE = 50_000
 OK = "ok"
 
 
@@ -359,6 +363,9 @@ class PosteriorRoundPlanner:
     # a round before the last (round 1 included) values a call with the replayed best call after it
     # (``Posterior.escalation_value``), so it leaves later rounds the money their calls are worth
     look_ahead: bool = True
+    # the look-ahead's price search brackets the price on a uniform sample of this many queries, then checks
+    # it on the whole batch (``_LookAheadSpend``); 0: every step of the search a pass over the whole batch
+    price_sample: int = PRICE_SAMPLE
     # the request's constraints a re-plan holds (``--max-calls``, ``--task-floor``): calls per LLM over the whole
     # run (a call with its retries is one, as the single-shot plan counts them), and per task the mean expected
     # accuracy of its final answers (the posterior's, after this round's calls)
@@ -505,7 +512,28 @@ class PosteriorRoundPlanner:
         escalation after it) fits the budget; by bisection on log(price). A fixed point of the solver's dual
         instead oscillates: at a low price escalation after a weak first call looks cheap, which raises the
         price, at which it is not worth it, which lowers it. A middle round (``first`` False) has the option to
-        stop, worth the current posterior at no cost."""
+        stop, worth the current posterior at no cost.
+
+        The bisection's 41 spends are ``_LookAheadSpend``'s, bracketed on a sample of ``price_sample`` queries
+        (0: every spend a pass over the whole batch, ``spend`` below, the definition the fast path must match)."""
+        if self.price_sample > 0:
+            group, keys = _answer_patterns(seen, self.posterior)
+            blocks = None
+            if first and self.uniform_first:  # ``_first_calls``' tasks: one first LLM each
+                names, task_of = np.unique(seen.tasks, return_inverse=True)
+                confident = np.array([self.posterior.confident.get(str(t), False) for t in names], dtype=bool)
+                blocks = np.where(confident[task_of.ravel()], task_of.ravel(), -1)
+            search = _LookAheadSpend.build(
+                value=self._call_value(ev, call),
+                cost=cost,
+                call=call,
+                group=group,
+                now=None if first else ev.now_p,
+                blocks=blocks,
+                tables=lambda price: self._escalation_tables(seen, keys, price, later),
+                knots=np.asarray(LAMBDA_GRID) / later,
+            )
+            return search.price(budget, self.price_sample)
 
         def spend(price: float) -> float:
             value, extra = self._with_escalation(seen, ev, cost, call, price, later)
@@ -519,16 +547,7 @@ class PosteriorRoundPlanner:
                 rows = rows[net[rows, best[rows]] > ev.now_p[rows]]
             return float(total[rows, best[rows]].sum())
 
-        low, high = np.log(LAMBDA_GRID[0]), np.log(LAMBDA_GRID[-1])
-        if spend(float(np.exp(low))) <= budget:
-            return float(np.exp(low))
-        for _ in range(40):
-            mid = (low + high) / 2
-            if spend(float(np.exp(mid))) <= budget:
-                high = mid
-            else:
-                low = mid
-        return float(np.exp(high))
+        return float(np.exp(_bisect_log_price(lambda x: spend(float(np.exp(x))) <= budget)))
 
     def _first_calls(
         self, seen: Observed, call: np.ndarray, value: np.ndarray, cost: np.ndarray, price: float
@@ -564,8 +583,19 @@ class PosteriorRoundPlanner:
         group, keys = _answer_patterns(seen, self.posterior)
         if not keys:
             return np.where(call, np.minimum(value, 1.0), 0.0), np.zeros_like(value)
-        # per pattern (task, LLMs answered) and LLM called next: the table's gain and cost at this price; a
-        # query outside every pattern (a task without confidences, two answers or more) reads the zero row
+        gains, costs = self._escalation_tables(seen, keys, price, later)
+        if len(keys) == 1 and (group == 0).all():  # one pattern for the whole batch: broadcast, no gather
+            value, extra = value + gains[0][None], np.broadcast_to(costs[0][None], value.shape)
+        else:
+            value, extra = value + gains[group], costs[group]
+        return np.where(call, np.minimum(value, 1.0), 0.0), np.where(call, extra, 0.0)
+
+    def _escalation_tables(
+        self, seen: Observed, keys: list[tuple[str, list[str], np.ndarray]], price: float, later: float = 1.0
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """[K + 1, M] per pattern (task, LLMs answered: ``_answer_patterns``' keys) and LLM called next: the
+        table's gain and cost at this price; a query outside every pattern (a task without confidences, two
+        answers or more) reads the last, zero row."""
         gains, costs = np.zeros((len(keys) + 1, len(seen.models))), np.zeros((len(keys) + 1, len(seen.models)))
         for k, (task, before, pattern) in enumerate(keys):
             for j, model in enumerate(seen.models):
@@ -573,11 +603,7 @@ class PosteriorRoundPlanner:
                     continue
                 gain, more = self.posterior.escalation_value(task, called_key([*before, model]), price * later)
                 gains[k, j], costs[k, j] = gain, more * later
-        if len(keys) == 1 and (group == 0).all():  # one pattern for the whole batch: broadcast, no gather
-            value, extra = value + gains[0][None], np.broadcast_to(costs[0][None], value.shape)
-        else:
-            value, extra = value + gains[group], costs[group]
-        return np.where(call, np.minimum(value, 1.0), 0.0), np.where(call, extra, 0.0)
+        return gains, costs
 
     def _held(self, seen: Observed, observations: pl.DataFrame, accuracy: np.ndarray, floors: bool = True) -> Held:
         """The call capacities left after the rounds so far and the task floors, for ``_solve``."""
@@ -726,6 +752,329 @@ def _answer_patterns(seen: Observed, posterior: Posterior) -> tuple[np.ndarray, 
     group[group < 0] = len(keys)
     seen.patterns = (group, keys)
     return seen.patterns
+
+
+def _bisect_log_price(fits: Callable[[float], bool], on_step: Callable[[float, float], None] | None = None) -> float:
+    """The look-ahead's price search (``PosteriorRoundPlanner._escalation_price``): the log of the lowest price
+    on ``LAMBDA_GRID``'s span at which the plan ``fits`` the budget, by 40 halvings of log(price). ``on_step``
+    sees the bracket after each halving."""
+    low, high = np.log(LAMBDA_GRID[0]), np.log(LAMBDA_GRID[-1])
+    if fits(low):
+        return float(low)
+    for _ in range(40):
+        mid = (low + high) / 2
+        if fits(mid):
+            high = mid
+        else:
+            low = mid
+        if on_step is not None:
+            on_step(float(low), float(high))
+    return float(high)
+
+
+# Over a window of prices [pa, pb], a query whose best option there is certain (its lowest net beats every
+# other option's highest, by this much relative) counts by that option without being valued again.
+CERTAIN_BY = 1e-9
+# The first window: a bracket this wide in log(price) around the sampled search's price (widened when the
+# whole batch disagrees); without a sample, the bisection's own bracket once it is this narrow.
+PRICE_WINDOW = 0.02
+FIRST_WINDOW = 0.6
+BLOCK_ROWS = 32_768  # rows valued at once: [rows, M] temporaries that stay in cache
+
+
+@dataclass
+class _Rows:
+    """Queries of the look-ahead's search as dense arrays, sorted by pattern (``_answer_patterns``), so that each
+    pattern's rows read one row of the escalation tables."""
+
+    value: np.ndarray  # [r, M] a call's value before its escalation (``_call_value``); -inf: not callable
+    cost: np.ndarray  # [r, M] a call's cost before its escalation; 0: not callable
+    group: np.ndarray  # [r] pattern, ascending
+    now: np.ndarray | None  # [r] the value of stopping (None: round 1 has no stop)
+    nonnegative: bool = False  # every cost >= 0 (the bounds of ``certain`` take a shortcut)
+
+    @property
+    def size(self) -> int:
+        return len(self.group)
+
+    @cached_property
+    def segments(self) -> list[tuple[int, int, int]]:
+        """(start, end, pattern): runs of one pattern, cut to BLOCK_ROWS."""
+        heads = [*np.flatnonzero(np.diff(self.group, prepend=-1)).tolist(), self.size]
+        out = []
+        for start, end in itertools.pairwise(heads):
+            out += [(s, min(s + BLOCK_ROWS, end), int(self.group[start])) for s in range(start, end, BLOCK_ROWS)]
+        return out
+
+    def take(self, rows: np.ndarray) -> _Rows:
+        now = None if self.now is None else self.now[rows]
+        return _Rows(self.value[rows], self.cost[rows], self.group[rows], now, self.nonnegative)
+
+    def spend(self, price: float, gains: np.ndarray, costs: np.ndarray) -> float:
+        """What the rows spend taking each its best option at ``price`` (``_escalation_price``'s ``spend``):
+        the same arithmetic per (query, LLM), so the same choices."""
+        out = 0.0
+        for s, e, g in self.segments:
+            total = self.cost[s:e] + costs[g]
+            net = np.minimum(self.value[s:e] + gains[g], 1.0) - price * total
+            best = net.argmax(axis=1)
+            r = np.arange(e - s)
+            chosen = total[r, best]
+            if self.now is not None:
+                chosen = chosen[net[r, best] > self.now[s:e]]
+            out += float(chosen.sum())
+        return out
+
+    def certain(
+        self, pa: float, pb: float, ranges: tuple[np.ndarray, ...]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Over prices [pa, pb] with the tables in ``ranges`` (gain low, high, cost low, high): per row whether it
+        surely calls, its option then, and whether it surely stops. Bounds: the net of an option lies within
+        [min(v + gain low, 1) - max(p x (c + cost high)), min(v + gain high, 1) - min(p x (c + cost low))]."""
+        glo, ghi, elo, ehi = ranges
+        calls = np.zeros(self.size, dtype=bool)
+        stops = np.zeros(self.size, dtype=bool)
+        best = np.zeros(self.size, dtype=np.int64)
+        for s, e, g in self.segments:
+            v, c = self.value[s:e], self.cost[s:e]
+            if self.nonnegative and elo[g].min() >= 0:  # p x (c + e) rises with p and e
+                upper = np.minimum(v + ghi[g], 1.0) - pa * (c + elo[g])
+                lower = np.minimum(v + glo[g], 1.0) - pb * (c + ehi[g])
+            else:
+                low_cost, high_cost = c + elo[g], c + ehi[g]
+                upper = np.minimum(v + ghi[g], 1.0) - np.minimum(pa * low_cost, pb * low_cost)
+                lower = np.minimum(v + glo[g], 1.0) - np.maximum(pa * high_cost, pb * high_cost)
+            b = lower.argmax(axis=1)
+            r = np.arange(e - s)
+            least, top = lower[r, b], upper.max(axis=1)
+            upper[r, b] = -np.inf
+            sure = least > upper.max(axis=1) + CERTAIN_BY * (1.0 + np.abs(least))
+            if self.now is not None:
+                now = self.now[s:e]
+                stops[s:e] = top < now - CERTAIN_BY * (1.0 + np.abs(top))
+                sure &= least > now + CERTAIN_BY * (1.0 + np.abs(least))
+            calls[s:e], best[s:e] = sure, b
+        return calls, best, stops
+
+
+@dataclass
+class _Block:
+    """The rows of one task that round 1 plans with one first LLM (``_first_calls``): the LLM of the best total
+    net over the task's queries, a query that cannot call it keeping its own options. Over a window of prices
+    each LLM's total is a sum over the queries whose value the cap at 1 may cut there, plus terms in the
+    tables alone (``narrow``)."""
+
+    rows: _Rows
+    callable_: np.ndarray  # [r, M]
+    # over the window, per pattern [K + 1, M]: the sum and count of the values the cap never cuts, the count it
+    # always cuts, the calls' count and cost; and the values it may cut (pattern, LLM, value)
+    sums: tuple[np.ndarray, ...] | None = None
+    cut: tuple[np.ndarray, np.ndarray, np.ndarray] | None = None
+    lacking: dict[int, _Rows] = field(default_factory=dict)  # per first LLM, the queries that cannot call it
+
+    def spend(self, price: float, gains: np.ndarray, costs: np.ndarray, in_window: bool) -> float:
+        if in_window and self.sums is not None and self.cut is not None:
+            plain, plain_count, capped, count, cost = self.sums
+            k = len(plain)
+            g, e = gains[:k], costs[:k]
+            total = (plain + plain_count * g + capped).sum(axis=0) - price * (cost + count * e).sum(axis=0)
+            group, llm, value = self.cut
+            total += np.bincount(llm, np.minimum(value + g[group, llm], 1.0), minlength=total.size)
+            j = int(np.where(count.sum(axis=0) > 0, total, -np.inf).argmax())
+            out = float(cost[:, j].sum() + count[:, j] @ e[:, j])
+        else:
+            net_sum = np.zeros(self.callable_.shape[1])
+            for s, end, g_ in self.rows.segments:
+                total_ = self.rows.cost[s:end] + costs[g_]
+                net = np.minimum(self.rows.value[s:end] + gains[g_], 1.0) - price * total_
+                net_sum += np.where(self.callable_[s:end], net, 0.0).sum(axis=0)
+            j = int(np.where(self.callable_.any(axis=0), net_sum, -np.inf).argmax())
+            has = self.callable_[:, j]
+            out = float((self.rows.cost[has, j] + costs[self.rows.group[has], j]).sum())
+        if j not in self.lacking:
+            self.lacking[j] = self.rows.take(np.flatnonzero(~self.callable_[:, j]))
+        return out + self.lacking[j].spend(price, gains, costs)
+
+    def narrow(self, ranges: tuple[np.ndarray, ...]) -> None:
+        """The sums for a window whose tables' gains lie within ``ranges``' (low, high)."""
+        glo, ghi = ranges[0], ranges[1]
+        k, m = len(glo), self.callable_.shape[1]
+        plain, plain_count, capped, count, cost = (np.zeros((k, m)) for _ in range(5))
+        cut: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+        for s, e, g in self.rows.segments:
+            v, ok = self.rows.value[s:e], self.callable_[s:e]
+            never = ok & (v + ghi[g] <= 1.0)  # below the cap at every gain of the window
+            always = ok & (v + glo[g] >= 1.0)
+            plain[g] += np.where(never, v, 0.0).sum(axis=0)
+            plain_count[g] += never.sum(axis=0)
+            capped[g] += always.sum(axis=0)
+            count[g] += ok.sum(axis=0)
+            cost[g] += self.rows.cost[s:e].sum(axis=0)  # 0 where not callable
+            r, c = np.nonzero(ok & ~never & ~always)
+            cut.append((np.full(len(r), g, dtype=np.int64), c, v[r, c]))
+        self.sums = (plain, plain_count, capped, count, cost)
+        self.cut = (
+            np.concatenate([c[0] for c in cut]),
+            np.concatenate([c[1] for c in cut]),
+            np.concatenate([c[2] for c in cut]),
+        )
+
+
+@dataclass
+class _LookAheadSpend:
+    """``_escalation_price``'s ``spend(price)`` on a whole batch, the same sums at a fraction of the cost: the
+    tables are read once per price (not per query), each query's value before its escalation is computed once,
+    and over a window of prices every query whose choice is certain there (``_Rows.certain``) counts by its
+    option, the search valuing only the uncertain ones. ``price`` finds the window on a uniform sample and
+    checks its ends on the whole batch; inside it the bisection steps are the full search's."""
+
+    rows: _Rows  # every query with a call, general rows first, then each block's; sorted by (block, pattern)
+    block: np.ndarray  # [r] the row's block (-1: general)
+    tables: Callable[[float], tuple[np.ndarray, np.ndarray]]  # price -> the tables' gains, costs [K + 1, M]
+    knots: np.ndarray  # the prices at which the tables bend
+    general: _Rows = field(init=False)
+    blocks: list[_Block] = field(init=False)
+    window: tuple[float, float] | None = None  # log(price) bounds where ``uncertain`` and the fixed sums hold
+    uncertain: _Rows | None = None
+    fixed_cost: float = 0.0
+    fixed_count: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+
+    def __post_init__(self) -> None:
+        heads = np.searchsorted(self.block, np.unique(self.block))
+        ends = [*heads[1:].tolist(), self.rows.size]
+        part = {int(self.block[h]): slice(int(h), int(e)) for h, e in zip(heads, ends, strict=True)}
+        view = lambda s: _Rows(  # noqa: E731
+            self.rows.value[s],
+            self.rows.cost[s],
+            self.rows.group[s],
+            None if self.rows.now is None else self.rows.now[s],
+            self.rows.nonnegative,
+        )
+        self.general = view(part.get(-1, slice(0, 0)))
+        self.blocks = [_Block(view(s), np.isfinite(self.rows.value[s])) for b, s in sorted(part.items()) if b >= 0]
+
+    @classmethod
+    def build(
+        cls,
+        value: np.ndarray,
+        cost: np.ndarray,
+        call: np.ndarray,
+        group: np.ndarray,
+        now: np.ndarray | None,
+        blocks: np.ndarray | None,
+        tables: Callable[[float], tuple[np.ndarray, np.ndarray]],
+        knots: np.ndarray,
+    ) -> _LookAheadSpend:
+        """From the planner's [n, M] arrays (``blocks``: per query its round-1 task block, -1 none; None: no
+        blocks); a query with no call spends nothing at any price and drops out."""
+        n = len(group)
+        block = np.full(n, -1, dtype=np.int64) if blocks is None else blocks.astype(np.int64)
+        key = block * (int(group.max(initial=0)) + 1) + group
+        rows = np.flatnonzero(call.any(axis=1))
+        if not (np.diff(key[rows]) >= 0).all():
+            rows = rows[np.argsort(key[rows], kind="stable")]
+        if len(rows) == n and (rows == np.arange(n)).all():  # every query, in order: no gathers
+            v, c, ok = value, cost, call
+        else:
+            v, c, ok = value[rows], cost[rows], call[rows]
+        c = np.where(ok, c, 0.0)
+        return cls(
+            _Rows(np.where(ok, v, -np.inf), c, group[rows], None if now is None else now[rows], bool(c.min(initial=0.0) >= 0)),
+            block[rows],
+            tables,
+            knots,
+        )
+
+    def sample(self, size: int, seed: int = 0) -> _LookAheadSpend:
+        """The same search on ``size`` queries drawn uniformly (without replacement)."""
+        rows = np.sort(np.random.default_rng(seed).choice(self.rows.size, size, replace=False))
+        return _LookAheadSpend(self.rows.take(rows), self.block[rows], self.tables, self.knots)
+
+    def spend(self, price: float) -> float:
+        """``_escalation_price``'s ``spend(price)``."""
+        gains, costs = self.tables(price)
+        in_window = self.window is not None and self.uncertain is not None
+        in_window = in_window and bool(np.exp(self.window[0]) <= price <= np.exp(self.window[1]))  # type: ignore[index]
+        out = 0.0
+        if in_window:
+            assert self.uncertain is not None
+            out += self.fixed_cost + float((self.fixed_count * costs[: len(self.fixed_count)]).sum())
+            out += self.uncertain.spend(price, gains, costs)
+        else:
+            out += self.general.spend(price, gains, costs)
+        return out + sum(b.spend(price, gains, costs, in_window) for b in self.blocks)
+
+    def narrow(self, low: float, high: float) -> None:
+        """Make [low, high] (log price, inside the current window) the window: the queries certain there count by
+        their option from now on (``_Rows.certain``), each block's first LLM is fixed if certain there."""
+        pa, pb = float(np.exp(low)), float(np.exp(high))
+        prices = [pa, pb, *self.knots[(self.knots > pa) & (self.knots < pb)].tolist()]
+        tabs = [self.tables(p) for p in prices]
+        gains, costs = np.stack([t[0] for t in tabs]), np.stack([t[1] for t in tabs])
+        ranges = (gains.min(axis=0), gains.max(axis=0), costs.min(axis=0), costs.max(axis=0))
+        rows = self.uncertain if self.uncertain is not None else self.general
+        if not len(self.fixed_count):
+            self.fixed_count = np.zeros(costs.shape[1:])
+        calls, best, stops = rows.certain(pa, pb, ranges)
+        picked = np.flatnonzero(calls)
+        self.fixed_cost += float(rows.cost[picked, best[picked]].sum())
+        np.add.at(self.fixed_count, (rows.group[picked], best[picked]), 1.0)
+        self.uncertain = rows.take(np.flatnonzero(~(calls | stops)))
+        for b in self.blocks:
+            if b.sums is None:  # the sums of a window hold in every window inside it
+                b.narrow(ranges)
+        self.window = (low, high)
+
+    def price(self, budget: float, sample: int) -> float:
+        """``_escalation_price``'s bisection, each step's answer the full search's. With more than twice
+        ``sample`` queries, the search on a sample (its budget scaled) says where the price lies; the whole
+        batch checks a bracket around it (widened until it holds), the steps outside that bracket are answered by
+        it (spend falls as the price rises: the plan's cost is what its price trades off), and inside it only
+        the queries uncertain over the bracket are valued again."""
+        known: dict[float, bool] = {}
+
+        def exact(x: float) -> bool:
+            if x not in known:
+                known[x] = self.spend(float(np.exp(x))) <= budget
+            return known[x]
+
+        first, last = float(np.log(LAMBDA_GRID[0])), float(np.log(LAMBDA_GRID[-1]))
+        if sample > 0 and self.rows.size > 2 * sample:
+            part = self.sample(sample)
+            guess = float(np.log(part.price(budget * part.rows.size / self.rows.size, 0)))
+            below, above = guess, guess
+            for side in (-1, 1):
+                width = PRICE_WINDOW
+                while True:  # below: a price that does not fit; above: one that fits (or the span's end)
+                    x = min(max(guess + side * width, first), last)
+                    holds = exact(x) == (side > 0)
+                    if side < 0:
+                        below = x
+                    else:
+                        above = x
+                    if holds or x in (first, last):
+                        break
+                    width *= 4
+            self.narrow(below, above)
+
+        def fits(x: float) -> bool:
+            no = max((y for y, ok in known.items() if not ok), default=-np.inf)
+            yes = min((y for y, ok in known.items() if ok), default=np.inf)
+            if no < yes:  # the spends seen fall with the price: the steps outside them are answered
+                if x <= no:
+                    return False
+                if x >= yes:
+                    return True
+            return exact(x)
+
+        def step(low: float, high: float) -> None:
+            if self.window is None:
+                if high - low <= FIRST_WINDOW:
+                    self.narrow(low, high)
+            elif self.window[0] <= low and high <= self.window[1] and high - low <= (self.window[1] - self.window[0]) / 8:
+                self.narrow(low, high)
+
+        return float(np.exp(_bisect_log_price(fits, step)))
 
 
 def _batch_options(
