@@ -197,3 +197,22 @@ def test_the_look_ahead_spend_over_a_window_is_every_query_valued_again(mixed_po
     assert windowed.uncertain.size < windowed.general.size
     assert all(b.sums is not None for b in windowed.blocks)
     assert len(windowed.blocks) == (round_ == 1)
+
+
+@pytest.mark.parametrize("round_", [1, 2])
+def test_the_look_ahead_spend_of_a_batch_without_a_call_is_nothing(mixed_posterior: Posterior, round_: int) -> None:
+    """A round where no open query has a call left (the nightly audits DAG's round 2 met it): the search has no
+    rows, spends nothing at any price, and builds (it raised on zip(heads, ends) before)."""
+    queue, predictions, observations, _ = _mixed_batch(mixed_posterior)
+    planner = PosteriorRoundPlanner(mixed_posterior)
+    seen = observe(queue, predictions, observations if round_ == 2 else observations.clear())
+    ev = evaluate(mixed_posterior, seen, planner.max_tries)
+    call = np.zeros_like(np.isfinite(ev.after))
+    group, keys = _answer_patterns(seen, mixed_posterior)
+    search = _LookAheadSpend.build(
+        planner._call_value(ev, call), seen.cost, call, group, None if round_ == 1 else ev.now_p,
+        np.where(seen.tasks == "task0", 0, -1) if round_ == 1 else None,
+        lambda price: planner._escalation_tables(seen, keys, price), np.asarray(LAMBDA_GRID),
+    )
+    assert search.rows.size == 0 and search.blocks == []
+    assert search.spend(1e4) == 0.0

@@ -941,7 +941,7 @@ class _LookAheadSpend:
 
     def __post_init__(self) -> None:
         heads = np.searchsorted(self.block, np.unique(self.block))
-        ends = [*heads[1:].tolist(), self.rows.size]
+        ends = [*heads[1:].tolist(), self.rows.size][: len(heads)]  # no rows (no query has a call): no parts
         part = {int(self.block[h]): slice(int(h), int(e)) for h, e in zip(heads, ends, strict=True)}
         view = lambda s: _Rows(  # noqa: E731
             self.rows.value[s],
