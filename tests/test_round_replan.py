@@ -214,5 +214,6 @@ def test_the_look_ahead_spend_of_a_batch_without_a_call_is_nothing(mixed_posteri
         np.where(seen.tasks == "task0", 0, -1) if round_ == 1 else None,
         lambda price: planner._escalation_tables(seen, keys, price), np.asarray(LAMBDA_GRID),
     )
-    assert search.rows.size == 0 and search.blocks == []
+    assert search.rows.size == 0
+    assert search.blocks == []
     assert search.spend(1e4) == 0.0
