@@ -63,15 +63,12 @@ class PerTaskPlanner:
         return queue.filter(~mine)["query_id"], queue.filter(mine)["query_id"]
 
     def _part(self, state: RoundState, ids: pl.Series) -> RoundState:
-        def keep(frame: pl.DataFrame) -> pl.DataFrame:
-            return frame.filter(pl.col("query_id").is_in(ids.implode()))
-
         return replace(
             state,
-            queue=keep(state.queue),
-            predictions=keep(state.predictions),
-            observations=keep(state.observations),
-            call_bounds=None if state.call_bounds is None else keep(state.call_bounds),
+            queue=_of(state.queue, ids),
+            predictions=_of(state.predictions, ids),
+            observations=_of(state.observations, ids),
+            call_bounds=None if state.call_bounds is None else _of(state.call_bounds, ids),
         )
 
     def plan_round(self, state: RoundState) -> RoundPlan:
@@ -126,10 +123,15 @@ class PerTaskPlanner:
         for ids, planner in zip(self._ids(queue), (self.plan, self.posterior), strict=True):
             if ids.is_empty():
                 continue
-            got = planner.answers(*(f.filter(pl.col("query_id").is_in(ids.implode())) for f in (queue, predictions, observations)))
+            got = planner.answers(*(_of(f, ids) for f in (queue, predictions, observations)))
             parts.append(got.select(ROUND_ANSWER_SCHEMA.names()).cast(dict(ROUND_ANSWER_SCHEMA)))  # type: ignore[arg-type]
         order = queue.select("query_id")
         return order.join(pl.concat(parts), on="query_id", how="left", maintain_order="left")
+
+
+def _of(frame: pl.DataFrame, ids: pl.Series) -> pl.DataFrame:
+    """``frame``'s rows of the queries ``ids`` (one half of the batch)."""
+    return frame.filter(pl.col("query_id").is_in(ids.implode()))
 
 
 def _cheapest_unanswered(state: RoundState) -> float:
