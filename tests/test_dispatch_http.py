@@ -446,3 +446,34 @@ def test_max_tokens_cuts_an_open_answer_and_its_bill(tmp_path: Path) -> None:
     assert results["status"].value_counts().sort("status").rows() == [("done", 30), ("failed", 10)]
     intents = [e for e in ledger_events(tmp_path / "run") if e.get("e") == "i"]
     assert max(float(e["r"]) for e in intents) < 0.01  # the flat bound reserves 1024 x $100/M = $0.1024
+
+
+def test_a_cut_answer_is_billed_at_its_recorded_rate(tmp_path: Path) -> None:
+    """A history billed above its price list (cascades_open's bills run ~3x list x usage): the fault server
+    bills an answer cut at max_tokens at the rate its recorded bill was. Taking the uncut tokens off at the
+    list price instead left a 405b answer recorded at 2048 tokens billed $0.0072 for 54 tokens (its bound:
+    $0.0013), and a run in rounds over its budget (bench/rounds_faults.py, cascades_open at 50%)."""
+    from batchplan.dispatchers import OutputCaps
+
+    base = synthetic_history(20, 1, seed=5)
+    prices = base.prices.with_columns(pl.lit(3.0).alias("usd_per_mtok_in"), pl.lit(3.0).alias("usd_per_mtok_out"))
+    listed = (pl.col("tokens_in") * pl.col("usd_per_mtok_in") + pl.col("tokens_out") * pl.col("usd_per_mtok_out")) / 1e6
+    outcomes = (
+        base.outcomes.with_columns(pl.lit(2048).alias("tokens_out"), pl.lit("a free-text answer").alias("answer"))
+        .join(prices, on="model")
+        .with_columns((3 * listed).alias("cost_usd"))  # billed 3x the list price
+        .select(base.outcomes.columns)
+    )
+    history = History(base.queries.with_columns(pl.lit(None, dtype=pl.List(pl.String)).alias("labels")), outcomes, prices)
+    queue = queue_of(history, 20)
+    model = history.models[0]
+    caps = OutputCaps({(t, model): 32 for t in queue["task"].unique().to_list()})
+    with ReplayServer(history) as server:
+        options = DispatchOptions(output_caps=caps, retry=FAST_RETRY)
+        _to_one_llm(queue, model, openai(server, history), tmp_path / "run", options)
+    cut = [e for e in ledger_events(tmp_path / "run") if e.get("e") == "c"]
+    assert len(cut) == 20
+    assert all(e["s"] == "truncated" for e in cut)
+    tokens_in = dict(outcomes.filter(pl.col("model") == model).select("query_id", "tokens_in").iter_rows())
+    for e in cut:  # 3x the list price of the tokens sent, where the list price off the uncut ones left ~30x
+        assert e["usd"] == pytest.approx(3 * (tokens_in[e["q"]] + 32) * 3.0 / 1e6)

@@ -58,6 +58,17 @@ def prompt_key(system_prompt: str | None, prompt: str) -> str:
     return hashlib.blake2b(f"{system_prompt or ''}\x00{prompt}".encode(), digest_size=12).hexdigest()
 
 
+def _billed_share(prices: tuple[float, float] | None, tokens_in: int | None, tokens_out: int, cap: int) -> float:
+    """The share of a recorded bill an answer cut from ``tokens_out`` to ``cap`` tokens is billed: the list cost
+    of the usage sent over the recorded usage's (its tokens in and out at the same per-token rates), or the
+    share of the tokens where the prices or the input are unknown."""
+    if prices is not None and tokens_in is not None:
+        full = tokens_in * prices[0] + tokens_out * prices[1]
+        if full > 0:
+            return (tokens_in * prices[0] + cap * prices[1]) / full
+    return cap / tokens_out
+
+
 class ReplayServer:
     """Serves one history on 127.0.0.1 from a background thread (``start``/``stop``) or in the foreground."""
 
@@ -75,11 +86,11 @@ class ReplayServer:
             prompt_key(s, p): q for q, s, p in history.queries.select("query_id", "system_prompt", "prompt").iter_rows()
         }
         self._models = sorted({m for _, m in self._table})
-        # USD per output token: what a cut answer's bill saves (the tokens past max_tokens are never generated)
-        self._usd_out = {
-            str(m): float(p) / 1e6
-            for m, p in history.prices.select("model", "usd_per_mtok_out").iter_rows()
-            if p is not None
+        # USD per (input, output) token: a cut answer is billed at the rate its recorded bill was (below)
+        self._usd = {
+            str(m): (float(i) / 1e6, float(o) / 1e6)
+            for m, i, o in history.prices.select("model", "usd_per_mtok_in", "usd_per_mtok_out").iter_rows()
+            if i is not None and o is not None
         }
         self._idempotent: dict[str, bytes] = {}
         self._lock = threading.Lock()
@@ -246,10 +257,10 @@ class ReplayServer:
         )
         cap, finish = request.get("max_tokens"), "stop"
         if isinstance(cap, int) and cap > 0 and tokens_out is not None and tokens_out > cap:
-            # as an endpoint does: generation stops at max_tokens, the answer is cut and billed up to there
-            per_token = self._usd_out.get(model)
-            cut = (tokens_out - cap) * per_token if per_token is not None else (cost or 0.0) * (1 - cap / tokens_out)
-            cost = max((cost or 0.0) - cut, 0.0)
+            # as an endpoint does: generation stops at max_tokens, the answer is cut and billed up to there, at
+            # the rate the recorded answer was billed (a history billed above its price list, as cascades_open's
+            # ~3x is, saves that rate on the tokens never generated, not the list price)
+            cost = (cost or 0.0) * _billed_share(self._usd.get(model), tokens_in, tokens_out, cap)
             text, tokens_out, finish = text[: max(1, len(text) * cap // tokens_out)], cap, "length"
         payload = _completion(
             model, text, cost or 0.0, tokens_in, tokens_out, logprob, bool(request.get("logprobs")), finish
