@@ -380,3 +380,51 @@ def test_a_replan_holds_a_task_floor_on_the_posterior(fitted: tuple[History, Pos
     )
     assert "out of reach" in out_of_reach.diagnostics["task_floor_unmet"]
     assert out_of_reach.calls["expected_cost_usd"].sum() <= 0.01 * left
+
+
+def test_open_answers_that_agree_by_token_f1_share_one_answer() -> None:
+    """Open answers agree as the audit compares them (token F1 >= 0.5): "Everton" and "Everton FC" are one
+    answer in the round planner's state and in the posterior's replays; a labelled query's answers only when
+    equal. By text alone they were two answers, and agreement on TriviaQA told right from wrong less sharply."""
+    from batchplan.plans.posterior import open_agreement, replays
+
+    ids, models = ["open", "labelled"], ["m0", "m1", "m2"]
+    queue = pl.DataFrame(
+        {
+            "query_id": ids,
+            "task": "t",
+            "tenant": "default",
+            "priority": 1.0,
+            "labels": pl.Series([None, ["Everton", "Everton FC", "Leeds"]], dtype=pl.List(pl.String)),
+        }
+    )
+    predictions = pl.DataFrame(
+        {"query_id": np.repeat(ids, 3), "model": models * 2, "p_correct": 0.5, "cost_usd": 1e-5, "cost_high_usd": 2e-5}
+    )
+    answers = ["Everton", "Everton FC", "Leeds United"] * 2
+    pairs = [(q, m) for q in ids for m in models]
+    rows = pl.DataFrame(
+        [(q, 1, m, "ok", a, -0.1, 1e-5, True, 10, 2) for (q, m), a in zip(pairs, answers, strict=True)],
+        schema=OBSERVATION_SCHEMA,
+        orient="row",
+    )
+    code = observe(queue, predictions, rows).states.code
+    assert code[0, 0] == code[0, 1]
+    assert code[0, 2] != code[0, 0]
+    assert len(set(code[1].tolist())) == 3
+    # transitively: a links b, b links c, so all three are one answer (a and c alone would not agree)
+    merged = open_agreement(
+        np.zeros(3, dtype=np.int64), np.array([1, 2, 3]), pl.Series(["a b", "a b c d", "c d e"]), np.ones(3, bool)
+    )
+    assert merged.tolist() == [1, 1, 1]
+    history = History(
+        queries=queue.select("query_id", "task", "labels").with_columns(split=pl.lit("train")),
+        outcomes=rows.select("query_id", "model", "answer").with_columns(
+            correct=pl.Series([True, True, False] * 2), cost_usd=pl.lit(1e-5), logprob=pl.lit(-0.1)
+        ),
+        prices=pl.DataFrame({"model": models}),
+    )
+    oof = predictions.select("query_id", "model", "p_correct")
+    rep = replays(history, oof)["t"]
+    opened = rep.query_ids.index("open")
+    assert rep.code[opened, 0] == rep.code[opened, 1] != rep.code[opened, 2]

@@ -68,7 +68,16 @@ from batchplan.optimizer import AccuracyFloor, Budget, Capacity, GroupBudget, In
 from batchplan.optimizer.api import Method
 from batchplan.plans.candidates import P90_Z, _with_query
 from batchplan.plans.modes import BatchModes
-from batchplan.plans.posterior import LAMBDA_GRID, NONE, OPAQUE, Posterior, States, called_key, normalize
+from batchplan.plans.posterior import (
+    LAMBDA_GRID,
+    NONE,
+    OPAQUE,
+    Posterior,
+    States,
+    called_key,
+    normalize,
+    open_agreement,
+)
 
 log = structlog.get_logger("batchplan.core.rounds")
 
@@ -152,6 +161,7 @@ def observe(
             ok = ok[np.sort(ok.height - 1 - from_end)]
         r, c = ok["_q"].to_numpy(), ok["_m"].to_numpy()
         dense, order_in = _ranks_within(r, ok.select(normalize(pl.col("answer")).rank("dense"))["answer"])
+        dense = open_agreement(r, dense, ok["answer"], _open_rows(queue, r))
         code[r, c] = np.where(dense < 0, OPAQUE, dense)
         conf[r, c] = np.exp(ok["logprob"].fill_null(np.nan).to_numpy())
         order[r, c] = order_in
@@ -170,6 +180,13 @@ def observe(
         answers=answers,
         drift=drift,
     )
+
+
+def _open_rows(queue: pl.DataFrame, query: np.ndarray) -> np.ndarray:
+    """Per row of query index ``query``: its query is open (no label set)."""
+    if "labels" not in queue.columns:
+        return np.zeros(len(query), dtype=bool)
+    return queue["labels"].is_null().to_numpy()[query]
 
 
 def _ranks_within(query: np.ndarray, value: pl.Series) -> tuple[np.ndarray, np.ndarray]:
