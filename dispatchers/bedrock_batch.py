@@ -37,7 +37,7 @@ from typing import Any
 import polars as pl
 import structlog
 
-from batchplan.core.catalog import BATCH_TERMS, BatchTerms
+from batchplan.core.catalog import BATCH_TERMS, BatchTerms, batch_terms
 from batchplan.core.errors import ContractError
 from batchplan.core.rounds import BATCH, OBSERVATION_MODE, REALTIME, ROUND_PLAN_SCHEMA, RoundRequest
 from batchplan.core.settings import get_settings
@@ -74,7 +74,7 @@ class BedrockBatchSender:
     role_arn: str
     realtime: Any
     prefix: str = "batchplan/bedrock-batch"
-    terms: BatchTerms = field(default_factory=lambda: BATCH_TERMS["bedrock"])
+    terms: BatchTerms = field(default_factory=lambda: batch_terms("bedrock") or BATCH_TERMS["bedrock"])
     deadline: float | None = None  # POSIX seconds: a job still running then is stopped
     poll_seconds: float = 60.0
     clock: Callable[[], float] = time.time

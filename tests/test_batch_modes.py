@@ -270,3 +270,32 @@ def test_the_batch_api_needs_a_backend_that_has_one() -> None:
     assert dict(modes.discounts) == {"a": 0.5}
     assert modes.terms.min_records == 100
     assert modes.deadline == 5.0
+
+
+def test_bedrocks_minimum_is_the_accounts_quota_from_the_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """BATCHPLAN_BEDROCK_BATCH_MIN_RECORDS (the account's service quota, 100 by default): the planner offers a
+    batch price to a night of 20 queries, and the Bedrock sender's jobs need as many records."""
+    from types import SimpleNamespace
+
+    from batchplan.app.pipeline import backend_batch_modes
+    from batchplan.core.catalog import batch_terms
+    from batchplan.core.settings import get_settings
+    from batchplan.dispatchers.bedrock_batch import BedrockBatchSender
+
+    prices = pl.DataFrame({"model": ["a"], "usd_per_mtok_in": [1.0], "usd_per_mtok_out": [2.0]})
+    predictions = pl.DataFrame({"query_id": [f"q{i}" for i in range(20)], "model": ["a"] * 20})
+    bedrock = SimpleNamespace(catalog=PriceCatalog.from_prices(prices).for_backend("bedrock"))
+    assert dict(backend_batch_modes("bedrock", bedrock, predictions).discounts) == {}  # type: ignore[arg-type]
+    monkeypatch.setenv("BATCHPLAN_BEDROCK_BATCH_MIN_RECORDS", "20")
+    get_settings.cache_clear()
+    try:
+        modes = backend_batch_modes("bedrock", bedrock, predictions)  # type: ignore[arg-type]
+        assert dict(modes.discounts) == {"a": 0.5}
+        assert modes.terms.min_records == 20
+        sender = BedrockBatchSender(None, None, None, "bucket", "arn:role", None)  # type: ignore[arg-type]
+        assert sender.terms.min_records == 20
+        assert batch_terms("openai") == BATCH_TERMS["openai"]
+    finally:
+        monkeypatch.undo()
+        get_settings.cache_clear()
+    assert batch_terms("bedrock") == BATCH_TERMS["bedrock"]

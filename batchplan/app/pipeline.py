@@ -45,7 +45,7 @@ from batchplan.app.round_runner import (
     run_rounds,
     with_audits,
 )
-from batchplan.core.catalog import BATCH_TERMS, PriceCatalog
+from batchplan.core.catalog import BATCH_TERMS, PriceCatalog, batch_terms
 from batchplan.core.contracts import DEFER, RESULT_SCHEMA, UNANSWERABLE, ContractError, is_audit
 from batchplan.core.history import History, load_history
 from batchplan.core.request import DEFAULT_ROUND_PLANNER
@@ -589,7 +589,7 @@ def backend_batch_modes(
     name: str, backend: Backend, predictions: pl.DataFrame, *, deadline: float | None = None
 ) -> BatchModes:
     """``batch_modes`` from the backend's name (the DAGs have no Job): the batch terms of ``name``."""
-    terms = BATCH_TERMS.get(name)
+    terms = batch_terms(name)
     models = sorted(predictions["model"].unique().to_list())
     if terms is None or not any(backend.catalog.batch_discount(m) is not None for m in models):
         raise ContractError(

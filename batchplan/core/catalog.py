@@ -17,6 +17,7 @@ import polars as pl
 
 from batchplan.core.contracts import MODELS_SCHEMA, conform
 from batchplan.core.errors import ContractError
+from batchplan.core.settings import get_settings
 
 
 @dataclass(frozen=True)
@@ -33,6 +34,17 @@ class BatchTerms:
 # Backends with a batch API; the others (replay, any OpenAI-compatible server without /v1/batches) have none.
 # Bedrock refuses a job under its per-model minimum record count (the service quota's default is 100).
 BATCH_TERMS: Final = {"openai": BatchTerms(), "bedrock": BatchTerms(min_records=100)}
+
+
+def batch_terms(backend: str) -> BatchTerms | None:
+    """``BATCH_TERMS`` of ``backend`` (None: no batch API), Bedrock's per-job minimum the account's quota as the
+    settings give it (``bedrock_batch_min_records``), for the planner and the sender alike."""
+    terms = BATCH_TERMS.get(backend)
+    if backend == "bedrock" and terms is not None:
+        return replace(terms, min_records=get_settings().bedrock_batch_min_records)
+    return terms
+
+
 BATCH_DISCOUNT_COLUMN: Final = "batch_discount"  # optional per-LLM column of a price list (models.csv)
 
 

@@ -46,6 +46,12 @@ class Settings(BaseSettings):
     bedrock_batch_role_arn: str | None = Field(
         default=None, description="The IAM service role Bedrock batch jobs run as (reads and writes that prefix)."
     )
+    bedrock_batch_min_records: int = Field(
+        default=100,
+        ge=1,
+        description="Records a Bedrock batch job needs at least (per LLM): the account's service quota, 100 by "
+        "default. The planner prices no batch call for an LLM below it, and the sender sends such calls in real time.",
+    )
     holdout_fraction: float = Field(
         default=0.3, description="Share of a train-only data set held out as its test split (by query_id hash)."
     )
