@@ -61,9 +61,23 @@ MIN_CORRECTION_ROWS: Final = 20
 Z95: Final = 1.959964
 
 
+TOKEN_DROP: Final = r"[^\w\s]"  # dropped before an answer is split into its tokens
+
+
 def _tokens(text: str | None) -> list[str]:
-    text = re.sub(r"[^\w\s]", "", (text or "").lower())
+    text = re.sub(TOKEN_DROP, "", (text or "").lower())
     return text.split()
+
+
+def answer_tokens(answers: pl.Expr) -> pl.Expr:
+    """``_tokens`` of every answer, in a frame (the posterior's open agreement over a whole batch)."""
+    return answers.str.to_lowercase().str.replace_all(TOKEN_DROP, "").str.extract_all(r"\S+")
+
+
+def f1_agrees(common: Any, total: Any) -> Any:
+    """Two open answers with ``common`` tokens in common and ``total`` tokens between them agree: their token
+    F1, 2 x common / total, is >= OPEN_AGREEMENT (numbers or polars expressions)."""
+    return (common > 0) & (2 * common >= OPEN_AGREEMENT * total)
 
 
 def same_answer(a: str | None, b: str | None, open_task: bool) -> bool:
@@ -73,11 +87,7 @@ def same_answer(a: str | None, b: str | None, open_task: bool) -> bool:
     ta, tb = _tokens(a), _tokens(b)
     if not open_task or not ta or not tb:
         return ta == tb and bool(ta)
-    common = sum((Counter(ta) & Counter(tb)).values())
-    if common == 0:
-        return False
-    precision, recall = common / len(ta), common / len(tb)
-    return 2 * precision * recall / (precision + recall) >= OPEN_AGREEMENT
+    return bool(f1_agrees(sum((Counter(ta) & Counter(tb)).values()), len(ta) + len(tb)))
 
 
 @dataclass

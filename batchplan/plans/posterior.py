@@ -45,7 +45,7 @@ import polars as pl
 
 from batchplan.core.history import History, stable_fold
 from batchplan.core.numerics import fit_logistic, logit, sigmoid
-from batchplan.plans.audit import same_answer
+from batchplan.plans.audit import answer_tokens, f1_agrees
 from batchplan.predictors.metrics import ece
 
 NONE: Final = -2  # no answer: not called, or the call failed / gave no usable answer
@@ -73,37 +73,52 @@ def open_agreement(query: np.ndarray, code: np.ndarray, answer: pl.Series, open_
     """``code`` (per answer row: its ``normalize``d text's id within the query ``query``, < 1 none) with the
     ids of an open query's answers that agree as the audit compares open answers (``audit.same_answer``:
     token F1 >= OPEN_AGREEMENT, so "Everton" and "Everton FC" are one answer) merged, transitively, into the
-    smallest. Labelled answers agree only when equal, as before."""
-
+    smallest. Labelled answers agree only when equal, as before. In frames (no per-pair Python): at 1M open
+    queries the round planner's state is built every round."""
     out = code.copy()
-    rows = np.flatnonzero(open_ & (code > 0))
+    text = open_ & (code > 0)
+    if not text.any():
+        return out
+    # ids are dense ranks from 1: a query has two different answers exactly when one of its ids is 2 or more
+    top = np.zeros(int(query.max()) + 1, dtype=np.int64)
+    np.maximum.at(top, query[text], code[text])
+    rows = np.flatnonzero(text & (top[query] >= 2))
     if len(rows) < 2:
         return out
-    rows = rows[np.argsort(query[rows], kind="stable")]
-    q = query[rows]
-    heads = np.flatnonzero(np.r_[True, q[1:] != q[:-1]])
-    texts = answer.to_list()
-    for start, end in zip(heads, [*heads[1:], len(rows)], strict=True):
-        members = rows[start:end]
-        first: dict[int, str] = {}
-        for i in members:
-            first.setdefault(int(code[i]), texts[i])
-        if len(first) < 2:
-            continue
-        parent = {k: k for k in first}
-        keys = sorted(first)
-        for x, y in itertools.combinations(keys, 2):
-            if same_answer(first[x], first[y], True):
-                rx, ry = _root(parent, x), _root(parent, y)
-                parent[max(rx, ry)] = min(rx, ry)
-        out[members] = [_root(parent, int(code[i])) for i in members]
+    # one text per (query, id): equal normalized texts already share the id
+    reps = (
+        pl.DataFrame({"q": query[rows], "c": code[rows], "a": answer.gather(rows)})
+        .unique(["q", "c"], keep="first", maintain_order=True)
+        .with_row_index("node")
+    )
+    tokens = reps.select("node", "q", answer_tokens(pl.col("a")).alias("t")).explode("t").drop_nulls("t")
+    sizes = tokens.group_by("node").len("n")
+    # tokens compared by hash (a collision, ~1e-19 a pair, could only make two answers agree by one token)
+    counts = tokens.group_by("node", "q", pl.col("t").hash().alias("t")).len("k")
+    common = (
+        counts.join(counts, on=["q", "t"], suffix="_b")
+        .filter(pl.col("node") < pl.col("node_b"))
+        .group_by("node", "node_b")
+        .agg(pl.min_horizontal("k", "k_b").sum().alias("common"))
+        .join(sizes, on="node")
+        .join(sizes.rename({"node": "node_b", "n": "n_b"}), on="node_b")
+    )
+    edges = common.filter(f1_agrees(pl.col("common"), pl.col("n") + pl.col("n_b")))
+    if edges.height == 0:
+        return out
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
+
+    k = reps.height
+    graph = coo_matrix((np.ones(edges.height), (edges["node"].to_numpy(), edges["node_b"].to_numpy())), shape=(k, k))
+    _, component = connected_components(graph, directed=False)
+    merged = reps.with_columns(pl.Series("g", component)).with_columns(pl.col("c").min().over("g").alias("to"))
+    # every row of a merged id takes its component's smallest id (rows are keyed by query and id)
+    key = pl.DataFrame({"q": query[rows], "c": code[rows]}).join(
+        merged.select("q", "c", "to"), on=["q", "c"], how="left", maintain_order="left"
+    )
+    out[rows] = key["to"].fill_null(key["c"]).to_numpy()
     return out
-
-
-def _root(parent: dict[int, int], k: int) -> int:
-    while parent[k] != k:
-        k = parent[k]
-    return k
 
 
 @dataclass
