@@ -20,6 +20,13 @@ Each level is shrunk by ``LIVE_PRIOR_ROWS`` pseudo-rows whose verdict is the est
 by the other LLMs' drift for an LLM), so the corrected mean P of n live rows with r right lands near
 (r + k x p) / (n + k): one label moves an estimate a little, a few nights of them most of the way.
 
+The task level, and an LLM's prior from the other LLMs, count each labelled *query* once (its rows share
+its weight): a query several LLMs answered (an audit's reference vote, an exploration's calls) says how hard
+that query is once, not once per LLM. Counted per row, four explored queries with nine LLMs each read as 36
+rows against the 10 pseudo-rows, and their difficulty moved every LLM of the task most of the way (the nights
+bench's oracle arm: -6 points on its first night with labels). The LLM level stays per row: its own rows are
+one per query.
+
 Silver verdicts (an audit's reference answer) stay out of the offsets: they measure agreement with a
 reference that is itself wrong at times, so they read low for an LLM as good as the reference (the audit's
 estimate corrects that with its s/q rates; an offset would learn the reference's error as the LLM's
@@ -65,18 +72,22 @@ class LiveCorrection:
         weight: np.ndarray,
         gold: np.ndarray,
         prior_rows: float = LIVE_PRIOR_ROWS,
+        query: np.ndarray | None = None,
     ) -> LiveCorrection:
         """``task``/``model`` name each live row; ``p`` its out-of-fold P(correct), ``y`` its verdict,
-        ``weight`` its training weight, ``gold`` whether the verdict is a label (only those are fitted).
+        ``weight`` its training weight, ``gold`` whether the verdict is a label (only those are fitted);
+        ``query`` its query (the task level counts each query once; without it each row is its own query).
         ``offset`` per (task, LLM) is the total (task level plus the LLM's own), ``task_offset`` the task's."""
         keep = np.asarray(gold, dtype=bool)
+        per_query = _per_query(np.asarray(query)[keep] if query is not None else None, int(keep.sum()))
         task, model, y = np.asarray(task)[keep], np.asarray(model)[keep], np.asarray(y, dtype=np.float64)[keep]
         p = np.clip(np.asarray(p, dtype=np.float64)[keep], P_CLIP, 1 - P_CLIP)
         weight = np.asarray(weight, dtype=np.float64)[keep]
         if len(y) == 0:
             return cls()
         frame = pl.DataFrame({"task": task, "model": model, "_i": np.arange(len(y))})
-        by_task = {str(t): _offset(y[part["_i"]], logit(p[part["_i"]]), weight[part["_i"]], prior_rows)
+        shared = weight * per_query  # a query's rows share its weight at the task level
+        by_task = {str(t): _offset(y[part["_i"]], logit(p[part["_i"]]), shared[part["_i"]], prior_rows)
                    for (t,), part in frame.group_by("task", maintain_order=True)}  # fmt: skip
         rows: list[tuple[Any, ...]] = []
         for (t, m), part in frame.group_by("task", "model", maintain_order=True):
@@ -85,7 +96,7 @@ class LiveCorrection:
             # the LLM's own rows against the history's logits, shrunk toward the task's drift as the other
             # LLMs' rows show it (its own rows counted once, not again through the task level)
             others = np.setdiff1d(frame.filter(pl.col("task") == t)["_i"].to_numpy(), i)
-            prior = _offset(y[others], logit(p[others]), weight[others], prior_rows) if len(others) else 0.0
+            prior = _offset(y[others], logit(p[others]), shared[others], prior_rows) if len(others) else 0.0
             delta = _offset(y[i], logit(p[i]), weight[i], prior_rows, target=sigmoid(logit(p[i]) + prior))
             rows.append((str(t), str(m), delta, base, float(weight[i].sum()), len(i), float(np.mean(p[i])),
                          float(np.sum(weight[i] * y[i]) / max(float(np.sum(weight[i])), 1e-12))))  # fmt: skip
@@ -120,6 +131,14 @@ class LiveCorrection:
     @classmethod
     def from_state(cls, state: list[dict[str, Any]] | None) -> LiveCorrection:
         return cls(pl.DataFrame(state or [], schema=OFFSET_SCHEMA))
+
+
+def _per_query(query: np.ndarray | None, n: int) -> np.ndarray:
+    """Per row, 1 / (rows of its query): a query's rows together weigh one row (all 1 without ``query``)."""
+    if query is None:
+        return np.ones(n)
+    _, inverse, counts = np.unique(query.astype(str), return_inverse=True, return_counts=True)
+    return 1.0 / counts[inverse]
 
 
 def _offset(
