@@ -155,7 +155,9 @@ class Arm:
     model_uri: str
     trained: artifacts.Trained
     explore_share: float = 0.0  # of the budget, on calls of LLMs the audit's reference does not call
-    oracle: bool = False  # its labels say every LLM's verdict on the labelled queries (the ceiling: --oracle)
+    # --oracle: "labels", its labels say every LLM's verdict on the labelled queries (exploring every LLM there, free);
+    # "stream", it learns from every LLM's verdict on the whole stream but tonight's queries (the ceiling)
+    oracle: str = ""
     runs: list[str] = field(default_factory=list)  # its run dirs, as `batchplan train --from-run` reads them
     verdicts: list[History] = field(default_factory=list)  # open tasks' labels (no judge in `batchplan label`)
 
@@ -212,7 +214,8 @@ def run_stream(name: str, args: argparse.Namespace, data: Path, work: Path, stor
     if args.explore_share > 0:
         arms.append(Arm("explore", args.audit_share, True, str(work / name / "explore_models"), base, args.explore_share))
     if args.oracle:
-        arms.append(Arm("oracle", 0.0, True, str(work / name / "oracle_models"), base, oracle=True))
+        arms.append(Arm("oracle_labels", 0.0, True, str(work / name / "oracle_labels_models"), base, oracle="labels"))
+        arms.append(Arm("oracle", 0.0, False, str(work / name / "oracle_models"), base, oracle="stream"))
     for arm in arms:
         artifacts.save(base, storage, arm.model_uri)
     open_stream = bool(full.queries["labels"].is_null().all())
@@ -231,7 +234,7 @@ def run_stream(name: str, args: argparse.Namespace, data: Path, work: Path, stor
             arrived = pending.pop(night, [])
             for arm, run_dir, ids in arrived:  # labels of an earlier night arrive: joined into that run
                 gold = full.queries.filter(pl.col("query_id").is_in(pl.Series(ids).implode())).select("query_id", "gold")
-                if arm.oracle:
+                if arm.oracle == "labels":
                     arm.verdicts.append(oracle_history(full, ids))
                 elif open_stream:
                     arm.verdicts.append(verdict_history(full, run_dir, ids, storage))
@@ -242,6 +245,11 @@ def run_stream(name: str, args: argparse.Namespace, data: Path, work: Path, stor
                 if arm.learns and (arrived or (arm.audit_share > 0 and arm.runs)):
                     retrain(arm, train, storage, seed)
             ids = tonight(order, night, args.night_size, labelled, rng)
+            for arm in arms:  # the ceiling: every LLM's verdict on the stream, tonight's queries apart
+                if arm.oracle == "stream":
+                    seen = oracle_history(full, [q for q in stream if q not in set(ids)])
+                    arm.trained = artifacts.train(combine_histories([train, seen]), seed=seed, templates=False)
+                    artifacts.save(arm.trained, storage, arm.model_uri)
             queue_path = work / name / f"night{night}.parquet"
             queue = full.as_queue().filter(pl.col("query_id").is_in(pl.Series(ids).implode()))
             queue.write_parquet(queue_path)
@@ -350,8 +358,8 @@ def explore_columns(
             }
         if arm.oracle:
             out |= {
-                "acc oracle": share(scored[arm.name]["correct"]),
-                "moved oracle": moved(outcomes[arm.name].plan, outcomes["never"].plan),
+                f"acc {arm.name}": share(scored[arm.name]["correct"]),
+                f"moved {arm.name}": moved(outcomes[arm.name].plan, outcomes["never"].plan),
             }
     return out
 
@@ -410,7 +418,7 @@ COLUMNS = [
 # the explore and oracle arms' columns, shown when the run has them
 EXTRA_COLUMNS = [
     "acc explore", "explored", "explore calls", "explore USD", "spend explore USD", "ECE explore", "moved explore",
-    "acc oracle", "moved oracle",
+    "acc oracle_labels", "moved oracle_labels", "acc oracle", "moved oracle",
 ]  # fmt: skip
 
 
@@ -463,8 +471,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--oracle",
         action="store_true",
-        help="add the oracle arm: its labels give every LLM's verdict on the labelled queries (the ceiling of "
-        "exploring every LLM there, at no cost)",
+        help="add two oracle arms: oracle_labels, whose labels give every LLM's verdict on the labelled queries "
+        "(exploring every LLM there, at no cost), and oracle, retrained each night on every LLM's verdict on the "
+        "whole stream but that night's queries (the ceiling of learning from the stream)",
     )
     args = parser.parse_args(argv)
     # The report's frontier chart re-solves each run at a dozen budgets (~20 s a night here): not what this
@@ -494,7 +503,8 @@ def main(argv: list[str] | None = None) -> int:
             learning = [r for r in rows if r["labels in"] > 0] or rows
             print(f"\nAccuracy gain at the same budget (paired bootstrap over queries within nights, 95%), {name}:\n")
             pairs = [("audited", "never"), ("no_audit", "never"), ("audited", "no_audit")]
-            pairs += [(a, b) for a, b in (("explore", "never"), ("explore", "audited"), ("oracle", "never")) if a in rows[0]["_scored"]]
+            extra = (("explore", "never"), ("explore", "audited"), ("oracle_labels", "never"), ("oracle", "never"))
+            pairs += [(a, b) for a, b in extra if a in rows[0]["_scored"]]
             print("| nights | " + " | ".join(f"{a} - {b}".replace("_", " ") for a, b in pairs) + " |")
             print("|---|" + "---|" * len(pairs))
             for label, part in (

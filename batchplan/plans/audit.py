@@ -279,6 +279,7 @@ def explore_plan(
         ).sort(["_known", "cost_usd", "model"])
         cost = picked["cost_usd"].to_numpy()
         fits = int(np.searchsorted(np.cumsum(cost), max_cost_usd - spent, side="right"))
+        whole = fits == len(cost)
         if fits:
             picked, cost = picked.head(fits), cost[:fits]
             spent += float(cost.sum())
@@ -299,7 +300,7 @@ def explore_plan(
                     "fitted_reference": False,
                 }
             )
-        if fits < len(cost):
+        if not whole:
             break  # the next LLM would pass the exploration's share of the budget
     return pl.DataFrame(rows, schema=AUDIT_PLAN_SCHEMA)
 
