@@ -36,6 +36,7 @@ plan uses.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -53,6 +54,8 @@ LIVE_PRIOR_ROWS: Final = 10.0
 EB_MIN_ROWS: Final = 5
 EB_MIN_PAIRS: Final = 3
 EB_MAX_ROWS: Final = 10_000.0
+EB_Z: Final = 1.645  # one-sided 95%: the pooled spread
+EB_OWN_Z: Final = 2.576  # one LLM standing out alone: its own z beyond 2.58 (nine LLMs read one by chance 9% of nights)
 MAX_OFFSET: Final = 3.0  # |delta| at most (logit units): a handful of labels never flips a model to 0 or 1
 
 OFFSET_SCHEMA = pl.Schema(
@@ -102,10 +105,15 @@ class LiveCorrection:
             others = np.setdiff1d(frame.filter(pl.col("task") == t)["_i"].to_numpy(), i)
             prior = _offset(y[others], logit(p[others]), shared[others], prior_rows) if len(others) else 0.0
             levels.append((str(t), str(m), i, prior))
-        llm_rows = _llm_prior_rows(levels, y, p, weight, prior_rows)
+        llm_rows, centres = _llm_prior_rows(levels, y, p, weight, prior_rows)
         rows: list[tuple[Any, ...]] = []
-        for t, m, i, prior in levels:
-            delta = _offset(y[i], logit(p[i]), weight[i], llm_rows, target=sigmoid(logit(p[i]) + prior))
+        for (t, m, i, prior), pseudo in zip(levels, llm_rows, strict=True):
+            # shrunk harder than the floor, toward the task's LLMs' median level: the other LLMs' level alone is
+            # anti-correlated with the LLM's own rows (a low-scoring LLM's others read high) and carries any
+            # LLM that stands out, which a strong shrinkage would hand it whole; at the floor, the others' level
+            # (its own rows counted once)
+            toward = prior + (1 - prior_rows / pseudo) * (centres.get(t, by_task[t]) - prior)
+            delta = _offset(y[i], logit(p[i]), weight[i], pseudo, target=sigmoid(logit(p[i]) + toward))
             rows.append((t, m, delta, by_task[t], float(weight[i].sum()), len(i), float(np.mean(p[i])),
                          float(np.sum(weight[i] * y[i]) / max(float(np.sum(weight[i])), 1e-12))))  # fmt: skip
         return cls(pl.DataFrame(rows, schema=OFFSET_SCHEMA, orient="row").sort("task", "model"))
@@ -143,32 +151,53 @@ class LiveCorrection:
 
 def _llm_prior_rows(
     levels: list[tuple[str, str, np.ndarray, float]], y: np.ndarray, p: np.ndarray, weight: np.ndarray, floor: float
-) -> float:
-    """The LLM level's pseudo-rows, empirical Bayes: how far the LLMs' own drifts spread around their tasks'
-    beyond their noise (tau^2 = mean(d^2 - v) over the (task, LLM)s with EB_MIN_ROWS rows, d an LLM's nearly
-    unshrunk offset from its prior, v its sampling variance), as rows: 1 / (tau^2 x p(1-p)). Never fewer than
-    ``floor``; with too few (task, LLM)s to tell, ``floor``.
+) -> tuple[list[float], dict[str, float]]:
+    """Per (task, LLM) of ``levels``, its level's pseudo-rows, and per task the median of its LLMs' levels
+    (those with EB_MIN_ROWS rows; what the LLM level is shrunk toward), empirical Bayes: the prior spread of an LLM's own
+    drift around its task's, tau^2, as rows 1 / (tau^2 x p(1-p)), never fewer than ``floor``.
 
-    Why: with a fixed 10 rows a dozen labels per LLM moved each LLM most of the way to its own noise, and
-    the plan chased it (the winner's curse: the LLMs whose labels happened to read high were bought, and
-    delivered as the history said: the nights bench's oracle_labels arm, every LLM's verdict on the labelled
-    queries, lost 1.7 points on cascades_open). Where the LLMs drift together the spread is about zero and
-    the LLM level stays with its task; it follows an LLM's labels only once they stand out of the noise
-    (cascades' held-out subjects, every LLM labelled on 30 queries a task: gpt-4o's +12 points on MedMCQA does,
-    alone; the 18 (task, LLM)s together do not yet, tau^2 ~ 0)."""
-    spread, noise = [], []
+    tau^2 is the larger of the pooled spread (mean(d^2 - v) over the other (task, LLM)s with EB_MIN_ROWS rows, less
+    EB_Z of its SD under no spread) and the LLM's own excess (d^2 - EB_OWN_Z^2 v): d its nearly unshrunk offset
+    from its prior, v its sampling variance under the prior (the score test's, sound at 0 of 6 right; the ones
+    standing out alone are not pooled). So the
+    LLMs move apart only where the labels show it: all of them when they spread beyond their noise, one alone
+    when its own labels stand out of theirs (an LLM wrong every time); else the LLM level stays with its task.
+    With too few (task, LLM)s to pool, only the LLM's own excess counts.
+
+    Why: with a fixed 10 rows a dozen labels per LLM moved each LLM most of the way to its own noise, and the
+    plan chased it (the winner's curse: the LLMs whose labels happened to read high were bought, and delivered
+    as the history said: the nights bench's oracle_labels arm, every LLM's verdict on the labelled queries,
+    lost 1.7 points on cascades_open with 10 rows)."""
+    raws, noise, pq = [], [], []
     for _, _, i, prior in levels:
-        if len(i) < EB_MIN_ROWS:
-            continue
-        raw = _offset(y[i], logit(p[i]), weight[i], 1.0, target=sigmoid(logit(p[i]) + prior))
-        q = sigmoid(logit(p[i]) + raw)
-        spread.append((raw - prior) ** 2)
+        raws.append(_offset(y[i], logit(p[i]), weight[i], 1.0, target=sigmoid(logit(p[i]) + prior)))
+        q = sigmoid(logit(p[i]) + prior)
         noise.append(1.0 / max(float(np.sum(weight[i] * q * (1 - q))), 1e-9))
-    if len(spread) < EB_MIN_PAIRS:
-        return floor
-    tau2 = max(float(np.mean(spread) - np.mean(noise)), 0.0)
-    pq = float(np.mean(p * (1 - p)))
-    return max(floor, min(EB_MAX_ROWS, 1.0 / max(tau2 * pq, 1e-12)))
+        pq.append(float(np.mean(q * (1 - q))))
+    # d from the task's median LLM, not from the others' level: an LLM wrong every time drags the others'
+    # level of every other LLM, each of which would then seem to stand out
+    by_task: dict[str, list[float]] = {}
+    for (t, _, i, _), raw in zip(levels, raws, strict=True):
+        if len(i) >= EB_MIN_ROWS:
+            by_task.setdefault(t, []).append(raw)
+    centres = {t: float(np.median(r)) for t, r in by_task.items()}
+    d2 = [(raw - centres.get(t, prior)) ** 2 for (t, _, _, prior), raw in zip(levels, raws, strict=True)]
+    alone = [d2[j] - EB_OWN_Z**2 * noise[j] for j in range(len(levels))]
+    # the pooled spread is the rest's: one LLM wrong every time would otherwise read as a spread of all of them
+    pooled = [j for j, (_, _, i, _) in enumerate(levels) if len(i) >= EB_MIN_ROWS and alone[j] <= 0]
+    tau2 = 0.0
+    if len(pooled) >= EB_MIN_PAIRS:
+        v = np.array([noise[j] for j in pooled])
+        # under no spread d^2 / v is chi-square with one degree of freedom, so mean(d^2 - v) has SD
+        # sqrt(2 sum v^2) / J: a spread only a one-sided test sees (the plain moment estimate of nine noisy LLMs
+        # reads one every other time)
+        excess = float(np.mean([d2[j] for j in pooled]) - v.mean()) - EB_Z * math.sqrt(2 * float(np.sum(v * v))) / len(v)
+        tau2 = max(excess, 0.0)
+    out = []
+    for j in range(len(levels)):
+        own = max(tau2, alone[j])
+        out.append(max(floor, min(EB_MAX_ROWS, 1.0 / max(own * pq[j], 1e-12))))
+    return out, centres
 
 
 def _per_query(query: np.ndarray | None, n: int) -> np.ndarray:
