@@ -17,7 +17,15 @@ Per night, three runs at the same budget (``--budget-fraction`` of the night's b
   ``--audit-share`` of the queries, capped at ``--audit-spend-share`` of the budget (the live default),
   audited queries delivered their reference where it is the likelier right answer;
 - ``no_audit``: retrained on its own labels, no audits (do audits pay for themselves?);
-- ``never learned``: the predictor trained once on the history, no audits.
+- ``never learned``: the predictor trained once on the history, no audits;
+- ``explore`` (``--explore-share`` > 0, default 0.05): the audited arm plus exploration, at most that share of
+  the budget on calls of the LLMs the audit's reference does not call, on the audit sample's queries, so late
+  labels and silver reach LLMs the plan never calls. With ``--label-pick explored`` (the default) the users
+  label the first queries of its audit sample (its report's ``audit.exploration.label_first``); that sample is
+  uniform, so every arm gets the same ids and for the others they are a random share;
+- ``--oracle`` adds ``oracle_labels`` (its labels give every LLM's verdict on the labelled queries: exploring
+  every LLM there, free) and ``oracle`` (retrained each night on every LLM's verdict on the whole stream but
+  that night's queries: the ceiling of learning from the stream; nothing a run could know).
 
 Columns: realized accuracy (scored by the bench), the audited estimate and its 95% interval (the run's own,
 no gold), whether the interval covers the realized accuracy, the calibration error (ECE over the night's
@@ -34,7 +42,7 @@ the stream's accuracy, and at the end a paired bootstrap (over queries within ni
 the same budget. Training skips vote/cascade templates (``templates=False``) to keep the retrains in minutes.
 
     uv run python bench/nights.py [--streams cascades_open,cascades_shift] [--nights 10] [--night-size 150]
-        [--audit-share 0.1] [--budget-fraction 0.5]
+        [--audit-share 0.1] [--budget-fraction 0.5] [--explore-share 0.05] [--label-pick explored|random] [--oracle]
 """
 
 from __future__ import annotations
