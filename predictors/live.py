@@ -52,7 +52,7 @@ LIVE_PRIOR_ROWS: Final = 10.0
 # the LLM level's empirical-Bayes shrinkage (``_llm_prior_rows``): rows an LLM needs to count, (task, LLM)s
 # needed to estimate the spread, and the most pseudo-rows (no spread: the LLM level stays with its task)
 EB_MIN_ROWS: Final = 5
-EB_MIN_PAIRS: Final = 3
+EB_MIN_PAIRS: Final = 6
 EB_MAX_ROWS: Final = 10_000.0
 EB_Z: Final = 1.645  # one-sided 95%: the pooled spread
 EB_OWN_Z: Final = 2.576  # one LLM standing out alone: its own z beyond 2.58 (nine LLMs read one by chance 9% of nights)
@@ -105,14 +105,14 @@ class LiveCorrection:
             others = np.setdiff1d(frame.filter(pl.col("task") == t)["_i"].to_numpy(), i)
             prior = _offset(y[others], logit(p[others]), shared[others], prior_rows) if len(others) else 0.0
             levels.append((str(t), str(m), i, prior))
-        llm_rows, centres = _llm_prior_rows(levels, y, p, weight, prior_rows)
+        llm_rows = _llm_prior_rows(levels, y, p, weight, prior_rows, by_task)
         rows: list[tuple[Any, ...]] = []
         for (t, m, i, prior), pseudo in zip(levels, llm_rows, strict=True):
-            # shrunk harder than the floor, toward the task's LLMs' median level: the other LLMs' level alone is
-            # anti-correlated with the LLM's own rows (a low-scoring LLM's others read high) and carries any
-            # LLM that stands out, which a strong shrinkage would hand it whole; at the floor, the others' level
-            # (its own rows counted once)
-            toward = prior + (1 - prior_rows / pseudo) * (centres.get(t, by_task[t]) - prior)
+            # shrunk harder than the floor, toward the task's level (shrunk itself, each query once): the other
+            # LLMs' level alone is anti-correlated with the LLM's own rows (a low-scoring LLM's others read
+            # high), which a strong shrinkage would hand it whole; at the floor, the others' level (its own rows
+            # counted once)
+            toward = prior + (1 - prior_rows / pseudo) * (by_task[t] - prior)
             delta = _offset(y[i], logit(p[i]), weight[i], pseudo, target=sigmoid(logit(p[i]) + toward))
             rows.append((t, m, delta, by_task[t], float(weight[i].sum()), len(i), float(np.mean(p[i])),
                          float(np.sum(weight[i] * y[i]) / max(float(np.sum(weight[i])), 1e-12))))  # fmt: skip
@@ -150,10 +150,14 @@ class LiveCorrection:
 
 
 def _llm_prior_rows(
-    levels: list[tuple[str, str, np.ndarray, float]], y: np.ndarray, p: np.ndarray, weight: np.ndarray, floor: float
-) -> tuple[list[float], dict[str, float]]:
-    """Per (task, LLM) of ``levels``, its level's pseudo-rows, and per task the median of its LLMs' levels
-    (those with EB_MIN_ROWS rows; what the LLM level is shrunk toward), empirical Bayes: the prior spread of an LLM's own
+    levels: list[tuple[str, str, np.ndarray, float]],
+    y: np.ndarray,
+    p: np.ndarray,
+    weight: np.ndarray,
+    floor: float,
+    task_levels: dict[str, float],
+) -> list[float]:
+    """Per (task, LLM) of ``levels``, its level's pseudo-rows, empirical Bayes: the prior spread of an LLM's own
     drift around its task's, tau^2, as rows 1 / (tau^2 x p(1-p)), never fewer than ``floor``.
 
     tau^2 is the larger of the pooled spread (mean(d^2 - v) over the other (task, LLM)s with EB_MIN_ROWS rows, less
@@ -162,7 +166,8 @@ def _llm_prior_rows(
     standing out alone are not pooled). So the
     LLMs move apart only where the labels show it: all of them when they spread beyond their noise, one alone
     when its own labels stand out of theirs (an LLM wrong every time); else the LLM level stays with its task.
-    With too few (task, LLM)s to pool, only the LLM's own excess counts.
+    With fewer than EB_MIN_PAIRS (task, LLM)s of EB_MIN_ROWS rows (labels on the plan's two or three LLMs a
+    task), no spread can be told from noise: the floor, as before.
 
     Why: with a fixed 10 rows a dozen labels per LLM moved each LLM most of the way to its own noise, and the
     plan chased it (the winner's curse: the LLMs whose labels happened to read high were bought, and delivered
@@ -174,17 +179,20 @@ def _llm_prior_rows(
         q = sigmoid(logit(p[i]) + prior)
         noise.append(1.0 / max(float(np.sum(weight[i] * q * (1 - q))), 1e-9))
         pq.append(float(np.mean(q * (1 - q))))
-    # d from the task's median LLM, not from the others' level: an LLM wrong every time drags the others'
-    # level of every other LLM, each of which would then seem to stand out
+    # d from the task's median LLM where EB_MIN_PAIRS of them have EB_MIN_ROWS rows, not from the others'
+    # level: an LLM wrong every time drags the others' level of every other LLM, each of which would then
+    # seem to stand out; with fewer, from the task's (shrunk) level (one LLM's raw level is no centre)
     by_task: dict[str, list[float]] = {}
     for (t, _, i, _), raw in zip(levels, raws, strict=True):
         if len(i) >= EB_MIN_ROWS:
             by_task.setdefault(t, []).append(raw)
-    centres = {t: float(np.median(r)) for t, r in by_task.items()}
-    d2 = [(raw - centres.get(t, prior)) ** 2 for (t, _, _, prior), raw in zip(levels, raws, strict=True)]
+    centres = {t: float(np.median(r)) if len(r) >= EB_MIN_PAIRS else task_levels[t] for t, r in by_task.items()}
+    d2 = [(raw - centres.get(t, task_levels[t])) ** 2 for (t, _, _, _), raw in zip(levels, raws, strict=True)]
     alone = [d2[j] - EB_OWN_Z**2 * noise[j] for j in range(len(levels))]
     # the pooled spread is the rest's: one LLM wrong every time would otherwise read as a spread of all of them
     pooled = [j for j, (_, _, i, _) in enumerate(levels) if len(i) >= EB_MIN_ROWS and alone[j] <= 0]
+    if sum(len(i) >= EB_MIN_ROWS for _, _, i, _ in levels) < EB_MIN_PAIRS:
+        return [floor] * len(levels)
     tau2 = 0.0
     if len(pooled) >= EB_MIN_PAIRS:
         v = np.array([noise[j] for j in pooled])
@@ -197,7 +205,7 @@ def _llm_prior_rows(
     for j in range(len(levels)):
         own = max(tau2, alone[j])
         out.append(max(floor, min(EB_MAX_ROWS, 1.0 / max(own * pq[j], 1e-12))))
-    return out, centres
+    return out
 
 
 def _per_query(query: np.ndarray | None, n: int) -> np.ndarray:

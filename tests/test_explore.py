@@ -179,6 +179,9 @@ def test_llm_level_follows_an_llm_that_stands_out_and_not_the_noise_of_the_rest(
     drifted = np.where(model == "m0", 0.0, y)
     offsets = LiveCorrection.fit(task, model, drifted, p, w, gold, query=query).offsets
     own = offsets.filter(pl.col("model") == "m0")["offset"].item()
-    rest = offsets.filter(pl.col("model") != "m0")["offset"].to_numpy()
-    assert own < float(np.median(rest)) - 1.5  # m0 stands out of the noise: it moves, alone
-    assert rest.max() - rest.min() < 0.5
+    rest = offsets.filter(pl.col("model") != "m0")
+    off = (rest["offset"] - rest["task_offset"]).abs().sort().to_numpy()
+    assert own < float(np.median(rest["offset"].to_numpy())) - 1.5  # m0 stands out of the noise: it moves
+    # the rest stay with their task, but for one at most: a z beyond 2.58 by chance (m8, 28 of 30 right) is
+    # followed by design (nine LLMs: 9% of nights)
+    assert off[-2] < 0.01
