@@ -17,7 +17,15 @@ Per night, three runs at the same budget (``--budget-fraction`` of the night's b
   ``--audit-share`` of the queries, capped at ``--audit-spend-share`` of the budget (the live default),
   audited queries delivered their reference where it is the likelier right answer;
 - ``no_audit``: retrained on its own labels, no audits (do audits pay for themselves?);
-- ``never learned``: the predictor trained once on the history, no audits.
+- ``never learned``: the predictor trained once on the history, no audits;
+- ``explore`` (``--explore-share`` > 0, default 0.05): the audited arm plus exploration, at most that share of
+  the budget on calls of the LLMs the audit's reference does not call, on the audit sample's queries, so late
+  labels and silver reach LLMs the plan never calls. With ``--label-pick explored`` (the default) the users
+  label the first queries of its audit sample (its report's ``audit.exploration.label_first``); that sample is
+  uniform, so every arm gets the same ids and for the others they are a random share;
+- ``--oracle`` adds ``oracle_labels`` (its labels give every LLM's verdict on the labelled queries: exploring
+  every LLM there, free) and ``oracle`` (retrained each night on every LLM's verdict on the whole stream but
+  that night's queries: the ceiling of learning from the stream; nothing a run could know).
 
 Columns: realized accuracy (scored by the bench), the audited estimate and its 95% interval (the run's own,
 no gold), whether the interval covers the realized accuracy, the calibration error (ECE over the night's
@@ -34,7 +42,7 @@ the stream's accuracy, and at the end a paired bootstrap (over queries within ni
 the same budget. Training skips vote/cascade templates (``templates=False``) to keep the retrains in minutes.
 
     uv run python bench/nights.py [--streams cascades_open,cascades_shift] [--nights 10] [--night-size 150]
-        [--audit-share 0.1] [--budget-fraction 0.5]
+        [--audit-share 0.1] [--budget-fraction 0.5] [--explore-share 0.05] [--label-pick explored|random] [--oracle]
 """
 
 from __future__ import annotations
@@ -58,7 +66,7 @@ from batchplan.app.outcomes import runs_history
 from batchplan.app.pipeline import Job, calls_made, run_job
 from batchplan.app.report import Truth, score_results
 from batchplan.core.catalog import PriceCatalog
-from batchplan.core.contracts import AUDIT_SUFFIX, GOLD
+from batchplan.core.contracts import GOLD, audited_query
 from batchplan.core.history import History, combine_histories, load_history, stable_fold
 from batchplan.core.request import LIVE_AUDIT_SPEND_SHARE
 from batchplan.core.settings import get_settings
@@ -101,11 +109,24 @@ def verdict_history(full: History, run_dir: str, ids: list[str], storage: Storag
     """Open tasks' labels (no label set, so ``batchplan label`` keeps them unscored: no judge): a labelling
     tool's verdict of each call the run made on ``ids``, as live gold rows (``label_source`` gold, weight 1),
     which the retrain treats as it treats a joined label."""
-    called = calls_made(storage, run_dir).with_columns(pl.col("query_id").str.strip_suffix(AUDIT_SUFFIX))
+    called = calls_made(storage, run_dir).with_columns(audited_query())
     called = called.filter(pl.col("query_id").is_in(pl.Series(ids).implode())).select("query_id", "model").unique()
     return History(
         queries=full.queries.filter(pl.col("query_id").is_in(pl.Series(ids).implode())),
         outcomes=full.outcomes.join(called, on=["query_id", "model"], how="semi").with_columns(
+            pl.lit(GOLD).alias("label_source"), pl.lit(1.0).alias("weight")
+        ),
+        prices=full.prices,
+    )
+
+
+def oracle_history(full: History, ids: list[str]) -> History:
+    """The oracle arm's labels (``--oracle``): every LLM's verdict on the labelled queries, as live gold rows, as
+    if each had been called on them at no cost: what exploring every LLM on the labelled queries could teach."""
+    picked = pl.Series(ids, dtype=pl.String).implode()
+    return History(
+        queries=full.queries.filter(pl.col("query_id").is_in(picked)),
+        outcomes=full.outcomes.filter(pl.col("query_id").is_in(picked)).with_columns(
             pl.lit(GOLD).alias("label_source"), pl.lit(1.0).alias("weight")
         ),
         prices=full.prices,
@@ -141,6 +162,10 @@ class Arm:
     learns: bool
     model_uri: str
     trained: artifacts.Trained
+    explore_share: float = 0.0  # of the budget, on calls of LLMs the audit's reference does not call
+    # --oracle: "labels", its labels say every LLM's verdict on the labelled queries (exploring every LLM there, free);
+    # "stream", it learns from every LLM's verdict on the whole stream but tonight's queries (the ceiling)
+    oracle: str = ""
     runs: list[str] = field(default_factory=list)  # its run dirs, as `batchplan train --from-run` reads them
     verdicts: list[History] = field(default_factory=list)  # open tasks' labels (no judge in `batchplan label`)
 
@@ -159,6 +184,7 @@ def llm_lines(arms: list[Arm], queue: pl.DataFrame, full: History, stream_acc: p
     pairs = queue.select("query_id").join(pl.DataFrame({"model": full.models}), how="cross")
     tasks = queue.select("query_id", "task")
     means = None
+    shown_arm = next((a for a in arms if a.explore_share > 0), arms[0])  # the run whose labels reach every LLM
     for arm in arms:
         got = (
             arm.trained.predictor.predict(queue, pairs, catalog)
@@ -168,11 +194,11 @@ def llm_lines(arms: list[Arm], queue: pl.DataFrame, full: History, stream_acc: p
         )
         means = got if means is None else means.join(got, on=["task", "model"])
     assert means is not None
-    live = arms[0].trained.predictor.live.offsets.select("task", "model", "gold_rows", "live_acc")
+    live = shown_arm.trained.predictor.live.offsets.select("task", "model", "gold_rows", "live_acc")
     shown = means.join(stream_acc, on=["task", "model"]).join(live, on=["task", "model"], how="inner")
     return "; ".join(
         f"{r['task']}/{r['model']}: " + " ".join(f"{a.name} {r[a.name]:.2f}" for a in arms)
-        + f" (stream {r['acc']:.2f}; {arms[0].name}'s {r['gold_rows']} labels {r['live_acc']:.2f})"
+        + f" (stream {r['acc']:.2f}; {shown_arm.name}'s {r['gold_rows']} labels {r['live_acc']:.2f})"
         for r in shown.sort("task", "model").iter_rows(named=True)
     )
 
@@ -193,6 +219,11 @@ def run_stream(name: str, args: argparse.Namespace, data: Path, work: Path, stor
         Arm("no_audit", 0.0, True, str(work / name / "no_audit_models"), base),
         Arm("never", 0.0, False, str(work / name / "never_models"), base),
     ]
+    if args.explore_share > 0:
+        arms.append(Arm("explore", args.audit_share, True, str(work / name / "explore_models"), base, args.explore_share))
+    if args.oracle:
+        arms.append(Arm("oracle_labels", 0.0, True, str(work / name / "oracle_labels_models"), base, oracle="labels"))
+        arms.append(Arm("oracle", 0.0, False, str(work / name / "oracle_models"), base, oracle="stream"))
     for arm in arms:
         artifacts.save(base, storage, arm.model_uri)
     open_stream = bool(full.queries["labels"].is_null().all())
@@ -211,7 +242,9 @@ def run_stream(name: str, args: argparse.Namespace, data: Path, work: Path, stor
             arrived = pending.pop(night, [])
             for arm, run_dir, ids in arrived:  # labels of an earlier night arrive: joined into that run
                 gold = full.queries.filter(pl.col("query_id").is_in(pl.Series(ids).implode())).select("query_id", "gold")
-                if open_stream:
+                if arm.oracle == "labels":
+                    arm.verdicts.append(oracle_history(full, ids))
+                elif open_stream:
                     arm.verdicts.append(verdict_history(full, run_dir, ids, storage))
                 else:
                     join_labels(storage, run_dir, gold, source_file=f"labels-night{night}")
@@ -220,12 +253,24 @@ def run_stream(name: str, args: argparse.Namespace, data: Path, work: Path, stor
                 if arm.learns and (arrived or (arm.audit_share > 0 and arm.runs)):
                     retrain(arm, train, storage, seed)
             ids = tonight(order, night, args.night_size, labelled, rng)
+            for arm in arms:  # the ceiling: every LLM's verdict on the stream, tonight's queries apart
+                if arm.oracle == "stream":
+                    seen = oracle_history(full, [q for q in stream if q not in set(ids)])
+                    arm.trained = artifacts.train(combine_histories([train, seen]), seed=seed, templates=False)
+                    artifacts.save(arm.trained, storage, arm.model_uri)
             queue_path = work / name / f"night{night}.parquet"
             queue = full.as_queue().filter(pl.col("query_id").is_in(pl.Series(ids).implode()))
             queue.write_parquet(queue_path)
             budget = args.budget_fraction * best_single_cost(full, train, ids)
             outcomes: dict[str, Any] = {}
-            label_ids = audited_ids(ids, args.label_share, f"labels-{name}-{night}")
+            # which queries the users label: a random share, or (``explored``) the first of the explore arm's audit
+            # sample, where its report asks for labels first (audit.exploration.label_first): the sample is uniform,
+            # so for every other arm the same ids are a random share as well
+            label_ids = (
+                audited_ids(ids, args.label_share, f"{name}-night{night}-explore")
+                if args.label_pick == "explored"
+                else audited_ids(ids, args.label_share, f"labels-{name}-{night}")
+            )
             for arm in arms:
                 out = str(work / name / f"night{night}" / arm.name)
                 job = Job(
@@ -239,6 +284,7 @@ def run_stream(name: str, args: argparse.Namespace, data: Path, work: Path, stor
                         audit_spend_share=args.audit_spend_share
                         if arm.audit_share > 0 and args.audit_spend_share < 1
                         else None,
+                        explore_share=arm.explore_share,
                     ),
                     backend="openai",
                     base_url=server.base_url,
@@ -283,6 +329,7 @@ def run_stream(name: str, args: argparse.Namespace, data: Path, work: Path, stor
                     "drift": "; ".join(f"{d['kind']} {d['name']} {d['direction']}" for d in report.get("drift") or []),
                     "seconds": round(time.perf_counter() - started, 1),
                     "_scored": scored,
+                    **explore_columns(arms, outcomes, scored, queue, calls_of=lambda a, night=night: calls_made(storage, str(work / name / f"night{night}" / a)), full=full, catalog=catalog),
                 }
             )
             print(_table(rows[-1:], header=night == 1), flush=True)
@@ -297,6 +344,32 @@ def run_stream(name: str, args: argparse.Namespace, data: Path, work: Path, stor
         flush=True,
     )
     return rows
+
+
+def explore_columns(
+    arms: list[Arm], outcomes: dict[str, Any], scored: dict[str, pl.DataFrame], queue: pl.DataFrame, *, calls_of: Any, full: History, catalog: PriceCatalog
+) -> dict[str, Any]:
+    """The explore and oracle arms' columns (none without them): accuracy, what exploring cost, calibration."""
+    out: dict[str, Any] = {}
+    for arm in arms:
+        if arm.explore_share > 0:
+            report = outcomes[arm.name].report
+            explored = (report.get("audit") or {}).get("exploration") or {}
+            out |= {
+                "acc explore": share(scored[arm.name]["correct"]),
+                "explored": explored.get("queries", 0),
+                "explore calls": explored.get("calls", 0),
+                "explore USD": explored.get("spent_usd", 0.0),
+                "spend explore USD": report["spent_usd"],
+                "ECE explore": calibration(arm.trained, queue, calls_of(arm.name), full, catalog),
+                "moved explore": moved(outcomes[arm.name].plan, outcomes["never"].plan),
+            }
+        if arm.oracle:
+            out |= {
+                f"acc {arm.name}": share(scored[arm.name]["correct"]),
+                f"moved {arm.name}": moved(outcomes[arm.name].plan, outcomes["never"].plan),
+            }
+    return out
 
 
 def per_query(results: pl.DataFrame, truth: Truth) -> pl.DataFrame:
@@ -350,6 +423,11 @@ COLUMNS = [
     "ECE never", "deferred", "acc no audit", "acc never learned", "moved", "budget USD", "spend USD", "audit USD",
     "audits", "refs delivered", "seconds", "by task", "drift",
 ]  # fmt: skip
+# the explore and oracle arms' columns, shown when the run has them
+EXTRA_COLUMNS = [
+    "acc explore", "explored", "explore calls", "explore USD", "spend explore USD", "ECE explore", "moved explore",
+    "acc oracle_labels", "moved oracle_labels", "acc oracle", "moved oracle",
+]  # fmt: skip
 
 
 def _cell(value: Any) -> str:
@@ -361,10 +439,11 @@ def _cell(value: Any) -> str:
 
 
 def _table(rows: list[dict[str, Any]], header: bool = True) -> str:
+    columns = COLUMNS + [c for c in EXTRA_COLUMNS if any(c in r for r in rows)]
     lines = []
     if header:
-        lines += ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
-    lines += ["| " + " | ".join(_cell(r.get(c)) for c in COLUMNS) + " |" for r in rows]
+        lines += ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    lines += ["| " + " | ".join(_cell(r.get(c)) for c in columns) + " |" for r in rows]
     return "\n".join(lines)
 
 
@@ -383,6 +462,27 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--budget-fraction", type=float, default=0.5)
     parser.add_argument("--label-share", type=float, default=0.05)
     parser.add_argument("--label-delay", type=int, default=2)
+    parser.add_argument(
+        "--explore-share",
+        type=float,
+        default=0.05,
+        help="the explore arm: audits as the audited arm's, plus this share of the budget on calls of the LLMs the "
+        "audit's reference does not call (0: no explore arm)",
+    )
+    parser.add_argument(
+        "--label-pick",
+        choices=("explored", "random"),
+        default="explored",
+        help="which queries get labels: the first of the explore arm's audit sample (its report's label_first; "
+        "uniform, so a random share for every other arm), or a random share of its own",
+    )
+    parser.add_argument(
+        "--oracle",
+        action="store_true",
+        help="add two oracle arms: oracle_labels, whose labels give every LLM's verdict on the labelled queries "
+        "(exploring every LLM there, at no cost), and oracle, retrained each night on every LLM's verdict on the "
+        "whole stream but that night's queries (the ceiling of learning from the stream)",
+    )
     args = parser.parse_args(argv)
     # The report's frontier chart re-solves each run at a dozen budgets (~20 s a night here): not what this
     # bench measures, so its runs skip it (the run's plan, dispatch and report are otherwise the CLI's).
@@ -410,14 +510,17 @@ def main(argv: list[str] | None = None) -> int:
             )
             learning = [r for r in rows if r["labels in"] > 0] or rows
             print(f"\nAccuracy gain at the same budget (paired bootstrap over queries within nights, 95%), {name}:\n")
-            print("| nights | audited - never | no audit - never | audited - no audit |")
-            print("|---|---|---|---|")
+            pairs = [("audited", "never"), ("no_audit", "never"), ("audited", "no_audit")]
+            extra = (("explore", "never"), ("explore", "audited"), ("oracle_labels", "never"), ("oracle", "never"))
+            pairs += [(a, b) for a, b in extra if a in rows[0]["_scored"]]
+            print("| nights | " + " | ".join(f"{a} - {b}".replace("_", " ") for a, b in pairs) + " |")
+            print("|---|" + "---|" * len(pairs))
             for label, part in (
                 ("all", rows),
                 (f"{learning[0]['night']}-{rows[-1]['night']} (labels in)", learning),
                 ("last 3", last),
             ):
-                cells = [paired_gain(part, a, b) for a, b in (("audited", "never"), ("no_audit", "never"), ("audited", "no_audit"))]
+                cells = [paired_gain(part, a, b) for a, b in pairs]
                 print(f"| {label} | " + " | ".join(f"{100 * g:+.2f} pts [{100 * lo:+.2f}, {100 * hi:+.2f}]" for g, lo, hi in cells) + " |")
     return 0
 

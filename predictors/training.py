@@ -318,7 +318,8 @@ def fit_live_correction(
         return LiveCorrection()
     live = rows["label_source"].is_not_null().to_numpy()
     return LiveCorrection.fit(
-        rows["task"].to_numpy()[live], rows["model"].to_numpy()[live], y[live], p_oof[live], w[live], gold[live]
+        rows["task"].to_numpy()[live], rows["model"].to_numpy()[live], y[live], p_oof[live], w[live], gold[live],
+        query=rows["query_id"].to_numpy()[live],
     )
 
 

@@ -52,6 +52,7 @@ FLAGS = {
     "rounds": "--rounds",
     "audit_share": "--audit-share",
     "audit_spend_share": "--audit-spend-share",
+    "explore_share": "--explore-share",
     "batch_api": "--batch-api",
     "round_planner": "--round-planner",
     "deadline": "--deadline",
@@ -358,6 +359,15 @@ AuditSpendShareOpt = Annotated[
         "audit share, none when --audit-share is given.",
     ),
 ]
+ExploreShareOpt = Annotated[
+    float,
+    typer.Option(
+        "--explore-share",
+        help="At most this share of the budget on exploration: calls of the LLMs the audit's reference does not "
+        "call, on the audit sample's queries (the report lists them under audit.exploration.label_first: label "
+        "those first), so labels and silver reach LLMs the plan never calls. Default 0.",
+    ),
+]
 BatchApiOpt = Annotated[
     bool,
     typer.Option(
@@ -611,6 +621,7 @@ def run(
     round_planner: RoundPlannerOpt = DEFAULT_ROUND_PLANNER,
     audit_share: AuditShareOpt = None,
     audit_spend_share: AuditSpendShareOpt = None,
+    explore_share: ExploreShareOpt = 0.0,
     batch_api: BatchApiOpt = False,
     resume_cancelled: ResumeCancelledOpt = False,
     deadline: DeadlineOpt = None,
@@ -627,6 +638,7 @@ def run(
             request,
             audit_share=default_audit_share(audit_share, backend),
             audit_spend_share=default_audit_spend_share(audit_spend_share, audit_share, backend),
+            explore_share=explore_share,
         )
         _check_backend(backend, replay_history=source.replay_history, prices=source.prices, base_url=source.base_url)
         if batch_api:

@@ -25,7 +25,6 @@ import polars as pl
 import structlog
 
 from batchplan.core.contracts import (
-    AUDIT_SUFFIX,
     GOLD,
     HISTORY_QUERIES_SCHEMA,
     LABEL_SOURCES,
@@ -35,6 +34,7 @@ from batchplan.core.contracts import (
     SILVER,
     SILVER_WEIGHT,
     ContractError,
+    audited_query,
     conform,
 )
 from batchplan.core.history import History
@@ -107,7 +107,7 @@ def record_run_outcomes(
     outcomes = (
         call_outcomes(storage, root)
         .drop("task")
-        .with_columns(pl.col("query_id").str.strip_suffix(AUDIT_SUFFIX))
+        .with_columns(audited_query())
         .join(queue.select("query_id", "task"), on="query_id", how="left")
     )
     queries = conform(

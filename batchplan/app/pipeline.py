@@ -391,7 +391,7 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
     """Plan and dispatch the whole batch; write plan, results and report under ``job.out_uri``."""
     started = time.perf_counter()
     rounds = default_rounds(job.rounds, job.request, job.round_planner)
-    if job.request.audit_share > 0 and not job.request.audit_seed:  # the sample is the run's: the same on resume
+    if (job.request.audit_share > 0 or job.request.explore_share > 0) and not job.request.audit_seed:  # the sample is the run's: the same on resume
         job = dataclasses.replace(job, request=dataclasses.replace(job.request, audit_seed=job.run_id or job.out_uri))
     in_rounds = rounds > 1 or job.batch_api
     if in_rounds:  # before anything is planned or sent
@@ -423,7 +423,7 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
     trained = artifacts.load(storage, job.predictors_uri, version=job.predictor_version)
     predictions = predict(ingested.queue, trained.predictor, backend)
     paths = {"plan": join(job.out_uri, "plan.parquet"), "results": join(job.out_uri, "results.parquet")}
-    audit = plan_audits(ingested.queue, predictions, trained.audit, job.request)
+    audit = plan_audits(ingested.queue, predictions, trained.audit, job.request, trained.predictor.live.offsets)
     modes = batch_modes(job, backend, predictions) if job.batch_api else None
     plan, diagnostics = _resume_or_plan(
         storage,

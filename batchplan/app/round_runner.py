@@ -591,11 +591,9 @@ def with_audits(
 
 def audit_predictions(predictions: pl.DataFrame, audit_rows: pl.DataFrame) -> pl.DataFrame:
     """The audited queries' predictions under their audit ids: the reference calls' costs and bounds."""
-    from batchplan.core.contracts import audit_id, audited_query_id
+    from batchplan.plans.audit import under_audit_ids
 
-    ids = {audited_query_id(q): audit_id(audited_query_id(q)) for q in audit_rows["query_id"].to_list()}
-    picked = predictions.filter(pl.col("query_id").is_in(pl.Series(list(ids), dtype=pl.String).implode()))
-    return picked.with_columns(pl.col("query_id").replace_strict(ids, return_dtype=pl.String))
+    return under_audit_ids(predictions, audit_rows["query_id"].to_list())
 
 
 # --- round planners by name (``batchplan run --round-planner``) ---------------------------------------------

@@ -222,10 +222,30 @@ def audit_id(query_id: str) -> str:
     return query_id + AUDIT_SUFFIX
 
 
+# an exploration's plan and result rows (``<query_id>#explore#audit``): calls of LLMs beside the reference on a
+# sampled query, so labels and silver reach LLMs the plan does not call; audit rows (``is_audit``), not references
+EXPLORE_SUFFIX: Final = "#explore" + AUDIT_SUFFIX
+
+
+def explore_id(query_id: str) -> str:
+    """The id of an explored query's exploration calls: its own plan and result rows, its own ledger keys."""
+    return query_id + EXPLORE_SUFFIX
+
+
 def audited_query_id(query_id: str) -> str:
-    """The query an id belongs to: an audit's id without its suffix, any other id as is (what a backend that
-    answers from a history, or the endpoint's prompt, is about)."""
-    return query_id.removesuffix(AUDIT_SUFFIX)
+    """The query an id belongs to: an audit's or exploration's id without its suffix, any other id as is (what
+    a backend that answers from a history, or the endpoint's prompt, is about)."""
+    return query_id.removesuffix(EXPLORE_SUFFIX).removesuffix(AUDIT_SUFFIX)
+
+
+def audited_query(column: str = "query_id") -> pl.Expr:
+    """``audited_query_id`` of a column: the query each row is about."""
+    return pl.col(column).str.strip_suffix(EXPLORE_SUFFIX).str.strip_suffix(AUDIT_SUFFIX)
+
+
+def is_exploration(column: str = "query_id") -> pl.Expr:
+    """Whether a row is an exploration's (an audit row that is no reference: ``EXPLORE_SUFFIX``)."""
+    return pl.col(column).str.ends_with(EXPLORE_SUFFIX)
 
 
 def is_audit(column: str = "query_id") -> pl.Expr:

@@ -52,6 +52,10 @@ class PlanRequest:
     # and at most this share of budget_usd on them (None: no cap): the sample, in its random order, stops
     # where the references' expected cost would pass it, so audits cost the same share at any budget
     audit_spend_share: float | None = None
+    # Exploration: at most this share of budget_usd on calls of the LLMs the audit's reference does not call, on
+    # the audit sample's queries (batchplan.plans.audit.explore_plan), so labels and silver reach the LLMs the
+    # plan never calls (a drift that reorders the LLMs is otherwise never seen); 0: none. Inside the budget.
+    explore_share: float = 0.0
 
     @property
     def audit_max_cost_usd(self) -> float | None:
@@ -84,6 +88,8 @@ class PlanRequest:
             raise ContractError(
                 f"audit_spend_share must be in (0, 1), got {self.audit_spend_share:g}", fields=("audit_spend_share",)
             )
+        if not 0 <= self.explore_share < 1:
+            raise ContractError(f"explore_share must be in [0, 1), got {self.explore_share:g}", fields=("explore_share",))
         unknown = sorted(set(self.kinds) - set(PLAN_KINDS))
         if unknown or "single" not in self.kinds:
             raise ContractError(

@@ -27,10 +27,10 @@ from typing import TYPE_CHECKING, Any
 import polars as pl
 
 from batchplan.core.contracts import (
-    AUDIT_SUFFIX,
     RESULT_SCHEMA,
     RESULT_STATUSES,
     ContractError,
+    audited_query,
     is_audit,
 )
 from batchplan.core.layout import Layout
@@ -182,7 +182,7 @@ def plan_stage(
     storage.write_frame(plan, plan_uri)
     if group_by is not None:
         # an audit's reference rows go with their query's group (its day)
-        of_query = pl.col("query_id").str.strip_suffix(AUDIT_SUFFIX).alias("_of")
+        of_query = audited_query().alias("_of")
         keyed = plan.with_columns(of_query).join(
             queue.select(pl.col("query_id").alias("_of"), group_by), on="_of", how="left"
         ).drop("_of")

@@ -44,7 +44,15 @@ from typing import Any, Final
 import numpy as np
 import polars as pl
 
-from batchplan.core.contracts import AUDIT_SUFFIX, PLAN_SCHEMA, audit_id, audited_query_id, is_audit
+from batchplan.core.contracts import (
+    PLAN_SCHEMA,
+    audit_id,
+    audited_query,
+    audited_query_id,
+    explore_id,
+    is_audit,
+    is_exploration,
+)
 from batchplan.core.history import History
 from batchplan.plans.candidates import P90_Z
 from batchplan.plans.simulation import PlanSpec, recorded_by_task, simulate
@@ -239,11 +247,103 @@ def audit_plan(
     return pl.DataFrame([rows[i] for i in np.argsort(kept, kind="stable")], schema=AUDIT_PLAN_SCHEMA)
 
 
+def explore_plan(
+    queue: pl.DataFrame,
+    predictions: pl.DataFrame,
+    references: pl.DataFrame,
+    seed: str,
+    max_cost_usd: float,
+    live_rows: pl.DataFrame | None = None,
+) -> pl.DataFrame:
+    """Exploration rows (AUDIT_PLAN_SCHEMA, ids ``<query_id>#explore#audit``): calls of the LLMs the audit's
+    reference does not call, on the audit sample's queries in its random order (the audited ones first, so
+    their calls get silver verdicts; the next ones are where labels are asked first), within ``max_cost_usd``.
+
+    Why: labels and silver land only on the LLMs a run calls, and the plan calls the LLMs the history already
+    rates best, so a drift that changes the LLMs' order (one the plan never calls got better) is never seen.
+    Per query every offered LLM outside its reference is called, fewest live gold rows of the task first
+    (``live_rows``: task, model, gold_rows; the live correction's), then cheapest; the sample stops at the
+    first LLM that does not fit (a uniform sample still). Rows are mandatory like the references', inside
+    the same budget; their answers are never delivered."""
+    if max_cost_usd <= 0 or queue.height == 0:
+        return pl.DataFrame(schema=AUDIT_PLAN_SCHEMA)
+    order = ranked_sample(queue["query_id"].to_list(), 1.0, seed)
+    called = {audited_query_id(q): set(ms or []) for q, ms in references.select("query_id", "models").iter_rows()}
+    known = (
+        {(t, m): int(n) for t, m, n in live_rows.select("task", "model", "gold_rows").iter_rows()}
+        if live_rows is not None
+        else {}
+    )
+    tasks = dict(queue.select("query_id", "task").iter_rows())
+    tenants = dict(queue.select("query_id", "tenant").iter_rows())
+    by_query = {str(q): frame for (q,), frame in predictions.group_by("query_id")}
+    spent, rows = 0.0, []
+    for query_id in order:
+        pairs = by_query.get(query_id)
+        if pairs is None:
+            continue
+        task = tasks[query_id]
+        picked = pairs.filter(~pl.col("model").is_in(pl.Series(sorted(called.get(query_id, set())), dtype=pl.String).implode()))
+        picked = picked.with_columns(
+            pl.col("model").replace_strict({m: known.get((task, m), 0) for m in picked["model"].to_list()}, return_dtype=pl.Int64).alias("_known")
+        ).sort(["_known", "cost_usd", "model"])
+        cost = picked["cost_usd"].to_numpy()
+        fits = int(np.searchsorted(np.cumsum(cost), max_cost_usd - spent, side="right"))
+        whole = fits == len(cost)
+        if fits:
+            picked, cost = picked.head(fits), cost[:fits]
+            spent += float(cost.sum())
+            high = np.maximum(picked["cost_high_usd"].fill_null(0.0).to_numpy(), cost)
+            models = picked["model"].to_list()
+            rows.append(
+                {
+                    "query_id": explore_id(query_id),
+                    "kind": "vote" if len(models) > 1 else "single",  # a vote calls every member
+                    "models": models,
+                    "expected_cost_usd": float(cost.sum()),
+                    "expected_accuracy": 0.0,  # never delivered
+                    "reserve_cost_usd": float(high.sum()),
+                    "thresholds": None,
+                    "fallback_models": [],
+                    "tenant": tenants[query_id],
+                    "cost_var": float((((high - cost) / P90_Z) ** 2).sum()),
+                    "fitted_reference": False,
+                }
+            )
+        if not whole:
+            break  # the next LLM would pass the exploration's share of the budget
+    return pl.DataFrame(rows, schema=AUDIT_PLAN_SCHEMA)
+
+
+def references_only(frame: pl.DataFrame) -> pl.DataFrame:
+    """An audit plan's or results' reference rows (the explorations' apart)."""
+    return frame.filter(~is_exploration())
+
+
+def exploration_summary(audit_plan_rows: pl.DataFrame, audit_results: pl.DataFrame) -> dict[str, Any]:
+    """The report's account of the exploration calls: queries, calls per LLM, spend."""
+    planned = audit_plan_rows.filter(is_exploration())
+    done = audit_results.filter(is_exploration())
+    calls = planned.select(pl.col("models").explode().alias("model")).group_by("model").len().sort("model")
+    return {
+        "queries": planned.height,
+        "calls": int(calls["len"].sum()) if calls.height else 0,
+        "calls_by_llm": dict(calls.iter_rows()),
+        "spent_usd": float(done["cost_usd"].fill_null(0.0).sum()) if "cost_usd" in done.columns else 0.0,
+        "label_first": planned.select(audited_query())["query_id"].to_list(),
+    }
+
+
+def under_audit_ids(frame: pl.DataFrame, audit_ids: list[str]) -> pl.DataFrame:
+    """``frame``'s rows (queue or predictions) of each audit row's query, under that row's id."""
+    ids = pl.DataFrame({"_id": pl.Series([q for q in audit_ids if q != audited_query_id(q)], dtype=pl.String)})
+    keyed = ids.with_columns(audited_query("_id").alias("query_id"))
+    return keyed.join(frame, on="query_id").drop("query_id").rename({"_id": "query_id"}).select(frame.columns)
+
+
 def audit_queue(queue: pl.DataFrame, plan: pl.DataFrame) -> pl.DataFrame:
     """The queue rows the dispatcher needs for the plan's audit rows: the audited queries under their audit ids."""
-    ids = [audited_query_id(q) for q in plan["query_id"].to_list() if q != audited_query_id(q)]
-    rows = queue.filter(pl.col("query_id").is_in(pl.Series(ids, dtype=pl.String).implode()))
-    return rows.with_columns(pl.col("query_id") + AUDIT_SUFFIX)
+    return under_audit_ids(queue, plan["query_id"].to_list())
 
 
 def source_llms(calls: pl.DataFrame, results: pl.DataFrame, open_tasks: set[str], tasks: dict[str, str]) -> dict[str, str]:
@@ -406,7 +506,12 @@ def estimate_audit(
     ``MIN_CORRECTION_ROWS`` audited queries (the live default's handful leaves the posterior as it is); the
     interval keeps the audit's whole spread and adds that of the realized accuracy around ``base`` (sqrt(sum
     p(1-p)) / n).
-    Without ``base``, the audited rows' accuracy alone, the plan's promise for tasks not audited."""
+    Without ``base``, the audited rows' accuracy alone, the plan's promise for tasks not audited.
+
+    Exploration rows (``explore_plan``) are no references: only their calls count, as the LLMs' agreement
+    with the reference (``llm_drift``), and the report's ``exploration`` says what they cost."""
+    explored = exploration_summary(audit_plan_rows, audit_results)
+    audit_plan_rows, audit_results = references_only(audit_plan_rows), references_only(audit_results)
     audits = audit_results.join(
         audit_plan_rows.select("query_id", "kind", "models", "fitted_reference", "expected_accuracy"), on="query_id"
     )
@@ -427,6 +532,8 @@ def estimate_audit(
         "drift": [],
         "records": records,
     }
+    if explored["queries"]:
+        out["exploration"] = explored
     if not rows:
         out["estimated_accuracy"], out["ci95"] = None, None
         return out
@@ -607,6 +714,7 @@ def deliver_references(
     estimate is the plan's own answers' agreement with the reference, and the swap makes the delivered batch
     at least as accurate as that. Returns (results, queries answered by their reference); costs unchanged
     (the reference's spend is the audit's)."""
+    audit_results = references_only(audit_results)
     if audit_results.height == 0:
         return results, 0
     open_tasks = set(queue.filter(pl.col("labels").is_null())["task"].unique().to_list())

@@ -32,7 +32,7 @@ from batchplan.optimizer import (
     solve,
 )
 from batchplan.optimizer.problem import Objective
-from batchplan.plans.audit import AuditModel, audit_plan
+from batchplan.plans.audit import AuditModel, audit_plan, explore_plan
 from batchplan.plans.best_single import best_single_llms
 from batchplan.plans.candidates import Candidates
 from batchplan.plans.infeasible import RequestInfeasible, up, usd, word
@@ -124,17 +124,27 @@ def check_constraint_names(request: PlanRequest, candidates: Candidates) -> list
 
 
 def plan_audits(
-    queue: pl.DataFrame, predictions: pl.DataFrame, model: AuditModel | None, request: PlanRequest
+    queue: pl.DataFrame,
+    predictions: pl.DataFrame,
+    model: AuditModel | None,
+    request: PlanRequest,
+    live_rows: pl.DataFrame | None = None,
 ) -> pl.DataFrame | None:
     """The audited sample's reference rows (``plans.audit.audit_plan``) as the request asks them: its share,
-    seed and spend cap, over the LLMs each tenant may use; None when the request audits nothing. One for the
-    CLI's and the DAGs' plan."""
-    if request.audit_share <= 0:
+    seed and spend cap, over the LLMs each tenant may use, and with ``explore_share`` the exploration rows
+    (``plans.audit.explore_plan``, ``live_rows`` its live gold counts); None when the request audits and
+    explores nothing. One for the CLI's and the DAGs' plan."""
+    explore_usd = request.explore_share * (request.budget_usd or 0.0)
+    if request.audit_share <= 0 and explore_usd <= 0:
         return None
     allowed = allowed_predictions(predictions, queue, request.allowed_models)
-    return audit_plan(
+    rows = audit_plan(
         queue, allowed, model, request.audit_share, request.audit_seed, max_cost_usd=request.audit_max_cost_usd
     )
+    if explore_usd > 0:
+        explored = explore_plan(queue, allowed, rows, request.audit_seed, explore_usd, live_rows)
+        rows = pl.concat([rows, explored])
+    return rows if rows.height else None
 
 
 def allowed_predictions(
