@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -166,6 +166,59 @@ def optimize(
         **outcome.diagnostics,
     )
     return outcome
+
+
+@dataclass(frozen=True)
+class Planned:
+    """What ``plan_queue`` made: the valid queue (its prompts dropped once predicted), the quarantined rows,
+    the trained artifacts, the predictions and the plan."""
+
+    ingested: Ingested
+    trained: artifacts.Trained
+    predictions: pl.DataFrame
+    outcome: PlanOutcome
+
+
+PLAN_STAGES = ("ingest", "load", "predict", "candidates", "solve")
+
+
+def plan_queue(
+    queue_uri: str,
+    storage: Storage,
+    predictors_uri: str,
+    request: PlanRequest | Callable[[pl.DataFrame], PlanRequest],
+    *,
+    backend: Backend | None = None,
+    version: str | None = None,
+    on_ingested: Callable[[Ingested], None] | None = None,
+    lap: Callable[[str], None] | None = None,
+) -> Planned:
+    """``batchplan plan``'s stages (``PLAN_STAGES``), one code path for the CLI and ``bench/solver.py``:
+    ingest, load the predictors, predict, build the candidates, solve. ``request``: the request, or how to
+    make it from the predictions (the bench's budget is a share of their cost spread); ``on_ingested``
+    sees the ingest's result before anything else is done (the CLI writes the quarantine there); ``lap``
+    is called with each stage's name as it ends. The prompts are dropped once predicted: nothing after
+    reads them, and at 1M all-distinct prompts they are GBs held through the solve."""
+    ingested = ingest(queue_uri, storage, out_uri=None)
+    if on_ingested is not None:
+        on_ingested(ingested)
+    _lap(lap, "ingest")
+    trained = artifacts.load(storage, predictors_uri, version=version)
+    _lap(lap, "load")
+    predictions = predict(ingested.queue, trained.predictor, backend)
+    ingested = dataclasses.replace(ingested, queue=ingested.queue.drop("prompt"))
+    _lap(lap, "predict")
+    asked = request(predictions) if callable(request) else request
+    candidates = build_candidates(ingested.queue, predictions, trained.templates, asked.kinds)
+    _lap(lap, "candidates")
+    outcome = optimize(candidates, asked, trained.templates)
+    _lap(lap, "solve")
+    return Planned(ingested=ingested, trained=trained, predictions=predictions, outcome=outcome)
+
+
+def _lap(lap: Callable[[str], None] | None, stage: str) -> None:
+    if lap is not None:
+        lap(stage)
 
 
 def dispatch_dir(out_uri: str) -> str:
