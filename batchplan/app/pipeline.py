@@ -38,6 +38,7 @@ from batchplan.app.report import Truth, build_report, dispatch_modes, summary_li
 from batchplan.app.round_runner import (
     BatchSender,
     DispatchSender,
+    Execution,
     RoundSender,
     RoundsOutcome,
     check_round_planner,
@@ -234,24 +235,6 @@ def hard_budget(plan: pl.DataFrame, budget_usd: float | None) -> float:
     return float(plan.filter(~pl.col("kind").is_in([DEFER, UNANSWERABLE]))["reserve_cost_usd"].sum())
 
 
-@dataclass(frozen=True)
-class Execution:
-    """Where a plan is executed and under which hard limits: what ``execute`` and ``execute_rounds`` share.
-
-    ``budget_usd`` None: the plan's own high side (``hard_budget``). ``tenant_budgets_usd`` are hard caps at
-    dispatch too: the plan meets them in expectation, escalations that run over are deferred rather than
-    paid. ``retry``: the dispatcher's (default ``RetryPolicy()``); ``output_caps``: open tasks' max_tokens
-    (``Trained``)."""
-
-    budget_usd: float | None
-    out_uri: str
-    storage: Storage
-    tenant_budgets_usd: dict[str, float] | None = None
-    progress: Progress | None = None
-    retry: RetryPolicy | None = None
-    output_caps: OutputCaps | None = None
-
-
 def execute(plan: pl.DataFrame, queue: pl.DataFrame, backend: Backend, run: Execution) -> pl.DataFrame:
     """Dispatch every planned query; deferred plan rows become deferred results. One row per query."""
     started = time.perf_counter()
@@ -335,12 +318,8 @@ def execute_rounds(
         predictions,
         sender or realtime_sender(backend, run.retry, run.output_caps),
         rounds=rounds,
-        budget_usd=limit,
-        out_uri=run.out_uri,
-        storage=run.storage,
-        tenant_budgets_usd=run.tenant_budgets_usd,
+        run=dataclasses.replace(run, budget_usd=limit),
         call_bounds=bounds,
-        progress=run.progress,
     )
     # a query no offered LLM can answer failed, as in single shot (the planners only know it was never called)
     failed = unanswerable_results(plan, queue, backend)
