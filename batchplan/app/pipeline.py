@@ -64,7 +64,7 @@ from batchplan.dispatchers import (
 )
 from batchplan.dispatchers.executor import Progress
 from batchplan.dispatchers.limits import MAX_TOKENS, MAX_TOKENS_OPEN, OutputCaps
-from batchplan.plans.audit import audit_queue, deliver_references, estimate_audit, posterior_base
+from batchplan.plans.audit import AuditInputs, audit_queue, deliver_references, estimate_audit, posterior_base
 from batchplan.plans.best_single import best_single_map
 from batchplan.plans.candidates import Candidates, build_candidates
 from batchplan.plans.frontier import frontier_uri, plan_frontier, read_frontier, write_frontier
@@ -513,7 +513,7 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
     references: pl.DataFrame | None = None
     if audit is not None:  # the reference calls are the audit's, not answers the batch delivers
         audit_results, results, plan = results.filter(is_audit()), results.filter(~is_audit()), plan.filter(~is_audit())
-        results, audited, references = settle_audits(
+        inputs = AuditInputs(
             plan=plan,
             results=results,
             audit_plan_rows=audit,
@@ -528,6 +528,7 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
             # in rounds: the posterior of the final answers, corrected by the audited sample (a difference estimator)
             base=None if in_rounds_outcome is None else posterior_base(in_rounds_outcome.answers),
         )
+        results, audited, references = settle_audits(inputs)
         paths["audit"] = join(job.out_uri, "audit.parquet")
         storage.write_frame(references, paths["audit"])
     storage.write_frame(results, paths["results"])
@@ -584,17 +585,17 @@ AUDIT_RECORD_SCHEMA = pl.Schema(
 )
 
 
-def settle_audits(**inputs: Any) -> tuple[pl.DataFrame, dict[str, Any], pl.DataFrame]:
+def settle_audits(inputs: AuditInputs) -> tuple[pl.DataFrame, dict[str, Any], pl.DataFrame]:
     """What the audits give a run, the same for the CLI and the DAGs: the audited estimate from the plan's
-    own answers (``estimate_audit``, whose keywords ``inputs`` are; ``plan``/``results`` the delivered rows,
-    audits apart), then the paid reference answers delivered where they are the likelier right
-    (``deliver_references``). Returns (the delivered results, the report's audit section with
-    ``delivered_references``, the audit records as ``AUDIT_RECORD_SCHEMA``: the silver labels' source)."""
-    audited = estimate_audit(**inputs)
+    own answers (``estimate_audit``; ``inputs.plan``/``results`` the delivered rows, audits apart), then the
+    paid reference answers delivered where they are the likelier right (``deliver_references``). Returns
+    (the delivered results, the report's audit section with ``delivered_references``, the audit records as
+    ``AUDIT_RECORD_SCHEMA``: the silver labels' source)."""
+    audited = estimate_audit(inputs)
     references = pl.DataFrame(audited.pop("records"), schema=AUDIT_RECORD_SCHEMA)
     # after the estimate: the estimate is of the plan's answers, the swap only makes the delivered batch better
     delivered, audited["delivered_references"] = deliver_references(
-        *(inputs[k] for k in ("results", "plan", "audit_plan_rows", "audit_results", "queue"))
+        inputs.results, inputs.plan, inputs.audit_plan_rows, inputs.audit_results, inputs.queue
     )
     return delivered, audited, references
 
