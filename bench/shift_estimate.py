@@ -50,7 +50,7 @@ from batchplan.core.request import LIVE_AUDIT_SHARE, LIVE_AUDIT_SPEND_SHARE
 from batchplan.core.settings import get_settings
 from batchplan.core.storage import Storage
 from batchplan.dispatchers import get_backend
-from batchplan.plans.audit import audit_plan, audit_queue, estimate_audit, posterior_base
+from batchplan.plans.audit import AuditInputs, audit_plan, audit_queue, estimate_audit, posterior_base
 from batchplan.plans.planning import PlanRequest
 from batchplan.plans.round_planner import DEFAULT_ROUNDS, round_planner
 from bench.quality import subject_holdout
@@ -81,7 +81,8 @@ def audited(
         "model": trained.audit,
         "seed": seed,
     }
-    with_base, alone = estimate_audit(**args, base=posterior_base(run.answers)), estimate_audit(**args)  # type: ignore[arg-type]
+    with_base = estimate_audit(AuditInputs(**args, base=posterior_base(run.answers)))  # type: ignore[arg-type]
+    alone = estimate_audit(AuditInputs(**args))  # type: ignore[arg-type]
     return {
         "audited": float(with_base["audited"]),
         "audit_spent_usd": float(with_base["spent_usd"]),

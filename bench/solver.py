@@ -141,7 +141,7 @@ def run_case(n: int, which: str, method: str, seed: int, timeout: float) -> dict
         return {"ok": False, "error": f"process exited with code {proc.exitcode}"}
 
 
-E2E_STAGES = ("ingest", "load", "predict", "candidates", "solve", "write")
+E2E_STAGES = ("ingest", "load", "predict", "candidates", "solve", "write")  # pipeline.PLAN_STAGES, then the write
 
 
 def prepare_end_to_end(n: int, history_dir: str, work: str, seed: int, distinct: bool = False) -> tuple[str, str]:
@@ -181,7 +181,7 @@ def prepare_end_to_end(n: int, history_dir: str, work: str, seed: int, distinct:
 def _run_end_to_end(model_uri: str, queue_uri: str, plan_uri: str, budget_share: float, queue: Any) -> None:
     import threading
 
-    from batchplan.app import artifacts, pipeline
+    from batchplan.app import pipeline
     from batchplan.core.storage import Storage
     from batchplan.plans.planning import PlanRequest
 
@@ -213,29 +213,24 @@ def _run_end_to_end(model_uri: str, queue_uri: str, plan_uri: str, budget_share:
             t, c = now, now_cpu
             stage[0] = E2E_STAGES[E2E_STAGES.index(name) + 1] if name != E2E_STAGES[-1] else "end"
 
+        def budgeted(predictions: pl.DataFrame) -> PlanRequest:
+            # the budget: a share of what the cheapest-to-dearest spread of single models costs (not timed: O(pairs))
+            nonlocal t, c
+            per_query = predictions.group_by("query_id").agg(pl.col("cost_usd").min().alias("lo"), pl.col("cost_usd").max().alias("hi"))
+            lo, hi = float(per_query["lo"].sum()), float(per_query["hi"].sum())
+            t, c = time.perf_counter(), time.process_time()
+            return PlanRequest(budget_usd=lo + budget_share * (hi - lo))
+
         stage[0] = "ingest"
-        ingested = pipeline.ingest(queue_uri, storage)
-        lap("ingest")
-        trained = artifacts.load(storage, model_uri)
-        lap("load")
-        predictions = pipeline.predict(ingested.queue, trained.predictor, None)
-        lap("predict")
-        request = PlanRequest(budget_usd=1.0)
-        candidates = pipeline.build_candidates(ingested.queue, predictions, trained.templates, request.kinds)
-        lap("candidates")
-        # the budget: a share of what the cheapest-to-dearest spread of single models costs (not timed: O(pairs))
-        per_query = predictions.group_by("query_id").agg(pl.col("cost_usd").min().alias("lo"), pl.col("cost_usd").max().alias("hi"))
-        lo, hi = float(per_query["lo"].sum()), float(per_query["hi"].sum())
-        request.budget_usd = lo + budget_share * (hi - lo)
-        t, c = time.perf_counter(), time.process_time()
-        outcome = pipeline.optimize(candidates, request, trained.templates)
-        lap("solve")
+        # cli.plan's own code path, stage by stage
+        planned = pipeline.plan_queue(queue_uri, storage, model_uri, budgeted, lap=lap)
+        outcome = planned.outcome
         storage.write_frame(outcome.plan, plan_uri)
         lap("write")
         out.update(
-            queries=ingested.queue.height,
-            pairs=predictions.height,
-            candidates=candidates.plans.height if hasattr(candidates, "plans") else None,
+            queries=planned.ingested.queue.height,
+            pairs=planned.predictions.height,
+            options=outcome.problem.options.height if outcome.problem is not None else None,
             solve_alone=outcome.solution.solve_seconds,
             status=outcome.solution.status,
             objective=outcome.solution.objective,
@@ -272,7 +267,7 @@ def end_to_end(args: argparse.Namespace) -> int:
         secs = res["seconds"]
         cells = [f"{secs[s]:>10.2f}" if s in secs else f"{'-':>10}" for s in E2E_STAGES]
         total = sum(secs.values())
-        note = f"{res.get('candidates')} candidates, {res.get('status')}" if res["ok"] else res["error"]
+        note = f"{res.get('options')} options solved over, {res.get('status')}" if res["ok"] else res["error"]
         solve_alone = f"{res['solve_alone']:>10.2f}" if res["ok"] else f"{'-':>10}"
         print(f"{n:>9} " + " ".join(cells) + f" {total:>10.2f} {solve_alone} {res['peak_rss_gib']:>10.2f}  {note}")
         print(f"{'cpu s':>9} " + " ".join(f"{res['cpu'][s]:>10.2f}" if s in res["cpu"] else f"{'-':>10}" for s in E2E_STAGES)

@@ -182,15 +182,20 @@ def compile_problem(problem: Problem) -> Compiled:
     else:  # program columns are exactly the sorted table rows
         real = np.arange(m, dtype=np.int64)
         query = q_real
-    option = np.full(m, -1, dtype=np.int64)
-    option[real] = table["option"].to_numpy()
-    value = np.zeros(m)
-    value[real] = table["value"].to_numpy() if "value" in table.columns else 0.0
-    cost = np.zeros(m)
-    cost[real] = table["cost"].to_numpy()
-    accuracy = np.zeros(m)
-    if "accuracy" in table.columns:
-        accuracy[real] = table["accuracy"].fill_null(0.0).to_numpy()
+
+    def spread(values: np.ndarray | float, fill: float, dtype: type = np.float64) -> np.ndarray:
+        # per program column: a copy of the table's column when the columns are the table rows (16M at 1M
+        # queries: a scatter through ``real`` costs a pass more), else scattered with ``fill`` for deferrals
+        if isinstance(values, np.ndarray) and not defer.any():
+            return np.array(values, dtype=dtype)
+        out: np.ndarray = np.full(m, fill, dtype=dtype)
+        out[real] = values
+        return out
+
+    option = spread(table["option"].to_numpy(), -1, np.int64)
+    value = spread(table["value"].to_numpy() if "value" in table.columns else 0.0, 0.0)
+    cost = spread(table["cost"].to_numpy(), 0.0)
+    accuracy = spread(table["accuracy"].fill_null(0.0).to_numpy() if "accuracy" in table.columns else 0.0, 0.0)
     sign = 1.0 if problem.objective == "max_value" else -1.0
     c = value.copy() if problem.objective == "max_value" else -cost
     program = Compiled(n=n, m=m, starts=starts, query=query, option=option, real=real, table=table, value=value,

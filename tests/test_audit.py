@@ -437,7 +437,7 @@ def test_the_difference_estimator_corrects_a_biased_posterior_without_gold() -> 
     ~0), and its interval holds the realized accuracy."""
     import numpy as np
 
-    from batchplan.plans.audit import estimate_audit
+    from batchplan.plans.audit import AuditInputs, estimate_audit
 
     misses, base_misses, covered = [], [], 0
     for seed in range(40):
@@ -445,7 +445,7 @@ def test_the_difference_estimator_corrects_a_biased_posterior_without_gold() -> 
         # the run's own posterior: informative (higher where right) but ~19 points low on average
         p = np.where(batch["right"], 0.7, 0.45)
         base = pl.DataFrame({"query_id": batch["ids"], "p": p})
-        found = estimate_audit(**batch["inputs"], base=base)
+        found = estimate_audit(AuditInputs(**batch["inputs"], base=base))
         misses.append(found["estimated_accuracy"] - batch["realized"])
         base_misses.append(found["base_accuracy"] - batch["realized"])
         low, high = found["ci95"]
@@ -459,13 +459,13 @@ def test_the_difference_estimator_corrects_a_biased_posterior_without_gold() -> 
 def test_the_difference_estimator_keeps_a_calibrated_posterior_where_the_audit_says_nothing() -> None:
     """Rows the audit cannot tell apart (the delivered answer is the reference's own LLM) carry no correction:
     the estimate is the posterior's mean, and a task with no audited query keeps its posterior."""
-    from batchplan.plans.audit import estimate_audit
+    from batchplan.plans.audit import AuditInputs, estimate_audit
 
     batch = _synthetic_batch(0)
     inputs = batch["inputs"]
     inputs["calls"] = inputs["calls"].with_columns(pl.lit("big").alias("model"))  # the reference's own LLM
     base = pl.DataFrame({"query_id": batch["ids"], "p": 0.8})
-    found = estimate_audit(**inputs, base=base)
+    found = estimate_audit(AuditInputs(**inputs, base=base))
     assert found["base_accuracy"] == pytest.approx(0.8)
     assert found["estimated_accuracy"] == pytest.approx(0.8, abs=0.03)  # only the realized-vs-expected spread
 
@@ -475,14 +475,14 @@ def test_a_correction_inside_its_own_noise_is_shrunk_to_the_posterior() -> None:
     is shrunk), while a correction far outside its noise is kept nearly whole."""
     import numpy as np
 
-    from batchplan.plans.audit import correction_shrink, estimate_audit
+    from batchplan.plans.audit import AuditInputs, correction_shrink, estimate_audit
 
     rng = np.random.default_rng(0)
     assert correction_shrink(rng.normal(0.05, 0.3, 4000)) == 0.0
     assert correction_shrink(rng.normal(0.2, 0.04, 4000)) > 0.9
     batch = _synthetic_batch(3, share=0.005)  # 2 of 400 audited
     base = pl.DataFrame({"query_id": batch["ids"], "p": 0.8})
-    found = estimate_audit(**batch["inputs"], base=base)
+    found = estimate_audit(AuditInputs(**batch["inputs"], base=base))
     assert found["audited"] == 2
     assert found["estimated_accuracy"] == pytest.approx(0.8)  # nothing kept: the posterior itself
     assert found["per_task"][0]["correction_kept"] == 0.0  # below MIN_CORRECTION_ROWS audited queries

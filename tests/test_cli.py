@@ -73,6 +73,33 @@ def test_plan_writes_one_plan_per_valid_query(trained: tuple[str, str], history_
     assert pl.read_parquet(tmp_path / "plan.quarantine.parquet").height == 4
 
 
+def test_plan_queue_is_the_plan_commands_path_and_drops_the_prompts(
+    trained: tuple[str, str], history_dir: str, tmp_path: Path
+) -> None:
+    """``pipeline.plan_queue`` is what ``batchplan plan`` runs (and bench/solver.py times, stage by stage): the
+    same plan as the command, every stage reported in order, and the prompts gone once predicted (held
+    through the solve, 1M all-distinct prompts peaked at 6.8 GiB)."""
+    from polars.testing import assert_frame_equal
+
+    from batchplan.app import pipeline
+    from batchplan.core.request import PlanRequest
+
+    models, queue = trained
+    out = tmp_path / "plan.parquet"
+    _run(["plan", "--queue", queue, "--predictors", models, "--budget-usd", "0.01", "--out", str(out)])
+    stages: list[str] = []
+    seen: list[int] = []
+    planned = pipeline.plan_queue(
+        queue, Storage(), models, PlanRequest(budget_usd=0.01), on_ingested=lambda i: seen.append(i.quarantine.height),
+        lap=stages.append,
+    )
+    assert stages == list(pipeline.PLAN_STAGES)
+    assert seen == [4]
+    assert "prompt" not in planned.ingested.queue.columns
+    assert planned.ingested.queue.height == planned.outcome.plan.height
+    assert_frame_equal(planned.outcome.plan, pl.read_parquet(out))
+
+
 def test_run_replays_within_budget_and_resumes(trained: tuple[str, str], history_dir: str, tmp_path: Path) -> None:
     models, queue = trained
     out = tmp_path / "run"

@@ -293,6 +293,47 @@ def test_array_candidates_equal_the_plain_ones() -> None:
     assert threaded.templates.equals(candidates.templates)
 
 
+def test_plan_rows_equal_the_searched_and_joined_ones() -> None:
+    """``plan_rows`` finds the chosen rows through an inverse of the (dense) option ids and skips the join
+    when nothing is deferred: the same rows as a binary search and a left join, with deferrals (the join
+    runs) or without, and over sparse ids (a candidate set thinned by ``keep``)."""
+    from batchplan.optimizer import Problem, solve
+    from batchplan.optimizer.constraints import Budget
+    from batchplan.plans.planning import chosen_rows, fallbacks, plan_rows
+
+    rng = np.random.default_rng(3)
+    models = ["m1", "m2", "m3", "m4"]
+    queue = pl.DataFrame({"query_id": [f"q{i:02d}" for i in range(40)], "tenant": "x", "task": "t", "priority": 1.0})
+    pairs = [(q, m) for q in queue["query_id"] for m in models]
+    predictions = pl.DataFrame(
+        {
+            "query_id": [q for q, _ in pairs],
+            "model": [m for _, m in pairs],
+            "p_correct": rng.uniform(0.3, 0.95, len(pairs)),
+            "cost_usd": rng.uniform(0.5, 5.0, len(pairs)),
+            "cost_high_usd": rng.uniform(5.0, 9.0, len(pairs)),
+        }
+    )
+    full = build_candidates(queue, predictions)
+    thinned = full.keep(pl.col("option") % 3 != 1)  # option ids with gaps, still ascending
+    for candidates, budget, deferrable in ((full, 1e9, False), (full, 30.0, True), (thinned, 60.0, True)):
+        problem = Problem(candidates.options(), "max_value", [Budget(limit=budget)], deferrable=deferrable)
+        solution = solve(problem)
+        rows = np.searchsorted(candidates.plans["option"].to_numpy(), solution.chosen["option"].to_numpy())
+        assert chosen_rows(candidates, solution).tolist() == rows.tolist()
+        chosen = candidates.named(
+            candidates.plans[rows].select("query", "template", "expected_cost_usd", "expected_accuracy", "reserve_cost_usd")
+        ).with_columns(fallbacks(candidates, solution, rows))
+        joined = candidates.queries.select("query", "query_id").join(chosen, on="query", how="left", maintain_order="left")
+        plan = plan_rows(candidates, solution)
+        assert plan.height == queue.height
+        assert (plan["kind"] == "defer").any() == deferrable
+        assert plan["query_id"].to_list() == joined["query_id"].to_list()
+        assert plan.filter(pl.col("kind") != "defer").select("expected_cost_usd", "models", "fallback_models").equals(
+            joined.drop_nulls("kind").select("expected_cost_usd", "models", "fallback_models")
+        )
+
+
 def test_candidate_cost_formulas() -> None:
     queue, predictions = two_queries([1.0, 2.0, 10.0, 1.5, 2.5, 12.0], [2.0, 3.0, 15.0, 2.0, 3.0, 20.0])
     identity = [0.0, 1.0]  # calibration that leaves the structural estimate as it is

@@ -174,13 +174,22 @@ def test_the_hard_budget_of_a_round_is_what_earlier_rounds_left(cascades: Histor
         predictions_for(cascades, queue),
         _Sender(cascades),
         rounds=2,
-        budget_usd=budget,
-        out_uri=str(tmp_path),
-        storage=Storage(),
+        run=Execution(budget_usd=budget, out_uri=str(tmp_path), storage=Storage()),
     )
     assert float(outcome.results["cost_usd"].sum()) <= budget
     first, second = outcome.rounds
     assert second["budget_usd"] == pytest.approx(budget - first["charged_usd"])
+    # rounds take the same Execution as single shot, with the hard budget resolved: None is refused up front
+    with pytest.raises(ValueError, match="hard budget"):
+        run_rounds(
+            PlanContinuation(single),
+            queue,
+            predictions_for(cascades, queue),
+            _Sender(cascades),
+            rounds=2,
+            run=Execution(budget_usd=None, out_uri=str(tmp_path / "unbounded"), storage=Storage()),
+        )
+    assert not (tmp_path / "unbounded").exists()
 
 
 class _Sender:

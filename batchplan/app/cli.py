@@ -563,7 +563,8 @@ def plan(
         _check_backend(backend, replay_history=source.replay_history, prices=source.prices, base_url=source.base_url)
         import polars as pl
 
-        from batchplan.app import artifacts, pipeline
+        from batchplan.app import pipeline
+        from batchplan.app.ingest import Ingested
         from batchplan.app.report import Report, notes
         from batchplan.core.contracts import UNANSWERABLE
 
@@ -575,20 +576,25 @@ def plan(
             if backend
             else None
         )
-        ingested = pipeline.ingest(queue, storage, out_uri=None)
-        if ingested.quarantine.height:
-            quarantine_uri = out.rsplit(".", 1)[0] + ".quarantine.parquet"
-            storage.write_frame(ingested.quarantine, quarantine_uri)
-            _say_quarantined(ingested.quarantine.height, quarantine_uri)
-        trained = artifacts.load(storage, predictors, version=source.predictor_version)
-        predictions = pipeline.predict(ingested.queue, trained.predictor, chosen_backend)
-        for line in notes(Report(unseen_tasks=pipeline.unseen_tasks(ingested.queue, trained.predictor))):
-            console.print(f"note: {line}")
-        outcome = pipeline.optimize(
-            pipeline.build_candidates(ingested.queue, predictions, trained.templates, request.kinds),
+
+        def quarantine(ingested: Ingested) -> None:
+            if ingested.quarantine.height:
+                quarantine_uri = out.rsplit(".", 1)[0] + ".quarantine.parquet"
+                storage.write_frame(ingested.quarantine, quarantine_uri)
+                _say_quarantined(ingested.quarantine.height, quarantine_uri)
+
+        planned = pipeline.plan_queue(
+            queue,
+            storage,
+            predictors,
             request,
-            trained.templates,
+            backend=chosen_backend,
+            version=source.predictor_version,
+            on_ingested=quarantine,
         )
+        for line in notes(Report(unseen_tasks=pipeline.unseen_tasks(planned.ingested.queue, planned.trained.predictor))):
+            console.print(f"note: {line}")
+        outcome = planned.outcome
         storage.write_frame(outcome.plan, out)
     d = outcome.diagnostics
     cost = outcome.plan.select(pl.col("expected_cost_usd").sum()).item()

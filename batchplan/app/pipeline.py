@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -38,6 +38,7 @@ from batchplan.app.report import Truth, build_report, dispatch_modes, summary_li
 from batchplan.app.round_runner import (
     BatchSender,
     DispatchSender,
+    Execution,
     RoundSender,
     RoundsOutcome,
     check_round_planner,
@@ -63,7 +64,7 @@ from batchplan.dispatchers import (
 )
 from batchplan.dispatchers.executor import Progress
 from batchplan.dispatchers.limits import MAX_TOKENS, MAX_TOKENS_OPEN, OutputCaps
-from batchplan.plans.audit import audit_queue, deliver_references, estimate_audit, posterior_base
+from batchplan.plans.audit import AuditInputs, audit_queue, deliver_references, estimate_audit, posterior_base
 from batchplan.plans.best_single import best_single_map
 from batchplan.plans.candidates import Candidates, build_candidates
 from batchplan.plans.frontier import frontier_uri, plan_frontier, read_frontier, write_frontier
@@ -168,6 +169,59 @@ def optimize(
     return outcome
 
 
+@dataclass(frozen=True)
+class Planned:
+    """What ``plan_queue`` made: the valid queue (its prompts dropped once predicted), the quarantined rows,
+    the trained artifacts, the predictions and the plan."""
+
+    ingested: Ingested
+    trained: artifacts.Trained
+    predictions: pl.DataFrame
+    outcome: PlanOutcome
+
+
+PLAN_STAGES = ("ingest", "load", "predict", "candidates", "solve")
+
+
+def plan_queue(
+    queue_uri: str,
+    storage: Storage,
+    predictors_uri: str,
+    request: PlanRequest | Callable[[pl.DataFrame], PlanRequest],
+    *,
+    backend: Backend | None = None,
+    version: str | None = None,
+    on_ingested: Callable[[Ingested], None] | None = None,
+    lap: Callable[[str], None] | None = None,
+) -> Planned:
+    """``batchplan plan``'s stages (``PLAN_STAGES``), one code path for the CLI and ``bench/solver.py``:
+    ingest, load the predictors, predict, build the candidates, solve. ``request``: the request, or how to
+    make it from the predictions (the bench's budget is a share of their cost spread); ``on_ingested``
+    sees the ingest's result before anything else is done (the CLI writes the quarantine there); ``lap``
+    is called with each stage's name as it ends. The prompts are dropped once predicted: nothing after
+    reads them, and at 1M all-distinct prompts they are GBs held through the solve."""
+    ingested = ingest(queue_uri, storage, out_uri=None)
+    if on_ingested is not None:
+        on_ingested(ingested)
+    _lap(lap, "ingest")
+    trained = artifacts.load(storage, predictors_uri, version=version)
+    _lap(lap, "load")
+    predictions = predict(ingested.queue, trained.predictor, backend)
+    ingested = dataclasses.replace(ingested, queue=ingested.queue.drop("prompt"))
+    _lap(lap, "predict")
+    asked = request(predictions) if callable(request) else request
+    candidates = build_candidates(ingested.queue, predictions, trained.templates, asked.kinds)
+    _lap(lap, "candidates")
+    outcome = optimize(candidates, asked, trained.templates)
+    _lap(lap, "solve")
+    return Planned(ingested=ingested, trained=trained, predictions=predictions, outcome=outcome)
+
+
+def _lap(lap: Callable[[str], None] | None, stage: str) -> None:
+    if lap is not None:
+        lap(stage)
+
+
 def dispatch_dir(out_uri: str) -> str:
     """Where ``execute`` keeps the dispatcher's ledger, result parts and manifest under a run's outputs."""
     return join(out_uri, "dispatch")
@@ -179,24 +233,6 @@ def hard_budget(plan: pl.DataFrame, budget_usd: float | None) -> float:
     if budget_usd is not None:
         return budget_usd
     return float(plan.filter(~pl.col("kind").is_in([DEFER, UNANSWERABLE]))["reserve_cost_usd"].sum())
-
-
-@dataclass(frozen=True)
-class Execution:
-    """Where a plan is executed and under which hard limits: what ``execute`` and ``execute_rounds`` share.
-
-    ``budget_usd`` None: the plan's own high side (``hard_budget``). ``tenant_budgets_usd`` are hard caps at
-    dispatch too: the plan meets them in expectation, escalations that run over are deferred rather than
-    paid. ``retry``: the dispatcher's (default ``RetryPolicy()``); ``output_caps``: open tasks' max_tokens
-    (``Trained``)."""
-
-    budget_usd: float | None
-    out_uri: str
-    storage: Storage
-    tenant_budgets_usd: dict[str, float] | None = None
-    progress: Progress | None = None
-    retry: RetryPolicy | None = None
-    output_caps: OutputCaps | None = None
 
 
 def execute(plan: pl.DataFrame, queue: pl.DataFrame, backend: Backend, run: Execution) -> pl.DataFrame:
@@ -282,12 +318,8 @@ def execute_rounds(
         predictions,
         sender or realtime_sender(backend, run.retry, run.output_caps),
         rounds=rounds,
-        budget_usd=limit,
-        out_uri=run.out_uri,
-        storage=run.storage,
-        tenant_budgets_usd=run.tenant_budgets_usd,
+        run=dataclasses.replace(run, budget_usd=limit),
         call_bounds=bounds,
-        progress=run.progress,
     )
     # a query no offered LLM can answer failed, as in single shot (the planners only know it was never called)
     failed = unanswerable_results(plan, queue, backend)
@@ -481,7 +513,7 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
     references: pl.DataFrame | None = None
     if audit is not None:  # the reference calls are the audit's, not answers the batch delivers
         audit_results, results, plan = results.filter(is_audit()), results.filter(~is_audit()), plan.filter(~is_audit())
-        results, audited, references = settle_audits(
+        inputs = AuditInputs(
             plan=plan,
             results=results,
             audit_plan_rows=audit,
@@ -496,6 +528,7 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
             # in rounds: the posterior of the final answers, corrected by the audited sample (a difference estimator)
             base=None if in_rounds_outcome is None else posterior_base(in_rounds_outcome.answers),
         )
+        results, audited, references = settle_audits(inputs)
         paths["audit"] = join(job.out_uri, "audit.parquet")
         storage.write_frame(references, paths["audit"])
     storage.write_frame(results, paths["results"])
@@ -552,17 +585,17 @@ AUDIT_RECORD_SCHEMA = pl.Schema(
 )
 
 
-def settle_audits(**inputs: Any) -> tuple[pl.DataFrame, dict[str, Any], pl.DataFrame]:
+def settle_audits(inputs: AuditInputs) -> tuple[pl.DataFrame, dict[str, Any], pl.DataFrame]:
     """What the audits give a run, the same for the CLI and the DAGs: the audited estimate from the plan's
-    own answers (``estimate_audit``, whose keywords ``inputs`` are; ``plan``/``results`` the delivered rows,
-    audits apart), then the paid reference answers delivered where they are the likelier right
-    (``deliver_references``). Returns (the delivered results, the report's audit section with
-    ``delivered_references``, the audit records as ``AUDIT_RECORD_SCHEMA``: the silver labels' source)."""
-    audited = estimate_audit(**inputs)
+    own answers (``estimate_audit``; ``inputs.plan``/``results`` the delivered rows, audits apart), then the
+    paid reference answers delivered where they are the likelier right (``deliver_references``). Returns
+    (the delivered results, the report's audit section with ``delivered_references``, the audit records as
+    ``AUDIT_RECORD_SCHEMA``: the silver labels' source)."""
+    audited = estimate_audit(inputs)
     references = pl.DataFrame(audited.pop("records"), schema=AUDIT_RECORD_SCHEMA)
     # after the estimate: the estimate is of the plan's answers, the swap only makes the delivered batch better
     delivered, audited["delivered_references"] = deliver_references(
-        *(inputs[k] for k in ("results", "plan", "audit_plan_rows", "audit_results", "queue"))
+        inputs.results, inputs.plan, inputs.audit_plan_rows, inputs.audit_results, inputs.queue
     )
     return delivered, audited, references
 

@@ -32,7 +32,7 @@ import dataclasses
 import json
 import math
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import Any, Protocol
 
@@ -56,19 +56,37 @@ from batchplan.core.rounds import (
     with_modes,
 )
 from batchplan.core.storage import Storage, join
-from batchplan.dispatchers import ROUND_CALLS, Backend, DispatchOptions, dispatch, ledger_events
+from batchplan.dispatchers import ROUND_CALLS, Backend, DispatchOptions, RetryPolicy, dispatch, ledger_events
 from batchplan.dispatchers.base import CONNECTION, RATE_LIMITED, SERVER_ERROR, TIMEOUT, TRUNCATED
-from batchplan.dispatchers.executor import LOST
+from batchplan.dispatchers.executor import LOST, Progress
+from batchplan.dispatchers.limits import OutputCaps
 from batchplan.plans.planning import check_rounds_request
 
 log = structlog.get_logger("batchplan")
-
-Progress = Callable[[int, int], None]
 
 # the round contract names the transient failures in plain strings (it sits below the dispatchers)
 assert frozenset({RATE_LIMITED, SERVER_ERROR, TIMEOUT, CONNECTION, LOST}) == TRANSIENT
 assert TRUNCATED == CUT
 REFUSED_SCHEMA = pl.Schema({"query_id": pl.String, "error": pl.String})
+
+
+@dataclass(frozen=True)
+class Execution:
+    """Where a plan is executed and under which hard limits: what ``execute``, ``execute_rounds``,
+    ``run_rounds`` and ``plan_round`` share (in rounds ``budget_usd`` is the hard budget itself).
+
+    ``budget_usd`` None: the plan's own high side (``hard_budget``). ``tenant_budgets_usd`` are hard caps at
+    dispatch too: the plan meets them in expectation, escalations that run over are deferred rather than
+    paid. ``retry``: the dispatcher's (default ``RetryPolicy()``); ``output_caps``: open tasks' max_tokens
+    (``Trained``)."""
+
+    budget_usd: float | None
+    out_uri: str
+    storage: Storage
+    tenant_budgets_usd: dict[str, float] | None = None
+    progress: Progress | None = None
+    retry: RetryPolicy | None = None
+    output_caps: OutputCaps | None = None
 
 
 # --- how a round is sent ---------------------------------------------------------------------------------
@@ -289,17 +307,15 @@ def plan_round(
     *,
     k: int,
     rounds: int,
-    budget_usd: float,
-    out_uri: str,
-    storage: Storage,
-    tenant_budgets_usd: Mapping[str, float] | None = None,
+    run: Execution,
     call_bounds: pl.DataFrame | None = None,
 ) -> tuple[pl.DataFrame, float, dict[str, float]]:
     """Round ``k``'s calls (planned once, then reused from ``calls.parquet``) and its hard budgets: the
     total and each tenant's budget minus what rounds 1..k-1 charged. Rounds before ``k`` must be complete."""
+    storage, out_uri = run.storage, run.out_uri
     before, _ = observed(storage, out_uri, range(1, k), call_bounds)
-    left = budget_usd - float(before["cost_usd"].sum())
-    tenant_budgets = dict(tenant_budgets_usd or {})
+    left = _hard_budget(run) - float(before["cost_usd"].sum())
+    tenant_budgets = dict(run.tenant_budgets_usd or {})
     tenant_left = _tenant_left(tenant_budgets, queue.select("query_id", "tenant") if tenant_budgets else None, before)
     state = RoundState(
         round=k,
@@ -312,6 +328,13 @@ def plan_round(
         call_bounds=call_bounds,
     )
     return _resume_or_plan_round(storage, round_uri(out_uri, k), planner, state), left, tenant_left
+
+
+def _hard_budget(run: Execution) -> float:
+    """In rounds the budget is a hard number: the caller resolves the plan's own high side (``execute_rounds``)."""
+    if run.budget_usd is None:
+        raise ValueError("rounds run under a hard budget: resolve Execution.budget_usd first (pipeline.hard_budget)")
+    return run.budget_usd
 
 
 def complete_round(storage: Storage, out_uri: str, k: int, observations: pl.DataFrame, refused: pl.DataFrame) -> None:
@@ -329,35 +352,22 @@ def run_rounds(
     sender: RoundSender,
     *,
     rounds: int,
-    budget_usd: float,
-    out_uri: str,
-    storage: Storage,
-    tenant_budgets_usd: Mapping[str, float] | None = None,
+    run: Execution,
     call_bounds: pl.DataFrame | None = None,
-    progress: Progress | None = None,
 ) -> RoundsOutcome:
-    """Plan, send and observe ``rounds`` rounds under one hard ``budget_usd`` (and per-tenant budgets);
-    resumable at any point (module doc). Returns the results of the whole batch."""
+    """Plan, send and observe ``rounds`` rounds under one hard budget (``run.budget_usd``, and per-tenant
+    budgets); resumable at any point (module doc). Returns the results of the whole batch."""
     if rounds < 1:
         raise ValueError(f"rounds must be >= 1, got {rounds}")
+    _hard_budget(run)  # before anything is sent
+    out_uri, storage = run.out_uri, run.storage
     for k in range(1, rounds + 1):
         if round_complete(storage, out_uri, k):
             continue  # never sent again
-        calls, left, tenant_left = plan_round(
-            planner,
-            queue,
-            predictions,
-            k=k,
-            rounds=rounds,
-            budget_usd=budget_usd,
-            out_uri=out_uri,
-            storage=storage,
-            tenant_budgets_usd=tenant_budgets_usd,
-            call_bounds=call_bounds,
-        )
+        calls, left, tenant_left = plan_round(planner, queue, predictions, k=k, rounds=rounds, run=run, call_bounds=call_bounds)
         if calls.filter(pl.col("models").list.len() > 0).height:
             got, refused = sender.send(
-                RoundRequest(calls, queue, k, left, tenant_left, join(round_uri(out_uri, k), "dispatch"), storage, progress)
+                RoundRequest(calls, queue, k, left, tenant_left, join(round_uri(out_uri, k), "dispatch"), storage, run.progress)
             )
         else:
             got, refused = pl.DataFrame(schema=OBSERVATION_SCHEMA), pl.DataFrame(schema=REFUSED_SCHEMA)

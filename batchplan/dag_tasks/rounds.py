@@ -112,6 +112,7 @@ def round_plan_stage(storage: Storage, lay: Layout, run: str, params: RunParams,
     from batchplan.app.round_runner import (
         OBSERVATION_SCHEMA,
         REFUSED_SCHEMA,
+        Execution,
         complete_round,
         plan_round,
         round_complete,
@@ -123,17 +124,11 @@ def round_plan_stage(storage: Storage, lay: Layout, run: str, params: RunParams,
     inputs = _inputs(storage, lay, run, params)
     planner, queue, predictions = _planner(params, inputs)
     inputs = {**inputs, "queue": queue, "predictions": predictions}
+    execution = Execution(
+        budget_usd=_budget(params, inputs["plan"]), out_uri=out, storage=storage, tenant_budgets_usd=params.tenant_budgets_usd
+    )
     calls, left, tenant_left = plan_round(
-        planner,
-        queue,
-        predictions,
-        k=k,
-        rounds=params.rounds,
-        budget_usd=_budget(params, inputs["plan"]),
-        out_uri=out,
-        storage=storage,
-        tenant_budgets_usd=params.tenant_budgets_usd,
-        call_bounds=_bounds(storage, params, inputs),
+        planner, queue, predictions, k=k, rounds=params.rounds, run=execution, call_bounds=_bounds(storage, params, inputs)
     )
     calls = calls.filter(pl.col("models").list.len() > 0).sort("query_id")
     if calls.height == 0:  # nothing to call: the round is complete as planned

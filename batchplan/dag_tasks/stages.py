@@ -509,9 +509,10 @@ def _audit_of(
     report's audit section, the audit records (also written under the run's reports)."""
     from batchplan.app import artifacts
     from batchplan.app.pipeline import settle_audits
+    from batchplan.plans.audit import AuditInputs
 
     version = artifacts.resolve_version(storage, lay.models(), None)
-    delivered, audited, references = settle_audits(
+    inputs = AuditInputs(
         plan=plan.filter(~is_audit()),
         results=results,
         audit_plan_rows=storage.read_frame(audit_uri),
@@ -523,6 +524,7 @@ def _audit_of(
         seed=run,
         base=storage.read_frame(base_uri) if storage.exists(base_uri := posterior_base_file(lay, run)) else None,
     )
+    delivered, audited, references = settle_audits(inputs)
     storage.write_frame(references, f"{lay.reports(run)}/audit.parquet")
     return delivered, audited, references
 

@@ -436,7 +436,7 @@ def _rows_for(
         # the delivered answer is the reference's own call (same single LLM): agreement is certain, no evidence
         own = kind == "single" and llm in (models or [])
         rows.append(
-            _Row(task, state == "done", agree, (s - q) >= MIN_SEPARATION and not own, float(planned.get(query_id, 0.0)), rate, (base or {}).get(query_id, 0.0) if state == "done" else 0.0)  # type: ignore[arg-type]
+            _Row(task, state == "done", agree, (s - q) >= MIN_SEPARATION and not own, float(planned.get(query_id, 0.0)), rate, (base or {}).get(query_id, 0.0))  # type: ignore[arg-type]
         )
         records.append(
             {
@@ -479,22 +479,44 @@ def base_probabilities(base: pl.DataFrame, results: pl.DataFrame) -> dict[str, f
     }
 
 
-def estimate_audit(
-    *,
-    plan: pl.DataFrame,
-    results: pl.DataFrame,
-    audit_plan_rows: pl.DataFrame,
-    audit_results: pl.DataFrame,
-    calls: pl.DataFrame,
-    queue: pl.DataFrame,
-    predictions: pl.DataFrame,
-    model: AuditModel | None,
-    seed: str = "",
-    base: pl.DataFrame | None = None,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class AuditInputs:
+    """What ``estimate_audit`` reads (and ``app.pipeline.settle_audits``, which delivers the references after):
+    ``plan``/``results`` the delivered rows (audits apart); ``audit_plan_rows`` the audited sample's reference
+    plan rows and ``audit_results`` their result rows; ``calls`` every call made (query_id, model, answer,
+    status, in call order); ``model`` the trained audit model; ``seed`` the draws' seed (the run's); ``base``
+    (query_id, p) the run's own gold-free P(right) per query, or None."""
+
+    plan: pl.DataFrame
+    results: pl.DataFrame
+    audit_plan_rows: pl.DataFrame
+    audit_results: pl.DataFrame
+    calls: pl.DataFrame
+    queue: pl.DataFrame
+    predictions: pl.DataFrame
+    model: AuditModel | None
+    seed: str = ""
+    base: pl.DataFrame | None = None
+
+
+def _base_by_task(queue: pl.DataFrame, base_p: dict[str, float]) -> tuple[dict[Any, tuple[float, float]], float | None]:
+    """Per task the mean of the run's own P(right) over all its queries (0 where missing) and the realized
+    accuracy's spread around it (sqrt(sum p(1-p)) / n); and the batch's mean."""
+    p_all = queue.select("query_id", "task").with_columns(
+        pl.col("query_id").replace_strict(base_p, default=0.0, return_dtype=pl.Float64).alias("p")
+    )
+    base_task = {
+        task: (float(mean_p), math.sqrt(float(var_sum)) / max(int(n), 1))
+        for task, mean_p, var_sum, n in p_all.group_by("task")
+        .agg(pl.col("p").mean().alias("mean"), (pl.col("p") * (1 - pl.col("p"))).sum().alias("var"), pl.len())
+        .iter_rows()
+    }
+    return base_task, float(p_all["p"].to_numpy().mean()) if p_all.height else None
+
+
+def estimate_audit(inputs: AuditInputs) -> dict[str, Any]:
     """The audited estimate of the batch's accuracy, its 95% interval, agreement per task, the LLMs worse than
-    the history says and the drift found. ``plan``/``results``: the delivered rows; ``audit_results`` the
-    reference calls' result rows; ``calls``: every call made (query_id, model, answer, in call order).
+    the history says and the drift found, from ``inputs`` (``AuditInputs``).
 
     ``base`` (query_id, p): the run's own gold-free P(its delivered answer is right) for every query (a run in
     rounds: the posterior of its final answers; a query missing or not answered counts 0). With it the estimate
@@ -510,13 +532,14 @@ def estimate_audit(
 
     Exploration rows (``explore_plan``) are no references: only their calls count, as the LLMs' agreement
     with the reference (``llm_drift``), and the report's ``exploration`` says what they cost."""
-    explored = exploration_summary(audit_plan_rows, audit_results)
-    audit_plan_rows, audit_results = references_only(audit_plan_rows), references_only(audit_results)
+    plan, results, queue = inputs.plan, inputs.results, inputs.queue
+    explored = exploration_summary(inputs.audit_plan_rows, inputs.audit_results)
+    audit_plan_rows, audit_results = references_only(inputs.audit_plan_rows), references_only(inputs.audit_results)
     audits = audit_results.join(
         audit_plan_rows.select("query_id", "kind", "models", "fitted_reference", "expected_accuracy"), on="query_id"
     )
-    base_p = None if base is None else base_probabilities(base, results)
-    rows, records = _rows_for(plan, results, audits, calls, queue, model, base_p)
+    base_p = None if inputs.base is None else base_probabilities(inputs.base, results)
+    rows, records = _rows_for(plan, results, audits, inputs.calls, queue, inputs.model, base_p)
     if base_p is not None:  # where the audit says nothing, the run's own estimate stands (no correction)
         rows = [replace(r, prior=r.base) for r in rows]
     spend = float(audit_results["cost_usd"].fill_null(0.0).sum())
@@ -552,17 +575,8 @@ def estimate_audit(
             "difference estimator: mean of the run's posterior over the batch + the audited sample's mean of "
             "(misclassification-corrected accuracy - posterior), per task; 95% interval from posterior draws"
         )
-        p_all = queue.select("query_id", "task").with_columns(
-            pl.col("query_id").replace_strict(base_p, default=0.0, return_dtype=pl.Float64).alias("p")
-        )
-        for task, mean_p, var_sum, n in (
-            p_all.group_by("task")
-            .agg(pl.col("p").mean().alias("mean"), (pl.col("p") * (1 - pl.col("p"))).sum().alias("var"), pl.len())
-            .iter_rows()
-        ):
-            base_task[task] = (float(mean_p), math.sqrt(float(var_sum)) / max(int(n), 1))
-        out["base_accuracy"] = float(p_all["p"].to_numpy().mean()) if p_all.height else None
-    rng = np.random.default_rng(int.from_bytes(hashlib.blake2b(seed.encode(), digest_size=4).digest(), "little"))
+        base_task, out["base_accuracy"] = _base_by_task(queue, base_p)
+    rng = np.random.default_rng(int.from_bytes(hashlib.blake2b(inputs.seed.encode(), digest_size=4).digest(), "little"))
     draws = np.zeros(DRAWS)
     point = 0.0  # the difference estimator's point estimate (with a base)
     for task, weight in weights.iter_rows():
@@ -619,7 +633,7 @@ def estimate_audit(
     out["estimated_accuracy"] = point if base_task else float(np.median(draws))
     low, high = min(float(low), out["estimated_accuracy"]), max(float(high), out["estimated_accuracy"])
     out["ci95"] = [float(low), float(high)]
-    llms = llm_drift(audits, calls, queue, predictions, model)
+    llms = llm_drift(audits, inputs.calls, queue, inputs.predictions, inputs.model)
     for entry in llms:
         out["llms_worse" if entry["direction"] == "worse" else "llms_better"].append(entry)
     out["drift"] = [*llms, *out["drift"]]  # the LLMs first: what went wrong, then where it shows
