@@ -114,24 +114,22 @@ def observe(
     m = len(models)
     # predictions arrive grouped by query in queue order: the query index from their runs, not a string join
     pred = _with_query(qi.rename({"_q": "query"}), predictions).rename({"query": "_q"})
-    pred = pred.with_columns(pl.col("model").cast(pl.Enum(models)).to_physical().cast(pl.Int64).alias("_m"))
-    prior, cost, high = (np.full((n, m), np.nan) for _ in range(3))
-    r, c = pred["_q"].to_numpy(), pred["_m"].to_numpy()
-    prior[r, c] = pred["p_correct"].to_numpy()
-    cost[r, c] = pred["cost_usd"].to_numpy()
-    high[r, c] = pred["cost_high_usd"].fill_null(pred["cost_usd"]).to_numpy()
+    r, c = pred["_q"].to_numpy(), _llm_index(pred["model"], models)
+    prior, cost, high = (
+        _dense(r, c, column, (n, m))
+        for column in (pred["p_correct"], pred["cost_usd"], pred["cost_high_usd"].fill_null(pred["cost_usd"]))
+    )
     code = np.full((n, m), NONE, dtype=np.int32)
     conf = np.full((n, m), np.nan)
     order = np.full((n, m), -1, dtype=np.int32)
     tries = np.zeros((n, m), dtype=np.int64)
     answers = pl.DataFrame(schema={"_q": pl.Int64, "_m": pl.Int64, "answer": pl.String})
     drift: dict[str, float] = {}
-    # the query index by a join on the id (observations of a query the queue lacks drop out), the LLM's as
-    # queue and predictions number it (an LLM nobody predicted drops out); rows keep their order
-    if observations.height == n and observations["query_id"].equals(ids):  # round 1 answered in queue order
-        located = observations.with_columns(pl.Series("_q", np.arange(n, dtype=np.int64)))
-    else:
-        located = observations.join(qi, on="query_id", how="inner", maintain_order="left")
+    # the query index as an inner join on the id gives it (observations of a query the queue lacks drop out),
+    # the LLM's as queue and predictions number it (an LLM nobody predicted drops out); rows keep their order
+    rows, where = _locate(observations["query_id"], ids)
+    located = observations if len(rows) == observations.height and (rows == np.arange(len(rows))).all() else observations[rows]
+    located = located.with_columns(pl.Series("_q", where, dtype=pl.Int64))
     obs = (
         located.with_columns(pl.col("model").cast(pl.Enum(models), strict=False).to_physical().cast(pl.Int64).alias("_m"))
         .filter(pl.col("_m").is_not_null())
@@ -151,7 +149,7 @@ def observe(
         if len(from_end) < ok.height:
             ok = ok[np.sort(ok.height - 1 - from_end)]
         r, c = ok["_q"].to_numpy(), ok["_m"].to_numpy()
-        dense, order_in = _ranks_within(r, ok.select(normalize(pl.col("answer")).rank("dense"))["answer"])
+        dense, order_in = _ranks_within(r, _normalized_rank(ok["answer"]))
         code[r, c] = np.where(dense < 0, OPAQUE, dense)
         conf[r, c] = np.exp(ok["logprob"].fill_null(np.nan).to_numpy())
         order[r, c] = order_in
@@ -159,8 +157,8 @@ def observe(
         drift = cost_drift(obs, cost, discounts)
     return Observed(
         query_ids=ids,
-        tasks=queue["task"].fill_null("default").to_numpy().astype(str),
-        tenants=queue["tenant"].fill_null(DEFAULT_TENANT).to_numpy().astype(str),
+        tasks=_strings(queue["task"].fill_null("default")),
+        tenants=_strings(queue["tenant"].fill_null(DEFAULT_TENANT)),
         priority=queue["priority"].fill_null(1.0).to_numpy().astype(float),
         models=models,
         states=States(prior, code, conf, order),
@@ -170,6 +168,85 @@ def observe(
         answers=answers,
         drift=drift,
     )
+
+
+def _llm_index(column: pl.Series, models: list[str]) -> np.ndarray:
+    """Per row the index of its LLM in ``models`` (its distinct values, sorted), as the Enum cast's physical
+    gives it, from the rows' 64-bit hashes: with the names' hashes distinct, equal hashes are equal names (10M
+    rows cast to an Enum cost a second). Predictions that list the same LLMs in the same order for every query
+    (``pipeline.predict``'s) repeat their first query's indices."""
+    names = pl.Series(models, dtype=pl.String)
+    keys = names.hash().to_numpy()
+    if column.dtype != pl.String or column.null_count() or len(np.unique(keys)) < len(keys):
+        return column.cast(pl.Enum(models)).to_physical().cast(pl.Int64).to_numpy()
+    rank = np.argsort(keys)
+    hashes = column.hash().to_numpy()
+    m = len(models)
+    if m and len(hashes) % m == 0 and (hashes.reshape(-1, m) == hashes[:m]).all():
+        return np.tile(rank[np.searchsorted(keys[rank], hashes[:m])], len(hashes) // m)
+    return rank[np.searchsorted(keys[rank], hashes)]
+
+
+def _dense(r: np.ndarray, c: np.ndarray, column: pl.Series, shape: tuple[int, int]) -> np.ndarray:
+    """[n, M] float: ``column`` at (r, c), nan elsewhere. Every query with every LLM, query by query in the same
+    LLM order, is a reshape (no [n, M] fill and scatter)."""
+    n, m = shape
+    values = column.to_numpy()
+    every = m and len(r) == n * m and np.array_equal(np.sort(c[:m]), np.arange(m))
+    if every and (c[:m] == c.reshape(-1, m)).all() and (r.reshape(-1, m) == np.arange(n)[:, None]).all():
+        wide = values.reshape(n, m)  # a copy in LLM order (a column scatter costs ten times more)
+        return np.array(wide if (c[:m] == np.arange(m)).all() else wide[:, np.argsort(c[:m])], dtype=float)
+    out = np.full(shape, np.nan)
+    out[r, c] = values
+    return out
+
+
+def _locate(keys: pl.Series, ids: pl.Series) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of ``keys`` found in ``ids`` and their index there, in the rows' order: an inner join on the id
+    (``maintain_order="left"``). A prefix equal to ``ids`` (round 1: every query once, in queue order) is
+    found by one comparison; the rest by a join on the ids' 64-bit hashes, each match checked on the text (a
+    join on 1M+ strings costs a second). Ids that share a hash (a duplicate id, or a collision) take the join
+    on the text."""
+    n, k = len(ids), len(keys)
+    queue = pl.DataFrame({"_h": ids.hash(), "_q": np.arange(n, dtype=np.int64)})
+    if keys.dtype != ids.dtype or queue["_h"].n_unique() < n:
+        found = pl.DataFrame({"query_id": keys}).with_row_index("_row").join(
+            pl.DataFrame({"query_id": ids, "_q": np.arange(n, dtype=np.int64)}), on="query_id", how="inner", maintain_order="left"
+        )
+        return found["_row"].cast(pl.Int64).to_numpy(), found["_q"].to_numpy()
+    head = n if n <= k and keys.slice(0, n).equals(ids) else 0
+    if head == k:
+        return np.arange(k, dtype=np.int64), np.arange(k, dtype=np.int64)
+    rest = keys.slice(head)
+    found = pl.DataFrame({"_h": rest.hash()}).with_row_index("_row").join(queue, on="_h", how="inner", maintain_order="left")
+    rows, where = found["_row"].cast(pl.Int64).to_numpy(), found["_q"].to_numpy()
+    same = (rest.gather(rows) == ids.gather(where)).fill_null(False).to_numpy()
+    rows, where = rows[same], where[same]
+    if head:
+        rows = np.concatenate([np.arange(head, dtype=np.int64), rows + head])
+        where = np.concatenate([np.arange(head, dtype=np.int64), where])
+    return rows, where
+
+
+def _normalized_rank(answers: pl.Series) -> pl.Series:
+    """``normalize(answers).rank("dense")`` (null where null), normalizing each distinct answer once: a few
+    labels over 1M calls are a few strings to normalize, not 1M."""
+    distinct = answers.drop_nulls().unique()
+    if answers.dtype != pl.String or 2 * len(distinct) > len(answers):
+        return answers.to_frame("answer").select(normalize(pl.col("answer")).rank("dense"))["answer"]
+    names = distinct.sort()
+    rank = names.to_frame("answer").select(normalize(pl.col("answer")).rank("dense"))["answer"]
+    return rank.gather(answers.cast(pl.Enum(names.to_list())).to_physical())
+
+
+def _strings(column: pl.Series) -> np.ndarray:
+    """``column.to_numpy().astype(str)``, each distinct string converted once (a few tasks or tenants over 1M
+    queries: 1M Python strings cost half a second)."""
+    distinct = column.drop_nulls().unique()
+    if column.dtype != pl.String or column.null_count() or not len(column) or 2 * len(distinct) > len(column):
+        return column.to_numpy().astype(str)
+    names = distinct.sort()
+    return np.array(names.to_list(), dtype=str)[column.cast(pl.Enum(names.to_list())).to_physical().to_numpy()]
 
 
 def _ranks_within(query: np.ndarray, value: pl.Series) -> tuple[np.ndarray, np.ndarray]:
