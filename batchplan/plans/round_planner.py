@@ -194,8 +194,9 @@ def _dense(r: np.ndarray, c: np.ndarray, column: pl.Series, shape: tuple[int, in
     values = column.to_numpy()
     every = m and len(r) == n * m and np.array_equal(np.sort(c[:m]), np.arange(m))
     if every and (c[:m] == c.reshape(-1, m)).all() and (r.reshape(-1, m) == np.arange(n)[:, None]).all():
-        wide = values.reshape(n, m)  # a copy in LLM order (a column scatter costs ten times more)
-        return np.array(wide if (c[:m] == np.arange(m)).all() else wide[:, np.argsort(c[:m])], dtype=float)
+        # the column itself where it is in LLM order (read-only: fresh [n, M] pages cost more than the copy)
+        wide = values.reshape(n, m)
+        return np.asarray(wide if (c[:m] == np.arange(m)).all() else wide[:, np.argsort(c[:m])], dtype=float)
     out = np.full(shape, np.nan)
     out[r, c] = values
     return out
@@ -474,8 +475,8 @@ class PosteriorRoundPlanner:
         ev = evaluate(self.posterior, seen, self.max_tries, self.upward, vote=self.vote)
         n, m = ev.after.shape
         drift = np.array([seen.drift.get(model, seen.drift.get("*", 1.0)) for model in seen.models])
-        cost = seen.cost * drift[None]
-        high = np.maximum(seen.high, seen.cost) * drift[None]
+        cost = _times(seen.cost, drift)
+        high = _times(np.maximum(seen.high, seen.cost), drift)
         # the round's mode: all batch (share 1: at batch prices), both offered (0 < share < 1) or real time
         share, later, discount = 0.0, 1.0, np.full(m, np.nan)
         if self.modes is not None:
@@ -484,7 +485,7 @@ class PosteriorRoundPlanner:
                 later = float(np.median(list(self.modes.discounts.values())))
         factor = np.nan_to_num(discount, nan=1.0)
         by_batch = np.isfinite(discount) & (share >= 1)
-        cost, high = cost * np.where(by_batch, factor, 1.0)[None], high * np.where(by_batch, factor, 1.0)[None]
+        cost, high = _times(cost, np.where(by_batch, factor, 1.0)), _times(high, np.where(by_batch, factor, 1.0))
         mixed = (share, discount) if 0 < share < 1 else None
         call = np.isfinite(ev.after)
         budget = state.budget_left_usd
@@ -499,12 +500,12 @@ class PosteriorRoundPlanner:
         extra = np.zeros((n, m))
         price = 0.0
         if middle and budget is not None:
-            price = self._escalation_price(seen, ev, cost, call, budget, first=False, later=later)
-            value, extra = self._with_escalation(seen, ev, cost, call, price, later)
+            price = self._escalation_price(seen, ev, cost, call, budget, first=False, later=later, value=value)
+            value, extra = self._with_escalation(seen, ev, cost, call, price, later, value=value)
         accuracy = ev.after
         if first_round and budget is not None:
-            price = self._escalation_price(seen, ev, cost, call, budget, later=later)
-            value, extra = self._with_escalation(seen, ev, cost, call, price, later)
+            price = self._escalation_price(seen, ev, cost, call, budget, later=later, value=value)
+            value, extra = self._with_escalation(seen, ev, cost, call, price, later, value=value)
             accuracy = np.where(call, value, np.nan)  # a first call's accuracy with its escalation, as its value
             if self.uniform_first and not self.task_floors:  # floors: every query keeps its own options
                 first = self._first_calls(seen, call, value, cost + extra, price)
@@ -583,6 +584,7 @@ class PosteriorRoundPlanner:
         budget: float,
         first: bool = True,
         later: float = 1.0,
+        value: np.ndarray | None = None,
     ) -> float:
         """The budget's price in round 1, escalation included: the lowest price (accuracy per USD) at which every
         query taking its best first call at that price (value less price x cost, both with the replayed
@@ -592,7 +594,9 @@ class PosteriorRoundPlanner:
         stop, worth the current posterior at no cost.
 
         The bisection's 41 spends are ``_LookAheadSpend``'s, bracketed on a sample of ``price_sample`` queries
-        (0: every spend a pass over the whole batch, ``spend`` below, the definition the fast path must match)."""
+        (0: every spend a pass over the whole batch, ``spend`` below, the definition the fast path must match).
+        ``value``: ``_call_value(ev, call)``, where the caller has it."""
+        value = self._call_value(ev, call) if value is None else value
         if self.price_sample > 0:
             group, keys = _answer_patterns(seen, self.posterior)
             blocks = None
@@ -601,7 +605,7 @@ class PosteriorRoundPlanner:
                 confident = np.array([self.posterior.confident.get(str(t), False) for t in names], dtype=bool)
                 blocks = np.where(confident[task_of.ravel()], task_of.ravel(), -1)
             search = _LookAheadSpend.build(
-                value=self._call_value(ev, call),
+                value=value,
                 cost=cost,
                 call=call,
                 group=group,
@@ -649,14 +653,21 @@ class PosteriorRoundPlanner:
         return allowed
 
     def _with_escalation(
-        self, seen: Observed, ev: Evaluated, cost: np.ndarray, call: np.ndarray, price: float, later: float = 1.0
+        self,
+        seen: Observed,
+        ev: Evaluated,
+        cost: np.ndarray,
+        call: np.ndarray,
+        price: float,
+        later: float = 1.0,
+        value: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """A call's value and cost with the replayed best escalation after it at ``price`` (tasks whose history
         recorded confidences), by the LLMs that will have answered: the call's alone in round 1, the query's
         answer and the call's in a middle round (no table for three: worth what the call gives). ``later``: the
         escalation's price factor (its round's mode: an escalation at half price is worth it at twice the
-        budget's price)."""
-        value = self._call_value(ev, call)
+        budget's price). ``value``: ``_call_value(ev, call)``, where the caller has it."""
+        value = self._call_value(ev, call) if value is None else value
         group, keys = _answer_patterns(seen, self.posterior)
         if not keys:
             return np.where(call, np.minimum(value, 1.0), 0.0), np.zeros_like(value)
@@ -711,31 +722,54 @@ class PosteriorRoundPlanner:
         stop = ~mandatory | ~call.any(axis=1)
         if not call.any():
             return None
-        sd2 = ((high - cost) / P90_Z) ** 2
         # options in (query, LLM) order with each query's stop last, option ids ascending: the compiled
         # program's own order (the same columns per query as calls-then-stops sorted), so nothing is sorted
         q_idx, j_idx = np.nonzero(np.column_stack([call, stop]))
         is_call = j_idx < m
-        m_idx = np.minimum(j_idx, m - 1)
+        is_stop = ~is_call
+        m_idx = np.minimum(j_idx, m - 1, out=j_idx)
+        # each [n, M] input read once at the options' (query, LLM) entries by one flat index, each column
+        # computed in place: the same numbers as 2-d gathers and np.where, without the [options]-sized
+        # temporaries (at 1M queries each costs its page faults)
+        flat = q_idx * m
+        flat += m_idx
+        now_q = ev.now_p[q_idx]
+        cost_q = cost.take(flat)
+        option_value = value.take(flat)
+        np.copyto(option_value, now_q, where=is_stop)
+        if not (seen.priority == 1.0).all():  # x 1.0 changes no number
+            option_value = seen.priority[q_idx] * option_value
+        option_cost = extra.take(flat)
+        np.add(cost_q, option_cost, out=option_cost)
+        np.copyto(option_cost, 0.0, where=is_stop)
+        accuracy = (ev.after if held is None else held.accuracy).take(flat)
+        np.copyto(accuracy, now_q, where=is_stop)
+        spread = high.take(flat)  # the option's spend variance: ((high - cost) / P90_Z)^2, 0 for a stop
+        np.subtract(spread, cost_q, out=spread)
+        np.divide(spread, P90_Z, out=spread)
+        np.square(spread, out=spread)
+        np.copyto(spread, 0.0, where=is_stop)
+        del flat, now_q, cost_q
+        columns = m_idx  # the LLM's column, -1 for a stop
+        np.copyto(columns, -1, where=is_stop)
         options = pl.DataFrame(
             {
-                "query": q_idx.astype(np.int64),
+                "query": q_idx,
                 "option": np.arange(len(q_idx), dtype=np.int64),
-                "value": seen.priority[q_idx] * np.where(is_call, value[q_idx, m_idx], ev.now_p[q_idx]),
-                "cost": np.where(is_call, cost[q_idx, m_idx] + extra[q_idx, m_idx], 0.0),
-                "accuracy": np.where(
-                    is_call, (ev.after if held is None else held.accuracy)[q_idx, m_idx], ev.now_p[q_idx]
-                ),
-                "_col": np.where(is_call, m_idx, -1).astype(np.int64),
-                "_var": np.where(is_call, sd2[q_idx, m_idx], 0.0),
+                "value": option_value,
+                "cost": option_cost,
+                "accuracy": accuracy,
+                "_col": columns,
             }
         )
         base = len(q_idx)  # the real-time options; a mixed round's batch twins follow them
         if mixed is not None:
-            options = pl.concat([options, _batch_options(seen, ev, value, cost + extra, sd2, mixed, base)])
+            sd2 = ((high - cost) / P90_Z) ** 2
+            options = pl.concat([options.with_columns(_var=spread), _batch_options(seen, ev, value, cost + extra, sd2, mixed, base)])
+            columns = options["_col"].to_numpy()
         rows_query = options["query"].to_numpy()
-        rows_llm = options["_col"].to_numpy() % m  # a twin is numbered m + column; a stop's -1 is masked below
-        rows_call = options["_col"].to_numpy() >= 0
+        rows_llm = columns % m  # a twin is numbered m + column; a stop's -1 is masked below
+        rows_call = columns >= 0
         constraints: list[Any] = []
         if budget is not None:
             constraints.append(Budget(limit=max(budget, 0.0)))
@@ -752,13 +786,14 @@ class PosteriorRoundPlanner:
                 calls = (rows_call & (rows_llm == j)).astype(np.float64)
                 options = options.with_columns(pl.Series(f"calls:{model}", calls))
         z = NormalDist().inv_cdf(self.spend_confidence) if self.spend_confidence > 0.5 else 0.0
-        problem = Problem(options.drop("_col", "_var"), constraints=constraints, n_queries=n)
+        problem = Problem(options.drop("_col", "_var", strict=False), constraints=constraints, n_queries=n)
         if budget is not None and z > 0:
             # Leave z x the sd of the round's spend unplanned, the sd bounded above by every query taking its
             # most variable option: one solve (a second pass on the chosen plan's variance doubles the time)
-            heads = np.flatnonzero(np.diff(q_idx, prepend=-1))  # options come query by query
+            counts = call.sum(axis=1) + stop  # options come query by query: each query's first option
+            heads = (np.cumsum(counts) - counts)[counts > 0]
             # (a batch twin varies less than its real-time option: the real-time ones bound the query)
-            worst = np.fmax.reduceat(options["_var"].to_numpy()[:base], heads).sum()  # fmax: NaN-skipping, as polars' max
+            worst = np.fmax.reduceat(spread, heads).sum()  # fmax: NaN-skipping, as polars' max
             margin = z * float(np.sqrt(max(float(worst), 0.0)))
             tight = [Budget(limit=max(budget - margin, 0.0)) if isinstance(c, Budget) else c for c in constraints]
             attempts = [problem.with_constraints(tight), problem]
@@ -777,7 +812,7 @@ class PosteriorRoundPlanner:
                 raise InfeasibleError(constraint="budget", message="no round plan fits what is left of the budget")
             return self._solve(seen, ev, value, cost, extra, high, np.zeros(n, bool), budget, tenant_left, held, mixed)
         picked = np.full(n, -1, dtype=np.int64)  # option ids are row positions in ``options``: a gather, no join
-        picked[solution.chosen["query"].to_numpy()] = options["_col"].to_numpy()[solution.chosen["option"].to_numpy()]
+        picked[solution.chosen["query"].to_numpy()] = columns[solution.chosen["option"].to_numpy()]
         return picked, solution
 
     def answers(self, queue: pl.DataFrame, predictions: pl.DataFrame, observations: pl.DataFrame) -> pl.DataFrame:
@@ -795,6 +830,12 @@ class PosteriorRoundPlanner:
             },
             schema=ROUND_ANSWER_SCHEMA,
         )
+
+
+def _times(x: np.ndarray, factor: np.ndarray) -> np.ndarray:
+    """``x * factor[None]``; ``x`` itself where every factor is 1 (x 1.0 changes no number, and a fresh [n, M]
+    array costs its page faults)."""
+    return x if (factor == 1.0).all() else x * factor[None]
 
 
 def _answer_patterns(seen: Observed, posterior: Posterior) -> tuple[np.ndarray, list[tuple[str, list[str], np.ndarray]]]:
