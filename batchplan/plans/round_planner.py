@@ -722,47 +722,9 @@ class PosteriorRoundPlanner:
         stop = ~mandatory | ~call.any(axis=1)
         if not call.any():
             return None
-        # options in (query, LLM) order with each query's stop last, option ids ascending: the compiled
-        # program's own order (the same columns per query as calls-then-stops sorted), so nothing is sorted
-        q_idx, j_idx = np.nonzero(np.column_stack([call, stop]))
-        is_call = j_idx < m
-        is_stop = ~is_call
-        m_idx = np.minimum(j_idx, m - 1, out=j_idx)
-        # each [n, M] input read once at the options' (query, LLM) entries by one flat index, each column
-        # computed in place: the same numbers as 2-d gathers and np.where, without the [options]-sized
-        # temporaries (at 1M queries each costs its page faults)
-        flat = q_idx * m
-        flat += m_idx
-        now_q = ev.now_p[q_idx]
-        cost_q = cost.take(flat)
-        option_value = value.take(flat)
-        np.copyto(option_value, now_q, where=is_stop)
-        if not (seen.priority == 1.0).all():  # x 1.0 changes no number
-            option_value = seen.priority[q_idx] * option_value
-        option_cost = extra.take(flat)
-        np.add(cost_q, option_cost, out=option_cost)
-        np.copyto(option_cost, 0.0, where=is_stop)
-        accuracy = (ev.after if held is None else held.accuracy).take(flat)
-        np.copyto(accuracy, now_q, where=is_stop)
-        spread = high.take(flat)  # the option's spend variance: ((high - cost) / P90_Z)^2, 0 for a stop
-        np.subtract(spread, cost_q, out=spread)
-        np.divide(spread, P90_Z, out=spread)
-        np.square(spread, out=spread)
-        np.copyto(spread, 0.0, where=is_stop)
-        del flat, now_q, cost_q
-        columns = m_idx  # the LLM's column, -1 for a stop
-        np.copyto(columns, -1, where=is_stop)
-        options = pl.DataFrame(
-            {
-                "query": q_idx,
-                "option": np.arange(len(q_idx), dtype=np.int64),
-                "value": option_value,
-                "cost": option_cost,
-                "accuracy": accuracy,
-                "_col": columns,
-            }
-        )
-        base = len(q_idx)  # the real-time options; a mixed round's batch twins follow them
+        accuracy = ev.after if held is None else held.accuracy
+        options, columns, spread = _options(seen.priority, ev.now_p, call, stop, value, cost, extra, high, accuracy)
+        base = options.height  # the real-time options; a mixed round's batch twins follow them
         if mixed is not None:
             sd2 = ((high - cost) / P90_Z) ** 2
             options = pl.concat([options.with_columns(_var=spread), _batch_options(seen, ev, value, cost + extra, sd2, mixed, base)])
@@ -1193,6 +1155,64 @@ class _LookAheadSpend:
                 self.narrow(low, high)
 
         return float(np.exp(_bisect_log_price(fits, step)))
+
+
+def _options(
+    priority: np.ndarray,
+    now_p: np.ndarray,
+    call: np.ndarray,
+    stop: np.ndarray,
+    value: np.ndarray,
+    cost: np.ndarray,
+    extra: np.ndarray,
+    high: np.ndarray,
+    accuracy: np.ndarray,
+) -> tuple[pl.DataFrame, np.ndarray, np.ndarray]:
+    """``_solve``'s real-time options (query, option, value, cost, accuracy, _col): one per callable (query,
+    LLM), worth priority x value at cost + extra, and one stop per query where ``stop`` (worth priority x now_p,
+    free); with each option's LLM column (-1: stop) and its spend variance ((high - cost) / P90_Z)^2 (0: stop)."""
+    m = value.shape[1]
+    # options in (query, LLM) order with each query's stop last, option ids ascending: the compiled
+    # program's own order (the same columns per query as calls-then-stops sorted), so nothing is sorted
+    q_idx, j_idx = np.nonzero(np.column_stack([call, stop]))
+    is_call = j_idx < m
+    is_stop = ~is_call
+    m_idx = np.minimum(j_idx, m - 1, out=j_idx)
+    # each [n, M] input read once at the options' (query, LLM) entries by one flat index, each column
+    # computed in place: the same numbers as 2-d gathers and np.where, without the [options]-sized
+    # temporaries (at 1M queries each costs its page faults)
+    flat = q_idx * m
+    flat += m_idx
+    now_q = now_p[q_idx]
+    cost_q = cost.take(flat)
+    option_value = value.take(flat)
+    np.copyto(option_value, now_q, where=is_stop)
+    if not (priority == 1.0).all():  # x 1.0 changes no number
+        option_value = priority[q_idx] * option_value
+    option_cost = extra.take(flat)
+    np.add(cost_q, option_cost, out=option_cost)
+    np.copyto(option_cost, 0.0, where=is_stop)
+    option_accuracy = accuracy.take(flat)
+    np.copyto(option_accuracy, now_q, where=is_stop)
+    spread = high.take(flat)  # the option's spend variance: ((high - cost) / P90_Z)^2, 0 for a stop
+    np.subtract(spread, cost_q, out=spread)
+    np.divide(spread, P90_Z, out=spread)
+    np.square(spread, out=spread)
+    np.copyto(spread, 0.0, where=is_stop)
+    del flat, now_q, cost_q
+    columns = m_idx  # the LLM's column, -1 for a stop
+    np.copyto(columns, -1, where=is_stop)
+    options = pl.DataFrame(
+        {
+            "query": q_idx,
+            "option": np.arange(len(q_idx), dtype=np.int64),
+            "value": option_value,
+            "cost": option_cost,
+            "accuracy": option_accuracy,
+            "_col": columns,
+        }
+    )
+    return options, columns, spread
 
 
 def _batch_options(
