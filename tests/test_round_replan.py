@@ -108,6 +108,28 @@ def mixed_posterior() -> Posterior:
     return fit_posterior(history, history.outcomes.select("query_id", "model").join(skill, on="model"))
 
 
+def _two_tasks(
+    listed: list[str], n: int, seed: int
+) -> tuple[np.random.Generator, list[str], pl.DataFrame, np.ndarray, pl.DataFrame]:
+    """A queue of two tasks and its predictions, every query for every LLM in the order ``listed``; the
+    generator, ids and the [n, M] costs (in that order) for the observations."""
+    m = len(listed)
+    rng = np.random.default_rng(seed)
+    ids = [f"q{i:05d}" for i in range(n)]
+    queue = pl.DataFrame({"query_id": ids, "task": rng.choice(["task0", "task1"], n), "tenant": "default", "priority": 1.0})
+    cost = np.geomspace(1e-6, 1e-4, m)[None] * rng.lognormal(0, 0.5, (n, 1))
+    predictions = pl.DataFrame(
+        {
+            "query_id": np.repeat(ids, m),
+            "model": np.tile(listed, n),
+            "p_correct": rng.uniform(0.3, 0.95, n * m),
+            "cost_usd": cost.ravel(),
+            "cost_high_usd": 1.3 * cost.ravel(),
+        }
+    )
+    return rng, ids, queue, cost, predictions
+
+
 def _mixed_batch(
     posterior: Posterior, n: int = 3_000, seed: int = 5
 ) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame, float]:
@@ -116,19 +138,8 @@ def _mixed_batch(
     budget that escalates part of the batch."""
     m = M_MIXED
     models = sorted(posterior.models)
-    rng = np.random.default_rng(seed)
-    ids = [f"q{i:05d}" for i in range(n)]
-    queue = pl.DataFrame({"query_id": ids, "task": rng.choice(["task0", "task1"], n), "tenant": "default", "priority": 1.0})
-    cost = np.geomspace(1e-6, 1e-4, m)[None] * rng.lognormal(0, 0.5, (n, 1))
-    predictions = pl.DataFrame(
-        {
-            "query_id": np.repeat(ids, m),
-            "model": np.tile(models, n),
-            "p_correct": rng.uniform(0.3, 0.95, n * m),
-            "cost_usd": cost.ravel(),
-            "cost_high_usd": 1.3 * cost.ravel(),
-        }
-    ).filter(pl.Series(rng.uniform(size=n * m) > 0.05))
+    rng, ids, queue, cost, predictions = _two_tasks(models, n, seed)
+    predictions = predictions.filter(pl.Series(rng.uniform(size=n * m) > 0.05))
     first = rng.choice(np.array([0, 0, 0, 1, -1]), n)  # -1: the call failed
     asked = np.where(first < 0, 0, first)
     observations = pl.DataFrame(
@@ -231,19 +242,7 @@ def _regular_batch(posterior: Posterior, n: int = 2_000, seed: int = 7) -> tuple
     m = M_MIXED
     models = sorted(posterior.models)
     listed = [models[j] for j in (2, 0, 4, 1, 3)]  # pipeline.predict's order need not be sorted
-    rng = np.random.default_rng(seed)
-    ids = [f"q{i:05d}" for i in range(n)]
-    queue = pl.DataFrame({"query_id": ids, "task": rng.choice(["task0", "task1"], n), "tenant": "default", "priority": 1.0})
-    cost = np.geomspace(1e-6, 1e-4, m)[None] * rng.lognormal(0, 0.5, (n, 1))
-    predictions = pl.DataFrame(
-        {
-            "query_id": np.repeat(ids, m),
-            "model": np.tile(listed, n),
-            "p_correct": rng.uniform(0.3, 0.95, n * m),
-            "cost_usd": cost.ravel(),
-            "cost_high_usd": 1.3 * cost.ravel(),
-        }
-    )
+    rng, ids, queue, cost, predictions = _two_tasks(listed, n, seed)
 
     def answered(rows: np.ndarray, round_: int, model: str, fail: float) -> pl.DataFrame:
         failed = rng.uniform(size=len(rows)) < fail
