@@ -453,6 +453,20 @@ def _run_replan(
     queue.put(res)
 
 
+def _spawn_replan(args: tuple[Any, ...], timeout: float, tree: str | None = None) -> dict[str, Any]:
+    """``_run_replan(*args)`` in its own process (its peak RSS), killed after ``timeout`` seconds."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_run_replan, args=(*args, queue, tree))
+    proc.start()
+    proc.join(timeout)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+        return {"ok": False, "error": f"timeout after {timeout:.0f} s"}
+    return dict(queue.get(timeout=5))
+
+
 def replan_table(n: int, seed: int = 0, compare: bool = False, timeout: float = 900.0, against: str | None = None) -> list[str]:
     """A row per round position of a 3-round run (``REPLAN_POSITIONS``): one re-plan of ``n`` open queries x
     N_MODELS LLMs through ``PosteriorRoundPlanner.plan_round``, each in its own subprocess (peak RSS), beside
@@ -467,16 +481,7 @@ def replan_table(n: int, seed: int = 0, compare: bool = False, timeout: float = 
         return _replan_against(n, seed, against, timeout)
 
     def run(round_: int, rounds: int, price_sample: int | None, out: str) -> dict[str, Any]:
-        ctx = mp.get_context("spawn")
-        queue = ctx.Queue()
-        proc = ctx.Process(target=_run_replan, args=(n, seed, round_, rounds, price_sample, out, queue))
-        proc.start()
-        proc.join(timeout)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-            return {"ok": False, "error": f"timeout after {timeout:.0f} s"}
-        return dict(queue.get(timeout=5))
+        return _spawn_replan((n, seed, round_, rounds, price_sample, out), timeout)
 
     lines = [f"round re-plan, {n:,} open queries x {N_MODELS} LLMs (load average before: {os.getloadavg()[0]:.1f})"]
     header = f"{'round':>12} {'wall s':>8} {'CPU s':>7} {'target':>7} {'meets':>6} {'calls':>10} {'price':>10} {'spend/budget':>13} {'gap':>8} {'peak GiB':>9}"
@@ -522,17 +527,8 @@ def _replan_against(n: int, seed: int, rev: str, timeout: float) -> list[str]:
     from polars.testing import assert_frame_equal
 
     def run(round_: int, rounds: int, out: str, tree: str | None) -> dict[str, Any]:
-        ctx = mp.get_context("spawn")
-        queue = ctx.Queue()
         # price_sample -1: the default search, its steps timed (as the other tree's are)
-        proc = ctx.Process(target=_run_replan, args=(n, seed, round_, rounds, -1, out, queue, tree))
-        proc.start()
-        proc.join(timeout)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-            return {"ok": False, "error": f"timeout after {timeout:.0f} s"}
-        return dict(queue.get(timeout=5))
+        return _spawn_replan((n, seed, round_, rounds, -1, out), timeout, tree)
 
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     lines = [f"round re-plan, {n:,} open queries x {N_MODELS} LLMs, before ({rev}) / after (this checkout), each position run on both in turn"]
