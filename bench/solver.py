@@ -24,10 +24,15 @@ and write (plan parquet). Each size runs in its own subprocess; wall seconds per
     uv run python bench/solver.py --end-to-end --sizes 1000000
     uv run python bench/solver.py --end-to-end --sizes 1000000 --distinct-prompts   # a batch of all-new prompts
     uv run python bench/solver.py --replan-table [--replan-compare] [--replan-queries 200000]
+    uv run python bench/solver.py --replan-table --replan-against 2b65e30   # before (that commit) / after
 
 The re-plan table (also after the optimizer's): a row per round position of a 3-round run (first, middle,
 last) re-planning N open queries, beside the 10 s target; ``--replan-compare`` adds the full price search
-(every bisection step over the whole batch) and whether both plan the same calls.
+(every bisection step over the whole batch) and whether both plan the same calls. ``--replan-against REV``
+runs each position on that commit's code too (``git archive`` into a temporary tree first on the path),
+before and after in turn, and prints both beside each other with the ratio, whether they plan the same calls
+(frame-equal), and the CPU seconds of the re-plan's steps (observe, evaluate, the look-ahead's price search,
+the solve with its options table) before -> after.
 """
 
 from __future__ import annotations
@@ -302,9 +307,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--replan-rounds", type=int, default=2, help="the re-plan's rounds (2: the last; 3: a middle)")
     parser.add_argument("--replan-table", action="store_true", help="print only the re-plan table: first, middle, last round of 3")
     parser.add_argument("--replan-compare", action="store_true", help="the table also times the full price search and compares plans")
+    parser.add_argument("--replan-against", metavar="REV", help="the re-plan table before (that commit's code) and after, side by side")
     args = parser.parse_args(argv)
     if args.replan_table:
-        replan_table(args.replan_queries, seed=args.seed, compare=args.replan_compare)
+        replan_table(args.replan_queries, seed=args.seed, compare=args.replan_compare, against=args.replan_against)
         return 0
     if args.replan_only:
         print(time_round_replan(args.replan_queries, seed=args.seed, rounds=args.replan_rounds))
@@ -388,7 +394,34 @@ REPLAN_POSITIONS = (("first", 1, 3), ("middle", 2, 3), ("last", 3, 3))
 REPLAN_TARGET_S = 10.0
 
 
-def _run_replan(n: int, seed: int, round_: int, rounds: int, price_sample: int | None, out: str, queue: Any) -> None:
+# the re-plan's steps whose CPU seconds ``--replan-against`` prints (names both trees define)
+REPLAN_STEPS = (("observe", "observe"), ("evaluate", "evaluate"), ("price", "_escalation_price"), ("solve", "_solve"))
+
+
+def _timed_steps(module: Any) -> dict[str, float]:
+    """Wrap ``REPLAN_STEPS`` in ``module`` (the round planner) to add up their CPU seconds (a bench's probe)."""
+    spent = {name: 0.0 for name, _ in REPLAN_STEPS}
+    for name, attr in REPLAN_STEPS:
+        owner = module if hasattr(module, attr) else module.PosteriorRoundPlanner
+        inner = getattr(owner, attr)
+
+        def timed(*args: Any, _inner: Any = inner, _name: str = name, **kwargs: Any) -> Any:
+            started = time.process_time()
+            try:
+                return _inner(*args, **kwargs)
+            finally:
+                spent[_name] += time.process_time() - started
+
+        setattr(owner, attr, timed)
+    return spent
+
+
+def _run_replan(
+    n: int, seed: int, round_: int, rounds: int, price_sample: int | None, out: str, queue: Any, tree: str | None = None
+) -> None:
+    if tree is not None:  # another commit's code (``--replan-against``), ahead of this checkout's
+        sys.path.insert(0, tree)
+    import batchplan.plans.round_planner as planner_module
     from batchplan.plans.round_planner import PosteriorRoundPlanner
 
     try:
@@ -396,9 +429,15 @@ def _run_replan(n: int, seed: int, round_: int, rounds: int, price_sample: int |
         planner = PosteriorRoundPlanner(posterior)
         if price_sample is not None:
             planner.price_sample = price_sample
+        steps = _timed_steps(planner_module) if tree is not None or price_sample == -1 else {}
+        if price_sample == -1:
+            planner.price_sample = PosteriorRoundPlanner.price_sample
+        faults = resource.getrusage(resource.RUSAGE_SELF)
         started, started_cpu = time.perf_counter(), time.process_time()
         plan = planner.plan_round(state)
         res: dict[str, Any] = {"ok": True, "seconds": time.perf_counter() - started, "cpu": time.process_time() - started_cpu}
+        after = resource.getrusage(resource.RUSAGE_SELF)
+        res.update(steps=steps, sys=after.ru_stime - faults.ru_stime, faults=after.ru_minflt - faults.ru_minflt)
         plan.calls.write_parquet(out)
         d = plan.diagnostics
         res.update(calls=plan.calls.height, price=d["escalation_price"], status=d["status"], gap=d["gap"],
@@ -409,7 +448,21 @@ def _run_replan(n: int, seed: int, round_: int, rounds: int, price_sample: int |
     queue.put(res)
 
 
-def replan_table(n: int, seed: int = 0, compare: bool = False, timeout: float = 900.0) -> list[str]:
+def _spawn_replan(args: tuple[Any, ...], timeout: float, tree: str | None = None) -> dict[str, Any]:
+    """``_run_replan(*args)`` in its own process (its peak RSS), killed after ``timeout`` seconds."""
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_run_replan, args=(*args, queue, tree))
+    proc.start()
+    proc.join(timeout)
+    if proc.is_alive():
+        proc.kill()
+        proc.join()
+        return {"ok": False, "error": f"timeout after {timeout:.0f} s"}
+    return dict(queue.get(timeout=5))
+
+
+def replan_table(n: int, seed: int = 0, compare: bool = False, timeout: float = 900.0, against: str | None = None) -> list[str]:
     """A row per round position of a 3-round run (``REPLAN_POSITIONS``): one re-plan of ``n`` open queries x
     N_MODELS LLMs through ``PosteriorRoundPlanner.plan_round``, each in its own subprocess (peak RSS), beside
     the target. ``compare``: also the full price search (``price_sample=0``: every bisection step a pass over
@@ -419,17 +472,11 @@ def replan_table(n: int, seed: int = 0, compare: bool = False, timeout: float = 
 
     from polars.testing import assert_frame_equal
 
+    if against is not None:
+        return _replan_against(n, seed, against, timeout)
+
     def run(round_: int, rounds: int, price_sample: int | None, out: str) -> dict[str, Any]:
-        ctx = mp.get_context("spawn")
-        queue = ctx.Queue()
-        proc = ctx.Process(target=_run_replan, args=(n, seed, round_, rounds, price_sample, out, queue))
-        proc.start()
-        proc.join(timeout)
-        if proc.is_alive():
-            proc.kill()
-            proc.join()
-            return {"ok": False, "error": f"timeout after {timeout:.0f} s"}
-        return dict(queue.get(timeout=5))
+        return _spawn_replan((n, seed, round_, rounds, price_sample, out), timeout)
 
     lines = [f"round re-plan, {n:,} open queries x {N_MODELS} LLMs (load average before: {os.getloadavg()[0]:.1f})"]
     header = f"{'round':>12} {'wall s':>8} {'CPU s':>7} {'target':>7} {'meets':>6} {'calls':>10} {'price':>10} {'spend/budget':>13} {'gap':>8} {'peak GiB':>9}"
@@ -462,6 +509,56 @@ def replan_table(n: int, seed: int = 0, compare: bool = False, timeout: float = 
             lines.append(line)
             print(line, flush=True)
     lines.append(f"(load average after: {os.getloadavg()[0]:.1f}; on a shared machine CPU s is the steadier figure)")
+    print(lines[-1], flush=True)
+    return lines
+
+
+def _replan_against(n: int, seed: int, rev: str, timeout: float) -> list[str]:
+    """``replan_table`` before (commit ``rev``) and after (this checkout), each position run on both in turn."""
+    import os
+    import subprocess
+    import tempfile
+
+    from polars.testing import assert_frame_equal
+
+    def run(round_: int, rounds: int, out: str, tree: str | None) -> dict[str, Any]:
+        # price_sample -1: the default search, its steps timed (as the other tree's are)
+        return _spawn_replan((n, seed, round_, rounds, -1, out), timeout, tree)
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    lines = [f"round re-plan, {n:,} open queries x {N_MODELS} LLMs, before ({rev}) / after (this checkout), each position run on both in turn"]
+    header = (f"{'round':>12} {'wall s':>13} {'CPU s':>13} {'sys s':>11} {'peak GiB':>11} {'CPU after/before':>17} "
+              f"{'meets 10 s':>11} {'same plan':>10} {'load':>5}  CPU s per step, before -> after")
+    lines += [header, "-" * len(header)]
+    print("\n".join(lines), flush=True)
+    with tempfile.TemporaryDirectory() as work:
+        tree = f"{work}/tree"
+        os.makedirs(tree)
+        archive = subprocess.run(["git", "-C", root, "archive", rev], check=True, capture_output=True).stdout
+        subprocess.run(["tar", "-x", "-C", tree], input=archive, check=True)
+        for name, round_, rounds in REPLAN_POSITIONS:
+            load = os.getloadavg()[0]
+            before = run(round_, rounds, f"{work}/{name}-before.parquet", tree)
+            after = run(round_, rounds, f"{work}/{name}-after.parquet", None)
+            label = f"{name} {round_}/{rounds}"
+            if not (before["ok"] and after["ok"]):
+                lines.append(f"{label:>12}  before: {before.get('error', 'ok')}; after: {after.get('error', 'ok')}")
+                print(lines[-1], flush=True)
+                continue
+            try:
+                assert_frame_equal(pl.read_parquet(f"{work}/{name}-before.parquet"), pl.read_parquet(f"{work}/{name}-after.parquet"))
+                same = "yes" if before["price"] == after["price"] else "NO (price)"
+            except AssertionError:
+                same = "NO"
+            steps = ", ".join(f"{k} {before['steps'][k]:.1f} -> {after['steps'][k]:.1f}" for k, _ in REPLAN_STEPS)
+            meets = "yes" if after["seconds"] <= REPLAN_TARGET_S else "no"
+            line = (f"{label:>12} {before['seconds']:>5.1f} / {after['seconds']:>5.1f} {before['cpu']:>5.1f} / {after['cpu']:>5.1f} "
+                    f"{before['sys']:>4.1f} / {after['sys']:>4.1f} {before['peak_rss_gib']:>4.2f} / {after['peak_rss_gib']:>4.2f} "
+                    f"{after['cpu'] / before['cpu']:>17.2f} {meets:>11} {same:>10} {load:>5.1f}  {steps}")
+            lines.append(line)
+            print(line, flush=True)
+    lines.append(f"(load average after: {os.getloadavg()[0]:.1f}; wall s / CPU s / sys s as before / after; sys s: the kernel's, "
+                 "mostly zeroing fresh pages; on a shared machine CPU s and the ratio are the steadier figures)")
     print(lines[-1], flush=True)
     return lines
 

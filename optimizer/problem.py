@@ -169,7 +169,7 @@ def compile_problem(problem: Problem) -> Compiled:
             table = table.filter(pl.col(spec.column).cast(pl.Boolean).fill_null(False))
     if not _is_sorted(table):
         table = table.sort(["query", "option"])
-    q_real = table["query"].to_numpy().astype(np.int64)
+    q_real = table["query"].to_numpy().astype(np.int64, copy=False)
     real_counts = np.bincount(q_real, minlength=n).astype(np.int64)
     counts = real_counts + defer.astype(np.int64)
     starts = np.zeros(n + 1, dtype=np.int64)
@@ -182,23 +182,32 @@ def compile_problem(problem: Problem) -> Compiled:
     else:  # program columns are exactly the sorted table rows
         real = np.arange(m, dtype=np.int64)
         query = q_real
-
-    def spread(values: np.ndarray | float, fill: float, dtype: type = np.float64) -> np.ndarray:
-        # per program column: a copy of the table's column when the columns are the table rows (16M at 1M
-        # queries: a scatter through ``real`` costs a pass more), else scattered with ``fill`` for deferrals
-        if isinstance(values, np.ndarray) and not defer.any():
-            return np.array(values, dtype=dtype)
-        out: np.ndarray = np.full(m, fill, dtype=dtype)
-        out[real] = values
-        return out
-
-    option = spread(table["option"].to_numpy(), -1, np.int64)
-    value = spread(table["value"].to_numpy() if "value" in table.columns else 0.0, 0.0)
-    cost = spread(table["cost"].to_numpy(), 0.0)
-    accuracy = spread(table["accuracy"].fill_null(0.0).to_numpy() if "accuracy" in table.columns else 0.0, 0.0)
+    if defer.any():
+        option = np.full(m, -1, dtype=np.int64)
+        option[real] = table["option"].to_numpy()
+        value = np.zeros(m)
+        value[real] = table["value"].to_numpy() if "value" in table.columns else 0.0
+        cost = np.zeros(m)
+        cost[real] = table["cost"].to_numpy()
+        accuracy = np.zeros(m)
+        if "accuracy" in table.columns:
+            accuracy[real] = table["accuracy"].fill_null(0.0).to_numpy()
+    else:  # the table's own arrays, read-only: at 1M queries each column copied costs its page faults
+        option = _frozen(table["option"].to_numpy())
+        value = _frozen(table["value"].to_numpy()) if "value" in table.columns else np.zeros(m)
+        cost = _frozen(table["cost"].to_numpy())
+        accuracy = _frozen(table["accuracy"].fill_null(0.0).to_numpy()) if "accuracy" in table.columns else np.zeros(m)
     sign = 1.0 if problem.objective == "max_value" else -1.0
-    c = value.copy() if problem.objective == "max_value" else -cost
+    # a read-only column is the table's, shared (nothing writes it), not copied
+    c = (value if not value.flags.writeable else value.copy()) if problem.objective == "max_value" else -cost
     program = Compiled(n=n, m=m, starts=starts, query=query, option=option, real=real, table=table, value=value,
                        cost=cost, accuracy=accuracy, c=c, sign=sign, objective=problem.objective)
     program.families = [spec.rows(program) for spec in _rows(problem.constraints)]
     return program
+
+
+def _frozen(values: np.ndarray) -> np.ndarray:
+    """A read-only view of ``values`` (a column the program shares with its table: nothing may write it)."""
+    out = values.view()
+    out.flags.writeable = False
+    return out

@@ -11,12 +11,17 @@ from polars.testing import assert_frame_equal
 
 from batchplan.core.history import synthetic_history
 from batchplan.core.rounds import OBSERVATION_SCHEMA, RoundState
+from batchplan.plans.candidates import P90_Z
 from batchplan.plans.posterior import LAMBDA_GRID, OPAQUE, Posterior, fit_posterior, normalize
 from batchplan.plans.round_planner import (
     PosteriorRoundPlanner,
     _answer_patterns,
+    _locate,
     _LookAheadSpend,
+    _normalized_rank,
+    _options,
     _ranks_within,
+    _strings,
     evaluate,
     observe,
 )
@@ -103,6 +108,28 @@ def mixed_posterior() -> Posterior:
     return fit_posterior(history, history.outcomes.select("query_id", "model").join(skill, on="model"))
 
 
+def _two_tasks(
+    listed: list[str], n: int, seed: int
+) -> tuple[np.random.Generator, list[str], pl.DataFrame, np.ndarray, pl.DataFrame]:
+    """A queue of two tasks and its predictions, every query for every LLM in the order ``listed``; the
+    generator, ids and the [n, M] costs (in that order) for the observations."""
+    m = len(listed)
+    rng = np.random.default_rng(seed)
+    ids = [f"q{i:05d}" for i in range(n)]
+    queue = pl.DataFrame({"query_id": ids, "task": rng.choice(["task0", "task1"], n), "tenant": "default", "priority": 1.0})
+    cost = np.geomspace(1e-6, 1e-4, m)[None] * rng.lognormal(0, 0.5, (n, 1))
+    predictions = pl.DataFrame(
+        {
+            "query_id": np.repeat(ids, m),
+            "model": np.tile(listed, n),
+            "p_correct": rng.uniform(0.3, 0.95, n * m),
+            "cost_usd": cost.ravel(),
+            "cost_high_usd": 1.3 * cost.ravel(),
+        }
+    )
+    return rng, ids, queue, cost, predictions
+
+
 def _mixed_batch(
     posterior: Posterior, n: int = 3_000, seed: int = 5
 ) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame, float]:
@@ -111,19 +138,8 @@ def _mixed_batch(
     budget that escalates part of the batch."""
     m = M_MIXED
     models = sorted(posterior.models)
-    rng = np.random.default_rng(seed)
-    ids = [f"q{i:05d}" for i in range(n)]
-    queue = pl.DataFrame({"query_id": ids, "task": rng.choice(["task0", "task1"], n), "tenant": "default", "priority": 1.0})
-    cost = np.geomspace(1e-6, 1e-4, m)[None] * rng.lognormal(0, 0.5, (n, 1))
-    predictions = pl.DataFrame(
-        {
-            "query_id": np.repeat(ids, m),
-            "model": np.tile(models, n),
-            "p_correct": rng.uniform(0.3, 0.95, n * m),
-            "cost_usd": cost.ravel(),
-            "cost_high_usd": 1.3 * cost.ravel(),
-        }
-    ).filter(pl.Series(rng.uniform(size=n * m) > 0.05))
+    rng, ids, queue, cost, predictions = _two_tasks(models, n, seed)
+    predictions = predictions.filter(pl.Series(rng.uniform(size=n * m) > 0.05))
     first = rng.choice(np.array([0, 0, 0, 1, -1]), n)  # -1: the call failed
     asked = np.where(first < 0, 0, first)
     observations = pl.DataFrame(
@@ -217,3 +233,124 @@ def test_the_look_ahead_spend_of_a_batch_without_a_call_is_nothing(mixed_posteri
     assert search.rows.size == 0
     assert search.blocks == []
     assert search.spend(1e4) == 0.0
+
+
+def _regular_batch(posterior: Posterior, n: int = 2_000, seed: int = 7) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame, float]:
+    """A batch the re-plan's fast paths take: every query predicted for every LLM in one (unsorted) LLM order,
+    round 1 answered query by query in queue order (answers that normalize alike, failed calls), round 2 on
+    a part of it; no (query, LLM) called twice in a round."""
+    m = M_MIXED
+    models = sorted(posterior.models)
+    listed = [models[j] for j in (2, 0, 4, 1, 3)]  # pipeline.predict's order need not be sorted
+    rng, ids, queue, cost, predictions = _two_tasks(listed, n, seed)
+
+    def answered(rows: np.ndarray, round_: int, model: str, fail: float) -> pl.DataFrame:
+        failed = rng.uniform(size=len(rows)) < fail
+        return pl.DataFrame(
+            {
+                "query_id": [ids[i] for i in rows],
+                "round": round_,
+                "model": model,
+                "status": np.where(failed, "server_error", "ok"),
+                "answer": pl.Series(rng.choice(["A", "a.", "B", "C "], len(rows))).scatter(np.flatnonzero(failed), None),
+                "logprob": np.log(rng.uniform(0.3, 1.0, len(rows))),
+                # billed as predicted: a drift of 1 exactly (its polars sums follow the frame's layout, as before)
+                "cost_usd": cost[rows, listed.index(model)],
+                "billed_known": True,
+                "tokens_in": 100,
+                "tokens_out": 1,
+            },
+            schema_overrides=dict(OBSERVATION_SCHEMA),
+        ).select(OBSERVATION_SCHEMA.names())
+
+    second = np.flatnonzero(rng.uniform(size=n) < 0.4)
+    observations = pl.concat([answered(np.arange(n), 1, models[0], 0.05), answered(second, 2, models[3], 0.05)])
+    return queue, predictions, observations, float(cost[:, m // 2].sum())
+
+
+def _general(predictions: pl.DataFrame, observations: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """The same inputs in a form no fast path takes: predictions shuffled (a join on the ids, a scatter), and a
+    call of a query the queue lacks first (it drops out; no prefix in queue order: the join on the hashes). The
+    calls keep their order: the cost drift sums them in it."""
+    shuffled = predictions.sample(fraction=1.0, shuffle=True, seed=3)
+    stranger = observations.head(1).with_columns(pl.lit("stranger").alias("query_id"))
+    return shuffled, pl.concat([stranger, observations])
+
+
+def test_observe_fast_paths_match_the_general_ones(mixed_posterior: Posterior) -> None:
+    """The dense state from predictions in one LLM order per query (a reshape) and round 1 in queue order (a
+    prefix) is, bit for bit, the state from the same rows shuffled (a join on the ids, a scatter)."""
+    queue, predictions, observations, _ = _regular_batch(mixed_posterior)
+    for seen_rows in (observations.filter(pl.col("round") == 1), observations):
+        fast = observe(queue, predictions, seen_rows)
+        slow = observe(queue, *_general(predictions, seen_rows))
+        for name in ("prior", "code", "conf", "order"):
+            a, b = getattr(fast.states, name), getattr(slow.states, name)
+            assert a.dtype == b.dtype, name
+            assert np.array_equal(a, b, equal_nan=a.dtype.kind == "f"), name
+        for name in ("cost", "high", "tries", "tasks", "tenants", "priority"):
+            a, b = getattr(fast, name), getattr(slow, name)
+            assert a.dtype == b.dtype, name
+            assert np.array_equal(a, b, equal_nan=a.dtype.kind == "f"), name
+        assert fast.models == slow.models
+        assert fast.drift == slow.drift == dict.fromkeys(fast.drift, 1.0)
+        assert_frame_equal(fast.answers.sort("_q", "_m"), slow.answers.sort("_q", "_m"))
+    # the fast paths' own pieces against polars' formulation
+    answers = pl.Series("answer", ["A", "a.", None, "B ", "b", "A"] * 50)
+    want = answers.to_frame().select(normalize(pl.col("answer")).rank("dense"))["answer"]
+    assert _normalized_rank(answers).equals(want)
+    tasks = queue["task"]
+    assert np.array_equal(_strings(tasks), tasks.to_numpy().astype(str))
+    assert _strings(tasks).dtype == tasks.to_numpy().astype(str).dtype
+    keys = pl.concat([queue["query_id"], pl.Series(["stranger", "q00003", "q00001"])])
+    rows, where = _locate(keys, queue["query_id"])
+    joined = keys.to_frame().with_row_index("row").join(
+        queue.select("query_id").with_row_index("q"), on="query_id", how="inner", maintain_order="left"
+    )
+    assert np.array_equal(rows, joined["row"].to_numpy())
+    assert np.array_equal(where, joined["q"].to_numpy())
+
+
+@pytest.mark.parametrize("round_", [1, 2, 3])
+def test_the_round_plan_from_the_fast_paths_is_the_general_one(mixed_posterior: Posterior, round_: int) -> None:
+    """Rounds 1-3 of 3 plan the same calls, to the last bit, from inputs the fast paths take and from the same
+    rows in an order none takes."""
+    queue, predictions, observations, budget = _regular_batch(mixed_posterior)
+    seen = observations.filter(pl.col("round") < round_)
+    fast = PosteriorRoundPlanner(mixed_posterior).plan_round(RoundState(round_, 3, queue, predictions, seen, budget))
+    shuffled, within = _general(predictions, seen)
+    slow = PosteriorRoundPlanner(mixed_posterior).plan_round(RoundState(round_, 3, queue, shuffled, within, budget))
+    assert fast.calls.height > 0
+    assert fast.diagnostics["escalation_price"] == slow.diagnostics["escalation_price"]
+    assert_frame_equal(fast.calls, slow.calls)
+
+
+@pytest.mark.parametrize("priority", [1.0, 2.5])
+def test_the_options_are_their_2d_gathers(priority: float) -> None:
+    """``_options``' flat gathers computed in place give the options table np.where over 2-d gathers gives."""
+    rng = np.random.default_rng(11)
+    n, m = 300, 4
+    call = rng.uniform(size=(n, m)) < 0.6
+    stop = rng.uniform(size=n) < 0.8
+    stop |= ~call.any(axis=1)
+    value, cost, extra, accuracy = (rng.uniform(size=(n, m)) for _ in range(4))
+    high = cost * rng.uniform(1.0, 2.0, (n, m))
+    prio = np.where(rng.uniform(size=n) < 0.5, priority, 1.0)
+    now_p = rng.uniform(size=n)
+    options, columns, spread = _options(prio, now_p, call, stop, value, cost, extra, high, accuracy)
+    # the formulation before the fast path
+    q, j = np.nonzero(np.column_stack([call, stop]))
+    is_call, mj = j < m, np.minimum(j, m - 1)
+    want = pl.DataFrame(
+        {
+            "query": q.astype(np.int64),
+            "option": np.arange(len(q), dtype=np.int64),
+            "value": prio[q] * np.where(is_call, value[q, mj], now_p[q]),
+            "cost": np.where(is_call, cost[q, mj] + extra[q, mj], 0.0),
+            "accuracy": np.where(is_call, accuracy[q, mj], now_p[q]),
+            "_col": np.where(is_call, mj, -1).astype(np.int64),
+        }
+    )
+    assert_frame_equal(options, want, check_exact=True)
+    assert np.array_equal(columns, want["_col"].to_numpy())
+    assert np.array_equal(spread, np.where(is_call, (((high - cost) / P90_Z) ** 2)[q, mj], 0.0))

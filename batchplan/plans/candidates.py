@@ -134,10 +134,10 @@ def _with_query(queries: pl.DataFrame, predictions: pl.DataFrame) -> pl.DataFram
     """``predictions`` with each row's query index. Predictions grouped by query in queue order (as
     ``pipeline.predict`` makes them) get it from the runs of equal ids, a cheap pass; any other order from a
     join on the id (hashing 10M+ strings costs seconds at 1M queries)."""
-    run = predictions["query_id"].rle_id()
-    heads = np.flatnonzero(np.diff(run.to_numpy(), prepend=-1))
-    if len(heads) == queries.height and predictions["query_id"].gather(heads).equals(queries["query_id"]):
-        return predictions.with_columns(run.cast(pl.Int64).alias("query"))
+    runs = predictions["query_id"].rle()  # (len, value) per run: the values are the runs' ids, no gather
+    if len(runs) == queries.height and runs.struct.field("value").equals(queries["query_id"]):
+        lengths = runs.struct.field("len").to_numpy()
+        return predictions.with_columns(pl.Series("query", np.repeat(np.arange(len(runs), dtype=np.int64), lengths)))
     return predictions.join(queries.select("query_id", "query"), on="query_id")
 
 

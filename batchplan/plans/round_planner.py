@@ -123,24 +123,22 @@ def observe(
     m = len(models)
     # predictions arrive grouped by query in queue order: the query index from their runs, not a string join
     pred = _with_query(qi.rename({"_q": "query"}), predictions).rename({"query": "_q"})
-    pred = pred.with_columns(pl.col("model").cast(pl.Enum(models)).to_physical().cast(pl.Int64).alias("_m"))
-    prior, cost, high = (np.full((n, m), np.nan) for _ in range(3))
-    r, c = pred["_q"].to_numpy(), pred["_m"].to_numpy()
-    prior[r, c] = pred["p_correct"].to_numpy()
-    cost[r, c] = pred["cost_usd"].to_numpy()
-    high[r, c] = pred["cost_high_usd"].fill_null(pred["cost_usd"]).to_numpy()
+    r, c = pred["_q"].to_numpy(), _llm_index(pred["model"], models)
+    prior, cost, high = (
+        _dense(r, c, column, (n, m))
+        for column in (pred["p_correct"], pred["cost_usd"], pred["cost_high_usd"].fill_null(pred["cost_usd"]))
+    )
     code = np.full((n, m), NONE, dtype=np.int32)
     conf = np.full((n, m), np.nan)
     order = np.full((n, m), -1, dtype=np.int32)
     tries = np.zeros((n, m), dtype=np.int64)
     answers = pl.DataFrame(schema={"_q": pl.Int64, "_m": pl.Int64, "answer": pl.String})
     drift: dict[str, float] = {}
-    # the query index by a join on the id (observations of a query the queue lacks drop out), the LLM's as
-    # queue and predictions number it (an LLM nobody predicted drops out); rows keep their order
-    if observations.height == n and observations["query_id"].equals(ids):  # round 1 answered in queue order
-        located = observations.with_columns(pl.Series("_q", np.arange(n, dtype=np.int64)))
-    else:
-        located = observations.join(qi, on="query_id", how="inner", maintain_order="left")
+    # the query index as an inner join on the id gives it (observations of a query the queue lacks drop out),
+    # the LLM's as queue and predictions number it (an LLM nobody predicted drops out); rows keep their order
+    rows, where = _locate(observations["query_id"], ids)
+    located = observations if len(rows) == observations.height and (rows == np.arange(len(rows))).all() else observations[rows]
+    located = located.with_columns(pl.Series("_q", where, dtype=pl.Int64))
     obs = (
         located.with_columns(pl.col("model").cast(pl.Enum(models), strict=False).to_physical().cast(pl.Int64).alias("_m"))
         .filter(pl.col("_m").is_not_null())
@@ -160,7 +158,7 @@ def observe(
         if len(from_end) < ok.height:
             ok = ok[np.sort(ok.height - 1 - from_end)]
         r, c = ok["_q"].to_numpy(), ok["_m"].to_numpy()
-        dense, order_in = _ranks_within(r, ok.select(normalize(pl.col("answer")).rank("dense"))["answer"])
+        dense, order_in = _ranks_within(r, _normalized_rank(ok["answer"]))
         dense = open_agreement(r, dense, ok["answer"], _open_rows(queue, r))
         code[r, c] = np.where(dense < 0, OPAQUE, dense)
         conf[r, c] = np.exp(ok["logprob"].fill_null(np.nan).to_numpy())
@@ -169,8 +167,8 @@ def observe(
         drift = cost_drift(obs, cost, discounts)
     return Observed(
         query_ids=ids,
-        tasks=queue["task"].fill_null("default").to_numpy().astype(str),
-        tenants=queue["tenant"].fill_null(DEFAULT_TENANT).to_numpy().astype(str),
+        tasks=_strings(queue["task"].fill_null("default")),
+        tenants=_strings(queue["tenant"].fill_null(DEFAULT_TENANT)),
         priority=queue["priority"].fill_null(1.0).to_numpy().astype(float),
         models=models,
         states=States(prior, code, conf, order),
@@ -187,6 +185,86 @@ def _open_rows(queue: pl.DataFrame, query: np.ndarray) -> np.ndarray:
     if "labels" not in queue.columns:
         return np.zeros(len(query), dtype=bool)
     return queue["labels"].is_null().to_numpy()[query]
+
+
+def _llm_index(column: pl.Series, models: list[str]) -> np.ndarray:
+    """Per row the index of its LLM in ``models`` (its distinct values, sorted), as the Enum cast's physical
+    gives it, from the rows' 64-bit hashes: with the names' hashes distinct, equal hashes are equal names (10M
+    rows cast to an Enum cost a second). Predictions that list the same LLMs in the same order for every query
+    (``pipeline.predict``'s) repeat their first query's indices."""
+    names = pl.Series(models, dtype=pl.String)
+    keys = names.hash().to_numpy()
+    if column.dtype != pl.String or column.null_count() or len(np.unique(keys)) < len(keys):
+        return column.cast(pl.Enum(models)).to_physical().cast(pl.Int64).to_numpy()
+    rank = np.argsort(keys)
+    hashes = column.hash().to_numpy()
+    m = len(models)
+    if m and len(hashes) % m == 0 and (hashes.reshape(-1, m) == hashes[:m]).all():
+        return np.tile(rank[np.searchsorted(keys[rank], hashes[:m])], len(hashes) // m)
+    return rank[np.searchsorted(keys[rank], hashes)]
+
+
+def _dense(r: np.ndarray, c: np.ndarray, column: pl.Series, shape: tuple[int, int]) -> np.ndarray:
+    """[n, M] float: ``column`` at (r, c), nan elsewhere. Every query with every LLM, query by query in the same
+    LLM order, is a reshape (no [n, M] fill and scatter)."""
+    n, m = shape
+    values = column.to_numpy()
+    every = m and len(r) == n * m and np.array_equal(np.sort(c[:m]), np.arange(m))
+    if every and (c[:m] == c.reshape(-1, m)).all() and (r.reshape(-1, m) == np.arange(n)[:, None]).all():
+        # the column itself where it is in LLM order (read-only: fresh [n, M] pages cost more than the copy)
+        wide = values.reshape(n, m)
+        return np.asarray(wide if (c[:m] == np.arange(m)).all() else wide[:, np.argsort(c[:m])], dtype=float)
+    out = np.full(shape, np.nan)
+    out[r, c] = values
+    return out
+
+
+def _locate(keys: pl.Series, ids: pl.Series) -> tuple[np.ndarray, np.ndarray]:
+    """The rows of ``keys`` found in ``ids`` and their index there, in the rows' order: an inner join on the id
+    (``maintain_order="left"``). A prefix equal to ``ids`` (round 1: every query once, in queue order) is
+    found by one comparison; the rest by a join on the ids' 64-bit hashes, each match checked on the text (a
+    join on 1M+ strings costs a second). Ids that share a hash (a duplicate id, or a collision) take the join
+    on the text."""
+    n, k = len(ids), len(keys)
+    queue = pl.DataFrame({"_h": ids.hash(), "_q": np.arange(n, dtype=np.int64)})
+    if keys.dtype != ids.dtype or queue["_h"].n_unique() < n:
+        found = pl.DataFrame({"query_id": keys}).with_row_index("_row").join(
+            pl.DataFrame({"query_id": ids, "_q": np.arange(n, dtype=np.int64)}), on="query_id", how="inner", maintain_order="left"
+        )
+        return found["_row"].cast(pl.Int64).to_numpy(), found["_q"].to_numpy()
+    head = n if n <= k and keys.slice(0, n).equals(ids) else 0
+    if head == k:
+        return np.arange(k, dtype=np.int64), np.arange(k, dtype=np.int64)
+    rest = keys.slice(head)
+    found = pl.DataFrame({"_h": rest.hash()}).with_row_index("_row").join(queue, on="_h", how="inner", maintain_order="left")
+    rows, where = found["_row"].cast(pl.Int64).to_numpy(), found["_q"].to_numpy()
+    same = (rest.gather(rows) == ids.gather(where)).fill_null(False).to_numpy()
+    rows, where = rows[same], where[same]
+    if head:
+        rows = np.concatenate([np.arange(head, dtype=np.int64), rows + head])
+        where = np.concatenate([np.arange(head, dtype=np.int64), where])
+    return rows, where
+
+
+def _normalized_rank(answers: pl.Series) -> pl.Series:
+    """``normalize(answers).rank("dense")`` (null where null), normalizing each distinct answer once: a few
+    labels over 1M calls are a few strings to normalize, not 1M."""
+    distinct = answers.drop_nulls().unique()
+    if answers.dtype != pl.String or 2 * len(distinct) > len(answers):
+        return answers.to_frame("answer").select(normalize(pl.col("answer")).rank("dense"))["answer"]
+    names = distinct.sort()
+    rank = names.to_frame("answer").select(normalize(pl.col("answer")).rank("dense"))["answer"]
+    return rank.gather(answers.cast(pl.Enum(names.to_list())).to_physical())
+
+
+def _strings(column: pl.Series) -> np.ndarray:
+    """``column.to_numpy().astype(str)``, each distinct string converted once (a few tasks or tenants over 1M
+    queries: 1M Python strings cost half a second)."""
+    distinct = column.drop_nulls().unique()
+    if column.dtype != pl.String or column.null_count() or not len(column) or 2 * len(distinct) > len(column):
+        return column.to_numpy().astype(str)
+    names = distinct.sort()
+    return np.array(names.to_list(), dtype=str)[column.cast(pl.Enum(names.to_list())).to_physical().to_numpy()]
 
 
 def _ranks_within(query: np.ndarray, value: pl.Series) -> tuple[np.ndarray, np.ndarray]:
@@ -414,8 +492,8 @@ class PosteriorRoundPlanner:
         ev = evaluate(self.posterior, seen, self.max_tries, self.upward, vote=self.vote)
         n, m = ev.after.shape
         drift = np.array([seen.drift.get(model, seen.drift.get("*", 1.0)) for model in seen.models])
-        cost = seen.cost * drift[None]
-        high = np.maximum(seen.high, seen.cost) * drift[None]
+        cost = _times(seen.cost, drift)
+        high = _times(np.maximum(seen.high, seen.cost), drift)
         # the round's mode: all batch (share 1: at batch prices), both offered (0 < share < 1) or real time
         share, later, discount = 0.0, 1.0, np.full(m, np.nan)
         if self.modes is not None:
@@ -424,7 +502,7 @@ class PosteriorRoundPlanner:
                 later = float(np.median(list(self.modes.discounts.values())))
         factor = np.nan_to_num(discount, nan=1.0)
         by_batch = np.isfinite(discount) & (share >= 1)
-        cost, high = cost * np.where(by_batch, factor, 1.0)[None], high * np.where(by_batch, factor, 1.0)[None]
+        cost, high = _times(cost, np.where(by_batch, factor, 1.0)), _times(high, np.where(by_batch, factor, 1.0))
         mixed = (share, discount) if 0 < share < 1 else None
         call = np.isfinite(ev.after)
         budget = state.budget_left_usd
@@ -439,12 +517,12 @@ class PosteriorRoundPlanner:
         extra = np.zeros((n, m))
         price = 0.0
         if middle and budget is not None:
-            price = self._escalation_price(seen, ev, cost, call, budget, first=False, later=later)
-            value, extra = self._with_escalation(seen, ev, cost, call, price, later)
+            price = self._escalation_price(seen, ev, cost, call, budget, first=False, later=later, value=value)
+            value, extra = self._with_escalation(seen, ev, cost, call, price, later, value=value)
         accuracy = ev.after
         if first_round and budget is not None:
-            price = self._escalation_price(seen, ev, cost, call, budget, later=later)
-            value, extra = self._with_escalation(seen, ev, cost, call, price, later)
+            price = self._escalation_price(seen, ev, cost, call, budget, later=later, value=value)
+            value, extra = self._with_escalation(seen, ev, cost, call, price, later, value=value)
             accuracy = np.where(call, value, np.nan)  # a first call's accuracy with its escalation, as its value
             if self.uniform_first and not self.task_floors:  # floors: every query keeps its own options
                 first = self._first_calls(seen, call, value, cost + extra, price)
@@ -523,6 +601,7 @@ class PosteriorRoundPlanner:
         budget: float,
         first: bool = True,
         later: float = 1.0,
+        value: np.ndarray | None = None,
     ) -> float:
         """The budget's price in round 1, escalation included: the lowest price (accuracy per USD) at which every
         query taking its best first call at that price (value less price x cost, both with the replayed
@@ -532,7 +611,9 @@ class PosteriorRoundPlanner:
         stop, worth the current posterior at no cost.
 
         The bisection's 41 spends are ``_LookAheadSpend``'s, bracketed on a sample of ``price_sample`` queries
-        (0: every spend a pass over the whole batch, ``spend`` below, the definition the fast path must match)."""
+        (0: every spend a pass over the whole batch, ``spend`` below, the definition the fast path must match).
+        ``value``: ``_call_value(ev, call)``, where the caller has it."""
+        value = self._call_value(ev, call) if value is None else value
         if self.price_sample > 0:
             group, keys = _answer_patterns(seen, self.posterior)
             blocks = None
@@ -541,7 +622,7 @@ class PosteriorRoundPlanner:
                 confident = np.array([self.posterior.confident.get(str(t), False) for t in names], dtype=bool)
                 blocks = np.where(confident[task_of.ravel()], task_of.ravel(), -1)
             search = _LookAheadSpend.build(
-                value=self._call_value(ev, call),
+                value=value,
                 cost=cost,
                 call=call,
                 group=group,
@@ -589,14 +670,21 @@ class PosteriorRoundPlanner:
         return allowed
 
     def _with_escalation(
-        self, seen: Observed, ev: Evaluated, cost: np.ndarray, call: np.ndarray, price: float, later: float = 1.0
+        self,
+        seen: Observed,
+        ev: Evaluated,
+        cost: np.ndarray,
+        call: np.ndarray,
+        price: float,
+        later: float = 1.0,
+        value: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """A call's value and cost with the replayed best escalation after it at ``price`` (tasks whose history
         recorded confidences), by the LLMs that will have answered: the call's alone in round 1, the query's
         answer and the call's in a middle round (no table for three: worth what the call gives). ``later``: the
         escalation's price factor (its round's mode: an escalation at half price is worth it at twice the
-        budget's price)."""
-        value = self._call_value(ev, call)
+        budget's price). ``value``: ``_call_value(ev, call)``, where the caller has it."""
+        value = self._call_value(ev, call) if value is None else value
         group, keys = _answer_patterns(seen, self.posterior)
         if not keys:
             return np.where(call, np.minimum(value, 1.0), 0.0), np.zeros_like(value)
@@ -651,31 +739,16 @@ class PosteriorRoundPlanner:
         stop = ~mandatory | ~call.any(axis=1)
         if not call.any():
             return None
-        sd2 = ((high - cost) / P90_Z) ** 2
-        # options in (query, LLM) order with each query's stop last, option ids ascending: the compiled
-        # program's own order (the same columns per query as calls-then-stops sorted), so nothing is sorted
-        q_idx, j_idx = np.nonzero(np.column_stack([call, stop]))
-        is_call = j_idx < m
-        m_idx = np.minimum(j_idx, m - 1)
-        options = pl.DataFrame(
-            {
-                "query": q_idx.astype(np.int64),
-                "option": np.arange(len(q_idx), dtype=np.int64),
-                "value": seen.priority[q_idx] * np.where(is_call, value[q_idx, m_idx], ev.now_p[q_idx]),
-                "cost": np.where(is_call, cost[q_idx, m_idx] + extra[q_idx, m_idx], 0.0),
-                "accuracy": np.where(
-                    is_call, (ev.after if held is None else held.accuracy)[q_idx, m_idx], ev.now_p[q_idx]
-                ),
-                "_col": np.where(is_call, m_idx, -1).astype(np.int64),
-                "_var": np.where(is_call, sd2[q_idx, m_idx], 0.0),
-            }
-        )
-        base = len(q_idx)  # the real-time options; a mixed round's batch twins follow them
+        accuracy = ev.after if held is None else held.accuracy
+        options, columns, spread = _options(seen.priority, ev.now_p, call, stop, value, cost, extra, high, accuracy)
+        base = options.height  # the real-time options; a mixed round's batch twins follow them
         if mixed is not None:
-            options = pl.concat([options, _batch_options(seen, ev, value, cost + extra, sd2, mixed, base)])
+            sd2 = ((high - cost) / P90_Z) ** 2
+            options = pl.concat([options.with_columns(_var=spread), _batch_options(seen, ev, value, cost + extra, sd2, mixed, base)])
+            columns = options["_col"].to_numpy()
         rows_query = options["query"].to_numpy()
-        rows_llm = options["_col"].to_numpy() % m  # a twin is numbered m + column; a stop's -1 is masked below
-        rows_call = options["_col"].to_numpy() >= 0
+        rows_llm = columns % m  # a twin is numbered m + column; a stop's -1 is masked below
+        rows_call = columns >= 0
         constraints: list[Any] = []
         if budget is not None:
             constraints.append(Budget(limit=max(budget, 0.0)))
@@ -692,13 +765,14 @@ class PosteriorRoundPlanner:
                 calls = (rows_call & (rows_llm == j)).astype(np.float64)
                 options = options.with_columns(pl.Series(f"calls:{model}", calls))
         z = NormalDist().inv_cdf(self.spend_confidence) if self.spend_confidence > 0.5 else 0.0
-        problem = Problem(options.drop("_col", "_var"), constraints=constraints, n_queries=n)
+        problem = Problem(options.drop("_col", "_var", strict=False), constraints=constraints, n_queries=n)
         if budget is not None and z > 0:
             # Leave z x the sd of the round's spend unplanned, the sd bounded above by every query taking its
             # most variable option: one solve (a second pass on the chosen plan's variance doubles the time)
-            heads = np.flatnonzero(np.diff(q_idx, prepend=-1))  # options come query by query
+            counts = call.sum(axis=1) + stop  # options come query by query: each query's first option
+            heads = (np.cumsum(counts) - counts)[counts > 0]
             # (a batch twin varies less than its real-time option: the real-time ones bound the query)
-            worst = np.fmax.reduceat(options["_var"].to_numpy()[:base], heads).sum()  # fmax: NaN-skipping, as polars' max
+            worst = np.fmax.reduceat(spread, heads).sum()  # fmax: NaN-skipping, as polars' max
             margin = z * float(np.sqrt(max(float(worst), 0.0)))
             tight = [Budget(limit=max(budget - margin, 0.0)) if isinstance(c, Budget) else c for c in constraints]
             attempts = [problem.with_constraints(tight), problem]
@@ -717,7 +791,7 @@ class PosteriorRoundPlanner:
                 raise InfeasibleError(constraint="budget", message="no round plan fits what is left of the budget")
             return self._solve(seen, ev, value, cost, extra, high, np.zeros(n, bool), budget, tenant_left, held, mixed)
         picked = np.full(n, -1, dtype=np.int64)  # option ids are row positions in ``options``: a gather, no join
-        picked[solution.chosen["query"].to_numpy()] = options["_col"].to_numpy()[solution.chosen["option"].to_numpy()]
+        picked[solution.chosen["query"].to_numpy()] = columns[solution.chosen["option"].to_numpy()]
         return picked, solution
 
     def answers(self, queue: pl.DataFrame, predictions: pl.DataFrame, observations: pl.DataFrame) -> pl.DataFrame:
@@ -735,6 +809,12 @@ class PosteriorRoundPlanner:
             },
             schema=ROUND_ANSWER_SCHEMA,
         )
+
+
+def _times(x: np.ndarray, factor: np.ndarray) -> np.ndarray:
+    """``x * factor[None]``; ``x`` itself where every factor is 1 (x 1.0 changes no number, and a fresh [n, M]
+    array costs its page faults)."""
+    return x if (factor == 1.0).all() else x * factor[None]
 
 
 def _answer_patterns(seen: Observed, posterior: Posterior) -> tuple[np.ndarray, list[tuple[str, list[str], np.ndarray]]]:
@@ -1092,6 +1172,64 @@ class _LookAheadSpend:
                 self.narrow(low, high)
 
         return float(np.exp(_bisect_log_price(fits, step)))
+
+
+def _options(
+    priority: np.ndarray,
+    now_p: np.ndarray,
+    call: np.ndarray,
+    stop: np.ndarray,
+    value: np.ndarray,
+    cost: np.ndarray,
+    extra: np.ndarray,
+    high: np.ndarray,
+    accuracy: np.ndarray,
+) -> tuple[pl.DataFrame, np.ndarray, np.ndarray]:
+    """``_solve``'s real-time options (query, option, value, cost, accuracy, _col): one per callable (query,
+    LLM), worth priority x value at cost + extra, and one stop per query where ``stop`` (worth priority x now_p,
+    free); with each option's LLM column (-1: stop) and its spend variance ((high - cost) / P90_Z)^2 (0: stop)."""
+    m = value.shape[1]
+    # options in (query, LLM) order with each query's stop last, option ids ascending: the compiled
+    # program's own order (the same columns per query as calls-then-stops sorted), so nothing is sorted
+    q_idx, j_idx = np.nonzero(np.column_stack([call, stop]))
+    is_call = j_idx < m
+    is_stop = ~is_call
+    m_idx = np.minimum(j_idx, m - 1, out=j_idx)
+    # each [n, M] input read once at the options' (query, LLM) entries by one flat index, each column
+    # computed in place: the same numbers as 2-d gathers and np.where, without the [options]-sized
+    # temporaries (at 1M queries each costs its page faults)
+    flat = q_idx * m
+    flat += m_idx
+    now_q = now_p[q_idx]
+    cost_q = cost.take(flat)
+    option_value = value.take(flat)
+    np.copyto(option_value, now_q, where=is_stop)
+    if not (priority == 1.0).all():  # x 1.0 changes no number
+        option_value = priority[q_idx] * option_value
+    option_cost = extra.take(flat)
+    np.add(cost_q, option_cost, out=option_cost)
+    np.copyto(option_cost, 0.0, where=is_stop)
+    option_accuracy = accuracy.take(flat)
+    np.copyto(option_accuracy, now_q, where=is_stop)
+    spread = high.take(flat)  # the option's spend variance: ((high - cost) / P90_Z)^2, 0 for a stop
+    np.subtract(spread, cost_q, out=spread)
+    np.divide(spread, P90_Z, out=spread)
+    np.square(spread, out=spread)
+    np.copyto(spread, 0.0, where=is_stop)
+    del flat, now_q, cost_q
+    columns = m_idx  # the LLM's column, -1 for a stop
+    np.copyto(columns, -1, where=is_stop)
+    options = pl.DataFrame(
+        {
+            "query": q_idx,
+            "option": np.arange(len(q_idx), dtype=np.int64),
+            "value": option_value,
+            "cost": option_cost,
+            "accuracy": option_accuracy,
+            "_col": columns,
+        }
+    )
+    return options, columns, spread
 
 
 def _batch_options(
