@@ -18,10 +18,12 @@ posterior's unanswered queries their cheapest call. The budget guard's hard caps
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from batchplan.core.contracts import DEFAULT_TASK, DEFAULT_TENANT
@@ -42,6 +44,75 @@ def replanned_tasks(posterior: Posterior | None, templates: PlanTemplates, tasks
         for task in tasks
         if posterior.confident.get(task, False) and not any(t.kind == "cascade" for t in templates.for_task(task))
     }
+
+
+# budget levels the training replay measures both planners at: a share of the reference cost (``reference_cost``)
+CHOICE_LEVELS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 1.0)
+
+
+@dataclass
+class RoundChoice:
+    """Which planner a task's queries get at a budget level, measured on the training history alone by
+    replaying both planners on held-out folds (``batchplan.app.round_choice.fit_round_choice``).
+
+    ``gains[task][i]``: the posterior's mean accuracy gain over the single-shot plan run step by step, per query
+    of the task's held-out folds, at budget level ``levels[i]`` (the budget over ``reference_cost`` of the
+    fold); ``errors[task][i]``: its standard error (paired, over those queries)."""
+
+    levels: list[float] = field(default_factory=lambda: list(CHOICE_LEVELS))
+    gains: dict[str, list[float]] = field(default_factory=dict)
+    errors: dict[str, list[float]] = field(default_factory=dict)
+    queries: dict[str, int] = field(default_factory=dict)
+
+    def gain(self, task: str, level: float) -> float | None:
+        """The replayed gain of the posterior at ``level`` (linear between the measured levels, the nearest end
+        outside them); None for a task the replay did not measure."""
+        if task not in self.gains:
+            return None
+        return float(np.interp(level, self.levels, self.gains[task]))
+
+    def to_json(self) -> str:
+        return json.dumps({"levels": self.levels, "gains": self.gains, "errors": self.errors, "queries": self.queries})
+
+    @classmethod
+    def from_json(cls, text: str) -> RoundChoice:
+        raw = json.loads(text)
+        return cls(list(raw["levels"]), raw["gains"], raw.get("errors", {}), raw.get("queries", {}))
+
+
+def reference_cost(queue: pl.DataFrame, predictions: pl.DataFrame) -> float:
+    """What sending every query of ``queue`` to its task's best single LLM is predicted to cost: best = the
+    highest mean predicted P(correct) on the task's queries. Predictions only, so the replay on the training
+    history and a plan for tonight's batch measure a budget level alike."""
+    task = _task(queue).alias("task")
+    rows = predictions.join(queue.select("query_id", task), on="query_id")
+    if rows.is_empty():
+        return 0.0
+    by_model = rows.group_by("task", "model").agg(pl.col("p_correct").mean(), pl.col("cost_usd").fill_null(0.0).sum())
+    best = by_model.sort("p_correct", "cost_usd", "model", descending=[True, False, False]).group_by("task").first()
+    return float(best["cost_usd"].sum())
+
+
+def chosen_tasks(
+    choice: RoundChoice | None,
+    posterior: Posterior | None,
+    templates: PlanTemplates,
+    tasks: Iterable[str],
+    level: float | None,
+) -> set[str]:
+    """The tasks the posterior re-plans at budget ``level``: where the training replay measured it ahead of
+    the single-shot plan there (``RoundChoice.gain`` > 0). A task the replay did not measure, an unknown level
+    (no budget) or a version trained before the replay keep the fixed rule (``replanned_tasks``)."""
+    tasks = list(tasks)
+    fixed = replanned_tasks(posterior, templates, tasks)
+    if posterior is None or choice is None or level is None:
+        return fixed
+    out = set()
+    for task in tasks:
+        gain = choice.gain(task, level)
+        if (gain is None and task in fixed) or (gain is not None and gain > 0):
+            out.add(task)
+    return out
 
 
 def _task(frame: pl.DataFrame) -> pl.Expr:
