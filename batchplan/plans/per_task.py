@@ -2,12 +2,17 @@
 either the single-shot plan run step by step (``PlanContinuation``) or every open query re-planned by the
 posterior (``PosteriorRoundPlanner``), under one global budget.
 
-Which one a task gets is read from the training history alone (``replanned_tasks``): the posterior re-plans a
-task whose history recorded confidences (logprobs) that no fitted cascade template already uses. There the
-single-shot plan is blind to the one run-time signal that tells right answers from wrong (cascades_open: open
-answers, no templates; +1.8..+3.6 points in ``bench/quality.py``). Elsewhere the single-shot plan measured
-better: without logprobs the posterior knows only agreement (routerbench, overruling: -0.1..-0.7 points), and
-where validated logprob cascades exist the templates already cash the confidence in (cascades' MedMCQA).
+Which one a task gets is measured on the training history alone, per task and budget level (``RoundChoice``,
+fitted by ``batchplan train`` and stored with the version: ``batchplan.app.round_choice``): both planners are
+replayed on held-out cross-fit folds of the history at budgets of 10-100% of the fold's ``reference_cost``, and
+the posterior re-plans a task at tonight's level (the budget over the batch's ``reference_cost``, from the
+predictions) where it measured ahead there (``chosen_tasks``). So one task can take the posterior at a tight
+budget and the plan at a loose one (a request without a budget: at what the plan expects to spend). Where the
+replay has nothing to say (a version trained before it, a task it did not see) the fixed rule decides (``replanned_tasks``): the posterior
+re-plans a task whose history recorded confidences (logprobs) that no fitted cascade template already uses.
+There the single-shot plan is blind to the one run-time signal that tells right answers from wrong
+(cascades_open: open answers, no templates); without logprobs the posterior knows only agreement (routerbench,
+overruling), and where validated logprob cascades exist the templates already cash the confidence in.
 
 The budget stays global. The plan's tasks keep what the single-shot plan (optimized over the whole batch)
 expects them to cost: each round their calls go first, and the posterior's tasks are re-planned, together,
@@ -102,7 +107,7 @@ def chosen_tasks(
 ) -> set[str]:
     """The tasks the posterior re-plans at budget ``level``: where the training replay measured it ahead of
     the single-shot plan there (``RoundChoice.gain`` > 0). A task the replay did not measure, an unknown level
-    (no budget) or a version trained before the replay keep the fixed rule (``replanned_tasks``)."""
+    or a version trained before the replay keep the fixed rule (``replanned_tasks``)."""
     tasks = list(tasks)
     fixed = replanned_tasks(posterior, templates, tasks)
     if posterior is None or choice is None or level is None:
