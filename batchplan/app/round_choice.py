@@ -42,6 +42,9 @@ from batchplan.plans.templates import Trainer, fit_plan_templates
 log = structlog.get_logger("batchplan.train")
 # the columns the replay backend answers from: never gold nor the recorded verdicts
 RECORDED = ("query_id", "model", "answer", "cost_usd", "logprob", "tokens_in", "tokens_out")
+# held-out queries replayed at most (a stable sample): the replay's cost grows with them, its standard error
+# only with their square root, and a large history would add minutes to ``train``
+MAX_REPLAYED = 600
 
 
 def fit_round_choice(
@@ -54,17 +57,24 @@ def fit_round_choice(
     levels: tuple[float, ...] = CHOICE_LEVELS,
     rounds: int = DEFAULT_RUN_ROUNDS,
     posterior: Posterior | None = None,
+    max_replayed: int = MAX_REPLAYED,
 ) -> RoundChoice:
     """``RoundChoice`` of ``history`` (module docstring); ``oof``: ``cross_fit_predictions`` of it with the
     same ``folds`` and ``seed`` (every prediction column, as ``predict`` gives them). ``posterior``: the one
     fitted on the whole history, replayed on every fold instead of a refit per fold (``train``'s proxy: the
-    refit is most of the cost, and the two choices agree, bench/round_choice.py)."""
+    refit is most of the cost, and the two choices agree). ``max_replayed``: the held-out queries replayed, a
+    stable sample across the folds (each fold's templates are still refitted on all its other queries)."""
     started = time.perf_counter()
     ids = history.queries["query_id"]
     fold_of = stable_fold(ids, folds, seed, salt="cf:")
+    # 2**31 - 1 is odd: the sample's order is not a relabelling of the folds (crc32 is affine, see below)
+    order = np.argsort(stable_fold(ids, 2**31 - 1, seed, salt="choice:"), kind="stable")
+    replayed = np.zeros(len(ids), dtype=bool)
+    replayed[order[:max_replayed]] = True
     gains: dict[str, list[list[np.ndarray]]] = {}
     for fold in range(folds):
-        held, kept = ids.filter(pl.Series(fold_of == fold)), ids.filter(pl.Series(fold_of != fold))
+        held = ids.filter(pl.Series((fold_of == fold) & replayed))
+        kept = ids.filter(pl.Series(fold_of != fold))
         if held.is_empty() or kept.is_empty():
             continue
         train, test = history.subset(kept.to_list()), history.subset(held.to_list())
