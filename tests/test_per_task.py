@@ -128,11 +128,19 @@ def test_the_replayed_choice_picks_per_task_and_budget_level_and_falls_back_to_t
     posterior = Posterior(models=[], tasks={}, confident={"open": True, "cascaded": True, "blind": False})
     templates = PlanTemplates(templates=[_cascade("cascaded")])
     # the posterior wins on "cascaded" below 40% and loses above; never on "blind"; "open" was not replayed
-    choice = RoundChoice(levels=[0.2, 0.3, 0.5], gains={"cascaded": [0.03, 0.01, -0.02], "blind": [-0.01] * 3})
+    choice = RoundChoice(
+        levels=[0.2, 0.3, 0.5],
+        gains={"cascaded": [0.03, 0.01, -0.02], "blind": [-0.01] * 3, "noisy": [0.01, -0.01, -0.03]},
+        errors={"cascaded": [0.005] * 3, "blind": [0.005] * 3, "noisy": [0.02] * 3},
+    )
     tasks = ["open", "cascaded", "blind"]
     assert chosen_tasks(choice, posterior, templates, tasks, 0.2) == {"open", "cascaded"}
     assert chosen_tasks(choice, posterior, templates, tasks, 0.5) == {"open"}
     assert chosen_tasks(choice, posterior, templates, tasks, 5.0) == {"open"}  # past the grid: its last level
+    # a gain inside the replay's noise keeps the fixed rule; past it, the replay overrules it either way
+    noisy = Posterior(models=[], tasks={}, confident={"noisy": True})
+    assert chosen_tasks(choice, noisy, PlanTemplates(), ["noisy"], 0.2) == {"noisy"}
+    assert chosen_tasks(choice, noisy, PlanTemplates(), ["noisy"], 0.5) == set()
     # no budget level, or a version trained before the replay: the fixed rule
     assert chosen_tasks(choice, posterior, templates, tasks, None) == {"open"}
     assert chosen_tasks(None, posterior, templates, tasks, 0.2) == {"open"}

@@ -6,9 +6,11 @@ Which one a task gets is measured on the training history alone, per task and bu
 fitted by ``batchplan train`` and stored with the version: ``batchplan.app.round_choice``): both planners are
 replayed on held-out cross-fit folds of the history at budgets of 10-100% of the fold's ``reference_cost``, and
 the posterior re-plans a task at tonight's level (the budget over the batch's ``reference_cost``, from the
-predictions) where it measured ahead there (``chosen_tasks``). So one task can take the posterior at a tight
+predictions) where it measured ahead there by more than the replay's standard error, and the plan runs it
+where it measured behind (``chosen_tasks``). So one task can take the posterior at a tight
 budget and the plan at a loose one (a request without a budget: at what the plan expects to spend). Where the
-replay has nothing to say (a version trained before it, a task it did not see) the fixed rule decides (``replanned_tasks``): the posterior
+replay has nothing to say (a gain inside its noise, a version trained before it, a task it did not see) the
+fixed rule decides (``replanned_tasks``): the posterior
 re-plans a task whose history recorded confidences (logprobs) that no fitted cascade template already uses.
 There the single-shot plan is blind to the one run-time signal that tells right answers from wrong
 (cascades_open: open answers, no templates); without logprobs the posterior knows only agreement (routerbench,
@@ -69,12 +71,13 @@ class RoundChoice:
     errors: dict[str, list[float]] = field(default_factory=dict)
     queries: dict[str, int] = field(default_factory=dict)
 
-    def gain(self, task: str, level: float) -> float | None:
-        """The replayed gain of the posterior at ``level`` (linear between the measured levels, the nearest end
-        outside them); None for a task the replay did not measure."""
+    def gain(self, task: str, level: float) -> tuple[float, float] | None:
+        """The replayed gain of the posterior at ``level`` and its standard error (linear between the measured
+        levels, the nearest end outside them); None for a task the replay did not measure."""
         if task not in self.gains:
             return None
-        return float(np.interp(level, self.levels, self.gains[task]))
+        error = self.errors.get(task) or [0.0] * len(self.levels)
+        return float(np.interp(level, self.levels, self.gains[task])), float(np.interp(level, self.levels, error))
 
     def to_json(self) -> str:
         return json.dumps({"levels": self.levels, "gains": self.gains, "errors": self.errors, "queries": self.queries})
@@ -105,17 +108,19 @@ def chosen_tasks(
     tasks: Iterable[str],
     level: float | None,
 ) -> set[str]:
-    """The tasks the posterior re-plans at budget ``level``: where the training replay measured it ahead of
-    the single-shot plan there (``RoundChoice.gain`` > 0). A task the replay did not measure, an unknown level
-    or a version trained before the replay keep the fixed rule (``replanned_tasks``)."""
+    """The tasks the posterior re-plans at budget ``level``: the training replay decides where it measured one
+    planner ahead of the other there by more than its standard error (``RoundChoice.gain``); where it did not
+    (a gain inside the noise of a few hundred queries), or did not measure the task, or for an unknown level
+    or a version trained before the replay, the fixed rule does (``replanned_tasks``)."""
     tasks = list(tasks)
     fixed = replanned_tasks(posterior, templates, tasks)
     if posterior is None or choice is None or level is None:
         return fixed
     out = set()
     for task in tasks:
-        gain = choice.gain(task, level)
-        if (gain is None and task in fixed) or (gain is not None and gain > 0):
+        measured = choice.gain(task, level)
+        gain, error = measured if measured is not None else (0.0, 0.0)
+        if gain > error or (task in fixed and gain >= -error):
             out.add(task)
     return out
 
