@@ -41,6 +41,7 @@ AIQ (RouterBench's average improvement in quality, here over the budget grid): t
 budget (as a share of the best single model's cost) by the trapezoid rule, divided by the grid's width.
 
     uv run python bench/quality.py [--datasets routerbench,cascades] [--fractions 0.1,0.2] [--json out.json]
+    (``--datasets cascades_shifted``: the shifted split alone)
 """
 
 from __future__ import annotations
@@ -170,6 +171,8 @@ def pool_folds(rows: list[dict]) -> dict:
             pooled[key] = max(r[key] for r in rows)
         elif key.endswith("_kinds"):
             pooled[key] = {k: sum(r[key].get(k, 0) for r in rows) for k in {k for r in rows for k in r[key]}}
+        elif key == "replanned_tasks":
+            pooled[key] = sorted({t for r in rows for t in r[key]})
         elif key == "best_single_model":
             pooled[key] = "/".join(sorted({r[key] for r in rows}))
         elif key in ("_paired_gain", "_paired_gain_rounds", "_paired_gain_posterior"):
@@ -290,8 +293,15 @@ def bench_split(
                 row["all_planned"] = float(outcome.plan["expected_accuracy"].to_numpy().mean())
         row["_paired_gain"] = correct["all"].astype(float) - correct["singles"].astype(float)
         default = make_round_planner(
-            DEFAULT_ROUND_PLANNER, plan=plans["all"], queue=queue, predictions=predictions, trained=trained
+            DEFAULT_ROUND_PLANNER,
+            plan=plans["all"],
+            queue=queue,
+            predictions=predictions,
+            trained=trained,
+            request=PlanRequest(budget_usd=budget),
         )
+        # the tasks the default's posterior re-plans at this budget (the rest run the single-shot plan)
+        row["replanned_tasks"] = sorted(getattr(default, "replanned", ()))
         runs = [("rounds", default, rounds)] + [("posterior", round_planner(trained.posterior), k) for k in (rounds, *sweep)]
         for column, planner, count in runs:
             run = simulate_rounds(planner, queue, predictions, recorded, budget, count)
@@ -347,9 +357,9 @@ def main(argv: list[str] | None = None) -> int:
 
     root = Path(args.data_dir)
     found = sorted(p.parent for p in root.glob("*/queries.parquet"))
-    if args.datasets:
-        wanted = set(args.datasets.split(","))
-        found = [d for d in found if d.name in wanted]
+    wanted = set(args.datasets.split(",")) if args.datasets else None
+    if wanted is not None:  # cascades_shifted alone: its source is benched shifted only
+        found = [d for d in found if d.name in wanted or f"{d.name}_shifted" in wanted]
     if not found:
         print(f"no data sets under {root}: set BATCHPLAN_DATA_DIR", file=sys.stderr)
         return 1
@@ -359,16 +369,18 @@ def main(argv: list[str] | None = None) -> int:
     sweep = tuple(int(k) for k in args.rounds_sweep.split(",") if k)
     with tempfile.TemporaryDirectory() as workdir:
         for directory in found:
-            rows.extend(
-                bench_dataset(
-                    directory, fractions, args.predictor, storage, workdir, args.cv_folds, args.rounds, sweep=sweep
+            if wanted is None or directory.name in wanted:
+                rows.extend(
+                    bench_dataset(
+                        directory, fractions, args.predictor, storage, workdir, args.cv_folds, args.rounds, sweep=sweep
+                    )
                 )
-            )
-            if directory.name == "cascades" and not args.no_shifted:
+            shifted = "cascades_shifted" in wanted if wanted is not None else not args.no_shifted
+            if directory.name == "cascades" and shifted:
                 rows.extend(
                     bench_dataset(directory, fractions, args.predictor, storage, workdir, 0, args.rounds, True, sweep)
                 )
-    table = pl.DataFrame([{k: v for k, v in r.items() if not k.endswith("_kinds")} for r in rows])
+    table = pl.DataFrame([{k: v for k, v in r.items() if not k.endswith("_kinds") and k != "replanned_tasks"} for r in rows])
     columns = (
         "singles_accuracy", "all_accuracy", "rounds_accuracy", "posterior_accuracy", "rounds_estimated", "all_planned",
         "hindsight_singles_accuracy", "hindsight_all_accuracy", "cheapest", "random", "best_single", "oracle",
@@ -417,6 +429,9 @@ def main(argv: list[str] | None = None) -> int:
                 f"{k}: {100 * r[f'rounds{k}_accuracy']:.1f} / {100 * r[f'rounds{k}_estimated']:.1f}" for k in sweep
             ]
             print(f"  {r['dataset']} @ {r['budget_pct']}%: " + "; ".join(cells))
+    print("tasks the default round planner re-plans by the posterior (per_task; the rest: the single-shot plan):")
+    for r in rows:
+        print(f"  {r['dataset']} @ {r['budget_pct']}%: {r['replanned_tasks']}")
     print("plan kinds chosen with votes and cascades:")
     for r in rows:
         print(f"  {r['dataset']} @ {r['budget_pct']}%: {r['all_kinds']}")

@@ -11,15 +11,17 @@ import pytest
 from batchplan.app import artifacts
 from batchplan.app.pipeline import Job, build_candidates, optimize, predict
 from batchplan.app.report import Truth, score_results
+from batchplan.app.round_choice import fit_round_choice
 from batchplan.app.round_replay import simulate_rounds
 from batchplan.app.round_runner import make_round_planner
 from batchplan.core.history import History, synthetic_history
 from batchplan.core.request import DEFAULT_ROUND_PLANNER, PlanRequest
 from batchplan.dispatchers import get_backend
 from batchplan.plans.estimates import Template
-from batchplan.plans.per_task import PerTaskPlanner, replanned_tasks
+from batchplan.plans.per_task import PerTaskPlanner, RoundChoice, chosen_tasks, reference_cost, replanned_tasks
 from batchplan.plans.posterior import Posterior
-from batchplan.plans.templates import PlanTemplates
+from batchplan.plans.templates import PlanTemplates, cross_fit_predictions
+from batchplan.predictors import train_predictor
 
 
 def _cascade(task: str) -> Template:
@@ -47,7 +49,8 @@ def _two_tasks() -> History:
 @pytest.fixture(scope="module")
 def setup() -> tuple[History, artifacts.Trained, pl.DataFrame, pl.DataFrame]:
     history = _two_tasks()
-    trained = artifacts.train(history.split("train"), predictor="prior", seed=0)
+    # the fixed rule (a version trained without the replayed choice): tests of the replayed choice are below
+    trained = artifacts.train(history.split("train"), predictor="prior", seed=0, round_choice=False)
     # no cascade templates: the single-shot plan cannot use task0's confidences (as on open tasks)
     trained = dataclasses.replace(
         trained, templates=dataclasses.replace(trained.templates, templates=[t for t in trained.templates.templates if t.kind != "cascade"])
@@ -119,3 +122,94 @@ def test_the_plan_s_tasks_hold_their_expected_spend_not_their_calls_hard_bounds(
     assert planned.diagnostics["held_for_plan_usd"] == pytest.approx(planner.planned_cost_usd)
     task0 = queue.filter(pl.col("task") == "task0")["query_id"]
     assert planned.calls.filter(pl.col("query_id").is_in(task0.implode())).height == task0.len()  # each answered
+
+
+def test_the_replayed_choice_picks_per_task_and_budget_level_and_falls_back_to_the_fixed_rule() -> None:
+    posterior = Posterior(models=[], tasks={}, confident={"open": True, "cascaded": True, "blind": False})
+    templates = PlanTemplates(templates=[_cascade("cascaded")])
+    # the posterior wins on "cascaded" below 40% and loses above; never on "blind"; "open" was not replayed
+    choice = RoundChoice(
+        levels=[0.2, 0.3, 0.5],
+        gains={"cascaded": [0.03, 0.01, -0.02], "blind": [-0.01] * 3, "noisy": [0.01, -0.01, -0.03]},
+        errors={"cascaded": [0.005] * 3, "blind": [0.005] * 3, "noisy": [0.02] * 3},
+    )
+    tasks = ["open", "cascaded", "blind"]
+    assert chosen_tasks(choice, posterior, templates, tasks, 0.2) == {"open", "cascaded"}
+    assert chosen_tasks(choice, posterior, templates, tasks, 0.5) == {"open"}
+    assert chosen_tasks(choice, posterior, templates, tasks, 5.0) == {"open"}  # past the grid: its last level
+    # a gain inside the replay's noise keeps the fixed rule; past it, the replay overrules it either way
+    noisy = Posterior(models=[], tasks={}, confident={"noisy": True})
+    assert chosen_tasks(choice, noisy, PlanTemplates(), ["noisy"], 0.2) == {"noisy"}
+    assert chosen_tasks(choice, noisy, PlanTemplates(), ["noisy"], 0.5) == set()
+    # no budget level, or a version trained before the replay: the fixed rule
+    assert chosen_tasks(choice, posterior, templates, tasks, None) == {"open"}
+    assert chosen_tasks(None, posterior, templates, tasks, 0.2) == {"open"}
+    assert chosen_tasks(choice, None, templates, tasks, 0.2) == set()  # no posterior, nothing to re-plan with
+    assert RoundChoice.from_json(choice.to_json()) == choice
+
+
+@pytest.fixture(scope="module")
+def replayed() -> tuple[History, artifacts.Trained]:
+    """The two tasks, with the choice replayed on the training history at one budget level (30%; ``train``
+    replays every level of ``CHOICE_LEVELS`` alike)."""
+    history = _two_tasks()
+    train = history.split("train")
+    trained = artifacts.train(train, predictor="prior", seed=0, round_choice=False)
+
+    def trainer(part: History) -> object:
+        return train_predictor(part, name="prior", seed=0)
+
+    oof = cross_fit_predictions(train, trainer)
+    choice = fit_round_choice(train, oof, trainer, folds=4, posterior=trained.posterior, levels=(0.3,))
+    return history, dataclasses.replace(trained, round_choice=choice)
+
+
+def _default_at(history: History, trained: artifacts.Trained, level: float) -> object:
+    queue = history.as_queue("test")
+    predictions = predict(queue, trained.predictor, get_backend("replay", history=history))
+    budget = level * reference_cost(queue, predictions)
+    plan = optimize(build_candidates(queue, predictions, trained.templates), PlanRequest(budget_usd=budget)).plan
+    return make_round_planner(
+        DEFAULT_ROUND_PLANNER, plan=plan, queue=queue, predictions=predictions, trained=trained,
+        request=PlanRequest(budget_usd=budget),
+    )  # fmt: skip
+
+
+def test_the_replay_on_the_training_history_measures_each_task_and_the_default_follows_it(
+    replayed: tuple[History, artifacts.Trained],
+) -> None:
+    history, trained = replayed
+    choice = trained.round_choice
+    assert choice is not None
+    assert set(choice.gains) == {"task0", "task1"}
+    assert choice.queries["task0"] + choice.queries["task1"] == history.split("train").queries.height
+    # task0's cascade templates cash its confidences in: replayed, the single-shot plan clearly wins there
+    assert choice.gains["task0"][0] < -2 * choice.errors["task0"][0] < 0
+    measured = {t for t in choice.gains if choice.gains[t][0] > choice.errors[t][0]}  # neither is fixed-ruled in
+    planner = _default_at(history, trained, 0.3)
+    assert getattr(planner, "replanned", set()) == measured
+    # the choice, not the fixed rule, decides: without cascade templates the fixed rule would re-plan task0
+    no_cascades = dataclasses.replace(
+        trained.templates, templates=[t for t in trained.templates.templates if t.kind != "cascade"]
+    )
+    assert "task0" in replanned_tasks(trained.posterior, no_cascades, ["task0"])
+    overruled = _default_at(history, dataclasses.replace(trained, templates=no_cascades), 0.3)
+    assert "task0" not in getattr(overruled, "replanned", set())
+
+
+def test_the_choice_at_plan_time_reads_no_gold_of_the_batch(replayed: tuple[History, artifacts.Trained]) -> None:
+    """Fitted on the train split (the fixture), chosen at plan time from the queue, predictions and budget:
+    scrambling the batch's gold and recorded verdicts changes nothing."""
+    history, trained = replayed
+    test_ids = history.split("test").queries["query_id"].implode()
+    scrambled = dataclasses.replace(
+        history,
+        queries=history.queries.with_columns(
+            pl.when(pl.col("query_id").is_in(test_ids)).then(pl.lit("zzz")).otherwise(pl.col("gold")).alias("gold")
+        ),
+        outcomes=history.outcomes.with_columns(
+            pl.when(pl.col("query_id").is_in(test_ids)).then(~pl.col("correct")).otherwise(pl.col("correct"))
+        ),
+    )
+    chosen = [getattr(_default_at(h, trained, 0.3), "replanned", set()) for h in (history, scrambled)]
+    assert chosen[0] == chosen[1]

@@ -286,7 +286,7 @@ def test_the_posterior_planner_runs_through_the_runner(tmp_path: Path) -> None:
     from batchplan.core.history import synthetic_history
 
     history = synthetic_history(500, 4, n_tasks=1, test_fraction=0.4, seed=5)
-    trained = artifacts.train(history.split("train"), predictor="prior", seed=0)
+    trained = artifacts.train(history.split("train"), predictor="prior", seed=0, round_choice=False)
     queue = history.as_queue("test")
     backend = get_backend("replay", history=history)
     predictions = predict(queue, trained.predictor, backend)

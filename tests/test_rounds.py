@@ -85,7 +85,7 @@ def test_rounds_stay_within_budget_answer_every_query_and_estimate_honestly(
 
 def test_trained_models_save_and_load_the_posterior(tmp_path: object) -> None:
     history = synthetic_history(300, 3, n_tasks=1, seed=4)
-    trained = artifacts.train(history.split("train"), predictor="prior")
+    trained = artifacts.train(history.split("train"), predictor="prior", round_choice=False)
     assert trained.posterior is not None
     storage = Storage()
     root = str(tmp_path)

@@ -2,7 +2,7 @@
 with it.
 
 Stored together under the predictor registry's version directory (``<root>/<version>/templates.json`` and
-``posterior.json``, ``output_caps.json`` beside the predictor's files), so ``plan``/``run`` load the latest or a named version as
+``posterior.json``, ``output_caps.json``, ``round_choice.json`` beside the predictor's files), so ``plan``/``run`` load the latest or a named version as
 one unit. A version trained before the posterior existed loads with ``posterior`` None.
 """
 
@@ -18,6 +18,7 @@ from batchplan.core.layout import CURRENT_FILE
 from batchplan.core.storage import Storage, join
 from batchplan.dispatchers.limits import OutputCaps
 from batchplan.plans.audit import AuditModel, fit_audit
+from batchplan.plans.per_task import RoundChoice
 from batchplan.plans.posterior import Posterior, fit_posterior
 from batchplan.plans.templates import CROSS_FIT_FOLDS, PlanTemplates, cross_fit_predictions, fit_plan_templates
 from batchplan.predictors import Predictor, load_predictor, train_predictor
@@ -30,6 +31,7 @@ OLD_TEMPLATES_FILE = "plans.json"
 POSTERIOR_FILE = "posterior.json"
 AUDIT_FILE = "audit.json"  # the audits' reference plans and agreement rates (batchplan.plans.audit)
 OUTPUT_CAPS_FILE = "output_caps.json"
+ROUND_CHOICE_FILE = "round_choice.json"  # which round planner each task gets, by replay (batchplan.app.round_choice)
 
 
 @dataclass(frozen=True)
@@ -40,15 +42,24 @@ class Trained:
     audit: AuditModel | None = None  # for audited runs (batchplan.plans.audit); None: trained before audits
     # max_tokens of open tasks' calls per (task, LLM), from the history's answer lengths; None: trained without
     output_caps: OutputCaps | None = None
+    # the per_task round planner's choice per task and budget level; None: trained without (the fixed rule)
+    round_choice: RoundChoice | None = None
 
 
 def train(
-    history: History, *, predictor: str = "lightgbm", seed: int = 0, templates: bool = True, folds: int = CROSS_FIT_FOLDS
+    history: History,
+    *,
+    predictor: str = "lightgbm",
+    seed: int = 0,
+    templates: bool = True,
+    folds: int = CROSS_FIT_FOLDS,
+    round_choice: bool = True,
 ) -> Trained:
     """Train the predictor on ``history`` and, unless ``templates`` is off, fit vote/cascade templates and the
-    round posterior on it (both on the same out-of-fold predictions)."""
+    round posterior on it (both on the same out-of-fold predictions) and, unless ``round_choice`` is off, the
+    per_task planner's choice by replaying both round planners on the same folds (``RoundChoice``)."""
     fitted = train_predictor(history, name=predictor, seed=seed)
-    fitted_templates, posterior = PlanTemplates(), None
+    fitted_templates, posterior, choice = PlanTemplates(), None, None
     # templates and the posterior replay the history as the truth: a silver verdict there would count as gold
     history = without_silver(history)
     if templates:
@@ -56,6 +67,10 @@ def train(
         oof = cross_fit_predictions(history, trainer, folds=folds, seed=seed)
         fitted_templates = fit_plan_templates(history, trainer, folds=folds, seed=seed, oof=oof)
         posterior = fit_posterior(history, oof, seed=seed)
+        if round_choice:
+            from batchplan.app.round_choice import fit_round_choice
+
+            choice = fit_round_choice(history, oof, trainer, folds=folds, seed=seed, posterior=posterior)
     caps = learn_output_caps(history)
     log.info(
         "train",
@@ -65,8 +80,11 @@ def train(
         models=len(history.models),
         templates=len(fitted_templates.templates),
         posterior=posterior is not None,
+        round_choice=choice is not None,
     )
-    return Trained(fitted, fitted_templates, posterior, audit=fit_audit(history), output_caps=caps)
+    return Trained(
+        fitted, fitted_templates, posterior, audit=fit_audit(history), output_caps=caps, round_choice=choice
+    )
 
 
 def learn_output_caps(history: History) -> OutputCaps:
@@ -83,6 +101,8 @@ def save(trained: Trained, storage: Storage, root_uri: str, version: str | None 
         storage.write_text(join(uri, AUDIT_FILE), trained.audit.to_json())
     if trained.output_caps is not None:
         storage.write_text(join(uri, OUTPUT_CAPS_FILE), trained.output_caps.to_json())
+    if trained.round_choice is not None:
+        storage.write_text(join(uri, ROUND_CHOICE_FILE), trained.round_choice.to_json())
     return uri
 
 
@@ -104,6 +124,7 @@ def load(storage: Storage, root_uri: str, version: str | None = None) -> Trained
         load_posterior(storage, root_uri, version),
         load_audit(storage, root_uri, version),
         load_output_caps(storage, root_uri, version),
+        load_round_choice(storage, root_uri, version),
     )
 
 
@@ -132,3 +153,9 @@ def load_output_caps(storage: Storage, root_uri: str, version: str) -> OutputCap
     """The open tasks' max_tokens of one version (None for a version trained without them: flat 1024)."""
     uri = join(root_uri, version, OUTPUT_CAPS_FILE)
     return OutputCaps.from_json(storage.read_text(uri)) if storage.exists(uri) else None
+
+
+def load_round_choice(storage: Storage, root_uri: str, version: str) -> RoundChoice | None:
+    """The per_task planner's replayed choice of one version (None for a version trained before it)."""
+    uri = join(root_uri, version, ROUND_CHOICE_FILE)
+    return RoundChoice.from_json(storage.read_text(uri)) if storage.exists(uri) else None

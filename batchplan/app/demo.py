@@ -75,7 +75,10 @@ def run_demo(
     queue_uri = join(root, "queue", "queue.parquet")
     storage.write_frame(queue, queue_uri)
 
-    trained = artifacts.train(history.split("train"), predictor=predictor_name, seed=settings.seed)
+    # the per_task planner's replayed choice only where the demo runs it (it adds a replay of every fold)
+    trained = artifacts.train(
+        history.split("train"), predictor=predictor_name, seed=settings.seed, round_choice=round_planner == "per_task"
+    )
     model_root = join(root, "models")
     artifacts.save(trained, storage, model_root)
 

@@ -649,12 +649,21 @@ def _per_task(*, plan: pl.DataFrame, queue: pl.DataFrame, trained: Any = None, *
     """``batchplan.plans.per_task``: the tasks whose history says re-planning pays, by the posterior; the rest by
     the single-shot plan (all of them for a version trained without a posterior)."""
     from batchplan.core.contracts import DEFAULT_TASK
-    from batchplan.plans.per_task import PerTaskPlanner, replanned_tasks
+    from batchplan.plans.per_task import PerTaskPlanner, chosen_tasks, reference_cost
     from batchplan.plans.templates import PlanTemplates
 
     tasks = queue["task"].fill_null(DEFAULT_TASK).unique().to_list() if "task" in queue.columns else [DEFAULT_TASK]
     posterior = getattr(trained, "posterior", None)
-    replanned = replanned_tasks(posterior, getattr(trained, "templates", None) or PlanTemplates(), tasks)
+    # the budget level the training replay measured the planners at: the budget (else what the plan expects
+    # to spend) over the batch's predicted cost of each task's best single LLM
+    request, predictions = inputs.get("request"), inputs.get("predictions")
+    budget = getattr(request, "budget_usd", None)
+    if budget is None and "expected_cost_usd" in plan.columns:
+        budget = float(plan["expected_cost_usd"].fill_null(0.0).sum())
+    reference = reference_cost(queue, predictions) if predictions is not None else 0.0
+    level = budget / reference if budget is not None and reference > 0 else None
+    templates = getattr(trained, "templates", None) or PlanTemplates()
+    replanned = chosen_tasks(getattr(trained, "round_choice", None), posterior, templates, tasks, level)
     if not replanned:
         return _plan_continuation(plan=plan)
     task = pl.col("task").fill_null(DEFAULT_TASK) if "task" in queue.columns else pl.lit(DEFAULT_TASK).alias("task")

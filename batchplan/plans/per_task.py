@@ -2,12 +2,19 @@
 either the single-shot plan run step by step (``PlanContinuation``) or every open query re-planned by the
 posterior (``PosteriorRoundPlanner``), under one global budget.
 
-Which one a task gets is read from the training history alone (``replanned_tasks``): the posterior re-plans a
-task whose history recorded confidences (logprobs) that no fitted cascade template already uses. There the
-single-shot plan is blind to the one run-time signal that tells right answers from wrong (cascades_open: open
-answers, no templates; +1.8..+3.6 points in ``bench/quality.py``). Elsewhere the single-shot plan measured
-better: without logprobs the posterior knows only agreement (routerbench, overruling: -0.1..-0.7 points), and
-where validated logprob cascades exist the templates already cash the confidence in (cascades' MedMCQA).
+Which one a task gets is measured on the training history alone, per task and budget level (``RoundChoice``,
+fitted by ``batchplan train`` and stored with the version: ``batchplan.app.round_choice``): both planners are
+replayed on held-out cross-fit folds of the history at budgets of 10-100% of the fold's ``reference_cost``, and
+the posterior re-plans a task at tonight's level (the budget over the batch's ``reference_cost``, from the
+predictions) where it measured ahead there by more than the replay's standard error, and the plan runs it
+where it measured behind (``chosen_tasks``). So one task can take the posterior at a tight
+budget and the plan at a loose one (a request without a budget: at what the plan expects to spend). Where the
+replay has nothing to say (a gain inside its noise, a version trained before it, a task it did not see) the
+fixed rule decides (``replanned_tasks``): the posterior
+re-plans a task whose history recorded confidences (logprobs) that no fitted cascade template already uses.
+There the single-shot plan is blind to the one run-time signal that tells right answers from wrong
+(cascades_open: open answers, no templates); without logprobs the posterior knows only agreement (routerbench,
+overruling), and where validated logprob cascades exist the templates already cash the confidence in.
 
 The budget stays global. The plan's tasks keep what the single-shot plan (optimized over the whole batch)
 expects them to cost: each round their calls go first, and the posterior's tasks are re-planned, together,
@@ -18,10 +25,12 @@ posterior's unanswered queries their cheapest call. The budget guard's hard caps
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from batchplan.core.contracts import DEFAULT_TASK, DEFAULT_TENANT
@@ -42,6 +51,78 @@ def replanned_tasks(posterior: Posterior | None, templates: PlanTemplates, tasks
         for task in tasks
         if posterior.confident.get(task, False) and not any(t.kind == "cascade" for t in templates.for_task(task))
     }
+
+
+# budget levels the training replay measures both planners at: a share of the reference cost (``reference_cost``)
+CHOICE_LEVELS: tuple[float, ...] = (0.1, 0.2, 0.3, 0.5, 1.0)
+
+
+@dataclass
+class RoundChoice:
+    """Which planner a task's queries get at a budget level, measured on the training history alone by
+    replaying both planners on held-out folds (``batchplan.app.round_choice.fit_round_choice``).
+
+    ``gains[task][i]``: the posterior's mean accuracy gain over the single-shot plan run step by step, per query
+    of the task's held-out folds, at budget level ``levels[i]`` (the budget over ``reference_cost`` of the
+    fold); ``errors[task][i]``: its standard error (paired, over those queries)."""
+
+    levels: list[float] = field(default_factory=lambda: list(CHOICE_LEVELS))
+    gains: dict[str, list[float]] = field(default_factory=dict)
+    errors: dict[str, list[float]] = field(default_factory=dict)
+    queries: dict[str, int] = field(default_factory=dict)
+
+    def gain(self, task: str, level: float) -> tuple[float, float] | None:
+        """The replayed gain of the posterior at ``level`` and its standard error (linear between the measured
+        levels, the nearest end outside them); None for a task the replay did not measure."""
+        if task not in self.gains:
+            return None
+        error = self.errors.get(task) or [0.0] * len(self.levels)
+        return float(np.interp(level, self.levels, self.gains[task])), float(np.interp(level, self.levels, error))
+
+    def to_json(self) -> str:
+        return json.dumps({"levels": self.levels, "gains": self.gains, "errors": self.errors, "queries": self.queries})
+
+    @classmethod
+    def from_json(cls, text: str) -> RoundChoice:
+        raw = json.loads(text)
+        return cls(list(raw["levels"]), raw["gains"], raw.get("errors", {}), raw.get("queries", {}))
+
+
+def reference_cost(queue: pl.DataFrame, predictions: pl.DataFrame) -> float:
+    """What sending every query of ``queue`` to its task's best single LLM is predicted to cost: best = the
+    highest mean predicted P(correct) on the task's queries. Predictions only, so the replay on the training
+    history and a plan for tonight's batch measure a budget level alike."""
+    task = _task(queue).alias("task")
+    rows = predictions.join(queue.select("query_id", task), on="query_id")
+    if rows.is_empty():
+        return 0.0
+    by_model = rows.group_by("task", "model").agg(pl.col("p_correct").mean(), pl.col("cost_usd").fill_null(0.0).sum())
+    best = by_model.sort("p_correct", "cost_usd", "model", descending=[True, False, False]).group_by("task").first()
+    return float(best["cost_usd"].sum())
+
+
+def chosen_tasks(
+    choice: RoundChoice | None,
+    posterior: Posterior | None,
+    templates: PlanTemplates,
+    tasks: Iterable[str],
+    level: float | None,
+) -> set[str]:
+    """The tasks the posterior re-plans at budget ``level``: the training replay decides where it measured one
+    planner ahead of the other there by more than its standard error (``RoundChoice.gain``); where it did not
+    (a gain inside the noise of a few hundred queries), or did not measure the task, or for an unknown level
+    or a version trained before the replay, the fixed rule does (``replanned_tasks``)."""
+    tasks = list(tasks)
+    fixed = replanned_tasks(posterior, templates, tasks)
+    if posterior is None or choice is None or level is None:
+        return fixed
+    out = set()
+    for task in tasks:
+        measured = choice.gain(task, level)
+        gain, error = measured if measured is not None else (0.0, 0.0)
+        if gain > error or (task in fixed and gain >= -error):
+            out.add(task)
+    return out
 
 
 def _task(frame: pl.DataFrame) -> pl.Expr:

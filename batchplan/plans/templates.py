@@ -89,7 +89,8 @@ Trainer = Callable[[History], Any]  # returns an object with .predict(queries, p
 def cross_fit_predictions(
     history: History, train: Trainer, folds: int = CROSS_FIT_FOLDS, seed: int = 0
 ) -> pl.DataFrame:
-    """Out-of-fold P(correct) for every recorded (query, model): each fold scored by a predictor that never saw it."""
+    """Out-of-fold predictions (P(correct), costs, as ``predict`` gives them) for every recorded (query, model):
+    each fold scored by a predictor that never saw it."""
     ids = history.queries["query_id"].to_list()
     fold_of = dict(zip(ids, stable_fold(ids, folds, seed, salt="cf:").tolist(), strict=True))
     frames = []
@@ -102,7 +103,7 @@ def cross_fit_predictions(
         held_history = history.subset(held)
         pairs = held_history.outcomes.select("query_id", "model")
         predictions = predictor.predict(held_history.as_queue(), pairs, None)
-        frames.append(predictions.select("query_id", "model", "p_correct", "cost_usd"))
+        frames.append(predictions)  # every column: the round choice's replay plans on them (app.round_choice)
     return pl.concat(frames)
 
 
