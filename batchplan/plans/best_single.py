@@ -1,7 +1,7 @@
 """The best single LLM per task: the one definition behind every "best single model" in the project (the
 report's baseline, the demo's and the benches' budget scale ``--budget-fraction``, the budgets at which
-templates were validated, ``PlanTemplates.offered``, and ``planning.budget_share``, the same scale read off a
-batch's candidates)."""
+templates were validated, ``PlanTemplates.offered``, and ``planning.budget_share`` and
+``per_task.reference_cost``, the same scale read off a batch's candidates or predictions)."""
 
 from __future__ import annotations
 

@@ -35,6 +35,7 @@ import polars as pl
 
 from batchplan.core.contracts import DEFAULT_TASK, DEFAULT_TENANT
 from batchplan.core.rounds import ROUND_ANSWER_SCHEMA, ROUND_PLAN_SCHEMA, RoundPlan, RoundPlanner, RoundState
+from batchplan.plans.best_single import best_single_llms
 from batchplan.plans.posterior import Posterior
 from batchplan.plans.templates import PlanTemplates
 
@@ -89,16 +90,14 @@ class RoundChoice:
 
 
 def reference_cost(queue: pl.DataFrame, predictions: pl.DataFrame) -> float:
-    """What sending every query of ``queue`` to its task's best single LLM is predicted to cost: best = the
-    highest mean predicted P(correct) on the task's queries. Predictions only, so the replay on the training
-    history and a plan for tonight's batch measure a budget level alike."""
+    """What sending every query of ``queue`` to its task's best single LLM (``best_single_llms`` on the
+    predicted P(correct)) is predicted to cost. Predictions only, so the replay on the training history and a
+    plan for tonight's batch measure a budget level alike."""
     task = _task(queue).alias("task")
     rows = predictions.join(queue.select("query_id", task), on="query_id")
     if rows.is_empty():
         return 0.0
-    by_model = rows.group_by("task", "model").agg(pl.col("p_correct").mean(), pl.col("cost_usd").fill_null(0.0).sum())
-    best = by_model.sort("p_correct", "cost_usd", "model", descending=[True, False, False]).group_by("task").first()
-    return float(best["cost_usd"].sum())
+    return float(best_single_llms(rows, accuracy="p_correct")["cost_usd"].sum())
 
 
 def chosen_tasks(
