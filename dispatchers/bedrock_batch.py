@@ -39,7 +39,7 @@ import structlog
 
 from batchplan.core.catalog import BATCH_TERMS, BatchTerms, batch_terms
 from batchplan.core.errors import ContractError
-from batchplan.core.rounds import BATCH, OBSERVATION_MODE, REALTIME, ROUND_PLAN_SCHEMA, RoundRequest
+from batchplan.core.rounds import BATCH, OBSERVATION_MODE, REALTIME, ROUND_PLAN_SCHEMA, RoundRequest, with_modes
 from batchplan.core.settings import get_settings
 from batchplan.core.storage import Storage, join
 from batchplan.dispatchers.base import CLIENT_ERROR, RATE_LIMITED, SERVER_ERROR, TIMEOUT, CallResult
@@ -86,9 +86,9 @@ class BedrockBatchSender:
         calls, queue, round, out_uri, storage = (
             request.calls, request.queue, request.round, request.out_uri, request.storage
         )  # fmt: skip
-        calls = calls.with_columns(pl.col("mode").fill_null(REALTIME)) if "mode" in calls.columns else calls.with_columns(
-            pl.lit(REALTIME).alias("mode")
-        )
+        # a row the planner left unmarked (a single-shot plan followed by batch) goes by batch, as with the
+        # OpenAI sender (``BatchSender.default_mode``): it was priced at the batch price
+        calls = with_modes(calls, BATCH)
         discount = {m: self._discount(m) for m in calls["models"].explode().drop_nulls().unique().to_list()}
         lines = batch_lines(
             calls, queue, self.backend, discount, run_key=out_uri, max_tokens=self.max_tokens,

@@ -223,6 +223,22 @@ def test_the_budget_holds_each_lines_high_side_before_the_job_is_submitted(s3: A
     assert (observed["status"] == "timeout").all()
 
 
+def test_rows_the_planner_left_unmarked_go_by_batch(s3: Any, tmp_path: Path) -> None:
+    """A single-shot plan followed by batch marks no mode (priced at the batch price): its calls go in a job,
+    as the OpenAI batch sender sends them, not in real time at twice the price."""
+    queue = _queue(120)
+    sender = _sender(_client("bedrock"), s3, None)
+    unmarked = _calls(queue).with_columns(pl.lit(None, dtype=pl.String).alias("mode"))
+    with Stubber(sender.control) as stub:
+        stub.add_response("create_model_invocation_job", {"jobArn": ARN}, None)
+        stub.add_response("get_model_invocation_job", _job("Completed"), {"jobIdentifier": ARN})
+        observed, refused = _send(sender, unmarked, queue, tmp_path, budget=1.0)
+    assert refused.height == 0
+    state = json.loads(next((tmp_path / "jobs").glob("*.json")).read_text())
+    assert len(state["records"]) == 120
+    assert set(observed["mode"].to_list()) == {"batch"}
+
+
 def test_below_bedrocks_minimum_record_count_the_llm_goes_in_real_time(
     s3: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
