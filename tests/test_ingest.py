@@ -89,6 +89,16 @@ def test_a_bad_first_copy_does_not_hide_a_good_second_one(tmp_path: Path) -> Non
     assert ingested.quarantine["reason"].to_list() == ["empty prompt"]
 
 
+def test_a_prompt_of_only_whitespace_is_empty_whatever_the_whitespace(tmp_path: Path) -> None:
+    """Any Unicode White_Space (what polars' strip_chars strips) counts as empty; a prompt with one other
+    character does not (a zero-width space and the ASCII separators \\x1c-\\x1f are not White_Space)."""
+    prompts = [" \t\n", "\u3000\u00a0\u2028", "\u3000x ", "\u200b", "\x85\u1680", "\x1c\x1f"]
+    _write_jsonl(tmp_path / "q.jsonl", [{"query_id": f"q{i}", "prompt": p} for i, p in enumerate(prompts)])
+    ingested = read_queue(str(tmp_path / "q.jsonl"), Storage())
+    assert ingested.queue["query_id"].to_list() == ["q2", "q3", "q5"]
+    assert ingested.quarantine["reason"].to_list() == ["empty prompt"] * 3
+
+
 def test_parquet_column_of_wrong_type_is_quarantined_per_row(tmp_path: Path) -> None:
     pl.DataFrame({"query_id": ["a", "b"], "prompt": ["x", "y"], "labels": ["A|B", None]}).write_parquet(
         tmp_path / "q.parquet"

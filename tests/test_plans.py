@@ -291,19 +291,16 @@ def test_array_candidates_equal_the_plain_ones() -> None:
         threaded = build_candidates(queue, predictions, templates)
     assert threaded.plans.equals(candidates.plans)
     assert threaded.templates.equals(candidates.templates)
+    # filled a block of queries at a time (here 3 of the 12): the same frame as in one block
+    with patch.object(candidates_module, "CANDIDATE_BLOCK", 3):
+        blocked = build_candidates(queue, predictions, templates)
+    assert blocked.plans.equals(candidates.plans)
 
 
-def test_plan_rows_equal_the_searched_and_joined_ones() -> None:
-    """``plan_rows`` finds the chosen rows through an inverse of the (dense) option ids and skips the join
-    when nothing is deferred: the same rows as a binary search and a left join, with deferrals (the join
-    runs) or without, and over sparse ids (a candidate set thinned by ``keep``)."""
-    from batchplan.optimizer import Problem, solve
-    from batchplan.optimizer.constraints import Budget
-    from batchplan.plans.planning import chosen_rows, fallbacks, plan_rows
-
-    rng = np.random.default_rng(3)
-    models = ["m1", "m2", "m3", "m4"]
-    queue = pl.DataFrame({"query_id": [f"q{i:02d}" for i in range(40)], "tenant": "x", "task": "t", "priority": 1.0})
+def _full_grid(n: int, models: list[str], seed: int) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """A queue of ``n`` queries of one task and random predictions of every (query, LLM) pair, query by query."""
+    rng = np.random.default_rng(seed)
+    queue = pl.DataFrame({"query_id": [f"q{i:02d}" for i in range(n)], "tenant": "x", "task": "t", "priority": 1.0})
     pairs = [(q, m) for q in queue["query_id"] for m in models]
     predictions = pl.DataFrame(
         {
@@ -314,6 +311,31 @@ def test_plan_rows_equal_the_searched_and_joined_ones() -> None:
             "cost_high_usd": rng.uniform(5.0, 9.0, len(pairs)),
         }
     )
+    return queue, predictions
+
+
+def test_candidates_from_a_full_grid_equal_the_scattered_ones() -> None:
+    """Predictions of every (query, LLM) pair query by query in name order (what ``pipeline.predict`` makes)
+    are reshaped into the per-LLM matrices instead of scattered into them: the same candidates as the same
+    predictions in another order (which take the scatter)."""
+    models = ["m1", "m2", "m3"]
+    queue, predictions = _full_grid(30, models, seed=5)
+    templates = PlanTemplates(templates=[Template("t", "vote", models, [], [0.0, 1.0], [], 0.8, 5.0, 1_000, {}, n_labels=3)])
+    grid = build_candidates(queue, predictions, templates)
+    shuffled = build_candidates(queue, predictions.sample(fraction=1.0, shuffle=True, seed=1), templates)
+    assert grid.plans.height == 30 * 4
+    assert grid.plans.equals(shuffled.plans)
+
+
+def test_plan_rows_equal_the_searched_and_joined_ones() -> None:
+    """``plan_rows`` finds the chosen rows through an inverse of the (dense) option ids and skips the join
+    when nothing is deferred: the same rows as a binary search and a left join, with deferrals (the join
+    runs) or without, and over sparse ids (a candidate set thinned by ``keep``)."""
+    from batchplan.optimizer import Problem, solve
+    from batchplan.optimizer.constraints import Budget
+    from batchplan.plans.planning import chosen_rows, fallbacks, plan_rows
+
+    queue, predictions = _full_grid(40, ["m1", "m2", "m3", "m4"], seed=3)
     full = build_candidates(queue, predictions)
     thinned = full.keep(pl.col("option") % 3 != 1)  # option ids with gaps, still ascending
     for candidates, budget, deferrable in ((full, 1e9, False), (full, 30.0, True), (thinned, 60.0, True)):

@@ -89,7 +89,9 @@ def validate_queue(raw: pl.DataFrame, max_prompt_chars: int | None = None) -> tu
         .then(pl.col("_type_error"))
         .when(pl.col("query_id").is_null() | (pl.col("query_id") == ""))
         .then(pl.lit("missing query_id"))
-        .when(pl.col("prompt").is_null() | (pl.col("prompt").str.strip_chars() == ""))
+        # no non-whitespace character: strip_chars() == "" without building a stripped copy of every prompt
+        # (1.7 s CPU at 1M queries); regex \S is the complement of Unicode White_Space, what strip_chars strips
+        .when(pl.col("prompt").is_null() | ~pl.col("prompt").str.contains(r"\S"))
         .then(pl.lit("empty prompt"))
         .when(chars > limit)
         .then(
