@@ -12,7 +12,7 @@ import pytest
 
 from batchplan.app import artifacts
 from batchplan.app.outcomes import runs_history
-from batchplan.app.pipeline import Job, run_job
+from batchplan.app.pipeline import Job, dispatch_dir, ledger_events, run_job
 from batchplan.core.contracts import ContractError, audited_query_id, explore_id, is_audit, is_exploration
 from batchplan.core.history import History, combine_histories, load_history
 from batchplan.core.storage import Storage
@@ -89,6 +89,9 @@ def test_exploration_stays_inside_the_budget_and_its_share_and_is_recorded_in_ou
     assert explored["calls"] > explored["queries"]
     assert report["spent_usd"] <= BUDGET + 1e-12  # references, exploration and the batch under one budget
     assert explored["spent_usd"] <= EXPLORE * BUDGET + 1e-12
+    # the report's spend is the bill: the exploration's calls counted beside the batch's and the references'
+    charged = [e for e in ledger_events(Storage(), dispatch_dir(str(tmp_path / "run"))) if e.get("e") == "c"]
+    assert report["spent_usd"] == pytest.approx(sum(float(e.get("usd") or 0.0) for e in charged))
     plan = pl.read_parquet(tmp_path / "run" / "plan.parquet")
     rows = plan.filter(is_exploration())
     assert rows.height == explored["queries"]
