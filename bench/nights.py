@@ -11,6 +11,15 @@ every label that has arrived.
 Streams: ``cascades_open`` (its own test split) and ``cascades_shift`` (cascades, whose MMLU/MedMCQA subjects
 are split: whole subjects held out of training form the stream, so the history is off for them).
 
+``--drift LLM=OTHER`` (or ``LLM:-0.2``, repeatable): a provider silently changed an LLM from night 1 on: the test
+server answers its calls from a degraded source (``replay_server.Drift``: OTHER's recorded answers to the same
+queries, at the LLM's own price), while the training history still says it is good. Nothing tells batchplan
+(no gold: only its audits, the late labels and the drift detection); the bench scores every arm against what
+the server really answered. The ``drifted calls`` column is the share of each arm's delivered calls (audited /
+never learned / explore) that went to a drifted LLM: what the never-learned arm keeps paying for; ``drift`` and
+``drift explore`` are the audited and explore arms' reports' drift warnings (audits' and, with ``(labels)``, the
+live labels' of past nights: ``plans.audit.label_drift``).
+
 Per night, three runs at the same budget (``--budget-fraction`` of the night's best single model cost):
 
 - ``audited``: retrained on its labels and its audits' silver, audits on (the run under test):
@@ -75,7 +84,7 @@ from batchplan.plans.audit import audited_ids
 from batchplan.plans.best_single import best_single_llms
 from batchplan.plans.planning import PlanRequest
 from batchplan.predictors.metrics import ece
-from tests.support.replay_server import ReplayServer
+from tests.support.replay_server import Drift, ReplayServer, drifted_history
 
 SHIFT_HELD_OUT = 0.5  # share of cascades' subjects held out of training in the shifted stream
 
@@ -205,7 +214,11 @@ def llm_lines(arms: list[Arm], queue: pl.DataFrame, full: History, stream_acc: p
 
 def run_stream(name: str, args: argparse.Namespace, data: Path, work: Path, storage: Storage) -> list[dict[str, Any]]:
     full, train, stream = streams(name, data, storage)
-    truth = Truth.from_history(full)
+    drifts = [Drift.parse(d) for d in args.drift]
+    # what the server really answers (the drifted LLMs degraded): what the bench scores against; ``full`` is what
+    # batchplan's history says (its training history is a part of it)
+    reality = drifted_history(full, drifts)
+    truth = Truth.from_history(reality)
     catalog = PriceCatalog.from_history(full.prices, full.outcomes)
     prices = work / name / "models.csv"
     prices.parent.mkdir(parents=True, exist_ok=True)
@@ -228,7 +241,7 @@ def run_stream(name: str, args: argparse.Namespace, data: Path, work: Path, stor
         artifacts.save(base, storage, arm.model_uri)
     open_stream = bool(full.queries["labels"].is_null().all())
     stream_acc = (
-        full.outcomes.filter(pl.col("query_id").is_in(pl.Series(stream).implode()))
+        reality.outcomes.filter(pl.col("query_id").is_in(pl.Series(stream).implode()))
         .join(full.queries.select("query_id", "task"), on="query_id")
         .group_by("task", "model")
         .agg(pl.col("correct").cast(pl.Float64).mean().alias("acc"))
@@ -236,16 +249,16 @@ def run_stream(name: str, args: argparse.Namespace, data: Path, work: Path, stor
     pending: dict[int, list[tuple[Arm, str, list[str]]]] = {}  # night the labels arrive -> (arm, run dir, ids)
     labelled: set[str] = set()
     rows: list[dict[str, Any]] = []
-    with ReplayServer(full) as server:
+    with ReplayServer(full, drift=drifts) as server:
         for night in range(1, args.nights + 1):
             started = time.perf_counter()
             arrived = pending.pop(night, [])
             for arm, run_dir, ids in arrived:  # labels of an earlier night arrive: joined into that run
                 gold = full.queries.filter(pl.col("query_id").is_in(pl.Series(ids).implode())).select("query_id", "gold")
                 if arm.oracle == "labels":
-                    arm.verdicts.append(oracle_history(full, ids))
+                    arm.verdicts.append(oracle_history(reality, ids))
                 elif open_stream:
-                    arm.verdicts.append(verdict_history(full, run_dir, ids, storage))
+                    arm.verdicts.append(verdict_history(reality, run_dir, ids, storage))
                 else:
                     join_labels(storage, run_dir, gold, source_file=f"labels-night{night}")
                 labelled |= set(ids)
@@ -255,7 +268,7 @@ def run_stream(name: str, args: argparse.Namespace, data: Path, work: Path, stor
             ids = tonight(order, night, args.night_size, labelled, rng)
             for arm in arms:  # the ceiling: every LLM's verdict on the stream, tonight's queries apart
                 if arm.oracle == "stream":
-                    seen = oracle_history(full, [q for q in stream if q not in set(ids)])
+                    seen = oracle_history(reality, [q for q in stream if q not in set(ids)])
                     arm.trained = artifacts.train(combine_histories([train, seen]), seed=seed, templates=False)
                     artifacts.save(arm.trained, storage, arm.model_uri)
             queue_path = work / name / f"night{night}.parquet"
@@ -314,29 +327,35 @@ def run_stream(name: str, args: argparse.Namespace, data: Path, work: Path, stor
                     "ci high": ci[1],
                     "covered": bool(ci[0] <= accuracy <= ci[1]),
                     "planned": report["planned_accuracy"],
-                    "ECE learned": calibration(audited_p, queue, calls, full, catalog),
-                    "ECE never": calibration(never_p, queue, calls, full, catalog),
+                    "ECE learned": calibration(audited_p, queue, calls, reality, catalog),
+                    "ECE never": calibration(never_p, queue, calls, reality, catalog),
                     "deferred": report["status"]["deferred"],
                     "acc no audit": share(scored["no_audit"]["correct"]),
                     "acc never learned": share(scored["never"]["correct"]),
                     "moved": moved(outcomes["audited"].plan, outcomes["never"].plan),
+                    "drifted calls": "/".join(
+                        f"{drifted_share(calls_made(storage, str(work / name / f'night{night}' / a)), drifts):.2f}"
+                        for a in ("audited", "never", *(["explore"] if "explore" in outcomes else []))
+                    )
+                    if drifts
+                    else None,
                     "by task": by_task(scored, queue),
                     "budget USD": budget,
                     "spend USD": report["spent_usd"],
                     "audit USD": (report.get("audit") or {}).get("spent_usd", 0.0),
                     "audits": (report.get("audit") or {}).get("audited", 0),
                     "refs delivered": (report.get("audit") or {}).get("delivered_references", 0),
-                    "drift": "; ".join(f"{d['kind']} {d['name']} {d['direction']}" for d in report.get("drift") or []),
+                    "drift": drift_cell(report),
                     "seconds": round(time.perf_counter() - started, 1),
                     "_scored": scored,
-                    **explore_columns(arms, outcomes, scored, queue, calls_of=lambda a, night=night: calls_made(storage, str(work / name / f"night{night}" / a)), full=full, catalog=catalog),
+                    **explore_columns(arms, outcomes, scored, queue, calls_of=lambda a, night=night: calls_made(storage, str(work / name / f"night{night}" / a)), full=reality, catalog=catalog),
                 }
             )
             print(_table(rows[-1:], header=night == 1), flush=True)
-            if lines := llm_lines(arms, queue, full, stream_acc, catalog):
+            if lines := llm_lines(arms, queue, reality, stream_acc, catalog):
                 print(f"  night {night} P(correct) by (task, LLM), corrected ones: {lines}", flush=True)
     silver = runs_history(storage, arms[0].runs).outcomes.filter(pl.col("label_source") == "silver")
-    checked = silver.join(full.outcomes.select("query_id", "model", pl.col("correct").alias("_truth")), on=["query_id", "model"])
+    checked = silver.join(reality.outcomes.select("query_id", "model", pl.col("correct").alias("_truth")), on=["query_id", "model"])
     print(
         f"\n{name}: the audited arm's silver verdicts: {checked.height} (query, LLM) rows, mean silver "
         f"{share(checked['correct']):.2f} vs their true accuracy {share(checked['_truth']):.2f}, agreeing on "
@@ -363,6 +382,7 @@ def explore_columns(
                 "spend explore USD": report["spent_usd"],
                 "ECE explore": calibration(arm.trained, queue, calls_of(arm.name), full, catalog),
                 "moved explore": moved(outcomes[arm.name].plan, outcomes["never"].plan),
+                "drift explore": drift_cell(report),
             }
         if arm.oracle:
             out |= {
@@ -370,6 +390,21 @@ def explore_columns(
                 f"moved {arm.name}": moved(outcomes[arm.name].plan, outcomes["never"].plan),
             }
     return out
+
+
+def drift_cell(report: dict[str, Any]) -> str:
+    """A run's drift warnings, short: kind, name (the task of a labels' one), direction, source."""
+    return "; ".join(
+        f"{d['kind']} {d['name']}{' on ' + d['task'] if d.get('task') else ''} {d['direction']}"
+        + (" (labels)" if d.get("source") == "labels" else "")
+        for d in report.get("drift") or []
+    )
+
+
+def drifted_share(calls: pl.DataFrame, drifts: list[Drift]) -> float:
+    """Share of a run's plan calls (audit calls apart) that went to a drifted LLM."""
+    plan = calls.filter(~pl.col("query_id").str.contains("#"))
+    return share(plan["model"].is_in(pl.Series([d.model for d in drifts], dtype=pl.String).implode()))
 
 
 def per_query(results: pl.DataFrame, truth: Truth) -> pl.DataFrame:
@@ -421,11 +456,12 @@ def paired_gain(rows: list[dict[str, Any]], arm: str, against: str, draws: int =
 COLUMNS = [
     "night", "labels in", "realized", "audited est", "ci low", "ci high", "covered", "planned", "ECE learned",
     "ECE never", "deferred", "acc no audit", "acc never learned", "moved", "budget USD", "spend USD", "audit USD",
-    "audits", "refs delivered", "seconds", "by task", "drift",
+    "audits", "refs delivered", "seconds", "by task", "drift", "drifted calls",
 ]  # fmt: skip
 # the explore and oracle arms' columns, shown when the run has them
 EXTRA_COLUMNS = [
     "acc explore", "explored", "explore calls", "explore USD", "spend explore USD", "ECE explore", "moved explore",
+    "drift explore",
     "acc oracle_labels", "moved oracle_labels", "acc oracle", "moved oracle",
 ]  # fmt: skip
 
@@ -483,7 +519,19 @@ def main(argv: list[str] | None = None) -> int:
         "(exploring every LLM there, at no cost), and oracle, retrained each night on every LLM's verdict on the "
         "whole stream but that night's queries (the ceiling of learning from the stream)",
     )
+    parser.add_argument(
+        "--drift",
+        action="append",
+        default=[],
+        help="LLM=OTHER or LLM:-0.2 (repeatable): the test server answers LLM from a degraded source from night 1 "
+        "on (OTHER's recorded answers, or that much accuracy lost) while the history says it is good",
+    )
     args = parser.parse_args(argv)
+    try:
+        for spec in args.drift:
+            Drift.parse(spec)
+    except ValueError as exc:
+        parser.error(str(exc))
     # The report's frontier chart re-solves each run at a dozen budgets (~20 s a night here): not what this
     # bench measures, so its runs skip it (the run's plan, dispatch and report are otherwise the CLI's).
     pipeline.plan_frontier = lambda *_, **__: []  # type: ignore[assignment]
@@ -504,14 +552,16 @@ def main(argv: list[str] | None = None) -> int:
                 f"{np.mean([r['ECE learned'] for r in last]):.3f} vs never {np.mean([r['ECE never'] for r in last]):.3f}; "
                 f"accuracy with audits {np.mean([r['realized'] for r in rows]):.3f}, without "
                 f"{np.mean([r['acc no audit'] for r in rows]):.3f}, never learned "
-                f"{np.mean([r['acc never learned'] for r in rows]):.3f} (mean over nights); night 1 audits cost "
-                f"{100 * (rows[0]['acc no audit'] - rows[0]['realized']):+.1f} pts",
+                f"{np.mean([r['acc never learned'] for r in rows]):.3f}"
+                + (f", explore {np.mean([r['acc explore'] for r in rows]):.3f}" if "acc explore" in rows[0] else "")
+                + f" (mean over nights); night 1 audits cost {100 * (rows[0]['acc no audit'] - rows[0]['realized']):+.1f} pts"
+                + (f" (explore {100 * (rows[0]['acc no audit'] - rows[0]['acc explore']):+.1f})" if "acc explore" in rows[0] else ""),
                 flush=True,
             )
             learning = [r for r in rows if r["labels in"] > 0] or rows
             print(f"\nAccuracy gain at the same budget (paired bootstrap over queries within nights, 95%), {name}:\n")
             pairs = [("audited", "never"), ("no_audit", "never"), ("audited", "no_audit")]
-            extra = (("explore", "never"), ("explore", "audited"), ("oracle_labels", "never"), ("oracle", "never"))
+            extra = (("explore", "never"), ("explore", "audited"), ("explore", "no_audit"), ("oracle_labels", "never"), ("oracle", "never"))
             pairs += [(a, b) for a, b in extra if a in rows[0]["_scored"]]
             print("| nights | " + " | ".join(f"{a} - {b}".replace("_", " ") for a, b in pairs) + " |")
             print("|---|" + "---|" * len(pairs))

@@ -51,6 +51,7 @@ OUTCOMES = Asset(name="batchplan_outcomes", uri="batchplan://outcomes")
             "the report lists them. Off: such a name fails the run at plan, naming the queued tenants.",
         ),
         "backend": Param("replay", enum=["replay", "openai", "bedrock"]),
+        **common.audit_params(),
         **rounds.params(),
     },
 )

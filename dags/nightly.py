@@ -14,7 +14,9 @@ outcomes and their reports re-rendered with the accuracy measured on them) -> `d
 
 **Audits**: `audit_share` (empty: 5% for a live backend, none for replay; in rounds too) of the queries also get a
 reference answer inside the budget; the report's first lines give the audited accuracy with its 95% interval
-and any drift (an LLM or task outside the predictor's interval).
+and any drift (an LLM or task outside the predictor's interval). `explore_share` (default 0): at most that share
+of the budget on calls of the LLMs the reference does not call, on the audited queries, so labels and silver
+reach LLMs the plan never calls.
 
 **Report**: the *batchplan report* tab of the run (plugin `dags/plugins/batchplan_reports.py`), or
 `reports/nightly-<date>/report.html` in the bucket; the `report` task's log has the one-line summary.
@@ -119,14 +121,7 @@ def _sensor_key(params: dict[str, Any], logical_date: Any) -> str:
             maximum=common.MAX_SHARDS,
             description="Upper bound on parallel dispatch tasks.",
         ),
-        "audit_share": Param(
-            None,
-            type=["number", "null"],
-            minimum=0,
-            maximum=0.99,
-            description="Share of queries that also get a reference answer inside the budget (accuracy without "
-            "gold, drift); empty = 0.05 for a live backend, 0 for replay.",
-        ),
+        **common.audit_params(),
         **rounds.params(),
     },
 )

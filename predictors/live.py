@@ -55,7 +55,7 @@ EB_MIN_ROWS: Final = 5
 EB_MIN_PAIRS: Final = 6
 EB_MAX_ROWS: Final = 10_000.0
 EB_Z: Final = 1.645  # one-sided 95%: the pooled spread
-EB_OWN_Z: Final = 2.576  # one LLM standing out alone: its own z beyond 2.58 (nine LLMs read one by chance 9% of nights)
+EB_OWN_Z: Final = 1.96  # one LLM standing out alone: its own z beyond 1.96 (at 2.58 a drifted LLM was pinned to its task: README)
 MAX_OFFSET: Final = 3.0  # |delta| at most (logit units): a handful of labels never flips a model to 0 or 1
 
 OFFSET_SCHEMA = pl.Schema(

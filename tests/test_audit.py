@@ -486,3 +486,26 @@ def test_a_correction_inside_its_own_noise_is_shrunk_to_the_posterior() -> None:
     assert found["audited"] == 2
     assert found["estimated_accuracy"] == pytest.approx(0.8)  # nothing kept: the posterior itself
     assert found["per_task"][0]["correction_kept"] == 0.0  # below MIN_CORRECTION_ROWS audited queries
+
+
+def test_live_labels_outside_the_history_are_said_as_drift() -> None:
+    """A provider silently degraded an LLM: its live labels (the live correction's rows) read 3 of 12 right where
+    the history predicted 0.9; the report's drift names it, with the labels' interval, in its first lines. An
+    LLM whose labels agree with the history, a task not in tonight's queue, and an LLM with fewer than
+    MIN_LABEL_ROWS labels say nothing."""
+    import numpy as np
+
+    from batchplan.plans.audit import MIN_LABEL_ROWS, drift_lines, label_drift
+    from batchplan.predictors.live import LiveCorrection
+
+    rows = [("t", "bad", [1] * 3 + [0] * 9), ("t", "good", [1] * 11 + [0]), ("u", "bad", [0] * 12),
+            ("t", "few", [0] * (MIN_LABEL_ROWS - 1))]  # fmt: skip
+    task = np.array([t for t, _, ys in rows for _ in ys])
+    model = np.array([m for _, m, ys in rows for _ in ys])
+    y = np.array([v for _, _, ys in rows for v in ys], dtype=float)
+    live = LiveCorrection.fit(task, model, y, np.full(len(y), 0.9), np.ones(len(y)), np.ones(len(y), dtype=bool))
+    found = label_drift(live.offsets, {"t"})
+    assert [(d["name"], d["task"], d["direction"], d["calls"]) for d in found] == [("bad", "t", "worse", 12)]
+    assert found[0]["ci95"][1] < found[0]["predicted_accuracy"] == pytest.approx(0.9)
+    (line,) = drift_lines({"drift": found})
+    assert line.startswith("DRIFT: LLM bad on t is worse than the history says: labelled accuracy 25.0% over 12 labels")

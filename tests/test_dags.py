@@ -414,6 +414,21 @@ def test_tenant_budget_params_are_validated() -> None:
             common.RunParams.from_params({"budget_usd": 1.0, "tenant_budgets_usd": bad})
 
 
+def test_explore_share_is_a_param_of_both_run_dags(dagbag: Any) -> None:
+    """explore_share (default 0, as audit_share's neighbour) reaches the run's request; out of [0, 1) is refused."""
+    for dag_id in ("batchplan_nightly", "batchplan_backfill"):
+        dag = dagbag.get_dag(dag_id)
+        assert {"audit_share", "explore_share"} <= set(dag.params)
+        assert dag.params.validate()["explore_share"] == 0.0
+    assert common.RunParams.from_params({"budget_usd": 1.0}).request().explore_share == 0.0
+    assert common.RunParams.from_params({"budget_usd": 1.0, "explore_share": None}).explore_share == 0.0
+    asked = common.RunParams.from_params({"budget_usd": 1.0, "audit_share": 0.1, "explore_share": 0.05})
+    assert asked.request().explore_share == 0.05
+    for bad in (1.0, -0.1, "lots"):
+        with pytest.raises(ContractError, match="explore_share"):
+            common.RunParams.from_params({"budget_usd": 1.0, "explore_share": bad})
+
+
 # --------------------------------------------------------------------------------------------- the runs
 @pytest.mark.slow
 def test_retrain_bootstraps_the_first_predictor(seeded: Done) -> None:
@@ -756,12 +771,14 @@ def test_nightly_audits_inside_the_budget_and_says_the_estimate_in_its_report(
     the likelier right (as the CLI does) while the estimate reads the plan's own answers, the report (and the
     run page's tab) gives the audited estimate with its interval, and the drift task emits the retrain's
     Asset only when drift was found."""
-    from batchplan.core.contracts import audited_query_id
+    from batchplan.core.contracts import audited_query_id, is_exploration
     from batchplan.plans.audit import AUDIT_DELIVERED_NOTE
 
     budget = 0.5  # the references (the history's best LLMs) of 45 queries cost ~$0.13 on this mix
     env = copy_of(seeded)
-    conf = {"budget_usd": budget, "max_shards": 2, "allow_deferral": True, "queue_date": ROUNDS_DAY, "audit_share": 0.1}
+    # and exploring: at most 5% of the budget on the LLMs the references do not call, on the audited queries
+    conf = {"budget_usd": budget, "max_shards": 2, "allow_deferral": True, "queue_date": ROUNDS_DAY, "audit_share": 0.1,
+            "explore_share": 0.05}  # fmt: skip
     dag_run = _run(
         # a logical date of its own: the rounds test's run of 2026-03-03 02:00 sits in the same Airflow database
         dagbag, env, "batchplan_nightly", "nightly (audits)", logical_date=datetime(2026, 3, 3, 4, tzinfo=UTC), run_conf=conf
@@ -773,6 +790,8 @@ def test_nightly_audits_inside_the_budget_and_says_the_estimate_in_its_report(
     assert manifest["queries"] == queue_days[ROUNDS_DAY].height  # the delivered answers, one per query
     assert manifest["spent_usd"] <= budget  # the reference calls inside it
     audits = storage.read_frame(stages.audit_results_file(lay, run))
+    explored = audits.filter(is_exploration())
+    audits = audits.filter(~is_exploration())
     assert audits.height == round(0.1 * queue_days[ROUNDS_DAY].height)
     report = json.loads(storage.read_text(f"{lay.reports(run)}/report.json"))
     low, high = report["estimated_accuracy_ci95"]
@@ -780,6 +799,11 @@ def test_nightly_audits_inside_the_budget_and_says_the_estimate_in_its_report(
     if manifest["rounds"]:  # in rounds: the rounds' posterior corrected by the audited sample, as the CLI's run
         assert report["audit"]["method"].startswith("difference estimator")
     assert report["spent_usd"] == pytest.approx(manifest["spent_usd"])
+    exploration = report["audit"]["exploration"]  # the explore_share param reached the plan, inside the budget
+    assert exploration["queries"] == explored.height > 0
+    assert exploration["calls"] >= explored.height
+    assert exploration["spent_usd"] <= 0.05 * budget + 1e-9
+    assert {audited_query_id(q) for q in explored["query_id"]} <= {audited_query_id(q) for q in audits["query_id"]}
     assert states["drift"] == ("success" if report["drift"] else "skipped")
     assert "audited estimate" in stages.report_html_for(storage, lay, "batchplan_nightly", dag_run.run_id)
     # the paid references delivered: each swapped query now carries its reference's answer...

@@ -477,3 +477,32 @@ def test_a_cut_answer_is_billed_at_its_recorded_rate(tmp_path: Path) -> None:
     tokens_in = dict(outcomes.filter(pl.col("model") == model).select("query_id", "tokens_in").iter_rows())
     for e in cut:  # 3x the list price of the tokens sent, where the list price off the uncut ones left ~30x
         assert e["usd"] == pytest.approx(3 * (tokens_in[e["q"]] + 32) * 3.0 / 1e6)
+
+
+def test_a_drifted_llm_is_answered_from_its_degraded_source(history: History, tmp_path: Path) -> None:
+    """``--drift LLM=OTHER``: the server answers LLM's calls with OTHER's recorded answers (LLM's own bill), and
+    ``LLM:-0.3`` turns that share of its answers wrong, drawn from its right ones; the other LLMs answer as
+    recorded. ``drifted_history`` is what the server answers from (what a bench scores against)."""
+    from tests.support.replay_server import Drift, drifted_history
+
+    queue = queue_of(history, 60)
+    strong, weak = history.models[0], history.models[1]
+    drift = [Drift.parse(f"{strong}={weak}")]
+    with ReplayServer(history, drift=drift) as server:
+        got = _to_one_llm(queue, strong, openai(server, history), tmp_path / "run", DispatchOptions(retry=FAST_RETRY))
+        other = _to_one_llm(queue, weak, openai(server, history), tmp_path / "weak", DispatchOptions(retry=FAST_RETRY))
+    answers = {q: a for (q, m), (a, _) in recorded(history).items() if m == weak}
+    costs = {q: c for (q, m), (_, c) in recorded(history).items() if m == strong}
+    assert {q: a for q, a in got.select("query_id", "answer").iter_rows()} == {q: answers[q] for q in queue["query_id"]}
+    assert got["cost_usd"].to_list() == pytest.approx([costs[q] for q in got["query_id"]])
+    assert other["answer"].to_list() == [answers[q] for q in other["query_id"]]
+
+    before = history.outcomes.filter(pl.col("model") == strong)
+    after = drifted_history(history, [Drift.parse(f"{strong}:-0.3")]).outcomes.filter(pl.col("model") == strong)
+    assert float(after["correct"].mean()) == pytest.approx(float(before["correct"].mean()) - 0.3, abs=0.05)
+    assert not (after["correct"] & ~before["correct"]).any()  # only right answers are turned
+    judged = after.join(history.queries.select("query_id", "gold"), on="query_id")
+    assert ((judged["answer"] == judged["gold"]) == judged["correct"]).all()
+    for bad in ("nope", f"{strong}:0.2", f"{strong}={strong}", "no-such-llm:-0.1"):
+        with pytest.raises(ValueError, match="--drift"):
+            drifted_history(history, [Drift.parse(bad)])

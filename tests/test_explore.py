@@ -12,7 +12,7 @@ import pytest
 
 from batchplan.app import artifacts
 from batchplan.app.outcomes import runs_history
-from batchplan.app.pipeline import Job, run_job
+from batchplan.app.pipeline import Job, dispatch_dir, ledger_events, run_job
 from batchplan.core.contracts import ContractError, audited_query_id, explore_id, is_audit, is_exploration
 from batchplan.core.history import History, combine_histories, load_history
 from batchplan.core.storage import Storage
@@ -89,6 +89,9 @@ def test_exploration_stays_inside_the_budget_and_its_share_and_is_recorded_in_ou
     assert explored["calls"] > explored["queries"]
     assert report["spent_usd"] <= BUDGET + 1e-12  # references, exploration and the batch under one budget
     assert explored["spent_usd"] <= EXPLORE * BUDGET + 1e-12
+    # the report's spend is the bill: the exploration's calls counted beside the batch's and the references'
+    charged = [e for e in ledger_events(Storage(), dispatch_dir(str(tmp_path / "run"))) if e.get("e") == "c"]
+    assert report["spent_usd"] == pytest.approx(sum(float(e.get("usd") or 0.0) for e in charged))
     plan = pl.read_parquet(tmp_path / "run" / "plan.parquet")
     rows = plan.filter(is_exploration())
     assert rows.height == explored["queries"]
@@ -173,15 +176,16 @@ def test_llm_level_follows_an_llm_that_stands_out_and_not_the_noise_of_the_rest(
     base = np.log(0.8 / 0.2)
     own_p = 1 / (1 + np.exp(-(base + noise["offset"].to_numpy())))
     labels = noise["live_acc"].to_numpy()
-    # no LLM chases its own noise: the LLMs' estimates spread by under a quarter of their labels' spread (10
-    # fixed pseudo-rows against 30 labels kept three quarters of it)
-    assert own_p.max() - own_p.min() < 0.25 * (labels.max() - labels.min())
+    # no LLM chases its own noise: the LLMs' estimates spread by well under half their labels' spread (10 fixed
+    # pseudo-rows against 30 labels kept three quarters of it; a z beyond 1.96 by chance, m3 at 20 of 30, is
+    # followed part of the way by design: README, the drift stream)
+    assert own_p.max() - own_p.min() < 0.4 * (labels.max() - labels.min())
     drifted = np.where(model == "m0", 0.0, y)
     offsets = LiveCorrection.fit(task, model, drifted, p, w, gold, query=query).offsets
     own = offsets.filter(pl.col("model") == "m0")["offset"].item()
     rest = offsets.filter(pl.col("model") != "m0")
     off = (rest["offset"] - rest["task_offset"]).abs().sort().to_numpy()
     assert own < float(np.median(rest["offset"].to_numpy())) - 1.5  # m0 stands out of the noise: it moves
-    # the rest stay with their task, but for one at most: a z beyond 2.58 by chance (m8, 28 of 30 right) is
-    # followed by design (nine LLMs: 9% of nights)
+    # the rest stay with their task, but for one at most: a z beyond 1.96 by chance (m8, 28 of 30 right) is
+    # followed by design (nine LLMs: one about every third night, each part of the way)
     assert off[-2] < 0.01

@@ -64,7 +64,14 @@ from batchplan.dispatchers import (
 )
 from batchplan.dispatchers.executor import Progress
 from batchplan.dispatchers.limits import MAX_TOKENS, MAX_TOKENS_OPEN, OutputCaps
-from batchplan.plans.audit import AuditInputs, audit_queue, deliver_references, estimate_audit, posterior_base
+from batchplan.plans.audit import (
+    AuditInputs,
+    audit_queue,
+    deliver_references,
+    estimate_audit,
+    label_drift,
+    posterior_base,
+)
 from batchplan.plans.best_single import best_single_map
 from batchplan.plans.candidates import Candidates, build_candidates
 from batchplan.plans.frontier import frontier_uri, plan_frontier, read_frontier, write_frontier
@@ -566,6 +573,10 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
     )
     if in_rounds and (modes_used := dispatch_modes(storage, job.out_uri, rounds)) is not None:
         report.dispatch_modes = modes_used  # the batch API's share, its fallbacks
+    # the live labels of past runs that put an LLM outside the history's estimate: said with the audits' drift
+    tasks = set(ingested.queue["task"].unique().to_list())
+    if labelled := label_drift(trained.predictor.live.offsets, tasks):
+        report.drift = [*(report.drift or []), *labelled]
     report = report_with_labels(storage, job.out_uri, results, report)  # a rerun after `batchplan label`
     paths |= write_report(report, job.out_uri, storage)
     log.info("run", summary=summary_line(report), out=job.out_uri, seconds=round(time.perf_counter() - started, 2))

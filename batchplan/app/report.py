@@ -342,9 +342,11 @@ def build_report(
 
 def _add_audit(report: dict[str, Any], audit: dict[str, Any]) -> None:
     """The audits' estimate at the top of the report: it replaces a posterior estimate (the report names which
-    one it is), keeps planned_accuracy as the predictor's promise, and the reference calls' spend counts."""
+    one it is), keeps planned_accuracy as the predictor's promise, and the reference and exploration calls' spend
+    counts."""
     report["audit"] = audit
-    report["spent_usd"] += audit["spent_usd"]
+    # the exploration's calls are billed beside the references' (``audit.spent_usd`` is the references' alone)
+    report["spent_usd"] += audit["spent_usd"] + float((audit.get("exploration") or {}).get("spent_usd", 0.0))
     if audit.get("estimated_accuracy") is not None:
         report["estimated_accuracy"] = audit["estimated_accuracy"]
         report["estimated_accuracy_source"] = "audit"

@@ -4,6 +4,7 @@ queue's day and URIs, the day's claim (one DAG run per queue)."""
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
@@ -62,6 +63,7 @@ class RunParams:
     round_planner: str = DEFAULT_ROUND_PLANNER
     audit_share: float = 0.0  # the share of queries audited (batchplan.plans.audit); default by backend
     audit_spend_share: float | None = None  # and at most this share of the budget on them (the live default caps)
+    explore_share: float = 0.0  # at most this share of the budget exploring on the audit sample (PlanRequest's)
     batch_api: bool = False  # rounds sent as provider batch jobs (in rounds even when rounds == 1)
 
     @property
@@ -103,6 +105,7 @@ class RunParams:
             audit_spend_share=default_audit_spend_share(
                 None, params.get("audit_share") or None, str(params.get("backend") or "replay")
             ),
+            explore_share=_explore_share(params.get("explore_share")),
             batch_api=batch_api,
         )
 
@@ -117,6 +120,7 @@ class RunParams:
             allow_unused_constraints=self.allow_unused_constraints,
             audit_share=self.audit_share,
             audit_spend_share=self.audit_spend_share,
+            explore_share=self.explore_share,
         )
 
 
@@ -128,6 +132,41 @@ def _audit_share(raw: Any, backend: str) -> float:
         return default_audit_share(None if raw in (None, "") else float(raw), backend)
     except (TypeError, ValueError):
         raise ContractError(f"audit_share must be a number in [0, 1), got {raw!r}") from None
+
+
+def _explore_share(raw: Any) -> float:
+    """The ``explore_share`` param: empty = 0 (no exploration)."""
+    try:
+        share = 0.0 if raw in (None, "") else float(raw)
+    except (TypeError, ValueError):
+        share = math.nan
+    if not 0 <= share < 1:
+        raise ContractError(f"explore_share must be a number in [0, 1), got {raw!r}")
+    return share
+
+
+def audit_params() -> dict[str, Any]:
+    """The ``audit_share`` and ``explore_share`` params of the nightly and backfill DAGs."""
+    from airflow.sdk import Param
+
+    return {
+        "audit_share": Param(
+            None,
+            type=["number", "null"],
+            minimum=0,
+            maximum=0.99,
+            description="Share of queries that also get a reference answer inside the budget (accuracy without "
+            "gold, drift); empty = 0.05 for a live backend, 0 for replay.",
+        ),
+        "explore_share": Param(
+            0.0,
+            type=["number", "null"],
+            minimum=0,
+            maximum=0.99,
+            description="At most this share of the budget on calls of the LLMs the audit's reference does not call, "
+            "on the audited queries (labels and silver reach the LLMs the plan never calls); 0: none.",
+        ),
+    }
 
 
 def _tenant_budgets(raw: Any) -> dict[str, float]:

@@ -147,7 +147,7 @@ def plan_stage(
 
     manifest_uri = lay.shards_manifest(run)
     request = params.request()
-    if request.audit_share > 0:  # the run's own sample: the same when the task is retried
+    if request.audit_share > 0 or request.explore_share > 0:  # the run's own sample: the same when retried
         request = dataclasses.replace(request, audit_seed=run)
     if storage.exists(manifest_uri):
         stored = json.loads(storage.read_bytes(manifest_uri))
@@ -172,7 +172,9 @@ def plan_stage(
     caps = artifacts.load_output_caps(storage, lay.models(), version) if version else None
     candidates = build_candidates(queue.drop("day", strict=False), predictions, templates, request.kinds)
     model = artifacts.load_audit(storage, lay.models(), version) if version and request.audit_share > 0 else None
-    audit = plan_audits(queue.drop("day", strict=False), predictions, model, request)
+    # exploration asks the LLMs with the fewest live labels first: the promoted predictor's live correction
+    live = artifacts.load(storage, lay.models(), version).predictor.live.offsets if request.explore_share > 0 else None
+    audit = plan_audits(queue.drop("day", strict=False), predictions, model, request, live)
     if audit is not None:
         storage.write_frame(audit, lay.plan_file(run, AUDIT_PLAN_FILE))
     planned = optimize(candidates, request, templates, audit)

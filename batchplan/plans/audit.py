@@ -680,9 +680,7 @@ def llm_drift(
         s = float(np.mean([o[1] for o in obs]))
         q = float(np.mean([o[2] for o in obs]))
         predicted = float(np.nanmean([o[3] for o in obs]))
-        centre = (a + Z95**2 / (2 * n)) / (1 + Z95**2 / n)
-        half = Z95 * math.sqrt(a * (1 - a) / n + Z95**2 / (4 * n * n)) / (1 + Z95**2 / n)
-        low, high = (float(np.clip((x - q) / (s - q), 0.0, 1.0)) for x in (centre - half, centre + half))
+        low, high = (float(np.clip((x - q) / (s - q), 0.0, 1.0)) for x in wilson(a, n))
         implied = float(np.clip((a - q) / (s - q), 0.0, 1.0))
         if not low <= predicted <= high:
             found.append(
@@ -700,12 +698,50 @@ def llm_drift(
     return sorted(found, key=lambda e: (e["direction"] != "worse", e["estimated_accuracy"] - e["predicted_accuracy"]))
 
 
+def wilson(share: float, n: int) -> tuple[float, float]:
+    """The 95% Wilson interval of a share observed on ``n`` rows (sound at 0 or n of n)."""
+    centre = (share + Z95**2 / (2 * n)) / (1 + Z95**2 / n)
+    half = Z95 * math.sqrt(share * (1 - share) / n + Z95**2 / (4 * n * n)) / (1 + Z95**2 / n)
+    return centre - half, centre + half
+
+
+MIN_LABEL_ROWS: Final = 5  # live labels of a (task, LLM) before they can say it drifted
+
+
+def label_drift(offsets: pl.DataFrame, tasks: set[str]) -> list[dict[str, Any]]:
+    """Per (task, LLM) of tonight's tasks with live labels (the predictor's live correction, ``offsets``:
+    ``predictors.live.OFFSET_SCHEMA``): where the labels' accuracy, with its 95% (Wilson) interval over
+    ``gold_rows``, excludes what the history predicted for those rows (``p_before``). The labels already
+    corrected the estimate this plan used (the live correction); this says the history is off there, out loud.
+
+    Why: an audit sees a handful of queries a night (its spend is capped), too few for an LLM's own interval;
+    the labels of past nights add up, and a provider that silently changed an LLM shows there first."""
+    found = []
+    for task, llm, n, before, acc in offsets.select("task", "model", "gold_rows", "p_before", "live_acc").iter_rows():
+        if task not in tasks or n < MIN_LABEL_ROWS:
+            continue
+        low, high = (float(np.clip(x, 0.0, 1.0)) for x in wilson(float(acc), int(n)))
+        if not low <= before <= high:
+            found.append(
+                {"kind": "llm", "source": "labels", "name": llm, "task": task, "calls": int(n), "predicted_accuracy": float(before),
+                 "estimated_accuracy": float(acc), "ci95": [low, high], "direction": "worse" if before > high else "better"}
+            )  # fmt: skip
+    return sorted(found, key=lambda e: (e["direction"] != "worse", e["estimated_accuracy"] - e["predicted_accuracy"]))
+
+
 def drift_lines(report: dict[str, Any]) -> list[str]:
     """The drift found, one sentence each: the report's first lines."""
     lines = []
     for d in report.get("drift") or []:
         what = "LLM" if d["kind"] == "llm" else "task"
         promised = d.get("predicted_accuracy", d.get("planned_accuracy"))
+        if d.get("source") == "labels":  # the live labels of past runs (``label_drift``): the plan already used them
+            lines.append(
+                f"DRIFT: LLM {d['name']} on {d['task']} is {d['direction']} than the history says: labelled accuracy "
+                f"{d['estimated_accuracy']:.1%} over {d['calls']} labels (95% CI {d['ci95'][0]:.1%}-{d['ci95'][1]:.1%}) "
+                f"against the history's {promised:.1%}; this plan used the labels' correction"
+            )
+            continue
         lines.append(
             f"DRIFT: {what} {d['name']} is {d['direction']} than the history says: audited accuracy "
             f"{d['estimated_accuracy']:.1%} (95% CI {d['ci95'][0]:.1%}-{d['ci95'][1]:.1%}) against the predictor's "

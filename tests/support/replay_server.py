@@ -11,8 +11,15 @@ Faults are drawn per request with the given rates: 429 with Retry-After, 500, sl
 slower than a client's timeout, malformed bodies, connection resets, refusals (billed, not an answer), and
 models that are down (503 always). ``GET /stats`` returns the bill; ``POST /admin/faults`` changes faults.
 
+Drift (``--drift``, ``Drift``): a provider that silently changed an LLM. Its calls are answered from a degraded
+source while the history (what batchplan trained on) still says it is good: ``LLM=OTHER`` gives OTHER's recorded
+answer to the same query (a worse checkpoint behind the same name; the LLM's own usage and bill), ``LLM:-0.2``
+turns that share of the queries, of the ones it answered right, wrong (another option; on open tasks another
+LLM's wrong answer or none). ``drifted_history`` is what the server answers from (a bench scores against it).
+
     python -m tests.support.replay_server --history ../shared/data/cascades --port 8765 --fault-429 0.05
     python -m tests.support.replay_server --synthetic 100000 --models 4 --port 8765
+    python -m tests.support.replay_server --history ../shared/data/cascades --drift gpt-4o-mini=llama3.2-3b
 """
 
 from __future__ import annotations
@@ -32,8 +39,10 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
+import polars as pl
+
 from batchplan.core.contracts import audited_query_id
-from batchplan.core.history import History, load_history, synthetic_history
+from batchplan.core.history import History, load_history, stable_fold, synthetic_history
 
 HOST = "127.0.0.1"
 
@@ -52,6 +61,92 @@ class Faults:
     rate_refusal: float = 0.0  # 200, billed, text is a refusal
     down_models: list[str] = field(default_factory=list)  # always 503
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class Drift:
+    """One LLM the provider silently changed (module docstring): its answers come from ``source`` (another LLM's
+    recorded answers to the same queries), or ``accuracy_delta`` (< 0) of its accuracy is lost: that share of all
+    its answers, drawn from its right ones, turned wrong."""
+
+    model: str
+    source: str | None = None
+    accuracy_delta: float = 0.0
+
+    @classmethod
+    def parse(cls, text: str) -> Drift:
+        """``LLM=OTHER`` or ``LLM:-0.2`` (one line naming the flag on anything else: ValueError)."""
+        if "=" in text:
+            model, source = (part.strip() for part in text.split("=", 1))
+            if model and source and model != source:
+                return cls(model, source=source)
+        elif ":" in text:
+            model, delta = text.rsplit(":", 1)
+            try:
+                value = float(delta)
+            except ValueError:
+                value = 0.0
+            if model.strip() and -1.0 <= value < 0.0:
+                return cls(model.strip(), accuracy_delta=value)
+        raise ValueError(f"--drift {text!r}: give LLM=OTHER (another LLM's answers) or LLM:-0.2 (accuracy lost, in [-1, 0))")
+
+
+def drifted_history(history: History, drifts: Sequence[Drift]) -> History:
+    """``history`` with each drifted LLM's answers (answer, verdict, logprob) replaced as ``Drift`` says; its
+    tokens, cost and latency stay its own (the same price for a worse answer). Queries the source never
+    answered keep the LLM's own."""
+    outcomes = history.outcomes
+    for drift in drifts:
+        if drift.model not in set(outcomes["model"].unique().to_list()):
+            raise ValueError(f"--drift {drift.model!r}: no such LLM in the history")
+        mine = pl.col("model") == drift.model
+        if drift.source is not None:
+            source = outcomes.filter(pl.col("model") == drift.source).select(
+                "query_id", *(pl.col(c).alias(f"_{c}") for c in ("answer", "correct", "logprob"))
+            )
+            if source.height == 0:
+                raise ValueError(f"--drift {drift.model}={drift.source}: no such LLM in the history")
+            joined = outcomes.join(source, on="query_id", how="left")
+            has = mine & pl.col("_correct").is_not_null()
+            outcomes = joined.with_columns(
+                *(pl.when(has).then(pl.col(f"_{c}")).otherwise(pl.col(c)).alias(c) for c in ("answer", "correct", "logprob"))
+            ).drop("_answer", "_correct", "_logprob")
+            continue
+        rows = outcomes.filter(mine)
+        right = rows.filter(pl.col("correct"))
+        share = min(1.0, -drift.accuracy_delta * rows.height / max(right.height, 1))
+        keys = right["query_id"].to_list()
+        turned = [q for q, f in zip(keys, stable_fold(keys, 10_000, 0, salt=f"drift:{drift.model}"), strict=True) if f < share * 10_000]
+        outcomes = outcomes.join(_wrong_answers(history, turned), on="query_id", how="left").with_columns(
+            pl.when(mine & pl.col("query_id").is_in(pl.Series(turned, dtype=pl.String).implode()))
+            .then(pl.col("_wrong"))
+            .otherwise(pl.col("answer"))
+            .alias("answer"),
+            (pl.col("correct") & ~(mine & pl.col("query_id").is_in(pl.Series(turned, dtype=pl.String).implode()))).alias("correct"),
+        ).drop("_wrong")
+    return History(queries=history.queries, outcomes=outcomes.select(history.outcomes.columns), prices=history.prices)
+
+
+def _wrong_answers(history: History, query_ids: list[str]) -> pl.DataFrame:
+    """query_id, _wrong: a wrong answer to each query: its first option other than gold (multiple choice), else the
+    first wrong answer another LLM gave (open tasks; null where none did)."""
+    picked = pl.Series(query_ids, dtype=pl.String).implode()
+    queries = history.queries.filter(pl.col("query_id").is_in(picked))
+    options = queries.filter(pl.col("labels").is_not_null()).select(
+        "query_id", pl.col("labels").list.set_difference(pl.concat_list(pl.col("gold").cast(pl.String))).list.sort().list.first().alias("_wrong")
+    )
+    given = (
+        history.outcomes.filter(pl.col("query_id").is_in(picked) & ~pl.col("correct") & pl.col("answer").is_not_null())
+        .sort("query_id", "model")
+        .group_by("query_id", maintain_order=True)
+        .agg(pl.col("answer").first().alias("_given"))
+    )
+    return (
+        queries.select("query_id")
+        .join(options, on="query_id", how="left")
+        .join(given, on="query_id", how="left")
+        .select("query_id", pl.coalesce("_wrong", "_given").alias("_wrong"))
+    )
 
 
 def prompt_key(system_prompt: str | None, prompt: str) -> str:
@@ -73,9 +168,16 @@ class ReplayServer:
     """Serves one history on 127.0.0.1 from a background thread (``start``/``stop``) or in the foreground."""
 
     def __init__(
-        self, history: History, faults: Faults | None = None, port: int = 0, aliases: dict[str, str] | None = None
+        self,
+        history: History,
+        faults: Faults | None = None,
+        port: int = 0,
+        aliases: dict[str, str] | None = None,
+        drift: Sequence[Drift] = (),
     ) -> None:
-        """``aliases``: provider model names -> the history's model names (as a gateway would name them)."""
+        """``aliases``: provider model names -> the history's model names (as a gateway would name them);
+        ``drift``: LLMs answered from a degraded source (``drifted_history``)."""
+        history = drifted_history(history, drift) if drift else history
         self.faults = faults or Faults()
         self.aliases = dict(aliases or {})
         self._rng = random.Random(self.faults.seed)
@@ -418,8 +520,16 @@ def main(argv: Sequence[str] | None = None) -> None:
         )
         parser.add_argument(flag, dest=f.name, type=float, default=f.default)
     parser.add_argument("--down-model", action="append", default=[], dest="down_models")
+    parser.add_argument(
+        "--drift", action="append", default=[], help="LLM=OTHER or LLM:-0.2: a silently degraded LLM (repeatable)"
+    )
     args = parser.parse_args(argv)
     history = served_history(parser, args)
+    try:
+        drifts = [Drift.parse(d) for d in args.drift]
+        history = drifted_history(history, drifts) if drifts else history
+    except ValueError as exc:
+        parser.error(str(exc))
     faults = Faults(**{f.name: getattr(args, f.name) for f in fields(Faults) if f.name != "seed"}, seed=args.seed)
     aliases = dict(a.split("=", 1) for a in args.alias)
     serve_until_interrupted(ReplayServer(history, faults, port=args.port, aliases=aliases), "replay server")
