@@ -312,7 +312,7 @@ def bench_split(
                 f"{variant}_spent_usd": spend,
                 f"{variant}_within_budget": spend <= budget + 1e-12,
                 f"{variant}_gap": outcome.solution.gap,
-                f"{variant}_kinds": dict(outcome.plan.group_by("kind").len().iter_rows()),
+                f"{variant}_kinds": dict(outcome.plan.group_by("kind").len().sort("kind").iter_rows()),
             }
             if variant == "all":
                 row["all_planned"] = float(outcome.plan["expected_accuracy"].to_numpy().mean())
