@@ -40,8 +40,11 @@ uniform and per task) are printed by ``bench/ceiling.py``: unreachable upper bou
 AIQ (RouterBench's average improvement in quality, here over the budget grid): the area under accuracy vs
 budget (as a share of the best single model's cost) by the trapezoid rule, divided by the grid's width.
 
-    uv run python bench/quality.py [--datasets routerbench,cascades] [--fractions 0.1,0.2] [--json out.json]
-    (``--datasets cascades_shifted``: the shifted split alone)
+    uv run python bench/quality.py [--datasets routerbench,cascades] [--no-shifted] [--fractions 0.1,0.2] [--json out.json]
+
+Which data sets: every one found (``--datasets``: the named ones); wherever ``cascades`` is benched,
+``cascades_shifted`` too unless ``--no-shifted``; ``--datasets cascades_shifted``: the shifted split alone.
+A name that is not a data set here, or ``--no-shifted`` beside ``cascades_shifted``, is refused (exit 2).
 """
 
 from __future__ import annotations
@@ -78,6 +81,28 @@ from batchplan.plans.templates import enumerate_specs
 
 FRACTIONS = (0.1, 0.2, 0.3, 0.5, 0.7, 1.0)
 CV_FOLDS = 5
+SHIFTED = "_shifted"  # the suffix of a split built from a data set by subject_holdout
+SHIFTS = ("cascades",)  # the data sets benched shifted too
+
+
+def bench_jobs(found: list[Path], datasets: str | None, no_shifted: bool) -> list[tuple[Path, bool]]:
+    """(data set directory, shifted) for each split to bench, in ``found``'s order (the module docstring says
+    which). Raises ValueError naming what cannot be benched, rather than quietly benching less."""
+    by_name = {d.name: d for d in found}
+    offered = [*by_name, *(f"{n}{SHIFTED}" for n in SHIFTS if n in by_name)]
+    wanted = [w for w in (datasets or "").split(",") if w] or None
+    if wanted is not None and (unknown := [w for w in wanted if w not in offered]):
+        raise ValueError(f"--datasets: no data set {', '.join(unknown)} here; choose from {', '.join(offered)}")
+    if no_shifted and wanted is not None and (both := [w for w in wanted if w.endswith(SHIFTED)]):
+        raise ValueError(f"--no-shifted skips the shifted splits, but --datasets names {', '.join(both)}")
+    jobs = []
+    for name, directory in by_name.items():
+        plain = wanted is None or name in wanted
+        shifted = name in SHIFTS and (
+            (wanted is not None and f"{name}{SHIFTED}" in wanted) or (plain and not no_shifted)
+        )
+        jobs += [(directory, False)] * plain + [(directory, True)] * shifted
+    return jobs
 
 
 def subject_holdout(history: History, fraction: float = 0.35, seed: int = 0) -> History:
@@ -129,7 +154,7 @@ def bench_dataset(
     history = load_history(str(directory), storage)
     name = directory.name
     if shifted:
-        history, name = subject_holdout(history, seed=settings.seed), f"{directory.name}_shifted"
+        history, name = subject_holdout(history, seed=settings.seed), f"{directory.name}{SHIFTED}"
         splits = [history]
     elif cv_folds < 2 or (history.queries["split"] == "test").any():
         splits = [with_holdout(history, settings.holdout_fraction, settings.seed)]
@@ -287,7 +312,7 @@ def bench_split(
                 f"{variant}_spent_usd": spend,
                 f"{variant}_within_budget": spend <= budget + 1e-12,
                 f"{variant}_gap": outcome.solution.gap,
-                f"{variant}_kinds": dict(outcome.plan.group_by("kind").len().iter_rows()),
+                f"{variant}_kinds": dict(outcome.plan.group_by("kind").len().sort("kind").iter_rows()),
             }
             if variant == "all":
                 row["all_planned"] = float(outcome.plan["expected_accuracy"].to_numpy().mean())
@@ -329,7 +354,12 @@ def aiq(rows: list[dict], column: str) -> float:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data-dir", default=get_settings().data_dir)
-    parser.add_argument("--datasets", default=None, help="comma-separated names (default: every data set found)")
+    parser.add_argument(
+        "--datasets",
+        default=None,
+        help="comma-separated names (default: every data set found); cascades brings cascades_shifted along "
+        "(unless --no-shifted), cascades_shifted alone is the shifted split only",
+    )
     parser.add_argument("--fractions", default=",".join(str(f) for f in FRACTIONS))
     parser.add_argument("--predictor", default="lightgbm")
     parser.add_argument(
@@ -345,7 +375,9 @@ def main(argv: list[str] | None = None) -> int:
         "--rounds-sweep", default="", help="also the posterior planner at these round counts, e.g. 1,2,3,4 (a table)"
     )
     parser.add_argument(
-        "--no-shifted", action="store_true", help="skip cascades_shifted (subjects held out of cascades)"
+        "--no-shifted",
+        action="store_true",
+        help="skip cascades_shifted (subjects held out of cascades), with or without --datasets",
     )
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
     parser.add_argument("--verbose", action="store_true", help="log every stage (to stderr)")
@@ -357,29 +389,23 @@ def main(argv: list[str] | None = None) -> int:
 
     root = Path(args.data_dir)
     found = sorted(p.parent for p in root.glob("*/queries.parquet"))
-    wanted = set(args.datasets.split(",")) if args.datasets else None
-    if wanted is not None:  # cascades_shifted alone: its source is benched shifted only
-        found = [d for d in found if d.name in wanted or f"{d.name}_shifted" in wanted]
     if not found:
         print(f"no data sets under {root}: set BATCHPLAN_DATA_DIR", file=sys.stderr)
         return 1
+    try:
+        jobs = bench_jobs(found, args.datasets, args.no_shifted)
+    except ValueError as refused:
+        parser.error(str(refused))  # one line, exit 2
     fractions = tuple(float(f) for f in args.fractions.split(","))
     storage = Storage()
     rows: list[dict] = []
     sweep = tuple(int(k) for k in args.rounds_sweep.split(",") if k)
     with tempfile.TemporaryDirectory() as workdir:
-        for directory in found:
-            if wanted is None or directory.name in wanted:
-                rows.extend(
-                    bench_dataset(
-                        directory, fractions, args.predictor, storage, workdir, args.cv_folds, args.rounds, sweep=sweep
-                    )
-                )
-            shifted = "cascades_shifted" in wanted if wanted is not None else not args.no_shifted
-            if directory.name == "cascades" and shifted:
-                rows.extend(
-                    bench_dataset(directory, fractions, args.predictor, storage, workdir, 0, args.rounds, True, sweep)
-                )
+        for directory, shifted in jobs:  # a shifted split is one hold-out (cv_folds 0)
+            folds = 0 if shifted else args.cv_folds
+            rows.extend(
+                bench_dataset(directory, fractions, args.predictor, storage, workdir, folds, args.rounds, shifted, sweep)
+            )
     table = pl.DataFrame([{k: v for k, v in r.items() if not k.endswith("_kinds") and k != "replanned_tasks"} for r in rows])
     columns = (
         "singles_accuracy", "all_accuracy", "rounds_accuracy", "posterior_accuracy", "rounds_estimated", "all_planned",

@@ -18,24 +18,19 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-import pendulum
-from airflow.sdk import Asset, Param, dag, task
+from airflow.sdk import Param, dag, task
 
 from batchplan.core.layout import run_key
 from batchplan.dag_tasks import backfill, common, rounds, stages
-
-RESULTS = Asset(name="batchplan_results", uri="batchplan://results")
-OUTCOMES = Asset(name="batchplan_outcomes", uri="batchplan://outcomes")
+from batchplan.dag_tasks.run_tasks import DAG_DEFAULTS, run_tasks
 
 
 @dag(
     dag_id="batchplan_backfill",
     schedule=None,
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
+    **DAG_DEFAULTS,
     max_active_runs=1,
     doc_md=__doc__,
-    tags=["batchplan"],
     default_args={"retries": 2, "retry_delay": timedelta(minutes=2)},
     params={
         "start_date": Param("2026-01-01", type="string", format="date", description="First day (YYYY-MM-DD)."),
@@ -71,51 +66,8 @@ def batchplan_backfill() -> None:
         sources = [(d, lay.queue(d)) for d in info["days"]]
         return info | stages.ingest_stage(storage, lay, info["run"], sources)
 
-    @task
-    def predict(info: dict[str, Any], params: Any = None) -> dict[str, Any]:
-        return info | stages.predict_stage(
-            common.storage_from_connection(), common.layout(), info["run"], params["backend"]
-        )
-
-    @task
-    def plan(info: dict[str, Any], params: Any = None) -> list[dict[str, Any]]:
-        run_params = common.RunParams.from_params(params)
-        return stages.plan_stage(
-            common.storage_from_connection(), common.layout(), info["run"], run_params, group_by="day"
-        )
-
-    @task(max_active_tis_per_dagrun=1, retries=3)
-    def dispatch_day(shard: dict[str, Any], params: Any = None) -> dict[str, Any]:
-        return rounds.dispatch_task(shard, params)
-
-    @task(outlets=[RESULTS, OUTCOMES])
-    def merge(
-        info: dict[str, Any],
-        days: list[dict[str, Any]],
-        done: list[dict[str, Any]],
-        rounds_done: dict[str, Any],
-        params: Any = None,
-    ) -> dict[str, Any]:
-        for summary in done:
-            if not summary.get("in_rounds"):
-                print(
-                    f"{summary['group']}: ${summary['spent_usd']:.4f} of ${summary['budget_usd']:.4f} share, {summary['status']}"
-                )
-        return rounds.merge_task(info["run"], days, params)
-
-    @task
-    def report(info: dict[str, Any], merged: dict[str, Any], params: Any = None, dag_run: Any = None) -> dict[str, Any]:
-        storage, lay = common.storage_from_connection(), common.layout()
-        out = stages.report_stage(storage, lay, info["run"], params["backend"], run_id=dag_run.run_id)
-        stages.index_report(storage, lay, dag_run.dag_id, dag_run.run_id, info["run"])
-        print(f"batchplan report: {out['summary']}\nskipped days: {info['skipped']}\nHTML: {out['paths']['html']}")
-        return out
-
-    claimed = claim()
-    ingested = ingest(claimed)
-    days = plan(predict(ingested))
-    done = dispatch_day.expand(shard=days)
-    report(ingested, merge(ingested, days, done, rounds.round_tasks(ingested, done)))
+    # one shard per day, dispatched one day at a time (a failed day resumes from its ledger)
+    run_tasks(ingest(claim()), dispatch_task_id="dispatch_day", dispatch_parallel=1, group_by="day")
 
 
 batchplan_backfill()

@@ -50,16 +50,14 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-import pendulum
 from airflow.providers.amazon.aws.sensors.s3 import S3KeySensor
-from airflow.sdk import Asset, Param, dag, task
+from airflow.sdk import Param, dag, task
 
 from batchplan.core.layout import run_key
 from batchplan.dag_tasks import common, rounds, stages
+from batchplan.dag_tasks.run_tasks import DAG_DEFAULTS, asset, run_tasks
 
-RESULTS = Asset(name="batchplan_results", uri="batchplan://results")
-DRIFT = Asset(name="batchplan_drift", uri="batchplan://drift")  # the audits found the history off: retrain
-OUTCOMES = Asset(name="batchplan_outcomes", uri="batchplan://outcomes")
+DRIFT = asset("batchplan_drift")  # the audits found the history off: retrain
 
 
 def _sensor_key(params: dict[str, Any], logical_date: Any) -> str:
@@ -69,14 +67,12 @@ def _sensor_key(params: dict[str, Any], logical_date: Any) -> str:
 @dag(
     dag_id="batchplan_nightly",
     schedule="0 2 * * *",
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
+    **DAG_DEFAULTS,
     # More than one: a run triggered by hand must not queue behind the scheduled run that unpausing creates,
     # which may wait hours in the sensor for a queue that is not there yet. Runs for the same day cannot
     # collide: the day's claim (ingest) lets one of them through and skips the other.
     max_active_runs=4,
     doc_md=__doc__,
-    tags=["batchplan"],
     default_args={"retries": 2, "retry_delay": timedelta(minutes=2), "retry_exponential_backoff": True},
     user_defined_macros={"batchplan_sensor_key": _sensor_key},
     params={
@@ -150,48 +146,6 @@ def batchplan_nightly() -> None:
             raise AirflowSkipException(str(error)) from error
         return {"run": run, "day": day} | stages.ingest_stage(storage, lay, run, common.queue_uri(lay, params, day))
 
-    @task
-    def predict(info: dict[str, Any], params: Any = None) -> dict[str, Any]:
-        return info | stages.predict_stage(
-            common.storage_from_connection(), common.layout(), info["run"], params["backend"]
-        )
-
-    @task
-    def plan(info: dict[str, Any], params: Any = None) -> list[dict[str, Any]]:
-        run_params = common.RunParams.from_params(params)
-        return stages.plan_stage(common.storage_from_connection(), common.layout(), info["run"], run_params)
-
-    @task(max_active_tis_per_dagrun=8, retries=3)
-    def dispatch(shard: dict[str, Any], params: Any = None) -> dict[str, Any]:
-        return rounds.dispatch_task(shard, params)
-
-    @task(outlets=[RESULTS, OUTCOMES])
-    def merge(
-        info: dict[str, Any],
-        shards: list[dict[str, Any]],
-        done: list[dict[str, Any]],
-        rounds_done: dict[str, Any],
-        params: Any = None,
-    ) -> dict[str, Any]:
-        manifest = rounds.merge_task(info["run"], shards, params)
-        print(
-            f"batchplan {info['run']}: {len(list(done))} shards, spend ${manifest['spent_usd']:.4f} of budget {manifest['budget_usd']}"
-        )
-        return manifest
-
-    @task
-    def report(info: dict[str, Any], merged: dict[str, Any], params: Any = None, dag_run: Any = None) -> dict[str, Any]:
-        out = stages.report_stage(
-            common.storage_from_connection(), common.layout(), info["run"], params["backend"], run_id=dag_run.run_id
-        )
-        stages.index_report(
-            common.storage_from_connection(), common.layout(), dag_run.dag_id, dag_run.run_id, info["run"]
-        )
-        print(f"batchplan report: {out['summary']}\nHTML: {out['paths']['html']}")
-        for line in out["drift"]:
-            print(f"batchplan DRIFT: {line['kind']} {line['name']} is {line['direction']} than the history says")
-        return out
-
     @task(outlets=[DRIFT])
     def drift(reported: dict[str, Any]) -> list[dict[str, Any]]:
         """Emits the drift Asset (the retrain DAG's trigger) only when the audits found drift: a skipped task
@@ -204,11 +158,7 @@ def batchplan_nightly() -> None:
 
     ingested = ingest()
     wait_for_queue >> ingested
-    predicted = predict(ingested)
-    shards = plan(predicted)
-    done = dispatch.expand(shard=shards)
-    merged = merge(ingested, shards, done, rounds.round_tasks(ingested, done))
-    drift(report(ingested, merged))
+    drift(run_tasks(ingested))
 
 
 batchplan_nightly()

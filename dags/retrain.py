@@ -18,24 +18,22 @@ from __future__ import annotations
 from datetime import timedelta
 from typing import Any
 
-import pendulum
-from airflow.sdk import Asset, Param, dag, task
+from airflow.sdk import Param, dag, task
 
 from batchplan.app.promotion import MIN_LIVE_ROWS
 from batchplan.dag_tasks import common, retrain
+from batchplan.dag_tasks.run_tasks import DAG_DEFAULTS, asset
 
-OUTCOMES = Asset(name="batchplan_outcomes", uri="batchplan://outcomes")
-DRIFT = Asset(name="batchplan_drift", uri="batchplan://drift")
+OUTCOMES = asset("batchplan_outcomes")
+DRIFT = asset("batchplan_drift")
 
 
 @dag(
     dag_id="batchplan_retrain",
     schedule=OUTCOMES | DRIFT,
-    start_date=pendulum.datetime(2026, 1, 1, tz="UTC"),
-    catchup=False,
+    **DAG_DEFAULTS,
     max_active_runs=1,
     doc_md=__doc__,
-    tags=["batchplan"],
     default_args={"retries": 1, "retry_delay": timedelta(minutes=5)},
     params={
         "predictor": Param("lightgbm", type="string", description="Predictor family to train."),

@@ -51,6 +51,10 @@ MAX_INITIAL = 50_000  # at most this many queries get candidate moves in the fir
 # 50k near-tie queries up front and 50k additions per round converge in 2 rounds, 3-4x faster than 3k/10k)
 PARALLEL_QUERIES = 200_000  # from this many queries full-grid pricing passes run on two threads
 POLISH_QUERIES = 30  # closest-to-tie queries joining the split ones in the integer polish MILP
+# Work limit of the plan's own MILPs (the exact one, the improvement polish): nodes, not seconds, so one input
+# gives one plan on a loaded machine too. A 1 s wall clock cut the improvement polish (0.05-0.6 s alone, ~1-70
+# nodes on the bundled data sets) short when four jobs shared two cores: tied plans differed by 1e-6.
+POLISH_NODES = 1_000
 MAX_ROUNDS = 60
 MAX_ADD = 50_000  # columns added per pricing round
 LP_OPTIONS: dict[str, Any] = {"solver": "simplex", "presolve": "off"}  # presolve costs 20x here
@@ -412,13 +416,15 @@ def lp_assignment(program: Compiled, master: Master) -> tuple[np.ndarray, np.nda
     return cols, frac
 
 
-def polish(program: Compiled, cols: np.ndarray, queries: np.ndarray, *, time_limit: float = 10.0,
+def polish(program: Compiled, cols: np.ndarray, queries: np.ndarray, *, time_limit: float | None = 10.0,
            per_query: int | None = None, lam: np.ndarray | None = None, gap: float = 1e-7,
-           tight: bool = True) -> tuple[np.ndarray, HighsResult]:
+           tight: bool = True, nodes: int | None = None) -> tuple[np.ndarray, HighsResult]:
     """Integer re-optimisation of ``queries`` with every other query fixed at ``cols``.
 
     ``per_query``: keep only that many columns per query (best reduced cost under ``lam``, plus the
-    current one); None keeps all (exact over those queries).
+    current one); None keeps all (exact over those queries). ``nodes``: HiGHS's ``mip_max_nodes``, a work
+    limit (an answer it cuts depends on the input alone; None: HiGHS's default, none); ``time_limit``: seconds
+    of wall clock, None for none (an answer the clock cuts depends on how loaded the machine is).
     """
     rhs = program.le_rhs()
     k = len(rhs)
@@ -446,10 +452,11 @@ def polish(program: Compiled, cols: np.ndarray, queries: np.ndarray, *, time_lim
     # The callers re-check every answer with violated_rows, so the improvement polish (tight=False) runs at
     # HiGHS's defaults (3x+ faster) and just drops an answer that overshoots.
     tols = TIGHT_MIP_TOLERANCES if tight else {}
+    limits = ({} if time_limit is None else {"time_limit": max(float(time_limit), 0.05)}) | (
+        {} if nodes is None else {"mip_max_nodes": int(nodes)})
     res = run_highs(program.c[all_cols], np.zeros(nc), np.ones(nc),
                     np.concatenate([np.full(k, -np.inf), np.ones(len(queries))]), np.concatenate([residual, np.ones(len(queries))]),
-                    a, integer=True, options={"mip_rel_gap": gap, "time_limit": max(float(time_limit), 0.05),
-                                              **tols})
+                    a, integer=True, options={"mip_rel_gap": gap, **limits, **tols})
     if not res.has_solution:
         return cols, res
     out = cols.copy()
@@ -606,12 +613,20 @@ def round_and_repair(program: Compiled, cols: np.ndarray, frac: np.ndarray, marg
 
     Raises InfeasibleError only when a MILP over every query proves infeasibility; SolverError when the
     escalation runs out of time or size without a feasible assignment.
+
+    Without a ``deadline`` the exact and the improvement MILPs stop at POLISH_NODES nodes, never by the
+    clock: the plan is a function of the input (``time_limit`` then caps only the repair MILPs, which run
+    only when the greedy repairs leave a row violated). With one, every MILP also gets the time left.
     """
     def left(cap: float) -> float:
         return cap if deadline is None else max(min(cap, deadline - time.perf_counter()), 0.05)
 
+    def clock(cap: float) -> float | None:
+        """The wall clock of the plan's own MILPs: only the caller's deadline (else POLISH_NODES bounds them)."""
+        return None if deadline is None else left(cap)
+
     if program.n <= EXACT_QUERIES:
-        out, res = polish(program, cols, np.arange(program.n), time_limit=left(time_limit))
+        out, res = polish(program, cols, np.arange(program.n), time_limit=clock(time_limit), nodes=POLISH_NODES)
         if res.has_solution and not violated_rows(program, out):
             return out, Rounding("exact", program.n, res.status, res.mip_dual_bound if res.optimal else None)
         if res.status == "kInfeasible":
@@ -651,8 +666,8 @@ def round_and_repair(program: Compiled, cols: np.ndarray, frac: np.ndarray, marg
         n_near = min(program.n, polish_queries)
         near = np.argpartition(margin, n_near - 1)[:n_near] if n_near < program.n else np.arange(program.n)
         queries = np.union1d(near, frac)
-        cand, res = polish(program, out, queries, time_limit=left(min(time_limit, 1.0)), per_query=3, lam=lam,
-                           gap=1e-6, tight=False)
+        cand, res = polish(program, out, queries, time_limit=clock(min(time_limit, 1.0)), per_query=3, lam=lam,
+                           gap=1e-6, tight=False, nodes=POLISH_NODES)
         info.polish_queries, info.polish_status = len(queries), res.status
         if res.has_solution and not violated_rows(program, cand) and program.c[cand].sum() >= program.c[out].sum():
             out = cand

@@ -23,6 +23,7 @@ class HighsResult:
     mip_dual_bound: float
     mip_gap: float
     seconds: float
+    nodes: int = 0  # branch-and-bound nodes a MILP explored (the work its ``mip_max_nodes`` limit counts)
 
     @property
     def optimal(self) -> bool:
@@ -80,4 +81,5 @@ def run_highs(
         mip_dual_bound=float(info.mip_dual_bound),
         mip_gap=float(info.mip_gap),
         seconds=float(h.getRunTime()),
+        nodes=int(info.mip_node_count) if integer else 0,
     )

@@ -4,6 +4,7 @@ against the best model per task when money is no object."""
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import numpy as np
 import polars as pl
@@ -109,3 +110,42 @@ def test_cascade_ceilings_only_grow_with_stages_and_per_task_choice() -> None:
         # a 2-stage plan may escalate nothing, a 3-stage or vote plan may stop after 2 stages
         assert row["uniform_3-stage"] >= row["uniform_2-stage"] >= row["uniform_single"] - 1e-9
         assert row["uniform_vote"] >= row["uniform_2-stage"] - 1e-9
+
+
+@pytest.mark.parametrize(
+    ("datasets", "no_shifted", "expected"),
+    [
+        (None, False, ["cascades", "cascades_shifted", "routerbench"]),
+        (None, True, ["cascades", "routerbench"]),
+        ("cascades", False, ["cascades", "cascades_shifted"]),  # the shifted split comes along, as --help says
+        ("cascades", True, ["cascades"]),  # --no-shifted holds beside --datasets too
+        ("cascades_shifted", False, ["cascades_shifted"]),  # the shifted split alone
+        ("routerbench,cascades_shifted", False, ["cascades_shifted", "routerbench"]),
+        ("routerbench", False, ["routerbench"]),
+    ],
+)
+def test_the_dataset_flags_choose_as_the_help_says(
+    tmp_path: Path, datasets: str | None, no_shifted: bool, expected: list[str]
+) -> None:
+    found = [tmp_path / "cascades", tmp_path / "routerbench"]
+    jobs = bench.bench_jobs(found, datasets, no_shifted)
+    assert [d.name + ("_shifted" if shifted else "") for d, shifted in jobs] == expected
+
+
+@pytest.mark.parametrize(
+    ("argv", "says"),
+    [
+        (["--datasets", "cascade"], "no data set cascade here; choose from cascades, routerbench, cascades_shifted"),
+        (["--datasets", "cascades_shifted", "--no-shifted"], "--no-shifted skips the shifted splits"),
+    ],
+)
+def test_a_dataset_flag_that_cannot_be_met_is_refused_in_one_line(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], argv: list[str], says: str
+) -> None:
+    for name in ("cascades", "routerbench"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "queries.parquet").touch()
+    with pytest.raises(SystemExit) as exited:
+        bench.main(["--data-dir", str(tmp_path), *argv])
+    assert exited.value.code == 2
+    assert says in capsys.readouterr().err

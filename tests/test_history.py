@@ -7,7 +7,7 @@ from pathlib import Path
 import polars as pl
 import structlog
 
-from batchplan.core.history import load_history, synthetic_history
+from batchplan.core.history import load_history, stable_fold, synthetic_history
 
 
 def test_a_model_listed_at_two_prices_is_explained_in_one_line(tmp_path: Path) -> None:
@@ -35,3 +35,19 @@ def test_a_model_listed_at_two_prices_is_explained_in_one_line(tmp_path: Path) -
     with structlog.testing.capture_logs() as again:  # a job loads its histories more than once: said once
         load_history(dirs)
     assert not [e for e in again if e.get("code") == "history.price_conflict"]
+
+
+def test_another_salt_renumbers_power_of_two_folds_and_reshuffles_the_others() -> None:
+    """What stable_fold's docstring says: for keys of one length, another salt XORs every crc32 with one
+    constant, so 4 folds (the predictor's and the templates' cross-fit) are the same partition renumbered, while
+    5 folds are a different partition."""
+    keys = [f"mmlu-train-{i:05d}" for i in range(400)]
+
+    def pairs(folds: int) -> set[tuple[int, int]]:
+        plain, salted = stable_fold(keys, folds, 0), stable_fold(keys, folds, 0, salt="cf:")
+        return set(zip(plain.tolist(), salted.tolist(), strict=True))
+
+    four = pairs(4)
+    assert len(four) == 4  # a bijection of fold labels: every fold maps onto exactly one
+    assert {a for a, _ in four} == {b for _, b in four} == set(range(4))
+    assert len(pairs(5)) > 5  # a fold's keys land in several folds of the other split

@@ -328,3 +328,12 @@ def test_report_json_keeps_its_keys_and_reads_back() -> None:
     newer = written | {"spend_per_round": [{"round": 1, "spent_usd": 1.0}]}
     assert Report.from_json(newer).as_json() == newer
     assert Report.from_json(newer).savings == written["savings"]
+
+
+def test_plan_kinds_come_in_one_order_run_after_run() -> None:
+    """polars' group_by gives its groups in no fixed order: unsorted, two renders of one run (and two runs of
+    bench/quality.py, which counts kinds the same way) printed the same counts in different orders."""
+    plan = PLAN.with_columns(pl.Series("kind", ["single", "cascade"]))
+    for _ in range(20):
+        kinds = build_report(results=RESULTS, plan=plan, budget_usd=12.0).as_json()["plan_kinds"]
+        assert list(kinds) == ["cascade", "single"]

@@ -283,7 +283,7 @@ def build_report(
         "estimated_accuracy": estimated_accuracy,
         # which estimate it is: the rounds' posterior of the final answers, or (``_add_audit``) the audits'
         "estimated_accuracy_source": "posterior" if estimated_accuracy is not None else None,
-        "plan_kinds": {k: int(v) for k, v in plan.group_by("kind").len().iter_rows()},
+        "plan_kinds": {k: int(v) for k, v in plan.group_by("kind").len().sort("kind").iter_rows()},
         "model_share": [{"model": m, "queries": int(c), "share": float(s)} for m, c, s in shares.iter_rows()],
         "calls_per_model": [{"model": m, "calls": int(c)} for m, c in call_counts.iter_rows()],
         "spend_per_model": _spend_per_model(results, call_counts, spend_by_model),

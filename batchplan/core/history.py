@@ -174,8 +174,15 @@ def history_dirs(root: str | Path) -> list[str]:
 
 def stable_fold(keys: Iterable[str], folds: int, seed: int = 0, salt: str = "") -> np.ndarray:
     """Each key's fold in [0, folds): crc32 of ``"<seed>:<salt><key>"``. crc32, not polars' or Python's hash,
-    so a split never moves between library versions, processes or machines; ``salt`` keeps two uses of one
-    seed (the predictor's folds and the templates' cross-fit) independent."""
+    so a split never moves between library versions, processes or machines.
+
+    Another ``salt`` or ``seed`` does not give an independent split: crc32 is affine, so for keys of one
+    length a different prefix XORs every key's crc32 with one constant. With a power-of-two ``folds`` that only
+    renumbers the same folds (per key length): the predictor's 4 folds (no salt) and the templates' 4
+    cross-fit folds (``"cf:"``) are one partition, so a predictor trained inside a cross-fit fold finds one of
+    its own folds empty (``predictors/training.py`` skips it; ``round_choice`` relies on the same). With other
+    counts (the posterior's 5 folds, ``with_holdout``'s 10,000 buckets) the folds differ, though not as
+    independent draws would."""
     return np.fromiter((zlib.crc32(f"{seed}:{salt}{k}".encode()) % folds for k in keys), dtype=np.int64)
 
 
