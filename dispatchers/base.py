@@ -18,18 +18,23 @@ import polars as pl
 from batchplan.core.catalog import PriceCatalog
 from batchplan.dispatchers.limits import OutputCaps
 
-# CallResult.status values. "ok" is an answer; the rest are failed attempts.
-OK: Final = "ok"
-NOT_ANSWER: Final = "not_answer"  # a 200 whose text is not an answer (empty, refusal, outside the labels, bad JSON)
-# an open answer cut at max_tokens (finish_reason "length"): billed, not an answer, and the same call would be
-# cut again, so it is not retried; another LLM may answer it
-TRUNCATED: Final = "truncated"
-RATE_LIMITED: Final = "rate_limited"  # 429
-SERVER_ERROR: Final = "server_error"  # 5xx, malformed body
-TIMEOUT: Final = "timeout"
-CONNECTION: Final = "connection"  # reset, refused
-CLIENT_ERROR: Final = "client_error"  # other 4xx: retrying will not help
-UNAVAILABLE: Final = "unavailable"  # the backend does not offer this (query, model)
+
+class Status:
+    """``CallResult.status`` values (one vocabulary: ``Status.OK``, ``Status.TIMEOUT``, ...). ``OK`` is an answer;
+    the rest are failed attempts."""
+
+    OK: Final = "ok"
+    NOT_ANSWER: Final = "not_answer"  # a 200 whose text is not an answer (empty, refusal, outside the labels, bad JSON)
+    # an open answer cut at max_tokens (finish_reason "length"): billed, not an answer, and the same call would be
+    # cut again, so it is not retried; another LLM may answer it
+    TRUNCATED: Final = "truncated"
+    RATE_LIMITED: Final = "rate_limited"  # 429
+    SERVER_ERROR: Final = "server_error"  # 5xx, malformed body
+    TIMEOUT: Final = "timeout"
+    CONNECTION: Final = "connection"  # reset, refused
+    CLIENT_ERROR: Final = "client_error"  # other 4xx: retrying will not help
+    UNAVAILABLE: Final = "unavailable"  # the backend does not offer this (query, model)
+
 
 # What one attempt of a call can be billed at most: ``bound_usd`` (what the budget guard reserves), and its
 # parts where the backend prices tokens: USD per input token and the output's bound (max_tokens x price).
@@ -46,9 +51,11 @@ BOUNDS_SCHEMA: Final = pl.Schema(
     }
 )
 
-RETRYABLE: Final = frozenset({NOT_ANSWER, RATE_LIMITED, SERVER_ERROR, TIMEOUT, CONNECTION})
+RETRYABLE: Final = frozenset(
+    {Status.NOT_ANSWER, Status.RATE_LIMITED, Status.SERVER_ERROR, Status.TIMEOUT, Status.CONNECTION}
+)
 # Failures that say the model (not the query) is in trouble: they feed the per-model circuit breaker.
-MODEL_TROUBLE: Final = frozenset({RATE_LIMITED, SERVER_ERROR, TIMEOUT, CONNECTION})
+MODEL_TROUBLE: Final = frozenset({Status.RATE_LIMITED, Status.SERVER_ERROR, Status.TIMEOUT, Status.CONNECTION})
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +86,7 @@ class CallResult:
 
     @property
     def ok(self) -> bool:
-        return self.status == OK
+        return self.status == Status.OK
 
 
 class Backend(ABC):
@@ -138,10 +145,18 @@ class Backend(ABC):
         """Release connections; called once when a dispatch ends."""
 
 
-def truncated(request: CallRequest, **common: Any) -> CallResult:
-    """An open answer the endpoint cut at ``max_tokens`` (finish_reason "length", stopReason "max_tokens"):
-    billed as reported, no answer (a cut free-text answer is not the answer the LLM would give)."""
-    return CallResult(request.model, TRUNCATED, reason=f"cut at max_tokens={request.max_tokens}", **common)
+def answer_result(
+    request: CallRequest, answer: str | None, why: str | None, *, cut: bool, logprob: float | None = None, **billed: Any
+) -> CallResult:
+    """What a live endpoint's 200 comes to, ``billed`` as it reports (raw, cost_usd, billed_known, tokens,
+    latency_ms). ``cut``: the endpoint cut the text at ``max_tokens`` (finish_reason "length", stopReason
+    "max_tokens"): an open answer so cut is TRUNCATED (a cut free-text answer is not the answer the LLM would
+    give). Else NOT_ANSWER where ``parse_answer`` found none (``why``), or the answer."""
+    if request.labels is None and cut:
+        return CallResult(request.model, Status.TRUNCATED, reason=f"cut at max_tokens={request.max_tokens}", **billed)
+    if answer is None:
+        return CallResult(request.model, Status.NOT_ANSWER, reason=why, **billed)
+    return CallResult(request.model, Status.OK, answer=answer, logprob=logprob, **billed)
 
 
 # --- answer parsing -------------------------------------------------------------------------------------

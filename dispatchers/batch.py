@@ -51,15 +51,7 @@ import structlog
 from batchplan.core.catalog import BATCH_TERMS
 from batchplan.core.errors import UserError
 from batchplan.core.storage import Storage, join
-from batchplan.dispatchers.base import (
-    CLIENT_ERROR,
-    RATE_LIMITED,
-    SERVER_ERROR,
-    TIMEOUT,
-    UNAVAILABLE,
-    CallRequest,
-    CallResult,
-)
+from batchplan.dispatchers.base import CallRequest, CallResult, Status
 from batchplan.dispatchers.budget import BudgetGuard, Reservation, hold
 from batchplan.dispatchers.executor import LOST, _to_event
 from batchplan.dispatchers.ledger import Lease, Ledger, ledger_events, new_writer_id, run_identity
@@ -461,24 +453,24 @@ class BatchRun:
             job.new = False
         if job.state == "intent":
             if self._past_deadline():
-                return await self._release(job, TIMEOUT, "the deadline passed before the job was submitted")
+                return await self._release(job, Status.TIMEOUT, "the deadline passed before the job was submitted")
             try:
                 filename = f"batchplan-{self.run_id}-{job.key}.jsonl"
                 file_id = await self._api.find_file(filename) or await self._api.upload(filename, self._input(job))
             except BatchAPIError as error:
-                return await self._release(job, SERVER_ERROR, f"batch upload failed: {error}")
+                return await self._release(job, Status.SERVER_ERROR, f"batch upload failed: {error}")
             job.file_id = file_id
             await self._mark(job, "uploaded", file=file_id)
         if job.state == "uploaded":
             if self._past_deadline():
-                return await self._release(job, TIMEOUT, "the deadline passed before the batch was created")
+                return await self._release(job, Status.TIMEOUT, "the deadline passed before the batch was created")
             assert job.file_id is not None
             try:
                 batch = await self._api.find_batch(self._tag(job)) or await self._api.create(job.file_id, self._tag(job))
             except BatchAPIError as error:
                 if error.transient:
                     raise  # it may exist: only a rerun that finds it (or finds none) may go on
-                return await self._release(job, CLIENT_ERROR, f"batch create refused: {error}")
+                return await self._release(job, Status.CLIENT_ERROR, f"batch create refused: {error}")
             job.batch_id = str(batch["id"])
             await self._mark(job, "created", batch=job.batch_id, url=self._api.base_url)
         if job.state == "created":
@@ -558,8 +550,8 @@ class BatchRun:
             if status == "failed":
                 errors = (batch.get("errors") or {}).get("data") or []
                 why = "; ".join(str(e.get("message") or e.get("code")) for e in errors[:3]) or "batch failed"
-                return CallResult(model, CLIENT_ERROR, reason=f"batch failed validation: {why}")
-            return CallResult(model, TIMEOUT, reason=f"batch {status} before this line ran")
+                return CallResult(model, Status.CLIENT_ERROR, reason=f"batch failed validation: {why}")
+            return CallResult(model, Status.TIMEOUT, reason=f"batch {status} before this line ran")
         response = record.get("response")
         if isinstance(response, dict) and response.get("status_code") == 200 and isinstance(response.get("body"), dict):
             body = response["body"]
@@ -574,20 +566,20 @@ class BatchRun:
         if isinstance(response, dict) and isinstance(response.get("status_code"), int):
             code = int(response["status_code"])
             kind = (
-                RATE_LIMITED
+                Status.RATE_LIMITED
                 if code == 429
-                else TIMEOUT
+                else Status.TIMEOUT
                 if code in (408, 504)
-                else SERVER_ERROR
+                else Status.SERVER_ERROR
                 if code >= 500
-                else UNAVAILABLE
+                else Status.UNAVAILABLE
                 if code == 404
-                else CLIENT_ERROR
+                else Status.CLIENT_ERROR
             )
             body = response.get("body")
             return CallResult(model, kind, reason=f"batch line HTTP {code}: {_error_message(json.dumps(body).encode())}")
         name = str(error.get("code") or "")
-        kind = TIMEOUT if name in ("batch_expired", "batch_cancelled") else SERVER_ERROR
+        kind = Status.TIMEOUT if name in ("batch_expired", "batch_cancelled") else Status.SERVER_ERROR
         return CallResult(model, kind, reason=f"batch line {name or 'error'}: {error.get('message') or ''}".strip())
 
     async def _release(self, job: Job, status: str, reason: str) -> float:

@@ -16,32 +16,19 @@ from typing import Any
 
 from batchplan.core.catalog import PriceCatalog
 from batchplan.core.errors import ContractError
-from batchplan.dispatchers.base import (
-    CLIENT_ERROR,
-    CONNECTION,
-    NOT_ANSWER,
-    OK,
-    RATE_LIMITED,
-    SERVER_ERROR,
-    TIMEOUT,
-    UNAVAILABLE,
-    CallRequest,
-    CallResult,
-    parse_answer,
-    truncated,
-)
+from batchplan.dispatchers.base import CallRequest, CallResult, Status, answer_result, parse_answer
 from batchplan.dispatchers.live import LiveBackend
 
 _ERROR_STATUS = {
-    "ThrottlingException": RATE_LIMITED,
-    "ServiceUnavailableException": SERVER_ERROR,
-    "InternalServerException": SERVER_ERROR,
-    "ModelNotReadyException": SERVER_ERROR,
-    "ModelErrorException": SERVER_ERROR,
-    "ModelTimeoutException": TIMEOUT,
-    "ResourceNotFoundException": UNAVAILABLE,
-    "AccessDeniedException": CLIENT_ERROR,
-    "ValidationException": CLIENT_ERROR,
+    "ThrottlingException": Status.RATE_LIMITED,
+    "ServiceUnavailableException": Status.SERVER_ERROR,
+    "InternalServerException": Status.SERVER_ERROR,
+    "ModelNotReadyException": Status.SERVER_ERROR,
+    "ModelErrorException": Status.SERVER_ERROR,
+    "ModelTimeoutException": Status.TIMEOUT,
+    "ResourceNotFoundException": Status.UNAVAILABLE,
+    "AccessDeniedException": Status.CLIENT_ERROR,
+    "ValidationException": Status.CLIENT_ERROR,
 }
 
 
@@ -106,19 +93,11 @@ class BedrockBackend(LiveBackend):
             answer, why = None, "refusal"
         else:
             answer, why = parse_answer(text, request.labels)
-        common: dict[str, Any] = {
-            "raw": text,
-            "cost_usd": cost or 0.0,
-            "billed_known": billed_known,
-            "tokens_in": tokens_in,
-            "tokens_out": tokens_out,
-            "latency_ms": latency,
-        }
-        if request.labels is None and response.get("stopReason") == "max_tokens":
-            return truncated(request, **common)
-        if answer is None:
-            return CallResult(model, NOT_ANSWER, reason=why, **common)
-        return CallResult(model, OK, answer=answer, **common)
+        cut = response.get("stopReason") == "max_tokens"
+        return answer_result(
+            request, answer, why, cut=cut, raw=text, cost_usd=cost or 0.0, billed_known=billed_known,
+            tokens_in=tokens_in, tokens_out=tokens_out, latency_ms=latency,
+        )  # fmt: skip
 
     async def aclose(self) -> None:
         return None
@@ -134,17 +113,17 @@ def _failure(model: str, error: Exception) -> CallResult:
         code = str(error.response.get("Error", {}).get("Code", ""))
         status = _ERROR_STATUS.get(
             code,
-            SERVER_ERROR
+            Status.SERVER_ERROR
             if error.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 500) >= 500
-            else CLIENT_ERROR,
+            else Status.CLIENT_ERROR,
         )
         # errors with a code are answered by the service before inference: not billed
         return CallResult(model, status, reason=f"{code}: {error.response.get('Error', {}).get('Message', '')}"[:300])
     if isinstance(error, ConnectTimeoutError | EndpointConnectionError):
-        return CallResult(model, CONNECTION, reason=type(error).__name__)
+        return CallResult(model, Status.CONNECTION, reason=type(error).__name__)
     if isinstance(error, ReadTimeoutError):
-        return CallResult(model, TIMEOUT, reason=type(error).__name__, billed_known=False)
-    return CallResult(model, CONNECTION, reason=f"{type(error).__name__}: {error}"[:300], billed_known=False)
+        return CallResult(model, Status.TIMEOUT, reason=type(error).__name__, billed_known=False)
+    return CallResult(model, Status.CONNECTION, reason=f"{type(error).__name__}: {error}"[:300], billed_known=False)
 
 
 def _make_client(

@@ -42,7 +42,7 @@ from batchplan.core.errors import ContractError
 from batchplan.core.rounds import BATCH, OBSERVATION_MODE, REALTIME, ROUND_PLAN_SCHEMA, RoundRequest, with_modes
 from batchplan.core.settings import get_settings
 from batchplan.core.storage import Storage, join
-from batchplan.dispatchers.base import CLIENT_ERROR, RATE_LIMITED, SERVER_ERROR, TIMEOUT, CallResult
+from batchplan.dispatchers.base import CallResult, Status
 from batchplan.dispatchers.batch_jobs import (
     REFUSED_BY_BUDGET,
     JobBudget,
@@ -244,12 +244,12 @@ class BedrockBatchSender:
 
     def _result(self, line: Line, record: dict[str, Any] | None, status: str) -> CallResult:
         if record is None:  # never processed (stopped, expired, failed): not billed, back to the planner
-            return CallResult(line.model, TIMEOUT, reason=f"not returned by the batch job ({status})")
+            return CallResult(line.model, Status.TIMEOUT, reason=f"not returned by the batch job ({status})")
         if "modelOutput" in record:
             return self.backend._parse(line.request, record["modelOutput"], 0.0)
         error = record.get("error") or {}
         code = int(error.get("errorCode") or 500)
-        kind = RATE_LIMITED if code == 429 else SERVER_ERROR if code >= 500 else CLIENT_ERROR
+        kind = Status.RATE_LIMITED if code == 429 else Status.SERVER_ERROR if code >= 500 else Status.CLIENT_ERROR
         return CallResult(line.model, kind, reason=f"{code}: {error.get('errorMessage', '')}"[:300])
 
 

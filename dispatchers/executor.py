@@ -15,17 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from batchplan.core.contracts import PLAN_KINDS
-from batchplan.dispatchers.base import (
-    CONNECTION,
-    MODEL_TROUBLE,
-    NOT_ANSWER,
-    RATE_LIMITED,
-    RETRYABLE,
-    UNAVAILABLE,
-    Backend,
-    CallRequest,
-    CallResult,
-)
+from batchplan.dispatchers.base import MODEL_TROUBLE, RETRYABLE, Backend, CallRequest, CallResult, Status
 from batchplan.dispatchers.budget import BudgetGuard, Reservation, hold
 from batchplan.dispatchers.ledger import Ledger, PriorCalls
 from batchplan.dispatchers.limits import ModelGate, ModelLimits, OutputCaps, RetryPolicy
@@ -136,7 +126,7 @@ class Executor:
         if call in q.recovered:
             return q.recovered[call], False
         if q.prompt is None:
-            return CallResult(model, UNAVAILABLE, reason="query not in the queue"), False
+            return CallResult(model, Status.UNAVAILABLE, reason="query not in the queue"), False
         return await self.send(q, slot, model, call, role)
 
     async def send(self, q: QueryRun, slot: int, model: str, call: str, role: str) -> tuple[CallResult, bool]:
@@ -154,9 +144,8 @@ class Executor:
         bound = self.backend.cost_bound(request)
         reserve = bound if bound is not None else q.reserve_usd
         if reserve is None:
-            return CallResult(
-                model, UNAVAILABLE, reason="no cost bound: the backend gives none and the plan has no reserve_cost_usd"
-            ), False
+            why = "no cost bound: the backend gives none and the plan has no reserve_cost_usd"
+            return CallResult(model, Status.UNAVAILABLE, reason=why), False
         held = await self.reserve(q, model, reserve)
         await self.ledger.append_durable({"e": "i", "q": q.query_id, "c": call, "m": model, "r": reserve})
         gate = self.gate(model)
@@ -170,14 +159,14 @@ class Executor:
             raise
         except Exception as error:  # a backend bug must not leak the reservation; the bill is unknown
             result = CallResult(
-                model, CONNECTION, reason=f"backend raised {type(error).__name__}: {error}", billed_known=False
+                model, Status.CONNECTION, reason=f"backend raised {type(error).__name__}: {error}", billed_known=False
             )
         charged = result.cost_usd if result.billed_known else max(reserve, result.cost_usd)
         self.ledger.append(_to_event(q.query_id, call, result, charged, role))
         for guard, reservation in held:
             await guard.settle(reservation, charged)
         gate.record(result.status in MODEL_TROUBLE)
-        if result.status == RATE_LIMITED and result.retry_after_s:
+        if result.status == Status.RATE_LIMITED and result.retry_after_s:
             gate.pause(result.retry_after_s)
         self.stats.calls += 1
         self.stats.statuses[result.status] += 1
@@ -199,14 +188,14 @@ class Executor:
 
     async def ask_model(self, q: QueryRun, slot: int, model: str, role: str, *, can_fall_back: bool) -> CallResult:
         """Attempts on one model with retries; raises _Deferred."""
-        result = CallResult(model, UNAVAILABLE, reason="no attempt")
+        result = CallResult(model, Status.UNAVAILABLE, reason="no attempt")
         for attempt in range(max(1, self.policy.max_attempts)):
             if attempt:
                 self.stats.retries += 1
             result, fresh = await self.attempt(q, slot, model, attempt, role)
             if result.ok or result.status not in RETRYABLE | {LOST}:
                 return result
-            if result.status == NOT_ANSWER and self.backend.deterministic:
+            if result.status == Status.NOT_ANSWER and self.backend.deterministic:
                 return result
             if can_fall_back and self.gate(model).is_down():
                 return result
@@ -216,7 +205,7 @@ class Executor:
 
     async def ask_slot(self, q: QueryRun, slot: int, chain: list[str], notes: list[str]) -> CallResult:
         """The plan's model for this step, then its fallbacks in order; raises _Deferred."""
-        result = CallResult(chain[0], UNAVAILABLE, reason="no model")
+        result = CallResult(chain[0], Status.UNAVAILABLE, reason="no model")
         for i, model in enumerate(chain):
             last = i == len(chain) - 1
             reused = q.prior is not None and f"{slot}:{model}:0" in q.prior.calls
@@ -366,7 +355,7 @@ def _describe(result: CallResult) -> str:
     text = f"{result.model}: {result.status}"
     if result.reason:
         text += f" ({result.reason})"
-    if result.raw and result.status == NOT_ANSWER:
+    if result.raw and result.status == Status.NOT_ANSWER:
         text += f" raw={result.raw[:80]!r}"
     return text
 

@@ -25,20 +25,7 @@ import httpx
 
 from batchplan.core.catalog import PriceCatalog
 from batchplan.core.errors import ContractError
-from batchplan.dispatchers.base import (
-    CLIENT_ERROR,
-    CONNECTION,
-    NOT_ANSWER,
-    OK,
-    RATE_LIMITED,
-    SERVER_ERROR,
-    TIMEOUT,
-    UNAVAILABLE,
-    CallRequest,
-    CallResult,
-    parse_answer,
-    truncated,
-)
+from batchplan.dispatchers.base import CallRequest, CallResult, Status, answer_result, parse_answer
 from batchplan.dispatchers.live import LiveBackend, secret_from
 
 
@@ -231,9 +218,9 @@ class OpenAIBackend(LiveBackend):
             async with asyncio.timeout(self.timeout_s):
                 status, response_headers, raw = await self._http().post("/chat/completions", content, headers)
         except TimeoutError:
-            return CallResult(model, TIMEOUT, reason=f"no response in {self.timeout_s:g}s", billed_known=False)
+            return CallResult(model, Status.TIMEOUT, reason=f"no response in {self.timeout_s:g}s", billed_known=False)
         except SendError as error:
-            kind = TIMEOUT if error.kind == "timeout" else CONNECTION
+            kind = Status.TIMEOUT if error.kind == "timeout" else Status.CONNECTION
             return CallResult(model, kind, reason=f"{error.kind}: {error}", billed_known=not error.sent)
         latency = (time.perf_counter() - started) * 1000
         if status != 200:
@@ -241,17 +228,18 @@ class OpenAIBackend(LiveBackend):
             if status == 429:
                 return CallResult(
                     model,
-                    RATE_LIMITED,
+                    Status.RATE_LIMITED,
                     reason=reason,
                     retry_after_s=parse_retry_after(response_headers),
                     latency_ms=latency,
                 )
             if status >= 500 or status == 408:
-                kind = TIMEOUT if status in (408, 504) else SERVER_ERROR
+                kind = Status.TIMEOUT if status in (408, 504) else Status.SERVER_ERROR
                 return CallResult(
                     model, kind, reason=reason, retry_after_s=parse_retry_after(response_headers), latency_ms=latency
                 )
-            return CallResult(model, UNAVAILABLE if status == 404 else CLIENT_ERROR, reason=reason, latency_ms=latency)
+            kind = Status.UNAVAILABLE if status == 404 else Status.CLIENT_ERROR
+            return CallResult(model, kind, reason=reason, latency_ms=latency)
         return self._parse(request, raw, latency)
 
     def _parse(self, request: CallRequest, raw: bytes, latency: float) -> CallResult:
@@ -264,7 +252,7 @@ class OpenAIBackend(LiveBackend):
             # a 200 we cannot read: it may well have been billed
             return CallResult(
                 model,
-                SERVER_ERROR,
+                Status.SERVER_ERROR,
                 raw=raw[:500].decode(errors="replace"),
                 reason="malformed response body",
                 billed_known=False,
@@ -284,27 +272,12 @@ class OpenAIBackend(LiveBackend):
             cost, billed_known = 0.0, False  # no usage: charged its reservation
         logprob = _answer_logprob(choice)
         answer, why = parse_answer(text if isinstance(text, str) else None, request.labels)
-        common: dict[str, Any] = {
-            "raw": text if isinstance(text, str) else None,
-            "cost_usd": cost,
-            "billed_known": billed_known,
-        }
-        if request.labels is None and choice.get("finish_reason") == "length":
-            return truncated(request, tokens_in=tokens_in, tokens_out=tokens_out, latency_ms=latency, **common)
-        if answer is None:
-            return CallResult(
-                model, NOT_ANSWER, reason=why, tokens_in=tokens_in, tokens_out=tokens_out, latency_ms=latency, **common
-            )
-        return CallResult(
-            model,
-            OK,
-            answer=answer,
-            tokens_in=tokens_in,
-            tokens_out=tokens_out,
-            logprob=logprob,
-            latency_ms=latency,
-            **common,
-        )
+        raw_text = text if isinstance(text, str) else None
+        cut = choice.get("finish_reason") == "length"
+        return answer_result(
+            request, answer, why, cut=cut, logprob=logprob, raw=raw_text, cost_usd=cost, billed_known=billed_known,
+            tokens_in=tokens_in, tokens_out=tokens_out, latency_ms=latency,
+        )  # fmt: skip
 
 
 def _answer_logprob(choice: dict[str, Any]) -> float | None:

@@ -7,13 +7,14 @@ deterministic outcome per (query, model).
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import polars as pl
 
 from batchplan.core.catalog import PriceCatalog
 from batchplan.core.contracts import audited_query_id
 from batchplan.core.history import History
-from batchplan.dispatchers.base import NOT_ANSWER, OK, UNAVAILABLE, Backend, CallRequest, CallResult
+from batchplan.dispatchers.base import Backend, CallRequest, CallResult, Status
 from batchplan.dispatchers.limits import OutputCaps
 
 
@@ -68,43 +69,17 @@ class ReplayBackend(Backend):
     async def call(self, request: CallRequest) -> CallResult:
         row = self._table.get((audited_query_id(request.query_id), request.model))
         if row is None:
-            return CallResult(
-                request.model, UNAVAILABLE, reason=f"no recorded outcome for ({request.query_id}, {request.model})"
-            )
+            why = f"no recorded outcome for ({request.query_id}, {request.model})"
+            return CallResult(request.model, Status.UNAVAILABLE, reason=why)
         answer, cost, tokens_in, tokens_out, logprob = row
+        billed: dict[str, Any] = {"cost_usd": cost, "tokens_in": tokens_in, "tokens_out": tokens_out}
         if answer is None and request.labels is None:
             # An open task (code, free text): the history kept the verdict, not the text.
-            return CallResult(
-                request.model, OK, cost_usd=cost, tokens_in=tokens_in, tokens_out=tokens_out, logprob=logprob
-            )
+            return CallResult(request.model, Status.OK, logprob=logprob, **billed)
         if answer is None:
-            return CallResult(
-                request.model,
-                NOT_ANSWER,
-                reason="unparseable",
-                cost_usd=cost,
-                tokens_in=tokens_in,
-                tokens_out=tokens_out,
-            )
+            return CallResult(request.model, Status.NOT_ANSWER, reason="unparseable", **billed)
         if request.labels is not None and answer not in request.labels:
-            return CallResult(
-                request.model,
-                NOT_ANSWER,
-                raw=answer,
-                reason="outside_labels",
-                cost_usd=cost,
-                tokens_in=tokens_in,
-                tokens_out=tokens_out,
-            )
+            return CallResult(request.model, Status.NOT_ANSWER, raw=answer, reason="outside_labels", **billed)
         if logprob is not None and math.isnan(logprob):
             logprob = None
-        return CallResult(
-            request.model,
-            OK,
-            answer=answer,
-            raw=answer,
-            cost_usd=cost,
-            tokens_in=tokens_in,
-            tokens_out=tokens_out,
-            logprob=logprob,
-        )
+        return CallResult(request.model, Status.OK, answer=answer, raw=answer, logprob=logprob, **billed)

@@ -194,9 +194,7 @@ def nightly_done(airflow_session: AirflowEnv, dagbag: Any, seeded: Done, queue_d
     # single shot (rounds 1): these runs test the sharded dispatch and its resume
     conf = {"budget_usd": 0.05, "max_shards": 4, "allow_deferral": True, "tenant_budgets_usd": {capped: 0.004}, "rounds": 1}
     with _in_prefix(airflow_session, "nightly-done", copy_of=seeded.env) as env:
-        dag_run = _run(
-            dagbag, env, "batchplan_nightly", "nightly", logical_date=datetime(2026, 3, 2, 2, tzinfo=UTC), run_conf=conf
-        )
+        dag_run = _nightly(dagbag, env, "nightly", datetime(2026, 3, 2, 2, tzinfo=UTC), conf)
     return Done(env, dag_run, conf)
 
 
@@ -253,6 +251,10 @@ def _run(dagbag: Any, airflow_env: AirflowEnv, dag_id: str, label: str, **kwargs
     return dag_run
 
 
+def _nightly(dagbag: Any, env: AirflowEnv, label: str, logical_date: datetime, conf: dict[str, Any]) -> Any:
+    return _run(dagbag, env, "batchplan_nightly", label, logical_date=logical_date, run_conf=conf)
+
+
 def _retrain(dagbag: Any, env: AirflowEnv, label: str, logical_date: datetime) -> Any:
     # "prior", the cheap baseline predictor: the DAG's default, LightGBM, trains for ~1 min on this machine.
     return _run(dagbag, env, "batchplan_retrain", label, logical_date=logical_date, run_conf={"predictor": "prior"})
@@ -266,6 +268,13 @@ def _states(dag_run: Any) -> dict[str, str]:
             f"{ti.task_id}[{ti.map_index}]" if ti.map_index >= 0 else ti.task_id: str(ti.state)
             for ti in dag_run.get_task_instances(session=session)
         }
+
+
+def _succeeded(dag_run: Any) -> dict[str, str]:
+    """The run's task states, once it is asserted to have succeeded (the states are the failure's message)."""
+    states = _states(dag_run)
+    assert str(dag_run.state) == "success", states
+    return states
 
 
 def _paid_calls(storage: Storage, results_uri: str) -> int:
@@ -432,7 +441,7 @@ def test_explore_share_is_a_param_of_both_run_dags(dagbag: Any) -> None:
 # --------------------------------------------------------------------------------------------- the runs
 @pytest.mark.slow
 def test_retrain_bootstraps_the_first_predictor(seeded: Done) -> None:
-    assert str(seeded.dag_run.state) == "success", _states(seeded.dag_run)
+    _succeeded(seeded.dag_run)
     lay, storage = seeded.env.layout, seeded.env.storage
     current = json.loads(storage.read_text(lay.current_model()))
     decision = json.loads(storage.read_text(lay.decision(current["version"])))
@@ -445,8 +454,7 @@ def test_retrain_bootstraps_the_first_predictor(seeded: Done) -> None:
 def test_nightly_runs_the_queue_under_one_budget(nightly_done: Done, queue_days: dict[str, pl.DataFrame]) -> None:
     dag_run, budget = nightly_done.dag_run, nightly_done.conf["budget_usd"]
     [(capped, cap)] = nightly_done.conf["tenant_budgets_usd"].items()
-    states = _states(dag_run)
-    assert str(dag_run.state) == "success", states
+    states = _succeeded(dag_run)
     mapped = [k for k in states if k.startswith("dispatch[")]
     assert 1 < len(mapped) <= 4
     lay, storage, run = nightly_done.env.layout, nightly_done.env.storage, f"nightly-{NIGHTLY_DAY}"
@@ -496,16 +504,7 @@ def test_nightly_rerun_neither_dispatches_nor_pays_twice(
     # the same request as the first run: one asking another is refused (see the next test)
     # single shot (rounds 1): these runs test the sharded dispatch and its resume
     conf = {"budget_usd": 0.05, "max_shards": 4, "allow_deferral": True, "tenant_budgets_usd": {capped: 0.004}, "rounds": 1}
-    dag_run = _run(
-        dagbag,
-        env,
-        "batchplan_nightly",
-        "nightly (re-run)",
-        logical_date=datetime(2026, 3, 2, 2, tzinfo=UTC),
-        run_conf=conf,
-    )
-    states = _states(dag_run)
-    assert str(dag_run.state) == "success", states
+    states = _succeeded(_nightly(dagbag, env, "nightly (re-run)", datetime(2026, 3, 2, 2, tzinfo=UTC), conf))
     # every task succeeded; the drift task is skipped when the audits found no drift (it emits the Asset only then)
     assert all(state == "success" or (task, state) == ("drift", "skipped") for task, state in states.items()), states
     after = json.loads(storage.read_text(lay.results_manifest(run)))
@@ -551,15 +550,7 @@ def test_second_run_racing_for_the_same_queue_is_skipped(
     lay, storage, run = env.layout, env.storage, f"nightly-{NIGHTLY_DAY}"
     before_calls = _paid_calls(storage, lay.results(run))
     conf = {"budget_usd": 0.05, "queue_date": NIGHTLY_DAY}
-    dag_run = _run(
-        dagbag,
-        env,
-        "batchplan_nightly",
-        "nightly (racing run)",
-        logical_date=datetime(2026, 3, 2, 3, tzinfo=UTC),
-        run_conf=conf,
-    )
-    states = _states(dag_run)
+    states = _states(_nightly(dagbag, env, "nightly (racing run)", datetime(2026, 3, 2, 3, tzinfo=UTC), conf))
     assert states["ingest"] == "skipped"
     assert states["report"] == "skipped"
     assert _paid_calls(storage, lay.results(run)) == before_calls
@@ -577,16 +568,7 @@ def test_nightly_in_rounds_replans_the_whole_batch_under_what_is_left(
     budget = 0.03
     env = copy_of(seeded)
     conf = {"budget_usd": budget, "max_shards": 2, "allow_deferral": True, "queue_date": ROUNDS_DAY, "rounds": 2}
-    dag_run = _run(
-        dagbag,
-        env,
-        "batchplan_nightly",
-        "nightly (rounds=2)",
-        logical_date=datetime(2026, 3, 3, 2, tzinfo=UTC),
-        run_conf=conf,
-    )
-    states = _states(dag_run)
-    assert str(dag_run.state) == "success", states
+    states = _succeeded(_nightly(dagbag, env, "nightly (rounds=2)", datetime(2026, 3, 3, 2, tzinfo=UTC), conf))
     lay, storage, run = env.layout, env.storage, f"nightly-{ROUNDS_DAY}"
     # round 1's calls, dispatched in as many shards as their number allows (at most max_shards)
     calls_1 = storage.read_frame(f"{lay.results(run)}rounds/1/calls.parquet").filter(pl.col("models").list.len() > 0)
@@ -631,11 +613,11 @@ def _nightly_by_batch(
     conf = {"allow_deferral": True, "batch_api": True, "rounds": 1, "tenant_budgets_usd": {}, "audit_share": None} | conf
     try:
         label = f"nightly ({conf['backend']} batch)"
-        dag_run = _run(dagbag, env, "batchplan_nightly", label, logical_date=logical_date, run_conf=conf)
+        dag_run = _nightly(dagbag, env, label, logical_date, conf)
     finally:
         monkeypatch.undo()
         get_settings.cache_clear()
-    assert str(dag_run.state) == "success", _states(dag_run)
+    _succeeded(dag_run)
     lay, run = env.layout, f"nightly-{conf['queue_date']}"
     manifest: dict[str, Any] = json.loads(env.storage.read_text(lay.results_manifest(run)))
     results = env.storage.read_frame(lay.results_file(run))
@@ -779,12 +761,9 @@ def test_nightly_audits_inside_the_budget_and_says_the_estimate_in_its_report(
     # and exploring: at most 5% of the budget on the LLMs the references do not call, on the audited queries
     conf = {"budget_usd": budget, "max_shards": 2, "allow_deferral": True, "queue_date": ROUNDS_DAY, "audit_share": 0.1,
             "explore_share": 0.05}  # fmt: skip
-    dag_run = _run(
-        # a logical date of its own: the rounds test's run of 2026-03-03 02:00 sits in the same Airflow database
-        dagbag, env, "batchplan_nightly", "nightly (audits)", logical_date=datetime(2026, 3, 3, 4, tzinfo=UTC), run_conf=conf
-    )
-    states = _states(dag_run)
-    assert str(dag_run.state) == "success", states
+    # a logical date of its own: the rounds test's run of 2026-03-03 02:00 sits in the same Airflow database
+    dag_run = _nightly(dagbag, env, "nightly (audits)", datetime(2026, 3, 3, 4, tzinfo=UTC), conf)
+    states = _succeeded(dag_run)
     lay, storage, run = env.layout, env.storage, f"nightly-{ROUNDS_DAY}"
     manifest = json.loads(storage.read_text(lay.results_manifest(run)))
     assert manifest["queries"] == queue_days[ROUNDS_DAY].height  # the delivered answers, one per query
@@ -822,7 +801,7 @@ def test_nightly_audits_inside_the_budget_and_says_the_estimate_in_its_report(
 @pytest.mark.slow
 def test_backfill_shares_one_budget_across_days(backfill_done: Done) -> None:
     budget = backfill_done.conf["budget_usd"]
-    assert str(backfill_done.dag_run.state) == "success", _states(backfill_done.dag_run)
+    _succeeded(backfill_done.dag_run)
     lay, storage = backfill_done.env.layout, backfill_done.env.storage
     run = f"backfill-{BACKFILL_DAYS[0]}-2026-02-23"
     shards = json.loads(storage.read_text(lay.shards_manifest(run)))["shards"]
@@ -855,7 +834,7 @@ def test_backfill_resumes_day_by_day_when_triggered_again(
         logical_date=datetime(2026, 3, 5, tzinfo=UTC),
         run_conf=backfill_done.conf,
     )
-    assert str(dag_run.state) == "success", _states(dag_run)
+    _succeeded(dag_run)
     assert storage.exists(f"{lay.shard_results(run, BACKFILL_DAYS[1])}/results.parquet")
     assert _paid_calls(storage, lay.results(run)) == before_calls
     after = json.loads(storage.read_text(lay.results_manifest(run)))
@@ -871,7 +850,7 @@ def test_retrain_decides_on_new_outcomes(
     lay, storage = env.layout, env.storage
     first = json.loads(storage.read_text(lay.current_model()))["version"]
     dag_run = _retrain(dagbag, env, "retrain (on outcomes)", datetime(2026, 3, 4, tzinfo=UTC))
-    assert str(dag_run.state) == "success", _states(dag_run)
+    _succeeded(dag_run)
     decisions = [u for u in storage.list(f"{lay.models()}/decisions/") if u.endswith(".json")]
     assert len(decisions) == 2
     latest = json.loads(storage.read_text(sorted(decisions)[-1]))
@@ -908,7 +887,7 @@ def test_retrain_joins_late_labels_of_a_past_nightly_run_before_training(
     gold = real_history.queries.filter(pl.col("query_id").is_in(labelled)).select("query_id", "gold")
     storage.write_frame(gold, f"{lay.labels(run)}labels.jsonl")
     dag_run = _retrain(dagbag, env, "retrain (late labels)", datetime(2026, 3, 6, tzinfo=UTC))
-    assert str(dag_run.state) == "success", _states(dag_run)
+    _succeeded(dag_run)
     joined = storage.read_frame(outcomes_uri)
     taught = joined.filter(pl.col("correct").is_not_null())
     assert sorted(taught["query_id"].unique().to_list()) == labelled

@@ -9,16 +9,7 @@ import numpy as np
 import polars as pl
 import pytest
 
-from batchplan.optimizer import (
-    AccuracyFloor,
-    Allowed,
-    Budget,
-    Capacity,
-    GroupBudget,
-    InfeasibleError,
-    Problem,
-    solve,
-)
+from batchplan.optimizer import AccuracyFloor, Allowed, Budget, Capacity, GroupBudget, InfeasibleError, Problem, solve
 from batchplan.optimizer.constraints import Constraint
 from tests.support.factories import budget_between, cheapest_total, dearest_total, tiny_options
 from tests.support.oracles import brute_force, check_against_brute_force

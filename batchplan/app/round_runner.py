@@ -57,7 +57,7 @@ from batchplan.core.rounds import (
 )
 from batchplan.core.storage import Storage, join
 from batchplan.dispatchers import ROUND_CALLS, Backend, DispatchOptions, RetryPolicy, dispatch, ledger_events
-from batchplan.dispatchers.base import CONNECTION, RATE_LIMITED, SERVER_ERROR, TIMEOUT, TRUNCATED
+from batchplan.dispatchers.base import Status
 from batchplan.dispatchers.executor import LOST, Progress
 from batchplan.dispatchers.limits import OutputCaps
 from batchplan.plans.planning import check_rounds_request
@@ -65,8 +65,8 @@ from batchplan.plans.planning import check_rounds_request
 log = structlog.get_logger("batchplan")
 
 # the round contract names the transient failures in plain strings (it sits below the dispatchers)
-assert frozenset({RATE_LIMITED, SERVER_ERROR, TIMEOUT, CONNECTION, LOST}) == TRANSIENT
-assert TRUNCATED == CUT
+assert frozenset({Status.RATE_LIMITED, Status.SERVER_ERROR, Status.TIMEOUT, Status.CONNECTION, LOST}) == TRANSIENT
+assert Status.TRUNCATED == CUT
 REFUSED_SCHEMA = pl.Schema({"query_id": pl.String, "error": pl.String})
 
 
