@@ -87,11 +87,6 @@ class PriceCatalog:
         """Fraction of the on-demand price a batch call to ``model`` is billed; None: no batch API for it."""
         return self.batch_discounts.get(model, self.default_batch_discount)
 
-    def batch_call_cost(self, model: str, tokens_in: int, tokens_out: int) -> float | None:
-        """``call_cost`` at the batch price; None if the LLM has no batch API or no price."""
-        cost, discount = self.call_cost(model, tokens_in, tokens_out), self.batch_discount(model)
-        return None if cost is None or discount is None else cost * discount
-
     @property
     def models(self) -> list[str]:
         return sorted(set(self.prices["model"].to_list()) | set(self.billed["model"].to_list()))
