@@ -12,6 +12,7 @@ retrain DAG), ``nightly_done`` and ``backfill_done`` (those runs completed on a 
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -29,6 +30,7 @@ from typing import Any
 import polars as pl
 import pytest
 
+from batchplan.app import artifacts
 from batchplan.core.contracts import LIVE_OUTCOME_SCHEMA, ContractError
 from batchplan.core.history import History
 from batchplan.core.layout import Layout
@@ -255,9 +257,15 @@ def _nightly(dagbag: Any, env: AirflowEnv, label: str, logical_date: datetime, c
     return _run(dagbag, env, "batchplan_nightly", label, logical_date=logical_date, run_conf=conf)
 
 
-def _retrain(dagbag: Any, env: AirflowEnv, label: str, logical_date: datetime) -> Any:
-    # "prior", the cheap baseline predictor: the DAG's default, LightGBM, trains for ~1 min on this machine.
-    return _run(dagbag, env, "batchplan_retrain", label, logical_date=logical_date, run_conf={"predictor": "prior"})
+def _retrain(dagbag: Any, env: AirflowEnv, label: str, logical_date: datetime, *, round_choice: bool = True) -> Any:
+    """The retrain DAG with "prior", the cheap baseline predictor (the DAG's default, LightGBM, trains for ~1 min
+    on this machine). Without ``round_choice`` its training skips the per_task planner's replay (~240 s of a
+    ~370 s training here): the first retrain (``seeded``) fits and checks it; the later ones test what the DAG
+    decides on new outcomes and labels, which nothing of the replay feeds."""
+    with pytest.MonkeyPatch.context() as patch:
+        if not round_choice:  # dag.test() runs the train task in this process: it calls this artifacts.train
+            patch.setattr(artifacts, "train", functools.partial(artifacts.train, round_choice=False))
+        return _run(dagbag, env, "batchplan_retrain", label, logical_date=logical_date, run_conf={"predictor": "prior"})
 
 
 def _states(dag_run: Any) -> dict[str, str]:
@@ -448,6 +456,11 @@ def test_retrain_bootstraps_the_first_predictor(seeded: Done) -> None:
     assert decision["promoted"] is True
     assert decision["current"] is None
     assert decision["source"] == "holdout"  # no live run yet: the bundled holdout judges
+    # the per_task planner's choice, replayed on the training history, is saved with the version
+    choice = artifacts.load_round_choice(storage, lay.models(), current["version"])
+    assert choice is not None
+    assert choice.gains
+    assert all(len(gains) == len(choice.levels) for gains in choice.gains.values())
 
 
 @pytest.mark.slow
@@ -849,7 +862,7 @@ def test_retrain_decides_on_new_outcomes(
     env = copy_of(backfill_done)  # a promoted predictor and the backfill's outcomes
     lay, storage = env.layout, env.storage
     first = json.loads(storage.read_text(lay.current_model()))["version"]
-    dag_run = _retrain(dagbag, env, "retrain (on outcomes)", datetime(2026, 3, 4, tzinfo=UTC))
+    dag_run = _retrain(dagbag, env, "retrain (on outcomes)", datetime(2026, 3, 4, tzinfo=UTC), round_choice=False)
     _succeeded(dag_run)
     decisions = [u for u in storage.list(f"{lay.models()}/decisions/") if u.endswith(".json")]
     assert len(decisions) == 2
@@ -867,6 +880,7 @@ def test_retrain_decides_on_new_outcomes(
     assert latest["eval_runs"]
     now = json.loads(storage.read_text(lay.current_model()))["version"]
     assert now == (latest["candidate"] if latest["promoted"] else first)
+    assert artifacts.load_round_choice(storage, lay.models(), latest["candidate"]) is None  # trained without it
     print("dag.test timings:", {k: round(v, 1) for k, v in env.timings.items()})
 
 
@@ -886,7 +900,7 @@ def test_retrain_joins_late_labels_of_a_past_nightly_run_before_training(
     storage.write_frame(storage.read_frame(queries_uri).with_columns(gold=pl.lit(None, pl.String)), queries_uri)
     gold = real_history.queries.filter(pl.col("query_id").is_in(labelled)).select("query_id", "gold")
     storage.write_frame(gold, f"{lay.labels(run)}labels.jsonl")
-    dag_run = _retrain(dagbag, env, "retrain (late labels)", datetime(2026, 3, 6, tzinfo=UTC))
+    dag_run = _retrain(dagbag, env, "retrain (late labels)", datetime(2026, 3, 6, tzinfo=UTC), round_choice=False)
     _succeeded(dag_run)
     joined = storage.read_frame(outcomes_uri)
     taught = joined.filter(pl.col("correct").is_not_null())
