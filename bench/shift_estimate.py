@@ -42,7 +42,7 @@ import structlog
 
 from batchplan.app import artifacts
 from batchplan.app.demo import best_single_cost
-from batchplan.app.pipeline import build_candidates, execute, optimize, predict
+from batchplan.app.pipeline import Execution, build_candidates, execute, optimize, predict
 from batchplan.app.report import Truth, score_results
 from batchplan.app.round_replay import RoundsRun, simulate_rounds
 from batchplan.core.history import load_history
@@ -69,7 +69,7 @@ def audited(
 ) -> dict[str, float]:  # fmt: skip
     """The audited estimates of one run: with the run's posteriors as base, and the audits alone."""
     rows = audit_plan(queue, predictions, trained.audit, share, seed, max_cost_usd=cap_usd)
-    references = execute(rows, audit_queue(queue, rows), backend, budget_usd=None, out_uri=out, storage=storage)  # type: ignore[arg-type]
+    references = execute(rows, audit_queue(queue, rows), backend, Execution(budget_usd=None, out_uri=out, storage=storage))  # type: ignore[arg-type]
     args = {
         "plan": plan,
         "results": run.results,
@@ -120,7 +120,7 @@ def bench_seed(seed: int, fractions: tuple[float, ...], shares: tuple[float, ...
             print(f"seed {seed} @ {row['budget_pct']}%: skipped ({type(error).__name__})", file=sys.stderr)
             continue
         out = f"{workdir}/s{seed}-{fraction}"
-        results = execute(outcome.plan, queue, backend, budget_usd=budget, out_uri=f"{out}/single", storage=storage)
+        results = execute(outcome.plan, queue, backend, Execution(budget_usd=budget, out_uri=f"{out}/single", storage=storage))
         planned = outcome.plan["expected_accuracy"].fill_null(0.0).to_numpy()
         row |= {"single_realized": float(right(results).mean()), "single_planned": float(planned.mean()),
                 "single_floor": floor(planned)}  # fmt: skip
