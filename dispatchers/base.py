@@ -16,25 +16,8 @@ from typing import Any, Final
 import polars as pl
 
 from batchplan.core.catalog import PriceCatalog
+from batchplan.core.contracts import Status
 from batchplan.dispatchers.limits import OutputCaps
-
-
-class Status:
-    """``CallResult.status`` values (one vocabulary: ``Status.OK``, ``Status.TIMEOUT``, ...). ``OK`` is an answer;
-    the rest are failed attempts."""
-
-    OK: Final = "ok"
-    NOT_ANSWER: Final = "not_answer"  # a 200 whose text is not an answer (empty, refusal, outside the labels, bad JSON)
-    # an open answer cut at max_tokens (finish_reason "length"): billed, not an answer, and the same call would be
-    # cut again, so it is not retried; another LLM may answer it
-    TRUNCATED: Final = "truncated"
-    RATE_LIMITED: Final = "rate_limited"  # 429
-    SERVER_ERROR: Final = "server_error"  # 5xx, malformed body
-    TIMEOUT: Final = "timeout"
-    CONNECTION: Final = "connection"  # reset, refused
-    CLIENT_ERROR: Final = "client_error"  # other 4xx: retrying will not help
-    UNAVAILABLE: Final = "unavailable"  # the backend does not offer this (query, model)
-
 
 # What one attempt of a call can be billed at most: ``bound_usd`` (what the budget guard reserves), and its
 # parts where the backend prices tokens: USD per input token and the output's bound (max_tokens x price).

@@ -49,9 +49,10 @@ import polars as pl
 import structlog
 
 from batchplan.core.catalog import BATCH_TERMS
+from batchplan.core.contracts import Status
 from batchplan.core.errors import UserError
 from batchplan.core.storage import Storage, join
-from batchplan.dispatchers.base import CallRequest, CallResult, Status
+from batchplan.dispatchers.base import CallRequest, CallResult
 from batchplan.dispatchers.budget import BudgetGuard, Reservation, hold
 from batchplan.dispatchers.executor import LOST, _to_event
 from batchplan.dispatchers.ledger import Lease, Ledger, ledger_events, new_writer_id, run_identity

@@ -15,8 +15,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from batchplan.core.catalog import PriceCatalog
+from batchplan.core.contracts import Status
 from batchplan.core.errors import ContractError
-from batchplan.dispatchers.base import CallRequest, CallResult, Status, answer_result, parse_answer
+from batchplan.dispatchers.base import CallRequest, CallResult, answer_result, parse_answer
 from batchplan.dispatchers.live import LiveBackend
 
 _ERROR_STATUS = {

@@ -38,11 +38,12 @@ import polars as pl
 import structlog
 
 from batchplan.core.catalog import BATCH_TERMS, BatchTerms, batch_terms
+from batchplan.core.contracts import Status
 from batchplan.core.errors import ContractError
 from batchplan.core.rounds import BATCH, OBSERVATION_MODE, REALTIME, ROUND_PLAN_SCHEMA, RoundRequest, with_modes
 from batchplan.core.settings import get_settings
 from batchplan.core.storage import Storage, join
-from batchplan.dispatchers.base import CallResult, Status
+from batchplan.dispatchers.base import CallResult
 from batchplan.dispatchers.batch_jobs import (
     REFUSED_BY_BUDGET,
     JobBudget,

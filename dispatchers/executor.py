@@ -14,8 +14,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from batchplan.core.contracts import PLAN_KINDS
-from batchplan.dispatchers.base import MODEL_TROUBLE, RETRYABLE, Backend, CallRequest, CallResult, Status
+from batchplan.core.contracts import PLAN_KINDS, Status
+from batchplan.dispatchers.base import MODEL_TROUBLE, RETRYABLE, Backend, CallRequest, CallResult
 from batchplan.dispatchers.budget import BudgetGuard, Reservation, hold
 from batchplan.dispatchers.ledger import Ledger, PriorCalls
 from batchplan.dispatchers.limits import ModelGate, ModelLimits, OutputCaps, RetryPolicy

@@ -24,8 +24,9 @@ from typing import Any
 import httpx
 
 from batchplan.core.catalog import PriceCatalog
+from batchplan.core.contracts import Status
 from batchplan.core.errors import ContractError
-from batchplan.dispatchers.base import CallRequest, CallResult, Status, answer_result, parse_answer
+from batchplan.dispatchers.base import CallRequest, CallResult, answer_result, parse_answer
 from batchplan.dispatchers.live import LiveBackend, secret_from
 
 

@@ -12,9 +12,9 @@ from typing import Any
 import polars as pl
 
 from batchplan.core.catalog import PriceCatalog
-from batchplan.core.contracts import audited_query_id
+from batchplan.core.contracts import Status, audited_query_id
 from batchplan.core.history import History
-from batchplan.dispatchers.base import Backend, CallRequest, CallResult, Status
+from batchplan.dispatchers.base import Backend, CallRequest, CallResult
 from batchplan.dispatchers.limits import OutputCaps
 
 

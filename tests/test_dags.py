@@ -451,13 +451,13 @@ def test_explore_share_is_a_param_of_both_run_dags(dagbag: Any) -> None:
 def test_retrain_bootstraps_the_first_predictor(seeded: Done) -> None:
     _succeeded(seeded.dag_run)
     lay, storage = seeded.env.layout, seeded.env.storage
-    current = json.loads(storage.read_text(lay.current_model()))
+    current = json.loads(storage.read_text(lay.current_predictor()))
     decision = json.loads(storage.read_text(lay.decision(current["version"])))
     assert decision["promoted"] is True
     assert decision["current"] is None
     assert decision["source"] == "holdout"  # no live run yet: the bundled holdout judges
     # the per_task planner's choice, replayed on the training history, is saved with the version
-    choice = artifacts.load_round_choice(storage, lay.models(), current["version"])
+    choice = artifacts.load_round_choice(storage, lay.predictors(), current["version"])
     assert choice is not None
     assert choice.gains
     assert all(len(gains) == len(choice.levels) for gains in choice.gains.values())
@@ -861,10 +861,10 @@ def test_retrain_decides_on_new_outcomes(
 ) -> None:
     env = copy_of(backfill_done)  # a promoted predictor and the backfill's outcomes
     lay, storage = env.layout, env.storage
-    first = json.loads(storage.read_text(lay.current_model()))["version"]
+    first = json.loads(storage.read_text(lay.current_predictor()))["version"]
     dag_run = _retrain(dagbag, env, "retrain (on outcomes)", datetime(2026, 3, 4, tzinfo=UTC), round_choice=False)
     _succeeded(dag_run)
-    decisions = [u for u in storage.list(f"{lay.models()}/decisions/") if u.endswith(".json")]
+    decisions = [u for u in storage.list(f"{lay.predictors()}/decisions/") if u.endswith(".json")]
     assert len(decisions) == 2
     latest = json.loads(storage.read_text(sorted(decisions)[-1]))
     assert latest["current"] == first
@@ -878,9 +878,9 @@ def test_retrain_decides_on_new_outcomes(
     assert latest["silver"] is False
     assert latest["eval_pairs"] >= latest["min_live_rows"]
     assert latest["eval_runs"]
-    now = json.loads(storage.read_text(lay.current_model()))["version"]
+    now = json.loads(storage.read_text(lay.current_predictor()))["version"]
     assert now == (latest["candidate"] if latest["promoted"] else first)
-    assert artifacts.load_round_choice(storage, lay.models(), latest["candidate"]) is None  # trained without it
+    assert artifacts.load_round_choice(storage, lay.predictors(), latest["candidate"]) is None  # trained without it
     print("dag.test timings:", {k: round(v, 1) for k, v in env.timings.items()})
 
 

@@ -21,6 +21,6 @@ def test_layout_reads_the_environment_it_runs_in(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv("BATCHPLAN_PREFIX", "bp")
     assert Layout.from_settings().root == "s3://first/bp"
     monkeypatch.setenv("BATCHPLAN_BUCKET", "second")
-    assert Layout.from_settings().models() == "s3://second/bp/models"
+    assert Layout.from_settings().predictors() == "s3://second/bp/models"
     monkeypatch.setenv("BATCHPLAN_ROOT", "/data/bp")
-    assert Layout.from_settings().current_model() == "/data/bp/models/CURRENT.json"
+    assert Layout.from_settings().current_predictor() == "/data/bp/models/CURRENT.json"

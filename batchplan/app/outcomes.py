@@ -34,6 +34,7 @@ from batchplan.core.contracts import (
     SILVER,
     SILVER_WEIGHT,
     ContractError,
+    Status,
     audited_query,
     conform,
 )
@@ -50,7 +51,7 @@ PRICES_FILE = "models.csv"
 LABELS_FILE = "labels.parquet"
 # Call statuses that say how the LLM does on the query (an answer, or a reply that is not one); a rate limit,
 # a timeout or a reset says nothing about it, so those rows inform spend and latency, never accuracy.
-TEACHING = ("ok", "not_answer")
+TEACHING = (Status.OK, Status.NOT_ANSWER)
 _ROUND = re.compile(r"/rounds/(\d+)/")
 
 
@@ -68,7 +69,7 @@ def call_outcomes(storage: Storage, root: str) -> pl.DataFrame:
                 (
                     str(event.get("q")),
                     str(event.get("m")),
-                    event.get("a") if status == "ok" else None,
+                    event.get("a") if status == Status.OK else None,
                     float(event.get("usd") or 0.0),
                     event.get("ti"),
                     event.get("to"),
@@ -208,7 +209,7 @@ def _replay_verdicts(outcomes: pl.DataFrame, truth: Any) -> pl.DataFrame:
             .then(pl.lit(None, dtype=pl.Boolean))
             .when(pl.col("gold").is_not_null() & pl.col("answer").is_not_null())
             .then(pl.col("answer") == pl.col("gold"))
-            .when(pl.col("status") == "not_answer")
+            .when(pl.col("status") == Status.NOT_ANSWER)
             .then(pl.lit(False))
             .otherwise(pl.col("_recorded"))
             .alias("correct")

@@ -16,7 +16,7 @@ import numpy as np
 import polars as pl
 
 from batchplan.app import charts
-from batchplan.core.contracts import RESULT_STATUSES
+from batchplan.core.contracts import RESULT_STATUSES, Status
 from batchplan.core.history import History
 from batchplan.core.storage import Storage, join
 from batchplan.plans.audit import drift_lines
@@ -830,7 +830,7 @@ def dispatch_modes(storage: Storage, out_uri: str, rounds: int) -> dict[str, Any
             pl.len().alias("calls"),
             pl.col("cost_usd").sum().alias("spent_usd"),
             ((pl.col("planned") == BATCH) & (pl.col("mode") == REALTIME)).sum().alias("planned_batch_sent_realtime"),
-            ((pl.col("mode") == BATCH) & (pl.col("status") != "ok")).sum().alias("released_replanned"),
+            ((pl.col("mode") == BATCH) & (pl.col("status") != Status.OK)).sum().alias("released_replanned"),
         )
         .sort("model", "mode")
     )

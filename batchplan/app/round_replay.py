@@ -28,7 +28,7 @@ from typing import Any
 
 import polars as pl
 
-from batchplan.core.contracts import DEFAULT_TENANT, RESULT_SCHEMA
+from batchplan.core.contracts import DEFAULT_TENANT, RESULT_SCHEMA, Status
 from batchplan.core.rounds import BATCH, OBSERVATION_MODE, OBSERVATION_SCHEMA, REALTIME, RoundPlanner, RoundState
 
 
@@ -134,7 +134,7 @@ def recorded_call(
     answer, cost, logprob, tokens_in, tokens_out = recorded
     usable = (answer is None and labels is None) or (answer is not None and (labels is None or answer in labels))
     return {
-        "status": "ok" if usable else "not_answer",
+        "status": Status.OK if usable else Status.NOT_ANSWER,
         "answer": answer if usable else None,
         "logprob": logprob if usable and logprob is not None and logprob == logprob else None,
         "cost_usd": float(cost),
@@ -151,9 +151,9 @@ def results_of(answers: pl.DataFrame, observations: pl.DataFrame) -> pl.DataFram
         .sort("round", "_seq")
         .group_by("query_id", maintain_order=True)
         .agg(
-            pl.col("model").filter(pl.col("status") == "ok").alias("models_called"),
+            pl.col("model").filter(pl.col("status") == Status.OK).alias("models_called"),
             pl.col("cost_usd").sum(),
-            (pl.col("status") == "ok").any().alias("_answered"),
+            (pl.col("status") == Status.OK).any().alias("_answered"),
         )
     )
     return (

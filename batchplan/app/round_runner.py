@@ -39,7 +39,7 @@ from typing import Any, Protocol
 import polars as pl
 import structlog
 
-from batchplan.core.contracts import RESULT_SCHEMA, ContractError, conform, is_audit
+from batchplan.core.contracts import RESULT_SCHEMA, ContractError, Status, conform, is_audit
 from batchplan.core.rounds import (
     BATCH,
     CUT,
@@ -57,7 +57,6 @@ from batchplan.core.rounds import (
 )
 from batchplan.core.storage import Storage, join
 from batchplan.dispatchers import ROUND_CALLS, Backend, DispatchOptions, RetryPolicy, dispatch, ledger_events
-from batchplan.dispatchers.base import Status
 from batchplan.dispatchers.executor import LOST, Progress
 from batchplan.dispatchers.limits import OutputCaps
 from batchplan.plans.planning import check_rounds_request
@@ -203,7 +202,7 @@ def observations_from_ledger(storage: Storage, out_uri: str, round: int) -> pl.D
                 round,
                 str(event.get("m")),
                 status,
-                event.get("a") if status == "ok" else None,
+                event.get("a") if status == Status.OK else None,
                 _finite(event.get("lp")),
                 float(event.get("usd") or 0.0),
                 bool(event.get("bk", True)),
@@ -283,13 +282,13 @@ def tighten(observations: pl.DataFrame, call_bounds: pl.DataFrame | None) -> pl.
     if call_bounds is None or observations.height == 0 or call_bounds["usd_per_token_in"].is_null().all():
         return observations
     known = (
-        observations.filter((pl.col("status") == "ok") & pl.col("tokens_in").is_not_null())
+        observations.filter((pl.col("status") == Status.OK) & pl.col("tokens_in").is_not_null())
         .group_by("query_id", "model")
         .agg(pl.col("tokens_in").first().alias("_tokens_in"))
     )
     parts = call_bounds.select("query_id", "model", "usd_per_token_in", "output_bound_usd")
     tight = pl.col("_tokens_in") * pl.col("usd_per_token_in") + pl.col("output_bound_usd")
-    ambiguous = ~pl.col("billed_known") & (pl.col("status") != "ok") & tight.is_not_null()
+    ambiguous = ~pl.col("billed_known") & (pl.col("status") != Status.OK) & tight.is_not_null()
     return (
         observations.join(known, on=["query_id", "model"], how="left", maintain_order="left")
         .join(parts, on=["query_id", "model"], how="left", maintain_order="left")
@@ -408,7 +407,7 @@ def finish_rounds(
             "queries_called": int((calls["models"].list.len() > 0).sum()),
             "calls_planned": int(calls["models"].list.len().sum()),
             "calls_made": got.height,
-            "failed_calls": int((got["status"] != "ok").sum()),
+            "failed_calls": int((got["status"] != Status.OK).sum()),
             "charged_usd": float(got["cost_usd"].sum()),
             "unknown_bill_usd": float(got.filter(~pl.col("billed_known"))["cost_usd"].sum()),
             "refused": int((refusals["round"] == k).sum()),
@@ -465,7 +464,7 @@ def _results(
             pl.col("model").unique(maintain_order=True).alias("models_called"),
             pl.col("cost_usd").sum(),
             pl.format("{}: {}", pl.col("model"), pl.col("status"))
-            .filter(pl.col("status") != "ok")
+            .filter(pl.col("status") != Status.OK)
             .unique(maintain_order=True)
             .str.join("; ")
             .alias("_failures"),

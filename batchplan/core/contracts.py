@@ -102,6 +102,26 @@ OUTCOMES_SCHEMA: Final = pl.Schema(
         }
     )
 )
+
+
+class Status:
+    """The status of one call, the one vocabulary of ``CallResult.status`` and of the observations' and live
+    outcomes' ``status`` column (``Status.OK``, ``Status.TIMEOUT``, ...). ``OK`` is an answer; the rest are failed
+    attempts."""
+
+    OK: Final = "ok"
+    NOT_ANSWER: Final = "not_answer"  # a 200 whose text is not an answer (empty, refusal, outside the labels, bad JSON)
+    # an open answer cut at max_tokens (finish_reason "length"): billed, not an answer, and the same call would be
+    # cut again, so it is not retried; another LLM may answer it
+    TRUNCATED: Final = "truncated"
+    RATE_LIMITED: Final = "rate_limited"  # 429
+    SERVER_ERROR: Final = "server_error"  # 5xx, malformed body
+    TIMEOUT: Final = "timeout"
+    CONNECTION: Final = "connection"  # reset, refused
+    CLIENT_ERROR: Final = "client_error"  # other 4xx: retrying will not help
+    UNAVAILABLE: Final = "unavailable"  # the backend does not offer this (query, model)
+
+
 # A run's outcomes.parquet: one row per call the run made (failed calls too), correctness only from labels
 # (gold) or audits (silver), never from a replay history in a live backend. The history columns come first,
 # so a run directory (queries.parquet + outcomes.parquet + models.csv) is itself an outcome history.
@@ -118,7 +138,7 @@ LIVE_OUTCOME_SCHEMA: Final = pl.Schema(
             "task": pl.String,
             "round": pl.Int64,  # 1-based; a single-shot run is round 1
             "call": pl.String,  # the ledger's call id, "<slot>:<model>:<attempt>": unique per query and round
-            "status": pl.String,  # the dispatcher's: ok, not_answer, rate_limited, ... (only ok/not_answer teach)
+            "status": pl.String,  # Status: ok, not_answer, rate_limited, ... (only ok/not_answer teach)
             "label_source": pl.String,  # gold / silver / null (LABEL_SOURCES): where ``correct`` comes from
         }
     )

@@ -133,13 +133,14 @@ class Layout:
         return self._at("reports", "_runs", run_key(dag_id), f"{run_key(airflow_run_id)}.json")
 
     # the predictor's life cycle
-    def models(self) -> str:
+    # stored under models/ (the bucket layout buckets already have); the methods say the glossary's noun
+    def predictors(self) -> str:
         return self._at("models")
 
-    def model(self, version: str) -> str:
+    def predictor(self, version: str) -> str:
         return self._at("models", version)
 
-    def current_model(self) -> str:
+    def current_predictor(self) -> str:
         return self._at("models", CURRENT_FILE)
 
     def decision(self, run: str) -> str:

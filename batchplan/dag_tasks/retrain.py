@@ -82,11 +82,11 @@ def train_stage(
     from batchplan.app import artifacts
     from batchplan.predictors import list_versions
 
-    out = lay.model(run)
-    if run in list_versions(storage, lay.models()):
+    out = lay.predictor(run)
+    if run in list_versions(storage, lay.predictors()):
         return {"candidate": run, "uri": out, "reused": True}
     train, _, found, used = training_history(storage, lay, min_live_rows)
-    artifacts.save(artifacts.train(train, predictor=predictor_name), storage, lay.models(), version=run)
+    artifacts.save(artifacts.train(train, predictor=predictor_name), storage, lay.predictors(), version=run)
     return {
         "candidate": run,
         "uri": out,
@@ -107,10 +107,10 @@ def evaluate_and_promote(
     from batchplan.predictors import load_predictor
 
     _, evaluation, found, used = training_history(storage, lay, min_live_rows)
-    current = resolve_version(storage, lay.models(), None)
+    current = resolve_version(storage, lay.predictors(), None)
     verdict = judge(
-        load_predictor(storage, lay.models(), version=run),
-        load_predictor(storage, lay.models(), version=current) if current is not None and current != run else None,
+        load_predictor(storage, lay.predictors(), version=run),
+        load_predictor(storage, lay.predictors(), version=current) if current is not None and current != run else None,
         evaluation,
         min_gain=min_gain,
         same=current == run,
@@ -142,6 +142,6 @@ def evaluate_and_promote(
             "brier": decision.candidate_score,
             "source": decision.source,
         }
-        storage.write_text(lay.current_model(), json.dumps(pointer))
+        storage.write_text(lay.current_predictor(), json.dumps(pointer))
     log.info("retrain.decision", **asdict(decision))
     return asdict(decision)

@@ -59,7 +59,7 @@ def _inputs(storage: Storage, lay: Layout, run: str, params: RunParams) -> dict[
     from batchplan.app import artifacts
     from batchplan.plans.planning import allowed_predictions
 
-    version = artifacts.resolve_version(storage, lay.models(), None)
+    version = artifacts.resolve_version(storage, lay.predictors(), None)
     request = params.request()
     queue = storage.read_frame(lay.plan_file(run, "queue.parquet")).drop("day", strict=False)
     predictions = storage.read_frame(lay.plan_file(run, "predictions.parquet"))
@@ -68,7 +68,7 @@ def _inputs(storage: Storage, lay: Layout, run: str, params: RunParams) -> dict[
         "queue": queue,
         # a round planner calls only what each tenant may use (the single-shot plan was restricted too)
         "predictions": allowed_predictions(predictions, queue, request.allowed_models),
-        "trained": artifacts.load(storage, lay.models(), version) if version else None,
+        "trained": artifacts.load(storage, lay.predictors(), version) if version else None,
         "request": request,
         # a batch API's prices and turnaround, for the planners that weigh the modes (as the CLI's run)
         "modes": batch_modes_of(storage, params, predictions) if params.batch_api else None,

@@ -97,11 +97,11 @@ def predict_stage(storage: Storage, lay: Layout, run: str, backend: str) -> dict
     out = lay.plan_file(run, "predictions.parquet")
     if storage.exists(out):
         return {"predictions": out, "reused": True}
-    version = artifacts.resolve_version(storage, lay.models(), None)
+    version = artifacts.resolve_version(storage, lay.predictors(), None)
     if version is None:
-        raise ContractError(f"no promoted predictor at {lay.current_model()}: run the batchplan_retrain DAG first")
+        raise ContractError(f"no promoted predictor at {lay.current_predictor()}: run the batchplan_retrain DAG first")
     queue = storage.read_frame(lay.plan_file(run, "queue.parquet"))
-    predictor = artifacts.load(storage, lay.models(), version=version).predictor
+    predictor = artifacts.load(storage, lay.predictors(), version=version).predictor
     predictions = predict(queue.drop("day", strict=False), predictor, _backend(backend, storage))
     storage.write_frame(predictions, out)
     return {"predictions": out, "predictor_version": version, "pairs": predictions.height, "reused": False}
@@ -167,13 +167,13 @@ def plan_stage(
         from batchplan.plans.modes import batch_priced
 
         predictions = batch_priced(predictions, batch_modes_of(storage, params, predictions).discounts)
-    version = artifacts.resolve_version(storage, lay.models(), None)
-    templates = artifacts.load_templates(storage, lay.models(), version) if version else None
-    caps = artifacts.load_output_caps(storage, lay.models(), version) if version else None
+    version = artifacts.resolve_version(storage, lay.predictors(), None)
+    templates = artifacts.load_templates(storage, lay.predictors(), version) if version else None
+    caps = artifacts.load_output_caps(storage, lay.predictors(), version) if version else None
     candidates = build_candidates(queue.drop("day", strict=False), predictions, templates, request.kinds)
-    model = artifacts.load_audit(storage, lay.models(), version) if version and request.audit_share > 0 else None
+    model = artifacts.load_audit(storage, lay.predictors(), version) if version and request.audit_share > 0 else None
     # exploration asks the LLMs with the fewest live labels first: the promoted predictor's live correction
-    live = artifacts.load(storage, lay.models(), version).predictor.live.offsets if request.explore_share > 0 else None
+    live = artifacts.load(storage, lay.predictors(), version).predictor.live.offsets if request.explore_share > 0 else None
     audit = plan_audits(queue.drop("day", strict=False), predictions, model, request, live)
     if audit is not None:
         storage.write_frame(audit, lay.plan_file(run, AUDIT_PLAN_FILE))
@@ -513,7 +513,7 @@ def _audit_of(
     from batchplan.app.pipeline import settle_audits
     from batchplan.plans.audit import AuditInputs
 
-    version = artifacts.resolve_version(storage, lay.models(), None)
+    version = artifacts.resolve_version(storage, lay.predictors(), None)
     inputs = AuditInputs(
         plan=plan.filter(~is_audit()),
         results=results,
@@ -522,7 +522,7 @@ def _audit_of(
         calls=_calls_of(storage, lay, run, manifest),
         queue=storage.read_frame(lay.plan_file(run, "queue.parquet")).drop("day", strict=False),
         predictions=storage.read_frame(lay.plan_file(run, "predictions.parquet")),
-        model=artifacts.load_audit(storage, lay.models(), version) if version else None,
+        model=artifacts.load_audit(storage, lay.predictors(), version) if version else None,
         seed=run,
         base=storage.read_frame(base_uri) if storage.exists(base_uri := posterior_base_file(lay, run)) else None,
     )

@@ -28,6 +28,7 @@ from typing import Any
 
 import polars as pl
 
+from batchplan.core.contracts import Status
 from batchplan.core.rounds import ROUND_ANSWER_SCHEMA, ROUND_PLAN_SCHEMA, TRANSIENT, RoundPlan, RoundState
 
 MIN_DRIFT = 0.5  # a batch billed below its estimates still plans on at least half of them
@@ -191,7 +192,7 @@ def _seen(observations: pl.DataFrame) -> dict[str, _Seen]:
         "query_id", "model", "status", "answer", "logprob"
     ).iter_rows():
         entry = out.setdefault(query_id, _Seen())
-        if status == "ok":
+        if status == Status.OK:
             entry.ok.setdefault(model, (answer, logprob))
         else:
             entry.failures.setdefault(model, []).append(status)

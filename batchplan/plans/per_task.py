@@ -33,7 +33,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from batchplan.core.contracts import DEFAULT_TASK, DEFAULT_TENANT
+from batchplan.core.contracts import DEFAULT_TASK, DEFAULT_TENANT, Status
 from batchplan.core.rounds import ROUND_ANSWER_SCHEMA, ROUND_PLAN_SCHEMA, RoundPlan, RoundPlanner, RoundState
 from batchplan.plans.best_single import best_single_llms
 from batchplan.plans.posterior import Posterior
@@ -216,6 +216,6 @@ def _of(frame: pl.DataFrame, ids: pl.Series) -> pl.DataFrame:
 
 def _cheapest_unanswered(state: RoundState) -> float:
     """The cheapest predicted call of every query of ``state`` that no call has answered yet."""
-    answered = state.observations.filter(pl.col("status") == "ok")["query_id"].unique()
+    answered = state.observations.filter(pl.col("status") == Status.OK)["query_id"].unique()
     open_ = state.predictions.filter(~pl.col("query_id").is_in(answered.implode()))
     return float(open_.group_by("query_id").agg(pl.col("cost_usd").min())["cost_usd"].sum())

@@ -53,7 +53,7 @@ import numpy as np
 import polars as pl
 import structlog
 
-from batchplan.core.contracts import DEFAULT_TENANT, ContractError
+from batchplan.core.contracts import DEFAULT_TENANT, ContractError, Status
 from batchplan.core.rounds import (
     BATCH,
     CUT,
@@ -87,7 +87,6 @@ DEFAULT_ROUNDS = 2
 DRIFT_PRIOR_CALLS = 20.0
 MIN_CALL_GAIN = 0.02
 PRICE_SAMPLE = 50_000
-OK = "ok"
 
 
 @dataclass
@@ -149,7 +148,7 @@ def observe(
         cut = obs.filter(pl.col("status") == CUT)
         tries[cut["_q"].to_numpy(), cut["_m"].to_numpy()] = np.iinfo(np.int32).max  # cut again if asked again
         # the last ok call per (query, LLM) is its answer; the order of calls is by round, then row
-        ok = obs.filter(pl.col("status") == OK)
+        ok = obs.filter(pl.col("status") == Status.OK)
         if not ok["round"].is_sorted():
             ok = ok.sort("round", "_seq")
         # the last row per (query, LLM), in row order (polars' unique(keep="last") on two keys, in numpy)
