@@ -64,7 +64,7 @@ from scipy.optimize import linprog
 
 from batchplan.app import artifacts
 from batchplan.app.demo import best_single_cost
-from batchplan.app.pipeline import Execution, build_candidates, execute, optimize, predict
+from batchplan.app.pipeline import Execution, build_candidates, execute, predict
 from batchplan.app.report import Truth, baseline_policies, score_results
 from batchplan.app.round_replay import simulate_rounds
 from batchplan.app.round_runner import make_round_planner
@@ -74,7 +74,7 @@ from batchplan.core.settings import get_settings
 from batchplan.core.storage import Storage
 from batchplan.dispatchers import get_backend
 from batchplan.plans.infeasible import RequestInfeasible
-from batchplan.plans.planning import PlanRequest
+from batchplan.plans.planning import PlanRequest, plan_batch
 from batchplan.plans.round_planner import round_planner
 from batchplan.plans.simulation import PlanSpec, recorded_by_task, simulate
 from batchplan.plans.templates import enumerate_specs
@@ -299,9 +299,9 @@ def bench_split(
         plans: dict[str, pl.DataFrame] = {}
         for variant, candidates in variants.items():
             try:
-                outcome = optimize(candidates, PlanRequest(budget_usd=budget), trained.templates)
+                outcome = plan_batch(candidates, PlanRequest(budget_usd=budget), trained.templates)
             except RequestInfeasible:  # a fold whose cheapest answers cost more than the budget: defer some
-                outcome = optimize(candidates, PlanRequest(budget_usd=budget, allow_deferral=True), trained.templates)
+                outcome = plan_batch(candidates, PlanRequest(budget_usd=budget, allow_deferral=True), trained.templates)
             plans[variant] = outcome.plan
             out = f"{workdir}/{name}-{variant}-{fraction}"
             results = execute(outcome.plan, queue, backend, Execution(budget_usd=budget, out_uri=out, storage=storage))

@@ -37,7 +37,7 @@ import structlog
 
 from batchplan.app import artifacts
 from batchplan.app.demo import best_single_cost
-from batchplan.app.pipeline import Execution, build_candidates, execute, execute_rounds, optimize, predict
+from batchplan.app.pipeline import Execution, build_candidates, execute, execute_rounds, predict
 from batchplan.app.report import Truth, score_results
 from batchplan.app.round_runner import make_round_planner
 from batchplan.core.catalog import PriceCatalog
@@ -45,7 +45,7 @@ from batchplan.core.history import History, load_history, with_holdout
 from batchplan.core.settings import get_settings
 from batchplan.core.storage import Storage
 from batchplan.dispatchers import RetryPolicy, get_backend
-from batchplan.plans.planning import PlanRequest
+from batchplan.plans.planning import PlanRequest, plan_batch
 from tests.support.replay_server import Faults, ReplayServer
 
 FAULTS = {"rate_429": 0.04, "rate_500": 0.04, "rate_malformed": 0.03, "rate_reset": 0.03, "rate_slow": 0.04}
@@ -135,7 +135,7 @@ def bench(
     rows = []
     for fraction in fractions:
         budget = fraction * reference_cost
-        plan = optimize(candidates, PlanRequest(budget_usd=budget), trained.templates).plan
+        plan = plan_batch(candidates, PlanRequest(budget_usd=budget), trained.templates).plan
         for faults in (False, True):
             for n, planner in [(1, "-"), *((rounds, p) for p in planners)]:
                 cell = run_cell(

@@ -42,7 +42,7 @@ import structlog
 
 from batchplan.app import artifacts
 from batchplan.app.demo import best_single_cost
-from batchplan.app.pipeline import Execution, build_candidates, execute, optimize, predict
+from batchplan.app.pipeline import Execution, build_candidates, execute, predict
 from batchplan.app.report import Truth, score_results
 from batchplan.app.round_replay import RoundsRun, simulate_rounds
 from batchplan.core.history import load_history
@@ -51,7 +51,7 @@ from batchplan.core.settings import get_settings
 from batchplan.core.storage import Storage
 from batchplan.dispatchers import get_backend
 from batchplan.plans.audit import AuditInputs, audit_plan, audit_queue, estimate_audit, posterior_base
-from batchplan.plans.planning import PlanRequest
+from batchplan.plans.planning import PlanRequest, plan_batch
 from batchplan.plans.round_planner import DEFAULT_ROUNDS, round_planner
 from bench.quality import subject_holdout
 
@@ -115,7 +115,7 @@ def bench_seed(seed: int, fractions: tuple[float, ...], shares: tuple[float, ...
         budget = fraction * reference_cost
         row: dict = {"seed": seed, "queries": queue.height, "budget_pct": round(100 * fraction)}
         try:
-            outcome = optimize(candidates, PlanRequest(budget_usd=budget), trained.templates)
+            outcome = plan_batch(candidates, PlanRequest(budget_usd=budget), trained.templates)
         except Exception as error:  # a budget the cheapest plan cannot meet on this hold-out: the cell is empty
             print(f"seed {seed} @ {row['budget_pct']}%: skipped ({type(error).__name__})", file=sys.stderr)
             continue

@@ -46,6 +46,11 @@ DRIFT = asset("batchplan_drift")
             minimum=1,
             description="Live gold (else audited silver) outcomes needed to judge on them rather than the holdout.",
         ),
+        "round_choice": Param(
+            True,
+            type="boolean",
+            description="Replay the training history to choose each task's round planner (off: the default planner).",
+        ),
     },
 )
 def batchplan_retrain() -> None:
@@ -53,7 +58,12 @@ def batchplan_retrain() -> None:
     def train(params: Any = None, dag_run: Any = None) -> dict[str, Any]:
         version = retrain.predictor_version(dag_run.run_after)
         return retrain.train_stage(
-            common.storage_from_connection(), common.layout(), version, params["predictor"], int(params["min_live_rows"])
+            common.storage_from_connection(),
+            common.layout(),
+            version,
+            params["predictor"],
+            int(params["min_live_rows"]),
+            round_choice=bool(params["round_choice"]),
         )
 
     @task

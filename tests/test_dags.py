@@ -12,7 +12,6 @@ retrain DAG), ``nightly_done`` and ``backfill_done`` (those runs completed on a 
 
 from __future__ import annotations
 
-import functools
 import json
 import os
 import subprocess
@@ -259,13 +258,11 @@ def _nightly(dagbag: Any, env: AirflowEnv, label: str, logical_date: datetime, c
 
 def _retrain(dagbag: Any, env: AirflowEnv, label: str, logical_date: datetime, *, round_choice: bool = True) -> Any:
     """The retrain DAG with "prior", the cheap baseline predictor (the DAG's default, LightGBM, trains for ~1 min
-    on this machine). Without ``round_choice`` its training skips the per_task planner's replay (~240 s of a
-    ~370 s training here): the first retrain (``seeded``) fits and checks it; the later ones test what the DAG
-    decides on new outcomes and labels, which nothing of the replay feeds."""
-    with pytest.MonkeyPatch.context() as patch:
-        if not round_choice:  # dag.test() runs the train task in this process: it calls this artifacts.train
-            patch.setattr(artifacts, "train", functools.partial(artifacts.train, round_choice=False))
-        return _run(dagbag, env, "batchplan_retrain", label, logical_date=logical_date, run_conf={"predictor": "prior"})
+    on this machine). Without ``round_choice`` (the DAG's param) its training skips the per_task planner's replay
+    (~240 s of a ~370 s training here): the first retrain (``seeded``) fits and checks it; the later ones test what
+    the DAG decides on new outcomes and labels, which nothing of the replay feeds."""
+    conf = {"predictor": "prior", "round_choice": round_choice}
+    return _run(dagbag, env, "batchplan_retrain", label, logical_date=logical_date, run_conf=conf)
 
 
 def _states(dag_run: Any) -> dict[str, str]:

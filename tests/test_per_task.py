@@ -9,7 +9,7 @@ import polars as pl
 import pytest
 
 from batchplan.app import artifacts
-from batchplan.app.pipeline import Job, build_candidates, optimize, predict
+from batchplan.app.pipeline import Job, build_candidates, predict
 from batchplan.app.report import Truth, score_results
 from batchplan.app.round_choice import fit_round_choice
 from batchplan.app.round_replay import simulate_rounds
@@ -19,6 +19,7 @@ from batchplan.core.request import DEFAULT_ROUND_PLANNER, PlanRequest
 from batchplan.dispatchers import get_backend
 from batchplan.plans.estimates import Template
 from batchplan.plans.per_task import PerTaskPlanner, RoundChoice, chosen_tasks, reference_cost, replanned_tasks
+from batchplan.plans.planning import plan_batch
 from batchplan.plans.posterior import Posterior
 from batchplan.plans.templates import PlanTemplates, cross_fit_predictions
 from batchplan.predictors import train_predictor
@@ -70,7 +71,7 @@ def test_the_default_re_plans_the_confident_task_runs_the_plan_on_the_other_and_
     assert trained.posterior.confident == {"task0": True, "task1": False}
     reference = float(history.split("test").outcomes.group_by("model").agg(pl.col("cost_usd").sum())["cost_usd"].max())
     budget = 0.3 * reference
-    plan = optimize(build_candidates(queue, predictions, trained.templates), PlanRequest(budget_usd=budget)).plan
+    plan = plan_batch(build_candidates(queue, predictions, trained.templates), PlanRequest(budget_usd=budget)).plan
     planner = make_round_planner(DEFAULT_ROUND_PLANNER, plan=plan, queue=queue, predictions=predictions, trained=trained)
     assert isinstance(planner, PerTaskPlanner)
     assert planner.replanned == {"task0"}
@@ -113,7 +114,7 @@ def test_the_plan_s_tasks_hold_their_expected_spend_not_their_calls_hard_bounds(
 
     history, trained, queue, predictions = setup
     budget = 0.3 * float(history.split("test").outcomes.group_by("model").agg(pl.col("cost_usd").sum())["cost_usd"].max())
-    plan = optimize(build_candidates(queue, predictions, trained.templates), PlanRequest(budget_usd=budget)).plan
+    plan = plan_batch(build_candidates(queue, predictions, trained.templates), PlanRequest(budget_usd=budget)).plan
     planner = make_round_planner(DEFAULT_ROUND_PLANNER, plan=plan, queue=queue, predictions=predictions, trained=trained)
     assert isinstance(planner, PerTaskPlanner)
     bounds = predictions.select("query_id", "model", (pl.col("cost_usd") * 20).alias("bound_usd"))
@@ -168,7 +169,7 @@ def _default_at(history: History, trained: artifacts.Trained, level: float) -> o
     queue = history.as_queue("test")
     predictions = predict(queue, trained.predictor, get_backend("replay", history=history))
     budget = level * reference_cost(queue, predictions)
-    plan = optimize(build_candidates(queue, predictions, trained.templates), PlanRequest(budget_usd=budget)).plan
+    plan = plan_batch(build_candidates(queue, predictions, trained.templates), PlanRequest(budget_usd=budget)).plan
     return make_round_planner(
         DEFAULT_ROUND_PLANNER, plan=plan, queue=queue, predictions=predictions, trained=trained,
         request=PlanRequest(budget_usd=budget),

@@ -73,7 +73,7 @@ from batchplan.plans.audit import (
     posterior_base,
 )
 from batchplan.plans.best_single import best_single_map
-from batchplan.plans.candidates import Candidates, build_candidates
+from batchplan.plans.candidates import build_candidates
 from batchplan.plans.frontier import frontier_uri, plan_frontier, read_frontier, write_frontier
 from batchplan.plans.modes import BatchModes, batch_priced
 from batchplan.plans.planning import (
@@ -160,22 +160,6 @@ def unseen_tasks(queue: pl.DataFrame, predictor: Predictor) -> list[str]:
     return sorted(set(queue["task"].unique().to_list()) - set(predictor.tasks.values))
 
 
-def optimize(
-    candidates: Candidates,
-    request: PlanRequest,
-    templates: PlanTemplates | None = None,
-    audit: pl.DataFrame | None = None,
-) -> PlanOutcome:
-    outcome = plan_batch(candidates, request, templates, audit)
-    log.info(
-        "optimize",
-        queries=outcome.plan.height,
-        deferred=int((outcome.plan["kind"] == "defer").sum()),
-        **outcome.diagnostics,
-    )
-    return outcome
-
-
 @dataclass(frozen=True)
 class Planned:
     """What ``plan_queue`` made: the valid queue (its prompts dropped once predicted), the quarantined rows,
@@ -219,7 +203,7 @@ def plan_queue(
     asked = request(predictions) if callable(request) else request
     candidates = build_candidates(ingested.queue, predictions, trained.templates, asked.kinds)
     _lap(lap, "candidates")
-    outcome = optimize(candidates, asked, trained.templates)
+    outcome = plan_batch(candidates, asked, trained.templates)
     _lap(lap, "solve")
     return Planned(ingested=ingested, trained=trained, predictions=predictions, outcome=outcome)
 
@@ -710,7 +694,7 @@ def _resume_or_plan(
         log.info("optimize", resumed=plan_uri, queries=plan.height)
         diagnostics = json.loads(storage.read_text(diagnostics_uri)) if storage.exists(diagnostics_uri) else {}
         return plan, {**diagnostics, "resumed_from": plan_uri}
-    planned = optimize(build_candidates(queue, predictions, templates, request.kinds), request, templates, audit)
+    planned = plan_batch(build_candidates(queue, predictions, templates, request.kinds), request, templates, audit)
     storage.write_text(diagnostics_uri, json.dumps(planned.diagnostics, default=str))
     storage.write_text(request_uri, json.dumps(request_record(request), indent=2))
     write_frontier(storage, frontier_uri(plan_uri), plan_frontier(planned, request.budget_usd, request.method))

@@ -76,9 +76,16 @@ def predictor_version(when: Any) -> str:
 
 
 def train_stage(
-    storage: Storage, lay: Layout, run: str, predictor_name: str = "lightgbm", min_live_rows: int | None = None
+    storage: Storage,
+    lay: Layout,
+    run: str,
+    predictor_name: str = "lightgbm",
+    min_live_rows: int | None = None,
+    *,
+    round_choice: bool = True,
 ) -> dict[str, Any]:
-    """Train a candidate predictor on the training history; save it as ``models/<run>/``."""
+    """Train a candidate predictor on the training history; save it as ``models/<run>/``. ``round_choice`` off
+    skips the replay that chooses each task's round planner (the version then plans with the default one)."""
     from batchplan.app import artifacts
     from batchplan.predictors import list_versions
 
@@ -86,7 +93,8 @@ def train_stage(
     if run in list_versions(storage, lay.predictors()):
         return {"candidate": run, "uri": out, "reused": True}
     train, _, found, used = training_history(storage, lay, min_live_rows)
-    artifacts.save(artifacts.train(train, predictor=predictor_name), storage, lay.predictors(), version=run)
+    trained = artifacts.train(train, predictor=predictor_name, round_choice=round_choice)
+    artifacts.save(trained, storage, lay.predictors(), version=run)
     return {
         "candidate": run,
         "uri": out,

@@ -141,9 +141,9 @@ def plan_stage(
 
     ``plans/<run>/shards.json`` is written last; when it exists a re-run returns it unchanged."""
     from batchplan.app import artifacts
-    from batchplan.app.pipeline import build_candidates, optimize
+    from batchplan.app.pipeline import build_candidates
     from batchplan.plans.frontier import frontier_uri, plan_frontier, write_frontier
-    from batchplan.plans.planning import plan_audits, request_changes, request_record
+    from batchplan.plans.planning import plan_audits, plan_batch, request_changes, request_record
 
     manifest_uri = lay.shards_manifest(run)
     request = params.request()
@@ -177,7 +177,7 @@ def plan_stage(
     audit = plan_audits(queue.drop("day", strict=False), predictions, model, request, live)
     if audit is not None:
         storage.write_frame(audit, lay.plan_file(run, AUDIT_PLAN_FILE))
-    planned = optimize(candidates, request, templates, audit)
+    planned = plan_batch(candidates, request, templates, audit)
     plan = planned.plan.sort("query_id")
     plan_uri = lay.plan_file(run, "plan.parquet")
     write_frontier(storage, frontier_uri(plan_uri), plan_frontier(planned, request.budget_usd, request.method))

@@ -18,7 +18,7 @@ import numpy as np
 import polars as pl
 import structlog
 
-from batchplan.core.contracts import PLAN_SCHEMA, UNANSWERABLE, ContractError
+from batchplan.core.contracts import DEFER, PLAN_SCHEMA, UNANSWERABLE, ContractError
 from batchplan.core.errors import closest_first
 from batchplan.core.request import PlanRequest
 from batchplan.optimizer import (
@@ -524,7 +524,7 @@ def plan_batch(
         )
     if audit is not None:  # last: the delivered rows keep the queue's order
         plan = pl.concat([plan, audit.select(PLAN_SCHEMA.names()).cast(PLAN_SCHEMA)])
-    return PlanOutcome(
+    outcome = PlanOutcome(
         plan=plan,
         solution=solution,
         spend_margin_usd=margin,
@@ -532,6 +532,9 @@ def plan_batch(
         unused_constraints=unused,
         problem=problem,
     )
+    deferred = int((plan["kind"] == DEFER).sum())
+    log.info("optimize", queries=plan.height, deferred=deferred, **outcome.diagnostics)
+    return outcome
 
 
 def chosen_rows(candidates: Candidates, solution: Solution) -> np.ndarray:
