@@ -37,12 +37,13 @@ from batchplan.app.report import Truth, score_results
 from batchplan.app.round_replay import RoundsRun, simulate_rounds
 from batchplan.core.catalog import BATCH_TERMS
 from batchplan.core.history import History, cross_validation_fold, load_history, with_holdout
+from batchplan.core.request import DEFAULT_RUN_ROUNDS
 from batchplan.core.rounds import BATCH, REALTIME
 from batchplan.core.settings import get_settings
 from batchplan.core.storage import Storage
 from batchplan.dispatchers import get_backend
 from batchplan.plans.modes import BatchModes, SimulatedClock
-from batchplan.plans.round_planner import DEFAULT_ROUNDS, round_planner
+from batchplan.plans.round_planner import round_planner
 from bench.quality import CV_FOLDS, FRACTIONS, aiq
 
 DISCOUNT = 0.5
@@ -128,7 +129,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--datasets", default=None, help="comma-separated names (default: every data set found)")
     parser.add_argument("--fractions", default=",".join(str(f) for f in FRACTIONS))
     parser.add_argument("--cv-folds", type=int, default=CV_FOLDS, help="folds for train-only data sets (cascades)")
-    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS)
+    parser.add_argument("--rounds", type=int, default=DEFAULT_RUN_ROUNDS)
     parser.add_argument("--short-hours", type=float, default=SHORT_HOURS, help="the short night's deadline")
     parser.add_argument("--verbose", action="store_true")
     args = parser.parse_args(argv)

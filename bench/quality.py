@@ -32,7 +32,12 @@ the same rounds of the posterior planner alone (``--round-planner posterior``), 
 
 ``cascades_shifted`` (built from ``cascades`` when it is benched): whole subjects held out per task
 (``subject_holdout``: about a third of each task's queries, subjects chosen by a stable hash), trained on the
-rest. The batch is not the history: the setting rounds are for.
+rest. The batch is not the history: the setting rounds are for. By default one hold-out (the settings' seed,
+~230 queries: too few for a clear interval); ``--shift-seeds 0,1,2,3`` benches one hold-out per seed of the
+subject order (each trained on the rest of ``cascades``) and pools them: each row's accuracies are over all the
+hold-outs' queries (a query held out by several seeds counts once per hold-out), and every gain's interval
+resamples whole queries (all the rows of a query_id together), since the hold-outs share many of their
+queries. Each hold-out's hindsight ceiling is its own (each is a batch of its own), pooled by its queries.
 
 The ceilings of run-time cascades (2-/3-stage logprob cascades and votes chosen with the test split's gold,
 uniform and per task) are printed by ``bench/ceiling.py``: unreachable upper bounds for the rounds column.
@@ -41,6 +46,7 @@ AIQ (RouterBench's average improvement in quality, here over the budget grid): t
 budget (as a share of the best single model's cost) by the trapezoid rule, divided by the grid's width.
 
     uv run python bench/quality.py [--datasets routerbench,cascades] [--no-shifted] [--fractions 0.1,0.2] [--json out.json]
+    uv run python bench/quality.py --datasets cascades_shifted --shift-seeds 0,1,2,3 --fractions 0.2,0.3,0.5
 
 Which data sets: every one found (``--datasets``: the named ones); wherever ``cascades`` is benched,
 ``cascades_shifted`` too unless ``--no-shifted``; ``--datasets cascades_shifted``: the shifted split alone.
@@ -145,17 +151,19 @@ def bench_dataset(
     rounds: int = DEFAULT_RUN_ROUNDS,
     shifted: bool = False,
     sweep: tuple[int, ...] = (),
+    shift_seeds: tuple[int, ...] = (),
 ) -> list[dict]:
     """One row per budget. A data set without a test split is cross-validated: ``cv_folds`` hash folds of its
     train split each take a turn as the test split, and the rows pool all folds (every query planned and
     replayed once, by a model that never saw it); ``cv_folds=0`` holds out ``holdout_fraction`` once.
-    ``shifted``: the subject hold-out split instead (``subject_holdout``), named ``<name>_shifted``."""
+    ``shifted``: the subject hold-out split instead (``subject_holdout``), named ``<name>_shifted``: one per seed
+    of ``shift_seeds`` (pooled as the folds are), or one at the settings' seed."""
     settings = get_settings()
     history = load_history(str(directory), storage)
     name = directory.name
     if shifted:
-        history, name = subject_holdout(history, seed=settings.seed), f"{directory.name}{SHIFTED}"
-        splits = [history]
+        name = f"{directory.name}{SHIFTED}"
+        splits = [subject_holdout(history, seed=seed) for seed in shift_seeds or (settings.seed,)]
     elif cv_folds < 2 or (history.queries["split"] == "test").any():
         splits = [with_holdout(history, settings.holdout_fraction, settings.seed)]
     else:
@@ -166,16 +174,24 @@ def bench_dataset(
     ]
     pooled = [pool_folds([rows[i] for rows in per_split]) for i in range(len(fractions))]
     # cross-validated: one per-task choice for all the folds' queries together (per fold, ~1/5 of the queries,
-    # the ceiling could pick a different plan mix for each fold and overstate what a per-task choice can do)
-    plans = uniform_plans(splits[0].split("test") if len(splits) == 1 else history)
-    for row in pooled:
-        row["hindsight_singles_accuracy"] = hindsight_accuracy(
-            plans.filter(pl.col("kind") == "single"), row["queries"], row["budget_usd"]
-        )
-        row["hindsight_all_accuracy"] = hindsight_accuracy(plans, row["queries"], row["budget_usd"])
-        row["gain_low"], row["gain_high"] = gain_interval(row.pop("_paired_gain"))
-        row["rounds_gain_low"], row["rounds_gain_high"] = gain_interval(row.pop("_paired_gain_rounds"))
-        row["posterior_gain_low"], row["posterior_gain_high"] = gain_interval(row.pop("_paired_gain_posterior"))
+    # the ceiling could pick a different plan mix for each fold and overstate what a per-task choice can do);
+    # shifted hold-outs are batches of their own: each its own ceiling, pooled by its queries
+    batches = [split.split("test") for split in splits] if shifted or len(splits) == 1 else [history]
+    plans = [uniform_plans(batch) for batch in batches]
+    for i, row in enumerate(pooled):
+        parts = [rows[i] for rows in per_split] if len(batches) > 1 else [row]
+        singles = [p.filter(pl.col("kind") == "single") for p in plans]
+        for column, mixes in (("hindsight_singles_accuracy", singles), ("hindsight_all_accuracy", plans)):
+            right = [
+                part["queries"] * hindsight_accuracy(m, part["queries"], part["budget_usd"])
+                for m, part in zip(mixes, parts, strict=True)
+            ]
+            row[column] = sum(right) / row["queries"]
+        ids = row.pop("_query_ids")
+        row["unique_queries"] = len(np.unique(ids))
+        row["gain_low"], row["gain_high"] = gain_interval(row.pop("_paired_gain"), ids)
+        row["rounds_gain_low"], row["rounds_gain_high"] = gain_interval(row.pop("_paired_gain_rounds"), ids)
+        row["posterior_gain_low"], row["posterior_gain_high"] = gain_interval(row.pop("_paired_gain_posterior"), ids)
     return pooled
 
 
@@ -200,18 +216,29 @@ def pool_folds(rows: list[dict]) -> dict:
             pooled[key] = sorted({t for r in rows for t in r[key]})
         elif key == "best_single_model":
             pooled[key] = "/".join(sorted({r[key] for r in rows}))
-        elif key in ("_paired_gain", "_paired_gain_rounds", "_paired_gain_posterior"):
+        elif key in ("_paired_gain", "_paired_gain_rounds", "_paired_gain_posterior", "_query_ids"):
             pooled[key] = np.concatenate([r[key] for r in rows])
         elif key.endswith("_estimated") or key == "all_planned":
             pooled[key] = sum(r[key] * r["queries"] for r in rows) / n
     return pooled
 
 
-def gain_interval(paired_gain: np.ndarray, resamples: int = 2_000, seed: int = 0) -> tuple[float, float]:
+def gain_interval(
+    paired_gain: np.ndarray, query_ids: np.ndarray | None = None, resamples: int = 2_000, seed: int = 0
+) -> tuple[float, float]:
     """95% paired-bootstrap interval of the accuracy gain of votes and cascades over single-model plans
-    (per query: 1 if only the plan with them was right, -1 if only the single-model plan was)."""
+    (per row: 1 if only the plan with them was right, -1 if only the single-model plan was). ``query_ids``:
+    each row's query; where a query has several rows (pooled hold-outs that share queries), the bootstrap
+    resamples whole queries, all of a query's rows together (the mean over the rows drawn), so rows of one query
+    are not counted as independent evidence; one row per query resamples the rows as without."""
     rng = np.random.default_rng(seed)
-    means = paired_gain[rng.integers(0, len(paired_gain), (resamples, len(paired_gain)))].mean(axis=1)
+    if query_ids is None or len(np.unique(query_ids)) == len(query_ids):
+        means = paired_gain[rng.integers(0, len(paired_gain), (resamples, len(paired_gain)))].mean(axis=1)
+    else:
+        _, query = np.unique(query_ids, return_inverse=True)
+        sums, rows = np.bincount(query, weights=paired_gain), np.bincount(query).astype(float)
+        drawn = rng.integers(0, len(sums), (resamples, len(sums)))
+        means = sums[drawn].sum(axis=1) / rows[drawn].sum(axis=1)
     low, high = np.percentile(means, [2.5, 97.5])
     return float(low), float(high)
 
@@ -266,7 +293,8 @@ def bench_split(
     settings = get_settings()
     queue = history.as_queue("test")
     started = time.perf_counter()
-    trained = artifacts.train(history.split("train"), predictor=predictor_name, seed=settings.seed)
+    # the per_task choice replays as many rounds as the bench runs (``rounds``), as a run's train should
+    trained = artifacts.train(history.split("train"), predictor=predictor_name, seed=settings.seed, rounds=rounds)
     train_seconds = time.perf_counter() - started
     backend = get_backend("replay", history=history)
     truth = Truth.from_history(history)
@@ -294,6 +322,7 @@ def bench_split(
             "best_single_model": next(iter(reference.values())),
             "oracle": base["oracle"]["accuracy"],
             "train_seconds": train_seconds,
+            "_query_ids": queue["query_id"].to_numpy(),
         }
         correct: dict[str, np.ndarray] = {}
         plans: dict[str, pl.DataFrame] = {}
@@ -379,6 +408,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="skip cascades_shifted (subjects held out of cascades), with or without --datasets",
     )
+    parser.add_argument(
+        "--shift-seeds",
+        default="",
+        help="cascades_shifted as one subject hold-out per seed, pooled (e.g. 0,1,2,3); default: one hold-out at "
+        "the settings' seed",
+    )
     parser.add_argument("--json", default=None, help="also write the rows as JSON here")
     parser.add_argument("--verbose", action="store_true", help="log every stage (to stderr)")
     args = parser.parse_args(argv)
@@ -400,12 +435,14 @@ def main(argv: list[str] | None = None) -> int:
     storage = Storage()
     rows: list[dict] = []
     sweep = tuple(int(k) for k in args.rounds_sweep.split(",") if k)
+    shift_seeds = tuple(int(k) for k in args.shift_seeds.split(",") if k)
     with tempfile.TemporaryDirectory() as workdir:
-        for directory, shifted in jobs:  # a shifted split is one hold-out (cv_folds 0)
+        for directory, shifted in jobs:  # a shifted split is subject hold-outs (cv_folds 0)
             folds = 0 if shifted else args.cv_folds
-            rows.extend(
-                bench_dataset(directory, fractions, args.predictor, storage, workdir, folds, args.rounds, shifted, sweep)
+            split_rows = bench_dataset(
+                directory, fractions, args.predictor, storage, workdir, folds, args.rounds, shifted, sweep, shift_seeds
             )
+            rows.extend(split_rows)
     table = pl.DataFrame([{k: v for k, v in r.items() if not k.endswith("_kinds") and k != "replanned_tasks"} for r in rows])
     columns = (
         "singles_accuracy", "all_accuracy", "rounds_accuracy", "posterior_accuracy", "rounds_estimated", "all_planned",
@@ -441,6 +478,8 @@ def main(argv: list[str] | None = None) -> int:
             )
         )  # fmt: skip
     print("best single model per data set (by train accuracy):", {r["dataset"]: r["best_single_model"] for r in rows})
+    for r in {r["dataset"]: r for r in rows if r.get("folds", 1) > 1}.values():
+        print(f"{r['dataset']}: {r['folds']} splits pooled, {r['queries']} rows of {r['unique_queries']} queries")
     print("AIQ over the budget grid (singles only -> with votes and cascades -> the run's default rounds):")
     for dataset in dict.fromkeys(r["dataset"] for r in rows):
         group = [r for r in rows if r["dataset"] == dataset]

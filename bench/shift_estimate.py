@@ -46,13 +46,13 @@ from batchplan.app.pipeline import Execution, build_candidates, execute, predict
 from batchplan.app.report import Truth, score_results
 from batchplan.app.round_replay import RoundsRun, simulate_rounds
 from batchplan.core.history import load_history
-from batchplan.core.request import LIVE_AUDIT_SHARE, LIVE_AUDIT_SPEND_SHARE
+from batchplan.core.request import DEFAULT_RUN_ROUNDS, LIVE_AUDIT_SHARE, LIVE_AUDIT_SPEND_SHARE
 from batchplan.core.settings import get_settings
 from batchplan.core.storage import Storage
 from batchplan.dispatchers import get_backend
 from batchplan.plans.audit import AuditInputs, audit_plan, audit_queue, estimate_audit, posterior_base
 from batchplan.plans.planning import PlanRequest, plan_batch
-from batchplan.plans.round_planner import DEFAULT_ROUNDS, round_planner
+from batchplan.plans.round_planner import round_planner
 from bench.quality import subject_holdout
 
 WITHIN: float = 0.02  # the bar: within 2 points
@@ -182,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the first is capped at --audit-spend-share and also run inside the budget; the others "
                         "uncapped, paid outside it")
     parser.add_argument("--audit-spend-share", type=float, default=LIVE_AUDIT_SPEND_SHARE)
-    parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS)
+    parser.add_argument("--rounds", type=int, default=DEFAULT_RUN_ROUNDS)
     parser.add_argument("--predictor", default="lightgbm")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)

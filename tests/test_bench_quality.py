@@ -71,8 +71,28 @@ def test_gain_interval_brackets_the_paired_gain() -> None:
 
 
 def test_folds_pool_their_paired_gains() -> None:
-    rows = [{"queries": 2, "_paired_gain": np.array([1.0, 0.0])}, {"queries": 1, "_paired_gain": np.array([-1.0])}]
-    assert bench.pool_folds(rows)["_paired_gain"].tolist() == [1.0, 0.0, -1.0]
+    rows = [
+        {"queries": 2, "_paired_gain": np.array([1.0, 0.0]), "_query_ids": np.array(["a", "b"])},
+        {"queries": 1, "_paired_gain": np.array([-1.0]), "_query_ids": np.array(["a"])},
+    ]
+    pooled = bench.pool_folds(rows)
+    assert pooled["_paired_gain"].tolist() == [1.0, 0.0, -1.0]
+    assert pooled["_query_ids"].tolist() == ["a", "b", "a"]  # the shifted hold-outs share queries
+
+
+def test_the_gain_interval_resamples_whole_queries() -> None:
+    # 300 queries, +2 points: 30 wins, 24 losses; ids in sorted order, so np.unique keeps the rows' order
+    gain = np.concatenate([np.ones(30), -np.ones(24), np.zeros(246)])
+    ids = np.array([f"q{i:03d}" for i in range(len(gain))])
+    alone = bench.gain_interval(gain)
+    assert bench.gain_interval(gain, ids) == alone  # one row per query: the rows are the queries
+    # every query in two hold-outs: the same evidence, so the same interval when whole queries are resampled ...
+    assert bench.gain_interval(np.repeat(gain, 2), np.repeat(ids, 2)) == pytest.approx(alone)
+    # ... where resampling the rows would count each query twice and narrow it
+    low, high = bench.gain_interval(np.repeat(gain, 2))
+    assert high - low < 0.8 * (alone[1] - alone[0])
+    # a query's rows are drawn together: a draw of two queries means 1 (a, a), 2/3 (a, b) or 0 (b, b)
+    assert bench.gain_interval(np.array([1.0, 1.0, 0.0]), np.array(["a", "a", "b"])) == (0.0, 1.0)
 
 
 def test_cascade_ceilings_match_a_hand_computed_cascade() -> None:

@@ -15,6 +15,7 @@ import structlog
 
 from batchplan.core.history import History, without_silver
 from batchplan.core.layout import CURRENT_FILE
+from batchplan.core.request import DEFAULT_RUN_ROUNDS
 from batchplan.core.storage import Storage, join
 from batchplan.dispatchers.limits import OutputCaps
 from batchplan.plans.audit import AuditModel, fit_audit
@@ -54,10 +55,12 @@ def train(
     templates: bool = True,
     folds: int = CROSS_FIT_FOLDS,
     round_choice: bool = True,
+    rounds: int = DEFAULT_RUN_ROUNDS,
 ) -> Trained:
     """Train the predictor on ``history`` and, unless ``templates`` is off, fit vote/cascade templates and the
     round posterior on it (both on the same out-of-fold predictions) and, unless ``round_choice`` is off, the
-    per_task planner's choice by replaying both round planners on the same folds (``RoundChoice``)."""
+    per_task planner's choice by replaying both round planners on the same folds for ``rounds`` rounds
+    (``RoundChoice``; the run's default, or the round count of the runs it is for)."""
     fitted = train_predictor(history, name=predictor, seed=seed)
     fitted_templates, posterior, choice = PlanTemplates(), None, None
     # templates and the posterior replay the history as the truth: a silver verdict there would count as gold
@@ -70,7 +73,9 @@ def train(
         if round_choice:
             from batchplan.app.round_choice import fit_round_choice
 
-            choice = fit_round_choice(history, oof, trainer, folds=folds, seed=seed, posterior=posterior)
+            choice = fit_round_choice(
+                history, oof, trainer, folds=folds, seed=seed, posterior=posterior, rounds=rounds
+            )
     caps = learn_output_caps(history)
     log.info(
         "train",

@@ -23,7 +23,7 @@ from typer._click.exceptions import NoArgsIsHelpError, UsageError
 from typer.core import TyperCommand, TyperGroup
 
 from batchplan.core.errors import UserError
-from batchplan.core.request import DEFAULT_ROUND_PLANNER, PlanRequest
+from batchplan.core.request import DEFAULT_ROUND_PLANNER, DEFAULT_RUN_ROUNDS, PlanRequest
 
 # Heavy modules (polars, structlog, pydantic, LightGBM, the solvers) are imported inside the commands, after
 # the flags are parsed and the request checked: a mistyped flag is answered at once.
@@ -688,8 +688,8 @@ def demo(
     ] = 0.3,
     out: Annotated[str | None, typer.Option("--out", help="Where to write (default: <work_dir>/demo).")] = None,
     as_json: Annotated[bool, typer.Option("--json", help="Print the report as JSON.")] = False,
-    # the demo runs in rounds: on the bundled data 2 posterior rounds beat single shot (see README, Rounds)
-    rounds: RoundsOpt = 2,
+    # the demo runs in rounds, as many as run's default (posterior rounds beat single shot on the bundled data)
+    rounds: RoundsOpt = DEFAULT_RUN_ROUNDS,
     round_planner: RoundPlannerOpt = "posterior",
 ) -> None:
     """The main job on the bundled data: train on train splits, plan + replay the test splits under a budget."""
@@ -704,7 +704,7 @@ def demo(
             budget_fraction=budget_fraction,
             out_uri=out,
             progress=progress,
-            rounds=rounds or 2,  # --rounds' help says run's default: the demo's own is 2 (above)
+            rounds=rounds or DEFAULT_RUN_ROUNDS,  # --rounds' help says run's default: the demo's is the same
             round_planner=round_planner,
         )
     if as_json:

@@ -81,9 +81,6 @@ from batchplan.plans.posterior import (
 
 log = structlog.get_logger("batchplan.core.rounds")
 
-# measured on bench/quality.py --rounds-sweep 2,3,4 with the middle round's look-ahead and the third opinion:
-# R=3 and 4 within -0.6..+0.6 points of R=2 at 10-100% on cascades_open, cascades and cascades_shifted
-DEFAULT_ROUNDS = 2
 DRIFT_PRIOR_CALLS = 20.0
 MIN_CALL_GAIN = 0.02
 PRICE_SAMPLE = 50_000
