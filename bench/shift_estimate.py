@@ -45,7 +45,7 @@ from batchplan.app.demo import best_single_cost
 from batchplan.app.pipeline import Execution, build_candidates, execute, optimize, predict
 from batchplan.app.report import Truth, score_results
 from batchplan.app.round_replay import RoundsRun, simulate_rounds
-from batchplan.core.history import load_history
+from batchplan.core.history import History, load_history, stable_fold
 from batchplan.core.request import LIVE_AUDIT_SHARE, LIVE_AUDIT_SPEND_SHARE
 from batchplan.core.settings import get_settings
 from batchplan.core.storage import Storage
@@ -56,6 +56,14 @@ from batchplan.plans.round_planner import DEFAULT_ROUNDS, round_planner
 from bench.quality import subject_holdout
 
 WITHIN: float = 0.02  # the bar: within 2 points
+
+
+def random_holdout(history: History, fraction: float = 0.35, seed: int = 0) -> History:
+    """The non-shifted twin of ``subject_holdout``: ``fraction`` of the queries, drawn by a stable hash of their
+    ids whatever their subject, are the test split."""
+    test = stable_fold(history.queries["query_id"], 1000, seed, salt="random:") < round(1000 * fraction)
+    queries = history.queries.with_columns(pl.Series("split", np.where(test, "test", "train")))
+    return History(queries=queries, outcomes=history.outcomes, prices=history.prices)
 
 
 def floor(p: np.ndarray) -> float:
@@ -95,9 +103,12 @@ def audited(
 
 
 def bench_seed(seed: int, fractions: tuple[float, ...], shares: tuple[float, ...], spend_share: float,
-               rounds: int, predictor: str, storage: Storage, workdir: str, data_dir: str) -> list[dict]:  # fmt: skip
+               rounds: int, predictor: str, storage: Storage, workdir: str, data_dir: str,
+               dataset: str = "cascades") -> list[dict]:  # fmt: skip
     settings = get_settings()
-    split = subject_holdout(load_history(str(Path(data_dir) / "cascades"), storage), seed=seed)
+    name, _, how = dataset.partition(":")
+    history = load_history(str(Path(data_dir) / name), storage)
+    split = {"": subject_holdout, "random": random_holdout, "recorded": lambda h, seed: h}[how](history, seed=seed)
     queue = split.as_queue("test")
     trained = artifacts.train(split.split("train"), predictor=predictor, seed=settings.seed)
     backend = get_backend("replay", history=split)
@@ -184,6 +195,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--audit-spend-share", type=float, default=LIVE_AUDIT_SPEND_SHARE)
     parser.add_argument("--rounds", type=int, default=DEFAULT_ROUNDS)
     parser.add_argument("--predictor", default="lightgbm")
+    parser.add_argument("--dataset", default="cascades",
+                        help="the data set whose subjects are held out; the non-shifted checks: NAME:random holds "
+                        "out a random share of the queries instead, NAME:recorded runs its recorded test split (every "
+                        "seed the same split)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     structlog.configure(
@@ -197,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in range(args.seeds):
             started = time.perf_counter()
             rows.extend(bench_seed(seed, fractions, shares, args.audit_spend_share, args.rounds, args.predictor,
-                                   storage, workdir, args.data_dir))  # fmt: skip
+                                   storage, workdir, args.data_dir, args.dataset))  # fmt: skip
             print(f"seed {seed}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     with pl.Config(tbl_rows=200, tbl_cols=40, tbl_width_chars=320, float_precision=3, tbl_hide_dataframe_shape=True):
         per_cell = pl.DataFrame(rows)
