@@ -9,8 +9,9 @@ separates that from the systematic miss: per subject-holdout seed and budget it 
 - single shot (votes and cascades allowed): realized accuracy, planned accuracy, and the floor of the plan's
   own per-query P(correct);
 - rounds (``round_planner`` over the trained posterior, ``--rounds``, simulated on the recorded outcomes):
-  realized accuracy, the run's posterior estimate (``RoundsRun.estimated_accuracy``), the floor of its final
-  posteriors;
+  realized accuracy, the run's posterior estimate (``RoundsRun.estimated_accuracy``: through the estimate
+  calibration), the same answers' stage-B posterior (what the decisions read; the estimate before the
+  calibration), the floor of its final posteriors;
 - audited (``--audit-shares``; each a uniform sample with the task's reference plan replayed, capped at
   ``--audit-spend-share`` of the budget as ``batchplan run`` caps the live default): ``estimate_audit`` with the
   run's posteriors as ``base`` (the difference estimator that ``run`` reports in rounds with audits) and without
@@ -52,6 +53,7 @@ from batchplan.core.storage import Storage
 from batchplan.dispatchers import get_backend
 from batchplan.plans.audit import AuditInputs, audit_plan, audit_queue, estimate_audit, posterior_base
 from batchplan.plans.planning import PlanRequest
+from batchplan.plans.posterior import Posterior
 from batchplan.plans.round_planner import DEFAULT_ROUNDS, round_planner
 from bench.quality import subject_holdout
 
@@ -116,6 +118,9 @@ def bench_seed(seed: int, fractions: tuple[float, ...], shares: tuple[float, ...
     predictions = predict(queue, trained.predictor, backend)
     candidates = build_candidates(queue, predictions, trained.templates)
     reference_cost, _ = best_single_cost(split, queue)
+    uncalibrated = Posterior.from_json(trained.posterior.to_json())  # type: ignore[union-attr]
+    for model in uncalibrated.tasks.values():
+        model.e = None
     recorded = split.outcomes.select("query_id", "model", "answer", "cost_usd", "logprob", "tokens_in", "tokens_out")
 
     def right(results: pl.DataFrame) -> np.ndarray:
@@ -137,7 +142,11 @@ def bench_seed(seed: int, fractions: tuple[float, ...], shares: tuple[float, ...
                 "single_floor": floor(planned)}  # fmt: skip
         run = simulate_rounds(round_planner(trained.posterior), queue, predictions, recorded, budget, rounds)
         post = run.answers["estimated_p_correct"].fill_null(0.0).fill_nan(0.0).to_numpy()
+        # the same run's kept answers under stage B alone (the posterior the decisions read, before the
+        # estimate calibration): what ``estimated_accuracy`` was
+        stage_b = round_planner(uncalibrated).answers(queue, predictions, run.observations)
         row |= {"rounds_realized": float(right(run.results).mean()), "rounds_estimated": run.estimated_accuracy,
+                "rounds_stage_b": float(stage_b["estimated_p_correct"].fill_null(0.0).mean()),  # type: ignore[arg-type]
                 "rounds_floor": floor(post)}  # fmt: skip
         for k, share in enumerate(shares):
             tag = f"a{round(100 * share)}"
@@ -161,7 +170,8 @@ def summary(rows: list[dict], shares: tuple[float, ...]) -> pl.DataFrame:
     """Per budget over the seeds: signed and absolute miss (points) of each estimate, the floor, seeds within."""
     frame = pl.DataFrame(rows)
     estimates = [("single planned", "single_planned", "single_realized", "single_floor"),
-                 ("rounds posterior", "rounds_estimated", "rounds_realized", "rounds_floor")]  # fmt: skip
+                 ("rounds posterior", "rounds_estimated", "rounds_realized", "rounds_floor"),
+                 ("rounds stage B (uncalibrated)", "rounds_stage_b", "rounds_realized", "rounds_floor")]  # fmt: skip
     for k, share in enumerate(shares):
         tag = f"a{round(100 * share)}"
         estimates.append((f"rounds + audits {share:.0%} (difference)", f"{tag}_difference", "rounds_realized", "rounds_floor"))
