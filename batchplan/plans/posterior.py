@@ -21,6 +21,12 @@ is about exactly the rule (the max of several scores is biased up: B removes tha
 logistic on the current state and the candidate LLM, fitted on whether the rule's answer after that LLM's
 recorded reply was right (what the replay says the call is worth, correlation included).
 
+The run's estimate (``estimate``; ``estimated_accuracy`` is its mean over the final answers) is stage B's p
+through a calibration fitted apart (``fit_estimates``: cross-fitted on replay states, the kept answer's
+confidence logit clipped at 1e-8 rather than P_CLIP with bends at 0.9-0.9999, lone answer, agreement, the kept
+LLM): stage B is pessimistic on confident lone answers (above 1 - 1e-4 they look alike to it), but a finer
+confidence in stages A-C cost accuracy, so no decision reads the calibration.
+
 Replay states: per training query, every subset of one to three LLMs (at most ``MAX_SUBSETS`` per size, chosen
 at random), as if exactly those had been called; a size's rows weigh 1 / (subsets of that size) so each
 depth counts alike. Stage C learns from every transition of a state of one or two LLMs to one more.
