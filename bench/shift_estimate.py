@@ -9,8 +9,9 @@ separates that from the systematic miss: per subject-holdout seed and budget it 
 - single shot (votes and cascades allowed): realized accuracy, planned accuracy, and the floor of the plan's
   own per-query P(correct);
 - rounds (``round_planner`` over the trained posterior, ``--rounds``, simulated on the recorded outcomes):
-  realized accuracy, the run's posterior estimate (``RoundsRun.estimated_accuracy``), the floor of its final
-  posteriors;
+  realized accuracy, the run's posterior estimate (``RoundsRun.estimated_accuracy``: through the estimate
+  calibration), the same answers' stage-B posterior (what the decisions read; the estimate before the
+  calibration), the floor of its final posteriors;
 - audited (``--audit-shares``; each a uniform sample with the task's reference plan replayed, capped at
   ``--audit-spend-share`` of the budget as ``batchplan run`` caps the live default): ``estimate_audit`` with the
   run's posteriors as ``base`` (the difference estimator that ``run`` reports in rounds with audits) and without
@@ -45,17 +46,26 @@ from batchplan.app.demo import best_single_cost
 from batchplan.app.pipeline import Execution, build_candidates, execute, predict
 from batchplan.app.report import Truth, score_results
 from batchplan.app.round_replay import RoundsRun, simulate_rounds
-from batchplan.core.history import load_history
+from batchplan.core.history import History, load_history, stable_fold
 from batchplan.core.request import DEFAULT_RUN_ROUNDS, LIVE_AUDIT_SHARE, LIVE_AUDIT_SPEND_SHARE
 from batchplan.core.settings import get_settings
 from batchplan.core.storage import Storage
 from batchplan.dispatchers import get_backend
 from batchplan.plans.audit import AuditInputs, audit_plan, audit_queue, estimate_audit, posterior_base
 from batchplan.plans.planning import PlanRequest, plan_batch
+from batchplan.plans.posterior import Posterior
 from batchplan.plans.round_planner import round_planner
 from bench.quality import subject_holdout
 
 WITHIN: float = 0.02  # the bar: within 2 points
+
+
+def random_holdout(history: History, fraction: float = 0.35, seed: int = 0) -> History:
+    """The non-shifted twin of ``subject_holdout``: ``fraction`` of the queries, drawn by a stable hash of their
+    ids whatever their subject, are the test split."""
+    test = stable_fold(history.queries["query_id"], 1000, seed, salt="random:") < round(1000 * fraction)
+    queries = history.queries.with_columns(pl.Series("split", np.where(test, "test", "train")))
+    return History(queries=queries, outcomes=history.outcomes, prices=history.prices)
 
 
 def floor(p: np.ndarray) -> float:
@@ -95,9 +105,12 @@ def audited(
 
 
 def bench_seed(seed: int, fractions: tuple[float, ...], shares: tuple[float, ...], spend_share: float,
-               rounds: int, predictor: str, storage: Storage, workdir: str, data_dir: str) -> list[dict]:  # fmt: skip
+               rounds: int, predictor: str, storage: Storage, workdir: str, data_dir: str,
+               dataset: str = "cascades") -> list[dict]:  # fmt: skip
     settings = get_settings()
-    split = subject_holdout(load_history(str(Path(data_dir) / "cascades"), storage), seed=seed)
+    name, _, how = dataset.partition(":")
+    history = load_history(str(Path(data_dir) / name), storage)
+    split = {"": subject_holdout, "random": random_holdout, "recorded": lambda h, seed: h}[how](history, seed=seed)
     queue = split.as_queue("test")
     trained = artifacts.train(split.split("train"), predictor=predictor, seed=settings.seed)
     backend = get_backend("replay", history=split)
@@ -105,6 +118,9 @@ def bench_seed(seed: int, fractions: tuple[float, ...], shares: tuple[float, ...
     predictions = predict(queue, trained.predictor, backend)
     candidates = build_candidates(queue, predictions, trained.templates)
     reference_cost, _ = best_single_cost(split, queue)
+    uncalibrated = Posterior.from_json(trained.posterior.to_json())  # type: ignore[union-attr]
+    for model in uncalibrated.tasks.values():
+        model.e = None
     recorded = split.outcomes.select("query_id", "model", "answer", "cost_usd", "logprob", "tokens_in", "tokens_out")
 
     def right(results: pl.DataFrame) -> np.ndarray:
@@ -126,7 +142,11 @@ def bench_seed(seed: int, fractions: tuple[float, ...], shares: tuple[float, ...
                 "single_floor": floor(planned)}  # fmt: skip
         run = simulate_rounds(round_planner(trained.posterior), queue, predictions, recorded, budget, rounds)
         post = run.answers["estimated_p_correct"].fill_null(0.0).fill_nan(0.0).to_numpy()
+        # the same run's kept answers under stage B alone (the posterior the decisions read, before the
+        # estimate calibration): what ``estimated_accuracy`` was
+        stage_b = round_planner(uncalibrated).answers(queue, predictions, run.observations)
         row |= {"rounds_realized": float(right(run.results).mean()), "rounds_estimated": run.estimated_accuracy,
+                "rounds_stage_b": float(stage_b["estimated_p_correct"].fill_null(0.0).mean()),  # type: ignore[arg-type]
                 "rounds_floor": floor(post)}  # fmt: skip
         for k, share in enumerate(shares):
             tag = f"a{round(100 * share)}"
@@ -150,7 +170,8 @@ def summary(rows: list[dict], shares: tuple[float, ...]) -> pl.DataFrame:
     """Per budget over the seeds: signed and absolute miss (points) of each estimate, the floor, seeds within."""
     frame = pl.DataFrame(rows)
     estimates = [("single planned", "single_planned", "single_realized", "single_floor"),
-                 ("rounds posterior", "rounds_estimated", "rounds_realized", "rounds_floor")]  # fmt: skip
+                 ("rounds posterior", "rounds_estimated", "rounds_realized", "rounds_floor"),
+                 ("rounds stage B (uncalibrated)", "rounds_stage_b", "rounds_realized", "rounds_floor")]  # fmt: skip
     for k, share in enumerate(shares):
         tag = f"a{round(100 * share)}"
         estimates.append((f"rounds + audits {share:.0%} (difference)", f"{tag}_difference", "rounds_realized", "rounds_floor"))
@@ -184,6 +205,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--audit-spend-share", type=float, default=LIVE_AUDIT_SPEND_SHARE)
     parser.add_argument("--rounds", type=int, default=DEFAULT_RUN_ROUNDS)
     parser.add_argument("--predictor", default="lightgbm")
+    parser.add_argument("--dataset", default="cascades",
+                        help="the data set whose subjects are held out; the non-shifted checks: NAME:random holds "
+                        "out a random share of the queries instead, NAME:recorded runs its recorded test split (every "
+                        "seed the same split)")
     parser.add_argument("--json", default=None)
     args = parser.parse_args(argv)
     structlog.configure(
@@ -197,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         for seed in range(args.seeds):
             started = time.perf_counter()
             rows.extend(bench_seed(seed, fractions, shares, args.audit_spend_share, args.rounds, args.predictor,
-                                   storage, workdir, args.data_dir))  # fmt: skip
+                                   storage, workdir, args.data_dir, args.dataset))  # fmt: skip
             print(f"seed {seed}: {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
     with pl.Config(tbl_rows=200, tbl_cols=40, tbl_width_chars=320, float_precision=3, tbl_hide_dataframe_shape=True):
         per_cell = pl.DataFrame(rows)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import polars as pl
 import pytest
@@ -428,3 +430,64 @@ def test_open_answers_that_agree_by_token_f1_share_one_answer() -> None:
     rep = replays(history, oof)["t"]
     opened = rep.query_ids.index("open")
     assert rep.code[opened, 0] == rep.code[opened, 1] != rep.code[opened, 2]
+
+
+def _sharp_when_right(history: History, seed: int = 0) -> History:
+    """Logprobs where the signal is above 1 - 1e-4 (as on cascades, where a third of answers are): right
+    answers 1 - 10^-U(3, 8), wrong ones 1 - 10^-U(1, 4.5); the decision posterior's logit (clipped at 1e-4)
+    sees most right answers as one value."""
+    rng = np.random.default_rng(seed)
+    correct = history.outcomes["correct"].to_numpy()
+    digits = np.where(correct, rng.uniform(3.0, 8.0, len(correct)), rng.uniform(1.0, 4.5, len(correct)))
+    outcomes = history.outcomes.with_columns(pl.Series("logprob", np.log1p(-(10.0**-digits))))
+    return History(queries=history.queries, outcomes=outcomes, prices=history.prices)
+
+
+def test_the_estimate_calibration_is_honest_on_held_out_replay_and_decides_nothing() -> None:
+    from batchplan.plans.posterior import POOLED, _state, replays
+
+    history = _sharp_when_right(synthetic_history(900, 4, n_tasks=1, test_fraction=0.4, seed=5))
+    train, test = history.split("train"), history.split("test")
+    posterior = fit_posterior(train, cross_fit_predictions(train, _trainer))
+    assert all(t.e is not None for t in posterior.tasks.values())
+    predictor = train_predictor(train, name="lightgbm", seed=0)
+    held = predictor.predict(test.as_queue(), test.outcomes.select("query_id", "model"), None)
+    ((task, rep),) = replays(test, held).items()
+    stage_b, estimate, right, sharp = [], [], [], []
+    for subset in [(j,) for j in range(len(rep.models))] + [(0, 1), (1, 2), (2, 3)]:
+        rows = np.flatnonzero(rep.present[:, list(subset)].all(axis=1))
+        s = _state(rep, rows, subset, rep.cost.mean(axis=0))
+        now = posterior.current(task, s, rep.models)
+        got = posterior.estimate(task, s, rep.models, now)
+        stage_b.append(now.p)
+        estimate.append(got)
+        right.append(rep.correct[rows, np.maximum(now.chosen, 0)] & (now.chosen >= 0))
+        sharp.append(s.conf[np.arange(len(rows)), np.maximum(now.chosen, 0)] > 1 - 1e-4)
+    p_b, p_e, y, top = (np.concatenate(v) for v in (stage_b, estimate, right, sharp))
+    assert len(y) > 1000
+    # held-out queries: the mean estimate lands on the realized rate, overall and where stage B is blind
+    assert abs(p_e.mean() - y.mean()) < 0.02
+    assert abs(p_e[top].mean() - y[top].mean()) < 0.02
+    assert abs(p_e[top].mean() - y[top].mean()) < abs(p_b[top].mean() - y[top].mean())
+    # it decides nothing: without it, a run makes the same calls and keeps the same answers
+    blind = Posterior.from_json(posterior.to_json())
+    for model in blind.tasks.values():
+        model.e = None
+    budget = 0.3 * _reference(history, held)
+    runs = [simulate_rounds(PosteriorRoundPlanner(p), test.as_queue(), held, _outcomes(history), budget, 3)
+            for p in (posterior, blind)]  # fmt: skip
+    assert runs[0].observations.equals(runs[1].observations)
+    assert runs[0].answers.drop("estimated_p_correct").equals(runs[1].answers.drop("estimated_p_correct"))
+    assert runs[0].estimated_accuracy != runs[1].estimated_accuracy
+    # the stored file carries it, versioned; a file from before the calibration loads without it (its runs
+    # estimate as they did), one from a newer batchplan is refused
+    loaded = Posterior.from_json(posterior.to_json())
+    assert loaded.tasks[POOLED].e is not None
+    assert np.array_equal(loaded.tasks[task].e, posterior.tasks[task].e)  # type: ignore[arg-type]
+    old = json.loads(posterior.to_json())
+    del old["version"]
+    for model in old["tasks"].values():
+        model.pop("e", None)
+    assert all(m.e is None for m in Posterior.from_json(json.dumps(old)).tasks.values())
+    with pytest.raises(ValueError, match="upgrade batchplan"):
+        Posterior.from_json(json.dumps({**old, "version": 3}))

@@ -21,6 +21,12 @@ is about exactly the rule (the max of several scores is biased up: B removes tha
 logistic on the current state and the candidate LLM, fitted on whether the rule's answer after that LLM's
 recorded reply was right (what the replay says the call is worth, correlation included).
 
+The run's estimate (``estimate``; ``estimated_accuracy`` is its mean over the final answers) is stage B's p
+through a calibration fitted apart (``fit_estimates``: cross-fitted on replay states, the kept answer's
+confidence logit clipped at 1e-8 rather than P_CLIP with bends at 0.9-0.9999, lone answer, agreement, the kept
+LLM): stage B is pessimistic on confident lone answers (above 1 - 1e-4 they look alike to it), but a finer
+confidence in stages A-C cost accuracy, so no decision reads the calibration.
+
 Replay states: per training query, every subset of one to three LLMs (at most ``MAX_SUBSETS`` per size, chosen
 at random), as if exactly those had been called; a size's rows weigh 1 / (subsets of that size) so each
 depth counts alike. Stage C learns from every transition of a state of one or two LLMs to one more.
@@ -227,13 +233,17 @@ class TaskModel:
     a: np.ndarray
     b: np.ndarray
     c: np.ndarray
+    # the estimate calibration (``estimate_design``): None where not fitted (the estimate is stage B's p)
+    e: np.ndarray | None = None
 
-    def to_dict(self) -> dict[str, list[float]]:
-        return {"a": self.a.tolist(), "b": self.b.tolist(), "c": self.c.tolist()}
+    def to_dict(self) -> dict[str, list[float] | None]:
+        return {"a": self.a.tolist(), "b": self.b.tolist(), "c": self.c.tolist(),
+                "e": None if self.e is None else self.e.tolist()}  # fmt: skip
 
     @classmethod
-    def from_dict(cls, raw: dict[str, list[float]]) -> TaskModel:
-        return cls(np.asarray(raw["a"]), np.asarray(raw["b"]), np.asarray(raw["c"]))
+    def from_dict(cls, raw: dict[str, Any]) -> TaskModel:
+        e = raw.get("e")
+        return cls(np.asarray(raw["a"]), np.asarray(raw["b"]), np.asarray(raw["c"]), None if e is None else np.asarray(e))
 
 
 def _b_design(raw: np.ndarray, n_answers: np.ndarray) -> np.ndarray:
@@ -435,8 +445,8 @@ def _complete(rep: Replay, rows: np.ndarray, subset: tuple[int, ...]) -> np.ndar
     return rep.present[rows][:, list(subset)].all(axis=1)
 
 
-def fit_task(reps: Sequence[Replay], index: dict[str, int], seed: int = 0) -> TaskModel:
-    """Stages A, B and C on the replay states of ``reps`` (one task, or several pooled)."""
+def fit_task(reps: Sequence[Replay], index: dict[str, int], seed: int = 0, after: bool = True) -> TaskModel:
+    """Stages A, B and (unless not ``after``) C on the replay states of ``reps`` (one task, or several pooled)."""
     width = len(index)
     rng = np.random.default_rng(seed)
     prepared = []
@@ -466,6 +476,8 @@ def fit_task(reps: Sequence[Replay], index: dict[str, int], seed: int = 0) -> Ta
             y = rep.correct[rows[ok], now.chosen[ok]]
             stage_b.add(_b_design(np.maximum(now.raw[ok], 1e-6), now.n_answers[ok]), y, 1 / sizes[len(subset)])
     b = stage_b.fit(seed)
+    if not after:
+        return TaskModel(a, b, np.zeros(0))
     stage_c = _Rows()
     for rep, onehot, mean_cost, subsets, sizes in prepared:
         for subset in (s for s in subsets if len(s) < MAX_DEPTH):
@@ -484,6 +496,75 @@ def fit_task(reps: Sequence[Replay], index: dict[str, int], seed: int = 0) -> Ta
                 stage_c.add(x[keep, j], y[keep], weight, after_offset(now)[keep])
     c = stage_c.fit(seed)
     return TaskModel(a, b, c)
+
+
+ESTIMATE_CLIP: Final = 1e-8  # the estimate's confidence logit: a third of answers are above 1 - P_CLIP
+ESTIMATE_BENDS: Final = (0.9, 0.99, 0.999, 0.9999)  # hinges of the estimate's confidence logit
+
+
+def estimate_design(s: States, now: Choice, onehot: np.ndarray, width: int) -> np.ndarray:
+    """The estimate calibration's design [n, F] for the kept answers ``now``: stage B's logit, the kept answer's
+    confidence logit clipped at ``ESTIMATE_CLIP`` (not P_CLIP, where 0.9999 and 0.99999999 look alike) with
+    hinges at ``ESTIMATE_BENDS``, whether it is unknown, a lone answer, the LLMs agreeing (at most 3), and a
+    per-kept-LLM intercept."""
+    rows = np.arange(len(now.chosen))
+    kept = now.chosen >= 0
+    safe = np.maximum(now.chosen, 0)
+    conf = s.conf[rows, safe] if len(rows) else np.zeros(0)
+    known = kept & np.isfinite(conf)
+    c = np.clip(np.nan_to_num(conf, nan=0.5), ESTIMATE_CLIP, 1 - ESTIMATE_CLIP)
+    lc = np.where(known, np.log(c / (1 - c)), 0.0)
+    bends = [np.where(known, np.maximum(lc - np.log(t / (1 - t)), 0.0), 0.0) for t in ESTIMATE_BENDS]
+    lnow = logit(np.maximum(now.p, 1e-6))
+    hot = _hot(np.where(kept, onehot[safe] if len(onehot) else -1, -1), width)
+    lone = (now.n_answers == 1).astype(float)
+    return np.column_stack([np.ones(len(rows)), lnow, lc, (~known).astype(float), *bends, lone,
+                            np.minimum(now.agree, 3.0), hot])  # fmt: skip
+
+
+def _estimate_rows(out: _Rows, rep: Replay, t: TaskModel, index: dict[str, int], rng: np.random.Generator) -> None:
+    """The estimate calibration's rows of ``rep``'s replay states (as stage B's: every subset of up to
+    ``MAX_DEPTH`` LLMs, a depth's rows weighing alike) under the answer rule and stage B of ``t``."""
+    if not rep.query_ids:
+        return
+    width = len(index)
+    onehot = np.array([index.get(m, -1) for m in rep.models])
+    subsets = _subsets(len(rep.models), rng)
+    sizes = {k: sum(len(s) == k for s in subsets) for k in range(1, MAX_DEPTH + 1)}
+    for subset in subsets:
+        rows = np.flatnonzero(_complete(rep, np.arange(len(rep.query_ids)), subset))
+        if not len(rows):
+            continue
+        s = _state(rep, rows, subset, rep.cost.mean(axis=0))
+        now = choose(s, t.a, t.b, onehot, width)
+        ok = now.chosen >= 0
+        x = estimate_design(s, now, onehot, width)[ok]
+        out.add(x, rep.correct[rows[ok], now.chosen[ok]], 1 / sizes[len(subset)])
+
+
+def fit_estimates(reps: dict[str, Replay], index: dict[str, int], tasks: dict[str, TaskModel], seed: int = 0) -> None:
+    """Fit each task model's estimate calibration ``e`` (in place) on cross-fitted replay states: per fold, stages
+    A and B refitted on the other folds score the fold's states, so the calibration learns how the posterior
+    errs on queries it was not fitted on (as tonight's are), never on its own rows. It only maps the kept
+    answer's posterior to the estimate the report gives: no answer choice or escalation reads it (a finer
+    confidence there cost accuracy on the shifted split: 87.7% -> 84.6% at 20% of the best single's cost)."""
+    rows = {t: _Rows() for t in tasks}
+    rng = np.random.default_rng(seed + 2)
+    for f in range(FOLDS):
+        folds = {t: stable_fold(r.query_ids, FOLDS, seed, salt="estimate:") for t, r in reps.items()}
+        train = {t: _sub(r, np.flatnonzero(folds[t] != f)) for t, r in reps.items()}
+        test = {t: _sub(r, np.flatnonzero(folds[t] == f)) for t, r in reps.items()}
+        for task in tasks:
+            pooled = task == POOLED
+            fitted = fit_task(list(train.values()) if pooled else [train[task]], index, seed, after=False)
+            for rep in test.values() if pooled else [test[task]]:
+                _estimate_rows(rows[task], rep, fitted, index, rng)
+    for task, got in rows.items():
+        if got.y and sum(len(y) for y in got.y) >= 30:
+            tasks[task].e = got.fit(seed)
+
+
+POSTERIOR_VERSION: Final = 2  # 2: the estimate calibration (TaskModel.e)
 
 
 @dataclass
@@ -521,6 +602,15 @@ class Posterior:
         empty = (now.chosen < 0)[:, None]
         return np.where(empty, np.nan_to_num(s.prior, nan=0.0), p)
 
+    def estimate(self, task: str, s: States, models: Sequence[str], now: Choice) -> np.ndarray:
+        """P(the kept answers ``now`` are right) as the run's estimate reports it: stage B's p through the task's
+        estimate calibration (``fit_estimates``), or stage B's p where none was fitted. Decisions read ``now.p``."""
+        e = self.for_task(task).e
+        if e is None:
+            return now.p
+        p = sigmoid(estimate_design(s, now, self.onehot(models), len(self.models)) @ e)
+        return np.where(now.chosen >= 0, p, 0.0)
+
     def escalation_value(self, task: str, called: str, price: float) -> tuple[float, float]:
         """Mean replayed (accuracy gain, extra cost) of the best one-step escalation once the LLMs of ``called``
         (a model, or ``called_key`` of two) answered, when a USD is worth ``price`` accuracy points (0, 0 where
@@ -535,6 +625,7 @@ class Posterior:
     def to_json(self) -> str:
         return json.dumps(
             {
+                "version": POSTERIOR_VERSION,
                 "models": self.models,
                 "tasks": {k: v.to_dict() for k, v in self.tasks.items()},
                 "validation": self.validation,
@@ -547,6 +638,14 @@ class Posterior:
     @classmethod
     def from_json(cls, text: str) -> Posterior:
         raw = json.loads(text)
+        version = raw.get("version", 1)
+        # version 1 (before the estimate calibration) has the same decision stages: it loads, and its runs'
+        # estimate is stage B's p, as it was when it was trained; only a file from a newer batchplan is refused
+        if version > POSTERIOR_VERSION:
+            raise ValueError(
+                f"posterior.json is format version {version}; this batchplan reads up to version {POSTERIOR_VERSION}: "
+                "upgrade batchplan or retrain (`batchplan train`) with this one"
+            )
         return cls(
             models=list(raw["models"]),
             tasks={k: TaskModel.from_dict(v) for k, v in raw["tasks"].items()},
@@ -664,6 +763,7 @@ def fit_posterior(history: History, oof: pl.DataFrame, *, seed: int = 0, validat
     index = {m: i for i, m in enumerate(models)}
     tasks = {t: fit_task([r], index, seed) for t, r in reps.items() if len(r.query_ids) >= 30}
     tasks[POOLED] = fit_task(list(reps.values()), index, seed)
+    fit_estimates(reps, index, tasks, seed)
     posterior = Posterior(models, tasks)
     posterior.validation = _held_out(reps, index, FOLDS, seed) if validate else {}
     posterior.escalation = _escalation_tables(reps, posterior)

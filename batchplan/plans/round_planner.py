@@ -799,12 +799,25 @@ class PosteriorRoundPlanner:
             {
                 "query_id": seen.query_ids,
                 "answer": texts,
-                "estimated_p_correct": ev.now_p,
+                "estimated_p_correct": estimated(self.posterior, seen),
                 # the LLM whose answer is kept: open tasks replayed from a history keep no text
                 "model": [seen.models[j] if j >= 0 else None for j in ev.now_answer.tolist()],
             },
             schema=ROUND_ANSWER_SCHEMA,
         )
+
+
+def estimated(posterior: Posterior, seen: Observed, chunk: int = 100_000) -> np.ndarray:
+    """Per query the estimate of its kept answer (``Posterior.estimate``: the calibration for the report's
+    ``estimated_accuracy``); the answer kept is ``evaluate``'s, and nothing the planner decides reads this."""
+    out = np.zeros(len(seen.query_ids))
+    for task in np.unique(seen.tasks):
+        rows = np.flatnonzero(seen.tasks == task)
+        for start in range(0, len(rows), chunk):
+            part = rows[start : start + chunk]
+            s = States(seen.states.prior[part], seen.states.code[part], seen.states.conf[part], seen.states.order[part])
+            out[part] = posterior.estimate(str(task), s, seen.models, posterior.current(str(task), s, seen.models))
+    return out
 
 
 def _times(x: np.ndarray, factor: np.ndarray) -> np.ndarray:
