@@ -822,7 +822,8 @@ def _drift_events(dag_run: Any) -> list[Any]:
             session.scalars(
                 select(AssetEvent)
                 .join(AssetModel, AssetEvent.asset_id == AssetModel.id)
-                .where(AssetModel.uri == "batchplan://drift", AssetEvent.source_run_id == dag_run.run_id)
+                # by name: Airflow stores the URI normalized ("batchplan://drift/")
+                .where(AssetModel.name == "batchplan_drift", AssetEvent.source_run_id == dag_run.run_id)
             )
         )
 
@@ -843,16 +844,20 @@ def test_nightly_says_the_drift_late_labels_show_and_triggers_the_retrain(
     scored, queries = storage.read_frame(outcomes_uri), storage.read_frame(queries_uri)
     storage.write_frame(scored.with_columns(correct=pl.lit(None, pl.Boolean), label_source=pl.lit(None, pl.String)), outcomes_uri)
     storage.write_frame(queries.with_columns(gold=pl.lit(None, pl.String)), queries_uri)
-    # the (task, LLM) of tonight's tasks run 1 called most on classification queries: labelled wrong every time
+    # of tonight's tasks, the (task, LLM) run 1 called most on classification queries among those its plan
+    # rated above 50%: labelled wrong every time
     tonight = queue_days[ROUNDS_DAY]["task"].unique().implode()
     answered = (
-        scored.filter((pl.col("status") == "done") & pl.col("answer").is_not_null())
+        scored.drop("task")
+        .filter((pl.col("status") == "ok") & pl.col("answer").is_not_null())
         .unique(["query_id", "model"])
         .join(queries.select("query_id", "task", "labels"), on="query_id")
         .filter(pl.col("labels").is_not_null() & pl.col("task").is_in(tonight))
     )
-    task, llm, n = answered.group_by("task", "model").len().sort("len", "task", "model", descending=True).row(0)
-    assert n >= 12, "run 1 must have called one LLM on a dozen queries of a task run 2 has"
+    rated = storage.read_frame(lay.plan_file(run1, "predictions.parquet")).select("query_id", "model", "p_correct")
+    pairs = answered.join(rated, on=["query_id", "model"]).group_by("task", "model").agg(pl.len(), pl.col("p_correct").mean())
+    task, llm, n, _ = pairs.filter(pl.col("p_correct") > 0.5).sort("len", "task", "model", descending=True).row(0)
+    assert n >= 12, f"run 1 must have called one LLM on a dozen queries of a task run 2 has: {pairs}"
     mine = answered.filter((pl.col("task") == task) & (pl.col("model") == llm))
     wrong = [next(label for label in labels if label != answer) for answer, labels in mine.select("answer", "labels").iter_rows()]
     storage.write_frame(pl.DataFrame({"query_id": mine["query_id"], "gold": wrong}), f"{lay.labels(run1)}late.csv")
