@@ -4,17 +4,21 @@
 Waits for parts under `queue/<date>/` in the batchplan bucket (connection `batchplan_s3`), takes the day's
 queue with a conditional write (a second run for the same day is skipped), then:
 
-`ingest` (bad rows to `quarantine/<run>/`) -> `predict` (promoted predictor) -> `plan` (one optimization
+`ingest` (bad rows to `quarantine/<run>/`) -> `predict` (promoted predictor; label files dropped under
+`labels/<run>/` for past runs joined first, and the predictor's live correction fitted again on the gold
+outcomes of past runs, so tonight's plan uses the labels' corrected estimates) -> `plan` (one optimization
 over the whole batch, split into at most 32 shards, each with its share of the budget: the shares sum to at
 most `budget_usd`) -> `dispatch` (mapped over the shards; each shard's ledger makes re-runs free) ->
 `merge` (`results/<run>/`; `outcomes/<run>/`: one outcome per call, for retraining) -> `report`
 (`reports/<run>/report.html`; label files dropped under `labels/<run>/` for past runs are joined into their
 outcomes and their reports re-rendered with the accuracy measured on them) -> `drift` (emits the Asset
-`batchplan_drift`, which triggers the retrain DAG, only when the audits found drift; else skipped).
+`batchplan_drift`, which triggers the retrain DAG, only when the audits or the labels found drift, and logs
+which; else skipped).
 
 **Audits**: `audit_share` (empty: 5% for a live backend, none for replay; in rounds too) of the queries also get a
 reference answer inside the budget; the report's first lines give the audited accuracy with its 95% interval
-and any drift (an LLM or task outside the predictor's interval). `explore_share` (default 0): at most that share
+and any drift (an LLM or task outside the predictor's interval; from the labels of past runs: an LLM whose
+labelled accuracy on a task excludes the history's estimate, which this plan already corrected). `explore_share` (default 0): at most that share
 of the budget on calls of the LLMs the reference does not call, on the audited queries, so labels and silver
 reach LLMs the plan never calls.
 
@@ -57,7 +61,7 @@ from batchplan.core.layout import run_key
 from batchplan.dag_tasks import common, rounds, stages
 from batchplan.dag_tasks.run_tasks import DAG_DEFAULTS, asset, run_tasks
 
-DRIFT = asset("batchplan_drift")  # the audits found the history off: retrain
+DRIFT = asset("batchplan_drift")  # the audits or the labels found the history off: retrain
 
 
 def _sensor_key(params: dict[str, Any], logical_date: Any) -> str:
@@ -148,12 +152,14 @@ def batchplan_nightly() -> None:
 
     @task(outlets=[DRIFT])
     def drift(reported: dict[str, Any]) -> list[dict[str, Any]]:
-        """Emits the drift Asset (the retrain DAG's trigger) only when the audits found drift: a skipped task
-        emits no Asset event."""
+        """Emits the drift Asset (the retrain DAG's trigger) only when the audits or the labels of past runs
+        found drift, and logs which: a skipped task emits no Asset event."""
         from airflow.sdk.exceptions import AirflowSkipException
 
         if not reported.get("drift"):
-            raise AirflowSkipException("no drift found by the audits")
+            raise AirflowSkipException("no drift found by the audits or the labels")
+        sources = sorted({d.get("source", "audits") for d in reported["drift"]})
+        print(f"batchplan drift from {' and '.join(sources)}: {len(reported['drift'])} found; retrain triggered")
         return list(reported["drift"])
 
     ingested = ingest()

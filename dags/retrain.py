@@ -1,8 +1,8 @@
 """
 ### batchplan_retrain: learn from new outcomes, promote only a better predictor
 
-Runs when the nightly DAG publishes new outcomes (Asset `batchplan_outcomes`), or at once when its audits
-found drift (Asset `batchplan_drift`, emitted by its `drift` task only then). Trains a candidate on the
+Runs when the nightly DAG publishes new outcomes (Asset `batchplan_outcomes`), or at once when its audits or
+the labels of past runs found drift (Asset `batchplan_drift`, emitted by its `drift` task only then). Trains a candidate on the
 bundled histories' training split plus the labelled outcomes of every `outcomes/<run>/` recorded so far
 (label files dropped under `labels/<run>/` joined first; gold at full weight, audited silver lower), saves it as
 `models/<version>/`, scores it and the promoted predictor on the same outcomes (Brier score of

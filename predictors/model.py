@@ -254,9 +254,9 @@ class Predictor:
         live = self.live.matrix(tasks_u, call_models)
 
         def scores() -> tuple[np.ndarray, np.ndarray]:
-            if self.pair_model is None:
+            if self.pair_model is None:  # the prior baseline: corrected by the live labels all the same
                 prior_pair = prior_call[tq, mi]
-                return prior_pair, prior_pair
+                return (prior_pair if live is None else self.live.apply(prior_pair, live[tq, mi])), prior_pair
             raw = sigmoid(self._pair_logits(block, d, qi, mi, tq, prior_call, weights, covered, call_models, neighbors))
             p = self.calibrator(raw)
             # the live runs' drift correction last: what tonight's labels say overrides the history's level

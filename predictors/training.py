@@ -7,6 +7,7 @@ out-of-fold stage-2 scores, which also give the validation metrics stored in the
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import time
 from typing import Any
@@ -151,6 +152,10 @@ def fit_predictor(history: History, name: str = "lightgbm", seed: int = 0, **par
     if learned:
         validation = _fit_stages(predictor, train_q, rows, models, lgb_params, options, seed)
         validation["tokens_out"] = _fit_tokens(predictor, train_q, rows, catalog, seed)
+    else:  # the prior baseline's P is its (task, LLM) prior: the live rows' drift is measured against it
+        w, gold = row_weights(rows)
+        p = predictor.priors.lookup(rows.select("model", "task"), {})
+        predictor.live = fit_live_correction(rows, rows["correct"].cast(pl.Float64).to_numpy(), p, w, gold)
     counts = (
         rows.group_by("model").agg(pl.len().alias("rows"), pl.col("query_id").n_unique().alias("queries")).sort("model")
     )
@@ -321,6 +326,24 @@ def fit_live_correction(
         rows["task"].to_numpy()[live], rows["model"].to_numpy()[live], y[live], p_oof[live], w[live], gold[live],
         query=rows["query_id"].to_numpy()[live],
     )
+
+
+def refit_live_correction(predictor: Predictor, live: History) -> LiveCorrection:
+    """The live correction fitted again on ``live`` (the labelled outcomes of past runs, ``app.outcomes.
+    runs_history``), against ``predictor``'s own P(correct) for those rows with no live correction, without
+    retraining anything else: how tonight's plan uses the labels that arrived since the promoted predictor
+    was trained, including the newest ones a retrain keeps out of training to judge on (``app.promotion``).
+
+    Where the predictor trained on a row its P there is in-sample (training's own fit uses out-of-fold P):
+    it leans a little toward the row's verdict, so the offset is a little smaller than training's, never of
+    the other sign. A history with no gold rows: an empty correction."""
+    rows = training_rows(live)
+    if rows.height == 0:
+        return LiveCorrection()
+    bare = dataclasses.replace(predictor, live=LiveCorrection())
+    p = bare.predict(live.queries, rows.select("query_id", "model"))["p_correct"].to_numpy()
+    w, gold = row_weights(rows)
+    return fit_live_correction(rows, rows["correct"].cast(pl.Float64).to_numpy(), p, w, gold)
 
 
 def _as_list(value: Any) -> list[float]:

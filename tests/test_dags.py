@@ -808,6 +808,94 @@ def test_nightly_audits_inside_the_budget_and_says_the_estimate_in_its_report(
     assert not records["agree"].fill_null(False).any()
 
 
+def _drift_events(dag_run: Any) -> list[Any]:
+    """The ``batchplan_drift`` Asset events the run's tasks emitted (what schedules the retrain DAG)."""
+    from airflow.models.asset import AssetEvent, AssetModel
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        return list(
+            session.scalars(
+                select(AssetEvent)
+                .join(AssetModel, AssetEvent.asset_id == AssetModel.id)
+                # by name: Airflow stores the URI normalized ("batchplan://drift/")
+                .where(AssetModel.name == "batchplan_drift", AssetEvent.source_run_id == dag_run.run_id)
+            )
+        )
+
+
+@pytest.mark.slow
+def test_nightly_says_the_drift_late_labels_show_and_triggers_the_retrain(
+    dagbag: Any, nightly_done: Done, copy_of: Callable[[Done], AirflowEnv], queue_days: dict[str, pl.DataFrame]
+) -> None:
+    """Run 1 (the nightly of NIGHTLY_DAY, made live-like: no correctness in its outcomes, no gold in its
+    queries), then labels dropped under ``labels/<run 1>/`` saying the LLM it called most on a task was wrong
+    on every query; run 2 (the next day's queue, no retrain between) joins them before it predicts, so its
+    plan uses the labels' corrected estimate for that LLM (the live correction fitted again on the labels),
+    its report's first lines and its run page's tab say DRIFT from the labels, and its drift task emits the
+    retrain DAG's Asset."""
+    env = copy_of(nightly_done)
+    lay, storage, run1, run2 = env.layout, env.storage, f"nightly-{NIGHTLY_DAY}", f"nightly-{ROUNDS_DAY}"
+    outcomes_uri, queries_uri = f"{lay.outcomes(run1)}/outcomes.parquet", f"{lay.outcomes(run1)}/queries.parquet"
+    scored, queries = storage.read_frame(outcomes_uri), storage.read_frame(queries_uri)
+    storage.write_frame(scored.with_columns(correct=pl.lit(None, pl.Boolean), label_source=pl.lit(None, pl.String)), outcomes_uri)
+    storage.write_frame(queries.with_columns(gold=pl.lit(None, pl.String)), queries_uri)
+    # of tonight's tasks, the (task, LLM) run 1 called most on classification queries among those its plan
+    # rated above 50%: labelled wrong every time
+    tonight = queue_days[ROUNDS_DAY]["task"].unique().implode()
+    answered = (
+        scored.drop("task")
+        .filter((pl.col("status") == "ok") & pl.col("answer").is_not_null())
+        .unique(["query_id", "model"])
+        .join(queries.select("query_id", "task", "labels"), on="query_id")
+        .filter(pl.col("labels").is_not_null() & pl.col("task").is_in(tonight))
+    )
+    rated = storage.read_frame(lay.plan_file(run1, "predictions.parquet")).select("query_id", "model", "p_correct")
+    pairs = answered.join(rated, on=["query_id", "model"]).group_by("task", "model").agg(pl.len(), pl.col("p_correct").mean())
+    task, llm, n, _ = pairs.filter(pl.col("p_correct") > 0.5).sort("len", "task", "model", descending=True).row(0)
+    assert n >= 12, f"run 1 must have called one LLM on a dozen queries of a task run 2 has: {pairs}"
+    mine = answered.filter((pl.col("task") == task) & (pl.col("model") == llm))
+    wrong = [next(label for label in labels if label != answer) for answer, labels in mine.select("answer", "labels").iter_rows()]
+    storage.write_frame(pl.DataFrame({"query_id": mine["query_id"], "gold": wrong}), f"{lay.labels(run1)}late.csv")
+    before = _mean_p(storage, lay, run1, task, llm)  # what the promoted predictor says, uncorrected
+
+    conf = {"budget_usd": 0.05, "max_shards": 2, "allow_deferral": True, "queue_date": ROUNDS_DAY, "rounds": 1}
+    # a logical date of its own: the rounds and audits tests' runs of 2026-03-03 sit in the same Airflow database
+    dag_run = _nightly(dagbag, env, "nightly (after late labels)", datetime(2026, 3, 3, 6, tzinfo=UTC), conf)
+    states = _succeeded(dag_run)
+    # the labels were joined into run 1 before run 2 predicted: its calls of those queries now gold
+    assert storage.read_frame(outcomes_uri).filter(pl.col("label_source") == "gold")["query_id"].n_unique() == n
+    # run 2's plan used the labels' correction: its estimate for the LLM on that task moved down, no retrain
+    offsets = storage.read_frame(lay.plan_file(run2, stages.LIVE_OFFSETS_FILE))
+    row = offsets.filter((pl.col("task") == task) & (pl.col("model") == llm))
+    assert row.height == 1
+    assert row["gold_rows"][0] == n
+    assert row["live_acc"][0] == 0.0
+    assert row["offset"][0] < 0
+    after = _mean_p(storage, lay, run2, task, llm)
+    assert after < before - 0.05, (before, after)
+    # said out loud: the report's drift (labels), its first lines in the run page's tab, and the Asset event
+    report = json.loads(storage.read_text(f"{lay.reports(run2)}/report.json"))
+    drifted = [d for d in report["drift"] if d.get("source") == "labels" and (d["name"], d["task"]) == (llm, task)]
+    assert drifted
+    assert drifted[0]["direction"] == "worse"
+    assert drifted[0]["calls"] == n
+    html = stages.report_html_for(storage, lay, "batchplan_nightly", dag_run.run_id)
+    assert html is not None
+    assert f"DRIFT: LLM {llm} on {task} is worse than the history says: labelled accuracy 0.0% over {n} labels" in html
+    assert html.index("DRIFT:") < html.index("<h2")  # its first lines
+    assert states["drift"] == "success"
+    assert len(_drift_events(dag_run)) == 1
+
+
+def _mean_p(storage: Storage, lay: Layout, run: str, task: str, llm: str) -> float:
+    """The run's mean predicted P(correct) of ``llm`` on ``task``'s queries."""
+    queue = storage.read_frame(lay.plan_file(run, "queue.parquet")).select("query_id", "task")
+    predictions = storage.read_frame(lay.plan_file(run, "predictions.parquet")).join(queue, on="query_id")
+    return float(predictions.filter((pl.col("task") == task) & (pl.col("model") == llm))["p_correct"].mean())  # type: ignore[arg-type]
+
+
 @pytest.mark.slow
 def test_backfill_shares_one_budget_across_days(backfill_done: Done) -> None:
     budget = backfill_done.conf["budget_usd"]

@@ -4,6 +4,7 @@ silver verdicts never enter it; an LLM the labels never saw moves with its task.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -67,11 +68,10 @@ def _mean_p(predictor: Predictor, queue: pl.DataFrame) -> dict[tuple[str, str], 
     return {(t, m): p for t, m, p in got.group_by("task", "model").agg(pl.col("p_correct").mean()).iter_rows()}
 
 
-def test_train_from_run_moves_a_drifted_llm_toward_its_labels_and_the_plan_follows(tmp_path: Path) -> None:
-    """The history says synth-04 is the best LLM on task1; a live run's labels say it is wrong there every time,
-    while synth-02 is as the history says. After `batchplan train --from-run`, synth-04's predicted accuracy on
-    task1 moves toward its labels (the other tasks keep theirs), and a plan made with the retrained predictor
-    sends task1 elsewhere. The same rows as silver move no offset."""
+def _drifted(tmp_path: Path) -> tuple[str, str, str, pl.DataFrame]:
+    """(history dir, gold run, silver run, queue): a bundled history where synth-04 is the best LLM on task1,
+    and a live run whose 25 labels say it is wrong there every time (synth-02 as the history says), as gold
+    and as silver; the queue is the rest of the test split."""
     full = synthetic_history(600, 5, seed=4)
     history_ids = full.queries.filter(pl.col("split") == "train")["query_id"]
     live_queries = full.queries.filter((pl.col("split") == "test") & (pl.col("task") == TASK)).head(25)
@@ -87,11 +87,57 @@ def test_train_from_run_moves_a_drifted_llm_toward_its_labels_and_the_plan_follo
     )
     gold_run = _run_dir(History(live.queries, wrong, live.prices), tmp_path / "run_gold")
     silver_run = _run_dir(History(live.queries, wrong, live.prices), tmp_path / "run_silver", silver={DRIFTED, STEADY})
-
     queue = full.as_queue("test").filter(~pl.col("query_id").is_in(live_queries["query_id"].implode()))
-    plain = _train(tmp_path, "plain", str(history_dir), [])
-    learned = _train(tmp_path, "learned", str(history_dir), [gold_run])
-    silvered = _train(tmp_path, "silvered", str(history_dir), [silver_run])
+    return str(history_dir), gold_run, silver_run, queue
+
+
+def test_the_live_correction_refitted_on_past_runs_moves_the_next_plan_without_a_retrain(tmp_path: Path) -> None:
+    """What a DAG's predict step does (``app.labels.live_correction``): a predictor trained on the bundled
+    history alone, its live correction fitted again on a past run's labels, moves the drifted LLM as training
+    on the run would (``batchplan train --from-run``); silver runs or none leave the predictor's own. The
+    prior baseline (the DAG tests' predictor) trains a live correction too and applies it."""
+    from batchplan.app.labels import labels_drift, live_correction
+
+    history_dir, gold_run, silver_run, queue = _drifted(tmp_path)
+    storage = Storage()
+    plain = _train(tmp_path, "plain", history_dir, [])
+    before = _mean_p(plain, queue)
+    own, source = live_correction(storage, [], plain)
+    assert own is plain.live
+    assert source == "predictor"
+    assert live_correction(storage, [silver_run], plain)[1] == "predictor"  # no gold: nothing to refit on
+    plain.live, source = live_correction(storage, [gold_run], plain)
+    assert source == "runs"
+    after = _mean_p(plain, queue)
+    assert after[(TASK, DRIFTED)] < before[(TASK, DRIFTED)] - 0.2
+    for other in ("task0", "task2"):
+        assert abs(after[(other, DRIFTED)] - before[(other, DRIFTED)]) < 0.05
+    [said] = [d for d in labels_drift(plain.live.offsets, queue) if d["name"] == DRIFTED]
+    assert (said["task"], said["direction"], said["calls"], said["source"]) == (TASK, "worse", 25, "labels")
+    # the prior baseline: trained on the run, its live correction moves the LLM the same way
+    out = tmp_path / "prior"
+    args = ["train", "--history", history_dir, "--out", str(out), "--no-templates", "--no-holdout", "--predictor", "prior"]
+    result = runner.invoke(app, [*args, "--from-run", gold_run])
+    assert result.exit_code == 0, result.output
+    prior = load_predictor(storage, str(out))
+    assert prior.live.offsets.filter((pl.col("task") == TASK) & (pl.col("model") == DRIFTED))["offset"].item() < -0.5
+    bare = _mean_p(_without_live(prior), queue)
+    assert _mean_p(prior, queue)[(TASK, DRIFTED)] < bare[(TASK, DRIFTED)] - 0.2
+
+
+def _without_live(predictor: Predictor) -> Predictor:
+    return dataclasses.replace(predictor, live=LiveCorrection())
+
+
+def test_train_from_run_moves_a_drifted_llm_toward_its_labels_and_the_plan_follows(tmp_path: Path) -> None:
+    """The history says synth-04 is the best LLM on task1; a live run's labels say it is wrong there every time,
+    while synth-02 is as the history says. After `batchplan train --from-run`, synth-04's predicted accuracy on
+    task1 moves toward its labels (the other tasks keep theirs), and a plan made with the retrained predictor
+    sends task1 elsewhere. The same rows as silver move no offset."""
+    history_dir, gold_run, silver_run, queue = _drifted(tmp_path)
+    plain = _train(tmp_path, "plain", history_dir, [])
+    learned = _train(tmp_path, "learned", history_dir, [gold_run])
+    silvered = _train(tmp_path, "silvered", history_dir, [silver_run])
     before, after = _mean_p(plain, queue), _mean_p(learned, queue)
     assert after[(TASK, DRIFTED)] < before[(TASK, DRIFTED)] - 0.2  # toward the labels (all wrong)
     assert after[(TASK, DRIFTED)] > 0.05  # shrunk: 25 labels are not the end of the story

@@ -14,6 +14,12 @@ files dropped under ``labels/<run>/`` (``batchplan.dag_tasks.stages.labels_stage
 
 The same file twice changes nothing (no file is rewritten). Labels naming a query the run does not have are
 kept and reported (count and first ids); a file where none matches is refused: it is for another run.
+
+The next plan uses them: ``live_correction`` fits the predictor's live correction (``predictors.live``) again
+on the gold outcomes of past runs, newest first, so a DAG's predict step moves each (task, LLM) the labels say
+is off without waiting for a retrain (which keeps the newest gold out of training once there are
+``promotion.MIN_LIVE_ROWS`` of them, to judge on); ``labels_drift`` says out loud where they put an LLM
+outside the history's interval (``plans.audit.label_drift``, what the CLI's run reports).
 """
 
 from __future__ import annotations
@@ -34,16 +40,25 @@ from batchplan.app.outcomes import (
     kinds_of,
     latest_labels,
     read_run_outcomes,
+    runs_history,
     write_run_outcomes,
 )
 from batchplan.app.report import Report, write_report
-from batchplan.core.contracts import LABEL_SCHEMA, ContractError, conform
+from batchplan.core.contracts import GOLD, LABEL_SCHEMA, ContractError, conform
+from batchplan.core.history import History, combine_histories
 from batchplan.core.storage import Storage, StorageError, join
 from batchplan.dispatchers import parse_answer
+from batchplan.plans.audit import label_drift
+from batchplan.predictors import Predictor
+from batchplan.predictors.live import LiveCorrection
+from batchplan.predictors.training import refit_live_correction
 
 log = structlog.get_logger("batchplan")
 
 SHOWN_IDS = 5  # unknown query_ids named in the one-line summary
+# the most gold outcomes of past runs (newest runs first) the live correction is fitted on again: drift is
+# about tonight's traffic, and predicting them is the refit's cost (a replay night's outcomes are all gold)
+LIVE_REFIT_MAX_ROWS = 20_000
 
 
 @dataclass(frozen=True)
@@ -274,3 +289,41 @@ def _rerender(storage: Storage, report_uri: str, measured: dict[str, Any]) -> No
 def label_files(storage: Storage, prefix: str) -> Sequence[str]:
     """The label files under a DAG run's ``labels/<run>/`` prefix, in name order."""
     return sorted(u for u in storage.list(prefix) if u.lower().endswith((".csv", ".jsonl", ".ndjson", ".parquet")))
+
+
+def live_history(storage: Storage, run_uris: Sequence[str], max_rows: int = LIVE_REFIT_MAX_ROWS) -> History | None:
+    """The gold outcomes (labels joined, or a replay run's verdicts) of the runs at ``run_uris`` (their
+    ``outcomes/<run>/``), newest run first (run keys carry the date) until ``max_rows``; None without any."""
+    parts: list[History] = []
+    taken = 0
+    for uri in sorted(run_uris, reverse=True):
+        if taken >= max_rows:
+            break
+        history = runs_history(storage, [uri])
+        gold = history.outcomes.filter(pl.col("label_source") == GOLD)
+        if gold.height == 0:
+            continue
+        parts.append(History(queries=history.queries, outcomes=gold, prices=history.prices))
+        taken += gold.height
+    return combine_histories(parts) if parts else None
+
+
+def live_correction(
+    storage: Storage, run_uris: Sequence[str], predictor: Predictor, max_rows: int = LIVE_REFIT_MAX_ROWS
+) -> tuple[LiveCorrection, str]:
+    """The live correction the next plan uses, and where it comes from: fitted again on the gold outcomes of
+    the past runs at ``run_uris`` (``live_history``; ``"runs"``), against ``predictor``'s own P for them
+    (``predictors.training.refit_live_correction``); without any, the predictor's own (``"predictor"``: the
+    one its training fitted, empty for one trained on the bundled histories alone)."""
+    history = live_history(storage, run_uris, max_rows)
+    if history is None:
+        return predictor.live, "predictor"
+    live = refit_live_correction(predictor, history)
+    log.info("labels.live_correction", runs=len(run_uris), gold_rows=history.outcomes.height, pairs=live.offsets.height)
+    return live, "runs"
+
+
+def labels_drift(offsets: pl.DataFrame, queue: pl.DataFrame) -> list[dict[str, Any]]:
+    """The drift the live labels show for tonight's tasks (``plans.audit.label_drift`` on the live
+    correction the plan used, ``offsets``): the same entries the CLI's run reports, ``source`` labels."""
+    return label_drift(offsets, set(queue["task"].unique().to_list()))

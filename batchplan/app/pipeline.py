@@ -32,7 +32,7 @@ import structlog
 
 from batchplan.app import artifacts
 from batchplan.app.ingest import Ingested, read_queue
-from batchplan.app.labels import report_with_labels
+from batchplan.app.labels import labels_drift, report_with_labels
 from batchplan.app.outcomes import record_run_outcomes
 from batchplan.app.report import Truth, build_report, dispatch_modes, summary_line, write_report
 from batchplan.app.round_runner import (
@@ -69,7 +69,6 @@ from batchplan.plans.audit import (
     audit_queue,
     deliver_references,
     estimate_audit,
-    label_drift,
     posterior_base,
 )
 from batchplan.plans.best_single import best_single_map
@@ -558,8 +557,7 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
     if in_rounds and (modes_used := dispatch_modes(storage, job.out_uri, rounds)) is not None:
         report.dispatch_modes = modes_used  # the batch API's share, its fallbacks
     # the live labels of past runs that put an LLM outside the history's estimate: said with the audits' drift
-    tasks = set(ingested.queue["task"].unique().to_list())
-    if labelled := label_drift(trained.predictor.live.offsets, tasks):
+    if labelled := labels_drift(trained.predictor.live.offsets, ingested.queue):
         report.drift = [*(report.drift or []), *labelled]
     report = report_with_labels(storage, job.out_uri, results, report)  # a rerun after `batchplan label`
     paths |= write_report(report, job.out_uri, storage)

@@ -13,6 +13,12 @@ P(correct), lower is better. Which outcomes, in order of preference (``evaluatio
 
 The live rows chosen for the evaluation are kept out of the candidate's training (``training_history``
 drops their queries), so it is not scored on what it learned from; the bundled holdout is never trained on.
+
+So once there are ``min_rows`` live gold rows, the newest of them (up to ``max_rows``) never reach a trained
+predictor, its live correction included: a retrain lags the drift they show. The next plan does not wait
+for it: the run DAGs' predict step fits the live correction again on every past run's gold outcomes, the
+newest first (``app.labels.live_correction``), against the promoted predictor's own P for them, so
+tonight's labels move tomorrow's estimates whichever predictor is promoted.
 """
 
 from __future__ import annotations

@@ -30,7 +30,7 @@ DAG_DEFAULTS: dict[str, Any] = {
 ASSET_URIS = {
     "batchplan_results": "batchplan://results",
     "batchplan_outcomes": "batchplan://outcomes",  # new outcomes recorded: the retrain DAG's trigger
-    "batchplan_drift": "batchplan://drift",  # the audits found the history off: retrain at once
+    "batchplan_drift": "batchplan://drift",  # the audits or the labels found the history off: retrain at once
 }
 
 
@@ -96,8 +96,8 @@ def run_tasks(
         stages.index_report(storage, lay, dag_run.dag_id, dag_run.run_id, info["run"])
         skipped = f"\nskipped days: {info['skipped']}" if "skipped" in info else ""
         print(f"batchplan report: {out['summary']}{skipped}\nHTML: {out['paths']['html']}")
-        for line in out["drift"]:
-            print(f"batchplan DRIFT: {line['kind']} {line['name']} is {line['direction']} than the history says")
+        for line in out["drift_lines"]:  # the report's first lines, as its tab shows them
+            print(f"batchplan {line}")
         return out
 
     # XComArgs stand for the values while the DAG is defined (Any: the task signatures type what they get)

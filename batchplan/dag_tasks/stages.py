@@ -89,9 +89,21 @@ def _backend(name: str, storage: Storage) -> Any:
     return make_backend(name, storage=storage, prices_uri=prices, airflow_conn_id=BACKEND_CONN_IDS.get(name))
 
 
+LIVE_OFFSETS_FILE = "live_offsets.parquet"  # the live correction the run's predictions used, beside them
+
+
 def predict_stage(storage: Storage, lay: Layout, run: str, backend: str) -> dict[str, Any]:
-    """P(correct) and cost per (query, model) with the promoted predictor; reused on a re-run."""
+    """P(correct) and cost per (query, model) with the promoted predictor, corrected by what the labels of
+    past runs say; reused on a re-run.
+
+    The label files dropped under ``labels/<run>/`` are joined first (``labels_stage``), then the predictor's
+    live correction is fitted again on the gold outcomes of every past run under ``outcomes/``
+    (``app.labels.live_correction``): labels that arrived since the promoted predictor was trained move
+    tonight's estimates, without waiting for a retrain. The correction used is written beside the
+    predictions (``LIVE_OFFSETS_FILE``): the plan's exploration and the report's drift read it."""
     from batchplan.app import artifacts
+    from batchplan.app.labels import live_correction
+    from batchplan.app.outcomes import OUTCOMES_FILE
     from batchplan.app.pipeline import predict
 
     out = lay.plan_file(run, "predictions.parquet")
@@ -102,9 +114,38 @@ def predict_stage(storage: Storage, lay: Layout, run: str, backend: str) -> dict
         raise ContractError(f"no promoted predictor at {lay.current_predictor()}: run the batchplan_retrain DAG first")
     queue = storage.read_frame(lay.plan_file(run, "queue.parquet"))
     predictor = artifacts.load(storage, lay.predictors(), version=version).predictor
+    labelled = labels_stage(storage, lay)  # before the correction: tonight's plan uses what arrived today
+    past = sorted({u.rsplit("/", 1)[0] for u in storage.iter_parts(lay.outcomes(), OUTCOMES_FILE)} - {lay.outcomes(run)})
+    predictor.live, live_source = live_correction(storage, past, predictor)
+    storage.write_frame(predictor.live.offsets, lay.plan_file(run, LIVE_OFFSETS_FILE))
     predictions = predict(queue.drop("day", strict=False), predictor, _backend(backend, storage))
     storage.write_frame(predictions, out)
-    return {"predictions": out, "predictor_version": version, "pairs": predictions.height, "reused": False}
+    return {
+        "predictions": out,
+        "predictor_version": version,
+        "pairs": predictions.height,
+        "reused": False,
+        "live_source": live_source,  # runs: fitted on past runs' gold; predictor: the promoted one's own
+        "live_pairs": predictor.live.offsets.height,
+        "labels": labelled,
+    }
+
+
+def live_offsets(storage: Storage, lay: Layout, run: str) -> pl.DataFrame:
+    """The live correction the run's predictions used (``LIVE_OFFSETS_FILE``, written by ``predict_stage``);
+    a run predicted before that file existed (or its predictions copied without it): the promoted
+    predictor's own, the one it would have used, logged; none promoted: no correction."""
+    from batchplan.app import artifacts
+    from batchplan.predictors.live import OFFSET_SCHEMA
+
+    uri = lay.plan_file(run, LIVE_OFFSETS_FILE)
+    if storage.exists(uri):
+        return storage.read_frame(uri)
+    version = artifacts.resolve_version(storage, lay.predictors(), None)
+    log.warning("live_offsets.missing", run=run, file=uri, fallback=version or "none")
+    if version is None:
+        return pl.DataFrame(schema=OFFSET_SCHEMA)
+    return artifacts.load(storage, lay.predictors(), version).predictor.live.offsets
 
 
 def budget_shares(weights: Sequence[float], budget_usd: float | None) -> list[float | None]:
@@ -173,7 +214,7 @@ def plan_stage(
     candidates = build_candidates(queue.drop("day", strict=False), predictions, templates, request.kinds)
     model = artifacts.load_audit(storage, lay.predictors(), version) if version and request.audit_share > 0 else None
     # exploration asks the LLMs with the fewest live labels first: the promoted predictor's live correction
-    live = artifacts.load(storage, lay.predictors(), version).predictor.live.offsets if request.explore_share > 0 else None
+    live = live_offsets(storage, lay, run) if request.explore_share > 0 else None
     audit = plan_audits(queue.drop("day", strict=False), predictions, model, request, live)
     if audit is not None:
         storage.write_frame(audit, lay.plan_file(run, AUDIT_PLAN_FILE))
@@ -435,10 +476,11 @@ def labels_stage(storage: Storage, lay: Layout) -> list[dict[str, Any]]:
 
 def report_stage(storage: Storage, lay: Layout, run: str, backend: str, *, run_id: str | None = None) -> dict[str, Any]:
     """The run report (JSON, Markdown, HTML) under ``reports/<run>/``; returns its paths and summary."""
-    from batchplan.app.labels import report_with_labels
+    from batchplan.app.labels import labels_drift, report_with_labels
     from batchplan.app.pipeline import dispatch_dir, reference_models
     from batchplan.app.report import build_report, dispatch_modes, summary_line, write_report
     from batchplan.dispatchers import spend_by_model
+    from batchplan.plans.audit import drift_lines
     from batchplan.plans.frontier import frontier_uri, read_frontier
 
     results = storage.read_frame(lay.results_file(run))
@@ -471,15 +513,22 @@ def report_stage(storage: Storage, lay: Layout, run: str, backend: str, *, run_i
     )
     if (modes_used := dispatch_modes(storage, lay.results(run).rstrip("/"), MAX_ROUNDS)) is not None:
         report.dispatch_modes = modes_used  # a run in rounds by a batch API: its share, its fallbacks
+    # the labels of past runs that put an LLM outside the history's estimate (the live correction this run's
+    # predictions used): said with the audits' drift, in the report's first lines, as the CLI's run does
+    if labelled_drift := labels_drift(live_offsets(storage, lay, run), queue):
+        report.drift = [*(report.drift or []), *labelled_drift]
     report = report_with_labels(storage, lay.outcomes(run), results, report)  # labels joined before a re-run
     paths = write_report(report, lay.reports(run), storage)
     labelled = labels_stage(storage, lay)  # late labels for past runs: their reports re-rendered
+    drift = report.drift or []
     return {
         "summary": summary_line(report),
         "paths": paths,
         "spent_usd": report.spent_usd,
         "estimated_accuracy_ci95": report.estimated_accuracy_ci95,
-        "drift": report.drift or [],
+        "drift": drift,
+        "drift_sources": sorted({d.get("source", "audits") for d in drift}),  # audits, labels
+        "drift_lines": drift_lines({"drift": drift}),
         "labels": labelled,
     }
 
