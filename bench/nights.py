@@ -526,6 +526,7 @@ def main(argv: list[str] | None = None) -> int:
         help="LLM=OTHER or LLM:-0.2 (repeatable): the test server answers LLM from a degraded source from night 1 "
         "on (OTHER's recorded answers, or that much accuracy lost) while the history says it is good",
     )
+    parser.add_argument("--work", default=None, help="keep the runs in this directory (default: a temporary one)")
     args = parser.parse_args(argv)
     try:
         for spec in args.drift:
@@ -539,7 +540,8 @@ def main(argv: list[str] | None = None) -> int:
     structlog.configure(wrapper_class=structlog.make_filtering_bound_logger(logging.WARNING))
     data = Path(get_settings().data_dir)
     storage = Storage()
-    with tempfile.TemporaryDirectory(prefix="nights-") as tmp:
+    with tempfile.TemporaryDirectory(prefix="nights-") as scratch:
+        tmp = args.work or scratch
         for name in args.streams.split(","):
             print(f"\n## {name}: {args.nights} nights x {args.night_size} queries, audit share {args.audit_share}, "
                   f"labels {args.label_share:.0%} after {args.label_delay} nights, budget {args.budget_fraction} x "

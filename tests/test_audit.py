@@ -382,7 +382,7 @@ def test_an_audited_query_gets_its_reference_where_that_is_the_likelier_right_an
         {"query_id": audited + AUDIT_SUFFIX, "answer": ["A", "B", "B", "B"], "status": ["done"] * 4}
     )
     out, swapped = deliver_references(results, plan, audit_rows, audit_results, queue)
-    assert swapped == 2
+    assert swapped == [queue["query_id"][1], queue["query_id"][3]]
     assert out["answer"].to_list() == ["A", "B", "A", "B", "A"]  # agree; likelier; the plan is likelier; missing
     assert out["status"].to_list() == ["done"] * 5
     assert out["error"][3] is None
@@ -454,6 +454,38 @@ def test_the_difference_estimator_corrects_a_biased_posterior_without_gold() -> 
     assert float(np.mean(base_misses)) < -0.18  # the posterior alone: ~19 points off (0.66 against 0.85)
     assert abs(float(np.mean(misses))) < 0.015  # the difference estimator: unbiased
     assert covered >= 36  # 95% interval: at least 90% of 40 batches
+
+
+def test_the_estimate_counts_the_references_delivered_and_stays_unbiased_for_the_delivered_answers() -> None:
+    """Audited queries whose reference (right 90%) disagrees with the plan's answer (right 85%, promised 65%)
+    are delivered the reference: the delivered batch is more accurate than the plan's own answers, and the
+    estimate follows it (mean miss over many batches ~0, interval holding it) where the plan's own estimate
+    alone would fall short by the swaps' gain."""
+    import numpy as np
+
+    from batchplan.app.pipeline import settle_audits
+    from batchplan.plans.audit import AuditInputs
+
+    misses, plan_misses, gains, covered = [], [], [], 0
+    for seed in range(40):
+        batch = _synthetic_batch(seed, share=0.5)
+        results = batch["inputs"]["results"].with_columns(
+            models_called=pl.lit(["small"]), cost_usd=pl.lit(0.01), error=pl.lit(None, pl.String), note=pl.lit(None, pl.String)
+        )
+        inputs = AuditInputs(**(batch["inputs"] | {"results": results}))
+        delivered, audited, _ = settle_audits(inputs)
+        right = delivered.sort("query_id")["answer"].to_numpy() == "A"
+        realized = float(right.mean())
+        assert audited["delivered_references"] > 0
+        misses.append(audited["estimated_accuracy"] - realized)
+        plan_misses.append(audited["estimated_accuracy"] - audited["delivered_gain"] - realized)
+        gains.append(realized - batch["realized"])
+        low, high = audited["ci95"]
+        covered += low <= realized <= high
+    assert float(np.mean(gains)) > 0.01  # the swaps make the delivered batch better than the plan's answers
+    assert float(np.mean(plan_misses)) < -0.01  # which the plan's own estimate misses
+    assert abs(float(np.mean(misses))) < 0.01  # the delivered estimate: unbiased
+    assert covered >= 36
 
 
 def test_the_difference_estimator_keeps_a_calibrated_posterior_where_the_audit_says_nothing() -> None:

@@ -67,6 +67,7 @@ from batchplan.dispatchers.limits import MAX_TOKENS, MAX_TOKENS_OPEN, OutputCaps
 from batchplan.plans.audit import (
     AuditInputs,
     audit_queue,
+    count_delivered,
     deliver_references,
     estimate_audit,
     posterior_base,
@@ -586,11 +587,12 @@ def settle_audits(inputs: AuditInputs) -> tuple[pl.DataFrame, dict[str, Any], pl
     ``AUDIT_RECORD_SCHEMA``: the silver labels' source)."""
     audited = estimate_audit(inputs)
     references = pl.DataFrame(audited.pop("records"), schema=AUDIT_RECORD_SCHEMA)
-    # after the estimate: the estimate is of the plan's answers, the swap only makes the delivered batch better
-    delivered, audited["delivered_references"] = deliver_references(
+    # after the estimate: the estimate is of the plan's answers, the swap only makes the delivered batch better,
+    # by what count_delivered adds
+    delivered, swapped = deliver_references(
         inputs.results, inputs.plan, inputs.audit_plan_rows, inputs.audit_results, inputs.queue
     )
-    return delivered, audited, references
+    return delivered, count_delivered(audited, swapped, inputs.queue), references
 
 
 def calls_made(storage: Storage, out_uri: str) -> pl.DataFrame:

@@ -767,7 +767,8 @@ def _audit_section(report: Report) -> Section | None:
             f"${audit['spent_usd']:.4f} of the spend. Method: {audit['method']}."
             + (
                 f" {n} audited queries were delivered their reference answer (the plan's was missing, or disagreed "
-                "and the reference is the more accurate plan); the estimate is of the plan's own answers."
+                "and the reference is the more accurate plan); the estimate counts what that adds, "
+                f"{100 * float(audit.get('delivered_gain') or 0.0):+.2f} points by the history's agreement rates."
                 if (n := audit.get("delivered_references"))
                 else ""
             )

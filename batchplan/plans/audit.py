@@ -368,6 +368,7 @@ class _Row:
     prior: float  # the predictor's accuracy for the delivered plan: stands in where the audit says nothing
     rate: tuple[float, float, float, float]  # agree when right, right, agree when wrong, wrong (capped counts)
     base: float = 0.0  # the run's own gold-free P(delivered answer right) (``estimate_audit``'s ``base``)
+    swap: tuple[float, float, float, bool] = (0.0, 1.0, 0.0, True)  # (r, s, q, answered): ``reference_gain``'s terms
 
 
 def _rates(model: AuditModel | None, task: str, llm: str | None, fitted: bool, r: float, k: float) -> tuple[float, ...]:
@@ -435,8 +436,9 @@ def _rows_for(
         s, q = (rate[0] + 1) / (rate[1] + 2), (rate[2] + 1) / (rate[3] + 2)
         # the delivered answer is the reference's own call (same single LLM): agreement is certain, no evidence
         own = kind == "single" and llm in (models or [])
+        swap = (float(accuracy), s, q, state == "done")
         rows.append(
-            _Row(task, state == "done", agree, (s - q) >= MIN_SEPARATION and not own, float(planned.get(query_id, 0.0)), rate, (base or {}).get(query_id, 0.0))  # type: ignore[arg-type]
+            _Row(task, state == "done", agree, (s - q) >= MIN_SEPARATION and not own, float(planned.get(query_id, 0.0)), rate, (base or {}).get(query_id, 0.0), swap)  # type: ignore[arg-type]
         )
         records.append(
             {
@@ -450,6 +452,17 @@ def _rows_for(
             }
         )
     return rows, records
+
+
+def reference_gain(p: float, r: float, s: float, q: float, *, answered: bool) -> float:
+    """What delivering an audited query its reference's answer instead of the plan's adds to P(right), by the
+    history: the plan's answer right with ``p``, the reference's with ``r``, the two agreeing with ``s`` when the
+    plan's is right and ``q`` when it is wrong. Only a disagreement is swapped; given one, P(plan right) =
+    p(1 - s) / d and P(reference right) = (r - p s) / d, d = 1 - p s - (1 - p) q (agreeing with a right answer
+    is the reference being right), so the gain is (r - p) / d. The plan's answer missing: r."""
+    if not answered:
+        return min(max(r, 0.0), 1.0)
+    return min(max((r - p) / max(1.0 - p * s - (1.0 - p) * q, 1e-6), 0.0), 1.0)
 
 
 def correction_shrink(correction: np.ndarray) -> float:
@@ -540,6 +553,7 @@ def estimate_audit(inputs: AuditInputs) -> dict[str, Any]:
     )
     base_p = None if inputs.base is None else base_probabilities(inputs.base, results)
     rows, records = _rows_for(plan, results, audits, inputs.calls, queue, inputs.model, base_p)
+    swaps = {str(record["query_id"]): [*r.swap] for r, record in zip(rows, records, strict=True)}
     if base_p is not None:  # where the audit says nothing, the run's own estimate stands (no correction)
         rows = [replace(r, prior=r.base) for r in rows]
     spend = float(audit_results["cost_usd"].fill_null(0.0).sum())
@@ -554,6 +568,7 @@ def estimate_audit(inputs: AuditInputs) -> dict[str, Any]:
         "llms_better": [],
         "drift": [],
         "records": records,
+        "swap_terms": swaps,  # per audited query, (r, s, q, answered) for count_delivered's reference_gain
     }
     if explored["queries"]:
         out["exploration"] = explored
@@ -755,18 +770,18 @@ AUDIT_DELIVERED_NOTE: Final = "answered by its audit's reference plan"
 
 def deliver_references(
     results: pl.DataFrame, plan: pl.DataFrame, audit_plan_rows: pl.DataFrame, audit_results: pl.DataFrame, queue: pl.DataFrame
-) -> tuple[pl.DataFrame, int]:
+) -> tuple[pl.DataFrame, list[str]]:
     """The delivered results with an audited query answered by its reference where that is the likelier right
     answer: the plan's answer is missing (failed, deferred) or disagrees with the reference and the reference
     is the more accurate of the two by the history (``expected_accuracy``: when two answers differ, the one
     from the more accurate plan is the likelier right, whatever their errors' correlation). The reference was
     paid for; throwing it away would make the audit cost accuracy. Call it after ``estimate_audit``: the
-    estimate is the plan's own answers' agreement with the reference, and the swap makes the delivered batch
-    at least as accurate as that. Returns (results, queries answered by their reference); costs unchanged
-    (the reference's spend is the audit's)."""
+    estimate is the plan's own answers' agreement with the reference, and ``count_delivered`` then adds what the
+    swap is expected to add. Returns (results, the queries answered by their reference); costs unchanged (the
+    reference's spend is the audit's)."""
     audit_results = references_only(audit_results)
     if audit_results.height == 0:
-        return results, 0
+        return results, []
     open_tasks = set(queue.filter(pl.col("labels").is_null())["task"].unique().to_list())
     tasks = dict(queue.select("query_id", "task").iter_rows())
     planned = dict(plan.select("query_id", "expected_accuracy").iter_rows())
@@ -785,7 +800,7 @@ def deliver_references(
         if missing or (likelier and not same_answer(mine, answer, tasks.get(query_id) in open_tasks)):
             swap[query_id] = (answer, list(models or []))
     if not swap:
-        return results, 0
+        return results, []
     ids = pl.Series(list(swap), dtype=pl.String)
     patch = pl.DataFrame(
         {
@@ -812,4 +827,35 @@ def deliver_references(
         )
         .select(results.columns)
     )
-    return out, len(swap)
+    return out, list(swap)
+
+
+def count_delivered(audited: dict[str, Any], swapped: list[str], queue: pl.DataFrame) -> dict[str, Any]:
+    """``estimate_audit``'s section for the delivered batch, once ``deliver_references`` has swapped ``swapped``:
+    the estimate (and its interval) is of the plan's own answers; the delivered answers' accuracy is higher by
+    the swapped queries' expected gains (``reference_gain``, the plan's accuracy the task's audited estimate, the
+    reference's and the agreement rates the history's) over the batch's queries, per task and in all. The
+    agreement and the drift found stay the plan's (they compare it with what it promised)."""
+    terms = audited.pop("swap_terms", {})
+    audited["delivered_references"] = len(swapped)
+    audited["delivered_gain"] = 0.0
+    if not swapped or audited.get("estimated_accuracy") is None:
+        return audited
+    tasks = dict(queue.select("query_id", "task").iter_rows())
+    plan_accuracy = {e["task"]: float(e["estimated_accuracy"]) for e in audited["per_task"]}
+    added: dict[str, float] = {}
+    for query_id in swapped:
+        r, s, q, answered = terms.get(query_id, (0.0, 1.0, 0.0, True))
+        p = plan_accuracy.get(tasks.get(query_id), float(audited["estimated_accuracy"]))
+        added[query_id] = reference_gain(p, r, s, q, answered=bool(answered))
+
+    def shifted(entry: dict[str, Any], by: float) -> None:
+        entry["estimated_accuracy"] = min(entry["estimated_accuracy"] + by, 1.0)
+        entry["ci95"] = [min(entry["ci95"][0] + by, 1.0), min(entry["ci95"][1] + by, 1.0)]
+
+    for entry in audited["per_task"]:
+        by_task = sum(g for q, g in added.items() if tasks.get(q) == entry["task"])
+        shifted(entry, by_task / max(int(entry["queries"]), 1))
+    audited["delivered_gain"] = sum(added.values()) / max(queue.height, 1)
+    shifted(audited, audited["delivered_gain"])
+    return audited
