@@ -88,7 +88,7 @@ def audited(
         "calls": run.observations.select("query_id", "model", "answer", "status"),
         "queue": queue,
         "predictions": predictions,
-        "model": trained.audit,
+        "audit_fit": trained.audit,
         "seed": seed,
     }
     with_base = estimate_audit(AuditInputs(**args, base=posterior_base(run.answers)))  # type: ignore[arg-type]

@@ -395,11 +395,11 @@ def test_an_audited_query_gets_its_reference_where_that_is_the_likelier_right_an
 def _synthetic_batch(seed: int, n: int = 400, accuracy: float = 0.85, share: float = 0.25) -> dict:
     """A batch whose truth is known to the test only: the delivered answer is right ("A") with ``accuracy``; a
     uniform ``share`` is audited by a reference right 90% of the time whose wrong answers hit the delivered
-    wrong one 5% of the time (s = 0.9, q = 0.05, as the audit model's history counts say). No gold column
+    wrong one 5% of the time (s = 0.9, q = 0.05, as the audit fit's history counts say). No gold column
     reaches ``estimate_audit``."""
     import numpy as np
 
-    from batchplan.plans.audit import AuditModel
+    from batchplan.plans.audit import AuditFit
 
     rng = np.random.default_rng(seed)
     ids = [f"q{i:04d}" for i in range(n)]
@@ -418,13 +418,13 @@ def _synthetic_batch(seed: int, n: int = 400, accuracy: float = 0.85, share: flo
     audit_results = pl.DataFrame(
         {"query_id": audit_rows["query_id"], "status": "done", "answer": reference, "cost_usd": 0.01}
     )
-    model = AuditModel(references={"t": {"kind": "single", "models": ["big"], "accuracy": 0.9}},
-                       rates={"t": {"small": [270, 300, 15, 300]}})  # fmt: skip
+    audit_fit = AuditFit(references={"t": {"kind": "single", "models": ["big"], "accuracy": 0.9}},
+                           rates={"t": {"small": [270, 300, 15, 300]}})  # fmt: skip
     return {
         "inputs": {"plan": pl.DataFrame({"query_id": ids, "expected_accuracy": 0.65}), "results": results,
                    "audit_plan_rows": audit_rows, "audit_results": audit_results, "calls": calls, "queue": queue,
                    "predictions": pl.DataFrame({"query_id": ids, "model": "small", "p_correct": 0.65}),
-                   "model": model, "seed": f"synthetic{seed}"},
+                   "audit_fit": audit_fit, "seed": f"synthetic{seed}"},
         "realized": float(right.mean()),
         "ids": ids,
         "right": right,

@@ -18,7 +18,7 @@ from batchplan.core.layout import CURRENT_FILE
 from batchplan.core.request import DEFAULT_RUN_ROUNDS
 from batchplan.core.storage import Storage, join
 from batchplan.dispatchers.limits import OutputCaps
-from batchplan.plans.audit import AuditModel, fit_audit
+from batchplan.plans.audit import AuditFit, fit_audit
 from batchplan.plans.per_task import RoundChoice
 from batchplan.plans.posterior import Posterior, fit_posterior
 from batchplan.plans.templates import CROSS_FIT_FOLDS, PlanTemplates, cross_fit_predictions, fit_plan_templates
@@ -40,7 +40,7 @@ class Trained:
     predictor: Predictor
     templates: PlanTemplates
     posterior: Posterior | None = None  # for runs in rounds (batchplan.plans.round_planner); None: trained without
-    audit: AuditModel | None = None  # for audited runs (batchplan.plans.audit); None: trained before audits
+    audit: AuditFit | None = None  # for audited runs (batchplan.plans.audit); None: trained before audits
     # max_tokens of open tasks' calls per (task, LLM), from the history's answer lengths; None: trained without
     output_caps: OutputCaps | None = None
     # the per_task round planner's choice per task and budget level; None: trained without (the fixed rule)
@@ -133,10 +133,10 @@ def load(storage: Storage, root_uri: str, version: str | None = None) -> Trained
     )
 
 
-def load_audit(storage: Storage, root_uri: str, version: str) -> AuditModel | None:
+def load_audit(storage: Storage, root_uri: str, version: str) -> AuditFit | None:
     """The audits' reference plans and agreement rates of one version (None for a version trained before)."""
     uri = join(root_uri, version, AUDIT_FILE)
-    return AuditModel.from_json(storage.read_text(uri)) if storage.exists(uri) else None
+    return AuditFit.from_json(storage.read_text(uri)) if storage.exists(uri) else None
 
 
 def load_templates(storage: Storage, root_uri: str, version: str) -> PlanTemplates:

@@ -514,7 +514,7 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
             else in_rounds_outcome.observations.select("query_id", "model", "answer", "status"),
             queue=ingested.queue,
             predictions=predictions,
-            model=trained.audit,
+            audit_fit=trained.audit,
             seed=job.request.audit_seed,
             # in rounds: the posterior of the final answers, corrected by the audited sample (a difference estimator)
             base=None if in_rounds_outcome is None else posterior_base(in_rounds_outcome.answers),

@@ -25,6 +25,7 @@ Glossary: one noun per thing, used for it everywhere (code, flags, files, manife
 | bill | what the provider charged (may be lower: a call whose bill is unknown, e.g. a timeout, is charged its reservation) | the ledger's ``usd`` |
 | reservation | the high side of a call's cost, held before it is sent | ``reserve_cost_usd`` |
 | audit | a uniformly sampled query that also gets a reference answer (the most accurate plan known), paid from the same budget | plan and result rows ``<query_id>#audit`` (``audit_id``); ``--audit-share`` |
+| audit fit | per task, the reference plan an audit calls and every LLM's agreement with it, replayed on the history | ``batchplan.plans.audit.AuditFit`` (``fit_audit``), a variable named ``audit_fit``; ``audit.json`` beside a predictor version |
 
 The frames keep the column name ``model`` (and ``models``, ``models_called``, ``fallback_models``) for an LLM:
 it is the outcome histories' own format, read in place from ``../shared/data``, so renaming it would mean

@@ -212,10 +212,10 @@ def plan_stage(
     templates = artifacts.load_templates(storage, lay.predictors(), version) if version else None
     caps = artifacts.load_output_caps(storage, lay.predictors(), version) if version else None
     candidates = build_candidates(queue.drop("day", strict=False), predictions, templates, request.kinds)
-    model = artifacts.load_audit(storage, lay.predictors(), version) if version and request.audit_share > 0 else None
+    audit_fit = artifacts.load_audit(storage, lay.predictors(), version) if version and request.audit_share > 0 else None
     # exploration asks the LLMs with the fewest live labels first: the promoted predictor's live correction
     live = live_offsets(storage, lay, run) if request.explore_share > 0 else None
-    audit = plan_audits(queue.drop("day", strict=False), predictions, model, request, live)
+    audit = plan_audits(queue.drop("day", strict=False), predictions, audit_fit, request, live)
     if audit is not None:
         storage.write_frame(audit, lay.plan_file(run, AUDIT_PLAN_FILE))
     planned = plan_batch(candidates, request, templates, audit)
@@ -571,7 +571,7 @@ def _audit_of(
         calls=_calls_of(storage, lay, run, manifest),
         queue=storage.read_frame(lay.plan_file(run, "queue.parquet")).drop("day", strict=False),
         predictions=storage.read_frame(lay.plan_file(run, "predictions.parquet")),
-        model=artifacts.load_audit(storage, lay.predictors(), version) if version else None,
+        audit_fit=artifacts.load_audit(storage, lay.predictors(), version) if version else None,
         seed=run,
         base=storage.read_frame(base_uri) if storage.exists(base_uri := posterior_base_file(lay, run)) else None,
     )

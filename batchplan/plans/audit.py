@@ -2,7 +2,7 @@
 
 A run with ``audit_share`` S > 0 gives a uniform random sample of S of its queries (seeded by the run id, so
 a resumed run audits the same queries) a *reference answer* as well: the most accurate plan the history
-knows for the query's task (``AuditModel.references``: the best single LLM, or a vote of the three best
+knows for the query's task (``AuditFit.references``: the best single LLM, or a vote of the three best
 where that replayed better), called once more beside the delivered plan. The reference calls are plan rows
 of their own (``<query_id>#audit``), mandatory, inside the same budget: ``planning.plan_batch`` takes their
 expected cost off the total and the tenant budgets (and their calls off the call capacities) before it
@@ -12,7 +12,7 @@ both.
 The estimate (``estimate_audit``), per task and without gold. A delivered answer D agrees with the reference
 answer R with probability  a = acc * s + (1 - acc) * q,  where s = P(agree | D right) and q = P(agree | D
 wrong) are measured on the training history for the LLM that gave D against the task's reference
-(``AuditModel.rates``): they carry the reference's own error (s < 1 where R is wrong) and the correlation of
+(``AuditFit.rates``): they carry the reference's own error (s < 1 where R is wrong) and the correlation of
 the two (both wrong the same way, q > 0), replayed rather than assumed. So  acc = (a - q) / (s - q), the
 misclassification-corrected estimator, over the audited queries whose source LLM tells D and R apart (s - q
 >= MIN_SEPARATION); where the delivered answer is the reference's own (the same LLM, s = q = 1) the audit says
@@ -99,7 +99,7 @@ def same_answer(a: str | None, b: str | None, open_task: bool) -> bool:
 
 
 @dataclass
-class AuditModel:
+class AuditFit:
     """Per task: the reference plan (``{"kind", "models", "accuracy", "queries"}``) and, per LLM, the
     history's agreement counts with it ``[agree when right, right, agree when wrong, wrong]``."""
 
@@ -110,16 +110,16 @@ class AuditModel:
         return json.dumps(asdict(self))
 
     @classmethod
-    def from_json(cls, text: str) -> AuditModel:
+    def from_json(cls, text: str) -> AuditFit:
         raw = json.loads(text)
         return cls(references=raw.get("references", {}), rates=raw.get("rates", {}))
 
 
-def fit_audit(history: History) -> AuditModel:
+def fit_audit(history: History) -> AuditFit:
     """The reference plan per task and every LLM's agreement with it, replayed on ``history``."""
     joined = history.outcomes.join(history.queries.select("query_id", "task", "labels"), on="query_id")
     recorded = recorded_by_task(history)
-    model = AuditModel()
+    fit = AuditFit()
     for (task,), rows in joined.group_by("task", maintain_order=True):
         task = str(task)
         accuracy = rows.group_by("model").agg(pl.col("correct").mean(), pl.len()).sort(
@@ -142,7 +142,7 @@ def fit_audit(history: History) -> AuditModel:
                     if ok
                 }
         reference["queries"] = len(answers)
-        model.references[task] = reference
+        fit.references[task] = reference
         counts: dict[str, list[int]] = {}
         for query_id, llm, answer, correct, labels in rows.select(
             "query_id", "model", "answer", "correct", "labels"
@@ -153,8 +153,8 @@ def fit_audit(history: History) -> AuditModel:
             c = counts.setdefault(str(llm), [0, 0, 0, 0])
             c[0 if correct else 2] += int(agree)
             c[1 if correct else 3] += 1
-        model.rates[task] = counts
-    return model
+        fit.rates[task] = counts
+    return fit
 
 
 def audited_ids(query_ids: list[str], share: float, seed: str) -> list[str]:
@@ -181,7 +181,7 @@ AUDIT_PLAN_SCHEMA: Final = pl.Schema(
 def audit_plan(
     queue: pl.DataFrame,
     predictions: pl.DataFrame,
-    model: AuditModel | None,
+    audit_fit: AuditFit | None,
     share: float,
     seed: str,
     max_cost_usd: float | None = None,
@@ -213,7 +213,7 @@ def audit_plan(
         pairs = by_query.get(query_id)
         if pairs is None or pairs.height == 0:
             continue  # no LLM may answer it: nothing to audit
-        reference = (model.references.get(task) if model is not None else None) or {}
+        reference = (audit_fit.references.get(task) if audit_fit is not None else None) or {}
         members = [m for m in reference.get("models", []) if m in set(pairs["model"].to_list())]
         fitted = bool(reference) and len(members) == len(reference["models"])
         if fitted:
@@ -371,11 +371,11 @@ class _Row:
     swap: tuple[float, float, float, bool] = (0.0, 1.0, 0.0, True)  # (r, s, q, answered): ``reference_gain``'s terms
 
 
-def _rates(model: AuditModel | None, task: str, llm: str | None, fitted: bool, r: float, k: float) -> tuple[float, ...]:
+def _rates(audit_fit: AuditFit | None, task: str, llm: str | None, fitted: bool, r: float, k: float) -> tuple[float, ...]:
     """The (agree|right, right, agree|wrong, wrong) counts of ``llm`` against the task's reference: the
     history's where fitted and enough, else independence with reference accuracy ``r`` and chance ``k`` of
     the same wrong answer (50 pseudo-observations)."""
-    counts = model.rates.get(task, {}).get(llm or "") if (model is not None and fitted) else None
+    counts = audit_fit.rates.get(task, {}).get(llm or "") if (audit_fit is not None and fitted) else None
     if counts is not None and counts[1] >= MIN_RATE_ROWS and counts[3] >= MIN_RATE_ROWS:
         scale = min(1.0, RATE_CAP / max(counts[1] + counts[3], 1))
         return (counts[0] * scale, counts[1] * scale, counts[2] * scale, counts[3] * scale)
@@ -410,7 +410,7 @@ def _rows_for(
     audits: pl.DataFrame,
     calls: pl.DataFrame,
     queue: pl.DataFrame,
-    model: AuditModel | None,
+    audit_fit: AuditFit | None,
     base: dict[str, float] | None = None,
 ) -> tuple[list[_Row], list[dict[str, Any]]]:
     tasks = dict(queue.select("query_id", "task").iter_rows())
@@ -432,7 +432,7 @@ def _rows_for(
         llm = source.get(query_id)
         agree = state == "done" and same_answer(answer, reference, task in open_tasks)
         k = 0.0 if task in open_tasks else 1.0 / max(labels.get(task, 2) - 1, 1)
-        rate = _rates(model, task, llm, bool(fitted), float(accuracy), k)
+        rate = _rates(audit_fit, task, llm, bool(fitted), float(accuracy), k)
         s, q = (rate[0] + 1) / (rate[1] + 2), (rate[2] + 1) / (rate[3] + 2)
         # the delivered answer is the reference's own call (same single LLM): agreement is certain, no evidence
         own = kind == "single" and llm in (models or [])
@@ -497,7 +497,7 @@ class AuditInputs:
     """What ``estimate_audit`` reads (and ``app.pipeline.settle_audits``, which delivers the references after):
     ``plan``/``results`` the delivered rows (audits apart); ``audit_plan_rows`` the audited sample's reference
     plan rows and ``audit_results`` their result rows; ``calls`` every call made (query_id, model, answer,
-    status, in call order); ``model`` the trained audit model; ``seed`` the draws' seed (the run's); ``base``
+    status, in call order); ``audit_fit`` the audit's fit on the history (``fit_audit``); ``seed`` the draws' seed (the run's); ``base``
     (query_id, p) the run's own gold-free P(right) per query, or None."""
 
     plan: pl.DataFrame
@@ -507,7 +507,7 @@ class AuditInputs:
     calls: pl.DataFrame
     queue: pl.DataFrame
     predictions: pl.DataFrame
-    model: AuditModel | None
+    audit_fit: AuditFit | None
     seed: str = ""
     base: pl.DataFrame | None = None
 
@@ -552,7 +552,7 @@ def estimate_audit(inputs: AuditInputs) -> dict[str, Any]:
         audit_plan_rows.select("query_id", "kind", "models", "fitted_reference", "expected_accuracy"), on="query_id"
     )
     base_p = None if inputs.base is None else base_probabilities(inputs.base, results)
-    rows, records = _rows_for(plan, results, audits, inputs.calls, queue, inputs.model, base_p)
+    rows, records = _rows_for(plan, results, audits, inputs.calls, queue, inputs.audit_fit, base_p)
     swaps = {str(record["query_id"]): [*r.swap] for r, record in zip(rows, records, strict=True)}
     if base_p is not None:  # where the audit says nothing, the run's own estimate stands (no correction)
         rows = [replace(r, prior=r.base) for r in rows]
@@ -648,7 +648,7 @@ def estimate_audit(inputs: AuditInputs) -> dict[str, Any]:
     out["estimated_accuracy"] = point if base_task else float(np.median(draws))
     low, high = min(float(low), out["estimated_accuracy"]), max(float(high), out["estimated_accuracy"])
     out["ci95"] = [float(low), float(high)]
-    llms = llm_drift(audits, inputs.calls, queue, inputs.predictions, inputs.model)
+    llms = llm_drift(audits, inputs.calls, queue, inputs.predictions, inputs.audit_fit)
     for entry in llms:
         out["llms_worse" if entry["direction"] == "worse" else "llms_better"].append(entry)
     out["drift"] = [*llms, *out["drift"]]  # the LLMs first: what went wrong, then where it shows
@@ -656,7 +656,7 @@ def estimate_audit(inputs: AuditInputs) -> dict[str, Any]:
 
 
 def llm_drift(
-    audits: pl.DataFrame, calls: pl.DataFrame, queue: pl.DataFrame, predictions: pl.DataFrame, model: AuditModel | None
+    audits: pl.DataFrame, calls: pl.DataFrame, queue: pl.DataFrame, predictions: pl.DataFrame, audit_fit: AuditFit | None
 ) -> list[dict[str, Any]]:
     """Per LLM called on the audited queries (other than as the reference's single LLM): the accuracy its
     agreement with the reference implies, with a 95% (Wilson) interval, against the predictor's mean
@@ -680,7 +680,7 @@ def llm_drift(
         seen.add((query_id, llm))
         task = tasks[query_id]
         k = 0.0 if task in open_tasks else 1.0 / max(labels.get(task, 2) - 1, 1)
-        rate = _rates(model, task, llm, bool(fitted), float(accuracy), k)
+        rate = _rates(audit_fit, task, llm, bool(fitted), float(accuracy), k)
         s, q = (rate[0] + 1) / (rate[1] + 2), (rate[2] + 1) / (rate[3] + 2)
         if s - q < MIN_SEPARATION:
             continue

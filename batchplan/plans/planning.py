@@ -32,7 +32,7 @@ from batchplan.optimizer import (
     solve,
 )
 from batchplan.optimizer.problem import Objective
-from batchplan.plans.audit import AuditModel, audit_plan, explore_plan
+from batchplan.plans.audit import AuditFit, audit_plan, explore_plan
 from batchplan.plans.best_single import best_single_llms
 from batchplan.plans.candidates import Candidates
 from batchplan.plans.infeasible import RequestInfeasible, up, usd, word
@@ -126,7 +126,7 @@ def check_constraint_names(request: PlanRequest, candidates: Candidates) -> list
 def plan_audits(
     queue: pl.DataFrame,
     predictions: pl.DataFrame,
-    model: AuditModel | None,
+    audit_fit: AuditFit | None,
     request: PlanRequest,
     live_rows: pl.DataFrame | None = None,
 ) -> pl.DataFrame | None:
@@ -139,7 +139,7 @@ def plan_audits(
         return None
     allowed = allowed_predictions(predictions, queue, request.allowed_models)
     rows = audit_plan(
-        queue, allowed, model, request.audit_share, request.audit_seed, max_cost_usd=request.audit_max_cost_usd
+        queue, allowed, audit_fit, request.audit_share, request.audit_seed, max_cost_usd=request.audit_max_cost_usd
     )
     if explore_usd > 0:
         explored = explore_plan(queue, allowed, rows, request.audit_seed, explore_usd, live_rows)
