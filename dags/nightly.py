@@ -158,8 +158,8 @@ def batchplan_nightly() -> None:
 
         if not reported.get("drift"):
             raise AirflowSkipException("no drift found by the audits or the labels")
-        sources = sorted({d.get("source", "audits") for d in reported["drift"]})
-        print(f"batchplan drift from {' and '.join(sources)}: {len(reported['drift'])} found; retrain triggered")
+        sources = " and ".join(reported["drift_sources"])  # the report stage's: audits, labels
+        print(f"batchplan drift from {sources}: {len(reported['drift'])} found; retrain triggered")
         return list(reported["drift"])
 
     ingested = ingest()

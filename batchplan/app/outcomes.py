@@ -284,6 +284,12 @@ def read_run_outcomes(storage: Storage, run_uri: str) -> tuple[pl.DataFrame, pl.
     return outcomes, queries
 
 
+def run_outcome_dirs(storage: Storage, root: str) -> list[str]:
+    """The run directories under ``root`` (a layout's ``outcomes/``) that hold an ``OUTCOMES_FILE``, in name
+    order (run keys carry the date): what ``runs_history`` reads."""
+    return sorted({u.rsplit("/", 1)[0] for u in storage.iter_parts(root, OUTCOMES_FILE)})
+
+
 def runs_history(storage: Storage, run_uris: Sequence[str]) -> History:
     """The labelled outcomes of past runs as one history to train on: per (query, LLM) the first call that
     taught something (an answer or a non-answer) with a label, gold before silver; ``weight`` 1 for gold and

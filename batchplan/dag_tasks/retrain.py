@@ -44,7 +44,7 @@ def training_history(storage: Storage, lay: Layout, min_live_rows: int | None = 
     full weight, audited silver lower) added, and the evaluation set (``batchplan.app.promotion.
     evaluation_set``: recent live gold, else audited silver, else the bundled holdout). Neither the bundled
     holdout nor the live queries scored are trained on; ``found`` and ``used`` count the runs' outcome rows."""
-    from batchplan.app.outcomes import OUTCOMES_FILE, runs_history
+    from batchplan.app.outcomes import run_outcome_dirs, runs_history
     from batchplan.app.promotion import MIN_LIVE_ROWS, evaluation_set
     from batchplan.core.history import combine_histories, load_history, with_holdout
     from batchplan.core.settings import Settings
@@ -53,7 +53,7 @@ def training_history(storage: Storage, lay: Layout, min_live_rows: int | None = 
     settings = Settings()
     base = with_holdout(load_history(history_dirs(), storage), settings.holdout_fraction, settings.seed)
     labels_stage(storage, lay)
-    learned_dirs = sorted({u.rsplit("/", 1)[0] for u in storage.iter_parts(lay.outcomes(), OUTCOMES_FILE)})
+    learned_dirs = run_outcome_dirs(storage, lay.outcomes())
     train = base.split("train")
     evaluation = evaluation_set(
         storage, learned_dirs, base.split("test"), min_rows=MIN_LIVE_ROWS if min_live_rows is None else min_live_rows

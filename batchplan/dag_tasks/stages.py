@@ -103,7 +103,7 @@ def predict_stage(storage: Storage, lay: Layout, run: str, backend: str) -> dict
     predictions (``LIVE_OFFSETS_FILE``): the plan's exploration and the report's drift read it."""
     from batchplan.app import artifacts
     from batchplan.app.labels import live_correction
-    from batchplan.app.outcomes import OUTCOMES_FILE
+    from batchplan.app.outcomes import run_outcome_dirs
     from batchplan.app.pipeline import predict
 
     out = lay.plan_file(run, "predictions.parquet")
@@ -115,7 +115,7 @@ def predict_stage(storage: Storage, lay: Layout, run: str, backend: str) -> dict
     queue = storage.read_frame(lay.plan_file(run, "queue.parquet"))
     predictor = artifacts.load(storage, lay.predictors(), version=version).predictor
     labelled = labels_stage(storage, lay)  # before the correction: tonight's plan uses what arrived today
-    past = sorted({u.rsplit("/", 1)[0] for u in storage.iter_parts(lay.outcomes(), OUTCOMES_FILE)} - {lay.outcomes(run)})
+    past = [d for d in run_outcome_dirs(storage, lay.outcomes()) if d != lay.outcomes(run)]
     predictor.live, live_source = live_correction(storage, past, predictor)
     storage.write_frame(predictor.live.offsets, lay.plan_file(run, LIVE_OFFSETS_FILE))
     predictions = predict(queue.drop("day", strict=False), predictor, _backend(backend, storage))

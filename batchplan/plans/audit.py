@@ -359,6 +359,10 @@ def source_llms(calls: pl.DataFrame, results: pl.DataFrame, open_tasks: set[str]
     return out
 
 
+# reference_gain's (r, s, q, answered) where nothing is known of a query's reference: it adds nothing
+NO_SWAP_TERMS: Final = (0.0, 1.0, 0.0, True)
+
+
 @dataclass(frozen=True)
 class _Row:
     task: str
@@ -368,7 +372,7 @@ class _Row:
     prior: float  # the predictor's accuracy for the delivered plan: stands in where the audit says nothing
     rate: tuple[float, float, float, float]  # agree when right, right, agree when wrong, wrong (capped counts)
     base: float = 0.0  # the run's own gold-free P(delivered answer right) (``estimate_audit``'s ``base``)
-    swap: tuple[float, float, float, bool] = (0.0, 1.0, 0.0, True)  # (r, s, q, answered): ``reference_gain``'s terms
+    swap: tuple[float, float, float, bool] = NO_SWAP_TERMS  # (r, s, q, answered): ``reference_gain``'s terms
 
 
 def _rates(audit_fit: AuditFit | None, task: str, llm: str | None, fitted: bool, r: float, k: float) -> tuple[float, ...]:
@@ -845,7 +849,7 @@ def count_delivered(audited: dict[str, Any], swapped: list[str], queue: pl.DataF
     plan_accuracy = {e["task"]: float(e["estimated_accuracy"]) for e in audited["per_task"]}
     added: dict[str, float] = {}
     for query_id in swapped:
-        r, s, q, answered = terms.get(query_id, (0.0, 1.0, 0.0, True))
+        r, s, q, answered = terms.get(query_id, NO_SWAP_TERMS)
         p = plan_accuracy.get(tasks.get(query_id), float(audited["estimated_accuracy"]))
         added[query_id] = reference_gain(p, r, s, q, answered=bool(answered))
 

@@ -550,8 +550,8 @@ def fit_estimates(reps: dict[str, Replay], index: dict[str, int], tasks: dict[st
     confidence there cost accuracy on the shifted split: 87.7% -> 84.6% at 20% of the best single's cost)."""
     rows = {t: _Rows() for t in tasks}
     rng = np.random.default_rng(seed + 2)
+    folds = {t: stable_fold(r.query_ids, FOLDS, seed, salt="estimate:") for t, r in reps.items()}
     for f in range(FOLDS):
-        folds = {t: stable_fold(r.query_ids, FOLDS, seed, salt="estimate:") for t, r in reps.items()}
         train = {t: _sub(r, np.flatnonzero(folds[t] != f)) for t, r in reps.items()}
         test = {t: _sub(r, np.flatnonzero(folds[t] == f)) for t, r in reps.items()}
         for task in tasks:

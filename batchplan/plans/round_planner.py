@@ -43,7 +43,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from functools import cached_property
 from statistics import NormalDist
@@ -342,14 +342,10 @@ def evaluate(
     now_p = np.zeros(n)
     agree = np.zeros(n)
     after = np.full((n, m), np.nan)
-    for task in np.unique(seen.tasks):
-        rows = np.flatnonzero(seen.tasks == task)
-        for start in range(0, len(rows), chunk):
-            part = rows[start : start + chunk]
-            s = States(seen.states.prior[part], seen.states.code[part], seen.states.conf[part], seen.states.order[part])
-            now = posterior.current(str(task), s, seen.models)
-            now_answer[part], now_p[part], agree[part] = now.chosen, now.p, now.agree
-            after[part] = posterior.after(str(task), s, seen.models, now)
+    for task, part, s in _task_chunks(seen, chunk):
+        now = posterior.current(task, s, seen.models)
+        now_answer[part], now_p[part], agree[part] = now.chosen, now.p, now.agree
+        after[part] = posterior.after(task, s, seen.models, now)
     callable_ = np.isfinite(seen.states.prior) & ~seen.states.answered & (seen.tries < max_tries)
     means = _task_means(seen, posterior)
     callable_ &= np.isfinite(seen.cost) & offered(seen, posterior, means)
@@ -792,32 +788,42 @@ class PosteriorRoundPlanner:
 
     def answers(self, queue: pl.DataFrame, predictions: pl.DataFrame, observations: pl.DataFrame) -> pl.DataFrame:
         seen = observe(queue, predictions, observations, dict(self.modes.discounts) if self.modes else None)
-        ev = evaluate(self.posterior, seen, self.max_tries)
-        kept = pl.DataFrame({"_q": np.arange(len(seen.query_ids), dtype=np.int64), "_m": ev.now_answer})
+        chosen, estimate = kept_answers(self.posterior, seen)
+        kept = pl.DataFrame({"_q": np.arange(len(seen.query_ids), dtype=np.int64), "_m": chosen})
         texts = kept.join(seen.answers, on=["_q", "_m"], how="left", maintain_order="left")["answer"]
         return pl.DataFrame(
             {
                 "query_id": seen.query_ids,
                 "answer": texts,
-                "estimated_p_correct": estimated(self.posterior, seen),
+                "estimated_p_correct": estimate,
                 # the LLM whose answer is kept: open tasks replayed from a history keep no text
-                "model": [seen.models[j] if j >= 0 else None for j in ev.now_answer.tolist()],
+                "model": [seen.models[j] if j >= 0 else None for j in chosen.tolist()],
             },
             schema=ROUND_ANSWER_SCHEMA,
         )
 
 
-def estimated(posterior: Posterior, seen: Observed, chunk: int = 100_000) -> np.ndarray:
-    """Per query the estimate of its kept answer (``Posterior.estimate``: the calibration for the report's
-    ``estimated_accuracy``); the answer kept is ``evaluate``'s, and nothing the planner decides reads this."""
-    out = np.zeros(len(seen.query_ids))
+def _task_chunks(seen: Observed, chunk: int) -> Iterator[tuple[str, np.ndarray, States]]:
+    """(task, row positions, their States) per task, in chunks of queries (the posterior's features are
+    [rows, LLMs, LLMs] arrays)."""
     for task in np.unique(seen.tasks):
         rows = np.flatnonzero(seen.tasks == task)
         for start in range(0, len(rows), chunk):
             part = rows[start : start + chunk]
             s = States(seen.states.prior[part], seen.states.code[part], seen.states.conf[part], seen.states.order[part])
-            out[part] = posterior.estimate(str(task), s, seen.models, posterior.current(str(task), s, seen.models))
-    return out
+            yield str(task), part, s
+
+
+def kept_answers(posterior: Posterior, seen: Observed, chunk: int = 100_000) -> tuple[np.ndarray, np.ndarray]:
+    """Per query the column of the answer it keeps (``evaluate``'s ``now_answer``, -1 none) and that answer's
+    estimate (``Posterior.estimate``: the calibration for the report's ``estimated_accuracy``, which nothing
+    the planner decides reads)."""
+    chosen = np.full(len(seen.query_ids), -1, dtype=np.int64)
+    estimate = np.zeros(len(seen.query_ids))
+    for task, part, s in _task_chunks(seen, chunk):
+        now = posterior.current(task, s, seen.models)
+        chosen[part], estimate[part] = now.chosen, posterior.estimate(task, s, seen.models, now)
+    return chosen, estimate
 
 
 def _times(x: np.ndarray, factor: np.ndarray) -> np.ndarray:
