@@ -96,22 +96,15 @@ class Backend(ABC):
         """A hard upper bound on what this call can be billed, or None if the backend cannot give one."""
         return None
 
-    def cost_bounds(
-        self,
-        queue: pl.DataFrame,
-        pairs: pl.DataFrame,
-        max_tokens: int,
-        max_tokens_open: int,
-        output_caps: OutputCaps | None = None,
-    ) -> pl.DataFrame:
+    def cost_bounds(self, queue: pl.DataFrame, pairs: pl.DataFrame, caps: OutputCaps | None = None) -> pl.DataFrame:
         """``cost_bound`` of one attempt for every (query_id, model) in ``pairs``, as BOUNDS_SCHEMA (nulls
-        where unknown); ``max_tokens``/``max_tokens_open``/``output_caps`` as the executor sends them."""
-        caps = output_caps or OutputCaps(default=max_tokens_open)
+        where unknown); ``caps``: the max_tokens the executor sends (default: no learned caps)."""
+        caps = caps or OutputCaps()
         texts = queue.select("query_id", "prompt", "system_prompt", "labels", "task")
         rows = pairs.select("query_id", "model").join(texts, on="query_id", how="left", maintain_order="left")
         bounds = []
         for query_id, model, prompt, system_prompt, labels, task in rows.iter_rows():
-            tokens = max_tokens if labels is not None else caps.get(task, model)
+            tokens = caps.closed if labels is not None else caps.get(task, model)
             request = CallRequest(query_id, model, prompt or "", system_prompt, labels, key="", max_tokens=tokens)
             bounds.append(self.cost_bound(request))
         frame = rows.select("query_id", "model").with_columns(pl.Series("bound_usd", bounds, dtype=pl.Float64))

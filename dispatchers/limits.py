@@ -37,10 +37,12 @@ class OutputCaps:
     the charge of a call whose bill is unknown). A flat 1024 on answers whose p99.9 is ~100 tokens makes every
     ambiguous failure cost ~10x a bill; a cap a little above what the history's answers ran makes the bound
     honest. An answer that reaches its cap comes back ``truncated`` (not retried, not an answer): the round
-    planner asks another LLM. Pairs without enough recorded answers keep ``default``."""
+    planner asks another LLM. Pairs without enough recorded answers keep ``default``; a classification call
+    (labels known) is sent ``closed``."""
 
     caps: Mapping[tuple[str, str], int] = field(default_factory=dict)
     default: int = MAX_TOKENS_OPEN
+    closed: int = MAX_TOKENS
 
     QUANTILE = 0.99  # of the recorded tokens_out per (task, LLM)
     MARGIN = 2.0  # x the quantile, + SLACK tokens: measured on cascades_open, 0.1% of test calls truncated

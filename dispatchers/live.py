@@ -85,16 +85,9 @@ class LiveBackend(Backend):
         size = len(request.prompt.encode()) + len((request.system_prompt or "").encode()) + PROMPT_OVERHEAD_TOKENS
         return (size * prices[0] + request.max_tokens * prices[1]) / 1e6
 
-    def cost_bounds(
-        self,
-        queue: pl.DataFrame,
-        pairs: pl.DataFrame,
-        max_tokens: int,
-        max_tokens_open: int,
-        output_caps: OutputCaps | None = None,
-    ) -> pl.DataFrame:
+    def cost_bounds(self, queue: pl.DataFrame, pairs: pl.DataFrame, caps: OutputCaps | None = None) -> pl.DataFrame:
         """``cost_bound`` for many pairs at once, in polars (the same arithmetic)."""
-        caps = (output_caps or OutputCaps(default=max_tokens_open)).frame()
+        caps = caps or OutputCaps()
         prices = pl.DataFrame(
             [(m, p[0], p[1]) for m, p in self._catalog.token_prices.items()],
             schema={"model": pl.String, "_in": pl.Float64, "_out": pl.Float64},
@@ -105,13 +98,13 @@ class LiveBackend(Backend):
             + pl.col("system_prompt").fill_null("").str.len_bytes()
             + PROMPT_OVERHEAD_TOKENS
         )
-        open_tokens = pl.col("max_tokens").fill_null(output_caps.default if output_caps else max_tokens_open)
-        tokens = pl.when(pl.col("labels").is_null()).then(open_tokens).otherwise(max_tokens)
+        open_tokens = pl.col("max_tokens").fill_null(caps.default)
+        tokens = pl.when(pl.col("labels").is_null()).then(open_tokens).otherwise(caps.closed)
         return (
             pairs.select("query_id", "model")
             .join(queue.select("query_id", "prompt", "system_prompt", "labels", "task"), on="query_id", how="left")
             .join(prices, on="model", how="left")
-            .join(caps, on=["task", "model"], how="left")
+            .join(caps.frame(), on=["task", "model"], how="left")
             .select(
                 "query_id",
                 "model",

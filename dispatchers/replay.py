@@ -46,16 +46,9 @@ class ReplayBackend(Backend):
         row = self._table.get((audited_query_id(request.query_id), request.model))
         return None if row is None else row[1]
 
-    def cost_bounds(
-        self,
-        queue: pl.DataFrame,
-        pairs: pl.DataFrame,
-        max_tokens: int,
-        max_tokens_open: int,
-        output_caps: OutputCaps | None = None,
-    ) -> pl.DataFrame:
+    def cost_bounds(self, queue: pl.DataFrame, pairs: pl.DataFrame, caps: OutputCaps | None = None) -> pl.DataFrame:
         """``cost_bound`` for many pairs at once: the recorded cost (exact), null where none is recorded.
-        Replay answers as recorded, whatever ``max_tokens`` says: it is the evaluation's oracle."""
+        Replay answers as recorded, whatever ``caps`` says: it is the evaluation's oracle."""
         costs = self._costs.select("query_id", "model", pl.col("cost_usd").fill_null(0.0).alias("bound_usd"))
         return (
             pairs.select("query_id", "model")

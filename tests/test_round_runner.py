@@ -324,10 +324,10 @@ def test_cost_bounds_at_once_are_each_call_s_bound() -> None:
         get_backend("openai", base_url="http://127.0.0.1:9/v1", catalog=catalog),
     ):
         pairs = backend.offered_pairs(queue)
-        caps = OutputCaps({(str(queue["task"][0]), history.models[0]): 40}, default=900)  # learned caps too
+        caps = OutputCaps({(str(queue["task"][0]), history.models[0]): 40}, default=900, closed=16)  # learned caps too
         for learned in (None, caps):
-            fast = backend.cost_bounds(open_queue, pairs, 16, 1024, learned).sort("query_id", "model")
-            slow = Backend.cost_bounds(backend, open_queue, pairs, 16, 1024, learned).sort("query_id", "model")
+            fast = backend.cost_bounds(open_queue, pairs, learned).sort("query_id", "model")
+            slow = Backend.cost_bounds(backend, open_queue, pairs, learned).sort("query_id", "model")
             assert fast.select("query_id", "model").equals(slow.select("query_id", "model"))
             assert fast["bound_usd"].to_list() == pytest.approx(slow["bound_usd"].to_list(), rel=1e-12)
 

@@ -63,7 +63,7 @@ from batchplan.dispatchers import (
     spend_by_model,
 )
 from batchplan.dispatchers.executor import Progress
-from batchplan.dispatchers.limits import MAX_TOKENS, MAX_TOKENS_OPEN, OutputCaps
+from batchplan.dispatchers.limits import OutputCaps
 from batchplan.plans.audit import (
     AuditInputs,
     audit_queue,
@@ -302,7 +302,7 @@ def execute_rounds(
     started = time.perf_counter()
     limit = hard_budget(plan, run.budget_usd)
     pairs = predictions.select("query_id", "model")
-    bounds = backend.cost_bounds(queue, pairs, MAX_TOKENS, MAX_TOKENS_OPEN, run.output_caps)
+    bounds = backend.cost_bounds(queue, pairs, run.output_caps)
     outcome = run_rounds(
         planner,
         queue,

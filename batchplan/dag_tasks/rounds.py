@@ -88,11 +88,9 @@ def _planner(params: RunParams, inputs: dict[str, Any]) -> tuple[Any, pl.DataFra
 
 def _bounds(storage: Storage, params: RunParams, inputs: dict[str, Any]) -> pl.DataFrame:
     """Every (query, model)'s cost bound on the run's backend (BOUNDS_SCHEMA), as the dispatcher sends it."""
-    from batchplan.dispatchers.limits import MAX_TOKENS, MAX_TOKENS_OPEN
-
     backend = _backend(params.backend, storage)
     pairs = inputs["predictions"].select("query_id", "model")
-    return backend.cost_bounds(inputs["queue"], pairs, MAX_TOKENS, MAX_TOKENS_OPEN, _caps(inputs))
+    return backend.cost_bounds(inputs["queue"], pairs, _caps(inputs))
 
 
 def _caps(inputs: dict[str, Any]) -> Any:
