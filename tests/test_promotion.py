@@ -80,7 +80,7 @@ def test_judge_scores_both_on_the_same_rows_and_says_which_source(history: Histo
     better = judge(learned, blind, evaluation)
     assert better.source == SILVER
     assert better.silver
-    assert better.eval_rows == evaluation.rows
+    assert better.eval_pairs == evaluation.rows
     assert better.candidate_score == pytest.approx(score_predictor(learned, evaluation.history)[0])
     assert better.current_score == pytest.approx(score_predictor(blind, evaluation.history)[0])
     assert better.promoted == (better.candidate_score < better.current_score)  # type: ignore[operator]

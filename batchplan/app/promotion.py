@@ -113,7 +113,7 @@ def score_predictor(predictor: Any, evaluation: History) -> tuple[float, int]:
 class Verdict:
     source: str
     silver: bool  # the verdict rests on audits' reference answers, not on gold
-    eval_rows: int
+    eval_pairs: int  # (query, LLM) outcomes scored
     candidate_score: float
     current_score: float | None
     promoted: bool
