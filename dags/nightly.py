@@ -20,7 +20,7 @@ reference answer inside the budget; the report's first lines give the audited ac
 and any drift (an LLM or task outside the predictor's interval; from the labels of past runs: an LLM whose
 labelled accuracy on a task excludes the history's estimate, which this plan already corrected). `explore_share`: at most that share
 of the budget on calls of the LLMs the reference does not call, on the audited queries, so labels and silver
-reach LLMs the plan never calls; empty: 5% while those labels show drift on a task of the batch (the report says
+reach LLMs the plan never calls; empty: 10% while those labels show drift on a task of the batch (the report says
 why), else none; 0: none.
 
 **Report**: the *batchplan report* tab of the run (plugin `dags/plugins/batchplan_reports.py`), or

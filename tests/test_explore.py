@@ -244,7 +244,7 @@ def test_a_run_whose_labels_show_drift_explores_and_its_report_says_why(
     assert explored.height > 0
     assert auto.report["audit"]["exploration"]["queries"] == explored.height
     assert float(explored["expected_cost_usd"].sum()) <= AUTO_EXPLORE_SHARE * BUDGET + 1e-12  # the share planned
-    assert "Exploration on: up to 5% of the budget" in (tmp_path / "auto" / "report.md").read_text()
+    assert f"Exploration on: up to {AUTO_EXPLORE_SHARE:.0%} of the budget" in (tmp_path / "auto" / "report.md").read_text()
     assert history.models[0] in (tmp_path / "auto" / "report.md").read_text()
     # 0 given explicitly wins over the drift
     off = run_job(explored_job(queue, registry, tmp_path / "off", str(EXAMPLES), explore=0.0), Storage())

@@ -365,7 +365,7 @@ ExploreShareOpt = Annotated[
         "--explore-share",
         help="At most this share of the budget on exploration: calls of the LLMs the audit's reference does not "
         "call, on the audit sample's queries (the report lists them under audit.exploration.label_first: label "
-        "those first), so labels and silver reach LLMs the plan never calls. Default: 0.05 while the labels of "
+        "those first), so labels and silver reach LLMs the plan never calls. Default: 0.10 while the labels of "
         "past runs put an LLM outside the history's interval (the report says why), else none; 0 turns it off.",
     ),
 ]

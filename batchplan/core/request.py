@@ -115,8 +115,10 @@ class PlanRequest:
 
 LIVE_AUDIT_SHARE: Final = 0.05
 # the automatic exploration's share of the budget, on while the labels say the history is off (README, Exploration):
-# always on it cost ~0.5 points without drift; with a drifted LLM it bought +9 points on nights 3-10 (bench/nights.py)
-AUTO_EXPLORE_SHARE: Final = 0.05
+# always on (0.05) it cost ~0.5 points without drift. Turned on at drift it starts nights late (the labels that show
+# the drift come first), so it explores more: bench/nights.py, llama3.1-70b:-0.3, nights 3-10 against the
+# never-learned predictor: +3.9 points at 0.10, +1.1 at 0.05 (+0.9 never exploring)
+AUTO_EXPLORE_SHARE: Final = 0.10
 # `batchplan run` and the nightly and backfill DAGs without --rounds / --round-planner: 3 rounds of the round
 # planner "per_task" (batchplan.plans.per_task) measured best (README, Rounds; bench/quality.py,
 # bench/rounds_faults.py): the posterior re-plans the tasks whose history has logprobs no cascade template uses
