@@ -171,7 +171,9 @@ class Arm:
     learns: bool
     model_uri: str
     trained: artifacts.Trained
-    explore_share: float = 0.0  # of the budget, on calls of LLMs the audit's reference does not call
+    # of the budget, on calls of LLMs the audit's reference does not call; None: the product's default (on while
+    # the labels show drift, ``plans.planning.choose_exploration``)
+    explore_share: float | None = 0.0
     # --oracle: "labels", its labels say every LLM's verdict on the labelled queries (exploring every LLM there, free);
     # "stream", it learns from every LLM's verdict on the whole stream but tonight's queries (the ceiling)
     oracle: str = ""
@@ -193,7 +195,7 @@ def llm_lines(arms: list[Arm], queue: pl.DataFrame, full: History, stream_acc: p
     pairs = queue.select("query_id").join(pl.DataFrame({"model": full.models}), how="cross")
     tasks = queue.select("query_id", "task")
     means = None
-    shown_arm = next((a for a in arms if a.explore_share > 0), arms[0])  # the run whose labels reach every LLM
+    shown_arm = next((a for a in arms if a.explore_share), arms[0])  # the run whose labels reach every LLM
     for arm in arms:
         got = (
             arm.trained.predictor.predict(queue, pairs, catalog)
@@ -228,12 +230,14 @@ def run_stream(name: str, args: argparse.Namespace, data: Path, work: Path, stor
     order = [stream[i] for i in rng.permutation(len(stream))]
     base = artifacts.train(train, seed=seed, templates=False)
     arms = [
-        Arm("audited", args.audit_share, True, str(work / name / "audited_models"), base),
-        Arm("no_audit", 0.0, True, str(work / name / "no_audit_models"), base),
+        Arm("audited", args.audit_share, True, str(work / name / "audited_models"), base, None),  # the default
+        Arm("no_audit", 0.0, True, str(work / name / "no_audit_models"), base, None),
         Arm("never", 0.0, False, str(work / name / "never_models"), base),
     ]
     if args.explore_share > 0:
         arms.append(Arm("explore", args.audit_share, True, str(work / name / "explore_models"), base, args.explore_share))
+    if args.fixed:  # the default before exploration turned itself on at drift: audits, never exploring
+        arms.append(Arm("never_explore", args.audit_share, True, str(work / name / "never_explore_models"), base, 0.0))
     if args.oracle:
         arms.append(Arm("oracle_labels", 0.0, True, str(work / name / "oracle_labels_models"), base, oracle="labels"))
         arms.append(Arm("oracle", 0.0, False, str(work / name / "oracle_models"), base, oracle="stream"))
@@ -279,8 +283,11 @@ def run_stream(name: str, args: argparse.Namespace, data: Path, work: Path, stor
             # which queries the users label: a random share, or (``explored``) the first of the explore arm's audit
             # sample, where its report asks for labels first (audit.exploration.label_first): the sample is uniform,
             # so for every other arm the same ids are a random share as well
+            # every audited arm draws the same audit sample (the users label its first queries: where each arm that
+            # explores, the explore arm or the default once it turns exploration on, asks for labels first)
+            sample_seed = f"{name}-night{night}-explore"
             label_ids = (
-                audited_ids(ids, args.label_share, f"{name}-night{night}-explore")
+                audited_ids(ids, args.label_share, sample_seed)
                 if args.label_pick == "explored"
                 else audited_ids(ids, args.label_share, f"labels-{name}-{night}")
             )
@@ -298,6 +305,7 @@ def run_stream(name: str, args: argparse.Namespace, data: Path, work: Path, stor
                         if arm.audit_share > 0 and args.audit_spend_share < 1
                         else None,
                         explore_share=arm.explore_share,
+                        audit_seed=sample_seed if arm.audit_share > 0 else "",
                     ),
                     backend="openai",
                     base_url=server.base_url,
@@ -346,6 +354,8 @@ def run_stream(name: str, args: argparse.Namespace, data: Path, work: Path, stor
                     "audits": (report.get("audit") or {}).get("audited", 0),
                     "refs delivered": (report.get("audit") or {}).get("delivered_references", 0),
                     "drift": drift_cell(report),
+                    "explore on": (report.get("exploration") or {}).get("source", ""),  # the default's own decision
+                    "audited explore USD": ((report.get("audit") or {}).get("exploration") or {}).get("spent_usd", 0.0),
                     "seconds": round(time.perf_counter() - started, 1),
                     "_scored": scored,
                     **explore_columns(arms, outcomes, scored, queue, calls_of=lambda a, night=night: calls_made(storage, str(work / name / f"night{night}" / a)), full=reality, catalog=catalog),
@@ -371,7 +381,7 @@ def explore_columns(
     """The explore and oracle arms' columns (none without them): accuracy, what exploring cost, calibration."""
     out: dict[str, Any] = {}
     for arm in arms:
-        if arm.explore_share > 0:
+        if arm.explore_share:
             report = outcomes[arm.name].report
             explored = (report.get("audit") or {}).get("exploration") or {}
             out |= {
@@ -384,6 +394,8 @@ def explore_columns(
                 "moved explore": moved(outcomes[arm.name].plan, outcomes["never"].plan),
                 "drift explore": drift_cell(report),
             }
+        if arm.name == "never_explore":  # --fixed: the audited arm's before
+            out["acc never_explore"] = share(scored[arm.name]["correct"])
         if arm.oracle:
             out |= {
                 f"acc {arm.name}": share(scored[arm.name]["correct"]),
@@ -456,13 +468,13 @@ def paired_gain(rows: list[dict[str, Any]], arm: str, against: str, draws: int =
 COLUMNS = [
     "night", "labels in", "realized", "audited est", "ci low", "ci high", "covered", "planned", "ECE learned",
     "ECE never", "deferred", "acc no audit", "acc never learned", "moved", "budget USD", "spend USD", "audit USD",
-    "audits", "refs delivered", "seconds", "by task", "drift", "drifted calls",
+    "audits", "refs delivered", "seconds", "by task", "drift", "drifted calls", "explore on", "audited explore USD",
 ]  # fmt: skip
 # the explore and oracle arms' columns, shown when the run has them
 EXTRA_COLUMNS = [
     "acc explore", "explored", "explore calls", "explore USD", "spend explore USD", "ECE explore", "moved explore",
     "drift explore",
-    "acc oracle_labels", "moved oracle_labels", "acc oracle", "moved oracle",
+    "acc oracle_labels", "moved oracle_labels", "acc oracle", "moved oracle", "acc never_explore",
 ]  # fmt: skip
 
 
@@ -504,6 +516,12 @@ def main(argv: list[str] | None = None) -> int:
         default=0.05,
         help="the explore arm: audits as the audited arm's, plus this share of the budget on calls of the LLMs the "
         "audit's reference does not call (0: no explore arm)",
+    )
+    parser.add_argument(
+        "--fixed",
+        action="store_true",
+        help="add the never_explore arm: the audited arm with --explore-share 0 given (the default before the "
+        "automatic exploration: audits, never exploring), the audited arm's before",
     )
     parser.add_argument(
         "--label-pick",
@@ -563,7 +581,10 @@ def main(argv: list[str] | None = None) -> int:
             learning = [r for r in rows if r["labels in"] > 0] or rows
             print(f"\nAccuracy gain at the same budget (paired bootstrap over queries within nights, 95%), {name}:\n")
             pairs = [("audited", "never"), ("no_audit", "never"), ("audited", "no_audit")]
-            extra = (("explore", "never"), ("explore", "audited"), ("explore", "no_audit"), ("oracle_labels", "never"), ("oracle", "never"))
+            extra = (
+                ("explore", "never"), ("explore", "audited"), ("explore", "no_audit"), ("never_explore", "never"),
+                ("audited", "never_explore"), ("oracle_labels", "never"), ("oracle", "never"),
+            )  # fmt: skip
             pairs += [(a, b) for a, b in extra if a in rows[0]["_scored"]]
             print("| nights | " + " | ".join(f"{a} - {b}".replace("_", " ") for a, b in pairs) + " |")
             print("|---|" + "---|" * len(pairs))

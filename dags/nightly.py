@@ -18,9 +18,10 @@ which; else skipped).
 **Audits**: `audit_share` (empty: 5% for a live backend, none for replay; in rounds too) of the queries also get a
 reference answer inside the budget; the report's first lines give the audited accuracy with its 95% interval
 and any drift (an LLM or task outside the predictor's interval; from the labels of past runs: an LLM whose
-labelled accuracy on a task excludes the history's estimate, which this plan already corrected). `explore_share` (default 0): at most that share
+labelled accuracy on a task excludes the history's estimate, which this plan already corrected). `explore_share`: at most that share
 of the budget on calls of the LLMs the reference does not call, on the audited queries, so labels and silver
-reach LLMs the plan never calls.
+reach LLMs the plan never calls; empty: 10% while those labels show drift on a task of the batch (the report says
+why), else none; 0: none.
 
 **Report**: the *batchplan report* tab of the run (plugin `dags/plugins/batchplan_reports.py`), or
 `reports/nightly-<date>/report.html` in the bucket; the `report` task's log has the one-line summary.

@@ -429,13 +429,15 @@ def test_tenant_budget_params_are_validated() -> None:
 
 
 def test_explore_share_is_a_param_of_both_run_dags(dagbag: Any) -> None:
-    """explore_share (default 0, as audit_share's neighbour) reaches the run's request; out of [0, 1) is refused."""
+    """explore_share (empty by default: automatic, on while the labels show drift, as the CLI's run decides it in
+    ``plans.planning.choose_exploration``) reaches the run's request; 0 given stays 0; out of [0, 1) is refused."""
     for dag_id in ("batchplan_nightly", "batchplan_backfill"):
         dag = dagbag.get_dag(dag_id)
         assert {"audit_share", "explore_share"} <= set(dag.params)
-        assert dag.params.validate()["explore_share"] == 0.0
-    assert common.RunParams.from_params({"budget_usd": 1.0}).request().explore_share == 0.0
-    assert common.RunParams.from_params({"budget_usd": 1.0, "explore_share": None}).explore_share == 0.0
+        assert dag.params.validate()["explore_share"] is None
+    assert common.RunParams.from_params({"budget_usd": 1.0}).request().explore_share is None
+    assert common.RunParams.from_params({"budget_usd": 1.0, "explore_share": ""}).explore_share is None
+    assert common.RunParams.from_params({"budget_usd": 1.0, "explore_share": 0}).request().explore_share == 0.0
     asked = common.RunParams.from_params({"budget_usd": 1.0, "audit_share": 0.1, "explore_share": 0.05})
     assert asked.request().explore_share == 0.05
     for bad in (1.0, -0.1, "lots"):
@@ -789,6 +791,7 @@ def test_nightly_audits_inside_the_budget_and_says_the_estimate_in_its_report(
         assert report["audit"]["method"].startswith("difference estimator")
     assert report["spent_usd"] == pytest.approx(manifest["spent_usd"])
     exploration = report["audit"]["exploration"]  # the explore_share param reached the plan, inside the budget
+    assert report["exploration"]["source"] == "asked"  # and the report says why it explored (the plan's manifest)
     assert exploration["queries"] == explored.height > 0
     assert exploration["calls"] >= explored.height
     assert exploration["spent_usd"] <= 0.05 * budget + 1e-9

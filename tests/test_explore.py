@@ -4,6 +4,7 @@ calls and it gets an estimate of its own."""
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +16,11 @@ from batchplan.app.outcomes import runs_history
 from batchplan.app.pipeline import Job, dispatch_dir, ledger_events, run_job
 from batchplan.core.contracts import ContractError, audited_query_id, explore_id, is_audit, is_exploration
 from batchplan.core.history import History, combine_histories, load_history
+from batchplan.core.request import AUTO_EXPLORE_SHARE
 from batchplan.core.storage import Storage
 from batchplan.plans.audit import explore_plan, ranked_sample
-from batchplan.plans.planning import PlanRequest
-from batchplan.predictors.live import LiveCorrection
+from batchplan.plans.planning import PlanRequest, choose_exploration
+from batchplan.predictors.live import OFFSET_SCHEMA, LiveCorrection
 from tests.support.factories import write_history
 from tests.test_audit import EXAMPLES, corrupted, write_queue
 
@@ -42,7 +44,7 @@ def registry(trained: artifacts.Trained, tmp_path_factory: pytest.TempPathFactor
     return root
 
 
-def explored_job(queue: str, registry: str, out: Path, served: str, explore: float = EXPLORE) -> Job:
+def explored_job(queue: str, registry: str, out: Path, served: str, explore: float | None = EXPLORE) -> Job:
     return Job(
         queue_uri=queue,
         predictors_uri=registry,
@@ -189,3 +191,72 @@ def test_llm_level_follows_an_llm_that_stands_out_and_not_the_noise_of_the_rest(
     # the rest stay with their task, but for one at most: a z beyond 1.96 by chance (m8, 28 of 30 right) is
     # followed by design (nine LLMs: one about every third night, each part of the way)
     assert off[-2] < 0.01
+
+
+def drifted_live(task: str, llm: str) -> LiveCorrection:
+    """A live correction whose labels put ``llm`` on ``task`` far below the history (30 labels at 0.30 against
+    0.90), with no offset of its own: the predictions stay the history's, only the drift is seen."""
+    row = {"task": task, "model": llm, "offset": 0.0, "task_offset": 0.0, "rows": 30.0, "gold_rows": 30, "p_before": 0.9, "live_acc": 0.3}
+    return LiveCorrection(pl.DataFrame([row], schema=OFFSET_SCHEMA))
+
+
+def test_choose_exploration_turns_on_where_the_labels_show_drift_and_an_asked_share_wins() -> None:
+    live = drifted_live("t", "a")
+    request = PlanRequest(budget_usd=1.0, audit_share=0.1)  # explore_share unset: automatic
+    chosen, why = choose_exploration(request, live.offsets, {"t"})
+    assert chosen.explore_share == AUTO_EXPLORE_SHARE
+    assert why is not None
+    assert why["source"] == "drift"
+    assert why["share"] == AUTO_EXPLORE_SHARE
+    assert "a on t (worse)" in why["reason"]
+    assert why["drift"] == [{"model": "a", "task": "t", "direction": "worse"}]
+    # the drift is on a task this batch does not have, or there are no labels: no exploration
+    for offsets, tasks in ((live.offsets, {"other"}), (LiveCorrection().offsets, {"t"}), (None, {"t"})):
+        chosen, why = choose_exploration(request, offsets, tasks)
+        assert chosen.explore_share == 0.0
+        assert why is None
+    # labels that agree with the history (within their interval): none either
+    agreeing = live.offsets.with_columns(pl.lit(0.88).alias("live_acc"))
+    assert choose_exploration(request, agreeing, {"t"}) == (dataclasses.replace(request, explore_share=0.0), None)
+    # an explicit share wins: 0 turns it off under drift, a share is kept and said as asked
+    off = dataclasses.replace(request, explore_share=0.0)
+    assert choose_exploration(off, live.offsets, {"t"}) == (off, None)
+    asked = dataclasses.replace(request, explore_share=0.1)
+    chosen, why = choose_exploration(asked, live.offsets, {"t"})
+    assert chosen.explore_share == 0.1
+    assert why is not None
+    assert why["source"] == "asked"
+
+
+def test_a_run_whose_labels_show_drift_explores_and_its_report_says_why(
+    history: History, trained: artifacts.Trained, tmp_path: Path
+) -> None:
+    queue = write_queue(history, tmp_path / "queue.parquet")
+    task = str(history.as_queue(split="test")["task"][0])
+    predictor = dataclasses.replace(trained.predictor, live=drifted_live(task, history.models[0]))
+    registry = str(tmp_path / "predictors")
+    artifacts.save(dataclasses.replace(trained, predictor=predictor), Storage(), registry)
+    auto = run_job(explored_job(queue, registry, tmp_path / "auto", str(EXAMPLES), explore=None), Storage())
+    why = auto.report["exploration"]
+    assert why["source"] == "drift"
+    assert why["share"] == AUTO_EXPLORE_SHARE
+    explored = pl.read_parquet(tmp_path / "auto" / "plan.parquet").filter(is_exploration())
+    assert explored.height > 0
+    assert auto.report["audit"]["exploration"]["queries"] == explored.height
+    assert float(explored["expected_cost_usd"].sum()) <= AUTO_EXPLORE_SHARE * BUDGET + 1e-12  # the share planned
+    assert f"Exploration on: up to {AUTO_EXPLORE_SHARE:.0%} of the budget" in (tmp_path / "auto" / "report.md").read_text()
+    assert history.models[0] in (tmp_path / "auto" / "report.md").read_text()
+    # 0 given explicitly wins over the drift
+    off = run_job(explored_job(queue, registry, tmp_path / "off", str(EXAMPLES), explore=0.0), Storage())
+    assert "exploration" not in off.report
+    assert "exploration" not in off.report["audit"]
+    assert not pl.read_parquet(tmp_path / "off" / "plan.parquet").filter(is_exploration()).height
+
+
+def test_a_run_whose_labels_agree_with_the_history_does_not_explore(history: History, registry: str, tmp_path: Path) -> None:
+    queue = write_queue(history, tmp_path / "queue.parquet")
+    run = run_job(explored_job(queue, registry, tmp_path / "run", str(EXAMPLES), explore=None), Storage())
+    assert "exploration" not in run.report
+    assert "exploration" not in run.report["audit"]
+    assert "Exploration on" not in (tmp_path / "run" / "report.md").read_text()
+    assert not pl.read_parquet(tmp_path / "run" / "plan.parquet").filter(is_exploration()).height

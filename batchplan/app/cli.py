@@ -360,12 +360,13 @@ AuditSpendShareOpt = Annotated[
     ),
 ]
 ExploreShareOpt = Annotated[
-    float,
+    float | None,
     typer.Option(
         "--explore-share",
         help="At most this share of the budget on exploration: calls of the LLMs the audit's reference does not "
         "call, on the audit sample's queries (the report lists them under audit.exploration.label_first: label "
-        "those first), so labels and silver reach LLMs the plan never calls. Default 0.",
+        "those first), so labels and silver reach LLMs the plan never calls. Default: 0.10 while the labels of "
+        "past runs put an LLM outside the history's interval (the report says why), else none; 0 turns it off.",
     ),
 ]
 BatchApiOpt = Annotated[
@@ -627,7 +628,7 @@ def run(
     round_planner: RoundPlannerOpt = DEFAULT_ROUND_PLANNER,
     audit_share: AuditShareOpt = None,
     audit_spend_share: AuditSpendShareOpt = None,
-    explore_share: ExploreShareOpt = 0.0,
+    explore_share: ExploreShareOpt = None,
     batch_api: BatchApiOpt = False,
     resume_cancelled: ResumeCancelledOpt = False,
     deadline: DeadlineOpt = None,

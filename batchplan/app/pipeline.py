@@ -81,6 +81,7 @@ from batchplan.plans.planning import (
     PlanRequest,
     allowed_predictions,
     check_rounds_request,
+    choose_exploration,
     default_rounds,
     plan_audits,
     plan_batch,
@@ -414,7 +415,8 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
     """Plan and dispatch the whole batch; write plan, results and report under ``job.out_uri``."""
     started = time.perf_counter()
     rounds = default_rounds(job.rounds, job.request, job.round_planner)
-    if (job.request.audit_share > 0 or job.request.explore_share > 0) and not job.request.audit_seed:  # the sample is the run's: the same on resume
+    # the sample is the run's: the same on resume (an unset explore_share may turn exploration on, on it)
+    if (job.request.audit_share > 0 or job.request.explore_share != 0) and not job.request.audit_seed:
         job = dataclasses.replace(job, request=dataclasses.replace(job.request, audit_seed=job.run_id or job.out_uri))
     in_rounds = rounds > 1 or job.batch_api
     if in_rounds:  # before anything is planned or sent
@@ -444,6 +446,8 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
     if ingested.queue.height == 0:
         raise ContractError(f"no valid queries in {job.queue_uri}: see {join(job.out_uri, 'quarantine.parquet')}")
     trained = artifacts.load(storage, job.predictors_uri, version=job.predictor_version)
+    request, exploration = choose_exploration(job.request, trained.predictor.live.offsets, set(ingested.queue["task"].unique().to_list()))
+    job = dataclasses.replace(job, request=request)
     predictions = predict(ingested.queue, trained.predictor, backend)
     paths = {"plan": join(job.out_uri, "plan.parquet"), "results": join(job.out_uri, "results.parquet")}
     audit = plan_audits(ingested.queue, predictions, trained.audit, job.request, trained.predictor.live.offsets)
@@ -555,6 +559,7 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
         rounds=in_rounds_outcome.rounds if in_rounds_outcome is not None else None,
         audit=audited,
     )
+    report.exploration = exploration  # why exploration is on (asked, or the labels' drift), None when off
     if in_rounds and (modes_used := dispatch_modes(storage, job.out_uri, rounds)) is not None:
         report.dispatch_modes = modes_used  # the batch API's share, its fallbacks
     # the live labels of past runs that put an LLM outside the history's estimate: said with the audits' drift

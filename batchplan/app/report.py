@@ -208,6 +208,8 @@ class Report:
     audit: dict[str, Any] | None = field(default=None, metadata=OPTIONAL)
     estimated_accuracy_ci95: list[float] | None = field(default=None, metadata=OPTIONAL)
     drift: list[dict[str, Any]] | None = field(default=None, metadata=OPTIONAL)
+    # exploration's share and why it is on ("asked", or "drift": the labels put an LLM off; plans.planning.choose_exploration)
+    exploration: dict[str, Any] | None = field(default=None, metadata=OPTIONAL)
     savings: dict[str, float] | None = None
     labelled_accuracy: dict[str, Any] | None = field(default=None, metadata=OPTIONAL)  # labels that arrived after the run (batchplan label)
     accuracy_source: str | None = field(default=None, metadata=OPTIONAL)  # "labels": ``accuracy`` was measured on them
@@ -921,6 +923,12 @@ def _markdown_block(block: Block) -> str:
 def notes(report: Report) -> list[str]:
     """What the user asked for or sent that this run could not use: one line each, in every format."""
     lines = [f"Constraint that bound nothing: {c}" for c in report.unused_constraints or []]
+    if explored := report.exploration:  # why this run spent part of its budget on LLMs its plan does not call
+        lines.append(
+            f"Exploration on: up to {explored['share']:.0%} of the budget on calls of the LLMs the audits' reference "
+            f"does not call ({explored['reason']}"
+            + ("; --explore-share 0 turns it off)" if explored.get("source") == "drift" else ")")
+        )
     if labelled := report.labelled_accuracy:  # labels that arrived after the run (batchplan label)
         line = f"Measured on labels: accuracy {_fmt_acc(labelled['accuracy'])} over {labelled['n']} labelled queries"
         if labelled.get("answered"):

@@ -63,7 +63,7 @@ class RunParams:
     round_planner: str = DEFAULT_ROUND_PLANNER
     audit_share: float = 0.0  # the share of queries audited (batchplan.plans.audit); default by backend
     audit_spend_share: float | None = None  # and at most this share of the budget on them (the live default caps)
-    explore_share: float = 0.0  # at most this share of the budget exploring on the audit sample (PlanRequest's)
+    explore_share: float | None = None  # at most this share of the budget exploring (PlanRequest's); None: on drift
     batch_api: bool = False  # rounds sent as provider batch jobs (in rounds even when rounds == 1)
 
     @property
@@ -134,10 +134,13 @@ def _audit_share(raw: Any, backend: str) -> float:
         raise ContractError(f"audit_share must be a number in [0, 1), got {raw!r}") from None
 
 
-def _explore_share(raw: Any) -> float:
-    """The ``explore_share`` param: empty = 0 (no exploration)."""
+def _explore_share(raw: Any) -> float | None:
+    """The ``explore_share`` param: empty = None (automatic: on while the labels show drift,
+    ``plans.planning.choose_exploration``); 0 turns it off."""
+    if raw in (None, ""):
+        return None
     try:
-        share = 0.0 if raw in (None, "") else float(raw)
+        share = float(raw)
     except (TypeError, ValueError):
         share = math.nan
     if not 0 <= share < 1:
@@ -159,12 +162,13 @@ def audit_params() -> dict[str, Any]:
             "gold, drift); empty = 0.05 for a live backend, 0 for replay.",
         ),
         "explore_share": Param(
-            0.0,
+            None,
             type=["number", "null"],
             minimum=0,
             maximum=0.99,
             description="At most this share of the budget on calls of the LLMs the audit's reference does not call, "
-            "on the audited queries (labels and silver reach the LLMs the plan never calls); 0: none.",
+            "on the audited queries (labels and silver reach the LLMs the plan never calls); empty = 0.10 while "
+            "the labels of past runs put an LLM outside the history's interval, else none; 0: none.",
         ),
     }
 

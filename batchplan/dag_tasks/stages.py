@@ -184,12 +184,17 @@ def plan_stage(
     from batchplan.app import artifacts
     from batchplan.app.pipeline import build_candidates
     from batchplan.plans.frontier import frontier_uri, plan_frontier, write_frontier
-    from batchplan.plans.planning import plan_audits, plan_batch, request_changes, request_record
+    from batchplan.plans.planning import choose_exploration, plan_audits, plan_batch, request_changes, request_record
 
     manifest_uri = lay.shards_manifest(run)
     request = params.request()
-    if request.audit_share > 0 or request.explore_share > 0:  # the run's own sample: the same when retried
+    if request.audit_share > 0 or request.explore_share != 0:  # the run's own sample: the same when retried
         request = dataclasses.replace(request, audit_seed=run)
+    # exploration decided before the manifest's check (it records the decided share): asked, or on the labels'
+    # drift in the live correction the predictions used; it asks the LLMs with the fewest live labels first
+    live = live_offsets(storage, lay, run) if request.explore_share != 0 else None
+    queue = storage.read_frame(lay.plan_file(run, "queue.parquet"))
+    request, exploration = choose_exploration(request, live, set(queue["task"].unique().to_list()))
     if storage.exists(manifest_uri):
         stored = json.loads(storage.read_bytes(manifest_uri))
         # the shards' budgets and the report follow the stored plan: a run asking another budget would see
@@ -202,7 +207,6 @@ def plan_stage(
                 "it was planned for to resume it; another budget is another run"
             )
         return list(stored["shards"])
-    queue = storage.read_frame(lay.plan_file(run, "queue.parquet"))
     predictions = storage.read_frame(lay.plan_file(run, "predictions.parquet"))
     if params.batch_api and params.rounds == 1:  # single shot by batch: every call at the batch price (as the CLI)
         from batchplan.plans.modes import batch_priced
@@ -213,8 +217,6 @@ def plan_stage(
     caps = artifacts.load_output_caps(storage, lay.predictors(), version) if version else None
     candidates = build_candidates(queue.drop("day", strict=False), predictions, templates, request.kinds)
     audit_fit = artifacts.load_audit(storage, lay.predictors(), version) if version and request.audit_share > 0 else None
-    # exploration asks the LLMs with the fewest live labels first: the promoted predictor's live correction
-    live = live_offsets(storage, lay, run) if request.explore_share > 0 else None
     audit = plan_audits(queue.drop("day", strict=False), predictions, audit_fit, request, live)
     if audit is not None:
         storage.write_frame(audit, lay.plan_file(run, AUDIT_PLAN_FILE))
@@ -259,6 +261,7 @@ def plan_stage(
         "budget_usd": params.budget_usd,
         "tenant_budgets_usd": params.tenant_budgets_usd,
         "request": request_record(request),
+        "exploration": exploration,  # why exploration is on (the report says it), None when off
         "shards": shards,
         "optimizer": planned.diagnostics,
     }
@@ -511,6 +514,7 @@ def report_stage(storage: Storage, lay: Layout, run: str, backend: str, *, run_i
         audit=merged.get("audit"),  # the merge's: estimated on the plan's own answers
         rounds=merged.get("rounds"),
     )
+    report.exploration = manifest.get("exploration")  # the plan's decision (plan_stage), as the CLI's run reports it
     if (modes_used := dispatch_modes(storage, lay.results(run).rstrip("/"), MAX_ROUNDS)) is not None:
         report.dispatch_modes = modes_used  # a run in rounds by a batch API: its share, its fallbacks
     # the labels of past runs that put an LLM outside the history's estimate (the live correction this run's

@@ -20,7 +20,7 @@ import structlog
 
 from batchplan.core.contracts import DEFER, PLAN_SCHEMA, UNANSWERABLE, ContractError
 from batchplan.core.errors import closest_first
-from batchplan.core.request import PlanRequest
+from batchplan.core.request import AUTO_EXPLORE_SHARE, PlanRequest
 from batchplan.optimizer import (
     AccuracyFloor,
     Budget,
@@ -32,7 +32,7 @@ from batchplan.optimizer import (
     solve,
 )
 from batchplan.optimizer.problem import Objective
-from batchplan.plans.audit import AuditFit, audit_plan, explore_plan
+from batchplan.plans.audit import AuditFit, audit_plan, explore_plan, label_drift
 from batchplan.plans.best_single import best_single_llms
 from batchplan.plans.candidates import Candidates
 from batchplan.plans.infeasible import RequestInfeasible, up, usd, word
@@ -123,6 +123,34 @@ def check_constraint_names(request: PlanRequest, candidates: Candidates) -> list
     return unused
 
 
+def choose_exploration(
+    request: PlanRequest, live_rows: pl.DataFrame | None, tasks: set[str]
+) -> tuple[PlanRequest, dict[str, Any] | None]:
+    """The request with its exploration share decided, and why (the report's ``exploration``; None: no
+    exploration). A share asked for (``explore_share``, 0 included) is kept; unset (None), exploration is on at
+    ``AUTO_EXPLORE_SHARE`` while the live labels of past runs (``live_rows``, the live correction this plan
+    uses) put an LLM of one of ``tasks`` outside the history's interval (``plans.audit.label_drift``), else off.
+
+    Why only then: the labels of a run that does not explore land on the LLMs its plan calls, so they cannot tell
+    an LLM that got worse from a task that got harder (the correction moves every LLM of the task down together
+    and the plan keeps the drifted one); exploration's labels on the other LLMs separate the two. Always on, it
+    costs its share of the budget where the history is right. One decision for the CLI's and the DAGs' plan."""
+    if request.explore_share is not None:
+        asked = request.explore_share
+        return request, ({"share": asked, "source": "asked", "reason": "explore_share asked"} if asked > 0 else None)
+    drift = label_drift(live_rows, tasks) if live_rows is not None else []
+    chosen = dataclasses.replace(request, explore_share=AUTO_EXPLORE_SHARE if drift else 0.0)
+    if not drift:
+        return chosen, None
+    pairs = [f"{d['name']} on {d['task']} ({d['direction']})" for d in drift]
+    return chosen, {
+        "share": AUTO_EXPLORE_SHARE,
+        "source": "drift",
+        "reason": "the labels of past runs put " + ", ".join(pairs) + " outside the history's interval",
+        "drift": [{"model": d["name"], "task": d["task"], "direction": d["direction"]} for d in drift],
+    }
+
+
 def plan_audits(
     queue: pl.DataFrame,
     predictions: pl.DataFrame,
@@ -134,7 +162,7 @@ def plan_audits(
     seed and spend cap, over the LLMs each tenant may use, and with ``explore_share`` the exploration rows
     (``plans.audit.explore_plan``, ``live_rows`` its live gold counts); None when the request audits and
     explores nothing. One for the CLI's and the DAGs' plan."""
-    explore_usd = request.explore_share * (request.budget_usd or 0.0)
+    explore_usd = (request.explore_share or 0.0) * (request.budget_usd or 0.0)  # decided: ``choose_exploration``
     if request.audit_share <= 0 and explore_usd <= 0:
         return None
     allowed = allowed_predictions(predictions, queue, request.allowed_models)
