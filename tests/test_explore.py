@@ -203,8 +203,9 @@ def drifted_live(task: str, llm: str) -> LiveCorrection:
 def test_choose_exploration_turns_on_where_the_labels_show_drift_and_an_asked_share_wins() -> None:
     live = drifted_live("t", "a")
     request = PlanRequest(budget_usd=1.0, audit_share=0.1)  # explore_share unset: automatic
-    chosen, why = choose_exploration(request, live.offsets, {"t"})
+    chosen, why = choose_exploration(request, live.offsets, {"t"}, "run-1")
     assert chosen.explore_share == AUTO_EXPLORE_SHARE
+    assert chosen.audit_seed == "run-1"  # the run's own sample
     assert why is not None
     assert why["source"] == "drift"
     assert why["share"] == AUTO_EXPLORE_SHARE
@@ -212,17 +213,21 @@ def test_choose_exploration_turns_on_where_the_labels_show_drift_and_an_asked_sh
     assert why["drift"] == [{"model": "a", "task": "t", "direction": "worse"}]
     # the drift is on a task this batch does not have, or there are no labels: no exploration
     for offsets, tasks in ((live.offsets, {"other"}), (LiveCorrection().offsets, {"t"}), (None, {"t"})):
-        chosen, why = choose_exploration(request, offsets, tasks)
+        chosen, why = choose_exploration(request, offsets, tasks, "run-1")
         assert chosen.explore_share == 0.0
         assert why is None
     # labels that agree with the history (within their interval): none either
     agreeing = live.offsets.with_columns(pl.lit(0.88).alias("live_acc"))
-    assert choose_exploration(request, agreeing, {"t"}) == (dataclasses.replace(request, explore_share=0.0), None)
+    seeded = dataclasses.replace(request, audit_seed="run-1")
+    assert choose_exploration(request, agreeing, {"t"}, "run-1") == (dataclasses.replace(seeded, explore_share=0.0), None)
+    # a run that neither audits nor explores samples nothing: it stays seedless (as recorded before this default)
+    quiet = PlanRequest(budget_usd=1.0)
+    assert choose_exploration(quiet, agreeing, {"t"}, "run-1") == (dataclasses.replace(quiet, explore_share=0.0), None)
     # an explicit share wins: 0 turns it off under drift, a share is kept and said as asked
     off = dataclasses.replace(request, explore_share=0.0)
-    assert choose_exploration(off, live.offsets, {"t"}) == (off, None)
+    assert choose_exploration(off, live.offsets, {"t"}, "run-1") == (dataclasses.replace(off, audit_seed="run-1"), None)
     asked = dataclasses.replace(request, explore_share=0.1)
-    chosen, why = choose_exploration(asked, live.offsets, {"t"})
+    chosen, why = choose_exploration(asked, live.offsets, {"t"}, "run-1")
     assert chosen.explore_share == 0.1
     assert why is not None
     assert why["source"] == "asked"

@@ -415,9 +415,6 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
     """Plan and dispatch the whole batch; write plan, results and report under ``job.out_uri``."""
     started = time.perf_counter()
     rounds = default_rounds(job.rounds, job.request, job.round_planner)
-    # the sample is the run's: the same on resume (an unset explore_share may turn exploration on, on it)
-    if (job.request.audit_share > 0 or job.request.explore_share != 0) and not job.request.audit_seed:
-        job = dataclasses.replace(job, request=dataclasses.replace(job.request, audit_seed=job.run_id or job.out_uri))
     in_rounds = rounds > 1 or job.batch_api
     if in_rounds:  # before anything is planned or sent
         check_round_planner(job.round_planner)
@@ -446,7 +443,8 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
     if ingested.queue.height == 0:
         raise ContractError(f"no valid queries in {job.queue_uri}: see {join(job.out_uri, 'quarantine.parquet')}")
     trained = artifacts.load(storage, job.predictors_uri, version=job.predictor_version)
-    request, exploration = choose_exploration(job.request, trained.predictor.live.offsets, set(ingested.queue["task"].unique().to_list()))
+    tasks = set(ingested.queue["task"].unique().to_list())
+    request, exploration = choose_exploration(job.request, trained.predictor.live.offsets, tasks, job.run_id or job.out_uri)
     job = dataclasses.replace(job, request=request)
     predictions = predict(ingested.queue, trained.predictor, backend)
     paths = {"plan": join(job.out_uri, "plan.parquet"), "results": join(job.out_uri, "results.parquet")}

@@ -927,7 +927,7 @@ def notes(report: Report) -> list[str]:
         lines.append(
             f"Exploration on: up to {explored['share']:.0%} of the budget on calls of the LLMs the audits' reference "
             f"does not call ({explored['reason']}"
-            + ("; --explore-share 0 turns it off)" if explored.get("source") == "drift" else ")")
+            + ("; explore_share 0 turns it off)" if explored.get("source") == "drift" else ")")
         )
     if labelled := report.labelled_accuracy:  # labels that arrived after the run (batchplan label)
         line = f"Measured on labels: accuracy {_fmt_acc(labelled['accuracy'])} over {labelled['n']} labelled queries"

@@ -16,7 +16,6 @@ Idempotence, by construction:
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import time
@@ -188,13 +187,12 @@ def plan_stage(
 
     manifest_uri = lay.shards_manifest(run)
     request = params.request()
-    if request.audit_share > 0 or request.explore_share != 0:  # the run's own sample: the same when retried
-        request = dataclasses.replace(request, audit_seed=run)
-    # exploration decided before the manifest's check (it records the decided share): asked, or on the labels'
-    # drift in the live correction the predictions used; it asks the LLMs with the fewest live labels first
+    # exploration decided before the manifest's check (it records the decided share and the run's own sample
+    # seed, the same when retried): asked, or on the labels' drift in the live correction the predictions used;
+    # it asks the LLMs with the fewest live labels first
     live = live_offsets(storage, lay, run) if request.explore_share != 0 else None
     queue = storage.read_frame(lay.plan_file(run, "queue.parquet"))
-    request, exploration = choose_exploration(request, live, set(queue["task"].unique().to_list()))
+    request, exploration = choose_exploration(request, live, set(queue["task"].unique().to_list()), run)
     if storage.exists(manifest_uri):
         stored = json.loads(storage.read_bytes(manifest_uri))
         # the shards' budgets and the report follow the stored plan: a run asking another budget would see

@@ -124,10 +124,13 @@ def check_constraint_names(request: PlanRequest, candidates: Candidates) -> list
 
 
 def choose_exploration(
-    request: PlanRequest, live_rows: pl.DataFrame | None, tasks: set[str]
+    request: PlanRequest, live_rows: pl.DataFrame | None, tasks: set[str], seed: str
 ) -> tuple[PlanRequest, dict[str, Any] | None]:
     """The request with its exploration share decided, and why (the report's ``exploration``; None: no
-    exploration). A share asked for (``explore_share``, 0 included) is kept; unset (None), exploration is on at
+    exploration); a request that then audits or explores samples with ``audit_seed`` = ``seed`` (the run's: the
+    same sample on resume) unless it gave one. Deciding first keeps a run that samples nothing seedless, as it was
+    recorded before automatic exploration (a retry compares the recorded request). A share asked for
+    (``explore_share``, 0 included) is kept; unset (None), exploration is on at
     ``AUTO_EXPLORE_SHARE`` while the live labels of past runs (``live_rows``, the live correction this plan
     uses) put an LLM of one of ``tasks`` outside the history's interval (``plans.audit.label_drift``), else off.
 
@@ -135,11 +138,13 @@ def choose_exploration(
     an LLM that got worse from a task that got harder (the correction moves every LLM of the task down together
     and the plan keeps the drifted one); exploration's labels on the other LLMs separate the two. Always on, it
     costs its share of the budget where the history is right. One decision for the CLI's and the DAGs' plan."""
+    drift = label_drift(live_rows, tasks) if request.explore_share is None and live_rows is not None else []
+    share = request.explore_share if request.explore_share is not None else AUTO_EXPLORE_SHARE if drift else 0.0
+    chosen = dataclasses.replace(request, explore_share=share)
+    if (chosen.audit_share > 0 or share > 0) and not chosen.audit_seed:
+        chosen = dataclasses.replace(chosen, audit_seed=seed)
     if request.explore_share is not None:
-        asked = request.explore_share
-        return request, ({"share": asked, "source": "asked", "reason": "explore_share asked"} if asked > 0 else None)
-    drift = label_drift(live_rows, tasks) if live_rows is not None else []
-    chosen = dataclasses.replace(request, explore_share=AUTO_EXPLORE_SHARE if drift else 0.0)
+        return chosen, ({"share": share, "source": "asked", "reason": "explore_share asked"} if share > 0 else None)
     if not drift:
         return chosen, None
     pairs = [f"{d['name']} on {d['task']} ({d['direction']})" for d in drift]
