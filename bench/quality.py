@@ -61,6 +61,7 @@ import logging
 import sys
 import tempfile
 import time
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -141,16 +142,24 @@ def subject_holdout(history: History, fraction: float = 0.35, seed: int = 0) -> 
     )
 
 
+@dataclass(frozen=True)
+class BenchSettings:
+    """What every split of a bench run is benched with: the budgets (shares of the best single model's cost),
+    the predictor, where replays write (``workdir``), the rounds and the round counts of ``sweep``."""
+
+    fractions: tuple[float, ...]
+    predictor_name: str
+    storage: Storage
+    workdir: str
+    rounds: int = DEFAULT_RUN_ROUNDS
+    sweep: tuple[int, ...] = ()
+
+
 def bench_dataset(
     directory: Path,
-    fractions: tuple[float, ...],
-    predictor_name: str,
-    storage: Storage,
-    workdir: str,
+    bench: BenchSettings,
     cv_folds: int = CV_FOLDS,
-    rounds: int = DEFAULT_RUN_ROUNDS,
     shifted: bool = False,
-    sweep: tuple[int, ...] = (),
     shift_seeds: tuple[int, ...] = (),
 ) -> list[dict]:
     """One row per budget. A data set without a test split is cross-validated: ``cv_folds`` hash folds of its
@@ -159,7 +168,7 @@ def bench_dataset(
     ``shifted``: the subject hold-out split instead (``subject_holdout``), named ``<name>_shifted``: one per seed
     of ``shift_seeds`` (pooled as the folds are), or one at the settings' seed."""
     settings = get_settings()
-    history = load_history(str(directory), storage)
+    history = load_history(str(directory), bench.storage)
     name = directory.name
     if shifted:
         name = f"{directory.name}{SHIFTED}"
@@ -169,10 +178,9 @@ def bench_dataset(
     else:
         splits = [cross_validation_fold(history, cv_folds, k, settings.seed) for k in range(cv_folds)]
     per_split = [
-        bench_split(split, name, fractions, predictor_name, storage, f"{workdir}/{k}", rounds, sweep)
-        for k, split in enumerate(splits)
+        bench_split(split, name, replace(bench, workdir=f"{bench.workdir}/{k}")) for k, split in enumerate(splits)
     ]
-    pooled = [pool_folds([rows[i] for rows in per_split]) for i in range(len(fractions))]
+    pooled = [pool_folds([rows[i] for rows in per_split]) for i in range(len(bench.fractions))]
     # cross-validated: one per-task choice for all the folds' queries together (per fold, ~1/5 of the queries,
     # the ceiling could pick a different plan mix for each fold and overstate what a per-task choice can do);
     # shifted hold-outs are batches of their own: each its own ceiling, pooled by its queries
@@ -278,23 +286,16 @@ def hindsight_accuracy(plans: pl.DataFrame, queries: int, budget_usd: float) -> 
     return float(-solved.fun / queries) if solved.status == 0 else float("nan")
 
 
-def bench_split(
-    history: History,
-    name: str,
-    fractions: tuple[float, ...],
-    predictor_name: str,
-    storage: Storage,
-    workdir: str,
-    rounds: int = DEFAULT_RUN_ROUNDS,
-    sweep: tuple[int, ...] = (),
-) -> list[dict]:
+def bench_split(history: History, name: str, bench: BenchSettings) -> list[dict]:
     """Train on the train split, then plan and replay the test split at every budget (single-shot plans, and
-    ``rounds`` rounds; also every round count in ``sweep``, columns ``rounds<k>_accuracy``)."""
+    ``bench.rounds`` rounds; also every round count in ``bench.sweep``, columns ``rounds<k>_accuracy``)."""
     settings = get_settings()
     queue = history.as_queue("test")
     started = time.perf_counter()
-    # the per_task choice replays as many rounds as the bench runs (``rounds``), as a run's train should
-    trained = artifacts.train(history.split("train"), predictor=predictor_name, seed=settings.seed, rounds=rounds)
+    # the per_task choice replays as many rounds as the bench runs (``bench.rounds``), as a run's train should
+    trained = artifacts.train(
+        history.split("train"), predictor=bench.predictor_name, seed=settings.seed, rounds=bench.rounds
+    )
     train_seconds = time.perf_counter() - started
     backend = get_backend("replay", history=history)
     truth = Truth.from_history(history)
@@ -307,7 +308,7 @@ def bench_split(
     # what the replay backend answers from: never gold nor the recorded verdicts
     recorded = history.outcomes.select("query_id", "model", "answer", "cost_usd", "logprob", "tokens_in", "tokens_out")
     rows = []
-    for fraction in fractions:
+    for fraction in bench.fractions:
         budget = fraction * reference_cost
         base = baseline_policies(queue["query_id"], truth, budget, reference, queue.select("query_id", "task"))
         row = {
@@ -332,8 +333,9 @@ def bench_split(
             except RequestInfeasible:  # a fold whose cheapest answers cost more than the budget: defer some
                 outcome = plan_batch(candidates, PlanRequest(budget_usd=budget, allow_deferral=True), trained.templates)
             plans[variant] = outcome.plan
-            out = f"{workdir}/{name}-{variant}-{fraction}"
-            results = execute(outcome.plan, queue, backend, Execution(budget_usd=budget, out_uri=out, storage=storage))
+            out = f"{bench.workdir}/{name}-{variant}-{fraction}"
+            run_at = Execution(budget_usd=budget, out_uri=out, storage=bench.storage)
+            results = execute(outcome.plan, queue, backend, run_at)
             spend = float(results["cost_usd"].sum())
             correct[variant] = score_results(results, truth)["correct"].fill_null(False).to_numpy()
             row |= {
@@ -356,13 +358,14 @@ def bench_split(
         )
         # the tasks the default's posterior re-plans at this budget (the rest run the single-shot plan)
         row["replanned_tasks"] = sorted(getattr(default, "replanned", ()))
-        runs = [("rounds", default, rounds)] + [("posterior", round_planner(trained.posterior), k) for k in (rounds, *sweep)]
+        counts = (bench.rounds, *bench.sweep)
+        runs = [("rounds", default, bench.rounds)] + [("posterior", round_planner(trained.posterior), k) for k in counts]
         for column, planner, count in runs:
             run = simulate_rounds(planner, queue, predictions, recorded, budget, count)
             right = score_results(run.results, truth)["correct"].fill_null(False).to_numpy()
             if column == "posterior":
                 row |= {f"rounds{count}_accuracy": float(right.mean()), f"rounds{count}_estimated": run.estimated_accuracy}
-            if count == rounds and f"{column}_accuracy" not in row:
+            if count == bench.rounds and f"{column}_accuracy" not in row:
                 row |= {
                     f"{column}_accuracy": float(right.mean()),
                     f"{column}_estimated": run.estimated_accuracy,
@@ -437,11 +440,10 @@ def main(argv: list[str] | None = None) -> int:
     sweep = tuple(int(k) for k in args.rounds_sweep.split(",") if k)
     shift_seeds = tuple(int(k) for k in args.shift_seeds.split(",") if k)
     with tempfile.TemporaryDirectory() as workdir:
+        bench = BenchSettings(fractions, args.predictor, storage, workdir, args.rounds, sweep)
         for directory, shifted in jobs:  # a shifted split is subject hold-outs (cv_folds 0)
             folds = 0 if shifted else args.cv_folds
-            split_rows = bench_dataset(
-                directory, fractions, args.predictor, storage, workdir, folds, args.rounds, shifted, sweep, shift_seeds
-            )
+            split_rows = bench_dataset(directory, bench, folds, shifted, shift_seeds)
             rows.extend(split_rows)
     table = pl.DataFrame([{k: v for k, v in r.items() if not k.endswith("_kinds") and k != "replanned_tasks"} for r in rows])
     columns = (
