@@ -926,7 +926,9 @@ def notes(report: Report) -> list[str]:
     if explored := report.exploration:  # why this run spent part of its budget on LLMs its plan does not call
         lines.append(
             f"Exploration on: up to {explored['share']:.0%} of the budget on calls of the LLMs the audits' reference "
-            f"does not call ({explored['reason']}"
+            f"does not call"
+            + (f", on {', '.join(explored['tasks'])}'s queries" if explored.get("tasks") else "")
+            + f" ({explored['reason']}"
             + ("; explore_share 0 turns it off)" if explored.get("source") == "drift" else ")")
         )
     if labelled := report.labelled_accuracy:  # labels that arrived after the run (batchplan label)
