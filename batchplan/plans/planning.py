@@ -182,7 +182,8 @@ def plan_audits(
     if explore_usd > 0:
         tasks = (exploration or {}).get("tasks")
         where = queue if tasks is None else queue.filter(pl.col("task").is_in(pl.Series(tasks, dtype=pl.String).implode()))
-        explored = explore_plan(where, allowed, rows, request.audit_seed, explore_usd, live_rows)
+        # the share of the explored tasks' part of the budget (their queries'): what they got exploring every task
+        explored = explore_plan(where, allowed, rows, request.audit_seed, explore_usd * where.height / queue.height, live_rows)
         rows = pl.concat([rows, explored])
     return rows if rows.height else None
 
