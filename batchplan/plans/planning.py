@@ -170,8 +170,9 @@ def plan_audits(
     """The audited sample's reference rows (``plans.audit.audit_plan``) as the request asks them: its share,
     seed and spend cap, over the LLMs each tenant may use, and with ``explore_share`` the exploration rows
     (``plans.audit.explore_plan``, ``live_rows`` its live gold counts) on the queries of the tasks
-    ``exploration`` (``choose_exploration``'s decision) names, every task when it names none (a share asked);
-    None when the request audits and explores nothing. One for the CLI's and the DAGs' plan."""
+    ``exploration`` (``choose_exploration``'s decision) names, within ``explore_share`` of their part of the
+    budget (their queries' share), every task and the whole budget when it names none (a share asked); None
+    when the request audits and explores nothing. One for the CLI's and the DAGs' plan."""
     explore_usd = (request.explore_share or 0.0) * (request.budget_usd or 0.0)  # decided: ``choose_exploration``
     if request.audit_share <= 0 and explore_usd <= 0:
         return None
@@ -182,7 +183,7 @@ def plan_audits(
     if explore_usd > 0:
         tasks = (exploration or {}).get("tasks")
         where = queue if tasks is None else queue.filter(pl.col("task").is_in(pl.Series(tasks, dtype=pl.String).implode()))
-        # the share of the explored tasks' part of the budget (their queries'): what they got exploring every task
+        # of the explored tasks' part of the budget: what they got when exploration spent on every task
         explored = explore_plan(where, allowed, rows, request.audit_seed, explore_usd * where.height / queue.height, live_rows)
         rows = pl.concat([rows, explored])
     return rows if rows.height else None
