@@ -280,11 +280,10 @@ def run_stream(name: str, args: argparse.Namespace, data: Path, work: Path, stor
             queue.write_parquet(queue_path)
             budget = args.budget_fraction * best_single_cost(full, train, ids)
             outcomes: dict[str, Any] = {}
-            # which queries the users label: a random share, or (``explored``) the first of the explore arm's audit
-            # sample, where its report asks for labels first (audit.exploration.label_first): the sample is uniform,
-            # so for every other arm the same ids are a random share as well
-            # every audited arm draws the same audit sample (the users label its first queries: where each arm that
-            # explores, the explore arm or the default once it turns exploration on, asks for labels first)
+            # which queries the users label: a random share, or (``explored``) the first of the one audit sample
+            # every audited arm draws, where each arm that explores (the explore arm, the default once it turns
+            # exploration on) asks for labels first (audit.exploration.label_first); the sample is uniform, so for
+            # the arms that do not explore the same ids are a random share as well
             sample_seed = f"{name}-night{night}-explore"
             label_ids = (
                 audited_ids(ids, args.label_share, sample_seed)

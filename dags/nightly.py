@@ -20,8 +20,8 @@ reference answer inside the budget; the report's first lines give the audited ac
 and any drift (an LLM or task outside the predictor's interval; from the labels of past runs: an LLM whose
 labelled accuracy on a task excludes the history's estimate, which this plan already corrected). `explore_share`: at most that share
 of the budget on calls of the LLMs the reference does not call, on the audited queries, so labels and silver
-reach LLMs the plan never calls; empty: 10% while those labels show drift on a task of the batch (the report says
-why), else none; 0: none.
+reach LLMs the plan never calls; empty: while those labels show drift on a task of the batch, 10% of the drifted
+tasks' part of the budget, on their queries (the report says why), else none; 0: none.
 
 **Report**: the *batchplan report* tab of the run (plugin `dags/plugins/batchplan_reports.py`), or
 `reports/nightly-<date>/report.html` in the bucket; the `report` task's log has the one-line summary.

@@ -555,6 +555,37 @@ def test_plan_refuses_what_it_cannot_enforce(
 
 
 @pytest.mark.slow
+def test_plan_explores_the_drifted_task_when_the_live_labels_show_drift(
+    nightly_done: Done, copy_of: Callable[[Done], AirflowEnv]
+) -> None:
+    """explore_share unset: the plan task reads the live correction the predictions used (``live_offsets``)
+    and decides as the CLI's run: labels putting an LLM off on one task turn exploration on, on that task's
+    queries only, and the shards manifest records why (the report stage reads it there)."""
+    from batchplan.core.contracts import audited_query_id, is_exploration
+    from tests.test_explore import drifted_live
+
+    env = copy_of(nightly_done)
+    lay, storage, source = env.layout, env.storage, f"nightly-{NIGHTLY_DAY}"
+    run = "drifted-" + NIGHTLY_DAY
+    for name in ("queue.parquet", "predictions.parquet"):  # the nightly run's ingest and predict outputs
+        storage.write_bytes(lay.plan_file(run, name), storage.read_bytes(lay.plan_file(source, name)))
+    queue = storage.read_frame(lay.plan_file(run, "queue.parquet"))
+    tasks = dict(queue.select("query_id", "task").iter_rows())
+    task = sorted(set(tasks.values()))[0]
+    assert len(set(tasks.values())) > 1
+    llm = str(storage.read_frame(lay.plan_file(run, "predictions.parquet"))["model"][0])
+    storage.write_frame(drifted_live(task, llm).offsets, lay.plan_file(run, stages.LIVE_OFFSETS_FILE))
+    stages.plan_stage(storage, lay, run, common.RunParams.from_params({"budget_usd": 0.05, "max_shards": 2}))
+    manifest = json.loads(storage.read_text(lay.shards_manifest(run)))
+    assert manifest["exploration"]["source"] == "drift"
+    assert manifest["exploration"]["tasks"] == [task]
+    assert manifest["request"]["explore_share"] == manifest["exploration"]["share"]
+    explored = storage.read_frame(lay.plan_file(run, stages.AUDIT_PLAN_FILE)).filter(is_exploration())
+    assert explored.height > 0
+    assert {tasks[audited_query_id(q)] for q in explored["query_id"]} == {task}
+
+
+@pytest.mark.slow
 def test_second_run_racing_for_the_same_queue_is_skipped(
     dagbag: Any, nightly_done: Done, copy_of: Callable[[Done], AirflowEnv]
 ) -> None:

@@ -233,6 +233,28 @@ def test_choose_exploration_turns_on_where_the_labels_show_drift_and_an_asked_sh
     assert why["source"] == "asked"
 
 
+def test_one_marginal_pair_among_many_tested_is_no_drift_and_turns_nothing_on() -> None:
+    """The labels' drift test holds its 5% over the (task, LLM)s tested (Holm): 7 of 30 right against the
+    history's 0.9 (p ~1e-33) is drift among 15 pairs; 26 of 30 (p ~0.5) is none; 23 of 30 (p ~0.015) is drift when
+    tested alone (the history outside its 95% interval) but not among 14 agreeing pairs, so it turns
+    exploration on alone only."""
+    from batchplan.plans.audit import label_drift
+
+    def offsets(accuracies: dict[str, float]) -> pl.DataFrame:
+        rows = [{"task": "t", "model": m, "offset": 0.0, "task_offset": 0.0, "rows": 30.0, "gold_rows": 30, "p_before": 0.9,
+                 "live_acc": a} for m, a in accuracies.items()]  # fmt: skip
+        return pl.DataFrame(rows, schema=OFFSET_SCHEMA)
+
+    agreeing = {f"ok{i}": 26 / 30 for i in range(13)}
+    assert [d["name"] for d in label_drift(offsets({"marginal": 23 / 30}), {"t"})] == ["marginal"]
+    found = label_drift(offsets(agreeing | {"marginal": 23 / 30, "bad": 7 / 30}), {"t"})
+    assert [(d["name"], d["tested"]) for d in found] == [("bad", 15)]
+    assert found[0]["p_value"] < 0.05 / 15
+    request = PlanRequest(budget_usd=1.0, audit_share=0.1)
+    assert choose_exploration(request, offsets(agreeing | {"marginal": 23 / 30}), {"t"}, "r")[1] is None
+    assert choose_exploration(request, offsets({"marginal": 23 / 30}), {"t"}, "r")[1] is not None
+
+
 def test_a_run_whose_labels_show_drift_explores_and_its_report_says_why(
     history: History, trained: artifacts.Trained, tmp_path: Path
 ) -> None:
@@ -245,11 +267,18 @@ def test_a_run_whose_labels_show_drift_explores_and_its_report_says_why(
     why = auto.report["exploration"]
     assert why["source"] == "drift"
     assert why["share"] == AUTO_EXPLORE_SHARE
+    assert why["tasks"] == [task]
     explored = pl.read_parquet(tmp_path / "auto" / "plan.parquet").filter(is_exploration())
     assert explored.height > 0
+    # only the drifted task's queries are explored: the labels agree with the history on the others
+    tasks = dict(history.as_queue(split="test").select("query_id", "task").iter_rows())
+    assert len(set(tasks.values())) > 1
+    assert {tasks[audited_query_id(q)] for q in explored["query_id"]} == {task}
     assert auto.report["audit"]["exploration"]["queries"] == explored.height
-    assert float(explored["expected_cost_usd"].sum()) <= AUTO_EXPLORE_SHARE * BUDGET + 1e-12  # the share planned
-    assert f"Exploration on: up to {AUTO_EXPLORE_SHARE:.0%} of the budget" in (tmp_path / "auto" / "report.md").read_text()
+    part = sum(t == task for t in tasks.values()) / len(tasks)  # the task's part of the budget: its queries' share
+    assert float(explored["expected_cost_usd"].sum()) <= AUTO_EXPLORE_SHARE * BUDGET * part + 1e-12  # the share planned
+    said = f"Exploration on: up to {AUTO_EXPLORE_SHARE:.0%} of {task}'s part of the budget on calls of the LLMs"
+    assert said in (tmp_path / "auto" / "report.md").read_text()
     assert history.models[0] in (tmp_path / "auto" / "report.md").read_text()
     # 0 given explicitly wins over the drift
     off = run_job(explored_job(queue, registry, tmp_path / "off", str(EXAMPLES), explore=0.0), Storage())

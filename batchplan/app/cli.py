@@ -365,8 +365,9 @@ ExploreShareOpt = Annotated[
         "--explore-share",
         help="At most this share of the budget on exploration: calls of the LLMs the audit's reference does not "
         "call, on the audit sample's queries (the report lists them under audit.exploration.label_first: label "
-        "those first), so labels and silver reach LLMs the plan never calls. Default: 0.10 while the labels of "
-        "past runs put an LLM outside the history's interval (the report says why), else none; 0 turns it off.",
+        "those first), so labels and silver reach LLMs the plan never calls. Default: while the labels of past "
+        "runs put an LLM outside the history's interval, 0.10 of the drifted tasks' part of the budget, on their "
+        "queries (the report says why), else none; 0 turns it off.",
     ),
 ]
 BatchApiOpt = Annotated[

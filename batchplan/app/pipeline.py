@@ -448,7 +448,9 @@ def run_job(job: Job, storage: Storage, progress: Progress | None = None, truth:
     job = dataclasses.replace(job, request=request)
     predictions = predict(ingested.queue, trained.predictor, backend)
     paths = {"plan": join(job.out_uri, "plan.parquet"), "results": join(job.out_uri, "results.parquet")}
-    audit = plan_audits(ingested.queue, predictions, trained.audit, job.request, trained.predictor.live.offsets)
+    audit = plan_audits(
+        ingested.queue, predictions, trained.audit, job.request, trained.predictor.live.offsets, exploration
+    )
     modes = batch_modes(job, backend, predictions) if job.batch_api else None
     plan, diagnostics = _resume_or_plan(
         storage,

@@ -925,8 +925,9 @@ def notes(report: Report) -> list[str]:
     lines = [f"Constraint that bound nothing: {c}" for c in report.unused_constraints or []]
     if explored := report.exploration:  # why this run spent part of its budget on LLMs its plan does not call
         lines.append(
-            f"Exploration on: up to {explored['share']:.0%} of the budget on calls of the LLMs the audits' reference "
-            f"does not call ({explored['reason']}"
+            f"Exploration on: up to {explored['share']:.0%} of "
+            + (f"{', '.join(explored['tasks'])}'s part of the budget" if explored.get("tasks") else "the budget")
+            + f" on calls of the LLMs the audits' reference does not call ({explored['reason']}"
             + ("; explore_share 0 turns it off)" if explored.get("source") == "drift" else ")")
         )
     if labelled := report.labelled_accuracy:  # labels that arrived after the run (batchplan label)

@@ -55,8 +55,9 @@ class PlanRequest:
     # Exploration: at most this share of budget_usd on calls of the LLMs the audit's reference does not call, on
     # the audit sample's queries (batchplan.plans.audit.explore_plan), so labels and silver reach the LLMs the
     # plan never calls (a drift that reorders the LLMs is otherwise never seen); 0: none. Inside the budget.
-    # None (the default): automatic, ``AUTO_EXPLORE_SHARE`` when the live labels put an LLM of the batch's tasks
-    # outside the history's interval, else none (``plans.planning.choose_exploration`` decides, before planning)
+    # None (the default): automatic, ``AUTO_EXPLORE_SHARE`` of the drifted tasks' part of the budget, on their
+    # queries, when the live labels put an LLM of the batch's tasks outside the history's interval, else none
+    # (``plans.planning.choose_exploration`` decides, before planning)
     explore_share: float | None = None
 
     @property

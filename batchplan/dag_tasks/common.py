@@ -167,8 +167,9 @@ def audit_params() -> dict[str, Any]:
             minimum=0,
             maximum=0.99,
             description="At most this share of the budget on calls of the LLMs the audit's reference does not call, "
-            "on the audited queries (labels and silver reach the LLMs the plan never calls); empty = 0.10 while "
-            "the labels of past runs put an LLM outside the history's interval, else none; 0: none.",
+            "on the audited queries (labels and silver reach the LLMs the plan never calls); empty = while the "
+            "labels of past runs put an LLM outside the history's interval, 0.10 of the drifted tasks' part of "
+            "the budget, on their queries, else none; 0: none.",
         ),
     }
 

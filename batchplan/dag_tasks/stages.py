@@ -215,7 +215,7 @@ def plan_stage(
     caps = artifacts.load_output_caps(storage, lay.predictors(), version) if version else None
     candidates = build_candidates(queue.drop("day", strict=False), predictions, templates, request.kinds)
     audit_fit = artifacts.load_audit(storage, lay.predictors(), version) if version and request.audit_share > 0 else None
-    audit = plan_audits(queue.drop("day", strict=False), predictions, audit_fit, request, live)
+    audit = plan_audits(queue.drop("day", strict=False), predictions, audit_fit, request, live, exploration)
     if audit is not None:
         storage.write_frame(audit, lay.plan_file(run, AUDIT_PLAN_FILE))
     planned = plan_batch(candidates, request, templates, audit)

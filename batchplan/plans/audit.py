@@ -725,26 +725,45 @@ def wilson(share: float, n: int) -> tuple[float, float]:
 
 
 MIN_LABEL_ROWS: Final = 5  # live labels of a (task, LLM) before they can say it drifted
+DRIFT_ALPHA: Final = 0.05  # the labels' drift test's family-wise error rate, over the (task, LLM)s tested
+
+
+def score_p_value(share: float, n: int, expected: float) -> float:
+    """Two-sided p-value of the score test of ``share`` observed on ``n`` rows against ``expected``: ``expected``
+    is outside ``wilson(share, n)`` exactly when it is below 5% (the Wilson interval inverts this test)."""
+    p = min(max(expected, 1e-9), 1 - 1e-9)
+    return math.erfc(abs(share - p) * math.sqrt(n / (p * (1 - p))) / math.sqrt(2))
 
 
 def label_drift(offsets: pl.DataFrame, tasks: set[str]) -> list[dict[str, Any]]:
     """Per (task, LLM) of tonight's tasks with live labels (the predictor's live correction, ``offsets``:
-    ``predictors.live.OFFSET_SCHEMA``): where the labels' accuracy, with its 95% (Wilson) interval over
-    ``gold_rows``, excludes what the history predicted for those rows (``p_before``). The labels already
-    corrected the estimate this plan used (the live correction); this says the history is off there, out loud.
+    ``predictors.live.OFFSET_SCHEMA``): where the labels' accuracy over ``gold_rows`` differs from what the
+    history predicted for those rows (``p_before``) at a family-wise 5% over the (task, LLM)s tested (Holm's
+    step-down on the score test's p-values; one tested: the history outside the labels' 95% Wilson interval,
+    ``ci95``). The labels already corrected the estimate this plan used (the live correction); this says the
+    history is off there, out loud.
 
     Why: an audit sees a handful of queries a night (its spend is capped), too few for an LLM's own interval;
-    the labels of past nights add up, and a provider that silently changed an LLM shows there first."""
+    the labels of past nights add up, and a provider that silently changed an LLM shows there first. Why Holm:
+    a 95% test on each of ~15 (task, LLM)s raises a false alarm most nights where nothing drifted, and each
+    alarm turns exploration on (``plans.planning.choose_exploration``)."""
+    tested = [
+        (task, llm, int(n), float(before), float(acc))
+        for task, llm, n, before, acc in offsets.select("task", "model", "gold_rows", "p_before", "live_acc").iter_rows()
+        if task in tasks and n >= MIN_LABEL_ROWS
+    ]
+    ranked = sorted(tested, key=lambda t: score_p_value(t[4], t[2], t[3]))
     found = []
-    for task, llm, n, before, acc in offsets.select("task", "model", "gold_rows", "p_before", "live_acc").iter_rows():
-        if task not in tasks or n < MIN_LABEL_ROWS:
-            continue
-        low, high = (float(np.clip(x, 0.0, 1.0)) for x in wilson(float(acc), int(n)))
-        if not low <= before <= high:
-            found.append(
-                {"kind": "llm", "source": "labels", "name": llm, "task": task, "calls": int(n), "predicted_accuracy": float(before),
-                 "estimated_accuracy": float(acc), "ci95": [low, high], "direction": "worse" if before > high else "better"}
-            )  # fmt: skip
+    for k, (task, llm, n, before, acc) in enumerate(ranked):
+        p_value = score_p_value(acc, n, before)
+        if p_value > DRIFT_ALPHA / (len(ranked) - k):
+            break  # Holm: no later (larger) p-value can be rejected once one is not
+        low, high = (float(np.clip(x, 0.0, 1.0)) for x in wilson(acc, n))
+        found.append(
+            {"kind": "llm", "source": "labels", "name": llm, "task": task, "calls": n, "predicted_accuracy": before,
+             "estimated_accuracy": acc, "ci95": [low, high], "p_value": p_value, "tested": len(ranked),
+             "direction": "worse" if before > acc else "better"}
+        )  # fmt: skip
     return sorted(found, key=lambda e: (e["direction"] != "worse", e["estimated_accuracy"] - e["predicted_accuracy"]))
 
 
@@ -757,8 +776,9 @@ def drift_lines(report: dict[str, Any]) -> list[str]:
         if d.get("source") == "labels":  # the live labels of past runs (``label_drift``): the plan already used them
             lines.append(
                 f"DRIFT: LLM {d['name']} on {d['task']} is {d['direction']} than the history says: labelled accuracy "
-                f"{d['estimated_accuracy']:.1%} over {d['calls']} labels (95% CI {d['ci95'][0]:.1%}-{d['ci95'][1]:.1%}) "
-                f"against the history's {promised:.1%}; this plan used the labels' correction"
+                f"{d['estimated_accuracy']:.1%} over {d['calls']} labels (95% CI {d['ci95'][0]:.1%}-{d['ci95'][1]:.1%}"
+                + (f"; p {d['p_value']:.2g} of {d['tested']} (task, LLM)s tested, Holm" if "tested" in d else "")
+                + f") against the history's {promised:.1%}; this plan used the labels' correction"
             )
             continue
         lines.append(

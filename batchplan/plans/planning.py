@@ -137,7 +137,9 @@ def choose_exploration(
     Why only then: the labels of a run that does not explore land on the LLMs its plan calls, so they cannot tell
     an LLM that got worse from a task that got harder (the correction moves every LLM of the task down together
     and the plan keeps the drifted one); exploration's labels on the other LLMs separate the two. Always on, it
-    costs its share of the budget where the history is right. One decision for the CLI's and the DAGs' plan."""
+    costs its share of the budget where the history is right. Turned on by drift, it explores only the drifted
+    tasks (the decision's ``tasks``): elsewhere the labels agree with the history, and the share spent there
+    would leave the drifted task's other LLMs unlabelled longer. One decision for the CLI's and the DAGs' plan."""
     drift = label_drift(live_rows, tasks) if request.explore_share is None and live_rows is not None else []
     share = request.explore_share if request.explore_share is not None else AUTO_EXPLORE_SHARE if drift else 0.0
     chosen = dataclasses.replace(request, explore_share=share)
@@ -153,6 +155,7 @@ def choose_exploration(
         "source": "drift",
         "reason": "the labels of past runs put " + ", ".join(pairs) + " outside the history's interval",
         "drift": [{"model": d["name"], "task": d["task"], "direction": d["direction"]} for d in drift],
+        "tasks": sorted({d["task"] for d in drift}),  # where it explores (``plan_audits``)
     }
 
 
@@ -162,11 +165,14 @@ def plan_audits(
     audit_fit: AuditFit | None,
     request: PlanRequest,
     live_rows: pl.DataFrame | None = None,
+    exploration: dict[str, Any] | None = None,
 ) -> pl.DataFrame | None:
     """The audited sample's reference rows (``plans.audit.audit_plan``) as the request asks them: its share,
     seed and spend cap, over the LLMs each tenant may use, and with ``explore_share`` the exploration rows
-    (``plans.audit.explore_plan``, ``live_rows`` its live gold counts); None when the request audits and
-    explores nothing. One for the CLI's and the DAGs' plan."""
+    (``plans.audit.explore_plan``, ``live_rows`` its live gold counts) on the queries of the tasks
+    ``exploration`` (``choose_exploration``'s decision) names, within ``explore_share`` of their part of the
+    budget (their queries' share), every task and the whole budget when it names none (a share asked); None
+    when the request audits and explores nothing. One for the CLI's and the DAGs' plan."""
     explore_usd = (request.explore_share or 0.0) * (request.budget_usd or 0.0)  # decided: ``choose_exploration``
     if request.audit_share <= 0 and explore_usd <= 0:
         return None
@@ -175,7 +181,10 @@ def plan_audits(
         queue, allowed, audit_fit, request.audit_share, request.audit_seed, max_cost_usd=request.audit_max_cost_usd
     )
     if explore_usd > 0:
-        explored = explore_plan(queue, allowed, rows, request.audit_seed, explore_usd, live_rows)
+        tasks = (exploration or {}).get("tasks")
+        where = queue if tasks is None else queue.filter(pl.col("task").is_in(pl.Series(tasks, dtype=pl.String).implode()))
+        # of the explored tasks' part of the budget: what they got when exploration spent on every task
+        explored = explore_plan(where, allowed, rows, request.audit_seed, explore_usd * where.height / queue.height, live_rows)
         rows = pl.concat([rows, explored])
     return rows if rows.height else None
 
