@@ -545,7 +545,8 @@ def estimate_audit(inputs: AuditInputs) -> dict[str, Any]:
     ``MIN_CORRECTION_ROWS`` audited queries (the live default's handful leaves the posterior as it is); the
     interval keeps the audit's whole spread and adds that of the realized accuracy around ``base`` (sqrt(sum
     p(1-p)) / n).
-    Without ``base``, the audited rows' accuracy alone, the plan's promise for tasks not audited.
+    Without ``base``, the audited rows' accuracy alone, the plan's promise for tasks not audited (in the
+    interval with the binomial spread of their realized accuracy around it, as with a base).
 
     Exploration rows (``explore_plan``) are no references: only their calls count, as the LLMs' agreement
     with the reference (``llm_drift``), and the report's ``exploration`` says what they cost."""
