@@ -751,15 +751,13 @@ def label_drift(offsets: pl.DataFrame, tasks: set[str]) -> list[dict[str, Any]]:
     the labels of past nights add up, and a provider that silently changed an LLM shows there first. Why Holm:
     a 95% test on each of ~15 (task, LLM)s raises a false alarm most nights where nothing drifted, and each
     alarm turns exploration on (``plans.planning.choose_exploration``)."""
-    tested = [
-        (task, llm, int(n), float(before), float(acc))
+    ranked = sorted(
+        (score_p_value(float(acc), int(n), float(before)), task, llm, int(n), float(before), float(acc))
         for task, llm, n, before, acc in offsets.select("task", "model", "gold_rows", "p_before", "live_acc").iter_rows()
         if task in tasks and n >= MIN_LABEL_ROWS
-    ]
-    ranked = sorted(tested, key=lambda t: score_p_value(t[4], t[2], t[3]))
+    )
     found = []
-    for k, (task, llm, n, before, acc) in enumerate(ranked):
-        p_value = score_p_value(acc, n, before)
+    for k, (p_value, task, llm, n, before, acc) in enumerate(ranked):
         if p_value > DRIFT_ALPHA / (len(ranked) - k):
             break  # Holm: no later (larger) p-value can be rejected once one is not
         low, high = (float(np.clip(x, 0.0, 1.0)) for x in wilson(acc, n))
