@@ -98,6 +98,9 @@ class BatchServer(ReplayServer):
         self.batches: dict[str, _Batch] = {}
         self.calls: Counter[str] = Counter()  # route -> requests (uploads, creates, retrieves, contents)
         self._submissions: Counter[str] = Counter()  # custom_id -> batches created with it
+        # the same call under any run id -> batches that held it: what a fault draw is keyed by, so that a
+        # test's faults do not change with the run id (new for every output folder)
+        self._sends: Counter[str] = Counter()
         self._query_ids = set(history.queries["query_id"].to_list())
 
     # -- the bill and the record ------------------------------------------------------------------------
@@ -219,6 +222,7 @@ class BatchServer(ReplayServer):
         with self._lock:
             self.batches[batch.id] = batch
             self._submissions.update(str(line.get("custom_id")) for line in lines)
+            self._sends.update(_call_of(str(line.get("custom_id"))) for line in lines)
         obj = self._advance(batch, batch.created)
         return self._later(self.batch_faults.create_delay_s, lambda: self._json(proto, 200, obj))
 
@@ -266,7 +270,8 @@ class BatchServer(ReplayServer):
                     errors.append(_line(custom_id, None, {"code": rest_code, "message": message}))
                     failed += 1
                 continue
-            if _draw(f.seed, self._submissions[str(custom_id)], str(custom_id)) < f.line_error_rate:
+            call = _call_of(str(custom_id))
+            if _draw(f.seed, self._sends[call], call) < f.line_error_rate:
                 status_code = f.line_error_status
                 body = json.loads(_error("line failed", "server_error"))
                 errors.append(_line(custom_id, {"status_code": status_code, "body": body}, None))
@@ -324,6 +329,11 @@ class BatchServer(ReplayServer):
     def _count_route(self, name: str) -> None:
         with self._lock:
             self.calls[name] += 1
+
+
+def _call_of(custom_id: str) -> str:
+    """A custom_id without its run id (``<run_id>/<query_id>/<slot>``): the call, whatever run sent it."""
+    return custom_id.split("/", 1)[-1]
 
 
 def _draw(seed: int, submission: int, custom_id: str) -> float:
