@@ -16,15 +16,13 @@ from batchplan.core.history import History, load_history
 from batchplan.core.storage import Storage
 from batchplan.plans.audit import audited_ids, same_answer
 from batchplan.plans.planning import PlanRequest
-from tests.support.factories import write_history
+from tests.support.factories import EXAMPLE_HISTORY, corrupted, write_history, write_queue
 from tests.support.replay_server import ReplayServer
-
-EXAMPLES = Path(__file__).resolve().parents[1] / "examples" / "history"
 
 
 @pytest.fixture(scope="module")
 def history() -> History:
-    return load_history([str(EXAMPLES)])
+    return load_history([str(EXAMPLE_HISTORY)])
 
 
 @pytest.fixture(scope="module")
@@ -41,11 +39,6 @@ def registry_with_posterior(history: History, tmp_path_factory: pytest.TempPathF
     return root
 
 
-def write_queue(history: History, path: Path) -> str:
-    history.as_queue(split="test").write_parquet(path)  # QUEUE_SCHEMA: no gold column
-    return str(path)
-
-
 def audited_job(queue: str, registry: str, out: Path, budget: float, run_id: str, **rounds: object) -> Job:
     """A replay run of the example queue with a quarter of it audited (``rounds``: Job's rounds fields)."""
     return Job(
@@ -53,7 +46,7 @@ def audited_job(queue: str, registry: str, out: Path, budget: float, run_id: str
         predictors_uri=registry,
         out_uri=str(out),
         request=PlanRequest(budget_usd=budget, allow_deferral=True, audit_share=0.25),
-        replay_history=[str(EXAMPLES)],
+        replay_history=[str(EXAMPLE_HISTORY)],
         run_id=run_id,
         **rounds,  # type: ignore[arg-type]
     )
@@ -107,7 +100,7 @@ def test_audits_are_planned_inside_the_budget_and_resume_to_the_same_sample(
             predictors_uri=registry,
             out_uri=str(tmp_path / "bare"),
             request=PlanRequest(budget_usd=budget, allow_deferral=True),
-            replay_history=[str(EXAMPLES)],
+            replay_history=[str(EXAMPLE_HISTORY)],
         ),
         Storage(),
     )
@@ -166,7 +159,7 @@ def test_audits_that_alone_exceed_the_budget_are_refused_naming_audit_share(
         predictors_uri=registry,
         out_uri=str(tmp_path / "run"),
         request=PlanRequest(budget_usd=1e-6, allow_deferral=True, audit_share=0.5),
-        replay_history=[str(EXAMPLES)],
+        replay_history=[str(EXAMPLE_HISTORY)],
     )
     with pytest.raises(RequestInfeasible, match="audit_share"):
         run_job(job, Storage())
@@ -221,24 +214,6 @@ def test_the_interval_comes_without_gold_from_a_live_endpoint(
     assert not any([m] == list(refs) for m, refs in own.select("model", "reference_models").iter_rows())
 
 
-def corrupted(history: History, llms: set[str]) -> History:
-    """``history`` where ``llms`` answer every query wrong (a label other than gold): much worse than trained on."""
-    gold = history.queries.select("query_id", "gold", "labels")
-    outcomes = history.outcomes.join(gold, on="query_id", how="left").with_columns(
-        pl.when(pl.col("model").is_in(pl.Series(sorted(llms)).implode()))
-        .then(pl.col("labels").list.set_difference(pl.concat_list("gold")).list.first())
-        .otherwise(pl.col("answer"))
-        .alias("answer")
-    )
-    outcomes = outcomes.with_columns(
-        pl.when(pl.col("model").is_in(pl.Series(sorted(llms)).implode()))
-        .then(pl.lit(False))
-        .otherwise(pl.col("correct"))
-        .alias("correct")
-    ).select(history.outcomes.columns)
-    return History(history.queries, outcomes, history.prices)
-
-
 def test_drift_leads_the_report_when_an_llm_is_much_worse_than_the_history(
     history: History, registry: str, tmp_path: Path
 ) -> None:
@@ -255,7 +230,7 @@ def test_drift_leads_the_report_when_an_llm_is_much_worse_than_the_history(
         )
         return run_job(job, Storage()).report
 
-    clean = night(str(EXAMPLES), "clean")
+    clean = night(str(EXAMPLE_HISTORY), "clean")
     assert not [d for d in clean["drift"] if d["kind"] == "llm"]  # as the history says: no LLM drift
     # tonight the LLM the plan leans on most answers every query wrong
     delivered = pl.read_parquet(tmp_path / "clean" / "plan.parquet").filter(~is_audit())
@@ -302,7 +277,7 @@ def test_audits_that_alone_exceed_a_tenant_budget_are_refused_naming_audit_share
     queue = write_queue(history, tmp_path / "queue.parquet")
     [tenant] = history.as_queue(split="test")["tenant"].unique().to_list()
     args = ["run", "--queue", queue, "--predictors", registry, "--out", str(tmp_path / "run"), "--budget-usd", "1"]
-    args += ["--replay-history", str(EXAMPLES), "--allow-deferral", "--audit-share", "0.25"]
+    args += ["--replay-history", str(EXAMPLE_HISTORY), "--allow-deferral", "--audit-share", "0.25"]
     result = CliRunner().invoke(app, [*args, "--tenant-budget", f"{tenant}=0.000001"])
     assert result.exit_code == 2, result.output
     line = result.output.strip().splitlines()[-1]

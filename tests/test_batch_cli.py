@@ -15,15 +15,16 @@ from batchplan.app.cli import app
 from batchplan.core.history import load_history
 from batchplan.core.settings import get_settings
 from tests.support.batch_server import BatchFaults, BatchServer
+from tests.support.factories import EXAMPLE_HISTORY
 
 runner = CliRunner()
 ROOT = Path(__file__).resolve().parent.parent
-EXAMPLES = ROOT / "examples"
+EXAMPLE_QUEUE = ROOT / "examples" / "queue.jsonl"
 
 
 @pytest.fixture
 def server() -> Iterator[BatchServer]:
-    with BatchServer(load_history([str(EXAMPLES / "history")]), BatchFaults(validate_s=0.0, run_s=0.05)) as srv:
+    with BatchServer(load_history([str(EXAMPLE_HISTORY)]), BatchFaults(validate_s=0.0, run_s=0.05)) as srv:
         yield srv
 
 
@@ -38,12 +39,12 @@ def fast_polls(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
 def _run_by_batch(server: BatchServer, tmp_path: Path) -> tuple[Path, list[str]]:
     """Train on the example history, then `batchplan run --batch-api --rounds 2` against ``server``."""
     models = tmp_path / "models"
-    trained = runner.invoke(app, ["train", "--history", str(EXAMPLES / "history"), "--out", str(models)])
+    trained = runner.invoke(app, ["train", "--history", str(EXAMPLE_HISTORY), "--out", str(models)])
     assert trained.exit_code == 0, trained.output
     out = tmp_path / "run"
     args = [
-        "run", "--queue", str(EXAMPLES / "queue.jsonl"), "--predictors", str(models), "--budget-usd", "0.01",
-        "--backend", "openai", "--base-url", server.base_url, "--prices", str(EXAMPLES / "history" / "models.csv"),
+        "run", "--queue", str(EXAMPLE_QUEUE), "--predictors", str(models), "--budget-usd", "0.01",
+        "--backend", "openai", "--base-url", server.base_url, "--prices", str(EXAMPLE_HISTORY / "models.csv"),
         "--batch-api", "--rounds", "2", "--out", str(out),
     ]  # fmt: skip
     result = runner.invoke(app, args)
@@ -87,8 +88,8 @@ def test_run_by_batch_api_then_cancel(server: BatchServer, tmp_path: Path, fast_
 
 def test_batch_api_needs_a_backend_with_one(tmp_path: Path) -> None:
     args = [
-        "run", "--queue", str(EXAMPLES / "queue.jsonl"), "--predictors", "models", "--budget-usd", "1",
-        "--backend", "replay", "--replay-history", str(EXAMPLES / "history"), "--batch-api", "--out", str(tmp_path / "r"),
+        "run", "--queue", str(EXAMPLE_QUEUE), "--predictors", "models", "--budget-usd", "1",
+        "--backend", "replay", "--replay-history", str(EXAMPLE_HISTORY), "--batch-api", "--out", str(tmp_path / "r"),
     ]  # fmt: skip
     result = runner.invoke(app, args)
     assert result.exit_code == 2
@@ -99,7 +100,7 @@ def test_batch_api_needs_a_backend_with_one(tmp_path: Path) -> None:
 def test_the_report_counts_the_lines_released_and_re_planned(tmp_path: Path, fast_polls: None) -> None:
     """Per-line errors: those lines are released unbilled and re-planned, and the report says how many, per LLM."""
     faults = BatchFaults(validate_s=0.0, run_s=0.05, line_error_rate=0.2, seed=1)
-    with BatchServer(load_history([str(EXAMPLES / "history")]), faults) as server:
+    with BatchServer(load_history([str(EXAMPLE_HISTORY)]), faults) as server:
         out, _ = _run_by_batch(server, tmp_path)
         stats = server.stats()
     report = json.loads((out / "report.json").read_text())

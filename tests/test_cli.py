@@ -19,7 +19,7 @@ from batchplan.app.cli import app
 from batchplan.core.contracts import PLAN_SCHEMA, RESULT_SCHEMA
 from batchplan.core.history import load_history, synthetic_history, with_holdout
 from batchplan.core.storage import Storage, join
-from tests.support.factories import write_history
+from tests.support.factories import EXAMPLE_HISTORY, write_history
 
 runner = CliRunner()
 
@@ -476,7 +476,7 @@ def test_the_readme_examples_are_shipped_and_ignored_outputs() -> None:
     ingested = read_queue(str(ROOT / "examples" / "queue.jsonl"), Storage())
     assert ingested.queue.height == 20
     assert ingested.quarantine.height == 0
-    history = load_history(str(ROOT / "examples" / "history"))
+    history = load_history(str(EXAMPLE_HISTORY))
     test_ids = set(history.split("test").queries["query_id"].to_list())
     assert set(ingested.queue["query_id"].to_list()) <= test_ids  # train never sees them
     assert set(ingested.queue["query_id"].to_list()) <= set(history.outcomes["query_id"].to_list())

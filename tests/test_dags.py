@@ -562,7 +562,7 @@ def test_plan_explores_the_drifted_task_when_the_live_labels_show_drift(
     and decides as the CLI's run: labels putting an LLM off on one task turn exploration on, on that task's
     queries only, and the shards manifest records why (the report stage reads it there)."""
     from batchplan.core.contracts import audited_query_id, is_exploration
-    from tests.test_explore import drifted_live
+    from tests.support.factories import drifted_live
 
     env = copy_of(nightly_done)
     lay, storage, source = env.layout, env.storage, f"nightly-{NIGHTLY_DAY}"

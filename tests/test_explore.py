@@ -21,15 +21,14 @@ from batchplan.core.storage import Storage
 from batchplan.plans.audit import explore_plan, ranked_sample
 from batchplan.plans.planning import PlanRequest, choose_exploration
 from batchplan.predictors.live import OFFSET_SCHEMA, LiveCorrection
-from tests.support.factories import write_history
-from tests.test_audit import EXAMPLES, corrupted, write_queue
+from tests.support.factories import EXAMPLE_HISTORY, corrupted, drifted_live, write_history, write_queue
 
 BUDGET, EXPLORE = 0.03, 0.1
 
 
 @pytest.fixture(scope="module")
 def history() -> History:
-    return load_history([str(EXAMPLES)])
+    return load_history([str(EXAMPLE_HISTORY)])
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +83,7 @@ def test_exploration_stays_inside_the_budget_and_its_share_and_is_recorded_in_ou
 ) -> None:
     queue = write_queue(history, tmp_path / "queue.parquet")
     n = history.as_queue(split="test").height
-    outcome = run_job(explored_job(queue, registry, tmp_path / "run", str(EXAMPLES)), Storage())
+    outcome = run_job(explored_job(queue, registry, tmp_path / "run", str(EXAMPLE_HISTORY)), Storage())
     report = outcome.report
     explored = report["audit"]["exploration"]
     assert explored["queries"] > 0
@@ -112,7 +111,7 @@ def test_exploration_stays_inside_the_budget_and_its_share_and_is_recorded_in_ou
     assert wanted.join(outcomes, on=["query_id", "model"], how="semi").height == wanted.height
     assert wanted.join(outcomes, on=["query_id", "model"])["correct"].is_not_null().all()
     # without an explore share the plan explores nothing
-    bare = run_job(explored_job(queue, registry, tmp_path / "bare", str(EXAMPLES), explore=0.0), Storage())
+    bare = run_job(explored_job(queue, registry, tmp_path / "bare", str(EXAMPLE_HISTORY), explore=0.0), Storage())
     assert "exploration" not in bare.report["audit"]
     assert not pl.read_parquet(tmp_path / "bare" / "plan.parquet").filter(is_exploration()).height
 
@@ -125,7 +124,7 @@ def test_an_llm_seen_only_through_exploration_gets_its_own_estimate(
     task's, and its predicted accuracy falls toward its labels; without exploration it only moves with its task."""
     queue = write_queue(history, tmp_path / "queue.parquet")
     # a third of the budget explores here: enough of X's labels to stand out of their noise
-    clean = run_job(explored_job(queue, registry, tmp_path / "clean", str(EXAMPLES), explore=0.3), Storage())
+    clean = run_job(explored_job(queue, registry, tmp_path / "clean", str(EXAMPLE_HISTORY), explore=0.3), Storage())
     plan = pl.read_parquet(tmp_path / "clean" / "plan.parquet")
     delivered = set(plan.filter(~is_audit())["models"].explode().drop_nulls().to_list())
     tasks = dict(history.queries.select("query_id", "task").iter_rows())
@@ -193,13 +192,6 @@ def test_llm_level_follows_an_llm_that_stands_out_and_not_the_noise_of_the_rest(
     assert off[-2] < 0.01
 
 
-def drifted_live(task: str, llm: str) -> LiveCorrection:
-    """A live correction whose labels put ``llm`` on ``task`` far below the history (30 labels at 0.30 against
-    0.90), with no offset of its own: the predictions stay the history's, only the drift is seen."""
-    row = {"task": task, "model": llm, "offset": 0.0, "task_offset": 0.0, "rows": 30.0, "gold_rows": 30, "p_before": 0.9, "live_acc": 0.3}
-    return LiveCorrection(pl.DataFrame([row], schema=OFFSET_SCHEMA))
-
-
 def test_choose_exploration_turns_on_where_the_labels_show_drift_and_an_asked_share_wins() -> None:
     live = drifted_live("t", "a")
     request = PlanRequest(budget_usd=1.0, audit_share=0.1)  # explore_share unset: automatic
@@ -263,7 +255,7 @@ def test_a_run_whose_labels_show_drift_explores_and_its_report_says_why(
     predictor = dataclasses.replace(trained.predictor, live=drifted_live(task, history.models[0]))
     registry = str(tmp_path / "predictors")
     artifacts.save(dataclasses.replace(trained, predictor=predictor), Storage(), registry)
-    auto = run_job(explored_job(queue, registry, tmp_path / "auto", str(EXAMPLES), explore=None), Storage())
+    auto = run_job(explored_job(queue, registry, tmp_path / "auto", str(EXAMPLE_HISTORY), explore=None), Storage())
     why = auto.report["exploration"]
     assert why["source"] == "drift"
     assert why["share"] == AUTO_EXPLORE_SHARE
@@ -281,7 +273,7 @@ def test_a_run_whose_labels_show_drift_explores_and_its_report_says_why(
     assert said in (tmp_path / "auto" / "report.md").read_text()
     assert history.models[0] in (tmp_path / "auto" / "report.md").read_text()
     # 0 given explicitly wins over the drift
-    off = run_job(explored_job(queue, registry, tmp_path / "off", str(EXAMPLES), explore=0.0), Storage())
+    off = run_job(explored_job(queue, registry, tmp_path / "off", str(EXAMPLE_HISTORY), explore=0.0), Storage())
     assert "exploration" not in off.report
     assert "exploration" not in off.report["audit"]
     assert not pl.read_parquet(tmp_path / "off" / "plan.parquet").filter(is_exploration()).height
@@ -289,7 +281,7 @@ def test_a_run_whose_labels_show_drift_explores_and_its_report_says_why(
 
 def test_a_run_whose_labels_agree_with_the_history_does_not_explore(history: History, registry: str, tmp_path: Path) -> None:
     queue = write_queue(history, tmp_path / "queue.parquet")
-    run = run_job(explored_job(queue, registry, tmp_path / "run", str(EXAMPLES), explore=None), Storage())
+    run = run_job(explored_job(queue, registry, tmp_path / "run", str(EXAMPLE_HISTORY), explore=None), Storage())
     assert "exploration" not in run.report
     assert "exploration" not in run.report["audit"]
     assert "Exploration on" not in (tmp_path / "run" / "report.md").read_text()

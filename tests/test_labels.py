@@ -19,7 +19,7 @@ from batchplan.core.contracts import LABEL_SCHEMA, LIVE_OUTCOME_SCHEMA, SILVER
 from batchplan.core.history import History, combine_histories, synthetic_history
 from batchplan.core.storage import Storage
 from batchplan.predictors import train_predictor
-from tests.support.factories import write_history
+from tests.support.factories import run_dir_of, write_history
 from tests.support.replay_server import ReplayServer
 
 runner = CliRunner()
@@ -219,29 +219,12 @@ def test_open_task_labels_are_kept_and_counted_unscorable(live_run: Path, histor
     assert pl.read_parquet(live_run / "labels.parquet").height == 4
 
 
-def _run_dir(history: History, target: Path, *, silver: set[str] = frozenset()) -> str:  # type: ignore[assignment]
-    """A run directory as `batchplan run` writes it, from a history's outcomes: gold, or silver for models
-    in ``silver``."""
-    target.mkdir(parents=True, exist_ok=True)
-    outcomes = history.outcomes.with_columns(
-        pl.lit(None, dtype=pl.String).alias("task"),
-        pl.lit(1).alias("round"),
-        pl.concat_str(pl.lit("0:"), "model", pl.lit(":0")).alias("call"),
-        pl.lit("ok").alias("status"),
-        pl.when(pl.col("model").is_in(list(silver))).then(pl.lit(SILVER)).otherwise(pl.lit("gold")).alias("label_source"),
-    ).select(LIVE_OUTCOME_SCHEMA.names())
-    history.queries.write_parquet(target / "queries.parquet")
-    outcomes.write_parquet(target / "outcomes.parquet")
-    history.prices.write_csv(target / "models.csv")
-    return str(target)
-
-
 def test_silver_is_weighted_below_gold_and_never_counted_as_gold(tmp_path: Path) -> None:
     full = synthetic_history(500, 4, seed=5)
     base_ids = full.queries["query_id"].head(250)
     base, live = full.subset(base_ids), full.subset(full.queries["query_id"].tail(250))
     audited = "synth-00"
-    runs = runs_history(Storage(), [_run_dir(live, tmp_path / "run", silver={audited})])
+    runs = runs_history(Storage(), [run_dir_of(live, tmp_path / "run", silver={audited})])
     silver = runs.outcomes.filter(pl.col("label_source") == SILVER)
     assert set(silver["model"]) == {audited}
     assert (silver["weight"] < 1).all()
@@ -254,7 +237,7 @@ def test_silver_is_weighted_below_gold_and_never_counted_as_gold(tmp_path: Path)
     assert validation["per_model"][audited]["n"] == base.outcomes.filter(pl.col("model") == audited).height
     assert predictor.metadata["training_data"]["silver_rows"] == silver.height
     # and silver weighs less than gold: the same rows as gold move the audited LLM's prior further
-    as_gold = runs_history(Storage(), [_run_dir(live, tmp_path / "gold")])
+    as_gold = runs_history(Storage(), [run_dir_of(live, tmp_path / "gold")])
     lifted = live.outcomes.with_columns(
         pl.when(pl.col("model") == audited).then(pl.lit(True)).otherwise(pl.col("correct")).alias("correct")
     )
@@ -288,7 +271,7 @@ def test_a_new_llm_seen_only_in_live_runs_gets_its_own_estimates(setup: dict[str
         .drop("gold")
     )
     prices = full.prices.filter(pl.col("model") == "synth-00").with_columns(pl.lit(newbie).alias("model"))
-    run_dir = _run_dir(History(run_queries, run_outcomes, prices), tmp_path / "run")
+    run_dir = run_dir_of(History(run_queries, run_outcomes, prices), tmp_path / "run")
     out = tmp_path / "models"
     line = _invoke(["train", "--history", history_dir, "--out", str(out), "--from-run", run_dir, "--no-templates"])
     assert f"LLMs seen only in runs: {newbie}" in line

@@ -19,7 +19,7 @@ from batchplan.plans.planning import PlanRequest, plan_batch
 from batchplan.plans.templates import PlanTemplates
 from batchplan.predictors import Predictor, load_predictor
 from batchplan.predictors.live import LiveCorrection
-from tests.test_labels import _run_dir  # a run directory as `batchplan run` writes it, gold or silver verdicts
+from tests.support.factories import run_dir_of  # a run directory as `batchplan run` writes it, gold or silver verdicts
 
 runner = CliRunner()
 DRIFTED, STEADY, TASK = "synth-04", "synth-02", "task1"
@@ -85,8 +85,8 @@ def _drifted(tmp_path: Path) -> tuple[str, str, str, pl.DataFrame]:
     wrong = live.outcomes.filter(pl.col("model").is_in([DRIFTED, STEADY])).with_columns(
         pl.when(pl.col("model") == DRIFTED).then(pl.lit(False)).otherwise(pl.col("correct")).alias("correct")
     )
-    gold_run = _run_dir(History(live.queries, wrong, live.prices), tmp_path / "run_gold")
-    silver_run = _run_dir(History(live.queries, wrong, live.prices), tmp_path / "run_silver", silver={DRIFTED, STEADY})
+    gold_run = run_dir_of(History(live.queries, wrong, live.prices), tmp_path / "run_gold")
+    silver_run = run_dir_of(History(live.queries, wrong, live.prices), tmp_path / "run_silver", silver={DRIFTED, STEADY})
     queue = full.as_queue("test").filter(~pl.col("query_id").is_in(live_queries["query_id"].implode()))
     return str(history_dir), gold_run, silver_run, queue
 

@@ -1,5 +1,7 @@
-"""Builders shared by the test files: queues and single-model plans from a history, the recorded answers
-to compare dispatch results with, the predictor's inputs, and small optimizer option tables."""
+"""Builders shared by the test files: the shipped example history, queues and single-model plans from a
+history, a history whose LLMs answer wrong, the recorded answers to compare dispatch results with, the
+predictor's inputs, run directories as `batchplan run` writes them, a drifted live correction, and small
+optimizer option tables."""
 
 from __future__ import annotations
 
@@ -8,9 +10,12 @@ from pathlib import Path
 import numpy as np
 import polars as pl
 
-from batchplan.core.contracts import PLAN_SCHEMA, QUEUE_SCHEMA, conform
+from batchplan.core.contracts import LIVE_OUTCOME_SCHEMA, PLAN_SCHEMA, QUEUE_SCHEMA, SILVER, conform
 from batchplan.core.history import History
 from batchplan.optimizer import Budget, Capacity
+from batchplan.predictors.live import OFFSET_SCHEMA, LiveCorrection
+
+EXAMPLE_HISTORY = Path(__file__).resolve().parents[2] / "examples" / "history"  # shipped with the project
 
 
 # --------------------------------------------------------------------------- histories -> queues, plans
@@ -27,6 +32,30 @@ def queue_of(history: History, n: int | None = None) -> pl.DataFrame:
     """The history's queries (the first ``n``) as a conformed queue."""
     queries = history.queries if n is None else history.queries.head(n)
     return conform(queries, QUEUE_SCHEMA, name="queue", required=("query_id", "prompt"))
+
+
+def write_queue(history: History, path: Path) -> str:
+    """The history's test split as a queue file at ``path``."""
+    history.as_queue(split="test").write_parquet(path)  # QUEUE_SCHEMA: no gold column
+    return str(path)
+
+
+def corrupted(history: History, llms: set[str]) -> History:
+    """``history`` where ``llms`` answer every query wrong (a label other than gold): much worse than trained on."""
+    gold = history.queries.select("query_id", "gold", "labels")
+    outcomes = history.outcomes.join(gold, on="query_id", how="left").with_columns(
+        pl.when(pl.col("model").is_in(pl.Series(sorted(llms)).implode()))
+        .then(pl.col("labels").list.set_difference(pl.concat_list("gold")).list.first())
+        .otherwise(pl.col("answer"))
+        .alias("answer")
+    )
+    outcomes = outcomes.with_columns(
+        pl.when(pl.col("model").is_in(pl.Series(sorted(llms)).implode()))
+        .then(pl.lit(False))
+        .otherwise(pl.col("correct"))
+        .alias("correct")
+    ).select(history.outcomes.columns)
+    return History(history.queries, outcomes, history.prices)
 
 
 def single_plan(history: History, queue: pl.DataFrame, pick: str = "cheapest") -> pl.DataFrame:
@@ -75,6 +104,31 @@ def predictor_queue(history: History) -> pl.DataFrame:
 def recorded_pairs(history: History) -> pl.DataFrame:
     """Every recorded (query_id, model) pair."""
     return history.outcomes.select("query_id", "model")
+
+
+# ------------------------------------------------------------------------------- run directories, live
+def run_dir_of(history: History, target: Path, *, silver: set[str] = frozenset()) -> str:  # type: ignore[assignment]
+    """A run directory as `batchplan run` writes it, from a history's outcomes: gold, or silver for models
+    in ``silver``."""
+    target.mkdir(parents=True, exist_ok=True)
+    outcomes = history.outcomes.with_columns(
+        pl.lit(None, dtype=pl.String).alias("task"),
+        pl.lit(1).alias("round"),
+        pl.concat_str(pl.lit("0:"), "model", pl.lit(":0")).alias("call"),
+        pl.lit("ok").alias("status"),
+        pl.when(pl.col("model").is_in(list(silver))).then(pl.lit(SILVER)).otherwise(pl.lit("gold")).alias("label_source"),
+    ).select(LIVE_OUTCOME_SCHEMA.names())
+    history.queries.write_parquet(target / "queries.parquet")
+    outcomes.write_parquet(target / "outcomes.parquet")
+    history.prices.write_csv(target / "models.csv")
+    return str(target)
+
+
+def drifted_live(task: str, llm: str) -> LiveCorrection:
+    """A live correction whose labels put ``llm`` on ``task`` far below the history (30 labels at 0.30 against
+    0.90), with no offset of its own: the predictions stay the history's, only the drift is seen."""
+    row = {"task": task, "model": llm, "offset": 0.0, "task_offset": 0.0, "rows": 30.0, "gold_rows": 30, "p_before": 0.9, "live_acc": 0.3}
+    return LiveCorrection(pl.DataFrame([row], schema=OFFSET_SCHEMA))
 
 
 # ------------------------------------------------------------------------------------ optimizer options
