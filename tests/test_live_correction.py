@@ -47,6 +47,21 @@ def test_offsets_move_the_labelled_llm_toward_its_labels_shrunk_and_its_task_wit
     assert more.apply(np.array([0.9]), again[0])[0] < moved[0, 0]
 
 
+def test_the_llm_the_plan_labels_most_does_not_drag_its_task_when_it_alone_drifted() -> None:
+    # task a: m1, the plan's main LLM, drifted (12 of 24 right); m2..m4 as the history says (5 of 6 right
+    # each, predicted 0.85). Counted by rows, m1's labels made the task's level and dragged the steady LLMs
+    # to 0.73 (m5, never labelled, to 0.68): m1 looked no worse than the rest and was bought again
+    model = np.array(["m1"] * 24 + ["m2"] * 6 + ["m3"] * 6 + ["m4"] * 6)
+    y = np.r_[np.ones(12), np.zeros(12), np.tile(np.r_[np.ones(5), 0], 3)]
+    fitted = LiveCorrection.fit(np.array(["a"] * len(y)), model, y, np.full(len(y), 0.85), np.ones(len(y)), np.ones(len(y), dtype=bool))
+    matrix = fitted.matrix(["a"], ["m1", "m2", "m3", "m4", "m5"])
+    assert matrix is not None
+    moved = fitted.apply(np.full(5, 0.85), matrix[0])
+    assert moved[0] < 0.65  # the drifted LLM: most of the way to its labels
+    assert np.all(moved[1:4] > 0.77)  # the steady ones stay near theirs (0.83)
+    assert moved[0] + 0.15 < moved[4] < 0.85  # the unlabelled one moves with the task, far less than m1
+
+
 def test_silver_verdicts_never_enter_the_correction() -> None:
     task, model = np.array(["a"] * 10), np.array(["m1"] * 10)
     silver_only = LiveCorrection.fit(task, model, np.zeros(10), np.full(10, 0.9), np.full(10, 0.3), np.zeros(10, dtype=bool))
