@@ -12,7 +12,9 @@ p' = sigmoid(logit p + delta_task + delta_task,LLM), in two levels:
 - ``delta_task`` on every live row of the task: new traffic that is harder or easier than the history is so
   for every LLM (held-out subjects move all of them the same way), and an LLM the plans never called, so
   never labelled, must move with the rest; else lowering the labelled LLM sends its queries to an
-  unlabelled one whose estimate is just as far off;
+  unlabelled one whose estimate is just as far off. No LLM's rows weigh more there than the task's median
+  labelled LLM's (``_capped_by_llm``): the LLM the plan calls most is the one labelled most, and when it alone
+  drifted its rows alone would set every LLM's level;
 - per (task, LLM) on the LLM's own rows, shrunk toward the task's drift as the *other* LLMs' rows show it
   (so its own rows count once): what sets the LLM apart from the task's drift.
 
