@@ -367,3 +367,40 @@ def test_run_defaults_to_three_rounds_unless_its_planner_cannot_hold_the_request
     capped = PlanRequest(budget_usd=1.0, model_max_calls={"gpt-4o": 3})
     assert default_rounds(None, capped) == 1
     assert default_rounds(None, capped, "posterior") == 3
+
+
+def test_a_query_short_of_money_is_not_moved_again_to_the_cheap_llm_that_cut_its_answer() -> None:
+    # q's planned LLM (dear) was reset in round 1, so round 2 moved q to its cheapest LLM (the money being
+    # short) and that one cut its answer (truncated: a failure for good). Round 3 must not call it again:
+    # the same call is billed again for the same cut (kill-9 rerun of test_rounds_resume: 10 such bills)
+
+    queue = conform(pl.DataFrame({"query_id": ["q"], "prompt": ["?"]}), QUEUE_SCHEMA, name="queue")
+    plan = conform(pl.DataFrame({"query_id": ["q"], "kind": ["single"], "models": [["dear"]]}), PLAN_SCHEMA, name="plan")
+    predictions = pl.DataFrame({"query_id": ["q", "q"], "model": ["dear", "cheap"], "p_correct": [0.9, 0.6],
+                                "cost_usd": [0.01, 0.0001], "cost_high_usd": [0.02, 0.0002]})  # fmt: skip
+    rows = [("q", 1, "dear", "connection", None, None, 0.02, False, None, None),
+            ("q", 2, "cheap", "truncated", None, None, 0.0001, True, 40, 2)]  # fmt: skip
+    seen = pl.DataFrame(rows, schema=OBSERVATION_SCHEMA, orient="row")
+    planner = PlanContinuation(plan)
+    short = planner.plan_round(RoundState(3, 3, queue, predictions, seen, 0.005))  # dear (0.01) does not fit
+    assert "cheap" not in [m for ms in short.calls["models"].to_list() for m in ms]
+    # with the money, the transient failure is called again, on its planned LLM
+    assert planner.plan_round(RoundState(3, 3, queue, predictions, seen, 1.0)).calls["models"].to_list() == [["dear"]]
+    # and a cheap LLM that failed only transiently is still where a short query moves
+    transient = seen.with_columns(pl.when(pl.col("model") == "cheap").then(pl.lit("rate_limited")).otherwise(pl.col("status")).alias("status"))
+    assert planner.plan_round(RoundState(3, 3, queue, predictions, transient, 0.005)).calls["models"].to_list() == [["cheap"]]
+
+
+def test_a_query_whose_llms_bound_is_above_what_is_left_moves_to_its_cheapest_llm() -> None:
+    # the dear LLM's expected cost fits what is left, its hard bound (what the budget guard holds) does not:
+    # planned there it is refused round after round; its cheapest LLM's bound fits
+    queue = conform(pl.DataFrame({"query_id": ["q"], "prompt": ["?"]}), QUEUE_SCHEMA, name="queue")
+    plan = conform(pl.DataFrame({"query_id": ["q"], "kind": ["single"], "models": [["dear"]]}), PLAN_SCHEMA, name="plan")
+    predictions = pl.DataFrame({"query_id": ["q", "q"], "model": ["dear", "cheap"], "p_correct": [0.9, 0.6],
+                                "cost_usd": [0.01, 0.0001], "cost_high_usd": [0.02, 0.0002]})  # fmt: skip
+    none = pl.DataFrame(schema=OBSERVATION_SCHEMA)
+    planner = PlanContinuation(plan)
+    short = planner.plan_round(RoundState(2, 3, queue, predictions, none, 0.015))
+    assert short.calls["models"].to_list() == [["cheap"]]
+    assert short.diagnostics["moved_over_bound"] == 1
+    assert planner.plan_round(RoundState(2, 3, queue, predictions, none, 0.03)).calls["models"].to_list() == [["dear"]]

@@ -83,7 +83,16 @@ class PlanContinuation:
             if models:
                 wanted.append((query_id, models, not got.ok))
         costs = _Costs(state)
-        planned, diagnostics = _fit(wanted, costs, state.budget_left_usd)
+        # where the money is short an answering query moves to its cheapest LLM, unless that LLM already
+        # failed on it for good (a cut or refused answer): the same call again is billed again for the same
+        # result (a kill-9 rerun's rounds 2 and 3 both moved a reset query to an LLM that cut its answer)
+        cheapest = {
+            q: cheap
+            for q, _, _ in wanted
+            if (cheap := costs.cheapest(q)) is not None
+            and (cheap not in (got := seen.get(q, _Seen())).tried or got.transient_only(cheap))
+        }
+        planned, diagnostics = _fit(wanted, costs, state.budget_left_usd, cheapest)
         if state.last and state.budget_left_usd is not None:
             extra = [
                 (q, [cheap])
@@ -263,13 +272,26 @@ class _Costs:
 
 
 def _fit(
-    wanted: list[tuple[str, list[str], bool]], costs: _Costs, left: float | None
+    wanted: list[tuple[str, list[str], bool]], costs: _Costs, left: float | None, cheapest: dict[str, str]
 ) -> tuple[list[tuple[str, list[str]]], dict[str, Any]]:
     """The round's calls within ``left`` (expected, drift included): queries with no answer first (moved
-    to their cheapest LLM, most savings first, when short), then escalations in plan order."""
+    to their ``cheapest`` LLM, most savings first, when short; one not there stays), then escalations in plan
+    order."""
+    moved_over_bound = 0
+    if left is not None:
+        # a call whose hard bound is above what is left never goes (the guard holds the bound, not the
+        # expectation), round after round: an answering query moves to its cheapest LLM where that one fits
+        # (a kill-9 rerun whose ambiguous failures were charged their bounds: 8 of 300 queries deferred with
+        # $0.010 left, each planned on an LLM whose bound was $0.016 and whose cheapest's was $0.00001)
+        for i, (q, ms, unanswered) in enumerate(wanted):
+            cheap = cheapest.get(q)
+            over = sum(costs.bound(q, m) for m in ms) > left
+            if unanswered and over and cheap is not None and costs.bound(q, cheap) <= left:
+                wanted[i] = (q, [cheap], unanswered)
+                moved_over_bound += 1
     total = sum(costs.estimate(q, m) for q, ms, _ in wanted for m in ms)
     if left is None or total <= left:
-        return [(q, ms) for q, ms, _ in wanted], {"fitted": False}
+        return [(q, ms) for q, ms, _ in wanted], {"fitted": False, "moved_over_bound": moved_over_bound}
     answering = [(q, ms) for q, ms, a in wanted if a]
     improving = [(q, ms) for q, ms, a in wanted if not a]
     need = sum(costs.estimate(q, m) for q, ms in answering for m in ms)
@@ -277,7 +299,7 @@ def _fit(
     if need > left:
         savings = []
         for i, (q, ms) in enumerate(answering):
-            cheap = costs.cheapest(q)
+            cheap = cheapest.get(q)
             if cheap is not None:
                 saving = sum(costs.estimate(q, m) for m in ms) - costs.estimate(q, cheap)
                 if saving > 0:
@@ -298,6 +320,7 @@ def _fit(
     escalations = _greedy(improving, costs, left_after)
     diagnostics = {
         "fitted": True,
+        "moved_over_bound": moved_over_bound,
         "moved_to_cheapest": moved,
         "answering_dropped": len(answering) - len(kept),
         "escalations_dropped": len(improving) - len(escalations),
