@@ -283,12 +283,15 @@ def _fit(
         # expectation), round after round: an answering query moves to its cheapest LLM where that one fits
         # (a kill-9 rerun whose ambiguous failures were charged their bounds: 8 of 300 queries deferred with
         # $0.010 left, each planned on an LLM whose bound was $0.016 and whose cheapest's was $0.00001)
-        for i, (q, ms, unanswered) in enumerate(wanted):
+        placed: list[tuple[str, list[str], bool]] = []
+        for q, ms, unanswered in wanted:
             cheap = cheapest.get(q)
             over = sum(costs.bound(q, m) for m in ms) > left
             if unanswered and over and cheap is not None and costs.bound(q, cheap) <= left:
-                wanted[i] = (q, [cheap], unanswered)
+                ms = [cheap]
                 moved_over_bound += 1
+            placed.append((q, ms, unanswered))
+        wanted = placed  # a new list: the caller's stays as it asked
     total = sum(costs.estimate(q, m) for q, ms, _ in wanted for m in ms)
     if left is None or total <= left:
         return [(q, ms) for q, ms, _ in wanted], {"fitted": False, "moved_over_bound": moved_over_bound}

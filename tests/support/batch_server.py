@@ -336,10 +336,10 @@ def _call_of(custom_id: str) -> str:
     return custom_id.split("/", 1)[-1]
 
 
-def _draw(seed: int, submission: int, custom_id: str) -> float:
-    """A line's fault draw, fixed by the line and how many batches held it (not by request order): the
-    same line sent again in a later batch draws anew."""
-    digest = hashlib.blake2b(f"{seed}\x00{submission}\x00{custom_id}".encode(), digest_size=8).digest()
+def _draw(seed: int, submission: int, call: str) -> float:
+    """A line's fault draw, fixed by its call (``_call_of``) and how many batches held it (not by request
+    order): the same call sent again in a later batch draws anew."""
+    digest = hashlib.blake2b(f"{seed}\x00{submission}\x00{call}".encode(), digest_size=8).digest()
     return int.from_bytes(digest, "big") / 2**64
 
 
