@@ -23,7 +23,6 @@ submitted in more than one batch (``submitted_twice``), so tests can assert no j
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 import uuid
@@ -37,6 +36,7 @@ from tests.support.replay_server import (
     ReplayServer,
     _error,
     _Protocol,
+    fault_draw,
     serve_until_interrupted,
     served_history,
     server_parser,
@@ -271,7 +271,8 @@ class BatchServer(ReplayServer):
                     failed += 1
                 continue
             call = _call_of(str(custom_id))
-            if _draw(f.seed, self._sends[call], call) < f.line_error_rate:
+            # the same call sent again in a later batch draws anew; a run id (new per output folder) draws nothing
+            if fault_draw(f.seed, self._sends[call], call) < f.line_error_rate:
                 status_code = f.line_error_status
                 body = json.loads(_error("line failed", "server_error"))
                 errors.append(_line(custom_id, {"status_code": status_code, "body": body}, None))
@@ -334,13 +335,6 @@ class BatchServer(ReplayServer):
 def _call_of(custom_id: str) -> str:
     """A custom_id without its run id (``<run_id>/<query_id>/<slot>``): the call, whatever run sent it."""
     return custom_id.split("/", 1)[-1]
-
-
-def _draw(seed: int, submission: int, call: str) -> float:
-    """A line's fault draw, fixed by its call (``_call_of``) and how many batches held it (not by request
-    order): the same call sent again in a later batch draws anew."""
-    digest = hashlib.blake2b(f"{seed}\x00{submission}\x00{call}".encode(), digest_size=8).digest()
-    return int.from_bytes(digest, "big") / 2**64
 
 
 def _line(custom_id: Any, response: dict[str, Any] | None, error: dict[str, Any] | None) -> bytes:

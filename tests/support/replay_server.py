@@ -7,7 +7,9 @@ and keeps a server-side bill: one charge per billed call, none for a replayed ``
 ``max_tokens``: an answer the history recorded longer is cut there (``finish_reason`` "length", usage and
 bill at most max_tokens of output), as a real endpoint does.
 
-Faults are drawn per request with the given rates: 429 with Retry-After, 500, slow responses, responses
+Faults are drawn per request with the given rates, each request's draw fixed by its call (query and LLM) and how
+many times that call was asked before (``fault_draw``), not by the order requests arrive in, so concurrent
+clients meet the same faults on every run: 429 with Retry-After, 500, slow responses, responses
 slower than a client's timeout, malformed bodies, connection resets, refusals (billed, not an answer), and
 models that are down (503 always). ``GET /stats`` returns the bill; ``POST /admin/faults`` changes faults.
 
@@ -180,7 +182,7 @@ class ReplayServer:
         history = drifted_history(history, drift) if drift else history
         self.faults = faults or Faults()
         self.aliases = dict(aliases or {})
-        self._rng = random.Random(self.faults.seed)
+        self._asked: Counter[str] = Counter()  # call -> requests so far (``fault_draw``'s attempt)
         self._port = port
         rows = history.outcomes.select("query_id", "model", "answer", "cost_usd", "tokens_in", "tokens_out", "logprob")
         self._table: dict[tuple[str, str], tuple[Any, ...]] = {(r[0], r[1]): r[2:] for r in rows.iter_rows()}
@@ -276,7 +278,8 @@ class ReplayServer:
             changes = json.loads(body or b"{}")
             known = {f.name for f in fields(Faults)}
             self.faults = Faults(**{**asdict(self.faults), **{k: v for k, v in changes.items() if k in known}})
-            self._rng = random.Random(self.faults.seed)
+            with self._lock:
+                self._asked.clear()
             return proto.respond(200, json.dumps(asdict(self.faults)).encode())
         if method != "POST" or path.rstrip("/") != "/v1/chat/completions":
             return proto.respond(404, _error("not found", "invalid_request_error"))
@@ -296,7 +299,10 @@ class ReplayServer:
         if model in faults.down_models:
             self._count("down")
             return proto.respond(503, _error(f"model {model} is unavailable", "server_error"))
-        draw = self._rng.random()
+        call = f"{headers.get('x-batchplan-query-id') or self._prompt_of(request['messages'])}\x00{model}"
+        with self._lock:
+            self._asked[call] += 1
+            draw = fault_draw(faults.seed, self._asked[call], call)
         name = ""
         for candidate, rate in (
             ("429", faults.rate_429),
@@ -370,9 +376,13 @@ class ReplayServer:
         return query_id or "", 200, payload, float(cost or 0.0)
 
     def _find(self, messages: Sequence[dict[str, Any]]) -> str | None:
+        return self._by_prompt.get(self._prompt_of(messages))
+
+    @staticmethod
+    def _prompt_of(messages: Sequence[dict[str, Any]]) -> str:
         system = next((m.get("content") for m in messages if m.get("role") == "system"), None)
         user = next((m.get("content") for m in reversed(messages) if m.get("role") == "user"), "")
-        return self._by_prompt.get(prompt_key(system, str(user)))
+        return prompt_key(system, str(user))
 
     def _bill(
         self, query_id: str, model: str, cost: float, key: str | None, payload: bytes, call_id: str | None = None
@@ -390,6 +400,13 @@ class ReplayServer:
     def _count(self, name: str) -> None:
         with self._lock:
             self.faults_sent[name] += 1
+
+
+def fault_draw(seed: int, attempt: int, call: str) -> float:
+    """A uniform draw in [0, 1) fixed by ``seed``, the ``call`` and its ``attempt`` (not by request order): the
+    same call asked again draws anew, and a run meets the same faults whatever order its requests arrive in."""
+    digest = hashlib.blake2b(f"{seed}\x00{attempt}\x00{call}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") / 2**64
 
 
 def _error(message: str, kind: str) -> bytes:
