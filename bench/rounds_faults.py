@@ -48,6 +48,9 @@ from batchplan.dispatchers import RetryPolicy, get_backend
 from batchplan.plans.planning import PlanRequest, plan_batch
 from tests.support.replay_server import Faults, ReplayServer
 
+# a fault's draw is fixed by the call and its attempt (``replay_server.fault_draw``), so one seed is one fixed set
+# of faults: the same on every run, one sample of the ~18% mix. ``--fault-seeds`` measures over several.
+DEFAULT_FAULT_SEED = 11
 FAULTS = {"rate_429": 0.04, "rate_500": 0.04, "rate_malformed": 0.03, "rate_reset": 0.03, "rate_slow": 0.04}
 
 
@@ -60,14 +63,16 @@ def run_cell(
     *,
     budget: float,
     rounds: int,
-    faults: bool,
+    fault_seed: int | None,
     planner_name: str,
     workdir: str,
     caps: bool = True,
 ) -> dict[str, object]:
-    fault_set = Faults(**FAULTS, retry_after_s=0.01, slow_s=0.01, seed=11) if faults else Faults()
+    """One run; ``fault_seed`` None: fault-free, else the server's faults drawn with that seed."""
+    faults = fault_seed is not None
+    fault_set = Faults(**FAULTS, retry_after_s=0.01, slow_s=0.01, seed=fault_seed) if faults else Faults()
     storage = Storage()
-    out = f"{workdir}/r{rounds}-f{int(faults)}"
+    out = f"{workdir}/r{rounds}-f{fault_seed}"
     with ReplayServer(history, fault_set) as server:
         catalog = PriceCatalog.from_history(history.prices, history.outcomes)
         backend = get_backend("openai", base_url=server.base_url, catalog=catalog)
@@ -101,7 +106,7 @@ def run_cell(
     charged = float(results["cost_usd"].sum())
     return {
         "rounds": rounds,
-        "faults": "on" if faults else "off",
+        "faults": "off" if fault_seed is None else f"seed {fault_seed}",
         "accuracy": float(correct.mean()),
         "estimated": estimated,
         "deferred_pct": 100 * float((results["status"] == "deferred").mean()),
@@ -123,6 +128,7 @@ def bench(
     planners: list[str],
     workdir: str,
     caps: bool = True,
+    fault_seeds: tuple[int, ...] = (DEFAULT_FAULT_SEED,),
 ) -> list[dict]:
     queue = history.as_queue("test")
     trained = artifacts.train(history.split("train"), seed=get_settings().seed)
@@ -136,7 +142,7 @@ def bench(
     for fraction in fractions:
         budget = fraction * reference_cost
         plan = plan_batch(candidates, PlanRequest(budget_usd=budget), trained.templates).plan
-        for faults in (False, True):
+        for fault_seed in (None, *fault_seeds):
             for n, planner in [(1, "-"), *((rounds, p) for p in planners)]:
                 cell = run_cell(
                     history,
@@ -146,7 +152,7 @@ def bench(
                     trained,
                     budget=budget,
                     rounds=n,
-                    faults=faults,
+                    fault_seed=fault_seed,
                     planner_name=planner,
                     workdir=f"{workdir}/{name}-{fraction}-{planner}",
                     caps=caps,
@@ -216,12 +222,37 @@ def print_table(rows: list[dict]) -> None:
         print("| " + " | ".join(fmt(k, row[k]) for k in keys) + " |")
 
 
+def print_fault_summary(rows: list[dict]) -> None:
+    """Per data set, budget and planner over the fault seeds: the accuracy lost to faults against the same cell
+    fault-free (mean and worst, points), the worst deferred share, and whether every seed met issue 14's bar."""
+    frame = pl.DataFrame(rows)
+    free = frame.filter(pl.col("faults") == "off").select("dataset", "budget_pct", "planner", "rounds",
+                                                          pl.col("accuracy").alias("free"))  # fmt: skip
+    hit = frame.filter(pl.col("faults") != "off").join(free, on=["dataset", "budget_pct", "planner", "rounds"])
+    per = hit.group_by("dataset", "budget_pct", "planner", "rounds", maintain_order=True).agg(
+        pl.len().alias("seeds"),
+        (100 * (pl.col("accuracy") - pl.col("free"))).mean().alias("lost_mean"),
+        (100 * (pl.col("accuracy") - pl.col("free"))).min().alias("lost_worst"),
+        pl.col("deferred_pct").max().alias("deferred_worst"),
+        ((100 * (pl.col("accuracy") - pl.col("free")) >= -1.0) & (pl.col("deferred_pct") <= 1.0)).sum().alias("met"),
+    )
+    print(
+        "| dataset | budget % | planner | rounds | fault seeds | faults - fault-free, mean | worst | deferred worst % | seeds meeting the bar |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in per.iter_rows(named=True):
+        print(f"| {r['dataset']} | {r['budget_pct']} | {r['planner']} | {r['rounds']} | {r['seeds']} | "
+              f"{r['lost_mean']:+.1f} | {r['lost_worst']:+.1f} | {r['deferred_worst']:.1f} | {r['met']}/{r['seeds']} |")  # fmt: skip
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--datasets", default="cascades,overruling,cascades_open")
     parser.add_argument("--fractions", default="0.3")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--round-planners", default="plan,posterior", help="round planners to compare")
+    parser.add_argument("--fault-seeds", default=str(DEFAULT_FAULT_SEED),
+                        help="the fault server's seeds, one run with faults per seed (comma-separated)")  # fmt: skip
     parser.add_argument(
         "--no-output-caps",
         action="store_true",
@@ -236,8 +267,11 @@ def main(argv: list[str] | None = None) -> int:
             history = with_holdout(load_history([str(data / name)]))
             fractions = [float(f) for f in args.fractions.split(",")]
             planners = args.round_planners.split(",")
-            rows += bench(name, history, fractions, args.rounds, planners, workdir, caps=not args.no_output_caps)
+            rows += bench(name, history, fractions, args.rounds, planners, workdir, caps=not args.no_output_caps,
+                          fault_seeds=tuple(int(s) for s in args.fault_seeds.split(",")))  # fmt: skip
     print_table(rows)
+    print()
+    print_fault_summary(rows)
     return 0 if all(r["within_budget"] for r in rows) else 1
 
 

@@ -159,6 +159,23 @@ def test_replan_after_an_overspent_round_fits_what_is_left(fitted: tuple[History
     assert run.spent_usd <= left + 1e-12
 
 
+def test_a_call_retried_after_an_ambiguous_failure_charges_its_drift_with_every_attempt(
+    fitted: tuple[History, Posterior, pl.DataFrame],
+) -> None:
+    """Each call of round 1 failed once without a known bill (charged 3x its cost) and was retried (charged its
+    cost): the plan pays per call, so the next calls are expected at ~4x, not at the per-attempt mean of ~2x."""
+    history, posterior, predictions = fitted
+    queue = history.as_queue("test")
+    seen = _first_round(history, predictions, "synth-00")
+    failed = seen.with_columns(
+        pl.lit("connection").alias("status"), pl.lit(None, dtype=pl.String).alias("answer"),
+        pl.lit(None, dtype=pl.Float64).alias("logprob"), pl.col("cost_usd") * 3, pl.lit(False).alias("billed_known"),
+    )  # fmt: skip
+    observations = pl.concat([failed.select(seen.columns), seen])
+    plan = PosteriorRoundPlanner(posterior).plan_round(RoundState(2, 3, queue, predictions, observations, None))
+    assert plan.diagnostics["cost_drift"]["*"] == pytest.approx(4.0, rel=0.2)
+
+
 def test_a_harder_batch_escalates_more_within_the_budget(fitted: tuple[History, Posterior, pl.DataFrame]) -> None:
     history, posterior, predictions = fitted
     queue = history.as_queue("test")
