@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import math
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -527,8 +528,9 @@ class PosteriorRoundPlanner:
         held = self._held(seen, state.observations, accuracy)
         try:
             outcome = self._solve(
-                seen, ev, value, cost, extra, high, mandatory, budget, state.tenant_budgets_left_usd, held, mixed
-            )
+                seen, ev, value, cost, extra, high, mandatory, budget, state.tenant_budgets_left_usd, held, mixed,
+                state.last,
+            )  # fmt: skip
             unmet: str | None = None
         except InfeasibleError as error:
             if not self.task_floors:
@@ -539,8 +541,9 @@ class PosteriorRoundPlanner:
             log.warning("round.task_floor_unmet", round=state.round, reason=unmet)
             held = self._held(seen, state.observations, accuracy, floors=False)
             outcome = self._solve(
-                seen, ev, value, cost, extra, high, mandatory, budget, state.tenant_budgets_left_usd, held, mixed
-            )
+                seen, ev, value, cost, extra, high, mandatory, budget, state.tenant_budgets_left_usd, held, mixed,
+                state.last,
+            )  # fmt: skip
         if outcome is None:
             return RoundPlan(calls=pl.DataFrame(schema=ROUND_PLAN_SCHEMA), diagnostics={"status": "nothing to call"})
         picked, solution = outcome
@@ -727,10 +730,12 @@ class PosteriorRoundPlanner:
         tenant_left: dict[str, float],
         held: Held | None = None,
         mixed: tuple[float, np.ndarray] | None = None,
+        last: bool = False,
     ) -> tuple[np.ndarray, Any] | None:
         """One option per query (stop or one call) under the budget; returns (column called or -1, solution).
         ``mixed``: (share, per-LLM discount, nan = none): each call is also offered by batch, numbered
-        M + column, worth ``share`` of its value (else the query keeps what it has) at the discounted cost."""
+        M + column, worth ``share`` of its value (else the query keeps what it has) at the discounted cost.
+        ``last``: the run's last round, whose spend margin is money left unspent (see the margin below)."""
         n, m = value.shape
         call = np.isfinite(ev.after)
         stop = ~mandatory | ~call.any(axis=1)
@@ -771,6 +776,15 @@ class PosteriorRoundPlanner:
             # (a batch twin varies less than its real-time option: the real-time ones bound the query)
             worst = np.fmax.reduceat(spread, heads).sum()  # fmax: NaN-skipping, as polars' max
             margin = z * float(np.sqrt(max(float(worst), 0.0)))
+            if last and margin > 0.1 * budget:
+                # nor can a plan vary more than the options the budget can buy. In the last round the margin is
+                # money left unspent: where what is left buys a few calls of many queries' options (after
+                # faults), the sum over every query was a margin above the budget and the round answered 2 of 20
+                # queries it could afford. A middle round keeps the wider margin: what it leaves, the next round
+                # plans with what it observed (faults included). Sorting the options costs ~1 s at 1M queries:
+                # only where the margin is a real share of the budget.
+                bought = _most_variance_within(options["cost"].to_numpy()[:base], spread, budget)
+                margin = min(margin, z * float(np.sqrt(max(bought, 0.0))))
             tight = [Budget(limit=max(budget - margin, 0.0)) if isinstance(c, Budget) else c for c in constraints]
             attempts = [problem.with_constraints(tight), problem]
         else:
@@ -786,7 +800,9 @@ class PosteriorRoundPlanner:
             # the mandatory answers do not fit after all (tenant budgets): let the optimizer choose
             if not mandatory.any():
                 raise InfeasibleError(constraint="budget", message="no round plan fits what is left of the budget")
-            return self._solve(seen, ev, value, cost, extra, high, np.zeros(n, bool), budget, tenant_left, held, mixed)
+            return self._solve(
+                seen, ev, value, cost, extra, high, np.zeros(n, bool), budget, tenant_left, held, mixed, last
+            )
         picked = np.full(n, -1, dtype=np.int64)  # option ids are row positions in ``options``: a gather, no join
         picked[solution.chosen["query"].to_numpy()] = columns[solution.chosen["option"].to_numpy()]
         return picked, solution
@@ -1250,6 +1266,24 @@ def _options(
         }
     )
     return options, columns, spread
+
+
+def _most_variance_within(cost: np.ndarray, spread: np.ndarray, budget: float) -> float:
+    """An upper bound on the spend variance of any set of options costing at most ``budget`` in all: the
+    fractional knapsack of the options' variances (most variance per dollar first), a relaxation of one
+    option per query. inf where an option that varies costs nothing."""
+    fits = (spread > 0) & (cost <= budget)
+    if not fits.any():
+        return 0.0
+    paid, var = cost[fits], spread[fits]
+    if (paid <= 0).any():
+        return math.inf
+    order = np.argsort(-var / paid, kind="stable")
+    paid, var = paid[order], var[order]
+    before = np.cumsum(paid) - paid  # what the options ahead of each one cost
+    whole = before + paid <= budget
+    part = (~whole) & (before < budget)  # the one taken in part
+    return float(var[whole].sum() + (var[part] * (budget - before[part]) / paid[part]).sum())
 
 
 def _batch_options(
