@@ -20,7 +20,7 @@ Targets (issue 14): deferred <= 1% while the budget left covers the cheapest LLM
 1 point of the fault-free run at the same budget, charged <= budget in every cell.
 
     uv run python bench/rounds_faults.py [--datasets cascades,overruling,cascades_open] [--fractions 0.3]
-        [--rounds 3] [--round-planners plan,posterior]
+        [--rounds 3] [--round-planners plan,posterior] [--fault-seeds 11,12,13]
 """
 
 from __future__ import annotations
