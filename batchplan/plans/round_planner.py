@@ -22,8 +22,8 @@ and Budget / GroupBudget rows, the fast certified path) picks one option per que
   cheapest calls of all such queries fit in what is left (else stop is worth 0 and the optimizer chooses
   which to answer). So the last round never leaves a query unanswered that the budget can still answer.
 - **Cost drift**: per LLM, realized / predicted cost of the calls observed so far (a call's retries, fault
-  charges and reservations of ambiguous failures included), shrunk to 1 by ``DRIFT_PRIOR_CALLS`` pseudo-calls, scales
-  the predicted cost of its next calls.
+  charges and reservations of ambiguous failures included), shrunk to 1 by ``DRIFT_PRIOR_CALLS``
+  pseudo-calls, scales the predicted cost of its next calls.
 - **Spend under the budget with high probability**: like ``planning.plan_batch``, a second pass leaves
   z x the sd of the round's spend unplanned (``spend_confidence``); the round's reserve is the calls'
   high-side cost, what the budget guard holds before calling.
@@ -296,8 +296,9 @@ def _ranks_within(query: np.ndarray, value: pl.Series) -> tuple[np.ndarray, np.n
 
 def cost_drift(obs: pl.DataFrame, predicted: np.ndarray, discounts: dict[str, float] | None = None) -> dict[str, float]:
     """Per LLM: (charged + k x mean predicted x batch drift) / (predicted + k x mean predicted) over its
-    observed calls (a call's retries in its round charged with it), k = DRIFT_PRIOR_CALLS; "*": the batch drift (all calls), for LLMs not called yet. Prompts
-    and answers that run long tonight run long for every LLM, so an LLM's own drift shrinks to the batch's."""
+    observed calls (a call's retries in its round charged with it), k = DRIFT_PRIOR_CALLS; "*": the batch
+    drift (all calls), for LLMs not called yet. Prompts and answers that run long tonight run long for every
+    LLM, so an LLM's own drift shrinks to the batch's."""
     pred = predicted[obs["_q"].to_numpy(), obs["_m"].to_numpy()]
     if OBSERVATION_MODE in obs.columns and discounts:  # a batch call was predicted at the batch price
         by_batch = (obs[OBSERVATION_MODE] == BATCH).fill_null(False).to_numpy()
